@@ -1,0 +1,103 @@
+"""Shared timing and memory harness for the CPU benchmarks.
+
+Times are medians over repeats after warm-up, all candidates in one process, interleaved
+round-robin so drifts in machine load hit every candidate alike.  Peak memory is measured per
+candidate in a fresh subprocess (peak RSS growth over a baseline taken after the inputs exist),
+because torch's CPU allocator is invisible to ``tracemalloc``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["machine", "peak_rss_mib", "print_table", "time_candidates"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def time_candidates(
+    candidates: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: int = 2, sync: Callable[[Any], Any] | None = None
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured round-robin."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            out = fn()
+            if sync:
+                sync(out)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            out = fn()
+            if sync:
+                sync(out)
+            samples[name].append(time.perf_counter() - t0)
+            del out
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def peak_rss_mib(module: str, case: str, candidate: str) -> float:
+    """Peak RSS growth (MiB) of one call of ``candidate`` in a fresh process.
+
+    The benchmark module must define ``setup(case) -> dict[str, callable]``; the child builds
+    inputs, records its RSS high-water mark, resets it (``/proc/self/clear_refs``) and calls
+    the candidate once.
+    """
+    code = f"""
+import json, resource, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import {module} as bench
+cands = bench.setup({case!r})
+fn = cands[{candidate!r}]
+fn()  # warm: lazy imports, allocator pools, thread pools
+def rss_kib():
+    with open('/proc/self/status') as fh:
+        for line in fh:
+            if line.startswith('VmRSS'):
+                return int(line.split()[1])
+def hwm_kib():
+    with open('/proc/self/status') as fh:
+        for line in fh:
+            if line.startswith('VmHWM'):
+                return int(line.split()[1])
+base = rss_kib()
+try:
+    with open('/proc/self/clear_refs', 'w') as fh:
+        fh.write('5')
+except OSError:
+    pass
+out = fn()
+print(json.dumps({{'base': base, 'peak': hwm_kib()}}))
+"""
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    return max(0.0, (data["peak"] - data["base"]) / 1024.0)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))

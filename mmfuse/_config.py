@@ -1,0 +1,135 @@
+"""Backend policy: which implementation runs, chosen per call, per context or per process.
+
+Precedence (highest first): the ``backend=`` keyword of a call > :func:`config_context` >
+:func:`set_config` > the ``MMFUSE_BACKEND`` environment variable (read at first use, never at
+import) > ``"auto"``.  State lives in a :class:`contextvars.ContextVar`, so threads and asyncio
+tasks see their own context and nothing global is patched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["BACKEND_NAMES", "config_context", "config_source", "get_config", "set_config"]
+
+#: Every backend name mmfuse knows.  Which of them can run depends on what is installed.
+BACKEND_NAMES = ("auto", "array_api", "reference", "numba", "cupy", "torch")
+
+_DEFAULTS: dict[str, Any] = {"backend": "auto"}
+_ENV_VARS = {"backend": "MMFUSE_BACKEND"}
+
+# Each entry maps option -> (value, where it came from).  ``None`` means "not read yet":
+# the environment is consulted lazily at the first get_config().
+_state: contextvars.ContextVar[dict[str, tuple[Any, str]] | None] = contextvars.ContextVar(
+    "mmfuse_config", default=None
+)
+
+
+def _check_option(key: str, value: Any) -> None:
+    if key not in _DEFAULTS:
+        raise TypeError(f"unknown mmfuse option {key!r}; known options: {sorted(_DEFAULTS)}")
+    if key == "backend":
+        if not isinstance(value, str) or value not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {value!r}")
+
+
+def _initial_state() -> dict[str, tuple[Any, str]]:
+    state: dict[str, tuple[Any, str]] = {}
+    for key, default in _DEFAULTS.items():
+        env = os.environ.get(_ENV_VARS[key])
+        if env:
+            value = env.strip().lower()
+            try:
+                _check_option(key, value)
+            except ValueError as exc:
+                raise ValueError(f"environment variable {_ENV_VARS[key]}: {exc}") from None
+            state[key] = (value, f"environment ({_ENV_VARS[key]})")
+        else:
+            state[key] = (default, "default")
+    return state
+
+
+def _current() -> dict[str, tuple[Any, str]]:
+    state = _state.get()
+    if state is None:
+        state = _initial_state()
+        _state.set(state)
+    return state
+
+
+def get_config() -> dict[str, Any]:
+    """Return the options in force, as a new dict (e.g. ``{"backend": "auto"}``).
+
+    Examples
+    --------
+    >>> import mmfuse
+    >>> with mmfuse.config_context(backend="reference"):
+    ...     mmfuse.get_config()["backend"]
+    'reference'
+    """
+    return {key: value for key, (value, _) in _current().items()}
+
+
+def config_source() -> dict[str, str]:
+    """Where each option in force came from (``"default"``, ``"environment (...)"``, ...)."""
+    return {key: source for key, (_, source) in _current().items()}
+
+
+def set_config(**options: Any) -> None:
+    """Set options for the current context (and contexts created from it later).
+
+    Parameters
+    ----------
+    backend : {"auto", "array_api", "reference", "numba", "cupy", "torch"}
+        Which implementation runs.  ``"auto"`` picks the fastest registered implementation for
+        the inputs' namespace and device, falling back to the Array-API core.
+
+    Raises
+    ------
+    TypeError
+        For an unknown option name.
+    ValueError
+        For an unknown backend name.
+    """
+    for key, value in options.items():
+        _check_option(key, value)
+    state = dict(_current())
+    for key, value in options.items():
+        state[key] = (value, "set_config")
+    _state.set(state)
+
+
+@contextmanager
+def config_context(**options: Any) -> Iterator[dict[str, Any]]:
+    """Temporarily set options inside a ``with`` block; the previous state comes back after.
+
+    Examples
+    --------
+    >>> import mmfuse
+    >>> with mmfuse.config_context(backend="array_api") as cfg:
+    ...     cfg["backend"]
+    'array_api'
+    """
+    for key, value in options.items():
+        _check_option(key, value)
+    state = dict(_current())
+    for key, value in options.items():
+        state[key] = (value, "config_context")
+    token = _state.set(state)
+    try:
+        yield get_config()
+    finally:
+        _state.reset(token)
+
+
+def resolve_backend(backend: str | None) -> str:
+    """The backend name in force for a call whose ``backend=`` keyword is ``backend``."""
+    if backend is not None:
+        _check_option("backend", backend)
+        return backend
+    value: str = _current()["backend"][0]
+    return value

@@ -1,0 +1,267 @@
+"""Array-API core of the CP outer-product fusions (TFN, LMF, CP).
+
+Inputs arrive validated by the public layer (:mod:`mmfuse._fusion`).  Only standard Array-API
+functions are used (matmul, reshape, permute_dims, broadcasting), so the same code runs on
+NumPy, array-api-strict, PyTorch (autograd flows through), CuPy, JAX and Dask.  Inputs are never
+written to and never passed through ``xp.asarray`` (which would detach torch gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+from .._namespace import array_namespace, device_of, is_dask, is_jax, is_lazy, is_numpy
+
+__all__ = [
+    "affine",
+    "batch_blocks",
+    "cp_fusion",
+    "cp_to_lowrank",
+    "lowrank_fusion",
+    "lowrank_to_tensor",
+    "tensor_fusion",
+]
+
+# A batch block's per-modality intermediate (rows x R*h) is kept near this many bytes so that
+# the product and the rank sum read it from cache (the 2-core CI box has 1-2 MiB of L2 per core).
+_BLOCK_BYTES = 1 << 21
+
+
+@lru_cache(maxsize=256)
+def _block_rows(batch: int, width: int, itemsize: int) -> int:
+    rows = max(32, _BLOCK_BYTES // max(1, width * itemsize))
+    return batch if rows * 2 > batch else rows
+
+
+def batch_blocks(xp: Any, x: Any, width: int) -> list[slice]:
+    """Slices of the batch axis so each block's (rows, width) intermediate stays in cache.
+
+    Lazy and traced namespaces (Dask, JAX) get one block: their own schedulers handle memory,
+    and Python loops over blocks would only enlarge their graphs.
+    """
+    batch = x.shape[0]
+    if is_lazy(x) or is_dask(xp) or is_jax(xp) or batch is None:
+        return [slice(None)]
+    itemsize = _itemsize(xp, x.dtype)
+    rows = _block_rows(int(batch), width, itemsize)
+    return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
+
+
+def _itemsize(xp: Any, dtype: Any) -> int:
+    return int(xp.finfo(dtype).bits) // 8
+
+
+def affine(x: Any, mat: Any, append_one: bool) -> Any:
+    """``hat x @ mat`` with ``hat x = [x, 1]`` without building ``hat x``.
+
+    ``mat`` has ``d + 1`` rows when ``append_one`` (the last row is the constant's) and ``d``
+    rows otherwise.  Works batched: ``mat`` may carry leading batch dimensions.
+    """
+    if not append_one:
+        return x @ mat
+    d = x.shape[-1]
+    return x @ mat[..., :d, :] + mat[..., d : d + 1, :]
+
+
+def _mask_absent(xp: Any, x: Any, present: Any, m: int) -> Any:
+    """Zero the features of samples whose modality ``m`` is absent (NaN-safe: ``where``)."""
+    if present is None:
+        return x
+    zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
+    return xp.where(present[:, m : m + 1], x, zero)
+
+
+def _concat_blocks(xp: Any, parts: list[Any]) -> Any:
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+def tensor_fusion(
+    xs: list[Any],
+    weight: Any,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    max_elements: int,
+) -> Any:
+    """Contract ``weight`` with one modality at a time; the outer product is never built.
+
+    After contracting modes ``1..m`` the intermediate has shape ``(B, D_{m+1} ... D_M h)``;
+    the public layer has already checked that none of these exceeds ``max_elements``.
+    """
+    xp = array_namespace(xs[0])
+    batch = xs[0].shape[0]
+    dims = tuple(weight.shape[:-1])
+    # Mode 1 is one GEMM: (B, d_1) @ (D_1, D_2...D_M h).
+    t = affine(xs[0], xp.reshape(weight, (dims[0], -1)), append_one)
+    for m in range(1, len(xs)):
+        # Modes 2..M are batched matrix-vector products: (B, 1, D_m) @ (B, D_m, rest).
+        t = xp.reshape(t, (batch, dims[m], -1))
+        t = affine(xs[m][:, None, :], t, append_one)[:, 0, :]
+    if bias is not None:
+        t = t + bias
+    return t
+
+
+def _flat_lowrank(xp: Any, factor: Any, scale: Any = None) -> Any:
+    """(R, D, h) factor -> (D, R*h) matrix, optionally scaling rank r by ``scale[r]``."""
+    rank, rows, out = factor.shape
+    if scale is not None:
+        factor = factor * scale[:, None, None]
+    return xp.reshape(xp.permute_dims(factor, (1, 0, 2)), (rows, rank * out))
+
+
+def lowrank_fusion(
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any = None,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+) -> Any:
+    """LMF Eq. 8 as one GEMM per modality, an elementwise product and a rank sum.
+
+    Each factor (R, D_m, h) is laid out as a (D_m, R*h) matrix so that every modality's R
+    projections come from a single GEMM; the rank weights are folded into the first factor.
+    The batch is processed in blocks so the (rows, R*h) intermediates stay in cache.
+    """
+    xp = array_namespace(xs[0])
+    rank, _, out_dim = factors[0].shape
+    mats = [_flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
+    if is_numpy(xp):
+        y = _lowrank_numpy(xs, mats, present, append_one, rank, out_dim)
+        return y if bias is None else y + bias
+    parts = []
+    for blk in batch_blocks(xp, xs[0], rank * out_dim):
+        prod = None
+        for m, (x, mat) in enumerate(zip(xs, mats)):
+            proj = affine(_mask_absent(xp, x[blk, ...], _rows(present, blk), m), mat, append_one)
+            prod = proj if prod is None else prod * proj
+        assert prod is not None
+        parts.append(xp.sum(xp.reshape(prod, (-1, rank, out_dim)), axis=1))
+    y = _concat_blocks(xp, parts)
+    return y if bias is None else y + bias
+
+
+def _lowrank_numpy(
+    xs: list[Any], mats: list[Any], present: Any, append_one: bool, rank: int, out_dim: int
+) -> Any:
+    """NumPy fast path: the same algorithm with cache-sized, reused buffers and in-place ops.
+
+    Per batch block, each modality's ``[x, 1] @ mat`` runs as one GEMM into a preallocated
+    buffer (the constant column is written into a small staging block, so the constant row is
+    part of the GEMM rather than an extra pass), the product accumulates in place and the rank
+    sum writes straight into the output.  No (B, R h) array is ever allocated.
+    """
+    import numpy as np
+
+    batch = xs[0].shape[0]
+    dtype = np.result_type(*xs, *mats)
+    width = rank * out_dim
+    row_bytes = (sum(x.shape[1] + 1 for x in xs) + 2 * width) * dtype.itemsize
+    rows = _block_rows(batch, row_bytes, 1)
+    # A rank sum over a short trailing axis is a slow strided reduction in NumPy; as a GEMM
+    # with stacked identities (R h x h) it costs R h^2 per row, cheap while h is small.
+    summer = np.tile(np.eye(out_dim, dtype=dtype), (rank, 1)) if out_dim <= 8 else None
+    out = np.empty((batch, out_dim), dtype=dtype)
+    acc = np.empty((rows, width), dtype=dtype)
+    proj = np.empty((rows, width), dtype=dtype)
+    # The constant row costs either a copy of x into a staging block that ends in a column
+    # of ones (n d) or an add after the GEMM (n R h): stage only where that is cheaper.
+    stage = [append_one and width > x.shape[1] for x in xs]
+    staged = [np.ones((rows, x.shape[1] + 1), dtype=dtype) if st else None for x, st in zip(xs, stage)]
+    for start in range(0, batch, rows):
+        stop = min(start + rows, batch)
+        n = stop - start
+        for m, (x, mat, buf) in enumerate(zip(xs, mats, staged)):
+            d = x.shape[1]
+            target = acc[:n] if m == 0 else proj[:n]
+            feats = x[start:stop]
+            if present is not None:  # absent samples enter as zeros (where: NaN-safe)
+                feats = np.where(np.asarray(present[start:stop, m : m + 1]), feats, 0)
+            if buf is not None:
+                buf[:n, :d] = feats
+                np.matmul(buf[:n], mat, out=target)
+            elif append_one:
+                np.matmul(feats, mat[:d], out=target)
+                target += mat[d]
+            else:
+                np.matmul(feats, mat, out=target)
+            if m:
+                acc[:n] *= proj[:n]
+        if summer is not None:
+            np.matmul(acc[:n], summer, out=out[start:stop])
+        else:
+            np.sum(acc[:n].reshape(n, rank, out_dim), axis=1, out=out[start:stop])
+    return out
+
+
+def _rows(present: Any, blk: slice) -> Any:
+    return None if present is None else present[blk, ...]
+
+
+def cp_fusion(
+    xs: list[Any],
+    cp: tuple[Any, list[Any]],
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+) -> Any:
+    """``h = C (w * prod_m A_m^T hat x_m) + b`` with TensorLy-layout factors.
+
+    The per-modality projections are (B, R), so nothing needs blocking.
+    """
+    xp = array_namespace(xs[0])
+    weights, factors = cp
+    out_factor = factors[-1]
+    prod = None
+    for m, (x, a) in enumerate(zip(xs, factors[:-1])):
+        proj = affine(_mask_absent(xp, x, present, m), a, append_one)
+        prod = proj if prod is None else prod * proj
+    assert prod is not None
+    if weights is not None:
+        prod = prod * weights
+    y = prod @ xp.matrix_transpose(out_factor)
+    return y if bias is None else y + bias
+
+
+def lowrank_to_tensor(factors: list[Any], weights: Any = None) -> Any:
+    """``W = sum_r w_r (outer product over input modes of factors[m][r])``, output mode shared."""
+    xp = array_namespace(factors[0])
+    rank, _, out_dim = factors[0].shape
+    acc = factors[0] if weights is None else factors[0] * weights[:, None, None]
+    for f in factors[1:]:
+        # (R, P, 1, h) * (R, 1, D_m, h) -> (R, P * D_m, h)
+        acc = xp.reshape(acc[:, :, None, :] * f[:, None, :, :], (rank, -1, out_dim))
+    dims = tuple(f.shape[1] for f in factors)
+    return xp.reshape(xp.sum(acc, axis=0), (*dims, out_dim))
+
+
+def cp_to_lowrank(cp: tuple[Any, list[Any]]) -> tuple[list[Any], Any]:
+    """Exact CP (TensorLy layout) -> low-rank (LMF layout) conversion.
+
+    ``F_1[r] = a_{1r} c_r^T`` carries the output factor; ``F_m[r] = a_{mr} 1^T`` for m > 1.
+    """
+    weights, factors = cp
+    xp = array_namespace(factors[0])
+    out_factor = factors[-1]  # (h, R)
+    out_t = xp.matrix_transpose(out_factor)  # (R, h)
+    lowrank = []
+    for m, a in enumerate(factors[:-1]):
+        a_t = xp.matrix_transpose(a)[:, :, None]  # (R, D_m, 1)
+        if m == 0:
+            lowrank.append(a_t * out_t[:, None, :])
+        else:
+            ones = xp.ones((1, 1, out_t.shape[1]), dtype=a.dtype, device=device_of(a))
+            lowrank.append(a_t * ones)
+    if weights is None:
+        weights = xp.ones((out_factor.shape[1],), dtype=out_factor.dtype, device=device_of(out_factor))
+    return lowrank, weights
+
+
+def intermediate_sizes(batch: int, dims: tuple[int, ...], out_dim: int) -> list[int]:
+    """Element counts of tensor_fusion's intermediates: (B, D_{m+1}...D_M h) for m = 1..M."""
+    return [batch * math.prod(dims[m:]) * out_dim for m in range(1, len(dims) + 1)]

@@ -1,0 +1,585 @@
+"""Public CP outer-product fusions: Tensor Fusion, Low-rank Multimodal Fusion, CP fusion.
+
+This layer checks arguments (from metadata only), picks the implementation through the backend
+registry and calls it.  The maths lives in :mod:`mmfuse._core.fusion` (Array-API core) and
+:mod:`mmfuse.reference.fusion` (the NumPy oracle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from . import reference
+from ._core import fusion as core
+from ._namespace import array_namespace, from_numpy
+from ._validation import (
+    as_sequence,
+    check_modalities,
+    check_ndim,
+    check_present,
+    check_same_float_dtype,
+    common_namespace,
+    fmt_shape,
+)
+from .backends import define_op, lookup, register
+from .backends.reference import as_backend
+
+__all__ = [
+    "DEFAULT_MAX_ELEMENTS",
+    "cp_fusion",
+    "cp_to_lowrank",
+    "init_lowrank",
+    "lowrank_fusion",
+    "lowrank_to_tensor",
+    "tensor_fusion",
+]
+
+#: Default ceiling on the elements of TFN's weight and of each intermediate (2**27, i.e.
+#: 512 MiB in float32).  Raise it per call with ``max_elements=``.
+DEFAULT_MAX_ELEMENTS = 2**27
+
+
+def _extra(append_one: bool) -> int:
+    return 1 if append_one else 0
+
+
+def _mode_label(m: int, append_one: bool) -> str:
+    return f"d_{m} + 1" if append_one else f"d_{m}"
+
+
+def _check_vector(xp: Any, v: Any, name: str, length: int, label: str) -> None:
+    if v is None:
+        return
+    if not array_api_compat.is_array_api_obj(v):
+        raise TypeError(f"{name} must be an array, got {type(v).__name__}")
+    if tuple(v.shape) != (length,):
+        raise ValueError(f"{name} must have shape ({label},) = ({length},), got {fmt_shape(v.shape)}")
+
+
+# --------------------------------------------------------------------------- tensor fusion
+
+
+def _check_tensor_fusion(
+    xs: Any, weight: Any, bias: Any, append_one: bool, max_elements: int
+) -> list[Any]:
+    xs, batch = check_modalities(xs)
+    xp = common_namespace([*((f"xs[{m}]", x) for m, x in enumerate(xs)), ("weight", weight), ("bias", bias)])
+    check_same_float_dtype(xp, [*((f"xs[{m}]", x) for m, x in enumerate(xs)), ("weight", weight), ("bias", bias)])
+    n = len(xs)
+    extra = _extra(append_one)
+    expected = tuple(x.shape[1] + extra for x in xs)
+    layout = "(" + ", ".join(_mode_label(m + 1, append_one) for m in range(n)) + ", h)"
+    if weight.ndim != n + 1 or tuple(weight.shape[:-1]) != expected:
+        raise ValueError(
+            f"weight must have shape {layout} = {fmt_shape((*expected, 'h'))} for {n} "
+            f"modalities with feature sizes {[x.shape[1] for x in xs]}, "
+            f"got {fmt_shape(weight.shape)}"
+        )
+    out_dim = weight.shape[-1]
+    _check_vector(xp, bias, "bias", out_dim, "h")
+    if not isinstance(max_elements, int) or max_elements < 1:
+        raise ValueError(f"max_elements must be a positive int, got {max_elements!r}")
+    w_size = int(np.prod(weight.shape))
+    if w_size > max_elements:
+        raise ValueError(
+            f"tensor_fusion: weight of shape {fmt_shape(weight.shape)} has {w_size} elements, "
+            f"over max_elements={max_elements}; use lowrank_fusion, or raise max_elements"
+        )
+    for m, size in enumerate(core.intermediate_sizes(batch, expected, out_dim), start=1):
+        if size > max_elements:
+            raise ValueError(
+                f"tensor_fusion: contracting modality {m - 1} leaves an intermediate of shape "
+                f"{fmt_shape((batch, *expected[m:], out_dim))} with {size} elements, over "
+                f"max_elements={max_elements}; fuse a smaller batch, use lowrank_fusion, "
+                "or raise max_elements"
+            )
+    return xs
+
+
+def tensor_fusion(
+    xs: Sequence[Any],
+    weight: Any,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    backend: str | None = None,
+) -> Any:
+    r"""Tensor Fusion (TFN): a linear map of the outer product of the modalities.
+
+    Parameters
+    ----------
+    xs : sequence of M arrays, shapes (B, d_m)
+        One array per modality, sharing the batch size B.  Real floating dtype, all the same.
+    weight : array, shape (d_1 + 1, ..., d_M + 1, h)
+        The fusion weight tensor W (no ``+ 1`` when ``append_one=False``).
+    bias : array, shape (h,), optional
+        Added to the output.
+    append_one : bool, default True
+        Append a constant 1 to each modality (last), so that W also holds every lower-order
+        interaction, down to the unimodal terms and a constant.
+    max_elements : int, default ``DEFAULT_MAX_ELEMENTS`` (2**27)
+        Refuse (ValueError) a weight, or an intermediate of the mode-by-mode contraction, with
+        more elements than this.  TFN is exponential in M.
+    backend : str, optional
+        Implementation to run (see :func:`mmfuse.set_config`); default: the configured one.
+
+    Returns
+    -------
+    array, shape (B, h)
+        In the inputs' namespace, dtype and device.
+
+    Raises
+    ------
+    ValueError
+        Wrong shapes (the message names the argument and modality) or a size over
+        ``max_elements``.
+    TypeError
+        Non-floating or mixed dtypes, or arrays from different namespaces.
+
+    Notes
+    -----
+    With :math:`\hat x_m = [x_m; 1]`, TFN [1]_ forms the order-M tensor
+    :math:`Z = \hat x_1 \otimes \cdots \otimes \hat x_M` and returns
+    :math:`h = W \cdot Z + b`, contracting all M input modes of W with Z:
+
+    .. math:: h_k = \sum_{i_1, \ldots, i_M} W_{i_1 \ldots i_M k}
+              \prod_m (\hat x_m)_{i_m} + b_k .
+
+    The naive definition, per sample::
+
+        z = 1
+        for x in xs:
+            z = np.multiply.outer(z, np.append(x[b], 1))
+        h[b] = np.tensordot(z, W, axes=M) + bias
+
+    This implementation never builds Z: it contracts W with one modality at a time
+    (one GEMM, then M - 1 batched matrix-vector products), so the largest intermediate is
+    ``(B, D_2 ... D_M h)``.
+
+    References
+    ----------
+    .. [1] A. Zadeh, M. Chen, S. Poria, E. Cambria, L.-P. Morency, "Tensor Fusion Network for
+       Multimodal Sentiment Analysis", EMNLP 2017.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> rng = np.random.default_rng(0)
+    >>> xs = [rng.standard_normal((4, 3)), rng.standard_normal((4, 2))]
+    >>> weight = rng.standard_normal((3 + 1, 2 + 1, 5))
+    >>> mmfuse.tensor_fusion(xs, weight).shape
+    (4, 5)
+    """
+    xs = _check_tensor_fusion(xs, weight, bias, append_one, max_elements)
+    impl = lookup("tensor_fusion", backend, like=xs[0])
+    return impl(xs, weight, bias, append_one=append_one, max_elements=max_elements)
+
+
+# --------------------------------------------------------------------------- low-rank fusion
+
+
+def _check_lowrank_factors(factors: Any, dims: Sequence[int] | None, append_one: bool) -> tuple[int, int]:
+    """Check (R, D_m, h) factors (against feature sizes ``dims`` when given); return (R, h)."""
+    n = len(dims) if dims is not None else None
+    factors = as_sequence(factors, "factors", what="modality")
+    if n is not None and len(factors) != n:
+        raise ValueError(
+            f"factors must have one entry per modality: got {len(factors)} factors for "
+            f"{n} modalities"
+        )
+    for m, f in enumerate(factors):
+        if not array_api_compat.is_array_api_obj(f):
+            raise TypeError(f"factors[{m}] must be an array, got {type(f).__name__}")
+        check_ndim(f, 3, f"factors[{m}]", f"(R, {_mode_label(m, append_one)}, h)")
+    rank, _, out_dim = factors[0].shape
+    for m, f in enumerate(factors):
+        if dims is not None and f.shape[1] != dims[m] + _extra(append_one):
+            raise ValueError(
+                f"factors[{m}] has shape {fmt_shape(f.shape)}; expected "
+                f"(R, {_mode_label(m, append_one)}, h) = (R, {dims[m] + _extra(append_one)}, h) "
+                f"for xs[{m}] with d_{m} = {dims[m]}"
+            )
+        if f.shape[0] != rank:
+            raise ValueError(
+                f"factors[{m}] has rank {f.shape[0]} (shape {fmt_shape(f.shape)}) but factors[0] "
+                f"has rank {rank} (shape {fmt_shape(factors[0].shape)}); all ranks must match"
+            )
+        if f.shape[2] != out_dim:
+            raise ValueError(
+                f"factors[{m}] has output size {f.shape[2]} (shape {fmt_shape(f.shape)}) but "
+                f"factors[0] has {out_dim} (shape {fmt_shape(factors[0].shape)})"
+            )
+    return rank, out_dim
+
+
+def _named(prefix: str, arrays: Sequence[Any]) -> list[tuple[str, Any]]:
+    return [(f"{prefix}[{m}]", a) for m, a in enumerate(arrays)]
+
+
+def lowrank_fusion(
+    xs: Sequence[Any],
+    factors: Sequence[Any],
+    weights: Any = None,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+    backend: str | None = None,
+) -> Any:
+    r"""Low-rank Multimodal Fusion (LMF, Eq. 8 of Liu et al. 2018).
+
+    Parameters
+    ----------
+    xs : sequence of M arrays, shapes (B, d_m)
+        One array per modality, sharing the batch size B.
+    factors : sequence of M arrays, shapes (R, d_m + 1, h)
+        The modality-specific factors (no ``+ 1`` when ``append_one=False``).
+    weights : array, shape (R,), optional
+        Rank weights :math:`w_r`; default ones.
+    bias : array, shape (h,), optional
+        Added to the output.
+    append_one : bool, default True
+        Append the constant 1 to each modality, last (the papers' convention; LMF's released
+        code prepends it, see :meth:`mmfuse.nn.LowRankFusion.from_lmf`).
+    present : bool array, shape (B, M), optional
+        Missing-modality rule: where ``present[b, m]`` is False, modality m of sample b
+        contributes only its constant row, exactly as if its features were zero (NaNs there
+        are ignored).  With ``append_one=False`` an absent modality zeroes the product.
+    backend : str, optional
+        Implementation to run; default: the configured one.
+
+    Returns
+    -------
+    array, shape (B, h)
+
+    Raises
+    ------
+    ValueError
+        Wrong number of factors, factor rows not d_m + 1, differing ranks or output sizes,
+        differing batch sizes, bad ``present`` shape, no modality.
+    TypeError
+        Non-floating or mixed dtypes, non-boolean ``present``, mixed namespaces.
+
+    Notes
+    -----
+    LMF [1]_ (Eq. 8) factorises the TFN weight as
+    :math:`W = \sum_r w_r \bigotimes_m W_m^{(r)}` with the output mode shared, so
+
+    .. math:: h = \sum_{r=1}^{R} w_r \prod_{m=1}^{M} \left(\hat x_m^\top W_m^{(r)}\right) + b,
+
+    where the product is elementwise over the h outputs.  (The paper's Eq. 6, with the rank
+    sum inside the product, is an acknowledged erratum.)  It equals
+    ``tensor_fusion(xs, lowrank_to_tensor(factors, weights), bias)``.  Naive form::
+
+        for b, r:
+            term = w[r] * ones(h)
+            for m: term *= np.append(xs[m][b], 1) @ factors[m][r]
+            h[b] += term
+
+    Here every modality's R projections come from a single GEMM with the factor laid out as
+    a (d_m + 1, R h) matrix, and the batch is processed in cache-sized blocks.
+
+    References
+    ----------
+    .. [1] Z. Liu, Y. Shen, V. B. Lakshminarasimhan, P. P. Liang, A. Zadeh, L.-P. Morency,
+       "Efficient Low-rank Multimodal Fusion with Modality-Specific Factors", ACL 2018.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> rng = np.random.default_rng(0)
+    >>> xs = [rng.standard_normal((8, 32)), rng.standard_normal((8, 16))]
+    >>> params = mmfuse.init_lowrank([32, 16], rank=4, out_dim=10, seed=0)
+    >>> mmfuse.lowrank_fusion(xs, **params).shape
+    (8, 10)
+    >>> full = mmfuse.lowrank_to_tensor(params["factors"], params["weights"])
+    >>> bool(np.allclose(mmfuse.lowrank_fusion(xs, **params), mmfuse.tensor_fusion(xs, full)))
+    True
+    """
+    xs, batch = check_modalities(xs)
+    factors = list(factors) if isinstance(factors, (list, tuple)) else factors
+    rank, out_dim = _check_lowrank_factors(factors, [x.shape[1] for x in xs], append_one)
+    named = [*_named("xs", xs), *_named("factors", factors), ("weights", weights), ("bias", bias)]
+    xp = common_namespace([*named, ("present", present)])
+    check_same_float_dtype(xp, named)
+    _check_vector(xp, weights, "weights", rank, "R")
+    _check_vector(xp, bias, "bias", out_dim, "h")
+    if present is not None:
+        check_present(xp, present, batch, len(xs))
+    impl = lookup("lowrank_fusion", backend, like=xs[0])
+    return impl(xs, factors, weights, bias, append_one=append_one, present=present)
+
+
+# --------------------------------------------------------------------------- CP fusion
+
+
+def _as_cp(cp: Any) -> tuple[Any, list[Any]]:
+    """Normalise a ``tensorly.cp_tensor.CPTensor`` or a ``(weights, factors)`` pair."""
+    if hasattr(cp, "weights") and hasattr(cp, "factors"):  # CPTensor, without importing TensorLy
+        weights, factors = cp.weights, cp.factors
+    elif isinstance(cp, (list, tuple)) and len(cp) == 2:
+        weights, factors = cp
+    else:
+        raise TypeError(
+            "cp must be a tensorly CPTensor or a (weights, factors) pair, "
+            f"got {type(cp).__name__}"
+        )
+    factors = as_sequence(factors, "cp factors", min_len=2, what="factor")
+    for i, f in enumerate(factors):
+        if not array_api_compat.is_array_api_obj(f):
+            raise TypeError(f"cp factor {i} must be an array, got {type(f).__name__}")
+        check_ndim(f, 2, f"cp factor {i}", "(rows, R)")
+    rank = factors[0].shape[1]
+    for i, f in enumerate(factors):
+        if f.shape[1] != rank:
+            raise ValueError(
+                f"cp factor {i} has rank {f.shape[1]} (shape {fmt_shape(f.shape)}) but cp factor "
+                f"0 has rank {rank} (shape {fmt_shape(factors[0].shape)})"
+            )
+    if weights is not None:
+        if not array_api_compat.is_array_api_obj(weights):
+            raise TypeError(f"cp weights must be an array or None, got {type(weights).__name__}")
+        if tuple(weights.shape) != (rank,):
+            raise ValueError(f"cp weights must have shape (R,) = ({rank},), got {fmt_shape(weights.shape)}")
+    return weights, factors
+
+
+def cp_fusion(
+    xs: Sequence[Any],
+    cp: Any,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+    backend: str | None = None,
+) -> Any:
+    r"""TFN whose weight tensor is given as a CP decomposition in TensorLy's layout.
+
+    Parameters
+    ----------
+    xs : sequence of M arrays, shapes (B, d_m)
+    cp : tensorly CPTensor or (weights, factors)
+        ``weights`` (R,) or None (ones); ``factors`` = ``[A_1 (d_1 + 1, R), ..., A_M
+        (d_M + 1, R), C (h, R)]``, the M + 1 modes of W, exactly what
+        ``tensorly.decomposition.parafac`` returns for a TFN weight.  TensorLy itself is not
+        needed.
+    bias : array, shape (h,), optional
+    append_one : bool, default True
+    present : bool array, shape (B, M), optional
+        Missing-modality rule, as in :func:`lowrank_fusion`.
+    backend : str, optional
+
+    Returns
+    -------
+    array, shape (B, h)
+
+    Raises
+    ------
+    ValueError
+        Wrong number of factors (must be M + 1), factor rows not d_m + 1, differing ranks.
+    TypeError
+        ``cp`` of the wrong type, non-floating or mixed dtypes, mixed namespaces.
+
+    Notes
+    -----
+    With :math:`W = \sum_r w_r\, a_{1r} \otimes \cdots \otimes a_{Mr} \otimes c_r`,
+
+    .. math:: h = C \left(w \odot \prod_m A_m^\top \hat x_m\right) + b .
+
+    Naive form: ``tensor_fusion(xs, tensorly.cp_to_tensor(cp), bias)``.  Convert to LMF's
+    layout with :func:`cp_to_lowrank`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> rng = np.random.default_rng(0)
+    >>> xs = [rng.standard_normal((4, 3)), rng.standard_normal((4, 2))]
+    >>> cp = (np.ones(6), [rng.standard_normal((4, 6)), rng.standard_normal((3, 6)),
+    ...                    rng.standard_normal((5, 6))])
+    >>> y = mmfuse.cp_fusion(xs, cp)
+    >>> bool(np.allclose(y, mmfuse.lowrank_fusion(xs, *mmfuse.cp_to_lowrank(cp))))
+    True
+    """
+    xs, batch = check_modalities(xs)
+    weights, factors = _as_cp(cp)
+    n = len(xs)
+    if len(factors) != n + 1:
+        raise ValueError(
+            f"cp has {len(factors)} factors; expected M + 1 = {n + 1} (one per modality, then "
+            f"the output factor) for {n} modalities"
+        )
+    extra = _extra(append_one)
+    for m, (x, a) in enumerate(zip(xs, factors)):
+        if a.shape[0] != x.shape[1] + extra:
+            raise ValueError(
+                f"cp factor {m} has shape {fmt_shape(a.shape)}; expected "
+                f"({_mode_label(m, append_one)}, R) = ({x.shape[1] + extra}, R) for xs[{m}] "
+                f"of shape {fmt_shape(x.shape)}"
+            )
+    named = [*_named("xs", xs), *_named("cp factors", factors), ("cp weights", weights), ("bias", bias)]
+    xp = common_namespace([*named, ("present", present)])
+    check_same_float_dtype(xp, named)
+    _check_vector(xp, bias, "bias", factors[-1].shape[0], "h")
+    if present is not None:
+        check_present(xp, present, batch, n)
+    impl = lookup("cp_fusion", backend, like=xs[0])
+    return impl(xs, (weights, factors), bias, append_one=append_one, present=present)
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def lowrank_to_tensor(factors: Sequence[Any], weights: Any = None) -> Any:
+    r"""The full TFN weight of a low-rank (LMF-layout) fusion.
+
+    Parameters
+    ----------
+    factors : sequence of M arrays, shapes (R, D_m, h)
+    weights : array, shape (R,), optional
+        Default ones.
+
+    Returns
+    -------
+    array, shape (D_1, ..., D_M, h)
+
+    Notes
+    -----
+    :math:`W_{i_1 \ldots i_M k} = \sum_r w_r \prod_m F_m[r, i_m, k]`: an outer product over the
+    input modes, with the output mode shared (not a CP decomposition of the output mode).
+
+    Examples
+    --------
+    >>> import mmfuse
+    >>> p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=4, seed=1)
+    >>> mmfuse.lowrank_to_tensor(p["factors"], p["weights"]).shape
+    (4, 3, 4)
+    """
+    factors = as_sequence(factors, "factors")
+    rank, out_dim = _check_lowrank_factors(factors, None, True)
+    named = [*_named("factors", factors), ("weights", weights)]
+    xp = common_namespace(named)
+    check_same_float_dtype(xp, named)
+    _check_vector(xp, weights, "weights", rank, "R")
+    return core.lowrank_to_tensor(factors, weights)
+
+
+def cp_to_lowrank(cp: Any) -> tuple[list[Any], Any]:
+    r"""Convert a CP decomposition (TensorLy layout) to LMF's layout, exactly.
+
+    Parameters
+    ----------
+    cp : tensorly CPTensor or (weights, factors)
+        Factors ``[A_1 (D_1, R), ..., A_M (D_M, R), C (h, R)]``.
+
+    Returns
+    -------
+    factors : list of M arrays, shapes (R, D_m, h)
+    weights : array, shape (R,)
+
+    Notes
+    -----
+    :math:`F_1[r] = a_{1r} c_r^\top` carries the output factor and
+    :math:`F_m[r] = a_{mr} \mathbf{1}^\top` for m > 1, so
+    ``lowrank_fusion(xs, *cp_to_lowrank(cp)) == cp_fusion(xs, cp)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> cp = (np.ones(2), [np.eye(3, 2), np.eye(4, 2), np.eye(5, 2)])
+    >>> factors, weights = mmfuse.cp_to_lowrank(cp)
+    >>> [f.shape for f in factors], weights.shape
+    ([(2, 3, 5), (2, 4, 5)], (2,))
+    """
+    weights, factors = _as_cp(cp)
+    named = [*_named("cp factors", factors), ("cp weights", weights)]
+    xp = common_namespace(named)
+    check_same_float_dtype(xp, named)
+    return core.cp_to_lowrank((weights, factors))
+
+
+def init_lowrank(
+    dims: Sequence[int],
+    *,
+    rank: int,
+    out_dim: int,
+    append_one: bool = True,
+    seed: int | np.random.Generator | None = None,
+    xp: Any = None,
+    dtype: Any = None,
+    device: Any = None,
+) -> dict[str, Any]:
+    r"""Random low-rank fusion parameters, ready for ``lowrank_fusion(xs, **params)``.
+
+    Parameters
+    ----------
+    dims : sequence of int
+        Feature sizes d_m of the M modalities.
+    rank, out_dim : int
+        R and h.
+    append_one : bool, default True
+        Whether factors get the constant's row (d_m + 1 rows).
+    seed : int or numpy.random.Generator, optional
+        Source of randomness; the draw is the same in every namespace.
+    xp : namespace, optional
+        Namespace of the returned arrays (default NumPy), e.g. ``torch`` or ``array_api_strict``.
+    dtype, device : optional
+        Of the returned arrays (default: the namespace's default floating dtype).
+
+    Returns
+    -------
+    dict
+        ``{"factors": [M arrays (R, D_m, h)], "weights": (R,), "bias": (h,)}``.
+
+    Notes
+    -----
+    Factors are drawn :math:`\mathcal N(0, 1 / D_m)` so each projection
+    :math:`\hat x_m^\top W_m^{(r)}` has about unit variance for standardised inputs;
+    weights are :math:`1/R`, so the rank sum stays O(1); the bias is zero.
+
+    Examples
+    --------
+    >>> import mmfuse
+    >>> p = mmfuse.init_lowrank([5, 7], rank=3, out_dim=2, seed=0)
+    >>> [f.shape for f in p["factors"]], p["weights"].shape, p["bias"].shape
+    ([(3, 6, 2), (3, 8, 2)], (3,), (2,))
+    """
+    dims = [int(d) for d in dims]
+    if not dims:
+        raise ValueError("dims must hold at least 1 modality, got 0")
+    for name, v in (("rank", rank), ("out_dim", out_dim), *((f"dims[{m}]", d) for m, d in enumerate(dims))):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v}")
+    rng = np.random.default_rng(seed)
+    extra = _extra(append_one)
+    factors = [rng.standard_normal((rank, d + extra, out_dim)) / np.sqrt(d + extra) for d in dims]
+    weights = np.full(rank, 1.0 / rank)
+    bias = np.zeros(out_dim)
+    space = array_namespace(np.empty(0)) if xp is None else xp
+    if dtype is None:  # the namespace's default floating dtype (float32 for torch)
+        dtype = space.asarray(1.0).dtype
+    return {
+        "factors": [from_numpy(f, space, dtype=dtype, device=device) for f in factors],
+        "weights": from_numpy(weights, space, dtype=dtype, device=device),
+        "bias": from_numpy(bias, space, dtype=dtype, device=device),
+    }
+
+
+# --------------------------------------------------------------------------- registration
+
+for _public, _core_impl, _ref_impl in (
+    (tensor_fusion, core.tensor_fusion, reference.tensor_fusion),
+    (lowrank_fusion, core.lowrank_fusion, reference.lowrank_fusion),
+    (cp_fusion, core.cp_fusion, reference.cp_fusion),
+):
+    define_op(_public)
+    register(_public.__name__, "array_api", _core_impl)
+    register(_public.__name__, "reference", as_backend(_ref_impl))

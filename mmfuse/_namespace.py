@@ -1,0 +1,123 @@
+"""The one place that talks to ``array_api_compat``.
+
+Everything else in mmfuse asks this module which namespace an array lives in, on which
+device, and how to move data between the caller's namespace and NumPy.  No optional
+framework is imported here: ``array_api_compat`` itself only imports a framework once an
+array of that framework has been handed to it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "array_namespace",
+    "device_of",
+    "from_numpy",
+    "is_dask",
+    "is_jax",
+    "is_lazy",
+    "is_numpy",
+    "is_torch",
+    "namespace_name",
+    "to_numpy",
+]
+
+Array = Any
+Namespace = Any
+
+
+def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Namespace:
+    """Return the Array-API namespace shared by ``arrays`` (``None`` entries are skipped).
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array, or the arrays come from different namespaces.
+        The message names the offending arguments when ``names`` is given.
+    """
+    present = [(i, a) for i, a in enumerate(arrays) if a is not None]
+    if not present:
+        raise TypeError("expected at least one array, got none")
+    spaces = []
+    for i, a in present:
+        label = names[i] if names is not None else f"argument {i}"
+        if not array_api_compat.is_array_api_obj(a):
+            raise TypeError(f"{label} must be an array, got {type(a).__name__}")
+        spaces.append((label, array_api_compat.array_namespace(a)))
+    first_label, xp = spaces[0]
+    for label, other in spaces[1:]:
+        if other is not xp:
+            raise TypeError(
+                "mixed array namespaces: "
+                f"{first_label} is {namespace_name(xp)} but {label} is {namespace_name(other)}; "
+                "convert all inputs to one namespace"
+            )
+    return xp
+
+
+def namespace_name(xp: Namespace) -> str:
+    """A short human name for a namespace (``"numpy"``, ``"torch"``, ...)."""
+    name: str = getattr(xp, "__name__", repr(xp))
+    for prefix in ("array_api_compat.", "jax."):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def _compat_check(kind: str, xp: Namespace) -> bool:
+    # array_api_compat's is_*_namespace helpers never import the framework.
+    return bool(getattr(array_api_compat, f"is_{kind}_namespace")(xp))
+
+
+def is_numpy(xp: Namespace) -> bool:
+    return _compat_check("numpy", xp)
+
+
+def is_torch(xp: Namespace) -> bool:
+    return _compat_check("torch", xp)
+
+
+def is_jax(xp: Namespace) -> bool:
+    return _compat_check("jax", xp)
+
+
+def is_dask(xp: Namespace) -> bool:
+    return _compat_check("dask", xp)
+
+
+def is_lazy(x: Array) -> bool:
+    """True for arrays whose values are not known until computed (Dask, traced JAX)."""
+    return bool(array_api_compat.is_lazy_array(x))
+
+
+def device_of(x: Array) -> Any:
+    return array_api_compat.device(x)
+
+
+def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
+    """Copy ``x`` into a new NumPy array (detaching torch tensors, leaving ``x`` untouched)."""
+    if isinstance(x, np.ndarray):
+        return np.array(x, dtype=dtype, copy=True)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+    elif array_api_compat.is_cupy_array(x):
+        x = x.get()
+    elif hasattr(x, "compute") and array_api_compat.is_dask_array(x):
+        x = x.compute()
+    try:
+        return np.array(np.from_dlpack(x), dtype=dtype, copy=True)
+    except (TypeError, AttributeError, BufferError, RuntimeError):
+        return np.array(x, dtype=dtype, copy=True)
+
+
+def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any = None) -> Array:
+    """Move a NumPy array into namespace ``xp`` (on ``device``, as ``dtype``)."""
+    if is_numpy(xp):
+        return np.asarray(a, dtype=dtype)
+    return xp.asarray(a, dtype=dtype, device=device)

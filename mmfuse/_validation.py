@@ -1,0 +1,126 @@
+"""Shape, dtype and namespace checks shared by every public function.
+
+Every check works from metadata only (``shape``, ``dtype``, namespace, device), never from
+values, so it is safe on lazy arrays (Dask, traced JAX).  Messages name the argument, the
+modality index where there is one, and the expected and actual shapes or dtypes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+
+from ._namespace import array_namespace, device_of
+
+__all__ = [
+    "as_sequence",
+    "check_bool",
+    "check_float",
+    "check_ndim",
+    "check_same_float_dtype",
+    "common_namespace",
+    "fmt_shape",
+]
+
+
+def fmt_shape(shape: Sequence[Any]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def as_sequence(obj: Any, name: str, *, min_len: int = 1, what: str = "modality") -> list[Any]:
+    """``obj`` as a list, insisting it is a list or tuple (an array is not a sequence here)."""
+    if array_api_compat.is_array_api_obj(obj) or not isinstance(obj, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list or tuple of arrays (one per {what}), got {type(obj).__name__}"
+        )
+    if len(obj) < min_len:
+        raise ValueError(
+            f"{name} must hold at least {min_len} {what}{'s' if min_len > 1 else ''}, "
+            f"got {len(obj)}"
+        )
+    return list(obj)
+
+
+def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
+    """The namespace of all non-``None`` arrays in ``named``; TypeError on any mix.
+
+    Also checks that they share one device.
+    """
+    live = [(n, a) for n, a in named if a is not None]
+    xp = array_namespace(*(a for _, a in live), names=tuple(n for n, _ in live))
+    first_name, first = live[0]
+    dev = device_of(first)
+    for n, a in live[1:]:
+        other = device_of(a)
+        if other != dev:
+            raise ValueError(f"{n} is on device {other!r} but {first_name} is on {dev!r}")
+    return xp
+
+
+def check_float(xp: Any, x: Any, name: str) -> None:
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+
+
+def check_bool(xp: Any, x: Any, name: str) -> None:
+    if x.dtype != xp.bool:
+        raise TypeError(f"{name} must have a boolean dtype, got {x.dtype}")
+
+
+def check_same_float_dtype(xp: Any, named: Sequence[tuple[str, Any]]) -> Any:
+    """Every array is real floating and all share the first one's dtype; returns that dtype."""
+    live = [(n, a) for n, a in named if a is not None]
+    for n, a in live:
+        check_float(xp, a, n)
+    first_name, first = live[0]
+    for n, a in live[1:]:
+        if a.dtype != first.dtype:
+            raise TypeError(
+                f"{n} has dtype {a.dtype} but {first_name} has dtype {first.dtype}; "
+                "cast all floating inputs to one dtype"
+            )
+    return first.dtype
+
+
+def check_ndim(x: Any, ndim: int, name: str, layout: str) -> None:
+    if x.ndim != ndim:
+        raise ValueError(
+            f"{name} must be {ndim}-dimensional with shape {layout}, got shape {fmt_shape(x.shape)}"
+        )
+
+
+def check_modalities(
+    xs: Any, name: str = "xs", *, ndim: int = 2, layout: str = "(B, d_m)"
+) -> tuple[list[Any], int]:
+    """Check a sequence of per-modality arrays sharing the leading batch size.
+
+    Returns the arrays as a list and the batch size.
+    """
+    xs = as_sequence(xs, name)
+    for m, x in enumerate(xs):
+        if not array_api_compat.is_array_api_obj(x):
+            raise TypeError(f"{name}[{m}] must be an array, got {type(x).__name__}")
+        check_ndim(x, ndim, f"{name}[{m}]", layout)
+    batch = xs[0].shape[0]
+    for m, x in enumerate(xs[1:], start=1):
+        if x.shape[0] != batch:
+            raise ValueError(
+                f"{name}[{m}] has batch size {x.shape[0]} (shape {fmt_shape(x.shape)}) but "
+                f"{name}[0] has batch size {batch} (shape {fmt_shape(xs[0].shape)}); "
+                "all modalities must share the batch axis"
+            )
+    return xs, batch
+
+
+def check_present(xp: Any, present: Any, batch: int, n_modalities: int) -> None:
+    """``present`` is a boolean (B, M) array saying which modality each sample has."""
+    if not array_api_compat.is_array_api_obj(present):
+        raise TypeError(f"present must be a boolean array, got {type(present).__name__}")
+    check_bool(xp, present, "present")
+    if tuple(present.shape) != (batch, n_modalities):
+        raise ValueError(
+            f"present must have shape (B, M) = {fmt_shape((batch, n_modalities))}, "
+            f"got {fmt_shape(present.shape)}"
+        )
