@@ -16,6 +16,9 @@ from ._fusion import (
     tensor_fusion,
 )
 
+# sequence exports (issue 3)
+# align exports (issue 4)
+
 __version__ = "0.1.0"
 
 __all__ = [

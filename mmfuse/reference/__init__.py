@@ -13,6 +13,9 @@ from .fusion import (
     tensor_fusion,
 )
 
+# sequence exports (issue 3)
+# align exports (issue 4)
+
 __all__ = [
     "cp_fusion",
     "cp_to_lowrank",

@@ -1,0 +1,140 @@
+"""The ``xp`` fixture: every test runs on each array namespace mmfuse promises to support.
+
+Parameters: numpy, read-only numpy, array_api_strict, torch CPU, and (skipped when absent)
+cupy and torch CUDA.  ``MMFUSE_TEST_BACKENDS=numpy,torch`` narrows the set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+@dataclass
+class Namespace:
+    """How a test makes arrays of one namespace from NumPy data."""
+
+    name: str
+    xp: Any
+    device: Any = None
+    readonly: bool = False
+    made: list[tuple[Any, np.ndarray]] = field(default_factory=list)
+
+    def dtype(self, name: str) -> Any:
+        return getattr(self.xp, name)
+
+    def asarray(self, a: Any, dtype: str | None = "float64") -> Any:
+        """``a`` in this namespace; floating data cast to ``dtype``, booleans kept."""
+        a = np.asarray(a)
+        if a.dtype != np.bool_ and dtype is not None:
+            a = a.astype(dtype)
+        if self.name.startswith("numpy"):
+            out = np.array(a, copy=True)
+            if self.readonly:
+                out.setflags(write=False)
+        elif self.name.startswith("torch"):
+            out = self.xp.asarray(np.array(a, copy=True), device=self.device)
+        else:
+            out = self.xp.asarray(np.array(a, copy=True), device=self.device)
+        self.made.append((out, np.array(a, copy=True)))
+        return out
+
+    def assert_untouched(self) -> None:
+        """Every array this namespace made still holds its original values."""
+        from mmfuse._namespace import to_numpy
+
+        for arr, original in self.made:
+            np.testing.assert_array_equal(to_numpy(arr, dtype=None), original)
+        self.made.clear()
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _cuda_torch() -> bool:
+    if not _have("torch"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _cupy() -> bool:
+    if not _have("cupy"):
+        return False
+    try:
+        import cupy
+
+        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    except Exception:
+        return False
+
+
+def _make(name: str) -> Namespace:
+    if name in ("numpy", "numpy-readonly"):
+        return Namespace(name, np, readonly=name == "numpy-readonly")
+    if name == "array_api_strict":
+        import array_api_strict
+
+        return Namespace(name, array_api_strict)
+    if name == "torch":
+        import torch
+
+        return Namespace(name, torch, device="cpu")
+    if name == "torch-cuda":
+        import torch
+
+        return Namespace(name, torch, device="cuda")
+    if name == "cupy":
+        import cupy
+
+        return Namespace(name, cupy)
+    raise ValueError(name)
+
+
+_AVAILABLE = {
+    "numpy": lambda: True,
+    "numpy-readonly": lambda: True,
+    "array_api_strict": lambda: _have("array_api_strict"),
+    "torch": lambda: _have("torch"),
+    "cupy": _cupy,
+    "torch-cuda": _cuda_torch,
+}
+
+
+def _selected() -> list[str]:
+    wanted = os.environ.get("MMFUSE_TEST_BACKENDS")
+    names = list(_AVAILABLE)
+    if wanted:
+        names = [n.strip() for n in wanted.split(",") if n.strip()]
+        unknown = set(names) - set(_AVAILABLE)
+        if unknown:
+            raise ValueError(f"MMFUSE_TEST_BACKENDS: unknown {sorted(unknown)}; known {list(_AVAILABLE)}")
+    return names
+
+
+@pytest.fixture(scope="session", params=_selected())
+def xp(request: pytest.FixtureRequest) -> Namespace:
+    name = request.param
+    if not _AVAILABLE[name]():
+        pytest.skip(f"{name} is not available here")
+    return _make(name)
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A fresh generator per test, seeded from the test's id so failures reproduce."""
+    import zlib
+
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
