@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import machine, peak_rss_mib, print_table, time_candidates  # noqa: E402
+from _harness import machine, peak_rss_mib, print_table, time_candidates
 
 CASES = {
     "B4096-d32,32,128-h128-R16": (4096, (32, 32, 128), 128, 16),

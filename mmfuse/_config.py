@@ -32,9 +32,8 @@ _state: contextvars.ContextVar[dict[str, tuple[Any, str]] | None] = contextvars.
 def _check_option(key: str, value: Any) -> None:
     if key not in _DEFAULTS:
         raise TypeError(f"unknown mmfuse option {key!r}; known options: {sorted(_DEFAULTS)}")
-    if key == "backend":
-        if not isinstance(value, str) or value not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {value!r}")
+    if key == "backend" and (not isinstance(value, str) or value not in BACKEND_NAMES):
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {value!r}")
 
 
 def _initial_state() -> dict[str, tuple[Any, str]]:

@@ -60,6 +60,10 @@ def _check_vector(xp: Any, v: Any, name: str, length: int, label: str) -> None:
         raise ValueError(f"{name} must have shape ({label},) = ({length},), got {fmt_shape(v.shape)}")
 
 
+def _named(prefix: str, arrays: Sequence[Any]) -> list[tuple[str, Any]]:
+    return [(f"{prefix}[{m}]", a) for m, a in enumerate(arrays)]
+
+
 # --------------------------------------------------------------------------- tensor fusion
 
 
@@ -67,8 +71,9 @@ def _check_tensor_fusion(
     xs: Any, weight: Any, bias: Any, append_one: bool, max_elements: int
 ) -> list[Any]:
     xs, batch = check_modalities(xs)
-    xp = common_namespace([*((f"xs[{m}]", x) for m, x in enumerate(xs)), ("weight", weight), ("bias", bias)])
-    check_same_float_dtype(xp, [*((f"xs[{m}]", x) for m, x in enumerate(xs)), ("weight", weight), ("bias", bias)])
+    named = [*_named("xs", xs), ("weight", weight), ("bias", bias)]
+    xp = common_namespace(named)
+    check_same_float_dtype(xp, named)
     n = len(xs)
     extra = _extra(append_one)
     expected = tuple(x.shape[1] + extra for x in xs)
@@ -216,10 +221,6 @@ def _check_lowrank_factors(factors: Any, dims: Sequence[int] | None, append_one:
                 f"factors[0] has {out_dim} (shape {fmt_shape(factors[0].shape)})"
             )
     return rank, out_dim
-
-
-def _named(prefix: str, arrays: Sequence[Any]) -> list[tuple[str, Any]]:
-    return [(f"{prefix}[{m}]", a) for m, a in enumerate(arrays)]
 
 
 def lowrank_fusion(
@@ -463,7 +464,7 @@ def lowrank_to_tensor(factors: Sequence[Any], weights: Any = None) -> Any:
     (4, 3, 4)
     """
     factors = as_sequence(factors, "factors")
-    rank, out_dim = _check_lowrank_factors(factors, None, True)
+    rank, _ = _check_lowrank_factors(factors, None, True)
     named = [*_named("factors", factors), ("weights", weights)]
     xp = common_namespace(named)
     check_same_float_dtype(xp, named)

@@ -127,7 +127,7 @@ def xp(request: pytest.FixtureRequest) -> Namespace:
     return _make(name)
 
 
-@pytest.fixture(params=["float32", "float64"])
+@pytest.fixture(scope="session", params=["float32", "float64"])
 def dtype(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -170,10 +170,10 @@ def lookup(op: str, backend: str | None = None, *, like: Any = None) -> Callable
         )
     impl = impls[name]
     if xp is not None:
-        reason = impl.supports(xp, device)
-        if reason is not None:
+        refusal = impl.supports(xp, device)
+        if refusal is not None:
             raise TypeError(
                 f"backend {name!r} cannot take {namespace_name(xp)} arrays on device "
-                f"{device!r} for {op}: {reason}"
+                f"{device!r} for {op}: {refusal}"
             )
     return impl.func

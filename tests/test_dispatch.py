@@ -1,0 +1,149 @@
+"""Config precedence, the backend registry and import hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import mmfuse
+from mmfuse.backends import _registry, available, lookup, register
+
+
+def _run(code: str, env: dict[str, str] | None = None) -> str:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if k != "MMFUSE_BACKEND"}
+    full_env.update(env or {})
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_import_mmfuse_imports_no_optional_framework():
+    out = _run(
+        """
+        import sys
+        before = set(sys.modules)
+        import mmfuse, mmfuse.reference, mmfuse.testing, mmfuse.backends
+        heavy = ("torch", "cupy", "numba", "tensorly", "dask", "jax", "array_api_strict", "scipy")
+        print(sorted(m for m in set(sys.modules) - before if m.split(".")[0] in heavy))
+        """
+    )
+    assert out == "[]"
+
+
+def test_import_does_not_read_environment_or_set_state():
+    out = _run(
+        """
+        import mmfuse, mmfuse._config as c
+        print(c._state.get())
+        """,
+        env={"MMFUSE_BACKEND": "not-a-backend"},
+    )
+    assert out == "None"  # the bad value is only read (and rejected) at first use
+
+
+def test_env_var_read_at_first_use():
+    out = _run(
+        "import mmfuse; print(mmfuse.get_config()['backend'], mmfuse._config.config_source()['backend'])",
+        env={"MMFUSE_BACKEND": "reference"},
+    )
+    assert out == "reference environment (MMFUSE_BACKEND)"
+    res = subprocess.run(
+        [sys.executable, "-c", "import mmfuse; mmfuse.get_config()"],
+        capture_output=True,
+        text=True,
+        env={"MMFUSE_BACKEND": "nope", "PATH": ""},
+    )
+    assert "environment variable MMFUSE_BACKEND: backend must be one of" in res.stderr
+
+
+def test_precedence_call_over_context_over_set_config():
+    assert mmfuse.get_config()["backend"] in ("auto", "reference", "array_api")
+    before = mmfuse.get_config()
+    try:
+        mmfuse.set_config(backend="array_api")
+        assert lookup("lowrank_fusion") is _registry._IMPLS["lowrank_fusion"]["array_api"].func
+        with mmfuse.config_context(backend="reference") as cfg:
+            assert cfg == {"backend": "reference"}
+            assert lookup("lowrank_fusion") is _registry._IMPLS["lowrank_fusion"]["reference"].func
+            assert lookup("lowrank_fusion", "array_api") is _registry._IMPLS["lowrank_fusion"]["array_api"].func
+        assert mmfuse.get_config()["backend"] == "array_api"
+    finally:
+        mmfuse.set_config(**before)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'array_api', 'reference', 'numba', 'cupy', 'torch'\], got 'fast'"):
+        mmfuse.set_config(backend="fast")
+    with pytest.raises(TypeError, match=r"unknown mmfuse option 'colour'"):
+        mmfuse.set_config(colour="red")
+    with pytest.raises(ValueError, match=r"backend must be one of"), mmfuse.config_context(backend=3):
+        pass
+
+
+def test_reference_backend_really_runs(monkeypatch):
+    """Proves dispatch: the call goes to whatever the registry holds for the name."""
+    calls = []
+    impl = _registry._IMPLS["cp_fusion"]["reference"]
+
+    def spy(xs, cp, bias=None, *, append_one=True, present=None):
+        calls.append(len(xs))
+        return impl.func(xs, cp, bias, append_one=append_one, present=present)
+
+    monkeypatch.setitem(_registry._IMPLS["cp_fusion"], "reference", impl.__class__("cp_fusion", "reference", spy, impl.supports, impl.priority))
+    xs = [np.ones((2, 3)), np.ones((2, 1))]
+    cp = (None, [np.ones((4, 2)), np.ones((2, 2)), np.ones((3, 2))])
+    mmfuse.cp_fusion(xs, cp, backend="reference")
+    assert calls == [2]
+    mmfuse.cp_fusion(xs, cp)  # auto never picks the reference
+    assert calls == [2]
+
+
+def test_available_lists_builtin_backends():
+    table = available()
+    assert isinstance(table, dict)
+    for op in ("tensor_fusion", "lowrank_fusion", "cp_fusion"):
+        assert {"array_api", "reference"} <= set(table[op])
+    assert "array_api" in available("lowrank_fusion")
+    with pytest.raises(ValueError, match=r"unknown operator 'nope'"):
+        available("nope")
+
+
+def test_register_checks_signature():
+    def wrong(xs, factors):
+        return None
+
+    with pytest.raises(TypeError, match=r"must have the public signature \(xs, factors, weights, bias, append_one, present\); got \(xs, factors\)"):
+        register("lowrank_fusion", "numba", wrong)
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        register("lowrank_fusion", "auto", wrong)
+
+
+def test_forced_backend_that_cannot_take_inputs_says_why(monkeypatch):
+    impl = _registry._IMPLS["lowrank_fusion"]["array_api"]
+
+    def only_cuda(xp, device):
+        return "needs arrays on a CUDA device"
+
+    fake = _registry.Implementation("lowrank_fusion", "cupy", impl.func, only_cuda, 10)
+    monkeypatch.setitem(_registry._IMPLS["lowrank_fusion"], "cupy", fake)
+    xs = [np.ones((2, 3))]
+    p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
+    with pytest.raises(TypeError, match=r"backend 'cupy' cannot take numpy arrays on device 'cpu' for lowrank_fusion: needs arrays on a CUDA device"):
+        mmfuse.lowrank_fusion(xs, **p, backend="cupy")
+    # auto skips it (it does not support the inputs) and runs the core
+    assert mmfuse.lowrank_fusion(xs, **p).shape == (2, 1)
+
+
+def test_unknown_backend_for_op():
+    xs = [np.ones((2, 3))]
+    p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        mmfuse.lowrank_fusion(xs, **p, backend="gpu")

@@ -1,0 +1,449 @@
+"""TFN, LMF and CP fusion: every implementation against the NumPy reference, on every namespace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mmfuse
+import mmfuse.reference as ref
+from mmfuse.testing import assert_close
+
+BACKENDS = ["auto", "array_api", "reference"]
+
+
+@st.composite
+def lowrank_problems(draw, max_modalities=7, max_rank=16):
+    n = draw(st.integers(1, max_modalities))
+    dims = draw(st.lists(st.integers(1, 5), min_size=n, max_size=n))
+    return {
+        "dims": dims,
+        "batch": draw(st.integers(1, 6)),
+        "rank": draw(st.integers(1, max_rank)),
+        "out_dim": draw(st.integers(1, 4)),
+        "append_one": draw(st.booleans()),
+        "with_present": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _draw(problem):
+    rng = np.random.default_rng(problem["seed"])
+    extra = int(problem["append_one"])
+    xs = [rng.standard_normal((problem["batch"], d)) for d in problem["dims"]]
+    factors = [
+        rng.standard_normal((problem["rank"], d + extra, problem["out_dim"])) for d in problem["dims"]
+    ]
+    weights = rng.standard_normal(problem["rank"])
+    bias = rng.standard_normal(problem["out_dim"])
+    present = None
+    if problem["with_present"]:
+        present = rng.random((problem["batch"], len(problem["dims"]))) < 0.6
+    return xs, factors, weights, bias, present
+
+
+@settings(max_examples=25, deadline=None)
+@given(problem=lowrank_problems())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lowrank_matches_reference(xp, dtype, backend, problem):
+    xs, factors, weights, bias, present = _draw(problem)
+    want = ref.lowrank_fusion(
+        xs, factors, weights, bias, append_one=problem["append_one"], present=present
+    )
+    got = mmfuse.lowrank_fusion(
+        [xp.asarray(x, dtype) for x in xs],
+        [xp.asarray(f, dtype) for f in factors],
+        xp.asarray(weights, dtype),
+        xp.asarray(bias, dtype),
+        append_one=problem["append_one"],
+        present=None if present is None else xp.asarray(present),
+        backend=backend,
+    )
+    assert_close(got, want, xp=xp.xp, dtype=xp.dtype(dtype))
+    xp.assert_untouched()
+
+
+@settings(max_examples=25, deadline=None)
+@given(problem=lowrank_problems(max_modalities=5, max_rank=4))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_fusion_matches_reference(xp, dtype, backend, problem):
+    xs, factors, weights, bias, _ = _draw(problem)
+    weight = ref.lowrank_to_tensor(factors, weights) + 0.1  # a generic (full-rank) W
+    want = ref.tensor_fusion(xs, weight, bias, append_one=problem["append_one"])
+    got = mmfuse.tensor_fusion(
+        [xp.asarray(x, dtype) for x in xs],
+        xp.asarray(weight, dtype),
+        xp.asarray(bias, dtype),
+        append_one=problem["append_one"],
+        backend=backend,
+    )
+    assert_close(got, want, xp=xp.xp, dtype=xp.dtype(dtype))
+    xp.assert_untouched()
+
+
+def _cp_from(problem):
+    xs, factors, weights, bias, present = _draw(problem)
+    rng = np.random.default_rng(problem["seed"] + 1)
+    cp_factors = [f[:, :, 0].T.copy() for f in factors]  # (D_m, R)
+    cp_factors.append(rng.standard_normal((problem["out_dim"], problem["rank"])))
+    return xs, (weights, cp_factors), bias, present
+
+
+@settings(max_examples=25, deadline=None)
+@given(problem=lowrank_problems())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cp_fusion_matches_reference(xp, dtype, backend, problem):
+    xs, (weights, cp_factors), bias, present = _cp_from(problem)
+    want = ref.cp_fusion(xs, (weights, cp_factors), bias, append_one=problem["append_one"], present=present)
+    cp = (xp.asarray(weights, dtype), [xp.asarray(f, dtype) for f in cp_factors])
+    got = mmfuse.cp_fusion(
+        [xp.asarray(x, dtype) for x in xs],
+        cp,
+        xp.asarray(bias, dtype),
+        append_one=problem["append_one"],
+        present=None if present is None else xp.asarray(present),
+        backend=backend,
+    )
+    assert_close(got, want, xp=xp.xp, dtype=xp.dtype(dtype))
+    xp.assert_untouched()
+
+
+@settings(max_examples=20, deadline=None)
+@given(problem=lowrank_problems(max_modalities=6, max_rank=6))
+def test_lowrank_equals_tfn_of_its_full_tensor(xp, dtype, problem):
+    xs, factors, weights, bias, _ = _draw(problem)
+    ao = problem["append_one"]
+    a_xs = [xp.asarray(x, dtype) for x in xs]
+    a_f = [xp.asarray(f, dtype) for f in factors]
+    a_w, a_b = xp.asarray(weights, dtype), xp.asarray(bias, dtype)
+    full = mmfuse.lowrank_to_tensor(a_f, a_w)
+    assert_close(full, ref.lowrank_to_tensor(factors, weights), dtype=xp.dtype(dtype))
+    assert_close(
+        mmfuse.lowrank_fusion(a_xs, a_f, a_w, a_b, append_one=ao),
+        mmfuse.tensor_fusion(a_xs, full, a_b, append_one=ao),
+        dtype=xp.dtype(dtype),
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(problem=lowrank_problems())
+def test_cp_to_lowrank_is_exact(xp, dtype, problem):
+    xs, (weights, cp_factors), _, _ = _cp_from(problem)
+    cp = (xp.asarray(weights, dtype), [xp.asarray(f, dtype) for f in cp_factors])
+    factors, w = mmfuse.cp_to_lowrank(cp)
+    ref_factors, ref_w = ref.cp_to_lowrank((weights, cp_factors))
+    for got, want in zip(factors, ref_factors):
+        assert_close(got, want, xp=xp.xp, dtype=xp.dtype(dtype))
+    assert_close(w, ref_w, dtype=xp.dtype(dtype))
+    a_xs = [xp.asarray(x, dtype) for x in xs]
+    ao = problem["append_one"]
+    assert_close(
+        mmfuse.lowrank_fusion(a_xs, factors, w, append_one=ao),
+        mmfuse.cp_fusion(a_xs, cp, append_one=ao),
+        dtype=xp.dtype(dtype),
+    )
+
+
+def test_large_batch_blocks_match_reference(rng):
+    """A batch big enough for the blocked NumPy path, with absent modalities full of NaN."""
+    dims, rank, out_dim = (5, 9, 3), 7, 33
+    xs = [rng.standard_normal((3001, d)) for d in dims]
+    present = rng.random((3001, 3)) < 0.7
+    for m, x in enumerate(xs):
+        x[~present[:, m]] = np.nan
+    p = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=rng)
+    p["bias"] = rng.standard_normal(out_dim)
+    want = mmfuse.lowrank_fusion(xs, **p, present=present, backend="reference")
+    for backend in ("auto", "array_api"):
+        got = mmfuse.lowrank_fusion(xs, **p, present=present, backend=backend)
+        assert np.isfinite(got).all()
+        assert_close(got, want)
+
+
+def test_present_all_true_equals_no_present(xp, rng):
+    xs = [rng.standard_normal((5, d)) for d in (3, 4)]
+    p = mmfuse.init_lowrank([3, 4], rank=3, out_dim=2, seed=rng)
+    a_xs = [xp.asarray(x) for x in xs]
+    a_f = [xp.asarray(f) for f in p["factors"]]
+    all_present = xp.asarray(np.ones((5, 2), dtype=bool))
+    assert_close(
+        mmfuse.lowrank_fusion(a_xs, a_f, present=all_present), mmfuse.lowrank_fusion(a_xs, a_f)
+    )
+
+
+def test_absent_modality_uses_only_its_constant_row(rng):
+    xs = [rng.standard_normal((4, d)) for d in (3, 2)]
+    p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=3, seed=rng)
+    present = np.array([[True, False]] * 4)
+    zeroed = [xs[0], np.zeros_like(xs[1])]
+    assert_close(mmfuse.lowrank_fusion(xs, **p, present=present), mmfuse.lowrank_fusion(zeroed, **p))
+
+
+# --------------------------------------------------------------------------- dtype / device
+
+
+def test_dtype_and_namespace_preserved(xp, dtype, rng):
+    xs = [xp.asarray(rng.standard_normal((3, d)), dtype) for d in (2, 3)]
+    p = mmfuse.init_lowrank([2, 3], rank=2, out_dim=4, seed=1, xp=xp.xp, dtype=xp.dtype(dtype), device=xp.device)
+    out = mmfuse.lowrank_fusion(xs, **p)
+    assert out.dtype == xp.dtype(dtype)
+    assert type(out) is type(xs[0])
+
+
+def test_init_lowrank_same_draw_everywhere(xp):
+    a = mmfuse.init_lowrank([3, 4], rank=2, out_dim=5, seed=7, xp=xp.xp, dtype=xp.dtype("float64"), device=xp.device)
+    b = mmfuse.init_lowrank([3, 4], rank=2, out_dim=5, seed=7)
+    for fa, fb in zip(a["factors"], b["factors"]):
+        assert_close(fa, fb, rtol=0, atol=0)
+    assert_close(a["weights"], b["weights"], rtol=0, atol=0)
+
+
+def test_init_lowrank_default_dtype_is_namespace_default():
+    torch = pytest.importorskip("torch")
+    p = mmfuse.init_lowrank([3], rank=2, out_dim=2, seed=0, xp=torch)
+    assert p["factors"][0].dtype == torch.float32
+    assert mmfuse.init_lowrank([3], rank=2, out_dim=2, seed=0)["weights"].dtype == np.float64
+
+
+# --------------------------------------------------------------------------- TensorLy oracle
+
+
+def test_lowrank_to_tensor_slices_equal_tensorly(rng):
+    tl = pytest.importorskip("tensorly")
+    dims, rank, out_dim = (3, 4, 2), 5, 3
+    factors = [rng.standard_normal((rank, d, out_dim)) for d in dims]
+    weights = rng.standard_normal(rank)
+    full = mmfuse.lowrank_to_tensor(factors, weights)
+    for k in range(out_dim):
+        slice_k = tl.cp_to_tensor((weights, [f[:, :, k].T for f in factors]))
+        np.testing.assert_allclose(full[..., k], slice_k, rtol=1e-12, atol=1e-12)
+
+
+def test_cp_fusion_of_parafac_equals_tfn_of_its_tensor(rng):
+    tl = pytest.importorskip("tensorly")
+    from tensorly.decomposition import parafac
+
+    dims, out_dim = (3, 2, 4), 3
+    xs = [rng.standard_normal((6, d)) for d in dims]
+    weight = rng.standard_normal((*(d + 1 for d in dims), out_dim))
+    cp = parafac(tl.tensor(weight), rank=4, init="random", random_state=0, n_iter_max=50)
+    np.testing.assert_allclose(
+        mmfuse.cp_fusion(xs, cp), mmfuse.tensor_fusion(xs, tl.cp_to_tensor(cp)), rtol=1e-10, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        mmfuse.cp_fusion(xs, cp), ref.cp_fusion(xs, (cp.weights, cp.factors)), rtol=1e-10, atol=1e-10
+    )
+
+
+def test_parafac_of_tfn_weight_reproduces_fusion(rng):
+    """A TFN weight of CP rank R, decomposed by parafac at rank R, fuses like the original."""
+    tl = pytest.importorskip("tensorly")
+    from tensorly.decomposition import parafac
+
+    dims, out_dim, rank = (3, 4, 2), 3, 3
+    cp_true = (np.ones(rank), [rng.standard_normal((d + 1, rank)) for d in (*dims,)] + [rng.standard_normal((out_dim, rank))])
+    weight = ref.cp_to_tensor(cp_true)
+    xs = [rng.standard_normal((8, d)) for d in dims]
+    cp = parafac(tl.tensor(weight), rank=rank, init="svd", n_iter_max=2000, tol=1e-14, linesearch=False)
+    decomposition_error = np.linalg.norm(tl.cp_to_tensor(cp) - weight) / np.linalg.norm(weight)
+    assert decomposition_error < 1e-6
+    want = mmfuse.tensor_fusion(xs, weight)
+    got = mmfuse.cp_fusion(xs, cp)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    # fusion error bounded by the decomposition's error times the input scale
+    bound = decomposition_error * np.prod([np.linalg.norm(x, axis=1).max() + 1 for x in xs])
+    assert rel <= max(bound, 1e-12)
+
+
+def test_tensorly_cptensor_accepted_without_conversion(rng):
+    tl = pytest.importorskip("tensorly")
+    factors = [rng.standard_normal((d, 2)) for d in (4, 3, 5)]
+    cp = tl.cp_tensor.CPTensor((np.ones(2), factors))
+    xs = [rng.standard_normal((2, 3)), rng.standard_normal((2, 2))]
+    assert_close(mmfuse.cp_fusion(xs, cp), ref.cp_fusion(xs, (np.ones(2), factors)))
+
+
+# --------------------------------------------------------------------------- torch autograd
+
+
+def test_lowrank_gradients_match_plain_torch_eq8(rng):
+    torch = pytest.importorskip("torch")
+    dims, rank, out_dim, batch = (3, 4, 2), 3, 5, 6
+
+    def leaf(a):
+        return torch.tensor(a, dtype=torch.float64, requires_grad=True)
+
+    xs = [leaf(rng.standard_normal((batch, d))) for d in dims]
+    factors = [leaf(rng.standard_normal((rank, d + 1, out_dim))) for d in dims]
+    weights, bias = leaf(rng.standard_normal(rank)), leaf(rng.standard_normal(out_dim))
+    upstream = torch.tensor(rng.standard_normal((batch, out_dim)))
+    leaves = [*xs, *factors, weights, bias]
+
+    out = mmfuse.lowrank_fusion(xs, factors, weights, bias)
+    grads = torch.autograd.grad((out * upstream).sum(), leaves)
+
+    def eq8():
+        total = 0
+        for r in range(rank):
+            term = weights[r]
+            for x, f in zip(xs, factors):
+                hat = torch.cat([x, torch.ones(batch, 1, dtype=x.dtype)], dim=1)
+                term = term * (hat @ f[r])
+            total = total + term
+        return total + bias
+
+    plain = torch.autograd.grad((eq8() * upstream).sum(), leaves)
+    for g, p in zip(grads, plain):
+        torch.testing.assert_close(g, p, rtol=1e-12, atol=1e-12)
+
+
+def test_cp_and_tfn_gradients_flow_on_torch(rng):
+    torch = pytest.importorskip("torch")
+    xs = [torch.tensor(rng.standard_normal((4, d)), requires_grad=True) for d in (2, 3)]
+    w = torch.tensor(rng.standard_normal((3, 4, 2)), requires_grad=True)
+    mmfuse.tensor_fusion(xs, w).sum().backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in xs)
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _ok():
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((4, 3)), rng.standard_normal((4, 2))]
+    p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=5, seed=0)
+    return xs, p
+
+
+def test_error_no_modality():
+    with pytest.raises(ValueError, match=r"xs must hold at least 1 modality, got 0"):
+        mmfuse.lowrank_fusion([], [])
+
+
+def test_error_xs_not_a_sequence():
+    xs, p = _ok()
+    with pytest.raises(TypeError, match=r"xs must be a list or tuple of arrays"):
+        mmfuse.lowrank_fusion(np.stack([xs[0], xs[0]]), p["factors"])
+
+
+def test_error_wrong_number_of_factors():
+    xs, p = _ok()
+    with pytest.raises(ValueError, match=r"one entry per modality: got 1 factors for 2 modalities"):
+        mmfuse.lowrank_fusion(xs, p["factors"][:1])
+
+
+def test_error_factor_rows_not_d_plus_one():
+    xs, p = _ok()
+    bad = [p["factors"][0], p["factors"][1][:, :2, :]]
+    with pytest.raises(ValueError, match=r"factors\[1\] has shape \(2, 2, 5\); expected \(R, d_1 \+ 1, h\) = \(R, 3, h\)"):
+        mmfuse.lowrank_fusion(xs, bad)
+
+
+def test_error_ranks_differ():
+    xs, p = _ok()
+    bad = [p["factors"][0], np.concatenate([p["factors"][1]] * 2)]
+    with pytest.raises(ValueError, match=r"factors\[1\] has rank 4 .* but factors\[0\] has rank 2"):
+        mmfuse.lowrank_fusion(xs, bad)
+
+
+def test_error_output_sizes_differ():
+    xs, p = _ok()
+    bad = [p["factors"][0], p["factors"][1][:, :, :3]]
+    with pytest.raises(ValueError, match=r"factors\[1\] has output size 3 .* factors\[0\] has 5"):
+        mmfuse.lowrank_fusion(xs, bad)
+
+
+def test_error_batch_sizes_differ():
+    xs, p = _ok()
+    with pytest.raises(ValueError, match=r"xs\[1\] has batch size 3 \(shape \(3, 2\)\) but xs\[0\] has batch size 4"):
+        mmfuse.lowrank_fusion([xs[0], xs[1][:3]], p["factors"])
+
+
+def test_error_integer_dtype():
+    xs, p = _ok()
+    with pytest.raises(TypeError, match=r"xs\[0\] must have a real floating dtype, got int64"):
+        mmfuse.lowrank_fusion([np.ones((4, 3), dtype=np.int64), xs[1]], p["factors"])
+
+
+def test_error_bool_input():
+    xs, p = _ok()
+    with pytest.raises(TypeError, match=r"xs\[1\] must have a real floating dtype, got bool"):
+        mmfuse.lowrank_fusion([xs[0], np.ones((4, 2), dtype=bool)], p["factors"])
+
+
+def test_error_mixed_float_dtypes():
+    xs, p = _ok()
+    with pytest.raises(TypeError, match=r"factors\[0\] has dtype float64 but xs\[0\] has dtype float32"):
+        mmfuse.lowrank_fusion([x.astype(np.float32) for x in xs], p["factors"])
+
+
+def test_error_mixed_namespaces():
+    torch = pytest.importorskip("torch")
+    xs, p = _ok()
+    with pytest.raises(TypeError, match=r"mixed array namespaces: xs\[0\] is numpy but xs\[1\] is torch"):
+        mmfuse.lowrank_fusion([xs[0], torch.tensor(xs[1])], p["factors"])
+
+
+@pytest.mark.parametrize(
+    ("present", "exc", "match"),
+    [
+        (np.ones((4, 3), dtype=bool), ValueError, r"present must have shape \(B, M\) = \(4, 2\), got \(4, 3\)"),
+        (np.ones((4, 2)), TypeError, r"present must have a boolean dtype, got float64"),
+        ([[True, True]] * 4, TypeError, r"present must be an array, got list"),
+    ],
+)
+def test_error_bad_present(present, exc, match):
+    xs, p = _ok()
+    with pytest.raises(exc, match=match):
+        mmfuse.lowrank_fusion(xs, **p, present=present)
+
+
+def test_error_bad_weights_and_bias():
+    xs, p = _ok()
+    with pytest.raises(ValueError, match=r"weights must have shape \(R,\) = \(2,\), got \(3,\)"):
+        mmfuse.lowrank_fusion(xs, p["factors"], np.ones(3))
+    with pytest.raises(ValueError, match=r"bias must have shape \(h,\) = \(5,\), got \(4,\)"):
+        mmfuse.lowrank_fusion(xs, p["factors"], None, np.ones(4))
+
+
+def test_error_tfn_over_max_elements():
+    xs = [np.full((2, 9), 0.5)] * 3
+    weight = np.full((10, 10, 10, 4), 0.1)
+    with pytest.raises(ValueError, match=r"weight of shape \(10, 10, 10, 4\) has 4000 elements, over max_elements=1000"):
+        mmfuse.tensor_fusion(xs, weight, max_elements=1000)
+    assert mmfuse.tensor_fusion(xs, weight, max_elements=4000).shape == (2, 4)
+    wide = [np.full((10, 4), 0.5), *[np.full((10, 9), 0.5)] * 2]
+    with pytest.raises(ValueError, match=r"intermediate of shape \(10, 10, 10, 4\) with 4000 elements, over max_elements=3000"):
+        mmfuse.tensor_fusion(wide, weight[:5], max_elements=3000)
+
+
+def test_error_tfn_weight_shape():
+    xs, _ = _ok()
+    with pytest.raises(ValueError, match=r"weight must have shape \(d_1 \+ 1, d_2 \+ 1, h\) = \(4, 3, h\)"):
+        mmfuse.tensor_fusion(xs, np.ones((4, 4, 2)))
+
+
+def test_error_cp_wrong_number_of_factors():
+    xs, _ = _ok()
+    cp = (np.ones(2), [np.ones((4, 2)), np.ones((3, 2))])
+    with pytest.raises(ValueError, match=r"cp has 2 factors; expected M \+ 1 = 3"):
+        mmfuse.cp_fusion(xs, cp)
+
+
+def test_error_cp_bad_type_and_rank():
+    xs, _ = _ok()
+    with pytest.raises(TypeError, match=r"cp must be a tensorly CPTensor or a \(weights, factors\) pair, got ndarray"):
+        mmfuse.cp_fusion(xs, np.ones((3, 3)))
+    cp = (None, [np.ones((4, 2)), np.ones((3, 3)), np.ones((5, 2))])
+    with pytest.raises(ValueError, match=r"cp factor 1 has rank 3 .* but cp factor 0 has rank 2"):
+        mmfuse.cp_fusion(xs, cp)
+
+
+def test_error_cp_factor_rows():
+    xs, _ = _ok()
+    cp = (None, [np.ones((4, 2)), np.ones((2, 2)), np.ones((5, 2))])
+    with pytest.raises(ValueError, match=r"cp factor 1 has shape \(2, 2\); expected \(d_1 \+ 1, R\) = \(3, R\)"):
+        mmfuse.cp_fusion(xs, cp)
