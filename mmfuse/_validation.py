@@ -54,7 +54,8 @@ def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
     dev = device_of(first)
     for n, a in live[1:]:
         other = device_of(a)
-        if other != dev:
+        # Traced JAX values report no device; only compare devices both arrays know.
+        if other is not None and dev is not None and other != dev:
             raise ValueError(f"{n} is on device {other!r} but {first_name} is on {dev!r}")
     return xp
 
