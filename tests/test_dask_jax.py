@@ -42,7 +42,11 @@ def case_lowrank_fusion(rng):
 
     def call(batched, P):
         return mmfuse.lowrank_fusion(
-            batched, [P(f) for f in p["factors"]], P(p["weights"]), P(p["bias"]), present=P(present, batch=True)
+            batched,
+            [P(f) for f in p["factors"]],
+            P(p["weights"]),
+            P(p["bias"]),
+            present=P(present, batch=True),
         )
 
     return xs, call, lambda b: ref.lowrank_fusion(b, **p, present=present), want
@@ -50,7 +54,10 @@ def case_lowrank_fusion(rng):
 
 def case_cp_fusion(rng):
     xs, p = _fusion_problem(rng)
-    cp = (p["weights"], [rng.standard_normal((x.shape[1] + 1, 3)) for x in xs] + [rng.standard_normal((5, 3))])
+    cp = (
+        p["weights"],
+        [rng.standard_normal((x.shape[1] + 1, 3)) for x in xs] + [rng.standard_normal((5, 3))],
+    )
     want = ref.cp_fusion(xs, cp, p["bias"])
 
     def call(batched, P):

@@ -129,6 +129,8 @@ def lowrank_fusion(
     """
     xp = array_namespace(xs[0])
     rank, _, out_dim = factors[0].shape
+    if is_dask(xp):
+        return _lowrank_dask(xs, factors, weights, bias, append_one, present, out_dim)
     mats = [_flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
     if is_numpy(xp):
         y = _lowrank_numpy(xs, mats, present, append_one, rank, out_dim)
@@ -143,6 +145,23 @@ def lowrank_fusion(
         parts.append(xp.sum(xp.reshape(prod, (-1, rank, out_dim)), axis=1))
     y = _concat_blocks(xp, parts)
     return y if bias is None else y + bias
+
+
+def _lowrank_dask(
+    xs: list[Any], factors: list[Any], weights: Any, bias: Any, append_one: bool, present: Any, out_dim: int
+) -> Any:
+    """One task per batch chunk, each running the NumPy path (its intermediates stay in cache)."""
+    from .chunks import per_batch_chunk
+
+    n = len(xs)
+    batched = [*xs] if present is None else [*xs, present]
+
+    def chunk(b: list[Any], p: list[Any]) -> Any:
+        return lowrank_fusion(
+            b[:n], p[:n], p[n], p[n + 1], append_one=append_one, present=None if present is None else b[n]
+        )
+
+    return per_batch_chunk(chunk, batched, [*factors, weights, bias], (out_dim,), xs[0].dtype)
 
 
 def _lowrank_numpy(

@@ -1,0 +1,54 @@
+"""Run a per-sample NumPy kernel on each batch chunk of Dask arrays (lazily, no reduction).
+
+The Array-API core already works on Dask arrays, but Dask then schedules each standard call
+(matmul, multiply, sum) as its own task with its own full-chunk intermediate.  For ops whose
+intermediates are much larger than their inputs (LMF's (rows, R h) projections), running the
+NumPy fast path once per chunk keeps worker memory at a few chunks and lets that path block
+the chunk for cache.  The graph gets one task per batch chunk; nothing is computed here.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["per_batch_chunk"]
+
+
+def per_batch_chunk(
+    func: Callable[[list[Any], list[Any]], Any],
+    batched: Sequence[Any],
+    params: Sequence[Any],
+    tail: tuple[int, ...],
+    dtype: Any,
+) -> Any:
+    """``func(batched_chunks, params)`` per batch chunk, as a lazy Dask array (B, *tail).
+
+    ``batched`` are Dask arrays sharing their batch chunks (axis 0); every other axis is
+    handed whole to ``func``.  ``params`` (arrays or ``None``) are handed whole to every task.
+    """
+    import dask.array as da
+    import numpy as np
+
+    letters = iter(string.ascii_lowercase.replace("b", ""))
+    args: list[Any] = []
+    for x in batched:
+        args += [x, "b" + "".join(next(letters) for _ in range(x.ndim - 1))]
+    n_batched = len(batched)
+    for p in params:
+        args += [None, None] if p is None else [p, "".join(next(letters) for _ in range(p.ndim))]
+    out_index = "b" + "".join(next(letters) for _ in tail)
+
+    def run(*arrays: Any) -> Any:
+        return func(list(arrays[:n_batched]), list(arrays[n_batched:]))
+
+    return da.blockwise(
+        run,
+        out_index,
+        *args,
+        new_axes=dict(zip(out_index[1:], tail)),
+        concatenate=True,
+        dtype=dtype,
+        meta=np.empty((0,) * (1 + len(tail)), dtype=dtype),
+    )
