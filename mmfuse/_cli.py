@@ -1,0 +1,418 @@
+"""The ``mmfuse`` command: info, verify, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main"]
+
+NAMESPACES = ("numpy", "array_api_strict", "torch", "cupy", "jax", "dask")
+_EXTRA = {
+    "torch": "torch",
+    "array_api_strict": "test",
+    "cupy": "cupy",
+    "jax": "jax",
+    "dask": "dask",
+    "tensorly": "tensorly",
+    "matplotlib": "plot",
+}
+
+
+class MissingDependency(RuntimeError):
+    pass
+
+
+def require(module: str) -> Any:
+    """Import ``module`` or fail with the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = _EXTRA.get(module.split(".")[0], "all")
+        raise MissingDependency(
+            f"{module} is needed for this command but could not be imported ({exc}); "
+            f"install it with: pip install 'mmfuse[{extra}]'"
+        ) from None
+
+
+def _probe(module: str) -> tuple[Any, str | None]:
+    try:
+        return importlib.import_module(module), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, label: str, *, stream: Any = None, enabled: bool = True) -> None:
+        self.total, self.label, self.done = max(1, total), label, 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def step(self, note: str = "") -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        frac = self.done / self.total
+        bar = "#" * int(frac * 24)
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\r{self.label} [{bar:<24}] {self.done}/{self.total} {elapsed:5.1f}s {note[:40]:<40}")
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+# --------------------------------------------------------------------------- info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import mmfuse
+    from mmfuse import backends
+    from mmfuse._config import config_source
+
+    print(f"mmfuse {mmfuse.__version__}  (Python {platform.python_version()}, {platform.platform()})")
+    print("\narray namespaces:")
+    for name in NAMESPACES:
+        module, reason = _probe("dask.array" if name == "dask" else name)
+        version = getattr(sys.modules.get(name), "__version__", "") if module else ""
+        print(f"  {name:<17} {'found ' + version if module else 'missing: ' + str(reason)}")
+    print("\nbackends:")
+    table = backends.available()
+    assert isinstance(table, dict)
+    names = sorted({b for impls in table.values() for b in impls})
+    for b in names:
+        ops = [op for op, impls in table.items() if b in impls]
+        print(f"  {b:<10} {', '.join(ops)}")
+    for b, reason in sorted(backends.unavailable().items()):
+        print(f"  {b:<10} missing: {reason}")
+    print("\ndevices:")
+    print("  cpu")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"  cuda:{i} {torch.cuda.get_device_name(i)} (torch)")
+    cupy, _ = _probe("cupy") if "cupy" in sys.modules or args.probe_gpu else (None, None)
+    if cupy is not None:
+        try:
+            print(f"  cupy sees {cupy.cuda.runtime.getDeviceCount()} CUDA device(s)")
+        except Exception as exc:
+            print(f"  cupy: no CUDA device ({type(exc).__name__})")
+    print("\nconfig:")
+    source = config_source()
+    for key, value in mmfuse.get_config().items():
+        print(f"  {key} = {value!r}  (from {source[key]})")
+    return 0
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _tree_map(func: Callable[[Any], Any], obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return func(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tree_map(func, o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _tree_map(func, v) for k, v in obj.items()}
+    return obj
+
+
+def _leaves(obj: Any) -> list[Any]:
+    if isinstance(obj, (list, tuple)):
+        return [leaf for o in obj for leaf in _leaves(o)]
+    return [obj]
+
+
+def _converter(namespace: str, dtype: str) -> Callable[[np.ndarray], Any] | None:
+    if namespace == "numpy":
+        return lambda a: a if a.dtype == np.bool_ else a.astype(dtype)
+    module, _ = _probe(namespace)
+    if module is None:
+        return None
+    if namespace == "torch":
+        return lambda a: module.from_numpy(a if a.dtype == np.bool_ else a.astype(dtype))
+    if namespace == "cupy":
+        try:
+            if module.cuda.runtime.getDeviceCount() < 1:
+                return None
+        except Exception:
+            return None
+    return lambda a: module.asarray(a if a.dtype == np.bool_ else a.astype(dtype))
+
+
+def _call(func: Callable[..., Any], backend: str, args: Any, kwargs: Any) -> Any:
+    """Call a public op on ``backend`` (by keyword where it has one, else by config)."""
+    import inspect
+
+    from mmfuse import config_context
+
+    if "backend" in inspect.signature(func).parameters:
+        return func(*args, **kwargs, backend=backend)
+    with config_context(backend=backend):
+        return func(*args, **kwargs)
+
+
+def _rel_err(got: Any, want: np.ndarray) -> float:
+    from mmfuse._namespace import to_numpy
+
+    g = to_numpy(got)
+    if g.shape != want.shape:
+        return float("inf")
+    scale = max(float(np.abs(want).max()), 1e-300)
+    return float(np.abs(g - want).max() / scale)
+
+
+def verify_rows(
+    ops: Iterable[str], backends_wanted: Iterable[str] | None, namespaces: Iterable[str], seed: int, progress: bool
+) -> list[dict[str, Any]]:
+    import mmfuse
+    import mmfuse.reference as ref
+    from mmfuse import backends
+    from mmfuse._problems import make_problem
+    from mmfuse.testing import default_rtol
+
+    jobs = []
+    for op in ops:
+        registered = backends.available(op)
+        assert isinstance(registered, list)
+        for b in registered:
+            if b == "reference" or (backends_wanted is not None and b not in backends_wanted):
+                continue
+            for ns in namespaces:
+                for dtype in ("float32", "float64"):
+                    jobs.append((op, b, ns, dtype))
+    bar = Progress(len(jobs), "verify", enabled=progress)
+    rows = []
+    for op, b, ns, dtype in jobs:
+        args, kwargs = make_problem(op, seed=seed)
+        want = _leaves(getattr(ref, op)(*args, **kwargs))
+        convert = _converter(ns, dtype)
+        row = {"op": op, "backend": b, "namespace": ns, "dtype": dtype}
+        if convert is None:
+            row.update(status="skipped", detail=f"{ns} not available")
+        else:
+            try:
+                got = _leaves(_call(getattr(mmfuse, op), b, _tree_map(convert, args), _tree_map(convert, kwargs)))
+            except TypeError as exc:
+                if "cannot take" in str(exc):
+                    row.update(status="n/a", detail=str(exc).split(": ", 1)[-1][:60])
+                else:
+                    row.update(status="ERROR", detail=f"{type(exc).__name__}: {exc}"[:80])
+            except Exception as exc:
+                row.update(status="ERROR", detail=f"{type(exc).__name__}: {exc}"[:80])
+            else:
+                err = max(_rel_err(g, w) for g, w in zip(got, want))
+                tol = 5 * default_rtol(dtype)
+                row.update(status="ok" if err <= tol else "MISMATCH", detail=f"max rel err {err:.1e} (tol {tol:.0e})")
+        rows.append(row)
+        bar.step(f"{op}/{b}/{ns}")
+    return rows
+
+
+def _tensorly_rows(seed: int) -> list[dict[str, Any]]:
+    tl, reason = _probe("tensorly")
+    if tl is None:
+        return [{"op": "cp_fusion", "backend": "tensorly", "namespace": "numpy", "dtype": "float64", "status": "skipped", "detail": reason}]
+    import mmfuse
+    from mmfuse._problems import make_problem
+
+    (xs, cp, bias), _ = make_problem("cp_fusion", seed=seed)
+    err = _rel_err(mmfuse.cp_fusion(xs, cp, bias), mmfuse.tensor_fusion(xs, tl.cp_to_tensor(cp), bias))
+    ok = err <= 1e-10
+    return [{"op": "cp_fusion", "backend": "vs tensorly.cp_to_tensor", "namespace": "numpy", "dtype": "float64",
+             "status": "ok" if ok else "MISMATCH", "detail": f"max rel err {err:.1e}"}]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mmfuse._problems import OPS
+
+    ops = _check_choices(args.ops, OPS, "op")
+    rows = verify_rows(ops, args.backends, args.namespaces, args.seed, not args.no_progress)
+    if "cp_fusion" in ops:
+        rows += _tensorly_rows(args.seed)
+    print(_table(rows, ["op", "backend", "namespace", "dtype", "status", "detail"]))
+    bad = [r for r in rows if r["status"] in ("MISMATCH", "ERROR")]
+    ran = sum(r["status"] == "ok" for r in rows)
+    print(f"\n{ran} passed, {len(bad)} failed, {len(rows) - ran - len(bad)} skipped")
+    return 1 if bad else 0
+
+
+def _check_choices(given: Sequence[str] | None, valid: Iterable[str], what: str) -> list[str]:
+    valid = list(valid)
+    if not given:
+        return valid
+    unknown = [g for g in given if g not in valid]
+    if unknown:
+        raise SystemExit(f"mmfuse: unknown {what} {', '.join(map(repr, unknown))}; valid {what}s: {', '.join(valid)}")
+    return list(given)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _sync(out: Any) -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import mmfuse
+    from mmfuse import backends
+    from mmfuse._config import BACKEND_NAMES
+    from mmfuse._problems import OPS, make_problem
+
+    ops = _check_choices(args.ops, OPS, "op")
+    wanted = _check_choices(args.backends, [b for b in BACKEND_NAMES if b != "auto"], "backend")
+    scale = "verify" if args.quick else "bench"
+    jobs = []
+    for op in ops:
+        registered = backends.available(op)
+        assert isinstance(registered, list)
+        for b in registered:
+            if b in wanted and not (b == "reference" and scale == "bench"):
+                for ns in args.namespaces:
+                    jobs.append((op, b, ns))
+    bar = Progress(len(jobs), "bench", enabled=not args.no_progress)
+    results = []
+    for op, b, ns in jobs:
+        args_np, kwargs_np = make_problem(op, seed=0, scale=scale)
+        convert = _converter(ns, "float32")
+        entry: dict[str, Any] = {"op": op, "backend": b, "namespace": ns, "dtype": "float32"}
+        if convert is None:
+            entry.update(status="skipped", seconds=None)
+        else:
+            call_args, call_kwargs = _tree_map(convert, args_np), _tree_map(convert, kwargs_np)
+            func = getattr(mmfuse, op)
+            try:
+                _call(func, b, call_args, call_kwargs)
+                times = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    _sync(_call(func, b, call_args, call_kwargs))
+                    times.append(time.perf_counter() - t0)
+                entry.update(status="ok", seconds=float(np.median(times)))
+            except TypeError as exc:
+                entry.update(status="n/a" if "cannot take" in str(exc) else f"error: {exc}", seconds=None)
+        results.append(entry)
+        bar.step(f"{op}/{b}/{ns}")
+    for op in ops:
+        base = [r["seconds"] for r in results if r["op"] == op and r["backend"] == "array_api" and r["namespace"] == "numpy" and r["seconds"]]
+        for r in results:
+            if r["op"] == op and r["seconds"] and base:
+                r["vs_array_api_numpy"] = base[0] / r["seconds"]
+    rows = [{**r, "ms": f"{r['seconds'] * 1e3:.3f}" if r["seconds"] else "-",
+             "speed-up": f"{r['vs_array_api_numpy']:.2f}x" if r.get("vs_array_api_numpy") else "-"} for r in results]
+    print(_table(rows, ["op", "backend", "namespace", "ms", "speed-up", "status"]))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"mmfuse": mmfuse.__version__, "machine": platform.platform(), "scale": scale, "results": results}, fh, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        _bench_plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _bench_plot(results: list[dict[str, Any]], path: str) -> None:
+    require("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in results if r.get("seconds")]
+    ops = sorted({r["op"] for r in done})
+    series = sorted({(r["backend"], r["namespace"]) for r in done})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ops) + 2), 4.2), constrained_layout=True)
+    width = 0.8 / max(1, len(series))
+    for i, (b, ns) in enumerate(series):
+        xs, ys = [], []
+        for j, op in enumerate(ops):
+            hit = [r["seconds"] for r in done if r["op"] == op and r["backend"] == b and r["namespace"] == ns]
+            if hit:
+                xs.append(j + i * width)
+                ys.append(hit[0] * 1e3)
+        ax.bar(xs, ys, width, label=f"{b} on {ns}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ops))], ops, rotation=20, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("median time per call (ms, log scale)")
+    ax.set_title("mmfuse bench: lower is better")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmfuse._demo import run_demo
+
+    return run_demo(quick=args.quick, out=args.out, progress=not args.no_progress)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmfuse._problems import OPS
+
+    parser = argparse.ArgumentParser(prog="mmfuse", description="Multimodal fusion over the Python Array API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="version, namespaces, backends, devices, config")
+    p.add_argument("--probe-gpu", action="store_true", help="import cupy to look for CUDA devices")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="check every available backend against mmfuse.reference")
+    p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to check (default all: {', '.join(OPS)})")
+    p.add_argument("--backends", nargs="+", metavar="BACKEND")
+    p.add_argument("--namespaces", nargs="+", default=["numpy", "array_api_strict", "torch", "cupy"], choices=NAMESPACES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="time the ops across available backends, side by side")
+    p.add_argument("--ops", nargs="+", metavar="OP")
+    p.add_argument("--backends", nargs="+", metavar="BACKEND")
+    p.add_argument("--namespaces", nargs="+", default=["numpy", "torch"], choices=NAMESPACES)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny problems (a smoke run)")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="train small fusion models on bundled real data")
+    p.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
+    p.add_argument("--out", default="mmfuse-demo", help="folder for the summary figure and table")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MissingDependency as exc:
+        print(f"mmfuse: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,396 @@
+"""The ``"cupy"`` backend: cuBLAS GEMMs plus fused CuPy kernels, for CuPy arrays.
+
+``lowrank_fusion`` / ``cp_fusion``, per batch chunk (workspace near ``WORKSPACE_BYTES``):
+
+1. Projections: one cuBLAS GEMM per modality (``cupy.matmul`` into a preallocated
+   (M, rows, N) workspace) on the raw features; the factor's constant row is *not* folded in.
+2. One fused ``ElementwiseKernel``: adds each modality's constant row, applies the
+   missing-modality rule (an absent modality contributes only its constant row; its GEMM row,
+   possibly NaN, is never used), multiplies across modalities, applies the rank weights and
+   (LMF) reduces over the rank, adds the bias and writes the output.  For CP the kernel
+   writes the (rows, R) rank vector, and a second cuBLAS GEMM contracts it with the output
+   factor (nothing of shape (R, B, h) exists at all).
+
+``moments`` / ``zoom_shift``: one ``RawModule`` kernel (the same design as the numba backend:
+one block per (sample, channel tile), token lanes running Welford's update, merged in a fixed
+order, then the slab mapped while it is in cache).  Deterministic: no atomics.
+
+float16 inputs are upcast to float32 (CuPy has no bfloat16) and the result cast back;
+non-contiguous inputs are copied; inputs are never written.  Importing this module imports
+nothing from CuPy; kernels are built on first use.  All work runs on CuPy's current stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+
+if importlib.util.find_spec("cupy") is None:
+    raise ImportError("the cupy backend needs CuPy (pip install 'mmfuse[cupy]')")
+
+from .. import _fusion  # noqa: F401  (defines the operators registered below)
+from ._registry import _OPS, register
+
+__all__ = ["WORKSPACE_BYTES", "cp_fusion", "lowrank_fusion", "moments", "zoom_shift"]
+
+#: Target size of the per-chunk projection workspace (bytes).
+WORKSPACE_BYTES = 64 << 20
+MIN_CHUNK_ROWS = 256
+STAT_CHANNELS = 32
+STAT_LANES = 8
+
+_NEEDS = "needs CuPy arrays (on a CUDA device)"
+
+# ----------------------------------------------------------------------------- kernels
+
+# P: (M, rows, N) GEMM results; C: (M, N) constant rows (or unused); present: (B, M) bool.
+# One thread per output element; flags: 1 weights, 2 bias, 4 present, 8 constant rows.
+_LOWRANK_BODY = r"""
+const int b = i / h;
+const int k = i - b * h;
+const long long N = (long long)R * h;
+T total = 0;
+for (int r = 0; r < R; ++r) {
+    const long long col = (long long)r * h + k;
+    T term = (flags & 1) ? w[r] : (T)1;
+    for (int m = 0; m < M; ++m) {
+        T v = (flags & 8) ? C[m * N + col] : (T)0;
+        if (!(flags & 4) || present[(long long)(row0 + b) * M + m]) {
+            v += P[((long long)m * rows + b) * N + col];
+        }
+        term *= v;
+    }
+    total += term;
+}
+if (flags & 2) total += bias[k];
+out = total;
+"""
+
+_CP_BODY = r"""
+const int b = i / R;
+const int r = i - b * R;
+T term = (flags & 1) ? w[r] : (T)1;
+for (int m = 0; m < M; ++m) {
+    T v = (flags & 8) ? C[m * R + r] : (T)0;
+    if (!(flags & 4) || present[(long long)(row0 + b) * M + m]) {
+        v += P[((long long)m * rows + b) * R + r];
+    }
+    term *= v;
+}
+q = term;
+"""
+
+_STATS_SOURCE = r"""
+template <typename T, int CH, int LANES>
+__global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask, int use_mask,
+                          int B, int L, int C, T eps, T* mean_out, T* std_out, int apply,
+                          const T* __restrict__ g_mean, const T* __restrict__ g_std, T alpha,
+                          T* out) {
+    __shared__ T sn[LANES][CH];
+    __shared__ T smean[LANES][CH];
+    __shared__ T sm2[LANES][CH];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int c_tiles = (C + CH - 1) / CH;
+    const long long b = blockIdx.x / c_tiles;
+    const int c = (blockIdx.x - b * c_tiles) * CH + tx;
+    T n = 0, mean = 0, m2 = 0;
+    if (c < C) {
+        for (int t = ty; t < L; t += LANES) {
+            if (!use_mask || mask[b * L + t]) {
+                T v = x[(b * L + t) * C + c];
+                n += 1;
+                T d = v - mean;
+                mean += d / n;
+                m2 += d * (v - mean);
+            }
+        }
+    }
+    sn[ty][tx] = n; smean[ty][tx] = mean; sm2[ty][tx] = m2;
+    __syncthreads();
+    if (ty == 0) {
+        for (int k = 1; k < LANES; ++k) {
+            T nb = sn[k][tx];
+            if (nb > 0) {
+                T tot = n + nb;
+                T d = smean[k][tx] - mean;
+                mean += d * (nb / tot);
+                m2 += sm2[k][tx] + d * d * (n * nb / tot);
+                n = tot;
+            }
+        }
+        T sigma = (c < C) ? sqrt(m2 / n + eps) : (T)0;
+        if (!apply) {
+            if (c < C) { mean_out[b * C + c] = mean; std_out[b * C + c] = sigma; }
+        } else {
+            T scale = 1, offset = 0;
+            if (c < C) {
+                if (sigma > 0) {
+                    T ratio = g_std[b * C + c] / sigma;
+                    scale = (alpha == (T)1) ? ratio : pow(ratio, alpha);
+                }
+                offset = mean * ((T)1 - scale) + alpha * (g_mean[b * C + c] - mean);
+            }
+            sn[0][tx] = scale; smean[0][tx] = offset;
+        }
+    }
+    if (apply) {
+        __syncthreads();
+        if (c < C) {
+            const T scale = sn[0][tx], offset = smean[0][tx];
+            for (int t = ty; t < L; t += LANES) {
+                out[(b * L + t) * C + c] = x[(b * L + t) * C + c] * scale + offset;
+            }
+        }
+    }
+}
+"""
+
+
+@functools.cache
+def _elementwise() -> tuple[Any, Any]:
+    import cupy
+
+    params = (
+        "raw T P, raw T C, raw T w, raw T bias, raw bool present, "
+        "int32 M, int32 rows, int32 row0, int32 R, int32 h, int32 flags"
+    )
+    lowrank = cupy.ElementwiseKernel(params, "T out", _LOWRANK_BODY, "mmfuse_lowrank_combine")
+    cp = cupy.ElementwiseKernel(params, "T q", _CP_BODY, "mmfuse_cp_combine")
+    return lowrank, cp
+
+
+@functools.cache
+def _stats_module() -> Any:
+    import cupy
+
+    names = [f"stats_map<{t},{STAT_CHANNELS},{STAT_LANES}>" for t in ("float", "double")]
+    return cupy.RawModule(code=_STATS_SOURCE, options=("-std=c++14",), name_expressions=names)
+
+
+def _stats_kernel(dtype: Any) -> Any:
+    import cupy
+
+    t = "float" if cupy.dtype(dtype) == cupy.float32 else "double"
+    return _stats_module().get_function(f"stats_map<{t},{STAT_CHANNELS},{STAT_LANES}>")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _supports(xp: Any, device: Any) -> str | None:
+    return None if array_api_compat.is_cupy_namespace(xp) else _NEEDS
+
+
+def _work_dtype(a: Any) -> Any:
+    import cupy
+
+    return cupy.dtype(cupy.float32) if a.dtype == cupy.float16 else a.dtype
+
+
+def _prep(a: Any, dtype: Any) -> Any:
+    import cupy
+
+    if a is None:
+        return None
+    if a.dtype != dtype:
+        a = a.astype(dtype)
+    return cupy.ascontiguousarray(a)
+
+
+def _chunk_rows(batch: int, n_mod: int, width: int, itemsize: int) -> int:
+    rows = max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // max(1, n_mod * width * itemsize))
+    return min(rows, batch)
+
+
+def _combine_args(
+    cupy: Any, consts: Any, weights: Any, bias: Any, present: Any, dtype: Any, append_one: bool
+) -> tuple[Any, Any, Any, Any, int]:
+    one = cupy.zeros((1,), dtype=dtype)
+    flags = (1 if weights is not None else 0) | (2 if bias is not None else 0)
+    flags |= (4 if present is not None else 0) | (8 if append_one else 0)
+    pres = present if present is not None else cupy.zeros((1,), dtype=cupy.bool_)
+    return (
+        consts if append_one else one,
+        weights if weights is not None else one,
+        bias if bias is not None else one,
+        pres,
+        flags,
+    )
+
+
+# ----------------------------------------------------------------------------- fusion
+
+
+def lowrank_fusion(
+    xs: Sequence[Any],
+    factors: Sequence[Any],
+    weights: Any = None,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+) -> Any:
+    """:func:`mmfuse.lowrank_fusion` for CuPy arrays: cuBLAS projections + one fused kernel."""
+    import cupy
+
+    in_dtype = xs[0].dtype
+    dtype = _work_dtype(xs[0])
+    with cupy.cuda.Device(xs[0].device.id):
+        xs_p = [_prep(x, dtype) for x in xs]
+        rank, _, out_dim = factors[0].shape
+        width = rank * out_dim
+        # (R, D, h) -> (D, R h): the GEMM operand (a copy of the small factor).
+        mats = [_prep(f, dtype).transpose(1, 0, 2).reshape(f.shape[1], width) for f in factors]
+        mats = [cupy.ascontiguousarray(a) for a in mats]
+        dims = [x.shape[1] for x in xs_p]
+        consts = cupy.stack([a[d] for a, d in zip(mats, dims)]) if append_one else None
+        w, b = _prep(weights, dtype), _prep(bias, dtype)
+        pres = _prep(present, cupy.bool_)
+        batch, n_mod = xs_p[0].shape[0], len(xs_p)
+        out = cupy.empty((batch, out_dim), dtype=dtype)
+        rows = _chunk_rows(batch, n_mod, width, dtype.itemsize)
+        work = cupy.empty((n_mod, max(rows, 1), width), dtype=dtype)
+        c_arg, w_arg, b_arg, p_arg, flags = _combine_args(cupy, consts, w, b, pres, dtype, append_one)
+        kernel, _ = _elementwise()
+        for start in range(0, batch, max(rows, 1)):
+            stop = min(start + rows, batch)
+            n = stop - start
+            for m, (x, a) in enumerate(zip(xs_p, mats)):
+                cupy.matmul(x[start:stop], a[: dims[m]], out=work[m, :n])
+            kernel(work, c_arg, w_arg, b_arg, p_arg, n_mod, rows, start, rank, out_dim, flags,
+                   out[start:stop])
+    return out if out.dtype == in_dtype else out.astype(in_dtype)
+
+
+def cp_fusion(
+    xs: Sequence[Any],
+    cp: Any,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+) -> Any:
+    """:func:`mmfuse.cp_fusion` for CuPy arrays: cuBLAS projections, fused product, cuBLAS."""
+    import cupy
+
+    weights, factors = cp
+    in_dtype = xs[0].dtype
+    dtype = _work_dtype(xs[0])
+    with cupy.cuda.Device(xs[0].device.id):
+        xs_p = [_prep(x, dtype) for x in xs]
+        mats = [_prep(a, dtype) for a in factors[:-1]]
+        out_t = _prep(factors[-1], dtype).T  # (R, h)
+        rank = out_t.shape[0]
+        dims = [x.shape[1] for x in xs_p]
+        consts = cupy.stack([a[d] for a, d in zip(mats, dims)]) if append_one else None
+        w, b = _prep(weights, dtype), _prep(bias, dtype)
+        pres = _prep(present, cupy.bool_)
+        batch, n_mod = xs_p[0].shape[0], len(xs_p)
+        out = cupy.empty((batch, out_t.shape[1]), dtype=dtype)
+        rows = _chunk_rows(batch, n_mod, rank, dtype.itemsize)
+        work = cupy.empty((n_mod, max(rows, 1), rank), dtype=dtype)
+        q = cupy.empty((max(rows, 1), rank), dtype=dtype)
+        c_arg, w_arg, b_arg, p_arg, flags = _combine_args(cupy, consts, w, None, pres, dtype, append_one)
+        _, kernel = _elementwise()
+        for start in range(0, batch, max(rows, 1)):
+            stop = min(start + rows, batch)
+            n = stop - start
+            for m, (x, a) in enumerate(zip(xs_p, mats)):
+                cupy.matmul(x[start:stop], a[: dims[m]], out=work[m, :n])
+            kernel(work, c_arg, w_arg, b_arg, p_arg, n_mod, rows, start, rank, 1, flags, q[:n])
+            cupy.matmul(q[:n], out_t, out=out[start:stop])
+        if b is not None:
+            out += b
+    return out if out.dtype == in_dtype else out.astype(in_dtype)
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+def _lanes(a: Any, ax: int) -> Any:
+    shape = tuple(a.shape)
+    return a.reshape(math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1 :]))
+
+
+def _launch_stats(x3: Any, mask: Any, eps: float, mean: Any, std: Any, apply: bool,
+                  g_mean: Any, g_std: Any, alpha: float, out: Any) -> None:
+    import cupy
+    import numpy as np
+
+    batch, length, chans = x3.shape
+    blocks = batch * math.ceil(chans / STAT_CHANNELS)
+    if not blocks or not length:
+        return
+    scalar = np.float32 if x3.dtype == cupy.float32 else np.float64
+    dummy_mask = cupy.zeros((1,), dtype=cupy.bool_)
+    _stats_kernel(x3.dtype)(
+        (blocks,), (STAT_CHANNELS, STAT_LANES),
+        (x3, mask if mask is not None else dummy_mask, np.int32(mask is not None), np.int32(batch),
+         np.int32(length), np.int32(chans), scalar(eps), mean, std, np.int32(apply), g_mean, g_std,
+         scalar(alpha), out),
+    )
+
+
+def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
+    """:func:`mmfuse.moments` for CuPy arrays (one read of x, deterministic)."""
+    import cupy
+
+    ax = axis % x.ndim
+    dtype = _work_dtype(x)
+    with cupy.cuda.Device(x.device.id):
+        x3 = _lanes(_prep(x, dtype), ax)
+        mk = None if mask is None else _prep(mask, cupy.bool_).reshape(x3.shape[0], x3.shape[1])
+        kept = list(x.shape)
+        kept[ax] = 1
+        mean = cupy.empty(kept, dtype=dtype)
+        std = cupy.empty(kept, dtype=dtype)
+        _launch_stats(x3, mk, eps, mean, std, False, mean, std, 1.0, mean)
+    if dtype != x.dtype:
+        mean, std = mean.astype(x.dtype), std.astype(x.dtype)
+    return mean, std
+
+
+def zoom_shift(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
+) -> Any:
+    """:func:`mmfuse.zoom_shift` for CuPy arrays: guide statistics, then one fused kernel."""
+    import cupy
+
+    ax = axis % x.ndim
+    dtype = _work_dtype(x)
+    with cupy.cuda.Device(x.device.id):
+        x3 = _lanes(_prep(x, dtype), ax)
+        g3 = _lanes(_prep(guide, dtype), ax)
+        mk = None if mask is None else _prep(mask, cupy.bool_).reshape(x3.shape[0], x3.shape[1])
+        gmk = None if guide_mask is None else _prep(guide_mask, cupy.bool_).reshape(g3.shape[0], g3.shape[1])
+        g_mean = cupy.empty((g3.shape[0], g3.shape[2]), dtype=dtype)
+        g_std = cupy.empty_like(g_mean)
+        _launch_stats(g3, gmk, eps, g_mean, g_std, False, g_mean, g_std, 1.0, g_mean)
+        out = cupy.empty(x3.shape, dtype=dtype)
+        _launch_stats(x3, mk, eps, g_mean, g_std, True, g_mean, g_std, alpha, out)
+        out = out.reshape(x.shape)
+    return out if dtype == x.dtype else out.astype(x.dtype)
+
+
+# "auto" on CuPy arrays: cuBLAS projections should beat the numba backend's simple tiled GEMM
+# (priority 10), so this backend ranks above it.  To be confirmed by benchmarks/gpu.py on an
+# H100 (not run yet: no GPU was available when this was written).
+PRIORITY = 20
+
+register("lowrank_fusion", "cupy", lowrank_fusion, supports=_supports, priority=PRIORITY)
+register("cp_fusion", "cupy", cp_fusion, supports=_supports, priority=PRIORITY)
+for _name, _impl in (("moments", moments), ("zoom_shift", zoom_shift)):
+    if _name in _OPS:
+        register(_name, "cupy", _impl, supports=_supports, priority=PRIORITY)

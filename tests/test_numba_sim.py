@@ -1,0 +1,415 @@
+"""The numba-cuda kernels under numba's CUDA simulator, against ``mmfuse.reference``.
+
+CI has no GPU, so these tests launch the kernels (through the device drivers
+``lowrank_fusion_device`` / ``cp_fusion_device``) on numba device arrays made with
+``cuda.to_device`` while ``NUMBA_ENABLE_CUDASIM=1``.  The simulator must be on before
+``numba.cuda`` is first imported, so this module sets the variable before importing numba, and
+skips itself when another module imported ``numba.cuda`` earlier without it.  (The variable
+stays set for the rest of the session: numba reads it once.)
+
+The simulator runs every GPU thread as a Python thread, so shapes are tiny and the tile edge
+is small (8, with one case at 4 and one at the production 16) so that several tiles and ragged
+edges are exercised without many blocks.
+
+A second test compiles every kernel to PTX in a subprocess without the simulator when NVVM is
+installed (``nvidia-cuda-nvcc`` + ``nvidia-cuda-nvrtc``, or a CUDA toolkit found through
+``CUDA_HOME``), which type-checks the kernels as the real compiler sees them; it skips otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+if "numba.cuda" not in sys.modules:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+pytest.importorskip("numba")
+pytest.importorskip("numba_cuda")
+
+from numba import cuda
+
+import mmfuse
+from mmfuse import reference
+from mmfuse.backends import available
+from mmfuse.testing import assert_close
+
+nb = pytest.importorskip("mmfuse.backends.numba")
+
+if not nb.simulator_enabled():
+    pytest.skip(
+        "numba.cuda was imported before this module could enable NUMBA_ENABLE_CUDASIM",
+        allow_module_level=True,
+    )
+
+pytestmark = [
+    # The simulator may flag tiny grids; the message is numba's NumbaPerformanceWarning.
+    pytest.mark.filterwarnings("ignore:Grid size .* will likely result in GPU under-utilization"),
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def nan_empty(shape, dtype):
+    """Workspace allocator that poisons: nothing may rely on fresh memory being zero."""
+    return cuda.to_device(np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0, dtype=dtype))
+
+
+def dev(a, dtype):
+    return None if a is None else cuda.to_device(np.ascontiguousarray(a, dtype=dtype))
+
+
+def host(a):
+    return None if a is None else a.copy_to_host()
+
+
+def draw_case(rng, *, n_mod=None, batch=None):
+    n_mod = int(rng.integers(1, 5)) if n_mod is None else n_mod
+    batch = int(rng.choice([1, 3, 7, 9])) if batch is None else batch
+    dims = [int(d) for d in rng.integers(1, 10, size=n_mod)]
+    rank = int(rng.integers(1, 4))
+    out_dim = int(rng.integers(1, 8))
+    append_one = bool(rng.integers(0, 2))
+    return n_mod, batch, dims, rank, out_dim, append_one
+
+
+def draw_inputs(rng, batch, dims, *, with_present):
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    present = None
+    if with_present:
+        present = rng.random((batch, len(dims))) > 0.35
+        for m, x in enumerate(xs):
+            x[~present[:, m]] = np.nan  # absent features must never be read
+    return xs, present
+
+
+def run_lowrank(xs, factors, weights, bias, present, append_one, dtype, tile):
+    d_xs = [dev(x, dtype) for x in xs]
+    d_fs = [dev(f, dtype) for f in factors]
+    d_w, d_b, d_p = dev(weights, dtype), dev(bias, dtype), dev(present, np.bool_)
+    out = cuda.to_device(np.full((xs[0].shape[0], factors[0].shape[2]), np.nan, dtype=dtype))
+    nb.lowrank_fusion_device(
+        d_xs, d_fs, d_w, d_b, out, append_one=append_one, present=d_p, empty=nan_empty, tile=tile
+    )
+    for a, d in [*zip(xs, d_xs), *zip(factors, d_fs), (weights, d_w), (bias, d_b), (present, d_p)]:
+        if a is not None:  # inputs are never written
+            np.testing.assert_array_equal(host(d), np.asarray(a, dtype=d.dtype))
+    return out.copy_to_host()
+
+
+def run_cp(xs, weights, cp_factors, bias, present, append_one, dtype, tile):
+    d_xs = [dev(x, dtype) for x in xs]
+    d_fs = [dev(f, dtype) for f in cp_factors]
+    d_w, d_b, d_p = dev(weights, dtype), dev(bias, dtype), dev(present, np.bool_)
+    out = cuda.to_device(np.full((xs[0].shape[0], cp_factors[-1].shape[0]), np.nan, dtype=dtype))
+    nb.cp_fusion_device(
+        d_xs, d_w, d_fs, d_b, out, append_one=append_one, present=d_p, empty=nan_empty, tile=tile
+    )
+    for a, d in [*zip(xs, d_xs), *zip(cp_factors, d_fs), (weights, d_w), (bias, d_b), (present, d_p)]:
+        if a is not None:
+            np.testing.assert_array_equal(host(d), np.asarray(a, dtype=d.dtype))
+    return out.copy_to_host()
+
+
+def lowrank_params(rng, dims, rank, out_dim, append_one, *, with_weights, with_bias):
+    extra = 1 if append_one else 0
+    factors = [rng.standard_normal((rank, d + extra, out_dim)) / np.sqrt(d + extra) for d in dims]
+    weights = rng.standard_normal(rank) if with_weights else None
+    bias = rng.standard_normal(out_dim) if with_bias else None
+    return factors, weights, bias
+
+
+def cp_params(rng, dims, rank, out_dim, append_one, *, with_weights):
+    extra = 1 if append_one else 0
+    factors = [rng.standard_normal((d + extra, rank)) / np.sqrt(d + extra) for d in dims]
+    factors.append(rng.standard_normal((out_dim, rank)))
+    weights = rng.standard_normal(rank) if with_weights else None
+    return weights, factors
+
+
+# (seed, M, B, dtype, tile): random sizes from the seed; fixed M / B where given.
+CASES = [
+    (0, None, None, "float64", 8),
+    (1, None, None, "float32", 8),
+    (2, None, 1, "float64", 8),
+    (3, 8, 3, "float64", 8),
+    (4, 8, 1, "float32", 8),
+    (5, 2, 9, "float32", 4),
+    (6, 3, 5, "float64", 16),
+    (7, 1, 7, "float64", 8),
+]
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize(("seed", "n_mod", "batch", "dtype", "tile"), CASES)
+def test_lowrank_matches_reference(seed, n_mod, batch, dtype, tile):
+    rng = np.random.default_rng(seed)
+    n_mod, batch, dims, rank, out_dim, append_one = draw_case(rng, n_mod=n_mod, batch=batch)
+    if n_mod == 8:  # keep the simulator's block count small
+        rank, out_dim = 2, 3
+    xs, present = draw_inputs(rng, batch, dims, with_present=seed % 2 == 0)
+    factors, weights, bias = lowrank_params(
+        rng, dims, rank, out_dim, append_one, with_weights=seed % 3 != 0, with_bias=seed % 4 != 1
+    )
+    got = run_lowrank(xs, factors, weights, bias, present, append_one, dtype, tile)
+    want = reference.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present)
+    assert np.all(np.isfinite(got)), "an output element was not written (still NaN)"
+    assert_close(got, want, dtype=np.dtype(dtype), err_msg=f"dims={dims} R={rank} h={out_dim}")
+
+
+@pytest.mark.parametrize(("seed", "n_mod", "batch", "dtype", "tile"), CASES)
+def test_cp_matches_reference(seed, n_mod, batch, dtype, tile):
+    rng = np.random.default_rng(100 + seed)
+    n_mod, batch, dims, rank, out_dim, append_one = draw_case(rng, n_mod=n_mod, batch=batch)
+    if n_mod == 8:
+        rank = 2
+    xs, present = draw_inputs(rng, batch, dims, with_present=seed % 2 == 1)
+    weights, factors = cp_params(rng, dims, rank, out_dim, append_one, with_weights=seed % 3 != 1)
+    bias = rng.standard_normal(out_dim) if seed % 4 != 2 else None
+    got = run_cp(xs, weights, factors, bias, present, append_one, dtype, tile)
+    want = reference.cp_fusion(xs, (weights, factors), bias, append_one=append_one, present=present)
+    assert np.all(np.isfinite(got)), "an output element was not written (still NaN)"
+    assert_close(got, want, dtype=np.dtype(dtype), err_msg=f"dims={dims} R={rank} h={out_dim}")
+
+
+def test_cp_rank_and_output_span_several_tiles():
+    """R and h larger than the tile: the fused kernel's rank loop and output grid are tiled."""
+    rng = np.random.default_rng(7)
+    dims, rank, out_dim = [5, 3], 11, 10
+    xs, _ = draw_inputs(rng, 5, dims, with_present=False)
+    weights, factors = cp_params(rng, dims, rank, out_dim, True, with_weights=True)
+    bias = rng.standard_normal(out_dim)
+    got = run_cp(xs, weights, factors, bias, None, True, "float64", 4)
+    assert_close(got, reference.cp_fusion(xs, (weights, factors), bias), dtype=np.dtype("float64"))
+
+
+def test_batch_chunks(monkeypatch):
+    """A workspace smaller than the batch: chunks of 3 rows, the last one ragged."""
+    monkeypatch.setattr(nb, "WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(nb, "MIN_CHUNK_ROWS", 3)
+    rng = np.random.default_rng(11)
+    dims = [4, 2]
+    xs, present = draw_inputs(rng, 7, dims, with_present=True)
+    factors, weights, bias = lowrank_params(rng, dims, 2, 3, True, with_weights=True, with_bias=True)
+    got = run_lowrank(xs, factors, weights, bias, present, True, "float64", 8)
+    want = reference.lowrank_fusion(xs, factors, weights, bias, present=present)
+    assert_close(got, want, dtype=np.dtype("float64"))
+    cp_w, cp_f = cp_params(rng, dims, 3, 2, True, with_weights=True)
+    got = run_cp(xs, cp_w, cp_f, bias[:2], present, True, "float64", 8)
+    want = reference.cp_fusion(xs, (cp_w, cp_f), bias[:2], present=present)
+    assert_close(got, want, dtype=np.dtype("float64"))
+
+
+def test_repeated_runs_are_bit_identical():
+    rng = np.random.default_rng(5)
+    dims = [3, 6, 2]
+    xs, present = draw_inputs(rng, 5, dims, with_present=True)
+    factors, weights, bias = lowrank_params(rng, dims, 3, 4, True, with_weights=True, with_bias=True)
+    first = run_lowrank(xs, factors, weights, bias, present, True, "float32", 8)
+    second = run_lowrank(xs, factors, weights, bias, present, True, "float32", 8)
+    assert first.tobytes() == second.tobytes()
+    cp_w, cp_f = cp_params(rng, dims, 3, 4, True, with_weights=True)
+    first = run_cp(xs, cp_w, cp_f, bias, present, True, "float32", 8)
+    second = run_cp(xs, cp_w, cp_f, bias, present, True, "float32", 8)
+    assert first.tobytes() == second.tobytes()
+
+
+def test_strided_inputs_to_the_kernels():
+    """The kernels index through strides: a Fortran-ordered x gives the same result."""
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal((5, 4)), rng.standard_normal((5, 3))]
+    factors, weights, bias = lowrank_params(rng, [4, 3], 2, 3, True, with_weights=True, with_bias=True)
+    d_xs = [cuda.to_device(np.asfortranarray(x)) for x in xs]
+    out = cuda.to_device(np.full((5, 3), np.nan))
+    nb.lowrank_fusion_device(d_xs, [dev(f, "float64") for f in factors], dev(weights, "float64"),
+                             dev(bias, "float64"), out, empty=nan_empty, tile=8)
+    assert_close(out.copy_to_host(), reference.lowrank_fusion(xs, factors, weights, bias), dtype=np.dtype("float64"))
+
+
+def test_driver_rejects_mixed_or_half_dtypes():
+    x = cuda.to_device(np.ones((2, 3), dtype=np.float32))
+    f = cuda.to_device(np.ones((1, 4, 2), dtype=np.float64))
+    out = cuda.to_device(np.zeros((2, 2), dtype=np.float64))
+    with pytest.raises(TypeError, match="all arrays must have dtype float64, got float32"):
+        nb.lowrank_fusion_device([x], [f], None, None, out)
+    with pytest.raises(TypeError, match="numba kernels run in float32 or float64, got float16"):
+        nb.kernels(np.float16)
+
+
+# ----------------------------------------------------------------------------- Zoom and Shift
+
+
+def _align_ref():
+    import importlib
+
+    return importlib.import_module("mmfuse.reference.align")
+
+
+@pytest.mark.parametrize(
+    ("seed", "shape", "t_guide", "dtype", "masked", "alpha", "eps"),
+    [
+        (0, (3, 7, 6), 5, "float64", True, 1.0, 1e-5),
+        (1, (1, 9, 5), 4, "float32", False, 0.3, 1e-5),
+        (2, (2, 5, 3), 6, "float64", True, 0.7, 0.0),
+        (3, (2, 4, 9), 3, "float32", True, 1.0, 1e-3),
+    ],
+)
+def test_moments_and_zoom_shift_match_reference(seed, shape, t_guide, dtype, masked, alpha, eps):
+    ref = _align_ref()
+    rng = np.random.default_rng(seed)
+    batch, tokens, chans = shape
+    x = 3.0 + 2.0 * rng.standard_normal(shape)
+    guide = -1.0 + 0.5 * rng.standard_normal((batch, t_guide, chans))
+    mask = gmask = None
+    if masked:
+        mask = rng.random((batch, tokens)) > 0.3
+        mask[:, 0] = True
+        gmask = rng.random((batch, t_guide)) > 0.3
+        gmask[:, -1] = True
+    dt = np.dtype(dtype)
+    # moments: masked tokens hold NaN and must never be read
+    xn = x.copy() if mask is None else np.where(mask[..., None], x, np.nan)
+    mean = cuda.to_device(np.full((batch, chans), np.nan, dt))
+    std = cuda.to_device(np.full((batch, chans), np.nan, dt))
+    d_x = dev(xn, dt)
+    nb.moments_device(d_x, dev(mask, np.bool_), eps, mean, std, empty=nan_empty, channels=4, lanes=2)
+    np.testing.assert_array_equal(host(d_x), xn.astype(dt))
+    want_mean, want_std = ref.moments(xn, mask=mask, eps=eps)
+    assert_close(mean.copy_to_host(), want_mean[:, 0, :], dtype=dt)
+    assert_close(std.copy_to_host(), want_std[:, 0, :], dtype=dt)
+    # zoom_shift: every token is mapped (masked ones too), so x must be finite here
+    out = cuda.to_device(np.full(shape, np.nan, dt))
+    d_x, d_g = dev(x, dt), dev(guide, dt)
+    nb.zoom_shift_device(d_x, d_g, out, alpha=alpha, mask=dev(mask, np.bool_), guide_mask=dev(gmask, np.bool_),
+                         eps=eps, empty=nan_empty, channels=4, lanes=2)
+    np.testing.assert_array_equal(host(d_x), x.astype(dt))
+    np.testing.assert_array_equal(host(d_g), guide.astype(dt))
+    got = out.copy_to_host()
+    assert np.all(np.isfinite(got)), "an output element was not written"
+    want = ref.zoom_shift(x, guide, alpha=alpha, mask=mask, guide_mask=gmask, eps=eps)
+    assert_close(got, want, dtype=dt)
+    out2 = cuda.to_device(np.full(shape, np.nan, dt))
+    nb.zoom_shift_device(d_x, d_g, out2, alpha=alpha, mask=dev(mask, np.bool_), guide_mask=dev(gmask, np.bool_),
+                         eps=eps, empty=nan_empty, channels=4, lanes=2)
+    assert out2.copy_to_host().tobytes() == got.tobytes()
+
+
+def test_zoom_shift_constant_channel_is_shifted_not_zoomed():
+    """eps = 0 and a channel with no spread: scale 1 (no division by zero), as the core does."""
+    ref = _align_ref()
+    x = np.ones((1, 4, 2))
+    x[0, :, 1] = [1.0, 2.0, 3.0, 5.0]
+    guide = np.arange(6.0).reshape(1, 3, 2)
+    out = cuda.to_device(np.full(x.shape, np.nan))
+    nb.zoom_shift_device(dev(x, "float64"), dev(guide, "float64"), out, eps=0.0, empty=nan_empty, channels=2, lanes=2)
+    assert_close(out.copy_to_host(), ref.zoom_shift(x, guide, eps=0.0), dtype=np.dtype("float64"))
+
+
+def test_lane_views_cover_other_axes():
+    """(B, A, T, C) with axis=-2 and axis=-1 become (B', T, C') views; results match."""
+    ref = _align_ref()
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 4, 5))
+    for axis in (-2, -1):
+        ax = axis % x.ndim
+        x3 = nb._lane_view(x, ax)
+        mean = cuda.to_device(np.full((x3.shape[0], x3.shape[2]), np.nan))
+        std = cuda.to_device(np.full((x3.shape[0], x3.shape[2]), np.nan))
+        nb.moments_device(dev(x3, "float64"), None, 1e-5, mean, std, channels=4, lanes=2)
+        kept = list(x.shape)
+        kept[ax] = 1
+        want_mean, want_std = ref.moments(x, axis=axis)
+        assert_close(mean.copy_to_host().reshape(kept), want_mean, dtype=np.dtype("float64"))
+        assert_close(std.copy_to_host().reshape(kept), want_std, dtype=np.dtype("float64"))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registered_and_refuses_host_arrays():
+    assert "numba" in available("lowrank_fusion")
+    assert "numba" in available("cp_fusion")
+    assert "numba" in available("zoom_shift")
+    assert "numba" in available("moments")
+    xs = [np.ones((2, 3))]
+    p = mmfuse.init_lowrank([3], rank=1, out_dim=2, seed=0)
+    with pytest.raises(TypeError, match=r"backend 'numba' cannot take numpy arrays .*needs CuPy arrays or torch CUDA tensors on a CUDA device"):
+        mmfuse.lowrank_fusion(xs, **p, backend="numba")
+    cp = (None, [np.ones((4, 2)), np.ones((3, 2))])
+    with pytest.raises(TypeError, match=r"needs CuPy arrays or torch CUDA tensors"):
+        mmfuse.cp_fusion(xs, cp, backend="numba")
+
+
+def test_supports_says_what_it_needs():
+    import array_api_compat.numpy as np_compat
+
+    assert nb._supports(np_compat, "cpu") == "needs CuPy arrays or torch CUDA tensors on a CUDA device"
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as torch_compat
+
+    assert "needs CuPy arrays or torch CUDA tensors" in nb._supports(torch_compat, torch.device("cpu"))
+    # Under the simulator even a CUDA tensor is refused, with the reason.
+    assert "NUMBA_ENABLE_CUDASIM" in nb._supports(torch_compat, torch.device("cuda", 0))
+
+
+def test_auto_does_not_pick_numba_for_host_arrays():
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((3, 2))]
+    p = mmfuse.init_lowrank([2], rank=2, out_dim=2, seed=0)
+    assert_close(mmfuse.lowrank_fusion(xs, **p), reference.lowrank_fusion(xs, **p))
+
+
+# ----------------------------------------------------------------------------- real compiler
+
+_COMPILE = textwrap.dedent(
+    """
+    import sys
+    try:
+        from numba.cuda.cudadrv.nvvm import NVVM
+        NVVM()
+        from numba import cuda
+        cuda.compile_ptx(lambda a: None, "void(float32[:])", cc=(8, 0))
+    except Exception as exc:
+        print("NO-NVVM", type(exc).__name__, exc)
+        sys.exit(0)
+    from numba import cuda, types
+    from mmfuse.backends import numba as nb
+    for acc in (types.float32, types.float64):
+        src = nb.kernel_sources(acc, nb.TILE)
+        a1, a2, a3 = (types.Array(acc, n, "A") for n in (1, 2, 3))
+        pres = types.Array(types.boolean, 2, "A")
+        i64, b1 = types.int64, types.boolean
+        sigs = {
+            "proj": (a2, a3, pres, i64, b1, a3, i64),
+            "lowrank_combine": (a3, a1, b1, a1, b1, i64, a2),
+            "cp_combine": (a3, a1, b1, a2, a1, b1, a2),
+        }
+        for name, sig in sigs.items():
+            ptx, _ = cuda.compile_ptx(src[name], sig, cc=(9, 0))
+            assert "atom" not in ptx, name + " uses atomics"
+            print("OK", name, acc)
+        src = nb.align_kernel_sources(acc, nb.STAT_CHANNELS, nb.STAT_LANES)
+        sig = (a3, pres, b1, types.float64, a2, a2, b1, a2, a2, types.float64, a3)
+        ptx, _ = cuda.compile_ptx(src["stats_map"], sig, cc=(9, 0))
+        assert "atom" not in ptx, "stats_map uses atomics"
+        print("OK", "stats_map", acc)
+    """
+)
+
+
+def test_kernels_compile_to_ptx():
+    """Type-check the kernels with the real compiler (no GPU needed, NVVM needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    if "NO-NVVM" in proc.stdout:
+        pytest.skip(f"NVVM is not installed: {proc.stdout.strip()}")
+    assert proc.stdout.count("OK") == 8, proc.stdout
