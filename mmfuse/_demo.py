@@ -115,7 +115,7 @@ def _models(torch: Any, kind: str, dims: Sequence[int], lengths: Sequence[int] |
             fused = mmfuse.zoom_shift_fusion(hs, fuse="concat", alpha=0.5, rounds=None)
             return self.head(fused)
 
-    tfn_width = 4 if len(dims) > 3 else 8  # keep (width + 1)^M * h small
+    tfn_width = 2 if len(dims) > 3 else 8  # keep (width + 1)^M * h small
     models: dict[str, Callable[[], Any]] = {f"single: {kind_name(kind, m)}": (lambda m=m: Single(m)) for m in range(len(dims))}
     models.update({
         "concatenation": Concat,
@@ -189,7 +189,7 @@ def run_demo(*, quick: bool = False, out: str = "mmfuse-demo", progress: bool = 
     from ._cli import Progress, _table
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    epochs = {"BasicMotions": 40 if quick else 150, "mfeat": 25 if quick else 120}
+    epochs = {"BasicMotions": 30 if quick else 150, "mfeat": 20 if quick else 120}
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     for data in _datasets(quick):
