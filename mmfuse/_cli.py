@@ -74,7 +74,9 @@ class Progress:
         frac = self.done / self.total
         bar = "#" * int(frac * 24)
         elapsed = time.perf_counter() - self.start
-        self.stream.write(f"\r{self.label} [{bar:<24}] {self.done}/{self.total} {elapsed:5.1f}s {note[:40]:<40}")
+        self.stream.write(
+            f"\r{self.label} [{bar:<24}] {self.done}/{self.total} {elapsed:5.1f}s {note[:40]:<40}"
+        )
         if self.done >= self.total:
             self.stream.write("\n")
         self.stream.flush()
@@ -181,7 +183,11 @@ def _rel_err(got: Any, want: np.ndarray) -> float:
 
 
 def verify_rows(
-    ops: Iterable[str], backends_wanted: Iterable[str] | None, namespaces: Iterable[str], seed: int, progress: bool
+    ops: Iterable[str],
+    backends_wanted: Iterable[str] | None,
+    namespaces: Iterable[str],
+    seed: int,
+    progress: bool,
 ) -> list[dict[str, Any]]:
     import mmfuse
     import mmfuse.reference as ref
@@ -210,7 +216,9 @@ def verify_rows(
             row.update(status="skipped", detail=f"{ns} not available")
         else:
             try:
-                got = _leaves(_call(getattr(mmfuse, op), b, _tree_map(convert, args), _tree_map(convert, kwargs)))
+                got = _leaves(
+                    _call(getattr(mmfuse, op), b, _tree_map(convert, args), _tree_map(convert, kwargs))
+                )
             except TypeError as exc:
                 if "cannot take" in str(exc):
                     row.update(status="n/a", detail=str(exc).split(": ", 1)[-1][:60])
@@ -221,7 +229,9 @@ def verify_rows(
             else:
                 err = max(_rel_err(g, w) for g, w in zip(got, want))
                 tol = 5 * default_rtol(dtype)
-                row.update(status="ok" if err <= tol else "MISMATCH", detail=f"max rel err {err:.1e} (tol {tol:.0e})")
+                row.update(
+                    status="ok" if err <= tol else "MISMATCH", detail=f"max rel err {err:.1e} (tol {tol:.0e})"
+                )
         rows.append(row)
         bar.step(f"{op}/{b}/{ns}")
     return rows
@@ -230,15 +240,32 @@ def verify_rows(
 def _tensorly_rows(seed: int) -> list[dict[str, Any]]:
     tl, reason = _probe("tensorly")
     if tl is None:
-        return [{"op": "cp_fusion", "backend": "tensorly", "namespace": "numpy", "dtype": "float64", "status": "skipped", "detail": reason}]
+        return [
+            {
+                "op": "cp_fusion",
+                "backend": "tensorly",
+                "namespace": "numpy",
+                "dtype": "float64",
+                "status": "skipped",
+                "detail": reason,
+            }
+        ]
     import mmfuse
     from mmfuse._problems import make_problem
 
     (xs, cp, bias), _ = make_problem("cp_fusion", seed=seed)
     err = _rel_err(mmfuse.cp_fusion(xs, cp, bias), mmfuse.tensor_fusion(xs, tl.cp_to_tensor(cp), bias))
     ok = err <= 1e-10
-    return [{"op": "cp_fusion", "backend": "vs tensorly.cp_to_tensor", "namespace": "numpy", "dtype": "float64",
-             "status": "ok" if ok else "MISMATCH", "detail": f"max rel err {err:.1e}"}]
+    return [
+        {
+            "op": "cp_fusion",
+            "backend": "vs tensorly.cp_to_tensor",
+            "namespace": "numpy",
+            "dtype": "float64",
+            "status": "ok" if ok else "MISMATCH",
+            "detail": f"max rel err {err:.1e}",
+        }
+    ]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -261,7 +288,9 @@ def _check_choices(given: Sequence[str] | None, valid: Iterable[str], what: str)
         return valid
     unknown = [g for g in given if g not in valid]
     if unknown:
-        raise SystemExit(f"mmfuse: unknown {what} {', '.join(map(repr, unknown))}; valid {what}s: {', '.join(valid)}")
+        raise SystemExit(
+            f"mmfuse: unknown {what} {', '.join(map(repr, unknown))}; valid {what}s: {', '.join(valid)}"
+        )
     return list(given)
 
 
@@ -315,16 +344,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results.append(entry)
         bar.step(f"{op}/{b}/{ns}")
     for op in ops:
-        base = [r["seconds"] for r in results if r["op"] == op and r["backend"] == "array_api" and r["namespace"] == "numpy" and r["seconds"]]
+        base = [
+            r["seconds"]
+            for r in results
+            if r["op"] == op and r["backend"] == "array_api" and r["namespace"] == "numpy" and r["seconds"]
+        ]
         for r in results:
             if r["op"] == op and r["seconds"] and base:
                 r["vs_array_api_numpy"] = base[0] / r["seconds"]
-    rows = [{**r, "ms": f"{r['seconds'] * 1e3:.3f}" if r["seconds"] else "-",
-             "speed-up": f"{r['vs_array_api_numpy']:.2f}x" if r.get("vs_array_api_numpy") else "-"} for r in results]
+    rows = [
+        {
+            **r,
+            "ms": f"{r['seconds'] * 1e3:.3f}" if r["seconds"] else "-",
+            "speed-up": f"{r['vs_array_api_numpy']:.2f}x" if r.get("vs_array_api_numpy") else "-",
+        }
+        for r in results
+    ]
     print(_table(rows, ["op", "backend", "namespace", "ms", "speed-up", "status"]))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"mmfuse": mmfuse.__version__, "machine": platform.platform(), "scale": scale, "results": results}, fh, indent=2)
+            json.dump(
+                {
+                    "mmfuse": mmfuse.__version__,
+                    "machine": platform.platform(),
+                    "scale": scale,
+                    "results": results,
+                },
+                fh,
+                indent=2,
+            )
         print(f"wrote {args.json}")
     if args.plot:
         _bench_plot(results, args.plot)
@@ -376,7 +424,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from mmfuse._problems import OPS
 
-    parser = argparse.ArgumentParser(prog="mmfuse", description="Multimodal fusion over the Python Array API.")
+    parser = argparse.ArgumentParser(
+        prog="mmfuse", description="Multimodal fusion over the Python Array API."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, namespaces, backends, devices, config")
     p.add_argument("--probe-gpu", action="store_true", help="import cupy to look for CUDA devices")
@@ -385,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every available backend against mmfuse.reference")
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to check (default all: {', '.join(OPS)})")
     p.add_argument("--backends", nargs="+", metavar="BACKEND")
-    p.add_argument("--namespaces", nargs="+", default=["numpy", "array_api_strict", "torch", "cupy"], choices=NAMESPACES)
+    p.add_argument(
+        "--namespaces", nargs="+", default=["numpy", "array_api_strict", "torch", "cupy"], choices=NAMESPACES
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_verify)

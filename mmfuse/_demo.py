@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,121 +27,53 @@ def _torch() -> Any:
 # --------------------------------------------------------------------------- models
 
 
-def _models(torch: Any, kind: str, dims: Sequence[int], lengths: Sequence[int] | None, n_classes: int) -> dict[str, Callable[[], Any]]:
+def _models(
+    kind: str, dims: Sequence[int], lengths: Sequence[int] | None, n_classes: int
+) -> dict[str, Callable[[], Any]]:
     """Model factories for one data set.  ``lengths`` is None for vector data (mfeat)."""
-    import mmfuse
     from mmfuse import nn as mnn
 
-    nn = torch.nn
+    from . import _demo_models as dm
+
     hidden = 16
-
-    class Encoders(nn.Module):
-        """Per-modality encoder: vectors -> (B, hidden); sequences -> per-token (B, T, hidden)."""
-
-        def __init__(self, width: int) -> None:
-            super().__init__()
-            self.layers = nn.ModuleList(nn.Linear(d, width) for d in dims)
-
-        def forward(self, xs: Sequence[Any]) -> list[Any]:
-            return [torch.nn.functional.gelu(layer(x)) for layer, x in zip(self.layers, xs)]
-
-    def pooled(hs: list[Any]) -> list[Any]:
-        return hs if lengths is None else [h.mean(dim=1) for h in hs]
-
-    class Single(nn.Module):
-        def __init__(self, m: int) -> None:
-            super().__init__()
-            self.m = m
-            self.enc = nn.Linear(dims[m], hidden)
-            self.head = nn.Linear(hidden, n_classes)
-
-        def forward(self, xs: Sequence[Any]) -> Any:
-            h = torch.nn.functional.gelu(self.enc(xs[self.m]))
-            return self.head(h if lengths is None else h.mean(dim=1))
-
-    class Concat(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.enc = Encoders(hidden)
-            self.head = nn.Linear(hidden * len(dims), n_classes)
-
-        def forward(self, xs: Sequence[Any]) -> Any:
-            return self.head(torch.cat(pooled(self.enc(xs)), dim=1))
-
-    class Fused(nn.Module):
-        """Encoders -> an mmfuse.nn fusion layer over pooled encodings -> classifier."""
-
-        def __init__(self, width: int, layer: Any) -> None:
-            super().__init__()
-            self.enc = Encoders(width)
-            self.fusion = layer
-            self.head = nn.Linear(layer.out_dim, n_classes)
-
-        def forward(self, xs: Sequence[Any]) -> Any:
-            return self.head(torch.nn.functional.gelu(self.fusion(pooled(self.enc(xs)))))
-
-    class Wander(nn.Module):
-        """Per-token encoders -> Wander adapter (mmfuse.wander) -> pooled -> classifier."""
-
-        def __init__(self, init: str) -> None:
-            super().__init__()
-            assert lengths is not None
-            self.enc = Encoders(hidden)
-            p = mmfuse.init_wander([hidden] * len(dims), lengths, rank=8, feature_rank=4, token_rank=4,
-                                   out_dim=hidden, seed=0, xp=torch, dtype=torch.float32, init=init)
-            self.down = nn.ParameterList(nn.Parameter(t) for pair in p["down"] for t in pair)
-            self.feature = nn.ParameterList(nn.Parameter(t) for t in p["feature"])
-            self.token = nn.ParameterList(nn.Parameter(t) for t in p["token"])
-            self.head = nn.Linear(hidden, n_classes)
-
-        def forward(self, xs: Sequence[Any]) -> Any:
-            down = [(self.down[2 * m], self.down[2 * m + 1]) for m in range(len(dims))]
-            params = {"down": down, "feature": list(self.feature), "token": list(self.token)}
-            y = mmfuse.wander(self.enc(xs), params)
-            return self.head(y.mean(dim=1))
-
-    class ZoomShift(nn.Module):
-        """Encoders to token sequences -> Zoom-and-Shift alignment -> mean-pool, concat -> classifier."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.tokens = 1 if lengths is None else None
-            self.enc = Encoders(hidden * 4 if lengths is None else hidden)
-            self.head = nn.Linear(hidden * len(dims), n_classes)
-
-        def forward(self, xs: Sequence[Any]) -> Any:
-            hs = self.enc(xs)
-            if lengths is None:  # vectors: split each encoding into 4 tokens of `hidden` channels
-                hs = [h.reshape(h.shape[0], 4, hidden) for h in hs]
-            fused = mmfuse.zoom_shift_fusion(hs, fuse="concat", alpha=0.5, rounds=None)
-            return self.head(fused)
-
     tfn_width = 2 if len(dims) > 3 else 8  # keep (width + 1)^M * h small
-    models: dict[str, Callable[[], Any]] = {f"single: {kind_name(kind, m)}": (lambda m=m: Single(m)) for m in range(len(dims))}
-    models.update({
-        "concatenation": Concat,
-        "TFN": lambda: Fused(tfn_width, mnn.TensorFusion([tfn_width] * len(dims), 16)),
-        "LMF (rank 4)": lambda: Fused(hidden, mnn.LowRankFusion([hidden] * len(dims), 32, 4)),
-        "CP fusion (rank 8)": lambda: Fused(hidden, mnn.CPFusion([hidden] * len(dims), 32, 8)),
-    })
+    models: dict[str, Callable[[], Any]] = {
+        f"single: {_VIEW_NAMES[kind][m]}": partial(dm.Single, dims, lengths, n_classes, m, hidden)
+        for m in range(len(dims))
+    }
+    models["concatenation"] = lambda: dm.Concat(dims, lengths, n_classes, hidden)
+    models["TFN"] = lambda: dm.Fused(
+        dims, lengths, n_classes, tfn_width, mnn.TensorFusion([tfn_width] * len(dims), 16)
+    )
+    models["LMF (rank 4)"] = lambda: dm.Fused(
+        dims, lengths, n_classes, hidden, mnn.LowRankFusion([hidden] * len(dims), 32, 4)
+    )
+    models["CP fusion (rank 8)"] = lambda: dm.Fused(
+        dims, lengths, n_classes, hidden, mnn.CPFusion([hidden] * len(dims), 32, 8)
+    )
     if lengths is not None:
-        models["Wander (trainable init)"] = lambda: Wander("trainable")
-        models["Wander (released parity init)"] = lambda: Wander("parity")
-    models["Zoom-and-Shift + concat"] = ZoomShift
+        models["Wander (trainable init)"] = lambda: dm.Wander(dims, lengths, n_classes, hidden, "trainable")
+        models["Wander (released parity init)"] = lambda: dm.Wander(
+            dims, lengths, n_classes, hidden, "parity"
+        )
+    models["Zoom-and-Shift + concat"] = lambda: dm.ZoomShift(dims, lengths, n_classes, hidden)
     return models
 
 
 _VIEW_NAMES: dict[str, list[str]] = {}
 
 
-def kind_name(kind: str, m: int) -> str:
-    return _VIEW_NAMES[kind][m]
-
-
 # --------------------------------------------------------------------------- training
 
 
-def _train(torch: Any, model: Any, train: tuple[list[Any], Any], test: tuple[list[Any], Any], epochs: int, progress: Any) -> tuple[float, int, float]:
+def _train(
+    torch: Any,
+    model: Any,
+    train: tuple[list[Any], Any],
+    test: tuple[list[Any], Any],
+    epochs: int,
+    progress: Any,
+) -> tuple[float, int, float]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     t0 = time.perf_counter()
@@ -159,7 +92,9 @@ def _train(torch: Any, model: Any, train: tuple[list[Any], Any], test: tuple[lis
     return acc, params, seconds
 
 
-def _standardise(train_views: list[np.ndarray], test_views: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _standardise(
+    train_views: list[np.ndarray], test_views: list[np.ndarray]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     out_train, out_test = [], []
     for a, b in zip(train_views, test_views):
         axes = tuple(range(a.ndim - 1))
@@ -175,12 +110,19 @@ def _datasets(quick: bool) -> list[dict[str, Any]]:
     found = []
     for kind, loader in (("BasicMotions", datasets.load_basic_motions), ("mfeat", datasets.load_mfeat)):
         train, test = loader(split="train"), loader(split="test")
-        tr, te = _standardise([np.asarray(v, np.float32) for v in train.views], [np.asarray(v, np.float32) for v in test.views])
+        tr, te = _standardise(
+            [np.asarray(v, np.float32) for v in train.views], [np.asarray(v, np.float32) for v in test.views]
+        )
         _VIEW_NAMES[kind] = list(train.view_names)
-        found.append({
-            "kind": kind, "train": (tr, train.target), "test": (te, test.target), "n_classes": train.n_classes,
-            "lengths": None if tr[0].ndim == 2 else [v.shape[1] for v in tr],
-        })
+        found.append(
+            {
+                "kind": kind,
+                "train": (tr, train.target),
+                "test": (te, test.target),
+                "n_classes": train.n_classes,
+                "lengths": None if tr[0].ndim == 2 else [v.shape[1] for v in tr],
+            }
+        )
     return found
 
 
@@ -195,18 +137,27 @@ def run_demo(*, quick: bool = False, out: str = "mmfuse-demo", progress: bool = 
     for data in _datasets(quick):
         kind = data["kind"]
         dims = [v.shape[-1] for v in data["train"][0]]
-        factories = _models(torch, kind, dims, data["lengths"], data["n_classes"])
-        train = ([torch.from_numpy(v) for v in data["train"][0]], torch.from_numpy(np.asarray(data["train"][1], np.int64)))
-        test = ([torch.from_numpy(v) for v in data["test"][0]], torch.from_numpy(np.asarray(data["test"][1], np.int64)))
+        factories = _models(kind, dims, data["lengths"], data["n_classes"])
+        train = (
+            [torch.from_numpy(v) for v in data["train"][0]],
+            torch.from_numpy(np.asarray(data["train"][1], np.int64)),
+        )
+        test = (
+            [torch.from_numpy(v) for v in data["test"][0]],
+            torch.from_numpy(np.asarray(data["test"][1], np.int64)),
+        )
         bar = Progress(len(factories) * epochs[kind], f"{kind:<12}", enabled=progress)
-        singles = []
+        singles: list[dict[str, Any]] = []
         for name, make in factories.items():
             torch.manual_seed(0)
-            acc, n_params, seconds = _train(torch, make(), train, test, epochs[kind], lambda n=name: bar.step(n))
+            acc, n_params, seconds = _train(torch, make(), train, test, epochs[kind], partial(bar.step, name))
             row = {"data": kind, "method": name, "accuracy": acc, "params": n_params, "seconds": seconds}
             (singles if name.startswith("single") else rows).append(row)
         best = max(singles, key=lambda r: r["accuracy"])
-        rows.insert(len(rows) - (len(factories) - len(singles)), {**best, "method": f"best single ({best['method'][8:]})"})
+        rows.insert(
+            len(rows) - (len(factories) - len(singles)),
+            {**best, "method": f"best single ({best['method'][8:]})"},
+        )
     total = time.perf_counter() - start
     table = _table(
         [{**r, "accuracy": f"{r['accuracy']:.3f}", "seconds": f"{r['seconds']:.1f}"} for r in rows],
@@ -214,7 +165,8 @@ def run_demo(*, quick: bool = False, out: str = "mmfuse-demo", progress: bool = 
     )
     print(table)
     chance = {d: 1 / n for d, n in (("BasicMotions", 4), ("mfeat", 10))}
-    print(f"\nchance: BasicMotions {chance['BasicMotions']:.2f}, mfeat {chance['mfeat']:.2f}; total {total:.1f} s")
+    chances = ", ".join(f"{d} {c:.2f}" for d, c in chance.items())
+    print(f"\nchance: {chances}; total {total:.1f} s")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "demo.txt"), "w") as fh:
         fh.write(table + "\n")

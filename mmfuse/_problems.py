@@ -77,7 +77,9 @@ def _wander(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict
 def _stats_input(rng: np.random.Generator, scale: str, tokens: int) -> np.ndarray:
     batch, channels = (64, 256) if scale == "bench" else (3, 5)
     tokens = 512 if scale == "bench" else tokens
-    return rng.standard_normal((batch, tokens, channels)) * rng.uniform(0.5, 3, channels) + rng.standard_normal(channels)
+    return rng.standard_normal((batch, tokens, channels)) * rng.uniform(
+        0.5, 3, channels
+    ) + rng.standard_normal(channels)
 
 
 def _moments(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -106,7 +108,9 @@ OPS: dict[str, Callable[[np.random.Generator, str], tuple[tuple[Any, ...], dict[
 }
 
 
-def make_problem(op: str, *, seed: int | np.random.Generator | None = None, scale: str = "verify") -> tuple[tuple[Any, ...], dict[str, Any]]:
+def make_problem(
+    op: str, *, seed: int | np.random.Generator | None = None, scale: str = "verify"
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A random problem for ``op`` (see :data:`OPS`)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; valid ops: {sorted(OPS)}")

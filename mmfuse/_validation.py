@@ -36,10 +36,8 @@ def as_sequence(obj: Any, name: str, *, min_len: int = 1, what: str = "modality"
             f"{name} must be a list or tuple of arrays (one per {what}), got {type(obj).__name__}"
         )
     if len(obj) < min_len:
-        raise ValueError(
-            f"{name} must hold at least {min_len} {what}{'s' if min_len > 1 else ''}, "
-            f"got {len(obj)}"
-        )
+        plural = {"modality": "modalities"}.get(what, what + "s") if min_len > 1 else what
+        raise ValueError(f"{name} must hold at least {min_len} {plural}, got {len(obj)}")
     return list(obj)
 
 

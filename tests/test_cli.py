@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from mmfuse import _cli
@@ -30,7 +29,18 @@ def test_python_dash_m_runs_the_command():
 
 
 def test_verify_passes_and_prints_table(capsys):
-    code = _cli.main(["verify", "--ops", "lowrank_fusion", "cp_fusion", "zoom_shift", "--namespaces", "numpy", "--no-progress"])
+    code = _cli.main(
+        [
+            "verify",
+            "--ops",
+            "lowrank_fusion",
+            "cp_fusion",
+            "zoom_shift",
+            "--namespaces",
+            "numpy",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "op " in out and "status" in out
@@ -45,8 +55,14 @@ def test_verify_exits_non_zero_on_mismatch(monkeypatch, capsys):
     def broken(xs, cp, bias=None, *, append_one=True, present=None):
         return impl.func(xs, cp, bias, append_one=append_one, present=present) * 1.01
 
-    monkeypatch.setitem(_registry._IMPLS["cp_fusion"], "array_api", impl.__class__("cp_fusion", "array_api", broken, impl.supports, impl.priority))
-    code = _cli.main(["verify", "--ops", "cp_fusion", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"])
+    monkeypatch.setitem(
+        _registry._IMPLS["cp_fusion"],
+        "array_api",
+        impl.__class__("cp_fusion", "array_api", broken, impl.supports, impl.priority),
+    )
+    code = _cli.main(
+        ["verify", "--ops", "cp_fusion", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"]
+    )
     out = capsys.readouterr().out
     assert code == 1
     assert "MISMATCH" in out
@@ -55,8 +71,24 @@ def test_verify_exits_non_zero_on_mismatch(monkeypatch, capsys):
 def test_bench_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     js, png = tmp_path / "b.json", tmp_path / "b.png"
-    code = _cli.main(["bench", "--quick", "--ops", "lowrank_fusion", "moments", "--namespaces", "numpy",
-                      "--repeats", "2", "--json", str(js), "--plot", str(png), "--no-progress"])
+    code = _cli.main(
+        [
+            "bench",
+            "--quick",
+            "--ops",
+            "lowrank_fusion",
+            "moments",
+            "--namespaces",
+            "numpy",
+            "--repeats",
+            "2",
+            "--json",
+            str(js),
+            "--plot",
+            str(png),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     data = json.loads(js.read_text())
     assert set(data) == {"mmfuse", "machine", "scale", "results"}
@@ -99,7 +131,14 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         methods.add(" ".join(row[1:-3]))
         assert accuracy > chance[data], row
     assert any(m.startswith("best single") for m in methods)
-    for name in ("concatenation", "TFN", "LMF (rank 4)", "CP fusion (rank 8)", "Wander (trainable init)",
-                 "Wander (released parity init)", "Zoom-and-Shift + concat"):
+    for name in (
+        "concatenation",
+        "TFN",
+        "LMF (rank 4)",
+        "CP fusion (rank 8)",
+        "Wander (trainable init)",
+        "Wander (released parity init)",
+        "Zoom-and-Shift + concat",
+    ):
         assert name in methods
     assert "chance:" in out

@@ -1,0 +1,161 @@
+"""zoom_shift and align on CPU: mmfuse vs a straightforward torch version vs a NumPy copy.
+
+Run: ``python benchmarks/align_cpu.py [--json FILE] [--quick]``.
+
+Inputs (B, T, C) = (64, 512, 256) float32 per modality, all cores.  Candidates per case:
+
+- ``mmfuse-numpy``: the public function on NumPy arrays (cache-blocked fast path: each input
+  is read from memory once for its statistics; zoom_shift maps each block while in cache).
+- ``mmfuse-torch``: the same call on torch CPU tensors (the Array-API core, autograd-capable).
+- ``torch-straight``: the straightforward torch version: mean, then std, then the affine map as
+  separate ops (align: the rounds literally, re-measuring every array each round).
+- ``numpy-copy``: ``np.copy`` of one input: the bandwidth yardstick.
+
+Effective bandwidth = (bytes of every input read once + bytes of every output written once) /
+time; ``bw/copy`` divides it by the copy's (2 x nbytes / time).  Targets (issue 4): mmfuse at
+least 1.5x faster than ``torch-straight`` and at least 50% of copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import machine, peak_rss_mib, print_table, time_candidates
+
+SHAPE = (64, 512, 256)
+EPS = 1e-5
+ALPHA = 0.5
+# case -> (number of modalities, what runs); bytes moved = 2 inputs + outputs
+CASES = {
+    "zoom_shift": (2, "zoom_shift"),
+    "align-r1": (2, "align", 1),
+    "align-r3": (2, "align", 3),
+    "align-limit-M3": (3, "align", None),
+}
+
+
+def _torch_zoom_shift(torch, x, guide, alpha):
+    """The straightforward version: mean, std, then the affine map, each a separate op."""
+    mx = x.mean(dim=1, keepdim=True)
+    sx = torch.sqrt(x.var(dim=1, correction=0, keepdim=True) + EPS)
+    mg = guide.mean(dim=1, keepdim=True)
+    sg = torch.sqrt(guide.var(dim=1, correction=0, keepdim=True) + EPS)
+    return mx + (x - mx) * (sg / sx) ** alpha + alpha * (mg - mx)
+
+
+def setup(case: str) -> dict[str, object]:
+    import torch
+
+    import mmfuse
+
+    n, op, *extra = CASES[case]
+    rng = np.random.default_rng(20261122)
+    xs = [
+        (float(m) + (1.0 + m) * rng.standard_normal(SHAPE, dtype=np.float32)).astype(np.float32)
+        for m in range(n)
+    ]
+    ts = [torch.from_numpy(x) for x in xs]
+    if op == "zoom_shift":
+        alpha = 1.0
+
+        def mmfuse_numpy():
+            return mmfuse.zoom_shift(xs[0], xs[1], alpha=alpha, eps=EPS)
+
+        def mmfuse_torch():
+            return mmfuse.zoom_shift(ts[0], ts[1], alpha=alpha, eps=EPS, backend="array_api")
+
+        def straight():
+            return _torch_zoom_shift(torch, ts[0], ts[1], alpha)
+
+    else:
+        rounds = extra[0]
+        opts = {"rounds": rounds, "alpha": ALPHA, "eps": EPS}
+
+        def mmfuse_numpy():
+            return mmfuse.align(xs, **opts)
+
+        def mmfuse_torch():
+            return mmfuse.align(ts, backend="array_api", **opts)
+
+        def straight():
+            ys = list(ts)
+            for _ in range(rounds if rounds is not None else 0):
+                for i in range(n):  # Gauss-Seidel, consensus (M = 2: toward the other)
+                    ys[i] = _torch_zoom_shift(torch, ys[i], ys[1 - i], ALPHA)
+            return ys
+
+    cands = {"mmfuse-numpy": mmfuse_numpy, "mmfuse-torch": mmfuse_torch}
+    if op == "zoom_shift" or extra[0] is not None:
+        cands["torch-straight"] = straight
+    cands["numpy-copy"] = lambda: xs[0].copy()
+    return cands
+
+
+def moved_bytes(case: str) -> int:
+    n, op, *_ = CASES[case]
+    nbytes = int(np.prod(SHAPE)) * 4
+    outputs = 1 if op == "zoom_shift" else n
+    return (n + outputs) * nbytes
+
+
+def check(case: str, cands: dict[str, object]) -> float:
+    """Max relative difference of mmfuse-numpy against the torch version (or mmfuse-torch)."""
+    a = cands["mmfuse-numpy"]()
+    b = cands["torch-straight" if "torch-straight" in cands else "mmfuse-torch"]()
+    a = a if isinstance(a, list) else [a]
+    b = b if isinstance(b, list) else [b]
+    worst = 0.0
+    for u, v in zip(a, b):
+        v = v.double().numpy()
+        worst = max(worst, float(np.abs(np.asarray(u, dtype=np.float64) - v).max() / np.abs(v).max()))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write full results here")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no memory runs")
+    args = parser.parse_args()
+    import torch
+
+    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
+    rows, results = [], []
+    nbytes = int(np.prod(SHAPE)) * 4
+    for case in CASES:
+        cands = setup(case)
+        err = check(case, cands)
+        times = time_candidates(cands, repeats=3 if args.quick else 9)
+        mem = {} if args.quick else {n: peak_rss_mib("align_cpu", case, n) for n in cands}
+        copy_bw = 2 * nbytes / times["numpy-copy"]
+        for name, t in times.items():
+            bw = (2 * nbytes if name == "numpy-copy" else moved_bytes(case)) / t
+            row = {
+                "case": case,
+                "candidate": name,
+                "ms": f"{t * 1e3:.2f}",
+                "straight/this": f"{times['torch-straight'] / t:.2f}" if "torch-straight" in times else "-",
+                "GB/s": f"{bw / 1e9:.1f}",
+                "bw/copy": f"{bw / copy_bw:.2f}",
+                "peak MiB": f"{mem[name]:.1f}" if name in mem else "-",
+            }
+            rows.append(row)
+            results.append(
+                {"case": case, "candidate": name, "seconds": t, "bytes": moved_bytes(case),
+                 "bw_fraction_of_copy": bw / copy_bw, "peak_mib": mem.get(name),
+                 "rel_err": err}
+            )
+        print(f"{case}: max relative difference mmfuse-numpy vs reference candidate {err:.2e}")
+    print_table(rows, ["case", "candidate", "ms", "straight/this", "GB/s", "bw/copy", "peak MiB"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": machine(), "shape": SHAPE, "results": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

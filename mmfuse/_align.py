@@ -1,0 +1,779 @@
+"""Public Zoom-and-Shift alignment: moments, zoom, shift, zoom_shift, align, zoom_shift_fusion.
+
+The Zoom-and-Shift papers describe the idea (alternately shift and zoom each modality's
+features toward the others until they share one feature space) but publish no usable equations
+or code.  The formalisation here is mmfuse's own (see ``DESIGN.md`` section 1.5 and the Notes of
+each function).  This layer checks arguments (from metadata; the one value check is that no
+sample has every token masked), picks the implementation through the backend registry and calls
+it.  The maths lives in :mod:`mmfuse._core.align` (Array-API core) and
+:mod:`mmfuse.reference.align` (the NumPy oracle).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+
+from . import reference
+from ._core import align as core
+from ._validation import (
+    as_sequence,
+    check_bool,
+    check_same_float_dtype,
+    common_namespace,
+    fmt_shape,
+)
+from .backends import define_op, lookup, register
+from .backends.reference import as_backend
+
+__all__ = ["align", "moments", "shift", "zoom", "zoom_shift", "zoom_shift_fusion"]
+
+SCHEDULES = ("gauss-seidel", "jacobi")
+TOPOLOGIES = ("consensus", "hub")
+FUSE_MODES = ("concat", "sum", "mean", None)
+POOL_MODES = ("mean", "max")
+
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_array(x: Any, name: str) -> None:
+    if not array_api_compat.is_array_api_obj(x):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+
+
+def _check_axis(x: Any, axis: Any, name: str) -> int:
+    """Normalise ``axis`` for ``x``; refuse the batch axis and a single-entry axis."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    axis = int(axis)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have a batch axis and a statistics axis (at least 2 dimensions, "
+            f"e.g. (B, T, C)), got shape {fmt_shape(x.shape)}"
+        )
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(
+            f"axis={axis} is out of range for {name} with shape {fmt_shape(x.shape)} "
+            f"({x.ndim} dimensions)"
+        )
+    ax = axis % x.ndim
+    if ax == 0:
+        raise ValueError(
+            f"axis={axis} is the batch axis of {name} with shape {fmt_shape(x.shape)}: "
+            "statistics are per sample and never reduce over the batch; pass (B, T, C) inputs "
+            "(tokens on axis -2), or axis=-1 to take statistics over channels"
+        )
+    if x.shape[ax] == 1:
+        raise ValueError(
+            f"{name} has a single entry along the statistics axis axis={axis} (shape "
+            f"{fmt_shape(x.shape)}): its spread is only sqrt(eps) and alignment would erase it; "
+            "for L = 1 inputs pass axis=-1 to take statistics over channels instead"
+        )
+    return ax
+
+
+def _check_eps(eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    value = float(eps)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"eps must be a finite number >= 0 (0 is allowed), got {eps!r}")
+    return value
+
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
+    value = float(alpha)
+    if not 0.0 < value <= 1.0:  # also False for NaN
+        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+    return value
+
+
+def _check_mask(xp: Any, mask: Any, x: Any, axis: int, name: str, x_name: str) -> None:
+    """``mask``: boolean, shape ``x.shape[:axis + 1]``, no sample with every token masked."""
+    if mask is None:
+        return
+    _check_array(mask, name)
+    check_bool(xp, mask, name)
+    want = tuple(x.shape[: axis + 1])
+    if tuple(mask.shape) != want:
+        layout = "(B, T)" if axis == x.ndim - 2 == 1 else "x.shape[:axis + 1]"
+        raise ValueError(
+            f"{name} must have shape {layout} = {fmt_shape(want)} for {x_name} of shape "
+            f"{fmt_shape(x.shape)} (axis={axis - x.ndim}), got {fmt_shape(mask.shape)}"
+        )
+    if core.is_eager(xp, mask):  # the one value check: lazy arrays skip it
+        empty = xp.logical_not(xp.any(mask, axis=axis))
+        if bool(xp.any(empty)):
+            flat = xp.reshape(empty, (-1,))
+            first = int(xp.argmax(xp.astype(flat, xp.int32)))
+            raise ValueError(
+                f"{name} masks every token of a sample (flat sample index {first}): its "
+                "statistics are undefined; every sample needs at least one unmasked token"
+            )
+
+
+def _axis_label(x: Any, k: int) -> str:
+    if k == 0:
+        return "batch size"
+    if k == x.ndim - 1:
+        return "channel count"
+    return f"size along axis {k}"
+
+
+def _check_compatible(x: Any, other: Any, axis: int, name: str, other_name: str) -> None:
+    """``other`` matches ``x`` on every axis but the statistics axis."""
+    if other.ndim != x.ndim:
+        raise ValueError(
+            f"{other_name} has {other.ndim} dimensions (shape {fmt_shape(other.shape)}) but "
+            f"{name} has {x.ndim} (shape {fmt_shape(x.shape)})"
+        )
+    for k in range(x.ndim):
+        if k != axis and other.shape[k] != x.shape[k]:
+            label = _axis_label(x, k)
+            raise ValueError(
+                f"{label} mismatch: {other_name} has {label} {other.shape[k]} (shape "
+                f"{fmt_shape(other.shape)}) but {name} has {x.shape[k]} (shape "
+                f"{fmt_shape(x.shape)}); they must agree on every axis but the statistics "
+                f"axis (axis={axis - x.ndim})"
+            )
+
+
+def _check_rounds(rounds: Any) -> int | None:
+    if rounds is None:
+        return None
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral):
+        raise TypeError(f"rounds must be a non-negative int or None, got {type(rounds).__name__}")
+    if rounds < 0:
+        raise ValueError(f"rounds must be a non-negative int or None, got {rounds}")
+    return int(rounds)
+
+
+def _check_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
+    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _as_modalities(xs: Any) -> list[Any]:
+    xs = as_sequence(xs, "xs", min_len=0)
+    if len(xs) < 2:
+        raise ValueError(f"xs must hold at least 2 modalities, got {len(xs)}")
+    for m, x in enumerate(xs):
+        _check_array(x, f"xs[{m}]")
+    return xs
+
+
+def _check_align(
+    xs: Any,
+    rounds: Any,
+    alpha: Any,
+    schedule: Any,
+    topology: Any,
+    hub: Any,
+    axis: Any,
+    masks: Any,
+    eps: Any,
+) -> tuple[list[Any], list[Any] | None, int | None, float, int, float]:
+    xs = _as_modalities(xs)
+    rounds = _check_rounds(rounds)
+    alpha = _check_alpha(alpha)
+    eps = _check_eps(eps)
+    _check_choice(schedule, "schedule", SCHEDULES)
+    _check_choice(topology, "topology", TOPOLOGIES)
+    n = len(xs)
+    if isinstance(hub, bool) or not isinstance(hub, numbers.Integral):
+        raise TypeError(f"hub must be an int (a modality index), got {type(hub).__name__}")
+    if not -n <= int(hub) < n:
+        raise ValueError(f"hub={hub} is out of range for {n} modalities (valid: 0 to {n - 1})")
+    hub = int(hub) % n
+    named = [(f"xs[{m}]", x) for m, x in enumerate(xs)]
+    if masks is not None:
+        masks = as_sequence(masks, "masks", min_len=0)
+        if len(masks) != n:
+            raise ValueError(
+                f"masks must have one entry (an array or None) per modality: got {len(masks)} "
+                f"for {n} modalities"
+            )
+    xp = common_namespace([*named, *((f"masks[{m}]", k) for m, k in enumerate(masks or []))])
+    check_same_float_dtype(xp, named)
+    ax = _check_axis(xs[0], axis, "xs[0]")
+    for m, x in enumerate(xs[1:], start=1):
+        _check_compatible(xs[0], x, ax, "xs[0]", f"xs[{m}]")
+        _check_axis(x, axis, f"xs[{m}]")
+    if masks is not None:
+        for m, (x, k) in enumerate(zip(xs, masks)):
+            _check_mask(xp, k, x, ax, f"masks[{m}]", f"xs[{m}]")
+        if all(k is None for k in masks):
+            masks = None
+    if (
+        rounds is None
+        and core.limit_weights(n, alpha, schedule, topology, hub) is None
+    ):
+        raise ValueError(
+            "rounds=None: Jacobi consensus with M = 2 and alpha = 1 has no limit (the two "
+            "modalities swap statistics every round); use schedule='gauss-seidel', "
+            "alpha < 1, or a finite number of rounds"
+        )
+    return xs, masks, rounds, alpha, hub, eps
+
+
+# --------------------------------------------------------------------------- moments
+
+
+def moments(
+    x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5
+) -> tuple[Any, Any]:
+    r"""Per-sample, per-channel mean and standard deviation over the token axis.
+
+    Parameters
+    ----------
+    x : array, shape (B, ..., T, C)
+        Real floating features; axis 0 is the batch and is never reduced.
+    axis : int, default -2
+        The statistics axis (tokens).  ``axis=-1`` takes statistics over channels instead,
+        the fallback for single-token (L = 1) inputs; it is used only when asked for.
+    mask : bool array, shape ``x.shape[:axis + 1]`` (``(B, T)`` by default), optional
+        True for tokens that count; masked tokens are excluded from both statistics.
+    eps : float, default 1e-5
+        Added to the variance inside the square root; 0 is allowed.
+
+    Returns
+    -------
+    mean, std : arrays, the shape of x with ``axis`` kept as 1
+        In x's namespace, dtype and device.  Computed in at least float32 (float16 and
+        bfloat16 accumulate in float32).
+
+    Raises
+    ------
+    ValueError
+        ``axis`` is the batch axis or has a single entry, negative ``eps``, a mask of the
+        wrong shape or one that masks every token of a sample.
+    TypeError
+        Non-floating x, non-boolean mask, mixed namespaces.
+
+    Notes
+    -----
+    mmfuse's formalisation (the papers give none): with :math:`m_t` the mask and
+    :math:`n = \sum_t m_t`,
+
+    .. math:: \mu = \frac{1}{n} \sum_t m_t x_t, \qquad
+              \sigma = \sqrt{\frac{1}{n} \sum_t m_t (x_t - \mu)^2 + \varepsilon}
+
+    (population variance, eps inside the root).  Naive definition, per sample b and channel c::
+
+        v = x[b, :, c][mask[b]]
+        mean[b, 0, c] = v.sum() / len(v)
+        var = ((v - mean[b, 0, c]) ** 2).sum() / len(v)
+        std[b, 0, c] = np.sqrt(var + eps)
+
+    On NumPy the batch is walked in cache-sized blocks, so x is read from memory once.
+
+    References
+    ----------
+    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
+       Alignment Method", arXiv:2306.16950, 2023.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> x = np.array([[[1.0, 10.0], [3.0, 30.0]]])       # (B, T, C) = (1, 2, 2)
+    >>> mean, std = mmfuse.moments(x, eps=0.0)
+    >>> mean, std
+    (array([[[ 2., 20.]]]), array([[[ 1., 10.]]]))
+    >>> mmfuse.moments(x, mask=np.array([[True, False]]), eps=0.0)[0]
+    array([[[ 1., 10.]]])
+    """
+    _check_array(x, "x")
+    xp = common_namespace([("x", x), ("mask", mask)])
+    check_same_float_dtype(xp, [("x", x)])
+    eps = _check_eps(eps)
+    ax = _check_axis(x, axis, "x")
+    _check_mask(xp, mask, x, ax, "mask", "x")
+    impl = lookup("moments", None, like=x)
+    return impl(x, axis=axis, mask=mask, eps=eps)
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def _check_operand(xp: Any, x: Any, v: Any, name: str) -> None:
+    """``v`` is a Python real or an array of x's namespace and dtype broadcasting to x."""
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return
+    _check_array(v, name)
+    common_namespace([("x", x), (name, v)])
+    check_same_float_dtype(xp, [("x", x), (name, v)])
+    shape = tuple(x.shape)
+    vs = tuple(v.shape)
+    ok = len(vs) <= len(shape) and all(
+        a in (1, b) for a, b in zip(vs[::-1], shape[::-1])
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {fmt_shape(vs)} does not broadcast to x's shape "
+            f"{fmt_shape(shape)} (e.g. statistics of shape (B, 1, C) for x of shape (B, T, C))"
+        )
+
+
+def zoom(x: Any, scale: Any, *, center: Any) -> Any:
+    r"""Zoom x about ``center`` by ``scale``: ``center + (x - center) * scale``.
+
+    Parameters
+    ----------
+    x : array
+        Real floating features, e.g. (B, T, C).
+    scale : array or float
+        Broadcasts to x's shape, e.g. a (B, 1, C) ratio of standard deviations.
+    center : array or float
+        The fixed point of the zoom, e.g. x's own (B, 1, C) mean.
+
+    Returns
+    -------
+    array, x's shape
+        In x's namespace and dtype.
+
+    Raises
+    ------
+    ValueError
+        ``scale`` or ``center`` does not broadcast to x's shape.
+    TypeError
+        Non-floating or mixed dtypes, mixed namespaces.
+
+    Notes
+    -----
+    One of mmfuse's two primitives of Zoom-and-Shift (our formalisation).  Zooming about x's
+    own mean keeps the mean and multiplies the spread by ``|scale|``, so it commutes with
+    :func:`shift`.  Naive definition::
+
+        y = np.empty_like(x)
+        for idx in np.ndindex(x.shape):
+            y[idx] = center[idx] + (x[idx] - center[idx]) * scale[idx]  # broadcast indices
+
+    References
+    ----------
+    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
+       Alignment Method", arXiv:2306.16950, 2023.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> mmfuse.zoom(np.array([1.0, 2.0, 3.0]), 2.0, center=2.0)
+    array([0., 2., 4.])
+    """
+    _check_array(x, "x")
+    xp = common_namespace([("x", x)])
+    check_same_float_dtype(xp, [("x", x)])
+    _check_operand(xp, x, scale, "scale")
+    _check_operand(xp, x, center, "center")
+    return core.zoom(x, scale, center=center)
+
+
+def shift(x: Any, offset: Any) -> Any:
+    r"""Shift x by ``offset``: ``x + offset``.
+
+    Parameters
+    ----------
+    x : array
+        Real floating features, e.g. (B, T, C).
+    offset : array or float
+        Broadcasts to x's shape, e.g. a (B, 1, C) step toward a guide's mean.
+
+    Returns
+    -------
+    array, x's shape
+        In x's namespace and dtype.
+
+    Raises
+    ------
+    ValueError
+        ``offset`` does not broadcast to x's shape.
+    TypeError
+        Non-floating or mixed dtypes, mixed namespaces.
+
+    Notes
+    -----
+    The other primitive of Zoom-and-Shift (our formalisation): it moves the mean and leaves
+    the spread alone.  Naive definition::
+
+        y = np.empty_like(x)
+        for idx in np.ndindex(x.shape):
+            y[idx] = x[idx] + offset[idx]  # broadcast indices
+
+    References
+    ----------
+    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
+       Alignment Method", arXiv:2306.16950, 2023.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> mmfuse.shift(np.array([[[1.0], [3.0]]]), np.array([[[10.0]]]))[:, :, 0]
+    array([[11., 13.]])
+    """
+    _check_array(x, "x")
+    xp = common_namespace([("x", x)])
+    check_same_float_dtype(xp, [("x", x)])
+    _check_operand(xp, x, offset, "offset")
+    return core.shift(x, offset)
+
+
+# --------------------------------------------------------------------------- zoom_shift
+
+
+def zoom_shift(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> Any:
+    r"""Zoom and shift x toward the per-channel statistics of ``guide``.
+
+    Parameters
+    ----------
+    x : array, shape (B, T, C)
+        Features to move (any ``(B, ..., T, C)``; the statistics axis is ``axis``).
+    guide : array, shape (B, T_g, C)
+        Features whose statistics x moves toward.  Token counts may differ; every other axis
+        (batch, channels) must match.
+    alpha : float in (0, 1], default 1.0
+        Step size: 1 matches the guide's mean and spread exactly (moment matching, AdaIN);
+        smaller values move part of the way, in (mean, log std).
+    axis : int, default -2
+        The statistics axis (tokens); ``axis=-1`` for channel statistics (L = 1 fallback).
+    mask, guide_mask : bool arrays, shapes (B, T) and (B, T_g), optional
+        True for tokens that count in x's and the guide's statistics.  The map is applied to
+        every token of x, masked ones included; they just never influence it.
+    eps : float, default 1e-5
+        Added to each variance inside the square root; 0 is allowed.
+    backend : str, optional
+        Implementation to run (see :func:`mmfuse.set_config`); default: the configured one.
+
+    Returns
+    -------
+    array, x's shape
+        In x's namespace, dtype and device.
+
+    Raises
+    ------
+    ValueError
+        Channel (or batch) mismatch, ``alpha`` outside (0, 1], negative ``eps``, masks of the
+        wrong shape or masking every token of a sample, ``axis`` on the batch.
+    TypeError
+        Non-floating or mixed dtypes, non-boolean masks, mixed namespaces.
+
+    Notes
+    -----
+    mmfuse's formalisation of one Zoom-and-Shift step [1]_ [2]_ (the papers give the idea, not
+    equations).  With :func:`moments` :math:`(\mu_x, \sigma_x)` of x and
+    :math:`(\mu_g, \sigma_g)` of the guide,
+
+    .. math:: \mathrm{zoom}(x) = \mu_x + (x - \mu_x) \odot (\sigma_g / \sigma_x)^\alpha,
+              \qquad
+              \mathrm{shift}(x) = x + \alpha (\mu_g - \mu_x),
+
+    and the result is the two composed (they commute: the zoom is about x's own mean).  The
+    output's mean is :math:`\mu_x + \alpha(\mu_g - \mu_x)` and its log spread moves by the same
+    fraction alpha toward the guide's.  At alpha = 1 with ``eps = 0`` the output has exactly
+    the guide's mean and std; with ``eps > 0`` its variance is
+    :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)`, the guide's up to O(eps).  A channel
+    of x with zero spread (possible only with ``eps = 0``) is shifted, not zoomed.  Naive definition::
+
+        mu_x, s_x = moments(x, mask=mask, eps=eps)
+        mu_g, s_g = moments(guide, mask=guide_mask, eps=eps)
+        y = zoom(x, (s_g / s_x) ** alpha, center=mu_x)
+        y = shift(y, alpha * (mu_g - mu_x))
+
+    Here it is one affine map ``x * s + t``; on NumPy each cache-sized batch block of x is
+    reduced and mapped while in cache, so x is read from memory once.
+
+    References
+    ----------
+    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
+       Alignment Method", arXiv:2306.16950, 2023.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((2, 50, 3))
+    >>> guide = 5.0 + 3.0 * rng.standard_normal((2, 80, 3))
+    >>> y = mmfuse.zoom_shift(x, guide, eps=0.0)
+    >>> mu, sd = mmfuse.moments(y, eps=0.0)
+    >>> mu_g, sd_g = mmfuse.moments(guide, eps=0.0)
+    >>> bool(np.allclose(mu, mu_g) and np.allclose(sd, sd_g))
+    True
+    """
+    _check_array(x, "x")
+    _check_array(guide, "guide")
+    named = [("x", x), ("guide", guide)]
+    xp = common_namespace([*named, ("mask", mask), ("guide_mask", guide_mask)])
+    check_same_float_dtype(xp, named)
+    alpha = _check_alpha(alpha)
+    eps = _check_eps(eps)
+    ax = _check_axis(x, axis, "x")
+    _check_compatible(x, guide, ax, "x", "guide")
+    _check_axis(guide, axis, "guide")
+    _check_mask(xp, mask, x, ax, "mask", "x")
+    _check_mask(xp, guide_mask, guide, ax, "guide_mask", "guide")
+    impl = lookup("zoom_shift", backend, like=x)
+    return impl(
+        x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps
+    )
+
+
+# --------------------------------------------------------------------------- align
+
+
+def align(
+    xs: Sequence[Any],
+    *,
+    rounds: int | None = 1,
+    alpha: float = 1.0,
+    schedule: str = "gauss-seidel",
+    topology: str = "consensus",
+    hub: int = 0,
+    axis: int = -2,
+    masks: Sequence[Any] | None = None,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> list[Any]:
+    r"""Align M modalities by alternating rounds of Zoom-and-Shift, or their limit.
+
+    Parameters
+    ----------
+    xs : sequence of M >= 2 arrays, shapes (B, T_m, C)
+        Token counts may differ; batch and channel counts must match.
+    rounds : int >= 0 or None, default 1
+        Number of rounds; ``None`` returns the closed-form limit of the iteration.  0 returns
+        copies of the inputs.
+    alpha : float in (0, 1], default 1.0
+        Step of each :func:`zoom_shift` (1: moment matching).
+    schedule : {"gauss-seidel", "jacobi"}, default "gauss-seidel"
+        Gauss-Seidel updates the modalities in index order, each using the others' latest
+        values; Jacobi moves all of them from the previous round's values.
+    topology : {"consensus", "hub"}, default "consensus"
+        "consensus": each modality moves toward the others' pooled statistics (arithmetic
+        mean of their means, geometric mean of their stds).  "hub": every modality moves
+        toward modality ``hub``, which stays fixed (the guide).
+    hub : int, default 0
+        The guide modality for ``topology="hub"`` (negative indices count from the end).
+    axis : int, default -2
+        Statistics axis (tokens); ``axis=-1`` for channel statistics (L = 1 fallback).
+    masks : sequence of M bool arrays (or None), shapes (B, T_m), optional
+        True for tokens that count in each modality's statistics.
+    eps : float, default 1e-5
+        Added to each variance inside the square root; 0 is allowed.
+    backend : str, optional
+        Implementation to run; default: the configured one.
+
+    Returns
+    -------
+    list of M arrays
+        The aligned modalities, shapes, namespace, dtype and device as the inputs.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 modalities, channel or batch mismatch, ``alpha`` outside (0, 1], negative
+        ``rounds`` or ``eps``, unknown ``schedule`` or ``topology``, ``hub`` out of range,
+        masks of the wrong shape or masking every token of a sample, and ``rounds=None`` for
+        Jacobi consensus with M = 2 and alpha = 1 (no limit: the two swap every round).
+    TypeError
+        Non-floating or mixed dtypes, non-integer ``rounds`` or ``hub``, mixed namespaces.
+
+    Notes
+    -----
+    mmfuse's formalisation of "alternately shift and zoom until the modalities share one
+    feature space" [1]_ [2]_.  One round updates every modality i (except the hub in "hub")
+    with ``zoom_shift(x_i, target_i, alpha)``, where the target statistics are the others'
+    pooled ones ("consensus") or the hub's.  Naive definition (Gauss-Seidel, consensus)::
+
+        for r in range(rounds):
+            for i in range(M):
+                mu_t = mean([mu(x[j]) for j != i]); s_t = gmean([std(x[j]) for j != i])
+                x[i] = zoom_shift_to(x[i], mu_t, s_t, alpha)   # re-measuring x[i] itself
+
+    **The rounds are linear in (mean, log std).**  A step maps the statistics
+    :math:`z_i = (\mu_i, \log \sigma_i)` of modality i to
+    :math:`z_i + \alpha (\bar z_{-i} - z_i)` (exactly when eps = 0; with eps > 0 the measured
+    :math:`\sigma = \sqrt{\mathrm{var} + \varepsilon}` is re-taken each round, as the
+    definition does), so a round is :math:`z \mapsto A z` for an M x M row-stochastic matrix
+    A, the same for both coordinates, per sample and channel.  For M = 2 under Gauss-Seidel,
+    :math:`a' = (1 - \alpha) a + \alpha b` then :math:`b' = (1 - \alpha) b + \alpha a'`, so
+    the gap :math:`b - a` shrinks by :math:`(1 - \alpha)^2` per round, the quantity
+    :math:`(1 - \alpha) a + b` is invariant, and both converge to
+
+    .. math:: z^\ast = \frac{(1 - \alpha) a_0 + b_0}{2 - \alpha}.
+
+    In general :math:`A^k \to \mathbf 1 w^\top`: Jacobi consensus has
+    :math:`A = (1 - \alpha) I + \alpha (J - I)/(M - 1)`, doubly stochastic with eigenvalues 1
+    and :math:`1 - \alpha M/(M - 1)`, so it converges to the plain average (w = 1/M) unless
+    M = 2 and alpha = 1, where it swaps the two modalities forever; Gauss-Seidel consensus
+    converges to a weighted average: one checks that a sweep leaves
+    :math:`\sum_j ((M - 1)(1 - \alpha) + \alpha j)\, z_j` invariant (for M = 2,
+    :math:`(1 - \alpha) a + b`), so :math:`w_j \propto (M - 1)(1 - \alpha) + \alpha j`: later
+    modalities weigh more, all of them equally as alpha -> 0; the hub converges to the hub
+    (w = e_hub).  ``rounds=None`` returns :math:`\mu^\ast + (x_i - \mu_i)\,
+    \sigma^\ast / \sigma_i` with :math:`\mu^\ast = \sum_j w_j \mu_j` and
+    :math:`\sigma^\ast = \prod_j \sigma_j^{w_j}`: one affine map per modality.  It is the
+    exact limit of the rounds for eps = 0 and agrees with many rounds to O(eps / var)
+    otherwise.
+
+    With ``alpha = 1`` one round already matches moments: for the hub topology and for two
+    modalities under Gauss-Seidel further rounds change nothing (legal, but wasted; exactly
+    so for eps = 0, and up to the O(eps / var) of re-measuring otherwise).
+    Consensus with M >= 3 keeps mixing after the first round even at alpha = 1 (the later
+    modalities see updated targets), and Jacobi with M = 2 swaps the two every round.
+
+    Every round is affine in the data, so the implementation measures each modality once,
+    runs the rounds on the (B, 1, C) statistics (tracking the variance exactly) and applies
+    one composed affine map per modality: two reads of each input and one write, whatever
+    ``rounds`` is.
+
+    References
+    ----------
+    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
+       Alignment Method", arXiv:2306.16950, 2023.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> rng = np.random.default_rng(0)
+    >>> a = rng.standard_normal((2, 40, 3))
+    >>> b = 4.0 + 2.0 * rng.standard_normal((2, 60, 3))
+    >>> ya, yb = mmfuse.align([a, b], rounds=None, alpha=0.5, eps=0.0)
+    >>> bool(np.allclose(mmfuse.moments(ya, eps=0.0)[0], mmfuse.moments(yb, eps=0.0)[0]))
+    True
+    >>> za, zb = mmfuse.align([a, b], rounds=60, alpha=0.5, eps=0.0)
+    >>> bool(np.allclose(za, ya) and np.allclose(zb, yb))
+    True
+    """
+    xs, masks, rounds, alpha, hub, eps = _check_align(
+        xs, rounds, alpha, schedule, topology, hub, axis, masks, eps
+    )
+    impl = lookup("align", backend, like=xs[0])
+    out = impl(
+        xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
+        axis=axis, masks=masks, eps=eps,
+    )
+    return list(out)
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def zoom_shift_fusion(
+    xs: Sequence[Any],
+    *,
+    fuse: str | None = "concat",
+    pool: str = "mean",
+    **align_options: Any,
+) -> Any:
+    r"""Align M token sequences with :func:`align`, pool over tokens, then fuse.
+
+    Parameters
+    ----------
+    xs : sequence of M >= 2 arrays, shapes (B, T_m, C)
+        One token sequence per modality; batch and channel counts must match.
+    fuse : {"concat", "sum", "mean", None}, default "concat"
+        How to combine the M pooled (B, C) features: concatenation (B, M C), sum or mean
+        (B, C); ``None`` returns the list of aligned pooled features.
+    pool : {"mean", "max"}, default "mean"
+        Pooling over the token axis (axis 1); masked tokens are excluded.
+    **align_options
+        Keywords of :func:`align`: ``rounds``, ``alpha``, ``schedule``, ``topology``, ``hub``,
+        ``axis``, ``masks``, ``eps``, ``backend``.  ``masks`` (B, T_m) also mask the pooling;
+        they are token masks, so they need the default ``axis=-2``.
+
+    Returns
+    -------
+    array, shape (B, M C) or (B, C); or a list of M (B, C) arrays for ``fuse=None``
+        In the inputs' namespace, dtype and device.
+
+    Raises
+    ------
+    ValueError
+        Inputs not 3-dimensional, unknown ``fuse`` or ``pool``, masks with ``axis`` other
+        than -2, and everything :func:`align` refuses.
+    TypeError
+        An unknown keyword, and everything :func:`align` refuses.
+
+    Notes
+    -----
+    Fusion after alignment (mmfuse's formalisation of [1]_): once the modalities share one
+    per-channel mean and spread, pooled features are comparable and can be combined by simple
+    symmetric operators.  Naive definition::
+
+        ys = align(xs, **align_options)
+        pooled = [y[b][mask[b]].mean(axis=0) for each sample b, for y, mask in zip(ys, masks)]
+        out = np.concatenate(pooled, axis=-1)   # or sum(pooled), or sum(pooled) / M
+
+    References
+    ----------
+    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
+       Alignment Method", arXiv:2306.16950, 2023.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> rng = np.random.default_rng(0)
+    >>> xs = [rng.standard_normal((4, 10, 8)), rng.standard_normal((4, 6, 8))]
+    >>> mmfuse.zoom_shift_fusion(xs).shape
+    (4, 16)
+    >>> mmfuse.zoom_shift_fusion(xs, fuse="mean", rounds=None, alpha=0.5).shape
+    (4, 8)
+    """
+    _check_choice(fuse, "fuse", FUSE_MODES)
+    _check_choice(pool, "pool", POOL_MODES)
+    seq = _as_modalities(xs)
+    for m, x in enumerate(seq):
+        if x.ndim != 3:
+            raise ValueError(
+                f"xs[{m}] must be 3-dimensional with shape (B, T_m, C), got shape "
+                f"{fmt_shape(x.shape)}"
+            )
+    masks = align_options.get("masks")
+    axis = align_options.get("axis", -2)
+    if masks is not None and not isinstance(axis, bool) and axis in (-1, 2):
+        raise ValueError(
+            "zoom_shift_fusion: masks are token masks (B, T_m) and need the default axis=-2; "
+            f"got axis={axis}"
+        )
+    aligned = align(seq, **align_options)
+    return core.zoom_shift_fusion(aligned, fuse_how=fuse, pool_how=pool, masks=masks)
+
+
+# --------------------------------------------------------------------------- registration
+
+for _public, _core_impl, _ref_impl in (
+    (moments, core.moments, reference.moments),
+    (zoom_shift, core.zoom_shift, reference.zoom_shift),
+    (align, core.align, reference.align),
+):
+    define_op(_public)
+    register(_public.__name__, "array_api", _core_impl)
+    register(_public.__name__, "reference", as_backend(_ref_impl))

@@ -1,0 +1,525 @@
+"""Array-API core of Zoom-and-Shift alignment: moments, the two primitives, rounds, fusion.
+
+Inputs arrive validated by the public layer (:mod:`mmfuse._align`).  Everything reduces to two
+steps per modality:
+
+1. the per-sample, per-channel statistics (mean and population variance over the statistics
+   axis, masked tokens excluded), computed in at least float32;
+2. one per-channel affine map ``y = S * x + T`` whose ``S`` and ``T`` come from a few small
+   ``(B, 1, C)`` computations on the statistics alone.
+
+Every zoom and shift is affine in x, so a round of alignment maps statistics to statistics
+exactly (mean ``mu -> S mu + T``, variance ``var -> S**2 var``): the rounds run on the
+statistics, and the data is read once for them and once for the single affine map at the end,
+however many rounds are asked for.  Only standard Array-API functions touch the data on the
+generic path (NumPy, array-api-strict, PyTorch with autograd, CuPy, ...).  NumPy arrays take a
+fast path that walks the batch in cache-sized blocks, so each input is read from memory once
+for its statistics and, for :func:`zoom_shift`, the same block is mapped while still in cache;
+inputs of 8 MiB or more split their blocks across threads, one per available core (NumPy
+releases the GIL in ufuncs, reductions and GEMMs; no pool outlives the call).
+Inputs are never written to and never passed through ``xp.asarray``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import Any
+
+from .._namespace import array_namespace, device_of, is_dask, is_jax, is_lazy, is_numpy
+
+__all__ = [
+    "affine_maps",
+    "align",
+    "limit_weights",
+    "moments",
+    "pool",
+    "shift",
+    "zoom",
+    "zoom_shift",
+    "zoom_shift_fusion",
+]
+
+# A batch block of the NumPy fast path is kept near this many bytes so that its statistics
+# and its affine map read it from cache (the 2-core CI box has 1 MiB of L2 per core).
+_BLOCK_BYTES = 1 << 19
+# Inputs of at least this many bytes are split across threads (one per core, at most 8).
+_PARALLEL_BYTES = 1 << 23
+_MAX_WORKERS = 8
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _stats_dtype(xp: Any, dtype: Any) -> Any:
+    """float32 for float16 / bfloat16 inputs, else the input's dtype (statistics >= float32)."""
+    return dtype if xp.finfo(dtype).bits >= 32 else xp.float32
+
+
+def _expand_mask(xp: Any, mask: Any, ndim: int) -> Any:
+    """A mask of shape ``x.shape[:axis + 1]`` with trailing unit axes, broadcastable to x."""
+    extra = ndim - mask.ndim
+    return mask if extra == 0 else xp.reshape(mask, (*mask.shape, *(1,) * extra))
+
+
+def _numpy_fast(xp: Any, x: Any) -> bool:
+    return is_numpy(xp) and str(x.dtype) in ("float32", "float64")
+
+
+def _rows_per_block(x: Any) -> int:
+    per_sample = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
+    return max(1, _BLOCK_BYTES // per_sample)
+
+
+def _blocks(x: Any) -> list[slice]:
+    batch = x.shape[0]
+    rows = _rows_per_block(x)
+    return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
+
+
+def _workers(x: Any, n_blocks: int) -> int:
+    """Threads for the NumPy fast path: one per available core for large inputs.
+
+    NumPy's ufuncs, reductions and GEMMs release the GIL, so disjoint batch blocks run in
+    parallel; small inputs stay on the calling thread (a pool costs ~0.1 ms).
+    """
+    if x.nbytes < _PARALLEL_BYTES or n_blocks < 2:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _MAX_WORKERS, n_blocks))
+
+
+def _run_blocks(x: Any, work: Any) -> None:
+    """Call ``work(list_of_block_slices)`` over x's batch blocks, split across threads."""
+    blocks = _blocks(x)
+    workers = _workers(x, len(blocks))
+    if workers == 1:
+        work(blocks)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    per = -(-len(blocks) // workers)
+    chunks = [blocks[i : i + per] for i in range(0, len(blocks), per)]
+    with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+        for done in [pool.submit(work, c) for c in chunks]:
+            done.result()
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def raw_moments(x: Any, axis: int, mask: Any = None) -> tuple[Any, Any]:
+    """Mean and population variance over ``axis`` (kept), masked tokens excluded.
+
+    ``axis`` is non-negative.  Computed in at least float32 (float16 / bfloat16 inputs are
+    cast for the reduction); returned in that statistics dtype.
+    """
+    xp = array_namespace(x)
+    if _numpy_fast(xp, x):
+        return _raw_moments_numpy(x, axis, mask)
+    dt = _stats_dtype(xp, x.dtype)
+    xs = x if dt == x.dtype else xp.astype(x, dt)
+    if mask is None:
+        count = float(x.shape[axis])
+        mean = xp.sum(xs, axis=axis, keepdims=True) / count
+        dev = xs - mean
+        var = xp.sum(dev * dev, axis=axis, keepdims=True) / count
+        return mean, var
+    m = _expand_mask(xp, mask, x.ndim)
+    zero = xp.zeros((), dtype=dt, device=device_of(x))
+    count = xp.sum(xp.astype(m, dt), axis=axis, keepdims=True)
+    mean = xp.sum(xp.where(m, xs, zero), axis=axis, keepdims=True) / count
+    dev = xp.where(m, xs - mean, zero)  # masked tokens (even inf or huge) never enter
+    var = xp.sum(dev * dev, axis=axis, keepdims=True) / count
+    return mean, var
+
+
+def _raw_moments_numpy(x: Any, axis: int, mask: Any) -> tuple[Any, Any]:
+    """Blocked statistics: each batch block is read from memory once, then reduced in cache.
+
+    Within a block the variance is the exact two-pass one (mean, then centred squares), so
+    accuracy does not depend on the mean-to-spread ratio as a sum-of-squares formula would.
+    """
+    import numpy as np
+
+    shape = list(x.shape)
+    shape[axis] = 1
+    mean = np.empty(shape, dtype=x.dtype)
+    var = np.empty(shape, dtype=x.dtype)
+
+    def work(blocks: list[slice]) -> None:
+        rows = max(b.stop - b.start for b in blocks)
+        dev = np.empty((rows, *x.shape[1:]), dtype=x.dtype)
+        masked = None if mask is None else np.empty_like(dev)
+        for blk in blocks:
+            n = blk.stop - blk.start
+            mb = None if mask is None else mask[blk]
+            sub = None if masked is None else masked[:n]
+            _block_stats(x[blk], axis, mb, dev[:n], sub, mean[blk], var[blk])
+
+    _run_blocks(x, work)
+    return mean, var
+
+
+@lru_cache(maxsize=64)
+def _square_sum(ndim: int, axis: int) -> str:
+    """einsum subscripts summing ``d * d`` over ``axis`` (NumPy fast path only)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
+    return f"{letters},{letters}->{letters.replace(letters[axis], '')}"
+
+
+def _block_stats(
+    xb: Any, axis: int, mb: Any, dev: Any, masked: Any, mean_out: Any, var_out: Any
+) -> None:
+    """Mean and variance of one block into ``mean_out`` / ``var_out``.
+
+    ``dev`` receives ``x - mean`` for every token (masked ones too); ``masked`` (needed only
+    with a mask) is scratch for the centred values with masked tokens zeroed, so huge or
+    non-finite padding never enters a sum.
+    """
+    import numpy as np
+
+    if mb is None:
+        if axis == xb.ndim - 2:  # tokens then channels: the sum is a GEMM with a ones row
+            np.matmul(_ones_row(xb.shape[axis], xb.dtype.char), xb, out=mean_out)
+        else:
+            np.sum(xb, axis=axis, keepdims=True, out=mean_out)
+        mean_out /= xb.shape[axis]
+        np.subtract(xb, mean_out, out=dev)
+        src = dev
+        count: Any = xb.shape[axis]
+    else:
+        full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
+        count = np.sum(full, axis=axis, keepdims=True, dtype=xb.dtype)
+        np.sum(xb, axis=axis, keepdims=True, out=mean_out, where=full)
+        mean_out /= count
+        np.subtract(xb, mean_out, out=dev)
+        masked[...] = 0
+        np.copyto(masked, dev, where=full)
+        src = masked
+    np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var_out, axis=axis))
+    var_out /= count
+
+
+@lru_cache(maxsize=64)
+def _ones_row(length: int, char: str) -> Any:
+    import numpy as np
+
+    row = np.ones((1, length), dtype=char)
+    row.setflags(write=False)
+    return row
+
+
+def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
+    """``(mean, sqrt(var + eps))`` over ``axis`` (kept), in x's dtype."""
+    xp = array_namespace(x)
+    mean, var = raw_moments(x, axis % x.ndim, mask)
+    std = xp.sqrt(var + eps)
+    if mean.dtype != x.dtype:
+        mean, std = xp.astype(mean, x.dtype), xp.astype(std, x.dtype)
+    return mean, std
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def zoom(x: Any, scale: Any, *, center: Any) -> Any:
+    """``center + (x - center) * scale``."""
+    return center + (x - center) * scale
+
+
+def shift(x: Any, offset: Any) -> Any:
+    """``x + offset``."""
+    return x + offset
+
+
+def _scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
+    """``(target / sigma) ** alpha``, and 1 where ``sigma == 0`` (no spread: nothing to zoom)."""
+    one = xp.ones((), dtype=sigma.dtype, device=device_of(sigma))
+    live = sigma > 0
+    ratio = target / xp.where(live, sigma, one)
+    return xp.where(live, ratio if alpha == 1.0 else ratio**alpha, one)
+
+
+def _apply(x: Any, scale: Any, offset: Any) -> Any:
+    """``x * scale + offset`` (per-channel statistics broadcast over the statistics axis)."""
+    xp = array_namespace(x)
+    if _numpy_fast(xp, x):
+        return _apply_numpy(x, scale, offset)
+    if scale.dtype != x.dtype:  # float16 / bfloat16: map in float32, round once
+        return xp.astype(xp.astype(x, scale.dtype) * scale + offset, x.dtype)
+    return x * scale + offset
+
+
+def _apply_numpy(x: Any, scale: Any, offset: Any) -> Any:
+    import numpy as np
+
+    out = np.empty(x.shape, dtype=x.dtype)
+
+    def work(blocks: list[slice]) -> None:
+        for blk in blocks:  # the add re-reads the block from cache, not from memory
+            np.multiply(x[blk], scale[blk], out=out[blk])
+            out[blk] += offset[blk]
+
+    _run_blocks(x, work)
+    return out
+
+
+def zoom_shift(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
+) -> Any:
+    """``mu_x + (x - mu_x) * (sigma_g / sigma_x) ** alpha + alpha * (mu_g - mu_x)``.
+
+    Folded into one affine map ``x * s + (mu_x (1 - s) + alpha (mu_g - mu_x))``.
+    """
+    xp = array_namespace(x)
+    ax = axis % x.ndim
+    g_mean, g_var = raw_moments(guide, ax, guide_mask)
+    g_sigma = xp.sqrt(g_var + eps)
+    if _numpy_fast(xp, x):
+        return _zoom_shift_numpy(x, ax, mask, g_mean, g_sigma, alpha, eps)
+    mean, var = raw_moments(x, ax, mask)
+    s = _scale(xp, xp.sqrt(var + eps), g_sigma, alpha)
+    return _apply(x, s, mean * (1 - s) + alpha * (g_mean - mean))
+
+
+def _zoom_shift_numpy(
+    x: Any, axis: int, mask: Any, g_mean: Any, g_sigma: Any, alpha: float, eps: float
+) -> Any:
+    """One read of x: per cache-sized block, statistics then the affine map, in place.
+
+    ``out`` first holds ``x - mu_x`` (the centred values the variance needs), and is then
+    scaled and shifted in place: ``y = (x - mu_x) s + mu_x + alpha (mu_g - mu_x)``.
+    """
+    import numpy as np
+
+    out = np.empty(x.shape, dtype=x.dtype)
+
+    def work(blocks: list[slice]) -> None:
+        rows = max(b.stop - b.start for b in blocks)
+        shape = [rows, *x.shape[1:]]
+        shape[axis] = 1
+        mean = np.empty(shape, dtype=x.dtype)
+        sigma = np.empty(shape, dtype=x.dtype)
+        masked = None if mask is None else np.empty((rows, *x.shape[1:]), dtype=x.dtype)
+        for blk in blocks:
+            n = blk.stop - blk.start
+            ob, mb, sb = out[blk], mean[:n], sigma[:n]
+            mk = None if mask is None else mask[blk]
+            _block_stats(x[blk], axis, mk, ob, None if masked is None else masked[:n], mb, sb)
+            sb += eps
+            np.sqrt(sb, out=sb)
+            ob *= _scale(np, sb, g_sigma[blk], alpha)
+            ob += mb + alpha * (g_mean[blk] - mb)
+
+    _run_blocks(x, work)
+    return out
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+@lru_cache(maxsize=256)
+def limit_weights(
+    n: int, alpha: float, schedule: str, topology: str, hub: int
+) -> tuple[float, ...] | None:
+    """Weights w with ``z_i -> sum_j w_j z_j`` for every modality i as rounds -> infinity.
+
+    ``z`` is either coordinate of the statistics ``(mu, log sigma)``: both follow the same
+    linear round map ``A`` (an M x M row-stochastic matrix), so ``A**k -> 1 w^T`` where w is the
+    left fixed vector of A (the weights of the quantity a round leaves invariant):
+
+    - hub: the hub never moves and the others contract toward it by (1 - alpha) per round,
+      so w = e_hub;
+    - Jacobi consensus: A = (1 - alpha) I + alpha (J - I) / (M - 1) is symmetric and doubly
+      stochastic (the plain average is invariant, w = 1/M) with eigenvalues 1 and
+      1 - alpha M / (M - 1); it converges unless that is -1 (M = 2, alpha = 1: a swap);
+    - Gauss-Seidel consensus: step i adds alpha (S - M z_i) / (M - 1) to z_i (S the total),
+      and over one full sweep ``sum_j ((M - 1)(1 - alpha) + alpha j) z_j`` is invariant
+      (for M = 2: (1 - alpha) a + b), so w_j is proportional to (M - 1)(1 - alpha) + alpha j.
+
+    Returns ``None`` when the iteration has no limit.
+    """
+    if topology == "hub":
+        return tuple(1.0 if j == hub else 0.0 for j in range(n))
+    if schedule == "jacobi":
+        if abs(1.0 - alpha * n / (n - 1)) >= 1.0:
+            return None
+        return tuple(1.0 / n for _ in range(n))
+    c = [(n - 1) * (1.0 - alpha) + alpha * j for j in range(n)]
+    total = sum(c)
+    return tuple(v / total for v in c)
+
+
+def affine_maps(
+    stats: list[tuple[Any, Any]],
+    *,
+    rounds: int | None,
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    eps: float,
+) -> list[tuple[Any, Any]]:
+    """Per-modality ``(S, T)`` such that ``align``'s output is ``S * x + T``.
+
+    ``stats`` holds each modality's ``(mean, var)``.  Finite rounds replay the definition on
+    the statistics exactly (each zoom multiplies the variance by ``s**2``, each shift moves
+    the mean; sigma is re-taken as ``sqrt(var + eps)`` every round, as re-measuring would);
+    ``rounds=None`` jumps to the closed-form limit.
+    """
+    xp = array_namespace(stats[0][0])
+    n = len(stats)
+    if rounds is None:
+        return _limit_maps(xp, stats, alpha, schedule, topology, hub, eps)
+    mus = [m for m, _ in stats]
+    vars_ = [v for _, v in stats]
+    scales: list[Any] = [1.0] * n
+    offsets: list[Any] = [0.0] * n
+    for _ in range(rounds):
+        src_mu, src_var = (list(mus), list(vars_)) if schedule == "jacobi" else (mus, vars_)
+        for i in range(n):
+            if topology == "hub":
+                if i == hub:
+                    continue
+                mu_t, sigma_t = src_mu[hub], xp.sqrt(src_var[hub] + eps)
+            else:
+                others = [j for j in range(n) if j != i]
+                mu_t = sum(src_mu[j] for j in others) / (n - 1)
+                sigma_t = _geometric_mean([xp.sqrt(src_var[j] + eps) for j in others])
+            s = _scale(xp, xp.sqrt(vars_[i] + eps), sigma_t, alpha)
+            # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S x0 + T
+            step_offset = mus[i] * (1 - s) + alpha * (mu_t - mus[i])
+            scales[i] = s * scales[i]
+            offsets[i] = s * offsets[i] + step_offset
+            mus[i] = mus[i] + alpha * (mu_t - mus[i])
+            vars_[i] = s * s * vars_[i]
+    return [_as_arrays(xp, s, t, stats[i][0]) for i, (s, t) in enumerate(zip(scales, offsets))]
+
+
+def _geometric_mean(values: list[Any]) -> Any:
+    k = len(values)
+    out = values[0] if k == 1 else values[0] ** (1.0 / k)
+    for v in values[1:]:
+        out = out * v ** (1.0 / k)
+    return out
+
+
+def _as_arrays(xp: Any, s: Any, t: Any, like: Any) -> tuple[Any, Any]:
+    """Rounds = 0 leaves Python scalars; make them arrays shaped like the statistics."""
+    if not hasattr(s, "shape"):
+        s = xp.full(like.shape, s, dtype=like.dtype, device=device_of(like))
+    if not hasattr(t, "shape"):
+        t = xp.full(like.shape, t, dtype=like.dtype, device=device_of(like))
+    return s, t
+
+
+def _limit_maps(
+    xp: Any,
+    stats: list[tuple[Any, Any]],
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    eps: float,
+) -> list[tuple[Any, Any]]:
+    """Closed form: every modality ends at ``mu* = sum w_j mu_j``, ``sigma* = prod sigma_j^w_j``."""
+    w = limit_weights(len(stats), float(alpha), schedule, topology, hub)
+    if w is None:  # the public layer refuses this case; kept as a guard
+        raise ValueError("this iteration has no limit (Jacobi consensus, M = 2, alpha = 1)")
+    sigmas = [xp.sqrt(v + eps) for _, v in stats]
+    mu_star: Any = 0.0
+    sigma_star: Any = 1.0
+    for wj, (mu, _), sigma in zip(w, stats, sigmas):
+        if wj == 0.0:
+            continue
+        mu_star = mu_star + wj * mu
+        sigma_star = sigma_star * (sigma if wj == 1.0 else sigma**wj)
+    maps = []
+    for (mu, _), sigma in zip(stats, sigmas):
+        s = _scale(xp, sigma, sigma_star, 1.0)
+        maps.append((s, mu_star - mu * s))  # y = mu* + (x - mu) sigma* / sigma
+    return maps
+
+
+def align(
+    xs: list[Any],
+    *,
+    rounds: int | None = 1,
+    alpha: float = 1.0,
+    schedule: str = "gauss-seidel",
+    topology: str = "consensus",
+    hub: int = 0,
+    axis: int = -2,
+    masks: list[Any] | None = None,
+    eps: float = 1e-5,
+) -> list[Any]:
+    """Statistics once per modality, the rounds on the statistics, one affine map each."""
+    masks = list(masks) if masks is not None else [None] * len(xs)
+    ax = axis % xs[0].ndim
+    stats = [raw_moments(x, ax, m) for x, m in zip(xs, masks)]
+    maps = affine_maps(
+        stats, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
+        hub=hub % len(xs), eps=eps,
+    )
+    return [_apply(x, s, t) for x, (s, t) in zip(xs, maps)]
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
+    """Pool (B, T, C) over the token axis 1, masked tokens excluded: (B, C)."""
+    xp = array_namespace(x)
+    if how == "mean":
+        if mask is None:
+            return xp.mean(x, axis=1)
+        m = _expand_mask(xp, mask, x.ndim)
+        dt = _stats_dtype(xp, x.dtype)
+        zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
+        total = xp.sum(xp.where(m, x, zero), axis=1, dtype=dt)
+        count = xp.sum(xp.astype(m, dt), axis=1)
+        return xp.astype(total / count, x.dtype)
+    # max
+    if mask is None:
+        return xp.max(x, axis=1)
+    m = _expand_mask(xp, mask, x.ndim)
+    low = xp.full((), -math.inf, dtype=x.dtype, device=device_of(x))
+    return xp.max(xp.where(m, x, low), axis=1)
+
+
+def fuse(pooled: list[Any], how: str | None) -> Any:
+    """concat / sum / mean of M pooled (B, C) arrays, or the list itself for ``None``."""
+    if how is None:
+        return pooled
+    xp = array_namespace(pooled[0])
+    if how == "concat":
+        return xp.concat(pooled, axis=-1)
+    total = pooled[0]
+    for p in pooled[1:]:
+        total = total + p
+    return total if how == "sum" else total / len(pooled)
+
+
+def zoom_shift_fusion(
+    aligned: list[Any], *, fuse_how: str | None, pool_how: str, masks: list[Any] | None
+) -> Any:
+    """Pool the aligned (B, T_m, C) arrays over tokens (masked), then fuse."""
+    masks = list(masks) if masks is not None else [None] * len(aligned)
+    return fuse([pool(y, m, pool_how) for y, m in zip(aligned, masks)], fuse_how)
+
+
+def is_eager(xp: Any, x: Any) -> bool:
+    """True when mask values can be inspected (not Dask, not a traced JAX array)."""
+    return not (is_lazy(x) or is_dask(xp) or is_jax(xp))

@@ -1,0 +1,331 @@
+"""The torch backend's custom ops: values and gradients against the core and the reference,
+opcheck, gradcheck / gradgradcheck, dispatch under "auto", and what the backward saves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+import mmfuse  # noqa: E402
+import mmfuse.reference as ref  # noqa: E402
+from mmfuse.backends import _registry, available, lookup  # noqa: E402
+from mmfuse.testing import assert_close  # noqa: E402
+
+tb = pytest.importorskip("mmfuse.backends.torch")
+
+
+@st.composite
+def problems(draw, max_modalities=4, max_rank=5):
+    n = draw(st.integers(1, max_modalities))
+    return {
+        "dims": draw(st.lists(st.integers(1, 4), min_size=n, max_size=n)),
+        "batch": draw(st.integers(1, 5)),
+        "rank": draw(st.integers(1, max_rank)),
+        "out_dim": draw(st.integers(1, 3)),
+        "append_one": draw(st.booleans()),
+        "with_present": draw(st.booleans()),
+        "with_weights": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _leaf(a, dtype=torch.float64):
+    return torch.tensor(np.asarray(a), dtype=dtype, requires_grad=True)
+
+
+def _lowrank_inputs(p):
+    rng = np.random.default_rng(p["seed"])
+    extra = int(p["append_one"])
+    xs = [_leaf(rng.standard_normal((p["batch"], d))) for d in p["dims"]]
+    factors = [_leaf(rng.standard_normal((p["rank"], d + extra, p["out_dim"]))) for d in p["dims"]]
+    weights = _leaf(rng.standard_normal(p["rank"])) if p["with_weights"] else None
+    bias = _leaf(rng.standard_normal(p["out_dim"]))
+    present = torch.tensor(rng.random((p["batch"], len(p["dims"]))) < 0.6) if p["with_present"] else None
+    upstream = torch.tensor(rng.standard_normal((p["batch"], p["out_dim"])))
+    return xs, factors, weights, bias, present, upstream
+
+
+def _cp_inputs(p):
+    rng = np.random.default_rng(p["seed"])
+    extra = int(p["append_one"])
+    xs = [_leaf(rng.standard_normal((p["batch"], d))) for d in p["dims"]]
+    factors = [_leaf(rng.standard_normal((d + extra, p["rank"]))) for d in p["dims"]]
+    factors.append(_leaf(rng.standard_normal((p["out_dim"], p["rank"]))))
+    weights = _leaf(rng.standard_normal(p["rank"])) if p["with_weights"] else None
+    bias = _leaf(rng.standard_normal(p["out_dim"]))
+    present = torch.tensor(rng.random((p["batch"], len(p["dims"]))) < 0.6) if p["with_present"] else None
+    upstream = torch.tensor(rng.standard_normal((p["batch"], p["out_dim"])))
+    return xs, (weights, factors), bias, present, upstream
+
+
+def _grads(out, leaves, upstream):
+    return torch.autograd.grad((out * upstream).sum(), leaves, allow_unused=True, retain_graph=True)
+
+
+def _np(t):
+    return None if t is None else t.detach().numpy()
+
+
+# --------------------------------------------------------------------------- values + gradients
+
+
+@settings(max_examples=30, deadline=None)
+@given(p=problems())
+def test_lowrank_op_matches_core_and_reference(p):
+    xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
+    kw = {"append_one": p["append_one"], "present": present}
+    got = mmfuse.lowrank_fusion(xs, factors, weights, bias, **kw, backend="torch")
+    core = mmfuse.lowrank_fusion(xs, factors, weights, bias, **kw, backend="array_api")
+    want = ref.lowrank_fusion(
+        [_np(x) for x in xs], [_np(f) for f in factors], _np(weights), _np(bias),
+        append_one=p["append_one"], present=None if present is None else present.numpy(),
+    )
+    assert_close(got, want, xp=torch, dtype=torch.float64)
+    assert_close(got, core)
+    leaves = [*xs, *factors, *([weights] if weights is not None else []), bias]
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+    # the reference gradient, by central differences of the float64 reference on one input
+    x0 = _np(xs[0])
+    eps = 1e-6
+    i = (0, 0)
+    bumped = []
+    for s in (1, -1):
+        xb = x0.copy()
+        xb[i] += s * eps
+        bumped.append(ref.lowrank_fusion(
+            [xb, *(_np(x) for x in xs[1:])], [_np(f) for f in factors], _np(weights), _np(bias),
+            append_one=p["append_one"], present=None if present is None else present.numpy(),
+        ))
+    fd = float(((bumped[0] - bumped[1]) / (2 * eps) * upstream.numpy()).sum())
+    g0 = float(_grads(got, [xs[0]], upstream)[0][i])
+    assert abs(fd - g0) <= 1e-6 * max(1.0, abs(fd))
+
+
+@settings(max_examples=30, deadline=None)
+@given(p=problems())
+def test_cp_op_matches_core_and_reference(p):
+    xs, cp, bias, present, upstream = _cp_inputs(p)
+    kw = {"append_one": p["append_one"], "present": present}
+    got = mmfuse.cp_fusion(xs, cp, bias, **kw, backend="torch")
+    core = mmfuse.cp_fusion(xs, cp, bias, **kw, backend="array_api")
+    want = ref.cp_fusion(
+        [_np(x) for x in xs], (_np(cp[0]), [_np(f) for f in cp[1]]), _np(bias),
+        append_one=p["append_one"], present=None if present is None else present.numpy(),
+    )
+    assert_close(got, want, xp=torch, dtype=torch.float64)
+    assert_close(got, core)
+    leaves = [*xs, *cp[1], *([cp[0]] if cp[0] is not None else []), bias]
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
+def test_lowrank_many_blocks_matches_core(monkeypatch):
+    """Force several batch blocks (and a ragged last one) through forward and backward."""
+    monkeypatch.setattr(tb, "_BLOCK_BYTES", 64 * 6 * 8)  # 64 rows per block for R h = 6
+    p = {"dims": [3, 2, 4], "batch": 150, "rank": 2, "out_dim": 3, "append_one": True,
+         "with_present": True, "with_weights": True, "seed": 1}
+    xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
+    got = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="torch")
+    core = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="array_api")
+    assert_close(got, core)
+    leaves = [*xs, *factors, weights, bias]
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_low_precision_accumulates_in_float32(dtype):
+    p = {"dims": [5, 3], "batch": 7, "rank": 3, "out_dim": 2, "append_one": True,
+         "with_present": False, "with_weights": True, "seed": 2}
+    xs, factors, weights, bias, _, upstream = _lowrank_inputs(p)
+    cast = [t.detach().to(dtype).requires_grad_() for t in (*xs, *factors, weights, bias)]
+    got = mmfuse.lowrank_fusion(cast[:2], cast[2:4], cast[4], cast[5], backend="torch")
+    assert got.dtype == dtype
+    want = mmfuse.lowrank_fusion(xs, factors, weights, bias, backend="array_api")
+    rtol = 2e-4 if dtype == torch.float32 else 5e-2
+    assert_close(got.double(), want, rtol=rtol)
+    grads = torch.autograd.grad((got * upstream.to(dtype)).sum(), cast)
+    assert [g.dtype for g in grads] == [dtype] * len(cast)
+
+
+def test_nan_in_absent_modality_is_ignored():
+    p = {"dims": [2, 3], "batch": 4, "rank": 2, "out_dim": 2, "append_one": True,
+         "with_present": False, "with_weights": True, "seed": 3}
+    xs, factors, weights, bias, _, upstream = _lowrank_inputs(p)
+    present = torch.tensor([[True, True], [True, False], [False, True], [True, True]])
+    nan_x1 = xs[1].detach().clone()
+    nan_x1[1] = float("nan")
+    nan_x1 = nan_x1.requires_grad_()
+    got = mmfuse.lowrank_fusion([xs[0], nan_x1], factors, weights, bias, present=present, backend="torch")
+    want = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="array_api")
+    assert_close(got, want)
+    g = torch.autograd.grad((got * upstream).sum(), nan_x1)[0]
+    assert torch.isfinite(g).all() and (g[1] == 0).all()
+
+
+# --------------------------------------------------------------------------- torch.library checks
+
+
+def _small(append_one, with_present, seed=0, n=3):
+    p = {"dims": [2, 3, 1][:n], "batch": 3, "rank": 2, "out_dim": 2, "append_one": append_one,
+         "with_present": with_present, "with_weights": True, "seed": seed}
+    return p
+
+
+@pytest.mark.parametrize(("append_one", "with_present"), [(True, True), (False, False)])
+def test_opcheck(append_one, with_present):
+    p = _small(append_one, with_present)
+    xs, factors, weights, bias, present, _ = _lowrank_inputs(p)
+    torch.library.opcheck(torch.ops.mmfuse.lowrank_fusion.default, (xs, factors, weights, bias, append_one, present))
+    torch.library.opcheck(torch.ops.mmfuse.lowrank_fusion.default, (xs, factors, None, None, append_one, present))
+    xs, (w, fs), bias, present, _ = _cp_inputs(p)
+    torch.library.opcheck(torch.ops.mmfuse.cp_fusion.default, (xs, w, fs, bias, append_one, present))
+    needs = [True] * (2 * len(xs) + 2)
+    g = torch.randn(3, 2, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.mmfuse.lowrank_fusion_backward.default,
+        (g, [x.detach() for x in xs], [f.detach() for f in factors], weights.detach(), append_one, present, needs),
+    )
+
+
+@pytest.mark.parametrize("append_one", [True, False])
+@pytest.mark.parametrize("with_present", [False, True])
+def test_gradcheck_gradgradcheck(append_one, with_present):
+    p = _small(append_one, with_present, seed=4)
+    xs, factors, weights, bias, present, _ = _lowrank_inputs(p)
+    n = len(xs)
+
+    def lowrank(*a):
+        return torch.ops.mmfuse.lowrank_fusion(list(a[:n]), list(a[n : 2 * n]), a[2 * n], a[2 * n + 1], append_one, present)
+
+    args = (*xs, *factors, weights, bias)
+    assert torch.autograd.gradcheck(lowrank, args)
+    assert torch.autograd.gradgradcheck(lowrank, args)
+
+    xs, (w, fs), bias, present, _ = _cp_inputs(p)
+
+    def cp(*a):
+        return torch.ops.mmfuse.cp_fusion(list(a[:n]), a[n], list(a[n + 1 : 2 * n + 2]), a[2 * n + 2], append_one, present)
+
+    args = (*xs, w, *fs, bias)
+    assert torch.autograd.gradcheck(cp, args)
+    assert torch.autograd.gradgradcheck(cp, args)
+
+
+def test_double_backward_path_equals_fast_path():
+    """The differentiable backward (create_graph) and the blocked op give the same gradients."""
+    p = _small(True, True, seed=5)
+    xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
+    out = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="torch")
+    leaves = [*xs, *factors, weights, bias]
+    fast = torch.autograd.grad((out * upstream).sum(), leaves, retain_graph=True)
+    slow = torch.autograd.grad((out * upstream).sum(), leaves, create_graph=True)
+    for a, b in zip(fast, slow):
+        assert_close(a, b.detach(), rtol=1e-12)
+
+
+def test_only_needed_gradients_are_computed():
+    p = _small(True, False, seed=6)
+    xs, factors, weights, _, _, upstream = _lowrank_inputs(p)
+    frozen = [x.detach() for x in xs]
+    out = mmfuse.lowrank_fusion(frozen, factors, weights, None, backend="torch")
+    grads = torch.autograd.grad((out * upstream).sum(), factors)
+    core = mmfuse.lowrank_fusion(frozen, factors, weights, None, backend="array_api")
+    for g, c in zip(grads, torch.autograd.grad((core * upstream).sum(), factors)):
+        assert_close(g, c, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- memory: what is saved
+
+
+def test_backward_saves_only_the_inputs():
+    """No (B, R h) projection is saved for backward: every saved tensor is an input."""
+    batch, dims, rank, out_dim = 64, (5, 6, 7), 4, 8
+    xs = [torch.randn(batch, d, requires_grad=True) for d in dims]
+    params = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=0, xp=torch)
+    factors = [f.requires_grad_() for f in params["factors"]]
+    inputs = {t.data_ptr() for t in (*xs, *factors, params["weights"])}
+    saved = []
+
+    def pack(t):
+        saved.append((t.data_ptr(), tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mmfuse.lowrank_fusion(xs, factors, params["weights"], params["bias"], backend="torch")
+    assert saved, "nothing saved?"
+    assert all(ptr in inputs for ptr, _ in saved), saved
+    # the Array-API core, by contrast, saves per-modality projections
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mmfuse.lowrank_fusion(xs, factors, params["weights"], params["bias"], backend="array_api")
+    assert any(shape == (batch, rank * out_dim) for _, shape in saved)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", ["lowrank_fusion", "cp_fusion"])
+def test_auto_runs_the_custom_op(op):
+    p = _small(True, False, seed=7)
+    if op == "lowrank_fusion":
+        xs, factors, weights, bias, _, _ = _lowrank_inputs(p)
+
+        def call(**kw):
+            return mmfuse.lowrank_fusion(xs, factors, weights, bias, **kw)
+    else:
+        xs, cp, bias, _, _ = _cp_inputs(p)
+
+        def call(**kw):
+            return mmfuse.cp_fusion(xs, cp, bias, **kw)
+
+    assert lookup(op, "auto", like=xs[0]) is tb.__dict__[op]
+    with mmfuse.config_context(backend="auto"), _OpLog() as log:
+        out = call()
+    assert f"mmfuse.{op}.default" in log.ops
+    assert not any(o.startswith("aten.mm") or o.startswith("aten.addmm") for o in log.ops), log.ops
+    with _OpLog() as log:
+        call(backend="array_api")
+    assert f"mmfuse.{op}.default" not in log.ops
+    # and the backward ran the analytic formula, not autograd through the core
+    assert type(out.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_" + op)
+
+
+def test_torch_backend_registered_and_refuses_numpy():
+    for op in ("lowrank_fusion", "cp_fusion"):
+        assert "torch" in available(op)
+        assert _registry._IMPLS[op]["torch"].priority > _registry._IMPLS[op]["array_api"].priority
+    p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
+    with pytest.raises(TypeError, match=r"backend 'torch' cannot take numpy arrays .* needs torch tensors"):
+        mmfuse.lowrank_fusion([np.ones((2, 3))], **p, backend="torch")
+
+
+def test_auto_on_numpy_still_runs_the_core():
+    p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
+    out = mmfuse.lowrank_fusion([np.ones((2, 3))], **p)
+    assert isinstance(out, np.ndarray)
+
+
+def test_import_mmfuse_does_not_import_torch_backend():
+    import subprocess
+    import sys
+
+    code = "import sys, mmfuse, numpy as np; p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0); " \
+           "mmfuse.lowrank_fusion([np.ones((2, 3))], **p); print('torch' in sys.modules, 'mmfuse.backends.torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False False"
