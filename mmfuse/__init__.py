@@ -5,6 +5,7 @@ token-level sequence fusion and Zoom-and-Shift alignment, as pure functions whos
 in the inputs' namespace, dtype and device.
 """
 
+from ._align import align, moments, shift, zoom, zoom_shift, zoom_shift_fusion
 from ._config import config_context, get_config, set_config
 from ._fusion import (
     DEFAULT_MAX_ELEMENTS,
@@ -15,22 +16,30 @@ from ._fusion import (
     lowrank_to_tensor,
     tensor_fusion,
 )
-
-# sequence exports (issue 3)
-# align exports (issue 4)
+from ._sequence import init_wander, sequence_fusion, wander, wander_parameter_count
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
     "__version__",
+    "align",
     "config_context",
     "cp_fusion",
     "cp_to_lowrank",
     "get_config",
     "init_lowrank",
+    "init_wander",
     "lowrank_fusion",
     "lowrank_to_tensor",
+    "moments",
+    "sequence_fusion",
     "set_config",
+    "shift",
     "tensor_fusion",
+    "wander",
+    "wander_parameter_count",
+    "zoom",
+    "zoom_shift",
+    "zoom_shift_fusion",
 ]

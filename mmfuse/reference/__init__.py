@@ -4,6 +4,7 @@ Each function has the public signature without ``backend=``, reads like its pape
 (loops, explicit outer-product tensors) and imports nothing from the rest of mmfuse.
 """
 
+from .align import align, moments, shift, zoom, zoom_shift, zoom_shift_fusion
 from .fusion import (
     cp_fusion,
     cp_to_lowrank,
@@ -12,15 +13,32 @@ from .fusion import (
     lowrank_to_tensor,
     tensor_fusion,
 )
-
-# sequence exports (issue 3)
-# align exports (issue 4)
+from .sequence import (
+    feature_weight,
+    gelu,
+    sequence_fusion,
+    sequence_weight,
+    token_weight,
+    wander,
+)
 
 __all__ = [
+    "align",
     "cp_fusion",
     "cp_to_lowrank",
     "cp_to_tensor",
+    "feature_weight",
+    "gelu",
     "lowrank_fusion",
     "lowrank_to_tensor",
+    "moments",
+    "sequence_fusion",
+    "sequence_weight",
+    "shift",
     "tensor_fusion",
+    "token_weight",
+    "wander",
+    "zoom",
+    "zoom_shift",
+    "zoom_shift_fusion",
 ]

@@ -1,0 +1,204 @@
+"""The Wander adapter on CPU: mmfuse collapsed and cp modes vs the released adapter's forward.
+
+Run: ``python benchmarks/sequence_cpu.py [--json FILE] [--quick]``.
+
+Candidates, float32, all cores, the whole adapter forward (down-projection, GELU, fusion,
+residual), on the released configurations:
+
+- ``released-torch``: a straightforward torch version of the released adapter's forward:
+  ``nn.Linear`` + ``F.gelu`` per modality, rank-summed factors, ``(x @ wd).permute @ wt``,
+  product, permute back, residual (feature factors first, as released).
+- ``collapsed-torch``: ``mmfuse.wander(..., mode="collapsed", backend="array_api")`` on torch
+  CPU tensors (the Array-API core, autograd-capable).
+- ``collapsed-numpy``: the same call on NumPy arrays.
+- ``cp-torch``: ``mmfuse.wander(..., mode="cp")`` on torch CPU tensors, the true CP
+  contraction; its cost grows with R_h R_t, reported by a sweep over the ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import machine, peak_rss_mib, print_table, time_candidates
+
+# name: (B, T_m, d, r, R_h, R_t)
+CASES = {
+    "MOSI B256 T50,50,50 d40 r16 Rh8 Rt12": (256, (50, 50, 50), 40, 16, 8, 12),
+    "Food101 B64 T197,50 d768 r64 Rh8 Rt12": (64, (197, 50), 768, 64, 8, 12),
+}
+# R_h x R_t sweep of cp mode (MOSI shapes)
+SWEEP = [(1, 1), (2, 2), (4, 3), (8, 6), (8, 12), (16, 12)]
+
+
+def _inputs(case: str, ranks: tuple[int, int] | None = None):
+    import torch
+
+    import mmfuse
+
+    batch, lengths, dim, rank, r_h, r_t = CASES[case]
+    if ranks is not None:
+        r_h, r_t = ranks
+    rng = np.random.default_rng(20261122)
+    xs = [rng.standard_normal((batch, t, dim), dtype=np.float32) for t in lengths]
+    params = mmfuse.init_wander([dim] * len(lengths), lengths, rank=rank, feature_rank=r_h,
+                                token_rank=r_t, out_dim=dim, seed=rng, dtype=np.float32)  # fmt: skip
+    # non-trivial token factors (the released zeros would make every product trivially 0)
+    params["token"] = [rng.standard_normal(t.shape, dtype=np.float32) * 0.1 for t in params["token"]]
+    t_xs = [torch.from_numpy(x) for x in xs]
+    t_params = {
+        "down": [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in params["down"]],
+        "feature": [torch.from_numpy(f) for f in params["feature"]],
+        "token": [torch.from_numpy(t) for t in params["token"]],
+    }
+    return xs, params, t_xs, t_params
+
+
+def setup(case: str) -> dict[str, object]:
+    import torch
+
+    import mmfuse
+
+    xs, params, t_xs, t_params = _inputs(case)
+    # the released module's layout: nn.Linear weight (r, d), factor_dim (R_h, r, D),
+    # factor_t (R_t, T, r)
+    linears = []
+    for w, b in t_params["down"]:
+        lin = torch.nn.Linear(w.shape[0], w.shape[1])
+        with torch.no_grad():
+            lin.weight.copy_(w.T)
+            lin.bias.copy_(b)
+        linears.append(lin)
+    factor_dim = t_params["feature"]
+    factor_t = t_params["token"]
+
+    def released_torch():
+        with torch.no_grad():
+            x = list(t_xs)
+            original = torch.cat(x, dim=1)
+            for i, lin in enumerate(linears):
+                x[i] = torch.nn.functional.gelu(lin(x[i]))
+            feats = []
+            for i in range(len(x)):
+                wd = factor_dim[i].sum(dim=0)
+                tmp = torch.matmul(x[i], wd).permute(0, 2, 1)
+                wt = factor_t[i].sum(dim=0)
+                feats.append(torch.matmul(tmp, wt))
+            fusion = feats[0]
+            for f in feats[1:]:
+                fusion = fusion * f
+            fusion = fusion.permute(0, 2, 1)
+            return fusion + original[:, : fusion.shape[1], :]
+
+    def collapsed_torch():
+        with torch.no_grad():
+            return mmfuse.wander(t_xs, t_params, mode="collapsed", backend="array_api")
+
+    def collapsed_numpy():
+        return mmfuse.wander(xs, params, mode="collapsed")
+
+    def cp_torch():
+        with torch.no_grad():
+            return mmfuse.wander(t_xs, t_params, mode="cp", backend="array_api")
+
+    return {
+        "released-torch": released_torch,
+        "collapsed-torch": collapsed_torch,
+        "collapsed-numpy": collapsed_numpy,
+        "cp-torch": cp_torch,
+    }
+
+
+def check(cands: dict[str, object]) -> float:
+    """Max relative difference of collapsed mode (torch and numpy) from the released forward."""
+    ref = cands["released-torch"]().double().numpy()
+    worst = 0.0
+    for name in ("collapsed-torch", "collapsed-numpy"):
+        out = cands[name]()
+        out = out.double().numpy() if hasattr(out, "double") else np.asarray(out, np.float64)
+        worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
+    return worst
+
+
+def sweep(repeats: int) -> list[dict[str, object]]:
+    """cp-mode time against R_h R_t on the MOSI shapes (collapsed mode as the unit)."""
+    import torch
+
+    import mmfuse
+
+    case = next(iter(CASES))
+    rows = []
+    for ranks in SWEEP:
+        _, _, t_xs, t_params = _inputs(case, ranks)
+
+        def cp(t_xs=t_xs, t_params=t_params):
+            with torch.no_grad():
+                return mmfuse.wander(t_xs, t_params, mode="cp", backend="array_api")
+
+        def collapsed(t_xs=t_xs, t_params=t_params):
+            with torch.no_grad():
+                return mmfuse.wander(t_xs, t_params, mode="collapsed", backend="array_api")
+
+        times = time_candidates({"cp": cp, "collapsed": collapsed}, repeats=repeats, warmup=1)
+        rows.append({"R_h x R_t": f"{ranks[0]} x {ranks[1]}", "R_h*R_t": ranks[0] * ranks[1],
+                     "cp ms": f"{times['cp'] * 1e3:.2f}",
+                     "collapsed ms": f"{times['collapsed'] * 1e3:.2f}",
+                     "cp/collapsed": f"{times['cp'] / times['collapsed']:.1f}"})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--json", help="write full results here")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no memory runs")
+    parser.add_argument("--threads", type=int, help="torch and BLAS threads (default: all)")
+    args = parser.parse_args()
+    if args.threads and os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads):
+        # NumPy's BLAS sized its thread pool at import: start again with the limits set
+        env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(args.threads)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
+    repeats = 5 if args.quick else 15
+    rows, results = [], []
+    for case in CASES:
+        cands = setup(case)
+        err = check(cands)
+        # cp mode is 30-300x slower: timed on its own, with fewer repeats
+        fast = {k: v for k, v in cands.items() if k != "cp-torch"}
+        times = time_candidates(fast, repeats=repeats)
+        times.update(time_candidates({"cp-torch": cands["cp-torch"]}, repeats=3, warmup=1))
+        mem = {} if args.quick else {n: peak_rss_mib("sequence_cpu", case, n) for n in cands}
+        for name, t in times.items():
+            rows.append({
+                "case": case,
+                "candidate": name,
+                "ms": f"{t * 1e3:.2f}",
+                "released/this": f"{times['released-torch'] / t:.2f}",
+                "this/collapsed-torch": f"{t / times['collapsed-torch']:.2f}",
+                "peak MiB": f"{mem[name]:.1f}" if name in mem else "-",
+            })  # fmt: skip
+            results.append({"case": case, "candidate": name, "seconds": t,
+                            "peak_mib": mem.get(name), "rel_err_vs_released": err})  # fmt: skip
+    print_table(rows, ["case", "candidate", "ms", "released/this", "this/collapsed-torch", "peak MiB"])
+    print()
+    print("cp mode vs R_h * R_t (MOSI shapes, torch):")
+    sweep_rows = sweep(max(3, repeats // 2))
+    print_table(sweep_rows, ["R_h x R_t", "R_h*R_t", "cp ms", "collapsed ms", "cp/collapsed"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": machine(), "results": results, "sweep": sweep_rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

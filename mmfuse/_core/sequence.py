@@ -1,0 +1,570 @@
+"""Array-API core of token-level sequence fusion (Wander) and the Wander adapter.
+
+Inputs arrive validated by the public layer (:mod:`mmfuse._sequence`).  Only standard Array-API
+functions are used (matmul, reshape, permute_dims, sum, where, exp, broadcasting), so the code
+runs on NumPy, array-api-strict, PyTorch (autograd flows through), CuPy, JAX and Dask.  Inputs
+are never written to and never passed through ``xp.asarray``.
+
+Per modality the fusion is two contractions of ``H_m`` (B, T_m, r_m): with the token factors
+over T_m and with the feature factors over r_m.  Their order is chosen by :func:`plan` from
+the shapes alone (cached), and the weight tensor W is never built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from .._namespace import array_namespace, device_of, is_dask, is_jax, is_lazy, is_numpy, is_torch
+
+__all__ = [
+    "SequencePlan",
+    "activation_fn",
+    "erf",
+    "erfc_abs",
+    "gelu",
+    "plan",
+    "sequence_fusion",
+    "wander",
+]
+
+# --------------------------------------------------------------------------- erf and GELU
+#
+# The Array API has no erf.  We use W. J. Cody's rational Chebyshev approximations ("Rational
+# Chebyshev approximations for the error function", Math. Comp. 23 (1969) 631-637; the
+# coefficients of his Fortran CALERF in netlib/specfun), which are accurate to about one unit
+# in the last place of float64 (max relative error ~1e-16 in each of the three intervals; the
+# tests check < 4e-16 against math.erf / math.erfc).  exp(-x^2) is evaluated as
+# exp(-y^2) exp(-(x - y)(x + y)) with y = x rounded down to 1/16, which avoids the rounding
+# error of x * x for large x, as CALERF does.  Torch has erf natively: there we use
+# torch.nn.functional.gelu (exact erf GELU, with its autograd) instead.
+
+_THRESH = 0.46875  # |x| <= _THRESH: erf from A/B; above: erfc from C/D, then P/Q beyond 4
+_SQRPI = 5.6418958354775628695e-1  # 1 / sqrt(pi)
+_XBIG = 26.543  # erfc(x) underflows float64 beyond this
+_A = (3.16112374387056560e00, 1.13864154151050156e02, 3.77485237685302021e02,
+      3.20937758913846947e03, 1.85777706184603153e-1)  # fmt: skip
+_B = (2.36012909523441209e01, 2.44024637934444173e02, 1.28261652607737228e03,
+      2.84423683343917062e03)  # fmt: skip
+_C = (5.64188496988670089e-1, 8.88314979438837594e00, 6.61191906371416295e01,
+      2.98635138197400131e02, 8.81952221241769090e02, 1.71204761263407058e03,
+      2.05107837782607147e03, 1.23033935479799725e03, 2.15311535474403846e-8)  # fmt: skip
+_D = (1.57449261107098347e01, 1.17693950891312499e02, 5.37181101862009858e02,
+      1.62138957456669019e03, 3.29079923573345963e03, 4.36261909014324716e03,
+      3.43936767414372164e03, 1.23033935480374942e03)  # fmt: skip
+_P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1,
+      1.60837851487422766e-2, 6.58749161529837803e-4, 1.63153871373020978e-2)  # fmt: skip
+_Q = (2.56852019228982242e00, 1.87295284992346725e00, 5.27905102951428412e-1,
+      6.05183413124413191e-2, 2.33520497626869185e-3)  # fmt: skip
+
+
+def _erf_small(x: Any) -> Any:
+    """erf(x) for |x| <= 0.46875 (any larger x is computed, but not used)."""
+    y = x * x
+    num = _A[4] * y
+    den = y
+    for i in range(3):
+        num = (num + _A[i]) * y
+        den = (den + _B[i]) * y
+    return x * (num + _A[3]) / (den + _B[3])
+
+
+def _exp_neg_square(xp: Any, y: Any, scale: float = 1.0) -> Any:
+    """exp(-scale y^2) for y >= 0 without the rounding error of y * y (CALERF's split).
+
+    y = head + tail with head a multiple of 1/16, so head * head is exact; ``scale`` is
+    1 or 1/2 (exact too).
+    """
+    head = xp.floor(y * 16.0) / 16.0
+    return xp.exp(-scale * (head * head)) * xp.exp(-scale * ((y - head) * (y + head)))
+
+
+def _erfc_ratio(xp: Any, y: Any) -> Any:
+    """erfc(y) exp(y^2) for y >= 0.46875 (smaller y give finite garbage, to be masked out).
+
+    Every element is evaluated through both CALERF branches (for y <= 4 and y > 4) and the
+    right one kept with ``where``, so there is no data-dependent indexing.
+    """
+    mid = xp.clip(y, _THRESH, 4.0)
+    num = _C[8] * mid
+    den = mid
+    for i in range(7):
+        num = (num + _C[i]) * mid
+        den = (den + _D[i]) * mid
+    r_mid = (num + _C[7]) / (den + _D[7])
+    big = xp.clip(y, 4.0, _XBIG)
+    z = 1.0 / (big * big)
+    num = _P[5] * z
+    den = z
+    for i in range(4):
+        num = (num + _P[i]) * z
+        den = (den + _Q[i]) * z
+    r_big = (_SQRPI - z * (num + _P[4]) / (den + _Q[4])) / big
+    return xp.where(y <= 4.0, r_mid, r_big)
+
+
+def erfc_abs(xp: Any, y: Any) -> Any:
+    """erfc(y) for y >= 0.46875 (smaller y give finite garbage, to be masked out)."""
+    capped = xp.clip(y, 0.0, _XBIG)
+    out = _exp_neg_square(xp, capped) * _erfc_ratio(xp, y)
+    return xp.where(y < _XBIG, out, xp.zeros_like(out))
+
+
+def erf(xp: Any, x: Any) -> Any:
+    """The error function, elementwise, from Array-API operations only (Cody 1969)."""
+    a = xp.abs(x)
+    small = _erf_small(xp.clip(x, -_THRESH, _THRESH))
+    tail = 1.0 - erfc_abs(xp, a)
+    return xp.where(a <= _THRESH, small, xp.where(x < 0, -tail, tail))
+
+
+_SQRT1_2 = 0.70710678118654752440
+
+
+# Beyond this |x| the normal tail Phi(-|x|) underflows float64 (exp(-x^2 / 2) does first).
+_XBIG_PHI = _XBIG * math.sqrt(2.0)
+
+
+def _phi(xp: Any, x: Any) -> Any:
+    """The standard normal CDF Phi(x) = erfc(-x / sqrt 2) / 2, accurate in both tails.
+
+    The Gaussian factor of the tail is exp(-x^2 / 2) from x itself (split as in CALERF), not
+    exp(-u^2) from the rounded u = x / sqrt 2, whose rounding would cost a relative error
+    of about x^2 ulp far in the lower tail; the slowly varying rational factor takes u.
+    """
+    u = x * _SQRT1_2
+    a = xp.abs(u)
+    center = 0.5 + 0.5 * _erf_small(xp.clip(u, -_THRESH, _THRESH))
+    ax = xp.clip(xp.abs(x), 0.0, _XBIG_PHI)
+    half_tail = 0.5 * _exp_neg_square(xp, ax, 0.5) * _erfc_ratio(xp, a)
+    half_tail = xp.where(a < _XBIG, half_tail, xp.zeros_like(half_tail))
+    return xp.where(a <= _THRESH, center, xp.where(u < 0, half_tail, 1.0 - half_tail))
+
+
+_GELU_BLOCK = 8192  # elements per block of the NumPy path: its temporaries stay in L1/L2
+
+
+def _mid_ratio(y: Any) -> Any:
+    """erfc(y) exp(y^2) for 0.46875 < y <= 4 (CALERF's C/D approximation)."""
+    num = _C[8] * y
+    den = y.copy()
+    for i in range(7):
+        num += _C[i]
+        num *= y
+        den += _D[i]
+        den *= y
+    num += _C[7]
+    den += _D[7]
+    num /= den
+    return num
+
+
+def _gelu_numpy(x: Any) -> Any:
+    """NumPy fast path of :func:`gelu`: the same formulas, block by block, each branch only
+    on the elements it applies to (most activations need only the small erf branch or the
+    mid erfc branch; the far tails are rare)."""
+    import numpy as np
+
+    flat = np.reshape(x, (-1,))
+    out = np.empty(flat.shape, dtype=x.dtype)
+    for start in range(0, flat.shape[0], _GELU_BLOCK):
+        xb = flat[start : start + _GELU_BLOCK]
+        ob = out[start : start + _GELU_BLOCK]
+        u = xb * _SQRT1_2
+        a = np.abs(u)
+        inner = a <= _THRESH
+        if inner.all():
+            np.multiply(xb, 0.5 + 0.5 * _erf_small(u), out=ob)
+            continue
+        idx = np.flatnonzero(inner)
+        ob[idx] = xb[idx] * (0.5 + 0.5 * _erf_small(u[idx]))
+        idx = np.flatnonzero(~inner)
+        ao = a[idx]
+        xo = xb[idx]
+        if ao.max() <= 4.0:
+            ratio = _mid_ratio(ao)
+        else:
+            ratio = np.empty_like(ao)
+            mid = ao <= 4.0
+            ratio[mid] = _mid_ratio(ao[mid])
+            y = np.minimum(ao[~mid], _XBIG)
+            z = 1.0 / (y * y)
+            num = _P[5] * z
+            den = z
+            for i in range(4):
+                num = (num + _P[i]) * z
+                den = (den + _Q[i]) * z
+            ratio[~mid] = (_SQRPI - z * (num + _P[4]) / (den + _Q[4])) / y
+        half_tail = _exp_neg_square(np, np.minimum(np.abs(xo), _XBIG_PHI), 0.5)
+        half_tail *= ratio
+        half_tail *= 0.5
+        half_tail[ao >= _XBIG] = 0.0
+        phi = np.where(xo < 0, half_tail, 1.0 - half_tail)
+        phi *= xo
+        ob[idx] = phi
+    return np.reshape(out, x.shape)
+
+
+# 1/sqrt(2) = _SQRT1_2 + _SQRT1_2_LO exactly to ~1e-33; _SQRT1_2 split into 26-bit halves
+_SQRT1_2_LO = -4.8336466567264567e-17
+_SQRT1_2_HI = 0.70710676908493042  # float(np.float32(...)) rounded to 26 bits
+_SQRT1_2_TAIL = _SQRT1_2 - _SQRT1_2_HI
+_SPLIT = 134217729.0  # 2**27 + 1, Veltkamp's splitter for float64
+
+
+def _rounding_correction(torch: Any, x: Any, u: Any) -> Any:
+    """Factor fixing erfc(u) for the rounding of u = fl(-x / sqrt 2), u > 1 (float64).
+
+    With u* = -x / sqrt 2 exactly and delta = u* - u (Dekker's exact product error plus the
+    rounding of 1/sqrt 2), erfc(u*) = erfc(u) (1 - delta (2u + 1/u) + O(delta^2, delta/u^3)),
+    since erfc'/erfc = -2 / (sqrt(pi) erfcx) = -(2u + 1/u) + O(1/u^3).  Without it the
+    relative error of Phi grows like x^2 ulp in the lower tail (1e-13 at x = -37).
+    """
+    xc = torch.clamp(x, -40.0, 40.0)
+    t = _SPLIT * xc
+    x_hi = t - (t - xc)
+    x_lo = xc - x_hi
+    p = xc * _SQRT1_2  # = -u where |x| <= 40
+    err = ((x_hi * _SQRT1_2_HI - p) + x_hi * _SQRT1_2_TAIL + x_lo * _SQRT1_2_HI) + x_lo * _SQRT1_2_TAIL
+    delta = -err - xc * _SQRT1_2_LO
+    uc = torch.clamp(u, 1.0, 40.0)
+    return torch.where(u > 1.0, 1.0 - delta * (2.0 * uc + 1.0 / uc), torch.ones_like(u))
+
+
+def _gelu_torch(x: Any) -> Any:
+    """Torch path of :func:`gelu`.
+
+    float64: x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2 and the argument's rounding
+    corrected (:func:`_rounding_correction`): ~1 ulp relative everywhere.
+    ``torch.nn.functional.gelu`` computes 0.5 (1 + erf(x / sqrt 2)) instead, which cancels in
+    the lower tail (relative error 1e-2 already at x = -7 in float64).
+
+    float32 and half precisions: ``torch.nn.functional.gelu`` itself (the exact erf GELU, not
+    the tanh form; vectorised, 2-3x faster than the erfc form on CPU).  Its error is within
+    about one float32 ulp of |x| absolutely, which is float32's own resolution of the
+    pre-activation; only its relative error far in the lower tail (where GELU ~ 0) is loose.
+
+    Autograd flows through every step; without autograd the float64 path reuses its own
+    intermediate buffers.
+    """
+    import torch  # already imported: x is a tensor
+
+    if x.dtype != torch.float64:
+        import torch.nn.functional as tnf
+
+        return tnf.gelu(x)
+    u = x * (-_SQRT1_2)
+    corr = _rounding_correction(torch, x, u)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x * (0.5 * torch.special.erfc(u) * corr)
+    out = torch.special.erfc(u, out=u)  # no autograd: our own buffers (x is never written)
+    return out.mul_(corr).mul_(x).mul_(0.5)
+
+
+def gelu(xp: Any, x: Any) -> Any:
+    """Exact GELU, x Phi(x) with the erf-based normal CDF (not the tanh approximation).
+
+    NumPy and other namespaces use the Cody approximations above; torch its native erfc
+    (capability-checked) so that autograd and devices work.
+    """
+    if is_torch(xp):
+        import torch
+
+        if hasattr(torch.special, "erfc"):
+            return _gelu_torch(x)
+        return x * _phi(xp, x)
+    if is_numpy(xp):
+        return _gelu_numpy(x)
+    return x * _phi(xp, x)
+
+
+def _gelu_tanh(xp: Any, x: Any) -> Any:
+    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+
+
+def _relu(xp: Any, x: Any) -> Any:
+    return xp.where(x > 0, x, xp.zeros_like(x))
+
+
+ACTIVATIONS: dict[str, Callable[[Any, Any], Any]] = {
+    "gelu": gelu,
+    "gelu_tanh": _gelu_tanh,
+    "relu": _relu,
+    "identity": lambda xp, x: x,
+}
+
+
+def activation_fn(xp: Any, activation: Any) -> Callable[[Any], Any]:
+    """The activation as a one-argument function on arrays of ``xp``."""
+    if callable(activation):
+        return activation
+    fn = ACTIVATIONS[activation]
+    return lambda x: fn(xp, x)
+
+
+# --------------------------------------------------------------------------- the planner
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """How :func:`sequence_fusion` contracts each modality, decided from shapes alone.
+
+    Attributes
+    ----------
+    mode : str
+        ``"cp"`` or ``"collapsed"``.
+    orders : tuple of str
+        Per modality, ``"token"`` (contract the token factors first, over T_m, then the
+        feature factors over r_m) or ``"feature"`` (the other way round).
+    costs : tuple of (int, int)
+        Per modality, multiply-adds per sample of the (token-first, feature-first) orders.
+    width : int
+        Elements per sample of one modality's pairwise terms over all ranks, R_t T_out R_h D
+        (ranks 1 when collapsed); cp mode holds them a block at a time (:func:`cp_blocking`).
+    """
+
+    mode: str
+    orders: tuple[str, ...]
+    costs: tuple[tuple[int, int], ...]
+    width: int
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds per sample of the chosen orders (both contractions, all modalities)."""
+        return sum(c[0] if o == "token" else c[1] for o, c in zip(self.orders, self.costs))
+
+
+@lru_cache(maxsize=512)
+def plan(
+    mode: str,
+    lengths: tuple[int, ...],
+    ranks: tuple[int, ...],
+    feature_rank: int,
+    token_rank: int,
+    n_out: int,
+    out_dim: int,
+) -> SequencePlan:
+    """The contraction order of each modality from the shapes (cached on them).
+
+    For modality m, with R_h = R_t = 1 in collapsed mode (the factors are rank-summed first):
+
+    - token first:   Psi^T H   costs R_t T_out T_m r_m, then (.) Phi costs R_t T_out r_m R_h D;
+    - feature first: H Phi     costs T_m r_m R_h D,     then Psi^T (.) costs R_t T_out T_m R_h D.
+
+    The cheaper order wins; a tie goes to the rule of thumb "token factors first when
+    T_out < T_m, feature factors first otherwise".  In collapsed mode with r_m <= D (every
+    released configuration) the count always agrees with the rule when T_out < T_m (each
+    term of the token-first cost is at most its feature-first counterpart); otherwise, and
+    in cp mode, where the ranks weigh in too, the count decides.  Example: the released
+    Food-101 text modality (T_m = 50 < T_out = 64, r = 64, D = 768), collapsed, costs
+    3.35M multiply-adds per sample token-first against 4.92M feature-first.
+    """
+    r_h, r_t = (1, 1) if mode == "collapsed" else (feature_rank, token_rank)
+    orders, costs = [], []
+    for t_m, r_m in zip(lengths, ranks):
+        token_first = r_t * n_out * t_m * r_m + r_t * n_out * r_m * r_h * out_dim
+        feature_first = t_m * r_m * r_h * out_dim + r_t * n_out * t_m * r_h * out_dim
+        if token_first != feature_first:
+            orders.append("token" if token_first < feature_first else "feature")
+        else:
+            orders.append("token" if n_out < t_m else "feature")
+        costs.append((token_first, feature_first))
+    return SequencePlan(mode, tuple(orders), tuple(costs), r_t * n_out * r_h * out_dim)
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def _collapsed_factors(xp: Any, feature: Any, token: Any) -> tuple[Any, Any]:
+    """(r, D) feature matrix and (T_out, T) token matrix of the released (rank-summed) form."""
+    phi = xp.sum(feature, axis=0)  # (r_m, D)
+    psi_t = xp.matrix_transpose(xp.sum(token, axis=0))  # (T_out, T_m)
+    return phi, psi_t
+
+
+def _cp_factors(xp: Any, feature: Any, token: Any) -> tuple[Any, Any]:
+    """Feature factors as one (r, R_h D) matrix, token factors as one (R_t T_out, T) matrix."""
+    r_h, r_m, d = feature.shape
+    r_t, t_m, t_out = token.shape
+    phi = xp.reshape(xp.permute_dims(feature, (1, 0, 2)), (r_m, r_h * d))
+    psi_t = xp.reshape(xp.permute_dims(token, (0, 2, 1)), (r_t * t_out, t_m))
+    return phi, psi_t
+
+
+def _contract(xp: Any, h: Any, phi: Any, psi_t: Any, order: str) -> Any:
+    """``psi_t @ h @ phi`` for h (b, T, r): (b, P, Q) with P = rows of psi_t, Q = cols of phi.
+
+    Token first: one broadcast matmul over the batch, then a single GEMM on (b P, r).
+    Feature first: a single GEMM on (b T, r), then one broadcast matmul over the batch.
+    """
+    if order == "token":
+        return _times(xp, psi_t @ h, phi)
+    return psi_t @ _times(xp, h, phi)
+
+
+def _mask_tokens(xp: Any, h: Any, mask: Any) -> Any:
+    """Zero the padded tokens (mask False) with ``where``, so NaNs there do not leak."""
+    if mask is None:
+        return h
+    zero = xp.zeros((), dtype=h.dtype, device=device_of(h))
+    return xp.where(mask[:, :, None], h, zero)
+
+
+def sequence_fusion(
+    hs: list[Any],
+    feature_factors: list[Any],
+    token_factors: list[Any],
+    *,
+    mode: str = "cp",
+    masks: Any = None,
+) -> Any:
+    """Fuse M token sequences; W is never built.
+
+    Collapsed: each modality's ranks are summed first, then two matmuls give its (B, T_out, D)
+    term and the terms are multiplied.  CP: per batch block, each modality's first
+    contraction runs once over all ranks; then, token-rank chunk by token-rank chunk, the
+    second gives the (b, jn T_out, R_h D) pairwise terms (one GEMM), which are multiplied
+    across modalities and summed over i and j.  Blocks follow :func:`cp_blocking`, so the
+    terms stay in cache and the memory held does not grow with B, R_t or T_m.
+    """
+    xp = array_namespace(hs[0])
+    r_h, _, out_dim = feature_factors[0].shape
+    r_t, _, n_out = token_factors[0].shape
+    the_plan = plan(
+        mode,
+        tuple(int(h.shape[1]) for h in hs),
+        tuple(int(h.shape[2]) for h in hs),
+        int(r_h),
+        int(r_t),
+        int(n_out),
+        int(out_dim),
+    )
+    masks = [None] * len(hs) if masks is None else list(masks)
+    hs = [_mask_tokens(xp, h, mask) for h, mask in zip(hs, masks)]
+    if mode == "collapsed":
+        mats = [_collapsed_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
+        y = None
+        for h, (phi, psi_t), order in zip(hs, mats, the_plan.orders):
+            term = _contract(xp, h, phi, psi_t, order)  # (B, T_out, D)
+            y = term if y is None else y * term
+        return y
+    mats = [_cp_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
+    batch = hs[0].shape[0]
+    if is_lazy(hs[0]) or is_dask(xp) or is_jax(xp) or batch is None:
+        rows_b, chunk_j = batch, int(r_t)  # one block: their schedulers handle memory
+    else:
+        itemsize = int(xp.finfo(hs[0].dtype).bits) // 8
+        rows_b, chunk_j = cp_blocking(int(batch), int(r_t), int(n_out), int(r_h), int(out_dim), itemsize)
+    numpy = is_numpy(xp)
+    parts = []
+    for b0 in range(0, batch, rows_b):
+        blk = slice(b0, min(b0 + rows_b, batch))
+        # the first contraction, once per batch block: (b, R_t T_out, r_m) or (b, T_m, R_h D)
+        firsts = [
+            psi_t @ h[blk, ...] if order == "token" else _times(xp, h[blk, ...], phi)
+            for h, (phi, psi_t), order in zip(hs, mats, the_plan.orders)
+        ]
+        acc = None
+        for j0 in range(0, r_t, chunk_j):
+            rows = slice(j0 * n_out, min(j0 + chunk_j, r_t) * n_out)  # token ranks j0..
+            prod = None
+            for first, (phi, psi_t), order in zip(firsts, mats, the_plan.orders):
+                # (b, jn T_out, R_h D)
+                term = _times(xp, first[:, rows, :], phi) if order == "token" else psi_t[rows, :] @ first
+                if prod is None:
+                    prod = term
+                elif numpy:
+                    prod *= term  # our own buffer
+                else:
+                    prod = prod * term
+            assert prod is not None
+            n_b, n_p, _ = prod.shape
+            summed = xp.sum(xp.reshape(prod, (n_b, n_p, r_h, out_dim)), axis=2)  # over i
+            summed = xp.sum(xp.reshape(summed, (n_b, n_p // n_out, n_out, out_dim)), axis=1)
+            acc = summed if acc is None else acc + summed  # over j
+        parts.append(acc)
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+def _times(xp: Any, a: Any, mat: Any) -> Any:
+    """(b, p, r) @ (r, q) as one GEMM on (b p, r)."""
+    n_b, n_p, r = a.shape
+    return xp.reshape(xp.reshape(a, (n_b * n_p, r)) @ mat, (n_b, n_p, mat.shape[1]))
+
+
+# Each (batch block, token-rank chunk) of cp mode materialises per modality one term of
+# about this many bytes, (b, jn T_out, R_h D), so that the product and the rank sums run in
+# cache; no more than this is ever held per modality.
+_CP_BLOCK_BYTES = 1 << 21
+
+
+@lru_cache(maxsize=256)
+def cp_blocking(
+    batch: int, token_rank: int, n_out: int, feature_rank: int, out_dim: int, itemsize: int
+) -> tuple[int, int]:
+    """(batch rows, token ranks) per block of cp mode, from the shapes (cached).
+
+    One (sample, token rank) pair costs ``T_out R_h D`` elements per modality; a block holds
+    as many pairs as fit ``_CP_BLOCK_BYTES``, whole token-rank ranges first (fewer, larger
+    GEMMs), and at least one pair.
+    """
+    per_pair = n_out * feature_rank * out_dim * itemsize
+    pairs = max(1, _CP_BLOCK_BYTES // max(1, per_pair))
+    chunk_j = max(1, min(token_rank, pairs))
+    rows_b = max(1, min(batch, pairs // chunk_j))
+    return rows_b, chunk_j
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
+    """x @ W + b for x (B, T, d) as one GEMM on (B T, d) (torch: one ``addmm``)."""
+    batch, t_m, d = x.shape
+    x2 = xp.reshape(x, (batch * t_m, d))
+    if b is not None and is_torch(xp):
+        import torch
+
+        h = torch.addmm(b, x2, w)
+    elif b is not None and is_numpy(xp):
+        h = x2 @ w
+        h += b  # our own buffer
+    else:
+        h = x2 @ w
+        if b is not None:
+            h = h + b
+    return xp.reshape(h, (batch, t_m, w.shape[1]))
+
+
+def _first_tokens(xp: Any, xs: list[Any], n_out: int) -> Any:
+    """The first ``n_out`` tokens of the inputs concatenated along the token axis."""
+    pieces, left = [], n_out
+    for x in xs:
+        if left <= 0:
+            break
+        take = min(left, x.shape[1])
+        pieces.append(x[:, :take, :])
+        left -= take
+    return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=1)
+
+
+def wander(
+    xs: list[Any],
+    params: dict[str, Any],
+    *,
+    mode: str = "cp",
+    masks: Any = None,
+    activation: Any = "gelu",
+    residual: str = "first",
+) -> Any:
+    """Down-project each modality, activate, fuse the token sequences, add the residual."""
+    xp = array_namespace(xs[0])
+    act = activation_fn(xp, activation)
+    hs = [act(_down(xp, x, w, b)) for x, (w, b) in zip(xs, params["down"])]
+    y = sequence_fusion(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
+    if residual == "first":
+        y = y + _first_tokens(xp, xs, y.shape[1])
+    return y

@@ -1,0 +1,705 @@
+"""Public token-level sequence fusion and the Wander adapter (Guo et al., AAAI 2025).
+
+This layer checks arguments (from metadata only), picks the implementation through the backend
+registry and calls it.  The maths lives in :mod:`mmfuse._core.sequence` (Array-API core) and
+:mod:`mmfuse.reference.sequence` (the NumPy oracle, which builds the weight tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from ._core import sequence as core
+from ._namespace import array_namespace, from_numpy
+from ._validation import (
+    as_sequence,
+    check_bool,
+    check_modalities,
+    check_ndim,
+    check_same_float_dtype,
+    common_namespace,
+    fmt_shape,
+)
+from .backends import define_op, lookup, register
+from .backends.reference import as_backend
+from .reference import sequence as ref
+
+__all__ = [
+    "init_wander",
+    "sequence_fusion",
+    "wander",
+    "wander_parameter_count",
+]
+
+#: The two contractions: the true CP one and the released code's rank-summed one.
+MODES = ("cp", "collapsed")
+#: Named activations of :func:`wander` (a callable is accepted too).
+ACTIVATIONS = tuple(core.ACTIVATIONS)
+#: Residual choices of :func:`wander`.
+RESIDUALS = ("first", "none")
+#: ``init="trainable"``: the fused term starts at about this fraction of its natural scale.
+TRAINABLE_SCALE = 0.1
+
+
+def _check_mode(mode: Any) -> None:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+
+
+def _check_array(a: Any, name: str) -> None:
+    if not array_api_compat.is_array_api_obj(a):
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+
+
+def _check_factors(
+    factors: Any,
+    name: str,
+    n: int,
+    layout: str,
+    own: Sequence[int],
+    own_label: str,
+    own_source: Sequence[str],
+    *,
+    rank_label: str,
+    out_label: str,
+    same_rank: bool,
+) -> tuple[int, int]:
+    """Check M factors (R, own_m, out); return (R of factor 0, shared out size)."""
+    factors = as_sequence(factors, name)
+    if len(factors) != n:
+        raise ValueError(
+            f"{name} must have one entry per modality: got {len(factors)} factors for "
+            f"{n} modalities"
+        )
+    for m, f in enumerate(factors):
+        _check_array(f, f"{name}[{m}]")
+        check_ndim(f, 3, f"{name}[{m}]", layout.replace("_m", f"_{m}"))
+    rank, out = factors[0].shape[0], factors[0].shape[2]
+    for m, f in enumerate(factors):
+        if f.shape[1] != own[m]:
+            raise ValueError(
+                f"{name}[{m}] has shape {fmt_shape(f.shape)}; expected "
+                f"{layout.replace('_m', f'_{m}')} with {own_label}_{m} = {own[m]} "
+                f"({own_source[m]})"
+            )
+        if same_rank and f.shape[0] != rank:
+            raise ValueError(
+                f"{name}[{m}] has rank {rank_label} = {f.shape[0]} (shape {fmt_shape(f.shape)}) "
+                f"but {name}[0] has {rank} (shape {fmt_shape(factors[0].shape)}); in mode='cp' "
+                "all modalities share the rank index"
+            )
+        if f.shape[2] != out:
+            raise ValueError(
+                f"{name}[{m}] has {out_label} = {f.shape[2]} (shape {fmt_shape(f.shape)}) but "
+                f"{name}[0] has {out_label} = {out} (shape {fmt_shape(factors[0].shape)}); "
+                f"{out_label} must match between modalities"
+            )
+    return rank, out
+
+
+def _check_masks(xp: Any, masks: Any, shapes: Sequence[tuple[int, ...]], source: str) -> list[Any] | None:
+    """``masks``: None, or one entry per modality, each None or a boolean (B, T_m) array."""
+    if masks is None:
+        return None
+    masks = as_sequence(masks, "masks")
+    if len(masks) != len(shapes):
+        raise ValueError(
+            f"masks must have one entry (or None) per modality: got {len(masks)} for "
+            f"{len(shapes)} modalities"
+        )
+    for m, (mask, shape) in enumerate(zip(masks, shapes)):
+        if mask is None:
+            continue
+        _check_array(mask, f"masks[{m}]")
+        check_bool(xp, mask, f"masks[{m}]")
+        if tuple(mask.shape) != tuple(shape[:2]):
+            raise ValueError(
+                f"masks[{m}] must have shape (B, T_{m}) = {fmt_shape(shape[:2])} to match "
+                f"{source}[{m}] of shape {fmt_shape(shape)}, got {fmt_shape(mask.shape)}"
+            )
+    return masks
+
+
+def _check_fusion_args(
+    shapes: Sequence[tuple[int, ...]],
+    feature_factors: Any,
+    token_factors: Any,
+    mode: Any,
+    *,
+    source: str,
+    feature_name: str,
+    token_name: str,
+    rank_source: Sequence[str],
+) -> tuple[list[Any], list[Any], int, int]:
+    """Shape checks shared by sequence_fusion and wander; returns factors, D and T_out."""
+    _check_mode(mode)
+    n = len(shapes)
+    same_rank = mode == "cp"
+    _, out_dim = _check_factors(
+        feature_factors, feature_name, n, "(R_h, r_m, D)", [s[2] for s in shapes], "r",
+        rank_source, rank_label="R_h", out_label="D", same_rank=same_rank,
+    )  # fmt: skip
+    _, n_out = _check_factors(
+        token_factors, token_name, n, "(R_t, T_m, T_out)", [s[1] for s in shapes], "T",
+        [f"the token count of {source}[{m}] of shape {fmt_shape(s)}" for m, s in enumerate(shapes)],
+        rank_label="R_t", out_label="T_out", same_rank=same_rank,
+    )  # fmt: skip
+    return list(feature_factors), list(token_factors), out_dim, n_out
+
+
+# --------------------------------------------------------------------------- sequence fusion
+
+
+def sequence_fusion(
+    hs: Sequence[Any],
+    feature_factors: Sequence[Any],
+    token_factors: Sequence[Any],
+    *,
+    mode: str = "cp",
+    masks: Sequence[Any] | None = None,
+    backend: str | None = None,
+) -> Any:
+    r"""Token-level sequence fusion (Wander): a CP contraction over tokens and features.
+
+    Parameters
+    ----------
+    hs : sequence of M arrays, shapes (B, T_m, r_m)
+        The (already down-projected) token sequences, sharing the batch size B.  The
+        lengths T_m and widths r_m may differ between modalities.
+    feature_factors : sequence of M arrays, shapes (R_h, r_m, D)
+        The feature factors :math:`\Phi_m`.
+    token_factors : sequence of M arrays, shapes (R_t, T_m, T_out)
+        The token factors :math:`\Psi_m`.
+    mode : {"cp", "collapsed"}, default "cp"
+        ``"cp"``: the true CP contraction of :math:`W = W_{feat} \otimes W_{tok}`.
+        ``"collapsed"``: what the released Wander code computes (each modality's ranks are
+        summed before the product; the ranks then add no expressive power, see Notes).
+        In collapsed mode the ranks may differ between modalities.
+    masks : sequence of M boolean arrays (B, T_m) or None, optional
+        Padding masks, True for a real token and False for padding (the convention of
+        Hugging Face's ``attention_mask``; PyTorch's ``key_padding_mask`` is the negation).
+        Padded tokens are zeroed before the token contraction; an entry may be None.
+    backend : str, optional
+        Implementation to run (see :func:`mmfuse.set_config`); default: the configured one.
+
+    Returns
+    -------
+    array, shape (B, T_out, D)
+        In the inputs' namespace, dtype and device.
+
+    Raises
+    ------
+    ValueError
+        Wrong number of factors, a factor whose r_m or T_m does not match ``hs[m]``,
+        differing D or T_out between modalities, differing ranks in cp mode, a mask of the
+        wrong shape, or an unknown ``mode``.  The message names the argument and modality.
+    TypeError
+        Non-floating or mixed dtypes, non-boolean masks, arrays from different namespaces.
+
+    Notes
+    -----
+    Wander [1]_ factorises a weight tensor of order 2M + 2 over the modes
+    :math:`(T_1, r_1, \ldots, T_M, r_M, T_{out}, D)` as the outer product of a feature and a
+    token tensor, each a CP tensor whose output mode is shared by all ranks:
+
+    .. math:: W_{feat} = \sum_{i<R_h} \textstyle\bigotimes_m \Phi_m[i], \qquad
+              W_{tok} = \sum_{j<R_t} \textstyle\bigotimes_m \Psi_m[j].
+
+    Contracting W with :math:`H_1 \otimes \cdots \otimes H_M` gives (cp mode)
+
+    .. math:: Y = \sum_{i<R_h} \sum_{j<R_t} \prod_m \Psi_m[j]^\top H_m \Phi_m[i],
+
+    the product being elementwise over the (T_out, D) output.  The released code instead
+    computes :math:`Y = \prod_m (\sum_j \Psi_m[j])^\top H_m (\sum_i \Phi_m[i])`: the rank sums
+    move inside the product (the same erratum as LMF's Eq. 6), so only the sums
+    :math:`\sum_i \Phi_m[i]` and :math:`\sum_j \Psi_m[j]` matter and collapsed mode with any
+    ranks equals cp mode with :math:`R_h = R_t = 1` and those sums as factors: the ranks add
+    parameters but no expressive power.  Naive definition (cp mode), per sample b::
+
+        y = 0
+        for i in range(R_h):
+            for j in range(R_t):
+                term = 1
+                for m in range(M): term = term * (Psi[m][j].T @ H[m][b] @ Phi[m][i])
+                y[b] += term
+
+    Here W is never built: each modality needs two matmuls over all ranks at once, whose
+    order (token factors first or feature factors first) a planner picks from the shapes by
+    counting multiply-adds (cached; :func:`mmfuse._core.sequence.plan`).  Collapsed mode
+    sums the ranks first and costs what the released code does, or less; cp mode costs
+    about R_h R_t times more in its second contraction and works in blocks of samples and
+    token ranks, so that the pairwise terms (b, R_t T_out, R_h D) stay in cache and the
+    memory held does not grow with B or the ranks.
+    :func:`mmfuse.reference.sequence_fusion` contracts the explicit W.
+
+    References
+    ----------
+    .. [1] Z. Guo, X. Jin, Y. Tang, et al., "Wander: An Efficient Multimodal Adapter for
+       Parameter-Efficient Fine-Tuning" (token-level low-rank fusion), AAAI 2025.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> rng = np.random.default_rng(0)
+    >>> hs = [rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 4, 2))]
+    >>> phi = [rng.standard_normal((2, 3, 6)), rng.standard_normal((2, 2, 6))]
+    >>> psi = [rng.standard_normal((3, 5, 7)), rng.standard_normal((3, 4, 7))]
+    >>> mmfuse.sequence_fusion(hs, phi, psi).shape
+    (2, 7, 6)
+
+    With one rank each the two modes agree:
+
+    >>> phi1 = [f.sum(axis=0, keepdims=True) for f in phi]
+    >>> psi1 = [t.sum(axis=0, keepdims=True) for t in psi]
+    >>> y = mmfuse.sequence_fusion(hs, phi, psi, mode="collapsed")
+    >>> bool(np.allclose(y, mmfuse.sequence_fusion(hs, phi1, psi1, mode="cp")))
+    True
+    """
+    hs, _ = check_modalities(hs, "hs", ndim=3, layout="(B, T_m, r_m)")
+    shapes = [tuple(h.shape) for h in hs]
+    feature_factors, token_factors, _, _ = _check_fusion_args(
+        shapes, feature_factors, token_factors, mode, source="hs",
+        feature_name="feature_factors", token_name="token_factors",
+        rank_source=[f"the width of hs[{m}] of shape {fmt_shape(s)}" for m, s in enumerate(shapes)],
+    )  # fmt: skip
+    named = [
+        *((f"hs[{m}]", h) for m, h in enumerate(hs)),
+        *((f"feature_factors[{m}]", f) for m, f in enumerate(feature_factors)),
+        *((f"token_factors[{m}]", t) for m, t in enumerate(token_factors)),
+    ]
+    masks_named = [] if masks is None or not isinstance(masks, (list, tuple)) else masks
+    xp = common_namespace([*named, *((f"masks[{m}]", k) for m, k in enumerate(masks_named))])
+    check_same_float_dtype(xp, named)
+    masks = _check_masks(xp, masks, shapes, "hs")
+    impl = lookup("sequence_fusion", backend, like=hs[0])
+    return impl(hs, feature_factors, token_factors, mode=mode, masks=masks)
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+def _check_params(params: Any, xs: list[Any]) -> tuple[list[tuple[Any, Any]], list[int]]:
+    """Check ``params["down"]`` against the inputs; return the pairs and the widths r_m."""
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            "params must be a dict with keys 'down', 'feature' and 'token' (see init_wander), "
+            f"got {type(params).__name__}"
+        )
+    missing = [k for k in ("down", "feature", "token") if k not in params]
+    if missing:
+        raise ValueError(
+            f"params is missing {missing}; it needs 'down', 'feature' and 'token' "
+            "(see init_wander)"
+        )
+    n = len(xs)
+    down = as_sequence(params["down"], "params['down']", what="modality")
+    if len(down) != n:
+        raise ValueError(
+            f"params['down'] must have one (W, b) pair per modality: got {len(down)} for "
+            f"{n} modalities"
+        )
+    pairs, widths = [], []
+    for m, (x, pair) in enumerate(zip(xs, down)):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise TypeError(
+                f"params['down'][{m}] must be a (W, b) pair with W (d_{m}, r) and b (r,) or None, "
+                f"got {type(pair).__name__}"
+            )
+        w, b = pair
+        _check_array(w, f"params['down'][{m}][0]")
+        check_ndim(w, 2, f"params['down'][{m}][0]", f"(d_{m}, r)")
+        if w.shape[0] != x.shape[2]:
+            raise ValueError(
+                f"params['down'][{m}][0] has shape {fmt_shape(w.shape)}; expected (d_{m}, r) "
+                f"with d_{m} = {x.shape[2]} (the width of xs[{m}] of shape {fmt_shape(x.shape)})"
+            )
+        if b is not None:
+            _check_array(b, f"params['down'][{m}][1]")
+            if tuple(b.shape) != (w.shape[1],):
+                raise ValueError(
+                    f"params['down'][{m}][1] must have shape (r,) = ({w.shape[1]},) to match "
+                    f"params['down'][{m}][0] of shape {fmt_shape(w.shape)}, "
+                    f"got {fmt_shape(b.shape)}"
+                )
+        pairs.append((w, b))
+        widths.append(int(w.shape[1]))
+    return pairs, widths
+
+
+def _check_activation(activation: Any) -> None:
+    if callable(activation):
+        return
+    if not isinstance(activation, str) or activation not in core.ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {list(core.ACTIVATIONS)} or a callable, got {activation!r}"
+        )
+
+
+def wander(
+    xs: Sequence[Any],
+    params: Mapping[str, Any],
+    *,
+    mode: str = "cp",
+    masks: Sequence[Any] | None = None,
+    activation: Any = "gelu",
+    residual: str = "first",
+    backend: str | None = None,
+) -> Any:
+    r"""The Wander adapter: down-projection, activation, sequence fusion, residual.
+
+    Parameters
+    ----------
+    xs : sequence of M arrays, shapes (B, T_m, d_m)
+        Token sequences of the M modalities, sharing the batch size B.
+    params : dict
+        ``{"down": [(W_m (d_m, r), b_m (r,) or None), ...], "feature": [(R_h, r, D), ...],
+        "token": [(R_t, T_m, T_out), ...]}``, e.g. from :func:`init_wander`.  The widths r
+        may differ between modalities.
+    mode : {"cp", "collapsed"}, default "cp"
+        The contraction, as in :func:`sequence_fusion`; ``"collapsed"`` is the released code.
+    masks : sequence of M boolean arrays (B, T_m) or None, optional
+        Padding masks (True: real token), passed to :func:`sequence_fusion`: padded tokens
+        are zeroed after the activation, before the token contraction.  The residual is
+        not masked.
+    activation : {"gelu", "gelu_tanh", "relu", "identity"} or callable, default "gelu"
+        Applied after the down-projection.  ``"gelu"`` is the exact erf GELU (the released
+        code's ``F.gelu``); ``"gelu_tanh"`` its tanh approximation.  A callable takes and
+        returns an array of the inputs' namespace (under ``backend="reference"`` it is
+        called on float64 NumPy arrays).
+    residual : {"first", "none"}, default "first"
+        ``"first"`` adds the first T_out tokens of the inputs concatenated along the token
+        axis (the released behaviour; needs every d_m = D and T_out <= sum T_m);
+        ``"none"`` returns the fused term alone.
+    backend : str, optional
+        Implementation to run; default: the configured one.
+
+    Returns
+    -------
+    array, shape (B, T_out, D)
+
+    Raises
+    ------
+    ValueError
+        Wrong number of down-projections or factors, W_m rows not d_m, a feature factor
+        whose r does not match its down-projection, a token factor whose T_m does not match
+        ``xs[m]``, D or T_out differing between modalities, ``residual="first"`` with some
+        d_m != D or T_out > sum T_m, bad mask shape, unknown mode, activation or residual.
+    TypeError
+        ``params`` not a dict, a down entry not a (W, b) pair, non-floating or mixed
+        dtypes, non-boolean masks, mixed namespaces.
+
+    Notes
+    -----
+    With :math:`H_m = \sigma(X_m W_m + b_m)` (B, T_m, r) and the sequence fusion
+    :math:`F` of :func:`sequence_fusion`,
+
+    .. math:: Y = F(H_1, \ldots, H_M) + [X_1; \ldots; X_M]_{:, :T_{out}, :},
+
+    where :math:`[\cdot]` concatenates along the token axis.  The released code [1]_ sets
+    :math:`T_{out} = r` and D = d; here both are free.  Naive definition::
+
+        hs = [gelu(x @ W + b) for x, (W, b) in zip(xs, params["down"])]
+        y = sequence_fusion(hs, params["feature"], params["token"], mode=mode)
+        if residual == "first":
+            y = y + np.concatenate(xs, axis=1)[:, :T_out]
+
+    References
+    ----------
+    .. [1] Z. Guo, X. Jin, Y. Tang, et al., "Wander: An Efficient Multimodal Adapter for
+       Parameter-Efficient Fine-Tuning", AAAI 2025.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mmfuse
+    >>> rng = np.random.default_rng(0)
+    >>> xs = [rng.standard_normal((2, 6, 8)), rng.standard_normal((2, 5, 8))]
+    >>> params = mmfuse.init_wander([8, 8], [6, 5], rank=4, feature_rank=2, token_rank=3,
+    ...                             out_dim=8, seed=0)
+    >>> y = mmfuse.wander(xs, params)
+    >>> y.shape
+    (2, 4, 8)
+
+    At initialisation the adapter is close to the identity (its residual):
+
+    >>> float(np.abs(y - xs[0][:, :4]).max()) < 0.05 * float(np.abs(xs[0]).max())
+    True
+    """
+    xs, batch = check_modalities(xs, "xs", ndim=3, layout="(B, T_m, d_m)")
+    pairs, widths = _check_params(params, xs)
+    shapes = [(batch, x.shape[1], r) for x, r in zip(xs, widths)]
+    feature, token, out_dim, n_out = _check_fusion_args(
+        shapes, params["feature"], params["token"], mode, source="xs",
+        feature_name="params['feature']", token_name="params['token']",
+        rank_source=[f"the width of params['down'][{m}][0] of shape {fmt_shape(w.shape)}"
+                     for m, (w, _) in enumerate(pairs)],
+    )  # fmt: skip
+    _check_activation(activation)
+    if not isinstance(residual, str) or residual not in RESIDUALS:
+        raise ValueError(f"residual must be one of {list(RESIDUALS)}, got {residual!r}")
+    if residual == "first":
+        for m, x in enumerate(xs):
+            if x.shape[2] != out_dim:
+                raise ValueError(
+                    f"residual='first' needs every d_m = D: xs[{m}] has d_{m} = {x.shape[2]} "
+                    f"(shape {fmt_shape(x.shape)}) but the feature factors give D = {out_dim}; "
+                    "use residual='none'"
+                )
+        total = sum(x.shape[1] for x in xs)
+        if n_out > total:
+            raise ValueError(
+                f"residual='first' needs T_out <= sum T_m: T_out = {n_out} but the inputs have "
+                f"{total} tokens in all ({' + '.join(str(x.shape[1]) for x in xs)}); "
+                "use residual='none'"
+            )
+    named = [
+        *((f"xs[{m}]", x) for m, x in enumerate(xs)),
+        *((f"params['down'][{m}][0]", w) for m, (w, _) in enumerate(pairs)),
+        *((f"params['down'][{m}][1]", b) for m, (_, b) in enumerate(pairs)),
+        *((f"params['feature'][{m}]", f) for m, f in enumerate(feature)),
+        *((f"params['token'][{m}]", t) for m, t in enumerate(token)),
+    ]
+    masks_named = [] if masks is None or not isinstance(masks, (list, tuple)) else masks
+    xp = common_namespace([*named, *((f"masks[{m}]", k) for m, k in enumerate(masks_named))])
+    check_same_float_dtype(xp, named)
+    masks = _check_masks(xp, masks, [(batch, x.shape[1]) for x in xs], "xs")
+    impl = lookup("wander", backend, like=xs[0])
+    clean = {"down": pairs, "feature": feature, "token": token}
+    return impl(xs, clean, mode=mode, masks=masks, activation=activation, residual=residual)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _positive(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _check_sizes(
+    dims: Sequence[int], lengths: Sequence[int], **sizes: Any
+) -> tuple[list[int], list[int], dict[str, int]]:
+    dims = [_positive(f"dims[{m}]", d) for m, d in enumerate(dims)]
+    lengths = [_positive(f"lengths[{m}]", t) for m, t in enumerate(lengths)]
+    if not dims:
+        raise ValueError("dims must hold at least 1 modality, got 0")
+    if len(dims) != len(lengths):
+        raise ValueError(
+            f"dims and lengths must have one entry per modality: got {len(dims)} dims and "
+            f"{len(lengths)} lengths"
+        )
+    return dims, lengths, {k: _positive(k, v) for k, v in sizes.items()}
+
+
+def wander_parameter_count(
+    dims: Sequence[int],
+    lengths: Sequence[int],
+    *,
+    rank: int,
+    feature_rank: int,
+    token_rank: int,
+    out_dim: int,
+    n_out: int | None = None,
+    mode: str = "cp",
+) -> dict[str, int]:
+    r"""Parameter counts of a Wander adapter, stored and effective, per mode.
+
+    Parameters
+    ----------
+    dims, lengths : sequence of int
+        Feature sizes d_m and token counts T_m of the M modalities.
+    rank, feature_rank, token_rank, out_dim : int
+        r, R_h, R_t and D, as in :func:`init_wander`.
+    n_out : int, optional
+        T_out; default ``rank`` (the released code).
+    mode : {"cp", "collapsed"}, default "cp"
+
+    Returns
+    -------
+    dict of str to int
+        ``"down"``: :math:`\sum_m (d_m + 1) r`; ``"feature"``: :math:`M R_h r D`;
+        ``"token"``: :math:`R_t T_{out} \sum_m T_m`; ``"total"``: their sum, the stored
+        parameters (the same in both modes); ``"effective"``: the parameters the output
+        actually depends on, equal to ``"total"`` in cp mode and, in collapsed mode, the
+        count with :math:`R_h = R_t = 1` (only the rank sums matter); ``"full_weight"``: the
+        elements of the explicit weight tensor W, :math:`r^M D\, T_{out} \prod_m T_m`, that
+        the factorisation replaces.
+
+    Raises
+    ------
+    ValueError
+        Non-positive sizes, ``dims`` and ``lengths`` of different lengths, unknown mode.
+
+    Notes
+    -----
+    "Effective" counts the free coordinates of the parameterisation up to the collapse of
+    ranks, not the dimension of the set of reachable weights (CP factors also have scaling
+    indeterminacies, which are not subtracted).
+
+    Examples
+    --------
+    >>> import mmfuse
+    >>> c = mmfuse.wander_parameter_count([40, 40, 40], [50, 50, 50], rank=16,
+    ...                                   feature_rank=8, token_rank=12, out_dim=40,
+    ...                                   mode="collapsed")
+    >>> c["total"], c["effective"]
+    (46128, 6288)
+    """
+    _check_mode(mode)
+    dims, lengths, s = _check_sizes(
+        dims, lengths, rank=rank, feature_rank=feature_rank, token_rank=token_rank,
+        out_dim=out_dim, n_out=rank if n_out is None else n_out,
+    )  # fmt: skip
+    r, r_h, r_t, d_out, t_out = s["rank"], s["feature_rank"], s["token_rank"], s["out_dim"], s["n_out"]
+    n = len(dims)
+    down = sum((d + 1) * r for d in dims)
+
+    def factors(fr: int, tr: int) -> tuple[int, int]:
+        return n * fr * r * d_out, tr * t_out * sum(lengths)
+
+    feature, token = factors(r_h, r_t)
+    eff = factors(r_h, r_t) if mode == "cp" else factors(1, 1)
+    return {
+        "down": down,
+        "feature": feature,
+        "token": token,
+        "total": down + feature + token,
+        "effective": down + sum(eff),
+        "full_weight": r**n * d_out * t_out * math.prod(lengths),
+    }
+
+
+def init_wander(
+    dims: Sequence[int],
+    lengths: Sequence[int],
+    *,
+    rank: int,
+    feature_rank: int,
+    token_rank: int,
+    out_dim: int,
+    n_out: int | None = None,
+    seed: int | np.random.Generator | None = None,
+    xp: Any = None,
+    dtype: Any = None,
+    device: Any = None,
+    init: str = "trainable",
+) -> dict[str, Any]:
+    r"""Wander adapter parameters, ready for ``wander(xs, params)``.
+
+    Parameters
+    ----------
+    dims, lengths : sequence of int
+        Feature sizes d_m and token counts T_m of the M modalities.
+    rank : int
+        r, the width of the down-projections.
+    feature_rank, token_rank : int
+        R_h and R_t.
+    out_dim : int
+        D, the output width (equal to the d_m for ``residual="first"``).
+    n_out : int, optional
+        T_out, the output token count; default ``rank``, as released.
+    seed : int or numpy.random.Generator, optional
+        Source of randomness; the draw is the same in every namespace.
+    xp : namespace, optional
+        Namespace of the returned arrays (default NumPy), e.g. ``torch``.
+    dtype, device : optional
+        Of the returned arrays (default: the namespace's default floating dtype).
+    init : {"trainable", "parity"}, default "trainable"
+        The scheme, see Notes.
+
+    Returns
+    -------
+    dict
+        ``{"down": [(W_m (d_m, r), b_m (r,)), ...], "feature": [(R_h, r, D), ...],
+        "token": [(R_t, T_m, T_out), ...]}``.
+
+    Raises
+    ------
+    ValueError
+        Non-positive sizes, ``dims`` and ``lengths`` of different lengths, unknown ``init``.
+
+    Notes
+    -----
+    Both schemes draw the down-projections as PyTorch's ``nn.Linear`` default (the released
+    code's), :math:`W_m, b_m \sim U(-1/\sqrt{d_m}, 1/\sqrt{d_m})`.
+
+    ``init="parity"`` reproduces the released code: feature factors :math:`\mathcal N(0, 1)`
+    and token factors zero.  Then every modality's term :math:`\Psi_m^\top H_m \Phi_m` is
+    zero, and since the output is a product of M >= 2 such terms, the gradient of every
+    parameter carries at least one zero factor: every adapter parameter gets exactly zero
+    gradient, at every step, and the adapter never trains (it stays the identity, its
+    residual).  Kept for comparison with the released code.
+
+    ``init="trainable"`` (default) must give every parameter a non-zero gradient while
+    starting close to the identity.  Zeroing one modality's token factor (the LoRA trick)
+    would not do: the output is multilinear in the M terms, so only that factor would get a
+    gradient.  Instead every factor is small and random, with the smallness shared evenly:
+    feature factors :math:`\mathcal N(0, 1 / (R_h r))` (so :math:`\sum_i \Phi_m[i]` keeps the
+    scale of :math:`H_m`) and token factors :math:`\mathcal N(0, s^2 / (R_t T_m))` with
+    :math:`s = \varepsilon^{1/M}`, :math:`\varepsilon` = ``TRAINABLE_SCALE`` = 0.1.  Each
+    modality's term is then about :math:`s` times the scale of :math:`H_m`, the fused term
+    about :math:`\varepsilon \prod_m |H_m|`, a percent or less of the residual for
+    standardised inputs, and each gradient is about :math:`\varepsilon^{(M-1)/M}` of its
+    natural size: non-zero for every parameter from the first step, without favouring one
+    modality.
+
+    Examples
+    --------
+    >>> import mmfuse
+    >>> p = mmfuse.init_wander([40, 40], [50, 20], rank=16, feature_rank=8, token_rank=12,
+    ...                        out_dim=40, seed=0)
+    >>> [w.shape for w, b in p["down"]], [f.shape for f in p["feature"]]
+    ([(40, 16), (40, 16)], [(8, 16, 40), (8, 16, 40)])
+    >>> [t.shape for t in p["token"]]
+    [(12, 50, 16), (12, 20, 16)]
+    """
+    if init not in ("trainable", "parity"):
+        raise ValueError(f"init must be 'trainable' or 'parity', got {init!r}")
+    dims, lengths, s = _check_sizes(
+        dims, lengths, rank=rank, feature_rank=feature_rank, token_rank=token_rank,
+        out_dim=out_dim, n_out=rank if n_out is None else n_out,
+    )  # fmt: skip
+    r, r_h, r_t, d_out, t_out = s["rank"], s["feature_rank"], s["token_rank"], s["out_dim"], s["n_out"]
+    n = len(dims)
+    rng = np.random.default_rng(seed)
+    down = []
+    for d in dims:
+        bound = 1.0 / math.sqrt(d)
+        down.append((rng.uniform(-bound, bound, (d, r)), rng.uniform(-bound, bound, r)))
+    if init == "parity":
+        feature = [rng.standard_normal((r_h, r, d_out)) for _ in dims]
+        token = [np.zeros((r_t, t, t_out)) for t in lengths]
+    else:
+        shrink = TRAINABLE_SCALE ** (1.0 / n)
+        feature = [rng.standard_normal((r_h, r, d_out)) / math.sqrt(r_h * r) for _ in dims]
+        token = [rng.standard_normal((r_t, t, t_out)) * (shrink / math.sqrt(r_t * t)) for t in lengths]
+    space = array_namespace(np.empty(0)) if xp is None else xp
+    if dtype is None:
+        dtype = space.asarray(1.0).dtype
+
+    def put(a: np.ndarray) -> Any:
+        return from_numpy(a, space, dtype=dtype, device=device)
+
+    return {
+        "down": [(put(w), put(b)) for w, b in down],
+        "feature": [put(f) for f in feature],
+        "token": [put(t) for t in token],
+    }
+
+
+# --------------------------------------------------------------------------- registration
+
+for _public, _core_impl, _ref_impl in (
+    (sequence_fusion, core.sequence_fusion, ref.sequence_fusion),
+    (wander, core.wander, ref.wander),
+):
+    define_op(_public)
+    register(_public.__name__, "array_api", _core_impl)
+    register(_public.__name__, "reference", as_backend(_ref_impl))
