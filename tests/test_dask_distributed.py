@@ -49,3 +49,25 @@ def test_local_cluster_lowrank_equals_numpy_on_sampled_chunks():
         if k in sampled:
             assert_close(sampled[k], everything[-1])
     assert_close(total, np.concatenate(everything).mean(axis=0))
+
+
+@pytest.mark.slow
+def test_local_cluster_zoom_shift_fusion_equals_numpy_on_sampled_chunks():
+    from dask.distributed import Client, LocalCluster
+
+    ex = _example()
+    shapes, rows, chunk = ((6, 4), (3, 4), (5, 4)), 500, 90
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster, Client(cluster):
+        fused, mean = ex.aligned_mean(rows, chunk, shapes, seed=3, alpha=0.4)
+        assert fused.chunks[0] == (90,) * 5 + (50,)
+        total = mean.compute()
+        sampled = {k: fused.blocks[k].compute() for k in (1, 5)}
+    everything = []
+    for k, n in enumerate(fused.chunks[0]):
+        local = [ex.make_chunk(m, k, n, s, 3) for m, s in enumerate(shapes)]
+        everything.append(mmfuse.zoom_shift_fusion(local, fuse="concat", alpha=0.4, rounds=None))
+        if k in sampled:
+            assert_close(sampled[k], everything[-1])
+    assert_close(total, np.concatenate(everything).mean(axis=0))

@@ -66,10 +66,150 @@ def case_cp_fusion(rng):
     return xs, call, lambda b: ref.cp_fusion(b, cp, p["bias"]), want
 
 
+def _sequence_problem(rng, batch=9):
+    lengths, ranks = (4, 6, 5), (3, 2, 4)
+    hs = [rng.standard_normal((batch, t, r)) for t, r in zip(lengths, ranks)]
+    feature = [rng.standard_normal((2, r, 5)) for r in ranks]
+    token = [rng.standard_normal((3, t, 3)) for t in lengths]
+    masks = [rng.random((batch, t)) < 0.8 for t in lengths]
+    return hs, feature, token, masks
+
+
+def case_sequence_fusion(rng):
+    hs, feature, token, masks = _sequence_problem(rng)
+    n = len(hs)
+
+    def call(batched, P):
+        return mmfuse.sequence_fusion(
+            batched[:n], [P(f) for f in feature], [P(t) for t in token], masks=[P(m, batch=True) for m in masks]
+        )
+
+    def reference(b):
+        return ref.sequence_fusion(b[:n], feature, token, masks=masks)
+
+    return hs, call, reference, reference(hs)
+
+
+def case_sequence_fusion_collapsed(rng):
+    hs, feature, token, _ = _sequence_problem(rng)
+
+    def call(batched, P):
+        return mmfuse.sequence_fusion(batched, [P(f) for f in feature], [P(t) for t in token], mode="collapsed")
+
+    def reference(b):
+        return ref.sequence_fusion(b, feature, token, mode="collapsed")
+
+    return hs, call, reference, reference(hs)
+
+
+def case_wander(rng):
+    lengths, dim = (4, 6, 5), 5
+    xs = [rng.standard_normal((9, t, dim)) for t in lengths]
+    params = mmfuse.init_wander([dim] * 3, lengths, rank=3, feature_rank=2, token_rank=2, out_dim=dim, seed=rng)
+
+    def convert(P):
+        return {
+            "down": [(P(w), P(b)) for w, b in params["down"]],
+            "feature": [P(f) for f in params["feature"]],
+            "token": [P(t) for t in params["token"]],
+        }
+
+    def call(batched, P):
+        return mmfuse.wander(batched, convert(P))
+
+    def reference(b):
+        return ref.wander(b, params)
+
+    return xs, call, reference, reference(xs)
+
+
+def _stat_inputs(rng, tokens=(6, 4, 5), batch=9, channels=3):
+    return [rng.standard_normal((batch, t, channels)) * rng.uniform(0.5, 3, channels) + rng.standard_normal(channels) for t in tokens]
+
+
+def case_moments(rng):
+    (x,) = _stat_inputs(rng, tokens=(6,))
+    mask = rng.random((9, 6)) < 0.8
+    mask[:, 0] = True
+
+    def call(batched, P):
+        mean, std = mmfuse.moments(batched[0], mask=P(mask, batch=True))
+        return mean + 10 * std  # one array carrying both outputs
+
+    def reference(b):
+        mean, std = ref.moments(b[0], mask=mask)
+        return mean + 10 * std
+
+    return [x], call, reference, reference([x])
+
+
+def case_zoom_shift(rng):
+    x, guide = _stat_inputs(rng, tokens=(6, 4))
+
+    def call(batched, P):
+        return mmfuse.zoom_shift(batched[0], batched[1], alpha=0.7)
+
+    def reference(b):
+        return ref.zoom_shift(b[0], b[1], alpha=0.7)
+
+    return [x, guide], call, reference, reference([x, guide])
+
+
+def _joined(out):
+    """The aligned modalities as one array (concatenated along tokens), in their namespace."""
+    from array_api_compat import array_namespace
+
+    return array_namespace(out[0]).concat(out, axis=1)
+
+
+def case_align(rng):
+    xs = _stat_inputs(rng)
+
+    def call(batched, P):
+        return _joined(mmfuse.align(batched, rounds=3, alpha=0.6))
+
+    def reference(b):
+        return np.concatenate(ref.align(b, rounds=3, alpha=0.6), axis=1)
+
+    return xs, call, reference, reference(xs)
+
+
+def case_align_limit(rng):
+    xs = _stat_inputs(rng, tokens=(6, 6, 6))
+
+    def call(batched, P):
+        return _joined(mmfuse.align(batched, rounds=None, alpha=0.5, topology="hub", hub=1))
+
+    def reference(b):
+        return np.concatenate(ref.align(b, rounds=None, alpha=0.5, topology="hub", hub=1), axis=1)
+
+    return xs, call, reference, reference(xs)
+
+
+def case_zoom_shift_fusion(rng):
+    xs = _stat_inputs(rng)
+
+    def call(batched, P):
+        return mmfuse.zoom_shift_fusion(batched, fuse="concat", alpha=0.5, rounds=2)
+
+    def reference(b):
+        return ref.zoom_shift_fusion(b, fuse="concat", alpha=0.5, rounds=2)
+
+    return xs, call, reference, reference(xs)
+
+
 CASES = {
     "tensor_fusion": case_tensor_fusion,
     "lowrank_fusion": case_lowrank_fusion,
     "cp_fusion": case_cp_fusion,
+    "sequence_fusion": case_sequence_fusion,
+    "sequence_fusion_collapsed": case_sequence_fusion_collapsed,
+    "wander": case_wander,
+    "moments": case_moments,
+    "zoom_shift": case_zoom_shift,
+    "align": case_align,
+    "align_limit": case_align_limit,
+    "zoom_shift_fusion": case_zoom_shift_fusion,
 }
 
 
