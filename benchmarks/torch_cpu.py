@@ -1,4 +1,5 @@
-"""LowRankFusion forward+backward on CPU: mmfuse's custom op vs an LMF-style torch layer.
+"""LowRankFusion and WanderAdapter forward+backward on CPU: mmfuse's custom ops vs
+straightforward torch layers in the style of the released code (LMF, Wander).
 
 Run: ``python benchmarks/torch_cpu.py [--json FILE] [--quick]``.
 
@@ -12,7 +13,28 @@ back-propagated to the inputs and all parameters):
   constant, one batched matmul per modality giving (R, B, h), elementwise product, rank-weighted
   sum by a matmul, autograd for the backward.
 
+WanderAdapter at the CMU-MOSI defaults of the released code (B = 256, M = 3, T = (50, 50, 50),
+d = 40, r = 16, R_h = 8, R_t = 12, T_out = r), float32, ``out.sum()`` back-propagated to the
+inputs and all parameters:
+
+- ``mmfuse-layer``: ``mmfuse.nn.WanderAdapter(mode="collapsed")`` (what the released code
+  computes): down-projection + GELU in torch, the fusion as the ``mmfuse::sequence_fusion``
+  custom op whose backward saves only its inputs.
+- ``mmfuse-core``: the same layer forced onto the Array-API core (autograd through it).
+- ``mmfuse-cp``: ``WanderAdapter(mode="cp")``, the true CP contraction (R_h R_t = 96 times
+  the work of collapsed mode; reported for scale, not a like-for-like comparison), and
+  ``mmfuse-cp-core``, the same through the Array-API core: here the custom op's memory-lean
+  backward matters (the core keeps M (B, R_t T_out, R_h D) terms for backward).
+- ``released-layer``: a straightforward torch version of the released adapter: ``nn.Linear``
+  + ``F.gelu`` per modality, rank sums of the factors inside forward, ``(x @ wd).permute @
+  wt``, product, permute, residual; autograd for the backward.
+
 Peak memory is the RSS growth of one forward+backward in a fresh process (see _harness.py).
+At the Wander sizes the whole step allocates a few MiB, which glibc serves from memory the
+warm-up call freed, so the RSS growth is mostly noise there; the Wander rows therefore also
+report "saved MiB": the bytes autograd holds from forward to backward (tensors saved for
+backward, inputs and parameters excluded, counted once per storage), measured with
+``torch.autograd.graph.saved_tensors_hooks``.
 """
 
 from __future__ import annotations
@@ -29,10 +51,112 @@ CASES = {
     "B4096-d32,32,128-h128-R16": (4096, (32, 32, 128), 128, 16),
     "B65536-d8,16,64-h1-R4": (65536, (8, 16, 64), 1, 4),
 }
+# WanderAdapter: (B, T_m, d, r, R_h, R_t)
+WANDER_CASES = {
+    "wander-MOSI-B256-T50,50,50-d40-r16-Rh8-Rt12": (256, (50, 50, 50), 40, 16, 8, 12),
+}
+BASELINE = {**dict.fromkeys(CASES, "lmf-layer"), **dict.fromkeys(WANDER_CASES, "released-layer")}
+
+
+def setup_wander(case: str) -> dict[str, object]:
+    import torch
+
+    import mmfuse
+    from mmfuse.nn import WanderAdapter
+
+    batch, lengths, dim, rank, r_h, r_t = WANDER_CASES[case]
+    torch.manual_seed(20261122)
+    xs = [torch.randn(batch, t, dim, requires_grad=True) for t in lengths]
+    dims = (dim,) * len(lengths)
+    layer = WanderAdapter(dims, lengths, rank, r_h, r_t, mode="collapsed")
+    cp_layer = WanderAdapter(dims, lengths, rank, r_h, r_t, mode="cp")
+
+    class ReleasedWander(torch.nn.Module):
+        """The released adapter's forward (nn.Linear, F.gelu, rank sums inside forward),
+        parameters copied from ``layer``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.linears = torch.nn.ModuleList()
+            for w, b in zip(layer.down_weights, layer.down_biases):
+                lin = torch.nn.Linear(w.shape[0], w.shape[1])
+                with torch.no_grad():
+                    lin.weight.copy_(w.T)
+                    lin.bias.copy_(b)
+                self.linears.append(lin)
+            self.factor_dim = torch.nn.ParameterList(
+                [torch.nn.Parameter(f.detach().clone()) for f in layer.feature_factors]
+            )
+            self.factor_t = torch.nn.ParameterList(
+                [torch.nn.Parameter(t.detach().clone()) for t in layer.token_factors]
+            )
+
+        def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+            x = list(inputs)
+            original = torch.cat(x, dim=1)
+            for i, lin in enumerate(self.linears):
+                x[i] = torch.nn.functional.gelu(lin(x[i]))
+            fusion = None
+            for i in range(len(x)):
+                wd = torch.sum(self.factor_dim[i], dim=0)
+                tmp = torch.matmul(x[i], wd).permute(0, 2, 1)
+                wt = torch.sum(self.factor_t[i], dim=0)
+                feat = torch.matmul(tmp, wt)
+                fusion = feat if fusion is None else fusion * feat
+            fusion = fusion.permute(0, 2, 1)
+            return fusion + original[:, : fusion.shape[1], :]
+
+    released = ReleasedWander()
+
+    def step(module, **kw):
+        def forward():
+            with mmfuse.config_context(**kw):
+                return module(xs)
+
+        def run():
+            for p in (*xs, *module.parameters()):
+                p.grad = None
+            out = forward()
+            out.sum().backward()
+            return out
+
+        run.forward = forward  # type: ignore[attr-defined]
+        run.leaves = [*xs, *module.parameters()]  # type: ignore[attr-defined]
+        return run
+
+    return {
+        "mmfuse-layer": step(layer),
+        "mmfuse-core": step(layer, backend="array_api"),
+        "mmfuse-cp": step(cp_layer),
+        "mmfuse-cp-core": step(cp_layer, backend="array_api"),
+        "released-layer": step(released),
+    }
+
+
+def saved_mib(run) -> float:
+    """MiB autograd keeps from forward to backward (saved tensors, leaves excluded)."""
+    import torch
+
+    leaves = {t.untyped_storage().data_ptr() for t in run.leaves}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in leaves:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run.forward()
+    del out
+    return sum(storages.values()) / 2**20
 
 
 def setup(case: str) -> dict[str, object]:
     import torch
+
+    if case in WANDER_CASES:
+        return setup_wander(case)
 
     import mmfuse
     from mmfuse.nn import LowRankFusion
@@ -86,9 +210,9 @@ def setup(case: str) -> dict[str, object]:
     }
 
 
-def check(cands: dict[str, object]) -> float:
+def check(cands: dict[str, object], baseline: str = "lmf-layer") -> float:
     a = cands["mmfuse-layer"]().detach().double()
-    b = cands["lmf-layer"]().detach().double()
+    b = cands[baseline]().detach().double()
     return float((a - b).abs().max() / b.abs().max())
 
 
@@ -101,24 +225,32 @@ def main() -> None:
 
     print(f"machine: {machine()}; torch {torch.__version__}, threads {torch.get_num_threads()}")
     rows, results = [], []
-    for case in CASES:
+    for case in (*CASES, *WANDER_CASES):
+        base = BASELINE[case]
         cands = setup(case)
-        err = check(cands)
+        err = check(cands, base)
         times = time_candidates(cands, repeats=5 if args.quick else 15)
         mem = {} if args.quick else {n: peak_rss_mib("torch_cpu", case, n) for n in cands}
+        saved = {n: saved_mib(f) for n, f in cands.items() if hasattr(f, "forward")}
         for name, t in times.items():
             row = {
                 "case": case,
                 "candidate": name,
                 "fwd+bwd ms": f"{t * 1e3:.2f}",
-                "lmf/this time": f"{times['lmf-layer'] / t:.2f}",
+                "base/this time": f"{times[base] / t:.2f}",
                 "peak MiB": f"{mem[name]:.1f}" if name in mem else "-",
-                "this/lmf mem": f"{mem[name] / max(mem['lmf-layer'], 1e-9):.2f}" if name in mem else "-",
+                "this/base mem": f"{mem[name] / max(mem[base], 1e-9):.2f}" if name in mem else "-",
+                "saved MiB": f"{saved[name]:.1f}" if name in saved else "-",
+                "this/base saved": f"{saved[name] / max(saved[base], 1e-9):.2f}" if name in saved else "-",
             }
             rows.append(row)
-            results.append({"case": case, "candidate": name, "seconds": t, "peak_mib": mem.get(name), "rel_err_vs_lmf": err})
-        print(f"{case}: max rel. error of mmfuse vs LMF-style output {err:.1e}")
-    print_table(rows, ["case", "candidate", "fwd+bwd ms", "lmf/this time", "peak MiB", "this/lmf mem"])
+            results.append({"case": case, "candidate": name, "baseline": base, "seconds": t,
+                            "peak_mib": mem.get(name), "saved_mib": saved.get(name),
+                            "rel_err_vs_baseline": err})  # fmt: skip
+        print(f"{case}: max rel. error of mmfuse vs {base} output {err:.1e}")
+    print("base = lmf-layer (LowRankFusion cases), released-layer (WanderAdapter case)")
+    print_table(rows, ["case", "candidate", "fwd+bwd ms", "base/this time", "peak MiB", "this/base mem",
+                       "saved MiB", "this/base saved"])  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine(), "results": results}, fh, indent=2)

@@ -1,10 +1,12 @@
-"""Data-parallel training of ``mmfuse.nn.LowRankFusion`` with DistributedDataParallel on CPU.
+"""Data-parallel training of ``mmfuse.nn.LowRankFusion`` and ``mmfuse.nn.WanderAdapter`` with
+DistributedDataParallel on CPU.
 
 Two processes (gloo backend, ``torch.multiprocessing.spawn``) each take half of every batch;
 DDP averages their gradients, so each step equals one step on the full batch in one process.
-The script checks exactly that at the end.
+The script checks exactly that at the end, for both layers (both run mmfuse's custom ops, whose
+analytic backwards DDP's gradient hooks see like any other).
 
-Run: ``python examples/ddp_lowrank.py [--world-size 2] [--steps 5]``.
+Run: ``python examples/ddp_lowrank.py [--world-size 2] [--steps 5] [--model lowrank|wander|both]``.
 """
 
 from __future__ import annotations
@@ -18,18 +20,29 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from mmfuse.nn import LowRankFusion
+from mmfuse.nn import LowRankFusion, WanderAdapter
 
 DIMS, OUT_DIM, RANK, BATCH = (6, 4, 5), 3, 4, 16
+# WanderAdapter: token counts, width d (every modality, for the residual), r, R_h, R_t
+LENGTHS, WIDTH, W_RANK, FEATURE_RANK, TOKEN_RANK = (5, 3, 4), 4, 3, 2, 2
+MODELS = ("lowrank", "wander")
 
 
-def make_model() -> LowRankFusion:
+def make_model(kind: str = "lowrank") -> torch.nn.Module:
     torch.manual_seed(0)  # every process starts from the same parameters
+    if kind == "wander":
+        return WanderAdapter((WIDTH,) * len(LENGTHS), LENGTHS, W_RANK, FEATURE_RANK, TOKEN_RANK)
     return LowRankFusion(DIMS, OUT_DIM, RANK)
 
 
-def make_data(steps: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+def make_data(steps: int, kind: str = "lowrank") -> list[tuple[list[torch.Tensor], torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
+    if kind == "wander":
+        return [
+            ([torch.randn(BATCH, t, WIDTH, generator=g) for t in LENGTHS],
+             torch.randn(BATCH, W_RANK, WIDTH, generator=g))
+            for _ in range(steps)
+        ]  # fmt: skip
     return [
         ([torch.randn(BATCH, d, generator=g) for d in DIMS], torch.randn(BATCH, OUT_DIM, generator=g))
         for _ in range(steps)
@@ -50,12 +63,14 @@ def train(model: torch.nn.Module, data, rank: int = 0, world_size: int = 1) -> d
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def worker(rank: int, world_size: int, init_file: str, steps: int, result: str) -> None:
+def worker(
+    rank: int, world_size: int, init_file: str, steps: int, result: str, kind: str = "lowrank"
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = DistributedDataParallel(make_model())
-        grads = train(model, make_data(steps), rank, world_size)
+        model = DistributedDataParallel(make_model(kind))
+        grads = train(model, make_data(steps, kind), rank, world_size)
         if rank == 0:
             state = dict(model.module.state_dict())
             state.update({"grad." + name.removeprefix("module."): g for name, g in grads.items()})
@@ -64,10 +79,10 @@ def worker(rank: int, world_size: int, init_file: str, steps: int, result: str) 
         dist.destroy_process_group()
 
 
-def run_ddp(world_size: int, steps: int, workdir: str) -> dict[str, torch.Tensor]:
-    init_file = os.path.join(workdir, "init")
-    result = os.path.join(workdir, "state.pt")
-    mp.spawn(worker, args=(world_size, init_file, steps, result), nprocs=world_size, join=True)
+def run_ddp(world_size: int, steps: int, workdir: str, kind: str = "lowrank") -> dict[str, torch.Tensor]:
+    init_file = os.path.join(workdir, f"init-{kind}")
+    result = os.path.join(workdir, f"state-{kind}.pt")
+    mp.spawn(worker, args=(world_size, init_file, steps, result, kind), nprocs=world_size, join=True)
     return torch.load(result, weights_only=True)
 
 
@@ -75,17 +90,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ddp_state = run_ddp(args.world_size, args.steps, tmp)
-    single = make_model()
-    grads = train(single, make_data(args.steps))
-    worst = max((ddp_state[k] - v).abs().max().item() for k, v in single.state_dict().items())
-    worst_g = max((ddp_state["grad." + k] - g).abs().max().item() for k, g in grads.items())
-    print(
-        f"{args.world_size} processes vs 1 process on the full batch: "
-        f"max |param diff| = {worst:.2e}, max |grad diff| = {worst_g:.2e}"
-    )
+    for kind in MODELS if args.model == "both" else (args.model,):
+        with tempfile.TemporaryDirectory() as tmp:
+            ddp_state = run_ddp(args.world_size, args.steps, tmp, kind)
+        single = make_model(kind)
+        grads = train(single, make_data(args.steps, kind))
+        worst = max((ddp_state[k] - v).abs().max().item() for k, v in single.state_dict().items())
+        worst_g = max((ddp_state["grad." + k] - g).abs().max().item() for k, g in grads.items())
+        print(
+            f"{kind}: {args.world_size} processes vs 1 process on the full batch: "
+            f"max |param diff| = {worst:.2e}, max |grad diff| = {worst_g:.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,22 @@
-"""PyTorch layers over mmfuse's fusion operators.
+"""PyTorch layers over mmfuse's fusion and alignment operators.
+
+Fusion of feature vectors: :class:`TensorFusion`, :class:`LowRankFusion`, :class:`CPFusion`.
+Token sequences: :class:`WanderAdapter` (Wander's adapter), :class:`ZoomShift` (parameter-free
+Zoom-and-Shift alignment and fusion) and :class:`GuidedZoomShift` (its learned, FiLM-style
+variant).
 
 Each layer owns its parameters (registered ``nn.Parameter`` / ``nn.ParameterList``), takes
 ``device`` and ``dtype`` like ``torch.nn.Linear``, has ``reset_parameters`` and an
-``extra_repr``, and its ``forward`` takes a sequence of per-modality tensors.  Inputs are checked
-at the layer boundary (count, shapes, dtypes; the message names the modality).
+``extra_repr``, and its ``forward`` takes a sequence of per-modality tensors (plus ``present``
+or ``masks`` where the functional operator has them).  Inputs are checked at the layer
+boundary (count, shapes, dtypes; the message names the modality).
 
 In eager mode ``forward`` calls the functional API (:func:`mmfuse.lowrank_fusion`, ...), so the
 backend policy (``backend=`` config, ``MMFUSE_BACKEND``) applies; under ``"auto"`` the
 ``mmfuse::*`` custom operators of :mod:`mmfuse.backends.torch` run.  Under ``torch.compile``
 the layers call those custom operators directly (the functional layer's namespace dispatch is
-Python that Dynamo need not trace), so ``torch.compile(layer, fullgraph=True)`` works.
+Python that Dynamo need not trace), or, for :class:`ZoomShift`, a plain-torch transcription of
+the core's algorithm, so ``torch.compile(layer, fullgraph=True)`` works.
 
 Importing this module imports torch.
 
@@ -35,7 +42,7 @@ from . import _fusion
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from .backends import torch as _ops  # registers the mmfuse::* custom operators
 
-__all__ = ["CPFusion", "LowRankFusion", "TensorFusion"]
+__all__ = ["CPFusion", "GuidedZoomShift", "LowRankFusion", "TensorFusion", "WanderAdapter", "ZoomShift"]
 
 
 def _compiling() -> bool:
@@ -489,3 +496,532 @@ class TensorFusion(nn.Module):
         return _fusion.tensor_fusion(
             xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
         )
+
+
+# --------------------------------------------------------------------------- sequence layers
+
+
+def _check_seq_inputs(
+    xs: Any,
+    dims: tuple[int, ...],
+    lengths: tuple[int, ...] | None,
+    dtype: torch.dtype,
+    masks: Any,
+    layer: str,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None] | None]:
+    """Layer-boundary checks for (B, T_m, d_m) inputs and their (B, T_m) boolean masks."""
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
+        raise TypeError(
+            f"{layer}: xs must be a list or tuple of tensors (one per modality), got {type(xs).__name__}"
+        )
+    n = len(dims)
+    if len(xs) != n:
+        raise ValueError(f"{layer}: expected {n} modalities, got {len(xs)} input tensors")
+    for m, x in enumerate(xs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{layer}: xs[{m}] must be a torch.Tensor, got {type(x).__name__}")
+        t_want = "T" if lengths is None else str(lengths[m])
+        if x.dim() != 3 or x.shape[2] != dims[m] or (lengths is not None and x.shape[1] != lengths[m]):
+            raise ValueError(
+                f"{layer}: xs[{m}] must have shape (B, {t_want}, {dims[m]}), got {_fmt(x.shape)}"
+            )
+        if x.dtype != dtype:
+            raise TypeError(
+                f"{layer}: xs[{m}] has dtype {x.dtype} but the layer's parameters have dtype "
+                f"{dtype}; cast the input or the layer (layer.to(dtype))"
+            )
+    batch = xs[0].shape[0]
+    for m, x in enumerate(xs):
+        if x.shape[0] != batch:
+            raise ValueError(
+                f"{layer}: xs[{m}] has batch size {x.shape[0]} (shape {_fmt(x.shape)}) but xs[0] "
+                f"has batch size {batch} (shape {_fmt(xs[0].shape)})"
+            )
+    if masks is None:
+        return list(xs), None
+    if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)) or len(masks) != n:
+        raise ValueError(f"{layer}: masks must be a list of {n} boolean (B, T_m) tensors or None")
+    for m, (k, x) in enumerate(zip(masks, xs)):
+        if k is None:
+            continue
+        if not isinstance(k, torch.Tensor) or k.dtype != torch.bool:
+            raise TypeError(f"{layer}: masks[{m}] must be a boolean tensor of shape (B, T_{m})")
+        if tuple(k.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"{layer}: masks[{m}] must have shape (B, T_{m}) = {_fmt(x.shape[:2])}, got {_fmt(k.shape)}"
+            )
+    return list(xs), list(masks)
+
+
+class WanderAdapter(nn.Module):
+    r"""The Wander adapter (Guo et al., AAAI 2025) as a layer: :func:`mmfuse.wander`.
+
+    Parameters
+    ----------
+    in_dims : sequence of int
+        Feature sizes d_m of the M modalities.
+    lengths : sequence of int
+        Token counts T_m (the token factors have one row per token).
+    rank : int
+        r, the width of the down-projections.
+    feature_rank, token_rank : int
+        R_h and R_t.
+    out_dim : int, optional
+        D; default ``in_dims[0]`` (``residual="first"`` needs every d_m = D).
+    n_out : int, optional
+        T_out; default ``rank`` (the released code).
+    mode : {"cp", "collapsed"}, default "cp"
+        As in :func:`mmfuse.sequence_fusion`; ``"collapsed"`` is the released contraction.
+    activation : {"gelu", "gelu_tanh", "relu", "identity"} or callable, default "gelu"
+    residual : {"first", "none"}, default "first"
+    init : {"trainable", "parity"}, default "trainable"
+        The scheme of :func:`mmfuse.init_wander` used by ``reset_parameters``; ``"parity"``
+        reproduces the released code (which never trains for M >= 2).
+    bias : bool, default True
+        Biases of the down-projections.
+    device, dtype : optional
+
+    Attributes
+    ----------
+    down_weights : nn.ParameterList of M tensors (d_m, r)
+    down_biases : nn.ParameterList of M tensors (r,) (empty when ``bias=False``)
+    feature_factors : nn.ParameterList of M tensors (R_h, r, D)
+    token_factors : nn.ParameterList of M tensors (R_t, T_m, T_out)
+
+    Notes
+    -----
+    ``forward(xs, masks=None)`` takes M tensors (B, T_m, d_m) and optional boolean padding
+    masks (B, T_m) (True: real token) and returns (B, T_out, D).  ``reset_parameters`` draws
+    from :func:`mmfuse.init_wander` with a seed taken from torch's global generator, so
+    ``torch.manual_seed`` makes it reproducible.  Under ``"auto"`` the fusion runs as the
+    ``mmfuse::sequence_fusion`` custom op (memory-lean backward).
+    """
+
+    def __init__(
+        self,
+        in_dims: Sequence[int],
+        lengths: Sequence[int],
+        rank: int,
+        feature_rank: int,
+        token_rank: int,
+        *,
+        out_dim: int | None = None,
+        n_out: int | None = None,
+        mode: str = "cp",
+        activation: Any = "gelu",
+        residual: str = "first",
+        init: str = "trainable",
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        from . import _sequence
+
+        fk = _factory(device, dtype)
+        self.in_dims = _check_dims(in_dims)
+        self.lengths = tuple(_check_positive(f"lengths[{m}]", t) for m, t in enumerate(lengths))
+        if len(self.lengths) != len(self.in_dims):
+            raise ValueError(
+                f"in_dims and lengths must have one entry per modality: got {len(self.in_dims)} "
+                f"and {len(self.lengths)}"
+            )
+        self.rank = _check_positive("rank", rank)
+        self.feature_rank = _check_positive("feature_rank", feature_rank)
+        self.token_rank = _check_positive("token_rank", token_rank)
+        self.out_dim = _check_positive("out_dim", self.in_dims[0] if out_dim is None else out_dim)
+        self.n_out = _check_positive("n_out", self.rank if n_out is None else n_out)
+        _sequence._check_mode(mode)
+        _sequence._check_activation(activation)
+        if residual not in _sequence.RESIDUALS:
+            raise ValueError(f"residual must be one of {list(_sequence.RESIDUALS)}, got {residual!r}")
+        if init not in ("trainable", "parity"):
+            raise ValueError(f"init must be 'trainable' or 'parity', got {init!r}")
+        if residual == "first":
+            bad = [m for m, d in enumerate(self.in_dims) if d != self.out_dim]
+            if bad:
+                raise ValueError(
+                    f"residual='first' needs every d_m = out_dim = {self.out_dim}: in_dims[{bad[0]}] = "
+                    f"{self.in_dims[bad[0]]}; use residual='none'"
+                )
+            if self.n_out > sum(self.lengths):
+                raise ValueError(
+                    f"residual='first' needs n_out <= sum(lengths) = {sum(self.lengths)}, got {self.n_out}"
+                )
+        self.mode, self.activation, self.residual, self.init = mode, activation, residual, init
+        r = self.rank
+        self.down_weights = nn.ParameterList([nn.Parameter(torch.empty(d, r, **fk)) for d in self.in_dims])
+        self.down_biases = nn.ParameterList(
+            [nn.Parameter(torch.empty(r, **fk)) for _ in self.in_dims] if bias else []
+        )
+        self.feature_factors = nn.ParameterList(
+            [nn.Parameter(torch.empty(self.feature_rank, r, self.out_dim, **fk)) for _ in self.in_dims]
+        )
+        self.token_factors = nn.ParameterList(
+            [nn.Parameter(torch.empty(self.token_rank, t, self.n_out, **fk)) for t in self.lengths]
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        from ._sequence import init_wander
+
+        seed = int(torch.randint(0, 2**62, ()).item())
+        params = init_wander(
+            self.in_dims, self.lengths, rank=self.rank, feature_rank=self.feature_rank,
+            token_rank=self.token_rank, out_dim=self.out_dim, n_out=self.n_out, seed=seed,
+            init=self.init,
+        )  # fmt: skip
+        with torch.no_grad():
+            for m, (w, b) in enumerate(params["down"]):
+                self.down_weights[m].copy_(torch.from_numpy(w))
+                if len(self.down_biases):
+                    self.down_biases[m].copy_(torch.from_numpy(b))
+            for mine, f in zip(self.feature_factors, params["feature"]):
+                mine.copy_(torch.from_numpy(f))
+            for mine, t in zip(self.token_factors, params["token"]):
+                mine.copy_(torch.from_numpy(t))
+
+    def extra_repr(self) -> str:
+        act = self.activation
+        if not isinstance(act, str):
+            act = getattr(act, "__name__", "callable")
+        return (
+            f"in_dims={list(self.in_dims)}, lengths={list(self.lengths)}, rank={self.rank}, "
+            f"feature_rank={self.feature_rank}, token_rank={self.token_rank}, out_dim={self.out_dim}, "
+            f"n_out={self.n_out}, mode={self.mode!r}, activation={act!r}, residual={self.residual!r}, "
+            f"init={self.init!r}, bias={len(self.down_biases) > 0}"
+        )
+
+    def params(self) -> dict[str, Any]:
+        """The parameters as :func:`mmfuse.wander` takes them (the registered tensors)."""
+        biases: list[Any] = list(self.down_biases) if len(self.down_biases) else [None] * len(self.in_dims)
+        return {
+            "down": list(zip(self.down_weights, biases)),
+            "feature": list(self.feature_factors),
+            "token": list(self.token_factors),
+        }
+
+    def forward(
+        self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None
+    ) -> torch.Tensor:
+        dtype = self.down_weights[0].dtype
+        xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, type(self).__name__)
+        if _compiling():
+            biases: list[Any] = list(self.down_biases) if len(self.down_biases) else [None] * len(xs)
+            return _ops.wander_torch(
+                xs, list(self.down_weights), biases, list(self.feature_factors),
+                list(self.token_factors), self.mode, mask_list, self.activation, self.residual,
+            )  # fmt: skip
+        from ._sequence import wander
+
+        return wander(
+            xs, self.params(), mode=self.mode, masks=mask_list, activation=self.activation,
+            residual=self.residual,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- Zoom and Shift
+
+
+def _masked_stats(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance over tokens (axis 1, kept), masked tokens excluded."""
+    _, _, mean, var = _ops._zs_stats(x, mask, 1)
+    return mean, var
+
+
+def _pool_torch(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    if mask is None:
+        return x.mean(dim=1) if how == "mean" else x.amax(dim=1)
+    m = mask[:, :, None]
+    if how == "mean":
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return torch.where(m, x, zero).sum(dim=1) / m.to(x.dtype).sum(dim=1)
+    low = torch.full((), -math.inf, dtype=x.dtype, device=x.device)
+    return torch.where(m, x, low).amax(dim=1)
+
+
+def _fuse_torch(pooled: list[torch.Tensor], how: str | None) -> Any:
+    if how is None:
+        return pooled
+    if how == "concat":
+        return torch.cat(pooled, dim=-1)
+    total = pooled[0]
+    for p in pooled[1:]:
+        total = total + p
+    return total if how == "sum" else total / len(pooled)
+
+
+def _align_torch(
+    xs: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    rounds: int | None,
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    eps: float,
+) -> list[torch.Tensor]:
+    """:func:`mmfuse.align` over the token axis in plain torch (the core's algorithm: rounds on
+    the statistics, one affine map per modality), for ``torch.compile``."""
+    from ._core import align as align_core
+
+    n = len(xs)
+    stats = [_masked_stats(x, k) for x, k in zip(xs, masks)]
+    if rounds is None:
+        # the undecorated function: Dynamo warns on lru_cache wrappers
+        w = align_core.limit_weights.__wrapped__(n, float(alpha), schedule, topology, hub)
+        assert w is not None  # the layer refuses the one case without a limit
+        sigmas = [torch.sqrt(v + eps) for _, v in stats]
+        mu_star: Any = 0.0
+        log_star: Any = 0.0
+        for wj, (mu, _), sigma in zip(w, stats, sigmas):
+            mu_star = mu_star + wj * mu
+            log_star = log_star + wj * torch.log(sigma)
+        sigma_star = torch.exp(log_star)
+        out = []
+        for x, (mu, _), sigma in zip(xs, stats, sigmas):
+            s, _ = _ops._zs_scale(sigma, sigma_star, 1.0)
+            out.append(x * s + (mu_star - mu * s))
+        return out
+    mus = [m for m, _ in stats]
+    vars_ = [v for _, v in stats]
+    scales: list[Any] = [1.0] * n
+    offsets: list[Any] = [0.0] * n
+    for _ in range(rounds):
+        src_mu, src_var = (list(mus), list(vars_)) if schedule == "jacobi" else (mus, vars_)
+        for i in range(n):
+            if topology == "hub":
+                if i == hub:
+                    continue
+                mu_t: Any = src_mu[hub]
+                sigma_t = torch.sqrt(src_var[hub] + eps)
+            else:
+                others = [j for j in range(n) if j != i]
+                mu_t = sum(src_mu[j] for j in others) / (n - 1)
+                logs: Any = sum(torch.log(torch.sqrt(src_var[j] + eps)) for j in others)
+                sigma_t = torch.exp(logs / (n - 1))
+            s, _ = _ops._zs_scale(torch.sqrt(vars_[i] + eps), sigma_t, alpha)
+            step = mus[i] * (1 - s) + alpha * (mu_t - mus[i])
+            scales[i] = s * scales[i]
+            offsets[i] = s * offsets[i] + step
+            mus[i] = mus[i] + alpha * (mu_t - mus[i])
+            vars_[i] = s * s * vars_[i]
+    return [x * s + t for x, s, t in zip(xs, scales, offsets)]
+
+
+class ZoomShift(nn.Module):
+    r"""Parameter-free Zoom-and-Shift alignment and fusion: :func:`mmfuse.zoom_shift_fusion`.
+
+    Parameters
+    ----------
+    channels : int
+        C, the channel count shared by the modalities.
+    num_modalities : int
+        M >= 2.
+    fuse : {"concat", "sum", "mean", None}, default "concat"
+    pool : {"mean", "max"}, default "mean"
+    rounds : int or None, default 1
+        Rounds of alignment; ``None``: the closed-form limit.
+    alpha : float in (0, 1], default 1.0
+    schedule : {"gauss-seidel", "jacobi"}, default "gauss-seidel"
+    topology : {"consensus", "hub"}, default "consensus"
+    hub : int, default 0
+    eps : float, default 1e-5
+    device, dtype : optional
+        Only recorded: the layer has no parameters; inputs must have ``dtype`` if given.
+
+    Notes
+    -----
+    ``forward(xs, masks=None)`` takes M tensors (B, T_m, C) and optional (B, T_m) boolean
+    masks and returns (B, M C) for ``fuse="concat"``, (B, C) for sum / mean, or the list of
+    pooled aligned (B, C) features for ``fuse=None``.  Statistics are over the token axis.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_modalities: int,
+        *,
+        fuse: str | None = "concat",
+        pool: str = "mean",
+        rounds: int | None = 1,
+        alpha: float = 1.0,
+        schedule: str = "gauss-seidel",
+        topology: str = "consensus",
+        hub: int = 0,
+        eps: float = 1e-5,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        from . import _align
+
+        self.channels = _check_positive("channels", channels)
+        self.num_modalities = _check_positive("num_modalities", num_modalities)
+        if self.num_modalities < 2:
+            raise ValueError(f"num_modalities must be at least 2, got {num_modalities}")
+        _align._check_choice(fuse, "fuse", _align.FUSE_MODES)
+        _align._check_choice(pool, "pool", _align.POOL_MODES)
+        _align._check_choice(schedule, "schedule", _align.SCHEDULES)
+        _align._check_choice(topology, "topology", _align.TOPOLOGIES)
+        self.rounds = _align._check_rounds(rounds)
+        self.alpha = _align._check_alpha(alpha)
+        self.eps = _align._check_eps(eps)
+        if not -self.num_modalities <= int(hub) < self.num_modalities:
+            raise ValueError(f"hub={hub} is out of range for {self.num_modalities} modalities")
+        self.hub = int(hub) % self.num_modalities
+        self.fuse, self.pool, self.schedule, self.topology = fuse, pool, schedule, topology
+        if self.rounds is None and _align.core.limit_weights(
+            self.num_modalities, self.alpha, schedule, topology, self.hub
+        ) is None:
+            raise ValueError("rounds=None: Jacobi consensus with M = 2 and alpha = 1 has no limit")
+        self.device = device
+        self.dtype = dtype
+
+    def reset_parameters(self) -> None:
+        """Nothing to reset: the layer is parameter-free."""
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, num_modalities={self.num_modalities}, fuse={self.fuse!r}, "
+            f"pool={self.pool!r}, rounds={self.rounds}, alpha={self.alpha}, "
+            f"schedule={self.schedule!r}, topology={self.topology!r}, hub={self.hub}, eps={self.eps}"
+        )
+
+    def forward(self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None) -> Any:
+        dtype = self.dtype
+        if dtype is None:  # parameter-free: the inputs must share the first one's dtype
+            first = xs[0] if isinstance(xs, (list, tuple)) and xs else None
+            dtype = first.dtype if isinstance(first, torch.Tensor) else torch.get_default_dtype()
+        dims = (self.channels,) * self.num_modalities
+        xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__)
+        if _compiling():
+            full: list[torch.Tensor | None] = mask_list if mask_list is not None else [None] * len(xs)
+            ys = _align_torch(
+                xs, full, self.rounds, self.alpha, self.schedule, self.topology, self.hub, self.eps
+            )
+            return _fuse_torch([_pool_torch(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)
+        from ._align import zoom_shift_fusion
+
+        return zoom_shift_fusion(
+            xs, fuse=self.fuse, pool=self.pool, rounds=self.rounds, alpha=self.alpha,
+            schedule=self.schedule, topology=self.topology, hub=self.hub, masks=mask_list,
+            eps=self.eps,
+        )  # fmt: skip
+
+
+class GuidedZoomShift(nn.Module):
+    r"""Learned Zoom and Shift: the guide's pooled features predict every other modality's
+    per-channel zoom and shift (FiLM-style), then pooling and fusion.
+
+    Parameters
+    ----------
+    channels : int
+        C, shared by the modalities.
+    num_modalities : int
+        M >= 2.
+    guide : int, default 0
+        The guide modality g; it passes through unchanged.
+    fuse : {"concat", "sum", "mean", None}, default "concat"
+    pool : {"mean", "max"}, default "mean"
+        Pooling of the modulated sequences for the fusion (the guide's summary that drives
+        the modulation is always its masked mean).
+    device, dtype : optional
+
+    Attributes
+    ----------
+    weight : nn.Parameter, shape (M - 1, 2 C, C)
+        Per non-guide modality (in index order), the rows predicting the log-zoom (first C)
+        and the shift (last C) from the guide's pooled features.
+    bias : nn.Parameter, shape (M - 1, 2 C)
+
+    Notes
+    -----
+    With :math:`p = \mathrm{mean}_t\, x_g` (B, C) the guide's pooled (masked-mean) features
+    and, for every other modality m, :math:`[a_m; b_m] = W_m p + c_m` (two (B, C) heads),
+
+    .. math:: y_m = \mu_m + (x_m - \mu_m) \odot e^{a_m} + b_m,
+
+    where :math:`\mu_m` (B, 1, C) is x_m's own masked token mean: a zoom about x_m's mean by
+    the positive per-channel factor :math:`e^{a_m}` (parameterised in log-space, the space in
+    which :func:`mmfuse.zoom_shift` moves spreads) and a shift by :math:`b_m`, both predicted
+    from the guide, as FiLM (Perez et al., 2018) predicts scale and shift from a conditioning
+    input.  The parameter-free :func:`mmfuse.zoom_shift` at alpha = 1 is the special case
+    :math:`e^{a_m} = \sigma_g / \sigma_m`, :math:`b_m = \mu_g - \mu_m`, which depends on
+    x_m's statistics; here only the guide conditions the map.  Then every modality (the
+    guide unchanged) is pooled over its unmasked tokens and the M (B, C) features fused as
+    in :func:`mmfuse.zoom_shift_fusion`.
+
+    ``reset_parameters`` sets W and c to zero: :math:`a = b = 0`, so the layer starts as the
+    identity on the sequences (exactly the parameter-free pooling and fusion) and still
+    trains: :math:`\partial L / \partial W_m = (\partial L / \partial [a_m; b_m])\, p^\top` is
+    non-zero as soon as the upstream gradient and the guide's features are.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_modalities: int,
+        *,
+        guide: int = 0,
+        fuse: str | None = "concat",
+        pool: str = "mean",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        from . import _align
+
+        fk = _factory(device, dtype)
+        self.channels = _check_positive("channels", channels)
+        self.num_modalities = _check_positive("num_modalities", num_modalities)
+        if self.num_modalities < 2:
+            raise ValueError(f"num_modalities must be at least 2, got {num_modalities}")
+        if isinstance(guide, bool) or not -self.num_modalities <= int(guide) < self.num_modalities:
+            raise ValueError(f"guide={guide} is out of range for {self.num_modalities} modalities")
+        self.guide = int(guide) % self.num_modalities
+        _align._check_choice(fuse, "fuse", _align.FUSE_MODES)
+        _align._check_choice(pool, "pool", _align.POOL_MODES)
+        self.fuse, self.pool = fuse, pool
+        c = self.channels
+        self.weight = nn.Parameter(torch.empty(self.num_modalities - 1, 2 * c, c, **fk))
+        self.bias = nn.Parameter(torch.empty(self.num_modalities - 1, 2 * c, **fk))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, num_modalities={self.num_modalities}, guide={self.guide}, "
+            f"fuse={self.fuse!r}, pool={self.pool!r}"
+        )
+
+    def modulate(
+        self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None
+    ) -> list[torch.Tensor]:
+        """The modulated (B, T_m, C) sequences (the guide's unchanged), before pooling."""
+        dims = (self.channels,) * self.num_modalities
+        xs, mask_list = _check_seq_inputs(xs, dims, None, self.weight.dtype, masks, type(self).__name__)
+        full = mask_list if mask_list is not None else [None] * len(xs)
+        c = self.channels
+        p = _pool_torch(xs[self.guide], full[self.guide], "mean")  # (B, C)
+        heads = torch.einsum("bc,kdc->kbd", p, self.weight) + self.bias[:, None, :]  # (M-1, B, 2C)
+        out = []
+        k = 0
+        for m, (x, mask) in enumerate(zip(xs, full)):
+            if m == self.guide:
+                out.append(x)
+                continue
+            mean, _ = _masked_stats(x, mask)
+            log_zoom, shift = heads[k, :, None, :c], heads[k, :, None, c:]
+            out.append(mean + (x - mean) * torch.exp(log_zoom) + shift)
+            k += 1
+        return out
+
+    def forward(self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None) -> Any:
+        ys = self.modulate(xs, masks)
+        full = list(masks) if masks is not None else [None] * len(ys)
+        return _fuse_torch([_pool_torch(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)

@@ -31,7 +31,8 @@ _BLOCK_BYTES = 1 << 21
 
 @lru_cache(maxsize=256)
 def _block_rows(batch: int, width: int, itemsize: int) -> int:
-    rows = max(32, _BLOCK_BYTES // max(1, width * itemsize))
+    # a multiple of 256 rows, so that the tiled constant-row add below always applies
+    rows = max(256, _BLOCK_BYTES // max(1, width * itemsize) // 256 * 256)
     return batch if rows * 2 > batch else rows
 
 
@@ -190,6 +191,14 @@ def _lowrank_numpy(
     # The constant row costs either a copy of x into a staging block that ends in a column
     # of ones (n d) or an add after the GEMM (n R h): stage only where that is cheaper.
     stage = [append_one and width > x.shape[1] for x in xs]
+    # Adding a short constant row to every row of a narrow (n, R h) block is a slow NumPy loop
+    # (R h iterations inside n); viewed as (n / k, k R h) with the row tiled k times it is one
+    # long vectorised add.
+    tile = max(1, 256 // width)
+    const_rows = [
+        np.tile(mat[x.shape[1]], tile) if append_one and not st else None
+        for x, mat, st in zip(xs, mats, stage)
+    ]
     staged = [np.ones((rows, x.shape[1] + 1), dtype=dtype) if st else None for x, st in zip(xs, stage)]
     for start in range(0, batch, rows):
         stop = min(start + rows, batch)
@@ -205,7 +214,7 @@ def _lowrank_numpy(
                 np.matmul(buf[:n], mat, out=target)
             elif append_one:
                 np.matmul(feats, mat[:d], out=target)
-                target += mat[d]
+                _add_row(target, mat[d], const_rows[m])
             else:
                 np.matmul(feats, mat, out=target)
             if m:
@@ -215,6 +224,17 @@ def _lowrank_numpy(
         else:
             np.sum(acc[:n].reshape(n, rank, out_dim), axis=1, out=out[start:stop])
     return out
+
+
+def _add_row(target: Any, row: Any, tiled: Any) -> None:
+    """``target += row`` on a C-contiguous (n, w) block, through the tiled view when it fits."""
+    n, width = target.shape
+    k = tiled.shape[0] // width
+    if k > 1 and n % k == 0:
+        flat = target.reshape(n // k, k * width)
+        flat += tiled
+    else:
+        target += row
 
 
 def _rows(present: Any, blk: slice) -> Any:

@@ -13,6 +13,16 @@ Operators (namespace ``mmfuse``), each a ``torch.library.custom_op`` with ``regi
   autograd, used when no graph of the backward is being built).
 - ``mmfuse::cp_fusion(xs, weights, factors, bias, append_one, present)``: CP fusion in
   TensorLy's layout; its backward is plain differentiable torch code (projections are (B, R)).
+- ``mmfuse::sequence_fusion(hs, feature_factors, token_factors, mode, masks)``: Wander's
+  token-level fusion (both modes; the forward is the Array-API core's blocked algorithm).
+- ``mmfuse::sequence_fusion_backward``: its blocked analytic backward, recomputing the
+  per-modality terms block by block (see the comment above the op for what is saved).
+- ``mmfuse::zoom_shift(x, guide, alpha, axis, mask, guide_mask, eps)``: one Zoom-and-Shift
+  step with a closed-form backward that saves only the inputs.
+
+The ``"torch"`` implementation of ``wander`` is the down-projection and activation in torch
+around ``mmfuse::sequence_fusion`` (:func:`wander_torch`, also used by
+:class:`mmfuse.nn.WanderAdapter` under ``torch.compile``).
 
 What the backward of ``lowrank_fusion`` saves, and why
 ------------------------------------------------------
@@ -44,7 +54,7 @@ from .. import _fusion  # noqa: F401  (defines the operators registered below)
 from .._namespace import is_torch
 from ._registry import register
 
-__all__ = ["cp_fusion", "lowrank_fusion"]
+__all__ = ["cp_fusion", "lowrank_fusion", "sequence_fusion", "wander", "wander_torch", "zoom_shift"]
 
 # Per batch block, each (rows, R h) buffer is kept near this many bytes (cache-sized).
 _BLOCK_BYTES = 1 << 20
@@ -509,3 +519,500 @@ _PRIORITY = 10
 
 register("lowrank_fusion", "torch", lowrank_fusion, supports=_supports, priority=_PRIORITY)
 register("cp_fusion", "torch", cp_fusion, supports=_supports, priority=_PRIORITY)
+
+
+# --------------------------------------------------------------------------- sequence fusion
+#
+# What the backward of ``sequence_fusion`` saves, and why
+# --------------------------------------------------------
+# In cp mode each modality's term Psi_m[j]^T H_m Phi_m[i] is a (B, R_t, R_h, T_out, D) array:
+# R_t R_h times the output (96x at the CMU-MOSI defaults, 63 MB per modality at B = 256 in
+# float32).  Autograd through the Array-API core keeps all M of them (and the first
+# contractions) alive from forward to backward.  Here ``setup_context`` saves only the
+# *inputs* (hs, the factors, the masks), which the caller holds anyway.  The backward walks the
+# same (batch block, token-rank chunk) schedule as the core's forward
+# (:func:`mmfuse._core.sequence.cp_blocking`), recomputes each block's terms (the forward's
+# cost once more) and forms dL/dterm_m = G * prod_{k != m} term_k with prefix and suffix
+# products (no division, so zeros are harmless); peak extra memory is a few cache-sized blocks
+# plus the gradients themselves, independent of B.  Collapsed mode is the same computation on
+# the rank-summed factors with R_h = R_t = 1; its terms are only (B, T_out, D), but
+# recomputing them costs two small GEMMs per modality, so it too saves only the inputs.
+#
+# The backward formulas are written with out-of-place torch operations.  Without a graph of
+# the backward (the usual case) they run inside the opaque ``mmfuse::sequence_fusion_backward``
+# op; with ``create_graph=True`` (double backward) the same Python function runs directly, so
+# autograd differentiates it.
+
+
+def _seq_matrices(
+    feature: torch.Tensor, token: torch.Tensor, collapsed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, R_h D) feature matrix and (R_t T_out, T) token matrix (ranks summed if collapsed)."""
+    if collapsed:
+        return feature.sum(dim=0), token.sum(dim=0).t()
+    r_h, r_m, d = feature.shape
+    r_t, t_m, t_out = token.shape
+    return feature.permute(1, 0, 2).reshape(r_m, r_h * d), token.permute(0, 2, 1).reshape(r_t * t_out, t_m)
+
+
+def _seq_masked(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return h
+    return torch.where(mask[:, :, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+def _seq_plan(
+    hs: Sequence[torch.Tensor], feats: Sequence[torch.Tensor], toks: Sequence[torch.Tensor], mode: str
+) -> Any:
+    from .._core import sequence as seq_core
+
+    r_h, _, out_dim = feats[0].shape
+    r_t, _, n_out = toks[0].shape
+    lengths = tuple(int(h.shape[1]) for h in hs)
+    ranks = tuple(int(h.shape[2]) for h in hs)
+    return seq_core.plan(mode, lengths, ranks, int(r_h), int(r_t), int(n_out), int(out_dim))
+
+
+def _sequence_grads(
+    grad: torch.Tensor,
+    hs: Sequence[torch.Tensor],
+    feats: Sequence[torch.Tensor],
+    toks: Sequence[torch.Tensor],
+    mode: str,
+    masks: Sequence[torch.Tensor | None],
+    needs: Sequence[bool],
+) -> list[torch.Tensor | None]:
+    """Gradients of sequence fusion, blocked; ``needs`` = [h_0.., feature_0.., token_0..].
+
+    Out-of-place torch operations only, so autograd can differentiate it (double backward).
+    Returns the gradients in that order, None where not needed.
+    """
+    from .._core import sequence as seq_core
+
+    n_mod = len(hs)
+    collapsed = mode == "collapsed"
+    r_h, _, out_dim = feats[0].shape
+    r_t, _, n_out = toks[0].shape
+    rh, rt = (1, 1) if collapsed else (int(r_h), int(r_t))
+    orders = _seq_plan(hs, feats, toks, mode).orders
+    need_h = list(needs[:n_mod])
+    need_f = list(needs[n_mod : 2 * n_mod])
+    need_t = list(needs[2 * n_mod :])
+    if not any(needs):
+        return [None] * (3 * n_mod)
+    hs = [_seq_masked(h, k) for h, k in zip(hs, masks)]
+    mats = [_seq_matrices(f, t, collapsed) for f, t in zip(feats, toks)]
+    batch = grad.shape[0]
+    rows_b, chunk_j = seq_core.cp_blocking(
+        int(batch), rt, int(n_out), rh, int(out_dim), grad.element_size()
+    )
+    gh_parts: list[list[torch.Tensor]] = [[] for _ in range(n_mod)]
+    gphi: list[torch.Tensor | None] = [None] * n_mod
+    gpsi: list[torch.Tensor | None] = [None] * n_mod
+    gpsi_rows: list[dict[int, torch.Tensor]] = [{} for _ in range(n_mod)]  # feature first
+
+    def add(acc: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        return v if acc is None else acc + v
+
+    for b0 in range(0, batch, rows_b):
+        blk = slice(b0, min(b0 + rows_b, batch))
+        hb = [h[blk] for h in hs]
+        nb = hb[0].shape[0]
+        # token first: Psi^T H (b, R_t T_out, r); feature first: H Phi (b, T, R_h D)
+        firsts = [
+            psi_t @ h if order == "token" else h @ phi
+            for h, (phi, psi_t), order in zip(hb, mats, orders)
+        ]
+        gfirst_chunks: list[list[torch.Tensor]] = [[] for _ in range(n_mod)]  # token first
+        gfirst_sum: list[torch.Tensor | None] = [None] * n_mod  # feature first
+        gb = grad[blk]
+        for j0 in range(0, rt, chunk_j):
+            jn = min(j0 + chunk_j, rt) - j0
+            rows = slice(j0 * n_out, (j0 + jn) * n_out)
+            terms = [
+                first[:, rows, :] @ phi if order == "token" else psi_t[rows, :] @ first
+                for first, (phi, psi_t), order in zip(firsts, mats, orders)
+            ]  # each (b, jn T_out, R_h D)
+            # dL/dY broadcast over the token ranks j and feature ranks i of the block
+            run = gb[:, None, :, None, :].expand(nb, jn, n_out, rh, out_dim)
+            run = run.reshape(nb, jn * n_out, rh * out_dim)
+            prefix: list[torch.Tensor | None] = [None]
+            for m in range(1, n_mod):
+                prev = prefix[m - 1]
+                prefix.append(terms[m - 1] if prev is None else prev * terms[m - 1])
+            for m in range(n_mod - 1, -1, -1):
+                if need_h[m] or need_f[m] or need_t[m]:
+                    pm = prefix[m]
+                    gterm = run if pm is None else run * pm
+                    phi, psi_t = mats[m]
+                    if orders[m] == "token":
+                        first = firsts[m][:, rows, :]
+                        if need_f[m]:
+                            flat = first.reshape(-1, first.shape[2])
+                            gphi[m] = add(gphi[m], flat.t() @ gterm.reshape(-1, gterm.shape[2]))
+                        if need_h[m] or need_t[m]:
+                            gfirst_chunks[m].append(gterm @ phi.t())
+                    else:
+                        if need_t[m]:  # this chunk's rows of Psi^T, summed over blocks
+                            g_rows = torch.einsum("bpq,btq->pt", gterm, firsts[m])
+                            gpsi_rows[m][j0] = add(gpsi_rows[m].get(j0), g_rows)
+                        if need_h[m] or need_f[m]:
+                            gfirst_sum[m] = add(gfirst_sum[m], psi_t[rows, :].t() @ gterm)
+                if m:
+                    run = run * terms[m]
+        for m in range(n_mod):
+            phi, psi_t = mats[m]
+            if orders[m] == "token":
+                if not gfirst_chunks[m]:
+                    continue
+                ga = gfirst_chunks[m][0] if len(gfirst_chunks[m]) == 1 else torch.cat(gfirst_chunks[m], dim=1)
+                if need_h[m]:
+                    gh_parts[m].append(psi_t.t() @ ga)
+                if need_t[m]:
+                    gpsi[m] = add(gpsi[m], torch.einsum("bpr,btr->pt", ga, hb[m]))
+            else:
+                gf = gfirst_sum[m]
+                if gf is None:
+                    continue
+                if need_h[m]:
+                    gh_parts[m].append(gf @ phi.t())
+                if need_f[m]:
+                    flat_h = hb[m].reshape(-1, hb[m].shape[2])
+                    gphi[m] = add(gphi[m], flat_h.t() @ gf.reshape(-1, gf.shape[2]))
+
+    for m in range(n_mod):
+        if gpsi_rows[m]:
+            parts = [gpsi_rows[m][j] for j in sorted(gpsi_rows[m])]
+            gpsi[m] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    out: list[torch.Tensor | None] = []
+    for m in range(n_mod):
+        if not need_h[m]:
+            out.append(None)
+            continue
+        gh = gh_parts[m][0] if len(gh_parts[m]) == 1 else torch.cat(gh_parts[m], dim=0)
+        out.append(_seq_masked(gh, masks[m]))
+    for m, f in enumerate(feats):
+        g = gphi[m]
+        if not need_f[m] or g is None:
+            out.append(None if not need_f[m] else torch.zeros_like(f))
+        elif collapsed:  # every rank's slice gets the gradient of the rank sum
+            out.append(g.unsqueeze(0).expand(f.shape).clone())
+        else:
+            out.append(g.reshape(f.shape[1], f.shape[0], f.shape[2]).permute(1, 0, 2).contiguous())
+    for m, t in enumerate(toks):
+        g = gpsi[m]
+        if not need_t[m] or g is None:
+            out.append(None if not need_t[m] else torch.zeros_like(t))
+        elif collapsed:
+            out.append(g.t().unsqueeze(0).expand(t.shape).clone())
+        else:
+            out.append(g.reshape(t.shape[0], t.shape[2], t.shape[1]).permute(0, 2, 1).contiguous())
+    return out
+
+
+@torch.library.custom_op("mmfuse::sequence_fusion", mutates_args=())
+def _sequence_op(
+    hs: list[torch.Tensor],
+    feature_factors: list[torch.Tensor],
+    token_factors: list[torch.Tensor],
+    mode: str,
+    masks: list[torch.Tensor | None],
+) -> torch.Tensor:
+    from .._core import sequence as seq_core
+
+    dtype = hs[0].dtype
+    cdt = _compute_dtype(dtype)
+    out = seq_core.sequence_fusion(
+        [h.to(cdt) for h in hs],
+        [f.to(cdt) for f in feature_factors],
+        [t.to(cdt) for t in token_factors],
+        mode=mode,
+        masks=None if all(k is None for k in masks) else list(masks),
+    )
+    return out.to(dtype)
+
+
+@_sequence_op.register_fake
+def _(hs: Any, feature_factors: Any, token_factors: Any, mode: str, masks: Any) -> Any:
+    return hs[0].new_empty((hs[0].shape[0], token_factors[0].shape[2], feature_factors[0].shape[2]))
+
+
+@torch.library.custom_op("mmfuse::sequence_fusion_backward", mutates_args=())
+def _sequence_backward_op(
+    grad: torch.Tensor,
+    hs: list[torch.Tensor],
+    feature_factors: list[torch.Tensor],
+    token_factors: list[torch.Tensor],
+    mode: str,
+    masks: list[torch.Tensor | None],
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """The blocked backward as one opaque op; unneeded gradients come back empty."""
+    dtype = grad.dtype
+    cdt = _compute_dtype(dtype)
+    grads = _sequence_grads(
+        grad.to(cdt),
+        [h.to(cdt) for h in hs],
+        [f.to(cdt) for f in feature_factors],
+        [t.to(cdt) for t in token_factors],
+        mode,
+        masks,
+        needs,
+    )
+    return [grad.new_empty((0,)) if g is None else g.to(dtype).contiguous() for g in grads]
+
+
+@_sequence_backward_op.register_fake
+def _(grad: Any, hs: Any, feature_factors: Any, token_factors: Any, mode: str, masks: Any, needs: Any) -> Any:
+    like = [*hs, *feature_factors, *token_factors]
+    return [t.new_empty(t.shape) if need else grad.new_empty((0,)) for t, need in zip(like, needs)]
+
+
+def _sequence_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    hs, feats, toks, mode, masks = inputs
+    # Saved: the inputs only (the caller holds them anyway); see the comment above.
+    ctx.n_mod = len(hs)
+    ctx.mode = mode
+    ctx.mask_at = [k is not None for k in masks]
+    ctx.save_for_backward(*hs, *feats, *toks, *(k for k in masks if k is not None))
+
+
+def _sequence_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    n_mod = ctx.n_mod
+    saved = list(ctx.saved_tensors)
+    hs, feats, toks = saved[:n_mod], saved[n_mod : 2 * n_mod], saved[2 * n_mod : 3 * n_mod]
+    rest = iter(saved[3 * n_mod :])
+    masks = [next(rest) if present else None for present in ctx.mask_at]
+    need_h, need_f, need_t = ctx.needs_input_grad[:3]
+    needs = [bool(v) for v in (*need_h, *need_f, *need_t)]
+    if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiable formulas
+        grads: list[Any] = _sequence_grads(grad, hs, feats, toks, ctx.mode, masks, needs)
+    else:
+        grads = _sequence_backward_op(grad.contiguous(), hs, feats, toks, ctx.mode, masks, needs)
+        grads = [g if need else None for g, need in zip(grads, needs)]
+    # torch.library sees a Tensor?[] argument as a list only when every entry is a tensor
+    masks_grad = [None] * n_mod if all(ctx.mask_at) else None
+    return grads[:n_mod], grads[n_mod : 2 * n_mod], grads[2 * n_mod :], None, masks_grad
+
+
+_sequence_op.register_autograd(_sequence_backward, setup_context=_sequence_setup_context)
+
+
+# --------------------------------------------------------------------------- zoom_shift
+#
+# What the backward of ``zoom_shift`` saves, and why
+# ---------------------------------------------------
+# y = mu_x + s (x - mu_x) + alpha (mu_g - mu_x) with s = (sigma_g / sigma_x)^alpha, per sample
+# and channel.  Autograd through the Array-API core keeps several x-sized arrays (the centred
+# values, their squares, the cast input, x * s).  Here ``setup_context`` saves only the inputs
+# (x, guide, masks), which the caller holds anyway; the backward re-reads x and the guide once
+# for their (B, 1, C) statistics and applies the closed form (n: unmasked tokens, m: mask,
+# xc = x - mu_x, S0 = sum_t G, S1 = sum_t G xc over all tokens, G = dL/dy):
+#
+#   dL/dx = s G + (m / n_x) [S0 (1 - alpha - s) - alpha s S1 xc / sigma_x^2]
+#   dL/dg = (alpha m_g / n_g) [S0 + s S1 (g - mu_g) / sigma_g^2]
+#
+# (where sigma_x = 0, possible only with eps = 0, s is the constant 1 and the sigma terms
+# vanish).  The formulas are plain differentiable torch operations, so double backward works.
+
+
+def _zs_stats(x: torch.Tensor, mask: torch.Tensor | None, ax: int) -> tuple[Any, Any, Any, Any]:
+    """(mask broadcastable to x or None, token count, mean, population variance) over ``ax``."""
+    if mask is None:
+        count: Any = float(x.shape[ax])
+        mean = x.mean(dim=ax, keepdim=True)
+        dev = x - mean
+        return None, count, mean, (dev * dev).mean(dim=ax, keepdim=True)
+    m = mask.reshape(*mask.shape, *(1,) * (x.dim() - mask.dim()))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    count = m.to(x.dtype).sum(dim=ax, keepdim=True)
+    mean = torch.where(m, x, zero).sum(dim=ax, keepdim=True) / count
+    dev = torch.where(m, x - mean, zero)
+    return m, count, mean, (dev * dev).sum(dim=ax, keepdim=True) / count
+
+
+def _zs_scale(sigma: torch.Tensor, target: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, live): s = (target / sigma)^alpha where sigma > 0, else 1."""
+    live = sigma > 0
+    one = torch.ones((), dtype=sigma.dtype, device=sigma.device)
+    ratio = target / torch.where(live, sigma, one)
+    return torch.where(live, ratio if alpha == 1.0 else ratio**alpha, one), live
+
+
+@torch.library.custom_op("mmfuse::zoom_shift", mutates_args=())
+def _zoom_shift_op(
+    x: torch.Tensor,
+    guide: torch.Tensor,
+    alpha: float,
+    axis: int,
+    mask: torch.Tensor | None,
+    guide_mask: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    dtype = x.dtype
+    cdt = _compute_dtype(dtype)
+    ax = axis % x.dim()
+    xc, gc = x.to(cdt), guide.to(cdt)
+    _, _, g_mean, g_var = _zs_stats(gc, guide_mask, ax)
+    _, _, mean, var = _zs_stats(xc, mask, ax)
+    s, _ = _zs_scale(torch.sqrt(var + eps), torch.sqrt(g_var + eps), alpha)
+    offset = mean * (1 - s) + alpha * (g_mean - mean)
+    return torch.addcmul(offset, xc, s).to(dtype)
+
+
+@_zoom_shift_op.register_fake
+def _(x: Any, guide: Any, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float) -> Any:
+    return torch.empty_like(x)
+
+
+def _zoom_shift_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, guide, alpha, axis, mask, guide_mask, eps = inputs
+    # Saved: the inputs only; the (B, 1, C) statistics are recomputed (see the comment above).
+    ctx.alpha, ctx.axis, ctx.eps = alpha, axis, eps
+    ctx.has_mask, ctx.has_guide_mask = mask is not None, guide_mask is not None
+    ctx.save_for_backward(x, guide, *(k for k in (mask, guide_mask) if k is not None))
+
+
+def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    x, guide, *rest = ctx.saved_tensors
+    mask = rest.pop(0) if ctx.has_mask else None
+    guide_mask = rest.pop(0) if ctx.has_guide_mask else None
+    need_x, need_g = ctx.needs_input_grad[:2]
+    alpha, eps = ctx.alpha, ctx.eps
+    dtype = grad.dtype
+    cdt = _compute_dtype(dtype)
+    ax = ctx.axis % x.dim()
+    xc, gc, g = x.to(cdt), guide.to(cdt), grad.to(cdt)
+    m_g, n_g, g_mean, g_var = _zs_stats(gc, guide_mask, ax)
+    m_x, n_x, mean, var = _zs_stats(xc, mask, ax)
+    sigma_x, sigma_g = torch.sqrt(var + eps), torch.sqrt(g_var + eps)
+    s, live = _zs_scale(sigma_x, sigma_g, alpha)
+    zero = torch.zeros((), dtype=cdt, device=x.device)
+    centred = xc - mean
+    s0 = g.sum(dim=ax, keepdim=True)
+    s1 = (g * centred).sum(dim=ax, keepdim=True)
+    grad_x = grad_g = None
+    if need_x:
+        k_var = torch.where(live, alpha * s * s1 / torch.where(live, sigma_x * sigma_x, 1.0), zero)
+        per_token = (s0 * (1 - alpha - s) - k_var * centred) / n_x
+        if m_x is not None:
+            per_token = torch.where(m_x, per_token, zero)
+        grad_x = (s * g + per_token).to(dtype)
+    if need_g:
+        ok = live & (sigma_g > 0)
+        k_var = torch.where(ok, s * s1 / torch.where(ok, sigma_g * sigma_g, 1.0), zero)
+        per_token = alpha * (s0 + k_var * (gc - g_mean)) / n_g
+        if m_g is not None:
+            per_token = torch.where(m_g, per_token, zero)
+        grad_g = per_token.to(dtype)  # full shape: (g - mu_g) broadcasts the statistics
+    return grad_x, grad_g, None, None, None, None, None
+
+
+_zoom_shift_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
+
+
+# --------------------------------------------------------------------------- registry (2)
+
+
+def sequence_fusion(
+    hs: Sequence[Any],
+    feature_factors: Sequence[Any],
+    token_factors: Sequence[Any],
+    *,
+    mode: str = "cp",
+    masks: Sequence[Any] | None = None,
+) -> Any:
+    """``mmfuse.sequence_fusion`` as the ``mmfuse::sequence_fusion`` custom op (inputs checked)."""
+    masks_list = [None] * len(hs) if masks is None else list(masks)
+    return torch.ops.mmfuse.sequence_fusion(
+        list(hs), list(feature_factors), list(token_factors), mode, masks_list
+    )
+
+
+def _activate(h: torch.Tensor, activation: Any) -> torch.Tensor:
+    from .._core import sequence as seq_core
+
+    if callable(activation):
+        return activation(h)
+    if activation == "gelu":  # the core's torch GELU, without its namespace check (Dynamo)
+        return seq_core._gelu_torch(h)
+    return seq_core.ACTIVATIONS[activation](torch, h)
+
+
+def wander_torch(
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    feature_factors: Sequence[torch.Tensor],
+    token_factors: Sequence[torch.Tensor],
+    mode: str,
+    masks: Sequence[torch.Tensor | None] | None,
+    activation: Any,
+    residual: str,
+) -> torch.Tensor:
+    """The Wander adapter in plain torch around the ``mmfuse::sequence_fusion`` op.
+
+    Down-projection (one GEMM per modality), activation (the core's, so values agree), the
+    custom op, residual.  Traceable by Dynamo (used by :class:`mmfuse.nn.WanderAdapter`
+    under ``torch.compile``).
+    """
+    hs = []
+    for x, w, b in zip(xs, weights, biases):
+        batch, t_m, d = x.shape
+        flat = x.reshape(batch * t_m, d)
+        h = flat @ w if b is None else torch.addmm(b, flat, w)
+        hs.append(_activate(h.reshape(batch, t_m, w.shape[1]), activation))
+    masks_list = [None] * len(hs) if masks is None else list(masks)
+    y = torch.ops.mmfuse.sequence_fusion(hs, list(feature_factors), list(token_factors), mode, masks_list)
+    if residual == "first":
+        pieces, left = [], y.shape[1]
+        for x in xs:
+            if left <= 0:
+                break
+            take = min(left, x.shape[1])
+            pieces.append(x[:, :take, :])
+            left -= take
+        y = y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+    return y
+
+
+def wander(
+    xs: Sequence[Any],
+    params: Any,
+    *,
+    mode: str = "cp",
+    masks: Sequence[Any] | None = None,
+    activation: Any = "gelu",
+    residual: str = "first",
+) -> Any:
+    """``mmfuse.wander`` with the fusion as the ``mmfuse::sequence_fusion`` op (inputs checked)."""
+    down = list(params["down"])
+    return wander_torch(
+        list(xs), [w for w, _ in down], [b for _, b in down], list(params["feature"]),
+        list(params["token"]), mode, masks, activation, residual,
+    )  # fmt: skip
+
+
+def zoom_shift(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
+) -> Any:
+    """``mmfuse.zoom_shift`` as the ``mmfuse::zoom_shift`` custom op (inputs checked)."""
+    return torch.ops.mmfuse.zoom_shift(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
+
+
+def _register_sequence_ops() -> None:
+    from .. import _align, _sequence  # noqa: F401  (define the operators registered below)
+
+    register("sequence_fusion", "torch", sequence_fusion, supports=_supports, priority=_PRIORITY)
+    register("wander", "torch", wander, supports=_supports, priority=_PRIORITY)
+    register("zoom_shift", "torch", zoom_shift, supports=_supports, priority=_PRIORITY)
+
+
+_register_sequence_ops()

@@ -1,0 +1,289 @@
+"""mmfuse.nn sequence layers (WanderAdapter, ZoomShift, GuidedZoomShift): equality with the
+functional API and the reference, masks, state_dict, torch.compile(fullgraph=True), batch size
+1, boundary errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mmfuse  # noqa: E402
+import mmfuse.reference as ref  # noqa: E402
+from mmfuse.nn import GuidedZoomShift, WanderAdapter, ZoomShift  # noqa: E402
+from mmfuse.testing import assert_close  # noqa: E402
+
+LENGTHS = (5, 4, 6)
+D = 6
+
+
+def _xs(batch, lengths=LENGTHS, dim=D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, t, dim, generator=g, dtype=dtype) for t in lengths]
+
+
+def _masks(batch, lengths=LENGTHS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(batch, t, generator=g) < 0.7 for t in lengths]
+    for k in masks:
+        k[:, :2] = True
+    return masks
+
+
+def _wander(mode="cp", dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    return WanderAdapter((D,) * 3, LENGTHS, 3, 2, 2, mode=mode, dtype=dtype, **kw)
+
+
+def _np_params(layer):
+    p = layer.params()
+    return {
+        "down": [(w.detach().numpy(), None if b is None else b.detach().numpy()) for w, b in p["down"]],
+        "feature": [f.detach().numpy() for f in p["feature"]],
+        "token": [t.detach().numpy() for t in p["token"]],
+    }
+
+
+# --------------------------------------------------------------------------- WanderAdapter
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_wander_equals_functional_and_reference(batch, mode):
+    layer = _wander(mode)
+    xs, masks = _xs(batch), _masks(batch)
+    out = layer(xs, masks=masks)
+    assert out.shape == (batch, 3, D)
+    assert_close(out, mmfuse.wander(xs, layer.params(), mode=mode, masks=masks, backend="array_api"), rtol=1e-12)
+    want = ref.wander([x.numpy() for x in xs], _np_params(layer), mode=mode, masks=[k.numpy() for k in masks])
+    assert_close(out, want, xp=torch, dtype=torch.float64)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_wander_layer_runs_the_custom_op():
+    from test_torch_backend import _OpLog
+
+    layer = _wander()
+    with _OpLog() as log:
+        out = layer(_xs(2))
+    assert "mmfuse.sequence_fusion.default" in log.ops
+    out.sum().backward()
+    with _OpLog() as log, mmfuse.config_context(backend="array_api"):
+        layer(_xs(2))
+    assert "mmfuse.sequence_fusion.default" not in log.ops
+
+
+def test_wander_parity_init_never_trains_and_options():
+    layer = _wander(init="parity")
+    xs = _xs(2)
+    out = layer(xs)
+    torch.testing.assert_close(out, torch.cat(xs, dim=1)[:, :3])  # the residual alone
+    out.square().sum().backward()
+    assert all(float(p.grad.abs().max()) == 0.0 for p in layer.parameters())
+    plain = WanderAdapter((4, 3), (5, 2), 2, 1, 1, out_dim=7, n_out=4, residual="none", bias=False,
+                          activation="relu", dtype=torch.float64)  # fmt: skip
+    assert len(plain.down_biases) == 0
+    y = plain(_xs(3, (5, 2), 4)[:1] + _xs(3, (2,), 3))
+    assert y.shape == (3, 4, 7)
+    want = ref.wander([x.numpy() for x in _xs(3, (5, 2), 4)[:1] + _xs(3, (2,), 3)], _np_params(plain),
+                      activation="relu", residual="none")  # fmt: skip
+    assert_close(y, want, xp=torch, dtype=torch.float64)
+
+
+def test_wander_registered_parameters_repr_reset_state_dict():
+    layer = _wander()
+    for name in ("down_weights", "down_biases", "feature_factors", "token_factors"):
+        assert isinstance(getattr(layer, name), torch.nn.ParameterList)
+    assert len(list(layer.parameters())) == 12
+    assert [tuple(t.shape) for t in layer.token_factors] == [(2, t, 3) for t in LENGTHS]
+    assert "in_dims=[6, 6, 6], lengths=[5, 4, 6], rank=3, feature_rank=2, token_rank=2" in repr(layer)
+    assert "mode='cp', activation='gelu', residual='first', init='trainable'" in repr(layer)
+    again = _wander()
+    for p, q in zip(layer.parameters(), again.parameters()):
+        torch.testing.assert_close(p, q)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = WanderAdapter((D,) * 3, LENGTHS, 3, 2, 2, dtype=torch.float64)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    xs = _xs(2)
+    torch.testing.assert_close(fresh(xs), layer(xs), rtol=0, atol=0)
+    with torch.no_grad():
+        layer.feature_factors[0].zero_()
+    layer.reset_parameters()
+    assert layer.feature_factors[0].abs().sum() > 0
+    f32 = WanderAdapter((D,) * 3, LENGTHS, 3, 2, 2, device="cpu", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in f32.parameters())
+
+
+def test_wander_errors():
+    layer = _wander()
+    xs = _xs(2)
+    with pytest.raises(ValueError, match=r"WanderAdapter: expected 3 modalities, got 2 input tensors"):
+        layer(xs[:2])
+    with pytest.raises(ValueError, match=r"WanderAdapter: xs\[1\] must have shape \(B, 4, 6\), got \(2, 5, 6\)"):
+        layer([xs[0], xs[0], xs[2]])
+    with pytest.raises(TypeError, match=r"WanderAdapter: xs\[0\] has dtype torch.float32 but the layer's"):
+        layer([xs[0].float(), xs[1], xs[2]])
+    with pytest.raises(ValueError, match=r"xs\[2\] has batch size 1 \(shape \(1, 6, 6\)\) but xs\[0\] has batch size 2"):
+        layer([xs[0], xs[1], xs[2][:1]])
+    with pytest.raises(ValueError, match=r"masks\[1\] must have shape \(B, T_1\) = \(2, 4\), got \(2, 5\)"):
+        layer(xs, masks=[None, torch.ones(2, 5, dtype=torch.bool), None])
+    with pytest.raises(TypeError, match=r"masks\[0\] must be a boolean tensor"):
+        layer(xs, masks=[torch.ones(2, 5), None, None])
+    with pytest.raises(ValueError, match=r"residual='first' needs every d_m = out_dim = 4"):
+        WanderAdapter((4, 3), (5, 2), 2, 1, 1)
+    with pytest.raises(ValueError, match=r"mode must be one of"):
+        WanderAdapter((4, 4), (5, 2), 2, 1, 1, mode="full")
+    with pytest.raises(ValueError, match=r"init must be 'trainable' or 'parity'"):
+        WanderAdapter((4, 4), (5, 2), 2, 1, 1, init="zeros")
+
+
+# --------------------------------------------------------------------------- ZoomShift
+
+
+ZS_OPTIONS = [
+    {},
+    {"rounds": 3, "alpha": 0.5, "schedule": "jacobi", "fuse": "mean"},
+    {"rounds": None, "alpha": 0.5, "pool": "max", "fuse": None},
+    {"topology": "hub", "hub": 2, "alpha": 0.3, "rounds": 2, "fuse": "sum"},
+]
+
+
+@pytest.mark.parametrize("options", ZS_OPTIONS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_zoom_shift_layer_equals_functional_and_reference(options, batch):
+    layer = ZoomShift(D, 3, **options)
+    xs, masks = _xs(batch), _masks(batch)
+    masks[1] = None
+    got = layer(xs, masks=masks)
+    want = ref.zoom_shift_fusion([x.numpy() for x in xs], masks=[None if k is None else k.numpy() for k in masks],
+                                 **options)  # fmt: skip
+    if options.get("fuse", "concat") is None:
+        for g, w in zip(got, want):
+            assert_close(g, w, xp=torch, dtype=torch.float64)
+    else:
+        assert_close(got, want, xp=torch, dtype=torch.float64)
+    assert list(layer.parameters()) == [] and layer.state_dict() == {}
+    assert "channels=6, num_modalities=3" in repr(layer)
+
+
+def test_zoom_shift_layer_errors():
+    layer = ZoomShift(D, 3)
+    xs = _xs(2)
+    with pytest.raises(ValueError, match=r"ZoomShift: expected 3 modalities, got 2 input tensors"):
+        layer(xs[:2])
+    with pytest.raises(ValueError, match=r"ZoomShift: xs\[1\] must have shape \(B, T, 6\), got \(2, 4, 5\)"):
+        layer([xs[0], torch.zeros(2, 4, 5, dtype=torch.float64), xs[2]])
+    with pytest.raises(TypeError, match=r"ZoomShift: xs\[2\] has dtype torch.float32"):
+        layer([xs[0], xs[1], xs[2].float()])
+    with pytest.raises(ValueError, match=r"num_modalities must be at least 2"):
+        ZoomShift(D, 1)
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
+        ZoomShift(D, 2, alpha=0)
+    with pytest.raises(ValueError, match=r"fuse must be one of"):
+        ZoomShift(D, 2, fuse="max")
+
+
+# --------------------------------------------------------------------------- GuidedZoomShift
+
+
+def _film_reference(layer, xs, masks):
+    """y_m = mu_m + (x_m - mu_m) exp(a_m) + b_m with [a; b] = W p + c, p the guide's masked mean."""
+    w, c = layer.weight.detach().numpy(), layer.bias.detach().numpy()
+    xs = [x.detach().numpy() for x in xs]
+    masks = [np.ones(x.shape[:2], bool) if k is None else k.numpy() for x, k in zip(xs, masks)]
+    g = layer.guide
+    ch = layer.channels
+    pooled = []
+    k = 0
+    for m, (x, mk) in enumerate(zip(xs, masks)):
+        y = x.copy()
+        if m != g:
+            for b in range(x.shape[0]):
+                p = xs[g][b][masks[g][b]].mean(axis=0)
+                head = w[k] @ p + c[k]
+                mu = x[b][mk[b]].mean(axis=0)
+                y[b] = mu + (x[b] - mu) * np.exp(head[:ch]) + head[ch:]
+            k += 1
+        pooled.append(np.stack([y[b][mk[b]].mean(axis=0) for b in range(x.shape[0])]))
+    return np.concatenate(pooled, axis=-1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_guided_zoom_shift_maths_identity_init_and_training(batch):
+    torch.manual_seed(0)
+    layer = GuidedZoomShift(D, 3, guide=1, dtype=torch.float64)
+    xs, masks = _xs(batch), _masks(batch)
+    masks[0] = None
+    base = ZoomShift(D, 3, rounds=0)(xs, masks=masks)  # rounds=0: pooling and fusion only
+    out = layer(xs, masks=masks)
+    torch.testing.assert_close(out, base)  # identity at initialisation
+    out.square().sum().backward()
+    assert layer.weight.grad.abs().sum() > 0 and layer.bias.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.3)
+        layer.bias.normal_(0, 0.3)
+    assert_close(layer(xs, masks=masks), _film_reference(layer, xs, masks), xp=torch, dtype=torch.float64)
+    seqs = layer.modulate(xs, masks)
+    assert seqs[1] is xs[1] and seqs[0].shape == xs[0].shape
+    assert tuple(layer.weight.shape) == (2, 2 * D, D)
+    assert "channels=6, num_modalities=3, guide=1, fuse='concat', pool='mean'" in repr(layer)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = GuidedZoomShift(D, 3, guide=1, dtype=torch.float64)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    torch.testing.assert_close(fresh(xs), layer(xs), rtol=0, atol=0)
+    layer.reset_parameters()
+    assert float(layer.weight.detach().abs().max()) == 0.0
+
+
+def test_guided_zoom_shift_errors():
+    layer = GuidedZoomShift(D, 2)
+    xs = _xs(2, (3, 4), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"GuidedZoomShift: expected 2 modalities, got 1 input tensors"):
+        layer(xs[:1])
+    with pytest.raises(ValueError, match=r"GuidedZoomShift: xs\[0\] must have shape \(B, T, 6\), got \(2, 6\)"):
+        layer([xs[0][:, 0], xs[1]])
+    with pytest.raises(TypeError, match=r"GuidedZoomShift: xs\[1\] has dtype torch.float64"):
+        layer([xs[0], xs[1].double()])
+    with pytest.raises(ValueError, match=r"guide=2 is out of range for 2 modalities"):
+        GuidedZoomShift(D, 2, guide=2)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def _compile_layers():
+    torch.manual_seed(0)
+    return {
+        "wander-cp": (WanderAdapter((D,) * 3, LENGTHS, 3, 2, 2), True),
+        "wander-collapsed": (WanderAdapter((D,) * 3, LENGTHS, 3, 2, 2, mode="collapsed"), True),
+        "zoomshift": (ZoomShift(D, 3, rounds=2, alpha=0.5), True),
+        "zoomshift-limit": (ZoomShift(D, 3, rounds=None, alpha=0.5, fuse="mean"), False),
+        "guided": (GuidedZoomShift(D, 3, guide=2), True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_compile_layers()))
+def test_compile_fullgraph(name):
+    layer, with_masks = _compile_layers()[name]
+    if isinstance(layer, GuidedZoomShift):
+        with torch.no_grad():
+            layer.weight.normal_(0, 0.1)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    xs = [x.requires_grad_() for x in _xs(3, dtype=torch.float32)]
+    masks = _masks(3) if with_masks else None
+    want = layer(xs, masks=masks)
+    got = compiled(xs, masks=masks)
+    torch.testing.assert_close(got, want)
+    leaves = [*xs, *layer.parameters()]
+    gw = torch.autograd.grad(want.square().sum(), leaves)
+    gg = torch.autograd.grad(got.square().sum(), leaves)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,365 @@
+"""The torch backend's sequence_fusion, wander and zoom_shift custom ops: values and gradients
+against the Array-API core and the reference, opcheck, gradcheck / gradgradcheck, dispatch under
+"auto", and what the backward saves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+import mmfuse  # noqa: E402
+import mmfuse.reference as ref  # noqa: E402
+from mmfuse.backends import _registry, lookup  # noqa: E402
+from mmfuse.testing import assert_close  # noqa: E402
+
+tb = pytest.importorskip("mmfuse.backends.torch")
+from test_torch_backend import _OpLog  # noqa: E402
+
+
+def _leaf(a, dtype=torch.float64):
+    return torch.tensor(np.asarray(a), dtype=dtype, requires_grad=True)
+
+
+def _np(t):
+    return None if t is None else t.detach().numpy()
+
+
+@st.composite
+def seq_problems(draw):
+    n = draw(st.integers(1, 3))
+    return {
+        "lengths": draw(st.lists(st.integers(1, 5), min_size=n, max_size=n)),
+        "widths": draw(st.lists(st.integers(1, 3), min_size=n, max_size=n)),
+        "batch": draw(st.integers(1, 4)),
+        "r_h": draw(st.integers(1, 3)),
+        "r_t": draw(st.integers(1, 3)),
+        "n_out": draw(st.integers(1, 3)),
+        "out_dim": draw(st.integers(1, 3)),
+        "mode": draw(st.sampled_from(["cp", "collapsed"])),
+        "with_masks": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _seq_inputs(p):
+    rng = np.random.default_rng(p["seed"])
+    hs = [_leaf(rng.standard_normal((p["batch"], t, r))) for t, r in zip(p["lengths"], p["widths"])]
+    feats = [_leaf(rng.standard_normal((p["r_h"], r, p["out_dim"]))) for r in p["widths"]]
+    toks = [_leaf(rng.standard_normal((p["r_t"], t, p["n_out"]))) for t in p["lengths"]]
+    masks = None
+    if p["with_masks"]:
+        masks = [torch.tensor(rng.random((p["batch"], t)) < 0.6) for t in p["lengths"]]
+        masks[-1] = None  # an entry may be None
+    upstream = torch.tensor(rng.standard_normal((p["batch"], p["n_out"], p["out_dim"])))
+    return hs, feats, toks, masks, upstream
+
+
+def _grads(out, leaves, upstream):
+    return torch.autograd.grad((out * upstream).sum(), leaves, retain_graph=True)
+
+
+def _fd_check(f_ref, arr, grad_value, upstream, index, eps=1e-6):
+    """Central difference of the float64 reference along one entry of ``arr``."""
+    vals = []
+    for s in (1, -1):
+        a = arr.copy()
+        a[index] += s * eps
+        vals.append(f_ref(a))
+    fd = float(((vals[0] - vals[1]) / (2 * eps) * upstream).sum())
+    assert abs(fd - grad_value) <= 1e-6 * max(1.0, abs(fd)), (fd, grad_value)
+
+
+# --------------------------------------------------------------------------- sequence_fusion
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=seq_problems())
+def test_sequence_op_matches_core_and_reference(p):
+    hs, feats, toks, masks, upstream = _seq_inputs(p)
+    kw = {"mode": p["mode"], "masks": masks}
+    got = mmfuse.sequence_fusion(hs, feats, toks, **kw, backend="torch")
+    core = mmfuse.sequence_fusion(hs, feats, toks, **kw, backend="array_api")
+    np_masks = None if masks is None else [_np(k) for k in masks]
+
+    def reference(h0):
+        return ref.sequence_fusion([h0, *(_np(h) for h in hs[1:])], [_np(f) for f in feats],
+                                   [_np(t) for t in toks], mode=p["mode"], masks=np_masks)  # fmt: skip
+
+    assert_close(got, reference(_np(hs[0])), xp=torch, dtype=torch.float64)
+    assert_close(got, core)
+    leaves = [*hs, *feats, *toks]
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+    g0 = _grads(got, [hs[0]], upstream)[0]
+    _fd_check(reference, _np(hs[0]), float(g0[0, 0, 0]), upstream.numpy(), (0, 0, 0))
+
+
+def test_sequence_many_blocks_matches_core(monkeypatch):
+    """Several batch blocks and token-rank chunks (ragged) through forward and backward."""
+    from mmfuse._core import sequence as seq_core
+
+    monkeypatch.setattr(seq_core, "_CP_BLOCK_BYTES", 2 * 3 * 4 * 2 * 8)  # 2 (sample, j) pairs
+    seq_core.cp_blocking.cache_clear()
+    try:
+        p = {"lengths": [4, 3, 5], "widths": [2, 3, 2], "batch": 5, "r_h": 4, "r_t": 3,
+             "n_out": 3, "out_dim": 2, "mode": "cp", "with_masks": True, "seed": 1}  # fmt: skip
+        hs, feats, toks, masks, upstream = _seq_inputs(p)
+        assert seq_core.cp_blocking(5, 3, 3, 4, 2, 8) == (1, 2)
+        got = mmfuse.sequence_fusion(hs, feats, toks, masks=masks, backend="torch")
+        core = mmfuse.sequence_fusion(hs, feats, toks, masks=masks, backend="array_api")
+        assert_close(got, core)
+        leaves = [*hs, *feats, *toks]
+        for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+            assert_close(g, c, rtol=1e-10)
+    finally:
+        seq_core.cp_blocking.cache_clear()
+
+
+def test_sequence_only_needed_gradients_and_low_precision():
+    p = {"lengths": [4, 3], "widths": [2, 3], "batch": 3, "r_h": 2, "r_t": 2, "n_out": 2,
+         "out_dim": 3, "mode": "cp", "with_masks": False, "seed": 2}  # fmt: skip
+    hs, feats, toks, _, upstream = _seq_inputs(p)
+    frozen = [h.detach() for h in hs]
+    part = [toks[0], toks[1].detach()]
+    got = mmfuse.sequence_fusion(frozen, feats, part, backend="torch")
+    core = mmfuse.sequence_fusion(frozen, feats, part, backend="array_api")
+    for g, c in zip(_grads(got, [*feats, toks[0]], upstream), _grads(core, [*feats, toks[0]], upstream)):
+        assert_close(g, c, rtol=1e-10)
+    cast = [t.detach().bfloat16().requires_grad_() for t in (*hs, *feats, *toks)]
+    low = mmfuse.sequence_fusion(cast[:2], cast[2:4], cast[4:], backend="torch")
+    assert low.dtype == torch.bfloat16
+    assert_close(low.double(), mmfuse.sequence_fusion(hs, feats, toks, backend="array_api"), rtol=5e-2)
+    grads = torch.autograd.grad((low * upstream.bfloat16()).sum(), cast)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * len(cast)
+
+
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_sequence_opcheck_gradcheck(mode):
+    p = {"lengths": [3, 2], "widths": [2, 1], "batch": 2, "r_h": 2, "r_t": 2, "n_out": 2,
+         "out_dim": 2, "mode": mode, "with_masks": True, "seed": 3}  # fmt: skip
+    hs, feats, toks, masks, upstream = _seq_inputs(p)
+    masks[0][:, 0] = True
+    op_masks = [masks[0], None]
+    torch.library.opcheck(torch.ops.mmfuse.sequence_fusion.default, (hs, feats, toks, mode, op_masks))
+    torch.library.opcheck(
+        torch.ops.mmfuse.sequence_fusion_backward.default,
+        (upstream, [h.detach() for h in hs], [f.detach() for f in feats], [t.detach() for t in toks],
+         mode, op_masks, [True, False, True, True, False, True]),
+    )  # fmt: skip
+
+    def f(*a):
+        return torch.ops.mmfuse.sequence_fusion(list(a[:2]), list(a[2:4]), list(a[4:]), mode, op_masks)
+
+    args = (*hs, *feats, *toks)
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_sequence_backward_saves_only_the_inputs():
+    """No per-modality (B, R_t T_out, R_h D) term is kept for backward (the core keeps them)."""
+    p = {"lengths": [6, 5], "widths": [3, 3], "batch": 4, "r_h": 3, "r_t": 4, "n_out": 5,
+         "out_dim": 6, "mode": "cp", "with_masks": True, "seed": 4}  # fmt: skip
+    hs, feats, toks, masks, _ = _seq_inputs(p)
+    inputs = {t.data_ptr() for t in (*hs, *feats, *toks, *(k for k in masks if k is not None))}
+    saved = []
+
+    def pack(t):
+        saved.append((t.data_ptr(), tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mmfuse.sequence_fusion(hs, feats, toks, masks=masks, backend="torch")
+    assert saved and all(ptr in inputs for ptr, _ in saved), saved
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mmfuse.sequence_fusion(hs, feats, toks, masks=masks, backend="array_api")
+    assert any(shape == (4, 4 * 5, 3 * 6) for _, shape in saved)
+
+
+def test_double_backward_path_equals_fast_path():
+    p = {"lengths": [3, 4], "widths": [2, 2], "batch": 3, "r_h": 2, "r_t": 3, "n_out": 2,
+         "out_dim": 2, "mode": "cp", "with_masks": True, "seed": 5}  # fmt: skip
+    hs, feats, toks, masks, upstream = _seq_inputs(p)
+    out = mmfuse.sequence_fusion(hs, feats, toks, masks=masks, backend="torch")
+    leaves = [*hs, *feats, *toks]
+    fast = torch.autograd.grad((out * upstream).sum(), leaves, retain_graph=True)
+    slow = torch.autograd.grad((out * upstream).sum(), leaves, create_graph=True)
+    for a, b in zip(fast, slow):
+        assert_close(a, b.detach(), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- wander
+
+
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_wander_torch_matches_core_and_reference(mode, activation):
+    rng = np.random.default_rng(6)
+    xs = [_leaf(rng.standard_normal((3, t, 5))) for t in (4, 6, 3)]
+    params = mmfuse.init_wander([5, 5, 5], [4, 6, 3], rank=3, feature_rank=2, token_rank=2,
+                                out_dim=5, seed=1, xp=torch, dtype=torch.float64)  # fmt: skip
+    leaves = [*xs]
+    for w, b in params["down"]:
+        leaves += [w.requires_grad_(), b.requires_grad_()]
+    leaves += [f.requires_grad_() for f in params["feature"]] + [t.requires_grad_() for t in params["token"]]
+    masks = [torch.tensor(rng.random((3, t)) < 0.7) for t in (4, 6, 3)]
+    kw = {"mode": mode, "masks": masks, "activation": activation}
+    got = mmfuse.wander(xs, params, **kw, backend="torch")
+    core = mmfuse.wander(xs, params, **kw, backend="array_api")
+    np_params = {"down": [(_np(w), _np(b)) for w, b in params["down"]],
+                 "feature": [_np(f) for f in params["feature"]], "token": [_np(t) for t in params["token"]]}  # fmt: skip
+    want = ref.wander([_np(x) for x in xs], np_params, mode=mode, masks=[_np(k) for k in masks],
+                      activation=activation)  # fmt: skip
+    assert_close(got, want, xp=torch, dtype=torch.float64)
+    assert_close(got, core, rtol=1e-12)
+    upstream = torch.tensor(rng.standard_normal(tuple(got.shape)))
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- zoom_shift
+
+
+@st.composite
+def zs_problems(draw):
+    return {
+        "batch": draw(st.integers(1, 3)),
+        "t_x": draw(st.integers(2, 6)),
+        "t_g": draw(st.integers(2, 6)),
+        "channels": draw(st.integers(1, 3)),
+        "alpha": draw(st.sampled_from([1.0, 0.5, 0.25])),
+        "eps": draw(st.sampled_from([1e-5, 0.0, 0.3])),
+        "with_masks": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _zs_inputs(p):
+    rng = np.random.default_rng(p["seed"])
+    x = _leaf(rng.standard_normal((p["batch"], p["t_x"], p["channels"])))
+    g = _leaf(3 + 2 * rng.standard_normal((p["batch"], p["t_g"], p["channels"])))
+    mask = guide_mask = None
+    if p["with_masks"]:
+        mask = torch.tensor(rng.random((p["batch"], p["t_x"])) < 0.6)
+        mask[:, :2] = True  # at least two tokens count: a spread to zoom
+        guide_mask = torch.tensor(rng.random((p["batch"], p["t_g"])) < 0.6)
+        guide_mask[:, -2:] = True
+    return x, g, mask, guide_mask, torch.tensor(rng.standard_normal(tuple(x.shape)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(p=zs_problems())
+def test_zoom_shift_op_matches_core_and_reference(p):
+    x, g, mask, guide_mask, upstream = _zs_inputs(p)
+    kw = {"alpha": p["alpha"], "mask": mask, "guide_mask": guide_mask, "eps": p["eps"]}
+    got = mmfuse.zoom_shift(x, g, **kw, backend="torch")
+    core = mmfuse.zoom_shift(x, g, **kw, backend="array_api")
+    np_kw = {**kw, "mask": _np(mask), "guide_mask": _np(guide_mask)}
+
+    def reference(x0):
+        return ref.zoom_shift(x0, _np(g), **np_kw)
+
+    assert_close(got, reference(_np(x)), xp=torch, dtype=torch.float64)
+    assert_close(got, core, rtol=1e-12)
+    for a, b in zip(_grads(got, [x, g], upstream), _grads(core, [x, g], upstream)):
+        assert_close(a, b, rtol=1e-9)
+    gx = _grads(got, [x], upstream)[0]
+    _fd_check(reference, _np(x), float(gx[0, 1, 0]), upstream.numpy(), (0, 1, 0))
+
+
+def test_zoom_shift_channel_axis_and_low_precision():
+    rng = np.random.default_rng(7)
+    x = _leaf(rng.standard_normal((3, 1, 6)))
+    g = _leaf(rng.standard_normal((3, 1, 4)))
+    got = mmfuse.zoom_shift(x, g, axis=-1, alpha=0.5, backend="torch")
+    core = mmfuse.zoom_shift(x, g, axis=-1, alpha=0.5, backend="array_api")
+    assert_close(got, core, rtol=1e-12)
+    up = torch.randn(3, 1, 6, dtype=torch.float64)
+    for a, b in zip(_grads(got, [x, g], up), _grads(core, [x, g], up)):
+        assert_close(a, b, rtol=1e-9)
+    xh, gh = x.detach().bfloat16().requires_grad_(), g.detach().bfloat16().requires_grad_()
+    low = mmfuse.zoom_shift(xh, gh, axis=-1, backend="torch")
+    assert low.dtype == torch.bfloat16
+    assert_close(low.double(), mmfuse.zoom_shift(x, g, axis=-1, backend="array_api"), rtol=5e-2)
+    assert torch.autograd.grad(low.sum(), xh)[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_zoom_shift_opcheck_gradcheck(alpha):
+    p = {"batch": 2, "t_x": 4, "t_g": 3, "channels": 2, "alpha": alpha, "eps": 1e-5,
+         "with_masks": True, "seed": 8}  # fmt: skip
+    x, g, mask, guide_mask, _ = _zs_inputs(p)
+    torch.library.opcheck(torch.ops.mmfuse.zoom_shift.default, (x, g, alpha, -2, mask, guide_mask, 1e-5))
+
+    def f(x, g):
+        return torch.ops.mmfuse.zoom_shift(x, g, alpha, -2, mask, guide_mask, 1e-5)
+
+    assert torch.autograd.gradcheck(f, (x, g))
+    assert torch.autograd.gradgradcheck(f, (x, g))
+
+
+def test_zoom_shift_backward_saves_only_the_inputs():
+    x, g, mask, guide_mask, _ = _zs_inputs({"batch": 2, "t_x": 5, "t_g": 4, "channels": 3, "alpha": 0.5,
+                                            "eps": 1e-5, "with_masks": True, "seed": 9})  # fmt: skip
+    inputs = {t.data_ptr() for t in (x, g, mask, guide_mask)}
+    saved = []
+
+    def pack(t):
+        saved.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mmfuse.zoom_shift(x, g, alpha=0.5, mask=mask, guide_mask=guide_mask, backend="torch")
+    assert saved and all(ptr in inputs for ptr in saved)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@pytest.mark.parametrize("op", ["sequence_fusion", "wander", "zoom_shift"])
+def test_auto_runs_the_custom_op(op):
+    rng = np.random.default_rng(10)
+    if op == "zoom_shift":
+        x, g = _leaf(rng.standard_normal((2, 4, 3))), _leaf(rng.standard_normal((2, 5, 3)))
+
+        def call(**kw):
+            return mmfuse.zoom_shift(x, g, alpha=0.5, **kw)
+
+        like, custom = x, "mmfuse.zoom_shift.default"
+    elif op == "sequence_fusion":
+        p = {"lengths": [3, 2], "widths": [2, 2], "batch": 2, "r_h": 2, "r_t": 2, "n_out": 2,
+             "out_dim": 2, "mode": "cp", "with_masks": True, "seed": 11}  # fmt: skip
+        hs, feats, toks, masks, _ = _seq_inputs(p)
+
+        def call(**kw):
+            return mmfuse.sequence_fusion(hs, feats, toks, masks=masks, **kw)
+
+        like, custom = hs[0], "mmfuse.sequence_fusion.default"
+    else:
+        xs = [_leaf(rng.standard_normal((2, t, 4))) for t in (3, 5)]
+        params = mmfuse.init_wander([4, 4], [3, 5], rank=2, feature_rank=2, token_rank=2, out_dim=4,
+                                    seed=0, xp=torch, dtype=torch.float64)  # fmt: skip
+
+        def call(**kw):
+            return mmfuse.wander(xs, params, **kw)
+
+        like, custom = xs[0], "mmfuse.sequence_fusion.default"
+    assert lookup(op, "auto", like=like) is tb.__dict__[op]
+    assert _registry._IMPLS[op]["torch"].priority > _registry._IMPLS[op]["array_api"].priority
+    with mmfuse.config_context(backend="auto"), _OpLog() as log:
+        out = call()
+    assert custom in log.ops
+    with _OpLog() as log:
+        call(backend="array_api")
+    assert custom not in log.ops
+    if op != "wander":  # the backward ran the analytic formula, not autograd through the core
+        assert type(out.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_" + op)
+
+
+def test_torch_backend_refuses_numpy():
+    with pytest.raises(TypeError, match=r"backend 'torch' cannot take numpy arrays .* needs torch tensors"):
+        mmfuse.zoom_shift(np.ones((2, 3, 1)), np.ones((2, 3, 1)), backend="torch")
