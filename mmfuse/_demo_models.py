@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import mmfuse
+from mmfuse.nn import WanderAdapter
+from mmfuse.nn import ZoomShift as ZoomShiftLayer
 
 
 class Encoders(nn.Module):
@@ -79,40 +80,24 @@ class Fused(nn.Module):
 
 
 class Wander(nn.Module):
-    """Per-token encoders -> the Wander adapter (mmfuse.wander) -> mean over tokens -> classifier."""
+    """Per-token encoders -> :class:`mmfuse.nn.WanderAdapter` -> mean over tokens -> classifier."""
 
     def __init__(
         self, dims: Sequence[int], lengths: Sequence[int], n_classes: int, hidden: int, init: str
     ) -> None:
         super().__init__()
-        self.n = len(dims)
         self.enc = Encoders(dims, hidden)
-        p = mmfuse.init_wander(
-            [hidden] * self.n,
-            lengths,
-            rank=8,
-            feature_rank=4,
-            token_rank=4,
-            out_dim=hidden,
-            seed=0,
-            xp=torch,
-            dtype=torch.float32,
-            init=init,
-        )
-        self.down = nn.ParameterList(nn.Parameter(t) for pair in p["down"] for t in pair)
-        self.feature = nn.ParameterList(nn.Parameter(t) for t in p["feature"])
-        self.token = nn.ParameterList(nn.Parameter(t) for t in p["token"])
+        self.adapter = WanderAdapter([hidden] * len(dims), lengths, 8, 4, 4, init=init)
         self.head = nn.Linear(hidden, n_classes)
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        down = [(self.down[2 * m], self.down[2 * m + 1]) for m in range(self.n)]
-        params = {"down": down, "feature": list(self.feature), "token": list(self.token)}
-        return self.head(mmfuse.wander(self.enc(xs), params).mean(dim=1))
+        return self.head(self.adapter(self.enc(xs)).mean(dim=1))
 
 
 class ZoomShift(nn.Module):
-    """Encoders to token sequences -> Zoom-and-Shift alignment (closed-form limit, alpha 0.5)
-    -> mean over tokens, concatenated -> classifier.  Vector encodings are split into 4 tokens."""
+    """Encoders to token sequences -> :class:`mmfuse.nn.ZoomShift` (closed-form limit of the
+    alternating rounds, alpha 0.5; mean-pooled and concatenated) -> classifier.  Vector
+    encodings are split into 4 tokens of ``hidden`` channels."""
 
     def __init__(
         self, dims: Sequence[int], lengths: Sequence[int] | None, n_classes: int, hidden: int
@@ -120,10 +105,11 @@ class ZoomShift(nn.Module):
         super().__init__()
         self.hidden, self.vectors = hidden, lengths is None
         self.enc = Encoders(dims, hidden * 4 if self.vectors else hidden)
+        self.align = ZoomShiftLayer(hidden, len(dims), fuse="concat", rounds=None, alpha=0.5)
         self.head = nn.Linear(hidden * len(dims), n_classes)
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         hs = self.enc(xs)
         if self.vectors:
             hs = [h.reshape(h.shape[0], 4, self.hidden) for h in hs]
-        return self.head(mmfuse.zoom_shift_fusion(hs, fuse="concat", alpha=0.5, rounds=None))
+        return self.head(self.align(hs))
