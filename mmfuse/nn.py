@@ -90,9 +90,7 @@ def _check_inputs(
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{layer}: xs[{m}] must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != in_dims[m]:
-            raise ValueError(
-                f"{layer}: xs[{m}] must have shape (B, {in_dims[m]}), got {_fmt(x.shape)}"
-            )
+            raise ValueError(f"{layer}: xs[{m}] must have shape (B, {in_dims[m]}), got {_fmt(x.shape)}")
         if x.dtype != dtype:
             raise TypeError(
                 f"{layer}: xs[{m}] has dtype {x.dtype} but the layer's parameters have dtype "
@@ -119,10 +117,64 @@ def _factory(device: Any, dtype: Any) -> dict[str, Any]:
     return {"device": device, "dtype": dtype}
 
 
+def _register_bias(module: nn.Module, bias: bool, out_dim: int, fk: dict[str, Any]) -> None:
+    """An (h,) ``bias`` parameter, or a registered ``None`` (so ``layer.bias`` always exists)."""
+    if bias:
+        module.bias = nn.Parameter(torch.empty(out_dim, **fk))
+    else:
+        module.register_parameter("bias", None)
+
+
+class _RankedFusion(nn.Module):
+    """Construction shared by the rank-R fusion layers (:class:`LowRankFusion`, :class:`CPFusion`).
+
+    Subclasses say which factor shapes they hold (``_factor_shapes``) and how to draw them
+    (``reset_parameters``).
+    """
+
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        in_dims: Sequence[int],
+        out_dim: int,
+        rank: int,
+        *,
+        append_one: bool = True,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        fk = _factory(device, dtype)
+        self.in_dims = _check_dims(in_dims)
+        self.out_dim = _check_positive("out_dim", out_dim)
+        self.rank = _check_positive("rank", rank)
+        self.append_one = bool(append_one)
+        self.factors = nn.ParameterList(
+            [nn.Parameter(torch.empty(shape, **fk)) for shape in self._factor_shapes()]
+        )
+        self.weights = nn.Parameter(torch.empty(self.rank, **fk))
+        _register_bias(self, bias, self.out_dim, fk)
+        self.reset_parameters()
+
+    def _factor_shapes(self) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_dims={list(self.in_dims)}, out_dim={self.out_dim}, rank={self.rank}, "
+            f"append_one={self.append_one}, bias={self.bias is not None}"
+        )
+
+
 # --------------------------------------------------------------------------- LowRankFusion
 
 
-class LowRankFusion(nn.Module):
+class LowRankFusion(_RankedFusion):
     r"""Low-rank Multimodal Fusion (LMF, Liu et al. 2018, Eq. 8) as a layer.
 
     Parameters
@@ -156,33 +208,9 @@ class LowRankFusion(nn.Module):
     Load LMF's released weights with :meth:`from_lmf`.
     """
 
-    def __init__(
-        self,
-        in_dims: Sequence[int],
-        out_dim: int,
-        rank: int,
-        *,
-        append_one: bool = True,
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__()
-        fk = _factory(device, dtype)
-        self.in_dims = _check_dims(in_dims)
-        self.out_dim = _check_positive("out_dim", out_dim)
-        self.rank = _check_positive("rank", rank)
-        self.append_one = bool(append_one)
+    def _factor_shapes(self) -> list[tuple[int, ...]]:
         extra = int(self.append_one)
-        self.factors = nn.ParameterList(
-            [nn.Parameter(torch.empty(self.rank, d + extra, self.out_dim, **fk)) for d in self.in_dims]
-        )
-        self.weights = nn.Parameter(torch.empty(self.rank, **fk))
-        if bias:
-            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(self.out_dim, **fk))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        return [(self.rank, d + extra, self.out_dim) for d in self.in_dims]
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -191,12 +219,6 @@ class LowRankFusion(nn.Module):
             self.weights.fill_(1.0 / self.rank)
             if self.bias is not None:
                 self.bias.zero_()
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_dims={list(self.in_dims)}, out_dim={self.out_dim}, rank={self.rank}, "
-            f"append_one={self.append_one}, bias={self.bias is not None}"
-        )
 
     def forward(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> torch.Tensor:
         xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
@@ -249,9 +271,7 @@ class LowRankFusion(nn.Module):
             raise ValueError("factors must hold at least 1 modality factor, got 0")
         for m, f in enumerate(factors):
             if f.dim() != 3 or f.shape[1] < 2:
-                raise ValueError(
-                    f"factors[{m}] must have LMF's shape (R, d_m + 1, h), got {_fmt(f.shape)}"
-                )
+                raise ValueError(f"factors[{m}] must have LMF's shape (R, d_m + 1, h), got {_fmt(f.shape)}")
         rank, _, out_dim = factors[0].shape
         for m, f in enumerate(factors):
             if f.shape[0] != rank or f.shape[2] != out_dim:
@@ -283,7 +303,7 @@ class LowRankFusion(nn.Module):
 # --------------------------------------------------------------------------- CPFusion
 
 
-class CPFusion(nn.Module):
+class CPFusion(_RankedFusion):
     r"""TFN whose weight tensor is a learned CP decomposition (TensorLy layout) as a layer.
 
     Parameters
@@ -312,34 +332,10 @@ class CPFusion(nn.Module):
     ``tensorly`` CPTensor or a ``(weights, factors)`` pair.
     """
 
-    def __init__(
-        self,
-        in_dims: Sequence[int],
-        out_dim: int,
-        rank: int,
-        *,
-        append_one: bool = True,
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__()
-        fk = _factory(device, dtype)
-        self.in_dims = _check_dims(in_dims)
-        self.out_dim = _check_positive("out_dim", out_dim)
-        self.rank = _check_positive("rank", rank)
-        self.append_one = bool(append_one)
+    def _factor_shapes(self) -> list[tuple[int, ...]]:
         extra = int(self.append_one)
-        self.weights = nn.Parameter(torch.empty(self.rank, **fk))
-        self.factors = nn.ParameterList(
-            [nn.Parameter(torch.empty(d + extra, self.rank, **fk)) for d in self.in_dims]
-            + [nn.Parameter(torch.empty(self.out_dim, self.rank, **fk))]
-        )
-        if bias:
-            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(self.out_dim, **fk))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        shapes: list[tuple[int, ...]] = [(d + extra, self.rank) for d in self.in_dims]
+        return [*shapes, (self.out_dim, self.rank)]
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -349,12 +345,6 @@ class CPFusion(nn.Module):
             self.weights.fill_(1.0)
             if self.bias is not None:
                 self.bias.zero_()
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_dims={list(self.in_dims)}, out_dim={self.out_dim}, rank={self.rank}, "
-            f"append_one={self.append_one}, bias={self.bias is not None}"
-        )
 
     def forward(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> torch.Tensor:
         xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
@@ -445,6 +435,8 @@ class TensorFusion(nn.Module):
     variance for unit-variance inputs) and zeroes the bias.
     """
 
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         in_dims: Sequence[int],
@@ -470,10 +462,7 @@ class TensorFusion(nn.Module):
                 f"max_elements={self.max_elements}; use LowRankFusion, or raise max_elements"
             )
         self.weight = nn.Parameter(torch.empty(shape, **fk))
-        if bias:
-            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(self.out_dim, **fk))
-        else:
-            self.register_parameter("bias", None)
+        _register_bias(self, bias, self.out_dim, fk)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -871,9 +860,11 @@ class ZoomShift(nn.Module):
             raise ValueError(f"hub={hub} is out of range for {self.num_modalities} modalities")
         self.hub = int(hub) % self.num_modalities
         self.fuse, self.pool, self.schedule, self.topology = fuse, pool, schedule, topology
-        if self.rounds is None and _align.core.limit_weights(
-            self.num_modalities, self.alpha, schedule, topology, self.hub
-        ) is None:
+        if (
+            self.rounds is None
+            and _align.core.limit_weights(self.num_modalities, self.alpha, schedule, topology, self.hub)
+            is None
+        ):
             raise ValueError("rounds=None: Jacobi consensus with M = 2 and alpha = 1 has no limit")
         self.device = device
         self.dtype = dtype
