@@ -754,48 +754,11 @@ def _align_torch(
     the statistics, one affine map per modality), for ``torch.compile``."""
     from ._core import align as align_core
 
-    n = len(xs)
     stats = [_masked_stats(x, k) for x, k in zip(xs, masks)]
-    if rounds is None:
-        # the undecorated function: Dynamo warns on lru_cache wrappers
-        w = align_core.limit_weights.__wrapped__(n, float(alpha), schedule, topology, hub)
-        assert w is not None  # the layer refuses the one case without a limit
-        sigmas = [torch.sqrt(v + eps) for _, v in stats]
-        mu_star: Any = 0.0
-        log_star: Any = 0.0
-        for wj, (mu, _), sigma in zip(w, stats, sigmas):
-            mu_star = mu_star + wj * mu
-            log_star = log_star + wj * torch.log(sigma)
-        sigma_star = torch.exp(log_star)
-        out = []
-        for x, (mu, _), sigma in zip(xs, stats, sigmas):
-            s, _ = _ops._zs_scale(sigma, sigma_star, 1.0)
-            out.append(x * s + (mu_star - mu * s))
-        return out
-    mus = [m for m, _ in stats]
-    vars_ = [v for _, v in stats]
-    scales: list[Any] = [1.0] * n
-    offsets: list[Any] = [0.0] * n
-    for _ in range(rounds):
-        src_mu, src_var = (list(mus), list(vars_)) if schedule == "jacobi" else (mus, vars_)
-        for i in range(n):
-            if topology == "hub":
-                if i == hub:
-                    continue
-                mu_t: Any = src_mu[hub]
-                sigma_t = torch.sqrt(src_var[hub] + eps)
-            else:
-                others = [j for j in range(n) if j != i]
-                mu_t = sum(src_mu[j] for j in others) / (n - 1)
-                logs: Any = sum(torch.log(torch.sqrt(src_var[j] + eps)) for j in others)
-                sigma_t = torch.exp(logs / (n - 1))
-            s, _ = _ops._zs_scale(torch.sqrt(vars_[i] + eps), sigma_t, alpha)
-            step = mus[i] * (1 - s) + alpha * (mu_t - mus[i])
-            scales[i] = s * scales[i]
-            offsets[i] = s * offsets[i] + step
-            mus[i] = mus[i] + alpha * (mu_t - mus[i])
-            vars_[i] = s * s * vars_[i]
-    return [x * s + t for x, s, t in zip(xs, scales, offsets)]
+    maps = align_core.affine_maps(
+        stats, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, eps=eps, xp=torch
+    )
+    return [x * s + t for x, (s, t) in zip(xs, maps)]
 
 
 class ZoomShift(nn.Module):

@@ -266,7 +266,9 @@ def test_zoom_shift_op_matches_core_and_reference(p):
     assert_close(got, reference(_np(x)), xp=torch, dtype=torch.float64)
     assert_close(got, core, rtol=1e-12)
     for a, b in zip(_grads(got, [x, g], upstream), _grads(core, [x, g], upstream)):
-        assert_close(a, b, rtol=1e-9)
+        # some gradients are zero in exact arithmetic (e.g. the guide's at alpha = 1 with a
+        # sum-free upstream): judge those on the inputs' O(1) scale, not on their own
+        assert_close(a, b, rtol=1e-9, atol=1e-12)
     gx = _grads(got, [x], upstream)[0]
     _fd_check(reference, _np(x), float(gx[0, 1, 0]), upstream.numpy(), (0, 1, 0))
 

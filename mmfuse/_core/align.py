@@ -172,9 +172,7 @@ def _square_sum(ndim: int, axis: int) -> str:
     return f"{letters},{letters}->{letters.replace(letters[axis], '')}"
 
 
-def _block_stats(
-    xb: Any, axis: int, mb: Any, dev: Any, masked: Any, mean_out: Any, var_out: Any
-) -> None:
+def _block_stats(xb: Any, axis: int, mb: Any, dev: Any, masked: Any, mean_out: Any, var_out: Any) -> None:
     """Mean and variance of one block into ``mean_out`` / ``var_out``.
 
     ``dev`` receives ``x - mean`` for every token (masked ones too); ``masked`` (needed only
@@ -238,11 +236,13 @@ def shift(x: Any, offset: Any) -> Any:
 
 
 def _scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
-    """``(target / sigma) ** alpha``, and 1 where ``sigma == 0`` (no spread: nothing to zoom)."""
-    one = xp.ones((), dtype=sigma.dtype, device=device_of(sigma))
+    """``(target / sigma) ** alpha``, and 1 where ``sigma == 0`` (no spread: nothing to zoom).
+
+    Uses only ``where`` with a Python scalar, so it also traces under ``torch.compile``.
+    """
     live = sigma > 0
-    ratio = target / xp.where(live, sigma, one)
-    return xp.where(live, ratio if alpha == 1.0 else ratio**alpha, one)
+    ratio = target / xp.where(live, sigma, 1.0)
+    return xp.where(live, ratio if alpha == 1.0 else ratio**alpha, 1.0)
 
 
 def _apply(x: Any, scale: Any, offset: Any) -> Any:
@@ -330,10 +330,7 @@ def _zoom_shift_numpy(
 # --------------------------------------------------------------------------- alignment
 
 
-@lru_cache(maxsize=256)
-def limit_weights(
-    n: int, alpha: float, schedule: str, topology: str, hub: int
-) -> tuple[float, ...] | None:
+def limit_weights(n: int, alpha: float, schedule: str, topology: str, hub: int) -> tuple[float, ...] | None:
     """Weights w with ``z_i -> sum_j w_j z_j`` for every modality i as rounds -> infinity.
 
     ``z`` is either coordinate of the statistics ``(mu, log sigma)``: both follow the same
@@ -371,15 +368,17 @@ def affine_maps(
     topology: str,
     hub: int,
     eps: float,
+    xp: Any = None,
 ) -> list[tuple[Any, Any]]:
     """Per-modality ``(S, T)`` such that ``align``'s output is ``S * x + T``.
 
     ``stats`` holds each modality's ``(mean, var)``.  Finite rounds replay the definition on
     the statistics exactly (each zoom multiplies the variance by ``s**2``, each shift moves
     the mean; sigma is re-taken as ``sqrt(var + eps)`` every round, as re-measuring would);
-    ``rounds=None`` jumps to the closed-form limit.
+    ``rounds=None`` jumps to the closed-form limit.  ``xp`` may be given to skip the namespace
+    lookup (the torch layers pass ``torch`` itself under ``torch.compile``).
     """
-    xp = array_namespace(stats[0][0])
+    xp = array_namespace(stats[0][0]) if xp is None else xp
     n = len(stats)
     if rounds is None:
         return _limit_maps(xp, stats, alpha, schedule, topology, hub, eps)
@@ -470,8 +469,13 @@ def align(
     ax = axis % xs[0].ndim
     stats = [raw_moments(x, ax, m) for x, m in zip(xs, masks)]
     maps = affine_maps(
-        stats, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
-        hub=hub % len(xs), eps=eps,
+        stats,
+        rounds=rounds,
+        alpha=alpha,
+        schedule=schedule,
+        topology=topology,
+        hub=hub % len(xs),
+        eps=eps,
     )
     return [_apply(x, s, t) for x, (s, t) in zip(xs, maps)]
 
