@@ -73,24 +73,26 @@ def _check_positive(name: str, value: int) -> int:
     return int(value)
 
 
-def _check_inputs(
-    xs: Any, in_dims: tuple[int, ...], dtype: torch.dtype, present: Any, layer: str
+def _check_modality_tensors(
+    xs: Any, shapes: Sequence[tuple[int | None, ...]], dtype: torch.dtype, layer: str, count_note: str = ""
 ) -> list[torch.Tensor]:
-    """Layer-boundary checks: count, tensor-ness, 2-D shape, feature sizes, dtype, batch."""
+    """Layer-boundary checks shared by every layer: a list or tuple of one tensor per modality,
+    ``xs[m]`` of shape ``shapes[m]`` (``None``: any size; axis 0 is the batch, axis 1 of a
+    3-D input the tokens), of the layer's dtype, all with one batch size."""
     if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(
             f"{layer}: xs must be a list or tuple of tensors (one per modality), got {type(xs).__name__}"
         )
-    n = len(in_dims)
+    n = len(shapes)
     if len(xs) != n:
-        raise ValueError(
-            f"{layer}: expected {n} modalities (in_dims={list(in_dims)}), got {len(xs)} input tensors"
-        )
-    for m, x in enumerate(xs):
+        raise ValueError(f"{layer}: expected {n} modalities{count_note}, got {len(xs)} input tensors")
+    for m, (x, shape) in enumerate(zip(xs, shapes)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{layer}: xs[{m}] must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != in_dims[m]:
-            raise ValueError(f"{layer}: xs[{m}] must have shape (B, {in_dims[m]}), got {_fmt(x.shape)}")
+        fits = x.dim() == len(shape) and all(w is None or x.shape[k] == w for k, w in enumerate(shape))
+        if not fits:
+            want = ", ".join(str(w) if w is not None else "BT"[k] for k, w in enumerate(shape))
+            raise ValueError(f"{layer}: xs[{m}] must have shape ({want}), got {_fmt(x.shape)}")
         if x.dtype != dtype:
             raise TypeError(
                 f"{layer}: xs[{m}] has dtype {x.dtype} but the layer's parameters have dtype "
@@ -103,14 +105,24 @@ def _check_inputs(
                 f"{layer}: xs[{m}] has batch size {x.shape[0]} (shape {_fmt(x.shape)}) but xs[0] "
                 f"has batch size {batch} (shape {_fmt(xs[0].shape)})"
             )
+    return list(xs)
+
+
+def _check_inputs(
+    xs: Any, in_dims: tuple[int, ...], dtype: torch.dtype, present: Any, layer: str
+) -> list[torch.Tensor]:
+    """Checks for (B, d_m) inputs and the optional (B, M) boolean ``present``."""
+    shapes = [(None, d) for d in in_dims]
+    xs = _check_modality_tensors(xs, shapes, dtype, layer, f" (in_dims={list(in_dims)})")
     if present is not None:
+        batch, n = xs[0].shape[0], len(in_dims)
         if not isinstance(present, torch.Tensor) or present.dtype != torch.bool:
             raise TypeError(f"{layer}: present must be a boolean tensor of shape (B, M)")
         if tuple(present.shape) != (batch, n):
             raise ValueError(
                 f"{layer}: present must have shape (B, M) = ({batch}, {n}), got {_fmt(present.shape)}"
             )
-    return list(xs)
+    return xs
 
 
 def _factory(device: Any, dtype: Any) -> dict[str, Any]:
@@ -499,33 +511,9 @@ def _check_seq_inputs(
     layer: str,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None] | None]:
     """Layer-boundary checks for (B, T_m, d_m) inputs and their (B, T_m) boolean masks."""
-    if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
-        raise TypeError(
-            f"{layer}: xs must be a list or tuple of tensors (one per modality), got {type(xs).__name__}"
-        )
     n = len(dims)
-    if len(xs) != n:
-        raise ValueError(f"{layer}: expected {n} modalities, got {len(xs)} input tensors")
-    for m, x in enumerate(xs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{layer}: xs[{m}] must be a torch.Tensor, got {type(x).__name__}")
-        t_want = "T" if lengths is None else str(lengths[m])
-        if x.dim() != 3 or x.shape[2] != dims[m] or (lengths is not None and x.shape[1] != lengths[m]):
-            raise ValueError(
-                f"{layer}: xs[{m}] must have shape (B, {t_want}, {dims[m]}), got {_fmt(x.shape)}"
-            )
-        if x.dtype != dtype:
-            raise TypeError(
-                f"{layer}: xs[{m}] has dtype {x.dtype} but the layer's parameters have dtype "
-                f"{dtype}; cast the input or the layer (layer.to(dtype))"
-            )
-    batch = xs[0].shape[0]
-    for m, x in enumerate(xs):
-        if x.shape[0] != batch:
-            raise ValueError(
-                f"{layer}: xs[{m}] has batch size {x.shape[0]} (shape {_fmt(x.shape)}) but xs[0] "
-                f"has batch size {batch} (shape {_fmt(xs[0].shape)})"
-            )
+    shapes = [(None, None if lengths is None else lengths[m], d) for m, d in enumerate(dims)]
+    xs = _check_modality_tensors(xs, shapes, dtype, layer)
     if masks is None:
         return list(xs), None
     if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)) or len(masks) != n:
