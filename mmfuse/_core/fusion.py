@@ -304,3 +304,101 @@ def cp_to_lowrank(cp: tuple[Any, list[Any]]) -> tuple[list[Any], Any]:
 def intermediate_sizes(batch: int, dims: tuple[int, ...], out_dim: int) -> list[int]:
     """Element counts of tensor_fusion's intermediates: (B, D_{m+1}...D_M h) for m = 1..M."""
     return [batch * math.prod(dims[m:]) * out_dim for m in range(1, len(dims) + 1)]
+
+
+def lowrank_grads_numpy(
+    grad: Any,
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any,
+    append_one: bool,
+    present: Any,
+    needs: list[bool],
+) -> tuple[list[Any], list[Any], Any, Any]:
+    """Gradients of :func:`lowrank_fusion` for NumPy arrays, recomputing the projections.
+
+    ``needs`` flags ``[x_0..x_{M-1}, f_0..f_{M-1}, weights, bias]``; gradients not needed come
+    back as ``None``.  Per batch block: the M projections ``P_m`` are recomputed (one GEMM
+    each), and with ``G = g w`` broadcast over ranks, ``dL/dP_m = G prod_{k != m} P_k`` is
+    formed from prefix products and a running suffix product (no division, so exact zeros are
+    harmless).  Then ``dL/dx_m = dP_m W_m^T`` and ``dL/dW_m += x_m^T dP_m``.  Nothing of shape
+    (B, R h) is ever allocated; the torch backend's custom op calls this for CPU tensors.
+    """
+    import numpy as np
+
+    n_mod = len(xs)
+    rank, _, out_dim = factors[0].shape
+    width = rank * out_dim
+    dtype = grad.dtype
+    batch = grad.shape[0]
+    mats = [np.ascontiguousarray(np.transpose(f, (1, 0, 2)).reshape(f.shape[1], width)) for f in factors]
+    w = np.ones(rank, dtype=dtype) if weights is None else weights
+    need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
+    need_w, need_b = needs[2 * n_mod], needs[2 * n_mod + 1]
+    gx: list[Any] = [np.empty(x.shape, dtype=dtype) if need_x[m] else None for m, x in enumerate(xs)]
+    gmat: list[Any] = [np.zeros_like(mat) if need_f[m] else None for m, mat in enumerate(mats)]
+    gw: Any = np.zeros(rank, dtype=dtype) if need_w else None
+
+    row_bytes = (2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width) * dtype.itemsize
+    rows = min(_block_rows(batch, row_bytes, 1), batch)
+    proj = [np.empty((rows, width), dtype=dtype) for _ in range(n_mod)]
+    # prefix[m] = P_0 * ... * P_{m-1} for m >= 1
+    prefix: list[Any] = [None] + [np.empty((rows, width), dtype=dtype) for _ in range(1, n_mod)]
+    run = np.empty((rows, width), dtype=dtype)
+    scratch = np.empty((rows, width), dtype=dtype)
+    w3 = w.reshape(1, rank, 1)
+    # narrow (R h) blocks: the constant row is added through a tiled view (see _add_row) and
+    # column sums are GEMVs with a ones row (a reduction over axis 0 of an (n, 4) block is a
+    # slow strided loop in NumPy)
+    tile = max(1, 256 // width)
+    const_rows = [np.tile(mat[x.shape[1]], tile) if append_one else None for x, mat in zip(xs, mats)]
+    ones = np.ones((1, rows), dtype=dtype)
+    for start in range(0, batch, rows):
+        stop = min(start + rows, batch)
+        n = stop - start
+        feats = []
+        for m, (x, mat) in enumerate(zip(xs, mats)):
+            f = x[start:stop]
+            if present is not None:  # absent samples entered the forward as zeros
+                f = np.where(present[start:stop, m : m + 1], f, 0).astype(dtype, copy=False)
+            feats.append(f)
+            d = f.shape[1]
+            if append_one:
+                np.matmul(f, mat[:d], out=proj[m][:n])
+                _add_row(proj[m][:n], mat[d], const_rows[m])
+            else:
+                np.matmul(f, mat, out=proj[m][:n])
+            if m == 1:
+                prefix[1][:n] = proj[0][:n]
+            elif m > 1:
+                np.multiply(prefix[m - 1][:n], proj[m - 1][:n], out=prefix[m][:n])
+        g3 = grad[start:stop][:, None, :]
+        if gw is not None:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k]
+            full = scratch[:n]
+            if n_mod > 1:
+                np.multiply(prefix[n_mod - 1][:n], proj[n_mod - 1][:n], out=full)
+            else:
+                full[...] = proj[0][:n]
+            gw += np.einsum("brk,bk->r", full.reshape(n, rank, out_dim), grad[start:stop])
+        np.multiply(g3, w3, out=run[:n].reshape(n, rank, out_dim))
+        for m in range(n_mod - 1, -1, -1):  # run = g w prod_{k > m} P_k
+            if need_x[m] or need_f[m]:
+                dp = run[:n] if m == 0 else np.multiply(run[:n], prefix[m][:n], out=scratch[:n])
+                d = feats[m].shape[1]
+                if need_x[m]:
+                    gxb = gx[m][start:stop]
+                    np.matmul(dp, mats[m][:d].T, out=gxb)
+                    if present is not None:
+                        gxb[~np.asarray(present[start:stop, m])] = 0
+                if need_f[m]:
+                    gmat[m][:d] += feats[m].T @ dp
+                    if append_one:
+                        gmat[m][d] += (ones[:, :n] @ dp)[0]
+            if m:
+                run[:n] *= proj[m][:n]
+    gfactors = [
+        None if g is None else np.ascontiguousarray(g.reshape(f.shape[1], rank, out_dim).transpose(1, 0, 2))
+        for g, f in zip(gmat, factors)
+    ]
+    gb = grad.sum(axis=0) if need_b else None
+    return gx, gfactors, gw, gb
