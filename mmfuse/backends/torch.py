@@ -201,11 +201,7 @@ def _lowrank_backward_op(
     rank, _, out_dim = factors[0].shape
     width = rank * out_dim
     mats = [_flat(f.to(cdt)) for f in factors]
-    w = (
-        weights.to(cdt)
-        if weights is not None
-        else torch.ones(rank, dtype=cdt, device=dev)
-    )
+    w = weights.to(cdt) if weights is not None else torch.ones(rank, dtype=cdt, device=dev)
     need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
     need_w, need_b = needs[2 * n_mod], needs[2 * n_mod + 1]
     batch = xs[0].shape[0]
@@ -314,7 +310,7 @@ def _lowrank_grads_differentiable(
     rank, _, out_dim = factors[0].shape
     whole = slice(None)
     feats = [_masked(x, present, m, whole) for m, x in enumerate(xs)]
-    proj = [_affine(f, _flat(fac), append_one) for f, fac, in zip(feats, factors)]
+    proj = [_affine(f, _flat(fac), append_one) for f, fac in zip(feats, factors)]
     w = weights if weights is not None else torch.ones(rank, dtype=grad.dtype, device=grad.device)
     g3 = grad.unsqueeze(1)
     prefix: list[torch.Tensor | None] = [None]
@@ -345,15 +341,22 @@ def _lowrank_grads_differentiable(
     return gxs, gfs, gw, grad.sum(dim=0)
 
 
-def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    xs, factors, weights, _bias, append_one, present = inputs
-    # Saved: the inputs only (the caller holds them anyway); see the module docstring.
+def _save_fusion_inputs(
+    ctx: Any, xs: Any, factors: Any, weights: Any, present: Any, append_one: bool
+) -> None:
+    """Save only the inputs of a fusion op (the caller holds them anyway): the projections are
+    recomputed in backward rather than kept alive (see the module docstring)."""
     ctx.n_mod = len(xs)
     ctx.append_one = append_one
     ctx.has_weights = weights is not None
     ctx.has_present = present is not None
     extra = [t for t in (weights, present) if t is not None]
     ctx.save_for_backward(*xs, *factors, *extra)
+
+
+def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    xs, factors, weights, _bias, append_one, present = inputs
+    _save_fusion_inputs(ctx, xs, factors, weights, present, append_one)
 
 
 def _lowrank_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -442,14 +445,8 @@ def _(xs: Any, weights: Any, factors: Any, bias: Any, append_one: bool, present:
 
 def _cp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     xs, weights, factors, _bias, append_one, present = inputs
-    # Saved: the inputs only.  The (B, R) projections are recomputed in backward (one small
-    # GEMM per modality) rather than kept, like lowrank_fusion.
-    ctx.n_mod = len(xs)
-    ctx.append_one = append_one
-    ctx.has_weights = weights is not None
-    ctx.has_present = present is not None
-    extra = [t for t in (weights, present) if t is not None]
-    ctx.save_for_backward(*xs, *factors, *extra)
+    # The (B, R) projections are recomputed in backward (one small GEMM per modality).
+    _save_fusion_inputs(ctx, xs, factors, weights, present, append_one)
 
 
 def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -635,9 +632,7 @@ def _sequence_grads(
     hs = [_seq_masked(h, k) for h, k in zip(hs, masks)]
     mats = [_seq_matrices(f, t, collapsed) for f, t in zip(feats, toks)]
     batch = grad.shape[0]
-    rows_b, chunk_j = seq_core.cp_blocking(
-        int(batch), rt, int(n_out), rh, int(out_dim), grad.element_size()
-    )
+    rows_b, chunk_j = seq_core.cp_blocking(int(batch), rt, int(n_out), rh, int(out_dim), grad.element_size())
     gh_parts: list[list[torch.Tensor]] = [[] for _ in range(n_mod)]
     gphi: list[torch.Tensor | None] = [None] * n_mod
     gpsi: list[torch.Tensor | None] = [None] * n_mod
@@ -652,8 +647,7 @@ def _sequence_grads(
         nb = hb[0].shape[0]
         # token first: Psi^T H (b, R_t T_out, r); feature first: H Phi (b, T, R_h D)
         firsts = [
-            psi_t @ h if order == "token" else h @ phi
-            for h, (phi, psi_t), order in zip(hb, mats, orders)
+            psi_t @ h if order == "token" else h @ phi for h, (phi, psi_t), order in zip(hb, mats, orders)
         ]
         gfirst_chunks: list[list[torch.Tensor]] = [[] for _ in range(n_mod)]  # token first
         gfirst_sum: list[torch.Tensor | None] = [None] * n_mod  # feature first
