@@ -228,7 +228,7 @@ def _check_align(
 
 
 def moments(
-    x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5
+    x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5, backend: str | None = None
 ) -> tuple[Any, Any]:
     r"""Per-sample, per-channel mean and standard deviation over the token axis.
 
@@ -243,6 +243,8 @@ def moments(
         True for tokens that count; masked tokens are excluded from both statistics.
     eps : float, default 1e-5
         Added to the variance inside the square root; 0 is allowed.
+    backend : str, optional
+        Implementation to run (see :func:`mmfuse.set_config`); default: the configured one.
 
     Returns
     -------
@@ -298,7 +300,7 @@ def moments(
     eps = _check_eps(eps)
     ax = _check_axis(x, axis, "x")
     _check_mask(xp, mask, x, ax, "mask", "x")
-    impl = lookup("moments", None, like=x)
+    impl = lookup("moments", backend, like=x)
     return impl(x, axis=axis, mask=mask, eps=eps)
 
 

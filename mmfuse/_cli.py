@@ -161,15 +161,8 @@ def _converter(namespace: str, dtype: str) -> Callable[[np.ndarray], Any] | None
 
 
 def _call(func: Callable[..., Any], backend: str, args: Any, kwargs: Any) -> Any:
-    """Call a public op on ``backend`` (by keyword where it has one, else by config)."""
-    import inspect
-
-    from mmfuse import config_context
-
-    if "backend" in inspect.signature(func).parameters:
-        return func(*args, **kwargs, backend=backend)
-    with config_context(backend=backend):
-        return func(*args, **kwargs)
+    """Call a public op on ``backend``."""
+    return func(*args, **kwargs, backend=backend)
 
 
 def _rel_err(got: Any, want: np.ndarray) -> float:

@@ -452,3 +452,26 @@ def test_errors_fusion_and_primitives(rng):
         mmfuse.zoom(xs[0], np.ones((B, 1, 5)), center=0.0)
     with pytest.raises(ValueError, match=r"offset of shape \(2, 1, 4\) does not broadcast"):
         mmfuse.shift(xs[0], np.ones((2, 1, C)))
+
+
+def test_moments_backend_keyword_selects_the_implementation(monkeypatch):
+    from mmfuse.backends import _registry
+
+    calls = []
+    impl = _registry._IMPLS["moments"]["reference"]
+
+    def spy(x, *, axis=-2, mask=None, eps=1e-5):
+        calls.append(x.shape)
+        return impl.func(x, axis=axis, mask=mask, eps=eps)
+
+    monkeypatch.setitem(
+        _registry._IMPLS["moments"], "reference", impl.__class__("moments", "reference", spy, impl.supports, impl.priority)
+    )
+    x = np.random.default_rng(3).standard_normal((2, 5, 3))
+    mean, std = mmfuse.moments(x, backend="reference")
+    assert calls == [(2, 5, 3)]
+    want_mean, want_std = mmfuse.moments(x, backend="array_api")
+    assert_close(mean, want_mean)
+    assert_close(std, want_std)
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        mmfuse.moments(x, backend="fast")
