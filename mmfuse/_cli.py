@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ._namespace import tree_map
+
 __all__ = ["main"]
 
 NAMESPACES = ("numpy", "array_api_strict", "torch", "cupy", "jax", "dask")
@@ -127,16 +129,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- verify
 
 
-def _tree_map(func: Callable[[Any], Any], obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return func(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_tree_map(func, o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _tree_map(func, v) for k, v in obj.items()}
-    return obj
-
-
 def _leaves(obj: Any) -> list[Any]:
     if isinstance(obj, (list, tuple)):
         return [leaf for o in obj for leaf in _leaves(o)]
@@ -210,7 +202,7 @@ def verify_rows(
         else:
             try:
                 got = _leaves(
-                    _call(getattr(mmfuse, op), b, _tree_map(convert, args), _tree_map(convert, kwargs))
+                    _call(getattr(mmfuse, op), b, tree_map(convert, args), tree_map(convert, kwargs))
                 )
             except TypeError as exc:
                 if "cannot take" in str(exc):
@@ -322,7 +314,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if convert is None:
             entry.update(status="skipped", seconds=None)
         else:
-            call_args, call_kwargs = _tree_map(convert, args_np), _tree_map(convert, kwargs_np)
+            call_args, call_kwargs = tree_map(convert, args_np), tree_map(convert, kwargs_np)
             func = getattr(mmfuse, op)
             try:
                 _call(func, b, call_args, call_kwargs)

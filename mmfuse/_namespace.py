@@ -9,6 +9,7 @@ array of that framework has been handed to it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
@@ -25,6 +26,7 @@ __all__ = [
     "is_torch",
     "namespace_name",
     "to_numpy",
+    "tree_map",
 ]
 
 Array = Any
@@ -121,3 +123,14 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
     if is_numpy(xp):
         return np.asarray(a, dtype=dtype)
     return xp.asarray(a, dtype=dtype, device=device)
+
+
+def tree_map(func: Callable[[Any], Any], obj: Any) -> Any:
+    """Apply ``func`` to every array inside nested lists, tuples and dicts (same structure back)."""
+    if array_api_compat.is_array_api_obj(obj):
+        return func(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_map(func, o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: tree_map(func, v) for k, v in obj.items()}
+    return obj

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from . import _fusion
+from ._core import align as align_core
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from .backends import torch as _ops  # registers the mmfuse::* custom operators
 
@@ -718,14 +719,7 @@ def _pool_torch(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.T
 
 
 def _fuse_torch(pooled: list[torch.Tensor], how: str | None) -> Any:
-    if how is None:
-        return pooled
-    if how == "concat":
-        return torch.cat(pooled, dim=-1)
-    total = pooled[0]
-    for p in pooled[1:]:
-        total = total + p
-    return total if how == "sum" else total / len(pooled)
+    return align_core.fuse(pooled, how, xp=torch)
 
 
 def _align_torch(
@@ -740,8 +734,6 @@ def _align_torch(
 ) -> list[torch.Tensor]:
     """:func:`mmfuse.align` over the token axis in plain torch (the core's algorithm: rounds on
     the statistics, one affine map per modality), for ``torch.compile``."""
-    from ._core import align as align_core
-
     stats = [_masked_stats(x, k) for x, k in zip(xs, masks)]
     maps = align_core.affine_maps(
         stats, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, eps=eps, xp=torch

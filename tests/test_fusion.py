@@ -447,3 +447,24 @@ def test_error_cp_factor_rows():
     cp = (None, [np.ones((4, 2)), np.ones((2, 2)), np.ones((5, 2))])
     with pytest.raises(ValueError, match=r"cp factor 1 has shape \(2, 2\); expected \(d_1 \+ 1, R\) = \(3, R\)"):
         mmfuse.cp_fusion(xs, cp)
+
+
+def test_narrow_rank_width_uses_tiled_constant_add_and_matches_reference(rng):
+    """R h = 4 divides 256: full blocks add the constant row through the tiled view."""
+    dims, batch = (3, 5), 640  # a multiple of 64 = 256 // (R h): the tiled branch applies
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    p = mmfuse.init_lowrank(dims, rank=4, out_dim=1, seed=rng)
+    p["bias"] = rng.standard_normal(1)
+    want = ref.lowrank_fusion(xs, **p)
+    assert_close(mmfuse.lowrank_fusion(xs, **p), want)
+    from mmfuse._core import fusion as core_fusion
+
+    target = rng.standard_normal((512, 4))
+    row = rng.standard_normal(4)
+    expected = target + row
+    core_fusion._add_row(target, row)  # 512 rows, k = 64: the tiled branch
+    np.testing.assert_allclose(target, expected, rtol=0, atol=0)
+    odd = rng.standard_normal((37, 4))
+    expected = odd + row
+    core_fusion._add_row(odd, row)  # 37 rows: the plain broadcast branch
+    np.testing.assert_allclose(odd, expected, rtol=0, atol=0)

@@ -494,11 +494,14 @@ def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
     return xp.max(xp.where(m, x, low), axis=1)
 
 
-def fuse(pooled: list[Any], how: str | None) -> Any:
-    """concat / sum / mean of M pooled (B, C) arrays, or the list itself for ``None``."""
+def fuse(pooled: list[Any], how: str | None, xp: Any = None) -> Any:
+    """concat / sum / mean of M pooled (B, C) arrays, or the list itself for ``None``.
+
+    ``xp`` may be given to skip the namespace lookup (``torch`` itself under ``torch.compile``).
+    """
     if how is None:
         return pooled
-    xp = array_namespace(pooled[0])
+    xp = array_namespace(pooled[0]) if xp is None else xp
     if how == "concat":
         return xp.concat(pooled, axis=-1)
     total = pooled[0]

@@ -30,9 +30,12 @@ _BLOCK_BYTES = 1 << 21
 
 
 @lru_cache(maxsize=256)
-def _block_rows(batch: int, width: int, itemsize: int) -> int:
-    # a multiple of 256 rows, so that the tiled constant-row add below always applies
-    rows = max(256, _BLOCK_BYTES // max(1, width * itemsize) // 256 * 256)
+def block_rows(batch: int, width: int, itemsize: int, budget: int = _BLOCK_BYTES) -> int:
+    """Rows per batch block so that a block's ``width`` elements per row fill about ``budget``
+    bytes; the whole batch when two blocks would hold it.  A multiple of 256 rows, so that the
+    tiled constant-row add (:func:`_add_row`) applies to every full block whenever R h divides
+    256 (the narrow case it is for)."""
+    rows = max(256, budget // max(1, width * itemsize) // 256 * 256)
     return batch if rows * 2 > batch else rows
 
 
@@ -46,7 +49,7 @@ def batch_blocks(xp: Any, x: Any, width: int) -> list[slice]:
     if is_lazy(x) or is_dask(xp) or is_jax(xp) or batch is None:
         return [slice(None)]
     itemsize = _itemsize(xp, x.dtype)
-    rows = _block_rows(int(batch), width, itemsize)
+    rows = block_rows(int(batch), width, itemsize)
     return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
 
 
@@ -181,7 +184,7 @@ def _lowrank_numpy(
     dtype = np.result_type(*xs, *mats)
     width = rank * out_dim
     row_bytes = (sum(x.shape[1] + 1 for x in xs) + 2 * width) * dtype.itemsize
-    rows = _block_rows(batch, row_bytes, 1)
+    rows = block_rows(batch, row_bytes, 1)
     # A rank sum over a short trailing axis is a slow strided reduction in NumPy; as a GEMM
     # with stacked identities (R h x h) it costs R h^2 per row, cheap while h is small.
     summer = np.tile(np.eye(out_dim, dtype=dtype), (rank, 1)) if out_dim <= 8 else None
@@ -191,14 +194,6 @@ def _lowrank_numpy(
     # The constant row costs either a copy of x into a staging block that ends in a column
     # of ones (n d) or an add after the GEMM (n R h): stage only where that is cheaper.
     stage = [append_one and width > x.shape[1] for x in xs]
-    # Adding a short constant row to every row of a narrow (n, R h) block is a slow NumPy loop
-    # (R h iterations inside n); viewed as (n / k, k R h) with the row tiled k times it is one
-    # long vectorised add.
-    tile = max(1, 256 // width)
-    const_rows = [
-        np.tile(mat[x.shape[1]], tile) if append_one and not st else None
-        for x, mat, st in zip(xs, mats, stage)
-    ]
     staged = [np.ones((rows, x.shape[1] + 1), dtype=dtype) if st else None for x, st in zip(xs, stage)]
     for start in range(0, batch, rows):
         stop = min(start + rows, batch)
@@ -214,7 +209,7 @@ def _lowrank_numpy(
                 np.matmul(buf[:n], mat, out=target)
             elif append_one:
                 np.matmul(feats, mat[:d], out=target)
-                _add_row(target, mat[d], const_rows[m])
+                _add_row(target, mat[d])
             else:
                 np.matmul(feats, mat, out=target)
             if m:
@@ -226,13 +221,19 @@ def _lowrank_numpy(
     return out
 
 
-def _add_row(target: Any, row: Any, tiled: Any) -> None:
-    """``target += row`` on a C-contiguous (n, w) block, through the tiled view when it fits."""
+def _add_row(target: Any, row: Any) -> None:
+    """``target += row`` for every row of a C-contiguous NumPy (n, w) block.
+
+    Adding a short row to every row of a narrow block is a slow NumPy loop (w iterations
+    inside n); viewed as (n / k, k w) with the row tiled k times it is one long vectorised add.
+    """
+    import numpy as np
+
     n, width = target.shape
-    k = tiled.shape[0] // width
+    k = max(1, 256 // width)
     if k > 1 and n % k == 0:
         flat = target.reshape(n // k, k * width)
-        flat += tiled
+        flat += np.tile(row, k)
     else:
         target += row
 
@@ -331,7 +332,7 @@ def lowrank_grads_numpy(
     width = rank * out_dim
     dtype = grad.dtype
     batch = grad.shape[0]
-    mats = [np.ascontiguousarray(np.transpose(f, (1, 0, 2)).reshape(f.shape[1], width)) for f in factors]
+    mats = [_flat_lowrank(array_namespace(f), f) for f in factors]
     w = np.ones(rank, dtype=dtype) if weights is None else weights
     need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
     need_w, need_b = needs[2 * n_mod], needs[2 * n_mod + 1]
@@ -340,18 +341,15 @@ def lowrank_grads_numpy(
     gw: Any = np.zeros(rank, dtype=dtype) if need_w else None
 
     row_bytes = (2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width) * dtype.itemsize
-    rows = min(_block_rows(batch, row_bytes, 1), batch)
+    rows = min(block_rows(batch, row_bytes, 1), batch)
     proj = [np.empty((rows, width), dtype=dtype) for _ in range(n_mod)]
     # prefix[m] = P_0 * ... * P_{m-1} for m >= 1
     prefix: list[Any] = [None] + [np.empty((rows, width), dtype=dtype) for _ in range(1, n_mod)]
     run = np.empty((rows, width), dtype=dtype)
     scratch = np.empty((rows, width), dtype=dtype)
     w3 = w.reshape(1, rank, 1)
-    # narrow (R h) blocks: the constant row is added through a tiled view (see _add_row) and
-    # column sums are GEMVs with a ones row (a reduction over axis 0 of an (n, 4) block is a
-    # slow strided loop in NumPy)
-    tile = max(1, 256 // width)
-    const_rows = [np.tile(mat[x.shape[1]], tile) if append_one else None for x, mat in zip(xs, mats)]
+    # column sums as GEMVs with a ones row: a reduction over axis 0 of a narrow (n, R h) block
+    # is a slow strided loop in NumPy
     ones = np.ones((1, rows), dtype=dtype)
     for start in range(0, batch, rows):
         stop = min(start + rows, batch)
@@ -365,7 +363,7 @@ def lowrank_grads_numpy(
             d = f.shape[1]
             if append_one:
                 np.matmul(f, mat[:d], out=proj[m][:n])
-                _add_row(proj[m][:n], mat[d], const_rows[m])
+                _add_row(proj[m][:n], mat[d])
             else:
                 np.matmul(f, mat, out=proj[m][:n])
             if m == 1:

@@ -539,7 +539,7 @@ def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
     return xp.reshape(h, (batch, t_m, w.shape[1]))
 
 
-def _first_tokens(xp: Any, xs: list[Any], n_out: int) -> Any:
+def first_tokens(xp: Any, xs: list[Any], n_out: int) -> Any:
     """The first ``n_out`` tokens of the inputs concatenated along the token axis."""
     pieces, left = [], n_out
     for x in xs:
@@ -566,5 +566,5 @@ def wander(
     hs = [act(_down(xp, x, w, b)) for x, (w, b) in zip(xs, params["down"])]
     y = sequence_fusion(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
     if residual == "first":
-        y = y + _first_tokens(xp, xs, y.shape[1])
+        y = y + first_tokens(xp, xs, y.shape[1])
     return y

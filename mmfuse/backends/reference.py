@@ -10,21 +10,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat
-
-from .._namespace import array_namespace, device_of, from_numpy, to_numpy
+from .._namespace import array_namespace, device_of, from_numpy, to_numpy, tree_map
 
 __all__ = ["as_backend"]
-
-
-def _tree_map(func: Callable[[Any], Any], obj: Any) -> Any:
-    if array_api_compat.is_array_api_obj(obj):
-        return func(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_tree_map(func, o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _tree_map(func, v) for k, v in obj.items()}
-    return obj
 
 
 def _first_float_array(obj: Any) -> Any:
@@ -35,7 +23,7 @@ def _first_float_array(obj: Any) -> Any:
             found.append(a)
         return a
 
-    _tree_map(visit, obj)
+    tree_map(visit, obj)
     return found[0] if found else None
 
 
@@ -47,8 +35,8 @@ def as_backend(func: Callable[..., Any]) -> Callable[..., Any]:
         like = _first_float_array((args, kwargs))
         xp = array_namespace(like)
         dtype, device = like.dtype, device_of(like)
-        np_args = _tree_map(lambda a: to_numpy(a, dtype=None), (args, kwargs))
+        np_args = tree_map(lambda a: to_numpy(a, dtype=None), (args, kwargs))
         out = func(*np_args[0], **np_args[1])
-        return _tree_map(lambda a: from_numpy(a, xp, dtype=dtype, device=device), out)
+        return tree_map(lambda a: from_numpy(a, xp, dtype=dtype, device=device), out)
 
     return run

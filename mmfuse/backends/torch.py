@@ -52,6 +52,7 @@ import torch
 
 from .. import _fusion  # noqa: F401  (defines the operators registered below)
 from .._core import fusion as _core_fusion
+from .._core import sequence as _core_sequence
 from .._namespace import is_torch
 from ._registry import register
 
@@ -61,13 +62,6 @@ __all__ = ["cp_fusion", "lowrank_fusion", "sequence_fusion", "wander", "wander_t
 # last-level cache, large enough that per-op overhead (and OpenMP start-up) stays negligible.
 _BLOCK_BYTES = 1 << 23
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _block_rows(batch: int, width: int, itemsize: int) -> int:
-    """Rows per batch block; ``width`` counts every element a block row touches (the inputs'
-    features and the (R h)-wide buffers), so a block's working set stays near _BLOCK_BYTES."""
-    rows = max(64, _BLOCK_BYTES // max(1, width * itemsize))
-    return batch if rows * 2 > batch else rows
 
 
 def _on_numpy(*groups: Any) -> bool:
@@ -146,7 +140,9 @@ def _lowrank_op(
     batch = xs[0].shape[0]
     width = rank * out_dim
     out = torch.empty((batch, out_dim), dtype=cdt, device=xs[0].device)
-    rows = _block_rows(batch, sum(x.shape[1] for x in xs) + 2 * width, out.element_size())
+    rows = _core_fusion.block_rows(
+        batch, sum(x.shape[1] for x in xs) + 2 * width, out.element_size(), _BLOCK_BYTES
+    )
     acc = torch.empty((min(rows, batch), width), dtype=cdt, device=out.device)
     proj = torch.empty_like(acc) if len(xs) > 1 else acc
     for start in range(0, batch, rows):
@@ -209,7 +205,9 @@ def _lowrank_backward_op(
     gmat: list[Any] = [torch.zeros_like(mat) if need_f[m] else None for m, mat in enumerate(mats)]
     gw = torch.zeros(rank, dtype=cdt, device=dev) if need_w else None
 
-    rows = _block_rows(batch, 2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width, g_all.element_size())
+    rows = _core_fusion.block_rows(
+        batch, 2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width, g_all.element_size(), _BLOCK_BYTES
+    )
     cap = min(rows, batch)
     proj = [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(n_mod)]
     # prefix[m] = prod_{k<m} P_k for m >= 1 (prefix[0] is implicitly ones)
@@ -354,6 +352,17 @@ def _save_fusion_inputs(
     ctx.save_for_backward(*xs, *factors, *extra)
 
 
+def _load_fusion_inputs(ctx: Any, n_factors: int) -> tuple[list[Any], list[Any], Any, Any]:
+    """The inverse of :func:`_save_fusion_inputs`: (xs, factors, weights, present)."""
+    n_mod = ctx.n_mod
+    saved = ctx.saved_tensors
+    xs, factors = list(saved[:n_mod]), list(saved[n_mod : n_mod + n_factors])
+    rest = list(saved[n_mod + n_factors :])
+    weights = rest.pop(0) if ctx.has_weights else None
+    present = rest.pop(0) if ctx.has_present else None
+    return xs, factors, weights, present
+
+
 def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     xs, factors, weights, _bias, append_one, present = inputs
     _save_fusion_inputs(ctx, xs, factors, weights, present, append_one)
@@ -361,11 +370,7 @@ def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> No
 
 def _lowrank_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     n_mod = ctx.n_mod
-    saved = ctx.saved_tensors
-    xs, factors = list(saved[:n_mod]), list(saved[n_mod : 2 * n_mod])
-    rest = list(saved[2 * n_mod :])
-    weights = rest.pop(0) if ctx.has_weights else None
-    present = rest.pop(0) if ctx.has_present else None
+    xs, factors, weights, present = _load_fusion_inputs(ctx, n_mod)
     need_xs, need_fs, need_w, need_b = (
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
@@ -452,11 +457,7 @@ def _cp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     """h = C (w * prod_m P_m) + b with P_m = hat x_m A_m; plain differentiable torch code."""
     n_mod = ctx.n_mod
-    saved = ctx.saved_tensors
-    xs, factors = list(saved[:n_mod]), list(saved[n_mod : 2 * n_mod + 1])
-    rest = list(saved[2 * n_mod + 1 :])
-    weights = rest.pop(0) if ctx.has_weights else None
-    present = rest.pop(0) if ctx.has_present else None
+    xs, factors, weights, present = _load_fusion_inputs(ctx, n_mod + 1)
     need_xs, need_w, need_fs, need_b = ctx.needs_input_grad[:4]
     dtype = grad.dtype
     cdt = _compute_dtype(dtype)
@@ -593,13 +594,11 @@ def _seq_masked(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def _seq_plan(
     hs: Sequence[torch.Tensor], feats: Sequence[torch.Tensor], toks: Sequence[torch.Tensor], mode: str
 ) -> Any:
-    from .._core import sequence as seq_core
-
     r_h, _, out_dim = feats[0].shape
     r_t, _, n_out = toks[0].shape
     lengths = tuple(int(h.shape[1]) for h in hs)
     ranks = tuple(int(h.shape[2]) for h in hs)
-    return seq_core.plan(mode, lengths, ranks, int(r_h), int(r_t), int(n_out), int(out_dim))
+    return _core_sequence.plan(mode, lengths, ranks, int(r_h), int(r_t), int(n_out), int(out_dim))
 
 
 def _sequence_grads(
@@ -616,8 +615,6 @@ def _sequence_grads(
     Out-of-place torch operations only, so autograd can differentiate it (double backward).
     Returns the gradients in that order, None where not needed.
     """
-    from .._core import sequence as seq_core
-
     n_mod = len(hs)
     collapsed = mode == "collapsed"
     r_h, _, out_dim = feats[0].shape
@@ -632,7 +629,9 @@ def _sequence_grads(
     hs = [_seq_masked(h, k) for h, k in zip(hs, masks)]
     mats = [_seq_matrices(f, t, collapsed) for f, t in zip(feats, toks)]
     batch = grad.shape[0]
-    rows_b, chunk_j = seq_core.cp_blocking(int(batch), rt, int(n_out), rh, int(out_dim), grad.element_size())
+    rows_b, chunk_j = _core_sequence.cp_blocking(
+        int(batch), rt, int(n_out), rh, int(out_dim), grad.element_size()
+    )
     gh_parts: list[list[torch.Tensor]] = [[] for _ in range(n_mod)]
     gphi: list[torch.Tensor | None] = [None] * n_mod
     gpsi: list[torch.Tensor | None] = [None] * n_mod
@@ -744,11 +743,9 @@ def _sequence_op(
     mode: str,
     masks: list[torch.Tensor | None],
 ) -> torch.Tensor:
-    from .._core import sequence as seq_core
-
     dtype = hs[0].dtype
     cdt = _compute_dtype(dtype)
-    out = seq_core.sequence_fusion(
+    out = _core_sequence.sequence_fusion(
         [h.to(cdt) for h in hs],
         [f.to(cdt) for f in feature_factors],
         [t.to(cdt) for t in token_factors],
@@ -956,13 +953,11 @@ def sequence_fusion(
 
 
 def _activate(h: torch.Tensor, activation: Any) -> torch.Tensor:
-    from .._core import sequence as seq_core
-
     if callable(activation):
         return activation(h)
     if activation == "gelu":  # the core's torch GELU, without its namespace check (Dynamo)
-        return seq_core._gelu_torch(h)
-    return seq_core.ACTIVATIONS[activation](torch, h)
+        return _core_sequence._gelu_torch(h)
+    return _core_sequence.ACTIVATIONS[activation](torch, h)
 
 
 def wander_torch(
@@ -991,14 +986,7 @@ def wander_torch(
     masks_list = [None] * len(hs) if masks is None else list(masks)
     y = torch.ops.mmfuse.sequence_fusion(hs, list(feature_factors), list(token_factors), mode, masks_list)
     if residual == "first":
-        pieces, left = [], y.shape[1]
-        for x in xs:
-            if left <= 0:
-                break
-            take = min(left, x.shape[1])
-            pieces.append(x[:, :take, :])
-            left -= take
-        y = y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+        y = y + _core_sequence.first_tokens(torch, list(xs), y.shape[1])
     return y
 
 
