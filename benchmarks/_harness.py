@@ -35,23 +35,40 @@ def machine() -> str:
 
 
 def time_candidates(
-    candidates: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: int = 2, sync: Callable[[Any], Any] | None = None
+    candidates: dict[str, Callable[[], Any]],
+    *,
+    repeats: int = 15,
+    warmup: int = 2,
+    burst: int = 3,
+    sync: Callable[[Any], Any] | None = None,
 ) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured round-robin."""
+    """Median seconds per call of each candidate, measured in interleaved bursts.
+
+    Each round runs every candidate ``burst`` times in a row and discards the first call of
+    the burst.  That first call absorbs what the previous candidate left behind: on a small
+    machine, the worker threads of OpenBLAS (NumPy) and of OpenMP (torch) keep spinning for
+    a while after their parallel region, and a call of the other library that starts then
+    loses cores to them (measured on 2 cores: an LMF-style torch step 22 ms alone, 40 ms
+    right after a NumPy-backed one).  Rounds still interleave the candidates, so slow drifts
+    of the machine hit all of them alike.
+    """
     for fn in candidates.values():
         for _ in range(warmup):
             out = fn()
             if sync:
                 sync(out)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
+    timed = max(1, burst - 1)
+    for _ in range(-(-repeats // timed)):
         for name, fn in candidates.items():
-            t0 = time.perf_counter()
-            out = fn()
-            if sync:
-                sync(out)
-            samples[name].append(time.perf_counter() - t0)
-            del out
+            for call in range(timed + 1):
+                t0 = time.perf_counter()
+                out = fn()
+                if sync:
+                    sync(out)
+                if call:
+                    samples[name].append(time.perf_counter() - t0)
+                del out
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

@@ -4,7 +4,8 @@ CI has no GPU, so these tests launch the kernels (through the device drivers
 ``lowrank_fusion_device`` / ``cp_fusion_device``) on numba device arrays made with
 ``cuda.to_device`` while ``NUMBA_ENABLE_CUDASIM=1``.  The simulator must be on before
 ``numba.cuda`` is first imported, so this module sets the variable before importing numba, and
-skips itself when another module imported ``numba.cuda`` earlier without it.  (The variable
+skips itself when another module imported ``numba.cuda`` earlier without it (a plain ``numba``
+import is fine: the module has numba re-read its configuration).  (The variable
 stays set for the rest of the session: numba reads it once.)
 
 The simulator runs every GPU thread as a Python thread, so shapes are tiny and the tile edge
@@ -28,6 +29,8 @@ import pytest
 
 if "numba.cuda" not in sys.modules:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if "numba" in sys.modules:  # e.g. the CPU-kernel tests ran first: re-read the variable
+        sys.modules["numba"].core.config.reload_config()
 
 pytest.importorskip("numba")
 pytest.importorskip("numba_cuda")

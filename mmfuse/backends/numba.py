@@ -1,10 +1,15 @@
-"""The ``"numba"`` backend: numba-cuda kernels for CP-style fusions on CUDA arrays.
+"""The ``"numba"`` backend: numba-cuda kernels for CUDA arrays, and numba CPU kernels for
+Zoom-and-Shift on NumPy arrays.
 
-Takes any array exposing ``__cuda_array_interface__`` that mmfuse can dispatch on: CuPy arrays
-and torch CUDA tensors.  Results come back as the same kind of array, on the same device,
-computed on the producer's current stream (CuPy's or torch's), so no extra synchronisation is
-needed.  Importing this module imports nothing from numba; kernels are compiled on first use
-(:func:`kernels`), per accumulation dtype and tile size.
+CPU (NumPy arrays; needs numba only): ``moments``, ``zoom_shift`` and ``align`` run the
+parallel kernels of :mod:`mmfuse.backends._numba_cpu` (one loop nest per pass over a sample, so
+``zoom_shift`` moves about the bytes of a copy; the NumPy core needs five elementwise passes).
+
+CUDA (needs numba-cuda): takes any array exposing ``__cuda_array_interface__`` that mmfuse
+can dispatch on: CuPy arrays and torch CUDA tensors.  Results come back as the same kind of
+array, on the same device, computed on the producer's current stream (CuPy's or torch's), so
+no extra synchronisation is needed.  Importing this module imports nothing from numba;
+kernels are compiled on first use (:func:`kernels`), per accumulation dtype and tile size.
 
 Algorithm (``lowrank_fusion``, ``cp_fusion``), per batch chunk:
 
@@ -44,17 +49,22 @@ from typing import Any
 
 import array_api_compat
 
-if importlib.util.find_spec("numba") is None or importlib.util.find_spec("numba_cuda") is None:
-    raise ImportError("the numba backend needs numba and numba-cuda (pip install 'mmfuse[numba]')")
+if importlib.util.find_spec("numba") is None:
+    raise ImportError("the numba backend needs numba (pip install 'mmfuse[numba]')")
 
 from .. import _fusion  # noqa: F401  (defines the operators registered below)
 from .._core import fusion as core
-from .._namespace import array_namespace, device_of, is_torch
+from .._namespace import array_namespace, device_of, is_numpy, is_torch
 from ._registry import _OPS, register
 
+#: Whether numba-cuda (the CUDA half of this backend) is installed.
+HAS_CUDA = importlib.util.find_spec("numba_cuda") is not None
+
 __all__ = [
+    "HAS_CUDA",
     "TILE",
     "WORKSPACE_BYTES",
+    "align",
     "align_kernels",
     "cp_fusion",
     "cp_fusion_device",
@@ -563,9 +573,12 @@ def zoom_shift_device(
 
 
 def _supports(xp: Any, device: Any) -> str | None:
+    """The CUDA kernels: CuPy arrays and torch CUDA tensors, with numba-cuda installed."""
     if array_api_compat.is_cupy_namespace(xp) or (
         is_torch(xp) and getattr(device, "type", None) == "cuda"
     ):
+        if not HAS_CUDA:
+            return f"{_NEEDS}, and numba-cuda (pip install 'mmfuse[numba]')"
         if simulator_enabled():
             return (
                 f"{_NEEDS}, with numba's CUDA simulator off (NUMBA_ENABLE_CUDASIM is set, so "
@@ -573,6 +586,19 @@ def _supports(xp: Any, device: Any) -> str | None:
             )
         return None
     return _NEEDS
+
+
+def _supports_cpu_or_cuda(xp: Any, device: Any) -> str | None:
+    """moments / zoom_shift: NumPy arrays (CPU kernels) or what the CUDA kernels take."""
+    if is_numpy(xp):
+        return None
+    refusal = _supports(xp, device)
+    return None if refusal is None else f"needs NumPy arrays (CPU kernels) or {refusal[len('needs '):]}"
+
+
+def _supports_cpu(xp: Any, device: Any) -> str | None:
+    """align: the CPU kernels only."""
+    return None if is_numpy(xp) else "needs NumPy arrays (align has CPU kernels only)"
 
 
 def _needs_grad(arrays: Sequence[Any]) -> bool:
@@ -745,7 +771,9 @@ def _mask_view(mask: Any) -> Any:
 
 
 def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
-    """:func:`mmfuse.moments` on CUDA arrays with the numba kernels (one read of x)."""
+    """:func:`mmfuse.moments` with the numba kernels (one read of x): CPU or CUDA."""
+    if is_numpy(array_namespace(x)):
+        return _moments_cpu(x, axis, mask, eps)
     if _needs_grad([x]):
         from .._core import align as core_align
 
@@ -781,7 +809,9 @@ def zoom_shift(
     guide_mask: Any = None,
     eps: float = 1e-5,
 ) -> Any:
-    """:func:`mmfuse.zoom_shift` on CUDA arrays with the numba kernels (see the module)."""
+    """:func:`mmfuse.zoom_shift` with the numba kernels (see the module): CPU or CUDA."""
+    if is_numpy(array_namespace(x)):
+        return _zoom_shift_cpu(x, guide, alpha, axis, mask, guide_mask, eps)
     if _needs_grad([x, guide]):
         from .._core import align as core_align
 
@@ -810,6 +840,91 @@ def zoom_shift(
     return frame.finish(out)
 
 
+# ----------------------------------------------------------------------------- NumPy (CPU kernels)
+
+
+def _cpu_lanes(x: Any, ax: int) -> Any:
+    """x as a C-contiguous float32/float64 (B', T, C') array (a view when it already is one)."""
+    import numpy as np
+
+    dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+    return _lane_view(np.ascontiguousarray(x, dtype=dtype), ax)
+
+
+def _cpu_mask(mask: Any) -> Any:
+    return None if mask is None else _mask_view(mask)
+
+
+def _cpu_guide_stats(guide: Any, ax: int, guide_mask: Any, eps: float) -> tuple[Any, Any]:
+    import numpy as np
+
+    from . import _numba_cpu
+
+    mean, var = _numba_cpu.stats(_cpu_lanes(guide, ax), _cpu_mask(guide_mask))
+    return mean, np.sqrt(var + eps)
+
+
+def _moments_cpu(x: Any, axis: int, mask: Any, eps: float) -> tuple[Any, Any]:
+    import numpy as np
+
+    from . import _numba_cpu
+
+    ax = axis % x.ndim
+    mean, var = _numba_cpu.stats(_cpu_lanes(x, ax), _cpu_mask(mask))
+    kept = list(x.shape)
+    kept[ax] = 1
+    std = np.sqrt(var + eps)
+    return mean.astype(x.dtype).reshape(kept), std.astype(x.dtype).reshape(kept)
+
+
+def _zoom_shift_cpu(
+    x: Any, guide: Any, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float
+) -> Any:
+    from . import _numba_cpu
+
+    ax = axis % x.ndim
+    g_mean, g_sigma = _cpu_guide_stats(guide, ax, guide_mask, eps)
+    out = _numba_cpu.zoom_shift(_cpu_lanes(x, ax), _cpu_mask(mask), g_mean, g_sigma, alpha, eps)
+    return out.reshape(x.shape).astype(x.dtype, copy=False)
+
+
+def align(
+    xs: list[Any],
+    *,
+    rounds: int | None = 1,
+    alpha: float = 1.0,
+    schedule: str = "gauss-seidel",
+    topology: str = "consensus",
+    hub: int = 0,
+    axis: int = -2,
+    masks: list[Any] | None = None,
+    eps: float = 1e-5,
+) -> list[Any]:
+    """:func:`mmfuse.align` on NumPy arrays: statistics and the final map with the CPU kernels.
+
+    As in the core, every input is read once for its statistics, the rounds (or the closed-form
+    limit) run on the (B', C') statistics alone, and each input is mapped once.
+    """
+    import numpy as np
+
+    from .._core import align as core_align
+    from . import _numba_cpu
+
+    ax = axis % xs[0].ndim
+    masks = list(masks) if masks is not None else [None] * len(xs)
+    lanes = [_cpu_lanes(x, ax) for x in xs]
+    stats = [_numba_cpu.stats(x3, _cpu_mask(m)) for x3, m in zip(lanes, masks)]
+    maps = core_align.affine_maps(
+        stats, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
+        hub=hub % len(xs), eps=eps, xp=np,
+    )  # fmt: skip
+    out = []
+    for x, x3, (scale, offset) in zip(xs, lanes, maps):
+        y = _numba_cpu.apply_map(x3, scale.astype(x3.dtype), offset.astype(x3.dtype))
+        out.append(y.reshape(x.shape).astype(x.dtype, copy=False))
+    return out
+
+
 # Priority: above the Array-API core (0), below the CuPy backend's cuBLAS path (20) on CuPy
 # arrays, and below the torch backend on torch tensors (its custom ops carry the backward).
 PRIORITY = 10
@@ -817,6 +932,10 @@ PRIORITY = 10
 register("lowrank_fusion", "numba", lowrank_fusion, supports=_supports, priority=PRIORITY)
 register("cp_fusion", "numba", cp_fusion, supports=_supports, priority=PRIORITY)
 # The alignment operators exist once mmfuse._align is imported (mmfuse/__init__ does it).
-for _name, _impl in (("moments", moments), ("zoom_shift", zoom_shift)):
+for _name, _impl, _takes in (
+    ("moments", moments, _supports_cpu_or_cuda),
+    ("zoom_shift", zoom_shift, _supports_cpu_or_cuda),
+    ("align", align, _supports_cpu),
+):
     if _name in _OPS:
-        register(_name, "numba", _impl, supports=_supports, priority=PRIORITY)
+        register(_name, "numba", _impl, supports=_takes, priority=PRIORITY)

@@ -1,0 +1,179 @@
+"""CPU kernels of the ``"numba"`` backend: Zoom-and-Shift statistics and maps on NumPy arrays.
+
+Why compiled kernels here: the NumPy fast path of :mod:`mmfuse._core.align` is limited by
+the number of elementwise passes NumPy needs (sum, centre, square-sum, scale, shift: about
+3 G elements/s per core), not by memory.  These kernels do each pass over a sample in one
+loop nest, so :func:`zoom_shift` reads x from memory once (its second pass hits the cache),
+reads the guide once and writes the output once.
+
+Work split: the batch of a (B', T, C') lane view (statistics axis in the middle) is cut into
+tasks of one sample and a run of channels (the whole row when there are enough samples to
+keep every thread busy); tasks run in parallel (``numba.prange``) and each task's result
+depends on its own data only, so results do not depend on the number of threads.
+
+Numerics: sums accumulate in float64 whatever the input dtype; the variance is the exact
+two-pass one (mean, then centred squares), as in the core, so accuracy does not depend on
+the mean-to-spread ratio.  The map is applied in the input's dtype as
+``(x - mu) * s + (mu + alpha (mu_g - mu))`` with the per-channel constants rounded once.
+
+Compilation: on first use, per dtype, cached on disk (``cache=True``), so a process after the
+first loads them in well under a second.  Importing this module imports numba but compiles
+nothing (the ``"numba"`` backend module, its only importer, needs numba anyway).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numba
+import numpy as np
+from numba import prange
+
+__all__ = ["apply_map", "channel_chunk", "stats", "zoom_shift"]
+
+
+# Loops run over row views (``x[b, t, c0:c1]``): indexing the 3-d array inside the channel
+# loop keeps LLVM from vectorising it (measured: 6.2 ms vs 1.9 ms for the statistics of a
+# (64, 512, 256) float32 array on 2 cores).
+
+
+@numba.njit(cache=True, nogil=True)
+def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var):  # pragma: no cover - compiled
+    """mean[:] / var[:] of x[b, :, c0:c1] over its tokens (masked ones skipped)."""
+    n = c1 - c0
+    xb = x[b]
+    mean[:] = 0.0
+    var[:] = 0.0
+    count = 0
+    for t in range(xb.shape[0]):
+        if use_mask and not mask[b, t]:
+            continue
+        count += 1
+        row = xb[t, c0:c1]
+        for c in range(n):
+            mean[c] += row[c]
+    inv = 1.0 / count if count > 0 else math.nan
+    for c in range(n):
+        mean[c] *= inv
+    for t in range(xb.shape[0]):  # second pass: the sample is still in cache
+        if use_mask and not mask[b, t]:
+            continue
+        row = xb[t, c0:c1]
+        for c in range(n):
+            d = row[c] - mean[c]
+            var[c] += d * d
+    for c in range(n):
+        var[c] *= inv
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _stats_kernel(x, mask, use_mask, chunk, mean_out, var_out):  # pragma: no cover - compiled
+    n_rows, _, n_chan = x.shape
+    per = (n_chan + chunk - 1) // chunk
+    for task in prange(n_rows * per):
+        b = task // per
+        c0 = (task - b * per) * chunk
+        c1 = min(c0 + chunk, n_chan)
+        mean = np.empty(c1 - c0)
+        var = np.empty(c1 - c0)
+        _sample_stats(x, mask, use_mask, b, c0, c1, mean, var)
+        mean_out[b, c0:c1] = mean
+        var_out[b, c0:c1] = var
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _zoom_shift_kernel(x, mask, use_mask, g_mean, g_sigma, alpha, eps, chunk, out):  # pragma: no cover
+    n_rows, n_tok, n_chan = x.shape
+    per = (n_chan + chunk - 1) // chunk
+    for task in prange(n_rows * per):
+        b = task // per
+        c0 = (task - b * per) * chunk
+        c1 = min(c0 + chunk, n_chan)
+        n = c1 - c0
+        mean = np.empty(n)
+        var = np.empty(n)
+        _sample_stats(x, mask, use_mask, b, c0, c1, mean, var)
+        centre = np.empty(n, dtype=x.dtype)
+        scale = np.empty(n, dtype=x.dtype)
+        offset = np.empty(n, dtype=x.dtype)
+        for c in range(n):
+            sigma = math.sqrt(var[c] + eps)
+            s = 1.0  # no spread: nothing to zoom (as the core's _scale)
+            if sigma > 0.0:
+                s = g_sigma[b, c0 + c] / sigma
+                if alpha != 1.0:
+                    s = s**alpha
+            centre[c] = mean[c]
+            scale[c] = s
+            offset[c] = mean[c] + alpha * (g_mean[b, c0 + c] - mean[c])
+        for t in range(n_tok):
+            row = x[b, t, c0:c1]
+            dest = out[b, t, c0:c1]
+            for c in range(n):
+                dest[c] = (row[c] - centre[c]) * scale[c] + offset[c]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _apply_kernel(x, scale, offset, chunk, out):  # pragma: no cover - compiled
+    n_rows, n_tok, n_chan = x.shape
+    per = (n_chan + chunk - 1) // chunk
+    for task in prange(n_rows * per):
+        b = task // per
+        c0 = (task - b * per) * chunk
+        c1 = min(c0 + chunk, n_chan)
+        s = scale[b, c0:c1]
+        o = offset[b, c0:c1]
+        for t in range(n_tok):
+            row = x[b, t, c0:c1]
+            dest = out[b, t, c0:c1]
+            for c in range(c1 - c0):
+                dest[c] = row[c] * s[c] + o[c]
+
+
+def channel_chunk(n_rows: int, n_chan: int) -> int:
+    """Channels per task: whole rows when there are at least two samples per thread, else
+    rows cut so that every thread gets about two tasks (never below 16 channels)."""
+    tasks = 2 * numba.get_num_threads()
+    if n_rows >= tasks or n_chan <= 16:
+        return max(1, n_chan)
+    pieces = math.ceil(tasks / max(1, n_rows))
+    return max(16, math.ceil(n_chan / pieces))
+
+
+def _mask_arg(mask: Any) -> tuple[Any, bool]:
+    if mask is None:
+        return np.ones((1, 1), dtype=np.bool_), False
+    return np.ascontiguousarray(mask, dtype=np.bool_), True
+
+
+def stats(x3: Any, mask2: Any) -> tuple[Any, Any]:
+    """float64 (mean, population variance) of a C-contiguous float32/float64 (B', T, C') array
+    over T, masked tokens (``mask2`` (B', T) bool, or None) excluded; each of shape (B', C')."""
+    n_rows, _, n_chan = x3.shape
+    mean = np.empty((n_rows, n_chan))
+    var = np.empty((n_rows, n_chan))
+    mk, use = _mask_arg(mask2)
+    _stats_kernel(x3, mk, use, channel_chunk(n_rows, n_chan), mean, var)
+    return mean, var
+
+
+def zoom_shift(x3: Any, mask2: Any, g_mean: Any, g_sigma: Any, alpha: float, eps: float) -> Any:
+    """Zoom-and-Shift of a C-contiguous (B', T, C') array toward guide statistics (B', C')
+    (float64 mean and ``sqrt(var + eps)``); one read of x, output in x's dtype."""
+    out = np.empty(x3.shape, dtype=x3.dtype)
+    mk, use = _mask_arg(mask2)
+    n_rows, _, n_chan = x3.shape
+    _zoom_shift_kernel(
+        x3, mk, use, g_mean, g_sigma, float(alpha), float(eps), channel_chunk(n_rows, n_chan), out
+    )
+    return out
+
+
+def apply_map(x3: Any, scale: Any, offset: Any) -> Any:
+    """``x * scale + offset`` for a C-contiguous (B', T, C') array and (B', C') constants in
+    x's dtype."""
+    out = np.empty(x3.shape, dtype=x3.dtype)
+    n_rows, _, n_chan = x3.shape
+    _apply_kernel(x3, scale, offset, channel_chunk(n_rows, n_chan), out)
+    return out

@@ -1,0 +1,178 @@
+"""The numba backend's CPU kernels (moments, zoom_shift, align on NumPy arrays) against
+``mmfuse.reference``: dtypes, axes, masks, odd shapes, threads, inputs untouched, dispatch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+import numba
+
+import mmfuse
+from mmfuse import reference
+from mmfuse.backends import _numba_cpu, available
+from mmfuse.testing import assert_close
+
+nb = pytest.importorskip("mmfuse.backends.numba")
+
+DTYPES = [np.float32, np.float64]
+
+
+def draw(rng, shape, dtype, *, offset=2.0, spread=3.0):
+    return (offset + spread * rng.standard_normal(shape)).astype(dtype)
+
+
+def readonly(a):
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+
+
+def token_mask(rng, batch, tokens):
+    mask = rng.random((batch, tokens)) > 0.4
+    mask[np.arange(batch), rng.integers(0, tokens, size=batch)] = True  # no empty sample
+    return mask
+
+
+def test_registered_for_numpy():
+    for op in ("moments", "zoom_shift", "align"):
+        assert "numba" in available(op)
+    import array_api_compat.numpy as np_compat
+
+    assert nb._supports_cpu_or_cuda(np_compat, "cpu") is None
+    assert nb._supports_cpu(np_compat, "cpu") is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [-2, 1, -1, 2])
+def test_moments_equal_reference(dtype, axis):
+    rng = np.random.default_rng()
+    x = readonly(draw(rng, (3, 5, 4, 7), dtype, offset=50.0))
+    before = x.copy()
+    mean, std = mmfuse.moments(x, axis=axis, eps=1e-5, backend="numba")
+    want_mean, want_std = reference.moments(x, axis=axis, eps=1e-5)
+    assert mean.dtype == std.dtype == x.dtype
+    assert_close(mean, want_mean.astype(dtype), dtype=np.dtype(dtype))
+    assert_close(std, want_std.astype(dtype), dtype=np.dtype(dtype))
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [1.0, 0.35])
+@pytest.mark.parametrize("shape", [(64, 33, 40), (1, 50, 300), (3, 2, 5), (2, 17, 1)])
+def test_zoom_shift_equals_reference(dtype, alpha, shape):
+    """Many samples (whole rows per task), one sample (channels split), one token, one channel."""
+    rng = np.random.default_rng()
+    x = readonly(draw(rng, shape, dtype))
+    guide = readonly(draw(rng, (shape[0], shape[1] + 3, shape[2]), dtype, offset=-4.0, spread=0.5))
+    got = mmfuse.zoom_shift(x, guide, alpha=alpha, backend="numba")
+    want = reference.zoom_shift(x, guide, alpha=alpha)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    assert_close(got, want.astype(dtype), dtype=np.dtype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zoom_shift_masks_exclude_huge_tokens(dtype):
+    rng = np.random.default_rng()
+    x = draw(rng, (6, 11, 9), dtype)
+    guide = draw(rng, (6, 8, 9), dtype, offset=1.0)
+    mask, guide_mask = token_mask(rng, 6, 11), token_mask(rng, 6, 8)
+    want = reference.zoom_shift(x, guide, alpha=0.6, mask=mask, guide_mask=guide_mask)
+    x_huge, g_huge = x.copy(), guide.copy()
+    x_huge[~mask] = 1e30 if dtype == np.float32 else 1e300
+    g_huge[~guide_mask] = np.nan
+    got = mmfuse.zoom_shift(x_huge, g_huge, alpha=0.6, mask=mask, guide_mask=guide_mask, backend="numba")
+    # masked tokens are still mapped (the map is per channel), so compare the kept ones
+    assert_close(got[mask], want[mask].astype(dtype), dtype=np.dtype(dtype))
+    mean, _ = mmfuse.moments(x_huge, mask=mask, backend="numba")
+    assert_close(mean, reference.moments(x, mask=mask)[0].astype(dtype), dtype=np.dtype(dtype))
+
+
+def test_zero_variance_channel_stays_finite():
+    x = np.ones((2, 6, 3), dtype=np.float32)
+    guide = np.random.default_rng().standard_normal((2, 4, 3)).astype(np.float32)
+    got = mmfuse.zoom_shift(x, guide, eps=0.0, backend="numba")
+    assert np.isfinite(got).all()
+    assert_close(got, reference.zoom_shift(x, guide, eps=0.0).astype(np.float32), dtype=np.dtype("float32"))
+
+
+def test_non_contiguous_and_half_inputs():
+    rng = np.random.default_rng()
+    base = draw(rng, (4, 10, 12), np.float64)
+    x = base[:, ::2, ::-1]  # strided, negative stride
+    guide = draw(rng, (4, 7, 12), np.float64)
+    got = mmfuse.zoom_shift(x, guide, backend="numba")
+    assert_close(got, reference.zoom_shift(x, guide))
+    half = draw(rng, (3, 8, 5), np.float16, offset=0.5, spread=1.0)
+    got16 = mmfuse.zoom_shift(half, half[:, ::-1], alpha=0.5, backend="numba")
+    assert got16.dtype == np.float16
+    assert_close(got16, reference.zoom_shift(half, half[:, ::-1], alpha=0.5).astype(np.float16), dtype=np.dtype("float16"))
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 3, None])
+@pytest.mark.parametrize("schedule,topology", [("gauss-seidel", "consensus"), ("jacobi", "consensus"), ("gauss-seidel", "hub")])
+def test_align_equals_reference(rounds, schedule, topology):
+    rng = np.random.default_rng()
+    xs = [readonly(draw(rng, (5, t, 8), np.float32, offset=m, spread=1.0 + m)) for m, t in enumerate((9, 4, 13))]
+    masks = [token_mask(rng, 5, x.shape[1]) for x in xs]
+    opts = dict(rounds=rounds, alpha=0.5, schedule=schedule, topology=topology, hub=1, masks=masks)
+    got = mmfuse.align(xs, backend="numba", **opts)
+    want = reference.align(xs, **opts)
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32
+        assert_close(g, w.astype(np.float32), dtype=np.dtype("float32"))
+
+
+def test_results_do_not_depend_on_thread_count():
+    rng = np.random.default_rng()
+    x = draw(rng, (3, 40, 70), np.float32)  # few samples: channels are split across tasks
+    guide = draw(rng, (3, 21, 70), np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = mmfuse.zoom_shift(x, guide, alpha=0.7, backend="numba")
+        numba.set_num_threads(before)
+        many = mmfuse.zoom_shift(x, guide, alpha=0.7, backend="numba")
+    finally:
+        numba.set_num_threads(before)
+    # a task's result depends on its own channels only; the split changes nothing
+    np.testing.assert_array_equal(one, many)
+
+
+def test_channel_chunk_splits_only_when_samples_are_few():
+    threads = numba.get_num_threads()
+    assert _numba_cpu.channel_chunk(2 * threads, 256) == 256
+    assert _numba_cpu.channel_chunk(1, 8) == 8
+    chunk = _numba_cpu.channel_chunk(1, 256)
+    assert 16 <= chunk <= 256 and (threads == 1 or chunk < 256)
+
+
+def test_auto_runs_the_cpu_kernels_once_numba_is_imported(monkeypatch):
+    """numba is imported (this module did it), so "auto" on NumPy arrays takes the kernels."""
+    calls = []
+    real = _numba_cpu.zoom_shift
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_numba_cpu, "zoom_shift", spy)
+    rng = np.random.default_rng()
+    x, guide = draw(rng, (2, 5, 3), np.float64), draw(rng, (2, 6, 3), np.float64)
+    got = mmfuse.zoom_shift(x, guide)
+    assert calls == [1]
+    assert_close(got, reference.zoom_shift(x, guide))
+    with mmfuse.config_context(backend="array_api"):
+        mmfuse.zoom_shift(x, guide)
+    assert calls == [1]
+
+
+def test_refuses_what_it_cannot_take():
+    torch = pytest.importorskip("torch")
+    x = torch.ones(2, 3, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"backend 'numba' cannot take torch arrays .*align has CPU kernels only"):
+        mmfuse.align([x, x + 1], backend="numba")
+    with pytest.raises(TypeError, match=r"needs NumPy arrays \(CPU kernels\) or CuPy arrays or torch CUDA tensors"):
+        mmfuse.zoom_shift(x, x, backend="numba")
