@@ -147,3 +147,29 @@ def test_unknown_backend_for_op():
     p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
     with pytest.raises(ValueError, match=r"backend must be one of"):
         mmfuse.lowrank_fusion(xs, **p, backend="gpu")
+
+
+def test_first_lookups_from_many_threads_see_a_fully_loaded_plugin():
+    """A thread must not find a plugin half-imported by another (module in sys.modules, its
+    implementations not yet registered) and report the backend as lacking the operator."""
+    pytest.importorskip("torch")
+    out = _run(
+        """
+        import threading
+        import torch
+        import mmfuse
+        from mmfuse.backends import lookup
+        errors, barrier = [], threading.Barrier(8)
+        def first_call():
+            barrier.wait()
+            try:
+                lookup("lowrank_fusion", "torch")
+            except Exception as exc:
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=first_call) for _ in range(8)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        print(errors)
+        """
+    )
+    assert out == "[]"

@@ -117,7 +117,7 @@ def test_align_equals_reference(rounds, schedule, topology):
     rng = np.random.default_rng()
     xs = [readonly(draw(rng, (5, t, 8), np.float32, offset=m, spread=1.0 + m)) for m, t in enumerate((9, 4, 13))]
     masks = [token_mask(rng, 5, x.shape[1]) for x in xs]
-    opts = dict(rounds=rounds, alpha=0.5, schedule=schedule, topology=topology, hub=1, masks=masks)
+    opts = {"rounds": rounds, "alpha": 0.5, "schedule": schedule, "topology": topology, "hub": 1, "masks": masks}
     got = mmfuse.align(xs, backend="numba", **opts)
     want = reference.align(xs, **opts)
     for g, w in zip(got, want):
@@ -176,3 +176,37 @@ def test_refuses_what_it_cannot_take():
         mmfuse.align([x, x + 1], backend="numba")
     with pytest.raises(TypeError, match=r"needs NumPy arrays \(CPU kernels\) or CuPy arrays or torch CUDA tensors"):
         mmfuse.zoom_shift(x, x, backend="numba")
+
+
+def test_concurrent_calls_from_threads():
+    """Threads may call the kernels at once (launches take turns under numba's workqueue layer,
+    which would otherwise abort the process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng()
+    cases = [(draw(rng, (4, 30, 20), np.float32), draw(rng, (4, 12, 20), np.float32)) for _ in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda c: mmfuse.zoom_shift(c[0], c[1], alpha=0.5, backend="numba"), cases))
+    for (x, guide), y in zip(cases, got):
+        assert_close(y, reference.zoom_shift(x, guide, alpha=0.5).astype(np.float32), dtype=np.dtype("float32"))
+
+
+def test_concurrent_calls_under_the_workqueue_layer():
+    """numba's workqueue layer aborts the process on concurrent launches; mmfuse's take turns."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, mmfuse\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "rng = np.random.default_rng(0)\n"
+        "xs = [rng.standard_normal((4, 300, 64)).astype(np.float32) for _ in range(16)]\n"
+        "with ThreadPoolExecutor(4) as pool:\n"
+        "    list(pool.map(lambda x: mmfuse.zoom_shift(x, x[:, ::-1] * 2, backend='numba'), xs))\n"
+        "import numba; print(numba.threading_layer())\n"
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "workqueue"

@@ -24,6 +24,7 @@ nothing (the ``"numba"`` backend module, its only importer, needs numba anyway).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numba
@@ -131,6 +132,24 @@ def _apply_kernel(x, scale, offset, chunk, out):  # pragma: no cover - compiled
                 dest[c] = row[c] * s[c] + o[c]
 
 
+# numba's "workqueue" threading layer (the one left when neither OpenMP nor TBB is found)
+# aborts the process when two threads launch parallel kernels at once; such launches take
+# turns.  Which layer runs is known only after the first launch, so that one takes the lock.
+_LAUNCH_LOCK = threading.Lock()
+
+
+def _launch(kernel: Any, *args: Any) -> None:
+    try:
+        concurrent_ok = numba.threading_layer() != "workqueue"
+    except ValueError:  # no parallel kernel has run yet in this process
+        concurrent_ok = False
+    if concurrent_ok:
+        kernel(*args)
+        return
+    with _LAUNCH_LOCK:
+        kernel(*args)
+
+
 def channel_chunk(n_rows: int, n_chan: int) -> int:
     """Channels per task: whole rows when there are at least two samples per thread, else
     rows cut so that every thread gets about two tasks (never below 16 channels)."""
@@ -154,7 +173,7 @@ def stats(x3: Any, mask2: Any) -> tuple[Any, Any]:
     mean = np.empty((n_rows, n_chan))
     var = np.empty((n_rows, n_chan))
     mk, use = _mask_arg(mask2)
-    _stats_kernel(x3, mk, use, channel_chunk(n_rows, n_chan), mean, var)
+    _launch(_stats_kernel, x3, mk, use, channel_chunk(n_rows, n_chan), mean, var)
     return mean, var
 
 
@@ -164,9 +183,10 @@ def zoom_shift(x3: Any, mask2: Any, g_mean: Any, g_sigma: Any, alpha: float, eps
     out = np.empty(x3.shape, dtype=x3.dtype)
     mk, use = _mask_arg(mask2)
     n_rows, _, n_chan = x3.shape
-    _zoom_shift_kernel(
-        x3, mk, use, g_mean, g_sigma, float(alpha), float(eps), channel_chunk(n_rows, n_chan), out
-    )
+    _launch(
+        _zoom_shift_kernel,
+        x3, mk, use, g_mean, g_sigma, float(alpha), float(eps), channel_chunk(n_rows, n_chan), out,
+    )  # fmt: skip
     return out
 
 
@@ -175,5 +195,5 @@ def apply_map(x3: Any, scale: Any, offset: Any) -> Any:
     x's dtype."""
     out = np.empty(x3.shape, dtype=x3.dtype)
     n_rows, _, n_chan = x3.shape
-    _apply_kernel(x3, scale, offset, channel_chunk(n_rows, n_chan), out)
+    _launch(_apply_kernel, x3, scale, offset, channel_chunk(n_rows, n_chan), out)
     return out

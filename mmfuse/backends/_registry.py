@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,11 @@ _PLUGINS: dict[str, tuple[str, str]] = {
     "cupy": ("mmfuse.backends.cupy", "cupy"),
 }
 _plugin_errors: dict[str, str] = {}
+# Plugins whose module finished importing.  Another thread may be half-way through importing
+# one (its module already in sys.modules, its ``register`` calls not yet run), so a plugin
+# counts as loaded only once ``import_module`` has returned, and loads take turns.
+_plugins_loaded: set[str] = set()
+_plugin_lock = threading.RLock()
 
 
 def _parameters(func: Callable[..., Any], *, drop: tuple[str, ...] = ()) -> tuple[tuple[str, Any], ...]:
@@ -105,17 +111,21 @@ def register(
 
 
 def _load_plugin(backend: str, *, only_if_imported: bool) -> None:
-    if backend not in _PLUGINS or backend in _plugin_errors:
+    if backend not in _PLUGINS or backend in _plugins_loaded or backend in _plugin_errors:
         return
     module, framework = _PLUGINS[backend]
-    if module in sys.modules:
-        return
     if only_if_imported and framework not in sys.modules:
         return
-    try:
-        importlib.import_module(module)
-    except ImportError as exc:  # the module or its framework is not installed
-        _plugin_errors[backend] = f"{type(exc).__name__}: {exc}"
+    with _plugin_lock:
+        if backend in _plugins_loaded or backend in _plugin_errors:
+            return
+        try:
+            # returns at once if already imported; waits if another thread is importing it
+            importlib.import_module(module)
+        except ImportError as exc:  # the module or its framework is not installed
+            _plugin_errors[backend] = f"{type(exc).__name__}: {exc}"
+            return
+        _plugins_loaded.add(backend)
 
 
 def unavailable() -> dict[str, str]:

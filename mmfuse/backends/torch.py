@@ -64,25 +64,6 @@ _BLOCK_BYTES = 1 << 23
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _on_numpy(*groups: Any) -> bool:
-    """Whether a CPU float32/float64 op can run the NumPy fast path on zero-copy views.
-
-    On CPU, mmfuse's blocked NumPy kernels (:mod:`mmfuse._core.fusion`) beat the same algorithm
-    written as many small torch ops (measured in benchmarks/torch_cpu.py); the op stays a torch
-    custom op, so autograd and torch.compile see no difference.
-    """
-    tensors = [t for g in groups for t in (g if isinstance(g, (list, tuple)) else [g]) if t is not None]
-    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
-
-
-def _np(tensors: Sequence[torch.Tensor]) -> list[Any]:
-    return [t.detach().numpy() for t in tensors]
-
-
-def _np1(t: torch.Tensor | None) -> Any:
-    return None if t is None else t.detach().numpy()
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
@@ -124,11 +105,6 @@ def _lowrank_op(
     append_one: bool,
     present: torch.Tensor | None,
 ) -> torch.Tensor:
-    if _on_numpy(xs, factors, weights, bias):
-        out = _core_fusion.lowrank_fusion(
-            _np(xs), _np(factors), _np1(weights), _np1(bias), append_one=append_one, present=_np1(present)
-        )
-        return torch.from_numpy(out)
     dtype = xs[0].dtype
     cdt = _compute_dtype(dtype)
     xs = [x.to(cdt) for x in xs]
@@ -183,12 +159,6 @@ def _lowrank_backward_op(
     tensor (custom ops cannot return None in a list).
     """
     n_mod = len(xs)
-    if _on_numpy(xs, factors, weights, grad):
-        np_gx, np_gf, np_gw, np_gb = _core_fusion.lowrank_grads_numpy(
-            grad.detach().numpy(), _np(xs), _np(factors), _np1(weights), append_one, _np1(present), needs
-        )
-        found = (*np_gx, *np_gf, np_gw, np_gb)
-        return [grad.new_empty((0,)) if g is None else torch.from_numpy(g) for g in found]
     dtype = grad.dtype
     cdt = _compute_dtype(dtype)
     dev = grad.device
