@@ -237,9 +237,10 @@ class LowRankFusion(_RankedFusion):
         xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
         factors = list(self.factors)
         if _compiling():
-            return torch.ops.mmfuse.lowrank_fusion(
+            out, _kept = torch.ops.mmfuse.lowrank_fusion(  # (fusion, what backward keeps)
                 xs, factors, self.weights, self.bias, self.append_one, present
             )
+            return out
         return _fusion.lowrank_fusion(
             xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
         )

@@ -203,7 +203,7 @@ def test_gradcheck_gradgradcheck(append_one, with_present):
     n = len(xs)
 
     def lowrank(*a):
-        return torch.ops.mmfuse.lowrank_fusion(list(a[:n]), list(a[n : 2 * n]), a[2 * n], a[2 * n + 1], append_one, present)
+        return torch.ops.mmfuse.lowrank_fusion(list(a[:n]), list(a[n : 2 * n]), a[2 * n], a[2 * n + 1], append_one, present)[0]
 
     args = (*xs, *factors, weights, bias)
     assert torch.autograd.gradcheck(lowrank, args)
@@ -267,6 +267,62 @@ def test_backward_saves_only_the_inputs():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         mmfuse.lowrank_fusion(xs, factors, params["weights"], params["bias"], backend="array_api")
     assert any(shape == (batch, rank * out_dim) for _, shape in saved)
+
+
+def test_narrow_fusion_keeps_only_its_small_projections():
+    """Narrow fusions (4 M R h <= sum d_m) keep their (M, B, R h) projections, a quarter of the
+    inputs' size at most, instead of recomputing them; nothing else is saved."""
+    batch, dims, rank, out_dim = 64, (8, 16, 64), 4, 1
+    xs = [torch.randn(batch, d, requires_grad=True) for d in dims]
+    params = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=0, xp=torch)
+    factors = [f.requires_grad_() for f in params["factors"]]
+    inputs = {t.data_ptr() for t in (*xs, *factors, params["weights"])}
+    saved = []
+
+    def pack(t):
+        saved.append((t.data_ptr(), tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mmfuse.lowrank_fusion(xs, factors, params["weights"], params["bias"], backend="torch")
+    extra = [shape for ptr, shape in saved if ptr not in inputs]
+    assert extra == [(len(dims), batch, rank * out_dim)]
+
+
+@pytest.mark.parametrize("append_one", [True, False])
+@pytest.mark.parametrize("with_present", [False, True])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_narrow_fusion_with_kept_projections_matches_core(monkeypatch, append_one, with_present, with_weights):
+    """Values and gradients of the kept-projection path (several batch blocks, ragged last)."""
+    from mmfuse._core import fusion as core_fusion
+
+    monkeypatch.setattr(core_fusion, "block_rows", lambda batch, *args: min(batch, 64))
+    p = {"dims": [9, 17, 30], "batch": 150, "rank": 2, "out_dim": 1, "append_one": append_one,
+         "with_present": with_present, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
+    assert tb._keeps_projections([torch.empty(1, d) for d in p["dims"]], [torch.empty(2, 1, 1)])
+    xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
+    got = mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present, backend="torch")
+    core = mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present, backend="array_api")
+    assert_close(got, core, rtol=1e-12)
+    leaves = [t for t in (*xs, *factors, weights, bias) if t is not None]
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
+def test_narrow_opcheck_and_gradcheck():
+    p = {"dims": [4, 5, 6], "batch": 5, "rank": 1, "out_dim": 1, "append_one": True,
+         "with_present": True, "with_weights": True, "seed": 11}  # fmt: skip
+    xs, factors, weights, bias, present, _ = _lowrank_inputs(p)
+    assert tb._keeps_projections(xs, factors)
+    torch.library.opcheck(torch.ops.mmfuse.lowrank_fusion.default, (xs, factors, weights, bias, True, present))
+    n = len(xs)
+
+    def lowrank(*a):
+        return mmfuse.lowrank_fusion(list(a[:n]), list(a[n : 2 * n]), a[2 * n], a[2 * n + 1], present=present, backend="torch")
+
+    args = (*xs, *factors, weights, bias)
+    assert torch.autograd.gradcheck(lowrank, args)
+    assert torch.autograd.gradgradcheck(lowrank, args)
 
 
 # --------------------------------------------------------------------------- dispatch
