@@ -1,7 +1,8 @@
 """Shared timing and memory harness for the CPU benchmarks.
 
-Times are medians over repeats after warm-up, all candidates in one process, interleaved
-round-robin so drifts in machine load hit every candidate alike.  Peak memory is measured per
+Times are medians over repeats after warm-up, all candidates in one process, interleaved in
+short bursts (see :func:`time_candidates`) so drifts in machine load hit every candidate
+alike.  Peak memory is measured per
 candidate in a fresh subprocess (peak RSS growth over a baseline taken after the inputs exist),
 because torch's CPU allocator is invisible to ``tracemalloc``.
 """
@@ -48,8 +49,8 @@ def time_candidates(
     the burst.  That first call absorbs what the previous candidate left behind: on a small
     machine, the worker threads of OpenBLAS (NumPy) and of OpenMP (torch) keep spinning for
     a while after their parallel region, and a call of the other library that starts then
-    loses cores to them (measured on 2 cores: an LMF-style torch step 22 ms alone, 40 ms
-    right after a NumPy-backed one).  Rounds still interleave the candidates, so slow drifts
+    loses cores to them (on 2 cores an LMF-style torch step ran nearly twice as long right
+    after a NumPy-backed one).  Rounds still interleave the candidates, so slow drifts
     of the machine hit all of them alike.
     """
     for fn in candidates.values():

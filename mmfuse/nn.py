@@ -735,11 +735,14 @@ def _align_torch(
 ) -> list[torch.Tensor]:
     """:func:`mmfuse.align` over the token axis in plain torch (the core's algorithm: rounds on
     the statistics, one affine map per modality), for ``torch.compile``."""
-    stats = [_masked_stats(x, k) for x, k in zip(xs, masks)]
-    maps = align_core.affine_maps(
-        stats, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, eps=eps, xp=torch
-    )
-    return [x * s + t for x, (s, t) in zip(xs, maps)]
+    return align_core.align_with(
+        xs, masks, _masked_stats, _affine_map,
+        rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, eps=eps, xp=torch,
+    )  # fmt: skip
+
+
+def _affine_map(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    return x * scale + offset
 
 
 class ZoomShift(nn.Module):

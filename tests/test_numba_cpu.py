@@ -210,3 +210,17 @@ def test_concurrent_calls_under_the_workqueue_layer():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "workqueue"
+
+
+def test_cuda_arrays_without_numba_cuda_are_refused_with_the_reason(monkeypatch):
+    """With numba but not numba-cuda installed, CUDA inputs get a message naming numba-cuda."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as torch_compat
+
+    monkeypatch.setattr(nb, "HAS_CUDA", False)
+    reason = nb._supports(torch_compat, torch.device("cuda", 0))
+    assert reason == "needs CuPy arrays or torch CUDA tensors on a CUDA device, and numba-cuda (pip install 'mmfuse[numba]')"
+    assert nb._supports_cpu_or_cuda(torch_compat, torch.device("cuda", 0)) == (
+        "needs NumPy arrays (CPU kernels) or CuPy arrays or torch CUDA tensors on a CUDA device, "
+        "and numba-cuda (pip install 'mmfuse[numba]')"
+    )

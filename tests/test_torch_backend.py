@@ -245,13 +245,8 @@ def test_only_needed_gradients_are_computed():
 # --------------------------------------------------------------------------- memory: what is saved
 
 
-def test_backward_saves_only_the_inputs():
-    """No (B, R h) projection is saved for backward: every saved tensor is an input."""
-    batch, dims, rank, out_dim = 64, (5, 6, 7), 4, 8
-    xs = [torch.randn(batch, d, requires_grad=True) for d in dims]
-    params = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=0, xp=torch)
-    factors = [f.requires_grad_() for f in params["factors"]]
-    inputs = {t.data_ptr() for t in (*xs, *factors, params["weights"])}
+def _saved_for_backward(xs, factors, params, backend):
+    """(data_ptr, shape) of every tensor autograd saves for one lowrank_fusion call."""
     saved = []
 
     def pack(t):
@@ -259,13 +254,22 @@ def test_backward_saves_only_the_inputs():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mmfuse.lowrank_fusion(xs, factors, params["weights"], params["bias"], backend="torch")
+        mmfuse.lowrank_fusion(xs, factors, params["weights"], params["bias"], backend=backend)
+    return saved
+
+
+def test_backward_saves_only_the_inputs():
+    """No (B, R h) projection is saved for backward: every saved tensor is an input."""
+    batch, dims, rank, out_dim = 64, (5, 6, 7), 4, 8
+    xs = [torch.randn(batch, d, requires_grad=True) for d in dims]
+    params = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=0, xp=torch)
+    factors = [f.requires_grad_() for f in params["factors"]]
+    inputs = {t.data_ptr() for t in (*xs, *factors, params["weights"])}
+    saved = _saved_for_backward(xs, factors, params, "torch")
     assert saved, "nothing saved?"
     assert all(ptr in inputs for ptr, _ in saved), saved
     # the Array-API core, by contrast, saves per-modality projections
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mmfuse.lowrank_fusion(xs, factors, params["weights"], params["bias"], backend="array_api")
+    saved = _saved_for_backward(xs, factors, params, "array_api")
     assert any(shape == (batch, rank * out_dim) for _, shape in saved)
 
 
@@ -277,14 +281,7 @@ def test_narrow_fusion_keeps_only_its_small_projections():
     params = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=0, xp=torch)
     factors = [f.requires_grad_() for f in params["factors"]]
     inputs = {t.data_ptr() for t in (*xs, *factors, params["weights"])}
-    saved = []
-
-    def pack(t):
-        saved.append((t.data_ptr(), tuple(t.shape)))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mmfuse.lowrank_fusion(xs, factors, params["weights"], params["bias"], backend="torch")
+    saved = _saved_for_backward(xs, factors, params, "torch")
     extra = [shape for ptr, shape in saved if ptr not in inputs]
     assert extra == [(len(dims), batch, rank * out_dim)]
 
@@ -303,6 +300,11 @@ def test_narrow_fusion_with_kept_projections_matches_core(monkeypatch, append_on
     xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
     got = mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present, backend="torch")
     core = mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present, backend="array_api")
+    want = ref.lowrank_fusion(
+        [_np(x) for x in xs], [_np(f) for f in factors], _np(weights), _np(bias),
+        append_one=append_one, present=None if present is None else present.numpy(),
+    )
+    assert_close(got, want, xp=torch, dtype=torch.float64)
     assert_close(got, core, rtol=1e-12)
     leaves = [t for t in (*xs, *factors, weights, bias) if t is not None]
     for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):

@@ -32,6 +32,7 @@ from .._namespace import array_namespace, device_of, is_dask, is_jax, is_lazy, i
 __all__ = [
     "affine_maps",
     "align",
+    "align_with",
     "limit_weights",
     "moments",
     "pool",
@@ -458,17 +459,39 @@ def align(
     """Statistics once per modality, the rounds on the statistics, one affine map each."""
     masks = list(masks) if masks is not None else [None] * len(xs)
     ax = axis % xs[0].ndim
-    stats = [raw_moments(x, ax, m) for x, m in zip(xs, masks)]
+    return align_with(
+        xs, masks, lambda x, m: raw_moments(x, ax, m), _apply,
+        rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, eps=eps,
+    )  # fmt: skip
+
+
+def align_with(
+    xs: list[Any],
+    masks: list[Any],
+    stats_of: Any,
+    apply: Any,
+    *,
+    rounds: int | None,
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    eps: float,
+    xp: Any = None,
+) -> list[Any]:
+    """The alignment algorithm with its two data passes supplied by the caller.
+
+    ``stats_of(x, mask) -> (mean, var)`` reads each input once; the rounds (or the limit) run
+    on the statistics alone (:func:`affine_maps`); ``apply(x, S, T)`` maps each input once.
+    The core passes its own passes; the numba backend its CPU kernels; the torch layers plain
+    torch (``xp=torch`` under ``torch.compile``).
+    """
+    stats = [stats_of(x, m) for x, m in zip(xs, masks)]
     maps = affine_maps(
-        stats,
-        rounds=rounds,
-        alpha=alpha,
-        schedule=schedule,
-        topology=topology,
-        hub=hub % len(xs),
-        eps=eps,
-    )
-    return [_apply(x, s, t) for x, (s, t) in zip(xs, maps)]
+        stats, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
+        hub=hub % len(xs), eps=eps, xp=xp,
+    )  # fmt: skip
+    return [apply(x, s, t) for x, (s, t) in zip(xs, maps)]
 
 
 # --------------------------------------------------------------------------- fusion

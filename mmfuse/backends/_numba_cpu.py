@@ -35,8 +35,7 @@ __all__ = ["apply_map", "channel_chunk", "stats", "zoom_shift"]
 
 
 # Loops run over row views (``x[b, t, c0:c1]``): indexing the 3-d array inside the channel
-# loop keeps LLVM from vectorising it (measured: 6.2 ms vs 1.9 ms for the statistics of a
-# (64, 512, 256) float32 array on 2 cores).
+# loop keeps LLVM from vectorising it (several times slower).
 
 
 @numba.njit(cache=True, nogil=True)
@@ -68,14 +67,20 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var):  # pragma: no cover 
         var[c] *= inv
 
 
+@numba.njit(cache=True, nogil=True)
+def _task_span(task, per, chunk, n_chan):  # pragma: no cover - compiled
+    """(sample, first channel, end channel) of task ``task`` (``per`` tasks per sample)."""
+    b = task // per
+    c0 = (task - b * per) * chunk
+    return b, c0, min(c0 + chunk, n_chan)
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _stats_kernel(x, mask, use_mask, chunk, mean_out, var_out):  # pragma: no cover - compiled
     n_rows, _, n_chan = x.shape
     per = (n_chan + chunk - 1) // chunk
     for task in prange(n_rows * per):
-        b = task // per
-        c0 = (task - b * per) * chunk
-        c1 = min(c0 + chunk, n_chan)
+        b, c0, c1 = _task_span(task, per, chunk, n_chan)
         mean = np.empty(c1 - c0)
         var = np.empty(c1 - c0)
         _sample_stats(x, mask, use_mask, b, c0, c1, mean, var)
@@ -88,9 +93,7 @@ def _zoom_shift_kernel(x, mask, use_mask, g_mean, g_sigma, alpha, eps, chunk, ou
     n_rows, n_tok, n_chan = x.shape
     per = (n_chan + chunk - 1) // chunk
     for task in prange(n_rows * per):
-        b = task // per
-        c0 = (task - b * per) * chunk
-        c1 = min(c0 + chunk, n_chan)
+        b, c0, c1 = _task_span(task, per, chunk, n_chan)
         n = c1 - c0
         mean = np.empty(n)
         var = np.empty(n)
@@ -120,9 +123,7 @@ def _apply_kernel(x, scale, offset, chunk, out):  # pragma: no cover - compiled
     n_rows, n_tok, n_chan = x.shape
     per = (n_chan + chunk - 1) // chunk
     for task in prange(n_rows * per):
-        b = task // per
-        c0 = (task - b * per) * chunk
-        c1 = min(c0 + chunk, n_chan)
+        b, c0, c1 = _task_span(task, per, chunk, n_chan)
         s = scale[b, c0:c1]
         o = offset[b, c0:c1]
         for t in range(n_tok):

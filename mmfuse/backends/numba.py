@@ -855,25 +855,21 @@ def _cpu_mask(mask: Any) -> Any:
     return None if mask is None else _mask_view(mask)
 
 
-def _cpu_guide_stats(guide: Any, ax: int, guide_mask: Any, eps: float) -> tuple[Any, Any]:
+def _cpu_mean_sigma(x: Any, ax: int, mask: Any, eps: float) -> tuple[Any, Any]:
+    """float64 (B', C') mean and ``sqrt(var + eps)`` of x over ``ax`` (one read of x)."""
     import numpy as np
 
     from . import _numba_cpu
 
-    mean, var = _numba_cpu.stats(_cpu_lanes(guide, ax), _cpu_mask(guide_mask))
+    mean, var = _numba_cpu.stats(_cpu_lanes(x, ax), _cpu_mask(mask))
     return mean, np.sqrt(var + eps)
 
 
 def _moments_cpu(x: Any, axis: int, mask: Any, eps: float) -> tuple[Any, Any]:
-    import numpy as np
-
-    from . import _numba_cpu
-
     ax = axis % x.ndim
-    mean, var = _numba_cpu.stats(_cpu_lanes(x, ax), _cpu_mask(mask))
+    mean, std = _cpu_mean_sigma(x, ax, mask, eps)
     kept = list(x.shape)
     kept[ax] = 1
-    std = np.sqrt(var + eps)
     return mean.astype(x.dtype).reshape(kept), std.astype(x.dtype).reshape(kept)
 
 
@@ -883,7 +879,7 @@ def _zoom_shift_cpu(
     from . import _numba_cpu
 
     ax = axis % x.ndim
-    g_mean, g_sigma = _cpu_guide_stats(guide, ax, guide_mask, eps)
+    g_mean, g_sigma = _cpu_mean_sigma(guide, ax, guide_mask, eps)
     out = _numba_cpu.zoom_shift(_cpu_lanes(x, ax), _cpu_mask(mask), g_mean, g_sigma, alpha, eps)
     return out.reshape(x.shape).astype(x.dtype, copy=False)
 
@@ -912,17 +908,16 @@ def align(
 
     ax = axis % xs[0].ndim
     masks = list(masks) if masks is not None else [None] * len(xs)
-    lanes = [_cpu_lanes(x, ax) for x in xs]
-    stats = [_numba_cpu.stats(x3, _cpu_mask(m)) for x3, m in zip(lanes, masks)]
-    maps = core_align.affine_maps(
-        stats, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
-        hub=hub % len(xs), eps=eps, xp=np,
+    lanes = [_cpu_lanes(x, ax) for x in xs]  # converted once, read by both passes
+
+    def apply(x3: Any, scale: Any, offset: Any) -> Any:
+        return _numba_cpu.apply_map(x3, scale.astype(x3.dtype), offset.astype(x3.dtype))
+
+    ys = core_align.align_with(
+        lanes, [_cpu_mask(m) for m in masks], _numba_cpu.stats, apply,
+        rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, eps=eps, xp=np,
     )  # fmt: skip
-    out = []
-    for x, x3, (scale, offset) in zip(xs, lanes, maps):
-        y = _numba_cpu.apply_map(x3, scale.astype(x3.dtype), offset.astype(x3.dtype))
-        out.append(y.reshape(x.shape).astype(x.dtype, copy=False))
-    return out
+    return [y.reshape(x.shape).astype(x.dtype, copy=False) for x, y in zip(xs, ys)]
 
 
 # Priority: above the Array-API core (0), below the CuPy backend's cuBLAS path (20) on CuPy

@@ -35,8 +35,8 @@ costs no memory, and the backward recomputes the projections block by block (one
 per modality, the forward's cost).  Narrow fusions are the exception: when the M projections
 take at most a quarter of the inputs' elements (``4 M R h <= sum_m d_m``, e.g. dims (8, 16, 64)
 with R h = 4), the forward also returns them as a second, non-differentiable output and they
-are saved: little memory, and the backward skips the recomputing GEMMs (measured at
-(65536, (8, 16, 64), h = 1, R = 4): 18-19 ms -> 16 ms per forward + backward on 2 cores).
+are saved: little memory, and the backward skips the recomputing GEMMs (the narrow case of
+``benchmarks/torch_cpu.py``).
 Per block the backward forms ``G_m = (g w) * prod_{k != m} P_k`` with prefix and suffix
 products (no division, so exact zeros in a projection are harmless).  Peak extra memory is a
 few (rows, R h) blocks plus the gradients themselves, independent of the batch size.
@@ -152,10 +152,12 @@ def _lowrank_op(
             target = kept[m, blk] if keep else (acc[:n] if m == 0 else proj[:n])
             _project_into(target, _masked(x, present, m, blk), mat, append_one)
             if keep:
-                if m == 0:
-                    torch.mul(target, w_cols, out=acc[:n]) if w_cols is not None else acc[:n].copy_(target)
-                else:
+                if m:
                     acc[:n].mul_(target)
+                elif w_cols is not None:
+                    torch.mul(target, w_cols, out=acc[:n])
+                else:
+                    acc[:n].copy_(target)
             elif m:
                 acc[:n].mul_(proj[:n])
         torch.sum(acc[:n].view(n, rank, out_dim), dim=1, out=out[blk])
