@@ -25,6 +25,8 @@ Not run when written (no GPU was available); see benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -217,15 +219,41 @@ def bench_zoom_shift(quick: bool) -> tuple[list[tuple[str, str, float, float]], 
     return rows, copy_bw
 
 
+def bench_layers(quick: bool) -> list[tuple[str, str, float, float]]:
+    """Issue 5's layer comparison (benchmarks/torch_cpu.py's candidates) on CUDA tensors."""
+    _torch()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_cpu
+
+    rows = []
+    for case in (*torch_cpu.CASES, *torch_cpu.WANDER_CASES):
+        base = torch_cpu.BASELINE[case]
+        label = f"{case} fwd+bwd"
+        print(label)
+        cands = torch_cpu.setup(case, device="cuda")
+        print(f"  check mmfuse-layer vs {base}: max rel. error {torch_cpu.check(cands, base):.1e}")
+        times = time_cuda(cands, repeats=5 if quick else 20)
+        for name, ms in sorted(times.items(), key=lambda kv: kv[0] != base):
+            rows.append((label, name, ms, peak_mib(cands[name])))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
+    parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch = _torch()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    device = f"{torch.cuda.get_device_name()}  torch {torch.__version__}"
+    print(f"device: {device}")
     rows = bench_lowrank(args.quick)
     zrows, _ = bench_zoom_shift(args.quick)
     rows += zrows
+    rows += bench_layers(args.quick)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": device, "rows": [dict(zip(("case", "candidate", "ms", "peak_mib"), r)) for r in rows]},
+                      fh, indent=2)  # fmt: skip
     print()
     print(f"{'case':<58} {'candidate':<44} {'ms':>9} {'peak MiB':>9} {'vs first':>9}")
     first: dict[str, float] = {}

@@ -58,7 +58,7 @@ WANDER_CASES = {
 BASELINE = {**dict.fromkeys(CASES, "lmf-layer"), **dict.fromkeys(WANDER_CASES, "released-layer")}
 
 
-def setup_wander(case: str) -> dict[str, object]:
+def setup_wander(case: str, device: str = "cpu") -> dict[str, object]:
     import torch
 
     import mmfuse
@@ -66,10 +66,10 @@ def setup_wander(case: str) -> dict[str, object]:
 
     batch, lengths, dim, rank, r_h, r_t = WANDER_CASES[case]
     torch.manual_seed(20261122)
-    xs = [torch.randn(batch, t, dim, requires_grad=True) for t in lengths]
+    xs = [torch.randn(batch, t, dim, device=device, requires_grad=True) for t in lengths]
     dims = (dim,) * len(lengths)
-    layer = WanderAdapter(dims, lengths, rank, r_h, r_t, mode="collapsed")
-    cp_layer = WanderAdapter(dims, lengths, rank, r_h, r_t, mode="cp")
+    layer = WanderAdapter(dims, lengths, rank, r_h, r_t, mode="collapsed", device=device)
+    cp_layer = WanderAdapter(dims, lengths, rank, r_h, r_t, mode="cp", device=device)
 
     class ReleasedWander(torch.nn.Module):
         """The released adapter's forward (nn.Linear, F.gelu, rank sums inside forward),
@@ -79,7 +79,7 @@ def setup_wander(case: str) -> dict[str, object]:
             super().__init__()
             self.linears = torch.nn.ModuleList()
             for w, b in zip(layer.down_weights, layer.down_biases):
-                lin = torch.nn.Linear(w.shape[0], w.shape[1])
+                lin = torch.nn.Linear(w.shape[0], w.shape[1], device=device)
                 with torch.no_grad():
                     lin.weight.copy_(w.T)
                     lin.bias.copy_(b)
@@ -152,19 +152,21 @@ def saved_mib(run) -> float:
     return sum(storages.values()) / 2**20
 
 
-def setup(case: str) -> dict[str, object]:
+def setup(case: str, device: str = "cpu") -> dict[str, object]:
+    """The candidates of one case, as callables running one forward+backward step on ``device``
+    (benchmarks/gpu.py times the same candidates on CUDA)."""
     import torch
 
     if case in WANDER_CASES:
-        return setup_wander(case)
+        return setup_wander(case, device)
 
     import mmfuse
     from mmfuse.nn import LowRankFusion
 
     batch, dims, out_dim, rank = CASES[case]
     torch.manual_seed(20261122)
-    xs = [torch.randn(batch, d, requires_grad=True) for d in dims]
-    layer = LowRankFusion(dims, out_dim, rank)
+    xs = [torch.randn(batch, d, device=device, requires_grad=True) for d in dims]
+    layer = LowRankFusion(dims, out_dim, rank, device=device)
 
     class LMFLayer(torch.nn.Module):
         """LMF's released fusion (constant prepended), parameters from ``layer``."""
@@ -181,7 +183,7 @@ def setup(case: str) -> dict[str, object]:
             n = inputs[0].shape[0]
             fused = None
             for x, f in zip(inputs, self.factors):
-                hat = torch.cat([torch.ones(n, 1, dtype=x.dtype), x], dim=1)
+                hat = torch.cat([torch.ones(n, 1, dtype=x.dtype, device=x.device), x], dim=1)
                 proj = torch.matmul(hat, f)  # (R, B, h)
                 fused = proj if fused is None else fused * proj
             out = torch.matmul(self.fusion_weights, fused.permute(1, 0, 2)).squeeze(1) + self.fusion_bias
