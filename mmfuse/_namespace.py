@@ -97,6 +97,27 @@ def is_lazy(x: Array) -> bool:
     return bool(array_api_compat.is_lazy_array(x))
 
 
+# Batch blocks keep a CPU's intermediates in its caches.  An accelerator has no cache of that
+# size to fit, and every block costs a few kernel launches (tens of microseconds each from
+# Python), so there a block only bounds the memory held: this many bytes.  With the CPU budgets
+# the torch ops ran 3-10x slower than one-shot torch code on an H100 (benchmarks/RESULTS.md).
+ACCELERATOR_BLOCK_BYTES = 1 << 28
+
+
+def on_accelerator(x: Array) -> bool:
+    """Whether ``x`` lives on an accelerator (a CuPy array, a torch tensor off the CPU)."""
+    if array_api_compat.is_cupy_array(x):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta")
+
+
+def block_budget(x: Array, host_bytes: int) -> int:
+    """Bytes per batch block for arrays like ``x``: ``host_bytes`` (cache-sized) on the CPU,
+    :data:`ACCELERATOR_BLOCK_BYTES` on an accelerator."""
+    return ACCELERATOR_BLOCK_BYTES if on_accelerator(x) else host_bytes
+
+
 def device_of(x: Array) -> Any:
     return array_api_compat.device(x)
 

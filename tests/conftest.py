@@ -37,8 +37,8 @@ class Namespace:
             out = np.array(a, copy=True)
             if self.readonly:
                 out.setflags(write=False)
-        elif self.name.startswith("torch"):
-            out = self.xp.asarray(np.array(a, copy=True), device=self.device)
+        elif self.device is None:  # CuPy's own asarray takes no device argument
+            out = self.xp.asarray(np.array(a, copy=True))
         else:
             out = self.xp.asarray(np.array(a, copy=True), device=self.device)
         self.made.append((out, np.array(a, copy=True)))

@@ -468,3 +468,14 @@ def test_narrow_rank_width_uses_tiled_constant_add_and_matches_reference(rng):
     expected = odd + row
     core_fusion._add_row(odd, row)  # 37 rows: the plain broadcast branch
     np.testing.assert_allclose(odd, expected, rtol=0, atol=0)
+
+
+def test_block_budget_is_cache_sized_off_accelerators():
+    """Host arrays keep the cache-sized batch blocks; only accelerator arrays get large ones
+    (those are checked on a GPU in test_torch_cuda.py)."""
+    from mmfuse._namespace import block_budget, on_accelerator
+
+    assert not on_accelerator(np.ones(3)) and block_budget(np.ones(3), 1 << 20) == 1 << 20
+    torch = pytest.importorskip("torch")
+    for t in (torch.ones(3), torch.ones(3, device="meta")):
+        assert not on_accelerator(t) and block_budget(t, 1 << 21) == 1 << 21

@@ -224,6 +224,32 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.mmfuse.zoom_shift.default, (t[0], t[1], 0.6, -2, t[2], t[3], 1e-5))
 
 
+def test_cuda_blocks_are_large_and_many_blocks_still_match(monkeypatch):
+    """CUDA tensors get the accelerator block budget; forced small blocks give the same values."""
+    import mmfuse._namespace as ns
+
+    probe = torch.empty(1, device="cuda")
+    assert ns.block_budget(probe, 1 << 20) == ns.ACCELERATOR_BLOCK_BYTES
+    assert ns.block_budget(probe.cpu(), 1 << 20) == 1 << 20
+    rng = np.random.default_rng(11)
+    for name in ("lowrank", "sequence-cp"):
+        arrays, call, _ = PROBLEMS[name](rng)
+        t = _on("cuda", arrays)
+        one = call(t)
+        g_one = torch.autograd.grad(one.square().sum(), [a for a in t if a is not None and a.requires_grad])
+        monkeypatch.setattr(ns, "ACCELERATOR_BLOCK_BYTES", 4096)
+        from mmfuse._core import sequence as seq_core
+
+        seq_core.cp_blocking.cache_clear()
+        many = call(t)
+        g_many = torch.autograd.grad(many.square().sum(), [a for a in t if a is not None and a.requires_grad])
+        monkeypatch.undo()
+        seq_core.cp_blocking.cache_clear()
+        assert_close(many, one, rtol=1e-12)
+        for a, b in zip(g_many, g_one):
+            assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -272,6 +298,7 @@ def test_layers_on_cuda_equal_cpu(name, batch):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch internals
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")  # TF32 is off on purpose
 @pytest.mark.parametrize("name", ["lowrank", "wander"])
 def test_compile_fullgraph_inductor_on_cuda(name):
     make, kind = _layer_cases()[name]

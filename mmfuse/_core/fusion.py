@@ -12,7 +12,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
-from .._namespace import array_namespace, device_of, is_dask, is_jax, is_lazy, is_numpy
+from .._namespace import array_namespace, block_budget, device_of, is_dask, is_jax, is_lazy, is_numpy
 
 __all__ = [
     "affine",
@@ -49,7 +49,7 @@ def batch_blocks(xp: Any, x: Any, width: int) -> list[slice]:
     if is_lazy(x) or is_dask(xp) or is_jax(xp) or batch is None:
         return [slice(None)]
     itemsize = _itemsize(xp, x.dtype)
-    rows = block_rows(int(batch), width, itemsize)
+    rows = block_rows(int(batch), width, itemsize, block_budget(x, _BLOCK_BYTES))
     return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
 
 

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .._namespace import array_namespace, device_of, is_dask, is_jax, is_lazy, is_numpy, is_torch
+from .._namespace import (
+    array_namespace,
+    block_budget,
+    device_of,
+    is_dask,
+    is_jax,
+    is_lazy,
+    is_numpy,
+    is_torch,
+)
 
 __all__ = [
     "SequencePlan",
@@ -457,7 +466,9 @@ def sequence_fusion(
         rows_b, chunk_j = batch, int(r_t)  # one block: their schedulers handle memory
     else:
         itemsize = int(xp.finfo(hs[0].dtype).bits) // 8
-        rows_b, chunk_j = cp_blocking(int(batch), int(r_t), int(n_out), int(r_h), int(out_dim), itemsize)
+        budget = block_budget(hs[0], _CP_BLOCK_BYTES)
+        shape = (int(batch), int(r_t), int(n_out), int(r_h), int(out_dim))
+        rows_b, chunk_j = cp_blocking(*shape, itemsize, budget)
     numpy = is_numpy(xp)
     parts = []
     for b0 in range(0, batch, rows_b):
@@ -503,16 +514,17 @@ _CP_BLOCK_BYTES = 1 << 21
 
 @lru_cache(maxsize=256)
 def cp_blocking(
-    batch: int, token_rank: int, n_out: int, feature_rank: int, out_dim: int, itemsize: int
+    batch: int, token_rank: int, n_out: int, feature_rank: int, out_dim: int, itemsize: int,
+    budget: int | None = None,
 ) -> tuple[int, int]:
     """(batch rows, token ranks) per block of cp mode, from the shapes (cached).
 
     One (sample, token rank) pair costs ``T_out R_h D`` elements per modality; a block holds
-    as many pairs as fit ``_CP_BLOCK_BYTES``, whole token-rank ranges first (fewer, larger
-    GEMMs), and at least one pair.
+    as many pairs as fit ``budget`` bytes (``_CP_BLOCK_BYTES`` on the CPU), whole token-rank
+    ranges first (fewer, larger GEMMs), and at least one pair.
     """
     per_pair = n_out * feature_rank * out_dim * itemsize
-    pairs = max(1, _CP_BLOCK_BYTES // max(1, per_pair))
+    pairs = max(1, (_CP_BLOCK_BYTES if budget is None else budget) // max(1, per_pair))
     chunk_j = max(1, min(token_rank, pairs))
     rows_b = max(1, min(batch, pairs // chunk_j))
     return rows_b, chunk_j

@@ -59,13 +59,14 @@ import torch
 from .. import _fusion  # noqa: F401  (defines the operators registered below)
 from .._core import fusion as _core_fusion
 from .._core import sequence as _core_sequence
-from .._namespace import is_torch
+from .._namespace import block_budget, is_torch
 from ._registry import register
 
 __all__ = ["cp_fusion", "lowrank_fusion", "sequence_fusion", "wander", "wander_torch", "zoom_shift"]
 
-# Per batch block, the working set is kept near this many bytes: small enough to stay in the
-# last-level cache, large enough that per-op overhead (and OpenMP start-up) stays negligible.
+# Per batch block on the CPU, the working set is kept near this many bytes: small enough to stay
+# in the last-level cache, large enough that per-op overhead (and OpenMP start-up) stays
+# negligible.  CUDA tensors get far larger blocks (mmfuse._namespace.block_budget).
 _BLOCK_BYTES = 1 << 23
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -140,7 +141,7 @@ def _lowrank_op(
     out = torch.empty((batch, out_dim), dtype=cdt, device=dev)
     kept = torch.empty((len(xs), batch, width) if keep else (0,), dtype=cdt, device=dev)
     rows = _core_fusion.block_rows(
-        batch, sum(x.shape[1] for x in xs) + 2 * width, out.element_size(), _BLOCK_BYTES
+        batch, sum(x.shape[1] for x in xs) + 2 * width, out.element_size(), block_budget(out, _BLOCK_BYTES)
     )
     acc = torch.empty((min(rows, batch), width), dtype=cdt, device=dev)
     proj = torch.empty_like(acc) if len(xs) > 1 else acc
@@ -214,7 +215,8 @@ def _lowrank_backward_op(
     gw = torch.zeros(rank, dtype=cdt, device=dev) if need_w else None
 
     rows = _core_fusion.block_rows(
-        batch, 2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width, g_all.element_size(), _BLOCK_BYTES
+        batch, 2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width, g_all.element_size(),
+        block_budget(g_all, _BLOCK_BYTES),
     )
     cap = min(rows, batch)
     n_buf = 0 if projections is not None else n_mod  # recomputed projections go here
@@ -658,7 +660,8 @@ def _sequence_grads(
     mats = [_seq_matrices(f, t, collapsed) for f, t in zip(feats, toks)]
     batch = grad.shape[0]
     rows_b, chunk_j = _core_sequence.cp_blocking(
-        int(batch), rt, int(n_out), rh, int(out_dim), grad.element_size()
+        int(batch), rt, int(n_out), rh, int(out_dim), grad.element_size(),
+        block_budget(grad, _core_sequence._CP_BLOCK_BYTES),
     )
     gh_parts: list[list[torch.Tensor]] = [[] for _ in range(n_mod)]
     gphi: list[torch.Tensor | None] = [None] * n_mod
