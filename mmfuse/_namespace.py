@@ -143,6 +143,9 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
     """Move a NumPy array into namespace ``xp`` (on ``device``, as ``dtype``)."""
     if is_numpy(xp):
         return np.asarray(a, dtype=dtype)
+    if array_api_compat.is_cupy_namespace(xp):
+        # CuPy's own asarray takes no device argument; array_api_compat's wrapper of it does
+        import array_api_compat.cupy as xp
     return xp.asarray(a, dtype=dtype, device=device)
 
 
