@@ -19,7 +19,8 @@ Cases (issue 6):
   device-to-device copy of x; the bandwidth counts x and guide read once and the output
   written once, against the measured copy bandwidth.
 
-Not run when written (no GPU was available); see benchmarks/RESULTS.md.
+Also issue 5's layer comparison (``benchmarks/torch_cpu.py``'s candidates) on CUDA tensors.
+Results of a run on an H100: benchmarks/RESULTS.md (``--json`` wrote docs/performance/gpu_h100.json).
 """
 
 from __future__ import annotations

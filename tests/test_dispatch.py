@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -59,7 +60,7 @@ def test_env_var_read_at_first_use():
         [sys.executable, "-c", "import mmfuse; mmfuse.get_config()"],
         capture_output=True,
         text=True,
-        env={"MMFUSE_BACKEND": "nope", "PATH": ""},
+        env={**os.environ, "MMFUSE_BACKEND": "nope"},
     )
     assert "environment variable MMFUSE_BACKEND: backend must be one of" in res.stderr
 
