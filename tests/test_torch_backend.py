@@ -389,3 +389,19 @@ def test_import_mmfuse_does_not_import_torch_backend():
            "mmfuse.lowrank_fusion([np.ones((2, 3))], **p); print('torch' in sys.modules, 'mmfuse.backends.torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize(("rank", "out_dim"), [(2, 3), (4, 1), (3, 4), (16, 8)])
+def test_flat_factor_layouts_hold_the_same_matrix(rank, out_dim):
+    """Narrow projections (R h <= 8) are stored transposed for MKL, wide ones row-major; the
+    (D, R h) matrix is the same either way, and the rank scaling applies to its columns."""
+    g = torch.Generator().manual_seed(rank * 10 + out_dim)
+    f = torch.randn(rank, 5, out_dim, generator=g, dtype=torch.float64)
+    scale = torch.randn(rank, generator=g, dtype=torch.float64)
+    want = torch.cat([f[r] for r in range(rank)], dim=1)  # (D, R h), rank-major columns
+    got = tb._flat(f)
+    assert got.shape == (5, rank * out_dim)
+    assert torch.equal(got, want)
+    assert torch.equal(tb._flat(f, scale), want * scale.repeat_interleave(out_dim))
+    narrow = rank * out_dim <= tb._NARROW_WIDTH
+    assert got.is_contiguous() != narrow and got.t().is_contiguous() == narrow

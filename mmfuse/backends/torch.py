@@ -75,12 +75,27 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+# Projections at most this wide are stored transposed (see _flat).
+_NARROW_WIDTH = 8
+
+
 def _flat(factor: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """(R, D, h) factor -> contiguous (D, R h) matrix, optionally scaling rank r by scale[r]."""
+    """(R, D, h) factor -> (D, R h) matrix, optionally scaling rank r by scale[r].
+
+    Wide projections get a row-major (D, R h) copy.  Narrow ones (R h <= _NARROW_WIDTH) get the
+    transpose of a row-major (R h, D) copy: MKL's GEMMs with a handful of output columns run
+    1.3-2x faster with the weights in that layout (x @ W^T, as torch.nn.Linear stores them),
+    for the forward projection and for dL/dx alike, while wide ones run faster row-major
+    (measured on the benchmarks' shapes).  Callers see the same (D, R h) shape either way.
+    """
     rank, rows, out = factor.shape
     if scale is not None:
         factor = factor * scale[:, None, None]
+    if rank * out <= _NARROW_WIDTH:
+        return factor.permute(0, 2, 1).reshape(rank * out, rows).contiguous().t()
     return factor.permute(1, 0, 2).reshape(rows, rank * out).contiguous()
+
+
 
 
 def _masked(x: torch.Tensor, present: torch.Tensor | None, m: int, blk: slice) -> torch.Tensor:
@@ -262,8 +277,10 @@ def _lowrank_backward_op(
                         gxb.masked_fill_(~present[blk, m : m + 1], 0)
                 if need_f[m]:
                     # (G^T x)^T: the long batch axis is the GEMM's reduction; much faster than
-                    # x^T G for narrow R h (measured), the same for wide
-                    gmat[m][:d].add_(torch.mm(gmm.t(), feats[m]).t())
+                    # x^T G for narrow R h (measured), the same for wide.  A narrow G^T is
+                    # made contiguous first (a small copy; MKL's GEMM then runs ~1.4x faster)
+                    gt = gmm.t().contiguous() if width <= _NARROW_WIDTH else gmm.t()
+                    gmat[m][:d].add_(torch.mm(gt, feats[m]).t())
                     if append_one:
                         gmat[m][d].add_(gmm.sum(dim=0))
             if m:
