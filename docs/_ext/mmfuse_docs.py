@@ -16,7 +16,7 @@
     measured on; a note saying how to produce it when the file does not exist.
 
 ``.. mmfuse-markdown:: PATH``
-    A small Markdown file (headings, paragraphs, lists, pipe tables, inline code and bold;
+    A small Markdown file (headings, paragraphs, lists nested by indentation, pipe tables, inline code and bold;
     e.g. ``benchmarks/RESULTS.md``) included as reStructuredText.
 
 ``plot_benchmark(name)``
@@ -338,8 +338,15 @@ def markdown_to_rst(text: str) -> list[str]:
             out.append("")
             i += 1
         else:
-            para = []
+            para: list[str] = []
+            level = None  # indentation of the last bullet
             while i < len(lines) and lines[i].strip() and not lines[i].startswith(("#", "|")):
+                bullet = re.match(r"(\s*)[-*] ", lines[i])
+                if bullet:
+                    # reST wants a blank line where a list level starts or ends (Markdown does not)
+                    if level is not None and len(bullet.group(1)) != level:
+                        para.append("")
+                    level = len(bullet.group(1))
                 para.append(_inline(lines[i]))
                 i += 1
             out += [*para, ""]
