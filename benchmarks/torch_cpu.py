@@ -212,6 +212,14 @@ def setup(case: str, device: str = "cpu") -> dict[str, object]:
     }
 
 
+def _mem_ratio(this: float | None, base: float | None) -> str:
+    """this/base peak RSS growth; "n/a" where the baseline grew by less than 0.1 MiB (the
+    Wander step's few MiB come from memory the warm-up freed, so there is nothing to divide by)."""
+    if this is None or base is None:
+        return "-"
+    return f"{this / base:.2f}" if base >= 0.1 else "n/a"
+
+
 def check(cands: dict[str, object], baseline: str = "lmf-layer") -> float:
     a = cands["mmfuse-layer"]().detach().double()
     b = cands[baseline]().detach().double()
@@ -241,7 +249,7 @@ def main() -> None:
                 "fwd+bwd ms": f"{t * 1e3:.2f}",
                 "base/this time": f"{times[base] / t:.2f}",
                 "peak MiB": f"{mem[name]:.1f}" if name in mem else "-",
-                "this/base mem": f"{mem[name] / max(mem[base], 1e-9):.2f}" if name in mem else "-",
+                "this/base mem": _mem_ratio(mem.get(name), mem.get(base)),
                 "saved MiB": f"{saved[name]:.1f}" if name in saved else "-",
                 "this/base saved": f"{saved[name] / max(saved[base], 1e-9):.2f}" if name in saved else "-",
             }
