@@ -100,7 +100,7 @@ def is_lazy(x: Array) -> bool:
 # Batch blocks keep a CPU's intermediates in its caches.  An accelerator has no cache of that
 # size to fit, and every block costs a few kernel launches (tens of microseconds each from
 # Python), so there a block only bounds the memory held: this many bytes.  With the CPU budgets
-# the torch ops ran 3-10x slower than one-shot torch code on an H100 (benchmarks/RESULTS.md).
+# the torch ops ran 6-15x slower than one-shot torch code on an H100 (benchmarks/RESULTS.md).
 ACCELERATOR_BLOCK_BYTES = 1 << 28
 
 

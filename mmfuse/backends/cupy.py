@@ -385,8 +385,8 @@ def zoom_shift(
 
 
 # "auto" on CuPy arrays: this backend ranks above numba (priority 10).  Measured by
-# benchmarks/gpu.py on an H100 (benchmarks/RESULTS.md): lowrank_fusion forward 5.0 vs 38.2 ms,
-# 0.79 vs 1.66 ms and 4.6 vs 20.2 ms at the three issue sizes, zoom_shift 0.69 vs 1.54 ms.
+# benchmarks/gpu.py on an H100 (benchmarks/RESULTS.md): lowrank_fusion forward 4.6 vs 25.6 ms,
+# 0.80 vs 1.70 ms and 4.7 vs 21.9 ms at the three issue sizes, zoom_shift 0.63 vs 1.20 ms.
 PRIORITY = 20
 
 register("lowrank_fusion", "cupy", lowrank_fusion, supports=_supports, priority=PRIORITY)
