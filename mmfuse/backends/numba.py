@@ -405,6 +405,29 @@ def _run_projections(
         kern.proj[grid, (tile, tile), stream](x[start:stop], f, pres, m, use_present, work, m)
 
 
+def _projected_chunks(
+    kern: Any,
+    xs: Sequence[Any],
+    mats: Sequence[Any],
+    present: Any,
+    width: int,
+    dtype: Any,
+    tile: int,
+    stream: Any,
+    empty: Callable[..., Any],
+) -> Any:
+    """Yield ``(view, start, stop)`` per batch chunk, ``view`` (M, rows, width) holding that
+    chunk's projections; one work buffer serves every chunk (what LMF and CP share)."""
+    batch = xs[0].shape[0]
+    rows = max(_chunk_rows(batch, len(xs), width, dtype.itemsize, tile), 1)
+    work = empty((len(xs), rows, width), dtype)
+    for start in range(0, batch, rows):
+        stop = min(start + rows, batch)
+        view = work if stop - start == rows else work[:, : stop - start, :]
+        _run_projections(kern, xs, mats, present, view, start, stop, tile, stream, empty)
+        yield view, start, stop
+
+
 def _check_device_inputs(arrays: Sequence[Any], dtype: Any) -> None:
     for a in arrays:
         if a is not None and a.dtype != dtype:
@@ -433,18 +456,11 @@ def lowrank_fusion_device(
     dtype = out.dtype
     _check_device_inputs([*xs, *factors, weights, bias], dtype)
     kern = kernels(dtype, tile)
-    batch = xs[0].shape[0]
     rank, _, out_dim = factors[0].shape
-    width = rank * out_dim
-    n_mod = len(xs)
-    rows = _chunk_rows(batch, n_mod, width, dtype.itemsize, tile)
-    work = empty((n_mod, max(rows, 1), width), dtype)
     w = weights if weights is not None else _dummy(empty, dtype)
     bb = bias if bias is not None else _dummy(empty, dtype)
-    for start in range(0, batch, max(rows, 1)):
-        stop = min(start + rows, batch)
-        view = work if stop - start == rows else work[:, : stop - start, :]
-        _run_projections(kern, xs, factors, present, view, start, stop, tile, stream, empty)
+    chunks = _projected_chunks(kern, xs, factors, present, rank * out_dim, dtype, tile, stream, empty)
+    for view, start, stop in chunks:
         total = (stop - start) * out_dim
         threads = min(BLOCK_1D, 32 * math.ceil(total / 32))
         kern.lowrank_combine[math.ceil(total / threads), threads, stream](
@@ -474,20 +490,13 @@ def cp_fusion_device(
     dtype = out.dtype
     _check_device_inputs([*xs, *cp_factors, cp_weights, bias], dtype)
     kern = kernels(dtype, tile)
-    batch = xs[0].shape[0]
     out_factor = cp_factors[-1]
     out_dim, rank = out_factor.shape
     # A_m (D, R) seen as a rank-1, h = R low-rank factor (1, D, R): the same GEMM kernel.
     mats = [a.reshape(1, a.shape[0], a.shape[1]) for a in cp_factors[:-1]]
-    n_mod = len(xs)
-    rows = _chunk_rows(batch, n_mod, rank, dtype.itemsize, tile)
-    work = empty((n_mod, max(rows, 1), rank), dtype)
     w = cp_weights if cp_weights is not None else _dummy(empty, dtype)
     bb = bias if bias is not None else _dummy(empty, dtype)
-    for start in range(0, batch, max(rows, 1)):
-        stop = min(start + rows, batch)
-        view = work if stop - start == rows else work[:, : stop - start, :]
-        _run_projections(kern, xs, mats, present, view, start, stop, tile, stream, empty)
+    for view, start, stop in _projected_chunks(kern, xs, mats, present, rank, dtype, tile, stream, empty):
         grid = (math.ceil(out_dim / tile), math.ceil((stop - start) / tile))
         kern.cp_combine[grid, (tile, tile), stream](
             view, w, cp_weights is not None, out_factor, bb, bias is not None, out[start:stop]
