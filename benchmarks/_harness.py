@@ -9,6 +9,7 @@ because torch's CPU allocator is invisible to ``tracemalloc``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["machine", "peak_rss_mib", "print_table", "time_candidates"]
+
+
+def arg_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The CPU benchmarks' command line: ``--json FILE`` and ``--quick`` (a script adds its own)."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--json", help="write full results here")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no memory runs")
+    return parser
 
 
 def machine() -> str:

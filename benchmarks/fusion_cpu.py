@@ -14,7 +14,6 @@ Candidates, float32, all cores:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import machine, peak_rss_mib, print_table, time_candidates
+from _harness import arg_parser, machine, peak_rss_mib, print_table, time_candidates
 
 CASES = {
     "B4096-d32,32,128-h128-R16": (4096, (32, 32, 128), 128, 16),
@@ -87,10 +86,7 @@ def check(case: str, cands: dict[str, object]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write full results here")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, no memory runs")
-    args = parser.parse_args()
+    args = arg_parser(__doc__).parse_args()
     import torch
 
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")

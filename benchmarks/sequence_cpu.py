@@ -17,7 +17,6 @@ residual), on the released configurations:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import machine, peak_rss_mib, print_table, time_candidates
+from _harness import arg_parser, machine, peak_rss_mib, print_table, time_candidates
 
 # name: (B, T_m, d, r, R_h, R_t)
 CASES = {
@@ -153,9 +152,7 @@ def sweep(repeats: int) -> list[dict[str, object]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--json", help="write full results here")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, no memory runs")
+    parser = arg_parser(__doc__)
     parser.add_argument("--threads", type=int, help="torch and BLAS threads (default: all)")
     args = parser.parse_args()
     if args.threads and os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads):

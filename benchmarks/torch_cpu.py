@@ -39,13 +39,12 @@ backward, inputs and parameters excluded, counted once per storage), measured wi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import machine, peak_rss_mib, print_table, time_candidates
+from _harness import arg_parser, machine, peak_rss_mib, print_table, time_candidates
 
 CASES = {
     "B4096-d32,32,128-h128-R16": (4096, (32, 32, 128), 128, 16),
@@ -227,10 +226,7 @@ def check(cands: dict[str, object], baseline: str = "lmf-layer") -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write full results here")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, no memory runs")
-    args = parser.parse_args()
+    args = arg_parser(__doc__).parse_args()
     import torch
 
     print(f"machine: {machine()}; torch {torch.__version__}, threads {torch.get_num_threads()}")
