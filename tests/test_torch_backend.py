@@ -258,13 +258,18 @@ def _saved_for_backward(xs, factors, params, backend):
     return saved
 
 
-def test_backward_saves_only_the_inputs():
-    """No (B, R h) projection is saved for backward: every saved tensor is an input."""
-    batch, dims, rank, out_dim = 64, (5, 6, 7), 4, 8
+def _lowrank_leaves(batch, dims, rank, out_dim):
+    """float32 leaves of a low-rank fusion and the data pointers of its inputs."""
     xs = [torch.randn(batch, d, requires_grad=True) for d in dims]
     params = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=0, xp=torch)
     factors = [f.requires_grad_() for f in params["factors"]]
-    inputs = {t.data_ptr() for t in (*xs, *factors, params["weights"])}
+    return xs, factors, params, {t.data_ptr() for t in (*xs, *factors, params["weights"])}
+
+
+def test_backward_saves_only_the_inputs():
+    """No (B, R h) projection is saved for backward: every saved tensor is an input."""
+    batch, dims, rank, out_dim = 64, (5, 6, 7), 4, 8
+    xs, factors, params, inputs = _lowrank_leaves(batch, dims, rank, out_dim)
     saved = _saved_for_backward(xs, factors, params, "torch")
     assert saved, "nothing saved?"
     assert all(ptr in inputs for ptr, _ in saved), saved
@@ -277,10 +282,7 @@ def test_narrow_fusion_keeps_only_its_small_projections():
     """Narrow fusions (4 M R h <= sum d_m) keep their (M, B, R h) projections, a quarter of the
     inputs' size at most, instead of recomputing them; nothing else is saved."""
     batch, dims, rank, out_dim = 64, (8, 16, 64), 4, 1
-    xs = [torch.randn(batch, d, requires_grad=True) for d in dims]
-    params = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=0, xp=torch)
-    factors = [f.requires_grad_() for f in params["factors"]]
-    inputs = {t.data_ptr() for t in (*xs, *factors, params["weights"])}
+    xs, factors, params, inputs = _lowrank_leaves(batch, dims, rank, out_dim)
     saved = _saved_for_backward(xs, factors, params, "torch")
     extra = [shape for ptr, shape in saved if ptr not in inputs]
     assert extra == [(len(dims), batch, rank * out_dim)]
