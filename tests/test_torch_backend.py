@@ -292,10 +292,9 @@ def test_narrow_fusion_keeps_only_its_small_projections():
 @pytest.mark.parametrize("with_present", [False, True])
 @pytest.mark.parametrize("with_weights", [False, True])
 def test_narrow_fusion_with_kept_projections_matches_core(monkeypatch, append_one, with_present, with_weights):
-    """Values and gradients of the kept-projection path (several batch blocks, ragged last)."""
-    from mmfuse._core import fusion as core_fusion
-
-    monkeypatch.setattr(core_fusion, "block_rows", lambda batch, *args: min(batch, 64))
+    """Values and gradients of the kept-projection path (whole batch at once; the factor
+    gradients' chunked GEMM with a ragged remainder)."""
+    monkeypatch.setattr(tb, "_GRAM_CHUNK_ROWS", 16)  # 150 rows: 9 chunks of 16 and 6 left over
     p = {"dims": [9, 17, 30], "batch": 150, "rank": 2, "out_dim": 1, "append_one": append_one,
          "with_present": with_present, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
     assert tb._keeps_projections([torch.empty(1, d) for d in p["dims"]], [torch.empty(2, 1, 1)])
@@ -391,6 +390,18 @@ def test_import_mmfuse_does_not_import_torch_backend():
            "mmfuse.lowrank_fusion([np.ones((2, 3))], **p); print('torch' in sys.modules, 'mmfuse.backends.torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize(("rows", "width", "dim"), [(4096, 4, 64), (40000 + 37, 3, 9), (5000, 9, 7), (3000, 8, 5)])
+def test_gram_equals_the_plain_product(rows, width, dim):
+    """_gram's chunked batched GEMM (narrow widths, long batches; a ragged remainder) and its
+    plain fallback both give g^T x."""
+    g = torch.Generator().manual_seed(rows + width)
+    a = torch.randn(rows, width, generator=g, dtype=torch.float64)
+    x = torch.randn(rows, dim, generator=g, dtype=torch.float64)
+    assert_close(tb._gram(a, x), a.t() @ x, rtol=1e-12)
+    a32, x32 = a.float(), x.float()
+    assert_close(tb._gram(a32, x32), a.t() @ x, xp=torch, dtype=torch.float32)
 
 
 @pytest.mark.parametrize(("rank", "out_dim"), [(2, 3), (4, 1), (3, 4), (16, 8)])
