@@ -38,8 +38,7 @@ with R h = 4), the forward also returns them as a second, non-differentiable out
 are saved: little memory, and the backward skips the recomputing GEMMs (the narrow case of
 ``benchmarks/torch_cpu.py``).  Narrow fusions also run forward and backward on the whole batch
 at once, not in cache-sized blocks: every per-row array is (B, R h) with R h small, so there
-is nothing to keep in cache, while each block costs a dozen op launches (on the narrow
-benchmark case, 7 blocks took about a third of the backward).
+is nothing to keep in cache, while each block costs a dozen op launches.
 Per block the backward forms ``G_m = (g w) * prod_{k != m} P_k`` with prefix and suffix
 products (no division, so exact zeros in a projection are harmless).  Peak extra memory is a
 few (rows, R h) blocks plus the gradients themselves, independent of the batch size.
