@@ -291,13 +291,17 @@ def test_narrow_fusion_keeps_only_its_small_projections():
 @pytest.mark.parametrize("append_one", [True, False])
 @pytest.mark.parametrize("with_present", [False, True])
 @pytest.mark.parametrize("with_weights", [False, True])
-def test_narrow_fusion_with_kept_projections_matches_core(monkeypatch, append_one, with_present, with_weights):
-    """Values and gradients of the kept-projection path (whole batch at once; the factor
-    gradients' chunked GEMM with a ragged remainder)."""
+@pytest.mark.parametrize(("dims", "rank", "out_dim"), [([9, 17, 30], 2, 1), ([9, 17, 30], 2, 2), ([40], 3, 2)])
+def test_narrow_fusion_with_kept_projections_matches_core(
+    monkeypatch, append_one, with_present, with_weights, dims, rank, out_dim
+):
+    """Values and gradients of the kept-projection path (whole batch at once; rank sums as
+    GEMMs, h = 1 and h > 1; one modality; the factor gradients' chunked GEMM with a ragged
+    remainder)."""
     monkeypatch.setattr(tb, "_GRAM_CHUNK_ROWS", 16)  # 150 rows: 9 chunks of 16 and 6 left over
-    p = {"dims": [9, 17, 30], "batch": 150, "rank": 2, "out_dim": 1, "append_one": append_one,
+    p = {"dims": dims, "batch": 150, "rank": rank, "out_dim": out_dim, "append_one": append_one,
          "with_present": with_present, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
-    assert tb._keeps_projections([torch.empty(1, d) for d in p["dims"]], [torch.empty(2, 1, 1)])
+    assert tb._keeps_projections([torch.empty(1, d) for d in dims], [torch.empty(rank, 1, out_dim)])
     xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
     got = mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present, backend="torch")
     core = mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present, backend="array_api")

@@ -148,6 +148,17 @@ _GRAM_CHUNK_ROWS = 2048
 # --------------------------------------------------------------------------- lowrank forward
 
 
+def _rank_sum_matrix(
+    weights: torch.Tensor | None, rank: int, out_dim: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The (R h, h) matrix S with S[r h + k, k] = w_r (w = 1 without weights), so that a
+    (n, R h) product times S is the rank-weighted sum, and g S^T spreads (n, h) gradients
+    back over the ranks.  Used for narrow fusions only, where this GEMM costs little: there it
+    runs about 4x faster than the strided sum over the rank axis (measured at R h = 4)."""
+    w = torch.ones(rank, dtype=dtype, device=device) if weights is None else weights.to(dtype)
+    return torch.kron(w.view(rank, 1), torch.eye(out_dim, dtype=dtype, device=device))
+
+
 def _keeps_projections(xs: Sequence[torch.Tensor], factors: Sequence[torch.Tensor]) -> bool:
     """Whether a fusion is narrow enough to keep its projections for backward.
 
@@ -191,23 +202,21 @@ def _lowrank_op(
     )
     acc = torch.empty((min(rows, batch), width), dtype=cdt, device=dev)
     proj = torch.empty_like(acc) if len(xs) > 1 else acc
-    w_cols = None if not (keep and weights is not None) else weights.to(cdt).repeat_interleave(out_dim)
+    rank_sum = _rank_sum_matrix(weights, rank, out_dim, cdt, dev) if keep else None
     for start in range(0, batch, rows):
         blk = slice(start, min(start + rows, batch))
         n = blk.stop - start
         for m, (x, mat) in enumerate(zip(xs, mats)):
             target = kept[m, blk] if keep else (acc[:n] if m == 0 else proj[:n])
             _project_into(target, _masked(x, present, m, blk), mat, append_one)
-            if keep:
-                if m:
-                    acc[:n].mul_(target)
-                elif w_cols is not None:
-                    torch.mul(target, w_cols, out=acc[:n])
-                else:
-                    acc[:n].copy_(target)
+            if keep and m == 1:
+                torch.mul(kept[0, blk], target, out=acc[:n])
             elif m:
-                acc[:n].mul_(proj[:n])
-        torch.sum(acc[:n].view(n, rank, out_dim), dim=1, out=out[blk])
+                acc[:n].mul_(target)
+        if rank_sum is None:
+            torch.sum(acc[:n].view(n, rank, out_dim), dim=1, out=out[blk])
+        else:
+            torch.mm(acc[:n] if len(xs) > 1 else kept[0, blk], rank_sum, out=out[blk])
     if bias is not None:
         out.add_(bias.to(cdt))
     return out.to(dtype), kept
@@ -269,11 +278,13 @@ def _lowrank_backward_op(
     cap = min(rows, batch)
     n_buf = 0 if projections is not None else n_mod  # recomputed projections go here
     buf = [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(n_buf)]
-    # prefix[m] = prod_{k<m} P_k for m >= 1 (prefix[0] is implicitly ones)
-    prefix: list[Any] = [None] + [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(1, n_mod)]
+    # buffers for the prefix products of modalities 2.. (see pre below)
+    prefix: list[Any] = [None, None]
+    prefix += [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(2, n_mod)]
     run = torch.empty((cap, width), dtype=cdt, device=dev)
     gm = torch.empty((cap, width), dtype=cdt, device=dev)
     w3 = w.view(1, rank, 1)
+    rank_sum = None if projections is None else _rank_sum_matrix(weights, rank, out_dim, cdt, dev)
     for start in range(0, batch, rows):
         blk = slice(start, min(start + rows, batch))
         n = blk.stop - start
@@ -284,25 +295,23 @@ def _lowrank_backward_op(
             proj = [b[:n] for b in buf]
             for m in range(n_mod):
                 _project_into(proj[m], feats[m], mats[m], append_one)
-        for m in range(1, n_mod):
-            if m == 1:
-                prefix[1][:n].copy_(proj[0])
-            else:
-                torch.mul(prefix[m - 1][:n], proj[m - 1], out=prefix[m][:n])
+        # pre[m] = prod_{k<m} P_k for m >= 1 (pre[0] is implicitly ones)
+        pre: list[Any] = [None, proj[0]][:n_mod]
+        for m in range(2, n_mod):
+            pre.append(torch.mul(pre[m - 1], proj[m - 1], out=prefix[m][:n]))
         g = g_all[blk]
-        g3 = g.unsqueeze(1)  # (n, 1, h)
-        if gw is not None:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k]
-            full = gm[:n]
-            if n_mod > 1:
-                torch.mul(prefix[n_mod - 1][:n], proj[n_mod - 1], out=full)
-            else:
-                full.copy_(proj[0])
-            gw.add_((full.view(n, rank, out_dim) * g3).sum(dim=(0, 2)))
+        if gw is not None:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k], as one GEMV
+            full = torch.mul(pre[-1], proj[-1], out=gm[:n]) if n_mod > 1 else proj[0]
+            by_rank = full.view(n, rank, out_dim).permute(1, 0, 2).reshape(rank, n * out_dim)
+            gw.add_(torch.mv(by_rank, g.reshape(-1)))
         # run = (g w) * prod_{k>m} P_k, walked from the last modality down
-        torch.mul(g3, w3, out=run[:n].view(n, rank, out_dim))
+        if rank_sum is None:
+            torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
+        else:
+            torch.mm(g, rank_sum.t(), out=run[:n])
         for m in range(n_mod - 1, -1, -1):
             if need_x[m] or need_f[m]:
-                gmm = run[:n] if m == 0 else torch.mul(run[:n], prefix[m][:n], out=gm[:n])
+                gmm = run[:n] if m == 0 else torch.mul(run[:n], pre[m], out=gm[:n])
                 d = feats[m].shape[1]
                 if need_x[m]:
                     gxb = torch.mm(gmm, mats[m][:d].t(), out=gx[m][blk])
