@@ -152,9 +152,11 @@ def _rank_sum_matrix(
     weights: torch.Tensor | None, rank: int, out_dim: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """The (R h, h) matrix S with S[r h + k, k] = w_r (w = 1 without weights), so that a
-    (n, R h) product times S is the rank-weighted sum, and g S^T spreads (n, h) gradients
-    back over the ranks.  Used for narrow fusions only, where this GEMM costs little: there it
-    runs about 4x faster than the strided sum over the rank axis (measured at R h = 4)."""
+    (n, R h) product times S is the rank-weighted sum.  Used for narrow fusions only, where
+    this GEMM costs little: there it runs about 4x faster than the strided sum over the rank
+    axis (measured at R h = 4).  (The backward's spread of (n, h) gradients over the ranks
+    stays a broadcast multiply: as the GEMM g S^T, with its inner dimension of h, it ran
+    slower.)"""
     w = torch.ones(rank, dtype=dtype, device=device) if weights is None else weights.to(dtype)
     return torch.kron(w.view(rank, 1), torch.eye(out_dim, dtype=dtype, device=device))
 
@@ -284,7 +286,6 @@ def _lowrank_backward_op(
     run = torch.empty((cap, width), dtype=cdt, device=dev)
     gm = torch.empty((cap, width), dtype=cdt, device=dev)
     w3 = w.view(1, rank, 1)
-    rank_sum = None if projections is None else _rank_sum_matrix(weights, rank, out_dim, cdt, dev)
     for start in range(0, batch, rows):
         blk = slice(start, min(start + rows, batch))
         n = blk.stop - start
@@ -305,10 +306,7 @@ def _lowrank_backward_op(
             by_rank = full.view(n, rank, out_dim).permute(1, 0, 2).reshape(rank, n * out_dim)
             gw.add_(torch.mv(by_rank, g.reshape(-1)))
         # run = (g w) * prod_{k>m} P_k, walked from the last modality down
-        if rank_sum is None:
-            torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
-        else:
-            torch.mm(g, rank_sum.t(), out=run[:n])
+        torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
         for m in range(n_mod - 1, -1, -1):
             if need_x[m] or need_f[m]:
                 gmm = run[:n] if m == 0 else torch.mul(run[:n], pre[m], out=gm[:n])
