@@ -119,6 +119,49 @@ def test_sequence_many_blocks_matches_core(monkeypatch):
         seq_core.cp_blocking.cache_clear()
 
 
+@pytest.mark.parametrize(("lengths", "n_out", "order"), [((6, 5, 7), 2, "token"), ((2, 3, 2), 5, "feature")])
+@pytest.mark.parametrize("needs_mask", [(True,) * 9, (True, False, True, False, True, True, True, True, False)])
+def test_collapsed_backward_equals_the_general_one(monkeypatch, lengths, n_out, order, needs_mask):
+    """The collapsed-mode backward (its own routine) gives the general routine's gradients in
+    both contraction orders, over several batch blocks, with masks and partial needs."""
+    from mmfuse._core import sequence as seq_core
+
+    monkeypatch.setattr(seq_core, "_CP_BLOCK_BYTES", 2 * n_out * 3 * 8)  # 2 samples per block
+    seq_core.cp_blocking.cache_clear()
+    try:
+        seed = int(np.random.default_rng().integers(1 << 30))
+        p = {"lengths": list(lengths), "widths": [2, 3, 4], "batch": 5, "r_h": 2, "r_t": 3, "n_out": n_out,
+             "out_dim": 3, "mode": "collapsed", "with_masks": True, "seed": seed}  # fmt: skip
+        hs, feats, toks, masks, upstream = _seq_inputs(p)
+        hs, feats, toks = ([t.detach() for t in ts] for ts in (hs, feats, toks))
+        assert tb._seq_plan(hs, feats, toks, "collapsed").orders == (order,) * 3
+        assert seq_core.cp_blocking(5, 1, n_out, 1, 3, 8)[0] == 2
+        needs = list(needs_mask)
+        got = tb._collapsed_grads(upstream, hs, feats, toks, masks, needs)
+        want = tb._sequence_grads(upstream, hs, feats, toks, "collapsed", masks, needs)
+        for g, w, need in zip(got, want, needs):
+            assert (g is None) == (w is None) == (not need)
+            if need:
+                assert_close(g, w, rtol=1e-12)
+    finally:
+        seq_core.cp_blocking.cache_clear()
+
+
+def test_collapsed_backward_runs_its_own_routine(monkeypatch):
+    calls = []
+    real = tb._collapsed_grads
+    monkeypatch.setattr(tb, "_collapsed_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    p = {"lengths": [4, 3], "widths": [2, 3], "batch": 3, "r_h": 2, "r_t": 2, "n_out": 2,
+         "out_dim": 3, "mode": "collapsed", "with_masks": False, "seed": 3}  # fmt: skip
+    hs, feats, toks, _, upstream = _seq_inputs(p)
+    got = mmfuse.sequence_fusion(hs, feats, toks, mode="collapsed", backend="torch")
+    core = mmfuse.sequence_fusion(hs, feats, toks, mode="collapsed", backend="array_api")
+    leaves = [*hs, *feats, *toks]
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+    assert calls == [1]
+
+
 def test_sequence_only_needed_gradients_and_low_precision():
     p = {"lengths": [4, 3], "widths": [2, 3], "batch": 3, "r_h": 2, "r_t": 2, "n_out": 2,
          "out_dim": 3, "mode": "cp", "with_masks": False, "seed": 2}  # fmt: skip
