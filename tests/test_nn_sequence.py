@@ -64,17 +64,19 @@ def test_wander_equals_functional_and_reference(batch, mode):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
-def test_wander_layer_runs_the_custom_op():
+@pytest.mark.parametrize(("mode", "op"), [("cp", "sequence_fusion"), ("collapsed", "wander_collapsed")])
+def test_wander_layer_runs_the_custom_op(mode, op):
+    """cp mode: the sequence_fusion op; collapsed mode with the GELU: the fused Wander op."""
     from test_torch_backend import _OpLog
 
-    layer = _wander()
+    layer = _wander(mode)
     with _OpLog() as log:
         out = layer(_xs(2))
-    assert "mmfuse.sequence_fusion.default" in log.ops
+    assert f"mmfuse.{op}.default" in log.ops
     out.sum().backward()
     with _OpLog() as log, mmfuse.config_context(backend="array_api"):
         layer(_xs(2))
-    assert "mmfuse.sequence_fusion.default" not in log.ops
+    assert f"mmfuse.{op}.default" not in log.ops
 
 
 def test_wander_parity_init_never_trains_and_options():

@@ -263,6 +263,7 @@ def _layer_cases():
         "cp": (lambda **kw: CPFusion((4, 3, 5), 6, 3, **kw), "flat"),
         "tensor": (lambda **kw: TensorFusion((4, 3, 5), 6, **kw), "flat"),
         "wander": (lambda **kw: WanderAdapter((D,) * 3, LENGTHS, 3, 2, 2, **kw), "seq"),
+        "wander-collapsed": (lambda **kw: WanderAdapter((D,) * 3, LENGTHS, 3, 2, 2, mode="collapsed", **kw), "seq"),
         "zoomshift": (lambda **kw: ZoomShift(D, 3, rounds=2, alpha=0.5, **kw), "seq"),
         "guided": (lambda **kw: GuidedZoomShift(D, 3, guide=2, **kw), "seq"),
     }
@@ -299,7 +300,7 @@ def test_layers_on_cuda_equal_cpu(name, batch):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch internals
 @pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")  # TF32 is off on purpose
-@pytest.mark.parametrize("name", ["lowrank", "wander"])
+@pytest.mark.parametrize("name", ["lowrank", "wander", "wander-collapsed"])
 def test_compile_fullgraph_inductor_on_cuda(name):
     make, kind = _layer_cases()[name]
     torch.manual_seed(1)

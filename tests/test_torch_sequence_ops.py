@@ -264,6 +264,97 @@ def test_wander_torch_matches_core_and_reference(mode, activation):
         assert_close(g, c, rtol=1e-10)
 
 
+def _wander_setup(lengths, n_out, seed, dtype=torch.float64, with_bias=True):
+    """Leaves of a collapsed GELU Wander problem (the fused op's configuration)."""
+    rng = np.random.default_rng(seed)
+    d = 5
+    xs = [torch.tensor(rng.standard_normal((3, t, d)), dtype=dtype) for t in lengths]
+    params = mmfuse.init_wander([d] * len(lengths), list(lengths), rank=3, feature_rank=2, token_rank=2,
+                                out_dim=d, n_out=n_out, seed=seed, xp=torch, dtype=dtype)  # fmt: skip
+    down = [(w, b if with_bias else None) for w, b in params["down"]]
+    params = {"down": down, "feature": list(params["feature"]), "token": list(params["token"])}
+    leaves = [*xs, *(t for w, b in down for t in (w, b) if t is not None), *params["feature"], *params["token"]]
+    for t in leaves:
+        t.requires_grad_()
+    masks = [torch.tensor(rng.random((3, t)) < 0.7) for t in lengths]
+    masks[1] = None
+    return xs, params, leaves, masks, rng
+
+
+@pytest.mark.parametrize(("lengths", "n_out"), [((4, 6, 3), 3), ((2, 3, 4), 4), ((3, 2), 5)])
+@pytest.mark.parametrize("residual", ["first", "none"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_collapsed_wander_matches_core_and_reference(lengths, n_out, residual, with_bias):
+    """The fused op (collapsed mode, GELU): values and all gradients against the core and the
+    reference; residuals spanning modalities (T_0 < T_out), both contraction orders (T_out
+    below and above T_m), absent biases, masks."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    xs, params, leaves, masks, rng = _wander_setup(lengths, n_out, seed, with_bias=with_bias)
+    kw = {"mode": "collapsed", "masks": masks, "residual": residual}
+    with _OpLog() as log:
+        got = mmfuse.wander(xs, params, **kw, backend="torch")
+    assert "mmfuse.wander_collapsed.default" in log.ops
+    core = mmfuse.wander(xs, params, **kw, backend="array_api")
+    np_params = {"down": [(_np(w), _np(b)) for w, b in params["down"]],
+                 "feature": [_np(f) for f in params["feature"]], "token": [_np(t) for t in params["token"]]}  # fmt: skip
+    want = ref.wander([_np(x) for x in xs], np_params, mode="collapsed",
+                      masks=[_np(k) for k in masks], residual=residual)  # fmt: skip
+    assert_close(got, want, xp=torch, dtype=torch.float64)
+    assert_close(got, core, rtol=1e-12)
+    upstream = torch.tensor(rng.standard_normal(tuple(got.shape)))
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
+def test_fused_collapsed_wander_partial_gradients_and_low_precision():
+    xs, params, _, masks, rng = _wander_setup((4, 5), 3, 7)
+    frozen = [xs[0].detach(), xs[1]]  # no gradient for x_0 (the residual's modality)
+    down = [(params["down"][0][0].detach(), params["down"][0][1]), params["down"][1]]
+    part = {"down": down, "feature": [params["feature"][0].detach(), params["feature"][1]], "token": params["token"]}
+    want_leaves = [xs[1], down[0][1], *down[1], params["feature"][1], *params["token"]]
+    got = mmfuse.wander(frozen, part, mode="collapsed", masks=masks, backend="torch")
+    core = mmfuse.wander(frozen, part, mode="collapsed", masks=masks, backend="array_api")
+    upstream = torch.tensor(rng.standard_normal(tuple(got.shape)))
+    for g, c in zip(_grads(got, want_leaves, upstream), _grads(core, want_leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+    cast = [x.detach().bfloat16().requires_grad_() for x in xs]
+    low_params = {k: [tuple(t.detach().bfloat16() for t in wb) for wb in v] if k == "down"
+                  else [t.detach().bfloat16() for t in v] for k, v in params.items()}  # fmt: skip
+    low = mmfuse.wander(cast, low_params, mode="collapsed", backend="torch")
+    assert low.dtype == torch.bfloat16
+    assert_close(low.double(), mmfuse.wander(xs, params, mode="collapsed", backend="array_api"), rtol=5e-2)
+    grads = torch.autograd.grad(low.float().square().sum(), cast)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 2
+
+
+def test_fused_collapsed_wander_opcheck_gradcheck_and_saved():
+    xs, params, leaves, masks, _ = _wander_setup((3, 4), 2, 5)
+    down = params["down"]
+    args = ([x.detach() for x in xs], [w.detach() for w, _ in down], [b.detach() for _, b in down],
+            [f.detach() for f in params["feature"]], [t.detach() for t in params["token"]], masks, True)  # fmt: skip
+    torch.library.opcheck(torch.ops.mmfuse.wander_collapsed.default, args)
+
+    def wander(*leaf):
+        x0, x1, w0, b0, w1, b1, f0, f1, t0, t1 = leaf
+        p = {"down": [(w0, b0), (w1, b1)], "feature": [f0, f1], "token": [t0, t1]}
+        return mmfuse.wander([x0, x1], p, mode="collapsed", masks=masks, backend="torch")
+
+    assert torch.autograd.gradcheck(wander, tuple(leaves))
+    assert torch.autograd.gradgradcheck(wander, tuple(leaves))
+    # saved for backward: the inputs and one flat by-product (pre-activations, first
+    # contractions, terms), nothing else
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = wander(*leaves)
+    inputs = {t.data_ptr() for t in leaves} | {k.data_ptr() for k in masks if k is not None}
+    extra = [t for t in saved if t.data_ptr() not in inputs]
+    batch, (t0, t1), rank, n_out, d = 3, (3, 4), 3, 2, 5
+    orders = tb._seq_plan(xs, params["feature"], params["token"], "collapsed").orders
+    firsts = [batch * (n_out * rank if o == "token" else t * d) for o, t in zip(orders, (t0, t1))]
+    assert [tuple(t.shape) for t in extra] == [(batch * (t0 + t1) * rank + sum(firsts) + 2 * batch * n_out * d,)]
+    assert out.grad_fn.name().startswith("GeneratedBackwardFor_mmfuse_wander_collapsed")
+
+
 # --------------------------------------------------------------------------- zoom_shift
 
 

@@ -53,7 +53,8 @@ float16 / bfloat16 inputs are computed in float32 and the results cast back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -828,9 +829,16 @@ def _collapsed_grads(
     toks: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor | None],
     needs: Sequence[bool],
+    terms: Sequence[torch.Tensor] | None = None,
+    firsts: Sequence[torch.Tensor] | None = None,
+    on_grad_h: Callable[[int, slice, torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor | None]:
     """The gradients of collapsed-mode sequence fusion (what :func:`_sequence_grads` returns),
-    written for that mode alone: the opaque backward's path.
+    written for that mode alone: the opaque backward's path.  ``terms`` and ``firsts``: the
+    forward's terms and first contractions when it kept them (the fused Wander op; the whole
+    batch is then one block), else they are recomputed.  ``on_grad_h(m, block, dL/dH_m[block])``,
+    when given, receives each block's (masked) dL/dH_m as soon as it is formed, in place of
+    returning it (the fused op continues through the GELU and the down-projection there).
 
     With Phi_m = sum_i feature_m[i] (r_m, D) and Psi_m = sum_j token_m[j] (T_m, T_out),
     term_m[b] = Psi_m^T H_m[b] Phi_m and Y = prod_m term_m.  Per batch block, the terms are
@@ -856,50 +864,55 @@ def _collapsed_grads(
     phis = [f.sum(dim=0) for f in feats]  # (r_m, D)
     psis = [t.sum(dim=0) for t in toks]  # (T_m, T_out)
     batch, n_out, out_dim = grad.shape
-    rows_b, _ = _core_sequence.cp_blocking(
+    rows_b = batch if terms is not None or firsts is not None else _core_sequence.cp_blocking(
         int(batch), 1, int(n_out), 1, int(out_dim), grad.element_size(),
         block_budget(grad, _core_sequence._CP_BLOCK_BYTES),
-    )  # fmt: skip
-    gh: list[Any] = [torch.empty_like(h) if need_h[m] else None for m, h in enumerate(hs)]
+    )[0]  # fmt: skip
+    keep_gh = [need and on_grad_h is None for need in need_h]
+    gh: list[Any] = [torch.empty_like(h) if keep else None for h, keep in zip(hs, keep_gh)]
     gphi: list[Any] = [torch.zeros_like(p) if need_f[m] else None for m, p in enumerate(phis)]
     gpsi: list[Any] = [torch.zeros_like(p) if need_t[m] else None for m, p in enumerate(psis)]
     for b0 in range(0, batch, rows_b):
         blk = slice(b0, min(b0 + rows_b, batch))
         hb = [h[blk] for h in hs]
-        firsts = [
+        first_blk = [f[blk] for f in firsts] if firsts is not None else [
             torch.matmul(psi.t(), h) if order == "token" else torch.matmul(h, phi)
             for h, phi, psi, order in zip(hb, phis, psis, orders)
         ]  # token first: A (nb, T_out, r_m); feature first: F (nb, T_m, D)
-        terms = [
+        term_blk = [t[blk] for t in terms] if terms is not None else [
             torch.matmul(first, phi) if order == "token" else torch.matmul(psi.t(), first)
-            for first, phi, psi, order in zip(firsts, phis, psis, orders)
+            for first, phi, psi, order in zip(first_blk, phis, psis, orders)
         ]  # (nb, T_out, D)
-        pre: list[Any] = [None, terms[0]][:n_mod]  # pre[m] = prod_{k<m} term_k
+        pre: list[Any] = [None, term_blk[0]][:n_mod]  # pre[m] = prod_{k<m} term_k
         for m in range(2, n_mod):
-            pre.append(pre[m - 1] * terms[m - 1])
+            pre.append(pre[m - 1] * term_blk[m - 1])
         run = grad[blk]  # dY * prod_{k>m} term_k, walked from the last modality down
         for m in range(n_mod - 1, -1, -1):
             if need_h[m] or need_f[m] or need_t[m]:
                 g_m = run if m == 0 else run * pre[m]
-                h, first, phi, psi = hb[m], firsts[m], phis[m], psis[m]
+                h, first, phi, psi = hb[m], first_blk[m], phis[m], psis[m]
+                gh_blk = None
                 if orders[m] == "token":
                     if need_f[m]:
                         gphi[m].add_(first.reshape(-1, first.shape[2]).t() @ g_m.reshape(-1, out_dim))
                     g_first = torch.matmul(g_m, phi.t())  # dA (nb, T_out, r_m)
-                    if need_h[m]:
-                        torch.matmul(psi, g_first, out=gh[m][blk])
                     if need_t[m]:
                         gpsi[m].add_(torch.bmm(h, g_first.transpose(1, 2)).sum(dim=0))
+                    if need_h[m]:
+                        gh_blk = torch.matmul(psi, g_first, out=None if gh[m] is None else gh[m][blk])
                 else:
                     if need_t[m]:
                         gpsi[m].add_(torch.bmm(first, g_m.transpose(1, 2)).sum(dim=0))
                     g_first = torch.matmul(psi, g_m)  # dF (nb, T_m, D)
-                    if need_h[m]:
-                        torch.matmul(g_first, phi.t(), out=gh[m][blk])
                     if need_f[m]:
                         gphi[m].add_(h.reshape(-1, h.shape[2]).t() @ g_first.reshape(-1, out_dim))
+                    if need_h[m]:
+                        gh_blk = torch.matmul(g_first, phi.t(), out=None if gh[m] is None else gh[m][blk])
+                if gh_blk is not None and on_grad_h is not None:
+                    mask = masks[m]
+                    on_grad_h(m, blk, gh_blk if mask is None else _seq_masked(gh_blk, mask[blk]))
             if m:
-                run = run * terms[m] if m == n_mod - 1 else run.mul_(terms[m])
+                run = run * term_blk[m] if m == n_mod - 1 else run.mul_(term_blk[m])
     out: list[torch.Tensor | None] = [
         None if g is None else _seq_masked(g, k) if k is not None else g for g, k in zip(gh, masks)
     ]
@@ -1127,6 +1140,244 @@ def sequence_fusion(
     )
 
 
+# --------------------------------------------------------------------------- wander, collapsed
+#
+# The Wander adapter as the released code computes it (collapsed mode, GELU) is one op,
+# ``mmfuse::wander_collapsed``: down-projection, GELU, collapsed fusion and residual.  Why
+# fused: on CPU the layer's step is bound by passes over memory, and as separate autograd
+# nodes the residual alone costs a full-size gradient accumulation for x_0 (slice backward,
+# then an out-of-place add), while the GELU's node and the fusion op each keep their own
+# copy of the activations.
+#
+# What it saves for backward, and why: besides the inputs (held by the caller anyway), the
+# pre-activations (B, T_m, r_m), the first contractions (Psi^T H (B, T_out, r_m) or H Phi
+# (B, T_m, D), whichever order the plan picked) and the terms (B, T_out, D), returned by the
+# forward as one flat non-differentiable by-product (``kept``).  The pre-activations give the
+# GELU's derivative and, through the GELU again, H (an elementwise pass, cheaper to redo than
+# to keep); the contractions and terms spare the backward both GEMMs per modality of the
+# forward.  At the CMU-MOSI defaults that is 5.0 MiB held from forward to backward, against
+# 13.1 MiB for the released layer under autograd (per-modality products, their permuted
+# copies, the activations) and 4.7 MiB for the layer built from a torch down-projection and
+# ``mmfuse::sequence_fusion`` (which recomputes its contractions).
+#
+# Its backward is the opaque ``mmfuse::wander_collapsed_backward`` (:func:`_collapsed_grads`
+# for the fusion, then the GELU's derivative, the down-projection's gradients and the
+# residual added in place).  With ``create_graph=True`` the backward instead re-runs the
+# Array-API core's wander on the saved inputs under autograd and differentiates it, so double
+# backward works (at autograd's memory cost, only when asked for).
+
+
+def _kept_layout(
+    batch: int, shapes: Sequence[tuple[int, int]], n_out: int, out_dim: int
+) -> tuple[tuple[str, ...], list[tuple[int, ...]]]:
+    """The plan's contraction orders and the shapes of what the fused op keeps, in its flat
+    order: per modality the pre-activation (B T_m, r_m) (``shapes``: (T_m, r_m)), then per
+    modality the first contraction (A = Psi^T H (B, T_out, r_m) token first, F = H Phi
+    (B, T_m, D) feature first), then per modality the term (B, T_out, D)."""
+    sizes = [v for shape in shapes for v in shape] + [n_out, out_dim]
+    # the plan is cached on its (hashable) sizes; symbolic ones (shape inference under
+    # torch.compile with dynamic shapes) go to the uncached function
+    plan = _core_sequence.plan if all(type(v) is int for v in sizes) else _core_sequence.plan.__wrapped__
+    orders = plan("collapsed", *zip(*shapes), 1, 1, n_out, out_dim).orders
+    pres = [(batch * t, r) for t, r in shapes]
+    firsts = [(batch, n_out, r) if o == "token" else (batch, t, out_dim) for (t, r), o in zip(shapes, orders)]
+    return orders, [*pres, *firsts, *[(batch, n_out, out_dim)] * len(shapes)]
+
+
+def _kept_views(kept: torch.Tensor, layout: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    views, at = [], 0
+    for shape in layout:
+        size = math.prod(shape)
+        views.append(kept[at : at + size].view(shape))
+        at += size
+    return views
+
+
+def _residual_spans(lengths: Sequence[int], n_out: int) -> list[tuple[int, int, int]]:
+    """(modality, tokens taken, output offset) of the residual's first ``n_out`` tokens of the
+    concatenated inputs (:func:`mmfuse._core.sequence.first_tokens`)."""
+    spans, at = [], 0
+    for m, t_m in enumerate(lengths):
+        take = min(n_out - at, t_m)
+        if take <= 0:
+            break
+        spans.append((m, take, at))
+        at += take
+    return spans
+
+
+_INV_SQRT_2PI = 0.39894228040143267794
+
+
+def _gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """dL/dpre of GELU(pre) = pre Phi(pre): grad (Phi + pre phi).  float64 uses the core's
+    accurate normal CDF (erfc with the argument's rounding corrected, as in its forward);
+    other dtypes torch's own exact-GELU derivative."""
+    if pre.dtype != torch.float64:
+        return torch.ops.aten.gelu_backward(grad, pre)
+    u = pre * (-_core_sequence._SQRT1_2)
+    cdf = torch.special.erfc(u).mul_(_core_sequence._rounding_correction(torch, pre, u)).mul_(0.5)
+    pdf = torch.exp(pre * pre * -0.5).mul_(_INV_SQRT_2PI)
+    return cdf.addcmul_(pre, pdf).mul_(grad)
+
+
+@torch.library.custom_op("mmfuse::wander_collapsed", mutates_args=())
+def _wander_op(
+    xs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    feature_factors: list[torch.Tensor],
+    token_factors: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collapsed-mode Wander with the GELU; returns (Y, kept) (see the comment above)."""
+    dtype = xs[0].dtype
+    cdt = _compute_dtype(dtype)
+    batch = xs[0].shape[0]
+    n_out, out_dim = token_factors[0].shape[2], feature_factors[0].shape[2]
+    n_mod = len(xs)
+    shapes = [(x.shape[1], w.shape[1]) for x, w in zip(xs, weights)]
+    orders, layout = _kept_layout(batch, shapes, n_out, out_dim)
+    kept = torch.empty(sum(math.prod(v) for v in layout), dtype=cdt, device=xs[0].device)
+    views = _kept_views(kept, layout)
+    pres, firsts, terms = views[:n_mod], views[n_mod : 2 * n_mod], views[2 * n_mod :]
+    y = None
+    for m, x in enumerate(xs):
+        x = x.to(cdt)
+        torch.addmm(biases[m].to(cdt), x.reshape(-1, x.shape[2]), weights[m].to(cdt), out=pres[m])
+        h = _seq_masked(_core_sequence._gelu_torch(pres[m]).view(batch, *shapes[m]), masks[m])
+        phi, psi = feature_factors[m].to(cdt).sum(dim=0), token_factors[m].to(cdt).sum(dim=0)
+        if orders[m] == "token":
+            torch.matmul(torch.matmul(psi.t(), h, out=firsts[m]), phi, out=terms[m])
+        else:
+            torch.matmul(psi.t(), torch.matmul(h, phi, out=firsts[m]), out=terms[m])
+        y = terms[m].clone() if y is None else y.mul_(terms[m])
+    assert y is not None
+    if residual:
+        for m, take, at in _residual_spans([t for t, _ in shapes], n_out):
+            y[:, at : at + take].add_(xs[m][:, :take].to(cdt))
+    return y.to(dtype), kept
+
+
+@_wander_op.register_fake
+def _(
+    xs: Any, weights: Any, biases: Any, feature_factors: Any, token_factors: Any, masks: Any, residual: bool
+) -> Any:
+    batch = xs[0].shape[0]
+    n_out, out_dim = token_factors[0].shape[2], feature_factors[0].shape[2]
+    shapes = [(x.shape[1], w.shape[1]) for x, w in zip(xs, weights)]
+    _, layout = _kept_layout(batch, shapes, n_out, out_dim)
+    cdt = _compute_dtype(xs[0].dtype)
+    kept = xs[0].new_empty((sum(math.prod(v) for v in layout),), dtype=cdt)
+    return xs[0].new_empty((batch, n_out, out_dim)), kept
+
+
+@torch.library.custom_op("mmfuse::wander_collapsed_backward", mutates_args=())
+def _wander_backward_op(
+    grad: torch.Tensor,
+    xs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    feature_factors: list[torch.Tensor],
+    token_factors: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    residual: bool,
+    kept: torch.Tensor,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients [x_0.., w_0.., b_0.., feature_0.., token_0..]; unneeded ones come back empty."""
+    n_mod = len(xs)
+    dtype = grad.dtype
+    cdt = _compute_dtype(dtype)
+    g = grad.to(cdt)
+    batch, n_out, out_dim = g.shape
+    shapes = [(x.shape[1], w.shape[1]) for x, w in zip(xs, weights)]
+    views = _kept_views(kept, _kept_layout(batch, shapes, n_out, out_dim)[1])
+    pres, firsts, terms = views[:n_mod], views[n_mod : 2 * n_mod], views[2 * n_mod :]
+    need_x, need_w, need_b = needs[:n_mod], needs[n_mod : 2 * n_mod], needs[2 * n_mod : 3 * n_mod]
+    need_h = [a or b or c for a, b, c in zip(need_x, need_w, need_b)]
+    hs = [_core_sequence._gelu_torch(p).view(batch, *shp) for p, shp in zip(pres, shapes)]
+    gx: list[Any] = [None] * n_mod
+    gw: list[Any] = [None] * n_mod
+    gb: list[Any] = [None] * n_mod
+
+    def down_projection_grads(m: int, blk: slice, gh: torch.Tensor) -> None:
+        # right after the fusion's dL/dH_m, while it is in cache (whole batch: one block)
+        gpre = _gelu_backward(gh.view(pres[m].shape), pres[m])
+        x = xs[m].to(cdt)
+        if need_x[m]:
+            gx[m] = (gpre @ weights[m].to(cdt).t()).view(x.shape)
+        if need_w[m]:
+            gw[m] = x.reshape(-1, x.shape[2]).t() @ gpre
+        if need_b[m]:
+            gb[m] = gpre.sum(dim=0)
+
+    fused = _collapsed_grads(
+        g, hs, [f.to(cdt) for f in feature_factors], [t.to(cdt) for t in token_factors], masks,
+        [*need_h, *needs[3 * n_mod :]], terms=terms, firsts=firsts, on_grad_h=down_projection_grads,
+    )  # fmt: skip
+    if residual:  # the residual's share of dL/dx, added where the fusion's already lies
+        for m, take, at in _residual_spans([t for t, _ in shapes], n_out):
+            if need_x[m]:
+                gx[m][:, :take].add_(g[:, at : at + take])
+    out = [*gx, *gw, *gb, *fused[n_mod:]]
+    return [grad.new_empty((0,)) if v is None else v.to(dtype).contiguous() for v in out]
+
+
+@_wander_backward_op.register_fake
+def _(
+    grad: Any, xs: Any, weights: Any, feature_factors: Any, token_factors: Any, masks: Any, residual: bool,
+    kept: Any, needs: Any,
+) -> Any:
+    like = [*xs, *weights, *(w[0] for w in weights), *feature_factors, *token_factors]
+    return [t.new_empty(t.shape) if need else grad.new_empty((0,)) for t, need in zip(like, needs)]
+
+
+def _wander_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    xs, weights, biases, feats, toks, masks, residual = inputs
+    kept = output[1]
+    ctx.mark_non_differentiable(kept)  # an internal by-product, not a result
+    ctx.set_materialize_grads(False)
+    ctx.n_mod = len(xs)
+    ctx.residual = residual
+    ctx.mask_at = [k is not None for k in masks]
+    # Saved: the inputs (the caller holds them) and kept; see the comment above.
+    ctx.save_for_backward(*xs, *weights, *biases, *feats, *toks, *(k for k in masks if k is not None), kept)
+
+
+def _wander_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = None) -> tuple[Any, ...]:
+    n_mod = ctx.n_mod
+    saved = list(ctx.saved_tensors)
+    groups = [saved[i * n_mod : (i + 1) * n_mod] for i in range(5)]  # xs, weights, biases, feats, toks
+    rest = iter(saved[5 * n_mod :])
+    masks = [next(rest) if present else None for present in ctx.mask_at]
+    kept = next(rest)
+    need = [[bool(v) for v in ctx.needs_input_grad[i]] for i in range(5)]
+    masks_grad = [None] * n_mod if all(ctx.mask_at) else None
+    if grad is None:  # the output did not reach the loss
+        return (*([None] * n_mod for _ in range(5)), masks_grad, None)
+    if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiate the core
+        leaves = [t for group, flags in zip(groups, need) for t, f in zip(group, flags) if f]
+        params = {"down": list(zip(groups[1], groups[2])), "feature": groups[3], "token": groups[4]}
+        with torch.enable_grad():
+            y = _core_sequence.wander(
+                groups[0], params, mode="collapsed", masks=masks if any(ctx.mask_at) else None,
+                activation="gelu", residual="first" if ctx.residual else "none",
+            )  # fmt: skip
+            found = iter(torch.autograd.grad(y, leaves, grad, create_graph=True, allow_unused=True))
+        grads = [[next(found) if f else None for f in flags] for flags in need]
+    else:
+        flat = _wander_backward_op(
+            grad.contiguous(), groups[0], groups[1], groups[3], groups[4], masks, ctx.residual, kept,
+            [f for flags in need for f in flags],
+        )  # fmt: skip
+        grads = [[flat[i * n_mod + m] if need[i][m] else None for m in range(n_mod)] for i in range(5)]
+    return (*grads, masks_grad, None)
+
+
+_wander_op.register_autograd(_wander_backward, setup_context=_wander_setup_context)
+
+
 def _activate(h: torch.Tensor, activation: Any) -> torch.Tensor:
     if callable(activation):
         return activation(h)
@@ -1146,19 +1397,29 @@ def wander_torch(
     activation: Any,
     residual: str,
 ) -> torch.Tensor:
-    """The Wander adapter in plain torch around the ``mmfuse::sequence_fusion`` op.
+    """The Wander adapter on torch tensors, through the custom ops.
 
-    Down-projection (one GEMM per modality), activation (the core's, so values agree), the
-    custom op, residual.  Traceable by Dynamo (used by :class:`mmfuse.nn.WanderAdapter`
-    under ``torch.compile``).
+    Collapsed mode with the GELU (the released configuration) is the fused
+    ``mmfuse::wander_collapsed`` op (absent biases become zeros).  Otherwise: down-projection
+    (one GEMM per modality), activation (the core's, so values agree), the
+    ``mmfuse::sequence_fusion`` op, residual.  Traceable by Dynamo (used by
+    :class:`mmfuse.nn.WanderAdapter` under ``torch.compile``).
     """
+    masks_list = [None] * len(xs) if masks is None else list(masks)
+    if mode == "collapsed" and activation == "gelu":  # the released configuration: one op
+        biases = [torch.zeros(w.shape[1], dtype=w.dtype, device=w.device) if b is None else b
+                  for w, b in zip(weights, biases)]  # fmt: skip
+        y, _kept = torch.ops.mmfuse.wander_collapsed(
+            list(xs), list(weights), biases, list(feature_factors), list(token_factors), masks_list,
+            residual == "first",
+        )  # fmt: skip
+        return y
     hs = []
     for x, w, b in zip(xs, weights, biases):
         batch, t_m, d = x.shape
         flat = x.reshape(batch * t_m, d)
         h = flat @ w if b is None else torch.addmm(b, flat, w)
         hs.append(_activate(h.reshape(batch, t_m, w.shape[1]), activation))
-    masks_list = [None] * len(hs) if masks is None else list(masks)
     y = torch.ops.mmfuse.sequence_fusion(hs, list(feature_factors), list(token_factors), mode, masks_list)
     if residual == "first":
         y = y + _core_sequence.first_tokens(torch, list(xs), y.shape[1])
