@@ -79,6 +79,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the dispatcher when there is nothing to do (the usual case:
+    these ops are called per layer per step, and ~3 us per no-op cast adds up at small sizes)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # Projections at most this wide are stored transposed (see _flat).
 _NARROW_WIDTH = 8
 
@@ -159,7 +165,7 @@ def _rank_sum_matrix(
     axis (measured at R h = 4).  (The backward's spread of (n, h) gradients over the ranks
     stays a broadcast multiply: as the GEMM g S^T, with its inner dimension of h, it ran
     slower.)"""
-    w = torch.ones(rank, dtype=dtype, device=device) if weights is None else weights.to(dtype)
+    w = torch.ones(rank, dtype=dtype, device=device) if weights is None else _cast(weights, dtype)
     return torch.kron(w.view(rank, 1), torch.eye(out_dim, dtype=dtype, device=device))
 
 
@@ -187,12 +193,12 @@ def _lowrank_op(
     projections in the compute dtype for backward (else an empty tensor)."""
     dtype = xs[0].dtype
     cdt = _compute_dtype(dtype)
-    xs = [x.to(cdt) for x in xs]
+    xs = [_cast(x, cdt) for x in xs]
     rank, _, out_dim = factors[0].shape
     keep = _keeps_projections(xs, factors)
     # kept projections must be the unweighted P_m the backward uses; else fold w into W_0
     mats = [
-        _flat(f.to(cdt), weights.to(cdt) if (m == 0 and weights is not None and not keep) else None)
+        _flat(_cast(f, cdt), _cast(weights, cdt) if (m == 0 and weights is not None and not keep) else None)
         for m, f in enumerate(factors)
     ]
     batch = xs[0].shape[0]
@@ -222,8 +228,8 @@ def _lowrank_op(
         else:
             torch.mm(acc[:n] if len(xs) > 1 else kept[0, blk], rank_sum, out=out[blk])
     if bias is not None:
-        out.add_(bias.to(cdt))
-    return out.to(dtype), kept
+        out.add_(_cast(bias, cdt))
+    return _cast(out, dtype), kept
 
 
 @_lowrank_op.register_fake
@@ -260,12 +266,12 @@ def _lowrank_backward_op(
     dtype = grad.dtype
     cdt = _compute_dtype(dtype)
     dev = grad.device
-    g_all = grad.to(cdt)
-    xs = [x.to(cdt) for x in xs]
+    g_all = _cast(grad, cdt)
+    xs = [_cast(x, cdt) for x in xs]
     rank, _, out_dim = factors[0].shape
     width = rank * out_dim
-    mats = [_flat(f.to(cdt)) for f in factors]
-    w = weights.to(cdt) if weights is not None else torch.ones(rank, dtype=cdt, device=dev)
+    mats = [_flat(_cast(f, cdt)) for f in factors]
+    w = _cast(weights, cdt) if weights is not None else torch.ones(rank, dtype=cdt, device=dev)
     need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
     need_w, need_b = needs[2 * n_mod], needs[2 * n_mod + 1]
     batch = xs[0].shape[0]
@@ -329,14 +335,14 @@ def _lowrank_backward_op(
 
     out: list[torch.Tensor] = []
     for m in range(n_mod):
-        out.append(gx[m].to(dtype) if gx[m] is not None else empty())
+        out.append(_cast(gx[m], dtype) if gx[m] is not None else empty())
     for m, f in enumerate(factors):
         if gmat[m] is None:
             out.append(empty())
         else:
             rows_m = f.shape[1]
             out.append(gmat[m].view(rows_m, rank, out_dim).permute(1, 0, 2).contiguous().to(dtype))
-    out.append(gw.to(dtype) if gw is not None else empty())
+    out.append(_cast(gw, dtype) if gw is not None else empty())
     out.append(g_all.sum(dim=0).to(dtype) if need_b else empty())
     return out
 
@@ -513,18 +519,18 @@ def _cp_op(
 ) -> torch.Tensor:
     dtype = xs[0].dtype
     cdt = _compute_dtype(dtype)
-    xs = [x.to(cdt) for x in xs]
-    factors = [f.to(cdt) for f in factors]
+    xs = [_cast(x, cdt) for x in xs]
+    factors = [_cast(f, cdt) for f in factors]
     _, proj = _cp_parts(xs, weights, factors, append_one, present)
     prod = proj[0].clone() if len(proj) == 1 else proj[0] * proj[1]
     for p in proj[2:]:
         prod.mul_(p)
     if weights is not None:
-        prod.mul_(weights.to(cdt))
+        prod.mul_(_cast(weights, cdt))
     out = prod @ factors[-1].t()
     if bias is not None:
-        out.add_(bias.to(cdt))
-    return out.to(dtype)
+        out.add_(_cast(bias, cdt))
+    return _cast(out, dtype)
 
 
 @_cp_op.register_fake
@@ -545,10 +551,10 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     need_xs, need_w, need_fs, need_b = ctx.needs_input_grad[:4]
     dtype = grad.dtype
     cdt = _compute_dtype(dtype)
-    g = grad.to(cdt)
-    xs = [x.to(cdt) for x in xs]
-    factors = [f.to(cdt) for f in factors]
-    w = weights.to(cdt) if weights is not None else None
+    g = _cast(grad, cdt)
+    xs = [_cast(x, cdt) for x in xs]
+    factors = [_cast(f, cdt) for f in factors]
+    w = _cast(weights, cdt) if weights is not None else None
     feats, proj = _cp_parts(xs, w, factors, append_one=ctx.append_one, present=present)
     out_factor = factors[-1]
     gp = g @ out_factor  # (B, R): dL/d(w * prod)
@@ -572,18 +578,18 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
             gx = gm @ a[:d].t()
             if present is not None:
                 gx = torch.where(present[:, m : m + 1], gx, torch.zeros((), dtype=cdt, device=gx.device))
-            grad_xs[m] = gx.to(dtype)
+            grad_xs[m] = _cast(gx, dtype)
         if need_fs[m]:
             ga = feats[m].t() @ gm
             if ctx.append_one:
                 ga = torch.cat([ga, gm.sum(dim=0, keepdim=True)], dim=0)
-            grad_as[m] = ga.to(dtype)
+            grad_as[m] = _cast(ga, dtype)
         if m:
             run = run * proj[m]
     return (
         grad_xs,
-        grad_w.to(dtype) if grad_w is not None else None,
-        [*grad_as, grad_c.to(dtype) if grad_c is not None else None],
+        _cast(grad_w, dtype) if grad_w is not None else None,
+        [*grad_as, _cast(grad_c, dtype) if grad_c is not None else None],
         grad.sum(dim=0) if need_b else None,
         None,
         None,
@@ -933,13 +939,13 @@ def _sequence_op(
     dtype = hs[0].dtype
     cdt = _compute_dtype(dtype)
     out = _core_sequence.sequence_fusion(
-        [h.to(cdt) for h in hs],
-        [f.to(cdt) for f in feature_factors],
-        [t.to(cdt) for t in token_factors],
+        [_cast(h, cdt) for h in hs],
+        [_cast(f, cdt) for f in feature_factors],
+        [_cast(t, cdt) for t in token_factors],
         mode=mode,
         masks=None if all(k is None for k in masks) else list(masks),
     )
-    return out.to(dtype)
+    return _cast(out, dtype)
 
 
 @_sequence_op.register_fake
@@ -963,14 +969,14 @@ def _sequence_backward_op(
     # collapsed mode has its own, leaner routine; cp mode (and double backward) the general one
     grads_of = _collapsed_grads if mode == "collapsed" else partial(_sequence_grads, mode=mode)
     grads = grads_of(
-        grad.to(cdt),
-        [h.to(cdt) for h in hs],
-        [f.to(cdt) for f in feature_factors],
-        [t.to(cdt) for t in token_factors],
+        _cast(grad, cdt),
+        [_cast(h, cdt) for h in hs],
+        [_cast(f, cdt) for f in feature_factors],
+        [_cast(t, cdt) for t in token_factors],
         masks=masks,
         needs=needs,
     )
-    return [grad.new_empty((0,)) if g is None else g.to(dtype).contiguous() for g in grads]
+    return [grad.new_empty((0,)) if g is None else _cast(g, dtype).contiguous() for g in grads]
 
 
 @_sequence_backward_op.register_fake
@@ -1063,7 +1069,7 @@ def _zoom_shift_op(
     dtype = x.dtype
     cdt = _compute_dtype(dtype)
     ax = axis % x.dim()
-    xc, gc = x.to(cdt), guide.to(cdt)
+    xc, gc = _cast(x, cdt), _cast(guide, cdt)
     _, _, g_mean, g_var = _zs_stats(gc, guide_mask, ax)
     _, _, mean, var = _zs_stats(xc, mask, ax)
     s, _ = _zs_scale(torch.sqrt(var + eps), torch.sqrt(g_var + eps), alpha)
@@ -1093,7 +1099,7 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     dtype = grad.dtype
     cdt = _compute_dtype(dtype)
     ax = ctx.axis % x.dim()
-    xc, gc, g = x.to(cdt), guide.to(cdt), grad.to(cdt)
+    xc, gc, g = _cast(x, cdt), _cast(guide, cdt), _cast(grad, cdt)
     m_g, n_g, g_mean, g_var = _zs_stats(gc, guide_mask, ax)
     m_x, n_x, mean, var = _zs_stats(xc, mask, ax)
     sigma_x, sigma_g = torch.sqrt(var + eps), torch.sqrt(g_var + eps)
@@ -1115,7 +1121,7 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         per_token = alpha * (s0 + k_var * (gc - g_mean)) / n_g
         if m_g is not None:
             per_token = torch.where(m_g, per_token, zero)
-        grad_g = per_token.to(dtype)  # full shape: (g - mu_g) broadcasts the statistics
+        grad_g = _cast(per_token, dtype)  # full shape: (g - mu_g) broadcasts the statistics
     return grad_x, grad_g, None, None, None, None, None
 
 
@@ -1244,10 +1250,10 @@ def _wander_op(
     pres, firsts, terms = views[:n_mod], views[n_mod : 2 * n_mod], views[2 * n_mod :]
     y = None
     for m, x in enumerate(xs):
-        x = x.to(cdt)
-        torch.addmm(biases[m].to(cdt), x.reshape(-1, x.shape[2]), weights[m].to(cdt), out=pres[m])
+        x = _cast(x, cdt)
+        torch.addmm(_cast(biases[m], cdt), x.reshape(-1, x.shape[2]), _cast(weights[m], cdt), out=pres[m])
         h = _seq_masked(_core_sequence._gelu_torch(pres[m]).view(batch, *shapes[m]), masks[m])
-        phi, psi = feature_factors[m].to(cdt).sum(dim=0), token_factors[m].to(cdt).sum(dim=0)
+        phi, psi = _cast(feature_factors[m], cdt).sum(dim=0), _cast(token_factors[m], cdt).sum(dim=0)
         if orders[m] == "token":
             torch.matmul(torch.matmul(psi.t(), h, out=firsts[m]), phi, out=terms[m])
         else:
@@ -1257,7 +1263,7 @@ def _wander_op(
     if residual:
         for m, take, at in _residual_spans([t for t, _ in shapes], n_out):
             y[:, at : at + take].add_(xs[m][:, :take].to(cdt))
-    return y.to(dtype), kept
+    return _cast(y, dtype), kept
 
 
 @_wander_op.register_fake
@@ -1289,7 +1295,7 @@ def _wander_backward_op(
     n_mod = len(xs)
     dtype = grad.dtype
     cdt = _compute_dtype(dtype)
-    g = grad.to(cdt)
+    g = _cast(grad, cdt)
     batch, n_out, out_dim = g.shape
     shapes = [(x.shape[1], w.shape[1]) for x, w in zip(xs, weights)]
     views = _kept_views(kept, _kept_layout(batch, shapes, n_out, out_dim)[1])
@@ -1304,16 +1310,16 @@ def _wander_backward_op(
     def down_projection_grads(m: int, blk: slice, gh: torch.Tensor) -> None:
         # right after the fusion's dL/dH_m, while it is in cache (whole batch: one block)
         gpre = _gelu_backward(gh.view(pres[m].shape), pres[m])
-        x = xs[m].to(cdt)
+        x = _cast(xs[m], cdt)
         if need_x[m]:
-            gx[m] = (gpre @ weights[m].to(cdt).t()).view(x.shape)
+            gx[m] = (gpre @ _cast(weights[m], cdt).t()).view(x.shape)
         if need_w[m]:
             gw[m] = x.reshape(-1, x.shape[2]).t() @ gpre
         if need_b[m]:
             gb[m] = gpre.sum(dim=0)
 
     fused = _collapsed_grads(
-        g, hs, [f.to(cdt) for f in feature_factors], [t.to(cdt) for t in token_factors], masks,
+        g, hs, [_cast(f, cdt) for f in feature_factors], [_cast(t, cdt) for t in token_factors], masks,
         [*need_h, *needs[3 * n_mod :]], terms=terms, firsts=firsts, on_grad_h=down_projection_grads,
     )  # fmt: skip
     if residual:  # the residual's share of dL/dx, added where the fusion's already lies
@@ -1321,7 +1327,7 @@ def _wander_backward_op(
             if need_x[m]:
                 gx[m][:, :take].add_(g[:, at : at + take])
     out = [*gx, *gw, *gb, *fused[n_mod:]]
-    return [grad.new_empty((0,)) if v is None else v.to(dtype).contiguous() for v in out]
+    return [grad.new_empty((0,)) if v is None else _cast(v, dtype).contiguous() for v in out]
 
 
 @_wander_backward_op.register_fake
