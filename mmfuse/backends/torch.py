@@ -20,10 +20,15 @@ Operators (namespace ``mmfuse``), each a ``torch.library.custom_op`` with ``regi
   per-modality terms block by block (see the comment above the op for what is saved).
 - ``mmfuse::zoom_shift(x, guide, alpha, axis, mask, guide_mask, eps)``: one Zoom-and-Shift
   step with a closed-form backward that saves only the inputs.
+- ``mmfuse::wander_collapsed(xs, weights, biases, feature_factors, token_factors, masks,
+  residual)``: the whole Wander adapter in the released configuration (collapsed mode, GELU),
+  returning ``(y, kept)``; ``mmfuse::wander_collapsed_backward`` is its backward (see the
+  comment above the op for what is kept and why).
 
-The ``"torch"`` implementation of ``wander`` is the down-projection and activation in torch
-around ``mmfuse::sequence_fusion`` (:func:`wander_torch`, also used by
-:class:`mmfuse.nn.WanderAdapter` under ``torch.compile``).
+The ``"torch"`` implementation of ``wander`` (:func:`wander_torch`, also used by
+:class:`mmfuse.nn.WanderAdapter` under ``torch.compile``) is ``mmfuse::wander_collapsed`` in
+that configuration, else the down-projection and activation in torch around
+``mmfuse::sequence_fusion``.
 
 What the backward of ``lowrank_fusion`` saves, and why
 ------------------------------------------------------
