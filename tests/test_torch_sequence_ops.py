@@ -339,20 +339,27 @@ def test_fused_collapsed_wander_opcheck_gradcheck_and_saved():
         p = {"down": [(w0, b0), (w1, b1)], "feature": [f0, f1], "token": [t0, t1]}
         return mmfuse.wander([x0, x1], p, mode="collapsed", masks=masks, backend="torch")
 
-    assert torch.autograd.gradcheck(wander, tuple(leaves))
-    assert torch.autograd.gradgradcheck(wander, tuple(leaves))
-    # saved for backward: the inputs and one flat by-product (pre-activations, first
-    # contractions, terms), nothing else
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = wander(*leaves)
-    inputs = {t.data_ptr() for t in leaves} | {k.data_ptr() for k in masks if k is not None}
-    extra = [t for t in saved if t.data_ptr() not in inputs]
+    def op(*leaf):  # the op with its registered autograd (torch.compile's path)
+        x0, x1, w0, b0, w1, b1, f0, f1, t0, t1 = leaf
+        return torch.ops.mmfuse.wander_collapsed([x0, x1], [w0, w1], [b0, b1], [f0, f1], [t0, t1], masks, True)[0]
+
     batch, (t0, t1), rank, n_out, d = 3, (3, 4), 3, 2, 5
     orders = tb._seq_plan(xs, params["feature"], params["token"], "collapsed").orders
     firsts = [batch * (n_out * rank if o == "token" else t * d) for o, t in zip(orders, (t0, t1))]
-    assert [tuple(t.shape) for t in extra] == [(batch * (t0 + t1) * rank + sum(firsts) + 2 * batch * n_out * d,)]
-    assert out.grad_fn.name().startswith("GeneratedBackwardFor_mmfuse_wander_collapsed")
+    inputs = {t.data_ptr() for t in leaves} | {k.data_ptr() for k in masks if k is not None}
+    saved: list = []
+    for f, node in ((wander, "_WanderCollapsedBackward"), (op, "GeneratedBackwardFor_mmfuse_wander_collapsed")):
+        assert torch.autograd.gradcheck(f, tuple(leaves))
+        assert torch.autograd.gradgradcheck(f, tuple(leaves))
+        # saved for backward: the inputs and one flat by-product (pre-activations, first
+        # contractions, terms), nothing else
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = f(*leaves)
+        extra = [t for t in saved if t.data_ptr() not in inputs]
+        assert [tuple(t.shape) for t in extra] == [(batch * (t0 + t1) * rank + sum(firsts) + 2 * batch * n_out * d,)]
+        assert type(out.grad_fn).__name__.startswith(node)
+        assert_close(op(*leaves), wander(*leaves), rtol=0)
 
 
 # --------------------------------------------------------------------------- zoom_shift
