@@ -7,7 +7,8 @@ Candidates, float32, all cores, one training step's forward and backward (``out.
 back-propagated to the inputs and all parameters):
 
 - ``mmfuse-layer``: ``mmfuse.nn.LowRankFusion`` (the ``mmfuse::lowrank_fusion`` custom op:
-  blocked forward, analytic backward that saves only the inputs).
+  blocked forward, analytic backward that saves only the inputs; narrow fusions such as the
+  second case run unblocked and keep their small (M, B, R h) projections).
 - ``mmfuse-core``: the same layer forced onto the Array-API core (autograd through it).
 - ``lmf-layer``: a straightforward layer in the style of LMF's released code: concatenate the
   constant, one batched matmul per modality giving (R, B, h), elementwise product, rank-weighted
@@ -18,8 +19,8 @@ d = 40, r = 16, R_h = 8, R_t = 12, T_out = r), float32, ``out.sum()`` back-propa
 inputs and all parameters:
 
 - ``mmfuse-layer``: ``mmfuse.nn.WanderAdapter(mode="collapsed")`` (what the released code
-  computes): down-projection + GELU in torch, the fusion as the ``mmfuse::sequence_fusion``
-  custom op whose backward saves only its inputs.
+  computes): the whole adapter as the ``mmfuse::wander_collapsed`` custom op (down-projection,
+  GELU, fusion, residual; its backward keeps the pre-activations, first contractions and terms).
 - ``mmfuse-core``: the same layer forced onto the Array-API core (autograd through it).
 - ``mmfuse-cp``: ``WanderAdapter(mode="cp")``, the true CP contraction (R_h R_t = 96 times
   the work of collapsed mode; reported for scale, not a like-for-like comparison), and
