@@ -216,7 +216,7 @@ def _lowrank_op(
         batch, sum(x.shape[1] for x in xs) + 2 * width, out.element_size(), block_budget(out, _BLOCK_BYTES)
     )
     acc = torch.empty((min(rows, batch), width), dtype=cdt, device=dev)
-    proj = torch.empty_like(acc) if len(xs) > 1 else acc
+    proj = torch.empty_like(acc) if len(xs) > 1 and not keep else acc  # kept: projections go there
     rank_sum = _rank_sum_matrix(weights, rank, out_dim, cdt, dev) if keep else None
     for start in range(0, batch, rows):
         blk = slice(start, min(start + rows, batch))
@@ -473,7 +473,7 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
 def _lowrank_grads(
     ctx: Any, grad: torch.Tensor, need_xs: list[bool], need_fs: list[bool], need_w: bool, need_b: bool
 ) -> tuple[Any, ...]:
-    """The op's gradients, in its argument order, from what :func:`_lowrank_setup_context`
+    """The op's gradients, in its argument order, from what :func:`_lowrank_save`
     saved on ``ctx`` and which inputs need them."""
     n_mod = ctx.n_mod
     xs, factors, weights, present = _load_fusion_inputs(ctx, n_mod)
