@@ -368,13 +368,13 @@ def test_auto_runs_the_custom_op(op):
         call(backend="array_api")
     assert f"mmfuse.{op}.default" not in log.ops
     # and the backward ran the analytic formula, not autograd through the core
-    if op == "lowrank_fusion":  # eager calls bind the op through an autograd.Function
-        assert type(out.grad_fn).__name__ == "_LowRankFusionBackward"
+    # eager calls bind the op through an autograd.Function (mmfuse.backends._torch_eager)
+    node = {"lowrank_fusion": "_LowRankFusionBackward", "cp_fusion": "_CPFusionBackward"}[op]
+    assert type(out.grad_fn).__name__ == node
+    if op == "lowrank_fusion":
         with _OpLog() as log:
             out.sum().backward()
         assert "mmfuse.lowrank_fusion_backward.default" in log.ops
-    else:
-        assert type(out.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_" + op)
 
 
 def test_lowrank_registered_autograd_equals_the_eager_binding():
@@ -386,6 +386,23 @@ def test_lowrank_registered_autograd_equals_the_eager_binding():
     eager = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="torch")
     op, _ = torch.ops.mmfuse.lowrank_fusion(xs, factors, weights, bias, True, present)
     assert type(op.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_lowrank_fusion")
+    assert torch.equal(eager, op)
+    for a, b in zip(_grads(eager, leaves, upstream), _grads(op, leaves, upstream)):
+        assert torch.equal(a, b)
+    ge = torch.autograd.grad((eager * upstream).sum(), xs[0], create_graph=True)[0]
+    go = torch.autograd.grad((op * upstream).sum(), xs[0], create_graph=True)[0]
+    assert_close(torch.autograd.grad(ge.square().sum(), factors[0])[0],
+                 torch.autograd.grad(go.square().sum(), factors[0])[0], rtol=1e-12)  # fmt: skip
+
+
+def test_cp_registered_autograd_equals_the_eager_binding():
+    """The same for torch.ops.mmfuse.cp_fusion (masks, weights and bias present)."""
+    p = _small(True, True, seed=10)
+    xs, (weights, factors), bias, present, upstream = _cp_inputs(p)
+    leaves = [*xs, *factors, bias] + ([weights] if weights is not None else [])
+    eager = mmfuse.cp_fusion(xs, (weights, factors), bias, present=present, backend="torch")
+    op = torch.ops.mmfuse.cp_fusion(xs, weights, factors, bias, True, present)
+    assert type(op.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_cp_fusion")
     assert torch.equal(eager, op)
     for a, b in zip(_grads(eager, leaves, upstream), _grads(op, leaves, upstream)):
         assert torch.equal(a, b)

@@ -499,8 +499,46 @@ def test_auto_runs_the_custom_op(op):
     with _OpLog() as log:
         call(backend="array_api")
     assert custom not in log.ops
-    if op != "wander":  # the backward ran the analytic formula, not autograd through the core
-        assert type(out.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_" + op)
+    if op != "wander":  # the backward runs the analytic formula, not autograd through the core
+        node = {"sequence_fusion": "_SequenceFusionBackward", "zoom_shift": "_ZoomShiftBackward"}[op]
+        assert type(out.grad_fn).__name__ == node  # the eager binding (backends._torch_eager)
+
+
+@pytest.mark.parametrize(("op", "mode"), [("sequence_fusion", "cp"), ("sequence_fusion", "collapsed"),
+                                       ("zoom_shift", None)])  # fmt: skip
+def test_registered_autograd_equals_the_eager_binding(op, mode, monkeypatch):
+    """The op with its registered autograd (torch.compile's path) and the eager
+    autograd.Function binding give the same values and gradients, double backward included."""
+    if op == "sequence_fusion":
+        p = {"lengths": [3, 4], "widths": [2, 3], "batch": 3, "r_h": 2, "r_t": 2, "n_out": 2,
+             "out_dim": 3, "mode": mode, "with_masks": True, "seed": 17}  # fmt: skip
+        hs, feats, toks, masks, upstream = _seq_inputs(p)
+        leaves = [*hs, *feats, *toks]
+
+        def call():
+            return mmfuse.sequence_fusion(hs, feats, toks, mode=mode, masks=masks, backend="torch")
+    else:
+        p = {"batch": 2, "t_x": 5, "t_g": 4, "channels": 3, "with_masks": True, "seed": 18}
+        x, g, mask, guide_mask, upstream = _zs_inputs(p)
+        leaves = [x, g]
+
+        def call():
+            return mmfuse.zoom_shift(x, g, alpha=0.5, mask=mask, guide_mask=guide_mask, backend="torch")
+
+    eager = call()
+    node = {"sequence_fusion": "_SequenceFusionBackward", "zoom_shift": "_ZoomShiftBackward"}[op]
+    assert type(eager.grad_fn).__name__ == node
+    binding = {"sequence_fusion": "_sequence_eager", "zoom_shift": "_zoom_shift_eager"}[op]
+    monkeypatch.setattr(tb, binding, getattr(torch.ops.mmfuse, op))
+    registered = call()
+    assert type(registered.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_" + op)
+    assert torch.equal(eager, registered)
+    for a, b in zip(_grads(eager, leaves, upstream), _grads(registered, leaves, upstream)):
+        assert torch.equal(a, b)
+    ge = torch.autograd.grad((eager * upstream).sum(), leaves[0], create_graph=True)[0]
+    gr = torch.autograd.grad((registered * upstream).sum(), leaves[0], create_graph=True)[0]
+    assert_close(torch.autograd.grad(ge.square().sum(), leaves[-1])[0],
+                 torch.autograd.grad(gr.square().sum(), leaves[-1])[0], rtol=1e-12)  # fmt: skip
 
 
 def test_torch_backend_refuses_numpy():

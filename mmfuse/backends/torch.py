@@ -25,6 +25,14 @@ Operators (namespace ``mmfuse``), each a ``torch.library.custom_op`` with ``regi
   returning ``(y, kept)``; ``mmfuse::wander_collapsed_backward`` is its backward (see the
   comment above the op for what is kept and why).
 
+How the ops are called: the functions registered with the backend registry call each op
+through :func:`mmfuse.backends._torch_eager.bind`, a plain ``autograd.Function`` built from
+the op's own ``setup_context`` and backward (graph nodes ``_LowRankFusionBackward``,
+``_CPFusionBackward``, ``_SequenceFusionBackward``, ``_ZoomShiftBackward``,
+``_WanderCollapsedBackward``), which skips ``torch.library``'s per-call Python autograd
+wrapper; under ``torch.compile`` (and for direct ``torch.ops.mmfuse`` calls) the registered
+autograd runs.  The tests check that both give the same values and gradients.
+
 The ``"torch"`` implementation of ``wander`` (:func:`wander_torch`, also used by
 :class:`mmfuse.nn.WanderAdapter` under ``torch.compile``) is ``mmfuse::wander_collapsed`` in
 that configuration, else the down-projection and activation in torch around
@@ -70,6 +78,7 @@ from .._core import fusion as _core_fusion
 from .._core import sequence as _core_sequence
 from .._namespace import block_budget, is_torch
 from ._registry import register
+from ._torch_eager import bind
 
 __all__ = ["cp_fusion", "lowrank_fusion", "sequence_fusion", "wander", "wander_torch", "zoom_shift"]
 
@@ -450,14 +459,10 @@ def _load_fusion_inputs(ctx: Any, n_factors: int) -> tuple[list[Any], list[Any],
 
 
 def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    xs, factors, weights, _bias, append_one, present = inputs
     kept = output[1]
     ctx.mark_non_differentiable(kept)  # an internal by-product, not a result
     ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for it
-    _lowrank_save(ctx, inputs, kept)
-
-
-def _lowrank_save(ctx: Any, inputs: tuple[Any, ...], kept: torch.Tensor) -> None:
-    xs, factors, weights, _bias, append_one, present = inputs
     ctx.kept = kept.numel() > 0
     _save_fusion_inputs(ctx, xs, factors, weights, present, append_one, *([kept] if ctx.kept else []))
 
@@ -466,19 +471,10 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
     n_mod = ctx.n_mod
     if grad is None:  # the fusion did not reach the loss (grads are not materialised)
         return ([None] * n_mod, [None] * n_mod, None, None, None, None)
-    needs = ctx.needs_input_grad
-    return _lowrank_grads(ctx, grad, list(needs[0]), list(needs[1]), bool(needs[2]), bool(needs[3]))
-
-
-def _lowrank_grads(
-    ctx: Any, grad: torch.Tensor, need_xs: list[bool], need_fs: list[bool], need_w: bool, need_b: bool
-) -> tuple[Any, ...]:
-    """The op's gradients, in its argument order, from what :func:`_lowrank_save`
-    saved on ``ctx`` and which inputs need them."""
-    n_mod = ctx.n_mod
+    need_xs, need_fs, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
     xs, factors, weights, present = _load_fusion_inputs(ctx, n_mod)
     kept = ctx.saved_tensors[-1] if ctx.kept else None
-    need_w = need_w and weights is not None
+    need_w = bool(need_w) and weights is not None
     if torch.is_grad_enabled():
         gxs, gfs, gw, gb = _lowrank_grads_differentiable(grad, xs, factors, weights, ctx.append_one, present)
         return (
@@ -504,31 +500,9 @@ def _lowrank_grads(
 
 
 _lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
-
-
-class _LowRankFusion(torch.autograd.Function):
-    """Eager-mode autograd for ``mmfuse::lowrank_fusion``: the same op, saved state and
-    backward, bound by a plain ``autograd.Function`` instead of ``torch.library``'s Python
-    autograd wrapper (~0.15 ms less per small step, measured); ``torch.compile`` and direct
-    ``torch.ops`` calls use the registered autograd."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, n_mod: int, append_one: bool, present: Any, weights: Any, bias: Any, *tensors: torch.Tensor
-    ) -> Any:
-        xs, factors = list(tensors[:n_mod]), list(tensors[n_mod:])
-        out, kept = torch.ops.mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one, present)
-        _lowrank_save(ctx, (xs, factors, weights, bias, append_one, present), kept)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        n_mod = ctx.n_mod
-        flags = ctx.needs_input_grad
-        gxs, gfs, gw, gb, _, _ = _lowrank_grads(
-            ctx, grad, list(flags[5 : 5 + n_mod]), list(flags[5 + n_mod :]), bool(flags[3]), bool(flags[4])
-        )
-        return (None, None, None, gw, gb, *gxs, *gfs)
+_lowrank_eager = bind(
+    "_LowRankFusion", torch.ops.mmfuse.lowrank_fusion, _lowrank_setup_context, _lowrank_backward
+)
 
 
 # --------------------------------------------------------------------------- cp fusion
@@ -635,6 +609,7 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 
 _cp_op.register_autograd(_cp_backward, setup_context=_cp_setup_context)
+_cp_eager = bind("_CPFusion", torch.ops.mmfuse.cp_fusion, _cp_setup_context, _cp_backward)
 
 
 # --------------------------------------------------------------------------- registry
@@ -650,9 +625,7 @@ def lowrank_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.lowrank_fusion`` as the ``mmfuse::lowrank_fusion`` custom op (inputs checked)."""
-    if torch.compiler.is_compiling():  # the op and its registered autograd
-        return torch.ops.mmfuse.lowrank_fusion(list(xs), list(factors), weights, bias, append_one, present)[0]
-    return _LowRankFusion.apply(len(xs), append_one, present, weights, bias, *xs, *factors)
+    return _lowrank_eager(list(xs), list(factors), weights, bias, append_one, present)[0]
 
 
 def cp_fusion(
@@ -665,7 +638,7 @@ def cp_fusion(
 ) -> Any:
     """``mmfuse.cp_fusion`` as the ``mmfuse::cp_fusion`` custom op (inputs checked)."""
     weights, factors = cp
-    return torch.ops.mmfuse.cp_fusion(list(xs), weights, list(factors), bias, append_one, present)
+    return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)
 
 
 def _supports(xp: Any, device: Any) -> str | None:
@@ -1052,6 +1025,9 @@ def _sequence_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 
 _sequence_op.register_autograd(_sequence_backward, setup_context=_sequence_setup_context)
+_sequence_eager = bind(
+    "_SequenceFusion", torch.ops.mmfuse.sequence_fusion, _sequence_setup_context, _sequence_backward
+)
 
 
 # --------------------------------------------------------------------------- zoom_shift
@@ -1165,6 +1141,9 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 
 _zoom_shift_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
+_zoom_shift_eager = bind(
+    "_ZoomShift", torch.ops.mmfuse.zoom_shift, _zoom_shift_setup_context, _zoom_shift_backward
+)
 
 
 # --------------------------------------------------------------------------- registry (2)
@@ -1180,9 +1159,7 @@ def sequence_fusion(
 ) -> Any:
     """``mmfuse.sequence_fusion`` as the ``mmfuse::sequence_fusion`` custom op (inputs checked)."""
     masks_list = [None] * len(hs) if masks is None else list(masks)
-    return torch.ops.mmfuse.sequence_fusion(
-        list(hs), list(feature_factors), list(token_factors), mode, masks_list
-    )
+    return _sequence_eager(list(hs), list(feature_factors), list(token_factors), mode, masks_list)
 
 
 # --------------------------------------------------------------------------- wander, collapsed
@@ -1431,31 +1408,10 @@ def _wander_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = None
     return (*grads, masks_grad, None)
 
 
-class _WanderCollapsed(torch.autograd.Function):
-    """Eager-mode autograd for ``mmfuse::wander_collapsed``: the same forward op and backward
-    (:func:`_wander_grads`), bound by a plain ``autograd.Function`` instead of
-    ``torch.library``'s Python autograd wrapper, which flattens and rebuilds the op's nested
-    list arguments on every call (~0.4 ms of a ~2.6 ms step at small sizes, measured; the
-    registered autograd still serves ``torch.compile`` and direct ``torch.ops`` calls)."""
-
-    @staticmethod
-    def forward(ctx: Any, n_mod: int, residual: bool, masks: list[Any], *tensors: torch.Tensor) -> Any:
-        groups = [list(tensors[i * n_mod : (i + 1) * n_mod]) for i in range(5)]
-        y, kept = torch.ops.mmfuse.wander_collapsed(*groups, masks, residual)
-        ctx.n_mod, ctx.residual, ctx.mask_at = n_mod, residual, [k is not None for k in masks]
-        ctx.save_for_backward(*tensors, *(k for k in masks if k is not None), kept)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        n_mod = ctx.n_mod
-        flags = ctx.needs_input_grad[3:]
-        need = [[bool(f) for f in flags[i * n_mod : (i + 1) * n_mod]] for i in range(5)]
-        grads = _wander_grads(ctx.saved_tensors, n_mod, ctx.residual, ctx.mask_at, need, grad)
-        return (None, None, None, *(g for group in grads for g in group))
-
-
 _wander_op.register_autograd(_wander_backward, setup_context=_wander_setup_context)
+_wander_eager = bind(
+    "_WanderCollapsed", torch.ops.mmfuse.wander_collapsed, _wander_setup_context, _wander_backward
+)
 
 
 def _activate(h: torch.Tensor, activation: Any) -> torch.Tensor:
@@ -1490,16 +1446,14 @@ def wander_torch(
         biases = [torch.zeros(w.shape[1], dtype=w.dtype, device=w.device) if b is None else b
                   for w, b in zip(weights, biases)]  # fmt: skip
         args = (list(xs), list(weights), biases, list(feature_factors), list(token_factors))
-        if torch.compiler.is_compiling():  # the op and its registered autograd
-            return torch.ops.mmfuse.wander_collapsed(*args, masks_list, residual == "first")[0]
-        return _WanderCollapsed.apply(len(xs), residual == "first", masks_list, *(t for a in args for t in a))
+        return _wander_eager(*args, masks_list, residual == "first")[0]
     hs = []
     for x, w, b in zip(xs, weights, biases):
         batch, t_m, d = x.shape
         flat = x.reshape(batch * t_m, d)
         h = flat @ w if b is None else torch.addmm(b, flat, w)
         hs.append(_activate(h.reshape(batch, t_m, w.shape[1]), activation))
-    y = torch.ops.mmfuse.sequence_fusion(hs, list(feature_factors), list(token_factors), mode, masks_list)
+    y = _sequence_eager(hs, list(feature_factors), list(token_factors), mode, masks_list)
     if residual == "first":
         y = y + _core_sequence.first_tokens(torch, list(xs), y.shape[1])
     return y
@@ -1533,7 +1487,7 @@ def zoom_shift(
     eps: float = 1e-5,
 ) -> Any:
     """``mmfuse.zoom_shift`` as the ``mmfuse::zoom_shift`` custom op (inputs checked)."""
-    return torch.ops.mmfuse.zoom_shift(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
+    return _zoom_shift_eager(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
 
 
 def _register_sequence_ops() -> None:
