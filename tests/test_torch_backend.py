@@ -377,6 +377,18 @@ def test_auto_runs_the_custom_op(op):
         assert "mmfuse.lowrank_fusion_backward.default" in log.ops
 
 
+def assert_bindings_agree(eager, registered, leaves, upstream, first, second):
+    """The eager binding's output and the registered autograd's agree exactly in value and
+    gradient, and in a double backward (d/d second of |dL/d first|^2)."""
+    assert torch.equal(eager, registered)
+    for a, b in zip(_grads(eager, leaves, upstream), _grads(registered, leaves, upstream)):
+        assert torch.equal(a, b)
+    ge = torch.autograd.grad((eager * upstream).sum(), first, create_graph=True)[0]
+    gr = torch.autograd.grad((registered * upstream).sum(), first, create_graph=True)[0]
+    assert_close(torch.autograd.grad(ge.square().sum(), second)[0],
+                 torch.autograd.grad(gr.square().sum(), second)[0], rtol=1e-12)  # fmt: skip
+
+
 def test_lowrank_registered_autograd_equals_the_eager_binding():
     """torch.ops.mmfuse.lowrank_fusion with its registered autograd (torch.compile's path) and
     the eager autograd.Function give the same values and gradients, double backward included."""
@@ -386,13 +398,7 @@ def test_lowrank_registered_autograd_equals_the_eager_binding():
     eager = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="torch")
     op, _ = torch.ops.mmfuse.lowrank_fusion(xs, factors, weights, bias, True, present)
     assert type(op.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_lowrank_fusion")
-    assert torch.equal(eager, op)
-    for a, b in zip(_grads(eager, leaves, upstream), _grads(op, leaves, upstream)):
-        assert torch.equal(a, b)
-    ge = torch.autograd.grad((eager * upstream).sum(), xs[0], create_graph=True)[0]
-    go = torch.autograd.grad((op * upstream).sum(), xs[0], create_graph=True)[0]
-    assert_close(torch.autograd.grad(ge.square().sum(), factors[0])[0],
-                 torch.autograd.grad(go.square().sum(), factors[0])[0], rtol=1e-12)  # fmt: skip
+    assert_bindings_agree(eager, op, leaves, upstream, xs[0], factors[0])
 
 
 def test_cp_registered_autograd_equals_the_eager_binding():
@@ -403,13 +409,7 @@ def test_cp_registered_autograd_equals_the_eager_binding():
     eager = mmfuse.cp_fusion(xs, (weights, factors), bias, present=present, backend="torch")
     op = torch.ops.mmfuse.cp_fusion(xs, weights, factors, bias, True, present)
     assert type(op.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_cp_fusion")
-    assert torch.equal(eager, op)
-    for a, b in zip(_grads(eager, leaves, upstream), _grads(op, leaves, upstream)):
-        assert torch.equal(a, b)
-    ge = torch.autograd.grad((eager * upstream).sum(), xs[0], create_graph=True)[0]
-    go = torch.autograd.grad((op * upstream).sum(), xs[0], create_graph=True)[0]
-    assert_close(torch.autograd.grad(ge.square().sum(), factors[0])[0],
-                 torch.autograd.grad(go.square().sum(), factors[0])[0], rtol=1e-12)  # fmt: skip
+    assert_bindings_agree(eager, op, leaves, upstream, xs[0], factors[0])
 
 
 def test_torch_backend_registered_and_refuses_numpy():

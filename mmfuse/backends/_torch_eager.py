@@ -145,5 +145,4 @@ def bind(
         spec, tensors = _flatten(args)
         return function.apply(spec, *tensors)
 
-    call.function = function  # type: ignore[attr-defined]
     return call
