@@ -121,6 +121,18 @@ def block_budget(x: Array, host_bytes: int) -> int:
     return ACCELERATOR_BLOCK_BYTES if on_accelerator(x) else host_bytes
 
 
+def block_slices(batch: int, rows: int) -> list[slice]:
+    """Consecutive batch blocks of ``rows`` samples (the last one may be shorter).
+
+    An empty batch gets one empty block, so that code looping over blocks runs once and
+    builds its (empty) results the way it does for any other batch, rather than finding no
+    block at all (an empty list to concatenate, a zero step, a max over nothing).
+    """
+    if batch == 0:
+        return [slice(0, 0)]
+    return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
+
+
 def device_of(x: Array) -> Any:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):

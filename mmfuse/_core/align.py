@@ -27,7 +27,7 @@ import os
 from functools import lru_cache
 from typing import Any
 
-from .._namespace import array_namespace, device_of, is_dask, is_jax, is_lazy, is_numpy
+from .._namespace import array_namespace, block_slices, device_of, is_dask, is_jax, is_lazy, is_numpy
 
 __all__ = [
     "affine_maps",
@@ -74,9 +74,7 @@ def _rows_per_block(x: Any) -> int:
 
 
 def _blocks(x: Any) -> list[slice]:
-    batch = x.shape[0]
-    rows = _rows_per_block(x)
-    return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
+    return block_slices(x.shape[0], _rows_per_block(x))
 
 
 def _workers(x: Any, n_blocks: int) -> int:

@@ -12,7 +12,16 @@ import math
 from functools import lru_cache
 from typing import Any
 
-from .._namespace import array_namespace, block_budget, device_of, is_dask, is_jax, is_lazy, is_numpy
+from .._namespace import (
+    array_namespace,
+    block_budget,
+    block_slices,
+    device_of,
+    is_dask,
+    is_jax,
+    is_lazy,
+    is_numpy,
+)
 
 __all__ = [
     "affine",
@@ -50,7 +59,7 @@ def batch_blocks(xp: Any, x: Any, width: int) -> list[slice]:
         return [slice(None)]
     itemsize = _itemsize(xp, x.dtype)
     rows = block_rows(int(batch), width, itemsize, block_budget(x, _BLOCK_BYTES))
-    return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
+    return block_slices(int(batch), rows)
 
 
 def _itemsize(xp: Any, dtype: Any) -> int:
@@ -101,7 +110,8 @@ def tensor_fusion(
     t = affine(xs[0], xp.reshape(weight, (dims[0], -1)), append_one)
     for m in range(1, len(xs)):
         # Modes 2..M are batched matrix-vector products: (B, 1, D_m) @ (B, D_m, rest).
-        t = xp.reshape(t, (batch, dims[m], -1))
+        # explicit sizes, not -1: an empty batch leaves -1 undetermined
+        t = xp.reshape(t, (batch, dims[m], math.prod(weight.shape[m + 1 :])))
         t = affine(xs[m][:, None, :], t, append_one)[:, 0, :]
     if bias is not None:
         t = t + bias
@@ -195,8 +205,8 @@ def _lowrank_numpy(
     # of ones (n d) or an add after the GEMM (n R h): stage only where that is cheaper.
     stage = [append_one and width > x.shape[1] for x in xs]
     staged = [np.ones((rows, x.shape[1] + 1), dtype=dtype) if st else None for x, st in zip(xs, stage)]
-    for start in range(0, batch, rows):
-        stop = min(start + rows, batch)
+    for blk in block_slices(batch, rows):
+        start, stop = blk.start, blk.stop
         n = stop - start
         for m, (x, mat, buf) in enumerate(zip(xs, mats, staged)):
             d = x.shape[1]

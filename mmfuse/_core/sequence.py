@@ -21,6 +21,7 @@ from typing import Any
 from .._namespace import (
     array_namespace,
     block_budget,
+    block_slices,
     device_of,
     is_dask,
     is_jax,
@@ -471,8 +472,7 @@ def sequence_fusion(
         rows_b, chunk_j = cp_blocking(*shape, itemsize, budget)
     numpy = is_numpy(xp)
     parts = []
-    for b0 in range(0, batch, rows_b):
-        blk = slice(b0, min(b0 + rows_b, batch))
+    for blk in block_slices(batch, rows_b):
         # the first contraction, once per batch block: (b, R_t T_out, r_m) or (b, T_m, R_h D)
         firsts = [
             psi_t @ h[blk, ...] if order == "token" else _times(xp, h[blk, ...], phi)

@@ -76,7 +76,7 @@ import torch
 from .. import _fusion  # noqa: F401  (defines the operators registered below)
 from .._core import fusion as _core_fusion
 from .._core import sequence as _core_sequence
-from .._namespace import block_budget, is_torch
+from .._namespace import block_budget, block_slices, is_torch
 from ._registry import register
 from ._torch_eager import bind
 
@@ -163,6 +163,26 @@ def _gram(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _store(acc: torch.Tensor, value: torch.Tensor, first: bool) -> None:
+    """A blocked reduction's step: ``acc = value`` for the first block, ``acc += value`` after
+    (no zero fill and no extra pass over ``acc`` when there is one block)."""
+    if first:
+        acc.copy_(value)
+    else:
+        acc.add_(value)
+
+
+def _store_gram(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: bool) -> None:
+    """:func:`_store` of ``x^T g`` into the (d, k) ``acc``.  Wide ``g``: one GEMM writing (or
+    adding into) ``acc`` itself, no temporary; narrow: :func:`_gram`'s chunked product."""
+    if g.shape[1] <= _NARROW_WIDTH:
+        _store(acc, _gram(g, x).t(), first)
+    elif first:
+        torch.mm(x.t(), g, out=acc)
+    else:
+        acc.addmm_(x.t(), g)
+
+
 # Fewest rows per chunk of _gram's batched GEMM.
 _GRAM_CHUNK_ROWS = 2048
 
@@ -227,9 +247,8 @@ def _lowrank_op(
     acc = torch.empty((min(rows, batch), width), dtype=cdt, device=dev)
     proj = torch.empty_like(acc) if len(xs) > 1 and not keep else acc  # kept: projections go there
     rank_sum = _rank_sum_matrix(weights, rank, out_dim, cdt, dev) if keep else None
-    for start in range(0, batch, rows):
-        blk = slice(start, min(start + rows, batch))
-        n = blk.stop - start
+    for blk in block_slices(batch, rows):
+        n = blk.stop - blk.start
         for m, (x, mat) in enumerate(zip(xs, mats)):
             target = kept[m, blk] if keep else (acc[:n] if m == 0 else proj[:n])
             _project_into(target, _masked(x, present, m, blk), mat, append_one)
@@ -290,8 +309,9 @@ def _lowrank_backward_op(
     need_w, need_b = needs[2 * n_mod], needs[2 * n_mod + 1]
     batch = xs[0].shape[0]
     gx: list[Any] = [torch.empty_like(x) if need_x[m] else None for m, x in enumerate(xs)]
-    gmat: list[Any] = [torch.zeros_like(mat) if need_f[m] else None for m, mat in enumerate(mats)]
-    gw = torch.zeros(rank, dtype=cdt, device=dev) if need_w else None
+    # the first block writes the factor and weight gradients, later blocks add to them
+    gmat: list[Any] = [torch.empty_like(mat) if need_f[m] else None for m, mat in enumerate(mats)]
+    gw = torch.empty_like(w) if need_w else None
 
     # With kept projections every per-row array is (B, R h) with R h small, so the whole batch
     # is one block (the forward's choice too); otherwise blocks keep the recomputation in cache.
@@ -308,9 +328,9 @@ def _lowrank_backward_op(
     run = torch.empty((cap, width), dtype=cdt, device=dev)
     gm = torch.empty((cap, width), dtype=cdt, device=dev)
     w3 = w.view(1, rank, 1)
-    for start in range(0, batch, rows):
-        blk = slice(start, min(start + rows, batch))
-        n = blk.stop - start
+    for blk in block_slices(batch, rows):
+        n = blk.stop - blk.start
+        first = blk.start == 0
         feats = [_masked(x, present, m, blk) for m, x in enumerate(xs)]
         if projections is not None:
             proj = [projections[m, blk] for m in range(n_mod)]
@@ -326,7 +346,7 @@ def _lowrank_backward_op(
         if gw is not None:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k], as one GEMV
             full = torch.mul(pre[-1], proj[-1], out=gm[:n]) if n_mod > 1 else proj[0]
             by_rank = full.view(n, rank, out_dim).permute(1, 0, 2).reshape(rank, n * out_dim)
-            gw.add_(torch.mv(by_rank, g.reshape(-1)))
+            _store(gw, torch.mv(by_rank, g.reshape(-1)), first)
         # run = (g w) * prod_{k>m} P_k, walked from the last modality down
         torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
         for m in range(n_mod - 1, -1, -1):
@@ -338,9 +358,9 @@ def _lowrank_backward_op(
                     if present is not None:
                         gxb.masked_fill_(~present[blk, m : m + 1], 0)
                 if need_f[m]:
-                    gmat[m][:d].add_(_gram(gmm, feats[m]).t())
+                    _store_gram(gmat[m][:d], gmm, feats[m], first)
                     if append_one:
-                        gmat[m][d].add_(gmm.sum(dim=0))
+                        _store(gmat[m][d], gmm.sum(dim=0), first)
             if m:
                 run[:n].mul_(proj[m])
 
@@ -745,8 +765,7 @@ def _sequence_grads(
     def add(acc: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
         return v if acc is None else acc + v
 
-    for b0 in range(0, batch, rows_b):
-        blk = slice(b0, min(b0 + rows_b, batch))
+    for blk in block_slices(batch, rows_b):
         hb = [h[blk] for h in hs]
         nb = hb[0].shape[0]
         # token first: Psi^T H (b, R_t T_out, r); feature first: H Phi (b, T, R_h D)
@@ -890,8 +909,7 @@ def _collapsed_grads(
     gh: list[Any] = [torch.empty_like(h) if keep else None for h, keep in zip(hs, keep_gh)]
     gphi: list[Any] = [torch.zeros_like(p) if need_f[m] else None for m, p in enumerate(phis)]
     gpsi: list[Any] = [torch.zeros_like(p) if need_t[m] else None for m, p in enumerate(psis)]
-    for b0 in range(0, batch, rows_b):
-        blk = slice(b0, min(b0 + rows_b, batch))
+    for blk in block_slices(batch, rows_b):
         hb = [h[blk] for h in hs]
         first_blk = [f[blk] for f in firsts] if firsts is not None else [
             torch.matmul(psi.t(), h) if order == "token" else torch.matmul(h, phi)

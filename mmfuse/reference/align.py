@@ -10,6 +10,7 @@ implementation is tested against.  Inputs are assumed valid (the public layer ch
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,8 @@ def _lanes(x: np.ndarray, axis: int, mask: Any) -> tuple[np.ndarray, np.ndarray]
     xl = np.moveaxis(x, axis, -1)
     ml = np.moveaxis(full, axis, -1)
     b, length = x.shape[0], x.shape[axis]
-    return xl.reshape(b, -1, length), ml.reshape(b, -1, length)
+    lanes = math.prod(n for i, n in enumerate(x.shape) if i not in (0, axis))  # not -1: B may be 0
+    return xl.reshape(b, lanes, length), ml.reshape(b, lanes, length)
 
 
 def _kept_shape(x: np.ndarray, axis: int) -> tuple[int, ...]:
