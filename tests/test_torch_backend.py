@@ -3,6 +3,9 @@ opcheck, gradcheck / gradgradcheck, dispatch under "auto", and what the backward
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,6 +19,17 @@ from mmfuse.backends import _registry, available, lookup  # noqa: E402
 from mmfuse.testing import assert_close  # noqa: E402
 
 tb = pytest.importorskip("mmfuse.backends.torch")
+
+# lowrank_fusion keeps its projections for small problems (_keeps_projections) and recomputes
+# them otherwise; the small problems of these tests run both ways.
+PATHS = ["chosen", "recompute"]
+
+
+def _lowrank_path(path):
+    """Context: ``"recompute"`` forces the memory-lean path whatever the sizes."""
+    if path == "recompute":
+        return mock.patch.object(tb, "_keeps_projections", lambda xs, factors: False)
+    return contextlib.nullcontext()
 
 
 @st.composite
@@ -75,10 +89,12 @@ def _np(t):
 
 @settings(max_examples=30, deadline=None)
 @given(p=problems())
-def test_lowrank_op_matches_core_and_reference(p):
+@pytest.mark.parametrize("path", PATHS)
+def test_lowrank_op_matches_core_and_reference(path, p):
     xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
     kw = {"append_one": p["append_one"], "present": present}
-    got = mmfuse.lowrank_fusion(xs, factors, weights, bias, **kw, backend="torch")
+    with _lowrank_path(path):
+        got = mmfuse.lowrank_fusion(xs, factors, weights, bias, **kw, backend="torch")
     core = mmfuse.lowrank_fusion(xs, factors, weights, bias, **kw, backend="array_api")
     want = ref.lowrank_fusion(
         [_np(x) for x in xs], [_np(f) for f in factors], _np(weights), _np(bias),
@@ -87,7 +103,9 @@ def test_lowrank_op_matches_core_and_reference(p):
     assert_close(got, want, xp=torch, dtype=torch.float64)
     assert_close(got, core)
     leaves = [*xs, *factors, *([weights] if weights is not None else []), bias]
-    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+    with _lowrank_path(path):
+        grads = _grads(got, leaves, upstream)
+    for g, c in zip(grads, _grads(core, leaves, upstream)):
         assert_close(g, c, rtol=1e-10)
     # the reference gradient, by central differences of the float64 reference on one input
     x0 = _np(xs[0])
@@ -102,7 +120,8 @@ def test_lowrank_op_matches_core_and_reference(p):
             append_one=p["append_one"], present=None if present is None else present.numpy(),
         ))
     fd = float(((bumped[0] - bumped[1]) / (2 * eps) * upstream.numpy()).sum())
-    g0 = float(_grads(got, [xs[0]], upstream)[0][i])
+    with _lowrank_path(path):
+        g0 = float(_grads(got, [xs[0]], upstream)[0][i])
     assert abs(fd - g0) <= 1e-6 * max(1.0, abs(fd))
 
 
@@ -140,22 +159,25 @@ def test_lowrank_many_blocks_matches_core(monkeypatch):
         assert_close(g, c, rtol=1e-10)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lowrank_low_precision_accumulates_in_float32(dtype):
+def test_lowrank_low_precision_accumulates_in_float32(dtype, path):
     p = {"dims": [5, 3], "batch": 7, "rank": 3, "out_dim": 2, "append_one": True,
          "with_present": False, "with_weights": True, "seed": 2}
     xs, factors, weights, bias, _, upstream = _lowrank_inputs(p)
     cast = [t.detach().to(dtype).requires_grad_() for t in (*xs, *factors, weights, bias)]
-    got = mmfuse.lowrank_fusion(cast[:2], cast[2:4], cast[4], cast[5], backend="torch")
+    with _lowrank_path(path):
+        got = mmfuse.lowrank_fusion(cast[:2], cast[2:4], cast[4], cast[5], backend="torch")
+        grads = torch.autograd.grad((got * upstream.to(dtype)).sum(), cast)
     assert got.dtype == dtype
     want = mmfuse.lowrank_fusion(xs, factors, weights, bias, backend="array_api")
     rtol = 2e-4 if dtype == torch.float32 else 5e-2
     assert_close(got.double(), want, rtol=rtol)
-    grads = torch.autograd.grad((got * upstream.to(dtype)).sum(), cast)
     assert [g.dtype for g in grads] == [dtype] * len(cast)
 
 
-def test_nan_in_absent_modality_is_ignored():
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_in_absent_modality_is_ignored(path):
     p = {"dims": [2, 3], "batch": 4, "rank": 2, "out_dim": 2, "append_one": True,
          "with_present": False, "with_weights": True, "seed": 3}
     xs, factors, weights, bias, _, upstream = _lowrank_inputs(p)
@@ -163,10 +185,11 @@ def test_nan_in_absent_modality_is_ignored():
     nan_x1 = xs[1].detach().clone()
     nan_x1[1] = float("nan")
     nan_x1 = nan_x1.requires_grad_()
-    got = mmfuse.lowrank_fusion([xs[0], nan_x1], factors, weights, bias, present=present, backend="torch")
+    with _lowrank_path(path):
+        got = mmfuse.lowrank_fusion([xs[0], nan_x1], factors, weights, bias, present=present, backend="torch")
+        g = torch.autograd.grad((got * upstream).sum(), nan_x1)[0]
     want = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="array_api")
     assert_close(got, want)
-    g = torch.autograd.grad((got * upstream).sum(), nan_x1)[0]
     assert torch.isfinite(g).all() and (g[1] == 0).all()
 
 
@@ -179,12 +202,14 @@ def _small(append_one, with_present, seed=0, n=3):
     return p
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("append_one", "with_present"), [(True, True), (False, False)])
-def test_opcheck(append_one, with_present):
+def test_opcheck(append_one, with_present, path):
     p = _small(append_one, with_present)
     xs, factors, weights, bias, present, _ = _lowrank_inputs(p)
-    torch.library.opcheck(torch.ops.mmfuse.lowrank_fusion.default, (xs, factors, weights, bias, append_one, present))
-    torch.library.opcheck(torch.ops.mmfuse.lowrank_fusion.default, (xs, factors, None, None, append_one, present))
+    with _lowrank_path(path):
+        for w, b in ((weights, bias), (None, None)):
+            torch.library.opcheck(torch.ops.mmfuse.lowrank_fusion.default, (xs, factors, w, b, append_one, present))
     xs, (w, fs), bias, present, _ = _cp_inputs(p)
     torch.library.opcheck(torch.ops.mmfuse.cp_fusion.default, (xs, w, fs, bias, append_one, present))
     needs = [True] * (2 * len(xs) + 2)
@@ -206,8 +231,10 @@ def test_gradcheck_gradgradcheck(append_one, with_present):
         return torch.ops.mmfuse.lowrank_fusion(list(a[:n]), list(a[n : 2 * n]), a[2 * n], a[2 * n + 1], append_one, present)[0]
 
     args = (*xs, *factors, weights, bias)
-    assert torch.autograd.gradcheck(lowrank, args)
-    assert torch.autograd.gradgradcheck(lowrank, args)
+    for path in PATHS:
+        with _lowrank_path(path):
+            assert torch.autograd.gradcheck(lowrank, args)
+            assert torch.autograd.gradgradcheck(lowrank, args)
 
     xs, (w, fs), bias, present, _ = _cp_inputs(p)
 
@@ -219,24 +246,28 @@ def test_gradcheck_gradgradcheck(append_one, with_present):
     assert torch.autograd.gradgradcheck(cp, args)
 
 
-def test_double_backward_path_equals_fast_path():
+@pytest.mark.parametrize("path", PATHS)
+def test_double_backward_path_equals_fast_path(path):
     """The differentiable backward (create_graph) and the blocked op give the same gradients."""
     p = _small(True, True, seed=5)
     xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
-    out = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="torch")
     leaves = [*xs, *factors, weights, bias]
-    fast = torch.autograd.grad((out * upstream).sum(), leaves, retain_graph=True)
-    slow = torch.autograd.grad((out * upstream).sum(), leaves, create_graph=True)
+    with _lowrank_path(path):
+        out = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="torch")
+        fast = torch.autograd.grad((out * upstream).sum(), leaves, retain_graph=True)
+        slow = torch.autograd.grad((out * upstream).sum(), leaves, create_graph=True)
     for a, b in zip(fast, slow):
         assert_close(a, b.detach(), rtol=1e-12)
 
 
-def test_only_needed_gradients_are_computed():
+@pytest.mark.parametrize("path", PATHS)
+def test_only_needed_gradients_are_computed(path):
     p = _small(True, False, seed=6)
     xs, factors, weights, _, _, upstream = _lowrank_inputs(p)
     frozen = [x.detach() for x in xs]
-    out = mmfuse.lowrank_fusion(frozen, factors, weights, None, backend="torch")
-    grads = torch.autograd.grad((out * upstream).sum(), factors)
+    with _lowrank_path(path):
+        out = mmfuse.lowrank_fusion(frozen, factors, weights, None, backend="torch")
+        grads = torch.autograd.grad((out * upstream).sum(), factors)
     core = mmfuse.lowrank_fusion(frozen, factors, weights, None, backend="array_api")
     for g, c in zip(grads, torch.autograd.grad((core * upstream).sum(), factors)):
         assert_close(g, c, rtol=1e-10)
@@ -286,6 +317,39 @@ def test_narrow_fusion_keeps_only_its_small_projections():
     saved = _saved_for_backward(xs, factors, params, "torch")
     extra = [shape for ptr, shape in saved if ptr not in inputs]
     assert extra == [(len(dims), batch, rank * out_dim)]
+
+
+def test_small_batch_keeps_projections_no_larger_than_the_factors():
+    """Wide fusions keep their (M, B, R h) projections while they hold no more elements than
+    the factors (here B <= 7: 3 B 32 against 4 (6 + 7 + 8) 8 = 672), else save only inputs."""
+    dims, rank, out_dim = (5, 6, 7), 4, 8
+    for batch, keeps in ((7, True), (8, False)):
+        xs, factors, params, inputs = _lowrank_leaves(batch, dims, rank, out_dim)
+        extra = [shape for ptr, shape in _saved_for_backward(xs, factors, params, "torch") if ptr not in inputs]
+        assert extra == ([(len(dims), batch, rank * out_dim)] if keeps else [])
+        kept = len(dims) * batch * rank * out_dim
+        assert (kept <= sum(f.numel() for f in factors)) == keeps
+
+
+@pytest.mark.parametrize("with_present", [False, True])
+@pytest.mark.parametrize("with_weights", [False, True])
+@pytest.mark.parametrize(("dims", "batch"), [([3, 4, 5], 4), ([6], 5)])
+def test_small_batch_kept_projections_match_core(with_present, with_weights, dims, batch):
+    """Kept projections with h above the rank-sum GEMM's width: the (weighted) strided rank
+    sum, several modalities and one."""
+    rank, out_dim = 2, tb._RANK_SUM_GEMM_WIDTH + 3
+    p = {"dims": dims, "batch": batch, "rank": rank, "out_dim": out_dim, "append_one": True,
+         "with_present": with_present, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
+    xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
+    assert tb._keeps_projections(xs, factors)
+    got = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="torch")
+    core = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="array_api")
+    want = ref.lowrank_fusion([_np(x) for x in xs], [_np(f) for f in factors], _np(weights), _np(bias),
+                              present=None if present is None else present.numpy())  # fmt: skip
+    assert_close(got, want, xp=torch, dtype=torch.float64)
+    leaves = [t for t in (*xs, *factors, weights, bias) if t is not None]
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
 
 
 @pytest.mark.parametrize("append_one", [True, False])

@@ -9,7 +9,7 @@ Operators (namespace ``mmfuse``), each a ``torch.library.custom_op`` with ``regi
 - ``mmfuse::lowrank_fusion(xs, factors, weights, bias, append_one, present)``: LMF Eq. 8,
   returning ``(fusion, kept)``.  Forward: per batch block, one GEMM per modality into a reused
   (rows, R h) buffer, an in-place product and the rank sum; no (B, R h) array is allocated,
-  except the small (M, B, R h) ``kept`` projections of narrow fusions (see below).
+  except the (M, B, R h) ``kept`` projections of narrow fusions and small batches (see below).
 - ``mmfuse::lowrank_fusion_backward``: the blocked analytic backward of the above (opaque to
   autograd, used when no graph of the backward is being built).
 - ``mmfuse::cp_fusion(xs, weights, factors, bias, append_one, present)``: CP fusion in
@@ -49,9 +49,13 @@ per modality, the forward's cost).  Narrow fusions are the exception: when the M
 take at most a quarter of the inputs' elements (``4 M R h <= sum_m d_m``, e.g. dims (8, 16, 64)
 with R h = 4), the forward also returns them as a second, non-differentiable output and they
 are saved: little memory, and the backward skips the recomputing GEMMs (the narrow case of
-``benchmarks/torch_cpu.py``).  Narrow fusions also run forward and backward on the whole batch
-at once, not in cache-sized blocks: every per-row array is (B, R h) with R h small, so there
-is nothing to keep in cache, while each block costs a dozen op launches.
+``benchmarks/torch_cpu.py``).  Small batches are the other exception: when the M projections
+hold no more elements than the factors (``M B R h <= sum_m R (d_m + 1) h``, e.g. B = 32 at
+dims (32, 32, 128), R = 16, h = 128), keeping them costs at most the parameters' own size, and
+skipping the recomputation made such a step about 13% faster on the CI machine.  Fusions that
+keep their projections also run forward and backward on the whole batch at once, not in
+cache-sized blocks: every per-row array is (B, R h), small per row (narrow) or few rows (small
+batch), so there is little to keep in cache, while each block costs a dozen op launches.
 Per block the backward forms ``G_m = (g w) * prod_{k != m} P_k`` with prefix and suffix
 products (no division, so exact zeros in a projection are harmless).  Peak extra memory is a
 few (rows, R h) blocks plus the gradients themselves, independent of the batch size.
@@ -190,28 +194,37 @@ _GRAM_CHUNK_ROWS = 2048
 # --------------------------------------------------------------------------- lowrank forward
 
 
+# Kept projections' rank sums run as a GEMM (R h^2 multiply-adds per row, against R h for the
+# strided sum) up to this output width h.
+_RANK_SUM_GEMM_WIDTH = 8
+
+
 def _rank_sum_matrix(
     weights: torch.Tensor | None, rank: int, out_dim: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """The (R h, h) matrix S with S[r h + k, k] = w_r (w = 1 without weights), so that a
-    (n, R h) product times S is the rank-weighted sum.  Used for narrow fusions only, where
-    this GEMM costs little: there it runs about 4x faster than the strided sum over the rank
-    axis (measured at R h = 4).  (The backward's spread of (n, h) gradients over the ranks
-    stays a broadcast multiply: as the GEMM g S^T, with its inner dimension of h, it ran
-    slower.)"""
+    (n, R h) product times S is the rank-weighted sum.  Used for kept projections with
+    h <= _RANK_SUM_GEMM_WIDTH only, where this GEMM costs little: there it runs about 4x
+    faster than the strided sum over the rank axis (measured at R h = 4).  (The backward's
+    spread of (n, h) gradients over the ranks stays a broadcast multiply: as the GEMM g S^T,
+    with its inner dimension of h, it ran slower.)"""
     w = torch.ones(rank, dtype=dtype, device=device) if weights is None else _cast(weights, dtype)
     return torch.kron(w.view(rank, 1), torch.eye(out_dim, dtype=dtype, device=device))
 
 
 def _keeps_projections(xs: Sequence[torch.Tensor], factors: Sequence[torch.Tensor]) -> bool:
-    """Whether a fusion is narrow enough to keep its projections for backward.
+    """Whether a fusion keeps its M (B, R h) projections for backward (which then skips one
+    GEMM per modality) instead of recomputing them.
 
-    The M projections cost M R h elements per sample against sum_m d_m for the inputs; kept
-    when that is at most a quarter (e.g. (8, 16, 64) with R h = 4: 12 against 88), the backward
-    skips one GEMM per modality at little memory.  Wide fusions recompute instead.
+    Kept when they are cheap to hold: narrow fusions, whose projections take at most a quarter
+    of the inputs' elements (M R h per sample against sum_m d_m; e.g. (8, 16, 64) with R h = 4:
+    12 against 88), and small batches, whose projections hold no more elements than the
+    factors themselves.  Otherwise they are recomputed: the memory-lean backward.
     """
     rank, _, out_dim = factors[0].shape
-    return 4 * len(xs) * rank * out_dim <= sum(x.shape[1] for x in xs)
+    per_sample = len(xs) * rank * out_dim
+    narrow = 4 * per_sample <= sum(x.shape[1] for x in xs)
+    return narrow or xs[0].shape[0] * per_sample <= sum(f.numel() for f in factors)
 
 
 @torch.library.custom_op("mmfuse::lowrank_fusion", mutates_args=())
@@ -223,7 +236,7 @@ def _lowrank_op(
     append_one: bool,
     present: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns the fusion and, for narrow fusions (:func:`_keeps_projections`), the (M, B, R h)
+    """Returns the fusion and, where :func:`_keeps_projections` says so, the (M, B, R h)
     projections in the compute dtype for backward (else an empty tensor)."""
     dtype = xs[0].dtype
     cdt = _compute_dtype(dtype)
@@ -240,13 +253,16 @@ def _lowrank_op(
     dev = xs[0].device
     out = torch.empty((batch, out_dim), dtype=cdt, device=dev)
     kept = torch.empty((len(xs), batch, width) if keep else (0,), dtype=cdt, device=dev)
-    # Narrow fusions run on the whole batch at once (see the module docstring).
+    # Fusions that keep their projections run on the whole batch at once (module docstring).
     rows = batch if keep else _core_fusion.block_rows(
         batch, sum(x.shape[1] for x in xs) + 2 * width, out.element_size(), block_budget(out, _BLOCK_BYTES)
     )
     acc = torch.empty((min(rows, batch), width), dtype=cdt, device=dev)
     proj = torch.empty_like(acc) if len(xs) > 1 and not keep else acc  # kept: projections go there
-    rank_sum = _rank_sum_matrix(weights, rank, out_dim, cdt, dev) if keep else None
+    # kept projections are unweighted: their rank sum applies w (as a GEMM while h is small)
+    gemm_sum = keep and out_dim <= _RANK_SUM_GEMM_WIDTH
+    rank_sum = _rank_sum_matrix(weights, rank, out_dim, cdt, dev) if gemm_sum else None
+    rank_w = _cast(weights, cdt).view(1, rank, 1) if keep and not gemm_sum and weights is not None else None
     for blk in block_slices(batch, rows):
         n = blk.stop - blk.start
         for m, (x, mat) in enumerate(zip(xs, mats)):
@@ -256,10 +272,13 @@ def _lowrank_op(
                 torch.mul(kept[0, blk], target, out=acc[:n])
             elif m:
                 acc[:n].mul_(target)
-        if rank_sum is None:
-            torch.sum(acc[:n].view(n, rank, out_dim), dim=1, out=out[blk])
+        prod = kept[0, blk] if keep and len(xs) == 1 else acc[:n]
+        if rank_sum is not None:
+            torch.mm(prod, rank_sum, out=out[blk])
+        elif rank_w is not None:
+            torch.sum(prod.view(n, rank, out_dim) * rank_w, dim=1, out=out[blk])
         else:
-            torch.mm(acc[:n] if len(xs) > 1 else kept[0, blk], rank_sum, out=out[blk])
+            torch.sum(prod.view(n, rank, out_dim), dim=1, out=out[blk])
     if bias is not None:
         out.add_(_cast(bias, cdt))
     return _cast(out, dtype), kept
@@ -313,8 +332,8 @@ def _lowrank_backward_op(
     gmat: list[Any] = [torch.empty_like(mat) if need_f[m] else None for m, mat in enumerate(mats)]
     gw = torch.empty_like(w) if need_w else None
 
-    # With kept projections every per-row array is (B, R h) with R h small, so the whole batch
-    # is one block (the forward's choice too); otherwise blocks keep the recomputation in cache.
+    # With kept projections the whole batch is one block (the forward's choice too: per-row
+    # arrays are narrow or rows are few); otherwise blocks keep the recomputation in cache.
     rows = batch if projections is not None else _core_fusion.block_rows(
         batch, 2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width, g_all.element_size(),
         block_budget(g_all, _BLOCK_BYTES),
