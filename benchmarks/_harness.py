@@ -20,7 +20,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["machine", "peak_rss_mib", "print_table", "time_candidates"]
+__all__ = [
+    "machine", "medians", "peak_rss_mib", "print_table", "quantile", "round_ratios", "sample_rounds",
+    "time_candidates",
+]
 
 
 def arg_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -44,15 +47,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def time_candidates(
+def sample_rounds(
     candidates: dict[str, Callable[[], Any]],
     *,
     repeats: int = 15,
     warmup: int = 2,
     burst: int = 3,
     sync: Callable[[Any], Any] | None = None,
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured in interleaved bursts.
+) -> dict[str, list[list[float]]]:
+    """Seconds per call of each candidate, as one list per round, measured in interleaved
+    bursts.
 
     Each round runs every candidate ``burst`` times in a row and discards the first call of
     the burst.  That first call absorbs what the previous candidate left behind: on a small
@@ -60,26 +64,54 @@ def time_candidates(
     a while after their parallel region, and a call of the other library that starts then
     loses cores to them (on 2 cores an LMF-style torch step ran nearly twice as long right
     after a NumPy-backed one).  Rounds still interleave the candidates, so slow drifts
-    of the machine hit all of them alike.
+    of the machine hit all of them alike; ``repeats`` samples per candidate in all.
     """
     for fn in candidates.values():
         for _ in range(warmup):
             out = fn()
             if sync:
                 sync(out)
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    rounds: dict[str, list[list[float]]] = {name: [] for name in candidates}
     timed = max(1, burst - 1)
     for _ in range(-(-repeats // timed)):
         for name, fn in candidates.items():
+            samples = []
             for call in range(timed + 1):
                 t0 = time.perf_counter()
                 out = fn()
                 if sync:
                     sync(out)
                 if call:
-                    samples[name].append(time.perf_counter() - t0)
+                    samples.append(time.perf_counter() - t0)
                 del out
-    return {name: statistics.median(s) for name, s in samples.items()}
+            rounds[name].append(samples)
+    return rounds
+
+
+def medians(rounds: dict[str, list[list[float]]]) -> dict[str, float]:
+    """Median seconds per call of each candidate over all its rounds' samples."""
+    return {name: statistics.median(t for r in rs for t in r) for name, rs in rounds.items()}
+
+
+def time_candidates(candidates: dict[str, Callable[[], Any]], **options: Any) -> dict[str, float]:
+    """Median seconds per call of each candidate (:func:`sample_rounds`, ``options`` passed on)."""
+    return medians(sample_rounds(candidates, **options))
+
+
+def round_ratios(rounds: dict[str, list[list[float]]], base: str, name: str) -> list[float]:
+    """Per round, the median time of ``base`` over that of ``name``: the speed-up as it was
+    measured within one round, where both ran within milliseconds of each other.  Their spread
+    shows how much of a ratio is the machine's drift rather than the code."""
+    return [statistics.median(b) / statistics.median(t) for b, t in zip(rounds[base], rounds[name])]
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (linear interpolation, as NumPy's default)."""
+    ordered = sorted(values)
+    at = q * (len(ordered) - 1)
+    lo = int(at)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
 
 
 def peak_rss_mib(module: str, case: str, candidate: str) -> float:

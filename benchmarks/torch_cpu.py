@@ -30,6 +30,12 @@ inputs and all parameters:
   + ``F.gelu`` per modality, rank sums of the factors inside forward, ``(x @ wd).permute @
   wt``, product, permute, residual; autograd for the backward.
 
+Small batches: the same layers at B = 32 (no target; what a training step of typical size
+costs, where per-call overhead rather than memory traffic decides).  Timed only.
+
+Every time is the median over interleaved rounds; "ratio p10-p90" is the spread of the
+speed-up measured within single rounds (see ``_harness.round_ratios``), the machine's drift.
+
 Peak memory is the RSS growth of one forward+backward in a fresh process (see _harness.py).
 At the Wander sizes the whole step allocates a few MiB, which glibc serves from memory the
 warm-up call freed, so the RSS growth is mostly noise there; the Wander rows therefore also
@@ -45,16 +51,29 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import arg_parser, machine, peak_rss_mib, print_table, time_candidates
+from _harness import (
+    arg_parser,
+    machine,
+    medians,
+    peak_rss_mib,
+    print_table,
+    quantile,
+    round_ratios,
+    sample_rounds,
+)
 
 CASES = {
     "B4096-d32,32,128-h128-R16": (4096, (32, 32, 128), 128, 16),
     "B65536-d8,16,64-h1-R4": (65536, (8, 16, 64), 1, 4),
+    "B32-d32,32,128-h128-R16": (32, (32, 32, 128), 128, 16),
+    "B32-d8,16,64-h1-R4": (32, (8, 16, 64), 1, 4),
 }
 # WanderAdapter: (B, T_m, d, r, R_h, R_t)
 WANDER_CASES = {
     "wander-MOSI-B256-T50,50,50-d40-r16-Rh8-Rt12": (256, (50, 50, 50), 40, 16, 8, 12),
+    "wander-MOSI-B32-T50,50,50-d40-r16-Rh8-Rt12": (32, (50, 50, 50), 40, 16, 8, 12),
 }
+SMALL_BATCH = {case for case, shape in (*CASES.items(), *WANDER_CASES.items()) if shape[0] == 32}
 BASELINE = {**dict.fromkeys(CASES, "lmf-layer"), **dict.fromkeys(WANDER_CASES, "released-layer")}
 
 
@@ -236,15 +255,20 @@ def main() -> None:
         base = BASELINE[case]
         cands = setup(case)
         err = check(cands, base)
-        times = time_candidates(cands, repeats=5 if args.quick else 15)
-        mem = {} if args.quick else {n: peak_rss_mib("torch_cpu", case, n) for n in cands}
+        rounds = sample_rounds(cands, repeats=5 if args.quick else 15)
+        times = medians(rounds)
+        timed_only = args.quick or case in SMALL_BATCH
+        mem = {} if timed_only else {n: peak_rss_mib("torch_cpu", case, n) for n in cands}
         saved = {n: saved_mib(f) for n, f in cands.items() if hasattr(f, "forward")}
         for name, t in times.items():
+            ratios = round_ratios(rounds, base, name)
+            spread = (quantile(ratios, 0.1), quantile(ratios, 0.9))
             row = {
                 "case": case,
                 "candidate": name,
                 "fwd+bwd ms": f"{t * 1e3:.2f}",
                 "base/this time": f"{times[base] / t:.2f}",
+                "ratio p10-p90": f"{spread[0]:.2f}-{spread[1]:.2f}",
                 "peak MiB": f"{mem[name]:.1f}" if name in mem else "-",
                 "this/base mem": _mem_ratio(mem.get(name), mem.get(base)),
                 "saved MiB": f"{saved[name]:.1f}" if name in saved else "-",
@@ -252,11 +276,12 @@ def main() -> None:
             }
             rows.append(row)
             results.append({"case": case, "candidate": name, "baseline": base, "seconds": t,
+                            "ratio_p10": spread[0], "ratio_p90": spread[1], "rounds": len(ratios),
                             "peak_mib": mem.get(name), "saved_mib": saved.get(name),
                             "rel_err_vs_baseline": err})  # fmt: skip
         print(f"{case}: max rel. error of mmfuse vs {base} output {err:.1e}")
     print("base = lmf-layer (LowRankFusion cases), released-layer (WanderAdapter case)")
-    print_table(rows, ["case", "candidate", "fwd+bwd ms", "base/this time", "peak MiB", "this/base mem",
+    print_table(rows, ["case", "candidate", "fwd+bwd ms", "base/this time", "ratio p10-p90", "peak MiB", "this/base mem",
                        "saved MiB", "this/base saved"])  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
