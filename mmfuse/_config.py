@@ -84,8 +84,9 @@ def set_config(**options: Any) -> None:
     Parameters
     ----------
     backend : {"auto", "array_api", "reference", "numba", "cupy", "torch"}
-        Which implementation runs.  ``"auto"`` picks the fastest registered implementation for
-        the inputs' namespace and device, falling back to the Array-API core.
+        Which implementation runs.  ``"auto"`` picks the highest-priority implementation
+        registered for the inputs' namespace and device (priorities are set by benchmark at
+        large sizes), falling back to the Array-API core.
 
     Raises
     ------
