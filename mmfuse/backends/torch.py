@@ -926,9 +926,11 @@ def _collapsed_grads(
     )[0]  # fmt: skip
     keep_gh = [need and on_grad_h is None for need in need_h]
     gh: list[Any] = [torch.empty_like(h) if keep else None for h, keep in zip(hs, keep_gh)]
-    gphi: list[Any] = [torch.zeros_like(p) if need_f[m] else None for m, p in enumerate(phis)]
-    gpsi: list[Any] = [torch.zeros_like(p) if need_t[m] else None for m, p in enumerate(psis)]
+    # the first block writes the factor gradients, later blocks add to them (_store)
+    gphi: list[Any] = [torch.empty_like(p) if need_f[m] else None for m, p in enumerate(phis)]
+    gpsi: list[Any] = [torch.empty_like(p) if need_t[m] else None for m, p in enumerate(psis)]
     for blk in block_slices(batch, rows_b):
+        first_block = blk.start == 0
         hb = [h[blk] for h in hs]
         first_blk = [f[blk] for f in firsts] if firsts is not None else [
             torch.matmul(psi.t(), h) if order == "token" else torch.matmul(h, phi)
@@ -949,18 +951,20 @@ def _collapsed_grads(
                 gh_blk = None
                 if orders[m] == "token":
                     if need_f[m]:
-                        gphi[m].add_(first.reshape(-1, first.shape[2]).t() @ g_m.reshape(-1, out_dim))
+                        part = first.reshape(-1, first.shape[2]).t() @ g_m.reshape(-1, out_dim)
+                        _store(gphi[m], part, first_block)
                     g_first = torch.matmul(g_m, phi.t())  # dA (nb, T_out, r_m)
                     if need_t[m]:
-                        gpsi[m].add_(torch.bmm(h, g_first.transpose(1, 2)).sum(dim=0))
+                        _store(gpsi[m], torch.bmm(h, g_first.transpose(1, 2)).sum(dim=0), first_block)
                     if need_h[m]:
                         gh_blk = torch.matmul(psi, g_first, out=None if gh[m] is None else gh[m][blk])
                 else:
                     if need_t[m]:
-                        gpsi[m].add_(torch.bmm(first, g_m.transpose(1, 2)).sum(dim=0))
+                        _store(gpsi[m], torch.bmm(first, g_m.transpose(1, 2)).sum(dim=0), first_block)
                     g_first = torch.matmul(psi, g_m)  # dF (nb, T_m, D)
                     if need_f[m]:
-                        gphi[m].add_(h.reshape(-1, h.shape[2]).t() @ g_first.reshape(-1, out_dim))
+                        part = h.reshape(-1, h.shape[2]).t() @ g_first.reshape(-1, out_dim)
+                        _store(gphi[m], part, first_block)
                     if need_h[m]:
                         gh_blk = torch.matmul(g_first, phi.t(), out=None if gh[m] is None else gh[m][blk])
                 if gh_blk is not None and on_grad_h is not None:
