@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 import mmfuse  # noqa: E402
 import mmfuse.reference as ref  # noqa: E402
+from mmfuse._namespace import array_namespace  # noqa: E402
 from mmfuse.backends import _registry, available, lookup  # noqa: E402
 from mmfuse.testing import assert_close  # noqa: E402
 
@@ -483,6 +484,25 @@ def test_torch_backend_registered_and_refuses_numpy():
     p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
     with pytest.raises(TypeError, match=r"backend 'torch' cannot take numpy arrays .* needs torch tensors"):
         mmfuse.lowrank_fusion([np.ones((2, 3))], **p, backend="torch")
+
+
+def test_auto_on_torch_cuda_tensors_prefers_the_custom_ops_to_numba(monkeypatch):
+    """numba's forward-only CUDA kernels also take torch CUDA tensors; "auto" must still pick
+    the torch custom ops there (they carry the backward), whatever the plugins' load order.
+    No GPU needed: the device is faked and numba-cuda is made to look present."""
+    nb = pytest.importorskip("mmfuse.backends.numba")
+    monkeypatch.setattr(nb, "HAS_CUDA", True)
+    monkeypatch.setattr(nb, "simulator_enabled", lambda: False)
+    monkeypatch.setattr(_registry, "device_of", lambda _: torch.device("cuda"))
+    shared = [op for op, impls in _registry._IMPLS.items() if {"torch", "numba"} <= set(impls)]
+    assert {"lowrank_fusion", "cp_fusion", "zoom_shift"} <= set(shared)
+    for op in shared:
+        assert _registry._IMPLS[op]["numba"].supports(array_namespace(torch.ones(1)), torch.device("cuda")) is None
+        # registration order decides ties: put numba first to make a tie visible
+        impls = _registry._IMPLS[op]
+        reordered = {"numba": impls["numba"], **{k: v for k, v in impls.items() if k != "numba"}}
+        monkeypatch.setitem(_registry._IMPLS, op, reordered)
+        assert lookup(op, like=torch.ones(1)) is impls["torch"].func, op
 
 
 def test_auto_on_numpy_still_runs_the_core():

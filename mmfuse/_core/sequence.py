@@ -244,6 +244,16 @@ def _rounding_correction(torch: Any, x: Any, u: Any) -> Any:
     return torch.where(u > 1.0, 1.0 - delta * (2.0 * uc + 1.0 / uc), torch.ones_like(u))
 
 
+def torch_transformed(x: Any) -> bool:
+    """Whether the torch tensor ``x`` is seen by a ``torch.func`` transform (grad, vmap, jvp,
+    ...: a functorch wrapper) or may carry a forward-mode tangent (a
+    ``torch.autograd.forward_ad.dual_level`` is open).  Neither works with ``out=`` variants,
+    custom operators without batching rules, or reuse of intermediate buffers."""
+    import torch  # already imported: x is a tensor
+
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def _gelu_torch(x: Any) -> Any:
     """Torch path of :func:`gelu`.
 
@@ -268,7 +278,7 @@ def _gelu_torch(x: Any) -> Any:
         return tnf.gelu(x)
     u = x * (-_SQRT1_2)
     corr = _rounding_correction(torch, x, u)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if (torch.is_grad_enabled() and x.requires_grad) or torch_transformed(x):
         return x * (0.5 * torch.special.erfc(u) * corr)
     out = torch.special.erfc(u, out=u)  # no autograd: our own buffers (x is never written)
     return out.mul_(corr).mul_(x).mul_(0.5)

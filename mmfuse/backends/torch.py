@@ -81,6 +81,7 @@ from .. import _fusion  # noqa: F401  (defines the operators registered below)
 from .._core import fusion as _core_fusion
 from .._core import sequence as _core_sequence
 from .._namespace import block_budget, block_slices, is_torch
+from . import _registry
 from ._registry import register
 from ._torch_eager import bind
 
@@ -654,6 +655,30 @@ _cp_eager = bind("_CPFusion", torch.ops.mmfuse.cp_fusion, _cp_setup_context, _cp
 # --------------------------------------------------------------------------- registry
 
 
+def _transformed(*args: Any) -> bool:
+    """Whether the call runs under a ``torch.func`` transform (grad, vmap, jvp, jacrev, ...;
+    their tensors are functorch wrappers) or inside forward-mode AD (``torch.autograd.
+    forward_ad.dual_level``).  The custom ops have no batching rule and no forward-mode
+    derivative, and functorch's grad cannot trace their eager binding; such calls go to the
+    Array-API core instead (plain torch operations, which compose with all of these)."""
+    wrapped = _core_sequence.torch_transformed
+    for arg in args:
+        items = arg if isinstance(arg, (list, tuple)) else (arg,)
+        for item in items:
+            if isinstance(item, (list, tuple)):  # wander's (weight, bias) pairs
+                if any(isinstance(t, torch.Tensor) and wrapped(t) for t in item):
+                    return True
+            elif isinstance(item, torch.Tensor) and wrapped(item):
+                return True
+    return False
+
+
+def _core(op: str) -> Callable[..., Any]:
+    """The Array-API core's registered implementation of ``op`` (same signature)."""
+    return _registry._IMPLS[op]["array_api"].func
+
+
+
 def lowrank_fusion(
     xs: Sequence[Any],
     factors: Sequence[Any],
@@ -664,6 +689,8 @@ def lowrank_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.lowrank_fusion`` as the ``mmfuse::lowrank_fusion`` custom op (inputs checked)."""
+    if _transformed(xs, factors, weights, bias):
+        return _core("lowrank_fusion")(xs, factors, weights, bias, append_one=append_one, present=present)
     return _lowrank_eager(list(xs), list(factors), weights, bias, append_one, present)[0]
 
 
@@ -677,6 +704,8 @@ def cp_fusion(
 ) -> Any:
     """``mmfuse.cp_fusion`` as the ``mmfuse::cp_fusion`` custom op (inputs checked)."""
     weights, factors = cp
+    if _transformed(xs, factors, weights, bias):
+        return _core("cp_fusion")(xs, cp, bias, append_one=append_one, present=present)
     return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)
 
 
@@ -686,8 +715,10 @@ def _supports(xp: Any, device: Any) -> str | None:
     return "needs torch tensors (any device)"
 
 
-# Above the Array-API core (0): "auto" picks these for torch tensors.
-_PRIORITY = 10
+# "auto" picks these for torch tensors: above the Array-API core (0) and above numba (10),
+# whose forward-only CUDA kernels also take torch CUDA tensors (these ops carry the
+# memory-lean backward; at equal priority the winner would depend on plugin load order).
+_PRIORITY = 15
 
 register("lowrank_fusion", "torch", lowrank_fusion, supports=_supports, priority=_PRIORITY)
 register("cp_fusion", "torch", cp_fusion, supports=_supports, priority=_PRIORITY)
@@ -1199,6 +1230,8 @@ def sequence_fusion(
     masks: Sequence[Any] | None = None,
 ) -> Any:
     """``mmfuse.sequence_fusion`` as the ``mmfuse::sequence_fusion`` custom op (inputs checked)."""
+    if _transformed(hs, feature_factors, token_factors):
+        return _core("sequence_fusion")(hs, feature_factors, token_factors, mode=mode, masks=masks)
     masks_list = [None] * len(hs) if masks is None else list(masks)
     return _sequence_eager(list(hs), list(feature_factors), list(token_factors), mode, masks_list)
 
@@ -1511,6 +1544,8 @@ def wander(
 ) -> Any:
     """``mmfuse.wander`` with the fusion as the ``mmfuse::sequence_fusion`` op (inputs checked)."""
     down = list(params["down"])
+    if _transformed(xs, down, params["feature"], params["token"]):
+        return _core("wander")(xs, params, mode=mode, masks=masks, activation=activation, residual=residual)
     return wander_torch(
         list(xs), [w for w, _ in down], [b for _, b in down], list(params["feature"]),
         list(params["token"]), mode, masks, activation, residual,
@@ -1528,6 +1563,10 @@ def zoom_shift(
     eps: float = 1e-5,
 ) -> Any:
     """``mmfuse.zoom_shift`` as the ``mmfuse::zoom_shift`` custom op (inputs checked)."""
+    if _transformed(x, guide):
+        return _core("zoom_shift")(
+            x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps
+        )
     return _zoom_shift_eager(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
 
 

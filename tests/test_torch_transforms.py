@@ -1,0 +1,165 @@
+"""torch.func transforms (grad, vmap, jvp, jacrev) and forward-mode AD over the layers and the
+torch backend: the custom ops have no batching rule or forward-mode derivative, so under these
+the torch backend computes through the Array-API core.  Every result is compared with a path
+that does not use the transform (eager autograd through the custom ops, per-slice loops,
+double backward), in float64."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.autograd.forward_ad as fwad  # noqa: E402
+from torch.func import functional_call, grad, jacrev, jvp, vmap  # noqa: E402
+
+import mmfuse  # noqa: E402
+from mmfuse.nn import CPFusion, GuidedZoomShift, LowRankFusion, TensorFusion, WanderAdapter, ZoomShift  # noqa: E402
+
+DIMS = (4, 3, 5)
+LENGTHS = (5, 4)
+F64 = torch.float64
+
+
+def _cases(seed):
+    """(name, layer, inputs) with random parameters and inputs (batch 3)."""
+    torch.manual_seed(seed)
+    flat = [torch.randn(3, d, dtype=F64) for d in DIMS]
+    seqs = [torch.randn(3, t, 6, dtype=F64) for t in LENGTHS]
+    layers = [
+        ("lowrank", LowRankFusion(DIMS, 5, 2, dtype=F64), flat),
+        ("cp", CPFusion(DIMS, 5, 2, dtype=F64), flat),
+        ("tensor", TensorFusion(DIMS, 5, dtype=F64), flat),
+        ("wander-collapsed", WanderAdapter((6, 6), LENGTHS, 3, 2, 2, mode="collapsed", dtype=F64), seqs),
+        ("wander-cp", WanderAdapter((6, 6), LENGTHS, 3, 2, 2, mode="cp", dtype=F64), seqs),
+        ("zoomshift", ZoomShift(6, 2, alpha=0.5, dtype=F64), seqs),
+        ("guided", GuidedZoomShift(6, 2, dtype=F64), seqs),
+    ]
+    with torch.no_grad():  # nonzero everywhere (biases and token factors may start at zero)
+        for _, layer, _ in layers:
+            for p in layer.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return layers
+
+
+CASES = [name for name, _, _ in _cases(0)]
+
+
+def _case(name, seed=0):
+    return next((layer, xs) for n, layer, xs in _cases(seed) if n == name)
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_func_grad_equals_eager_autograd(name):
+    """Gradients with respect to the parameters and the inputs."""
+    layer, xs = _case(name, seed=1)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, inputs):
+        return functional_call(layer, p, (inputs,)).square().sum()
+
+    got_p, got_x = grad(loss, argnums=(0, 1))(params, xs)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    layer.zero_grad()
+    layer(leaves).square().sum().backward()  # the custom ops' own backward
+    for k, p in layer.named_parameters():
+        _close(got_p[k], p.grad)
+    for g, leaf in zip(got_x, leaves):
+        _close(g, leaf.grad)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_vmap_over_a_leading_axis_equals_a_loop(name):
+    layer, xs = _case(name, seed=2)
+    stacked = [torch.stack([x, 0.5 * x.flip(0) + 1.0]) for x in xs]
+    got = vmap(lambda *a: layer(list(a)))(*stacked)
+    want = torch.stack([layer([s[v] for s in stacked]) for v in range(2)])
+    _close(got, want)
+
+
+def _double_backward_jvp(layer, xs, tangent):
+    """J v through reverse mode twice (the custom ops' differentiable backward): with
+    g(u) = J^T u, J v = d(g(u) . v)/du."""
+    a = xs[0].clone().requires_grad_()
+    out = layer([a, *xs[1:]])
+    u = torch.zeros_like(out, requires_grad=True)
+    (g,) = torch.autograd.grad(out, a, u, create_graph=True)
+    (jv,) = torch.autograd.grad(g, u, tangent)
+    return jv
+
+
+# torch's forward-AD decompositions are TorchScript, which warns on first use (torch >= 2.11)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", CASES)
+def test_jvp_and_forward_mode_ad_equal_double_backward(name):
+    layer, xs = _case(name, seed=3)
+    tangent = torch.randn_like(xs[0])
+    want = _double_backward_jvp(layer, xs, tangent)
+    out, got = jvp(lambda a: layer([a, *xs[1:]]), (xs[0],), (tangent,))
+    _close(out, layer(xs))
+    _close(got, want)
+    with fwad.dual_level():
+        dual = fwad.make_dual(xs[0], tangent)
+        primal, tan = fwad.unpack_dual(layer([dual, *xs[1:]]))
+    _close(primal, out)
+    _close(tan, want)
+
+
+def test_per_sample_gradients_by_vmap_of_grad():
+    """The usual per-sample-gradient recipe (functional_call + grad + vmap) on LowRankFusion."""
+    layer, xs = _case("lowrank", seed=4)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, *sample):
+        return functional_call(layer, p, ([s[None] for s in sample],)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, *xs)
+    for b in range(xs[0].shape[0]):
+        layer.zero_grad()
+        layer([x[b : b + 1] for x in xs]).square().sum().backward()
+        for k, p in layer.named_parameters():
+            _close(per_sample[k][b], p.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "array_api"])
+def test_functional_ops_under_jacrev_and_vmap(backend):
+    """The functional API with the backend forced: jacrev equals the rows of double backward,
+    vmap equals a loop; the float64 GELU path of wander included."""
+    torch.manual_seed(5)
+    xs = [torch.randn(2, d, dtype=F64) for d in DIMS]
+    p = mmfuse.init_lowrank(DIMS, rank=2, out_dim=3, seed=5, dtype="float64")
+    params = {k: (torch.as_tensor(v) if not isinstance(v, list) else [torch.as_tensor(f) for f in v]) for k, v in p.items()}
+    with torch.no_grad():
+        params["bias"] = params["bias"] + 0.3
+
+    def fuse(a):
+        return mmfuse.lowrank_fusion([a, *xs[1:]], **params, backend=backend)
+
+    jac = jacrev(fuse)(xs[0])
+    a = xs[0].clone().requires_grad_()
+    out = fuse(a)
+    for i in range(out.shape[0]):
+        for k in range(out.shape[1]):
+            (row,) = torch.autograd.grad(out[i, k], a, retain_graph=True)
+            _close(jac[i, k], row)
+
+    seqs = [torch.randn(2, 2, t, 6, dtype=F64) for t in LENGTHS]
+    wp = mmfuse.init_wander((6, 6), LENGTHS, rank=3, feature_rank=2, token_rank=2, out_dim=6, seed=5, dtype="float64")
+    wp = {k: [tuple(torch.as_tensor(t) for t in v_m) if isinstance(v_m, tuple) else torch.as_tensor(v_m) for v_m in v]
+          for k, v in wp.items()}  # fmt: skip
+
+    def wander(*a):
+        return mmfuse.wander(list(a), wp, mode="collapsed", backend=backend)
+
+    _close(vmap(wander)(*seqs), torch.stack([wander(*(s[v] for s in seqs)) for v in range(2)]))
+
+
+def test_eager_calls_still_run_the_custom_ops():
+    layer, xs = _case("lowrank")
+    assert type(layer(xs).grad_fn).__name__ == "_LowRankFusionBackward"
+    layer, seqs = _case("wander-collapsed")
+    assert type(layer(seqs).grad_fn).__name__ == "_WanderCollapsedBackward"
