@@ -32,9 +32,11 @@ torch.Size([5, 8])
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,27 +61,50 @@ def _check_dims(in_dims: Sequence[int]) -> tuple[int, ...]:
         raise TypeError(
             f"in_dims must be a sequence of ints (one per modality), got {type(in_dims).__name__}"
         )
-    dims = tuple(int(d) for d in in_dims)
-    if not dims:
+    if isinstance(in_dims, str):
+        raise TypeError("in_dims must be a sequence of ints (one per modality), got str")
+    if not in_dims:
         raise ValueError("in_dims must hold at least 1 modality, got 0")
-    for m, d in enumerate(dims):
-        if d < 1:
-            raise ValueError(f"in_dims[{m}] must be a positive integer, got {d}")
-    return dims
+    return tuple(_check_positive(f"in_dims[{m}]", d) for m, d in enumerate(in_dims))
 
 
 def _check_positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+    """``value`` as an int: an integer (Python or NumPy, not bool) of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}")
+    if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
+def _check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool: True or False (Python or NumPy), nothing truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_index(name: str, value: Any, n: int) -> int:
+    """A modality index in [-n, n), as a non-negative int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer modality index, got {type(value).__name__} {value!r}")
+    if not -n <= int(value) < n:
+        raise ValueError(f"{name}={value} is out of range for {n} modalities")
+    return int(value) % n
+
+
 def _check_modality_tensors(
-    xs: Any, shapes: Sequence[tuple[int | None, ...]], dtype: torch.dtype, layer: str, count_note: str = ""
+    xs: Any,
+    shapes: Sequence[tuple[int | None, ...]],
+    dtype: torch.dtype,
+    layer: str,
+    count_note: str = "",
+    dtype_source: str = "the layer's parameters have dtype",
 ) -> list[torch.Tensor]:
     """Layer-boundary checks shared by every layer: a list or tuple of one tensor per modality,
     ``xs[m]`` of shape ``shapes[m]`` (``None``: any size; axis 0 is the batch, axis 1 of a
-    3-D input the tokens), of the layer's dtype, all with one batch size."""
+    3-D input the tokens), of the layer's dtype (``dtype_source`` says where it comes from,
+    for the message), all with one batch size."""
     if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(
             f"{layer}: xs must be a list or tuple of tensors (one per modality), got {type(xs).__name__}"
@@ -96,8 +121,8 @@ def _check_modality_tensors(
             raise ValueError(f"{layer}: xs[{m}] must have shape ({want}), got {_fmt(x.shape)}")
         if x.dtype != dtype:
             raise TypeError(
-                f"{layer}: xs[{m}] has dtype {x.dtype} but the layer's parameters have dtype "
-                f"{dtype}; cast the input or the layer (layer.to(dtype))"
+                f"{layer}: xs[{m}] has dtype {x.dtype} but {dtype_source} {dtype}; cast the "
+                "input or the layer (layer.to(dtype))"
             )
     batch = xs[0].shape[0]
     for m, x in enumerate(xs):
@@ -126,13 +151,48 @@ def _check_inputs(
     return xs
 
 
+# --------------------------------------------------------------------------- autocast
+#
+# Under torch.autocast the fusion layers behave like nn.Linear: their work is matrix products,
+# so inputs and floating parameters are cast to the region's dtype (gradients flow back to the
+# parameters in their own dtype) and the layer runs with autocast off inside (the custom ops
+# compute half precisions in float32 and round the result once).  The alignment layers compute
+# statistics, which autocast keeps in float32 as it does for normalisations: half-precision
+# inputs are cast up to the layer's dtype (float32 for a ZoomShift built without one).  As in
+# autocast, float64 inputs are never cast.
+
+
+def _autocast_device(xs: Any) -> str | None:
+    """The inputs' device type if an autocast region is active for it, else None."""
+    if not isinstance(xs, (list, tuple)) or not xs or not isinstance(xs[0], torch.Tensor):
+        return None  # the boundary checks report it
+    device_type = xs[0].device.type
+    return device_type if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast_cast(xs: Sequence[Any], dtype: torch.dtype) -> list[Any]:
+    """Floating inputs other than float64 cast to ``dtype`` (the rest as they are)."""
+    def eligible(x: Any) -> bool:
+        return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+
+    return [x.to(dtype) if eligible(x) else x for x in xs]
+
+
+def _autocast_fusion(module: nn.Module, device_type: str, xs: Sequence[Any], *args: Any) -> Any:
+    """``module(xs, *args)`` in the autocast dtype of ``device_type``, autocast off inside."""
+    dtype = torch.get_autocast_dtype(device_type)
+    params = {name: p.to(dtype) for name, p in module.named_parameters()}
+    with torch.autocast(device_type, enabled=False):
+        return torch.func.functional_call(module, params, (_autocast_cast(xs, dtype), *args))
+
+
 def _factory(device: Any, dtype: Any) -> dict[str, Any]:
     return {"device": device, "dtype": dtype}
 
 
 def _register_bias(module: nn.Module, bias: bool, out_dim: int, fk: dict[str, Any]) -> None:
     """An (h,) ``bias`` parameter, or a registered ``None`` (so ``layer.bias`` always exists)."""
-    if bias:
+    if _check_flag("bias", bias):
         module.bias = nn.Parameter(torch.empty(out_dim, **fk))
     else:
         module.register_parameter("bias", None)
@@ -163,7 +223,7 @@ class _RankedFusion(nn.Module):
         self.in_dims = _check_dims(in_dims)
         self.out_dim = _check_positive("out_dim", out_dim)
         self.rank = _check_positive("rank", rank)
-        self.append_one = bool(append_one)
+        self.append_one = _check_flag("append_one", append_one)
         self.factors = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, **fk)) for shape in self._factor_shapes()]
         )
@@ -234,6 +294,8 @@ class LowRankFusion(_RankedFusion):
                 self.bias.zero_()
 
     def forward(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> torch.Tensor:
+        if (device_type := _autocast_device(xs)) is not None:
+            return _autocast_fusion(self, device_type, xs, present)
         xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
         factors = list(self.factors)
         if _compiling():
@@ -361,6 +423,8 @@ class CPFusion(_RankedFusion):
                 self.bias.zero_()
 
     def forward(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> torch.Tensor:
+        if (device_type := _autocast_device(xs)) is not None:
+            return _autocast_fusion(self, device_type, xs, present)
         xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
         factors = list(self.factors)
         if _compiling():
@@ -381,8 +445,9 @@ class CPFusion(_RankedFusion):
     ) -> CPFusion:
         """A layer holding the CP decomposition ``cp`` (CPTensor or ``(weights, factors)``).
 
-        ``factors`` are ``[A_1 (d_1 + 1, R), ..., A_M, C (h, R)]`` as torch tensors (or
-        anything ``torch.as_tensor`` takes); ``weights`` may be None (ones).
+        ``factors`` are ``[A_1 (d_1 + 1, R), ..., A_M, C (h, R)]`` as arrays (torch tensors,
+        NumPy arrays, ...: each goes through ``torch.as_tensor``); ``weights`` may be None
+        (ones); ``bias`` (h,) likewise.
         """
         weights, factors = _fusion._as_cp(cp)
         factors = [torch.as_tensor(f) for f in factors]
@@ -399,12 +464,19 @@ class CPFusion(_RankedFusion):
             device=device,
             dtype=dtype,
         )
+        if bias is not None:
+            bias = torch.as_tensor(bias)
+            if tuple(bias.shape) != (layer.out_dim,):
+                raise ValueError(
+                    f"bias must have shape (h,) = ({layer.out_dim},) for the output factor of shape "
+                    f"{_fmt(factors[-1].shape)}, got {_fmt(bias.shape)}"
+                )
         with torch.no_grad():
             for mine, f in zip(layer.factors, factors):
                 mine.copy_(f)
             layer.weights.copy_(torch.ones(rank) if weights is None else torch.as_tensor(weights))
             if bias is not None and layer.bias is not None:
-                layer.bias.copy_(torch.as_tensor(bias))
+                layer.bias.copy_(bias)
         return layer
 
 
@@ -466,7 +538,7 @@ class TensorFusion(nn.Module):
         fk = _factory(device, dtype)
         self.in_dims = _check_dims(in_dims)
         self.out_dim = _check_positive("out_dim", out_dim)
-        self.append_one = bool(append_one)
+        self.append_one = _check_flag("append_one", append_one)
         self.max_elements = _check_positive("max_elements", max_elements)
         shape = (*(d + int(self.append_one) for d in self.in_dims), self.out_dim)
         size = math.prod(shape)
@@ -493,6 +565,8 @@ class TensorFusion(nn.Module):
         )
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if (device_type := _autocast_device(xs)) is not None:
+            return _autocast_fusion(self, device_type, xs)
         xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
         if _compiling():
             return _tensor_fusion_torch(xs, self.weight, self.bias, self.append_one)
@@ -511,15 +585,21 @@ def _check_seq_inputs(
     dtype: torch.dtype,
     masks: Any,
     layer: str,
+    dtype_source: str = "the layer's parameters have dtype",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None] | None]:
     """Layer-boundary checks for (B, T_m, d_m) inputs and their (B, T_m) boolean masks."""
     n = len(dims)
     shapes = [(None, None if lengths is None else lengths[m], d) for m, d in enumerate(dims)]
-    xs = _check_modality_tensors(xs, shapes, dtype, layer)
+    xs = _check_modality_tensors(xs, shapes, dtype, layer, dtype_source=dtype_source)
     if masks is None:
         return list(xs), None
-    if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)) or len(masks) != n:
-        raise ValueError(f"{layer}: masks must be a list of {n} boolean (B, T_m) tensors or None")
+    if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)):
+        raise TypeError(
+            f"{layer}: masks must be a list of {n} boolean (B, T_m) tensors (or None entries), "
+            f"got {type(masks).__name__}"
+        )
+    if len(masks) != n:
+        raise ValueError(f"{layer}: masks must have one entry per modality ({n}), got {len(masks)}")
     for m, (k, x) in enumerate(zip(masks, xs)):
         if k is None:
             continue
@@ -530,6 +610,20 @@ def _check_seq_inputs(
                 f"{layer}: masks[{m}] must have shape (B, T_{m}) = {_fmt(x.shape[:2])}, got {_fmt(k.shape)}"
             )
     return list(xs), list(masks)
+
+
+def _check_no_empty_sample(masks: Sequence[torch.Tensor | None], layer: str) -> None:
+    """No mask may mask every token of a sample (a value check: eager mode only)."""
+    for m, k in enumerate(masks):
+        if k is None:
+            continue
+        empty = torch.logical_not(k.any(dim=1))
+        if bool(empty.any()):
+            first = int(torch.nonzero(empty)[0, 0])
+            raise ValueError(
+                f"{layer}: masks[{m}] masks every token of sample {first}: its statistics are "
+                "undefined; every sample needs at least one unmasked token"
+            )
 
 
 class WanderAdapter(nn.Module):
@@ -631,7 +725,7 @@ class WanderAdapter(nn.Module):
         r = self.rank
         self.down_weights = nn.ParameterList([nn.Parameter(torch.empty(d, r, **fk)) for d in self.in_dims])
         self.down_biases = nn.ParameterList(
-            [nn.Parameter(torch.empty(r, **fk)) for _ in self.in_dims] if bias else []
+            [nn.Parameter(torch.empty(r, **fk)) for _ in self.in_dims] if _check_flag("bias", bias) else []
         )
         self.feature_factors = nn.ParameterList(
             [nn.Parameter(torch.empty(self.feature_rank, r, self.out_dim, **fk)) for _ in self.in_dims]
@@ -683,6 +777,8 @@ class WanderAdapter(nn.Module):
     def forward(
         self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None
     ) -> torch.Tensor:
+        if (device_type := _autocast_device(xs)) is not None:
+            return _autocast_fusion(self, device_type, xs, masks)
         dtype = self.down_weights[0].dtype
         xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, type(self).__name__)
         if _compiling():
@@ -764,7 +860,10 @@ class ZoomShift(nn.Module):
     hub : int, default 0
     eps : float, default 1e-5
     device, dtype : optional
-        Only recorded: the layer has no parameters; inputs must have ``dtype`` if given.
+        The layer has no parameters; if ``dtype`` is given, inputs must have it, and it moves
+        with ``layer.to(...)``, ``layer.double()`` and the like (it is held by an empty,
+        non-persistent buffer, so ``state_dict`` is empty either way).  Without ``dtype``
+        every input must have the first input's dtype.
 
     Notes
     -----
@@ -803,9 +902,7 @@ class ZoomShift(nn.Module):
         self.rounds = _align._check_rounds(rounds)
         self.alpha = _align._check_alpha(alpha)
         self.eps = _align._check_eps(eps)
-        if not -self.num_modalities <= int(hub) < self.num_modalities:
-            raise ValueError(f"hub={hub} is out of range for {self.num_modalities} modalities")
-        self.hub = int(hub) % self.num_modalities
+        self.hub = _check_index("hub", hub, self.num_modalities)
         self.fuse, self.pool, self.schedule, self.topology = fuse, pool, schedule, topology
         if (
             self.rounds is None
@@ -813,8 +910,19 @@ class ZoomShift(nn.Module):
             is None
         ):
             raise ValueError("rounds=None: Jacobi consensus with M = 2 and alpha = 1 has no limit")
-        self.device = device
-        self.dtype = dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        # an empty buffer: .to() / .double() / .half() move the layer's dtype with it
+        self._dtype_buffer: torch.Tensor | None
+        self.register_buffer(
+            "_dtype_buffer", None if dtype is None else torch.empty(0, device=device, dtype=dtype),
+            persistent=False,
+        )  # fmt: skip
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype inputs must have (None: any floating dtype, shared by the inputs)."""
+        return None if self._dtype_buffer is None else self._dtype_buffer.dtype
 
     def reset_parameters(self) -> None:
         """Nothing to reset: the layer is parameter-free."""
@@ -827,12 +935,16 @@ class ZoomShift(nn.Module):
         )
 
     def forward(self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None) -> Any:
-        dtype = self.dtype
+        if (device_type := _autocast_device(xs)) is not None:  # statistics in float32 or wider
+            with torch.autocast(device_type, enabled=False):
+                return self.forward(_autocast_cast(xs, self.dtype or torch.float32), masks)
+        dtype, source = self.dtype, "the layer's dtype is"
         if dtype is None:  # parameter-free: the inputs must share the first one's dtype
             first = xs[0] if isinstance(xs, (list, tuple)) and xs else None
             dtype = first.dtype if isinstance(first, torch.Tensor) else torch.get_default_dtype()
+            source = "xs[0] has dtype"
         dims = (self.channels,) * self.num_modalities
-        xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__)
+        xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__, source)
         if _compiling():
             full: list[torch.Tensor | None] = mask_list if mask_list is not None else [None] * len(xs)
             ys = _align_torch(
@@ -915,9 +1027,7 @@ class GuidedZoomShift(nn.Module):
         self.num_modalities = _check_positive("num_modalities", num_modalities)
         if self.num_modalities < 2:
             raise ValueError(f"num_modalities must be at least 2, got {num_modalities}")
-        if isinstance(guide, bool) or not -self.num_modalities <= int(guide) < self.num_modalities:
-            raise ValueError(f"guide={guide} is out of range for {self.num_modalities} modalities")
-        self.guide = int(guide) % self.num_modalities
+        self.guide = _check_index("guide", guide, self.num_modalities)
         _align._check_choice(fuse, "fuse", _align.FUSE_MODES)
         _align._check_choice(pool, "pool", _align.POOL_MODES)
         self.fuse, self.pool = fuse, pool
@@ -941,9 +1051,14 @@ class GuidedZoomShift(nn.Module):
         self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None
     ) -> list[torch.Tensor]:
         """The modulated (B, T_m, C) sequences (the guide's unchanged), before pooling."""
+        if (device_type := _autocast_device(xs)) is not None:  # statistics in the layer's dtype
+            with torch.autocast(device_type, enabled=False):
+                return self.modulate(_autocast_cast(xs, self.weight.dtype), masks)
         dims = (self.channels,) * self.num_modalities
         xs, mask_list = _check_seq_inputs(xs, dims, None, self.weight.dtype, masks, type(self).__name__)
         full = mask_list if mask_list is not None else [None] * len(xs)
+        if not _compiling():  # as ZoomShift: a sample without tokens has no statistics
+            _check_no_empty_sample(full, type(self).__name__)
         c = self.channels
         p = _pool_torch(xs[self.guide], full[self.guide], "mean")  # (B, C)
         heads = torch.einsum("bc,kdc->kbd", p, self.weight) + self.bias[:, None, :]  # (M-1, B, 2C)
@@ -960,6 +1075,9 @@ class GuidedZoomShift(nn.Module):
         return out
 
     def forward(self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None) -> Any:
+        if (device_type := _autocast_device(xs)) is not None:  # pooling and fusion too
+            with torch.autocast(device_type, enabled=False):
+                return self.forward(_autocast_cast(xs, self.weight.dtype), masks)
         ys = self.modulate(xs, masks)
         full = list(masks) if masks is not None else [None] * len(ys)
         return _fuse_torch([_pool_torch(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)

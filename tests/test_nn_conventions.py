@@ -1,0 +1,172 @@
+"""mmfuse.nn layers as PyTorch users expect them: torch.autocast, dtype moves of the
+parameter-free ZoomShift, constructor argument types, masks, and the checks that keep one bad
+sample from turning a whole batch's gradients into NaN."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mmfuse.nn import CPFusion, GuidedZoomShift, LowRankFusion, TensorFusion, WanderAdapter, ZoomShift  # noqa: E402
+
+DIMS = (4, 3, 5)
+LENGTHS = (5, 4)
+
+
+def _fusion_cases(seed):
+    torch.manual_seed(seed)
+    flat = [torch.randn(3, d) for d in DIMS]
+    seqs = [torch.randn(3, t, 6) for t in LENGTHS]
+    layers = [
+        (LowRankFusion(DIMS, 5, 2), flat),
+        (CPFusion(DIMS, 5, 2), flat),
+        (TensorFusion(DIMS, 5), flat),
+        (WanderAdapter((6, 6), LENGTHS, 3, 2, 2, mode="collapsed"), seqs),
+        (WanderAdapter((6, 6), LENGTHS, 3, 2, 2, mode="cp"), seqs),
+    ]
+    with torch.no_grad():
+        for layer, _ in layers:
+            for p in layer.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return layers
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_fusion_layers_under_autocast_compute_like_a_cast_copy(case, low):
+    """Inside torch.autocast a float32 layer takes the region's dtype (as nn.Linear does):
+    the same values as a copy of the layer cast to it, and float32 parameter gradients equal
+    to the copy's, cast up."""
+    layer, xs = _fusion_cases(seed=case)[case]
+    low_xs = [x.to(low) for x in xs]
+    twin = copy.deepcopy(layer).to(low)
+    with torch.autocast("cpu", dtype=low):
+        out = layer([low_xs[0], *xs[1:]])  # mixed float32 / low inputs, as after a Linear
+    assert out.dtype == low
+    want = twin(low_xs)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    upstream = torch.randn(out.shape).to(low)
+    (out * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    for p, q in zip(layer.parameters(), twin.parameters()):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad.float(), rtol=0, atol=0)
+
+
+def test_autocast_leaves_float64_layers_and_disabled_regions_alone():
+    layer, xs = _fusion_cases(seed=7)[0]
+    layer64 = copy.deepcopy(layer).double()
+    xs64 = [x.double() for x in xs]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert layer(xs).dtype == torch.float32
+    msg = r"xs\[0\] has dtype torch.float64 but the layer's parameters have dtype torch.bfloat16"
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=msg):
+        layer(xs64)  # float64 inputs are not autocast, as in torch
+    assert layer64(xs64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("make", [lambda: ZoomShift(6, 2, alpha=0.5), lambda: GuidedZoomShift(6, 2)])
+def test_alignment_layers_under_autocast_keep_statistics_in_float32(make):
+    torch.manual_seed(3)
+    layer = make()
+    if isinstance(layer, GuidedZoomShift):
+        with torch.no_grad():
+            layer.weight.normal_(0, 0.3)
+            layer.bias.normal_(0, 0.3)
+    seqs = [torch.randn(3, t, 6) for t in LENGTHS]
+    low = [s.to(torch.bfloat16) for s in seqs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(low)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, layer([s.float() for s in low]), rtol=0, atol=0)
+    if isinstance(layer, GuidedZoomShift):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mod = layer.modulate(low)
+        assert all(m.dtype == torch.float32 for m in mod)
+
+
+def test_zoomshift_dtype_moves_with_the_layer():
+    torch.manual_seed(4)
+    seqs64 = [torch.randn(2, t, 6, dtype=torch.float64) for t in LENGTHS]
+    layer = ZoomShift(6, 2, dtype=torch.float32)
+    assert layer.dtype == torch.float32 and layer.state_dict() == {}
+    with pytest.raises(TypeError, match=r"xs\[0\] has dtype torch.float64 but the layer's dtype is torch.float32"):
+        layer(seqs64)
+    assert layer.double().dtype == torch.float64
+    assert layer(seqs64).dtype == torch.float64
+    assert layer.to(torch.float16).dtype == torch.float16
+    assert copy.deepcopy(layer).dtype == torch.float16
+    free = ZoomShift(6, 2)
+    assert free.dtype is None and free.double().dtype is None  # no dtype: follows the inputs
+    with pytest.raises(TypeError, match=r"xs\[1\] has dtype torch.float32 but xs\[0\] has dtype torch.float64"):
+        free([seqs64[0], seqs64[1].float()])
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch\.dtype or None, got 'float32'"):
+        ZoomShift(6, 2, dtype="float32")
+    with pytest.raises(TypeError, match=r"floating torch\.dtype"):
+        ZoomShift(6, 2, dtype=torch.int64)
+
+
+def test_guided_zoomshift_refuses_a_sample_without_tokens_like_zoomshift():
+    """One fully masked sample would make its statistics NaN, and the NaN would reach every
+    parameter's gradient: refused, as ZoomShift refuses it."""
+    torch.manual_seed(5)
+    seqs = [torch.randn(3, 4, 6) for _ in range(3)]
+    for m in (0, 2):  # the guide's sample, then another modality's
+        masks = [torch.rand(3, 4) > 0.3 for _ in range(3)]
+        for k in masks:
+            k[:, 0] = True
+        masks[m][1] = False
+        for layer in (GuidedZoomShift(6, 3), ZoomShift(6, 3)):
+            with pytest.raises(ValueError, match=rf"masks\[{m}\] masks every token of .*sample"):
+                layer(seqs, masks=masks)
+        masks[m][1, 2] = True
+        assert torch.isfinite(GuidedZoomShift(6, 3)(seqs, masks=masks)).all()
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: LowRankFusion([4.7, 3], 6, 2), TypeError, r"in_dims\[0\] must be a positive integer, got float 4.7"),
+        (lambda: LowRankFusion("43", 6, 2), TypeError, "in_dims must be a sequence of ints"),
+        (lambda: LowRankFusion([True, 3], 6, 2), TypeError, r"in_dims\[0\] must be a positive integer, got bool"),
+        (lambda: LowRankFusion([4, 0], 6, 2), ValueError, r"in_dims\[1\] must be a positive integer, got 0"),
+        (lambda: LowRankFusion([4, 3], 6, 2.5), TypeError, "rank must be a positive integer, got float 2.5"),
+        (lambda: LowRankFusion([4, 3], 6, 2, append_one="no"), TypeError, "append_one must be True or False, got str 'no'"),
+        (lambda: CPFusion([4, 3], 6, 2, bias=1), TypeError, "bias must be True or False, got int 1"),
+        (lambda: TensorFusion([4, 3], 6, append_one=None), TypeError, "append_one must be True or False"),
+        (lambda: WanderAdapter((6, 6), LENGTHS, 3, 2, 2, bias="yes"), TypeError, "bias must be True or False"),
+        (lambda: ZoomShift(6, 2, hub=1.7), TypeError, "hub must be an integer modality index, got float 1.7"),
+        (lambda: ZoomShift(6, 2, hub=2), ValueError, "hub=2 is out of range for 2 modalities"),
+        (lambda: GuidedZoomShift(6, 2, guide=1.7), TypeError, "guide must be an integer modality index"),
+        (lambda: GuidedZoomShift(6, 2, guide=-3), ValueError, "guide=-3 is out of range for 2 modalities"),
+    ],
+)
+def test_constructor_arguments_are_checked_not_coerced(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_numpy_integers_and_bools_are_accepted():
+    layer = LowRankFusion([np.int64(4), 3], np.int32(6), 2, append_one=np.bool_(False))
+    assert layer.in_dims == (4, 3) and layer.out_dim == 6 and layer.append_one is False
+    assert ZoomShift(6, 3, hub=np.int64(-1)).hub == 2
+
+
+def test_masks_must_be_a_list_and_from_cp_checks_the_bias():
+    torch.manual_seed(6)
+    seqs = [torch.randn(2, t, 6) for t in LENGTHS]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    for layer in (ZoomShift(6, 2), GuidedZoomShift(6, 2), WanderAdapter((6, 6), LENGTHS, 3, 2, 2)):
+        with pytest.raises(TypeError, match="masks must be a list of 2 boolean"):
+            layer(seqs, masks=mask)
+        with pytest.raises(ValueError, match=r"masks must have one entry per modality \(2\), got 1"):
+            layer(seqs, masks=[mask])
+    a, c = torch.randn(5, 2), torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"bias must have shape \(h,\) = \(3,\) .* got \(4,\)"):
+        CPFusion.from_cp((None, [a, a, c]), bias=torch.ones(4))
+    layer = CPFusion.from_cp((None, [a.numpy(), a.numpy(), c.numpy()]), bias=np.arange(3.0, dtype=np.float32))
+    assert torch.equal(layer.bias.detach(), torch.arange(3.0))
