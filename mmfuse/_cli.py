@@ -33,6 +33,16 @@ class MissingDependency(RuntimeError):
     pass
 
 
+class UsageError(SystemExit):
+    """A bad command line: the message goes to stderr and the exit status is 2, as for
+    argparse's own errors (status 1 means a mismatch or failure found by ``verify``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2
+        print(message, file=sys.stderr)
+
+
 def require(module: str) -> Any:
     """Import ``module`` or fail with the extra that installs it."""
     try:
@@ -181,6 +191,7 @@ def verify_rows(
     from mmfuse.testing import default_rtol
 
     jobs = []
+    unverified = []
     for op in ops:
         registered = backends.available(op)
         assert isinstance(registered, list)
@@ -190,6 +201,19 @@ def verify_rows(
             for ns in namespaces:
                 for dtype in ("float32", "float64"):
                     jobs.append((op, b, ns, dtype))
+        # a backend asked for by name that cannot run here says so, rather than vanishing
+        for b in backends_wanted or ():
+            if b == "reference" or b not in registered:
+                unverified.append(
+                    {
+                        "op": op,
+                        "backend": b,
+                        "namespace": "-",
+                        "dtype": "-",
+                        "status": "skipped",
+                        "detail": _not_verified(b, op),
+                    }
+                )
     bar = Progress(len(jobs), "verify", enabled=progress)
     rows = []
     for op, b, ns, dtype in jobs:
@@ -219,7 +243,19 @@ def verify_rows(
                 )
         rows.append(row)
         bar.step(f"{op}/{b}/{ns}")
-    return rows
+    return rows + unverified
+
+
+def _not_verified(backend: str, op: str) -> str:
+    """Why ``verify`` checks nothing for a backend asked for by name."""
+    from mmfuse import backends
+
+    if backend == "reference":
+        return "the reference is the oracle the others are checked against"
+    reason = backends.unavailable().get(backend)
+    if reason is not None:
+        return f"not available here: {reason}"[:100]
+    return f"{backend} has no implementation of {op}"
 
 
 def _tensorly_rows(seed: int) -> list[dict[str, Any]]:
@@ -254,10 +290,16 @@ def _tensorly_rows(seed: int) -> list[dict[str, Any]]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from mmfuse._config import BACKEND_NAMES
     from mmfuse._problems import OPS
 
     ops = _check_choices(args.ops, OPS, "op")
-    rows = verify_rows(ops, args.backends, args.namespaces, args.seed, not args.no_progress)
+    wanted = (
+        _check_choices(args.backends, [b for b in BACKEND_NAMES if b != "auto"], "backend")
+        if args.backends
+        else None
+    )
+    rows = verify_rows(ops, wanted, args.namespaces, args.seed, not args.no_progress)
     if "cp_fusion" in ops:
         rows += _tensorly_rows(args.seed)
     print(_table(rows, ["op", "backend", "namespace", "dtype", "status", "detail"]))
@@ -273,10 +315,10 @@ def _check_choices(given: Sequence[str] | None, valid: Iterable[str], what: str)
         return valid
     unknown = [g for g in given if g not in valid]
     if unknown:
-        raise SystemExit(
+        raise UsageError(
             f"mmfuse: unknown {what} {', '.join(map(repr, unknown))}; valid {what}s: {', '.join(valid)}"
         )
-    return list(given)
+    return list(dict.fromkeys(given))
 
 
 # --------------------------------------------------------------------------- bench

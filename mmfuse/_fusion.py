@@ -7,6 +7,7 @@ registry and calls it.  The maths lives in :mod:`mmfuse._core.fusion` (Array-API
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,11 +16,13 @@ import numpy as np
 
 from . import reference
 from ._core import fusion as core
-from ._namespace import array_namespace, from_numpy
+from ._namespace import array_namespace, from_numpy, not_an_array
 from ._validation import (
     as_sequence,
+    check_bool_option,
     check_modalities,
     check_ndim,
+    check_positive_int,
     check_present,
     check_same_float_dtype,
     common_namespace,
@@ -39,7 +42,8 @@ __all__ = [
 ]
 
 #: Default ceiling on the elements of TFN's weight and of each intermediate (2**27, i.e.
-#: 512 MiB in float32).  Raise it per call with ``max_elements=``.
+#: 512 MiB in float32), in ``tensor_fusion`` and ``lowrank_to_tensor``.  Raise it per call
+#: with ``max_elements=``.
 DEFAULT_MAX_ELEMENTS = 2**27
 
 
@@ -55,7 +59,7 @@ def _check_vector(xp: Any, v: Any, name: str, length: int, label: str) -> None:
     if v is None:
         return
     if not array_api_compat.is_array_api_obj(v):
-        raise TypeError(f"{name} must be an array, got {type(v).__name__}")
+        raise not_an_array(name, v)
     if tuple(v.shape) != (length,):
         raise ValueError(f"{name} must have shape ({label},) = ({length},), got {fmt_shape(v.shape)}")
 
@@ -86,8 +90,6 @@ def _check_tensor_fusion(
         )
     out_dim = weight.shape[-1]
     _check_vector(xp, bias, "bias", out_dim, "h")
-    if not isinstance(max_elements, int) or max_elements < 1:
-        raise ValueError(f"max_elements must be a positive int, got {max_elements!r}")
     w_size = int(np.prod(weight.shape))
     if w_size > max_elements:
         raise ValueError(
@@ -143,8 +145,10 @@ def tensor_fusion(
     ValueError
         Wrong shapes (the message names the argument and modality) or a size over
         ``max_elements``.
+        Also a ``max_elements`` that is not a positive integer.
     TypeError
-        Non-floating or mixed dtypes, or arrays from different namespaces.
+        Non-floating or mixed dtypes, arrays from different namespaces, a NumPy masked
+        array or matrix, or an ``append_one`` that is not a bool.
 
     Notes
     -----
@@ -181,6 +185,8 @@ def tensor_fusion(
     >>> mmfuse.tensor_fusion(xs, weight).shape
     (4, 5)
     """
+    append_one = check_bool_option("append_one", append_one)
+    max_elements = check_positive_int("max_elements", max_elements)
     xs = _check_tensor_fusion(xs, weight, bias, append_one, max_elements)
     impl = lookup("tensor_fusion", backend, like=xs[0])
     return impl(xs, weight, bias, append_one=append_one, max_elements=max_elements)
@@ -200,7 +206,7 @@ def _check_lowrank_factors(factors: Any, dims: Sequence[int] | None, append_one:
         )
     for m, f in enumerate(factors):
         if not array_api_compat.is_array_api_obj(f):
-            raise TypeError(f"factors[{m}] must be an array, got {type(f).__name__}")
+            raise not_an_array(f"factors[{m}]", f)
         check_ndim(f, 3, f"factors[{m}]", f"(R, {_mode_label(m, append_one)}, h)")
     rank, _, out_dim = factors[0].shape
     for m, f in enumerate(factors):
@@ -265,7 +271,9 @@ def lowrank_fusion(
         Wrong number of factors, factor rows not d_m + 1, differing ranks or output sizes,
         differing batch sizes, bad ``present`` shape, no modality.
     TypeError
-        Non-floating or mixed dtypes, non-boolean ``present``, mixed namespaces.
+        Non-floating or mixed dtypes, non-boolean ``present``, mixed namespaces, a NumPy
+        masked array or matrix (give missing modalities through ``present``), or an
+        ``append_one`` that is not a bool.
 
     Notes
     -----
@@ -304,6 +312,7 @@ def lowrank_fusion(
     >>> bool(np.allclose(mmfuse.lowrank_fusion(xs, **params), mmfuse.tensor_fusion(xs, full)))
     True
     """
+    append_one = check_bool_option("append_one", append_one)
     xs, batch = check_modalities(xs)
     factors = list(factors) if isinstance(factors, (list, tuple)) else factors
     rank, out_dim = _check_lowrank_factors(factors, [x.shape[1] for x in xs], append_one)
@@ -335,7 +344,7 @@ def _as_cp(cp: Any) -> tuple[Any, list[Any]]:
     factors = as_sequence(factors, "cp factors", min_len=2, what="factor")
     for i, f in enumerate(factors):
         if not array_api_compat.is_array_api_obj(f):
-            raise TypeError(f"cp factor {i} must be an array, got {type(f).__name__}")
+            raise not_an_array(f"cp factor {i}", f)
         check_ndim(f, 2, f"cp factor {i}", "(rows, R)")
     rank = factors[0].shape[1]
     for i, f in enumerate(factors):
@@ -386,7 +395,8 @@ def cp_fusion(
     ValueError
         Wrong number of factors (must be M + 1), factor rows not d_m + 1, differing ranks.
     TypeError
-        ``cp`` of the wrong type, non-floating or mixed dtypes, mixed namespaces.
+        ``cp`` of the wrong type, non-floating or mixed dtypes, mixed namespaces, a NumPy
+        masked array or matrix, or an ``append_one`` that is not a bool.
 
     Notes
     -----
@@ -409,6 +419,7 @@ def cp_fusion(
     >>> bool(np.allclose(y, mmfuse.lowrank_fusion(xs, *mmfuse.cp_to_lowrank(cp))))
     True
     """
+    append_one = check_bool_option("append_one", append_one)
     xs, batch = check_modalities(xs)
     weights, factors = _as_cp(cp)
     n = len(xs)
@@ -438,7 +449,9 @@ def cp_fusion(
 # --------------------------------------------------------------------------- converters
 
 
-def lowrank_to_tensor(factors: Sequence[Any], weights: Any = None) -> Any:
+def lowrank_to_tensor(
+    factors: Sequence[Any], weights: Any = None, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> Any:
     r"""The full TFN weight of a low-rank (LMF-layout) fusion.
 
     Parameters
@@ -446,15 +459,31 @@ def lowrank_to_tensor(factors: Sequence[Any], weights: Any = None) -> Any:
     factors : sequence of M arrays, shapes (R, D_m, h)
     weights : array, shape (R,), optional
         Default ones.
+    max_elements : int, default ``DEFAULT_MAX_ELEMENTS`` (2**27)
+        Refuse (ValueError) a full weight, or the (R, D_1 ... D_M, h) intermediate it is
+        summed from, with more elements than this, as :func:`tensor_fusion` does: the full
+        weight is exponential in M.
 
     Returns
     -------
     array, shape (D_1, ..., D_M, h)
+        In the factors' namespace, dtype and device.
+
+    Raises
+    ------
+    ValueError
+        Differing ranks or output sizes (the message names the factor), a wrong ``weights``
+        shape, a size over ``max_elements``, or a ``max_elements`` that is not a positive
+        integer.
+    TypeError
+        Non-array factors, non-floating or mixed dtypes, mixed namespaces, or a NumPy
+        masked array or matrix.
 
     Notes
     -----
     :math:`W_{i_1 \ldots i_M k} = \sum_r w_r \prod_m F_m[r, i_m, k]`: an outer product over the
     input modes, with the output mode shared (not a CP decomposition of the output mode).
+    ``lowrank_fusion`` computes the same map without ever building W.
 
     Examples
     --------
@@ -463,12 +492,30 @@ def lowrank_to_tensor(factors: Sequence[Any], weights: Any = None) -> Any:
     >>> mmfuse.lowrank_to_tensor(p["factors"], p["weights"]).shape
     (4, 3, 4)
     """
+    max_elements = check_positive_int("max_elements", max_elements)
     factors = as_sequence(factors, "factors")
-    rank, _ = _check_lowrank_factors(factors, None, True)
+    rank, out_dim = _check_lowrank_factors(factors, None, True)
     named = [*_named("factors", factors), ("weights", weights)]
     xp = common_namespace(named)
     check_same_float_dtype(xp, named)
     _check_vector(xp, weights, "weights", rank, "R")
+    dims = tuple(int(f.shape[1]) for f in factors)
+    shape = (*dims, out_dim)
+    size = math.prod(shape)
+    if size > max_elements:
+        raise ValueError(
+            f"lowrank_to_tensor: the full weight of shape {fmt_shape(shape)} has {size} elements, "
+            f"over max_elements={max_elements}; use lowrank_fusion (it never builds the full "
+            "weight), or raise max_elements"
+        )
+    if len(factors) > 1 and rank * size > max_elements:
+        # the core sums the rank terms of an (R, D_1 ... D_M, h) product
+        raise ValueError(
+            f"lowrank_to_tensor: building the full weight of shape {fmt_shape(shape)} from rank "
+            f"{rank} factors holds an intermediate of shape {fmt_shape((rank, *shape))} with "
+            f"{rank * size} elements, over max_elements={max_elements}; use lowrank_fusion "
+            "(it never builds the full weight), or raise max_elements"
+        )
     return core.lowrank_to_tensor(factors, weights)
 
 
@@ -540,6 +587,15 @@ def init_lowrank(
     dict
         ``{"factors": [M arrays (R, D_m, h)], "weights": (R,), "bias": (h,)}``.
 
+    Raises
+    ------
+    ValueError
+        ``dims`` empty, or a size (``dims[m]``, ``rank``, ``out_dim``) that is not a positive
+        integer (floats such as 2.7, strings and bools included).
+    TypeError
+        ``dims`` not a sequence, ``append_one`` not a bool, or ``dtype`` not a real floating
+        dtype.
+
     Notes
     -----
     Factors are drawn :math:`\mathcal N(0, 1 / D_m)` so each projection
@@ -553,24 +609,36 @@ def init_lowrank(
     >>> [f.shape for f in p["factors"]], p["weights"].shape, p["bias"].shape
     ([(3, 6, 2), (3, 8, 2)], (3,), (2,))
     """
-    dims = [int(d) for d in dims]
+    try:
+        dims = list(dims)
+    except TypeError:
+        raise TypeError(
+            f"dims must be a sequence of positive integers (one per modality), got {type(dims).__name__}"
+        ) from None
     if not dims:
         raise ValueError("dims must hold at least 1 modality, got 0")
-    for name, v in (("rank", rank), ("out_dim", out_dim), *((f"dims[{m}]", d) for m, d in enumerate(dims))):
-        if int(v) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v}")
-    rng = np.random.default_rng(seed)
-    extra = _extra(append_one)
-    factors = [rng.standard_normal((rank, d + extra, out_dim)) / np.sqrt(d + extra) for d in dims]
-    weights = np.full(rank, 1.0 / rank)
-    bias = np.zeros(out_dim)
+    dims = [check_positive_int(f"dims[{m}]", d) for m, d in enumerate(dims)]
+    rank = check_positive_int("rank", rank)
+    out_dim = check_positive_int("out_dim", out_dim)
+    append_one = check_bool_option("append_one", append_one)
     space = array_namespace(np.empty(0)) if xp is None else xp
     if dtype is None:  # the namespace's default floating dtype (float32 for torch)
         dtype = space.asarray(1.0).dtype
+    # the weights first: a tiny array whose dtype says whether ``dtype`` is a floating one
+    # (checked before drawing, so that a refused call leaves a passed Generator untouched)
+    weights = from_numpy(np.full(rank, 1.0 / rank), space, dtype=dtype, device=device)
+    if not array_namespace(weights).isdtype(weights.dtype, "real floating"):
+        raise TypeError(
+            f"dtype must be a real floating dtype (e.g. float32 or float64), got {weights.dtype}; "
+            "the fusions take floating parameters only"
+        )
+    rng = np.random.default_rng(seed)
+    extra = _extra(append_one)
+    factors = [rng.standard_normal((rank, d + extra, out_dim)) / np.sqrt(d + extra) for d in dims]
     return {
         "factors": [from_numpy(f, space, dtype=dtype, device=device) for f in factors],
-        "weights": from_numpy(weights, space, dtype=dtype, device=device),
-        "bias": from_numpy(bias, space, dtype=dtype, device=device),
+        "weights": weights,
+        "bias": from_numpy(np.zeros(out_dim), space, dtype=dtype, device=device),
     }
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "is_numpy",
     "is_torch",
     "namespace_name",
+    "not_an_array",
     "to_numpy",
     "tree_map",
 ]
@@ -52,7 +53,9 @@ def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Nam
     for i, a in present:
         label = names[i] if names is not None else f"argument {i}"
         if not array_api_compat.is_array_api_obj(a):
-            raise TypeError(f"{label} must be an array, got {type(a).__name__}")
+            raise not_an_array(label, a)
+        if type(a) is not np.ndarray and isinstance(a, np.ndarray):
+            _check_ndarray_subclass(a, label)
         spaces.append((label, array_api_compat.array_namespace(a)))
     first_label, xp = spaces[0]
     for label, other in spaces[1:]:
@@ -63,6 +66,40 @@ def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Nam
                 "convert all inputs to one namespace"
             )
     return xp
+
+
+def not_an_array(label: str, obj: Any) -> TypeError:
+    """The error for an argument that is not an array (``numpy.matrix`` explained: it is an
+    ndarray subclass that array_api_compat, and so mmfuse, does not count as an array)."""
+    if isinstance(obj, np.matrix):
+        return TypeError(
+            f"{label} is a numpy.matrix, whose * and indexing differ from ndarray's; "
+            "pass a plain array (numpy.asarray(x))"
+        )
+    return TypeError(f"{label} must be an array, got {type(obj).__name__}")
+
+
+def _check_ndarray_subclass(a: np.ndarray, label: str) -> None:
+    """Refuse the NumPy subclasses whose arithmetic differs from ndarray's.
+
+    ``numpy.ma.MaskedArray``: its reductions skip masked entries but divide by the full count
+    (``np.sum(..., out=)`` dispatches to ``MaskedArray.sum``), while the reference and the
+    compiled kernels read the raw data, so each path would give a different answer.
+    ``numpy.matrix``: ``*`` is a matrix product and indexing keeps two dimensions (today
+    array_api_compat already counts it as no array at all, see :func:`not_an_array`).  Other
+    subclasses (``numpy.memmap``, ...) compute like ndarray and pass.  Only reached for
+    subclasses, so plain arrays pay one ``type`` comparison.
+    """
+    ma = sys.modules.get("numpy.ma")  # not imported: no MaskedArray can exist
+    if ma is not None and isinstance(a, ma.MaskedArray):
+        raise TypeError(
+            f"{label} is a numpy.ma.MaskedArray, which mmfuse does not take: its mask would be "
+            "honoured by some code paths and ignored by others. Pass a plain array "
+            "(numpy.ma.getdata(x), or x.filled(value)) and mark missing entries with the "
+            "operation's mask / masks / present argument"
+        )
+    if isinstance(a, np.matrix):  # array_api_compat refuses it before this; in case that changes
+        raise not_an_array(label, a)
 
 
 def namespace_name(xp: Namespace) -> str:
@@ -156,12 +193,18 @@ def _all_torch(arrays: list[Array]) -> Namespace | None:
 
 
 def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
-    """Copy ``x`` into a new NumPy array (detaching torch tensors, leaving ``x`` untouched)."""
+    """Copy ``x`` into a new NumPy array (detaching torch tensors, leaving ``x`` untouched).
+
+    ``dtype=None`` keeps ``x``'s dtype, except that torch bfloat16 (which NumPy lacks) comes
+    back as float32, which holds every bfloat16 value exactly.
+    """
     if isinstance(x, np.ndarray):
         return np.array(x, dtype=dtype, copy=True)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:  # neither DLPack to NumPy nor __array__ take bfloat16
+            x = x.float()
     elif array_api_compat.is_cupy_array(x):
         x = x.get()
     elif hasattr(x, "compute") and array_api_compat.is_dask_array(x):

@@ -7,18 +7,22 @@ modality index where there is one, and the expected and actual shapes or dtypes.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
-from ._namespace import array_namespace, device_of
+from ._namespace import array_namespace, device_of, not_an_array
 
 __all__ = [
     "as_sequence",
     "check_bool",
+    "check_bool_option",
     "check_float",
     "check_ndim",
+    "check_positive_int",
     "check_same_float_dtype",
     "common_namespace",
     "fmt_shape",
@@ -56,6 +60,29 @@ def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
         if other is not None and dev is not None and other != dev:
             raise ValueError(f"{n} is on device {other!r} but {first_name} is on {dev!r}")
     return xp
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as a Python int >= 1; ValueError naming ``name`` otherwise.
+
+    Any integral number passes (``int``, ``numpy.int64``, anything registered as
+    :class:`numbers.Integral`); bools, floats (even ``3.0``) and strings do not.  The same
+    rule and message as the sequence layer's size checks (``init_wander``).
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_bool_option(name: str, value: Any) -> bool:
+    """``value`` as a Python bool: ``True``/``False`` or a NumPy bool; TypeError otherwise.
+
+    Options like ``append_one`` are not truth-tested, so that ``"no"`` or ``0`` is an error
+    rather than silently meaning True or False.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def check_float(xp: Any, x: Any, name: str) -> None:
@@ -100,7 +127,7 @@ def check_modalities(
     xs = as_sequence(xs, name)
     for m, x in enumerate(xs):
         if not array_api_compat.is_array_api_obj(x):
-            raise TypeError(f"{name}[{m}] must be an array, got {type(x).__name__}")
+            raise not_an_array(f"{name}[{m}]", x)
         check_ndim(x, ndim, f"{name}[{m}]", layout)
     batch = xs[0].shape[0]
     for m, x in enumerate(xs[1:], start=1):

@@ -31,6 +31,12 @@ def per_batch_chunk(
     import dask.array as da
     import numpy as np
 
+    # Every axis but the batch is handed whole to each task, and the params are small: give
+    # them one chunk each up front.  Left to ``blockwise``, chunked non-batch axes multiply its
+    # count of block combinations (it warns "Increasing number of chunks by factor of ...",
+    # an error under filterwarnings=error) before ``concatenate=True`` joins them again.
+    batched = [_whole(x, from_axis=1) for x in batched]
+    params = [None if p is None else _whole(p, from_axis=0) for p in params]
     letters = iter(string.ascii_lowercase.replace("b", ""))
     args: list[Any] = []
     for x in batched:
@@ -52,3 +58,11 @@ def per_batch_chunk(
         dtype=dtype,
         meta=np.empty((0,) * (1 + len(tail)), dtype=dtype),
     )
+
+
+def _whole(x: Any, *, from_axis: int) -> Any:
+    """``x`` with axes ``from_axis`` onwards in one chunk each (``x`` itself if they are)."""
+    numblocks = getattr(x, "numblocks", None)
+    if numblocks is None or all(n == 1 for n in numblocks[from_axis:]):
+        return x
+    return x.rechunk(dict.fromkeys(range(from_axis, x.ndim), -1))

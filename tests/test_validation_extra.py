@@ -1,0 +1,353 @@
+"""Input validation and namespace edge cases: torch bfloat16 on the reference path, NumPy
+subclasses that change arithmetic, lowrank_to_tensor's size guard, option types, Dask
+parameter chunks, and ``mmfuse verify`` with unknown or unavailable backends."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import mmfuse
+import mmfuse.reference as ref
+from mmfuse import _cli
+from mmfuse._namespace import to_numpy, tree_map
+from mmfuse._problems import OPS, make_problem
+from mmfuse.testing import assert_close, default_rtol
+
+# --------------------------------------------------------------------------- torch bfloat16
+
+
+def _leaves(obj):
+    return [leaf for o in obj for leaf in _leaves(o)] if isinstance(obj, (list, tuple)) else [obj]
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_reference_backend_takes_torch_bfloat16(op, rng):
+    torch = pytest.importorskip("torch")
+    args, kwargs = make_problem(op, seed=rng)
+
+    def to_bf16(a):
+        t = torch.from_numpy(np.array(a))
+        return t if a.dtype == np.bool_ else t.bfloat16()
+
+    def rounded(a):  # the values the bfloat16 inputs hold, exactly, in float64
+        return a if a.dtype == np.bool_ else to_bf16(a).double().numpy()
+
+    b_args, b_kwargs = tree_map(to_bf16, args), tree_map(to_bf16, kwargs)
+    got = _leaves(getattr(mmfuse, op)(*b_args, **b_kwargs, backend="reference"))
+    want = _leaves(getattr(ref, op)(*tree_map(rounded, args), **tree_map(rounded, kwargs)))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert isinstance(g, torch.Tensor)
+        # the float64 reference rounded once to bfloat16
+        assert_close(g, w, xp=torch, dtype=torch.bfloat16, device=torch.device("cpu"), rtol=1e-2)
+
+
+def test_to_numpy_converts_torch_bfloat16_exactly(rng):
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((4, 6))).bfloat16().requires_grad_()
+    kept = to_numpy(x, dtype=None)
+    assert kept.dtype == np.float32  # NumPy has no bfloat16; float32 holds it exactly
+    np.testing.assert_array_equal(kept, x.detach().float().numpy())
+    np.testing.assert_array_equal(to_numpy(x), x.detach().double().numpy())
+    assert x.dtype == torch.bfloat16 and x.requires_grad  # untouched
+
+
+def test_assert_close_compares_bfloat16_with_its_tolerance(rng):
+    torch = pytest.importorskip("torch")
+    assert default_rtol(torch.bfloat16) == 5e-2
+    want = rng.uniform(1.0, 2.0, size=(3, 5))
+    close = torch.from_numpy(want * (1 + 0.02)).bfloat16()  # ~2% off: within bfloat16's 5e-2
+    assert_close(close, want, dtype=torch.bfloat16)
+    far = torch.from_numpy(want * 1.3).bfloat16()
+    with pytest.raises(AssertionError, match=r"values differ.*rtol=0\.05"):
+        assert_close(far, want)
+
+
+# --------------------------------------------------------------------------- ndarray subclasses
+
+
+def _lowrank_problem(rng, dims=(4, 3), rank=3, out_dim=2, batch=6):
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    p = mmfuse.init_lowrank(list(dims), rank=rank, out_dim=out_dim, seed=rng, dtype=np.float64)
+    p["weights"] = rng.standard_normal(rank)
+    p["bias"] = rng.standard_normal(out_dim)
+    return xs, p
+
+
+def _masked(a, rng):
+    return np.ma.MaskedArray(a, mask=rng.random(a.shape) < 0.3)
+
+
+@pytest.mark.parametrize("backend", ["array_api", "reference", None])
+def test_masked_array_input_is_rejected_naming_the_argument(backend, rng):
+    xs, p = _lowrank_problem(rng)
+    want = ref.lowrank_fusion(xs, **p)
+    # plain and read-only arrays (and harmless subclasses) still go through
+    readonly = [x.copy() for x in xs]
+    for x in readonly:
+        x.setflags(write=False)
+    assert_close(mmfuse.lowrank_fusion(readonly, **p, backend=backend), want)
+    masked = [xs[0], _masked(xs[1], rng)]
+    with pytest.raises(TypeError, match=r"xs\[1\] is a numpy\.ma\.MaskedArray.*present"):
+        mmfuse.lowrank_fusion(masked, **p, backend=backend)
+    factors = [_masked(p["factors"][0], rng), p["factors"][1]]
+    with pytest.raises(TypeError, match=r"factors\[0\] is a numpy\.ma\.MaskedArray"):
+        mmfuse.lowrank_fusion(xs, factors, p["weights"], p["bias"], backend=backend)
+    x = rng.standard_normal((3, 5, 4))
+    with pytest.raises(TypeError, match=r"^x is a numpy\.ma\.MaskedArray.*mask"):
+        mmfuse.moments(_masked(x, rng), backend=backend)
+    guide = rng.standard_normal((3, 7, 4))
+    with pytest.raises(TypeError, match=r"numpy\.ma\.MaskedArray"):
+        mmfuse.zoom_shift(x, _masked(guide, rng), backend=backend)
+
+
+def test_masked_array_with_no_mask_set_is_still_rejected(rng):
+    # even np.ma.asarray(x) (mask all False) switches np.sum(..., out=) to MaskedArray.sum
+    x = rng.standard_normal((2, 6, 3))
+    with pytest.raises(TypeError, match=r"x is a numpy\.ma\.MaskedArray"):
+        mmfuse.moments(np.ma.asarray(x))
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_numpy_matrix_input_is_rejected(rng):
+    xs, p = _lowrank_problem(rng)
+    weight = ref.lowrank_to_tensor(p["factors"], p["weights"])
+    with pytest.raises(TypeError, match=r"xs\[0\] is a numpy\.matrix"):
+        mmfuse.tensor_fusion([np.asmatrix(xs[0]), xs[1]], weight)
+    with pytest.raises(TypeError, match=r"xs\[1\] is a numpy\.matrix"):
+        mmfuse.lowrank_fusion([xs[0], np.asmatrix(xs[1])], **p)
+
+
+def test_memmap_inputs_still_work(tmp_path, rng):
+    xs, p = _lowrank_problem(rng)
+    mapped = []
+    for m, x in enumerate(xs):
+        mm = np.memmap(tmp_path / f"x{m}.dat", dtype=x.dtype, mode="w+", shape=x.shape)
+        mm[...] = x
+        mapped.append(mm)
+    assert_close(mmfuse.lowrank_fusion(mapped, **p), ref.lowrank_fusion(xs, **p))
+    masked = [_masked(xs[0], rng), xs[1]]
+    with pytest.raises(TypeError, match=r"MaskedArray"):
+        mmfuse.cp_fusion(masked, mmfuse_cp(rng, xs))
+
+
+def mmfuse_cp(rng, xs, rank=3, out_dim=2):
+    return (
+        rng.standard_normal(rank),
+        [rng.standard_normal((x.shape[1] + 1, rank)) for x in xs] + [rng.standard_normal((out_dim, rank))],
+    )
+
+
+# --------------------------------------------------------------------------- lowrank_to_tensor guard
+
+
+def test_lowrank_to_tensor_refuses_sizes_over_max_elements(rng):
+    factors = [rng.standard_normal((2, d, 3)) for d in (5, 4, 6)]  # full (5, 4, 6, 3): 360
+    weights = rng.standard_normal(2)
+    want = ref.lowrank_to_tensor(factors, weights)
+    assert_close(mmfuse.lowrank_to_tensor(factors, weights, max_elements=np.int64(720)), want)
+    with pytest.raises(
+        ValueError,
+        match=r"lowrank_to_tensor: building the full weight of shape "
+        r"\(5, 4, 6, 3\).*\(2, 5, 4, 6, 3\) with 720 elements, over max_elements=719",
+    ):
+        mmfuse.lowrank_to_tensor(factors, weights, max_elements=719)
+    with pytest.raises(
+        ValueError,
+        match=r"lowrank_to_tensor: the full weight of shape \(5, 4, 6, 3\) "
+        r"has 360 elements, over max_elements=359; use lowrank_fusion",
+    ):
+        mmfuse.lowrank_to_tensor(factors, weights, max_elements=359)
+    for bad in (0, True, 2.0**40, "big"):
+        with pytest.raises(ValueError, match=r"max_elements must be a positive integer"):
+            mmfuse.lowrank_to_tensor(factors, weights, max_elements=bad)
+    # the review's case: ~60 GiB of float64, refused by the default before any allocation
+    with pytest.raises(
+        ValueError,
+        match=r"\(2000, 2000, 2000, 2000, 1\) has 16000000000000 elements, "
+        r"over max_elements=134217728",
+    ):
+        mmfuse.lowrank_to_tensor([np.ones((1, 2000, 1))] * 4)
+
+
+def test_lowrank_to_tensor_max_elements_is_keyword_only_with_the_default():
+    param = inspect.signature(mmfuse.lowrank_to_tensor).parameters["max_elements"]
+    assert param.kind is inspect.Parameter.KEYWORD_ONLY
+    assert param.default == mmfuse.DEFAULT_MAX_ELEMENTS == 2**27
+    assert "max_elements" in (mmfuse.lowrank_to_tensor.__doc__ or "")
+
+
+# --------------------------------------------------------------------------- option types
+
+
+def test_max_elements_takes_numpy_integers_and_refuses_bools(rng):
+    xs, p = _lowrank_problem(rng)
+    weight = ref.lowrank_to_tensor(p["factors"], p["weights"])
+    want = ref.tensor_fusion(xs, weight, p["bias"])
+    for ok in (np.int64(10**9), np.uint32(10**6), 10**9):
+        assert_close(mmfuse.tensor_fusion(xs, weight, p["bias"], max_elements=ok), want)
+    for bad in (True, False, np.bool_(True), 1e9, "1000", 0, -3):
+        with pytest.raises(ValueError, match=r"^max_elements must be a positive integer, got "):
+            mmfuse.tensor_fusion(xs, weight, p["bias"], max_elements=bad)
+
+
+def test_append_one_must_be_a_bool_numpy_bools_included(rng):
+    xs, p = _lowrank_problem(rng)
+    weight = ref.lowrank_to_tensor(p["factors"], p["weights"])
+    cp = mmfuse_cp(rng, xs)
+    calls = [
+        lambda a: mmfuse.tensor_fusion(xs, weight, append_one=a),
+        lambda a: mmfuse.lowrank_fusion(xs, **p, append_one=a),
+        lambda a: mmfuse.cp_fusion(xs, cp, append_one=a),
+        lambda a: mmfuse.init_lowrank([4, 3], rank=2, out_dim=2, append_one=a),
+    ]
+    for bad in ("no", "False", 0, 1, None, np.array(True)):
+        for call in calls:
+            with pytest.raises(TypeError, match=r"^append_one must be a bool \(True or False\), got "):
+                call(bad)
+    for flag in (np.bool_(True), np.bool_(False)):
+        params = mmfuse.init_lowrank([4, 3], rank=2, out_dim=3, seed=rng, append_one=flag)
+        assert params["factors"][0].shape == (2, 4 + bool(flag), 3)
+        got = mmfuse.lowrank_fusion(xs, **params, append_one=flag)
+        assert_close(got, ref.lowrank_fusion(xs, **params, append_one=bool(flag)))
+        cp = (
+            rng.standard_normal(2),
+            [rng.standard_normal((x.shape[1] + bool(flag), 2)) for x in xs] + [rng.standard_normal((3, 2))],
+        )
+        assert_close(mmfuse.cp_fusion(xs, cp, append_one=flag), ref.cp_fusion(xs, cp, append_one=bool(flag)))
+
+
+def test_append_one_numpy_bool_reaches_the_torch_ops_as_a_bool(rng):
+    torch = pytest.importorskip("torch")
+    xs, _ = _lowrank_problem(rng)
+    tp = mmfuse.init_lowrank([4, 3], rank=2, out_dim=3, seed=rng, xp=torch, dtype=torch.float64)
+    want = ref.lowrank_fusion(xs, **{k: tree_map(lambda t: t.numpy(), v) for k, v in tp.items()})
+    txs = [torch.from_numpy(x) for x in xs]
+    got = mmfuse.lowrank_fusion(txs, **tp, append_one=np.bool_(True), backend="torch")
+    assert_close(got, want, xp=torch, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"^append_one must be a bool"):
+        mmfuse.lowrank_fusion(txs, **tp, append_one=torch.tensor(True), backend="torch")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dims": [3, 2.7]}, r"dims\[1\] must be a positive integer, got 2\.7"),
+        ({"dims": ["3", 2]}, r"dims\[0\] must be a positive integer, got '3'"),
+        ({"dims": [3, True]}, r"dims\[1\] must be a positive integer, got True"),
+        ({"dims": [3, np.float64(2.0)]}, r"dims\[1\] must be a positive integer, got np\.float64\(2\.0\)"),
+        ({"rank": 2.5}, r"rank must be a positive integer, got 2\.5"),
+        ({"rank": True}, r"rank must be a positive integer, got True"),
+        ({"out_dim": 4.0}, r"out_dim must be a positive integer, got 4\.0"),
+        ({"out_dim": np.float32(3.0)}, r"out_dim must be a positive integer, got np\.float32\(3\.0\)"),
+    ],
+)
+def test_init_lowrank_rejects_non_integer_sizes(kwargs, message):
+    args = {"dims": [3, 2], "rank": 2, "out_dim": 4, **kwargs}
+    with pytest.raises(ValueError, match="^" + message):
+        mmfuse.init_lowrank(args.pop("dims"), **args, seed=0)
+
+
+def test_init_lowrank_takes_numpy_integer_sizes_but_not_a_bare_int(rng):
+    p = mmfuse.init_lowrank(np.array([3, 5]), rank=np.int32(2), out_dim=np.int64(4), seed=rng)
+    assert [f.shape for f in p["factors"]] == [(2, 4, 4), (2, 6, 4)]
+    with pytest.raises(TypeError, match=r"^dims must be a sequence of positive integers .*got int"):
+        mmfuse.init_lowrank(3, rank=2, out_dim=4, seed=rng)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_, "int16"])
+def test_init_lowrank_rejects_non_floating_dtypes(dtype, rng):
+    gen = np.random.default_rng(rng.integers(2**32))
+    state = gen.bit_generator.state
+    with pytest.raises(TypeError, match=r"^dtype must be a real floating dtype .*got (int|bool)"):
+        mmfuse.init_lowrank([3, 2], rank=2, out_dim=4, seed=gen, dtype=dtype)
+    assert gen.bit_generator.state == state  # refused before drawing
+
+
+def test_init_lowrank_rejects_torch_integer_dtype(rng):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"^dtype must be a real floating dtype .*got torch\.int64"):
+        mmfuse.init_lowrank([3, 2], rank=2, out_dim=4, seed=rng, xp=torch, dtype=torch.int64)
+    p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=4, seed=rng, xp=torch, dtype=torch.bfloat16)
+    assert p["weights"].dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- Dask parameter chunks
+
+
+def test_dask_lowrank_fusion_with_parameters_chunked_off_the_batch_axis(rng):
+    da = pytest.importorskip("dask.array")
+    dims, rank, out_dim, batch = (6, 5, 4), 4, 3, 13
+    xs, p = _lowrank_problem(rng, dims=dims, rank=rank, out_dim=out_dim, batch=batch)
+    present = rng.random((batch, len(dims))) < 0.7
+    want = ref.lowrank_fusion(xs, **p, present=present)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = mmfuse.lowrank_fusion(
+            [da.from_array(x, chunks=(c, 2)) for x, c in zip(xs, (4, 6, 5))],
+            [da.from_array(f, chunks=(1, 2, 1)) for f in p["factors"]],
+            da.from_array(p["weights"], chunks=1),
+            da.from_array(p["bias"], chunks=1),
+            present=da.from_array(present, chunks=(5, 1)),
+        )
+        assert got.shape == (batch, out_dim)
+        assert got.numblocks[1] == 1
+        assert_close(got.compute(), want)
+
+
+# --------------------------------------------------------------------------- mmfuse verify
+
+
+def test_verify_unknown_backend_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        _cli.main(["verify", "--backends", "bogus", "--ops", "moments", "--no-progress"])
+    assert info.value.code == 2
+    assert "unknown backend 'bogus'; valid backends: array_api, reference, numba, cupy, torch" in str(
+        info.value
+    )
+    assert "valid backends" in capsys.readouterr().err
+
+
+def test_verify_unknown_backend_exits_2_from_the_command_line():
+    res = subprocess.run(
+        [sys.executable, "-m", "mmfuse", "verify", "--backends", "array_api", "bogus", "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "unknown backend 'bogus'" in res.stderr and "valid backends: array_api" in res.stderr
+    assert "passed" not in res.stdout  # nothing was run
+
+
+def test_verify_says_when_a_named_backend_cannot_run(monkeypatch, capsys):
+    from mmfuse.backends import _registry
+
+    # cupy as if not installed, whatever this machine has
+    monkeypatch.setitem(_registry._plugin_errors, "cupy", "ImportError: no CuPy in this test")
+    monkeypatch.setitem(_registry._IMPLS, "moments", {
+        k: v for k, v in _registry._IMPLS["moments"].items() if k != "cupy"
+    })  # fmt: skip
+    code = _cli.main(
+        [
+            "verify",
+            "--ops",
+            "moments",
+            "--backends",
+            "cupy",
+            "array_api",
+            "--namespaces",
+            "numpy",
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("moments")]
+    assert any("cupy" in line and "skipped" in line and "no CuPy in this test" in line for line in lines)
+    assert sum("array_api" in line and " ok " in line for line in lines) == 2
