@@ -21,6 +21,7 @@ from ._validation import (
     check_bool,
     check_modalities,
     check_ndim,
+    check_positive_int,
     check_same_float_dtype,
     common_namespace,
     fmt_shape,
@@ -477,17 +478,11 @@ def wander(
 # --------------------------------------------------------------------------- parameters
 
 
-def _positive(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
-
-
 def _check_sizes(
     dims: Sequence[int], lengths: Sequence[int], **sizes: Any
 ) -> tuple[list[int], list[int], dict[str, int]]:
-    dims = [_positive(f"dims[{m}]", d) for m, d in enumerate(dims)]
-    lengths = [_positive(f"lengths[{m}]", t) for m, t in enumerate(lengths)]
+    dims = [check_positive_int(f"dims[{m}]", d) for m, d in enumerate(dims)]
+    lengths = [check_positive_int(f"lengths[{m}]", t) for m, t in enumerate(lengths)]
     if not dims:
         raise ValueError("dims must hold at least 1 modality, got 0")
     if len(dims) != len(lengths):
@@ -495,7 +490,7 @@ def _check_sizes(
             f"dims and lengths must have one entry per modality: got {len(dims)} dims and "
             f"{len(lengths)} lengths"
         )
-    return dims, lengths, {k: _positive(k, v) for k, v in sizes.items()}
+    return dims, lengths, {k: check_positive_int(k, v) for k, v in sizes.items()}
 
 
 def wander_parameter_count(

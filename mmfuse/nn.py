@@ -36,13 +36,14 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import _fusion
 from ._core import align as align_core
+from ._core import fusion as _core_fusion
 from ._fusion import DEFAULT_MAX_ELEMENTS
+from ._validation import check_bool_option, check_positive_int
 from .backends import torch as _ops  # registers the mmfuse::* custom operators
 
 __all__ = ["CPFusion", "GuidedZoomShift", "LowRankFusion", "TensorFusion", "WanderAdapter", "ZoomShift"]
@@ -65,23 +66,7 @@ def _check_dims(in_dims: Sequence[int]) -> tuple[int, ...]:
         raise TypeError("in_dims must be a sequence of ints (one per modality), got str")
     if not in_dims:
         raise ValueError("in_dims must hold at least 1 modality, got 0")
-    return tuple(_check_positive(f"in_dims[{m}]", d) for m, d in enumerate(in_dims))
-
-
-def _check_positive(name: str, value: int) -> int:
-    """``value`` as an int: an integer (Python or NumPy, not bool) of at least 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_flag(name: str, value: Any) -> bool:
-    """``value`` as a bool: True or False (Python or NumPy), nothing truthy."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
+    return tuple(check_positive_int(f"in_dims[{m}]", d) for m, d in enumerate(in_dims))
 
 
 def _check_index(name: str, value: Any, n: int) -> int:
@@ -192,7 +177,7 @@ def _factory(device: Any, dtype: Any) -> dict[str, Any]:
 
 def _register_bias(module: nn.Module, bias: bool, out_dim: int, fk: dict[str, Any]) -> None:
     """An (h,) ``bias`` parameter, or a registered ``None`` (so ``layer.bias`` always exists)."""
-    if _check_flag("bias", bias):
+    if check_bool_option("bias", bias):
         module.bias = nn.Parameter(torch.empty(out_dim, **fk))
     else:
         module.register_parameter("bias", None)
@@ -221,9 +206,9 @@ class _RankedFusion(nn.Module):
         super().__init__()
         fk = _factory(device, dtype)
         self.in_dims = _check_dims(in_dims)
-        self.out_dim = _check_positive("out_dim", out_dim)
-        self.rank = _check_positive("rank", rank)
-        self.append_one = _check_flag("append_one", append_one)
+        self.out_dim = check_positive_int("out_dim", out_dim)
+        self.rank = check_positive_int("rank", rank)
+        self.append_one = check_bool_option("append_one", append_one)
         self.factors = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, **fk)) for shape in self._factor_shapes()]
         )
@@ -506,7 +491,9 @@ class TensorFusion(nn.Module):
     append_one : bool, default True
     bias : bool, default True
     max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS``
-        Refuse (ValueError, at construction) a weight with more elements than this.
+        Refuse (ValueError) a weight with more elements than this, at construction, and a
+        batch whose mode-by-mode contraction would leave an intermediate that large, at call
+        time (eager and compiled alike).
     device, dtype : optional
 
     Attributes
@@ -537,9 +524,9 @@ class TensorFusion(nn.Module):
         super().__init__()
         fk = _factory(device, dtype)
         self.in_dims = _check_dims(in_dims)
-        self.out_dim = _check_positive("out_dim", out_dim)
-        self.append_one = _check_flag("append_one", append_one)
-        self.max_elements = _check_positive("max_elements", max_elements)
+        self.out_dim = check_positive_int("out_dim", out_dim)
+        self.append_one = check_bool_option("append_one", append_one)
+        self.max_elements = check_positive_int("max_elements", max_elements)
         shape = (*(d + int(self.append_one) for d in self.in_dims), self.out_dim)
         size = math.prod(shape)
         if size > self.max_elements:
@@ -568,7 +555,15 @@ class TensorFusion(nn.Module):
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs)
         xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
-        if _compiling():
+        if _compiling():  # the functional API's size check, worded without the batch size,
+            # which is symbolic under dynamic shapes (Dynamo cannot format it)
+            per_sample = max(_core_fusion.intermediate_sizes(1, tuple(self.weight.shape[:-1]), self.out_dim))
+            if xs[0].shape[0] * per_sample > self.max_elements:
+                raise ValueError(
+                    f"TensorFusion: a batch of more than {self.max_elements // per_sample} samples "
+                    f"leaves an intermediate over max_elements={self.max_elements} ({per_sample} "
+                    "elements per sample); fuse a smaller batch, use LowRankFusion, or raise max_elements"
+                )
             return _tensor_fusion_torch(xs, self.weight, self.bias, self.append_one)
         return _fusion.tensor_fusion(
             xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
@@ -693,17 +688,17 @@ class WanderAdapter(nn.Module):
 
         fk = _factory(device, dtype)
         self.in_dims = _check_dims(in_dims)
-        self.lengths = tuple(_check_positive(f"lengths[{m}]", t) for m, t in enumerate(lengths))
+        self.lengths = tuple(check_positive_int(f"lengths[{m}]", t) for m, t in enumerate(lengths))
         if len(self.lengths) != len(self.in_dims):
             raise ValueError(
                 f"in_dims and lengths must have one entry per modality: got {len(self.in_dims)} "
                 f"and {len(self.lengths)}"
             )
-        self.rank = _check_positive("rank", rank)
-        self.feature_rank = _check_positive("feature_rank", feature_rank)
-        self.token_rank = _check_positive("token_rank", token_rank)
-        self.out_dim = _check_positive("out_dim", self.in_dims[0] if out_dim is None else out_dim)
-        self.n_out = _check_positive("n_out", self.rank if n_out is None else n_out)
+        self.rank = check_positive_int("rank", rank)
+        self.feature_rank = check_positive_int("feature_rank", feature_rank)
+        self.token_rank = check_positive_int("token_rank", token_rank)
+        self.out_dim = check_positive_int("out_dim", self.in_dims[0] if out_dim is None else out_dim)
+        self.n_out = check_positive_int("n_out", self.rank if n_out is None else n_out)
         _sequence._check_mode(mode)
         _sequence._check_activation(activation)
         if residual not in _sequence.RESIDUALS:
@@ -724,8 +719,9 @@ class WanderAdapter(nn.Module):
         self.mode, self.activation, self.residual, self.init = mode, activation, residual, init
         r = self.rank
         self.down_weights = nn.ParameterList([nn.Parameter(torch.empty(d, r, **fk)) for d in self.in_dims])
+        with_bias = check_bool_option("bias", bias)
         self.down_biases = nn.ParameterList(
-            [nn.Parameter(torch.empty(r, **fk)) for _ in self.in_dims] if _check_flag("bias", bias) else []
+            [nn.Parameter(torch.empty(r, **fk)) for _ in self.in_dims] if with_bias else []
         )
         self.feature_factors = nn.ParameterList(
             [nn.Parameter(torch.empty(self.feature_rank, r, self.out_dim, **fk)) for _ in self.in_dims]
@@ -891,8 +887,8 @@ class ZoomShift(nn.Module):
         super().__init__()
         from . import _align
 
-        self.channels = _check_positive("channels", channels)
-        self.num_modalities = _check_positive("num_modalities", num_modalities)
+        self.channels = check_positive_int("channels", channels)
+        self.num_modalities = check_positive_int("num_modalities", num_modalities)
         if self.num_modalities < 2:
             raise ValueError(f"num_modalities must be at least 2, got {num_modalities}")
         _align._check_choice(fuse, "fuse", _align.FUSE_MODES)
@@ -1023,8 +1019,8 @@ class GuidedZoomShift(nn.Module):
         from . import _align
 
         fk = _factory(device, dtype)
-        self.channels = _check_positive("channels", channels)
-        self.num_modalities = _check_positive("num_modalities", num_modalities)
+        self.channels = check_positive_int("channels", channels)
+        self.num_modalities = check_positive_int("num_modalities", num_modalities)
         if self.num_modalities < 2:
             raise ValueError(f"num_modalities must be at least 2, got {num_modalities}")
         self.guide = _check_index("guide", guide, self.num_modalities)

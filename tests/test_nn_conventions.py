@@ -130,15 +130,15 @@ def test_guided_zoomshift_refuses_a_sample_without_tokens_like_zoomshift():
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
-        (lambda: LowRankFusion([4.7, 3], 6, 2), TypeError, r"in_dims\[0\] must be a positive integer, got float 4.7"),
+        (lambda: LowRankFusion([4.7, 3], 6, 2), ValueError, r"in_dims\[0\] must be a positive integer, got 4.7"),
         (lambda: LowRankFusion("43", 6, 2), TypeError, "in_dims must be a sequence of ints"),
-        (lambda: LowRankFusion([True, 3], 6, 2), TypeError, r"in_dims\[0\] must be a positive integer, got bool"),
+        (lambda: LowRankFusion([True, 3], 6, 2), ValueError, r"in_dims\[0\] must be a positive integer, got True"),
         (lambda: LowRankFusion([4, 0], 6, 2), ValueError, r"in_dims\[1\] must be a positive integer, got 0"),
-        (lambda: LowRankFusion([4, 3], 6, 2.5), TypeError, "rank must be a positive integer, got float 2.5"),
-        (lambda: LowRankFusion([4, 3], 6, 2, append_one="no"), TypeError, "append_one must be True or False, got str 'no'"),
-        (lambda: CPFusion([4, 3], 6, 2, bias=1), TypeError, "bias must be True or False, got int 1"),
-        (lambda: TensorFusion([4, 3], 6, append_one=None), TypeError, "append_one must be True or False"),
-        (lambda: WanderAdapter((6, 6), LENGTHS, 3, 2, 2, bias="yes"), TypeError, "bias must be True or False"),
+        (lambda: LowRankFusion([4, 3], 6, 2.5), ValueError, "rank must be a positive integer, got 2.5"),
+        (lambda: LowRankFusion([4, 3], 6, 2, append_one="no"), TypeError, r"append_one must be a bool \(True or False\), got 'no' \(str\)"),
+        (lambda: CPFusion([4, 3], 6, 2, bias=1), TypeError, r"bias must be a bool \(True or False\), got 1 \(int\)"),
+        (lambda: TensorFusion([4, 3], 6, append_one=None), TypeError, "append_one must be a bool"),
+        (lambda: WanderAdapter((6, 6), LENGTHS, 3, 2, 2, bias="yes"), TypeError, "bias must be a bool"),
         (lambda: ZoomShift(6, 2, hub=1.7), TypeError, "hub must be an integer modality index, got float 1.7"),
         (lambda: ZoomShift(6, 2, hub=2), ValueError, "hub=2 is out of range for 2 modalities"),
         (lambda: GuidedZoomShift(6, 2, guide=1.7), TypeError, "guide must be an integer modality index"),
@@ -170,3 +170,22 @@ def test_masks_must_be_a_list_and_from_cp_checks_the_bias():
         CPFusion.from_cp((None, [a, a, c]), bias=torch.ones(4))
     layer = CPFusion.from_cp((None, [a.numpy(), a.numpy(), c.numpy()]), bias=np.arange(3.0, dtype=np.float32))
     assert torch.equal(layer.bias.detach(), torch.arange(3.0))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_tensorfusion_refuses_an_oversized_batch_eager_and_compiled(compiled):
+    """max_elements bounds the intermediates at call time, also under torch.compile (which
+    does not go through the functional API's checks)."""
+    torch.manual_seed(8)
+    layer = TensorFusion((3, 4), 5, max_elements=100)  # weight (4, 5, 5): 100 elements
+    run = torch.compile(layer, fullgraph=True, backend="aot_eager") if compiled else layer
+    small = [torch.randn(4, 3), torch.randn(4, 4)]  # intermediate (4, 5, 5): 100
+    torch.testing.assert_close(run(small), layer(small))
+    message = (
+        r"a batch of more than 4 samples leaves an intermediate over max_elements=100 \(25 elements per sample\)"
+        if compiled else r"intermediate of shape \(5, 5, 5\) with 125 elements, over max_elements=100"
+    )
+    # under fullgraph Dynamo re-raises an error of the compiled region as its Unsupported
+    # ("Observed exception ... ValueError(...)"), with our message inside
+    with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match=message):
+        run([torch.randn(5, 3), torch.randn(5, 4)])
