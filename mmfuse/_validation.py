@@ -58,7 +58,7 @@ def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
         other = device_of(a)
         # Traced JAX values report no device; only compare devices both arrays know.
         if other is not None and dev is not None and other != dev:
-            raise ValueError(f"{n} is on device {other!r} but {first_name} is on {dev!r}")
+            raise ValueError(f"{n} is on device {other} but {first_name} is on {dev}")
     return xp
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import mmfuse
+from mmfuse import _config
 from mmfuse.backends import _registry, available, lookup, register
 
 
@@ -67,7 +68,7 @@ def test_env_var_read_at_first_use():
 
 def test_precedence_call_over_context_over_set_config():
     assert mmfuse.get_config()["backend"] in ("auto", "reference", "array_api")
-    before = mmfuse.get_config()
+    saved = _config._state.get()  # restored as is: values and where they came from
     try:
         mmfuse.set_config(backend="array_api")
         assert lookup("lowrank_fusion") is _registry._IMPLS["lowrank_fusion"]["array_api"].func
@@ -77,7 +78,7 @@ def test_precedence_call_over_context_over_set_config():
             assert lookup("lowrank_fusion", "array_api") is _registry._IMPLS["lowrank_fusion"]["array_api"].func
         assert mmfuse.get_config()["backend"] == "array_api"
     finally:
-        mmfuse.set_config(**before)
+        _config._state.set(saved)
 
 
 def test_config_errors():

@@ -351,3 +351,12 @@ def test_verify_says_when_a_named_backend_cannot_run(monkeypatch, capsys):
     lines = [line for line in out.splitlines() if line.startswith("moments")]
     assert any("cupy" in line and "skipped" in line and "no CuPy in this test" in line for line in lines)
     assert sum("array_api" in line and " ok " in line for line in lines) == 2
+
+
+def test_device_mismatch_names_the_devices_plainly():
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, generator=g)
+    factor = torch.empty(2, 4, 5, device="meta")
+    with pytest.raises(ValueError, match=r"^factors\[0\] is on device meta but xs\[0\] is on cpu$"):
+        mmfuse.lowrank_fusion([x], [factor])
