@@ -11,6 +11,7 @@ it.  The maths lives in :mod:`mmfuse._core.align` (Array-API core) and
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import array_api_compat
 
 from . import reference
 from ._core import align as core
+from ._namespace import array_namespace, device_of, is_jax, is_torch
 from ._validation import (
     as_sequence,
     check_bool,
@@ -256,7 +258,9 @@ def moments(
     ------
     ValueError
         ``axis`` is the batch axis or has a single entry, negative ``eps``, a mask of the
-        wrong shape or one that masks every token of a sample.
+        wrong shape or one that masks every token of a sample.  That last check reads the
+        mask's values, so Dask and JAX masks skip it: a sample with every token masked then
+        gets NaN statistics instead of an error.
     TypeError
         Non-floating x, non-boolean mask, mixed namespaces.
 
@@ -275,7 +279,20 @@ def moments(
         var = ((v - mean[b, 0, c]) ** 2).sum() / len(v)
         std[b, 0, c] = np.sqrt(var + eps)
 
-    On NumPy the batch is walked in cache-sized blocks, so x is read from memory once.
+    Numerics: every backend accumulates in at least float32 (the numba CPU kernels and the
+    reference in float64).  The Array-API core and the torch custom op use the shifted
+    two-pass algorithm: with :math:`p` the plain mean (a pivot) and :math:`d_t = x_t - p`,
+
+    .. math:: \mu = p + \frac{1}{n} \sum_t m_t d_t, \qquad
+              \mathrm{var} = \frac{1}{n} \sum_t m_t d_t^2 - (\mu - p)^2,
+
+    exact for any :math:`p` and accurate whatever the ratio of mean to spread (the rounded
+    float32 mean of data 1e4 + 1e-2 noise is off by a tenth of the spread; a plain two-pass
+    variance would carry the square of that).  Limit: float32 statistics overflow (inf or
+    NaN) when the spread exceeds about 1.8e19, since the variance exceeds float32's range
+    (over n tokens, from about 1.8e19 / sqrt(n), where the sum of squares does): compute in
+    float64 for such data.  On NumPy the batch is walked in cache-sized blocks, so x is read
+    from memory once.
 
     References
     ----------
@@ -307,10 +324,17 @@ def moments(
 # --------------------------------------------------------------------------- primitives
 
 
-def _check_operand(xp: Any, x: Any, v: Any, name: str) -> None:
-    """``v`` is a Python real or an array of x's namespace and dtype broadcasting to x."""
+def _check_operand(xp: Any, x: Any, v: Any, name: str) -> Any:
+    """``v`` is a real scalar or an array of x's namespace and dtype broadcasting to x.
+
+    Returns ``v``, with real scalars (Python or NumPy) as Python floats: NumPy 2 scalars are
+    not weakly typed, so ``np.float64(2.0)`` would promote a float32 x to float64.
+    """
     if isinstance(v, numbers.Real) and not isinstance(v, bool):
-        return
+        try:
+            return float(v)
+        except OverflowError:
+            raise ValueError(f"{name}={v!r} is too large for a floating-point number") from None
     _check_array(v, name)
     common_namespace([("x", x), (name, v)])
     check_same_float_dtype(xp, [("x", x), (name, v)])
@@ -324,6 +348,7 @@ def _check_operand(xp: Any, x: Any, v: Any, name: str) -> None:
             f"{name} of shape {fmt_shape(vs)} does not broadcast to x's shape "
             f"{fmt_shape(shape)} (e.g. statistics of shape (B, 1, C) for x of shape (B, T, C))"
         )
+    return v
 
 
 def zoom(x: Any, scale: Any, *, center: Any) -> Any:
@@ -333,10 +358,12 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
     ----------
     x : array
         Real floating features, e.g. (B, T, C).
-    scale : array or float
-        Broadcasts to x's shape, e.g. a (B, 1, C) ratio of standard deviations.
-    center : array or float
-        The fixed point of the zoom, e.g. x's own (B, 1, C) mean.
+    scale : array or real scalar
+        Broadcasts to x's shape, e.g. a (B, 1, C) ratio of standard deviations.  Real scalars
+        (Python or NumPy, e.g. ``np.float64(2.0)``) are taken as Python floats, so they never
+        change the result's dtype; an array, 0-d included, must have x's dtype.
+    center : array or real scalar
+        The fixed point of the zoom, e.g. x's own (B, 1, C) mean; scalars as for ``scale``.
 
     Returns
     -------
@@ -348,7 +375,8 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
     ValueError
         ``scale`` or ``center`` does not broadcast to x's shape.
     TypeError
-        Non-floating or mixed dtypes, mixed namespaces.
+        Non-floating x, an array operand (a 0-d one included) of another dtype or namespace,
+        a boolean operand.
 
     Notes
     -----
@@ -376,8 +404,8 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
     _check_array(x, "x")
     xp = common_namespace([("x", x)])
     check_same_float_dtype(xp, [("x", x)])
-    _check_operand(xp, x, scale, "scale")
-    _check_operand(xp, x, center, "center")
+    scale = _check_operand(xp, x, scale, "scale")
+    center = _check_operand(xp, x, center, "center")
     return core.zoom(x, scale, center=center)
 
 
@@ -388,8 +416,10 @@ def shift(x: Any, offset: Any) -> Any:
     ----------
     x : array
         Real floating features, e.g. (B, T, C).
-    offset : array or float
-        Broadcasts to x's shape, e.g. a (B, 1, C) step toward a guide's mean.
+    offset : array or real scalar
+        Broadcasts to x's shape, e.g. a (B, 1, C) step toward a guide's mean.  Real scalars
+        (Python or NumPy) are taken as Python floats, so they never change the result's
+        dtype; an array, 0-d included, must have x's dtype.
 
     Returns
     -------
@@ -401,7 +431,8 @@ def shift(x: Any, offset: Any) -> Any:
     ValueError
         ``offset`` does not broadcast to x's shape.
     TypeError
-        Non-floating or mixed dtypes, mixed namespaces.
+        Non-floating x, an array operand (a 0-d one included) of another dtype or namespace,
+        a boolean operand.
 
     Notes
     -----
@@ -428,7 +459,7 @@ def shift(x: Any, offset: Any) -> Any:
     _check_array(x, "x")
     xp = common_namespace([("x", x)])
     check_same_float_dtype(xp, [("x", x)])
-    _check_operand(xp, x, offset, "offset")
+    offset = _check_operand(xp, x, offset, "offset")
     return core.shift(x, offset)
 
 
@@ -462,7 +493,10 @@ def zoom_shift(
         The statistics axis (tokens); ``axis=-1`` for channel statistics (L = 1 fallback).
     mask, guide_mask : bool arrays, shapes (B, T) and (B, T_g), optional
         True for tokens that count in x's and the guide's statistics.  The map is applied to
-        every token of x, masked ones included; they just never influence it.
+        every token of x, masked ones included; they just never influence it.  So padding
+        must be finite (zeros, not NaN) for the output there, and for any gradient, to be
+        finite: under autograd a NaN token's ``0 * NaN`` reaches the statistics' gradients.
+        :func:`zoom_shift_fusion`, which never returns masked tokens, zeroes them itself.
     eps : float, default 1e-5
         Added to each variance inside the square root; 0 is allowed.
     backend : str, optional
@@ -477,7 +511,9 @@ def zoom_shift(
     ------
     ValueError
         Channel (or batch) mismatch, ``alpha`` outside (0, 1], negative ``eps``, masks of the
-        wrong shape or masking every token of a sample, ``axis`` on the batch.
+        wrong shape or masking every token of a sample, ``axis`` on the batch.  The all-masked
+        check reads the masks' values, so Dask and JAX masks skip it (such a sample gets NaN
+        statistics, and a NaN output).
     TypeError
         Non-floating or mixed dtypes, non-boolean masks, mixed namespaces.
 
@@ -582,7 +618,9 @@ def align(
     axis : int, default -2
         Statistics axis (tokens); ``axis=-1`` for channel statistics (L = 1 fallback).
     masks : sequence of M bool arrays (or None), shapes (B, T_m), optional
-        True for tokens that count in each modality's statistics.
+        True for tokens that count in each modality's statistics.  Every token is mapped,
+        masked ones included, so padding must be finite (zeros, not NaN) for the outputs
+        there, and for any gradient, to be finite (see :func:`zoom_shift`).
     eps : float, default 1e-5
         Added to each variance inside the square root; 0 is allowed.
     backend : str, optional
@@ -599,7 +637,9 @@ def align(
         Fewer than 2 modalities, channel or batch mismatch, ``alpha`` outside (0, 1], negative
         ``rounds`` or ``eps``, unknown ``schedule`` or ``topology``, ``hub`` out of range,
         masks of the wrong shape or masking every token of a sample, and ``rounds=None`` for
-        Jacobi consensus with M = 2 and alpha = 1 (no limit: the two swap every round).
+        Jacobi consensus with M = 2 and alpha = 1 (no limit: the two swap every round).  The
+        all-masked check reads the masks' values, so Dask and JAX masks skip it (such a
+        sample gets NaN statistics, and NaN outputs).
     TypeError
         Non-floating or mixed dtypes, non-integer ``rounds`` or ``hub``, mixed namespaces.
 
@@ -675,12 +715,35 @@ def align(
     xs, masks, rounds, alpha, hub, eps = _check_align(
         xs, rounds, alpha, schedule, topology, hub, axis, masks, eps
     )
+    return _run_align(xs, masks, rounds, alpha, schedule, topology, hub, axis, eps, backend)
+
+
+def _run_align(
+    xs: list[Any],
+    masks: list[Any] | None,
+    rounds: int | None,
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    axis: int,
+    eps: float,
+    backend: str | None,
+) -> list[Any]:
+    """:func:`align` on checked arguments."""
     impl = lookup("align", backend, like=xs[0])
     out = impl(
         xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
         axis=axis, masks=masks, eps=eps,
     )
     return list(out)
+
+
+def _zero_masked(x: Any, mask: Any) -> Any:
+    """x with its masked tokens set to 0 (a new array; ``mask`` is (B, T) for x (B, T, C))."""
+    xp = array_namespace(x)
+    zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
+    return xp.where(xp.reshape(mask, (*mask.shape, 1)), x, zero)
 
 
 # --------------------------------------------------------------------------- fusion
@@ -707,7 +770,10 @@ def zoom_shift_fusion(
     **align_options
         Keywords of :func:`align`: ``rounds``, ``alpha``, ``schedule``, ``topology``, ``hub``,
         ``axis``, ``masks``, ``eps``, ``backend``.  ``masks`` (B, T_m) also mask the pooling;
-        they are token masks, so they need the default ``axis=-2``.
+        they are token masks, so they need the default ``axis=-2``.  Masked tokens are
+        neither pooled nor returned, so any padding (NaN or inf included) is harmless: on
+        autograd namespaces (torch, JAX) they are zeroed before alignment, so gradients stay
+        finite too; the values are the same either way.
 
     Returns
     -------
@@ -718,7 +784,8 @@ def zoom_shift_fusion(
     ------
     ValueError
         Inputs not 3-dimensional, unknown ``fuse`` or ``pool``, masks with ``axis`` other
-        than -2, and everything :func:`align` refuses.
+        than -2, and everything :func:`align` refuses (Dask and JAX masks skip its
+        all-masked-sample check: such a sample pools to NaN).
     TypeError
         An unknown keyword, and everything :func:`align` refuses.
 
@@ -758,15 +825,33 @@ def zoom_shift_fusion(
                 f"xs[{m}] must be 3-dimensional with shape (B, T_m, C), got shape "
                 f"{fmt_shape(x.shape)}"
             )
-    masks = align_options.get("masks")
-    axis = align_options.get("axis", -2)
+    bound = _ALIGN_SIGNATURE.bind(seq, **align_options)  # TypeError for unknown keywords
+    bound.apply_defaults()
+    opts = bound.arguments
+    masks, axis = opts["masks"], opts["axis"]
     if masks is not None and not isinstance(axis, bool) and axis in (-1, 2):
         raise ValueError(
             "zoom_shift_fusion: masks are token masks (B, T_m) and need the default axis=-2; "
             f"got axis={axis}"
         )
-    aligned = align(seq, **align_options)
+    schedule, topology = opts["schedule"], opts["topology"]
+    seq, masks, rounds, alpha, hub, eps = _check_align(
+        seq, opts["rounds"], opts["alpha"], schedule, topology, opts["hub"], axis, masks, opts["eps"]
+    )
+    if masks is not None and _has_autograd(array_namespace(seq[0])):
+        # Masked tokens are mapped but never pooled: zeroed, NaN or inf padding cannot reach
+        # the gradients through 0 * NaN (values are unchanged: they never enter statistics).
+        seq = [x if k is None else _zero_masked(x, k) for x, k in zip(seq, masks)]
+    aligned = _run_align(seq, masks, rounds, alpha, schedule, topology, hub, axis, eps, opts["backend"])
     return core.zoom_shift_fusion(aligned, fuse_how=fuse, pool_how=pool, masks=masks)
+
+
+def _has_autograd(xp: Any) -> bool:
+    """Namespaces whose arrays may carry gradients (torch, JAX)."""
+    return bool(is_torch(xp) or is_jax(xp))
+
+
+_ALIGN_SIGNATURE = inspect.signature(align)
 
 
 # --------------------------------------------------------------------------- registration

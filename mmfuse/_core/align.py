@@ -4,9 +4,14 @@ Inputs arrive validated by the public layer (:mod:`mmfuse._align`).  Everything 
 steps per modality:
 
 1. the per-sample, per-channel statistics (mean and population variance over the statistics
-   axis, masked tokens excluded), computed in at least float32;
+   axis, masked tokens excluded), computed in at least float32 by the shifted two-pass
+   algorithm about a pivot ``p`` (see the statistics section: accurate whatever the ratio
+   of mean to spread; in float32 they overflow (inf / NaN) when the spread exceeds about
+   1.8e19, since the variance exceeds float32's range: compute in float64 for such data);
 2. one per-channel affine map ``y = S * x + T`` whose ``S`` and ``T`` come from a few small
-   ``(B, 1, C)`` computations on the statistics alone.
+   ``(B, 1, C)`` computations on the statistics alone, applied about the pivot as
+   ``(x - p) * S + (T + S p)`` (the folded form loses ``|S x|`` ulps when the mean dwarfs
+   the spread).
 
 Every zoom and shift is affine in x, so a round of alignment maps statistics to statistics
 exactly (mean ``mu -> S mu + T``, variance ``var -> S**2 var``): the rounds run on the
@@ -109,46 +114,59 @@ def _run_blocks(x: Any, work: Any) -> None:
 
 
 # --------------------------------------------------------------------------- statistics
+#
+# The shifted (corrected two-pass) algorithm.  Per sample and channel, with n the unmasked
+# tokens and p = sum(x) / n a first estimate of the mean (the pivot), d = x - p:
+#
+#     mean = p + sum(d) / n,    var = sum(d**2) / n - (sum(d) / n)**2
+#
+# exactly (for any p), and accurate whatever the mean-to-spread ratio: x - p is exact for
+# tokens near the mean, and the correction sum(d) / n recovers what the rounded p lost (a
+# float32 p of data 1e4 + 1e-2 noise is off by a tenth of the spread, and a plain two-pass
+# variance by the square of that).  Chan, Golub & LeVeque (1983) recommend this form.
+# Limit: float32 statistics overflow (inf / NaN) when the spread exceeds about 1.8e19, since
+# the variance then exceeds float32's range (and from about 1.8e19 / sqrt(n) on, where the
+# sum of squares does): compute in float64 for such data.
 
 
-def raw_moments(x: Any, axis: int, mask: Any = None) -> tuple[Any, Any]:
-    """Mean and population variance over ``axis`` (kept), masked tokens excluded.
+def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> tuple[Any, Any, Any, Any, Any]:
+    """``(mean, var, pivot, corr, dev)`` over ``axis`` (kept), masked tokens excluded.
 
-    ``axis`` is non-negative.  Computed in at least float32 (float16 / bfloat16 inputs are
-    cast for the reduction); returned in that statistics dtype.
+    ``mean = pivot + corr`` and ``x - mean = (x - pivot) - corr`` with ``x - pivot`` exact
+    near the mean, which the maps use.  ``dev`` is ``x - pivot`` (in the statistics dtype,
+    masked tokens included) when ``keep_dev`` and it is at hand, else None.  ``axis`` is
+    non-negative; everything is in the statistics dtype (at least float32).
     """
     xp = array_namespace(x)
     if _numpy_fast(xp, x):
-        return _raw_moments_numpy(x, axis, mask)
+        return _stats_numpy(x, axis, mask)
     dt = _stats_dtype(xp, x.dtype)
     xs = x if dt == x.dtype else xp.astype(x, dt)
     if mask is None:
-        count = float(x.shape[axis])
-        mean = xp.sum(xs, axis=axis, keepdims=True) / count
-        dev = xs - mean
-        var = xp.sum(dev * dev, axis=axis, keepdims=True) / count
-        return mean, var
-    m = _expand_mask(xp, mask, x.ndim)
-    zero = xp.zeros((), dtype=dt, device=device_of(x))
-    count = xp.sum(xp.astype(m, dt), axis=axis, keepdims=True)
-    mean = xp.sum(xp.where(m, xs, zero), axis=axis, keepdims=True) / count
-    dev = xp.where(m, xs - mean, zero)  # masked tokens (even inf or huge) never enter
-    var = xp.sum(dev * dev, axis=axis, keepdims=True) / count
-    return mean, var
+        count: Any = float(x.shape[axis])
+        pivot = xp.sum(xs, axis=axis, keepdims=True) / count
+        dev = xs - pivot
+        d = dev
+    else:
+        m = _expand_mask(xp, mask, x.ndim)
+        zero = xp.zeros((), dtype=dt, device=device_of(x))
+        count = xp.sum(xp.astype(m, dt), axis=axis, keepdims=True)
+        pivot = xp.sum(xp.where(m, xs, zero), axis=axis, keepdims=True) / count
+        dev = xs - pivot
+        d = xp.where(m, dev, zero)  # masked tokens (even inf or NaN) never enter
+    corr = xp.sum(d, axis=axis, keepdims=True) / count
+    var = xp.sum(d * d, axis=axis, keepdims=True) / count - corr * corr
+    var = xp.where(var < 0, 0.0, var)  # rounding can go below 0; NaN stays
+    return pivot + corr, var, pivot, corr, (dev if keep_dev else None)
 
 
-def _raw_moments_numpy(x: Any, axis: int, mask: Any) -> tuple[Any, Any]:
-    """Blocked statistics: each batch block is read from memory once, then reduced in cache.
-
-    Within a block the variance is the exact two-pass one (mean, then centred squares), so
-    accuracy does not depend on the mean-to-spread ratio as a sum-of-squares formula would.
-    """
+def _stats_numpy(x: Any, axis: int, mask: Any) -> tuple[Any, Any, Any, Any, None]:
+    """Blocked statistics: each batch block is read from memory once, then reduced in cache."""
     import numpy as np
 
     shape = list(x.shape)
     shape[axis] = 1
-    mean = np.empty(shape, dtype=x.dtype)
-    var = np.empty(shape, dtype=x.dtype)
+    outs = tuple(np.empty(shape, dtype=x.dtype) for _ in range(4))  # mean, var, pivot, corr
 
     def work(blocks: list[slice]) -> None:
         rows = max(b.stop - b.start for b in blocks)
@@ -158,9 +176,21 @@ def _raw_moments_numpy(x: Any, axis: int, mask: Any) -> tuple[Any, Any]:
             n = blk.stop - blk.start
             mb = None if mask is None else mask[blk]
             sub = None if masked is None else masked[:n]
-            _block_stats(x[blk], axis, mb, dev[:n], sub, mean[blk], var[blk])
+            _block_stats(x[blk], axis, mb, dev[:n], sub, tuple(o[blk] for o in outs))
 
     _run_blocks(x, work)
+    mean, var, pivot, corr = outs
+    return mean, var, pivot, corr, None
+
+
+def raw_moments(x: Any, axis: int, mask: Any = None) -> tuple[Any, Any]:
+    """Mean and population variance over ``axis`` (kept), masked tokens excluded.
+
+    ``axis`` is non-negative.  Computed in at least float32 (float16 / bfloat16 inputs are
+    cast for the reduction) by the shifted algorithm (section comment above); returned in
+    that statistics dtype.
+    """
+    mean, var, *_ = _stats(x, axis, mask)
     return mean, var
 
 
@@ -171,41 +201,48 @@ def _square_sum(ndim: int, axis: int) -> str:
     return f"{letters},{letters}->{letters.replace(letters[axis], '')}"
 
 
-def _block_stats(xb: Any, axis: int, mb: Any, dev: Any, masked: Any, mean_out: Any, var_out: Any) -> None:
-    """Mean and variance of one block into ``mean_out`` / ``var_out``.
+def _block_stats(xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple[Any, ...]) -> None:
+    """Statistics of one block into ``outs = (mean, var, pivot, corr)``.
 
-    ``dev`` receives ``x - mean`` for every token (masked ones too); ``masked`` (needed only
-    with a mask) is scratch for the centred values with masked tokens zeroed, so huge or
-    non-finite padding never enters a sum.
+    The shifted algorithm of :func:`_stats` (section comment above), all but the first sum
+    reading the block from cache.  ``dev`` receives ``x - pivot`` for every token (masked ones
+    too); ``masked`` (needed only with a mask) is scratch for the centred values with masked
+    tokens zeroed, so huge or non-finite padding never enters a sum.
     """
     import numpy as np
 
+    mean_o, var_o, piv_o, corr_o = outs
     if mb is None:
         # np.sum rather than a GEMM with a ones row: as fast on one thread, and BLAS's own
         # threads would fight the batch-block threads of _run_blocks (measured: 0.45 -> 0.6
         # of copy bandwidth for zoom_shift at (64, 512, 256) float32 on 2 cores)
-        np.sum(xb, axis=axis, keepdims=True, out=mean_out)
-        mean_out /= xb.shape[axis]
-        np.subtract(xb, mean_out, out=dev)
-        src = dev
         count: Any = xb.shape[axis]
+        np.sum(xb, axis=axis, keepdims=True, out=piv_o)
+        piv_o /= count
+        np.subtract(xb, piv_o, out=dev)
+        src = dev
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
         count = np.sum(full, axis=axis, keepdims=True, dtype=xb.dtype)
-        np.sum(xb, axis=axis, keepdims=True, out=mean_out, where=full)
-        mean_out /= count
-        np.subtract(xb, mean_out, out=dev)
+        np.sum(xb, axis=axis, keepdims=True, out=piv_o, where=full)
+        piv_o /= count
+        np.subtract(xb, piv_o, out=dev)
         masked[...] = 0
         np.copyto(masked, dev, where=full)
         src = masked
-    np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var_out, axis=axis))
-    var_out /= count
+    np.sum(src, axis=axis, keepdims=True, out=corr_o)
+    corr_o /= count
+    np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var_o, axis=axis))
+    var_o /= count
+    var_o -= corr_o * corr_o
+    np.maximum(var_o, 0, out=var_o)  # rounding can go below 0; NaN stays
+    np.add(piv_o, corr_o, out=mean_o)
 
 
 def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
     """``(mean, sqrt(var + eps))`` over ``axis`` (kept), in x's dtype."""
     xp = array_namespace(x)
-    mean, var = raw_moments(x, axis % x.ndim, mask)
+    mean, var, *_ = _stats(x, axis % x.ndim, mask)
     std = xp.sqrt(var + eps)
     if mean.dtype != x.dtype:
         mean, std = xp.astype(mean, x.dtype), xp.astype(std, x.dtype)
@@ -245,18 +282,43 @@ def _apply(x: Any, scale: Any, offset: Any) -> Any:
     return x * scale + offset
 
 
-def _apply_numpy(x: Any, scale: Any, offset: Any) -> Any:
+def _apply_centred(x: Any, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
+    """``(x - pivot) * scale + offset``: the affine map about the statistics' pivot.
+
+    Folding it into ``x * scale + offset'`` would lose ``|mean| * scale`` ulps to cancellation
+    (data 1e4 + 1e-2 noise zoomed to unit spread: 6% of the output's spread in float32); here
+    ``x - pivot`` is exact near the mean.  ``dev`` is ``x - pivot`` when already at hand.
+    """
+    xp = array_namespace(x)
+    if _numpy_fast(xp, x):
+        return _apply_numpy(x, scale, offset, pivot)
+    if dev is None:
+        dev = (x if pivot.dtype == x.dtype else xp.astype(x, pivot.dtype)) - pivot
+    y = dev * scale + offset
+    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)  # float16: round once
+
+
+def _apply_numpy(x: Any, scale: Any, offset: Any, pivot: Any = None) -> Any:
     import numpy as np
 
     out = np.empty(x.shape, dtype=x.dtype)
 
     def work(blocks: list[slice]) -> None:
-        for blk in blocks:  # the add re-reads the block from cache, not from memory
-            np.multiply(x[blk], scale[blk], out=out[blk])
+        for blk in blocks:  # later passes re-read the block from cache, not from memory
+            if pivot is None:
+                np.multiply(x[blk], scale[blk], out=out[blk])
+            else:
+                np.subtract(x[blk], pivot[blk], out=out[blk])
+                out[blk] *= scale[blk]
             out[blk] += offset[blk]
 
     _run_blocks(x, work)
     return out
+
+
+def _target_mean(mean: Any, g_mean: Any, alpha: float) -> Any:
+    """``mean + alpha (g_mean - mean)`` as a convex combination: exactly g_mean at alpha = 1."""
+    return g_mean if alpha == 1.0 else (1 - alpha) * mean + alpha * g_mean
 
 
 def zoom_shift(
@@ -271,17 +333,18 @@ def zoom_shift(
 ) -> Any:
     """``mu_x + (x - mu_x) * (sigma_g / sigma_x) ** alpha + alpha * (mu_g - mu_x)``.
 
-    Folded into one affine map ``x * s + (mu_x (1 - s) + alpha (mu_g - mu_x))``.
+    One affine map about x's pivot: ``(x - p) * s + (mu_x + alpha (mu_g - mu_x) - corr * s)``
+    with ``mu_x = p + corr`` (see :func:`_stats`).
     """
     xp = array_namespace(x)
     ax = axis % x.ndim
-    g_mean, g_var = raw_moments(guide, ax, guide_mask)
+    g_mean, g_var, *_ = _stats(guide, ax, guide_mask)
     g_sigma = xp.sqrt(g_var + eps)
     if _numpy_fast(xp, x):
         return _zoom_shift_numpy(x, ax, mask, g_mean, g_sigma, alpha, eps)
-    mean, var = raw_moments(x, ax, mask)
+    mean, var, pivot, corr, dev = _stats(x, ax, mask, keep_dev=True)
     s = _scale(xp, xp.sqrt(var + eps), g_sigma, alpha)
-    return _apply(x, s, mean * (1 - s) + alpha * (g_mean - mean))
+    return _apply_centred(x, pivot, s, _target_mean(mean, g_mean, alpha) - corr * s, dev)
 
 
 def _zoom_shift_numpy(
@@ -289,8 +352,8 @@ def _zoom_shift_numpy(
 ) -> Any:
     """One read of x: per cache-sized block, statistics then the affine map, in place.
 
-    ``out`` first holds ``x - mu_x`` (the centred values the variance needs), and is then
-    scaled and shifted in place: ``y = (x - mu_x) s + mu_x + alpha (mu_g - mu_x)``.
+    ``out`` first holds ``x - pivot`` (the centred values the variance needs), and is then
+    scaled and shifted in place: ``y = (x - pivot) s + mu_x + alpha (mu_g - mu_x) - corr s``.
     """
     import numpy as np
 
@@ -300,18 +363,20 @@ def _zoom_shift_numpy(
         rows = max(b.stop - b.start for b in blocks)
         shape = [rows, *x.shape[1:]]
         shape[axis] = 1
-        mean = np.empty(shape, dtype=x.dtype)
-        sigma = np.empty(shape, dtype=x.dtype)
+        stats = tuple(np.empty(shape, dtype=x.dtype) for _ in range(4))  # mean, var, pivot, corr
         masked = None if mask is None else np.empty((rows, *x.shape[1:]), dtype=x.dtype)
         for blk in blocks:
             n = blk.stop - blk.start
-            ob, mb, sb = out[blk], mean[:n], sigma[:n]
+            ob = out[blk]
             mk = None if mask is None else mask[blk]
-            _block_stats(x[blk], axis, mk, ob, None if masked is None else masked[:n], mb, sb)
-            sb += eps
+            mb, sb, pb, corr = (a[:n] for a in stats)
+            sub = None if masked is None else masked[:n]
+            _block_stats(x[blk], axis, mk, ob, sub, (mb, sb, pb, corr))
+            sb += eps  # the variance, then sigma in place
             np.sqrt(sb, out=sb)
-            ob *= _scale(np, sb, g_sigma[blk], alpha)
-            ob += mb + alpha * (g_mean[blk] - mb)
+            s = _scale(np, sb, g_sigma[blk], alpha)
+            ob *= s
+            ob += _target_mean(mb, g_mean[blk], alpha) - corr * s
 
     _run_blocks(x, work)
     return out
@@ -369,32 +434,83 @@ def affine_maps(
     lookup (the torch layers pass ``torch`` itself under ``torch.compile``).
     """
     xp = array_namespace(stats[0][0]) if xp is None else xp
+    maps = _round_maps(xp, stats, rounds, alpha, schedule, topology, hub, eps)
+    return [(s, t) for s, t, _, _ in maps]
+
+
+def _var_share(xp: Any, var: Any, eps: float) -> Any:
+    """``var / (var + eps)`` (None for eps = 0, where it is not needed)."""
+    if eps == 0:
+        return None
+    den = var + eps
+    live = den > 0
+    return xp.where(live, var / xp.where(live, den, 1.0), 0.0)
+
+
+def _zoomed_spread(xp: Any, sigma: Any, share: Any, s: Any, eps: float) -> tuple[Any, Any]:
+    """``sqrt(s**2 var + eps)`` and the new ``var / (var + eps)``, from ``sigma = sqrt(var +
+    eps)`` and ``share = var / (var + eps)``: never forms ``s**2`` or the variance, which can
+    overflow float32 where the spreads do not (a spread of 1e-3 zoomed to 1e18: ``s**2`` is
+    1e42), and ``z = s sigma >= sqrt(eps)`` keeps ``eps / z**2 <= 1``."""
+    z = s * sigma
+    if eps == 0:
+        return z, share
+    live = z > 0
+    q = math.sqrt(eps) / xp.where(live, z, 1.0)
+    e = q * q
+    return xp.where(live, z * xp.sqrt(share + e), math.sqrt(eps)), xp.where(live, share / (share + e), 0.0)
+
+
+def _round_maps(
+    xp: Any,
+    stats: list[tuple[Any, Any]],
+    rounds: int | None,
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    eps: float,
+) -> list[tuple[Any, Any, Any, bool]]:
+    """Per modality ``(S, T, M, moved)``: the output is ``S x + T = S (x - mu) + M``.
+
+    ``stats`` holds each modality's ``(mean, var)``.  The rounds track each modality's mean
+    and ``sigma = sqrt(var + eps)`` (with ``var / (var + eps)``), never the variance itself.
+    ``moved`` is False for a modality the rounds never touched (the hub, or every modality at
+    rounds = 0), whose map is exactly the identity.
+    """
     n = len(stats)
-    if rounds is None:
-        return _limit_maps(xp, stats, alpha, schedule, topology, hub, eps)
     mus = [m for m, _ in stats]
-    vars_ = [v for _, v in stats]
+    sig = [xp.sqrt(v + eps) for _, v in stats]
+    if rounds is None:
+        return _limit_maps(xp, mus, sig, alpha, schedule, topology, hub)
+    share = [_var_share(xp, v, eps) for _, v in stats]
     scales: list[Any] = [1.0] * n
     offsets: list[Any] = [0.0] * n
+    moved = [False] * n
     for _ in range(rounds):
-        src_mu, src_var = (list(mus), list(vars_)) if schedule == "jacobi" else (mus, vars_)
+        src_mu, src_sig = (list(mus), list(sig)) if schedule == "jacobi" else (mus, sig)
         for i in range(n):
             if topology == "hub":
                 if i == hub:
                     continue
-                mu_t, sigma_t = src_mu[hub], xp.sqrt(src_var[hub] + eps)
+                mu_t, sigma_t = src_mu[hub], src_sig[hub]
             else:
                 others = [j for j in range(n) if j != i]
                 mu_t = sum(src_mu[j] for j in others) / (n - 1)
-                sigma_t = _geometric_mean([xp.sqrt(src_var[j] + eps) for j in others])
-            s = _scale(xp, xp.sqrt(vars_[i] + eps), sigma_t, alpha)
+                sigma_t = _geometric_mean([src_sig[j] for j in others])
+            s = _scale(xp, sig[i], sigma_t, alpha)
             # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S x0 + T
             step_offset = mus[i] * (1 - s) + alpha * (mu_t - mus[i])
             scales[i] = s * scales[i]
             offsets[i] = s * offsets[i] + step_offset
-            mus[i] = mus[i] + alpha * (mu_t - mus[i])
-            vars_[i] = s * s * vars_[i]
-    return [_as_arrays(xp, s, t, stats[i][0]) for i, (s, t) in enumerate(zip(scales, offsets))]
+            mus[i] = _target_mean(mus[i], mu_t, alpha)
+            sig[i], share[i] = _zoomed_spread(xp, sig[i], share[i], s, eps)
+            moved[i] = True
+    out = []
+    for i, (s, t) in enumerate(zip(scales, offsets)):
+        s, t = _as_arrays(xp, s, t, stats[i][0])
+        out.append((s, t, mus[i], moved[i]))
+    return out
 
 
 def _geometric_mean(values: list[Any]) -> Any:
@@ -416,29 +532,29 @@ def _as_arrays(xp: Any, s: Any, t: Any, like: Any) -> tuple[Any, Any]:
 
 def _limit_maps(
     xp: Any,
-    stats: list[tuple[Any, Any]],
+    mus: list[Any],
+    sigmas: list[Any],
     alpha: float,
     schedule: str,
     topology: str,
     hub: int,
-    eps: float,
-) -> list[tuple[Any, Any]]:
+) -> list[tuple[Any, Any, Any, bool]]:
     """Closed form: every modality ends at ``mu* = sum w_j mu_j``, ``sigma* = prod sigma_j^w_j``."""
-    w = limit_weights(len(stats), float(alpha), schedule, topology, hub)
+    w = limit_weights(len(mus), float(alpha), schedule, topology, hub)
     if w is None:  # the public layer refuses this case; kept as a guard
         raise ValueError("this iteration has no limit (Jacobi consensus, M = 2, alpha = 1)")
-    sigmas = [xp.sqrt(v + eps) for _, v in stats]
     mu_star: Any = 0.0
     sigma_star: Any = 1.0
-    for wj, (mu, _), sigma in zip(w, stats, sigmas):
+    for wj, mu, sigma in zip(w, mus, sigmas):
         if wj == 0.0:
             continue
         mu_star = mu_star + wj * mu
         sigma_star = sigma_star * (sigma if wj == 1.0 else sigma**wj)
     maps = []
-    for (mu, _), sigma in zip(stats, sigmas):
+    for i, (mu, sigma) in enumerate(zip(mus, sigmas)):
         s = _scale(xp, sigma, sigma_star, 1.0)
-        maps.append((s, mu_star - mu * s))  # y = mu* + (x - mu) sigma* / sigma
+        # y = mu* + (x - mu) sigma* / sigma; the hub's map is the identity (s = 1, t = 0)
+        maps.append((s, mu_star - mu * s, mu_star, not (topology == "hub" and i == hub)))
     return maps
 
 
@@ -454,13 +570,20 @@ def align(
     masks: list[Any] | None = None,
     eps: float = 1e-5,
 ) -> list[Any]:
-    """Statistics once per modality, the rounds on the statistics, one affine map each."""
+    """Statistics once per modality, the rounds on the statistics, one affine map each.
+
+    The maps are applied about each modality's pivot (:func:`_apply_centred`); a modality the
+    rounds leave alone (the hub, or all at rounds = 0) is copied exactly.
+    """
     masks = list(masks) if masks is not None else [None] * len(xs)
     ax = axis % xs[0].ndim
-    return align_with(
-        xs, masks, lambda x, m: raw_moments(x, ax, m), _apply,
-        rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, eps=eps,
-    )  # fmt: skip
+    xp = array_namespace(xs[0])
+    stats = [_stats(x, ax, m) for x, m in zip(xs, masks)]
+    maps = _round_maps(xp, [st[:2] for st in stats], rounds, alpha, schedule, topology, hub % len(xs), eps)
+    out = []
+    for x, (_, _, pivot, corr, _), (s, t, target, moved) in zip(xs, stats, maps):
+        out.append(_apply_centred(x, pivot, s, target - corr * s) if moved else _apply(x, s, t))
+    return out
 
 
 def align_with(

@@ -244,14 +244,17 @@ def _rounding_correction(torch: Any, x: Any, u: Any) -> Any:
     return torch.where(u > 1.0, 1.0 - delta * (2.0 * uc + 1.0 / uc), torch.ones_like(u))
 
 
-def torch_transformed(x: Any) -> bool:
-    """Whether the torch tensor ``x`` is seen by a ``torch.func`` transform (grad, vmap, jvp,
-    ...: a functorch wrapper) or may carry a forward-mode tangent (a
+def torch_transformed(*tensors: Any) -> bool:
+    """Whether any of the torch tensors is seen by a ``torch.func`` transform (grad, vmap,
+    jvp, ...: a functorch wrapper) or may carry a forward-mode tangent (a
     ``torch.autograd.forward_ad.dual_level`` is open).  Neither works with ``out=`` variants,
     custom operators without batching rules, or reuse of intermediate buffers."""
-    import torch  # already imported: x is a tensor
+    import torch  # already imported: the arguments are tensors
 
-    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(wrapped(t) for t in tensors)
 
 
 def _gelu_torch(x: Any) -> Any:

@@ -14,7 +14,8 @@ depends on its own data only, so results do not depend on the number of threads.
 Numerics: sums accumulate in float64 whatever the input dtype; the variance is the exact
 two-pass one (mean, then centred squares), as in the core, so accuracy does not depend on
 the mean-to-spread ratio.  The map is applied in the input's dtype as
-``(x - mu) * s + (mu + alpha (mu_g - mu))`` with the per-channel constants rounded once.
+``(x - c) * s + (mu + alpha (mu_g - mu) - (mu - c) s)``, with ``c`` the mean rounded to that
+dtype (``x - c`` is exact near the mean) and the per-channel constants rounded once.
 
 Compilation: on first use, per dtype, cached on disk (``cache=True``), so a process after the
 first loads them in well under a second.  Importing this module imports numba but compiles
@@ -108,9 +109,11 @@ def _zoom_shift_kernel(x, mask, use_mask, g_mean, g_sigma, alpha, eps, chunk, ou
                 s = g_sigma[b, c0 + c] / sigma
                 if alpha != 1.0:
                     s = s**alpha
+            # about the mean rounded to x's dtype (x - centre is exact near the mean); what
+            # the rounding dropped, mean - centre, is folded into the offset in float64
             centre[c] = mean[c]
             scale[c] = s
-            offset[c] = mean[c] + alpha * (g_mean[b, c0 + c] - mean[c])
+            offset[c] = mean[c] + alpha * (g_mean[b, c0 + c] - mean[c]) - (mean[c] - centre[c]) * s
         for t in range(n_tok):
             row = x[b, t, c0:c1]
             dest = out[b, t, c0:c1]

@@ -661,16 +661,12 @@ def _transformed(*args: Any) -> bool:
     forward_ad.dual_level``).  The custom ops have no batching rule and no forward-mode
     derivative, and functorch's grad cannot trace their eager binding; such calls go to the
     Array-API core instead (plain torch operations, which compose with all of these)."""
-    wrapped = _core_sequence.torch_transformed
+    tensors: list[Any] = []
     for arg in args:
-        items = arg if isinstance(arg, (list, tuple)) else (arg,)
-        for item in items:
-            if isinstance(item, (list, tuple)):  # wander's (weight, bias) pairs
-                if any(isinstance(t, torch.Tensor) and wrapped(t) for t in item):
-                    return True
-            elif isinstance(item, torch.Tensor) and wrapped(item):
-                return True
-    return False
+        for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+            # wander's (weight, bias) pairs are one level deeper
+            tensors.extend(item if isinstance(item, (list, tuple)) else (item,))
+    return _core_sequence.torch_transformed(*(t for t in tensors if isinstance(t, torch.Tensor)))
 
 
 def _core(op: str) -> Callable[..., Any]:
@@ -1118,21 +1114,46 @@ _sequence_eager = bind(
 #
 # (where sigma_x = 0, possible only with eps = 0, s is the constant 1 and the sigma terms
 # vanish).  The formulas are plain differentiable torch operations, so double backward works.
+# Forward and backward take xc as (x - pivot) - (mu_x - pivot) from _zs_shifted (exact near
+# the mean, whatever its size); the map is applied about the pivot too, never folded into
+# x s + t.  float32 statistics overflow (inf / NaN) when the spread exceeds about 1.8e19,
+# since the variance exceeds float32's range: compute in float64 for such data.
+
+
+def _zs_shifted(x: torch.Tensor, mask: torch.Tensor | None, ax: int) -> tuple[Any, ...]:
+    """``(m, count, mean, var, corr, dev)`` over ``ax``: the mask broadcastable to x (or
+    None), the token count, mean and population variance, with ``x - mean = dev - corr``
+    and ``dev = x - pivot`` for every token (masked ones included).
+
+    The shifted algorithm of the core (``mmfuse._core.align``, statistics section): pivot
+    ``p = sum(x) / n``, ``d = x - p`` (masked tokens zeroed), ``mean = p + sum(d) / n`` and
+    ``var = sum(d**2) / n - (sum(d) / n)**2``, accurate whatever the mean-to-spread ratio.
+    Branch-free, so ``torch.compile`` traces it.
+    """
+    if mask is None:
+        m = None
+        count: Any = float(x.shape[ax])
+        pivot = x.sum(dim=ax, keepdim=True) / count
+        dev = x - pivot
+        d = dev
+    else:
+        m = mask.reshape(*mask.shape, *(1,) * (x.dim() - mask.dim()))
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        count = m.to(x.dtype).sum(dim=ax, keepdim=True)
+        pivot = torch.where(m, x, zero).sum(dim=ax, keepdim=True) / count
+        dev = x - pivot
+        d = torch.where(m, dev, zero)  # masked tokens (even inf or NaN) never enter
+    corr = d.sum(dim=ax, keepdim=True) / count
+    var = (d * d).sum(dim=ax, keepdim=True) / count - corr * corr
+    var = torch.where(var < 0, 0.0, var)  # rounding can go below 0; NaN stays
+    return m, count, pivot + corr, var, corr, dev
 
 
 def _zs_stats(x: torch.Tensor, mask: torch.Tensor | None, ax: int) -> tuple[Any, Any, Any, Any]:
-    """(mask broadcastable to x or None, token count, mean, population variance) over ``ax``."""
-    if mask is None:
-        count: Any = float(x.shape[ax])
-        mean = x.mean(dim=ax, keepdim=True)
-        dev = x - mean
-        return None, count, mean, (dev * dev).mean(dim=ax, keepdim=True)
-    m = mask.reshape(*mask.shape, *(1,) * (x.dim() - mask.dim()))
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    count = m.to(x.dtype).sum(dim=ax, keepdim=True)
-    mean = torch.where(m, x, zero).sum(dim=ax, keepdim=True) / count
-    dev = torch.where(m, x - mean, zero)
-    return m, count, mean, (dev * dev).sum(dim=ax, keepdim=True) / count
+    """(mask broadcastable to x or None, token count, mean, population variance) over ``ax``
+    (the first four results of :func:`_zs_shifted`)."""
+    m, count, mean, var, _, _ = _zs_shifted(x, mask, ax)
+    return m, count, mean, var
 
 
 def _zs_scale(sigma: torch.Tensor, target: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1158,10 +1179,12 @@ def _zoom_shift_op(
     ax = axis % x.dim()
     xc, gc = _cast(x, cdt), _cast(guide, cdt)
     _, _, g_mean, g_var = _zs_stats(gc, guide_mask, ax)
-    _, _, mean, var = _zs_stats(xc, mask, ax)
+    _, _, mean, var, corr, dev = _zs_shifted(xc, mask, ax)
     s, _ = _zs_scale(torch.sqrt(var + eps), torch.sqrt(g_var + eps), alpha)
-    offset = mean * (1 - s) + alpha * (g_mean - mean)
-    return torch.addcmul(offset, xc, s).to(dtype)
+    # about the pivot: y = (x - p) s + mu_x + alpha (mu_g - mu_x) - corr s, with x - p exact
+    # near the mean (x s + t would lose |mu_x| s ulps to cancellation)
+    target = g_mean if alpha == 1.0 else (1 - alpha) * mean + alpha * g_mean
+    return torch.addcmul(target - corr * s, dev, s).to(dtype)
 
 
 @_zoom_shift_op.register_fake
@@ -1187,25 +1210,27 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     cdt = _compute_dtype(dtype)
     ax = ctx.axis % x.dim()
     xc, gc, g = _cast(x, cdt), _cast(guide, cdt), _cast(grad, cdt)
-    m_g, n_g, g_mean, g_var = _zs_stats(gc, guide_mask, ax)
-    m_x, n_x, mean, var = _zs_stats(xc, mask, ax)
+    m_g, n_g, _, g_var, g_corr, g_dev = _zs_shifted(gc, guide_mask, ax)
+    m_x, n_x, _, var, corr, dev = _zs_shifted(xc, mask, ax)
     sigma_x, sigma_g = torch.sqrt(var + eps), torch.sqrt(g_var + eps)
     s, live = _zs_scale(sigma_x, sigma_g, alpha)
     zero = torch.zeros((), dtype=cdt, device=x.device)
-    centred = xc - mean
+    # centred values x - mu_x = dev - corr (dev = x - pivot, exact near the mean)
     s0 = g.sum(dim=ax, keepdim=True)
-    s1 = (g * centred).sum(dim=ax, keepdim=True)
+    s1 = (g * dev).sum(dim=ax, keepdim=True) - corr * s0
     grad_x = grad_g = None
     if need_x:
-        k_var = torch.where(live, alpha * s * s1 / torch.where(live, sigma_x * sigma_x, 1.0), zero)
-        per_token = (s0 * (1 - alpha - s) - k_var * centred) / n_x
+        sx = torch.where(live, sigma_x, 1.0)  # two divisions: sigma**2 may leave float32's range
+        k_var = torch.where(live, alpha * s * (s1 / sx) / sx, zero)
+        per_token = (s0 * (1 - alpha - s) + k_var * corr - k_var * dev) / n_x
         if m_x is not None:
             per_token = torch.where(m_x, per_token, zero)
         grad_x = (s * g + per_token).to(dtype)
     if need_g:
         ok = live & (sigma_g > 0)
-        k_var = torch.where(ok, s * s1 / torch.where(ok, sigma_g * sigma_g, 1.0), zero)
-        per_token = alpha * (s0 + k_var * (gc - g_mean)) / n_g
+        sg = torch.where(ok, sigma_g, 1.0)
+        k_var = torch.where(ok, s * (s1 / sg) / sg, zero)
+        per_token = alpha * (s0 - k_var * g_corr + k_var * g_dev) / n_g
         if m_g is not None:
             per_token = torch.where(m_g, per_token, zero)
         grad_g = _cast(per_token, dtype)  # full shape: (g - mu_g) broadcasts the statistics

@@ -1,0 +1,380 @@
+"""Numerics of the Zoom-and-Shift operators: statistics whatever the mean-to-spread ratio and for
+float32 spreads up to 1e18 (variance 1e36; beyond about 1.8e19 the variance leaves float32's
+range, a documented limit), maps about the pivot, NaN padding under autograd, scalar operands
+that keep x's dtype.  Every backend that runs on a CPU is compared with a float64 oracle."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import mmfuse
+from mmfuse import reference
+from mmfuse._core import align as core
+from mmfuse._namespace import to_numpy
+from mmfuse.testing import assert_close
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+F32 = "float32"
+
+
+def _large_mean(rng, shape, mean=1e4, spread=1e-2):
+    """Data whose mean dwarfs its spread, per sample and channel (float32)."""
+    loc = mean * rng.uniform(0.5, 1.5, size=(shape[0], 1, shape[2]))
+    return (loc + spread * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _wide(rng, shape, scale=1e18):
+    """float32 data with a spread of 1e18: the variance (1e36) is representable, and so is the
+    sum of squares over the few dozen tokens used here."""
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _mask(rng, batch, tokens):
+    m = rng.random((batch, tokens)) > 0.3
+    m[:, :2] = True
+    return m
+
+
+def _oracle_zoom_shift(x, g, *, alpha=1.0, mask=None, guide_mask=None, eps=1e-5):
+    """float64, in the centred form (the reference's zoom-then-shift cancels |mu_x| against
+    the output, which loses accuracy when the mean dwarfs the spread)."""
+    mx, sx = reference.moments(x, mask=mask, eps=eps)
+    mg, sg = reference.moments(g, mask=guide_mask, eps=eps)
+    return (x.astype(np.float64) - mx) * (sg / sx) ** alpha + ((1 - alpha) * mx + alpha * mg)
+
+
+def _assert_within_ulps(actual, desired, ulps=8, err_msg=""):
+    """|actual - desired| within a few float32 ulps of each desired value (plus 1e-6 of the
+    spread over tokens): the outputs' own rounding, which is what the pivot form achieves.
+    assert_close's ``rtol * max|desired|`` would hide errors of a few % of the spread when
+    the mean is large."""
+    a = to_numpy(actual).astype(np.float64)
+    d = np.asarray(desired, dtype=np.float64)
+    spread = np.abs(d - d.mean(axis=1, keepdims=True)).max()
+    allowed = ulps * np.spacing(np.abs(d).astype(np.float32)).astype(np.float64) + 1e-6 * spread
+    worst = np.max(np.abs(a - d) - allowed)
+    assert worst <= 0, f"{err_msg}: error exceeds {ulps} ulps by {worst:.3e}"
+
+
+def _numpy_backends():
+    """Implementations of moments / zoom_shift / align on NumPy arrays that run on a CPU."""
+    out = ["array_api", "reference"]
+    if HAVE_NUMBA:
+        out.append("numba")
+    return out
+
+
+# --------------------------------------------------------------------------- moments
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_moments_large_mean_small_spread(xp, rng, masked):
+    """1e4 + 1e-2 noise in float32: the std to float32 accuracy (a plain two-pass variance
+    around a rounded float32 mean was off by 1.6e-2 relative)."""
+    x = _large_mean(rng, (3, 64, 5))
+    mask = _mask(rng, 3, 64) if masked else None
+    mean, std = mmfuse.moments(
+        xp.asarray(x, F32), mask=None if mask is None else xp.asarray(mask), eps=0.0, backend="array_api"
+    )
+    want_mean, want_std = reference.moments(x, mask=mask, eps=0.0)
+    assert_close(mean, want_mean, dtype=xp.dtype(F32))
+    assert_close(std, want_std, dtype=xp.dtype(F32))
+    xp.assert_untouched()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("data", ["large-mean", "wide"])
+@pytest.mark.parametrize("backend", _numpy_backends())
+def test_moments_backends_agree_on_hard_float32_data(rng, backend, data, masked):
+    """Every CPU backend gives the float64 answer: no backend-dependent results."""
+    x = _large_mean(rng, (4, 48, 3)) if data == "large-mean" else _wide(rng, (4, 48, 3))
+    mask = _mask(rng, 4, 48) if masked else None
+    if masked:  # huge padding must not matter either
+        x = np.where(mask[:, :, None], x, np.float32(3e38))
+    mean, std = mmfuse.moments(x, mask=mask, eps=0.0, backend=backend)
+    want_mean, want_std = reference.moments(x, mask=mask, eps=0.0)
+    assert mean.dtype == std.dtype == np.float32
+    assert np.all(np.isfinite(std))
+    assert_close(mean, want_mean)
+    assert_close(std, want_std)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_moments_wide_float32(xp, rng, masked):
+    """Spread 1e18 in float32 (variance 1e36) on every namespace."""
+    x = _wide(rng, (2, 16, 3))
+    mask = _mask(rng, 2, 16) if masked else None
+    mean, std = mmfuse.moments(
+        xp.asarray(x, F32), mask=None if mask is None else xp.asarray(mask), backend="array_api"
+    )
+    want_mean, want_std = reference.moments(x, mask=mask)
+    assert np.all(np.isfinite(to_numpy(std)))
+    assert_close(mean, want_mean, dtype=xp.dtype(F32))
+    assert_close(std, want_std, dtype=xp.dtype(F32))
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_numpy_blocks_mixed_scales(rng, monkeypatch, threads):
+    """Several cache blocks, some samples of spread 1e18 and most with a large mean and a tiny
+    spread: every sample keeps its own accuracy."""
+    monkeypatch.setattr(core, "_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(core, "_PARALLEL_BYTES", 0 if threads else 1 << 62)
+    monkeypatch.setattr(core, "_MAX_WORKERS", 3)
+    x = _large_mean(rng, (9, 40, 6))
+    x[2] = _wide(rng, (40, 6))
+    x[7, :, 1] = _wide(rng, (40,))
+    assert core._rows_per_block(x) < x.shape[0]
+    g = rng.standard_normal((9, 30, 6)).astype(np.float32)
+    mean, std = mmfuse.moments(x, eps=0.0, backend="array_api")
+    want_mean, want_std = reference.moments(x, eps=0.0)
+    assert_close(mean, want_mean)
+    for b in range(9):  # per sample: the ordinary ones are judged on their own (tiny) scale
+        assert_close(std[b], want_std[b], err_msg=f"sample {b}")
+    y = mmfuse.zoom_shift(x, g, alpha=0.7, backend="array_api")
+    want = _oracle_zoom_shift(x, g, alpha=0.7)
+    for b in range(9):
+        assert_close(y[b], want[b], err_msg=f"sample {b}")
+
+
+def test_dask_stays_lazy(rng):
+    da = pytest.importorskip("dask.array")
+    x = _wide(rng, (4, 16, 3))
+    x[1] = _large_mean(rng, (1, 16, 3))[0]
+    lazy = da.from_array(x, chunks=(2, 16, 3))
+    mean, std = mmfuse.moments(lazy, eps=0.0)
+    assert isinstance(std, da.Array)
+    want_mean, want_std = reference.moments(x, eps=0.0)
+    assert_close(np.asarray(mean.compute()), want_mean)
+    for b in range(4):
+        assert_close(np.asarray(std[b].compute()), want_std[b])
+
+
+# --------------------------------------------------------------------------- zoom_shift
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+@pytest.mark.parametrize("masked", [False, True])
+def test_zoom_shift_large_mean_to_unit_spread(xp, rng, alpha, masked):
+    """Zooming 1e4 + 3e-3 noise to unit spread multiplies by 300: a map folded into
+    ``x * s + t`` lost |mu| s ulps (several % of the output's spread); about the pivot it
+    does not."""
+    x = _large_mean(rng, (3, 64, 5), spread=3e-3)
+    g = rng.standard_normal((3, 40, 5)).astype(np.float32)
+    mask = _mask(rng, 3, 64) if masked else None
+    kw = {"alpha": alpha, "eps": 0.0}
+    want = _oracle_zoom_shift(x, g, mask=mask, **kw)
+    m = None if mask is None else xp.asarray(mask)
+    for backend in ("array_api", *(("torch",) if xp.name.startswith("torch") else ())):
+        got = mmfuse.zoom_shift(xp.asarray(x, F32), xp.asarray(g, F32), mask=m, backend=backend, **kw)
+        assert got.dtype == xp.dtype(F32)
+        _assert_within_ulps(got, want, err_msg=backend)
+    xp.assert_untouched()
+
+
+@pytest.mark.parametrize("direction", ["wide-to-unit", "unit-to-wide", "wide-to-wide"])
+def test_zoom_shift_wide_float32(xp, rng, direction):
+    shape_x, shape_g = (2, 16, 3), (2, 12, 3)
+    x = _wide(rng, shape_x) if direction != "unit-to-wide" else rng.standard_normal(shape_x).astype(np.float32)
+    g = _wide(rng, shape_g, 1e17) if direction != "wide-to-unit" else rng.standard_normal(shape_g).astype(np.float32)
+    want = _oracle_zoom_shift(x, g)
+    backends = ("array_api", *(("torch",) if xp.name.startswith("torch") else ()))
+    for backend in backends:
+        got = mmfuse.zoom_shift(xp.asarray(x, F32), xp.asarray(g, F32), backend=backend)
+        assert np.all(np.isfinite(to_numpy(got)))
+        assert_close(got, want, dtype=xp.dtype(F32), err_msg=backend)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="needs numba")
+def test_numba_zoom_shift_large_mean_to_unit_spread(rng):
+    """The numba CPU kernel maps about its mean rounded to float32 and folds the rounding
+    into the offset (it had lost ulp(mu) * s: 1e-2 of the output here)."""
+    x = _large_mean(rng, (3, 64, 5))
+    g = rng.standard_normal((3, 40, 5)).astype(np.float32)
+    got = mmfuse.zoom_shift(x, g, eps=0.0, backend="numba")
+    assert_close(got, _oracle_zoom_shift(x, g, eps=0.0))
+
+
+@pytest.mark.parametrize("data", ["large-mean", "wide"])
+def test_torch_gradients_on_hard_float32_data(rng, data):
+    """Gradients of the custom op and of the core (autograd) in float32 match float64."""
+    torch = pytest.importorskip("torch")
+    x = _large_mean(rng, (2, 24, 3)) if data == "large-mean" else _wide(rng, (2, 24, 3))
+    g = rng.standard_normal((2, 18, 3)).astype(np.float32)
+    up = rng.standard_normal(x.shape)
+    mask = _mask(rng, 2, 24)
+    for backend in ("torch", "array_api"):
+        grads = {}
+        for dt in (torch.float32, torch.float64):
+            tx = torch.tensor(x, dtype=dt, requires_grad=True)
+            tg = torch.tensor(g, dtype=dt, requires_grad=True)
+            y = mmfuse.zoom_shift(tx, tg, alpha=0.7, mask=torch.from_numpy(mask), backend=backend)
+            (y * torch.tensor(up, dtype=dt)).sum().backward()
+            grads[dt] = (tx.grad, tg.grad)
+        for a, b in zip(grads[torch.float32], grads[torch.float64]):
+            assert torch.isfinite(a).all()
+            assert_close(a, b.numpy(), rtol=1e-3, err_msg=backend)
+
+
+def test_torch_compiled_backward_large_mean(rng):
+    """Under torch.compile the op's backward (the shifted statistics, traced) matches the eager
+    backward and float64 on data whose mean dwarfs its spread."""
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(_large_mean(rng, (2, 16, 3)), requires_grad=True)
+    g = torch.tensor(rng.standard_normal((2, 11, 3)).astype(np.float32), requires_grad=True)
+
+    def f(x, g):
+        return torch.ops.mmfuse.zoom_shift(x, g, 0.5, -2, None, None, 1e-5)
+
+    up = torch.tensor(rng.standard_normal((2, 16, 3)).astype(np.float32))
+    eager = torch.autograd.grad((f(x, g) * up).sum(), (x, g))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad((compiled(x, g) * up).sum(), (x, g))
+    x64, g64 = (t.detach().double().requires_grad_() for t in (x, g))
+    want = torch.autograd.grad((f(x64, g64) * up.double()).sum(), (x64, g64))
+    for a, b, w in zip(got, eager, want):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, rtol=1e-5)
+        assert_close(a, w.numpy(), rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- align
+
+
+@pytest.mark.parametrize("rounds", [2, None])
+@pytest.mark.parametrize("backend", _numpy_backends())
+def test_align_wide_float32(rng, backend, rounds):
+    """A modality with spread 1e18 aligned with an ordinary one: finite and right."""
+    xs = [_wide(rng, (2, 16, 3)), rng.standard_normal((2, 12, 3)).astype(np.float32)]
+    got = mmfuse.align(xs, rounds=rounds, alpha=0.5, backend=backend)
+    want = reference.align(xs, rounds=rounds, alpha=0.5)
+    for y, w in zip(got, want):
+        assert y.dtype == np.float32 and np.all(np.isfinite(y))
+        assert_close(y, w)
+
+
+@pytest.mark.parametrize("backend", _numpy_backends())
+def test_align_rounds_zoom_past_float32_squares(rng, backend):
+    """A spread of 1e-3 zoomed to the hub's 1e18: ``s**2`` (1e41) overflows float32 although
+    every spread is representable; the rounds track sigma, never ``s**2 var``, so the second
+    round is the identity it should be."""
+    xs = [_wide(rng, (2, 16, 3)), (1e-3 * rng.standard_normal((2, 12, 3))).astype(np.float32)]
+    kw = {"rounds": 2, "alpha": 1.0, "topology": "hub", "hub": 0}
+    for y, w in zip(mmfuse.align(xs, backend=backend, **kw), reference.align(xs, **kw)):
+        assert_close(y, w)
+
+
+def test_align_wide_float32_namespaces(xp, rng):
+    xs = [_wide(rng, (2, 16, 3)), rng.standard_normal((2, 12, 3)).astype(np.float32)]
+    got = mmfuse.align([xp.asarray(x, F32) for x in xs], rounds=3, alpha=0.5, backend="array_api")
+    for y, w in zip(got, reference.align(xs, rounds=3, alpha=0.5)):
+        assert_close(y, w, dtype=xp.dtype(F32))
+
+
+def test_align_large_mean_spread_of_the_output(xp, rng):
+    """1e4 + 1e-2 noise aligned with unit noise (the outputs share a mean near 5e3 and a
+    spread near 0.2): errors within a few float32 ulps of the outputs themselves.  A map
+    folded into ``S x + T`` lost ``|S x|`` ulps (about 40 of them here)."""
+    xs = [_large_mean(rng, (2, 64, 3)), rng.standard_normal((2, 48, 3)).astype(np.float32)]
+    for rounds in (None, 3):
+        got = mmfuse.align([xp.asarray(x, F32) for x in xs], rounds=rounds, alpha=0.5, backend="array_api")
+        for y, w in zip(got, reference.align(xs, rounds=rounds, alpha=0.5)):
+            _assert_within_ulps(y, w, err_msg=f"rounds={rounds}")
+
+
+# --------------------------------------------------------------------------- NaN padding
+
+
+@pytest.mark.parametrize("fuse", ["concat", "sum", "mean", None])
+@pytest.mark.parametrize("pool", ["mean", "max"])
+@pytest.mark.parametrize("backend", [None, "array_api"])
+def test_fusion_nan_padding_keeps_gradients_finite(rng, fuse, pool, backend):
+    """Masked tokens are neither pooled nor returned by zoom_shift_fusion: NaN / inf padding
+    gives the values and the gradients of zero padding (it made every gradient NaN)."""
+    torch = pytest.importorskip("torch")
+    a0 = rng.standard_normal((2, 6, 3))
+    b0 = rng.standard_normal((2, 5, 3))
+    ma = np.ones((2, 6), dtype=bool)
+    ma[:, 4:] = False
+    ma[1, 3] = False
+    results = []
+    for pad in (0.0, np.nan, np.inf):
+        a = torch.tensor(np.where(ma[:, :, None], a0, pad), requires_grad=True)
+        b = torch.tensor(b0, requires_grad=True)
+        y = mmfuse.zoom_shift_fusion(
+            [a, b], fuse=fuse, pool=pool, masks=[torch.from_numpy(ma), None], alpha=0.6, backend=backend
+        )
+        total = sum(t.sum() for t in y) if fuse is None else y.sum()
+        total.backward()
+        assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+        assert (a.grad[torch.from_numpy(~ma)] == 0).all()
+        results.append((y, a.grad, b.grad))
+    for y, ga, gb in results[1:]:
+        for got, want in zip(y if fuse is None else [y], results[0][0] if fuse is None else [results[0][0]]):
+            assert torch.equal(got, want)
+        assert torch.equal(ga, results[0][1]) and torch.equal(gb, results[0][2])
+
+
+def test_fusion_nan_padding_numpy_values_unchanged(rng):
+    xs = [rng.standard_normal((2, 6, 3)), rng.standard_normal((2, 5, 3))]
+    ma = np.ones((2, 6), dtype=bool)
+    ma[:, 4:] = False
+    clean = mmfuse.zoom_shift_fusion(xs, masks=[ma, None])
+    dirty = mmfuse.zoom_shift_fusion([np.where(ma[:, :, None], xs[0], np.nan), xs[1]], masks=[ma, None])
+    np.testing.assert_array_equal(clean, dirty)
+
+
+def test_zoom_shift_and_align_transform_masked_tokens(rng):
+    """The documented contract (unchanged): zoom_shift and align map every token, masked ones
+    included, so NaN padding gives NaN outputs there (finite elsewhere) and finite padding is
+    what keeps gradients finite."""
+    torch = pytest.importorskip("torch")
+    a0 = rng.standard_normal((2, 6, 3))
+    g0 = rng.standard_normal((2, 5, 3))
+    ma = np.ones((2, 6), dtype=bool)
+    ma[:, 4:] = False
+    mask = torch.from_numpy(ma)
+    for pad in (np.nan, 0.0):
+        a = torch.tensor(np.where(ma[:, :, None], a0, pad), requires_grad=True)
+        g = torch.tensor(g0, requires_grad=True)
+        y = mmfuse.zoom_shift(a, g, mask=mask)
+        ya, _ = mmfuse.align([a, g], masks=[mask, None], backend="array_api")
+        for out in (y, ya):
+            assert torch.isfinite(out[mask]).all()
+            assert bool(torch.isnan(out[~mask]).all()) == bool(np.isnan(pad))
+        (y[mask].sum() + ya[mask].sum()).backward()
+        assert bool(torch.isfinite(g.grad).all()) == (pad == 0.0)
+
+
+# --------------------------------------------------------------------------- scalar operands
+
+
+@pytest.mark.parametrize(
+    "make", [np.float64, np.float32, np.int64, float, int], ids=["np.float64", "np.float32", "np.int64", "float", "int"]
+)
+def test_zoom_and_shift_scalars_keep_x_dtype(xp, rng, make):
+    for dtype in ("float32", "float16"):
+        if dtype == "float16" and xp.name == "array_api_strict":
+            continue  # array_api_strict has no float16
+        x = xp.asarray(rng.standard_normal((2, 4, 3)), dtype)
+        z = mmfuse.zoom(x, make(2), center=make(1))
+        s = mmfuse.shift(x, make(3))
+        assert z.dtype == x.dtype and s.dtype == x.dtype
+        xn = to_numpy(x).astype(np.float64)
+        assert_close(z, 1.0 + (xn - 1.0) * 2.0, dtype=x.dtype)
+        assert_close(s, xn + 3.0, dtype=x.dtype)
+
+
+def test_zoom_and_shift_refuse_other_arrays_and_booleans():
+    x = np.ones((2, 3, 4), dtype=np.float32)
+    with pytest.raises(TypeError, match="dtype float64 but x has dtype float32"):
+        mmfuse.zoom(x, np.asarray(2.0), center=0.0)  # a 0-d array is an array: dtypes must match
+    with pytest.raises(TypeError, match="dtype float64 but x has dtype float32"):
+        mmfuse.shift(x, np.asarray(1.0))
+    with pytest.raises(TypeError):
+        mmfuse.shift(x, True)
+    with pytest.raises(TypeError):
+        mmfuse.zoom(x, np.bool_(True), center=0.0)
+    assert mmfuse.shift(x, np.asarray(1.0, dtype=np.float32)).dtype == np.float32
