@@ -216,8 +216,17 @@ def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
 
 
 def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any = None) -> Array:
-    """Move a NumPy array into namespace ``xp`` (on ``device``, as ``dtype``)."""
+    """Move a NumPy array into namespace ``xp`` (on ``device``, as ``dtype``).
+
+    Raises
+    ------
+    ValueError
+        If ``xp`` is NumPy and ``device`` is neither None nor ``"cpu"`` (NumPy arrays only
+        live on the CPU).
+    """
     if is_numpy(xp):
+        if device is not None and device != "cpu":
+            raise ValueError(f"device={device!r}: NumPy arrays live on the CPU only")
         return np.asarray(a, dtype=dtype)
     if array_api_compat.is_cupy_namespace(xp):
         # CuPy's own asarray takes no device argument; array_api_compat's wrapper of it does

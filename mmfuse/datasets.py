@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._namespace import from_numpy, is_numpy
+from ._namespace import from_numpy, is_numpy, is_torch
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
 
@@ -144,25 +144,51 @@ def _check_split(split: str | None) -> None:
 
 
 def _resolve_dtype(xp: Namespace | None, dtype: Any) -> Any:
-    """The floating dtype to return features in (a dtype of ``xp``, or of NumPy)."""
+    """The floating dtype to return features in (a dtype of ``xp``, or of NumPy).
+
+    Raises
+    ------
+    TypeError
+        Naming ``dtype``, if it is not one of the namespace's real floating dtypes (or the
+        name of one).
+    """
     if xp is None or is_numpy(xp):
-        resolved = np.dtype("float64" if dtype is None else dtype)
+        try:
+            resolved = np.dtype("float64" if dtype is None else dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be a real floating dtype of numpy, got {dtype!r}") from None
         if resolved.kind != "f":
             raise TypeError(f"dtype must be a real floating dtype, got {resolved}")
         return resolved
+    name = getattr(xp, "__name__", repr(xp))
     if dtype is None:
         return xp.float64
     if isinstance(dtype, str):
-        if not hasattr(xp, dtype):
-            raise TypeError(f"dtype {dtype!r} is not a dtype of the namespace {xp.__name__}")
+        if not dtype.isidentifier() or dtype.startswith("_") or not hasattr(xp, dtype):
+            raise TypeError(f"dtype {dtype!r} is not a dtype of the namespace {name}")
         dtype = getattr(xp, dtype)
-    if hasattr(xp, "isdtype"):
-        floating = bool(xp.isdtype(dtype, "real floating"))
-    else:  # e.g. the bare ``torch`` module, whose dtypes say it themselves
-        floating = bool(getattr(dtype, "is_floating_point", True))
-    if not floating:
-        raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+    if not _is_real_floating(xp, dtype):
+        raise TypeError(f"dtype must be a real floating dtype of {name}, got {dtype!r}")
     return dtype
+
+
+def _is_real_floating(xp: Namespace, dtype: Any) -> bool:
+    """Whether ``dtype`` is one of ``xp``'s own real floating dtypes."""
+    if is_torch(xp):  # the bare ``torch`` module or array_api_compat's wrapper of it
+        import torch
+
+        return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    if isinstance(dtype, type) and not (hasattr(dtype, "dtype") or issubclass(dtype, np.generic)):
+        return False  # a class such as ``Array``, not a dtype
+    if hasattr(xp, "isdtype"):
+        try:
+            return bool(xp.isdtype(dtype, "real floating"))
+        except Exception:  # not a dtype of this namespace at all
+            return False
+    try:
+        return np.dtype(dtype).kind == "f"
+    except TypeError:
+        return False
 
 
 def _finish(
@@ -182,6 +208,8 @@ def _finish(
     """Select the split, shuffle rows, convert to the requested namespace."""
     if xp is None and device is not None and device != "cpu":
         raise ValueError(f"device={device!r} needs an array namespace: pass xp= as well")
+    if xp is not None and is_numpy(xp) and device is not None and device != "cpu":
+        raise ValueError(f"device={device!r}: NumPy arrays live on the CPU; pass another xp")
     feat_dtype = _resolve_dtype(xp, dtype)
     rows = np.arange(target.shape[0])
     if split is not None:

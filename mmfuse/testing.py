@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,13 +15,92 @@ __all__ = ["assert_close", "default_rtol", "make_inputs"]
 
 # Relative tolerances per dtype.  The ops chain M products and sums of up to a few thousand
 # terms, so float32 is allowed a few hundred ulps; float64 results are compared tightly.
+# Integer and boolean results are exact.
 _RTOL = {"float64": 1e-10, "float32": 2e-4, "float16": 2e-2, "bfloat16": 5e-2}
+_EXACT = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+
+
+def _dtype_key(dtype: Any) -> str:
+    """One name for a dtype however it is spelled: ``"float32"``, ``"torch.float32"``,
+    ``np.float32``, ``np.dtype("float32")``, ``torch.float32``, ``jnp.float32``,
+    ``array_api_strict.float32`` all give ``"float32"``."""
+    if isinstance(dtype, str):
+        return dtype.rsplit(".", 1)[-1]
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return str(dtype).rsplit(".", 1)[-1]
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and hasattr(dtype, "dtype")):
+        try:  # NumPy / CuPy / Dask dtypes and scalar types, JAX scalar types, ml_dtypes
+            return str(np.dtype(dtype).name)
+        except TypeError:
+            pass
+    # array_api_strict's DType prints as "array_api_strict.float32"
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def default_rtol(dtype: Any) -> float:
-    """The relative tolerance used for results of ``dtype`` (by name: float32, float64, ...)."""
-    name = str(dtype).rsplit(".", 1)[-1]
-    return _RTOL.get(name, 2e-4)
+    """The relative tolerance used for results of ``dtype``.
+
+    ``dtype`` may be a dtype of any namespace (NumPy, torch, JAX, array_api_strict, ...), a
+    NumPy scalar type such as ``np.float32``, or a name (``"float32"``, ``"torch.float32"``).
+    Integer and boolean dtypes get 0 (exact); unknown dtypes the float32 tolerance.
+    """
+    key = _dtype_key(dtype)
+    if key in _EXACT:
+        return 0.0
+    return _RTOL.get(key, 2e-4)
+
+
+def _check_tolerance(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if not float(value) >= 0.0:  # also refuses NaN
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def _host(x: Any, label: str) -> np.ndarray:
+    """``x`` as a NumPy array in its own dtype; complex and non-numeric data refused."""
+    a = to_numpy(x, dtype=None)
+    if a.dtype.kind == "c":
+        raise TypeError(f"assert_close compares real-valued arrays only; {label} has complex dtype {a.dtype}")
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"assert_close compares numeric arrays only; {label} has dtype {a.dtype}")
+    return a
+
+
+def _same_device(actual: Any, want: Any) -> bool:
+    """``actual``'s device matches ``want``, compared in a normalised form.
+
+    torch: ``str(torch.device(...))``, where a device without an index (``"cuda"``) matches
+    any index of that type.  Other namespaces: their own device objects, ``"cpu"`` also
+    matching the namespace's CPU device (NumPy's ``"cpu"``, array_api_strict's
+    ``CPU_DEVICE``, a JAX CPU device).
+    """
+    got = device_of(actual)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(actual, torch.Tensor):
+        if not isinstance(want, (str, torch.device)):
+            return False
+        try:
+            want_t = torch.device(want)
+        except RuntimeError:
+            return False
+        return str(got) == str(want_t) or (want_t.index is None and got.type == want_t.type)
+    try:
+        if got == want:
+            return True
+    except Exception:
+        pass
+    if torch is not None and isinstance(want, torch.device):
+        want = str(want)
+    if isinstance(want, str) and want.lower() == "cpu":
+        platform = getattr(got, "platform", None)  # JAX devices
+        return got == "cpu" or platform == "cpu" or repr(got).endswith("('CPU_DEVICE')")
+    return False
+
+
+def _where(shape: tuple[int, ...], flat: int) -> str:
+    return str(tuple(int(i) for i in np.unravel_index(flat, shape))) if shape else "()"
 
 
 def assert_close(
@@ -39,22 +119,32 @@ def assert_close(
     Parameters
     ----------
     actual : array
-        The result under test.
+        The result under test (real-valued: complex arrays are refused).
     desired : array
         The expected values (any namespace; typically the float64 NumPy reference).
     rtol : float, optional
-        Relative tolerance; default from ``actual``'s dtype (see :func:`default_rtol`).
+        Relative tolerance; default from ``actual``'s dtype (see :func:`default_rtol`): 0
+        for integer and boolean results, which are compared exactly.
     atol : float, optional
-        Absolute tolerance; default ``rtol * max|desired|``, so that entries that cancel to
-        near zero are judged on the scale of the whole result.
+        Absolute tolerance; default ``rtol * max|desired|`` (over the finite entries), so
+        that entries that cancel to near zero are judged on the scale of the whole result.
     xp, dtype, device : optional
-        When given, ``actual`` must live in namespace ``xp``, have dtype ``dtype`` and sit on
-        ``device``.
+        When given, ``actual`` must live in namespace ``xp``, have dtype ``dtype`` (any
+        spelling: a dtype of any namespace or its name) and sit on ``device`` (for torch,
+        compared as ``str(torch.device(device))``; ``"cpu"`` also names the CPU device of
+        other namespaces).
+
+    Non-finite entries must match exactly: NaN where ``desired`` has NaN, and an infinity
+    of the same sign where ``desired`` has one.
 
     Raises
     ------
     AssertionError
         With the first mismatching property, or the worst element and the tolerances.
+    TypeError
+        If an array is complex or not numeric.
+    ValueError
+        If ``rtol`` or ``atol`` is negative.
 
     Examples
     --------
@@ -63,35 +153,57 @@ def assert_close(
     >>> assert_close(np.float32([1.0, 2.0]), np.array([1.0, 2.0 + 1e-6]), dtype=np.float32)
     """
     prefix = f"{err_msg}: " if err_msg else ""
+    _check_tolerance("rtol", rtol)
+    _check_tolerance("atol", atol)
     if not array_api_compat.is_array_api_obj(actual):
         raise AssertionError(f"{prefix}expected an array, got {type(actual).__name__}")
     got_xp = array_namespace(actual)
     if xp is not None and namespace_name(got_xp) != namespace_name(array_namespace(xp.asarray(0.0))):
         raise AssertionError(f"{prefix}namespace {namespace_name(got_xp)} != {namespace_name(xp)}")
-    if dtype is not None and actual.dtype != dtype:
+    if dtype is not None and _dtype_key(actual.dtype) != _dtype_key(dtype):
         raise AssertionError(f"{prefix}dtype {actual.dtype} != {dtype}")
-    if device is not None and device_of(actual) != device:
+    if device is not None and not _same_device(actual, device):
         raise AssertionError(f"{prefix}device {device_of(actual)!r} != {device!r}")
-    a = to_numpy(actual)
-    d = to_numpy(desired)
+    a = _host(actual, "actual")
+    d = _host(desired, "desired")
     if a.shape != d.shape:
         raise AssertionError(f"{prefix}shape {a.shape} != {d.shape}")
     if rtol is None:
         rtol = default_rtol(actual.dtype)
-    scale = float(np.max(np.abs(d))) if d.size else 0.0
+    if a.dtype.kind in "biu" and d.dtype.kind in "biu" and rtol == 0 and not atol:
+        # exact integer comparison, without a detour through float64 (which rounds > 2**53)
+        bad = np.flatnonzero(a != d)
+        if bad.size:
+            i = int(bad[0])
+            raise AssertionError(
+                f"{prefix}values differ at {bad.size} of {a.size} entries (exact comparison); "
+                f"first at index {_where(a.shape, i)}: actual {a.flat[i]} != desired {d.flat[i]}"
+            )
+        return
+    a = a.astype(np.float64)
+    d = d.astype(np.float64)
+    for name, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        bad = np.flatnonzero(test(a) != test(d))
+        if bad.size:
+            i = int(bad[0])
+            raise AssertionError(
+                f"{prefix}non-finite values differ ({name} in one array only) at {bad.size} "
+                f"entries; first at index {_where(a.shape, i)}: actual {a.flat[i]!r} != "
+                f"desired {d.flat[i]!r}"
+            )
+    finite = np.isfinite(d)
+    scale = float(np.max(np.abs(d[finite]))) if finite.any() else 0.0
     if atol is None:
         atol = rtol * scale
-    if not np.all(np.isfinite(a) == np.isfinite(d)):
-        raise AssertionError(f"{prefix}non-finite values differ")
-    finite = np.isfinite(d)
-    err = np.abs(a - d)[finite]
-    allowed = (atol + rtol * np.abs(d))[finite]
+    with np.errstate(invalid="ignore"):
+        err = np.where(finite, np.abs(a - d), 0.0)
+        allowed = atol + rtol * np.abs(np.where(finite, d, 0.0))
     if err.size and np.any(err > allowed):
         i = int(np.argmax(err - allowed))
         raise AssertionError(
             f"{prefix}values differ: max |actual - desired| = {err.max():.3e} "
-            f"(worst excess at flat index {i}: {err[i]:.3e} > {allowed[i]:.3e}); "
-            f"rtol={rtol:g}, atol={atol:.3e}, max|desired|={scale:.3e}"
+            f"(worst excess at index {_where(a.shape, i)}: {err.flat[i]:.3e} > "
+            f"{allowed.flat[i]:.3e}); rtol={rtol:g}, atol={atol:.3e}, max|desired|={scale:.3e}"
         )
 
 
@@ -110,17 +222,49 @@ def make_inputs(
     Drawn in float64 from ``seed`` (never zeros), then cast, so every namespace sees the same
     values.
 
+    Parameters
+    ----------
+    dims : sequence of int
+        Feature size ``d_m`` of each modality.
+    batch : int
+        Batch size ``B``.
+    seed : int, numpy.random.Generator or None, optional
+        Seed of the draw.
+    xp : array namespace, optional
+        Namespace of the returned arrays; NumPy when None.
+    dtype : dtype or str, optional
+        A real floating dtype of ``xp`` (or its name); float64 when None.
+    device : optional
+        Device of the returned arrays in ``xp``; NumPy arrays only live on the CPU.
+    tokens : sequence of int, optional
+        Sequence length ``T_m`` of each modality, one per entry of ``dims``.
+
+    Raises
+    ------
+    ValueError
+        If ``tokens`` and ``dims`` differ in length, or ``device`` is not the CPU for NumPy.
+    TypeError
+        If ``dtype`` is not a real floating dtype (a cast to it would not keep the values).
+
     Examples
     --------
     >>> from mmfuse.testing import make_inputs
     >>> [x.shape for x in make_inputs([3, 5], batch=2, seed=0)]
     [(2, 3), (2, 5)]
     """
+    from ._namespace import from_numpy, is_numpy
+    from .datasets import _resolve_dtype
+
+    dims = list(dims)
+    if tokens is not None and len(tokens) != len(dims):
+        raise ValueError(f"tokens has {len(tokens)} entries but dims has {len(dims)}: give one per modality")
+    numpy_out = xp is None or is_numpy(xp)
+    if numpy_out and device is not None and device != "cpu":
+        raise ValueError(f"device={device!r}: NumPy arrays live on the CPU; pass another xp")
+    cast = None if dtype is None else _resolve_dtype(xp, dtype)
     rng = np.random.default_rng(seed)
     shapes = [(batch, d) for d in dims] if tokens is None else [(batch, t, d) for t, d in zip(tokens, dims)]
     arrays = [rng.standard_normal(s) for s in shapes]
     if xp is None:
-        return [a if dtype is None else a.astype(dtype) for a in arrays]
-    from ._namespace import from_numpy
-
-    return [from_numpy(a, xp, dtype=dtype, device=device) for a in arrays]
+        return [a if cast is None else a.astype(cast) for a in arrays]
+    return [from_numpy(a, xp, dtype=cast, device=device) for a in arrays]

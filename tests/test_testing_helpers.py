@@ -1,0 +1,132 @@
+"""mmfuse.testing (assert_close, default_rtol, make_inputs) and the loaders' device/dtype checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmfuse.datasets import load_basic_motions, load_mfeat
+from mmfuse.testing import assert_close, default_rtol, make_inputs
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng()  # fresh seed each run: the properties hold for any values
+
+
+def test_non_finite_entries_must_match_exactly():
+    rng = _rng()
+    x = rng.standard_normal((4, 5))
+    i, j = int(rng.integers(4)), int(rng.integers(5))
+    for mine, theirs in [(np.nan, np.inf), (np.inf, -np.inf), (-np.inf, np.nan), (np.inf, np.nan)]:
+        a, d = x.copy(), x.copy()
+        a[i, j], d[i, j] = mine, theirs
+        with pytest.raises(AssertionError, match=rf"non-finite.*index \({i}, {j}\)"):
+            assert_close(a, d)
+    assert_close(np.array([np.nan]), np.array([np.nan]))
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_close(np.array([np.nan]), np.array([np.inf]))
+    # matching non-finite entries pass, and the finite ones are still compared
+    a = x.copy()
+    a[i, j] = -np.inf
+    assert_close(a, a.copy())
+    b = a.copy()
+    b[(i + 1) % 4, j] += 1.0
+    with pytest.raises(AssertionError, match="values differ"):
+        assert_close(b, a)
+
+
+def test_complex_refused_and_integers_exact():
+    rng = _rng()
+    re, im = rng.standard_normal(3), rng.standard_normal(3)
+    with pytest.raises(TypeError, match="complex"):
+        assert_close(np.array([1 + 1j]), np.array([1 - 5j]))
+    with pytest.raises(TypeError, match="complex"):
+        assert_close(re.astype(np.float64), re + 1j * im)
+    assert_close(np.array([10000]), np.array([10000]))
+    with pytest.raises(AssertionError, match="differ"):
+        assert_close(np.array([10000]), np.array([10001]))
+    n = rng.integers(10**6, 10**9, size=7)
+    k = int(rng.integers(7))
+    m = n.copy()
+    m[k] += 1
+    with pytest.raises(AssertionError, match=rf"index \({k},\)"):
+        assert_close(m, n)
+    with pytest.raises(AssertionError, match="differ"):  # beyond float64's 2**53
+        assert_close(np.array([2**60 + 1]), np.array([2**60]))
+    flags = rng.random(6) < 0.5
+    with pytest.raises(AssertionError, match="differ"):
+        assert_close(~flags, flags)
+    assert_close(m, n, rtol=1e-6)  # the caller's tolerances still apply
+
+
+def test_default_rtol_normalises_dtype_spellings():
+    torch = pytest.importorskip("torch")
+    xps = pytest.importorskip("array_api_strict")
+    for spelling in (np.float64, np.dtype("float64"), "float64", "torch.float64", torch.float64, xps.float64):
+        assert default_rtol(spelling) == 1e-10, spelling
+    for spelling in (np.float16, np.dtype("float16"), "float16", torch.float16, torch.half):
+        assert default_rtol(spelling) == 2e-2, spelling
+    for spelling in (np.float32, np.dtype("float32"), "float32", torch.float32, xps.float32):
+        assert default_rtol(spelling) == 2e-4, spelling
+    assert default_rtol(torch.bfloat16) == default_rtol("bfloat16") == 5e-2
+    assert default_rtol(np.int64) == default_rtol(torch.int32) == default_rtol(np.bool_) == 0.0
+
+
+def test_device_dtype_normalised_and_tolerances_checked():
+    torch = pytest.importorskip("torch")
+    xps = pytest.importorskip("array_api_strict")
+    x = _rng().standard_normal((3, 2))
+    t = torch.asarray(x, dtype=torch.float32)
+    for dev in ("cpu", torch.device("cpu")):
+        assert_close(t, x, device=dev, dtype="float32", xp=torch)
+    for dt in ("float32", np.float32, torch.float32):
+        assert_close(t, x, dtype=dt)
+    with pytest.raises(AssertionError, match="dtype"):
+        assert_close(t, x, dtype="float64")
+    with pytest.raises(AssertionError, match="device"):
+        assert_close(t, x, device="meta")
+    s = xps.asarray(x)
+    assert_close(s, x, device="cpu", dtype="float64")
+    assert_close(s, x, device=s.device, dtype=xps.float64)
+    with pytest.raises(AssertionError, match="device"):
+        assert_close(s, x, device=xps.Device("device1"))
+    assert_close(x, x, device="cpu", dtype=np.float64)
+    for kw in ({"rtol": -1e-3}, {"atol": -1e-9}, {"rtol": float("nan")}):
+        with pytest.raises(ValueError, match=r"rtol|atol"):
+            assert_close(x, x, **kw)
+
+
+def test_make_inputs_checks_arguments():
+    seed = int(_rng().integers(2**31))
+    with pytest.raises(ValueError, match="tokens"):
+        make_inputs([3, 4], batch=2, tokens=[5], seed=seed)
+    with pytest.raises(ValueError, match="cuda"):
+        make_inputs([3], batch=2, xp=np, device="cuda", seed=seed)
+    with pytest.raises(ValueError, match="cuda"):
+        make_inputs([3], batch=2, device="cuda", seed=seed)
+    for dt in ("int64", np.int32, "bool"):
+        with pytest.raises(TypeError, match="dtype"):
+            make_inputs([3, 4], batch=2, dtype=dt, seed=seed)
+    xs = make_inputs([3, 4], batch=2, tokens=[5, 6], dtype="float32", seed=seed)
+    assert [x.shape for x in xs] == [(2, 5, 3), (2, 6, 4)] and all(x.dtype == np.float32 for x in xs)
+    assert all(np.all(x != 0) for x in xs)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="dtype"):
+        make_inputs([3], batch=2, xp=torch, dtype="int64", seed=seed)
+    (t,) = make_inputs([3], batch=2, xp=torch, dtype="float32", device="cpu", seed=seed)
+    assert t.dtype == torch.float32 and t.device.type == "cpu"
+
+
+@pytest.mark.parametrize("load", [load_mfeat, load_basic_motions])
+def test_loaders_check_device_and_dtype(load):
+    with pytest.raises(ValueError, match="cuda"):
+        load(xp=np, device="cuda")
+    assert load(xp=np, device="cpu").views[0].dtype == np.float64
+    torch = pytest.importorskip("torch")
+    for bad in (np.float32, "Tensor", np.dtype("float32")):
+        with pytest.raises(TypeError, match="dtype"):
+            load(xp=torch, dtype=bad)
+    xps = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match="dtype"):
+        load(xp=xps, dtype=np.float32)
+    assert load(xp=torch, dtype="float16").views[0].dtype == torch.float16
