@@ -152,6 +152,12 @@ def on_accelerator(x: Array) -> bool:
     return torch is not None and isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta")
 
 
+def work_dtype(xp: Namespace, dtype: Any) -> Any:
+    """The dtype to compute in: float32 for float16 / bfloat16 (their range and precision are
+    too small for sums and products of many terms), else ``dtype`` itself."""
+    return dtype if xp.finfo(dtype).bits >= 32 else xp.float32
+
+
 def block_budget(x: Array, host_bytes: int) -> int:
     """Bytes per batch block for arrays like ``x``: ``host_bytes`` (cache-sized) on the CPU,
     :data:`ACCELERATOR_BLOCK_BYTES` on an accelerator."""

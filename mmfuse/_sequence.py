@@ -82,6 +82,12 @@ def _check_factors(
         check_ndim(f, 3, f"{name}[{m}]", layout.replace("_m", f"_{m}"))
     rank, out = factors[0].shape[0], factors[0].shape[2]
     for m, f in enumerate(factors):
+        # an empty rank or output axis is no fusion (the core's blocking divides by them)
+        if f.shape[0] == 0 or f.shape[2] == 0:
+            raise ValueError(
+                f"{name}[{m}] has shape {fmt_shape(f.shape)}; its {rank_label} and {out_label} "
+                "must be at least 1"
+            )
         if f.shape[1] != own[m]:
             raise ValueError(
                 f"{name}[{m}] has shape {fmt_shape(f.shape)}; expected "
@@ -638,12 +644,16 @@ def init_wander(
     gradient.  Instead every factor is small and random, with the smallness shared evenly:
     feature factors :math:`\mathcal N(0, 1 / (R_h r))` (so :math:`\sum_i \Phi_m[i]` keeps the
     scale of :math:`H_m`) and token factors :math:`\mathcal N(0, s^2 / (R_t T_m))` with
-    :math:`s = \varepsilon^{1/M}`, :math:`\varepsilon` = ``TRAINABLE_SCALE`` = 0.1.  Each
-    modality's term is then about :math:`s` times the scale of :math:`H_m`, the fused term
-    about :math:`\varepsilon \prod_m |H_m|`, a percent or less of the residual for
-    standardised inputs, and each gradient is about :math:`\varepsilon^{(M-1)/M}` of its
-    natural size: non-zero for every parameter from the first step, without favouring one
-    modality.
+    :math:`s = \varepsilon^{1/M}`, :math:`\varepsilon` = ``TRAINABLE_SCALE`` = 0.1.  In
+    ``mode="collapsed"`` each modality's term is then about :math:`s` times the scale of
+    :math:`H_m`, the fused term about :math:`\varepsilon \prod_m |H_m|`, a percent or less of
+    the residual for standardised inputs, and each gradient is about
+    :math:`\varepsilon^{(M-1)/M}` of its natural size: non-zero for every parameter from the
+    first step, without favouring one modality.  In ``mode="cp"`` the :math:`R_h R_t` rank
+    pairs are multiplied across modalities before they are summed, so the fused term starts
+    smaller, about :math:`\varepsilon (R_h R_t)^{-(M-1)/2} \prod_m |H_m|` (measured: 0.001
+    of :math:`\prod_m |H_m|` at M = 3, R_h = 8, R_t = 12), and the gradients shrink with it;
+    still non-zero for every parameter.  (The initialiser does not take the mode.)
 
     Examples
     --------

@@ -32,7 +32,16 @@ import os
 from functools import lru_cache
 from typing import Any
 
-from .._namespace import array_namespace, block_slices, device_of, is_dask, is_jax, is_lazy, is_numpy
+from .._namespace import (
+    array_namespace,
+    block_slices,
+    device_of,
+    is_dask,
+    is_jax,
+    is_lazy,
+    is_numpy,
+    work_dtype,
+)
 
 __all__ = [
     "affine_maps",
@@ -60,7 +69,7 @@ _MAX_WORKERS = 8
 
 def _stats_dtype(xp: Any, dtype: Any) -> Any:
     """float32 for float16 / bfloat16 inputs, else the input's dtype (statistics >= float32)."""
-    return dtype if xp.finfo(dtype).bits >= 32 else xp.float32
+    return work_dtype(xp, dtype)
 
 
 def _expand_mask(xp: Any, mask: Any, ndim: int) -> Any:

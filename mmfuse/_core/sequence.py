@@ -28,6 +28,7 @@ from .._namespace import (
     is_lazy,
     is_numpy,
     is_torch,
+    work_dtype,
 )
 
 __all__ = [
@@ -290,9 +291,12 @@ def _gelu_torch(x: Any) -> Any:
 def gelu(xp: Any, x: Any) -> Any:
     """Exact GELU, x Phi(x) with the erf-based normal CDF (not the tanh approximation).
 
-    NumPy and other namespaces use the Cody approximations above; torch its native erfc
+    NumPy and other namespaces use the Cody approximations above, in float32 for float16 /
+    bfloat16 inputs (the rational pieces overflow float16); torch its native erfc
     (capability-checked) so that autograd and devices work.
     """
+    if not is_torch(xp) and work_dtype(xp, x.dtype) != x.dtype:
+        return xp.astype(gelu(xp, xp.astype(x, xp.float32)), x.dtype)
     if is_torch(xp):
         import torch
 
@@ -452,8 +456,15 @@ def sequence_fusion(
     second gives the (b, jn T_out, R_h D) pairwise terms (one GEMM), which are multiplied
     across modalities and summed over i and j.  Blocks follow :func:`cp_blocking`, so the
     terms stay in cache and the memory held does not grow with B, R_t or T_m.
+
+    float16 / bfloat16 are computed in float32 and rounded once (a product of M terms
+    overflows float16's 65504 long before the result does).
     """
     xp = array_namespace(hs[0])
+    work = work_dtype(xp, hs[0].dtype)
+    if work != hs[0].dtype:
+        up = [[xp.astype(a, work) for a in group] for group in (hs, feature_factors, token_factors)]
+        return xp.astype(sequence_fusion(*up, mode=mode, masks=masks), hs[0].dtype)
     r_h, _, out_dim = feature_factors[0].shape
     r_t, _, n_out = token_factors[0].shape
     the_plan = plan(

@@ -952,7 +952,11 @@ def _collapsed_grads(
         block_budget(grad, _core_sequence._CP_BLOCK_BYTES),
     )[0]  # fmt: skip
     keep_gh = [need and on_grad_h is None for need in need_h]
-    gh: list[Any] = [torch.empty_like(h) if keep else None for h, keep in zip(hs, keep_gh)]
+    # contiguous whatever h's strides (a permuted h would give matmul(out=) a strided target)
+    gh: list[Any] = [
+        torch.empty_like(h, memory_format=torch.contiguous_format) if keep else None
+        for h, keep in zip(hs, keep_gh)
+    ]
     # the first block writes the factor gradients, later blocks add to them (_store)
     gphi: list[Any] = [torch.empty_like(p) if need_f[m] else None for m, p in enumerate(phis)]
     gpsi: list[Any] = [torch.empty_like(p) if need_t[m] else None for m, p in enumerate(psis)]

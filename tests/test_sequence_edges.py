@@ -1,0 +1,77 @@
+"""Sequence fusion edge cases found by review: float16 on the Array-API core (GELU's rational
+pieces and the product of terms overflowed float16), a permuted h in the collapsed custom
+op's backward, and factors with an empty rank or output axis."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import mmfuse
+from mmfuse._core.sequence import gelu
+from mmfuse._namespace import array_namespace
+
+
+def _gelu_exact(x):
+    return np.array([v * 0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x.astype(np.float64).ravel()])
+
+
+def test_float16_gelu_on_the_core_is_float16_rounding_of_the_exact_value():
+    rng = np.random.default_rng(2026_11_23)
+    x = np.concatenate([np.linspace(-10, 10, 2001), rng.uniform(-8, 8, 500)]).astype(np.float16)
+    got = gelu(array_namespace(x), x)
+    assert got.dtype == np.float16
+    want = _gelu_exact(x)
+    # computed in float32 and rounded once: within one float16 ulp of the exact value
+    ulp = np.spacing(np.abs(want).astype(np.float16)).astype(np.float64)
+    assert np.all(np.abs(got.astype(np.float64) - want) <= ulp + 1e-12)
+
+
+def test_float16_sequence_fusion_does_not_overflow_in_the_intermediates():
+    """300 * 300 * 1e-3 = 90 fits float16; the product of the first two terms does not."""
+    rng = np.random.default_rng(7)
+    hs = [np.full((2, 3, 2), v, np.float16) + rng.uniform(0, 1e-2, (2, 3, 2)).astype(np.float16)
+          for v in (300.0, 300.0, 1e-3)]  # fmt: skip
+    feature = [rng.uniform(0.2, 0.4, (2, 2, 3)).astype(np.float16) for _ in hs]
+    token = [rng.uniform(0.2, 0.4, (2, 3, 4)).astype(np.float16) for _ in hs]
+    for mode in ("cp", "collapsed"):
+        got = mmfuse.sequence_fusion(hs, feature, token, mode=mode, backend="array_api")
+        want = mmfuse.sequence_fusion(
+            [h.astype(np.float64) for h in hs], [f.astype(np.float64) for f in feature],
+            [t.astype(np.float64) for t in token], mode=mode, backend="reference",
+        )  # fmt: skip
+        assert got.dtype == np.float16 and np.all(np.isfinite(got)), mode
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=2e-3)
+
+
+def test_collapsed_backward_takes_a_permuted_h():
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()  # (B, T=4, r=3)
+    f = [torch.randn(1, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)]
+    t = [torch.randn(1, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)]  # T_out > T: feature first
+    upstream = torch.randn(2, 5, 2, generator=g, dtype=torch.float64)
+    grads = []
+    for backend in ("torch", "array_api"):
+        y = mmfuse.sequence_fusion([h], f, t, mode="collapsed", backend=backend)
+        grads.append(torch.autograd.grad(y, [h, *f, *t], upstream))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("feature_shape", "token_shape", "match"),
+    [
+        ((1, 2, 4), (0, 3, 5), r"token_factors\[0\] has shape \(0, 3, 5\); its R_t and T_out must be at least 1"),
+        ((1, 2, 4), (1, 3, 0), r"token_factors\[0\] has shape \(1, 3, 0\)"),
+        ((0, 2, 4), (1, 3, 5), r"feature_factors\[0\] has shape \(0, 2, 4\); its R_h and D must be at least 1"),
+        ((1, 2, 0), (1, 3, 5), r"feature_factors\[0\] has shape \(1, 2, 0\)"),
+    ],
+)
+def test_factors_with_an_empty_rank_or_output_axis_are_refused(feature_shape, token_shape, match):
+    rng = np.random.default_rng(3)
+    with pytest.raises(ValueError, match=match):
+        mmfuse.sequence_fusion([rng.standard_normal((2, 3, 2))], [rng.standard_normal(feature_shape)],
+                               [rng.standard_normal(token_shape)])  # fmt: skip
