@@ -142,8 +142,11 @@ def _check_fusion_args(
     feature_name: str,
     token_name: str,
     rank_source: Sequence[str],
+    source_shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> tuple[list[Any], list[Any], int, int]:
-    """Shape checks shared by sequence_fusion and wander; returns factors, D and T_out."""
+    """Shape checks shared by sequence_fusion and wander; returns factors, D and T_out.
+    ``source_shapes``: the shapes of the arrays named ``source`` where they differ from
+    ``shapes`` (wander's inputs, before the down-projection)."""
     _check_mode(mode)
     n = len(shapes)
     same_rank = mode == "cp"
@@ -153,7 +156,8 @@ def _check_fusion_args(
     )  # fmt: skip
     _, n_out = _check_factors(
         token_factors, token_name, n, "(R_t, T_m, T_out)", [s[1] for s in shapes], "T",
-        [f"the token count of {source}[{m}] of shape {fmt_shape(s)}" for m, s in enumerate(shapes)],
+        [f"the token count of {source}[{m}] of shape {fmt_shape(s)}"
+         for m, s in enumerate(shapes if source_shapes is None else source_shapes)],
         rank_label="R_t", out_label="T_out", same_rank=same_rank,
     )  # fmt: skip
     return list(feature_factors), list(token_factors), out_dim, n_out
@@ -446,6 +450,7 @@ def wander(
         feature_name="params['feature']", token_name="params['token']",
         rank_source=[f"the width of params['down'][{m}][0] of shape {fmt_shape(w.shape)}"
                      for m, (w, _) in enumerate(pairs)],
+        source_shapes=[tuple(x.shape) for x in xs],
     )  # fmt: skip
     _check_activation(activation)
     if not isinstance(residual, str) or residual not in RESIDUALS:
@@ -475,7 +480,7 @@ def wander(
     masks_named = [] if masks is None or not isinstance(masks, (list, tuple)) else masks
     xp = common_namespace([*named, *((f"masks[{m}]", k) for m, k in enumerate(masks_named))])
     check_same_float_dtype(xp, named)
-    masks = _check_masks(xp, masks, [(batch, x.shape[1]) for x in xs], "xs")
+    masks = _check_masks(xp, masks, [tuple(x.shape) for x in xs], "xs")
     impl = lookup("wander", backend, like=xs[0])
     clean = {"down": pairs, "feature": feature, "token": token}
     return impl(xs, clean, mode=mode, masks=masks, activation=activation, residual=residual)

@@ -75,3 +75,15 @@ def test_factors_with_an_empty_rank_or_output_axis_are_refused(feature_shape, to
     with pytest.raises(ValueError, match=match):
         mmfuse.sequence_fusion([rng.standard_normal((2, 3, 2))], [rng.standard_normal(feature_shape)],
                                [rng.standard_normal(token_shape)])  # fmt: skip
+
+
+def test_wander_errors_quote_the_inputs_shapes():
+    """Not the down-projected (B, T_m, r) shapes, which the caller never sees."""
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 6, 5))]
+    p = mmfuse.init_wander([5, 5], [4, 6], rank=2, feature_rank=1, token_rank=1, out_dim=5, seed=4)
+    bad = {**p, "token": [rng.standard_normal((1, 7, 2)), p["token"][1]]}
+    with pytest.raises(ValueError, match=r"T_0 = 4 \(the token count of xs\[0\] of shape \(3, 4, 5\)\)"):
+        mmfuse.wander(xs, bad)
+    with pytest.raises(ValueError, match=r"masks\[0\] must have shape \(B, T_0\) = \(3, 4\) to match xs\[0\] of shape \(3, 4, 5\)"):
+        mmfuse.wander(xs, p, masks=[np.ones((3, 5), bool), None])
