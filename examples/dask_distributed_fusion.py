@@ -1,9 +1,10 @@
 """Fuse a multi-GB multimodal batch on a Dask cluster, generated chunk by chunk.
 
 The batch never exists in one place: every chunk of every modality is drawn on a worker from a
-seed derived from its chunk index, fused there by ``mmfuse.lowrank_fusion`` (and aligned by
-Zoom-and-Shift when sequences are asked for), and reduced to per-output means.  Peak memory per
-worker is a few chunks, whatever the batch size.
+seed derived from its chunk index, fused there by ``mmfuse.lowrank_fusion``, and reduced to
+per-output means; the last chunk is then recomputed with NumPy alone as a check.  A second, smaller
+batch of sequences (``rows // 20`` samples) is fused the same way by Zoom-and-Shift and timed.  Peak
+memory per worker is a few chunks, whatever the batch size.
 
 Run: ``python examples/dask_distributed_fusion.py [--rows 4000000] [--workers 2]``
 (defaults: 4 million rows of (32, 32, 128) float32 features, 3 GiB of input).
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    if args.rows < 20 or args.chunk < 1 or args.workers < 1:
+        parser.error("need --rows >= 20 (the sequence batch is rows // 20), --chunk >= 1, --workers >= 1")
     from dask.distributed import Client, LocalCluster
 
     params = mmfuse.init_lowrank(DIMS, rank=16, out_dim=128, seed=0, dtype=np.float32)
@@ -102,14 +105,15 @@ def main() -> None:
         t0 = time.perf_counter()
         result = mean.compute()
         elapsed = time.perf_counter() - t0
-        # check: chunk 3 recomputed with NumPy alone
-        k = 3
-        local = [make_chunk(m, k, args.chunk, d, 0) for m, d in enumerate(DIMS)]
+        # check: the last chunk (whatever its size) recomputed with NumPy alone
+        k = fused.numblocks[0] - 1
+        size = fused.chunks[0][k]
+        local = [make_chunk(m, k, size, d, 0) for m, d in enumerate(DIMS)]
         expected = mmfuse.lowrank_fusion(local, **params)
         got = fused.blocks[k].compute()
         err = float(np.abs(got - expected).max() / np.abs(expected).max())
         seq_rows = args.rows // 20  # (T, C) per sample: 100 x 64 values, 20x a fusion row
-        _, seq_mean = aligned_mean(seq_rows, args.chunk // 20)
+        _, seq_mean = aligned_mean(seq_rows, max(1, args.chunk // 20))
         t0 = time.perf_counter()
         seq_mean.compute()
         seq_elapsed = time.perf_counter() - t0

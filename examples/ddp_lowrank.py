@@ -3,7 +3,8 @@ DistributedDataParallel on CPU.
 
 Two processes (gloo backend, ``torch.multiprocessing.spawn``) each take half of every batch;
 DDP averages their gradients, so each step equals one step on the full batch in one process.
-The script checks exactly that at the end, for both layers (both run mmfuse's custom ops, whose
+The script checks exactly that at the end (exit status 1 if parameters or gradients differ by more
+than ``--tol``), for both layers (both run mmfuse's custom ops, whose
 analytic backwards DDP's gradient hooks see like any other).
 
 Run: ``python examples/ddp_lowrank.py [--world-size 2] [--steps 5] [--model lowrank|wander|both]``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import torch
@@ -91,7 +93,14 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    parser.add_argument("--tol", type=float, default=1e-5, help="max abs difference allowed (default 1e-5)")
     args = parser.parse_args()
+    if args.world_size < 1 or BATCH % args.world_size:
+        parser.error(
+            f"--world-size must divide the batch of {BATCH} rows (1, 2, 4, 8 or 16), got {args.world_size}: "
+            "otherwise rows would be dropped and DDP would not equal the full-batch step"
+        )
+    failed = []
     for kind in MODELS if args.model == "both" else (args.model,):
         with tempfile.TemporaryDirectory() as tmp:
             ddp_state = run_ddp(args.world_size, args.steps, tmp, kind)
@@ -103,6 +112,10 @@ def main() -> None:
             f"{kind}: {args.world_size} processes vs 1 process on the full batch: "
             f"max |param diff| = {worst:.2e}, max |grad diff| = {worst_g:.2e}"
         )
+        if not max(worst, worst_g) <= args.tol:
+            failed.append(kind)
+    if failed:
+        sys.exit(f"FAILED: {', '.join(failed)} differ from the single-process run by more than {args.tol:g}")
 
 
 if __name__ == "__main__":

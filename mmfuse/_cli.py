@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -18,6 +20,8 @@ from ._namespace import tree_map
 __all__ = ["main"]
 
 NAMESPACES = ("numpy", "array_api_strict", "torch", "cupy", "jax", "dask")
+#: The module that is the array namespace for each name in NAMESPACES.
+_NS_MODULE = {"jax": "jax.numpy", "dask": "dask.array"}
 _EXTRA = {
     "torch": "torch",
     "array_api_strict": "test",
@@ -105,7 +109,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"mmfuse {mmfuse.__version__}  (Python {platform.python_version()}, {platform.platform()})")
     print("\narray namespaces:")
     for name in NAMESPACES:
-        module, reason = _probe("dask.array" if name == "dask" else name)
+        if name == "cupy" and not args.probe_gpu and "cupy" not in sys.modules:
+            # importing CuPy initialises CUDA: only --probe-gpu does that
+            found = importlib.util.find_spec("cupy") is not None
+            note = "installed (not imported; --probe-gpu imports it)" if found else "missing: not installed"
+            print(f"  {name:<17} {note}")
+            continue
+        module, reason = _probe(_NS_MODULE.get(name, name))
         version = getattr(sys.modules.get(name), "__version__", "") if module else ""
         print(f"  {name:<17} {'found ' + version if module else 'missing: ' + str(reason)}")
     print("\nbackends:")
@@ -123,15 +133,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     if torch is not None and torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"  cuda:{i} {torch.cuda.get_device_name(i)} (torch)")
-    cupy, _ = _probe("cupy") if "cupy" in sys.modules or args.probe_gpu else (None, None)
+    cupy, reason = _probe("cupy") if args.probe_gpu else (None, None)
+    if args.probe_gpu and cupy is None:
+        print(f"  cupy: not importable ({reason})")
     if cupy is not None:
         try:
             print(f"  cupy sees {cupy.cuda.runtime.getDeviceCount()} CUDA device(s)")
         except Exception as exc:
             print(f"  cupy: no CUDA device ({type(exc).__name__})")
     print("\nconfig:")
-    source = config_source()
-    for key, value in mmfuse.get_config().items():
+    try:
+        source = config_source()
+        config = mmfuse.get_config()
+    except ValueError as exc:  # e.g. a bad MMFUSE_BACKEND: report it, this is the diagnostic command
+        print(f"  invalid: {exc}")
+        return 0
+    for key, value in config.items():
         print(f"  {key} = {value!r}  (from {source[key]})")
     return 0
 
@@ -148,7 +165,7 @@ def _leaves(obj: Any) -> list[Any]:
 def _converter(namespace: str, dtype: str) -> Callable[[np.ndarray], Any] | None:
     if namespace == "numpy":
         return lambda a: a if a.dtype == np.bool_ else a.astype(dtype)
-    module, _ = _probe(namespace)
+    module, _ = _probe(_NS_MODULE.get(namespace, namespace))
     if module is None:
         return None
     if namespace == "torch":
@@ -223,6 +240,9 @@ def verify_rows(
         row = {"op": op, "backend": b, "namespace": ns, "dtype": dtype}
         if convert is None:
             row.update(status="skipped", detail=f"{ns} not available")
+        elif ns == "jax" and str(convert(np.zeros(1)).dtype) != dtype:
+            # JAX without x64 turns float64 into float32: checking it at float64 tolerance is meaningless
+            row.update(status="skipped", detail=f"jax makes {dtype} float32 unless JAX_ENABLE_X64=1")
         else:
             try:
                 got = _leaves(
@@ -299,7 +319,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.backends
         else None
     )
-    rows = verify_rows(ops, wanted, args.namespaces, args.seed, not args.no_progress)
+    namespaces = list(dict.fromkeys(args.namespaces))
+    rows = verify_rows(ops, wanted, namespaces, args.seed, not args.no_progress)
     if "cp_fusion" in ops:
         rows += _tensorly_rows(args.seed)
     print(_table(rows, ["op", "backend", "namespace", "dtype", "status", "detail"]))
@@ -321,6 +342,37 @@ def _check_choices(given: Sequence[str] | None, valid: Iterable[str], what: str)
     return list(dict.fromkeys(given))
 
 
+# --------------------------------------------------------------------------- output paths
+
+
+def _check_output_file(path: str) -> None:
+    """Fail now, not after all the work, if ``path`` cannot be written."""
+    if os.path.isdir(path):
+        raise UsageError(f"mmfuse: cannot write {path!r}: it is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"mmfuse: cannot write {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"mmfuse: cannot write {path!r}: permission denied")
+
+
+def _check_output_dir(path: str, files: Sequence[str]) -> None:
+    """Fail now if folder ``path`` cannot be created or the ``files`` in it cannot be written."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"mmfuse: cannot use {path!r} as the output folder: it is not a directory")
+        for name in files:
+            _check_output_file(os.path.join(path, name))
+        return
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UsageError(f"mmfuse: cannot create folder {path!r}: {ancestor!r} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"mmfuse: cannot create folder {path!r}: permission denied in {ancestor!r}")
+
+
 # --------------------------------------------------------------------------- bench
 
 
@@ -338,6 +390,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     ops = _check_choices(args.ops, OPS, "op")
     wanted = _check_choices(args.backends, [b for b in BACKEND_NAMES if b != "auto"], "backend")
+    for path in (args.json, args.plot):
+        if path:
+            _check_output_file(path)
+    namespaces = list(dict.fromkeys(args.namespaces))
     scale = "verify" if args.quick else "bench"
     jobs = []
     for op in ops:
@@ -345,8 +401,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         assert isinstance(registered, list)
         for b in registered:
             if b in wanted and not (b == "reference" and scale == "bench"):
-                for ns in args.namespaces:
+                for ns in namespaces:
                     jobs.append((op, b, ns))
+    # a backend asked for by name that cannot run here says so, rather than vanishing
+    missing = backends.unavailable()
+    for b in args.backends or ():
+        if b in missing:
+            print(f"{b}: skipped, not available here: {missing[b]}"[:200])
     bar = Progress(len(jobs), "bench", enabled=not args.no_progress)
     results = []
     for op, b, ns in jobs:
@@ -367,7 +428,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     times.append(time.perf_counter() - t0)
                 entry.update(status="ok", seconds=float(np.median(times)))
             except TypeError as exc:
-                entry.update(status="n/a" if "cannot take" in str(exc) else f"error: {exc}", seconds=None)
+                status = "n/a" if "cannot take" in str(exc) else f"error: {exc}"[:80]
+                entry.update(status=status, seconds=None)
+            except Exception as exc:
+                entry.update(status=f"error: {type(exc).__name__}: {exc}"[:80], seconds=None)
         results.append(entry)
         bar.step(f"{op}/{b}/{ns}")
     for op in ops:
@@ -387,7 +451,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         }
         for r in results
     ]
-    print(_table(rows, ["op", "backend", "namespace", "ms", "speed-up", "status"]))
+    if rows or not args.backends:
+        print(_table(rows, ["op", "backend", "namespace", "ms", "speed-up", "status"]))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
@@ -404,7 +469,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         _bench_plot(results, args.plot)
         print(f"wrote {args.plot}")
-    return 0
+    errors = sum(str(r["status"]).startswith("error") for r in results)
+    if errors:
+        print(f"\n{errors} error(s)", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _bench_plot(results: list[dict[str, Any]], path: str) -> None:
@@ -442,10 +510,25 @@ def _bench_plot(results: list[dict[str, Any]], path: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmfuse._demo import run_demo
 
+    _check_output_dir(args.out, ("demo.txt", "demo.png"))
     return run_demo(quick=args.quick, out=args.out, progress=not args.no_progress)
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "non-negative integer" if low == 0 else f"integer >= {low}"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -456,7 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, namespaces, backends, devices, config")
-    p.add_argument("--probe-gpu", action="store_true", help="import cupy to look for CUDA devices")
+    p.add_argument(
+        "--probe-gpu",
+        action="store_true",
+        help="import CuPy and ask it how many CUDA devices it sees; without this flag no CUDA "
+        "device query is made through CuPy (torch's CUDA devices are listed either way)",
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("verify", help="check every available backend against mmfuse.reference")
@@ -465,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--namespaces", nargs="+", default=["numpy", "array_api_strict", "torch", "cupy"], choices=NAMESPACES
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed, >= 0 (default 0)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_verify)
 
@@ -473,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", metavar="OP")
     p.add_argument("--backends", nargs="+", metavar="BACKEND")
     p.add_argument("--namespaces", nargs="+", default=["numpy", "torch"], choices=NAMESPACES)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed calls per row (default 5)")
     p.add_argument("--quick", action="store_true", help="tiny problems (a smoke run)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")
@@ -490,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_info:
+        import mmfuse
+
+        try:
+            mmfuse.get_config()
+        except ValueError as exc:  # e.g. MMFUSE_BACKEND=bogus
+            raise UsageError(f"mmfuse: {exc}") from None
     try:
         return int(args.func(args))
     except MissingDependency as exc:

@@ -143,3 +143,153 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     ):
         assert name in methods
     assert "chance:" in out
+
+
+# --------------------------------------------------------------------------- CLI defects fixed
+
+
+def test_verify_and_bench_run_on_jax_and_dask(capsys):
+    pytest.importorskip("jax")
+    pytest.importorskip("dask.array")
+    code = _cli.main(
+        ["verify", "--ops", "moments", "--backends", "array_api", "--namespaces", "jax", "dask", "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "ERROR" not in out and "MISMATCH" not in out
+    assert "moments  array_api  jax        float32  ok" in out
+    assert "moments  array_api  dask       float64  ok" in out
+    code = _cli.main(
+        ["bench", "--quick", "--ops", "moments", "--backends", "array_api", "--namespaces", "jax", "dask",
+         "--repeats", "1", "--no-progress"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count(" ok") == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", "--seed", "-1"],
+        ["bench", "--repeats", "0"],
+        ["bench", "--repeats", "-3"],
+        ["bench", "--repeats", "x"],
+    ],
+)
+def test_bad_seed_or_repeats_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(argv)
+    assert exc.value.code == 2
+    assert "must be at least" in capsys.readouterr().err or argv[-1] == "x"
+
+
+def test_unwritable_outputs_fail_up_front(tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):  # the work must not start
+        raise AssertionError("work started before the output path was checked")
+
+    monkeypatch.setattr("mmfuse._demo.run_demo", boom)
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    (tmp_path / "d" / "demo.png").mkdir(parents=True)
+    cases = [
+        ["bench", "--quick", "--json", str(tmp_path / "nope" / "x.json")],
+        ["bench", "--quick", "--json", str(tmp_path)],
+        ["bench", "--quick", "--plot", str(tmp_path / "nope" / "x.png")],
+        ["demo", "--out", str(afile)],
+        ["demo", "--out", str(tmp_path / "d")],
+        ["demo", "--out", str(afile / "sub")],
+    ]
+    for argv in cases:
+        with pytest.raises(SystemExit) as exc:
+            _cli.main([*argv, "--no-progress"])
+        assert exc.value.code == 2, argv
+        assert capsys.readouterr().err.startswith("mmfuse: cannot "), argv
+
+
+def test_bench_reports_any_op_exception_as_an_error_row(monkeypatch, capsys):
+    impl = _registry._IMPLS["moments"]["array_api"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setitem(
+        _registry._IMPLS["moments"],
+        "array_api",
+        impl.__class__("moments", "array_api", broken, impl.supports, impl.priority),
+    )
+    code = _cli.main(
+        ["bench", "--quick", "--ops", "moments", "lowrank_fusion", "--backends", "array_api",
+         "--namespaces", "numpy", "--repeats", "1", "--no-progress"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "error: RuntimeError: kaput" in out
+    assert "lowrank_fusion  array_api  numpy" in out  # the run went on
+
+
+def test_bench_says_why_a_backend_is_skipped_and_dedupes_namespaces(monkeypatch, capsys):
+    from mmfuse import backends
+
+    monkeypatch.setattr(backends, "unavailable", lambda: {"numba": "ImportError: no numba here"})
+    monkeypatch.setattr(
+        backends,
+        "available",
+        lambda op=None: ["array_api", "reference"] if op else {},
+    )
+    code = _cli.main(["bench", "--quick", "--ops", "moments", "--backends", "numba", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "numba: skipped, not available here: ImportError: no numba here" in out
+    code = _cli.main(
+        ["bench", "--quick", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy", "numpy",
+         "--repeats", "1", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert capsys.readouterr().out.count("moments  array_api  numpy") == 1
+    code = _cli.main(
+        ["verify", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy", "numpy", "--no-progress"]
+    )
+    assert code == 0
+    assert capsys.readouterr().out.count("moments  array_api  numpy") == 2  # float32, float64
+
+
+def test_bad_env_backend_info_reports_it_others_exit_2():
+    import os
+
+    env = {**os.environ, "MMFUSE_BACKEND": "bogus"}
+    res = subprocess.run([sys.executable, "-m", "mmfuse", "info"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "MMFUSE_BACKEND" in res.stdout.split("config:")[1] and "'bogus'" in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "mmfuse", "verify", "--ops", "moments", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and "MMFUSE_BACKEND" in res.stderr
+
+
+def test_info_queries_cuda_devices_only_with_probe_gpu():
+    # a stand-in cupy, already imported (as dask.array does when CuPy is installed)
+    code = """
+import importlib.machinery, sys, types
+probed = []
+def count():
+    probed.append(1)
+    return 0
+fake = types.ModuleType("cupy")
+fake.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
+fake.ndarray = type("ndarray", (), {})
+fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=count))
+sys.modules["cupy"] = fake
+from mmfuse import _cli
+_cli.main(["info"])
+assert not probed, "info queried CUDA devices without --probe-gpu"
+_cli.main(["info", "--probe-gpu"])
+assert probed, "--probe-gpu did not query CUDA devices"
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
