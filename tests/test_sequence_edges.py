@@ -87,3 +87,39 @@ def test_wander_errors_quote_the_inputs_shapes():
         mmfuse.wander(xs, bad)
     with pytest.raises(ValueError, match=r"masks\[0\] must have shape \(B, T_0\) = \(3, 4\) to match xs\[0\] of shape \(3, 4, 5\)"):
         mmfuse.wander(xs, p, masks=[np.ones((3, 5), bool), None])
+
+
+@pytest.mark.parametrize("mode", ["collapsed", "cp"])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("backend", ["torch", "array_api"])
+def test_wander_nan_padding_gives_the_gradients_of_zero_padding(mode, activation, backend):
+    """Padded tokens are zeroed before the down-projection: NaN padding used to reach dL/dW
+    (and, through the fused op's GELU derivative, dL/db) as 0 * NaN."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(2, t, 4, generator=g, dtype=torch.float64) for t in (5, 3)]
+    masks = [torch.ones(2, 5, dtype=torch.bool), torch.rand(2, 3, generator=g) > 0.4]
+    masks[1][:, 0] = True
+    p = mmfuse.init_wander([4, 4], [5, 3], rank=3, feature_rank=2, token_rank=2, out_dim=4, seed=6,
+                           xp=torch, dtype=torch.float64)  # fmt: skip
+    upstream = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    results = []
+    for pad in (0.0, float("nan")):
+        padded = [x.clone() for x in xs]
+        padded[1][~masks[1]] = pad
+        leaves = [t.clone().requires_grad_() for w, b in p["down"] for t in (w, b)]
+        params = {"down": [(leaves[0], leaves[1]), (leaves[2], leaves[3])], "feature": p["feature"], "token": p["token"]}
+        y = mmfuse.wander(padded, params, mode=mode, masks=masks, activation=activation, backend=backend)
+        results.append((y, torch.autograd.grad(y, leaves, upstream)))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_core_relu_keeps_nan_like_the_reference():
+    x = np.array([-1.0, np.nan, 2.0])
+    from mmfuse._core.sequence import ACTIVATIONS
+
+    got = ACTIVATIONS["relu"](array_namespace(x), x)
+    np.testing.assert_array_equal(got, np.maximum(x, 0.0))

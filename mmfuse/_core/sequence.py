@@ -313,7 +313,7 @@ def _gelu_tanh(xp: Any, x: Any) -> Any:
 
 
 def _relu(xp: Any, x: Any) -> Any:
-    return xp.where(x > 0, x, xp.zeros_like(x))
+    return xp.where(x < 0, xp.zeros_like(x), x)  # NaN stays NaN, as np.maximum(x, 0)
 
 
 ACTIVATIONS: dict[str, Callable[[Any, Any], Any]] = {
@@ -599,7 +599,10 @@ def wander(
     """Down-project each modality, activate, fuse the token sequences, add the residual."""
     xp = array_namespace(xs[0])
     act = activation_fn(xp, activation)
-    hs = [act(_down(xp, x, w, b)) for x, (w, b) in zip(xs, params["down"])]
+    masks = [None] * len(xs) if masks is None else list(masks)
+    # padded tokens are zeroed before the down-projection too: a NaN there would otherwise
+    # reach dL/dW as 0 * NaN (the residual still adds the raw tokens)
+    hs = [act(_down(xp, _mask_tokens(xp, x, k), w, b)) for x, k, (w, b) in zip(xs, masks, params["down"])]
     y = sequence_fusion(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
     if residual == "first":
         y = y + first_tokens(xp, xs, y.shape[1])

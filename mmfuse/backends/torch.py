@@ -1375,7 +1375,7 @@ def _wander_op(
     pres, firsts, terms = views[:n_mod], views[n_mod : 2 * n_mod], views[2 * n_mod :]
     y = None
     for m, x in enumerate(xs):
-        x = _cast(x, cdt)
+        x = _seq_masked(_cast(x, cdt), masks[m])  # padded tokens zeroed, as in the core
         torch.addmm(_cast(biases[m], cdt), x.reshape(-1, x.shape[2]), _cast(weights[m], cdt), out=pres[m])
         h = _seq_masked(_core_sequence._gelu_torch(pres[m]).view(batch, *shapes[m]), masks[m])
         phi, psi = _cast(feature_factors[m], cdt).sum(dim=0), _cast(token_factors[m], cdt).sum(dim=0)
@@ -1435,8 +1435,8 @@ def _wander_backward_op(
         x = _cast(xs[m], cdt)
         if need_x[m]:
             gx[m] = (gpre @ _cast(weights[m], cdt).t()).view(x.shape)
-        if need_w[m]:
-            gw[m] = x.reshape(-1, x.shape[2]).t() @ gpre
+        if need_w[m]:  # padded tokens zeroed, so a NaN there cannot reach dL/dW as 0 * NaN
+            gw[m] = _seq_masked(x, masks[m]).reshape(-1, x.shape[2]).t() @ gpre
         if need_b[m]:
             gb[m] = gpre.sum(dim=0)
 
@@ -1551,9 +1551,9 @@ def wander_torch(
         args = (list(xs), list(weights), biases, list(feature_factors), list(token_factors))
         return _wander_eager(*args, masks_list, residual == "first")[0]
     hs = []
-    for x, w, b in zip(xs, weights, biases):
+    for x, w, b, k in zip(xs, weights, biases, masks_list):
         batch, t_m, d = x.shape
-        flat = x.reshape(batch * t_m, d)
+        flat = _seq_masked(x, k).reshape(batch * t_m, d)  # padded tokens zeroed: as the core
         h = flat @ w if b is None else torch.addmm(b, flat, w)
         hs.append(_activate(h.reshape(batch, t_m, w.shape[1]), activation))
     y = _sequence_eager(hs, list(feature_factors), list(token_factors), mode, masks_list)
