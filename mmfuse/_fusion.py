@@ -20,11 +20,13 @@ from ._namespace import array_namespace, from_numpy, not_an_array
 from ._validation import (
     as_sequence,
     check_bool_option,
+    check_floating_dtype,
     check_modalities,
     check_ndim,
     check_positive_int,
     check_present,
     check_same_float_dtype,
+    check_size_list,
     common_namespace,
     fmt_shape,
 )
@@ -609,29 +611,15 @@ def init_lowrank(
     >>> [f.shape for f in p["factors"]], p["weights"].shape, p["bias"].shape
     ([(3, 6, 2), (3, 8, 2)], (3,), (2,))
     """
-    try:
-        dims = list(dims)
-    except TypeError:
-        raise TypeError(
-            f"dims must be a sequence of positive integers (one per modality), got {type(dims).__name__}"
-        ) from None
+    dims = check_size_list("dims", dims)
     if not dims:
         raise ValueError("dims must hold at least 1 modality, got 0")
-    dims = [check_positive_int(f"dims[{m}]", d) for m, d in enumerate(dims)]
     rank = check_positive_int("rank", rank)
     out_dim = check_positive_int("out_dim", out_dim)
     append_one = check_bool_option("append_one", append_one)
     space = array_namespace(np.empty(0)) if xp is None else xp
-    if dtype is None:  # the namespace's default floating dtype (float32 for torch)
-        dtype = space.asarray(1.0).dtype
-    # the weights first: a tiny array whose dtype says whether ``dtype`` is a floating one
-    # (checked before drawing, so that a refused call leaves a passed Generator untouched)
+    dtype = check_floating_dtype(space, dtype, device)  # default: float32 for torch
     weights = from_numpy(np.full(rank, 1.0 / rank), space, dtype=dtype, device=device)
-    if not array_namespace(weights).isdtype(weights.dtype, "real floating"):
-        raise TypeError(
-            f"dtype must be a real floating dtype (e.g. float32 or float64), got {weights.dtype}; "
-            "the fusions take floating parameters only"
-        )
     rng = np.random.default_rng(seed)
     extra = _extra(append_one)
     factors = [rng.standard_normal((rank, d + extra, out_dim)) / np.sqrt(d + extra) for d in dims]

@@ -19,10 +19,12 @@ from ._namespace import array_namespace, from_numpy
 from ._validation import (
     as_sequence,
     check_bool,
+    check_floating_dtype,
     check_modalities,
     check_ndim,
     check_positive_int,
     check_same_float_dtype,
+    check_size_list,
     common_namespace,
     fmt_shape,
 )
@@ -492,8 +494,8 @@ def wander(
 def _check_sizes(
     dims: Sequence[int], lengths: Sequence[int], **sizes: Any
 ) -> tuple[list[int], list[int], dict[str, int]]:
-    dims = [check_positive_int(f"dims[{m}]", d) for m, d in enumerate(dims)]
-    lengths = [check_positive_int(f"lengths[{m}]", t) for m, t in enumerate(lengths)]
+    dims = check_size_list("dims", dims)
+    lengths = check_size_list("lengths", lengths)
     if not dims:
         raise ValueError("dims must hold at least 1 modality, got 0")
     if len(dims) != len(lengths):
@@ -677,6 +679,8 @@ def init_wander(
         out_dim=out_dim, n_out=rank if n_out is None else n_out,
     )  # fmt: skip
     r, r_h, r_t, d_out, t_out = s["rank"], s["feature_rank"], s["token_rank"], s["out_dim"], s["n_out"]
+    space = array_namespace(np.empty(0)) if xp is None else xp
+    dtype = check_floating_dtype(space, dtype, device)  # before drawing: a refusal leaves a Generator alone
     n = len(dims)
     rng = np.random.default_rng(seed)
     down = []
@@ -690,9 +694,6 @@ def init_wander(
         shrink = TRAINABLE_SCALE ** (1.0 / n)
         feature = [rng.standard_normal((r_h, r, d_out)) / math.sqrt(r_h * r) for _ in dims]
         token = [rng.standard_normal((r_t, t, t_out)) * (shrink / math.sqrt(r_t * t)) for t in lengths]
-    space = array_namespace(np.empty(0)) if xp is None else xp
-    if dtype is None:
-        dtype = space.asarray(1.0).dtype
 
     def put(a: np.ndarray) -> Any:
         return from_numpy(a, space, dtype=dtype, device=device)

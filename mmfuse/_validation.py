@@ -14,7 +14,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._namespace import array_namespace, device_of, not_an_array
+from ._namespace import array_namespace, device_of, from_numpy, not_an_array
 
 __all__ = [
     "as_sequence",
@@ -72,6 +72,31 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_size_list(name: str, values: Any) -> list[int]:
+    """``values`` (one size per modality) as a list of Python ints >= 1; TypeError if it is
+    not a sequence, ValueError naming ``name[m]`` for a bad entry (as check_positive_int)."""
+    if isinstance(values, str) or not hasattr(values, "__iter__"):
+        raise TypeError(
+            f"{name} must be a sequence of positive integers (one per modality), got {type(values).__name__}"
+        )
+    return [check_positive_int(f"{name}[{m}]", v) for m, v in enumerate(values)]
+
+
+def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
+    """``dtype`` for parameters drawn by an initialiser (None: the namespace's default floating
+    dtype); TypeError unless it is a real floating dtype of ``space``, found on a one-element
+    array before anything is drawn (so a refused call leaves a passed Generator untouched)."""
+    if dtype is None:
+        return space.asarray(1.0).dtype
+    probe = from_numpy(np.ones(1), space, dtype=dtype, device=device)
+    if not array_namespace(probe).isdtype(probe.dtype, "real floating"):
+        raise TypeError(
+            f"dtype must be a real floating dtype (e.g. float32 or float64), got {probe.dtype}; "
+            "the fusions take floating parameters only"
+        )
+    return dtype
 
 
 def check_bool_option(name: str, value: Any) -> bool:

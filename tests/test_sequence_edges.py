@@ -123,3 +123,22 @@ def test_core_relu_keeps_nan_like_the_reference():
 
     got = ACTIVATIONS["relu"](array_namespace(x), x)
     np.testing.assert_array_equal(got, np.maximum(x, 0.0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dtype": np.int64}, TypeError, "dtype must be a real floating dtype"),
+        ({"dtype": bool}, TypeError, "dtype must be a real floating dtype"),
+        ({"dims": 3}, TypeError, "dims must be a sequence of positive integers"),
+        ({"lengths": "45"}, TypeError, "lengths must be a sequence of positive integers"),
+        ({"dims": [4, 2.5]}, ValueError, r"dims\[1\] must be a positive integer, got 2.5"),
+    ],
+)
+def test_init_wander_checks_its_arguments_like_init_lowrank(kwargs, error, match):
+    args = {"dims": [4, 4], "lengths": [4, 5], "rank": 2, "feature_rank": 1, "token_rank": 1, "out_dim": 4}
+    rng = np.random.default_rng(9)
+    state = rng.bit_generator.state
+    with pytest.raises(error, match=match):
+        mmfuse.init_wander(**{**args, **kwargs}, seed=rng)
+    assert rng.bit_generator.state == state  # refused before drawing
