@@ -21,7 +21,7 @@ import array_api_compat
 
 from . import reference
 from ._core import align as core
-from ._namespace import array_namespace, device_of, is_jax, is_torch
+from ._namespace import array_namespace, is_jax, is_torch, mask_tokens
 from ._validation import (
     as_sequence,
     check_bool,
@@ -739,13 +739,6 @@ def _run_align(
     return list(out)
 
 
-def _zero_masked(x: Any, mask: Any) -> Any:
-    """x with its masked tokens set to 0 (a new array; ``mask`` is (B, T) for x (B, T, C))."""
-    xp = array_namespace(x)
-    zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
-    return xp.where(xp.reshape(mask, (*mask.shape, 1)), x, zero)
-
-
 # --------------------------------------------------------------------------- fusion
 
 
@@ -838,10 +831,11 @@ def zoom_shift_fusion(
     seq, masks, rounds, alpha, hub, eps = _check_align(
         seq, opts["rounds"], opts["alpha"], schedule, topology, opts["hub"], axis, masks, opts["eps"]
     )
-    if masks is not None and _has_autograd(array_namespace(seq[0])):
+    xp = array_namespace(seq[0])
+    if masks is not None and _has_autograd(xp):
         # Masked tokens are mapped but never pooled: zeroed, NaN or inf padding cannot reach
         # the gradients through 0 * NaN (values are unchanged: they never enter statistics).
-        seq = [x if k is None else _zero_masked(x, k) for x, k in zip(seq, masks)]
+        seq = [mask_tokens(xp, x, k) for x, k in zip(seq, masks)]
     aligned = _run_align(seq, masks, rounds, alpha, schedule, topology, hub, axis, eps, opts["backend"])
     return core.zoom_shift_fusion(aligned, fuse_how=fuse, pool_how=pool, masks=masks)
 

@@ -152,6 +152,21 @@ def on_accelerator(x: Array) -> bool:
     return torch is not None and isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta")
 
 
+def mask_tokens(xp: Namespace, x: Array, mask: Array | None) -> Array:
+    """``x`` (B, T, ...) with the tokens where ``mask`` (B, T) is False set to 0, by ``where``
+    (a new array), so NaN or inf padding never leaks; ``x`` itself when ``mask`` is None."""
+    if mask is None:
+        return x
+    zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
+    return xp.where(xp.reshape(mask, (*mask.shape, *(1,) * (x.ndim - mask.ndim))), x, zero)
+
+
+def check_host_device(device: Any) -> None:
+    """NumPy arrays live on the CPU: refuse any other ``device`` (None and "cpu" pass)."""
+    if device is not None and device != "cpu":
+        raise ValueError(f"device={device!r}: NumPy arrays live on the CPU only; pass another xp")
+
+
 def work_dtype(xp: Namespace, dtype: Any) -> Any:
     """The dtype to compute in: float32 for float16 / bfloat16 (their range and precision are
     too small for sums and products of many terms), else ``dtype`` itself."""
@@ -231,8 +246,7 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
         live on the CPU).
     """
     if is_numpy(xp):
-        if device is not None and device != "cpu":
-            raise ValueError(f"device={device!r}: NumPy arrays live on the CPU only")
+        check_host_device(device)
         return np.asarray(a, dtype=dtype)
     if array_api_compat.is_cupy_namespace(xp):
         # CuPy's own asarray takes no device argument; array_api_compat's wrapper of it does

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._namespace import from_numpy, is_numpy, is_torch
+from ._namespace import check_host_device, from_numpy, is_numpy, is_torch
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
 
@@ -208,8 +208,8 @@ def _finish(
     """Select the split, shuffle rows, convert to the requested namespace."""
     if xp is None and device is not None and device != "cpu":
         raise ValueError(f"device={device!r} needs an array namespace: pass xp= as well")
-    if xp is not None and is_numpy(xp) and device is not None and device != "cpu":
-        raise ValueError(f"device={device!r}: NumPy arrays live on the CPU; pass another xp")
+    if xp is not None and is_numpy(xp):
+        check_host_device(device)  # before the shuffle draws from a caller's Generator
     feat_dtype = _resolve_dtype(xp, dtype)
     rows = np.arange(target.shape[0])
     if split is not None:

@@ -607,20 +607,6 @@ def _check_seq_inputs(
     return list(xs), list(masks)
 
 
-def _check_no_empty_sample(masks: Sequence[torch.Tensor | None], layer: str) -> None:
-    """No mask may mask every token of a sample (a value check: eager mode only)."""
-    for m, k in enumerate(masks):
-        if k is None:
-            continue
-        empty = torch.logical_not(k.any(dim=1))
-        if bool(empty.any()):
-            first = int(torch.nonzero(empty)[0, 0])
-            raise ValueError(
-                f"{layer}: masks[{m}] masks every token of sample {first}: its statistics are "
-                "undefined; every sample needs at least one unmasked token"
-            )
-
-
 class WanderAdapter(nn.Module):
     r"""The Wander adapter (Guo et al., AAAI 2025) as a layer: :func:`mmfuse.wander`.
 
@@ -1054,7 +1040,11 @@ class GuidedZoomShift(nn.Module):
         xs, mask_list = _check_seq_inputs(xs, dims, None, self.weight.dtype, masks, type(self).__name__)
         full = mask_list if mask_list is not None else [None] * len(xs)
         if not _compiling():  # as ZoomShift: a sample without tokens has no statistics
-            _check_no_empty_sample(full, type(self).__name__)
+            from ._align import _check_mask
+            from ._namespace import array_namespace
+
+            for m, (seq, mask) in enumerate(zip(xs, full)):
+                _check_mask(array_namespace(seq), mask, seq, 1, f"masks[{m}]", f"xs[{m}]")
         c = self.channels
         p = _pool_torch(xs[self.guide], full[self.guide], "mean")  # (B, C)
         heads = torch.einsum("bc,kdc->kbd", p, self.weight) + self.bias[:, None, :]  # (M-1, B, 2C)

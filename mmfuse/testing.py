@@ -252,15 +252,15 @@ def make_inputs(
     >>> [x.shape for x in make_inputs([3, 5], batch=2, seed=0)]
     [(2, 3), (2, 5)]
     """
-    from ._namespace import from_numpy, is_numpy
+    from ._namespace import check_host_device, from_numpy, is_numpy
     from .datasets import _resolve_dtype
 
     dims = list(dims)
     if tokens is not None and len(tokens) != len(dims):
         raise ValueError(f"tokens has {len(tokens)} entries but dims has {len(dims)}: give one per modality")
     numpy_out = xp is None or is_numpy(xp)
-    if numpy_out and device is not None and device != "cpu":
-        raise ValueError(f"device={device!r}: NumPy arrays live on the CPU; pass another xp")
+    if numpy_out:
+        check_host_device(device)  # before drawing from a caller's Generator
     cast = None if dtype is None else _resolve_dtype(xp, dtype)
     rng = np.random.default_rng(seed)
     shapes = [(batch, d) for d in dims] if tokens is None else [(batch, t, d) for t, d in zip(tokens, dims)]

@@ -67,11 +67,6 @@ _MAX_WORKERS = 8
 # --------------------------------------------------------------------------- helpers
 
 
-def _stats_dtype(xp: Any, dtype: Any) -> Any:
-    """float32 for float16 / bfloat16 inputs, else the input's dtype (statistics >= float32)."""
-    return work_dtype(xp, dtype)
-
-
 def _expand_mask(xp: Any, mask: Any, ndim: int) -> Any:
     """A mask of shape ``x.shape[:axis + 1]`` with trailing unit axes, broadcastable to x."""
     extra = ndim - mask.ndim
@@ -149,7 +144,7 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> tu
     xp = array_namespace(x)
     if _numpy_fast(xp, x):
         return _stats_numpy(x, axis, mask)
-    dt = _stats_dtype(xp, x.dtype)
+    dt = work_dtype(xp, x.dtype)
     xs = x if dt == x.dtype else xp.astype(x, dt)
     if mask is None:
         count: Any = float(x.shape[axis])
@@ -634,7 +629,7 @@ def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
         if mask is None:
             return xp.mean(x, axis=1)
         m = _expand_mask(xp, mask, x.ndim)
-        dt = _stats_dtype(xp, x.dtype)
+        dt = work_dtype(xp, x.dtype)
         zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
         total = xp.sum(xp.where(m, x, zero), axis=1, dtype=dt)
         count = xp.sum(xp.astype(m, dt), axis=1)

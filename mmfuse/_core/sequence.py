@@ -22,12 +22,12 @@ from .._namespace import (
     array_namespace,
     block_budget,
     block_slices,
-    device_of,
     is_dask,
     is_jax,
     is_lazy,
     is_numpy,
     is_torch,
+    mask_tokens,
     work_dtype,
 )
 
@@ -432,14 +432,6 @@ def _contract(xp: Any, h: Any, phi: Any, psi_t: Any, order: str) -> Any:
     return psi_t @ _times(xp, h, phi)
 
 
-def _mask_tokens(xp: Any, h: Any, mask: Any) -> Any:
-    """Zero the padded tokens (mask False) with ``where``, so NaNs there do not leak."""
-    if mask is None:
-        return h
-    zero = xp.zeros((), dtype=h.dtype, device=device_of(h))
-    return xp.where(mask[:, :, None], h, zero)
-
-
 def sequence_fusion(
     hs: list[Any],
     feature_factors: list[Any],
@@ -477,7 +469,7 @@ def sequence_fusion(
         int(out_dim),
     )
     masks = [None] * len(hs) if masks is None else list(masks)
-    hs = [_mask_tokens(xp, h, mask) for h, mask in zip(hs, masks)]
+    hs = [mask_tokens(xp, h, mask) for h, mask in zip(hs, masks)]
     if mode == "collapsed":
         mats = [_collapsed_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
         y = None
@@ -602,7 +594,7 @@ def wander(
     masks = [None] * len(xs) if masks is None else list(masks)
     # padded tokens are zeroed before the down-projection too: a NaN there would otherwise
     # reach dL/dW as 0 * NaN (the residual still adds the raw tokens)
-    hs = [act(_down(xp, _mask_tokens(xp, x, k), w, b)) for x, k, (w, b) in zip(xs, masks, params["down"])]
+    hs = [act(_down(xp, mask_tokens(xp, x, k), w, b)) for x, k, (w, b) in zip(xs, masks, params["down"])]
     y = sequence_fusion(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
     if residual == "first":
         y = y + first_tokens(xp, xs, y.shape[1])

@@ -78,6 +78,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import _fusion  # noqa: F401  (defines the operators registered below)
+from .._core import align as _core_align
 from .._core import fusion as _core_fusion
 from .._core import sequence as _core_sequence
 from .._namespace import block_budget, block_slices, is_torch
@@ -1187,7 +1188,7 @@ def _zoom_shift_op(
     s, _ = _zs_scale(torch.sqrt(var + eps), torch.sqrt(g_var + eps), alpha)
     # about the pivot: y = (x - p) s + mu_x + alpha (mu_g - mu_x) - corr s, with x - p exact
     # near the mean (x s + t would lose |mu_x| s ulps to cancellation)
-    target = g_mean if alpha == 1.0 else (1 - alpha) * mean + alpha * g_mean
+    target = _core_align._target_mean(mean, g_mean, alpha)
     return torch.addcmul(target - corr * s, dev, s).to(dtype)
 
 
