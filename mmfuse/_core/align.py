@@ -187,17 +187,6 @@ def _stats_numpy(x: Any, axis: int, mask: Any) -> tuple[Any, Any, Any, Any, None
     return mean, var, pivot, corr, None
 
 
-def raw_moments(x: Any, axis: int, mask: Any = None) -> tuple[Any, Any]:
-    """Mean and population variance over ``axis`` (kept), masked tokens excluded.
-
-    ``axis`` is non-negative.  Computed in at least float32 (float16 / bfloat16 inputs are
-    cast for the reduction) by the shifted algorithm (section comment above); returned in
-    that statistics dtype.
-    """
-    mean, var, *_ = _stats(x, axis, mask)
-    return mean, var
-
-
 @lru_cache(maxsize=64)
 def _square_sum(ndim: int, axis: int) -> str:
     """einsum subscripts summing ``d * d`` over ``axis`` (NumPy fast path only)."""
