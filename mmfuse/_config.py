@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["BACKEND_NAMES", "config_context", "config_source", "get_config", "set_config"]
 
 #: Every backend name mmfuse knows.  Which of them can run depends on what is installed.
-BACKEND_NAMES = ("auto", "array_api", "reference", "numba", "cupy", "torch")
+BACKEND_NAMES = ("auto", "array_api", "reference", "numba", "cupy", "torch", "triton")
 
 _DEFAULTS: dict[str, Any] = {"backend": "auto"}
 _ENV_VARS = {"backend": "MMFUSE_BACKEND"}

@@ -5,6 +5,6 @@ Optional backends (``torch``, ``numba``, ``cupy``) live in submodules that impor
 only inside functions and are loaded on demand, never by ``import mmfuse``.
 """
 
-from ._registry import Implementation, available, define_op, lookup, register, unavailable
+from ._registry import BackendUnsupported, Implementation, available, define_op, lookup, register, unavailable
 
-__all__ = ["Implementation", "available", "define_op", "lookup", "register", "unavailable"]
+__all__ = ["BackendUnsupported", "Implementation", "available", "define_op", "lookup", "register", "unavailable"]

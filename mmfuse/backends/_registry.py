@@ -25,7 +25,26 @@ from typing import Any
 from .._config import BACKEND_NAMES, resolve_backend
 from .._namespace import array_namespace, device_of, namespace_name
 
-__all__ = ["Implementation", "available", "define_op", "lookup", "register", "unavailable"]
+__all__ = [
+    "BackendUnsupported",
+    "Implementation",
+    "available",
+    "define_op",
+    "lookup",
+    "register",
+    "unavailable",
+]
+
+
+class BackendUnsupported(TypeError, ValueError):
+    """A backend, forced by name, cannot run an operator on the given inputs.
+
+    One type for every refusal, so callers (the CLI among them) catch it by type, not by
+    message.  It derives from ``TypeError`` (the inputs are of a kind the backend does not
+    take) and, for code written before it existed, from ``ValueError`` (what a backend
+    without the operator used to raise).
+    """
+
 
 Supports = Callable[[Any, Any], "str | None"]
 
@@ -56,6 +75,7 @@ _PLUGINS: dict[str, tuple[str, str]] = {
     "torch": ("mmfuse.backends.torch", "torch"),
     "numba": ("mmfuse.backends.numba", "numba"),
     "cupy": ("mmfuse.backends.cupy", "cupy"),
+    "triton": ("mmfuse.backends.triton", "triton"),
 }
 _plugin_errors: dict[str, str] = {}
 # Plugins whose module finished importing.  Another thread may be half-way through importing
@@ -174,7 +194,7 @@ def lookup(op: str, backend: str | None = None, *, like: Any = None) -> Callable
     _load_plugin(name, only_if_imported=False)
     if name not in impls:
         reason = _plugin_errors.get(name, "it has no implementation of this operator")
-        raise ValueError(
+        raise BackendUnsupported(
             f"backend {name!r} cannot run {op}: {reason}; "
             f"backends available for {op}: {sorted(impls)}"
         )
@@ -182,7 +202,7 @@ def lookup(op: str, backend: str | None = None, *, like: Any = None) -> Callable
     if xp is not None:
         refusal = impl.supports(xp, device)
         if refusal is not None:
-            raise TypeError(
+            raise BackendUnsupported(
                 f"backend {name!r} cannot take {namespace_name(xp)} arrays on device "
                 f"{device!r} for {op}: {refusal}"
             )
