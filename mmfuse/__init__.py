@@ -16,6 +16,7 @@ from ._fusion import (
     lowrank_to_tensor,
     tensor_fusion,
 )
+from ._interactions import cp_interactions, interaction_shares, lowrank_interactions, tensor_interactions
 from ._sequence import init_wander, sequence_fusion, wander, wander_parameter_count
 
 __version__ = "0.1.0"
@@ -26,17 +27,21 @@ __all__ = [
     "align",
     "config_context",
     "cp_fusion",
+    "cp_interactions",
     "cp_to_lowrank",
     "get_config",
     "init_lowrank",
     "init_wander",
+    "interaction_shares",
     "lowrank_fusion",
+    "lowrank_interactions",
     "lowrank_to_tensor",
     "moments",
     "sequence_fusion",
     "set_config",
     "shift",
     "tensor_fusion",
+    "tensor_interactions",
     "wander",
     "wander_parameter_count",
     "zoom",

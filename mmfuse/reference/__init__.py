@@ -13,6 +13,13 @@ from .fusion import (
     lowrank_to_tensor,
     tensor_fusion,
 )
+from .interactions import (
+    cp_interactions,
+    interaction_shares,
+    lowrank_interactions,
+    subset_labels,
+    tensor_interactions,
+)
 from .sequence import (
     feature_weight,
     gelu,
@@ -25,17 +32,22 @@ from .sequence import (
 __all__ = [
     "align",
     "cp_fusion",
+    "cp_interactions",
     "cp_to_lowrank",
     "cp_to_tensor",
     "feature_weight",
     "gelu",
+    "interaction_shares",
     "lowrank_fusion",
+    "lowrank_interactions",
     "lowrank_to_tensor",
     "moments",
     "sequence_fusion",
     "sequence_weight",
     "shift",
+    "subset_labels",
     "tensor_fusion",
+    "tensor_interactions",
     "token_weight",
     "wander",
     "zoom",

@@ -1,0 +1,314 @@
+r"""Array-API core of the exact interaction terms of TFN, LMF and CP fusion.
+
+Inputs arrive validated by the public layer (:mod:`mmfuse._interactions`).  The algorithms:
+
+- LMF and CP, ``by="order"``: per rank and output, the terms of order k are the coefficients of
+  :math:`t^k` in :math:`\prod_m (c_m + t P_m)` (:math:`P_m` the projection of the features,
+  :math:`c_m` the constant's row), built one modality at a time (O(M^2) elementwise products,
+  no subset enumerated), then reduced over the rank.
+- LMF and CP, ``by="subset"``: a depth-first walk over the modalities multiplies each prefix
+  product by :math:`c_m` (m not in S) or :math:`P_m` (m in S): 2^(M+1) products of the kept
+  projections, at most M partial products alive.
+- TFN: the weight is contracted one mode at a time (as :func:`mmfuse._core.fusion.tensor_fusion`
+  does), each mode either with the features (m in S) or by selecting the constant's index
+  (m not in S).  By order, the partial contractions are grouped by how many feature modes they
+  hold (O(M^2) contractions); by subset, a depth-first walk.  The all-constant branch never
+  depends on the sample, so it stays unbatched until it meets a feature.
+
+Only standard Array-API functions are used (matmul, reshape, broadcasting, sum, stack,
+concat): NumPy, array-api-strict, PyTorch (autograd flows through), CuPy, JAX and Dask.
+Inputs are never written to and never passed through ``xp.asarray``.  A part that is
+identically zero (every term but the top one when ``append_one=False``) is carried as ``None``
+and materialised as zeros only in the result.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+from .._namespace import array_namespace, block_budget, block_slices, device_of, is_dask, is_jax, is_lazy
+from .fusion import _flat_lowrank, _mask_absent
+
+__all__ = [
+    "cp_interactions",
+    "interaction_shares",
+    "labels_for",
+    "lowrank_interactions",
+    "subset_labels",
+    "tensor_interactions",
+]
+
+# Per batch block, the order recursion keeps M + 2 arrays of (rows, R h); a block is sized so
+# that they stay near this many bytes (in L2 on the 2-core CI box).
+_BLOCK_BYTES = 1 << 20
+
+
+def subset_labels(n_modalities: int) -> list[tuple[int, ...]]:
+    """The 2^M subsets of ``range(M)`` as sorted tuples: by size, then lexicographically."""
+    return [s for k in range(n_modalities + 1) for s in itertools.combinations(range(n_modalities), k)]
+
+
+def labels_for(by: str, n_modalities: int) -> list[Any]:
+    """The labels of the parts: the orders 0..M, or the subsets (:func:`subset_labels`)."""
+    return list(range(n_modalities + 1)) if by == "order" else list(subset_labels(n_modalities))
+
+
+def _mask(subset: tuple[int, ...]) -> int:
+    return sum(1 << m for m in subset)
+
+
+def _mul(a: Any, b: Any) -> Any:
+    """a * b, where ``None`` is an exact zero."""
+    return None if a is None or b is None else a * b
+
+
+def _add(a: Any, b: Any) -> Any:
+    """a + b, where ``None`` is an exact zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _blocks(xp: Any, x: Any, width: int) -> list[slice]:
+    """Batch blocks whose ``width`` elements per row fill about ``_BLOCK_BYTES``; one block on
+    lazy or traced namespaces (Dask, JAX), whose schedulers handle memory."""
+    batch = x.shape[0]
+    if is_lazy(x) or is_dask(xp) or is_jax(xp) or batch is None:
+        return [slice(None)]
+    itemsize = int(xp.finfo(x.dtype).bits) // 8
+    budget = block_budget(x, _BLOCK_BYTES)
+    rows = max(16, budget // max(1, width * itemsize) // 16 * 16)
+    return block_slices(int(batch), int(batch) if rows * 2 > batch else rows)
+
+
+def order_coefficients(projs: list[Any], consts: list[Any]) -> list[Any]:
+    """Coefficients of t^0 .. t^M of ``prod_m (consts[m] + t projs[m])``, elementwise.
+
+    ``projs[m]`` (rows, W); ``consts[m]`` (1, W) or ``None`` (zero).  Coefficient 0 is
+    ``prod_m consts[m]``, (1, W) or None; the others are (rows, W) or None.
+    """
+    coef: list[Any] = [consts[0], projs[0]]
+    for p, c in zip(projs[1:], consts[1:]):
+        top = len(coef)
+        coef = [
+            _mul(coef[0], c),
+            *(_add(_mul(coef[k], c), _mul(coef[k - 1], p)) for k in range(1, top)),
+            _mul(coef[top - 1], p),
+        ]
+    return coef
+
+
+def subset_products(projs: list[Any], consts: list[Any]) -> dict[int, Any]:
+    """``prod_{m in S} projs[m] * prod_{m not in S} consts[m]`` for every subset S (keyed by its
+    bit mask), by a depth-first walk that shares prefixes (2^(M+1) products)."""
+    out: dict[int, Any] = {}
+    n = len(projs)
+
+    def visit(m: int, acc: Any, mask: int) -> None:
+        if m == n:
+            out[mask] = acc
+            return
+        visit(m + 1, _mul(acc, consts[m]), mask)
+        visit(m + 1, None if acc is None else acc * projs[m], mask | (1 << m))
+
+    visit(1, consts[0], 0)
+    visit(1, projs[0], 1)
+    return out
+
+
+def _ranked_terms(
+    xp: Any,
+    xs: list[Any],
+    project: Callable[[Any, int, slice], tuple[Any, Any]],
+    reduce: Callable[[Any], Any],
+    width: int,
+    out_dim: int,
+    by: str,
+) -> Any:
+    """Shared driver of LMF and CP: per batch block, the projections, the per-part products
+    (orders or subsets) and their rank reduction ``reduce`` ((n, W) -> (n, h)); (K, B, h)."""
+    n = len(xs)
+    labels = labels_for(by, n)
+    x0 = xs[0]
+    dev = device_of(x0)
+    rows_per_part = (n + 2) * width if by == "order" else (n + 1) * width
+    parts = []
+    for blk in _blocks(xp, x0, rows_per_part):
+        projs, consts = zip(*(project(x[blk, ...], m, blk) for m, x in enumerate(xs)))
+        rows = projs[0].shape[0]
+        if by == "order":
+            found = order_coefficients(list(projs), list(consts))
+        else:
+            products = subset_products(list(projs), list(consts))
+            found = [products[_mask(s)] for s in labels]
+        terms = []
+        for t in found:
+            if t is None:
+                terms.append(xp.zeros((rows, out_dim), dtype=x0.dtype, device=dev))
+            else:
+                r = reduce(t)
+                terms.append(r if r.shape[0] == rows else xp.broadcast_to(r, (rows, out_dim)))
+        parts.append(xp.stack(terms, axis=0))
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+
+def lowrank_interactions(
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any = None,
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[Any, list[Any]]:
+    """LMF's terms (K, B, h): each factor laid out as a (D_m, R h) matrix (the rank weights
+    folded into the first), one GEMM per modality and block, then the recursion or the walk."""
+    xp = array_namespace(xs[0])
+    rank, _, out_dim = factors[0].shape
+    mats = [_flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
+    dims = [x.shape[1] for x in xs]
+    feats = [mat[: dims[m], :] for m, mat in enumerate(mats)]
+    consts = [mat[dims[m] : dims[m] + 1, :] if append_one else None for m, mat in enumerate(mats)]
+
+    def project(x: Any, m: int, blk: slice) -> tuple[Any, Any]:
+        rows = None if present is None else present[blk, ...]
+        return _mask_absent(xp, x, rows, m) @ feats[m], consts[m]
+
+    def reduce(t: Any) -> Any:
+        return xp.sum(xp.reshape(t, (t.shape[0], rank, out_dim)), axis=1)
+
+    terms = _ranked_terms(xp, xs, project, reduce, rank * out_dim, out_dim, by)
+    return terms, labels_for(by, len(xs))
+
+
+def cp_interactions(
+    xs: list[Any],
+    cp: tuple[Any, list[Any]],
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[Any, list[Any]]:
+    """CP's terms (K, B, h): (B, R) projections, the recursion or the walk over them, then one
+    (R, h) product with the weighted output factor per part."""
+    xp = array_namespace(xs[0])
+    weights, factors = cp
+    out_factor = factors[-1]
+    out_dim = out_factor.shape[0]
+    out_t = xp.matrix_transpose(out_factor if weights is None else out_factor * weights)  # (R, h)
+    dims = [x.shape[1] for x in xs]
+    feats = [a[: dims[m], :] for m, a in enumerate(factors[:-1])]
+    consts = [a[dims[m] : dims[m] + 1, :] if append_one else None for m, a in enumerate(factors[:-1])]
+
+    def project(x: Any, m: int, blk: slice) -> tuple[Any, Any]:
+        rows = None if present is None else present[blk, ...]
+        return _mask_absent(xp, x, rows, m) @ feats[m], consts[m]
+
+    def reduce(t: Any) -> Any:
+        return t @ out_t
+
+    terms = _ranked_terms(xp, xs, project, reduce, out_factor.shape[1], out_dim, by)
+    return terms, labels_for(by, len(xs))
+
+
+# --------------------------------------------------------------------------- TFN
+
+
+def _contract(xp: Any, x: Any, g: Any, batched: bool, d: int) -> Any:
+    """The features' contraction of mode ``g``'s axis 1: (B, rest) from g (b, D, rest)."""
+    if not batched:
+        return x @ g[0, :d, :]  # one GEMM: the part does not depend on the sample yet
+    return (x[:, None, :] @ g[:, :d, :])[:, 0, :]
+
+
+def tensor_interactions(
+    xs: list[Any],
+    weight: Any,
+    *,
+    by: str = "order",
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[Any, list[Any]]:
+    """TFN's terms (K, B, h) by mode-by-mode contraction, each mode with the features or at the
+    constant's index; the public layer has checked the intermediates against ``max_elements``."""
+    xp = array_namespace(xs[0])
+    n = len(xs)
+    batch = xs[0].shape[0]
+    dims = tuple(weight.shape[:-1])
+    out_dim = weight.shape[-1]
+    sizes = [x.shape[1] for x in xs]
+
+    def split(g: Any, batched: bool, m: int) -> tuple[Any, Any]:
+        """(constant's slice, features' contraction) of mode m, each (b, D_{m+1}, rest)."""
+        rest = math.prod(dims[m + 1 :]) * out_dim
+        lead = dims[m + 1] if m + 1 < n else out_dim
+        tail = rest // lead
+        d = sizes[m]
+        const = g[:, d, :] if append_one else None
+        feat = _contract(xp, xs[m], g, batched, d)
+        shape_c = (g.shape[0], lead, tail)
+        shape_f = (batch, lead, tail)
+        return (None if const is None else xp.reshape(const, shape_c)), xp.reshape(feat, shape_f)
+
+    start = xp.reshape(weight, (1, dims[0], math.prod(dims[1:]) * out_dim))
+    if by == "order":
+        # groups[k]: the sum over subsets of the contracted modes with k features, and whether
+        # it depends on the sample (only group 0 does not)
+        groups: list[tuple[Any, bool]] = [(start, False)]
+        for m in range(n):
+            pieces = [split(g, b, m) if g is not None else (None, None) for g, b in groups]
+            new: list[tuple[Any, bool]] = [(pieces[0][0], groups[0][1])]
+            for k in range(1, len(groups)):
+                new.append((_add(pieces[k][0], pieces[k - 1][1]), True))
+            new.append((pieces[-1][1], True))
+            groups = new
+        found = [g for g, _ in groups]
+    else:
+        out: dict[int, Any] = {}
+
+        def visit(m: int, g: Any, batched: bool, mask: int) -> None:
+            if m == n:
+                out[mask] = g
+                return
+            if g is None:
+                visit(m + 1, None, batched, mask)
+                visit(m + 1, None, True, mask | (1 << m))
+                return
+            const, feat = split(g, batched, m)
+            visit(m + 1, const, batched, mask)
+            visit(m + 1, feat, True, mask | (1 << m))
+
+        visit(0, start, False, 0)
+        found = [out[_mask(s)] for s in subset_labels(n)]
+    terms = []
+    for g in found:
+        if g is None:
+            terms.append(xp.zeros((batch, out_dim), dtype=weight.dtype, device=device_of(weight)))
+        else:
+            g = xp.reshape(g, (g.shape[0], out_dim))
+            terms.append(g if g.shape[0] == batch else xp.broadcast_to(g, (batch, out_dim)))
+    return xp.stack(terms, axis=0), labels_for(by, n)
+
+
+# --------------------------------------------------------------------------- shares
+
+
+def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
+    """(K,) shares: <T_k - mean, y - mean> / <y - mean, y - mean> (``"variance"``) or
+    <T_k, y> / <y, y> (``"norm"``), with y = sum_k T_k, summed over samples and outputs;
+    NaN where the denominator is zero."""
+    xp = array_namespace(terms)
+    y = xp.sum(terms, axis=0)
+    if kind == "variance":
+        terms = terms - xp.mean(terms, axis=1, keepdims=True)
+        y = y - xp.mean(y, axis=0, keepdims=True)
+    num = xp.sum(terms * y, axis=(1, 2))
+    den = xp.sum(y * y)
+    zero = den == 0
+    safe = xp.where(zero, xp.ones_like(den), den)
+    return xp.where(zero, xp.full_like(num, math.nan), num / safe)

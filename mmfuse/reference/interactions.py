@@ -1,0 +1,163 @@
+r"""Reference interaction terms of TFN, LMF and CP fusion: NumPy, float64, subsets expanded.
+
+With :math:`\hat x_m = u_m + e_m`, :math:`u_m = [x_m; 0]` (the features) and
+:math:`e_m = [0; 1]` (the constant), the outer product :math:`\bigotimes_m \hat x_m` is the sum
+over the subsets S of the modalities of :math:`\bigotimes_m v_m` with :math:`v_m = u_m` for
+m in S and :math:`v_m = e_m` otherwise.  Every function here builds each of those 2^M outer
+products (or, for the factorised weights, each per-rank product) literally, per sample, and
+groups them by order by summing the subsets of that size.  Slow on purpose: the oracle.
+Inputs are assumed valid (the public layer checks them).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+from .fusion import cp_to_tensor
+
+__all__ = [
+    "cp_interactions",
+    "interaction_shares",
+    "lowrank_interactions",
+    "subset_labels",
+    "tensor_interactions",
+]
+
+
+def _f64(a: Any) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def subset_labels(n_modalities: int) -> list[tuple[int, ...]]:
+    """The 2^M subsets of ``range(M)`` as sorted tuples: by size, then lexicographically."""
+    return [s for k in range(n_modalities + 1) for s in itertools.combinations(range(n_modalities), k)]
+
+
+def _split(x: np.ndarray, append_one: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(u, e): u = [x; 0] (the features), e = [0; 1] (the constant); hat x = u + e.
+
+    Without the constant (``append_one=False``) hat x = x = u and e is the zero vector.
+    """
+    if not append_one:
+        return x, np.zeros_like(x)
+    u = np.append(x, 0.0)
+    e = np.zeros_like(u)
+    e[-1] = 1.0
+    return u, e
+
+
+def _features(xs: list[np.ndarray], present: Any, b: int) -> list[np.ndarray]:
+    """Sample b's features; an absent modality's are zeros (its u_m vanishes)."""
+    if present is None:
+        return [x[b] for x in xs]
+    return [x[b] if bool(present[b, m]) else np.zeros_like(x[b]) for m, x in enumerate(xs)]
+
+
+def _by(subset_terms: np.ndarray, n_modalities: int, by: str) -> tuple[np.ndarray, list[Any]]:
+    """(2^M, B, h) subset terms -> the result for ``by``: as they are, or summed per order."""
+    labels = subset_labels(n_modalities)
+    if by == "subset":
+        return subset_terms, list(labels)
+    orders = np.zeros((n_modalities + 1, *subset_terms.shape[1:]))
+    for s, term in zip(labels, subset_terms):
+        orders[len(s)] += term
+    return orders, list(range(n_modalities + 1))
+
+
+def tensor_interactions(
+    xs: list[Any],
+    weight: Any,
+    *,
+    by: str = "order",
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[np.ndarray, list[Any]]:
+    """T_S = W . (v_1 (x) ... (x) v_M), v_m = u_m for m in S and e_m otherwise, built per sample.
+
+    ``max_elements`` is accepted for signature parity and ignored.
+    """
+    xs = [_f64(x) for x in xs]
+    w = _f64(weight)
+    n = len(xs)
+    labels = subset_labels(n)
+    terms = np.zeros((len(labels), xs[0].shape[0], w.shape[-1]))
+    for b in range(xs[0].shape[0]):
+        parts = [_split(x, append_one) for x in _features(xs, None, b)]
+        for i, s in enumerate(labels):
+            z = np.ones(())
+            for m, (u, e) in enumerate(parts):
+                z = np.multiply.outer(z, u if m in s else e)
+            terms[i, b] = np.tensordot(z, w, axes=n)
+    return _by(terms, n, by)
+
+
+def lowrank_interactions(
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any = None,
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[np.ndarray, list[Any]]:
+    """T_S = sum_r w_r prod_{m in S} (u_m . F_m[r]) prod_{m not in S} (e_m . F_m[r]).
+
+    (e_m . F_m[r] is the constant's row of the factor; u_m . F_m[r] the features' projection.)
+    An absent modality (``present[b, m]`` False) has u_m = 0.  ``max_elements`` is ignored.
+    """
+    xs = [_f64(x) for x in xs]
+    factors = [_f64(f) for f in factors]
+    rank, _, out_dim = factors[0].shape
+    w = np.ones(rank) if weights is None else _f64(weights)
+    n = len(xs)
+    labels = subset_labels(n)
+    terms = np.zeros((len(labels), xs[0].shape[0], out_dim))
+    for b in range(xs[0].shape[0]):
+        parts = [_split(x, append_one) for x in _features(xs, present, b)]
+        for i, s in enumerate(labels):
+            for r in range(rank):
+                term = np.full(out_dim, w[r])
+                for m, ((u, e), f) in enumerate(zip(parts, factors)):
+                    term = term * ((u if m in s else e) @ f[r])
+                terms[i, b] += term
+    return _by(terms, n, by)
+
+
+def cp_interactions(
+    xs: list[Any],
+    cp: tuple[Any, list[Any]],
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[np.ndarray, list[Any]]:
+    """TFN's terms for the full weight rebuilt from the CP decomposition (TensorLy layout).
+
+    An absent modality's features are replaced by zeros.  ``max_elements`` is ignored.
+    """
+    xs = [_f64(x).copy() for x in xs]
+    if present is not None:
+        for m, x in enumerate(xs):
+            x[~np.asarray(present, dtype=bool)[:, m]] = 0.0
+    return tensor_interactions(xs, cp_to_tensor(cp), by=by, append_one=append_one)
+
+
+def interaction_shares(terms: Any, *, kind: str = "variance") -> np.ndarray:
+    """Share of each part: sum_j cov_b(T_k[:, j], y[:, j]) / sum_j var_b(y[:, j]), y = sum_k T_k.
+
+    ``kind="norm"``: <T_k, y> / <y, y> over all samples and outputs (no centring).  NaN when
+    the denominator is zero.
+    """
+    t = _f64(terms)
+    y = t.sum(axis=0)
+    if kind == "variance":
+        t = t - t.mean(axis=1, keepdims=True)
+        y = y - y.mean(axis=0, keepdims=True)
+    num = np.array([float(np.sum(tk * y)) for tk in t])
+    den = float(np.sum(y * y))
+    return num / den if den != 0 else np.full(t.shape[0], np.nan)
