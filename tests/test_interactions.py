@@ -1,0 +1,343 @@
+"""Exact interaction terms of TFN, LMF and CP (issue 22): exactness on every namespace, the
+order recursion against the subset sum, the terms against independent computations (the TFN
+weight's sub-blocks, TensorLy's ``cp_to_tensor``), gradients, ``present=`` and the refusals."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import mmfuse
+import mmfuse.reference as ref
+from mmfuse.testing import assert_close
+
+KINDS = ("tensor", "lowrank", "cp")
+
+
+def _problem(rng, n, *, batch=3, rank=2, out_dim=2, append_one=True, dims=None):
+    dims = list(rng.integers(1, 3, n)) if dims is None else list(dims)
+    extra = int(append_one)
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    factors = [rng.standard_normal((rank, d + extra, out_dim)) for d in dims]
+    weights = rng.standard_normal(rank)
+    weight = ref.lowrank_to_tensor(factors, weights) + rng.standard_normal(
+        (*[d + extra for d in dims], out_dim)
+    )  # generic (full rank)
+    cp = (rng.standard_normal(rank), [rng.standard_normal((d + extra, rank)) for d in dims]
+          + [rng.standard_normal((out_dim, rank))])
+    present = rng.random((batch, n)) < 0.6
+    return {"xs": xs, "factors": factors, "weights": weights, "weight": weight, "cp": cp, "present": present}
+
+
+def _call(kind, p, conv, *, by="order", present=False, append_one=True, backend=None):
+    """(interaction terms, labels, fused output without bias) of ``kind`` with arrays made by
+    ``conv`` (NumPy -> the namespace under test)."""
+    xs = [conv(x) for x in p["xs"]]
+    opts = {"append_one": append_one, "backend": backend}
+    if kind == "tensor":
+        w = conv(p["weight"])
+        terms, labels = mmfuse.tensor_interactions(xs, w, by=by, **opts)
+        return terms, labels, mmfuse.tensor_fusion(xs, w, **opts)
+    pres = None if not present else conv(p["present"])
+    if kind == "lowrank":
+        f, w = [conv(f) for f in p["factors"]], conv(p["weights"])
+        terms, labels = mmfuse.lowrank_interactions(xs, f, w, by=by, present=pres, **opts)
+        return terms, labels, mmfuse.lowrank_fusion(xs, f, w, present=pres, **opts)
+    cp = (conv(p["cp"][0]), [conv(a) for a in p["cp"][1]])
+    terms, labels = mmfuse.cp_interactions(xs, cp, by=by, present=pres, **opts)
+    return terms, labels, mmfuse.cp_fusion(xs, cp, present=pres, **opts)
+
+
+def _reference(kind, p, *, by="order", present=False, append_one=True):
+    pres = p["present"] if present else None
+    if kind == "tensor":
+        return ref.tensor_interactions(p["xs"], p["weight"], by=by, append_one=append_one)
+    if kind == "lowrank":
+        return ref.lowrank_interactions(
+            p["xs"], p["factors"], p["weights"], by=by, present=pres, append_one=append_one
+        )
+    return ref.cp_interactions(p["xs"], p["cp"], by=by, present=pres, append_one=append_one)
+
+
+def _sum0(xp, terms):
+    return xp.xp.sum(terms, axis=0)
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+@pytest.mark.parametrize("kind", KINDS)
+def test_terms_sum_to_output_and_match_reference(xp, kind, n, rng):
+    p = _problem(rng, n)
+    present = kind != "tensor"
+    by = "subset" if n <= 3 else "order"
+    terms, labels, fused = _call(kind, p, xp.asarray, by=by, present=present)
+    want, want_labels = _reference(kind, p, by=by, present=present)
+    assert labels == want_labels
+    assert tuple(terms.shape) == (len(labels), 3, 2)
+    assert_close(terms, want, xp=xp.xp, dtype=xp.dtype("float64"))
+    assert_close(_sum0(xp, terms), fused, xp=xp.xp, dtype=xp.dtype("float64"))
+    xp.assert_untouched()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_kept_and_append_one_false(xp, kind, rng):
+    p = _problem(rng, 3, append_one=False)
+    conv = lambda a: xp.asarray(a, "float32")  # noqa: E731
+    for by in ("order", "subset"):
+        terms, _, fused = _call(kind, p, conv, by=by, present=kind != "tensor", append_one=False)
+        want, _ = _reference(kind, p, by=by, present=kind != "tensor", append_one=False)
+        assert_close(terms, want, xp=xp.xp, dtype=xp.dtype("float32"))
+        assert_close(_sum0(xp, terms), fused, dtype=xp.dtype("float32"))
+        # without the constant, only the M-way term is left
+        assert not np.any(np.asarray(want[:-1]))
+    xp.assert_untouched()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_backend_and_labels(kind, rng):
+    p = _problem(rng, 3)
+    got, labels, _ = _call(kind, p, np.asarray, by="subset", backend="reference")
+    core, core_labels, _ = _call(kind, p, np.asarray, by="subset", backend="array_api")
+    assert labels == core_labels == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert_close(core, got)
+    _, orders, _ = _call(kind, p, np.asarray, by="order")
+    assert orders == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("n", [1, 4, 6])
+@pytest.mark.parametrize("kind", KINDS)
+def test_order_recursion_equals_subset_sum(kind, n, rng):
+    p = _problem(rng, n)
+    present = kind != "tensor"
+    orders, _, _ = _call(kind, p, np.asarray, by="order", present=present)
+    subsets, labels, _ = _call(kind, p, np.asarray, by="subset", present=present)
+    summed = np.zeros_like(orders)
+    for s, term in zip(labels, subsets):
+        summed[len(s)] += term
+    assert_close(orders, summed)
+
+
+@pytest.mark.parametrize("by", ["order", "subset"])
+def test_tfn_terms_equal_lmf_terms_for_lmf_weight(by, rng):
+    p = _problem(rng, 4, rank=3, out_dim=3)
+    full = mmfuse.lowrank_to_tensor(p["factors"], p["weights"])
+    tfn, tfn_labels = mmfuse.tensor_interactions(p["xs"], full, by=by)
+    lmf, lmf_labels = mmfuse.lowrank_interactions(p["xs"], p["factors"], p["weights"], by=by)
+    assert tfn_labels == lmf_labels
+    assert_close(tfn, lmf)
+
+
+# --------------------------------------------------------------------------- independent
+
+
+def _sub_block_terms(xs, weight):
+    """T_S from W's sub-block: modes in S over the features, the others at the constant's index,
+    contracted with the features mode by mode (np.tensordot), per subset."""
+    n = len(xs)
+    out = {}
+    for k in range(n + 1):
+        for s in itertools.combinations(range(n), k):
+            index = tuple(slice(0, x.shape[1]) if m in s else x.shape[1] for m, x in enumerate(xs))
+            block = weight[index]  # axes: the modes of S in order, then h
+            per_sample = []
+            for b in range(xs[0].shape[0]):
+                t = block
+                for m in s:
+                    t = np.tensordot(xs[m][b], t, axes=(0, 0))
+                per_sample.append(t)
+            out[s] = np.stack(per_sample)
+    return out
+
+
+def test_tfn_terms_are_weight_sub_blocks(rng):
+    p = _problem(rng, 4, dims=(2, 1, 3, 2))
+    terms, labels = mmfuse.tensor_interactions(p["xs"], p["weight"], by="subset")
+    blocks = _sub_block_terms(p["xs"], p["weight"])
+    assert set(labels) == set(blocks)
+    for s, term in zip(labels, terms):
+        assert_close(term, blocks[s])
+
+
+def test_cp_terms_are_sub_blocks_of_tensorly_cp_to_tensor(rng):
+    tl = pytest.importorskip("tensorly")
+    p = _problem(rng, 3, dims=(2, 3, 1), rank=4, out_dim=3)
+    full = tl.cp_to_tensor(tl.cp_tensor.CPTensor(p["cp"]))
+    terms, labels = mmfuse.cp_interactions(p["xs"], tl.cp_tensor.CPTensor(p["cp"]), by="subset")
+    blocks = _sub_block_terms(p["xs"], np.asarray(full))
+    for s, term in zip(labels, terms):
+        assert_close(term, blocks[s])
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("by", ["order", "subset"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_gradients_match_central_differences_of_reference(kind, by, rng):
+    """<grad of sum(terms * U), V> (torch autograd) equals the central difference of the
+    float64 reference, for the inputs and the parameters together."""
+    torch = pytest.importorskip("torch")
+    p = _problem(rng, 3, rank=2, out_dim=2)
+    names = {"tensor": ["weight"], "lowrank": ["factors", "weights"], "cp": ["cp"]}[kind]
+    arrays = list(p["xs"])
+    for name in names:
+        value = p[name]
+        arrays += [value[0], *value[1]] if name == "cp" else (value if isinstance(value, list) else [value])
+
+    def rebuild(flat, make):
+        q = dict(p)
+        q["xs"] = [make(a) for a in flat[:3]]
+        rest = [make(a) for a in flat[3:]]
+        if kind == "tensor":
+            q["weight"] = rest[0]
+        elif kind == "lowrank":
+            q["factors"], q["weights"] = rest[:3], rest[3]
+        else:
+            q["cp"] = (rest[0], rest[1:])
+        return q
+
+    leaves = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
+    def as_torch(a):
+        return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
+
+    terms, _, _ = _call(kind, rebuild(leaves, as_torch), as_torch, by=by, present=kind != "tensor")
+    upstream = rng.standard_normal(tuple(terms.shape))
+    grads = torch.autograd.grad((terms * torch.from_numpy(upstream)).sum(), leaves)
+    directions = [rng.standard_normal(a.shape) for a in arrays]
+    analytic = sum(float(np.sum(g.numpy() * v)) for g, v in zip(grads, directions))
+    eps = 1e-6
+
+    def loss(sign):
+        q = rebuild([a + sign * eps * v for a, v in zip(arrays, directions)], np.asarray)
+        return float(np.sum(_reference(kind, q, by=by, present=kind != "tensor")[0] * upstream))
+
+    numeric = (loss(1) - loss(-1)) / (2 * eps)
+    assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
+
+
+# --------------------------------------------------------------------------- present
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "cp"])
+def test_present_absent_modality_only_through_its_constant(kind, rng):
+    p = _problem(rng, 3, batch=6)
+    p["present"][0] = [True, False, True]
+    p["present"][1] = [False, False, False]
+    with_nan = dict(p)
+    with_nan["xs"] = [x.copy() for x in p["xs"]]
+    for m, x in enumerate(with_nan["xs"]):
+        x[~p["present"][:, m]] = np.nan  # ignored where absent
+    terms, labels, _ = _call(kind, with_nan, np.asarray, by="subset", present=True)
+    zeroed = dict(p)
+    zeroed["xs"] = [np.where(p["present"][:, m : m + 1], x, 0.0) for m, x in enumerate(p["xs"])]
+    want, _, _ = _call(kind, zeroed, np.asarray, by="subset")
+    assert_close(terms, want)
+    for s, term in zip(labels, terms):
+        absent_rows = ~np.all(p["present"][:, list(s)], axis=1) if s else np.zeros(6, bool)
+        assert not np.any(term[absent_rows]), s
+    # sample 1 has nothing present: its output is the constant alone
+    assert_close(terms[1:, 1], np.zeros_like(terms[1:, 1]))
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_subset_refuses_over_max_elements(rng):
+    p = _problem(rng, 4, batch=5, out_dim=3, dims=(1, 1, 1, 1))
+    msg = (
+        r"lowrank_interactions: by='subset' returns 2\*\*M = 16 terms of shape \(B, h\) = \(5, 3\) "
+        r"for M = 4 modalities, 240 elements, over max_elements=200; use by='order'"
+    )
+    with pytest.raises(ValueError, match=msg):
+        mmfuse.lowrank_interactions(p["xs"], p["factors"], by="subset", max_elements=200)
+    with pytest.raises(ValueError, match=r"cp_interactions: by='subset' returns 2\*\*M = 16 terms"):
+        mmfuse.cp_interactions(p["xs"], p["cp"], by="subset", max_elements=200)
+    with pytest.raises(ValueError, match=r"tensor_interactions: by='subset' returns 2\*\*M = 16 terms"):
+        mmfuse.tensor_interactions(p["xs"], p["weight"], by="subset", max_elements=200)
+    terms, _ = mmfuse.lowrank_interactions(p["xs"], p["factors"], by="order", max_elements=200)
+    assert terms.shape == (5, 5, 3)
+    with pytest.raises(ValueError, match=r"tensor_interactions: weight of shape .* over max_elements=10"):
+        mmfuse.tensor_interactions(p["xs"], p["weight"], max_elements=10)
+
+
+def test_argument_errors(rng):
+    p = _problem(rng, 2, dims=(2, 3))
+    with pytest.raises(ValueError, match=r"by must be 'order' or 'subset', got 'orders'"):
+        mmfuse.lowrank_interactions(p["xs"], p["factors"], by="orders")
+    with pytest.raises(ValueError, match=r"factors\[0\] has shape \(2, 3, 2\); expected \(R, d_0 \+ 1, h\) = \(R, 4, h\)"):
+        mmfuse.lowrank_interactions(p["xs"][::-1], p["factors"])
+    with pytest.raises(ValueError, match=r"cp has 2 factors; expected M \+ 1 = 3"):
+        mmfuse.cp_interactions(p["xs"], (None, p["cp"][1][1:]))
+    with pytest.raises(ValueError, match=r"weight must have shape"):
+        mmfuse.tensor_interactions(p["xs"][:1], p["weight"])
+    with pytest.raises(ValueError, match=r"present must have shape \(B, M\) = \(3, 2\), got \(3, 1\)"):
+        mmfuse.cp_interactions(p["xs"], p["cp"], present=p["present"][:, :1])
+    with pytest.raises(TypeError, match="append_one must be a bool"):
+        mmfuse.tensor_interactions(p["xs"], p["weight"], append_one=1)
+    with pytest.raises(ValueError, match=r"terms must be 3-dimensional with shape \(K, B, h\), got shape \(3, 2\)"):
+        mmfuse.interaction_shares(p["xs"][0][:, :2])
+    with pytest.raises(ValueError, match="kind must be 'variance' or 'norm', got 'var'"):
+        mmfuse.interaction_shares(np.ones((2, 3, 1)), kind="var")
+
+
+# --------------------------------------------------------------------------- shares
+
+
+@pytest.mark.parametrize("kind", ["variance", "norm"])
+def test_shares_match_reference_and_sum_to_one(xp, kind, rng):
+    p = _problem(rng, 3, batch=16)
+    terms, _, _ = _call("lowrank", p, xp.asarray, by="subset")
+    shares = mmfuse.interaction_shares(terms, kind=kind)
+    want = ref.interaction_shares(ref.lowrank_interactions(p["xs"], p["factors"], p["weights"], by="subset")[0],
+                                  kind=kind)
+    assert_close(shares, want, xp=xp.xp, dtype=xp.dtype("float64"))
+    assert abs(float(np.sum(want)) - 1.0) < 1e-12
+    if kind == "variance":
+        assert abs(float(want[0])) < 1e-12  # the constant has no variance
+
+
+def test_shares_nan_when_output_constant():
+    terms = np.ones((3, 4, 2))
+    shares = mmfuse.interaction_shares(terms)
+    assert shares.shape == (3,) and np.all(np.isnan(shares))
+
+
+# --------------------------------------------------------------------------- dask and jax
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dask_lazy_and_equal(kind, rng):
+    da = pytest.importorskip("dask.array")
+    p = _problem(rng, 3, batch=11)
+
+    def conv(a):
+        a = np.asarray(a)
+        if a.ndim >= 1 and a.shape[0] == 11:
+            return da.from_array(a, chunks=(4, *a.shape[1:]))
+        return da.from_array(a, chunks=a.shape)
+
+    terms, _, _ = _call(kind, p, conv, by="order", present=kind != "tensor")
+    assert isinstance(terms, da.Array)
+    assert_close(terms.compute(), _reference(kind, p, present=kind != "tensor")[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_jax_eager_and_jit(kind, rng):
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+    p = _problem(rng, 3)
+    want = _reference(kind, p, by="subset", present=kind != "tensor")[0]
+
+    def run(xs):
+        q = dict(p)
+        q["xs"] = xs
+        return _call(kind, q, jnp.asarray, by="subset", present=kind != "tensor")[0]
+
+    xs = [jnp.asarray(x) for x in p["xs"]]
+    assert_close(run(xs), want)
+    assert_close(jax.jit(run)(xs), want)
