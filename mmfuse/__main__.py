@@ -4,4 +4,5 @@ import sys
 
 from ._cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing this module (pydoc, autodoc) must not run the command
+    sys.exit(main())

@@ -15,26 +15,17 @@ from typing import Any
 
 import numpy as np
 
+from ._console import MissingDependency, Progress, require, shorten, table
 from ._namespace import tree_map
+from .backends import BackendUnsupported
 
 __all__ = ["main"]
 
 NAMESPACES = ("numpy", "array_api_strict", "torch", "cupy", "jax", "dask")
 #: The module that is the array namespace for each name in NAMESPACES.
 _NS_MODULE = {"jax": "jax.numpy", "dask": "dask.array"}
-_EXTRA = {
-    "torch": "torch",
-    "array_api_strict": "test",
-    "cupy": "cupy",
-    "jax": "jax",
-    "dask": "dask",
-    "tensorly": "tensorly",
-    "matplotlib": "plot",
-}
-
-
-class MissingDependency(RuntimeError):
-    pass
+#: Widest text in a table's last column (a refusal's reason, an error message), cut between words.
+_DETAIL = 100
 
 
 class UsageError(SystemExit):
@@ -47,55 +38,11 @@ class UsageError(SystemExit):
         print(message, file=sys.stderr)
 
 
-def require(module: str) -> Any:
-    """Import ``module`` or fail with the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        extra = _EXTRA.get(module.split(".")[0], "all")
-        raise MissingDependency(
-            f"{module} is needed for this command but could not be imported ({exc}); "
-            f"install it with: pip install 'mmfuse[{extra}]'"
-        ) from None
-
-
 def _probe(module: str) -> tuple[Any, str | None]:
     try:
         return importlib.import_module(module), None
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
-
-
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in columns]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) for r in rows]
-    return "\n".join(lines)
-
-
-class Progress:
-    """A one-line progress bar on stderr (no dependency)."""
-
-    def __init__(self, total: int, label: str, *, stream: Any = None, enabled: bool = True) -> None:
-        self.total, self.label, self.done = max(1, total), label, 0
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.start = time.perf_counter()
-
-    def step(self, note: str = "") -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        frac = self.done / self.total
-        bar = "#" * int(frac * 24)
-        elapsed = time.perf_counter() - self.start
-        self.stream.write(
-            f"\r{self.label} [{bar:<24}] {self.done}/{self.total} {elapsed:5.1f}s {note[:40]:<40}"
-        )
-        if self.done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 # --------------------------------------------------------------------------- info
@@ -106,6 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from mmfuse import backends
     from mmfuse._config import config_source
 
+    # the first words are what ``mmfuse --version`` prints
     print(f"mmfuse {mmfuse.__version__}  (Python {platform.python_version()}, {platform.platform()})")
     print("\narray namespaces:")
     for name in NAMESPACES:
@@ -231,9 +179,11 @@ def verify_rows(
                         "detail": _not_verified(b, op),
                     }
                 )
-    bar = Progress(len(jobs), "verify", enabled=progress)
-    rows = []
-    for op, b, ns, dtype in jobs:
+    # one finished item per operator: off a terminal that is a line per op, not one per check
+    last_job = {job[0]: i for i, job in enumerate(jobs)}
+    bar = Progress(len(jobs), "verify", items=len(last_job), enabled=progress)
+    rows: list[dict[str, Any]] = []
+    for i, (op, b, ns, dtype) in enumerate(jobs):
         args, kwargs = make_problem(op, seed=seed)
         want = _leaves(getattr(ref, op)(*args, **kwargs))
         convert = _converter(ns, dtype)
@@ -248,13 +198,10 @@ def verify_rows(
                 got = _leaves(
                     _call(getattr(mmfuse, op), b, tree_map(convert, args), tree_map(convert, kwargs))
                 )
-            except TypeError as exc:
-                if "cannot take" in str(exc):
-                    row.update(status="n/a", detail=str(exc).split(": ", 1)[-1][:60])
-                else:
-                    row.update(status="ERROR", detail=f"{type(exc).__name__}: {exc}"[:80])
+            except BackendUnsupported as exc:
+                row.update(status="n/a", detail=_refusal(exc))
             except Exception as exc:
-                row.update(status="ERROR", detail=f"{type(exc).__name__}: {exc}"[:80])
+                row.update(status="ERROR", detail=shorten(f"{type(exc).__name__}: {exc}", _DETAIL))
             else:
                 err = max(_rel_err(g, w) for g, w in zip(got, want))
                 tol = 5 * default_rtol(dtype)
@@ -262,8 +209,21 @@ def verify_rows(
                     status="ok" if err <= tol else "MISMATCH", detail=f"max rel err {err:.1e} (tol {tol:.0e})"
                 )
         rows.append(row)
-        bar.step(f"{op}/{b}/{ns}")
+        bar.step(f"{op}/{b}/{ns}/{dtype}")
+        if last_job[op] == i:
+            checked = [r["status"] for r in rows if r["op"] == op]
+            bar.finished(f"{op} checked ({checked.count('ok')} ok, {len(checked)} rows)")
     return rows + unverified
+
+
+def _refusal(exc: BaseException) -> str:
+    """What a backend's refusal says it needs, for the detail column.
+
+    The message starts "backend 'x' cannot take <namespace> arrays on device ... for <op>: ",
+    which the row's other columns already say; what follows the first ": " is the reason.
+    """
+    text = str(exc)
+    return shorten(text.split(": ", 1)[1] if ": " in text else text, _DETAIL)
 
 
 def _not_verified(backend: str, op: str) -> str:
@@ -274,7 +234,7 @@ def _not_verified(backend: str, op: str) -> str:
         return "the reference is the oracle the others are checked against"
     reason = backends.unavailable().get(backend)
     if reason is not None:
-        return f"not available here: {reason}"[:100]
+        return shorten(f"not available here: {reason}", _DETAIL)
     return f"{backend} has no implementation of {op}"
 
 
@@ -319,15 +279,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.backends
         else None
     )
-    namespaces = list(dict.fromkeys(args.namespaces))
+    if args.namespaces:
+        namespaces, not_installed = list(dict.fromkeys(args.namespaces)), []
+    else:
+        # Default: every namespace installed here, JAX and Dask included.  ``verify`` is the
+        # check a user runs after installing on a new machine, and ``info`` lists JAX and Dask as
+        # found: leaving them out by default would pass a machine whose JAX path fails.  They
+        # cost a few seconds more (JAX dispatches each operation eagerly); ``--namespaces``
+        # narrows the run.  Namespaces not installed get one line below the table, not rows.
+        namespaces = [ns for ns in NAMESPACES if _installed(ns)]
+        not_installed = [ns for ns in NAMESPACES if ns not in namespaces]
     rows = verify_rows(ops, wanted, namespaces, args.seed, not args.no_progress)
     if "cp_fusion" in ops:
         rows += _tensorly_rows(args.seed)
-    print(_table(rows, ["op", "backend", "namespace", "dtype", "status", "detail"]))
+    print(table(rows, ["op", "backend", "namespace", "dtype", "status", "detail"]))
     bad = [r for r in rows if r["status"] in ("MISMATCH", "ERROR")]
     ran = sum(r["status"] == "ok" for r in rows)
     print(f"\n{ran} passed, {len(bad)} failed, {len(rows) - ran - len(bad)} skipped")
+    if not_installed:
+        print(f"not installed here, so not checked: {', '.join(not_installed)}")
     return 1 if bad else 0
+
+
+def _installed(namespace: str) -> bool:
+    """Whether ``namespace``'s package is installed (looked up, not imported: importing CuPy
+    initialises CUDA, and JAX takes a second or two)."""
+    try:
+        return importlib.util.find_spec(namespace) is not None
+    except (ImportError, ValueError):  # a broken install, or a stand-in module without a spec
+        return namespace in sys.modules
 
 
 def _check_choices(given: Sequence[str] | None, valid: Iterable[str], what: str) -> list[str]:
@@ -407,8 +387,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     missing = backends.unavailable()
     for b in args.backends or ():
         if b in missing:
-            print(f"{b}: skipped, not available here: {missing[b]}"[:200])
-    bar = Progress(len(jobs), "bench", enabled=not args.no_progress)
+            print(shorten(f"{b}: skipped, not available here: {missing[b]}", 200))
+    bar = Progress(len(jobs), "bench", items=len(jobs), enabled=not args.no_progress)
     results = []
     for op, b, ns in jobs:
         args_np, kwargs_np = make_problem(op, seed=0, scale=scale)
@@ -427,13 +407,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     _sync(_call(func, b, call_args, call_kwargs))
                     times.append(time.perf_counter() - t0)
                 entry.update(status="ok", seconds=float(np.median(times)))
-            except TypeError as exc:
-                status = "n/a" if "cannot take" in str(exc) else f"error: {exc}"[:80]
-                entry.update(status=status, seconds=None)
+            except BackendUnsupported:
+                entry.update(status="n/a", seconds=None)
             except Exception as exc:
-                entry.update(status=f"error: {type(exc).__name__}: {exc}"[:80], seconds=None)
+                entry.update(status=shorten(f"error: {type(exc).__name__}: {exc}", _DETAIL), seconds=None)
         results.append(entry)
         bar.step(f"{op}/{b}/{ns}")
+        timing = f"{entry['seconds'] * 1e3:.3f} ms" if entry["seconds"] else entry["status"]
+        bar.finished(f"{op} {b} {ns}: {timing}")
     for op in ops:
         base = [
             r["seconds"]
@@ -452,7 +433,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for r in results
     ]
     if rows or not args.backends:
-        print(_table(rows, ["op", "backend", "namespace", "ms", "speed-up", "status"]))
+        print(table(rows, ["op", "backend", "namespace", "ms", "speed-up", "status"]))
+    if any(r["seconds"] for r in results):
+        print(_speedup_note(any(r.get("vs_array_api_numpy") for r in results)))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
@@ -473,6 +456,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if errors:
         print(f"\n{errors} error(s)", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _speedup_note(have_baseline: bool) -> str:
+    """The line under the bench table that says what "speed-up" is relative to."""
+    if have_baseline:
+        return (
+            "speed-up: relative to the array_api backend on numpy (the Array-API core) for the same op: "
+            "its median time / this row's; above 1x is faster"
+        )
+    return (
+        "speed-up: none shown, its baseline (the array_api backend on numpy) was not timed; "
+        "add array_api to --backends and numpy to --namespaces to get it"
+    )
 
 
 def _bench_plot(results: list[dict[str, Any]], path: str) -> None:
@@ -532,11 +528,14 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmfuse import __version__
     from mmfuse._problems import OPS
 
     parser = argparse.ArgumentParser(
         prog="mmfuse", description="Multimodal fusion over the Python Array API."
     )
+    # the same text as the first words of ``mmfuse info``
+    parser.add_argument("--version", action="version", version=f"mmfuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, namespaces, backends, devices, config")
     p.add_argument(
@@ -551,7 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to check (default all: {', '.join(OPS)})")
     p.add_argument("--backends", nargs="+", metavar="BACKEND")
     p.add_argument(
-        "--namespaces", nargs="+", default=["numpy", "array_api_strict", "torch", "cupy"], choices=NAMESPACES
+        "--namespaces",
+        nargs="+",
+        choices=NAMESPACES,
+        metavar="NAMESPACE",
+        help=f"array namespaces to check, of: {', '.join(NAMESPACES)} (default: every one installed here)",
     )
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed, >= 0 (default 0)")
     p.add_argument("--no-progress", action="store_true")

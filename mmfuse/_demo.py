@@ -19,7 +19,7 @@ __all__ = ["run_demo"]
 
 
 def _torch() -> Any:
-    from ._cli import require
+    from ._console import require
 
     return require("torch")
 
@@ -128,14 +128,16 @@ def _datasets(quick: bool) -> list[dict[str, Any]]:
 
 def run_demo(*, quick: bool = False, out: str = "mmfuse-demo", progress: bool = True) -> int:
     torch = _torch()
-    from ._cli import Progress, _table
+    from ._console import Progress, table
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     epochs = {"BasicMotions": 30 if quick else 150, "mfeat": 20 if quick else 120}
     rows: list[dict[str, Any]] = []
+    chance: dict[str, float] = {}
     start = time.perf_counter()
     for data in _datasets(quick):
         kind = data["kind"]
+        chance[kind] = 1 / data["n_classes"]  # predicting one class for all: balanced test sets
         dims = [v.shape[-1] for v in data["train"][0]]
         factories = _models(kind, dims, data["lengths"], data["n_classes"])
         train = (
@@ -146,11 +148,12 @@ def run_demo(*, quick: bool = False, out: str = "mmfuse-demo", progress: bool = 
             [torch.from_numpy(v) for v in data["test"][0]],
             torch.from_numpy(np.asarray(data["test"][1], np.int64)),
         )
-        bar = Progress(len(factories) * epochs[kind], f"{kind:<12}", enabled=progress)
+        bar = Progress(len(factories) * epochs[kind], f"{kind:<12}", items=len(factories), enabled=progress)
         singles: list[dict[str, Any]] = []
         for name, make in factories.items():
             torch.manual_seed(0)
             acc, n_params, seconds = _train(torch, make(), train, test, epochs[kind], partial(bar.step, name))
+            bar.finished(f"{name}: accuracy {acc:.3f} in {seconds:.1f} s")
             row = {"data": kind, "method": name, "accuracy": acc, "params": n_params, "seconds": seconds}
             (singles if name.startswith("single") else rows).append(row)
         best = max(singles, key=lambda r: r["accuracy"])
@@ -159,30 +162,53 @@ def run_demo(*, quick: bool = False, out: str = "mmfuse-demo", progress: bool = 
             {**best, "method": f"best single ({best['method'][8:]})"},
         )
     total = time.perf_counter() - start
-    table = _table(
+    text = table(
         [{**r, "accuracy": f"{r['accuracy']:.3f}", "seconds": f"{r['seconds']:.1f}"} for r in rows],
         ["data", "method", "accuracy", "params", "seconds"],
     )
-    print(table)
-    chance = {d: 1 / n for d, n in (("BasicMotions", 4), ("mfeat", 10))}
+    print(text)
     chances = ", ".join(f"{d} {c:.2f}" for d, c in chance.items())
-    print(f"\nchance: {chances}; total {total:.1f} s")
+    note = f" (quick run: {_epochs_text(epochs)}, fewer than the full demo's)" if quick else ""
+    print(f"\nchance: {chances}; total {total:.1f} s{note}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "demo.txt"), "w") as fh:
-        fh.write(table + "\n")
+        fh.write(text + "\n")
     figure = os.path.join(out, "demo.png")
-    if _figure(rows, figure):
+    if _figure(rows, figure, chance=chance, quick_epochs=epochs if quick else None):
         print(f"wrote {figure}")
     return 0
 
 
-def _figure(rows: list[dict[str, Any]], path: str) -> bool:
+def _epochs_text(epochs: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n} epochs" for kind, n in epochs.items())
+
+
+def _figure(
+    rows: list[dict[str, Any]], path: str, *, chance: dict[str, float], quick_epochs: dict[str, int] | None
+) -> bool:
+    """Write the summary figure to ``path``; False (and a note) when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
         print("matplotlib not installed: no figure (pip install 'mmfuse[plot]')")
         return False
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = _draw(rows, chance=chance, quick_epochs=quick_epochs)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _draw(
+    rows: list[dict[str, Any]], *, chance: dict[str, float], quick_epochs: dict[str, int] | None
+) -> Any:
+    """The summary figure: test accuracy per method, one panel per data set.
+
+    Each panel marks the chance level (a bar near it learned nothing).  A quick run says so in
+    the title: its accuracies come from fewer epochs and are not the demo's results.
+    """
     import matplotlib.pyplot as plt
 
     kinds = list(dict.fromkeys(r["data"] for r in rows))
@@ -195,9 +221,16 @@ def _figure(rows: list[dict[str, Any]], path: str) -> bool:
         ax.barh(names[::-1], accs[::-1], color=colours[::-1])
         for y, (a, r) in enumerate(zip(accs[::-1], sub[::-1])):
             ax.text(a + 0.01, y, f"{a:.2f}  ({r['params']:,} params)", va="center", fontsize=8)
+        if kind in chance:
+            label = f"chance ({chance[kind]:.2f})"
+            ax.axvline(chance[kind], color="#c0392b", linestyle="--", linewidth=1.2, label=label)
+            ax.legend(loc="best", fontsize=8)
         ax.set_xlim(0, 1.25)
         ax.set_xlabel("test accuracy")
         ax.set_title(f"{kind}: test accuracy by fusion method")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    if quick_epochs is not None:
+        fig.suptitle(
+            f"QUICK RUN (mmfuse demo --quick: {_epochs_text(quick_epochs)}): not the full demo's results",
+            color="#c0392b",
+        )
+    return fig

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from mmfuse import _cli
-from mmfuse.backends import _registry
+import mmfuse
+from mmfuse import _cli, _console
+from mmfuse.backends import BackendUnsupported
 
 
 def test_info(capsys):
@@ -50,16 +51,14 @@ def test_verify_passes_and_prints_table(capsys):
 
 
 def test_verify_exits_non_zero_on_mismatch(monkeypatch, capsys):
-    impl = _registry._IMPLS["cp_fusion"]["array_api"]
+    # the command calls the public op by name, so a wrong answer is planted there (not in the
+    # registry's private tables, which are not the command's business)
+    op = mmfuse.cp_fusion
 
-    def broken(xs, cp, bias=None, *, append_one=True, present=None):
-        return impl.func(xs, cp, bias, append_one=append_one, present=present) * 1.01
+    def broken(*args, **kwargs):
+        return op(*args, **kwargs) * 1.01
 
-    monkeypatch.setitem(
-        _registry._IMPLS["cp_fusion"],
-        "array_api",
-        impl.__class__("cp_fusion", "array_api", broken, impl.supports, impl.priority),
-    )
+    monkeypatch.setattr(mmfuse, "cp_fusion", broken)
     code = _cli.main(
         ["verify", "--ops", "cp_fusion", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"]
     )
@@ -110,11 +109,11 @@ def test_unknown_op_or_backend_lists_valid_ones():
 
 
 def test_missing_dependency_names_the_extra(monkeypatch):
-    with pytest.raises(_cli.MissingDependency, match=r"pip install 'mmfuse\[all\]'"):
-        _cli.require("surely_not_a_module_xyz")
+    with pytest.raises(_console.MissingDependency, match=r"pip install 'mmfuse\[all\]'"):
+        _console.require("surely_not_a_module_xyz")
     monkeypatch.setitem(sys.modules, "cupy", None)  # importing cupy fails, installed or not
-    with pytest.raises(_cli.MissingDependency, match=r"pip install 'mmfuse\[cupy\]'"):
-        _cli.require("cupy")
+    with pytest.raises(_console.MissingDependency, match=r"pip install 'mmfuse\[cupy\]'"):
+        _console.require("cupy")
 
 
 @pytest.mark.slow
@@ -143,6 +142,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     ):
         assert name in methods
     assert "chance:" in out
+    assert "quick run" in out.split("chance:")[1]
 
 
 # --------------------------------------------------------------------------- CLI defects fixed
@@ -208,16 +208,10 @@ def test_unwritable_outputs_fail_up_front(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_reports_any_op_exception_as_an_error_row(monkeypatch, capsys):
-    impl = _registry._IMPLS["moments"]["array_api"]
-
     def broken(*args, **kwargs):
         raise RuntimeError("kaput")
 
-    monkeypatch.setitem(
-        _registry._IMPLS["moments"],
-        "array_api",
-        impl.__class__("moments", "array_api", broken, impl.supports, impl.priority),
-    )
+    monkeypatch.setattr(mmfuse, "moments", broken)
     code = _cli.main(
         ["bench", "--quick", "--ops", "moments", "lowrank_fusion", "--backends", "array_api",
          "--namespaces", "numpy", "--repeats", "1", "--no-progress"]
@@ -293,3 +287,202 @@ assert probed, "--probe-gpu did not query CUDA devices"
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+# --------------------------------------------------------------------------- layering, CLI polish
+
+
+def _imported_modules(path):
+    """Every module a source file imports, at module or function level (relative ones resolved)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ("mmfuse." if node.level else "") + (node.module or "")
+            found.add(base.rstrip("."))
+            found.update(f"{base.rstrip('.')}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_demo_and_console_never_import_the_cli():
+    from pathlib import Path
+
+    package = Path(_cli.__file__).parent
+    assert "mmfuse._cli" not in _imported_modules(package / "_demo.py")
+    assert not {"mmfuse._cli", "mmfuse._demo"} & _imported_modules(package / "_console.py")
+
+
+def test_version_flag_and_info_show_the_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"mmfuse {mmfuse.__version__}\n"
+    assert _cli.main(["info"]) == 0
+    assert capsys.readouterr().out.startswith(f"mmfuse {mmfuse.__version__}  (Python ")
+
+
+def test_bench_says_what_speed_up_is_relative_to(capsys):
+    argv = ["bench", "--quick", "--ops", "moments", "--namespaces", "numpy", "--repeats", "1", "--no-progress"]
+    assert _cli.main([*argv, "--backends", "array_api", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "1.00x" in out  # the baseline's own row
+    assert out.splitlines()[-1].startswith("speed-up: relative to the array_api backend on numpy")
+    # without the baseline the column is empty, and the line says why and how to get it
+    assert _cli.main([*argv, "--backends", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "x " not in out.split("-\n", 1)[1]
+    assert "its baseline (the array_api backend on numpy) was not timed" in out
+
+
+def test_shorten_cuts_between_words():
+    text = "needs NumPy arrays (CPU kernels) or CuPy arrays or torch CUDA tensors"
+    assert _console.shorten(text, 100) == text
+    short = _console.shorten(text, 60)
+    assert len(short) <= 60 and short.endswith(" ...")
+    assert text.startswith(short[: -len(" ...")] + " ")  # whole words only
+    assert _console.shorten("a   b\n c", 10) == "a b c"  # one line
+    assert _console.shorten("x" * 30, 10) == "xxxxxxx..."  # one word longer than the width
+
+
+def test_verify_catches_refusals_by_type_and_keeps_whole_words(monkeypatch, capsys):
+    reason = (
+        "needs NumPy arrays (CPU kernels) or CuPy arrays or torch CUDA tensors, and a long tail "
+        "of further explanation that does not fit in the detail column of the table"
+    )
+
+    def refuse(*args, **kwargs):  # no "cannot take" in it: the type alone makes it a refusal
+        raise BackendUnsupported(f"backend 'array_api' will not run moments here: {reason}")
+
+    monkeypatch.setattr(mmfuse, "moments", refuse)
+    argv = ["verify", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy", "--no-progress"]
+    assert _cli.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("moments")]
+    assert len(lines) == 2 and all(" n/a " in line for line in lines)
+    detail = lines[0].split(" n/a ", 1)[1].strip()
+    assert detail.endswith(" ...") and len(detail) <= 100
+    assert reason.startswith(detail[: -len(" ...")] + " ")  # cut between words: "... torch CUDA", never "CUD"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("kaput " + "word " * 40)
+
+    monkeypatch.setattr(mmfuse, "moments", fail)
+    assert _cli.main(argv) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("moments")]
+    assert all(line.rstrip().endswith("word ...") for line in lines), lines
+
+
+def test_bench_counts_a_refusal_as_not_applicable(monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise BackendUnsupported("needs something this machine lacks")
+
+    monkeypatch.setattr(mmfuse, "moments", refuse)
+    code = _cli.main(
+        ["bench", "--quick", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy",
+         "--repeats", "1", "--no-progress"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "moments  array_api  numpy      -   -         n/a" in out
+
+
+def test_verify_checks_every_installed_namespace_by_default(monkeypatch, capsys):
+    seen = []
+
+    def rows(ops, backends_wanted, namespaces, seed, progress):
+        seen.append(namespaces)
+        return []
+
+    monkeypatch.setattr(_cli, "verify_rows", rows)
+    monkeypatch.setattr(_cli, "_installed", lambda ns: ns != "cupy")
+    assert _cli.main(["verify", "--ops", "moments", "--no-progress"]) == 0
+    assert seen[-1] == ["numpy", "array_api_strict", "torch", "jax", "dask"]
+    assert "not installed here, so not checked: cupy" in capsys.readouterr().out
+    assert _cli.main(["verify", "--ops", "moments", "--namespaces", "torch", "cupy", "--no-progress"]) == 0
+    assert seen[-1] == ["torch", "cupy"]  # named ones are checked (or shown skipped) as asked
+    assert "not installed" not in capsys.readouterr().out
+
+
+class _Terminal:
+    """A stream that says it is a terminal."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_progress_redraws_on_a_terminal_and_writes_lines_elsewhere():
+    import io
+
+    term = _Terminal()
+    bar = _console.Progress(4, "demo", items=2, stream=term)
+    for item in ("a", "b"):
+        bar.step(item)
+        bar.step(item)
+        bar.finished(item)
+    assert term.text.count("\r") == 4 and term.text.endswith("\n")
+    log = io.StringIO()
+    bar = _console.Progress(4, "demo", items=2, stream=log)
+    for item in ("a", "b"):
+        bar.step(item)
+        bar.step(item)
+        bar.finished(f"{item} done")
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert [line.split(" (")[0] for line in lines] == ["demo: a done", "demo: b done"]
+    assert lines[1].startswith("demo: b done (2/2, ")
+    quiet = io.StringIO()
+    bar = _console.Progress(1, "demo", stream=quiet, enabled=False)
+    bar.step()
+    bar.finished("x")
+    assert quiet.getvalue() == ""
+
+
+def test_verify_progress_in_a_log_is_one_line_per_op(capsys):
+    # under capsys stderr is not a terminal, as in CI
+    argv = ["verify", "--ops", "moments", "zoom_shift", "--backends", "array_api", "--namespaces", "numpy"]
+    assert _cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(" (")[0] for line in err.splitlines()] == [
+        "verify: moments checked",
+        "verify: zoom_shift checked",
+    ]
+
+
+def test_demo_figure_marks_a_quick_run_and_the_chance_level():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmfuse import _demo
+
+    rows = [
+        {"data": kind, "method": method, "accuracy": acc, "params": 10, "seconds": 0.1}
+        for kind in ("BasicMotions", "mfeat")
+        for method, acc in (("concatenation", 0.9), ("TFN", 0.8))
+    ]
+    chance = {"BasicMotions": 0.25, "mfeat": 0.1}
+    for quick in (None, {"BasicMotions": 30, "mfeat": 20}):
+        fig = _demo._draw(rows, chance=chance, quick_epochs=quick)
+        try:
+            title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+            assert ("QUICK RUN" in title) == (quick is not None), title
+            for ax, kind in zip(fig.axes, ("BasicMotions", "mfeat")):
+                lines = [line for line in ax.get_lines() if line.get_label().startswith("chance")]
+                assert len(lines) == 1
+                assert list(lines[0].get_xdata()) == [chance[kind]] * 2
+        finally:
+            plt.close(fig)
