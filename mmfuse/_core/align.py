@@ -475,7 +475,7 @@ def _round_maps(
     mus = [m for m, _ in stats]
     sig = [xp.sqrt(v + eps) for _, v in stats]
     if rounds is None:
-        return _limit_maps(xp, mus, sig, alpha, schedule, topology, hub)
+        return _limit_maps(xp, mus, [v for _, v in stats], alpha, schedule, topology, hub, eps)
     share = [_var_share(xp, v, eps) for _, v in stats]
     scales: list[Any] = [1.0] * n
     offsets: list[Any] = [0.0] * n
@@ -526,29 +526,27 @@ def _as_arrays(xp: Any, s: Any, t: Any, like: Any) -> tuple[Any, Any]:
 def _limit_maps(
     xp: Any,
     mus: list[Any],
-    sigmas: list[Any],
+    variances: list[Any],
     alpha: float,
     schedule: str,
     topology: str,
     hub: int,
+    eps: float,
 ) -> list[tuple[Any, Any, Any, bool]]:
-    """Closed form: every modality ends at ``mu* = sum w_j mu_j``, ``sigma* = prod sigma_j^w_j``."""
+    """The exact limit of the rounds, eps > 0 included (:mod:`mmfuse._core.align_limit`).
+
+    Every modality ends at ``mu* = sum w_j mu_j`` and one common raw variance ``v*``: the
+    hub's, the geometric mean (Jacobi consensus), or the root of a scalar equation
+    (Gauss-Seidel consensus); for eps = 0, ``sigma* = prod sigma_j^w_j``.
+    """
+    from .align_limit import limit_maps
+
     w = limit_weights(len(mus), float(alpha), schedule, topology, hub)
     if w is None:  # the public layer refuses this case; kept as a guard
         raise ValueError("this iteration has no limit (Jacobi consensus, M = 2, alpha = 1)")
-    mu_star: Any = 0.0
-    sigma_star: Any = 1.0
-    for wj, mu, sigma in zip(w, mus, sigmas):
-        if wj == 0.0:
-            continue
-        mu_star = mu_star + wj * mu
-        sigma_star = sigma_star * (sigma if wj == 1.0 else sigma**wj)
-    maps = []
-    for i, (mu, sigma) in enumerate(zip(mus, sigmas)):
-        s = _scale(xp, sigma, sigma_star, 1.0)
-        # y = mu* + (x - mu) sigma* / sigma; the hub's map is the identity (s = 1, t = 0)
-        maps.append((s, mu_star - mu * s, mu_star, not (topology == "hub" and i == hub)))
-    return maps
+    return limit_maps(
+        xp, mus, variances, w, alpha=float(alpha), schedule=schedule, topology=topology, hub=hub, eps=eps
+    )
 
 
 def align(

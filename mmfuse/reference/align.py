@@ -3,9 +3,12 @@
 mmfuse's own formalisation (the papers give no equations): statistics per sample and channel
 over the token axis, population variance, eps inside the square root, masked tokens excluded;
 zoom(X; G, a) = mu_X + (X - mu_X) (sigma_G / sigma_X)^a and shift(X; G, a) = X + a (mu_G - mu_X).
-Rounds re-measure the arrays every time; the limit (``rounds=None``) iterates the round map on
-(mean, log std) until it stops moving.  Slow on purpose: this is the oracle every other
-implementation is tested against.  Inputs are assumed valid (the public layer checks them).
+Rounds re-measure the arrays every time.  The limit (``rounds=None``) runs the same rounds on
+the statistics alone (each round maps the data affinely, so it maps mean and raw variance
+exactly: mu <- mu + a (mu_t - mu), var <- var (sigma_t / sigma)^(2 a), sigma = sqrt(var + eps))
+until they stop moving, then applies one affine map per modality.  Slow on purpose: this is
+the oracle every other implementation is tested against (the core jumps to the limit through
+invariants of the rounds instead).  Inputs are assumed valid (the public layer checks them).
 """
 
 from __future__ import annotations
@@ -160,41 +163,52 @@ def _limit(
     masks: list[Any],
     eps: float,
 ) -> list[np.ndarray]:
-    """Run the round map on (mean, log std) until it stops moving; then one affine map each."""
+    """Run the rounds on (mean, raw variance) until they stop moving; then one map each.
+
+    A round maps every (sample, channel) of x affinely, so it maps the statistics exactly;
+    after the rounds converge each modality is ``mu* + (x - mu0) sqrt(var* / var0)``.
+    """
     n = len(ys)
-    stats = [moments(y, axis=axis, mask=m, eps=eps) for y, m in zip(ys, masks)]
+    stats = [moments(y, axis=axis, mask=m, eps=0.0) for y, m in zip(ys, masks)]
     mu0 = [s[0] for s in stats]
-    log0 = [np.log(s[1]) for s in stats]
-    mus, logs = list(mu0), list(log0)
-    for _ in range(100_000):
-        old_mus, old_logs = list(mus), list(logs)
+    var0 = [s[1] ** 2 for s in stats]
+    mus, vs = list(mu0), list(var0)
+    # A (sample, channel) with no spread keeps var = 0 and sigma = sqrt(eps) in every round; it
+    # pulls the others' variance to 0 (consensus, or a hub with no spread), slowly (like 1/k),
+    # so set that limit at once: with every variance 0 there, the rounds leave it alone.
+    dead = [v == 0 for v in vs]
+    collapse = dead[hub] if topology == "hub" else np.logical_or.reduce(dead)
+    vs = [np.where(collapse, 0.0, v) for v in vs]
+    for _ in range(200_000):
+        old_mus, old_vs = list(mus), list(vs)
         for i in range(n):
             if topology == "hub" and i == hub:
                 continue
-            src_mu, src_log = (old_mus, old_logs) if schedule == "jacobi" else (mus, logs)
-            mu_t: Any
-            log_t: Any
-            if topology == "hub":
-                mu_t, log_t = src_mu[hub], src_log[hub]
-            else:
-                others = [j for j in range(n) if j != i]
-                mu_t = sum(src_mu[j] for j in others) / len(others)
-                log_t = sum(src_log[j] for j in others) / len(others)
+            src_mu, src_v = (old_mus, old_vs) if schedule == "jacobi" else (mus, vs)
+            sigmas = [np.sqrt(v + eps) for v in src_v]
+            mu_t, sigma_t = _target(i, src_mu, sigmas, topology, hub)
+            sigma_i = np.sqrt(vs[i] + eps)
+            live = sigma_i > 0  # a channel with no spread has nothing to zoom
+            scale = np.where(live, (sigma_t / np.where(live, sigma_i, 1.0)) ** alpha, 1.0)
             mus[i] = mus[i] + alpha * (mu_t - mus[i])
-            logs[i] = logs[i] + alpha * (log_t - logs[i])
-        moved = max(
-            max(float(np.max(np.abs(a - b))) for a, b in zip(mus, old_mus)),
-            max(float(np.max(np.abs(a - b))) for a, b in zip(logs, old_logs)),
+            vs[i] = vs[i] * scale**2
+        still = any(
+            np.any(np.abs(m - om) > 1e-15 * (np.abs(m) + np.sqrt(v))) or np.any(np.abs(v - ov) > 1e-15 * v)
+            for m, om, v, ov in zip(mus, old_mus, vs, old_vs)
         )
-        scale = max(1.0, *(float(np.max(np.abs(a))) for a in mus + logs))
-        if moved <= 1e-14 * scale:
+        if not still:
             break
     else:
-        raise ValueError("the iteration has no limit (Jacobi consensus, M = 2, alpha = 1)")
-    return [
-        mus[i] + (ys[i] - mu0[i]) * np.exp(logs[i] - log0[i])  # mu* + (x - mu) sigma* / sigma
-        for i in range(n)
-    ]
+        raise ValueError(
+            "the rounds did not converge in 200000 sweeps (Jacobi consensus with M = 2 and alpha = 1 "
+            "has no limit; spreads far below sqrt(eps) converge too slowly for the reference)"
+        )
+    out = []
+    for i in range(n):
+        # S = sqrt(var* / var0); a modality with no spread keeps S = 1 (its deviations are 0)
+        s = np.where(var0[i] > 0, np.sqrt(vs[i] / np.where(var0[i] > 0, var0[i], 1.0)), 1.0)
+        out.append(mus[i] + (ys[i] - mu0[i]) * s)
+    return out
 
 
 def zoom_shift_fusion(

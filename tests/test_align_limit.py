@@ -1,0 +1,137 @@
+"""``align(rounds=None)`` is the exact limit of the rounds, also with eps > 0.
+
+The rounds re-measure sigma = sqrt(var + eps) every time, so for spreads near sqrt(eps) their
+limit is not the eps = 0 closed form (which was off by 0.3-0.5 of the output's spread for
+spreads near 0.01, issue 23).  Here the limit is compared with 400 rounds (converged to
+rounding for these spreads) for spreads from 1 down to 3e-3, both topologies, both schedules,
+M = 2..4, with and without masks; with the NumPy reference (which iterates the recursion on
+the statistics until it stops moving); and through torch autograd.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mmfuse
+from mmfuse import reference
+from mmfuse._namespace import to_numpy
+from mmfuse.testing import assert_close
+
+B, C = 3, 5
+TOKENS = (9, 6, 7, 8)
+SPREADS = [1.0, 1e-1, 1e-2, 3e-3]
+# (schedule, topology); Jacobi consensus at M = 2 needs alpha < 1 (at alpha = 1 it swaps)
+SCHEMES = [
+    ("gauss-seidel", "consensus"),
+    ("jacobi", "consensus"),
+    ("gauss-seidel", "hub"),
+    ("jacobi", "hub"),
+]
+
+
+def _masks(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    out = []
+    for m in range(n):
+        mk = rng.random((B, TOKENS[m])) > 0.4
+        mk[:, :2] = True  # at least two tokens per sample: a spread to measure
+        out.append(mk)
+    return out
+
+
+def _data(rng: np.random.Generator, n: int, spread: float, masks=None) -> list[np.ndarray]:
+    """n modalities whose measured per-channel spreads (over the unmasked tokens) lie in
+    [0.5, 1.8] * ``spread``, and whose means differ by a few spreads, on an offset of 5.
+
+    The tokens are standardised over the unmasked ones: a sample that keeps two tokens would
+    otherwise often measure a spread several times smaller, where 400 rounds have not yet
+    converged (the rounds slow down as the spread falls below sqrt(eps))."""
+    out = []
+    for m in range(n):
+        z = rng.standard_normal((B, TOKENS[m], C))
+        mean, sd = reference.moments(z, mask=None if masks is None else masks[m], eps=0.0)
+        loc = 5.0 + spread * rng.normal(2.0 * m, 1.0, size=(B, 1, C))
+        scale = spread * rng.uniform(0.5, 1.8, size=(B, 1, C))
+        out.append(loc + scale * (z - mean) / sd)
+    return out
+
+
+def _assert_within_spread(got: np.ndarray, want: np.ndarray, mask, tol: float) -> None:
+    """|got - want| <= tol * (want's spread), per sample and channel, over the unmasked tokens."""
+    sd = reference.moments(want, mask=mask, eps=0.0)[1]
+    err = np.abs(got - want)
+    if mask is not None:
+        err = np.where(mask[:, :, None], err, 0.0)
+    worst = float(np.max(err / sd))
+    assert worst <= tol, f"limit differs from 400 rounds by {worst:.3g} of the spread"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize(("schedule", "topology"), SCHEMES)
+@pytest.mark.parametrize("spread", SPREADS)
+def test_limit_equals_400_rounds(rng, spread, schedule, topology, n, masked):
+    masks = _masks(rng, n) if masked else None
+    xs = _data(rng, n, spread, masks)
+    alpha = float(rng.uniform(0.3, 0.9))
+    opts = {"alpha": alpha, "schedule": schedule, "topology": topology, "hub": int(rng.integers(n))}
+    limit = mmfuse.align(xs, rounds=None, masks=masks, **opts)
+    many = mmfuse.align(xs, rounds=400, masks=masks, **opts)
+    for m, (y, z) in enumerate(zip(limit, many)):
+        _assert_within_spread(y, z, None if masks is None else masks[m], 1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_limit_alpha_one_and_small_alpha(rng, alpha):
+    """alpha = 1 (Gauss-Seidel consensus at M = 3: not one-step moment matching when eps > 0)
+    and a slow alpha, at a spread where eps matters."""
+    xs = _data(rng, 3, 5e-3)
+    limit = mmfuse.align(xs, rounds=None, alpha=alpha)
+    many = mmfuse.align(xs, rounds=400, alpha=alpha)
+    for y, z in zip(limit, many):
+        _assert_within_spread(y, z, None, 1e-6)
+
+
+def test_hub_limit_matches_the_guides_raw_spread(rng):
+    """Issue 23's symptom: at spreads near sqrt(eps) the moved modality must end at the
+    guide's spread (it ended at std 0.00425 against the guide's 0.00304)."""
+    xs = _data(rng, 3, 3e-3)
+    ys = mmfuse.align(xs, rounds=None, alpha=0.5, topology="hub", hub=1)
+    guide_sd = reference.moments(xs[1], eps=0.0)[1]
+    for y in ys:
+        assert_close(reference.moments(y, eps=0.0)[1], guide_sd, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("schedule", "topology"), SCHEMES[:3])
+def test_limit_matches_reference(xp, rng, schedule, topology):
+    """Core (closed-form invariants) against the reference (the recursion run to a standstill),
+    on every namespace, with masks and a spread where eps matters."""
+    masks = _masks(rng, 3)
+    xs = _data(rng, 3, 4e-3, masks)
+    opts = {"alpha": 0.6, "schedule": schedule, "topology": topology, "hub": 2}
+    got = mmfuse.align([xp.asarray(x) for x in xs], rounds=None, masks=[xp.asarray(m) for m in masks], **opts)
+    want = reference.align(xs, rounds=None, masks=masks, **opts)
+    for m, (g, w) in enumerate(zip(got, want)):
+        _assert_within_spread(to_numpy(g), w, masks[m], 1e-9)
+
+
+@pytest.mark.parametrize(("schedule", "topology"), SCHEMES[:3])
+def test_torch_gradients_of_the_limit(rng, schedule, topology):
+    """Gradients flow through rounds=None and equal those of 400 rounds (float64)."""
+    torch = pytest.importorskip("torch")
+    xs = _data(rng, 3, 5e-3)
+    weights = [torch.tensor(rng.standard_normal(x.shape)) for x in xs]
+    opts = {"alpha": 0.7, "schedule": schedule, "topology": topology, "hub": 0}
+
+    def grads(rounds):
+        ts = [torch.tensor(x, requires_grad=True) for x in xs]
+        ys = mmfuse.align(ts, rounds=rounds, backend="array_api", **opts)
+        sum((w * y).sum() for w, y in zip(weights, ys)).backward()
+        return [t.grad for t in ts]
+
+    got, want = grads(None), grads(400)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        scale = float(w.abs().max())
+        assert scale > 0
+        assert float((g - w).abs().max()) <= 1e-6 * scale
