@@ -212,7 +212,7 @@ def verify_rows(
         bar.step(f"{op}/{b}/{ns}/{dtype}")
         if last_job[op] == i:
             checked = [r["status"] for r in rows if r["op"] == op]
-            bar.finished(f"{op} checked ({checked.count('ok')} ok, {len(checked)} rows)")
+            bar.finished(f"{op} checked, {checked.count('ok')} of {len(checked)} rows ok")
     return rows + unverified
 
 

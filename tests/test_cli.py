@@ -454,7 +454,7 @@ def test_verify_progress_in_a_log_is_one_line_per_op(capsys):
     assert _cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "\r" not in err
-    assert [line.split(" (")[0] for line in err.splitlines()] == [
+    assert [line.split(",")[0] for line in err.splitlines()] == [
         "verify: moments checked",
         "verify: zoom_shift checked",
     ]
