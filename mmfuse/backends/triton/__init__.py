@@ -1,0 +1,152 @@
+"""The ``"triton"`` backend: fused Triton kernels for torch CUDA tensors.
+
+Importing this package imports torch and triton; the registry imports it lazily (by name, or
+under ``"auto"`` once the user has imported triton), so ``import mmfuse`` never does.
+
+Why a fused kernel
+------------------
+LMF-style code (and the CuPy / numba / torch backends) computes each modality's projection
+P_m = [x_m, 1] F_m with a GEMM that writes a (B, R h) array, then multiplies and rank-sums
+them in further passes: M (B, R h) intermediates go through memory, and the training step
+keeps them alive for the backward.  Here one kernel does it all per tile (see
+:mod:`._kernels` for the conventions):
+
+Forward (``lowrank_fwd_kernel``), per program = (BLOCK_B rows) x (BLOCK_H outputs, all R
+ranks), grid flattened so one row block's output slices are neighbours (their x rows stay
+in L2)::
+
+    prod = 1                                    # (BLOCK_B, R * BLOCK_H) float32 registers
+    for m in range(M):                          # unrolled at compile time, M <= 8
+        acc = 0
+        for k0 in range(0, d_m, BLOCK_K):       # K loop, tl.dot (tensor cores for 16-bit,
+            acc += x_m[rows, k0:] @ F_m[:, k0:, slice]   # TF32 iff torch allows it)
+        prod *= acc + F_m[:, d_m, slice]        # the constant row; absent rows: only this
+    out[rows, slice] = sum_r w_r prod[:, r, :] + bias
+
+Nothing but (B, h) is written; x_m of an absent sample is never loaded (masked load), so
+NaNs stored there cannot leak.
+
+Backward, two kernels, saving only the inputs (the caller holds them): with
+G_m = g w_r prod_{j != m} P_j,
+
+- ``lowrank_bwd_x_kernel`` (one program per row block, walking the output slices in order):
+  recomputes the M projection tiles, forms each G_m from the others (no division), and
+  accumulates dL/dx_m = G_m F_m^T in the program's own rows (read-modify-write, no atomics);
+- ``lowrank_bwd_f_kernel`` (one program per (batch split, output slice)): recomputes the
+  tiles block by block and accumulates dL/dF_m = [x_m, 1]^T G_m and the rank-weight sums into
+  per-split float32 partials; the host sums the S partials (torch's fixed-shape reduction: a
+  fixed order).  S is chosen to fill the device with at most 64 MiB of partials.
+
+So the backward costs the forward's projections twice more (once per kernel) plus the dx and
+dF products; in exchange the step keeps no (M, B, R h) projections (LMF's dominant memory).
+Everything is deterministic: same inputs, same bits.
+
+CP fusion (``cp_fwd_kernel``): per row block the (BLOCK_B, R) product
+w * prod_m [x_m, 1] A_m is formed in registers, then multiplied by C^T slice by slice.  Its
+backward is plain torch code (projections are only (B, R)).
+
+Numerics: float32 accumulation everywhere (16-bit inputs included; results cast back).
+float32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, as torch).
+float64 inputs, more than eight modalities and ``torch.func`` transforms go to the torch
+backend's custom ops (the kernels are built for float32/float16/bfloat16; fp64 dots would run
+far below the GPU's FP32/TF32 rate).
+
+Without a GPU the kernels run under Triton's interpreter: with ``TRITON_INTERPRET=1`` set
+before this package is imported, and still set when the call is made, CPU torch tensors are
+accepted too (that is how the tests check them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ... import _fusion  # noqa: F401  (defines the operators registered below)
+from ..._core.sequence import torch_transformed
+from ..._namespace import is_torch
+from . import _ops
+
+__all__ = ["INTERPRETED", "cp_fusion", "lowrank_fusion", "supports"]
+
+INTERPRETED = _ops.INTERPRETED
+
+
+def supports(xp: Any, device: Any) -> str | None:
+    """None when the kernels can take arrays of namespace ``xp`` on ``device``: torch
+    tensors on a CUDA device; built for the interpreter and with ``TRITON_INTERPRET=1`` set
+    now, also CPU tensors.  Else what is needed."""
+    if not is_torch(xp):
+        return "needs torch tensors on a CUDA device"
+    kind = getattr(device, "type", str(device))
+    if INTERPRETED:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "its kernels were built for Triton's interpreter; set TRITON_INTERPRET=1 to run them"
+        return None if kind in ("cpu", "cuda") else f"the interpreter takes CPU or CUDA tensors, not {kind!r}"
+    if kind == "cuda" and torch.cuda.is_available():
+        return None
+    return f"needs torch tensors on a CUDA device, got device {device!r}"
+
+
+def _delegated(xs: Sequence[Any], *more: Any) -> bool:
+    """Calls the kernels are not built for (see the module docstring): the torch backend's
+    ops take them."""
+    if len(xs) > _ops.MAX_MODALITIES or xs[0].dtype not in _ops.KERNEL_DTYPES:
+        return True
+    tensors = [t for group in (xs, *more) for t in (group if isinstance(group, (list, tuple)) else (group,))]
+    return torch_transformed(*(t for t in tensors if isinstance(t, torch.Tensor)))
+
+
+def lowrank_fusion(
+    xs: Sequence[Any],
+    factors: Sequence[Any],
+    weights: Any = None,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+) -> Any:
+    """``mmfuse.lowrank_fusion`` as the ``mmfuse_triton::lowrank_fusion`` op (inputs checked)."""
+    if _delegated(xs, factors, weights, bias):
+        from .. import torch as torch_backend
+
+        return torch_backend.lowrank_fusion(
+            xs, factors, weights, bias, append_one=append_one, present=present
+        )
+    return _ops.lowrank_call(list(xs), list(factors), weights, bias, append_one, present)
+
+
+def cp_fusion(
+    xs: Sequence[Any],
+    cp: Any,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+) -> Any:
+    """``mmfuse.cp_fusion`` as the ``mmfuse_triton::cp_fusion`` op (inputs checked)."""
+    weights, factors = cp
+    if _delegated(xs, factors, weights, bias):
+        from .. import torch as torch_backend
+
+        return torch_backend.cp_fusion(xs, cp, bias, append_one=append_one, present=present)
+    return _ops.cp_call(list(xs), weights, list(factors), bias, append_one, present)
+
+
+# --------------------------------------------------------------------------- registration
+# One block, so the registry's dispatch table can take these over as they are.  Priority 12:
+# below the torch backend's ops (15), so "auto" keeps those until a GPU measurement shows the
+# kernels faster (none has been made yet); ``backend="triton"`` runs them.
+_PRIORITY = 12
+
+
+def _register() -> None:
+    from .._registry import register
+
+    register("lowrank_fusion", "triton", lowrank_fusion, supports=supports, priority=_PRIORITY)
+    register("cp_fusion", "triton", cp_fusion, supports=supports, priority=_PRIORITY)
+
+
+_register()

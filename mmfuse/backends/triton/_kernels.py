@@ -1,0 +1,466 @@
+"""The Triton kernels of the ``"triton"`` backend (see the package docstring for the design).
+
+Conventions shared by every kernel here:
+
+- Modalities are passed as up to eight separate pointer arguments (``x0 .. x7``, ``f0 .. f7``,
+  feature sizes ``d0 .. d7``) with the modality count ``M`` a compile-time constant: Triton
+  has no arrays of pointers that ``torch.compile`` can see through, and a packed copy of the
+  inputs would cost a full extra read and write of them.  Unused slots repeat modality 0 and
+  are never touched (every use sits under a compile-time ``if M > j``).
+- Inputs are contiguous: ``x_m`` is (B, d_m) row-major, a low-rank factor is (R, D_m, h)
+  with D_m = d_m + APPEND (the constant row last), ``present`` is (B, M) uint8.
+- A program owns BLOCK_B rows and an output slice of BLOCK_H columns for *all* ranks: its
+  projection tile has BLOCK_N = RANK_P * BLOCK_H columns, column c standing for rank
+  c // BLOCK_H and output k = h0 + c % BLOCK_H.  RANK_P is R rounded up to a power of two
+  (and padded further so that BLOCK_N >= 16, the smallest ``tl.dot`` operand); padded ranks
+  and outputs load zeros and are never stored.
+- Products accumulate in float32 (``tl.dot`` with a float32 accumulator; float16/bfloat16
+  operands go to the tensor cores as they are, float32 ones with ``PRECISION`` "ieee" or
+  "tf32" following ``torch.backends.cuda.matmul.allow_tf32``).
+- Masked loads never read absent or out-of-range data: an absent modality's row is loaded
+  as zeros (so NaNs stored there cannot reach the result) and contributes only its constant
+  row, exactly as the reference's hat x = [0, ..., 0, 1].
+- No atomics: every reduction over the batch writes per-program partials into a buffer
+  that the host sums in a fixed order, so results are bit-identical from run to run.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+@triton.jit
+def _pick(j: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Argument ``j`` of eight (``j`` is a compile-time constant, so this is free)."""
+    if j == 0:
+        r = a0
+    elif j == 1:
+        r = a1
+    elif j == 2:
+        r = a2
+    elif j == 3:
+        r = a3
+    elif j == 4:
+        r = a4
+    elif j == 5:
+        r = a5
+    elif j == 6:
+        r = a6
+    else:
+        r = a7
+    return r
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """``tl.dot`` with a float32 accumulator.  PRECISION "ieee" / "tf32" is the float32 dots'
+    input precision (16-bit operands go to the tensor cores either way); "upcast" converts
+    the operands to float32 first: only for bfloat16 under Triton's interpreter, whose
+    bfloat16 ``tl.dot`` returns garbage (triton 3.9).  That is exact: a product of two
+    bfloat16 values fits a float32 mantissa, so the sums match the tensor cores' float32
+    accumulation up to summation order."""
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _present_rows(present_ptr, rows, row_ok, j: tl.constexpr, M: tl.constexpr, HAS_PRESENT: tl.constexpr):
+    """Which of ``rows`` hold modality ``j`` (rows past the batch count as absent)."""
+    if HAS_PRESENT:
+        flag = tl.load(present_ptr + rows.to(tl.int64) * M + j, mask=row_ok, other=0)
+        ok = row_ok & (flag != 0)
+    else:
+        ok = row_ok
+    return ok
+
+
+@triton.jit
+def _columns(h0, n_out, rank, BLOCK_H: tl.constexpr, RANK_P: tl.constexpr):
+    """(rank, output index, valid) of a program's BLOCK_N = RANK_P * BLOCK_H columns."""
+    c = tl.arange(0, RANK_P * BLOCK_H)
+    r = c // BLOCK_H
+    k = h0 + c % BLOCK_H
+    return r, k, (r < rank) & (k < n_out)
+
+
+@triton.jit
+def _project(
+    x_ptr, f_ptr, d, rows, ok, r, k, col_ok, n_out,
+    APPEND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The projection tile [x_m, 1] @ F_m[r, :, k] for ``rows`` (BLOCK_B) and the program's
+    columns (BLOCK_N), float32.  ``ok``: rows that are in the batch and present; the others
+    load zeros, so their tile is the constant row (APPEND) or zero."""
+    rows64 = rows.to(tl.int64)
+    depth = d + APPEND  # rows of the factor
+    # factor element (r, i, k) of a contiguous (R, D, h) tensor
+    f_col = r.to(tl.int64) * depth * n_out + k
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        i = k0 + tl.arange(0, BLOCK_K)
+        i_ok = i < d
+        xt = tl.load(x_ptr + rows64[:, None] * d + i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0)
+        f_ok = i_ok[:, None] & col_ok[None, :]
+        ft = tl.load(f_ptr + f_col[None, :] + i[:, None] * n_out, mask=f_ok, other=0.0)
+        acc = _dot(xt, ft, acc, PRECISION)
+    if APPEND:
+        const = tl.load(f_ptr + f_col + d * n_out, mask=col_ok, other=0.0)
+        acc += const.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _project_j(
+    j: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+    d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+    M: tl.constexpr, APPEND: tl.constexpr, HAS_PRESENT: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """:func:`_project` for modality ``j``."""
+    ok = _present_rows(present_ptr, rows, row_ok, j, M, HAS_PRESENT)
+    return _project(
+        _pick(j, x0, x1, x2, x3, x4, x5, x6, x7), _pick(j, f0, f1, f2, f3, f4, f5, f6, f7),
+        _pick(j, d0, d1, d2, d3, d4, d5, d6, d7), rows, ok, r, k, col_ok, n_out,
+        APPEND, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
+def _others(j: tl.constexpr, q, p0, p1, p2, p3, p4, p5, p6, p7, M: tl.constexpr):
+    """q * prod_{i < M, i != j} p_i: the product of the other modalities' projections,
+    without division (so an exact zero in p_j is harmless)."""
+    if j != 0:
+        q = q * p0
+    if M > 1 and j != 1:
+        q = q * p1
+    if M > 2 and j != 2:
+        q = q * p2
+    if M > 3 and j != 3:
+        q = q * p3
+    if M > 4 and j != 4:
+        q = q * p4
+    if M > 5 and j != 5:
+        q = q * p5
+    if M > 6 and j != 6:
+        q = q * p6
+    if M > 7 and j != 7:
+        q = q * p7
+    return q
+
+
+@triton.jit
+def _all_projections(
+    x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+    d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+    M: tl.constexpr, APPEND: tl.constexpr, HAS_PRESENT: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The M projection tiles as eight values (slots past M repeat p0 and are never used).
+    The backward holds them all: each modality's gradient needs the product of the others."""
+    p0 = _project_j(0, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                    d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                    M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+    p1 = p0
+    p2 = p0
+    p3 = p0
+    p4 = p0
+    p5 = p0
+    p6 = p0
+    p7 = p0
+    if M > 1:
+        p1 = _project_j(1, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                        d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                        M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+    if M > 2:
+        p2 = _project_j(2, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                        d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                        M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+    if M > 3:
+        p3 = _project_j(3, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                        d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                        M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+    if M > 4:
+        p4 = _project_j(4, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                        d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                        M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+    if M > 5:
+        p5 = _project_j(5, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                        d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                        M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+    if M > 6:
+        p6 = _project_j(6, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                        d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                        M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+    if M > 7:
+        p7 = _project_j(7, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                        d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                        M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+# --------------------------------------------------------------------------- low-rank forward
+
+
+@triton.jit
+def lowrank_fwd_kernel(
+    out_ptr, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+    d0, d1, d2, d3, d4, d5, d6, d7, w_ptr, bias_ptr, present_ptr, batch, n_out, rank,
+    M: tl.constexpr, APPEND: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PRESENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    RANK_P: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out[b, k] = sum_r w_r prod_m ([x_m, 1] F_m[r])[b, k] + bias[k], one program per
+    (BLOCK_B rows, BLOCK_H outputs), all ranks at once.
+
+    The grid is 1-D with the output slices of one row block adjacent, so the programs that
+    re-read the same x rows run together and find them in L2.  The running product lives in
+    registers; only (B, h) is written.
+    """
+    BLOCK_N: tl.constexpr = RANK_P * BLOCK_H
+    n_hblk = tl.cdiv(n_out, BLOCK_H)
+    pid = tl.program_id(0)
+    pid_b = pid // n_hblk
+    h0 = (pid % n_hblk) * BLOCK_H
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch
+    r, k, col_ok = _columns(h0, n_out, rank, BLOCK_H, RANK_P)
+
+    prod = _project_j(0, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                      d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                      M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+    for j in tl.static_range(1, M):
+        p = _project_j(j, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+                       d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+                       M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)  # fmt: skip
+        prod = prod * p
+
+    # epilogue: rank weights per column (padded ranks weigh 0), then the rank sum
+    if HAS_W:
+        wcol = tl.load(w_ptr + r, mask=r < rank, other=0.0).to(tl.float32)
+    else:
+        wcol = tl.where(r < rank, 1.0, 0.0)
+    prod = prod * wcol[None, :]
+    out = tl.sum(tl.reshape(prod, (BLOCK_B, RANK_P, BLOCK_H)), axis=1)
+    ks = h0 + tl.arange(0, BLOCK_H)
+    k_ok = ks < n_out
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    dst = out_ptr + rows.to(tl.int64)[:, None] * n_out + ks[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+
+
+# --------------------------------------------------------------------------- low-rank backward
+
+
+@triton.jit
+def _g_times_w(g_ptr, w_ptr, rows, row_ok, r, k, col_ok, n_out, rank, HAS_W: tl.constexpr):
+    """The (BLOCK_B, BLOCK_N) tile of g[b, k] w_r (zero on padded rows, ranks, outputs)."""
+    g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * n_out + k[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_W:
+        wcol = tl.load(w_ptr + r, mask=r < rank, other=0.0).to(tl.float32)
+        g = g * wcol[None, :]
+    return g
+
+
+@triton.jit
+def lowrank_bwd_x_kernel(
+    gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7, g_ptr,
+    x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+    d0, d1, d2, d3, d4, d5, d6, d7, w_ptr, present_ptr, batch, n_out, rank,
+    NEED_X: tl.constexpr, M: tl.constexpr, APPEND: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_PRESENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    RANK_P: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dL/dx_m = G_m F_m[:, :d_m]^T with G_m[b, r, k] = g[b, k] w_r prod_{j != m} P_j[b, r, k].
+
+    One program per BLOCK_B rows; it walks the output slices in a fixed order, recomputes the
+    M projection tiles of each slice (nothing from the forward is kept), and accumulates each
+    modality's (BLOCK_B, d_m) gradient in its own rows of the float32 ``gx_m`` buffers (a
+    read-modify-write of rows no other program touches: no atomics, deterministic; the first
+    slice's load is masked off, so the buffers need no zero fill).  ``NEED_X`` is a bit mask
+    of the modalities whose gradient is wanted; absent rows get exact zeros.
+    """
+    BLOCK_N: tl.constexpr = RANK_P * BLOCK_H
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch
+    rows64 = rows.to(tl.int64)
+    n_hblk = tl.cdiv(n_out, BLOCK_H)
+    for hb in range(0, n_hblk):
+        h0 = hb * BLOCK_H
+        r, k, col_ok = _columns(h0, n_out, rank, BLOCK_H, RANK_P)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _all_projections(
+            x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+            d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+            M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        gw = _g_times_w(g_ptr, w_ptr, rows, row_ok, r, k, col_ok, n_out, rank, HAS_W)
+        for j in tl.static_range(M):
+            if (NEED_X >> j) & 1:
+                gm = _others(j, gw, p0, p1, p2, p3, p4, p5, p6, p7, M)
+                f_ptr = _pick(j, f0, f1, f2, f3, f4, f5, f6, f7)
+                gx_ptr = _pick(j, gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7)
+                d = _pick(j, d0, d1, d2, d3, d4, d5, d6, d7)
+                ok = _present_rows(present_ptr, rows, row_ok, j, M, HAS_PRESENT)
+                depth = d + APPEND
+                f_col = r.to(tl.int64) * depth * n_out + k
+                gm_op = gm.to(f_ptr.dtype.element_ty)  # tensor-core operands in the inputs' dtype
+                for k0 in range(0, d, BLOCK_K):
+                    i = k0 + tl.arange(0, BLOCK_K)
+                    i_ok = i < d
+                    # F^T tile (BLOCK_N, BLOCK_K)
+                    ft = tl.load(f_ptr + f_col[:, None] + i[None, :] * n_out,
+                                 mask=col_ok[:, None] & i_ok[None, :], other=0.0)  # fmt: skip
+                    part = _dot(gm_op, ft, None, PRECISION)
+                    dst = gx_ptr + rows64[:, None] * d + i[None, :]
+                    store_ok = row_ok[:, None] & i_ok[None, :]
+                    prev = tl.load(dst, mask=store_ok & (hb > 0), other=0.0)
+                    # absent rows: exact zeros (their x never entered the fusion)
+                    tl.store(dst, tl.where(ok[:, None], prev + part, 0.0), mask=store_ok)
+
+
+@triton.jit
+def lowrank_bwd_f_kernel(
+    pf0, pf1, pf2, pf3, pf4, pf5, pf6, pf7, pw_ptr, g_ptr,
+    x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+    d0, d1, d2, d3, d4, d5, d6, d7, w_ptr, present_ptr, batch, n_out, rank, rows_per_split,
+    NEED_F: tl.constexpr, NEED_W: tl.constexpr, M: tl.constexpr, APPEND: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_PRESENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, RANK_P: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Partial sums over the batch of dL/dF_m = [x_m, 1]^T G_m and dL/dw_r = sum g prod_m P_m.
+
+    One program per (batch split s, output slice): it walks its split's row blocks in order,
+    recomputes the M projection tiles, and adds [x_m, 1]^T G_m of each block into its own slot
+    ``pf_m[s]`` (float32, shaped like the factor: (S, R, D_m, h)); the first block stores
+    (masked load), later blocks read-modify-write, so there is no zero fill and no atomics.
+    The rank-weight gradient's partial goes to ``pw[s, slice, :]``.  The host sums the S
+    partials in a fixed order: a deterministic two-stage reduction.
+    """
+    BLOCK_N: tl.constexpr = RANK_P * BLOCK_H
+    n_hblk = tl.cdiv(n_out, BLOCK_H)
+    pid = tl.program_id(0)
+    split = pid // n_hblk
+    hb = pid % n_hblk
+    h0 = hb * BLOCK_H
+    r, k, col_ok = _columns(h0, n_out, rank, BLOCK_H, RANK_P)
+    r64 = r.to(tl.int64)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, batch)
+    wacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for it in range(0, tl.cdiv(stop - start, BLOCK_B)):
+        later = it > 0  # the first block stores, later ones add
+        rows = start + it * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < stop
+        rows64 = rows.to(tl.int64)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _all_projections(
+            x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+            d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+            M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        g = _g_times_w(g_ptr, w_ptr, rows, row_ok, r, k, col_ok, n_out, rank, False)
+        if NEED_W:  # sum over rows of g * prod_m P_m, per column (summed over k on the host)
+            wacc += tl.sum(_others(M, g, p0, p1, p2, p3, p4, p5, p6, p7, M), axis=0)
+        if HAS_W:
+            g = g * tl.load(w_ptr + r, mask=r < rank, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(M):
+            if (NEED_F >> j) & 1:
+                gm = _others(j, g, p0, p1, p2, p3, p4, p5, p6, p7, M)
+                x_ptr = _pick(j, x0, x1, x2, x3, x4, x5, x6, x7)
+                pf_ptr = _pick(j, pf0, pf1, pf2, pf3, pf4, pf5, pf6, pf7)
+                d = _pick(j, d0, d1, d2, d3, d4, d5, d6, d7)
+                ok = _present_rows(present_ptr, rows, row_ok, j, M, HAS_PRESENT)
+                depth = d + APPEND
+                slot = pf_ptr + split.to(tl.int64) * rank * depth * n_out + r64 * depth * n_out + k
+                gm_op = gm.to(x_ptr.dtype.element_ty)
+                for k0 in range(0, d, BLOCK_K):
+                    i = k0 + tl.arange(0, BLOCK_K)
+                    i_ok = i < d
+                    # x^T tile (BLOCK_K, BLOCK_B); absent and padded rows load zeros
+                    xt = tl.load(x_ptr + rows64[None, :] * d + i[:, None],
+                                 mask=i_ok[:, None] & ok[None, :], other=0.0)  # fmt: skip
+                    part = _dot(xt, gm_op, None, PRECISION)
+                    dst = slot[None, :] + i[:, None] * n_out
+                    st_ok = i_ok[:, None] & col_ok[None, :]
+                    prev = tl.load(dst, mask=st_ok & later, other=0.0)
+                    tl.store(dst, prev + part, mask=st_ok)
+                if APPEND:  # the constant row: sum over rows of G_m (every row has its 1)
+                    const_dst = slot + d * n_out
+                    const_prev = tl.load(const_dst, mask=col_ok & later, other=0.0)
+                    tl.store(const_dst, const_prev + tl.sum(gm, axis=0), mask=col_ok)
+    if NEED_W:
+        c = tl.arange(0, BLOCK_N)
+        tl.store(pw_ptr + pid.to(tl.int64) * BLOCK_N + c, wacc)
+
+
+# --------------------------------------------------------------------------- CP forward
+
+
+@triton.jit
+def _cp_project(
+    x_ptr, a_ptr, d, rows, ok, rank,
+    APPEND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, RANK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """[x_m, 1] @ A_m for ``rows``: (BLOCK_B, RANK_P) float32, A_m a contiguous (D_m, R)."""
+    rows64 = rows.to(tl.int64)
+    rr = tl.arange(0, RANK_P)
+    r_ok = rr < rank
+    acc = tl.zeros((BLOCK_B, RANK_P), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        i = k0 + tl.arange(0, BLOCK_K)
+        i_ok = i < d
+        xt = tl.load(x_ptr + rows64[:, None] * d + i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0)
+        at = tl.load(a_ptr + i[:, None] * rank + rr[None, :], mask=i_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = _dot(xt, at, acc, PRECISION)
+    if APPEND:
+        acc += tl.load(a_ptr + d * rank + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def cp_fwd_kernel(
+    out_ptr, x0, x1, x2, x3, x4, x5, x6, x7, a0, a1, a2, a3, a4, a5, a6, a7,
+    d0, d1, d2, d3, d4, d5, d6, d7, c_ptr, w_ptr, bias_ptr, present_ptr, batch, n_out, rank,
+    M: tl.constexpr, APPEND: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PRESENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    RANK_P: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out = (w * prod_m [x_m, 1] A_m) C^T + bias, one program per BLOCK_B rows.
+
+    The (BLOCK_B, R) product is formed once in registers and then multiplied by C^T one
+    BLOCK_H slice at a time (a float32 ``tl.dot``: the product is kept at full precision
+    whatever the inputs' dtype).
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch
+    rr = tl.arange(0, RANK_P)
+    r_ok = rr < rank
+    q = tl.zeros((BLOCK_B, RANK_P), dtype=tl.float32) + 1.0
+    for j in tl.static_range(M):
+        ok = _present_rows(present_ptr, rows, row_ok, j, M, HAS_PRESENT)
+        q = q * _cp_project(
+            _pick(j, x0, x1, x2, x3, x4, x5, x6, x7), _pick(j, a0, a1, a2, a3, a4, a5, a6, a7),
+            _pick(j, d0, d1, d2, d3, d4, d5, d6, d7), rows, ok, rank,
+            APPEND, BLOCK_B, BLOCK_K, RANK_P, PRECISION,
+        )  # fmt: skip
+    if HAS_W:
+        q = q * tl.load(w_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    rows64 = rows.to(tl.int64)
+    for h0 in range(0, n_out, BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < n_out
+        # C^T tile (RANK_P, BLOCK_H) of the contiguous (h, R) output factor
+        ct = tl.load(c_ptr + ks[None, :] * rank + rr[:, None], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        out = _dot(q, ct.to(tl.float32), None, PRECISION)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows64[:, None] * n_out + ks[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & k_ok[None, :])  # fmt: skip

@@ -1,0 +1,398 @@
+"""Host side of the ``"triton"`` backend: launch configurations, ``torch.library.triton_op``
+registrations and their analytic autograd.
+
+Operators (namespace ``mmfuse_triton``), each a ``triton_op`` whose body launches its
+kernels through ``wrap_triton`` (so ``torch.compile`` traces into them):
+
+- ``lowrank_fusion(xs, factors, weights, bias, append_one, present) -> Tensor``: one kernel.
+- ``lowrank_fusion_backward(grad, xs, factors, weights, append_one, present, needs)
+  -> Tensor[]``: two kernels (dL/dx; dL/dfactor and dL/dw partials) and fixed-order sums.
+- ``cp_fusion(xs, weights, factors, bias, append_one, present) -> Tensor``: one kernel; its
+  backward is plain torch code (the projections are only (B, R): no memory to save).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .._torch_eager import bind
+from . import _kernels as K
+
+__all__ = ["INTERPRETED", "KERNEL_DTYPES", "MAX_MODALITIES", "cp_call", "lowrank_call"]
+
+MAX_MODALITIES = 8
+#: Whether the kernels were built for Triton's interpreter (``TRITON_INTERPRET=1`` when
+#: triton decorated them, i.e. when this package was first imported).
+INTERPRETED: bool = not isinstance(K.lowrank_fwd_kernel, triton.runtime.JITFunction)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The backward's dL/dfactor partials: at most this many bytes of float32 per-split buffers
+# (they replace the (M, B, R h) projections LMF-style code keeps: tens of MiB against GiB).
+_PARTIAL_BYTES = 64 << 20
+# Programs the dL/dfactor kernel aims for: a few waves on a 132-SM H100/H200.
+_TARGET_PROGRAMS = 512
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
+
+
+class _Tiles(NamedTuple):
+    block_b: int
+    block_k: int
+    block_h: int
+    rank_p: int
+    num_warps: int
+
+
+def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, backward: bool) -> _Tiles:
+    """Tile sizes of the low-rank kernels (powers of two; every ``tl.dot`` operand >= 16).
+
+    A program's tile holds BLOCK_N = RANK_P * BLOCK_H columns (all ranks of BLOCK_H
+    outputs); narrow outputs pad the rank instead (h = 1, R = 4: RANK_P = 16) so the dot has
+    16 columns.  Chosen from the register use ``ptxas -v`` reports for sm_90a
+    (:mod:`._compile_check`, no GPU needed), not from timings (none yet):
+
+    - forward: two live (BLOCK_B, BLOCK_N) float32 tiles (the running product and the
+      current projection), BLOCK_B = 64, BLOCK_N <= 128, 8 warps: no spills at the issue's
+      sizes (4 warps spilled 0.5-1.5 KB a thread);
+    - backward: all M projection tiles live at once, so BLOCK_N <= 64 and BLOCK_B = 32
+      (16 for M > 4), 8 warps: no spills for M <= 4, some for M = 8;
+    - BLOCK_K = 16 for float32 (the FMA path of "ieee" dots keeps K-long operand slices per
+      thread: BLOCK_K = 32 spilled), 32 for 16-bit inputs (tensor cores).
+    """
+    rank_p = _pow2(rank)
+    cols = 64 if backward else 128
+    block_h = max(1, min(_pow2(out_dim), cols // rank_p))
+    if rank_p * block_h < 16:
+        rank_p = 16 // block_h
+    block_n = rank_p * block_h
+    if backward:
+        block_b = 32 if n_mod <= 4 else 16
+    else:
+        block_b = max(16, min(64, _pow2_floor(max(1, 8192 // block_n))))
+    block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    return _Tiles(block_b, block_k, block_h, rank_p, 8)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """The kernels' PRECISION: float32 dots use TF32 exactly when torch's own matmuls would
+    (16-bit operands go to the tensor cores with float32 accumulation whatever this says);
+    "upcast" works around the interpreter's broken bfloat16 dots (see ``_kernels._dot``)."""
+    if INTERPRETED and dtype == torch.bfloat16:
+        return "upcast"
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _slots(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Eight pointer arguments: the modalities' tensors, then repeats of the first (the
+    kernels never touch slots past M)."""
+    return [*tensors, *([tensors[0]] * (MAX_MODALITIES - len(tensors)))]
+
+
+def _dims(xs: Sequence[torch.Tensor]) -> list[int]:
+    return [int(x.shape[1]) for x in xs] + [0] * (MAX_MODALITIES - len(xs))
+
+
+def _present_arg(present: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """(B, M) uint8 flags (a free view of a contiguous bool mask), or a dummy pointer."""
+    if present is None:
+        return like
+    p = present.contiguous()
+    return p.view(torch.uint8) if p.dtype == torch.bool else (p != 0).view(torch.uint8)
+
+
+# --------------------------------------------------------------------------- low-rank forward
+
+
+@triton_op("mmfuse_triton::lowrank_fusion", mutates_args={})
+def _lowrank_op(
+    xs: list[torch.Tensor],
+    factors: list[torch.Tensor],
+    weights: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    append_one: bool,
+    present: torch.Tensor | None,
+) -> torch.Tensor:
+    x0 = xs[0]
+    batch, n_mod = int(x0.shape[0]), len(xs)
+    rank, _, out_dim = (int(v) for v in factors[0].shape)
+    out = x0.new_empty((batch, out_dim))
+    if batch == 0:
+        return out
+    xs = [x.contiguous() for x in xs]
+    factors = [f.contiguous() for f in factors]
+    t = _lowrank_tiles(rank, out_dim, n_mod, x0.dtype, backward=False)
+    grid = (triton.cdiv(batch, t.block_b) * triton.cdiv(out_dim, t.block_h),)
+    wrap_triton(K.lowrank_fwd_kernel)[grid](
+        out, *_slots(xs), *_slots(factors), *_dims(xs),
+        x0 if weights is None else weights.contiguous(), x0 if bias is None else bias.contiguous(),
+        _present_arg(present, x0), batch, out_dim, rank,
+        M=n_mod, APPEND=append_one, HAS_W=weights is not None, HAS_BIAS=bias is not None,
+        HAS_PRESENT=present is not None, BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_H=t.block_h,
+        RANK_P=t.rank_p, PRECISION=_precision(x0.dtype), num_warps=t.num_warps,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- low-rank backward
+
+
+def _splits(batch: int, block_b: int, n_hblk: int, factor_elems: int) -> tuple[int, int]:
+    """(S, rows per split) of the dL/dfactor kernel: enough (split, slice) programs to fill
+    the device, no more float32 partials than _PARTIAL_BYTES, whole row blocks per split."""
+    n_blocks = triton.cdiv(batch, block_b)
+    want = max(1, min(n_blocks, triton.cdiv(_TARGET_PROGRAMS, n_hblk)))
+    cap = max(1, _PARTIAL_BYTES // (4 * max(1, factor_elems)))
+    splits = min(want, cap)
+    rows = triton.cdiv(n_blocks, splits) * block_b
+    return triton.cdiv(batch, rows), rows
+
+
+@triton_op("mmfuse_triton::lowrank_fusion_backward", mutates_args={})
+def _lowrank_backward_op(
+    grad: torch.Tensor,
+    xs: list[torch.Tensor],
+    factors: list[torch.Tensor],
+    weights: torch.Tensor | None,
+    append_one: bool,
+    present: torch.Tensor | None,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients [x_0.., factor_0.., weights, bias] (``needs`` in that order); those not
+    needed come back empty (a custom op cannot return None in a list)."""
+    n_mod = len(xs)
+    dtype = grad.dtype
+    x0 = xs[0]
+    batch = int(x0.shape[0])
+    rank, _, out_dim = (int(v) for v in factors[0].shape)
+    need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
+    need_w = needs[2 * n_mod] and weights is not None
+    need_b = needs[2 * n_mod + 1]
+    g = grad.contiguous()
+    xs = [x.contiguous() for x in xs]
+    factors = [f.contiguous() for f in factors]
+    w_arg = x0 if weights is None else weights.contiguous()
+    pres = _present_arg(present, x0)
+    t = _lowrank_tiles(rank, out_dim, n_mod, dtype, backward=True)
+    n_hblk = triton.cdiv(out_dim, t.block_h)
+    common: dict[str, Any] = {
+        "M": n_mod, "APPEND": append_one, "HAS_W": weights is not None, "HAS_PRESENT": present is not None,
+        "BLOCK_B": t.block_b, "BLOCK_K": t.block_k, "BLOCK_H": t.block_h, "RANK_P": t.rank_p,
+        "PRECISION": _precision(dtype), "num_warps": t.num_warps,
+    }  # fmt: skip
+
+    # dL/dx: float32 accumulators (the inputs' own tensors when they are float32)
+    gx: list[torch.Tensor | None] = [
+        torch.empty(x.shape, dtype=torch.float32, device=x.device) if need else None
+        for x, need in zip(xs, need_x)
+    ]
+    if any(need_x) and batch:
+        mask = sum(1 << m for m, need in enumerate(need_x) if need)
+        wrap_triton(K.lowrank_bwd_x_kernel)[(triton.cdiv(batch, t.block_b),)](
+            *_slots([v if v is not None else g for v in gx]), g, *_slots(xs), *_slots(factors), *_dims(xs),
+            w_arg, pres, batch, out_dim, rank, NEED_X=mask, **common,
+        )  # fmt: skip
+
+    # dL/dfactor and dL/dw: per-split float32 partials, then fixed-order sums
+    gf: list[torch.Tensor | None] = [None] * n_mod
+    gw = None
+    if (any(need_f) or need_w) and batch:
+        factor_elems = sum(f.numel() for f, need in zip(factors, need_f) if need)
+        splits, rows = _splits(batch, t.block_b, n_hblk, factor_elems)
+        parts = [
+            torch.empty((splits, *f.shape), dtype=torch.float32, device=f.device) if need else None
+            for f, need in zip(factors, need_f)
+        ]
+        block_n = t.rank_p * t.block_h
+        pw = torch.empty((splits * n_hblk, block_n) if need_w else (1,), dtype=torch.float32, device=g.device)
+        mask = sum(1 << m for m, need in enumerate(need_f) if need)
+        wrap_triton(K.lowrank_bwd_f_kernel)[(splits * n_hblk,)](
+            *_slots([p if p is not None else pw for p in parts]), pw, g, *_slots(xs), *_slots(factors),
+            *_dims(xs), w_arg, pres, batch, out_dim, rank, rows, NEED_F=mask, NEED_W=need_w, **common,
+        )  # fmt: skip
+        # torch's reductions over a fixed shape are deterministic (no atomics): stage two
+        gf = [None if p is None else (p[0] if splits == 1 else p.sum(dim=0)) for p in parts]
+        if need_w:
+            gw = pw.view(splits, n_hblk, t.rank_p, t.block_h).sum(dim=(0, 1, 3))[:rank]
+    elif batch == 0:
+        gf = [torch.zeros(f.shape, dtype=torch.float32, device=f.device) if need else None
+              for f, need in zip(factors, need_f)]  # fmt: skip
+        gw = torch.zeros((rank,), dtype=torch.float32, device=g.device) if need_w else None
+
+    def done(v: torch.Tensor | None) -> torch.Tensor:
+        return grad.new_empty((0,)) if v is None else v.to(dtype)
+
+    gb = g.to(torch.float32).sum(dim=0) if need_b else None
+    return [*(done(v) for v in gx), *(done(v) for v in gf), done(gw), done(gb)]
+
+
+def _save_inputs(ctx: Any, xs: Any, factors: Any, weights: Any, present: Any, append_one: bool) -> None:
+    """Save the inputs (the caller holds them anyway): the backward recomputes everything
+    else in-kernel, so the op keeps no (B, R h) array alive between forward and backward."""
+    ctx.n_mod = len(xs)
+    ctx.n_factors = len(factors)
+    ctx.append_one = append_one
+    ctx.has_weights = weights is not None
+    ctx.has_present = present is not None
+    ctx.save_for_backward(*xs, *factors, *(v for v in (weights, present) if v is not None))
+
+
+def _load_inputs(ctx: Any) -> tuple[list[Any], list[Any], Any, Any]:
+    saved = list(ctx.saved_tensors)
+    xs, factors = saved[: ctx.n_mod], saved[ctx.n_mod : ctx.n_mod + ctx.n_factors]
+    rest = saved[ctx.n_mod + ctx.n_factors :]
+    weights = rest.pop(0) if ctx.has_weights else None
+    present = rest.pop(0) if ctx.has_present else None
+    return xs, factors, weights, present
+
+
+def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    xs, factors, weights, _bias, append_one, present = inputs
+    _save_inputs(ctx, xs, factors, weights, present, append_one)
+
+
+def _lowrank_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    n_mod = ctx.n_mod
+    need_xs, need_fs, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
+    xs, factors, weights, present = _load_inputs(ctx)
+    needs = [bool(v) for v in (*need_xs, *need_fs, need_w and weights is not None, need_b)]
+    grads = torch.ops.mmfuse_triton.lowrank_fusion_backward(
+        grad, xs, factors, weights, ctx.append_one, present, needs
+    )
+    return (
+        [grads[m] if need_xs[m] else None for m in range(n_mod)],
+        [grads[n_mod + m] if need_fs[m] else None for m in range(n_mod)],
+        grads[2 * n_mod] if needs[2 * n_mod] else None,
+        grads[2 * n_mod + 1] if need_b else None,
+        None,
+        None,
+    )
+
+
+_lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
+lowrank_call = bind(
+    "_TritonLowRankFusion", torch.ops.mmfuse_triton.lowrank_fusion, _lowrank_setup_context, _lowrank_backward
+)
+
+
+# --------------------------------------------------------------------------- CP fusion
+
+
+def _cp_tiles(rank: int, out_dim: int, dtype: torch.dtype) -> _Tiles:
+    """CP's product is (BLOCK_B, RANK_P) (RANK_P >= 16 for the dots); the output is written
+    BLOCK_H columns at a time from it."""
+    rank_p = max(16, _pow2(rank))
+    block_b = max(16, min(64, _pow2_floor(8192 // rank_p)))
+    block_h = max(16, min(64, _pow2(out_dim)))
+    block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    return _Tiles(block_b, block_k, block_h, rank_p, 4)
+
+
+@triton_op("mmfuse_triton::cp_fusion", mutates_args={})
+def _cp_op(
+    xs: list[torch.Tensor],
+    weights: torch.Tensor | None,
+    factors: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    append_one: bool,
+    present: torch.Tensor | None,
+) -> torch.Tensor:
+    x0 = xs[0]
+    batch, n_mod = int(x0.shape[0]), len(xs)
+    out_dim, rank = (int(v) for v in factors[-1].shape)
+    out = x0.new_empty((batch, out_dim))
+    if batch == 0:
+        return out
+    xs = [x.contiguous() for x in xs]
+    factors = [f.contiguous() for f in factors]
+    t = _cp_tiles(rank, out_dim, x0.dtype)
+    wrap_triton(K.cp_fwd_kernel)[(triton.cdiv(batch, t.block_b),)](
+        out, *_slots(xs), *_slots(factors[:-1]), *_dims(xs), factors[-1],
+        x0 if weights is None else weights.contiguous(), x0 if bias is None else bias.contiguous(),
+        _present_arg(present, x0), batch, out_dim, rank,
+        M=n_mod, APPEND=append_one, HAS_W=weights is not None, HAS_BIAS=bias is not None,
+        HAS_PRESENT=present is not None, BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_H=t.block_h,
+        RANK_P=t.rank_p, PRECISION=_precision(x0.dtype), num_warps=t.num_warps,
+    )  # fmt: skip
+    return out
+
+
+def _cp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    xs, weights, factors, _bias, append_one, present = inputs
+    _save_inputs(ctx, xs, factors, weights, present, append_one)
+
+
+def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    """h = C (w * prod_m P_m) + b with P_m = [x_m, 1] A_m (B, R): the projections are
+    recomputed with small GEMMs and the gradients formed with prefix/suffix products (no
+    division), in float32 for 16-bit inputs."""
+    n_mod = ctx.n_mod
+    xs, factors, weights, present = _load_inputs(ctx)
+    need_xs, need_w, need_fs, need_b = ctx.needs_input_grad[:4]
+    dtype = grad.dtype
+    cdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    g = grad.to(cdt)
+    feats = []
+    for m, x in enumerate(xs):
+        x = x.to(cdt)
+        if present is not None:  # where, not multiply: NaNs in absent rows must not leak
+            x = torch.where(present[:, m : m + 1], x, torch.zeros((), dtype=cdt, device=x.device))
+        feats.append(x)
+    mats = [a.to(cdt) for a in factors]
+    proj = []
+    for f, a in zip(feats, mats[:-1]):
+        d = f.shape[1]
+        proj.append(f @ a[:d] + a[d] if ctx.append_one else f @ a)
+    w = weights.to(cdt) if weights is not None else None
+    prefix: list[torch.Tensor | None] = [None]
+    for m in range(1, n_mod):
+        prev = prefix[m - 1]
+        prefix.append(proj[m - 1] if prev is None else prev * proj[m - 1])
+    last = prefix[-1]
+    full = proj[-1] if last is None else last * proj[-1]
+    gq = g @ mats[-1]  # dL/d(w * prod) (B, R)
+    grad_w = (gq * full).sum(dim=0) if (need_w and w is not None) else None
+    grad_c = g.t() @ (full if w is None else full * w) if need_fs[-1] else None
+    run = gq if w is None else gq * w
+    grad_xs: list[torch.Tensor | None] = [None] * n_mod
+    grad_as: list[torch.Tensor | None] = [None] * n_mod
+    for m in range(n_mod - 1, -1, -1):
+        pm = prefix[m]
+        gm = run if pm is None else run * pm
+        d = feats[m].shape[1]
+        if need_xs[m]:
+            gx = gm @ mats[m][:d].t()
+            if present is not None:
+                gx = torch.where(present[:, m : m + 1], gx, torch.zeros((), dtype=cdt, device=gx.device))
+            grad_xs[m] = gx.to(dtype)
+        if need_fs[m]:
+            ga = feats[m].t() @ gm
+            if ctx.append_one:
+                ga = torch.cat([ga, gm.sum(dim=0, keepdim=True)], dim=0)
+            grad_as[m] = ga.to(dtype)
+        if m:
+            run = run * proj[m]
+    return (
+        grad_xs,
+        None if grad_w is None else grad_w.to(dtype),
+        [*grad_as, None if grad_c is None else grad_c.to(dtype)],
+        g.sum(dim=0).to(dtype) if need_b else None,
+        None,
+        None,
+    )
+
+
+_cp_op.register_autograd(_cp_backward, setup_context=_cp_setup_context)
+cp_call = bind("_TritonCPFusion", torch.ops.mmfuse_triton.cp_fusion, _cp_setup_context, _cp_backward)
