@@ -234,12 +234,13 @@ def _lowrank_orders_numpy(
             np.matmul(x, f, out=proj[m, :k] if m else coef[1, :k])
         for m in range(1, n):
             p, c = proj[m, :k], const[m]
-            # new coef[j] = c coef[j] + p coef[j - 1], j = 1..m+1 (coef[0] = prefix[m - 1])
-            np.multiply(coef[1 : m + 1, :k], p, out=tmp[2 : m + 2, :k])
+            # new coef[j] = c coef[j] + p coef[j - 1], j = 1..m+1 (coef[0] = prefix[m - 1]),
+            # the top one first (it reads the old coef[m]), the others through ``tmp``
+            np.multiply(coef[m, :k], p, out=coef[m + 1, :k])
+            np.multiply(coef[1:m, :k], p, out=tmp[2 : m + 1, :k])
             np.multiply(p, prefix[m - 1], out=tmp[1, :k])
             coef[1 : m + 1, :k] *= c
             coef[1 : m + 1, :k] += tmp[1 : m + 1, :k]
-            coef[m + 1, :k] = tmp[m + 1, :k]
         # the rank sum as R - 1 adds of (M, rows, h) slices (a strided axis sum is slower)
         target = out[1:, start:stop]
         if rank == 1:
