@@ -416,7 +416,7 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     -------
     array, shape (K,)
         In the terms' namespace and dtype.  The shares sum to 1 (to rounding).  NaN where the
-        output has zero variance (``"variance"``) or is zero (``"norm"``).
+        output has zero variance (``"variance"``) or is zero (``"norm"``), and for an empty batch.
 
     Raises
     ------

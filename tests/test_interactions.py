@@ -353,3 +353,17 @@ def test_numpy_order_path_over_several_blocks(rank, rng):
     f32 = lambda a: a if a.dtype == bool else np.asarray(a, np.float32)  # noqa: E731
     terms32, _, _ = _call("lowrank", p, f32, present=True)
     assert terms32.dtype == np.float32
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_and_single_batch(xp, kind, batch, rng):
+    p = _problem(rng, 3, batch=batch)
+    for by in ("order", "subset"):
+        terms, labels, fused = _call(kind, p, xp.asarray, by=by, present=kind != "tensor")
+        assert tuple(terms.shape) == (len(labels), batch, 2)
+        assert_close(_sum0(xp, terms), fused, xp=xp.xp)
+    shares = mmfuse.interaction_shares(terms)
+    assert tuple(shares.shape) == (len(labels),)
+    if batch == 0:
+        assert np.all(np.isnan(np.asarray(shares)))

@@ -370,6 +370,8 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     <T_k, y> / <y, y> (``"norm"``), with y = sum_k T_k, summed over samples and outputs;
     NaN where the denominator is zero."""
     xp = array_namespace(terms)
+    if terms.shape[1] == 0 or terms.shape[2] == 0:  # no sample or no output: nothing to share
+        return xp.full((terms.shape[0],), math.nan, dtype=terms.dtype, device=device_of(terms))
     y = xp.sum(terms, axis=0)
     if kind == "variance":
         terms = terms - xp.mean(terms, axis=1, keepdims=True)
