@@ -143,9 +143,9 @@ def _ranked_terms(
     labels = labels_for(by, n)
     x0 = xs[0]
     dev = device_of(x0)
-    rows_per_part = (n + 2) * width if by == "order" else (n + 1) * width
+    row_width = (n + 2) * width if by == "order" else (n + 1) * width
     parts = []
-    for blk in _blocks(xp, x0, rows_per_part):
+    for blk in _blocks(xp, x0, row_width):
         projs, consts = zip(*(project(x[blk, ...], m, blk) for m, x in enumerate(xs)))
         rows = projs[0].shape[0]
         if by == "order":
