@@ -135,3 +135,30 @@ def test_torch_gradients_of_the_limit(rng, schedule, topology):
         scale = float(w.abs().max())
         assert scale > 0
         assert float((g - w).abs().max()) <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("topology", ["consensus", "hub"])
+def test_zero_spread_channel_limit_matches_reference(rng, topology):
+    """A constant channel keeps sigma = sqrt(eps) and pulls the others' raw variance to 0: the
+    limit collapses them (consensus, or a constant hub); the constant modality is shifted."""
+    xs = _data(rng, 3, 1e-2)
+    xs[0][:, :, 1] = 2.5  # modality 0 (the hub below) has no spread in channel 1
+    xs[2][0, :, 3] = -1.0  # modality 2, sample 0, channel 3 neither
+    opts = {"alpha": 0.5, "topology": topology, "hub": 0}
+    got = mmfuse.align(xs, rounds=None, **opts)
+    want = reference.align(xs, rounds=None, **opts)
+    for g, w in zip(got, want):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9 * 1e-2)
+    assert np.ptp(got[1][:, :, 1], axis=1).max() == 0.0  # collapsed onto the constant channel
+
+
+def test_newton_solves_the_gauss_seidel_equation(rng):
+    """Six Newton steps solve y - (alpha/2) log(1 + e^y) = psi to rounding, far into both tails."""
+    from mmfuse._core import align_limit
+
+    psi = np.concatenate([rng.uniform(-60, 60, 200), [-700.0, -30.0, 0.0, 1e-3, 30.0, 700.0]])
+    for alpha in (1e-3, 0.3, 0.7, 1.0):
+        y = align_limit.solve_gauss_seidel(np, psi, alpha)
+        residual = y - alpha / 2 * np.logaddexp(0.0, y) - psi
+        assert np.all(np.abs(residual) <= 4e-16 * np.maximum(1.0, np.abs(psi)))
