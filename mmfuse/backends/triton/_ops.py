@@ -95,6 +95,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes (outputs, accumulators, partials) comes from here,
+    uninitialised: the kernels never read what they have not written (the tests fill these
+    with NaN to prove it)."""
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
 def _slots(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Eight pointer arguments: the modalities' tensors, then repeats of the first (the
     kernels never touch slots past M)."""
@@ -128,7 +135,7 @@ def _lowrank_op(
     x0 = xs[0]
     batch, n_mod = int(x0.shape[0]), len(xs)
     rank, _, out_dim = (int(v) for v in factors[0].shape)
-    out = x0.new_empty((batch, out_dim))
+    out = _empty((batch, out_dim), x0.dtype, x0.device)
     if batch == 0:
         return out
     xs = [x.contiguous() for x in xs]
@@ -193,10 +200,9 @@ def _lowrank_backward_op(
         "PRECISION": _precision(dtype), "num_warps": t.num_warps,
     }  # fmt: skip
 
-    # dL/dx: float32 accumulators (the inputs' own tensors when they are float32)
+    # dL/dx: float32 accumulators (returned as they are for float32 inputs)
     gx: list[torch.Tensor | None] = [
-        torch.empty(x.shape, dtype=torch.float32, device=x.device) if need else None
-        for x, need in zip(xs, need_x)
+        _empty(x.shape, torch.float32, x.device) if need else None for x, need in zip(xs, need_x)
     ]
     if any(need_x) and batch:
         mask = sum(1 << m for m, need in enumerate(need_x) if need)
@@ -212,11 +218,11 @@ def _lowrank_backward_op(
         factor_elems = sum(f.numel() for f, need in zip(factors, need_f) if need)
         splits, rows = _splits(batch, t.block_b, n_hblk, factor_elems)
         parts = [
-            torch.empty((splits, *f.shape), dtype=torch.float32, device=f.device) if need else None
+            _empty((splits, *f.shape), torch.float32, f.device) if need else None
             for f, need in zip(factors, need_f)
         ]
         block_n = t.rank_p * t.block_h
-        pw = torch.empty((splits * n_hblk, block_n) if need_w else (1,), dtype=torch.float32, device=g.device)
+        pw = _empty((splits * n_hblk, block_n) if need_w else (1,), torch.float32, g.device)
         mask = sum(1 << m for m, need in enumerate(need_f) if need)
         wrap_triton(K.lowrank_bwd_f_kernel)[(splits * n_hblk,)](
             *_slots([p if p is not None else pw for p in parts]), pw, g, *_slots(xs), *_slots(factors),
@@ -312,7 +318,7 @@ def _cp_op(
     x0 = xs[0]
     batch, n_mod = int(x0.shape[0]), len(xs)
     out_dim, rank = (int(v) for v in factors[-1].shape)
-    out = x0.new_empty((batch, out_dim))
+    out = _empty((batch, out_dim), x0.dtype, x0.device)
     if batch == 0:
         return out
     xs = [x.contiguous() for x in xs]
