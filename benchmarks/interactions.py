@@ -12,7 +12,11 @@ NumPy arrays, all cores, side by side in one process:
 - ``cp_interactions-order`` / ``cp_fusion``: the same for a CP fusion of rank 64 (for context).
 - ``lowrank_interactions-subset`` (M = 4 only; by subset is 2^M terms).
 
-The ratio column is each candidate's time over its plain fusion's.
+The ratio column is each candidate's time over its plain fusion's; "per-round" is its range
+over the interleaved rounds.  On a shared machine, OpenBLAS's worker threads spin while other
+processes hold the cores and every GEMM-heavy call slows down erratically; there, run with
+``OPENBLAS_NUM_THREADS=1`` for ratios that mean something (every candidate then runs on one
+core, the elementwise work always does).
 """
 
 from __future__ import annotations

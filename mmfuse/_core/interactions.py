@@ -114,18 +114,19 @@ def subset_products(projs: list[Any], consts: list[Any]) -> dict[int, Any]:
     """``prod_{m in S} projs[m] * prod_{m not in S} consts[m]`` for every subset S (keyed by its
     bit mask), by a depth-first walk that shares prefixes (2^(M+1) products)."""
     out: dict[int, Any] = {}
-    n = len(projs)
-
-    def visit(m: int, acc: Any, mask: int) -> None:
-        if m == n:
-            out[mask] = acc
-            return
-        visit(m + 1, _mul(acc, consts[m]), mask)
-        visit(m + 1, None if acc is None else acc * projs[m], mask | (1 << m))
-
-    visit(1, consts[0], 0)
-    visit(1, projs[0], 1)
+    _walk(1, consts[0], 0, projs, consts, out)
+    _walk(1, projs[0], 1, projs, consts, out)
     return out
+
+
+def _walk(m: int, acc: Any, mask: int, projs: list[Any], consts: list[Any], out: dict[int, Any]) -> None:
+    """One node of :func:`subset_products`' walk (a module-level function: a recursive closure
+    would be a reference cycle holding every product until the garbage collector runs)."""
+    if m == len(projs):
+        out[mask] = acc
+        return
+    _walk(m + 1, _mul(acc, consts[m]), mask, projs, consts, out)
+    _walk(m + 1, None if acc is None else acc * projs[m], mask | (1 << m), projs, consts, out)
 
 
 def _ranked_terms(
@@ -293,6 +294,25 @@ def _contract(xp: Any, x: Any, g: Any, batched: bool, d: int) -> Any:
     return (x[:, None, :] @ g[:, :d, :])[:, 0, :]
 
 
+def _tfn_walk(
+    m: int,
+    g: Any,
+    batched: bool,
+    mask: int,
+    n: int,
+    split: Callable[[Any, bool, int], tuple[Any, Any]],
+    out: dict[int, Any],
+) -> None:
+    """One node of TFN's walk over the subsets: mode m at the constant's index, or contracted
+    with the features (module level, so that no reference cycle keeps the parts alive)."""
+    if m == n:
+        out[mask] = g
+        return
+    const, feat = (None, None) if g is None else split(g, batched, m)
+    _tfn_walk(m + 1, const, batched, mask, n, split, out)
+    _tfn_walk(m + 1, feat, True, mask | (1 << m), n, split, out)
+
+
 def tensor_interactions(
     xs: list[Any],
     weight: Any,
@@ -337,20 +357,7 @@ def tensor_interactions(
         found = [g for g, _ in groups]
     else:
         out: dict[int, Any] = {}
-
-        def visit(m: int, g: Any, batched: bool, mask: int) -> None:
-            if m == n:
-                out[mask] = g
-                return
-            if g is None:
-                visit(m + 1, None, batched, mask)
-                visit(m + 1, None, True, mask | (1 << m))
-                return
-            const, feat = split(g, batched, m)
-            visit(m + 1, const, batched, mask)
-            visit(m + 1, feat, True, mask | (1 << m))
-
-        visit(0, start, False, 0)
+        _tfn_walk(0, start, False, 0, n, split, out)
         found = [out[_mask(s)] for s in subset_labels(n)]
     terms = []
     for g in found:
