@@ -21,6 +21,27 @@ Cases (issue 6):
 
 Also issue 5's layer comparison (``benchmarks/torch_cpu.py``'s candidates) on CUDA tensors.
 Results of a run on an H100: benchmarks/RESULTS.md (``--json`` wrote docs/performance/gpu_h100.json).
+
+Triton kernels (issue 21; the ``"triton"`` backend, ``mmfuse.backends.triton``), run first:
+
+1. Correctness of every kernel against a float64 result on the same inputs: the low-rank
+   forward (with and without a ``present`` mask, against the NumPy reference on a slice), its
+   two backward kernels (all gradients, against float64 autograd of the LMF-style code), the
+   CP forward and its backward; in float32 (TF32 off) and bfloat16 at the three sizes (the
+   gradient checks on the first 4096 rows); bit-identical reruns (same rows); and
+   ``torch.compile`` of the ``triton_op`` (forward and backward) against eager.
+2. Timings at the three sizes, float32 TF32 off and bfloat16: forward of ``triton``,
+   ``lmf``, ``mmfuse-torch`` and ``gemm-only``; forward+backward of ``triton``, ``lmf`` and
+   ``mmfuse-torch``; peak memory of each.  The closing table holds issue 21's targets:
+   forward >= 2x LMF and <= 1.3x GEMM-only, forward+backward >= 1.5x LMF, peak memory
+   <= 0.25x LMF's.
+
+Then the older sections (numba/CuPy lowrank, zoom_shift, layers) while the time budget
+(``--budget-s``, default 420 s) lasts.  The JSON goes to ``--json``, else ``$OUT/gpu.json``
+when ``$OUT`` is set.
+
+``--cpu-check`` runs the Triton correctness helpers on tiny CPU tensors under Triton's
+interpreter (no GPU needed; what CI can check of this script).
 """
 
 from __future__ import annotations
@@ -30,6 +51,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +63,9 @@ LOWRANK_CASES = [
     (16384, (256, 256, 256), 256, 16),
 ]
 ZOOM_SHAPE = (256, 512, 512)
+# issue 21's targets: forward speed-up over LMF, forward time over GEMM-only, forward+backward
+# speed-up over LMF, peak memory over LMF's (forward and forward+backward)
+TARGETS = {"fwd_vs_lmf": 2.0, "fwd_vs_gemm": 1.3, "fb_vs_lmf": 1.5, "mem_vs_lmf": 0.25}
 
 
 def _torch() -> Any:
@@ -183,6 +208,258 @@ def _lowrank_case(
     return rows
 
 
+# --------------------------------------------------------------------------- Triton (issue 21)
+
+
+def _lowrank_inputs(
+    torch: Any, batch: int, dims: tuple[int, ...], out_dim: int, rank: int, dtype: Any, device: str, seed: int = 0
+) -> tuple[list[Any], list[Any], Any, Any]:
+    """xs (B, d_m), factors (R, d_m + 1, h) scaled so the product of M projections is O(1),
+    rank weights (R,), bias (h,): generated in float32, then cast (identical across dtypes)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> Any:
+        return torch.randn(*shape, device=device, generator=gen)
+
+    xs = [randn(batch, d).to(dtype) for d in dims]
+    factors = [(randn(rank, d + 1, out_dim) / (d + 1) ** 0.5).to(dtype) for d in dims]
+    return xs, factors, randn(rank).to(dtype), randn(out_dim).to(dtype)
+
+
+def _rel_err(got: Any, want: Any) -> float:
+    """max |got - want| / max |want| (float64)."""
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    scale = float(w.abs().max()) if w.numel() else 1.0
+    return float((g - w).abs().max()) / (scale or 1.0) if w.numel() else 0.0
+
+
+def _grads(torch: Any, fn: Callable[[], Any], leaves: list[Any], upstream: Any) -> tuple[Any, list[Any]]:
+    out = fn()
+    return out, list(torch.autograd.grad((out.to(upstream.dtype) * upstream).sum(), leaves))
+
+
+def check_triton_lowrank(
+    torch: Any, device: str, dtype: Any, batch: int, dims: tuple[int, ...], out_dim: int, rank: int,
+    n_check: int = 4096,
+) -> list[dict[str, Any]]:
+    """Correctness of the low-rank kernels on the first ``n_check`` rows of a problem: the
+    forward and all gradients against float64 autograd of the LMF-style code, the forward with
+    a ``present`` mask (NaN in absent rows) against the NumPy reference, and a bit-identical
+    rerun.  Returns one row per check (name, max relative error, tolerance, ok)."""
+    import mmfuse
+    import mmfuse.reference as ref
+    from mmfuse.testing import default_rtol
+
+    rows: list[dict[str, Any]] = []
+    tol = default_rtol(str(dtype).rsplit(".", 1)[-1])
+    label = f"triton lowrank {str(dtype).rsplit('.', 1)[-1]} B={batch} dims={dims} h={out_dim} R={rank}"
+    n = min(batch, n_check)
+    xs, factors, w, bias = _lowrank_inputs(torch, n, dims, out_dim, rank, dtype, device, seed=1)
+    leaves = [t.requires_grad_(True) for t in (*xs, *factors, w, bias)]
+    upstream = torch.randn(n, out_dim, device=device, generator=torch.Generator(device=device).manual_seed(2))
+    out, grads = _grads(
+        torch, lambda: mmfuse.lowrank_fusion(xs, factors, w, bias, backend="triton"), leaves, upstream.to(dtype)
+    )
+    x64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    m = len(dims)
+    want, want_grads = _grads(
+        torch, lambda: lmf_straightforward(torch, x64[:m], x64[m : 2 * m], x64[-2][None, :], x64[-1]), x64,
+        upstream.to(dtype).double(),
+    )  # fmt: skip
+    names = [*(f"dx{i}" for i in range(m)), *(f"dF{i}" for i in range(m)), "dw", "db"]
+    checks = [("forward", out, want), *zip(names, grads, want_grads)]
+    for name, got, exp in checks:
+        err = _rel_err(got, exp)
+        # gradients summed over the batch carry a little more rounding than the forward
+        limit = tol if name == "forward" else 2 * tol
+        rows.append({"case": label, "check": name, "rel_err": err, "tol": limit, "ok": err <= limit})
+    # present mask, NaN in the absent rows, against the NumPy float64 reference (first 256 rows)
+    k = min(n, 256)
+    present = torch.rand(k, m, device=device, generator=torch.Generator(device=device).manual_seed(3)) < 0.7
+    xs_nan = [torch.where(present[:, i : i + 1], x[:k].detach(), float("nan")).to(dtype) for i, x in enumerate(xs)]
+    got = mmfuse.lowrank_fusion(xs_nan, [f.detach() for f in factors], w.detach(), bias.detach(), present=present,
+                                backend="triton")  # fmt: skip
+
+    def host(t: Any) -> Any:
+        return t.detach().double().cpu().numpy()
+
+    exp = ref.lowrank_fusion([host(x) for x in xs_nan], [host(f) for f in factors], host(w), host(bias),
+                             present=present.cpu().numpy())  # fmt: skip
+    err = _rel_err(got, torch.from_numpy(exp))
+    rows.append({"case": label, "check": "forward, present mask", "rel_err": err, "tol": tol, "ok": err <= tol})
+    # bit-identical rerun
+    out2, grads2 = _grads(
+        torch, lambda: mmfuse.lowrank_fusion(xs, factors, w, bias, backend="triton"), leaves, upstream.to(dtype)
+    )
+    same = bool(torch.equal(out, out2)) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    rows.append({"case": label, "check": "bit-identical rerun", "rel_err": 0.0 if same else float("nan"),
+                 "tol": 0.0, "ok": same})  # fmt: skip
+    return rows
+
+
+def check_triton_cp(torch: Any, device: str, dtype: Any, batch: int, dims: tuple[int, ...], out_dim: int,
+                    rank: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The CP kernel's forward (and its backward) against float64 torch autograd of
+    h = C (w * prod_m [x_m, 1] A_m) + b."""
+    import mmfuse
+    from mmfuse.testing import default_rtol
+
+    tol = default_rtol(str(dtype).rsplit(".", 1)[-1])
+    label = f"triton cp {str(dtype).rsplit('.', 1)[-1]} B={batch} dims={dims} h={out_dim} R={rank}"
+    gen = torch.Generator(device=device).manual_seed(4)
+    xs = [torch.randn(batch, d, device=device, generator=gen).to(dtype) for d in dims]
+    facs = [(torch.randn(d + 1, rank, device=device, generator=gen) / (d + 1) ** 0.5).to(dtype) for d in dims]
+    facs.append(torch.randn(out_dim, rank, device=device, generator=gen).to(dtype))
+    w = torch.randn(rank, device=device, generator=gen).to(dtype)
+    bias = torch.randn(out_dim, device=device, generator=gen).to(dtype)
+    leaves = [t.requires_grad_(True) for t in (*xs, *facs, w, bias)]
+    upstream = torch.randn(batch, out_dim, device=device, generator=gen).to(dtype)
+    m = len(dims)
+    out, grads = _grads(torch, lambda: mmfuse.cp_fusion(xs, (w, facs), bias, backend="triton"), leaves, upstream)
+
+    def cp64(*t: Any) -> Any:
+        prod = None
+        for x, a in zip(t[:m], t[m : 2 * m]):
+            p = x @ a[:-1] + a[-1]
+            prod = p if prod is None else prod * p
+        return (prod * t[-2]) @ t[2 * m].t() + t[-1]
+
+    x64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    want, want_grads = _grads(torch, lambda: cp64(*x64), x64, upstream.double())
+    rows = []
+    for name, got, exp in [("forward", out, want), ("gradients", torch.cat([g.flatten() for g in grads]),
+                                                     torch.cat([g.flatten() for g in want_grads]))]:  # fmt: skip
+        err = _rel_err(got, exp)
+        limit = tol if name == "forward" else 2 * tol
+        rows.append({"case": label, "check": name, "rel_err": err, "tol": limit, "ok": err <= limit})
+    return rows
+
+
+def check_triton_compile(torch: Any, device: str) -> list[dict[str, Any]]:
+    """``torch.compile`` traces into the ``triton_op`` (forward and registered backward) and
+    gives the eager values and gradients (on a GPU only: on CPU fake tensors have no data
+    pointer for the interpreter)."""
+    xs, factors, w, bias = _lowrank_inputs(torch, 1000, (32, 32, 128), 128, 16, torch.float32, device, seed=5)
+    leaves = [t.requires_grad_(True) for t in (*xs, *factors, w, bias)]
+
+    def step(*t: Any) -> Any:
+        return torch.ops.mmfuse_triton.lowrank_fusion(list(t[:3]), list(t[3:6]), t[6], t[7], True, None)
+
+    eager, ge = _grads(torch, lambda: step(*leaves), leaves, torch.ones(1000, 128, device=device))
+    try:
+        compiled = torch.compile(step, fullgraph=True)
+        got, gc = _grads(torch, lambda: compiled(*leaves), leaves, torch.ones(1000, 128, device=device))
+        err = max(_rel_err(got, eager), *(_rel_err(a, b) for a, b in zip(gc, ge)))
+        return [{"case": "triton lowrank torch.compile", "check": "compiled vs eager", "rel_err": err,
+                 "tol": 1e-6, "ok": err <= 1e-6}]  # fmt: skip
+    except Exception as exc:  # report, do not abort the timings
+        return [{"case": "triton lowrank torch.compile", "check": f"FAILED: {type(exc).__name__}: {exc}"[:200],
+                 "rel_err": float("nan"), "tol": 1e-6, "ok": False}]  # fmt: skip
+
+
+def bench_triton(quick: bool) -> tuple[list[tuple[str, str, float, float]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Issue 21's table: correctness first, then timings; returns (rows, checks, summary)."""
+    torch = _torch()
+    dtypes = (torch.float32, torch.bfloat16)
+    checks: list[dict[str, Any]] = []
+    for dtype in dtypes:
+        for batch, dims, out_dim, rank in LOWRANK_CASES:
+            checks += check_triton_lowrank(torch, "cuda", dtype, batch, dims, out_dim, rank)
+            checks += check_triton_cp(torch, "cuda", dtype, 2048, dims, out_dim, rank)
+    checks += check_triton_compile(torch, "cuda")
+    for c in checks:
+        print(f"  check {c['case']:<64} {c['check']:<24} {c['rel_err']:.2e} (tol {c['tol']:.0e}) "
+              f"{'ok' if c['ok'] else 'MISMATCH'}")  # fmt: skip
+
+    rows: list[tuple[str, str, float, float]] = []
+    summary: list[dict[str, Any]] = []
+    for dtype in dtypes:
+        for batch, dims, out_dim, rank in LOWRANK_CASES:
+            case_rows, case_summary = _triton_timings(
+                torch, dtype, min(batch, 8192) if quick else batch, dims, out_dim, rank, 5 if quick else 20
+            )
+            rows += case_rows
+            summary.append(case_summary)
+    return rows, checks, summary
+
+
+def _triton_timings(
+    torch: Any, dtype: Any, batch: int, dims: tuple[int, ...], out_dim: int, rank: int, repeats: int
+) -> tuple[list[tuple[str, str, float, float]], dict[str, Any]]:
+    """One row of issue 21's table: forward and forward+backward times and peak memory."""
+    import mmfuse
+
+    label = f"{str(dtype).rsplit('.', 1)[-1]} B={batch} dims={dims} h={out_dim} R={rank}"
+    print(f"triton timings {label}")
+    xs, factors, w, bias = _lowrank_inputs(torch, batch, dims, out_dim, rank, dtype, "cuda")
+    w2 = w[None, :]
+    fwd: dict[str, Callable[[], Any]] = {
+        "triton": lambda: mmfuse.lowrank_fusion(xs, factors, w, bias, backend="triton"),
+        "lmf": lambda: lmf_straightforward(torch, xs, factors, w2, bias),
+        "mmfuse-torch": lambda: mmfuse.lowrank_fusion(xs, factors, w, bias, backend="torch"),
+        "gemm-only": lambda: [torch.matmul(x, f[:, :-1, :]) for x, f in zip(xs, factors)],
+    }
+    with torch.no_grad():
+        t_fwd = time_cuda(fwd, repeats=repeats)
+        m_fwd = {k: peak_mib(fn) for k, fn in fwd.items()}
+    xg = [x.detach().requires_grad_(True) for x in xs]
+    fg = [f.detach().requires_grad_(True) for f in factors]
+    wg, bg = w.detach().requires_grad_(True), bias.detach().requires_grad_(True)
+    wg2 = wg[None, :]
+    fb: dict[str, Callable[[], Any]] = {
+        "triton": lambda: mmfuse.lowrank_fusion(xg, fg, wg, bg, backend="triton").sum().backward(),
+        "lmf": lambda: lmf_straightforward(torch, xg, fg, wg2, bg).sum().backward(),
+        "mmfuse-torch": lambda: mmfuse.lowrank_fusion(xg, fg, wg, bg, backend="torch").sum().backward(),
+    }
+    t_fb = time_cuda(fb, repeats=repeats)
+    m_fb = {k: peak_mib(fn) for k, fn in fb.items()}
+    rows = [(f"triton {label}", f"{k} fwd", t_fwd[k], m_fwd[k]) for k in fwd]
+    rows += [(f"triton {label}", f"{k} fwd+bwd", t_fb[k], m_fb[k]) for k in fb]
+    summary = {
+        "case": label,
+        "fwd_ms": t_fwd["triton"], "lmf_fwd_ms": t_fwd["lmf"], "gemm_ms": t_fwd["gemm-only"],
+        "fwd_vs_lmf": t_fwd["lmf"] / t_fwd["triton"], "fwd_vs_gemm": t_fwd["triton"] / t_fwd["gemm-only"],
+        "fwd_mem_vs_lmf": m_fwd["triton"] / max(m_fwd["lmf"], 1e-9),
+        "fb_ms": t_fb["triton"], "lmf_fb_ms": t_fb["lmf"], "fb_vs_lmf": t_fb["lmf"] / t_fb["triton"],
+        "fb_mem_vs_lmf": m_fb["triton"] / max(m_fb["lmf"], 1e-9),
+    }  # fmt: skip
+    return rows, summary
+
+
+def print_triton_summary(summary: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
+    """The short closing table: issue 21's ratios, each with its target."""
+    t = TARGETS
+    bad = [c for c in checks if not c["ok"]]
+    print(f"\nTriton correctness: {len(checks) - len(bad)}/{len(checks)} checks ok"
+          + "".join(f"\n  MISMATCH {c['case']} {c['check']} {c['rel_err']:.2e}" for c in bad))  # fmt: skip
+    print(f"{'case (issue 21)':<46} {'fwd ms':>8} {'xLMF':>6} {'/GEMM':>6} {'mem':>5} "
+          f"{'f+b ms':>8} {'xLMF':>6} {'mem':>5}")  # fmt: skip
+    print(f"{'targets':<46} {'':>8} {'>=' + str(t['fwd_vs_lmf']):>6} {'<=' + str(t['fwd_vs_gemm']):>6} "
+          f"{'<=' + str(t['mem_vs_lmf']):>5} {'':>8} {'>=' + str(t['fb_vs_lmf']):>6} "
+          f"{'<=' + str(t['mem_vs_lmf']):>5}")  # fmt: skip
+    for r in summary:
+        print(f"{r['case']:<46} {r['fwd_ms']:8.3f} {r['fwd_vs_lmf']:6.2f} {r['fwd_vs_gemm']:6.2f} "
+              f"{r['fwd_mem_vs_lmf']:5.2f} {r['fb_ms']:8.3f} {r['fb_vs_lmf']:6.2f} {r['fb_mem_vs_lmf']:5.2f}")  # fmt: skip
+
+
+def cpu_check() -> None:
+    """The Triton correctness helpers on tiny CPU tensors under the interpreter."""
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its helpers and ours
+    import torch
+
+    import mmfuse.backends.triton  # noqa: F401  (registers the backend)
+
+    checks: list[dict[str, Any]] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        checks += check_triton_lowrank(torch, "cpu", dtype, 37, (5, 3, 17), 6, 3, n_check=37)
+        checks += check_triton_cp(torch, "cpu", dtype, 21, (5, 3, 17), 6, 3)
+    for c in checks:
+        print(f"  check {c['case']:<64} {c['check']:<24} {c['rel_err']:.2e} (tol {c['tol']:.0e}) "
+              f"{'ok' if c['ok'] else 'MISMATCH'}")  # fmt: skip
+    if not all(c["ok"] for c in checks):
+        raise SystemExit("a Triton kernel does not match the float64 result")
+
+
 def bench_zoom_shift(quick: bool) -> tuple[list[tuple[str, str, float, float]], float]:
     torch = _torch()
     import mmfuse
@@ -242,18 +519,39 @@ def bench_layers(quick: bool) -> list[tuple[str, str, float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
-    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--json", help="write the rows here (default: $OUT/gpu.json when $OUT is set)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="start no further section after this many seconds (default 420)")  # fmt: skip
+    parser.add_argument("--cpu-check", action="store_true",
+                        help="only the Triton correctness checks, on CPU under the interpreter")  # fmt: skip
     args = parser.parse_args()
+    if args.cpu_check:
+        cpu_check()
+        return
+    start = time.monotonic()
     torch = _torch()
     device = f"{torch.cuda.get_device_name()}  torch {torch.__version__}"
     print(f"device: {device}")
-    rows = bench_lowrank(args.quick)
-    zrows, _ = bench_zoom_shift(args.quick)
-    rows += zrows
-    rows += bench_layers(args.quick)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": device, "rows": [dict(zip(("case", "candidate", "ms", "peak_mib"), r)) for r in rows]},
+    import mmfuse.backends.triton  # noqa: F401  (the "triton" backend; needs triton installed)
+
+    rows, checks, summary = bench_triton(args.quick)
+    sections: list[tuple[str, Callable[[], list[tuple[str, str, float, float]]]]] = [
+        ("lowrank numba/cupy", lambda: bench_lowrank(args.quick)),
+        ("zoom_shift", lambda: bench_zoom_shift(args.quick)[0]),
+        ("layers", lambda: bench_layers(args.quick)),
+    ]
+    skipped = []
+    for name, section in sections:
+        if time.monotonic() - start > args.budget_s:
+            skipped.append(name)
+            continue
+        rows += section()
+    out_json = args.json or (os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else None)
+    if out_json:
+        with open(out_json, "w") as fh:
+            json.dump({"device": device, "seconds": time.monotonic() - start, "skipped": skipped,
+                       "triton_checks": checks, "triton_summary": summary, "targets": TARGETS,
+                       "rows": [dict(zip(("case", "candidate", "ms", "peak_mib"), r)) for r in rows]},
                       fh, indent=2)  # fmt: skip
     print()
     print(f"{'case':<58} {'candidate':<44} {'ms':>9} {'peak MiB':>9} {'vs first':>9}")
@@ -261,6 +559,10 @@ def main() -> None:
     for case, cand, ms, mib in rows:
         base = first.setdefault(case, ms)
         print(f"{case:<58} {cand:<44} {ms:9.3f} {mib:9.1f} {ms / base:9.2f}")
+    if skipped:
+        print(f"skipped (time budget): {', '.join(skipped)}")
+    print_triton_summary(summary, checks)
+    print(f"total {time.monotonic() - start:.0f} s")
 
 
 if __name__ == "__main__":
