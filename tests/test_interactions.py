@@ -344,14 +344,15 @@ def test_jax_eager_and_jit(kind, rng):
 
 
 @pytest.mark.parametrize("rank", [1, 3])
-def test_numpy_order_path_over_several_blocks(rank, rng):
-    """The NumPy fast path of LMF by order (reused buffers, blocks of up to 256 rows)."""
+@pytest.mark.parametrize("kind", ["lowrank", "cp"])
+def test_numpy_order_path_over_several_blocks(kind, rank, rng):
+    """The NumPy fast path of LMF and CP by order (reused buffers, blocks of up to 256 rows)."""
     p = _problem(rng, 3, batch=600, rank=rank, out_dim=2)
-    terms, _, fused = _call("lowrank", p, np.asarray, present=True)
-    assert_close(terms, _reference("lowrank", p, present=True)[0])
+    terms, _, fused = _call(kind, p, np.asarray, present=True)
+    assert_close(terms, _reference(kind, p, present=True)[0])
     assert_close(terms.sum(axis=0), fused)
     f32 = lambda a: a if a.dtype == bool else np.asarray(a, np.float32)  # noqa: E731
-    terms32, _, _ = _call("lowrank", p, f32, present=True)
+    terms32, _, _ = _call(kind, p, f32, present=True)
     assert terms32.dtype == np.float32
 
 

@@ -191,35 +191,56 @@ def lowrank_interactions(
     def reduce(t: Any) -> Any:
         return xp.sum(xp.reshape(t, (t.shape[0], rank, out_dim)), axis=1)
 
+    def reduce_into(coef: Any, target: Any) -> None:
+        # NumPy only: the rank sum as R - 1 adds of (K, rows, h) slices (faster than a strided
+        # axis sum)
+        import numpy as np
+
+        if rank == 1:
+            target[...] = coef
+            return
+        np.add(coef[..., :out_dim], coef[..., out_dim : 2 * out_dim], out=target)
+        for r in range(2, rank):
+            target += coef[..., r * out_dim : (r + 1) * out_dim]
+
     if by == "order" and is_numpy(xp) and append_one:
-        terms = _lowrank_orders_numpy(xs, feats, consts, present, rank, out_dim)
+        terms = _orders_numpy(xs, feats, consts, present, out_dim, reduce_into)
     else:
         terms = _ranked_terms(xp, xs, project, reduce, rank * out_dim, out_dim, by)
     return terms, labels_for(by, len(xs))
 
 
-def _lowrank_orders_numpy(
-    xs: list[Any], feats: list[Any], consts: list[Any], present: Any, rank: int, out_dim: int
+def _orders_numpy(
+    xs: list[Any],
+    feats: list[Any],
+    consts: list[Any],
+    present: Any,
+    out_dim: int,
+    reduce_into: Callable[[Any, Any], None],
 ) -> Any:
-    """NumPy fast path of LMF's terms by order: the same recursion, in place, in reused buffers.
+    """NumPy fast path of the terms by order: the same recursion, in place, in reused buffers.
 
     Per batch block, every modality's projections come first (M GEMMs into one buffer), then
     the recursion updates all the coefficients of a step with one call per operation (the
     ``k = 2..m`` updates as one strided call), so the Python overhead per block does not grow
     with M^2; coefficient 0 (the product of the constants) is a vector, computed once.
+    ``reduce_into(coef, target)`` writes the rank reduction of (K, rows, W) coefficients into
+    the (K, rows, h) ``target``.
     """
     import numpy as np
 
     n = len(xs)
     batch = xs[0].shape[0]
-    width = rank * out_dim
+    width = feats[0].shape[1]
     dtype = np.result_type(*xs, *feats)
     const = [np.asarray(c[0], dtype=dtype) for c in consts]
     prefix = [const[0]]  # prefix[m] = prod_{j <= m} c_j
     for c in const[1:]:
         prefix.append(prefix[-1] * c)
     out = np.empty((n + 1, batch, out_dim), dtype=dtype)
-    out[0] = np.sum(prefix[-1].reshape(rank, out_dim), axis=0)
+    order0 = np.empty((1, 1, out_dim), dtype=dtype)
+    reduce_into(prefix[-1].reshape(1, 1, width), order0)
+    out[0] = order0[0]
     row_bytes = (3 * n + 2) * width * dtype.itemsize
     rows = max(16, min(256, (_BLOCK_BYTES << 2) // row_bytes // 16 * 16))
     proj = np.empty((n, rows, width), dtype=dtype)
@@ -242,14 +263,7 @@ def _lowrank_orders_numpy(
             np.multiply(p, prefix[m - 1], out=tmp[1, :k])
             coef[1 : m + 1, :k] *= c
             coef[1 : m + 1, :k] += tmp[1 : m + 1, :k]
-        # the rank sum as R - 1 adds of (M, rows, h) slices (a strided axis sum is slower)
-        target = out[1:, start:stop]
-        if rank == 1:
-            target[...] = coef[1:, :k]
-        else:
-            np.add(coef[1:, :k, :out_dim], coef[1:, :k, out_dim : 2 * out_dim], out=target)
-            for r in range(2, rank):
-                target += coef[1:, :k, r * out_dim : (r + 1) * out_dim]
+        reduce_into(coef[1:, :k], out[1:, start:stop])
     return out
 
 
@@ -280,7 +294,15 @@ def cp_interactions(
     def reduce(t: Any) -> Any:
         return t @ out_t
 
-    terms = _ranked_terms(xp, xs, project, reduce, out_factor.shape[1], out_dim, by)
+    def reduce_into(coef: Any, target: Any) -> None:
+        import numpy as np  # NumPy only
+
+        np.matmul(coef, out_t, out=target)
+
+    if by == "order" and is_numpy(xp) and append_one:
+        terms = _orders_numpy(xs, feats, consts, present, out_dim, reduce_into)
+    else:
+        terms = _ranked_terms(xp, xs, project, reduce, out_factor.shape[1], out_dim, by)
     return terms, labels_for(by, len(xs))
 
 
