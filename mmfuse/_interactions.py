@@ -104,7 +104,8 @@ def tensor_interactions(
     max_elements : int, default ``DEFAULT_MAX_ELEMENTS`` (2**27)
         Refuse a weight or a contraction intermediate over this size, as
         :func:`mmfuse.tensor_fusion` does, and, with ``by="subset"``, a result of more than
-        this many elements (2^M B h).
+        this many elements (2^M B h).  By order, up to M + 1 partial contractions of one
+        mode's intermediate size are alive at once (one per order reached so far).
     backend : str, optional
         Implementation to run (see :func:`mmfuse.set_config`); default: the configured one.
 
