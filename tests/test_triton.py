@@ -395,3 +395,72 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "lowrank_bwd_f_kernel" in res.stdout and "cp_fwd_kernel" in res.stdout
+
+
+# --------------------------------------------------------------------------- moments / zoom_shift
+
+# (x shape, guide shape): one register tile; B = 1 with odd sizes; middle axes; token axes
+# longer than one tile (the looping passes) for x and for the guide
+STAT_CASES = [
+    pytest.param((3, 7, 5), (3, 9, 5), id="tile"),
+    pytest.param((1, 2, 3), (1, 3, 3), id="B1-T2"),
+    pytest.param((2, 3, 6, 5), (2, 3, 11, 5), id="middle-axes"),
+    pytest.param((2, 530, 33), (2, 600, 33), id="looped"),
+]
+
+
+def _stat_inputs(shape, gshape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    # a mean that dwarfs the spread: the pivot's job
+    x = torch.tensor(1e3 + rng.standard_normal(shape), dtype=dtype)
+    guide = torch.tensor(2 + 3 * rng.standard_normal(gshape), dtype=dtype)
+    mask = torch.tensor(rng.random(shape[:-1]) < 0.7)
+    mask[..., 0] = True  # no fully masked sample (the public layer refuses those)
+    gmask = torch.tensor(rng.random(gshape[:-1]) < 0.7)
+    gmask[..., 0] = True
+    return x, guide, mask, gmask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("shape", "gshape"), STAT_CASES)
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_zoom_shift_values(dtype, shape, gshape, alpha):
+    x, guide, mask, gmask = _stat_inputs(shape, gshape, dtype)
+    nan_guide = torch.where(gmask[..., None], guide, torch.full_like(guide, float("nan")))  # never read
+    with _poisoned_buffers():
+        y = mmfuse.zoom_shift(x, nan_guide, alpha=alpha, mask=mask, guide_mask=gmask, backend="triton")
+    want = ref.zoom_shift(_np(x), _np(guide), alpha=alpha, mask=mask.numpy(), guide_mask=gmask.numpy())
+    assert_close(y, want, xp=torch, dtype=dtype, device="cpu")
+    # masked tokens of x hold NaN: still mapped (NaN out there), never in the statistics
+    x_nan = torch.where(mask[..., None], x, torch.full_like(x, float("nan")))
+    y_nan = mmfuse.zoom_shift(x_nan, guide, alpha=alpha, mask=mask, guide_mask=gmask, backend="triton")
+    assert torch.equal(torch.isnan(y_nan), ~mask[..., None].expand_as(x))
+    assert torch.equal(y_nan[mask], y[mask])
+    again = mmfuse.zoom_shift(x, nan_guide, alpha=alpha, mask=mask, guide_mask=gmask, backend="triton")
+    assert torch.equal(y, again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("shape", "gshape"), STAT_CASES)
+def test_moments_values(dtype, shape, gshape):
+    x, _, mask, _ = _stat_inputs(shape, gshape, dtype)
+    x_nan = torch.where(mask[..., None], x, torch.full_like(x, float("nan")))
+    for m in (None, mask):
+        with _poisoned_buffers():
+            mean, std = mmfuse.moments(x_nan if m is not None else x, mask=m, backend="triton")
+        want_mean, want_std = ref.moments(_np(x), mask=None if m is None else m.numpy())
+        assert_close(mean, want_mean, xp=torch, dtype=dtype, device="cpu")
+        # std ~ 1 under a mean of 1e3: judged on its own scale (float32: well inside 2e-4)
+        assert_close(std, want_std, xp=torch, dtype=dtype, device="cpu")
+
+
+def test_zoom_shift_with_gradients_goes_to_the_torch_op():
+    x, guide, mask, gmask = _stat_inputs((2, 5, 3), (2, 4, 3), torch.float32)
+    x.requires_grad_(True)
+    y = mmfuse.zoom_shift(x, guide, alpha=0.5, mask=mask, guide_mask=gmask, backend="triton")
+    assert "ZoomShift" in type(y.grad_fn).__name__
+    with torch.no_grad():
+        y_kernel = mmfuse.zoom_shift(x, guide, alpha=0.5, mask=mask, guide_mask=gmask, backend="triton")
+    assert_close(y_kernel, y.detach())
+    mean, _ = mmfuse.moments(x, mask=mask, backend="triton")
+    assert mean.grad_fn is not None  # the core's moments: autograd flows

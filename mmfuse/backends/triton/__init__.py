@@ -45,6 +45,17 @@ CP fusion (``cp_fwd_kernel``): per row block the (BLOCK_B, R) product
 w * prod_m [x_m, 1] A_m is formed in registers, then multiplied by C^T slice by slice.  Its
 backward is plain torch code (projections are only (B, R)).
 
+``moments`` and ``zoom_shift`` (``moments_kernel``, ``zoom_shift_kernel``): one program per
+(sample, 32 channels) computes the statistics over the token axis by the core's shifted
+two-pass algorithm about a pivot (p = sum(x) / n, d = x - p, mean = p + sum(d) / n,
+var = sum(d^2) / n - (sum(d) / n)^2; masked tokens selected out, so NaN padding cannot leak)
+and, for ``zoom_shift``, the guide's statistics and then the map about x's pivot,
+y = (x - p) s + (target - corr s).  When the token axis fits one register tile (T <= 512 at
+32 channels) x is read once and y written once; longer axes loop over token blocks.  These
+kernels are forward-only: calls that need gradients go to the torch backend's
+``zoom_shift`` op (closed-form backward) or the Array-API core's ``moments``, as do other
+statistics axes than -2.
+
 Numerics: float32 accumulation everywhere (16-bit inputs included; results cast back).
 float32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, as torch).
 float64 inputs, more than eight modalities and ``torch.func`` transforms go to the torch
@@ -69,7 +80,7 @@ from ..._core.sequence import torch_transformed
 from ..._namespace import is_torch
 from . import _ops
 
-__all__ = ["INTERPRETED", "cp_fusion", "lowrank_fusion", "supports"]
+__all__ = ["INTERPRETED", "cp_fusion", "lowrank_fusion", "moments", "supports", "zoom_shift"]
 
 INTERPRETED = _ops.INTERPRETED
 
@@ -135,6 +146,57 @@ def cp_fusion(
     return _ops.cp_call(list(xs), weights, list(factors), bias, append_one, present)
 
 
+def _stats_kernels_take(x: Any, axis: int, masks: Sequence[Any], *others: Any) -> bool:
+    """Whether the statistics kernels take a call: float32/16-bit tensors of at least three
+    dimensions, statistics over axis -2, masks of shape x.shape[:-1], no empty axis, and no
+    gradient wanted (the kernels are forward-only; autograd calls go to ops that carry a
+    backward) nor a ``torch.func`` transform."""
+    tensors = [x, *others]
+    if x.dtype not in _ops.KERNEL_DTYPES or x.ndim < 3 or axis % x.ndim != x.ndim - 2:
+        return False
+    if any(t.numel() == 0 for t in tensors):
+        return False
+    for mask, like in zip(masks, tensors):
+        if mask is not None and (tuple(mask.shape) != tuple(like.shape[:-1]) or mask.dtype != torch.bool):
+            return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not torch_transformed(*tensors)
+
+
+def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
+    """``mmfuse.moments`` as the ``mmfuse_triton::moments`` op (inputs checked); other calls
+    (see :func:`_stats_kernels_take`) run the Array-API core."""
+    if not _stats_kernels_take(x, axis, [mask]):
+        from ..._core import align as core_align
+
+        return core_align.moments(x, axis=axis, mask=mask, eps=eps)
+    mean, std = _ops.moments_call(x, mask, float(eps))
+    return mean, std
+
+
+def zoom_shift(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
+) -> Any:
+    """``mmfuse.zoom_shift`` as the ``mmfuse_triton::zoom_shift`` op (inputs checked); other
+    calls (see :func:`_stats_kernels_take`; with autograd: the torch backend's op, whose
+    closed-form backward saves only the inputs) go to the torch backend."""
+    if not _stats_kernels_take(x, axis, [mask, guide_mask], guide):
+        from .. import torch as torch_backend
+
+        return torch_backend.zoom_shift(
+            x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps
+        )
+    return _ops.zoom_shift_call(x, guide, float(alpha), mask, guide_mask, float(eps))
+
+
 # --------------------------------------------------------------------------- registration
 # One block, so the registry's dispatch table can take these over as they are.  Priority 12:
 # below the torch backend's ops (15), so "auto" keeps those until a GPU measurement shows the
@@ -143,10 +205,13 @@ _PRIORITY = 12
 
 
 def _register() -> None:
+    from ... import _align  # noqa: F401  (defines moments and zoom_shift)
     from .._registry import register
 
     register("lowrank_fusion", "triton", lowrank_fusion, supports=supports, priority=_PRIORITY)
     register("cp_fusion", "triton", cp_fusion, supports=supports, priority=_PRIORITY)
+    register("moments", "triton", moments, supports=supports, priority=_PRIORITY)
+    register("zoom_shift", "triton", zoom_shift, supports=supports, priority=_PRIORITY)
 
 
 _register()

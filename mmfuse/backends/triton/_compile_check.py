@@ -117,7 +117,8 @@ _CASES = (((32, 32, 128), 128, 16), ((8, 16, 64), 1, 4), ((5, 3, 2, 7, 1, 2, 3, 
 
 
 def _cases() -> Iterator[tuple[str, Callable[[], Any]]]:
-    """Small problems that reach every kernel specialisation the benchmarks use."""
+    """Problems that reach every kernel specialisation the benchmarks use (nothing runs:
+    the launches are only recorded)."""
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for dims, out_dim, rank in _CASES:
@@ -142,6 +143,18 @@ def _cases() -> Iterator[tuple[str, Callable[[], Any]]]:
                 return torch.ops.mmfuse_triton.cp_fusion(xs, w, cp, b, True, None)
 
             yield f"cp {label}", cp_fusion
+        for shape, gshape in (((256, 512, 512), (256, 512, 512)), ((4, 1000, 40), (4, 700, 40))):
+            x = torch.randn(*shape, generator=gen).to(dtype)
+            g = torch.randn(*gshape, generator=gen).to(dtype)
+            mask = torch.ones(shape[:-1], dtype=torch.bool)
+            gmask = torch.ones(gshape[:-1], dtype=torch.bool)
+
+            def stats(x: Any = x, g: Any = g, mask: Any = mask, gmask: Any = gmask) -> Any:
+                torch.ops.mmfuse_triton.moments(x, mask, 1e-5)
+                torch.ops.mmfuse_triton.zoom_shift(x, g, 0.5, mask, gmask, 1e-5)
+                return torch.ops.mmfuse_triton.zoom_shift(x, g, 1.0, None, None, 1e-5)
+
+            yield f"moments/zoom_shift {dtype} x={shape} guide={gshape}", stats
 
 
 def compile_kernels(capability: int = 90, arch: str = "sm_90a") -> list[dict[str, Any]]:

@@ -464,3 +464,140 @@ def cp_fwd_kernel(
             out += tl.load(bias_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows64[:, None] * n_out + ks[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & k_ok[None, :])  # fmt: skip
+
+
+# --------------------------------------------------------------------------- moments / zoom_shift
+#
+# x is a contiguous (N, T, C) array (N = batch times any middle axes), statistics over T per
+# (n, channel); ``mask`` a contiguous (N, T) uint8 array.  One program per (n, BLOCK_C
+# channels).  The statistics are the core's shifted two-pass algorithm about a pivot
+# (mmfuse._core.align, statistics section): p = sum(x) / n, d = x - p,
+# mean = p + sum(d) / n, var = sum(d^2) / n - (sum(d) / n)^2, with masked tokens never
+# entering a sum (selected out with ``where``, so NaN padding cannot leak) and float32
+# accumulation.  When the whole token axis fits one tile (SINGLE: BLOCK_T >= T) the tile is
+# loaded once and kept in registers for both sums and the map, so zoom_shift reads x once
+# and writes y once; otherwise the passes loop over BLOCK_T tokens (the re-reads of a
+# program's (T, BLOCK_C) slab mostly come from L2).
+
+
+@triton.jit
+def _load_tokens(x_ptr, m_ptr, n, t, c, n_tok, n_ch, HAS_MASK: tl.constexpr):
+    """The (BLOCK_T, BLOCK_C) tile of tokens ``t`` and channels ``c`` of row ``n`` as float32
+    (every token, masked ones included: the map applies to them; out of range: 0), and its
+    (BLOCK_T, 1) flags of the tokens that count in the statistics."""
+    t_ok = t < n_tok
+    if HAS_MASK:  # noqa: SIM108  (a compile-time branch: no mask load is emitted without one)
+        keep = (tl.load(m_ptr + n * n_tok + t, mask=t_ok, other=0) != 0) & t_ok
+    else:
+        keep = t_ok
+    ok = t_ok[:, None] & (c < n_ch)[None, :]
+    x = tl.load(x_ptr + (n * n_tok + t)[:, None] * n_ch + c[None, :], mask=ok, other=0.0)
+    return x.to(tl.float32), keep[:, None]
+
+
+@triton.jit
+def _finish(count, total, s1, s2):
+    """(pivot, corr, var) from the count, sum(x), and sum(d), sum(d^2) about the pivot."""
+    pivot = total / count
+    corr = s1 / count
+    var = s2 / count - corr * corr
+    return pivot, corr, tl.where(var < 0.0, 0.0, var)  # rounding can go below 0; NaN stays
+
+
+@triton.jit
+def _tile_stats(x, keep):
+    """(pivot, corr, var) of a tile holding every token (SINGLE)."""
+    count = tl.sum(keep.to(tl.float32), axis=0)
+    total = tl.sum(tl.where(keep, x, 0.0), axis=0)
+    d = tl.where(keep, x - (total / count)[None, :], 0.0)
+    return _finish(count, total, tl.sum(d, axis=0), tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def _loop_stats(
+    x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """(pivot, corr, var) over all tokens of row ``n``, BLOCK_T at a time (two passes)."""
+    t0 = tl.arange(0, BLOCK_T)
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    count = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t_start in range(0, n_tok, BLOCK_T):
+        x, keep = _load_tokens(x_ptr, m_ptr, n, t_start + t0, c, n_tok, n_ch, HAS_MASK)
+        total += tl.sum(tl.where(keep, x, 0.0), axis=0)
+        count += tl.sum(tl.where(keep, 1.0, 0.0), axis=0)  # (1,), broadcast over channels
+    pivot = total / count
+    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t_start in range(0, n_tok, BLOCK_T):
+        x, keep = _load_tokens(x_ptr, m_ptr, n, t_start + t0, c, n_tok, n_ch, HAS_MASK)
+        d = tl.where(keep, x - pivot[None, :], 0.0)
+        s1 += tl.sum(d, axis=0)
+        s2 += tl.sum(d * d, axis=0)
+    return _finish(count, total, s1, s2)
+
+
+@triton.jit
+def moments_kernel(
+    mean_ptr, std_ptr, x_ptr, m_ptr, n_tok, n_ch, eps,
+    HAS_MASK: tl.constexpr, SINGLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """mean and sqrt(var + eps) per (row, channel), written as (N, 1, C) in x's dtype."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if SINGLE:
+        x, keep = _load_tokens(x_ptr, m_ptr, n, tl.arange(0, BLOCK_T), c, n_tok, n_ch, HAS_MASK)
+        pivot, corr, var = _tile_stats(x, keep)
+    else:
+        pivot, corr, var = _loop_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, BLOCK_T, BLOCK_C)
+    c_ok = c < n_ch
+    tl.store(mean_ptr + n * n_ch + c, (pivot + corr).to(mean_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(std_ptr + n * n_ch + c, tl.sqrt(var + eps).to(std_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def zoom_shift_kernel(
+    y_ptr, x_ptr, g_ptr, m_ptr, gm_ptr, n_tok, n_gtok, n_ch, alpha, eps,
+    HAS_MASK: tl.constexpr, HAS_GMASK: tl.constexpr, ALPHA_ONE: tl.constexpr, SINGLE: tl.constexpr,
+    GSINGLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_GT: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """y = (x - p) s + (target - corr s), the core's map about x's pivot, with
+    s = (sigma_g / sigma_x) ** alpha, sigma = sqrt(var + eps), target = mu_g at alpha = 1
+    else (1 - alpha) mu_x + alpha mu_g.  Every token of x is mapped, masked ones included
+    (the mask only keeps them out of the statistics), as the core does."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < n_ch
+    if GSINGLE:
+        g, g_keep = _load_tokens(g_ptr, gm_ptr, n, tl.arange(0, BLOCK_GT), c, n_gtok, n_ch, HAS_GMASK)
+        g_piv, g_corr, g_var = _tile_stats(g, g_keep)
+    else:
+        g_piv, g_corr, g_var = _loop_stats(g_ptr, gm_ptr, n, c, n_gtok, n_ch, HAS_GMASK, BLOCK_GT, BLOCK_C)
+    t0 = tl.arange(0, BLOCK_T)
+    if SINGLE:
+        x, keep = _load_tokens(x_ptr, m_ptr, n, t0, c, n_tok, n_ch, HAS_MASK)
+        pivot, corr, var = _tile_stats(x, keep)
+    else:
+        pivot, corr, var = _loop_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, BLOCK_T, BLOCK_C)
+    sigma = tl.sqrt(var + eps)
+    live = sigma > 0.0  # no spread: nothing to zoom
+    ratio = tl.sqrt(g_var + eps) / tl.where(live, sigma, 1.0)
+    if ALPHA_ONE:
+        s = tl.where(live, ratio, 1.0)
+        target = g_piv + g_corr
+    else:
+        s = tl.where(live, tl.exp2(alpha * tl.log2(ratio)), 1.0)
+        target = (1.0 - alpha) * (pivot + corr) + alpha * (g_piv + g_corr)
+    offset = target - corr * s
+    c_ok2 = c_ok[None, :]
+    if SINGLE:  # the tile is still in registers: x read once
+        at = (n * n_tok + t0)[:, None] * n_ch + c[None, :]
+        y = (x - pivot[None, :]) * s[None, :] + offset[None, :]
+        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=(t0 < n_tok)[:, None] & c_ok2)
+    else:
+        for t_start in range(0, n_tok, BLOCK_T):
+            t = t_start + t0
+            ok = (t < n_tok)[:, None] & c_ok2
+            at = (n * n_tok + t)[:, None] * n_ch + c[None, :]
+            xb = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            y = (xb - pivot[None, :]) * s[None, :] + offset[None, :]
+            tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=ok)

@@ -23,7 +23,10 @@ from torch.library import triton_op, wrap_triton
 from .._torch_eager import bind
 from . import _kernels as K
 
-__all__ = ["INTERPRETED", "KERNEL_DTYPES", "MAX_MODALITIES", "cp_call", "lowrank_call"]
+__all__ = [
+    "INTERPRETED", "KERNEL_DTYPES", "MAX_MODALITIES",
+    "cp_call", "lowrank_call", "moments_call", "zoom_shift_call",
+]  # fmt: skip
 
 MAX_MODALITIES = 8
 #: Whether the kernels were built for Triton's interpreter (``TRITON_INTERPRET=1`` when
@@ -402,3 +405,87 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 _cp_op.register_autograd(_cp_backward, setup_context=_cp_setup_context)
 cp_call = bind("_TritonCPFusion", torch.ops.mmfuse_triton.cp_fusion, _cp_setup_context, _cp_backward)
+
+
+# --------------------------------------------------------------------------- moments / zoom_shift
+
+
+class _StatTiles(NamedTuple):
+    block_c: int
+    block_t: int
+    single: bool
+
+
+def _stat_tiles(n_tok: int, n_ch: int) -> _StatTiles:
+    """BLOCK_C channels per program (at most 32: 128-byte rows of float32); the whole token
+    axis in one register tile when it has at most 16384 elements (T <= 512 at BLOCK_C = 32:
+    64 registers a thread at 8 warps), so x is read once; else 4096-element token blocks."""
+    block_c = min(32, _pow2(n_ch))
+    if _pow2(n_tok) * block_c <= 16384:
+        return _StatTiles(block_c, _pow2(n_tok), True)
+    return _StatTiles(block_c, max(1, 4096 // block_c), False)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, ..., T, C) -> contiguous (N, T, C)."""
+    return x.contiguous().view(-1, x.shape[-2], x.shape[-1])
+
+
+def _mask_rows(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """(B, ..., T) bool -> contiguous (N, T) uint8 (a free view when contiguous), or a dummy."""
+    if mask is None:
+        return like
+    return mask.contiguous().view(torch.uint8).view(-1, mask.shape[-1])
+
+
+@triton_op("mmfuse_triton::moments", mutates_args={})
+def _moments_op(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> list[torch.Tensor]:
+    """(mean, std) over axis -2 of a (B, ..., T, C) tensor, kept as size 1, in x's dtype."""
+    shape = (*x.shape[:-2], 1, x.shape[-1])
+    mean, std = _empty(shape, x.dtype, x.device), _empty(shape, x.dtype, x.device)
+    rows = _rows(x)
+    n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
+    t = _stat_tiles(n_tok, n_ch)
+    wrap_triton(K.moments_kernel)[(n_rows, triton.cdiv(n_ch, t.block_c))](
+        mean, std, rows, _mask_rows(mask, rows), n_tok, n_ch, eps,
+        HAS_MASK=mask is not None, SINGLE=t.single, BLOCK_T=t.block_t, BLOCK_C=t.block_c, num_warps=8,
+    )  # fmt: skip
+    return [mean, std]
+
+
+@triton_op("mmfuse_triton::zoom_shift", mutates_args={})
+def _zoom_shift_op(
+    x: torch.Tensor,
+    guide: torch.Tensor,
+    alpha: float,
+    mask: torch.Tensor | None,
+    guide_mask: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """One Zoom-and-Shift step over axis -2 (forward only: see the package docstring)."""
+    y = _empty(x.shape, x.dtype, x.device)
+    rows, grows = _rows(x), _rows(guide)
+    n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
+    n_gtok = int(grows.shape[1])
+    t, tg = _stat_tiles(n_tok, n_ch), _stat_tiles(n_gtok, n_ch)
+    wrap_triton(K.zoom_shift_kernel)[(n_rows, triton.cdiv(n_ch, t.block_c))](
+        y, rows, grows, _mask_rows(mask, rows), _mask_rows(guide_mask, rows), n_tok, n_gtok, n_ch,
+        float(alpha), eps, HAS_MASK=mask is not None, HAS_GMASK=guide_mask is not None,
+        ALPHA_ONE=alpha == 1.0, SINGLE=t.single, GSINGLE=tg.single, BLOCK_T=t.block_t,
+        BLOCK_GT=tg.block_t, BLOCK_C=t.block_c, num_warps=8,
+    )  # fmt: skip
+    return y
+
+
+def moments_call(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The moments op, called directly (forward only, no graph node)."""
+    mean, std = torch.ops.mmfuse_triton.moments(x, mask, eps)
+    return mean, std
+
+
+def zoom_shift_call(
+    x: torch.Tensor, guide: torch.Tensor, alpha: float, mask: torch.Tensor | None,
+    guide_mask: torch.Tensor | None, eps: float,
+) -> torch.Tensor:  # fmt: skip
+    """The zoom_shift op, called directly (forward only, no graph node)."""
+    return torch.ops.mmfuse_triton.zoom_shift(x, guide, alpha, mask, guide_mask, eps)
