@@ -28,13 +28,16 @@ Triton kernels (issue 21; the ``"triton"`` backend, ``mmfuse.backends.triton``),
    forward (with and without a ``present`` mask, against the NumPy reference on a slice), its
    two backward kernels (all gradients, against float64 autograd of the LMF-style code), the
    CP forward and its backward; in float32 (TF32 off) and bfloat16 at the three sizes (the
-   gradient checks on the first 4096 rows); bit-identical reruns (same rows); and
-   ``torch.compile`` of the ``triton_op`` (forward and backward) against eager.
+   gradient checks on the first 4096 rows); bit-identical reruns (same rows); ``moments``
+   and ``zoom_shift`` (token masks, alpha 1 and 0.5, token axes in one tile and in blocks,
+   against the Array-API core in float64); and ``torch.compile`` of the ``triton_op``
+   (forward and backward) against eager.
 2. Timings at the three sizes, float32 TF32 off and bfloat16: forward of ``triton``,
    ``lmf``, ``mmfuse-torch`` and ``gemm-only``; forward+backward of ``triton``, ``lmf`` and
    ``mmfuse-torch``; peak memory of each.  The closing table holds issue 21's targets:
    forward >= 2x LMF and <= 1.3x GEMM-only, forward+backward >= 1.5x LMF, peak memory
-   <= 0.25x LMF's.
+   <= 0.25x LMF's; and ``zoom_shift`` (256, 512, 512) float32 against copy bandwidth
+   (target >= 80%).
 
 Then the older sections (numba/CuPy lowrank, zoom_shift, layers) while the time budget
 (``--budget-s``, default 420 s) lasts.  The JSON goes to ``--json``, else ``$OUT/gpu.json``
@@ -335,6 +338,65 @@ def check_triton_cp(torch: Any, device: str, dtype: Any, batch: int, dims: tuple
     return rows
 
 
+def check_triton_stats(torch: Any, device: str, dtype: Any, shape: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """The moments and zoom_shift kernels (with token masks, alpha 1 and 0.5) against the
+    Array-API core in float64 on the same inputs (a mean that dwarfs the spread)."""
+    import mmfuse
+    from mmfuse.testing import default_rtol
+
+    tol = default_rtol(str(dtype).rsplit(".", 1)[-1])
+    label = f"triton stats {str(dtype).rsplit('.', 1)[-1]} {shape}"
+    gen = torch.Generator(device=device).manual_seed(6)
+    x = (1e3 + torch.randn(*shape, device=device, generator=gen)).to(dtype)
+    guide = (2 + 3 * torch.randn(shape[0], shape[1] + 7, shape[2], device=device, generator=gen)).to(dtype)
+    mask = torch.rand(shape[:2], device=device, generator=gen) < 0.8
+    gmask = torch.rand(guide.shape[:2], device=device, generator=gen) < 0.8
+    mask[:, 0] = True
+    gmask[:, 0] = True
+    rows = []
+    for alpha in (1.0, 0.5):
+        got = mmfuse.zoom_shift(x, guide, alpha=alpha, mask=mask, guide_mask=gmask, backend="triton")
+        want = mmfuse.zoom_shift(x.double(), guide.double(), alpha=alpha, mask=mask, guide_mask=gmask,
+                                 backend="array_api")  # fmt: skip
+        err = _rel_err(got, want)
+        rows.append({"case": label, "check": f"zoom_shift alpha={alpha}", "rel_err": err, "tol": tol, "ok": err <= tol})
+    mean, std = mmfuse.moments(x, mask=mask, backend="triton")
+    want_mean, want_std = mmfuse.moments(x.double(), mask=mask, backend="array_api")
+    for name, got, want in (("moments mean", mean, want_mean), ("moments std", std, want_std)):
+        err = _rel_err(got, want)
+        rows.append({"case": label, "check": name, "rel_err": err, "tol": tol, "ok": err <= tol})
+    return rows
+
+
+def _triton_zoom_shift_timings(quick: bool) -> tuple[list[tuple[str, str, float, float]], dict[str, Any]]:
+    """zoom_shift (256, 512, 512) float32: the kernel's bandwidth (x and guide read, y
+    written) against a device-to-device copy of x (issue 21's target: >= 80% of copy)."""
+    torch = _torch()
+    import mmfuse
+
+    shape = (32, 512, 512) if quick else ZOOM_SHAPE
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(*shape, device="cuda", generator=gen)
+    guide = 2 + 3 * torch.randn(*shape, device="cuda", generator=gen)
+    cands: dict[str, Callable[[], Any]] = {
+        "copy": lambda: x.clone(),
+        "triton": lambda: mmfuse.zoom_shift(x, guide, alpha=0.5, backend="triton"),
+        "mmfuse-torch": lambda: mmfuse.zoom_shift(x, guide, alpha=0.5, backend="torch"),
+    }
+    with torch.no_grad():
+        times = time_cuda(cands, repeats=5 if quick else 20)
+        mem = {k: peak_mib(fn) for k, fn in cands.items()}
+    nbytes = x.numel() * x.element_size()
+    copy_bw = 2 * nbytes / (times["copy"] * 1e-3)
+    rows = []
+    for name, ms in times.items():
+        bw = (2 if name == "copy" else 3) * nbytes / (ms * 1e-3)
+        rows.append((f"triton zoom_shift {shape}", f"{name} ({bw / 1e9:.0f} GB/s, {bw / copy_bw:.0%} of copy)",
+                     ms, mem[name]))  # fmt: skip
+    frac = 3 * nbytes / (times["triton"] * 1e-3) / copy_bw
+    return rows, {"case": f"zoom_shift {shape}", "ms": times["triton"], "of_copy": frac}
+
+
 def check_triton_compile(torch: Any, device: str) -> list[dict[str, Any]]:
     """``torch.compile`` traces into the ``triton_op`` (forward and registered backward) and
     gives the eager values and gradients (on a GPU only: on CPU fake tensors have no data
@@ -366,6 +428,8 @@ def bench_triton(quick: bool) -> tuple[list[tuple[str, str, float, float]], list
         for batch, dims, out_dim, rank in LOWRANK_CASES:
             checks += check_triton_lowrank(torch, "cuda", dtype, batch, dims, out_dim, rank)
             checks += check_triton_cp(torch, "cuda", dtype, 2048, dims, out_dim, rank)
+        checks += check_triton_stats(torch, "cuda", dtype, (4, 512, 512))
+        checks += check_triton_stats(torch, "cuda", dtype, (4, 1500, 40))  # token axis in blocks
     checks += check_triton_compile(torch, "cuda")
     for c in checks:
         print(f"  check {c['case']:<64} {c['check']:<24} {c['rel_err']:.2e} (tol {c['tol']:.0e}) "
@@ -380,6 +444,9 @@ def bench_triton(quick: bool) -> tuple[list[tuple[str, str, float, float]], list
             )
             rows += case_rows
             summary.append(case_summary)
+    zoom_rows, zoom_summary = _triton_zoom_shift_timings(quick)
+    rows += zoom_rows
+    summary.append(zoom_summary)
     return rows, checks, summary
 
 
@@ -438,6 +505,9 @@ def print_triton_summary(summary: list[dict[str, Any]], checks: list[dict[str, A
           f"{'<=' + str(t['mem_vs_lmf']):>5} {'':>8} {'>=' + str(t['fb_vs_lmf']):>6} "
           f"{'<=' + str(t['mem_vs_lmf']):>5}")  # fmt: skip
     for r in summary:
+        if "of_copy" in r:
+            print(f"{r['case']:<46} {r['ms']:8.3f} ms, {r['of_copy']:.0%} of copy bandwidth (target >= 80%)")
+            continue
         print(f"{r['case']:<46} {r['fwd_ms']:8.3f} {r['fwd_vs_lmf']:6.2f} {r['fwd_vs_gemm']:6.2f} "
               f"{r['fwd_mem_vs_lmf']:5.2f} {r['fb_ms']:8.3f} {r['fb_vs_lmf']:6.2f} {r['fb_mem_vs_lmf']:5.2f}")  # fmt: skip
 
@@ -453,6 +523,8 @@ def cpu_check() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         checks += check_triton_lowrank(torch, "cpu", dtype, 37, (5, 3, 17), 6, 3, n_check=37)
         checks += check_triton_cp(torch, "cpu", dtype, 21, (5, 3, 17), 6, 3)
+        checks += check_triton_stats(torch, "cpu", dtype, (2, 9, 5))
+        checks += check_triton_stats(torch, "cpu", dtype, (2, 530, 33))  # token axis in blocks
     for c in checks:
         print(f"  check {c['case']:<64} {c['check']:<24} {c['rel_err']:.2e} (tol {c['tol']:.0e}) "
               f"{'ok' if c['ok'] else 'MISMATCH'}")  # fmt: skip
