@@ -19,7 +19,6 @@ from typing import Any
 
 import array_api_compat
 
-from . import reference
 from ._core import align as core
 from ._namespace import array_namespace, is_jax, is_torch, mask_tokens
 from ._validation import (
@@ -29,8 +28,7 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
-from .backends import define_op, lookup, register
-from .backends.reference import as_backend
+from .backends import lookup
 
 __all__ = ["align", "moments", "shift", "zoom", "zoom_shift", "zoom_shift_fusion"]
 
@@ -80,7 +78,7 @@ def _check_axis(x: Any, axis: Any, name: str) -> int:
     return ax
 
 
-def _check_eps(eps: Any) -> float:
+def check_eps(eps: Any) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     value = float(eps)
@@ -89,7 +87,7 @@ def _check_eps(eps: Any) -> float:
     return value
 
 
-def _check_alpha(alpha: Any) -> float:
+def check_alpha(alpha: Any) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     value = float(alpha)
@@ -98,7 +96,7 @@ def _check_alpha(alpha: Any) -> float:
     return value
 
 
-def _check_mask(xp: Any, mask: Any, x: Any, axis: int, name: str, x_name: str) -> None:
+def check_mask(xp: Any, mask: Any, x: Any, axis: int, name: str, x_name: str) -> None:
     """``mask``: boolean, shape ``x.shape[:axis + 1]``, no sample with every token masked."""
     if mask is None:
         return
@@ -148,7 +146,7 @@ def _check_compatible(x: Any, other: Any, axis: int, name: str, other_name: str)
             )
 
 
-def _check_rounds(rounds: Any) -> int | None:
+def check_rounds(rounds: Any) -> int | None:
     if rounds is None:
         return None
     if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral):
@@ -158,7 +156,7 @@ def _check_rounds(rounds: Any) -> int | None:
     return int(rounds)
 
 
-def _check_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
+def check_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
     if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
@@ -184,11 +182,11 @@ def _check_align(
     eps: Any,
 ) -> tuple[list[Any], list[Any] | None, int | None, float, int, float]:
     xs = _as_modalities(xs)
-    rounds = _check_rounds(rounds)
-    alpha = _check_alpha(alpha)
-    eps = _check_eps(eps)
-    _check_choice(schedule, "schedule", SCHEDULES)
-    _check_choice(topology, "topology", TOPOLOGIES)
+    rounds = check_rounds(rounds)
+    alpha = check_alpha(alpha)
+    eps = check_eps(eps)
+    check_choice(schedule, "schedule", SCHEDULES)
+    check_choice(topology, "topology", TOPOLOGIES)
     n = len(xs)
     if isinstance(hub, bool) or not isinstance(hub, numbers.Integral):
         raise TypeError(f"hub must be an int (a modality index), got {type(hub).__name__}")
@@ -211,7 +209,7 @@ def _check_align(
         _check_axis(x, axis, f"xs[{m}]")
     if masks is not None:
         for m, (x, k) in enumerate(zip(xs, masks)):
-            _check_mask(xp, k, x, ax, f"masks[{m}]", f"xs[{m}]")
+            check_mask(xp, k, x, ax, f"masks[{m}]", f"xs[{m}]")
         if all(k is None for k in masks):
             masks = None
     if (
@@ -314,10 +312,10 @@ def moments(
     _check_array(x, "x")
     xp = common_namespace([("x", x), ("mask", mask)])
     check_same_float_dtype(xp, [("x", x)])
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     ax = _check_axis(x, axis, "x")
-    _check_mask(xp, mask, x, ax, "mask", "x")
-    impl = lookup("moments", backend, like=x)
+    check_mask(xp, mask, x, ax, "mask", "x")
+    impl = lookup("moments", backend, like=x, arrays=(x,))
     return impl(x, axis=axis, mask=mask, eps=eps)
 
 
@@ -566,14 +564,14 @@ def zoom_shift(
     named = [("x", x), ("guide", guide)]
     xp = common_namespace([*named, ("mask", mask), ("guide_mask", guide_mask)])
     check_same_float_dtype(xp, named)
-    alpha = _check_alpha(alpha)
-    eps = _check_eps(eps)
+    alpha = check_alpha(alpha)
+    eps = check_eps(eps)
     ax = _check_axis(x, axis, "x")
     _check_compatible(x, guide, ax, "x", "guide")
     _check_axis(guide, axis, "guide")
-    _check_mask(xp, mask, x, ax, "mask", "x")
-    _check_mask(xp, guide_mask, guide, ax, "guide_mask", "guide")
-    impl = lookup("zoom_shift", backend, like=x)
+    check_mask(xp, mask, x, ax, "mask", "x")
+    check_mask(xp, guide_mask, guide, ax, "guide_mask", "guide")
+    impl = lookup("zoom_shift", backend, like=x, arrays=(x, guide))
     return impl(
         x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps
     )
@@ -731,7 +729,7 @@ def _run_align(
     backend: str | None,
 ) -> list[Any]:
     """:func:`align` on checked arguments."""
-    impl = lookup("align", backend, like=xs[0])
+    impl = lookup("align", backend, like=xs[0], arrays=xs)
     out = impl(
         xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
         axis=axis, masks=masks, eps=eps,
@@ -809,8 +807,8 @@ def zoom_shift_fusion(
     >>> mmfuse.zoom_shift_fusion(xs, fuse="mean", rounds=None, alpha=0.5).shape
     (4, 8)
     """
-    _check_choice(fuse, "fuse", FUSE_MODES)
-    _check_choice(pool, "pool", POOL_MODES)
+    check_choice(fuse, "fuse", FUSE_MODES)
+    check_choice(pool, "pool", POOL_MODES)
     seq = _as_modalities(xs)
     for m, x in enumerate(seq):
         if x.ndim != 3:
@@ -846,15 +844,3 @@ def _has_autograd(xp: Any) -> bool:
 
 
 _ALIGN_SIGNATURE = inspect.signature(align)
-
-
-# --------------------------------------------------------------------------- registration
-
-for _public, _core_impl, _ref_impl in (
-    (moments, core.moments, reference.moments),
-    (zoom_shift, core.zoom_shift, reference.zoom_shift),
-    (align, core.align, reference.align),
-):
-    define_op(_public)
-    register(_public.__name__, "array_api", _core_impl)
-    register(_public.__name__, "reference", as_backend(_ref_impl))

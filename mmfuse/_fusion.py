@@ -14,7 +14,6 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from . import reference
 from ._core import fusion as core
 from ._namespace import array_namespace, from_numpy, not_an_array
 from ._validation import (
@@ -30,8 +29,7 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
-from .backends import define_op, lookup, register
-from .backends.reference import as_backend
+from .backends import lookup
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
@@ -190,7 +188,7 @@ def tensor_fusion(
     append_one = check_bool_option("append_one", append_one)
     max_elements = check_positive_int("max_elements", max_elements)
     xs = _check_tensor_fusion(xs, weight, bias, append_one, max_elements)
-    impl = lookup("tensor_fusion", backend, like=xs[0])
+    impl = lookup("tensor_fusion", backend, like=xs[0], arrays=(xs, weight, bias))
     return impl(xs, weight, bias, append_one=append_one, max_elements=max_elements)
 
 
@@ -325,7 +323,7 @@ def lowrank_fusion(
     _check_vector(xp, bias, "bias", out_dim, "h")
     if present is not None:
         check_present(xp, present, batch, len(xs))
-    impl = lookup("lowrank_fusion", backend, like=xs[0])
+    impl = lookup("lowrank_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
     return impl(xs, factors, weights, bias, append_one=append_one, present=present)
 
 
@@ -444,7 +442,7 @@ def cp_fusion(
     _check_vector(xp, bias, "bias", factors[-1].shape[0], "h")
     if present is not None:
         check_present(xp, present, batch, n)
-    impl = lookup("cp_fusion", backend, like=xs[0])
+    impl = lookup("cp_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
     return impl(xs, (weights, factors), bias, append_one=append_one, present=present)
 
 
@@ -628,15 +626,3 @@ def init_lowrank(
         "weights": weights,
         "bias": from_numpy(np.zeros(out_dim), space, dtype=dtype, device=device),
     }
-
-
-# --------------------------------------------------------------------------- registration
-
-for _public, _core_impl, _ref_impl in (
-    (tensor_fusion, core.tensor_fusion, reference.tensor_fusion),
-    (lowrank_fusion, core.lowrank_fusion, reference.lowrank_fusion),
-    (cp_fusion, core.cp_fusion, reference.cp_fusion),
-):
-    define_op(_public)
-    register(_public.__name__, "array_api", _core_impl)
-    register(_public.__name__, "reference", as_backend(_ref_impl))

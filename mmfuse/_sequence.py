@@ -28,9 +28,7 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
-from .backends import define_op, lookup, register
-from .backends.reference import as_backend
-from .reference import sequence as ref
+from .backends import lookup
 
 __all__ = [
     "init_wander",
@@ -295,7 +293,7 @@ def sequence_fusion(
     xp = common_namespace([*named, *((f"masks[{m}]", k) for m, k in enumerate(masks_named))])
     check_same_float_dtype(xp, named)
     masks = _check_masks(xp, masks, shapes, "hs")
-    impl = lookup("sequence_fusion", backend, like=hs[0])
+    impl = lookup("sequence_fusion", backend, like=hs[0], arrays=(hs, feature_factors, token_factors))
     return impl(hs, feature_factors, token_factors, mode=mode, masks=masks)
 
 
@@ -489,7 +487,7 @@ def wander(
     xp = common_namespace([*named, *((f"masks[{m}]", k) for m, k in enumerate(masks_named))])
     check_same_float_dtype(xp, named)
     masks = _check_masks(xp, masks, [tuple(x.shape) for x in xs], "xs")
-    impl = lookup("wander", backend, like=xs[0])
+    impl = lookup("wander", backend, like=xs[0], arrays=(xs, pairs, feature, token))
     clean = {"down": pairs, "feature": feature, "token": token}
     return impl(xs, clean, mode=mode, masks=masks, activation=activation, residual=residual)
 
@@ -714,14 +712,3 @@ def init_wander(
         "feature": [put(f) for f in feature],
         "token": [put(t) for t in token],
     }
-
-
-# --------------------------------------------------------------------------- registration
-
-for _public, _core_impl, _ref_impl in (
-    (sequence_fusion, core.sequence_fusion, ref.sequence_fusion),
-    (wander, core.wander, ref.wander),
-):
-    define_op(_public)
-    register(_public.__name__, "array_api", _core_impl)
-    register(_public.__name__, "reference", as_backend(_ref_impl))

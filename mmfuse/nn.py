@@ -40,17 +40,29 @@ import torch
 from torch import nn
 
 from . import _fusion
-from ._core import align as align_core
-from ._core import fusion as _core_fusion
+from ._core.align import GENERIC, fuse, limit_weights, pool
+from ._core.align import zoom_shift_fusion as pool_and_fuse
+from ._core.fusion import intermediate_sizes
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._validation import check_bool_option, check_positive_int
-from .backends import torch as _ops  # registers the mmfuse::* custom operators
+from .backends import lookup
 
 __all__ = ["CPFusion", "GuidedZoomShift", "LowRankFusion", "TensorFusion", "WanderAdapter", "ZoomShift"]
 
 
 def _compiling() -> bool:
     return bool(torch.compiler.is_compiling())
+
+
+# The torch backend's registered implementation of each operator the layers call, resolved once
+# here (importing the torch backend defines the mmfuse::* custom operators): under
+# torch.compile the layers call these directly, skipping the functional layer's checks and
+# dispatch, which Dynamo need not trace; in eager mode they call the functional API, whose
+# registry picks the same implementations under "auto".
+_TORCH = {
+    op: lookup(op, "torch")
+    for op in ("tensor_fusion", "lowrank_fusion", "cp_fusion", "wander", "align")
+}
 
 
 def _fmt(shape: Sequence[Any]) -> str:
@@ -284,10 +296,9 @@ class LowRankFusion(_RankedFusion):
         xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
         factors = list(self.factors)
         if _compiling():
-            out, _kept = torch.ops.mmfuse.lowrank_fusion(  # (fusion, what backward keeps)
-                xs, factors, self.weights, self.bias, self.append_one, present
+            return _TORCH["lowrank_fusion"](
+                xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
             )
-            return out
         return _fusion.lowrank_fusion(
             xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
         )
@@ -413,7 +424,9 @@ class CPFusion(_RankedFusion):
         xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
         factors = list(self.factors)
         if _compiling():
-            return torch.ops.mmfuse.cp_fusion(xs, self.weights, factors, self.bias, self.append_one, present)
+            return _TORCH["cp_fusion"](
+                xs, (self.weights, factors), self.bias, append_one=self.append_one, present=present
+            )
         return _fusion.cp_fusion(
             xs, (self.weights, factors), self.bias, append_one=self.append_one, present=present
         )
@@ -466,19 +479,6 @@ class CPFusion(_RankedFusion):
 
 
 # --------------------------------------------------------------------------- TensorFusion
-
-
-def _tensor_fusion_torch(
-    xs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, append_one: bool
-) -> torch.Tensor:
-    """Mode-by-mode contraction (the Array-API core's algorithm) in plain torch, for compile."""
-    batch = xs[0].shape[0]
-    dims = weight.shape[:-1]
-    t = _ops._affine(xs[0], weight.reshape(dims[0], -1), append_one)
-    for m in range(1, len(xs)):
-        t = t.reshape(batch, dims[m], -1)
-        t = _ops._affine(xs[m].unsqueeze(1), t, append_one).squeeze(1)
-    return t if bias is None else t + bias
 
 
 class TensorFusion(nn.Module):
@@ -557,14 +557,16 @@ class TensorFusion(nn.Module):
         xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
         if _compiling():  # the functional API's size check, worded without the batch size,
             # which is symbolic under dynamic shapes (Dynamo cannot format it)
-            per_sample = max(_core_fusion.intermediate_sizes(1, tuple(self.weight.shape[:-1]), self.out_dim))
+            per_sample = max(intermediate_sizes(1, tuple(self.weight.shape[:-1]), self.out_dim))
             if xs[0].shape[0] * per_sample > self.max_elements:
                 raise ValueError(
                     f"TensorFusion: a batch of more than {self.max_elements // per_sample} samples "
                     f"leaves an intermediate over max_elements={self.max_elements} ({per_sample} "
                     "elements per sample); fuse a smaller batch, use LowRankFusion, or raise max_elements"
                 )
-            return _tensor_fusion_torch(xs, self.weight, self.bias, self.append_one)
+            return _TORCH["tensor_fusion"](
+                xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
+            )
         return _fusion.tensor_fusion(
             xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
         )
@@ -764,10 +766,9 @@ class WanderAdapter(nn.Module):
         dtype = self.down_weights[0].dtype
         xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, type(self).__name__)
         if _compiling():
-            biases: list[Any] = list(self.down_biases) if len(self.down_biases) else [None] * len(xs)
-            return _ops.wander_torch(
-                xs, list(self.down_weights), biases, list(self.feature_factors),
-                list(self.token_factors), self.mode, mask_list, self.activation, self.residual,
+            return _TORCH["wander"](
+                xs, self.params(), mode=self.mode, masks=mask_list, activation=self.activation,
+                residual=self.residual,
             )  # fmt: skip
         from ._sequence import wander
 
@@ -781,46 +782,10 @@ class WanderAdapter(nn.Module):
 
 
 def _masked_stats(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and population variance over tokens (axis 1, kept), masked tokens excluded."""
-    _, _, mean, var = _ops._zs_stats(x, mask, 1)
-    return mean, var
-
-
-def _pool_torch(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
-    if mask is None:
-        return x.mean(dim=1) if how == "mean" else x.amax(dim=1)
-    m = mask[:, :, None]
-    if how == "mean":
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        return torch.where(m, x, zero).sum(dim=1) / m.to(x.dtype).sum(dim=1)
-    low = torch.full((), -math.inf, dtype=x.dtype, device=x.device)
-    return torch.where(m, x, low).amax(dim=1)
-
-
-def _fuse_torch(pooled: list[torch.Tensor], how: str | None) -> Any:
-    return align_core.fuse(pooled, how, xp=torch)
-
-
-def _align_torch(
-    xs: list[torch.Tensor],
-    masks: list[torch.Tensor | None],
-    rounds: int | None,
-    alpha: float,
-    schedule: str,
-    topology: str,
-    hub: int,
-    eps: float,
-) -> list[torch.Tensor]:
-    """:func:`mmfuse.align` over the token axis in plain torch (the core's algorithm: rounds on
-    the statistics, one affine map per modality), for ``torch.compile``."""
-    return align_core.align_with(
-        xs, masks, _masked_stats, _affine_map,
-        rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, eps=eps, xp=torch,
-    )  # fmt: skip
-
-
-def _affine_map(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    return x * scale + offset
+    """Mean and population variance over tokens (axis 1, kept), masked tokens excluded: the
+    core's statistics."""
+    st = GENERIC.stats(x, 1, mask)
+    return st.mean, st.var
 
 
 class ZoomShift(nn.Module):
@@ -877,18 +842,18 @@ class ZoomShift(nn.Module):
         self.num_modalities = check_positive_int("num_modalities", num_modalities)
         if self.num_modalities < 2:
             raise ValueError(f"num_modalities must be at least 2, got {num_modalities}")
-        _align._check_choice(fuse, "fuse", _align.FUSE_MODES)
-        _align._check_choice(pool, "pool", _align.POOL_MODES)
-        _align._check_choice(schedule, "schedule", _align.SCHEDULES)
-        _align._check_choice(topology, "topology", _align.TOPOLOGIES)
-        self.rounds = _align._check_rounds(rounds)
-        self.alpha = _align._check_alpha(alpha)
-        self.eps = _align._check_eps(eps)
+        _align.check_choice(fuse, "fuse", _align.FUSE_MODES)
+        _align.check_choice(pool, "pool", _align.POOL_MODES)
+        _align.check_choice(schedule, "schedule", _align.SCHEDULES)
+        _align.check_choice(topology, "topology", _align.TOPOLOGIES)
+        self.rounds = _align.check_rounds(rounds)
+        self.alpha = _align.check_alpha(alpha)
+        self.eps = _align.check_eps(eps)
         self.hub = _check_index("hub", hub, self.num_modalities)
         self.fuse, self.pool, self.schedule, self.topology = fuse, pool, schedule, topology
         if (
             self.rounds is None
-            and _align.core.limit_weights(self.num_modalities, self.alpha, schedule, topology, self.hub)
+            and limit_weights(self.num_modalities, self.alpha, schedule, topology, self.hub)
             is None
         ):
             raise ValueError("rounds=None: Jacobi consensus with M = 2 and alpha = 1 has no limit")
@@ -928,11 +893,11 @@ class ZoomShift(nn.Module):
         dims = (self.channels,) * self.num_modalities
         xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__, source)
         if _compiling():
-            full: list[torch.Tensor | None] = mask_list if mask_list is not None else [None] * len(xs)
-            ys = _align_torch(
-                xs, full, self.rounds, self.alpha, self.schedule, self.topology, self.hub, self.eps
-            )
-            return _fuse_torch([_pool_torch(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)
+            ys = _TORCH["align"](
+                xs, rounds=self.rounds, alpha=self.alpha, schedule=self.schedule, topology=self.topology,
+                hub=self.hub, axis=-2, masks=mask_list, eps=self.eps,
+            )  # fmt: skip
+            return pool_and_fuse(ys, fuse_how=self.fuse, pool_how=self.pool, masks=mask_list)
         from ._align import zoom_shift_fusion
 
         return zoom_shift_fusion(
@@ -1010,8 +975,8 @@ class GuidedZoomShift(nn.Module):
         if self.num_modalities < 2:
             raise ValueError(f"num_modalities must be at least 2, got {num_modalities}")
         self.guide = _check_index("guide", guide, self.num_modalities)
-        _align._check_choice(fuse, "fuse", _align.FUSE_MODES)
-        _align._check_choice(pool, "pool", _align.POOL_MODES)
+        _align.check_choice(fuse, "fuse", _align.FUSE_MODES)
+        _align.check_choice(pool, "pool", _align.POOL_MODES)
         self.fuse, self.pool = fuse, pool
         c = self.channels
         self.weight = nn.Parameter(torch.empty(self.num_modalities - 1, 2 * c, c, **fk))
@@ -1040,13 +1005,13 @@ class GuidedZoomShift(nn.Module):
         xs, mask_list = _check_seq_inputs(xs, dims, None, self.weight.dtype, masks, type(self).__name__)
         full = mask_list if mask_list is not None else [None] * len(xs)
         if not _compiling():  # as ZoomShift: a sample without tokens has no statistics
-            from ._align import _check_mask
+            from ._align import check_mask
             from ._namespace import array_namespace
 
             for m, (seq, mask) in enumerate(zip(xs, full)):
-                _check_mask(array_namespace(seq), mask, seq, 1, f"masks[{m}]", f"xs[{m}]")
+                check_mask(array_namespace(seq), mask, seq, 1, f"masks[{m}]", f"xs[{m}]")
         c = self.channels
-        p = _pool_torch(xs[self.guide], full[self.guide], "mean")  # (B, C)
+        p = pool(xs[self.guide], full[self.guide], "mean")  # (B, C)
         heads = torch.einsum("bc,kdc->kbd", p, self.weight) + self.bias[:, None, :]  # (M-1, B, 2C)
         out = []
         k = 0
@@ -1066,4 +1031,4 @@ class GuidedZoomShift(nn.Module):
                 return self.forward(_autocast_cast(xs, self.weight.dtype), masks)
         ys = self.modulate(xs, masks)
         full = list(masks) if masks is not None else [None] * len(ys)
-        return _fuse_torch([_pool_torch(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)
+        return fuse([pool(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)

@@ -12,7 +12,9 @@ import pytest
 
 import mmfuse
 from mmfuse import _config
-from mmfuse.backends import _registry, available, lookup, register
+from mmfuse._core import fusion as core_fusion
+from mmfuse.backends import BackendUnsupported, available, lookup, register, unregister
+from mmfuse.backends import reference as reference_backend
 
 
 def _run(code: str, env: dict[str, str] | None = None) -> str:
@@ -71,18 +73,19 @@ def test_precedence_call_over_context_over_set_config():
     saved = _config._state.get()  # restored as is: values and where they came from
     try:
         mmfuse.set_config(backend="array_api")
-        assert lookup("lowrank_fusion") is _registry._IMPLS["lowrank_fusion"]["array_api"].func
+        like = np.ones((2, 3))
+        assert lookup("lowrank_fusion", like=like) is core_fusion.lowrank_fusion_numpy
         with mmfuse.config_context(backend="reference") as cfg:
             assert cfg == {"backend": "reference"}
-            assert lookup("lowrank_fusion") is _registry._IMPLS["lowrank_fusion"]["reference"].func
-            assert lookup("lowrank_fusion", "array_api") is _registry._IMPLS["lowrank_fusion"]["array_api"].func
+            assert lookup("lowrank_fusion", like=like) is reference_backend.lowrank_fusion
+            assert lookup("lowrank_fusion", "array_api", like=like) is core_fusion.lowrank_fusion_numpy
         assert mmfuse.get_config()["backend"] == "array_api"
     finally:
         _config._state.set(saved)
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'array_api', 'reference', 'numba', 'cupy', 'torch'\], got 'fast'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'array_api', 'reference', 'numba', 'cupy', 'torch', 'triton'\], got 'fast'"):
         mmfuse.set_config(backend="fast")
     with pytest.raises(TypeError, match=r"unknown mmfuse option 'colour'"):
         mmfuse.set_config(colour="red")
@@ -90,21 +93,25 @@ def test_config_errors():
         pass
 
 
-def test_reference_backend_really_runs(monkeypatch):
+def test_reference_backend_really_runs():
     """Proves dispatch: the call goes to whatever the registry holds for the name."""
     calls = []
-    impl = _registry._IMPLS["cp_fusion"]["reference"]
 
     def spy(xs, cp, bias=None, *, append_one=True, present=None):
         calls.append(len(xs))
-        return impl.func(xs, cp, bias, append_one=append_one, present=present)
+        return reference_backend.cp_fusion(xs, cp, bias, append_one=append_one, present=present)
 
-    monkeypatch.setitem(_registry._IMPLS["cp_fusion"], "reference", impl.__class__("cp_fusion", "reference", spy, impl.supports, impl.priority))
-    xs = [np.ones((2, 3)), np.ones((2, 1))]
-    cp = (None, [np.ones((4, 2)), np.ones((2, 2)), np.ones((3, 2))])
-    mmfuse.cp_fusion(xs, cp, backend="reference")
-    assert calls == [2]
-    mmfuse.cp_fusion(xs, cp)  # auto never picks the reference
+    register("cp_fusion", "reference", spy)
+    try:
+        xs = [np.ones((2, 3)), np.ones((2, 1))]
+        cp = (None, [np.ones((4, 2)), np.ones((2, 2)), np.ones((3, 2))])
+        mmfuse.cp_fusion(xs, cp, backend="reference")
+        assert calls == [2]
+        mmfuse.cp_fusion(xs, cp)  # auto never picks the reference
+        assert calls == [2]
+    finally:
+        unregister("cp_fusion", "reference")
+    mmfuse.cp_fusion(xs, cp, backend="reference")  # mmfuse's own reference is back
     assert calls == [2]
 
 
@@ -128,20 +135,20 @@ def test_register_checks_signature():
         register("lowrank_fusion", "auto", wrong)
 
 
-def test_forced_backend_that_cannot_take_inputs_says_why(monkeypatch):
-    impl = _registry._IMPLS["lowrank_fusion"]["array_api"]
-
+def test_forced_backend_that_cannot_take_inputs_says_why():
     def only_cuda(xp, device):
         return "needs arrays on a CUDA device"
 
-    fake = _registry.Implementation("lowrank_fusion", "cupy", impl.func, only_cuda, 10)
-    monkeypatch.setitem(_registry._IMPLS["lowrank_fusion"], "cupy", fake)
-    xs = [np.ones((2, 3))]
-    p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
-    with pytest.raises(TypeError, match=r"backend 'cupy' cannot take numpy arrays on device 'cpu' for lowrank_fusion: needs arrays on a CUDA device"):
-        mmfuse.lowrank_fusion(xs, **p, backend="cupy")
-    # auto skips it (it does not support the inputs) and runs the core
-    assert mmfuse.lowrank_fusion(xs, **p).shape == (2, 1)
+    register("lowrank_fusion", "cupy", core_fusion.lowrank_fusion, supports=only_cuda, priority=10)
+    try:
+        xs = [np.ones((2, 3))]
+        p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
+        with pytest.raises(BackendUnsupported, match=r"backend 'cupy' cannot take numpy arrays on device 'cpu' for lowrank_fusion: needs arrays on a CUDA device"):
+            mmfuse.lowrank_fusion(xs, **p, backend="cupy")
+        # auto skips it (it does not support the inputs) and runs the core
+        assert mmfuse.lowrank_fusion(xs, **p).shape == (2, 1)
+    finally:
+        unregister("lowrank_fusion", "cupy")
 
 
 def test_unknown_backend_for_op():

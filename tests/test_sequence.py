@@ -198,11 +198,11 @@ def test_cp_blocks_over_batch_and_token_ranks(xp, rng, monkeypatch):
     """Tiny cache budget: blocks of 2 samples x 3 token ranks (of 5), both orders."""
     lengths, widths, r_h, r_t, n_out, out_dim, batch = [6, 2], [2, 5], 2, 5, 3, 4, 7
     per_pair = n_out * r_h * out_dim * 8
-    monkeypatch.setattr(core, "_CP_BLOCK_BYTES", per_pair * 10)
+    monkeypatch.setattr(core, "CP_BLOCK_BYTES", per_pair * 10)
     core.cp_blocking.cache_clear()
     try:
         assert core.cp_blocking(batch, r_t, n_out, r_h, out_dim, 8) == (2, 5)
-        monkeypatch.setattr(core, "_CP_BLOCK_BYTES", per_pair * 3)
+        monkeypatch.setattr(core, "CP_BLOCK_BYTES", per_pair * 3)
         core.cp_blocking.cache_clear()
         assert core.cp_blocking(batch, r_t, n_out, r_h, out_dim, 8) == (1, 3)
         assert core.plan("cp", tuple(lengths), tuple(widths), r_h, r_t, n_out, out_dim).orders == (

@@ -16,10 +16,17 @@ torch = pytest.importorskip("torch")
 import mmfuse  # noqa: E402
 import mmfuse.reference as ref  # noqa: E402
 from mmfuse._namespace import array_namespace  # noqa: E402
-from mmfuse.backends import _registry, available, lookup  # noqa: E402
+from mmfuse.backends import (  # noqa: E402
+    _conditions,
+    available,
+    implementations,
+    lookup,
+)
 from mmfuse.testing import assert_close  # noqa: E402
 
 tb = pytest.importorskip("mmfuse.backends.torch")
+tbl = pytest.importorskip("mmfuse.backends.torch.lowrank")
+tbc = pytest.importorskip("mmfuse.backends.torch._common")
 
 # lowrank_fusion keeps its projections for small problems (_keeps_projections) and recomputes
 # them otherwise; the small problems of these tests run both ways.
@@ -29,7 +36,7 @@ PATHS = ["chosen", "recompute"]
 def _lowrank_path(path):
     """Context: ``"recompute"`` forces the memory-lean path whatever the sizes."""
     if path == "recompute":
-        return mock.patch.object(tb, "_keeps_projections", lambda xs, factors: False)
+        return mock.patch.object(tbl, "_keeps_projections", lambda xs, factors: False)
     return contextlib.nullcontext()
 
 
@@ -338,11 +345,11 @@ def test_small_batch_keeps_projections_no_larger_than_the_factors():
 def test_small_batch_kept_projections_match_core(with_present, with_weights, dims, batch):
     """Kept projections with h above the rank-sum GEMM's width: the (weighted) strided rank
     sum, several modalities and one."""
-    rank, out_dim = 2, tb._RANK_SUM_GEMM_WIDTH + 3
+    rank, out_dim = 2, tbl._RANK_SUM_GEMM_WIDTH + 3
     p = {"dims": dims, "batch": batch, "rank": rank, "out_dim": out_dim, "append_one": True,
          "with_present": with_present, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
     xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
-    assert tb._keeps_projections(xs, factors)
+    assert tbl._keeps_projections(xs, factors)
     got = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="torch")
     core = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present, backend="array_api")
     want = ref.lowrank_fusion([_np(x) for x in xs], [_np(f) for f in factors], _np(weights), _np(bias),
@@ -363,10 +370,10 @@ def test_narrow_fusion_with_kept_projections_matches_core(
     """Values and gradients of the kept-projection path (whole batch at once; rank sums as
     GEMMs, h = 1 and h > 1; one modality; the factor gradients' chunked GEMM with a ragged
     remainder)."""
-    monkeypatch.setattr(tb, "_GRAM_CHUNK_ROWS", 16)  # 150 rows: 9 chunks of 16 and 6 left over
+    monkeypatch.setattr(tbc, "_GRAM_CHUNK_ROWS", 16)  # 150 rows: 9 chunks of 16 and 6 left over
     p = {"dims": dims, "batch": 150, "rank": rank, "out_dim": out_dim, "append_one": append_one,
          "with_present": with_present, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
-    assert tb._keeps_projections([torch.empty(1, d) for d in dims], [torch.empty(rank, 1, out_dim)])
+    assert tbl._keeps_projections([torch.empty(1, d) for d in dims], [torch.empty(rank, 1, out_dim)])
     xs, factors, weights, bias, present, upstream = _lowrank_inputs(p)
     got = mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present, backend="torch")
     core = mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present, backend="array_api")
@@ -385,7 +392,7 @@ def test_narrow_opcheck_and_gradcheck():
     p = {"dims": [4, 5, 6], "batch": 5, "rank": 1, "out_dim": 1, "append_one": True,
          "with_present": True, "with_weights": True, "seed": 11}  # fmt: skip
     xs, factors, weights, bias, present, _ = _lowrank_inputs(p)
-    assert tb._keeps_projections(xs, factors)
+    assert tbl._keeps_projections(xs, factors)
     torch.library.opcheck(torch.ops.mmfuse.lowrank_fusion.default, (xs, factors, weights, bias, True, present))
     n = len(xs)
 
@@ -480,7 +487,8 @@ def test_cp_registered_autograd_equals_the_eager_binding():
 def test_torch_backend_registered_and_refuses_numpy():
     for op in ("lowrank_fusion", "cp_fusion"):
         assert "torch" in available(op)
-        assert _registry._IMPLS[op]["torch"].priority > _registry._IMPLS[op]["array_api"].priority
+        top = {i.backend: i.priority for i in reversed(implementations(op))}  # each backend's highest
+        assert top["torch"] > top["array_api"]
     p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
     with pytest.raises(TypeError, match=r"backend 'torch' cannot take numpy arrays .* needs torch tensors"):
         mmfuse.lowrank_fusion([np.ones((2, 3))], **p, backend="torch")
@@ -490,19 +498,23 @@ def test_auto_on_torch_cuda_tensors_prefers_the_custom_ops_to_numba(monkeypatch)
     """numba's forward-only CUDA kernels also take torch CUDA tensors; "auto" must still pick
     the torch custom ops there (they carry the backward), whatever the plugins' load order.
     No GPU needed: the device is faked and numba-cuda is made to look present."""
-    nb = pytest.importorskip("mmfuse.backends.numba")
-    monkeypatch.setattr(nb, "HAS_CUDA", True)
-    monkeypatch.setattr(nb, "simulator_enabled", lambda: False)
-    monkeypatch.setattr(_registry, "device_of", lambda _: torch.device("cuda"))
-    shared = [op for op, impls in _registry._IMPLS.items() if {"torch", "numba"} <= set(impls)]
-    assert {"lowrank_fusion", "cp_fusion", "zoom_shift"} <= set(shared)
+    pytest.importorskip("mmfuse.backends.numba")
+    monkeypatch.setattr(_conditions, "_numba_cuda_usable", lambda: None)
+    info = _conditions.CallInfo(array_namespace(torch.ones(1)), torch.device("cuda"), torch.float32)
+    table = {op: implementations(op) for op in available()}
+    shared = [
+        op for op, impls in table.items()
+        if any(i.backend == "torch" for i in impls) and any(i.variant == "CUDA kernels" for i in impls)
+    ]  # fmt: skip
+    assert {"lowrank_fusion", "cp_fusion", "zoom_shift", "moments"} <= set(shared)
     for op in shared:
-        assert _registry._IMPLS[op]["numba"].supports(array_namespace(torch.ones(1)), torch.device("cuda")) is None
-        # registration order decides ties: put numba first to make a tie visible
-        impls = _registry._IMPLS[op]
-        reordered = {"numba": impls["numba"], **{k: v for k, v in impls.items() if k != "numba"}}
-        monkeypatch.setitem(_registry._IMPLS, op, reordered)
-        assert lookup(op, like=torch.ones(1)) is impls["torch"].func, op
+        numba_cuda = [i for i in table[op] if i.backend == "numba" and i.variant == "CUDA kernels"]
+        assert numba_cuda[0].refusal(info) is None, op  # it could take them
+        # the static table orders by priority (ties: table order), never by load order
+        first = next(i for i in table[op] if i.backend != "reference" and i.refusal(info) is None)
+        # the custom ops carry the backward; without one (moments) numba's kernels run
+        want = ("torch", "custom op") if op != "moments" else ("numba", "CUDA kernels")
+        assert (first.backend, first.variant) == want, op
 
 
 def test_auto_on_numpy_still_runs_the_core():
@@ -528,9 +540,9 @@ def test_gram_equals_the_plain_product(rows, width, dim):
     g = torch.Generator().manual_seed(rows + width)
     a = torch.randn(rows, width, generator=g, dtype=torch.float64)
     x = torch.randn(rows, dim, generator=g, dtype=torch.float64)
-    assert_close(tb._gram(a, x), a.t() @ x, rtol=1e-12)
+    assert_close(tbc.gram(a, x), a.t() @ x, rtol=1e-12)
     a32, x32 = a.float(), x.float()
-    assert_close(tb._gram(a32, x32), a.t() @ x, xp=torch, dtype=torch.float32)
+    assert_close(tbc.gram(a32, x32), a.t() @ x, xp=torch, dtype=torch.float32)
 
 
 @pytest.mark.parametrize(("rank", "out_dim"), [(2, 3), (4, 1), (3, 4), (16, 8)])
@@ -541,9 +553,9 @@ def test_flat_factor_layouts_hold_the_same_matrix(rank, out_dim):
     f = torch.randn(rank, 5, out_dim, generator=g, dtype=torch.float64)
     scale = torch.randn(rank, generator=g, dtype=torch.float64)
     want = torch.cat([f[r] for r in range(rank)], dim=1)  # (D, R h), rank-major columns
-    got = tb._flat(f)
+    got = tbc.flat_factor(f)
     assert got.shape == (5, rank * out_dim)
     assert torch.equal(got, want)
-    assert torch.equal(tb._flat(f, scale), want * scale.repeat_interleave(out_dim))
-    narrow = rank * out_dim <= tb._NARROW_WIDTH
+    assert torch.equal(tbc.flat_factor(f, scale), want * scale.repeat_interleave(out_dim))
+    narrow = rank * out_dim <= tbc.NARROW_WIDTH
     assert got.is_contiguous() != narrow and got.t().is_contiguous() == narrow

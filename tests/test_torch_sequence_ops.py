@@ -13,10 +13,12 @@ torch = pytest.importorskip("torch")
 
 import mmfuse  # noqa: E402
 import mmfuse.reference as ref  # noqa: E402
-from mmfuse.backends import _registry, lookup  # noqa: E402
+from mmfuse.backends import implementations, lookup  # noqa: E402
 from mmfuse.testing import assert_close  # noqa: E402
 
 tb = pytest.importorskip("mmfuse.backends.torch")
+tbs = pytest.importorskip("mmfuse.backends.torch.sequence")
+tbz = pytest.importorskip("mmfuse.backends.torch.zoom_shift")
 from test_torch_backend import _OpLog, assert_bindings_agree  # noqa: E402
 
 
@@ -102,7 +104,7 @@ def test_sequence_many_blocks_matches_core(monkeypatch):
     """Several batch blocks and token-rank chunks (ragged) through forward and backward."""
     from mmfuse._core import sequence as seq_core
 
-    monkeypatch.setattr(seq_core, "_CP_BLOCK_BYTES", 2 * 3 * 4 * 2 * 8)  # 2 (sample, j) pairs
+    monkeypatch.setattr(seq_core, "CP_BLOCK_BYTES", 2 * 3 * 4 * 2 * 8)  # 2 (sample, j) pairs
     seq_core.cp_blocking.cache_clear()
     try:
         p = {"lengths": [4, 3, 5], "widths": [2, 3, 2], "batch": 5, "r_h": 4, "r_t": 3,
@@ -126,7 +128,7 @@ def test_collapsed_backward_equals_the_general_one(monkeypatch, lengths, n_out, 
     both contraction orders, over several batch blocks, with masks and partial needs."""
     from mmfuse._core import sequence as seq_core
 
-    monkeypatch.setattr(seq_core, "_CP_BLOCK_BYTES", 2 * n_out * 3 * 8)  # 2 samples per block
+    monkeypatch.setattr(seq_core, "CP_BLOCK_BYTES", 2 * n_out * 3 * 8)  # 2 samples per block
     seq_core.cp_blocking.cache_clear()
     try:
         seed = int(np.random.default_rng().integers(1 << 30))
@@ -134,11 +136,11 @@ def test_collapsed_backward_equals_the_general_one(monkeypatch, lengths, n_out, 
              "out_dim": 3, "mode": "collapsed", "with_masks": True, "seed": seed}  # fmt: skip
         hs, feats, toks, masks, upstream = _seq_inputs(p)
         hs, feats, toks = ([t.detach() for t in ts] for ts in (hs, feats, toks))
-        assert tb._seq_plan(hs, feats, toks, "collapsed").orders == (order,) * 3
+        assert tbs._seq_plan(hs, feats, toks, "collapsed").orders == (order,) * 3
         assert seq_core.cp_blocking(5, 1, n_out, 1, 3, 8)[0] == 2
         needs = list(needs_mask)
-        got = tb._collapsed_grads(upstream, hs, feats, toks, masks, needs)
-        want = tb._sequence_grads(upstream, hs, feats, toks, "collapsed", masks, needs)
+        got = tbs.collapsed_grads(upstream, hs, feats, toks, masks, needs)
+        want = tbs._sequence_grads(upstream, hs, feats, toks, "collapsed", masks, needs)
         for g, w, need in zip(got, want, needs):
             assert (g is None) == (w is None) == (not need)
             if need:
@@ -149,8 +151,8 @@ def test_collapsed_backward_equals_the_general_one(monkeypatch, lengths, n_out, 
 
 def test_collapsed_backward_runs_its_own_routine(monkeypatch):
     calls = []
-    real = tb._collapsed_grads
-    monkeypatch.setattr(tb, "_collapsed_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tbs.collapsed_grads
+    monkeypatch.setattr(tbs, "collapsed_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
     p = {"lengths": [4, 3], "widths": [2, 3], "batch": 3, "r_h": 2, "r_t": 2, "n_out": 2,
          "out_dim": 3, "mode": "collapsed", "with_masks": False, "seed": 3}  # fmt: skip
     hs, feats, toks, _, upstream = _seq_inputs(p)
@@ -344,7 +346,7 @@ def test_fused_collapsed_wander_opcheck_gradcheck_and_saved():
         return torch.ops.mmfuse.wander_collapsed([x0, x1], [w0, w1], [b0, b1], [f0, f1], [t0, t1], masks, True)[0]
 
     batch, (t0, t1), rank, n_out, d = 3, (3, 4), 3, 2, 5
-    orders = tb._seq_plan(xs, params["feature"], params["token"], "collapsed").orders
+    orders = tbs._seq_plan(xs, params["feature"], params["token"], "collapsed").orders
     firsts = [batch * (n_out * rank if o == "token" else t * d) for o, t in zip(orders, (t0, t1))]
     inputs = {t.data_ptr() for t in leaves} | {k.data_ptr() for k in masks if k is not None}
     saved: list = []
@@ -492,7 +494,8 @@ def test_auto_runs_the_custom_op(op):
 
         like, custom = xs[0], "mmfuse.sequence_fusion.default"
     assert lookup(op, "auto", like=like) is tb.__dict__[op]
-    assert _registry._IMPLS[op]["torch"].priority > _registry._IMPLS[op]["array_api"].priority
+    top = {i.backend: i.priority for i in reversed(implementations(op))}  # each backend's highest
+    assert top["torch"] > top["array_api"]
     with mmfuse.config_context(backend="auto"), _OpLog() as log:
         out = call()
     assert custom in log.ops
@@ -528,8 +531,8 @@ def test_registered_autograd_equals_the_eager_binding(op, mode, monkeypatch):
     eager = call()
     node = {"sequence_fusion": "_SequenceFusionBackward", "zoom_shift": "_ZoomShiftBackward"}[op]
     assert type(eager.grad_fn).__name__ == node
-    binding = {"sequence_fusion": "_sequence_eager", "zoom_shift": "_zoom_shift_eager"}[op]
-    monkeypatch.setattr(tb, binding, getattr(torch.ops.mmfuse, op))
+    module, binding = {"sequence_fusion": (tbs, "sequence_op_eager"), "zoom_shift": (tbz, "_zoom_shift_eager")}[op]
+    monkeypatch.setattr(module, binding, getattr(torch.ops.mmfuse, op))
     registered = call()
     assert type(registered.grad_fn).__name__.startswith("GeneratedBackwardFor_mmfuse_" + op)
     assert_bindings_agree(eager, registered, leaves, upstream, leaves[0], leaves[-1])

@@ -330,9 +330,8 @@ def test_verify_says_when_a_named_backend_cannot_run(monkeypatch, capsys):
 
     # cupy as if not installed, whatever this machine has
     monkeypatch.setitem(_registry._plugin_errors, "cupy", "ImportError: no CuPy in this test")
-    monkeypatch.setitem(_registry._IMPLS, "moments", {
-        k: v for k, v in _registry._IMPLS["moments"].items() if k != "cupy"
-    })  # fmt: skip
+    monkeypatch.setattr(_registry, "ROWS", tuple(r for r in _registry.ROWS if r.backend != "cupy"))
+    monkeypatch.setattr(_registry, "_CHOICES", {})
     code = _cli.main(
         [
             "verify",

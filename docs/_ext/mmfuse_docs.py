@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import json
@@ -44,7 +43,7 @@ DOCS = os.path.dirname(HERE)
 ROOT = os.path.dirname(DOCS)
 PERF = os.path.join(DOCS, "performance")
 
-BACKEND_ORDER = ("array_api", "reference", "torch", "numba", "cupy")
+BACKEND_ORDER = ("array_api", "reference", "torch", "numba", "cupy", "triton")
 BACKEND_NOTES = {
     "array_api": "the Array-API core: any namespace (NumPy, torch, CuPy, JAX, Dask, ...)",
     "reference": "mmfuse.reference: NumPy float64 loops, the oracle; copies to NumPy and back",
@@ -112,43 +111,25 @@ class ExecDirective(SphinxDirective):
 # --------------------------------------------------------------------------- support table
 
 
-def _static_ops(module_file: str) -> list[str]:
-    """The ``__all__`` of a backend module, read with ``ast`` (the module is not imported)."""
-    with open(module_file, encoding="utf-8") as fh:
-        tree = ast.parse(fh.read())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
-        ):
-            return [str(v) for v in ast.literal_eval(node.value)]
-    return []
-
-
 def support_table() -> tuple[list[str], list[list[str]], dict[str, str]]:
-    """(header, rows, reasons) of the operator x backend table of this build machine."""
+    """(header, rows, reasons) of the operator x backend table: the registry's static table,
+    with the backends this build machine could not load marked."""
     import mmfuse.backends as backends
-    from mmfuse.backends import _registry
+    from mmfuse.backends._table import ROWS
 
-    table = backends.available()
-    assert isinstance(table, dict)
     missing = backends.unavailable()
+    table: dict[str, set[str]] = {}
+    for row in ROWS:
+        table.setdefault(row.op, set()).add(row.backend)
     ops = sorted(table)
-    static: dict[str, set[str]] = {}
-    for name in missing:
-        module = _registry._PLUGINS[name][0]
-        path = os.path.join(ROOT, *module.split(".")) + ".py"
-        if os.path.exists(path):
-            static[name] = set(_static_ops(path)) & set(ops)
-    names = [b for b in BACKEND_ORDER if any(b in v for v in table.values()) or b in static]
+    names = [b for b in BACKEND_ORDER if any(b in v for v in table.values())]
     names += sorted({b for v in table.values() for b in v} - set(names))
     rows = []
     for op in ops:
         row = [f":func:`~mmfuse.{op}`"]
         for b in names:
             if b in table[op]:
-                row.append("yes")
-            elif b in static and op in static[b]:
-                row.append("yes [#notloaded]_")
+                row.append("yes [#notloaded]_" if b in missing else "yes")
             else:
                 row.append("--")
         rows.append(row)

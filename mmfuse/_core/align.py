@@ -16,13 +16,19 @@ steps per modality:
 Every zoom and shift is affine in x, so a round of alignment maps statistics to statistics
 exactly (mean ``mu -> S mu + T``, variance ``var -> S**2 var``): the rounds run on the
 statistics, and the data is read once for them and once for the single affine map at the end,
-however many rounds are asked for.  Only standard Array-API functions touch the data on the
-generic path (NumPy, array-api-strict, PyTorch with autograd, CuPy, ...).  NumPy arrays take a
-fast path that walks the batch in cache-sized blocks, so each input is read from memory once
-for its statistics and, for :func:`zoom_shift`, the same block is mapped while still in cache;
-inputs of 8 MiB or more split their blocks across threads, one per available core (NumPy
-releases the GIL in ufuncs, reductions and GEMMs; no pool outlives the call).
-Inputs are never written to and never passed through ``xp.asarray``.
+however many rounds are asked for.
+
+One home: the algorithms (:func:`moments_with`, :func:`zoom_shift_with`, :func:`align_with`:
+the map rules, the rounds and their limit) are written once, over a backend's *primitives*
+(:class:`Primitives`: the statistics pass, the map pass, optionally both fused).  The
+generic primitives use only standard Array-API functions (NumPy, array-api-strict, PyTorch
+with autograd and ``torch.compile``, CuPy, ...); :class:`NumPyPrimitives` walk the batch in
+cache-sized blocks, so each input is read from memory once for its statistics and, for
+``zoom_shift``, the same block is mapped while still in cache (inputs of 8 MiB or more split
+their blocks across threads, one per available core: NumPy releases the GIL in ufuncs,
+reductions and GEMMs; no pool outlives the call); the numba backend's CPU kernels are a third
+set.  The registry's table says which runs.  Inputs are never written to and never passed
+through ``xp.asarray``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._namespace import (
     array_namespace,
@@ -39,21 +45,31 @@ from .._namespace import (
     is_dask,
     is_jax,
     is_lazy,
-    is_numpy,
     work_dtype,
 )
 
 __all__ = [
-    "affine_maps",
+    "GENERIC",
+    "NUMPY",
+    "NumPyPrimitives",
+    "Primitives",
+    "Stats",
     "align",
+    "align_numpy",
     "align_with",
     "limit_weights",
     "moments",
+    "moments_numpy",
+    "moments_with",
     "pool",
     "shift",
     "zoom",
+    "zoom_scale",
     "zoom_shift",
     "zoom_shift_fusion",
+    "zoom_shift_map",
+    "zoom_shift_numpy",
+    "zoom_shift_with",
 ]
 
 # A batch block of the NumPy fast path is kept near this many bytes so that its statistics
@@ -71,10 +87,6 @@ def _expand_mask(xp: Any, mask: Any, ndim: int) -> Any:
     """A mask of shape ``x.shape[:axis + 1]`` with trailing unit axes, broadcastable to x."""
     extra = ndim - mask.ndim
     return mask if extra == 0 else xp.reshape(mask, (*mask.shape, *(1,) * extra))
-
-
-def _numpy_fast(xp: Any, x: Any) -> bool:
-    return is_numpy(xp) and str(x.dtype) in ("float32", "float64")
 
 
 def _rows_per_block(x: Any) -> int:
@@ -133,20 +145,34 @@ def _run_blocks(x: Any, work: Any) -> None:
 # sum of squares does): compute in float64 for such data.
 
 
-def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> tuple[Any, Any, Any, Any, Any]:
-    """``(mean, var, pivot, corr, dev)`` over ``axis`` (kept), masked tokens excluded.
+class Stats(NamedTuple):
+    """Per-sample, per-channel statistics over the statistics axis (kept, as size 1).
 
-    ``mean = pivot + corr`` and ``x - mean = (x - pivot) - corr`` with ``x - pivot`` exact
-    near the mean, which the maps use.  ``dev`` is ``x - pivot`` (in the statistics dtype,
-    masked tokens included) when ``keep_dev`` and it is at hand, else None.  ``axis`` is
-    non-negative; everything is in the statistics dtype (at least float32).
+    ``mean = pivot + corr`` and ``x - mean = (x - pivot) - corr``, with ``x - pivot`` exact
+    near the mean, which the maps use; all in the statistics dtype (at least float32).
+    ``dev`` is ``x - pivot`` for every token (masked ones too) when the primitive kept it,
+    else None; ``count`` the unmasked tokens (a Python float without a mask) and ``mask``
+    the mask broadcastable to x (or None): what the torch op's backward needs besides.
     """
+
+    mean: Any
+    var: Any
+    pivot: Any
+    corr: Any
+    dev: Any = None
+    count: Any = None
+    mask: Any = None
+
+
+def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> Stats:
+    """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded: the shifted
+    algorithm (section comment above) in standard Array-API calls.  ``dev`` is kept when
+    ``keep_dev``.  Branch-free in the values, so ``torch.compile`` traces it."""
     xp = array_namespace(x)
-    if _numpy_fast(xp, x):
-        return _stats_numpy(x, axis, mask)
     dt = work_dtype(xp, x.dtype)
     xs = x if dt == x.dtype else xp.astype(x, dt)
     if mask is None:
+        m = None
         count: Any = float(x.shape[axis])
         pivot = xp.sum(xs, axis=axis, keepdims=True) / count
         dev = xs - pivot
@@ -161,10 +187,10 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> tu
     corr = xp.sum(d, axis=axis, keepdims=True) / count
     var = xp.sum(d * d, axis=axis, keepdims=True) / count - corr * corr
     var = xp.where(var < 0, 0.0, var)  # rounding can go below 0; NaN stays
-    return pivot + corr, var, pivot, corr, (dev if keep_dev else None)
+    return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, count, m)
 
 
-def _stats_numpy(x: Any, axis: int, mask: Any) -> tuple[Any, Any, Any, Any, None]:
+def _stats_numpy(x: Any, axis: int, mask: Any) -> Stats:
     """Blocked statistics: each batch block is read from memory once, then reduced in cache."""
     import numpy as np
 
@@ -183,8 +209,7 @@ def _stats_numpy(x: Any, axis: int, mask: Any) -> tuple[Any, Any, Any, Any, None
             _block_stats(x[blk], axis, mb, dev[:n], sub, tuple(o[blk] for o in outs))
 
     _run_blocks(x, work)
-    mean, var, pivot, corr = outs
-    return mean, var, pivot, corr, None
+    return Stats(*outs)
 
 
 @lru_cache(maxsize=64)
@@ -232,17 +257,7 @@ def _block_stats(xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple
     np.add(piv_o, corr_o, out=mean_o)
 
 
-def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
-    """``(mean, sqrt(var + eps))`` over ``axis`` (kept), in x's dtype."""
-    xp = array_namespace(x)
-    mean, var, *_ = _stats(x, axis % x.ndim, mask)
-    std = xp.sqrt(var + eps)
-    if mean.dtype != x.dtype:
-        mean, std = xp.astype(mean, x.dtype), xp.astype(std, x.dtype)
-    return mean, std
-
-
-# --------------------------------------------------------------------------- primitives
+# --------------------------------------------------------------------------- the map rules
 
 
 def zoom(x: Any, scale: Any, *, center: Any) -> Any:
@@ -255,7 +270,7 @@ def shift(x: Any, offset: Any) -> Any:
     return x + offset
 
 
-def _scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
+def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
     """``(target / sigma) ** alpha``, and 1 where ``sigma == 0`` (no spread: nothing to zoom).
 
     Uses only ``where`` with a Python scalar, so it also traces under ``torch.compile``.
@@ -265,30 +280,89 @@ def _scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
     return xp.where(live, ratio if alpha == 1.0 else ratio**alpha, 1.0)
 
 
-def _apply(x: Any, scale: Any, offset: Any) -> Any:
-    """``x * scale + offset`` (per-channel statistics broadcast over the statistics axis)."""
-    xp = array_namespace(x)
-    if _numpy_fast(xp, x):
-        return _apply_numpy(x, scale, offset)
-    if scale.dtype != x.dtype:  # float16 / bfloat16: map in float32, round once
-        return xp.astype(xp.astype(x, scale.dtype) * scale + offset, x.dtype)
-    return x * scale + offset
+def _target_mean(mean: Any, g_mean: Any, alpha: float) -> Any:
+    """``mean + alpha (g_mean - mean)`` as a convex combination: exactly g_mean at alpha = 1."""
+    return g_mean if alpha == 1.0 else (1 - alpha) * mean + alpha * g_mean
 
 
-def _apply_centred(x: Any, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
-    """``(x - pivot) * scale + offset``: the affine map about the statistics' pivot.
+def zoom_shift_map(
+    xp: Any, st: Stats, g_mean: Any, g_sigma: Any, alpha: float, eps: float
+) -> tuple[Any, Any]:
+    """The Zoom-and-Shift step as a map about x's pivot: ``(s, offset)`` with
+    ``y = (x - pivot) s + offset``.
 
-    Folding it into ``x * scale + offset'`` would lose ``|mean| * scale`` ulps to cancellation
-    (data 1e4 + 1e-2 noise zoomed to unit spread: 6% of the output's spread in float32); here
-    ``x - pivot`` is exact near the mean.  ``dev`` is ``x - pivot`` when already at hand.
+    ``s = (sigma_g / sigma_x) ** alpha`` and ``offset = mu_x + alpha (mu_g - mu_x) - corr s``,
+    since ``x - mu_x = (x - pivot) - corr``.  The rule every implementation written in Python
+    applies (the compiled kernels carry their own transcription, checked by the same tests).
     """
-    xp = array_namespace(x)
-    if _numpy_fast(xp, x):
+    s = zoom_scale(xp, xp.sqrt(st.var + eps), g_sigma, alpha)
+    return s, _target_mean(st.mean, g_mean, alpha) - st.corr * s
+
+
+# --------------------------------------------------------------------------- primitives
+#
+# An implementation of the alignment operators supplies two passes over the data: statistics
+# about a pivot (:class:`Stats`), and the affine map about a pivot; and it may supply
+# zoom_shift fused (statistics and map of a block while it is in cache).  The algorithms
+# (moments_with, zoom_shift_with, align_with: the map rules, the rounds and their limit) are
+# written once, over these primitives.
+
+
+class Primitives:
+    """The Array-API primitives: any namespace, autograd flows through, ``torch.compile``
+    traces them.  Backends subclass it (NumPy's blocked buffers, numba's kernels)."""
+
+    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False) -> Stats:
+        """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded."""
+        return _stats(x, axis, mask, keep_dev=keep_dev)
+
+    def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
+        """``(x - pivot) * scale + offset`` in x's dtype, computed in the statistics' dtype
+        (float16: round once).  ``pivot`` None: ``x * scale + offset``, for identity maps
+        (scale 1, offset 0), which then copy x exactly.  ``dev``: ``x - pivot`` if at hand.
+
+        Folding a map into ``x * s + (offset - pivot s)`` would lose ``|mean| s`` ulps to
+        cancellation (data 1e4 + 1e-2 noise zoomed to unit spread: 6% of the output's spread
+        in float32); ``x - pivot`` is exact near the mean.
+        """
+        xp = array_namespace(x)
+        if pivot is None:
+            if scale.dtype != x.dtype:
+                return xp.astype(xp.astype(x, scale.dtype) * scale + offset, x.dtype)
+            return x * scale + offset
+        if dev is None:
+            dev = (x if pivot.dtype == x.dtype else xp.astype(x, pivot.dtype)) - pivot
+        y = dev * scale + offset
+        return y if y.dtype == x.dtype else xp.astype(y, x.dtype)  # float16: round once
+
+    def zoom_shift(
+        self, x: Any, axis: int, mask: Any, g_mean: Any, g_sigma: Any, alpha: float, eps: float
+    ) -> Any:
+        """x zoomed and shifted toward guide statistics (``g_sigma = sqrt(var_g + eps)``)."""
+        st = self.stats(x, axis, mask, keep_dev=True)
+        s, offset = zoom_shift_map(array_namespace(st.var), st, g_mean, g_sigma, alpha, eps)
+        return self.apply(x, axis, st.pivot, s, offset, st.dev)
+
+
+class NumPyPrimitives(Primitives):
+    """NumPy, float32 / float64: the batch walked in cache-sized blocks (threads for large
+    inputs), so each pass reads x from memory once, and :meth:`zoom_shift` maps each block
+    right after reducing it (one read of x in all)."""
+
+    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False) -> Stats:
+        return _stats_numpy(x, axis, mask)
+
+    def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
         return _apply_numpy(x, scale, offset, pivot)
-    if dev is None:
-        dev = (x if pivot.dtype == x.dtype else xp.astype(x, pivot.dtype)) - pivot
-    y = dev * scale + offset
-    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)  # float16: round once
+
+    def zoom_shift(
+        self, x: Any, axis: int, mask: Any, g_mean: Any, g_sigma: Any, alpha: float, eps: float
+    ) -> Any:
+        return _zoom_shift_numpy(x, axis, mask, g_mean, g_sigma, alpha, eps)
+
+
+GENERIC = Primitives()
+NUMPY = NumPyPrimitives()
 
 
 def _apply_numpy(x: Any, scale: Any, offset: Any, pivot: Any = None) -> Any:
@@ -309,44 +383,13 @@ def _apply_numpy(x: Any, scale: Any, offset: Any, pivot: Any = None) -> Any:
     return out
 
 
-def _target_mean(mean: Any, g_mean: Any, alpha: float) -> Any:
-    """``mean + alpha (g_mean - mean)`` as a convex combination: exactly g_mean at alpha = 1."""
-    return g_mean if alpha == 1.0 else (1 - alpha) * mean + alpha * g_mean
-
-
-def zoom_shift(
-    x: Any,
-    guide: Any,
-    *,
-    alpha: float = 1.0,
-    axis: int = -2,
-    mask: Any = None,
-    guide_mask: Any = None,
-    eps: float = 1e-5,
-) -> Any:
-    """``mu_x + (x - mu_x) * (sigma_g / sigma_x) ** alpha + alpha * (mu_g - mu_x)``.
-
-    One affine map about x's pivot: ``(x - p) * s + (mu_x + alpha (mu_g - mu_x) - corr * s)``
-    with ``mu_x = p + corr`` (see :func:`_stats`).
-    """
-    xp = array_namespace(x)
-    ax = axis % x.ndim
-    g_mean, g_var, *_ = _stats(guide, ax, guide_mask)
-    g_sigma = xp.sqrt(g_var + eps)
-    if _numpy_fast(xp, x):
-        return _zoom_shift_numpy(x, ax, mask, g_mean, g_sigma, alpha, eps)
-    mean, var, pivot, corr, dev = _stats(x, ax, mask, keep_dev=True)
-    s = _scale(xp, xp.sqrt(var + eps), g_sigma, alpha)
-    return _apply_centred(x, pivot, s, _target_mean(mean, g_mean, alpha) - corr * s, dev)
-
-
 def _zoom_shift_numpy(
     x: Any, axis: int, mask: Any, g_mean: Any, g_sigma: Any, alpha: float, eps: float
 ) -> Any:
     """One read of x: per cache-sized block, statistics then the affine map, in place.
 
     ``out`` first holds ``x - pivot`` (the centred values the variance needs), and is then
-    scaled and shifted in place: ``y = (x - pivot) s + mu_x + alpha (mu_g - mu_x) - corr s``.
+    scaled and shifted in place by :func:`zoom_shift_map`'s rule.
     """
     import numpy as np
 
@@ -362,17 +405,80 @@ def _zoom_shift_numpy(
             n = blk.stop - blk.start
             ob = out[blk]
             mk = None if mask is None else mask[blk]
-            mb, sb, pb, corr = (a[:n] for a in stats)
+            st = Stats(*(a[:n] for a in stats))
             sub = None if masked is None else masked[:n]
-            _block_stats(x[blk], axis, mk, ob, sub, (mb, sb, pb, corr))
-            sb += eps  # the variance, then sigma in place
-            np.sqrt(sb, out=sb)
-            s = _scale(np, sb, g_sigma[blk], alpha)
+            _block_stats(x[blk], axis, mk, ob, sub, st[:4])
+            s, offset = zoom_shift_map(np, st, g_mean[blk], g_sigma[blk], alpha, eps)
             ob *= s
-            ob += _target_mean(mb, g_mean[blk], alpha) - corr * s
+            ob += offset
 
     _run_blocks(x, work)
     return out
+
+
+# --------------------------------------------------------------------------- moments, zoom_shift
+
+
+def moments_with(prims: Primitives, x: Any, *, axis: int, mask: Any, eps: float) -> tuple[Any, Any]:
+    """``(mean, sqrt(var + eps))`` over ``axis`` (kept), in x's dtype."""
+    st = prims.stats(x, axis % x.ndim, mask)
+    xp = array_namespace(st.var)
+    mean, std = st.mean, xp.sqrt(st.var + eps)
+    if mean.dtype != x.dtype:
+        mean, std = xp.astype(mean, x.dtype), xp.astype(std, x.dtype)
+    return mean, std
+
+
+def zoom_shift_with(
+    prims: Primitives, x: Any, guide: Any, *, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float
+) -> Any:
+    """``mu_x + (x - mu_x) * (sigma_g / sigma_x) ** alpha + alpha * (mu_g - mu_x)``: the
+    guide's statistics, then x's statistics and one map about x's pivot
+    (:func:`zoom_shift_map`)."""
+    ax = axis % x.ndim
+    g = prims.stats(guide, ax, guide_mask)
+    xp = array_namespace(g.var)
+    return prims.zoom_shift(x, ax, mask, g.mean, xp.sqrt(g.var + eps), alpha, eps)
+
+
+def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
+    """:func:`mmfuse.moments`, generic Array-API path."""
+    return moments_with(GENERIC, x, axis=axis, mask=mask, eps=eps)
+
+
+def moments_numpy(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
+    """:func:`mmfuse.moments`, NumPy's blocked path (float32 / float64)."""
+    return moments_with(NUMPY, x, axis=axis, mask=mask, eps=eps)
+
+
+def zoom_shift(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
+) -> Any:
+    """:func:`mmfuse.zoom_shift`, generic Array-API path."""
+    return zoom_shift_with(
+        GENERIC, x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps
+    )
+
+
+def zoom_shift_numpy(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
+) -> Any:
+    """:func:`mmfuse.zoom_shift`, NumPy's blocked path: x is read from memory once."""
+    return zoom_shift_with(NUMPY, x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps)
 
 
 # --------------------------------------------------------------------------- alignment
@@ -405,30 +511,6 @@ def limit_weights(n: int, alpha: float, schedule: str, topology: str, hub: int) 
     c = [(n - 1) * (1.0 - alpha) + alpha * j for j in range(n)]
     total = sum(c)
     return tuple(v / total for v in c)
-
-
-def affine_maps(
-    stats: list[tuple[Any, Any]],
-    *,
-    rounds: int | None,
-    alpha: float,
-    schedule: str,
-    topology: str,
-    hub: int,
-    eps: float,
-    xp: Any = None,
-) -> list[tuple[Any, Any]]:
-    """Per-modality ``(S, T)`` such that ``align``'s output is ``S * x + T``.
-
-    ``stats`` holds each modality's ``(mean, var)``.  Finite rounds replay the definition on
-    the statistics exactly (each zoom multiplies the variance by ``s**2``, each shift moves
-    the mean; sigma is re-taken as ``sqrt(var + eps)`` every round, as re-measuring would);
-    ``rounds=None`` jumps to the closed-form limit.  ``xp`` may be given to skip the namespace
-    lookup (the torch layers pass ``torch`` itself under ``torch.compile``).
-    """
-    xp = array_namespace(stats[0][0]) if xp is None else xp
-    maps = _round_maps(xp, stats, rounds, alpha, schedule, topology, hub, eps)
-    return [(s, t) for s, t, _, _ in maps]
 
 
 def _var_share(xp: Any, var: Any, eps: float) -> Any:
@@ -491,7 +573,7 @@ def _round_maps(
                 others = [j for j in range(n) if j != i]
                 mu_t = sum(src_mu[j] for j in others) / (n - 1)
                 sigma_t = _geometric_mean([src_sig[j] for j in others])
-            s = _scale(xp, sig[i], sigma_t, alpha)
+            s = zoom_scale(xp, sig[i], sigma_t, alpha)
             # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S x0 + T
             step_offset = mus[i] * (1 - s) + alpha * (mu_t - mus[i])
             scales[i] = s * scales[i]
@@ -549,6 +631,41 @@ def _limit_maps(
     )
 
 
+def align_with(
+    prims: Primitives,
+    xs: list[Any],
+    *,
+    rounds: int | None,
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    axis: int,
+    masks: list[Any] | None,
+    eps: float,
+) -> list[Any]:
+    """The alignment algorithm over a backend's primitives: statistics once per modality, the
+    rounds (or their limit) on the statistics alone (:func:`_round_maps`), one map each.
+
+    The maps are applied about each modality's pivot; a modality the rounds leave alone (the
+    hub, or all at rounds = 0) is copied exactly (its identity map, unfolded).
+    """
+    masks = list(masks) if masks is not None else [None] * len(xs)
+    ax = axis % xs[0].ndim
+    stats = [prims.stats(x, ax, m) for x, m in zip(xs, masks)]
+    xp = array_namespace(stats[0].var)
+    maps = _round_maps(
+        xp, [(st.mean, st.var) for st in stats], rounds, alpha, schedule, topology, hub % len(xs), eps
+    )
+    out = []
+    for x, st, (s, t, target, moved) in zip(xs, stats, maps):
+        if moved:
+            out.append(prims.apply(x, ax, st.pivot, s, target - st.corr * s))
+        else:
+            out.append(prims.apply(x, ax, None, s, t))
+    return out
+
+
 def align(
     xs: list[Any],
     *,
@@ -561,49 +678,31 @@ def align(
     masks: list[Any] | None = None,
     eps: float = 1e-5,
 ) -> list[Any]:
-    """Statistics once per modality, the rounds on the statistics, one affine map each.
-
-    The maps are applied about each modality's pivot (:func:`_apply_centred`); a modality the
-    rounds leave alone (the hub, or all at rounds = 0) is copied exactly.
-    """
-    masks = list(masks) if masks is not None else [None] * len(xs)
-    ax = axis % xs[0].ndim
-    xp = array_namespace(xs[0])
-    stats = [_stats(x, ax, m) for x, m in zip(xs, masks)]
-    maps = _round_maps(xp, [st[:2] for st in stats], rounds, alpha, schedule, topology, hub % len(xs), eps)
-    out = []
-    for x, (_, _, pivot, corr, _), (s, t, target, moved) in zip(xs, stats, maps):
-        out.append(_apply_centred(x, pivot, s, target - corr * s) if moved else _apply(x, s, t))
-    return out
-
-
-def align_with(
-    xs: list[Any],
-    masks: list[Any],
-    stats_of: Any,
-    apply: Any,
-    *,
-    rounds: int | None,
-    alpha: float,
-    schedule: str,
-    topology: str,
-    hub: int,
-    eps: float,
-    xp: Any = None,
-) -> list[Any]:
-    """The alignment algorithm with its two data passes supplied by the caller.
-
-    ``stats_of(x, mask) -> (mean, var)`` reads each input once; the rounds (or the limit) run
-    on the statistics alone (:func:`affine_maps`); ``apply(x, S, T)`` maps each input once.
-    The core passes its own passes; the numba backend its CPU kernels; the torch layers plain
-    torch (``xp=torch`` under ``torch.compile``).
-    """
-    stats = [stats_of(x, m) for x, m in zip(xs, masks)]
-    maps = affine_maps(
-        stats, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
-        hub=hub % len(xs), eps=eps, xp=xp,
+    """:func:`mmfuse.align`, generic Array-API path (also the torch backend's, under autograd
+    and ``torch.compile``)."""
+    return align_with(
+        GENERIC, xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
+        axis=axis, masks=masks, eps=eps,
     )  # fmt: skip
-    return [apply(x, s, t) for x, (s, t) in zip(xs, maps)]
+
+
+def align_numpy(
+    xs: list[Any],
+    *,
+    rounds: int | None = 1,
+    alpha: float = 1.0,
+    schedule: str = "gauss-seidel",
+    topology: str = "consensus",
+    hub: int = 0,
+    axis: int = -2,
+    masks: list[Any] | None = None,
+    eps: float = 1e-5,
+) -> list[Any]:
+    """:func:`mmfuse.align`, NumPy's blocked path (float32 / float64)."""
+    return align_with(
+        NUMPY, xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
+        axis=axis, masks=masks, eps=eps,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- fusion

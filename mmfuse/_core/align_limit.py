@@ -66,7 +66,7 @@ tests compare with this.
 :math:`\sqrt\varepsilon` (consensus, or a hub with no spread): their raw variance tends to 0
 (slowly, like 1/k after k rounds), so the exact limit collapses them, ``S = 0``.  The zero-spread
 modality's own S grows without bound but multiplies deviations that are exactly zero; we return
-``S = 1`` for it (as :func:`mmfuse._core.align._scale` does for a channel with no spread), so
+``S = 1`` for it (as :func:`mmfuse._core.align.zoom_scale` does for a channel with no spread), so
 its output is its tokens shifted to the common mean, and finite.
 
 Only standard Array-API functions (``log``, ``exp``, ``log1p``, ``sqrt``, ``where``) touch the

@@ -9,7 +9,7 @@ the chunk for cache.  The graph gets one task per batch chunk; nothing is comput
 
 from __future__ import annotations
 
-import string
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,14 +37,16 @@ def per_batch_chunk(
     # an error under filterwarnings=error) before ``concatenate=True`` joins them again.
     batched = [_whole(x, from_axis=1) for x in batched]
     params = [None if p is None else _whole(p, from_axis=0) for p in params]
-    letters = iter(string.ascii_lowercase.replace("b", ""))
+    # one index name per non-batch axis of every array: tuples of names, not strings of
+    # letters, which ran out at eight modalities (26 letters for all axes of all arrays)
+    names = (f"a{i}" for i in itertools.count())
     args: list[Any] = []
     for x in batched:
-        args += [x, "b" + "".join(next(letters) for _ in range(x.ndim - 1))]
+        args += [x, ("b", *(next(names) for _ in range(x.ndim - 1)))]
     n_batched = len(batched)
     for p in params:
-        args += [None, None] if p is None else [p, "".join(next(letters) for _ in range(p.ndim))]
-    out_index = "b" + "".join(next(letters) for _ in tail)
+        args += [None, None] if p is None else [p, tuple(next(names) for _ in range(p.ndim))]
+    out_index = ("b", *(next(names) for _ in tail))
 
     def run(*arrays: Any) -> Any:
         return func(list(arrays[:n_batched]), list(arrays[n_batched:]))

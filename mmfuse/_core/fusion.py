@@ -20,7 +20,6 @@ from .._namespace import (
     is_dask,
     is_jax,
     is_lazy,
-    is_numpy,
 )
 
 __all__ = [
@@ -29,6 +28,8 @@ __all__ = [
     "cp_fusion",
     "cp_to_lowrank",
     "lowrank_fusion",
+    "lowrank_fusion_dask",
+    "lowrank_fusion_numpy",
     "lowrank_to_tensor",
     "tensor_fusion",
 ]
@@ -139,16 +140,13 @@ def lowrank_fusion(
 
     Each factor (R, D_m, h) is laid out as a (D_m, R*h) matrix so that every modality's R
     projections come from a single GEMM; the rank weights are folded into the first factor.
-    The batch is processed in blocks so the (rows, R*h) intermediates stay in cache.
+    The batch is processed in blocks so the (rows, R*h) intermediates stay in cache.  The
+    generic path, for any namespace; NumPy and Dask have paths of their own
+    (:func:`lowrank_fusion_numpy`, :func:`lowrank_fusion_dask`; the registry picks).
     """
     xp = array_namespace(xs[0])
     rank, _, out_dim = factors[0].shape
-    if is_dask(xp):
-        return _lowrank_dask(xs, factors, weights, bias, append_one, present, out_dim)
     mats = [_flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
-    if is_numpy(xp):
-        y = _lowrank_numpy(xs, mats, present, append_one, rank, out_dim)
-        return y if bias is None else y + bias
     parts = []
     for blk in batch_blocks(xp, xs[0], rank * out_dim):
         prod = None
@@ -161,21 +159,47 @@ def lowrank_fusion(
     return y if bias is None else y + bias
 
 
-def _lowrank_dask(
-    xs: list[Any], factors: list[Any], weights: Any, bias: Any, append_one: bool, present: Any, out_dim: int
+def lowrank_fusion_dask(
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any = None,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
 ) -> Any:
-    """One task per batch chunk, each running the NumPy path (its intermediates stay in cache)."""
+    """Dask: one task per batch chunk, each running :func:`lowrank_fusion_numpy` (its
+    intermediates stay in cache and worker memory stays at a few chunks)."""
     from .chunks import per_batch_chunk
 
     n = len(xs)
+    out_dim = factors[0].shape[2]
     batched = [*xs] if present is None else [*xs, present]
 
     def chunk(b: list[Any], p: list[Any]) -> Any:
-        return lowrank_fusion(
+        return lowrank_fusion_numpy(
             b[:n], p[:n], p[n], p[n + 1], append_one=append_one, present=None if present is None else b[n]
         )
 
     return per_batch_chunk(chunk, batched, [*factors, weights, bias], (out_dim,), xs[0].dtype)
+
+
+def lowrank_fusion_numpy(
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any = None,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+) -> Any:
+    """NumPy: :func:`lowrank_fusion`'s algorithm with cache-sized, reused buffers."""
+    import numpy as np
+
+    rank, _, out_dim = factors[0].shape
+    mats = [_flat_lowrank(np, f, weights if m == 0 else None) for m, f in enumerate(factors)]
+    y = _lowrank_numpy(xs, mats, present, append_one, rank, out_dim)
+    return y if bias is None else y + bias
 
 
 def _lowrank_numpy(

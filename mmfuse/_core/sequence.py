@@ -32,12 +32,16 @@ from .._namespace import (
 )
 
 __all__ = [
+    "CP_BLOCK_BYTES",
+    "SQRT1_2",
     "SequencePlan",
     "activation_fn",
     "erf",
     "erfc_abs",
     "gelu",
+    "gelu_torch",
     "plan",
+    "rounding_correction",
     "sequence_fusion",
     "wander",
 ]
@@ -132,7 +136,7 @@ def erf(xp: Any, x: Any) -> Any:
     return xp.where(a <= _THRESH, small, xp.where(x < 0, -tail, tail))
 
 
-_SQRT1_2 = 0.70710678118654752440
+SQRT1_2 = 0.70710678118654752440
 
 
 # Beyond this |x| the normal tail Phi(-|x|) underflows float64 (exp(-x^2 / 2) does first).
@@ -146,7 +150,7 @@ def _phi(xp: Any, x: Any) -> Any:
     exp(-u^2) from the rounded u = x / sqrt 2, whose rounding would cost a relative error
     of about x^2 ulp far in the lower tail; the slowly varying rational factor takes u.
     """
-    u = x * _SQRT1_2
+    u = x * SQRT1_2
     a = xp.abs(u)
     center = 0.5 + 0.5 * _erf_small(xp.clip(u, -_THRESH, _THRESH))
     ax = xp.clip(xp.abs(x), 0.0, _XBIG_PHI)
@@ -184,7 +188,7 @@ def _gelu_numpy(x: Any) -> Any:
     for start in range(0, flat.shape[0], _GELU_BLOCK):
         xb = flat[start : start + _GELU_BLOCK]
         ob = out[start : start + _GELU_BLOCK]
-        u = xb * _SQRT1_2
+        u = xb * SQRT1_2
         a = np.abs(u)
         inner = a <= _THRESH
         if inner.all():
@@ -219,14 +223,14 @@ def _gelu_numpy(x: Any) -> Any:
     return np.reshape(out, x.shape)
 
 
-# 1/sqrt(2) = _SQRT1_2 + _SQRT1_2_LO exactly to ~1e-33; _SQRT1_2 split into 26-bit halves
+# 1/sqrt(2) = SQRT1_2 + _SQRT1_2_LO exactly to ~1e-33; SQRT1_2 split into 26-bit halves
 _SQRT1_2_LO = -4.8336466567264567e-17
 _SQRT1_2_HI = 0.70710676908493042  # float(np.float32(...)) rounded to 26 bits
-_SQRT1_2_TAIL = _SQRT1_2 - _SQRT1_2_HI
+_SQRT1_2_TAIL = SQRT1_2 - _SQRT1_2_HI
 _SPLIT = 134217729.0  # 2**27 + 1, Veltkamp's splitter for float64
 
 
-def _rounding_correction(torch: Any, x: Any, u: Any) -> Any:
+def rounding_correction(torch: Any, x: Any, u: Any) -> Any:
     """Factor fixing erfc(u) for the rounding of u = fl(-x / sqrt 2), u > 1 (float64).
 
     With u* = -x / sqrt 2 exactly and delta = u* - u (Dekker's exact product error plus the
@@ -238,7 +242,7 @@ def _rounding_correction(torch: Any, x: Any, u: Any) -> Any:
     t = _SPLIT * xc
     x_hi = t - (t - xc)
     x_lo = xc - x_hi
-    p = xc * _SQRT1_2  # = -u where |x| <= 40
+    p = xc * SQRT1_2  # = -u where |x| <= 40
     err = ((x_hi * _SQRT1_2_HI - p) + x_hi * _SQRT1_2_TAIL + x_lo * _SQRT1_2_HI) + x_lo * _SQRT1_2_TAIL
     delta = -err - xc * _SQRT1_2_LO
     uc = torch.clamp(u, 1.0, 40.0)
@@ -258,11 +262,11 @@ def torch_transformed(*tensors: Any) -> bool:
     return any(wrapped(t) for t in tensors)
 
 
-def _gelu_torch(x: Any) -> Any:
+def gelu_torch(x: Any) -> Any:
     """Torch path of :func:`gelu`.
 
     float64: x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2 and the argument's rounding
-    corrected (:func:`_rounding_correction`): ~1 ulp relative everywhere.
+    corrected (:func:`rounding_correction`): ~1 ulp relative everywhere.
     ``torch.nn.functional.gelu`` computes 0.5 (1 + erf(x / sqrt 2)) instead, which cancels in
     the lower tail (relative error 1e-2 already at x = -7 in float64).
 
@@ -280,8 +284,8 @@ def _gelu_torch(x: Any) -> Any:
         import torch.nn.functional as tnf
 
         return tnf.gelu(x)
-    u = x * (-_SQRT1_2)
-    corr = _rounding_correction(torch, x, u)
+    u = x * (-SQRT1_2)
+    corr = rounding_correction(torch, x, u)
     if (torch.is_grad_enabled() and x.requires_grad) or torch_transformed(x):
         return x * (0.5 * torch.special.erfc(u) * corr)
     out = torch.special.erfc(u, out=u)  # no autograd: our own buffers (x is never written)
@@ -301,7 +305,7 @@ def gelu(xp: Any, x: Any) -> Any:
         import torch
 
         if hasattr(torch.special, "erfc"):
-            return _gelu_torch(x)
+            return gelu_torch(x)
         return x * _phi(xp, x)
     if is_numpy(xp):
         return _gelu_numpy(x)
@@ -483,7 +487,7 @@ def sequence_fusion(
         rows_b, chunk_j = batch, int(r_t)  # one block: their schedulers handle memory
     else:
         itemsize = int(xp.finfo(hs[0].dtype).bits) // 8
-        budget = block_budget(hs[0], _CP_BLOCK_BYTES)
+        budget = block_budget(hs[0], CP_BLOCK_BYTES)
         shape = (int(batch), int(r_t), int(n_out), int(r_h), int(out_dim))
         rows_b, chunk_j = cp_blocking(*shape, itemsize, budget)
     numpy = is_numpy(xp)
@@ -525,7 +529,7 @@ def _times(xp: Any, a: Any, mat: Any) -> Any:
 # Each (batch block, token-rank chunk) of cp mode materialises per modality one term of
 # about this many bytes, (b, jn T_out, R_h D), so that the product and the rank sums run in
 # cache; no more than this is ever held per modality.
-_CP_BLOCK_BYTES = 1 << 21
+CP_BLOCK_BYTES = 1 << 21
 
 
 @lru_cache(maxsize=256)
@@ -536,11 +540,11 @@ def cp_blocking(
     """(batch rows, token ranks) per block of cp mode, from the shapes (cached).
 
     One (sample, token rank) pair costs ``T_out R_h D`` elements per modality; a block holds
-    as many pairs as fit ``budget`` bytes (``_CP_BLOCK_BYTES`` on the CPU), whole token-rank
+    as many pairs as fit ``budget`` bytes (``CP_BLOCK_BYTES`` on the CPU), whole token-rank
     ranges first (fewer, larger GEMMs), and at least one pair.
     """
     per_pair = n_out * feature_rank * out_dim * itemsize
-    pairs = max(1, (_CP_BLOCK_BYTES if budget is None else budget) // max(1, per_pair))
+    pairs = max(1, (CP_BLOCK_BYTES if budget is None else budget) // max(1, per_pair))
     chunk_j = max(1, min(token_rank, pairs))
     rows_b = max(1, min(batch, pairs // chunk_j))
     return rows_b, chunk_j

@@ -122,18 +122,19 @@ def _zoom_shift_kernel(x, mask, use_mask, g_mean, g_sigma, alpha, eps, chunk, ou
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _apply_kernel(x, scale, offset, chunk, out):  # pragma: no cover - compiled
+def _apply_kernel(x, centre, scale, offset, chunk, out):  # pragma: no cover - compiled
     n_rows, n_tok, n_chan = x.shape
     per = (n_chan + chunk - 1) // chunk
     for task in prange(n_rows * per):
         b, c0, c1 = _task_span(task, per, chunk, n_chan)
+        p = centre[b, c0:c1]
         s = scale[b, c0:c1]
         o = offset[b, c0:c1]
         for t in range(n_tok):
             row = x[b, t, c0:c1]
             dest = out[b, t, c0:c1]
             for c in range(c1 - c0):
-                dest[c] = row[c] * s[c] + o[c]
+                dest[c] = (row[c] - p[c]) * s[c] + o[c]
 
 
 # numba's "workqueue" threading layer (the one left when neither OpenMP nor TBB is found)
@@ -194,10 +195,11 @@ def zoom_shift(x3: Any, mask2: Any, g_mean: Any, g_sigma: Any, alpha: float, eps
     return out
 
 
-def apply_map(x3: Any, scale: Any, offset: Any) -> Any:
-    """``x * scale + offset`` for a C-contiguous (B', T, C') array and (B', C') constants in
-    x's dtype."""
+def apply_map(x3: Any, centre: Any, scale: Any, offset: Any) -> Any:
+    """``(x - centre) * scale + offset`` for a C-contiguous (B', T, C') array and (B', C')
+    constants in x's dtype: the map about a pivot (``x - centre`` is exact near the mean;
+    a zero centre gives ``x * scale + offset`` exactly, as identity maps need)."""
     out = np.empty(x3.shape, dtype=x3.dtype)
     n_rows, _, n_chan = x3.shape
-    _launch(_apply_kernel, x3, scale, offset, channel_chunk(n_rows, n_chan), out)
+    _launch(_apply_kernel, x3, centre, scale, offset, channel_chunk(n_rows, n_chan), out)
     return out

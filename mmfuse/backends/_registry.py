@@ -1,15 +1,18 @@
-"""The backend registry: which implementation of which operator runs for which inputs.
+"""The dispatcher: which implementation of which operator runs for which inputs.
 
-An *operator* (``"lowrank_fusion"``, ...) is declared once by the public layer with its public
-signature.  An *implementation* is a function with that same signature less ``backend=``,
-registered under a backend name together with a ``supports`` predicate that says, from the
-namespace and device alone, whether it can take the inputs (and if not, why not).
+The one place that decides.  Operators and their signatures come from the leaf catalogue
+(:mod:`mmfuse.backends._catalogue`); mmfuse's own implementations from the static table
+(:mod:`mmfuse.backends._table`), whose rows name a function (imported only when its row is
+chosen), the condition it sets on the call (:mod:`mmfuse.backends._conditions`) and a
+priority.  Users may add implementations with :func:`register`; such a row replaces the
+built-in rows of its backend for its operator.
 
-``lookup`` turns a backend *policy* into a function: a named backend must support the inputs
-or the call fails with the reason; ``"auto"`` takes the highest-priority implementation that
-supports them and falls back to the Array-API core.  Accelerated backends live in optional
-modules that are imported only when asked for by name, or under ``"auto"`` once their framework
-is already imported by the user (so ``import mmfuse`` never imports a framework).
+A call is described once (:func:`~mmfuse.backends._conditions.call_info`: namespace, device,
+dtype, autograd state) and the choice is cached on that description, the policy and the set
+of optional frameworks imported, so a call like a previous one costs a dictionary lookup.
+Nothing here depends on import order: ``import mmfuse`` registers nothing and imports no
+optional framework; a backend's module is imported when one of its rows is first chosen
+(under ``"auto"``: once the user has imported its framework).
 """
 
 from __future__ import annotations
@@ -18,21 +21,30 @@ import importlib
 import inspect
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import array_api_compat
+
 from .._config import BACKEND_NAMES, resolve_backend
-from .._namespace import array_namespace, device_of, namespace_name
+from .._namespace import array_namespace, namespace_name
+from ._catalogue import OPERATORS, Signature
+from ._conditions import CONDITIONS, CallInfo, call_info
+from ._table import FRAMEWORKS, ROWS, Row
 
 __all__ = [
     "BackendUnsupported",
+    "Explanation",
     "Implementation",
     "available",
     "define_op",
+    "explain",
+    "implementations",
     "lookup",
     "register",
     "unavailable",
+    "unregister",
 ]
 
 
@@ -47,54 +59,81 @@ class BackendUnsupported(TypeError, ValueError):
 
 
 Supports = Callable[[Any, Any], "str | None"]
+Condition = Callable[[CallInfo], "str | None"]
 
 
 @dataclass(frozen=True)
 class Implementation:
-    """One registered implementation of an operator."""
+    """One implementation of an operator.
+
+    ``supports(xp, device)`` answers from the namespace and device alone (the form
+    :func:`register` takes); ``condition(info)`` from the whole :class:`CallInfo` (autograd
+    state too).  Both return ``None`` when the implementation can take the call, else what it
+    needs.
+    """
 
     op: str
     backend: str
     func: Callable[..., Any]
     supports: Supports
     priority: int
+    variant: str = "registered"
+    condition: Condition | None = field(default=None, compare=False)
+
+    def refusal(self, info: CallInfo) -> str | None:
+        if self.condition is not None:
+            return self.condition(info)
+        return self.supports(info.xp, info.device)
 
 
-def _any_input(xp: Any, device: Any) -> str | None:
-    return None
-
-
-# op name -> public parameters (name, kind) without ``backend``
-_OPS: dict[str, tuple[tuple[str, Any], ...]] = {}
-# op name -> backend name -> implementation
-_IMPLS: dict[str, dict[str, Implementation]] = {}
-
-# Optional backends: backend name -> (module, framework whose presence in sys.modules lets
-# "auto" import the module).  Their modules call ``register`` when imported.
-_PLUGINS: dict[str, tuple[str, str]] = {
-    "torch": ("mmfuse.backends.torch", "torch"),
-    "numba": ("mmfuse.backends.numba", "numba"),
-    "cupy": ("mmfuse.backends.cupy", "cupy"),
-    "triton": ("mmfuse.backends.triton", "triton"),
-}
+# operators declared at run time by define_op (a user's own operators), beside the catalogue's
+_EXTRA_OPS: dict[str, Signature] = {}
+# (op, backend) -> an implementation added by register(); it replaces that backend's rows
+_REGISTERED: dict[tuple[str, str], Implementation] = {}
+# table rows resolved to implementations (their modules imported)
+_RESOLVED: dict[Row, Implementation] = {}
+# backend -> why its module could not be imported
 _plugin_errors: dict[str, str] = {}
-# Plugins whose module finished importing.  Another thread may be half-way through importing
-# one (its module already in sys.modules, its ``register`` calls not yet run), so a plugin
-# counts as loaded only once ``import_module`` has returned, and loads take turns.
-_plugins_loaded: set[str] = set()
-_plugin_lock = threading.RLock()
+# (op, policy, namespace, device, dtype, grad, traced, imported frameworks) -> implementation
+_CHOICES: dict[tuple[Any, ...], Implementation] = {}
+# Importing a backend's module takes turns: another thread may be half-way through it.
+_lock = threading.RLock()
+
+# Optional frameworks in a fixed order, for the cache key of "auto" choices.
+_OPTIONAL = tuple(sorted({fw for fw in FRAMEWORKS.values() if fw is not None}))
 
 
-def _parameters(func: Callable[..., Any], *, drop: tuple[str, ...] = ()) -> tuple[tuple[str, Any], ...]:
+def _signature(op: str) -> Signature:
+    if op in OPERATORS:
+        return OPERATORS[op]
+    if op in _EXTRA_OPS:
+        return _EXTRA_OPS[op]
+    raise ValueError(f"unknown operator {op!r}; known operators: {sorted({*OPERATORS, *_EXTRA_OPS})}")
+
+
+def _parameters(func: Callable[..., Any], *, drop: tuple[str, ...] = ()) -> Signature:
     sig = inspect.signature(func)
     return tuple((p.name, p.kind) for p in sig.parameters.values() if p.name not in drop)
 
 
+def _check_signature(op: str, backend: str, func: Callable[..., Any]) -> None:
+    want, got = _signature(op), _parameters(func)
+    if got != want:
+        raise TypeError(
+            f"{backend} implementation of {op} must have the public signature "
+            f"({', '.join(n for n, _ in want)}); got ({', '.join(n for n, _ in got)})"
+        )
+
+
 def define_op(public: Callable[..., Any], name: str | None = None) -> None:
-    """Declare an operator from its public function (whose last keyword is ``backend``)."""
+    """Declare a new operator from its public function (whose last keyword is ``backend``).
+
+    mmfuse's own operators are in the catalogue already; this is for operators of your own,
+    which you then give implementations with :func:`register`.
+    """
     op = name or public.__name__
-    _OPS[op] = _parameters(public, drop=("backend",))
-    _IMPLS.setdefault(op, {})
+    if op not in OPERATORS:
+        _EXTRA_OPS[op] = _parameters(public, drop=("backend",))
 
 
 def register(
@@ -110,100 +149,256 @@ def register(
     ``func`` must have the public signature of ``op`` without ``backend`` (checked here, by
     parameter names and kinds).  ``supports(xp, device)`` returns ``None`` when the
     implementation can take arrays of namespace ``xp`` on ``device``, else a sentence saying
-    what it needs.  Under ``"auto"`` the highest ``priority`` among supporting
-    implementations wins; the Array-API core has priority 0.
+    what it needs.  Under ``"auto"`` the highest ``priority`` among the implementations that
+    can take a call wins (the Array-API core has priority 0).  It replaces mmfuse's own
+    implementations of ``op`` for ``backend``.
     """
-    if op not in _OPS:
-        raise ValueError(f"unknown operator {op!r}; known operators: {sorted(_OPS)}")
+    _signature(op)
     if backend not in BACKEND_NAMES or backend == "auto":
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES[1:])}, got {backend!r}")
-    got = _parameters(func)
-    if got != _OPS[op]:
-        want = ", ".join(n for n, _ in _OPS[op])
-        have = ", ".join(n for n, _ in got)
-        raise TypeError(
-            f"{backend} implementation of {op} must have the public signature ({want}); "
-            f"got ({have})"
-        )
+    _check_signature(op, backend, func)
     impl = Implementation(op, backend, func, supports or _any_input, priority)
-    _IMPLS[op][backend] = impl
+    with _lock:
+        _REGISTERED[(op, backend)] = impl
+        _CHOICES.clear()
     return impl
 
 
-def _load_plugin(backend: str, *, only_if_imported: bool) -> None:
-    if backend not in _PLUGINS or backend in _plugins_loaded or backend in _plugin_errors:
-        return
-    module, framework = _PLUGINS[backend]
-    if only_if_imported and framework not in sys.modules:
-        return
-    with _plugin_lock:
-        if backend in _plugins_loaded or backend in _plugin_errors:
-            return
+def unregister(op: str, backend: str) -> None:
+    """Remove what :func:`register` added for ``op`` and ``backend`` (mmfuse's own
+    implementations of that backend come back); nothing happens if there is none."""
+    with _lock:
+        if _REGISTERED.pop((op, backend), None) is not None:
+            _CHOICES.clear()
+
+
+def _any_input(xp: Any, device: Any) -> str | None:
+    return None
+
+
+def _resolve(row: Row) -> Implementation | None:
+    """The row's implementation (its module imported), or None if the module cannot load."""
+    impl = _RESOLVED.get(row)
+    if impl is not None:
+        return impl
+    module, attr = row.target.split(":")
+    with _lock:
+        if row in _RESOLVED:
+            return _RESOLVED[row]
         try:
-            # returns at once if already imported; waits if another thread is importing it
-            importlib.import_module(module)
-        except ImportError as exc:  # the module or its framework is not installed
-            _plugin_errors[backend] = f"{type(exc).__name__}: {exc}"
-            return
-        _plugins_loaded.add(backend)
+            func = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:  # the backend's framework (or its module) is not installed
+            _plugin_errors.setdefault(row.backend, f"{type(exc).__name__}: {exc}")
+            return None
+        _check_signature(row.op, row.backend, func)
+        condition = CONDITIONS[row.condition]
+
+        def supports(xp: Any, device: Any, _c: Condition = condition) -> str | None:
+            return _c(CallInfo(xp, device, None))
+
+        impl = Implementation(row.op, row.backend, func, supports, row.priority, row.variant, condition)
+        _RESOLVED[row] = impl
+    return impl
+
+
+def _rows(op: str, backend: str | None) -> list[Row]:
+    """The table rows of ``op`` (of one backend), highest priority first."""
+    rows = [r for r in ROWS if r.op == op and (backend is None or r.backend == backend)]
+    return sorted(rows, key=lambda r: -r.priority)
+
+
+def _candidates(op: str, backend: str | None, *, imported_only: bool) -> list[Implementation | Row]:
+    """Implementations to try in order (user registrations replace their backend's rows);
+    unresolved rows of frameworks not imported are returned as rows (``imported_only``)."""
+    found: list[tuple[int, int, Implementation | Row]] = []
+    replaced = {b for (o, b) in _REGISTERED if o == op}
+    for i, row in enumerate(_rows(op, backend)):
+        if row.backend in replaced:
+            continue
+        fw = FRAMEWORKS[row.backend]
+        if imported_only and fw is not None and fw not in sys.modules:
+            found.append((-row.priority, i, row))
+            continue
+        impl = _resolve(row)
+        if impl is not None:
+            found.append((-row.priority, i, impl))
+    for (o, b), impl in _REGISTERED.items():
+        if o == op and (backend is None or b == backend):
+            found.append((-impl.priority, -1, impl))
+    found.sort(key=lambda t: (t[0], t[1]))
+    return [c for _, _, c in found]
+
+
+def implementations(op: str) -> list[Implementation]:
+    """Every implementation of ``op`` that can be loaded, highest priority first.
+
+    Imports the optional backends' modules (and so their frameworks) to find out.
+    """
+    _signature(op)
+    return [c for c in _candidates(op, None, imported_only=False) if isinstance(c, Implementation)]
 
 
 def unavailable() -> dict[str, str]:
     """Optional backends that could not be loaded, with the reason for each."""
-    for backend in _PLUGINS:
-        _load_plugin(backend, only_if_imported=False)
+    for op in OPERATORS:
+        _candidates(op, None, imported_only=False)
     return dict(_plugin_errors)
 
 
 def available(op: str | None = None) -> dict[str, list[str]] | list[str]:
-    """Backends registered per operator (for one operator: a list).
+    """Backends with an implementation per operator (for one operator: a list).
 
     Optional backends whose framework is not importable are left out; see
     :func:`unavailable` for why.
     """
-    for backend in _PLUGINS:
-        _load_plugin(backend, only_if_imported=False)
     if op is not None:
-        if op not in _IMPLS:
-            raise ValueError(f"unknown operator {op!r}; known operators: {sorted(_OPS)}")
-        return sorted(_IMPLS[op])
-    return {name: sorted(impls) for name, impls in sorted(_IMPLS.items())}
+        return sorted({impl.backend for impl in implementations(op)})
+    ops = sorted({*OPERATORS, *_EXTRA_OPS})
+    return {name: sorted({impl.backend for impl in implementations(name)}) for name in ops}
 
 
-def lookup(op: str, backend: str | None = None, *, like: Any = None) -> Callable[..., Any]:
-    """The implementation of ``op`` to run for inputs like the array ``like``.
+def _first_array(obj: Any) -> Any:
+    if array_api_compat.is_array_api_obj(obj):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            found = _first_array(item)
+            if found is not None:
+                return found
+    return None
 
-    ``backend`` is the call's ``backend=`` keyword (``None``: the configured policy).
-    """
-    if op not in _IMPLS:
-        raise ValueError(f"unknown operator {op!r}; known operators: {sorted(_OPS)}")
-    name = resolve_backend(backend)
-    xp = array_namespace(like) if like is not None else None
-    device = device_of(like) if like is not None else None
-    impls = _IMPLS[op]
+
+def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
+    frameworks = tuple(fw in sys.modules for fw in _OPTIONAL) if name == "auto" else ()
+    return (op, name, info.xp, info.device, info.dtype, info.grad, info.traced, frameworks)
+
+
+def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
     if name == "auto":
-        for plugin in _PLUGINS:
-            _load_plugin(plugin, only_if_imported=True)
-        ranked = sorted(impls.values(), key=lambda i: -i.priority)
-        for impl in ranked:
-            if impl.backend == "reference":
+        for cand in _candidates(op, None, imported_only=True):
+            if isinstance(cand, Row) or cand.backend == "reference":
                 continue
-            if xp is None or impl.supports(xp, device) is None:
-                return impl.func
-        return impls["array_api"].func
-    _load_plugin(name, only_if_imported=False)
-    if name not in impls:
+            if info is None or cand.refusal(info) is None:
+                return cand
+        raise AssertionError(f"no implementation of {op} takes these inputs")  # the core's row does
+    cands = [c for c in _candidates(op, name, imported_only=False) if isinstance(c, Implementation)]
+    if not cands:
         reason = _plugin_errors.get(name, "it has no implementation of this operator")
         raise BackendUnsupported(
             f"backend {name!r} cannot run {op}: {reason}; "
-            f"backends available for {op}: {sorted(impls)}"
+            f"backends available for {op}: {available(op)}"
         )
-    impl = impls[name]
-    if xp is not None:
-        refusal = impl.supports(xp, device)
-        if refusal is not None:
-            raise BackendUnsupported(
-                f"backend {name!r} cannot take {namespace_name(xp)} arrays on device "
-                f"{device!r} for {op}: {refusal}"
-            )
+    if info is None:
+        return cands[0]
+    reasons: list[str] = []
+    for cand in cands:
+        refusal = cand.refusal(info)
+        if refusal is None:
+            return cand
+        if refusal not in reasons:
+            reasons.append(refusal)
+    raise BackendUnsupported(
+        f"backend {name!r} cannot take {namespace_name(info.xp)} arrays on device "
+        f"{_device_name(info.device)!r} for {op}: {'; '.join(reasons)}"
+    )
+
+
+def _device_name(device: Any) -> Any:
+    return str(device) if type(device).__module__.startswith("torch") else device
+
+
+def _describe(like: Any, arrays: Sequence[Any]) -> CallInfo | None:
+    if like is None:
+        return None
+    return call_info(array_namespace(like), like, arrays)
+
+
+def lookup(
+    op: str, backend: str | None = None, *, like: Any = None, arrays: Sequence[Any] = ()
+) -> Callable[..., Any]:
+    """The implementation of ``op`` to run for inputs like the array ``like``.
+
+    ``backend`` is the call's ``backend=`` keyword (``None``: the configured policy);
+    ``arrays`` the call's other arrays (nested lists allowed), whose autograd state the choice
+    may depend on.  Raises :class:`BackendUnsupported` when a named backend cannot run it.
+    """
+    name = resolve_backend(backend)
+    info = _describe(like, arrays)
+    if info is None:
+        _signature(op)
+        return _choose(op, name, None).func
+    key = _key(op, name, info)
+    impl = _CHOICES.get(key)
+    if impl is None:
+        _signature(op)
+        impl = _choose(op, name, info)
+        _CHOICES[key] = impl
     return impl.func
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What :func:`explain` found: the implementation that would run, and why each other
+    would not.  ``str()`` gives a table."""
+
+    op: str
+    policy: str
+    chosen: Implementation | None
+    rows: tuple[tuple[str, str, int, str], ...]  # (backend, variant, priority, verdict)
+
+    def __str__(self) -> str:
+        width = max([len(f"{b} / {v}") for b, v, _, _ in self.rows] + [14])
+        lines = [f"{self.op} under backend={self.policy!r}:"]
+        for backend, variant, priority, verdict in self.rows:
+            lines.append(f"  {f'{backend} / {variant}':<{width}}  {priority:>3}  {verdict}")
+        return "\n".join(lines)
+
+
+def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
+    """Which implementation of ``op`` would run for ``arrays``, and why the others would not.
+
+    ``arrays``: the call's arrays (or some of them; the first floating one decides the
+    namespace, device and dtype).  Lists the forced backend's implementations, or under
+    ``"auto"`` every one (importing the optional backends' modules that are installed).  Raises nothing for a refusal: a forced backend
+    that cannot take the inputs shows ``chosen=None`` and its reasons.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmfuse.backends import explain
+    >>> found = explain("lowrank_fusion", np.ones((4, 3)), backend="array_api")
+    >>> found.chosen.variant
+    'numpy, cache-blocked'
+    >>> print(found)  # doctest: +NORMALIZE_WHITESPACE
+    lowrank_fusion under backend='array_api':
+      array_api / numpy, cache-blocked        1  runs
+      array_api / dask, one task per chunk    1  cannot take them: needs Dask arrays
+      array_api / generic                     0  would run if the rows above could not
+    """
+    name = resolve_backend(backend)
+    like = _first_array(list(arrays))
+    info = _describe(like, arrays)
+    try:
+        chosen: Implementation | None = _choose(op, name, info)
+    except BackendUnsupported:
+        chosen = None
+    rows: list[tuple[str, str, int, str]] = []
+    for cand in _candidates(op, None, imported_only=False):
+        if isinstance(cand, Row):  # not reached: imported_only=False resolves every row
+            continue
+        if name not in ("auto", cand.backend):
+            continue  # a forced backend: only its own rows are candidates
+        if name == "auto" and cand.backend == "reference":
+            verdict = "not considered: 'auto' never picks the reference (force backend='reference')"
+        elif cand is chosen:
+            verdict = "runs"
+        else:
+            refusal = None if info is None else cand.refusal(info)
+            verdict = (
+                "would run if the rows above could not" if refusal is None else f"cannot take them: {refusal}"
+            )
+        rows.append((cand.backend, cand.variant, cand.priority, verdict))
+    for backend, reason in sorted(_plugin_errors.items()):
+        if name in ("auto", backend) and any(r.op == op and r.backend == backend for r in ROWS):
+            rows.append((backend, "(not installed)", 0, f"unavailable: {reason}"))
+    return Explanation(op, name, chosen, tuple(rows))

@@ -12,8 +12,9 @@
    factor (nothing of shape (R, B, h) exists at all).
 
 ``moments`` / ``zoom_shift``: one ``RawModule`` kernel (the same design as the numba backend:
-one block per (sample, channel tile), token lanes running Welford's update, merged in a fixed
-order, then the slab mapped while it is in cache).  Deterministic: no atomics.
+one block per (sample, channel tile); the core's shifted two-pass statistics about a pivot,
+the token lanes' partial sums merged in a fixed order; then the slab mapped about the pivot
+while it is in cache).  Deterministic: no atomics.
 
 float16 inputs are upcast to float32 (CuPy has no bfloat16) and the result cast back;
 non-contiguous inputs are copied; inputs are never written.  Importing this module imports
@@ -28,13 +29,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat
-
 if importlib.util.find_spec("cupy") is None:
     raise ImportError("the cupy backend needs CuPy (pip install 'mmfuse[cupy]')")
 
-from .. import _fusion  # noqa: F401  (defines the operators registered below)
-from ._registry import _OPS, register
 
 __all__ = ["WORKSPACE_BYTES", "cp_fusion", "lowrank_fusion", "moments", "zoom_shift"]
 
@@ -43,8 +40,6 @@ WORKSPACE_BYTES = 64 << 20
 MIN_CHUNK_ROWS = 256
 STAT_CHANNELS = 32
 STAT_LANES = 8
-
-_NEEDS = "needs CuPy arrays (on a CUDA device)"
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -91,39 +86,53 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
                           int B, int L, int C, T eps, T* mean_out, T* std_out, int apply,
                           const T* __restrict__ g_mean, const T* __restrict__ g_std, T alpha,
                           T* out) {
+    // The core's shifted two-pass statistics (mmfuse._core.align): pivot p = sum(x) / n,
+    // then sums of d = x - p and d * d (the slab is in cache); lanes merged in lane order.
     __shared__ T sn[LANES][CH];
-    __shared__ T smean[LANES][CH];
-    __shared__ T sm2[LANES][CH];
+    __shared__ T s1[LANES][CH];
+    __shared__ T s2[LANES][CH];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int c_tiles = (C + CH - 1) / CH;
     const long long b = blockIdx.x / c_tiles;
     const int c = (blockIdx.x - b * c_tiles) * CH + tx;
-    T n = 0, mean = 0, m2 = 0;
+    T n = 0, total = 0;
+    if (c < C) {
+        for (int t = ty; t < L; t += LANES) {
+            if (!use_mask || mask[b * L + t]) { n += 1; total += x[(b * L + t) * C + c]; }
+        }
+    }
+    sn[ty][tx] = n; s1[ty][tx] = total;
+    __syncthreads();
+    if (ty == 0) {
+        for (int k = 1; k < LANES; ++k) { n += sn[k][tx]; total += s1[k][tx]; }
+        sn[0][tx] = n;
+        s2[0][tx] = (n > 0) ? total / n : (T)0;
+    }
+    __syncthreads();
+    n = sn[0][tx];
+    const T pivot = s2[0][tx];
+    __syncthreads();
+    T d1 = 0, d2 = 0;
     if (c < C) {
         for (int t = ty; t < L; t += LANES) {
             if (!use_mask || mask[b * L + t]) {
-                T v = x[(b * L + t) * C + c];
-                n += 1;
-                T d = v - mean;
-                mean += d / n;
-                m2 += d * (v - mean);
+                const T d = x[(b * L + t) * C + c] - pivot;
+                d1 += d; d2 += d * d;
             }
         }
     }
-    sn[ty][tx] = n; smean[ty][tx] = mean; sm2[ty][tx] = m2;
+    s1[ty][tx] = d1; s2[ty][tx] = d2;
     __syncthreads();
     if (ty == 0) {
-        for (int k = 1; k < LANES; ++k) {
-            T nb = sn[k][tx];
-            if (nb > 0) {
-                T tot = n + nb;
-                T d = smean[k][tx] - mean;
-                mean += d * (nb / tot);
-                m2 += sm2[k][tx] + d * d * (n * nb / tot);
-                n = tot;
-            }
+        for (int k = 1; k < LANES; ++k) { d1 += s1[k][tx]; d2 += s2[k][tx]; }
+        T corr = 0, mean = 0, sigma = 0;
+        if (c < C) {  // (threads past the last channel have no tokens: n = 0)
+            corr = d1 / n;
+            T var = d2 / n - corr * corr;
+            if (var < (T)0) var = 0;  // rounding can go below 0
+            mean = pivot + corr;
+            sigma = sqrt(var + eps);
         }
-        T sigma = (c < C) ? sqrt(m2 / n + eps) : (T)0;
         if (!apply) {
             if (c < C) { mean_out[b * C + c] = mean; std_out[b * C + c] = sigma; }
         } else {
@@ -133,17 +142,19 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
                     T ratio = g_std[b * C + c] / sigma;
                     scale = (alpha == (T)1) ? ratio : pow(ratio, alpha);
                 }
-                offset = mean * ((T)1 - scale) + alpha * (g_mean[b * C + c] - mean);
+                T target = g_mean[b * C + c];
+                if (alpha != (T)1) target = ((T)1 - alpha) * mean + alpha * target;
+                offset = target - corr * scale;  // the map about the pivot
             }
-            sn[0][tx] = scale; smean[0][tx] = offset;
+            s1[0][tx] = scale; s2[0][tx] = offset;
         }
     }
     if (apply) {
         __syncthreads();
         if (c < C) {
-            const T scale = sn[0][tx], offset = smean[0][tx];
+            const T scale = s1[0][tx], offset = s2[0][tx];
             for (int t = ty; t < L; t += LANES) {
-                out[(b * L + t) * C + c] = x[(b * L + t) * C + c] * scale + offset;
+                out[(b * L + t) * C + c] = (x[(b * L + t) * C + c] - pivot) * scale + offset;
             }
         }
     }
@@ -180,10 +191,6 @@ def _stats_kernel(dtype: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _supports(xp: Any, device: Any) -> str | None:
-    return None if array_api_compat.is_cupy_namespace(xp) else _NEEDS
 
 
 def _work_dtype(a: Any) -> Any:
@@ -382,15 +389,3 @@ def zoom_shift(
         _launch_stats(x3, mk, eps, g_mean, g_std, True, g_mean, g_std, alpha, out)
         out = out.reshape(x.shape)
     return out if dtype == x.dtype else out.astype(x.dtype)
-
-
-# "auto" on CuPy arrays: this backend ranks above numba (priority 10).  Measured by
-# benchmarks/gpu.py on an H100 (benchmarks/RESULTS.md): lowrank_fusion forward 4.6 vs 25.6 ms,
-# 0.80 vs 1.70 ms and 4.7 vs 21.9 ms at the three issue sizes, zoom_shift 0.63 vs 1.20 ms.
-PRIORITY = 20
-
-register("lowrank_fusion", "cupy", lowrank_fusion, supports=_supports, priority=PRIORITY)
-register("cp_fusion", "cupy", cp_fusion, supports=_supports, priority=PRIORITY)
-for _name, _impl in (("moments", moments), ("zoom_shift", zoom_shift)):
-    if _name in _OPS:
-        register(_name, "cupy", _impl, supports=_supports, priority=PRIORITY)

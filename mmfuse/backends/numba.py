@@ -43,19 +43,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import array_api_compat
 
 if importlib.util.find_spec("numba") is None:
     raise ImportError("the numba backend needs numba (pip install 'mmfuse[numba]')")
 
-from .. import _fusion  # noqa: F401  (defines the operators registered below)
-from .._core import fusion as core
-from .._namespace import array_namespace, device_of, is_numpy, is_torch
-from ._registry import _OPS, register
+from .._core.align import Primitives, Stats, align_with, moments_with, zoom_shift_with
+from .._namespace import array_namespace, device_of, is_torch
 
 #: Whether numba-cuda (the CUDA half of this backend) is installed.
 HAS_CUDA = importlib.util.find_spec("numba_cuda") is not None
@@ -64,17 +59,19 @@ __all__ = [
     "HAS_CUDA",
     "TILE",
     "WORKSPACE_BYTES",
-    "align",
+    "align_cpu",
     "align_kernels",
     "cp_fusion",
     "cp_fusion_device",
     "kernels",
     "lowrank_fusion",
     "lowrank_fusion_device",
-    "moments",
+    "moments_cpu",
+    "moments_cuda",
     "moments_device",
     "simulator_enabled",
-    "zoom_shift",
+    "zoom_shift_cpu",
+    "zoom_shift_cuda",
     "zoom_shift_device",
 ]
 
@@ -89,8 +86,6 @@ MIN_CHUNK_ROWS = 256
 
 #: ``numba.cuda``, bound on first use by :func:`kernel_sources` (never at import).
 cuda: Any = None
-
-_NEEDS = "needs CuPy arrays or torch CUDA tensors on a CUDA device"
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -233,11 +228,16 @@ STAT_LANES = 8
 def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Callable[..., Any]]:
     """Statistics and affine-map kernels over a (B', T, C') view, as plain Python functions.
 
-    One block owns ``channels`` adjacent channels of one sample: its ``lanes`` token lanes
-    each run Welford's update over every ``lanes``-th token (in ``acc``), the lanes' partial
-    (count, mean, M2) are merged in a fixed order (Chan et al.) by lane 0, so the result does
-    not depend on scheduling.  ``zoom_shift`` then maps the same slab of x, which the block
-    has just read (an L2 hit on a GPU): x is read from memory about once.
+    One block owns ``channels`` adjacent channels of one sample.  The statistics are the
+    core's shifted two-pass algorithm (:mod:`mmfuse._core.align`, statistics section), in
+    ``acc``: the ``lanes`` token lanes each sum every ``lanes``-th token, lane 0 merges the
+    lanes' partial sums in lane order into the pivot ``p = sum(x) / n``; then each lane sums
+    ``d = x - p`` and ``d**2`` over the same tokens (a cache hit: the block has just read them),
+    merged likewise into ``mean = p + sum(d) / n`` and ``var = sum(d**2) / n - (sum(d) / n)**2``.
+    Accurate whatever the mean-to-spread ratio (``x - p`` is exact near the mean), and the
+    fixed merge order makes results independent of scheduling.  ``zoom_shift`` then maps the
+    same slab about the pivot, ``(x - p) s + offset`` (folding the map into ``x s + t`` would
+    lose ``|mean| s`` ulps): x is read from memory about once.
     """
     global cuda
     import numba.cuda
@@ -248,10 +248,10 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
         """Statistics of x[b, :, c] and, when ``apply``, the Zoom-and-Shift map of the slab.
 
         ``apply`` False (moments): mean_out[b, c] = mean, std_out[b, c] = sqrt(var + eps).
-        ``apply`` True (zoom_shift): out = x * s + t with s = (g_std / sigma_x) ** alpha
-        (1 where sigma_x = 0) and t = mu_x (1 - s) + alpha (g_mean - mu_x); the slab of x is
-        mapped right after the block reduced it.  Grid: one block per (sample, channel tile),
-        flattened on blockIdx.x; threads (channels, lanes).
+        ``apply`` True (zoom_shift): out = (x - p) * s + offset with s = (g_std / sigma_x) **
+        alpha (1 where sigma_x = 0) and offset = mu_x + alpha (g_mean - mu_x) - (mu_x - p) s,
+        the core's rule (:func:`mmfuse._core.align.zoom_shift_map`).  Grid: one block per
+        (sample, channel tile), flattened on blockIdx.x; threads (channels, lanes).
         """
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
@@ -261,37 +261,55 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
         b = cuda.blockIdx.x // c_tiles
         c = (cuda.blockIdx.x - b * c_tiles) * channels + tx
         sn = cuda.shared.array((lanes, channels), acc)
-        smean = cuda.shared.array((lanes, channels), acc)
-        sm2 = cuda.shared.array((lanes, channels), acc)
-        # Welford over tokens ty, ty + lanes, ... (masked tokens are never read).
+        s1 = cuda.shared.array((lanes, channels), acc)
+        s2 = cuda.shared.array((lanes, channels), acc)
+        # pass 1: counts and sums per lane (masked tokens are never read)
         n = acc(0)
-        mean = acc(0)
-        m2 = acc(0)
+        total = acc(0)
         if c < n_chan:
             for t in range(ty, n_tok, lanes):
                 if not use_mask or mask[b, t]:
-                    v = acc(x[b, t, c])
                     n += acc(1)
-                    d = v - mean
-                    mean += d / n
-                    m2 += d * (v - mean)
+                    total += acc(x[b, t, c])
         sn[ty, tx] = n
-        smean[ty, tx] = mean
-        sm2[ty, tx] = m2
+        s1[ty, tx] = total
+        cuda.syncthreads()
+        if ty == 0:  # merge in lane order: deterministic
+            for k in range(1, lanes):
+                n += sn[k, tx]
+                total += s1[k, tx]
+            sn[0, tx] = n
+            s2[0, tx] = total / n if n > acc(0) else acc(0)  # the pivot
+        cuda.syncthreads()
+        n = sn[0, tx]
+        pivot = s2[0, tx]
+        cuda.syncthreads()
+        # pass 2: sums of d = x - pivot and d**2 over the same tokens
+        d1 = acc(0)
+        d2 = acc(0)
+        if c < n_chan:
+            for t in range(ty, n_tok, lanes):
+                if not use_mask or mask[b, t]:
+                    d = acc(x[b, t, c]) - pivot
+                    d1 += d
+                    d2 += d * d
+        s1[ty, tx] = d1
+        s2[ty, tx] = d2
         cuda.syncthreads()
         if ty == 0:
-            # Merge the lanes in lane order (Chan et al.): deterministic.
             for k in range(1, lanes):
-                nb = sn[k, tx]
-                if nb > acc(0):
-                    tot = n + nb
-                    d = smean[k, tx] - mean
-                    mean += d * (nb / tot)
-                    m2 += sm2[k, tx] + d * d * (n * nb / tot)
-                    n = tot
+                d1 += s1[k, tx]
+                d2 += s2[k, tx]
+            corr = acc(0)
+            mean = acc(0)
             sigma = acc(0)
-            if c < n_chan:
-                sigma = math.sqrt(m2 / n + acc(eps))
+            if c < n_chan:  # (threads past the last channel have no tokens: n = 0)
+                corr = d1 / n
+                var = d2 / n - corr * corr
+                if var < acc(0):  # rounding can go below 0
+                    var = acc(0)
+                mean = pivot + corr
+                sigma = math.sqrt(var + acc(eps))
             if not apply:
                 if c < n_chan:
                     mean_out[b, c] = mean
@@ -303,16 +321,19 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
                     if sigma > acc(0):
                         ratio = acc(g_std[b, c]) / sigma
                         scale = ratio if alpha == 1.0 else ratio ** acc(alpha)
-                    offset = mean * (acc(1) - scale) + acc(alpha) * (acc(g_mean[b, c]) - mean)
-                sn[0, tx] = scale
-                smean[0, tx] = offset
+                    target = acc(g_mean[b, c])
+                    if alpha != 1.0:
+                        target = (acc(1) - acc(alpha)) * mean + acc(alpha) * target
+                    offset = target - corr * scale
+                s1[0, tx] = scale
+                s2[0, tx] = offset
         if apply:
             cuda.syncthreads()
             if c < n_chan:
-                scale = sn[0, tx]
-                offset = smean[0, tx]
+                scale = s1[0, tx]
+                offset = s2[0, tx]
                 for t in range(ty, n_tok, lanes):
-                    out[b, t, c] = acc(x[b, t, c]) * scale + offset
+                    out[b, t, c] = (acc(x[b, t, c]) - pivot) * scale + offset
 
     return {"stats_map": stats_map}
 
@@ -581,42 +602,6 @@ def zoom_shift_device(
 # ----------------------------------------------------------------------------- CuPy / torch glue
 
 
-def _supports(xp: Any, device: Any) -> str | None:
-    """The CUDA kernels: CuPy arrays and torch CUDA tensors, with numba-cuda installed."""
-    if array_api_compat.is_cupy_namespace(xp) or (
-        is_torch(xp) and getattr(device, "type", None) == "cuda"
-    ):
-        if not HAS_CUDA:
-            return f"{_NEEDS}, and numba-cuda (pip install 'mmfuse[numba]')"
-        if simulator_enabled():
-            return (
-                f"{_NEEDS}, with numba's CUDA simulator off (NUMBA_ENABLE_CUDASIM is set, so "
-                "numba cannot use device memory)"
-            )
-        return None
-    return _NEEDS
-
-
-def _supports_cpu_or_cuda(xp: Any, device: Any) -> str | None:
-    """moments / zoom_shift: NumPy arrays (CPU kernels) or what the CUDA kernels take."""
-    if is_numpy(xp):
-        return None
-    refusal = _supports(xp, device)
-    return None if refusal is None else f"needs NumPy arrays (CPU kernels) or {refusal[len('needs '):]}"
-
-
-def _supports_cpu(xp: Any, device: Any) -> str | None:
-    """align: the CPU kernels only."""
-    return None if is_numpy(xp) else "needs NumPy arrays (align has CPU kernels only)"
-
-
-def _needs_grad(arrays: Sequence[Any]) -> bool:
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.is_grad_enabled():
-        return False
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in arrays)
-
-
 class _Frame:
     """Moves one call's arrays between their framework (CuPy / torch) and numba."""
 
@@ -709,10 +694,6 @@ def lowrank_fusion(
     present: Any = None,
 ) -> Any:
     """:func:`mmfuse.lowrank_fusion` on CUDA arrays with the numba kernels (see the module)."""
-    if _needs_grad([*xs, *factors, weights, bias]):
-        return core.lowrank_fusion(
-            list(xs), list(factors), weights, bias, append_one=append_one, present=present
-        )
     frame = _Frame(xs[0])
     xs_p, pres = _prepared(frame, xs, present)
     fs_p = [frame.prepare(f) for f in factors]
@@ -743,10 +724,6 @@ def cp_fusion(
 ) -> Any:
     """:func:`mmfuse.cp_fusion` on CUDA arrays with the numba kernels (see the module)."""
     weights, factors = cp
-    if _needs_grad([*xs, *factors, weights, bias]):
-        return core.cp_fusion(
-            list(xs), (weights, list(factors)), bias, append_one=append_one, present=present
-        )
     frame = _Frame(xs[0])
     xs_p, pres = _prepared(frame, xs, present)
     fs_p = [frame.prepare(f) for f in factors]
@@ -779,14 +756,8 @@ def _mask_view(mask: Any) -> Any:
     return mask.reshape(math.prod(shape[:-1]), shape[-1])
 
 
-def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
-    """:func:`mmfuse.moments` with the numba kernels (one read of x): CPU or CUDA."""
-    if is_numpy(array_namespace(x)):
-        return _moments_cpu(x, axis, mask, eps)
-    if _needs_grad([x]):
-        from .._core import align as core_align
-
-        return core_align.moments(x, axis=axis, mask=mask, eps=eps)
+def moments_cuda(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
+    """:func:`mmfuse.moments` with the numba CUDA kernel (one read of x)."""
     frame = _Frame(x)
     ax = axis % x.ndim
     xp_ = frame.prepare(x)
@@ -808,7 +779,7 @@ def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> t
     return frame.finish(mean), frame.finish(std)
 
 
-def zoom_shift(
+def zoom_shift_cuda(
     x: Any,
     guide: Any,
     *,
@@ -818,15 +789,7 @@ def zoom_shift(
     guide_mask: Any = None,
     eps: float = 1e-5,
 ) -> Any:
-    """:func:`mmfuse.zoom_shift` with the numba kernels (see the module): CPU or CUDA."""
-    if is_numpy(array_namespace(x)):
-        return _zoom_shift_cpu(x, guide, alpha, axis, mask, guide_mask, eps)
-    if _needs_grad([x, guide]):
-        from .._core import align as core_align
-
-        return core_align.zoom_shift(
-            x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps
-        )
+    """:func:`mmfuse.zoom_shift` with the numba CUDA kernels (see the module)."""
     frame = _Frame(x)
     ax = axis % x.ndim
     x3 = _lane_view(frame.prepare(x), ax)
@@ -864,36 +827,87 @@ def _cpu_mask(mask: Any) -> Any:
     return None if mask is None else _mask_view(mask)
 
 
-def _cpu_mean_sigma(x: Any, ax: int, mask: Any, eps: float) -> tuple[Any, Any]:
-    """float64 (B', C') mean and ``sqrt(var + eps)`` of x over ``ax`` (one read of x)."""
+def _per_lane(a: Any, kept: Sequence[int], shape: tuple[int, int], dtype: Any) -> Any:
+    """Statistics-shaped ``a`` (broadcastable to ``kept``) as a contiguous (B', C') array."""
     import numpy as np
 
-    from . import _numba_cpu
-
-    mean, var = _numba_cpu.stats(_cpu_lanes(x, ax), _cpu_mask(mask))
-    return mean, np.sqrt(var + eps)
+    return np.ascontiguousarray(np.broadcast_to(a, tuple(kept)).reshape(shape), dtype=dtype)
 
 
-def _moments_cpu(x: Any, axis: int, mask: Any, eps: float) -> tuple[Any, Any]:
-    ax = axis % x.ndim
-    mean, std = _cpu_mean_sigma(x, ax, mask, eps)
-    kept = list(x.shape)
-    kept[ax] = 1
-    return mean.astype(x.dtype).reshape(kept), std.astype(x.dtype).reshape(kept)
+class CPUPrimitives(Primitives):
+    """The alignment primitives as the numba CPU kernels of :mod:`._numba_cpu` (statistics
+    accumulated in float64, one loop nest per pass over a sample); the algorithms are the
+    core's (:mod:`mmfuse._core.align`)."""
+
+    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False) -> Stats:
+        from . import _numba_cpu
+
+        lanes = _cpu_lanes(x, axis)
+        mean, var = _numba_cpu.stats(lanes, _cpu_mask(mask))  # float64, (B', C')
+        kept = list(x.shape)
+        kept[axis] = 1
+        mean, var = mean.reshape(kept), var.reshape(kept)
+        # the pivot: the mean rounded to the lanes' dtype, so x - pivot is exact near the mean;
+        # what the rounding dropped is the correction (float64)
+        pivot = mean.astype(lanes.dtype)
+        return Stats(mean, var, pivot, mean - pivot)
+
+    def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
+        import numpy as np
+
+        from . import _numba_cpu
+
+        lanes = _cpu_lanes(x, axis)
+        kept = list(x.shape)
+        kept[axis] = 1
+        shape = (lanes.shape[0], lanes.shape[2])
+        dt = lanes.dtype  # the per-channel constants are rounded once, to x's dtype
+        centre = np.zeros(shape, dtype=dt) if pivot is None else _per_lane(pivot, kept, shape, dt)
+        out = _numba_cpu.apply_map(
+            lanes, centre, _per_lane(scale, kept, shape, dt), _per_lane(offset, kept, shape, dt)
+        )
+        return out.reshape(x.shape).astype(x.dtype, copy=False)
+
+    def zoom_shift(
+        self, x: Any, axis: int, mask: Any, g_mean: Any, g_sigma: Any, alpha: float, eps: float
+    ) -> Any:
+        import numpy as np
+
+        from . import _numba_cpu
+
+        lanes = _cpu_lanes(x, axis)
+        shape = (lanes.shape[0], lanes.shape[2])
+        kept = list(x.shape)
+        kept[axis] = 1
+        g_mean, g_sigma = (_per_lane(a, kept, shape, np.float64) for a in (g_mean, g_sigma))
+        out = _numba_cpu.zoom_shift(lanes, _cpu_mask(mask), g_mean, g_sigma, alpha, eps)
+        return out.reshape(x.shape).astype(x.dtype, copy=False)
 
 
-def _zoom_shift_cpu(
-    x: Any, guide: Any, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float
+CPU = CPUPrimitives()
+
+
+def moments_cpu(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
+    """:func:`mmfuse.moments` on NumPy arrays with the CPU kernels (one read of x)."""
+    return moments_with(CPU, x, axis=axis, mask=mask, eps=eps)
+
+
+def zoom_shift_cpu(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
 ) -> Any:
-    from . import _numba_cpu
-
-    ax = axis % x.ndim
-    g_mean, g_sigma = _cpu_mean_sigma(guide, ax, guide_mask, eps)
-    out = _numba_cpu.zoom_shift(_cpu_lanes(x, ax), _cpu_mask(mask), g_mean, g_sigma, alpha, eps)
-    return out.reshape(x.shape).astype(x.dtype, copy=False)
+    """:func:`mmfuse.zoom_shift` on NumPy arrays with the CPU kernels: one read of the guide,
+    one of x, one write."""
+    return zoom_shift_with(CPU, x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps)
 
 
-def align(
+def align_cpu(
     xs: list[Any],
     *,
     rounds: int | None = 1,
@@ -905,41 +919,9 @@ def align(
     masks: list[Any] | None = None,
     eps: float = 1e-5,
 ) -> list[Any]:
-    """:func:`mmfuse.align` on NumPy arrays: statistics and the final map with the CPU kernels.
-
-    As in the core, every input is read once for its statistics, the rounds (or the closed-form
-    limit) run on the (B', C') statistics alone, and each input is mapped once.
-    """
-    import numpy as np
-
-    from .._core import align as core_align
-    from . import _numba_cpu
-
-    ax = axis % xs[0].ndim
-    masks = list(masks) if masks is not None else [None] * len(xs)
-    lanes = [_cpu_lanes(x, ax) for x in xs]  # converted once, read by both passes
-
-    def apply(x3: Any, scale: Any, offset: Any) -> Any:
-        return _numba_cpu.apply_map(x3, scale.astype(x3.dtype), offset.astype(x3.dtype))
-
-    ys = core_align.align_with(
-        lanes, [_cpu_mask(m) for m in masks], _numba_cpu.stats, apply,
-        rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, eps=eps, xp=np,
+    """:func:`mmfuse.align` on NumPy arrays: the core's algorithm over the CPU kernels (every
+    input read once for its statistics, the rounds on the statistics, one map per input)."""
+    return align_with(
+        CPU, xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
+        axis=axis, masks=masks, eps=eps,
     )  # fmt: skip
-    return [y.reshape(x.shape).astype(x.dtype, copy=False) for x, y in zip(xs, ys)]
-
-
-# Priority: above the Array-API core (0), below the CuPy backend's cuBLAS path (20) on CuPy
-# arrays, and below the torch backend on torch tensors (its custom ops carry the backward).
-PRIORITY = 10
-
-register("lowrank_fusion", "numba", lowrank_fusion, supports=_supports, priority=PRIORITY)
-register("cp_fusion", "numba", cp_fusion, supports=_supports, priority=PRIORITY)
-# The alignment operators exist once mmfuse._align is imported (mmfuse/__init__ does it).
-for _name, _impl, _takes in (
-    ("moments", moments, _supports_cpu_or_cuda),
-    ("zoom_shift", zoom_shift, _supports_cpu_or_cuda),
-    ("align", align, _supports_cpu),
-):
-    if _name in _OPS:
-        register(_name, "numba", _impl, supports=_takes, priority=PRIORITY)

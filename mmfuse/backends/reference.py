@@ -2,6 +2,7 @@
 
 Inputs are copied to NumPy, the float64 reference runs, and the result comes back in the
 caller's namespace, dtype and device.  Slow and gradient-free by design: it is the oracle.
+The registry's table names the functions below, one per operator.
 """
 
 from __future__ import annotations
@@ -10,9 +11,20 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from .. import reference
 from .._namespace import array_namespace, device_of, from_numpy, to_numpy, tree_map
 
-__all__ = ["as_backend"]
+__all__ = [
+    "align",
+    "as_backend",
+    "cp_fusion",
+    "lowrank_fusion",
+    "moments",
+    "sequence_fusion",
+    "tensor_fusion",
+    "wander",
+    "zoom_shift",
+]
 
 
 def _first_float_array(obj: Any) -> Any:
@@ -40,3 +52,13 @@ def as_backend(func: Callable[..., Any]) -> Callable[..., Any]:
         return tree_map(lambda a: from_numpy(a, xp, dtype=dtype, device=device), out)
 
     return run
+
+
+tensor_fusion = as_backend(reference.tensor_fusion)
+lowrank_fusion = as_backend(reference.lowrank_fusion)
+cp_fusion = as_backend(reference.cp_fusion)
+sequence_fusion = as_backend(reference.sequence_fusion)
+wander = as_backend(reference.wander)
+moments = as_backend(reference.moments)
+zoom_shift = as_backend(reference.zoom_shift)
+align = as_backend(reference.align)

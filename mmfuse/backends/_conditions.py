@@ -1,0 +1,204 @@
+"""What a call's inputs are, and the conditions implementations state on them.
+
+The registry describes each call once, from its arrays' metadata (:class:`CallInfo`: the
+namespace, device, dtype, and for torch whether autograd will need gradients through the call
+or a ``torch.func`` transform sees it), and asks each candidate implementation's *condition*
+whether it can take the call.  A condition returns ``None`` when it can, else a sentence saying
+what it needs (shown by :func:`mmfuse.backends.explain` and in refusals).
+
+Conditions are named in the registry's static table (:mod:`mmfuse.backends._table`) and live
+here, so that deciding never imports a backend's module: a condition that asks about an
+optional framework (numba-cuda installed, its simulator) looks it up only when asked.
+Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from .._namespace import is_dask, is_numpy, is_torch
+
+__all__ = ["CONDITIONS", "CallInfo", "call_info"]
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """A call's inputs as the registry sees them (metadata only, never values).
+
+    ``xp`` the namespace, ``device`` and ``dtype`` those of the first floating input;
+    ``grad``: torch autograd will need gradients through the call (grad mode on and an input
+    requires grad); ``traced``: a ``torch.func`` transform sees the inputs, or forward-mode AD
+    is active (the custom ops support neither).
+    """
+
+    xp: Any
+    device: Any
+    dtype: Any
+    grad: bool = False
+    traced: bool = False
+
+
+def _tensors(arrays: Iterable[Any], torch: Any) -> list[Any]:
+    found: list[Any] = []
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):  # wander's (weight, bias) pairs, cp's factors
+            found.extend(_tensors(a, torch))
+    return found
+
+
+def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
+    """Describe a call whose first floating array is ``like`` and whose arrays are ``arrays``."""
+    from .._namespace import device_of
+
+    if not is_torch(xp):
+        return CallInfo(xp, device_of(like), like.dtype)
+    torch = sys.modules["torch"]
+    tensors = _tensors(arrays, torch) or [like]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    traced = torch.autograd.forward_ad._current_level >= 0 or any(wrapped(t) for t in tensors)
+    return CallInfo(xp, like.device, like.dtype, grad, traced)
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def _any(info: CallInfo) -> str | None:
+    return None
+
+
+def _numpy(info: CallInfo) -> str | None:
+    return None if is_numpy(info.xp) else "needs NumPy arrays"
+
+
+def _numpy_f32_f64(info: CallInfo) -> str | None:
+    # its blocked buffers and in-place ufuncs keep the input's dtype: float16 goes generic,
+    # which computes statistics in float32
+    if is_numpy(info.xp) and str(info.dtype) in ("float32", "float64"):
+        return None
+    return "needs float32 or float64 NumPy arrays"
+
+
+def _dask(info: CallInfo) -> str | None:
+    return None if is_dask(info.xp) else "needs Dask arrays"
+
+
+def _torch(info: CallInfo) -> str | None:
+    return None if is_torch(info.xp) else "needs torch tensors (any device)"
+
+
+def _torch_eager(info: CallInfo) -> str | None:
+    # The custom ops have no batching rule and no forward-mode derivative, and functorch
+    # cannot trace their eager binding: such calls take the autograd implementation instead.
+    if not is_torch(info.xp):
+        return "needs torch tensors (any device)"
+    if info.traced:
+        return "needs torch tensors outside torch.func transforms and forward-mode AD"
+    return None
+
+
+def _torch_traced(info: CallInfo) -> str | None:
+    if not is_torch(info.xp):
+        return "needs torch tensors (any device)"
+    return None if info.traced else "only under torch.func transforms or forward-mode AD"
+
+
+def _cupy(info: CallInfo) -> str | None:
+    return None if array_api_compat.is_cupy_namespace(info.xp) else "needs CuPy arrays (on a CUDA device)"
+
+
+_CUDA_ARRAYS = "needs CuPy arrays or torch CUDA tensors on a CUDA device"
+
+
+def _cuda_arrays(info: CallInfo) -> bool:
+    return bool(array_api_compat.is_cupy_namespace(info.xp)) or (
+        is_torch(info.xp) and getattr(info.device, "type", None) == "cuda"
+    )
+
+
+def _numba_cuda_usable() -> str | None:
+    if importlib.util.find_spec("numba_cuda") is None:
+        return f"{_CUDA_ARRAYS}, and numba-cuda (pip install 'mmfuse[numba]')"
+    from numba.cuda.core import config
+
+    if config.ENABLE_CUDASIM:
+        return (
+            f"{_CUDA_ARRAYS}, with numba's CUDA simulator off (NUMBA_ENABLE_CUDASIM is set, so "
+            "numba cannot use device memory)"
+        )
+    return None
+
+
+def _numba_cuda(info: CallInfo) -> str | None:
+    """numba's CUDA kernels: forward only, so not when autograd needs gradients."""
+    if not _cuda_arrays(info):
+        return _CUDA_ARRAYS
+    if info.grad:
+        return f"{_CUDA_ARRAYS} that need no gradient (its kernels are forward-only)"
+    return _numba_cuda_usable()
+
+
+def _numba_cuda_grad(info: CallInfo) -> str | None:
+    """The numba backend's answer for CUDA arrays that need gradients: the Array-API core."""
+    if not _cuda_arrays(info):
+        return _CUDA_ARRAYS
+    return None if info.grad else "only for CUDA arrays that need gradients"
+
+
+def _numba_cpu_or_cuda(info: CallInfo) -> str | None:
+    if is_numpy(info.xp):
+        return None
+    refusal = _numba_cuda(info)
+    return None if refusal is None else f"needs NumPy arrays (CPU kernels) or {refusal[len('needs '):]}"
+
+
+def _numba_cpu(info: CallInfo) -> str | None:
+    return None if is_numpy(info.xp) else "needs NumPy arrays (its CPU kernels)"
+
+
+def _numba_cpu_only(info: CallInfo) -> str | None:
+    return None if is_numpy(info.xp) else "needs NumPy arrays (align has CPU kernels only)"
+
+
+def _triton(info: CallInfo) -> str | None:
+    if not is_torch(info.xp):
+        return "needs torch tensors on a CUDA device"
+    interpreted = importlib.util.find_spec("triton") is not None and _interpreting()
+    if getattr(info.device, "type", None) != "cuda" and not interpreted:
+        return "needs torch tensors on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+    if info.traced:
+        return "needs torch tensors outside torch.func transforms and forward-mode AD"
+    return None
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: condition name (as the static table writes it) -> condition
+CONDITIONS: dict[str, Callable[[CallInfo], str | None]] = {
+    "any": _any,
+    "numpy": _numpy,
+    "numpy float32/float64": _numpy_f32_f64,
+    "dask": _dask,
+    "torch": _torch,
+    "torch, no transform": _torch_eager,
+    "torch, under a transform": _torch_traced,
+    "cupy": _cupy,
+    "CUDA arrays, no gradient": _numba_cuda,
+    "CUDA arrays needing gradients": _numba_cuda_grad,
+    "numpy, or CUDA arrays without gradient": _numba_cpu_or_cuda,
+    "numpy (CPU kernels)": _numba_cpu,
+    "numpy (CPU kernels only)": _numba_cpu_only,
+    "torch CUDA tensors": _triton,
+}

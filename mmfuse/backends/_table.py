@@ -1,0 +1,134 @@
+"""The static table of mmfuse's built-in implementations: the one place dispatch is decided.
+
+Each row says: operator, backend (the policy name a user forces with ``backend=``), variant
+(what distinguishes it from the backend's other rows), where the function lives
+(``"module:attribute"``, imported only when the row is chosen), the condition on the call
+(:data:`mmfuse.backends._conditions.CONDITIONS`) and the priority.  The registry
+(:mod:`mmfuse.backends._registry`) reads this table and nothing else, so what runs depends on
+the inputs and the policy only, never on what was imported first.
+
+How a row is chosen:
+
+- a forced backend: its rows, highest priority first; the first whose condition holds runs;
+  none: :class:`~mmfuse.backends.BackendUnsupported` with every row's reason;
+- ``"auto"``: every row but the reference's, highest priority first, skipping rows of an
+  optional framework the process has not imported (``import mmfuse`` never imports one);
+  the Array-API core's generic row takes anything, so something always runs.
+
+Why the priorities are what they are: fused device kernels first (CuPy's cuBLAS path 20 above
+numba's 10: benchmarks/RESULTS.md, H100), then the torch custom ops (15, above numba so that
+torch CUDA tensors keep the memory-lean backward), the compiled CPU kernels (numba 10), the
+torch backend's rows for operators without a custom op (5: the core's algorithm on torch,
+there so that ``backend="torch"`` serves every operator), the Array-API core's specialised
+paths (NumPy's cache-blocked buffers and Dask's per-chunk tasks, 1) and the generic core (0).
+"Fallback" rows say what a backend does with a call its kernels cannot serve: the torch
+backend's custom ops have no batching rule or forward-mode derivative, so under
+``torch.func`` transforms the torch backend runs the core's autograd path (14); numba's CUDA
+kernels are forward-only, so CUDA arrays needing gradients also take the core (9).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["FRAMEWORKS", "ROWS", "Row"]
+
+
+class Row(NamedTuple):
+    op: str
+    backend: str
+    variant: str
+    target: str
+    condition: str
+    priority: int
+
+
+_CORE_FUSION = "mmfuse._core.fusion"
+_CORE_SEQ = "mmfuse._core.sequence"
+_CORE_ALIGN = "mmfuse._core.align"
+_REF = "mmfuse.backends.reference"
+_TORCH = "mmfuse.backends.torch"
+_NUMBA = "mmfuse.backends.numba"
+_CUPY = "mmfuse.backends.cupy"
+_TRITON = "mmfuse.backends.triton"
+
+#: backend -> the framework whose import lets "auto" consider its rows (None: always)
+FRAMEWORKS: dict[str, str | None] = {
+    "array_api": None,
+    "reference": None,
+    "torch": "torch",
+    "numba": "numba",
+    "cupy": "cupy",
+    "triton": "triton",
+}
+
+
+def _rows() -> tuple[Row, ...]:
+    rows: list[Row] = []
+
+    def add(op: str, backend: str, variant: str, target: str, condition: str, priority: int) -> None:
+        rows.append(Row(op, backend, variant, target, condition, priority))
+
+    for op in ("tensor_fusion", "lowrank_fusion", "cp_fusion"):
+        add(op, "array_api", "generic", f"{_CORE_FUSION}:{op}", "any", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "any", 0)
+    add(
+        "lowrank_fusion",
+        "array_api",
+        "numpy, cache-blocked",
+        f"{_CORE_FUSION}:lowrank_fusion_numpy",
+        "numpy",
+        1,
+    )
+    add(
+        "lowrank_fusion",
+        "array_api",
+        "dask, one task per chunk",
+        f"{_CORE_FUSION}:lowrank_fusion_dask",
+        "dask",
+        1,
+    )
+    # TFN has no custom op: the torch backend runs the core's contraction under autograd (5:
+    # the same function the core's row runs; a row so that backend="torch" serves it)
+    add("tensor_fusion", "torch", "autograd", f"{_CORE_FUSION}:tensor_fusion", "torch", 5)
+    for op in ("lowrank_fusion", "cp_fusion"):
+        add(op, "torch", "custom op", f"{_TORCH}:{op}", "torch, no transform", 15)
+        add(op, "torch", "autograd (transforms)", f"{_CORE_FUSION}:{op}", "torch, under a transform", 14)
+        add(op, "numba", "CUDA kernels", f"{_NUMBA}:{op}", "CUDA arrays, no gradient", 10)
+        add(op, "numba", "autograd (gradients)", f"{_CORE_FUSION}:{op}", "CUDA arrays needing gradients", 9)
+        add(op, "cupy", "cuBLAS + fused kernel", f"{_CUPY}:{op}", "cupy", 20)
+
+    for op in ("sequence_fusion", "wander"):
+        add(op, "array_api", "generic", f"{_CORE_SEQ}:{op}", "any", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "any", 0)
+        add(op, "torch", "custom op", f"{_TORCH}:{op}", "torch, no transform", 15)
+        add(op, "torch", "autograd (transforms)", f"{_CORE_SEQ}:{op}", "torch, under a transform", 14)
+
+    for op in ("moments", "zoom_shift", "align"):
+        add(op, "array_api", "generic", f"{_CORE_ALIGN}:{op}", "any", 0)
+        add(op, "array_api", "numpy, cache-blocked", f"{_CORE_ALIGN}:{op}_numpy", "numpy float32/float64", 1)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "any", 0)
+        only = " only" if op == "align" else ""  # align has no CUDA kernels
+        add(op, "numba", "CPU kernels", f"{_NUMBA}:{op}_cpu", f"numpy (CPU kernels{only})", 10)
+    for op in ("moments", "zoom_shift"):
+        add(op, "numba", "CUDA kernels", f"{_NUMBA}:{op}_cuda", "CUDA arrays, no gradient", 10)
+        add(op, "numba", "autograd (gradients)", f"{_CORE_ALIGN}:{op}", "CUDA arrays needing gradients", 9)
+        add(op, "cupy", "fused kernel", f"{_CUPY}:{op}", "cupy", 20)
+    add("zoom_shift", "torch", "custom op", f"{_TORCH}:zoom_shift", "torch, no transform", 15)
+    add(
+        "zoom_shift",
+        "torch",
+        "autograd (transforms)",
+        f"{_CORE_ALIGN}:zoom_shift",
+        "torch, under a transform",
+        14,
+    )
+    # no custom op: the core's algorithm (statistics, rounds, one map) on torch, with autograd;
+    # below numba's CUDA kernels (10), which "auto" keeps for torch CUDA tensors without grad
+    add("moments", "torch", "autograd", f"{_CORE_ALIGN}:moments", "torch", 5)
+    add("align", "torch", "autograd", f"{_CORE_ALIGN}:align", "torch", 5)
+    return tuple(rows)
+
+
+#: every built-in implementation, in no meaningful order (priorities decide)
+ROWS: tuple[Row, ...] = _rows()

@@ -1,0 +1,84 @@
+"""The ``"torch"`` backend: ``torch.library`` custom operators with analytic, memory-lean backwards.
+
+Importing this package imports torch and defines the operators; the registry imports it when
+one of its implementations is chosen (``backend="torch"``, or under ``"auto"`` once the user
+has imported torch), so ``import mmfuse`` never does.  One module per operator
+(:mod:`.lowrank`, :mod:`.cp`, :mod:`.sequence`, :mod:`.wander`, :mod:`.zoom_shift`), the
+pieces they share in :mod:`._common`.  The functions below have the public signatures; the
+registry's table (:mod:`mmfuse.backends._table`) says when they run (torch tensors outside
+``torch.func`` transforms; under transforms the torch backend runs the Array-API core).
+
+Operators (namespace ``mmfuse``), each a ``torch.library.custom_op`` with ``register_fake``
+(shape inference for ``torch.compile`` and meta tensors) and ``register_autograd``:
+
+- ``mmfuse::lowrank_fusion(xs, factors, weights, bias, append_one, present)``: LMF Eq. 8,
+  returning ``(fusion, kept)``.  Forward: per batch block, one GEMM per modality into a reused
+  (rows, R h) buffer, an in-place product and the rank sum; no (B, R h) array is allocated,
+  except the (M, B, R h) ``kept`` projections of narrow fusions and small batches (see below).
+- ``mmfuse::lowrank_fusion_backward``: the blocked analytic backward of the above (opaque to
+  autograd, used when no graph of the backward is being built).
+- ``mmfuse::cp_fusion(xs, weights, factors, bias, append_one, present)``: CP fusion in
+  TensorLy's layout; its backward is plain differentiable torch code (projections are (B, R)).
+- ``mmfuse::sequence_fusion(hs, feature_factors, token_factors, mode, masks)``: Wander's
+  token-level fusion (both modes; the forward is the Array-API core's blocked algorithm).
+- ``mmfuse::sequence_fusion_backward``: its blocked analytic backward, recomputing the
+  per-modality terms block by block (see the comment above the op for what is saved).
+- ``mmfuse::zoom_shift(x, guide, alpha, axis, mask, guide_mask, eps)``: one Zoom-and-Shift
+  step with a closed-form backward that saves only the inputs.
+- ``mmfuse::wander_collapsed(xs, weights, biases, feature_factors, token_factors, masks,
+  residual)``: the whole Wander adapter in the released configuration (collapsed mode, GELU),
+  returning ``(y, kept)``; ``mmfuse::wander_collapsed_backward`` is its backward (see the
+  comment above the op for what is kept and why).
+
+How the ops are called: the functions registered with the backend registry call each op
+through :func:`mmfuse.backends._torch_eager.bind`, a plain ``autograd.Function`` built from
+the op's own ``setup_context`` and backward (graph nodes ``_LowRankFusionBackward``,
+``_CPFusionBackward``, ``_SequenceFusionBackward``, ``_ZoomShiftBackward``,
+``_WanderCollapsedBackward``), which skips ``torch.library``'s per-call Python autograd
+wrapper; under ``torch.compile`` (and for direct ``torch.ops.mmfuse`` calls) the registered
+autograd runs.  The tests check that both give the same values and gradients.
+
+The ``"torch"`` implementation of ``wander`` (:func:`wander_torch`, also used by
+:class:`mmfuse.nn.WanderAdapter` under ``torch.compile``) is ``mmfuse::wander_collapsed`` in
+that configuration, else the down-projection and activation in torch around
+``mmfuse::sequence_fusion``.
+
+What the backward of ``lowrank_fusion`` saves, and why
+------------------------------------------------------
+LMF's released code (and autograd through the Array-API core) keeps the M per-modality
+projections ``hat x_m W_m`` alive from forward to backward: M arrays of B R h elements, the
+dominant memory of the layer when R h is large.  Here ``setup_context`` saves the *inputs*
+(``xs``, ``factors``, ``weights``, ``present``), which the caller holds anyway, so saving them
+costs no memory, and the backward recomputes the projections block by block (one extra GEMM
+per modality, the forward's cost).  Narrow fusions are the exception: when the M projections
+take at most a quarter of the inputs' elements (``4 M R h <= sum_m d_m``, e.g. dims (8, 16, 64)
+with R h = 4), the forward also returns them as a second, non-differentiable output and they
+are saved: little memory, and the backward skips the recomputing GEMMs (the narrow case of
+``benchmarks/torch_cpu.py``).  Small batches are the other exception: when the M projections
+hold no more elements than the factors (``M B R h <= sum_m R (d_m + 1) h``, e.g. B = 32 at
+dims (32, 32, 128), R = 16, h = 128), keeping them costs at most the parameters' own size, and
+skipping the recomputation made such a step about 13% faster on the CI machine.  Fusions that
+keep their projections also run forward and backward on the whole batch at once, not in
+cache-sized blocks: every per-row array is (B, R h), small per row (narrow) or few rows (small
+batch), so there is little to keep in cache, while each block costs a dozen op launches.
+Per block the backward forms ``G_m = (g w) * prod_{k != m} P_k`` with prefix and suffix
+products (no division, so exact zeros in a projection are harmless).  Peak extra memory is a
+few (rows, R h) blocks plus the gradients themselves, independent of the batch size.
+
+When a graph of the backward is requested (``create_graph=True``: double backward,
+``gradgradcheck``), the same formulas run as ordinary differentiable torch operations on the
+whole batch (:func:`_lowrank_grads_differentiable`); that path trades memory for
+differentiability and is only taken when asked for.
+
+float16 / bfloat16 inputs are computed in float32 and the results cast back.
+"""
+
+from __future__ import annotations
+
+from .cp import cp_fusion
+from .lowrank import lowrank_fusion
+from .sequence import sequence_fusion
+from .wander import wander, wander_torch
+from .zoom_shift import zoom_shift
+
+__all__ = ["cp_fusion", "lowrank_fusion", "sequence_fusion", "wander", "wander_torch", "zoom_shift"]

@@ -1,0 +1,140 @@
+"""``mmfuse::cp_fusion``: CP fusion in TensorLy's layout as a custom op; its backward is plain
+differentiable torch code (the projections are only (B, R)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .._torch_eager import bind
+from ._common import (
+    affine,
+    cast,
+    compute_dtype,
+    load_fusion_inputs,
+    masked_rows,
+    save_fusion_inputs,
+)
+
+__all__ = ['cp_fusion']
+
+
+def _cp_parts(
+    xs: Sequence[torch.Tensor],
+    weights: torch.Tensor | None,
+    factors: Sequence[torch.Tensor],
+    append_one: bool,
+    present: torch.Tensor | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    feats = [masked_rows(x, present, m, slice(None)) for m, x in enumerate(xs)]
+    proj = [affine(f, a, append_one) for f, a in zip(feats, factors[:-1])]
+    return feats, proj
+
+
+@torch.library.custom_op("mmfuse::cp_fusion", mutates_args=())
+def _cp_op(
+    xs: list[torch.Tensor],
+    weights: torch.Tensor | None,
+    factors: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    append_one: bool,
+    present: torch.Tensor | None,
+) -> torch.Tensor:
+    dtype = xs[0].dtype
+    cdt = compute_dtype(dtype)
+    xs = [cast(x, cdt) for x in xs]
+    factors = [cast(f, cdt) for f in factors]
+    _, proj = _cp_parts(xs, weights, factors, append_one, present)
+    prod = proj[0].clone() if len(proj) == 1 else proj[0] * proj[1]
+    for p in proj[2:]:
+        prod.mul_(p)
+    if weights is not None:
+        prod.mul_(cast(weights, cdt))
+    out = prod @ factors[-1].t()
+    if bias is not None:
+        out.add_(cast(bias, cdt))
+    return cast(out, dtype)
+
+
+@_cp_op.register_fake
+def _(xs: Any, weights: Any, factors: Any, bias: Any, append_one: bool, present: Any) -> Any:
+    return xs[0].new_empty((xs[0].shape[0], factors[-1].shape[0]))
+
+
+def _cp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    xs, weights, factors, _bias, append_one, present = inputs
+    # The (B, R) projections are recomputed in backward (one small GEMM per modality).
+    save_fusion_inputs(ctx, xs, factors, weights, present, append_one)
+
+
+def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    """h = C (w * prod_m P_m) + b with P_m = hat x_m A_m; plain differentiable torch code."""
+    n_mod = ctx.n_mod
+    xs, factors, weights, present = load_fusion_inputs(ctx, n_mod + 1)
+    need_xs, need_w, need_fs, need_b = ctx.needs_input_grad[:4]
+    dtype = grad.dtype
+    cdt = compute_dtype(dtype)
+    g = cast(grad, cdt)
+    xs = [cast(x, cdt) for x in xs]
+    factors = [cast(f, cdt) for f in factors]
+    w = cast(weights, cdt) if weights is not None else None
+    feats, proj = _cp_parts(xs, w, factors, append_one=ctx.append_one, present=present)
+    out_factor = factors[-1]
+    gp = g @ out_factor  # (B, R): dL/d(w * prod)
+    prefix: list[torch.Tensor | None] = [None]
+    for m in range(1, n_mod):
+        prev = prefix[m - 1]
+        prefix.append(proj[m - 1] if prev is None else prev * proj[m - 1])
+    last = prefix[n_mod - 1]
+    full = proj[n_mod - 1] if last is None else last * proj[n_mod - 1]
+    grad_w = (gp * full).sum(dim=0) if (need_w and w is not None) else None
+    grad_c = g.t() @ (full if w is None else full * w) if need_fs[-1] else None
+    run = gp if w is None else gp * w
+    grad_xs: list[torch.Tensor | None] = [None] * n_mod
+    grad_as: list[torch.Tensor | None] = [None] * n_mod
+    for m in range(n_mod - 1, -1, -1):
+        pm = prefix[m]
+        gm = run if pm is None else run * pm
+        a = factors[m]
+        d = feats[m].shape[1]
+        if need_xs[m]:
+            gx = gm @ a[:d].t()
+            if present is not None:
+                gx = torch.where(present[:, m : m + 1], gx, torch.zeros((), dtype=cdt, device=gx.device))
+            grad_xs[m] = cast(gx, dtype)
+        if need_fs[m]:
+            ga = feats[m].t() @ gm
+            if ctx.append_one:
+                ga = torch.cat([ga, gm.sum(dim=0, keepdim=True)], dim=0)
+            grad_as[m] = cast(ga, dtype)
+        if m:
+            run = run * proj[m]
+    return (
+        grad_xs,
+        cast(grad_w, dtype) if grad_w is not None else None,
+        [*grad_as, cast(grad_c, dtype) if grad_c is not None else None],
+        grad.sum(dim=0) if need_b else None,
+        None,
+        None,
+    )
+
+
+_cp_op.register_autograd(_cp_backward, setup_context=_cp_setup_context)
+_cp_eager = bind("_CPFusion", torch.ops.mmfuse.cp_fusion, _cp_setup_context, _cp_backward)
+
+
+
+def cp_fusion(
+    xs: Sequence[Any],
+    cp: Any,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+) -> Any:
+    """``mmfuse.cp_fusion`` as the ``mmfuse::cp_fusion`` custom op (inputs checked)."""
+    weights, factors = cp
+    return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)

@@ -1,0 +1,361 @@
+"""``mmfuse::lowrank_fusion``: LMF Eq. 8 as a custom op with a blocked, memory-lean analytic
+backward (see the package docstring for what it saves and why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..._core import fusion as _core_fusion
+from ..._namespace import block_budget, block_slices
+from .._torch_eager import bind
+from ._common import (
+    BLOCK_BYTES,
+    affine,
+    cast,
+    compute_dtype,
+    flat_factor,
+    load_fusion_inputs,
+    masked_rows,
+    project_into,
+    save_fusion_inputs,
+    store,
+    store_gram,
+)
+
+__all__ = ['lowrank_fusion']
+
+
+# Kept projections' rank sums run as a GEMM (R h^2 multiply-adds per row, against R h for the
+# strided sum) up to this output width h.
+_RANK_SUM_GEMM_WIDTH = 8
+
+
+def _rank_sum_matrix(
+    weights: torch.Tensor | None, rank: int, out_dim: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The (R h, h) matrix S with S[r h + k, k] = w_r (w = 1 without weights), so that a
+    (n, R h) product times S is the rank-weighted sum.  Used for kept projections with
+    h <= _RANK_SUM_GEMM_WIDTH only, where this GEMM costs little: there it runs about 4x
+    faster than the strided sum over the rank axis (measured at R h = 4).  (The backward's
+    spread of (n, h) gradients over the ranks stays a broadcast multiply: as the GEMM g S^T,
+    with its inner dimension of h, it ran slower.)"""
+    w = torch.ones(rank, dtype=dtype, device=device) if weights is None else cast(weights, dtype)
+    return torch.kron(w.view(rank, 1), torch.eye(out_dim, dtype=dtype, device=device))
+
+
+def _keeps_projections(xs: Sequence[torch.Tensor], factors: Sequence[torch.Tensor]) -> bool:
+    """Whether a fusion keeps its M (B, R h) projections for backward (which then skips one
+    GEMM per modality) instead of recomputing them.
+
+    Kept when they are cheap to hold: narrow fusions, whose projections take at most a quarter
+    of the inputs' elements (M R h per sample against sum_m d_m; e.g. (8, 16, 64) with R h = 4:
+    12 against 88), and small batches, whose projections hold no more elements than the
+    factors themselves.  Otherwise they are recomputed: the memory-lean backward.
+    """
+    rank, _, out_dim = factors[0].shape
+    per_sample = len(xs) * rank * out_dim
+    narrow = 4 * per_sample <= sum(x.shape[1] for x in xs)
+    return narrow or xs[0].shape[0] * per_sample <= sum(f.numel() for f in factors)
+
+
+@torch.library.custom_op("mmfuse::lowrank_fusion", mutates_args=())
+def _lowrank_op(
+    xs: list[torch.Tensor],
+    factors: list[torch.Tensor],
+    weights: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    append_one: bool,
+    present: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the fusion and, where :func:`_keeps_projections` says so, the (M, B, R h)
+    projections in the compute dtype for backward (else an empty tensor)."""
+    dtype = xs[0].dtype
+    cdt = compute_dtype(dtype)
+    xs = [cast(x, cdt) for x in xs]
+    rank, _, out_dim = factors[0].shape
+    keep = _keeps_projections(xs, factors)
+    # kept projections must be the unweighted P_m the backward uses; else fold w into W_0
+    mats = [
+        flat_factor(cast(f, cdt), cast(weights, cdt) if m == 0 and weights is not None and not keep else None)
+        for m, f in enumerate(factors)
+    ]
+    batch = xs[0].shape[0]
+    width = rank * out_dim
+    dev = xs[0].device
+    out = torch.empty((batch, out_dim), dtype=cdt, device=dev)
+    kept = torch.empty((len(xs), batch, width) if keep else (0,), dtype=cdt, device=dev)
+    # Fusions that keep their projections run on the whole batch at once (module docstring).
+    rows = batch if keep else _core_fusion.block_rows(
+        batch, sum(x.shape[1] for x in xs) + 2 * width, out.element_size(), block_budget(out, BLOCK_BYTES)
+    )
+    acc = torch.empty((min(rows, batch), width), dtype=cdt, device=dev)
+    proj = torch.empty_like(acc) if len(xs) > 1 and not keep else acc  # kept: projections go there
+    # kept projections are unweighted: their rank sum applies w (as a GEMM while h is small)
+    gemm_sum = keep and out_dim <= _RANK_SUM_GEMM_WIDTH
+    rank_sum = _rank_sum_matrix(weights, rank, out_dim, cdt, dev) if gemm_sum else None
+    rank_w = cast(weights, cdt).view(1, rank, 1) if keep and not gemm_sum and weights is not None else None
+    for blk in block_slices(batch, rows):
+        n = blk.stop - blk.start
+        for m, (x, mat) in enumerate(zip(xs, mats)):
+            target = kept[m, blk] if keep else (acc[:n] if m == 0 else proj[:n])
+            project_into(target, masked_rows(x, present, m, blk), mat, append_one)
+            if keep and m == 1:
+                torch.mul(kept[0, blk], target, out=acc[:n])
+            elif m:
+                acc[:n].mul_(target)
+        prod = kept[0, blk] if keep and len(xs) == 1 else acc[:n]
+        if rank_sum is not None:
+            torch.mm(prod, rank_sum, out=out[blk])
+        elif rank_w is not None:
+            torch.sum(prod.view(n, rank, out_dim) * rank_w, dim=1, out=out[blk])
+        else:
+            torch.sum(prod.view(n, rank, out_dim), dim=1, out=out[blk])
+    if bias is not None:
+        out.add_(cast(bias, cdt))
+    return cast(out, dtype), kept
+
+
+@_lowrank_op.register_fake
+def _(xs: Any, factors: Any, weights: Any, bias: Any, append_one: bool, present: Any) -> Any:
+    batch, (rank, _, out_dim) = xs[0].shape[0], factors[0].shape
+    cdt = compute_dtype(xs[0].dtype)
+    keep = _keeps_projections(xs, factors)
+    kept = xs[0].new_empty((len(xs), batch, rank * out_dim) if keep else (0,), dtype=cdt)
+    return xs[0].new_empty((batch, out_dim)), kept
+
+
+# --------------------------------------------------------------------------- lowrank backward
+
+
+@torch.library.custom_op("mmfuse::lowrank_fusion_backward", mutates_args=())
+def _lowrank_backward_op(
+    grad: torch.Tensor,
+    xs: list[torch.Tensor],
+    factors: list[torch.Tensor],
+    weights: torch.Tensor | None,
+    append_one: bool,
+    present: torch.Tensor | None,
+    needs: list[bool],
+    projections: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Blocked analytic backward.  ``needs`` = [x_0..x_{M-1}, f_0..f_{M-1}, weights, bias];
+    ``projections``: the (M, B, R h) projections the forward kept (narrow fusions), else None
+    and they are recomputed block by block.
+
+    Returns gradients in that order; a gradient that is not needed comes back as an empty
+    tensor (custom ops cannot return None in a list).
+    """
+    n_mod = len(xs)
+    dtype = grad.dtype
+    cdt = compute_dtype(dtype)
+    dev = grad.device
+    g_all = cast(grad, cdt)
+    xs = [cast(x, cdt) for x in xs]
+    rank, _, out_dim = factors[0].shape
+    width = rank * out_dim
+    mats = [flat_factor(cast(f, cdt)) for f in factors]
+    w = cast(weights, cdt) if weights is not None else torch.ones(rank, dtype=cdt, device=dev)
+    need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
+    need_w, need_b = needs[2 * n_mod], needs[2 * n_mod + 1]
+    batch = xs[0].shape[0]
+    gx: list[Any] = [torch.empty_like(x) if need_x[m] else None for m, x in enumerate(xs)]
+    # the first block writes the factor and weight gradients, later blocks add to them
+    gmat: list[Any] = [torch.empty_like(mat) if need_f[m] else None for m, mat in enumerate(mats)]
+    gw = torch.empty_like(w) if need_w else None
+
+    # With kept projections the whole batch is one block (the forward's choice too: per-row
+    # arrays are narrow or rows are few); otherwise blocks keep the recomputation in cache.
+    rows = batch if projections is not None else _core_fusion.block_rows(
+        batch, 2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width, g_all.element_size(),
+        block_budget(g_all, BLOCK_BYTES),
+    )
+    cap = min(rows, batch)
+    n_buf = 0 if projections is not None else n_mod  # recomputed projections go here
+    buf = [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(n_buf)]
+    # buffers for the prefix products of modalities 2.. (see pre below)
+    prefix: list[Any] = [None, None]
+    prefix += [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(2, n_mod)]
+    run = torch.empty((cap, width), dtype=cdt, device=dev)
+    gm = torch.empty((cap, width), dtype=cdt, device=dev)
+    w3 = w.view(1, rank, 1)
+    for blk in block_slices(batch, rows):
+        n = blk.stop - blk.start
+        first = blk.start == 0
+        feats = [masked_rows(x, present, m, blk) for m, x in enumerate(xs)]
+        if projections is not None:
+            proj = [projections[m, blk] for m in range(n_mod)]
+        else:
+            proj = [b[:n] for b in buf]
+            for m in range(n_mod):
+                project_into(proj[m], feats[m], mats[m], append_one)
+        # pre[m] = prod_{k<m} P_k for m >= 1 (pre[0] is implicitly ones)
+        pre: list[Any] = [None, proj[0]][:n_mod]
+        for m in range(2, n_mod):
+            pre.append(torch.mul(pre[m - 1], proj[m - 1], out=prefix[m][:n]))
+        g = g_all[blk]
+        if gw is not None:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k], as one GEMV
+            full = torch.mul(pre[-1], proj[-1], out=gm[:n]) if n_mod > 1 else proj[0]
+            by_rank = full.view(n, rank, out_dim).permute(1, 0, 2).reshape(rank, n * out_dim)
+            store(gw, torch.mv(by_rank, g.reshape(-1)), first)
+        # run = (g w) * prod_{k>m} P_k, walked from the last modality down
+        torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
+        for m in range(n_mod - 1, -1, -1):
+            if need_x[m] or need_f[m]:
+                gmm = run[:n] if m == 0 else torch.mul(run[:n], pre[m], out=gm[:n])
+                d = feats[m].shape[1]
+                if need_x[m]:
+                    gxb = torch.mm(gmm, mats[m][:d].t(), out=gx[m][blk])
+                    if present is not None:
+                        gxb.masked_fill_(~present[blk, m : m + 1], 0)
+                if need_f[m]:
+                    store_gram(gmat[m][:d], gmm, feats[m], first)
+                    if append_one:
+                        store(gmat[m][d], gmm.sum(dim=0), first)
+            if m:
+                run[:n].mul_(proj[m])
+
+    def empty() -> torch.Tensor:  # outputs must not alias one another: a fresh one each
+        return grad.new_empty((0,))
+
+    out: list[torch.Tensor] = []
+    for m in range(n_mod):
+        out.append(cast(gx[m], dtype) if gx[m] is not None else empty())
+    for m, f in enumerate(factors):
+        if gmat[m] is None:
+            out.append(empty())
+        else:
+            rows_m = f.shape[1]
+            out.append(gmat[m].view(rows_m, rank, out_dim).permute(1, 0, 2).contiguous().to(dtype))
+    out.append(cast(gw, dtype) if gw is not None else empty())
+    out.append(g_all.sum(dim=0).to(dtype) if need_b else empty())
+    return out
+
+
+@_lowrank_backward_op.register_fake
+def _(
+    grad: Any, xs: Any, factors: Any, weights: Any, append_one: bool, present: Any, needs: Any,
+    projections: Any = None,
+) -> Any:
+    n_mod = len(xs)
+    out = []
+    for m, x in enumerate(xs):
+        out.append(x.new_empty(x.shape) if needs[m] else grad.new_empty((0,)))
+    for m, f in enumerate(factors):
+        out.append(f.new_empty(f.shape) if needs[n_mod + m] else grad.new_empty((0,)))
+    rank, out_dim = factors[0].shape[0], factors[0].shape[2]
+    out.append(grad.new_empty((rank,)) if needs[2 * n_mod] else grad.new_empty((0,)))
+    out.append(grad.new_empty((out_dim,)) if needs[2 * n_mod + 1] else grad.new_empty((0,)))
+    return out
+
+
+def _lowrank_grads_differentiable(
+    grad: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    factors: Sequence[torch.Tensor],
+    weights: torch.Tensor | None,
+    append_one: bool,
+    present: torch.Tensor | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The same gradient formulas as out-of-place, differentiable torch operations.
+
+    Used only when a graph of the backward is being built (double backward); it holds the M
+    (B, R h) projections, which is what differentiating through the backward needs anyway.
+    """
+    n_mod = len(xs)
+    rank, _, out_dim = factors[0].shape
+    whole = slice(None)
+    feats = [masked_rows(x, present, m, whole) for m, x in enumerate(xs)]
+    proj = [affine(f, flat_factor(fac), append_one) for f, fac in zip(feats, factors)]
+    w = weights if weights is not None else torch.ones(rank, dtype=grad.dtype, device=grad.device)
+    g3 = grad.unsqueeze(1)
+    prefix: list[torch.Tensor | None] = [None]
+    for m in range(1, n_mod):
+        prev = prefix[m - 1]
+        prefix.append(proj[m - 1] if prev is None else prev * proj[m - 1])
+    last = prefix[n_mod - 1]
+    full = proj[n_mod - 1] if last is None else last * proj[n_mod - 1]
+    gw = (full.reshape(-1, rank, out_dim) * g3).sum(dim=(0, 2))
+    run = (g3 * w.view(1, rank, 1)).reshape(-1, rank * out_dim)
+    gxs: list[torch.Tensor] = [grad] * n_mod
+    gfs: list[torch.Tensor] = [grad] * n_mod
+    for m in range(n_mod - 1, -1, -1):
+        pm = prefix[m]
+        gmm = run if pm is None else run * pm
+        mat = flat_factor(factors[m])
+        d = feats[m].shape[1]
+        gx = gmm @ mat[:d].t()
+        if present is not None:
+            gx = torch.where(present[:, m : m + 1], gx, torch.zeros((), dtype=gx.dtype, device=gx.device))
+        gxs[m] = gx
+        gmat = feats[m].t() @ gmm
+        if append_one:
+            gmat = torch.cat([gmat, gmm.sum(dim=0, keepdim=True)], dim=0)
+        gfs[m] = gmat.reshape(-1, rank, out_dim).permute(1, 0, 2)
+        if m:
+            run = run * proj[m]
+    return gxs, gfs, gw, grad.sum(dim=0)
+
+
+def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    xs, factors, weights, _bias, append_one, present = inputs
+    kept = output[1]
+    ctx.mark_non_differentiable(kept)  # an internal by-product, not a result
+    ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for it
+    ctx.kept = kept.numel() > 0
+    save_fusion_inputs(ctx, xs, factors, weights, present, append_one, *([kept] if ctx.kept else []))
+
+
+def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = None) -> tuple[Any, ...]:
+    n_mod = ctx.n_mod
+    if grad is None:  # the fusion did not reach the loss (grads are not materialised)
+        return ([None] * n_mod, [None] * n_mod, None, None, None, None)
+    need_xs, need_fs, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
+    xs, factors, weights, present = load_fusion_inputs(ctx, n_mod)
+    kept = ctx.saved_tensors[-1] if ctx.kept else None
+    need_w = bool(need_w) and weights is not None
+    if torch.is_grad_enabled():
+        gxs, gfs, gw, gb = _lowrank_grads_differentiable(grad, xs, factors, weights, ctx.append_one, present)
+        return (
+            [g if need else None for g, need in zip(gxs, need_xs)],
+            [g if need else None for g, need in zip(gfs, need_fs)],
+            gw if need_w else None,
+            gb if need_b else None,
+            None,
+            None,
+        )
+    needs = [bool(v) for v in (*need_xs, *need_fs, need_w, need_b)]
+    grads = _lowrank_backward_op(
+        grad.contiguous(), xs, factors, weights, ctx.append_one, present, needs, kept
+    )
+    return (
+        [grads[m] if need_xs[m] else None for m in range(n_mod)],
+        [grads[n_mod + m] if need_fs[m] else None for m in range(n_mod)],
+        grads[2 * n_mod] if need_w else None,
+        grads[2 * n_mod + 1] if need_b else None,
+        None,
+        None,
+    )
+
+
+_lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
+_lowrank_eager = bind(
+    "_LowRankFusion", torch.ops.mmfuse.lowrank_fusion, _lowrank_setup_context, _lowrank_backward
+)
+
+
+
+def lowrank_fusion(
+    xs: Sequence[Any],
+    factors: Sequence[Any],
+    weights: Any = None,
+    bias: Any = None,
+    *,
+    append_one: bool = True,
+    present: Any = None,
+) -> Any:
+    """``mmfuse.lowrank_fusion`` as the ``mmfuse::lowrank_fusion`` custom op (inputs checked)."""
+    return _lowrank_eager(list(xs), list(factors), weights, bias, append_one, present)[0]

@@ -1,0 +1,335 @@
+"""``mmfuse::wander_collapsed``: the whole Wander adapter in the released configuration as one
+custom op, and the torch implementation of ``wander``.
+
+The Wander adapter as the released code computes it (collapsed mode, GELU) is one op,
+``mmfuse::wander_collapsed``: down-projection, GELU, collapsed fusion and residual.  Why
+fused: on CPU the layer's step is bound by passes over memory, and as separate autograd
+nodes the residual alone costs a full-size gradient accumulation for x_0 (slice backward,
+then an out-of-place add), while the GELU's node and the fusion op each keep their own
+copy of the activations.
+
+What it saves for backward, and why: besides the inputs (held by the caller anyway), the
+pre-activations (B, T_m, r_m), the first contractions (Psi^T H (B, T_out, r_m) or H Phi
+(B, T_m, D), whichever order the plan picked) and the terms (B, T_out, D), returned by the
+forward as one flat non-differentiable by-product (``kept``).  The pre-activations give the
+GELU's derivative and, through the GELU again, H (an elementwise pass, cheaper to redo than
+to keep); the contractions and terms spare the backward both GEMMs per modality of the
+forward.  At the CMU-MOSI defaults that is 5.0 MiB held from forward to backward, against
+13.1 MiB for the released layer under autograd (per-modality products, their permuted
+copies, the activations) and 4.7 MiB for the layer built from a torch down-projection and
+``mmfuse::sequence_fusion`` (which recomputes its contractions).
+
+Its backward is the opaque ``mmfuse::wander_collapsed_backward`` (:func:`_collapsed_grads`
+for the fusion, then the GELU's derivative, the down-projection's gradients and the
+residual added in place).  With ``create_graph=True`` the backward instead re-runs the
+Array-API core's wander on the saved inputs under autograd and differentiates it, so double
+backward works (at autograd's memory cost, only when asked for).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from ..._core import sequence as _core_sequence
+from .._torch_eager import bind
+from ._common import (
+    cast,
+    compute_dtype,
+    seq_masked,
+)
+from .sequence import collapsed_grads, sequence_op_eager
+
+__all__ = ['wander', 'wander_torch']
+
+
+class _KeptLayout(NamedTuple):
+    shapes: list[tuple[int, int]]  # per modality (T_m, r_m)
+    orders: tuple[str, ...]  # the plan's contraction order per modality
+    layout: list[tuple[int, ...]]  # the kept tensors' shapes, in their flat order
+    size: int  # elements of the flat buffer
+
+
+def _kept_layout(xs: Any, weights: Any, feature_factors: Any, token_factors: Any) -> _KeptLayout:
+    """What the fused op keeps, derived from its arguments (forward, fake and backward alike),
+    in its flat order: per modality the pre-activation (B T_m, r_m), then per modality the
+    first contraction (A = Psi^T H (B, T_out, r_m) token first, F = H Phi (B, T_m, D) feature
+    first), then per modality the term (B, T_out, D)."""
+    batch = xs[0].shape[0]
+    n_out, out_dim = token_factors[0].shape[2], feature_factors[0].shape[2]
+    shapes = [(x.shape[1], w.shape[1]) for x, w in zip(xs, weights)]
+    sizes = [v for shape in shapes for v in shape] + [n_out, out_dim]
+    # the plan is cached on its (hashable) sizes; symbolic ones (shape inference under
+    # torch.compile with dynamic shapes) go to the uncached function
+    plan = _core_sequence.plan if all(type(v) is int for v in sizes) else _core_sequence.plan.__wrapped__
+    orders = plan("collapsed", *zip(*shapes), 1, 1, n_out, out_dim).orders
+    pres = [(batch * t, r) for t, r in shapes]
+    firsts = [(batch, n_out, r) if o == "token" else (batch, t, out_dim) for (t, r), o in zip(shapes, orders)]
+    layout = [*pres, *firsts, *[(batch, n_out, out_dim)] * len(shapes)]
+    return _KeptLayout(shapes, orders, layout, sum(math.prod(v) for v in layout))
+
+
+def _kept_views(kept: torch.Tensor, layout: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    views, at = [], 0
+    for shape in layout:
+        size = math.prod(shape)
+        views.append(kept[at : at + size].view(shape))
+        at += size
+    return views
+
+
+def _residual_spans(lengths: Sequence[int], n_out: int) -> list[tuple[int, int, int]]:
+    """(modality, tokens taken, output offset) of the residual's first ``n_out`` tokens of the
+    concatenated inputs (:func:`mmfuse._core.sequence.first_tokens`)."""
+    spans, at = [], 0
+    for m, t_m in enumerate(lengths):
+        take = min(n_out - at, t_m)
+        if take <= 0:
+            break
+        spans.append((m, take, at))
+        at += take
+    return spans
+
+
+_INV_SQRT_2PI = 0.39894228040143267794
+
+
+def _gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """dL/dpre of GELU(pre) = pre Phi(pre): grad (Phi + pre phi).  float64 uses the core's
+    accurate normal CDF (erfc with the argument's rounding corrected, as in its forward);
+    other dtypes torch's own exact-GELU derivative."""
+    if pre.dtype != torch.float64:
+        return torch.ops.aten.gelu_backward(grad, pre)
+    u = pre * (-_core_sequence.SQRT1_2)
+    cdf = torch.special.erfc(u).mul_(_core_sequence.rounding_correction(torch, pre, u)).mul_(0.5)
+    pdf = torch.exp(pre * pre * -0.5).mul_(_INV_SQRT_2PI)
+    return cdf.addcmul_(pre, pdf).mul_(grad)
+
+
+@torch.library.custom_op("mmfuse::wander_collapsed", mutates_args=())
+def _wander_op(
+    xs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    feature_factors: list[torch.Tensor],
+    token_factors: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collapsed-mode Wander with the GELU; returns (Y, kept) (see the comment above)."""
+    dtype = xs[0].dtype
+    cdt = compute_dtype(dtype)
+    batch, n_mod = xs[0].shape[0], len(xs)
+    shapes, orders, layout, size = _kept_layout(xs, weights, feature_factors, token_factors)
+    kept = torch.empty(size, dtype=cdt, device=xs[0].device)
+    views = _kept_views(kept, layout)
+    pres, firsts, terms = views[:n_mod], views[n_mod : 2 * n_mod], views[2 * n_mod :]
+    y = None
+    for m, x in enumerate(xs):
+        x = seq_masked(cast(x, cdt), masks[m])  # padded tokens zeroed, as in the core
+        torch.addmm(cast(biases[m], cdt), x.reshape(-1, x.shape[2]), cast(weights[m], cdt), out=pres[m])
+        h = seq_masked(_core_sequence.gelu_torch(pres[m]).view(batch, *shapes[m]), masks[m])
+        phi, psi = cast(feature_factors[m], cdt).sum(dim=0), cast(token_factors[m], cdt).sum(dim=0)
+        if orders[m] == "token":
+            torch.matmul(torch.matmul(psi.t(), h, out=firsts[m]), phi, out=terms[m])
+        else:
+            torch.matmul(psi.t(), torch.matmul(h, phi, out=firsts[m]), out=terms[m])
+        y = terms[m].clone() if y is None else y.mul_(terms[m])
+    assert y is not None
+    if residual:
+        for m, take, at in _residual_spans([t for t, _ in shapes], y.shape[1]):
+            y[:, at : at + take].add_(cast(xs[m][:, :take], cdt))
+    return cast(y, dtype), kept
+
+
+@_wander_op.register_fake
+def _(
+    xs: Any, weights: Any, biases: Any, feature_factors: Any, token_factors: Any, masks: Any, residual: bool
+) -> Any:
+    n_out, out_dim = token_factors[0].shape[2], feature_factors[0].shape[2]
+    kept = xs[0].new_empty((_kept_layout(xs, weights, feature_factors, token_factors).size,),
+                           dtype=compute_dtype(xs[0].dtype))  # fmt: skip
+    return xs[0].new_empty((xs[0].shape[0], n_out, out_dim)), kept
+
+
+@torch.library.custom_op("mmfuse::wander_collapsed_backward", mutates_args=())
+def _wander_backward_op(
+    grad: torch.Tensor,
+    xs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    feature_factors: list[torch.Tensor],
+    token_factors: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    residual: bool,
+    kept: torch.Tensor,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients [x_0.., w_0.., b_0.., feature_0.., token_0..]; unneeded ones come back empty."""
+    n_mod = len(xs)
+    dtype = grad.dtype
+    cdt = compute_dtype(dtype)
+    g = cast(grad, cdt)
+    batch = g.shape[0]
+    shapes, _, layout, _ = _kept_layout(xs, weights, feature_factors, token_factors)
+    views = _kept_views(kept, layout)
+    pres, firsts, terms = views[:n_mod], views[n_mod : 2 * n_mod], views[2 * n_mod :]
+    need_x, need_w, need_b = needs[:n_mod], needs[n_mod : 2 * n_mod], needs[2 * n_mod : 3 * n_mod]
+    need_h = [a or b or c for a, b, c in zip(need_x, need_w, need_b)]
+    hs = [_core_sequence.gelu_torch(p).view(batch, *shp) for p, shp in zip(pres, shapes)]
+    gx: list[Any] = [None] * n_mod
+    gw: list[Any] = [None] * n_mod
+    gb: list[Any] = [None] * n_mod
+
+    def down_projection_grads(m: int, blk: slice, gh: torch.Tensor) -> None:
+        # right after the fusion's dL/dH_m, while it is in cache (whole batch: one block)
+        gpre = _gelu_backward(gh.view(pres[m].shape), pres[m])
+        x = cast(xs[m], cdt)
+        if need_x[m]:
+            gx[m] = (gpre @ cast(weights[m], cdt).t()).view(x.shape)
+        if need_w[m]:  # padded tokens zeroed, so a NaN there cannot reach dL/dW as 0 * NaN
+            gw[m] = seq_masked(x, masks[m]).reshape(-1, x.shape[2]).t() @ gpre
+        if need_b[m]:
+            gb[m] = gpre.sum(dim=0)
+
+    fused = collapsed_grads(
+        g, hs, [cast(f, cdt) for f in feature_factors], [cast(t, cdt) for t in token_factors], masks,
+        [*need_h, *needs[3 * n_mod :]], terms=terms, firsts=firsts, on_grad_h=down_projection_grads,
+    )  # fmt: skip
+    if residual:  # the residual's share of dL/dx, added where the fusion's already lies
+        for m, take, at in _residual_spans([t for t, _ in shapes], g.shape[1]):
+            if need_x[m]:
+                gx[m][:, :take].add_(g[:, at : at + take])
+    out = [*gx, *gw, *gb, *fused[n_mod:]]
+    return [grad.new_empty((0,)) if v is None else cast(v, dtype).contiguous() for v in out]
+
+
+@_wander_backward_op.register_fake
+def _(
+    grad: Any, xs: Any, weights: Any, feature_factors: Any, token_factors: Any, masks: Any, residual: bool,
+    kept: Any, needs: Any,
+) -> Any:
+    like = [*xs, *weights, *(w[0] for w in weights), *feature_factors, *token_factors]
+    return [t.new_empty(t.shape) if need else grad.new_empty((0,)) for t, need in zip(like, needs)]
+
+
+def _wander_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    xs, weights, biases, feats, toks, masks, residual = inputs
+    kept = output[1]
+    ctx.mark_non_differentiable(kept)  # an internal by-product, not a result
+    ctx.set_materialize_grads(False)
+    ctx.n_mod = len(xs)
+    ctx.residual = residual
+    ctx.mask_at = [k is not None for k in masks]
+    # Saved: the inputs (the caller holds them) and kept; see the comment above.
+    ctx.save_for_backward(*xs, *weights, *biases, *feats, *toks, *(k for k in masks if k is not None), kept)
+
+
+def _wander_grads(
+    saved: Sequence[torch.Tensor], n_mod: int, residual: bool, mask_at: Sequence[bool],
+    need: Sequence[Sequence[bool]], grad: torch.Tensor,
+) -> list[list[Any]]:
+    """Gradients of ``mmfuse::wander_collapsed`` as [xs, weights, biases, features, tokens]
+    lists (None where not needed) from what its autograd saved (the inputs, the present
+    masks, kept) and ``need`` (the same five groups of flags)."""
+    groups = [list(saved[i * n_mod : (i + 1) * n_mod]) for i in range(5)]
+    rest = iter(saved[5 * n_mod :])
+    masks = [next(rest) if present else None for present in mask_at]
+    kept = next(rest)
+    if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiate the core
+        leaves = [t for group, flags in zip(groups, need) for t, f in zip(group, flags) if f]
+        params = {"down": list(zip(groups[1], groups[2])), "feature": groups[3], "token": groups[4]}
+        with torch.enable_grad():
+            y = _core_sequence.wander(
+                groups[0], params, mode="collapsed", masks=masks if any(mask_at) else None,
+                activation="gelu", residual="first" if residual else "none",
+            )  # fmt: skip
+            found = iter(torch.autograd.grad(y, leaves, grad, create_graph=True, allow_unused=True))
+        return [[next(found) if f else None for f in flags] for flags in need]
+    flat = _wander_backward_op(
+        grad.contiguous(), groups[0], groups[1], groups[3], groups[4], masks, residual, kept,
+        [f for flags in need for f in flags],
+    )  # fmt: skip
+    return [[flat[i * n_mod + m] if need[i][m] else None for m in range(n_mod)] for i in range(5)]
+
+
+def _wander_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = None) -> tuple[Any, ...]:
+    n_mod = ctx.n_mod
+    masks_grad = [None] * n_mod if all(ctx.mask_at) else None
+    if grad is None:  # the output did not reach the loss
+        return (*([None] * n_mod for _ in range(5)), masks_grad, None)
+    need = [[bool(v) for v in ctx.needs_input_grad[i]] for i in range(5)]
+    grads = _wander_grads(ctx.saved_tensors, n_mod, ctx.residual, ctx.mask_at, need, grad)
+    return (*grads, masks_grad, None)
+
+
+_wander_op.register_autograd(_wander_backward, setup_context=_wander_setup_context)
+_wander_eager = bind(
+    "_WanderCollapsed", torch.ops.mmfuse.wander_collapsed, _wander_setup_context, _wander_backward
+)
+
+
+def _activate(h: torch.Tensor, activation: Any) -> torch.Tensor:
+    if callable(activation):
+        return activation(h)
+    if activation == "gelu":  # the core's torch GELU, without its namespace check (Dynamo)
+        return _core_sequence.gelu_torch(h)
+    return _core_sequence.ACTIVATIONS[activation](torch, h)
+
+
+def wander_torch(
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    feature_factors: Sequence[torch.Tensor],
+    token_factors: Sequence[torch.Tensor],
+    mode: str,
+    masks: Sequence[torch.Tensor | None] | None,
+    activation: Any,
+    residual: str,
+) -> torch.Tensor:
+    """The Wander adapter on torch tensors, through the custom ops.
+
+    Collapsed mode with the GELU (the released configuration) is the fused
+    ``mmfuse::wander_collapsed`` op (absent biases become zeros).  Otherwise: down-projection
+    (one GEMM per modality), activation (the core's, so values agree), the
+    ``mmfuse::sequence_fusion`` op, residual.  Traceable by Dynamo (used by
+    :class:`mmfuse.nn.WanderAdapter` under ``torch.compile``).
+    """
+    masks_list = [None] * len(xs) if masks is None else list(masks)
+    if mode == "collapsed" and activation == "gelu":  # the released configuration: one op
+        biases = [torch.zeros(w.shape[1], dtype=w.dtype, device=w.device) if b is None else b
+                  for w, b in zip(weights, biases)]  # fmt: skip
+        args = (list(xs), list(weights), biases, list(feature_factors), list(token_factors))
+        return _wander_eager(*args, masks_list, residual == "first")[0]
+    hs = []
+    for x, w, b, k in zip(xs, weights, biases, masks_list):
+        batch, t_m, d = x.shape
+        flat = seq_masked(x, k).reshape(batch * t_m, d)  # padded tokens zeroed: as the core
+        h = flat @ w if b is None else torch.addmm(b, flat, w)
+        hs.append(_activate(h.reshape(batch, t_m, w.shape[1]), activation))
+    y = sequence_op_eager(hs, list(feature_factors), list(token_factors), mode, masks_list)
+    if residual == "first":
+        y = y + _core_sequence.first_tokens(torch, list(xs), y.shape[1])
+    return y
+
+
+
+
+def wander(
+    xs: Sequence[Any],
+    params: Any,
+    *,
+    mode: str = "cp",
+    masks: Sequence[Any] | None = None,
+    activation: Any = "gelu",
+    residual: str = "first",
+) -> Any:
+    """``mmfuse.wander`` with the fusion as the ``mmfuse::sequence_fusion`` op (inputs checked)."""
+    down = list(params["down"])
+    return wander_torch(
+        list(xs), [w for w, _ in down], [b for _, b in down], list(params["feature"]),
+        list(params["token"]), mode, masks, activation, residual,
+    )  # fmt: skip

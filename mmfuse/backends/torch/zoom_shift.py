@@ -1,0 +1,129 @@
+"""``mmfuse::zoom_shift``: one Zoom-and-Shift step as a custom op whose closed-form backward
+saves only the inputs.
+
+What the backward of ``zoom_shift`` saves, and why
+---------------------------------------------------
+y = mu_x + s (x - mu_x) + alpha (mu_g - mu_x) with s = (sigma_g / sigma_x)^alpha, per sample
+and channel.  Autograd through the Array-API core keeps several x-sized arrays (the centred
+values, their squares, the cast input, x * s).  Here ``setup_context`` saves only the inputs
+(x, guide, masks), which the caller holds anyway; the backward re-reads x and the guide once
+for their (B, 1, C) statistics and applies the closed form (n: unmasked tokens, m: mask,
+xc = x - mu_x, S0 = sum_t G, S1 = sum_t G xc over all tokens, G = dL/dy):
+
+  dL/dx = s G + (m / n_x) [S0 (1 - alpha - s) - alpha s S1 xc / sigma_x^2]
+  dL/dg = (alpha m_g / n_g) [S0 + s S1 (g - mu_g) / sigma_g^2]
+
+(where sigma_x = 0, possible only with eps = 0, s is the constant 1 and the sigma terms
+vanish).  The formulas are plain differentiable torch operations, so double backward works.
+Forward and backward take xc as (x - pivot) - (mu_x - pivot) from the core's statistics (exact near
+the mean, whatever its size); the map is applied about the pivot too, never folded into
+x s + t.  float32 statistics overflow (inf / NaN) when the spread exceeds about 1.8e19,
+since the variance exceeds float32's range: compute in float64 for such data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat.torch as _XP  # the namespace the core's statistics take
+import torch
+
+from ..._core.align import GENERIC, zoom_scale, zoom_shift_map
+from .._torch_eager import bind
+from ._common import cast, compute_dtype
+
+__all__ = ["zoom_shift"]
+
+
+@torch.library.custom_op("mmfuse::zoom_shift", mutates_args=())
+def _zoom_shift_op(
+    x: torch.Tensor,
+    guide: torch.Tensor,
+    alpha: float,
+    axis: int,
+    mask: torch.Tensor | None,
+    guide_mask: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    dtype = x.dtype
+    cdt = compute_dtype(dtype)
+    ax = axis % x.dim()
+    xc, gc = cast(x, cdt), cast(guide, cdt)
+    g = GENERIC.stats(gc, ax, guide_mask)
+    st = GENERIC.stats(xc, ax, mask, keep_dev=True)
+    # the core's rule, about the pivot: y = (x - p) s + offset, x - p exact near the mean
+    s, offset = zoom_shift_map(_XP, st, g.mean, torch.sqrt(g.var + eps), alpha, eps)
+    return torch.addcmul(offset, st.dev, s).to(dtype)
+
+
+@_zoom_shift_op.register_fake
+def _(x: Any, guide: Any, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float) -> Any:
+    return torch.empty_like(x)
+
+
+def _zoom_shift_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, guide, alpha, axis, mask, guide_mask, eps = inputs
+    # Saved: the inputs only; the (B, 1, C) statistics are recomputed (see the comment above).
+    ctx.alpha, ctx.axis, ctx.eps = alpha, axis, eps
+    ctx.has_mask, ctx.has_guide_mask = mask is not None, guide_mask is not None
+    ctx.save_for_backward(x, guide, *(k for k in (mask, guide_mask) if k is not None))
+
+
+def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    x, guide, *rest = ctx.saved_tensors
+    mask = rest.pop(0) if ctx.has_mask else None
+    guide_mask = rest.pop(0) if ctx.has_guide_mask else None
+    need_x, need_g = ctx.needs_input_grad[:2]
+    alpha, eps = ctx.alpha, ctx.eps
+    dtype = grad.dtype
+    cdt = compute_dtype(dtype)
+    ax = ctx.axis % x.dim()
+    xc, gc, g = cast(x, cdt), cast(guide, cdt), cast(grad, cdt)
+    gs = GENERIC.stats(gc, ax, guide_mask, keep_dev=True)
+    st = GENERIC.stats(xc, ax, mask, keep_dev=True)
+    m_g, n_g, g_corr, g_dev = gs.mask, gs.count, gs.corr, gs.dev
+    m_x, n_x, corr, dev = st.mask, st.count, st.corr, st.dev
+    sigma_x, sigma_g = torch.sqrt(st.var + eps), torch.sqrt(gs.var + eps)
+    s, live = zoom_scale(_XP, sigma_x, sigma_g, alpha), sigma_x > 0
+    zero = torch.zeros((), dtype=cdt, device=x.device)
+    # centred values x - mu_x = dev - corr (dev = x - pivot, exact near the mean)
+    s0 = g.sum(dim=ax, keepdim=True)
+    s1 = (g * dev).sum(dim=ax, keepdim=True) - corr * s0
+    grad_x = grad_g = None
+    if need_x:
+        sx = torch.where(live, sigma_x, 1.0)  # two divisions: sigma**2 may leave float32's range
+        k_var = torch.where(live, alpha * s * (s1 / sx) / sx, zero)
+        per_token = (s0 * (1 - alpha - s) + k_var * corr - k_var * dev) / n_x
+        if m_x is not None:
+            per_token = torch.where(m_x, per_token, zero)
+        grad_x = (s * g + per_token).to(dtype)
+    if need_g:
+        ok = live & (sigma_g > 0)
+        sg = torch.where(ok, sigma_g, 1.0)
+        k_var = torch.where(ok, s * (s1 / sg) / sg, zero)
+        per_token = alpha * (s0 - k_var * g_corr + k_var * g_dev) / n_g
+        if m_g is not None:
+            per_token = torch.where(m_g, per_token, zero)
+        grad_g = cast(per_token, dtype)  # full shape: (g - mu_g) broadcasts the statistics
+    return grad_x, grad_g, None, None, None, None, None
+
+
+_zoom_shift_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
+_zoom_shift_eager = bind(
+    "_ZoomShift", torch.ops.mmfuse.zoom_shift, _zoom_shift_setup_context, _zoom_shift_backward
+)
+
+
+
+def zoom_shift(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
+) -> Any:
+    """``mmfuse.zoom_shift`` as the ``mmfuse::zoom_shift`` custom op (inputs checked)."""
+    return _zoom_shift_eager(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
