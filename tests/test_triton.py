@@ -405,7 +405,8 @@ STAT_CASES = [
     pytest.param((3, 7, 5), (3, 9, 5), id="tile"),
     pytest.param((1, 2, 3), (1, 3, 3), id="B1-T2"),
     pytest.param((2, 3, 6, 5), (2, 3, 11, 5), id="middle-axes"),
-    pytest.param((2, 530, 33), (2, 600, 33), id="looped"),
+    pytest.param((2, 20, 40), (2, 13, 40), id="two-channel-blocks"),
+    pytest.param((2, 2100, 9), (2, 1100, 9), id="looped"),
 ]
 
 
@@ -464,3 +465,12 @@ def test_zoom_shift_with_gradients_goes_to_the_torch_op():
     assert_close(y_kernel, y.detach())
     mean, _ = mmfuse.moments(x, mask=mask, backend="triton")
     assert mean.grad_fn is not None  # the core's moments: autograd flows
+
+
+def test_stat_cases_reach_both_kernel_paths():
+    """The cases above run the one-tile kernels and the looping ones (x and guide)."""
+    assert _ops._stat_tiles(7, 5, 8192).single
+    assert not _ops._stat_tiles(2100, 9, 16384).single  # moments, looped
+    x_tiles = _ops._stat_tiles(2100, 9, 8192)
+    assert not x_tiles.single and not _ops._stat_tiles(1100, 9, 8192, x_tiles.block_c).single
+    assert _ops._stat_tiles(512, 512, 8192) == _ops._StatTiles(16, 512, True)  # the benchmark's shape

@@ -46,12 +46,12 @@ w * prod_m [x_m, 1] A_m is formed in registers, then multiplied by C^T slice by 
 backward is plain torch code (projections are only (B, R)).
 
 ``moments`` and ``zoom_shift`` (``moments_kernel``, ``zoom_shift_kernel``): one program per
-(sample, 32 channels) computes the statistics over the token axis by the core's shifted
+(sample, 8-32 channels) computes the statistics over the token axis by the core's shifted
 two-pass algorithm about a pivot (p = sum(x) / n, d = x - p, mean = p + sum(d) / n,
 var = sum(d^2) / n - (sum(d) / n)^2; masked tokens selected out, so NaN padding cannot leak)
 and, for ``zoom_shift``, the guide's statistics and then the map about x's pivot,
 y = (x - p) s + (target - corr s).  When the token axis fits one register tile (T <= 512 at
-32 channels) x is read once and y written once; longer axes loop over token blocks.  These
+16 channels, 1024 at 8) x is read once and y written once; longer axes loop over token blocks.  These
 kernels are forward-only: calls that need gradients go to the torch backend's
 ``zoom_shift`` op (closed-form backward) or the Array-API core's ``moments``, as do other
 statistics axes than -2.

@@ -143,7 +143,7 @@ def _cases() -> Iterator[tuple[str, Callable[[], Any]]]:
                 return torch.ops.mmfuse_triton.cp_fusion(xs, w, cp, b, True, None)
 
             yield f"cp {label}", cp_fusion
-        for shape, gshape in (((256, 512, 512), (256, 512, 512)), ((4, 1000, 40), (4, 700, 40))):
+        for shape, gshape in (((256, 512, 512), (256, 512, 512)), ((4, 3000, 40), (4, 700, 40))):
             x = torch.randn(*shape, generator=gen).to(dtype)
             g = torch.randn(*gshape, generator=gen).to(dtype)
             mask = torch.ones(shape[:-1], dtype=torch.bool)

@@ -416,12 +416,19 @@ class _StatTiles(NamedTuple):
     single: bool
 
 
-def _stat_tiles(n_tok: int, n_ch: int) -> _StatTiles:
-    """BLOCK_C channels per program (at most 32: 128-byte rows of float32); the whole token
-    axis in one register tile when it has at most 16384 elements (T <= 512 at BLOCK_C = 32:
-    64 registers a thread at 8 warps), so x is read once; else 4096-element token blocks."""
-    block_c = min(32, _pow2(n_ch))
-    if _pow2(n_tok) * block_c <= 16384:
+def _stat_tiles(n_tok: int, n_ch: int, budget: int, block_c: int | None = None) -> _StatTiles:
+    """BLOCK_C channels per program (at most 32: 128-byte rows of float32; at least 8 while a
+    narrower tile would let the token axis fit) and the whole token axis in one register tile
+    when it has at most ``budget`` elements, so x is read once; else 4096-element token
+    blocks.  ``budget`` from ``ptxas -v`` for sm_90a at 8 warps: 16384 for ``moments`` (119
+    registers, no spills at T = 512, BLOCK_C = 32), 8192 for ``zoom_shift``, which keeps
+    x's tile live through its statistics (T = 512: BLOCK_C = 16 has no spills, 32 spilled
+    424 bytes a thread).  ``block_c``: fixed by the caller (the guide shares x's)."""
+    if block_c is None:
+        block_c = min(32, _pow2(n_ch))
+        while block_c > 8 and _pow2(n_tok) * block_c > budget:
+            block_c //= 2
+    if _pow2(n_tok) * block_c <= budget:
         return _StatTiles(block_c, _pow2(n_tok), True)
     return _StatTiles(block_c, max(1, 4096 // block_c), False)
 
@@ -445,7 +452,7 @@ def _moments_op(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> list[
     mean, std = _empty(shape, x.dtype, x.device), _empty(shape, x.dtype, x.device)
     rows = _rows(x)
     n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
-    t = _stat_tiles(n_tok, n_ch)
+    t = _stat_tiles(n_tok, n_ch, 16384)
     wrap_triton(K.moments_kernel)[(n_rows, triton.cdiv(n_ch, t.block_c))](
         mean, std, rows, _mask_rows(mask, rows), n_tok, n_ch, eps,
         HAS_MASK=mask is not None, SINGLE=t.single, BLOCK_T=t.block_t, BLOCK_C=t.block_c, num_warps=8,
@@ -467,7 +474,8 @@ def _zoom_shift_op(
     rows, grows = _rows(x), _rows(guide)
     n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
     n_gtok = int(grows.shape[1])
-    t, tg = _stat_tiles(n_tok, n_ch), _stat_tiles(n_gtok, n_ch)
+    t = _stat_tiles(n_tok, n_ch, 8192)
+    tg = _stat_tiles(n_gtok, n_ch, 8192, t.block_c)
     wrap_triton(K.zoom_shift_kernel)[(n_rows, triton.cdiv(n_ch, t.block_c))](
         y, rows, grows, _mask_rows(mask, rows), _mask_rows(guide_mask, rows), n_tok, n_gtok, n_ch,
         float(alpha), eps, HAS_MASK=mask is not None, HAS_GMASK=guide_mask is not None,
