@@ -19,8 +19,8 @@ __all__ = ["BACKEND_NAMES", "config_context", "config_source", "get_config", "se
 #: Every backend name mmfuse knows.  Which of them can run depends on what is installed.
 BACKEND_NAMES = ("auto", "array_api", "reference", "numba", "cupy", "torch", "triton")
 
-_DEFAULTS: dict[str, Any] = {"backend": "auto"}
-_ENV_VARS = {"backend": "MMFUSE_BACKEND"}
+_DEFAULTS: dict[str, Any] = {"backend": "auto", "prefer": None}
+_ENV_VARS = {"backend": "MMFUSE_BACKEND", "prefer": "MMFUSE_PREFER"}
 
 # Each entry maps option -> (value, where it came from).  ``None`` means "not read yet":
 # the environment is consulted lazily at the first get_config().
@@ -34,6 +34,8 @@ def _check_option(key: str, value: Any) -> None:
         raise TypeError(f"unknown mmfuse option {key!r}; known options: {sorted(_DEFAULTS)}")
     if key == "backend" and (not isinstance(value, str) or value not in BACKEND_NAMES):
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {value!r}")
+    if key == "prefer" and value is not None and (not isinstance(value, str) or value not in BACKEND_NAMES[1:]):
+        raise ValueError(f"prefer must be None or one of {list(BACKEND_NAMES[1:])}, got {value!r}")
 
 
 def _initial_state() -> dict[str, tuple[Any, str]]:
@@ -83,10 +85,17 @@ def set_config(**options: Any) -> None:
 
     Parameters
     ----------
-    backend : {"auto", "array_api", "reference", "numba", "cupy", "torch"}
-        Which implementation runs.  ``"auto"`` picks the highest-priority implementation
-        registered for the inputs' namespace and device (priorities are set by benchmark at
-        large sizes), falling back to the Array-API core.
+    backend : {"auto", "array_api", "reference", "numba", "cupy", "torch", "triton"}
+        Which implementation runs, strictly: a named backend that cannot take a call raises
+        :class:`mmfuse.backends.BackendUnsupported`.  ``"auto"`` picks the highest-priority
+        implementation registered for the inputs (priorities are set by benchmark at large
+        sizes), falling back to the Array-API core.
+    prefer : backend name or None
+        A soft preference, used while ``backend`` is ``"auto"``: calls the preferred backend
+        can take run there, every other call runs what ``"auto"`` picks (as joblib's
+        ``prefer=`` hint).  ``MMFUSE_PREFER`` sets it from the environment.  Example: with
+        ``prefer="numba"``, ``moments`` on NumPy arrays runs numba's CPU kernels and
+        ``lowrank_fusion`` (which numba has only for CUDA arrays) runs the core.
 
     Raises
     ------
@@ -124,6 +133,12 @@ def config_context(**options: Any) -> Iterator[dict[str, Any]]:
         yield get_config()
     finally:
         _state.reset(token)
+
+
+def preferred_backend() -> str | None:
+    """The ``prefer`` option in force (None: no preference)."""
+    value: str | None = _current()["prefer"][0]
+    return value
 
 
 def resolve_backend(backend: str | None) -> str:

@@ -76,7 +76,7 @@ def test_precedence_call_over_context_over_set_config():
         like = np.ones((2, 3))
         assert lookup("lowrank_fusion", like=like) is core_fusion.lowrank_fusion_numpy
         with mmfuse.config_context(backend="reference") as cfg:
-            assert cfg == {"backend": "reference"}
+            assert cfg == {"backend": "reference", "prefer": None}
             assert lookup("lowrank_fusion", like=like) is reference_backend.lowrank_fusion
             assert lookup("lowrank_fusion", "array_api", like=like) is core_fusion.lowrank_fusion_numpy
         assert mmfuse.get_config()["backend"] == "array_api"
@@ -199,3 +199,35 @@ def test_torch_namespace_fast_path_gives_array_api_compats_answer():
     assert device_of(x) == array_api_compat.device(x) and device_of(p) == array_api_compat.device(p)
     with pytest.raises(TypeError, match=r"mixed array namespaces: a is torch but b is numpy"):
         array_namespace(x, np.ones(2), names=("a", "b"))
+
+
+def test_prefer_is_a_soft_preference():
+    """prefer= runs the preferred backend where it can take the call and "auto" elsewhere;
+    backend= stays strict, and every refusal is BackendUnsupported."""
+    pytest.importorskip("numba")
+    from mmfuse.backends import explain
+
+    x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    p = mmfuse.init_lowrank([3], rank=1, out_dim=2, seed=0)
+    xs = [np.ones((2, 3))]
+    with mmfuse.config_context(prefer="numba"):
+        assert explain("moments", x).chosen.backend == "numba"  # numba's CPU kernels take it
+        # numba has lowrank_fusion for CUDA arrays only: "auto" decides
+        assert explain("lowrank_fusion", *xs).chosen.variant == "numpy, cache-blocked"
+        assert mmfuse.lowrank_fusion(xs, **p).shape == (2, 2)
+        with pytest.raises(BackendUnsupported, match=r"backend 'numba' cannot take numpy arrays"):
+            mmfuse.lowrank_fusion(xs, **p, backend="numba")  # a call's backend= is strict
+    with mmfuse.config_context(backend="numba", prefer="torch"):  # a strict policy wins
+        with pytest.raises(BackendUnsupported):
+            mmfuse.lowrank_fusion(xs, **p)
+    with pytest.raises(ValueError, match=r"prefer must be None or one of"):
+        mmfuse.set_config(prefer="auto")
+
+
+def test_prefer_from_the_environment():
+    out = _run(
+        "import numpy as np, mmfuse; from mmfuse.backends import explain; "
+        "print(mmfuse.get_config()['prefer'], explain('moments', np.ones((2, 3, 1))).chosen.backend)",
+        env={"MMFUSE_PREFER": "reference"},
+    )
+    assert out == "reference reference"

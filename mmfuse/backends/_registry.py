@@ -27,7 +27,7 @@ from typing import Any
 
 import array_api_compat
 
-from .._config import BACKEND_NAMES, resolve_backend
+from .._config import BACKEND_NAMES, preferred_backend, resolve_backend
 from .._namespace import array_namespace, namespace_name
 from ._catalogue import OPERATORS, Signature
 from ._conditions import CONDITIONS, CallInfo, call_info
@@ -269,11 +269,26 @@ def _first_array(obj: Any) -> Any:
 
 
 def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
-    frameworks = tuple(fw in sys.modules for fw in _OPTIONAL) if name == "auto" else ()
+    frameworks = tuple(fw in sys.modules for fw in _OPTIONAL) if name.startswith("auto") else ()
     return (op, name, info.xp, info.device, info.dtype, info.grad, info.traced, frameworks)
 
 
+def _policy(backend: str | None) -> str:
+    """The call's policy: a backend name, ``"auto"``, or ``"auto, prefer <name>"``."""
+    name = resolve_backend(backend)
+    if name == "auto":
+        prefer = preferred_backend()
+        if prefer is not None:
+            return f"auto, prefer {prefer}"
+    return name
+
+
 def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
+    if name.startswith("auto, prefer "):
+        try:
+            return _choose(op, name[len("auto, prefer ") :], info)
+        except BackendUnsupported:  # a preference, not a demand: "auto" decides
+            return _choose(op, "auto", info)
     if name == "auto":
         for cand in _candidates(op, None, imported_only=True):
             if isinstance(cand, Row) or cand.backend == "reference":
@@ -322,7 +337,7 @@ def lookup(
     ``arrays`` the call's other arrays (nested lists allowed), whose autograd state the choice
     may depend on.  Raises :class:`BackendUnsupported` when a named backend cannot run it.
     """
-    name = resolve_backend(backend)
+    name = _policy(backend)
     info = _describe(like, arrays)
     if info is None:
         _signature(op)
@@ -375,7 +390,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
       array_api / dask, one task per chunk    1  cannot take them: needs Dask arrays
       array_api / generic                     0  would run if the rows above could not
     """
-    name = resolve_backend(backend)
+    name = _policy(backend)
     like = _first_array(list(arrays))
     info = _describe(like, arrays)
     try:
@@ -386,9 +401,9 @@ def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
     for cand in _candidates(op, None, imported_only=False):
         if isinstance(cand, Row):  # not reached: imported_only=False resolves every row
             continue
-        if name not in ("auto", cand.backend):
+        if not name.startswith("auto") and name != cand.backend:
             continue  # a forced backend: only its own rows are candidates
-        if name == "auto" and cand.backend == "reference":
+        if name.startswith("auto") and cand.backend == "reference":
             verdict = "not considered: 'auto' never picks the reference (force backend='reference')"
         elif cand is chosen:
             verdict = "runs"
@@ -399,6 +414,6 @@ def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
             )
         rows.append((cand.backend, cand.variant, cand.priority, verdict))
     for backend, reason in sorted(_plugin_errors.items()):
-        if name in ("auto", backend) and any(r.op == op and r.backend == backend for r in ROWS):
+        if (name.startswith("auto") or name == backend) and any(r.op == op and r.backend == backend for r in ROWS):
             rows.append((backend, "(not installed)", 0, f"unavailable: {reason}"))
     return Explanation(op, name, chosen, tuple(rows))
