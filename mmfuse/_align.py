@@ -109,7 +109,7 @@ def check_mask(xp: Any, mask: Any, x: Any, axis: int, name: str, x_name: str) ->
             f"{name} must have shape {layout} = {fmt_shape(want)} for {x_name} of shape "
             f"{fmt_shape(x.shape)} (axis={axis - x.ndim}), got {fmt_shape(mask.shape)}"
         )
-    if core.is_eager(xp, mask):  # the one value check: lazy arrays skip it
+    if core.is_eager(xp, mask):  # the one value check: lazy and meta arrays skip it
         empty = xp.logical_not(xp.any(mask, axis=axis))
         if bool(xp.any(empty)):
             flat = xp.reshape(empty, (-1,))
@@ -257,8 +257,9 @@ def moments(
     ValueError
         ``axis`` is the batch axis or has a single entry, negative ``eps``, a mask of the
         wrong shape or one that masks every token of a sample.  That last check reads the
-        mask's values, so Dask and JAX masks skip it: a sample with every token masked then
-        gets NaN statistics instead of an error.
+        mask's values, so Dask and JAX masks and torch masks on the ``meta`` device (shapes
+        without values) skip it: a sample with every token masked then gets NaN statistics
+        instead of an error.
     TypeError
         Non-floating x, non-boolean mask, mixed namespaces.
 
@@ -510,8 +511,8 @@ def zoom_shift(
     ValueError
         Channel (or batch) mismatch, ``alpha`` outside (0, 1], negative ``eps``, masks of the
         wrong shape or masking every token of a sample, ``axis`` on the batch.  The all-masked
-        check reads the masks' values, so Dask and JAX masks skip it (such a sample gets NaN
-        statistics, and a NaN output).
+        check reads the masks' values, so Dask and JAX masks and torch masks on the ``meta``
+        device skip it (such a sample gets NaN statistics, and a NaN output).
     TypeError
         Non-floating or mixed dtypes, non-boolean masks, mixed namespaces.
 
@@ -636,8 +637,8 @@ def align(
         ``rounds`` or ``eps``, unknown ``schedule`` or ``topology``, ``hub`` out of range,
         masks of the wrong shape or masking every token of a sample, and ``rounds=None`` for
         Jacobi consensus with M = 2 and alpha = 1 (no limit: the two swap every round).  The
-        all-masked check reads the masks' values, so Dask and JAX masks skip it (such a
-        sample gets NaN statistics, and NaN outputs).
+        all-masked check reads the masks' values, so Dask and JAX masks and torch masks on
+        the ``meta`` device skip it (such a sample gets NaN statistics, and NaN outputs).
     TypeError
         Non-floating or mixed dtypes, non-integer ``rounds`` or ``hub``, mixed namespaces.
 
@@ -775,8 +776,8 @@ def zoom_shift_fusion(
     ------
     ValueError
         Inputs not 3-dimensional, unknown ``fuse`` or ``pool``, masks with ``axis`` other
-        than -2, and everything :func:`align` refuses (Dask and JAX masks skip its
-        all-masked-sample check: such a sample pools to NaN).
+        than -2, and everything :func:`align` refuses (Dask and JAX masks and torch masks on
+        the ``meta`` device skip its all-masked-sample check: such a sample pools to NaN).
     TypeError
         An unknown keyword, and everything :func:`align` refuses.
 

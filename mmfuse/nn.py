@@ -164,6 +164,10 @@ def _autocast_device(xs: Any) -> str | None:
     if not isinstance(xs, (list, tuple)) or not xs or not isinstance(xs[0], torch.Tensor):
         return None  # the boundary checks report it
     device_type = xs[0].device.type
+    # torch has no autocast for some device types ("meta", for models built there and
+    # materialised later) and raises when asked about one: no region can be active there
+    if not torch.amp.is_autocast_available(device_type):
+        return None
     return device_type if torch.is_autocast_enabled(device_type) else None
 
 

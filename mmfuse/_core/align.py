@@ -753,5 +753,8 @@ def zoom_shift_fusion(
 
 
 def is_eager(xp: Any, x: Any) -> bool:
-    """True when mask values can be inspected (not Dask, not a traced JAX array)."""
-    return not (is_lazy(x) or is_dask(xp) or is_jax(xp))
+    """True when mask values can be inspected (not Dask, not a traced JAX array, not a torch
+    tensor on the ``meta`` device, which has shapes but no values)."""
+    if is_lazy(x) or is_dask(xp) or is_jax(xp):
+        return False
+    return getattr(device_of(x), "type", None) != "meta"

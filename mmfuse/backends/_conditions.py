@@ -75,6 +75,13 @@ def _any(info: CallInfo) -> str | None:
     return None
 
 
+def _not_meta(info: CallInfo) -> str | None:
+    # the reference copies the data to NumPy; a tensor on torch's meta device has none
+    if getattr(info.device, "type", None) == "meta":
+        return "needs arrays with values (it copies them to NumPy), not tensors on the meta device"
+    return None
+
+
 def _numpy(info: CallInfo) -> str | None:
     return None if is_numpy(info.xp) else "needs NumPy arrays"
 
@@ -188,6 +195,7 @@ def _interpreting() -> bool:
 #: condition name (as the static table writes it) -> condition
 CONDITIONS: dict[str, Callable[[CallInfo], str | None]] = {
     "any": _any,
+    "not meta": _not_meta,
     "numpy": _numpy,
     "numpy float32/float64": _numpy_f32_f64,
     "dask": _dask,

@@ -71,7 +71,7 @@ def _rows() -> tuple[Row, ...]:
 
     for op in ("tensor_fusion", "lowrank_fusion", "cp_fusion"):
         add(op, "array_api", "generic", f"{_CORE_FUSION}:{op}", "any", 0)
-        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "any", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "not meta", 0)
     add(
         "lowrank_fusion",
         "array_api",
@@ -100,14 +100,14 @@ def _rows() -> tuple[Row, ...]:
 
     for op in ("sequence_fusion", "wander"):
         add(op, "array_api", "generic", f"{_CORE_SEQ}:{op}", "any", 0)
-        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "any", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "not meta", 0)
         add(op, "torch", "custom op", f"{_TORCH}:{op}", "torch, no transform", 15)
         add(op, "torch", "autograd (transforms)", f"{_CORE_SEQ}:{op}", "torch, under a transform", 14)
 
     for op in ("moments", "zoom_shift", "align"):
         add(op, "array_api", "generic", f"{_CORE_ALIGN}:{op}", "any", 0)
         add(op, "array_api", "numpy, cache-blocked", f"{_CORE_ALIGN}:{op}_numpy", "numpy float32/float64", 1)
-        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "any", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "not meta", 0)
         only = " only" if op == "align" else ""  # align has no CUDA kernels
         add(op, "numba", "CPU kernels", f"{_NUMBA}:{op}_cpu", f"numpy (CPU kernels{only})", 10)
     for op in ("moments", "zoom_shift"):
