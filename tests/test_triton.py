@@ -474,3 +474,23 @@ def test_stat_cases_reach_both_kernel_paths():
     x_tiles = _ops._stat_tiles(2100, 9, 8192)
     assert not x_tiles.single and not _ops._stat_tiles(1100, 9, 8192, x_tiles.block_c).single
     assert _ops._stat_tiles(512, 512, 8192) == _ops._StatTiles(16, 512, True)  # the benchmark's shape
+
+
+@pytest.mark.parametrize(
+    ("block_b", "block_h", "rank_p", "block_k"),
+    [(16, 1, 16, 16), (128, 4, 8, 16), (32, 16, 4, 32), (64, 2, 16, 64)],
+    ids=lambda v: str(v),
+)
+def test_lowrank_other_tiles(block_b, block_h, rank_p, block_k):
+    """The kernels are right for any legal tiles (what benchmarks/gpu.py --sweep times)."""
+    xs, fs, w, b, present, upstream = _lowrank_problem(21, (9, 5), 3, 7, True, True, True, torch.float32)
+    leaves = [*xs, *fs, w, b]
+    tiles = _ops._Tiles(block_b, block_k, block_h, rank_p, 4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_ops, "_lowrank_tiles", lambda *args, **kw: tiles)
+        out = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="triton")
+        got = torch.autograd.grad((out * upstream).sum(), leaves)
+    assert_close(out, _lowrank_ref(xs, fs, w, b, present, True))
+    want_out = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="torch")
+    for g, c in zip(got, torch.autograd.grad((want_out * upstream).sum(), leaves)):
+        assert_close(g, c)
