@@ -494,3 +494,14 @@ def test_lowrank_other_tiles(block_b, block_h, rank_p, block_k):
     want_out = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="torch")
     for g, c in zip(got, torch.autograd.grad((want_out * upstream).sum(), leaves)):
         assert_close(g, c)
+
+
+def test_empty_output_width():
+    """h = 0: no kernel runs; every gradient is an exact zero (buffers are not left unwritten)."""
+    xs, fs, w, b, _, _ = _lowrank_problem(5, (3, 2), 2, 0, True, True, False, torch.float32)
+    with _poisoned_buffers():
+        out = mmfuse.lowrank_fusion(xs, fs, w, b, backend="triton")
+        assert out.shape == (5, 0)
+        grads = torch.autograd.grad(out.sum(), [*xs, *fs, w], allow_unused=True)
+    for g in grads:
+        assert g is None or (g == 0).all()

@@ -69,6 +69,7 @@ accepted too (that is how the tests check them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -101,6 +102,11 @@ def supports(xp: Any, device: Any) -> str | None:
     return f"needs torch tensors on a CUDA device, got device {device!r}"
 
 
+def _on_device(t: Any) -> Any:
+    """Triton launches on the current CUDA device: make it the tensors' (several GPUs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _delegated(xs: Sequence[Any], *more: Any) -> bool:
     """Calls the kernels are not built for (see the module docstring): the torch backend's
     ops take them."""
@@ -126,7 +132,8 @@ def lowrank_fusion(
         return torch_backend.lowrank_fusion(
             xs, factors, weights, bias, append_one=append_one, present=present
         )
-    return _ops.lowrank_call(list(xs), list(factors), weights, bias, append_one, present)
+    with _on_device(xs[0]):
+        return _ops.lowrank_call(list(xs), list(factors), weights, bias, append_one, present)
 
 
 def cp_fusion(
@@ -143,7 +150,8 @@ def cp_fusion(
         from .. import torch as torch_backend
 
         return torch_backend.cp_fusion(xs, cp, bias, append_one=append_one, present=present)
-    return _ops.cp_call(list(xs), weights, list(factors), bias, append_one, present)
+    with _on_device(xs[0]):
+        return _ops.cp_call(list(xs), weights, list(factors), bias, append_one, present)
 
 
 def _stats_kernels_take(x: Any, axis: int, masks: Sequence[Any], *others: Any) -> bool:
@@ -171,8 +179,8 @@ def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> t
         from ..._core import align as core_align
 
         return core_align.moments(x, axis=axis, mask=mask, eps=eps)
-    mean, std = _ops.moments_call(x, mask, float(eps))
-    return mean, std
+    with _on_device(x):
+        return _ops.moments_call(x, mask, float(eps))
 
 
 def zoom_shift(
@@ -194,7 +202,8 @@ def zoom_shift(
         return torch_backend.zoom_shift(
             x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps
         )
-    return _ops.zoom_shift_call(x, guide, float(alpha), mask, guide_mask, float(eps))
+    with _on_device(x):
+        return _ops.zoom_shift_call(x, guide, float(alpha), mask, guide_mask, float(eps))
 
 
 # --------------------------------------------------------------------------- registration

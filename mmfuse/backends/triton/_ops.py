@@ -105,6 +105,10 @@ def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> to
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+def _zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(tuple(shape), dtype=dtype, device=device)
+
+
 def _slots(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Eight pointer arguments: the modalities' tensors, then repeats of the first (the
     kernels never touch slots past M)."""
@@ -139,7 +143,7 @@ def _lowrank_op(
     batch, n_mod = int(x0.shape[0]), len(xs)
     rank, _, out_dim = (int(v) for v in factors[0].shape)
     out = _empty((batch, out_dim), x0.dtype, x0.device)
-    if batch == 0:
+    if batch == 0 or out_dim == 0:
         return out
     xs = [x.contiguous() for x in xs]
     factors = [f.contiguous() for f in factors]
@@ -203,11 +207,14 @@ def _lowrank_backward_op(
         "PRECISION": _precision(dtype), "num_warps": t.num_warps,
     }  # fmt: skip
 
+    # an empty batch or output: every gradient is a sum over nothing (no kernel runs)
+    live = batch > 0 and out_dim > 0
+    make = _empty if live else _zeros
     # dL/dx: float32 accumulators (returned as they are for float32 inputs)
     gx: list[torch.Tensor | None] = [
-        _empty(x.shape, torch.float32, x.device) if need else None for x, need in zip(xs, need_x)
+        make(x.shape, torch.float32, x.device) if need else None for x, need in zip(xs, need_x)
     ]
-    if any(need_x) and batch:
+    if any(need_x) and live:
         mask = sum(1 << m for m, need in enumerate(need_x) if need)
         wrap_triton(K.lowrank_bwd_x_kernel)[(triton.cdiv(batch, t.block_b),)](
             *_slots([v if v is not None else g for v in gx]), g, *_slots(xs), *_slots(factors), *_dims(xs),
@@ -217,7 +224,7 @@ def _lowrank_backward_op(
     # dL/dfactor and dL/dw: per-split float32 partials, then fixed-order sums
     gf: list[torch.Tensor | None] = [None] * n_mod
     gw = None
-    if (any(need_f) or need_w) and batch:
+    if (any(need_f) or need_w) and live:
         factor_elems = sum(f.numel() for f, need in zip(factors, need_f) if need)
         splits, rows = _splits(batch, t.block_b, n_hblk, factor_elems)
         parts = [
@@ -235,10 +242,9 @@ def _lowrank_backward_op(
         gf = [None if p is None else (p[0] if splits == 1 else p.sum(dim=0)) for p in parts]
         if need_w:
             gw = pw.view(splits, n_hblk, t.rank_p, t.block_h).sum(dim=(0, 1, 3))[:rank]
-    elif batch == 0:
-        gf = [torch.zeros(f.shape, dtype=torch.float32, device=f.device) if need else None
-              for f, need in zip(factors, need_f)]  # fmt: skip
-        gw = torch.zeros((rank,), dtype=torch.float32, device=g.device) if need_w else None
+    elif not live:
+        gf = [_zeros(f.shape, torch.float32, f.device) if need else None for f, need in zip(factors, need_f)]
+        gw = _zeros((rank,), torch.float32, g.device) if need_w else None
 
     def done(v: torch.Tensor | None) -> torch.Tensor:
         return grad.new_empty((0,)) if v is None else v.to(dtype)
