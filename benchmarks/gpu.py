@@ -549,6 +549,30 @@ def _sweep_case(
 
     cands = {f"{kind} B{b} H{h} w{nw}": runner(kind, b, h, nw)
              for kind, cfgs in (("fwd", _SWEEP_FWD), ("bwd", _SWEEP_BWD)) for b, h, nw in cfgs}  # fmt: skip
+    if dtype == torch.float32:
+        # 3xTF32: tensor-core dots with about float32 accuracy (not torch's TF32 setting);
+        # its error against float64 is printed so the two can be weighed
+        default_precision = _ops._precision
+
+        def tf32x3(kind: str) -> Callable[[], Any]:
+            def run() -> Any:
+                _ops._precision = lambda dt: "tf32x3"
+                try:
+                    if kind == "fwd":
+                        with torch.no_grad():
+                            return mmfuse.lowrank_fusion(xs, factors, w, bias, backend="triton")
+                    return mmfuse.lowrank_fusion(xg, fg, w, bias, backend="triton").sum().backward()
+                finally:
+                    _ops._precision = default_precision
+
+            return run
+
+        cands["fwd tf32x3"], cands["bwd tf32x3"] = tf32x3("fwd"), tf32x3("bwd")
+        n = min(batch, 2048)
+        want = lmf_straightforward(torch, [x[:n].double() for x in xs], [f.double() for f in factors],
+                                   w.double()[None, :], bias.double())  # fmt: skip
+        print(f"  tf32x3 forward: max rel. error {_rel_err(cands['fwd tf32x3']()[:n], want):.1e}; "
+              f"ieee: {_rel_err(mmfuse.lowrank_fusion(xs, factors, w, bias, backend='triton')[:n], want):.1e}")
     times = time_cuda(cands, repeats=repeats)
     return [(label, name, ms, float("nan")) for name, ms in times.items()]
 
