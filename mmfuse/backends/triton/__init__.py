@@ -51,10 +51,19 @@ two-pass algorithm about a pivot (p = sum(x) / n, d = x - p, mean = p + sum(d) /
 var = sum(d^2) / n - (sum(d) / n)^2; masked tokens selected out, so NaN padding cannot leak)
 and, for ``zoom_shift``, the guide's statistics and then the map about x's pivot,
 y = (x - p) s + (target - corr s).  When the token axis fits one register tile (T <= 512 at
-16 channels, 1024 at 8) x is read once and y written once; longer axes loop over token blocks.  These
-kernels are forward-only: calls that need gradients go to the torch backend's
+16 channels, 1024 at 8) x is read once and y written once; longer axes loop over token
+blocks.  These kernels are forward-only: calls that need gradients go to the torch backend's
 ``zoom_shift`` op (closed-form backward) or the Array-API core's ``moments``, as do other
 statistics axes than -2.
+
+Costs the first GPU measurement should look at (none has been made): tile sizes come from
+``ptxas -v`` register counts for sm_90a (:mod:`._compile_check`), not timings
+(``benchmarks/gpu.py --sweep`` times alternatives).  Besides DRAM traffic, the tiles re-read
+data from L2: each forward program reads its factor slice for all modalities (B / BLOCK_B
+times the factors in all), and each output slice re-reads x (h / BLOCK_H times x); the
+backward's read-modify-writes of its own dx rows (once per output slice) and dF partials
+(once per row block) stay in L2 but are several GB at the issue's largest sizes.  float32
+dots with TF32 off run on the FMA units (no tensor cores), as torch's own.
 
 Numerics: float32 accumulation everywhere (16-bit inputs included; results cast back).
 float32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, as torch).
