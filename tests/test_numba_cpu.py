@@ -41,8 +41,11 @@ def test_registered_for_numpy():
         assert "numba" in available(op)
     import array_api_compat.numpy as np_compat
 
-    assert nb._supports_cpu_or_cuda(np_compat, "cpu") is None
-    assert nb._supports_cpu(np_compat, "cpu") is None
+    from mmfuse.backends._conditions import CONDITIONS, CallInfo
+
+    info = CallInfo(np_compat, "cpu", np.dtype("float32"))
+    assert CONDITIONS["numpy (CPU kernels)"](info) is None
+    assert CONDITIONS["numpy (CPU kernels only)"](info) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -217,10 +220,10 @@ def test_cuda_arrays_without_numba_cuda_are_refused_with_the_reason(monkeypatch)
     torch = pytest.importorskip("torch")
     import array_api_compat.torch as torch_compat
 
-    monkeypatch.setattr(nb, "HAS_CUDA", False)
-    reason = nb._supports(torch_compat, torch.device("cuda", 0))
+    from mmfuse.backends import _conditions
+
+    real = _conditions.importlib.util.find_spec
+    monkeypatch.setattr(_conditions.importlib.util, "find_spec", lambda n: None if n == "numba_cuda" else real(n))
+    info = _conditions.CallInfo(torch_compat, torch.device("cuda", 0), torch.float32)
+    reason = _conditions.CONDITIONS["CUDA arrays, no gradient"](info)
     assert reason == "needs CuPy arrays or torch CUDA tensors on a CUDA device, and numba-cuda (pip install 'mmfuse[numba]')"
-    assert nb._supports_cpu_or_cuda(torch_compat, torch.device("cuda", 0)) == (
-        "needs NumPy arrays (CPU kernels) or CuPy arrays or torch CUDA tensors on a CUDA device, "
-        "and numba-cuda (pip install 'mmfuse[numba]')"
-    )

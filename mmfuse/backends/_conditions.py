@@ -157,18 +157,11 @@ def _numba_cuda_grad(info: CallInfo) -> str | None:
     """The numba backend's answer for CUDA arrays that need gradients: the Array-API core."""
     if not _cuda_arrays(info):
         return _CUDA_ARRAYS
-    return None if info.grad else "only for CUDA arrays that need gradients"
-
-
-def _numba_cpu_or_cuda(info: CallInfo) -> str | None:
-    if is_numpy(info.xp):
-        return None
-    refusal = _numba_cuda(info)
-    return None if refusal is None else f"needs NumPy arrays (CPU kernels) or {refusal[len('needs '):]}"
+    return None if info.grad else f"{_CUDA_ARRAYS} that need gradients"
 
 
 def _numba_cpu(info: CallInfo) -> str | None:
-    return None if is_numpy(info.xp) else "needs NumPy arrays (its CPU kernels)"
+    return None if is_numpy(info.xp) else "needs NumPy arrays (CPU kernels)"
 
 
 def _numba_cpu_only(info: CallInfo) -> str | None:
@@ -205,7 +198,6 @@ CONDITIONS: dict[str, Callable[[CallInfo], str | None]] = {
     "cupy": _cupy,
     "CUDA arrays, no gradient": _numba_cuda,
     "CUDA arrays needing gradients": _numba_cuda_grad,
-    "numpy, or CUDA arrays without gradient": _numba_cpu_or_cuda,
     "numpy (CPU kernels)": _numba_cpu,
     "numpy (CPU kernels only)": _numba_cpu_only,
     "torch CUDA tensors": _triton,

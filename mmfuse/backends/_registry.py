@@ -314,8 +314,15 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
             reasons.append(refusal)
     raise BackendUnsupported(
         f"backend {name!r} cannot take {namespace_name(info.xp)} arrays on device "
-        f"{_device_name(info.device)!r} for {op}: {'; '.join(reasons)}"
+        f"{_device_name(info.device)!r} for {op}: {_join(reasons)}"
     )
+
+
+def _join(reasons: list[str]) -> str:
+    """The rows' reasons as one: "needs A or B" when each says what it needs."""
+    if all(r.startswith("needs ") for r in reasons):
+        return "needs " + " or ".join(r[len("needs ") :] for r in reasons)
+    return "; ".join(reasons)
 
 
 def _device_name(device: Any) -> Any:
