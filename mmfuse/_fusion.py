@@ -51,6 +51,50 @@ def _extra(append_one: bool) -> int:
     return 1 if append_one else 0
 
 
+#: An array that an initialiser or a layer's constructor is about to allocate: its name, its
+#: layout, its shape, and the arguments (with their values) that set its size.
+Planned = tuple[str, str, tuple[int, ...], str]
+
+
+def check_allocations(where: str, planned: Sequence[Planned], max_elements: int) -> None:
+    """Refuse (ValueError) the largest of ``planned`` when it has more than ``max_elements``
+    elements, before anything is allocated.
+
+    :func:`tensor_fusion`'s rule for its weight, applied to parameters: the allocator's own
+    error names no argument ("Unable to allocate 728. TiB"), and a size just within the
+    machine's memory would take all of it before anything failed.
+    """
+    name, layout, shape, culprits = max(planned, key=lambda p: math.prod(p[2]))
+    size = math.prod(shape)
+    if size > max_elements:
+        raise ValueError(
+            f"{where}: {name} of shape {layout} = {fmt_shape(shape)} would have {size} elements, "
+            f"over max_elements={max_elements}; its size comes from {culprits}: lower them, or "
+            "raise max_elements"
+        )
+
+
+def lowrank_planned(
+    dims: Sequence[int], rank: int, out_dim: int, append_one: bool, dims_name: str = "dims"
+) -> list[Planned]:
+    """The arrays of low-rank fusion parameters (:func:`init_lowrank`, ``nn.LowRankFusion``)."""
+    extra = _extra(append_one)
+    planned: list[Planned] = [
+        (
+            f"factors[{m}]",
+            f"(R, {_mode_label(m, append_one)}, h)",
+            (rank, d + extra, out_dim),
+            f"rank={rank}, {dims_name}[{m}]={d}, out_dim={out_dim}",
+        )
+        for m, d in enumerate(dims)
+    ]
+    vectors: list[Planned] = [
+        ("weights", "(R,)", (rank,), f"rank={rank}"),
+        ("bias", "(h,)", (out_dim,), f"out_dim={out_dim}"),
+    ]
+    return [*planned, *vectors]
+
+
 def _mode_label(m: int, append_one: bool) -> str:
     return f"d_{m} + 1" if append_one else f"d_{m}"
 
@@ -564,6 +608,7 @@ def init_lowrank(
     xp: Any = None,
     dtype: Any = None,
     device: Any = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> dict[str, Any]:
     r"""Random low-rank fusion parameters, ready for ``lowrank_fusion(xs, **params)``.
 
@@ -581,6 +626,9 @@ def init_lowrank(
         Namespace of the returned arrays (default NumPy), e.g. ``torch`` or ``array_api_strict``.
     dtype, device : optional
         Of the returned arrays (default: the namespace's default floating dtype).
+    max_elements : int, default ``DEFAULT_MAX_ELEMENTS`` (2**27)
+        Refuse (ValueError) parameters with an array of more elements than this, before
+        anything is allocated, as :func:`tensor_fusion` refuses its weight.
 
     Returns
     -------
@@ -590,8 +638,9 @@ def init_lowrank(
     Raises
     ------
     ValueError
-        ``dims`` empty, or a size (``dims[m]``, ``rank``, ``out_dim``) that is not a positive
-        integer (floats such as 2.7, strings and bools included).
+        ``dims`` empty, or a size (``dims[m]``, ``rank``, ``out_dim``, ``max_elements``) that
+        is not a positive integer (floats such as 2.7, strings and bools included), or a
+        factor over ``max_elements`` (the message names the sizes that make it big).
     TypeError
         ``dims`` not a sequence, ``append_one`` not a bool, or ``dtype`` not a real floating
         dtype.
@@ -615,6 +664,8 @@ def init_lowrank(
     rank = check_positive_int("rank", rank)
     out_dim = check_positive_int("out_dim", out_dim)
     append_one = check_bool_option("append_one", append_one)
+    max_elements = check_positive_int("max_elements", max_elements)
+    check_allocations("init_lowrank", lowrank_planned(dims, rank, out_dim, append_one), max_elements)
     space = array_namespace(np.empty(0)) if xp is None else xp
     dtype = check_floating_dtype(space, dtype, device)  # default: float32 for torch
     weights = from_numpy(np.full(rank, 1.0 / rank), space, dtype=dtype, device=device)

@@ -15,6 +15,7 @@ import array_api_compat
 import numpy as np
 
 from ._core import sequence as core
+from ._fusion import DEFAULT_MAX_ELEMENTS, Planned, check_allocations
 from ._namespace import array_namespace, from_numpy
 from ._validation import (
     as_sequence,
@@ -510,6 +511,37 @@ def _check_sizes(
     return dims, lengths, {k: check_positive_int(k, v) for k, v in sizes.items()}
 
 
+def wander_planned(
+    dims: Sequence[int],
+    lengths: Sequence[int],
+    sizes: Mapping[str, int],
+    *,
+    bias: bool = True,
+    layer: bool = False,
+) -> list[Planned]:
+    """The arrays of Wander adapter parameters (:func:`init_wander`, ``nn.WanderAdapter``,
+    whose names ``layer`` selects), for :func:`mmfuse._fusion.check_allocations`."""
+    r, r_h, r_t = sizes["rank"], sizes["feature_rank"], sizes["token_rank"]
+    d_out, t_out = sizes["out_dim"], sizes["n_out"]
+    dims_name = "in_dims" if layer else "dims"
+    names = (
+        ("down_weights[{m}]", "down_biases[{m}]", "feature_factors[{m}]", "token_factors[{m}]")
+        if layer
+        else ("down[{m}] weight", "down[{m}] bias", "feature[{m}]", "token[{m}]")
+    )
+    planned: list[Planned] = []
+    for m, (d, t) in enumerate(zip(dims, lengths)):
+        weight, bias_name, feature, token = (name.format(m=m) for name in names)
+        planned.append((weight, f"(d_{m}, r)", (d, r), f"{dims_name}[{m}]={d}, rank={r}"))
+        if bias:
+            planned.append((bias_name, "(r,)", (r,), f"rank={r}"))
+        feature_from = f"feature_rank={r_h}, rank={r}, out_dim={d_out}"
+        planned.append((feature, "(R_h, r, D)", (r_h, r, d_out), feature_from))
+        token_from = f"token_rank={r_t}, lengths[{m}]={t}, n_out={t_out}"
+        planned.append((token, f"(R_t, T_{m}, T_out)", (r_t, t, t_out), token_from))
+    return planned
+
+
 def wander_parameter_count(
     dims: Sequence[int],
     lengths: Sequence[int],
@@ -602,6 +634,7 @@ def init_wander(
     dtype: Any = None,
     device: Any = None,
     init: str = "trainable",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> dict[str, Any]:
     r"""Wander adapter parameters, ready for ``wander(xs, params)``.
 
@@ -625,6 +658,9 @@ def init_wander(
         Of the returned arrays (default: the namespace's default floating dtype).
     init : {"trainable", "parity"}, default "trainable"
         The scheme, see Notes.
+    max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS`` (2**27)
+        Refuse (ValueError) parameters with an array of more elements than this, before
+        anything is allocated, as :func:`mmfuse.tensor_fusion` refuses its weight.
 
     Returns
     -------
@@ -635,7 +671,9 @@ def init_wander(
     Raises
     ------
     ValueError
-        Non-positive sizes, ``dims`` and ``lengths`` of different lengths, unknown ``init``.
+        Non-positive sizes (``max_elements`` included), ``dims`` and ``lengths`` of different
+        lengths, unknown ``init``, or an array over ``max_elements`` (the message names the
+        sizes that make it big).
 
     Notes
     -----
@@ -688,6 +726,8 @@ def init_wander(
         out_dim=out_dim, n_out=rank if n_out is None else n_out,
     )  # fmt: skip
     r, r_h, r_t, d_out, t_out = s["rank"], s["feature_rank"], s["token_rank"], s["out_dim"], s["n_out"]
+    max_elements = check_positive_int("max_elements", max_elements)
+    check_allocations("init_wander", wander_planned(dims, lengths, s), max_elements)
     space = array_namespace(np.empty(0)) if xp is None else xp
     dtype = check_floating_dtype(space, dtype, device)  # before drawing: a refusal leaves a Generator alone
     n = len(dims)

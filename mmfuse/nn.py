@@ -191,6 +191,13 @@ def _factory(device: Any, dtype: Any) -> dict[str, Any]:
     return {"device": device, "dtype": dtype}
 
 
+def _loaded_limit(arrays: Sequence[Any]) -> int:
+    """``max_elements`` for a layer that will hold copies of ``arrays``: the caller already
+    holds arrays that large, so the size check (which guards against absurd sizes) passes
+    them; the default limit still applies to smaller ones."""
+    return max(DEFAULT_MAX_ELEMENTS, *(math.prod(a.shape) for a in arrays))
+
+
 def _register_bias(module: nn.Module, bias: bool, out_dim: int, fk: dict[str, Any]) -> None:
     """An (h,) ``bias`` parameter, or a registered ``None`` (so ``layer.bias`` always exists)."""
     if check_bool_option("bias", bias):
@@ -202,8 +209,8 @@ def _register_bias(module: nn.Module, bias: bool, out_dim: int, fk: dict[str, An
 class _RankedFusion(nn.Module):
     """Construction shared by the rank-R fusion layers (:class:`LowRankFusion`, :class:`CPFusion`).
 
-    Subclasses say which factor shapes they hold (``_factor_shapes``) and how to draw them
-    (``reset_parameters``).
+    Subclasses say which factor shapes they hold (``_factor_shapes``, and with their layouts
+    for the size check, ``_planned``) and how to draw them (``reset_parameters``).
     """
 
     bias: nn.Parameter | None
@@ -216,6 +223,7 @@ class _RankedFusion(nn.Module):
         *,
         append_one: bool = True,
         bias: bool = True,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -225,6 +233,8 @@ class _RankedFusion(nn.Module):
         self.out_dim = check_positive_int("out_dim", out_dim)
         self.rank = check_positive_int("rank", rank)
         self.append_one = check_bool_option("append_one", append_one)
+        self.max_elements = check_positive_int("max_elements", max_elements)
+        _fusion.check_allocations(type(self).__name__, self._planned(), self.max_elements)
         self.factors = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, **fk)) for shape in self._factor_shapes()]
         )
@@ -233,6 +243,9 @@ class _RankedFusion(nn.Module):
         self.reset_parameters()
 
     def _factor_shapes(self) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _planned(self) -> list[_fusion.Planned]:
         raise NotImplementedError
 
     def reset_parameters(self) -> None:
@@ -263,6 +276,9 @@ class LowRankFusion(_RankedFusion):
         Append the constant 1 to each modality (last); factors then have d_m + 1 rows.
     bias : bool, default True
         Learn an additive bias (h,).
+    max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS``
+        Refuse (ValueError) a factor with more elements than this, before allocating it (the
+        rule of :func:`mmfuse.init_lowrank` and :class:`TensorFusion`).
     device, dtype : optional
         Of the parameters.
 
@@ -285,6 +301,9 @@ class LowRankFusion(_RankedFusion):
     def _factor_shapes(self) -> list[tuple[int, ...]]:
         extra = int(self.append_one)
         return [(self.rank, d + extra, self.out_dim) for d in self.in_dims]
+
+    def _planned(self) -> list[_fusion.Planned]:
+        return _fusion.lowrank_planned(self.in_dims, self.rank, self.out_dim, self.append_one, "in_dims")
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -365,7 +384,10 @@ class LowRankFusion(_RankedFusion):
             )
         device = factors[0].device if device is None else device
         dtype = factors[0].dtype if dtype is None else dtype
-        layer = cls([f.shape[1] - 1 for f in factors], int(out_dim), int(rank), device=device, dtype=dtype)
+        layer = cls(
+            [f.shape[1] - 1 for f in factors], int(out_dim), int(rank), device=device, dtype=dtype,
+            max_elements=_loaded_limit(factors),
+        )  # fmt: skip
         with torch.no_grad():
             for mine, f in zip(layer.factors, factors):
                 # LMF's row 0 multiplies its prepended constant; ours is the last row.
@@ -392,6 +414,8 @@ class CPFusion(_RankedFusion):
         R.
     append_one : bool, default True
     bias : bool, default True
+    max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS``
+        Refuse (ValueError) a factor with more elements than this, before allocating it.
     device, dtype : optional
 
     Attributes
@@ -412,6 +436,15 @@ class CPFusion(_RankedFusion):
         extra = int(self.append_one)
         shapes: list[tuple[int, ...]] = [(d + extra, self.rank) for d in self.in_dims]
         return [*shapes, (self.out_dim, self.rank)]
+
+    def _planned(self) -> list[_fusion.Planned]:
+        n, r, label = len(self.in_dims), self.rank, "d_{m} + 1" if self.append_one else "d_{m}"
+        planned: list[_fusion.Planned] = [
+            (f"factors[{m}]", f"({label.format(m=m)}, R)", shape, f"in_dims[{m}]={self.in_dims[m]}, rank={r}")
+            for m, shape in enumerate(self._factor_shapes()[:n])
+        ]
+        out = (f"factors[{n}]", "(h, R)", (self.out_dim, r), f"out_dim={self.out_dim}, rank={r}")
+        return [*planned, out, ("weights", "(R,)", (r,), f"rank={r}")]
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -463,6 +496,7 @@ class CPFusion(_RankedFusion):
             rank,
             append_one=append_one,
             bias=bias is not None,
+            max_elements=_loaded_limit(factors),
             device=device,
             dtype=dtype,
         )
@@ -639,6 +673,9 @@ class WanderAdapter(nn.Module):
         reproduces the released code (which never trains for M >= 2).
     bias : bool, default True
         Biases of the down-projections.
+    max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS``
+        Refuse (ValueError) a parameter with more elements than this, before allocating it
+        (the rule of :func:`mmfuse.init_wander`, which ``reset_parameters`` calls with it).
     device, dtype : optional
 
     Attributes
@@ -672,6 +709,7 @@ class WanderAdapter(nn.Module):
         residual: str = "first",
         init: str = "trainable",
         bias: bool = True,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -709,9 +747,14 @@ class WanderAdapter(nn.Module):
                     f"residual='first' needs n_out <= sum(lengths) = {sum(self.lengths)}, got {self.n_out}"
                 )
         self.mode, self.activation, self.residual, self.init = mode, activation, residual, init
+        with_bias = check_bool_option("bias", bias)
+        self.max_elements = check_positive_int("max_elements", max_elements)
+        sizes = {"rank": self.rank, "feature_rank": self.feature_rank, "token_rank": self.token_rank,
+                 "out_dim": self.out_dim, "n_out": self.n_out}  # fmt: skip
+        planned = _sequence.wander_planned(self.in_dims, self.lengths, sizes, bias=with_bias, layer=True)
+        _fusion.check_allocations(type(self).__name__, planned, self.max_elements)
         r = self.rank
         self.down_weights = nn.ParameterList([nn.Parameter(torch.empty(d, r, **fk)) for d in self.in_dims])
-        with_bias = check_bool_option("bias", bias)
         self.down_biases = nn.ParameterList(
             [nn.Parameter(torch.empty(r, **fk)) for _ in self.in_dims] if with_bias else []
         )
@@ -730,7 +773,7 @@ class WanderAdapter(nn.Module):
         params = init_wander(
             self.in_dims, self.lengths, rank=self.rank, feature_rank=self.feature_rank,
             token_rank=self.token_rank, out_dim=self.out_dim, n_out=self.n_out, seed=seed,
-            init=self.init,
+            init=self.init, max_elements=self.max_elements,
         )  # fmt: skip
         with torch.no_grad():
             for m, (w, b) in enumerate(params["down"]):
@@ -927,6 +970,8 @@ class GuidedZoomShift(nn.Module):
     pool : {"mean", "max"}, default "mean"
         Pooling of the modulated sequences for the fusion (the guide's summary that drives
         the modulation is always its masked mean).
+    max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS``
+        Refuse (ValueError) a ``weight`` with more elements than this, before allocating it.
     device, dtype : optional
 
     Attributes
@@ -967,6 +1012,7 @@ class GuidedZoomShift(nn.Module):
         guide: int = 0,
         fuse: str | None = "concat",
         pool: str = "mean",
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -982,7 +1028,13 @@ class GuidedZoomShift(nn.Module):
         _align.check_choice(fuse, "fuse", _align.FUSE_MODES)
         _align.check_choice(pool, "pool", _align.POOL_MODES)
         self.fuse, self.pool = fuse, pool
-        c = self.channels
+        c, k = self.channels, self.num_modalities - 1
+        self.max_elements = check_positive_int("max_elements", max_elements)
+        planned = [
+            ("weight", "(M - 1, 2 C, C)", (k, 2 * c, c), f"num_modalities={k + 1}, channels={c}"),
+            ("bias", "(M - 1, 2 C)", (k, 2 * c), f"num_modalities={k + 1}, channels={c}"),
+        ]
+        _fusion.check_allocations(type(self).__name__, planned, self.max_elements)
         self.weight = nn.Parameter(torch.empty(self.num_modalities - 1, 2 * c, c, **fk))
         self.bias = nn.Parameter(torch.empty(self.num_modalities - 1, 2 * c, **fk))
         self.reset_parameters()

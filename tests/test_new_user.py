@@ -176,3 +176,108 @@ def test_reference_backend_still_runs_on_cpu_tensors():
     torch.testing.assert_close(
         mmfuse.lowrank_fusion(xs, **params, backend="reference"), mmfuse.lowrank_fusion(xs, **params)
     )
+
+
+# --------------------------------------------------------------------------- sizes before allocation
+
+HUGE = 10**7  # every array built from it is far beyond any machine's memory
+
+
+def test_init_lowrank_checks_the_size_before_allocating():
+    with pytest.raises(
+        ValueError,
+        match=r"^init_lowrank: factors\[0\] of shape \(R, d_0 \+ 1, h\) = \(10000000, 10000001, 10000000\) "
+        r"would have \d+ elements, over max_elements=134217728; its size comes from rank=10000000, "
+        r"dims\[0\]=10000000, out_dim=10000000",
+    ):
+        mmfuse.init_lowrank([HUGE, 3], rank=HUGE, out_dim=HUGE, seed=0)
+    # the limit is the caller's: a small one refuses a small problem, naming the big modality
+    with pytest.raises(ValueError, match=r"factors\[1\] .* = \(2, 6, 3\) would have 36 elements, over max_elements=35"):
+        mmfuse.init_lowrank([2, 5], rank=2, out_dim=3, max_elements=35)
+    p = mmfuse.init_lowrank([2, 5], rank=2, out_dim=3, max_elements=36, seed=0)
+    assert [f.shape for f in p["factors"]] == [(2, 3, 3), (2, 6, 3)]
+    with pytest.raises(ValueError, match=r"^max_elements must be a positive integer"):
+        mmfuse.init_lowrank([2, 5], rank=2, out_dim=3, max_elements=0)
+
+
+def test_init_wander_checks_the_size_before_allocating():
+    with pytest.raises(
+        ValueError,
+        match=r"^init_wander: down\[0\] weight of shape \(d_0, r\) = \(10000000, 10000000\) would have "
+        r"\d+ elements, over max_elements=134217728; its size comes from dims\[0\]=10000000, rank=10000000",
+    ):
+        mmfuse.init_wander([HUGE], [4], rank=HUGE, feature_rank=1, token_rank=1, out_dim=4, n_out=2)
+    with pytest.raises(ValueError, match=r"token\[0\] .* = \(1, 10000000, 10000000\) .* lengths\[0\]=10000000, n_out=10000000"):
+        mmfuse.init_wander([4], [HUGE], rank=2, feature_rank=1, token_rank=1, out_dim=4, n_out=HUGE)
+    p = mmfuse.init_wander([4], [3], rank=2, feature_rank=1, token_rank=2, out_dim=4, max_elements=12, seed=0)
+    assert p["token"][0].shape == (2, 3, 2)
+    with pytest.raises(ValueError, match=r"token\[0\] .* would have 12 elements, over max_elements=11"):
+        mmfuse.init_wander([4], [3], rank=2, feature_rank=1, token_rank=2, out_dim=4, max_elements=11)
+
+
+LAYER_SIZE_ERRORS = {
+    "LowRankFusion": (
+        lambda **kw: mnn.LowRankFusion([HUGE, 3], 4, HUGE, **kw),
+        r"^LowRankFusion: factors\[0\] .* rank=10000000, in_dims\[0\]=10000000, out_dim=4",
+    ),
+    "CPFusion": (
+        lambda **kw: mnn.CPFusion([3, HUGE], 4, HUGE, **kw),
+        r"^CPFusion: factors\[1\] of shape \(d_1 \+ 1, R\) = \(10000001, 10000000\) .* in_dims\[1\]=10000000, rank=10000000",
+    ),
+    "TensorFusion": (
+        lambda **kw: mnn.TensorFusion([HUGE, HUGE], 4, **kw),
+        r"^TensorFusion: weight of shape \(10000001, 10000001, 4\)",
+    ),
+    "WanderAdapter": (
+        lambda **kw: mnn.WanderAdapter([HUGE, HUGE], [3, 5], HUGE, 1, 1, residual="none", **kw),
+        r"^WanderAdapter: down_weights\[0\] of shape \(d_0, r\) = \(10000000, 10000000\) .* "
+        r"in_dims\[0\]=10000000, rank=10000000",
+    ),
+    "GuidedZoomShift": (
+        lambda **kw: mnn.GuidedZoomShift(HUGE, 2, **kw),
+        r"^GuidedZoomShift: weight of shape \(M - 1, 2 C, C\) = \(1, 20000000, 10000000\) .* "
+        r"num_modalities=2, channels=10000000",
+    ),
+}
+
+
+@pytest.mark.parametrize("device", [None, META])
+@pytest.mark.parametrize("name", list(LAYER_SIZE_ERRORS))
+def test_layer_constructors_check_sizes_before_allocating(name, device):
+    """The same refusal wherever the layer is built (on meta nothing would be allocated yet,
+    but materialising it later would)."""
+    build, message = LAYER_SIZE_ERRORS[name]
+    with pytest.raises(ValueError, match=message):
+        build(device=device)
+
+
+@pytest.mark.parametrize("name", ["LowRankFusion", "CPFusion", "WanderAdapter", "GuidedZoomShift"])
+def test_layer_max_elements_is_the_callers(name):
+    build, _, _ = LAYERS[name]
+    largest = max(p.numel() for p in build().parameters())
+    assert build(max_elements=largest).max_elements == largest
+    with pytest.raises(ValueError, match=rf"would have {largest} elements, over max_elements={largest - 1}"):
+        build(max_elements=largest - 1)
+    with pytest.raises(ValueError, match=r"^max_elements must be a positive integer"):
+        build(max_elements=True)
+
+
+def test_wander_layer_resets_under_its_own_max_elements():
+    """reset_parameters draws through init_wander with the layer's limit, not the default."""
+    build, _, _ = LAYERS["WanderAdapter"]
+    layer = build(max_elements=30)  # token_factors[1] (3, 5, 2): 30 elements
+    layer.reset_parameters()
+    layer.max_elements = 29
+    with pytest.raises(ValueError, match=r"^init_wander: token\[1\] .* over max_elements=29"):
+        layer.reset_parameters()
+
+
+def test_loading_weights_over_the_default_limit(monkeypatch):
+    """from_lmf / from_cp copy arrays the caller already holds: the default limit does not
+    refuse them."""
+    monkeypatch.setattr(mnn, "DEFAULT_MAX_ELEMENTS", 4)
+    lmf = [torch.randn(2, 4, 3), torch.randn(2, 5, 3)]
+    layer = mnn.LowRankFusion.from_lmf(lmf, torch.ones(1, 2), torch.zeros(1, 3))
+    assert [tuple(f.shape) for f in layer.factors] == [(2, 4, 3), (2, 5, 3)]
+    cp = (None, [torch.randn(4, 2), torch.randn(5, 2), torch.randn(3, 2)])
+    assert [tuple(f.shape) for f in mnn.CPFusion.from_cp(cp).factors] == [(4, 2), (5, 2), (3, 2)]
