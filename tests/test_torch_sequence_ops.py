@@ -123,9 +123,10 @@ def test_sequence_many_blocks_matches_core(monkeypatch):
 
 @pytest.mark.parametrize(("lengths", "n_out", "order"), [((6, 5, 7), 2, "token"), ((2, 3, 2), 5, "feature")])
 @pytest.mark.parametrize("needs_mask", [(True,) * 9, (True, False, True, False, True, True, True, True, False)])
-def test_collapsed_backward_equals_the_general_one(monkeypatch, lengths, n_out, order, needs_mask):
-    """The collapsed-mode backward (its own routine) gives the general routine's gradients in
-    both contraction orders, over several batch blocks, with masks and partial needs."""
+def test_collapsed_backward_equals_autograd_through_the_core(monkeypatch, lengths, n_out, order, needs_mask):
+    """The collapsed-mode backward (one routine: blocked without a graph, whole-batch and out of
+    place with one) gives autograd's gradients through the core in both contraction orders,
+    over several batch blocks, with masks and partial needs."""
     from mmfuse._core import sequence as seq_core
 
     monkeypatch.setattr(seq_core, "CP_BLOCK_BYTES", 2 * n_out * 3 * 8)  # 2 samples per block
@@ -139,11 +140,16 @@ def test_collapsed_backward_equals_the_general_one(monkeypatch, lengths, n_out, 
         assert tbs._seq_plan(hs, feats, toks, "collapsed").orders == (order,) * 3
         assert seq_core.cp_blocking(5, 1, n_out, 1, 3, 8)[0] == 2
         needs = list(needs_mask)
-        got = tbs.collapsed_grads(upstream, hs, feats, toks, masks, needs)
-        want = tbs._sequence_grads(upstream, hs, feats, toks, "collapsed", masks, needs)
-        for g, w, need in zip(got, want, needs):
-            assert (g is None) == (w is None) == (not need)
-            if need:
+        leaves = [t.clone().requires_grad_(True) for t in (*hs, *feats, *toks)]
+        y = seq_core.sequence_fusion(leaves[:3], leaves[3:6], leaves[6:], mode="collapsed", masks=masks)
+        want = torch.autograd.grad(y, [t for t, n in zip(leaves, needs) if n], upstream)
+        with torch.no_grad():
+            blocked = tbs.collapsed_grads(upstream, hs, feats, toks, masks, needs)
+        with torch.enable_grad():
+            whole = tbs.collapsed_grads(upstream, hs, feats, toks, masks, needs)
+        for got in (blocked, whole):
+            assert [g is not None for g in got] == needs
+            for g, w in zip([g for g in got if g is not None], want):
                 assert_close(g, w, rtol=1e-12)
     finally:
         seq_core.cp_blocking.cache_clear()

@@ -15,7 +15,8 @@ products (no division, so zeros are harmless); peak extra memory is a few cache-
 plus the gradients themselves, independent of B.  Collapsed mode is the same computation on
 the rank-summed factors with R_h = R_t = 1; its terms are only (B, T_out, D), but
 recomputing them costs two small GEMMs per modality, so it too saves only the inputs; its
-opaque backward is a routine of its own (:func:`_collapsed_grads`, one GEMM per product).
+backward is a routine of its own (:func:`collapsed_grads`, one GEMM per product), and each
+mode has one backward, used with and without a graph of the backward.
 
 The backward formulas are written with out-of-place torch operations.  Without a graph of
 the backward (the usual case) they run inside the opaque ``mmfuse::sequence_fusion_backward``
@@ -26,7 +27,6 @@ autograd differentiates it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -44,12 +44,8 @@ from ._common import (
 __all__ = ['collapsed_grads', 'sequence_fusion', 'sequence_op_eager']
 
 
-def _seq_matrices(
-    feature: torch.Tensor, token: torch.Tensor, collapsed: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r, R_h D) feature matrix and (R_t T_out, T) token matrix (ranks summed if collapsed)."""
-    if collapsed:
-        return feature.sum(dim=0), token.sum(dim=0).t()
+def _seq_matrices(feature: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, R_h D) feature matrix and (R_t T_out, T) token matrix of cp mode."""
     r_h, r_m, d = feature.shape
     r_t, t_m, t_out = token.shape
     return feature.permute(1, 0, 2).reshape(r_m, r_h * d), token.permute(0, 2, 1).reshape(r_t * t_out, t_m)
@@ -70,28 +66,27 @@ def _sequence_grads(
     hs: Sequence[torch.Tensor],
     feats: Sequence[torch.Tensor],
     toks: Sequence[torch.Tensor],
-    mode: str,
     masks: Sequence[torch.Tensor | None],
     needs: Sequence[bool],
 ) -> list[torch.Tensor | None]:
-    """Gradients of sequence fusion, blocked; ``needs`` = [h_0.., feature_0.., token_0..].
+    """Gradients of cp-mode sequence fusion, blocked; ``needs`` = [h_0.., feature_0.., token_0..].
 
     Out-of-place torch operations only, so autograd can differentiate it (double backward).
-    Returns the gradients in that order, None where not needed.
+    Returns the gradients in that order, None where not needed.  (Collapsed mode has its own
+    routine, :func:`collapsed_grads`.)
     """
     n_mod = len(hs)
-    collapsed = mode == "collapsed"
     r_h, _, out_dim = feats[0].shape
     r_t, _, n_out = toks[0].shape
-    rh, rt = (1, 1) if collapsed else (int(r_h), int(r_t))
-    orders = _seq_plan(hs, feats, toks, mode).orders
+    rh, rt = int(r_h), int(r_t)
+    orders = _seq_plan(hs, feats, toks, "cp").orders
     need_h = list(needs[:n_mod])
     need_f = list(needs[n_mod : 2 * n_mod])
     need_t = list(needs[2 * n_mod :])
     if not any(needs):
         return [None] * (3 * n_mod)
     hs = [seq_masked(h, k) for h, k in zip(hs, masks)]
-    mats = [_seq_matrices(f, t, collapsed) for f, t in zip(feats, toks)]
+    mats = [_seq_matrices(f, t) for f, t in zip(feats, toks)]
     batch = grad.shape[0]
     rows_b, chunk_j = _core_sequence.cp_blocking(
         int(batch), rt, int(n_out), rh, int(out_dim), grad.element_size(),
@@ -184,16 +179,12 @@ def _sequence_grads(
         g = gphi[m]
         if not need_f[m] or g is None:
             out.append(None if not need_f[m] else torch.zeros_like(f))
-        elif collapsed:  # every rank's slice gets the gradient of the rank sum
-            out.append(g.unsqueeze(0).expand(f.shape).clone())
         else:
             out.append(g.reshape(f.shape[1], f.shape[0], f.shape[2]).permute(1, 0, 2).contiguous())
     for m, t in enumerate(toks):
         g = gpsi[m]
         if not need_t[m] or g is None:
             out.append(None if not need_t[m] else torch.zeros_like(t))
-        elif collapsed:
-            out.append(g.t().unsqueeze(0).expand(t.shape).clone())
         else:
             out.append(g.reshape(t.shape[0], t.shape[2], t.shape[1]).permute(0, 2, 1).contiguous())
     return out
@@ -210,8 +201,10 @@ def collapsed_grads(
     firsts: Sequence[torch.Tensor] | None = None,
     on_grad_h: Callable[[int, slice, torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor | None]:
-    """The gradients of collapsed-mode sequence fusion (what :func:`_sequence_grads` returns),
-    written for that mode alone: the opaque backward's path.  ``terms`` and ``firsts``: the
+    """The gradients of collapsed-mode sequence fusion, in the order of
+    :func:`_sequence_grads` (cp mode's routine).  Without a graph of the backward it runs
+    blocked into buffers (the opaque backward op); with one (double backward) the same
+    formulas run out of place on the whole batch.  ``terms`` and ``firsts``: the
     forward's terms and first contractions when it kept them (the fused Wander op; the whole
     batch is then one block), else they are recomputed.  ``on_grad_h(m, block, dL/dH_m[block])``,
     when given, receives each block's (masked) dL/dH_m as soon as it is formed, in place of
@@ -237,23 +230,33 @@ def collapsed_grads(
     need_h = list(needs[:n_mod])
     need_f = list(needs[n_mod : 2 * n_mod])
     need_t = list(needs[2 * n_mod :])
+    # With a graph of the backward wanted (double backward) the same formulas run out of place
+    # on the whole batch, so autograd can differentiate them; otherwise blocked, into buffers.
+    graph = torch.is_grad_enabled()
     hs = [seq_masked(h, k) for h, k in zip(hs, masks)]
     phis = [f.sum(dim=0) for f in feats]  # (r_m, D)
     psis = [t.sum(dim=0) for t in toks]  # (T_m, T_out)
     batch, n_out, out_dim = grad.shape
-    rows_b = batch if terms is not None or firsts is not None else _core_sequence.cp_blocking(
+    rows_b = batch if graph or terms is not None or firsts is not None else _core_sequence.cp_blocking(
         int(batch), 1, int(n_out), 1, int(out_dim), grad.element_size(),
         block_budget(grad, _core_sequence.CP_BLOCK_BYTES),
     )[0]  # fmt: skip
     keep_gh = [need and on_grad_h is None for need in need_h]
     # contiguous whatever h's strides (a permuted h would give matmul(out=) a strided target)
     gh: list[Any] = [
-        torch.empty_like(h, memory_format=torch.contiguous_format) if keep else None
+        torch.empty_like(h, memory_format=torch.contiguous_format) if keep and not graph else None
         for h, keep in zip(hs, keep_gh)
     ]
-    # the first block writes the factor gradients, later blocks add to them (_store)
-    gphi: list[Any] = [torch.empty_like(p) if need_f[m] else None for m, p in enumerate(phis)]
-    gpsi: list[Any] = [torch.empty_like(p) if need_t[m] else None for m, p in enumerate(psis)]
+    # the first block writes the factor gradients, later blocks add to them (store)
+    gphi: list[Any] = [torch.empty_like(p) if need_f[m] and not graph else None for m, p in enumerate(phis)]
+    gpsi: list[Any] = [torch.empty_like(p) if need_t[m] and not graph else None for m, p in enumerate(psis)]
+
+    def put(acc: list[Any], m: int, value: torch.Tensor, first: bool) -> None:
+        if graph:
+            acc[m] = value if first else acc[m] + value
+        else:
+            store(acc[m], value, first)
+
     for blk in block_slices(batch, rows_b):
         first_block = blk.start == 0
         hb = [h[blk] for h in hs]
@@ -277,26 +280,30 @@ def collapsed_grads(
                 if orders[m] == "token":
                     if need_f[m]:
                         part = first.reshape(-1, first.shape[2]).t() @ g_m.reshape(-1, out_dim)
-                        store(gphi[m], part, first_block)
+                        put(gphi, m, part, first_block)
                     g_first = torch.matmul(g_m, phi.t())  # dA (nb, T_out, r_m)
                     if need_t[m]:
-                        store(gpsi[m], torch.bmm(h, g_first.transpose(1, 2)).sum(dim=0), first_block)
+                        put(gpsi, m, torch.bmm(h, g_first.transpose(1, 2)).sum(dim=0), first_block)
                     if need_h[m]:
                         gh_blk = torch.matmul(psi, g_first, out=None if gh[m] is None else gh[m][blk])
                 else:
                     if need_t[m]:
-                        store(gpsi[m], torch.bmm(first, g_m.transpose(1, 2)).sum(dim=0), first_block)
+                        put(gpsi, m, torch.bmm(first, g_m.transpose(1, 2)).sum(dim=0), first_block)
                     g_first = torch.matmul(psi, g_m)  # dF (nb, T_m, D)
                     if need_f[m]:
                         part = h.reshape(-1, h.shape[2]).t() @ g_first.reshape(-1, out_dim)
-                        store(gphi[m], part, first_block)
+                        put(gphi, m, part, first_block)
                     if need_h[m]:
                         gh_blk = torch.matmul(g_first, phi.t(), out=None if gh[m] is None else gh[m][blk])
+                    if graph and keep_gh[m]:
+                        gh[m] = gh_blk  # the whole batch: one block
+                if graph and keep_gh[m] and orders[m] == "token":
+                    gh[m] = gh_blk  # the whole batch: one block
                 if gh_blk is not None and on_grad_h is not None:
                     mask = masks[m]
                     on_grad_h(m, blk, gh_blk if mask is None else seq_masked(gh_blk, mask[blk]))
             if m:
-                run = run * term_blk[m] if m == n_mod - 1 else run.mul_(term_blk[m])
+                run = run * term_blk[m] if graph or m == n_mod - 1 else run.mul_(term_blk[m])
     out: list[torch.Tensor | None] = [
         None if g is None else seq_masked(g, k) if k is not None else g for g, k in zip(gh, masks)
     ]
@@ -344,8 +351,8 @@ def _sequence_backward_op(
     """The blocked backward as one opaque op; unneeded gradients come back empty."""
     dtype = grad.dtype
     cdt = compute_dtype(dtype)
-    # collapsed mode has its own, leaner routine; cp mode (and double backward) the general one
-    grads_of = collapsed_grads if mode == "collapsed" else partial(_sequence_grads, mode=mode)
+    # one backward per maths: collapsed mode's routine, cp mode's blocked one
+    grads_of = collapsed_grads if mode == "collapsed" else _sequence_grads
     grads = grads_of(
         cast(grad, cdt),
         [cast(h, cdt) for h in hs],
@@ -381,7 +388,8 @@ def _sequence_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     need_h, need_f, need_t = ctx.needs_input_grad[:3]
     needs = [bool(v) for v in (*need_h, *need_f, *need_t)]
     if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiable formulas
-        grads: list[Any] = _sequence_grads(grad, hs, feats, toks, ctx.mode, masks, needs)
+        grads_of = collapsed_grads if ctx.mode == "collapsed" else _sequence_grads
+        grads: list[Any] = grads_of(grad, hs, feats, toks, masks, needs)
     else:
         grads = _sequence_backward_op(grad.contiguous(), hs, feats, toks, ctx.mode, masks, needs)
         grads = [g if need else None for g, need in zip(grads, needs)]
