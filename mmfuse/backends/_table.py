@@ -127,6 +127,11 @@ def _rows() -> tuple[Row, ...]:
     # below numba's CUDA kernels (10), which "auto" keeps for torch CUDA tensors without grad
     add("moments", "torch", "autograd", f"{_CORE_ALIGN}:moments", "torch", 5)
     add("align", "torch", "autograd", f"{_CORE_ALIGN}:align", "torch", 5)
+    # Fused Triton kernels for torch CUDA tensors (CPU tensors under TRITON_INTERPRET=1).  Not
+    # yet measured on a GPU, so below every row "auto" picked before them (the torch backend's
+    # autograd rows are 5): "auto" never chooses them; backend="triton" runs them.
+    for op in ("lowrank_fusion", "cp_fusion", "moments", "zoom_shift"):
+        add(op, "triton", "fused kernels", f"{_TRITON}:{op}", "torch CUDA tensors", 4)
     return tuple(rows)
 
 

@@ -85,7 +85,6 @@ from typing import Any
 
 import torch
 
-from ... import _fusion  # noqa: F401  (defines the operators registered below)
 from ..._core.sequence import torch_transformed
 from ..._namespace import is_torch
 from . import _ops
@@ -213,23 +212,3 @@ def zoom_shift(
         )
     with _on_device(x):
         return _ops.zoom_shift_call(x, guide, float(alpha), mask, guide_mask, float(eps))
-
-
-# --------------------------------------------------------------------------- registration
-# One block, so the registry's dispatch table can take these over as they are.  Priority 12:
-# below the torch backend's ops (15), so "auto" keeps those until a GPU measurement shows the
-# kernels faster (none has been made yet); ``backend="triton"`` runs them.
-_PRIORITY = 12
-
-
-def _register() -> None:
-    from ... import _align  # noqa: F401  (defines moments and zoom_shift)
-    from .._registry import register
-
-    register("lowrank_fusion", "triton", lowrank_fusion, supports=supports, priority=_PRIORITY)
-    register("cp_fusion", "triton", cp_fusion, supports=supports, priority=_PRIORITY)
-    register("moments", "triton", moments, supports=supports, priority=_PRIORITY)
-    register("zoom_shift", "triton", zoom_shift, supports=supports, priority=_PRIORITY)
-
-
-_register()
