@@ -99,6 +99,20 @@ def _mode_label(m: int, append_one: bool) -> str:
     return f"d_{m} + 1" if append_one else f"d_{m}"
 
 
+def _constant_hint(rows: Sequence[int], dims: Sequence[int], append_one: bool, unit: str = "rows") -> str:
+    """A hint for parameters whose ``rows`` (one per modality) would fit feature sizes ``dims``
+    under the other ``append_one``: the commonest mistake with the constant's row."""
+    rows, dims = tuple(int(r) for r in rows), tuple(int(d) for d in dims)
+    if append_one and rows == dims:
+        return (
+            f"; it has d_m {unit}, without the constant's row: parameters without it take "
+            "append_one=False"
+        )
+    if not append_one and rows == tuple(d + 1 for d in dims):
+        return f"; it has d_m + 1 {unit}, as with the constant's row: pass append_one=True (the default)"
+    return ""
+
+
 def _check_vector(xp: Any, v: Any, name: str, length: int, label: str) -> None:
     if v is None:
         return
@@ -127,10 +141,14 @@ def _check_tensor_fusion(
     expected = tuple(x.shape[1] + extra for x in xs)
     layout = "(" + ", ".join(_mode_label(m + 1, append_one) for m in range(n)) + ", h)"
     if weight.ndim != n + 1 or tuple(weight.shape[:-1]) != expected:
+        hint = ""
+        if weight.ndim == n + 1:
+            dims = [x.shape[1] for x in xs]
+            hint = _constant_hint(weight.shape[:-1], dims, append_one, "entries per input mode")
         raise ValueError(
             f"weight must have shape {layout} = {fmt_shape((*expected, 'h'))} for {n} "
             f"modalities with feature sizes {[x.shape[1] for x in xs]}, "
-            f"got {fmt_shape(weight.shape)}"
+            f"got {fmt_shape(weight.shape)}{hint}"
         )
     out_dim = weight.shape[-1]
     _check_vector(xp, bias, "bias", out_dim, "h")
@@ -258,7 +276,7 @@ def _check_lowrank_factors(factors: Any, dims: Sequence[int] | None, append_one:
             raise ValueError(
                 f"factors[{m}] has shape {fmt_shape(f.shape)}; expected "
                 f"(R, {_mode_label(m, append_one)}, h) = (R, {dims[m] + _extra(append_one)}, h) "
-                f"for xs[{m}] with d_{m} = {dims[m]}"
+                f"for xs[{m}] with d_{m} = {dims[m]}{_constant_hint([f.shape[1]], [dims[m]], append_one)}"
             )
         if f.shape[0] != rank:
             raise ValueError(
@@ -395,7 +413,7 @@ def _as_cp(cp: Any) -> tuple[Any, list[Any]]:
         if f.shape[1] != rank:
             raise ValueError(
                 f"cp factor {i} has rank {f.shape[1]} (shape {fmt_shape(f.shape)}) but cp factor "
-                f"0 has rank {rank} (shape {fmt_shape(factors[0].shape)})"
+                f"0 has rank {rank} (shape {fmt_shape(factors[0].shape)}){_transposed_hint(factors, i)}"
             )
     if weights is not None:
         if not array_api_compat.is_array_api_obj(weights):
@@ -403,6 +421,34 @@ def _as_cp(cp: Any) -> tuple[Any, list[Any]]:
         if tuple(weights.shape) != (rank,):
             raise ValueError(f"cp weights must have shape (R,) = ({rank},), got {fmt_shape(weights.shape)}")
     return weights, factors
+
+
+_CP_LAYOUT = (
+    "cp factors are laid out (rows, R), TensorLy's layout: (d_m + 1, R) for modality m "
+    "(d_m with append_one=False), then (h, R) for the output"
+)
+
+
+def _transposed_hint(factors: Sequence[Any], i: int) -> str:
+    """The expected layout, and which factor looks transposed, for factor ``i`` whose rank
+    (columns) differs from factor 0's."""
+    f, first = factors[i], factors[0]
+    if f.shape[0] == first.shape[1]:
+        return (
+            f"; cp factor {i} looks transposed (its transpose, of shape {fmt_shape(f.shape[::-1])}, "
+            f"has rank {first.shape[1]}); {_CP_LAYOUT}"
+        )
+    if first.shape[0] == f.shape[1]:
+        return (
+            f"; cp factor 0 looks transposed (its transpose, of shape "
+            f"{fmt_shape(first.shape[::-1])}, has rank {f.shape[1]}); {_CP_LAYOUT}"
+        )
+    if f.shape[0] == first.shape[0]:
+        return (
+            f"; the factors look transposed (they share their row count, {f.shape[0]}, where "
+            f"the rank belongs); {_CP_LAYOUT}"
+        )
+    return f"; {_CP_LAYOUT}"
 
 
 def cp_fusion(
@@ -475,10 +521,16 @@ def cp_fusion(
     extra = _extra(append_one)
     for m, (x, a) in enumerate(zip(xs, factors)):
         if a.shape[0] != x.shape[1] + extra:
+            hint = _constant_hint([a.shape[0]], [x.shape[1]], append_one)
+            if not hint and a.shape[1] == x.shape[1] + extra:
+                hint = (
+                    f"; it looks transposed (its transpose, of shape {fmt_shape(a.shape[::-1])}, "
+                    f"would fit); {_CP_LAYOUT}"
+                )
             raise ValueError(
                 f"cp factor {m} has shape {fmt_shape(a.shape)}; expected "
                 f"({_mode_label(m, append_one)}, R) = ({x.shape[1] + extra}, R) for xs[{m}] "
-                f"of shape {fmt_shape(x.shape)}"
+                f"of shape {fmt_shape(x.shape)}{hint}"
             )
     named = [*_named("xs", xs), *_named("cp factors", factors), ("cp weights", weights), ("bias", bias)]
     xp = common_namespace([*named, ("present", present)])

@@ -4,6 +4,7 @@ in errors and the layers' ``forward`` documentation."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -281,3 +282,62 @@ def test_loading_weights_over_the_default_limit(monkeypatch):
     assert [tuple(f.shape) for f in layer.factors] == [(2, 4, 3), (2, 5, 3)]
     cp = (None, [torch.randn(4, 2), torch.randn(5, 2), torch.randn(3, 2)])
     assert [tuple(f.shape) for f in mnn.CPFusion.from_cp(cp).factors] == [(4, 2), (5, 2), (3, 2)]
+
+
+# --------------------------------------------------------------------------- hints in errors
+
+
+def _np_xs(*dims, batch=2):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((batch, d)) for d in dims]
+
+
+def test_factors_without_the_constants_row_hint_at_append_one_false():
+    xs = _np_xs(3, 2)
+    hint = r"without the constant's row: parameters without it take append_one=False"
+    factors = [np.ones((2, 3, 4)), np.ones((2, 2, 4))]
+    with pytest.raises(ValueError, match=r"factors\[0\] has shape \(2, 3, 4\); expected .*" + hint):
+        mmfuse.lowrank_fusion(xs, factors)
+    assert mmfuse.lowrank_fusion(xs, factors, append_one=False).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"cp factor 0 has shape \(3, 5\); expected .*" + hint):
+        mmfuse.cp_fusion(xs, (None, [np.ones((3, 5)), np.ones((2, 5)), np.ones((4, 5))]))
+    with pytest.raises(ValueError, match=r"got \(3, 2, 4\); it has d_m entries per input mode, " + hint):
+        mmfuse.tensor_fusion(xs, np.ones((3, 2, 4)))
+    # and the other way round
+    with pytest.raises(ValueError, match=r"as with the constant's row: pass append_one=True \(the default\)"):
+        mmfuse.lowrank_fusion(xs, [np.ones((2, 4, 4)), np.ones((2, 3, 4))], append_one=False)
+
+
+def test_a_mismatch_that_is_not_the_constant_gets_no_such_hint():
+    with pytest.raises(ValueError, match=r"expected \(R, d_0 \+ 1, h\) = \(R, 4, h\) for xs\[0\] with d_0 = 3$"):
+        mmfuse.lowrank_fusion(_np_xs(3, 2), [np.ones((2, 7, 4)), np.ones((2, 3, 4))])
+
+
+LAYOUT = r"cp factors are laid out \(rows, R\), TensorLy's layout: \(d_m \+ 1, R\) for modality m"
+
+
+def test_transposed_cp_factors_are_named_with_the_layout():
+    xs = _np_xs(3, 2)
+    a0, a1, c = np.ones((4, 2)), np.ones((3, 2)), np.ones((5, 2))
+    # the issue's case: one factor transposed
+    with pytest.raises(
+        ValueError,
+        match=r"cp factor 2 has rank 5 \(shape \(2, 5\)\) but cp factor 0 has rank 2 \(shape \(4, 2\)\); "
+        r"cp factor 2 looks transposed \(its transpose, of shape \(5, 2\), has rank 2\); " + LAYOUT,
+    ):
+        mmfuse.cp_fusion(xs, (None, [a0, a1, c.T]))
+    # factor 0 transposed: the others' rank is its row count
+    with pytest.raises(ValueError, match=r"cp factor 0 looks transposed \(its transpose, of shape \(4, 2\), has rank 2\)"):
+        mmfuse.cp_fusion(xs, (None, [a0.T, a1, c]))
+    # every factor transposed, ranks differing: they share their row count
+    with pytest.raises(ValueError, match=r"the factors look transposed \(they share their row count, 2"):
+        mmfuse.cp_fusion(xs, (None, [a0.T, a1.T, c.T]))
+    # every factor transposed with one rank: the rows check says so
+    with pytest.raises(ValueError, match=r"cp factor 0 has shape \(2, 4\); .*it looks transposed .*" + LAYOUT):
+        mmfuse.cp_fusion(_np_xs(3, 3), (None, [a0.T, a0.T, np.ones((2, 4))]))
+    assert mmfuse.cp_fusion(xs, (None, [a0, a1, c])).shape == (2, 5)
+
+
+def test_layer_from_cp_says_the_factor_looks_transposed():
+    with pytest.raises(ValueError, match=r"cp factor 1 looks transposed .*" + LAYOUT):
+        mnn.CPFusion.from_cp((None, [torch.ones(4, 2), torch.ones(2, 3), torch.ones(5, 2)]))
