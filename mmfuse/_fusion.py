@@ -42,8 +42,9 @@ __all__ = [
 ]
 
 #: Default ceiling on the elements of TFN's weight and of each intermediate (2**27, i.e.
-#: 512 MiB in float32), in ``tensor_fusion`` and ``lowrank_to_tensor``.  Raise it per call
-#: with ``max_elements=``.
+#: 512 MiB in float32), in ``tensor_fusion`` (whose batch blocks stay within it) and
+#: ``lowrank_to_tensor``, and of each parameter array the initialisers and layers allocate.
+#: Raise it per call with ``max_elements=``.
 DEFAULT_MAX_ELEMENTS = 2**27
 
 
@@ -132,7 +133,7 @@ def _named(prefix: str, arrays: Sequence[Any]) -> list[tuple[str, Any]]:
 def _check_tensor_fusion(
     xs: Any, weight: Any, bias: Any, append_one: bool, max_elements: int
 ) -> list[Any]:
-    xs, batch = check_modalities(xs)
+    xs, _ = check_modalities(xs)
     named = [*_named("xs", xs), ("weight", weight), ("bias", bias)]
     xp = common_namespace(named)
     check_same_float_dtype(xp, named)
@@ -158,15 +159,43 @@ def _check_tensor_fusion(
             f"tensor_fusion: weight of shape {fmt_shape(weight.shape)} has {w_size} elements, "
             f"over max_elements={max_elements}; use lowrank_fusion, or raise max_elements"
         )
-    for m, size in enumerate(core.intermediate_sizes(batch, expected, out_dim), start=1):
-        if size > max_elements:
-            raise ValueError(
-                f"tensor_fusion: contracting modality {m - 1} leaves an intermediate of shape "
-                f"{fmt_shape((batch, *expected[m:], out_dim))} with {size} elements, over "
-                f"max_elements={max_elements}; fuse a smaller batch, use lowrank_fusion, "
-                "or raise max_elements"
-            )
+    check_intermediates("tensor_fusion", xp, xs[0], expected, out_dim, max_elements, "lowrank_fusion")
     return xs
+
+
+def check_intermediates(
+    where: str, xp: Any, x: Any, dims: tuple[int, ...], out_dim: int, max_elements: int, instead: str
+) -> None:
+    """Refuse (ValueError) a tensor fusion of inputs like ``x`` whose batch block would leave an
+    intermediate over ``max_elements``.
+
+    The core contracts the batch in blocks of :func:`mmfuse._core.fusion.tensor_fusion_rows`
+    samples, so ``max_elements`` bounds memory and a large batch is no reason to refuse; only
+    one sample's intermediate can be too large (never, once the weight itself fits).  Dask and
+    JAX arrays are contracted as one block, so there the whole batch's intermediate counts.
+    The one rule of :func:`tensor_fusion` and of ``nn.TensorFusion``'s compiled path (whose
+    batch is symbolic: a per-sample message never formats it).
+    """
+    one_block = core.tensor_fusion_rows(xp, x, dims, out_dim, max_elements) is None
+    rows = x.shape[0] if one_block else 1
+    if rows is None:  # a lazy batch of unknown size: its scheduler bounds memory
+        return
+    for m, size in enumerate(core.intermediate_sizes(rows, dims, out_dim), start=1):
+        if not size > max_elements:  # (a Dask batch of unknown, NaN, size passes, as before)
+            continue
+        if one_block:
+            raise ValueError(
+                f"{where}: contracting modality {m - 1} leaves an intermediate of shape "
+                f"{fmt_shape((rows, *dims[m:], out_dim))} with {size} elements, over "
+                f"max_elements={max_elements} (Dask and JAX arrays are contracted as one block); "
+                f"fuse a smaller batch, use {instead}, or raise max_elements"
+            )
+        raise ValueError(
+            f"{where}: contracting modality {m - 1} leaves an intermediate of shape "
+            f"{fmt_shape((*dims[m:], out_dim))} per sample, {size} elements, over "
+            f"max_elements={max_elements} even in batch blocks of one sample; use {instead}, "
+            "or raise max_elements"
+        )
 
 
 def tensor_fusion(
@@ -192,8 +221,10 @@ def tensor_fusion(
         Append a constant 1 to each modality (last), so that W also holds every lower-order
         interaction, down to the unimodal terms and a constant.
     max_elements : int, default ``DEFAULT_MAX_ELEMENTS`` (2**27)
-        Refuse (ValueError) a weight, or an intermediate of the mode-by-mode contraction, with
-        more elements than this.  TFN is exponential in M.
+        Refuse (ValueError) a weight with more elements than this (TFN is exponential in M).
+        It also bounds memory: the batch is contracted in blocks whose intermediates hold at
+        most this many elements, so a large batch is never refused for its size (Dask and JAX
+        arrays, contracted as one block, are refused where the whole batch's would not fit).
     backend : str, optional
         Implementation to run (see :func:`mmfuse.set_config`); default: the configured one.
 
@@ -230,7 +261,8 @@ def tensor_fusion(
 
     This implementation never builds Z: it contracts W with one modality at a time
     (one GEMM, then M - 1 batched matrix-vector products), so the largest intermediate is
-    ``(B, D_2 ... D_M h)``.
+    ``(rows, D_2 ... D_M h)`` for a batch block of ``rows <= max_elements / (D_2 ... D_M h)``
+    samples.
 
     References
     ----------

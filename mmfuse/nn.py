@@ -42,7 +42,6 @@ from torch import nn
 from . import _fusion
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
-from ._core.fusion import intermediate_sizes
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._validation import check_bool_option, check_positive_int
 from .backends import lookup
@@ -529,9 +528,9 @@ class TensorFusion(nn.Module):
     append_one : bool, default True
     bias : bool, default True
     max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS``
-        Refuse (ValueError) a weight with more elements than this, at construction, and a
-        batch whose mode-by-mode contraction would leave an intermediate that large, at call
-        time (eager and compiled alike).
+        Refuse (ValueError) a weight with more elements than this, at construction.  At call
+        time it bounds memory, not the batch size: the batch is contracted in blocks whose
+        intermediates stay within it (eager and compiled alike).
     device, dtype : optional
 
     Attributes
@@ -593,15 +592,12 @@ class TensorFusion(nn.Module):
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs)
         xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
-        if _compiling():  # the functional API's size check, worded without the batch size,
-            # which is symbolic under dynamic shapes (Dynamo cannot format it)
-            per_sample = max(intermediate_sizes(1, tuple(self.weight.shape[:-1]), self.out_dim))
-            if xs[0].shape[0] * per_sample > self.max_elements:
-                raise ValueError(
-                    f"TensorFusion: a batch of more than {self.max_elements // per_sample} samples "
-                    f"leaves an intermediate over max_elements={self.max_elements} ({per_sample} "
-                    "elements per sample); fuse a smaller batch, use LowRankFusion, or raise max_elements"
-                )
+        if _compiling():  # the functional API's size check (torch tensors: one sample's
+            # intermediates, as the core blocks the batch; the batch may be symbolic)
+            dims = tuple(self.weight.shape[:-1])
+            _fusion.check_intermediates(
+                "TensorFusion", torch, xs[0], dims, self.out_dim, self.max_elements, "LowRankFusion"
+            )
             return _TORCH["tensor_fusion"](
                 xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
             )

@@ -341,3 +341,72 @@ def test_transposed_cp_factors_are_named_with_the_layout():
 def test_layer_from_cp_says_the_factor_looks_transposed():
     with pytest.raises(ValueError, match=r"cp factor 1 looks transposed .*" + LAYOUT):
         mnn.CPFusion.from_cp((None, [torch.ones(4, 2), torch.ones(2, 3), torch.ones(5, 2)]))
+
+
+# --------------------------------------------------------------------------- tensor_fusion blocks the batch
+
+
+def _tfn_problem(batch, dims=(4, 3), out_dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    weight = rng.standard_normal((*(d + 1 for d in dims), out_dim))
+    return xs, weight, rng.standard_normal(out_dim)
+
+
+def test_tensor_fusion_runs_a_large_batch_in_blocks(monkeypatch):
+    """The issue's case, scaled down: the weight (5, 4, 6) fits, the batch's intermediate
+    (50, 4, 6) does not; the batch is blocked so that each block's does."""
+    from mmfuse._core import fusion as core
+    from mmfuse.reference import tensor_fusion as reference
+
+    xs, weight, bias = _tfn_problem(50)
+    rows_seen = []
+    contract = core._contract
+    monkeypatch.setattr(core, "_contract", lambda xp, b, *a: rows_seen.append(b[0].shape[0]) or contract(xp, b, *a))
+    got = mmfuse.tensor_fusion(xs, weight, bias, max_elements=120)  # 24 elements per sample
+    np.testing.assert_allclose(got, reference(xs, weight, bias), rtol=1e-12, atol=1e-12)
+    assert sum(rows_seen) == 50 and max(rows_seen) * 24 <= 120 and len(rows_seen) == 10
+    rows_seen.clear()
+    mmfuse.tensor_fusion(xs, weight, bias)  # the default limit: one block
+    assert rows_seen == [50]
+
+
+def test_tensor_fusion_blocks_keep_gradients():
+    xs, weight, bias = _tfn_problem(9, dims=(2, 3, 2))  # weight (3, 4, 3, 6): 216 elements
+    ts = [torch.tensor(a, requires_grad=True) for a in [*xs, weight, bias]]
+    blocked = mmfuse.tensor_fusion(ts[:3], ts[3], ts[4], max_elements=216)  # 72 per sample: blocks of 3
+    whole = mmfuse.tensor_fusion(ts[:3], ts[3], ts[4])
+    torch.testing.assert_close(blocked, whole)
+    for a, b in zip(torch.autograd.grad(blocked.sum(), ts), torch.autograd.grad(whole.sum(), ts)):
+        torch.testing.assert_close(a, b)
+
+
+def test_tensor_fusion_refuses_only_what_one_sample_cannot_fit():
+    xs, weight, _ = _tfn_problem(3)
+    with pytest.raises(ValueError, match=r"weight of shape \(5, 4, 6\) has 120 elements, over max_elements=119"):
+        mmfuse.tensor_fusion(xs, weight, max_elements=119)
+    assert mmfuse.tensor_fusion(xs, weight, max_elements=120).shape == (3, 6)
+
+
+def test_tensor_fusion_on_dask_is_one_block_and_still_refuses_the_batch():
+    da = pytest.importorskip("dask.array")
+    xs, weight, _ = _tfn_problem(10)
+    lazy = [da.from_array(x, chunks=5) for x in xs]
+    with pytest.raises(
+        ValueError,
+        match=r"intermediate of shape \(10, 4, 6\) with 240 elements, over max_elements=200 "
+        r"\(Dask and JAX arrays are contracted as one block\); fuse a smaller batch",
+    ):
+        mmfuse.tensor_fusion(lazy, da.from_array(weight), max_elements=200)
+    got = mmfuse.tensor_fusion(lazy, da.from_array(weight), max_elements=240)
+    np.testing.assert_allclose(np.asarray(got.compute()), mmfuse.tensor_fusion(xs, weight), rtol=1e-12)
+
+
+def test_tensorfusion_layer_takes_a_large_batch_eager_and_compiled():
+    torch.manual_seed(3)
+    layer = mnn.TensorFusion((3, 4), 5, max_elements=100, dtype=torch.float64)
+    xs = [torch.randn(33, 3, dtype=torch.float64), torch.randn(33, 4, dtype=torch.float64)]
+    want = mmfuse.tensor_fusion(xs, layer.weight, layer.bias)  # default limit: one block
+    torch.testing.assert_close(layer(xs), want)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(xs), want)

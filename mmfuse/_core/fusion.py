@@ -9,6 +9,7 @@ written to and never passed through ``xp.asarray`` (which would detach torch gra
 from __future__ import annotations
 
 import math
+import sys
 from functools import lru_cache
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "lowrank_fusion_numpy",
     "lowrank_to_tensor",
     "tensor_fusion",
+    "tensor_fusion_rows",
 ]
 
 # A batch block's per-modality intermediate (rows x R*h) is kept near this many bytes so that
@@ -91,6 +93,39 @@ def _concat_blocks(xp: Any, parts: list[Any]) -> Any:
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
+def tensor_fusion_rows(xp: Any, x: Any, dims: tuple[int, ...], out_dim: int, max_elements: int) -> int | None:
+    """Samples per batch block of :func:`tensor_fusion`, so that a block's intermediates hold
+    at most ``max_elements`` elements (at least one sample a block); None: the whole batch is
+    one block.
+
+    The block bounds memory, not the batch size: the intermediates grow with the batch while
+    the weight does not, so a large batch with a small weight runs in several blocks.  Lazy
+    and traced namespaces (Dask, JAX) get one block, as in :func:`batch_blocks`: their own
+    schedulers handle memory, and Python loops over blocks would only enlarge their graphs.
+    """
+    # torch tensors first, by type: never lazy, and array_api_compat's (lru-cached) checks
+    # would warn under torch.compile, which traces this for the layers' compiled path
+    torch = sys.modules.get("torch")
+    is_tensor = torch is not None and isinstance(x, torch.Tensor)
+    if not is_tensor and (is_lazy(x) or is_dask(xp) or is_jax(xp) or x.shape[0] is None):
+        return None
+    return max(1, max_elements // max(intermediate_sizes(1, dims, out_dim)))
+
+
+def _contract(xp: Any, xs: list[Any], weight: Any, append_one: bool) -> Any:
+    """One block of :func:`tensor_fusion`, without the bias."""
+    batch = xs[0].shape[0]
+    dims = tuple(weight.shape[:-1])
+    # Mode 1 is one GEMM: (B, d_1) @ (D_1, D_2...D_M h).
+    t = affine(xs[0], xp.reshape(weight, (dims[0], -1)), append_one)
+    for m in range(1, len(xs)):
+        # Modes 2..M are batched matrix-vector products: (B, 1, D_m) @ (B, D_m, rest).
+        # explicit sizes, not -1: an empty batch leaves -1 undetermined
+        t = xp.reshape(t, (batch, dims[m], math.prod(weight.shape[m + 1 :])))
+        t = affine(xs[m][:, None, :], t, append_one)[:, 0, :]
+    return t
+
+
 def tensor_fusion(
     xs: list[Any],
     weight: Any,
@@ -101,19 +136,20 @@ def tensor_fusion(
 ) -> Any:
     """Contract ``weight`` with one modality at a time; the outer product is never built.
 
-    After contracting modes ``1..m`` the intermediate has shape ``(B, D_{m+1} ... D_M h)``;
-    the public layer has already checked that none of these exceeds ``max_elements``.
+    After contracting modes ``1..m`` the intermediate has shape ``(rows, D_{m+1} ... D_M h)``
+    for a batch block of ``rows`` samples (:func:`tensor_fusion_rows`), so none exceeds
+    ``max_elements``; the public layer has already refused a problem where one block (one
+    sample, or the whole batch where it is one block) would.
     """
     xp = array_namespace(xs[0])
-    batch = xs[0].shape[0]
     dims = tuple(weight.shape[:-1])
-    # Mode 1 is one GEMM: (B, d_1) @ (D_1, D_2...D_M h).
-    t = affine(xs[0], xp.reshape(weight, (dims[0], -1)), append_one)
-    for m in range(1, len(xs)):
-        # Modes 2..M are batched matrix-vector products: (B, 1, D_m) @ (B, D_m, rest).
-        # explicit sizes, not -1: an empty batch leaves -1 undetermined
-        t = xp.reshape(t, (batch, dims[m], math.prod(weight.shape[m + 1 :])))
-        t = affine(xs[m][:, None, :], t, append_one)[:, 0, :]
+    rows = tensor_fusion_rows(xp, xs[0], dims, weight.shape[-1], max_elements)
+    if rows is None or rows >= xs[0].shape[0]:
+        t = _contract(xp, xs, weight, append_one)
+    else:
+        blocks = block_slices(int(xs[0].shape[0]), rows)
+        parts = [_contract(xp, [x[blk, ...] for x in xs], weight, append_one) for blk in blocks]
+        t = _concat_blocks(xp, parts)
     if bias is not None:
         t = t + bias
     return t
