@@ -6,8 +6,8 @@ BasicMotions records a smartwatch's 3-axis accelerometer and 3-axis gyroscope (1
 during four activities.  The two sensors measure different physical quantities, so their values
 sit at different offsets and scales.  :func:`mmfuse.align` moves each modality's per-sample,
 per-channel mean and spread toward the other's (mmfuse's formalisation of Zoom-and-Shift, see
-the theory page).  With ``alpha=0.5`` and ``rounds=None`` both sensors meet at the closed-form
-fixed point of the alternating rounds.
+the theory page).  With ``alpha=0.5`` and ``rounds=None`` both sensors meet at the fixed
+point of the alternating rounds (their exact limit).
 """
 
 import matplotlib.pyplot as plt

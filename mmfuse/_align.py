@@ -601,7 +601,7 @@ def align(
     xs : sequence of M >= 2 arrays, shapes (B, T_m, C)
         Token counts may differ; batch and channel counts must match.
     rounds : int >= 0 or None, default 1
-        Number of rounds; ``None`` returns the closed-form limit of the iteration.  0 returns
+        Number of rounds; ``None`` returns the exact limit of the iteration.  0 returns
         copies of the inputs.
     alpha : float in (0, 1], default 1.0
         Step of each :func:`zoom_shift` (1: moment matching).
@@ -674,11 +674,15 @@ def align(
     :math:`\sum_j ((M - 1)(1 - \alpha) + \alpha j)\, z_j` invariant (for M = 2,
     :math:`(1 - \alpha) a + b`), so :math:`w_j \propto (M - 1)(1 - \alpha) + \alpha j`: later
     modalities weigh more, all of them equally as alpha -> 0; the hub converges to the hub
-    (w = e_hub).  ``rounds=None`` returns :math:`\mu^\ast + (x_i - \mu_i)\,
+    (w = e_hub).  For eps = 0 the limit is :math:`\mu^\ast + (x_i - \mu_i)\,
     \sigma^\ast / \sigma_i` with :math:`\mu^\ast = \sum_j w_j \mu_j` and
-    :math:`\sigma^\ast = \prod_j \sigma_j^{w_j}`: one affine map per modality.  It is the
-    exact limit of the rounds for eps = 0 and agrees with many rounds to O(eps / var)
-    otherwise.
+    :math:`\sigma^\ast = \prod_j \sigma_j^{w_j}`: one affine map per modality.  With
+    eps > 0 every round re-measures :math:`\sigma = \sqrt{\mathrm{var} + \varepsilon}`,
+    which the linear map in (mu, log sigma) does not see (for spreads near 0.01 the eps = 0
+    form missed the rounds' limit by a third of the spread); ``rounds=None`` returns the
+    exact limit of the rounds as they run, from invariants of the recursion on the
+    statistics (:mod:`mmfuse._core.align_limit`), still one affine map per modality; the
+    eps = 0 form is its value at eps = 0.
 
     With ``alpha = 1`` one round already matches moments: for the hub topology and for two
     modalities under Gauss-Seidel further rounds change nothing (legal, but wasted; exactly

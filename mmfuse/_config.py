@@ -34,7 +34,8 @@ def _check_option(key: str, value: Any) -> None:
         raise TypeError(f"unknown mmfuse option {key!r}; known options: {sorted(_DEFAULTS)}")
     if key == "backend" and (not isinstance(value, str) or value not in BACKEND_NAMES):
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {value!r}")
-    if key == "prefer" and value is not None and (not isinstance(value, str) or value not in BACKEND_NAMES[1:]):
+    valid_prefer = value is None or (isinstance(value, str) and value in BACKEND_NAMES[1:])
+    if key == "prefer" and not valid_prefer:
         raise ValueError(f"prefer must be None or one of {list(BACKEND_NAMES[1:])}, got {value!r}")
 
 

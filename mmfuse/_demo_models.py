@@ -95,7 +95,7 @@ class Wander(nn.Module):
 
 
 class ZoomShift(nn.Module):
-    """Encoders to token sequences -> :class:`mmfuse.nn.ZoomShift` (closed-form limit of the
+    """Encoders to token sequences -> :class:`mmfuse.nn.ZoomShift` (the exact limit of the
     alternating rounds, alpha 0.5; mean-pooled and concatenated) -> classifier.  Vector
     encodings are split into 4 tokens of ``hidden`` channels."""
 

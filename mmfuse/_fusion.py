@@ -371,8 +371,10 @@ def lowrank_fusion(
 
     Notes
     -----
-    LMF [1]_ (Eq. 8) factorises the TFN weight as
-    :math:`W = \sum_r w_r \bigotimes_m W_m^{(r)}` with the output mode shared, so
+    LMF [1]_ factorises the TFN weight as
+    :math:`W = \sum_r w_r \bigotimes_m W_m^{(r)}` with the output mode shared (the paper's
+    Eq. 4-5 without the rank weights :math:`w_r`, which come from its released code), so the
+    fusion is (its Eq. 8, with the weights)
 
     .. math:: h = \sum_{r=1}^{R} w_r \prod_{m=1}^{M} \left(\hat x_m^\top W_m^{(r)}\right) + b,
 

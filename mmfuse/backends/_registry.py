@@ -417,10 +417,13 @@ def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
         else:
             refusal = None if info is None else cand.refusal(info)
             verdict = (
-                "would run if the rows above could not" if refusal is None else f"cannot take them: {refusal}"
+                "would run if the rows above could not"
+                if refusal is None
+                else f"cannot take them: {refusal}"
             )
         rows.append((cand.backend, cand.variant, cand.priority, verdict))
     for backend, reason in sorted(_plugin_errors.items()):
-        if (name.startswith("auto") or name == backend) and any(r.op == op and r.backend == backend for r in ROWS):
+        has_rows = any(r.op == op and r.backend == backend for r in ROWS)
+        if has_rows and (name.startswith("auto") or name == backend):
             rows.append((backend, "(not installed)", 0, f"unavailable: {reason}"))
     return Explanation(op, name, chosen, tuple(rows))

@@ -63,7 +63,8 @@ def lowrank_fusion(
     append_one: bool = True,
     present: Any = None,
 ) -> np.ndarray:
-    """LMF Eq. 8: h = sum_r w_r prod_m (hat x_m . factors[m][r]) + b.
+    """LMF: h = sum_r w_r prod_m (hat x_m . factors[m][r]) + b (the paper's Eq. 8, with the
+    rank weights w_r of its released code).
 
     An absent modality (``present[b, m]`` False) enters as hat x_m = [0, ..., 0, 1].
     """
