@@ -381,8 +381,9 @@ def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
 
     ``arrays``: the call's arrays (or some of them; the first floating one decides the
     namespace, device and dtype).  Lists the forced backend's implementations, or under
-    ``"auto"`` every one (importing the optional backends' modules that are installed).  Raises nothing for a refusal: a forced backend
-    that cannot take the inputs shows ``chosen=None`` and its reasons.
+    ``"auto"`` every one (importing the optional backends' modules that are installed).
+    Raises nothing for a refusal: a forced backend that cannot take the inputs shows
+    ``chosen=None`` and its reasons.
 
     Examples
     --------
