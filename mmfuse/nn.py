@@ -295,6 +295,12 @@ class LowRankFusion(_RankedFusion):
     :math:`\mathcal N(0, 1/(d_m+1))`, sets weights to 1/R and the bias to zero, the scheme of
     :func:`mmfuse.init_lowrank` (LMF's released code uses Xavier-normal factors and weights).
     Load LMF's released weights with :meth:`from_lmf`.
+
+    Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
+    ``forward`` on ``meta`` inputs returns ``meta`` outputs of the right shapes; materialise
+    it later with ``layer.to_empty(device=...)`` and ``layer.reset_parameters()``, as FSDP and
+    large-model tooling do (under ``torch.manual_seed(s)`` the draw equals that of a layer
+    built on the CPU under the same seed).
     """
 
     def _factor_shapes(self) -> list[tuple[int, ...]]:
@@ -313,6 +319,33 @@ class LowRankFusion(_RankedFusion):
                 self.bias.zero_()
 
     def forward(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> torch.Tensor:
+        r"""Fuse a batch: :math:`\sum_r w_r \prod_m (\hat x_m W_m^{(r)}) + b`.
+
+        Parameters
+        ----------
+        xs : list or tuple of M tensors, shapes (B, d_m)
+            One tensor per modality (``d_m = in_dims[m]``), in the layer's dtype and on its
+            device, sharing the batch size B.
+        present : bool tensor, shape (B, M), optional
+            False where modality m of sample b is missing: it then contributes only its
+            constant row, as if its features were zero (:func:`mmfuse.lowrank_fusion`).
+
+        Returns
+        -------
+        tensor, shape (B, h)
+            ``h = out_dim``, in the inputs' dtype (the region's under ``torch.autocast``).
+            On ``meta`` inputs (a layer built with ``device="meta"``, not yet materialised)
+            the output is a ``meta`` tensor of this shape: nothing is computed.
+
+        Raises
+        ------
+        ValueError
+            A wrong number of tensors, a shape other than (B, d_m), differing batch sizes or a
+            ``present`` of the wrong shape (the message names the modality).
+        TypeError
+            ``xs`` not a list or tuple of tensors, a dtype other than the layer's, or a
+            non-boolean ``present``.
+        """
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs, present)
         xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
@@ -429,6 +462,12 @@ class CPFusion(_RankedFusion):
     (:func:`mmfuse.cp_fusion`).  ``reset_parameters``: :math:`A_m \sim \mathcal N(0, 1/(d_m+1))`,
     :math:`C \sim \mathcal N(0, 1/R)`, weights one, bias zero.  :meth:`from_cp` loads a
     ``tensorly`` CPTensor or a ``(weights, factors)`` pair.
+
+    Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
+    ``forward`` on ``meta`` inputs returns ``meta`` outputs of the right shapes; materialise
+    it later with ``layer.to_empty(device=...)`` and ``layer.reset_parameters()``, as FSDP and
+    large-model tooling do (under ``torch.manual_seed(s)`` the draw equals that of a layer
+    built on the CPU under the same seed).
     """
 
     def _factor_shapes(self) -> list[tuple[int, ...]]:
@@ -455,6 +494,33 @@ class CPFusion(_RankedFusion):
                 self.bias.zero_()
 
     def forward(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> torch.Tensor:
+        r"""Fuse a batch: :math:`C (w \odot \prod_m A_m^\top \hat x_m) + b`.
+
+        Parameters
+        ----------
+        xs : list or tuple of M tensors, shapes (B, d_m)
+            One tensor per modality (``d_m = in_dims[m]``), in the layer's dtype and on its
+            device, sharing the batch size B.
+        present : bool tensor, shape (B, M), optional
+            False where modality m of sample b is missing: it then contributes only its
+            constant row, as if its features were zero (:func:`mmfuse.cp_fusion`).
+
+        Returns
+        -------
+        tensor, shape (B, h)
+            ``h = out_dim``, in the inputs' dtype (the region's under ``torch.autocast``).
+            On ``meta`` inputs (a layer built with ``device="meta"``, not yet materialised)
+            the output is a ``meta`` tensor of this shape: nothing is computed.
+
+        Raises
+        ------
+        ValueError
+            A wrong number of tensors, a shape other than (B, d_m), differing batch sizes or a
+            ``present`` of the wrong shape (the message names the modality).
+        TypeError
+            ``xs`` not a list or tuple of tensors, a dtype other than the layer's, or a
+            non-boolean ``present``.
+        """
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs, present)
         xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
@@ -543,6 +609,12 @@ class TensorFusion(nn.Module):
     ``forward(xs)`` is :func:`mmfuse.tensor_fusion`; the outer product is never built.
     ``reset_parameters`` draws :math:`W \sim \mathcal N(0, 1/\prod_m (d_m+1))` (unit output
     variance for unit-variance inputs) and zeroes the bias.
+
+    Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
+    ``forward`` on ``meta`` inputs returns ``meta`` outputs of the right shapes; materialise
+    it later with ``layer.to_empty(device=...)`` and ``layer.reset_parameters()``, as FSDP and
+    large-model tooling do (under ``torch.manual_seed(s)`` the draw equals that of a layer
+    built on the CPU under the same seed).
     """
 
     bias: nn.Parameter | None
@@ -589,6 +661,32 @@ class TensorFusion(nn.Module):
         )
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        r"""Fuse a batch: :math:`W \cdot (\hat x_1 \otimes \cdots \otimes \hat x_M) + b`.
+
+        The outer product is never built: W is contracted with one modality at a time, the
+        batch in blocks whose intermediates hold at most ``max_elements`` elements.
+
+        Parameters
+        ----------
+        xs : list or tuple of M tensors, shapes (B, d_m)
+            One tensor per modality (``d_m = in_dims[m]``), in the layer's dtype and on its
+            device, sharing the batch size B.
+
+        Returns
+        -------
+        tensor, shape (B, h)
+            ``h = out_dim``, in the inputs' dtype (the region's under ``torch.autocast``).
+            On ``meta`` inputs (a layer built with ``device="meta"``, not yet materialised)
+            the output is a ``meta`` tensor of this shape: nothing is computed.
+
+        Raises
+        ------
+        ValueError
+            A wrong number of tensors, a shape other than (B, d_m) or differing batch sizes
+            (the message names the modality).
+        TypeError
+            ``xs`` not a list or tuple of tensors, or a dtype other than the layer's.
+        """
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs)
         xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
@@ -688,6 +786,12 @@ class WanderAdapter(nn.Module):
     from :func:`mmfuse.init_wander` with a seed taken from torch's global generator, so
     ``torch.manual_seed`` makes it reproducible.  Under ``"auto"`` the fusion runs as the
     ``mmfuse::sequence_fusion`` custom op (memory-lean backward).
+
+    Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
+    ``forward`` on ``meta`` inputs returns ``meta`` outputs of the right shapes; materialise
+    it later with ``layer.to_empty(device=...)`` and ``layer.reset_parameters()``, as FSDP and
+    large-model tooling do (under ``torch.manual_seed(s)`` the draw equals that of a layer
+    built on the CPU under the same seed).
     """
 
     def __init__(
@@ -765,6 +869,8 @@ class WanderAdapter(nn.Module):
     def reset_parameters(self) -> None:
         from ._sequence import init_wander
 
+        if self.down_weights[0].is_meta:  # nothing to fill: skip the host-side draw (as torch's
+            return  # own initialisers, which draw nothing on meta), so a meta build allocates nothing
         seed = int(torch.randint(0, 2**62, ()).item())
         params = init_wander(
             self.in_dims, self.lengths, rank=self.rank, feature_rank=self.feature_rank,
@@ -804,6 +910,34 @@ class WanderAdapter(nn.Module):
     def forward(
         self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None
     ) -> torch.Tensor:
+        r"""Adapt a batch of token sequences: down-projection, activation, sequence fusion
+        (:func:`mmfuse.sequence_fusion`) and the residual.
+
+        Parameters
+        ----------
+        xs : list or tuple of M tensors, shapes (B, T_m, d_m)
+            One tensor per modality (``T_m = lengths[m]``, ``d_m = in_dims[m]``), in the
+            layer's dtype and on its device, sharing the batch size B.
+        masks : list or tuple of M entries, optional
+            Each None or a boolean (B, T_m) padding mask, True for real tokens; padded tokens
+            are zeroed before the token contraction.
+
+        Returns
+        -------
+        tensor, shape (B, T_out, D)
+            ``T_out = n_out``, ``D = out_dim``, in the inputs' dtype (the region's under
+            ``torch.autocast``).  On ``meta`` inputs (a layer built with ``device="meta"``,
+            not yet materialised) a ``meta`` tensor of this shape: nothing is computed.
+
+        Raises
+        ------
+        ValueError
+            A wrong number of tensors, shapes other than (B, T_m, d_m), differing batch sizes,
+            or masks of the wrong number or shape (the message names the modality).
+        TypeError
+            ``xs`` not a list or tuple of tensors, a dtype other than the layer's, or a
+            non-boolean mask.
+        """
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs, masks)
         dtype = self.down_weights[0].dtype
@@ -843,7 +977,7 @@ class ZoomShift(nn.Module):
     fuse : {"concat", "sum", "mean", None}, default "concat"
     pool : {"mean", "max"}, default "mean"
     rounds : int or None, default 1
-        Rounds of alignment; ``None``: the closed-form limit.
+        Rounds of alignment; ``None``: the exact limit of the rounds.
     alpha : float in (0, 1], default 1.0
     schedule : {"gauss-seidel", "jacobi"}, default "gauss-seidel"
     topology : {"consensus", "hub"}, default "consensus"
@@ -860,6 +994,9 @@ class ZoomShift(nn.Module):
     ``forward(xs, masks=None)`` takes M tensors (B, T_m, C) and optional (B, T_m) boolean
     masks and returns (B, M C) for ``fuse="concat"``, (B, C) for sum / mean, or the list of
     pooled aligned (B, C) features for ``fuse=None``.  Statistics are over the token axis.
+
+    The layer has no parameters; it runs on ``meta`` inputs (shapes only, e.g. in a model
+    built on the ``meta`` device to be materialised later), masks included.
     """
 
     def __init__(
@@ -925,6 +1062,35 @@ class ZoomShift(nn.Module):
         )
 
     def forward(self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None) -> Any:
+        r"""Align a batch of token sequences by Zoom and Shift, pool them and fuse.
+
+        Parameters
+        ----------
+        xs : list or tuple of M tensors, shapes (B, T_m, C)
+            One tensor per modality (token counts T_m may differ, ``C = channels``), sharing
+            the batch size and the dtype: the layer's if it was built with one, else
+            ``xs[0]``'s.
+        masks : list or tuple of M entries, optional
+            Each None or a boolean (B, T_m) mask, True for tokens that count in the
+            statistics and the pooling.  Every sample needs an unmasked token: checked in eager
+            mode, except on the ``meta`` device, whose tensors have no values.
+
+        Returns
+        -------
+        tensor or list of tensors
+            (B, M C) for ``fuse="concat"``, (B, C) for ``"sum"`` and ``"mean"``, the M pooled
+            aligned (B, C) features for ``fuse=None``.  On ``meta`` inputs, ``meta`` tensors
+            of these shapes.
+
+        Raises
+        ------
+        ValueError
+            A wrong number of tensors, shapes other than (B, T_m, C), differing batch sizes,
+            masks of the wrong number or shape, or a sample with every token masked.
+        TypeError
+            ``xs`` not a list or tuple of tensors, differing dtypes (or not the layer's), or a
+            non-boolean mask.
+        """
         if (device_type := _autocast_device(xs)) is not None:  # statistics in float32 or wider
             with torch.autocast(device_type, enabled=False):
                 return self.forward(_autocast_cast(xs, self.dtype or torch.float32), masks)
@@ -998,6 +1164,12 @@ class GuidedZoomShift(nn.Module):
     identity on the sequences (exactly the parameter-free pooling and fusion) and still
     trains: :math:`\partial L / \partial W_m = (\partial L / \partial [a_m; b_m])\, p^\top` is
     non-zero as soon as the upstream gradient and the guide's features are.
+
+    Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
+    ``forward`` on ``meta`` inputs returns ``meta`` outputs of the right shapes; materialise
+    it later with ``layer.to_empty(device=...)`` and ``layer.reset_parameters()``, as FSDP and
+    large-model tooling do (under ``torch.manual_seed(s)`` the draw equals that of a layer
+    built on the CPU under the same seed).
     """
 
     def __init__(
@@ -1078,6 +1250,35 @@ class GuidedZoomShift(nn.Module):
         return out
 
     def forward(self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None) -> Any:
+        r"""Modulate a batch of token sequences from the guide's pooled features (see
+        :meth:`modulate`), pool them and fuse.
+
+        Parameters
+        ----------
+        xs : list or tuple of M tensors, shapes (B, T_m, C)
+            One tensor per modality (token counts T_m may differ, ``C = channels``), in the
+            layer's dtype and on its device, sharing the batch size B.
+        masks : list or tuple of M entries, optional
+            Each None or a boolean (B, T_m) mask, True for tokens that count in the
+            statistics and the pooling.  Every sample needs an unmasked token: checked in eager
+            mode, except on the ``meta`` device, whose tensors have no values.
+
+        Returns
+        -------
+        tensor or list of tensors
+            (B, M C) for ``fuse="concat"``, (B, C) for ``"sum"`` and ``"mean"``, the M pooled
+            (B, C) features for ``fuse=None``.  On ``meta`` inputs (a layer built with
+            ``device="meta"``, not yet materialised), ``meta`` tensors of these shapes.
+
+        Raises
+        ------
+        ValueError
+            A wrong number of tensors, shapes other than (B, T_m, C), differing batch sizes,
+            masks of the wrong number or shape, or a sample with every token masked.
+        TypeError
+            ``xs`` not a list or tuple of tensors, a dtype other than the layer's, or a
+            non-boolean mask.
+        """
         if (device_type := _autocast_device(xs)) is not None:  # pooling and fusion too
             with torch.autocast(device_type, enabled=False):
                 return self.forward(_autocast_cast(xs, self.weight.dtype), masks)

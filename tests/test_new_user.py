@@ -410,3 +410,64 @@ def test_tensorfusion_layer_takes_a_large_batch_eager_and_compiled():
     torch.testing.assert_close(layer(xs), want)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(xs), want)
+
+
+# --------------------------------------------------------------------------- documentation
+
+FORWARD_ARGS = {
+    "TensorFusion": ("xs",),
+    "LowRankFusion": ("xs", "present"),
+    "CPFusion": ("xs", "present"),
+    "WanderAdapter": ("xs", "masks"),
+    "ZoomShift": ("xs", "masks"),
+    "GuidedZoomShift": ("xs", "masks"),
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_ARGS))
+def test_forward_has_its_own_numpydoc(name):
+    import inspect
+    import pydoc
+
+    cls = getattr(mnn, name)
+    doc = cls.forward.__doc__  # the layer's own, not nn.Module's inherited one
+    assert doc, f"{name}.forward has no docstring"
+    doc = inspect.cleandoc(doc)
+    for section in ("Parameters\n----------", "Returns\n-------", "Raises\n------"):
+        assert section in doc, (name, section)
+    for arg in FORWARD_ARGS[name]:
+        assert f"\n{arg} : " in doc, (name, arg)
+        assert arg in inspect.signature(cls.forward).parameters
+    assert "(B, " in doc and "meta" in doc
+    build = LAYERS[name][0]
+    rendered = pydoc.render_doc(build().forward, renderer=pydoc.plaintext)
+    assert "Parameters" in rendered and "Returns" in rendered
+
+
+@pytest.mark.parametrize("name", list(FORWARD_ARGS))
+def test_class_docstrings_say_layers_can_be_built_on_meta(name):
+    doc = getattr(mnn, name).__doc__
+    assert '``meta``' in doc
+    if name != "ZoomShift":  # parameter-free: nothing to materialise
+        assert "to_empty" in doc and "reset_parameters()" in doc
+
+
+def test_docs_say_layers_can_be_built_on_meta():
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for page in ("getting_started.rst", "api.rst"):
+        text = (docs / page).read_text()
+        assert 'device="meta"' in text and "to_empty" in text, page
+
+
+def test_wander_layer_on_meta_draws_nothing(monkeypatch):
+    """On meta there are no values to fill: the host-side draw of init_wander is skipped."""
+    import mmfuse._sequence
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("init_wander called for a layer on meta")
+
+    monkeypatch.setattr(mmfuse._sequence, "init_wander", refuse)
+    layer = LAYERS["WanderAdapter"][0](device=META)
+    layer.reset_parameters()
