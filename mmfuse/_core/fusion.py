@@ -32,6 +32,7 @@ __all__ = [
     "lowrank_fusion_dask",
     "lowrank_fusion_numpy",
     "lowrank_to_tensor",
+    "lowrank_with",
     "tensor_fusion",
     "tensor_fusion_rows",
 ]
@@ -163,6 +164,135 @@ def _flat_lowrank(xp: Any, factor: Any, scale: Any = None) -> Any:
     return xp.reshape(xp.permute_dims(factor, (1, 0, 2)), (rows, rank * out))
 
 
+# --------------------------------------------------------------------------- low-rank fusion
+#
+# The algorithm (lowrank_with) is written once: rank weights folded into the first factor,
+# each factor laid out as a (D_m, R h) matrix, per batch block one GEMM per modality with
+# the constant row (absent modalities entering as zeros), the product across modalities and
+# the rank sum.  A *run* supplies the primitives for one call: the blocks, ``project``,
+# ``multiply``, ``rank_sum`` and ``result``.  The generic run (any namespace) returns new
+# arrays; NumPy's reuses cache-sized buffers and writes the rank sums into the output.
+
+
+class _GenericRun:
+    """Array-API primitives: new arrays per block, concatenated at the end."""
+
+    def __init__(
+        self, xp: Any, xs: list[Any], mats: list[Any], rank: int, out_dim: int, append_one: bool
+    ) -> None:
+        self.xp, self.rank, self.out_dim, self.append_one = xp, rank, out_dim, append_one
+        self.blocks = batch_blocks(xp, xs[0], rank * out_dim)
+        self.parts: list[Any] = []
+
+    def project(self, m: int, blk: slice, feats: Any, mat: Any) -> Any:
+        return affine(feats, mat, self.append_one)
+
+    def multiply(self, acc: Any, proj: Any) -> Any:
+        return acc * proj
+
+    def rank_sum(self, blk: slice, acc: Any) -> None:
+        xp = self.xp
+        self.parts.append(xp.sum(xp.reshape(acc, (-1, self.rank, self.out_dim)), axis=1))
+
+    def result(self) -> Any:
+        return _concat_blocks(self.xp, self.parts)
+
+
+class _NumPyRun:
+    """NumPy primitives: cache-sized buffers reused by every block, in-place products.
+
+    Each modality's ``[x, 1] @ mat`` runs as one GEMM into a preallocated buffer (the
+    constant column is written into a small staging block, so the constant row is part of
+    the GEMM rather than an extra pass), the product accumulates in place and the rank sum
+    writes straight into the output.  No (B, R h) array is ever allocated.
+    """
+
+    def __init__(
+        self, xp: Any, xs: list[Any], mats: list[Any], rank: int, out_dim: int, append_one: bool
+    ) -> None:
+        import numpy as np
+
+        batch = xs[0].shape[0]
+        dtype = np.result_type(*xs, *mats)
+        width = rank * out_dim
+        row_bytes = (sum(x.shape[1] + 1 for x in xs) + 2 * width) * dtype.itemsize
+        rows = block_rows(batch, row_bytes, 1)
+        self.rank, self.out_dim, self.append_one = rank, out_dim, append_one
+        self.blocks = block_slices(batch, rows)
+        # A rank sum over a short trailing axis is a slow strided reduction in NumPy; as a GEMM
+        # with stacked identities (R h x h) it costs R h^2 per row, cheap while h is small.
+        self.summer = np.tile(np.eye(out_dim, dtype=dtype), (rank, 1)) if out_dim <= 8 else None
+        self.out = np.empty((batch, out_dim), dtype=dtype)
+        self.acc = np.empty((rows, width), dtype=dtype)
+        self.proj = np.empty((rows, width), dtype=dtype)
+        # The constant row costs either a copy of x into a staging block that ends in a column
+        # of ones (n d) or an add after the GEMM (n R h): stage only where that is cheaper.
+        self.staged = [
+            np.ones((rows, x.shape[1] + 1), dtype=dtype) if append_one and width > x.shape[1] else None
+            for x in xs
+        ]
+
+    def project(self, m: int, blk: slice, feats: Any, mat: Any) -> Any:
+        import numpy as np
+
+        n = blk.stop - blk.start
+        d = feats.shape[1]
+        target = self.acc[:n] if m == 0 else self.proj[:n]
+        buf = self.staged[m]
+        if buf is not None:
+            buf[:n, :d] = feats
+            np.matmul(buf[:n], mat, out=target)
+        elif self.append_one:
+            np.matmul(feats, mat[:d], out=target)
+            _add_row(target, mat[d])
+        else:
+            np.matmul(feats, mat, out=target)
+        return target
+
+    def multiply(self, acc: Any, proj: Any) -> Any:
+        acc *= proj  # our own buffer
+        return acc
+
+    def rank_sum(self, blk: slice, acc: Any) -> None:
+        import numpy as np
+
+        if self.summer is not None:
+            np.matmul(acc, self.summer, out=self.out[blk])
+        else:
+            np.sum(acc.reshape(acc.shape[0], self.rank, self.out_dim), axis=1, out=self.out[blk])
+
+    def result(self) -> Any:
+        return self.out
+
+
+def lowrank_with(
+    new_run: Any,
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any,
+    bias: Any,
+    append_one: bool,
+    present: Any,
+) -> Any:
+    """LMF Eq. 8 as one GEMM per modality, an elementwise product and a rank sum, over the
+    primitives of a run made by ``new_run(xp, xs, mats, rank, out_dim, append_one)`` (see the
+    section comment above)."""
+    xp = array_namespace(xs[0])
+    rank, _, out_dim = factors[0].shape
+    mats = [_flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
+    run = new_run(xp, xs, mats, rank, out_dim, append_one)
+    for blk in run.blocks:
+        acc = None
+        for m, (x, mat) in enumerate(zip(xs, mats)):
+            feats = _mask_absent(xp, x[blk, ...], _rows(present, blk), m)
+            proj = run.project(m, blk, feats, mat)
+            acc = proj if acc is None else run.multiply(acc, proj)
+        assert acc is not None
+        run.rank_sum(blk, acc)
+    y = run.result()
+    return y if bias is None else y + bias
+
+
 def lowrank_fusion(
     xs: list[Any],
     factors: list[Any],
@@ -172,27 +302,10 @@ def lowrank_fusion(
     append_one: bool = True,
     present: Any = None,
 ) -> Any:
-    """LMF Eq. 8 as one GEMM per modality, an elementwise product and a rank sum.
-
-    Each factor (R, D_m, h) is laid out as a (D_m, R*h) matrix so that every modality's R
-    projections come from a single GEMM; the rank weights are folded into the first factor.
-    The batch is processed in blocks so the (rows, R*h) intermediates stay in cache.  The
-    generic path, for any namespace; NumPy and Dask have paths of their own
-    (:func:`lowrank_fusion_numpy`, :func:`lowrank_fusion_dask`; the registry picks).
-    """
-    xp = array_namespace(xs[0])
-    rank, _, out_dim = factors[0].shape
-    mats = [_flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
-    parts = []
-    for blk in batch_blocks(xp, xs[0], rank * out_dim):
-        prod = None
-        for m, (x, mat) in enumerate(zip(xs, mats)):
-            proj = affine(_mask_absent(xp, x[blk, ...], _rows(present, blk), m), mat, append_one)
-            prod = proj if prod is None else prod * proj
-        assert prod is not None
-        parts.append(xp.sum(xp.reshape(prod, (-1, rank, out_dim)), axis=1))
-    y = _concat_blocks(xp, parts)
-    return y if bias is None else y + bias
+    """:func:`mmfuse.lowrank_fusion`, generic Array-API path (any namespace; autograd flows
+    through on torch).  NumPy and Dask have variants (:func:`lowrank_fusion_numpy`,
+    :func:`lowrank_fusion_dask`); the registry picks."""
+    return lowrank_with(_GenericRun, xs, factors, weights, bias, append_one, present)
 
 
 def lowrank_fusion_dask(
@@ -229,66 +342,9 @@ def lowrank_fusion_numpy(
     append_one: bool = True,
     present: Any = None,
 ) -> Any:
-    """NumPy: :func:`lowrank_fusion`'s algorithm with cache-sized, reused buffers."""
-    import numpy as np
-
-    rank, _, out_dim = factors[0].shape
-    mats = [_flat_lowrank(np, f, weights if m == 0 else None) for m, f in enumerate(factors)]
-    y = _lowrank_numpy(xs, mats, present, append_one, rank, out_dim)
-    return y if bias is None else y + bias
-
-
-def _lowrank_numpy(
-    xs: list[Any], mats: list[Any], present: Any, append_one: bool, rank: int, out_dim: int
-) -> Any:
-    """NumPy fast path: the same algorithm with cache-sized, reused buffers and in-place ops.
-
-    Per batch block, each modality's ``[x, 1] @ mat`` runs as one GEMM into a preallocated
-    buffer (the constant column is written into a small staging block, so the constant row is
-    part of the GEMM rather than an extra pass), the product accumulates in place and the rank
-    sum writes straight into the output.  No (B, R h) array is ever allocated.
-    """
-    import numpy as np
-
-    batch = xs[0].shape[0]
-    dtype = np.result_type(*xs, *mats)
-    width = rank * out_dim
-    row_bytes = (sum(x.shape[1] + 1 for x in xs) + 2 * width) * dtype.itemsize
-    rows = block_rows(batch, row_bytes, 1)
-    # A rank sum over a short trailing axis is a slow strided reduction in NumPy; as a GEMM
-    # with stacked identities (R h x h) it costs R h^2 per row, cheap while h is small.
-    summer = np.tile(np.eye(out_dim, dtype=dtype), (rank, 1)) if out_dim <= 8 else None
-    out = np.empty((batch, out_dim), dtype=dtype)
-    acc = np.empty((rows, width), dtype=dtype)
-    proj = np.empty((rows, width), dtype=dtype)
-    # The constant row costs either a copy of x into a staging block that ends in a column
-    # of ones (n d) or an add after the GEMM (n R h): stage only where that is cheaper.
-    stage = [append_one and width > x.shape[1] for x in xs]
-    staged = [np.ones((rows, x.shape[1] + 1), dtype=dtype) if st else None for x, st in zip(xs, stage)]
-    for blk in block_slices(batch, rows):
-        start, stop = blk.start, blk.stop
-        n = stop - start
-        for m, (x, mat, buf) in enumerate(zip(xs, mats, staged)):
-            d = x.shape[1]
-            target = acc[:n] if m == 0 else proj[:n]
-            feats = x[start:stop]
-            if present is not None:  # absent samples enter as zeros (where: NaN-safe)
-                feats = np.where(np.asarray(present[start:stop, m : m + 1]), feats, 0)
-            if buf is not None:
-                buf[:n, :d] = feats
-                np.matmul(buf[:n], mat, out=target)
-            elif append_one:
-                np.matmul(feats, mat[:d], out=target)
-                _add_row(target, mat[d])
-            else:
-                np.matmul(feats, mat, out=target)
-            if m:
-                acc[:n] *= proj[:n]
-        if summer is not None:
-            np.matmul(acc[:n], summer, out=out[start:stop])
-        else:
-            np.sum(acc[:n].reshape(n, rank, out_dim), axis=1, out=out[start:stop])
-    return out
+    """:func:`mmfuse.lowrank_fusion` on NumPy: the same algorithm with cache-sized, reused
+    buffers and in-place products (:class:`_NumPyRun`)."""
+    return lowrank_with(_NumPyRun, xs, factors, weights, bias, append_one, present)
 
 
 def _add_row(target: Any, row: Any) -> None:
