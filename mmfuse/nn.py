@@ -31,9 +31,10 @@ torch.Size([5, 8])
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -44,13 +45,23 @@ from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._validation import check_bool_option, check_positive_int
-from .backends import lookup
+from .backends import BackendUnsupported, lookup
 
 __all__ = ["CPFusion", "GuidedZoomShift", "LowRankFusion", "TensorFusion", "WanderAdapter", "ZoomShift"]
 
 
 def _compiling() -> bool:
     return bool(torch.compiler.is_compiling())
+
+
+@contextlib.contextmanager
+def _layer_call(module: nn.Module) -> Iterator[None]:
+    """A forced backend's refusal, named after the layer the user called (the functional
+    operator it ran is named in the rest of the message)."""
+    try:
+        yield
+    except BackendUnsupported as exc:
+        raise BackendUnsupported(f"{type(module).__name__}.forward: {exc}") from None
 
 
 # The torch backend's registered implementation of each operator the layers call, resolved once
@@ -354,9 +365,10 @@ class LowRankFusion(_RankedFusion):
             return _TORCH["lowrank_fusion"](
                 xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
             )
-        return _fusion.lowrank_fusion(
-            xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
-        )
+        with _layer_call(self):
+            return _fusion.lowrank_fusion(
+                xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
+            )
 
     @classmethod
     def from_lmf(
@@ -529,9 +541,10 @@ class CPFusion(_RankedFusion):
             return _TORCH["cp_fusion"](
                 xs, (self.weights, factors), self.bias, append_one=self.append_one, present=present
             )
-        return _fusion.cp_fusion(
-            xs, (self.weights, factors), self.bias, append_one=self.append_one, present=present
-        )
+        with _layer_call(self):
+            return _fusion.cp_fusion(
+                xs, (self.weights, factors), self.bias, append_one=self.append_one, present=present
+            )
 
     @classmethod
     def from_cp(
@@ -699,9 +712,10 @@ class TensorFusion(nn.Module):
             return _TORCH["tensor_fusion"](
                 xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
             )
-        return _fusion.tensor_fusion(
-            xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
-        )
+        with _layer_call(self):
+            return _fusion.tensor_fusion(
+                xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
+            )
 
 
 # --------------------------------------------------------------------------- sequence layers
@@ -949,10 +963,11 @@ class WanderAdapter(nn.Module):
             )  # fmt: skip
         from ._sequence import wander
 
-        return wander(
-            xs, self.params(), mode=self.mode, masks=mask_list, activation=self.activation,
-            residual=self.residual,
-        )  # fmt: skip
+        with _layer_call(self):
+            return wander(
+                xs, self.params(), mode=self.mode, masks=mask_list, activation=self.activation,
+                residual=self.residual,
+            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- Zoom and Shift
@@ -1109,11 +1124,12 @@ class ZoomShift(nn.Module):
             return pool_and_fuse(ys, fuse_how=self.fuse, pool_how=self.pool, masks=mask_list)
         from ._align import zoom_shift_fusion
 
-        return zoom_shift_fusion(
-            xs, fuse=self.fuse, pool=self.pool, rounds=self.rounds, alpha=self.alpha,
-            schedule=self.schedule, topology=self.topology, hub=self.hub, masks=mask_list,
-            eps=self.eps,
-        )  # fmt: skip
+        with _layer_call(self):
+            return zoom_shift_fusion(
+                xs, fuse=self.fuse, pool=self.pool, rounds=self.rounds, alpha=self.alpha,
+                schedule=self.schedule, topology=self.topology, hub=self.hub, masks=mask_list,
+                eps=self.eps,
+            )  # fmt: skip
 
 
 class GuidedZoomShift(nn.Module):

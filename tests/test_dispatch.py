@@ -231,3 +231,24 @@ def test_prefer_from_the_environment():
         env={"MMFUSE_PREFER": "reference"},
     )
     assert out == "reference reference"
+
+
+def test_a_layers_refusal_names_the_layer():
+    """A strict global backend that cannot take a layer's call: the error names the layer the
+    user called, then the functional operator and the reason (one exception type)."""
+    torch = pytest.importorskip("torch")
+    import mmfuse.nn as mnn
+
+    layer = mnn.LowRankFusion([3, 4], 2, rank=2)
+    xs = [torch.randn(2, 3), torch.randn(2, 4)]
+    with mmfuse.config_context(backend="cupy"), pytest.raises(
+        BackendUnsupported, match=r"^LowRankFusion\.forward: backend 'cupy' cannot (take|run) .*lowrank_fusion"
+    ):
+        layer(xs)
+    seqs = [torch.randn(2, 4, 3), torch.randn(2, 5, 3)]
+    with mmfuse.config_context(backend="cupy"), pytest.raises(BackendUnsupported, match=r"^ZoomShift\.forward: "):
+        mnn.ZoomShift(3, 2)(seqs)
+    with mmfuse.config_context(backend="torch"):  # torch serves every operator the layers call
+        assert mnn.ZoomShift(3, 2)(seqs).shape == (2, 6)
+        assert mnn.TensorFusion([3, 4], 2)(xs).shape == (2, 2)
+        assert mmfuse.moments(seqs[0])[0].shape == (2, 1, 3)
