@@ -114,7 +114,7 @@ def _constant_hint(rows: Sequence[int], dims: Sequence[int], append_one: bool, u
     return ""
 
 
-def _check_vector(xp: Any, v: Any, name: str, length: int, label: str) -> None:
+def check_vector(xp: Any, v: Any, name: str, length: int, label: str) -> None:
     if v is None:
         return
     if not array_api_compat.is_array_api_obj(v):
@@ -130,7 +130,7 @@ def _named(prefix: str, arrays: Sequence[Any]) -> list[tuple[str, Any]]:
 # --------------------------------------------------------------------------- tensor fusion
 
 
-def _check_tensor_fusion(
+def check_tensor_fusion(
     xs: Any, weight: Any, bias: Any, append_one: bool, max_elements: int
 ) -> list[Any]:
     xs, _ = check_modalities(xs)
@@ -152,7 +152,7 @@ def _check_tensor_fusion(
             f"got {fmt_shape(weight.shape)}{hint}"
         )
     out_dim = weight.shape[-1]
-    _check_vector(xp, bias, "bias", out_dim, "h")
+    check_vector(xp, bias, "bias", out_dim, "h")
     w_size = int(np.prod(weight.shape))
     if w_size > max_elements:
         raise ValueError(
@@ -281,7 +281,7 @@ def tensor_fusion(
     """
     append_one = check_bool_option("append_one", append_one)
     max_elements = check_positive_int("max_elements", max_elements)
-    xs = _check_tensor_fusion(xs, weight, bias, append_one, max_elements)
+    xs = check_tensor_fusion(xs, weight, bias, append_one, max_elements)
     impl = lookup("tensor_fusion", backend, like=xs[0], arrays=(xs, weight, bias))
     return impl(xs, weight, bias, append_one=append_one, max_elements=max_elements)
 
@@ -289,7 +289,7 @@ def tensor_fusion(
 # --------------------------------------------------------------------------- low-rank fusion
 
 
-def _check_lowrank_factors(factors: Any, dims: Sequence[int] | None, append_one: bool) -> tuple[int, int]:
+def check_lowrank_factors(factors: Any, dims: Sequence[int] | None, append_one: bool) -> tuple[int, int]:
     """Check (R, D_m, h) factors (against feature sizes ``dims`` when given); return (R, h)."""
     n = len(dims) if dims is not None else None
     factors = as_sequence(factors, "factors", what="modality")
@@ -411,12 +411,12 @@ def lowrank_fusion(
     append_one = check_bool_option("append_one", append_one)
     xs, batch = check_modalities(xs)
     factors = list(factors) if isinstance(factors, (list, tuple)) else factors
-    rank, out_dim = _check_lowrank_factors(factors, [x.shape[1] for x in xs], append_one)
+    rank, out_dim = check_lowrank_factors(factors, [x.shape[1] for x in xs], append_one)
     named = [*_named("xs", xs), *_named("factors", factors), ("weights", weights), ("bias", bias)]
     xp = common_namespace([*named, ("present", present)])
     check_same_float_dtype(xp, named)
-    _check_vector(xp, weights, "weights", rank, "R")
-    _check_vector(xp, bias, "bias", out_dim, "h")
+    check_vector(xp, weights, "weights", rank, "R")
+    check_vector(xp, bias, "bias", out_dim, "h")
     if present is not None:
         check_present(xp, present, batch, len(xs))
     impl = lookup("lowrank_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
@@ -426,7 +426,7 @@ def lowrank_fusion(
 # --------------------------------------------------------------------------- CP fusion
 
 
-def _as_cp(cp: Any) -> tuple[Any, list[Any]]:
+def as_cp(cp: Any) -> tuple[Any, list[Any]]:
     """Normalise a ``tensorly.cp_tensor.CPTensor`` or a ``(weights, factors)`` pair."""
     if hasattr(cp, "weights") and hasattr(cp, "factors"):  # CPTensor, without importing TensorLy
         weights, factors = cp.weights, cp.factors
@@ -545,7 +545,7 @@ def cp_fusion(
     """
     append_one = check_bool_option("append_one", append_one)
     xs, batch = check_modalities(xs)
-    weights, factors = _as_cp(cp)
+    weights, factors = as_cp(cp)
     n = len(xs)
     if len(factors) != n + 1:
         raise ValueError(
@@ -569,7 +569,7 @@ def cp_fusion(
     named = [*_named("xs", xs), *_named("cp factors", factors), ("cp weights", weights), ("bias", bias)]
     xp = common_namespace([*named, ("present", present)])
     check_same_float_dtype(xp, named)
-    _check_vector(xp, bias, "bias", factors[-1].shape[0], "h")
+    check_vector(xp, bias, "bias", factors[-1].shape[0], "h")
     if present is not None:
         check_present(xp, present, batch, n)
     impl = lookup("cp_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
@@ -624,11 +624,11 @@ def lowrank_to_tensor(
     """
     max_elements = check_positive_int("max_elements", max_elements)
     factors = as_sequence(factors, "factors")
-    rank, out_dim = _check_lowrank_factors(factors, None, True)
+    rank, out_dim = check_lowrank_factors(factors, None, True)
     named = [*_named("factors", factors), ("weights", weights)]
     xp = common_namespace(named)
     check_same_float_dtype(xp, named)
-    _check_vector(xp, weights, "weights", rank, "R")
+    check_vector(xp, weights, "weights", rank, "R")
     dims = tuple(int(f.shape[1]) for f in factors)
     shape = (*dims, out_dim)
     size = math.prod(shape)
@@ -677,7 +677,7 @@ def cp_to_lowrank(cp: Any) -> tuple[list[Any], Any]:
     >>> [f.shape for f in factors], weights.shape
     ([(2, 3, 5), (2, 4, 5)], (2,))
     """
-    weights, factors = _as_cp(cp)
+    weights, factors = as_cp(cp)
     named = [*_named("cp factors", factors), ("cp weights", weights)]
     xp = common_namespace(named)
     check_same_float_dtype(xp, named)

@@ -15,17 +15,16 @@ from typing import Any
 
 import array_api_compat
 
-from . import reference
 from ._core import interactions as core
 from ._fusion import (
     DEFAULT_MAX_ELEMENTS,
-    _as_cp,
-    _check_lowrank_factors,
-    _check_tensor_fusion,
-    _check_vector,
     _extra,
     _mode_label,
     _named,
+    as_cp,
+    check_lowrank_factors,
+    check_tensor_fusion,
+    check_vector,
 )
 from ._namespace import array_namespace, not_an_array
 from ._validation import (
@@ -39,8 +38,7 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
-from .backends import define_op, lookup, register
-from .backends.reference import as_backend
+from .backends import lookup
 
 __all__ = ["cp_interactions", "interaction_shares", "lowrank_interactions", "tensor_interactions"]
 
@@ -171,12 +169,12 @@ def tensor_interactions(
     """
     by, append_one, max_elements = _options(by, append_one, max_elements)
     try:
-        xs = _check_tensor_fusion(xs, weight, None, append_one, max_elements)
+        xs = check_tensor_fusion(xs, weight, None, append_one, max_elements)
     except ValueError as exc:  # the same limits as tensor_fusion, under this function's name
         raise ValueError(str(exc).replace("tensor_fusion:", "tensor_interactions:", 1)) from None
     if by == "subset":
         _check_subset_size("tensor_interactions", len(xs), xs[0].shape[0], weight.shape[-1], max_elements)
-    impl = lookup("tensor_interactions", backend, like=xs[0])
+    impl = lookup("tensor_interactions", backend, like=xs[0], arrays=(xs, weight))
     return impl(xs, weight, by=by, append_one=append_one, max_elements=max_elements)
 
 
@@ -272,16 +270,16 @@ def lowrank_interactions(
     by, append_one, max_elements = _options(by, append_one, max_elements)
     xs, batch = check_modalities(xs)
     factors = list(factors) if isinstance(factors, (list, tuple)) else factors
-    rank, out_dim = _check_lowrank_factors(factors, [x.shape[1] for x in xs], append_one)
+    rank, out_dim = check_lowrank_factors(factors, [x.shape[1] for x in xs], append_one)
     named = [*_named("xs", xs), *_named("factors", factors), ("weights", weights)]
     xp = common_namespace([*named, ("present", present)])
     check_same_float_dtype(xp, named)
-    _check_vector(xp, weights, "weights", rank, "R")
+    check_vector(xp, weights, "weights", rank, "R")
     if present is not None:
         check_present(xp, present, batch, len(xs))
     if by == "subset":
         _check_subset_size("lowrank_interactions", len(xs), batch, out_dim, max_elements)
-    impl = lookup("lowrank_interactions", backend, like=xs[0])
+    impl = lookup("lowrank_interactions", backend, like=xs[0], arrays=(xs, factors, weights))
     return impl(
         xs, factors, weights, by=by, present=present, append_one=append_one, max_elements=max_elements
     )
@@ -369,7 +367,7 @@ def cp_interactions(
     """
     by, append_one, max_elements = _options(by, append_one, max_elements)
     xs, batch = check_modalities(xs)
-    weights, factors = _as_cp(cp)
+    weights, factors = as_cp(cp)
     n = len(xs)
     if len(factors) != n + 1:
         raise ValueError(
@@ -391,7 +389,7 @@ def cp_interactions(
         check_present(xp, present, batch, n)
     if by == "subset":
         _check_subset_size("cp_interactions", n, batch, factors[-1].shape[0], max_elements)
-    impl = lookup("cp_interactions", backend, like=xs[0])
+    impl = lookup("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights))
     return impl(
         xs, (weights, factors), by=by, present=present, append_one=append_one, max_elements=max_elements
     )
@@ -473,16 +471,3 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     if not isinstance(kind, str) or kind not in _KINDS:
         raise ValueError(f"kind must be 'variance' or 'norm', got {kind!r}")
     return core.interaction_shares(terms, kind=kind)
-
-
-# --------------------------------------------------------------------------- registration
-# (one block: the registry's rewrite migrates it)
-
-for _public, _core_impl, _ref_impl in (
-    (tensor_interactions, core.tensor_interactions, reference.tensor_interactions),
-    (lowrank_interactions, core.lowrank_interactions, reference.lowrank_interactions),
-    (cp_interactions, core.cp_interactions, reference.cp_interactions),
-):
-    define_op(_public)
-    register(_public.__name__, "array_api", _core_impl)
-    register(_public.__name__, "reference", as_backend(_ref_impl))

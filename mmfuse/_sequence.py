@@ -48,7 +48,7 @@ RESIDUALS = ("first", "none")
 TRAINABLE_SCALE = 0.1
 
 
-def _check_mode(mode: Any) -> None:
+def check_mode(mode: Any) -> None:
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
 
@@ -148,7 +148,7 @@ def _check_fusion_args(
     """Shape checks shared by sequence_fusion and wander; returns factors, D and T_out.
     ``source_shapes``: the shapes of the arrays named ``source`` where they differ from
     ``shapes`` (wander's inputs, before the down-projection)."""
-    _check_mode(mode)
+    check_mode(mode)
     n = len(shapes)
     same_rank = mode == "cp"
     _, out_dim = _check_factors(
@@ -349,7 +349,7 @@ def _check_params(params: Any, xs: list[Any]) -> tuple[list[tuple[Any, Any]], li
     return pairs, widths
 
 
-def _check_activation(activation: Any) -> None:
+def check_activation(activation: Any) -> None:
     if callable(activation):
         return
     if not isinstance(activation, str) or activation not in core.ACTIVATIONS:
@@ -459,7 +459,7 @@ def wander(
                      for m, (w, _) in enumerate(pairs)],
         source_shapes=[tuple(x.shape) for x in xs],
     )  # fmt: skip
-    _check_activation(activation)
+    check_activation(activation)
     if not isinstance(residual, str) or residual not in RESIDUALS:
         raise ValueError(f"residual must be one of {list(RESIDUALS)}, got {residual!r}")
     if residual == "first":
@@ -596,7 +596,7 @@ def wander_parameter_count(
     >>> c["total"], c["effective"]
     (46128, 6288)
     """
-    _check_mode(mode)
+    check_mode(mode)
     dims, lengths, s = _check_sizes(
         dims, lengths, rank=rank, feature_rank=feature_rank, token_rank=token_rank,
         out_dim=out_dim, n_out=rank if n_out is None else n_out,

@@ -562,7 +562,7 @@ class CPFusion(_RankedFusion):
         NumPy arrays, ...: each goes through ``torch.as_tensor``); ``weights`` may be None
         (ones); ``bias`` (h,) likewise.
         """
-        weights, factors = _fusion._as_cp(cp)
+        weights, factors = _fusion.as_cp(cp)
         factors = [torch.as_tensor(f) for f in factors]
         rank = factors[0].shape[1]
         extra = int(append_one)
@@ -843,8 +843,8 @@ class WanderAdapter(nn.Module):
         self.token_rank = check_positive_int("token_rank", token_rank)
         self.out_dim = check_positive_int("out_dim", self.in_dims[0] if out_dim is None else out_dim)
         self.n_out = check_positive_int("n_out", self.rank if n_out is None else n_out)
-        _sequence._check_mode(mode)
-        _sequence._check_activation(activation)
+        _sequence.check_mode(mode)
+        _sequence.check_activation(activation)
         if residual not in _sequence.RESIDUALS:
             raise ValueError(f"residual must be one of {list(_sequence.RESIDUALS)}, got {residual!r}")
         if init not in ("trainable", "parity"):

@@ -217,9 +217,8 @@ def test_prefer_is_a_soft_preference():
         assert mmfuse.lowrank_fusion(xs, **p).shape == (2, 2)
         with pytest.raises(BackendUnsupported, match=r"backend 'numba' cannot take numpy arrays"):
             mmfuse.lowrank_fusion(xs, **p, backend="numba")  # a call's backend= is strict
-    with mmfuse.config_context(backend="numba", prefer="torch"):  # a strict policy wins
-        with pytest.raises(BackendUnsupported):
-            mmfuse.lowrank_fusion(xs, **p)
+    with mmfuse.config_context(backend="numba", prefer="torch"), pytest.raises(BackendUnsupported):
+        mmfuse.lowrank_fusion(xs, **p)  # a strict policy wins
     with pytest.raises(ValueError, match=r"prefer must be None or one of"):
         mmfuse.set_config(prefer="auto")
 

@@ -34,6 +34,9 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_DASK = importlib.util.find_spec("dask") is not None
 
 FUSION = ("tensor_fusion", "lowrank_fusion", "cp_fusion")
+INTERACTIONS = ("tensor_interactions", "lowrank_interactions", "cp_interactions")
+# each interaction operator explains the fusion it is named after: the same problems, no bias
+EXPLAINS = dict(zip(INTERACTIONS, FUSION))
 SEQUENCE = ("sequence_fusion", "wander")
 ALIGNMENT = ("moments", "zoom_shift", "align")
 
@@ -217,6 +220,14 @@ CASES = (
 
 def _case(op: str, case: str, seed: int) -> tuple[tuple[Any, ...], dict[str, Any], str] | None:
     """(args, kwargs, dtype) in NumPy for ``case`` (None: the case does not apply to ``op``)."""
+    if op in EXPLAINS:  # the fusion's case, without the bias, terms by order or by subset
+        made = _case(EXPLAINS[op], case, seed)
+        if made is None:
+            return None
+        args, kwargs, dtype = made
+        args = args[:2] if op == "cp_interactions" else args[:3 if op == "lowrank_interactions" else 2]
+        by = "subset" if case in ("random", "nan_padding", "modalities_1") else "order"
+        return args, {**kwargs, "by": by}, dtype
     rng = np.random.default_rng(seed)
     args, kwargs = make_problem(op, seed=rng)
     dtype = "float64"
@@ -301,6 +312,9 @@ def test_implementation_matches_reference(op: str, impl: Any, case: str) -> None
     got = impl.func(*call_args, **call_kwargs)
     if name == "dask":
         got = tree_map(lambda a: a.compute(), got)
+    if op in INTERACTIONS:  # (terms, labels): the labels must agree exactly
+        assert got[1] == want[1]
+        got, want = got[0], want[0]
     got_np = tree_map(lambda a: to_numpy(a), got)
     want_np = tree_map(lambda a: np.asarray(a, dtype=np.float64), want)
     if case == "large_mean":
@@ -346,7 +360,9 @@ def test_torch_gradients_match_the_core(op: str, impl: Any) -> None:
     core_target = next(r.target for r in ROWS if r.op == op and r.backend == "array_api" and r.variant == "generic")
     module, attr = core_target.split(":")
     core = getattr(importlib.import_module(module), attr)
-    args, kwargs, _ = _case(op, "nan_padding" if op != "tensor_fusion" else "random", seed=11)
+    made = _case(op, "nan_padding", seed=11) or _case(op, "random", seed=11)  # TFN has no mask
+    assert made is not None
+    args, kwargs, _ = made
     found = _namespace_for(impl, "float64")
     if found is None:
         pytest.skip("no namespace on this machine")
@@ -367,7 +383,7 @@ def test_torch_gradients_match_the_core(op: str, impl: Any) -> None:
     for k, fn in enumerate((impl.func, core)):
         a, kw = build(k)
         out = fn(*a, **kw)
-        outs.append(out)
+        outs.append(out[0] if op in INTERACTIONS else out)  # the terms, not their labels
     ups = [torch.from_numpy(rng.standard_normal(tuple(o.shape))) for o in _leaves(outs[0])]
 
     def loss(out: Any) -> Any:

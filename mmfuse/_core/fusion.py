@@ -28,11 +28,13 @@ __all__ = [
     "batch_blocks",
     "cp_fusion",
     "cp_to_lowrank",
+    "flat_lowrank",
     "lowrank_fusion",
     "lowrank_fusion_dask",
     "lowrank_fusion_numpy",
     "lowrank_to_tensor",
     "lowrank_with",
+    "mask_absent",
     "tensor_fusion",
     "tensor_fusion_rows",
 ]
@@ -82,7 +84,7 @@ def affine(x: Any, mat: Any, append_one: bool) -> Any:
     return x @ mat[..., :d, :] + mat[..., d : d + 1, :]
 
 
-def _mask_absent(xp: Any, x: Any, present: Any, m: int) -> Any:
+def mask_absent(xp: Any, x: Any, present: Any, m: int) -> Any:
     """Zero the features of samples whose modality ``m`` is absent (NaN-safe: ``where``)."""
     if present is None:
         return x
@@ -156,7 +158,7 @@ def tensor_fusion(
     return t
 
 
-def _flat_lowrank(xp: Any, factor: Any, scale: Any = None) -> Any:
+def flat_lowrank(xp: Any, factor: Any, scale: Any = None) -> Any:
     """(R, D, h) factor -> (D, R*h) matrix, optionally scaling rank r by ``scale[r]``."""
     rank, rows, out = factor.shape
     if scale is not None:
@@ -279,12 +281,12 @@ def lowrank_with(
     section comment above)."""
     xp = array_namespace(xs[0])
     rank, _, out_dim = factors[0].shape
-    mats = [_flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
+    mats = [flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
     run = new_run(xp, xs, mats, rank, out_dim, append_one)
     for blk in run.blocks:
         acc = None
         for m, (x, mat) in enumerate(zip(xs, mats)):
-            feats = _mask_absent(xp, x[blk, ...], _rows(present, blk), m)
+            feats = mask_absent(xp, x[blk, ...], _rows(present, blk), m)
             proj = run.project(m, blk, feats, mat)
             acc = proj if acc is None else run.multiply(acc, proj)
         assert acc is not None
@@ -385,7 +387,7 @@ def cp_fusion(
     out_factor = factors[-1]
     prod = None
     for m, (x, a) in enumerate(zip(xs, factors[:-1])):
-        proj = affine(_mask_absent(xp, x, present, m), a, append_one)
+        proj = affine(mask_absent(xp, x, present, m), a, append_one)
         prod = proj if prod is None else prod * proj
     assert prod is not None
     if weights is not None:

@@ -37,15 +37,16 @@ from .._namespace import (
     is_dask,
     is_jax,
     is_lazy,
-    is_numpy,
 )
-from .fusion import _flat_lowrank, _mask_absent
+from .fusion import flat_lowrank, mask_absent
 
 __all__ = [
     "cp_interactions",
+    "cp_interactions_numpy",
     "interaction_shares",
     "labels_for",
     "lowrank_interactions",
+    "lowrank_interactions_numpy",
     "subset_labels",
     "tensor_interactions",
 ]
@@ -176,17 +177,46 @@ def lowrank_interactions(
     max_elements: int | None = None,
 ) -> tuple[Any, list[Any]]:
     """LMF's terms (K, B, h): each factor laid out as a (D_m, R h) matrix (the rank weights
-    folded into the first), one GEMM per modality and block, then the recursion or the walk."""
+    folded into the first), one GEMM per modality and block, then the recursion or the walk.
+    Generic (any namespace); :func:`lowrank_interactions_numpy` is NumPy's variant."""
+    return _lowrank_terms(xs, factors, weights, by, present, append_one, numpy_orders=False)
+
+
+def lowrank_interactions_numpy(
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any = None,
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[Any, list[Any]]:
+    """NumPy's variant: orders by the in-place recursion (:func:`_orders_numpy`) where the
+    constant is appended; everything else as the generic path."""
+    return _lowrank_terms(xs, factors, weights, by, present, append_one, numpy_orders=True)
+
+
+def _lowrank_terms(
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any,
+    by: str,
+    present: Any,
+    append_one: bool,
+    *,
+    numpy_orders: bool,
+) -> tuple[Any, list[Any]]:
     xp = array_namespace(xs[0])
     rank, _, out_dim = factors[0].shape
-    mats = [_flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
+    mats = [flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
     dims = [x.shape[1] for x in xs]
     feats = [mat[: dims[m], :] for m, mat in enumerate(mats)]
     consts = [mat[dims[m] : dims[m] + 1, :] if append_one else None for m, mat in enumerate(mats)]
 
     def project(x: Any, m: int, blk: slice) -> tuple[Any, Any]:
         rows = None if present is None else present[blk, ...]
-        return _mask_absent(xp, x, rows, m) @ feats[m], consts[m]
+        return mask_absent(xp, x, rows, m) @ feats[m], consts[m]
 
     def reduce(t: Any) -> Any:
         return xp.sum(xp.reshape(t, (t.shape[0], rank, out_dim)), axis=1)
@@ -203,7 +233,7 @@ def lowrank_interactions(
         for r in range(2, rank):
             target += coef[..., r * out_dim : (r + 1) * out_dim]
 
-    if by == "order" and is_numpy(xp) and append_one:
+    if by == "order" and numpy_orders and append_one:
         terms = _orders_numpy(xs, feats, consts, present, out_dim, reduce_into)
     else:
         terms = _ranked_terms(xp, xs, project, reduce, rank * out_dim, out_dim, by)
@@ -277,7 +307,27 @@ def cp_interactions(
     max_elements: int | None = None,
 ) -> tuple[Any, list[Any]]:
     """CP's terms (K, B, h): (B, R) projections, the recursion or the walk over them, then one
-    (R, h) product with the weighted output factor per part."""
+    (R, h) product with the weighted output factor per part.  Generic (any namespace);
+    :func:`cp_interactions_numpy` is NumPy's variant."""
+    return _cp_terms(xs, cp, by, present, append_one, numpy_orders=False)
+
+
+def cp_interactions_numpy(
+    xs: list[Any],
+    cp: tuple[Any, list[Any]],
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[Any, list[Any]]:
+    """NumPy's variant: orders by the in-place recursion where the constant is appended."""
+    return _cp_terms(xs, cp, by, present, append_one, numpy_orders=True)
+
+
+def _cp_terms(
+    xs: list[Any], cp: tuple[Any, list[Any]], by: str, present: Any, append_one: bool, *, numpy_orders: bool
+) -> tuple[Any, list[Any]]:
     xp = array_namespace(xs[0])
     weights, factors = cp
     out_factor = factors[-1]
@@ -289,7 +339,7 @@ def cp_interactions(
 
     def project(x: Any, m: int, blk: slice) -> tuple[Any, Any]:
         rows = None if present is None else present[blk, ...]
-        return _mask_absent(xp, x, rows, m) @ feats[m], consts[m]
+        return mask_absent(xp, x, rows, m) @ feats[m], consts[m]
 
     def reduce(t: Any) -> Any:
         return t @ out_t
@@ -299,7 +349,7 @@ def cp_interactions(
 
         np.matmul(coef, out_t, out=target)
 
-    if by == "order" and is_numpy(xp) and append_one:
+    if by == "order" and numpy_orders and append_one:
         terms = _orders_numpy(xs, feats, consts, present, out_dim, reduce_into)
     else:
         terms = _ranked_terms(xp, xs, project, reduce, out_factor.shape[1], out_dim, by)

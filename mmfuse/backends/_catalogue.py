@@ -34,4 +34,7 @@ OPERATORS: dict[str, Signature] = {
     "moments": _sig("x", "axis mask eps"),
     "zoom_shift": _sig("x guide", "alpha axis mask guide_mask eps"),
     "align": _sig("xs", "rounds alpha schedule topology hub axis masks eps"),
+    "tensor_interactions": _sig("xs weight", "by append_one max_elements"),
+    "lowrank_interactions": _sig("xs factors weights", "by present append_one max_elements"),
+    "cp_interactions": _sig("xs cp", "by present append_one max_elements"),
 }

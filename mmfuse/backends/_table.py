@@ -127,6 +127,16 @@ def _rows() -> tuple[Row, ...]:
     # below numba's CUDA kernels (10), which "auto" keeps for torch CUDA tensors without grad
     add("moments", "torch", "autograd", f"{_CORE_ALIGN}:moments", "torch", 5)
     add("align", "torch", "autograd", f"{_CORE_ALIGN}:align", "torch", 5)
+    # Interaction terms: the core (its NumPy variant runs the order recursion in place), and
+    # the torch backend's row so that backend="torch" serves them (the core under autograd)
+    _CORE_INTER = "mmfuse._core.interactions"
+    for op in ("tensor_interactions", "lowrank_interactions", "cp_interactions"):
+        add(op, "array_api", "generic", f"{_CORE_INTER}:{op}", "any", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "not meta", 0)
+        add(op, "torch", "autograd", f"{_CORE_INTER}:{op}", "torch", 5)
+    for op in ("lowrank_interactions", "cp_interactions"):
+        add(op, "array_api", "numpy, in-place order recursion", f"{_CORE_INTER}:{op}_numpy", "numpy", 1)
+
     # Fused Triton kernels for torch CUDA tensors (CPU tensors under TRITON_INTERPRET=1).  Not
     # yet measured on a GPU, so below every row "auto" picked before them (the torch backend's
     # autograd rows are 5): "auto" never chooses them; backend="triton" runs them.

@@ -18,10 +18,13 @@ __all__ = [
     "align",
     "as_backend",
     "cp_fusion",
+    "cp_interactions",
     "lowrank_fusion",
+    "lowrank_interactions",
     "moments",
     "sequence_fusion",
     "tensor_fusion",
+    "tensor_interactions",
     "wander",
     "zoom_shift",
 ]
@@ -62,3 +65,6 @@ wander = as_backend(reference.wander)
 moments = as_backend(reference.moments)
 zoom_shift = as_backend(reference.zoom_shift)
 align = as_backend(reference.align)
+tensor_interactions = as_backend(reference.tensor_interactions)
+lowrank_interactions = as_backend(reference.lowrank_interactions)
+cp_interactions = as_backend(reference.cp_interactions)
