@@ -75,8 +75,12 @@ class Fused(nn.Module):
         self.fusion = layer
         self.head = nn.Linear(layer.out_dim, n_classes)
 
+    def encode(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The pooled per-modality encodings the fusion layer takes."""
+        return _pool(self.enc(xs), self.lengths)
+
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.head(nn.functional.gelu(self.fusion(_pool(self.enc(xs), self.lengths))))
+        return self.head(nn.functional.gelu(self.fusion(self.encode(xs))))
 
 
 class Wander(nn.Module):

@@ -143,6 +143,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert name in methods
     assert "chance:" in out
     assert "quick run" in out.split("chance:")[1]
+    for data, n_modalities in (("BasicMotions", 2), ("mfeat", 6)):  # the trained LMF by order (#22)
+        line = next(li for li in out.splitlines() if li.startswith(f"LMF (rank 4) on {data}, share"))
+        shares = [float(p.split(": ")[1]) for p in line.split(": ", 1)[1].split(", ")]
+        assert len(shares) == n_modalities + 1 and abs(sum(shares) - 1) < 0.05, line
 
 
 # --------------------------------------------------------------------------- CLI defects fixed
