@@ -370,6 +370,47 @@ class LowRankFusion(_RankedFusion):
                 xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
             )
 
+    def interactions(
+        self, xs: Sequence[torch.Tensor], *, by: str = "order", present: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[Any]]:
+        """The exact interaction terms of this layer's output, by order or by modality subset.
+
+        Parameters
+        ----------
+        xs : sequence of M tensors, shapes (B, d_m)
+            As in ``forward``.
+        by : {"order", "subset"}, default "order"
+            M + 1 terms by interaction order, or 2^M terms by subset of modalities.
+        present : bool tensor, shape (B, M), optional
+            As in ``forward``: an absent modality contributes only through its constant.
+
+        Returns
+        -------
+        terms : tensor, shape (K, B, h)
+            ``terms.sum(0) + bias`` equals ``self(xs, present)``; gradients flow to the inputs
+            and the parameters.  See :func:`mmfuse.lowrank_interactions`.
+        labels : list
+            The orders 0..M, or the subsets as sorted tuples of modality indices.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mmfuse.nn import LowRankFusion
+        >>> layer = LowRankFusion([3, 2], out_dim=4, rank=2)
+        >>> xs = [torch.randn(5, 3), torch.randn(5, 2)]
+        >>> terms, orders = layer.interactions(xs)
+        >>> terms.shape, orders
+        (torch.Size([3, 5, 4]), [0, 1, 2])
+        >>> bool(torch.allclose(terms.sum(0) + layer.bias, layer(xs), atol=1e-5))
+        True
+        """
+        from ._interactions import lowrank_interactions
+
+        xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
+        return lowrank_interactions(
+            xs, list(self.factors), self.weights, by=by, present=present, append_one=self.append_one
+        )
+
     @classmethod
     def from_lmf(
         cls,
@@ -546,6 +587,47 @@ class CPFusion(_RankedFusion):
                 xs, (self.weights, factors), self.bias, append_one=self.append_one, present=present
             )
 
+    def interactions(
+        self, xs: Sequence[torch.Tensor], *, by: str = "order", present: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[Any]]:
+        """The exact interaction terms of this layer's output, by order or by modality subset.
+
+        Parameters
+        ----------
+        xs : sequence of M tensors, shapes (B, d_m)
+            As in ``forward``.
+        by : {"order", "subset"}, default "order"
+            M + 1 terms by interaction order, or 2^M terms by subset of modalities.
+        present : bool tensor, shape (B, M), optional
+            As in ``forward``: an absent modality contributes only through its constant.
+
+        Returns
+        -------
+        terms : tensor, shape (K, B, h)
+            ``terms.sum(0) + bias`` equals ``self(xs, present)``; gradients flow to the inputs
+            and the parameters.  See :func:`mmfuse.cp_interactions`.
+        labels : list
+            The orders 0..M, or the subsets as sorted tuples of modality indices.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mmfuse.nn import CPFusion
+        >>> layer = CPFusion([3, 2], out_dim=4, rank=2)
+        >>> xs = [torch.randn(5, 3), torch.randn(5, 2)]
+        >>> terms, subsets = layer.interactions(xs, by="subset")
+        >>> terms.shape, subsets
+        (torch.Size([4, 5, 4]), [(), (0,), (1,), (0, 1)])
+        >>> bool(torch.allclose(terms.sum(0) + layer.bias, layer(xs), atol=1e-5))
+        True
+        """
+        from ._interactions import cp_interactions
+
+        xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
+        return cp_interactions(
+            xs, (self.weights, list(self.factors)), by=by, present=present, append_one=self.append_one
+        )
+
     @classmethod
     def from_cp(
         cls,
@@ -716,6 +798,46 @@ class TensorFusion(nn.Module):
             return _fusion.tensor_fusion(
                 xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
             )
+
+    def interactions(
+        self, xs: Sequence[torch.Tensor], *, by: str = "order"
+    ) -> tuple[torch.Tensor, list[Any]]:
+        """The exact interaction terms of this layer's output, by order or by modality subset.
+
+        Parameters
+        ----------
+        xs : sequence of M tensors, shapes (B, d_m)
+            As in ``forward``.
+        by : {"order", "subset"}, default "order"
+            M + 1 terms by interaction order, or 2^M terms by subset of modalities (refused
+            over the layer's ``max_elements``, as are the contraction's intermediates).
+
+        Returns
+        -------
+        terms : tensor, shape (K, B, h)
+            ``terms.sum(0) + bias`` equals ``self(xs)``; gradients flow to the inputs and the
+            weight.  See :func:`mmfuse.tensor_interactions`.
+        labels : list
+            The orders 0..M, or the subsets as sorted tuples of modality indices.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mmfuse.nn import TensorFusion
+        >>> layer = TensorFusion([3, 2], out_dim=4)
+        >>> xs = [torch.randn(5, 3), torch.randn(5, 2)]
+        >>> terms, orders = layer.interactions(xs)
+        >>> terms.shape, orders
+        (torch.Size([3, 5, 4]), [0, 1, 2])
+        >>> bool(torch.allclose(terms.sum(0) + layer.bias, layer(xs), atol=1e-5))
+        True
+        """
+        from ._interactions import tensor_interactions
+
+        xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
+        return tensor_interactions(
+            xs, self.weight, by=by, append_one=self.append_one, max_elements=self.max_elements
+        )
 
 
 # --------------------------------------------------------------------------- sequence layers

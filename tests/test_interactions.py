@@ -368,3 +368,35 @@ def test_empty_and_single_batch(xp, kind, batch, rng):
     assert tuple(shares.shape) == (len(labels),)
     if batch == 0:
         assert np.all(np.isnan(np.asarray(shares)))
+
+
+# --------------------------------------------------------------------------- mmfuse.nn
+
+
+@pytest.mark.parametrize("layer_kind", ["lowrank", "cp", "tensor"])
+def test_nn_layer_interactions_sum_to_forward_and_carry_gradients(layer_kind):
+    torch = pytest.importorskip("torch")
+    from mmfuse import nn as mnn
+
+    torch.manual_seed(0)
+    dims = [3, 2, 2]
+    if layer_kind == "lowrank":
+        layer = mnn.LowRankFusion(dims, out_dim=4, rank=3, dtype=torch.float64)
+    elif layer_kind == "cp":
+        layer = mnn.CPFusion(dims, out_dim=4, rank=3, dtype=torch.float64)
+    else:
+        layer = mnn.TensorFusion(dims, out_dim=4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias.normal_()
+    xs = [torch.randn(6, d, dtype=torch.float64, requires_grad=True) for d in dims]
+    opts = {}
+    if layer_kind != "tensor":
+        opts["present"] = torch.rand(6, 3, generator=torch.Generator().manual_seed(1)) < 0.7
+    for by in ("order", "subset"):
+        terms, labels = layer.interactions(xs, by=by, **opts)
+        assert tuple(terms.shape) == (len(labels), 6, 4)
+        assert_close(terms.sum(0) + layer.bias, layer(xs, **opts))
+    terms[-1].sum().backward()  # gradients reach the inputs and the parameters
+    assert xs[0].grad is not None and all(p.grad is not None for p in layer.parameters() if p is not layer.bias)
+    with pytest.raises(ValueError, match=r"xs\[1\] must have shape \(B, 2\), got \(6, 5\)"):
+        layer.interactions([xs[0], torch.randn(6, 5, dtype=torch.float64), xs[2]])
