@@ -48,7 +48,7 @@ __all__ = [
 DEFAULT_MAX_ELEMENTS = 2**27
 
 
-def _extra(append_one: bool) -> int:
+def constant_rows(append_one: bool) -> int:
     return 1 if append_one else 0
 
 
@@ -79,11 +79,11 @@ def lowrank_planned(
     dims: Sequence[int], rank: int, out_dim: int, append_one: bool, dims_name: str = "dims"
 ) -> list[Planned]:
     """The arrays of low-rank fusion parameters (:func:`init_lowrank`, ``nn.LowRankFusion``)."""
-    extra = _extra(append_one)
+    extra = constant_rows(append_one)
     planned: list[Planned] = [
         (
             f"factors[{m}]",
-            f"(R, {_mode_label(m, append_one)}, h)",
+            f"(R, {mode_label(m, append_one)}, h)",
             (rank, d + extra, out_dim),
             f"rank={rank}, {dims_name}[{m}]={d}, out_dim={out_dim}",
         )
@@ -96,7 +96,7 @@ def lowrank_planned(
     return [*planned, *vectors]
 
 
-def _mode_label(m: int, append_one: bool) -> str:
+def mode_label(m: int, append_one: bool) -> str:
     return f"d_{m} + 1" if append_one else f"d_{m}"
 
 
@@ -123,7 +123,7 @@ def check_vector(xp: Any, v: Any, name: str, length: int, label: str) -> None:
         raise ValueError(f"{name} must have shape ({label},) = ({length},), got {fmt_shape(v.shape)}")
 
 
-def _named(prefix: str, arrays: Sequence[Any]) -> list[tuple[str, Any]]:
+def named_arrays(prefix: str, arrays: Sequence[Any]) -> list[tuple[str, Any]]:
     return [(f"{prefix}[{m}]", a) for m, a in enumerate(arrays)]
 
 
@@ -134,13 +134,13 @@ def check_tensor_fusion(
     xs: Any, weight: Any, bias: Any, append_one: bool, max_elements: int
 ) -> list[Any]:
     xs, _ = check_modalities(xs)
-    named = [*_named("xs", xs), ("weight", weight), ("bias", bias)]
+    named = [*named_arrays("xs", xs), ("weight", weight), ("bias", bias)]
     xp = common_namespace(named)
     check_same_float_dtype(xp, named)
     n = len(xs)
-    extra = _extra(append_one)
+    extra = constant_rows(append_one)
     expected = tuple(x.shape[1] + extra for x in xs)
-    layout = "(" + ", ".join(_mode_label(m + 1, append_one) for m in range(n)) + ", h)"
+    layout = "(" + ", ".join(mode_label(m + 1, append_one) for m in range(n)) + ", h)"
     if weight.ndim != n + 1 or tuple(weight.shape[:-1]) != expected:
         hint = ""
         if weight.ndim == n + 1:
@@ -301,13 +301,13 @@ def check_lowrank_factors(factors: Any, dims: Sequence[int] | None, append_one: 
     for m, f in enumerate(factors):
         if not array_api_compat.is_array_api_obj(f):
             raise not_an_array(f"factors[{m}]", f)
-        check_ndim(f, 3, f"factors[{m}]", f"(R, {_mode_label(m, append_one)}, h)")
+        check_ndim(f, 3, f"factors[{m}]", f"(R, {mode_label(m, append_one)}, h)")
     rank, _, out_dim = factors[0].shape
     for m, f in enumerate(factors):
-        if dims is not None and f.shape[1] != dims[m] + _extra(append_one):
+        if dims is not None and f.shape[1] != dims[m] + constant_rows(append_one):
             raise ValueError(
                 f"factors[{m}] has shape {fmt_shape(f.shape)}; expected "
-                f"(R, {_mode_label(m, append_one)}, h) = (R, {dims[m] + _extra(append_one)}, h) "
+                f"(R, {mode_label(m, append_one)}, h) = (R, {dims[m] + constant_rows(append_one)}, h) "
                 f"for xs[{m}] with d_{m} = {dims[m]}{_constant_hint([f.shape[1]], [dims[m]], append_one)}"
             )
         if f.shape[0] != rank:
@@ -412,7 +412,7 @@ def lowrank_fusion(
     xs, batch = check_modalities(xs)
     factors = list(factors) if isinstance(factors, (list, tuple)) else factors
     rank, out_dim = check_lowrank_factors(factors, [x.shape[1] for x in xs], append_one)
-    named = [*_named("xs", xs), *_named("factors", factors), ("weights", weights), ("bias", bias)]
+    named = [*named_arrays("xs", xs), *named_arrays("factors", factors), ("weights", weights), ("bias", bias)]
     xp = common_namespace([*named, ("present", present)])
     check_same_float_dtype(xp, named)
     check_vector(xp, weights, "weights", rank, "R")
@@ -552,7 +552,7 @@ def cp_fusion(
             f"cp has {len(factors)} factors; expected M + 1 = {n + 1} (one per modality, then "
             f"the output factor) for {n} modalities"
         )
-    extra = _extra(append_one)
+    extra = constant_rows(append_one)
     for m, (x, a) in enumerate(zip(xs, factors)):
         if a.shape[0] != x.shape[1] + extra:
             hint = _constant_hint([a.shape[0]], [x.shape[1]], append_one)
@@ -563,10 +563,12 @@ def cp_fusion(
                 )
             raise ValueError(
                 f"cp factor {m} has shape {fmt_shape(a.shape)}; expected "
-                f"({_mode_label(m, append_one)}, R) = ({x.shape[1] + extra}, R) for xs[{m}] "
+                f"({mode_label(m, append_one)}, R) = ({x.shape[1] + extra}, R) for xs[{m}] "
                 f"of shape {fmt_shape(x.shape)}{hint}"
             )
-    named = [*_named("xs", xs), *_named("cp factors", factors), ("cp weights", weights), ("bias", bias)]
+    named = [
+        *named_arrays("xs", xs), *named_arrays("cp factors", factors), ("cp weights", weights), ("bias", bias)
+    ]
     xp = common_namespace([*named, ("present", present)])
     check_same_float_dtype(xp, named)
     check_vector(xp, bias, "bias", factors[-1].shape[0], "h")
@@ -625,7 +627,7 @@ def lowrank_to_tensor(
     max_elements = check_positive_int("max_elements", max_elements)
     factors = as_sequence(factors, "factors")
     rank, out_dim = check_lowrank_factors(factors, None, True)
-    named = [*_named("factors", factors), ("weights", weights)]
+    named = [*named_arrays("factors", factors), ("weights", weights)]
     xp = common_namespace(named)
     check_same_float_dtype(xp, named)
     check_vector(xp, weights, "weights", rank, "R")
@@ -678,7 +680,7 @@ def cp_to_lowrank(cp: Any) -> tuple[list[Any], Any]:
     ([(2, 3, 5), (2, 4, 5)], (2,))
     """
     weights, factors = as_cp(cp)
-    named = [*_named("cp factors", factors), ("cp weights", weights)]
+    named = [*named_arrays("cp factors", factors), ("cp weights", weights)]
     xp = common_namespace(named)
     check_same_float_dtype(xp, named)
     return core.cp_to_lowrank((weights, factors))
@@ -756,7 +758,7 @@ def init_lowrank(
     dtype = check_floating_dtype(space, dtype, device)  # default: float32 for torch
     weights = from_numpy(np.full(rank, 1.0 / rank), space, dtype=dtype, device=device)
     rng = np.random.default_rng(seed)
-    extra = _extra(append_one)
+    extra = constant_rows(append_one)
     factors = [rng.standard_normal((rank, d + extra, out_dim)) / np.sqrt(d + extra) for d in dims]
     return {
         "factors": [from_numpy(f, space, dtype=dtype, device=device) for f in factors],

@@ -18,13 +18,13 @@ import array_api_compat
 from ._core import interactions as core
 from ._fusion import (
     DEFAULT_MAX_ELEMENTS,
-    _extra,
-    _mode_label,
-    _named,
     as_cp,
     check_lowrank_factors,
     check_tensor_fusion,
     check_vector,
+    constant_rows,
+    mode_label,
+    named_arrays,
 )
 from ._namespace import array_namespace, not_an_array
 from ._validation import (
@@ -271,7 +271,7 @@ def lowrank_interactions(
     xs, batch = check_modalities(xs)
     factors = list(factors) if isinstance(factors, (list, tuple)) else factors
     rank, out_dim = check_lowrank_factors(factors, [x.shape[1] for x in xs], append_one)
-    named = [*_named("xs", xs), *_named("factors", factors), ("weights", weights)]
+    named = [*named_arrays("xs", xs), *named_arrays("factors", factors), ("weights", weights)]
     xp = common_namespace([*named, ("present", present)])
     check_same_float_dtype(xp, named)
     check_vector(xp, weights, "weights", rank, "R")
@@ -374,15 +374,15 @@ def cp_interactions(
             f"cp has {len(factors)} factors; expected M + 1 = {n + 1} (one per modality, then "
             f"the output factor) for {n} modalities"
         )
-    extra = _extra(append_one)
+    extra = constant_rows(append_one)
     for m, (x, a) in enumerate(zip(xs, factors)):
         if a.shape[0] != x.shape[1] + extra:
             raise ValueError(
                 f"cp factor {m} has shape {fmt_shape(a.shape)}; expected "
-                f"({_mode_label(m, append_one)}, R) = ({x.shape[1] + extra}, R) for xs[{m}] "
+                f"({mode_label(m, append_one)}, R) = ({x.shape[1] + extra}, R) for xs[{m}] "
                 f"of shape {fmt_shape(x.shape)}"
             )
-    named = [*_named("xs", xs), *_named("cp factors", factors), ("cp weights", weights)]
+    named = [*named_arrays("xs", xs), *named_arrays("cp factors", factors), ("cp weights", weights)]
     xp = common_namespace([*named, ("present", present)])
     check_same_float_dtype(xp, named)
     if present is not None:

@@ -143,7 +143,7 @@ def _check_split(split: str | None) -> None:
         raise ValueError(f"split must be one of None, 'train', 'test'; got {split!r}")
 
 
-def _resolve_dtype(xp: Namespace | None, dtype: Any) -> Any:
+def resolve_dtype(xp: Namespace | None, dtype: Any) -> Any:
     """The floating dtype to return features in (a dtype of ``xp``, or of NumPy).
 
     Raises
@@ -210,7 +210,7 @@ def _finish(
         raise ValueError(f"device={device!r} needs an array namespace: pass xp= as well")
     if xp is not None and is_numpy(xp):
         check_host_device(device)  # before the shuffle draws from a caller's Generator
-    feat_dtype = _resolve_dtype(xp, dtype)
+    feat_dtype = resolve_dtype(xp, dtype)
     rows = np.arange(target.shape[0])
     if split is not None:
         rows = rows[is_train] if split == "train" else rows[~is_train]

@@ -253,7 +253,7 @@ def make_inputs(
     [(2, 3), (2, 5)]
     """
     from ._namespace import check_host_device, from_numpy, is_numpy
-    from .datasets import _resolve_dtype
+    from .datasets import resolve_dtype
 
     dims = list(dims)
     if tokens is not None and len(tokens) != len(dims):
@@ -261,7 +261,7 @@ def make_inputs(
     numpy_out = xp is None or is_numpy(xp)
     if numpy_out:
         check_host_device(device)  # before drawing from a caller's Generator
-    cast = None if dtype is None else _resolve_dtype(xp, dtype)
+    cast = None if dtype is None else resolve_dtype(xp, dtype)
     rng = np.random.default_rng(seed)
     shapes = [(batch, d) for d in dims] if tokens is None else [(batch, t, d) for t, d in zip(tokens, dims)]
     arrays = [rng.standard_normal(s) for s in shapes]

@@ -66,9 +66,9 @@ products (no division, so exact zeros in a projection are harmless).  Peak extra
 few (rows, R h) blocks plus the gradients themselves, independent of the batch size.
 
 When a graph of the backward is requested (``create_graph=True``: double backward,
-``gradgradcheck``), the same formulas run as ordinary differentiable torch operations on the
-whole batch (:func:`_lowrank_grads_differentiable`); that path trades memory for
-differentiability and is only taken when asked for.
+``gradgradcheck``), the same routine (:func:`.lowrank.lowrank_grads`, ``graph=True``) runs
+its formulas as ordinary differentiable torch operations on the whole batch; that trades
+memory for differentiability and is only done when asked for.
 
 float16 / bfloat16 inputs are computed in float32 and the results cast back.
 """

@@ -131,23 +131,29 @@ def _(xs: Any, factors: Any, weights: Any, bias: Any, append_one: bool, present:
 # --------------------------------------------------------------------------- lowrank backward
 
 
-@torch.library.custom_op("mmfuse::lowrank_fusion_backward", mutates_args=())
-def _lowrank_backward_op(
+def lowrank_grads(
     grad: torch.Tensor,
-    xs: list[torch.Tensor],
-    factors: list[torch.Tensor],
+    xs: Sequence[torch.Tensor],
+    factors: Sequence[torch.Tensor],
     weights: torch.Tensor | None,
     append_one: bool,
     present: torch.Tensor | None,
-    needs: list[bool],
+    needs: Sequence[bool],
     projections: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """Blocked analytic backward.  ``needs`` = [x_0..x_{M-1}, f_0..f_{M-1}, weights, bias];
-    ``projections``: the (M, B, R h) projections the forward kept (narrow fusions), else None
-    and they are recomputed block by block.
+    *,
+    graph: bool = False,
+) -> list[torch.Tensor | None]:
+    """The analytic backward of low-rank fusion, one routine for both uses.
 
-    Returns gradients in that order; a gradient that is not needed comes back as an empty
-    tensor (custom ops cannot return None in a list).
+    ``needs`` = [x_0..x_{M-1}, f_0..f_{M-1}, weights, bias]; returns the gradients in that
+    order, None where not needed.  Without a graph of the backward (``graph`` False: the
+    opaque backward op)
+    it runs blocked, into buffers, reusing the forward's kept ``projections`` (M, B, R h)
+    where there are some.  With one (``graph``, for ``create_graph=True``) the same
+    formulas run out of place on the whole batch, recomputing the projections from the
+    inputs, so autograd can differentiate them (at autograd's memory cost, only when asked).
+    Per block ``G_m = (g w) * prod_{k != m} P_k`` comes from prefix and suffix products (no
+    division, so exact zeros in a projection are harmless).
     """
     n_mod = len(xs)
     dtype = grad.dtype
@@ -162,31 +168,40 @@ def _lowrank_backward_op(
     need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
     need_w, need_b = needs[2 * n_mod], needs[2 * n_mod + 1]
     batch = xs[0].shape[0]
-    gx: list[Any] = [torch.empty_like(x) if need_x[m] else None for m, x in enumerate(xs)]
+    if graph:
+        projections = None  # the kept ones are detached: recompute them under autograd
+    gx: list[Any] = [torch.empty_like(x) if need_x[m] and not graph else None for m, x in enumerate(xs)]
     # the first block writes the factor and weight gradients, later blocks add to them
-    gmat: list[Any] = [torch.empty_like(mat) if need_f[m] else None for m, mat in enumerate(mats)]
-    gw = torch.empty_like(w) if need_w else None
+    gmat: list[Any] = [
+        torch.empty_like(mat) if need_f[m] and not graph else None for m, mat in enumerate(mats)
+    ]
+    gw = torch.empty_like(w) if need_w and not graph else None
 
-    # With kept projections the whole batch is one block (the forward's choice too: per-row
-    # arrays are narrow or rows are few); otherwise blocks keep the recomputation in cache.
-    rows = batch if projections is not None else _core_fusion.block_rows(
+    # With kept projections (or a graph) the whole batch is one block (the forward's choice
+    # too: per-row arrays are narrow or rows are few); otherwise blocks keep the
+    # recomputation in cache.
+    rows = batch if projections is not None or graph else _core_fusion.block_rows(
         batch, 2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width, g_all.element_size(),
         block_budget(g_all, BLOCK_BYTES),
-    )
+    )  # fmt: skip
     cap = min(rows, batch)
-    n_buf = 0 if projections is not None else n_mod  # recomputed projections go here
+    n_buf = 0 if projections is not None or graph else n_mod  # recomputed projections go here
     buf = [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(n_buf)]
     # buffers for the prefix products of modalities 2.. (see pre below)
     prefix: list[Any] = [None, None]
-    prefix += [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(2, n_mod)]
-    run = torch.empty((cap, width), dtype=cdt, device=dev)
-    gm = torch.empty((cap, width), dtype=cdt, device=dev)
+    prefix += [None if graph else torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(2, n_mod)]
+    # scratch of the blocked path (a graph's path allocates as it goes)
+    run: Any = None if graph else torch.empty((cap, width), dtype=cdt, device=dev)
+    gm: Any = None if graph else torch.empty((cap, width), dtype=cdt, device=dev)
     w3 = w.view(1, rank, 1)
+    zero = torch.zeros((), dtype=cdt, device=dev)
     for blk in block_slices(batch, rows):
         n = blk.stop - blk.start
         first = blk.start == 0
         feats = [masked_rows(x, present, m, blk) for m, x in enumerate(xs)]
-        if projections is not None:
+        if graph:
+            proj = [affine(f, mat, append_one) for f, mat in zip(feats, mats)]
+        elif projections is not None:
             proj = [projections[m, blk] for m in range(n_mod)]
         else:
             proj = [b[:n] for b in buf]
@@ -195,44 +210,81 @@ def _lowrank_backward_op(
         # pre[m] = prod_{k<m} P_k for m >= 1 (pre[0] is implicitly ones)
         pre: list[Any] = [None, proj[0]][:n_mod]
         for m in range(2, n_mod):
-            pre.append(torch.mul(pre[m - 1], proj[m - 1], out=prefix[m][:n]))
+            if graph:
+                pre.append(pre[m - 1] * proj[m - 1])
+            else:
+                pre.append(torch.mul(pre[m - 1], proj[m - 1], out=prefix[m][:n]))
         g = g_all[blk]
-        if gw is not None:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k], as one GEMV
-            full = torch.mul(pre[-1], proj[-1], out=gm[:n]) if n_mod > 1 else proj[0]
-            by_rank = full.view(n, rank, out_dim).permute(1, 0, 2).reshape(rank, n * out_dim)
-            store(gw, torch.mv(by_rank, g.reshape(-1)), first)
+        if need_w:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k], as one GEMV
+            if n_mod == 1:
+                full = proj[0]
+            else:
+                full = pre[-1] * proj[-1] if graph else torch.mul(pre[-1], proj[-1], out=gm[:n])
+            by_rank = full.reshape(n, rank, out_dim).permute(1, 0, 2).reshape(rank, n * out_dim)
+            if gw is None or graph:
+                gw = torch.mv(by_rank, g.reshape(-1))
+            else:
+                store(gw, torch.mv(by_rank, g.reshape(-1)), first)
         # run = (g w) * prod_{k>m} P_k, walked from the last modality down
-        torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
+        if graph:
+            run_b = (g.unsqueeze(1) * w3).reshape(n, width)
+        else:
+            torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
+            run_b = run[:n]
         for m in range(n_mod - 1, -1, -1):
             if need_x[m] or need_f[m]:
-                gmm = run[:n] if m == 0 else torch.mul(run[:n], pre[m], out=gm[:n])
+                if graph:
+                    gmm = run_b if m == 0 else run_b * pre[m]
+                else:
+                    gmm = run_b if m == 0 else torch.mul(run_b, pre[m], out=gm[:n])
                 d = feats[m].shape[1]
                 if need_x[m]:
-                    gxb = torch.mm(gmm, mats[m][:d].t(), out=gx[m][blk])
-                    if present is not None:
-                        gxb.masked_fill_(~present[blk, m : m + 1], 0)
+                    if graph:
+                        gx[m] = gmm @ mats[m][:d].t()
+                        if present is not None:
+                            gx[m] = torch.where(present[:, m : m + 1], gx[m], zero)
+                    else:
+                        gxb = torch.mm(gmm, mats[m][:d].t(), out=gx[m][blk])
+                        if present is not None:
+                            gxb.masked_fill_(~present[blk, m : m + 1], 0)
                 if need_f[m]:
-                    store_gram(gmat[m][:d], gmm, feats[m], first)
-                    if append_one:
-                        store(gmat[m][d], gmm.sum(dim=0), first)
+                    if graph:
+                        gmat[m] = feats[m].t() @ gmm
+                        if append_one:
+                            gmat[m] = torch.cat([gmat[m], gmm.sum(dim=0, keepdim=True)], dim=0)
+                    else:
+                        store_gram(gmat[m][:d], gmm, feats[m], first)
+                        if append_one:
+                            store(gmat[m][d], gmm.sum(dim=0), first)
             if m:
-                run[:n].mul_(proj[m])
+                run_b = run_b * proj[m] if graph else run_b.mul_(proj[m])
 
-    def empty() -> torch.Tensor:  # outputs must not alias one another: a fresh one each
-        return grad.new_empty((0,))
-
-    out: list[torch.Tensor] = []
-    for m in range(n_mod):
-        out.append(cast(gx[m], dtype) if gx[m] is not None else empty())
+    out: list[torch.Tensor | None] = [None if gx[m] is None else cast(gx[m], dtype) for m in range(n_mod)]
     for m, f in enumerate(factors):
-        if gmat[m] is None:
-            out.append(empty())
-        else:
-            rows_m = f.shape[1]
-            out.append(gmat[m].view(rows_m, rank, out_dim).permute(1, 0, 2).contiguous().to(dtype))
-    out.append(cast(gw, dtype) if gw is not None else empty())
-    out.append(g_all.sum(dim=0).to(dtype) if need_b else empty())
+        rows_m = f.shape[1]
+        g_f = None if gmat[m] is None else gmat[m].reshape(rows_m, rank, out_dim).permute(1, 0, 2)
+        out.append(None if g_f is None else (g_f if graph else g_f.contiguous()).to(dtype))
+    out.append(None if gw is None else cast(gw, dtype))
+    out.append(g_all.sum(dim=0).to(dtype) if need_b else None)
     return out
+
+
+@torch.library.custom_op("mmfuse::lowrank_fusion_backward", mutates_args=())
+def _lowrank_backward_op(
+    grad: torch.Tensor,
+    xs: list[torch.Tensor],
+    factors: list[torch.Tensor],
+    weights: torch.Tensor | None,
+    append_one: bool,
+    present: torch.Tensor | None,
+    needs: list[bool],
+    projections: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """:func:`lowrank_grads` as one opaque op (no graph of the backward): gradients in the
+    order of ``needs``; one not needed comes back as an empty tensor (custom ops cannot
+    return None in a list; outputs must not alias one another: a fresh one each)."""
+    grads = lowrank_grads(grad, xs, factors, weights, append_one, present, needs, projections)
+    return [grad.new_empty((0,)) if g is None else g for g in grads]
 
 
 @_lowrank_backward_op.register_fake
@@ -252,54 +304,6 @@ def _(
     return out
 
 
-def _lowrank_grads_differentiable(
-    grad: torch.Tensor,
-    xs: Sequence[torch.Tensor],
-    factors: Sequence[torch.Tensor],
-    weights: torch.Tensor | None,
-    append_one: bool,
-    present: torch.Tensor | None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The same gradient formulas as out-of-place, differentiable torch operations.
-
-    Used only when a graph of the backward is being built (double backward); it holds the M
-    (B, R h) projections, which is what differentiating through the backward needs anyway.
-    """
-    n_mod = len(xs)
-    rank, _, out_dim = factors[0].shape
-    whole = slice(None)
-    feats = [masked_rows(x, present, m, whole) for m, x in enumerate(xs)]
-    proj = [affine(f, flat_factor(fac), append_one) for f, fac in zip(feats, factors)]
-    w = weights if weights is not None else torch.ones(rank, dtype=grad.dtype, device=grad.device)
-    g3 = grad.unsqueeze(1)
-    prefix: list[torch.Tensor | None] = [None]
-    for m in range(1, n_mod):
-        prev = prefix[m - 1]
-        prefix.append(proj[m - 1] if prev is None else prev * proj[m - 1])
-    last = prefix[n_mod - 1]
-    full = proj[n_mod - 1] if last is None else last * proj[n_mod - 1]
-    gw = (full.reshape(-1, rank, out_dim) * g3).sum(dim=(0, 2))
-    run = (g3 * w.view(1, rank, 1)).reshape(-1, rank * out_dim)
-    gxs: list[torch.Tensor] = [grad] * n_mod
-    gfs: list[torch.Tensor] = [grad] * n_mod
-    for m in range(n_mod - 1, -1, -1):
-        pm = prefix[m]
-        gmm = run if pm is None else run * pm
-        mat = flat_factor(factors[m])
-        d = feats[m].shape[1]
-        gx = gmm @ mat[:d].t()
-        if present is not None:
-            gx = torch.where(present[:, m : m + 1], gx, torch.zeros((), dtype=gx.dtype, device=gx.device))
-        gxs[m] = gx
-        gmat = feats[m].t() @ gmm
-        if append_one:
-            gmat = torch.cat([gmat, gmm.sum(dim=0, keepdim=True)], dim=0)
-        gfs[m] = gmat.reshape(-1, rank, out_dim).permute(1, 0, 2)
-        if m:
-            run = run * proj[m]
-    return gxs, gfs, gw, grad.sum(dim=0)
-
-
 def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     xs, factors, weights, _bias, append_one, present = inputs
     kept = output[1]
@@ -317,20 +321,15 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
     xs, factors, weights, present = load_fusion_inputs(ctx, n_mod)
     kept = ctx.saved_tensors[-1] if ctx.kept else None
     need_w = bool(need_w) and weights is not None
-    if torch.is_grad_enabled():
-        gxs, gfs, gw, gb = _lowrank_grads_differentiable(grad, xs, factors, weights, ctx.append_one, present)
-        return (
-            [g if need else None for g, need in zip(gxs, need_xs)],
-            [g if need else None for g, need in zip(gfs, need_fs)],
-            gw if need_w else None,
-            gb if need_b else None,
-            None,
-            None,
-        )
     needs = [bool(v) for v in (*need_xs, *need_fs, need_w, need_b)]
-    grads = _lowrank_backward_op(
-        grad.contiguous(), xs, factors, weights, ctx.append_one, present, needs, kept
-    )
+    if torch.is_grad_enabled():  # a graph of the backward is wanted: the formulas run directly
+        grads: list[Any] = lowrank_grads(
+            grad, xs, factors, weights, ctx.append_one, present, needs, graph=True
+        )
+    else:
+        grads = _lowrank_backward_op(
+            grad.contiguous(), xs, factors, weights, ctx.append_one, present, needs, kept
+        )
     return (
         [grads[m] if need_xs[m] else None for m in range(n_mod)],
         [grads[n_mod + m] if need_fs[m] else None for m in range(n_mod)],
