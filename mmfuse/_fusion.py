@@ -485,6 +485,42 @@ def _transposed_hint(factors: Sequence[Any], i: int) -> str:
     return f"; {_CP_LAYOUT}"
 
 
+def check_cp_inputs(
+    xs: Any, cp: Any, append_one: bool, present: Any, bias: Any = None
+) -> tuple[list[Any], Any, list[Any]]:
+    """The checks of a CP fusion's arguments (:func:`cp_fusion`, and
+    :func:`mmfuse.cp_interactions` without a bias); returns ``(xs, weights, factors)``."""
+    xs, batch = check_modalities(xs)
+    weights, factors = as_cp(cp)
+    n = len(xs)
+    if len(factors) != n + 1:
+        raise ValueError(
+            f"cp has {len(factors)} factors; expected M + 1 = {n + 1} (one per modality, then "
+            f"the output factor) for {n} modalities"
+        )
+    extra = constant_rows(append_one)
+    for m, (x, a) in enumerate(zip(xs, factors)):
+        if a.shape[0] != x.shape[1] + extra:
+            hint = _constant_hint([a.shape[0]], [x.shape[1]], append_one)
+            if not hint and a.shape[1] == x.shape[1] + extra:
+                hint = (
+                    f"; it looks transposed (its transpose, of shape {fmt_shape(a.shape[::-1])}, "
+                    f"would fit); {_CP_LAYOUT}"
+                )
+            raise ValueError(
+                f"cp factor {m} has shape {fmt_shape(a.shape)}; expected "
+                f"({mode_label(m, append_one)}, R) = ({x.shape[1] + extra}, R) for xs[{m}] "
+                f"of shape {fmt_shape(x.shape)}{hint}"
+            )
+    named = [*named_arrays("xs", xs), *named_arrays("cp factors", factors), ("cp weights", weights)]
+    xp = common_namespace([*named, ("bias", bias), ("present", present)])
+    check_same_float_dtype(xp, [*named, ("bias", bias)])
+    check_vector(xp, bias, "bias", factors[-1].shape[0], "h")
+    if present is not None:
+        check_present(xp, present, batch, n)
+    return xs, weights, factors
+
+
 def cp_fusion(
     xs: Sequence[Any],
     cp: Any,
@@ -544,36 +580,7 @@ def cp_fusion(
     True
     """
     append_one = check_bool_option("append_one", append_one)
-    xs, batch = check_modalities(xs)
-    weights, factors = as_cp(cp)
-    n = len(xs)
-    if len(factors) != n + 1:
-        raise ValueError(
-            f"cp has {len(factors)} factors; expected M + 1 = {n + 1} (one per modality, then "
-            f"the output factor) for {n} modalities"
-        )
-    extra = constant_rows(append_one)
-    for m, (x, a) in enumerate(zip(xs, factors)):
-        if a.shape[0] != x.shape[1] + extra:
-            hint = _constant_hint([a.shape[0]], [x.shape[1]], append_one)
-            if not hint and a.shape[1] == x.shape[1] + extra:
-                hint = (
-                    f"; it looks transposed (its transpose, of shape {fmt_shape(a.shape[::-1])}, "
-                    f"would fit); {_CP_LAYOUT}"
-                )
-            raise ValueError(
-                f"cp factor {m} has shape {fmt_shape(a.shape)}; expected "
-                f"({mode_label(m, append_one)}, R) = ({x.shape[1] + extra}, R) for xs[{m}] "
-                f"of shape {fmt_shape(x.shape)}{hint}"
-            )
-    named = [
-        *named_arrays("xs", xs), *named_arrays("cp factors", factors), ("cp weights", weights), ("bias", bias)
-    ]
-    xp = common_namespace([*named, ("present", present)])
-    check_same_float_dtype(xp, named)
-    check_vector(xp, bias, "bias", factors[-1].shape[0], "h")
-    if present is not None:
-        check_present(xp, present, batch, n)
+    xs, weights, factors = check_cp_inputs(xs, cp, append_one, present, bias)
     impl = lookup("cp_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
     return impl(xs, (weights, factors), bias, append_one=append_one, present=present)
 

@@ -18,12 +18,10 @@ import array_api_compat
 from ._core import interactions as core
 from ._fusion import (
     DEFAULT_MAX_ELEMENTS,
-    as_cp,
+    check_cp_inputs,
     check_lowrank_factors,
     check_tensor_fusion,
     check_vector,
-    constant_rows,
-    mode_label,
     named_arrays,
 )
 from ._namespace import array_namespace, not_an_array
@@ -366,29 +364,9 @@ def cp_interactions(
     True
     """
     by, append_one, max_elements = _options(by, append_one, max_elements)
-    xs, batch = check_modalities(xs)
-    weights, factors = as_cp(cp)
-    n = len(xs)
-    if len(factors) != n + 1:
-        raise ValueError(
-            f"cp has {len(factors)} factors; expected M + 1 = {n + 1} (one per modality, then "
-            f"the output factor) for {n} modalities"
-        )
-    extra = constant_rows(append_one)
-    for m, (x, a) in enumerate(zip(xs, factors)):
-        if a.shape[0] != x.shape[1] + extra:
-            raise ValueError(
-                f"cp factor {m} has shape {fmt_shape(a.shape)}; expected "
-                f"({mode_label(m, append_one)}, R) = ({x.shape[1] + extra}, R) for xs[{m}] "
-                f"of shape {fmt_shape(x.shape)}"
-            )
-    named = [*named_arrays("xs", xs), *named_arrays("cp factors", factors), ("cp weights", weights)]
-    xp = common_namespace([*named, ("present", present)])
-    check_same_float_dtype(xp, named)
-    if present is not None:
-        check_present(xp, present, batch, n)
+    xs, weights, factors = check_cp_inputs(xs, cp, append_one, present)
     if by == "subset":
-        _check_subset_size("cp_interactions", n, batch, factors[-1].shape[0], max_elements)
+        _check_subset_size("cp_interactions", len(xs), xs[0].shape[0], factors[-1].shape[0], max_elements)
     impl = lookup("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights))
     return impl(
         xs, (weights, factors), by=by, present=present, append_one=append_one, max_elements=max_elements
