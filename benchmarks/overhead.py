@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _baselines import lmf_layer, released_wander
 from _harness import arg_parser, machine, medians, print_table, quantile, round_ratios, sample_rounds
 
 SEED = 20261202
@@ -308,71 +309,6 @@ LAYER_CASES = {
 }
 
 
-def _lmf_layer(layer):
-    """torch_cpu.py's ``lmf-layer``: LMF's released fusion (constant prepended), parameters
-    copied from the mmfuse ``LowRankFusion`` ``layer``."""
-    import torch
-
-    out_dim = layer.out_dim
-
-    class LMFLayer(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.factors = torch.nn.ParameterList(
-                [torch.nn.Parameter(torch.cat([f[:, -1:], f[:, :-1]], dim=1).detach().clone()) for f in layer.factors]
-            )
-            self.fusion_weights = torch.nn.Parameter(layer.weights.detach().clone()[None, :])
-            self.fusion_bias = torch.nn.Parameter(layer.bias.detach().clone()[None, :])
-
-        def forward(self, inputs):
-            n = inputs[0].shape[0]
-            fused = None
-            for x, f in zip(inputs, self.factors):
-                hat = torch.cat([torch.ones(n, 1, dtype=x.dtype, device=x.device), x], dim=1)
-                proj = torch.matmul(hat, f)  # (R, B, h)
-                fused = proj if fused is None else fused * proj
-            out = torch.matmul(self.fusion_weights, fused.permute(1, 0, 2)).squeeze(1) + self.fusion_bias
-            return out.view(-1, out_dim)
-
-    return LMFLayer()
-
-
-def _released_wander(layer):
-    """torch_cpu.py's ``released-layer``: the released Wander adapter's forward (nn.Linear,
-    F.gelu, rank sums inside forward), parameters copied from the mmfuse ``WanderAdapter``."""
-    import torch
-
-    class ReleasedWander(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linears = torch.nn.ModuleList()
-            for w, b in zip(layer.down_weights, layer.down_biases):
-                lin = torch.nn.Linear(w.shape[0], w.shape[1])
-                with torch.no_grad():
-                    lin.weight.copy_(w.T)
-                    lin.bias.copy_(b)
-                self.linears.append(lin)
-            self.factor_dim = torch.nn.ParameterList([torch.nn.Parameter(f.detach().clone()) for f in layer.feature_factors])
-            self.factor_t = torch.nn.ParameterList([torch.nn.Parameter(t.detach().clone()) for t in layer.token_factors])
-
-        def forward(self, inputs):
-            x = list(inputs)
-            original = torch.cat(x, dim=1)
-            for i, lin in enumerate(self.linears):
-                x[i] = torch.nn.functional.gelu(lin(x[i]))
-            fusion = None
-            for i in range(len(x)):
-                wd = torch.sum(self.factor_dim[i], dim=0)
-                tmp = torch.matmul(x[i], wd).permute(0, 2, 1)
-                wt = torch.sum(self.factor_t[i], dim=0)
-                feat = torch.matmul(tmp, wt)
-                fusion = feat if fusion is None else fusion * feat
-            fusion = fusion.permute(0, 2, 1)
-            return fusion + original[:, : fusion.shape[1], :]
-
-    return ReleasedWander()
-
-
 def layer_steps(case: str) -> dict[str, Callable[[], Any]]:
     """{"mmfuse": step, "plain": step}: one training step each, on the same inputs."""
     import torch
@@ -387,12 +323,12 @@ def layer_steps(case: str) -> dict[str, Callable[[], Any]]:
         layer = LowRankFusion(dims, out_dim, rank)
         with torch.no_grad():
             layer.bias.normal_()
-        plain = _lmf_layer(layer)
+        plain = lmf_layer(layer)
     else:
         batch, lengths, dim, rank, r_h, r_t = shape
         xs = [torch.randn(batch, t, dim, requires_grad=True) for t in lengths]
         layer = WanderAdapter((dim,) * len(lengths), lengths, rank, r_h, r_t, mode="collapsed")
-        plain = _released_wander(layer)
+        plain = released_wander(layer)
 
     def step(module):
         def run():

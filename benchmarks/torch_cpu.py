@@ -51,6 +51,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _baselines import lmf_layer, released_wander
 from _harness import (
     arg_parser,
     machine,
@@ -90,42 +91,7 @@ def setup_wander(case: str, device: str = "cpu") -> dict[str, object]:
     layer = WanderAdapter(dims, lengths, rank, r_h, r_t, mode="collapsed", device=device)
     cp_layer = WanderAdapter(dims, lengths, rank, r_h, r_t, mode="cp", device=device)
 
-    class ReleasedWander(torch.nn.Module):
-        """The released adapter's forward (nn.Linear, F.gelu, rank sums inside forward),
-        parameters copied from ``layer``."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.linears = torch.nn.ModuleList()
-            for w, b in zip(layer.down_weights, layer.down_biases):
-                lin = torch.nn.Linear(w.shape[0], w.shape[1], device=device)
-                with torch.no_grad():
-                    lin.weight.copy_(w.T)
-                    lin.bias.copy_(b)
-                self.linears.append(lin)
-            self.factor_dim = torch.nn.ParameterList(
-                [torch.nn.Parameter(f.detach().clone()) for f in layer.feature_factors]
-            )
-            self.factor_t = torch.nn.ParameterList(
-                [torch.nn.Parameter(t.detach().clone()) for t in layer.token_factors]
-            )
-
-        def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-            x = list(inputs)
-            original = torch.cat(x, dim=1)
-            for i, lin in enumerate(self.linears):
-                x[i] = torch.nn.functional.gelu(lin(x[i]))
-            fusion = None
-            for i in range(len(x)):
-                wd = torch.sum(self.factor_dim[i], dim=0)
-                tmp = torch.matmul(x[i], wd).permute(0, 2, 1)
-                wt = torch.sum(self.factor_t[i], dim=0)
-                feat = torch.matmul(tmp, wt)
-                fusion = feat if fusion is None else fusion * feat
-            fusion = fusion.permute(0, 2, 1)
-            return fusion + original[:, : fusion.shape[1], :]
-
-    released = ReleasedWander()
+    released = released_wander(layer)
 
     def step(module, **kw):
         def forward():
@@ -187,28 +153,7 @@ def setup(case: str, device: str = "cpu") -> dict[str, object]:
     xs = [torch.randn(batch, d, device=device, requires_grad=True) for d in dims]
     layer = LowRankFusion(dims, out_dim, rank, device=device)
 
-    class LMFLayer(torch.nn.Module):
-        """LMF's released fusion (constant prepended), parameters from ``layer``."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.factors = torch.nn.ParameterList(
-                [torch.nn.Parameter(torch.cat([f[:, -1:], f[:, :-1]], dim=1).detach().clone()) for f in layer.factors]
-            )
-            self.fusion_weights = torch.nn.Parameter(layer.weights.detach().clone()[None, :])
-            self.fusion_bias = torch.nn.Parameter(layer.bias.detach().clone()[None, :])
-
-        def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-            n = inputs[0].shape[0]
-            fused = None
-            for x, f in zip(inputs, self.factors):
-                hat = torch.cat([torch.ones(n, 1, dtype=x.dtype, device=x.device), x], dim=1)
-                proj = torch.matmul(hat, f)  # (R, B, h)
-                fused = proj if fused is None else fused * proj
-            out = torch.matmul(self.fusion_weights, fused.permute(1, 0, 2)).squeeze(1) + self.fusion_bias
-            return out.view(-1, out_dim)
-
-    lmf = LMFLayer()
+    lmf = lmf_layer(layer)
 
     def step(module, **kw):
         def run():

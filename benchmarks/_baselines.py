@@ -1,0 +1,73 @@
+"""The plain torch layers the benchmarks compare mmfuse's layers with (one home for both
+``torch_cpu.py`` and ``overhead.py``; ``gpu.py`` reaches them through ``torch_cpu.setup``)."""
+
+from __future__ import annotations
+
+
+def lmf_layer(layer):
+    """The ``lmf-layer`` baseline: LMF's released fusion (constant prepended), parameters
+    copied from the mmfuse ``LowRankFusion`` ``layer``."""
+    import torch
+
+    out_dim = layer.out_dim
+
+    class LMFLayer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.factors = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.cat([f[:, -1:], f[:, :-1]], dim=1).detach().clone()) for f in layer.factors]
+            )
+            self.fusion_weights = torch.nn.Parameter(layer.weights.detach().clone()[None, :])
+            self.fusion_bias = torch.nn.Parameter(layer.bias.detach().clone()[None, :])
+
+        def forward(self, inputs):
+            n = inputs[0].shape[0]
+            fused = None
+            for x, f in zip(inputs, self.factors):
+                hat = torch.cat([torch.ones(n, 1, dtype=x.dtype, device=x.device), x], dim=1)
+                proj = torch.matmul(hat, f)  # (R, B, h)
+                fused = proj if fused is None else fused * proj
+            out = torch.matmul(self.fusion_weights, fused.permute(1, 0, 2)).squeeze(1) + self.fusion_bias
+            return out.view(-1, out_dim)
+
+    return LMFLayer()
+
+
+def released_wander(layer):
+    """The ``released-layer`` baseline: the released Wander adapter's forward (nn.Linear,
+    F.gelu, rank sums inside forward), parameters copied from the mmfuse ``WanderAdapter``."""
+    import torch
+
+    class ReleasedWander(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linears = torch.nn.ModuleList()
+            for w, b in zip(layer.down_weights, layer.down_biases):
+                lin = torch.nn.Linear(w.shape[0], w.shape[1], device=w.device)
+                with torch.no_grad():
+                    lin.weight.copy_(w.T)
+                    lin.bias.copy_(b)
+                self.linears.append(lin)
+            self.factor_dim = torch.nn.ParameterList(
+                [torch.nn.Parameter(f.detach().clone()) for f in layer.feature_factors]
+            )
+            self.factor_t = torch.nn.ParameterList(
+                [torch.nn.Parameter(t.detach().clone()) for t in layer.token_factors]
+            )
+
+        def forward(self, inputs):
+            x = list(inputs)
+            original = torch.cat(x, dim=1)
+            for i, lin in enumerate(self.linears):
+                x[i] = torch.nn.functional.gelu(lin(x[i]))
+            fusion = None
+            for i in range(len(x)):
+                wd = torch.sum(self.factor_dim[i], dim=0)
+                tmp = torch.matmul(x[i], wd).permute(0, 2, 1)
+                wt = torch.sum(self.factor_t[i], dim=0)
+                feat = torch.matmul(tmp, wt)
+                fusion = feat if fusion is None else fusion * feat
+            fusion = fusion.permute(0, 2, 1)
+            return fusion + original[:, : fusion.shape[1], :]
+
+    return ReleasedWander()
