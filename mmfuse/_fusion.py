@@ -8,7 +8,8 @@ registry and calls it.  The maths lives in :mod:`mmfuse._core.fusion` (Array-API
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import array_api_compat
@@ -16,6 +17,7 @@ import numpy as np
 
 from ._core import fusion as core
 from ._namespace import array_namespace, from_numpy, not_an_array
+from ._plan import PlanCache, call_key
 from ._validation import (
     as_sequence,
     check_bool_option,
@@ -408,6 +410,20 @@ def lowrank_fusion(
     >>> bool(np.allclose(mmfuse.lowrank_fusion(xs, **params), mmfuse.tensor_fusion(xs, full)))
     True
     """
+    key = call_key(backend, (append_one,), xs, factors, weights, bias, present)
+    plan = _LOWRANK_PLANS.get(key)
+    if plan is None:
+        plan = _LOWRANK_PLANS.remember(key, _plan_lowrank(xs, factors, weights, bias, append_one, present, backend))
+    return plan(xs, factors, weights, bias, present=present)
+
+
+_LOWRANK_PLANS = PlanCache()
+
+
+def _plan_lowrank(
+    xs: Any, factors: Any, weights: Any, bias: Any, append_one: Any, present: Any, backend: Any
+) -> Callable[..., Any]:
+    """Check a :func:`lowrank_fusion` call and choose its implementation (its plan)."""
     append_one = check_bool_option("append_one", append_one)
     xs, batch = check_modalities(xs)
     factors = list(factors) if isinstance(factors, (list, tuple)) else factors
@@ -420,7 +436,7 @@ def lowrank_fusion(
     if present is not None:
         check_present(xp, present, batch, len(xs))
     impl = lookup("lowrank_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
-    return impl(xs, factors, weights, bias, append_one=append_one, present=present)
+    return partial(impl, append_one=append_one)
 
 
 # --------------------------------------------------------------------------- CP fusion

@@ -33,7 +33,9 @@ __all__ = [
     "lowrank_fusion_dask",
     "lowrank_fusion_numpy",
     "lowrank_to_tensor",
+    "lowrank_whole_batch",
     "lowrank_with",
+    "whole_batch",
     "mask_absent",
     "tensor_fusion",
     "tensor_fusion_rows",
@@ -267,6 +269,36 @@ class _NumPyRun:
         return self.out
 
 
+# Problems whose (R, B, h) projections hold at most this many elements run whole-batch and
+# rank-major (lowrank_whole_batch): there each array operation's fixed cost, not the data,
+# decides the time (benchmarks/overhead.py), and that form needs the fewest operations.
+WHOLE_BATCH_ELEMENTS = 1 << 12
+
+
+def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
+    """Whether a low-rank fusion of this size runs as :func:`lowrank_whole_batch`."""
+    return batch * rank * out_dim <= WHOLE_BATCH_ELEMENTS
+
+
+def lowrank_whole_batch(
+    xp: Any, xs: list[Any], factors: list[Any], weights: Any, bias: Any, append_one: bool, present: Any
+) -> Any:
+    """LMF Eq. 8 on the whole batch in the paper's rank-major layout: per modality one
+    broadcast product ``[x_m, 1] @ F_m`` of shape (R, B, h) (the constant row added, not
+    appended), the product over modalities, and the weighted rank sum as one (R,) @ (R, B h)
+    product.  About three array operations per modality and no layout copies: the form for
+    small problems (:func:`whole_batch`), where each operation's fixed cost dominates."""
+    acc = None
+    for m, (x, f) in enumerate(zip(xs, factors)):
+        proj = affine(mask_absent(xp, x, present, m), f, append_one)
+        acc = proj if acc is None else acc * proj
+    assert acc is not None
+    rank, batch, out_dim = acc.shape
+    flat = xp.reshape(acc, (rank, batch * out_dim))
+    y = xp.reshape(xp.sum(flat, axis=0) if weights is None else weights @ flat, (batch, out_dim))
+    return y if bias is None else y + bias
+
+
 def lowrank_with(
     new_run: Any,
     xs: list[Any],
@@ -281,6 +313,9 @@ def lowrank_with(
     section comment above)."""
     xp = array_namespace(xs[0])
     rank, _, out_dim = factors[0].shape
+    batch = xs[0].shape[0]
+    if batch is not None and not is_lazy(xs[0]) and whole_batch(batch, rank, out_dim):
+        return lowrank_whole_batch(xp, xs, factors, weights, bias, append_one, present)
     mats = [flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
     run = new_run(xp, xs, mats, rank, out_dim, append_one)
     for blk in run.blocks:

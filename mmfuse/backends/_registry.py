@@ -96,6 +96,8 @@ _RESOLVED: dict[Row, Implementation] = {}
 _plugin_errors: dict[str, str] = {}
 # (op, policy, namespace, device, dtype, grad, traced, imported frameworks) -> implementation
 _CHOICES: dict[tuple[Any, ...], Implementation] = {}
+# Bumped whenever registrations change, so that plans made before (mmfuse._plan) are not reused.
+_generation = [0]
 # Importing a backend's module takes turns: another thread may be half-way through it.
 _lock = threading.RLock()
 
@@ -161,6 +163,7 @@ def register(
     with _lock:
         _REGISTERED[(op, backend)] = impl
         _CHOICES.clear()
+        _generation[0] += 1
     return impl
 
 
@@ -170,6 +173,12 @@ def unregister(op: str, backend: str) -> None:
     with _lock:
         if _REGISTERED.pop((op, backend), None) is not None:
             _CHOICES.clear()
+            _generation[0] += 1
+
+
+def generation() -> int:
+    """How many times registrations have changed (a part of every plan's key)."""
+    return _generation[0]
 
 
 def _any_input(xp: Any, device: Any) -> str | None:

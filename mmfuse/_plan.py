@@ -1,0 +1,138 @@
+"""Plan once per call signature: what a call's metadata decides, decided once.
+
+Every check mmfuse makes at its public boundary reads metadata only (types, shapes, dtypes,
+devices, options; :mod:`mmfuse._validation`), and so does the registry's choice of an
+implementation (:mod:`mmfuse.backends._registry`).  So for a call whose *signature* (that
+metadata, the options and the dispatch policy) has been seen before, both answers are known:
+a public function looks its signature up here and, on a hit, calls the implementation it
+chose last time, skipping validation and dispatch (the way opt_einsum caches contraction
+paths and einops its recipes).  A miss runs the full checks, whose errors are exactly those of
+an uncached call; only a call that passed them is remembered, so nothing bad is cached.
+
+What a signature holds (:func:`array_key`): per array its type, shape and dtype, and, for
+arrays of other namespaces than NumPy, its device; for torch tensors also ``requires_grad``.
+Per call (:func:`policy_key`): the backend policy in force (the ``backend=`` keyword, the
+configured backend and preference), which optional frameworks are imported (what "auto" may
+choose from), the registry's generation (bumped by ``register``/``unregister``), and for torch
+whether autograd records (grad mode) and whether a ``torch.func`` transform or forward-mode AD
+is active (the registry's ``grad`` and ``traced``).  Options enter with their types, so that
+``append_one=1`` (refused: not a bool) never matches a plan made for ``True``.
+
+Calls are never planned while ``torch.compile`` traces them (Dynamo traces the checks as
+before), and a signature that cannot be formed (an argument that is not an array, an
+unhashable option) simply runs the full path every time, where the checks report it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ._config import preferred_backend, resolve_backend
+from .backends._registry import generation
+
+__all__ = ["PlanCache", "array_key", "call_key", "policy_key"]
+
+T = TypeVar("T")
+
+# Plans kept per operator; a program that keeps making new shapes (e.g. a growing batch)
+# starts over rather than growing without bound.
+MAX_PLANS = 1024
+
+
+class PlanCache(dict):  # type: ignore[type-arg]
+    """Plans of one operator by signature (a dict, bounded at :data:`MAX_PLANS`)."""
+
+    def remember(self, key: Any, plan: T) -> T:
+        if key is not None:
+            if len(self) >= MAX_PLANS:
+                self.clear()
+            self[key] = plan
+        return plan
+
+
+def _numpy_key(a: Any) -> tuple[Any, ...]:
+    return (np.ndarray, a.shape, a.dtype)
+
+
+def _torch_key(a: Any) -> tuple[Any, ...]:
+    return (type(a), a.shape, a.dtype, a.device, a.requires_grad)
+
+
+def _other_key(a: Any) -> tuple[Any, ...]:
+    # CuPy, JAX, Dask, array-api-strict, ...: the device where they have one
+    return (type(a), a.shape, a.dtype, getattr(a, "device", None))
+
+
+def _sequence_key(a: Any) -> tuple[Any, ...]:
+    return (type(a), *map(array_key, a))
+
+
+def _none_key(a: Any) -> None:
+    return None
+
+
+_KEYERS: dict[type, Callable[[Any], Any]] = {
+    np.ndarray: _numpy_key,
+    list: _sequence_key,
+    tuple: _sequence_key,
+    type(None): _none_key,
+}
+
+
+def _keyer(t: type) -> Callable[[Any], Any]:
+    torch = sys.modules.get("torch")
+    keyer = _torch_key if torch is not None and issubclass(t, torch.Tensor) else _other_key
+    _KEYERS[t] = keyer
+    return keyer
+
+
+def array_key(a: Any) -> Any:
+    """An array's part of a signature (None stays None; lists and tuples element-wise)."""
+    keyer = _KEYERS.get(type(a))
+    if keyer is None:
+        keyer = _keyer(type(a))
+    return keyer(a)
+
+
+def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:
+    """A call's signature: its dispatch state (:func:`policy_key`), its ``options`` tagged
+    with their types, and its arrays' metadata (:func:`array_key`); None when the call must
+    not be planned or the parts make no key (the call then runs unplanned, and its checks
+    say what is wrong)."""
+    policy = policy_key(backend)
+    if policy is None:
+        return None
+    try:
+        key = (policy, *[(type(o), o) for o in options], *map(array_key, arrays))
+        hash(key)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return key
+
+
+_OPTIONAL = ("torch", "numba", "cupy", "triton", "dask", "jax")
+
+
+def policy_key(backend: Any) -> Any:
+    """The dispatch state a plan depends on, or None while ``torch.compile`` traces (never
+    plan there).  See the module docstring."""
+    frameworks = tuple(map(sys.modules.__contains__, _OPTIONAL))
+    torch_state: Any = None
+    if frameworks[0]:
+        torch = sys.modules["torch"]
+        if torch.compiler.is_compiling():
+            return None
+        torch_state = (
+            torch.is_grad_enabled(),
+            torch._C._are_functorch_transforms_active(),
+            torch.autograd.forward_ad._current_level,
+        )
+    try:
+        name = resolve_backend(backend)
+    except (TypeError, ValueError):  # a bad backend= : the unplanned path reports it
+        return None
+    return (name, preferred_backend(), frameworks, generation(), torch_state)
