@@ -45,7 +45,7 @@ def test_registered_for_numpy():
 
     info = CallInfo(np_compat, "cpu", np.dtype("float32"))
     assert CONDITIONS["numpy (CPU kernels)"](info) is None
-    assert CONDITIONS["numpy (CPU kernels only)"](info) is None
+    assert CONDITIONS["numpy or torch CPU, no gradient (CPU kernels)"](info) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -173,12 +173,19 @@ def test_auto_runs_the_cpu_kernels_once_numba_is_imported(monkeypatch):
 
 
 def test_refuses_what_it_cannot_take():
+    """torch CPU float32/float64 tensors are taken (NumPy views of their memory), for align
+    only without gradients (its kernels are forward-only); other torch dtypes are refused."""
     torch = pytest.importorskip("torch")
-    x = torch.ones(2, 3, 4, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"backend 'numba' cannot take torch arrays .*align has CPU kernels only"):
+    x = torch.ones(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match=r"backend 'numba' cannot take torch arrays .*that need no gradient"):
         mmfuse.align([x, x + 1], backend="numba")
-    with pytest.raises(TypeError, match=r"needs NumPy arrays \(CPU kernels\) or CuPy arrays or torch CUDA tensors"):
-        mmfuse.zoom_shift(x, x, backend="numba")
+    h = torch.ones(2, 3, 4, dtype=torch.float16)
+    with pytest.raises(
+        TypeError,
+        match=r"needs torch CPU float32/float64 tensors \(CPU kernels\) or NumPy arrays \(CPU kernels\) or CuPy "
+        r"arrays or torch CUDA tensors",
+    ):
+        mmfuse.zoom_shift(h, h, backend="numba")
 
 
 def test_concurrent_calls_from_threads():

@@ -1,8 +1,9 @@
 """What a call's inputs are, and the conditions implementations state on them.
 
 The registry describes each call once, from its arrays' metadata (:class:`CallInfo`: the
-namespace, device, dtype, and for torch whether autograd will need gradients through the call
-or a ``torch.func`` transform sees it), and asks each candidate implementation's *condition*
+namespace, device, dtype, element count, and for torch whether autograd will need gradients
+through the call, whether a ``torch.func`` transform sees it and whether ``torch.compile``
+traces it), and asks each candidate implementation's *condition*
 whether it can take the call.  A condition returns ``None`` when it can, else a sentence saying
 what it needs (shown by :func:`mmfuse.backends.explain` and in refusals).
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import array_api_compat
 
-from .._namespace import is_dask, is_numpy, is_torch
+from .._namespace import device_of, is_dask, is_numpy, is_torch
 
 __all__ = ["CONDITIONS", "CallInfo", "call_info"]
 
@@ -31,10 +32,13 @@ __all__ = ["CONDITIONS", "CallInfo", "call_info"]
 class CallInfo:
     """A call's inputs as the registry sees them (metadata only, never values).
 
-    ``xp`` the namespace, ``device`` and ``dtype`` those of the first floating input;
-    ``grad``: torch autograd will need gradients through the call (grad mode on and an input
-    requires grad); ``traced``: a ``torch.func`` transform sees the inputs, or forward-mode AD
-    is active (the custom ops support neither).
+    ``xp`` the namespace, ``device`` and ``dtype`` those of the first floating input,
+    ``size`` its number of elements (0 where unknown: Dask's unknown chunks, or while
+    ``torch.compile`` traces); ``grad``: torch autograd will need gradients through the call
+    (grad mode on and an input requires grad); ``traced``: a ``torch.func`` transform sees the
+    inputs, or forward-mode AD is active (the custom ops support neither); ``compiling``:
+    ``torch.compile`` (Dynamo) traces the call (the custom ops are fine there, but nothing
+    may hand a traced tensor's data to another framework).
     """
 
     xp: Any
@@ -42,6 +46,8 @@ class CallInfo:
     dtype: Any
     grad: bool = False
     traced: bool = False
+    size: int = 0
+    compiling: bool = False
 
 
 def _tensors(arrays: Iterable[Any], torch: Any) -> list[Any]:
@@ -56,16 +62,17 @@ def _tensors(arrays: Iterable[Any], torch: Any) -> list[Any]:
 
 def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     """Describe a call whose first floating array is ``like`` and whose arrays are ``arrays``."""
-    from .._namespace import device_of
-
     if not is_torch(xp):
-        return CallInfo(xp, device_of(like), like.dtype)
+        size = getattr(like, "size", 0)  # NumPy, CuPy, JAX: an int; Dask: NaN when unknown
+        return CallInfo(xp, device_of(like), like.dtype, size=size if isinstance(size, int) else 0)
     torch = sys.modules["torch"]
     tensors = _tensors(arrays, torch) or [like]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     traced = torch.autograd.forward_ad._current_level >= 0 or any(wrapped(t) for t in tensors)
-    return CallInfo(xp, like.device, like.dtype, grad, traced)
+    if torch.compiler.is_compiling():  # no size: a symbolic one would add guards
+        return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True)
+    return CallInfo(xp, like.device, like.dtype, grad, traced, like.numel())
 
 
 # --------------------------------------------------------------------------- conditions
@@ -164,8 +171,41 @@ def _numba_cpu(info: CallInfo) -> str | None:
     return None if is_numpy(info.xp) else "needs NumPy arrays (CPU kernels)"
 
 
-def _numba_cpu_only(info: CallInfo) -> str | None:
-    return None if is_numpy(info.xp) else "needs NumPy arrays (align has CPU kernels only)"
+_TORCH_CPU = "torch CPU float32/float64 tensors"
+_TORCH_CPU_DTYPES = ("torch.float32", "torch.float64")
+
+
+def _torch_cpu_refusal(info: CallInfo) -> str | None:
+    """Why numba's CPU kernels cannot take these torch tensors (None: they can).  They read
+    the tensors' memory through NumPy views (``Tensor.numpy()``, no copy), so: CPU, a dtype
+    the kernels have, real data (no ``torch.func`` wrapper, no tensor Dynamo traces)."""
+    if getattr(info.device, "type", None) != "cpu" or str(info.dtype) not in _TORCH_CPU_DTYPES:
+        return f"needs {_TORCH_CPU} (CPU kernels)"
+    if info.traced or info.compiling:
+        return f"needs {_TORCH_CPU} outside torch.func transforms, forward-mode AD and torch.compile"
+    return None
+
+
+def _numba_cpu_torch(info: CallInfo) -> str | None:
+    """zoom_shift's CPU kernels inside the torch op ``mmfuse::zoom_shift_numba`` (its analytic
+    backward, so gradients too)."""
+    if not is_torch(info.xp):
+        return f"needs {_TORCH_CPU} (CPU kernels)"
+    return _torch_cpu_refusal(info)
+
+
+def _numba_cpu_no_grad(info: CallInfo) -> str | None:
+    """moments / align: NumPy arrays, or torch CPU tensors read through NumPy views when no
+    gradient is needed (the kernels are forward-only; with gradients the torch backend's
+    autograd row runs the core)."""
+    if is_numpy(info.xp):
+        return None
+    if not is_torch(info.xp):
+        return f"needs NumPy arrays or {_TORCH_CPU} (CPU kernels)"
+    refusal = _torch_cpu_refusal(info)
+    if refusal is None and info.grad:
+        return f"needs NumPy arrays, or {_TORCH_CPU} that need no gradient (the CPU kernels are forward-only)"
+    return refusal
 
 
 def _triton(info: CallInfo) -> str | None:
@@ -199,6 +239,7 @@ CONDITIONS: dict[str, Callable[[CallInfo], str | None]] = {
     "CUDA arrays, no gradient": _numba_cuda,
     "CUDA arrays needing gradients": _numba_cuda_grad,
     "numpy (CPU kernels)": _numba_cpu,
-    "numpy (CPU kernels only)": _numba_cpu_only,
+    "torch CPU (CPU kernels)": _numba_cpu_torch,
+    "numpy or torch CPU, no gradient (CPU kernels)": _numba_cpu_no_grad,
     "torch CUDA tensors": _triton,
 }

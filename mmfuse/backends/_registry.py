@@ -12,7 +12,8 @@ dtype, autograd state) and the choice is cached on that description, the policy 
 of optional frameworks imported, so a call like a previous one costs a dictionary lookup.
 Nothing here depends on import order: ``import mmfuse`` registers nothing and imports no
 optional framework; a backend's module is imported when one of its rows is first chosen
-(under ``"auto"``: once the user has imported its framework).
+(under ``"auto"``: once the user has imported its framework, or, for rows the table marks
+with ``import_at``, for a call of at least that many elements).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ _REGISTERED: dict[tuple[str, str], Implementation] = {}
 _RESOLVED: dict[Row, Implementation] = {}
 # backend -> why its module could not be imported
 _plugin_errors: dict[str, str] = {}
-# (op, policy, namespace, device, dtype, grad, traced, imported frameworks) -> implementation
+# (op, policy, namespace, device, dtype, grad, traced, compiling, imported frameworks and size
+# class under "auto") -> implementation
 _CHOICES: dict[tuple[Any, ...], Implementation] = {}
 # Bumped whenever registrations change, so that plans made before (mmfuse._plan) are not reused.
 _generation = [0]
@@ -103,6 +105,9 @@ _lock = threading.RLock()
 
 # Optional frameworks in a fixed order, for the cache key of "auto" choices.
 _OPTIONAL = tuple(sorted({fw for fw in FRAMEWORKS.values() if fw is not None}))
+# The element counts at which "auto" may import a framework (rows' import_at): the size
+# classes of the cache key of "auto" choices.
+_IMPORT_AT = tuple(sorted({r.import_at for r in ROWS if r.import_at}))
 
 
 def _signature(op: str) -> Signature:
@@ -216,16 +221,27 @@ def _rows(op: str, backend: str | None) -> list[Row]:
     return sorted(rows, key=lambda r: -r.priority)
 
 
-def _candidates(op: str, backend: str | None, *, imported_only: bool) -> list[Implementation | Row]:
+def _auto_skips(row: Row, info: CallInfo | None) -> bool:
+    """Whether "auto" leaves ``row`` out: its framework is not imported, and the row has no
+    ``import_at`` or the call is smaller than it."""
+    fw = FRAMEWORKS[row.backend]
+    if fw is None or fw in sys.modules:
+        return False
+    return not (row.import_at and info is not None and info.size >= row.import_at)
+
+
+def _candidates(
+    op: str, backend: str | None, *, imported_only: bool, info: CallInfo | None = None
+) -> list[Implementation | Row]:
     """Implementations to try in order (user registrations replace their backend's rows);
-    unresolved rows of frameworks not imported are returned as rows (``imported_only``)."""
+    with ``imported_only``, rows "auto" leaves out for ``info`` (:func:`_auto_skips`) are
+    returned unresolved, as rows."""
     found: list[tuple[int, int, Implementation | Row]] = []
     replaced = {b for (o, b) in _REGISTERED if o == op}
     for i, row in enumerate(_rows(op, backend)):
         if row.backend in replaced:
             continue
-        fw = FRAMEWORKS[row.backend]
-        if imported_only and fw is not None and fw not in sys.modules:
+        if imported_only and _auto_skips(row, info):
             found.append((-row.priority, i, row))
             continue
         impl = _resolve(row)
@@ -278,8 +294,10 @@ def _first_array(obj: Any) -> Any:
 
 
 def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
-    frameworks = tuple(fw in sys.modules for fw in _OPTIONAL) if name.startswith("auto") else ()
-    return (op, name, info.xp, info.device, info.dtype, info.grad, info.traced, frameworks)
+    frameworks: tuple[bool, ...] = ()
+    if name.startswith("auto"):  # what "auto" may choose from: frameworks, size class
+        frameworks = (*(fw in sys.modules for fw in _OPTIONAL), *(info.size >= n for n in _IMPORT_AT))
+    return (op, name, info.xp, info.device, info.dtype, info.grad, info.traced, info.compiling, frameworks)
 
 
 def _policy(backend: str | None) -> str:
@@ -299,7 +317,7 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
         except BackendUnsupported:  # a preference, not a demand: "auto" decides
             return _choose(op, "auto", info)
     if name == "auto":
-        for cand in _candidates(op, None, imported_only=True):
+        for cand in _candidates(op, None, imported_only=True, info=info):
             if isinstance(cand, Row) or cand.backend == "reference":
                 continue
             if info is None or cand.refusal(info) is None:
@@ -415,13 +433,18 @@ def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
     except BackendUnsupported:
         chosen = None
     rows: list[tuple[str, str, int, str]] = []
-    for cand in _candidates(op, None, imported_only=False):
+    candidates = _candidates(op, None, imported_only=False)
+    row_of = {id(impl): row for row, impl in _RESOLVED.items()}
+    for cand in candidates:
         if isinstance(cand, Row):  # not reached: imported_only=False resolves every row
             continue
         if not name.startswith("auto") and name != cand.backend:
             continue  # a forced backend: only its own rows are candidates
+        row = row_of.get(id(cand))
         if name.startswith("auto") and cand.backend == "reference":
             verdict = "not considered: 'auto' never picks the reference (force backend='reference')"
+        elif name.startswith("auto") and cand is not chosen and row is not None and _auto_skips(row, info):
+            verdict = _skipped(row, info)
         elif cand is chosen:
             verdict = "runs"
         else:
@@ -437,3 +460,12 @@ def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
         if has_rows and (name.startswith("auto") or name == backend):
             rows.append((backend, "(not installed)", 0, f"unavailable: {reason}"))
     return Explanation(op, name, chosen, tuple(rows))
+
+
+def _skipped(row: Row, info: CallInfo | None) -> str:
+    fw = FRAMEWORKS[row.backend]
+    why = f"not considered: 'auto' takes it once {fw} is imported"
+    if row.import_at:
+        size = "" if info is None else f"; this call has {info.size}"
+        why += f", or for calls of at least {row.import_at} elements ({fw} installed{size})"
+    return why

@@ -12,8 +12,11 @@ How a row is chosen:
 - a forced backend: its rows, highest priority first; the first whose condition holds runs;
   none: :class:`~mmfuse.backends.BackendUnsupported` with every row's reason;
 - ``"auto"``: every row but the reference's, highest priority first, skipping rows of an
-  optional framework the process has not imported (``import mmfuse`` never imports one);
-  the Array-API core's generic row takes anything, so something always runs.
+  optional framework the process has not imported (``import mmfuse`` never imports one),
+  except rows with an ``import_at`` element count, which "auto" also takes for calls of at
+  least that many elements when the framework is installed (the first such call imports it;
+  :data:`AUTO_IMPORT_ELEMENTS` says why numba's CPU kernels have one); the Array-API core's
+  generic row takes anything, so something always runs.
 
 Why the priorities are what they are: fused device kernels first (CuPy's cuBLAS path 20 above
 numba's 10: benchmarks/RESULTS.md, H100), then the torch custom ops (15, above numba so that
@@ -25,13 +28,18 @@ paths (NumPy's cache-blocked buffers and Dask's per-chunk tasks, 1) and the gene
 backend's custom ops have no batching rule or forward-mode derivative, so under
 ``torch.func`` transforms the torch backend runs the core's autograd path (14); numba's CUDA
 kernels are forward-only, so CUDA arrays needing gradients also take the core (9).
+numba's CPU kernels also serve torch CPU tensors, through NumPy views of their memory:
+``moments`` and ``align`` when no gradient is needed (10, above the torch backend's autograd
+rows at 5; with gradients those run the core), and ``zoom_shift`` inside the torch op
+``mmfuse::zoom_shift_numba``, which has the analytic backward of ``mmfuse::zoom_shift`` (16,
+above that op's row at 15, which it replaces on CPU: same backward, a forward about 10x faster).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["FRAMEWORKS", "ROWS", "Row"]
+__all__ = ["AUTO_IMPORT_ELEMENTS", "FRAMEWORKS", "ROWS", "Row"]
 
 
 class Row(NamedTuple):
@@ -41,6 +49,20 @@ class Row(NamedTuple):
     target: str
     condition: str
     priority: int
+    #: "auto" takes the row before its framework is imported for calls whose first floating
+    #: array has at least this many elements (0: only once the framework is imported)
+    import_at: int = 0
+
+
+#: Calls of at least this many elements (of ``x``, or ``xs[0]`` for ``align``) let "auto" import
+#: numba for its CPU kernels (``moments``, ``zoom_shift``, ``align``) when numba is installed;
+#: smaller calls never import it (once imported, "auto" uses the kernels at every size).
+#: Measured on the 2-core CI machine (docs/backends.rst, "numba's CPU kernels under auto"):
+#: importing numba and loading its cached kernels costs about 0.8 s once per process, and the
+#: kernels save 2.4-3.4 ns per element per call over the NumPy core (4-6x faster from 2**16
+#: elements up), so at 2**20 elements the import is repaid within about 250 calls, and within
+#: about 50 at (64, 512, 256).  At 2**18 it would take about 1300 calls.
+AUTO_IMPORT_ELEMENTS = 1 << 20
 
 
 _CORE_FUSION = "mmfuse._core.fusion"
@@ -66,8 +88,10 @@ FRAMEWORKS: dict[str, str | None] = {
 def _rows() -> tuple[Row, ...]:
     rows: list[Row] = []
 
-    def add(op: str, backend: str, variant: str, target: str, condition: str, priority: int) -> None:
-        rows.append(Row(op, backend, variant, target, condition, priority))
+    def add(
+        op: str, backend: str, variant: str, target: str, condition: str, priority: int, import_at: int = 0
+    ) -> None:
+        rows.append(Row(op, backend, variant, target, condition, priority, import_at))
 
     for op in ("tensor_fusion", "lowrank_fusion", "cp_fusion"):
         add(op, "array_api", "generic", f"{_CORE_FUSION}:{op}", "any", 0)
@@ -108,8 +132,20 @@ def _rows() -> tuple[Row, ...]:
         add(op, "array_api", "generic", f"{_CORE_ALIGN}:{op}", "any", 0)
         add(op, "array_api", "numpy, cache-blocked", f"{_CORE_ALIGN}:{op}_numpy", "numpy float32/float64", 1)
         add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "not meta", 0)
-        only = " only" if op == "align" else ""  # align has no CUDA kernels
-        add(op, "numba", "CPU kernels", f"{_NUMBA}:{op}_cpu", f"numpy (CPU kernels{only})", 10)
+        # NumPy arrays; for moments and align also torch CPU tensors needing no gradient
+        cpu = "numpy (CPU kernels)" if op == "zoom_shift" else "numpy or torch CPU, no gradient (CPU kernels)"
+        add(op, "numba", "CPU kernels", f"{_NUMBA}:{op}_cpu", cpu, 10, AUTO_IMPORT_ELEMENTS)
+    # torch CPU tensors: the kernels as the forward of the op mmfuse::zoom_shift_numba, whose
+    # backward is mmfuse::zoom_shift's (gradients too); above that op's row (15)
+    add(
+        "zoom_shift",
+        "numba",
+        "CPU kernels in a torch op",
+        f"{_NUMBA}:zoom_shift_cpu",
+        "torch CPU (CPU kernels)",
+        16,
+        AUTO_IMPORT_ELEMENTS,
+    )
     for op in ("moments", "zoom_shift"):
         add(op, "numba", "CUDA kernels", f"{_NUMBA}:{op}_cuda", "CUDA arrays, no gradient", 10)
         add(op, "numba", "autograd (gradients)", f"{_CORE_ALIGN}:{op}", "CUDA arrays needing gradients", 9)

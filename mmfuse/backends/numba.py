@@ -1,9 +1,13 @@
 """The ``"numba"`` backend: numba-cuda kernels for CUDA arrays, and numba CPU kernels for
 Zoom-and-Shift on NumPy arrays.
 
-CPU (NumPy arrays; needs numba only): ``moments``, ``zoom_shift`` and ``align`` run the
-parallel kernels of :mod:`mmfuse.backends._numba_cpu` (one loop nest per pass over a sample, so
-``zoom_shift`` moves about the bytes of a copy; the NumPy core needs five elementwise passes).
+CPU (NumPy arrays and torch CPU tensors; needs numba only): ``moments``, ``zoom_shift`` and
+``align`` run the parallel kernels of :mod:`mmfuse.backends._numba_cpu` (one loop nest per pass
+over a sample, so ``zoom_shift`` moves about the bytes of a copy; the NumPy core needs five
+elementwise passes).  torch CPU float32/float64 tensors are read through NumPy views (no
+copy): ``moments`` and ``align`` when no gradient is needed, ``zoom_shift`` always, as the
+forward of the torch op ``mmfuse::zoom_shift_numba`` (the analytic backward of
+``mmfuse::zoom_shift``).
 
 CUDA (needs numba-cuda): takes any array exposing ``__cuda_array_interface__`` that mmfuse
 can dispatch on: CuPy arrays and torch CUDA tensors.  Results come back as the same kind of
@@ -43,6 +47,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,7 +74,9 @@ __all__ = [
     "moments_cpu",
     "moments_cuda",
     "moments_device",
+    "numpy_view",
     "simulator_enabled",
+    "zoom_shift_arrays",
     "zoom_shift_cpu",
     "zoom_shift_cuda",
     "zoom_shift_device",
@@ -887,9 +894,42 @@ class CPUPrimitives(Primitives):
 CPU = CPUPrimitives()
 
 
+# torch CPU tensors (float32 / float64) reach the kernels through NumPy views of their memory
+# (``Tensor.numpy()``: no copy), and the results come back as tensors sharing the kernels'
+# output buffers (``torch.from_numpy``).  moments and align take them when no gradient is
+# needed (the registry's condition); zoom_shift through the torch op mmfuse::zoom_shift_numba,
+# whose analytic backward is mmfuse::zoom_shift's.
+
+
+def _torch_tensor(a: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(a, torch.Tensor)
+
+
+def numpy_view(a: Any) -> Any:
+    """A torch CPU tensor's memory as a NumPy array (no copy); None stays None."""
+    return None if a is None else a.detach().resolve_neg().numpy()
+
+
+def _from_numpy(a: Any) -> Any:
+    return sys.modules["torch"].from_numpy(a)
+
+
 def moments_cpu(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
-    """:func:`mmfuse.moments` on NumPy arrays with the CPU kernels (one read of x)."""
+    """:func:`mmfuse.moments` with the CPU kernels (one read of x): NumPy arrays, or torch
+    CPU tensors that need no gradient."""
+    if _torch_tensor(x):
+        mean, std = moments_with(CPU, numpy_view(x), axis=axis, mask=numpy_view(mask), eps=eps)
+        return _from_numpy(mean), _from_numpy(std)
     return moments_with(CPU, x, axis=axis, mask=mask, eps=eps)
+
+
+def zoom_shift_arrays(
+    x: Any, guide: Any, *, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float
+) -> Any:
+    """zoom_shift of NumPy arrays with the CPU kernels (the core's algorithm over
+    :data:`CPU`); the forward of the torch op ``mmfuse::zoom_shift_numba`` too."""
+    return zoom_shift_with(CPU, x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps)
 
 
 def zoom_shift_cpu(
@@ -902,9 +942,14 @@ def zoom_shift_cpu(
     guide_mask: Any = None,
     eps: float = 1e-5,
 ) -> Any:
-    """:func:`mmfuse.zoom_shift` on NumPy arrays with the CPU kernels: one read of the guide,
-    one of x, one write."""
-    return zoom_shift_with(CPU, x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps)
+    """:func:`mmfuse.zoom_shift` with the CPU kernels: one read of the guide, one of x, one
+    write.  NumPy arrays; torch CPU tensors go through the op ``mmfuse::zoom_shift_numba``
+    (these kernels forward, ``mmfuse::zoom_shift``'s analytic backward)."""
+    if _torch_tensor(x):
+        from .torch.zoom_shift import zoom_shift_numba
+
+        return zoom_shift_numba(x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps)
+    return zoom_shift_arrays(x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps)
 
 
 def align_cpu(
@@ -919,9 +964,15 @@ def align_cpu(
     masks: list[Any] | None = None,
     eps: float = 1e-5,
 ) -> list[Any]:
-    """:func:`mmfuse.align` on NumPy arrays: the core's algorithm over the CPU kernels (every
-    input read once for its statistics, the rounds on the statistics, one map per input)."""
-    return align_with(
+    """:func:`mmfuse.align` with the CPU kernels: the core's algorithm over them (every input
+    read once for its statistics, the rounds on the statistics, one map per input).  NumPy
+    arrays, or torch CPU tensors that need no gradient."""
+    torch_in = _torch_tensor(xs[0])
+    if torch_in:
+        xs = [numpy_view(x) for x in xs]
+        masks = None if masks is None else [numpy_view(m) for m in masks]
+    out = align_with(
         CPU, xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
         axis=axis, masks=masks, eps=eps,
     )  # fmt: skip
+    return [_from_numpy(y) for y in out] if torch_in else out

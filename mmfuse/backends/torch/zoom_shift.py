@@ -19,6 +19,10 @@ Forward and backward take xc as (x - pivot) - (mu_x - pivot) from the core's sta
 the mean, whatever its size); the map is applied about the pivot too, never folded into
 x s + t.  float32 statistics overflow (inf / NaN) when the spread exceeds about 1.8e19,
 since the variance exceeds float32's range: compute in float64 for such data.
+
+``mmfuse::zoom_shift_numba`` is the same step with the same backward, its forward numba's CPU
+kernels on the tensors' memory (CPU float32/float64 tensors): what "auto" runs for torch CPU
+tensors when numba is available (see :mod:`mmfuse.backends._table`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ..._core.align import GENERIC, zoom_scale, zoom_shift_map
 from .._torch_eager import bind
 from ._common import cast, compute_dtype
 
-__all__ = ["zoom_shift"]
+__all__ = ["zoom_shift", "zoom_shift_numba"]
 
 
 @torch.library.custom_op("mmfuse::zoom_shift", mutates_args=())
@@ -114,6 +118,42 @@ _zoom_shift_eager = bind(
 )
 
 
+# ``mmfuse::zoom_shift_numba``: the same step and the same backward, its forward the numba
+# backend's CPU kernels (:func:`mmfuse.backends.numba.zoom_shift_arrays`: the core's algorithm
+# over numba's primitives) on NumPy views of the tensors' memory: no copy in, the kernels'
+# output buffer out.  CPU float32/float64 tensors; the registry's numba row for torch CPU
+# tensors runs it (numba is imported at its first call, not here).
+
+
+@torch.library.custom_op("mmfuse::zoom_shift_numba", mutates_args=(), device_types="cpu")
+def _zoom_shift_numba_op(
+    x: torch.Tensor,
+    guide: torch.Tensor,
+    alpha: float,
+    axis: int,
+    mask: torch.Tensor | None,
+    guide_mask: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    from ..numba import numpy_view, zoom_shift_arrays
+
+    y = zoom_shift_arrays(
+        numpy_view(x), numpy_view(guide), alpha=alpha, axis=axis, mask=numpy_view(mask),
+        guide_mask=numpy_view(guide_mask), eps=eps,
+    )  # fmt: skip
+    return torch.from_numpy(y)
+
+
+@_zoom_shift_numba_op.register_fake
+def _(x: Any, guide: Any, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float) -> Any:
+    return torch.empty_like(x)
+
+
+_zoom_shift_numba_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
+_zoom_shift_numba_eager = bind(
+    "_ZoomShiftNumba", torch.ops.mmfuse.zoom_shift_numba, _zoom_shift_setup_context, _zoom_shift_backward
+)
+
 
 def zoom_shift(
     x: Any,
@@ -127,3 +167,18 @@ def zoom_shift(
 ) -> Any:
     """``mmfuse.zoom_shift`` as the ``mmfuse::zoom_shift`` custom op (inputs checked)."""
     return _zoom_shift_eager(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
+
+
+def zoom_shift_numba(
+    x: Any,
+    guide: Any,
+    *,
+    alpha: float = 1.0,
+    axis: int = -2,
+    mask: Any = None,
+    guide_mask: Any = None,
+    eps: float = 1e-5,
+) -> Any:
+    """``mmfuse.zoom_shift`` of torch CPU float32/float64 tensors as ``mmfuse::zoom_shift_numba``
+    (numba's CPU kernels forward, the analytic backward; inputs checked)."""
+    return _zoom_shift_numba_eager(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
