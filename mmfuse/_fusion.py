@@ -281,11 +281,25 @@ def tensor_fusion(
     >>> mmfuse.tensor_fusion(xs, weight).shape
     (4, 5)
     """
+    key = call_key(backend, (append_one, max_elements), xs, weight, bias)
+    plan = _TENSOR_PLANS.get(key)
+    if plan is None:
+        plan = _TENSOR_PLANS.remember(key, plan_tensor(xs, weight, bias, append_one, max_elements, backend))
+    return plan(xs, weight, bias)
+
+
+_TENSOR_PLANS = PlanCache()
+
+
+def plan_tensor(
+    xs: Any, weight: Any, bias: Any, append_one: Any, max_elements: Any, backend: Any
+) -> Callable[..., Any]:
+    """Check a :func:`tensor_fusion` call and choose its implementation (its plan)."""
     append_one = check_bool_option("append_one", append_one)
     max_elements = check_positive_int("max_elements", max_elements)
     xs = check_tensor_fusion(xs, weight, bias, append_one, max_elements)
     impl = lookup("tensor_fusion", backend, like=xs[0], arrays=(xs, weight, bias))
-    return impl(xs, weight, bias, append_one=append_one, max_elements=max_elements)
+    return partial(impl, append_one=append_one, max_elements=max_elements)
 
 
 # --------------------------------------------------------------------------- low-rank fusion
@@ -413,14 +427,14 @@ def lowrank_fusion(
     key = call_key(backend, (append_one,), xs, factors, weights, bias, present)
     plan = _LOWRANK_PLANS.get(key)
     if plan is None:
-        plan = _LOWRANK_PLANS.remember(key, _plan_lowrank(xs, factors, weights, bias, append_one, present, backend))
+        plan = _LOWRANK_PLANS.remember(key, plan_lowrank(xs, factors, weights, bias, append_one, present, backend))
     return plan(xs, factors, weights, bias, present=present)
 
 
 _LOWRANK_PLANS = PlanCache()
 
 
-def _plan_lowrank(
+def plan_lowrank(
     xs: Any, factors: Any, weights: Any, bias: Any, append_one: Any, present: Any, backend: Any
 ) -> Callable[..., Any]:
     """Check a :func:`lowrank_fusion` call and choose its implementation (its plan)."""
@@ -595,10 +609,32 @@ def cp_fusion(
     >>> bool(np.allclose(y, mmfuse.lowrank_fusion(xs, *mmfuse.cp_to_lowrank(cp))))
     True
     """
+    pair = cp_pair(cp)
+    key = call_key(backend, (append_one,), xs, pair, bias, present) if pair is not None else None
+    plan = _CP_PLANS.get(key)
+    if plan is None:
+        plan = _CP_PLANS.remember(key, plan_cp(xs, cp, bias, append_one, present, backend))
+    return plan(xs, pair if pair is not None else as_cp(cp), bias, present=present)
+
+
+_CP_PLANS = PlanCache()
+
+
+def cp_pair(cp: Any) -> tuple[Any, Any] | None:
+    """``cp``'s (weights, factors) without checks (a CPTensor's or a pair's), or None."""
+    if type(cp) is tuple or type(cp) is list:
+        return (cp[0], cp[1]) if len(cp) == 2 else None
+    if hasattr(cp, "weights") and hasattr(cp, "factors"):
+        return (cp.weights, cp.factors)
+    return None
+
+
+def plan_cp(xs: Any, cp: Any, bias: Any, append_one: Any, present: Any, backend: Any) -> Callable[..., Any]:
+    """Check a :func:`cp_fusion` call and choose its implementation (its plan)."""
     append_one = check_bool_option("append_one", append_one)
     xs, weights, factors = check_cp_inputs(xs, cp, append_one, present, bias)
     impl = lookup("cp_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
-    return impl(xs, (weights, factors), bias, append_one=append_one, present=present)
+    return partial(impl, append_one=append_one)
 
 
 # --------------------------------------------------------------------------- converters

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ from . import _fusion
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
+from ._plan import PlanCache, call_key
 from ._validation import check_bool_option, check_positive_int
 from .backends import BackendUnsupported, lookup
 
@@ -62,6 +63,25 @@ def _layer_call(module: nn.Module) -> Iterator[None]:
         yield
     except BackendUnsupported as exc:
         raise BackendUnsupported(f"{type(module).__name__}.forward: {exc}") from None
+
+
+_LAYER_PLANS = PlanCache()
+
+
+def _layer_plan(
+    module: nn.Module, options: tuple[Any, ...], arrays: tuple[Any, ...], plan: Callable[[], Any]
+) -> Any:
+    """What a layer's call runs: on a seen signature (the layer's class and configuration
+    ``options``, the inputs' and parameters' metadata ``arrays``, the dispatch state; see
+    :mod:`mmfuse._plan`), the functional plan its checks and dispatch chose the first time;
+    otherwise ``plan()`` (the layer's boundary checks, then the functional operator's), kept
+    only if it passed.  So a step with a seen signature runs no checks beyond torch's own."""
+    key = call_key(None, (type(module), *options), *arrays)
+    run = _LAYER_PLANS.get(key)
+    if run is None:
+        with _layer_call(module):
+            run = _LAYER_PLANS.remember(key, plan())
+    return run
 
 
 # The torch backend's registered implementation of each operator the layers call, resolved once
@@ -359,16 +379,19 @@ class LowRankFusion(_RankedFusion):
         """
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs, present)
-        xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
         factors = list(self.factors)
         if _compiling():
+            xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
             return _TORCH["lowrank_fusion"](
                 xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
             )
-        with _layer_call(self):
-            return _fusion.lowrank_fusion(
-                xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
-            )
+
+        def plan() -> Any:
+            checked = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
+            return _fusion.plan_lowrank(checked, factors, self.weights, self.bias, self.append_one, present, None)
+
+        run = _layer_plan(self, (self.in_dims, self.append_one), (xs, present, self.weights, self.bias, factors), plan)
+        return run(xs, factors, self.weights, self.bias, present=present)
 
     def interactions(
         self, xs: Sequence[torch.Tensor], *, by: str = "order", present: torch.Tensor | None = None
@@ -576,16 +599,17 @@ class CPFusion(_RankedFusion):
         """
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs, present)
-        xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
-        factors = list(self.factors)
+        cp = (self.weights, list(self.factors))
         if _compiling():
-            return _TORCH["cp_fusion"](
-                xs, (self.weights, factors), self.bias, append_one=self.append_one, present=present
-            )
-        with _layer_call(self):
-            return _fusion.cp_fusion(
-                xs, (self.weights, factors), self.bias, append_one=self.append_one, present=present
-            )
+            xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
+            return _TORCH["cp_fusion"](xs, cp, self.bias, append_one=self.append_one, present=present)
+
+        def plan() -> Any:
+            checked = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
+            return _fusion.plan_cp(checked, cp, self.bias, self.append_one, present, None)
+
+        run = _layer_plan(self, (self.in_dims, self.append_one), (xs, present, cp, self.bias), plan)
+        return run(xs, cp, self.bias, present=present)
 
     def interactions(
         self, xs: Sequence[torch.Tensor], *, by: str = "order", present: torch.Tensor | None = None
@@ -784,9 +808,10 @@ class TensorFusion(nn.Module):
         """
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs)
-        xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
-        if _compiling():  # the functional API's size check (torch tensors: one sample's
-            # intermediates, as the core blocks the batch; the batch may be symbolic)
+        if _compiling():
+            xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
+            # the functional API's size check (torch tensors: one sample's intermediates, as
+            # the core blocks the batch; the batch may be symbolic)
             dims = tuple(self.weight.shape[:-1])
             _fusion.check_intermediates(
                 "TensorFusion", torch, xs[0], dims, self.out_dim, self.max_elements, "LowRankFusion"
@@ -794,10 +819,13 @@ class TensorFusion(nn.Module):
             return _TORCH["tensor_fusion"](
                 xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
             )
-        with _layer_call(self):
-            return _fusion.tensor_fusion(
-                xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
-            )
+
+        def plan() -> Any:
+            checked = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
+            return _fusion.plan_tensor(checked, self.weight, self.bias, self.append_one, self.max_elements, None)
+
+        options = (self.in_dims, self.append_one, self.max_elements)
+        return _layer_plan(self, options, (xs, self.weight, self.bias), plan)(xs, self.weight, self.bias)
 
     def interactions(
         self, xs: Sequence[torch.Tensor], *, by: str = "order"

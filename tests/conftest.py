@@ -138,3 +138,13 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     import zlib
 
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def blocked_lowrank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Low-rank fusions of any size take the blocked paths (NumPy's buffers, torch's custom
+    op), as they do above ``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS``: for tests of those
+    paths on small inputs (small problems otherwise run whole-batch, rank-major)."""
+    import mmfuse._core.fusion as core_fusion
+
+    monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)

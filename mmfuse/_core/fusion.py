@@ -37,6 +37,8 @@ __all__ = [
     "lowrank_with",
     "whole_batch",
     "mask_absent",
+    "rank_major_projections",
+    "rank_sum",
     "tensor_fusion",
     "tensor_fusion_rows",
 ]
@@ -280,6 +282,21 @@ def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
     return batch * rank * out_dim <= WHOLE_BATCH_ELEMENTS
 
 
+def rank_major_projections(xp: Any, xs: list[Any], factors: list[Any], append_one: bool, present: Any) -> list[Any]:
+    """Every modality's projections ``[x_m, 1] @ F_m`` as one broadcast product each, in the
+    paper's rank-major layout (R, B, h), absent samples' features zeroed."""
+    return [affine(mask_absent(xp, x, present, m), f, append_one) for m, (x, f) in enumerate(zip(xs, factors))]
+
+
+def rank_sum(xp: Any, acc: Any, weights: Any, bias: Any) -> Any:
+    """``sum_r w_r acc[r] + b`` for a rank-major (R, B, h) ``acc``, as one (R,) @ (R, B h)
+    product (a sum without weights)."""
+    rank, batch, out_dim = acc.shape
+    flat = xp.reshape(acc, (rank, batch * out_dim))
+    y = xp.reshape(xp.sum(flat, axis=0) if weights is None else weights @ flat, (batch, out_dim))
+    return y if bias is None else y + bias
+
+
 def lowrank_whole_batch(
     xp: Any, xs: list[Any], factors: list[Any], weights: Any, bias: Any, append_one: bool, present: Any
 ) -> Any:
@@ -288,15 +305,11 @@ def lowrank_whole_batch(
     appended), the product over modalities, and the weighted rank sum as one (R,) @ (R, B h)
     product.  About three array operations per modality and no layout copies: the form for
     small problems (:func:`whole_batch`), where each operation's fixed cost dominates."""
-    acc = None
-    for m, (x, f) in enumerate(zip(xs, factors)):
-        proj = affine(mask_absent(xp, x, present, m), f, append_one)
-        acc = proj if acc is None else acc * proj
-    assert acc is not None
-    rank, batch, out_dim = acc.shape
-    flat = xp.reshape(acc, (rank, batch * out_dim))
-    y = xp.reshape(xp.sum(flat, axis=0) if weights is None else weights @ flat, (batch, out_dim))
-    return y if bias is None else y + bias
+    projections = rank_major_projections(xp, xs, factors, append_one, present)
+    acc = projections[0]
+    for proj in projections[1:]:
+        acc = acc * proj
+    return rank_sum(xp, acc, weights, bias)
 
 
 def lowrank_with(

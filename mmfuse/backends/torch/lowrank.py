@@ -140,20 +140,16 @@ def lowrank_grads(
     present: torch.Tensor | None,
     needs: Sequence[bool],
     projections: torch.Tensor | None = None,
-    *,
-    graph: bool = False,
 ) -> list[torch.Tensor | None]:
-    """The analytic backward of low-rank fusion, one routine for both uses.
+    """The analytic backward of the blocked custom op, into buffers (no graph of it).
 
     ``needs`` = [x_0..x_{M-1}, f_0..f_{M-1}, weights, bias]; returns the gradients in that
-    order, None where not needed.  Without a graph of the backward (``graph`` False: the
-    opaque backward op)
-    it runs blocked, into buffers, reusing the forward's kept ``projections`` (M, B, R h)
-    where there are some.  With one (``graph``, for ``create_graph=True``) the same
-    formulas run out of place on the whole batch, recomputing the projections from the
-    inputs, so autograd can differentiate them (at autograd's memory cost, only when asked).
-    Per block ``G_m = (g w) * prod_{k != m} P_k`` comes from prefix and suffix products (no
-    division, so exact zeros in a projection are harmless).
+    order, None where not needed.  It runs in batch blocks, reusing the forward's kept
+    ``projections`` (M, B, R h) where there are some, else recomputing them per block.  Per
+    block ``G_m = (g w) * prod_{k != m} P_k`` comes from prefix and suffix products (no
+    division, so exact zeros in a projection are harmless).  The same formulas on the whole
+    batch, differentiable (double backward) and with the fewest operations (small
+    problems), are :func:`whole_batch_grads`.
     """
     n_mod = len(xs)
     dtype = grad.dtype
@@ -168,40 +164,31 @@ def lowrank_grads(
     need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
     need_w, need_b = needs[2 * n_mod], needs[2 * n_mod + 1]
     batch = xs[0].shape[0]
-    if graph:
-        projections = None  # the kept ones are detached: recompute them under autograd
-    gx: list[Any] = [torch.empty_like(x) if need_x[m] and not graph else None for m, x in enumerate(xs)]
+    gx: list[Any] = [torch.empty_like(x) if need_x[m] else None for m, x in enumerate(xs)]
     # the first block writes the factor and weight gradients, later blocks add to them
-    gmat: list[Any] = [
-        torch.empty_like(mat) if need_f[m] and not graph else None for m, mat in enumerate(mats)
-    ]
-    gw = torch.empty_like(w) if need_w and not graph else None
+    gmat: list[Any] = [torch.empty_like(mat) if need_f[m] else None for m, mat in enumerate(mats)]
+    gw = torch.empty_like(w) if need_w else None
 
-    # With kept projections (or a graph) the whole batch is one block (the forward's choice
-    # too: per-row arrays are narrow or rows are few); otherwise blocks keep the
-    # recomputation in cache.
-    rows = batch if projections is not None or graph else _core_fusion.block_rows(
+    # With kept projections the whole batch is one block (the forward's choice too: per-row
+    # arrays are narrow or rows are few); otherwise blocks keep the recomputation in cache.
+    rows = batch if projections is not None else _core_fusion.block_rows(
         batch, 2 * sum(x.shape[1] for x in xs) + (2 * n_mod + 1) * width, g_all.element_size(),
         block_budget(g_all, BLOCK_BYTES),
     )  # fmt: skip
     cap = min(rows, batch)
-    n_buf = 0 if projections is not None or graph else n_mod  # recomputed projections go here
+    n_buf = 0 if projections is not None else n_mod  # recomputed projections go here
     buf = [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(n_buf)]
     # buffers for the prefix products of modalities 2.. (see pre below)
     prefix: list[Any] = [None, None]
-    prefix += [None if graph else torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(2, n_mod)]
-    # scratch of the blocked path (a graph's path allocates as it goes)
-    run: Any = None if graph else torch.empty((cap, width), dtype=cdt, device=dev)
-    gm: Any = None if graph else torch.empty((cap, width), dtype=cdt, device=dev)
+    prefix += [torch.empty((cap, width), dtype=cdt, device=dev) for _ in range(2, n_mod)]
+    run = torch.empty((cap, width), dtype=cdt, device=dev)
+    gm = torch.empty((cap, width), dtype=cdt, device=dev)
     w3 = w.view(1, rank, 1)
-    zero = torch.zeros((), dtype=cdt, device=dev)
     for blk in block_slices(batch, rows):
         n = blk.stop - blk.start
         first = blk.start == 0
         feats = [masked_rows(x, present, m, blk) for m, x in enumerate(xs)]
-        if graph:
-            proj = [affine(f, mat, append_one) for f, mat in zip(feats, mats)]
-        elif projections is not None:
+        if projections is not None:
             proj = [projections[m, blk] for m in range(n_mod)]
         else:
             proj = [b[:n] for b in buf]
@@ -210,60 +197,35 @@ def lowrank_grads(
         # pre[m] = prod_{k<m} P_k for m >= 1 (pre[0] is implicitly ones)
         pre: list[Any] = [None, proj[0]][:n_mod]
         for m in range(2, n_mod):
-            if graph:
-                pre.append(pre[m - 1] * proj[m - 1])
-            else:
-                pre.append(torch.mul(pre[m - 1], proj[m - 1], out=prefix[m][:n]))
+            pre.append(torch.mul(pre[m - 1], proj[m - 1], out=prefix[m][:n]))
         g = g_all[blk]
         if need_w:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k], as one GEMV
-            if n_mod == 1:
-                full = proj[0]
-            else:
-                full = pre[-1] * proj[-1] if graph else torch.mul(pre[-1], proj[-1], out=gm[:n])
+            full = proj[0] if n_mod == 1 else torch.mul(pre[-1], proj[-1], out=gm[:n])
             by_rank = full.reshape(n, rank, out_dim).permute(1, 0, 2).reshape(rank, n * out_dim)
-            if gw is None or graph:
-                gw = torch.mv(by_rank, g.reshape(-1))
-            else:
-                store(gw, torch.mv(by_rank, g.reshape(-1)), first)
+            store(gw, torch.mv(by_rank, g.reshape(-1)), first)
         # run = (g w) * prod_{k>m} P_k, walked from the last modality down
-        if graph:
-            run_b = (g.unsqueeze(1) * w3).reshape(n, width)
-        else:
-            torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
-            run_b = run[:n]
+        torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
+        run_b = run[:n]
         for m in range(n_mod - 1, -1, -1):
             if need_x[m] or need_f[m]:
-                if graph:
-                    gmm = run_b if m == 0 else run_b * pre[m]
-                else:
-                    gmm = run_b if m == 0 else torch.mul(run_b, pre[m], out=gm[:n])
+                gmm = run_b if m == 0 else torch.mul(run_b, pre[m], out=gm[:n])
                 d = feats[m].shape[1]
                 if need_x[m]:
-                    if graph:
-                        gx[m] = gmm @ mats[m][:d].t()
-                        if present is not None:
-                            gx[m] = torch.where(present[:, m : m + 1], gx[m], zero)
-                    else:
-                        gxb = torch.mm(gmm, mats[m][:d].t(), out=gx[m][blk])
-                        if present is not None:
-                            gxb.masked_fill_(~present[blk, m : m + 1], 0)
+                    gxb = torch.mm(gmm, mats[m][:d].t(), out=gx[m][blk])
+                    if present is not None:
+                        gxb.masked_fill_(~present[blk, m : m + 1], 0)
                 if need_f[m]:
-                    if graph:
-                        gmat[m] = feats[m].t() @ gmm
-                        if append_one:
-                            gmat[m] = torch.cat([gmat[m], gmm.sum(dim=0, keepdim=True)], dim=0)
-                    else:
-                        store_gram(gmat[m][:d], gmm, feats[m], first)
-                        if append_one:
-                            store(gmat[m][d], gmm.sum(dim=0), first)
+                    store_gram(gmat[m][:d], gmm, feats[m], first)
+                    if append_one:
+                        store(gmat[m][d], gmm.sum(dim=0), first)
             if m:
-                run_b = run_b * proj[m] if graph else run_b.mul_(proj[m])
+                run_b.mul_(proj[m])
 
     out: list[torch.Tensor | None] = [None if gx[m] is None else cast(gx[m], dtype) for m in range(n_mod)]
     for m, f in enumerate(factors):
         rows_m = f.shape[1]
         g_f = None if gmat[m] is None else gmat[m].reshape(rows_m, rank, out_dim).permute(1, 0, 2)
-        out.append(None if g_f is None else (g_f if graph else g_f.contiguous()).to(dtype))
+        out.append(None if g_f is None else g_f.contiguous().to(dtype))
     out.append(None if gw is None else cast(gw, dtype))
     out.append(g_all.sum(dim=0).to(dtype) if need_b else None)
     return out
@@ -322,10 +284,8 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
     kept = ctx.saved_tensors[-1] if ctx.kept else None
     need_w = bool(need_w) and weights is not None
     needs = [bool(v) for v in (*need_xs, *need_fs, need_w, need_b)]
-    if torch.is_grad_enabled():  # a graph of the backward is wanted: the formulas run directly
-        grads: list[Any] = lowrank_grads(
-            grad, xs, factors, weights, ctx.append_one, present, needs, graph=True
-        )
+    if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiable formulas
+        grads: list[Any] = whole_batch_grads(grad, xs, factors, weights, ctx.append_one, present, needs)
     else:
         grads = _lowrank_backward_op(
             grad.contiguous(), xs, factors, weights, ctx.append_one, present, needs, kept
@@ -347,6 +307,137 @@ _lowrank_eager = bind(
 
 
 
+# --------------------------------------------------------------------------- whole batch
+#
+# Small fusions (mmfuse._core.fusion.whole_batch: B R h at most a few thousand elements) run
+# as one plain autograd.Function over the core's rank-major form instead of the blocked
+# custom op: there every torch operator's fixed cost (a few microseconds on a CPU, a kernel
+# launch on a GPU) decides the time, and this form dispatches the fewest of them (about three
+# per modality forward, a dozen per modality backward; benchmarks/overhead.py counts them).
+# Its backward, whole_batch_grads, is also the differentiable backward of the blocked op
+# (create_graph=True).
+
+
+def whole_batch_grads(
+    grad: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    factors: Sequence[torch.Tensor],
+    weights: torch.Tensor | None,
+    append_one: bool,
+    present: torch.Tensor | None,
+    needs: Sequence[bool],
+    projections: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor | None]:
+    """The analytic backward of low-rank fusion on the whole batch, rank-major, out of place.
+
+    ``needs`` and the result as :func:`lowrank_grads`.  With ``g_r = w_r g`` and the
+    projections ``P_m`` (R, B, h): ``G_m = g_r * prod_{k != m} P_k`` (prefix and suffix
+    products), ``dL/dx_m = sum_r G_m[r] F_m[r, :d]^T``, ``dL/dF_m[r] = [x_m, 1]^T G_m[r]``,
+    ``dL/dw_r = sum_{b,k} g * prod_m P_m[r]``, ``dL/db = sum_b g``.  ``projections`` are the
+    forward's (R, B, h) ones in the compute dtype; without them (and always while a graph of
+    the backward is recorded, where they must be functions of the inputs) they are
+    recomputed.  Every operation is differentiable, so the same routine serves double
+    backward.
+    """
+    n_mod = len(xs)
+    dtype = grad.dtype
+    cdt = compute_dtype(dtype)
+    g = cast(grad, cdt)
+    xs = [cast(x, cdt) for x in xs]
+    factors = [cast(f, cdt) for f in factors]
+    w = None if weights is None else cast(weights, cdt)
+    if projections is None or torch.is_grad_enabled():
+        projections = rank_major_projections(xs, factors, append_one, present)
+    need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
+    rank = factors[0].shape[0]
+    run = g if w is None else g * w.view(rank, 1, 1)  # (R, B, h) by broadcasting
+    pre: list[Any] = [None, projections[0]][:n_mod]  # pre[m] = prod_{k<m} P_k
+    for m in range(2, n_mod):
+        pre.append(pre[m - 1] * projections[m - 1])
+    out: list[torch.Tensor | None] = [None] * (2 * n_mod + 2)
+    if needs[2 * n_mod]:
+        full = projections[0] if n_mod == 1 else pre[-1] * projections[-1]
+        out[2 * n_mod] = cast((full * g).sum(dim=(1, 2)), dtype)
+    if needs[2 * n_mod + 1]:
+        out[2 * n_mod + 1] = cast(g.sum(dim=0), dtype)
+    for m in range(n_mod - 1, -1, -1):
+        if need_x[m] or need_f[m]:
+            gm = run.expand(rank, *g.shape) if m == 0 else run * pre[m]
+            f = factors[m]
+            d = xs[m].shape[1]
+            if need_x[m]:
+                gx = torch.bmm(gm, f[:, :d].transpose(1, 2)).sum(dim=0)
+                out[m] = cast(gx if present is None else masked_rows(gx, present, m, _ALL), dtype)
+            if need_f[m]:
+                feats = masked_rows(xs[m], present, m, _ALL)
+                gf = torch.bmm(feats.t().expand(rank, d, feats.shape[0]), gm)  # (R, d, h)
+                if append_one:
+                    gf = torch.cat([gf, gm.sum(dim=1, keepdim=True)], dim=1)
+                out[n_mod + m] = cast(gf, dtype)
+        if m:
+            run = run * projections[m]
+    return out
+
+
+_ALL = slice(None)
+
+
+def rank_major_projections(
+    xs: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], append_one: bool, present: Any
+) -> list[torch.Tensor]:
+    """The core's :func:`~mmfuse._core.fusion.rank_major_projections` as one ``baddbmm``
+    per modality (a broadcast ``matmul`` plus an add dispatches about twice the operators)."""
+    out = []
+    for m, (x, f) in enumerate(zip(xs, factors)):
+        x = masked_rows(x, present, m, _ALL)
+        batch, d = x.shape
+        xr = x.expand(f.shape[0], batch, d)
+        out.append(torch.baddbmm(f[:, d:], xr, f[:, :d]) if append_one else torch.bmm(xr, f))
+    return out
+
+
+class _LowRankWholeBatch(torch.autograd.Function):
+    """Low-rank fusion of a small problem: the core's rank-major forward, kept projections,
+    :func:`whole_batch_grads` as the backward.  ``apply(append_one, present, weights, bias,
+    *xs, *factors)``."""
+
+    @staticmethod
+    def forward(ctx: Any, append_one: bool, present: Any, weights: Any, bias: Any, *arrays: Any) -> Any:
+        n_mod = len(arrays) // 2
+        xs, factors = arrays[:n_mod], arrays[n_mod:]
+        dtype = xs[0].dtype
+        cdt = compute_dtype(dtype)
+        projections = rank_major_projections(
+            [cast(x, cdt) for x in xs], [cast(f, cdt) for f in factors], append_one, present
+        )
+        acc = projections[0]
+        for proj in projections[1:]:
+            acc = acc * proj
+        rank, batch, out_dim = acc.shape
+        flat = acc.view(rank, batch * out_dim)
+        y = (flat.sum(0) if weights is None else torch.mv(flat.t(), cast(weights, cdt))).view(batch, out_dim)
+        if bias is not None:
+            y = y + cast(bias, cdt)
+        ctx.append_one, ctx.n_mod = append_one, n_mod
+        ctx.has_weights, ctx.has_present = weights is not None, present is not None
+        extra = [t for t in (weights, present) if t is not None]
+        ctx.save_for_backward(*xs, *factors, *extra, *projections)
+        return cast(y, dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        n_mod = ctx.n_mod
+        saved = ctx.saved_tensors
+        xs, factors = saved[:n_mod], saved[n_mod : 2 * n_mod]
+        rest = list(saved[2 * n_mod :])
+        weights = rest.pop(0) if ctx.has_weights else None
+        present = rest.pop(0) if ctx.has_present else None
+        need = ctx.needs_input_grad
+        needs = [*need[4 : 4 + 2 * n_mod], need[2] and weights is not None, need[3]]
+        grads = whole_batch_grads(grad, xs, factors, weights, ctx.append_one, present, needs, rest)
+        return (None, None, grads[2 * n_mod], grads[2 * n_mod + 1], *grads[: 2 * n_mod])
+
+
 def lowrank_fusion(
     xs: Sequence[Any],
     factors: Sequence[Any],
@@ -356,5 +447,10 @@ def lowrank_fusion(
     append_one: bool = True,
     present: Any = None,
 ) -> Any:
-    """``mmfuse.lowrank_fusion`` as the ``mmfuse::lowrank_fusion`` custom op (inputs checked)."""
+    """``mmfuse.lowrank_fusion`` on torch tensors (inputs checked): small problems as one
+    autograd function over the rank-major form (see above), others as the blocked
+    ``mmfuse::lowrank_fusion`` custom op (always under ``torch.compile``)."""
+    rank, _, out_dim = factors[0].shape
+    if _core_fusion.whole_batch(xs[0].shape[0], rank, out_dim) and not torch.compiler.is_compiling():
+        return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
     return _lowrank_eager(list(xs), list(factors), weights, bias, append_one, present)[0]
