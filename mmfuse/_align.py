@@ -15,6 +15,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import array_api_compat
@@ -28,6 +29,7 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
+from ._plan import PlanCache, call_key
 from .backends import lookup
 
 __all__ = ["align", "moments", "shift", "zoom", "zoom_shift", "zoom_shift_fusion"]
@@ -109,7 +111,15 @@ def check_mask(xp: Any, mask: Any, x: Any, axis: int, name: str, x_name: str) ->
             f"{name} must have shape {layout} = {fmt_shape(want)} for {x_name} of shape "
             f"{fmt_shape(x.shape)} (axis={axis - x.ndim}), got {fmt_shape(mask.shape)}"
         )
-    if core.is_eager(xp, mask):  # the one value check: lazy and meta arrays skip it
+    check_mask_values(xp, mask, axis, name)
+
+
+def check_mask_values(xp: Any, mask: Any, axis: int, name: str) -> None:
+    """The one check of values: no sample of ``mask`` has every token masked (skipped for
+    lazy and meta arrays).  Planned calls (:mod:`mmfuse._plan`) still run it every time."""
+    if mask is None:
+        return
+    if core.is_eager(xp, mask):
         empty = xp.logical_not(xp.any(mask, axis=axis))
         if bool(xp.any(empty)):
             flat = xp.reshape(empty, (-1,))
@@ -310,6 +320,20 @@ def moments(
     >>> mmfuse.moments(x, mask=np.array([[True, False]]), eps=0.0)[0]
     array([[[ 1., 10.]]])
     """
+    key = call_key(backend, (axis, eps), x, mask)
+    plan = _MOMENTS_PLANS.get(key)
+    if plan is None:
+        plan = _MOMENTS_PLANS.remember(key, _plan_moments(x, axis, mask, eps, backend))
+    elif mask is not None:
+        check_mask_values(array_namespace(mask), mask, plan.keywords["axis"] % x.ndim, "mask")
+    return plan(x, mask=mask)
+
+
+_MOMENTS_PLANS = PlanCache()
+
+
+def _plan_moments(x: Any, axis: Any, mask: Any, eps: Any, backend: Any) -> Any:
+    """Check a :func:`moments` call and choose its implementation (its plan)."""
     _check_array(x, "x")
     xp = common_namespace([("x", x), ("mask", mask)])
     check_same_float_dtype(xp, [("x", x)])
@@ -317,7 +341,7 @@ def moments(
     ax = _check_axis(x, axis, "x")
     check_mask(xp, mask, x, ax, "mask", "x")
     impl = lookup("moments", backend, like=x, arrays=(x,))
-    return impl(x, axis=axis, mask=mask, eps=eps)
+    return partial(impl, axis=axis, eps=eps)
 
 
 # --------------------------------------------------------------------------- primitives
@@ -560,6 +584,24 @@ def zoom_shift(
     >>> bool(np.allclose(mu, mu_g) and np.allclose(sd, sd_g))
     True
     """
+    key = call_key(backend, (alpha, axis, eps), x, guide, mask, guide_mask)
+    plan = _ZOOM_SHIFT_PLANS.get(key)
+    if plan is None:
+        plan = _ZOOM_SHIFT_PLANS.remember(key, _plan_zoom_shift(x, guide, alpha, axis, mask, guide_mask, eps, backend))
+    elif mask is not None or guide_mask is not None:
+        ax = plan.keywords["axis"] % x.ndim
+        check_mask_values(array_namespace(x), mask, ax, "mask")
+        check_mask_values(array_namespace(x), guide_mask, ax, "guide_mask")
+    return plan(x, guide, mask=mask, guide_mask=guide_mask)
+
+
+_ZOOM_SHIFT_PLANS = PlanCache()
+
+
+def _plan_zoom_shift(
+    x: Any, guide: Any, alpha: Any, axis: Any, mask: Any, guide_mask: Any, eps: Any, backend: Any
+) -> Any:
+    """Check a :func:`zoom_shift` call and choose its implementation (its plan)."""
     _check_array(x, "x")
     _check_array(guide, "guide")
     named = [("x", x), ("guide", guide)]
@@ -573,9 +615,7 @@ def zoom_shift(
     check_mask(xp, mask, x, ax, "mask", "x")
     check_mask(xp, guide_mask, guide, ax, "guide_mask", "guide")
     impl = lookup("zoom_shift", backend, like=x, arrays=(x, guide))
-    return impl(
-        x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps
-    )
+    return partial(impl, alpha=alpha, axis=axis, eps=eps)
 
 
 # --------------------------------------------------------------------------- align
@@ -715,10 +755,31 @@ def align(
     >>> bool(np.allclose(za, ya) and np.allclose(zb, yb))
     True
     """
-    xs, masks, rounds, alpha, hub, eps = _check_align(
-        xs, rounds, alpha, schedule, topology, hub, axis, masks, eps
+    key = call_key(backend, (rounds, alpha, schedule, topology, hub, axis, eps), xs, masks)
+    plan = _ALIGN_PLANS.get(key)
+    if plan is None:
+        checked = _check_align(xs, rounds, alpha, schedule, topology, hub, axis, masks, eps)
+        plan = _ALIGN_PLANS.remember(key, _plan_align(*checked, schedule, topology, axis, backend))
+    elif masks is not None:
+        xp = array_namespace(xs[0])
+        for m, (x, k) in enumerate(zip(xs, masks)):
+            check_mask_values(xp, k, plan.keywords["axis"] % x.ndim, f"masks[{m}]")
+    out = plan(list(xs), masks=None if masks is None or all(k is None for k in masks) else list(masks))
+    return list(out)
+
+
+_ALIGN_PLANS = PlanCache()
+
+
+def _plan_align(
+    xs: list[Any], masks: Any, rounds: Any, alpha: float, hub: int, eps: float,
+    schedule: str, topology: str, axis: int, backend: str | None,
+) -> Any:  # fmt: skip
+    """The implementation of :func:`align` for checked arguments, with its options bound."""
+    impl = lookup("align", backend, like=xs[0], arrays=xs)
+    return partial(
+        impl, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, axis=axis, eps=eps
     )
-    return _run_align(xs, masks, rounds, alpha, schedule, topology, hub, axis, eps, backend)
 
 
 def _run_align(
@@ -734,12 +795,8 @@ def _run_align(
     backend: str | None,
 ) -> list[Any]:
     """:func:`align` on checked arguments."""
-    impl = lookup("align", backend, like=xs[0], arrays=xs)
-    out = impl(
-        xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
-        axis=axis, masks=masks, eps=eps,
-    )
-    return list(out)
+    plan = _plan_align(xs, masks, rounds, alpha, hub, eps, schedule, topology, axis, backend)
+    return list(plan(xs, masks=masks))
 
 
 # --------------------------------------------------------------------------- fusion
