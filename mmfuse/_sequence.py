@@ -8,7 +8,8 @@ registry and calls it.  The maths lives in :mod:`mmfuse._core.sequence` (Array-A
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import array_api_compat
@@ -29,6 +30,7 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
+from ._plan import PlanCache, call_key
 from .backends import lookup
 
 __all__ = [
@@ -278,6 +280,20 @@ def sequence_fusion(
     >>> bool(np.allclose(y, mmfuse.sequence_fusion(hs, phi1, psi1, mode="cp")))
     True
     """
+    key = call_key(backend, (mode,), hs, feature_factors, token_factors, masks)
+    plan = _SEQUENCE_PLANS.get(key)
+    if plan is None:
+        plan = _SEQUENCE_PLANS.remember(key, _plan_sequence(hs, feature_factors, token_factors, mode, masks, backend))
+    return plan(hs, feature_factors, token_factors, masks=masks)
+
+
+_SEQUENCE_PLANS = PlanCache()
+
+
+def _plan_sequence(
+    hs: Any, feature_factors: Any, token_factors: Any, mode: Any, masks: Any, backend: Any
+) -> Callable[..., Any]:
+    """Check a :func:`sequence_fusion` call and choose its implementation (its plan)."""
     hs, _ = check_modalities(hs, "hs", ndim=3, layout="(B, T_m, r_m)")
     shapes = [tuple(h.shape) for h in hs]
     feature_factors, token_factors, _, _ = _check_fusion_args(
@@ -295,7 +311,7 @@ def sequence_fusion(
     check_same_float_dtype(xp, named)
     masks = _check_masks(xp, masks, shapes, "hs")
     impl = lookup("sequence_fusion", backend, like=hs[0], arrays=(hs, feature_factors, token_factors))
-    return impl(hs, feature_factors, token_factors, mode=mode, masks=masks)
+    return partial(impl, mode=mode)
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -449,6 +465,26 @@ def wander(
     >>> float(np.abs(y - xs[0][:, :4]).max()) < 0.05 * float(np.abs(xs[0]).max())
     True
     """
+    parts = (params.get("down"), params.get("feature"), params.get("token")) if type(params) is dict else None
+    options = (mode, activation, residual)
+    key = call_key(backend, options, xs, *parts, masks) if parts is not None else None
+    plan = _WANDER_PLANS.get(key)
+    if plan is None:
+        plan = _WANDER_PLANS.remember(key, _plan_wander(xs, params, mode, masks, activation, residual, backend))
+    return plan(xs, params if parts is not None else _clean_params(params), masks=masks)
+
+
+_WANDER_PLANS = PlanCache()
+
+
+def _clean_params(params: Any) -> dict[str, Any]:
+    return {"down": [tuple(p) for p in params["down"]], "feature": params["feature"], "token": params["token"]}
+
+
+def _plan_wander(
+    xs: Any, params: Any, mode: Any, masks: Any, activation: Any, residual: Any, backend: Any
+) -> Callable[..., Any]:
+    """Check a :func:`wander` call and choose its implementation (its plan)."""
     xs, batch = check_modalities(xs, "xs", ndim=3, layout="(B, T_m, d_m)")
     pairs, widths = _check_params(params, xs)
     shapes = [(batch, x.shape[1], r) for x, r in zip(xs, widths)]
@@ -489,8 +525,7 @@ def wander(
     check_same_float_dtype(xp, named)
     masks = _check_masks(xp, masks, [tuple(x.shape) for x in xs], "xs")
     impl = lookup("wander", backend, like=xs[0], arrays=(xs, pairs, feature, token))
-    clean = {"down": pairs, "feature": feature, "token": token}
-    return impl(xs, clean, mode=mode, masks=masks, activation=activation, residual=residual)
+    return partial(impl, mode=mode, activation=activation, residual=residual)
 
 
 # --------------------------------------------------------------------------- parameters

@@ -14,6 +14,7 @@ from ..._namespace import block_budget, block_slices
 from .._torch_eager import bind
 from ._common import (
     BLOCK_BYTES,
+    LOW_PRECISION,
     affine,
     cast,
     compute_dtype,
@@ -326,28 +327,31 @@ def whole_batch_grads(
     append_one: bool,
     present: torch.Tensor | None,
     needs: Sequence[bool],
-    projections: Sequence[torch.Tensor] | None = None,
+    kept: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor | None]:
     """The analytic backward of low-rank fusion on the whole batch, rank-major, out of place.
 
-    ``needs`` and the result as :func:`lowrank_grads`.  With ``g_r = w_r g`` and the
-    projections ``P_m`` (R, B, h): ``G_m = g_r * prod_{k != m} P_k`` (prefix and suffix
-    products), ``dL/dx_m = sum_r G_m[r] F_m[r, :d]^T``, ``dL/dF_m[r] = [x_m, 1]^T G_m[r]``,
-    ``dL/dw_r = sum_{b,k} g * prod_m P_m[r]``, ``dL/db = sum_b g``.  ``projections`` are the
-    forward's (R, B, h) ones in the compute dtype; without them (and always while a graph of
+    ``needs`` and the result as :func:`lowrank_grads`.  With ``g_r = w_r g``, the features
+    ``hat x_m = [x_m, 1]`` (absent samples' zeroed) and the projections ``P_m = hat x_m F_m``
+    (R, B, h): ``G_m = g_r * prod_{k != m} P_k`` (prefix and suffix products),
+    ``dL/dx_m = (sum_r G_m[r] F_m[r]^T)[:, :d_m]``, ``dL/dF_m[r] = hat x_m^T G_m[r]``,
+    ``dL/dw_r = sum_{b,k} g * prod_m P_m[r]``, ``dL/db = sum_b g``.  ``kept``: the forward's
+    (features, projections) in the compute dtype; without them (and always while a graph of
     the backward is recorded, where they must be functions of the inputs) they are
     recomputed.  Every operation is differentiable, so the same routine serves double
     backward.
     """
     n_mod = len(xs)
     dtype = grad.dtype
-    cdt = compute_dtype(dtype)
-    g = cast(grad, cdt)
-    xs = [cast(x, cdt) for x in xs]
-    factors = [cast(f, cdt) for f in factors]
-    w = None if weights is None else cast(weights, cdt)
-    if projections is None or torch.is_grad_enabled():
-        projections = rank_major_projections(xs, factors, append_one, present)
+    low = dtype in LOW_PRECISION
+    g = cast(grad, torch.float32) if low else grad
+    if low:
+        xs = [cast(x, torch.float32) for x in xs]
+        factors = [cast(f, torch.float32) for f in factors]
+    w = None if weights is None else cast(weights, g.dtype)
+    if kept is None or torch.is_grad_enabled():
+        kept = rank_major_projections(xs, factors, append_one, present)
+    hats, projections = kept
     need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
     rank = factors[0].shape[0]
     run = g if w is None else g * w.view(rank, 1, 1)  # (R, B, h) by broadcasting
@@ -363,17 +367,14 @@ def whole_batch_grads(
     for m in range(n_mod - 1, -1, -1):
         if need_x[m] or need_f[m]:
             gm = run.expand(rank, *g.shape) if m == 0 else run * pre[m]
-            f = factors[m]
-            d = xs[m].shape[1]
             if need_x[m]:
-                gx = torch.bmm(gm, f[:, :d].transpose(1, 2)).sum(dim=0)
+                gx = torch.bmm(gm, factors[m].transpose(1, 2)).sum(dim=0)
+                if append_one:
+                    gx = gx[:, :-1]
                 out[m] = cast(gx if present is None else masked_rows(gx, present, m, _ALL), dtype)
             if need_f[m]:
-                feats = masked_rows(xs[m], present, m, _ALL)
-                gf = torch.bmm(feats.t().expand(rank, d, feats.shape[0]), gm)  # (R, d, h)
-                if append_one:
-                    gf = torch.cat([gf, gm.sum(dim=1, keepdim=True)], dim=1)
-                out[n_mod + m] = cast(gf, dtype)
+                hat = hats[m]
+                out[n_mod + m] = cast(torch.bmm(hat.t().expand(rank, *hat.shape[::-1]), gm), dtype)
         if m:
             run = run * projections[m]
     return out
@@ -384,57 +385,65 @@ _ALL = slice(None)
 
 def rank_major_projections(
     xs: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], append_one: bool, present: Any
-) -> list[torch.Tensor]:
-    """The core's :func:`~mmfuse._core.fusion.rank_major_projections` as one ``baddbmm``
-    per modality (a broadcast ``matmul`` plus an add dispatches about twice the operators)."""
-    out = []
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The core's :func:`~mmfuse._core.fusion.rank_major_projections` with fewer operators:
+    the features ``hat x_m`` (the constant appended by one ``pad``, absent samples zeroed)
+    and per modality one ``bmm`` of them with F_m, (R, B, h).  Returns (features,
+    projections); the backward reuses both."""
+    hats = []
+    projections = []
     for m, (x, f) in enumerate(zip(xs, factors)):
-        x = masked_rows(x, present, m, _ALL)
-        batch, d = x.shape
-        xr = x.expand(f.shape[0], batch, d)
-        out.append(torch.baddbmm(f[:, d:], xr, f[:, :d]) if append_one else torch.bmm(xr, f))
-    return out
+        if present is not None:
+            x = masked_rows(x, present, m, _ALL)
+        hat = torch.nn.functional.pad(x, (0, 1), value=1.0) if append_one else x
+        hats.append(hat)
+        projections.append(torch.bmm(hat.expand(f.shape[0], *hat.shape), f))
+    return hats, projections
 
 
 class _LowRankWholeBatch(torch.autograd.Function):
-    """Low-rank fusion of a small problem: the core's rank-major forward, kept projections,
-    :func:`whole_batch_grads` as the backward.  ``apply(append_one, present, weights, bias,
-    *xs, *factors)``."""
+    """Low-rank fusion of a small problem: the rank-major forward, its features and
+    projections kept, :func:`whole_batch_grads` as the backward.  ``apply(append_one,
+    present, weights, bias, *xs, *factors)``."""
 
     @staticmethod
     def forward(ctx: Any, append_one: bool, present: Any, weights: Any, bias: Any, *arrays: Any) -> Any:
         n_mod = len(arrays) // 2
         xs, factors = arrays[:n_mod], arrays[n_mod:]
         dtype = xs[0].dtype
-        cdt = compute_dtype(dtype)
-        projections = rank_major_projections(
-            [cast(x, cdt) for x in xs], [cast(f, cdt) for f in factors], append_one, present
-        )
+        low = dtype in LOW_PRECISION
+        if low:  # computed in float32, rounded once at the end
+            xs, factors = [cast(x, torch.float32) for x in xs], [cast(f, torch.float32) for f in factors]
+        hats, projections = rank_major_projections(xs, factors, append_one, present)
         acc = projections[0]
         for proj in projections[1:]:
             acc = acc * proj
         rank, batch, out_dim = acc.shape
         flat = acc.view(rank, batch * out_dim)
-        y = (flat.sum(0) if weights is None else torch.mv(flat.t(), cast(weights, cdt))).view(batch, out_dim)
+        y = flat.sum(0) if weights is None else torch.mv(flat.t(), cast(weights, acc.dtype))
+        y = y.view(batch, out_dim)
         if bias is not None:
-            y = y + cast(bias, cdt)
+            y = y + cast(bias, acc.dtype)
         ctx.append_one, ctx.n_mod = append_one, n_mod
         ctx.has_weights, ctx.has_present = weights is not None, present is not None
         extra = [t for t in (weights, present) if t is not None]
-        ctx.save_for_backward(*xs, *factors, *extra, *projections)
-        return cast(y, dtype)
+        ctx.save_for_backward(*arrays, *extra, *hats, *projections)
+        return cast(y, dtype) if low else y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         n_mod = ctx.n_mod
         saved = ctx.saved_tensors
         xs, factors = saved[:n_mod], saved[n_mod : 2 * n_mod]
-        rest = list(saved[2 * n_mod :])
-        weights = rest.pop(0) if ctx.has_weights else None
-        present = rest.pop(0) if ctx.has_present else None
+        rest = saved[2 * n_mod :]
+        weights = rest[0] if ctx.has_weights else None
+        present = rest[ctx.has_weights] if ctx.has_present else None
+        kept = rest[ctx.has_weights + ctx.has_present :]
         need = ctx.needs_input_grad
         needs = [*need[4 : 4 + 2 * n_mod], need[2] and weights is not None, need[3]]
-        grads = whole_batch_grads(grad, xs, factors, weights, ctx.append_one, present, needs, rest)
+        grads = whole_batch_grads(
+            grad, xs, factors, weights, ctx.append_one, present, needs, (list(kept[:n_mod]), list(kept[n_mod:]))
+        )
         return (None, None, grads[2 * n_mod], grads[2 * n_mod + 1], *grads[: 2 * n_mod])
 
 
