@@ -283,14 +283,14 @@ def sequence_fusion(
     key = call_key(backend, (mode,), hs, feature_factors, token_factors, masks)
     plan = _SEQUENCE_PLANS.get(key)
     if plan is None:
-        plan = _SEQUENCE_PLANS.remember(key, _plan_sequence(hs, feature_factors, token_factors, mode, masks, backend))
+        plan = _SEQUENCE_PLANS.remember(key, plan_sequence(hs, feature_factors, token_factors, mode, masks, backend))
     return plan(hs, feature_factors, token_factors, masks=masks)
 
 
 _SEQUENCE_PLANS = PlanCache()
 
 
-def _plan_sequence(
+def plan_sequence(
     hs: Any, feature_factors: Any, token_factors: Any, mode: Any, masks: Any, backend: Any
 ) -> Callable[..., Any]:
     """Check a :func:`sequence_fusion` call and choose its implementation (its plan)."""
@@ -470,7 +470,7 @@ def wander(
     key = call_key(backend, options, xs, *parts, masks) if parts is not None else None
     plan = _WANDER_PLANS.get(key)
     if plan is None:
-        plan = _WANDER_PLANS.remember(key, _plan_wander(xs, params, mode, masks, activation, residual, backend))
+        plan = _WANDER_PLANS.remember(key, plan_wander(xs, params, mode, masks, activation, residual, backend))
     return plan(xs, params if parts is not None else _clean_params(params), masks=masks)
 
 
@@ -481,7 +481,7 @@ def _clean_params(params: Any) -> dict[str, Any]:
     return {"down": [tuple(p) for p in params["down"]], "feature": params["feature"], "token": params["token"]}
 
 
-def _plan_wander(
+def plan_wander(
     xs: Any, params: Any, mode: Any, masks: Any, activation: Any, residual: Any, backend: Any
 ) -> Callable[..., Any]:
     """Check a :func:`wander` call and choose its implementation (its plan)."""

@@ -1105,19 +1105,23 @@ class WanderAdapter(nn.Module):
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs, masks)
         dtype = self.down_weights[0].dtype
-        xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, type(self).__name__)
+        params = self.params()
         if _compiling():
+            xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, type(self).__name__)
             return _TORCH["wander"](
-                xs, self.params(), mode=self.mode, masks=mask_list, activation=self.activation,
+                xs, params, mode=self.mode, masks=mask_list, activation=self.activation,
                 residual=self.residual,
             )  # fmt: skip
-        from ._sequence import wander
 
-        with _layer_call(self):
-            return wander(
-                xs, self.params(), mode=self.mode, masks=mask_list, activation=self.activation,
-                residual=self.residual,
-            )  # fmt: skip
+        def plan() -> Any:
+            from ._sequence import plan_wander
+
+            checked, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, type(self).__name__)
+            return plan_wander(checked, params, self.mode, mask_list, self.activation, self.residual, None)
+
+        options = (self.in_dims, self.lengths, self.mode, self.activation, self.residual)
+        arrays = (xs, masks, params["down"], params["feature"], params["token"])
+        return _layer_plan(self, options, arrays, plan)(xs, params, masks=masks)
 
 
 # --------------------------------------------------------------------------- Zoom and Shift
