@@ -1,34 +1,53 @@
 """zoom_shift and align on CPU: mmfuse vs a straightforward torch version vs a NumPy copy.
 
-Run: ``python benchmarks/align_cpu.py [--json FILE] [--quick]``.
+Run: ``python benchmarks/align_cpu.py [--json FILE] [--quick] [--auto] [--rule]``.
 
 Inputs (B, T, C) = (64, 512, 256) float32 per modality, all cores.  Candidates per case:
 
-- ``mmfuse-numba``: the public function on NumPy arrays with ``backend="numba"`` (the numba
-  CPU kernels: one loop nest per pass over a sample; what "auto" runs once numba is imported).
-- ``mmfuse-numpy``: the same call on the Array-API core's NumPy fast path
-  (``backend="array_api"``; cache-blocked: each input is read from memory once for its
-  statistics; zoom_shift maps each block while in cache); what "auto" runs without numba.
-- ``mmfuse-torch``: the same call on torch CPU tensors (the Array-API core, autograd-capable).
+- ``auto-numpy`` / ``auto-torch``: the public function under ``backend="auto"`` on NumPy
+  arrays / torch CPU tensors (no gradient): what a user gets by default.  With numba installed
+  these are numba's CPU kernels (the inputs have more than ``AUTO_IMPORT_ELEMENTS``; torch
+  tensors through NumPy views, zoom_shift inside the op ``mmfuse::zoom_shift_numba``); the
+  script prints which implementation "auto" chose.
+- ``mmfuse-numba``: the same call on NumPy arrays with ``backend="numba"`` (the CPU kernels).
+- ``mmfuse-numpy``: the Array-API core's NumPy fast path (``backend="array_api"``;
+  cache-blocked: each input is read from memory once for its statistics; zoom_shift maps
+  each block while in cache); what "auto" runs without numba.
+- ``mmfuse-torch``: the Array-API core on torch CPU tensors (``backend="array_api"``: what
+  "auto" runs for align / moments when gradients are needed).
+- ``torch-op`` (zoom_shift): ``backend="torch"``, the custom op ``mmfuse::zoom_shift`` (the
+  core's statistics in torch): what "auto" ran on torch CPU tensors before numba's rows.
 - ``torch-straight``: the straightforward torch version: mean, then std, then the affine map as
   separate ops (align: the rounds literally, re-measuring every array each round).
-- ``numpy-copy``: ``np.copy`` of one input: the bandwidth yardstick.
+- ``numpy-copy``: ``np.copy`` of one input: the bandwidth yardstick (timed in both groups).
 
 Effective bandwidth = (bytes of every input read once + bytes of every output written once) /
-time; ``bw/copy`` divides it by the copy's (2 x nbytes / time).  Targets (issue 4): mmfuse at
-least 1.5x faster than ``torch-straight`` and at least 50% of copy bandwidth.
+time; ``bw/copy`` divides it by the copy's (2 x nbytes / time).  Targets: issue 4, mmfuse at
+least 1.5x faster than ``torch-straight`` and at least 50% of copy bandwidth; issue 19, the
+"auto" rows (NumPy and torch) at least 0.5 of copy bandwidth for zoom_shift and align(rounds=1).
+The closing lines give each "auto" fraction as the median over rounds with its p10-p90 spread
+(per round: the candidate's median time against the copy's in the same round).
+
+``--auto``: only zoom_shift and align-r1, only the "auto" candidates and the copy (quick).
+``--rule``: the measurements behind ``AUTO_IMPORT_ELEMENTS`` (docs/backends.rst): in fresh
+processes, the one-time cost of importing numba and loading its kernels (with the on-disk
+cache, and with an empty one), then per-call times of the NumPy core and the kernels by size
+and the calls after which the one-time cost is repaid.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import arg_parser, machine, peak_rss_mib, print_table, time_candidates
+from _harness import arg_parser, machine, medians, peak_rss_mib, print_table, quantile, sample_rounds
 
 SHAPE = (64, 512, 256)
 EPS = 1e-5
@@ -63,17 +82,12 @@ def setup(case: str) -> dict[str, object]:
         for m in range(n)
     ]
     ts = [torch.from_numpy(x) for x in xs]
+    cands: dict[str, object] = {}
     if op == "zoom_shift":
         alpha = 1.0
 
-        def mmfuse_numba():
-            return mmfuse.zoom_shift(xs[0], xs[1], alpha=alpha, eps=EPS, backend="numba")
-
-        def mmfuse_numpy():
-            return mmfuse.zoom_shift(xs[0], xs[1], alpha=alpha, eps=EPS, backend="array_api")
-
-        def mmfuse_torch():
-            return mmfuse.zoom_shift(ts[0], ts[1], alpha=alpha, eps=EPS, backend="array_api")
+        def run(arrays, backend):
+            return lambda: mmfuse.zoom_shift(arrays[0], arrays[1], alpha=alpha, eps=EPS, backend=backend)
 
         def straight():
             return _torch_zoom_shift(torch, ts[0], ts[1], alpha)
@@ -82,14 +96,8 @@ def setup(case: str) -> dict[str, object]:
         rounds = extra[0]
         opts = {"rounds": rounds, "alpha": ALPHA, "eps": EPS}
 
-        def mmfuse_numba():
-            return mmfuse.align(xs, backend="numba", **opts)
-
-        def mmfuse_numpy():
-            return mmfuse.align(xs, backend="array_api", **opts)
-
-        def mmfuse_torch():
-            return mmfuse.align(ts, backend="array_api", **opts)
+        def run(arrays, backend):
+            return lambda: mmfuse.align(arrays, backend=backend, **opts)
 
         def straight():
             ys = list(ts)
@@ -98,11 +106,32 @@ def setup(case: str) -> dict[str, object]:
                     ys[i] = _torch_zoom_shift(torch, ys[i], ys[1 - i], ALPHA)
             return ys
 
-    cands = {"mmfuse-numba": mmfuse_numba, "mmfuse-numpy": mmfuse_numpy, "mmfuse-torch": mmfuse_torch}
+    cands["auto-numpy"] = run(xs, "auto")
+    cands["auto-torch"] = run(ts, "auto")
+    cands["mmfuse-numba"] = run(xs, "numba")
+    cands["mmfuse-numpy"] = run(xs, "array_api")
+    cands["mmfuse-torch"] = run(ts, "array_api")
+    if op == "zoom_shift":
+        cands["torch-op"] = run(ts, "torch")
     if op == "zoom_shift" or extra[0] is not None:
         cands["torch-straight"] = straight
     cands["numpy-copy"] = lambda: xs[0].copy()
     return cands
+
+
+def chosen(case: str) -> dict[str, str]:
+    """What "auto" runs for the case's NumPy and torch inputs (backend / variant)."""
+    import torch
+
+    from mmfuse.backends import explain
+
+    n, op, *_ = CASES[case]
+    x = np.zeros(SHAPE, dtype=np.float32)
+    out = {}
+    for name, a in (("numpy", x), ("torch", torch.from_numpy(x))):
+        impl = explain(op, *[a] * n).chosen
+        out[name] = f"{impl.backend} / {impl.variant}"
+    return out
 
 
 def moved_bytes(case: str) -> int:
@@ -113,41 +142,72 @@ def moved_bytes(case: str) -> int:
 
 
 def check(case: str, cands: dict[str, object]) -> float:
-    """Max relative difference of the NumPy-array candidates (numba, numpy) against the torch
-    version (or mmfuse-torch)."""
-    b = cands["torch-straight" if "torch-straight" in cands else "mmfuse-torch"]()
+    """Max relative difference of every mmfuse candidate against the torch version (or,
+    without one, mmfuse on torch through the core)."""
+    ref = "torch-straight" if "torch-straight" in cands else "mmfuse-torch"
+    b = cands[ref]()
     b = b if isinstance(b, list) else [b]
     worst = 0.0
-    for name in ("mmfuse-numba", "mmfuse-numpy"):
-        a = cands[name]()
+    for name, fn in cands.items():
+        if name in (ref, "numpy-copy"):
+            continue
+        a = fn()
         a = a if isinstance(a, list) else [a]
         for u, v in zip(a, b):
+            u = u.double().numpy() if hasattr(u, "numpy") and not isinstance(u, np.ndarray) else u
             v = v.double().numpy()
             worst = max(worst, float(np.abs(np.asarray(u, dtype=np.float64) - v).max() / np.abs(v).max()))
     return worst
 
 
+# Candidates timed in one group with the copy; two groups, NumPy first: torch's OpenMP workers
+# spin for a while after each parallel region, and interleaved with them NumPy's block threads
+# lose a core (measured: 0.62 vs 0.44 of copy bandwidth for zoom_shift).  Each group is still
+# round-robin, and each holds the copy, so that per-round fractions compare like with like.
+NUMPY_GROUP = ("auto-numpy", "mmfuse-numba", "mmfuse-numpy", "numpy-copy")
+TORCH_GROUP = ("auto-torch", "mmfuse-torch", "torch-op", "torch-straight")
+AUTO = ("auto-numpy", "auto-torch")
+
+
+def fractions(case: str, rounds: dict[str, list[list[float]]], name: str, copy: str) -> list[float]:
+    """Per round, the candidate's fraction of copy bandwidth (median times in that round)."""
+    nbytes = int(np.prod(SHAPE)) * 4
+    return [
+        (moved_bytes(case) / statistics.median(t)) / (2 * nbytes / statistics.median(c))
+        for t, c in zip(rounds[name], rounds[copy])
+    ]
+
+
 def main() -> None:
-    args = arg_parser(__doc__).parse_args()
+    parser = arg_parser(__doc__)
+    parser.add_argument("--auto", action="store_true", help='only the "auto" rows of zoom_shift and align-r1')
+    parser.add_argument("--rule", action="store_true", help="the measurements behind AUTO_IMPORT_ELEMENTS")
+    args = parser.parse_args()
+    if args.rule:
+        rule(args)
+        return
     import torch
 
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
-    rows, results = [], []
+    rows, results, summary = [], [], []
     nbytes = int(np.prod(SHAPE)) * 4
-    for case in CASES:
+    cases = ("zoom_shift", "align-r1") if args.auto else tuple(CASES)
+    for case in cases:
         cands = setup(case)
+        print(f"{case}: 'auto' runs {chosen(case)}")
         err = check(case, cands)
-        # Two groups, NumPy first: torch's OpenMP workers spin for a while after each parallel
-        # region, and interleaved with them NumPy's block threads lose a core (measured: 0.62
-        # vs 0.44 of copy bandwidth for zoom_shift).  Each group is still round-robin.
-        repeats = 3 if args.quick else 9
-        numpy_group = {n: c for n, c in cands.items() if "torch" not in n}
-        torch_group = {n: c for n, c in cands.items() if "torch" in n}
-        times = {**time_candidates(numpy_group, repeats=repeats), **time_candidates(torch_group, repeats=repeats)}
-        times = {n: times[n] for n in cands}
-        mem = {} if args.quick else {n: peak_rss_mib("align_cpu", case, n) for n in cands}
+        if args.auto:
+            cands = {k: v for k, v in cands.items() if k in (*AUTO, "numpy-copy")}
+        repeats = 3 if args.quick else (15 if args.auto else 9)
+        numpy_group = {n: c for n, c in cands.items() if n in NUMPY_GROUP}
+        torch_group = {n: c for n, c in cands.items() if n in TORCH_GROUP}
+        torch_group["numpy-copy/t"] = cands["numpy-copy"]
+        rounds = {**sample_rounds(numpy_group, repeats=repeats), **sample_rounds(torch_group, repeats=repeats)}
+        times = medians(rounds)
+        mem = {} if args.quick or args.auto else {n: peak_rss_mib("align_cpu", case, n) for n in cands}
         copy_bw = 2 * nbytes / times["numpy-copy"]
-        for name, t in times.items():
+        for name in cands:
+            t = times[name]
             bw = (2 * nbytes if name == "numpy-copy" else moved_bytes(case)) / t
             row = {
                 "case": case,
@@ -164,11 +224,115 @@ def main() -> None:
                  "bw_fraction_of_copy": bw / copy_bw, "peak_mib": mem.get(name),
                  "rel_err": err}
             )
-        print(f"{case}: max relative difference mmfuse-numba/-numpy vs reference candidate {err:.2e}")
+        for name in AUTO:
+            if name in cands and case in ("zoom_shift", "align-r1"):
+                per = fractions(case, rounds, name, "numpy-copy" if name in NUMPY_GROUP else "numpy-copy/t")
+                summary.append((case, name, statistics.median(per), quantile(per, 0.1), quantile(per, 0.9)))
+        print(f"{case}: max relative difference of the mmfuse candidates vs the reference candidate {err:.2e}")
     print_table(rows, ["case", "candidate", "ms", "straight/this", "GB/s", "bw/copy", "peak MiB"])
+    print('\n"auto" at (64, 512, 256) float32, fraction of copy bandwidth (target >= 0.5):')
+    for case, name, med, p10, p90 in summary:
+        print(f"  {case:<11} {name:<11} {med:.2f}  (p10-p90 {p10:.2f}-{p90:.2f})")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": machine(), "shape": SHAPE, "results": results}, fh, indent=2)
+            auto = [{"case": c, "candidate": n, "median": m, "p10": a, "p90": b} for c, n, m, a, b in summary]
+            json.dump({"machine": machine(), "shape": SHAPE, "results": results, "auto": auto}, fh, indent=2)
+
+
+# --------------------------------------------------------------------------- --rule
+
+_COLD = """
+import sys, time
+t0 = time.perf_counter()
+import numpy as np
+{torch_import}
+import mmfuse
+rng = np.random.default_rng(0)
+x = rng.standard_normal({shape}, dtype=np.float32)
+g = rng.standard_normal({shape}, dtype=np.float32)
+{to_torch}
+t1 = time.perf_counter()
+mmfuse.{op}({args}, backend={backend!r})
+t2 = time.perf_counter()
+mmfuse.{op}({args}, backend={backend!r})
+t3 = time.perf_counter()
+print(t2 - t1, t3 - t2, "numba" in sys.modules)
+"""
+
+
+def _cold(op: str, backend: str, *, torch: bool, cache_dir: str | None, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(first call, second call) seconds of ``op`` in a fresh process."""
+    args = {"zoom_shift": "x, g", "align": "[x, g]", "moments": "x"}[op]
+    code = _COLD.format(
+        torch_import="import torch" if torch else "",
+        to_torch="x, g = torch.from_numpy(x), torch.from_numpy(g)" if torch else "",
+        op=op, args=args, backend=backend, shape=shape,
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("MMFUSE_BACKEND", "MMFUSE_PREFER")}
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{op} ({backend}) failed in a fresh process:\n{out.stderr[-3000:]}")
+    first, second, _ = out.stdout.split()
+    return float(first), float(second)
+
+
+def rule(args) -> None:
+    """The one-time cost of numba under "auto" and what a call saves, by size."""
+    import mmfuse
+    from mmfuse.backends._table import AUTO_IMPORT_ELEMENTS
+
+    print(f"machine: {machine()}; AUTO_IMPORT_ELEMENTS = 2**{int(np.log2(AUTO_IMPORT_ELEMENTS))}")
+    repeats = 1 if args.quick else 3
+    big = (4, 512, 512)  # 2**20 elements: above the threshold, "auto" imports numba
+    print(f"\nfresh process, first and second call at {big} float32 (median of {repeats}; seconds):")
+    rows = []
+    one_time = []
+    for op in ("zoom_shift", "align", "moments"):
+        for torch in (False, True):
+            cells = {"op": op, "arrays": "torch" if torch else "numpy"}
+            core = "array_api"
+            base = [_cold(op, core, torch=torch, cache_dir=None, shape=big) for _ in range(repeats)]
+            warm = [_cold(op, "auto", torch=torch, cache_dir=None, shape=big) for _ in range(repeats)]
+            with tempfile.TemporaryDirectory() as empty:
+                cold = [_cold(op, "auto", torch=torch, cache_dir=os.path.join(empty, str(i)), shape=big)
+                        for i in range(1)]  # fmt: skip
+            first_core = statistics.median(b[0] for b in base)
+            first_warm = statistics.median(w[0] for w in warm)
+            cells["core first"] = f"{first_core:.3f}"
+            cells["core second"] = f"{statistics.median(b[1] for b in base):.4f}"
+            cells["auto first (disk cache)"] = f"{first_warm:.3f}"
+            cells["auto first (no cache)"] = f"{cold[0][0]:.2f}"
+            cells["auto second"] = f"{statistics.median(w[1] for w in warm):.4f}"
+            cells["one-time extra"] = f"{first_warm - first_core:.3f}"
+            one_time.append(first_warm - first_core)
+            rows.append(cells)
+    print_table(rows, list(rows[0]))
+    extra = statistics.median(one_time)
+    print(f"median one-time extra (import numba + load cached kernels): {extra:.2f} s")
+
+    print("\nper call by size, (B, T, 256) float32, NumPy (ms; medians):")
+    rng = np.random.default_rng(1)
+    rows = []
+    for b, t in ((1, 64), (4, 64), (4, 256), (8, 512), (16, 512), (64, 512)):
+        x = (1e4 + rng.standard_normal((b, t, 256))).astype(np.float32)
+        g = rng.standard_normal((b, t, 256)).astype(np.float32)
+        cands = {
+            "zs core": lambda x=x, g=g: mmfuse.zoom_shift(x, g, backend="array_api"),
+            "zs numba": lambda x=x, g=g: mmfuse.zoom_shift(x, g, backend="numba"),
+            "align core": lambda x=x, g=g: mmfuse.align([x, g], alpha=0.5, backend="array_api"),
+            "align numba": lambda x=x, g=g: mmfuse.align([x, g], alpha=0.5, backend="numba"),
+        }
+        times = medians(sample_rounds(cands, repeats=6 if args.quick else 12))
+        saved = times["zs core"] - times["zs numba"]
+        rows.append({
+            "elements": f"2**{np.log2(x.size):.0f}",
+            **{k: f"{v * 1e3:.3f}" for k, v in times.items()},
+            "zs saved ns/elem": f"{saved / x.size * 1e9:.2f}",
+            "calls to repay": f"{extra / saved:.0f}" if saved > 0 else "never",
+        })  # fmt: skip
+    print_table(rows, list(rows[0]))
 
 
 if __name__ == "__main__":

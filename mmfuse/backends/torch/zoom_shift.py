@@ -123,10 +123,14 @@ _zoom_shift_eager = bind(
 # over numba's primitives) on NumPy views of the tensors' memory: no copy in, the kernels'
 # output buffer out.  CPU float32/float64 tensors; the registry's numba row for torch CPU
 # tensors runs it (numba is imported at its first call, not here).
+#
+# Eager calls run the forward function itself inside the bound autograd.Function, not through
+# torch's dispatcher: a custom op's first dispatch imports torch._dynamo (2-3 s on the CI
+# machine, and triton with it where installed), which would dwarf numba's own one-time cost.
+# torch.compile and direct torch.ops.mmfuse.zoom_shift_numba calls use the registered op.
 
 
-@torch.library.custom_op("mmfuse::zoom_shift_numba", mutates_args=(), device_types="cpu")
-def _zoom_shift_numba_op(
+def _zoom_shift_numba_forward(
     x: torch.Tensor,
     guide: torch.Tensor,
     alpha: float,
@@ -144,14 +148,27 @@ def _zoom_shift_numba_op(
     return torch.from_numpy(y)
 
 
+_zoom_shift_numba_op = torch.library.custom_op(
+    "mmfuse::zoom_shift_numba", _zoom_shift_numba_forward, mutates_args=(), device_types="cpu"
+)
+
+
 @_zoom_shift_numba_op.register_fake
 def _(x: Any, guide: Any, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float) -> Any:
     return torch.empty_like(x)
 
 
 _zoom_shift_numba_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
+
+
+def _zoom_shift_numba_call(*args: Any) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.mmfuse.zoom_shift_numba(*args)
+    return _zoom_shift_numba_forward(*args)
+
+
 _zoom_shift_numba_eager = bind(
-    "_ZoomShiftNumba", torch.ops.mmfuse.zoom_shift_numba, _zoom_shift_setup_context, _zoom_shift_backward
+    "_ZoomShiftNumba", _zoom_shift_numba_call, _zoom_shift_setup_context, _zoom_shift_backward
 )
 
 
