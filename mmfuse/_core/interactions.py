@@ -5,7 +5,11 @@ Inputs arrive validated by the public layer (:mod:`mmfuse._interactions`).  The 
 - LMF and CP, ``by="order"``: per rank and output, the terms of order k are the coefficients of
   :math:`t^k` in :math:`\prod_m (c_m + t P_m)` (:math:`P_m` the projection of the features,
   :math:`c_m` the constant's row), built one modality at a time (O(M^2) elementwise products,
-  no subset enumerated), then reduced over the rank.
+  no subset enumerated), then reduced over the rank.  On NumPy arrays (the ``*_numpy``
+  variants) the same recursion runs in cache-sized batch blocks and reused buffers
+  (:func:`orders_blocked`), rank-major so that the rank sum adds contiguous slabs; the
+  recursion of a block is a primitive (:class:`NumPyOrders`, in-place ufuncs), which a
+  backend may replace with a compiled kernel (``mmfuse.backends._numba_interactions``).
 - LMF and CP, ``by="subset"``: a depth-first walk over the modalities multiplies each prefix
   product by :math:`c_m` (m not in S) or :math:`P_m` (m in S): 2^(M+1) products of the kept
   projections, at most M partial products alive.
@@ -15,8 +19,9 @@ Inputs arrive validated by the public layer (:mod:`mmfuse._interactions`).  The 
   hold (O(M^2) contractions); by subset, a depth-first walk.  The all-constant branch never
   depends on the sample, so it stays unbatched until it meets a feature.
 
-Only standard Array-API functions are used (matmul, reshape, broadcasting, sum, stack,
-concat): NumPy, array-api-strict, PyTorch (autograd flows through), CuPy, JAX and Dask.
+Outside the NumPy variants only standard Array-API functions are used (matmul, reshape,
+broadcasting, sum, stack, concat): NumPy, array-api-strict, PyTorch (autograd flows through),
+CuPy, JAX and Dask.
 Inputs are never written to and never passed through ``xp.asarray``.  A part that is
 identically zero (every term but the top one when ``append_one=False``) is carried as ``None``
 and materialised as zeros only in the result.
@@ -41,18 +46,23 @@ from .._namespace import (
 from .fusion import flat_lowrank, mask_absent
 
 __all__ = [
+    "NumPyOrders",
     "cp_interactions",
     "cp_interactions_numpy",
+    "cp_interactions_with",
     "interaction_shares",
     "labels_for",
     "lowrank_interactions",
     "lowrank_interactions_numpy",
+    "lowrank_interactions_with",
+    "orders_blocked",
     "subset_labels",
     "tensor_interactions",
+    "tiled",
 ]
 
-# Per batch block, the order recursion keeps M + 2 arrays of (rows, R h); a block is sized so
-# that they stay near this many bytes (in L2 on the 2-core CI box).
+# Generic path: per batch block, the order recursion keeps M + 2 arrays of (rows, R h); a block
+# is sized so that they stay near this many bytes (in L2 on the 2-core CI box).
 _BLOCK_BYTES = 1 << 20
 
 
@@ -179,34 +189,6 @@ def lowrank_interactions(
     """LMF's terms (K, B, h): each factor laid out as a (D_m, R h) matrix (the rank weights
     folded into the first), one GEMM per modality and block, then the recursion or the walk.
     Generic (any namespace); :func:`lowrank_interactions_numpy` is NumPy's variant."""
-    return _lowrank_terms(xs, factors, weights, by, present, append_one, numpy_orders=False)
-
-
-def lowrank_interactions_numpy(
-    xs: list[Any],
-    factors: list[Any],
-    weights: Any = None,
-    *,
-    by: str = "order",
-    present: Any = None,
-    append_one: bool = True,
-    max_elements: int | None = None,
-) -> tuple[Any, list[Any]]:
-    """NumPy's variant: orders by the in-place recursion (:func:`_orders_numpy`) where the
-    constant is appended; everything else as the generic path."""
-    return _lowrank_terms(xs, factors, weights, by, present, append_one, numpy_orders=True)
-
-
-def _lowrank_terms(
-    xs: list[Any],
-    factors: list[Any],
-    weights: Any,
-    by: str,
-    present: Any,
-    append_one: bool,
-    *,
-    numpy_orders: bool,
-) -> tuple[Any, list[Any]]:
     xp = array_namespace(xs[0])
     rank, _, out_dim = factors[0].shape
     mats = [flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
@@ -221,26 +203,76 @@ def _lowrank_terms(
     def reduce(t: Any) -> Any:
         return xp.sum(xp.reshape(t, (t.shape[0], rank, out_dim)), axis=1)
 
-    def reduce_into(coef: Any, target: Any) -> None:
-        # NumPy only: the rank sum as R - 1 adds of (K, rows, h) slices (faster than a strided
-        # axis sum)
-        import numpy as np
-
-        if rank == 1:
-            target[...] = coef
-            return
-        np.add(coef[..., :out_dim], coef[..., out_dim : 2 * out_dim], out=target)
-        for r in range(2, rank):
-            target += coef[..., r * out_dim : (r + 1) * out_dim]
-
-    if by == "order" and numpy_orders and append_one:
-        terms = _orders_numpy(xs, feats, consts, present, out_dim, reduce_into)
-    else:
-        terms = _ranked_terms(xp, xs, project, reduce, rank * out_dim, out_dim, by)
+    terms = _ranked_terms(xp, xs, project, reduce, rank * out_dim, out_dim, by)
     return terms, labels_for(by, len(xs))
 
 
-def _orders_numpy(
+def lowrank_interactions_numpy(
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any = None,
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[Any, list[Any]]:
+    """NumPy's variant: orders by :func:`orders_blocked` with NumPy's in-place recursion
+    (:class:`NumPyOrders`) where the constant is appended; everything else as the generic
+    path."""
+    return lowrank_interactions_with(
+        NumPyOrders, xs, factors, weights, by=by, present=present, append_one=append_one
+    )
+
+
+def lowrank_interactions_with(
+    recursion: Callable[..., Any],
+    xs: list[Any],
+    factors: list[Any],
+    weights: Any = None,
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+) -> tuple[Any, list[Any]]:
+    """LMF's terms on NumPy arrays with the order recursion of ``recursion`` (a class like
+    :class:`NumPyOrders`, e.g. a backend's compiled kernel): rank-major (R, d_m, h) factors
+    (the rank weights folded into the first), :func:`orders_blocked`, the rank sum.  Other
+    calls (by subset, no appended constant) run the generic path."""
+    if by != "order" or not append_one:
+        return lowrank_interactions(xs, factors, weights, by=by, present=present, append_one=append_one)
+    import numpy as np
+
+    first = factors[0] if weights is None else factors[0] * weights[:, None, None]
+    dims = [x.shape[1] for x in xs]
+    feats = [(first if m == 0 else f)[:, : dims[m], :] for m, f in enumerate(factors)]
+    consts = [(first if m == 0 else f)[:, dims[m], :] for m, f in enumerate(factors)]
+
+    def rank_sum(coef: Any, target: Any) -> None:
+        # coef (K, R, rows, h) -> target (K, rows, h): R - 1 adds of contiguous slabs
+        if coef.shape[1] == 1:
+            np.copyto(target, coef[:, 0])
+            return
+        np.add(coef[:, 0], coef[:, 1], out=target)
+        for r in range(2, coef.shape[1]):
+            target += coef[:, r]
+
+    terms = orders_blocked(recursion, xs, feats, consts, present, factors[0].shape[2], rank_sum)
+    return terms, labels_for(by, len(xs))
+
+
+# Per batch block, each (R, rows, H) array of orders_blocked is kept near this many bytes:
+# large enough that NumPy's per-call overhead is small, small enough that the M projections
+# a compiled recursion reads per block stay in L2/L3 (measured: benchmarks/interactions.py).
+_ORDER_ARRAY_BYTES = 1 << 18
+# Rows per tile: constant rows are tiled this many times (up to _TILE_WIDTH elements), so an
+# elementwise product with a per-output constant is one long contiguous loop rather than
+# one short loop per sample (NumPy's iterator cannot merge a broadcast axis).
+_TILE_WIDTH = 512
+
+
+def orders_blocked(
+    recursion: Callable[..., Any],
     xs: list[Any],
     feats: list[Any],
     consts: list[Any],
@@ -248,53 +280,119 @@ def _orders_numpy(
     out_dim: int,
     reduce_into: Callable[[Any, Any], None],
 ) -> Any:
-    """NumPy fast path of the terms by order: the same recursion, in place, in reused buffers.
+    """The terms by order on NumPy arrays, (M + 1, B, out_dim), in batch blocks and reused
+    buffers.
 
-    Per batch block, every modality's projections come first (M GEMMs into one buffer), then
-    the recursion updates all the coefficients of a step with one call per operation (the
-    ``k = 2..m`` updates as one strided call), so the Python overhead per block does not grow
-    with M^2; coefficient 0 (the product of the constants) is a vector, computed once.
-    ``reduce_into(coef, target)`` writes the rank reduction of (K, rows, W) coefficients into
-    the (K, rows, h) ``target``.
+    ``feats[m]`` (R, d_m, H) and ``consts[m]`` (R, H): the features' and the constant's rows
+    of modality m, rank-major (LMF: R ranks of H = h outputs; CP: R = 1, H = the CP rank).
+    Per block of ``rows`` samples, every modality's projection (R, rows, H) is one batched
+    GEMM into a reused buffer (absent samples enter as zeros); ``recursion(const, prefix,
+    tile, rows)``, made once per call (:class:`NumPyOrders` or a backend's kernel) turns the M
+    projections into the coefficients of orders 1..M (per rank, sample and output, of
+    ``prod_m (c_m + t P_m)``); ``reduce_into(coef, target)`` writes their reduction over the
+    rank axis into the (M, rows, out_dim) block of the result.  Order 0 (the product of the
+    constants) does not depend on the sample: it is reduced once.
     """
     import numpy as np
 
     n = len(xs)
-    batch = xs[0].shape[0]
-    width = feats[0].shape[1]
+    batch = int(xs[0].shape[0])
+    rank, _, width = feats[0].shape
     dtype = np.result_type(*xs, *feats)
-    const = [np.asarray(c[0], dtype=dtype) for c in consts]
-    prefix = [const[0]]  # prefix[m] = prod_{j <= m} c_j
-    for c in const[1:]:
-        prefix.append(prefix[-1] * c)
+    const = np.stack([np.asarray(c, dtype=dtype) for c in consts])  # (M, R, H)
+    prefix = np.cumprod(const, axis=0)  # prefix[m] = c_0 ... c_m, in order
+    f3 = [np.asarray(f, dtype=dtype) for f in feats]
     out = np.empty((n + 1, batch, out_dim), dtype=dtype)
     order0 = np.empty((1, 1, out_dim), dtype=dtype)
-    reduce_into(prefix[-1].reshape(1, 1, width), order0)
+    reduce_into(prefix[-1].reshape(1, rank, 1, width), order0)
     out[0] = order0[0]
-    row_bytes = (3 * n + 2) * width * dtype.itemsize
-    rows = max(16, min(256, (_BLOCK_BYTES << 2) // row_bytes // 16 * 16))
-    proj = np.empty((n, rows, width), dtype=dtype)
-    coef = np.empty((n + 1, rows, width), dtype=dtype)
-    tmp = np.empty((n + 1, rows, width), dtype=dtype)
+    tile = max(1, _TILE_WIDTH // width)  # samples per tile of the constant rows
+    per_row = rank * width * dtype.itemsize
+    rows = max(tile, _ORDER_ARRAY_BYTES // per_row // tile * tile)
+    rows = min(rows, -(-batch // tile) * tile) if batch else tile
+    run = recursion(const, prefix, tile, rows)
+    size = n * rank * rows * width
+    proj_buf = np.empty(size, dtype=dtype)
+    coef_buf = np.empty(size, dtype=dtype)
     for blk in block_slices(batch, rows):
         start, stop = blk.start, blk.stop
         k = stop - start
-        for m, (x, f) in enumerate(zip(xs, feats)):
+        if k == 0:
+            break
+        shape = (n, rank, k, width)
+        proj = proj_buf[: n * rank * k * width].reshape(shape)
+        coef = coef_buf[: n * rank * k * width].reshape(shape)
+        for m, x in enumerate(xs):
             x = x[start:stop]
             if present is not None:  # absent samples enter as zeros (where: NaN-safe)
                 x = np.where(np.asarray(present[start:stop, m : m + 1]), x, 0)
-            np.matmul(x, f, out=proj[m, :k] if m else coef[1, :k])
-        for m in range(1, n):
-            p, c = proj[m, :k], const[m]
-            # new coef[j] = c coef[j] + p coef[j - 1], j = 1..m+1 (coef[0] = prefix[m - 1]),
-            # the top one first (it reads the old coef[m]), the others through ``tmp``
-            np.multiply(coef[m, :k], p, out=coef[m + 1, :k])
-            np.multiply(coef[1:m, :k], p, out=tmp[2 : m + 1, :k])
-            np.multiply(p, prefix[m - 1], out=tmp[1, :k])
-            coef[1 : m + 1, :k] *= c
-            coef[1 : m + 1, :k] += tmp[1 : m + 1, :k]
-        reduce_into(coef[1:, :k], out[1:, start:stop])
+            np.matmul(x, f3[m], out=proj[m])
+        run(proj, coef)
+        reduce_into(coef, out[1:, start:stop])
     return out
+
+
+def tiled(a: Any, tile: int) -> Any:
+    """(M, R, H) per-output rows as views that broadcast against blocks viewed as
+    (M, R, rows / tile, tile H): each row repeated ``tile`` times along the last axis
+    (``tile = 1``: (M, R, 1, H), against (M, R, rows, H))."""
+    import numpy as np
+
+    if tile == 1:
+        return a[:, :, None, :]
+    n, rank, width = a.shape
+    return np.tile(a, (1, 1, tile)).reshape(n, rank, 1, tile * width)
+
+
+class NumPyOrders:
+    """NumPy's order recursion on one batch block: in-place ufuncs into a reused buffer.
+
+    Made once per call by :func:`orders_blocked` with the constants ``const`` (M, R, H), their
+    running products ``prefix`` (M, R, H) and the tile size; called per block with the
+    projections ``proj`` (M, R, rows, H) and the output ``coef`` (M, R, rows, H), where
+    ``coef[k - 1]`` receives the coefficient of order k.  A step (modality m) updates every
+    coefficient with one call per operation (the orders 2..m as one call over a slab), so the
+    Python overhead per block grows with M, not M^2.  The per-output constants are tiled
+    (:func:`tiled`) so that their products are long contiguous loops.
+    """
+
+    def __init__(self, const: Any, prefix: Any, tile: int, rows: int) -> None:
+        import numpy as np
+
+        n, rank, width = const.shape
+        self.tile = tile
+        self.const = {t: tiled(const, t) for t in {1, tile}}
+        self.prefix = {t: tiled(prefix, t) for t in {1, tile}}
+        self.tmp = np.empty((n - 1) * rank * rows * width, dtype=const.dtype)
+
+    def __call__(self, proj: Any, coef: Any) -> None:
+        import numpy as np
+
+        n, rank, k, width = proj.shape
+        if n == 1:
+            np.copyto(coef, proj)
+            return
+        t = self.tile if k % self.tile == 0 else 1
+        view = (rank, k // t, t * width)
+        proj = proj.reshape(n, *view)
+        coef = coef.reshape(n, *view)
+        const, prefix = self.const[t], self.prefix[t]
+        tmp = self.tmp[: (n - 1) * rank * k * width].reshape(n - 1, *view)
+        p0 = proj[0]
+        for m in range(1, n):
+            p, c = proj[m], const[m]
+            # new order j = c * (order j) + p * (order j - 1) for j = 1..m + 1, where order 0
+            # is prefix[m - 1] and order m + 1 starts at zero; coef[j - 1] holds order j, and
+            # after step 1 the order-1 coefficient of the first modality alone is p0
+            np.multiply(p0 if m == 1 else coef[m - 1], p, out=coef[m])  # the top order first
+            if m >= 2:
+                np.multiply(coef[: m - 1], p, out=tmp[1:m])
+            np.multiply(p, prefix[m - 1], out=tmp[0])
+            if m == 1:
+                np.multiply(p0, c, out=coef[0])
+            else:
+                coef[:m] *= c
+            coef[:m] += tmp[:m]
 
 
 def cp_interactions(
@@ -309,25 +407,6 @@ def cp_interactions(
     """CP's terms (K, B, h): (B, R) projections, the recursion or the walk over them, then one
     (R, h) product with the weighted output factor per part.  Generic (any namespace);
     :func:`cp_interactions_numpy` is NumPy's variant."""
-    return _cp_terms(xs, cp, by, present, append_one, numpy_orders=False)
-
-
-def cp_interactions_numpy(
-    xs: list[Any],
-    cp: tuple[Any, list[Any]],
-    *,
-    by: str = "order",
-    present: Any = None,
-    append_one: bool = True,
-    max_elements: int | None = None,
-) -> tuple[Any, list[Any]]:
-    """NumPy's variant: orders by the in-place recursion where the constant is appended."""
-    return _cp_terms(xs, cp, by, present, append_one, numpy_orders=True)
-
-
-def _cp_terms(
-    xs: list[Any], cp: tuple[Any, list[Any]], by: str, present: Any, append_one: bool, *, numpy_orders: bool
-) -> tuple[Any, list[Any]]:
     xp = array_namespace(xs[0])
     weights, factors = cp
     out_factor = factors[-1]
@@ -344,15 +423,51 @@ def _cp_terms(
     def reduce(t: Any) -> Any:
         return t @ out_t
 
+    terms = _ranked_terms(xp, xs, project, reduce, out_factor.shape[1], out_dim, by)
+    return terms, labels_for(by, len(xs))
+
+
+def cp_interactions_numpy(
+    xs: list[Any],
+    cp: tuple[Any, list[Any]],
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+    max_elements: int | None = None,
+) -> tuple[Any, list[Any]]:
+    """NumPy's variant: orders by :func:`orders_blocked` with NumPy's in-place recursion
+    where the constant is appended."""
+    return cp_interactions_with(NumPyOrders, xs, cp, by=by, present=present, append_one=append_one)
+
+
+def cp_interactions_with(
+    recursion: Callable[..., Any],
+    xs: list[Any],
+    cp: tuple[Any, list[Any]],
+    *,
+    by: str = "order",
+    present: Any = None,
+    append_one: bool = True,
+) -> tuple[Any, list[Any]]:
+    """CP's terms on NumPy arrays with the order recursion of ``recursion``: the CP rank as
+    the width of one rank-major slab (R = 1), :func:`orders_blocked`, one GEMM per block with
+    the weighted output factor.  Other calls run the generic path."""
+    if by != "order" or not append_one:
+        return cp_interactions(xs, cp, by=by, present=present, append_one=append_one)
+    import numpy as np
+
+    weights, factors = cp
+    out_factor = factors[-1]
+    out_t = np.asarray(out_factor if weights is None else out_factor * weights).T  # (R, h)
+    dims = [x.shape[1] for x in xs]
+    feats = [a[None, : dims[m], :] for m, a in enumerate(factors[:-1])]
+    consts = [a[None, dims[m], :] for m, a in enumerate(factors[:-1])]
+
     def reduce_into(coef: Any, target: Any) -> None:
-        import numpy as np  # NumPy only
+        np.matmul(coef[:, 0], out_t, out=target)
 
-        np.matmul(coef, out_t, out=target)
-
-    if by == "order" and numpy_orders and append_one:
-        terms = _orders_numpy(xs, feats, consts, present, out_dim, reduce_into)
-    else:
-        terms = _ranked_terms(xp, xs, project, reduce, out_factor.shape[1], out_dim, by)
+    terms = orders_blocked(recursion, xs, feats, consts, present, out_factor.shape[0], reduce_into)
     return terms, labels_for(by, len(xs))
 
 
