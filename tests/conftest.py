@@ -142,9 +142,10 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
 
 @pytest.fixture
 def blocked_lowrank(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Low-rank fusions of any size take the blocked paths (NumPy's buffers, torch's custom
-    op), as they do above ``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS``: for tests of those
-    paths on small inputs (small problems otherwise run whole-batch, rank-major)."""
+    """Low-rank and CP fusions of any size take the blocked paths (NumPy's buffers, torch's
+    custom ops), as they do above ``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS``: for tests of
+    those paths on small inputs (small problems otherwise run whole-batch: rank-major for
+    low-rank fusion, the core under autograd for CP fusion on torch)."""
     import mmfuse._core.fusion as core_fusion
 
     monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)

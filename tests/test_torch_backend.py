@@ -473,7 +473,7 @@ def test_lowrank_registered_autograd_equals_the_eager_binding(blocked_lowrank):
     assert_bindings_agree(eager, op, leaves, upstream, xs[0], factors[0])
 
 
-def test_cp_registered_autograd_equals_the_eager_binding():
+def test_cp_registered_autograd_equals_the_eager_binding(blocked_lowrank):
     """The same for torch.ops.mmfuse.cp_fusion (masks, weights and bias present)."""
     p = _small(True, True, seed=10)
     xs, (weights, factors), bias, present, upstream = _cp_inputs(p)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..._core import fusion as _core_fusion
 from .._torch_eager import bind
 from ._common import (
     affine,
@@ -135,6 +136,12 @@ def cp_fusion(
     append_one: bool = True,
     present: Any = None,
 ) -> Any:
-    """``mmfuse.cp_fusion`` as the ``mmfuse::cp_fusion`` custom op (inputs checked)."""
+    """``mmfuse.cp_fusion`` on torch tensors (inputs checked): small problems
+    (:func:`mmfuse._core.fusion.whole_batch`) as the core's few operations under autograd
+    (the custom op's fixed costs dominate there: 2-5x slower at B = 4, benchmarks/overhead.py),
+    others as the ``mmfuse::cp_fusion`` custom op (always under ``torch.compile``)."""
     weights, factors = cp
+    out_dim, rank = factors[-1].shape
+    if _core_fusion.whole_batch(xs[0].shape[0], rank, out_dim) and not torch.compiler.is_compiling():
+        return _core_fusion.cp_fusion(list(xs), (weights, list(factors)), bias, append_one=append_one, present=present)
     return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)
