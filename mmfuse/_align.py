@@ -22,6 +22,7 @@ import array_api_compat
 
 from ._core import align as core
 from ._namespace import array_namespace, is_jax, is_torch, mask_tokens
+from ._plan import PlanCache, call_key
 from ._validation import (
     as_sequence,
     check_bool,
@@ -29,7 +30,6 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
-from ._plan import PlanCache, call_key
 from .backends import lookup
 
 __all__ = ["align", "moments", "shift", "zoom", "zoom_shift", "zoom_shift_fusion"]
@@ -587,7 +587,8 @@ def zoom_shift(
     key = call_key(backend, (alpha, axis, eps), x, guide, mask, guide_mask)
     plan = _ZOOM_SHIFT_PLANS.get(key)
     if plan is None:
-        plan = _ZOOM_SHIFT_PLANS.remember(key, _plan_zoom_shift(x, guide, alpha, axis, mask, guide_mask, eps, backend))
+        plan = _plan_zoom_shift(x, guide, alpha, axis, mask, guide_mask, eps, backend)
+        _ZOOM_SHIFT_PLANS.remember(key, plan)
     elif mask is not None or guide_mask is not None:
         ax = plan.keywords["axis"] % x.ndim
         check_mask_values(array_namespace(x), mask, ax, "mask")

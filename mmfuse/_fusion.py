@@ -427,7 +427,8 @@ def lowrank_fusion(
     key = call_key(backend, (append_one,), xs, factors, weights, bias, present)
     plan = _LOWRANK_PLANS.get(key)
     if plan is None:
-        plan = _LOWRANK_PLANS.remember(key, plan_lowrank(xs, factors, weights, bias, append_one, present, backend))
+        plan = plan_lowrank(xs, factors, weights, bias, append_one, present, backend)
+        _LOWRANK_PLANS.remember(key, plan)
     return plan(xs, factors, weights, bias, present=present)
 
 

@@ -43,7 +43,7 @@ T = TypeVar("T")
 MAX_PLANS = 1024
 
 
-class PlanCache(dict):  # type: ignore[type-arg]
+class PlanCache(dict[Any, Any]):
     """Plans of one operator by signature (a dict, bounded at :data:`MAX_PLANS`)."""
 
     def remember(self, key: Any, plan: T) -> T:

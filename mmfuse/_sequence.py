@@ -18,6 +18,7 @@ import numpy as np
 from ._core import sequence as core
 from ._fusion import DEFAULT_MAX_ELEMENTS, Planned, check_allocations
 from ._namespace import array_namespace, from_numpy
+from ._plan import PlanCache, call_key
 from ._validation import (
     as_sequence,
     check_bool,
@@ -30,7 +31,6 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
-from ._plan import PlanCache, call_key
 from .backends import lookup
 
 __all__ = [
@@ -283,7 +283,8 @@ def sequence_fusion(
     key = call_key(backend, (mode,), hs, feature_factors, token_factors, masks)
     plan = _SEQUENCE_PLANS.get(key)
     if plan is None:
-        plan = _SEQUENCE_PLANS.remember(key, plan_sequence(hs, feature_factors, token_factors, mode, masks, backend))
+        plan = plan_sequence(hs, feature_factors, token_factors, mode, masks, backend)
+        _SEQUENCE_PLANS.remember(key, plan)
     return plan(hs, feature_factors, token_factors, masks=masks)
 
 
@@ -470,7 +471,8 @@ def wander(
     key = call_key(backend, options, xs, *parts, masks) if parts is not None else None
     plan = _WANDER_PLANS.get(key)
     if plan is None:
-        plan = _WANDER_PLANS.remember(key, plan_wander(xs, params, mode, masks, activation, residual, backend))
+        plan = plan_wander(xs, params, mode, masks, activation, residual, backend)
+        _WANDER_PLANS.remember(key, plan)
     return plan(xs, params if parts is not None else _clean_params(params), masks=masks)
 
 
@@ -478,7 +480,9 @@ _WANDER_PLANS = PlanCache()
 
 
 def _clean_params(params: Any) -> dict[str, Any]:
-    return {"down": [tuple(p) for p in params["down"]], "feature": params["feature"], "token": params["token"]}
+    """The parameters an unplanned call passes on (a Mapping that is not a dict)."""
+    down = [tuple(p) for p in params["down"]]
+    return {"down": down, "feature": params["feature"], "token": params["token"]}
 
 
 def plan_wander(

@@ -388,9 +388,12 @@ class LowRankFusion(_RankedFusion):
 
         def plan() -> Any:
             checked = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
-            return _fusion.plan_lowrank(checked, factors, self.weights, self.bias, self.append_one, present, None)
+            return _fusion.plan_lowrank(
+                checked, factors, self.weights, self.bias, self.append_one, present, None
+            )
 
-        run = _layer_plan(self, (self.in_dims, self.append_one), (xs, present, self.weights, self.bias, factors), plan)
+        arrays = (xs, present, self.weights, self.bias, factors)
+        run = _layer_plan(self, (self.in_dims, self.append_one), arrays, plan)
         return run(xs, factors, self.weights, self.bias, present=present)
 
     def interactions(
@@ -822,7 +825,9 @@ class TensorFusion(nn.Module):
 
         def plan() -> Any:
             checked = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
-            return _fusion.plan_tensor(checked, self.weight, self.bias, self.append_one, self.max_elements, None)
+            return _fusion.plan_tensor(
+                checked, self.weight, self.bias, self.append_one, self.max_elements, None
+            )
 
         options = (self.in_dims, self.append_one, self.max_elements)
         return _layer_plan(self, options, (xs, self.weight, self.bias), plan)(xs, self.weight, self.bias)
@@ -1106,8 +1111,9 @@ class WanderAdapter(nn.Module):
             return _autocast_fusion(self, device_type, xs, masks)
         dtype = self.down_weights[0].dtype
         params = self.params()
+        name = type(self).__name__
         if _compiling():
-            xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, type(self).__name__)
+            xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, name)
             return _TORCH["wander"](
                 xs, params, mode=self.mode, masks=mask_list, activation=self.activation,
                 residual=self.residual,
@@ -1116,7 +1122,7 @@ class WanderAdapter(nn.Module):
         def plan() -> Any:
             from ._sequence import plan_wander
 
-            checked, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, type(self).__name__)
+            checked, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, name)
             return plan_wander(checked, params, self.mode, mask_list, self.activation, self.residual, None)
 
         options = (self.in_dims, self.lengths, self.mode, self.activation, self.residual)

@@ -35,12 +35,12 @@ __all__ = [
     "lowrank_to_tensor",
     "lowrank_whole_batch",
     "lowrank_with",
-    "whole_batch",
     "mask_absent",
     "rank_major_projections",
     "rank_sum",
     "tensor_fusion",
     "tensor_fusion_rows",
+    "whole_batch",
 ]
 
 # A batch block's per-modality intermediate (rows x R*h) is kept near this many bytes so that
@@ -282,10 +282,14 @@ def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
     return batch * rank * out_dim <= WHOLE_BATCH_ELEMENTS
 
 
-def rank_major_projections(xp: Any, xs: list[Any], factors: list[Any], append_one: bool, present: Any) -> list[Any]:
+def rank_major_projections(
+    xp: Any, xs: list[Any], factors: list[Any], append_one: bool, present: Any
+) -> list[Any]:
     """Every modality's projections ``[x_m, 1] @ F_m`` as one broadcast product each, in the
     paper's rank-major layout (R, B, h), absent samples' features zeroed."""
-    return [affine(mask_absent(xp, x, present, m), f, append_one) for m, (x, f) in enumerate(zip(xs, factors))]
+    return [
+        affine(mask_absent(xp, x, present, m), f, append_one) for m, (x, f) in enumerate(zip(xs, factors))
+    ]
 
 
 def rank_sum(xp: Any, acc: Any, weights: Any, bias: Any) -> Any:

@@ -143,5 +143,6 @@ def cp_fusion(
     weights, factors = cp
     out_dim, rank = factors[-1].shape
     if _core_fusion.whole_batch(xs[0].shape[0], rank, out_dim) and not torch.compiler.is_compiling():
-        return _core_fusion.cp_fusion(list(xs), (weights, list(factors)), bias, append_one=append_one, present=present)
+        cp = (weights, list(factors))
+        return _core_fusion.cp_fusion(list(xs), cp, bias, append_one=append_one, present=present)
     return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)

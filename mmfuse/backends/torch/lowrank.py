@@ -15,7 +15,6 @@ from .._torch_eager import bind
 from ._common import (
     BLOCK_BYTES,
     LOW_PRECISION,
-    affine,
     cast,
     compute_dtype,
     flat_factor,
@@ -203,6 +202,7 @@ def lowrank_grads(
         if need_w:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k], as one GEMV
             full = proj[0] if n_mod == 1 else torch.mul(pre[-1], proj[-1], out=gm[:n])
             by_rank = full.reshape(n, rank, out_dim).permute(1, 0, 2).reshape(rank, n * out_dim)
+            assert gw is not None
             store(gw, torch.mv(by_rank, g.reshape(-1)), first)
         # run = (g w) * prod_{k>m} P_k, walked from the last modality down
         torch.mul(g.unsqueeze(1), w3, out=run[:n].view(n, rank, out_dim))
@@ -409,7 +409,7 @@ class _LowRankWholeBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, append_one: bool, present: Any, weights: Any, bias: Any, *arrays: Any) -> Any:
         n_mod = len(arrays) // 2
-        xs, factors = arrays[:n_mod], arrays[n_mod:]
+        xs, factors = list(arrays[:n_mod]), list(arrays[n_mod:])
         dtype = xs[0].dtype
         low = dtype in LOW_PRECISION
         if low:  # computed in float32, rounded once at the end
@@ -441,8 +441,9 @@ class _LowRankWholeBatch(torch.autograd.Function):
         kept = rest[ctx.has_weights + ctx.has_present :]
         need = ctx.needs_input_grad
         needs = [*need[4 : 4 + 2 * n_mod], need[2] and weights is not None, need[3]]
+        features, projections = list(kept[:n_mod]), list(kept[n_mod:])
         grads = whole_batch_grads(
-            grad, xs, factors, weights, ctx.append_one, present, needs, (list(kept[:n_mod]), list(kept[n_mod:]))
+            grad, xs, factors, weights, ctx.append_one, present, needs, (features, projections)
         )
         return (None, None, grads[2 * n_mod], grads[2 * n_mod + 1], *grads[: 2 * n_mod])
 

@@ -1,0 +1,200 @@
+"""Plans (mmfuse._plan): a seen call signature skips checks and dispatch, and nothing else
+changes: the same errors, the same answers, the policy and the autograd state respected;
+the whole-batch and blocked forms of low-rank fusion agree with the reference."""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+
+import numpy as np
+import pytest
+
+import mmfuse
+import mmfuse.reference as ref
+from mmfuse import _plan
+from mmfuse.backends import BackendUnsupported, register, unregister
+from mmfuse.testing import assert_close
+
+
+def _lowrank_case(rng, batch=4, dims=(3, 4, 5), rank=2, out_dim=3, dtype=np.float64):
+    xs = [rng.standard_normal((batch, d)).astype(dtype) for d in dims]
+    p = mmfuse.init_lowrank(list(dims), rank=rank, out_dim=out_dim, seed=int(rng.integers(1 << 30)), dtype=dtype)
+    bias = rng.standard_normal(out_dim).astype(dtype)
+    return xs, p["factors"], p["weights"], bias
+
+
+def _error(call):
+    with pytest.raises((TypeError, ValueError)) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+def test_a_bad_call_after_a_good_one_raises_what_an_unplanned_call_raises(rng):
+    xs, factors, weights, bias = _lowrank_case(rng)
+    mmfuse.lowrank_fusion(xs, factors, weights, bias)  # planned
+    bad_calls = [
+        lambda: mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=1),  # 1 == True, not a bool
+        lambda: mmfuse.lowrank_fusion(xs, factors[:2], weights, bias),
+        lambda: mmfuse.lowrank_fusion([xs[0], xs[1][:3], xs[2]], factors, weights, bias),
+        lambda: mmfuse.lowrank_fusion([x.astype(np.float32) for x in xs], factors, weights, bias),
+        lambda: mmfuse.lowrank_fusion(xs, factors, weights[:1], bias),
+        lambda: mmfuse.lowrank_fusion(xs, factors, weights, bias, backend="nope"),
+        lambda: mmfuse.lowrank_fusion(np.stack([xs[0], xs[0]]), factors, weights, bias),
+    ]
+    planned = [_error(call) for call in bad_calls]
+    mmfuse.lowrank_fusion(xs, factors, weights, bias)
+    for cache in (mmfuse._fusion._LOWRANK_PLANS,):
+        cache.clear()
+    assert planned == [_error(call) for call in bad_calls]
+    # and none of them was remembered: each still raises after the good call is planned again
+    assert planned == [_error(call) for call in bad_calls]
+
+
+def test_masks_values_are_checked_on_every_planned_call(rng):
+    x, g = rng.standard_normal((3, 6, 2)), rng.standard_normal((3, 5, 2))
+    mask = np.ones((3, 6), dtype=bool)
+    mmfuse.zoom_shift(x, g, mask=mask)
+    mask[1] = False  # same signature, a sample with every token masked
+    with pytest.raises(ValueError, match="masks every token of a sample"):
+        mmfuse.zoom_shift(x, g, mask=mask)
+    with pytest.raises(ValueError, match="masks every token of a sample"):
+        mmfuse.align([x, x], masks=[mask, None], rounds=1)
+    with pytest.raises(ValueError, match="masks every token of a sample"):
+        mmfuse.moments(x, mask=mask)
+
+
+def test_planned_calls_follow_the_configured_backend(rng):
+    xs, factors, weights, bias = _lowrank_case(rng)
+    want = ref.lowrank_fusion(xs, factors, weights, bias)
+    assert_close(mmfuse.lowrank_fusion(xs, factors, weights, bias), want)  # planned under "auto"
+    with mmfuse.config_context(backend="cupy"), pytest.raises(BackendUnsupported, match="cupy"):
+        mmfuse.lowrank_fusion(xs, factors, weights, bias)  # NumPy arrays: CuPy refuses
+    assert_close(mmfuse.lowrank_fusion(xs, factors, weights, bias), want)
+
+
+def test_planned_calls_follow_registrations(rng):
+    xs, factors, weights, bias = _lowrank_case(rng)
+    mmfuse.lowrank_fusion(xs, factors, weights, bias, backend="array_api")
+    calls = []
+
+    def mine(xs, factors, weights=None, bias=None, *, append_one=True, present=None):
+        calls.append(len(xs))
+        return ref.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present)
+
+    register("lowrank_fusion", "array_api", mine)
+    try:
+        mmfuse.lowrank_fusion(xs, factors, weights, bias, backend="array_api")
+        assert calls == [3]
+    finally:
+        unregister("lowrank_fusion", "array_api")
+    mmfuse.lowrank_fusion(xs, factors, weights, bias, backend="array_api")
+    assert calls == [3]
+
+
+def test_a_planned_numpy_call_makes_few_python_calls(rng):
+    """The hot path is the key, a dict lookup and the kernel (issue 19): counted, not timed."""
+    xs, factors, weights, bias = _lowrank_case(rng)
+    mmfuse.lowrank_fusion(xs, factors, weights, bias)
+    prof = cProfile.Profile()
+    prof.enable()
+    mmfuse.lowrank_fusion(xs, factors, weights, bias)
+    prof.disable()
+    python_calls = sum(
+        n for (file, _, _), (_, n, *_) in pstats.Stats(prof).stats.items() if file != "~"  # type: ignore[attr-defined]
+    )
+    assert python_calls <= 60, python_calls  # an unplanned call makes about 200
+
+
+def test_unhashable_or_array_options_run_unplanned(rng):
+    xs, factors, _, _ = _lowrank_case(rng)
+    assert _plan.call_key(None, ([1],), xs) is None
+    assert _plan.call_key(None, (True,), xs, factors) is not None
+    assert _plan.call_key(None, (True,), xs, "not an array") is None
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize(("batch", "dims", "with_present", "with_weights"), [
+    (0, (3, 4), False, True), (1, (5,), True, False), (7, (3, 4, 5), True, True), (33, (2, 3, 4, 5, 6, 7, 8, 9), False, True),
+])  # fmt: skip
+def test_whole_batch_and_blocked_numpy_match_the_reference(rng, monkeypatch, blocked, batch, dims, with_present, with_weights):
+    if blocked:
+        import mmfuse._core.fusion as core_fusion
+
+        monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
+        xs, factors, weights, bias = _lowrank_case(rng, batch, dims, 3, 2, dtype)
+        weights = weights if with_weights else None
+        present = rng.random((batch, len(dims))) < 0.7 if with_present else None
+        if present is not None:
+            for m, x in enumerate(xs):
+                x[~present[:, m]] = np.nan  # absent features never leak
+        got = mmfuse.lowrank_fusion(xs, factors, weights, bias, present=present)
+        want = ref.lowrank_fusion(xs, factors, weights, bias, present=present)
+        assert got.dtype == dtype
+        assert_close(got, want, rtol=tol, atol=tol)
+
+
+torch = pytest.importorskip("torch")
+import mmfuse.nn  # noqa: E402
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize(("batch", "dims", "with_present", "with_weights"), [
+    (1, (3, 4), False, True), (6, (5,), True, False), (9, (3, 4, 5), True, True),
+])  # fmt: skip
+def test_torch_whole_batch_and_blocked_gradients_match_the_reference(rng, monkeypatch, blocked, batch, dims, with_present, with_weights):
+    """Values, gradients and a double backward of the torch paths (whole-batch autograd
+    function, blocked custom op) against autograd through the float64 core."""
+    if blocked:
+        import mmfuse._core.fusion as core_fusion
+
+        monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)
+    xs_np, fs_np, w_np, b_np = _lowrank_case(rng, batch, dims, 3, 2)
+    present = torch.as_tensor(rng.random((batch, len(dims))) < 0.7) if with_present else None
+
+    def leaves():
+        xs = [torch.tensor(x, requires_grad=True) for x in xs_np]
+        fs = [torch.tensor(f, requires_grad=True) for f in fs_np]
+        w = torch.tensor(w_np, requires_grad=True) if with_weights else None
+        return xs, fs, w, torch.tensor(b_np, requires_grad=True)
+
+    upstream = torch.as_tensor(rng.standard_normal((batch, 2)))
+    results = []
+    for backend in ("torch", "array_api"):
+        xs, fs, w, b = leaves()
+        y = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend=backend)
+        inputs = [*xs, *fs, b] + ([w] if w is not None else [])
+        grads = torch.autograd.grad((y * upstream).sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(grads[0].square().sum(), fs[0])[0]
+        results.append([y.detach(), *[g.detach() for g in grads], second])
+    if not blocked:
+        xs, fs, w, b = leaves()
+        y = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="torch")
+        assert type(y.grad_fn).__name__ == "_LowRankWholeBatchBackward"
+    for got, want in zip(*results):
+        assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_planned_torch_calls_follow_grad_mode(rng):
+    xs_np, fs_np, w_np, b_np = _lowrank_case(rng)
+    xs = [torch.tensor(x) for x in xs_np]
+    fs = [torch.tensor(f, requires_grad=True) for f in fs_np]
+    with torch.no_grad():
+        assert mmfuse.lowrank_fusion(xs, fs, torch.tensor(w_np), torch.tensor(b_np)).grad_fn is None
+    y = mmfuse.lowrank_fusion(xs, fs, torch.tensor(w_np), torch.tensor(b_np))
+    y.sum().backward()
+    assert fs[0].grad is not None
+
+
+def test_a_layer_checks_a_new_signature_after_a_planned_one():
+    layer = mmfuse.nn.LowRankFusion([3, 4], 2, 2)
+    layer([torch.randn(5, 3), torch.randn(5, 4)])
+    with pytest.raises(TypeError, match=r"LowRankFusion: xs\[1\] has dtype torch.float64"):
+        layer([torch.randn(5, 3), torch.randn(5, 4, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"LowRankFusion: xs\[0\] must have shape"):
+        layer([torch.randn(5, 2), torch.randn(5, 4)])
+    layer.double()  # the parameters' dtype is part of the signature
+    assert layer([torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)]).dtype == torch.float64
+    with pytest.raises(TypeError, match=r"LowRankFusion: xs\[0\] has dtype torch.float32"):
+        layer([torch.randn(5, 3), torch.randn(5, 4)])
