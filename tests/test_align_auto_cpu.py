@@ -293,7 +293,7 @@ def test_transforms_and_compile_keep_their_rows():
     for name in ("torch CPU (CPU kernels)", "numpy or torch CPU, no gradient (CPU kernels)"):
         cond = CONDITIONS[name]
         assert cond(base) is None
-        for flags in ({"traced": True}, {"compiling": True}):
+        for flags in ({"traced": True}, {"intercepted": True}):
             info = CallInfo(tc, torch.device("cpu"), torch.float32, size=AUTO_IMPORT_ELEMENTS, **flags)
             assert "outside torch.func transforms" in cond(info)
         for device, dtype in (("meta", torch.float32), ("cpu", torch.float16), ("cpu", torch.bfloat16)):
@@ -308,6 +308,38 @@ def test_transforms_and_compile_keep_their_rows():
     found = []
     torch.func.grad(lambda a: (found.append(explain("zoom_shift", a, g).chosen.variant), a.sum())[1])(x)
     assert found == ["autograd (transforms)"]
+
+
+def test_dispatch_modes_keep_the_torch_rows():
+    """Under a TorchDispatchMode (a logging mode, FakeTensorMode) the kernels, which read the
+    tensors' memory behind torch's back, are refused: the mode sees mmfuse::zoom_shift, and fake
+    tensors get fake results."""
+    torch = pytest.importorskip("torch")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, g = torch.randn(*LARGE), torch.randn(2, 700, 512)
+    assert explain("zoom_shift", x, g).chosen.variant == "CPU kernels in a torch op"
+    with Log() as log:
+        assert explain("zoom_shift", x, g).chosen.variant == "custom op"
+        assert explain("moments", x).chosen.variant == "autograd"
+        mmfuse.zoom_shift(x, g)
+    assert "mmfuse.zoom_shift.default" in log.ops
+    with FakeTensorMode() as mode:
+        fx, fg = mode.from_tensor(x), mode.from_tensor(g)
+        y = mmfuse.zoom_shift(fx, fg)
+        mean, _ = mmfuse.moments(fx)
+        a, _ = mmfuse.align([fx, fg])
+    assert y.shape == x.shape and mean.shape == (2, 1, 512) and a.shape == x.shape
 
 
 # --------------------------------------------------------------------------- helpers

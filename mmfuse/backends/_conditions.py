@@ -2,8 +2,8 @@
 
 The registry describes each call once, from its arrays' metadata (:class:`CallInfo`: the
 namespace, device, dtype, element count, and for torch whether autograd will need gradients
-through the call, whether a ``torch.func`` transform sees it and whether ``torch.compile``
-traces it), and asks each candidate implementation's *condition*
+through the call, whether a ``torch.func`` transform sees it and whether ``torch.compile`` or
+a dispatch mode intercepts its torch operations), and asks each candidate implementation's *condition*
 whether it can take the call.  A condition returns ``None`` when it can, else a sentence saying
 what it needs (shown by :func:`mmfuse.backends.explain` and in refusals).
 
@@ -33,12 +33,13 @@ class CallInfo:
     """A call's inputs as the registry sees them (metadata only, never values).
 
     ``xp`` the namespace, ``device`` and ``dtype`` those of the first floating input,
-    ``size`` its number of elements (0 where unknown: Dask's unknown chunks, or while
-    ``torch.compile`` traces); ``grad``: torch autograd will need gradients through the call
+    ``size`` its number of elements (0 where unknown: Dask's unknown chunks, or while torch
+    operations are intercepted); ``grad``: torch autograd will need gradients through the call
     (grad mode on and an input requires grad); ``traced``: a ``torch.func`` transform sees the
-    inputs, or forward-mode AD is active (the custom ops support neither); ``compiling``:
-    ``torch.compile`` (Dynamo) traces the call (the custom ops are fine there, but nothing
-    may hand a traced tensor's data to another framework).
+    inputs, or forward-mode AD is active (the custom ops support neither); ``intercepted``:
+    ``torch.compile`` (Dynamo) traces the call, or a ``TorchDispatchMode`` is active
+    (``FakeTensorMode``, export's modes, a logging mode).  The custom ops are fine there, but
+    nothing may read the tensors' memory behind torch's back.
     """
 
     xp: Any
@@ -47,7 +48,7 @@ class CallInfo:
     grad: bool = False
     traced: bool = False
     size: int = 0
-    compiling: bool = False
+    intercepted: bool = False
 
 
 def _tensors(arrays: Iterable[Any], torch: Any) -> list[Any]:
@@ -70,8 +71,8 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     traced = torch.autograd.forward_ad._current_level >= 0 or any(wrapped(t) for t in tensors)
-    if torch.compiler.is_compiling():  # no size: a symbolic one would add guards
-        return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True)
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True)  # no (symbolic) size
     return CallInfo(xp, like.device, like.dtype, grad, traced, like.numel())
 
 
@@ -178,11 +179,15 @@ _TORCH_CPU_DTYPES = ("torch.float32", "torch.float64")
 def _torch_cpu_refusal(info: CallInfo) -> str | None:
     """Why numba's CPU kernels cannot take these torch tensors (None: they can).  They read
     the tensors' memory through NumPy views (``Tensor.numpy()``, no copy), so: CPU, a dtype
-    the kernels have, real data (no ``torch.func`` wrapper, no tensor Dynamo traces)."""
+    the kernels have, real data (no ``torch.func`` wrapper, no tensor Dynamo traces, no
+    dispatch mode that must see every operation: fake tensors have no memory)."""
     if getattr(info.device, "type", None) != "cpu" or str(info.dtype) not in _TORCH_CPU_DTYPES:
         return f"needs {_TORCH_CPU} (CPU kernels)"
-    if info.traced or info.compiling:
-        return f"needs {_TORCH_CPU} outside torch.func transforms, forward-mode AD and torch.compile"
+    if info.traced or info.intercepted:
+        return (
+            f"needs {_TORCH_CPU} outside torch.func transforms, forward-mode AD, torch.compile "
+            "and dispatch modes (the kernels read the tensors' memory)"
+        )
     return None
 
 

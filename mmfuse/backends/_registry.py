@@ -95,7 +95,7 @@ _REGISTERED: dict[tuple[str, str], Implementation] = {}
 _RESOLVED: dict[Row, Implementation] = {}
 # backend -> why its module could not be imported
 _plugin_errors: dict[str, str] = {}
-# (op, policy, namespace, device, dtype, grad, traced, compiling, imported frameworks and size
+# (op, policy, namespace, device, dtype, grad, traced, intercepted, imported frameworks and size
 # class under "auto") -> implementation
 _CHOICES: dict[tuple[Any, ...], Implementation] = {}
 # Bumped whenever registrations change, so that plans made before (mmfuse._plan) are not reused.
@@ -297,7 +297,7 @@ def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
     frameworks: tuple[bool, ...] = ()
     if name.startswith("auto"):  # what "auto" may choose from: frameworks, size class
         frameworks = (*(fw in sys.modules for fw in _OPTIONAL), *(info.size >= n for n in _IMPORT_AT))
-    return (op, name, info.xp, info.device, info.dtype, info.grad, info.traced, info.compiling, frameworks)
+    return (op, name, info.xp, info.device, info.dtype, info.grad, info.traced, info.intercepted, frameworks)
 
 
 def _policy(backend: str | None) -> str:

@@ -127,7 +127,8 @@ _zoom_shift_eager = bind(
 # Eager calls run the forward function itself inside the bound autograd.Function, not through
 # torch's dispatcher: a custom op's first dispatch imports torch._dynamo (2-3 s on the CI
 # machine, and triton with it where installed), which would dwarf numba's own one-time cost.
-# torch.compile and direct torch.ops.mmfuse.zoom_shift_numba calls use the registered op.
+# torch.compile, dispatch modes and direct torch.ops.mmfuse.zoom_shift_numba calls use the
+# registered op.
 
 
 def _zoom_shift_numba_forward(
@@ -162,8 +163,8 @@ _zoom_shift_numba_op.register_autograd(_zoom_shift_backward, setup_context=_zoom
 
 
 def _zoom_shift_numba_call(*args: Any) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.mmfuse.zoom_shift_numba(*args)
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return torch.ops.mmfuse.zoom_shift_numba(*args)  # fake tensors: the registered fake
     return _zoom_shift_numba_forward(*args)
 
 
