@@ -345,8 +345,12 @@ def test_jax_eager_and_jit(kind, rng):
 
 @pytest.mark.parametrize("rank", [1, 3])
 @pytest.mark.parametrize("kind", ["lowrank", "cp"])
-def test_numpy_order_path_over_several_blocks(kind, rank, rng):
-    """The NumPy fast path of LMF and CP by order (reused buffers, blocks of up to 256 rows)."""
+def test_numpy_order_path_over_several_blocks(kind, rank, rng, monkeypatch):
+    """The NumPy fast path of LMF and CP by order (reused buffers), with blocks made small:
+    one tile of the constants' rows a block (LMF: 256 rows), the last one short (untiled)."""
+    from mmfuse._core import interactions as core
+
+    monkeypatch.setattr(core, "_ORDER_ARRAY_BYTES", 64)
     p = _problem(rng, 3, batch=600, rank=rank, out_dim=2)
     terms, _, fused = _call(kind, p, np.asarray, present=True)
     assert_close(terms, _reference(kind, p, present=True)[0])
