@@ -161,7 +161,8 @@ def max_workers() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, int(numba.config.NUMBA_NUM_THREADS), _MAX_WORKERS))
+    limit = int(getattr(numba.config, "NUMBA_NUM_THREADS", cores))
+    return max(1, min(cores, limit, _MAX_WORKERS))
 
 
 def _workers(elements: int, n_tasks: int) -> int:
