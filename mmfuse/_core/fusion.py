@@ -272,13 +272,18 @@ class _NumPyRun:
 
 
 # Problems whose (R, B, h) projections hold at most this many elements run whole-batch and
-# rank-major (lowrank_whole_batch): there each array operation's fixed cost, not the data,
-# decides the time (benchmarks/overhead.py), and that form needs the fewest operations.
-WHOLE_BATCH_ELEMENTS = 1 << 12
+# rank-major (lowrank_whole_batch): the fewest array operations (each one's fixed cost decides
+# small problems' time) and one batched GEMM per modality.  Measured on NumPy (2-core CI box,
+# float64, docs/backends.rst "Small problems"): the whole-batch form took 0.44-0.65x the
+# blocked form's time from B R h = 256 to 4096 and 0.56-0.89x at (32, 32, 128), R 16, h 128
+# from B = 32 to 128 (B R h = 2**16 to 2**18); 1.1-1.7x beyond, where the blocked form's
+# cache-sized blocks pay off.
+WHOLE_BATCH_ELEMENTS = 1 << 18
 
 
 def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
-    """Whether a low-rank fusion of this size runs as :func:`lowrank_whole_batch`."""
+    """Whether a low-rank fusion of this size runs whole-batch (:func:`lowrank_whole_batch`;
+    the torch backend adds a bound on the batch, :data:`mmfuse.backends.torch.lowrank.WHOLE_BATCH_ROWS`)."""
     return batch * rank * out_dim <= WHOLE_BATCH_ELEMENTS
 
 

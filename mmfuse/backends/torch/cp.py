@@ -19,6 +19,7 @@ from ._common import (
     masked_rows,
     save_fusion_inputs,
 )
+from .lowrank import whole_batch
 
 __all__ = ['cp_fusion']
 
@@ -137,12 +138,12 @@ def cp_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.cp_fusion`` on torch tensors (inputs checked): small problems
-    (:func:`mmfuse._core.fusion.whole_batch`) as the core's few operations under autograd
+    (:func:`.lowrank.whole_batch`, the low-rank rule) as the core's few operations under autograd
     (the custom op's fixed costs dominate there: 2-5x slower at B = 4, benchmarks/overhead.py),
     others as the ``mmfuse::cp_fusion`` custom op (always under ``torch.compile``)."""
     weights, factors = cp
     out_dim, rank = factors[-1].shape
-    if _core_fusion.whole_batch(xs[0].shape[0], rank, out_dim) and not torch.compiler.is_compiling():
+    if whole_batch(xs[0].shape[0], rank, out_dim):
         cp = (weights, list(factors))
         return _core_fusion.cp_fusion(list(xs), cp, bias, append_one=append_one, present=present)
     return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)

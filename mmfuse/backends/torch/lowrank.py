@@ -310,13 +310,32 @@ _lowrank_eager = bind(
 
 # --------------------------------------------------------------------------- whole batch
 #
-# Small fusions (mmfuse._core.fusion.whole_batch: B R h at most a few thousand elements) run
-# as one plain autograd.Function over the core's rank-major form instead of the blocked
-# custom op: there every torch operator's fixed cost (a few microseconds on a CPU, a kernel
-# launch on a GPU) decides the time, and this form dispatches the fewest of them (about three
-# per modality forward, a dozen per modality backward; benchmarks/overhead.py counts them).
-# Its backward, whole_batch_grads, is also the differentiable backward of the blocked op
+# Small fusions (whole_batch below) run as one plain autograd.Function over the core's
+# rank-major form instead of the blocked custom op: there every torch operator's fixed cost (a
+# few microseconds on a CPU, a kernel launch on a GPU) decides the time, and this form
+# dispatches the fewest of them (about three per modality forward, a dozen per modality
+# backward; benchmarks/overhead.py counts them), with one batched GEMM per modality.  Its
+# backward, whole_batch_grads, is also the differentiable backward of the blocked op
 # (create_graph=True).
+#
+# The size rule (measured: one training step, 2-core CI box, float32; docs/backends.rst
+# "Small problems"): the whole-batch function took 0.57-0.67x the blocked op's time at
+# (32, 32, 128), R 16, h 128 for B = 32 to 128, and 0.66-0.96x at (8, 16, 64), R 4, h 1 for
+# B = 64 to 256; at h = 1 it lost beyond (1.0x at B = 512, 2.1x at B = 1024: its R
+# matrix-vector products against the blocked op's one GEMM with R h columns).  Hence the
+# core's bound on B R h and, on torch, at most WHOLE_BATCH_ROWS samples.
+WHOLE_BATCH_ROWS = 256
+
+
+def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
+    """Whether a torch low-rank (or CP) fusion of this size runs whole-batch: small enough
+    for the core's rule and at most :data:`WHOLE_BATCH_ROWS` samples, outside
+    ``torch.compile`` (which traces the custom ops)."""
+    return (
+        batch <= WHOLE_BATCH_ROWS
+        and _core_fusion.whole_batch(batch, rank, out_dim)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def whole_batch_grads(
@@ -460,7 +479,6 @@ def lowrank_fusion(
     """``mmfuse.lowrank_fusion`` on torch tensors (inputs checked): small problems as one
     autograd function over the rank-major form (see above), others as the blocked
     ``mmfuse::lowrank_fusion`` custom op (always under ``torch.compile``)."""
-    rank, _, out_dim = factors[0].shape
-    if _core_fusion.whole_batch(xs[0].shape[0], rank, out_dim) and not torch.compiler.is_compiling():
+    if whole_batch(xs[0].shape[0], factors[0].shape[0], factors[0].shape[2]):
         return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
     return _lowrank_eager(list(xs), list(factors), weights, bias, append_one, present)[0]
