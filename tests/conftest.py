@@ -141,11 +141,19 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
 
 
 @pytest.fixture
-def blocked_lowrank(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Low-rank and CP fusions of any size take the blocked paths (NumPy's buffers, torch's
-    custom ops), as they do above ``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS``: for tests of
-    those paths on small inputs (small problems otherwise run whole-batch: rank-major for
-    low-rank fusion, the core under autograd for CP fusion on torch)."""
+def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fusions of any size take the paths they take for large problems: NumPy's blocked
+    buffers, torch's custom ops (``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS``,
+    ``mmfuse.backends.torch.wander.WHOLE_BATCH_ROWS``).  For tests of those paths on small
+    inputs: small problems otherwise run whole-batch (rank-major low-rank fusion; on torch, the
+    core under autograd for CP fusion and the Wander adapter)."""
     import mmfuse._core.fusion as core_fusion
 
     monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)
+    import importlib
+
+    try:  # the module (the package's attribute of that name is the function)
+        torch_wander = importlib.import_module("mmfuse.backends.torch.wander")
+    except ImportError:  # no torch: nothing else to pin
+        return
+    monkeypatch.setattr(torch_wander, "WHOLE_BATCH_ROWS", -1)

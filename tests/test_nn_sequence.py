@@ -65,7 +65,7 @@ def test_wander_equals_functional_and_reference(batch, mode):
 
 
 @pytest.mark.parametrize(("mode", "op"), [("cp", "sequence_fusion"), ("collapsed", "wander_collapsed")])
-def test_wander_layer_runs_the_custom_op(mode, op):
+def test_wander_layer_runs_the_custom_op(mode, op, blocked_paths):
     """cp mode: the sequence_fusion op; collapsed mode with the GELU: the fused Wander op."""
     from test_torch_backend import _OpLog
 

@@ -305,7 +305,7 @@ def _lowrank_leaves(batch, dims, rank, out_dim):
     return xs, factors, params, {t.data_ptr() for t in (*xs, *factors, params["weights"])}
 
 
-def test_backward_saves_only_the_inputs(blocked_lowrank):
+def test_backward_saves_only_the_inputs(blocked_paths):
     """No (B, R h) projection is saved for backward: every saved tensor is an input."""
     batch, dims, rank, out_dim = 64, (5, 6, 7), 4, 8
     xs, factors, params, inputs = _lowrank_leaves(batch, dims, rank, out_dim)
@@ -317,7 +317,7 @@ def test_backward_saves_only_the_inputs(blocked_lowrank):
     assert any(shape == (batch, rank * out_dim) for _, shape in saved)
 
 
-def test_narrow_fusion_keeps_only_its_small_projections(blocked_lowrank):
+def test_narrow_fusion_keeps_only_its_small_projections(blocked_paths):
     """Narrow fusions (4 M R h <= sum d_m) keep their (M, B, R h) projections, a quarter of the
     inputs' size at most, instead of recomputing them; nothing else is saved."""
     batch, dims, rank, out_dim = 64, (8, 16, 64), 4, 1
@@ -327,7 +327,7 @@ def test_narrow_fusion_keeps_only_its_small_projections(blocked_lowrank):
     assert extra == [(len(dims), batch, rank * out_dim)]
 
 
-def test_small_batch_keeps_projections_no_larger_than_the_factors(blocked_lowrank):
+def test_small_batch_keeps_projections_no_larger_than_the_factors(blocked_paths):
     """Wide fusions keep their (M, B, R h) projections while they hold no more elements than
     the factors (here B <= 7: 3 B 32 against 4 (6 + 7 + 8) 8 = 672), else save only inputs."""
     dims, rank, out_dim = (5, 6, 7), 4, 8
@@ -342,7 +342,7 @@ def test_small_batch_keeps_projections_no_larger_than_the_factors(blocked_lowran
 @pytest.mark.parametrize("with_present", [False, True])
 @pytest.mark.parametrize("with_weights", [False, True])
 @pytest.mark.parametrize(("dims", "batch"), [([3, 4, 5], 4), ([6], 5)])
-def test_small_batch_kept_projections_match_core(with_present, with_weights, dims, batch, blocked_lowrank):
+def test_small_batch_kept_projections_match_core(with_present, with_weights, dims, batch, blocked_paths):
     """Kept projections with h above the rank-sum GEMM's width: the (weighted) strided rank
     sum, several modalities and one."""
     rank, out_dim = 2, tbl._RANK_SUM_GEMM_WIDTH + 3
@@ -418,7 +418,7 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("op", ["lowrank_fusion", "cp_fusion"])
-def test_auto_runs_the_custom_op(op, blocked_lowrank):
+def test_auto_runs_the_custom_op(op, blocked_paths):
     p = _small(True, False, seed=7)
     if op == "lowrank_fusion":
         xs, factors, weights, bias, _, _ = _lowrank_inputs(p)
@@ -461,7 +461,7 @@ def assert_bindings_agree(eager, registered, leaves, upstream, first, second):
                  torch.autograd.grad(gr.square().sum(), second)[0], rtol=1e-12)  # fmt: skip
 
 
-def test_lowrank_registered_autograd_equals_the_eager_binding(blocked_lowrank):
+def test_lowrank_registered_autograd_equals_the_eager_binding(blocked_paths):
     """torch.ops.mmfuse.lowrank_fusion with its registered autograd (torch.compile's path) and
     the eager autograd.Function give the same values and gradients, double backward included."""
     p = _small(True, True, seed=9)
@@ -473,7 +473,7 @@ def test_lowrank_registered_autograd_equals_the_eager_binding(blocked_lowrank):
     assert_bindings_agree(eager, op, leaves, upstream, xs[0], factors[0])
 
 
-def test_cp_registered_autograd_equals_the_eager_binding(blocked_lowrank):
+def test_cp_registered_autograd_equals_the_eager_binding(blocked_paths):
     """The same for torch.ops.mmfuse.cp_fusion (masks, weights and bias present)."""
     p = _small(True, True, seed=10)
     xs, (weights, factors), bias, present, upstream = _cp_inputs(p)

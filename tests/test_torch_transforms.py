@@ -158,7 +158,7 @@ def test_functional_ops_under_jacrev_and_vmap(backend):
     _close(vmap(wander)(*seqs), torch.stack([wander(*(s[v] for s in seqs)) for v in range(2)]))
 
 
-def test_eager_calls_still_run_the_custom_ops(blocked_lowrank):
+def test_eager_calls_still_run_the_custom_ops(blocked_paths):
     layer, xs = _case("lowrank")
     assert type(layer(xs).grad_fn).__name__ == "_LowRankFusionBackward"
     layer, seqs = _case("wander-collapsed")
