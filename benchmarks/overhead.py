@@ -38,9 +38,9 @@ Part 2, layers: one training step (inputs' and parameters' grads set to None, fo
 ``LowRankFusion`` (32, 32, 128) h 128 R 16, ``LowRankFusion`` (8, 16, 64) h 1 R 4, and
 ``WanderAdapter(mode="collapsed")`` at the CMU-MOSI defaults (T = 50, 50, 50, d = 40, r = 16,
 R_h = 8, R_t = 12).  float32, all cores.  The plain layers are the same as torch_cpu.py's
-(``lmf-layer``: LMF's released fusion; ``released-layer``: the released Wander adapter),
-written out here because torch_cpu.py defines them inside its set-up functions, with their
-parameters copied from the mmfuse layer (outputs checked equal).  Columns: "mmfuse ms" and
+(``lmf-layer``: LMF's released fusion; ``released-layer``: the released Wander adapter; both
+from ``_baselines.py``), with their parameters copied from the mmfuse layer (outputs checked
+equal).  Columns: "mmfuse ms" and
 "plain ms": median milliseconds per step; "plain/mmfuse": the speed-up of mmfuse over the plain
 layer (target: at least 1.2) with its per-round p10-p90; "ops" columns: torch operators in one
 step after warm-up, recorded by ``torch.profiler`` (CPU activity; the forward, the
