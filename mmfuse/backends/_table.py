@@ -57,11 +57,11 @@ class Row(NamedTuple):
 #: Calls of at least this many elements (of ``x``, or ``xs[0]`` for ``align``) let "auto" import
 #: numba for its CPU kernels (``moments``, ``zoom_shift``, ``align``) when numba is installed;
 #: smaller calls never import it (once imported, "auto" uses the kernels at every size).
-#: Measured on the 2-core CI machine (docs/backends.rst, "numba's CPU kernels under auto"):
-#: importing numba and loading its cached kernels costs about 0.8 s once per process, and the
-#: kernels save 2.4-3.4 ns per element per call over the NumPy core (4-6x faster from 2**16
-#: elements up), so at 2**20 elements the import is repaid within about 250 calls, and within
-#: about 50 at (64, 512, 256).  At 2**18 it would take about 1300 calls.
+#: Measured on the 2-core CI machine (``benchmarks/align_cpu.py --rule``; docs/backends.rst,
+#: "numba's CPU kernels under auto"): importing numba and loading its cached kernels costs
+#: about 0.7 s once per process; a zoom_shift call saves 1.2-1.9 ms at 2**20 elements (repaid
+#: within 370-620 calls), 20 ms at (64, 512, 256) (within 30-40), but 0.2-0.3 ms at 2**18
+#: (2700-3800 calls) and 0.05 ms at 2**14.
 AUTO_IMPORT_ELEMENTS = 1 << 20
 
 
