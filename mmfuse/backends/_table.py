@@ -59,9 +59,9 @@ class Row(NamedTuple):
 #: smaller calls never import it (once imported, "auto" uses the kernels at every size).
 #: Measured on the 2-core CI machine (``benchmarks/align_cpu.py --rule``; docs/backends.rst,
 #: "numba's CPU kernels under auto"): importing numba and loading its cached kernels costs
-#: about 0.7 s once per process; a zoom_shift call saves 1.2-1.9 ms at 2**20 elements (repaid
-#: within 370-620 calls), 20 ms at (64, 512, 256) (within 30-40), but 0.2-0.3 ms at 2**18
-#: (2700-3800 calls) and 0.05 ms at 2**14.
+#: 0.6-0.7 s once per process; a zoom_shift call saves 0.9-1.8 ms at 2**20 elements (repaid
+#: within 330-620 calls), 13-20 ms at (64, 512, 256) (within 30-45), but 0.2-0.3 ms at 2**18
+#: (1900-3800 calls) and 0.05-0.08 ms at 2**14.
 AUTO_IMPORT_ELEMENTS = 1 << 20
 
 
