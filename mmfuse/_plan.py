@@ -19,8 +19,9 @@ is active (the registry's ``grad`` and ``traced``).  Options enter with their ty
 ``append_one=1`` (refused: not a bool) never matches a plan made for ``True``.
 
 Calls are never planned while ``torch.compile`` traces them (Dynamo traces the checks as
-before), and a signature that cannot be formed (an argument that is not an array, an
-unhashable option) simply runs the full path every time, where the checks report it.
+before) or while a torch dispatch mode is active, and a signature that cannot be formed (an
+argument that is not an array, an unhashable option) simply runs the full path every time,
+where the checks report it.
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ def policy_key(backend: Any) -> Any:
     torch_state: Any = None
     if frameworks[0]:
         torch = sys.modules["torch"]
-        if torch.compiler.is_compiling():
+        # not while Dynamo traces, nor under a TorchDispatchMode (FakeTensorMode, export,
+        # logging modes), which the registry's choice depends on
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
             return None
         torch_state = (
             torch.is_grad_enabled(),
