@@ -282,9 +282,7 @@ def tensor_fusion(
     (4, 5)
     """
     key = call_key(backend, (append_one, max_elements), xs, weight, bias)
-    plan = _TENSOR_PLANS.get(key)
-    if plan is None:
-        plan = _TENSOR_PLANS.remember(key, plan_tensor(xs, weight, bias, append_one, max_elements, backend))
+    plan = _TENSOR_PLANS.plan(key, plan_tensor, xs, weight, bias, append_one, max_elements, backend)
     return plan(xs, weight, bias)
 
 
@@ -425,10 +423,7 @@ def lowrank_fusion(
     True
     """
     key = call_key(backend, (append_one,), xs, factors, weights, bias, present)
-    plan = _LOWRANK_PLANS.get(key)
-    if plan is None:
-        plan = plan_lowrank(xs, factors, weights, bias, append_one, present, backend)
-        _LOWRANK_PLANS.remember(key, plan)
+    plan = _LOWRANK_PLANS.plan(key, plan_lowrank, xs, factors, weights, bias, append_one, present, backend)
     return plan(xs, factors, weights, bias, present=present)
 
 
@@ -612,9 +607,7 @@ def cp_fusion(
     """
     pair = cp_pair(cp)
     key = call_key(backend, (append_one,), xs, pair, bias, present) if pair is not None else None
-    plan = _CP_PLANS.get(key)
-    if plan is None:
-        plan = _CP_PLANS.remember(key, plan_cp(xs, cp, bias, append_one, present, backend))
+    plan = _CP_PLANS.plan(key, plan_cp, xs, cp, bias, append_one, present, backend)
     return plan(xs, pair if pair is not None else as_cp(cp), bias, present=present)
 
 

@@ -47,6 +47,14 @@ MAX_PLANS = 1024
 class PlanCache(dict[Any, Any]):
     """Plans of one operator by signature (a dict, bounded at :data:`MAX_PLANS`)."""
 
+    def plan(self, key: Any, make: Callable[..., T], *args: Any) -> T:
+        """The plan for ``key``; on a miss ``make(*args)`` (the checks and the dispatch,
+        which raise for a bad call), remembered."""
+        plan = self.get(key)
+        if plan is None:
+            plan = self.remember(key, make(*args))
+        return plan
+
     def remember(self, key: Any, plan: T) -> T:
         if key is not None:
             if len(self) >= MAX_PLANS:

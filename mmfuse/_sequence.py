@@ -281,10 +281,7 @@ def sequence_fusion(
     True
     """
     key = call_key(backend, (mode,), hs, feature_factors, token_factors, masks)
-    plan = _SEQUENCE_PLANS.get(key)
-    if plan is None:
-        plan = plan_sequence(hs, feature_factors, token_factors, mode, masks, backend)
-        _SEQUENCE_PLANS.remember(key, plan)
+    plan = _SEQUENCE_PLANS.plan(key, plan_sequence, hs, feature_factors, token_factors, mode, masks, backend)
     return plan(hs, feature_factors, token_factors, masks=masks)
 
 
@@ -469,10 +466,7 @@ def wander(
     parts = (params.get("down"), params.get("feature"), params.get("token")) if type(params) is dict else None
     options = (mode, activation, residual)
     key = call_key(backend, options, xs, *parts, masks) if parts is not None else None
-    plan = _WANDER_PLANS.get(key)
-    if plan is None:
-        plan = plan_wander(xs, params, mode, masks, activation, residual, backend)
-        _WANDER_PLANS.remember(key, plan)
+    plan = _WANDER_PLANS.plan(key, plan_wander, xs, params, mode, masks, activation, residual, backend)
     return plan(xs, params if parts is not None else _clean_params(params), masks=masks)
 
 

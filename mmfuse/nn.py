@@ -78,7 +78,7 @@ def _layer_plan(
     only if it passed.  So a step with a seen signature runs no checks beyond torch's own."""
     key = call_key(None, (type(module), *options), *arrays)
     run = _LAYER_PLANS.get(key)
-    if run is None:
+    if run is None:  # (not PlanCache.plan: the layer names itself in a refusal)
         with _layer_call(module):
             run = _LAYER_PLANS.remember(key, plan())
     return run
