@@ -315,17 +315,8 @@ def test_dispatch_modes_keep_the_torch_rows():
     tensors' memory behind torch's back, are refused: the mode sees mmfuse::zoom_shift, and fake
     tensors get fake results."""
     torch = pytest.importorskip("torch")
+    from test_torch_backend import _OpLog as Log
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     x, g = torch.randn(2, 1025, 512), torch.randn(2, 701, 512)  # shapes no other test calls
     assert explain("zoom_shift", x, g).chosen.variant == "CPU kernels in a torch op"
