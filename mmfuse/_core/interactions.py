@@ -302,8 +302,13 @@ def orders_blocked(
     const = np.stack([np.asarray(c, dtype=dtype) for c in consts])  # (M, R, H)
     prefix = np.cumprod(const, axis=0)  # prefix[m] = c_0 ... c_m, in order
     f3 = [np.asarray(f, dtype=dtype) for f in feats]
-    out = np.empty((n + 1, batch, out_dim), dtype=dtype)
-    order0 = np.empty((1, 1, out_dim), dtype=dtype)
+    # Zeroed, not np.empty: every buffer here is a GEMM's target or operand slice, and a CI
+    # run once stopped on "invalid value encountered in matmul" with finite operands and
+    # finite results (reduce_into at B = 1); uninitialised memory next to or under a BLAS
+    # operand is the one input that varies between runs.  The memsets cost one pass over
+    # memory the recursion passes over M times.
+    out = np.zeros((n + 1, batch, out_dim), dtype=dtype)
+    order0 = np.zeros((1, 1, out_dim), dtype=dtype)
     reduce_into(prefix[-1].reshape(1, rank, 1, width), order0)
     out[0] = order0[0]
     tile = max(1, _TILE_WIDTH // width)  # samples per tile of the constant rows
@@ -312,8 +317,8 @@ def orders_blocked(
     rows = min(rows, -(-batch // tile) * tile) if batch else tile
     run = recursion(const, prefix, tile, rows)
     size = n * rank * rows * width
-    proj_buf = np.empty(size, dtype=dtype)
-    coef_buf = np.empty(size, dtype=dtype)
+    proj_buf = np.zeros(size, dtype=dtype)
+    coef_buf = np.zeros(size, dtype=dtype)
     for blk in block_slices(batch, rows):
         start, stop = blk.start, blk.stop
         k = stop - start
