@@ -1,6 +1,6 @@
 """Interaction terms by order vs the plain fusion they explain (issue 22), on CPU.
 
-Run: ``OPENBLAS_NUM_THREADS=1 python benchmarks/interactions.py [--json FILE] [--quick]``.
+Run: ``OPENBLAS_NUM_THREADS=1 python benchmarks/interactions.py [--json FILE] [--quick] [--rule]``.
 
 The target: ``lowrank_interactions(..., by="order")`` at M = 8 costs at most 2x a plain
 ``lowrank_fusion`` call at (B, M x d, h, R) = (4096, 8 x 32, 64, 8).  Candidates, float32
@@ -8,16 +8,17 @@ The target: ``lowrank_interactions(..., by="order")`` at M = 8 costs at most 2x 
 
 - ``lowrank_fusion``: the fused output, (B, h), NumPy arrays ("auto": the cache-blocked core).
 - ``lowrank_interactions-order``: its M + 1 = 9 terms by order, (9, B, h), by the O(M^2)
-  recursion per rank ("auto" on NumPy arrays: the core's NumPy variant, in-place ufuncs).
-- ``lowrank_interactions-order[numba]`` (numba installed): the same terms with the recursion
-  compiled (:mod:`mmfuse.backends._numba_interactions`), called directly: the registry has no
-  row for it yet, so "auto" does not pick it.
-- ``cp_interactions-order`` / ``cp_fusion``: the same for a CP fusion of rank 64 (for context),
-  NumPy and numba.
+  recursion per rank, under "auto": with numba installed, the recursion compiled
+  (:mod:`mmfuse.backends._numba_interactions`; these calls are above
+  ``AUTO_IMPORT_PRODUCTS``, so "auto" imports numba for them).
+- ``lowrank_interactions-order[array_api]``: the same with ``backend="array_api"``, the core's
+  NumPy variant (in-place ufuncs): what "auto" runs without numba.
+- ``cp_interactions-order`` / ``cp_fusion``: the same for a CP fusion of rank 64 (for context).
 - ``lowrank_interactions-subset`` (M = 4 only; by subset is 2^M terms).
 - ``torch ...`` (torch installed, M = 8): the same calls on torch CPU tensors ("auto": the
-  torch backend's custom op for the fusion, the core's autograd path for the terms) and the
-  numba kernel through NumPy views of the tensors.
+  torch backend's custom op for the fusion; for the terms without gradients the numba kernel
+  through NumPy views of the tensors, with ``[grad]`` (factors requiring gradients) the core
+  under autograd, forward only).
 
 The ratio column is each candidate's median time over its plain fusion's (same namespace);
 "p10-p90" is the spread of that ratio over the interleaved rounds (each round times both
@@ -25,6 +26,11 @@ within milliseconds of each other).  On a shared machine, OpenBLAS's and torch's
 threads spin while other processes hold the cores and every GEMM-heavy call slows down
 erratically (the fusion's median can move 10x); there, run with ``OPENBLAS_NUM_THREADS=1``
 (torch then runs on one thread too: :func:`main` sets it) for ratios that mean something.
+
+``--rule``: the measurements behind ``AUTO_IMPORT_PRODUCTS`` (docs/backends.rst): the
+one-time cost of importing numba and loading the recursion's cached kernel in a fresh process,
+then per-call times of the NumPy variant and the kernel by the recursion's products, and the
+calls after which the one-time cost is repaid.
 """
 
 from __future__ import annotations
@@ -32,12 +38,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
+import subprocess
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import arg_parser, machine, peak_rss_mib, print_table, quantile, round_ratios, sample_rounds
+from _harness import (
+    arg_parser,
+    machine,
+    medians,
+    peak_rss_mib,
+    print_table,
+    quantile,
+    round_ratios,
+    sample_rounds,
+)
 
 # (batch, dims, out_dim, rank)
 CASES = {
@@ -46,12 +63,12 @@ CASES = {
 }
 BASE = {
     "lowrank_interactions-order": "lowrank_fusion",
-    "lowrank_interactions-order[numba]": "lowrank_fusion",
+    "lowrank_interactions-order[array_api]": "lowrank_fusion",
     "lowrank_interactions-subset": "lowrank_fusion",
     "cp_interactions-order": "cp_fusion",
-    "cp_interactions-order[numba]": "cp_fusion",
+    "cp_interactions-order[array_api]": "cp_fusion",
     "torch lowrank_interactions-order": "torch lowrank_fusion",
-    "torch lowrank_interactions-order[numba]": "torch lowrank_fusion",
+    "torch lowrank_interactions-order[grad]": "torch lowrank_fusion",
 }
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -78,14 +95,11 @@ def setup(case: str) -> dict[str, object]:
         "lowrank_interactions-order": lambda: mmfuse.lowrank_interactions(xs, factors, weights)[0],
         "cp_fusion": lambda: mmfuse.cp_fusion(xs, cp),
         "cp_interactions-order": lambda: mmfuse.cp_interactions(xs, cp)[0],
+        "lowrank_interactions-order[array_api]": lambda: mmfuse.lowrank_interactions(
+            xs, factors, weights, backend="array_api"
+        )[0],
+        "cp_interactions-order[array_api]": lambda: mmfuse.cp_interactions(xs, cp, backend="array_api")[0],
     }
-    if HAS_NUMBA:
-        from mmfuse.backends import _numba_interactions as nbi
-
-        cands["lowrank_interactions-order[numba]"] = lambda: nbi.lowrank_interactions_cpu(
-            xs, factors, weights
-        )[0]
-        cands["cp_interactions-order[numba]"] = lambda: nbi.cp_interactions_cpu(xs, cp)[0]
     if len(dims) <= 4:
         cands["lowrank_interactions-subset"] = lambda: mmfuse.lowrank_interactions(
             xs, factors, weights, by="subset"
@@ -97,10 +111,10 @@ def setup(case: str) -> dict[str, object]:
         tf, tw = [torch.from_numpy(f) for f in factors], torch.from_numpy(weights)
         cands["torch lowrank_fusion"] = lambda: mmfuse.lowrank_fusion(txs, tf, tw)
         cands["torch lowrank_interactions-order"] = lambda: mmfuse.lowrank_interactions(txs, tf, tw)[0]
-        if HAS_NUMBA:
-            cands["torch lowrank_interactions-order[numba]"] = lambda: nbi.lowrank_interactions_cpu(
-                txs, tf, tw
-            )[0]
+        tg = [f.clone().requires_grad_(True) for f in tf]
+        cands["torch lowrank_interactions-order[grad]"] = lambda: mmfuse.lowrank_interactions(txs, tg, tw)[
+            0
+        ].detach()
     return cands
 
 
@@ -117,10 +131,86 @@ def check(cands: dict[str, object]) -> float:
     return worst
 
 
+# --------------------------------------------------------------------------- --rule
+
+_COLD = """
+import sys, time
+import numpy as np
+import mmfuse
+rng = np.random.default_rng(0)
+xs = [rng.standard_normal((1024, 32), dtype=np.float32) for _ in range(4)]
+p = mmfuse.init_lowrank([32] * 4, rank=4, out_dim=64, seed=0, dtype=np.float32)
+t0 = time.perf_counter()
+mmfuse.lowrank_interactions(xs, p["factors"], p["weights"], backend={backend!r})
+t1 = time.perf_counter()
+print(t1 - t0, "numba" in sys.modules)
+"""
+
+
+def _first_call(backend: str) -> float:
+    """Seconds of a first ``lowrank_interactions`` call in a fresh process (numba's on-disk
+    cache as the environment has it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MMFUSE_BACKEND", "MMFUSE_PREFER")}
+    out = subprocess.run(
+        [sys.executable, "-c", _COLD.format(backend=backend)], capture_output=True, text=True, env=env
+    )
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"lowrank_interactions ({backend}) failed in a fresh process:\n{out.stderr[-3000:]}"
+        )
+    return float(out.stdout.split()[0])
+
+
+def rule(args) -> None:
+    """The one-time cost of numba for the interaction terms and what a call saves, by the
+    recursion's products (M^2 B R h)."""
+    import mmfuse
+    from mmfuse.backends._table import AUTO_IMPORT_PRODUCTS
+
+    print(f"machine: {machine()}; AUTO_IMPORT_PRODUCTS = 2**{int(np.log2(AUTO_IMPORT_PRODUCTS))}")
+    repeats = 3 if args.quick else 5
+    _first_call("numba")  # fills numba's on-disk cache
+    core = [_first_call("array_api") for _ in range(repeats)]
+    kernel = [_first_call("numba") for _ in range(repeats)]
+    extra = statistics.median(kernel) - statistics.median(core)
+    print(
+        f"fresh process, first call (M = 4, B = 1024, R = 4, h = 64): NumPy variant "
+        f"{statistics.median(core):.3f} s, kernel {statistics.median(kernel):.3f} s; one-time extra {extra:.3f} s"
+    )
+    rng = np.random.default_rng(1)
+    rows = []
+    for m, batch, rank, h in ((4, 256, 4, 16), (4, 1024, 4, 16), (4, 1024, 4, 64), (8, 1024, 4, 32),
+                              (8, 1024, 8, 64), (8, 4096, 8, 64)):  # fmt: skip
+        xs = [rng.standard_normal((batch, 32)).astype(np.float32) for _ in range(m)]
+        p = mmfuse.init_lowrank([32] * m, rank=rank, out_dim=h, seed=rng, dtype=np.float32)
+        f, w = p["factors"], p["weights"]
+        cands = {
+            "numpy": lambda xs=xs, f=f, w=w: mmfuse.lowrank_interactions(xs, f, w, backend="array_api"),
+            "numba": lambda xs=xs, f=f, w=w: mmfuse.lowrank_interactions(xs, f, w, backend="numba"),
+        }
+        times = medians(sample_rounds(cands, repeats=6 if args.quick else 12))
+        saved = times["numpy"] - times["numba"]
+        products = m * m * batch * rank * h
+        rows.append({
+            "(M, B, R, h)": f"({m}, {batch}, {rank}, {h})",
+            "products": f"2**{np.log2(products):.1f}",
+            "numpy ms": f"{times['numpy'] * 1e3:.3f}",
+            "numba ms": f"{times['numba'] * 1e3:.3f}",
+            "saved ms": f"{saved * 1e3:.3f}",
+            "ns saved / product": f"{saved / products * 1e9:.3f}",
+            "repaid after calls": f"{extra / saved:.0f}" if saved > 0 else "never",
+        })  # fmt: skip
+    print_table(rows, list(rows[0]))
+
+
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--dtype", default=DTYPE, choices=["float32", "float64"])
+    parser.add_argument("--rule", action="store_true", help="the measurements behind AUTO_IMPORT_PRODUCTS")
     args = parser.parse_args()
+    if args.rule:
+        rule(args)
+        return
     os.environ["MMFUSE_BENCH_DTYPE"] = args.dtype  # the memory runs' subprocesses too
     globals()["DTYPE"] = args.dtype
     if HAS_TORCH and os.environ.get("OPENBLAS_NUM_THREADS") == "1":

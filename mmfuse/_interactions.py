@@ -62,6 +62,13 @@ def _check_subset_size(func: str, n: int, batch: int, out_dim: int, max_elements
         )
 
 
+def _recursion_products(n: int, batch: Any, width: int) -> int:
+    """The size "auto" weighs a call by (the rows' ``import_at``): about the order recursion's
+    products, M^2 B (R h) for LMF and M^2 B R for CP, which is what a compiled recursion saves
+    on (``xs[0]``'s size says nothing of M or h).  0 for an unknown (Dask) batch size."""
+    return n * n * batch * width if isinstance(batch, int) else 0
+
+
 def _options(by: Any, append_one: Any, max_elements: Any) -> tuple[str, bool, int]:
     return (
         _check_by(by),
@@ -277,7 +284,8 @@ def lowrank_interactions(
         check_present(xp, present, batch, len(xs))
     if by == "subset":
         _check_subset_size("lowrank_interactions", len(xs), batch, out_dim, max_elements)
-    impl = lookup("lowrank_interactions", backend, like=xs[0], arrays=(xs, factors, weights))
+    size = _recursion_products(len(xs), batch, rank * out_dim)
+    impl = lookup("lowrank_interactions", backend, like=xs[0], arrays=(xs, factors, weights), size=size)
     return impl(
         xs, factors, weights, by=by, present=present, append_one=append_one, max_elements=max_elements
     )
@@ -367,7 +375,8 @@ def cp_interactions(
     xs, weights, factors = check_cp_inputs(xs, cp, append_one, present)
     if by == "subset":
         _check_subset_size("cp_interactions", len(xs), xs[0].shape[0], factors[-1].shape[0], max_elements)
-    impl = lookup("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights))
+    size = _recursion_products(len(xs), xs[0].shape[0], factors[-1].shape[1])
+    impl = lookup("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights), size=size)
     return impl(
         xs, (weights, factors), by=by, present=present, append_one=append_one, max_elements=max_elements
     )

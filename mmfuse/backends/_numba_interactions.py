@@ -20,13 +20,10 @@ NumPy path's to the last bit; float32 and float64 compute in their own dtype.
 Compilation: on first use, per dtype, cached on disk (``cache=True``).  Importing this module
 imports numba but compiles nothing.
 
-Dispatch: not yet a row of the registry's table (:mod:`mmfuse.backends._table`), so neither
-``backend="numba"`` nor "auto" runs it; call :func:`lowrank_interactions_cpu` /
-:func:`cp_interactions_cpu` directly (same signature as the public functions, validated
-inputs).  The rows it is written for, one per operator::
-
-    add(op, "numba", "CPU kernels", "mmfuse.backends._numba_interactions:" + op + "_cpu",
-        "numpy or torch CPU, no gradient (CPU kernels)", 10, AUTO_IMPORT_ELEMENTS)
+Dispatch: the numba backend's "CPU kernels" rows of ``lowrank_interactions`` and
+``cp_interactions`` (:mod:`mmfuse.backends._table`), for NumPy arrays and for torch CPU tensors
+that need no gradient.  "auto" takes them once numba is imported, or for calls of at least
+:data:`~mmfuse.backends._table.AUTO_IMPORT_PRODUCTS` recursion products, which import it.
 """
 
 from __future__ import annotations

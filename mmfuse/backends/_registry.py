@@ -23,7 +23,7 @@ import inspect
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import array_api_compat
@@ -356,23 +356,33 @@ def _device_name(device: Any) -> Any:
     return str(device) if type(device).__module__.startswith("torch") else device
 
 
-def _describe(like: Any, arrays: Sequence[Any]) -> CallInfo | None:
+def _describe(like: Any, arrays: Sequence[Any], size: int | None = None) -> CallInfo | None:
     if like is None:
         return None
-    return call_info(array_namespace(like), like, arrays)
+    info = call_info(array_namespace(like), like, arrays)
+    if size is None or info.intercepted:  # intercepted: no (symbolic) sizes, as call_info
+        return info
+    return replace(info, size=size)
 
 
 def lookup(
-    op: str, backend: str | None = None, *, like: Any = None, arrays: Sequence[Any] = ()
+    op: str,
+    backend: str | None = None,
+    *,
+    like: Any = None,
+    arrays: Sequence[Any] = (),
+    size: int | None = None,
 ) -> Callable[..., Any]:
     """The implementation of ``op`` to run for inputs like the array ``like``.
 
     ``backend`` is the call's ``backend=`` keyword (``None``: the configured policy);
     ``arrays`` the call's other arrays (nested lists allowed), whose autograd state the choice
-    may depend on.  Raises :class:`BackendUnsupported` when a named backend cannot run it.
+    may depend on; ``size`` the call's size for the rows' ``import_at`` where ``like``'s
+    element count does not measure its work (the interaction terms: their recursion's
+    products).  Raises :class:`BackendUnsupported` when a named backend cannot run it.
     """
     name = _policy(backend)
-    info = _describe(like, arrays)
+    info = _describe(like, arrays, size)
     if info is None:
         _signature(op)
         return _choose(op, name, None).func
@@ -403,14 +413,16 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
+def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None = None) -> Explanation:
     """Which implementation of ``op`` would run for ``arrays``, and why the others would not.
 
     ``arrays``: the call's arrays (or some of them; the first floating one decides the
     namespace, device and dtype).  Lists the forced backend's implementations, or under
     ``"auto"`` every one (importing the optional backends' modules that are installed).
     Raises nothing for a refusal: a forced backend that cannot take the inputs shows
-    ``chosen=None`` and its reasons.
+    ``chosen=None`` and its reasons.  ``size``: the call's size as the public function
+    passes it to :func:`lookup` (default: the first floating array's element count; the
+    interaction terms pass their recursion's products, M^2 B R h).
 
     Examples
     --------
@@ -427,7 +439,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
     """
     name = _policy(backend)
     like = _first_array(list(arrays))
-    info = _describe(like, arrays)
+    info = _describe(like, arrays, size)
     try:
         chosen: Implementation | None = _choose(op, name, info)
     except BackendUnsupported:
@@ -450,9 +462,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None) -> Explanation:
         else:
             refusal = None if info is None else cand.refusal(info)
             verdict = (
-                "would run if the rows above could not"
-                if refusal is None
-                else f"cannot take them: {refusal}"
+                "would run if the rows above could not" if refusal is None else f"cannot take them: {refusal}"
             )
         rows.append((cand.backend, cand.variant, cand.priority, verdict))
     for backend, reason in sorted(_plugin_errors.items()):
@@ -466,6 +476,6 @@ def _skipped(row: Row, info: CallInfo | None) -> str:
     fw = FRAMEWORKS[row.backend]
     why = f"not considered: 'auto' takes it once {fw} is imported"
     if row.import_at:
-        size = "" if info is None else f"; this call has {info.size}"
-        why += f", or for calls of at least {row.import_at} elements ({fw} installed{size})"
+        size = "" if info is None else f"; this call's is {info.size}"
+        why += f", or for calls of size at least {row.import_at} ({fw} installed{size})"
     return why

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["AUTO_IMPORT_ELEMENTS", "FRAMEWORKS", "ROWS", "Row"]
+__all__ = ["AUTO_IMPORT_ELEMENTS", "AUTO_IMPORT_PRODUCTS", "FRAMEWORKS", "ROWS", "Row"]
 
 
 class Row(NamedTuple):
@@ -49,8 +49,10 @@ class Row(NamedTuple):
     target: str
     condition: str
     priority: int
-    #: "auto" takes the row before its framework is imported for calls whose first floating
-    #: array has at least this many elements (0: only once the framework is imported)
+    #: "auto" takes the row before its framework is imported for calls of at least this size
+    #: (0: only once the framework is imported); the size is the first floating array's
+    #: element count, or what the public function passes instead (the interaction terms:
+    #: their recursion's products)
     import_at: int = 0
 
 
@@ -63,6 +65,13 @@ class Row(NamedTuple):
 #: within 330-620 calls), 13-20 ms at (64, 512, 256) (within 30-45), but 0.2-0.3 ms at 2**18
 #: (1900-3800 calls) and 0.05-0.08 ms at 2**14.
 AUTO_IMPORT_ELEMENTS = 1 << 20
+
+#: The same for the interaction terms' compiled order recursion (``lowrank_interactions``,
+#: ``cp_interactions``), whose call size is the recursion's products, M^2 B R h (LMF) or
+#: M^2 B R (CP), not an array's elements.  Measured on the 2-core CI machine
+#: (``benchmarks/interactions.py --rule``): a call saves about SAVE_NS ns per product, so the
+#: one-time import (0.6-0.7 s) is repaid within about PAYBACK calls at 2**22 products.
+AUTO_IMPORT_PRODUCTS = 1 << 22
 
 
 _CORE_FUSION = "mmfuse._core.fusion"
@@ -172,6 +181,17 @@ def _rows() -> tuple[Row, ...]:
         add(op, "torch", "autograd", f"{_CORE_INTER}:{op}", "torch", 5)
     for op in ("lowrank_interactions", "cp_interactions"):
         add(op, "array_api", "numpy, in-place order recursion", f"{_CORE_INTER}:{op}_numpy", "numpy", 1)
+        # the order recursion compiled (NumPy arrays, or torch CPU tensors through NumPy views
+        # when no gradient is needed); "auto" imports numba for it by the recursion's products
+        add(
+            op,
+            "numba",
+            "CPU kernels",
+            f"mmfuse.backends._numba_interactions:{op}_cpu",
+            "numpy or torch CPU, no gradient (CPU kernels)",
+            10,
+            AUTO_IMPORT_PRODUCTS,
+        )
 
     # Fused Triton kernels for torch CUDA tensors (CPU tensors under TRITON_INTERPRET=1).  Not
     # yet measured on a GPU, so below every row "auto" picked before them (the torch backend's
