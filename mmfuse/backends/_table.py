@@ -69,9 +69,11 @@ AUTO_IMPORT_ELEMENTS = 1 << 20
 #: The same for the interaction terms' compiled order recursion (``lowrank_interactions``,
 #: ``cp_interactions``), whose call size is the recursion's products, M^2 B R h (LMF) or
 #: M^2 B R (CP), not an array's elements.  Measured on the 2-core CI machine
-#: (``benchmarks/interactions.py --rule``): a call saves about SAVE_NS ns per product, so the
-#: one-time import (0.6-0.7 s) is repaid within about PAYBACK calls at 2**22 products.
-AUTO_IMPORT_PRODUCTS = 1 << 22
+#: (``benchmarks/interactions.py --rule``, float32): the one-time import costs 0.48 s; a call
+#: saves 0.14-0.43 ns per product (more at M = 8 than at M = 4), so 2**23 products (e.g. M = 8,
+#: B = 1024, R = 4, h = 32: 2.2 ms saved) repay it within about 220 calls; 2**22 (M = 4) would
+#: take about 800, 2**27 (issue 22's benchmark case) 23.
+AUTO_IMPORT_PRODUCTS = 1 << 23
 
 
 _CORE_FUSION = "mmfuse._core.fusion"
