@@ -559,3 +559,58 @@ def test_flat_factor_layouts_hold_the_same_matrix(rank, out_dim):
     assert torch.equal(tbc.flat_factor(f, scale), want * scale.repeat_interleave(out_dim))
     narrow = rank * out_dim <= tbc.NARROW_WIDTH
     assert got.is_contiguous() != narrow and got.t().is_contiguous() == narrow
+
+
+def test_eager_calls_run_the_implementations_without_the_dispatcher():
+    """In eager mode the custom ops' implementations run directly (mmfuse.backends._torch_eager):
+    gradients through the bound autograd.Functions, no graph at all without gradients (values
+    equal to the registered op's bit for bit), and torch._dynamo, which a custom op's first
+    dispatch imports (2-3 s), is never imported.  A fresh process, so nothing imported it
+    before; batches above the whole-batch rules so that the ops run."""
+    from test_align_auto_cpu import _run
+
+    out = _run(
+        """
+        import sys
+        import torch
+        import mmfuse
+
+        torch.manual_seed(0)
+        B = 300  # above the whole-batch rules (low-rank and CP 256 rows, Wander 128)
+        xs = [torch.randn(B, d, dtype=torch.float64) for d in (3, 4)]
+        p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=3, seed=1, xp=torch, dtype=torch.float64)
+        fs = [f.clone().requires_grad_() for f in p["factors"]]
+        cp = (None, [torch.randn(d + 1, 5, dtype=torch.float64, requires_grad=True) for d in (3, 4)]
+              + [torch.randn(3, 5, dtype=torch.float64, requires_grad=True)])
+        x = (10 + torch.randn(6, 9, 5, dtype=torch.float64)).requires_grad_()
+        g = torch.randn(6, 7, 5, dtype=torch.float64)
+        seq = [torch.randn(B, t, 4, dtype=torch.float64) for t in (3, 5)]
+        w = mmfuse.init_wander([4, 4], [3, 5], rank=3, feature_rank=2, token_rank=2, out_dim=4,
+                               seed=2, xp=torch, dtype=torch.float64)
+        w = {k: [tuple(a.clone().requires_grad_() for a in v) if isinstance(v, tuple) else
+                 v.clone().requires_grad_() for v in vs] for k, vs in w.items()}
+        calls = {
+            "lowrank": lambda: mmfuse.lowrank_fusion(xs, fs),
+            "cp": lambda: mmfuse.cp_fusion(xs, cp),
+            "zoom_shift": lambda: mmfuse.zoom_shift(x, g),
+            "wander": lambda: mmfuse.wander(seq, w, mode="collapsed"),
+        }
+        for name, call in calls.items():
+            y = call()
+            y.sum().backward()
+            with torch.no_grad():
+                z = call()
+            print(name, type(y.grad_fn).__name__, z.grad_fn is None, bool(torch.equal(y.detach(), z)))
+        print("torch._dynamo" in sys.modules)
+        ops = torch.ops.mmfuse
+        print(bool(torch.equal(calls["zoom_shift"]().detach(), ops.zoom_shift(x, g, 1.0, -2, None, None, 1e-5))))
+        """
+    )
+    assert out.splitlines() == [
+        "lowrank _LowRankFusionBackward True True",
+        "cp _CPFusionBackward True True",
+        "zoom_shift _ZoomShiftBackward True True",
+        "wander _WanderCollapsedBackward True True",
+        "False",
+        "True",
+    ]

@@ -12,6 +12,15 @@ flattened into tensors; the op runs once, under no grad, as in the registered pa
 registered functions see a context whose ``needs_input_grad`` has the op's argument structure
 (a list of flags for a list argument), so one ``setup_context`` / ``backward`` pair serves both
 bindings and the two cannot drift apart (the tests run both).
+
+Eager calls also skip torch's dispatcher: the op's own implementation (``forward``, the
+function ``torch.library.custom_op`` registered) runs directly, inside the Function when a
+gradient is needed and alone when none is.  Each op has that one implementation for every
+device, so nothing is bypassed but the dispatch itself: its per-call cost (about 30-60 us on
+the CI machine) and, on a custom op's first dispatch, the import of ``torch._dynamo`` (2-3 s).
+Under ``torch.compile`` and while a ``TorchDispatchMode`` is active (fake tensors, export,
+logging modes) the registered op runs, so those see one operator with its fake
+implementation.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["bind"]
+__all__ = ["bind", "direct"]
 
 
 class _Slot:
@@ -112,19 +121,36 @@ def _needs(ctx: Any, spec: Sequence[Any]) -> list[Any]:
     return _rebuild(spec, ctx.needs_input_grad[1:], lambda _: False)
 
 
+def direct(op: Callable[..., Any], implementation: Callable[..., Any]) -> Callable[..., Any]:
+    """``implementation`` (the function a custom op registered) where nothing intercepts torch
+    operations, else the op ``op``: under ``torch.compile`` and dispatch modes (fake tensors,
+    export, logging modes) the registered op, with its fake implementation, must be seen."""
+
+    def call(*args: Any) -> Any:
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            return op(*args)
+        return implementation(*args)
+
+    return call
+
+
 def bind(
     name: str,
     op: Callable[..., Any],
     setup_context: Callable[[Any, tuple[Any, ...], Any], None],
     backward: Callable[..., tuple[Any, ...]],
+    forward: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
-    """``call(*args)``: ``op(*args)`` with autograd by a plain ``autograd.Function`` named
-    ``name`` (its graph nodes are ``<name>Backward``), or the op itself (with its registered
-    autograd) under ``torch.compile``."""
+    """``call(*args)``: the op ``op`` (``torch.ops.*``) with autograd by a plain
+    ``autograd.Function`` named ``name`` (its graph nodes are ``<name>Backward``), running
+    ``forward`` (the op's implementation; default: the op) directly in eager mode; the op
+    itself (with its registered autograd) under ``torch.compile`` or a dispatch mode."""
 
-    def forward(ctx: Any, spec: tuple[Any, ...], *tensors: torch.Tensor) -> Any:
+    run = op if forward is None else direct(op, forward)
+
+    def forward_fn(ctx: Any, spec: tuple[Any, ...], *tensors: torch.Tensor) -> Any:
         args = tuple(_rebuild(spec, tensors, lambda c: c.value))
-        out = op(*args)
+        out = run(*args)
         ctx.spec = spec
         setup_context(_Context(ctx, _needs(ctx, spec)), args, out)
         return out
@@ -136,13 +162,22 @@ def bind(
     function: Any = type(
         name,
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward_flat), "__module__": __name__},
+        {
+            "forward": staticmethod(forward_fn),
+            "backward": staticmethod(backward_flat),
+            "__module__": __name__,
+        },
     )
 
     def call(*args: Any) -> Any:
         if torch.compiler.is_compiling():
             return op(*args)
+        if not torch.is_grad_enabled():
+            return run(*args)
         spec, tensors = _flatten(args)
-        return function.apply(spec, *tensors)
+        if any(t.requires_grad for t in tensors):
+            return function.apply(spec, *tensors)
+        with torch.no_grad():  # as inside the Function: the implementation records nothing
+            return run(*args)
 
     return call

@@ -35,8 +35,13 @@ through :func:`mmfuse.backends._torch_eager.bind`, a plain ``autograd.Function``
 the op's own ``setup_context`` and backward (graph nodes ``_LowRankFusionBackward``,
 ``_CPFusionBackward``, ``_SequenceFusionBackward``, ``_ZoomShiftBackward``,
 ``_WanderCollapsedBackward``), which skips ``torch.library``'s per-call Python autograd
-wrapper; under ``torch.compile`` (and for direct ``torch.ops.mmfuse`` calls) the registered
-autograd runs.  The tests check that both give the same values and gradients.
+wrapper, and runs each op's implementation directly rather than through torch's dispatcher
+(without gradients, the implementation alone; the backward ops likewise,
+:func:`mmfuse.backends._torch_eager.direct`): one implementation per op serves every device,
+so only the dispatch is skipped, with its per-call cost and the import of ``torch._dynamo``
+(2-3 s) on a custom op's first dispatch.  Under ``torch.compile`` and dispatch modes (fake
+tensors, export), and for direct ``torch.ops.mmfuse`` calls, the registered ops and autograd
+run.  The tests check that both give the same values and gradients.
 
 The ``"torch"`` implementation of ``wander`` (:func:`wander_torch`, also used by
 :class:`mmfuse.nn.WanderAdapter` under ``torch.compile``) is ``mmfuse::wander_collapsed`` in

@@ -36,8 +36,7 @@ def _cp_parts(
     return feats, proj
 
 
-@torch.library.custom_op("mmfuse::cp_fusion", mutates_args=())
-def _cp_op(
+def _cp_forward(
     xs: list[torch.Tensor],
     weights: torch.Tensor | None,
     factors: list[torch.Tensor],
@@ -59,6 +58,9 @@ def _cp_op(
     if bias is not None:
         out.add_(cast(bias, cdt))
     return cast(out, dtype)
+
+
+_cp_op = torch.library.custom_op("mmfuse::cp_fusion", _cp_forward, mutates_args=())
 
 
 @_cp_op.register_fake
@@ -125,7 +127,7 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 
 _cp_op.register_autograd(_cp_backward, setup_context=_cp_setup_context)
-_cp_eager = bind("_CPFusion", torch.ops.mmfuse.cp_fusion, _cp_setup_context, _cp_backward)
+_cp_eager = bind("_CPFusion", torch.ops.mmfuse.cp_fusion, _cp_setup_context, _cp_backward, _cp_forward)
 
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ..._core import fusion as _core_fusion
 from ..._namespace import block_budget, block_slices
-from .._torch_eager import bind
+from .._torch_eager import bind, direct
 from ._common import (
     BLOCK_BYTES,
     LOW_PRECISION,
@@ -62,8 +62,7 @@ def _keeps_projections(xs: Sequence[torch.Tensor], factors: Sequence[torch.Tenso
     return narrow or xs[0].shape[0] * per_sample <= sum(f.numel() for f in factors)
 
 
-@torch.library.custom_op("mmfuse::lowrank_fusion", mutates_args=())
-def _lowrank_op(
+def _lowrank_forward(
     xs: list[torch.Tensor],
     factors: list[torch.Tensor],
     weights: torch.Tensor | None,
@@ -117,6 +116,9 @@ def _lowrank_op(
     if bias is not None:
         out.add_(cast(bias, cdt))
     return cast(out, dtype), kept
+
+
+_lowrank_op = torch.library.custom_op("mmfuse::lowrank_fusion", _lowrank_forward, mutates_args=())
 
 
 @_lowrank_op.register_fake
@@ -232,8 +234,7 @@ def lowrank_grads(
     return out
 
 
-@torch.library.custom_op("mmfuse::lowrank_fusion_backward", mutates_args=())
-def _lowrank_backward_op(
+def _lowrank_grads_impl(
     grad: torch.Tensor,
     xs: list[torch.Tensor],
     factors: list[torch.Tensor],
@@ -248,6 +249,13 @@ def _lowrank_backward_op(
     return None in a list; outputs must not alias one another: a fresh one each)."""
     grads = lowrank_grads(grad, xs, factors, weights, append_one, present, needs, projections)
     return [grad.new_empty((0,)) if g is None else g for g in grads]
+
+
+_lowrank_backward_op = torch.library.custom_op(
+    "mmfuse::lowrank_fusion_backward", _lowrank_grads_impl, mutates_args=()
+)
+# eager backward passes run the implementation itself (mmfuse.backends._torch_eager.direct)
+_lowrank_backward_call = direct(torch.ops.mmfuse.lowrank_fusion_backward, _lowrank_grads_impl)
 
 
 @_lowrank_backward_op.register_fake
@@ -288,7 +296,7 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
     if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiable formulas
         grads: list[Any] = whole_batch_grads(grad, xs, factors, weights, ctx.append_one, present, needs)
     else:
-        grads = _lowrank_backward_op(
+        grads = _lowrank_backward_call(
             grad.contiguous(), xs, factors, weights, ctx.append_one, present, needs, kept
         )
     return (
@@ -303,7 +311,11 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
 
 _lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
 _lowrank_eager = bind(
-    "_LowRankFusion", torch.ops.mmfuse.lowrank_fusion, _lowrank_setup_context, _lowrank_backward
+    "_LowRankFusion",
+    torch.ops.mmfuse.lowrank_fusion,
+    _lowrank_setup_context,
+    _lowrank_backward,
+    _lowrank_forward,
 )
 
 

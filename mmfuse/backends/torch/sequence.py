@@ -33,7 +33,7 @@ import torch
 
 from ..._core import sequence as _core_sequence
 from ..._namespace import block_budget, block_slices
-from .._torch_eager import bind
+from .._torch_eager import bind, direct
 from ._common import (
     cast,
     compute_dtype,
@@ -313,8 +313,7 @@ def collapsed_grads(
     return out
 
 
-@torch.library.custom_op("mmfuse::sequence_fusion", mutates_args=())
-def _sequence_op(
+def _sequence_forward(
     hs: list[torch.Tensor],
     feature_factors: list[torch.Tensor],
     token_factors: list[torch.Tensor],
@@ -333,13 +332,15 @@ def _sequence_op(
     return cast(out, dtype)
 
 
+_sequence_op = torch.library.custom_op("mmfuse::sequence_fusion", _sequence_forward, mutates_args=())
+
+
 @_sequence_op.register_fake
 def _(hs: Any, feature_factors: Any, token_factors: Any, mode: str, masks: Any) -> Any:
     return hs[0].new_empty((hs[0].shape[0], token_factors[0].shape[2], feature_factors[0].shape[2]))
 
 
-@torch.library.custom_op("mmfuse::sequence_fusion_backward", mutates_args=())
-def _sequence_backward_op(
+def _sequence_grads_impl(
     grad: torch.Tensor,
     hs: list[torch.Tensor],
     feature_factors: list[torch.Tensor],
@@ -362,6 +363,13 @@ def _sequence_backward_op(
         needs=needs,
     )
     return [grad.new_empty((0,)) if g is None else cast(g, dtype).contiguous() for g in grads]
+
+
+_sequence_backward_op = torch.library.custom_op(
+    "mmfuse::sequence_fusion_backward", _sequence_grads_impl, mutates_args=()
+)
+# eager backward passes run the implementation itself (mmfuse.backends._torch_eager.direct)
+_sequence_backward_call = direct(torch.ops.mmfuse.sequence_fusion_backward, _sequence_grads_impl)
 
 
 @_sequence_backward_op.register_fake
@@ -391,7 +399,7 @@ def _sequence_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         grads_of = collapsed_grads if ctx.mode == "collapsed" else _sequence_grads
         grads: list[Any] = grads_of(grad, hs, feats, toks, masks, needs)
     else:
-        grads = _sequence_backward_op(grad.contiguous(), hs, feats, toks, ctx.mode, masks, needs)
+        grads = _sequence_backward_call(grad.contiguous(), hs, feats, toks, ctx.mode, masks, needs)
         grads = [g if need else None for g, need in zip(grads, needs)]
     # torch.library sees a Tensor?[] argument as a list only when every entry is a tensor
     masks_grad = [None] * n_mod if all(ctx.mask_at) else None
@@ -400,7 +408,11 @@ def _sequence_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 _sequence_op.register_autograd(_sequence_backward, setup_context=_sequence_setup_context)
 sequence_op_eager = bind(
-    "_SequenceFusion", torch.ops.mmfuse.sequence_fusion, _sequence_setup_context, _sequence_backward
+    "_SequenceFusion",
+    torch.ops.mmfuse.sequence_fusion,
+    _sequence_setup_context,
+    _sequence_backward,
+    _sequence_forward,
 )
 
 

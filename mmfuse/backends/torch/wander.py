@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..._core import sequence as _core_sequence
-from .._torch_eager import bind
+from .._torch_eager import bind, direct
 from ._common import (
     cast,
     compute_dtype,
@@ -109,8 +109,7 @@ def _gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     return cdf.addcmul_(pre, pdf).mul_(grad)
 
 
-@torch.library.custom_op("mmfuse::wander_collapsed", mutates_args=())
-def _wander_op(
+def _wander_forward(
     xs: list[torch.Tensor],
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
@@ -145,6 +144,9 @@ def _wander_op(
     return cast(y, dtype), kept
 
 
+_wander_op = torch.library.custom_op("mmfuse::wander_collapsed", _wander_forward, mutates_args=())
+
+
 @_wander_op.register_fake
 def _(
     xs: Any, weights: Any, biases: Any, feature_factors: Any, token_factors: Any, masks: Any, residual: bool
@@ -155,8 +157,7 @@ def _(
     return xs[0].new_empty((xs[0].shape[0], n_out, out_dim)), kept
 
 
-@torch.library.custom_op("mmfuse::wander_collapsed_backward", mutates_args=())
-def _wander_backward_op(
+def _wander_grads_impl(
     grad: torch.Tensor,
     xs: list[torch.Tensor],
     weights: list[torch.Tensor],
@@ -206,6 +207,13 @@ def _wander_backward_op(
     return [grad.new_empty((0,)) if v is None else cast(v, dtype).contiguous() for v in out]
 
 
+_wander_backward_op = torch.library.custom_op(
+    "mmfuse::wander_collapsed_backward", _wander_grads_impl, mutates_args=()
+)
+# eager backward passes run the implementation itself (mmfuse.backends._torch_eager.direct)
+_wander_backward_call = direct(torch.ops.mmfuse.wander_collapsed_backward, _wander_grads_impl)
+
+
 @_wander_backward_op.register_fake
 def _(
     grad: Any, xs: Any, weights: Any, feature_factors: Any, token_factors: Any, masks: Any, residual: bool,
@@ -248,7 +256,7 @@ def _wander_grads(
             )  # fmt: skip
             found = iter(torch.autograd.grad(y, leaves, grad, create_graph=True, allow_unused=True))
         return [[next(found) if f else None for f in flags] for flags in need]
-    flat = _wander_backward_op(
+    flat = _wander_backward_call(
         grad.contiguous(), groups[0], groups[1], groups[3], groups[4], masks, residual, kept,
         [f for flags in need for f in flags],
     )  # fmt: skip
@@ -267,7 +275,11 @@ def _wander_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = None
 
 _wander_op.register_autograd(_wander_backward, setup_context=_wander_setup_context)
 _wander_eager = bind(
-    "_WanderCollapsed", torch.ops.mmfuse.wander_collapsed, _wander_setup_context, _wander_backward
+    "_WanderCollapsed",
+    torch.ops.mmfuse.wander_collapsed,
+    _wander_setup_context,
+    _wander_backward,
+    _wander_forward,
 )
 
 

@@ -39,8 +39,7 @@ from ._common import cast, compute_dtype
 __all__ = ["zoom_shift", "zoom_shift_numba"]
 
 
-@torch.library.custom_op("mmfuse::zoom_shift", mutates_args=())
-def _zoom_shift_op(
+def _zoom_shift_forward(
     x: torch.Tensor,
     guide: torch.Tensor,
     alpha: float,
@@ -58,6 +57,9 @@ def _zoom_shift_op(
     # the core's rule, about the pivot: y = (x - p) s + offset, x - p exact near the mean
     s, offset = zoom_shift_map(_XP, st, g.mean, torch.sqrt(g.var + eps), alpha, eps)
     return torch.addcmul(offset, st.dev, s).to(dtype)
+
+
+_zoom_shift_op = torch.library.custom_op("mmfuse::zoom_shift", _zoom_shift_forward, mutates_args=())
 
 
 @_zoom_shift_op.register_fake
@@ -114,7 +116,11 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 _zoom_shift_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
 _zoom_shift_eager = bind(
-    "_ZoomShift", torch.ops.mmfuse.zoom_shift, _zoom_shift_setup_context, _zoom_shift_backward
+    "_ZoomShift",
+    torch.ops.mmfuse.zoom_shift,
+    _zoom_shift_setup_context,
+    _zoom_shift_backward,
+    _zoom_shift_forward,
 )
 
 
@@ -124,11 +130,9 @@ _zoom_shift_eager = bind(
 # output buffer out.  CPU float32/float64 tensors; the registry's numba row for torch CPU
 # tensors runs it (numba is imported at its first call, not here).
 #
-# Eager calls run the forward function itself inside the bound autograd.Function, not through
-# torch's dispatcher: a custom op's first dispatch imports torch._dynamo (2-3 s on the CI
-# machine, and triton with it where installed), which would dwarf numba's own one-time cost.
-# torch.compile, dispatch modes and direct torch.ops.mmfuse.zoom_shift_numba calls use the
-# registered op.
+# Eager calls run the forward function itself, not the op (mmfuse.backends._torch_eager.bind):
+# a custom op's first dispatch imports torch._dynamo (2-3 s on the CI machine, and triton with
+# it where installed), which would dwarf numba's own one-time cost.
 
 
 def _zoom_shift_numba_forward(
@@ -162,14 +166,12 @@ def _(x: Any, guide: Any, alpha: float, axis: int, mask: Any, guide_mask: Any, e
 _zoom_shift_numba_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
 
 
-def _zoom_shift_numba_call(*args: Any) -> torch.Tensor:
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        return torch.ops.mmfuse.zoom_shift_numba(*args)  # fake tensors: the registered fake
-    return _zoom_shift_numba_forward(*args)
-
-
 _zoom_shift_numba_eager = bind(
-    "_ZoomShiftNumba", _zoom_shift_numba_call, _zoom_shift_setup_context, _zoom_shift_backward
+    "_ZoomShiftNumba",
+    torch.ops.mmfuse.zoom_shift_numba,
+    _zoom_shift_setup_context,
+    _zoom_shift_backward,
+    _zoom_shift_numba_forward,
 )
 
 
