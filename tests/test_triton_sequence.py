@@ -1,0 +1,342 @@
+"""The Triton sequence-fusion kernel (Wander, both modes) on CPU, under Triton's interpreter.
+
+Values against the float64 reference (which builds the explicit weight tensor), gradients
+elementwise against the torch backend in float64 on the same (rounded) inputs and, for
+float32, against the reference's central differences (the fusion is multilinear, so along
+one input tensor at a time a central difference is exact up to rounding); odd sizes,
+several output tiles, B = 1, M = 1 and 8, token masks with NaN in the padded positions, the
+output buffer filled with NaN before the kernel writes it, float16 / bfloat16, bit-identical
+reruns, and the calls the kernel does not take going to the torch backend.  Shapes are tiny:
+the interpreter runs every program in Python.
+
+The interpreted import is :mod:`tests.test_triton`'s (see there): the kernels must have been
+built with ``TRITON_INTERPRET=1``, else the module is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _import_interpreted():
+    """Import triton and the backend with TRITON_INTERPRET=1 (restored afterwards)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton = pytest.importorskip("triton")
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(triton.language.cdiv, InterpretedFunction):
+            pytest.skip(
+                "triton was imported earlier in this process without TRITON_INTERPRET=1, so its "
+                "kernels cannot run on CPU here; run this file on its own (or set TRITON_INTERPRET=1)",
+                allow_module_level=True,
+            )
+        import mmfuse.backends.triton as backend
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    if not backend.INTERPRETED:
+        pytest.skip(
+            "mmfuse.backends.triton was imported earlier in this process without TRITON_INTERPRET=1 "
+            "(its kernels are built for a GPU); run this file on its own",
+            allow_module_level=True,
+        )
+    return backend
+
+
+tb = _import_interpreted()
+
+import mmfuse  # noqa: E402
+import mmfuse.reference as ref  # noqa: E402
+from mmfuse.backends import available  # noqa: E402
+from mmfuse.backends.triton import _ops, _sequence_ops  # noqa: E402
+from mmfuse.testing import assert_close  # noqa: E402
+
+KERNEL = "_TritonSequenceFusionBackward"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def _np(t):
+    return None if t is None else t.detach().to(torch.float64).numpy()
+
+
+def _leaf(a, dtype):
+    return torch.tensor(np.asarray(a), dtype=dtype).requires_grad_(True)
+
+
+@contextlib.contextmanager
+def _poisoned_buffers():
+    """The output buffer the op allocates starts as NaN (the kernel must write every entry)."""
+    real = _ops._empty
+
+    def nan_empty(shape, dtype, device):
+        return real(shape, dtype, device).fill_(float("nan"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_ops, "_empty", nan_empty)
+        yield
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+
+
+def _problem(rng, batch, lengths, widths, r_h, r_t, n_out, out_dim, with_masks, dtype):
+    """(hs, feature factors, token factors, masks or None, upstream gradient); padded tokens
+    of hs hold NaN (they must never be read).  Factors scaled so each modality's term is
+    O(1) in every dtype."""
+    hs = [rng.standard_normal((batch, t, r)) for t, r in zip(lengths, widths)]
+    feats = [_leaf(rng.standard_normal((r_h, r, out_dim)) / np.sqrt(r * r_h), dtype) for r in widths]
+    toks = [_leaf(rng.standard_normal((r_t, t, n_out)) / np.sqrt(t * r_t), dtype) for t in lengths]
+    masks = None
+    if with_masks:
+        masks = [torch.tensor(rng.random((batch, t)) < 0.7) for t in lengths]
+        for h, k in zip(hs, masks):
+            h[~k.numpy()] = np.nan
+    hs = [_leaf(h, dtype) for h in hs]
+    upstream = torch.tensor(rng.standard_normal((batch, n_out, out_dim)), dtype=dtype)
+    return hs, feats, toks, masks, upstream
+
+
+def _ref(hs, feats, toks, masks, mode):
+    return ref.sequence_fusion(
+        [_np(h) for h in hs], [_np(f) for f in feats], [_np(t) for t in toks], mode=mode,
+        masks=None if masks is None else [k.numpy() for k in masks],
+    )  # fmt: skip
+
+
+def _torch64(hs, feats, toks, masks, mode, upstream):
+    """Output and gradients of the torch backend in float64 on the same inputs."""
+    leaves = [t.detach().to(torch.float64).requires_grad_(True) for t in (*hs, *feats, *toks)]
+    n = len(hs)
+    out = mmfuse.sequence_fusion(
+        leaves[:n], leaves[n : 2 * n], leaves[2 * n :], mode=mode, masks=masks, backend="torch"
+    )
+    return out, torch.autograd.grad(torch.nansum(out * upstream.to(torch.float64)), leaves)
+
+
+# (mode, batch, lengths, widths, R_h, R_t, T_out, D, masks)
+CASES = [
+    pytest.param("cp", 1, (5,), (3,), 2, 2, 1, 1, False, id="cp-B1-M1-T1-D1"),
+    pytest.param("cp", 3, (4, 7, 5), (3, 2, 5), 2, 3, 3, 5, True, id="cp-M3-masks"),
+    pytest.param("cp", 2, (19, 3), (20, 4), 1, 2, 33, 70, True, id="cp-tiles-Kloop-wide"),
+    pytest.param("cp", 2, (2, 3, 1, 2, 3, 1, 2, 3), (2, 1, 3, 2, 1, 2, 3, 1), 2, 2, 2, 3, True, id="cp-M8"),
+    pytest.param("collapsed", 1, (6,), (4,), 3, 2, 2, 3, True, id="collapsed-B1-M1"),
+    pytest.param("collapsed", 3, (4, 7, 5), (3, 2, 5), 2, 3, 3, 5, True, id="collapsed-M3-masks"),
+    pytest.param("collapsed", 2, (3, 4, 2, 3, 1, 2, 3, 2), (2,) * 8, 1, 1, 2, 2, False, id="collapsed-M8"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    ("mode", "batch", "lengths", "widths", "r_h", "r_t", "n_out", "out_dim", "with_masks"), CASES
+)
+def test_values_and_gradients(rng, dtype, mode, batch, lengths, widths, r_h, r_t, n_out, out_dim, with_masks):
+    if dtype == torch.float16 and mode == "collapsed" and len(lengths) < 8:
+        pytest.skip("float16 runs the same code as bfloat16; its cp and M = 8 cases suffice")
+    hs, feats, toks, masks, upstream = _problem(
+        rng, batch, lengths, widths, r_h, r_t, n_out, out_dim, with_masks, dtype
+    )
+    if mode == "collapsed" and len(lengths) > 1:  # collapsed mode: ranks may differ per modality
+        toks[1] = _leaf(np.concatenate([_np(toks[1])] * 2) / 2, dtype)
+    with _poisoned_buffers():
+        out = mmfuse.sequence_fusion(hs, feats, toks, mode=mode, masks=masks, backend="triton")
+        assert type(out.grad_fn).__name__ == KERNEL  # the kernel ran
+        leaves = [*hs, *feats, *toks]
+        grads = torch.autograd.grad((out * upstream).sum(), leaves)
+    assert out.shape == (batch, n_out, out_dim)
+    assert_close(out, _ref(hs, feats, toks, masks, mode), xp=torch, dtype=dtype, device="cpu")
+    _, grads64 = _torch64(hs, feats, toks, masks, mode, upstream)
+    for m, (g, g64) in enumerate(zip(grads, grads64)):
+        assert g.dtype == dtype
+        assert torch.isfinite(g).all()
+        if masks is not None and m < len(hs):  # padded tokens: exact zeros
+            assert (g[~masks[m]] == 0).all()
+        assert_close(g, torch.nan_to_num(g64, nan=0.0).to(dtype), rtol=_tol(dtype))
+
+    if dtype == torch.float32:  # central differences of the reference itself
+        check = np.random.default_rng(int(rng.integers(1 << 31)))
+        base = [_np(t) for t in leaves]
+        up = _np(upstream)
+        n = len(hs)
+        kmasks = None if masks is None else [k.numpy() for k in masks]
+        for i, g in enumerate(grads):
+            v = check.standard_normal(base[i].shape)
+            v[~np.isfinite(base[i])] = 0.0  # NaN padding stays put
+            sides = []
+            for sign in (1.0, -1.0):
+                arrs = list(base)
+                arrs[i] = base[i] + sign * v
+                y = ref.sequence_fusion(arrs[:n], arrs[n : 2 * n], arrs[2 * n :], mode=mode, masks=kmasks)
+                sides.append(float(np.sum(y * up)))
+            want = (sides[0] - sides[1]) / 2
+            got = float(np.sum(_np(g) * v))
+            scale = float(np.sum(np.abs(_np(g) * v))) + abs(want)
+            assert abs(got - want) <= 1e-4 * max(scale, 1e-12), (i, got, want)
+
+
+def test_deterministic_and_registered_autograd(rng):
+    """Bit-identical reruns (values and gradients), and torch.ops.mmfuse_triton.* with
+    torch.library's autograd (what torch.compile uses) agrees bit for bit with the eager
+    binding."""
+    hs, feats, toks, masks, upstream = _problem(rng, 3, (6, 4), (3, 5), 2, 2, 4, 6, True, torch.float32)
+    leaves = [*hs, *feats, *toks]
+    runs = []
+    for _ in range(2):
+        out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", masks=masks, backend="triton")
+        runs.append([out, *torch.autograd.grad((out * upstream).sum(), leaves)])
+    direct = torch.ops.mmfuse_triton.sequence_fusion(hs, feats, toks, "cp", masks)
+    runs.append([direct, *torch.autograd.grad((direct * upstream).sum(), leaves)])
+    for a, b, c in zip(*runs):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)
+
+
+def test_partial_needs_and_double_backward(rng):
+    """Only some gradients wanted; a graph of the backward (create_graph) matches the torch
+    backend's second derivatives in float64."""
+    hs, feats, toks, masks, upstream = _problem(rng, 2, (4, 3), (2, 3), 2, 2, 3, 4, True, torch.float32)
+    feats[0].requires_grad_(False)
+    hs[1].requires_grad_(False)
+    out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", masks=masks, backend="triton")
+    got = torch.autograd.grad((out * upstream).sum(), [hs[0], feats[1], toks[0]])
+    want = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", masks=masks, backend="torch")
+    for a, c in zip(got, torch.autograd.grad((want * upstream).sum(), [hs[0], feats[1], toks[0]])):
+        assert_close(a, c)
+
+    h64 = [h.detach().double().requires_grad_(True) for h in hs]
+    f64 = [f.detach().double() for f in feats]
+    t64 = [t.detach().double() for t in toks]
+    up64 = upstream.double()
+
+    def second(backend, h, f, t):
+        y = mmfuse.sequence_fusion(h, f, t, mode="collapsed", masks=masks, backend=backend)
+        (g,) = torch.autograd.grad((y * up64).sum(), [h[0]], create_graph=True)
+        return torch.autograd.grad(torch.nansum(g * g), [h[1]])[0]
+
+    h32 = [h.detach().requires_grad_(True) for h in hs]
+    got2 = second("triton", h32, [f.detach() for f in feats], [t.detach() for t in toks])
+    assert_close(got2, torch.nan_to_num(second("torch", h64, f64, t64), nan=0.0).float(), rtol=1e-4)
+
+
+def test_wander_collapsed(rng):
+    """The adapter in the released configuration: down-projection, GELU, the kernel, residual;
+    NaN in padded tokens (the residual is not masked: NaN stays where the reference has it)."""
+    lengths, dim = (5, 3, 4), 4
+    xs_np = [rng.standard_normal((3, t, dim)) for t in lengths]
+    params = mmfuse.init_wander([dim] * 3, lengths, rank=3, feature_rank=2, token_rank=2, out_dim=dim,
+                                n_out=4, seed=rng, xp=torch, dtype=torch.float32)  # fmt: skip
+    params["token"] = [t + 0.3 * torch.tensor(rng.standard_normal(t.shape), dtype=torch.float32)
+                       for t in params["token"]]  # fmt: skip
+    masks = [torch.tensor(rng.random((3, t)) < 0.75) for t in lengths]
+    for x, k in zip(xs_np, masks):
+        x[~k.numpy()] = np.nan
+    xs = [_leaf(x, torch.float32) for x in xs_np]
+    leaves = [*xs, *(w.requires_grad_(True) for w, _ in params["down"]),
+              *(b.requires_grad_(True) for _, b in params["down"]),
+              *(f.requires_grad_(True) for f in params["feature"]),
+              *(t.requires_grad_(True) for t in params["token"])]  # fmt: skip
+    calls = []
+    real = _sequence_ops.sequence_call
+
+    def spy(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as mp, _poisoned_buffers():
+        mp.setattr(_sequence_ops, "sequence_call", spy)
+        y = mmfuse.wander(xs, params, mode="collapsed", masks=masks, backend="triton")
+    assert calls == ["collapsed"]
+    ref_params = {"down": [(_np(w), _np(b)) for w, b in params["down"]],
+                  "feature": [_np(f) for f in params["feature"]], "token": [_np(t) for t in params["token"]]}  # fmt: skip
+    want = ref.wander([_np(x) for x in xs], ref_params, mode="collapsed", masks=[k.numpy() for k in masks])
+    assert_close(y, want, xp=torch, dtype=torch.float32, device="cpu")
+    upstream = torch.tensor(rng.standard_normal(tuple(y.shape)), dtype=torch.float32)
+    got = torch.autograd.grad(torch.nansum(y * upstream), leaves)
+    p64 = {"down": [(w.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True))
+                    for w, b in params["down"]],
+           "feature": [f.detach().double().requires_grad_(True) for f in params["feature"]],
+           "token": [t.detach().double().requires_grad_(True) for t in params["token"]]}  # fmt: skip
+    x64 = [x.detach().double().requires_grad_(True) for x in xs]
+    y64 = mmfuse.wander(x64, p64, mode="collapsed", masks=masks, backend="torch")
+    leaves64 = [
+        *x64,
+        *(w for w, _ in p64["down"]),
+        *(b for _, b in p64["down"]),
+        *p64["feature"],
+        *p64["token"],
+    ]
+    want_g = torch.autograd.grad(torch.nansum(y64 * upstream.double()), leaves64)
+    for g, w in zip(got, want_g):
+        assert_close(torch.nan_to_num(g, nan=7.0), torch.nan_to_num(w, nan=7.0).float(), rtol=2e-4)
+
+
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_wander_bfloat16_no_bias_relu(rng, mode):
+    lengths, dim = (4, 3), 5
+    xs = [torch.tensor(rng.standard_normal((2, t, dim)), dtype=torch.bfloat16) for t in lengths]
+    params = mmfuse.init_wander([dim] * 2, lengths, rank=3, feature_rank=2, token_rank=2, out_dim=dim,
+                                seed=rng, xp=torch, dtype=torch.bfloat16)  # fmt: skip
+    params["down"] = [(w, None) for w, _ in params["down"]]
+    params["token"] = [t + 0.3 * torch.tensor(rng.standard_normal(t.shape), dtype=torch.bfloat16)
+                       for t in params["token"]]  # fmt: skip
+    with _poisoned_buffers():
+        y = mmfuse.wander(xs, params, mode=mode, activation="relu", residual="none", backend="triton")
+    ref_params = {"down": [(_np(w), None) for w, _ in params["down"]],
+                  "feature": [_np(f) for f in params["feature"]], "token": [_np(t) for t in params["token"]]}  # fmt: skip
+    want = ref.wander([_np(x) for x in xs], ref_params, mode=mode, activation="relu", residual="none")
+    assert_close(y, want, xp=torch, dtype=torch.bfloat16, device="cpu")
+
+
+def test_calls_the_kernel_does_not_take_go_to_the_torch_backend(rng):
+    """float64, more than eight modalities, widths above MAX_WIDTH: the torch backend's op."""
+    cases = [
+        ((4, 3), (2, 3), torch.float64),
+        ((2,) * 9, (1,) * 9, torch.float32),
+        ((3, 2), (_sequence_ops.MAX_WIDTH + 1, 2), torch.float32),
+    ]
+    for lengths, widths, dtype in cases:
+        hs, feats, toks, _, _ = _problem(rng, 2, lengths, widths, 1, 1, 2, 2, False, dtype)
+        out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", backend="triton")
+        assert type(out.grad_fn).__name__ == "_SequenceFusionBackward"
+        assert_close(out, _ref(hs, feats, toks, None, "cp"))
+    assert _sequence_ops.takes([hs[0]], [_sequence_ops.MAX_WIDTH])
+
+
+def test_empty_batch(rng):
+    hs, feats, toks, _, _ = _problem(rng, 0, (3, 2), (2, 2), 2, 2, 3, 4, False, torch.float32)
+    out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", backend="triton")
+    assert out.shape == (0, 3, 4)
+    for g in torch.autograd.grad(out.sum(), [*feats, *toks]):
+        assert (g == 0).all()
+
+
+def test_registered_and_tiles():
+    assert "triton" in available("sequence_fusion")
+    assert "triton" in available("wander")
+    # the cases above reach several T_out and D tiles and the K loop (T_m > BLOCK_K)
+    t = _sequence_ops._sequence_tiles(2, (20, 4), 33, 70, torch.float32)
+    assert (t.block_t, t.block_d, t.rank_p) == (32, 64, 32) and t.block_k < 19
+    # M RANK_P > 128: smaller token tiles (registers)
+    assert _sequence_ops._sequence_tiles(8, (64,) * 8, 64, 64, torch.bfloat16).block_t == 16
+
+
+def test_auto_keeps_the_torch_ops(rng):
+    hs, feats, toks, _, _ = _problem(rng, 2, (3, 2), (2, 2), 1, 1, 2, 2, False, torch.float32)
+    out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp")
+    assert "Triton" not in type(out.grad_fn).__name__
