@@ -181,11 +181,10 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
         # 0 / 0 gives the same NaN without var_mean's warning.)
         import torch
 
-        count = float(x.shape[axis])
         pivot = torch.mean(xs, dim=axis, keepdim=True)
         dev = xs - pivot
         var, corr = torch.var_mean(dev, dim=axis, keepdim=True, correction=0)
-        return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, count, None)
+        return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, float(x.shape[axis]), None)
     if mask is None:
         m = None
         count: Any = float(x.shape[axis])
