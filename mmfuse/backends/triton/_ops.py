@@ -9,6 +9,9 @@ kernels through ``wrap_triton`` (so ``torch.compile`` traces into them):
   -> Tensor[]``: two kernels (dL/dx; dL/dfactor and dL/dw partials) and fixed-order sums.
 - ``cp_fusion(xs, weights, factors, bias, append_one, present) -> Tensor``: one kernel; its
   backward is plain torch code (the projections are only (B, R): no memory to save).
+- ``moments(x, mask, eps) -> (Tensor, Tensor)`` and ``zoom_shift(x, guide, alpha, mask,
+  guide_mask, eps) -> Tensor``: one kernel each; backwards in plain torch code from the
+  saved inputs (zoom_shift's is the torch backend's closed form, called, not copied).
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from ..._core.align import GENERIC
 from .._torch_eager import bind
+from ..torch._common import cast, compute_dtype
+from ..torch.zoom_shift import _zoom_shift_backward as _torch_zoom_shift_backward
+from ..torch.zoom_shift import _zoom_shift_setup_context as _torch_zoom_shift_setup_context
 from . import _kernels as K
 
 __all__ = [
@@ -452,7 +459,7 @@ def _mask_rows(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 @triton_op("mmfuse_triton::moments", mutates_args={})
-def _moments_op(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> list[torch.Tensor]:
+def _moments_op(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) over axis -2 of a (B, ..., T, C) tensor, kept as size 1, in x's dtype."""
     shape = (*x.shape[:-2], 1, x.shape[-1])
     mean, std = _empty(shape, x.dtype, x.device), _empty(shape, x.dtype, x.device)
@@ -463,7 +470,54 @@ def _moments_op(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> list[
         mean, std, rows, _mask_rows(mask, rows), n_tok, n_ch, eps,
         HAS_MASK=mask is not None, SINGLE=t.single, BLOCK_T=t.block_t, BLOCK_C=t.block_c, num_warps=8,
     )  # fmt: skip
-    return [mean, std]
+    return mean, std
+
+
+def _moments_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    """Saved: the inputs only (as zoom_shift's backward); the statistics are recomputed."""
+    x, mask, eps = inputs
+    ctx.eps, ctx.has_mask = eps, mask is not None
+    ctx.save_for_backward(x, *(() if mask is None else (mask,)))
+
+
+def _moments_backward(
+    ctx: Any, grad_mean: torch.Tensor | None, grad_std: torch.Tensor | None
+) -> tuple[Any, ...]:
+    """mean = sum_t m_t x_t / n and std = sqrt(var + eps), var = sum_t m_t (x_t - mean)^2 / n:
+
+        dL/dx_t = (m_t / n) [G_mean + G_std (x_t - mean) / std]
+
+    (m: mask, n: unmasked tokens; the mean's own derivative in var sums to zero), with
+    x - mean = (x - pivot) - corr from the core's statistics (exact near the mean), in
+    float32 for 16-bit inputs; masked tokens get exact zeros (selected, so NaN padding cannot
+    leak), and where std = 0 (eps = 0, constant tokens) the std term is dropped.  Plain torch
+    operations: double backward differentiates through them."""
+    if not ctx.needs_input_grad[0] or (grad_mean is None and grad_std is None):
+        return None, None, None
+    x, *rest = ctx.saved_tensors
+    mask = rest[0] if ctx.has_mask else None
+    dtype = x.dtype
+    cdt = compute_dtype(dtype)
+    st = GENERIC.stats(cast(x, cdt), x.dim() - 2, mask, keep_dev=True)
+    zero = torch.zeros((), dtype=cdt, device=x.device)
+    per_token: Any = zero
+    if grad_std is not None:
+        sigma = torch.sqrt(st.var + ctx.eps)
+        live = sigma > 0
+        k = torch.where(live, cast(grad_std, cdt) / torch.where(live, sigma, 1.0), zero)
+        per_token = k * st.dev - k * st.corr
+    if grad_mean is not None:
+        per_token = per_token + cast(grad_mean, cdt)
+    grad_x = torch.broadcast_to(per_token / st.count, x.shape)
+    if st.mask is not None:
+        grad_x = torch.where(st.mask, grad_x, zero)
+    return cast(grad_x, dtype), None, None
+
+
+_moments_op.register_autograd(_moments_backward, setup_context=_moments_setup_context)
+_moments_eager = bind(
+    "_TritonMoments", torch.ops.mmfuse_triton.moments, _moments_setup_context, _moments_backward
+)
 
 
 @triton_op("mmfuse_triton::zoom_shift", mutates_args={})
@@ -475,7 +529,7 @@ def _zoom_shift_op(
     guide_mask: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    """One Zoom-and-Shift step over axis -2 (forward only: see the package docstring)."""
+    """One Zoom-and-Shift step over axis -2 (its backward: the torch backend's closed form)."""
     y = _empty(x.shape, x.dtype, x.device)
     rows, grows = _rows(x), _rows(guide)
     n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
@@ -491,9 +545,31 @@ def _zoom_shift_op(
     return y
 
 
+# The backward is the torch backend's op's (mmfuse.backends.torch.zoom_shift: the closed form
+# in its module docstring, saving only the inputs), called with that op's argument layout
+# (x, guide, alpha, axis, mask, guide_mask, eps); the gradients' positions (x, guide first)
+# are the same in both ops.  Plain torch operations: double backward differentiates them.
+
+
+def _zoom_shift_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, guide, alpha, mask, guide_mask, eps = inputs
+    _torch_zoom_shift_setup_context(ctx, (x, guide, alpha, x.dim() - 2, mask, guide_mask, eps), output)
+
+
+def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    grad_x, grad_g = _torch_zoom_shift_backward(ctx, grad)[:2]
+    return grad_x, grad_g, None, None, None, None
+
+
+_zoom_shift_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
+_zoom_shift_eager = bind(
+    "_TritonZoomShift", torch.ops.mmfuse_triton.zoom_shift, _zoom_shift_setup_context, _zoom_shift_backward
+)
+
+
 def moments_call(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The moments op, called directly (forward only, no graph node)."""
-    mean, std = torch.ops.mmfuse_triton.moments(x, mask, eps)
+    """The moments op with autograd (eager: the bound Function; compiled: the op)."""
+    mean, std = _moments_eager(x, mask, eps)
     return mean, std
 
 
@@ -501,5 +577,6 @@ def zoom_shift_call(
     x: torch.Tensor, guide: torch.Tensor, alpha: float, mask: torch.Tensor | None,
     guide_mask: torch.Tensor | None, eps: float,
 ) -> torch.Tensor:  # fmt: skip
-    """The zoom_shift op, called directly (forward only, no graph node)."""
-    return torch.ops.mmfuse_triton.zoom_shift(x, guide, alpha, mask, guide_mask, eps)
+    """The zoom_shift op with autograd (eager: the bound Function; compiled: the op)."""
+    out: torch.Tensor = _zoom_shift_eager(x, guide, alpha, mask, guide_mask, eps)
+    return out
