@@ -1,0 +1,406 @@
+"""The Triton backend's alignment under Triton's interpreter (``TRITON_INTERPRET=1``):
+``align`` (the core's algorithm over Triton primitives) and the analytic autograd of the
+``moments`` and ``zoom_shift`` ops.
+
+Values against the float64 reference on data with a large mean against a small spread,
+masks with NaN in the masked tokens, B = 1, odd token and channel counts, token axes longer
+than one register tile, 2 and 3 modalities, rounds 0, 1, 2 and the closed-form limit,
+alpha < 1, every topology and schedule, float16 / bfloat16; gradients against float64
+autograd of the torch backend and central differences of the reference; double backward;
+bit-identical reruns.  Shapes are tiny: the interpreter runs every program in Python.
+Imported as tests/test_triton.py does (interpreted, or the module is skipped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _import_interpreted():
+    """Import triton and the backend with TRITON_INTERPRET=1 (see tests/test_triton.py)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton = pytest.importorskip("triton")
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(triton.language.cdiv, InterpretedFunction):
+            pytest.skip(
+                "triton was imported earlier in this process without TRITON_INTERPRET=1; run this "
+                "file on its own (or set TRITON_INTERPRET=1)",
+                allow_module_level=True,
+            )
+        import mmfuse.backends.triton as backend
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    if not backend.INTERPRETED:
+        pytest.skip(
+            "mmfuse.backends.triton was built for a GPU earlier in this process; run this file on its own",
+            allow_module_level=True,
+        )
+    return backend
+
+
+tb = _import_interpreted()
+
+import mmfuse  # noqa: E402
+import mmfuse.reference as ref  # noqa: E402
+from mmfuse.backends import available  # noqa: E402
+from mmfuse.backends.triton import _align_ops, _ops  # noqa: E402
+from mmfuse.testing import assert_close  # noqa: E402
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@contextlib.contextmanager
+def _poisoned_buffers():
+    """Every buffer the ops allocate starts as NaN (the kernels must write all they return)."""
+    real = _ops._empty
+
+    def nan_empty(shape, dtype, device):
+        return real(shape, dtype, device).fill_(float("nan"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_ops, "_empty", nan_empty)
+        yield
+
+
+@contextlib.contextmanager
+def _kernels_only():
+    """Fail if align falls back to the core: proves the Triton primitives ran."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("align fell back to the core")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_align_ops, "core_align", refuse)
+        yield
+
+
+def _np(t):
+    return None if t is None else t.detach().to(torch.float64).numpy()
+
+
+def _modalities(rng, batch, tokens, channels, dtype, big=True):
+    """Modality m: mean ~ 1e4 (1 + m / 10) against a spread of 0.5 + m (``big``), or means
+    of a few units for 16-bit dtypes (which cannot hold a spread of 1 under 1e4); masks
+    keep token 0 of every sample."""
+    xs, masks = [], []
+    for m, t in enumerate(tokens):
+        base = 1e4 * (1 + m / 10) if big else 3.0 - 2 * m
+        scale = 0.5 + m + rng.random((batch, 1, channels))
+        xs.append(torch.tensor(base + scale * rng.standard_normal((batch, t, channels)), dtype=dtype))
+        mask = torch.tensor(rng.random((batch, t)) < 0.7)
+        mask[:, 0] = True
+        masks.append(mask)
+    return xs, masks
+
+
+def _nan_masked(x, mask):
+    return torch.where(mask[..., None], x, torch.full_like(x, float("nan")))
+
+
+def _check_large_mean(got, want):
+    """Errors in units of each output's spread over tokens, beyond the few float32 ulps of
+    values near 1e4 (as the parity matrix's large-mean case)."""
+    g, w = _np(got), np.asarray(want, dtype=np.float64)
+    ok = np.isfinite(w)
+    assert np.array_equal(np.isfinite(g), ok)
+    spread = float(np.mean(np.nanstd(np.where(ok, w, np.nan), axis=-2)))
+    limit = 1e-3 * spread + 4 * F32_EPS * np.abs(w)
+    err = np.abs(g - w)[ok]
+    assert np.all(err <= limit[ok]), float(np.max(err) / spread)
+
+
+# --------------------------------------------------------------------------- align: values
+
+# (batch, tokens per modality, channels): odd sizes, B = 1, three modalities, a token axis
+# longer than one statistics tile (2100 x 9 > 16384 elements: the looping passes)
+SHAPES = [
+    pytest.param(3, (7, 5), 5, id="M2"),
+    pytest.param(1, (3, 6, 2), 3, id="B1-M3"),
+    pytest.param(2, (9, 4, 11), 37, id="M3-two-channel-blocks"),
+    pytest.param(1, (2100, 5), 9, id="looped"),
+]
+
+
+@pytest.mark.parametrize(("batch", "tokens", "channels"), SHAPES)
+@pytest.mark.parametrize("rounds", [1, 2, None])
+@pytest.mark.parametrize("alpha", [1.0, 0.35])
+def test_align_values(rng, batch, tokens, channels, rounds, alpha):
+    xs, masks = _modalities(rng, batch, tokens, channels, torch.float32)
+    if rounds is None and alpha == 1.0 and len(xs) == 2:
+        schedule = "gauss-seidel"  # Jacobi has no limit here; the default schedule does
+    else:
+        schedule = "jacobi" if rounds == 2 else "gauss-seidel"
+    poisoned = [_nan_masked(x, m) for x, m in zip(xs, masks)]
+    with _poisoned_buffers(), _kernels_only():
+        ys = mmfuse.align(
+            poisoned, rounds=rounds, alpha=alpha, schedule=schedule, masks=masks, backend="triton"
+        )
+    want = ref.align(
+        [_np(x) for x in xs], rounds=rounds, alpha=alpha, schedule=schedule, masks=[m.numpy() for m in masks]
+    )
+    for y, w, m in zip(ys, want, masks):
+        assert y.dtype == torch.float32 and y.shape == tuple(w.shape)
+        # masked tokens hold NaN: still mapped (NaN out there), never in the statistics
+        assert torch.equal(torch.isnan(y), ~m[..., None].expand_as(y))
+        _check_large_mean(y, np.where(m[..., None].numpy(), w, np.nan))
+
+
+@pytest.mark.parametrize(
+    ("topology", "schedule", "hub"),
+    [("hub", "gauss-seidel", 1), ("hub", "jacobi", -1), ("consensus", "jacobi", 0)],
+)
+@pytest.mark.parametrize("rounds", [0, 1, None])
+def test_align_topologies(rng, topology, schedule, hub, rounds):
+    """The hub is copied exactly (its identity map, unfolded); rounds = 0 copies every input."""
+    xs, masks = _modalities(rng, 2, (5, 3, 6), 7, torch.float32)
+    with _poisoned_buffers(), _kernels_only():
+        ys = mmfuse.align(
+            xs, rounds=rounds, alpha=0.6, topology=topology, schedule=schedule, hub=hub, masks=masks,
+            backend="triton",
+        )  # fmt: skip
+    want = ref.align(
+        [_np(x) for x in xs], rounds=rounds, alpha=0.6, topology=topology, schedule=schedule, hub=hub,
+        masks=[m.numpy() for m in masks],
+    )  # fmt: skip
+    for i, (x, y, w) in enumerate(zip(xs, ys, want)):
+        if rounds == 0 or (topology == "hub" and i == hub % len(xs)):
+            assert torch.equal(y, x)
+        _check_large_mean(y, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rounds", [1, None])
+def test_align_low_precision(rng, dtype, rounds):
+    """Statistics and the map in float32, rounded once to the inputs' dtype."""
+    xs, masks = _modalities(rng, 2, (7, 4, 5), 6, dtype, big=False)
+    with _kernels_only():
+        ys = mmfuse.align(xs, rounds=rounds, alpha=0.5, masks=masks, backend="triton")
+    want = ref.align([_np(x) for x in xs], rounds=rounds, alpha=0.5, masks=[m.numpy() for m in masks])
+    for y, w in zip(ys, want):
+        assert_close(y, w, xp=torch, dtype=dtype, device="cpu")
+
+
+def test_align_middle_axes(rng):
+    """(B, ..., T, C) inputs: the statistics per leading index, as the core's."""
+    xs = [torch.tensor(1e4 + rng.standard_normal((2, 3, t, 5)), dtype=torch.float32) for t in (4, 6)]
+    with _kernels_only():
+        ys = mmfuse.align(xs, alpha=0.5, backend="triton")
+    want = ref.align([_np(x) for x in xs], alpha=0.5)
+    for y, w in zip(ys, want):
+        _check_large_mean(y, w)
+
+
+def test_align_deterministic(rng):
+    xs, masks = _modalities(rng, 3, (9, 6), 13, torch.float32)
+    runs = [mmfuse.align(xs, rounds=None, alpha=0.5, masks=masks, backend="triton") for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_align_fallbacks(rng):
+    """Gradients, float64 and other statistics axes run the core under autograd (the torch
+    backend's row): same values."""
+    xs, masks = _modalities(rng, 2, (5, 4), 3, torch.float32)
+    want = ref.align([_np(x) for x in xs], alpha=0.5, masks=[m.numpy() for m in masks])
+    leaves = [x.clone().requires_grad_(True) for x in xs]
+    ys = mmfuse.align(leaves, alpha=0.5, masks=masks, backend="triton")
+    assert all(y.grad_fn is not None for y in ys)
+    for y, w in zip(ys, want):
+        _check_large_mean(y, w)
+    grads = torch.autograd.grad(sum((y * y.detach().sin()).sum() for y in ys), leaves)
+    assert all(torch.isfinite(g).all() for g in grads)
+    x64 = [x.double() for x in xs]
+    for y, w in zip(mmfuse.align(x64, alpha=0.5, masks=masks, backend="triton"), want):
+        assert_close(y, w)
+    xs = [torch.tensor(1e4 + rng.standard_normal((2, 3, 5)), dtype=torch.float32) for _ in range(2)]
+    channel = ref.align([_np(x) for x in xs], alpha=0.5, axis=-1)
+    for y, w in zip(mmfuse.align(xs, alpha=0.5, axis=-1, backend="triton"), channel):
+        _check_large_mean(y, w)
+
+
+def test_align_registered():
+    assert "triton" in available("align")
+    assert mmfuse.backends.triton.align is _align_ops.align
+
+
+def test_registered_ops_match_direct_calls(rng):
+    """torch.ops.mmfuse_triton.align_stats / align_map (what torch.compile sees) give the
+    eager path's bits."""
+    x = torch.tensor(1e4 + rng.standard_normal((2, 5, 3)), dtype=torch.float32)
+    mask = torch.tensor(rng.random((2, 5)) < 0.7)
+    mask[:, 0] = True
+    stats = _align_ops.TRITON.stats(x, 1, mask)
+    pivot, corr, var = torch.ops.mmfuse_triton.align_stats(x, mask)
+    assert torch.equal(pivot, stats.pivot) and torch.equal(corr, stats.corr) and torch.equal(var, stats.var)
+    s, t = var.sqrt() + 0.5, corr - 1.0
+    assert torch.equal(
+        torch.ops.mmfuse_triton.align_map(x, pivot, s, t), _align_ops.TRITON.apply(x, 1, pivot, s, t)
+    )
+    st = ref.moments(_np(x), mask=mask.numpy(), eps=0.0)
+    assert_close(stats.mean, st[0])
+    assert_close(stats.var, st[1] ** 2, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- autograd of the ops
+
+
+def _f64_leaf(t):
+    return None if t is None else t.detach().to(torch.float64).requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "gshape", "alpha"),
+    [
+        pytest.param((3, 7, 5), (3, 9, 5), 1.0, id="tile"),
+        pytest.param((1, 3, 3), (1, 2, 3), 0.4, id="B1"),
+        pytest.param((2, 1100, 3), (2, 13, 3), 0.7, id="looped-x"),
+    ],
+)
+def test_zoom_shift_gradients(rng, dtype, shape, gshape, alpha):
+    big = dtype == torch.float32
+    x = torch.tensor((1e4 if big else 3.0) + rng.standard_normal(shape), dtype=dtype).requires_grad_(True)
+    guide0 = torch.tensor(2 + 3 * rng.standard_normal(gshape), dtype=dtype)
+    mask = torch.tensor(rng.random(shape[:-1]) < 0.7)
+    mask[..., 0] = True
+    gmask = torch.tensor(rng.random(gshape[:-1]) < 0.7)
+    gmask[..., 0] = True
+    guide = _nan_masked(guide0, gmask).requires_grad_(True)  # masked guide tokens: never read
+    upstream = torch.tensor(rng.standard_normal(shape), dtype=dtype)
+    y = mmfuse.zoom_shift(x, guide, alpha=alpha, mask=mask, guide_mask=gmask, backend="triton")
+    assert type(y.grad_fn).__name__ == "_TritonZoomShiftBackward"  # the Triton op ran
+    gx, gg = torch.autograd.grad((y * upstream).sum(), [x, guide])
+    assert gx.dtype == dtype and gg.dtype == dtype
+    assert (gg[~gmask] == 0).all()  # NaN padding: exact zeros, no leak
+    x64, g64 = _f64_leaf(x), _f64_leaf(guide0)
+    y64 = mmfuse.zoom_shift(x64, g64, alpha=alpha, mask=mask, guide_mask=gmask, backend="torch")
+    want_x, want_g = torch.autograd.grad((y64 * upstream.double()).sum(), [x64, g64])
+    tol = 2e-4 if big else 5e-2
+    assert_close(gx, want_x.to(dtype), rtol=tol)
+    assert_close(gg, want_g.to(dtype), rtol=tol)
+    if big:  # central differences of the float64 reference along a random direction
+        v, w = rng.standard_normal(shape), rng.standard_normal(gshape)
+        h = 1e-3
+
+        def loss(dx, dg):
+            out = ref.zoom_shift(
+                _np(x) + dx, _np(guide0) + dg, alpha=alpha, mask=mask.numpy(), guide_mask=gmask.numpy()
+            )
+            return float(np.sum(out * _np(upstream)))
+
+        for grad, dx, dg, d in ((gx, h * v, 0.0, v), (gg, 0.0, h * w, w)):
+            want = (loss(dx, dg) - loss(-dx if np.ndim(dx) else 0.0, -dg if np.ndim(dg) else 0.0)) / (2 * h)
+            got = float(np.sum(_np(grad) * np.where(np.isfinite(_np(grad)), d, 0.0)))
+            assert abs(got - want) <= 1e-3 * (float(np.sum(np.abs(_np(grad) * d))) + 1e-9), (got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(("shape", "masked"), [((3, 7, 5), True), ((1, 4, 3), False), ((2, 2100, 3), True)])
+def test_moments_gradients(rng, dtype, shape, masked):
+    big = dtype == torch.float32
+    x0 = torch.tensor((1e4 if big else 3.0) + rng.standard_normal(shape), dtype=dtype)
+    mask = None
+    if masked:
+        mask = torch.tensor(rng.random(shape[:-1]) < 0.7)
+        mask[..., 0] = True
+    x = (x0 if mask is None else _nan_masked(x0, mask)).requires_grad_(True)
+    kept = (*shape[:-2], 1, shape[-1])
+    up_mean = torch.tensor(rng.standard_normal(kept), dtype=dtype)
+    up_std = torch.tensor(rng.standard_normal(kept), dtype=dtype)
+    mean, std = mmfuse.moments(x, mask=mask, backend="triton")
+    assert type(mean.grad_fn).__name__ == "_TritonMomentsBackward"
+    (gx,) = torch.autograd.grad((mean * up_mean).sum() + (std * up_std).sum(), [x], retain_graph=True)
+    assert gx.dtype == dtype
+    if mask is not None:
+        assert (gx[~mask] == 0).all()
+    x64 = _f64_leaf(x0)
+    m64, s64 = mmfuse.moments(x64, mask=mask, backend="array_api")
+    (want,) = torch.autograd.grad((m64 * up_mean.double()).sum() + (s64 * up_std.double()).sum(), [x64])
+    assert_close(gx, want.to(dtype), rtol=2e-4 if big else 2e-2)
+    # only one output used: the other's gradient is absent, not zero-filled by us
+    (g_mean,) = torch.autograd.grad(mean.sum(), [x])
+    count = 1.0 * shape[-2] if mask is None else mask.sum(dim=-1, keepdim=True)[..., None].to(dtype)
+    want_mean = (torch.ones_like(x0) / count).to(dtype)
+    if mask is not None:
+        want_mean = torch.where(mask[..., None], want_mean, torch.zeros((), dtype=dtype))
+    assert_close(g_mean, want_mean)
+
+
+def test_registered_autograd_matches_eager_binding(rng):
+    """torch.ops.mmfuse_triton.{moments, zoom_shift} with torch.library's autograd (what
+    torch.compile uses) and the eager binding: the same bits."""
+    x = torch.tensor(1e4 + rng.standard_normal((2, 5, 3)), dtype=torch.float32).requires_grad_(True)
+    g = torch.tensor(rng.standard_normal((2, 6, 3)), dtype=torch.float32).requires_grad_(True)
+    mask = torch.tensor(rng.random((2, 5)) < 0.7)
+    mask[:, 0] = True
+    up = torch.tensor(rng.standard_normal((2, 5, 3)), dtype=torch.float32)
+    eager = mmfuse.zoom_shift(x, g, alpha=0.5, mask=mask, backend="triton")
+    direct = torch.ops.mmfuse_triton.zoom_shift(x, g, 0.5, mask, None, 1e-5)
+    assert torch.equal(eager, direct)
+    for a, c in zip(
+        torch.autograd.grad((eager * up).sum(), [x, g]), torch.autograd.grad((direct * up).sum(), [x, g])
+    ):
+        assert torch.equal(a, c)
+    em, es = mmfuse.moments(x, mask=mask, backend="triton")
+    dm, ds = torch.ops.mmfuse_triton.moments(x, mask, 1e-5)
+    assert torch.equal(em, dm) and torch.equal(es, ds)
+    ga = torch.autograd.grad((em * up[:, :1]).sum() + (es * up[:, 1:2]).sum(), [x])[0]
+    gb = torch.autograd.grad((dm * up[:, :1]).sum() + (ds * up[:, 1:2]).sum(), [x])[0]
+    assert torch.equal(ga, gb)
+
+
+def test_double_backward(rng):
+    """The backwards are plain torch operations: second derivatives flow, equal to the torch
+    backend's (zoom_shift: the same closed form) and the core's autograd (moments)."""
+    x0 = torch.tensor(5 + rng.standard_normal((2, 6, 3)), dtype=torch.float32)
+    g0 = torch.tensor(rng.standard_normal((2, 4, 3)), dtype=torch.float32)
+    up = torch.tensor(rng.standard_normal((2, 6, 3)), dtype=torch.float32)
+    results = []
+    for backend in ("triton", "torch"):
+        x, g = x0.clone().requires_grad_(True), g0.clone().requires_grad_(True)
+        y = mmfuse.zoom_shift(x, g, alpha=0.5, backend=backend)
+        gx, gg = torch.autograd.grad((y * up).sum(), [x, g], create_graph=True)
+        results.append(torch.autograd.grad((gx**2).sum() + (gg**3).sum(), [x, g]))
+    for a, c in zip(*results):
+        assert_close(a, c, rtol=1e-4)
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("array_api", torch.float64)):
+        x = x0.to(dtype).requires_grad_(True)
+        mean, std = mmfuse.moments(x, backend=backend)
+        u = up.to(dtype)
+        (gx,) = torch.autograd.grad((mean * u[:, :1]).sum() + (std * u[:, 1:2]).sum(), [x], create_graph=True)
+        results.append(torch.autograd.grad((gx * up.to(dtype).flip(1)).sum(), [x])[0])
+    assert_close(results[0], results[1].float(), rtol=1e-3)
+
+
+def test_gradients_deterministic(rng):
+    x = torch.tensor(1e4 + rng.standard_normal((3, 9, 7)), dtype=torch.float32).requires_grad_(True)
+    g = torch.tensor(rng.standard_normal((3, 5, 7)), dtype=torch.float32).requires_grad_(True)
+    up = torch.tensor(rng.standard_normal((3, 9, 7)), dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        y = mmfuse.zoom_shift(x, g, alpha=0.3, backend="triton")
+        mean, std = mmfuse.moments(x, backend="triton")
+        loss = (y * up).sum() + (mean * std).sum()
+        runs.append([y, *torch.autograd.grad(loss, [x, g])])
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
