@@ -6,7 +6,8 @@
   launch for either mode (collapsed: the host sums each modality's ranks first, (R, ., .) ->
   (1, ., .), and the kernel runs with R_h = R_t = 1; the sums are small torch ops, rounded
   once to the inputs' dtype so that 16-bit inputs keep their tensor-core dots).
-- Backward: plain torch ops, the torch backend's analytic routines
+- Backward: plain torch ops, the torch backend's own ``setup_context`` and backward for its
+  ``mmfuse::sequence_fusion`` (same signature): its analytic routines
   (:func:`mmfuse.backends.torch.sequence.collapsed_grads` for collapsed mode, its blocked
   cp-mode routine otherwise), in float32 for 16-bit inputs.  Both save only the inputs,
   recompute the per-modality terms in cache-sized blocks, use no atomics (deterministic) and
@@ -34,8 +35,8 @@ from torch.library import triton_op, wrap_triton
 
 from ..._core import sequence as _core_sequence
 from .._torch_eager import bind
-from ..torch._common import cast, compute_dtype, seq_masked
-from ..torch.sequence import _sequence_grads, collapsed_grads
+from ..torch._common import seq_masked
+from ..torch.sequence import _sequence_backward, _sequence_setup_context
 from . import _ops
 from . import _sequence_kernels as SK
 from ._ops import MAX_MODALITIES, _pow2, _precision, _slots
@@ -117,43 +118,18 @@ def _sequence_op(
 
 
 # --------------------------------------------------------------------------- backward
+#
+# The torch backend's setup_context and backward, unchanged (the two ops share a signature):
+# inputs saved, the analytic gradients recomputed block by block, in float32 for 16-bit inputs
+# (its opaque backward op), differentiable where a graph of the backward is built.
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    hs, feats, toks, mode, masks = inputs
-    # Saved: the inputs only (the caller holds them); the backward recomputes the terms.
-    ctx.n_mod = len(hs)
-    ctx.mode = mode
-    ctx.mask_at = [k is not None for k in masks]
-    ctx.save_for_backward(*hs, *feats, *toks, *(k for k in masks if k is not None))
-
-
-def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-    """The torch backend's analytic gradients (plain torch ops, float32 for 16-bit inputs);
-    differentiable, so a graph of the backward (double backward) works too."""
-    n_mod = ctx.n_mod
-    saved = list(ctx.saved_tensors)
-    hs, feats, toks = saved[:n_mod], saved[n_mod : 2 * n_mod], saved[2 * n_mod : 3 * n_mod]
-    rest = iter(saved[3 * n_mod :])
-    masks = [next(rest) if present else None for present in ctx.mask_at]
-    need_h, need_f, need_t = ctx.needs_input_grad[:3]
-    needs = [bool(v) for v in (*need_h, *need_f, *need_t)]
-    dtype = grad.dtype
-    cdt = compute_dtype(dtype)
-    grads_of = collapsed_grads if ctx.mode == "collapsed" else _sequence_grads
-    grads = grads_of(
-        cast(grad.contiguous(), cdt), [cast(h, cdt) for h in hs], [cast(f, cdt) for f in feats],
-        [cast(t, cdt) for t in toks], masks, needs,
-    )  # fmt: skip
-    out = [None if g is None or not need else cast(g, dtype) for g, need in zip(grads, needs)]
-    # torch.library sees a Tensor?[] argument as a list only when every entry is a tensor
-    masks_grad = [None] * n_mod if all(ctx.mask_at) else None
-    return out[:n_mod], out[n_mod : 2 * n_mod], out[2 * n_mod :], None, masks_grad
-
-
-_sequence_op.register_autograd(_backward, setup_context=_setup_context)
+_sequence_op.register_autograd(_sequence_backward, setup_context=_sequence_setup_context)
 sequence_call = bind(
-    "_TritonSequenceFusion", torch.ops.mmfuse_triton.sequence_fusion, _setup_context, _backward
+    "_TritonSequenceFusion",
+    torch.ops.mmfuse_triton.sequence_fusion,
+    _sequence_setup_context,
+    _sequence_backward,
 )
 
 
