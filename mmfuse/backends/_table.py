@@ -198,7 +198,7 @@ def _rows() -> tuple[Row, ...]:
     # Fused Triton kernels for torch CUDA tensors (CPU tensors under TRITON_INTERPRET=1).  Not
     # yet measured on a GPU, so below every row "auto" picked before them (the torch backend's
     # autograd rows are 5): "auto" never chooses them; backend="triton" runs them.
-    for op in ("lowrank_fusion", "cp_fusion", "moments", "zoom_shift"):
+    for op in ("lowrank_fusion", "cp_fusion", "moments", "zoom_shift", "sequence_fusion", "wander", "align"):
         add(op, "triton", "fused kernels", f"{_TRITON}:{op}", "torch CUDA tensors", 4)
     return tuple(rows)
 

@@ -52,9 +52,11 @@ var = sum(d^2) / n - (sum(d) / n)^2; masked tokens selected out, so NaN padding 
 and, for ``zoom_shift``, the guide's statistics and then the map about x's pivot,
 y = (x - p) s + (target - corr s).  When the token axis fits one register tile (T <= 512 at
 16 channels, 1024 at 8) x is read once and y written once; longer axes loop over token
-blocks.  These kernels are forward-only: calls that need gradients go to the torch backend's
-``zoom_shift`` op (closed-form backward) or the Array-API core's ``moments``, as do other
-statistics axes than -2.
+blocks.  Their ops carry autograd (:mod:`._ops`): ``zoom_shift``'s backward is the torch
+backend's closed form (called, not copied), ``moments``' the per-token derivative of mean
+and std, both plain torch operations from the saved inputs (so double backward works).
+Other statistics axes than -2 go to the torch backend's ``zoom_shift`` op or the Array-API
+core's ``moments``.
 
 Costs the first GPU measurement should look at (none has been made): tile sizes come from
 ``ptxas -v`` register counts for sm_90a (:mod:`._compile_check`), not timings
@@ -88,8 +90,13 @@ import torch
 from ..._core.sequence import torch_transformed
 from ..._namespace import is_torch
 from . import _ops
+from ._align_ops import align  # the core's alignment over Triton primitives
+from ._sequence_ops import sequence_fusion, wander  # Wander's token-level fusion, the adapter
 
-__all__ = ["INTERPRETED", "cp_fusion", "lowrank_fusion", "moments", "supports", "zoom_shift"]
+__all__ = [
+    "INTERPRETED", "align", "cp_fusion", "lowrank_fusion", "moments", "sequence_fusion", "supports",
+    "wander", "zoom_shift",
+]  # fmt: skip
 
 INTERPRETED = _ops.INTERPRETED
 
@@ -165,8 +172,8 @@ def cp_fusion(
 def _stats_kernels_take(x: Any, axis: int, masks: Sequence[Any], *others: Any) -> bool:
     """Whether the statistics kernels take a call: float32/16-bit tensors of at least three
     dimensions, statistics over axis -2, masks of shape x.shape[:-1], no empty axis, and no
-    gradient wanted (the kernels are forward-only; autograd calls go to ops that carry a
-    backward) nor a ``torch.func`` transform."""
+    ``torch.func`` transform (the ops carry autograd, but no batching rule or forward-mode
+    derivative)."""
     tensors = [x, *others]
     if x.dtype not in _ops.KERNEL_DTYPES or x.ndim < 3 or axis % x.ndim != x.ndim - 2:
         return False
@@ -175,8 +182,6 @@ def _stats_kernels_take(x: Any, axis: int, masks: Sequence[Any], *others: Any) -
     for mask, like in zip(masks, tensors):
         if mask is not None and (tuple(mask.shape) != tuple(like.shape[:-1]) or mask.dtype != torch.bool):
             return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
     return not torch_transformed(*tensors)
 
 
@@ -201,9 +206,9 @@ def zoom_shift(
     guide_mask: Any = None,
     eps: float = 1e-5,
 ) -> Any:
-    """``mmfuse.zoom_shift`` as the ``mmfuse_triton::zoom_shift`` op (inputs checked); other
-    calls (see :func:`_stats_kernels_take`; with autograd: the torch backend's op, whose
-    closed-form backward saves only the inputs) go to the torch backend."""
+    """``mmfuse.zoom_shift`` as the ``mmfuse_triton::zoom_shift`` op (inputs checked; its
+    backward is the torch backend's closed form); other calls (see
+    :func:`_stats_kernels_take`) go to the torch backend."""
     if not _stats_kernels_take(x, axis, [mask, guide_mask], guide):
         from .. import torch as torch_backend
 
@@ -212,3 +217,4 @@ def zoom_shift(
         )
     with _on_device(x):
         return _ops.zoom_shift_call(x, guide, float(alpha), mask, guide_mask, float(eps))
+
