@@ -25,41 +25,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from triton_interpreted import import_interpreted  # noqa: E402
 
-def _import_interpreted():
-    """Import triton and the backend with TRITON_INTERPRET=1 (restored afterwards).
-
-    Triton builds its own ``triton.language`` helpers (``tl.cdiv``, ``tl.sum``, ...) as
-    interpreted or compiled functions when it is first imported, and our kernels when the
-    backend is first imported; both must have seen the variable."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        triton = pytest.importorskip("triton")
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(triton.language.cdiv, InterpretedFunction):
-            pytest.skip(
-                "triton was imported earlier in this process without TRITON_INTERPRET=1, so its "
-                "kernels cannot run on CPU here; run this file on its own (or set TRITON_INTERPRET=1)",
-                allow_module_level=True,
-            )
-        import mmfuse.backends.triton as backend
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    if not backend.INTERPRETED:
-        pytest.skip(
-            "mmfuse.backends.triton was imported earlier in this process without TRITON_INTERPRET=1 "
-            "(its kernels are built for a GPU); run this file on its own",
-            allow_module_level=True,
-        )
-    return backend
-
-
-tb = _import_interpreted()
+tb = import_interpreted()
 
 import mmfuse  # noqa: E402
 import mmfuse.reference as ref  # noqa: E402

@@ -1,0 +1,48 @@
+"""The Triton backend imported for Triton's interpreter, for the test modules of its kernels.
+
+The interpreter is chosen when triton decorates the kernels, i.e. when
+``mmfuse.backends.triton`` is first imported; ``tests/conftest.py`` sets ``TRITON_INTERPRET=1``
+for the whole session where no NVIDIA driver is installed, and :func:`import_interpreted` also
+sets it for that import (restoring it afterwards) for sessions that did not.  If triton or the
+package was already imported without it (built for a GPU), the calling module is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+
+def import_interpreted() -> Any:
+    """``mmfuse.backends.triton`` with its kernels built for the interpreter, or a module skip.
+
+    Triton builds its own ``triton.language`` helpers (``tl.cdiv``, ``tl.sum``, ...) as
+    interpreted or compiled functions when it is first imported, and our kernels when the
+    backend is first imported; both must have seen the variable."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton = pytest.importorskip("triton")
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(triton.language.cdiv, InterpretedFunction):
+            pytest.skip(
+                "triton was imported earlier in this process without TRITON_INTERPRET=1, so its "
+                "kernels cannot run on CPU here; run this file on its own (or set TRITON_INTERPRET=1)",
+                allow_module_level=True,
+            )
+        import mmfuse.backends.triton as backend
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    if not backend.INTERPRETED:
+        pytest.skip(
+            "mmfuse.backends.triton was imported earlier in this process without TRITON_INTERPRET=1 "
+            "(its kernels are built for a GPU); run this file on its own",
+            allow_module_level=True,
+        )
+    return backend
