@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -45,7 +46,6 @@ from .._namespace import (
     is_dask,
     is_jax,
     is_lazy,
-    is_torch,
     work_dtype,
 )
 
@@ -172,15 +172,14 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
     xp = array_namespace(x)
     dt = work_dtype(xp, x.dtype)
     xs = x if dt == x.dtype else xp.astype(x, dt)
-    if mask is None and is_torch(xp) and xs.numel() > 0:
+    torch = sys.modules.get("torch")  # isinstance, not is_torch(xp): Dynamo traces this line
+    if mask is None and torch is not None and isinstance(xs, torch.Tensor) and xs.numel() > 0:
         # Delegation: torch's var_mean gives corr = mean(d) and the variance of d in one
         # reduction (Welford's update, never negative), where the Array-API form below needs
         # three sums and seven elementwise operations: at small sizes each is a few
         # microseconds of fixed cost.  Same quantities about the same kind of pivot; the last
         # bits differ from the generic form's.  (Empty inputs take the generic form, whose
         # 0 / 0 gives the same NaN without var_mean's warning.)
-        import torch
-
         pivot = torch.mean(xs, dim=axis, keepdim=True)
         dev = xs - pivot
         var, corr = torch.var_mean(dev, dim=axis, keepdim=True, correction=0)
