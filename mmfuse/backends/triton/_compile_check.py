@@ -25,21 +25,13 @@ from unittest import mock
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-from . import _ops
+from . import _align_ops, _ops, _sequence_ops
 
 __all__ = ["compile_kernels", "recorded_launches"]
-
-_TRITON_TYPES = {
-    torch.float32: "*fp32",
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-    torch.uint8: "*u8",
-    torch.bool: "*i1",
-}
-
 
 # launch keywords that are compiler options, not kernel parameters
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -61,26 +53,39 @@ def recorded_launches() -> Iterator[list[tuple[Any, tuple[Any, ...], dict[str, A
 
             return launch
 
-    with mock.patch.object(_ops, "wrap_triton", _Recorder):
+    # every module that launches kernels through its own ``wrap_triton`` name
+    with (
+        mock.patch.object(_ops, "wrap_triton", _Recorder),
+        mock.patch.object(_sequence_ops, "wrap_triton", _Recorder),
+        mock.patch.object(_align_ops, "wrap_triton", _Recorder),
+    ):
         yield seen
 
 
 def _signature(
     kernel: Any, args: tuple[Any, ...], kw: dict[str, Any]
-) -> tuple[dict[str, str], dict[str, Any]]:
+) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int, ...], Any]]:
+    """(signature, constexprs, attrs) of a launch as Triton's JIT specialises it: its own
+    rule for each argument (pointer types from the tensors' dtypes, ``fp32`` for floats, an
+    int equal to 1 made a constexpr, 16-divisible ints and 16-byte-aligned pointers marked
+    ``tt.divisibility``), so each recorded launch compiles to the kernel a GPU run would
+    build (collapsed Wander, with R_h = R_t = 1, is its own specialisation)."""
     names = kernel.arg_names
     sig: dict[str, str] = {}
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            sig[name] = _TRITON_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        else:
-            sig[name] = "i32" if -(2**31) <= int(value) < 2**31 else "i64"
-    constexprs = {k: v for k, v in kw.items() if k not in _LAUNCH_OPTIONS}
-    for name in constexprs:
-        sig[name] = "constexpr"
-    return sig, constexprs
+    constexprs: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], Any] = {}
+    for i, (name, value) in enumerate(zip(names, args)):
+        kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        sig[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = attr
+        elif isinstance(attr, str) and attr:
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    for name, value in kw.items():
+        if name not in _LAUNCH_OPTIONS:
+            sig[name] = "constexpr"
+            constexprs[name] = value
+    return sig, constexprs, attrs
 
 
 def _ptxas_stats(ptx: str, capability: int, arch: str) -> dict[str, int]:
@@ -155,6 +160,64 @@ def _cases() -> Iterator[tuple[str, Callable[[], Any]]]:
                 return torch.ops.mmfuse_triton.zoom_shift(x, g, 1.0, None, None, 1e-5)
 
             yield f"moments/zoom_shift {dtype} x={shape} guide={gshape}", stats
+        for lengths, widths, ranks, n_out, out_dim in _SEQ_CASES:
+            yield from _sequence_cases(gen, dtype, lengths, widths, ranks, n_out, out_dim)
+        for tokens, channels in _ALIGN_CASES:
+            yield from _align_cases(gen, dtype, tokens, channels)
+
+
+# sequence_fusion / wander: (T_m, r_m, (R_h, R_t), T_out, D): the CMU-MOSI adapter (the
+# released configuration benchmarks/gpu.py times), odd sizes with several output tiles and
+# the K loop, and eight modalities of the widest tile (r_m = 64: the smaller token tile)
+_SEQ_CASES = (
+    ((50, 50, 50), (16, 16, 16), (8, 12), 16, 40),
+    ((37, 50, 19), (16, 8, 20), (3, 2), 33, 70),
+    ((9,) * 8, (64,) * 8, (2, 2), 64, 64),
+)
+# align: (tokens per modality, channels): benchmarks/gpu.py's (256, 512, 512) pair (one
+# statistics tile) and three modalities whose token axes loop over blocks
+_ALIGN_CASES = (((512, 512), 512), ((3000, 700, 50), 40))
+
+
+def _sequence_cases(
+    gen: torch.Generator, dtype: torch.dtype, lengths: tuple[int, ...], widths: tuple[int, ...],
+    ranks: tuple[int, int], n_out: int, out_dim: int,
+) -> Iterator[tuple[str, Callable[[], Any]]]:  # fmt: skip
+    """``sequence_fwd_kernel`` in cp and collapsed mode (R_h = R_t = 1 after the host's rank
+    sums), with token masks and without."""
+    r_h, r_t = ranks
+    batch = 3
+    hs = [torch.randn(batch, t, r, generator=gen).to(dtype) for t, r in zip(lengths, widths)]
+    feats = [torch.randn(r_h, r, out_dim, generator=gen).to(dtype) for r in widths]
+    toks = [torch.randn(r_t, t, n_out, generator=gen).to(dtype) for t in lengths]
+    masks: list[Any] = [torch.rand(batch, t, generator=gen) < 0.7 for t in lengths]
+    label = f"{dtype} T={lengths} r={widths} R={ranks} T_out={n_out} D={out_dim}"
+    for mode in ("cp", "collapsed"):
+
+        def run(mode: str = mode) -> Any:
+            torch.ops.mmfuse_triton.sequence_fusion(hs, feats, toks, mode, masks)
+            return torch.ops.mmfuse_triton.sequence_fusion(hs, feats, toks, mode, [None] * len(hs))
+
+        yield f"sequence {mode} {label}", run
+
+
+def _align_cases(
+    gen: torch.Generator, dtype: torch.dtype, tokens: tuple[int, ...], channels: int
+) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """``stats_kernel`` (with and without a mask) and ``map_kernel`` (about the pivot, and the
+    identity map ``x s + offset``) on each modality's shape."""
+    xs = [torch.randn(2, t, channels, generator=gen).to(dtype) for t in tokens]
+
+    def run() -> Any:
+        for x in xs:
+            mask = torch.ones(x.shape[:-1], dtype=torch.bool)
+            torch.ops.mmfuse_triton.align_stats(x, mask)
+            pivot, _, _ = torch.ops.mmfuse_triton.align_stats(x, None)
+            scale = torch.ones_like(pivot)
+            torch.ops.mmfuse_triton.align_map(x, pivot, scale, pivot)
+            torch.ops.mmfuse_triton.align_map(x, None, scale, pivot)
+
+    yield f"align {dtype} tokens={tokens} C={channels}", run
 
 
 def compile_kernels(capability: int = 90, arch: str = "sm_90a") -> list[dict[str, Any]]:
@@ -169,13 +232,14 @@ def compile_kernels(capability: int = 90, arch: str = "sm_90a") -> list[dict[str
         with recorded_launches() as seen, torch.no_grad():
             run()
         for kernel, args, kw in seen:
-            sig, constexprs = _signature(kernel, args, kw)
-            key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(kw.items())))
+            sig, constexprs, attrs = _signature(kernel, args, kw)
+            key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(kw.items())),
+                   tuple(sorted(constexprs.items())), tuple(sorted(attrs)))  # fmt: skip
             if key in done:
                 continue
             done.add(key)
             options = {k: kw[k] for k in _LAUNCH_OPTIONS if k in kw}
-            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=target, options=options)
             stats = _ptxas_stats(compiled.asm["ptx"], capability, arch)
             rows.append({"case": label, "kernel": kernel.fn.__name__, **options, **stats})
