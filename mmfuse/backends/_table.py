@@ -21,16 +21,20 @@ How a row is chosen:
 Why the priorities are what they are: fused device kernels first (CuPy's cuBLAS path 20 above
 numba's 10: benchmarks/RESULTS.md, H100), then the torch custom ops (15, above numba so that
 torch CUDA tensors keep the memory-lean backward), the compiled CPU kernels (numba 10), the
-torch backend's rows for operators without a custom op (5: the core's algorithm on torch,
-there so that ``backend="torch"`` serves every operator), the Array-API core's specialised
+torch backend's rows for operators without a custom op (``tensor_fusion``, ``moments`` and
+the interaction terms: 5, the core's algorithm on torch, there so that ``backend="torch"``
+serves every operator), the Array-API core's specialised
 paths (NumPy's cache-blocked buffers and Dask's per-chunk tasks, 1) and the generic core (0).
 "Fallback" rows say what a backend does with a call its kernels cannot serve: the torch
 backend's custom ops have no batching rule or forward-mode derivative, so under
-``torch.func`` transforms the torch backend runs the core's autograd path (14); numba's CUDA
+``torch.func`` transforms the torch backend runs the core's autograd path (14; ``align``'s
+custom op and transforms rows are 9 and 8, see below); numba's CUDA
 kernels are forward-only, so CUDA arrays needing gradients also take the core (9).
 numba's CPU kernels also serve torch CPU tensors, through NumPy views of their memory:
-``moments`` and ``align`` when no gradient is needed (10, above the torch backend's autograd
-rows at 5; with gradients those run the core), and ``zoom_shift`` inside the torch op
+``moments`` and ``align`` when no gradient is needed (10, above the torch backend's
+``moments`` autograd row at 5 and its ``align`` custom op at 9; with gradients those run:
+the core under autograd for ``moments``, ``mmfuse::align`` and its closed-form backward for
+``align``), and ``zoom_shift`` inside the torch op
 ``mmfuse::zoom_shift_numba``, which has the analytic backward of ``mmfuse::zoom_shift`` (16,
 above that op's row at 15, which it replaces on CPU: same backward, a forward about 10x faster).
 """
@@ -173,7 +177,15 @@ def _rows() -> tuple[Row, ...]:
     # no custom op: the core's algorithm (statistics, rounds, one map) on torch, with autograd;
     # below numba's CUDA kernels (10), which "auto" keeps for torch CUDA tensors without grad
     add("moments", "torch", "autograd", f"{_CORE_ALIGN}:moments", "torch", 5)
-    add("align", "torch", "autograd", f"{_CORE_ALIGN}:align", "torch", 5)
+    # align's custom op (the core's forward, the closed-form backward saving only the inputs)
+    # at 9: below numba's CPU kernels (10), which "auto" keeps for torch CPU tensors needing
+    # no gradient (faster forward, no backward needed); align has no forward-only CUDA row
+    # that the op would have to beat (contrast the other custom ops at 15).  Its transforms
+    # row at 8, under the op as for the other operators (14 under 15): the two conditions
+    # exclude each other, and the torch backend's top row is what lookup("align", "torch")
+    # returns without inputs (the nn layers' compiled path)
+    add("align", "torch", "custom op", f"{_TORCH}:align", "torch, no transform", 9)
+    add("align", "torch", "autograd (transforms)", f"{_CORE_ALIGN}:align", "torch, under a transform", 8)
     # Interaction terms: the core (its NumPy variant runs the order recursion in place), and
     # the torch backend's row so that backend="torch" serves them (the core under autograd)
     _CORE_INTER = "mmfuse._core.interactions"

@@ -25,6 +25,9 @@ Operators (namespace ``mmfuse``), each a ``torch.library.custom_op`` with ``regi
   per-modality terms block by block (see the comment above the op for what is saved).
 - ``mmfuse::zoom_shift(x, guide, alpha, axis, mask, guide_mask, eps)``: one Zoom-and-Shift
   step with a closed-form backward that saves only the inputs.
+- ``mmfuse::align(xs, rounds, alpha, schedule, topology, hub, axis, masks, eps)``: M-modality
+  alignment (rounds or their limit), returning the M aligned tensors, with a closed-form
+  backward that saves only the inputs (:mod:`.align`).
 - ``mmfuse::wander_collapsed(xs, weights, biases, feature_factors, token_factors, masks,
   residual)``: the whole Wander adapter in the released configuration (collapsed mode, GELU),
   returning ``(y, kept)``; ``mmfuse::wander_collapsed_backward`` is its backward (see the
@@ -80,10 +83,11 @@ float16 / bfloat16 inputs are computed in float32 and the results cast back.
 
 from __future__ import annotations
 
+from .align import align
 from .cp import cp_fusion
 from .lowrank import lowrank_fusion
 from .sequence import sequence_fusion
 from .wander import wander, wander_torch
 from .zoom_shift import zoom_shift
 
-__all__ = ["cp_fusion", "lowrank_fusion", "sequence_fusion", "wander", "wander_torch", "zoom_shift"]
+__all__ = ["align", "cp_fusion", "lowrank_fusion", "sequence_fusion", "wander", "wander_torch", "zoom_shift"]
