@@ -157,7 +157,7 @@ def test_small_torch_calls_do_not_import_numba():
         """
     )
     assert out.splitlines() == [
-        "['autograd', 'custom op', 'autograd']",
+        "['autograd', 'custom op', 'custom op']",
         "[]",
         "CPU kernels in a torch op",
         "True",
@@ -214,7 +214,7 @@ def test_torch_views_are_zero_copy_and_outputs_own_their_memory():
 
 def test_torch_gradients_keep_autograd():
     """With gradients: zoom_shift runs the kernels inside mmfuse::zoom_shift_numba (its
-    analytic backward), moments and align the torch backend's autograd row."""
+    analytic backward), moments the torch backend's autograd row, align its custom op."""
     torch = pytest.importorskip("torch")
     x = torch.randn(*LARGE, requires_grad=True)
     g = torch.randn(2, 700, 512)
