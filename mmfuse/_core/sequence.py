@@ -44,6 +44,7 @@ __all__ = [
     "rounding_correction",
     "sequence_fusion",
     "wander",
+    "wander_with",
 ]
 
 # --------------------------------------------------------------------------- erf and GELU
@@ -593,13 +594,31 @@ def wander(
     residual: str = "first",
 ) -> Any:
     """Down-project each modality, activate, fuse the token sequences, add the residual."""
+    return wander_with(
+        sequence_fusion, xs, params, mode=mode, masks=masks, activation=activation, residual=residual
+    )
+
+
+def wander_with(
+    fuse: Callable[..., Any],
+    xs: list[Any],
+    params: dict[str, Any],
+    *,
+    mode: str,
+    masks: Any,
+    activation: Any,
+    residual: str,
+) -> Any:
+    """The Wander adapter with the token-level fusion ``fuse`` (:func:`sequence_fusion`'s
+    signature: the core's, or a backend's fused kernel): the down-projections, the
+    activation and the residual are this function's, whatever runs the fusion."""
     xp = array_namespace(xs[0])
     act = activation_fn(xp, activation)
     masks = [None] * len(xs) if masks is None else list(masks)
     # padded tokens are zeroed before the down-projection too: a NaN there would otherwise
     # reach dL/dW as 0 * NaN (the residual still adds the raw tokens)
     hs = [act(_down(xp, mask_tokens(xp, x, k), w, b)) for x, k, (w, b) in zip(xs, masks, params["down"])]
-    y = sequence_fusion(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
+    y = fuse(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
     if residual == "first":
         y = y + first_tokens(xp, xs, y.shape[1])
     return y

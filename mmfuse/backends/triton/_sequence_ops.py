@@ -35,7 +35,6 @@ from torch.library import triton_op, wrap_triton
 
 from ..._core import sequence as _core_sequence
 from .._torch_eager import bind
-from ..torch._common import seq_masked
 from ..torch.sequence import _sequence_backward, _sequence_setup_context
 from . import _ops
 from . import _sequence_kernels as SK
@@ -174,10 +173,9 @@ def wander(
     activation: Any = "gelu",
     residual: str = "first",
 ) -> Any:
-    """``mmfuse.wander`` (inputs checked): per modality the down-projection (``addmm``, with
-    padded tokens zeroed first, as the core), the activation (the core's torch GELU by
-    default), then the fused kernel, then the residual; other calls (see :func:`takes`) go
-    to the torch backend."""
+    """``mmfuse.wander`` (inputs checked): the core's adapter (down-projections, activation,
+    residual: :func:`mmfuse._core.sequence.wander_with`) around the fused kernel; other calls
+    (see :func:`takes`) go to the torch backend."""
     down = list(params["down"])
     weights, biases = [w for w, _ in down], [b for _, b in down]
     feats, toks = list(params["feature"]), list(params["token"])
@@ -187,18 +185,12 @@ def wander(
         return torch_backend.wander(
             xs, params, mode=mode, masks=masks, activation=activation, residual=residual
         )
-    masks_list = [None] * len(xs) if masks is None else list(masks)
-    act = _core_sequence.activation_fn(torch, activation)
-    hs = []
-    for x, w, b, k in zip(xs, weights, biases, masks_list):
-        batch, n_tok, width = x.shape
-        flat = seq_masked(x, k).reshape(batch * n_tok, width)
-        pre = flat @ w if b is None else torch.addmm(b, flat, w)
-        hs.append(act(pre.reshape(batch, n_tok, w.shape[1])))
     from . import _on_device
 
-    with _on_device(xs[0]):
-        y = sequence_call(hs, feats, toks, mode, masks_list)
-    if residual == "first":
-        y = y + _core_sequence.first_tokens(torch, list(xs), int(y.shape[1]))
-    return y
+    def fuse(hs: list[Any], feats: list[Any], toks: list[Any], *, mode: str, masks: list[Any]) -> Any:
+        with _on_device(xs[0]):
+            return sequence_call(hs, feats, toks, mode, masks)
+
+    return _core_sequence.wander_with(
+        fuse, list(xs), params, mode=mode, masks=masks, activation=activation, residual=residual
+    )
