@@ -14,7 +14,6 @@ the package was already imported without it (built for a GPU), the module is ski
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from triton_interpreted import import_interpreted  # noqa: E402
+from triton_interpreted import import_interpreted, poisoned_buffers  # noqa: E402
 
 tb = import_interpreted()
 
@@ -62,19 +61,6 @@ def _nan_rows(x, present, m):
     with torch.no_grad():
         poisoned = torch.where(present[:, m : m + 1], x, torch.full_like(x, float("nan")))
     return poisoned.requires_grad_(True)
-
-
-@contextlib.contextmanager
-def _poisoned_buffers():
-    """Every output, accumulator and partial buffer the ops allocate starts as NaN."""
-    real = _ops._empty
-
-    def nan_empty(shape, dtype, device):
-        return real(shape, dtype, device).fill_(float("nan"))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_ops, "_empty", nan_empty)
-        yield
 
 
 def _tol(dtype):
@@ -139,7 +125,7 @@ def test_lowrank_values_and_gradients(
     xs, fs, w, b, present, upstream = _lowrank_problem(
         batch, dims, rank, out_dim, append_one, with_weights, with_present, dtype
     )
-    with _poisoned_buffers():
+    with poisoned_buffers():
         out = mmfuse.lowrank_fusion(xs, fs, w, b, append_one=append_one, present=present, backend="triton")
         assert type(out.grad_fn).__name__ == "_TritonLowRankFusionBackward"  # the kernels ran
         leaves = [*xs, *fs, *([w] if w is not None else []), b]
@@ -190,7 +176,7 @@ def test_lowrank_backward_split_and_slice_paths():
         out = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="triton")
         return torch.autograd.grad((out * upstream).sum(), leaves)
 
-    with _poisoned_buffers():
+    with poisoned_buffers():
         default = run()
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(_ops, "_TARGET_PROGRAMS", 1)  # one split: three row blocks in one program
@@ -281,7 +267,7 @@ def test_cp_values_and_gradients(dtype, batch, dims, rank, out_dim, append_one, 
     if present is not None:
         xs = [_nan_rows(x, present, m) for m, x in enumerate(xs)]
     upstream = torch.tensor(rng.standard_normal((batch, out_dim)), dtype=dtype)
-    with _poisoned_buffers():
+    with poisoned_buffers():
         out = mmfuse.cp_fusion(xs, (w, factors), b, append_one=append_one, present=present, backend="triton")
     assert type(out.grad_fn).__name__ == "_TritonCPFusionBackward"
     want = ref.cp_fusion(
@@ -398,7 +384,7 @@ def _stat_inputs(shape, gshape, dtype, seed=0):
 def test_zoom_shift_values(dtype, shape, gshape, alpha):
     x, guide, mask, gmask = _stat_inputs(shape, gshape, dtype)
     nan_guide = torch.where(gmask[..., None], guide, torch.full_like(guide, float("nan")))  # never read
-    with _poisoned_buffers():
+    with poisoned_buffers():
         y = mmfuse.zoom_shift(x, nan_guide, alpha=alpha, mask=mask, guide_mask=gmask, backend="triton")
     want = ref.zoom_shift(_np(x), _np(guide), alpha=alpha, mask=mask.numpy(), guide_mask=gmask.numpy())
     assert_close(y, want, xp=torch, dtype=dtype, device="cpu")
@@ -417,7 +403,7 @@ def test_moments_values(dtype, shape, gshape):
     x, _, mask, _ = _stat_inputs(shape, gshape, dtype)
     x_nan = torch.where(mask[..., None], x, torch.full_like(x, float("nan")))
     for m in (None, mask):
-        with _poisoned_buffers():
+        with poisoned_buffers():
             mean, std = mmfuse.moments(x_nan if m is not None else x, mask=m, backend="triton")
         want_mean, want_std = ref.moments(_np(x), mask=None if m is None else m.numpy())
         assert_close(mean, want_mean, xp=torch, dtype=dtype, device="cpu")
@@ -471,7 +457,7 @@ def test_lowrank_other_tiles(block_b, block_h, rank_p, block_k):
 def test_empty_output_width():
     """h = 0: no kernel runs; every gradient is an exact zero (buffers are not left unwritten)."""
     xs, fs, w, b, _, _ = _lowrank_problem(5, (3, 2), 2, 0, True, True, False, torch.float32)
-    with _poisoned_buffers():
+    with poisoned_buffers():
         out = mmfuse.lowrank_fusion(xs, fs, w, b, backend="triton")
         assert out.shape == (5, 0)
         grads = torch.autograd.grad(out.sum(), [*xs, *fs, w], allow_unused=True)

@@ -20,14 +20,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from triton_interpreted import import_interpreted  # noqa: E402
+from triton_interpreted import import_interpreted, poisoned_buffers  # noqa: E402
 
 tb = import_interpreted()
 
 import mmfuse  # noqa: E402
 import mmfuse.reference as ref  # noqa: E402
 from mmfuse.backends import available  # noqa: E402
-from mmfuse.backends.triton import _align_ops, _ops  # noqa: E402
+from mmfuse.backends.triton import _align_ops  # noqa: E402
 from mmfuse.testing import assert_close  # noqa: E402
 
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -37,19 +37,6 @@ F32_EPS = float(np.finfo(np.float32).eps)
 def _interpret():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
-@contextlib.contextmanager
-def _poisoned_buffers():
-    """Every buffer the ops allocate starts as NaN (the kernels must write all they return)."""
-    real = _ops._empty
-
-    def nan_empty(shape, dtype, device):
-        return real(shape, dtype, device).fill_(float("nan"))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_ops, "_empty", nan_empty)
         yield
 
 
@@ -122,7 +109,7 @@ def test_align_values(rng, batch, tokens, channels, rounds, alpha):
     else:
         schedule = "jacobi" if rounds == 2 else "gauss-seidel"
     poisoned = [_nan_masked(x, m) for x, m in zip(xs, masks)]
-    with _poisoned_buffers(), _kernels_only():
+    with poisoned_buffers(), _kernels_only():
         ys = mmfuse.align(
             poisoned, rounds=rounds, alpha=alpha, schedule=schedule, masks=masks, backend="triton"
         )
@@ -144,7 +131,7 @@ def test_align_values(rng, batch, tokens, channels, rounds, alpha):
 def test_align_topologies(rng, topology, schedule, hub, rounds):
     """The hub is copied exactly (its identity map, unfolded); rounds = 0 copies every input."""
     xs, masks = _modalities(rng, 2, (5, 3, 6), 7, torch.float32)
-    with _poisoned_buffers(), _kernels_only():
+    with poisoned_buffers(), _kernels_only():
         ys = mmfuse.align(
             xs, rounds=rounds, alpha=0.6, topology=topology, schedule=schedule, hub=hub, masks=masks,
             backend="triton",

@@ -15,21 +15,19 @@ built with ``TRITON_INTERPRET=1``, else the module is skipped.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from triton_interpreted import import_interpreted  # noqa: E402
+from triton_interpreted import import_interpreted, poisoned_buffers  # noqa: E402
 
 tb = import_interpreted()
 
 import mmfuse  # noqa: E402
 import mmfuse.reference as ref  # noqa: E402
 from mmfuse.backends import available  # noqa: E402
-from mmfuse.backends.triton import _ops, _sequence_ops  # noqa: E402
+from mmfuse.backends.triton import _sequence_ops  # noqa: E402
 from mmfuse.testing import assert_close  # noqa: E402
 
 KERNEL = "_TritonSequenceFusionBackward"
@@ -48,19 +46,6 @@ def _np(t):
 
 def _leaf(a, dtype):
     return torch.tensor(np.asarray(a), dtype=dtype).requires_grad_(True)
-
-
-@contextlib.contextmanager
-def _poisoned_buffers():
-    """The output buffer the op allocates starts as NaN (the kernel must write every entry)."""
-    real = _ops._empty
-
-    def nan_empty(shape, dtype, device):
-        return real(shape, dtype, device).fill_(float("nan"))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_ops, "_empty", nan_empty)
-        yield
 
 
 def _tol(dtype):
@@ -125,7 +110,7 @@ def test_values_and_gradients(rng, dtype, mode, batch, lengths, widths, r_h, r_t
     )
     if mode == "collapsed" and len(lengths) > 1:  # collapsed mode: ranks may differ per modality
         toks[1] = _leaf(np.concatenate([_np(toks[1])] * 2) / 2, dtype)
-    with _poisoned_buffers():
+    with poisoned_buffers():
         out = mmfuse.sequence_fusion(hs, feats, toks, mode=mode, masks=masks, backend="triton")
         assert type(out.grad_fn).__name__ == KERNEL  # the kernel ran
         leaves = [*hs, *feats, *toks]
@@ -229,7 +214,7 @@ def test_wander_collapsed(rng):
         calls.append(args[3])
         return real(*args)
 
-    with pytest.MonkeyPatch.context() as mp, _poisoned_buffers():
+    with pytest.MonkeyPatch.context() as mp, poisoned_buffers():
         mp.setattr(_sequence_ops, "sequence_call", spy)
         y = mmfuse.wander(xs, params, mode="collapsed", masks=masks, backend="triton")
     assert calls == ["collapsed"]
@@ -266,7 +251,7 @@ def test_wander_bfloat16_no_bias_relu(rng, mode):
     params["down"] = [(w, None) for w, _ in params["down"]]
     params["token"] = [t + 0.3 * torch.tensor(rng.standard_normal(t.shape), dtype=torch.bfloat16)
                        for t in params["token"]]  # fmt: skip
-    with _poisoned_buffers():
+    with poisoned_buffers():
         y = mmfuse.wander(xs, params, mode=mode, activation="relu", residual="none", backend="triton")
     ref_params = {"down": [(_np(w), None) for w, _ in params["down"]],
                   "feature": [_np(f) for f in params["feature"]], "token": [_np(t) for t in params["token"]]}  # fmt: skip

@@ -9,7 +9,9 @@ package was already imported without it (built for a GPU), the calling module is
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -46,3 +48,19 @@ def import_interpreted() -> Any:
             allow_module_level=True,
         )
     return backend
+
+
+@contextlib.contextmanager
+def poisoned_buffers() -> Iterator[None]:
+    """Every buffer the Triton ops allocate (outputs, accumulators, partials: through
+    ``_ops._empty``) starts as NaN, so a kernel that leaves an entry unwritten fails."""
+    from mmfuse.backends.triton import _ops
+
+    real = _ops._empty
+
+    def nan_empty(shape: Any, dtype: Any, device: Any) -> Any:
+        return real(shape, dtype, device).fill_(float("nan"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_ops, "_empty", nan_empty)
+        yield
