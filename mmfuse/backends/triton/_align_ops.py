@@ -15,9 +15,12 @@ kernels in :mod:`._align_kernels`, launched through ``wrap_triton``):
 So an M-modality alignment moves 3 x-sized passes per modality (read, read, write) and
 2M + M kernels' worth of (B, 1, C) statistics, whatever the number of rounds.
 
-Forward only: calls that need gradients (or run under a ``torch.func`` transform), float64
-inputs, statistics axes other than -2, inputs of fewer than three dimensions or with an
-empty axis run the torch backend's row, the core's :func:`~mmfuse._core.align.align` under
+Gradients: the torch backend's ``mmfuse::align`` backward (:mod:`mmfuse.backends.torch.align`:
+the inputs saved, the statistics' gradients from autograd through the rounds on the small
+statistics), bound around the kernels' forward in eager mode; under ``torch.compile`` and
+dispatch modes the registered ``mmfuse::align`` runs (the core's forward).  Calls under a
+``torch.func`` transform, float64 inputs, statistics axes other than -2, inputs of fewer than
+three dimensions or with an empty axis run the core's :func:`~mmfuse._core.align.align` under
 autograd (which differentiates the same algorithm).
 """
 
@@ -32,7 +35,8 @@ from torch.library import triton_op, wrap_triton
 
 from ..._core.align import Primitives, Stats, align_with
 from ..._core.align import align as core_align
-from .._torch_eager import direct
+from .._torch_eager import bind, direct
+from ..torch.align import _align_backward, _align_op_tuple, _align_setup_context
 from . import _align_kernels as AK
 from . import _ops
 
@@ -118,14 +122,11 @@ TRITON = TritonPrimitives()
 
 def _kernels_take(xs: Sequence[Any], axis: int, masks: Sequence[Any] | None) -> bool:
     """The statistics kernels' conditions (``_stats_kernels_take``: dtype, axis -2, masks,
-    no empty axis, no transform) for every modality, one dtype and rank, and no gradient
-    wanted (the primitives are forward-only)."""
+    no empty axis, no transform) for every modality, and one dtype and rank."""
     from . import _stats_kernels_take
 
     x0 = xs[0]
     if any(not isinstance(x, torch.Tensor) or x.dtype != x0.dtype or x.ndim != x0.ndim for x in xs):
-        return False
-    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
         return False
     ms = list(masks) if masks is not None else [None] * len(xs)
     return _stats_kernels_take(x0, axis, ms, *xs[1:])
@@ -143,18 +144,53 @@ def align(
     masks: list[Any] | None = None,
     eps: float = 1e-5,
 ) -> list[Any]:
-    """``mmfuse.align`` as the core's algorithm over :data:`TRITON` (inputs checked); other
-    calls (see :func:`_kernels_take`; gradients among them) run the core under autograd,
-    the torch backend's row."""
+    """``mmfuse.align`` as the core's algorithm over :data:`TRITON` (inputs checked), with the
+    torch backend's analytic backward; other calls (see :func:`_kernels_take`) run the core
+    under autograd."""
     if not _kernels_take(xs, axis, masks):
         return core_align(
             xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
             axis=axis, masks=masks, eps=eps,
         )  # fmt: skip
+    masks_list = [None] * len(xs) if masks is None else list(masks)
+    out = _align_eager(
+        list(xs), None if rounds is None else int(rounds), float(alpha), str(schedule), str(topology),
+        int(hub), int(axis), masks_list, float(eps),
+    )  # fmt: skip
+    return list(out)
+
+
+def _align_forward(
+    xs: list[torch.Tensor],
+    rounds: int | None,
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    axis: int,
+    masks: list[torch.Tensor | None],
+    eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """The kernels' forward: the core's algorithm over :data:`TRITON`."""
     from . import _on_device
 
     with _on_device(xs[0]):
-        return align_with(
-            TRITON, list(xs), rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
-            hub=hub, axis=axis, masks=None if masks is None else list(masks), eps=eps,
+        return tuple(
+            align_with(
+                TRITON, list(xs), rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
+                hub=hub, axis=axis, masks=None if all(k is None for k in masks) else list(masks), eps=eps,
+            )
         )  # fmt: skip
+
+
+# Gradients: the torch backend's mmfuse::align backward (inputs saved, the statistics'
+# gradients from autograd through the rounds on the small statistics), bound around the
+# kernels' forward.  Under torch.compile and dispatch modes the registered op mmfuse::align
+# runs instead (the core's forward), as for every bound op.
+_align_eager = bind(
+    "_TritonAlign",
+    _align_op_tuple,
+    _align_setup_context,
+    _align_backward,
+    _align_forward,
+)
