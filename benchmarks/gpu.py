@@ -569,6 +569,18 @@ def check_triton_align(
         # the modality furthest from its limit (a NaN error fails the row)
         worst = max(range(len(errs)), key=lambda i: errs[i] / limits[i] if errs[i] == errs[i] else float("inf"))
         rows.append(_row(label, f"rounds={rounds} (/spread)", errs[worst], limits[worst]))
+    # gradients: the kernels' forward with the torch backend's mmfuse::align backward, against
+    # float64 autograd through the core on the same (clean, rounded) inputs
+    leaves = [x.clone().requires_grad_(True) for x in clean]
+    ups = [torch.randn(x.shape, device=device, generator=gen).to(dtype) for x in clean]
+    with mock.patch.object(_align_ops, "core_align", wraps=_align_ops.core_align) as spy:
+        ys = mmfuse.align(leaves, rounds=1, masks=masks, backend="triton")
+    grads = torch.autograd.grad(sum((y * u).sum() for y, u in zip(ys, ups)), leaves)
+    x64 = [x.double().requires_grad_(True) for x in clean]
+    y64 = mmfuse.align(x64, rounds=1, masks=masks, backend="array_api")
+    want = torch.autograd.grad(sum((y * u.double()).sum() for y, u in zip(y64, ups)), x64)
+    rows.append(_ran(label, "gradients: Triton forward ran", spy.call_count == 0))
+    rows.append(_row(label, "gradients rounds=1", _rel_err(_cat(list(grads)), _cat(list(want))), tol))
     return rows
 
 
