@@ -142,3 +142,32 @@ def test_init_wander_checks_its_arguments_like_init_lowrank(kwargs, error, match
     with pytest.raises(error, match=match):
         mmfuse.init_wander(**{**args, **kwargs}, seed=rng)
     assert rng.bit_generator.state == state  # refused before drawing
+
+
+@pytest.mark.parametrize("with_scipy", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numpy_gelu_paths_are_exact(with_scipy, dtype, monkeypatch):
+    """NumPy's GELU with SciPy's erfc (when the process has imported scipy.special) and with
+    the Cody approximations (when it has not): both the exact erf GELU to about one ulp of
+    the dtype, float64 through the far lower tail (the argument's rounding corrected)."""
+    mpmath = pytest.importorskip("mpmath")
+    import sys
+
+    if with_scipy:
+        pytest.importorskip("scipy.special")
+    else:
+        monkeypatch.delitem(sys.modules, "scipy.special", raising=False)
+    x = np.concatenate([np.linspace(-37, 8, 901), -np.geomspace(1e-12, 37, 150)]).astype(dtype)
+    mpmath.mp.dps = 40
+    want = np.array([float(mpmath.mpf(float(v)) * mpmath.ncdf(mpmath.mpf(float(v)))) for v in x])
+    got = gelu(array_namespace(x), x)
+    assert got.dtype == dtype
+    tiny = np.finfo(dtype).tiny
+    keep = np.abs(want) > tiny
+    rel = np.abs(got.astype(np.float64) - want)[keep] / np.abs(want[keep])
+    eps = np.finfo(dtype).eps
+    if dtype == np.float64:
+        assert rel.max() < 2e-15
+    else:  # the Cody path in float32 grows like x^2 ulp in the far lower tail; SciPy's does not
+        bound = eps if with_scipy else (1 + x[keep].astype(np.float64) ** 2) * 2 * eps
+        assert np.all(rel <= bound)
