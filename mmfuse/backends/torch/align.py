@@ -101,7 +101,7 @@ from ..._core.align import align as _core_align
 from .._torch_eager import bind
 from ._common import cast, compute_dtype
 
-__all__ = ["align", "align_grads"]
+__all__ = ["align", "align_grads", "call_align"]
 
 
 def _align_forward(
@@ -289,8 +289,29 @@ def align(
     eps: float = 1e-5,
 ) -> list[Any]:
     """``mmfuse.align`` as the ``mmfuse::align`` custom op (inputs checked)."""
+    return call_align(
+        _align_eager, xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
+        axis=axis, masks=masks, eps=eps,
+    )  # fmt: skip
+
+
+def call_align(
+    binding: Any,
+    xs: Sequence[Any],
+    *,
+    rounds: int | None,
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    axis: int,
+    masks: Sequence[Any] | None,
+    eps: float,
+) -> list[Any]:
+    """``binding`` (this op's eager binding, or one with its argument layout: the Triton
+    backend's) called with ``align``'s keywords as the op's arguments, typed as its schema."""
     masks_list = [None] * len(xs) if masks is None else list(masks)
-    out = _align_eager(
+    out = binding(
         list(xs), None if rounds is None else int(rounds), float(alpha), str(schedule), str(topology),
         int(hub), int(axis), masks_list, float(eps),
     )  # fmt: skip

@@ -36,7 +36,7 @@ from torch.library import triton_op, wrap_triton
 from ..._core.align import Primitives, Stats, align_with
 from ..._core.align import align as core_align
 from .._torch_eager import bind, direct
-from ..torch.align import _align_backward, _align_op_tuple, _align_setup_context
+from ..torch.align import _align_backward, _align_op_tuple, _align_setup_context, call_align
 from . import _align_kernels as AK
 from . import _ops
 
@@ -152,12 +152,10 @@ def align(
             xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
             axis=axis, masks=masks, eps=eps,
         )  # fmt: skip
-    masks_list = [None] * len(xs) if masks is None else list(masks)
-    out = _align_eager(
-        list(xs), None if rounds is None else int(rounds), float(alpha), str(schedule), str(topology),
-        int(hub), int(axis), masks_list, float(eps),
+    return call_align(
+        _align_eager, xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
+        axis=axis, masks=masks, eps=eps,
     )  # fmt: skip
-    return list(out)
 
 
 def _align_forward(
