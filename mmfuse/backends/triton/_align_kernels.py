@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._kernels import _load_tokens, _loop_stats, _tile_stats
+from ._kernels import _row_stats
 
 
 @triton.jit
@@ -31,11 +31,7 @@ def stats_kernel(
     program per (row, BLOCK_C channels); masked tokens never enter a sum."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if SINGLE:
-        x, keep = _load_tokens(x_ptr, m_ptr, n, tl.arange(0, BLOCK_T), c, n_tok, n_ch, HAS_MASK)
-        pivot, corr, var = _tile_stats(x, keep)
-    else:
-        pivot, corr, var = _loop_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, BLOCK_T, BLOCK_C)
+    pivot, corr, var = _row_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, SINGLE, BLOCK_T, BLOCK_C)
     c_ok = c < n_ch
     tl.store(pivot_ptr + n * n_ch + c, pivot, mask=c_ok)
     tl.store(corr_ptr + n * n_ch + c, corr, mask=c_ok)

@@ -537,6 +537,20 @@ def _loop_stats(
 
 
 @triton.jit
+def _row_stats(
+    x_ptr, m_ptr, n, c, n_tok, n_ch,
+    HAS_MASK: tl.constexpr, SINGLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """(pivot, corr, var) of row ``n``'s channels ``c``: one register tile when every token
+    fits (SINGLE), else the two looping passes.  (zoom_shift's kernel keeps the SINGLE tile
+    for its map, so it calls the two pieces itself.)"""
+    if SINGLE:
+        x, keep = _load_tokens(x_ptr, m_ptr, n, tl.arange(0, BLOCK_T), c, n_tok, n_ch, HAS_MASK)
+        return _tile_stats(x, keep)
+    return _loop_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, BLOCK_T, BLOCK_C)
+
+
+@triton.jit
 def moments_kernel(
     mean_ptr, std_ptr, x_ptr, m_ptr, n_tok, n_ch, eps,
     HAS_MASK: tl.constexpr, SINGLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -544,11 +558,7 @@ def moments_kernel(
     """mean and sqrt(var + eps) per (row, channel), written as (N, 1, C) in x's dtype."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if SINGLE:
-        x, keep = _load_tokens(x_ptr, m_ptr, n, tl.arange(0, BLOCK_T), c, n_tok, n_ch, HAS_MASK)
-        pivot, corr, var = _tile_stats(x, keep)
-    else:
-        pivot, corr, var = _loop_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, BLOCK_T, BLOCK_C)
+    pivot, corr, var = _row_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, SINGLE, BLOCK_T, BLOCK_C)
     c_ok = c < n_ch
     tl.store(mean_ptr + n * n_ch + c, (pivot + corr).to(mean_ptr.dtype.element_ty), mask=c_ok)
     tl.store(std_ptr + n * n_ch + c, tl.sqrt(var + eps).to(std_ptr.dtype.element_ty), mask=c_ok)
