@@ -13,6 +13,7 @@ the shapes alone (cached), and the weight tensor W is never built.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -189,8 +190,6 @@ def _gelu_numpy(x: Any) -> Any:
     calls instead of about thirty on small inputs, the same accuracy (about one ulp; float32
     and float16 through float64), last bits that may differ.
     """
-    import sys
-
     import numpy as np
 
     special = sys.modules.get("scipy.special")
