@@ -54,6 +54,11 @@ step after warm-up, recorded by ``torch.profiler`` (CPU activity; the forward, t
 
 Autograd's own bookkeeping events (``autograd::engine::evaluate_function: ...``) are not
 operators and are not counted.  "py calls" as in part 1, for one step.
+
+Part 3, dispatch: the tiny ``zoom_shift`` of part 1 on torch through the backend's eager
+binding (``mmfuse.backends._torch_eager.bind``: the op's implementation run directly) against
+the registered op through torch's dispatcher (``torch.ops.mmfuse.zoom_shift``, with its
+registered autograd when x requires grad), interleaved rounds, median microseconds.
 """
 
 from __future__ import annotations
@@ -418,6 +423,27 @@ def run_layers(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]]]
     return rows, results
 
 
+def run_dispatch(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """Part 3: the eager binding against torch's dispatcher, without and with gradients."""
+    import importlib
+
+    import torch
+
+    zs = importlib.import_module("mmfuse.backends.torch.zoom_shift")
+    x, g = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in _tiny_inputs()[2])  # as part 1
+    xr = x.clone().requires_grad_(True)
+    cands = {
+        "binding, no grad": lambda: zs._zoom_shift_eager(x, g, 1.0, -2, None, None, 1e-5),
+        "torch.ops, no grad": lambda: torch.ops.mmfuse.zoom_shift(x, g, 1.0, -2, None, None, 1e-5),
+        "binding, grad": lambda: zs._zoom_shift_eager(xr, g, 1.0, -2, None, None, 1e-5),
+        "torch.ops, grad": lambda: torch.ops.mmfuse.zoom_shift(xr, g, 1.0, -2, None, None, 1e-5),
+    }
+    times = medians(sample_rounds(cands, repeats=10 if quick else 60, burst=25))
+    rows = [{"call": name, "us": f"{t * 1e6:.1f}"} for name, t in times.items()]
+    results = [{"part": "dispatch", "call": name, "seconds": t} for name, t in times.items()]
+    return rows, results
+
+
 def main() -> None:
     args = arg_parser(__doc__).parse_args()
     import torch
@@ -430,11 +456,14 @@ def main() -> None:
     print("\nLayers, one training step forward+backward, float32 (target: plain/mmfuse >= 1.2)")
     print_table(layer_rows, ["case", "mmfuse ms", "plain ms", "plain/mmfuse", "p10-p90", "ops top mmfuse", "ops top plain",
                              "aten all mmfuse", "aten all plain", "py calls mmfuse", "py calls plain"])  # fmt: skip
+    dispatch_rows, dispatch_results = run_dispatch(args.quick)
+    print("\nDispatch: the tiny zoom_shift through the eager binding and through torch.ops")
+    print_table(dispatch_rows, ["call", "us"])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine(), "torch": torch.__version__, "numpy": np.__version__,
                        "torch_threads": torch.get_num_threads(), "quick": args.quick,
-                       "results": [*tiny_results, *layer_results]}, fh, indent=2)  # fmt: skip
+                       "results": [*tiny_results, *layer_results, *dispatch_results]}, fh, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":
