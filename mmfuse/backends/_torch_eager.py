@@ -17,8 +17,8 @@ Eager calls also skip torch's dispatcher: the op's own implementation (``forward
 function ``torch.library.custom_op`` registered) runs directly, inside the Function when a
 gradient is needed and alone when none is.  Each op has that one implementation for every
 device, so nothing is bypassed but the dispatch itself: its per-call cost (about 18 us on
-the CI machine for a tiny ``zoom_shift``, ``benchmarks/overhead.py`` part 3) and, on a custom op's first dispatch, the import of
-``torch._dynamo`` (2-3 s).
+the CI machine for a tiny ``zoom_shift``, ``benchmarks/overhead.py`` part 3) and, on a custom
+op's first dispatch, the import of ``torch._dynamo`` (2-3 s).
 Under ``torch.compile`` and while a ``TorchDispatchMode`` is active (fake tensors, export,
 logging modes) the registered op runs, so those see one operator with its fake
 implementation.
