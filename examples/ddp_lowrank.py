@@ -13,6 +13,7 @@ Run: ``python examples/ddp_lowrank.py [--world-size 2] [--steps 5] [--model lowr
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -71,17 +72,25 @@ def worker(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = DistributedDataParallel(make_model(kind))
-        grads = train(model, make_data(steps, kind), rank, world_size)
-        if rank == 0:
-            state = dict(model.module.state_dict())
-            state.update({"grad." + name.removeprefix("module."): g for name, g in grads.items()})
-            torch.save(state, result)
-        # both ranks leave together: a rank tearing gloo down while its peer is still in a
-        # collective's cleanup aborted once in CI ("terminate called without an active exception")
+        _train_and_save(rank, world_size, steps, result, kind)
+        # Teardown in a fixed order.  The DDP model (whose reducer holds the process group)
+        # is gone once _train_and_save returns, collected here if a reference cycle kept it;
+        # then both ranks leave together.  A rank tearing gloo down while its peer was still
+        # in a collective's cleanup, or gloo's threads destroyed during interpreter shutdown,
+        # aborted a child in CI ("terminate called without an active exception").
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _train_and_save(rank: int, world_size: int, steps: int, result: str, kind: str) -> None:
+    model = DistributedDataParallel(make_model(kind))
+    grads = train(model, make_data(steps, kind), rank, world_size)
+    if rank == 0:
+        state = dict(model.module.state_dict())
+        state.update({"grad." + name.removeprefix("module."): g for name, g in grads.items()})
+        torch.save(state, result)
 
 
 def run_ddp(world_size: int, steps: int, workdir: str, kind: str = "lowrank") -> dict[str, torch.Tensor]:
