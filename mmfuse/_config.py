@@ -142,6 +142,15 @@ def preferred_backend() -> str | None:
     return value
 
 
+def backend_policy(backend: str | None) -> tuple[str, str | None]:
+    """``(resolve_backend(backend), preferred_backend())`` from one read of the options (a
+    part of every planned call's key)."""
+    state = _current()
+    if backend is not None:
+        _check_option("backend", backend)
+    return (backend or state["backend"][0], state["prefer"][0])
+
+
 def resolve_backend(backend: str | None) -> str:
     """The backend name in force for a call whose ``backend=`` keyword is ``backend``."""
     if backend is not None:
