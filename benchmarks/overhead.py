@@ -1,8 +1,10 @@
 """Per-call overhead (issue 19): mmfuse against the plain expression of the same maths.
 
-Run: ``python benchmarks/overhead.py [--json FILE] [--quick]`` (a full run takes 30-40 s
-on 2 cores; ``--quick`` a few seconds, for CI-speed checks: fewer rounds, so wider
-spreads; the counts are the same).
+Run: ``python benchmarks/overhead.py [--json FILE] [--quick] [--only TEXT ...]`` (a full
+run takes 30-40 s on 2 cores; ``--quick`` a few seconds, for CI-speed checks: fewer rounds,
+so wider spreads; the counts are the same).  ``--only TEXT`` (repeatable) runs just the
+part-1 cases whose "case xp" label (e.g. ``zoom_shift (4,6,5) to (4,7,5) torch``) contains
+one of the texts, and skips parts 2 and 3.
 
 Part 1, tiny inputs (where the per-call overhead, not the arithmetic, decides).  Each case
 pairs one mmfuse call with the plain expression of the same maths written here in the same
@@ -267,7 +269,7 @@ def _loop(fn: Callable[[], Any], inner: int) -> Callable[[], Any]:
     return run
 
 
-def run_tiny(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+def run_tiny(quick: bool, only: list[str] | None = None) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     import torch
 
     rows, results = [], []
@@ -275,6 +277,8 @@ def run_tiny(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     repeats = 10 if quick else 120
     for xp_name in ("numpy", "torch"):
         for case, (mm, plain) in tiny_cases(xp_name).items():
+            if only is not None and not any(text in f"{case} {xp_name}" for text in only):
+                continue
             with torch.no_grad():
                 err = _check_equal(f"{case} ({xp_name})", mm(), plain(), 1e-10 if xp_name == "numpy" else 2e-5)
                 calls = {"mmfuse": py_calls(mm), "plain": py_calls(plain)}
@@ -445,13 +449,23 @@ def run_dispatch(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]
 
 
 def main() -> None:
-    args = arg_parser(__doc__).parse_args()
+    parser = arg_parser(__doc__)
+    parser.add_argument("--only", action="append", help="run only the part-1 cases whose 'case xp' contains this (repeatable)")
+    args = parser.parse_args()
+    only = args.only
     import torch
 
     print(f"machine: {machine()}; torch {torch.__version__}, threads {torch.get_num_threads()}; numpy {np.__version__}")
-    tiny_rows, tiny_results = run_tiny(args.quick)
+    tiny_rows, tiny_results = run_tiny(args.quick, only)
     print("\nTiny inputs, per call (target: mmfuse/plain <= 1.5); py calls: Python (built-in)")
     print_table(tiny_rows, ["case", "xp", "mmfuse us", "plain us", "mmfuse/plain", "p10-p90", "py calls mmfuse", "py calls plain"])
+    if only is not None:
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"machine": machine(), "torch": torch.__version__, "numpy": np.__version__,
+                           "torch_threads": torch.get_num_threads(), "quick": args.quick, "only": only,
+                           "results": tiny_results}, fh, indent=2)  # fmt: skip
+        return
     layer_rows, layer_results = run_layers(args.quick)
     print("\nLayers, one training step forward+backward, float32 (target: plain/mmfuse >= 1.2)")
     print_table(layer_rows, ["case", "mmfuse ms", "plain ms", "plain/mmfuse", "p10-p90", "ops top mmfuse", "ops top plain",
