@@ -79,6 +79,9 @@ _BLOCK_BYTES = 1 << 19
 # Inputs of at least this many bytes are split across threads (one per core, at most 8).
 _PARALLEL_BYTES = 1 << 23
 _MAX_WORKERS = 8
+# Blocks of at most this many elements square into a temporary and reduce it, larger ones
+# use einsum (no temporary): below it einsum's fixed cost is the larger one.
+_SMALL_ELEMENTS = 1 << 12
 
 
 # --------------------------------------------------------------------------- helpers
@@ -116,6 +119,11 @@ def _workers(x: Any, n_blocks: int) -> int:
 
 def _run_blocks(x: Any, work: Any) -> None:
     """Call ``work(list_of_block_slices)`` over x's batch blocks, split across threads."""
+    if x.nbytes <= _BLOCK_BYTES:
+        # one block on this thread (what _blocks and _workers would say): a tiny call pays
+        # for no block arithmetic
+        work([slice(0, x.shape[0])])
+        return
     blocks = _blocks(x)
     workers = _workers(x, len(blocks))
     if workers == 1:
@@ -243,27 +251,35 @@ def _block_stats(xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple
     import numpy as np
 
     mean_o, var_o, piv_o, corr_o = outs
+    # Sums by np.add.reduce, not np.sum: the same reduction without np.sum's Python layer
+    # (about 3 us a call, the cost of the whole sum at small sizes).  A reduction rather than
+    # a GEMM with a ones row: as fast on one thread, and BLAS's own threads would fight the
+    # batch-block threads of _run_blocks (measured: 0.45 -> 0.6 of copy bandwidth for
+    # zoom_shift at (64, 512, 256) float32 on 2 cores)
+    total = np.add.reduce
     if mb is None:
-        # np.sum rather than a GEMM with a ones row: as fast on one thread, and BLAS's own
-        # threads would fight the batch-block threads of _run_blocks (measured: 0.45 -> 0.6
-        # of copy bandwidth for zoom_shift at (64, 512, 256) float32 on 2 cores)
         count: Any = xb.shape[axis]
-        np.sum(xb, axis=axis, keepdims=True, out=piv_o)
+        total(xb, axis=axis, keepdims=True, out=piv_o)
         piv_o /= count
         np.subtract(xb, piv_o, out=dev)
         src = dev
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
-        count = np.sum(full, axis=axis, keepdims=True, dtype=xb.dtype)
-        np.sum(xb, axis=axis, keepdims=True, out=piv_o, where=full)
+        count = total(full, axis=axis, keepdims=True, dtype=xb.dtype)
+        total(xb, axis=axis, keepdims=True, out=piv_o, where=full)
         piv_o /= count
         np.subtract(xb, piv_o, out=dev)
         masked[...] = 0
         np.copyto(masked, dev, where=full)
         src = masked
-    np.sum(src, axis=axis, keepdims=True, out=corr_o)
+    total(src, axis=axis, keepdims=True, out=corr_o)
     corr_o /= count
-    np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var_o, axis=axis))
+    if src.size <= _SMALL_ELEMENTS:
+        # a small block: the squares in a temporary, then one reduction (einsum's Python
+        # wrapper costs more than that temporary below this size)
+        total(src * src, axis=axis, keepdims=True, out=var_o)
+    else:  # the sum of squares without an x-sized temporary
+        np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var_o, axis=axis))
     var_o /= count
     var_o -= corr_o * corr_o
     np.maximum(var_o, 0, out=var_o)  # rounding can go below 0; NaN stays
@@ -558,24 +574,29 @@ def _round_maps(
     topology: str,
     hub: int,
     eps: float,
-) -> list[tuple[Any, Any, Any, bool]]:
-    """Per modality ``(S, T, M, moved)``: the output is ``S x + T = S (x - mu) + M``.
+) -> list[tuple[Any, Any, bool]]:
+    """Per modality ``(S, M, moved)``: the output is ``S (x - mu) + M``.
 
     ``stats`` holds each modality's ``(mean, var)``.  The rounds track each modality's mean
     and ``sigma = sqrt(var + eps)`` (with ``var / (var + eps)``), never the variance itself.
     ``moved`` is False for a modality the rounds never touched (the hub, or every modality at
-    rounds = 0), whose map is exactly the identity.
+    rounds = 0), whose map is exactly the identity (``S`` = 1, ``M`` its mean).
+
+    Only what a later step reads is computed: a modality's new spread is tracked unless no
+    step after it reads it (in the last round: every modality under Jacobi, whose targets
+    come from the round's start, and the hub topology, where only the hub is read; the last
+    modality under Gauss-Seidel consensus), and ``var / (var + eps)`` is formed when first
+    needed.  At M = 2, rounds = 1 that is one spread update instead of two.
     """
     n = len(stats)
     mus = [m for m, _ in stats]
     sig = [xp.sqrt(v + eps) for _, v in stats]
     if rounds is None:
         return _limit_maps(xp, mus, [v for _, v in stats], alpha, schedule, topology, hub, eps)
-    share = [_var_share(xp, v, eps) for _, v in stats]
-    scales: list[Any] = [1.0] * n
-    offsets: list[Any] = [0.0] * n
-    moved = [False] * n
-    for _ in range(rounds):
+    share: list[Any] = [None] * n  # var / (var + eps), once a spread update needs it
+    scales: list[Any] = [None] * n
+    for r in range(rounds):
+        last = r == rounds - 1
         src_mu, src_sig = (list(mus), list(sig)) if schedule == "jacobi" else (mus, sig)
         for i in range(n):
             if topology == "hub":
@@ -583,22 +604,33 @@ def _round_maps(
                     continue
                 mu_t, sigma_t = src_mu[hub], src_sig[hub]
             else:
-                others = [j for j in range(n) if j != i]
-                mu_t = sum(src_mu[j] for j in others) / (n - 1)
-                sigma_t = _geometric_mean([src_sig[j] for j in others])
+                others = [src for j, src in enumerate(zip(src_mu, src_sig)) if j != i]
+                mu_t = _arithmetic_mean([m for m, _ in others])
+                sigma_t = _geometric_mean([g for _, g in others])
             s = zoom_scale(xp, sig[i], sigma_t, alpha)
-            # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S x0 + T
-            step_offset = mus[i] * (1 - s) + alpha * (mu_t - mus[i])
-            scales[i] = s * scales[i]
-            offsets[i] = s * offsets[i] + step_offset
+            # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S (x0 - mu0) + ...
+            scales[i] = s if scales[i] is None else s * scales[i]
             mus[i] = _target_mean(mus[i], mu_t, alpha)
-            sig[i], share[i] = _zoomed_spread(xp, sig[i], share[i], s, eps)
-            moved[i] = True
+            if not last or (schedule != "jacobi" and topology != "hub" and i < n - 1):
+                if share[i] is None:
+                    share[i] = _var_share(xp, stats[i][1], eps)
+                sig[i], share[i] = _zoomed_spread(xp, sig[i], share[i], s, eps)
     out = []
-    for i, (s, t) in enumerate(zip(scales, offsets)):
-        s, t = _as_arrays(xp, s, t, stats[i][0])
-        out.append((s, t, mus[i], moved[i]))
+    for i, s in enumerate(scales):
+        if s is None:  # never moved: the identity
+            like = stats[i][0]
+            out.append((xp.full(like.shape, 1.0, dtype=like.dtype, device=device_of(like)), mus[i], False))
+        else:
+            out.append((s, mus[i], True))
     return out
+
+
+def _arithmetic_mean(values: list[Any]) -> Any:
+    k = len(values)
+    out = values[0]
+    for v in values[1:]:
+        out = out + v
+    return out if k == 1 else out / k
 
 
 def _geometric_mean(values: list[Any]) -> Any:
@@ -607,15 +639,6 @@ def _geometric_mean(values: list[Any]) -> Any:
     for v in values[1:]:
         out = out * v ** (1.0 / k)
     return out
-
-
-def _as_arrays(xp: Any, s: Any, t: Any, like: Any) -> tuple[Any, Any]:
-    """Rounds = 0 leaves Python scalars; make them arrays shaped like the statistics."""
-    if not hasattr(s, "shape"):
-        s = xp.full(like.shape, s, dtype=like.dtype, device=device_of(like))
-    if not hasattr(t, "shape"):
-        t = xp.full(like.shape, t, dtype=like.dtype, device=device_of(like))
-    return s, t
 
 
 def _limit_maps(
@@ -627,7 +650,7 @@ def _limit_maps(
     topology: str,
     hub: int,
     eps: float,
-) -> list[tuple[Any, Any, Any, bool]]:
+) -> list[tuple[Any, Any, bool]]:
     """The exact limit of the rounds, eps > 0 included (:mod:`mmfuse._core.align_limit`).
 
     Every modality ends at ``mu* = sum w_j mu_j`` and one common raw variance ``v*``: the
@@ -671,11 +694,11 @@ def align_with(
         xp, [(st.mean, st.var) for st in stats], rounds, alpha, schedule, topology, hub % len(xs), eps
     )
     out = []
-    for x, st, (s, t, target, moved) in zip(xs, stats, maps):
+    for x, st, (s, target, moved) in zip(xs, stats, maps):
         if moved:
             out.append(prims.apply(x, ax, st.pivot, s, target - st.corr * s))
         else:
-            out.append(prims.apply(x, ax, None, s, t))
+            out.append(prims.apply(x, ax, None, s, xp.zeros_like(s)))
     return out
 
 

@@ -116,8 +116,8 @@ def limit_maps(
     topology: str,
     hub: int,
     eps: float,
-) -> list[tuple[Any, Any, Any, bool]]:
-    r"""Per modality ``(S, T, mu*, moved)``: the limit of the rounds is ``S x + T = S (x - mu) + mu*``.
+) -> list[tuple[Any, Any, bool]]:
+    r"""Per modality ``(S, mu*, moved)``: the limit of the rounds is ``S (x - mu) + mu*``.
 
     Parameters
     ----------
@@ -135,9 +135,9 @@ def limit_maps(
     Returns
     -------
     list of tuple
-        ``(S, T, mu*, moved)`` per modality, with :math:`S_i = \sqrt{v^\ast / v_i}` and
-        :math:`T_i = \mu^\ast - S_i \mu_i`; ``moved`` is False for the hub (``S = 1``,
-        ``T = 0`` exactly).
+        ``(S, mu*, moved)`` per modality, with :math:`S_i = \sqrt{v^\ast / v_i}`; ``moved``
+        is False for the hub (``S = 1`` exactly, and its own mean in place of mu*: the
+        identity).
 
     Notes
     -----
@@ -182,10 +182,9 @@ def limit_maps(
     maps = []
     for i, (mu, lv, d) in enumerate(zip(means, logv, dead)):
         if topology == "hub" and i == hub:
-            s = xp.ones_like(mu)
-            maps.append((s, xp.zeros_like(mu), mu, False))
+            maps.append((xp.ones_like(mu), mu, False))
             continue
         s = xp.exp((log_star - lv) / 2.0)  # sqrt(v* / v_i), without forming the variances
         s = xp.where(d, 1.0, xp.where(collapse, 0.0, s))
-        maps.append((s, mu_star - s * mu, mu_star, True))
+        maps.append((s, mu_star, True))
     return maps

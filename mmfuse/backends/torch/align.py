@@ -199,7 +199,7 @@ def align_grads(
     # dL/dmean, dL/dvar: the vector-Jacobian product of the rounds (or their limit) with
     # seeds S1 for s and S0 for target, on the (B, 1, C) statistics graph
     outs, seeds = [], []
-    for sk, (s, _, target, moved) in zip(sums, maps):
+    for sk, (s, target, moved) in zip(sums, maps):
         if not moved or sk is None:
             continue
         for out, seed in ((s, sk[1]), (target, sk[0])):
@@ -213,7 +213,7 @@ def align_grads(
         )
     # Pass 2, per modality: dL/dx = s G + (m / n) [dL/dmean + 2 (x - mean) dL/dvar]
     result: list[torch.Tensor | None] = []
-    for k, (x, st, g, sk, (s, _, _, moved)) in enumerate(zip(xs, stats, gs, sums, maps)):
+    for k, (x, st, g, sk, (s, _, moved)) in enumerate(zip(xs, stats, gs, sums, maps)):
         if not needs[k]:
             result.append(None)
             continue
