@@ -460,6 +460,10 @@ def cp_fusion(
     assert prod is not None
     if weights is not None:
         prod = prod * weights
+    torch = sys.modules.get("torch")
+    if bias is not None and torch is not None and isinstance(prod, torch.Tensor):
+        # Delegation, as in affine: the output projection and the bias in one addmm
+        return torch.addmm(bias, prod, out_factor.mT)
     y = prod @ xp.matrix_transpose(out_factor)
     return y if bias is None else y + bias
 
