@@ -4,7 +4,9 @@ Run: ``python benchmarks/overhead.py [--json FILE] [--quick] [--only TEXT ...]``
 run takes 30-40 s on 2 cores; ``--quick`` a few seconds, for CI-speed checks: fewer rounds,
 so wider spreads; the counts are the same).  ``--only TEXT`` (repeatable) runs just the
 part-1 cases whose "case xp" label (e.g. ``zoom_shift (4,6,5) to (4,7,5) torch``) contains
-one of the texts, and skips parts 2 and 3.
+one of the texts, and skips parts 2 and 3; ``--layers TEXT`` likewise runs just the part-2
+cases whose name (e.g. ``LowRankFusion B32 d8,16,64 h1 R4``) contains one, and skips parts 1
+and 3.
 
 Part 1, tiny inputs (where the per-call overhead, not the arithmetic, decides).  Each case
 pairs one mmfuse call with the plain expression of the same maths written here in the same
@@ -391,9 +393,11 @@ def op_counts(run: Callable[[], Any]) -> tuple[int, int]:
     return top, aten
 
 
-def run_layers(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+def run_layers(quick: bool, only: list[str] | None = None) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     rows, results = [], []
     for case in LAYER_CASES:
+        if only is not None and not any(text in case for text in only):
+            continue
         steps = layer_steps(case)
         a = steps["mmfuse"]().detach().double()
         b = steps["plain"]().detach().double()
@@ -451,14 +455,17 @@ def run_dispatch(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--only", action="append", help="run only the part-1 cases whose 'case xp' contains this (repeatable)")
+    parser.add_argument("--layers", action="append", help="run only the part-2 cases whose name contains this (repeatable)")
     args = parser.parse_args()
-    only = args.only
+    only, layers = args.only, args.layers
     import torch
 
     print(f"machine: {machine()}; torch {torch.__version__}, threads {torch.get_num_threads()}; numpy {np.__version__}")
-    tiny_rows, tiny_results = run_tiny(args.quick, only)
-    print("\nTiny inputs, per call (target: mmfuse/plain <= 1.5); py calls: Python (built-in)")
-    print_table(tiny_rows, ["case", "xp", "mmfuse us", "plain us", "mmfuse/plain", "p10-p90", "py calls mmfuse", "py calls plain"])
+    tiny_results: list[dict[str, Any]] = []
+    if layers is None:
+        tiny_rows, tiny_results = run_tiny(args.quick, only)
+        print("\nTiny inputs, per call (target: mmfuse/plain <= 1.5); py calls: Python (built-in)")
+        print_table(tiny_rows, ["case", "xp", "mmfuse us", "plain us", "mmfuse/plain", "p10-p90", "py calls mmfuse", "py calls plain"])
     if only is not None:
         if args.json:
             with open(args.json, "w") as fh:
@@ -466,13 +473,15 @@ def main() -> None:
                            "torch_threads": torch.get_num_threads(), "quick": args.quick, "only": only,
                            "results": tiny_results}, fh, indent=2)  # fmt: skip
         return
-    layer_rows, layer_results = run_layers(args.quick)
+    layer_rows, layer_results = run_layers(args.quick, layers)
     print("\nLayers, one training step forward+backward, float32 (target: plain/mmfuse >= 1.2)")
     print_table(layer_rows, ["case", "mmfuse ms", "plain ms", "plain/mmfuse", "p10-p90", "ops top mmfuse", "ops top plain",
                              "aten all mmfuse", "aten all plain", "py calls mmfuse", "py calls plain"])  # fmt: skip
-    dispatch_rows, dispatch_results = run_dispatch(args.quick)
-    print("\nDispatch: the tiny zoom_shift through the eager binding and through torch.ops")
-    print_table(dispatch_rows, ["call", "us"])
+    dispatch_results: list[dict[str, Any]] = []
+    if layers is None:
+        dispatch_rows, dispatch_results = run_dispatch(args.quick)
+        print("\nDispatch: the tiny zoom_shift through the eager binding and through torch.ops")
+        print_table(dispatch_rows, ["call", "us"])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine(), "torch": torch.__version__, "numpy": np.__version__,
