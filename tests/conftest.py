@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 # Without a GPU the Triton backend's kernels run under Triton's interpreter on CPU tensors,
 # which must be chosen before triton is first imported (by any test, or by torch): so that
@@ -22,6 +23,13 @@ import pytest
 # driver is installed.  Where one is, the compiled kernels are what tests should check.
 if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
+
+# CI (CI=true) draws the same inputs for the property tests on every run, so that whether a
+# submission lands never hinges on one unlucky draw; runs elsewhere keep drawing fresh ones
+# (which is how the cancellation case in test_fusion.py's tolerances was found).
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI", "").lower() in ("1", "true"):
+    settings.load_profile("ci")
 
 
 @dataclass
