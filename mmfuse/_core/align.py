@@ -215,6 +215,8 @@ def _stats_numpy(x: Any, axis: int, mask: Any) -> Stats:
     """Blocked statistics: each batch block is read from memory once, then reduced in cache."""
     import numpy as np
 
+    if x.nbytes <= _BLOCK_BYTES:  # one block, on this thread: no block bookkeeping
+        return _block_stats(x, axis, mask, np.empty(x.shape, dtype=x.dtype), _scratch(x, mask))
     shape = list(x.shape)
     shape[axis] = 1
     outs = tuple(np.empty(shape, dtype=x.dtype) for _ in range(4))  # mean, var, pivot, corr
@@ -240,8 +242,18 @@ def _square_sum(ndim: int, axis: int) -> str:
     return f"{letters},{letters}->{letters.replace(letters[axis], '')}"
 
 
-def _block_stats(xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple[Any, ...]) -> None:
-    """Statistics of one block into ``outs = (mean, var, pivot, corr)``.
+def _scratch(x: Any, mask: Any) -> Any:
+    """:func:`_block_stats`'s scratch for a masked x (None without a mask)."""
+    import numpy as np
+
+    return None if mask is None else np.empty(x.shape, dtype=x.dtype)
+
+
+def _block_stats(
+    xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple[Any, ...] | None = None
+) -> Stats:
+    """Statistics of one block into ``outs = (mean, var, pivot, corr)`` (None: new arrays),
+    returned as :class:`Stats` with ``dev``.
 
     The shifted algorithm of :func:`_stats` (section comment above), all but the first sum
     reading the block from cache.  ``dev`` receives ``x - pivot`` for every token (masked ones
@@ -250,6 +262,11 @@ def _block_stats(xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple
     """
     import numpy as np
 
+    if outs is None:
+        shape = list(xb.shape)
+        shape[axis] = 1
+        dt = xb.dtype
+        outs = (np.empty(shape, dt), np.empty(shape, dt), np.empty(shape, dt), np.empty(shape, dt))
     mean_o, var_o, piv_o, corr_o = outs
     # Sums by np.add.reduce, not np.sum: the same reduction without np.sum's Python layer
     # (about 3 us a call, the cost of the whole sum at small sizes).  A reduction rather than
@@ -284,6 +301,7 @@ def _block_stats(xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple
     var_o -= corr_o * corr_o
     np.maximum(var_o, 0, out=var_o)  # rounding can go below 0; NaN stays
     np.add(piv_o, corr_o, out=mean_o)
+    return Stats(mean_o, var_o, piv_o, corr_o, dev)
 
 
 # --------------------------------------------------------------------------- the map rules
@@ -423,6 +441,9 @@ def _zoom_shift_numpy(
     import numpy as np
 
     out = np.empty(x.shape, dtype=x.dtype)
+    if x.nbytes <= _BLOCK_BYTES:  # one block, on this thread: no block bookkeeping
+        _zoom_shift_block(x, axis, mask, out, _scratch(x, mask), None, g_mean, g_sigma, alpha, eps)
+        return out
 
     def work(blocks: list[slice]) -> None:
         rows = max(b.stop - b.start for b in blocks)
@@ -432,17 +453,25 @@ def _zoom_shift_numpy(
         masked = None if mask is None else np.empty((rows, *x.shape[1:]), dtype=x.dtype)
         for blk in blocks:
             n = blk.stop - blk.start
-            ob = out[blk]
             mk = None if mask is None else mask[blk]
-            st = Stats(*(a[:n] for a in stats))
             sub = None if masked is None else masked[:n]
-            _block_stats(x[blk], axis, mk, ob, sub, st[:4])
-            s, offset = zoom_shift_map(np, st, g_mean[blk], g_sigma[blk], alpha, eps)
-            ob *= s
-            ob += offset
+            outs = tuple(a[:n] for a in stats)
+            _zoom_shift_block(x[blk], axis, mk, out[blk], sub, outs, g_mean[blk], g_sigma[blk], alpha, eps)
 
     _run_blocks(x, work)
     return out
+
+
+def _zoom_shift_block(
+    xb: Any, axis: int, mb: Any, ob: Any, masked: Any, outs: Any, g_mean: Any, g_sigma: Any,
+    alpha: float, eps: float,
+) -> None:  # fmt: skip
+    """One block: its statistics (``ob`` receiving ``x - pivot``), then :func:`zoom_shift_map`'s
+    map applied to ``ob`` in place."""
+    st = _block_stats(xb, axis, mb, ob, masked, outs)
+    s, offset = zoom_shift_map(sys.modules["numpy"], st, g_mean, g_sigma, alpha, eps)
+    ob *= s
+    ob += offset
 
 
 # --------------------------------------------------------------------------- moments, zoom_shift
