@@ -1,0 +1,177 @@
+"""Both sides of the alignment operators' size and layout branches (issue 19, tiny calls):
+
+- the NumPy primitives: one block on the calling thread (x of at most ``_BLOCK_BYTES``) or
+  batch blocks; the sum of squares by a temporary and a reduction (blocks of at most
+  ``_SMALL_ELEMENTS`` elements) or by einsum;
+- the torch op ``mmfuse::zoom_shift``: its forward on NumPy views of CPU float32 / float64
+  tensors with x contiguous (the core's NumPy primitives), else in torch operations (float16,
+  strided x);
+- the rounds of ``align``, which skip the spread updates that no later step reads.
+
+Each side is compared with the float64 reference on random inputs, with masks, eps = 0 and a
+channel with no spread, in float32 and float64.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import mmfuse
+from mmfuse import reference
+from mmfuse._core import align as core
+from mmfuse.testing import assert_close
+
+
+def _inputs(rng, shape, guide_tokens, dtype, *, masked):
+    batch, tokens, channels = shape
+    x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    g = (-1.0 + 0.5 * rng.standard_normal((batch, guide_tokens, channels))).astype(dtype)
+    x[:, :, 0] = 1.5  # a channel with no spread (its scale is 1)
+    mask = guide_mask = None
+    if masked:
+        mask = rng.random((batch, tokens)) > 0.3
+        mask[:, :2] = True
+        guide_mask = rng.random((batch, guide_tokens)) > 0.3
+        guide_mask[:, :2] = True
+        x[~mask] = 1e6  # padding far off: it must not reach the statistics
+    return x, g, mask, guide_mask
+
+
+def _rtol(dtype):
+    return 1e-4 if np.dtype(dtype) == np.float32 else 1e-10
+
+
+# (shape of x, the guide's tokens) on each side of the NumPy branches: one block with a small
+# (square-and-reduce) or a larger (einsum) block, and several blocks
+ONE_SMALL = ((4, 6, 5), 7)
+ONE_EINSUM = ((2, 50, 50), 40)
+BLOCKED = ((17, 128, 80), 96)
+
+
+@pytest.mark.parametrize("case", [ONE_SMALL, ONE_EINSUM, BLOCKED], ids=["one-small", "one-einsum", "blocked"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_numpy_paths_match_the_reference(rng, case, dtype, masked, eps):
+    shape, guide_tokens = case
+    x, g, mask, guide_mask = _inputs(rng, shape, guide_tokens, dtype, masked=masked)
+    one_block = x.nbytes <= core._BLOCK_BYTES
+    assert one_block == (case is not BLOCKED)
+    if case is BLOCKED:
+        assert x.shape[0] > core._rows_per_block(x) > 0
+    else:
+        assert (x.size <= core._SMALL_ELEMENTS) == (case is ONE_SMALL)
+    alpha = float(rng.uniform(0.3, 1.0))
+    got = core.zoom_shift_numpy(x, g, alpha=alpha, mask=mask, guide_mask=guide_mask, eps=eps)
+    want = reference.zoom_shift(x, g, alpha=alpha, mask=mask, guide_mask=guide_mask, eps=eps)
+    assert got.dtype == x.dtype
+    assert_close(got, want.astype(x.dtype), rtol=_rtol(dtype))
+    mean, std = core.moments_numpy(x, mask=mask, eps=eps)
+    mean_r, std_r = reference.moments(x, mask=mask, eps=eps)
+    assert_close(mean, mean_r.astype(x.dtype), rtol=_rtol(dtype))
+    assert_close(std, std_r.astype(x.dtype), rtol=_rtol(dtype))
+    # the generic Array-API primitives agree with the NumPy ones on every side
+    assert_close(got, core.zoom_shift(x, g, alpha=alpha, mask=mask, guide_mask=guide_mask, eps=eps), rtol=_rtol(dtype))
+
+
+@pytest.mark.parametrize("case", [ONE_SMALL, BLOCKED], ids=["one-block", "blocked"])
+def test_blocked_square_sums_both_ways(rng, case, monkeypatch):
+    """Blocks above and below the square-and-reduce size give the reference's values (the
+    threshold moved so that one input takes each way)."""
+    shape, guide_tokens = case
+    x, g, mask, guide_mask = _inputs(rng, shape, guide_tokens, "float64", masked=True)
+    want = reference.zoom_shift(x, g, mask=mask, guide_mask=guide_mask, eps=0.0)
+    for small in (0, 1 << 30):
+        monkeypatch.setattr(core, "_SMALL_ELEMENTS", small)
+        got = core.zoom_shift_numpy(x, g, mask=mask, guide_mask=guide_mask, eps=0.0)
+        assert_close(got, want, rtol=1e-10)
+
+
+LAYOUTS = [
+    ("gauss-seidel", "consensus", 0),
+    ("jacobi", "consensus", 0),
+    ("gauss-seidel", "hub", 1),
+    ("jacobi", "hub", -1),
+]
+
+
+@pytest.mark.parametrize("n_mod", [2, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["gs-consensus", "jacobi-consensus", "gs-hub", "jacobi-hub"])
+@pytest.mark.parametrize("rounds", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_align_rounds_match_the_reference(rng, n_mod, layout, rounds, dtype):
+    """The rounds (the last one skipping the spread updates no later step reads) match the
+    reference, which re-measures the data every step, with masks, eps = 0 and a channel of no
+    spread in every modality."""
+    schedule, topology, hub = layout
+    alpha = 1.0 if rng.random() < 0.5 else float(rng.uniform(0.2, 0.9))
+    eps = 0.0 if rng.random() < 0.5 else 1e-5
+    if schedule == "jacobi" and topology == "consensus" and n_mod == 2 and alpha == 1.0:
+        alpha = 0.6  # legal, but every round swaps the two: keep a case that mixes
+    xs, masks = [], []
+    for m in range(n_mod):
+        x, _, mask, _ = _inputs(rng, (3, 6 + 2 * m, 4), 2, dtype, masked=m % 2 == 1)
+        xs.append(x)
+        masks.append(mask)
+    options = {"rounds": rounds, "alpha": alpha, "schedule": schedule, "topology": topology, "hub": hub, "eps": eps}
+    want = reference.align(xs, masks=masks, **options)
+    for backend in ("array_api", "auto"):
+        got = mmfuse.align(xs, masks=masks, backend=backend, **options)
+        for y, w in zip(got, want):
+            assert_close(y, w.astype(dtype), rtol=_rtol(dtype) * (1 + rounds))
+
+
+torch = pytest.importorskip("torch")
+_ops = importlib.import_module("mmfuse.backends.torch.zoom_shift")
+
+
+def _torch_case(rng, dtype, *, masked, strided=False):
+    x, g, mask, guide_mask = _inputs(rng, (4, 6, 5), 7, np.float64, masked=masked)
+    tx, tg = torch.from_numpy(x).to(dtype), torch.from_numpy(g).to(dtype)
+    if strided:  # x with the same values, not contiguous
+        tx = tx.transpose(0, 2).contiguous().transpose(0, 2)
+        assert not tx.is_contiguous()
+    tm = None if mask is None else torch.from_numpy(mask)
+    tgm = None if guide_mask is None else torch.from_numpy(guide_mask)
+    return (x, g, mask, guide_mask), (tx, tg, tm, tgm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+@pytest.mark.parametrize("strided", [False, True])
+def test_torch_op_forward_both_ways(rng, dtype, masked, eps, strided):
+    """CPU float32 / float64 with x contiguous: the NumPy primitives on the tensors' memory
+    (the core's NumPy bits); strided x: torch operations (the generic core's bits); both match
+    the reference, and gradients flow through the op either way."""
+    (x, g, mask, guide_mask), (tx, tg, tm, tgm) = _torch_case(rng, dtype, masked=masked, strided=strided)
+    assert _ops.on_host((tx, tg), (tm, tgm)) == (not strided)
+    alpha = float(rng.uniform(0.3, 1.0))
+    opts = {"alpha": alpha, "mask": tm, "guide_mask": tgm, "eps": eps}
+    got = mmfuse.zoom_shift(tx, tg, backend="torch", **opts)
+    assert got.dtype == dtype and got.shape == tx.shape
+    want = reference.zoom_shift(x, g, alpha=alpha, mask=mask, guide_mask=guide_mask, eps=eps)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert_close(got, torch.from_numpy(want).to(dtype), rtol=rtol)
+    if not strided:  # the NumPy primitives ran: their bits
+        same = core.zoom_shift_numpy(tx.numpy(), tg.numpy(), alpha=alpha, mask=mask, guide_mask=guide_mask, eps=eps)
+        assert torch.equal(got, torch.from_numpy(same))
+    leaf = tx.clone().requires_grad_(True)
+    y = mmfuse.zoom_shift(leaf, tg, backend="torch", **opts)
+    assert torch.equal(y.detach(), got)
+    y.sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == tx.shape
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_torch_op_float16_runs_in_torch(rng, masked):
+    """float16 tensors take the torch operations (statistics in float32, one rounding)."""
+    (_, g, mask, guide_mask), (tx, tg, tm, tgm) = _torch_case(rng, torch.float16, masked=masked)
+    assert not _ops.on_host((tx, tg), (tm, tgm))
+    got = mmfuse.zoom_shift(tx, tg, mask=tm, guide_mask=tgm, backend="torch")
+    assert got.dtype == torch.float16
+    want = reference.zoom_shift(tx.double().numpy(), g, mask=mask, guide_mask=guide_mask)
+    assert_close(got, torch.from_numpy(want).to(torch.float16), rtol=2e-3)
