@@ -1,0 +1,230 @@
+"""The torch backend's small-problem paths against autograd through the float64 Array-API core:
+low-rank fusion with a single output (``single_output_fusion``, plain operations under
+autograd) next to the rank-major autograd function (h > 1) and the blocked custom op, and the
+released Wander configuration under autograd (``_collapsed_adapter``, batches of at most
+``WHOLE_BATCH_ROWS``) next to the fused custom op.  Values, every gradient and a double
+backward, on random inputs."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mmfuse  # noqa: E402
+from mmfuse.nn import LowRankFusion  # noqa: E402
+from mmfuse.testing import assert_close  # noqa: E402
+
+torch_wander = importlib.import_module("mmfuse.backends.torch.wander")
+
+
+def _grad_fn(y):
+    return type(y.grad_fn).__name__
+
+
+def _lowrank_leaves(rng, batch, dims, rank, out_dim, append_one, with_weights, with_bias):
+    extra = int(append_one)
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    fs = [rng.standard_normal((rank, d + extra, out_dim)) / np.sqrt(d + extra) for d in dims]
+    w = rng.standard_normal(rank) if with_weights else None
+    b = rng.standard_normal(out_dim) if with_bias else None
+
+    def leaves(dtype=torch.float64):
+        def t(a):
+            return None if a is None else torch.tensor(a, dtype=dtype, requires_grad=True)
+
+        return [t(x) for x in xs], [t(f) for f in fs], t(w), t(b)
+
+    return leaves
+
+
+@pytest.mark.parametrize("path", ["small", "blocked"])
+@pytest.mark.parametrize("out_dim", [1, 3])
+@pytest.mark.parametrize(("batch", "dims", "append_one", "with_weights", "with_bias", "with_present"), [
+    (1, (3, 4), True, True, True, False),
+    (9, (3, 4, 5), True, True, True, True),
+    (7, (5,), False, False, True, True),
+    (6, (2, 3), True, False, False, False),
+    (5, (4, 2, 3, 2), False, True, False, True),
+])  # fmt: skip
+def test_lowrank_small_paths_match_autograd_through_the_core(
+    rng, monkeypatch, path, out_dim, batch, dims, append_one, with_weights, with_bias, with_present
+):
+    if path == "blocked":
+        import mmfuse._core.fusion as core_fusion
+
+        monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)
+    rank = 3
+    leaves = _lowrank_leaves(rng, batch, dims, rank, out_dim, append_one, with_weights, with_bias)
+    present = None
+    if with_present:
+        present = torch.as_tensor(rng.random((batch, len(dims))) < 0.6)
+        present[0] = True
+    upstream = torch.as_tensor(rng.standard_normal((batch, out_dim)))
+    results = []
+    for backend in ("torch", "array_api"):
+        xs, fs, w, b = leaves()
+        if present is not None:
+            with torch.no_grad():
+                for m, x in enumerate(xs):
+                    x[~present[:, m]] = float("nan")  # absent features never leak
+        y = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, append_one=append_one, backend=backend)
+        if backend == "torch":
+            if path == "blocked":
+                assert "LowRankFusion" in _grad_fn(y)  # the custom op's node
+            elif out_dim == 1:
+                assert "LowRank" not in _grad_fn(y)  # plain operations under autograd
+            else:
+                assert _grad_fn(y) == "_LowRankWholeBatchBackward"
+        inputs = [t for t in (*xs, *fs, w, b) if t is not None]
+        grads = torch.autograd.grad((y * upstream).sum(), inputs, create_graph=True)
+        second = torch.autograd.grad((grads[len(xs)] ** 2).sum() + (grads[0] ** 2).sum(), [xs[0], fs[0]])
+        results.append([y.detach(), *[g.detach() for g in grads], *second])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("out_dim", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_small_paths_in_lower_precisions(rng, out_dim, dtype):
+    """float32 and bfloat16 (computed in float32, rounded once) against float64 on the same
+    (rounded) inputs."""
+    leaves = _lowrank_leaves(rng, 8, (6, 5, 7), 4, out_dim, True, True, True)
+    upstream = torch.as_tensor(rng.standard_normal((8, out_dim))).to(dtype)
+    low = leaves(dtype)
+    results = []
+    for dt in (dtype, torch.float64):
+        xs, fs = [[t.detach().to(dt).requires_grad_(True) for t in group] for group in low[:2]]
+        w, b = (t.detach().to(dt).requires_grad_(True) for t in low[2:])
+        y = mmfuse.lowrank_fusion(xs, fs, w, b)
+        assert y.dtype == dt
+        grads = torch.autograd.grad((y * upstream.to(dt)).sum(), [*xs, *fs, w, b])
+        results.append([y.detach(), *grads])
+    tol = 2e-5 if dtype == torch.float32 else 1e-2  # bfloat16: its own rounding of each result
+    for got, want in zip(*results):
+        assert got.dtype == dtype
+        assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_lowrank_layer_single_output_step_matches_the_core(rng):
+    """One training step of the layer with h = 1 (the benchmark's narrow case, smaller):
+    parameter gradients equal float64 autograd through the core."""
+    layer = LowRankFusion([8, 16, 6], 1, 4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias.normal_()
+    xs = [torch.tensor(rng.standard_normal((5, d)), requires_grad=True) for d in (8, 16, 6)]
+    y = layer(xs)
+    y.sum().backward()
+    got = [layer.weights.grad, layer.bias.grad, *(f.grad for f in layer.factors), *(x.grad for x in xs)]
+    leaves = [p.detach().clone().requires_grad_(True) for p in (layer.weights, layer.bias, *layer.factors)]
+    xs2 = [x.detach().clone().requires_grad_(True) for x in xs]
+    want_y = mmfuse.lowrank_fusion(xs2, leaves[2:], leaves[0], leaves[1], backend="array_api")
+    want = torch.autograd.grad(want_y.sum(), [*leaves, *xs2])
+    assert_close(y.detach(), want_y.detach(), rtol=1e-12)
+    for g, w in zip(got, want):
+        assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- Wander
+
+
+def _wander_leaves(rng, batch, lengths, dim, rank, with_bias, dtype=torch.float64):
+    p = mmfuse.init_wander([dim] * len(lengths), list(lengths), rank=rank, feature_rank=2, token_rank=3,
+                           out_dim=dim, seed=int(rng.integers(1 << 30)))  # fmt: skip
+    xs = [rng.standard_normal((batch, t, dim)) for t in lengths]
+    # small random token factors everywhere, so that every gradient is nonzero
+    toks = [rng.standard_normal(t.shape) * 0.3 for t in p["token"]]
+
+    def leaves():
+        def t(a):
+            return torch.tensor(a, dtype=dtype, requires_grad=True)
+
+        params = {
+            "down": [(t(w), t(b) if with_bias else None) for w, b in p["down"]],
+            "feature": [t(f) for f in p["feature"]],
+            "token": [t(k) for k in toks],
+        }
+        return [t(x) for x in xs], params
+
+    return leaves
+
+
+def _flat_params(params):
+    out = [w for w, _ in params["down"]] + [b for _, b in params["down"] if b is not None]
+    return out + list(params["feature"]) + list(params["token"])
+
+
+@pytest.mark.parametrize("path", ["small", "fused"])
+@pytest.mark.parametrize(("batch", "lengths", "residual", "with_bias", "with_masks"), [
+    (1, (5, 4, 6), "first", True, False),
+    (3, (5, 4, 6), "first", True, True),
+    (4, (3, 7), "none", False, True),
+    (2, (6,), "first", False, False),
+])  # fmt: skip
+def test_wander_collapsed_paths_match_autograd_through_the_core(
+    rng, monkeypatch, path, batch, lengths, residual, with_bias, with_masks
+):
+    if path == "fused":
+        monkeypatch.setattr(torch_wander, "WHOLE_BATCH_ROWS", -1)
+    dim = 4
+    leaves = _wander_leaves(rng, batch, lengths, dim, 3, with_bias)
+    masks = None
+    if with_masks:
+        masks = [torch.as_tensor(rng.random((batch, t)) < 0.7) for t in lengths]
+        for k in masks:
+            k[:, 0] = True
+    results = []
+    for backend in ("torch", "array_api"):
+        xs, params = leaves()
+        if masks is not None:
+            with torch.no_grad():
+                for x, k in zip(xs, masks):
+                    x[~k] = float("nan")  # padded tokens never leak into the fusion
+        y = mmfuse.wander(xs, params, mode="collapsed", masks=masks, residual=residual, backend=backend)
+        if backend == "torch":
+            assert ("WanderCollapsed" in _grad_fn(y)) == (path == "fused")
+        if masks is not None:  # the residual adds the raw (here NaN) padded tokens: compare the rest
+            keep = torch.ones_like(y, dtype=torch.bool)
+            if residual == "first":
+                cat = torch.cat(masks, dim=1)[:, : y.shape[1]]
+                keep = cat[:, :, None].expand_as(y)
+            y = torch.where(keep, y, torch.zeros((), dtype=y.dtype))
+        upstream = torch.as_tensor(np.random.default_rng(7).standard_normal(tuple(y.shape)))
+        leaves_list = _flat_params(params)
+        if masks is None:
+            leaves_list = [*xs, *leaves_list]
+        grads = torch.autograd.grad((y * upstream).sum(), leaves_list, create_graph=True)
+        second = torch.autograd.grad((grads[-1] ** 2).sum(), [params["down"][0][0]])
+        results.append([y.detach(), *[g.detach() for g in grads], *second])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["small", "fused"])
+def test_wander_collapsed_paths_in_float32(rng, monkeypatch, path):
+    if path == "fused":
+        monkeypatch.setattr(torch_wander, "WHOLE_BATCH_ROWS", -1)
+    leaves = _wander_leaves(rng, 3, (5, 4, 6), 4, 3, True)
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        xs, params = leaves()
+        if dtype == torch.float32:
+            xs = [x.detach().float().requires_grad_(True) for x in xs]
+            params = {
+                "down": [(w.detach().float().requires_grad_(True), b.detach().float().requires_grad_(True))
+                         for w, b in params["down"]],
+                "feature": [f.detach().float().requires_grad_(True) for f in params["feature"]],
+                "token": [t.detach().float().requires_grad_(True) for t in params["token"]],
+            }  # fmt: skip
+        y = mmfuse.wander(xs, params, mode="collapsed")
+        assert y.dtype == dtype
+        grads = torch.autograd.grad(y.square().sum(), [*xs, *_flat_params(params)])
+        outs.append([y.detach(), *grads])
+    for got, want in zip(*outs):
+        assert got.dtype == torch.float32
+        assert_close(got.double(), want, rtol=2e-5, atol=2e-5 * float(want.abs().max()))
