@@ -191,6 +191,8 @@ def _check_inputs(
 
 def _autocast_device(xs: Any) -> str | None:
     """The inputs' device type if an autocast region is active for it, else None."""
+    if not torch._C._is_any_autocast_enabled():  # the usual case, answered in one call
+        return None
     if not isinstance(xs, (list, tuple)) or not xs or not isinstance(xs[0], torch.Tensor):
         return None  # the boundary checks report it
     device_type = xs[0].device.type
@@ -215,6 +217,22 @@ def _autocast_fusion(module: nn.Module, device_type: str, xs: Sequence[Any], *ar
     params = {name: p.to(dtype) for name, p in module.named_parameters()}
     with torch.autocast(device_type, enabled=False):
         return torch.func.functional_call(module, params, (_autocast_cast(xs, dtype), *args))
+
+
+def _entries(plist: nn.ParameterList) -> list[Any]:
+    """``list(plist)``.  A layer reads its parameter lists on every call, and
+    ``ParameterList``'s own iteration checks and looks up each index in Python (about 2 us
+    per entry); its registered parameters, when they are exactly its entries in order (keys
+    "0", "1", ...: always, unless something other than a Parameter was stored or entries were
+    deleted and re-added), are read in one step."""
+    params = plist._parameters
+    n = len(params)
+    if n == len(plist) and n < len(_INDEX_KEYS) and tuple(params) == _INDEX_KEYS[n]:
+        return list(params.values())
+    return list(plist)
+
+
+_INDEX_KEYS = [tuple(str(i) for i in range(n)) for n in range(33)]
 
 
 def _factory(device: Any, dtype: Any) -> dict[str, Any]:
@@ -379,7 +397,7 @@ class LowRankFusion(_RankedFusion):
         """
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs, present)
-        factors = list(self.factors)
+        factors = _entries(self.factors)
         if _compiling():
             xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
             return _TORCH["lowrank_fusion"](
@@ -1069,11 +1087,12 @@ class WanderAdapter(nn.Module):
 
     def params(self) -> dict[str, Any]:
         """The parameters as :func:`mmfuse.wander` takes them (the registered tensors)."""
-        biases: list[Any] = list(self.down_biases) if len(self.down_biases) else [None] * len(self.in_dims)
+        n_mod = len(self.in_dims)
+        biases: list[Any] = _entries(self.down_biases) if len(self.down_biases) else [None] * n_mod
         return {
-            "down": list(zip(self.down_weights, biases)),
-            "feature": list(self.feature_factors),
-            "token": list(self.token_factors),
+            "down": list(zip(_entries(self.down_weights), biases)),
+            "feature": _entries(self.feature_factors),
+            "token": _entries(self.token_factors),
         }
 
     def forward(
