@@ -117,6 +117,13 @@ def _workers(x: Any, n_blocks: int) -> int:
     return max(1, min(cores, _MAX_WORKERS, n_blocks))
 
 
+def _one_block(x: Any) -> bool:
+    """True when x has at most :data:`_BLOCK_BYTES` (False where its size is not a known
+    Python int: Dask's unknown chunks, traced shapes)."""
+    n = getattr(x, "nbytes", None)
+    return type(n) is int and n <= _BLOCK_BYTES
+
+
 def _run_blocks(x: Any, work: Any) -> None:
     """Call ``work(list_of_block_slices)`` over x's batch blocks, split across threads."""
     if x.nbytes <= _BLOCK_BYTES:
@@ -366,7 +373,9 @@ class Primitives:
     def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
         """``(x - pivot) * scale + offset`` in x's dtype, computed in the statistics' dtype
         (float16: round once).  ``pivot`` None: ``x * scale + offset``, for identity maps
-        (scale 1, offset 0), which then copy x exactly.  ``dev``: ``x - pivot`` if at hand.
+        (scale 1, offset 0), which then copy x exactly.  ``dev``: ``x - pivot`` if at hand
+        (from :meth:`stats` with ``keep_dev``, for this call only: an implementation may write
+        the map into it).
 
         Folding a map into ``x * s + (offset - pivot s)`` would lose ``|mean| s`` ulps to
         cancellation (data 1e4 + 1e-2 noise zoomed to unit spread: 6% of the output's spread
@@ -400,6 +409,10 @@ class NumPyPrimitives(Primitives):
         return _stats_numpy(x, axis, mask)
 
     def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
+        if dev is not None and pivot is not None:  # the statistics' own buffer (one block)
+            dev *= scale
+            dev += offset
+            return dev
         return _apply_numpy(x, scale, offset, pivot)
 
     def zoom_shift(
@@ -590,8 +603,8 @@ def _zoomed_spread(xp: Any, sigma: Any, share: Any, s: Any, eps: float) -> tuple
         return z, share
     live = z > 0
     q = math.sqrt(eps) / xp.where(live, z, 1.0)
-    e = q * q
-    return xp.where(live, z * xp.sqrt(share + e), math.sqrt(eps)), xp.where(live, share / (share + e), 0.0)
+    total = share + q * q
+    return xp.where(live, z * xp.sqrt(total), math.sqrt(eps)), xp.where(live, share / total, 0.0)
 
 
 def _round_maps(
@@ -717,7 +730,11 @@ def align_with(
     """
     masks = list(masks) if masks is not None else [None] * len(xs)
     ax = axis % xs[0].ndim
-    stats = [prims.stats(x, ax, m) for x, m in zip(xs, masks)]
+    # Inputs of at most one block each keep x - pivot from their statistics for their map: M
+    # such temporaries alive at once is little at that size, and the map skips a pass over x
+    # (larger inputs form it again, one modality at a time)
+    keep = all(_one_block(x) for x in xs)
+    stats = [prims.stats(x, ax, m, keep_dev=keep) for x, m in zip(xs, masks)]
     xp = array_namespace(stats[0].var)
     maps = _round_maps(
         xp, [(st.mean, st.var) for st in stats], rounds, alpha, schedule, topology, hub % len(xs), eps
@@ -725,7 +742,7 @@ def align_with(
     out = []
     for x, st, (s, target, moved) in zip(xs, stats, maps):
         if moved:
-            out.append(prims.apply(x, ax, st.pivot, s, target - st.corr * s))
+            out.append(prims.apply(x, ax, st.pivot, s, target - st.corr * s, st.dev if keep else None))
         else:
             out.append(prims.apply(x, ax, None, s, xp.zeros_like(s)))
     return out
