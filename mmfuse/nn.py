@@ -1128,10 +1128,10 @@ class WanderAdapter(nn.Module):
         """
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs, masks)
-        dtype = self.down_weights[0].dtype
         params = self.params()
         name = type(self).__name__
         if _compiling():
+            dtype = self.down_weights[0].dtype
             xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, name)
             return _TORCH["wander"](
                 xs, params, mode=self.mode, masks=mask_list, activation=self.activation,
@@ -1141,12 +1141,16 @@ class WanderAdapter(nn.Module):
         def plan() -> Any:
             from ._sequence import plan_wander
 
+            dtype = self.down_weights[0].dtype
             checked, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, name)
             return plan_wander(checked, params, self.mode, mask_list, self.activation, self.residual, None)
 
         options = (self.in_dims, self.lengths, self.mode, self.activation, self.residual)
-        arrays = (xs, masks, params["down"], params["feature"], params["token"])
-        return _layer_plan(self, options, arrays, plan)(xs, params, masks=masks)
+        # the parameters' metadata as one flat list (their number follows from in_dims): a
+        # quicker signature than the nested (weight, bias) pairs
+        down = params["down"]
+        flat = [*(w for w, _ in down), *(b for _, b in down), *params["feature"], *params["token"]]
+        return _layer_plan(self, options, (xs, masks, flat), plan)(xs, params, masks=masks)
 
 
 # --------------------------------------------------------------------------- Zoom and Shift
