@@ -175,3 +175,26 @@ def test_torch_op_float16_runs_in_torch(rng, masked):
     assert got.dtype == torch.float16
     want = reference.zoom_shift(tx.double().numpy(), g, mask=mask, guide_mask=guide_mask)
     assert_close(got, torch.from_numpy(want).to(torch.float16), rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("big", [0, 1], ids=["all-one-block", "one-larger"])
+def test_align_keeps_centred_values_only_for_small_inputs(rng, dtype, big):
+    """Every input within one block: the map reuses the statistics' x - pivot (NumPy: in
+    place); one larger input: every map forms it again.  Both match the reference, with
+    masks, eps = 0 and channels of no spread."""
+    shapes = [(17, 6, 80), (17, 9, 80)]
+    if big:
+        shapes[1] = BLOCKED[0]
+    xs, masks = [], []
+    for m, shape in enumerate(shapes):
+        x, _, mask, _ = _inputs(rng, shape, 2, dtype, masked=m == 1)
+        xs.append(x)
+        masks.append(mask)
+    assert all(core._one_block(x) for x in xs) == (not big)
+    for eps in (1e-5, 0.0):
+        want = reference.align(xs, masks=masks, rounds=2, alpha=0.7, eps=eps)
+        for backend in ("array_api", "auto"):
+            got = mmfuse.align(xs, masks=masks, rounds=2, alpha=0.7, eps=eps, backend=backend)
+            for y, w in zip(got, want):
+                assert_close(y, w.astype(dtype), rtol=3 * _rtol(dtype))
