@@ -363,32 +363,34 @@ def stacked_adapter(xs: Sequence[torch.Tensor], params: Any, residual: bool) -> 
     """Collapsed-mode Wander with the GELU on M modalities of one shape, as plain operations
     over the modalities stacked along a leading axis, recorded by autograd.
 
-    With X (M, B T, d), W (M, d, r), b (M, 1, r) the stacks of the inputs and parameters:
-    H = GELU(X W + b) is one ``baddbmm`` and one GELU; Phi (M, r, D) and Psi (M, T, T_out)
-    are the rank sums of the stacked factors; the terms Psi_m^T H_m Phi_m (M, B, T_out, D)
-    are two batched GEMMs (in the plan's order, which is one for all modalities); Y is the
-    product over the leading axis, plus the residual.  The same maths as the core's
-    :func:`~mmfuse._core.sequence.wander` with one operator where the core has one per
-    modality: a WanderAdapter training step at the CMU-MOSI sizes dispatches 104 operators at
-    the top level (240 in all) against the core's 154 (462; the released layer: 147, 415).
-    The stacking copies the inputs once (the released layer concatenates them for its
-    residual anyway).
+    H = GELU(X W + b) (M, B, T, r) is one GEMM per modality, stacked, and one GELU; Phi
+    (M, r, D) and Psi (M, T, T_out) are the rank sums of the stacked factors; the terms
+    Psi_m^T H_m Phi_m (M, B, T_out, D) are two batched GEMMs (in the plan's order, which is
+    one for all modalities); Y is the product over the leading axis, plus the residual.  The
+    same maths as the core's :func:`~mmfuse._core.sequence.wander` with, past the
+    down-projections, one operator where the core has one per modality: a WanderAdapter
+    training step at the CMU-MOSI sizes dispatches 113 operators at the top level (272 in
+    all) against the core's 154 (462; the released layer: 147, 415).  (Stacking the inputs
+    and parameters for one ``baddbmm`` would save a few more, at the price of a copy of the
+    inputs held for backward: 2.0 MiB at B = 32, against 1.3 MiB here, the core's 1.0 and
+    the released layer's 1.6.)
 
     Measured (WanderAdapter training steps at the CMU-MOSI sizes, single thread, CPU time,
-    interleaved rounds, medians and 10th percentiles): 0.74-0.78x the core's time at B = 1,
-    0.83-0.89x at B = 32.
+    interleaved rounds, medians and 10th percentiles): 0.76x the core's time at B = 1,
+    0.8-0.9x at B = 32.
     """
     dtype = xs[0].dtype
     cdt = compute_dtype(dtype)
     down = params["down"]
     n_mod = len(xs)
     batch, t_m, d = xs[0].shape
-    x = cast(torch.stack(list(xs)), cdt).view(n_mod, batch * t_m, d)
-    w = cast(torch.stack([w for w, _ in down]), cdt)
-    if down[0][1] is None:
-        pre = torch.bmm(x, w)
-    else:
-        pre = torch.baddbmm(cast(torch.stack([b for _, b in down]), cdt).unsqueeze(1), x, w)
+    # the pre-activations per modality, then stacked: as many operators as stacking the
+    # inputs and parameters for one baddbmm, without a copy of the inputs held for backward
+    pre = torch.stack([
+        torch.mm(cast(x, cdt).view(batch * t_m, d), cast(w, cdt)) if b is None
+        else torch.addmm(cast(b, cdt), cast(x, cdt).view(batch * t_m, d), cast(w, cdt))
+        for x, (w, b) in zip(xs, down)
+    ])  # fmt: skip
     h = _core_sequence.gelu_torch(pre).view(n_mod, batch, t_m, -1)  # (M, B, T, r)
     phi = cast(torch.stack(list(params["feature"])), cdt).sum(dim=1)  # (M, r, D)
     psi_t = cast(torch.stack(list(params["token"])), cdt).sum(dim=1).transpose(1, 2)  # (M, T_out, T)
