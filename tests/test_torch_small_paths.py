@@ -257,3 +257,17 @@ def test_wander_collapsed_paths_in_lower_precisions(rng, monkeypatch, path, leng
     for got, want in zip(*outs):
         assert got.dtype == dtype
         assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_wander_stacked_path_takes_strided_inputs(rng, monkeypatch):
+    """Inputs that are views with other strides (here transposed) run the stacked path."""
+    stacked = _spy_stacked(monkeypatch)
+    xs64, params = _wander_leaves(rng, 2, (4, 4, 4), 4, 3, True)()
+    strided = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for x in xs64]
+    assert not strided[0].is_contiguous()
+    y = mmfuse.wander(strided, params, mode="collapsed")
+    want = mmfuse.wander([x.detach() for x in strided], params, mode="collapsed", backend="array_api")
+    assert stacked == [1]
+    assert_close(y.detach(), want.detach(), rtol=1e-12)
+    (g,) = torch.autograd.grad(y.sum(), [strided[1]])
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

@@ -386,9 +386,10 @@ def stacked_adapter(xs: Sequence[torch.Tensor], params: Any, residual: bool) -> 
     batch, t_m, d = xs[0].shape
     # the pre-activations per modality, then stacked: as many operators as stacking the
     # inputs and parameters for one baddbmm, without a copy of the inputs held for backward
+    # (reshape: a view of contiguous inputs, a copy of strided ones)
     pre = torch.stack([
-        torch.mm(cast(x, cdt).view(batch * t_m, d), cast(w, cdt)) if b is None
-        else torch.addmm(cast(b, cdt), cast(x, cdt).view(batch * t_m, d), cast(w, cdt))
+        torch.mm(cast(x, cdt).reshape(batch * t_m, d), cast(w, cdt)) if b is None
+        else torch.addmm(cast(b, cdt), cast(x, cdt).reshape(batch * t_m, d), cast(w, cdt))
         for x, (w, b) in zip(xs, down)
     ])  # fmt: skip
     h = _core_sequence.gelu_torch(pre).view(n_mod, batch, t_m, -1)  # (M, B, T, r)
