@@ -15,6 +15,7 @@ channel with no spread, in float32 and float64.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ import mmfuse
 from mmfuse import reference
 from mmfuse._core import align as core
 from mmfuse.testing import assert_close
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
 def _inputs(rng, shape, guide_tokens, dtype, *, masked):
@@ -194,7 +197,31 @@ def test_align_keeps_centred_values_only_for_small_inputs(rng, dtype, big):
     assert all(core._one_block(x) for x in xs) == (not big)
     for eps in (1e-5, 0.0):
         want = reference.align(xs, masks=masks, rounds=2, alpha=0.7, eps=eps)
-        for backend in ("array_api", "auto"):
+        for backend in ("array_api", "auto", *(("numba",) if HAVE_NUMBA else ())):
             got = mmfuse.align(xs, masks=masks, rounds=2, alpha=0.7, eps=eps, backend=backend)
             for y, w in zip(got, want):
                 assert_close(y, w.astype(dtype), rtol=3 * _rtol(dtype))
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("count", [49, 91, 6, 64])
+def test_numba_constant_channel_has_no_spread(rng, dtype, count):
+    """numba's statistics of a channel of equal values over ``count`` unmasked tokens: its
+    mean exactly and variance exactly 0 (49 and 91 are counts where times 1/count is off by an
+    ulp), so at eps = 0 the zero-spread rule keeps the scale at 1 and masked padding is
+    mapped as the reference maps it."""
+    x, g, _, guide_mask = _inputs(rng, (3, count + 5, 5), 8, dtype, masked=True)
+    mask = np.zeros(x.shape[:2], dtype=bool)
+    mask[:, :count] = True
+    x[:, :, 0] = 1.5
+    x[:, count:] = 1e6  # padding
+    g[:, :, 0] = -2.0  # the guide's channel 0 has no spread either
+    mean, std = mmfuse.moments(x, mask=mask, eps=0.0, backend="numba")
+    assert np.all(mean[:, 0, 0] == x.dtype.type(1.5)) and np.all(std[:, 0, 0] == 0)
+    want = reference.zoom_shift(x, g, mask=mask, guide_mask=guide_mask, eps=0.0)
+    got = mmfuse.zoom_shift(x, g, mask=mask, guide_mask=guide_mask, eps=0.0, backend="numba")
+    assert_close(got, want.astype(x.dtype), rtol=_rtol(dtype))
+    ys = mmfuse.align([x, g], masks=[mask, guide_mask], eps=0.0, rounds=1, backend="numba")
+    for y, w in zip(ys, reference.align([x, g], masks=[mask, guide_mask], eps=0.0, rounds=1)):
+        assert_close(y, w.astype(x.dtype), rtol=_rtol(dtype))

@@ -69,9 +69,14 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var):  # pragma: no cover 
         row = xb[t, c0:c1]
         for c in range(n):
             mean[c] += row[c]
-    inv = 1.0 / count if count > 0 else math.nan
+    # Divided by the count, not multiplied by its reciprocal: n equal values then give their
+    # value back exactly (sum n v / n), so a channel with no spread has variance exactly 0,
+    # which the zero-spread rule (scale 1) needs at eps = 0; times 1/n was off by an ulp for
+    # counts such as 91, leaving a variance of ~1e-32 and a scale of 0 toward a spreadless
+    # target.  Per channel, not per token: the division costs nothing measurable.
+    total = float(count) if count > 0 else math.nan
     for c in range(n):
-        mean[c] *= inv
+        mean[c] /= total
     for t in range(xb.shape[0]):  # second pass: the sample is still in cache
         if use_mask and not mask[b, t]:
             continue
@@ -80,7 +85,7 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var):  # pragma: no cover 
             d = row[c] - mean[c]
             var[c] += d * d
     for c in range(n):
-        var[c] *= inv
+        var[c] /= total
 
 
 @numba.njit(cache=True, nogil=True)
