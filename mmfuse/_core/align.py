@@ -223,7 +223,8 @@ def _stats_numpy(x: Any, axis: int, mask: Any) -> Stats:
     import numpy as np
 
     if x.nbytes <= _BLOCK_BYTES:  # one block, on this thread: no block bookkeeping
-        return _block_stats(x, axis, mask, np.empty(x.shape, dtype=x.dtype), _scratch(x, mask))
+        scratch = None if mask is None else np.empty(x.shape, dtype=x.dtype)
+        return _block_stats(x, axis, mask, np.empty(x.shape, dtype=x.dtype), scratch)
     shape = list(x.shape)
     shape[axis] = 1
     outs = tuple(np.empty(shape, dtype=x.dtype) for _ in range(4))  # mean, var, pivot, corr
@@ -247,13 +248,6 @@ def _square_sum(ndim: int, axis: int) -> str:
     """einsum subscripts summing ``d * d`` over ``axis`` (NumPy fast path only)."""
     letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
     return f"{letters},{letters}->{letters.replace(letters[axis], '')}"
-
-
-def _scratch(x: Any, mask: Any) -> Any:
-    """:func:`_block_stats`'s scratch for a masked x (None without a mask)."""
-    import numpy as np
-
-    return None if mask is None else np.empty(x.shape, dtype=x.dtype)
 
 
 def _block_stats(
@@ -455,7 +449,8 @@ def _zoom_shift_numpy(
 
     out = np.empty(x.shape, dtype=x.dtype)
     if x.nbytes <= _BLOCK_BYTES:  # one block, on this thread: no block bookkeeping
-        _zoom_shift_block(x, axis, mask, out, _scratch(x, mask), None, g_mean, g_sigma, alpha, eps)
+        scratch = None if mask is None else np.empty(x.shape, dtype=x.dtype)
+        _zoom_shift_block(x, axis, mask, out, scratch, None, g_mean, g_sigma, alpha, eps)
         return out
 
     def work(blocks: list[slice]) -> None:
