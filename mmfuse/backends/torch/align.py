@@ -3,7 +3,10 @@ exact limit) as a custom op whose closed-form backward saves only the inputs.
 
 The forward is the Array-API core's algorithm (:func:`mmfuse._core.align.align`: statistics
 once per modality, the rounds or their limit on the (B, 1, C) statistics alone, one affine map
-per modality, applied about each modality's pivot), run without autograd.
+per modality, applied about each modality's pivot), run without autograd: on CPU float32 /
+float64 tensors (contiguous, masks on the CPU) over the core's NumPy primitives on NumPy views
+of their memory (:func:`mmfuse._core.align.align_numpy`; why, and what it measured, in
+:mod:`mmfuse.backends.torch.zoom_shift`'s docstring), elsewhere in torch operations.
 
 What the backward of ``align`` saves, and why
 ----------------------------------------------
@@ -96,10 +99,11 @@ from typing import Any
 import array_api_compat.torch as _XP  # the namespace the core's statistics take
 import torch
 
-from ..._core.align import GENERIC, _round_maps
+from ..._core.align import GENERIC, _round_maps, align_numpy
 from ..._core.align import align as _core_align
 from .._torch_eager import bind
 from ._common import cast, compute_dtype
+from .zoom_shift import host_view, on_host
 
 __all__ = ["align", "align_grads", "call_align"]
 
@@ -115,6 +119,12 @@ def _align_forward(
     masks: list[torch.Tensor | None],
     eps: float,
 ) -> list[torch.Tensor]:
+    if on_host(xs, masks):
+        ys = align_numpy(
+            [host_view(x) for x in xs], rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
+            hub=hub, axis=axis, masks=[host_view(k) for k in masks], eps=eps,
+        )  # fmt: skip
+        return [torch.from_numpy(y) for y in ys]  # new arrays: the primitives never write an input
     return _core_align(
         list(xs), rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
         axis=axis, masks=list(masks), eps=eps,
