@@ -30,6 +30,25 @@ def _error(call):
     return type(info.value), str(info.value)
 
 
+def test_signatures_of_different_arrangements_differ(rng):
+    """The flat signature (_plan._append_keys) tells apart what a nested one would: the same
+    arrays grouped, ordered, typed or shaped otherwise, None in other places, another
+    namespace's array of the same shape and dtype."""
+    torch = pytest.importorskip("torch")
+    a, b = rng.standard_normal((2, 3)), rng.standard_normal(3)
+    arrangements = [
+        ([a, b],), ((a, b),), (a, b), (b, a), ([a], b), (a, [b]), ([a, b], None), (None, [a, b]),
+        ([[a], b],), ([a, [b]],), ([a, b, None],), ([],), ([a, a], b), (a.astype(np.float32), b),
+        (a.T.copy(), b), (torch.from_numpy(a), b), ([torch.from_numpy(a), b],), (a[None], b),
+    ]
+    keys = [_plan.call_key(None, (), *args) for args in arrangements]
+    assert None not in keys
+    assert len(set(keys)) == len(keys)
+    # and the same arrangement of other arrays with the same metadata gives the same key
+    again = [_plan.call_key(None, (), *args) for args in (([a.copy(), b.copy()],), (a + 1.0, b * 2.0))]
+    assert again == [keys[0], keys[2]]
+
+
 def test_a_bad_call_after_a_good_one_raises_what_an_unplanned_call_raises(rng):
     xs, factors, weights, bias = _lowrank_case(rng)
     mmfuse.lowrank_fusion(xs, factors, weights, bias)  # planned
