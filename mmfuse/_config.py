@@ -153,8 +153,4 @@ def backend_policy(backend: str | None) -> tuple[str, str | None]:
 
 def resolve_backend(backend: str | None) -> str:
     """The backend name in force for a call whose ``backend=`` keyword is ``backend``."""
-    if backend is not None:
-        _check_option("backend", backend)
-        return backend
-    value: str = _current()["backend"][0]
-    return value
+    return backend_policy(backend)[0]

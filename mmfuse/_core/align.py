@@ -126,7 +126,7 @@ def _one_block(x: Any) -> bool:
 
 def _run_blocks(x: Any, work: Any) -> None:
     """Call ``work(list_of_block_slices)`` over x's batch blocks, split across threads."""
-    if x.nbytes <= _BLOCK_BYTES:
+    if _one_block(x):
         # one block on this thread (what _blocks and _workers would say): a tiny call pays
         # for no block arithmetic
         work([slice(0, x.shape[0])])
@@ -222,7 +222,7 @@ def _stats_numpy(x: Any, axis: int, mask: Any) -> Stats:
     """Blocked statistics: each batch block is read from memory once, then reduced in cache."""
     import numpy as np
 
-    if x.nbytes <= _BLOCK_BYTES:  # one block, on this thread: no block bookkeeping
+    if _one_block(x):  # one block, on this thread: no block bookkeeping
         scratch = None if mask is None else np.empty(x.shape, dtype=x.dtype)
         return _block_stats(x, axis, mask, np.empty(x.shape, dtype=x.dtype), scratch)
     shape = list(x.shape)
@@ -448,7 +448,7 @@ def _zoom_shift_numpy(
     import numpy as np
 
     out = np.empty(x.shape, dtype=x.dtype)
-    if x.nbytes <= _BLOCK_BYTES:  # one block, on this thread: no block bookkeeping
+    if _one_block(x):  # one block, on this thread: no block bookkeeping
         scratch = None if mask is None else np.empty(x.shape, dtype=x.dtype)
         _zoom_shift_block(x, axis, mask, out, scratch, None, g_mean, g_sigma, alpha, eps)
         return out
