@@ -126,25 +126,12 @@ def namespace_name(xp: Namespace) -> str:
     return name
 
 
-def _compat_check(kind: str, xp: Namespace) -> bool:
-    # array_api_compat's is_*_namespace helpers never import the framework.
-    return bool(getattr(array_api_compat, f"is_{kind}_namespace")(xp))
-
-
-def is_numpy(xp: Namespace) -> bool:
-    return _compat_check("numpy", xp)
-
-
-def is_torch(xp: Namespace) -> bool:
-    return _compat_check("torch", xp)
-
-
-def is_jax(xp: Namespace) -> bool:
-    return _compat_check("jax", xp)
-
-
-def is_dask(xp: Namespace) -> bool:
-    return _compat_check("dask", xp)
+# array_api_compat's is_*_namespace tests never import the framework; bound by name here (no
+# wrapper, no per-call attribute lookup): the core asks them several times per call.
+is_numpy: Callable[[Namespace], bool] = array_api_compat.is_numpy_namespace
+is_torch: Callable[[Namespace], bool] = array_api_compat.is_torch_namespace
+is_jax: Callable[[Namespace], bool] = array_api_compat.is_jax_namespace
+is_dask: Callable[[Namespace], bool] = array_api_compat.is_dask_namespace
 
 
 def is_lazy(x: Array) -> bool:
