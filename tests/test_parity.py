@@ -6,7 +6,7 @@ Each one is called directly (not through dispatch) on hard data, in the first na
 condition accepts on this machine (NumPy, torch CPU, Dask; torch CUDA and CuPy where present,
 e.g. under ``tox -e gpu``); one that accepts none of them here (CUDA kernels on a CPU machine)
 is skipped with the reason.  Cases: random data, a large mean against a small spread (1e4 +
-1e-2 noise, float32; alignment), NaN padding under masks and absent modalities, B = 0 and
+1e-2 noise, float32; alignment), channels with no spread at eps = 0 (alignment), NaN padding under masks and absent modalities, B = 0 and
 B = 1, non-contiguous and read-only inputs, float16 / bfloat16 where the condition accepts
 them, M = 1 and M = 8; and for torch implementations the gradients, against float64 autograd
 through the generic core.
@@ -203,9 +203,25 @@ def _large_mean(op: str, rng: np.random.Generator) -> tuple[tuple[Any, ...], dic
     return ([big, unit],), {"rounds": None, "alpha": 0.5}
 
 
+def _constant_channel(args: tuple[Any, ...], kwargs: dict[str, Any], op: str) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A channel with no spread in the first input (and another in the second) at eps = 0, where
+    the zero-spread rule (scale 1) decides the output.  3.7 and -1.3, not 2.5: their sums over
+    the tokens round, so the first mean misses the value and only a corrected variance is 0."""
+    if op not in ALIGNMENT:
+        return None
+    inputs = list(args[0]) if op == "align" else list(args)
+    inputs = [x.copy() for x in inputs]
+    inputs[0][..., 0] = 3.7
+    if len(inputs) > 1:
+        inputs[1][..., 1] = -1.3
+    args = (inputs,) if op == "align" else tuple(inputs)
+    return args, {**kwargs, "eps": 0.0}
+
+
 CASES = (
     "random",
     "large_mean",
+    "constant_channel",
     "nan_padding",
     "batch_0",
     "batch_1",
@@ -237,6 +253,11 @@ def _case(op: str, case: str, seed: int) -> tuple[tuple[Any, ...], dict[str, Any
             return None
         args, kwargs = made
         dtype = "float32"
+    elif case == "constant_channel":
+        made = _constant_channel(args, kwargs, op)
+        if made is None:
+            return None
+        args, kwargs = made
     elif case == "nan_padding":
         if op == "tensor_fusion":
             return None

@@ -20,9 +20,10 @@ work a call waits for a descheduled thread.  Measured on the 2-core CI machine u
 ms for the NumPy core, and (64, 512, 256) float32 35 ms against 21 ms single-threaded.
 Here a busy machine costs at most the serial time plus one run of tasks.
 
-Numerics: sums accumulate in float64 whatever the input dtype; the variance is the exact
-two-pass one (mean, then centred squares), as in the core, so accuracy does not depend on
-the mean-to-spread ratio.  The map is applied in the input's dtype as
+Numerics: sums accumulate in float64 whatever the input dtype; the variance is the corrected
+two-pass one (mean, then centred sums and squares, the first correcting the mean), as the
+core's pivot form and the reference, so accuracy does not depend on the mean-to-spread ratio
+and a channel with no spread has variance exactly 0.  The map is applied in the input's dtype as
 ``(x - c) * s + (mu + alpha (mu_g - mu) - (mu - c) s)``, with ``c`` the mean rounded to that
 dtype (``x - c`` is exact near the mean) and the per-channel constants rounded once.
 
@@ -69,23 +70,30 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var):  # pragma: no cover 
         row = xb[t, c0:c1]
         for c in range(n):
             mean[c] += row[c]
-    # Divided by the count, not multiplied by its reciprocal: n equal values then give their
-    # value back exactly (sum n v / n), so a channel with no spread has variance exactly 0,
-    # which the zero-spread rule (scale 1) needs at eps = 0; times 1/n was off by an ulp for
-    # counts such as 91, leaving a variance of ~1e-32 and a scale of 0 toward a spreadless
-    # target.  Per channel, not per token: the division costs nothing measurable.
+    # Divided by the count, not multiplied by its reciprocal (an ulp closer to the value).
     total = float(count) if count > 0 else math.nan
     for c in range(n):
         mean[c] /= total
-    for t in range(xb.shape[0]):  # second pass: the sample is still in cache
+    # Second pass (the sample is still in cache): the corrected two-pass algorithm, as the
+    # reference's moments: sums of d = x - mean and d^2, then mean += sum d / n and
+    # var = sum d^2 / n - (sum d / n)^2.  The correction gives back what rounding took from
+    # the first mean, so a channel with no spread (the same d for every token) has variance
+    # exactly 0, which the zero-spread rule (scale 1) needs at eps = 0: without it, 7 float64
+    # tokens of 3.7 left a variance of ~1e-32 and a zoom by ~1e15 of rounding noise.
+    corr = np.zeros(n)
+    for t in range(xb.shape[0]):
         if use_mask and not mask[b, t]:
             continue
         row = xb[t, c0:c1]
         for c in range(n):
             d = row[c] - mean[c]
+            corr[c] += d
             var[c] += d * d
     for c in range(n):
-        var[c] /= total
+        shift = corr[c] / total
+        v = var[c] / total - shift * shift
+        var[c] = 0.0 if v < 0.0 else v  # rounding can go below 0; NaN stays (NaN < 0 is False)
+        mean[c] += shift
 
 
 @numba.njit(cache=True, nogil=True)

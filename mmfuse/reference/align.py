@@ -54,7 +54,15 @@ def _from_lanes(v: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
 
 
 def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
-    """mean = sum over unmasked tokens / n;  std = sqrt(sum (x - mean)^2 / n + eps)."""
+    """mean = sum over unmasked tokens / n;  std = sqrt(sum (x - mean)^2 / n + eps).
+
+    Computed as the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): a first mean
+    m0 = sum x / n, deviations d = x - m0, then mean = m0 + sum d / n and
+    var = sum d^2 / n - (sum d / n)^2.  The correction gives back what rounding took from m0:
+    for a channel with no spread d is the same for every token, so var is exactly 0 (the
+    plain two-pass form left ~1e-32 there whenever sum x / n missed the value, e.g. 7 tokens
+    of 3.7 in float64, and at eps = 0 that tiny sigma turned the zoom into noise).
+    """
     x = _f64(x)
     xl, ml = _lanes(x, axis, mask)
     mean = np.zeros(xl.shape[:2])
@@ -63,9 +71,13 @@ def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> t
         for k in range(xl.shape[1]):
             v = xl[b, k][ml[b, k]]  # the unmasked tokens of sample b, channel k
             n = len(v)
-            mu = sum(v) / n
-            var = sum((t - mu) ** 2 for t in v) / n
-            mean[b, k] = mu
+            mu0 = sum(v) / n
+            d = [t - mu0 for t in v]
+            corr = sum(d) / n
+            var = sum(e * e for e in d) / n - corr * corr
+            if var < 0:  # rounding can go below 0; NaN stays
+                var = 0.0
+            mean[b, k] = mu0 + corr
             std[b, k] = np.sqrt(var + eps)
     return _from_lanes(mean, x, axis), _from_lanes(std, x, axis)
 
