@@ -15,10 +15,15 @@ kernels in :mod:`._align_kernels`, launched through ``wrap_triton``):
 So an M-modality alignment moves 3 x-sized passes per modality (read, read, write) and
 2M + M kernels' worth of (B, 1, C) statistics, whatever the number of rounds.
 
-Gradients: the torch backend's ``mmfuse::align`` backward (:mod:`mmfuse.backends.torch.align`:
-the inputs saved, the statistics' gradients from autograd through the rounds on the small
-statistics), bound around the kernels' forward in eager mode; under ``torch.compile`` and
-dispatch modes the registered ``mmfuse::align`` runs (the core's forward).  Calls under a
+The forward is itself the ``triton_op`` ``mmfuse_triton::align`` (same arguments as the torch
+backend's ``mmfuse::align``), so ``torch.compile`` sees through it to the kernel launches and
+the rounds' torch operations.  Gradients: the torch backend's ``mmfuse::align`` backward
+(:mod:`mmfuse.backends.torch.align`: the inputs saved, the statistics' gradients from autograd
+through the rounds on the small statistics), registered as ``mmfuse_triton::align``'s autograd
+(what ``torch.compile``, dispatch modes and direct ``torch.ops`` calls use) and bound around the
+kernels' forward in eager mode.  (Under Triton's interpreter ``wrap_triton`` returns the
+interpreted kernels unwrapped, so the ops cannot be traced with fake tensors there: compiled
+code needs kernels built for a GPU.)  Calls under a
 ``torch.func`` transform, float64 inputs, statistics axes other than -2, inputs of fewer than
 three dimensions or with an empty axis run the core's :func:`~mmfuse._core.align.align` under
 autograd (which differentiates the same algorithm).
@@ -36,7 +41,7 @@ from torch.library import triton_op, wrap_triton
 from ..._core.align import Primitives, Stats, align_with
 from ..._core.align import align as core_align
 from .._torch_eager import bind, direct
-from ..torch.align import _align_backward, _align_op_tuple, _align_setup_context, call_align
+from ..torch.align import _align_backward, _align_setup_context, call_align
 from . import _align_kernels as AK
 from . import _ops
 
@@ -168,27 +173,40 @@ def _align_forward(
     axis: int,
     masks: list[torch.Tensor | None],
     eps: float,
-) -> tuple[torch.Tensor, ...]:
-    """The kernels' forward: the core's algorithm over :data:`TRITON`."""
+) -> list[torch.Tensor]:
+    """The kernels' forward: the core's algorithm over :data:`TRITON` (``mmfuse::align``'s
+    arguments and outputs)."""
     from . import _on_device
 
     with _on_device(xs[0]):
-        return tuple(
-            align_with(
-                TRITON, list(xs), rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
-                hub=hub, axis=axis, masks=None if all(k is None for k in masks) else list(masks), eps=eps,
-            )
+        return align_with(
+            TRITON, list(xs), rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
+            hub=hub, axis=axis, masks=None if all(k is None for k in masks) else list(masks), eps=eps,
         )  # fmt: skip
 
 
-# Gradients: the torch backend's mmfuse::align backward (inputs saved, the statistics'
-# gradients from autograd through the rounds on the small statistics), bound around the
-# kernels' forward.  Under torch.compile and dispatch modes the registered op mmfuse::align
-# runs instead (the core's forward), as for every bound op.
+# ``mmfuse_triton::align``: the kernels' forward as a ``triton_op``, which ``torch.compile``
+# sees into (AOTAutograd decomposes it into its statistics and map kernel launches and the
+# rounds' torch operations on the (B, 1, C) statistics), where a plain custom op would be one
+# opaque node.  Its autograd is the torch backend's mmfuse::align backward (same argument
+# layout: the inputs saved, the statistics' gradients from autograd through the rounds on the
+# small statistics), registered here for torch.compile and direct calls, and bound around the
+# kernels' forward for eager calls.
+_align_op = triton_op("mmfuse_triton::align", mutates_args={})(_align_forward)
+_align_op.register_autograd(_align_backward, setup_context=_align_setup_context)
+
+
+# The eager binding's autograd.Function needs its outputs as a tuple of tensors, where the op
+# returns a list (Tensor[]), as for mmfuse::align.  Eager calls run the kernels' forward
+# directly; torch.compile and dispatch modes see mmfuse_triton::align.
+def _align_forward_tuple(*args: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(_align_forward(*args))
+
+
+def _align_op_tuple(*args: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.ops.mmfuse_triton.align(*args))
+
+
 _align_eager = bind(
-    "_TritonAlign",
-    _align_op_tuple,
-    _align_setup_context,
-    _align_backward,
-    _align_forward,
+    "_TritonAlign", _align_op_tuple, _align_setup_context, _align_backward, _align_forward_tuple
 )
