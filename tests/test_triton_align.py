@@ -15,7 +15,6 @@ Imported as tests/test_triton.py does (interpreted, or the module is skipped).
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import numpy as np
 import pytest
@@ -257,16 +256,6 @@ def _traced_kernel(interpreted, launches):
     return TracedKernel(interpreted.fn)
 
 
-def _traceable_transformed(*tensors):
-    """``torch_transformed`` with its functorch test in a form Dynamo can trace: is any
-    transform active (``torch._C._functorch.is_functorch_wrapped_tensor``, which the real one
-    asks of each tensor, is a C function Dynamo refuses: a graph break before the kernels;
-    ``peek_interpreter_stack() is not None`` traces, but as True)."""
-    if torch.autograd.forward_ad._current_level >= 0:
-        return True
-    return torch._C._functorch.get_dynamic_layer_stack_depth() > 0
-
-
 def _graph_targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
@@ -291,7 +280,6 @@ def test_align_compiled(rng, monkeypatch, rounds):
     for name in ("stats_kernel", "map_kernel"):
         kernels[name] = _traced_kernel(getattr(_align_kernels, name), launches)
         monkeypatch.setattr(_align_kernels, name, kernels[name])
-    monkeypatch.setattr(triton_backend, "torch_transformed", _traceable_transformed)
 
     graphs = {"dynamo": [], "forward": [], "backward": []}
 
@@ -361,25 +349,6 @@ def test_align_compiled(rng, monkeypatch, rounds):
     for g, w in zip(grads, want_grads):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.Unsupported,
-    reason="torch_transformed (mmfuse._core.sequence) asks is_functorch_wrapped_tensor, which "
-    "Dynamo cannot trace: a graph break in the backend's dispatch check",
-)
-def test_align_compiled_fullgraph_unpatched(rng):
-    """Triton align's dispatch check under fullgraph compile, as shipped (test_align_compiled
-    replaces its transform probe): remove this and that replacement once it traces."""
-    xs, masks = _modalities(rng, 1, (3, 2), 3, torch.float32)
-    torch._dynamo.reset()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Dynamo's note on the builtin: the break itself is raised
-            torch.compile(lambda a, b: tb.align([a, b], masks=masks), fullgraph=True, backend="eager")(*xs)
-    finally:
-        torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- autograd of the ops

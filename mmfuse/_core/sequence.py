@@ -271,6 +271,11 @@ def torch_transformed(*tensors: Any) -> bool:
 
     if torch.autograd.forward_ad._current_level >= 0:
         return True
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace is_functorch_wrapped_tensor (a graph break before any kernel);
+        # it traces the transform depth, which says "inside a transform" for every tensor
+        # there (never a wrong False: only the buffer-reusing fast paths are given up)
+        return bool(torch._C._functorch.get_dynamic_layer_stack_depth() > 0)
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return any(wrapped(t) for t in tensors)
 
