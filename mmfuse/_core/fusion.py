@@ -414,6 +414,11 @@ def lowrank_fusion_numpy(
 ) -> Any:
     """:func:`mmfuse.lowrank_fusion` on NumPy: the same algorithm with cache-sized, reused
     buffers and in-place products (:class:`_NumPyRun`)."""
+    rank, _, out_dim = factors[0].shape
+    if whole_batch(xs[0].shape[0], rank, out_dim):
+        # lowrank_with's first branch, asked without its namespace and laziness checks (NumPy
+        # arrays are never lazy): the form of tiny calls, where those checks cost a tenth
+        return lowrank_whole_batch(array_namespace(xs[0]), xs, factors, weights, bias, append_one, present)
     return lowrank_with(_NumPyRun, xs, factors, weights, bias, append_one, present)
 
 

@@ -433,6 +433,27 @@ def rank_major_projections(
     return hats, projections
 
 
+def _whole_batch_forward(
+    append_one: bool, present: Any, weights: Any, bias: Any, xs: list[Any], factors: list[Any]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The rank-major forward of a small low-rank fusion: (y, features, projections)."""
+    dtype = xs[0].dtype
+    low = dtype in LOW_PRECISION
+    if low:  # computed in float32, rounded once at the end
+        xs, factors = [cast(x, torch.float32) for x in xs], [cast(f, torch.float32) for f in factors]
+    hats, projections = rank_major_projections(xs, factors, append_one, present)
+    acc = projections[0]
+    for proj in projections[1:]:
+        acc = acc * proj
+    rank, batch, out_dim = acc.shape
+    flat = acc.view(rank, batch * out_dim)
+    y = flat.sum(0) if weights is None else torch.mv(flat.t(), cast(weights, acc.dtype))
+    y = y.view(batch, out_dim)
+    if bias is not None:
+        y = y + cast(bias, acc.dtype)
+    return (cast(y, dtype) if low else y), hats, projections
+
+
 class _LowRankWholeBatch(torch.autograd.Function):
     """Low-rank fusion of a small problem: the rank-major forward, its features and
     projections kept, :func:`whole_batch_grads` as the backward.  ``apply(append_one,
@@ -441,26 +462,14 @@ class _LowRankWholeBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, append_one: bool, present: Any, weights: Any, bias: Any, *arrays: Any) -> Any:
         n_mod = len(arrays) // 2
-        xs, factors = list(arrays[:n_mod]), list(arrays[n_mod:])
-        dtype = xs[0].dtype
-        low = dtype in LOW_PRECISION
-        if low:  # computed in float32, rounded once at the end
-            xs, factors = [cast(x, torch.float32) for x in xs], [cast(f, torch.float32) for f in factors]
-        hats, projections = rank_major_projections(xs, factors, append_one, present)
-        acc = projections[0]
-        for proj in projections[1:]:
-            acc = acc * proj
-        rank, batch, out_dim = acc.shape
-        flat = acc.view(rank, batch * out_dim)
-        y = flat.sum(0) if weights is None else torch.mv(flat.t(), cast(weights, acc.dtype))
-        y = y.view(batch, out_dim)
-        if bias is not None:
-            y = y + cast(bias, acc.dtype)
+        y, hats, projections = _whole_batch_forward(
+            append_one, present, weights, bias, list(arrays[:n_mod]), list(arrays[n_mod:])
+        )
         ctx.append_one, ctx.n_mod = append_one, n_mod
         ctx.has_weights, ctx.has_present = weights is not None, present is not None
         extra = [t for t in (weights, present) if t is not None]
         ctx.save_for_backward(*arrays, *extra, *hats, *projections)
-        return cast(y, dtype) if low else y
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -522,6 +531,15 @@ def single_output_fusion(
     return cast(y, dtype) if low else y
 
 
+def _any_requires_grad(xs: Sequence[Any], factors: Sequence[Any], weights: Any, bias: Any) -> bool:
+    return (
+        any(t.requires_grad for t in xs)
+        or any(f.requires_grad for f in factors)
+        or (weights is not None and weights.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
 def lowrank_fusion(
     xs: Sequence[Any],
     factors: Sequence[Any],
@@ -539,5 +557,9 @@ def lowrank_fusion(
     if whole_batch(xs[0].shape[0], rank, out_dim):
         if out_dim == 1:
             return single_output_fusion(xs, factors, weights, bias, append_one, present)
-        return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
+        if torch.is_grad_enabled() and _any_requires_grad(xs, factors, weights, bias):
+            return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
+        # nothing to differentiate: the same forward without autograd.Function's apply (a
+        # quarter of a tiny call's time), as the eager binding does for the custom ops
+        return _whole_batch_forward(append_one, present, weights, bias, list(xs), list(factors))[0]
     return _lowrank_eager(list(xs), list(factors), weights, bias, append_one, present)[0]
