@@ -307,17 +307,12 @@ def test_auto_dispatch(rng):
     assert explain("align", leaf, xs[1]).chosen.variant == "custom op"
 
 
-def test_torch_compile(rng, monkeypatch):
+def test_torch_compile(rng):
     """Dynamo sees the registered op (fullgraph: the backend function, and the ZoomShift layer,
     which calls it under torch.compile), and mmfuse.align under torch.compile gives the eager
     values and gradients."""
-    import mmfuse._align as public_align
-    from mmfuse._plan import PlanCache
     from mmfuse.nn import ZoomShift
 
-    # Dynamo guards on the public layer's plan cache, entry by entry: the hundreds of plans
-    # the tests above left there make tracing several times slower (measured: 6 s -> 40 s)
-    monkeypatch.setattr(public_align, "_ALIGN_PLANS", PlanCache())
     xs, masks = _case(rng, 3, dtype=torch.float32)
     graphs = []
 
