@@ -287,9 +287,84 @@ def test_registered_and_tiles():
     assert "triton" in available("wander")
     # the cases above reach several T_out and D tiles and the K loop (T_m > BLOCK_K)
     t = _sequence_ops._sequence_tiles(2, (20, 4), 33, 70, torch.float32)
-    assert (t.block_t, t.block_d, t.rank_p) == (32, 64, 32) and t.block_k < 19
+    assert (t.block_t, t.block_d, t.rank_p) == (16, 64, 32) and t.block_k < 19
     # M RANK_P > 128: smaller token tiles (registers)
     assert _sequence_ops._sequence_tiles(8, (64,) * 8, 64, 64, torch.bfloat16).block_t == 16
+
+
+def test_tile_rule_shrinks_as_modalities_and_width_grow():
+    """The tile rule bounds the per-thread register estimate (the compile check shows the
+    spills it avoids): wide many-modality problems get smaller output tiles over more warps,
+    small ones (M = 2 at r_m = 16, the CMU-MOSI adapter) keep the tiles they had."""
+    tiles = _sequence_ops._sequence_tiles
+    small = tiles(2, (16,) * 2, 64, 64, torch.float32)
+    wide = tiles(8, (64,) * 8, 64, 64, torch.float32)
+    assert wide.block_t * wide.block_d < small.block_t * small.block_d
+    assert (small.block_t, small.block_d, small.block_k, small.num_warps) == (32, 64, 16, 4)
+    assert (wide.block_t, wide.block_d, wide.rank_p, wide.num_warps) == (16, 16, 64, 8)
+    for dtype, block_k in ((torch.float32, 16), (torch.bfloat16, 32), (torch.float16, 32)):
+        mosi = tiles(3, (16, 16, 16), 16, 40, dtype)  # T_m = 50, R_h = 8, R_t = 12
+        assert (mosi.block_t, mosi.block_d, mosi.block_k, mosi.rank_p, mosi.num_warps) == (16, 64, block_k, 16, 4)
+    for dtype in (torch.float32, torch.bfloat16):
+        area = {}
+        for n_mod in range(1, 9):
+            for width in (1, 8, 16, 32, 64):
+                t = tiles(n_mod, (width,) * n_mod, 64, 64, dtype)
+                for block in (t.block_t, t.block_d, t.block_k, t.rank_p):
+                    assert block >= 16 and block & (block - 1) == 0
+                assert t.num_warps in (4, 8)
+                regs = _sequence_ops._sequence_regs(n_mod, t.rank_p, t.block_t, t.block_d, t.num_warps)
+                assert regs <= _sequence_ops._REG_BUDGET, (n_mod, width, t)
+                area[n_mod, width] = t.block_t * t.block_d
+        # never a larger tile for more modalities or wider ones
+        for (n_mod, width), a in area.items():
+            assert all(area[m, w] <= a for m, w in area if m >= n_mod and w >= width)
+
+
+def _factored_ref(hs, feats, toks, masks, mode):
+    """float64 Y[b] = sum_{i, j} prod_m Psi_m[j]^T H_m[b] Phi_m[i], term by term (the
+    reference's explicit weight has prod_m T_m r_m entries: out of reach at M = 8, r_m = 64)."""
+    hs = [_np(h) for h in hs]
+    if masks is not None:
+        hs = [np.where(k.numpy()[..., None], h, 0.0) for h, k in zip(hs, masks)]
+    feats, toks = [_np(f) for f in feats], [_np(t) for t in toks]
+    if mode == "collapsed":
+        feats = [f.sum(axis=0, keepdims=True) for f in feats]
+        toks = [t.sum(axis=0, keepdims=True) for t in toks]
+    out = 0.0
+    for i in range(feats[0].shape[0]):
+        for j in range(toks[0].shape[0]):
+            term = 1.0
+            for h, f, t in zip(hs, feats, toks):
+                term = term * np.einsum("su,bsr,rd->bud", t[j], h, f[i])
+            out = out + term
+    return out
+
+
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_eight_wide_modalities(rng, mode):
+    """M = 8 modalities up to r_m = 64: the tile rule's smallest tiles (16 x 16 over 8 warps,
+    RANK_P = 64), with two token and two feature tiles, padded ranks and token masks, against
+    the factored float64 definition and the torch backend."""
+    lengths = (3, 2, 4, 1, 3, 2, 2, 3)
+    widths = (64, 40, 64, 17, 64, 64, 33, 64)
+    n_out, out_dim = 17, 20
+    t = _sequence_ops._sequence_tiles(8, widths, n_out, out_dim, torch.float32)
+    assert (t.block_t, t.block_d, t.rank_p, t.num_warps) == (16, 16, 64, 8)
+    hs, feats, toks, masks, _ = _problem(rng, 2, lengths, widths, 2, 2, n_out, out_dim, True, torch.float32)
+    with torch.no_grad():  # every sample keeps its first token of every modality (else Y = 0)
+        for h, k in zip(hs, masks):
+            k[:, 0] = True
+            h[:, 0] = torch.tensor(rng.standard_normal(tuple(h[:, 0].shape)), dtype=torch.float32)
+    with poisoned_buffers():
+        out = mmfuse.sequence_fusion(hs, feats, toks, mode=mode, masks=masks, backend="triton")
+    assert type(out.grad_fn).__name__ == KERNEL
+    want = _factored_ref(hs, feats, toks, masks, mode)
+    assert np.abs(want).max() > 1e-3  # not a vacuous comparison
+    assert_close(out, want, xp=torch, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        other = mmfuse.sequence_fusion(hs, feats, toks, mode=mode, masks=masks, backend="torch")
+    assert_close(out.detach(), other, rtol=1e-4)
 
 
 def test_auto_keeps_the_torch_ops(rng):

@@ -10,6 +10,9 @@ the triton wheel) and reports each kernel's registers, spills and shared memory,
 
 Must run in a process where the kernels were *not* built for the interpreter
 (``TRITON_INTERPRET`` unset when :mod:`mmfuse.backends.triton` was first imported).
+``python -m mmfuse.backends.triton._compile_check [prefix]`` prints one row per kernel, of
+the cases whose label starts with ``prefix`` ("sequence", "lowrank", "cp", "align", ...)
+when one is given.
 """
 
 from __future__ import annotations
@@ -162,6 +165,11 @@ def _cases() -> Iterator[tuple[str, Callable[[], Any]]]:
             yield f"moments/zoom_shift {dtype} x={shape} guide={gshape}", stats
         for lengths, widths, ranks, n_out, out_dim in _SEQ_CASES:
             yield from _sequence_cases(gen, dtype, lengths, widths, ranks, n_out, out_dim)
+        for n_mod in _SEQ_GRID_MODALITIES:
+            for width in _SEQ_GRID_WIDTHS:
+                yield from _sequence_cases(
+                    gen, dtype, (9,) * n_mod, (width,) * n_mod, (2, 2), 64, 64, unmasked=False
+                )
         for tokens, channels in _ALIGN_CASES:
             yield from _align_cases(gen, dtype, tokens, channels)
 
@@ -174,6 +182,12 @@ _SEQ_CASES = (
     ((37, 50, 19), (16, 8, 20), (3, 2), 33, 70),
     ((9,) * 8, (64,) * 8, (2, 2), 64, 64),
 )
+# and the tile rule's range (``_sequence_ops._sequence_tiles``): M modalities of width r_m each,
+# T_out = D = 64 so that the rule, not the problem, bounds the tiles (masked calls only: the
+# unmasked kernel differs by the mask loads alone, and _SEQ_CASES compiles both).  Widths
+# above ``_sequence_ops.MAX_WIDTH`` (64) never reach the kernel (the torch backend takes them).
+_SEQ_GRID_MODALITIES = (2, 4, 8)
+_SEQ_GRID_WIDTHS = (16, 32, 64)
 # align: (tokens per modality, channels): benchmarks/gpu.py's (256, 512, 512) pair (one
 # statistics tile) and three modalities whose token axes loop over blocks
 _ALIGN_CASES = (((512, 512), 512), ((3000, 700, 50), 40))
@@ -181,10 +195,10 @@ _ALIGN_CASES = (((512, 512), 512), ((3000, 700, 50), 40))
 
 def _sequence_cases(
     gen: torch.Generator, dtype: torch.dtype, lengths: tuple[int, ...], widths: tuple[int, ...],
-    ranks: tuple[int, int], n_out: int, out_dim: int,
+    ranks: tuple[int, int], n_out: int, out_dim: int, unmasked: bool = True,
 ) -> Iterator[tuple[str, Callable[[], Any]]]:  # fmt: skip
     """``sequence_fwd_kernel`` in cp and collapsed mode (R_h = R_t = 1 after the host's rank
-    sums), with token masks and without."""
+    sums), with token masks and (``unmasked``) without."""
     r_h, r_t = ranks
     batch = 3
     hs = [torch.randn(batch, t, r, generator=gen).to(dtype) for t, r in zip(lengths, widths)]
@@ -195,8 +209,10 @@ def _sequence_cases(
     for mode in ("cp", "collapsed"):
 
         def run(mode: str = mode) -> Any:
-            torch.ops.mmfuse_triton.sequence_fusion(hs, feats, toks, mode, masks)
-            return torch.ops.mmfuse_triton.sequence_fusion(hs, feats, toks, mode, [None] * len(hs))
+            out = torch.ops.mmfuse_triton.sequence_fusion(hs, feats, toks, mode, masks)
+            if unmasked:
+                out = torch.ops.mmfuse_triton.sequence_fusion(hs, feats, toks, mode, [None] * len(hs))
+            return out
 
         yield f"sequence {mode} {label}", run
 
@@ -220,15 +236,21 @@ def _align_cases(
     yield f"align {dtype} tokens={tokens} C={channels}", run
 
 
-def compile_kernels(capability: int = 90, arch: str = "sm_90a") -> list[dict[str, Any]]:
-    """Compile every kernel specialisation of :func:`_cases` for ``capability`` and return
-    one row per compiled kernel: case, kernel, registers, spill bytes, shared memory."""
+def compile_kernels(
+    capability: int = 90, arch: str = "sm_90a", only: str | None = None
+) -> list[dict[str, Any]]:
+    """Compile every kernel specialisation of :func:`_cases` (those whose label starts with
+    ``only``, when given: "sequence", "lowrank", "align", ...) for ``capability`` and return
+    one row per compiled kernel: case, kernel, registers, spill bytes, shared memory, and
+    the launch options and tile constexprs (``BLOCK_*``, ``RANK_P``) it was compiled with."""
     if _ops.INTERPRETED:
         raise RuntimeError("the kernels were built for the interpreter; run without TRITON_INTERPRET=1")
     target = GPUTarget("cuda", capability, 32)
     rows: list[dict[str, Any]] = []
     done: set[tuple[Any, ...]] = set()
     for label, run in _cases():
+        if only is not None and not label.startswith(only):
+            continue
         with recorded_launches() as seen, torch.no_grad():
             run()
         for kernel, args, kw in seen:
@@ -242,10 +264,17 @@ def compile_kernels(capability: int = 90, arch: str = "sm_90a") -> list[dict[str
             src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=target, options=options)
             stats = _ptxas_stats(compiled.asm["ptx"], capability, arch)
-            rows.append({"case": label, "kernel": kernel.fn.__name__, **options, **stats})
+            tiles = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k == "RANK_P"}
+            # ptxas's smem is the static shared memory; Triton's (pipelined loads, layout
+            # conversions) is dynamic, allocated at launch: the compiled kernel's metadata
+            stats["dynamic_smem"] = int(compiled.metadata.shared)
+            rows.append({"case": label, "kernel": kernel.fn.__name__, **options, **tiles, **stats})
     return rows
 
 
 if __name__ == "__main__":
-    for row in compile_kernels():
+    # python -m mmfuse.backends.triton._compile_check [label prefix, e.g. sequence]
+    import sys
+
+    for row in compile_kernels(only=sys.argv[1] if len(sys.argv) > 1 else None):
         print(row)

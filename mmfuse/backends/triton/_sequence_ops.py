@@ -53,22 +53,83 @@ class _SeqTiles(NamedTuple):
     block_k: int
     rank_p: int
     num_warps: int
+    num_stages: int
+
+
+#: Per-thread register estimate (see :func:`_sequence_regs`) the tile rule keeps tiles
+#: under.  sm_90 gives a thread at most 255 registers (65536 per SM, so 4 warps at 255 each
+#: leave room for two programs per SM); past that ptxas spills to local memory.  The estimate
+#: counts only the large live values, so the bound leaves about 90 registers for addresses,
+#: masks, loop state and the pipelined loads.  168 is what the largest tile that compiled
+#: clean before this rule (T_out, D >= 64 at M = 2, r_m <= 16: 32 x 64, 4 warps) estimates.
+_REG_BUDGET = 168
+
+
+def _sequence_regs(n_mod: int, rank_p: int, block_t: int, block_d: int, num_warps: int) -> int:
+    """Registers a thread holds for the large live values of one program (an estimate):
+
+    - the feature contraction ``A_m @ Phi_m[i][:, dslice]`` is a float32 dot without tensor
+      cores (FMA): a thread computing ``e = BLOCK_T BLOCK_D / (32 num_warps)`` outputs, r rows
+      by c columns (r c = e, as square as powers of two allow), holds r rows of A_m and c
+      columns of Phi_m, ``RANK_P (r + c)`` floats: this is the term that grows with width;
+    - the M token-first tiles, ``M BLOCK_T RANK_P`` floats spread over the program's threads
+      (registers when the token loops end; in cp mode Triton then parks them in shared
+      memory through the feature-rank loop);
+    - the accumulator and the running product, ``2 e``.
+    """
+    threads = 32 * num_warps
+    per_thread = max(1, block_t * block_d // threads)
+    rows = 1 << ((per_thread.bit_length() - 1) // 2)
+    operands = rank_p * (rows + per_thread // rows)
+    return operands + -(-n_mod * block_t * rank_p // threads) + 2 * per_thread
 
 
 def _sequence_tiles(
     n_mod: int, widths: Sequence[int], n_out: int, out_dim: int, dtype: torch.dtype
 ) -> _SeqTiles:
-    """Tile sizes (powers of two, every ``tl.dot`` operand >= 16).  Not yet measured on a
-    GPU: RANK_P = r_m rounded up; BLOCK_T = T_out up to 32, 16 once the M token-first tiles
-    (M RANK_P BLOCK_T float32) would pass 128 x 32 registers a thread at 4 warps; BLOCK_D =
-    D up to 64; BLOCK_K = 16 float32 / 32 16-bit tokens per K step, as the low-rank
-    kernels."""
+    """Tile sizes (powers of two, every ``tl.dot`` operand >= 16) and launch options.  Not yet
+    measured on a GPU; checked for spills by :mod:`._compile_check` (sm_90a).
+
+    RANK_P = r_m rounded up.  The starting tile is BLOCK_T = T_out up to 32 by BLOCK_D = D up
+    to 64 at 4 warps, with BLOCK_K = 16 float32 / 32 16-bit tokens per K step (as the low-rank
+    kernels).  While :func:`_sequence_regs` of the tile passes :data:`_REG_BUDGET` the rule
+    gives up, in this order: 4 warps for 8 (the same tile over twice the threads: half the
+    outputs and token-first tiles per thread; the operands stay RANK_P long), BLOCK_T down to
+    16 (no work is repeated: the output's token tiles are independent), then BLOCK_D down to
+    16 (each output feature tile repeats the token-first contraction, so it goes last).  A
+    problem that needed any of this also takes 16-bit tokens 16 per K step (the token-first
+    dot's operands and their pipelined copies half the size).  The operand term
+    ``RANK_P (r + c)`` is why the width rules: at r_m = 64 the feature dot alone takes 128
+    registers even at one output per thread, so wide problems end at 16 x 16 over 8 warps
+    whatever M is, while r_m = 16 problems keep 32 x 64 (M = 2 at 4 warps, M = 8 at 8).
+    A tile that estimates under the budget is kept as it is: small problems (the CMU-MOSI
+    adapter: M = 3, r_m = 16, T_out = 16, D = 40 -> 16 x 64 at 4 warps) keep the tiles
+    they had.
+
+    Two pipeline stages, not Triton's default three: each stage keeps another set of the
+    token loop's and the feature-rank loop's prefetched loads (their addresses, masks and
+    async tokens) live across the loop; at three the masked CMU-MOSI float32 cp-mode kernel
+    spilled 80 bytes, at two 4 (sm_90a, ptxas of the triton wheel; the unmasked one about 30
+    either way)."""
     rank_p = max(16, _pow2(max(widths)))
-    cap_t = 32 if n_mod * rank_p <= 128 else 16
-    block_t = max(16, min(cap_t, _pow2(n_out)))
+    block_t = max(16, min(32, _pow2(n_out)))
     block_d = max(16, min(64, _pow2(out_dim)))
     block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
-    return _SeqTiles(block_t, block_d, block_k, rank_p, 4)
+    num_warps = 4
+    shrunk = False
+    while _sequence_regs(n_mod, rank_p, block_t, block_d, num_warps) > _REG_BUDGET:
+        if num_warps < 8:
+            num_warps = 8
+        elif block_t > 16:
+            block_t //= 2
+        elif block_d > 16:
+            block_d //= 2
+        else:  # the smallest tile tl.dot takes (only reached if the budget were lowered)
+            break
+        shrunk = True
+    if shrunk:
+        block_k = 16
+    return _SeqTiles(block_t, block_d, block_k, rank_p, num_warps, 2)
 
 
 def _counts(values: Sequence[int]) -> list[int]:
@@ -111,7 +172,7 @@ def _sequence_op(
         n_out, out_dim, int(feats[0].shape[0]), int(toks[0].shape[0]),
         M=n_mod, HAS_MASK=has_mask, BLOCK_T=t.block_t, BLOCK_D=t.block_d, BLOCK_K=t.block_k,
         RANK_P=t.rank_p, PRECISION=_precision(dtype), PRECISION32=_precision(torch.float32),
-        num_warps=t.num_warps,
+        num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return out
 
