@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from naive_sequence import naive_sequence_fusion
 
 import mmfuse
 from mmfuse import reference
@@ -158,20 +159,6 @@ def test_collapsed_accepts_differing_ranks(rng):
         mmfuse.sequence_fusion(hs, feature, token)
 
 
-def _naive_cp(hs, feature, token, masks=None):
-    """The docstring's naive definition, with einsum (tests may use it; the core may not)."""
-    if masks is not None:
-        hs = [h * m[:, :, None] for h, m in zip(hs, masks)]
-    y = 0.0
-    for i in range(feature[0].shape[0]):
-        for j in range(token[0].shape[0]):
-            term = 1.0
-            for h, f, t in zip(hs, feature, token):
-                term = term * np.einsum("st,bsr,rk->btk", t[j], h, f[i])
-            y = y + term
-    return y
-
-
 @pytest.mark.parametrize("mode", ["cp", "collapsed"])
 def test_many_batch_blocks_and_both_orders(xp, rng, mode):
     """A batch large enough for several cache blocks; one modality per contraction order."""
@@ -182,11 +169,7 @@ def test_many_batch_blocks_and_both_orders(xp, rng, mode):
     feature = [rng.standard_normal((r_h, r, out_dim)) for r in widths]
     token = [rng.standard_normal((r_t, t, n_out)) for t in lengths]
     masks = _masks(rng, batch, lengths)
-    if mode == "cp":
-        desired = _naive_cp(hs, feature, token, masks)
-    else:
-        desired = _naive_cp(hs, [f.sum(0, keepdims=True) for f in feature],
-                            [t.sum(0, keepdims=True) for t in token], masks)  # fmt: skip
+    desired = naive_sequence_fusion(hs, feature, token, masks, mode)
     got = mmfuse.sequence_fusion(
         _put(xp, hs, "float64"), _put(xp, feature, "float64"), _put(xp, token, "float64"),
         mode=mode, masks=_put(xp, masks, None),
@@ -212,7 +195,7 @@ def test_cp_blocks_over_batch_and_token_ranks(xp, rng, monkeypatch):
         token = [rng.standard_normal((r_t, t, n_out)) for t in lengths]
         got = mmfuse.sequence_fusion(_put(xp, hs, "float64"), _put(xp, feature, "float64"),
                                      _put(xp, token, "float64"))  # fmt: skip
-        assert_close(got, _naive_cp(hs, feature, token), xp=xp.xp)
+        assert_close(got, naive_sequence_fusion(hs, feature, token), xp=xp.xp)
     finally:
         core.cp_blocking.cache_clear()
 
