@@ -24,6 +24,8 @@ def _problems(rng, batch):
     xs = [rng.standard_normal((batch, d)) for d in DIMS]
     factors = [rng.standard_normal((2, d + 1, 5)) for d in DIMS]
     weights, bias = rng.standard_normal(2), rng.standard_normal(5)
+    single = [rng.standard_normal((2, d + 1, 1)) for d in DIMS]  # h = 1: the torch backend's own path
+    bias1 = rng.standard_normal(1)
     present = rng.random((batch, len(DIMS))) < 0.5
     weight = rng.standard_normal((DIMS[0] + 1, DIMS[1] + 1, 5))
     cp = (
@@ -48,6 +50,9 @@ def _problems(rng, batch):
         ("lowrank_fusion", lambda a, be: mmfuse.lowrank_fusion(many(a, xs), many(a, factors), a(weights), a(bias),
                                                                 present=a(present), backend=be),
          ref.lowrank_fusion(xs, factors, weights, bias, present=present)),
+        ("lowrank_fusion h=1", lambda a, be: mmfuse.lowrank_fusion(many(a, xs), many(a, single), a(weights),
+                                                                    a(bias1), backend=be),
+         ref.lowrank_fusion(xs, single, weights, bias1)),
         ("tensor_fusion", lambda a, be: mmfuse.tensor_fusion(many(a, xs), a(weight), a(bias), backend=be),
          ref.tensor_fusion(xs, weight, bias)),
         ("cp_fusion", lambda a, be: mmfuse.cp_fusion(many(a, xs), (a(cp[0]), many(a, cp[1])), a(bias), backend=be),

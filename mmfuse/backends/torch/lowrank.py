@@ -527,7 +527,12 @@ def single_output_fusion(
             y = y + cast(bias, acc.dtype)
     else:  # the bias (1,) broadcasts over the batch
         w = cast(weights, acc.dtype)
-        y = (torch.mv(acc, w) if bias is None else torch.addmv(cast(bias, acc.dtype), acc, w)).unsqueeze(1)
+        if bias is None or acc.shape[0] == 0:
+            # (addmv over an empty batch returns its (1,) input as is, where y is (0,))
+            y = torch.mv(acc, w) if bias is None else torch.mv(acc, w) + cast(bias, acc.dtype)
+        else:
+            y = torch.addmv(cast(bias, acc.dtype), acc, w)
+        y = y.unsqueeze(1)
     return cast(y, dtype) if low else y
 
 
