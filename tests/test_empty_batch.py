@@ -154,12 +154,15 @@ def test_layers_run_forward_and_backward_on_an_empty_batch():
     torch.manual_seed(0)
     flat = [torch.randn(0, d, dtype=torch.float64, requires_grad=True) for d in DIMS]
     seqs = [torch.randn(0, t, 6, dtype=torch.float64, requires_grad=True) for t in LENGTHS]
+    # modalities of one shape: the torch backend's stacked collapsed adapter
+    same = [torch.randn(0, LENGTHS[0], 6, dtype=torch.float64, requires_grad=True) for _ in LENGTHS]
     cases = [
         (LowRankFusion(DIMS, 5, 2, dtype=torch.float64), flat, (0, 5)),
         (CPFusion(DIMS, 5, 2, dtype=torch.float64), flat, (0, 5)),
         (TensorFusion(DIMS, 5, dtype=torch.float64), flat, (0, 5)),
         (WanderAdapter((6, 6), LENGTHS, 3, 2, 2, mode="collapsed", dtype=torch.float64), seqs, (0, 3, 6)),
         (WanderAdapter((6, 6), LENGTHS, 3, 2, 2, mode="cp", dtype=torch.float64), seqs, (0, 3, 6)),
+        (WanderAdapter((6, 6), (LENGTHS[0],) * 2, 3, 2, 2, mode="collapsed", dtype=torch.float64), same, (0, 3, 6)),
         (ZoomShift(6, 2, dtype=torch.float64), seqs, (0, 12)),
         (GuidedZoomShift(6, 2, dtype=torch.float64), seqs, (0, 12)),
     ]

@@ -392,7 +392,8 @@ def stacked_adapter(xs: Sequence[torch.Tensor], params: Any, residual: bool) -> 
         else torch.addmm(cast(b, cdt), cast(x, cdt).reshape(batch * t_m, d), cast(w, cdt))
         for x, (w, b) in zip(xs, down)
     ])  # fmt: skip
-    h = _core_sequence.gelu_torch(pre).view(n_mod, batch, t_m, -1)  # (M, B, T, r)
+    # (M, B, T, r); r named, not -1: an empty batch leaves -1 undetermined
+    h = _core_sequence.gelu_torch(pre).view(n_mod, batch, t_m, pre.shape[-1])
     phi = cast(torch.stack(list(params["feature"])), cdt).sum(dim=1)  # (M, r, D)
     psi_t = cast(torch.stack(list(params["token"])), cdt).sum(dim=1).transpose(1, 2)  # (M, T_out, T)
     rank, (n_out, out_dim) = h.shape[3], (psi_t.shape[1], phi.shape[2])
