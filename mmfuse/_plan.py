@@ -9,7 +9,7 @@ chose last time, skipping validation and dispatch (the way opt_einsum caches con
 paths and einops its recipes).  A miss runs the full checks, whose errors are exactly those of
 an uncached call; only a call that passed them is remembered, so nothing bad is cached.
 
-What a signature holds (:func:`array_key`): per array its type, shape and dtype, and, for
+What a signature holds (:func:`_append_keys`): per array its type, shape and dtype, and, for
 arrays of other namespaces than NumPy, its device; for torch tensors also ``requires_grad``.
 Per call (:func:`policy_key`): the backend policy in force (the ``backend=`` keyword, the
 configured backend and preference), which optional frameworks are imported (what "auto" may
@@ -35,7 +35,7 @@ import numpy as np
 from ._config import backend_policy
 from .backends._registry import generation
 
-__all__ = ["PlanCache", "array_key", "call_key", "policy_key"]
+__all__ = ["PlanCache", "call_key", "policy_key"]
 
 T = TypeVar("T")
 
@@ -88,10 +88,6 @@ class PlanCache:
         return plan
 
 
-def _numpy_key(a: Any) -> tuple[Any, ...]:
-    return (np.ndarray, a.shape, a.dtype)
-
-
 def _torch_key(a: Any) -> tuple[Any, ...]:
     return (type(a), a.shape, a.dtype, a.device, a.requires_grad)
 
@@ -101,20 +97,9 @@ def _other_key(a: Any) -> tuple[Any, ...]:
     return (type(a), a.shape, a.dtype, getattr(a, "device", None))
 
 
-def _sequence_key(a: Any) -> tuple[Any, ...]:
-    return (type(a), *map(array_key, a))
-
-
-def _none_key(a: Any) -> None:
-    return None
-
-
-_KEYERS: dict[type, Callable[[Any], Any]] = {
-    np.ndarray: _numpy_key,
-    list: _sequence_key,
-    tuple: _sequence_key,
-    type(None): _none_key,
-}
+# Array type -> its keyer, filled by _keyer on first sight (NumPy arrays, lists, tuples and
+# None are keyed inline by _append_keys)
+_KEYERS: dict[type, Callable[[Any], Any]] = {}
 
 
 def _keyer(t: type) -> Callable[[Any], Any]:
@@ -124,22 +109,15 @@ def _keyer(t: type) -> Callable[[Any], Any]:
     return keyer
 
 
-def array_key(a: Any) -> Any:
-    """An array's part of a signature (None stays None; lists and tuples element-wise)."""
-    keyer = _KEYERS.get(type(a))
-    if keyer is None:
-        keyer = _keyer(type(a))
-    return keyer(a)
-
-
 def _append_keys(arrays: Any, out: list[Any]) -> None:
-    """Append the arrays' signature to ``out``, flat (what :func:`array_key` says, without a
-    tuple or a Python call per NumPy array: a tiny call's signature has a dozen arrays, and
-    the keys were a fifth of its planned time): a NumPy array as its shape and dtype, a list
-    or tuple as its type and length followed by its elements, None as None, any other array
-    as :func:`array_key`'s tuple.  Unambiguous read left to right, since each kind starts with
-    an entry of its own kind: a shape is a tuple of ints, a sequence starts with the type list
-    or tuple, other arrays' tuples start with their type."""
+    """Append the arrays' signature to ``out``, flat (no tuple or Python call per NumPy array:
+    a tiny call's signature has a dozen arrays, and the keys were a fifth of its planned
+    time): a NumPy array as its shape and dtype, a list or tuple as its type and length
+    followed by its elements, None as None, any other array as its keyer's tuple (type,
+    shape, dtype, device; for torch tensors also ``requires_grad``).  Unambiguous read left
+    to right, since each kind starts with an entry of its own kind: a shape is a tuple of
+    ints, a sequence starts with the type list or tuple, other arrays' tuples start with
+    their type."""
     for a in arrays:
         t = type(a)
         if t is np.ndarray:
@@ -157,9 +135,9 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
 
 def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:
     """A call's signature: its dispatch state (:func:`policy_key`), its ``options`` tagged
-    with their types, and its arrays' metadata (:func:`array_key`, flattened by
-    :func:`_append_keys`); None when the call must not be planned or the parts make no key
-    (the call then runs unplanned, and its checks say what is wrong)."""
+    with their types, and its arrays' metadata (flat, :func:`_append_keys`); None when the
+    call must not be planned or the parts make no key (the call then runs unplanned, and its
+    checks say what is wrong)."""
     policy = policy_key(backend)
     if policy is None:
         return None
