@@ -337,6 +337,23 @@ def test_zoom_shift_constant_channel_is_shifted_not_zoomed():
     assert_close(out.copy_to_host(), ref.zoom_shift(x, guide, eps=0.0), dtype=np.dtype("float64"))
 
 
+def test_zoom_shift_constant_channel_whose_sum_rounds():
+    """The same rule where the first mean misses the value (7 float64 tokens of 3.7): only a
+    corrected variance is exactly 0 (the parity matrix's constant_channel case, for the CUDA
+    kernels, which it cannot run without a GPU); the channel lands on the guide's mean."""
+    ref = _align_ref()
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 7, 3))
+    x[:, :, 0] = 3.7
+    guide = 1.0 + 2.0 * rng.standard_normal((2, 5, 3))
+    guide[:, :, 1] = -1.3
+    out = cuda.to_device(np.full(x.shape, np.nan))
+    nb.zoom_shift_device(dev(x, "float64"), dev(guide, "float64"), out, eps=0.0, empty=nan_empty, channels=2, lanes=2)
+    got = out.copy_to_host()
+    assert_close(got, ref.zoom_shift(x, guide, eps=0.0), dtype=np.dtype("float64"))
+    assert_close(got[:, :, 0], np.broadcast_to(guide[:, :, :1].mean(axis=1), (2, 7)), dtype=np.dtype("float64"))
+
+
 def test_lane_views_cover_other_axes():
     """(B, A, T, C) with axis=-2 and axis=-1 become (B', T, C') views; results match."""
     ref = _align_ref()
