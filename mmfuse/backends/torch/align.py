@@ -273,17 +273,19 @@ def _align_backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
 _align_op.register_autograd(_align_backward, setup_context=_align_setup_context)
 
 
-# The eager binding's autograd.Function needs its outputs as a tuple of tensors, where the op
-# returns a list (Tensor[]): both the op and its implementation are seen through tuple().
-def _align_forward_tuple(*args: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(_align_forward(*args))
+def bind_align(name: str, op: Any, forward: Any) -> Any:
+    """The eager binding (:func:`~mmfuse.backends._torch_eager.bind`) of an align op ``op``
+    (``mmfuse::align`` here, ``mmfuse_triton::align`` in the Triton backend) whose
+    implementation is ``forward``, with this module's setup_context and backward.  The
+    binding's autograd.Function needs its outputs as a tuple of tensors, where the op returns a
+    list (Tensor[]): both the op and its implementation are seen through tuple()."""
+    return bind(
+        name, lambda *args: tuple(op(*args)), _align_setup_context, _align_backward,
+        lambda *args: tuple(forward(*args)),
+    )  # fmt: skip
 
 
-def _align_op_tuple(*args: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.ops.mmfuse.align(*args))
-
-
-_align_eager = bind("_Align", _align_op_tuple, _align_setup_context, _align_backward, _align_forward_tuple)
+_align_eager = bind_align("_Align", torch.ops.mmfuse.align, _align_forward)
 
 
 def align(

@@ -40,8 +40,8 @@ from torch.library import triton_op, wrap_triton
 
 from ..._core.align import Primitives, Stats, align_with
 from ..._core.align import align as core_align
-from .._torch_eager import bind, direct
-from ..torch.align import _align_backward, _align_setup_context, call_align
+from .._torch_eager import direct
+from ..torch.align import _align_backward, _align_setup_context, bind_align, call_align
 from . import _align_kernels as AK
 from . import _ops
 
@@ -196,17 +196,6 @@ _align_op = triton_op("mmfuse_triton::align", mutates_args={})(_align_forward)
 _align_op.register_autograd(_align_backward, setup_context=_align_setup_context)
 
 
-# The eager binding's autograd.Function needs its outputs as a tuple of tensors, where the op
-# returns a list (Tensor[]), as for mmfuse::align.  Eager calls run the kernels' forward
-# directly; torch.compile and dispatch modes see mmfuse_triton::align.
-def _align_forward_tuple(*args: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(_align_forward(*args))
-
-
-def _align_op_tuple(*args: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.ops.mmfuse_triton.align(*args))
-
-
-_align_eager = bind(
-    "_TritonAlign", _align_op_tuple, _align_setup_context, _align_backward, _align_forward_tuple
-)
+# Eager calls run the kernels' forward directly; torch.compile and dispatch modes see
+# mmfuse_triton::align.
+_align_eager = bind_align("_TritonAlign", torch.ops.mmfuse_triton.align, _align_forward)
