@@ -83,8 +83,7 @@ def _zoom_shift_forward(
     if on_host((x, guide), (mask, guide_mask)):
         y = zoom_shift_with(
             NUMPY, host_view(x), host_view(guide), alpha=alpha, axis=axis, eps=eps,
-            mask=None if mask is None else host_view(mask),
-            guide_mask=None if guide_mask is None else host_view(guide_mask),
+            mask=host_view(mask), guide_mask=host_view(guide_mask),
         )  # fmt: skip
         return torch.from_numpy(y)
     dtype = x.dtype
