@@ -49,9 +49,9 @@ class PlanCache:
 
     A None key (a call that is not planned: under ``torch.compile``, a signature that cannot
     be formed) never reaches the dict.  That is for Dynamo: it guards on every entry of a dict
-    it sees, so a cache holding the plans of many eager calls made tracing the public
-    functions ten times slower (``align`` after 1000 eager calls of other shapes: 4 s ->
-    45 s); an object whose dict it never reads costs one guard.
+    it sees, so caches holding the plans of many eager calls made tracing the public
+    functions many times slower (after 1000 eager calls of other shapes: 3 s -> 73 s,
+    ``benchmarks/compile_plans.py``); an object whose dict it never reads costs one guard.
     """
 
     __slots__ = ("_plans",)

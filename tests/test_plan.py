@@ -231,8 +231,8 @@ class _ReadRefused(dict):
 
 def test_compiled_calls_never_read_the_plan_caches(rng, monkeypatch):
     """Under torch.compile calls are not planned, and their None keys never reach a cache's dict:
-    Dynamo would guard on every entry (tracing the public align took 45 s instead of 4 s after
-    1000 eager calls of other shapes).  The eager call first fills the caches as usual."""
+    Dynamo would guard on every entry (tracing took 24x as long after 1000 eager calls of other
+    shapes, benchmarks/compile_plans.py).  The eager call first fills the caches as usual."""
     import warnings
 
     import mmfuse._align as public_align
