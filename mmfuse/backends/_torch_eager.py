@@ -76,6 +76,20 @@ def _flatten(args: Sequence[Any]) -> tuple[tuple[Any, ...], list[torch.Tensor]]:
     return tuple(spec), tensors
 
 
+def _requires_grad(args: Sequence[Any]) -> bool:
+    """True when a tensor among the arguments (or in a list argument) requires grad: the
+    question :func:`_flatten` would answer, without building the spec."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if arg.requires_grad:
+                return True
+        elif isinstance(arg, (list, tuple)):
+            for item in arg:
+                if isinstance(item, torch.Tensor) and item.requires_grad:
+                    return True
+    return False
+
+
 def _rebuild(spec: Sequence[Any], flat: Sequence[Any], const: Callable[[_Const], Any]) -> list[Any]:
     """The op's arguments from the spec: flat values fill the slots, ``const`` the rest."""
     it = iter(flat)
@@ -173,12 +187,12 @@ def bind(
     def call(*args: Any) -> Any:
         if torch.compiler.is_compiling():
             return op(*args)
-        if not torch.is_grad_enabled():
-            return run(*args)
-        spec, tensors = _flatten(args)
-        if any(t.requires_grad for t in tensors):
+        if torch.is_grad_enabled() and _requires_grad(args):
+            spec, tensors = _flatten(args)
             return function.apply(spec, *tensors)
-        with torch.no_grad():  # as inside the Function: the implementation records nothing
-            return run(*args)
+        # Nothing to differentiate: the implementation alone, in the caller's grad mode (with
+        # no input requiring grad torch records nothing in either mode, so no no_grad block,
+        # about 1.7 us of a tiny call)
+        return run(*args)
 
     return call
