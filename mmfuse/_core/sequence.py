@@ -527,11 +527,16 @@ def sequence_fusion(
         rows_b, chunk_j = cp_blocking(*shape, itemsize, budget)
     numpy = is_numpy(xp)
     parts = []
-    for blk in block_slices(batch, rows_b):
+    # One block, or one chunk of token ranks, covering everything takes the arrays whole: an
+    # index of all rows would be one more operator per modality on torch
+    all_ranks = chunk_j >= r_t
+    blocks = block_slices(batch, rows_b)
+    for blk in blocks:
+        block = hs if len(blocks) == 1 else [h[blk, ...] for h in hs]
         # the first contraction, once per batch block: (b, R_t T_out, r_m) or (b, T_m, R_h D)
         firsts = [
-            psi_t @ h[blk, ...] if order == "token" else _times(xp, h[blk, ...], phi)
-            for h, (phi, psi_t), order in zip(hs, mats, the_plan.orders)
+            psi_t @ h if order == "token" else _times(xp, h, phi)
+            for h, (phi, psi_t), order in zip(block, mats, the_plan.orders)
         ]
         acc = None
         for j0 in range(0, r_t, chunk_j):
@@ -539,7 +544,10 @@ def sequence_fusion(
             prod = None
             for first, (phi, psi_t), order in zip(firsts, mats, the_plan.orders):
                 # (b, jn T_out, R_h D)
-                term = _times(xp, first[:, rows, :], phi) if order == "token" else psi_t[rows, :] @ first
+                if order == "token":
+                    term = _times(xp, first if all_ranks else first[:, rows, :], phi)
+                else:
+                    term = (psi_t if all_ranks else psi_t[rows, :]) @ first
                 if prod is None:
                     prod = term
                 elif numpy:
@@ -557,6 +565,11 @@ def sequence_fusion(
 
 def _times(xp: Any, a: Any, mat: Any) -> Any:
     """(b, p, r) @ (r, q) as one GEMM on (b p, r)."""
+    if is_torch(xp) and a.is_contiguous():
+        # torch's matmul folds a contiguous (b, p, r) @ (r, q) into that GEMM itself (a view,
+        # the same mm): one operator instead of reshape, mm, reshape, about 3 us of a tiny
+        # call.  (A strided a it would not fold but broadcast to a bmm: the reshapes below.)
+        return a @ mat
     n_b, n_p, r = a.shape
     return xp.reshape(xp.reshape(a, (n_b * n_p, r)) @ mat, (n_b, n_p, mat.shape[1]))
 
@@ -591,6 +604,13 @@ def cp_blocking(
 def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
     """x @ W + b for x (B, T, d) as one GEMM on (B T, d) (torch: one ``addmm``)."""
     batch, t_m, d = x.shape
+    if is_torch(xp) and x.is_contiguous():
+        # torch's linear runs that addmm on the (B T, d) view of a contiguous x itself (its
+        # flattened path; a matmul, which folds the same way, without b): one operator
+        # instead of reshape, addmm, reshape
+        import torch
+
+        return x @ w if b is None else torch.nn.functional.linear(x, w.mT, b)
     x2 = xp.reshape(x, (batch * t_m, d))
     if b is not None and is_torch(xp):
         import torch
