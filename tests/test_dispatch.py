@@ -186,8 +186,9 @@ def test_first_lookups_from_many_threads_see_a_fully_loaded_plugin():
 
 def test_torch_namespace_fast_path_gives_array_api_compats_answer():
     """All-torch calls skip array_api_compat's generic dispatch (mmfuse._namespace); the
-    namespace and devices must be exactly what array_api_compat reports, subclasses included,
-    and a mix with another namespace must still be refused."""
+    namespace must be array_api_compat's (with its three direct forms, tests/test_torch_namespace.py)
+    and the devices exactly what array_api_compat reports, subclasses included, and a mix with
+    another namespace must still be refused."""
     torch = pytest.importorskip("torch")
     import array_api_compat
 
@@ -195,7 +196,11 @@ def test_torch_namespace_fast_path_gives_array_api_compats_answer():
 
     x = torch.randn(3, dtype=torch.float64)
     p = torch.nn.Parameter(torch.randn(2))
-    assert array_namespace(x, None, p) is array_api_compat.array_namespace(x, p)
+    mine, theirs = array_namespace(x, None, p), array_api_compat.array_namespace(x, p)
+    assert mine.__name__ == theirs.__name__ and mine.where is theirs.where and mine.finfo is theirs.finfo
+    assert {k for k, v in vars(mine).items() if v is not getattr(theirs, k, None)} == {
+        "reshape", "sum", "matrix_transpose"
+    }
     assert device_of(x) == array_api_compat.device(x) and device_of(p) == array_api_compat.device(p)
     with pytest.raises(TypeError, match=r"mixed array namespaces: a is torch but b is numpy"):
         array_namespace(x, np.ones(2), names=("a", "b"))
