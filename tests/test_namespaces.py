@@ -1,0 +1,152 @@
+"""mmfuse's NumPy and torch namespaces: array_api_compat's, with reshape / sum /
+matrix_transpose answered by ndarray's own methods (NumPy) or by the torch call
+array_api_compat's wrapper would make (torch), where the answer is the same array
+(mmfuse._namespace)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import array_api_compat.numpy as compat
+import numpy as np
+import pytest
+
+from mmfuse._namespace import array_namespace, is_numpy, is_torch, namespace_name
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_it_is_the_frameworks_namespace(framework):
+    if framework == "numpy":
+        make, is_it, base = np.ones, is_numpy, compat
+    else:
+        torch = pytest.importorskip("torch")
+        import array_api_compat.torch as base
+
+        make, is_it = torch.ones, is_torch
+    xp = array_namespace(make(2))
+    assert is_it(xp) and namespace_name(xp) == framework
+    assert array_namespace(make(2), make(3)) is xp  # the multi-array path too
+    for name in ("float32", "finfo", "concat", "astype", "where", "permute_dims"):
+        assert getattr(xp, name) is getattr(base, name)
+
+
+# --------------------------------------------------------------------------- NumPy
+
+
+@pytest.fixture
+def xp():
+    return array_namespace(np.ones(2))
+
+def _same(a, b):
+    assert type(a) is type(b) and a.dtype == b.dtype and np.shape(a) == np.shape(b)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex128", "int64", "bool"])
+def test_delegations_give_compats_answers(xp, rng, dtype):
+    a = (10 * rng.standard_normal((3, 4, 5))).astype(dtype)
+    views = [a, a[:, ::2], np.asfortranarray(a), a[0, 0, 0:1].reshape(()) if a.ndim else a]
+    for v in views:
+        for axis in (None, 0, -1, (0, 2), ()):
+            if v.ndim == 0 and axis not in (None, ()):
+                continue
+            for keepdims in (False, True):
+                _same(xp.sum(v, axis=axis, keepdims=keepdims), compat.sum(v, axis=axis, keepdims=keepdims))
+        if v.ndim >= 2:
+            _same(xp.matrix_transpose(v), compat.matrix_transpose(v))
+        _same(xp.reshape(v, (-1,)), compat.reshape(v, (-1,)))
+    if dtype != "complex128":  # dtype= passed through (complex -> float64 would warn)
+        _same(xp.sum(a, axis=0, dtype=np.float64), compat.sum(a, axis=0, dtype=np.float64))
+    # the view / copy rule is the same: a view where the layout allows one
+    assert np.shares_memory(xp.reshape(a, (12, 5)), a)
+    assert not np.shares_memory(xp.reshape(a[:, ::2], (-1,)), a)
+    with pytest.raises(ValueError):
+        xp.reshape(a[:, ::2], (-1,), copy=False)  # array_api_compat's refusal, not ours
+    with pytest.raises(ValueError):
+        xp.matrix_transpose(a[0, 0])
+
+
+# --------------------------------------------------------------------------- torch
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture
+def txp(torch):
+    return array_namespace(torch.ones(2))
+
+
+def _same_tensor(torch, a, b):
+    assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex128", "int32", "bool"])
+def test_torch_delegations_give_compats_answers(torch, txp, dtype):
+    import array_api_compat.torch as tcompat
+
+    gen = torch.Generator().manual_seed(20261203)
+    a = (10 * torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)).to(getattr(torch, dtype))
+    views = [a, a[:, ::2], a.transpose(0, 2), a[0, 0, 0:1].reshape(())]
+    for v in views:
+        for axis in (None, 0, -1, (0, 2), ()):
+            if v.ndim == 0 and axis not in (None, ()):
+                continue
+            for keepdims in (False, True):
+                _same_tensor(
+                    torch, txp.sum(v, axis=axis, keepdims=keepdims), tcompat.sum(v, axis=axis, keepdims=keepdims)
+                )
+        if v.ndim >= 2:
+            mine, theirs = txp.matrix_transpose(v), tcompat.matrix_transpose(v)
+            _same_tensor(torch, mine, theirs)
+            assert mine.stride() == theirs.stride() and mine.data_ptr() == v.data_ptr()  # a view
+        _same_tensor(torch, txp.reshape(v, (-1,)), tcompat.reshape(v, (-1,)))
+    if a.dtype.is_floating_point:  # dtype= passed through
+        _same_tensor(torch, txp.sum(a, axis=0, dtype=torch.float64), tcompat.sum(a, axis=0, dtype=torch.float64))
+    # the view / copy rule is the same: a view where the layout allows one
+    assert txp.reshape(a, (12, 5))._base is a
+    assert txp.reshape(a[:, ::2], (-1,))._base is None
+    with pytest.raises((ValueError, RuntimeError)):
+        txp.reshape(a[:, ::2], (-1,), copy=False)  # array_api_compat's refusal, not ours
+    with pytest.raises(ValueError):
+        txp.matrix_transpose(a[0, 0])
+
+
+@needs_torch
+def test_torch_gradients_flow_through_the_fast_forms(torch, txp):
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+    out = (txp.sum(txp.reshape(a, (12, 5)), axis=0, keepdims=True) @ txp.matrix_transpose(a[0]) @ w).sum()
+    out.backward()
+    b = a.detach().clone().requires_grad_()
+    ref = (b.reshape(12, 5).sum(0, keepdim=True) @ b[0].transpose(-1, -2) @ w).sum()
+    ref.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+@needs_torch
+def test_torch_core_traces_through_it_under_compile(torch, txp):
+    """Dynamo inlines the namespace's plain functions: a fullgraph compile of the core's
+    collapsed factors (sum, matrix_transpose) and a reshape of a strided tensor gives the
+    eager values."""
+    from mmfuse._core import sequence as core_sequence
+
+    gen = torch.Generator().manual_seed(11)
+    feature = torch.randn(2, 3, 6, generator=gen)
+    token = torch.randn(3, 4, 2, generator=gen)
+    h = torch.randn(5, 4, 3, generator=gen)
+
+    def helpers(feature, token, h):
+        phi, psi_t = core_sequence._collapsed_factors(txp, feature, token)
+        return txp.reshape(h.transpose(0, 1), (20, 3)) @ phi, psi_t
+
+    compiled = torch.compile(helpers, fullgraph=True, backend="eager")
+    for got, want in zip(compiled(feature, token, h), helpers(feature, token, h)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
