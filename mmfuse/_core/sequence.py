@@ -602,7 +602,8 @@ def cp_blocking(
 
 
 def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
-    """x @ W + b for x (B, T, d) as one GEMM on (B T, d) (torch: one ``addmm``)."""
+    """x @ W + b for x (B, T, d) as one GEMM on (B T, d) (torch: one ``addmm``, through
+    ``linear`` for a contiguous x)."""
     batch, t_m, d = x.shape
     if is_torch(xp) and x.is_contiguous():
         # torch's linear runs that addmm on the (B T, d) view of a contiguous x itself (its
