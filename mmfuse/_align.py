@@ -555,7 +555,9 @@ def zoom_shift(
     fraction alpha toward the guide's.  At alpha = 1 with ``eps = 0`` the output has exactly
     the guide's mean and std; with ``eps > 0`` its variance is
     :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)`, the guide's up to O(eps).  A channel
-    of x with zero spread (possible only with ``eps = 0``) is shifted, not zoomed.  Naive definition::
+    of x with zero spread (possible only with ``eps = 0``) is shifted, not zoomed; gradients take
+    the zero spread's own derivative as 0 (exact for a lane with one unmasked token, the
+    subgradient 0 for equal values).  Naive definition::
 
         mu_x, s_x = moments(x, mask=mask, eps=eps)
         mu_g, s_g = moments(guide, mask=guide_mask, eps=eps)

@@ -338,14 +338,41 @@ def shift(x: Any, offset: Any) -> Any:
     return x + offset
 
 
+def spread(xp: Any, var: Any, eps: float) -> Any:
+    """``sigma = sqrt(var + eps)``, the spread every map rule takes.
+
+    At ``eps = 0`` a lane with no spread (one unmasked token, or equal values) has sigma = 0,
+    where sqrt's derivative is infinite and autograd's chain gives ``inf * 0 = NaN``.  There
+    the spread's derivative is taken as 0: sqrt is evaluated away from 0 and the lane takes
+    ``var`` itself (0, or NaN, which stays NaN).  For a single unmasked token that is the
+    exact derivative (its spread stays 0 under any small change); for equal values, where
+    sqrt(var) has a corner, it is the subgradient 0, the term the custom ops' closed-form
+    backwards drop.  Same values as ``sqrt(var + eps)`` everywhere.
+    """
+    if eps != 0:
+        return xp.sqrt(var + eps)
+    live = var > 0
+    return xp.where(live, xp.sqrt(xp.where(live, var, 1.0)), var)
+
+
 def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
     """``(target / sigma) ** alpha``, and 1 where ``sigma == 0`` (no spread: nothing to zoom).
 
-    Uses only ``where`` with a Python scalar, so it also traces under ``torch.compile``.
+    Uses only ``where`` with a Python scalar, so it also traces under ``torch.compile``.  For
+    alpha < 1 the power's infinite derivative at ``target = 0`` (a guide with no spread, at
+    eps = 0) is taken as 0 (:func:`_power`).
     """
     live = sigma > 0
     ratio = target / xp.where(live, sigma, 1.0)
-    return xp.where(live, ratio if alpha == 1.0 else ratio**alpha, 1.0)
+    return xp.where(live, ratio if alpha == 1.0 else _power(xp, ratio, alpha), 1.0)
+
+
+def _power(xp: Any, v: Any, p: float) -> Any:
+    """``v ** p`` for ``v >= 0`` and ``0 < p < 1``, with its derivative at ``v = 0`` (infinite)
+    taken as 0: the power is evaluated away from 0 (same values; NaN stays NaN).  A base of 0
+    is a spread that stays 0 (:func:`spread`), so no derivative is lost."""
+    flat = v == 0
+    return xp.where(flat, 0.0, xp.where(flat, 1.0, v) ** p)
 
 
 def _target_mean(mean: Any, g_mean: Any, alpha: float) -> Any:
@@ -363,7 +390,7 @@ def zoom_shift_map(
     since ``x - mu_x = (x - pivot) - corr``.  The rule every implementation written in Python
     applies (the compiled kernels carry their own transcription, checked by the same tests).
     """
-    s = zoom_scale(xp, xp.sqrt(st.var + eps), g_sigma, alpha)
+    s = zoom_scale(xp, spread(xp, st.var, eps), g_sigma, alpha)
     return s, _target_mean(st.mean, g_mean, alpha) - st.corr * s
 
 
@@ -509,7 +536,7 @@ def moments_with(prims: Primitives, x: Any, *, axis: int, mask: Any, eps: float)
     """``(mean, sqrt(var + eps))`` over ``axis`` (kept), in x's dtype."""
     st = prims.stats(x, axis % x.ndim, mask)
     xp = array_namespace(st.var)
-    mean, std = st.mean, xp.sqrt(st.var + eps)
+    mean, std = st.mean, spread(xp, st.var, eps)
     if mean.dtype != x.dtype:
         mean, std = xp.astype(mean, x.dtype), xp.astype(std, x.dtype)
     return mean, std
@@ -524,7 +551,7 @@ def zoom_shift_with(
     ax = axis % x.ndim
     g = prims.stats(guide, ax, guide_mask)
     xp = array_namespace(g.var)
-    return prims.zoom_shift(x, ax, mask, g.mean, xp.sqrt(g.var + eps), alpha, eps)
+    return prims.zoom_shift(x, ax, mask, g.mean, spread(xp, g.var, eps), alpha, eps)
 
 
 def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
@@ -647,7 +674,7 @@ def _round_maps(
     """
     n = len(stats)
     mus = [m for m, _ in stats]
-    sig = [xp.sqrt(v + eps) for _, v in stats]
+    sig = [spread(xp, v, eps) for _, v in stats]
     if rounds is None:
         return _limit_maps(xp, mus, [v for _, v in stats], alpha, schedule, topology, hub, eps)
     share: list[Any] = [None] * n  # var / (var + eps), once a spread update needs it
@@ -663,7 +690,7 @@ def _round_maps(
             else:
                 others = [src for j, src in enumerate(zip(src_mu, src_sig)) if j != i]
                 mu_t = _arithmetic_mean([m for m, _ in others])
-                sigma_t = _geometric_mean([g for _, g in others])
+                sigma_t = _geometric_mean(xp, [g for _, g in others])
             s = zoom_scale(xp, sig[i], sigma_t, alpha)
             # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S (x0 - mu0) + ...
             scales[i] = s if scales[i] is None else s * scales[i]
@@ -690,11 +717,11 @@ def _arithmetic_mean(values: list[Any]) -> Any:
     return out if k == 1 else out / k
 
 
-def _geometric_mean(values: list[Any]) -> Any:
+def _geometric_mean(xp: Any, values: list[Any]) -> Any:
     k = len(values)
-    out = values[0] if k == 1 else values[0] ** (1.0 / k)
+    out = values[0] if k == 1 else _power(xp, values[0], 1.0 / k)
     for v in values[1:]:
-        out = out * v ** (1.0 / k)
+        out = out * _power(xp, v, 1.0 / k)
     return out
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import array_api_compat.torch as _XP  # the namespace the core's statistics take
 import torch
 
-from ..._core.align import GENERIC, NUMPY, zoom_scale, zoom_shift_map, zoom_shift_with
+from ..._core.align import GENERIC, NUMPY, spread, zoom_scale, zoom_shift_map, zoom_shift_with
 from .._torch_eager import bind
 from ._common import cast, compute_dtype
 
@@ -93,7 +93,7 @@ def _zoom_shift_forward(
     g = GENERIC.stats(gc, ax, guide_mask)
     st = GENERIC.stats(xc, ax, mask, keep_dev=True)
     # the core's rule, about the pivot: y = (x - p) s + offset, x - p exact near the mean
-    s, offset = zoom_shift_map(_XP, st, g.mean, torch.sqrt(g.var + eps), alpha, eps)
+    s, offset = zoom_shift_map(_XP, st, g.mean, spread(_XP, g.var, eps), alpha, eps)
     return torch.addcmul(offset, st.dev, s).to(dtype)
 
 
