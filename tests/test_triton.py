@@ -217,6 +217,22 @@ def test_lowrank_deterministic():
         assert torch.equal(a, c)
 
 
+def test_lowrank_second_order_refuses_loudly():
+    """The backward kernels have no derivative (docs/backends.rst): a second-order gradient
+    raises naming the backward op, never returns wrong numbers; first-order with
+    create_graph=True still gives the torch backend's gradients."""
+    xs, fs, _, _, _, upstream = _lowrank_problem(5, (2, 3), 2, 2, True, False, False, torch.float32)
+    leaves = [*xs, *fs]
+    grads = torch.autograd.grad(
+        (mmfuse.lowrank_fusion(xs, fs, backend="triton") * upstream).sum(), leaves, create_graph=True
+    )
+    want = torch.autograd.grad((mmfuse.lowrank_fusion(xs, fs, backend="torch") * upstream).sum(), leaves)
+    for a, c in zip(grads, want):
+        assert_close(a, c)
+    with pytest.raises(RuntimeError, match="lowrank_fusion_backward"):
+        torch.autograd.grad(sum((g * g).sum() for g in grads), leaves)
+
+
 def test_registered_autograd_matches_eager_binding():
     """torch.ops.mmfuse_triton.* with torch.library's autograd (what torch.compile uses) and
     the eager binding give the same values and gradients."""

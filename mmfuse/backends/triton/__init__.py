@@ -39,7 +39,10 @@ G_m = g w_r prod_{j != m} P_j,
 
 So the backward costs the forward's projections twice more (once per kernel) plus the dx and
 dF products; in exchange the step keeps no (M, B, R h) projections (LMF's dominant memory).
-Everything is deterministic: same inputs, same bits.
+Everything is deterministic: same inputs, same bits.  The two kernels have no derivative of
+their own: a second-order gradient through the Triton low-rank op raises (torch names the
+backward op without an autograd formula); the torch backend's op, whose backward is torch
+code, has one.
 
 CP fusion (``cp_fwd_kernel``): per row block the (BLOCK_B, R) product
 w * prod_m [x_m, 1] A_m is formed in registers, then multiplied by C^T slice by slice.  Its
