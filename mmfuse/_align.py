@@ -50,7 +50,7 @@ def _check_array(x: Any, name: str) -> None:
 
 
 def _check_axis(x: Any, axis: Any, name: str) -> int:
-    """Normalise ``axis`` for ``x``; refuse the batch axis and a single-entry axis."""
+    """Normalise ``axis`` for ``x``; refuse the batch axis and an empty or single-entry axis."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
     axis = int(axis)
@@ -70,6 +70,12 @@ def _check_axis(x: Any, axis: Any, name: str) -> int:
             f"axis={axis} is the batch axis of {name} with shape {fmt_shape(x.shape)}: "
             "statistics are per sample and never reduce over the batch; pass (B, T, C) inputs "
             "(tokens on axis -2), or axis=-1 to take statistics over channels"
+        )
+    if x.shape[ax] == 0:
+        raise ValueError(
+            f"{name} has no entries along the statistics axis axis={axis} (shape "
+            f"{fmt_shape(x.shape)}): its statistics are undefined; every sample needs at least "
+            "one token"
         )
     if x.shape[ax] == 1:
         raise ValueError(

@@ -418,6 +418,25 @@ def test_errors_zoom_shift(rng):
         mmfuse.zoom_shift(x.astype(np.int64), g.astype(np.int64))
 
 
+def test_an_empty_token_axis_is_refused(xp, rng):
+    """A modality with no tokens has no statistics: a clear refusal naming it (it gave NaN
+    outputs on the fast paths and ZeroDivisionError in the reference)."""
+    x = xp.asarray(rng.standard_normal((2, 5, 4)))
+    g = xp.asarray(rng.standard_normal((2, 3, 4)))
+    empty = g[:, :0, :]
+    calls = [  # (call, the argument its refusal names)
+        (lambda b: mmfuse.moments(empty, backend=b), "x"),
+        (lambda b: mmfuse.zoom_shift(empty, g, backend=b), "x"),
+        (lambda b: mmfuse.zoom_shift(x, empty, backend=b), "guide"),
+        (lambda b: mmfuse.align([x, empty], backend=b), r"xs\[1\]"),
+        (lambda b: mmfuse.zoom_shift_fusion([x, empty], backend=b), r"xs\[1\]"),
+    ]
+    for call, label in calls:
+        for backend in (None, "reference"):
+            with pytest.raises(ValueError, match=rf"{label} has no entries along the statistics axis axis=-2"):
+                call(backend)
+
+
 def test_errors_align(rng):
     xs = _data(rng)
     with pytest.raises(ValueError, match=r"channel count mismatch: xs\[1\] has channel count 5"):
