@@ -136,6 +136,8 @@ def check_tensor_fusion(
     xs: Any, weight: Any, bias: Any, append_one: bool, max_elements: int
 ) -> list[Any]:
     xs, _ = check_modalities(xs)
+    if not array_api_compat.is_array_api_obj(weight):
+        raise not_an_array("weight", weight)
     named = [*named_arrays("xs", xs), ("weight", weight), ("bias", bias)]
     xp = common_namespace(named)
     check_same_float_dtype(xp, named)

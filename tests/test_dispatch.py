@@ -13,7 +13,7 @@ import pytest
 import mmfuse
 from mmfuse import _config
 from mmfuse._core import fusion as core_fusion
-from mmfuse.backends import BackendUnsupported, available, lookup, register, unregister
+from mmfuse.backends import BackendUnsupported, available, explain, lookup, register, unregister
 from mmfuse.backends import reference as reference_backend
 
 
@@ -123,6 +123,8 @@ def test_available_lists_builtin_backends():
     assert "array_api" in available("lowrank_fusion")
     with pytest.raises(ValueError, match=r"unknown operator 'nope'"):
         available("nope")
+    with pytest.raises(ValueError, match=r"unknown operator 'lowrank_fuson'; known operators: \['align'"):
+        explain("lowrank_fuson", np.ones((4, 3)))  # was an AssertionError
 
 
 def test_register_checks_signature():
@@ -210,7 +212,6 @@ def test_prefer_is_a_soft_preference():
     """prefer= runs the preferred backend where it can take the call and "auto" elsewhere;
     backend= stays strict, and every refusal is BackendUnsupported."""
     pytest.importorskip("numba")
-    from mmfuse.backends import explain
 
     x = np.random.default_rng(0).standard_normal((2, 5, 3))
     p = mmfuse.init_lowrank([3], rank=1, out_dim=2, seed=0)

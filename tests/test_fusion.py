@@ -445,6 +445,17 @@ def test_error_tfn_weight_shape():
         mmfuse.tensor_fusion(xs, np.ones((4, 4, 2)))
 
 
+def test_tfn_weight_must_be_an_array_and_may_have_no_outputs(xp, rng):
+    """weight=None is named (it was an AttributeError); an output width of 0 gives (B, 0) on
+    every path, as the reference does (the block rule divided by the empty intermediates)."""
+    xs = [xp.asarray(rng.standard_normal((4, d))) for d in (3, 2)]
+    with pytest.raises(TypeError, match=r"weight must be an array, got NoneType"):
+        mmfuse.tensor_fusion(xs, None)
+    weight = xp.asarray(rng.standard_normal((4, 3, 0)))
+    for backend in (None, "array_api", "reference"):
+        assert tuple(mmfuse.tensor_fusion(xs, weight, backend=backend).shape) == (4, 0)
+
+
 def test_error_cp_wrong_number_of_factors():
     xs, _ = _ok()
     cp = (np.ones(2), [np.ones((4, 2)), np.ones((3, 2))])

@@ -127,7 +127,8 @@ def tensor_fusion_rows(xp: Any, x: Any, dims: tuple[int, ...], out_dim: int, max
     is_tensor = torch is not None and isinstance(x, torch.Tensor)
     if not is_tensor and (is_lazy(x) or is_dask(xp) or is_jax(xp) or x.shape[0] is None):
         return None
-    return max(1, max_elements // max(intermediate_sizes(1, dims, out_dim)))
+    # (an output width of 0 makes every intermediate empty: one block)
+    return max(1, max_elements // max(1, *intermediate_sizes(1, dims, out_dim)))
 
 
 def _contract(xp: Any, xs: list[Any], weight: Any, append_one: bool) -> Any:

@@ -437,6 +437,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
       array_api / dask, one task per chunk    1  cannot take them: needs Dask arrays
       array_api / generic                     0  would run if the rows above could not
     """
+    _signature(op)  # an unknown operator: a ValueError listing the known ones
     name = _policy(backend)
     like = _first_array(list(arrays))
     info = _describe(like, arrays, size)
