@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -10,7 +11,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -336,6 +337,27 @@ def _check_output_file(path: str) -> None:
         raise UsageError(f"mmfuse: cannot write {path!r}: permission denied")
 
 
+@contextlib.contextmanager
+def _writing(path: str, what: str = "write", *, any_error: bool = False) -> Iterator[None]:
+    """Report an OSError raised while writing ``path`` (a file, or the files in folder
+    ``path``) like the up-front checks do: one line naming the path on stderr, exit status 2
+    (the checks cannot see everything: a virtual or read-only file system, a full disk, ...).
+
+    An OSError about another file (one the work reads, say) propagates unless ``any_error``.
+    """
+    try:
+        yield
+    except OSError as exc:
+        name = exc.filename
+        where = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else None
+        top = os.path.abspath(path)
+        if where is not None and not any_error:
+            if os.path.commonpath([top, os.path.abspath(where)]) != top:
+                raise  # not the output: a real failure, shown in full
+            path = where
+        raise UsageError(f"mmfuse: cannot {what} {path!r}: {exc.strerror or exc}") from None
+
+
 def _check_output_dir(path: str, files: Sequence[str]) -> None:
     """Fail now if folder ``path`` cannot be created or the ``files`` in it cannot be written."""
     if os.path.exists(path):
@@ -437,20 +459,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if any(r["seconds"] for r in results):
         print(_speedup_note(any(r.get("vs_array_api_numpy") for r in results)))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(
-                {
-                    "mmfuse": mmfuse.__version__,
-                    "machine": platform.platform(),
-                    "scale": scale,
-                    "results": results,
-                },
-                fh,
-                indent=2,
-            )
+        machine = platform.platform()
+        report = {"mmfuse": mmfuse.__version__, "machine": machine, "scale": scale, "results": results}
+        with _writing(args.json), open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
-        _bench_plot(results, args.plot)
+        with _writing(args.plot):
+            _bench_plot(results, args.plot)
         print(f"wrote {args.plot}")
     errors = sum(str(r["status"]).startswith("error") for r in results)
     if errors:
@@ -507,7 +523,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mmfuse._demo import run_demo
 
     _check_output_dir(args.out, ("demo.txt", "demo.png"))
-    return run_demo(quick=args.quick, out=args.out, progress=not args.no_progress)
+    with _writing(args.out, "create folder", any_error=True):  # now, not after the training
+        os.makedirs(args.out, exist_ok=True)
+    with _writing(args.out):
+        return run_demo(quick=args.quick, out=args.out, progress=not args.no_progress)
 
 
 # --------------------------------------------------------------------------- main

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -235,8 +235,39 @@ def _entries(plist: nn.ParameterList) -> list[Any]:
 _INDEX_KEYS = [tuple(str(i) for i in range(n)) for n in range(33)]
 
 
+def _check_dtype(dtype: Any) -> Any:
+    """``dtype`` if it is a floating ``torch.dtype`` or None (a layer's parameters, or the
+    dtype it expects, must be floating), else TypeError."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    return dtype
+
+
 def _factory(device: Any, dtype: Any) -> dict[str, Any]:
-    return {"device": device, "dtype": dtype}
+    return {"device": device, "dtype": _check_dtype(dtype)}
+
+
+def _as_loaded(name: str, value: Any) -> torch.Tensor:
+    """An array handed to a loader (``from_lmf``, ``from_cp``) as a tensor: torch tensors,
+    NumPy arrays, ... go through ``torch.as_tensor``; None or a non-array is a TypeError
+    naming the argument."""
+    if value is None:
+        raise TypeError(f"{name} must be a tensor or array, got None")
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a tensor or array, got {type(value).__name__}") from None
+
+
+def _loaded_dtype(name: str, first: torch.Tensor, dtype: Any) -> Any:
+    """The dtype of a layer loaded from arrays: ``dtype``, else that of ``first`` (named
+    ``name``), which must then be floating."""
+    if dtype is None and not first.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {first.dtype}; the layer takes its dtype from it, so it must be "
+            "floating: pass floating arrays, or dtype="
+        )
+    return _check_dtype(first.dtype if dtype is None else dtype)
 
 
 def _loaded_limit(arrays: Sequence[Any]) -> int:
@@ -473,10 +504,12 @@ class LowRankFusion(_RankedFusion):
             LMF's modality factors in its order of modalities, e.g.
             ``[state["audio_factor"], state["video_factor"], state["text_factor"]]``.  In LMF's
             layout the constant's row is row 0 (LMF prepends the 1); it is moved to the end.
-        fusion_weights : tensor, shape (1, R)
-        fusion_bias : tensor, shape (1, h)
+            Tensors, or arrays (NumPy arrays, ...: each goes through ``torch.as_tensor``, as in
+            :meth:`CPFusion.from_cp`).
+        fusion_weights : tensor or array, shape (1, R)
+        fusion_bias : tensor or array, shape (1, h)
         device, dtype : optional
-            Default: those of ``factors[0]``.
+            Default: those of ``factors[0]`` (whose dtype must then be floating).
 
         Returns
         -------
@@ -487,10 +520,18 @@ class LowRankFusion(_RankedFusion):
 
         Raises
         ------
+        TypeError
+            An argument that is None or not an array, or integer ``factors`` without ``dtype``.
         ValueError
             Shapes not in LMF's layout.
         """
-        factors = list(factors)
+        if factors is None or isinstance(factors, (str, bytes)) or not isinstance(factors, Iterable):
+            raise TypeError(
+                f"factors must be a sequence of M tensors (one per modality), got {type(factors).__name__}"
+            )
+        factors = [_as_loaded(f"factors[{m}]", f) for m, f in enumerate(factors)]
+        fusion_weights = _as_loaded("fusion_weights", fusion_weights)
+        fusion_bias = _as_loaded("fusion_bias", fusion_bias)
         if not factors:
             raise ValueError("factors must hold at least 1 modality factor, got 0")
         for m, f in enumerate(factors):
@@ -512,7 +553,7 @@ class LowRankFusion(_RankedFusion):
                 f"fusion_bias must have shape (1, h) = (1, {out_dim}), got {_fmt(fusion_bias.shape)}"
             )
         device = factors[0].device if device is None else device
-        dtype = factors[0].dtype if dtype is None else dtype
+        dtype = _loaded_dtype("factors[0]", factors[0], dtype)
         layer = cls(
             [f.shape[1] - 1 for f in factors], int(out_dim), int(rank), device=device, dtype=dtype,
             max_elements=_loaded_limit(factors),
@@ -690,11 +731,21 @@ class CPFusion(_RankedFusion):
         (ones); ``bias`` (h,) likewise.
         """
         weights, factors = _fusion.as_cp(cp)
-        factors = [torch.as_tensor(f) for f in factors]
+        factors = [_as_loaded(f"cp factor {i}", f) for i, f in enumerate(factors)]
         rank = factors[0].shape[1]
-        extra = int(append_one)
+        if rank < 1:
+            raise ValueError(f"cp factors have rank R = 0 (cp factor 0 has shape {_fmt(factors[0].shape)})")
+        extra = int(check_bool_option("append_one", append_one))
+        for i, f in enumerate(factors[:-1]):
+            if f.shape[0] < 1 + extra:
+                need = "d_m + 1 >= 2 rows (append_one=True)" if extra else "d_m >= 1 rows"
+                raise ValueError(f"cp factor {i} has {f.shape[0]} rows; a modality factor needs {need}")
+        if factors[-1].shape[0] < 1:
+            raise ValueError(
+                f"cp factor {len(factors) - 1} (the output factor) has 0 rows; it needs h >= 1 rows"
+            )
         device = factors[0].device if device is None else device
-        dtype = factors[0].dtype if dtype is None else dtype
+        dtype = _loaded_dtype("cp factor 0", factors[0], dtype)
         layer = cls(
             [f.shape[0] - extra for f in factors[:-1]],
             factors[-1].shape[0],
@@ -1235,8 +1286,7 @@ class ZoomShift(nn.Module):
             is None
         ):
             raise ValueError("rounds=None: Jacobi consensus with M = 2 and alpha = 1 has no limit")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        _check_dtype(dtype)
         # an empty buffer: .to() / .double() / .half() move the layer's dtype with it
         self._dtype_buffer: torch.Tensor | None
         self.register_buffer(

@@ -490,3 +490,44 @@ def test_demo_figure_marks_a_quick_run_and_the_chance_level():
                 assert list(lines[0].get_xdata()) == [chance[kind]] * 2
         finally:
             plt.close(fig)
+
+
+def test_an_os_error_writing_the_outputs_is_one_line_with_status_2(capsys, monkeypatch):
+    """The up-front checks cannot see every unwritable path (under /proc, even root's
+    os.access says yes); the OSError at creation or writing is reported like them."""
+
+    def boom(*a, **k):  # the folder is created before the work starts
+        raise AssertionError("work started before the output folder was created")
+
+    monkeypatch.setattr("mmfuse._demo.run_demo", boom)
+    cases = [
+        (["demo", "--quick", "--out", "/proc/mmfuse-forbidden"], "create folder '/proc/mmfuse-forbidden'"),
+        (["bench", "--quick", "--ops", "zoom_shift", "--backends", "array_api", "--namespaces", "numpy",
+          "--json", "/proc/mmfuse-x.json"], "write '/proc/mmfuse-x.json'"),
+    ]  # fmt: skip
+    for argv, what in cases:
+        with pytest.raises(SystemExit) as exc:
+            _cli.main([*argv, "--no-progress"])
+        assert exc.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"mmfuse: cannot {what}: "), err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_an_os_error_inside_the_demo_names_the_output_file(tmp_path, capsys, monkeypatch):
+    def unwritable(quick, out, progress):
+        path = f"{out}/demo.txt"
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr("mmfuse._demo.run_demo", unwritable)
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["demo", "--quick", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith(f"mmfuse: cannot write '{tmp_path / 'o' / 'demo.txt'}': Permission denied")
+
+    def elsewhere(quick, out, progress):  # an OSError not about the output is not hidden
+        raise FileNotFoundError(2, "No such file or directory", "/nonexistent/data.csv")
+
+    monkeypatch.setattr("mmfuse._demo.run_demo", elsewhere)
+    with pytest.raises(FileNotFoundError):
+        _cli.main(["demo", "--quick", "--out", str(tmp_path / "o"), "--no-progress"])

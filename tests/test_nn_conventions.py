@@ -184,3 +184,69 @@ def test_tensorfusion_blocks_a_large_batch_eager_and_compiled(compiled):
     for batch in (4, 5, 13):  # intermediates (B, 5, 5): one block of 4 samples holds 100
         xs = [torch.randn(batch, 3), torch.randn(batch, 4)]
         torch.testing.assert_close(run(xs), unbounded(xs))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dt: LowRankFusion([3, 2], 5, 2, dtype=dt),
+        lambda dt: CPFusion([3, 2], 5, 2, dtype=dt),
+        lambda dt: TensorFusion([3, 2], 5, dtype=dt),
+        lambda dt: WanderAdapter((6, 6), LENGTHS, 3, 2, 2, dtype=dt),
+        lambda dt: GuidedZoomShift(6, 2, dtype=dt),
+        lambda dt: ZoomShift(6, 2, dtype=dt),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_a_non_floating_dtype_is_refused_naming_dtype(make, dtype):
+    with pytest.raises(TypeError, match=rf"dtype must be a floating torch.dtype or None, got {dtype}"):
+        make(dtype)
+
+
+def _lmf():
+    torch.manual_seed(9)
+    return [torch.randn(2, 4, 5), torch.randn(2, 3, 5)], torch.randn(1, 2), torch.randn(1, 5)
+
+
+def test_from_lmf_takes_numpy_arrays_like_from_cp():
+    factors, w, b = _lmf()
+    want = LowRankFusion.from_lmf(factors, w, b)
+    got = LowRankFusion.from_lmf([f.numpy() for f in factors], w.numpy(), b.numpy())
+    assert got.factors[0].dtype == torch.float32
+    for name, p in want.state_dict().items():
+        assert torch.equal(got.state_dict()[name], p), name
+
+
+def test_from_lmf_and_from_cp_name_a_missing_or_integer_argument():
+    factors, w, b = _lmf()
+    cases = [
+        (lambda: LowRankFusion.from_lmf(None, w, b), "factors must be a sequence"),
+        (lambda: LowRankFusion.from_lmf([factors[0], None], w, b), r"factors\[1\] must be a tensor or array, got None"),
+        (lambda: LowRankFusion.from_lmf(factors, None, b), "fusion_weights must be a tensor or array, got None"),
+        (lambda: LowRankFusion.from_lmf(factors, w, None), "fusion_bias must be a tensor or array, got None"),
+        (lambda: LowRankFusion.from_lmf([f.long() for f in factors], w, b), r"factors\[0\] has dtype torch.int64.*floating"),
+        (lambda: CPFusion.from_cp((None, [np.ones((4, 2), dtype=np.int64)] * 3)), "cp factor 0 has dtype torch.int64.*floating"),
+    ]  # fmt: skip
+    for make, match in cases:
+        with pytest.raises(TypeError, match=match):
+            make()
+    # an explicit floating dtype converts integer arrays
+    layer = LowRankFusion.from_lmf([f.long() for f in factors], w, b, dtype=torch.float64)
+    assert layer.weights.dtype == torch.float64
+    # None stays allowed where from_cp documents it (weights, bias)
+    assert CPFusion.from_cp((None, [torch.randn(4, 2)] * 3)).bias is None
+
+
+@pytest.mark.parametrize(
+    ("factors", "append_one", "match"),
+    [
+        ([(0, 2), (3, 2), (5, 2)], True, r"cp factor 0 has 0 rows; .*d_m \+ 1 >= 2"),
+        ([(4, 2), (1, 2), (5, 2)], True, r"cp factor 1 has 1 rows; .*d_m \+ 1 >= 2"),
+        ([(4, 2), (0, 2), (5, 2)], False, r"cp factor 1 has 0 rows; .*d_m >= 1"),
+        ([(4, 2), (3, 2), (0, 2)], True, r"cp factor 2 \(the output factor\) has 0 rows"),
+        ([(4, 0), (3, 0), (5, 0)], True, r"cp factors have rank R = 0"),
+    ],
+)
+def test_from_cp_names_the_cp_factor_with_too_few_rows(factors, append_one, match):
+    with pytest.raises(ValueError, match=match):
+        CPFusion.from_cp((None, [torch.randn(s) for s in factors]), append_one=append_one)
