@@ -958,6 +958,11 @@ def _check_seq_inputs(
     n = len(dims)
     shapes = [(None, None if lengths is None else lengths[m], d) for m, d in enumerate(dims)]
     xs = _check_modality_tensors(xs, shapes, dtype, layer, dtype_source=dtype_source)
+    for m, x in enumerate(xs):
+        if x.shape[1] == 0:  # no tokens: no statistics, no pooling (NaN otherwise)
+            raise ValueError(
+                f"{layer}: xs[{m}] has no tokens (shape {_fmt(x.shape)}); every modality needs at least one"
+            )
     if masks is None:
         return list(xs), None
     if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)):

@@ -10,7 +10,7 @@ import pytest
 import mmfuse
 from mmfuse import reference
 from mmfuse._core import align as core
-from mmfuse._namespace import to_numpy
+from mmfuse._namespace import array_namespace, is_torch, to_numpy
 from mmfuse.testing import assert_close
 
 B, C = 3, 4
@@ -435,6 +435,12 @@ def test_an_empty_token_axis_is_refused(xp, rng):
         for backend in (None, "reference"):
             with pytest.raises(ValueError, match=rf"{label} has no entries along the statistics axis axis=-2"):
                 call(backend)
+    if is_torch(array_namespace(x)):
+        from mmfuse.nn import GuidedZoomShift, ZoomShift
+
+        for layer in (ZoomShift(4, 2, dtype=x.dtype), GuidedZoomShift(4, 2, dtype=x.dtype)):
+            with pytest.raises(ValueError, match=r"xs\[1\] has no tokens \(shape \(2, 0, 4\)\)"):
+                layer([x, empty])
 
 
 def test_errors_align(rng):
