@@ -23,6 +23,7 @@ from ._validation import (
     check_bool_option,
     check_floating_dtype,
     check_modalities,
+    check_namespace,
     check_ndim,
     check_positive_int,
     check_present,
@@ -30,6 +31,7 @@ from ._validation import (
     check_size_list,
     common_namespace,
     fmt_shape,
+    random_generator,
 )
 from .backends import lookup
 
@@ -809,10 +811,10 @@ def init_lowrank(
     append_one = check_bool_option("append_one", append_one)
     max_elements = check_positive_int("max_elements", max_elements)
     check_allocations("init_lowrank", lowrank_planned(dims, rank, out_dim, append_one), max_elements)
-    space = array_namespace(np.empty(0)) if xp is None else xp
+    space = array_namespace(np.empty(0)) if xp is None else check_namespace(xp)
     dtype = check_floating_dtype(space, dtype, device)  # default: float32 for torch
     weights = from_numpy(np.full(rank, 1.0 / rank), space, dtype=dtype, device=device)
-    rng = np.random.default_rng(seed)
+    rng = random_generator(seed)
     extra = constant_rows(append_one)
     factors = [rng.standard_normal((rank, d + extra, out_dim)) / np.sqrt(d + extra) for d in dims]
     return {

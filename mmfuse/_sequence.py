@@ -24,12 +24,14 @@ from ._validation import (
     check_bool,
     check_floating_dtype,
     check_modalities,
+    check_namespace,
     check_ndim,
     check_positive_int,
     check_same_float_dtype,
     check_size_list,
     common_namespace,
     fmt_shape,
+    random_generator,
 )
 from .backends import lookup
 
@@ -761,10 +763,10 @@ def init_wander(
     r, r_h, r_t, d_out, t_out = s["rank"], s["feature_rank"], s["token_rank"], s["out_dim"], s["n_out"]
     max_elements = check_positive_int("max_elements", max_elements)
     check_allocations("init_wander", wander_planned(dims, lengths, s), max_elements)
-    space = array_namespace(np.empty(0)) if xp is None else xp
+    space = array_namespace(np.empty(0)) if xp is None else check_namespace(xp)
     dtype = check_floating_dtype(space, dtype, device)  # before drawing: a refusal leaves a Generator alone
     n = len(dims)
-    rng = np.random.default_rng(seed)
+    rng = random_generator(seed)
     down = []
     for d in dims:
         bound = 1.0 / math.sqrt(d)

@@ -8,7 +8,8 @@ modality index where there is one, and the expected and actual shapes or dtypes.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import array_api_compat
@@ -76,12 +77,35 @@ def check_positive_int(name: str, value: Any) -> int:
 
 def check_size_list(name: str, values: Any) -> list[int]:
     """``values`` (one size per modality) as a list of Python ints >= 1; TypeError if it is
-    not a sequence, ValueError naming ``name[m]`` for a bad entry (as check_positive_int)."""
-    if isinstance(values, str) or not hasattr(values, "__iter__"):
+    not a sequence (a set or a dict included: they have no modality order, or keys for
+    sizes), ValueError naming ``name[m]`` for a bad entry (as check_positive_int)."""
+    unordered = isinstance(values, (AbstractSet, Mapping))
+    if isinstance(values, str) or unordered or not hasattr(values, "__iter__"):
         raise TypeError(
             f"{name} must be a sequence of positive integers (one per modality), got {type(values).__name__}"
         )
     return [check_positive_int(f"{name}[{m}]", v) for m, v in enumerate(values)]
+
+
+def check_namespace(xp: Any) -> Any:
+    """``xp`` when it is an array namespace (a module with ``asarray``: numpy, torch, cupy,
+    array_api_compat's, ...); TypeError naming ``xp`` otherwise (its name as a string too)."""
+    if isinstance(xp, str) or not callable(getattr(xp, "asarray", None)):
+        raise TypeError(
+            "xp must be an array namespace, the module itself (e.g. numpy or torch, not its name), "
+            f"got {xp!r}"
+        )
+    return xp
+
+
+def random_generator(seed: Any) -> np.random.Generator:
+    """``numpy.random.default_rng(seed)``, its refusal of a bad seed naming ``seed``."""
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError) as err:
+        raise type(err)(
+            f"seed must be None, a non-negative int or a numpy.random.Generator, got {seed!r} ({err})"
+        ) from None
 
 
 def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:

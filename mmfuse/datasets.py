@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ._namespace import check_host_device, from_numpy, is_numpy, is_torch
+from ._validation import check_namespace, random_generator
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
 
@@ -206,6 +207,8 @@ def _finish(
     **meta: Any,
 ) -> MultimodalDataset:
     """Select the split, shuffle rows, convert to the requested namespace."""
+    if xp is not None:
+        check_namespace(xp)
     if xp is None and device is not None and device != "cpu":
         raise ValueError(f"device={device!r} needs an array namespace: pass xp= as well")
     if xp is not None and is_numpy(xp):
@@ -216,7 +219,7 @@ def _finish(
         rows = rows[is_train] if split == "train" else rows[~is_train]
     if shuffle:
         # A local Generator: the global NumPy RNG is neither read nor advanced.
-        rows = rows[np.random.default_rng(seed).permutation(rows.size)]
+        rows = rows[random_generator(seed).permutation(rows.size)]
 
     def take(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a[rows])

@@ -359,3 +359,32 @@ def test_device_mismatch_names_the_devices_plainly():
     factor = torch.empty(2, 4, 5, device="meta")
     with pytest.raises(ValueError, match=r"^factors\[0\] is on device meta but xs\[0\] is on cpu$"):
         mmfuse.lowrank_fusion([x], [factor])
+
+
+def test_initialisers_name_a_bad_namespace_seed_or_unordered_sizes():
+    """Found by fuzzing invalid inputs: each was NumPy's message or an AttributeError, or (a set
+    or dict of sizes) silently reordered modalities."""
+    import math
+
+    wander_sizes = {"rank": 4, "feature_rank": 2, "token_rank": 3, "out_dim": 8}
+    inits = [
+        lambda **kw: mmfuse.init_lowrank(kw.pop("dims", [3, 2]), rank=2, out_dim=3, **kw),
+        lambda **kw: mmfuse.init_wander(kw.pop("dims", [8, 8]), [6, 5], **wander_sizes, **kw),
+    ]
+    for init in inits:
+        for xp in ("torch", math):
+            with pytest.raises(TypeError, match=r"xp must be an array namespace, the module itself"):
+                init(xp=xp)
+        for seed, err in (("a", TypeError), (1.5, TypeError), (-1, ValueError)):
+            with pytest.raises(err, match=r"seed must be None, a non-negative int or a numpy.random.Generator"):
+                init(seed=seed)
+        for dims in ({8, 2}, {8: 1, 2: 1}):
+            with pytest.raises(TypeError, match=r"dims must be a sequence of positive integers .* got (set|dict)"):
+                init(dims=dims)
+        init(dims=np.array([8, 8]), seed=np.int64(3), xp=np)  # NumPy sizes and seeds stay fine
+    from mmfuse.datasets import load_mfeat
+
+    with pytest.raises(TypeError, match=r"xp must be an array namespace"):
+        load_mfeat(xp="numpy")
+    with pytest.raises(TypeError, match=r"seed must be None"):
+        load_mfeat(shuffle=True, seed="a")
