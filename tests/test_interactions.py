@@ -374,6 +374,22 @@ def test_empty_and_single_batch(xp, kind, batch, rng):
         assert np.all(np.isnan(np.asarray(shares)))
 
 
+@pytest.mark.parametrize("size", ["rank 0", "h 0"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_rank_or_no_output_matches_the_reference(xp, kind, size, rng):
+    """R = 0 (an empty rank sum: zero terms) and h = 0 (empty terms): the reference's answer
+    on every path (the NumPy order recursion divided by the empty slabs' widths)."""
+    if kind == "tensor" and size == "rank 0":
+        pytest.skip("TFN has no rank")
+    p = _problem(rng, 3, **({"rank": 0} if size == "rank 0" else {"out_dim": 0}))
+    for by in ("order", "subset"):
+        want, _, _ = _call(kind, p, np.asarray, by=by, backend="reference")
+        for backend in (None, "array_api"):
+            got, _, _ = _call(kind, p, xp.asarray, by=by, backend=backend)
+            assert tuple(got.shape) == want.shape
+            assert_close(got, want, xp=xp.xp)
+
+
 # --------------------------------------------------------------------------- mmfuse.nn
 
 

@@ -238,8 +238,10 @@ def lowrank_interactions_with(
     """LMF's terms on NumPy arrays with the order recursion of ``recursion`` (a class like
     :class:`NumPyOrders`, e.g. a backend's compiled kernel): rank-major (R, d_m, h) factors
     (the rank weights folded into the first), :func:`orders_blocked`, the rank sum.  Other
-    calls (by subset, no appended constant) run the generic path."""
-    if by != "order" or not append_one:
+    calls (by subset, no appended constant; no rank or no output, whose empty slabs the
+    blocked recursion cannot tile) run the generic path."""
+    rank, _, out_dim = factors[0].shape
+    if by != "order" or not append_one or rank == 0 or out_dim == 0:
         return lowrank_interactions(xs, factors, weights, by=by, present=present, append_one=append_one)
     import numpy as np
 
@@ -457,8 +459,10 @@ def cp_interactions_with(
 ) -> tuple[Any, list[Any]]:
     """CP's terms on NumPy arrays with the order recursion of ``recursion``: the CP rank as
     the width of one rank-major slab (R = 1), :func:`orders_blocked`, one GEMM per block with
-    the weighted output factor.  Other calls run the generic path."""
-    if by != "order" or not append_one:
+    the weighted output factor.  Other calls (and those with no CP rank or no output, whose
+    empty slabs the blocked recursion cannot tile) run the generic path."""
+    out_dim, rank = cp[1][-1].shape
+    if by != "order" or not append_one or rank == 0 or out_dim == 0:
         return cp_interactions(xs, cp, by=by, present=present, append_one=append_one)
     import numpy as np
 
@@ -524,9 +528,9 @@ def tensor_interactions(
 
     def split(g: Any, batched: bool, m: int) -> tuple[Any, Any]:
         """(constant's slice, features' contraction) of mode m, each (b, D_{m+1}, rest)."""
-        rest = math.prod(dims[m + 1 :]) * out_dim
         lead = dims[m + 1] if m + 1 < n else out_dim
-        tail = rest // lead
+        # the rest's size over lead, formed without dividing (an empty output width, h = 0)
+        tail = math.prod(dims[m + 2 :]) * out_dim if m + 1 < n else 1
         d = sizes[m]
         const = g[:, d, :] if append_one else None
         feat = _contract(xp, xs[m], g, batched, d)
