@@ -456,6 +456,22 @@ def test_tfn_weight_must_be_an_array_and_may_have_no_outputs(xp, rng):
         assert tuple(mmfuse.tensor_fusion(xs, weight, backend=backend).shape) == (4, 0)
 
 
+def test_empty_ranks_outputs_and_features_follow_the_reference(xp, rng):
+    """R = 0, h = 0, and a modality without features (d = 0, no constant): the reference's
+    shapes and values (a reshape with -1 was undetermined at these sizes: NumPy's error)."""
+    p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=5, seed=int(rng.integers(1 << 31)))
+    for factors, weights in (
+        ([f[:0] for f in p["factors"]], p["weights"][:0]),
+        ([f[..., :0] for f in p["factors"]], p["weights"]),
+    ):
+        got = mmfuse.lowrank_to_tensor([xp.asarray(f) for f in factors], xp.asarray(weights))
+        assert_close(got, ref.lowrank_to_tensor(factors, weights), xp=xp.xp)
+    xs = [rng.standard_normal((4, 0)), rng.standard_normal((4, 2))]
+    weight = rng.standard_normal((0, 2, 5))
+    got = mmfuse.tensor_fusion([xp.asarray(x) for x in xs], xp.asarray(weight), append_one=False)
+    assert_close(got, ref.tensor_fusion(xs, weight, append_one=False), xp=xp.xp)
+
+
 def test_error_cp_wrong_number_of_factors():
     xs, _ = _ok()
     cp = (np.ones(2), [np.ones((4, 2)), np.ones((3, 2))])

@@ -136,7 +136,7 @@ def _contract(xp: Any, xs: list[Any], weight: Any, append_one: bool) -> Any:
     batch = xs[0].shape[0]
     dims = tuple(weight.shape[:-1])
     # Mode 1 is one GEMM: (B, d_1) @ (D_1, D_2...D_M h).
-    t = affine(xs[0], xp.reshape(weight, (dims[0], -1)), append_one)
+    t = affine(xs[0], xp.reshape(weight, (dims[0], math.prod(weight.shape[1:]))), append_one)
     for m in range(1, len(xs)):
         # Modes 2..M are batched matrix-vector products: (B, 1, D_m) @ (B, D_m, rest).
         # explicit sizes, not -1: an empty batch leaves -1 undetermined
@@ -480,8 +480,9 @@ def lowrank_to_tensor(factors: list[Any], weights: Any = None) -> Any:
     rank, _, out_dim = factors[0].shape
     acc = factors[0] if weights is None else factors[0] * weights[:, None, None]
     for f in factors[1:]:
-        # (R, P, 1, h) * (R, 1, D_m, h) -> (R, P * D_m, h)
-        acc = xp.reshape(acc[:, :, None, :] * f[:, None, :, :], (rank, -1, out_dim))
+        # (R, P, 1, h) * (R, 1, D_m, h) -> (R, P * D_m, h); sizes named, not -1, which an
+        # empty rank or output leaves undetermined
+        acc = xp.reshape(acc[:, :, None, :] * f[:, None, :, :], (rank, acc.shape[1] * f.shape[1], out_dim))
     dims = tuple(f.shape[1] for f in factors)
     return xp.reshape(xp.sum(acc, axis=0), (*dims, out_dim))
 
