@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import importlib
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from naive_sequence import naive_sequence_fusion
 import mmfuse
 from mmfuse import reference
 from mmfuse._core import sequence as core
-from mmfuse._namespace import to_numpy
+from mmfuse._namespace import to_numpy, tree_map
 from mmfuse.testing import assert_close
 
 # --------------------------------------------------------------------------- cases
@@ -360,6 +361,29 @@ def test_wander_callable_activation_and_no_bias(rng):
     params["down"] = [(w, None) for w, _ in params["down"]]
     got = mmfuse.wander(xs, params, activation=np.tanh)
     assert_close(got, reference.wander(xs, params, activation=np.tanh))
+
+
+@pytest.mark.parametrize("route", ["numpy", "torch core", "torch ops"])
+def test_wander_names_an_activation_that_is_not_elementwise(rng, route, monkeypatch):
+    """A callable activation's result is checked where it is applied (the core, and the torch
+    backend's ops for large batches): an error naming it, not one from the fusion's GEMMs
+    further on."""
+    xs, params, _ = _wander_case(rng, 2)
+    if route == "numpy":
+        calls = [lambda act: mmfuse.wander(xs, params, activation=act)]
+    else:
+        torch = pytest.importorskip("torch")
+        if route == "torch ops":  # the custom ops, which small batches skip
+            wander_module = importlib.import_module("mmfuse.backends.torch.wander")
+            monkeypatch.setattr(wander_module, "WHOLE_BATCH_ROWS", 0)
+        txs = [torch.from_numpy(x) for x in xs]
+        tparams = tree_map(torch.from_numpy, params)
+        calls = [lambda act: mmfuse.wander(txs, tparams, activation=act, backend="torch")]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"activation must be elementwise: it returned shape \(3, 1, "):
+            call(lambda z: z[:, :1])
+        with pytest.raises(TypeError, match=r"activation must return an array, got int"):
+            call(lambda z: 0)
 
 
 def test_wander_residual_spans_modalities(rng):

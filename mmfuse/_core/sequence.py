@@ -366,9 +366,25 @@ ACTIVATIONS: dict[str, Callable[[Any, Any], Any]] = {
 def activation_fn(xp: Any, activation: Any) -> Callable[[Any], Any]:
     """The activation as a one-argument function on arrays of ``xp``."""
     if callable(activation):
-        return activation
+        return lambda x: apply_activation(activation, x)
     fn = ACTIVATIONS[activation]
     return lambda x: fn(xp, x)
+
+
+def apply_activation(activation: Callable[[Any], Any], h: Any) -> Any:
+    """A caller's ``activation`` on the pre-activations ``h`` (B, T_m, r_m), its result
+    checked: an array of h's shape (the activation is elementwise), else an error naming
+    ``activation`` rather than one from the fusion's GEMMs further on."""
+    out = activation(h)
+    shape = getattr(out, "shape", None)
+    if shape is None:
+        raise TypeError(f"activation must return an array, got {type(out).__name__}")
+    if tuple(shape) != tuple(h.shape):
+        raise ValueError(
+            f"activation must be elementwise: it returned shape {tuple(shape)} for "
+            f"pre-activations of shape {tuple(h.shape)}"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- the planner

@@ -285,7 +285,7 @@ _wander_eager = bind(
 
 def _activate(h: torch.Tensor, activation: Any) -> torch.Tensor:
     if callable(activation):
-        return activation(h)
+        return _core_sequence.apply_activation(activation, h)
     if activation == "gelu":  # the core's torch GELU, without its namespace check (Dynamo)
         return _core_sequence.gelu_torch(h)
     return _core_sequence.ACTIVATIONS[activation](torch, h)
