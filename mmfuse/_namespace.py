@@ -77,57 +77,66 @@ def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Nam
     return xp
 
 
-class _NumPyNamespace(types.ModuleType):
-    """``array_api_compat.numpy`` with three of its functions answered by ndarray's own methods.
+def _namespace_with(base: Any, **fast: Callable[..., Any]) -> Namespace:
+    """array_api_compat's namespace ``base`` as a plain module with every name of ``base`` but
+    ``fast``'s functions in place of base's own.
 
-    The core calls ``xp.reshape``, ``xp.sum`` and ``xp.matrix_transpose`` a few times per
-    operation.  On NumPy arrays array_api_compat's versions go through NumPy's Python-level
-    function layer (``np.reshape``, ``np.sum``, ``np.swapaxes``): 1.2, 3.7 and 1.2 us a call on
-    the CI machine, against 0.25 us for ``a.reshape`` and ``a.swapaxes`` and about 1 us for
-    ``np.add.reduce``: the whole of a tiny call's gap to plain NumPy code in places.  Each
-    delegation is taken only where its answer is the same array (a plain ndarray; for ``sum``
-    a floating one without ``dtype=`` or other arguments, where ``np.sum`` itself calls
-    ``np.add.reduce``); every other call, and every other name, is array_api_compat's.  The
-    namespace keeps array_api_compat's ``__name__``, so ``is_numpy`` and the error messages'
-    namespace names read it as NumPy's, which it is.
+    A plain module whose attributes are plain functions: a lookup stays one dict read, and
+    Dynamo, which traces the core on torch under ``torch.compile``, reads a module's
+    attributes and inlines plain functions.  It keeps base's ``__name__``, so ``is_numpy`` /
+    ``is_torch`` and the error messages' namespace names read it as base's, which it is.
     """
+    ns = types.ModuleType(base.__name__, base.__doc__)
+    ns.__dict__.update(vars(base))
+    ns.__dict__.update(fast)
+    return ns
 
-    def __init__(self, base: Any) -> None:
-        super().__init__(base.__name__, base.__doc__)
-        # every other name copied as a plain attribute: a lookup stays one dict read
-        own = ("reshape", "sum", "matrix_transpose")
-        self.__dict__.update((k, v) for k, v in vars(base).items() if k not in own)
-        self._base = base
 
-    def reshape(self, a: Any, /, shape: Any, order: str = "C", *, copy: Any = None) -> Any:
+def _numpy_namespace(base: Any) -> Namespace:
+    """``array_api_compat.numpy`` with ``reshape``, ``sum`` and ``matrix_transpose`` answered
+    by ndarray's own methods.
+
+    The core calls them a few times per operation.  On NumPy arrays array_api_compat's versions
+    go through NumPy's Python-level function layer (``np.reshape``, ``np.sum``,
+    ``np.swapaxes``): 1.2, 3.7 and 1.2 us a call on the CI machine, against 0.25 us for
+    ``a.reshape`` and ``a.swapaxes`` and about 1 us for ``np.add.reduce``: the whole of a tiny
+    call's gap to plain NumPy code in places.  Each delegation is taken only where its answer
+    is the same array (a plain ndarray; for ``sum`` a floating one without ``dtype=`` or other
+    arguments, where ``np.sum`` itself calls ``np.add.reduce``); every other call is
+    array_api_compat's.
+    """
+    add_reduce: Any = np.add.reduce
+    compat_sum, compat_reshape, compat_transpose = base.sum, base.reshape, base.matrix_transpose
+
+    def reshape(a: Any, /, shape: Any, order: str = "C", *, copy: Any = None) -> Any:
         if copy is None and order == "C" and type(a) is np.ndarray:
             return a.reshape(shape)
-        return self._base.reshape(a, shape, order, copy=copy)
+        return compat_reshape(a, shape, order, copy=copy)
 
     def sum(
-        self, a: Any, /, axis: Any = None, dtype: Any = None, *args: Any, keepdims: bool = False,
-        **kwargs: Any,
-    ) -> Any:  # fmt: skip
+        a: Any, /, axis: Any = None, dtype: Any = None, *args: Any, keepdims: bool = False, **kwargs: Any
+    ) -> Any:
         if dtype is None and not args and not kwargs and type(a) is np.ndarray and a.dtype.kind in "fc":
-            return _ADD_REDUCE(a, axis=axis, keepdims=keepdims)
-        return self._base.sum(a, axis, dtype, *args, keepdims=keepdims, **kwargs)
+            return add_reduce(a, axis=axis, keepdims=keepdims)
+        return compat_sum(a, axis, dtype, *args, keepdims=keepdims, **kwargs)
 
-    def matrix_transpose(self, x: Any, /) -> Any:
+    def matrix_transpose(x: Any, /) -> Any:
         if type(x) is np.ndarray and x.ndim >= 2:
             return x.swapaxes(-1, -2)
-        return self._base.matrix_transpose(x)
+        return compat_transpose(x)
+
+    return _namespace_with(base, reshape=reshape, sum=sum, matrix_transpose=matrix_transpose)
 
 
-_ADD_REDUCE: Any = np.add.reduce
 _NUMPY_FAST: list[Any] = []
 
 
 def _numpy_fast(xp: Namespace) -> Namespace:
-    """:class:`_NumPyNamespace` in place of array_api_compat's NumPy namespace (made once)."""
+    """:func:`_numpy_namespace` in place of array_api_compat's NumPy namespace (made once)."""
     if xp.__name__ != "array_api_compat.numpy":
         return xp
     if not _NUMPY_FAST:
-        _NUMPY_FAST.append(_NumPyNamespace(xp))
+        _NUMPY_FAST.append(_numpy_namespace(xp))
     return _NUMPY_FAST[0]
 
 
@@ -279,16 +288,13 @@ def _torch_namespace(base: Any, torch: Any) -> Namespace:
     """``array_api_compat.torch`` with ``reshape``, ``sum`` and ``matrix_transpose`` calling
     torch directly where array_api_compat would make that same call.
 
-    The counterpart of :class:`_NumPyNamespace`: array_api_compat's wrappers add about 0.5-1.5
+    The counterpart of :func:`_numpy_namespace`: array_api_compat's wrappers add about 0.5-1.5
     us a call (argument handling, and for ``matrix_transpose`` its namespace lookup), a few
     percent of a tiny sequence fusion, which calls them 7-12 times.  Each fast form is taken
     only for the arguments where array_api_compat's own code path ends in the same torch call
     (``reshape`` without ``copy=``, ``sum`` over one int axis without ``dtype=``,
     ``matrix_transpose`` of a tensor of at least two dimensions); the rest go to
-    array_api_compat.  Unlike the NumPy namespace this one is traced by ``torch.compile``
-    (the core runs under it), so it is a plain module whose functions are plain functions:
-    Dynamo reads a module's attributes and inlines plain functions.  It keeps array_api_compat's
-    ``__name__``, so ``is_torch`` and the error messages read it as torch's namespace.
+    array_api_compat.
     """
     tensor = torch.Tensor
     torch_sum, torch_reshape, swapaxes = torch.sum, torch.reshape, torch.swapaxes
@@ -309,10 +315,7 @@ def _torch_namespace(base: Any, torch: Any) -> Namespace:
             return swapaxes(x, -1, -2)
         return compat_transpose(x)
 
-    ns = types.ModuleType(base.__name__, base.__doc__)
-    ns.__dict__.update(vars(base))
-    ns.__dict__.update(reshape=reshape, sum=sum, matrix_transpose=matrix_transpose)
-    return ns
+    return _namespace_with(base, reshape=reshape, sum=sum, matrix_transpose=matrix_transpose)
 
 
 def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:

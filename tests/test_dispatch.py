@@ -188,7 +188,7 @@ def test_first_lookups_from_many_threads_see_a_fully_loaded_plugin():
 
 def test_torch_namespace_fast_path_gives_array_api_compats_answer():
     """All-torch calls skip array_api_compat's generic dispatch (mmfuse._namespace); the
-    namespace must be array_api_compat's (with its three direct forms, tests/test_torch_namespace.py)
+    namespace must be array_api_compat's (with its three direct forms, tests/test_namespaces.py)
     and the devices exactly what array_api_compat reports, subclasses included, and a mix with
     another namespace must still be refused."""
     torch = pytest.importorskip("torch")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["bind", "direct"]
+__all__ = ["any_requires_grad", "bind", "direct"]
 
 
 class _Slot:
@@ -76,9 +76,9 @@ def _flatten(args: Sequence[Any]) -> tuple[tuple[Any, ...], list[torch.Tensor]]:
     return tuple(spec), tensors
 
 
-def _requires_grad(args: Sequence[Any]) -> bool:
-    """True when a tensor among the arguments (or in a list argument) requires grad: the
-    question :func:`_flatten` would answer, without building the spec."""
+def any_requires_grad(args: Sequence[Any]) -> bool:
+    """True when a tensor among the arguments (or in a list or tuple argument) requires grad:
+    the question :func:`_flatten` would answer, without building the spec."""
     for arg in args:
         if isinstance(arg, torch.Tensor):
             if arg.requires_grad:
@@ -187,7 +187,7 @@ def bind(
     def call(*args: Any) -> Any:
         if torch.compiler.is_compiling():
             return op(*args)
-        if torch.is_grad_enabled() and _requires_grad(args):
+        if torch.is_grad_enabled() and any_requires_grad(args):
             spec, tensors = _flatten(args)
             return function.apply(spec, *tensors)
         # Nothing to differentiate: the implementation alone, in the caller's grad mode (with

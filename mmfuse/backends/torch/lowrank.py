@@ -11,7 +11,7 @@ import torch
 
 from ..._core import fusion as _core_fusion
 from ..._namespace import block_budget, block_slices
-from .._torch_eager import bind, direct
+from .._torch_eager import any_requires_grad, bind, direct
 from ._common import (
     BLOCK_BYTES,
     LOW_PRECISION,
@@ -536,15 +536,6 @@ def single_output_fusion(
     return cast(y, dtype) if low else y
 
 
-def _any_requires_grad(xs: Sequence[Any], factors: Sequence[Any], weights: Any, bias: Any) -> bool:
-    return (
-        any(t.requires_grad for t in xs)
-        or any(f.requires_grad for f in factors)
-        or (weights is not None and weights.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    )
-
-
 def lowrank_fusion(
     xs: Sequence[Any],
     factors: Sequence[Any],
@@ -562,7 +553,7 @@ def lowrank_fusion(
     if whole_batch(xs[0].shape[0], rank, out_dim):
         if out_dim == 1:
             return single_output_fusion(xs, factors, weights, bias, append_one, present)
-        if torch.is_grad_enabled() and _any_requires_grad(xs, factors, weights, bias):
+        if torch.is_grad_enabled() and any_requires_grad((xs, factors, weights, bias)):
             return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
         # nothing to differentiate: the same forward without autograd.Function's apply (a
         # quarter of a tiny call's time), as the eager binding does for the custom ops
