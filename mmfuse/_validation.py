@@ -114,7 +114,13 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
     array before anything is drawn (so a refused call leaves a passed Generator untouched)."""
     if dtype is None:
         return space.asarray(1.0).dtype
-    probe = from_numpy(np.ones(1), space, dtype=dtype, device=device)
+    try:
+        probe = from_numpy(np.ones(1), space, dtype=dtype, device=device)
+    except (TypeError, ValueError) as err:  # the namespace's own refusal, then ours naming dtype
+        raise TypeError(
+            f"dtype must be a real floating dtype of the namespace (e.g. its float32 or float64), "
+            f"got {dtype!r} ({err})"
+        ) from None
     if not array_namespace(probe).isdtype(probe.dtype, "real floating"):
         raise TypeError(
             f"dtype must be a real floating dtype (e.g. float32 or float64), got {probe.dtype}; "

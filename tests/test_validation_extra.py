@@ -278,6 +278,26 @@ def test_init_lowrank_rejects_torch_integer_dtype(rng):
     assert p["weights"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("init", ["lowrank", "wander"])
+def test_initialisers_name_a_dtype_the_namespace_does_not_know(init, rng):
+    """A misspelt dtype (NumPy's "data type not understood") or a string where torch wants a
+    torch.dtype: a TypeError naming ``dtype`` and the value, before anything is drawn."""
+    gen = np.random.default_rng(rng.integers(2**32))
+    state = gen.bit_generator.state
+    calls = {
+        "lowrank": lambda **kw: mmfuse.init_lowrank([3, 2], rank=2, out_dim=4, seed=gen, **kw),
+        "wander": lambda **kw: mmfuse.init_wander(
+            [4, 4], [3, 2], rank=2, feature_rank=2, token_rank=2, out_dim=4, seed=gen, **kw
+        ),
+    }
+    with pytest.raises(TypeError, match=r"^dtype must be a real floating dtype of the namespace .*got 'floot'"):
+        calls[init](dtype="floot")
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"^dtype must be a real floating dtype .*got 'float32' \(.*torch\.dtype"):
+        calls[init](dtype="float32", xp=torch)
+    assert gen.bit_generator.state == state  # refused before drawing
+
+
 # --------------------------------------------------------------------------- Dask parameter chunks
 
 
