@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -242,9 +243,12 @@ def make_inputs(
     Raises
     ------
     ValueError
-        If ``tokens`` and ``dims`` differ in length, or ``device`` is not the CPU for NumPy.
+        If ``tokens`` and ``dims`` differ in length, a size is not a positive integer
+        (``batch``: a non-negative one), or ``device`` is not the CPU for NumPy.
     TypeError
-        If ``dtype`` is not a real floating dtype (a cast to it would not keep the values).
+        If ``dtype`` is not a real floating dtype (a cast to it would not keep the values),
+        ``dims`` or ``tokens`` is not a sequence (a set or dict: no modality order), ``xp``
+        is not a namespace, or ``seed`` is not a seed.
 
     Examples
     --------
@@ -253,16 +257,23 @@ def make_inputs(
     [(2, 3), (2, 5)]
     """
     from ._namespace import check_host_device, from_numpy, is_numpy
+    from ._validation import check_namespace, check_size_list, random_generator
     from .datasets import resolve_dtype
 
-    dims = list(dims)
+    dims = check_size_list("dims", dims)
+    if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, numbers.Integral) or batch < 0:
+        raise ValueError(f"batch must be a non-negative integer, got {batch!r}")
+    if xp is not None:
+        check_namespace(xp)
+    if tokens is not None:
+        tokens = check_size_list("tokens", tokens)
     if tokens is not None and len(tokens) != len(dims):
         raise ValueError(f"tokens has {len(tokens)} entries but dims has {len(dims)}: give one per modality")
     numpy_out = xp is None or is_numpy(xp)
     if numpy_out:
         check_host_device(device)  # before drawing from a caller's Generator
     cast = None if dtype is None else resolve_dtype(xp, dtype)
-    rng = np.random.default_rng(seed)
+    rng = random_generator(seed)
     shapes = [(batch, d) for d in dims] if tokens is None else [(batch, t, d) for t, d in zip(tokens, dims)]
     arrays = [rng.standard_normal(s) for s in shapes]
     if xp is None:

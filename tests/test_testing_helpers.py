@@ -117,6 +117,25 @@ def test_make_inputs_checks_arguments():
     assert t.dtype == torch.float32 and t.device.type == "cpu"
 
 
+def test_make_inputs_names_bad_sizes_seed_and_namespace():
+    """Sizes as the initialisers check them (a set has no modality order), the seed and the
+    namespace named, rather than NumPy's messages or a silently reordered draw."""
+    seed = int(_rng().integers(2**31))
+    with pytest.raises(TypeError, match=r"^dims must be a sequence .*got set"):
+        make_inputs({3, 4}, batch=2, seed=seed)
+    with pytest.raises(TypeError, match=r"^tokens must be a sequence .*got dict"):
+        make_inputs([3, 4], batch=2, tokens={5: 1, 6: 1}, seed=seed)
+    with pytest.raises(ValueError, match=r"^dims\[1\] must be a positive integer, got 2\.5"):
+        make_inputs([3, 2.5], batch=2, seed=seed)
+    with pytest.raises(ValueError, match=r"^batch must be a non-negative integer, got -1"):
+        make_inputs([3], batch=-1, seed=seed)
+    with pytest.raises(TypeError, match=r"^seed must be .*got 'abc'"):
+        make_inputs([3], batch=2, seed="abc")
+    with pytest.raises(TypeError, match=r"^xp must be an array namespace"):
+        make_inputs([3], batch=2, xp="numpy", seed=seed)
+    assert [x.shape for x in make_inputs(np.array([3, 4]), batch=0, seed=seed)] == [(0, 3), (0, 4)]
+
+
 @pytest.mark.parametrize("load", [load_mfeat, load_basic_motions])
 def test_loaders_check_device_and_dtype(load):
     with pytest.raises(ValueError, match="cuda"):
