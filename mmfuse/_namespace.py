@@ -28,6 +28,7 @@ __all__ = [
     "namespace_name",
     "not_an_array",
     "to_numpy",
+    "torch_namespace",
     "tree_map",
 ]
 
@@ -274,14 +275,22 @@ def _all_torch(arrays: list[Array]) -> Namespace | None:
     torch = sys.modules.get("torch")
     if torch is None or not all(isinstance(a, torch.Tensor) for a in arrays):
         return None
-    if not _TORCH_FAST:
-        import array_api_compat.torch as compat_torch
-
-        _TORCH_FAST.append(_torch_namespace(compat_torch, torch))
-    return _TORCH_FAST[0]
+    return _TORCH_FAST[0] if _TORCH_FAST else torch_namespace()
 
 
 _TORCH_FAST: list[Any] = []
+
+
+def torch_namespace() -> Namespace:
+    """mmfuse's torch namespace (:func:`_torch_namespace`), built on first use (it imports
+    torch): what :func:`array_namespace` returns for torch tensors, and what the torch
+    backend's ops hand the core, so that one torch namespace object exists."""
+    if not _TORCH_FAST:
+        import array_api_compat.torch as compat_torch
+        import torch
+
+        _TORCH_FAST.append(_torch_namespace(compat_torch, torch))
+    return _TORCH_FAST[0]
 
 
 def _torch_namespace(base: Any, torch: Any) -> Namespace:

@@ -119,6 +119,18 @@ def test_torch_delegations_give_compats_answers(torch, txp, dtype):
 
 
 @needs_torch
+def test_one_torch_namespace_object(torch, txp):
+    """The torch backend's ops hand the core's map rules the namespace the core itself infers
+    for torch tensors (not a second one, e.g. array_api_compat's own)."""
+    import importlib
+
+    from mmfuse._namespace import torch_namespace
+
+    modules = [importlib.import_module(f"mmfuse.backends.torch.{name}") for name in ("zoom_shift", "align")]
+    assert txp is torch_namespace() and all(module._XP is txp for module in modules)
+
+
+@needs_torch
 def test_torch_gradients_flow_through_the_fast_forms(torch, txp):
     gen = torch.Generator().manual_seed(7)
     a = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -96,14 +96,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat.torch as _XP  # the namespace the core's statistics take
 import torch
 
 from ..._core.align import GENERIC, _round_maps, align_numpy
 from ..._core.align import align as _core_align
+from ..._namespace import torch_namespace
 from .._torch_eager import bind
 from ._common import cast, compute_dtype
 from .zoom_shift import host_view, on_host
+
+_XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
 
 __all__ = ["align", "align_grads", "call_align"]
 

@@ -40,12 +40,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat.torch as _XP  # the namespace the core's statistics take
 import torch
 
 from ..._core.align import GENERIC, NUMPY, spread, zoom_scale, zoom_shift_map, zoom_shift_with
+from ..._namespace import torch_namespace
 from .._torch_eager import bind
 from ._common import cast, compute_dtype
+
+_XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
 
 __all__ = ["host_view", "on_host", "zoom_shift", "zoom_shift_numba"]
 
