@@ -25,6 +25,8 @@ from triton_interpreted import import_interpreted, poisoned_buffers  # noqa: E40
 
 tb = import_interpreted()
 
+from test_align_numerics import _ZERO_SPREAD_CALLS, _finite_differences, _zero_spread_problem  # noqa: E402
+
 import mmfuse  # noqa: E402
 import mmfuse.reference as ref  # noqa: E402
 from mmfuse.backends import available  # noqa: E402
@@ -434,6 +436,31 @@ def test_moments_gradients(rng, dtype, shape, masked):
     if mask is not None:
         want_mean = torch.where(mask[..., None], want_mean, torch.zeros((), dtype=dtype))
     assert_close(g_mean, want_mean)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # the interpreter's pow at 0
+@pytest.mark.parametrize("case", list(_ZERO_SPREAD_CALLS))
+def test_gradients_where_a_lane_has_no_spread(rng, case):
+    """Triton's own backwards (its moments, zoom_shift and align autograd, float32) where a
+    lane has a single unmasked token at eps = 0: finite, and those of finite differences of
+    the float64 reference, as test_align_numerics checks the other routes."""
+    x, g, mx, mg = _zero_spread_problem(rng)
+    call = _ZERO_SPREAD_CALLS[case]
+    weights = [rng.standard_normal(np.shape(o)) for o in call(x, g, mx, mg, "reference")]
+
+    def loss_reference(x, g):
+        return sum(float(np.sum(w * o)) for w, o in zip(weights, call(x, g, mx, mg, "reference")))
+
+    want = _finite_differences(loss_reference, [x, g])
+    tx, tg = (torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (x, g))
+    outs = call(tx, tg, torch.from_numpy(mx), torch.from_numpy(mg), "triton")
+    assert all(type(o.grad_fn).__name__.startswith("_Triton") for o in outs), "fell back to the core"
+    loss = sum((torch.from_numpy(w).float() * o).sum() for w, o in zip(weights, outs))
+    got = torch.autograd.grad(loss, [tx, tg], allow_unused=True)
+    for name, a, b in zip(("x", "guide"), got, want):
+        a = np.zeros_like(b) if a is None else _np(a)
+        assert np.all(np.isfinite(a)), f"{case}: d/d{name} not finite"
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=f"{case}: d/d{name}")
 
 
 def test_registered_autograd_matches_eager_binding(rng):
