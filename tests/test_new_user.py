@@ -179,6 +179,34 @@ def test_reference_backend_still_runs_on_cpu_tensors():
     )
 
 
+def _grad_calls(rng):
+    xs = [torch.randn(2, d, dtype=torch.float64, requires_grad=True) for d in DIMS]
+    params = mmfuse.init_lowrank(DIMS, rank=2, out_dim=5, xp=torch, dtype=torch.float64, seed=rng)
+    seqs = [torch.randn(2, t, 4, dtype=torch.float64, requires_grad=True) for t in (3, 5)]
+    return {
+        "lowrank_fusion": lambda b: mmfuse.lowrank_fusion(xs, **params, backend=b),
+        "zoom_shift": lambda b: mmfuse.zoom_shift(seqs[0], seqs[1].detach(), backend=b),
+        "align": lambda b: mmfuse.align(seqs, backend=b)[0],
+        "moments": lambda b: mmfuse.moments(seqs[0], backend=b)[1],
+    }
+
+
+@pytest.mark.parametrize("op", ["lowrank_fusion", "zoom_shift", "align", "moments"])
+def test_reference_backend_refuses_inputs_that_need_gradients(op, rng):
+    """The reference computes in NumPy and returns no gradient: forced on tensors that require
+    grad it refuses (its result would train nothing through it, silently); under no_grad it
+    runs, and a preference for it leaves such a call to "auto", which keeps the gradient."""
+    call = _grad_calls(rng)[op]
+    with pytest.raises(BackendUnsupported, match=r"backend 'reference' cannot take .*require no gradient"):
+        call("reference")
+    with torch.no_grad():
+        want = call("reference")
+    with mmfuse.config_context(prefer="reference"):
+        got = call(None)
+    assert got.requires_grad and got.grad_fn is not None
+    torch.testing.assert_close(got.detach(), want)
+
+
 # --------------------------------------------------------------------------- sizes before allocation
 
 HUGE = 10**7  # every array built from it is far beyond any machine's memory

@@ -83,10 +83,17 @@ def _any(info: CallInfo) -> str | None:
     return None
 
 
-def _not_meta(info: CallInfo) -> str | None:
-    # the reference copies the data to NumPy; a tensor on torch's meta device has none
+def _reference(info: CallInfo) -> str | None:
+    # the reference copies the data to NumPy: a tensor on torch's meta device has none, and
+    # the copy carries no gradient (as torch refuses Tensor.numpy() on a tensor that requires
+    # grad: its result would train nothing through it, silently)
     if getattr(info.device, "type", None) == "meta":
         return "needs arrays with values (it copies them to NumPy), not tensors on the meta device"
+    if info.grad:
+        return (
+            "needs inputs that require no gradient (it computes in NumPy float64, which carries "
+            "none): detach them or call under torch.no_grad() to compare against the reference"
+        )
     return None
 
 
@@ -233,7 +240,7 @@ def _interpreting() -> bool:
 #: condition name (as the static table writes it) -> condition
 CONDITIONS: dict[str, Callable[[CallInfo], str | None]] = {
     "any": _any,
-    "not meta": _not_meta,
+    "values, no grad": _reference,
     "numpy": _numpy,
     "numpy float32/float64": _numpy_f32_f64,
     "dask": _dask,

@@ -110,7 +110,7 @@ def _rows() -> tuple[Row, ...]:
 
     for op in ("tensor_fusion", "lowrank_fusion", "cp_fusion"):
         add(op, "array_api", "generic", f"{_CORE_FUSION}:{op}", "any", 0)
-        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "not meta", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "values, no grad", 0)
     add(
         "lowrank_fusion",
         "array_api",
@@ -139,14 +139,14 @@ def _rows() -> tuple[Row, ...]:
 
     for op in ("sequence_fusion", "wander"):
         add(op, "array_api", "generic", f"{_CORE_SEQ}:{op}", "any", 0)
-        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "not meta", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "values, no grad", 0)
         add(op, "torch", "custom op", f"{_TORCH}:{op}", "torch, no transform", 15)
         add(op, "torch", "autograd (transforms)", f"{_CORE_SEQ}:{op}", "torch, under a transform", 14)
 
     for op in ("moments", "zoom_shift", "align"):
         add(op, "array_api", "generic", f"{_CORE_ALIGN}:{op}", "any", 0)
         add(op, "array_api", "numpy, cache-blocked", f"{_CORE_ALIGN}:{op}_numpy", "numpy float32/float64", 1)
-        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "not meta", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "values, no grad", 0)
         # NumPy arrays; for moments and align also torch CPU tensors needing no gradient
         cpu = "numpy (CPU kernels)" if op == "zoom_shift" else "numpy or torch CPU, no gradient (CPU kernels)"
         add(op, "numba", "CPU kernels", f"{_NUMBA}:{op}_cpu", cpu, 10, AUTO_IMPORT_ELEMENTS)
@@ -191,7 +191,7 @@ def _rows() -> tuple[Row, ...]:
     _CORE_INTER = "mmfuse._core.interactions"
     for op in ("tensor_interactions", "lowrank_interactions", "cp_interactions"):
         add(op, "array_api", "generic", f"{_CORE_INTER}:{op}", "any", 0)
-        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "not meta", 0)
+        add(op, "reference", "float64 NumPy oracle", f"{_REF}:{op}", "values, no grad", 0)
         add(op, "torch", "autograd", f"{_CORE_INTER}:{op}", "torch", 5)
     for op in ("lowrank_interactions", "cp_interactions"):
         add(op, "array_api", "numpy, in-place order recursion", f"{_CORE_INTER}:{op}_numpy", "numpy", 1)
