@@ -258,6 +258,51 @@ def test_guided_zoom_shift_errors():
         GuidedZoomShift(D, 2, guide=2)
 
 
+def test_guided_zoom_shift_checks_devices_and_replaced_parameters():
+    """One device for inputs, masks and parameters (einsum took a CPU tensor beside a meta one
+    and returned uninitialised memory), and parameters a user replaced checked like inputs."""
+    layer = GuidedZoomShift(D, 2, fuse=None)
+    xs = _xs(2, (3, 4), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"^GuidedZoomShift: xs\[1\] is on device cpu but xs\[0\] is on meta"):
+        layer([xs[0].to("meta"), xs[1]])
+    with pytest.raises(ValueError, match=r"^GuidedZoomShift: xs\[1\] is on device meta but xs\[0\] is on cpu"):
+        layer([xs[0], xs[1].to("meta")])
+    mask = torch.ones(2, 3, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match=r"^GuidedZoomShift: masks\[0\] is on device meta"):
+        layer(xs, masks=[mask, None])
+    layer.bias = torch.nn.Parameter(torch.zeros(1, 2 * D, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^GuidedZoomShift: bias has dtype torch.float64 but weight has dtype torch.float32"):
+        layer(xs)
+    layer.bias = torch.nn.Parameter(torch.zeros(2, 2 * D))
+    with pytest.raises(ValueError, match=r"^GuidedZoomShift: bias must have shape \(M - 1, 2 C\) = \(1, 12\), got \(2, 12\)"):
+        layer(xs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_guided_zoom_shift_keeps_low_precision_dtypes(dtype):
+    """float16 / bfloat16 in, the same dtype out (every modality, not only the guide): the
+    statistics run in float32 and each modulated sequence is rounded once."""
+    torch.manual_seed(1)
+    layer = GuidedZoomShift(D, 3, guide=1, fuse=None, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.3)
+        layer.bias.normal_(0, 0.3)
+    xs = _xs(2, dtype=torch.float64)
+    low = [x.to(dtype) for x in xs]
+    layer.to(dtype)
+    with torch.no_grad():
+        got = layer.modulate(low)
+        assert [y.dtype for y in got] == [dtype] * 3
+        assert all(isinstance(y, torch.Tensor) and y.dtype == dtype for y in layer(low))
+        # the parameters were rounded too: float64 maths on the rounded parameters and inputs
+        ref = GuidedZoomShift(D, 3, guide=1, fuse=None, dtype=torch.float64)
+        ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+        want = ref.modulate([x.double() for x in low])
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 
