@@ -127,11 +127,12 @@ def _check_modality_tensors(
     layer: str,
     count_note: str = "",
     dtype_source: str = "the layer's parameters have dtype",
+    remedy: str = "cast the input or the layer (layer.to(dtype))",
 ) -> list[torch.Tensor]:
     """Layer-boundary checks shared by every layer: a list or tuple of one tensor per modality,
     ``xs[m]`` of shape ``shapes[m]`` (``None``: any size; axis 0 is the batch, axis 1 of a
     3-D input the tokens), of the layer's dtype (``dtype_source`` says where it comes from,
-    for the message), all with one batch size."""
+    for the message; ``remedy`` says what to do), all with one batch size."""
     if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(
             f"{layer}: xs must be a list or tuple of tensors (one per modality), got {type(xs).__name__}"
@@ -148,8 +149,7 @@ def _check_modality_tensors(
             raise ValueError(f"{layer}: xs[{m}] must have shape ({want}), got {_fmt(x.shape)}")
         if x.dtype != dtype:
             raise TypeError(
-                f"{layer}: xs[{m}] has dtype {x.dtype} but {dtype_source} {dtype}; cast the "
-                "input or the layer (layer.to(dtype))"
+                f"{layer}: xs[{m}] has dtype {x.dtype} but {dtype_source} {dtype}; {remedy}"
             )
     batch = xs[0].shape[0]
     for m, x in enumerate(xs):
@@ -953,11 +953,12 @@ def _check_seq_inputs(
     masks: Any,
     layer: str,
     dtype_source: str = "the layer's parameters have dtype",
+    remedy: str = "cast the input or the layer (layer.to(dtype))",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None] | None]:
     """Layer-boundary checks for (B, T_m, d_m) inputs and their (B, T_m) boolean masks."""
     n = len(dims)
     shapes = [(None, None if lengths is None else lengths[m], d) for m, d in enumerate(dims)]
-    xs = _check_modality_tensors(xs, shapes, dtype, layer, dtype_source=dtype_source)
+    xs = _check_modality_tensors(xs, shapes, dtype, layer, dtype_source=dtype_source, remedy=remedy)
     for m, x in enumerate(xs):
         if x.shape[1] == 0:  # no tokens: no statistics, no pooling (NaN otherwise)
             raise ValueError(
@@ -1348,12 +1349,14 @@ class ZoomShift(nn.Module):
             with torch.autocast(device_type, enabled=False):
                 return self.forward(_autocast_cast(xs, self.dtype or torch.float32), masks)
         dtype, source = self.dtype, "the layer's dtype is"
+        remedy = "cast the input or the layer (layer.to(dtype))"
         if dtype is None:  # parameter-free: the inputs must share the first one's dtype
             first = xs[0] if isinstance(xs, (list, tuple)) and xs else None
             dtype = first.dtype if isinstance(first, torch.Tensor) else torch.get_default_dtype()
-            source = "xs[0] has dtype"
+            # a layer built without a dtype has none that layer.to could change
+            source, remedy = "xs[0] has dtype", "cast the inputs to one dtype"
         dims = (self.channels,) * self.num_modalities
-        xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__, source)
+        xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__, source, remedy)
         if _compiling():
             ys = _TORCH["align"](
                 xs, rounds=self.rounds, alpha=self.alpha, schedule=self.schedule, topology=self.topology,

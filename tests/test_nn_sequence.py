@@ -278,6 +278,19 @@ def test_guided_zoom_shift_checks_devices_and_replaced_parameters():
         layer(xs)
 
 
+def test_zoomshift_dtype_messages_give_a_remedy_that_works():
+    """Built without a dtype, ZoomShift has none for layer.to to change: mixed inputs are told
+    to share one; built with one, layer.to(dtype) is the remedy, and it works."""
+    xs = _xs(2, (3, 4), dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"xs\[1\] has dtype torch.float64 but xs\[0\] has dtype torch.float32; cast the inputs to one dtype$"):
+        ZoomShift(D, 2)([xs[0], xs[1].double()])
+    layer = ZoomShift(D, 2, dtype=torch.float32)
+    doubles = [x.double() for x in xs]
+    with pytest.raises(TypeError, match=r"the layer's dtype is torch.float32; cast the input or the layer \(layer.to\(dtype\)\)$"):
+        layer(doubles)
+    assert layer.to(torch.float64)(doubles).dtype == torch.float64
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_guided_zoom_shift_keeps_low_precision_dtypes(dtype):
     """float16 / bfloat16 in, the same dtype out (every modality, not only the guide): the
