@@ -1132,13 +1132,13 @@ class WanderAdapter(nn.Module):
                 mine.copy_(torch.from_numpy(t))
 
     def extra_repr(self) -> str:
-        act = self.activation
-        if not isinstance(act, str):
-            act = getattr(act, "__name__", "callable")
+        act = repr(self.activation)
+        if not isinstance(self.activation, str):  # a callable's name, unquoted: not an option string
+            act = f"<{getattr(self.activation, '__name__', type(self.activation).__name__)}>"
         return (
             f"in_dims={list(self.in_dims)}, lengths={list(self.lengths)}, rank={self.rank}, "
             f"feature_rank={self.feature_rank}, token_rank={self.token_rank}, out_dim={self.out_dim}, "
-            f"n_out={self.n_out}, mode={self.mode!r}, activation={act!r}, residual={self.residual!r}, "
+            f"n_out={self.n_out}, mode={self.mode!r}, activation={act}, residual={self.residual!r}, "
             f"init={self.init!r}, bias={len(self.down_biases) > 0}"
         )
 
