@@ -108,6 +108,7 @@ def test_wander_registered_parameters_repr_reset_state_dict():
     assert "activation=<silu>," in repr(layer)
     layer.activation = torch.nn.SiLU()
     assert "activation=<SiLU>," in repr(layer)
+    layer.activation = "gelu"
     again = _wander()
     for p, q in zip(layer.parameters(), again.parameters()):
         torch.testing.assert_close(p, q)
