@@ -187,7 +187,7 @@ def check_intermediates(
     if rows is None:  # a lazy batch of unknown size: its scheduler bounds memory
         return
     for m, size in enumerate(core.intermediate_sizes(rows, dims, out_dim), start=1):
-        if not size > max_elements:  # (a Dask batch of unknown, NaN, size passes, as before)
+        if not size > max_elements:  # (a NaN size would pass; the boundary refuses those first)
             continue
         if one_block:
             raise ValueError(

@@ -46,12 +46,30 @@ def as_sequence(obj: Any, name: str, *, min_len: int = 1, what: str = "modality"
     return list(obj)
 
 
+def check_known_sizes(named: Sequence[tuple[str, Any]]) -> None:
+    """ValueError naming the first array with a size of unknown value: Dask's NaN, for chunks of
+    unknown size (e.g. after boolean indexing).  Every operator checks sizes against each
+    other (batch sizes, masks, factors), which NaN cannot answer (``nan != nan``), and Dask
+    cannot align such chunks across arrays either."""
+    for n, a in named:
+        shape = getattr(a, "shape", ())
+        for k, size in enumerate(shape):
+            if type(size) is float and size != size:
+                raise ValueError(
+                    f"{n} has a size of unknown value along axis {k} (shape {fmt_shape(shape)}): "
+                    "Dask chunks of unknown size, e.g. after boolean indexing; call "
+                    f"{n}.compute_chunk_sizes() first"
+                )
+
+
 def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
     """The namespace of all non-``None`` arrays in ``named``; TypeError on any mix.
 
-    Also checks that they share one device.
+    Also checks that they share one device, and that their sizes are known
+    (:func:`check_known_sizes`).
     """
     live = [(n, a) for n, a in named if a is not None]
+    check_known_sizes(live)
     xp = array_namespace(*(a for _, a in live), names=tuple(n for n, _ in live))
     first_name, first = live[0]
     dev = device_of(first)
@@ -184,6 +202,7 @@ def check_modalities(
         if not array_api_compat.is_array_api_obj(x):
             raise not_an_array(f"{name}[{m}]", x)
         check_ndim(x, ndim, f"{name}[{m}]", layout)
+    check_known_sizes([(f"{name}[{m}]", x) for m, x in enumerate(xs)])
     batch = xs[0].shape[0]
     for m, x in enumerate(xs[1:], start=1):
         if x.shape[0] != batch:

@@ -263,6 +263,23 @@ def test_dask_lazy_chunked_and_equal(dask_array, op, rng):
     assert_close(out.compute(), want)
 
 
+@pytest.mark.parametrize("op", CASES)
+def test_dask_chunks_of_unknown_size_are_refused_by_name(dask_array, op, rng):
+    """Boolean indexing leaves chunks of unknown (NaN) size; sizes are checked against each
+    other, which NaN cannot answer ("batch size nan but nan" before): a ValueError naming the
+    argument and the remedy, and the same call runs once the sizes are computed."""
+    da = dask_array
+    xs, call, _, want = CASES[op](rng)
+    batch, param = _dask_converters(da)
+    keep = da.from_array(np.ones(xs[0].shape[0], dtype=bool), chunks=CHUNK)
+    unknown = [batch(x)[keep] for x in xs]
+    assert np.isnan(unknown[0].shape[0])
+    with pytest.raises(ValueError, match=r"has a size of unknown value along axis 0 \(shape \(nan, .*compute_chunk_sizes\(\)"):
+        call(unknown, param)
+    known = [u.compute_chunk_sizes() for u in unknown]
+    assert_close(call(known, param).compute(), want)
+
+
 # --------------------------------------------------------------------------- JAX
 
 
