@@ -183,12 +183,11 @@ def _check_ndarray_subclass(a: np.ndarray, label: str) -> None:
 
 
 def namespace_name(xp: Namespace) -> str:
-    """A short human name for a namespace (``"numpy"``, ``"torch"``, ...)."""
+    """A short human name for a namespace (``"numpy"``, ``"torch"``, ``"jax.numpy"``,
+    ``"dask.array"``, ...): array_api_compat's wrappers named as what they wrap."""
     name: str = getattr(xp, "__name__", repr(xp))
-    for prefix in ("array_api_compat.", "jax."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name
+    prefix = "array_api_compat."
+    return name[len(prefix) :] if name.startswith(prefix) else name
 
 
 # array_api_compat's is_*_namespace tests never import the framework; bound by name here (no

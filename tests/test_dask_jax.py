@@ -329,3 +329,14 @@ def test_jax_grad_matches_reference_directional_derivative(jax_x64, op, rng):
 
     numeric = (loss(1) - loss(-1)) / (2 * eps)
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
+
+
+def test_mixed_namespace_messages_name_jax_and_dask(rng):
+    """JAX arrays are named jax.numpy (they were called "numpy", beside real NumPy arrays)."""
+    jnp = pytest.importorskip("jax.numpy")
+    da = pytest.importorskip("dask.array")
+    x = rng.standard_normal((2, 3, 2))
+    with pytest.raises(TypeError, match=r"mixed array namespaces: x is jax\.numpy but guide is numpy;"):
+        mmfuse.zoom_shift(jnp.asarray(x), x)
+    with pytest.raises(TypeError, match=r"mixed array namespaces: x is dask\.array but guide is jax\.numpy;"):
+        mmfuse.zoom_shift(da.from_array(x), jnp.asarray(x))
