@@ -64,7 +64,7 @@ def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Nam
             raise not_an_array(label, a)
         if type(a) is not np.ndarray and isinstance(a, np.ndarray):
             _check_ndarray_subclass(a, label)
-        spaces.append((label, _numpy_fast(array_api_compat.array_namespace(a))))
+        spaces.append((label, _ours(array_api_compat.array_namespace(a))))
     first_label, xp = spaces[0]
     for label, other in spaces[1:]:
         if other is not xp:
@@ -129,16 +129,48 @@ def _numpy_namespace(base: Any) -> Namespace:
     return _namespace_with(base, reshape=reshape, sum=sum, matrix_transpose=matrix_transpose)
 
 
-_NUMPY_FAST: list[Any] = []
+def _strict_namespace(base: Any) -> Namespace:
+    """``array_api_strict`` with a ``where`` that takes a Python scalar for either branch.
+
+    The core passes scalars there (``where(live, ratio, 1.0)``), which the standard allows
+    from its 2024.12 version on; array_api_strict run at an earlier version (its default
+    before its 2.3 release, or ``set_array_api_strict_flags(api_version="2023.12")``)
+    refuses them.  The scalar becomes a 0-d array of the other branch's dtype and device, as
+    2024.12 defines it; arrays pass straight through.
+    """
+    base_where, asarray = base.where, base.asarray
+    scalars = (bool, int, float, complex)
+
+    def where(condition: Any, x1: Any, x2: Any, /) -> Any:
+        if isinstance(x1, scalars) and not isinstance(x2, scalars):
+            x1 = asarray(x1, dtype=x2.dtype, device=x2.device)
+        elif isinstance(x2, scalars) and not isinstance(x1, scalars):
+            x2 = asarray(x2, dtype=x1.dtype, device=x1.device)
+        return base_where(condition, x1, x2)
+
+    return _namespace_with(base, where=where)
 
 
-def _numpy_fast(xp: Namespace) -> Namespace:
-    """:func:`_numpy_namespace` in place of array_api_compat's NumPy namespace (made once)."""
-    if xp.__name__ != "array_api_compat.numpy":
+# array_api_compat's namespace name -> the namespace mmfuse uses in its place (made once each)
+_REPLACEMENTS: dict[str, Callable[[Any], Namespace]] = {
+    "array_api_compat.numpy": _numpy_namespace,
+    "array_api_strict": _strict_namespace,
+}
+_OURS: dict[str, Namespace] = {}
+
+
+def _ours(xp: Namespace) -> Namespace:
+    """mmfuse's namespace in place of array_api_compat's answer ``xp``: NumPy's fast one
+    (:func:`_numpy_namespace`), array_api_strict's with scalars in ``where``
+    (:func:`_strict_namespace`), ``xp`` itself for every other."""
+    name = str(getattr(xp, "__name__", ""))
+    make = _REPLACEMENTS.get(name)
+    if make is None:
         return xp
-    if not _NUMPY_FAST:
-        _NUMPY_FAST.append(_numpy_namespace(xp))
-    return _NUMPY_FAST[0]
+    ours = _OURS.get(name)
+    if ours is None:
+        ours = _OURS[name] = make(xp)
+    return ours
 
 
 # Array type -> its namespace, filled by array_namespace once a type has passed its checks.

@@ -162,3 +162,36 @@ def test_torch_core_traces_through_it_under_compile(torch, txp):
     compiled = torch.compile(helpers, fullgraph=True, backend="eager")
     for got, want in zip(compiled(feature, token, h), helpers(feature, token, h)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- array_api_strict
+
+
+@pytest.mark.parametrize("version", ["2022.12", "2023.12"])
+def test_alignment_runs_on_array_api_strict_before_2024_12(version, rng):
+    """Before the 2024.12 standard, array_api_strict's ``where`` takes no Python scalar, which
+    the core passes (``where(live, ratio, 1.0)``): the alignment operators raised an
+    AttributeError there.  mmfuse's strict namespace turns such a scalar into a 0-d array of
+    the other branch's dtype, as 2024.12 defines it, so the answers are NumPy's, bit for bit."""
+    strict = pytest.importorskip("array_api_strict")
+    import mmfuse
+
+    x, g = rng.standard_normal((3, 5, 4)), 2.0 + rng.standard_normal((3, 6, 4))
+    mask = rng.random((3, 5)) < 0.8
+    mask[:, 0] = True
+    calls = [
+        lambda a, b, m: mmfuse.moments(a, mask=m),
+        lambda a, b, m: [mmfuse.zoom_shift(a, b, alpha=0.5, mask=m, eps=0.0)],
+        lambda a, b, m: mmfuse.align([a, b], rounds=2, masks=[m, None]),
+        lambda a, b, m: mmfuse.align([a, b, 2.0 * a], rounds=None, alpha=0.5),
+    ]
+    strict.set_array_api_strict_flags(api_version=version)
+    try:
+        xp = array_namespace(strict.asarray(x))
+        assert xp.where(strict.asarray([True, False]), strict.asarray([1.0, 2.0]), 0.0).dtype == strict.float64
+        for call in calls:
+            got = call(strict.asarray(x), strict.asarray(g), strict.asarray(mask))
+            for a, b in zip(got, call(x, g, mask)):
+                np.testing.assert_array_equal(np.asarray(a), b)
+    finally:
+        strict.reset_array_api_strict_flags()
