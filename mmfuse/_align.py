@@ -78,10 +78,16 @@ def _check_axis(x: Any, axis: Any, name: str) -> int:
             "one token"
         )
     if x.shape[ax] == 1:
+        # the channel axis as the way out, unless it is the axis already in use
+        instead = (
+            "; for L = 1 inputs pass axis=-1 to take statistics over channels instead"
+            if ax != x.ndim - 1
+            else ""
+        )
         raise ValueError(
             f"{name} has a single entry along the statistics axis axis={axis} (shape "
-            f"{fmt_shape(x.shape)}): its spread is only sqrt(eps) and alignment would erase it; "
-            "for L = 1 inputs pass axis=-1 to take statistics over channels instead"
+            f"{fmt_shape(x.shape)}): its spread is only sqrt(eps) and alignment would erase it"
+            f"{instead}"
         )
     return ax
 
@@ -366,6 +372,10 @@ def _check_operand(xp: Any, x: Any, v: Any, name: str) -> Any:
             raise ValueError(f"{name}={v!r} is too large for a floating-point number") from None
     _check_array(v, name)
     common_namespace([("x", x), (name, v)])
+    if getattr(v, "weak_type", False) is True and xp.isdtype(v.dtype, "real floating"):
+        # JAX: a weakly typed array (a Python float under jax.jit, jnp.asarray(0.5)) takes the
+        # other operand's dtype, as in JAX's own promotion, like the Python float it stands for
+        v = xp.astype(v, x.dtype)
     check_same_float_dtype(xp, [("x", x), (name, v)])
     shape = tuple(x.shape)
     vs = tuple(v.shape)
@@ -390,7 +400,8 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
     scale : array or real scalar
         Broadcasts to x's shape, e.g. a (B, 1, C) ratio of standard deviations.  Real scalars
         (Python or NumPy, e.g. ``np.float64(2.0)``) are taken as Python floats, so they never
-        change the result's dtype; an array, 0-d included, must have x's dtype.
+        change the result's dtype; an array, 0-d included, must have x's dtype (a weakly
+        typed JAX array, such as a Python float passed through ``jax.jit``, takes it).
     center : array or real scalar
         The fixed point of the zoom, e.g. x's own (B, 1, C) mean; scalars as for ``scale``.
 
@@ -448,7 +459,8 @@ def shift(x: Any, offset: Any) -> Any:
     offset : array or real scalar
         Broadcasts to x's shape, e.g. a (B, 1, C) step toward a guide's mean.  Real scalars
         (Python or NumPy) are taken as Python floats, so they never change the result's
-        dtype; an array, 0-d included, must have x's dtype.
+        dtype; an array, 0-d included, must have x's dtype (a weakly typed JAX array, such
+        as a Python float passed through ``jax.jit``, takes it).
 
     Returns
     -------

@@ -410,8 +410,11 @@ def test_errors_zoom_shift(rng):
         mmfuse.zoom_shift(x, g, mask=np.ones((B, 7)))
     with pytest.raises(ValueError, match=r"axis=-2 is the batch axis"):
         mmfuse.zoom_shift(x[:, 0, :], g[:, 0, :])
-    with pytest.raises(ValueError, match=r"single entry along the statistics axis"):
+    with pytest.raises(ValueError, match=r"single entry along the statistics axis.*pass axis=-1 to take"):
         mmfuse.zoom_shift(x[:, :1, :], g)
+    # on the channel axis already: no advice to pass the axis in use
+    with pytest.raises(ValueError, match=r"single entry along the statistics axis axis=-1 .*erase it$"):
+        mmfuse.moments(x[:, :, :1], axis=-1)
     with pytest.raises(TypeError, match=r"guide has dtype float64 but x has dtype float32"):
         mmfuse.zoom_shift(x.astype(np.float32), g)
     with pytest.raises(TypeError, match=r"real floating"):

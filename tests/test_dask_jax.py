@@ -340,3 +340,18 @@ def test_mixed_namespace_messages_name_jax_and_dask(rng):
         mmfuse.zoom_shift(jnp.asarray(x), x)
     with pytest.raises(TypeError, match=r"mixed array namespaces: x is dask\.array but guide is jax\.numpy;"):
         mmfuse.zoom_shift(da.from_array(x), jnp.asarray(x))
+
+
+def test_jax_weakly_typed_scale_and_offset_take_xs_dtype(jax_x64, rng):
+    """Under jax.jit a Python float arrives as a weakly typed float64 0-d array; like the float
+    it stands for it takes x's dtype (it was refused: "offset has dtype float64 but x has
+    float32").  A strongly typed float64 array is still refused."""
+    jax, jnp = jax_x64, jax_x64.numpy
+    x = jnp.asarray(rng.standard_normal((2, 3, 4)), dtype=jnp.float32)
+    shifted = jax.jit(lambda x, s: mmfuse.shift(x, s))(x, 0.5)
+    zoomed = jax.jit(lambda x, s, c: mmfuse.zoom(x, s, center=c))(x, 2.0, 0.25)
+    assert shifted.dtype == zoomed.dtype == jnp.float32
+    assert_close(shifted, mmfuse.shift(x, 0.5))
+    assert_close(zoomed, mmfuse.zoom(x, 2.0, center=0.25))
+    with pytest.raises(TypeError, match=r"offset has dtype float64 but x has dtype float32"):
+        mmfuse.shift(x, jnp.asarray(0.5, dtype=jnp.float64))
