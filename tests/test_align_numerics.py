@@ -483,6 +483,19 @@ def _finite_differences(loss, arrays, h=1e-6):
     return grads
 
 
+def zero_spread_reference(rng, case):
+    """The zero-spread problem, the case's call, random weights of a loss sum(w * output), and
+    the loss's gradients by central differences of the reference (the routes' oracle)."""
+    x, g, mx, mg = _zero_spread_problem(rng)
+    call = _ZERO_SPREAD_CALLS[case]
+    weights = [rng.standard_normal(np.shape(o)) for o in call(x, g, mx, mg, "reference")]
+
+    def loss_reference(x, g):
+        return sum(float(np.sum(w * o)) for w, o in zip(weights, call(x, g, mx, mg, "reference")))
+
+    return (x, g, mx, mg), call, weights, _finite_differences(loss_reference, [x, g])
+
+
 @pytest.mark.parametrize("backend", [None, "torch", "array_api", "torch.func"])
 @pytest.mark.parametrize("case", list(_ZERO_SPREAD_CALLS))
 def test_gradients_where_a_lane_has_no_spread(rng, case, backend):
@@ -491,14 +504,7 @@ def test_gradients_where_a_lane_has_no_spread(rng, case, backend):
     is 0, so the gradients are finite: those of finite differences of the reference (autograd
     through the core gave NaN; the custom ops' closed forms drop those terms)."""
     torch = pytest.importorskip("torch")
-    x, g, mx, mg = _zero_spread_problem(rng)
-    call = _ZERO_SPREAD_CALLS[case]
-    weights = [rng.standard_normal(np.shape(o)) for o in call(x, g, mx, mg, "reference")]
-
-    def loss_reference(x, g):
-        return sum(float(np.sum(w * o)) for w, o in zip(weights, call(x, g, mx, mg, "reference")))
-
-    want = _finite_differences(loss_reference, [x, g])
+    (x, g, mx, mg), call, weights, want = zero_spread_reference(rng, case)
     tmx, tmg = torch.from_numpy(mx), torch.from_numpy(mg)
 
     def loss(tx, tg, b):

@@ -25,7 +25,7 @@ from triton_interpreted import import_interpreted, poisoned_buffers  # noqa: E40
 
 tb = import_interpreted()
 
-from test_align_numerics import _ZERO_SPREAD_CALLS, _finite_differences, _zero_spread_problem  # noqa: E402
+from test_align_numerics import _ZERO_SPREAD_CALLS, zero_spread_reference  # noqa: E402
 
 import mmfuse  # noqa: E402
 import mmfuse.reference as ref  # noqa: E402
@@ -444,14 +444,7 @@ def test_gradients_where_a_lane_has_no_spread(rng, case):
     """Triton's own backwards (its moments, zoom_shift and align autograd, float32) where a
     lane has a single unmasked token at eps = 0: finite, and those of finite differences of
     the float64 reference, as test_align_numerics checks the other routes."""
-    x, g, mx, mg = _zero_spread_problem(rng)
-    call = _ZERO_SPREAD_CALLS[case]
-    weights = [rng.standard_normal(np.shape(o)) for o in call(x, g, mx, mg, "reference")]
-
-    def loss_reference(x, g):
-        return sum(float(np.sum(w * o)) for w, o in zip(weights, call(x, g, mx, mg, "reference")))
-
-    want = _finite_differences(loss_reference, [x, g])
+    (x, g, mx, mg), call, weights, want = zero_spread_reference(rng, case)
     tx, tg = (torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (x, g))
     outs = call(tx, tg, torch.from_numpy(mx), torch.from_numpy(mg), "triton")
     assert all(type(o.grad_fn).__name__.startswith("_Triton") for o in outs), "fell back to the core"
