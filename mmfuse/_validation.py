@@ -132,13 +132,14 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
     array before anything is drawn (so a refused call leaves a passed Generator untouched)."""
     if dtype is None:
         return space.asarray(1.0).dtype
-    try:
-        probe = from_numpy(np.ones(1), space, dtype=dtype, device=device)
-    except (TypeError, ValueError) as err:  # the namespace's own refusal, then ours naming dtype
+    try:  # the dtype alone first, so that the namespace's refusal is about the dtype
+        from_numpy(np.ones(1), space, dtype=dtype)
+    except (TypeError, ValueError) as err:
         raise TypeError(
             f"dtype must be a real floating dtype of the namespace (e.g. its float32 or float64), "
             f"got {dtype!r} ({err})"
         ) from None
+    probe = from_numpy(np.ones(1), space, dtype=dtype, device=device)  # the device's own errors
     if not array_namespace(probe).isdtype(probe.dtype, "real floating"):
         raise TypeError(
             f"dtype must be a real floating dtype (e.g. float32 or float64), got {probe.dtype}; "

@@ -295,6 +295,9 @@ def test_initialisers_name_a_dtype_the_namespace_does_not_know(init, rng):
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match=r"^dtype must be a real floating dtype .*got 'float32' \(.*torch\.dtype"):
         calls[init](dtype="float32", xp=torch)
+    # a bad device is still the device's own error, not called a dtype's
+    with pytest.raises(ValueError, match=r"device='cuda': NumPy arrays live on the CPU only"):
+        calls[init](dtype=np.float32, device="cuda")
     assert gen.bit_generator.state == state  # refused before drawing
 
 
