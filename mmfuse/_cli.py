@@ -204,11 +204,17 @@ def verify_rows(
             except Exception as exc:
                 row.update(status="ERROR", detail=shorten(f"{type(exc).__name__}: {exc}", _DETAIL))
             else:
-                err = max(_rel_err(g, w) for g, w in zip(got, want))
                 tol = 5 * default_rtol(dtype)
-                row.update(
-                    status="ok" if err <= tol else "MISMATCH", detail=f"max rel err {err:.1e} (tol {tol:.0e})"
-                )
+                if len(got) != len(want):  # zip would compare the shorter list only
+                    row.update(
+                        status="MISMATCH", detail=f"{len(got)} outputs where the reference gives {len(want)}"
+                    )
+                else:
+                    err = max(_rel_err(g, w) for g, w in zip(got, want))
+                    row.update(
+                        status="ok" if err <= tol else "MISMATCH",
+                        detail=f"max rel err {err:.1e} (tol {tol:.0e})",
+                    )
         rows.append(row)
         bar.step(f"{op}/{b}/{ns}/{dtype}")
         if last_job[op] == i:

@@ -396,6 +396,8 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
     if array_api_compat.is_cupy_namespace(xp):
         # CuPy's own asarray takes no device argument; array_api_compat's wrapper of it does
         import array_api_compat.cupy as xp
+    elif is_dask(xp):  # dask.array's too (xp=dask.array passed by a user)
+        import array_api_compat.dask.array as xp
     return xp.asarray(a, dtype=dtype, device=device)
 
 

@@ -67,6 +67,21 @@ def test_verify_exits_non_zero_on_mismatch(monkeypatch, capsys):
     assert "MISMATCH" in out
 
 
+def test_verify_counts_a_missing_output_as_a_mismatch(monkeypatch, capsys):
+    """An implementation giving fewer outputs than the reference (moments: the mean without the
+    spread) is a MISMATCH: comparing pairwise alone would check the outputs it gave."""
+    op = mmfuse.moments
+
+    def half(*args, **kwargs):
+        return op(*args, **kwargs)[:1]
+
+    monkeypatch.setattr(mmfuse, "moments", half)
+    code = _cli.main(["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "MISMATCH" in out and "1 outputs where the reference gives 2" in out
+
+
 def test_bench_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     js, png = tmp_path / "b.json", tmp_path / "b.png"

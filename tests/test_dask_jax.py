@@ -355,3 +355,19 @@ def test_jax_weakly_typed_scale_and_offset_take_xs_dtype(jax_x64, rng):
     assert_close(zoomed, mmfuse.zoom(x, 2.0, center=0.25))
     with pytest.raises(TypeError, match=r"offset has dtype float64 but x has dtype float32"):
         mmfuse.shift(x, jnp.asarray(0.5, dtype=jnp.float64))
+
+
+def test_dask_array_module_as_xp_for_initialisers_loaders_and_helpers(dask_array):
+    """xp=dask.array (the module users import) builds Dask arrays, as array_api_compat's
+    wrapper of it does (dask.array's own asarray takes no device argument)."""
+    from mmfuse.datasets import load_mfeat
+    from mmfuse.testing import make_inputs
+
+    da = dask_array
+    p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=5, xp=da, seed=0)
+    assert all(isinstance(a, da.Array) for a in (*p["factors"], p["weights"], p["bias"]))
+    assert_close(p["factors"][1].compute(), mmfuse.init_lowrank([3, 4], rank=2, out_dim=5, seed=0)["factors"][1])
+    (x,) = make_inputs([3], batch=2, xp=da, seed=1)
+    assert isinstance(x, da.Array) and x.shape == (2, 3)
+    views = load_mfeat(xp=da).views
+    assert isinstance(views[0], da.Array) and views[0].dtype == np.float64
