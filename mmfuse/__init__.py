@@ -48,3 +48,15 @@ __all__ = [
     "zoom_shift",
     "zoom_shift_fusion",
 ]
+
+# Subpackages by attribute (``mmfuse.reference.lowrank_fusion(...)`` after ``import mmfuse``),
+# imported on first access, so that ``import mmfuse`` stays light: ``mmfuse.nn`` imports torch
+_SUBMODULES = frozenset({"backends", "datasets", "nn", "reference", "testing"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,6 +42,29 @@ def test_import_mmfuse_imports_no_optional_framework():
     assert out == "[]"
 
 
+def test_subpackages_by_attribute_after_import_mmfuse():
+    """``mmfuse.reference`` etc. after a bare ``import mmfuse`` (as docs/backends.rst's plugin
+    example calls it), each imported on first access: torch only with ``mmfuse.nn``."""
+    out = _run(
+        """
+        import sys
+        import mmfuse
+        assert "mmfuse.reference" not in sys.modules
+        print(mmfuse.reference.lowrank_fusion.__module__, mmfuse.testing.__name__, "torch" in sys.modules)
+        print(mmfuse.nn.LowRankFusion.__name__, "torch" in sys.modules)
+        try:
+            mmfuse.not_a_name
+        except AttributeError as err:
+            print(err)
+        """
+    )
+    assert out.splitlines() == [
+        "mmfuse.reference.fusion mmfuse.testing False",
+        "LowRankFusion True",
+        "module 'mmfuse' has no attribute 'not_a_name'",
+    ]
+
+
 def test_import_does_not_read_environment_or_set_state():
     out = _run(
         """
