@@ -12,6 +12,7 @@ import pytest
 
 import mmfuse
 from mmfuse import _config
+from mmfuse._core import align as core_align
 from mmfuse._core import fusion as core_fusion
 from mmfuse.backends import BackendUnsupported, available, explain, lookup, register, unregister
 from mmfuse.backends import reference as reference_backend
@@ -158,6 +159,53 @@ def test_register_checks_signature():
         register("lowrank_fusion", "numba", wrong)
     with pytest.raises(ValueError, match=r"backend must be one of"):
         register("lowrank_fusion", "auto", wrong)
+
+
+def test_register_checks_supports_and_priority():
+    """Checked at registration: a string priority or a non-callable supports used to register
+    fine and then break every later call of the operator."""
+    for bad in ("high", float("nan"), True, None):
+        with pytest.raises(TypeError, match=r"^priority must be a finite real number"):
+            register("moments", "numba", core_align.moments, priority=bad)
+    with pytest.raises(TypeError, match=r"^supports must be None or a callable"):
+        register("moments", "numba", core_align.moments, supports=42)
+    assert mmfuse.moments(np.ones((2, 3, 2)))[0].shape == (2, 1, 2)  # nothing was registered
+
+
+def test_auto_with_no_implementation_taking_the_inputs_says_so():
+    """A registration that replaces the generic row with one refusing the inputs leaves "auto"
+    nothing: BackendUnsupported with the reasons (an AssertionError before); explain() reports
+    no choice rather than raising."""
+
+    def torch_only(xp, device):
+        return "needs torch tensors"
+
+    register("lowrank_fusion", "array_api", core_fusion.lowrank_fusion, supports=torch_only)
+    try:
+        xs = [np.ones((2, 3))]
+        p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
+        with pytest.raises(BackendUnsupported, match=r"^'auto' finds no implementation of lowrank_fusion that takes numpy arrays on device 'cpu': needs .*torch tensors; backends with an implementation of lowrank_fusion: \["):
+            mmfuse.lowrank_fusion(xs, **p)
+        assert explain("lowrank_fusion", *xs).chosen is None
+    finally:
+        unregister("lowrank_fusion", "array_api")
+    assert mmfuse.lowrank_fusion(xs, **p).shape == (2, 1)
+
+
+def test_a_preference_that_cannot_serve_imports_nothing():
+    """prefer= a backend that cannot take the call falls back to "auto" without loading every
+    backend for the refusal's message (it imported torch and Triton: seconds)."""
+    out = _run(
+        """
+        import sys
+        import numpy as np
+        import mmfuse
+        mmfuse.set_config(prefer="cupy")
+        mmfuse.moments(np.ones((2, 6, 3)))
+        print(sorted(m for m in ("torch", "triton", "numba", "cupy") if m in sys.modules))
+        """
+    )
+    assert out == "[]"
 
 
 def test_forced_backend_that_cannot_take_inputs_says_why():

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import numbers
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -164,6 +166,11 @@ def register(
     if backend not in BACKEND_NAMES or backend == "auto":
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES[1:])}, got {backend!r}")
     _check_signature(op, backend, func)
+    if supports is not None and not callable(supports):
+        raise TypeError(f"supports must be None or a callable (xp, device) -> str | None, got {supports!r}")
+    # priorities are compared (and negated) at every choice: a bad one must fail here, not there
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Real) or not math.isfinite(priority):
+        raise TypeError(f"priority must be a finite real number (e.g. 10), got {priority!r}")
     impl = Implementation(op, backend, func, supports or _any_input, priority)
     with _lock:
         _REGISTERED[(op, backend)] = impl
@@ -282,6 +289,14 @@ def available(op: str | None = None) -> dict[str, list[str]] | list[str]:
     return {name: sorted({impl.backend for impl in implementations(name)}) for name in ops}
 
 
+def _backends_for(op: str) -> str:
+    """The backends with rows or registrations for ``op``, for a refusal's message, read from
+    the table without loading any (:func:`available` imports each backend's framework to say
+    which load: seconds for torch and Triton, on a path a soft preference takes and drops)."""
+    names = {row.backend for row in _rows(op, None)} | {b for (o, b) in _REGISTERED if o == op}
+    return f"backends with an implementation of {op}: {sorted(names)} (available() says which load here)"
+
+
 def _first_array(obj: Any) -> Any:
     if array_api_compat.is_array_api_obj(obj):
         return obj
@@ -316,23 +331,33 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
             return _choose(op, name[len("auto, prefer ") :], info)
         except BackendUnsupported:  # a preference, not a demand: "auto" decides
             return _choose(op, "auto", info)
+    reasons: list[str] = []
     if name == "auto":
         for cand in _candidates(op, None, imported_only=True, info=info):
             if isinstance(cand, Row) or cand.backend == "reference":
                 continue
-            if info is None or cand.refusal(info) is None:
+            refusal = None if info is None else cand.refusal(info)
+            if refusal is None:
                 return cand
-        raise AssertionError(f"no implementation of {op} takes these inputs")  # the core's row does
+            if refusal not in reasons:
+                reasons.append(refusal)
+        # mmfuse's own generic rows take anything; a registration that replaced them, or an
+        # operator defined with none that takes these inputs, can leave nothing
+        what = "these inputs"
+        if info is not None:
+            what = f"{namespace_name(info.xp)} arrays on device {_device_name(info.device)!r}"
+        raise BackendUnsupported(
+            f"'auto' finds no implementation of {op} that takes {what}: "
+            f"{_join(reasons) if reasons else 'none is registered'}; {_backends_for(op)}"
+        )
     cands = [c for c in _candidates(op, name, imported_only=False) if isinstance(c, Implementation)]
     if not cands:
         reason = _plugin_errors.get(name, "it has no implementation of this operator")
         raise BackendUnsupported(
-            f"backend {name!r} cannot run {op}: {reason}; "
-            f"backends available for {op}: {available(op)}"
+            f"backend {name!r} cannot run {op}: {reason}; {_backends_for(op)}"
         )
     if info is None:
         return cands[0]
-    reasons: list[str] = []
     for cand in cands:
         refusal = cand.refusal(info)
         if refusal is None:
