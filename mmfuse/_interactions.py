@@ -452,7 +452,7 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     """
     if not array_api_compat.is_array_api_obj(terms):
         raise not_an_array("terms", terms)
-    xp = array_namespace(terms)
+    xp = array_namespace(terms, names=("terms",))
     check_float(xp, terms, "terms")
     check_ndim(terms, 3, "terms", "(K, B, h)")
     if not isinstance(kind, str) or kind not in _KINDS:

@@ -300,6 +300,29 @@ def test_shares_match_reference_and_sum_to_one(xp, kind, rng):
         assert abs(float(want[0])) < 1e-12  # the constant has no variance
 
 
+@pytest.mark.parametrize("kind", ["variance", "norm"])
+def test_shares_of_float16_terms_are_computed_in_float32(kind, rng):
+    """Terms of ordinary size (|T| ~ 40, a sum of squares far over float16's 65504): the
+    shares in float16, rounded from float32 sums (all-NaN before: inf / inf)."""
+    terms = 10.0 * rng.standard_normal((3, 100, 10))
+    want = ref.interaction_shares(terms.astype(np.float16).astype(np.float64), kind=kind)
+    got = mmfuse.interaction_shares(terms.astype(np.float16), kind=kind)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=2e-3, atol=2e-3)
+    torch = pytest.importorskip("torch")
+    t = torch.tensor(terms, dtype=torch.float16, requires_grad=True)
+    shares = mmfuse.interaction_shares(t, kind=kind)
+    assert shares.dtype == torch.float16
+    np.testing.assert_allclose(shares.detach().double().numpy(), want, rtol=2e-3, atol=2e-3)
+    (grad,) = torch.autograd.grad(shares[1], [t])
+    assert grad.dtype == torch.float16 and bool(torch.isfinite(grad).all())
+
+
+def test_shares_name_a_masked_array_terms():
+    with pytest.raises(TypeError, match=r"^terms is a numpy.ma.MaskedArray"):
+        mmfuse.interaction_shares(np.ma.masked_array(np.ones((2, 3, 1))))
+
+
 def test_shares_nan_when_output_constant():
     terms = np.ones((3, 4, 2))
     shares = mmfuse.interaction_shares(terms)

@@ -42,6 +42,7 @@ from .._namespace import (
     is_dask,
     is_jax,
     is_lazy,
+    work_dtype,
 )
 from .fusion import flat_lowrank, mask_absent
 
@@ -571,10 +572,14 @@ def tensor_interactions(
 def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     """(K,) shares: <T_k - mean, y - mean> / <y - mean, y - mean> (``"variance"``) or
     <T_k, y> / <y, y> (``"norm"``), with y = sum_k T_k, summed over samples and outputs;
-    NaN where the denominator is zero."""
+    NaN where the denominator is zero.  float16 / bfloat16 are computed in float32 and rounded
+    once (sums of squares overflow float16's 65504 long before the shares do)."""
     xp = array_namespace(terms)
     if terms.shape[1] == 0 or terms.shape[2] == 0:  # no sample or no output: nothing to share
         return xp.full((terms.shape[0],), math.nan, dtype=terms.dtype, device=device_of(terms))
+    work = work_dtype(xp, terms.dtype)
+    if work != terms.dtype:
+        return xp.astype(interaction_shares(xp.astype(terms, work), kind=kind), terms.dtype)
     y = xp.sum(terms, axis=0)
     if kind == "variance":
         terms = terms - xp.mean(terms, axis=1, keepdims=True)
