@@ -24,12 +24,20 @@ _EXACT = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"
 def _dtype_key(dtype: Any) -> str:
     """One name for a dtype however it is spelled: ``"float32"``, ``"torch.float32"``,
     ``np.float32``, ``np.dtype("float32")``, ``torch.float32``, ``jnp.float32``,
-    ``array_api_strict.float32`` all give ``"float32"``."""
+    ``array_api_strict.float32`` all give ``"float32"``; NumPy's own spellings too (``float``,
+    ``"f8"``, ``"double"``, ``"float"`` give ``"float64"``)."""
     if isinstance(dtype, str):
+        if "." not in dtype:  # NumPy's string spellings ("f8", "double"); else a name as given
+            try:
+                return str(np.dtype(dtype).name)
+            except TypeError:
+                pass
         return dtype.rsplit(".", 1)[-1]
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(dtype, torch.dtype):
         return str(dtype).rsplit(".", 1)[-1]
+    if dtype in (float, int, bool, complex):  # Python's types, as NumPy reads them
+        return str(np.dtype(dtype).name)
     if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and hasattr(dtype, "dtype")):
         try:  # NumPy / CuPy / Dask dtypes and scalar types, JAX scalar types, ml_dtypes
             return str(np.dtype(dtype).name)
@@ -55,6 +63,8 @@ def default_rtol(dtype: Any) -> float:
 def _check_tolerance(name: str, value: float | None) -> None:
     if value is None:
         return
+    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     if not float(value) >= 0.0:  # also refuses NaN
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
@@ -143,9 +153,10 @@ def assert_close(
     AssertionError
         With the first mismatching property, or the worst element and the tolerances.
     TypeError
-        If an array is complex or not numeric.
+        If an array is complex or not numeric, or ``rtol`` or ``atol`` is not a real number
+        (a string, a bool).
     ValueError
-        If ``rtol`` or ``atol`` is negative.
+        If ``rtol`` or ``atol`` is negative or NaN.
 
     Examples
     --------

@@ -96,6 +96,23 @@ def test_device_dtype_normalised_and_tolerances_checked():
             assert_close(x, x, **kw)
 
 
+def test_dtype_spellings_of_numpy_and_python_get_their_tolerance():
+    """Python's float and NumPy's string spellings are float64 (default_rtol gave them the
+    float32 tolerance, 2e-4: a check 2e6 times looser than asked, silently)."""
+    for spelling in (float, "f8", "float", "double", "float64", np.float64, np.dtype("<f8")):
+        assert default_rtol(spelling) == 1e-10, spelling
+    assert default_rtol("f4") == default_rtol("torch.float32") == 2e-4
+    assert default_rtol(int) == default_rtol("i4") == 0.0
+    x = np.linspace(0.5, 1.5, 5)
+    for spelling in (float, "f8", "float"):
+        assert_close(x, x, dtype=spelling)
+    with pytest.raises(AssertionError, match="dtype"):
+        assert_close(x, x, dtype="f4")
+    for bad in ("0.1", True):
+        with pytest.raises(TypeError, match=r"^rtol must be a real number"):
+            assert_close(x, x, rtol=bad)
+
+
 def test_make_inputs_checks_arguments():
     seed = int(_rng().integers(2**31))
     with pytest.raises(ValueError, match="tokens"):
