@@ -385,6 +385,19 @@ def _check_output_dir(path: str, files: Sequence[str]) -> None:
 
 
 def _sync(out: Any) -> None:
+    """Wait for ``out``, so that a call's time is the time to its result: Dask's graph
+    computed, JAX's asynchronous dispatch and CuPy's and torch's CUDA queues drained."""
+    leaves = _leaves(out)
+    dask = sys.modules.get("dask")
+    lazy = [a for a in leaves if dask is not None and hasattr(a, "dask") and hasattr(a, "compute")]
+    if lazy:
+        dask.compute(*lazy)
+    for a in leaves:
+        if hasattr(a, "block_until_ready"):  # JAX
+            a.block_until_ready()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and any(type(a).__module__.startswith("cupy") for a in leaves):
+        cupy.cuda.get_current_stream().synchronize()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -398,9 +411,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     ops = _check_choices(args.ops, OPS, "op")
     wanted = _check_choices(args.backends, [b for b in BACKEND_NAMES if b != "auto"], "backend")
-    for path in (args.json, args.plot):
-        if path:
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            if not path:
+                raise UsageError(f"mmfuse: {option} needs a file name, got an empty one")
             _check_output_file(path)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UsageError(f"mmfuse: --plot writes a PNG: give a file name ending in .png, got {args.plot!r}")
     namespaces = list(dict.fromkeys(args.namespaces))
     scale = "verify" if args.quick else "bench"
     jobs = []
@@ -416,6 +433,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for b in args.backends or ():
         if b in missing:
             print(shorten(f"{b}: skipped, not available here: {missing[b]}", 200))
+        elif b == "reference" and scale == "bench":
+            print("reference: skipped at bench scale (its loops would take minutes there); --quick times it")
     bar = Progress(len(jobs), "bench", items=len(jobs), enabled=not args.no_progress)
     results = []
     for op, b, ns in jobs:

@@ -241,6 +241,52 @@ def test_bench_reports_any_op_exception_as_an_error_row(monkeypatch, capsys):
     assert "lowrank_fusion  array_api  numpy" in out  # the run went on
 
 
+def test_bench_output_names_refused_up_front(tmp_path, monkeypatch, capsys):
+    """--plot writes a PNG (another extension failed in matplotlib after all the work, exit 1),
+    and an empty --json name is an error rather than nothing written, both before any work."""
+    monkeypatch.setattr(_cli, "_call", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work started")))
+    for argv, message in (
+        (["--plot", str(tmp_path / "p.xyz")], "--plot writes a PNG: give a file name ending in .png"),
+        (["--json", ""], "--json needs a file name, got an empty one"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            _cli.main(["bench", "--quick", "--ops", "moments", "--no-progress", *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_bench_says_the_reference_is_skipped_at_bench_scale(capsys):
+    code = _cli.main(["bench", "--ops", "moments", "--backends", "reference", "--namespaces", "numpy", "--no-progress"])
+    assert code == 0
+    assert "reference: skipped at bench scale" in capsys.readouterr().out
+
+
+def test_bench_times_lazy_and_asynchronous_results_to_completion():
+    """A Dask result is computed and a JAX one waited for inside the timed call (the time was
+    the graph's construction, or JAX's dispatch, alone)."""
+    da = pytest.importorskip("dask.array")
+    from dask.callbacks import Callback
+
+    ran = []
+
+    class Count(Callback):
+        def _pretask(self, key, dsk, state):
+            ran.append(key)
+
+    with Count():
+        _cli._sync([da.ones((4, 3), chunks=2) * 2.0])
+    assert ran, "the Dask graph was not computed"
+    jnp = pytest.importorskip("jax.numpy")
+    waited = []
+
+    class Pending:  # stands for a JAX array: block_until_ready is what bench must call
+        def block_until_ready(self):
+            waited.append(True)
+
+    _cli._sync((jnp.ones(2), Pending()))
+    assert waited == [True]
+
+
 def test_bench_says_why_a_backend_is_skipped_and_dedupes_namespaces(monkeypatch, capsys):
     from mmfuse import backends
 
