@@ -389,9 +389,10 @@ def _sync(out: Any) -> None:
     computed, JAX's asynchronous dispatch and CuPy's and torch's CUDA queues drained."""
     leaves = _leaves(out)
     dask = sys.modules.get("dask")
-    lazy = [a for a in leaves if dask is not None and hasattr(a, "dask") and hasattr(a, "compute")]
-    if lazy:
-        dask.compute(*lazy)
+    if dask is not None:
+        lazy = [a for a in leaves if hasattr(a, "dask") and hasattr(a, "compute")]
+        if lazy:
+            dask.compute(*lazy)
     for a in leaves:
         if hasattr(a, "block_until_ready"):  # JAX
             a.block_until_ready()
