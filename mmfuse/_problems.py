@@ -46,6 +46,21 @@ def _tensor(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict
     return (xs, weight, rng.standard_normal(out_dim)), {}
 
 
+def _tensor_terms(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, weight, _), _ = _tensor(rng, scale)
+    return (xs, weight), {"by": "subset"}
+
+
+def _lowrank_terms(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, factors, weights, _), kwargs = _lowrank(rng, scale)
+    return (xs, factors, weights), {**kwargs, "by": "order"}
+
+
+def _cp_terms(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, cp, _), _ = _cp(rng, scale)
+    return (xs, cp), {"by": "subset", "present": rng.random((xs[0].shape[0], len(xs))) < 0.8}
+
+
 def _sequence(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if scale == "bench":
         batch, lengths, ranks, out_len, out_dim, rh, rt = 256, (50, 50, 50), (16, 16, 16), 16, 40, 8, 12
@@ -105,6 +120,9 @@ OPS: dict[str, Callable[[np.random.Generator, str], tuple[tuple[Any, ...], dict[
     "moments": _moments,
     "zoom_shift": _zoom_shift,
     "align": _align,
+    "tensor_interactions": _tensor_terms,
+    "lowrank_interactions": _lowrank_terms,
+    "cp_interactions": _cp_terms,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,29 @@ def test_verify_counts_a_missing_output_as_a_mismatch(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "MISMATCH" in out and "1 outputs where the reference gives 2" in out
+
+
+def test_verify_and_bench_cover_the_interaction_terms(monkeypatch, capsys):
+    """The interaction operators (numba and torch rows) are verified against the reference,
+    labels included, and timed; wrong labels are a MISMATCH."""
+    ops = ["tensor_interactions", "lowrank_interactions", "cp_interactions"]
+    code = _cli.main(["verify", "--ops", *ops, "--namespaces", "numpy", "--backends", "array_api", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count(" ok ") == 6, out
+    code = _cli.main(["bench", "--quick", "--ops", *ops, "--namespaces", "numpy", "--backends", "array_api",
+                      "--repeats", "1", "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and all(re.search(rf"{op} +array_api +numpy +[0-9.]+ ", out) for op in ops), out
+    op = mmfuse.lowrank_interactions
+
+    def relabelled(*args, **kwargs):
+        terms, labels = op(*args, **kwargs)
+        return terms, labels[::-1]
+
+    monkeypatch.setattr(mmfuse, "lowrank_interactions", relabelled)
+    code = _cli.main(["verify", "--ops", "lowrank_interactions", "--namespaces", "numpy", "--backends", "array_api",
+                      "--no-progress"])  # fmt: skip
+    assert code == 1 and "labels differ from the reference's" in capsys.readouterr().out
 
 
 def test_bench_json_and_plot(tmp_path, capsys):
