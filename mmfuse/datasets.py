@@ -278,7 +278,8 @@ def load_mfeat(
         Device of the returned arrays in ``xp``.
     dtype : dtype or str, optional
         Floating dtype of the feature arrays (a dtype of ``xp`` or its name); float64 by
-        default, which holds the published values exactly.  Labels are always int64 (under JAX int32 unless x64 is enabled: it has no int64 then).
+        default, which holds the published values exactly.  Labels are always int64 (under
+        JAX int32 unless x64 is enabled: it has no int64 then).
     shuffle : bool, default False
         Permute the rows (the same permutation for every view, the labels and
         ``is_train``).  Without shuffling the rows are in the source order: class by class.
@@ -396,7 +397,8 @@ def load_basic_motions(
         Device of the returned arrays in ``xp``.
     dtype : dtype or str, optional
         Floating dtype of the series (a dtype of ``xp`` or its name); float64 by default,
-        which holds the published values exactly.  Labels are always int64 (under JAX int32 unless x64 is enabled: it has no int64 then).
+        which holds the published values exactly.  Labels are always int64 (under JAX int32
+        unless x64 is enabled: it has no int64 then).
     shuffle : bool, default False
         Permute the recordings (the same permutation for both modalities, ``raw``, the
         labels and ``is_train``).  Without shuffling the order is the files' order.
