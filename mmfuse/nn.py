@@ -158,7 +158,14 @@ def _check_modality_tensors(
                 f"{layer}: xs[{m}] has batch size {x.shape[0]} (shape {_fmt(x.shape)}) but xs[0] "
                 f"has batch size {batch} (shape {_fmt(xs[0].shape)})"
             )
+        _check_device(layer, f"xs[{m}]", x, xs[0])
     return list(xs)
+
+
+def _check_device(layer: str, name: str, t: torch.Tensor, first: torch.Tensor) -> None:
+    """``t`` on ``first``'s device (xs[0]'s), named with the layer like its other checks."""
+    if t.device != first.device:
+        raise ValueError(f"{layer}: {name} is on device {t.device} but xs[0] is on {first.device}")
 
 
 def _check_inputs(
@@ -175,6 +182,7 @@ def _check_inputs(
             raise ValueError(
                 f"{layer}: present must have shape (B, M) = ({batch}, {n}), got {_fmt(present.shape)}"
             )
+        _check_device(layer, "present", present, xs[0])
     return xs
 
 
@@ -982,6 +990,7 @@ def _check_seq_inputs(
             raise ValueError(
                 f"{layer}: masks[{m}] must have shape (B, T_{m}) = {_fmt(x.shape[:2])}, got {_fmt(k.shape)}"
             )
+        _check_device(layer, f"masks[{m}]", k, xs[0])
     return list(xs), list(masks)
 
 

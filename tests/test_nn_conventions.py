@@ -250,3 +250,32 @@ def test_from_lmf_and_from_cp_name_a_missing_or_integer_argument():
 def test_from_cp_names_the_cp_factor_with_too_few_rows(factors, append_one, match):
     with pytest.raises(ValueError, match=match):
         CPFusion.from_cp((None, [torch.randn(s) for s in factors]), append_one=append_one)
+
+
+@pytest.mark.parametrize(
+    ("make", "inputs", "extra"),
+    [
+        (lambda: LowRankFusion([3, 4], out_dim=2, rank=2), lambda: [torch.randn(2, 3), torch.randn(2, 4)],
+         lambda xs: {"present": torch.ones(2, 2, dtype=torch.bool, device="meta")}),
+        (lambda: CPFusion([3, 4], out_dim=2, rank=2), lambda: [torch.randn(2, 3), torch.randn(2, 4)], None),
+        (lambda: TensorFusion([3, 4], out_dim=2), lambda: [torch.randn(2, 3), torch.randn(2, 4)], None),
+        (lambda: WanderAdapter([3, 3], [4, 5], rank=2, feature_rank=2, token_rank=2),
+         lambda: [torch.randn(2, 4, 3), torch.randn(2, 5, 3)],
+         lambda xs: {"masks": [None, torch.ones(2, 5, dtype=torch.bool, device="meta")]}),
+        (lambda: ZoomShift(3, 2), lambda: [torch.randn(2, 4, 3), torch.randn(2, 5, 3)],
+         lambda xs: {"masks": [None, torch.ones(2, 5, dtype=torch.bool, device="meta")]}),
+    ],
+)  # fmt: skip
+def test_layers_name_themselves_for_inputs_on_two_devices(make, inputs, extra):
+    """An input, mask or present on another device than xs[0]: the layer's own ValueError,
+    named like its other boundary checks (the functional check's message had no layer)."""
+    layer, xs = make(), inputs()
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"^{name}: xs\[1\] is on device meta but xs\[0\] is on cpu$"):
+        layer([xs[0], xs[1].to("meta")])
+    if extra is not None:
+        kwargs = extra(xs)
+        (arg,) = kwargs
+        label = "present" if arg == "present" else r"masks\[1\]"
+        with pytest.raises(ValueError, match=rf"^{name}: {label} is on device meta but xs\[0\] is on cpu$"):
+            layer(xs, **kwargs)
