@@ -643,3 +643,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingDependency as exc:
         print(f"mmfuse: {exc}", file=sys.stderr)
         return 2
+    except BackendUnsupported as exc:  # the configuration forces a backend the work cannot use
+        print(f"mmfuse: {exc} (the backend in force: {_backend_in_force()})", file=sys.stderr)
+        return 2
+
+
+def _backend_in_force() -> str:
+    from mmfuse._config import config_source, get_config
+
+    config, source = get_config(), config_source()
+    return ", ".join(f"{key}={config[key]!r} from {source[key]}" for key in ("backend", "prefer"))

@@ -616,3 +616,18 @@ def test_an_os_error_inside_the_demo_names_the_output_file(tmp_path, capsys, mon
     monkeypatch.setattr("mmfuse._demo.run_demo", elsewhere)
     with pytest.raises(FileNotFoundError):
         _cli.main(["demo", "--quick", "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_a_configured_backend_the_work_cannot_use_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    """demo under MMFUSE_BACKEND=cupy (no CuPy rows for its layers) stopped in a traceback,
+    exit 1; it is one line naming the backend in force and where it came from, exit 2."""
+
+    def refused(*args, **kwargs):
+        raise BackendUnsupported("backend 'cupy' cannot run tensor_fusion: it has no implementation")
+
+    monkeypatch.setattr("mmfuse._demo.run_demo", refused)
+    with mmfuse.config_context(backend="cupy"):
+        code = _cli.main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "d")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmfuse: backend 'cupy' cannot run tensor_fusion") and "backend='cupy' from config_context" in err
