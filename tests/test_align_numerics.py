@@ -521,3 +521,28 @@ def test_gradients_where_a_lane_has_no_spread(rng, case, backend):
         a = np.zeros_like(b) if a is None else a.detach().numpy()
         assert np.all(np.isfinite(a)), f"{case}: d/d{name} not finite"
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"{case}: d/d{name}")
+
+
+@pytest.mark.parametrize("backend", [None, "array_api", "reference", "torch"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"rounds": 1}, {"rounds": 3, "alpha": 0.5}, {"rounds": 2, "schedule": "jacobi", "alpha": 0.5}, {"rounds": 2}],
+)
+def test_align_propagates_a_nan_in_an_unmasked_token(rng, backend, kwargs):
+    """A NaN among a lane's unmasked tokens makes that lane's statistics NaN, and the rounds
+    carry it to the modalities that take it as a target, as the reference does: "no spread"
+    was tested as ``not sigma > 0``, which took the NaN spread for zero and returned finite
+    values computed without it (Gauss-Seidel consensus at alpha = 1)."""
+    a, b = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 5, 3))
+    a[0, 1, 2] = np.nan
+    xs = [a, b]
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        xs = [torch.tensor(a), torch.tensor(b)]
+    ys = [np.asarray(y) for y in mmfuse.align(xs, eps=1e-5, backend=backend, **kwargs)]
+    want = mmfuse.align([a, b], eps=1e-5, backend="reference", **kwargs)
+    for y, w in zip(ys, want):
+        assert np.array_equal(np.isnan(y), np.isnan(w))
+        assert np.isnan(y[0, :, 2]).all() and np.isfinite(y[1]).all() and np.isfinite(y[0, :, :2]).all()
+    ok = ~np.isnan(want[1])
+    np.testing.assert_allclose(ys[1][ok], want[1][ok], rtol=1e-10, atol=1e-12)

@@ -363,9 +363,11 @@ def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
 
     Uses only ``where`` with a Python scalar, so it also traces under ``torch.compile``.  For
     alpha < 1 the power's infinite derivative at ``target = 0`` (a guide with no spread, at
-    eps = 0) is taken as 0 (:func:`_power`).
+    eps = 0) is taken as 0 (:func:`_power`).  A NaN spread (a NaN among the lane's unmasked
+    tokens) gives a NaN scale: "no spread" is ``sigma == 0`` exactly, not ``not sigma > 0``,
+    which would take NaN for it and return finite values computed without the NaN.
     """
-    live = sigma > 0
+    live = sigma != 0
     ratio = target / xp.where(live, sigma, 1.0)
     return xp.where(live, ratio if alpha == 1.0 else _power(xp, ratio, alpha), 1.0)
 
@@ -630,11 +632,11 @@ def limit_weights(n: int, alpha: float, schedule: str, topology: str, hub: int) 
 
 
 def _var_share(xp: Any, var: Any, eps: float) -> Any:
-    """``var / (var + eps)`` (None for eps = 0, where it is not needed)."""
+    """``var / (var + eps)`` (None for eps = 0, where it is not needed); NaN stays NaN."""
     if eps == 0:
         return None
     den = var + eps
-    live = den > 0
+    live = den != 0
     return xp.where(live, var / xp.where(live, den, 1.0), 0.0)
 
 
@@ -646,7 +648,7 @@ def _zoomed_spread(xp: Any, sigma: Any, share: Any, s: Any, eps: float) -> tuple
     z = s * sigma
     if eps == 0:
         return z, share
-    live = z > 0
+    live = z != 0  # NaN stays NaN (zoom_scale)
     q = math.sqrt(eps) / xp.where(live, z, 1.0)
     total = share + q * q
     return xp.where(live, z * xp.sqrt(total), math.sqrt(eps)), xp.where(live, share / total, 0.0)
