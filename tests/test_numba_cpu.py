@@ -247,3 +247,19 @@ def test_cuda_arrays_without_numba_cuda_are_refused_with_the_reason(monkeypatch)
     info = _conditions.CallInfo(torch_compat, torch.device("cuda", 0), torch.float32)
     reason = _conditions.CONDITIONS["CUDA arrays, no gradient"](info)
     assert reason == "needs CuPy arrays or torch CUDA tensors on a CUDA device, and numba-cuda (pip install 'mmfuse[numba]')"
+
+
+def test_kernels_keep_a_large_mean_apart_from_the_output(rng):
+    """x about 1e8 with unit noise, float64: the output is unit-sized, so the mean's own
+    rounding (an ulp of 1e8, 1.5e-8) must not reach it.  The kernels kept the mean as one
+    float64 and offset mean + alpha (g - mean): 6e-9 errors (1e7 ulps of the output); they
+    now keep the first mean and the second pass's shift apart, as the core does."""
+    x = 1e8 + rng.standard_normal((2, 16, 3))
+    g = rng.standard_normal((2, 16, 3))
+    for alpha in (1.0, 0.7):
+        want = mmfuse.zoom_shift(x, g, alpha=alpha, backend="array_api")
+        got = mmfuse.zoom_shift(x, g, alpha=alpha, backend="numba")
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-14 * np.abs(want).max())
+    for kw in ({"rounds": 1, "topology": "hub", "hub": 1}, {"rounds": 3, "alpha": 0.5}):
+        for a, b in zip(mmfuse.align([x, g], backend="numba", **kw), mmfuse.align([x, g], backend="array_api", **kw)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-14 * np.abs(b).max())

@@ -56,8 +56,10 @@ _MAX_WORKERS = 8
 
 
 @numba.njit(cache=True, nogil=True)
-def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var):  # pragma: no cover - compiled
-    """mean[:] / var[:] of x[b, :, c0:c1] over its tokens (masked ones skipped)."""
+def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no cover - compiled
+    """x[b, :, c0:c1]'s statistics over its tokens (masked ones skipped): the first mean in
+    ``mean[:]``, the second pass's correction in ``shift[:]`` (the mean is their sum, which
+    float64 alone would round to ulps of a large mean), the variance in ``var[:]``."""
     n = c1 - c0
     xb = x[b]
     mean[:] = 0.0
@@ -75,7 +77,7 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var):  # pragma: no cover 
     for c in range(n):
         mean[c] /= total
     # Second pass (the sample is still in cache): the corrected two-pass algorithm, as the
-    # reference's moments: sums of d = x - mean and d^2, then mean += sum d / n and
+    # reference's moments: sums of d = x - mean and d^2, then the shift sum d / n and
     # var = sum d^2 / n - (sum d / n)^2.  The correction gives back what rounding took from
     # the first mean, so a channel with no spread (the same d for every token) has variance
     # exactly 0, which the zero-spread rule (scale 1) needs at eps = 0: without it, 7 float64
@@ -90,10 +92,9 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var):  # pragma: no cover 
             corr[c] += d
             var[c] += d * d
     for c in range(n):
-        shift = corr[c] / total
-        v = var[c] / total - shift * shift
+        shift[c] = corr[c] / total
+        v = var[c] / total - shift[c] * shift[c]
         var[c] = 0.0 if v < 0.0 else v  # rounding can go below 0; NaN stays (NaN < 0 is False)
-        mean[c] += shift
 
 
 @numba.njit(cache=True, nogil=True)
@@ -105,16 +106,18 @@ def _task_span(task, per, chunk, n_chan):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _stats_kernel(x, mask, use_mask, chunk, mean_out, var_out, t0, t1):  # pragma: no cover - compiled
+def _stats_kernel(x, mask, use_mask, chunk, mean_out, var_out, shift_out, t0, t1):  # pragma: no cover
     n_chan = x.shape[2]
     per = (n_chan + chunk - 1) // chunk
     for task in range(t0, t1):
         b, c0, c1 = _task_span(task, per, chunk, n_chan)
         mean = np.empty(c1 - c0)
         var = np.empty(c1 - c0)
-        _sample_stats(x, mask, use_mask, b, c0, c1, mean, var)
+        shift = np.empty(c1 - c0)
+        _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift)
         mean_out[b, c0:c1] = mean
         var_out[b, c0:c1] = var
+        shift_out[b, c0:c1] = shift
 
 
 @numba.njit(cache=True, nogil=True)
@@ -126,9 +129,10 @@ def _zoom_shift_kernel(
     for task in range(t0, t1):
         b, c0, c1 = _task_span(task, per, chunk, n_chan)
         n = c1 - c0
-        mean = np.empty(n)
+        first = np.empty(n)
         var = np.empty(n)
-        _sample_stats(x, mask, use_mask, b, c0, c1, mean, var)
+        shift = np.empty(n)
+        _sample_stats(x, mask, use_mask, b, c0, c1, first, var, shift)
         centre = np.empty(n, dtype=x.dtype)
         scale = np.empty(n, dtype=x.dtype)
         offset = np.empty(n, dtype=x.dtype)
@@ -139,11 +143,18 @@ def _zoom_shift_kernel(
                 s = g_sigma[b, c0 + c] / sigma
                 if alpha != 1.0:
                     s = s**alpha
-            # about the mean rounded to x's dtype (x - centre is exact near the mean); what
-            # the rounding dropped, mean - centre, is folded into the offset in float64
-            centre[c] = mean[c]
+            # about the first mean rounded to x's dtype (x - centre is exact near the mean);
+            # what the rounding dropped, and the second pass's shift, are the correction,
+            # applied in float64 through the offset (as the core's pivot and corr: the mean
+            # as one float64 would cost ulps of a large mean, 1e-8 on unit outputs at 1e8)
+            centre[c] = first[c]
             scale[c] = s
-            offset[c] = mean[c] + alpha * (g_mean[b, c0 + c] - mean[c]) - (mean[c] - centre[c]) * s
+            # the target mean as the core's _target_mean: a convex combination, exactly the
+            # guide's at alpha = 1 (mean + alpha (g - mean) cancels the same way)
+            target = g_mean[b, c0 + c]
+            if alpha != 1.0:
+                target = (1.0 - alpha) * (first[c] + shift[c]) + alpha * target
+            offset[c] = target - ((first[c] - centre[c]) + shift[c]) * s
         for t in range(n_tok):
             row = x[b, t, c0:c1]
             dest = out[b, t, c0:c1]
@@ -246,16 +257,18 @@ def _mask_arg(mask: Any) -> tuple[Any, bool]:
     return np.ascontiguousarray(mask, dtype=np.bool_), True
 
 
-def stats(x3: Any, mask2: Any) -> tuple[Any, Any]:
-    """float64 (mean, population variance) of a C-contiguous float32/float64 (B', T, C') array
-    over T, masked tokens (``mask2`` (B', T) bool, or None) excluded; each of shape (B', C')."""
+def stats(x3: Any, mask2: Any) -> tuple[Any, Any, Any]:
+    """float64 (first mean, population variance, shift) of a C-contiguous float32/float64
+    (B', T, C') array over T, masked tokens (``mask2`` (B', T) bool, or None) excluded; each of
+    shape (B', C').  The mean is first mean + shift (kept apart: see _sample_stats)."""
     n_rows, _, n_chan = x3.shape
-    mean = np.empty((n_rows, n_chan))
+    first = np.empty((n_rows, n_chan))
     var = np.empty((n_rows, n_chan))
+    shift = np.empty((n_rows, n_chan))
     mk, use = _mask_arg(mask2)
     chunk, n_tasks, workers = _plan(x3)
-    _launch(_stats_kernel, n_tasks, workers, x3, mk, use, chunk, mean, var)
-    return mean, var
+    _launch(_stats_kernel, n_tasks, workers, x3, mk, use, chunk, first, var, shift)
+    return first, var, shift
 
 
 def zoom_shift(x3: Any, mask2: Any, g_mean: Any, g_sigma: Any, alpha: float, eps: float) -> Any:

@@ -256,7 +256,7 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
 
         ``apply`` False (moments): mean_out[b, c] = mean, std_out[b, c] = sqrt(var + eps).
         ``apply`` True (zoom_shift): out = (x - p) * s + offset with s = (g_std / sigma_x) **
-        alpha (1 where sigma_x = 0) and offset = mu_x + alpha (g_mean - mu_x) - (mu_x - p) s,
+        alpha (1 where sigma_x = 0) and offset = (1 - alpha) mu_x + alpha g_mean - (mu_x - p) s,
         the core's rule (:func:`mmfuse._core.align.zoom_shift_map`).  Grid: one block per
         (sample, channel tile), flattened on blockIdx.x; threads (channels, lanes).
         """
@@ -850,14 +850,15 @@ class CPUPrimitives(Primitives):
         from . import _numba_cpu
 
         lanes = _cpu_lanes(x, axis)
-        mean, var = _numba_cpu.stats(lanes, _cpu_mask(mask))  # float64, (B', C')
+        first, var, shift = _numba_cpu.stats(lanes, _cpu_mask(mask))  # float64, (B', C')
         kept = list(x.shape)
         kept[axis] = 1
-        mean, var = mean.reshape(kept), var.reshape(kept)
-        # the pivot: the mean rounded to the lanes' dtype, so x - pivot is exact near the mean;
-        # what the rounding dropped is the correction (float64)
-        pivot = mean.astype(lanes.dtype)
-        return Stats(mean, var, pivot, mean - pivot)
+        first, var, shift = first.reshape(kept), var.reshape(kept), shift.reshape(kept)
+        # the pivot: the first mean rounded to the lanes' dtype, so x - pivot is exact near the
+        # mean; what the rounding dropped and the second pass's shift are the correction
+        # (float64, kept apart from the pivot: as one float64 the mean costs ulps of its size)
+        pivot = first.astype(lanes.dtype)
+        return Stats(first + shift, var, pivot, (first - pivot) + shift)
 
     def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
         import numpy as np
