@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -525,3 +527,29 @@ def test_block_budget_is_cache_sized_off_accelerators():
     torch = pytest.importorskip("torch")
     for t in (torch.ones(3), torch.ones(3, device="meta")):
         assert not on_accelerator(t) and block_budget(t, 1 << 21) == 1 << 21
+
+
+@pytest.mark.parametrize("backend", [None, "array_api"])
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+def test_float16_fusions_accumulate_in_float32(namespace, backend):
+    """A modality's projection over float16's 65504 (300 * 300) where the fused output is 90:
+    lowrank_fusion and cp_fusion computed the projections in float16 and returned inf (with an
+    overflow warning) on the core's paths; they compute in float32 and round once, as the torch
+    backend's custom ops and the DESIGN's rule for float16 / bfloat16 do."""
+    x0, x1 = np.array([[300.0]]), np.array([[0.0]])
+    f0, f1 = np.zeros((1, 2, 1)), np.zeros((1, 2, 1))
+    f0[0, 0, 0], f1[0, 1, 0] = 300.0, 1e-3
+    w = np.ones(1)
+    cp = (w, [np.array([[300.0], [0.0]]), np.array([[0.0], [1e-3]]), np.ones((1, 1))])
+    if namespace == "numpy":
+        half = lambda a: a.astype(np.float16)  # noqa: E731
+    else:
+        torch = pytest.importorskip("torch")
+        half = lambda a: torch.tensor(a, dtype=torch.float16)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning either
+        low = mmfuse.lowrank_fusion([half(x0), half(x1)], [half(f0), half(f1)], half(w), backend=backend)
+        cpo = mmfuse.cp_fusion([half(x0), half(x1)], (half(w), [half(f) for f in cp[1]]), backend=backend)
+    for out in (low, cpo):
+        assert str(out.dtype).endswith("float16")
+        assert abs(float(out[0, 0]) - 90.0) < 0.1

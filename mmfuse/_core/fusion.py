@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -21,6 +22,8 @@ from .._namespace import (
     is_dask,
     is_jax,
     is_lazy,
+    tree_map,
+    work_dtype,
 )
 
 __all__ = [
@@ -364,6 +367,24 @@ def lowrank_with(
     return y if bias is None else y + bias
 
 
+def _low_precision(xp: Any, x: Any) -> bool:
+    """Whether x's dtype computes in another (float16 / bfloat16: in float32)."""
+    return bool(work_dtype(xp, x.dtype) != x.dtype)
+
+
+def in_work_dtype(fusion: Callable[..., Any], xp: Any, xs: list[Any], *args: Any, **kwargs: Any) -> Any:
+    """``fusion(xs, *args, **kwargs)`` with its floating arrays in float32, rounded once to
+    xs' dtype: float16 / bfloat16 accumulate in float32 (each modality's projection can
+    overflow float16's 65504 where their product does not: 300 * 300 against 90)."""
+    work = work_dtype(xp, xs[0].dtype)
+
+    def up(a: Any) -> Any:
+        return xp.astype(a, work) if xp.isdtype(a.dtype, "real floating") else a
+
+    xs_up, args_up, kwargs_up = tree_map(up, (xs, args, kwargs))
+    return xp.astype(fusion(xs_up, *args_up, **kwargs_up), xs[0].dtype)
+
+
 def lowrank_fusion(
     xs: list[Any],
     factors: list[Any],
@@ -376,6 +397,11 @@ def lowrank_fusion(
     """:func:`mmfuse.lowrank_fusion`, generic Array-API path (any namespace; autograd flows
     through on torch).  NumPy and Dask have variants (:func:`lowrank_fusion_numpy`,
     :func:`lowrank_fusion_dask`); the registry picks."""
+    xp = array_namespace(xs[0])
+    if _low_precision(xp, xs[0]):
+        return in_work_dtype(
+            lowrank_fusion, xp, xs, factors, weights, bias, append_one=append_one, present=present
+        )
     return lowrank_with(_GenericRun, xs, factors, weights, bias, append_one, present)
 
 
@@ -415,6 +441,9 @@ def lowrank_fusion_numpy(
 ) -> Any:
     """:func:`mmfuse.lowrank_fusion` on NumPy: the same algorithm with cache-sized, reused
     buffers and in-place products (:class:`_NumPyRun`)."""
+    if xs[0].dtype.itemsize < 4:  # float16 (NumPy has no bfloat16): in float32, as the core
+        return in_work_dtype(lowrank_fusion_numpy, array_namespace(xs[0]), xs, factors, weights, bias,
+                             append_one=append_one, present=present)  # fmt: skip
     rank, _, out_dim = factors[0].shape
     if whole_batch(xs[0].shape[0], rank, out_dim):
         # lowrank_with's first branch, asked without its namespace and laziness checks (NumPy
@@ -457,6 +486,8 @@ def cp_fusion(
     The per-modality projections are (B, R), so nothing needs blocking.
     """
     xp = array_namespace(xs[0])
+    if _low_precision(xp, xs[0]):
+        return in_work_dtype(cp_fusion, xp, xs, cp, bias, append_one=append_one, present=present)
     weights, factors = cp
     out_factor = factors[-1]
     prod = None
