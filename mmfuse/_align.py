@@ -309,11 +309,14 @@ def moments(
 
     exact for any :math:`p` and accurate whatever the ratio of mean to spread (the rounded
     float32 mean of data 1e4 + 1e-2 noise is off by a tenth of the spread; a plain two-pass
-    variance would carry the square of that).  Limit: float32 statistics overflow (inf or
-    NaN) when the spread exceeds about 1.8e19, since the variance exceeds float32's range
-    (over n tokens, from about 1.8e19 / sqrt(n), where the sum of squares does): compute in
-    float64 for such data.  On NumPy the batch is walked in cache-sized blocks, so x is read
-    from memory once.
+    variance would carry the square of that).  Limits, from the variance's range (squares of
+    the spread): float32 statistics overflow (inf or NaN) when the spread exceeds about 1.8e19
+    (over n tokens, from about 1.8e19 / sqrt(n), where the sum of squares does), float64's
+    about 1.3e154; and spreads below about 1e-19 (float32) or 1e-154 (float64) underflow,
+    losing precision down to a spread of 0 (the lane then counts as having none: shifted, not
+    zoomed).  float16 / bfloat16 compute in float32.  Compute in float64 for such data (the
+    numba CPU kernels accumulate in float64 whatever the input's dtype).  On NumPy the batch
+    is walked in cache-sized blocks, so x is read from memory once.
 
     References
     ----------
