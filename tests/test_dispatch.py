@@ -66,6 +66,23 @@ def test_subpackages_by_attribute_after_import_mmfuse():
     ]
 
 
+def test_looking_up_backends_imports_no_numba():
+    """available() / unavailable() / implementations() / explain() resolve every row, which
+    imported the interaction terms' numba module, and so numba: "auto" then sent small NumPy
+    calls to numba's kernels after a mere lookup."""
+    out = _run(
+        """
+        import sys
+        import numpy as np
+        from mmfuse.backends import available, explain, implementations, unavailable
+        available(); unavailable(); implementations("cp_interactions")
+        explain("lowrank_interactions", np.ones((2, 3)))
+        print("numba" in sys.modules, explain("zoom_shift", np.ones((2, 5, 3))).chosen.backend)
+        """
+    )
+    assert out == "False array_api"
+
+
 def test_import_does_not_read_environment_or_set_state():
     out = _run(
         """

@@ -17,8 +17,9 @@ Numerics: the same operations in the same order as NumPy's recursion (order j be
 ``c * (order j) + p * (order j - 1)``, no fused multiply-add), so the coefficients are the
 NumPy path's to the last bit; float32 and float64 compute in their own dtype.
 
-Compilation: on first use, per dtype, cached on disk (``cache=True``).  Importing this module
-imports numba but compiles nothing.
+Compilation: on first use, per dtype, cached on disk (``cache=True``).  The kernels live in
+:mod:`mmfuse.backends._numba_orders`, imported on a kernel's first run: importing this module
+(as resolving the registry's rows does) imports no numba.
 
 Dispatch: the numba backend's "CPU kernels" rows of ``lowrank_interactions`` and
 ``cp_interactions`` (:mod:`mmfuse.backends._table`), for NumPy arrays and for torch CPU tensors
@@ -31,7 +32,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import numba
 import numpy as np
 
 from .._core.interactions import (
@@ -42,102 +42,7 @@ from .._core.interactions import (
     tiled,
 )
 
-__all__ = ["NumbaOrders", "coefficients", "cp_interactions_cpu", "lowrank_interactions_cpu"]
-
-# Loops run over contiguous row views, with the row's own length as the bound: LLVM then
-# vectorises them (indexing the 4-d arrays inside the loops, or bounding by another array's
-# length, keeps it from doing so: several times slower).
-
-
-@numba.njit(cache=True, nogil=True)
-def _copy(dst, a):  # pragma: no cover - compiled
-    for w in range(dst.shape[0]):
-        dst[w] = a[w]
-
-
-@numba.njit(cache=True, nogil=True)
-def _times(dst, a, p):  # pragma: no cover - compiled
-    """dst = a * p."""
-    for w in range(dst.shape[0]):
-        dst[w] = a[w] * p[w]
-
-
-@numba.njit(cache=True, nogil=True)
-def _step(dst, c, low, p):  # pragma: no cover - compiled
-    """dst = dst * c + low * p (order j from orders j and j - 1 and modality m's c and p)."""
-    for w in range(dst.shape[0]):
-        dst[w] = dst[w] * c[w] + low[w] * p[w]
-
-
-@numba.njit(cache=True, nogil=True)
-def _step2(a, b, c, low, p):  # pragma: no cover - compiled
-    """Two adjacent orders in one pass (b the lower): each from the old values, as _step."""
-    for w in range(a.shape[0]):
-        bw = b[w]
-        a[w] = a[w] * c[w] + bw * p[w]
-        b[w] = bw * c[w] + low[w] * p[w]
-
-
-@numba.njit(cache=True, nogil=True)
-def _step4(a, b, d, e, c, low, p):  # pragma: no cover - compiled
-    """Four adjacent orders in one pass (a the highest, e the lowest), as _step: each row is
-    loaded once for two updates, about half the loads of four single passes."""
-    for w in range(a.shape[0]):
-        bw = b[w]
-        dw = d[w]
-        ew = e[w]
-        cw = c[w]
-        pw = p[w]
-        a[w] = a[w] * cw + bw * pw
-        b[w] = bw * cw + dw * pw
-        d[w] = dw * cw + ew * pw
-        e[w] = ew * cw + low[w] * pw
-
-
-@numba.njit(cache=True, nogil=True)
-def _first(dst, a, c, low, p):  # pragma: no cover - compiled
-    """dst = a * c + low * p (order 1 after the second modality, from the first's row a)."""
-    for w in range(dst.shape[0]):
-        dst[w] = a[w] * c[w] + low[w] * p[w]
-
-
-@numba.njit(cache=True, nogil=True)
-def coefficients(proj, const, prefix, coef):  # pragma: no cover - compiled
-    """Orders 1..M of ``prod_m (const[m] + t proj[m])`` into ``coef``.
-
-    proj, coef: (M, R, C, L) (C rows of L elements per rank); const, prefix: (M, R, L), the
-    constants' rows and their running products, repeated to the row length.  ``coef[k - 1]``
-    receives order k.
-    """
-    n, rank, chunks, _ = proj.shape
-    for r in range(rank):
-        for i in range(chunks):
-            p0 = proj[0, r, i]
-            if n == 1:
-                _copy(coef[0, r, i], p0)
-                continue
-            for m in range(1, n):
-                p = proj[m, r, i]
-                c = const[m, r]
-                low = prefix[m - 1, r]  # order 0 before this step
-                if m == 1:
-                    _times(coef[1, r, i], p0, p)
-                    _first(coef[0, r, i], p0, c, low, p)
-                    continue
-                _times(coef[m, r, i], coef[m - 1, r, i], p)  # the top order first
-                # then orders m..1 (coef[m - 1] .. coef[0]), downwards, four or two a pass
-                j = m - 1
-                while j >= 3:
-                    below = coef[j - 4, r, i] if j >= 4 else low
-                    a, b, d, e = coef[j, r, i], coef[j - 1, r, i], coef[j - 2, r, i], coef[j - 3, r, i]
-                    _step4(a, b, d, e, c, below, p)
-                    j -= 4
-                if j >= 1:
-                    _step2(coef[j, r, i], coef[j - 1, r, i], c, coef[j - 2, r, i] if j >= 2 else low, p)
-                    j -= 2
-                if j == 0:
-                    _step(coef[0, r, i], c, low, p)
-
+__all__ = ["NumbaOrders", "cp_interactions_cpu", "lowrank_interactions_cpu"]
 
 class NumbaOrders:
     """The order recursion of :func:`mmfuse._core.interactions.orders_blocked` as the compiled
@@ -149,6 +54,8 @@ class NumbaOrders:
         self.prefix = {t: np.ascontiguousarray(tiled(prefix, t)[:, :, 0, :]) for t in {1, tile}}
 
     def __call__(self, proj: Any, coef: Any) -> None:
+        from ._numba_orders import coefficients  # numba, on the kernels' first run
+
         n, rank, k, width = proj.shape
         t = self.tile if k % self.tile == 0 else 1
         view = (n, rank, k // t, t * width)
