@@ -82,7 +82,10 @@ def config_source() -> dict[str, str]:
 
 
 def set_config(**options: Any) -> None:
-    """Set options for the current context (and contexts created from it later).
+    """Set options for the current context (and contexts created from it later: asyncio
+    tasks started after it, ``contextvars.copy_context()``; a thread started later begins
+    from the defaults and the environment, as contextvars do, so set them in the thread or
+    pass ``backend=``).
 
     Parameters
     ----------

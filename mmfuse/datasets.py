@@ -298,8 +298,8 @@ def load_mfeat(
     Raises
     ------
     ValueError
-        If ``split`` is not None, ``"train"`` or ``"test"``, or ``device`` is given without
-        ``xp``.
+        If ``split`` is not None, ``"train"`` or ``"test"``, or ``device`` is a device other
+        than ``"cpu"`` with NumPy arrays (no ``xp``, or ``xp=numpy``).
     TypeError
         If ``dtype`` is not a real floating dtype.
 
@@ -419,8 +419,8 @@ def load_basic_motions(
     Raises
     ------
     ValueError
-        If ``split`` is not None, ``"train"`` or ``"test"``, or ``device`` is given without
-        ``xp``.
+        If ``split`` is not None, ``"train"`` or ``"test"``, or ``device`` is a device other
+        than ``"cpu"`` with NumPy arrays (no ``xp``, or ``xp=numpy``).
     TypeError
         If ``dtype`` is not a real floating dtype.
 

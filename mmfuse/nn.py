@@ -1037,8 +1037,13 @@ class WanderAdapter(nn.Module):
     ``forward(xs, masks=None)`` takes M tensors (B, T_m, d_m) and optional boolean padding
     masks (B, T_m) (True: real token) and returns (B, T_out, D).  ``reset_parameters`` draws
     from :func:`mmfuse.init_wander` with a seed taken from torch's global generator, so
-    ``torch.manual_seed`` makes it reproducible.  Under ``"auto"`` the fusion runs as the
-    ``mmfuse::sequence_fusion`` custom op (memory-lean backward).
+    ``torch.manual_seed`` makes it reproducible.  Under ``"auto"`` (the torch backend's
+    :func:`mmfuse.wander`): batches of at most 128 samples run under autograd (the released
+    configuration, collapsed with the GELU on modalities of one shape, as one stacked
+    computation; others the Array-API core), where the custom ops' fixed costs would
+    dominate; larger batches, and every call under ``torch.compile``, run the custom ops with
+    memory-lean backward passes (``mmfuse::wander_collapsed`` for the released
+    configuration, ``mmfuse::sequence_fusion`` otherwise).
 
     Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
     ``forward`` on ``meta`` inputs returns ``meta`` outputs of the right shapes; materialise
