@@ -381,7 +381,8 @@ def lowrank_fusion(
     ------
     ValueError
         Wrong number of factors, factor rows not d_m + 1, differing ranks or output sizes,
-        differing batch sizes, bad ``present`` shape, no modality.
+        ``weights`` not of shape (R,) or ``bias`` not (h,), differing batch sizes, bad
+        ``present`` shape, no modality.
     TypeError
         Non-floating or mixed dtypes, non-boolean ``present``, mixed namespaces, a NumPy
         masked array or matrix (give missing modalities through ``present``), or an

@@ -709,6 +709,9 @@ def init_wander(
         Non-positive sizes (``max_elements`` included), ``dims`` and ``lengths`` of different
         lengths, unknown ``init``, or an array over ``max_elements`` (the message names the
         sizes that make it big).
+    TypeError
+        ``dims`` or ``lengths`` not a sequence (a set or dict: no modality order), ``dtype``
+        not a real floating dtype of ``xp``, ``xp`` not a namespace, or a bad ``seed``.
 
     Notes
     -----
