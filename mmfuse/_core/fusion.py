@@ -367,16 +367,17 @@ def lowrank_with(
     return y if bias is None else y + bias
 
 
-_LOW_PRECISION: dict[Any, bool] = {}
+_LOW_PRECISION: dict[tuple[type, Any], bool] = {}
 
 
 def _low_precision(xp: Any, x: Any) -> bool:
     """Whether x's dtype computes in another (float16 / bfloat16: in float32); by dtype, kept
     (``finfo`` costs about a microsecond, a twentieth of a tiny fusion)."""
     dtype = x.dtype
-    low = _LOW_PRECISION.get(dtype)
+    key = (type(dtype), dtype)  # the type first: dtypes of two libraries are never compared
+    low = _LOW_PRECISION.get(key)
     if low is None:
-        low = _LOW_PRECISION[dtype] = bool(work_dtype(xp, dtype) != dtype)
+        low = _LOW_PRECISION[key] = bool(work_dtype(xp, dtype) != dtype)
     return low
 
 
