@@ -546,3 +546,20 @@ def test_align_propagates_a_nan_in_an_unmasked_token(rng, backend, kwargs):
         assert np.isnan(y[0, :, 2]).all() and np.isfinite(y[1]).all() and np.isfinite(y[0, :, :2]).all()
     ok = ~np.isnan(want[1])
     np.testing.assert_allclose(ys[1][ok], want[1][ok], rtol=1e-10, atol=1e-12)
+
+
+def test_the_reference_keeps_a_large_mean_out_of_the_output(rng):
+    """x about 1e8 with unit spread: the reference's outputs are unit-sized and right to the
+    last bits (its means were one float64 each, good only to an ulp of 1e8: 6e-9 errors), as
+    the core's are: the oracle must be exact where the implementations are."""
+    x = 1e8 + rng.standard_normal((2, 16, 3))
+    g = rng.standard_normal((2, 16, 3))
+    calls = [
+        lambda b: [mmfuse.zoom_shift(x, g, backend=b)],
+        lambda b: [mmfuse.zoom_shift(x, g, alpha=0.6, backend=b)],
+        lambda b: mmfuse.align([x, g], rounds=1, topology="hub", hub=1, backend=b),
+        lambda b: mmfuse.align([x, g], rounds=None, topology="hub", hub=1, alpha=0.5, eps=0.0, backend=b),
+    ]
+    for call in calls:
+        for got, want in zip(call("reference"), call("array_api")):
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-14 * np.abs(want).max())

@@ -10,11 +10,10 @@ until they stop moving, then applies one affine map per modality.  Slow on purpo
 the oracle every other implementation is tested against (the core jumps to the limit through
 invariants of the rounds instead).  Inputs are assumed valid (the public layer checks them).
 
-Its limit as an oracle: each mean is one float64, so an output carries about an ulp of the
-input's mean (|mu| * 1.1e-16) as absolute error, where the core and the kernels keep a mean
-as a pivot and a correction and do not (x about 1e8 with unit spread: 6e-9 here against
-1e-16 there).  Compare at such ratios of mean to spread with that tolerance, or against the
-core.
+Each mean is kept as the two-pass algorithm's first mean and correction, and a deviation
+x - mean formed as (x - m0) - corr, so that a mean large against the spread never costs an
+output its last bits (one float64 mean is good to an ulp of itself: at x about 1e8 with unit
+spread that was 6e-9 on unit outputs).
 """
 
 from __future__ import annotations
@@ -69,10 +68,18 @@ def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> t
     plain two-pass form left ~1e-32 there whenever sum x / n missed the value, e.g. 7 tokens
     of 3.7 in float64, and at eps = 0 that tiny sigma turned the zoom into noise).
     """
+    mu0, corr, var = _two_pass(x, axis, mask)
+    return mu0 + corr, np.sqrt(var + eps)
+
+
+def _two_pass(x: Any, axis: int, mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(m0, corr, var) of :func:`moments`' algorithm, in x's shape with ``axis`` kept as 1.
+    The mean is m0 + corr; kept as the two, a deviation x - mean is (x - m0) - corr, to the
+    last bit even where the mean is large against the spread (as one float64 the mean is
+    only good to an ulp of itself: 1.5e-8 at 1e8, on unit-sized deviations)."""
     x = _f64(x)
     xl, ml = _lanes(x, axis, mask)
-    mean = np.zeros(xl.shape[:2])
-    std = np.zeros(xl.shape[:2])
+    first, shift, var = (np.zeros(xl.shape[:2]) for _ in range(3))
     for b in range(xl.shape[0]):
         for k in range(xl.shape[1]):
             v = xl[b, k][ml[b, k]]  # the unmasked tokens of sample b, channel k
@@ -80,12 +87,11 @@ def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> t
             mu0 = sum(v) / n
             d = [t - mu0 for t in v]
             corr = sum(d) / n
-            var = sum(e * e for e in d) / n - corr * corr
-            if var < 0:  # rounding can go below 0; NaN stays
-                var = 0.0
-            mean[b, k] = mu0 + corr
-            std[b, k] = np.sqrt(var + eps)
-    return _from_lanes(mean, x, axis), _from_lanes(std, x, axis)
+            vk = sum(e * e for e in d) / n - corr * corr
+            if vk < 0:  # rounding can go below 0; NaN stays
+                vk = 0.0
+            first[b, k], shift[b, k], var[b, k] = mu0, corr, vk
+    return tuple(_from_lanes(a, x, axis) for a in (first, shift, var))  # type: ignore[return-value]
 
 
 def zoom(x: Any, scale: Any, *, center: Any) -> np.ndarray:
@@ -102,14 +108,16 @@ def _zoom_shift_to(
     x: np.ndarray, mu_t: np.ndarray, sigma_t: np.ndarray, alpha: float, axis: int, mask: Any, eps: float
 ) -> np.ndarray:
     """Zoom then shift x toward target statistics (mu_t, sigma_t)."""
-    mu_x, sigma_x = moments(x, axis=axis, mask=mask, eps=eps)
+    mu0, corr, var = _two_pass(x, axis, mask)
+    mu_x, sigma_x = mu0 + corr, np.sqrt(var + eps)
     scale = np.ones_like(sigma_x)
     for idx in np.ndindex(sigma_x.shape):
         if sigma_x[idx] > 0:  # a channel with no spread has nothing to zoom
             scale[idx] = (sigma_t[idx] / sigma_x[idx]) ** alpha
-    # zoom then shift, y = mu_x + (x - mu_x) s + alpha (mu_t - mu_x), with the means combined
-    # first (the same maths; summed the other way a large mean's ulps swamp a small output)
-    return (_f64(x) - mu_x) * scale + ((1.0 - alpha) * mu_x + alpha * mu_t)
+    # zoom then shift, y = mu_x + (x - mu_x) s + alpha (mu_t - mu_x), with x - mu_x as
+    # (x - m0) - corr and the means combined first: the same maths, summed so that a large
+    # mean's ulps never reach a small output
+    return ((_f64(x) - mu0) - corr) * scale + ((1.0 - alpha) * mu_x + alpha * mu_t)
 
 
 def zoom_shift(
@@ -188,9 +196,9 @@ def _limit(
     after the rounds converge each modality is ``mu* + (x - mu0) sqrt(var* / var0)``.
     """
     n = len(ys)
-    stats = [moments(y, axis=axis, mask=m, eps=0.0) for y, m in zip(ys, masks)]
-    mu0 = [s[0] for s in stats]
-    var0 = [s[1] ** 2 for s in stats]
+    parts = [_two_pass(y, axis, m) for y, m in zip(ys, masks)]
+    mu0 = [first + corr for first, corr, _ in parts]
+    var0 = [var for _, _, var in parts]
     mus, vs = list(mu0), list(var0)
     # A (sample, channel) with no spread keeps var = 0 and sigma = sqrt(eps) in every round; it
     # pulls the others' variance to 0 (consensus, or a hub with no spread), slowly (like 1/k),
@@ -228,7 +236,8 @@ def _limit(
     for i in range(n):
         # S = sqrt(var* / var0); a modality with no spread keeps S = 1 (its deviations are 0)
         s = np.where(var0[i] > 0, np.sqrt(vs[i] / np.where(var0[i] > 0, var0[i], 1.0)), 1.0)
-        out.append(mus[i] + (ys[i] - mu0[i]) * s)
+        first, corr, _ = parts[i]
+        out.append(((_f64(ys[i]) - first) - corr) * s + mus[i])  # x - mu0 as in _zoom_shift_to
     return out
 
 
