@@ -271,6 +271,34 @@ def work_dtype(xp: Namespace, dtype: Any) -> Any:
     return dtype if xp.finfo(dtype).bits >= 32 else xp.float32
 
 
+_LOW_PRECISION: dict[tuple[type, Any], bool] = {}
+
+
+def low_precision(xp: Namespace, dtype: Any) -> bool:
+    """Whether ``dtype`` computes in a wider one (:func:`work_dtype`); kept by dtype (``finfo``
+    costs about a microsecond, a twentieth of a tiny fusion).  Keyed by the dtype's type first,
+    so that dtypes of two libraries are never compared (array_api_strict warns)."""
+    key = (type(dtype), dtype)
+    low = _LOW_PRECISION.get(key)
+    if low is None:
+        low = _LOW_PRECISION[key] = bool(work_dtype(xp, dtype) != dtype)
+    return low
+
+
+def in_work_dtype(func: Callable[..., Any], xp: Namespace, dtype: Any, *args: Any, **kwargs: Any) -> Any:
+    """``func(*args, **kwargs)`` with every floating array in :func:`work_dtype` of ``dtype``
+    (other arrays, masks say, as they are), its result rounded once back to ``dtype``: how
+    float16 / bfloat16 accumulate in float32 (a modality's projection, or a sum of squares,
+    overflows float16's 65504 long before the result does)."""
+    work = work_dtype(xp, dtype)
+
+    def up(a: Any) -> Any:
+        return xp.astype(a, work) if xp.isdtype(a.dtype, "real floating") else a
+
+    args_up, kwargs_up = tree_map(up, (args, kwargs))
+    return xp.astype(func(*args_up, **kwargs_up), dtype)
+
+
 def block_budget(x: Array, host_bytes: int) -> int:
     """Bytes per batch block for arrays like ``x``: ``host_bytes`` (cache-sized) on the CPU,
     :data:`ACCELERATOR_BLOCK_BYTES` on an accelerator."""

@@ -45,7 +45,7 @@ from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._plan import PlanCache, call_key
-from ._validation import check_bool_option, check_positive_int, common_namespace
+from ._validation import check_bool_option, check_positive_int
 from .backends import BackendUnsupported, lookup
 
 __all__ = ["CPFusion", "GuidedZoomShift", "LowRankFusion", "TensorFusion", "WanderAdapter", "ZoomShift"]
@@ -1499,7 +1499,7 @@ class GuidedZoomShift(nn.Module):
         dims = (self.channels,) * self.num_modalities
         xs, mask_list = _check_seq_inputs(xs, dims, None, self.weight.dtype, masks, type(self).__name__)
         full = mask_list if mask_list is not None else [None] * len(xs)
-        self._check_parameters(xs, full)
+        self._check_parameters(xs)
         if not _compiling():  # as ZoomShift: a sample without tokens has no statistics
             from ._align import check_mask
             from ._namespace import array_namespace
@@ -1523,9 +1523,10 @@ class GuidedZoomShift(nn.Module):
             k += 1
         return out
 
-    def _check_parameters(self, xs: list[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> None:
-        """The parameters' shapes and dtypes (a user may replace them), and one device for the
-        inputs, masks and parameters (einsum would take a CPU tensor beside a meta one)."""
+    def _check_parameters(self, xs: list[torch.Tensor]) -> None:
+        """The parameters' shapes, dtypes and device (a user may replace them; the inputs' and
+        masks' devices are the boundary checks'): einsum would take a CPU tensor beside a meta
+        one."""
         layer, k, c = type(self).__name__, self.num_modalities - 1, self.channels
         shapes = (("weight", "(M - 1, 2 C, C)", (k, 2 * c, c)), ("bias", "(M - 1, 2 C)", (k, 2 * c)))
         for name, layout, want in shapes:
@@ -1536,16 +1537,8 @@ class GuidedZoomShift(nn.Module):
             raise TypeError(
                 f"{layer}: bias has dtype {self.bias.dtype} but weight has dtype {self.weight.dtype}"
             )
-        named = [
-            *((f"xs[{m}]", x) for m, x in enumerate(xs)),
-            *((f"masks[{m}]", mask) for m, mask in enumerate(masks)),
-            ("weight", self.weight),
-            ("bias", self.bias),
-        ]
-        try:
-            common_namespace(named)
-        except ValueError as err:
-            raise ValueError(f"{layer}: {err}") from None
+        _check_device(layer, "weight", self.weight, xs[0])
+        _check_device(layer, "bias", self.bias, xs[0])
 
     def forward(self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None) -> Any:
         r"""Modulate a batch of token sequences from the guide's pooled features (see

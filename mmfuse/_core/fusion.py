@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -19,11 +18,11 @@ from .._namespace import (
     block_budget,
     block_slices,
     device_of,
+    in_work_dtype,
     is_dask,
     is_jax,
     is_lazy,
-    tree_map,
-    work_dtype,
+    low_precision,
 )
 
 __all__ = [
@@ -367,33 +366,6 @@ def lowrank_with(
     return y if bias is None else y + bias
 
 
-_LOW_PRECISION: dict[tuple[type, Any], bool] = {}
-
-
-def _low_precision(xp: Any, x: Any) -> bool:
-    """Whether x's dtype computes in another (float16 / bfloat16: in float32); by dtype, kept
-    (``finfo`` costs about a microsecond, a twentieth of a tiny fusion)."""
-    dtype = x.dtype
-    key = (type(dtype), dtype)  # the type first: dtypes of two libraries are never compared
-    low = _LOW_PRECISION.get(key)
-    if low is None:
-        low = _LOW_PRECISION[key] = bool(work_dtype(xp, dtype) != dtype)
-    return low
-
-
-def in_work_dtype(fusion: Callable[..., Any], xp: Any, xs: list[Any], *args: Any, **kwargs: Any) -> Any:
-    """``fusion(xs, *args, **kwargs)`` with its floating arrays in float32, rounded once to
-    xs' dtype: float16 / bfloat16 accumulate in float32 (each modality's projection can
-    overflow float16's 65504 where their product does not: 300 * 300 against 90)."""
-    work = work_dtype(xp, xs[0].dtype)
-
-    def up(a: Any) -> Any:
-        return xp.astype(a, work) if xp.isdtype(a.dtype, "real floating") else a
-
-    xs_up, args_up, kwargs_up = tree_map(up, (xs, args, kwargs))
-    return xp.astype(fusion(xs_up, *args_up, **kwargs_up), xs[0].dtype)
-
-
 def lowrank_fusion(
     xs: list[Any],
     factors: list[Any],
@@ -407,10 +379,11 @@ def lowrank_fusion(
     through on torch).  NumPy and Dask have variants (:func:`lowrank_fusion_numpy`,
     :func:`lowrank_fusion_dask`); the registry picks."""
     xp = array_namespace(xs[0])
-    if _low_precision(xp, xs[0]):
+    if low_precision(xp, xs[0].dtype):
         return in_work_dtype(
-            lowrank_fusion, xp, xs, factors, weights, bias, append_one=append_one, present=present
-        )
+            lowrank_fusion, xp, xs[0].dtype, xs, factors, weights, bias,
+            append_one=append_one, present=present,
+        )  # fmt: skip
     return lowrank_with(_GenericRun, xs, factors, weights, bias, append_one, present)
 
 
@@ -451,8 +424,8 @@ def lowrank_fusion_numpy(
     """:func:`mmfuse.lowrank_fusion` on NumPy: the same algorithm with cache-sized, reused
     buffers and in-place products (:class:`_NumPyRun`)."""
     if xs[0].dtype.itemsize < 4:  # float16 (NumPy has no bfloat16): in float32, as the core
-        return in_work_dtype(lowrank_fusion_numpy, array_namespace(xs[0]), xs, factors, weights, bias,
-                             append_one=append_one, present=present)  # fmt: skip
+        return in_work_dtype(lowrank_fusion_numpy, array_namespace(xs[0]), xs[0].dtype, xs, factors,
+                             weights, bias, append_one=append_one, present=present)  # fmt: skip
     rank, _, out_dim = factors[0].shape
     if whole_batch(xs[0].shape[0], rank, out_dim):
         # lowrank_with's first branch, asked without its namespace and laziness checks (NumPy
@@ -495,8 +468,8 @@ def cp_fusion(
     The per-modality projections are (B, R), so nothing needs blocking.
     """
     xp = array_namespace(xs[0])
-    if _low_precision(xp, xs[0]):
-        return in_work_dtype(cp_fusion, xp, xs, cp, bias, append_one=append_one, present=present)
+    if low_precision(xp, xs[0].dtype):
+        return in_work_dtype(cp_fusion, xp, xs[0].dtype, xs, cp, bias, append_one=append_one, present=present)
     weights, factors = cp
     out_factor = factors[-1]
     prod = None

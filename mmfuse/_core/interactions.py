@@ -39,10 +39,11 @@ from .._namespace import (
     block_budget,
     block_slices,
     device_of,
+    in_work_dtype,
     is_dask,
     is_jax,
     is_lazy,
-    work_dtype,
+    low_precision,
 )
 from .fusion import flat_lowrank, mask_absent
 
@@ -577,9 +578,8 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     xp = array_namespace(terms)
     if terms.shape[1] == 0 or terms.shape[2] == 0:  # no sample or no output: nothing to share
         return xp.full((terms.shape[0],), math.nan, dtype=terms.dtype, device=device_of(terms))
-    work = work_dtype(xp, terms.dtype)
-    if work != terms.dtype:
-        return xp.astype(interaction_shares(xp.astype(terms, work), kind=kind), terms.dtype)
+    if low_precision(xp, terms.dtype):
+        return in_work_dtype(interaction_shares, xp, terms.dtype, terms, kind=kind)
     y = xp.sum(terms, axis=0)
     if kind == "variance":
         terms = terms - xp.mean(terms, axis=1, keepdims=True)

@@ -23,13 +23,14 @@ from .._namespace import (
     array_namespace,
     block_budget,
     block_slices,
+    in_work_dtype,
     is_dask,
     is_jax,
     is_lazy,
     is_numpy,
     is_torch,
+    low_precision,
     mask_tokens,
-    work_dtype,
 )
 
 __all__ = [
@@ -334,7 +335,7 @@ def gelu(xp: Any, x: Any) -> Any:
     bfloat16 inputs (the rational pieces overflow float16); torch its native erfc
     (capability-checked) so that autograd and devices work.
     """
-    if not is_torch(xp) and work_dtype(xp, x.dtype) != x.dtype:
+    if not is_torch(xp) and low_precision(xp, x.dtype):
         return xp.astype(gelu(xp, xp.astype(x, xp.float32)), x.dtype)
     if is_torch(xp):
         import torch
@@ -508,10 +509,11 @@ def sequence_fusion(
     overflows float16's 65504 long before the result does).
     """
     xp = array_namespace(hs[0])
-    work = work_dtype(xp, hs[0].dtype)
-    if work != hs[0].dtype:
-        up = [[xp.astype(a, work) for a in group] for group in (hs, feature_factors, token_factors)]
-        return xp.astype(sequence_fusion(*up, mode=mode, masks=masks), hs[0].dtype)
+    if low_precision(xp, hs[0].dtype):
+        return in_work_dtype(
+            sequence_fusion, xp, hs[0].dtype, list(hs), list(feature_factors), list(token_factors),
+            mode=mode, masks=masks,
+        )  # fmt: skip
     r_h, _, out_dim = feature_factors[0].shape
     r_t, _, n_out = token_factors[0].shape
     the_plan = plan(
