@@ -151,18 +151,21 @@ def _strict_namespace(base: Any) -> Namespace:
     return _namespace_with(base, where=where)
 
 
+_COMPAT_TORCH = "array_api_compat.torch"
+
 # array_api_compat's namespace name -> the namespace mmfuse uses in its place (made once each)
 _REPLACEMENTS: dict[str, Callable[[Any], Namespace]] = {
     "array_api_compat.numpy": _numpy_namespace,
+    _COMPAT_TORCH: lambda base: _torch_namespace(base, sys.modules["torch"]),
     "array_api_strict": _strict_namespace,
 }
 _OURS: dict[str, Namespace] = {}
 
 
 def _ours(xp: Namespace) -> Namespace:
-    """mmfuse's namespace in place of array_api_compat's answer ``xp``: NumPy's fast one
-    (:func:`_numpy_namespace`), array_api_strict's with scalars in ``where``
-    (:func:`_strict_namespace`), ``xp`` itself for every other."""
+    """mmfuse's namespace in place of array_api_compat's answer ``xp``: NumPy's and torch's
+    fast ones (:func:`_numpy_namespace`, :func:`_torch_namespace`), array_api_strict's with
+    scalars in ``where`` (:func:`_strict_namespace`), ``xp`` itself for every other."""
     name = str(getattr(xp, "__name__", ""))
     make = _REPLACEMENTS.get(name)
     if make is None:
@@ -334,22 +337,16 @@ def _all_torch(arrays: list[Array]) -> Namespace | None:
     torch = sys.modules.get("torch")
     if torch is None or not all(isinstance(a, torch.Tensor) for a in arrays):
         return None
-    return _TORCH_FAST[0] if _TORCH_FAST else torch_namespace()
-
-
-_TORCH_FAST: list[Any] = []
+    return _OURS.get(_COMPAT_TORCH) or torch_namespace()
 
 
 def torch_namespace() -> Namespace:
     """mmfuse's torch namespace (:func:`_torch_namespace`), built on first use (it imports
     torch): what :func:`array_namespace` returns for torch tensors, and what the torch
     backend's ops hand the core, so that one torch namespace object exists."""
-    if not _TORCH_FAST:
-        import array_api_compat.torch as compat_torch
-        import torch
+    import array_api_compat.torch as compat_torch
 
-        _TORCH_FAST.append(_torch_namespace(compat_torch, torch))
-    return _TORCH_FAST[0]
+    return _ours(compat_torch)
 
 
 def _torch_namespace(base: Any, torch: Any) -> Namespace:
