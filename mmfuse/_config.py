@@ -12,7 +12,7 @@ import contextvars
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["BACKEND_NAMES", "config_context", "config_source", "get_config", "set_config"]
 
@@ -39,20 +39,35 @@ def _check_option(key: str, value: Any) -> None:
         raise ValueError(f"prefer must be None or one of {list(BACKEND_NAMES[1:])}, got {value!r}")
 
 
+class _Refused(NamedTuple):
+    """An environment variable's value that failed its check: its error, raised when the
+    option is read (a call that names its own backend never reads ``MMFUSE_BACKEND``)."""
+
+    message: str
+
+
 def _initial_state() -> dict[str, tuple[Any, str]]:
     state: dict[str, tuple[Any, str]] = {}
     for key, default in _DEFAULTS.items():
         env = os.environ.get(_ENV_VARS[key])
         if env:
-            value = env.strip().lower()
+            value: Any = env.strip().lower()
             try:
                 _check_option(key, value)
             except ValueError as exc:
-                raise ValueError(f"environment variable {_ENV_VARS[key]}: {exc}") from None
+                value = _Refused(f"environment variable {_ENV_VARS[key]}: {exc}")
             state[key] = (value, f"environment ({_ENV_VARS[key]})")
         else:
             state[key] = (default, "default")
     return state
+
+
+def _value(state: dict[str, tuple[Any, str]], key: str) -> Any:
+    """Option ``key`` of ``state``; raises the environment's error if its value was refused."""
+    value = state[key][0]
+    if isinstance(value, _Refused):
+        raise ValueError(value.message)
+    return value
 
 
 def _current() -> dict[str, tuple[Any, str]]:
@@ -73,7 +88,8 @@ def get_config() -> dict[str, Any]:
     ...     mmfuse.get_config()["backend"]
     'reference'
     """
-    return {key: value for key, (value, _) in _current().items()}
+    state = _current()
+    return {key: _value(state, key) for key in state}
 
 
 def config_source() -> dict[str, str]:
@@ -139,21 +155,14 @@ def config_context(**options: Any) -> Iterator[dict[str, Any]]:
         _state.reset(token)
 
 
-def preferred_backend() -> str | None:
-    """The ``prefer`` option in force (None: no preference)."""
-    value: str | None = _current()["prefer"][0]
-    return value
-
-
 def backend_policy(backend: str | None) -> tuple[str, str | None]:
-    """``(resolve_backend(backend), preferred_backend())`` from one read of the options (a
-    part of every planned call's key)."""
+    """``(backend name, preference)`` in force for a call whose ``backend=`` keyword is
+    ``backend``, from one read of the options (a part of every planned call's key).  The
+    preference is None unless the backend in force is ``"auto"`` (only "auto" reads it).
+    Options a call overrides are not read: a bad ``MMFUSE_BACKEND`` does not stop a call
+    naming its own backend."""
     state = _current()
     if backend is not None:
         _check_option("backend", backend)
-    return (backend or state["backend"][0], state["prefer"][0])
-
-
-def resolve_backend(backend: str | None) -> str:
-    """The backend name in force for a call whose ``backend=`` keyword is ``backend``."""
-    return backend_policy(backend)[0]
+    name = backend or _value(state, "backend")
+    return (name, _value(state, "prefer") if name == "auto" else None)

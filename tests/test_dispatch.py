@@ -109,6 +109,44 @@ def test_env_var_read_at_first_use():
     assert "environment variable MMFUSE_BACKEND: backend must be one of" in res.stderr
 
 
+def test_bad_environment_value_stops_only_calls_that_read_it():
+    """A bad MMFUSE_BACKEND stopped every call, even one naming its own backend (which the
+    environment never decides); a bad MMFUSE_PREFER stops only calls under "auto"."""
+    out = _run(
+        """
+        import numpy as np, mmfuse
+        x = np.arange(12.0).reshape(2, 3, 2)
+        print(mmfuse.zoom_shift(x, x + 1, backend="array_api").shape)
+        with mmfuse.config_context(backend="reference"):
+            print(mmfuse.moments(x)[0].shape)
+        for call in (lambda: mmfuse.zoom_shift(x, x + 1), mmfuse.get_config):
+            try:
+                call()
+            except ValueError as err:
+                print(err)
+        """,
+        env={"MMFUSE_BACKEND": "nope"},
+    )
+    lines = out.splitlines()
+    assert lines[:2] == ["(2, 3, 2)", "(2, 1, 2)"]
+    assert all(line.startswith("environment variable MMFUSE_BACKEND: backend must be one of") for line in lines[2:])
+    assert len(lines) == 4
+    out = _run(
+        """
+        import numpy as np, mmfuse
+        x = np.arange(12.0).reshape(2, 3, 2)
+        print(mmfuse.zoom_shift(x, x + 1, backend="array_api").shape)
+        try:
+            mmfuse.zoom_shift(x, x + 1, backend="auto")
+        except ValueError as err:
+            print(err)
+        """,
+        env={"MMFUSE_PREFER": "nope"},
+    )
+    assert out.splitlines()[0] == "(2, 3, 2)"
+    assert out.splitlines()[1].startswith("environment variable MMFUSE_PREFER: prefer must be None or one of")
+
+
 def test_precedence_call_over_context_over_set_config():
     assert mmfuse.get_config()["backend"] in ("auto", "reference", "array_api")
     saved = _config._state.get()  # restored as is: values and where they came from

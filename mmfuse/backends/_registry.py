@@ -30,7 +30,7 @@ from typing import Any
 
 import array_api_compat
 
-from .._config import BACKEND_NAMES, preferred_backend, resolve_backend
+from .._config import BACKEND_NAMES, backend_policy
 from .._namespace import array_namespace, namespace_name
 from ._catalogue import OPERATORS, Signature
 from ._conditions import CONDITIONS, CallInfo, call_info
@@ -317,12 +317,8 @@ def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
 
 def _policy(backend: str | None) -> str:
     """The call's policy: a backend name, ``"auto"``, or ``"auto, prefer <name>"``."""
-    name = resolve_backend(backend)
-    if name == "auto":
-        prefer = preferred_backend()
-        if prefer is not None:
-            return f"auto, prefer {prefer}"
-    return name
+    name, prefer = backend_policy(backend)
+    return name if prefer is None else f"auto, prefer {prefer}"
 
 
 def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
