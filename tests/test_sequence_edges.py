@@ -171,3 +171,19 @@ def test_numpy_gelu_paths_are_exact(with_scipy, dtype, monkeypatch):
     else:  # the Cody path in float32 grows like x^2 ulp in the far lower tail; SciPy's does not
         bound = eps if with_scipy else (1 + x[keep].astype(np.float64) ** 2) * 2 * eps
         assert np.all(rel <= bound)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_numpy_activation_of_all_modalities_at_once_is_per_modality_bits(activation):
+    """NumPy's Wander applies the GELU to all modalities' pre-activations in one call; the
+    same bits, in the same shapes, as one call per modality (widths and lengths differing)."""
+    from mmfuse._core.sequence import ACTIVATIONS, _activate
+
+    rng = np.random.default_rng()
+    hs = [3.0 * rng.standard_normal((3, t, r)) for t, r in ((5, 4), (2, 7), (6, 1))]
+    xp = array_namespace(hs[0])
+    got = _activate(xp, activation, hs)
+    for h, g in zip(hs, got):
+        want = ACTIVATIONS[activation](xp, h)
+        assert g.shape == h.shape and g.dtype == h.dtype
+        np.testing.assert_array_equal(g, want)

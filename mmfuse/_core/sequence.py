@@ -645,6 +645,33 @@ def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
     return xp.reshape(h, (batch, t_m, w.shape[1]))
 
 
+# Named activations of many NumPy calls whatever the size (the exact GELU: about twenty)
+_ONE_CALL_NUMPY = frozenset({"gelu", "gelu_tanh"})
+
+
+def _activate(xp: Any, activation: Any, hs: list[Any]) -> list[Any]:
+    """The activation on each modality's pre-activations.
+
+    NumPy, with the GELU: one call on all modalities' pre-activations at once (concatenated
+    flat, then split into views), not one per modality.  Its fixed cost is most of a small
+    call (15 us of the tiny Wander call's 30 per modality, ``benchmarks/overhead.py``); the
+    concatenation is one pass against the GELU's own twenty.  Elementwise, so the same bits.
+    """
+    act = activation_fn(xp, activation)
+    named = isinstance(activation, str) and activation in _ONE_CALL_NUMPY
+    if len(hs) == 1 or not named or not is_numpy(xp):
+        return [act(h) for h in hs]
+    import numpy as np
+
+    # ndarray's reshape method: np.reshape's Python layer costs more than a small GELU's ufunc
+    flat = act(np.concatenate([h.reshape(-1) for h in hs]))
+    out, start = [], 0
+    for h in hs:
+        out.append(flat[start : start + h.size].reshape(h.shape))
+        start += h.size
+    return out
+
+
 def first_tokens(xp: Any, xs: list[Any], n_out: int) -> Any:
     """The first ``n_out`` tokens of the inputs concatenated along the token axis."""
     pieces, left = [], n_out
@@ -686,11 +713,11 @@ def wander_with(
     signature: the core's, or a backend's fused kernel): the down-projections, the
     activation and the residual are this function's, whatever runs the fusion."""
     xp = array_namespace(xs[0])
-    act = activation_fn(xp, activation)
     masks = [None] * len(xs) if masks is None else list(masks)
     # padded tokens are zeroed before the down-projection too: a NaN there would otherwise
     # reach dL/dW as 0 * NaN (the residual still adds the raw tokens)
-    hs = [act(_down(xp, mask_tokens(xp, x, k), w, b)) for x, k, (w, b) in zip(xs, masks, params["down"])]
+    hs = [_down(xp, mask_tokens(xp, x, k), w, b) for x, k, (w, b) in zip(xs, masks, params["down"])]
+    hs = _activate(xp, activation, hs)
     y = fuse(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
     if residual == "first":
         y = y + first_tokens(xp, xs, y.shape[1])
