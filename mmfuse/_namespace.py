@@ -290,16 +290,17 @@ def low_precision(xp: Namespace, dtype: Any) -> bool:
 
 def in_work_dtype(func: Callable[..., Any], xp: Namespace, dtype: Any, *args: Any, **kwargs: Any) -> Any:
     """``func(*args, **kwargs)`` with every floating array in :func:`work_dtype` of ``dtype``
-    (other arrays, masks say, as they are), its result rounded once back to ``dtype``: how
-    float16 / bfloat16 accumulate in float32 (a modality's projection, or a sum of squares,
-    overflows float16's 65504 long before the result does)."""
+    (other arrays, masks say, as they are), the floating arrays of its result (an array, or
+    arrays nested in lists, tuples and dicts beside other values) rounded once back to
+    ``dtype``: how float16 / bfloat16 accumulate in float32 (a modality's projection, or a
+    sum of squares, overflows float16's 65504 long before the result does)."""
     work = work_dtype(xp, dtype)
 
-    def up(a: Any) -> Any:
-        return xp.astype(a, work) if xp.isdtype(a.dtype, "real floating") else a
+    def cast_to(target: Any) -> Callable[[Any], Any]:
+        return lambda a: xp.astype(a, target) if xp.isdtype(a.dtype, "real floating") else a
 
-    args_up, kwargs_up = tree_map(up, (args, kwargs))
-    return xp.astype(func(*args_up, **kwargs_up), dtype)
+    args_up, kwargs_up = tree_map(cast_to(work), (args, kwargs))
+    return tree_map(cast_to(dtype), func(*args_up, **kwargs_up))
 
 
 def block_budget(x: Array, host_bytes: int) -> int:

@@ -523,7 +523,7 @@ def test_gradients_where_a_lane_has_no_spread(rng, case, backend):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"{case}: d/d{name}")
 
 
-@pytest.mark.parametrize("backend", [None, "array_api", "reference", "torch"])
+@pytest.mark.parametrize("backend", [None, "array_api", "reference", "torch", "numba"])
 @pytest.mark.parametrize(
     "kwargs",
     [{"rounds": 1}, {"rounds": 3, "alpha": 0.5}, {"rounds": 2, "schedule": "jacobi", "alpha": 0.5}, {"rounds": 2}],
@@ -533,6 +533,8 @@ def test_align_propagates_a_nan_in_an_unmasked_token(rng, backend, kwargs):
     carry it to the modalities that take it as a target, as the reference does: "no spread"
     was tested as ``not sigma > 0``, which took the NaN spread for zero and returned finite
     values computed without it (Gauss-Seidel consensus at alpha = 1)."""
+    if backend == "numba":
+        pytest.importorskip("numba")
     a, b = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 5, 3))
     a[0, 1, 2] = np.nan
     xs = [a, b]

@@ -5,6 +5,7 @@ weight's sub-blocks, TensorLy's ``cp_to_tensor``), gradients, ``present=`` and t
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -316,6 +317,68 @@ def test_shares_of_float16_terms_are_computed_in_float32(kind, rng):
     np.testing.assert_allclose(shares.detach().double().numpy(), want, rtol=2e-3, atol=2e-3)
     (grad,) = torch.autograd.grad(shares[1], [t])
     assert grad.dtype == torch.float16 and bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("backend", [None, "array_api", "numba", "torch"])
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+def test_float16_terms_are_computed_in_float32(namespace, backend, rng):
+    """The fusion's own float16 case (a projection 300 * 300 over 65504, the fused output 90):
+    the terms were [0, inf, nan] on every backend while the fusion gave 90; they are computed
+    in float32 and rounded once, as the fusions, and on random inputs they are the float64
+    reference's rounding (to float16's resolution of the output)."""
+    torch = pytest.importorskip("torch") if namespace == "torch" or backend == "torch" else None
+    if backend == "numba":
+        pytest.importorskip("numba")
+    if namespace == "numpy" and backend == "torch":
+        pytest.skip("the torch backend takes torch tensors")
+    if namespace == "torch" and backend == "numba":
+        pytest.skip("numba's rows take torch float32 / float64 tensors only")
+    if namespace == "numpy":
+        half = lambda a: np.asarray(a).astype(np.float16)  # noqa: E731
+    else:
+        half = lambda a: torch.tensor(np.asarray(a), dtype=torch.float16)  # noqa: E731
+    xs = [half([[300.0]]), half([[0.0]])]
+    f0, f1 = np.zeros((1, 2, 1)), np.zeros((1, 2, 1))
+    f0[0, 0, 0], f1[0, 1, 0] = 300.0, 1e-3
+    cp = (half(np.ones(1)), [half([[300.0], [0.0]]), half([[0.0], [1e-3]]), half(np.ones((1, 1)))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning either
+        low, _ = mmfuse.lowrank_interactions(xs, [half(f0), half(f1)], half(np.ones(1)), backend=backend)
+        cpt, _ = mmfuse.cp_interactions(xs, cp, backend=backend)
+    for terms in (low, cpt):
+        assert str(terms.dtype).endswith("float16")
+        got = np.asarray(terms, dtype=np.float64).ravel()
+        assert got[0] == 0 and got[2] == 0 and abs(got[1] - 90.0) < 0.1
+    p = _problem(rng, 3, batch=5, rank=3, out_dim=4)
+    for kind in KINDS:
+        if backend == "numba" and kind == "tensor":
+            continue  # no numba row for TFN's terms
+        p16 = dict(p)
+        rounded = {
+            "xs": [x.astype(np.float16).astype(np.float64) for x in p["xs"]],
+            "factors": [f.astype(np.float16).astype(np.float64) for f in p["factors"]],
+            "weights": p["weights"].astype(np.float16).astype(np.float64),
+            "weight": p["weight"].astype(np.float16).astype(np.float64),
+            "cp": (p["cp"][0].astype(np.float16).astype(np.float64),
+                   [a.astype(np.float16).astype(np.float64) for a in p["cp"][1]]),
+            "present": p["present"],
+        }  # fmt: skip
+        p16.update(rounded)
+        xs16 = [half(x) for x in p16["xs"]]
+        if kind == "tensor":
+            terms, _ = mmfuse.tensor_interactions(xs16, half(p16["weight"]), backend=backend)
+        elif kind == "lowrank":
+            factors = [half(f) for f in p16["factors"]]
+            terms, _ = mmfuse.lowrank_interactions(xs16, factors, half(p16["weights"]), backend=backend)
+        else:
+            cp16 = (half(p16["cp"][0]), [half(a) for a in p16["cp"][1]])
+            terms, _ = mmfuse.cp_interactions(xs16, cp16, backend=backend)
+        want, _ = _reference(kind, p16)
+        got = np.asarray(terms, dtype=np.float64)
+        # one rounding to float16 of the float32 result: within float16's ulp of each value
+        # (plus float32's error, relative to the output's scale)
+        tol = np.spacing(np.abs(want).astype(np.float16)).astype(np.float64) + 1e-5 * np.abs(want).max()
+        assert np.all(np.abs(got - want) <= tol), kind
 
 
 def test_shares_name_a_masked_array_terms():

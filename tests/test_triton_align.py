@@ -178,6 +178,29 @@ def test_align_deterministic(rng):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("kwargs", [{"rounds": 1}, {"rounds": 2, "alpha": 0.5}, {"rounds": None, "alpha": 0.5}])
+def test_nan_in_an_unmasked_token_propagates_as_in_the_reference(rng, kwargs):
+    """A NaN among a lane's unmasked tokens: that lane's statistics are NaN and reach every
+    modality that takes them as a target, as in the reference (the kernels tested "no spread"
+    as ``sigma > 0``, the core ``sigma != 0``), for align, zoom_shift and moments."""
+    a, b = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 5, 3))
+    a[0, 1, 2] = np.nan
+    xs = [torch.tensor(v, dtype=torch.float32) for v in (a, b)]
+    calls = [
+        (lambda x, bk: mmfuse.align(x, eps=1e-5, backend=bk, **kwargs)),
+        (lambda x, bk: [mmfuse.zoom_shift(x[1], x[0], alpha=kwargs.get("alpha", 1.0), backend=bk)]),
+        (lambda x, bk: list(mmfuse.moments(x[0], backend=bk))),
+    ]
+    for call in calls:
+        got = call(xs, "triton")
+        want = call([a, b], "reference")
+        for y, w in zip(got, want):
+            y = _np(y)
+            assert np.array_equal(np.isnan(y), np.isnan(w))
+            ok = ~np.isnan(w)
+            np.testing.assert_allclose(y[ok], w[ok], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rounds", [1, None])
 def test_align_gradients(rng, rounds):
     """With gradients the kernels still run the forward, and the backward is the torch

@@ -192,6 +192,11 @@ def lowrank_interactions(
     folded into the first), one GEMM per modality and block, then the recursion or the walk.
     Generic (any namespace); :func:`lowrank_interactions_numpy` is NumPy's variant."""
     xp = array_namespace(xs[0])
+    if low_precision(xp, xs[0].dtype):  # in float32, rounded once (as the fusion)
+        return in_work_dtype(
+            lowrank_interactions, xp, xs[0].dtype, xs, factors, weights, by=by, present=present,
+            append_one=append_one,
+        )  # fmt: skip
     rank, _, out_dim = factors[0].shape
     mats = [flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
     dims = [x.shape[1] for x in xs]
@@ -243,6 +248,11 @@ def lowrank_interactions_with(
     calls (by subset, no appended constant; no rank or no output, whose empty slabs the
     blocked recursion cannot tile) run the generic path."""
     rank, _, out_dim = factors[0].shape
+    if low_precision(array_namespace(xs[0]), xs[0].dtype):  # in float32, rounded once
+        return in_work_dtype(
+            lowrank_interactions_with, array_namespace(xs[0]), xs[0].dtype, recursion, xs, factors,
+            weights, by=by, present=present, append_one=append_one,
+        )  # fmt: skip
     if by != "order" or not append_one or rank == 0 or out_dim == 0:
         return lowrank_interactions(xs, factors, weights, by=by, present=present, append_one=append_one)
     import numpy as np
@@ -417,6 +427,10 @@ def cp_interactions(
     (R, h) product with the weighted output factor per part.  Generic (any namespace);
     :func:`cp_interactions_numpy` is NumPy's variant."""
     xp = array_namespace(xs[0])
+    if low_precision(xp, xs[0].dtype):  # in float32, rounded once (as the fusion)
+        return in_work_dtype(
+            cp_interactions, xp, xs[0].dtype, xs, cp, by=by, present=present, append_one=append_one
+        )
     weights, factors = cp
     out_factor = factors[-1]
     out_dim = out_factor.shape[0]
@@ -464,6 +478,11 @@ def cp_interactions_with(
     the weighted output factor.  Other calls (and those with no CP rank or no output, whose
     empty slabs the blocked recursion cannot tile) run the generic path."""
     out_dim, rank = cp[1][-1].shape
+    if low_precision(array_namespace(xs[0]), xs[0].dtype):  # in float32, rounded once
+        return in_work_dtype(
+            cp_interactions_with, array_namespace(xs[0]), xs[0].dtype, recursion, xs, cp, by=by,
+            present=present, append_one=append_one,
+        )  # fmt: skip
     if by != "order" or not append_one or rank == 0 or out_dim == 0:
         return cp_interactions(xs, cp, by=by, present=present, append_one=append_one)
     import numpy as np
@@ -522,6 +541,10 @@ def tensor_interactions(
     """TFN's terms (K, B, h) by mode-by-mode contraction, each mode with the features or at the
     constant's index; the public layer has checked the intermediates against ``max_elements``."""
     xp = array_namespace(xs[0])
+    if low_precision(xp, xs[0].dtype):  # in float32, rounded once (as the fusion)
+        return in_work_dtype(
+            tensor_interactions, xp, xs[0].dtype, xs, weight, by=by, append_one=append_one
+        )
     n = len(xs)
     batch = xs[0].shape[0]
     dims = tuple(weight.shape[:-1])

@@ -139,7 +139,7 @@ def _zoom_shift_kernel(
         for c in range(n):
             sigma = math.sqrt(var[c] + eps)
             s = 1.0  # no spread: nothing to zoom (as the core's _scale)
-            if sigma > 0.0:
+            if sigma != 0.0:  # NaN is no "no spread" (the core's zoom_scale)
                 s = g_sigma[b, c0 + c] / sigma
                 if alpha != 1.0:
                     s = s**alpha

@@ -138,7 +138,7 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
         } else {
             T scale = 1, offset = 0;
             if (c < C) {
-                if (sigma > 0) {
+                if (sigma != 0) {  // NaN is no "no spread" (the core's zoom_scale)
                     T ratio = g_std[b * C + c] / sigma;
                     scale = (alpha == (T)1) ? ratio : pow(ratio, alpha);
                 }

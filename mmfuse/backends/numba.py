@@ -325,7 +325,7 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
                 scale = acc(1)
                 offset = acc(0)
                 if c < n_chan:
-                    if sigma > acc(0):
+                    if sigma != acc(0):  # NaN is no "no spread" (the core's zoom_scale)
                         ratio = acc(g_std[b, c]) / sigma
                         scale = ratio if alpha == 1.0 else ratio ** acc(alpha)
                     target = acc(g_mean[b, c])

@@ -589,7 +589,7 @@ def zoom_shift_kernel(
     else:
         pivot, corr, var = _loop_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, BLOCK_T, BLOCK_C)
     sigma = tl.sqrt(var + eps)
-    live = sigma > 0.0  # no spread: nothing to zoom
+    live = sigma != 0.0  # no spread: nothing to zoom (NaN is a spread, as in the core)
     ratio = tl.sqrt(g_var + eps) / tl.where(live, sigma, 1.0)
     if ALPHA_ONE:
         s = tl.where(live, ratio, 1.0)

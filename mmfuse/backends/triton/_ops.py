@@ -503,7 +503,7 @@ def _moments_backward(
     per_token: Any = zero
     if grad_std is not None:
         sigma = torch.sqrt(st.var + ctx.eps)
-        live = sigma > 0
+        live = sigma != 0  # as the core: a NaN spread is no "no spread"
         k = torch.where(live, cast(grad_std, cdt) / torch.where(live, sigma, 1.0), zero)
         per_token = k * st.dev - k * st.corr
     if grad_mean is not None:
