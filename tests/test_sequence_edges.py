@@ -5,6 +5,7 @@ op's backward, and factors with an empty rank or output axis."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -44,6 +45,42 @@ def test_float16_sequence_fusion_does_not_overflow_in_the_intermediates():
         )  # fmt: skip
         assert got.dtype == np.float16 and np.all(np.isfinite(got)), mode
         np.testing.assert_allclose(got.astype(np.float64), want, rtol=2e-3)
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", [None, "array_api", "torch"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_wander_is_computed_in_float32(namespace, backend, dtype):
+    """A pre-activation of 256 * 256 (over float16's 65504) scaled back by its feature factor:
+    the adapter's output is 53.8.  The down-projection and the activation ran in float16 on
+    the core and on the torch backend's unfused path (inf, for some modes and activations
+    only); now the whole adapter runs in float32 and rounds once, on every path."""
+    if namespace == "numpy" and (backend == "torch" or dtype == "bfloat16"):
+        pytest.skip("NumPy has no bfloat16; the torch backend takes torch tensors")
+    if namespace == "numpy":
+        conv = lambda a: np.asarray(a, dtype=np.float16)  # noqa: E731
+    else:
+        torch = pytest.importorskip("torch")
+        conv = lambda a: torch.tensor(np.asarray(a), dtype=getattr(torch, dtype))  # noqa: E731
+    xs = [np.array([[[256.0]]]), np.array([[[1.0]]])]
+    params = {
+        "down": [(np.array([[256.0]]), np.array([0.0])), (np.array([[1.0]]), np.array([0.0]))],
+        "feature": [np.full((1, 1, 1), 2.0**-10), np.ones((1, 1, 1))],
+        "token": [np.ones((1, 1, 1)), np.ones((1, 1, 1))],
+    }
+    half = {"down": [(conv(w), conv(b)) for w, b in params["down"]],
+            "feature": [conv(a) for a in params["feature"]], "token": [conv(a) for a in params["token"]]}  # fmt: skip
+    for mode in ("collapsed", "cp"):
+        for activation in ("gelu", "relu", "gelu_tanh"):
+            want = float(mmfuse.wander(xs, params, mode=mode, activation=activation, residual="none",
+                                       backend="reference")[0, 0, 0])  # fmt: skip
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no overflow warning either
+                y = mmfuse.wander([conv(x) for x in xs], half, mode=mode, activation=activation,
+                                  residual="none", backend=backend)  # fmt: skip
+            assert str(y.dtype).endswith(dtype)
+            got = float(y[0, 0, 0])
+            assert abs(got - want) <= 0.01 * abs(want), (mode, activation, got, want)
 
 
 def test_collapsed_backward_takes_a_permuted_h():

@@ -711,8 +711,18 @@ def wander_with(
 ) -> Any:
     """The Wander adapter with the token-level fusion ``fuse`` (:func:`sequence_fusion`'s
     signature: the core's, or a backend's fused kernel): the down-projections, the
-    activation and the residual are this function's, whatever runs the fusion."""
+    activation and the residual are this function's, whatever runs the fusion.
+
+    float16 / bfloat16: all of it in float32, rounded once (a pre-activation over float16's
+    65504 is no overflow where the fused output is not, and every mode and activation gives
+    the same values).
+    """
     xp = array_namespace(xs[0])
+    if low_precision(xp, xs[0].dtype):
+        return in_work_dtype(
+            wander_with, xp, xs[0].dtype, fuse, list(xs), dict(params), mode=mode, masks=masks,
+            activation=activation, residual=residual,
+        )  # fmt: skip
     masks = [None] * len(xs) if masks is None else list(masks)
     # padded tokens are zeroed before the down-projection too: a NaN there would otherwise
     # reach dL/dW as 0 * NaN (the residual still adds the raw tokens)

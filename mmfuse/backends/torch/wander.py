@@ -37,6 +37,7 @@ import torch
 from ..._core import sequence as _core_sequence
 from .._torch_eager import bind, direct
 from ._common import (
+    LOW_PRECISION,
     cast,
     compute_dtype,
     seq_masked,
@@ -311,6 +312,15 @@ def wander_torch(
     :class:`mmfuse.nn.WanderAdapter` under ``torch.compile``).
     """
     masks_list = [None] * len(xs) if masks is None else list(masks)
+    if xs[0].dtype in LOW_PRECISION and not (mode == "collapsed" and activation == "gelu"):
+        # float16 / bfloat16: down-projections and activation in float32 too, rounded once
+        # (as the core and the fused op: a pre-activation over 65504 is no overflow)
+        y = wander_torch(
+            [x.float() for x in xs], [w.float() for w in weights],
+            [None if b is None else b.float() for b in biases], [f.float() for f in feature_factors],
+            [t.float() for t in token_factors], mode, masks, activation, residual,
+        )  # fmt: skip
+        return y.to(xs[0].dtype)
     if mode == "collapsed" and activation == "gelu":  # the released configuration: one op
         biases = [torch.zeros(w.shape[1], dtype=w.dtype, device=w.device) if b is None else b
                   for w, b in zip(weights, biases)]  # fmt: skip
