@@ -14,14 +14,15 @@ arrays of other namespaces than NumPy, its device; for torch tensors also ``requ
 Per call (:func:`policy_key`): the backend policy in force (the ``backend=`` keyword, the
 configured backend and preference), which optional frameworks are imported (what "auto" may
 choose from), the registry's generation (bumped by ``register``/``unregister``), and for torch
-whether autograd records (grad mode) and whether a ``torch.func`` transform or forward-mode AD
-is active (the registry's ``grad`` and ``traced``).  Options enter with their types, so that
+whether autograd records (grad mode) and whether forward-mode AD is active (the registry's
+``grad`` and ``traced``).  Options enter with their types, so that
 ``append_one=1`` (refused: not a bool) never matches a plan made for ``True``.
 
 Calls are never planned while ``torch.compile`` traces them (Dynamo traces the checks as
-before) or while a torch dispatch mode is active, and a signature that cannot be formed (an
-argument that is not an array, an unhashable option) simply runs the full path every time,
-where the checks report it.
+before), while a torch dispatch mode is active, or inside a ``torch.func`` transform (whose
+wrapped tensors the registry tells apart from plain ones of the same shape); a signature
+that cannot be formed (an argument that is not an array, an unhashable option) simply runs
+the full path every time, where the checks report it.
 """
 
 from __future__ import annotations
@@ -165,11 +166,13 @@ def policy_key(backend: Any) -> Any:
         # logging modes), which the registry's choice depends on
         if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
             return None
-        torch_state = (
-            torch.is_grad_enabled(),
-            torch._C._are_functorch_transforms_active(),
-            torch.autograd.forward_ad._current_level,
-        )
+        # nor inside a torch.func transform: the registry's choice depends on whether each
+        # tensor is wrapped by it (a plain tensor may take the custom op or the CPU kernels,
+        # a batched or differentiated one of the same shape may not), which a key of types,
+        # shapes and dtypes cannot see
+        if torch._C._are_functorch_transforms_active():
+            return None
+        torch_state = (torch.is_grad_enabled(), torch.autograd.forward_ad._current_level)
     try:
         names = backend_policy(backend)
     except (TypeError, ValueError):  # a bad backend= : the unplanned path reports it

@@ -131,6 +131,42 @@ def test_unhashable_or_array_options_run_unplanned(rng):
     assert _plan.call_key(None, (True,), xs, factors) is not None
     assert _plan.call_key(None, (True,), xs, "not an array") is None
 
+def test_a_choice_made_during_a_registration_is_not_kept(rng):
+    """A thread choosing an implementation while another registers one: the choice it made
+    among the old registrations was stored after register() cleared the choices, and every
+    later call ran it (a fresh process ran the new one)."""
+    import threading
+
+    x = rng.standard_normal((2, 5, 3))
+    inside, resume = threading.Event(), threading.Event()
+
+    def old(x, *, axis, mask, eps):
+        return "old"
+
+    def new(x, *, axis, mask, eps):
+        return "new"
+
+    def slow_supports(xp, device):  # holds the first thread inside its choice
+        if threading.current_thread().name == "chooser":
+            inside.set()
+            resume.wait(5)
+        return None
+
+    register("moments", "cupy", old, supports=slow_supports, priority=50)
+    try:
+        thread = threading.Thread(target=mmfuse.moments, args=(x,), name="chooser")
+        thread.start()
+        assert inside.wait(5)
+        register("moments", "triton", new, priority=100)
+        resume.set()
+        thread.join()
+        assert mmfuse.moments(x) == "new"
+    finally:
+        resume.set()
+        unregister("moments", "triton")
+        unregister("moments", "cupy")
+
+
 
 @pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize(("batch", "dims", "with_present", "with_weights"), [
@@ -259,3 +295,35 @@ def test_compiled_calls_never_read_the_plan_caches(rng, monkeypatch):
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(got, want)
+
+
+def test_calls_inside_torch_func_transforms_of_plain_and_wrapped_tensors():
+    """Inside vmap / grad, a call on plain tensors (constants, captured leaves) ran the custom
+    op's autograd.Function or the CPU kernels, which fail there ("must override the
+    setup_context staticmethod"; batched tensors have no data pointer), and its plan then
+    served the transformed tensors of the same shape; now every call inside a transform takes
+    the transform-safe rows and none is planned."""
+    c, g = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
+
+    def shifted(x):
+        mmfuse.zoom_shift(c, g)
+        return mmfuse.zoom_shift(x, g)
+
+    xb = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    got = torch.func.vmap(shifted)(xb)
+    for i in range(2):
+        assert_close(got[i], mmfuse.zoom_shift(xb[i], g), rtol=1e-12)
+    p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=5, seed=0, xp=torch, dtype=torch.float64)
+    leaf = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 2, dtype=torch.float64)
+
+    def loss(x):
+        mmfuse.lowrank_fusion([leaf, y], **p)
+        mmfuse.align([leaf[:, None, :].expand(4, 2, 3), x[:, None, :].expand(4, 3, 3) * y[:, :1, None]], rounds=1)
+        return mmfuse.lowrank_fusion([x, y], **p).sum()
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    got = torch.func.grad(loss)(x)
+    xr = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(mmfuse.lowrank_fusion([xr, y], **p).sum(), [xr])
+    assert_close(got, want, rtol=1e-12)

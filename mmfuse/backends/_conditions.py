@@ -69,8 +69,10 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     torch = sys.modules["torch"]
     tensors = _tensors(arrays, torch) or [like]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    traced = torch.autograd.forward_ad._current_level >= 0 or any(wrapped(t) for t in tensors)
+    # inside any torch.func transform, not only for its wrapped tensors: an autograd.Function
+    # applied there (the custom ops' bindings) fails on plain tensors too ("must override the
+    # setup_context staticmethod"), and the CPU kernels read memory that batched tensors lack
+    traced = torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True)  # no (symbolic) size
     return CallInfo(xp, like.device, like.dtype, grad, traced, like.numel())

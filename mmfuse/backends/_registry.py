@@ -411,8 +411,14 @@ def lookup(
     impl = _CHOICES.get(key)
     if impl is None:
         _signature(op)
+        seen = _generation[0]
         impl = _choose(op, name, info)
-        _CHOICES[key] = impl
+        with _lock:
+            # kept only if no register()/unregister() ran meanwhile (in another thread): a
+            # choice made among the old registrations, stored after their clear(), would
+            # stay for good
+            if _generation[0] == seen:
+                _CHOICES[key] = impl
     return impl.func
 
 
