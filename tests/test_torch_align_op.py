@@ -349,3 +349,26 @@ def test_torch_compile(rng):
             if backend is record:
                 targets = {n.target for gm in graphs[found:] for n in gm.graph.nodes}
                 assert targets & {torch.ops.mmfuse.align, torch.ops.mmfuse.align.default}, fn.__name__
+
+
+@pytest.mark.parametrize("which", ["x", "guide"])
+def test_zoom_shift_double_backward_where_a_lane_has_no_spread(rng, which):
+    """eps = 0 and a lane with one unmasked token (no spread), in x or in the guide: the
+    zoom_shift op's backward took sqrt(var + eps), whose infinite derivative at 0 a double
+    backward (a gradient penalty) turned into NaN; it takes the core's spread, as the core's
+    autograd does, and gives its second derivatives."""
+    x0 = torch.tensor(rng.standard_normal((2, 4, 3)))
+    g0 = torch.tensor(rng.standard_normal((2, 5, 3)))
+    lone = torch.ones(2, 4 if which == "x" else 5, dtype=torch.bool)
+    lone[0] = False
+    lone[0, 1] = True
+    kwargs = {"mask": lone} if which == "x" else {"guide_mask": lone}
+    grads = []
+    for backend in ("torch", "array_api"):
+        x, g = x0.clone().requires_grad_(True), g0.clone().requires_grad_(True)
+        y = mmfuse.zoom_shift(x, g, eps=0.0, alpha=0.7, backend=backend, **kwargs)
+        first = torch.autograd.grad(y.pow(2).sum(), [x, g], create_graph=True)
+        grads.append(torch.autograd.grad(sum(f.pow(2).sum() for f in first), [x, g]))
+    for got, want in zip(*grads):
+        assert bool(torch.isfinite(got).all())
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -129,8 +129,10 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     st = GENERIC.stats(xc, ax, mask, keep_dev=True)
     m_g, n_g, g_corr, g_dev = gs.mask, gs.count, gs.corr, gs.dev
     m_x, n_x, corr, dev = st.mask, st.count, st.corr, st.dev
-    sigma_x, sigma_g = torch.sqrt(st.var + eps), torch.sqrt(gs.var + eps)
-    s, live = zoom_scale(_XP, sigma_x, sigma_g, alpha), sigma_x > 0
+    # the core's spread: at eps = 0 a lane with no spread has sigma 0 with derivative 0, not
+    # sqrt's infinite one, which a double backward turned into 0 * inf = NaN
+    sigma_x, sigma_g = spread(_XP, st.var, eps), spread(_XP, gs.var, eps)
+    s, live = zoom_scale(_XP, sigma_x, sigma_g, alpha), sigma_x != 0  # as zoom_scale's
     zero = torch.zeros((), dtype=cdt, device=x.device)
     # centred values x - mu_x = dev - corr (dev = x - pivot, exact near the mean)
     s0 = g.sum(dim=ax, keepdim=True)
@@ -144,7 +146,7 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
             per_token = torch.where(m_x, per_token, zero)
         grad_x = (s * g + per_token).to(dtype)
     if need_g:
-        ok = live & (sigma_g > 0)
+        ok = live & (sigma_g != 0)
         sg = torch.where(ok, sigma_g, 1.0)
         k_var = torch.where(ok, s * (s1 / sg) / sg, zero)
         per_token = alpha * (s0 - k_var * g_corr + k_var * g_dev) / n_g
