@@ -207,6 +207,23 @@ def test_reference_backend_refuses_inputs_that_need_gradients(op, rng):
     torch.testing.assert_close(got.detach(), want)
 
 
+def test_reference_backend_refuses_forward_mode_tangents(rng):
+    """Forward-mode AD: the reference dropped the tangent silently (``unpack_dual(y).tangent``
+    was None) and failed under ``torch.func`` transforms with "Cannot access data pointer";
+    it refuses both by name, and "auto" keeps the tangent."""
+    import torch.autograd.forward_ad as fwad
+
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    g = torch.randn(2, 5, 3, dtype=torch.float64)
+    with fwad.dual_level():
+        dual = fwad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(BackendUnsupported, match=r"backend 'reference' cannot take .*forward-mode AD"):
+            mmfuse.zoom_shift(dual, g, backend="reference")
+        assert fwad.unpack_dual(mmfuse.zoom_shift(dual, g)).tangent is not None
+    with pytest.raises(BackendUnsupported, match=r"cannot run inside a torch.func transform"):
+        torch.func.vmap(lambda a: mmfuse.zoom_shift(a, g, backend="reference"))(x[None])
+
+
 # --------------------------------------------------------------------------- sizes before allocation
 
 HUGE = 10**7  # every array built from it is far beyond any machine's memory

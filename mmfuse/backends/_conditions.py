@@ -96,6 +96,11 @@ def _reference(info: CallInfo) -> str | None:
             "needs inputs that require no gradient (it computes in NumPy float64, which carries "
             "none): detach them or call under torch.no_grad() to compare against the reference"
         )
+    if info.traced:  # a tangent or a transform's wrapping would be dropped the same way
+        return (
+            "cannot run inside a torch.func transform or a forward-mode AD dual level (it "
+            "computes in NumPy float64, which carries no tangent): call it outside them"
+        )
     return None
 
 
