@@ -207,6 +207,7 @@ def test_reference_backend_refuses_inputs_that_need_gradients(op, rng):
     torch.testing.assert_close(got.detach(), want)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # forward AD's first use
 def test_reference_backend_refuses_forward_mode_tangents(rng):
     """Forward-mode AD: the reference dropped the tangent silently (``unpack_dual(y).tangent``
     was None) and failed under ``torch.func`` transforms with "Cannot access data pointer";
