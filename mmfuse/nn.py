@@ -211,18 +211,21 @@ def _autocast_device(xs: Any) -> str | None:
     return device_type if torch.is_autocast_enabled(device_type) else None
 
 
+def _autocast_eligible(x: Any) -> bool:
+    """Whether autocast casts ``x``: floating tensors other than float64 (as torch's own)."""
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+
+
 def _autocast_cast(xs: Sequence[Any], dtype: torch.dtype) -> list[Any]:
     """Floating inputs other than float64 cast to ``dtype`` (the rest as they are)."""
-    def eligible(x: Any) -> bool:
-        return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
-
-    return [x.to(dtype) if eligible(x) else x for x in xs]
+    return [x.to(dtype) if _autocast_eligible(x) else x for x in xs]
 
 
 def _autocast_fusion(module: nn.Module, device_type: str, xs: Sequence[Any], *args: Any) -> Any:
-    """``module(xs, *args)`` in the autocast dtype of ``device_type``, autocast off inside."""
+    """``module(xs, *args)`` in the autocast dtype of ``device_type``, autocast off inside.
+    Parameters follow the inputs' rule: a float64 layer stays float64 (as ``nn.Linear``)."""
     dtype = torch.get_autocast_dtype(device_type)
-    params = {name: p.to(dtype) for name, p in module.named_parameters()}
+    params = {name: p.to(dtype) if _autocast_eligible(p) else p for name, p in module.named_parameters()}
     with torch.autocast(device_type, enabled=False):
         return torch.func.functional_call(module, params, (_autocast_cast(xs, dtype), *args))
 

@@ -69,6 +69,20 @@ def test_autocast_leaves_float64_layers_and_disabled_regions_alone():
     assert layer64(xs64).dtype == torch.float64
 
 
+@pytest.mark.parametrize("case", range(5))
+def test_float64_layers_run_in_float64_inside_autocast(case):
+    """A float64 layer on float64 inputs inside an autocast region runs in float64, as
+    nn.Linear does (its parameters were cast to the region's dtype and the call refused)."""
+    layer, xs = _fusion_cases(seed=case)[case]
+    layer64 = copy.deepcopy(layer).double()
+    xs64 = [x.double() for x in xs]
+    want = layer64(xs64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer64(xs64)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("make", [lambda: ZoomShift(6, 2, alpha=0.5), lambda: GuidedZoomShift(6, 2)])
 def test_alignment_layers_under_autocast_keep_statistics_in_float32(make):
     torch.manual_seed(3)
