@@ -54,8 +54,12 @@ def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Nam
         raise TypeError("expected at least one array, got none")
     torch_xp = _all_torch([a for _, a in present])
     if torch_xp is not None:
-        if len(present) == 1:
-            _BY_TYPE[type(present[0][1])] = torch_xp
+        kind = type(present[0][1])
+        # plain tensors and parameters only: tensor subclasses are what tracing makes
+        # (FunctionalTensor, FakeTensor), and Dynamo, reading this dict, guards on its keys
+        # and fails on such a class ("DictGetItemSource index must be a ConstDictKeySource")
+        if len(present) == 1 and kind in (sys.modules["torch"].Tensor, sys.modules["torch"].nn.Parameter):
+            _BY_TYPE[kind] = torch_xp
         return torch_xp
     spaces = []
     for i, a in present:

@@ -212,6 +212,34 @@ def test_compile_fullgraph(index):
         torch.testing.assert_close(a, b)
 
 
+def test_compiled_zoomshift_first_call_in_a_fresh_process_with_gradients():
+    """The namespace cache by type took the FunctionalTensor class while AOT autograd traced
+    the backward, and Dynamo's guard on that dict's keys failed ("DictGetItemSource index
+    must be a ConstDictKeySource"): a compiled ZoomShift's first call, inputs requiring grad,
+    crashed in a fresh process.  Only plain tensors and parameters are cached by type."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch
+        from mmfuse import _namespace
+        from mmfuse.nn import ZoomShift
+        torch.manual_seed(0)
+        layer = ZoomShift(3, 2)
+        xs = [torch.randn(2, 5, 3, requires_grad=True), torch.randn(2, 4, 3)]
+        got = torch.compile(layer, fullgraph=True, backend="aot_eager")(xs)
+        want = layer(xs)
+        assert all(torch.allclose(a, b) for a, b in zip(got, want))
+        assert all(t in (torch.Tensor, torch.nn.Parameter) for t in _namespace._BY_TYPE if issubclass(t, torch.Tensor))
+        print("ok")
+        """
+    )
+    res = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch internals, inductor import
 def test_compile_fullgraph_inductor_lowrank():
     """The default (inductor) backend on CPU, with a missing-modality mask."""
