@@ -44,6 +44,7 @@ from . import _fusion
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
+from ._namespace import mask_tokens, torch_namespace
 from ._plan import PlanCache, call_key
 from ._validation import check_bool_option, check_positive_int
 from .backends import BackendUnsupported, lookup
@@ -1375,6 +1376,8 @@ class ZoomShift(nn.Module):
         dims = (self.channels,) * self.num_modalities
         xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__, source, remedy)
         if _compiling():
+            if mask_list is not None:  # as zoom_shift_fusion: padding never reaches gradients
+                xs = [mask_tokens(torch_namespace(), x, k) for x, k in zip(xs, mask_list)]
             ys = _TORCH["align"](
                 xs, rounds=self.rounds, alpha=self.alpha, schedule=self.schedule, topology=self.topology,
                 hub=self.hub, axis=-2, masks=mask_list, eps=self.eps,
@@ -1518,6 +1521,9 @@ class GuidedZoomShift(nn.Module):
             if m == self.guide:
                 out.append(x)
                 continue
+            # masked tokens zeroed first (mapped, never pooled): NaN or inf padding would reach
+            # the parameters' gradients as 0 * NaN through the zoom (as ZoomShift's)
+            x = mask_tokens(torch_namespace(), x, mask)
             mean, _ = _masked_stats(x, mask)
             log_zoom, shift = heads[k, :, None, :c], heads[k, :, None, c:]
             y = mean + (x - mean) * torch.exp(log_zoom) + shift

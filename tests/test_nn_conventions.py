@@ -293,3 +293,30 @@ def test_layers_name_themselves_for_inputs_on_two_devices(make, inputs, extra):
         label = "present" if arg == "present" else r"masks\[1\]"
         with pytest.raises(ValueError, match=rf"^{name}: {label} is on device meta but xs\[0\] is on cpu$"):
             layer(xs, **kwargs)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("make", [lambda: ZoomShift(3, 2), lambda: GuidedZoomShift(3, 2, guide=1)])
+def test_alignment_layers_nan_padding_never_reaches_gradients(make, compiled):
+    """NaN in masked tokens: finite gradients for the inputs and every parameter, equal to
+    those with zero padding.  GuidedZoomShift mapped the padding and its parameters'
+    gradients took 0 * NaN; a compiled ZoomShift called the align op without zeroing it."""
+    torch.manual_seed(11)
+    layer = make()
+    a, b = torch.randn(2, 5, 3), torch.randn(2, 4, 3)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    grads = []
+    for pad in (float("nan"), 0.0):
+        x = a.clone()
+        x[0, 3:] = pad
+        x.requires_grad_(True)
+        g = b.clone().requires_grad_(True)
+        run = torch.compile(layer, fullgraph=True, backend="aot_eager") if compiled else layer
+        out = run([x, g], masks=[mask, None])
+        out = out if isinstance(out, torch.Tensor) else torch.cat([o.reshape(-1) for o in out])
+        params = list(layer.parameters())
+        grads.append(torch.autograd.grad(out.sum(), [x, g, *params]))
+    for got, want in zip(*grads):
+        assert bool(torch.isfinite(got).all())
+        torch.testing.assert_close(got, want)
