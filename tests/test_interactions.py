@@ -381,6 +381,20 @@ def test_float16_terms_are_computed_in_float32(namespace, backend, rng):
         assert np.all(np.abs(got - want) <= tol), kind
 
 
+@pytest.mark.parametrize(("dtype", "scale"), [("float32", 2e18), ("float32", 1e-25), ("float64", 1e155), ("float64", 1e-170)])
+def test_shares_do_not_depend_on_the_terms_scale(xp, dtype, scale, rng):
+    """The shares are scale-free; their sums of squares overflowed (float32 terms of 1e18:
+    NaN or silently zero shares) or underflowed (1e-25: all NaN).  Both the core and the
+    reference rescale the terms by a power of two first."""
+    terms = rng.standard_normal((4, 50, 3)) + rng.standard_normal((1, 50, 3))
+    want = ref.interaction_shares(terms)
+    scaled = (terms * scale).astype(dtype)
+    np.testing.assert_allclose(ref.interaction_shares(scaled), ref.interaction_shares(scaled.astype(np.float64) / scale), rtol=1e-12, atol=1e-12)
+    got = np.asarray(mmfuse.interaction_shares(xp.asarray(scaled, dtype)))
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
 def test_shares_name_a_masked_array_terms():
     with pytest.raises(TypeError, match=r"^terms is a numpy.ma.MaskedArray"):
         mmfuse.interaction_shares(np.ma.masked_array(np.ones((2, 3, 1))))

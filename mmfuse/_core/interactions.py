@@ -603,6 +603,14 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
         return xp.full((terms.shape[0],), math.nan, dtype=terms.dtype, device=device_of(terms))
     if low_precision(xp, terms.dtype):
         return in_work_dtype(interaction_shares, xp, terms.dtype, terms, kind=kind)
+    # The shares do not depend on the terms' scale: rescaled by a power of two (exact) so that
+    # the largest is about 1, the sums of squares neither overflow nor underflow (float32
+    # terms of 1e18 gave NaN or silently zero shares, of 1e-25 all NaN)
+    big = xp.max(xp.abs(terms))
+    usable = xp.isfinite(big) & (big > 0)
+    emax = math.floor(math.log2(float(xp.finfo(terms.dtype).max))) - 1
+    k = xp.clip(xp.floor(xp.log2(xp.where(usable, big, 1.0))), min=-emax, max=emax)
+    terms = terms * 2.0 ** (-k)
     y = xp.sum(terms, axis=0)
     if kind == "variance":
         terms = terms - xp.mean(terms, axis=1, keepdims=True)

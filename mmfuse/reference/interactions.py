@@ -12,6 +12,7 @@ Inputs are assumed valid (the public layer checks them).
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -154,6 +155,9 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> np.ndarray:
     the denominator is zero.
     """
     t = _f64(terms)
+    big = float(np.max(np.abs(t))) if t.size else 0.0
+    if math.isfinite(big) and big > 0:  # scale-free: the largest term about 1 (exactly: 2**k)
+        t = np.ldexp(t, -np.frexp(big)[1])
     y = t.sum(axis=0)
     if kind == "variance":
         t = t - t.mean(axis=1, keepdims=True)
