@@ -224,3 +224,36 @@ def test_numpy_activation_of_all_modalities_at_once_is_per_modality_bits(activat
         want = ACTIVATIONS[activation](xp, h)
         assert g.shape == h.shape and g.dtype == h.dtype
         np.testing.assert_array_equal(g, want)
+
+
+@pytest.mark.parametrize("path", ["cody", "scipy", "generic", "torch"])
+def test_gelu_far_lower_tail_where_phi_alone_is_subnormal(path, monkeypatch):
+    """x in (-37.615, -37.5): x Phi(x) is a normal float64 but Phi(x) is not (further down both
+    are subnormal, x Phi(x) still above 0 to x ~ -38.6).  The NumPy paths
+    returned -0 there (Phi zeroed from |x / sqrt 2| >= 26.543) or a constant -4.2e-307 for
+    every x below -37.5 (the Gaussian factor clamped, never zeroed); the lower tail now
+    multiplies by x first, and from x ~ -38.6 on the result underflows to -0."""
+    mpmath = pytest.importorskip("mpmath")
+    import sys
+
+    from mmfuse._core import sequence as seq
+
+    x = np.array([-37.0, -37.54, -37.6, -37.61, -37.9, -38.2, -38.5, -38.7, -40.0, -1e10])
+    mpmath.mp.dps = 50
+    want = np.array([float(mpmath.mpf(v) * mpmath.ncdf(mpmath.mpf(v))) for v in x])
+    if path == "cody":
+        monkeypatch.delitem(sys.modules, "scipy.special", raising=False)
+        got = gelu(array_namespace(x), x)
+    elif path == "scipy":
+        pytest.importorskip("scipy.special")
+        got = gelu(array_namespace(x), x)
+    elif path == "generic":
+        got = seq._gelu_generic(array_namespace(x), x)
+    else:
+        torch = pytest.importorskip("torch")
+        got = gelu(array_namespace(torch.ones(1)), torch.tensor(x)).numpy()
+    normal = np.abs(want) >= np.finfo(np.float64).tiny
+    assert normal[:4].all() and not normal[4:].any()
+    np.testing.assert_allclose(got[normal], want[normal], rtol=4e-15, atol=0)
+    # subnormal results: right to their absolute resolution (a few units of 2**-1074)
+    assert np.all(np.abs(got[~normal] - want[~normal]) <= 8 * 5e-324 + 1e-16 * np.abs(want[~normal]))

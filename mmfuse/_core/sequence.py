@@ -113,7 +113,7 @@ def _erfc_ratio(xp: Any, y: Any) -> Any:
         num = (num + _C[i]) * mid
         den = (den + _D[i]) * mid
     r_mid = (num + _C[7]) / (den + _D[7])
-    big = xp.clip(y, 4.0, _XBIG)
+    big = xp.clip(y, 4.0, _GELU_XMAX * SQRT1_2)  # past _XBIG the GELU's x G still needs it
     z = 1.0 / (big * big)
     num = _P[5] * z
     den = z
@@ -142,24 +142,31 @@ def erf(xp: Any, x: Any) -> Any:
 SQRT1_2 = 0.70710678118654752440
 
 
-# Beyond this |x| the normal tail Phi(-|x|) underflows float64 (exp(-x^2 / 2) does first).
-_XBIG_PHI = _XBIG * math.sqrt(2.0)
+# exp(-x^2 / 2) underflows float64 (below 2**-1074) from |x| ~ 38.6 on, and with it x Phi(x);
+# |x| is clamped here only to keep inf out of the Gaussian factor's split.  (Phi alone
+# underflows earlier, from |x| ~ 37.5, where x Phi(x) is still a normal number: the GELU's
+# lower tail multiplies by x before the small factors, never after.)
+_GELU_XMAX = 40.0
 
 
-def _phi(xp: Any, x: Any) -> Any:
-    """The standard normal CDF Phi(x) = erfc(-x / sqrt 2) / 2, accurate in both tails.
+def _gelu_generic(xp: Any, x: Any) -> Any:
+    """x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2, accurate in both tails, from Array-API
+    operations.
 
     The Gaussian factor of the tail is exp(-x^2 / 2) from x itself (split as in CALERF), not
     exp(-u^2) from the rounded u = x / sqrt 2, whose rounding would cost a relative error
-    of about x^2 ulp far in the lower tail; the slowly varying rational factor takes u.
+    of about x^2 ulp far in the lower tail; the slowly varying rational factor takes u.  In
+    the lower tail x multiplies the Gaussian factor first: x Phi(x) is a normal number down to
+    x ~ -37.5, where Phi(x) alone is already subnormal (and would lose its last bits).
     """
     u = x * SQRT1_2
     a = xp.abs(u)
-    center = 0.5 + 0.5 * _erf_small(xp.clip(u, -_THRESH, _THRESH))
-    ax = xp.clip(xp.abs(x), 0.0, _XBIG_PHI)
-    half_tail = 0.5 * _exp_neg_square(xp, ax, 0.5) * _erfc_ratio(xp, a)
-    half_tail = xp.where(a < _XBIG, half_tail, xp.zeros_like(half_tail))
-    return xp.where(a <= _THRESH, center, xp.where(u < 0, half_tail, 1.0 - half_tail))
+    center = x * (0.5 + 0.5 * _erf_small(xp.clip(u, -_THRESH, _THRESH)))
+    gauss = _exp_neg_square(xp, xp.clip(xp.abs(x), 0.0, _GELU_XMAX), 0.5)
+    ratio = _erfc_ratio(xp, a)
+    lower = xp.clip(x, max=0.0) * gauss * ratio * 0.5  # (x G) first; x = -inf stays NaN (0 inf)
+    upper = x * (1.0 - 0.5 * gauss * ratio)
+    return xp.where(a <= _THRESH, center, xp.where(u < 0, lower, upper))
 
 
 _GELU_BLOCK = 8192  # elements per block of the NumPy path: its temporaries stay in L1/L2
@@ -219,7 +226,7 @@ def _gelu_numpy(x: Any) -> Any:
             ratio = np.empty_like(ao)
             mid = ao <= 4.0
             ratio[mid] = _mid_ratio(ao[mid])
-            y = np.minimum(ao[~mid], _XBIG)
+            y = np.minimum(ao[~mid], _GELU_XMAX * SQRT1_2)
             z = 1.0 / (y * y)
             num = _P[5] * z
             den = z
@@ -227,13 +234,15 @@ def _gelu_numpy(x: Any) -> Any:
                 num = (num + _P[i]) * z
                 den = (den + _Q[i]) * z
             ratio[~mid] = (_SQRPI - z * (num + _P[4]) / (den + _Q[4])) / y
-        half_tail = _exp_neg_square(np, np.minimum(np.abs(xo), _XBIG_PHI), 0.5)
-        half_tail *= ratio
-        half_tail *= 0.5
-        half_tail[ao >= _XBIG] = 0.0
-        phi = np.where(xo < 0, half_tail, 1.0 - half_tail)
-        phi *= xo
-        ob[idx] = phi
+        gauss = _exp_neg_square(np, np.minimum(np.abs(xo), _GELU_XMAX), 0.5)
+        # lower tail: (x G) ratio / 2, x first (as _gelu_generic); min(x, 0) keeps +inf's
+        # unused lower value finite, and x = -inf gives NaN (0 inf), as the reference
+        lower = np.minimum(xo, 0.0) * gauss
+        lower *= ratio
+        lower *= 0.5
+        gauss *= ratio
+        gauss *= 0.5
+        ob[idx] = np.where(xo < 0, lower, xo * (1.0 - gauss))
     return np.reshape(out, x.shape)
 
 
@@ -315,15 +324,16 @@ def _gelu_scipy(special: Any, x: Any) -> Any:
     """x Phi(x) with SciPy's error functions, on NumPy (float64; other float dtypes computed
     in float64 and rounded once).  Phi = erfc(u) / 2 with u = -x / sqrt 2; in the lower tail
     (u > 0) as erfcx(u) exp(-x^2 / 2) / 2, the Gaussian factor from x itself, split as in
-    :func:`_phi` (erfc's own exp(-u^2) loses about u^2 ulp: 5e-14 at x = -35), the slowly
+    :func:`_gelu_generic` (erfc's own exp(-u^2) loses about u^2 ulp: 5e-14 at x = -35), the slowly
     varying erfcx taking the rounded u."""
     import numpy as np
 
     x64 = x if x.dtype == np.float64 else x.astype(np.float64)
     u = x64 * -SQRT1_2
-    gauss = _exp_neg_square(np, np.minimum(np.abs(x64), _XBIG_PHI), 0.5)
-    phi = np.where(u > 0, special.erfcx(np.maximum(u, 0.0)) * gauss, special.erfc(u))
-    phi *= x64
+    gauss = _exp_neg_square(np, np.minimum(np.abs(x64), _GELU_XMAX), 0.5)
+    # lower tail: x G first (as _gelu_generic: Phi alone goes subnormal before x Phi does)
+    gauss *= np.minimum(x64, 0.0)
+    phi = np.where(u > 0, special.erfcx(np.maximum(u, 0.0)) * gauss, special.erfc(u) * x64)
     phi *= 0.5
     return phi if x.dtype == np.float64 else phi.astype(x.dtype)
 
@@ -342,10 +352,10 @@ def gelu(xp: Any, x: Any) -> Any:
 
         if hasattr(torch.special, "erfc"):
             return gelu_torch(x)
-        return x * _phi(xp, x)
+        return _gelu_generic(xp, x)
     if is_numpy(xp):
         return _gelu_numpy(x)
-    return x * _phi(xp, x)
+    return _gelu_generic(xp, x)
 
 
 def _gelu_tanh(xp: Any, x: Any) -> Any:
