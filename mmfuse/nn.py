@@ -1375,6 +1375,13 @@ class ZoomShift(nn.Module):
             source, remedy = "xs[0] has dtype", "cast the inputs to one dtype"
         dims = (self.channels,) * self.num_modalities
         xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__, source, remedy)
+        for m, x in enumerate(xs):
+            if x.shape[1] == 1:  # (align's own message would advise an axis the layer has not)
+                raise ValueError(
+                    f"{type(self).__name__}: xs[{m}] has a single token (shape {_fmt(x.shape)}): "
+                    "its spread over tokens is only sqrt(eps) and alignment would erase it; "
+                    "the layer takes statistics over the token axis, so give it at least 2 tokens"
+                )
         if _compiling():
             if mask_list is not None:  # as zoom_shift_fusion: padding never reaches gradients
                 xs = [mask_tokens(torch_namespace(), x, k) for x, k in zip(xs, mask_list)]

@@ -170,6 +170,12 @@ def test_numpy_integers_and_bools_are_accepted():
     assert ZoomShift(6, 3, hub=np.int64(-1)).hub == 2
 
 
+def test_zoomshift_names_itself_for_a_single_token():
+    """The functional check's remedy ("pass axis=-1") named an option the layer has not."""
+    with pytest.raises(ValueError, match=r"^ZoomShift: xs\[0\] has a single token \(shape \(2, 1, 3\)\).*at least 2 tokens$"):
+        ZoomShift(3, 2)([torch.randn(2, 1, 3), torch.randn(2, 4, 3)])
+
+
 def test_masks_must_be_a_list_and_from_cp_checks_the_bias():
     torch.manual_seed(6)
     seqs = [torch.randn(2, t, 6) for t in LENGTHS]
