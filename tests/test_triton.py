@@ -479,3 +479,48 @@ def test_empty_output_width():
         grads = torch.autograd.grad(out.sum(), [*xs, *fs, w], allow_unused=True)
     for g in grads:
         assert g is None or (g == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the padding's NaN
+def test_an_infinite_input_gives_inf_not_nan_through_padded_ranks():
+    """The kernels pad the rank to a tile (R = 1 to 4 or 16 columns); a padded column loads
+    zero factors, so an infinite input made it 0 * inf = NaN, and the rank sum took it:
+    every output NaN where the reference and the torch backend give inf."""
+    inf = float("inf")
+
+    def f32(a):
+        return torch.tensor(a, dtype=torch.float32)
+
+    x = f32([[inf, 1.0]])
+    factors = [f32([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]]])]  # R = 1, h = 3
+    cp = (None, [f32([[1.0], [0.0], [0.5]]), f32([[2.0]])])
+    seq = ([f32([[[1.0], [2.0]]])], [f32([[[1.0, 1.0]]])], [f32([[[inf], [1.0]]])])
+    calls = {
+        "lowrank": lambda b, c: mmfuse.lowrank_fusion([c(x)], [c(f) for f in factors], backend=b),
+        "cp": lambda b, c: mmfuse.cp_fusion([c(x)], (None, [c(a) for a in cp[1]]), backend=b),
+        "sequence": lambda b, c: mmfuse.sequence_fusion(*([c(t) for t in part] for part in seq), backend=b),
+    }
+    for name, call in calls.items():
+        got = _np(call("triton", lambda t: t))
+        want = call("reference", lambda t: t.numpy())
+        assert np.array_equal(got, want), (name, got, want)
+        assert np.isinf(want).all()
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_lowrank_gradients_keep_their_intermediate_in_float32(dtype):
+    """G_m = g w prod_{j != m} P_j is an intermediate: rounded to float16 before the gradients'
+    dots it overflowed (P_0 = 9e4 > 65504) to inf where the gradients are 90, as the torch
+    backend gives; bfloat16 lost its precision."""
+    x0 = torch.tensor([[300.0]], dtype=dtype)
+    x1 = torch.tensor([[1e-3]], dtype=dtype, requires_grad=True)
+    f0 = torch.tensor([[[300.0], [0.0]]], dtype=dtype)
+    f1 = torch.tensor([[[1e-3], [1e-3]]], dtype=dtype, requires_grad=True)
+    grads = {}
+    for backend in ("triton", "torch"):
+        out = mmfuse.lowrank_fusion([x0, x1], [f0, f1], backend=backend)
+        grads[backend] = torch.autograd.grad(out.sum(), [x1, f1])
+    for got, want in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # finite where the true gradient is (the constant row's, 9e4, is over float16's range)
+    assert abs(float(grads["triton"][0]) - 90.0) < 0.5 and abs(float(grads["triton"][1][0, 0, 0]) - 90.0) < 0.5

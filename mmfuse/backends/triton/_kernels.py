@@ -246,7 +246,9 @@ def lowrank_fwd_kernel(
         wcol = tl.load(w_ptr + r, mask=r < rank, other=0.0).to(tl.float32)
     else:
         wcol = tl.where(r < rank, 1.0, 0.0)
-    prod = prod * wcol[None, :]
+    # selected, not multiplied: a padded column (zero factor columns) is 0 * inf = NaN where an
+    # input is infinite, and NaN * 0 would reach the rank sum
+    prod = tl.where(col_ok[None, :], prod * wcol[None, :], 0.0)
     out = tl.sum(tl.reshape(prod, (BLOCK_B, RANK_P, BLOCK_H)), axis=1)
     ks = h0 + tl.arange(0, BLOCK_H)
     k_ok = ks < n_out
@@ -277,7 +279,7 @@ def lowrank_bwd_x_kernel(
     d0, d1, d2, d3, d4, d5, d6, d7, w_ptr, present_ptr, batch, n_out, rank,
     NEED_X: tl.constexpr, M: tl.constexpr, APPEND: tl.constexpr, HAS_W: tl.constexpr,
     HAS_PRESENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    RANK_P: tl.constexpr, PRECISION: tl.constexpr,
+    RANK_P: tl.constexpr, PRECISION: tl.constexpr, PRECISION32: tl.constexpr,
 ):  # fmt: skip
     """dL/dx_m = G_m F_m[:, :d_m]^T with G_m[b, r, k] = g[b, k] w_r prod_{j != m} P_j[b, r, k].
 
@@ -311,14 +313,15 @@ def lowrank_bwd_x_kernel(
                 ok = _present_rows(present_ptr, rows, row_ok, j, M, HAS_PRESENT)
                 depth = d + APPEND
                 f_col = r.to(tl.int64) * depth * n_out + k
-                gm_op = gm.to(f_ptr.dtype.element_ty)  # tensor-core operands in the inputs' dtype
                 for k0 in range(0, d, BLOCK_K):
                     i = k0 + tl.arange(0, BLOCK_K)
                     i_ok = i < d
                     # F^T tile (BLOCK_N, BLOCK_K)
                     ft = tl.load(f_ptr + f_col[:, None] + i[None, :] * n_out,
                                  mask=col_ok[:, None] & i_ok[None, :], other=0.0)  # fmt: skip
-                    part = _dot(gm_op, ft, None, PRECISION)
+                    # G_m stays float32 (an intermediate: in a 16-bit dtype it overflowed, 9e4
+                    # in float16 where the gradient is 90); the input tile converts exactly
+                    part = _dot(gm, ft.to(tl.float32), None, PRECISION32)
                     dst = gx_ptr + rows64[:, None] * d + i[None, :]
                     store_ok = row_ok[:, None] & i_ok[None, :]
                     prev = tl.load(dst, mask=store_ok & (hb > 0), other=0.0)
@@ -333,7 +336,7 @@ def lowrank_bwd_f_kernel(
     d0, d1, d2, d3, d4, d5, d6, d7, w_ptr, present_ptr, batch, n_out, rank, rows_per_split,
     NEED_F: tl.constexpr, NEED_W: tl.constexpr, M: tl.constexpr, APPEND: tl.constexpr,
     HAS_W: tl.constexpr, HAS_PRESENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_H: tl.constexpr, RANK_P: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, RANK_P: tl.constexpr, PRECISION: tl.constexpr, PRECISION32: tl.constexpr,
 ):  # fmt: skip
     """Partial sums over the batch of dL/dF_m = [x_m, 1]^T G_m and dL/dw_r = sum g prod_m P_m.
 
@@ -379,14 +382,13 @@ def lowrank_bwd_f_kernel(
                 ok = _present_rows(present_ptr, rows, row_ok, j, M, HAS_PRESENT)
                 depth = d + APPEND
                 slot = pf_ptr + split.to(tl.int64) * rank * depth * n_out + r64 * depth * n_out + k
-                gm_op = gm.to(x_ptr.dtype.element_ty)
                 for k0 in range(0, d, BLOCK_K):
                     i = k0 + tl.arange(0, BLOCK_K)
                     i_ok = i < d
                     # x^T tile (BLOCK_K, BLOCK_B); absent and padded rows load zeros
                     xt = tl.load(x_ptr + rows64[None, :] * d + i[:, None],
                                  mask=i_ok[:, None] & ok[None, :], other=0.0)  # fmt: skip
-                    part = _dot(xt, gm_op, None, PRECISION)
+                    part = _dot(xt.to(tl.float32), gm, None, PRECISION32)  # G_m float32, as above
                     dst = slot[None, :] + i[:, None] * n_out
                     st_ok = i_ok[:, None] & col_ok[None, :]
                     prev = tl.load(dst, mask=st_ok & later, other=0.0)
@@ -453,6 +455,9 @@ def cp_fwd_kernel(
         )  # fmt: skip
     if HAS_W:
         q = q * tl.load(w_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    # padded ranks (zero factor columns) are 0 * inf = NaN for an infinite input: zeroed, so
+    # that the dot with C's padded (zero) rows cannot spread it
+    q = tl.where(r_ok[None, :], q, 0.0)
     rows64 = rows.to(tl.int64)
     for h0 in range(0, n_out, BLOCK_H):
         ks = h0 + tl.arange(0, BLOCK_H)

@@ -78,7 +78,10 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
     - backward: all M projection tiles live at once, so BLOCK_N <= 64 and BLOCK_B = 32
       (16 for M > 4), 8 warps: no spills for M <= 4, some for M = 8;
     - BLOCK_K = 16 for float32 (the FMA path of "ieee" dots keeps K-long operand slices per
-      thread: BLOCK_K = 32 spilled), 32 for 16-bit inputs (tensor cores).
+      thread: BLOCK_K = 32 spilled), 32 for 16-bit inputs (tensor cores).  The backward is
+      sized as float32 whatever the inputs: its gradient dots take G_m in float32 (an
+      intermediate that overflows float16), so 16-bit inputs leave the tensor cores there
+      (not measured on a GPU yet).
     """
     rank_p = _pow2(rank)
     cols = 64 if backward else 128
@@ -206,12 +209,13 @@ def _lowrank_backward_op(
     factors = [f.contiguous() for f in factors]
     w_arg = x0 if weights is None else weights.contiguous()
     pres = _present_arg(present, x0)
-    t = _lowrank_tiles(rank, out_dim, n_mod, dtype, backward=True)
+    # the gradients' dots take G_m in float32 (PRECISION32): tiles sized for float32 operands
+    t = _lowrank_tiles(rank, out_dim, n_mod, torch.float32, backward=True)
     n_hblk = triton.cdiv(out_dim, t.block_h)
     common: dict[str, Any] = {
         "M": n_mod, "APPEND": append_one, "HAS_W": weights is not None, "HAS_PRESENT": present is not None,
         "BLOCK_B": t.block_b, "BLOCK_K": t.block_k, "BLOCK_H": t.block_h, "RANK_P": t.rank_p,
-        "PRECISION": _precision(dtype), "num_warps": t.num_warps,
+        "PRECISION": _precision(dtype), "PRECISION32": _precision(torch.float32), "num_warps": t.num_warps,
     }  # fmt: skip
 
     # an empty batch or output: every gradient is a sum over nothing (no kernel runs)

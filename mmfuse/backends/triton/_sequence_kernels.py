@@ -69,7 +69,9 @@ def _token_first(
             h_base + kk[:, None] * width + rr[None, :], mask=keep[:, None] & r_ok[None, :], other=0.0
         )
         acc = _dot(pt, ht, acc, PRECISION)
-    return acc
+    # the padded rank columns (loaded as 0) are 0 * inf = NaN where Psi holds an inf: zeroed,
+    # so that the product with Phi's padded (zero) rows cannot spread it
+    return tl.where(r_ok[None, :], acc, 0.0)
 
 
 @triton.jit
