@@ -354,3 +354,19 @@ def test_auto_keeps_the_torch_ops(rng):
     hs, feats, toks, _, _ = _problem(rng, 2, (3, 2), (2, 2), 1, 1, 2, 2, False, torch.float32)
     out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp")
     assert "Triton" not in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_collapsed_feature_rank_sums_stay_float32(dtype):
+    """Two feature ranks of 40000 (their sum, 8e4, over float16's 65504), H = 1e-3: the output
+    is 80.  The collapsed rank sums were rounded to the inputs' dtype before the kernel (inf
+    in float16); the feature factors' stay float32, as the kernel's second dot is."""
+    h = torch.tensor([[[1e-3]]], dtype=dtype)
+    phi = torch.tensor([[[40000.0]], [[40000.0]]], dtype=dtype)
+    psi = torch.tensor([[[1.0]]], dtype=dtype)
+    got = mmfuse.sequence_fusion([h], [phi], [psi], mode="collapsed", backend="triton")
+    want = mmfuse.sequence_fusion([h], [phi], [psi], mode="collapsed", backend="torch")
+    assert got.dtype == dtype
+    ulp = 0.0 if dtype == torch.float16 else 0.5  # bfloat16's spacing at 80: one rounding apart
+    torch.testing.assert_close(got, want, rtol=0, atol=ulp)
+    assert abs(float(got) - 80.0) <= 0.5

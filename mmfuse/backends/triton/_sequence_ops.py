@@ -4,8 +4,10 @@
 
 - ``sequence_fusion(hs, feature_factors, token_factors, mode, masks) -> Tensor``: one kernel
   launch for either mode (collapsed: the host sums each modality's ranks first, (R, ., .) ->
-  (1, ., .), and the kernel runs with R_h = R_t = 1; the sums are small torch ops, rounded
-  once to the inputs' dtype so that 16-bit inputs keep their tensor-core dots).
+  (1, ., .), and the kernel runs with R_h = R_t = 1; the sums are small torch ops, in
+  float32, the token factors' rounded once to the inputs' dtype so that 16-bit inputs keep
+  their tensor-core dot with H: one rounding more than the other backends, and a token-rank
+  sum over float16's 65504 overflows).
 - Backward: plain torch ops, the torch backend's own ``setup_context`` and backward for its
   ``mmfuse::sequence_fusion`` (same signature): its analytic routines
   (:func:`mmfuse.backends.torch.sequence.collapsed_grads` for collapsed mode, its blocked
@@ -155,7 +157,10 @@ def _sequence_op(
     if batch == 0:
         return out
     if mode == "collapsed":  # the rank sums: cp mode's kernel with R_h = R_t = 1
-        feats = [f.sum(dim=0, keepdim=True, dtype=torch.float32).to(dtype) for f in feature_factors]
+        # Phi's sums stay float32 (the kernel's second dot is a float32 one: rounding them to
+        # 16 bits bought nothing, and a sum over 65504 became inf); Psi's are rounded once to
+        # the inputs' dtype, the operand of the tensor-core dot with H
+        feats = [f.sum(dim=0, keepdim=True, dtype=torch.float32) for f in feature_factors]
         toks = [t.sum(dim=0, keepdim=True, dtype=torch.float32).to(dtype) for t in token_factors]
     else:
         feats = [f.contiguous() for f in feature_factors]
