@@ -163,3 +163,19 @@ def test_eager_calls_still_run_the_custom_ops(blocked_paths):
     assert type(layer(xs).grad_fn).__name__ == "_LowRankFusionBackward"
     layer, seqs = _case("wander-collapsed")
     assert type(layer(seqs).grad_fn).__name__ == "_WanderCollapsedBackward"
+
+
+def test_vmap_over_batched_masks():
+    """Masks batched by vmap: the one check of mask values (no sample with every token
+    masked) ran on them and failed in torch's "data-dependent control flow"; it is skipped
+    for tensors a transform wraps, as for JAX's traced arrays, and each vmapped sample equals
+    its own call."""
+    torch.manual_seed(5)
+    x, g = torch.randn(3, 2, 5, 4, dtype=torch.float64), torch.randn(3, 2, 6, 4, dtype=torch.float64)
+    m = torch.rand(3, 2, 5) < 0.7
+    m[..., 0] = True
+    got = torch.func.vmap(lambda a, b, k: mmfuse.zoom_shift(a, b, mask=k))(x, g, m)
+    aligned = torch.func.vmap(lambda a, b, k: mmfuse.align([a, b], masks=[k, None])[0])(x, g, m)
+    for i in range(3):
+        torch.testing.assert_close(got[i], mmfuse.zoom_shift(x[i], g[i], mask=m[i]))
+        torch.testing.assert_close(aligned[i], mmfuse.align([x[i], g[i]], masks=[m[i], None])[0])

@@ -883,7 +883,13 @@ def zoom_shift_fusion(
 
 def is_eager(xp: Any, x: Any) -> bool:
     """True when mask values can be inspected (not Dask, not a traced JAX array, not a torch
-    tensor on the ``meta`` device, which has shapes but no values)."""
+    tensor on the ``meta`` device, which has shapes but no values, nor one wrapped by a
+    ``torch.func`` transform: under ``vmap`` its values cannot steer Python, as a JAX
+    tracer's cannot)."""
     if is_lazy(x) or is_dask(xp) or is_jax(xp):
+        return False
+    torch = sys.modules.get("torch")
+    wrapped = torch is not None and isinstance(x, torch.Tensor)
+    if wrapped and torch._C._functorch.is_functorch_wrapped_tensor(x):
         return False
     return getattr(device_of(x), "type", None) != "meta"
