@@ -881,6 +881,10 @@ def zoom_shift_fusion(
     return fuse([pool(y, m, pool_how) for y, m in zip(aligned, masks)], fuse_how)
 
 
+def _functorch_wrapped(torch: Any, t: Any) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def is_eager(xp: Any, x: Any) -> bool:
     """True when mask values can be inspected (not Dask, not a traced JAX array, not a torch
     tensor on the ``meta`` device, which has shapes but no values, nor one wrapped by a
@@ -889,7 +893,6 @@ def is_eager(xp: Any, x: Any) -> bool:
     if is_lazy(x) or is_dask(xp) or is_jax(xp):
         return False
     torch = sys.modules.get("torch")
-    wrapped = torch is not None and isinstance(x, torch.Tensor)
-    if wrapped and torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if torch is not None and isinstance(x, torch.Tensor) and _functorch_wrapped(torch, x):
         return False
     return getattr(device_of(x), "type", None) != "meta"
