@@ -395,6 +395,18 @@ def test_shares_do_not_depend_on_the_terms_scale(xp, dtype, scale, rng):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+def test_shares_of_no_terms_and_of_long_doubles(xp):
+    """K = 0 gives no shares (the rescaling's max over nothing raised NumPy's and torch's own
+    errors); a long double input is rescaled within float64's exponents."""
+    got = mmfuse.interaction_shares(xp.asarray(np.zeros((0, 4, 5))))
+    assert tuple(got.shape) == (0,)
+    terms = np.random.default_rng().standard_normal((3, 4, 5))
+    np.testing.assert_allclose(
+        mmfuse.interaction_shares(terms.astype(np.longdouble)).astype(np.float64), ref.interaction_shares(terms),
+        rtol=1e-12,
+    )
+
+
 def test_shares_name_a_masked_array_terms():
     with pytest.raises(TypeError, match=r"^terms is a numpy.ma.MaskedArray"):
         mmfuse.interaction_shares(np.ma.masked_array(np.ones((2, 3, 1))))

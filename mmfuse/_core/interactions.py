@@ -599,6 +599,8 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     NaN where the denominator is zero.  float16 / bfloat16 are computed in float32 and rounded
     once (sums of squares overflow float16's 65504 long before the shares do)."""
     xp = array_namespace(terms)
+    if terms.shape[0] == 0:  # no term: no share
+        return xp.zeros((0,), dtype=terms.dtype, device=device_of(terms))
     if terms.shape[1] == 0 or terms.shape[2] == 0:  # no sample or no output: nothing to share
         return xp.full((terms.shape[0],), math.nan, dtype=terms.dtype, device=device_of(terms))
     if low_precision(xp, terms.dtype):
@@ -608,7 +610,7 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     # terms of 1e18 gave NaN or silently zero shares, of 1e-25 all NaN)
     big = xp.max(xp.abs(terms))
     usable = xp.isfinite(big) & (big > 0)
-    emax = math.floor(math.log2(float(xp.finfo(terms.dtype).max))) - 1
+    emax = 126 if xp.finfo(terms.dtype).bits <= 32 else 1022  # 2**emax and 2**-emax normal
     k = xp.clip(xp.floor(xp.log2(xp.where(usable, big, 1.0))), min=-emax, max=emax)
     terms = terms * 2.0 ** (-k)
     y = xp.sum(terms, axis=0)
