@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ._namespace import check_host_device, from_numpy, is_numpy, is_torch
-from ._validation import check_namespace, random_generator
+from ._validation import check_bool_option, check_namespace, random_generator
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
 
@@ -207,6 +207,7 @@ def _finish(
     **meta: Any,
 ) -> MultimodalDataset:
     """Select the split, shuffle rows, convert to the requested namespace."""
+    check_bool_option("shuffle", shuffle)  # "no" or NaN would be truthy: a shuffle nobody asked for
     if xp is not None:
         check_namespace(xp)
     if xp is None and device is not None and device != "cpu":

@@ -46,7 +46,7 @@ from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._namespace import mask_tokens, torch_namespace
 from ._plan import PlanCache, call_key
-from ._validation import check_bool_option, check_positive_int
+from ._validation import check_bool_option, check_positive_int, check_size_list
 from .backends import BackendUnsupported, lookup
 
 __all__ = ["CPFusion", "GuidedZoomShift", "LowRankFusion", "TensorFusion", "WanderAdapter", "ZoomShift"]
@@ -1080,7 +1080,7 @@ class WanderAdapter(nn.Module):
 
         fk = _factory(device, dtype)
         self.in_dims = _check_dims(in_dims)
-        self.lengths = tuple(check_positive_int(f"lengths[{m}]", t) for m, t in enumerate(lengths))
+        self.lengths = tuple(check_size_list("lengths", lengths))  # a set or dict has no modality order
         if len(self.lengths) != len(self.in_dims):
             raise ValueError(
                 f"in_dims and lengths must have one entry per modality: got {len(self.in_dims)} "

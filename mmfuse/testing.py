@@ -170,6 +170,10 @@ def assert_close(
     if not array_api_compat.is_array_api_obj(actual):
         raise AssertionError(f"{prefix}expected an array, got {type(actual).__name__}")
     got_xp = array_namespace(actual)
+    if xp is not None:
+        from ._validation import check_namespace
+
+        check_namespace(xp)
     if xp is not None and namespace_name(got_xp) != namespace_name(array_namespace(xp.asarray(0.0))):
         raise AssertionError(f"{prefix}namespace {namespace_name(got_xp)} != {namespace_name(xp)}")
     if dtype is not None and _dtype_key(actual.dtype) != _dtype_key(dtype):

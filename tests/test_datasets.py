@@ -371,3 +371,10 @@ def test_repr():
     text = repr(load_basic_motions(split="train"))
     assert text.startswith("MultimodalDataset(name='basic_motions', n_samples=40")
     assert "accelerometer=(40, 100, 3)" in text
+
+
+@pytest.mark.parametrize("shuffle", ["no", float("nan"), 1])
+def test_shuffle_must_be_a_bool(shuffle):
+    """"no" and NaN were truth-tested: a shuffle nobody asked for."""
+    with pytest.raises(TypeError, match=r"^shuffle must be a bool"):
+        load_basic_motions(shuffle=shuffle)

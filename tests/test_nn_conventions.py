@@ -326,3 +326,11 @@ def test_alignment_layers_nan_padding_never_reaches_gradients(make, compiled):
     for got, want in zip(*grads):
         assert bool(torch.isfinite(got).all())
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("lengths", [{6, 5}, {6: 1, 5: 2}, 6, None])
+def test_wander_adapter_lengths_must_be_a_sequence(lengths):
+    """A set was accepted with its order scrambled (and a dict's keys used); an int or None
+    failed in a bare "not iterable".  The layer checks lengths as init_wander does."""
+    with pytest.raises(TypeError, match=r"^lengths must be a sequence of positive integers \(one per modality\), got"):
+        WanderAdapter([8, 8], lengths, 4, 2, 3)

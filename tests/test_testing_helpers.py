@@ -166,3 +166,8 @@ def test_loaders_check_device_and_dtype(load):
     with pytest.raises(TypeError, match="dtype"):
         load(xp=xps, dtype=np.float32)
     assert load(xp=torch, dtype="float16").views[0].dtype == torch.float16
+
+
+def test_assert_close_names_a_namespace_given_by_name():
+    with pytest.raises(TypeError, match=r"^xp must be an array namespace.*got 'numpy'"):
+        assert_close(np.ones(3), np.ones(3), xp="numpy")
