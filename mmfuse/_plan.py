@@ -10,7 +10,8 @@ paths and einops its recipes).  A miss runs the full checks, whose errors are ex
 an uncached call; only a call that passed them is remembered, so nothing bad is cached.
 
 What a signature holds (:func:`_append_keys`): per array its type, shape and dtype, and, for
-arrays of other namespaces than NumPy, its device; for torch tensors also ``requires_grad``.
+arrays of other namespaces than NumPy, its device; for torch tensors also ``requires_grad``
+and the layout.
 Per call (:func:`policy_key`): the backend policy in force (the ``backend=`` keyword, the
 configured backend and preference), which optional frameworks are imported (what "auto" may
 choose from), the registry's generation (bumped by ``register``/``unregister``), and for torch
@@ -90,7 +91,8 @@ class PlanCache:
 
 
 def _torch_key(a: Any) -> tuple[Any, ...]:
-    return (type(a), a.shape, a.dtype, a.device, a.requires_grad)
+    # the layout too: the checks refuse a sparse tensor, so it must not meet a dense one's plan
+    return (type(a), a.shape, a.dtype, a.device, a.requires_grad, a.layout)
 
 
 def _other_key(a: Any) -> tuple[Any, ...]:
@@ -115,7 +117,7 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
     a tiny call's signature has a dozen arrays, and the keys were a fifth of its planned
     time): a NumPy array as its shape and dtype, a list or tuple as its type and length
     followed by its elements, None as None, any other array as its keyer's tuple (type,
-    shape, dtype, device; for torch tensors also ``requires_grad``).  Unambiguous read left
+    shape, dtype, device; for torch tensors also ``requires_grad`` and layout).  Unambiguous read left
     to right, since each kind starts with an entry of its own kind: a shape is a tuple of
     ints, a sequence starts with the type list or tuple, other arrays' tuples start with
     their type."""

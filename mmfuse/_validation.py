@@ -8,6 +8,7 @@ modality index where there is one, and the expected and actual shapes or dtypes.
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._namespace import array_namespace, device_of, from_numpy, not_an_array
+from ._namespace import array_namespace, device_of, from_numpy, is_torch, not_an_array
 
 __all__ = [
     "as_sequence",
@@ -71,6 +72,14 @@ def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
     live = [(n, a) for n, a in named if a is not None]
     check_known_sizes(live)
     xp = array_namespace(*(a for _, a in live), names=tuple(n for n, _ in live))
+    if is_torch(xp):
+        strided = sys.modules["torch"].strided
+        for n, a in live:
+            if a.layout != strided:  # sparse / mkldnn: torch's own errors deep inside otherwise
+                raise TypeError(
+                    f"{n} is a {a.layout} tensor; mmfuse takes dense (strided) tensors: pass "
+                    f"{n}.to_dense()"
+                )
     first_name, first = live[0]
     dev = device_of(first)
     for n, a in live[1:]:

@@ -5,6 +5,7 @@ parameter chunks, and ``mmfuse verify`` with unknown or unavailable backends."""
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 import warnings
@@ -414,3 +415,24 @@ def test_initialisers_name_a_bad_namespace_seed_or_unordered_sizes():
         load_mfeat(xp="numpy")
     with pytest.raises(TypeError, match=r"seed must be None"):
         load_mfeat(shuffle=True, seed="a")
+
+
+def test_sparse_torch_tensors_are_refused_by_name():
+    """Sparse tensors reached torch's own errors deep inside each operator (NotImplementedError
+    for aten::fill_, "reshape is not implemented for sparse tensors", ...), one operator
+    accepting them; they are refused at the boundary, after a dense call's plan too."""
+    torch = pytest.importorskip("torch")
+    p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=4, xp=torch, seed=0)
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    seq = torch.randn(2, 3, 4)
+    mmfuse.lowrank_fusion([x, y], **p)  # a plan for dense tensors of these shapes
+    mmfuse.zoom_shift(seq, seq + 1)
+    calls = [
+        ("xs[0]", lambda: mmfuse.lowrank_fusion([x.to_sparse(), y], **p)),
+        ("weight", lambda: mmfuse.tensor_fusion([x, y], torch.randn(4, 3, 4).to_sparse())),
+        ("mask", lambda: mmfuse.moments(seq, mask=torch.ones(2, 3, dtype=torch.bool).to_sparse())),
+        ("x", lambda: mmfuse.zoom_shift(seq.to_sparse(), seq + 1)),
+    ]
+    for name, call in calls:
+        with pytest.raises(TypeError, match=rf"^{re.escape(name)} is a torch.sparse_coo tensor; mmfuse takes dense"):
+            call()
