@@ -100,6 +100,13 @@ def _fmt(shape: Sequence[Any]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def _what(value: Any) -> str:
+    """A refused argument in a message: a tensor's dtype, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of dtype {value.dtype}"
+    return type(value).__name__
+
+
 def _check_dims(in_dims: Sequence[int]) -> tuple[int, ...]:
     if isinstance(in_dims, int) or not isinstance(in_dims, Sequence):
         raise TypeError(
@@ -178,7 +185,9 @@ def _check_inputs(
     if present is not None:
         batch, n = xs[0].shape[0], len(in_dims)
         if not isinstance(present, torch.Tensor) or present.dtype != torch.bool:
-            raise TypeError(f"{layer}: present must be a boolean tensor of shape (B, M)")
+            raise TypeError(
+                f"{layer}: present must be a boolean tensor of shape (B, M), got {_what(present)}"
+            )
         if tuple(present.shape) != (batch, n):
             raise ValueError(
                 f"{layer}: present must have shape (B, M) = ({batch}, {n}), got {_fmt(present.shape)}"
@@ -989,7 +998,9 @@ def _check_seq_inputs(
         if k is None:
             continue
         if not isinstance(k, torch.Tensor) or k.dtype != torch.bool:
-            raise TypeError(f"{layer}: masks[{m}] must be a boolean tensor of shape (B, T_{m})")
+            raise TypeError(
+                f"{layer}: masks[{m}] must be a boolean tensor of shape (B, T_{m}), got {_what(k)}"
+            )
         if tuple(k.shape) != tuple(x.shape[:2]):
             raise ValueError(
                 f"{layer}: masks[{m}] must have shape (B, T_{m}) = {_fmt(x.shape[:2])}, got {_fmt(k.shape)}"

@@ -281,7 +281,7 @@ def test_present_errors():
     xs = _xs(3)
     with pytest.raises(ValueError, match=r"present must have shape \(B, M\) = \(3, 3\), got \(3, 2\)"):
         layer(xs, present=torch.ones(3, 2, dtype=torch.bool))
-    with pytest.raises(TypeError, match=r"present must be a boolean tensor"):
+    with pytest.raises(TypeError, match=r"present must be a boolean tensor of shape \(B, M\), got a tensor of dtype torch.float"):
         layer(xs, present=torch.ones(3, 3))
 
 

@@ -138,7 +138,7 @@ def test_wander_errors():
         layer([xs[0], xs[1], xs[2][:1]])
     with pytest.raises(ValueError, match=r"masks\[1\] must have shape \(B, T_1\) = \(2, 4\), got \(2, 5\)"):
         layer(xs, masks=[None, torch.ones(2, 5, dtype=torch.bool), None])
-    with pytest.raises(TypeError, match=r"masks\[0\] must be a boolean tensor"):
+    with pytest.raises(TypeError, match=r"masks\[0\] must be a boolean tensor of shape \(B, T_0\), got a tensor of dtype torch.float"):
         layer(xs, masks=[torch.ones(2, 5), None, None])
     with pytest.raises(ValueError, match=r"residual='first' needs every d_m = out_dim = 4"):
         WanderAdapter((4, 3), (5, 2), 2, 1, 1)
