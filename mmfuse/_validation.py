@@ -16,7 +16,15 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._namespace import array_namespace, device_of, from_numpy, is_torch, not_an_array
+from ._namespace import (
+    array_namespace,
+    device_of,
+    from_numpy,
+    is_numpy,
+    is_torch,
+    namespace_name,
+    not_an_array,
+)
 
 __all__ = [
     "as_sequence",
@@ -137,24 +145,38 @@ def random_generator(seed: Any) -> np.random.Generator:
 
 def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
     """``dtype`` for parameters drawn by an initialiser (None: the namespace's default floating
-    dtype); TypeError unless it is a real floating dtype of ``space``, found on a one-element
-    array before anything is drawn (so a refused call leaves a passed Generator untouched)."""
+    dtype); TypeError unless it is a real floating dtype of ``space``, and ValueError naming
+    ``device`` unless ``space`` can hold arrays there, both found on a one-element array
+    before anything is drawn (so a refused call leaves a passed Generator untouched)."""
     if dtype is None:
-        return space.asarray(1.0).dtype
-    try:  # the dtype alone first, so that the namespace's refusal is about the dtype
-        from_numpy(np.ones(1), space, dtype=dtype)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"dtype must be a real floating dtype of the namespace (e.g. its float32 or float64), "
-            f"got {dtype!r} ({err})"
-        ) from None
-    probe = from_numpy(np.ones(1), space, dtype=dtype, device=device)  # the device's own errors
+        dtype = space.asarray(1.0).dtype
+    else:
+        try:  # the dtype alone first, so that the namespace's refusal is about the dtype
+            from_numpy(np.ones(1), space, dtype=dtype)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"dtype must be a real floating dtype of the namespace (e.g. its float32 or float64), "
+                f"got {dtype!r} ({err})"
+            ) from None
+    probe = check_device(space, device, dtype)
     if not array_namespace(probe).isdtype(probe.dtype, "real floating"):
         raise TypeError(
             f"dtype must be a real floating dtype (e.g. float32 or float64), got {probe.dtype}; "
             "the fusions take floating parameters only"
         )
     return dtype
+
+
+def check_device(space: Any, device: Any, dtype: Any = None) -> Any:
+    """A one-element array of namespace ``space`` on ``device`` (of ``dtype``); ValueError
+    naming ``device`` where the namespace cannot hold arrays there (torch's RuntimeError for
+    "cuda0", a negative index, CUDA on a CPU build; NumPy's host-only rule)."""
+    if is_numpy(space):
+        return from_numpy(np.ones(1), space, dtype=dtype, device=device)  # its own ValueError
+    try:
+        return from_numpy(np.ones(1), space, dtype=dtype, device=device)
+    except (RuntimeError, TypeError, ValueError, OverflowError, AssertionError) as err:  # the namespace's own
+        raise ValueError(f"device={device!r} is not a device of {namespace_name(space)}: {err}") from None
 
 
 def check_bool_option(name: str, value: Any) -> bool:

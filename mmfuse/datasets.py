@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ._namespace import check_host_device, from_numpy, is_numpy, is_torch
-from ._validation import check_bool_option, check_namespace, random_generator
+from ._namespace import from_numpy, is_numpy, is_torch
+from ._validation import check_bool_option, check_device, check_namespace, random_generator
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
 
@@ -212,8 +212,8 @@ def _finish(
         check_namespace(xp)
     if xp is None and device is not None and device != "cpu":
         raise ValueError(f"device={device!r} needs an array namespace: pass xp= as well")
-    if xp is not None and is_numpy(xp):
-        check_host_device(device)  # before the shuffle draws from a caller's Generator
+    if xp is not None:
+        check_device(xp, device)  # before the shuffle draws from a caller's Generator
     feat_dtype = resolve_dtype(xp, dtype)
     rows = np.arange(target.shape[0])
     if split is not None:

@@ -265,7 +265,19 @@ def _check_dtype(dtype: Any) -> Any:
 
 
 def _factory(device: Any, dtype: Any) -> dict[str, Any]:
-    return {"device": device, "dtype": _check_dtype(dtype)}
+    return {"device": _check_factory_device(device), "dtype": _check_dtype(dtype)}
+
+
+def _check_factory_device(device: Any) -> Any:
+    """``device`` if torch can make tensors there (None passes); ValueError naming ``device``
+    otherwise, not torch's RuntimeError ("Invalid device string", a CPU build asked for
+    CUDA) from the first parameter's allocation."""
+    if device is not None:
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, TypeError, ValueError, OverflowError, AssertionError) as err:
+            raise ValueError(f"device={device!r} is not a device torch can make tensors on: {err}") from None
+    return device
 
 
 def _as_loaded(name: str, value: Any) -> torch.Tensor:
@@ -1322,6 +1334,7 @@ class ZoomShift(nn.Module):
         ):
             raise ValueError("rounds=None: Jacobi consensus with M = 2 and alpha = 1 has no limit")
         _check_dtype(dtype)
+        _check_factory_device(device)  # (nothing is allocated there without a dtype: still checked)
         # an empty buffer: .to() / .double() / .half() move the layer's dtype with it
         self._dtype_buffer: torch.Tensor | None
         self.register_buffer(

@@ -271,8 +271,8 @@ def make_inputs(
     >>> [x.shape for x in make_inputs([3, 5], batch=2, seed=0)]
     [(2, 3), (2, 5)]
     """
-    from ._namespace import check_host_device, from_numpy, is_numpy
-    from ._validation import check_namespace, check_size_list, random_generator
+    from ._namespace import from_numpy
+    from ._validation import check_device, check_namespace, check_size_list, random_generator
     from .datasets import resolve_dtype
 
     dims = check_size_list("dims", dims)
@@ -284,9 +284,7 @@ def make_inputs(
         tokens = check_size_list("tokens", tokens)
     if tokens is not None and len(tokens) != len(dims):
         raise ValueError(f"tokens has {len(tokens)} entries but dims has {len(dims)}: give one per modality")
-    numpy_out = xp is None or is_numpy(xp)
-    if numpy_out:
-        check_host_device(device)  # before drawing from a caller's Generator
+    check_device(np if xp is None else xp, device)  # before drawing from a caller's Generator
     cast = None if dtype is None else resolve_dtype(xp, dtype)
     rng = random_generator(seed)
     shapes = [(batch, d) for d in dims] if tokens is None else [(batch, t, d) for t, d in zip(tokens, dims)]

@@ -4,6 +4,8 @@ in errors and the layers' ``forward`` documentation."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -517,3 +519,25 @@ def test_wander_layer_on_meta_draws_nothing(monkeypatch):
     monkeypatch.setattr(mmfuse._sequence, "init_wander", refuse)
     layer = LAYERS["WanderAdapter"][0](device=META)
     layer.reset_parameters()
+
+
+@pytest.mark.parametrize("device", ["cuda0", -1, "gpu", 10**30])
+def test_a_device_torch_cannot_use_is_refused_by_name(device):
+    """Initialisers, loaders, make_inputs and layer constructors passed a bad device to torch,
+    whose RuntimeError ("Invalid device string", ...) came out of the first allocation
+    (ZoomShift without a dtype ignored it); each names ``device`` in a ValueError."""
+    from mmfuse.datasets import load_mfeat
+    from mmfuse.nn import LowRankFusion, ZoomShift
+    from mmfuse.testing import make_inputs
+
+    calls = [
+        lambda: mmfuse.init_lowrank([3], rank=1, out_dim=1, xp=torch, device=device),
+        lambda: mmfuse.init_wander([8], [4], rank=2, feature_rank=1, token_rank=1, out_dim=8, xp=torch, device=device),
+        lambda: load_mfeat(xp=torch, device=device),
+        lambda: make_inputs([3, 2], batch=2, xp=torch, device=device),
+        lambda: LowRankFusion([3, 2], 4, 2, device=device),
+        lambda: ZoomShift(3, 2, device=device),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=rf"^device={re.escape(repr(device))} is not a device"):
+            call()
