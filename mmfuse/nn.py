@@ -287,9 +287,12 @@ def _as_loaded(name: str, value: Any) -> torch.Tensor:
     if value is None:
         raise TypeError(f"{name} must be a tensor or array, got None")
     try:
-        return torch.as_tensor(value)
+        t = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be a tensor or array, got {type(value).__name__}") from None
+    if t.is_complex() or t.dtype == torch.bool:  # copied into real parameters: a silent loss
+        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    return t
 
 
 def _loaded_dtype(name: str, first: torch.Tensor, dtype: Any) -> Any:
@@ -790,7 +793,7 @@ class CPFusion(_RankedFusion):
             dtype=dtype,
         )
         if bias is not None:
-            bias = torch.as_tensor(bias)
+            bias = _as_loaded("bias", bias)
             if tuple(bias.shape) != (layer.out_dim,):
                 raise ValueError(
                     f"bias must have shape (h,) = ({layer.out_dim},) for the output factor of shape "
@@ -799,7 +802,7 @@ class CPFusion(_RankedFusion):
         with torch.no_grad():
             for mine, f in zip(layer.factors, factors):
                 mine.copy_(f)
-            layer.weights.copy_(torch.ones(rank) if weights is None else torch.as_tensor(weights))
+            layer.weights.copy_(torch.ones(rank) if weights is None else _as_loaded("cp weights", weights))
             if bias is not None and layer.bias is not None:
                 layer.bias.copy_(bias)
         return layer

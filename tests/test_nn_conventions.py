@@ -334,3 +334,25 @@ def test_wander_adapter_lengths_must_be_a_sequence(lengths):
     failed in a bare "not iterable".  The layer checks lengths as init_wander does."""
     with pytest.raises(TypeError, match=r"^lengths must be a sequence of positive integers \(one per modality\), got"):
         WanderAdapter([8, 8], lengths, 4, 2, 3)
+
+
+def test_loaders_refuse_complex_and_boolean_arrays_by_name():
+    """from_lmf / from_cp copied complex arrays into the real parameters (the imaginary part
+    dropped, with only torch's warning) and booleans as 1.0 / 0.0; a str bias gave torch's
+    "new(): invalid data type"."""
+    factors = [torch.randn(2, 4, 3), torch.randn(2, 3, 3)]
+    cp = (torch.ones(2), [torch.randn(4, 2), torch.randn(3, 2), torch.randn(5, 2)])
+    cases = [
+        (r"^fusion_weights must hold real numbers, got dtype torch.complex64$",
+         lambda: LowRankFusion.from_lmf(factors, torch.tensor([[1 + 5j, 2 + 5j]]), torch.zeros(1, 3))),
+        (r"^fusion_weights must hold real numbers, got dtype torch.bool$",
+         lambda: LowRankFusion.from_lmf(factors, torch.tensor([[True, False]]), torch.zeros(1, 3))),
+        (r"^factors\[1\] must hold real numbers", lambda: LowRankFusion.from_lmf(
+            [factors[0], factors[1].to(torch.complex64)], torch.ones(1, 2), torch.zeros(1, 3))),
+        (r"^bias must be a tensor or array, got str$", lambda: CPFusion.from_cp(cp, "abc")),
+        (r"^bias must hold real numbers", lambda: CPFusion.from_cp(cp, torch.zeros(5, dtype=torch.complex64))),
+        (r"^cp weights must hold real numbers", lambda: CPFusion.from_cp((cp[0].to(torch.complex64), cp[1]))),
+    ]  # fmt: skip
+    for match, call in cases:
+        with pytest.raises(TypeError, match=match):
+            call()
