@@ -375,9 +375,10 @@ def _check_operand(xp: Any, x: Any, v: Any, name: str) -> Any:
             raise ValueError(f"{name}={v!r} is too large for a floating-point number") from None
     _check_array(v, name)
     common_namespace([("x", x), (name, v)])
-    if getattr(v, "weak_type", False) is True and xp.isdtype(v.dtype, "real floating"):
-        # JAX: a weakly typed array (a Python float under jax.jit, jnp.asarray(0.5)) takes the
-        # other operand's dtype, as in JAX's own promotion, like the Python float it stands for
+    if getattr(v, "weak_type", False) is True and xp.isdtype(v.dtype, ("real floating", "integral")):
+        # JAX: a weakly typed array (a Python float or int under jax.jit, jnp.asarray(0.5))
+        # takes the other operand's dtype, as in JAX's own promotion, like the Python number it
+        # stands for (which an eager call takes)
         v = xp.astype(v, x.dtype)
     check_same_float_dtype(xp, [("x", x), (name, v)])
     shape = tuple(x.shape)

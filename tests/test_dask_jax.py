@@ -371,3 +371,40 @@ def test_dask_array_module_as_xp_for_initialisers_loaders_and_helpers(dask_array
     assert isinstance(x, da.Array) and x.shape == (2, 3)
     views = load_mfeat(xp=da).views
     assert isinstance(views[0], da.Array) and views[0].dtype == np.float64
+
+
+def test_jax_lowrank_with_an_empty_rank_or_output():
+    """R = 0 or h = 0 on JAX arrays: the rank sum reshaped with -1, undetermined for an
+    empty block (ZeroDivisionError in JAX); now the (B, h) result as on NumPy."""
+    jnp = pytest.importorskip("jax.numpy")
+    x = np.ones((2, 3))
+    for factor in (np.ones((2, 4, 0)), np.ones((0, 4, 3))):
+        want = mmfuse.lowrank_fusion([x, x], [factor, factor])
+        got = mmfuse.lowrank_fusion([jnp.asarray(x)] * 2, [jnp.asarray(factor)] * 2)
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_jax_jit_takes_a_python_int_scale_and_offset():
+    """A Python int through jax.jit is a weakly typed int32: refused as "scale must have a
+    real floating dtype" where the eager call (and a float) worked."""
+    jax = pytest.importorskip("jax")
+    x = jax.numpy.arange(24.0, dtype=jax.numpy.float32).reshape(2, 3, 4)
+    zoomed = jax.jit(lambda a, s: mmfuse.zoom(a, s, center=0.0))(x, 2)
+    shifted = jax.jit(lambda a, s: mmfuse.shift(a, s))(x, 2)
+    assert zoomed.dtype == shifted.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(zoomed), np.asarray(mmfuse.zoom(x, 2, center=0.0)))
+    np.testing.assert_array_equal(np.asarray(shifted), np.asarray(x) + 2)
+
+
+def test_shares_on_array_api_strict_before_2023_12():
+    """interaction_shares' rescaling must not use clip (from the 2023.12 standard on)."""
+    xs = pytest.importorskip("array_api_strict")
+    terms = np.random.default_rng().standard_normal((3, 4, 5))
+    previous = xs.get_array_api_strict_flags()["api_version"]
+    xs.set_array_api_strict_flags(api_version="2022.12")
+    try:
+        got = mmfuse.interaction_shares(xs.asarray(terms))
+    finally:
+        xs.set_array_api_strict_flags(api_version=previous)
+    np.testing.assert_allclose(np.asarray(got), mmfuse.reference.interaction_shares(terms), rtol=1e-12)

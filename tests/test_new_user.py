@@ -223,7 +223,7 @@ def test_reference_backend_refuses_forward_mode_tangents(rng):
         with pytest.raises(BackendUnsupported, match=r"backend 'reference' cannot take .*forward-mode AD"):
             mmfuse.zoom_shift(dual, g, backend="reference")
         assert fwad.unpack_dual(mmfuse.zoom_shift(dual, g)).tangent is not None
-    with pytest.raises(BackendUnsupported, match=r"cannot run inside a torch.func transform"):
+    with pytest.raises(BackendUnsupported, match=r"cannot run on traced arrays \(inside a torch.func transform"):
         torch.func.vmap(lambda a: mmfuse.zoom_shift(a, g, backend="reference"))(x[None])
 
 
@@ -541,3 +541,14 @@ def test_a_device_torch_cannot_use_is_refused_by_name(device):
     for call in calls:
         with pytest.raises(ValueError, match=rf"^device={re.escape(repr(device))} is not a device"):
             call()
+
+
+def test_reference_backend_refuses_jax_tracers_by_name():
+    """Under jax.jit / jax.grad the reference met a tracer and failed in JAX's
+    TracerArrayConversionError; it refuses traced arrays as it refuses torch's."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    x, g = jnp.ones((2, 3, 4)), jnp.arange(24.0).reshape(2, 3, 4)
+    with pytest.raises(BackendUnsupported, match=r"backend 'reference' cannot take .*traced arrays"):
+        jax.jit(lambda a, b: mmfuse.zoom_shift(a, b, backend="reference"))(x, g)
+    assert mmfuse.zoom_shift(x, g, backend="reference").shape == (2, 3, 4)

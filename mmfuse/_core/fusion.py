@@ -212,7 +212,8 @@ class _GenericRun:
 
     def rank_sum(self, blk: slice, acc: Any) -> None:
         xp = self.xp
-        self.parts.append(xp.sum(xp.reshape(acc, (-1, self.rank, self.out_dim)), axis=1))
+        # the block's rows named, not -1: undetermined when R h = 0 (JAX refuses it)
+        self.parts.append(xp.sum(xp.reshape(acc, (acc.shape[0], self.rank, self.out_dim)), axis=1))
 
     def result(self) -> Any:
         return _concat_blocks(self.xp, self.parts)

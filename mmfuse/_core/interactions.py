@@ -611,7 +611,8 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     big = xp.max(xp.abs(terms))
     usable = xp.isfinite(big) & (big > 0)
     emax = 126 if xp.finfo(terms.dtype).bits <= 32 else 1022  # 2**emax and 2**-emax normal
-    k = xp.clip(xp.floor(xp.log2(xp.where(usable, big, 1.0))), min=-emax, max=emax)
+    k = xp.floor(xp.log2(xp.where(usable, big, 1.0)))
+    k = xp.where(k > emax, float(emax), xp.where(k < -emax, float(-emax), k))  # (no clip before 2023.12)
     terms = terms * 2.0 ** (-k)
     y = xp.sum(terms, axis=0)
     if kind == "variance":

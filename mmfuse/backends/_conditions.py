@@ -65,7 +65,11 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     """Describe a call whose first floating array is ``like`` and whose arrays are ``arrays``."""
     if not is_torch(xp):
         size = getattr(like, "size", 0)  # NumPy, CuPy, JAX: an int; Dask: NaN when unknown
-        return CallInfo(xp, device_of(like), like.dtype, size=size if isinstance(size, int) else 0)
+        # a JAX tracer (jax.jit, jax.grad) has no values: what the reference copies
+        jax = sys.modules.get("jax")
+        traced = jax is not None and isinstance(like, jax.core.Tracer)
+        size = size if isinstance(size, int) else 0
+        return CallInfo(xp, device_of(like), like.dtype, traced=traced, size=size)
     torch = sys.modules["torch"]
     tensors = _tensors(arrays, torch) or [like]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -98,8 +102,9 @@ def _reference(info: CallInfo) -> str | None:
         )
     if info.traced:  # a tangent or a transform's wrapping would be dropped the same way
         return (
-            "cannot run inside a torch.func transform or a forward-mode AD dual level (it "
-            "computes in NumPy float64, which carries no tangent): call it outside them"
+            "cannot run on traced arrays (inside a torch.func transform, a forward-mode AD "
+            "dual level, jax.jit or jax.grad): it computes in NumPy float64, which carries no "
+            "tangent and needs values; call it outside them"
         )
     return None
 
