@@ -22,6 +22,7 @@ from ._validation import (
     as_sequence,
     check_bool_option,
     check_floating_dtype,
+    check_known_sizes,
     check_modalities,
     check_namespace,
     check_ndim,
@@ -483,6 +484,7 @@ def as_cp(cp: Any) -> tuple[Any, list[Any]]:
     if weights is not None:
         if not array_api_compat.is_array_api_obj(weights):
             raise TypeError(f"cp weights must be an array or None, got {type(weights).__name__}")
+        check_known_sizes([("cp weights", weights)])
         if tuple(weights.shape) != (rank,):
             raise ValueError(f"cp weights must have shape (R,) = ({rank},), got {fmt_shape(weights.shape)}")
     return weights, factors

@@ -216,6 +216,10 @@ def check_same_float_dtype(xp: Any, named: Sequence[tuple[str, Any]]) -> Any:
 
 
 def check_ndim(x: Any, ndim: int, name: str, layout: str) -> None:
+    """``x`` has ``ndim`` axes (``layout`` names them) of known sizes: the first check of a
+    parameter array, before its sizes are compared with anything (Dask's NaN sizes would
+    give self-contradicting messages, "rank nan but rank nan")."""
+    check_known_sizes([(name, x)])
     if x.ndim != ndim:
         raise ValueError(
             f"{name} must be {ndim}-dimensional with shape {layout}, got shape {fmt_shape(x.shape)}"

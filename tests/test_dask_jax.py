@@ -6,6 +6,8 @@ Each case says which arrays are batched (chunked along axis 0 on Dask; different
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -278,6 +280,27 @@ def test_dask_chunks_of_unknown_size_are_refused_by_name(dask_array, op, rng):
         call(unknown, param)
     known = [u.compute_chunk_sizes() for u in unknown]
     assert_close(call(known, param).compute(), want)
+
+
+def test_dask_parameters_of_unknown_size_are_refused_by_name(dask_array, rng):
+    """Parameters with chunks of unknown size met their shape checks first: "factors[0] has
+    rank nan ... but factors[0] has rank nan", "cp weights must have shape (R,) = (2,), got
+    (nan,)"; each is refused as an input is, by name, with the remedy."""
+    da = dask_array
+
+    def unknown(a):
+        return da.from_array(a, chunks=1)[da.from_array(np.ones(a.shape[0], bool), chunks=1)]
+
+    xs = [da.from_array(rng.standard_normal((5, 3)))]
+    calls = [
+        ("factors[0]", lambda: mmfuse.lowrank_fusion(xs, [unknown(rng.standard_normal((2, 4, 6)))])),
+        ("cp weights", lambda: mmfuse.cp_fusion(xs, (unknown(np.ones(2)), [da.ones((4, 2)), da.ones((6, 2))]))),
+        ("feature_factors[0]", lambda: mmfuse.sequence_fusion(
+            [da.ones((5, 4, 3))], [unknown(np.ones((2, 3, 5)))], [da.ones((2, 4, 2))])),
+    ]  # fmt: skip
+    for name, call in calls:
+        with pytest.raises(ValueError, match=rf"^{re.escape(name)} has a size of unknown value along axis 0"):
+            call()
 
 
 # --------------------------------------------------------------------------- JAX
