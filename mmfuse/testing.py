@@ -232,6 +232,7 @@ def make_inputs(
     dtype: Any = None,
     device: Any = None,
     tokens: Sequence[int] | None = None,
+    max_elements: int | None = None,
 ) -> list[Any]:
     """Random standard-normal modality inputs, (B, d_m) or (B, T_m, d_m) with ``tokens``.
 
@@ -254,12 +255,16 @@ def make_inputs(
         Device of the returned arrays in ``xp``; NumPy arrays only live on the CPU.
     tokens : sequence of int, optional
         Sequence length ``T_m`` of each modality, one per entry of ``dims``.
+    max_elements : int, optional
+        Largest array allowed, in elements (default ``mmfuse.DEFAULT_MAX_ELEMENTS``, as the
+        initialisers): a larger one is refused before anything is drawn.
 
     Raises
     ------
     ValueError
         If ``tokens`` and ``dims`` differ in length, a size is not a positive integer
-        (``batch``: a non-negative one), or ``device`` is not the CPU for NumPy.
+        (``batch``: a non-negative one), an array would be over ``max_elements``, or
+        ``device`` is not a device of ``xp``.
     TypeError
         If ``dtype`` is not a real floating dtype (a cast to it would not keep the values),
         ``dims`` or ``tokens`` is not a sequence (a set or dict: no modality order), ``xp``
@@ -271,8 +276,15 @@ def make_inputs(
     >>> [x.shape for x in make_inputs([3, 5], batch=2, seed=0)]
     [(2, 3), (2, 5)]
     """
+    from ._fusion import DEFAULT_MAX_ELEMENTS, check_allocations
     from ._namespace import from_numpy
-    from ._validation import check_device, check_namespace, check_size_list, random_generator
+    from ._validation import (
+        check_device,
+        check_namespace,
+        check_positive_int,
+        check_size_list,
+        random_generator,
+    )
     from .datasets import resolve_dtype
 
     dims = check_size_list("dims", dims)
@@ -284,6 +296,15 @@ def make_inputs(
         tokens = check_size_list("tokens", tokens)
     if tokens is not None and len(tokens) != len(dims):
         raise ValueError(f"tokens has {len(tokens)} entries but dims has {len(dims)}: give one per modality")
+    limit = DEFAULT_MAX_ELEMENTS if max_elements is None else check_positive_int("max_elements", max_elements)
+    planned = [
+        (f"xs[{m}]", f"(B, d_{m})" if tokens is None else f"(B, T_{m}, d_{m})",
+         (batch, d) if tokens is None else (batch, tokens[m], d),
+         f"batch={batch}, dims[{m}]={d}" + ("" if tokens is None else f", tokens[{m}]={tokens[m]}"))
+        for m, d in enumerate(dims)
+    ]  # fmt: skip
+    if planned:
+        check_allocations("make_inputs", planned, limit)
     check_device(np if xp is None else xp, device)  # before drawing from a caller's Generator
     cast = None if dtype is None else resolve_dtype(xp, dtype)
     rng = random_generator(seed)

@@ -171,3 +171,16 @@ def test_loaders_check_device_and_dtype(load):
 def test_assert_close_names_a_namespace_given_by_name():
     with pytest.raises(TypeError, match=r"^xp must be an array namespace.*got 'numpy'"):
         assert_close(np.ones(3), np.ones(3), xp="numpy")
+
+
+def test_make_inputs_refuses_arrays_over_max_elements_before_drawing():
+    """batch=10**12 raised NumPy's MemoryError ("Unable to allocate 21.8 TiB"), a huge d_m its
+    "Maximum allowed dimension exceeded", naming nothing; the initialisers' rule applies."""
+    rng = np.random.default_rng(5)
+    state = rng.bit_generator.state
+    with pytest.raises(ValueError, match=r"^make_inputs: xs\[0\] of shape \(B, d_0\) = \(1000000000000, 3\) would have"):
+        make_inputs([3], batch=10**12, seed=rng)
+    with pytest.raises(ValueError, match=r"xs\[1\] of shape \(B, T_1, d_1\) = \(2, 5, 4\) would have 40 elements, over max_elements=39"):
+        make_inputs([3, 4], batch=2, tokens=[2, 5], max_elements=39)
+    assert rng.bit_generator.state == state
+    assert [x.shape for x in make_inputs([3, 4], batch=2, tokens=[2, 5], max_elements=40)] == [(2, 2, 3), (2, 5, 4)]
