@@ -383,3 +383,36 @@ def test_a_layers_refusal_names_the_layer():
         assert mnn.ZoomShift(3, 2)(seqs).shape == (2, 6)
         assert mnn.TensorFusion([3, 4], 2)(xs).shape == (2, 2)
         assert mmfuse.moments(seqs[0])[0].shape == (2, 1, 3)
+
+
+def test_registry_arguments_are_checked_by_name():
+    """Foreign errors before: OverflowError for priority=10**400, "unhashable type: 'list'"
+    for op=[], inspect's "None is not a callable object" for func=None, a comparison error
+    for size="big" (True accepted), "argument 0" for like=1, AttributeError for a supports
+    answer that is not a str and for define_op(None)."""
+    from mmfuse.backends._registry import define_op
+
+    x = np.ones((2, 5, 3))
+
+    def mine(x, *, axis, mask, eps):
+        return "mine"
+
+    cases = [
+        (r"^priority must be a finite real number", lambda: register("moments", "numba", mine, priority=10**400)),
+        (r"^op must be an operator's name \(a str\), got list$", lambda: register([], "numba", mine)),
+        (r"^op must be an operator's name \(a str\), got list$", lambda: lookup([])),
+        (r"^func must be the implementation \(a callable\), got NoneType$", lambda: register("moments", "numba", None)),
+        (r"^size must be None or a non-negative int, got 'big'$", lambda: lookup("moments", like=x, size="big")),
+        (r"^size must be None or a non-negative int, got True$", lambda: lookup("moments", like=x, size=True)),
+        (r"^like must be an array, got int$", lambda: lookup("moments", like=1)),
+        (r"^public must be the operator's public function, got NoneType$", lambda: define_op(None)),
+    ]
+    for match, call in cases:
+        with pytest.raises(TypeError, match=match):
+            call()
+    register("moments", "cupy", mine, supports=lambda xp, device: 3, priority=50)
+    try:
+        with pytest.raises(TypeError, match=r"supports callable registered for cupy's moments must return None or a str"):
+            mmfuse.moments(x, backend="cupy")
+    finally:
+        unregister("moments", "cupy")

@@ -86,7 +86,13 @@ class Implementation:
     def refusal(self, info: CallInfo) -> str | None:
         if self.condition is not None:
             return self.condition(info)
-        return self.supports(info.xp, info.device)
+        answer = self.supports(info.xp, info.device)
+        if answer is not None and not isinstance(answer, str):
+            raise TypeError(
+                f"the supports callable registered for {self.backend}'s {self.op} must return None "
+                f"or a str (why it cannot take the call), got {type(answer).__name__}"
+            )
+        return answer
 
 
 # operators declared at run time by define_op (a user's own operators), beside the catalogue's
@@ -113,6 +119,8 @@ _IMPORT_AT = tuple(sorted({r.import_at for r in ROWS if r.import_at}))
 
 
 def _signature(op: str) -> Signature:
+    if not isinstance(op, str):  # (a list would fail as a dict key, naming nothing)
+        raise TypeError(f"op must be an operator's name (a str), got {type(op).__name__}")
     if op in OPERATORS:
         return OPERATORS[op]
     if op in _EXTRA_OPS:
@@ -140,7 +148,11 @@ def define_op(public: Callable[..., Any], name: str | None = None) -> None:
     mmfuse's own operators are in the catalogue already; this is for operators of your own,
     which you then give implementations with :func:`register`.
     """
+    if not callable(public):
+        raise TypeError(f"public must be the operator's public function, got {type(public).__name__}")
     op = name or public.__name__
+    if not isinstance(op, str):
+        raise TypeError(f"name must be a str or None, got {type(op).__name__}")
     if op not in OPERATORS:
         _EXTRA_OPS[op] = _parameters(public, drop=("backend",))
 
@@ -165,11 +177,13 @@ def register(
     _signature(op)
     if backend not in BACKEND_NAMES or backend == "auto":
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES[1:])}, got {backend!r}")
+    if not callable(func):
+        raise TypeError(f"func must be the implementation (a callable), got {type(func).__name__}")
     _check_signature(op, backend, func)
     if supports is not None and not callable(supports):
         raise TypeError(f"supports must be None or a callable (xp, device) -> str | None, got {supports!r}")
     # priorities are compared (and negated) at every choice: a bad one must fail here, not there
-    if isinstance(priority, bool) or not isinstance(priority, numbers.Real) or not math.isfinite(priority):
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Real) or not _finite(priority):
         raise TypeError(f"priority must be a finite real number (e.g. 10), got {priority!r}")
     impl = Implementation(op, backend, func, supports or _any_input, priority)
     with _lock:
@@ -186,6 +200,13 @@ def unregister(op: str, backend: str) -> None:
         if _REGISTERED.pop((op, backend), None) is not None:
             _CHOICES.clear()
             _generation[0] += 1
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range (10**400)
+        return False
 
 
 def generation() -> int:
@@ -380,7 +401,9 @@ def _device_name(device: Any) -> Any:
 def _describe(like: Any, arrays: Sequence[Any], size: int | None = None) -> CallInfo | None:
     if like is None:
         return None
-    info = call_info(array_namespace(like), like, arrays)
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0):
+        raise TypeError(f"size must be None or a non-negative int, got {size!r}")
+    info = call_info(array_namespace(like, names=("like",)), like, arrays)
     if size is None or info.intercepted:  # intercepted: no (symbolic) sizes, as call_info
         return info
     return replace(info, size=size)
