@@ -151,6 +151,12 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
     if dtype is None:
         dtype = space.asarray(1.0).dtype
     else:
+        if isinstance(dtype, str) and not is_numpy(space) and dtype.isidentifier():
+            # a dtype's name ("float32"): NumPy takes it, torch and array_api_strict do not; the
+            # namespace's dtype of that name, as make_inputs and the loaders resolve it
+            named = getattr(space, dtype, None)
+            if named is not None and not callable(named) and not dtype.startswith("_"):
+                dtype = named
         try:  # the dtype alone first, so that the namespace's refusal is about the dtype
             from_numpy(np.ones(1), space, dtype=dtype)
         except (TypeError, ValueError) as err:

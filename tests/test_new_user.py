@@ -552,3 +552,15 @@ def test_reference_backend_refuses_jax_tracers_by_name():
     with pytest.raises(BackendUnsupported, match=r"backend 'reference' cannot take .*traced arrays"):
         jax.jit(lambda a, b: mmfuse.zoom_shift(a, b, backend="reference"))(x, g)
     assert mmfuse.zoom_shift(x, g, backend="reference").shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("space", ["torch", "array_api_strict"])
+def test_initialisers_take_a_dtype_by_name_in_every_namespace(space):
+    """init_lowrank / init_wander refused "float32" on torch and array_api_strict (NumPy, JAX
+    and Dask took it, as make_inputs and the loaders do everywhere)."""
+    xp = pytest.importorskip(space)
+    p = mmfuse.init_lowrank([3], rank=1, out_dim=2, xp=xp, dtype="float64", seed=0)
+    w = mmfuse.init_wander([4], [3], rank=2, feature_rank=1, token_rank=1, out_dim=4, xp=xp, dtype="float64", seed=0)
+    assert p["bias"].dtype == xp.float64 and w["feature"][0].dtype == xp.float64
+    with pytest.raises(TypeError, match=r"^dtype must be a real floating dtype of the namespace .*got 'asarray'"):
+        mmfuse.init_lowrank([3], rank=1, out_dim=2, xp=xp, dtype="asarray")
