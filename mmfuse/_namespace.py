@@ -140,7 +140,9 @@ def _strict_namespace(base: Any) -> Namespace:
     from its 2024.12 version on; array_api_strict run at an earlier version (its default
     before its 2.3 release, or ``set_array_api_strict_flags(api_version="2023.12")``)
     refuses them.  The scalar becomes a 0-d array of the other branch's dtype and device, as
-    2024.12 defines it; arrays pass straight through.
+    2024.12 defines it; arrays pass straight through.  And a ``clip`` (a 2023.12 function)
+    from ``where``, for the 2022.12 version: the same values, NaN kept (comparisons with NaN
+    are false).
     """
     base_where, asarray = base.where, base.asarray
     scalars = (bool, int, float, complex)
@@ -152,7 +154,14 @@ def _strict_namespace(base: Any) -> Namespace:
             x2 = asarray(x2, dtype=x1.dtype, device=x1.device)
         return base_where(condition, x1, x2)
 
-    return _namespace_with(base, where=where)
+    def clip(x: Any, /, min: Any = None, max: Any = None) -> Any:  # the standard's names
+        if min is not None:
+            x = where(x < min, min, x)
+        if max is not None:
+            x = where(x > max, max, x)
+        return x
+
+    return _namespace_with(base, where=where, clip=clip)
 
 
 _COMPAT_TORCH = "array_api_compat.torch"

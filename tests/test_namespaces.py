@@ -196,3 +196,33 @@ def test_alignment_runs_on_array_api_strict_before_2024_12(version, rng):
                 np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=1e-12)
     finally:
         strict.reset_array_api_strict_flags()
+
+
+@pytest.mark.parametrize("version", ["2022.12", "2023.12"])
+def test_wander_and_shares_run_on_array_api_strict_before_2023_12(version, rng):
+    """The GELU's clip (and the shares' rescaling) is a 2023.12 function: wander raised
+    "clip requires API version 2023.12" at 2022.12.  mmfuse's strict namespace has a clip of
+    its own there (from where), with the same values."""
+    strict = pytest.importorskip("array_api_strict")
+    import mmfuse
+
+    xs = [rng.standard_normal((2, t, 4)) for t in (5, 6)]
+    p = mmfuse.init_wander([4, 4], [5, 6], rank=3, feature_rank=2, token_rank=2, out_dim=4, seed=1)
+    want = mmfuse.wander(xs, p)
+    terms = rng.standard_normal((3, 4, 5))
+    strict.set_array_api_strict_flags(api_version=version)
+    try:
+        ps = {
+            "down": [(strict.asarray(w), strict.asarray(b)) for w, b in p["down"]],
+            "feature": [strict.asarray(f) for f in p["feature"]],
+            "token": [strict.asarray(t) for t in p["token"]],
+        }
+        got = mmfuse.wander([strict.asarray(x) for x in xs], ps)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+        shares = mmfuse.interaction_shares(strict.asarray(terms))
+        np.testing.assert_allclose(np.asarray(shares), mmfuse.reference.interaction_shares(terms), rtol=1e-12)
+        x = strict.asarray(np.array([np.nan, -5.0, 0.2, 9.0]))
+        clipped = array_namespace(x).clip(x, min=-1.0, max=1.0)
+        np.testing.assert_array_equal(np.asarray(clipped), [np.nan, -1.0, 0.2, 1.0])
+    finally:
+        strict.reset_array_api_strict_flags()
