@@ -574,6 +574,11 @@ class LowRankFusion(_RankedFusion):
             if f.dim() != 3 or f.shape[1] < 2:
                 raise ValueError(f"factors[{m}] must have LMF's shape (R, d_m + 1, h), got {_fmt(f.shape)}")
         rank, _, out_dim = factors[0].shape
+        if rank < 1 or out_dim < 1:  # (the layer's own check would name its rank / out_dim)
+            raise ValueError(
+                f"factors[0] has shape {_fmt(factors[0].shape)}: LMF's (R, d_0 + 1, h) needs "
+                "R >= 1 and h >= 1"
+            )
         for m, f in enumerate(factors):
             if f.shape[0] != rank or f.shape[2] != out_dim:
                 raise ValueError(

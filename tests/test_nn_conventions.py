@@ -356,3 +356,12 @@ def test_loaders_refuse_complex_and_boolean_arrays_by_name():
     for match, call in cases:
         with pytest.raises(TypeError, match=match):
             call()
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 0), (0, 4, 3)])
+def test_from_lmf_names_factor_0_for_an_empty_rank_or_output(shape):
+    """The layer's own check answered "out_dim / rank must be a positive integer", arguments
+    from_lmf does not have."""
+    factors = [torch.randn(*shape), torch.randn(shape[0], 3, shape[2])]
+    with pytest.raises(ValueError, match=r"^factors\[0\] has shape \(\d+, 4, \d+\): LMF's \(R, d_0 \+ 1, h\) needs R >= 1 and h >= 1$"):
+        LowRankFusion.from_lmf(factors, torch.ones(1, shape[0]), torch.zeros(1, shape[2]))

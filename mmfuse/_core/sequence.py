@@ -300,8 +300,9 @@ def gelu_torch(x: Any) -> Any:
 
     float32 and half precisions: ``torch.nn.functional.gelu`` itself (the exact erf GELU, not
     the tanh form; vectorised, 2-3x faster than the erfc form on CPU).  Its error is within
-    about one float32 ulp of |x| absolutely, which is float32's own resolution of the
-    pre-activation; only its relative error far in the lower tail (where GELU ~ 0) is loose.
+    a few float32 ulps of |x| absolutely (4.2 at most on [-10, 10], against mpmath), about
+    float32's own resolution of the pre-activation; only its relative error far in the lower
+    tail (where GELU ~ 0) is loose.
 
     Autograd flows through every step; without autograd the float64 path reuses its own
     intermediate buffers.
