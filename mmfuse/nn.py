@@ -46,7 +46,7 @@ from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._namespace import mask_tokens, torch_namespace
 from ._plan import PlanCache, call_key
-from ._validation import check_bool_option, check_positive_int, check_size_list
+from ._validation import check_bool_option, check_device, check_positive_int, check_size_list
 from .backends import BackendUnsupported, lookup
 
 __all__ = ["CPFusion", "GuidedZoomShift", "LowRankFusion", "TensorFusion", "WanderAdapter", "ZoomShift"]
@@ -269,14 +269,11 @@ def _factory(device: Any, dtype: Any) -> dict[str, Any]:
 
 
 def _check_factory_device(device: Any) -> Any:
-    """``device`` if torch can make tensors there (None passes); ValueError naming ``device``
-    otherwise, not torch's RuntimeError ("Invalid device string", a CPU build asked for
-    CUDA) from the first parameter's allocation."""
+    """``device`` if torch can make tensors there (None passes): the initialisers' check
+    (:func:`mmfuse._validation.check_device`), before the first parameter's allocation would
+    raise torch's RuntimeError ("Invalid device string", a CPU build asked for CUDA)."""
     if device is not None:
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, TypeError, ValueError, OverflowError, AssertionError) as err:
-            raise ValueError(f"device={device!r} is not a device torch can make tensors on: {err}") from None
+        check_device(torch_namespace(), device)
     return device
 
 

@@ -248,10 +248,11 @@ def lowrank_interactions_with(
     calls (by subset, no appended constant; no rank or no output, whose empty slabs the
     blocked recursion cannot tile) run the generic path."""
     rank, _, out_dim = factors[0].shape
-    if low_precision(array_namespace(xs[0]), xs[0].dtype):  # in float32, rounded once
+    xp = array_namespace(xs[0])
+    if low_precision(xp, xs[0].dtype):  # in float32, rounded once
         return in_work_dtype(
-            lowrank_interactions_with, array_namespace(xs[0]), xs[0].dtype, recursion, xs, factors,
-            weights, by=by, present=present, append_one=append_one,
+            lowrank_interactions_with, xp, xs[0].dtype, recursion, xs, factors, weights, by=by,
+            present=present, append_one=append_one,
         )  # fmt: skip
     if by != "order" or not append_one or rank == 0 or out_dim == 0:
         return lowrank_interactions(xs, factors, weights, by=by, present=present, append_one=append_one)
@@ -478,10 +479,11 @@ def cp_interactions_with(
     the weighted output factor.  Other calls (and those with no CP rank or no output, whose
     empty slabs the blocked recursion cannot tile) run the generic path."""
     out_dim, rank = cp[1][-1].shape
-    if low_precision(array_namespace(xs[0]), xs[0].dtype):  # in float32, rounded once
+    xp = array_namespace(xs[0])
+    if low_precision(xp, xs[0].dtype):  # in float32, rounded once
         return in_work_dtype(
-            cp_interactions_with, array_namespace(xs[0]), xs[0].dtype, recursion, xs, cp, by=by,
-            present=present, append_one=append_one,
+            cp_interactions_with, xp, xs[0].dtype, recursion, xs, cp, by=by, present=present,
+            append_one=append_one,
         )  # fmt: skip
     if by != "order" or not append_one or rank == 0 or out_dim == 0:
         return cp_interactions(xs, cp, by=by, present=present, append_one=append_one)

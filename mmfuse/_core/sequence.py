@@ -347,7 +347,7 @@ def gelu(xp: Any, x: Any) -> Any:
     (capability-checked) so that autograd and devices work.
     """
     if not is_torch(xp) and low_precision(xp, x.dtype):
-        return xp.astype(gelu(xp, xp.astype(x, xp.float32)), x.dtype)
+        return in_work_dtype(gelu, xp, x.dtype, xp, x)
     if is_torch(xp):
         import torch
 

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..._core import sequence as _core_sequence
+from ..._namespace import in_work_dtype, torch_namespace
 from .._torch_eager import bind, direct
 from ._common import (
     LOW_PRECISION,
@@ -315,12 +316,10 @@ def wander_torch(
     if xs[0].dtype in LOW_PRECISION and not (mode == "collapsed" and activation == "gelu"):
         # float16 / bfloat16: down-projections and activation in float32 too, rounded once
         # (as the core and the fused op: a pre-activation over 65504 is no overflow)
-        y = wander_torch(
-            [x.float() for x in xs], [w.float() for w in weights],
-            [None if b is None else b.float() for b in biases], [f.float() for f in feature_factors],
-            [t.float() for t in token_factors], mode, masks, activation, residual,
+        return in_work_dtype(
+            wander_torch, torch_namespace(), xs[0].dtype, list(xs), list(weights), list(biases),
+            list(feature_factors), list(token_factors), mode, masks, activation, residual,
         )  # fmt: skip
-        return y.to(xs[0].dtype)
     if mode == "collapsed" and activation == "gelu":  # the released configuration: one op
         biases = [torch.zeros(w.shape[1], dtype=w.dtype, device=w.device) if b is None else b
                   for w, b in zip(weights, biases)]  # fmt: skip
