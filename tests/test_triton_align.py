@@ -526,6 +526,25 @@ def test_double_backward(rng):
     assert_close(results[0], results[1].float(), rtol=1e-3)
 
 
+def test_moments_double_backward_where_a_lane_has_no_spread(rng):
+    """eps = 0 and a lane with one unmasked token: the Triton moments op's backward took
+    sqrt(var + eps), whose infinite derivative at 0 a double backward turned into NaN; it
+    takes the core's spread (as the zoom_shift ops) and gives the core's second derivatives."""
+    x0 = torch.tensor(rng.standard_normal((2, 5, 3)), dtype=torch.float32)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0] = False
+    mask[0, 2] = True
+    up = torch.tensor(rng.standard_normal((2, 1, 3)), dtype=torch.float32)
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("array_api", torch.float64)):
+        x = x0.to(dtype).requires_grad_(True)
+        mean, std = mmfuse.moments(x, mask=mask, eps=0.0, backend=backend)
+        (gx,) = torch.autograd.grad((mean * up.to(dtype)).sum() + (std**2).sum(), [x], create_graph=True)
+        results.append(torch.autograd.grad((gx**2).sum(), [x])[0])
+    assert bool(torch.isfinite(results[0]).all())
+    assert_close(results[0], results[1].float(), rtol=1e-4, atol=1e-5)
+
+
 def test_gradients_deterministic(rng):
     x = torch.tensor(1e4 + rng.standard_normal((3, 9, 7)), dtype=torch.float32).requires_grad_(True)
     g = torch.tensor(rng.standard_normal((3, 5, 7)), dtype=torch.float32).requires_grad_(True)

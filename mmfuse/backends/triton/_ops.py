@@ -23,7 +23,8 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ..._core.align import GENERIC
+from ..._core.align import GENERIC, spread
+from ..._namespace import torch_namespace
 from .._torch_eager import bind
 from ..torch._common import cast, compute_dtype
 from ..torch.zoom_shift import _zoom_shift_backward as _torch_zoom_shift_backward
@@ -506,7 +507,9 @@ def _moments_backward(
     zero = torch.zeros((), dtype=cdt, device=x.device)
     per_token: Any = zero
     if grad_std is not None:
-        sigma = torch.sqrt(st.var + ctx.eps)
+        # the core's spread: at eps = 0 a lane with no spread has derivative 0, not sqrt's
+        # infinite one (a double backward made it 0 * inf = NaN), as the zoom_shift ops'
+        sigma = spread(torch_namespace(), st.var, ctx.eps)
         live = sigma != 0  # as the core: a NaN spread is no "no spread"
         k = torch.where(live, cast(grad_std, cdt) / torch.where(live, sigma, 1.0), zero)
         per_token = k * st.dev - k * st.corr
