@@ -224,7 +224,7 @@ def _stats_numpy(x: Any, axis: int, mask: Any) -> Stats:
 
     if _one_block(x):  # one block, on this thread: no block bookkeeping
         scratch = None if mask is None else np.empty(x.shape, dtype=x.dtype)
-        return _block_stats(x, axis, mask, np.empty(x.shape, dtype=x.dtype), scratch)
+        return _block_stats(x, axis, mask, None, scratch)
     shape = list(x.shape)
     shape[axis] = 1
     outs = tuple(np.empty(shape, dtype=x.dtype) for _ in range(4))  # mean, var, pivot, corr
@@ -273,59 +273,59 @@ def _square_sum(ndim: int, axis: int) -> str:
 def _block_stats(
     xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple[Any, ...] | None = None
 ) -> Stats:
-    """Statistics of one block into ``outs = (mean, var, pivot, corr)`` (None: new arrays),
-    returned as :class:`Stats` with ``dev``.
+    """Statistics of one block into ``outs = (mean, var, pivot, corr)``, returned as
+    :class:`Stats` with ``dev``; None (for ``outs`` or ``dev``): new arrays.
 
     The shifted algorithm of :func:`_stats` (section comment above), all but the first sum
     reading the block from cache.  ``dev`` receives ``x - pivot`` for every token (masked ones
     too); ``masked`` (needed only with a mask) is scratch for the centred values with masked
     tokens zeroed, so huge or non-finite padding never enters a sum.
+
+    Outputs not given are allocated by the reductions themselves, and the ufuncs take their
+    arguments positionally: at small sizes a separate ``np.empty`` per output and a call's
+    keyword parsing are a tenth of the statistics' time.
     """
     import numpy as np
 
-    if outs is None:
-        shape = list(xb.shape)
-        shape[axis] = 1
-        dt = xb.dtype
-        outs = (np.empty(shape, dt), np.empty(shape, dt), np.empty(shape, dt), np.empty(shape, dt))
-    mean_o, var_o, piv_o, corr_o = outs
-    # Sums by np.add.reduce, not np.sum: the same reduction without np.sum's Python layer
-    # (about 3 us a call, the cost of the whole sum at small sizes).  A reduction rather than
-    # a GEMM with a ones row: as fast on one thread, and BLAS's own threads would fight the
-    # batch-block threads of _run_blocks (measured: 0.45 -> 0.6 of copy bandwidth for
-    # zoom_shift at (64, 512, 256) float32 on 2 cores)
+    mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
+    # Sums by np.add.reduce(array, axis, dtype, out, keepdims), not np.sum: the same reduction
+    # without np.sum's Python layer (about 3 us a call, the cost of the whole sum at small
+    # sizes).  A reduction rather than a GEMM with a ones row: as fast on one thread, and
+    # BLAS's own threads would fight the batch-block threads of _run_blocks (measured: 0.45 ->
+    # 0.6 of copy bandwidth for zoom_shift at (64, 512, 256) float32 on 2 cores)
     total = np.add.reduce
-    # Divisions by the count as np.divide(..., out=): the same ufunc as ``/=``, without the
-    # operator's deferral checks, which cost about 0.25 us a call with a 0-d count
+    # Divisions by the count as np.divide(a, count, out): the same ufunc as ``/=``, without
+    # the operator's deferral checks, which cost about 0.25 us a call with a 0-d count
     divide = np.divide
     if mb is None:
         count: Any = _constant(xb.dtype, xb.shape[axis])
-        total(xb, axis=axis, keepdims=True, out=piv_o)
-        divide(piv_o, count, out=piv_o)
-        np.subtract(xb, piv_o, out=dev)
+        piv = total(xb, axis, None, piv_o, True)
+        divide(piv, count, piv)
+        dev = np.subtract(xb, piv, dev)
         src = dev
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
-        count = total(full, axis=axis, keepdims=True, dtype=xb.dtype)
-        total(xb, axis=axis, keepdims=True, out=piv_o, where=full)
-        divide(piv_o, count, out=piv_o)
-        np.subtract(xb, piv_o, out=dev)
+        count = total(full, axis, xb.dtype, None, True)
+        piv = total(xb, axis, None, piv_o, True, where=full)
+        divide(piv, count, piv)
+        dev = np.subtract(xb, piv, dev)
         masked[...] = 0
         np.copyto(masked, dev, where=full)
         src = masked
-    total(src, axis=axis, keepdims=True, out=corr_o)
-    divide(corr_o, count, out=corr_o)
+    corr = total(src, axis, None, corr_o, True)
+    divide(corr, count, corr)
     if src.size <= _SMALL_ELEMENTS:
         # a small block: the squares in a temporary, then one reduction (einsum's Python
         # wrapper costs more than that temporary below this size)
-        total(src * src, axis=axis, keepdims=True, out=var_o)
+        var = total(np.multiply(src, src), axis, None, var_o, True)
     else:  # the sum of squares without an x-sized temporary
-        np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var_o, axis=axis))
-    divide(var_o, count, out=var_o)
-    var_o -= corr_o * corr_o
-    np.maximum(var_o, _constant(xb.dtype, 0), out=var_o)  # rounding can go below 0; NaN stays
-    np.add(piv_o, corr_o, out=mean_o)
-    return Stats(mean_o, var_o, piv_o, corr_o, dev)
+        var = np.empty(piv.shape, dtype=xb.dtype) if var_o is None else var_o
+        np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var, axis=axis))
+    divide(var, count, var)
+    np.subtract(var, np.multiply(corr, corr), var)
+    # rounding can go below 0; NaN stays (out= by keyword: NumPy deprecates it positional here)
+    np.maximum(var, _constant(xb.dtype, 0), out=var)
+    return Stats(np.add(piv, corr, mean_o), var, piv, corr, dev)
 
 
 # --------------------------------------------------------------------------- the map rules
