@@ -28,6 +28,7 @@ the full path every time, where the checks report it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -68,15 +69,19 @@ class PlanCache:
         self._plans.clear()
 
     def get(self, key: Any) -> Any:
-        """The plan remembered for ``key``, or None."""
-        return None if key is None else self._plans.get(key)
+        """The plan remembered for ``key``, or None (also for a key that cannot be hashed: an
+        unhashable option, which the call's checks then report or accept unplanned)."""
+        if key is None:
+            return None
+        try:
+            return self._plans.get(key)
+        except TypeError:
+            return None
 
     def plan(self, key: Any, make: Callable[..., T], *args: Any) -> T:
         """The plan for ``key``; on a miss ``make(*args)`` (the checks and the dispatch,
         which raise for a bad call), remembered."""
-        if key is None:
-            return make(*args)
-        plan = self._plans.get(key)
+        plan = self.get(key)
         if plan is None:
             plan = self.remember(key, make(*args))
         return plan
@@ -86,7 +91,8 @@ class PlanCache:
         if key is not None:
             if len(self._plans) >= MAX_PLANS:
                 self._plans.clear()
-            self._plans[key] = plan
+            with contextlib.suppress(TypeError):  # an unhashable key: the call stays unplanned
+                self._plans[key] = plan
         return plan
 
 
@@ -137,21 +143,21 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
 
 
 def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:
-    """A call's signature: its dispatch state (:func:`policy_key`), its ``options`` tagged
-    with their types, and its arrays' metadata (flat, :func:`_append_keys`); None when the
-    call must not be planned or the parts make no key (the call then runs unplanned, and its
-    checks say what is wrong)."""
+    """A call's signature: its dispatch state (:func:`policy_key`), its ``options`` followed
+    by their types (``options`` has one length per plan cache: one per public function, and
+    the layers' cache starts it with the layer's class), and its arrays' metadata (flat,
+    :func:`_append_keys`); None when the call must not be planned or the arrays make no key
+    (the call then runs unplanned, and its checks say what is wrong).  The key is not hashed
+    here: the plan cache's lookup hashes it once, and takes an unhashable one as unplanned."""
     policy = policy_key(backend)
     if policy is None:
         return None
+    parts = [policy, *options, *map(type, options)]
     try:
-        parts = [policy, *[(type(o), o) for o in options]]
         _append_keys(arrays, parts)
-        key = tuple(parts)
-        hash(key)
     except (AttributeError, TypeError, ValueError):
         return None
-    return key
+    return tuple(parts)
 
 
 _OPTIONAL = ("torch", "numba", "cupy", "triton", "dask", "jax")

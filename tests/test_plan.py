@@ -127,7 +127,13 @@ def test_a_planned_numpy_call_makes_few_python_calls(rng):
 
 def test_unhashable_or_array_options_run_unplanned(rng):
     xs, factors, _, _ = _lowrank_case(rng)
-    assert _plan.call_key(None, ([1],), xs) is None
+    cache = _plan.PlanCache()
+    unhashable = _plan.call_key(None, ([1],), xs)  # formed, but the cache cannot hold it
+    assert cache.get(unhashable) is None
+    made = []
+    assert cache.plan(unhashable, lambda: made.append(1) or "plan") == "plan"
+    assert cache.plan(unhashable, lambda: made.append(1) or "plan") == "plan"
+    assert made == [1, 1] and len(cache) == 0  # planned afresh each time, nothing kept
     assert _plan.call_key(None, (True,), xs, factors) is not None
     assert _plan.call_key(None, (True,), xs, "not an array") is None
 
