@@ -634,6 +634,13 @@ def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
     """x @ W + b for x (B, T, d) as one GEMM on (B T, d) (torch: one ``addmm``, through
     ``linear`` for a contiguous x)."""
     batch, t_m, d = x.shape
+    if type(x) is sys.modules["numpy"].ndarray:
+        # NumPy: ndarray's own reshape (np.reshape's Python layer costs as much as this
+        # GEMM at small sizes), and the bias added in place into the product's own buffer
+        h = x.reshape(batch * t_m, d) @ w
+        if b is not None:
+            h += b
+        return h.reshape(batch, t_m, w.shape[1])
     if is_torch(xp) and x.is_contiguous():
         # torch's linear runs that addmm on the (B T, d) view of a contiguous x itself (its
         # flattened path; a matmul, which folds the same way, without b): one operator
@@ -646,9 +653,6 @@ def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
         import torch
 
         h = torch.addmm(b, x2, w)
-    elif b is not None and is_numpy(xp):
-        h = x2 @ w
-        h += b  # our own buffer
     else:
         h = x2 @ w
         if b is not None:
