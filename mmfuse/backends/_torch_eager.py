@@ -162,6 +162,9 @@ def bind(
     itself (with its registered autograd) under ``torch.compile`` or a dispatch mode."""
 
     run = op if forward is None else direct(op, forward)
+    # without gradients: the implementation itself where direct() would call it (the checks
+    # inlined: the compile check below has run already; one Python frame less per call)
+    bare = op if forward is None else forward
 
     def forward_fn(ctx: Any, spec: tuple[Any, ...], *tensors: torch.Tensor) -> Any:
         args = tuple(_rebuild(spec, tensors, lambda c: c.value))
@@ -192,7 +195,9 @@ def bind(
             return function.apply(spec, *tensors)
         # Nothing to differentiate: the implementation alone, in the caller's grad mode (with
         # no input requiring grad torch records nothing in either mode, so no no_grad block,
-        # about 1.7 us of a tiny call)
-        return run(*args)
+        # about 1.7 us of a tiny call); under a dispatch mode, the op (as direct())
+        if torch._C._len_torch_dispatch_stack():
+            return op(*args)
+        return bare(*args)
 
     return call

