@@ -293,7 +293,7 @@ def _block_stats(
     # sizes).  A reduction rather than a GEMM with a ones row: as fast on one thread, and
     # BLAS's own threads would fight the batch-block threads of _run_blocks (measured: 0.45 ->
     # 0.6 of copy bandwidth for zoom_shift at (64, 512, 256) float32 on 2 cores)
-    total = np.add.reduce
+    total: Any = np.add.reduce  # (Any: the stubs do not take keepdims positionally)
     # Divisions by the count as np.divide(a, count, out): the same ufunc as ``/=``, without
     # the operator's deferral checks, which cost about 0.25 us a call with a 0-d count
     divide = np.divide
