@@ -23,7 +23,6 @@ __all__ = [
     "masked_rows",
     "project_into",
     "save_fusion_inputs",
-    "seq_masked",
     "store",
     "store_gram",
 ]
@@ -164,11 +163,5 @@ def load_fusion_inputs(ctx: Any, n_factors: int) -> tuple[list[Any], list[Any], 
     weights = rest.pop(0) if ctx.has_weights else None
     present = rest.pop(0) if ctx.has_present else None
     return xs, factors, weights, present
-
-
-def seq_masked(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return h
-    return torch.where(mask[:, :, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
 
 

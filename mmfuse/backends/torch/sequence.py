@@ -32,16 +32,17 @@ from typing import Any
 import torch
 
 from ..._core import sequence as _core_sequence
-from ..._namespace import block_budget, block_slices
+from ..._namespace import block_budget, block_slices, mask_tokens, torch_namespace
 from .._torch_eager import bind, direct
 from ._common import (
     cast,
     compute_dtype,
-    seq_masked,
     store,
 )
 
 __all__ = ['collapsed_grads', 'sequence_fusion', 'sequence_op_eager']
+
+_XP = torch_namespace()  # the namespace the core's helpers take for torch tensors
 
 
 def _seq_matrices(feature: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +86,7 @@ def _sequence_grads(
     need_t = list(needs[2 * n_mod :])
     if not any(needs):
         return [None] * (3 * n_mod)
-    hs = [seq_masked(h, k) for h, k in zip(hs, masks)]
+    hs = [mask_tokens(_XP, h, k) for h, k in zip(hs, masks)]
     mats = [_seq_matrices(f, t) for f, t in zip(feats, toks)]
     batch = grad.shape[0]
     rows_b, chunk_j = _core_sequence.cp_blocking(
@@ -174,7 +175,7 @@ def _sequence_grads(
             out.append(None)
             continue
         gh = gh_parts[m][0] if len(gh_parts[m]) == 1 else torch.cat(gh_parts[m], dim=0)
-        out.append(seq_masked(gh, masks[m]))
+        out.append(mask_tokens(_XP, gh, masks[m]))
     for m, f in enumerate(feats):
         g = gphi[m]
         if not need_f[m] or g is None:
@@ -233,7 +234,7 @@ def collapsed_grads(
     # With a graph of the backward wanted (double backward) the same formulas run out of place
     # on the whole batch, so autograd can differentiate them; otherwise blocked, into buffers.
     graph = torch.is_grad_enabled()
-    hs = [seq_masked(h, k) for h, k in zip(hs, masks)]
+    hs = [mask_tokens(_XP, h, k) for h, k in zip(hs, masks)]
     phis = [f.sum(dim=0) for f in feats]  # (r_m, D)
     psis = [t.sum(dim=0) for t in toks]  # (T_m, T_out)
     batch, n_out, out_dim = grad.shape
@@ -301,11 +302,11 @@ def collapsed_grads(
                     gh[m] = gh_blk  # the whole batch: one block
                 if gh_blk is not None and on_grad_h is not None:
                     mask = masks[m]
-                    on_grad_h(m, blk, gh_blk if mask is None else seq_masked(gh_blk, mask[blk]))
+                    on_grad_h(m, blk, gh_blk if mask is None else mask_tokens(_XP, gh_blk, mask[blk]))
             if m:
                 run = run * term_blk[m] if graph or m == n_mod - 1 else run.mul_(term_blk[m])
     out: list[torch.Tensor | None] = [
-        None if g is None else seq_masked(g, k) if k is not None else g for g, k in zip(gh, masks)
+        None if g is None else mask_tokens(_XP, g, k) if k is not None else g for g, k in zip(gh, masks)
     ]
     # every rank's slice gets the gradient of the rank sum
     out += [None if g is None else g.unsqueeze(0).expand(f.shape).clone() for g, f in zip(gphi, feats)]

@@ -35,17 +35,18 @@ from typing import Any, NamedTuple
 import torch
 
 from ..._core import sequence as _core_sequence
-from ..._namespace import in_work_dtype, torch_namespace
+from ..._namespace import in_work_dtype, mask_tokens, torch_namespace
 from .._torch_eager import bind, direct
 from ._common import (
     LOW_PRECISION,
     cast,
     compute_dtype,
-    seq_masked,
 )
 from .sequence import collapsed_grads, sequence_op_eager
 
 __all__ = ['wander', 'wander_torch']
+
+_XP = torch_namespace()  # the namespace the core's helpers take for torch tensors
 
 
 class _KeptLayout(NamedTuple):
@@ -130,9 +131,9 @@ def _wander_forward(
     pres, firsts, terms = views[:n_mod], views[n_mod : 2 * n_mod], views[2 * n_mod :]
     y = None
     for m, x in enumerate(xs):
-        x = seq_masked(cast(x, cdt), masks[m])  # padded tokens zeroed, as in the core
+        x = mask_tokens(_XP, cast(x, cdt), masks[m])  # padded tokens zeroed, as in the core
         torch.addmm(cast(biases[m], cdt), x.reshape(-1, x.shape[2]), cast(weights[m], cdt), out=pres[m])
-        h = seq_masked(_core_sequence.gelu_torch(pres[m]).view(batch, *shapes[m]), masks[m])
+        h = mask_tokens(_XP, _core_sequence.gelu_torch(pres[m]).view(batch, *shapes[m]), masks[m])
         phi, psi = cast(feature_factors[m], cdt).sum(dim=0), cast(token_factors[m], cdt).sum(dim=0)
         if orders[m] == "token":
             torch.matmul(torch.matmul(psi.t(), h, out=firsts[m]), phi, out=terms[m])
@@ -193,7 +194,7 @@ def _wander_grads_impl(
         if need_x[m]:
             gx[m] = (gpre @ cast(weights[m], cdt).t()).view(x.shape)
         if need_w[m]:  # padded tokens zeroed, so a NaN there cannot reach dL/dW as 0 * NaN
-            gw[m] = seq_masked(x, masks[m]).reshape(-1, x.shape[2]).t() @ gpre
+            gw[m] = mask_tokens(_XP, x, masks[m]).reshape(-1, x.shape[2]).t() @ gpre
         if need_b[m]:
             gb[m] = gpre.sum(dim=0)
 
@@ -317,7 +318,7 @@ def wander_torch(
         # float16 / bfloat16: down-projections and activation in float32 too, rounded once
         # (as the core and the fused op: a pre-activation over 65504 is no overflow)
         return in_work_dtype(
-            wander_torch, torch_namespace(), xs[0].dtype, list(xs), list(weights), list(biases),
+            wander_torch, _XP, xs[0].dtype, list(xs), list(weights), list(biases),
             list(feature_factors), list(token_factors), mode, masks, activation, residual,
         )  # fmt: skip
     if mode == "collapsed" and activation == "gelu":  # the released configuration: one op
@@ -328,7 +329,7 @@ def wander_torch(
     hs = []
     for x, w, b, k in zip(xs, weights, biases, masks_list):
         batch, t_m, d = x.shape
-        flat = seq_masked(x, k).reshape(batch * t_m, d)  # padded tokens zeroed: as the core
+        flat = mask_tokens(_XP, x, k).reshape(batch * t_m, d)  # padded tokens zeroed: as the core
         h = flat @ w if b is None else torch.addmm(b, flat, w)
         hs.append(_activate(h.reshape(batch, t_m, w.shape[1]), activation))
     y = sequence_op_eager(hs, list(feature_factors), list(token_factors), mode, masks_list)
