@@ -142,9 +142,12 @@ def _strict_namespace(base: Any) -> Namespace:
     refuses them.  The scalar becomes a 0-d array of the other branch's dtype and device, as
     2024.12 defines it; arrays pass straight through.  And a ``clip`` (a 2023.12 function)
     from ``where``, for the 2022.12 version: the same values, NaN kept (comparisons with NaN
-    are false).
+    are false).  And a ``sum`` that keeps float32 and complex64: at 2022.12 the standard gave
+    a floating sum the default floating dtype (float64), which every later version dropped,
+    and mmfuse returns its inputs' dtype.
     """
-    base_where, asarray = base.where, base.asarray
+    base_where, asarray, base_sum = base.where, base.asarray, base.sum
+    narrow = (base.float32, base.complex64)
     scalars = (bool, int, float, complex)
 
     def where(condition: Any, x1: Any, x2: Any, /) -> Any:
@@ -161,7 +164,12 @@ def _strict_namespace(base: Any) -> Namespace:
             x = where(x > max, max, x)
         return x
 
-    return _namespace_with(base, where=where, clip=clip)
+    def sum(x: Any, /, *, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> Any:
+        if dtype is None and x.dtype in narrow:
+            dtype = x.dtype
+        return base_sum(x, axis=axis, dtype=dtype, keepdims=keepdims)
+
+    return _namespace_with(base, where=where, clip=clip, sum=sum)
 
 
 _COMPAT_TORCH = "array_api_compat.torch"
@@ -416,7 +424,9 @@ def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
         x = x.compute()
     try:
         return np.array(np.from_dlpack(x), dtype=dtype, copy=True)
-    except (TypeError, AttributeError, BufferError, RuntimeError):
+    except (TypeError, AttributeError, BufferError, RuntimeError, ValueError):
+        # ValueError: array_api_strict at a standard version before 2023.12 refuses the
+        # max_version NumPy passes to __dlpack__; its __array__ still copies
         return np.array(x, dtype=dtype, copy=True)
 
 

@@ -6,6 +6,7 @@ array_api_compat's wrapper would make (torch), where the answer is the same arra
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import array_api_compat.numpy as compat
 import numpy as np
@@ -224,5 +225,54 @@ def test_wander_and_shares_run_on_array_api_strict_before_2023_12(version, rng):
         x = strict.asarray(np.array([np.nan, -5.0, 0.2, 9.0]))
         clipped = array_namespace(x).clip(x, min=-1.0, max=1.0)
         np.testing.assert_array_equal(np.asarray(clipped), [np.nan, -1.0, 0.2, 1.0])
+    finally:
+        strict.reset_array_api_strict_flags()
+
+
+@pytest.mark.parametrize("version", ["2022.12", "2023.12"])
+def test_float32_stays_float32_on_array_api_strict_2022_12(version, rng):
+    """At the 2022.12 standard a floating ``sum`` returns the default floating dtype:
+    ``lowrank_to_tensor``, the interaction terms, ``sequence_fusion`` and ``wander`` returned
+    float64 for float32 inputs.  And the reference and ``assert_close`` failed there (NumPy's
+    ``from_dlpack`` passes a ``max_version`` that array_api_strict refuses before 2023.12)."""
+    strict = pytest.importorskip("array_api_strict")
+    import mmfuse
+
+    f32 = np.float32
+    xs = [rng.standard_normal((3, d)).astype(f32) for d in (2, 3)]
+    lr = mmfuse.init_lowrank([2, 3], rank=2, out_dim=4, seed=int(rng.integers(1 << 30)), dtype=f32)
+    pw = mmfuse.init_wander([4, 4], [5, 6], rank=3, feature_rank=2, token_rank=2, out_dim=4, seed=1, dtype=f32)
+    hs = [rng.standard_normal((2, t, 3)).astype(f32) for t in (5, 6)]
+    ws = [rng.standard_normal((2, t, 4)).astype(f32) for t in (5, 6)]
+    calls = {
+        "lowrank_to_tensor": lambda m, a: m.lowrank_to_tensor(a(lr["factors"]), a(lr["weights"])),
+        "lowrank_interactions": lambda m, a: m.lowrank_interactions(a(xs), a(lr["factors"]), a(lr["weights"]))[0],
+        "sequence_fusion cp": lambda m, a: m.sequence_fusion(a(hs), a(pw["feature"]), a(pw["token"])),
+        "sequence_fusion collapsed": lambda m, a: m.sequence_fusion(
+            a(hs), a(pw["feature"]), a(pw["token"]), mode="collapsed"
+        ),
+        "wander": lambda m, a: m.wander(
+            a(ws), {"down": [tuple(a(list(pair))) for pair in pw["down"]], "feature": a(pw["feature"]), "token": a(pw["token"])}
+        ),
+    }
+
+    def numpy_args(v: Any) -> Any:
+        return v
+
+    def strict_args(v: Any) -> Any:
+        return [strict.asarray(a) for a in v] if isinstance(v, list) else strict.asarray(v)
+
+    want = {name: call(mmfuse, numpy_args) for name, call in calls.items()}
+    strict.set_array_api_strict_flags(api_version=version)
+    try:
+        for name, call in calls.items():
+            got = call(mmfuse, strict_args)
+            assert got.dtype == strict.float32, name
+            np.testing.assert_allclose(np.asarray(got), want[name], rtol=2e-5, atol=2e-6, err_msg=name)
+        x = strict.asarray(xs[0])
+        mmfuse.testing.assert_close(x, x)
+        ref = mmfuse.lowrank_fusion(strict_args(xs), strict_args(lr["factors"]), backend="reference")
+        assert ref.dtype == strict.float32
+        np.testing.assert_allclose(np.asarray(ref), mmfuse.reference.lowrank_fusion(xs, lr["factors"]), rtol=1e-6)
     finally:
         strict.reset_array_api_strict_flags()
