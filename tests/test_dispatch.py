@@ -416,3 +416,16 @@ def test_registry_arguments_are_checked_by_name():
             mmfuse.moments(x, backend="cupy")
     finally:
         unregister("moments", "cupy")
+
+
+def test_explain_refuses_what_is_not_an_array(rng):
+    """explain() of a non-array argument described a call without inputs, silently (every
+    row "would run"); it names the argument now, nested lists too."""
+    from mmfuse.backends import explain
+
+    x = rng.standard_normal((2, 3))
+    assert explain("lowrank_fusion", [x], None).chosen is not None
+    with pytest.raises(TypeError, match=r"arrays\[0\] is a str, not an array"):
+        explain("lowrank_fusion", "x")
+    with pytest.raises(TypeError, match=r"arrays\[1\]\[0\] is a float, not an array"):
+        explain("lowrank_fusion", [x], [3.0])

@@ -318,6 +318,20 @@ def _backends_for(op: str) -> str:
     return f"backends with an implementation of {op}: {sorted(names)} (available() says which load here)"
 
 
+def _check_leaves(items: Sequence[Any], label: str) -> None:
+    """Every entry of ``items`` (lists and tuples walked) is an array or None: explain() of
+    something else would silently describe a call without inputs."""
+    for i, item in enumerate(items):
+        where = f"{label}[{i}]"
+        if isinstance(item, (list, tuple)):
+            _check_leaves(item, where)
+        elif item is not None and not array_api_compat.is_array_api_obj(item):
+            raise TypeError(
+                f"explain: {where} is a {type(item).__name__}, not an array; pass the call's "
+                "arrays (lists of them allowed), e.g. explain('lowrank_fusion', xs, factors)"
+            )
+
+
 def _first_array(obj: Any) -> Any:
     if array_api_compat.is_array_api_obj(obj):
         return obj
@@ -489,6 +503,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     """
     _signature(op)  # an unknown operator: a ValueError listing the known ones
     name = _policy(backend)
+    _check_leaves(arrays, "arrays")
     like = _first_array(list(arrays))
     info = _describe(like, arrays, size)
     try:
