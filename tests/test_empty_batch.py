@@ -172,3 +172,41 @@ def test_layers_run_forward_and_backward_on_an_empty_batch():
         out.sum().backward()
         for p in layer.parameters():
             assert p.grad is not None and torch.count_nonzero(p.grad) == 0, type(layer).__name__
+
+
+@pytest.mark.parametrize("batch", [0, 3])
+def test_dask_with_chunked_token_axes(batch, rng):
+    """Dask arrays chunked along the token axis: wander crashed on an empty batch (Dask's own
+    reshape of an empty (B, T, d) array to (B T, d)), and rechunked a full one's batch;
+    ``zoom_shift_fusion(pool="max")`` of an empty batch computed shape (1, 0) where its lazy
+    shape said (0, C) (Dask's max over axis 1 of an empty array).  Lazy and computed shapes
+    now agree with NumPy's, values too, and the batch chunks are the inputs'."""
+    da = pytest.importorskip("dask.array")
+    seqs = [rng.standard_normal((batch, t, 6)) for t in LENGTHS]
+    masks = [rng.random((batch, t)) < 0.7 for t in LENGTHS]
+    for k in masks:
+        k[:, 0] = True
+    params = mmfuse.init_wander((6, 6), LENGTHS, rank=3, feature_rank=2, token_rank=2, out_dim=6,
+                                seed=int(rng.integers(1 << 30)))  # fmt: skip
+    lazy = {"down": [(da.from_array(w), da.from_array(b)) for w, b in params["down"]],
+            "feature": [da.from_array(f) for f in params["feature"]],
+            "token": [da.from_array(t) for t in params["token"]]}  # fmt: skip
+
+    def chunked(arrays):
+        return [da.from_array(a, chunks=(2, 2, *a.shape[2:])) for a in arrays]
+
+    cases = [(f"wander {mode}", lambda mode=mode: mmfuse.wander(chunked(seqs), lazy, mode=mode),
+              mmfuse.wander(seqs, params, mode=mode)) for mode in ("cp", "collapsed")]
+    cases += [(f"zoom_shift_fusion {pool} masks={m is not None}",
+               lambda pool=pool, m=m: mmfuse.zoom_shift_fusion(chunked(seqs), pool=pool,
+                                                               masks=None if m is None else chunked(m)),
+               mmfuse.zoom_shift_fusion(seqs, pool=pool, masks=m))
+              for pool in ("mean", "max") for m in (None, masks)]  # fmt: skip
+    for name, call, want in cases:
+        got = call()
+        assert got.shape == want.shape, name
+        if name.startswith("wander"):
+            assert got.chunks[0] == ((2, 1) if batch else (0,)), name
+        computed = got.compute()
+        assert computed.shape == want.shape, name
+        np.testing.assert_allclose(computed, want, rtol=1e-12, atol=1e-12, err_msg=name)

@@ -858,6 +858,10 @@ def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
         count = xp.sum(xp.astype(m, dt), axis=1)
         return xp.astype(total / count, x.dtype)
     # max
+    if is_dask(xp) and x.shape[0] == 0:
+        # Dask computes its max over axis 1 of an empty batch as shape (1, 0), where its
+        # metadata (and NumPy) say (0, C): the empty answer itself
+        return xp.zeros((0, x.shape[2]), dtype=x.dtype)
     if mask is None:
         return xp.max(x, axis=1)
     m = _expand_mask(xp, mask, x.ndim)

@@ -631,8 +631,8 @@ def cp_blocking(
 
 
 def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
-    """x @ W + b for x (B, T, d) as one GEMM on (B T, d) (torch: one ``addmm``, through
-    ``linear`` for a contiguous x)."""
+    """x @ W + b for x (B, T, d): one GEMM on (B T, d) on NumPy and torch (one ``addmm``,
+    through ``linear`` for a contiguous x), the broadcast matmul elsewhere."""
     batch, t_m, d = x.shape
     if type(x) is sys.modules["numpy"].ndarray:
         # NumPy: ndarray's own reshape (np.reshape's Python layer costs as much as this
@@ -648,16 +648,17 @@ def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
         import torch
 
         return x @ w if b is None else torch.nn.functional.linear(x, w.mT, b)
-    x2 = xp.reshape(x, (batch * t_m, d))
-    if b is not None and is_torch(xp):
+    if is_torch(xp):  # a strided x: addmm on its (B T, d) copy
         import torch
 
-        h = torch.addmm(b, x2, w)
-    else:
-        h = x2 @ w
-        if b is not None:
-            h = h + b
-    return xp.reshape(h, (batch, t_m, w.shape[1]))
+        x2 = xp.reshape(x, (batch * t_m, d))
+        h2 = x2 @ w if b is None else torch.addmm(b, x2, w)
+        return xp.reshape(h2, (batch, t_m, w.shape[1]))
+    # Other namespaces: the standard's broadcast matmul, which their libraries run as one
+    # product (JAX's dot_general, CuPy's batched GEMM) and which keeps Dask's token chunks (its
+    # reshape to (B T, d) rechunks them, and fails on an empty batch with chunked tokens)
+    h = x @ w
+    return h if b is None else h + b
 
 
 # Named activations of many NumPy calls whatever the size (the exact GELU: about twenty)
