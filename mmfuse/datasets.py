@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._namespace import from_numpy, is_numpy, is_torch
+from ._namespace import from_numpy, is_jax, is_numpy, is_torch
 from ._validation import check_bool_option, check_device, check_namespace, random_generator
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
@@ -163,6 +163,10 @@ def resolve_dtype(xp: Namespace | None, dtype: Any) -> Any:
         return resolved
     name = getattr(xp, "__name__", repr(xp))
     if dtype is None:
+        if is_jax(xp):  # float32 unless x64 is enabled (JAX has no float64 then, and warns)
+            import jax
+
+            return jax.dtypes.canonicalize_dtype(xp.float64)
         return xp.float64
     if isinstance(dtype, str):
         if not dtype.isidentifier() or dtype.startswith("_") or not hasattr(xp, dtype):
@@ -279,7 +283,8 @@ def load_mfeat(
         Device of the returned arrays in ``xp``.
     dtype : dtype or str, optional
         Floating dtype of the feature arrays (a dtype of ``xp`` or its name); float64 by
-        default, which holds the published values exactly.  Labels are always int64 (under
+        default, which holds the published values exactly (under JAX float32 unless x64 is
+        enabled: it has no float64 then).  Labels are always int64 (under
         JAX int32 unless x64 is enabled: it has no int64 then).
     shuffle : bool, default False
         Permute the rows (the same permutation for every view, the labels and
@@ -398,8 +403,9 @@ def load_basic_motions(
         Device of the returned arrays in ``xp``.
     dtype : dtype or str, optional
         Floating dtype of the series (a dtype of ``xp`` or its name); float64 by default,
-        which holds the published values exactly.  Labels are always int64 (under JAX int32
-        unless x64 is enabled: it has no int64 then).
+        which holds the published values exactly (under JAX float32 unless x64 is enabled:
+        it has no float64 then).  Labels are always int64 (under JAX int32 unless x64 is
+        enabled: it has no int64 then).
     shuffle : bool, default False
         Permute the recordings (the same permutation for both modalities, ``raw``, the
         labels and ``is_train``).  Without shuffling the order is the files' order.

@@ -6,6 +6,7 @@ import doctest
 import io
 import subprocess
 import sys
+import warnings
 import zipfile
 from importlib import resources
 
@@ -378,3 +379,20 @@ def test_shuffle_must_be_a_bool(shuffle):
     """"no" and NaN were truth-tested: a shuffle nobody asked for."""
     with pytest.raises(TypeError, match=r"^shuffle must be a bool"):
         load_basic_motions(shuffle=shuffle)
+
+
+def test_jax_without_x64_loads_float32_without_a_warning():
+    """Under JAX's default x32 mode the loaders asked for float64, which JAX truncates with a
+    UserWarning per array: the default is now JAX's widest float (float32 there)."""
+    jax = pytest.importorskip("jax")
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for load in (load_basic_motions, load_mfeat):
+                got = load(xp=jax.numpy)
+                assert all(v.dtype == jax.numpy.float32 for v in got.views)
+                np.testing.assert_allclose(np.asarray(got.views[0]), load().views[0], rtol=1e-6)
+    finally:
+        jax.config.update("jax_enable_x64", previous)
