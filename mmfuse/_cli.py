@@ -310,6 +310,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"\n{ran} passed, {len(bad)} failed, {len(rows) - ran - len(bad)} skipped")
     if not_installed:
         print(f"not installed here, so not checked: {', '.join(not_installed)}")
+    # A check that checked nothing is no pass: what was named on the command line (a
+    # namespace, a backend) must have run somewhere, and something must have run at all
+    # (``--namespaces cupy`` on a machine whose CuPy is broken would otherwise exit 0)
+    # (the reference is the oracle, never itself checked)
+    named = [("namespace", ns) for ns in (args.namespaces or [])]
+    named += [("backend", b) for b in (wanted or []) if b != "reference"]
+    unchecked = [f"{kind} {name}" for kind, name in dict.fromkeys(named)
+                 if not any(r[kind] == name and r["status"] == "ok" for r in rows)]  # fmt: skip
+    if unchecked or not ran:
+        what = ", ".join(unchecked) if unchecked else "anything"
+        print(f"mmfuse verify: nothing was checked for {what} (see the skipped rows above)", file=sys.stderr)
+        return 1
     return 1 if bad else 0
 
 
@@ -371,6 +383,8 @@ def _writing(path: str, what: str = "write", *, any_error: bool = False) -> Iter
 
 def _check_output_dir(path: str, files: Sequence[str]) -> None:
     """Fail now if folder ``path`` cannot be created or the ``files`` in it cannot be written."""
+    if not path:
+        raise UsageError("mmfuse: --out needs a folder name, got an empty one")
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise UsageError(f"mmfuse: cannot use {path!r} as the output folder: it is not a directory")
@@ -424,6 +438,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _check_output_file(path)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"mmfuse: --plot writes a PNG: give a file name ending in .png, got {args.plot!r}")
+    if args.plot:
+        require("matplotlib")  # now, not after minutes of timing
     namespaces = list(dict.fromkeys(args.namespaces))
     scale = "verify" if args.quick else "bench"
     jobs = []
@@ -497,8 +513,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if args.plot:
         with _writing(args.plot):
-            _bench_plot(results, args.plot)
-        print(f"wrote {args.plot}")
+            wrote = _bench_plot(results, args.plot)
+        print(f"wrote {args.plot}" if wrote else f"no timings to plot, so {args.plot} was not written")
     errors = sum(str(r["status"]).startswith("error") for r in results)
     if errors:
         print(f"\n{errors} error(s)", file=sys.stderr)
@@ -518,7 +534,9 @@ def _speedup_note(have_baseline: bool) -> str:
     )
 
 
-def _bench_plot(results: list[dict[str, Any]], path: str) -> None:
+def _bench_plot(results: list[dict[str, Any]], path: str) -> bool:
+    """Draw the timed rows of ``results`` into the PNG ``path``; False (nothing written) when
+    no row was timed."""
     require("matplotlib")
     import matplotlib
 
@@ -526,6 +544,8 @@ def _bench_plot(results: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     done = [r for r in results if r.get("seconds")]
+    if not done:  # nothing was timed (every row skipped): no empty chart
+        return False
     ops = sorted({r["op"] for r in done})
     series = sorted({(r["backend"], r["namespace"]) for r in done})
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ops) + 2), 4.2), constrained_layout=True)
@@ -545,6 +565,7 @@ def _bench_plot(results: list[dict[str, Any]], path: str) -> None:
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 # --------------------------------------------------------------------------- demo
@@ -611,12 +632,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="time the ops across available backends, side by side")
-    p.add_argument("--ops", nargs="+", metavar="OP")
-    p.add_argument("--backends", nargs="+", metavar="BACKEND")
-    p.add_argument("--namespaces", nargs="+", default=["numpy", "torch"], choices=NAMESPACES)
+    p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to time (default all: {', '.join(OPS)})")
+    p.add_argument("--backends", nargs="+", metavar="BACKEND", help="backends to time (default: all)")
+    p.add_argument(
+        "--namespaces", nargs="+", default=["numpy", "torch"], choices=NAMESPACES,
+        help="array namespaces of the inputs (default: numpy torch)",
+    )  # fmt: skip
+    p.add_argument("--json", metavar="FILE", help="write the timings as JSON")
     p.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed calls per row (default 5)")
     p.add_argument("--quick", action="store_true", help="tiny problems (a smoke run)")
-    p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -646,6 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BackendUnsupported as exc:  # the configuration forces a backend the work cannot use
         print(f"mmfuse: {exc} (the backend in force: {_backend_in_force()})", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (``mmfuse info | head -1``): stop quietly, as the shell's own
+        # tools do, with their status (128 + SIGPIPE), never one of ours (1: a mismatch).
+        # stdout now points at devnull, so flushing it at exit raises nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _backend_in_force() -> str:

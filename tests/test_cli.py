@@ -447,8 +447,10 @@ def test_verify_catches_refusals_by_type_and_keeps_whole_words(monkeypatch, caps
 
     monkeypatch.setattr(mmfuse, "moments", refuse)
     argv = ["verify", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy", "--no-progress"]
-    assert _cli.main(argv) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("moments")]
+    assert _cli.main(argv) == 1  # a refusal is no failure, but a backend named and never checked is
+    captured = capsys.readouterr()
+    assert "nothing was checked for namespace numpy, backend array_api" in captured.err
+    lines = [line for line in captured.out.splitlines() if line.startswith("moments")]
     assert len(lines) == 2 and all(" n/a " in line for line in lines)
     detail = lines[0].split(" n/a ", 1)[1].strip()
     assert detail.endswith(" ...") and len(detail) <= 100
@@ -482,7 +484,8 @@ def test_verify_checks_every_installed_namespace_by_default(monkeypatch, capsys)
 
     def rows(ops, backends_wanted, namespaces, seed, progress):
         seen.append(namespaces)
-        return []
+        return [{"op": "moments", "backend": "array_api", "namespace": ns, "dtype": "float64", "status": "ok",
+                 "detail": ""} for ns in namespaces]  # fmt: skip
 
     monkeypatch.setattr(_cli, "verify_rows", rows)
     monkeypatch.setattr(_cli, "_installed", lambda ns: ns != "cupy")
@@ -631,3 +634,49 @@ def test_a_configured_backend_the_work_cannot_use_is_one_line_exit_2(monkeypatch
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("mmfuse: backend 'cupy' cannot run tensor_fusion") and "backend='cupy' from config_context" in err
+
+
+def test_verify_that_checked_nothing_fails(capsys):
+    """``verify --namespaces cupy`` without CuPy (or a backend that cannot run) printed
+    "0 passed" and exited 0: a machine whose GPU stack is broken passed its check."""
+    code = _cli.main(["verify", "--ops", "moments", "--namespaces", "cupy", "--no-progress"])
+    captured = capsys.readouterr()
+    if "cupy" in sys.modules or "ok" in captured.out.split("skipped")[0]:
+        pytest.skip("CuPy runs here")
+    assert code == 1
+    assert "nothing was checked for namespace cupy" in captured.err
+    code = _cli.main(["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api",
+                      "reference", "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err  # the reference is the oracle: never itself checked
+
+
+def test_a_closed_pipe_ends_quietly_with_the_shells_status():
+    """``mmfuse info | head -1`` printed a BrokenPipeError traceback and exited 1 (verify's
+    "mismatch" status); now nothing on stderr and 128 + SIGPIPE, as the shell's tools."""
+    script = (
+        "import os, sys\n"
+        "from mmfuse import _cli\n"
+        "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"  # a pipe whose reader is gone
+        "sys.exit(_cli.main(['info']))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 141, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_bench_plot_needs_matplotlib_before_timing(monkeypatch, tmp_path, capsys):
+    """It failed only after every row was timed (minutes at bench scale), and after the JSON."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "t.json"
+    code = _cli.main(["bench", "--quick", "--ops", "moments", "--plot", str(tmp_path / "p.png"),
+                      "--json", str(out), "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert "matplotlib is needed" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_demo_refuses_an_empty_output_folder_name(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["demo", "--quick", "--out", ""])
+    assert exc.value.code == 2
+    assert "--out needs a folder name" in capsys.readouterr().err
