@@ -21,18 +21,36 @@ _RTOL = {"float64": 1e-10, "float32": 2e-4, "float16": 2e-2, "bfloat16": 5e-2}
 _EXACT = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
 
+# torch's own aliases, where they differ from NumPy's reading of the same word ("float" is
+# float32 in torch, float64 in NumPy)
+_TORCH_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "cfloat": "complex64",
+                  "cdouble": "complex128", "long": "int64", "int": "int32", "short": "int16"}  # fmt: skip
+
+
 def _dtype_key(dtype: Any) -> str:
     """One name for a dtype however it is spelled: ``"float32"``, ``"torch.float32"``,
     ``np.float32``, ``np.dtype("float32")``, ``torch.float32``, ``jnp.float32``,
     ``array_api_strict.float32`` all give ``"float32"``; NumPy's own spellings too (``float``,
-    ``"f8"``, ``"double"``, ``"float"`` give ``"float64"``)."""
+    ``"f8"``, ``"double"``, ``"float"`` give ``"float64"``), and torch's aliases with their
+    prefix (``"torch.double"``: float64, ``"torch.half"``: float16, ``"torch.float"``:
+    float32).
+
+    Raises
+    ------
+    TypeError
+        For anything that names no dtype (``None``, ``"bogus"``), which would otherwise get
+        some tolerance silently.
+    """
     if isinstance(dtype, str):
-        if "." not in dtype:  # NumPy's string spellings ("f8", "double"); else a name as given
-            try:
-                return str(np.dtype(dtype).name)
-            except TypeError:
-                pass
-        return dtype.rsplit(".", 1)[-1]
+        prefix, _, name = dtype.rpartition(".")
+        if prefix == "torch" and name in _TORCH_ALIASES:
+            return _TORCH_ALIASES[name]
+        if name == "bfloat16":  # not a NumPy dtype
+            return name
+        try:  # NumPy's spellings ("f8", "double"), also after another namespace's prefix
+            return str(np.dtype(name).name)
+        except TypeError:
+            raise TypeError(f"dtype {dtype!r} names no dtype") from None
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(dtype, torch.dtype):
         return str(dtype).rsplit(".", 1)[-1]
@@ -44,7 +62,10 @@ def _dtype_key(dtype: Any) -> str:
         except TypeError:
             pass
     # array_api_strict's DType prints as "array_api_strict.float32"
-    return str(dtype).rsplit(".", 1)[-1]
+    name = str(dtype).rsplit(".", 1)[-1]
+    if dtype is None or (name not in _RTOL and name not in _EXACT and not name.startswith("complex")):
+        raise TypeError(f"dtype must be a dtype or its name, got {dtype!r}")
+    return name
 
 
 def default_rtol(dtype: Any) -> float:
@@ -52,7 +73,8 @@ def default_rtol(dtype: Any) -> float:
 
     ``dtype`` may be a dtype of any namespace (NumPy, torch, JAX, array_api_strict, ...), a
     NumPy scalar type such as ``np.float32``, or a name (``"float32"``, ``"torch.float32"``).
-    Integer and boolean dtypes get 0 (exact); unknown dtypes the float32 tolerance.
+    Integer and boolean dtypes get 0 (exact), other dtypes (complex) the float32 tolerance;
+    a TypeError for what names no dtype.
     """
     key = _dtype_key(dtype)
     if key in _EXACT:

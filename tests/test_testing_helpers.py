@@ -184,3 +184,22 @@ def test_make_inputs_refuses_arrays_over_max_elements_before_drawing():
         make_inputs([3, 4], batch=2, tokens=[2, 5], max_elements=39)
     assert rng.bit_generator.state == state
     assert [x.shape for x in make_inputs([3, 4], batch=2, tokens=[2, 5], max_elements=40)] == [(2, 2, 3), (2, 5, 4)]
+
+
+def test_torch_aliases_by_name_and_unknown_dtypes():
+    """"torch.double" got the float32 tolerance (a float64 check a million times looser),
+    "torch.half" too (a float16 check 100 times tighter), and "bogus" or None passed silently
+    with it; assert_close(dtype="torch.double") refused a float64 tensor."""
+    torch = pytest.importorskip("torch")
+    assert default_rtol("torch.double") == default_rtol(torch.double) == 1e-10
+    assert default_rtol("torch.half") == default_rtol(torch.half) == 2e-2
+    assert default_rtol("torch.float") == default_rtol(torch.float) == 2e-4  # torch's float is float32
+    assert default_rtol("float") == 1e-10  # NumPy's (and Python's) float is float64
+    assert default_rtol("torch.long") == 0.0
+    for bad in ("bogus", "torch.bogus", None):
+        with pytest.raises(TypeError, match="dtype"):
+            default_rtol(bad)
+    x = torch.asarray(_rng().standard_normal(4), dtype=torch.float64)
+    assert_close(x, x.numpy(), dtype="torch.double")
+    with pytest.raises(TypeError, match="names no dtype"):
+        assert_close(x, x.numpy(), dtype="bogus")
