@@ -79,6 +79,24 @@ def test_wander_layer_runs_the_custom_op(mode, op, blocked_paths):
     assert f"mmfuse.{op}.default" not in log.ops
 
 
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_wander_backward_with_a_column_major_mask(mode, blocked_paths):
+    """A padding mask built as (T, B) and transposed is column-major: the fused collapsed op's
+    backward viewed the masked token gradient (which takes the mask's strides) and raised
+    "view size is not compatible with input tensor's size and stride"."""
+    layer = _wander(mode)
+    masks = [k.t().contiguous().t() for k in _masks(3)]  # the same values, column-major
+    assert not masks[0].is_contiguous()
+    grads = []
+    for ks in (masks, [k.contiguous() for k in masks]):
+        xs = [x.requires_grad_() for x in _xs(3)]
+        layer.zero_grad(set_to_none=True)
+        layer(xs, masks=ks).square().sum().backward()
+        grads.append([x.grad for x in xs] + [p.grad for p in layer.parameters()])
+    for got, want in zip(*grads):
+        assert_close(got, want, rtol=1e-13)
+
+
 def test_wander_parity_init_never_trains_and_options():
     layer = _wander(init="parity")
     xs = _xs(2)

@@ -189,7 +189,9 @@ def _wander_grads_impl(
 
     def down_projection_grads(m: int, blk: slice, gh: torch.Tensor) -> None:
         # right after the fusion's dL/dH_m, while it is in cache (whole batch: one block)
-        gpre = _gelu_backward(gh.view(pres[m].shape), pres[m])
+        # reshape, not view: a masked gh takes the mask's strides (torch.where), and a mask
+        # built transposed, (T, B).T, is column-major
+        gpre = _gelu_backward(gh.reshape(pres[m].shape), pres[m])
         x = cast(xs[m], cdt)
         if need_x[m]:
             gx[m] = (gpre @ cast(weights[m], cdt).t()).view(x.shape)
