@@ -240,6 +240,23 @@ def _autocast_fusion(module: nn.Module, device_type: str, xs: Sequence[Any], *ar
         return torch.func.functional_call(module, params, (_autocast_cast(xs, dtype), *args))
 
 
+def _parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype all of ``module``'s parameters have, which its inputs must have; a TypeError
+    naming a parameter of another (one replaced through ``.data``, or by
+    ``load_state_dict(assign=True)``).  Asked where the layer plans a call (eager) and where it
+    is traced (compiled, which skips the functional API's own checks and would otherwise
+    compute in mixed dtypes: a float64 bias gave a float32 layer float64 outputs)."""
+    named = iter(module.named_parameters())
+    first_name, first = next(named)
+    for name, p in named:
+        if p.dtype != first.dtype:
+            raise TypeError(
+                f"{type(module).__name__}: parameter {name} has dtype {p.dtype} but {first_name} "
+                f"has {first.dtype}; give the layer one dtype (layer.to(dtype))"
+            )
+    return first.dtype
+
+
 def _entries(plist: nn.ParameterList) -> list[Any]:
     """``list(plist)``.  A layer reads its parameter lists on every call, and
     ``ParameterList``'s own iteration checks and looks up each index in Python (about 2 us
@@ -463,13 +480,13 @@ class LowRankFusion(_RankedFusion):
             return _autocast_fusion(self, device_type, xs, present)
         factors = _entries(self.factors)
         if _compiling():
-            xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
+            xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
             return _TORCH["lowrank_fusion"](
                 xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
             )
 
         def plan() -> Any:
-            checked = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
+            checked = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
             return _fusion.plan_lowrank(
                 checked, factors, self.weights, self.bias, self.append_one, present, None
             )
@@ -701,11 +718,11 @@ class CPFusion(_RankedFusion):
             return _autocast_fusion(self, device_type, xs, present)
         cp = (self.weights, list(self.factors))
         if _compiling():
-            xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
+            xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
             return _TORCH["cp_fusion"](xs, cp, self.bias, append_one=self.append_one, present=present)
 
         def plan() -> Any:
-            checked = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
+            checked = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
             return _fusion.plan_cp(checked, cp, self.bias, self.append_one, present, None)
 
         run = _layer_plan(self, (self.in_dims, self.append_one), (xs, present, cp, self.bias), plan)
@@ -919,7 +936,7 @@ class TensorFusion(nn.Module):
         if (device_type := _autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, xs)
         if _compiling():
-            xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
+            xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), None, type(self).__name__)
             # the functional API's size check (torch tensors: one sample's intermediates, as
             # the core blocks the batch; the batch may be symbolic)
             dims = tuple(self.weight.shape[:-1])
@@ -931,7 +948,7 @@ class TensorFusion(nn.Module):
             )
 
         def plan() -> Any:
-            checked = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
+            checked = _check_inputs(xs, self.in_dims, _parameter_dtype(self), None, type(self).__name__)
             return _fusion.plan_tensor(
                 checked, self.weight, self.bias, self.append_one, self.max_elements, None
             )
@@ -1234,7 +1251,7 @@ class WanderAdapter(nn.Module):
         params = self.params()
         name = type(self).__name__
         if _compiling():
-            dtype = self.down_weights[0].dtype
+            dtype = _parameter_dtype(self)
             xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, name)
             return _TORCH["wander"](
                 xs, params, mode=self.mode, masks=mask_list, activation=self.activation,
@@ -1244,7 +1261,7 @@ class WanderAdapter(nn.Module):
         def plan() -> Any:
             from ._sequence import plan_wander
 
-            dtype = self.down_weights[0].dtype
+            dtype = _parameter_dtype(self)
             checked, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, name)
             return plan_wander(checked, params, self.mode, mask_list, self.activation, self.residual, None)
 
@@ -1400,6 +1417,8 @@ class ZoomShift(nn.Module):
         if dtype is None:  # parameter-free: the inputs must share the first one's dtype
             first = xs[0] if isinstance(xs, (list, tuple)) and xs else None
             dtype = first.dtype if isinstance(first, torch.Tensor) else torch.get_default_dtype()
+            if not dtype.is_floating_point:  # (the functional API's check, which compiling skips)
+                raise TypeError(f"{type(self).__name__}: xs[0] must have a real floating dtype, got {dtype}")
             # a layer built without a dtype has none that layer.to could change
             source, remedy = "xs[0] has dtype", "cast the inputs to one dtype"
         dims = (self.channels,) * self.num_modalities

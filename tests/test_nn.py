@@ -294,3 +294,45 @@ def test_constructor_errors():
         LowRankFusion(5, 4, 2)
     with pytest.raises(ValueError, match=r"TensorFusion: weight of shape \(101, 101, 101, 200\) has 206060200 elements, over max_elements=134217728"):
         TensorFusion((100, 100, 100), 200)
+
+
+def _mixed_dtype_layers():
+    from mmfuse.nn import WanderAdapter
+
+    lowrank = LowRankFusion([3, 2], 4, 2)
+    lowrank.bias.data = lowrank.bias.data.double()
+    cp = CPFusion([3, 2], 4, 2)
+    cp.factors[-1].data = cp.factors[-1].data.half()
+    tensor = TensorFusion([3, 2], 4)
+    tensor.bias.data = tensor.bias.data.double()
+    wander = WanderAdapter([4, 4], [3, 3], 3, 2, 2, mode="collapsed")
+    wander.token_factors[0].data = wander.token_factors[0].data.double()
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    flat = [torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)]
+    seq = [torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)]
+    return [(lowrank, flat, "bias"), (cp, flat, "factors.2"), (tensor, flat, "bias"), (wander, seq, "token_factors.0")]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_parameter_of_another_dtype_is_refused_eager_and_compiled(compiled):
+    """A parameter replaced by one of another dtype (``.data``, ``load_state_dict(assign=True)``)
+    was refused by eager calls with advice to cast the inputs, and accepted by compiled ones,
+    which computed in mixed dtypes (a float64 bias gave TensorFusion float64 outputs)."""
+    for layer, xs, name in _mixed_dtype_layers():
+        run = torch.compile(layer, backend="eager") if compiled else layer
+        with pytest.raises(TypeError, match=rf"{type(layer).__name__}: parameter {name} has dtype .*layer\.to\(dtype\)"):
+            run(xs)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_zoomshift_without_dtype_refuses_complex_and_integer_inputs(compiled):
+    from mmfuse.nn import ZoomShift
+
+    layer = ZoomShift(3, 2)
+    run = torch.compile(layer, backend="eager") if compiled else layer
+    for dtype in (torch.complex64, torch.int64):
+        xs = [torch.ones(2, 4, 3, dtype=dtype), torch.ones(2, 5, 3, dtype=dtype)]
+        with pytest.raises(TypeError, match="ZoomShift: xs\\[0\\] must have a real floating dtype"):
+            run(xs)
+    torch._dynamo.reset()
