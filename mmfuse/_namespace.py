@@ -283,10 +283,37 @@ def mask_tokens(xp: Namespace, x: Array, mask: Array | None) -> Array:
     return xp.where(xp.reshape(mask, (*mask.shape, *(1,) * (x.ndim - mask.ndim))), x, zero)
 
 
+def is_host_device(device: Any) -> bool:
+    """Whether ``device`` names the CPU however spelt: ``"cpu"`` (any case), ``"cpu:0"``,
+    ``torch.device("cpu")``, a JAX CPU device, array_api_strict's ``CPU_DEVICE``."""
+    if isinstance(device, str):
+        return device.lower() in ("cpu", "cpu:0")
+    if getattr(device, "type", None) == "cpu":  # torch.device: the CPU is one device
+        return getattr(device, "index", None) in (None, 0)
+    if getattr(device, "platform", None) == "cpu":  # JAX
+        return True
+    return repr(device).endswith("('CPU_DEVICE')")  # array_api_strict
+
+
 def check_host_device(device: Any) -> None:
-    """NumPy arrays live on the CPU: refuse any other ``device`` (None and "cpu" pass)."""
-    if device is not None and device != "cpu":
+    """NumPy arrays live on the CPU: refuse any other ``device`` (None and the CPU pass)."""
+    if device is not None and not is_host_device(device):
         raise ValueError(f"device={device!r}: NumPy arrays live on the CPU only; pass another xp")
+
+
+def _host_device_of(xp: Namespace, device: Any) -> Any:
+    """The string ``"cpu"`` as namespace ``xp``'s own CPU device where it has one under another
+    name (a JAX CPU device, whatever the default backend; array_api_strict's ``CPU_DEVICE``),
+    so that ``device="cpu"`` means the CPU in every namespace; anything else unchanged."""
+    if not (isinstance(device, str) and is_host_device(device)) or is_torch(xp) or is_dask(xp):
+        return device
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is None:
+        return device
+    for candidate in info().devices():
+        if is_host_device(candidate):
+            return candidate
+    return device  # no CPU device (CuPy): the namespace's own error names it
 
 
 def work_dtype(xp: Namespace, dtype: Any) -> Any:
@@ -447,7 +474,7 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
         import array_api_compat.cupy as xp
     elif is_dask(xp):  # dask.array's too (xp=dask.array passed by a user)
         import array_api_compat.dask.array as xp
-    return xp.asarray(a, dtype=dtype, device=device)
+    return xp.asarray(a, dtype=dtype, device=_host_device_of(xp, device))
 
 
 def tree_map(func: Callable[[Any], Any], obj: Any) -> Any:

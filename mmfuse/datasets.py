@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._namespace import from_numpy, is_jax, is_numpy, is_torch
+from ._namespace import from_numpy, is_host_device, is_jax, is_numpy, is_torch
 from ._validation import check_bool_option, check_device, check_namespace, random_generator
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
@@ -151,7 +151,7 @@ def resolve_dtype(xp: Namespace | None, dtype: Any) -> Any:
     ------
     TypeError
         Naming ``dtype``, if it is not one of the namespace's real floating dtypes (or the
-        name of one).
+        name of one), or is float64 under JAX without its 64-bit mode (JAX would truncate it).
     """
     if xp is None or is_numpy(xp):
         try:
@@ -174,6 +174,14 @@ def resolve_dtype(xp: Namespace | None, dtype: Any) -> Any:
         dtype = getattr(xp, dtype)
     if not _is_real_floating(xp, dtype):
         raise TypeError(f"dtype must be a real floating dtype of {name}, got {dtype!r}")
+    if is_jax(xp):
+        import jax
+
+        if jax.dtypes.canonicalize_dtype(dtype) != np.dtype(dtype):  # JAX would truncate it
+            raise TypeError(
+                f"dtype {np.dtype(dtype).name} needs JAX's 64-bit mode, which is off "
+                "(jax.config.update('jax_enable_x64', True)); or ask for float32"
+            )
     return dtype
 
 
@@ -214,7 +222,7 @@ def _finish(
     check_bool_option("shuffle", shuffle)  # "no" or NaN would be truthy: a shuffle nobody asked for
     if xp is not None:
         check_namespace(xp)
-    if xp is None and device is not None and device != "cpu":
+    if xp is None and device is not None and not is_host_device(device):
         raise ValueError(f"device={device!r} needs an array namespace: pass xp= as well")
     if xp is not None:
         check_device(xp, device)  # before the shuffle draws from a caller's Generator
@@ -222,9 +230,10 @@ def _finish(
     rows = np.arange(target.shape[0])
     if split is not None:
         rows = rows[is_train] if split == "train" else rows[~is_train]
+    rng = random_generator(seed)  # checked even unused: a bad seed is an error, not ignored
     if shuffle:
         # A local Generator: the global NumPy RNG is neither read nor advanced.
-        rows = rows[random_generator(seed).permutation(rows.size)]
+        rows = rows[rng.permutation(rows.size)]
 
     def take(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a[rows])

@@ -118,6 +118,8 @@ def _same_device(actual: Any, want: Any) -> bool:
             want_t = torch.device(want)
         except RuntimeError:
             return False
+        if got.type == want_t.type == "cpu":  # torch's CPU is one device: "cpu" and "cpu:0"
+            return True
         return str(got) == str(want_t) or (want_t.index is None and got.type == want_t.type)
     try:
         if got == want:
@@ -272,7 +274,8 @@ def make_inputs(
     xp : array namespace, optional
         Namespace of the returned arrays; NumPy when None.
     dtype : dtype or str, optional
-        A real floating dtype of ``xp`` (or its name); float64 when None.
+        A real floating dtype of ``xp`` (or its name); float64 when None (under JAX without
+        its 64-bit mode float32, and float64 is refused there: JAX would truncate it).
     device : optional
         Device of the returned arrays in ``xp``; NumPy arrays only live on the CPU.
     tokens : sequence of int, optional

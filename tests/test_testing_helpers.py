@@ -203,3 +203,50 @@ def test_torch_aliases_by_name_and_unknown_dtypes():
     assert_close(x, x.numpy(), dtype="torch.double")
     with pytest.raises(TypeError, match="names no dtype"):
         assert_close(x, x.numpy(), dtype="bogus")
+
+
+def test_the_cpu_by_any_name_in_every_namespace():
+    """``device="cpu"`` means the CPU everywhere: JAX (whose asarray wanted a Device) and
+    array_api_strict (whose CPU is "CPU_DEVICE") refused it in make_inputs and the loaders;
+    torch's "cpu:0" failed assert_close against a tensor on "cpu"; the loaders without xp
+    refused torch.device("cpu")."""
+    import mmfuse.datasets as ds
+
+    torch = pytest.importorskip("torch")
+    xps = pytest.importorskip("array_api_strict")
+    x = make_inputs([3], batch=2, xp=xps, device="cpu", seed=1)[0]
+    assert_close(x, make_inputs([3], batch=2, seed=1)[0], device="cpu")
+    t = make_inputs([3], batch=2, xp=torch, device="cpu:0", seed=1)[0]
+    for dev in ("cpu:0", torch.device("cpu", 0), "cpu"):
+        assert_close(t, np.asarray(t), device=dev)
+    assert isinstance(make_inputs([3], batch=2, device=torch.device("cpu"))[0], np.ndarray)
+    assert ds.load_basic_motions(device=torch.device("cpu")).n_samples == 80
+    jax = pytest.importorskip("jax")
+    y = ds.load_basic_motions(xp=jax.numpy, device="cpu", dtype="float32").views[0]
+    assert {d.platform for d in y.devices()} == {"cpu"}
+
+
+def test_jax_float64_without_x64_is_refused_by_name():
+    """Asking for float64 under JAX's default 32-bit mode gave float32 arrays and one warning
+    per array; it names the mode now."""
+    import mmfuse.datasets as ds
+
+    jax = pytest.importorskip("jax")
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        for call in (lambda: ds.load_mfeat(xp=jax.numpy, dtype="float64"),
+                     lambda: make_inputs([3], batch=2, xp=jax.numpy, dtype=jax.numpy.float64)):  # fmt: skip
+            with pytest.raises(TypeError, match="float64 needs JAX's 64-bit mode"):
+                call()
+        assert make_inputs([3], batch=2, xp=jax.numpy)[0].dtype == jax.numpy.float32
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def test_loaders_check_the_seed_without_shuffling():
+    import mmfuse.datasets as ds
+
+    with pytest.raises(TypeError, match="seed"):
+        ds.load_mfeat(seed="a")
+    assert ds.load_mfeat(seed=3).n_samples == 2000

@@ -374,8 +374,11 @@ def test_verify_says_when_a_named_backend_cannot_run(monkeypatch, capsys):
             "--no-progress",
         ]
     )
-    out = capsys.readouterr().out
-    assert code == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    # the row says why; the status says the check asked for did not happen (it was 0 before)
+    assert code == 1
+    assert "nothing was checked for backend cupy" in captured.err
     lines = [line for line in out.splitlines() if line.startswith("moments")]
     assert any("cupy" in line and "skipped" in line and "no CuPy in this test" in line for line in lines)
     assert sum("array_api" in line and " ok " in line for line in lines) == 2
