@@ -826,7 +826,10 @@ def _cpu_lanes(x: Any, ax: int) -> Any:
     """x as a C-contiguous float32/float64 (B', T, C') array (a view when it already is one)."""
     import numpy as np
 
-    dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+    # by kind and size, not dtype equality: a non-native byte order (">f8") is no float64 to
+    # ==, and would be computed in float32; it is converted to the native dtype of its width
+    wide = x.dtype.kind == "f" and x.dtype.itemsize == 8
+    dtype = np.dtype(np.float64) if wide else np.dtype(np.float32)
     return _lane_view(np.ascontiguousarray(x, dtype=dtype), ax)
 
 
