@@ -6,6 +6,8 @@ double backward), in float64."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -179,3 +181,27 @@ def test_vmap_over_batched_masks():
     for i in range(3):
         torch.testing.assert_close(got[i], mmfuse.zoom_shift(x[i], g[i], mask=m[i]))
         torch.testing.assert_close(aligned[i], mmfuse.align([x[i], g[i]], masks=[m[i], None])[0])
+
+
+def test_generic_align_compiles_with_dynamic_shapes():
+    """align / zoom_shift_fusion with backend="array_api" under torch.compile: a second call
+    with another token count (dynamic shapes) failed in the block-size check, which read
+    ``nbytes`` ("Cannot call numel() on tensor with symbolic sizes")."""
+    import mmfuse
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ()).item()))
+
+    def call(a, b):
+        return mmfuse.align([a, b], backend="array_api")[0], mmfuse.zoom_shift_fusion([a, b], backend="array_api")
+
+    compiled = torch.compile(call, backend="eager")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Dynamo's notes on the public functions' graph breaks
+            for t in (6, 9, 11):
+                a = torch.randn(2, t, 3, generator=g, dtype=torch.float64)
+                b = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+                for got, want in zip(compiled(a, b), call(a, b)):
+                    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    finally:
+        torch._dynamo.reset()

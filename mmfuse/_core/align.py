@@ -120,7 +120,13 @@ def _workers(x: Any, n_blocks: int) -> int:
 def _one_block(x: Any) -> bool:
     """True when x has at most :data:`_BLOCK_BYTES` (False where its size is not a known
     Python int: Dask's unknown chunks, traced shapes)."""
-    n = getattr(x, "nbytes", None)
+    torch = sys.modules.get("torch")  # isinstance, not is_torch(xp): Dynamo traces this line
+    if torch is not None and isinstance(x, torch.Tensor):
+        # not nbytes: under torch.compile with dynamic shapes it raises ("Cannot call numel()
+        # on tensor with symbolic sizes"), where numel() gives a symbolic int
+        n: Any = x.numel() * x.element_size()
+    else:
+        n = getattr(x, "nbytes", None)
     return type(n) is int and n <= _BLOCK_BYTES
 
 
