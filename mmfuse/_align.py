@@ -909,7 +909,9 @@ def zoom_shift_fusion(
     bound.apply_defaults()
     opts = bound.arguments
     masks, axis = opts["masks"], opts["axis"]
-    if masks is not None and not isinstance(axis, bool) and axis in (-1, 2):
+    # (a list of Nones masks nothing: no reason to refuse another axis)
+    masked = masks is not None and not (isinstance(masks, (list, tuple)) and all(k is None for k in masks))
+    if masked and not isinstance(axis, bool) and axis in (-1, 2):
         raise ValueError(
             "zoom_shift_fusion: masks are token masks (B, T_m) and need the default axis=-2; "
             f"got axis={axis}"

@@ -523,3 +523,14 @@ def test_moments_backend_keyword_selects_the_implementation():
     assert_close(std, want_std)
     with pytest.raises(ValueError, match=r"backend must be one of"):
         mmfuse.moments(x, backend="fast")
+
+
+def test_zoom_shift_fusion_masks_of_none_leave_any_axis_allowed(rng):
+    """masks=[None, None] masks nothing, yet was refused with axis=-1 ("masks are token masks
+    and need the default axis=-2"); a real mask still is."""
+    xs = [rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 3)) + 1.0]
+    np.testing.assert_array_equal(
+        mmfuse.zoom_shift_fusion(xs, masks=[None, None], axis=-1), mmfuse.zoom_shift_fusion(xs, axis=-1)
+    )
+    with pytest.raises(ValueError, match="need the default axis=-2"):
+        mmfuse.zoom_shift_fusion(xs, masks=[np.ones((2, 5), bool), None], axis=-1)
