@@ -442,7 +442,9 @@ def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
         return np.array(x, dtype=dtype, copy=True)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
+        # the negative and conjugate bits resolved: DLPack exports the raw memory without them
+        # (a torch._neg_view tensor came back negated)
+        x = x.detach().cpu().resolve_neg().resolve_conj()
         if x.dtype == torch.bfloat16:  # neither DLPack to NumPy nor __array__ take bfloat16
             x = x.float()
     elif array_api_compat.is_cupy_array(x):

@@ -555,3 +555,24 @@ def test_float16_fusions_accumulate_in_float32(namespace, backend):
     for out in (low, cpo):
         assert str(out.dtype).endswith("float16")
         assert abs(float(out[0, 0]) - 90.0) < 0.1
+
+
+def test_cp_to_lowrank_returns_new_weights(rng):
+    """cp_to_lowrank returned the caller's weights object itself: a write to the output
+    changed the CP input, a read-only input gave a read-only output; on torch, under no_grad,
+    the output still required grad."""
+    w = rng.standard_normal(3)
+    factors = [rng.standard_normal((4, 3)), rng.standard_normal((5, 3)), rng.standard_normal((2, 3))]
+    kept = w.copy()
+    _, got = mmfuse.cp_to_lowrank((w, factors))
+    assert not np.shares_memory(got, w)
+    got *= 2.0
+    np.testing.assert_array_equal(w, kept)
+    torch = pytest.importorskip("torch")
+    tw = torch.asarray(kept).requires_grad_()
+    with torch.no_grad():
+        _, tgot = mmfuse.cp_to_lowrank((tw, [torch.asarray(f) for f in factors]))
+    assert not tgot.requires_grad and torch.equal(tgot, tw.detach())
+    _, tgrad = mmfuse.cp_to_lowrank((tw, [torch.asarray(f) for f in factors]))
+    tgrad.sum().backward()  # autograd flows through the new array
+    assert torch.equal(tw.grad, torch.ones_like(tw))

@@ -250,3 +250,20 @@ def test_loaders_check_the_seed_without_shuffling():
     with pytest.raises(TypeError, match="seed"):
         ds.load_mfeat(seed="a")
     assert ds.load_mfeat(seed=3).n_samples == 2000
+
+
+def test_tensors_with_the_negative_bit_are_read_with_their_sign():
+    """DLPack exports a ``torch._neg_view`` tensor's raw memory without its negative bit:
+    ``backend="reference"`` computed on the negated values and ``assert_close`` failed equal
+    tensors (and passed opposite ones)."""
+    torch = pytest.importorskip("torch")
+    import mmfuse
+
+    x = torch.asarray(_rng().standard_normal((2, 5, 3)) + 3.0)
+    n = torch._neg_view(-x)
+    assert n.is_neg() and torch.equal(n, x)
+    assert_close(n, x)
+    with pytest.raises(AssertionError, match="differ"):
+        assert_close(n, -x)
+    for got, want in zip(mmfuse.moments(n, backend="reference"), mmfuse.moments(x, backend="reference")):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

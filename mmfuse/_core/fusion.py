@@ -520,6 +520,11 @@ def cp_to_lowrank(cp: tuple[Any, list[Any]]) -> tuple[list[Any], Any]:
             lowrank.append(a_t * ones)
     if weights is None:
         weights = xp.ones((out_factor.shape[1],), dtype=out_factor.dtype, device=device_of(out_factor))
+    else:
+        # a new array, as every other output (the caller's own was returned: a write to it
+        # changed the CP input); a product, not a copy call, so that autograd flows through
+        # it and none is recorded under no_grad, in every namespace; exact (x 1)
+        weights = weights * 1
     return lowrank, weights
 
 
