@@ -1377,6 +1377,7 @@ class ZoomShift(nn.Module):
             f"channels={self.channels}, num_modalities={self.num_modalities}, fuse={self.fuse!r}, "
             f"pool={self.pool!r}, rounds={self.rounds}, alpha={self.alpha}, "
             f"schedule={self.schedule!r}, topology={self.topology!r}, hub={self.hub}, eps={self.eps}"
+            + ("" if self.dtype is None else f", dtype={self.dtype}")  # parameter-free: shown nowhere else
         )
 
     def forward(self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None) -> Any:

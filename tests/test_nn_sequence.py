@@ -368,3 +368,10 @@ def test_compile_fullgraph(name):
     gg = torch.autograd.grad(got.square().sum(), leaves)
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a, b)
+
+
+def test_zoom_shift_repr_shows_its_dtype():
+    """A ZoomShift built with a dtype checks inputs against it, but it has no parameter that
+    would show it: its repr said nothing of it."""
+    assert "dtype" not in repr(ZoomShift(3, 2))
+    assert repr(ZoomShift(3, 2, dtype=torch.float64)).endswith("eps=1e-05, dtype=torch.float64)")
