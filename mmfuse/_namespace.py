@@ -307,6 +307,10 @@ def _host_device_of(xp: Namespace, device: Any) -> Any:
     so that ``device="cpu"`` means the CPU in every namespace; anything else unchanged."""
     if not (isinstance(device, str) and is_host_device(device)) or is_torch(xp) or is_dask(xp):
         return device
+    if is_jax(xp):  # its info() lists the default backend's devices only (a GPU machine: no CPU)
+        import jax
+
+        return jax.devices("cpu")[0]
     info = getattr(xp, "__array_namespace_info__", None)
     if info is None:
         return device
