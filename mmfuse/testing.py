@@ -10,7 +10,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._namespace import array_namespace, device_of, namespace_name, to_numpy
+from ._namespace import array_namespace, device_of, is_host_device, namespace_name, to_numpy
 
 __all__ = ["assert_close", "default_rtol", "make_inputs"]
 
@@ -118,7 +118,7 @@ def _same_device(actual: Any, want: Any) -> bool:
             want_t = torch.device(want)
         except RuntimeError:
             return False
-        if got.type == want_t.type == "cpu":  # torch's CPU is one device: "cpu" and "cpu:0"
+        if is_host_device(got) and is_host_device(want_t):  # torch's CPU is one device: "cpu", "cpu:0"
             return True
         return str(got) == str(want_t) or (want_t.index is None and got.type == want_t.type)
     try:
@@ -126,12 +126,7 @@ def _same_device(actual: Any, want: Any) -> bool:
             return True
     except Exception:
         pass
-    if torch is not None and isinstance(want, torch.device):
-        want = str(want)
-    if isinstance(want, str) and want.lower() == "cpu":
-        platform = getattr(got, "platform", None)  # JAX devices
-        return got == "cpu" or platform == "cpu" or repr(got).endswith("('CPU_DEVICE')")
-    return False
+    return is_host_device(want) and is_host_device(got)
 
 
 def _where(shape: tuple[int, ...], flat: int) -> str:
