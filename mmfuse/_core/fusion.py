@@ -13,6 +13,8 @@ import sys
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from .._namespace import (
     array_namespace,
     block_budget,
@@ -87,6 +89,10 @@ def affine(x: Any, mat: Any, append_one: bool) -> Any:
     if not append_one:
         return x @ mat
     d = x.shape[-1]
+    if type(x) is np.ndarray:  # the common tiny call first: one type comparison, no torch check
+        out = x @ mat[..., :d, :]
+        out += mat[..., d : d + 1, :]  # the product's own buffer (x and mat are never written)
+        return out
     torch = sys.modules.get("torch")  # isinstance, not is_torch(xp): Dynamo traces this line
     if torch is not None and isinstance(x, torch.Tensor) and mat.ndim in (2, 3) and x.ndim <= mat.ndim:
         # Delegation: torch's addmm / baddbmm add the constant row inside the product, one
@@ -231,8 +237,6 @@ class _NumPyRun:
     def __init__(
         self, xp: Any, xs: list[Any], mats: list[Any], rank: int, out_dim: int, append_one: bool
     ) -> None:
-        import numpy as np
-
         batch = xs[0].shape[0]
         dtype = np.result_type(*xs, *mats)
         width = rank * out_dim
@@ -254,8 +258,6 @@ class _NumPyRun:
         ]
 
     def project(self, m: int, blk: slice, feats: Any, mat: Any) -> Any:
-        import numpy as np
-
         n = blk.stop - blk.start
         d = feats.shape[1]
         target = self.acc[:n] if m == 0 else self.proj[:n]
@@ -275,8 +277,6 @@ class _NumPyRun:
         return acc
 
     def rank_sum(self, blk: slice, acc: Any) -> None:
-        import numpy as np
-
         if self.summer is not None:
             np.matmul(acc, self.summer, out=self.out[blk])
         else:
@@ -441,8 +441,6 @@ def _add_row(target: Any, row: Any) -> None:
     Adding a short row to every row of a narrow block is a slow NumPy loop (w iterations
     inside n); viewed as (n / k, k w) with the row tiled k times it is one long vectorised add.
     """
-    import numpy as np
-
     n, width = target.shape
     k = max(1, 256 // width)
     if k > 1 and n % k == 0:
