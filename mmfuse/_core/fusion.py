@@ -307,6 +307,8 @@ def rank_major_projections(
 ) -> list[Any]:
     """Every modality's projections ``[x_m, 1] @ F_m`` as one broadcast product each, in the
     paper's rank-major layout (R, B, h), absent samples' features zeroed."""
+    if present is None:  # every sample has every modality (the common call, kept short)
+        return [affine(x, f, append_one) for x, f in zip(xs, factors)]
     return [
         affine(mask_absent(xp, x, present, m), f, append_one) for m, (x, f) in enumerate(zip(xs, factors))
     ]
@@ -331,8 +333,12 @@ def lowrank_whole_batch(
     small problems (:func:`whole_batch`), where each operation's fixed cost dominates."""
     projections = rank_major_projections(xp, xs, factors, append_one, present)
     acc = projections[0]
+    in_place = type(acc) is np.ndarray  # NumPy: acc is this function's own array
     for proj in projections[1:]:
-        acc = acc * proj
+        if in_place:
+            acc *= proj
+        else:
+            acc = acc * proj
     return rank_sum(xp, acc, weights, bias)
 
 
@@ -473,9 +479,23 @@ def cp_fusion(
     out_factor = factors[-1]
     prod = None
     for m, (x, a) in enumerate(zip(xs, factors[:-1])):
-        proj = affine(mask_absent(xp, x, present, m), a, append_one)
-        prod = proj if prod is None else prod * proj
+        proj = affine(x if present is None else mask_absent(xp, x, present, m), a, append_one)
+        if prod is None:
+            prod = proj
+        elif type(prod) is np.ndarray:  # this function's own array: in place
+            prod *= proj
+        else:
+            prod = prod * proj
     assert prod is not None
+    if type(prod) is np.ndarray:
+        # NumPy: prod is this function's own array, so the weights and the bias go in place
+        # (the same operations; at tiny sizes each allocation is a tenth of a microsecond)
+        if weights is not None:
+            prod *= weights
+        y = prod @ out_factor.T
+        if bias is not None:
+            y += bias
+        return y
     if weights is not None:
         prod = prod * weights
     torch = sys.modules.get("torch")
