@@ -80,6 +80,11 @@ def any_requires_grad(args: Sequence[Any]) -> bool:
     """True when a tensor among the arguments (or in a list or tuple argument) requires grad:
     the question :func:`_flatten` would answer, without building the spec."""
     for arg in args:
+        kind = type(arg)
+        if kind is float or kind is int or arg is None:
+            # the ops' options and absent masks, skipped by type: the isinstance tests below
+            # cost about 0.15 us per argument (a fifth of a tiny op's dispatch)
+            continue
         if isinstance(arg, torch.Tensor):
             if arg.requires_grad:
                 return True
