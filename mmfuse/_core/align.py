@@ -39,6 +39,8 @@ import sys
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .._namespace import (
     array_namespace,
     block_slices,
@@ -120,6 +122,8 @@ def _workers(x: Any, n_blocks: int) -> int:
 def _one_block(x: Any) -> bool:
     """True when x has at most :data:`_BLOCK_BYTES` (False where its size is not a known
     Python int: Dask's unknown chunks, traced shapes)."""
+    if type(x) is np.ndarray:  # the NumPy path's own arrays first: one type comparison
+        return bool(x.nbytes <= _BLOCK_BYTES)
     torch = sys.modules.get("torch")  # isinstance, not is_torch(xp): Dynamo traces this line
     if torch is not None and isinstance(x, torch.Tensor):
         # not nbytes: under torch.compile with dynamic shapes it raises ("Cannot call numel()
@@ -226,8 +230,6 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
 
 def _stats_numpy(x: Any, axis: int, mask: Any) -> Stats:
     """Blocked statistics: each batch block is read from memory once, then reduced in cache."""
-    import numpy as np
-
     if _one_block(x):  # one block, on this thread: no block bookkeeping
         scratch = None if mask is None else np.empty(x.shape, dtype=x.dtype)
         return _block_stats(x, axis, mask, None, scratch)
@@ -259,8 +261,6 @@ def _constant(dtype: Any, value: int) -> Any:
     key = (dtype, value)
     c = _CONSTANTS.get(key)
     if c is None:
-        import numpy as np
-
         if len(_CONSTANTS) >= 256:  # token counts: a few per workload, but never unbounded
             _CONSTANTS.clear()
         c = np.array(value, dtype=dtype)
@@ -277,10 +277,13 @@ def _square_sum(ndim: int, axis: int) -> str:
 
 
 def _block_stats(
-    xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple[Any, ...] | None = None
-) -> Stats:
+    xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple[Any, ...] | None = None,
+    with_mean: bool = True,
+) -> Stats:  # fmt: skip
     """Statistics of one block into ``outs = (mean, var, pivot, corr)``, returned as
-    :class:`Stats` with ``dev``; None (for ``outs`` or ``dev``): new arrays.
+    :class:`Stats` with ``dev``; None (for ``outs`` or ``dev``): new arrays.  Without
+    ``with_mean`` the mean (``pivot + corr``) is left out (None; ``outs[0]`` not written):
+    a full step's map about the pivot does not use x's own mean.
 
     The shifted algorithm of :func:`_stats` (section comment above), all but the first sum
     reading the block from cache.  ``dev`` receives ``x - pivot`` for every token (masked ones
@@ -291,8 +294,6 @@ def _block_stats(
     arguments positionally: at small sizes a separate ``np.empty`` per output and a call's
     keyword parsing are a tenth of the statistics' time.
     """
-    import numpy as np
-
     mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
     # Sums by np.add.reduce(array, axis, dtype, out, keepdims), not np.sum: the same reduction
     # without np.sum's Python layer (about 3 us a call, the cost of the whole sum at small
@@ -331,7 +332,7 @@ def _block_stats(
     np.subtract(var, np.multiply(corr, corr), var)
     # rounding can go below 0; NaN stays (out= by keyword: NumPy deprecates it positional here)
     np.maximum(var, _constant(xb.dtype, 0), out=var)
-    return Stats(np.add(piv, corr, mean_o), var, piv, corr, dev)
+    return Stats(np.add(piv, corr, mean_o) if with_mean else None, var, piv, corr, dev)
 
 
 # --------------------------------------------------------------------------- the map rules
@@ -374,7 +375,6 @@ def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
     which would take NaN for it and return finite values computed without the NaN.
     """
     live = sigma != 0
-    np = sys.modules["numpy"]  # imported by mmfuse itself
     if type(sigma) is type(target) is np.ndarray and sigma.shape == target.shape:
         # Delegation: NumPy's divide fills the no-spread lanes with 1 in the same call
         # (``where=``, into a ones buffer), where the generic form's two ``where`` with a
@@ -486,8 +486,6 @@ NUMPY = NumPyPrimitives()
 
 
 def _apply_numpy(x: Any, scale: Any, offset: Any, pivot: Any = None) -> Any:
-    import numpy as np
-
     out = np.empty(x.shape, dtype=x.dtype)
 
     def work(blocks: list[slice]) -> None:
@@ -511,8 +509,6 @@ def _zoom_shift_numpy(
     ``out`` first holds ``x - pivot`` (the centred values the variance needs), and is then
     scaled and shifted in place by :func:`zoom_shift_map`'s rule.
     """
-    import numpy as np
-
     out = np.empty(x.shape, dtype=x.dtype)
     if _one_block(x):  # one block, on this thread: no block bookkeeping
         scratch = None if mask is None else np.empty(x.shape, dtype=x.dtype)
@@ -542,8 +538,9 @@ def _zoom_shift_block(
 ) -> None:  # fmt: skip
     """One block: its statistics (``ob`` receiving ``x - pivot``), then :func:`zoom_shift_map`'s
     map applied to ``ob`` in place."""
-    st = _block_stats(xb, axis, mb, ob, masked, outs)
-    s, offset = zoom_shift_map(sys.modules["numpy"], st, g_mean, g_sigma, alpha, eps)
+    # x's own mean enters the map only for a partial step (_target_mean)
+    st = _block_stats(xb, axis, mb, ob, masked, outs, alpha != 1.0)
+    s, offset = zoom_shift_map(np, st, g_mean, g_sigma, alpha, eps)
     ob *= s
     ob += offset
 
