@@ -5,8 +5,9 @@ The forward is the Array-API core's algorithm (:func:`mmfuse._core.align.align`:
 once per modality, the rounds or their limit on the (B, 1, C) statistics alone, one affine map
 per modality, applied about each modality's pivot), run without autograd: on CPU float32 /
 float64 tensors (contiguous, masks on the CPU) over the core's NumPy primitives on NumPy views
-of their memory (:func:`mmfuse._core.align.align_numpy`; why, and what it measured, in
-:mod:`mmfuse.backends.torch.zoom_shift`'s docstring), elsewhere in torch operations.
+of their memory (:func:`mmfuse._core.align.align_with` with ``NUMPY``; why, and what it
+measured, in :mod:`mmfuse.backends.torch.zoom_shift`'s docstring), elsewhere in torch
+operations.
 
 What the backward of ``align`` saves, and why
 ----------------------------------------------
@@ -98,7 +99,7 @@ from typing import Any
 
 import torch
 
-from ..._core.align import GENERIC, _round_maps, align_numpy
+from ..._core.align import GENERIC, NUMPY, _round_maps, align_with
 from ..._core.align import align as _core_align
 from ..._namespace import torch_namespace
 from .._torch_eager import bind
@@ -122,9 +123,9 @@ def _align_forward(
     eps: float,
 ) -> list[torch.Tensor]:
     if on_host(xs, masks):
-        ys = align_numpy(
-            [host_view(x) for x in xs], rounds=rounds, alpha=alpha, schedule=schedule, topology=topology,
-            hub=hub, axis=axis, masks=[host_view(k) for k in masks], eps=eps,
+        ys = align_with(
+            NUMPY, [host_view(x) for x in xs], rounds=rounds, alpha=alpha, schedule=schedule,
+            topology=topology, hub=hub, axis=axis, masks=[host_view(k) for k in masks], eps=eps,
         )  # fmt: skip
         return [torch.from_numpy(y) for y in ys]  # new arrays: the primitives never write an input
     return _core_align(
