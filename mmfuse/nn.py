@@ -1598,10 +1598,7 @@ class GuidedZoomShift(nn.Module):
             got = getattr(self, name)
             if tuple(got.shape) != want:
                 raise ValueError(f"{layer}: {name} must have shape {layout} = {want}, got {_fmt(got.shape)}")
-        if self.bias.dtype != self.weight.dtype:
-            raise TypeError(
-                f"{layer}: bias has dtype {self.bias.dtype} but weight has dtype {self.weight.dtype}"
-            )
+        _parameter_dtype(self)  # one dtype for all parameters (the layers' one rule and message)
         _check_device(layer, "weight", self.weight, xs[0])
         _check_device(layer, "bias", self.bias, xs[0])
 

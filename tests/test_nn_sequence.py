@@ -292,7 +292,7 @@ def test_guided_zoom_shift_checks_devices_and_replaced_parameters():
     with pytest.raises(ValueError, match=r"^GuidedZoomShift: masks\[0\] is on device meta"):
         layer(xs, masks=[mask, None])
     layer.bias = torch.nn.Parameter(torch.zeros(1, 2 * D, dtype=torch.float64))
-    with pytest.raises(TypeError, match=r"^GuidedZoomShift: bias has dtype torch.float64 but weight has dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"^GuidedZoomShift: parameter bias has dtype torch.float64 but weight has torch.float32; give the layer one dtype"):
         layer(xs)
     layer.bias = torch.nn.Parameter(torch.zeros(2, 2 * D))
     with pytest.raises(ValueError, match=r"^GuidedZoomShift: bias must have shape \(M - 1, 2 C\) = \(1, 12\), got \(2, 12\)"):
