@@ -1294,7 +1294,7 @@ class ZoomShift(nn.Module):
         M >= 2.
     fuse : {"concat", "sum", "mean", None}, default "concat"
     pool : {"mean", "max"}, default "mean"
-    rounds : int or None, default 1
+    rounds : int in [0, 10**6] or None, default 1
         Rounds of alignment; ``None``: the exact limit of the rounds.
     alpha : float in (0, 1], default 1.0
     schedule : {"gauss-seidel", "jacobi"}, default "gauss-seidel"

@@ -456,6 +456,14 @@ def test_errors_align(rng):
         mmfuse.align(xs, rounds=-1)
     with pytest.raises(TypeError, match=r"rounds must be a non-negative int or None"):
         mmfuse.align(xs, rounds=2.5)
+    # a huge count is refused up front (10**30 rounds never ended), pointing to the limit
+    too_many = r"rounds must be at most 1_000_000 \(each round is a pass over the statistics\), got {}; rounds=None"
+    with pytest.raises(ValueError, match=too_many.format("1000001")):
+        mmfuse.align(xs, rounds=10**6 + 1)
+    with pytest.raises(ValueError, match=too_many.format("an int of 100 bits")):
+        mmfuse.align(xs, rounds=10**30)
+    with pytest.raises(ValueError, match=too_many.format("1000001")):
+        mmfuse.align(xs, rounds=np.int64(10**6 + 1))
     with pytest.raises(ValueError, match=r"eps must be a finite number >= 0"):
         mmfuse.align(xs, eps=-1.0)
     with pytest.raises(ValueError, match=r"schedule must be one of \['gauss-seidel', 'jacobi'\], got 'sor'"):

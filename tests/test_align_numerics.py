@@ -434,6 +434,23 @@ def test_zoom_and_shift_refuse_other_arrays_and_booleans():
     assert mmfuse.shift(x, np.asarray(1.0, dtype=np.float32)).dtype == np.float32
 
 
+def test_zoom_and_shift_name_an_int_beyond_float64_briefly():
+    """An int past float64's range is refused by name, with its size rather than its digits
+    (10**400 used to fill the message with 401 digits; past 4300 digits Python refuses to
+    write them at all)."""
+    x = np.ones((2, 3, 4))
+    with pytest.raises(ValueError, match=r"^scale is too large for a floating-point number: an int of 1329 bits$"):
+        mmfuse.zoom(x, 10**400, center=0.0)
+    with pytest.raises(ValueError, match=r"^center is too large for a floating-point number: an int of 16610 bits$"):
+        mmfuse.zoom(x, 2.0, center=10**5000)
+    g = np.random.default_rng().standard_normal((2, 3, 4))
+    for name in ("alpha", "eps"):  # they were an OverflowError naming no argument
+        with pytest.raises(ValueError, match=rf"^{name} is too large for a floating-point number: an int of 1329 bits$"):
+            mmfuse.zoom_shift(g, g + 1.0, **{name: 10**400})
+    with pytest.raises(ValueError, match=r"^offset is too large for a floating-point number: an int of 1027 bits$"):
+        mmfuse.shift(x, -(10**309))
+
+
 # ----------------------------------------------------------------- gradients at zero spread
 
 

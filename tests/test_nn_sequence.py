@@ -210,6 +210,8 @@ def test_zoom_shift_layer_errors():
         ZoomShift(D, 2, alpha=0)
     with pytest.raises(ValueError, match=r"fuse must be one of"):
         ZoomShift(D, 2, fuse="max")
+    with pytest.raises(ValueError, match=r"rounds must be at most 1_000_000 .*; rounds=None gives the exact limit"):
+        ZoomShift(D, 2, rounds=10**7)
 
 
 # --------------------------------------------------------------------------- GuidedZoomShift
