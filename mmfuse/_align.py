@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-import array_api_compat
-
 from ._core import align as core
-from ._namespace import array_namespace, is_jax, is_torch, mask_tokens
+from ._namespace import array_namespace, is_array, is_jax, is_torch, mask_tokens
 from ._plan import PlanCache, call_key
 from ._validation import (
     as_sequence,
@@ -45,7 +43,7 @@ POOL_MODES = ("mean", "max")
 
 
 def _check_array(x: Any, name: str) -> None:
-    if not array_api_compat.is_array_api_obj(x):
+    if not is_array(x):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
 
 
@@ -92,7 +90,7 @@ def _check_axis(x: Any, axis: Any, name: str) -> int:
     return ax
 
 
-def _real_float(value: numbers.Real, name: str) -> float:
+def _real_float(value: Any, name: str) -> float:
     """``float(value)``; an int beyond float64's range (2**1024) is refused by name with its
     size rather than its digits (10**400 would fill a message with 401 of them)."""
     try:
@@ -189,15 +187,16 @@ def check_rounds(rounds: Any) -> int | None:
         return None
     if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral):
         raise TypeError(f"rounds must be a non-negative int or None, got {type(rounds).__name__}")
-    if rounds < 0:
+    count = int(rounds)
+    if count < 0:
         raise ValueError(f"rounds must be a non-negative int or None, got {rounds}")
-    if rounds > MAX_ROUNDS:
-        shown = rounds if rounds < 10**12 else f"an int of {int(rounds).bit_length()} bits"
+    if count > MAX_ROUNDS:
+        shown = count if count < 10**12 else f"an int of {count.bit_length()} bits"
         raise ValueError(
             f"rounds must be at most {MAX_ROUNDS:_} (each round is a pass over the statistics), "
             f"got {shown}; rounds=None gives the exact limit of the rounds"
         )
-    return int(rounds)
+    return count
 
 
 def check_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
