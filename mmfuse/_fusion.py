@@ -12,11 +12,10 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from ._core import fusion as core
-from ._namespace import array_namespace, from_numpy, not_an_array
+from ._namespace import array_namespace, from_numpy, is_array, not_an_array
 from ._plan import PlanCache, call_key
 from ._validation import (
     as_sequence,
@@ -122,7 +121,7 @@ def _constant_hint(rows: Sequence[int], dims: Sequence[int], append_one: bool, u
 def check_vector(xp: Any, v: Any, name: str, length: int, label: str) -> None:
     if v is None:
         return
-    if not array_api_compat.is_array_api_obj(v):
+    if not is_array(v):
         raise not_an_array(name, v)
     if tuple(v.shape) != (length,):
         raise ValueError(f"{name} must have shape ({label},) = ({length},), got {fmt_shape(v.shape)}")
@@ -139,7 +138,7 @@ def check_tensor_fusion(
     xs: Any, weight: Any, bias: Any, append_one: bool, max_elements: int
 ) -> list[Any]:
     xs, _ = check_modalities(xs)
-    if not array_api_compat.is_array_api_obj(weight):
+    if not is_array(weight):
         raise not_an_array("weight", weight)
     named = [*named_arrays("xs", xs), ("weight", weight), ("bias", bias)]
     xp = common_namespace(named)
@@ -318,7 +317,7 @@ def check_lowrank_factors(factors: Any, dims: Sequence[int] | None, append_one: 
             f"{n} modalities"
         )
     for m, f in enumerate(factors):
-        if not array_api_compat.is_array_api_obj(f):
+        if not is_array(f):
             raise not_an_array(f"factors[{m}]", f)
         check_ndim(f, 3, f"factors[{m}]", f"(R, {mode_label(m, append_one)}, h)")
     rank, _, out_dim = factors[0].shape
@@ -471,7 +470,7 @@ def as_cp(cp: Any) -> tuple[Any, list[Any]]:
         )
     factors = as_sequence(factors, "cp factors", min_len=2, what="factor")
     for i, f in enumerate(factors):
-        if not array_api_compat.is_array_api_obj(f):
+        if not is_array(f):
             raise not_an_array(f"cp factor {i}", f)
         check_ndim(f, 2, f"cp factor {i}", "(rows, R)")
     rank = factors[0].shape[1]
@@ -482,7 +481,7 @@ def as_cp(cp: Any) -> tuple[Any, list[Any]]:
                 f"0 has rank {rank} (shape {fmt_shape(factors[0].shape)}){_transposed_hint(factors, i)}"
             )
     if weights is not None:
-        if not array_api_compat.is_array_api_obj(weights):
+        if not is_array(weights):
             raise TypeError(f"cp weights must be an array or None, got {type(weights).__name__}")
         check_known_sizes([("cp weights", weights)])
         if tuple(weights.shape) != (rank,):

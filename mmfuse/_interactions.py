@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat
-
 from ._core import interactions as core
 from ._fusion import (
     DEFAULT_MAX_ELEMENTS,
@@ -24,7 +22,7 @@ from ._fusion import (
     check_vector,
     named_arrays,
 )
-from ._namespace import array_namespace, not_an_array
+from ._namespace import array_namespace, is_array, not_an_array
 from ._validation import (
     check_bool_option,
     check_float,
@@ -450,7 +448,7 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     >>> shares.shape, bool(abs(shares[0]) < 1e-12), bool(np.isclose(shares.sum(), 1.0))
     ((3,), True, True)
     """
-    if not array_api_compat.is_array_api_obj(terms):
+    if not is_array(terms):
         raise not_an_array("terms", terms)
     xp = array_namespace(terms, names=("terms",))
     check_float(xp, terms, "terms")

@@ -20,6 +20,8 @@ __all__ = [
     "array_namespace",
     "device_of",
     "from_numpy",
+    "is_array",
+    "is_cupy",
     "is_dask",
     "is_jax",
     "is_lazy",
@@ -64,7 +66,7 @@ def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Nam
     spaces = []
     for i, a in present:
         label = names[i] if names is not None else f"argument {i}"
-        if not array_api_compat.is_array_api_obj(a):
+        if not is_array(a):
             raise not_an_array(label, a)
         if type(a) is not np.ndarray and isinstance(a, np.ndarray):
             _check_ndarray_subclass(a, label)
@@ -246,12 +248,45 @@ def namespace_name(xp: Namespace) -> str:
     return name[len(prefix) :] if name.startswith(prefix) else name
 
 
-# array_api_compat's is_*_namespace tests never import the framework; bound by name here (no
-# wrapper, no per-call attribute lookup): the core asks them several times per call.
-is_numpy: Callable[[Namespace], bool] = array_api_compat.is_numpy_namespace
-is_torch: Callable[[Namespace], bool] = array_api_compat.is_torch_namespace
-is_jax: Callable[[Namespace], bool] = array_api_compat.is_jax_namespace
-is_dask: Callable[[Namespace], bool] = array_api_compat.is_dask_namespace
+def _named(*names: str) -> Callable[[Namespace], bool]:
+    """A test of a namespace by its module name, as array_api_compat's ``is_*_namespace``
+    tests it (they never import the framework), without their ``functools.lru_cache``:
+    ``torch.compile`` warns at every cached function it traces, and the public functions'
+    checks run under it.  The core asks these several times per call."""
+    wanted = frozenset(names)
+
+    def test(xp: Namespace) -> bool:
+        return getattr(xp, "__name__", None) in wanted
+
+    return test
+
+
+_COMPAT = array_api_compat.__name__
+is_numpy = _named("numpy", f"{_COMPAT}.numpy")
+is_torch = _named("torch", f"{_COMPAT}.torch")
+is_jax = _named("jax.numpy", "jax.experimental.array_api")
+is_dask = _named("dask.array", f"{_COMPAT}.dask.array")
+is_cupy = _named("cupy", f"{_COMPAT}.cupy")
+
+
+# Python's own containers and scalars: never arrays (array_api_compat says so too)
+_NOT_ARRAYS = frozenset({list, tuple, dict, str, bytes, int, float, complex, bool, type(None)})
+
+
+def is_array(obj: Any) -> bool:
+    """``array_api_compat.is_array_api_obj(obj)``, answered by type for NumPy arrays, torch
+    tensors and Python's containers and scalars: the same answers, without array_api_compat's
+    ``lru_cache``-d class tests, at which ``torch.compile`` warns every time it traces a
+    public function's checks."""
+    kind = type(obj)
+    if kind is np.ndarray:
+        return True
+    if kind in _NOT_ARRAYS:
+        return False
+    torch = sys.modules.get("torch")  # not imported: no tensor can exist
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return True
+    return bool(array_api_compat.is_array_api_obj(obj))
 
 
 def is_lazy(x: Array) -> bool:
@@ -475,7 +510,7 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
     if is_numpy(xp):
         check_host_device(device)
         return np.asarray(a, dtype=dtype)
-    if array_api_compat.is_cupy_namespace(xp):
+    if is_cupy(xp):
         # CuPy's own asarray takes no device argument; array_api_compat's wrapper of it does
         import array_api_compat.cupy as xp
     elif is_dask(xp):  # dask.array's too (xp=dask.array passed by a user)
@@ -485,7 +520,7 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
 
 def tree_map(func: Callable[[Any], Any], obj: Any) -> Any:
     """Apply ``func`` to every array inside nested lists, tuples and dicts (same structure back)."""
-    if array_api_compat.is_array_api_obj(obj):
+    if is_array(obj):
         return func(obj)
     if isinstance(obj, (list, tuple)):
         return type(obj)(tree_map(func, o) for o in obj)

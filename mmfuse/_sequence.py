@@ -12,12 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from ._core import sequence as core
 from ._fusion import DEFAULT_MAX_ELEMENTS, Planned, check_allocations
-from ._namespace import array_namespace, from_numpy
+from ._namespace import array_namespace, from_numpy, is_array
 from ._plan import PlanCache, call_key
 from ._validation import (
     as_sequence,
@@ -58,7 +57,7 @@ def check_mode(mode: Any) -> None:
 
 
 def _check_array(a: Any, name: str) -> None:
-    if not array_api_compat.is_array_api_obj(a):
+    if not is_array(a):
         raise TypeError(f"{name} must be an array, got {type(a).__name__}")
 
 

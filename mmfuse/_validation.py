@@ -13,13 +13,13 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from ._namespace import (
     array_namespace,
     device_of,
     from_numpy,
+    is_array,
     is_numpy,
     is_torch,
     namespace_name,
@@ -45,7 +45,7 @@ def fmt_shape(shape: Sequence[Any]) -> str:
 
 def as_sequence(obj: Any, name: str, *, min_len: int = 1, what: str = "modality") -> list[Any]:
     """``obj`` as a list, insisting it is a list or tuple (an array is not a sequence here)."""
-    if array_api_compat.is_array_api_obj(obj) or not isinstance(obj, (list, tuple)):
+    if is_array(obj) or not isinstance(obj, (list, tuple)):
         raise TypeError(
             f"{name} must be a list or tuple of arrays (one per {what}), got {type(obj).__name__}"
         )
@@ -241,7 +241,7 @@ def check_modalities(
     """
     xs = as_sequence(xs, name)
     for m, x in enumerate(xs):
-        if not array_api_compat.is_array_api_obj(x):
+        if not is_array(x):
             raise not_an_array(f"{name}[{m}]", x)
         check_ndim(x, ndim, f"{name}[{m}]", layout)
     check_known_sizes([(f"{name}[{m}]", x) for m, x in enumerate(xs)])
@@ -258,7 +258,7 @@ def check_modalities(
 
 def check_present(xp: Any, present: Any, batch: int, n_modalities: int) -> None:
     """``present`` is a boolean (B, M) array saying which modality each sample has."""
-    if not array_api_compat.is_array_api_obj(present):
+    if not is_array(present):
         raise TypeError(f"present must be a boolean array, got {type(present).__name__}")
     check_bool(xp, present, "present")
     if tuple(present.shape) != (batch, n_modalities):

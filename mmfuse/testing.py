@@ -7,10 +7,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
-from ._namespace import array_namespace, device_of, is_host_device, namespace_name, to_numpy
+from ._namespace import array_namespace, device_of, is_array, is_host_device, namespace_name, to_numpy
 
 __all__ = ["assert_close", "default_rtol", "make_inputs"]
 
@@ -186,7 +185,7 @@ def assert_close(
     prefix = f"{err_msg}: " if err_msg else ""
     _check_tolerance("rtol", rtol)
     _check_tolerance("atol", atol)
-    if not array_api_compat.is_array_api_obj(actual):
+    if not is_array(actual):
         raise AssertionError(f"{prefix}expected an array, got {type(actual).__name__}")
     got_xp = array_namespace(actual)
     if xp is not None:

@@ -276,3 +276,92 @@ def test_float32_stays_float32_on_array_api_strict_2022_12(version, rng):
         np.testing.assert_allclose(np.asarray(ref), mmfuse.reference.lowrank_fusion(xs, lr["factors"]), rtol=1e-6)
     finally:
         strict.reset_array_api_strict_flags()
+
+
+# --------------------------------------------------------------------------- predicates
+
+
+def _namespaces_and_objects():
+    """Namespaces and objects of every installed framework, with array_api_compat's answers."""
+    import array_api_compat
+
+    spaces = [np, compat, array_namespace(np.ones(1))]
+    objects: list[Any] = [
+        np.ones(2), np.float64(1.0), np.ones(2).view(np.memmap), np.ma.masked_array([1.0]),
+        np.ones((2, 2)).view(np.matrix), [1.0], (1.0,), {"a": 1}, None, 1.0, 3, True, "x", b"x",
+    ]  # fmt: skip
+    for name in ("torch", "array_api_strict", "dask.array", "jax.numpy"):
+        if importlib.util.find_spec(name.split(".")[0]) is None:
+            continue
+        module = importlib.import_module(name)
+        one = module.ones(2) if name != "torch" else module.ones(2, requires_grad=True)
+        spaces += [module, array_api_compat.array_namespace(one), array_namespace(one)]
+        objects.append(one)
+        if name == "torch":
+            objects += [module.nn.Parameter(module.ones(2)), module.ones(2).to_sparse()]
+    return spaces, objects
+
+
+def test_predicates_give_array_api_compats_answers():
+    """mmfuse's namespace tests and ``is_array`` (name and type tests, no lru_cache, which
+    torch.compile warns at) answer as array_api_compat's ``is_*_namespace`` and
+    ``is_array_api_obj`` for every installed framework's namespaces and arrays, NumPy's
+    subclasses, and Python's containers and scalars."""
+    import array_api_compat
+
+    from mmfuse import _namespace as ns
+
+    spaces, objects = _namespaces_and_objects()
+    pairs = [
+        (ns.is_numpy, array_api_compat.is_numpy_namespace), (ns.is_torch, array_api_compat.is_torch_namespace),
+        (ns.is_jax, array_api_compat.is_jax_namespace), (ns.is_dask, array_api_compat.is_dask_namespace),
+        (ns.is_cupy, array_api_compat.is_cupy_namespace),
+    ]  # fmt: skip
+    for space in spaces:
+        for ours, theirs in pairs:
+            assert ours(space) == theirs(space), (ours, space)
+    for obj in objects:
+        assert ns.is_array(obj) == array_api_compat.is_array_api_obj(obj), type(obj)
+
+
+@pytest.mark.parametrize("case", ["lowrank_fusion", "align", "zoom_shift_fusion_max", "wander_cp"])
+def test_compiling_the_public_functions_warns_nothing(case):
+    """Under torch.compile a public function's checks are traced; array_api_compat's
+    lru_cache-d helpers made Dynamo warn once per helper per trace (twelve warnings for a
+    compiled lowrank_fusion, one for ZoomShift(pool="max"))."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    import mmfuse
+
+    gen = torch.Generator().manual_seed(3)
+    if case == "lowrank_fusion":
+        p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=2, seed=0, xp=torch, dtype=torch.float32)
+        args = [torch.randn(4, d, generator=gen) for d in (3, 4)]
+
+        def fn(a, b):
+            return mmfuse.lowrank_fusion([a, b], **p)
+    elif case == "wander_cp":
+        wp = mmfuse.init_wander([8, 8], [6, 5], rank=4, feature_rank=2, token_rank=3, out_dim=8,
+                                seed=0, xp=torch, dtype=torch.float32)  # fmt: skip
+        args = [torch.randn(2, t, 8, generator=gen) for t in (6, 5)]
+
+        def fn(a, b):
+            return mmfuse.wander([a, b], wp, mode="cp")
+    else:
+        args = [torch.randn(2, t, 6, generator=gen) for t in (5, 4)]
+
+        def fn(a, b):
+            if case == "align":
+                return mmfuse.align([a, b])
+            return mmfuse.zoom_shift_fusion([a, b], pool="max")
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(fn, backend="eager")(*args)
+    dynamo = [str(w.message)[:120] for w in caught if "Dynamo" in str(w.message) or "lru_cache" in str(w.message)]
+    assert dynamo == []
+    want = fn(*args)
+    for g, w in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
+        torch.testing.assert_close(g, w)

@@ -21,9 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
-
-from .._namespace import device_of, is_dask, is_numpy, is_torch
+from .._namespace import device_of, is_cupy, is_dask, is_numpy, is_torch
 
 __all__ = ["CONDITIONS", "CallInfo", "call_info"]
 
@@ -146,14 +144,14 @@ def _torch_traced(info: CallInfo) -> str | None:
 
 
 def _cupy(info: CallInfo) -> str | None:
-    return None if array_api_compat.is_cupy_namespace(info.xp) else "needs CuPy arrays (on a CUDA device)"
+    return None if is_cupy(info.xp) else "needs CuPy arrays (on a CUDA device)"
 
 
 _CUDA_ARRAYS = "needs CuPy arrays or torch CUDA tensors on a CUDA device"
 
 
 def _cuda_arrays(info: CallInfo) -> bool:
-    return bool(array_api_compat.is_cupy_namespace(info.xp)) or (
+    return bool(is_cupy(info.xp)) or (
         is_torch(info.xp) and getattr(info.device, "type", None) == "cuda"
     )
 

@@ -28,10 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import array_api_compat
-
 from .._config import BACKEND_NAMES, backend_policy
-from .._namespace import array_namespace, namespace_name
+from .._namespace import array_namespace, is_array, namespace_name
 from ._catalogue import OPERATORS, Signature
 from ._conditions import CONDITIONS, CallInfo, call_info
 from ._table import FRAMEWORKS, ROWS, Row
@@ -325,7 +323,7 @@ def _check_leaves(items: Sequence[Any], label: str) -> None:
         where = f"{label}[{i}]"
         if isinstance(item, (list, tuple)):
             _check_leaves(item, where)
-        elif item is not None and not array_api_compat.is_array_api_obj(item):
+        elif item is not None and not is_array(item):
             raise TypeError(
                 f"explain: {where} is a {type(item).__name__}, not an array; pass the call's "
                 "arrays (lists of them allowed), e.g. explain('lowrank_fusion', xs, factors)"
@@ -333,7 +331,7 @@ def _check_leaves(items: Sequence[Any], label: str) -> None:
 
 
 def _first_array(obj: Any) -> Any:
-    if array_api_compat.is_array_api_obj(obj):
+    if is_array(obj):
         return obj
     if isinstance(obj, (list, tuple)):
         for item in obj:
