@@ -576,3 +576,67 @@ def test_cp_to_lowrank_returns_new_weights(rng):
     _, tgrad = mmfuse.cp_to_lowrank((tw, [torch.asarray(f) for f in factors]))
     tgrad.sum().backward()  # autograd flows through the new array
     assert torch.equal(tw.grad, torch.ones_like(tw))
+
+
+# --------------------------------------------------------------------------- 16-bit and inf
+
+
+def _overflowing_half_problem(xp_name):
+    """Two modalities whose float16 partial contraction overflows (300 * 300 = 9e4 > 65504)
+    while the fusion itself (300 * 300 * 1e-3 = 90) does not."""
+    x1, x2 = np.full((2, 1), 300.0), np.full((2, 1), 1e-3)
+    weight = np.zeros((2, 2, 1))
+    weight[0, 0, 0] = 300.0
+    factors = [np.zeros((1, 2, 1)) for _ in range(3)]
+    factors[0][0, 0, 0] = factors[1][0, 0, 0] = 300.0
+    factors[2][0, 0, 0] = 1e-3
+    arrays = [x1, x2, weight, *factors]
+    if xp_name == "numpy":
+        return [a.astype(np.float16) for a in arrays]
+    torch = pytest.importorskip("torch")
+    return [torch.tensor(a, dtype=torch.float16) for a in arrays]
+
+
+@pytest.mark.parametrize("xp_name", ["numpy", "torch"])
+def test_16_bit_tensor_fusion_and_lowrank_to_tensor_accumulate_in_float32(xp_name):
+    """tensor_fusion and lowrank_to_tensor work in float32 for float16 inputs and round once, as
+    lowrank_fusion and cp_fusion do; they returned inf (and NaN) where the value is 90."""
+    x1, x2, weight, *factors = _overflowing_half_problem(xp_name)
+    got = mmfuse.tensor_fusion([x1, x2], weight)
+    assert got.dtype == x1.dtype
+    want = ref.tensor_fusion([np.asarray(x1, np.float64), np.asarray(x2, np.float64)], np.asarray(weight, np.float64))
+    assert_close(got, want, dtype=x1.dtype)
+    full = mmfuse.lowrank_to_tensor(factors)
+    assert full.dtype == factors[0].dtype
+    assert_close(full, ref.lowrank_to_tensor([np.asarray(f, np.float64) for f in factors]), dtype=x1.dtype)
+    if xp_name == "torch":
+        from mmfuse.nn import TensorFusion
+
+        layer = TensorFusion([1, 1], 1).half()
+        with __import__("torch").no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.zero_()
+        assert_close(layer([x1, x2]), want, dtype=x1.dtype)
+
+
+@pytest.mark.parametrize("xp_name", ["numpy", "torch"])
+def test_blocked_lowrank_rank_sum_keeps_an_inf_where_it_is(xp_name, blocked_paths):
+    """The blocked paths' rank sum as a GEMM with stacked identities (h <= 8) turned an inf in
+    one output into NaN in the sample's other outputs (inf * 0); the whole-batch path and
+    the reference keep [inf, 6]."""
+    batch = 300  # torch: above the whole-batch rows, projections kept (narrow), rank sum as GEMM
+    f0, f1 = np.zeros((1, 17, 2)), np.zeros((1, 17, 2))
+    f0[0, 0], f1[0, 0] = [1e20, 2.0], [1e20, 3.0]
+    xs = [np.ones((batch, 16)), np.ones((batch, 16))]
+    args = [xs, [f0.astype(np.float32), f1.astype(np.float32)]]
+    xs32 = [x.astype(np.float32) for x in xs]
+    if xp_name == "torch":
+        torch = pytest.importorskip("torch")
+        xs32 = [torch.from_numpy(x) for x in xs32]
+        args[1] = [torch.from_numpy(f) for f in args[1]]
+    for weights in (None, np.array([0.5], np.float32)):
+        w = weights if xp_name == "numpy" or weights is None else torch.from_numpy(weights)
+        with np.errstate(over="ignore"):  # the overflow to inf is the point
+            got = np.asarray(mmfuse.lowrank_fusion(xs32, args[1], w))
+        scale = 1.0 if weights is None else 0.5
+        assert np.isinf(got[:, 0]).all() and np.all(got[:, 1] == 6.0 * scale), got[:2]

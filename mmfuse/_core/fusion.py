@@ -167,8 +167,16 @@ def tensor_fusion(
     for a batch block of ``rows`` samples (:func:`tensor_fusion_rows`), so none exceeds
     ``max_elements``; the public layer has already refused a problem where one block (one
     sample, or the whole batch where it is one block) would.
+
+    float16 / bfloat16 are computed in float32 and rounded once, as the other fusions (a
+    mode's partial contraction overflows float16's 65504 long before the result does).
     """
     xp = array_namespace(xs[0])
+    if low_precision(xp, xs[0].dtype):
+        return in_work_dtype(
+            tensor_fusion, xp, xs[0].dtype, list(xs), weight, bias, append_one=append_one,
+            max_elements=max_elements,
+        )  # fmt: skip
     dims = tuple(weight.shape[:-1])
     rows = tensor_fusion_rows(xp, xs[0], dims, weight.shape[-1], max_elements)
     if rows is None or rows >= xs[0].shape[0]:
@@ -277,10 +285,15 @@ class _NumPyRun:
         return acc
 
     def rank_sum(self, blk: slice, acc: Any) -> None:
+        out = self.out[blk]
         if self.summer is not None:
-            np.matmul(acc, self.summer, out=self.out[blk])
-        else:
-            np.sum(acc.reshape(acc.shape[0], self.rank, self.out_dim), axis=1, out=self.out[blk])
+            with np.errstate(invalid="ignore"):  # inf * 0: handled below, not the caller's
+                np.matmul(acc, self.summer, out=out)
+            if np.isfinite(out).all():
+                return
+            # an inf in acc met the GEMM's zeros (inf * 0 = NaN) and spread NaN to the sample's
+            # other outputs: this block again as the sum itself, which keeps inf where it is
+        np.sum(acc.reshape(acc.shape[0], self.rank, self.out_dim), axis=1, out=out)
 
     def result(self) -> Any:
         return self.out
@@ -507,8 +520,11 @@ def cp_fusion(
 
 
 def lowrank_to_tensor(factors: list[Any], weights: Any = None) -> Any:
-    """``W = sum_r w_r (outer product over input modes of factors[m][r])``, output mode shared."""
+    """``W = sum_r w_r (outer product over input modes of factors[m][r])``, output mode shared
+    (float16 / bfloat16 in float32, rounded once: the rank terms' products overflow first)."""
     xp = array_namespace(factors[0])
+    if low_precision(xp, factors[0].dtype):
+        return in_work_dtype(lowrank_to_tensor, xp, factors[0].dtype, list(factors), weights)
     rank, _, out_dim = factors[0].shape
     acc = factors[0] if weights is None else factors[0] * weights[:, None, None]
     for f in factors[1:]:

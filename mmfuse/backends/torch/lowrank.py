@@ -94,7 +94,9 @@ def _lowrank_forward(
     acc = torch.empty((min(rows, batch), width), dtype=cdt, device=dev)
     proj = torch.empty_like(acc) if len(xs) > 1 and not keep else acc  # kept: projections go there
     # kept projections are unweighted: their rank sum applies w (as a GEMM while h is small)
-    gemm_sum = keep and out_dim <= _RANK_SUM_GEMM_WIDTH
+    # (on the CPU only, where it was measured, and where the finiteness check below is no
+    # device synchronisation)
+    gemm_sum = keep and out_dim <= _RANK_SUM_GEMM_WIDTH and dev.type == "cpu"
     rank_sum = _rank_sum_matrix(weights, rank, out_dim, cdt, dev) if gemm_sum else None
     rank_w = cast(weights, cdt).view(1, rank, 1) if keep and not gemm_sum and weights is not None else None
     for blk in block_slices(batch, rows):
@@ -109,7 +111,13 @@ def _lowrank_forward(
         prod = kept[0, blk] if keep and len(xs) == 1 else acc[:n]
         if rank_sum is not None:
             torch.mm(prod, rank_sum, out=out[blk])
-        elif rank_w is not None:
+            if bool(torch.isfinite(out[blk]).all()):
+                continue
+            # an inf in prod met the GEMM's zeros (inf * 0 = NaN) and spread NaN to the
+            # sample's other outputs: this block again as the weighted sum itself
+            if weights is not None:
+                rank_w = cast(weights, cdt).view(1, rank, 1)
+        if rank_w is not None:
             torch.sum(prod.view(n, rank, out_dim) * rank_w, dim=1, out=out[blk])
         else:
             torch.sum(prod.view(n, rank, out_dim), dim=1, out=out[blk])
