@@ -384,6 +384,11 @@ def test_wander_names_an_activation_that_is_not_elementwise(rng, route, monkeypa
             call(lambda z: z[:, :1])
         with pytest.raises(TypeError, match=r"activation must return an array, got int"):
             call(lambda z: 0)
+        # a result in another dtype: NumPy's came back silently in it, torch's failed in a GEMM
+        with pytest.raises(TypeError, match=r"activation must keep the pre-activations' dtype: it returned "):
+            call(lambda z: z[:, :, :] > 0)
+        with pytest.raises(TypeError, match=r"activation must keep the pre-activations' dtype: it returned "):
+            call(lambda z: (z * 2).astype("float32") if route == "numpy" else (z * 2).float())
 
 
 def test_wander_residual_spans_modalities(rng):

@@ -257,3 +257,60 @@ def test_gelu_far_lower_tail_where_phi_alone_is_subnormal(path, monkeypatch):
     np.testing.assert_allclose(got[normal], want[normal], rtol=4e-15, atol=0)
     # subnormal results: right to their absolute resolution (a few units of 2**-1074)
     assert np.all(np.abs(got[~normal] - want[~normal]) <= 8 * 5e-324 + 1e-16 * np.abs(want[~normal]))
+
+
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_torch_ops_backward_with_a_modality_of_width_zero(mode, blocked_paths):
+    """A modality of width r_m = 0 (its features contribute the empty sum) passes the checks;
+    the torch ops' backward failed reshaping it (``reshape(-1, 0)``).  Its gradients now match
+    the core's under autograd, zero-size ones included, for sequence_fusion and wander."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(5)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    hs, feature, token = [draw(2, 3, 0), draw(2, 4, 3)], [draw(1, 0, 5), draw(1, 3, 5)], [draw(1, 3, 6), draw(1, 4, 6)]
+    args = [t.requires_grad_() for t in (*hs, *feature, *token)]
+    copies = [t.detach().clone().requires_grad_() for t in args]
+    upstream = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64)
+    results = []
+    for backend, ts in (("torch", args), ("array_api", copies)):
+        y = mmfuse.sequence_fusion(ts[:2], ts[2:4], ts[4:], mode=mode, backend=backend)
+        results.append((y, torch.autograd.grad(y, ts, upstream, allow_unused=True)))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y0, y1)
+    for a, b in zip(g0, g1):
+        if b is not None:  # (allow_unused: the core's graph may not reach a zero-size leaf)
+            torch.testing.assert_close(a, b)
+    # wander: a down-projection of width 0 (the custom ops, as every batch here)
+    xs = [draw(2, 3, 5), draw(2, 4, 5)]
+    params = {
+        "down": [(draw(5, 0), None), (draw(5, 3), None)],
+        "feature": [a.detach().clone().requires_grad_() for a in args[2:4]],
+        "token": [a.detach() for a in args[4:]],
+    }
+    y = mmfuse.wander(xs, params, mode=mode, backend="torch", residual="none")
+    grads = torch.autograd.grad(y, params["feature"], torch.ones_like(y))
+    assert grads[0].shape == (1, 0, 5) and torch.isfinite(grads[1]).all()
+
+
+@pytest.mark.parametrize("path", ["cody", "scipy", "torch no grad", "torch grad"])
+def test_gelu_of_huge_positive_inputs_is_the_input(path, monkeypatch):
+    """x Phi(x) = x for x beyond half the float64 range: the NumPy path with SciPy and torch's
+    no-grad path multiplied x by erfc ~ 2 before halving, and overflowed to inf."""
+    import sys
+
+    x = np.array([1e308, 1.7e308, 9e307, 3.0])
+    want = x * np.array([1.0, 1.0, 1.0, 0.5 * math.erfc(-3.0 / math.sqrt(2.0))])
+    if path == "cody":
+        monkeypatch.delitem(sys.modules, "scipy.special", raising=False)
+        got = gelu(array_namespace(x), x)
+    elif path == "scipy":
+        pytest.importorskip("scipy.special")
+        got = gelu(array_namespace(x), x)
+    else:
+        torch = pytest.importorskip("torch")
+        t = torch.tensor(x, requires_grad=path == "torch grad")
+        got = gelu(array_namespace(t), t).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=4e-16, atol=0)

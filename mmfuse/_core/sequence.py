@@ -318,7 +318,10 @@ def gelu_torch(x: Any) -> Any:
     if (torch.is_grad_enabled() and x.requires_grad) or torch_transformed(x):
         return x * (0.5 * torch.special.erfc(u) * corr)
     out = torch.special.erfc(u, out=u)  # no autograd: our own buffers (x is never written)
-    return out.mul_(corr).mul_(x).mul_(0.5)
+    # x before the 0.5, which would take a small erfc (far lower tail) below the normal range;
+    # where x Phi(x) = x (Phi rounds to 1 from x ~ 8.3), x itself: erfc = 2 times an x past
+    # half the float64 range overflowed
+    return torch.where(x > 40.0, x, out.mul_(corr).mul_(x).mul_(0.5))
 
 
 def _gelu_scipy(special: Any, x: Any) -> Any:
@@ -334,8 +337,9 @@ def _gelu_scipy(special: Any, x: Any) -> Any:
     gauss = _exp_neg_square(np, np.minimum(np.abs(x64), _GELU_XMAX), 0.5)
     # lower tail: x G first (as _gelu_generic: Phi alone goes subnormal before x Phi does)
     gauss *= np.minimum(x64, 0.0)
-    phi = np.where(u > 0, special.erfcx(np.maximum(u, 0.0)) * gauss, special.erfc(u) * x64)
-    phi *= 0.5
+    # the upper branch halves erfc (in [1, 2]: exact) before x, which past half the float64
+    # range would overflow times 2; the lower one halves last (its x G erfcx may be subnormal)
+    phi = np.where(u > 0, special.erfcx(np.maximum(u, 0.0)) * gauss * 0.5, special.erfc(u) * 0.5 * x64)
     return phi if x.dtype == np.float64 else phi.astype(x.dtype)
 
 
@@ -385,8 +389,9 @@ def activation_fn(xp: Any, activation: Any) -> Callable[[Any], Any]:
 
 def apply_activation(activation: Callable[[Any], Any], h: Any) -> Any:
     """A caller's ``activation`` on the pre-activations ``h`` (B, T_m, r_m), its result
-    checked: an array of h's shape (the activation is elementwise), else an error naming
-    ``activation`` rather than one from the fusion's GEMMs further on."""
+    checked: an array of h's shape (the activation is elementwise) and dtype, else an error
+    naming ``activation`` rather than one from the fusion's GEMMs further on (or, on NumPy, a
+    result silently in another dtype)."""
     out = activation(h)
     shape = getattr(out, "shape", None)
     if shape is None:
@@ -395,6 +400,13 @@ def apply_activation(activation: Callable[[Any], Any], h: Any) -> Any:
         raise ValueError(
             f"activation must be elementwise: it returned shape {tuple(shape)} for "
             f"pre-activations of shape {tuple(h.shape)}"
+        )
+    dtype = getattr(out, "dtype", None)
+    # (types first: dtypes of two libraries are not compared, which array_api_strict warns at)
+    if type(dtype) is not type(h.dtype) or dtype != h.dtype:
+        raise TypeError(
+            f"activation must keep the pre-activations' dtype: it returned {dtype} for "
+            f"pre-activations of dtype {h.dtype}"
         )
     return out
 

@@ -18,6 +18,7 @@ __all__ = [
     "cast",
     "compute_dtype",
     "flat_factor",
+    "flat_rows",
     "gram",
     "load_fusion_inputs",
     "masked_rows",
@@ -36,6 +37,12 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def flat_rows(t: torch.Tensor) -> torch.Tensor:
+    """A (B, T, r) tensor as its (B T, r) rows, the row count named: ``reshape(-1, r)``
+    cannot resolve -1 for r = 0 (a modality of width 0 failed its backward)."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

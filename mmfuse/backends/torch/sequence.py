@@ -37,6 +37,7 @@ from .._torch_eager import bind, direct
 from ._common import (
     cast,
     compute_dtype,
+    flat_rows,
     store,
 )
 
@@ -133,8 +134,8 @@ def _sequence_grads(
                     if orders[m] == "token":
                         first = firsts[m][:, rows, :]
                         if need_f[m]:
-                            flat = first.reshape(-1, first.shape[2])
-                            gphi[m] = add(gphi[m], flat.t() @ gterm.reshape(-1, gterm.shape[2]))
+                            flat = flat_rows(first)
+                            gphi[m] = add(gphi[m], flat.t() @ flat_rows(gterm))
                         if need_h[m] or need_t[m]:
                             gfirst_chunks[m].append(gterm @ phi.t())
                     else:
@@ -162,8 +163,8 @@ def _sequence_grads(
                 if need_h[m]:
                     gh_parts[m].append(gf @ phi.t())
                 if need_f[m]:
-                    flat_h = hb[m].reshape(-1, hb[m].shape[2])
-                    gphi[m] = add(gphi[m], flat_h.t() @ gf.reshape(-1, gf.shape[2]))
+                    flat_h = flat_rows(hb[m])
+                    gphi[m] = add(gphi[m], flat_h.t() @ flat_rows(gf))
 
     for m in range(n_mod):
         if gpsi_rows[m]:
@@ -280,7 +281,7 @@ def collapsed_grads(
                 gh_blk = None
                 if orders[m] == "token":
                     if need_f[m]:
-                        part = first.reshape(-1, first.shape[2]).t() @ g_m.reshape(-1, out_dim)
+                        part = flat_rows(first).t() @ flat_rows(g_m)
                         put(gphi, m, part, first_block)
                     g_first = torch.matmul(g_m, phi.t())  # dA (nb, T_out, r_m)
                     if need_t[m]:
@@ -292,7 +293,7 @@ def collapsed_grads(
                         put(gpsi, m, torch.bmm(first, g_m.transpose(1, 2)).sum(dim=0), first_block)
                     g_first = torch.matmul(psi, g_m)  # dF (nb, T_m, D)
                     if need_f[m]:
-                        part = h.reshape(-1, h.shape[2]).t() @ g_first.reshape(-1, out_dim)
+                        part = flat_rows(h).t() @ flat_rows(g_first)
                         put(gphi, m, part, first_block)
                     if need_h[m]:
                         gh_blk = torch.matmul(g_first, phi.t(), out=None if gh[m] is None else gh[m][blk])

@@ -41,6 +41,7 @@ from ._common import (
     LOW_PRECISION,
     cast,
     compute_dtype,
+    flat_rows,
 )
 from .sequence import collapsed_grads, sequence_op_eager
 
@@ -132,7 +133,7 @@ def _wander_forward(
     y = None
     for m, x in enumerate(xs):
         x = mask_tokens(_XP, cast(x, cdt), masks[m])  # padded tokens zeroed, as in the core
-        torch.addmm(cast(biases[m], cdt), x.reshape(-1, x.shape[2]), cast(weights[m], cdt), out=pres[m])
+        torch.addmm(cast(biases[m], cdt), flat_rows(x), cast(weights[m], cdt), out=pres[m])
         h = mask_tokens(_XP, _core_sequence.gelu_torch(pres[m]).view(batch, *shapes[m]), masks[m])
         phi, psi = cast(feature_factors[m], cdt).sum(dim=0), cast(token_factors[m], cdt).sum(dim=0)
         if orders[m] == "token":
@@ -196,7 +197,7 @@ def _wander_grads_impl(
         if need_x[m]:
             gx[m] = (gpre @ cast(weights[m], cdt).t()).view(x.shape)
         if need_w[m]:  # padded tokens zeroed, so a NaN there cannot reach dL/dW as 0 * NaN
-            gw[m] = mask_tokens(_XP, x, masks[m]).reshape(-1, x.shape[2]).t() @ gpre
+            gw[m] = flat_rows(mask_tokens(_XP, x, masks[m])).t() @ gpre
         if need_b[m]:
             gb[m] = gpre.sum(dim=0)
 
