@@ -441,3 +441,30 @@ def test_sparse_torch_tensors_are_refused_by_name():
     for name, call in calls:
         with pytest.raises(TypeError, match=rf"^{re.escape(name)} is a torch.sparse_coo tensor; mmfuse takes dense"):
             call()
+
+
+@pytest.mark.parametrize("swapped", [0, 1])
+def test_numpy_byte_orders_mix_as_in_numpy(swapped):
+    """A big-endian float64 array (">f8", e.g. read from a file) beside native ones is the same
+    dtype to NumPy's operations; the checks refused it ("xs[1] has dtype >f8 but xs[0] has dtype
+    float64").  Every family now takes it, with the native call's values bit for bit."""
+    rng = np.random.default_rng()
+    p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=2, seed=rng)
+    wp = mmfuse.init_wander([8, 8], [6, 5], rank=4, feature_rank=2, token_rank=3, out_dim=8, seed=rng)
+    weight = rng.standard_normal((4, 5, 2))
+    calls = {
+        "lowrank_fusion": (lambda a, b: mmfuse.lowrank_fusion([a, b], **p), [(4, 3), (4, 4)]),
+        "tensor_fusion": (lambda a, b: mmfuse.tensor_fusion([a, b], weight), [(4, 3), (4, 4)]),
+        "zoom_shift": (lambda a, b: mmfuse.zoom_shift(a, b), [(2, 5, 3), (2, 4, 3)]),
+        "align": (lambda a, b: mmfuse.align([a, b])[1], [(2, 5, 3), (2, 4, 3)]),
+        "wander": (lambda a, b: mmfuse.wander([a, b], wp), [(2, 6, 8), (2, 5, 8)]),
+    }
+    for name, (call, shapes) in calls.items():
+        args = [rng.standard_normal(s) for s in shapes]
+        want = call(*args)
+        args[swapped] = args[swapped].astype(">f8")
+        got = call(*args)
+        assert got.dtype.kind == "f" and got.dtype.itemsize == 8, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    with pytest.raises(TypeError, match=r"xs\[1\] has dtype >f4 but xs\[0\] has dtype float64"):
+        mmfuse.lowrank_fusion([rng.standard_normal((4, 3)), rng.standard_normal((4, 4)).astype(">f4")], **p)
