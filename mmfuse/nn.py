@@ -58,12 +58,19 @@ def _compiling() -> bool:
 
 @contextlib.contextmanager
 def _layer_call(module: nn.Module) -> Iterator[None]:
-    """A forced backend's refusal, named after the layer the user called (the functional
-    operator it ran is named in the rest of the message)."""
+    """A forced backend's refusal, and the functional operator's own errors about the
+    inputs (a mask hiding every token of a sample, ...), named after the layer the user
+    called, as its boundary checks' errors are (the operator is named in the rest of a
+    refusal's message)."""
+    name = type(module).__name__
     try:
         yield
     except BackendUnsupported as exc:
-        raise BackendUnsupported(f"{type(module).__name__}.forward: {exc}") from None
+        raise BackendUnsupported(f"{name}.forward: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        if type(exc) not in (ValueError, TypeError) or str(exc).startswith(f"{name}"):
+            raise
+        raise type(exc)(f"{name}: {exc}") from None
 
 
 _LAYER_PLANS = PlanCache()
@@ -236,6 +243,17 @@ def _autocast_fusion(module: nn.Module, device_type: str, xs: Sequence[Any], *ar
     Parameters follow the inputs' rule: a float64 layer stays float64 (as ``nn.Linear``)."""
     dtype = torch.get_autocast_dtype(device_type)
     params = {name: p.to(dtype) if _autocast_eligible(p) else p for name, p in module.named_parameters()}
+    cast_params = any(_autocast_eligible(p) and p.dtype != dtype for p in module.parameters())
+    for m, x in enumerate(xs if cast_params and isinstance(xs, (list, tuple)) else ()):
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
+            # autocast never casts float64 (torch's rule), while it does cast the parameters:
+            # say so, rather than "the layer's parameters have dtype bfloat16"
+            layer_dtype = next(module.parameters()).dtype
+            raise TypeError(
+                f"{type(module).__name__}: xs[{m}] has dtype torch.float64, which autocast never "
+                f"casts, but this {layer_dtype} layer computes in {dtype} under autocast; pass "
+                f"{layer_dtype} inputs, or call the layer outside the autocast region"
+            )
     with torch.autocast(device_type, enabled=False):
         return torch.func.functional_call(module, params, (_autocast_cast(xs, dtype), *args))
 
@@ -1566,8 +1584,9 @@ class GuidedZoomShift(nn.Module):
             from ._align import check_mask
             from ._namespace import array_namespace
 
-            for m, (seq, mask) in enumerate(zip(xs, full)):
-                check_mask(array_namespace(seq), mask, seq, 1, f"masks[{m}]", f"xs[{m}]")
+            with _layer_call(self):
+                for m, (seq, mask) in enumerate(zip(xs, full)):
+                    check_mask(array_namespace(seq), mask, seq, 1, f"masks[{m}]", f"xs[{m}]")
         c = self.channels
         p = pool(xs[self.guide], full[self.guide], "mean")  # (B, C)
         heads = torch.einsum("bc,kdc->kbd", p, self.weight) + self.bias[:, None, :]  # (M-1, B, 2C)

@@ -63,9 +63,14 @@ def test_autocast_leaves_float64_layers_and_disabled_regions_alone():
     xs64 = [x.double() for x in xs]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
         assert layer(xs).dtype == torch.float32
-    msg = r"xs\[0\] has dtype torch.float64 but the layer's parameters have dtype torch.bfloat16"
+    # float64 inputs are not autocast, as in torch: said so, not "the layer's parameters
+    # have dtype torch.bfloat16" (they are float32; autocast casts them)
+    msg = (
+        rf"^{type(layer).__name__}: xs\[0\] has dtype torch.float64, which autocast never casts, but "
+        r"this torch.float32 layer computes in torch.bfloat16 under autocast; pass torch.float32 inputs"
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=msg):
-        layer(xs64)  # float64 inputs are not autocast, as in torch
+        layer(xs64)
     assert layer64(xs64).dtype == torch.float64
 
 
@@ -135,7 +140,8 @@ def test_guided_zoomshift_refuses_a_sample_without_tokens_like_zoomshift():
             k[:, 0] = True
         masks[m][1] = False
         for layer in (GuidedZoomShift(6, 3), ZoomShift(6, 3)):
-            with pytest.raises(ValueError, match=rf"masks\[{m}\] masks every token of .*sample"):
+            # named after the layer, as its boundary checks' errors are
+            with pytest.raises(ValueError, match=rf"^{type(layer).__name__}: masks\[{m}\] masks every token of .*sample"):
                 layer(seqs, masks=masks)
         masks[m][1, 2] = True
         assert torch.isfinite(GuidedZoomShift(6, 3)(seqs, masks=masks)).all()
