@@ -278,3 +278,23 @@ def test_float64_of_either_byte_order_is_computed_in_float64(order, rng):
     assert_close(y, reference.zoom_shift(x, g), rtol=1e-12, atol=1e-9)
     assert_close(mmfuse.moments(xb, backend="numba")[1], reference.moments(x)[1], rtol=1e-12)
     assert_close(mmfuse.align([xb, gb], backend="numba")[0], reference.align([x, g])[0], rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="longdouble is float64 here")
+def test_auto_keeps_longdouble_off_the_cpu_kernels(rng):
+    """The CPU kernels compute in float64 for 8-byte floats and float32 for the rest: NumPy
+    longdouble arrays got float32 statistics under "auto" once numba was imported (std off by
+    7e-5 at mean 1e4).  They now run the Array-API core, at their own precision."""
+    x = (1e4 + rng.standard_normal((2, 6, 3))).astype(np.longdouble)
+    g = rng.standard_normal((2, 5, 3)).astype(np.longdouble)
+    for call in (
+        lambda **kw: mmfuse.moments(x, **kw)[1],
+        lambda **kw: mmfuse.align([x, g], rounds=0, **kw)[0],
+        lambda **kw: mmfuse.zoom_shift(x, g, **kw),
+    ):
+        got, want = call(), call(backend="array_api")
+        assert got.dtype == np.longdouble
+        np.testing.assert_array_equal(got, want)
+    assert "needs float16/float32/float64 NumPy arrays" in str(mmfuse.backends.explain("moments", x))
+    with pytest.raises(mmfuse.backends.BackendUnsupported, match=r"got (float128|longdouble)"):
+        mmfuse.moments(x, backend="numba")

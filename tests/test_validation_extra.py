@@ -458,6 +458,11 @@ def test_numpy_byte_orders_mix_as_in_numpy(swapped):
         "zoom_shift": (lambda a, b: mmfuse.zoom_shift(a, b), [(2, 5, 3), (2, 4, 3)]),
         "align": (lambda a, b: mmfuse.align([a, b])[1], [(2, 5, 3), (2, 4, 3)]),
         "wander": (lambda a, b: mmfuse.wander([a, b], wp), [(2, 6, 8), (2, 5, 8)]),
+        # masked pooling asked NumPy's sum for dtype=">f8", which it refuses
+        "zoom_shift_fusion": (
+            lambda a, b: mmfuse.zoom_shift_fusion([a, b], masks=[np.ones((2, 5), bool), np.arange(8).reshape(2, 4) % 3 > 0]),
+            [(2, 5, 3), (2, 4, 3)],
+        ),
     }
     for name, (call, shapes) in calls.items():
         args = [rng.standard_normal(s) for s in shapes]

@@ -878,7 +878,8 @@ def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
         m = _expand_mask(xp, mask, x.ndim)
         dt = work_dtype(xp, x.dtype)
         zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
-        total = xp.sum(xp.where(m, x, zero), axis=1, dtype=dt)
+        # dtype= only to widen: NumPy's sum refuses a non-native one (">f8", as read from a file)
+        total = xp.sum(xp.where(m, x, zero), axis=1, dtype=None if dt == x.dtype else dt)
         count = xp.sum(xp.astype(m, dt), axis=1)
         return xp.astype(total / count, x.dtype)
     # max

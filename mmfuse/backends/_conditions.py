@@ -185,8 +185,18 @@ def _numba_cuda_grad(info: CallInfo) -> str | None:
     return None if info.grad else f"{_CUDA_ARRAYS} that need gradients"
 
 
+# numba's CPU kernels compute in float64 for 8-byte floats and in float32 for the rest
+# (backends/numba.py: _cpu_lanes); wider NumPy floats (longdouble) would lose their precision
+def _numba_cpu_numpy(info: CallInfo) -> str | None:
+    """For NumPy arrays: None where the CPU kernels keep their dtype's precision, else why not."""
+    dtype = info.dtype
+    if getattr(dtype, "kind", None) == "f" and dtype.itemsize <= 8:
+        return None
+    return f"needs float16/float32/float64 NumPy arrays (CPU kernels), got {dtype}"
+
+
 def _numba_cpu(info: CallInfo) -> str | None:
-    return None if is_numpy(info.xp) else "needs NumPy arrays (CPU kernels)"
+    return _numba_cpu_numpy(info) if is_numpy(info.xp) else "needs NumPy arrays (CPU kernels)"
 
 
 _TORCH_CPU = "torch CPU float32/float64 tensors"
@@ -221,7 +231,7 @@ def _numba_cpu_no_grad(info: CallInfo) -> str | None:
     gradient is needed (the kernels are forward-only; with gradients the torch backend's
     autograd row runs the core)."""
     if is_numpy(info.xp):
-        return None
+        return _numba_cpu_numpy(info)
     if not is_torch(info.xp):
         return f"needs NumPy arrays or {_TORCH_CPU} (CPU kernels)"
     refusal = _torch_cpu_refusal(info)

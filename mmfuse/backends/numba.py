@@ -650,7 +650,9 @@ class _Frame:
         if self.torch:
             if floating and a.dtype != self.dtype:
                 a = a.to(self.dtype)
-            a = a.detach().contiguous()
+            # the negative bit resolved: contiguous() keeps a torch._neg_view's, and the
+            # kernels read the raw memory (negated data)
+            a = a.detach().resolve_neg().contiguous()
         else:
             if floating and a.dtype != self.dtype:
                 a = a.astype(self.dtype)

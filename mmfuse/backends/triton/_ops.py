@@ -452,8 +452,9 @@ def _stat_tiles(n_tok: int, n_ch: int, budget: int, block_c: int | None = None) 
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, ..., T, C) -> contiguous (N, T, C)."""
-    return x.contiguous().view(-1, x.shape[-2], x.shape[-1])
+    """(B, ..., T, C) -> contiguous (N, T, C), its negative bit resolved (``contiguous`` keeps
+    a ``torch._neg_view``'s bit and the kernels read the raw memory: negated data)."""
+    return x.resolve_neg().contiguous().view(-1, x.shape[-2], x.shape[-1])
 
 
 def _mask_rows(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
