@@ -46,7 +46,19 @@ class _Refused(NamedTuple):
     message: str
 
 
+# The environment's options, read once per process at the first use of any option (a list:
+# filled once).  Every context and thread starts from this one dict (never mutated: setting an
+# option makes a new dict), so one process never runs two policies from one environment.
+_FROM_ENVIRONMENT: list[dict[str, tuple[Any, str]]] = []
+
+
 def _initial_state() -> dict[str, tuple[Any, str]]:
+    if not _FROM_ENVIRONMENT:
+        _FROM_ENVIRONMENT.append(_read_environment())
+    return _FROM_ENVIRONMENT[0]
+
+
+def _read_environment() -> dict[str, tuple[Any, str]]:
     state: dict[str, tuple[Any, str]] = {}
     for key, default in _DEFAULTS.items():
         env = os.environ.get(_ENV_VARS[key])
@@ -89,7 +101,12 @@ def get_config() -> dict[str, Any]:
     'reference'
     """
     state = _current()
-    return {key: _value(state, key) for key in state}
+    backend = _value(state, "backend")
+    if backend != "auto" and isinstance(state["prefer"][0], _Refused):
+        # the preference is in force under "auto" only: a refused MMFUSE_PREFER does not stop
+        # a context that names its backend (config_context(backend=...) yields this dict)
+        return {"backend": backend, "prefer": None}
+    return {"backend": backend, "prefer": _value(state, "prefer")}
 
 
 def config_source() -> dict[str, str]:
@@ -161,8 +178,10 @@ def backend_policy(backend: str | None) -> tuple[str, str | None]:
     preference is None unless the backend in force is ``"auto"`` (only "auto" reads it).
     Options a call overrides are not read: a bad ``MMFUSE_BACKEND`` does not stop a call
     naming its own backend."""
-    state = _current()
     if backend is not None:
         _check_option("backend", backend)
+        if backend != "auto":  # nothing else is read (not even the environment, at import)
+            return (backend, None)
+    state = _current()
     name = backend or _value(state, "backend")
     return (name, _value(state, "prefer") if name == "auto" else None)

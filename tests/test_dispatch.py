@@ -210,8 +210,21 @@ def test_register_checks_signature():
     def wrong(xs, factors):
         return None
 
-    with pytest.raises(TypeError, match=r"must have the public signature \(xs, factors, weights, bias, append_one, present\); got \(xs, factors\)"):
+    with pytest.raises(TypeError, match=r"must have the public signature \(xs, factors, weights, bias, \*, append_one, present\); got \(xs, factors\)"):
         register("lowrank_fusion", "numba", wrong)
+
+    def positional(xs, factors, weights=None, bias=None, append_one=True, present=None):
+        return None
+
+    # the kinds shown: the names alone were two equal lists
+    with pytest.raises(TypeError, match=r"signature \(xs, factors, weights, bias, \*, append_one, present\); got \(xs, factors, weights, bias, append_one, present\)$"):
+        register("lowrank_fusion", "numba", positional)
+    # unregister names what it does not know, as register does (a typo removed nothing, silently)
+    with pytest.raises(ValueError, match=r"unknown operator 'lowrank_fusoin'"):
+        unregister("lowrank_fusoin", "numba")
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'Numba'"):
+        unregister("lowrank_fusion", "Numba")
+    unregister("lowrank_fusion", "numba")  # a known pair with nothing registered: nothing happens
     with pytest.raises(ValueError, match=r"backend must be one of"):
         register("lowrank_fusion", "auto", wrong)
 
@@ -429,3 +442,81 @@ def test_explain_refuses_what_is_not_an_array(rng):
         explain("lowrank_fusion", "x")
     with pytest.raises(TypeError, match=r"arrays\[1\]\[0\] is a float, not an array"):
         explain("lowrank_fusion", [x], [3.0])
+
+
+def test_environment_is_read_once_per_process_at_first_use():
+    """``import mmfuse.nn`` read MMFUSE_BACKEND / MMFUSE_PREFER (its torch lookups went through
+    the configuration), and each new thread read them again: a variable set after the first
+    use gave a pool worker another policy than the main thread.  Now the first use reads them,
+    once for the process; threads start from that."""
+    pytest.importorskip("torch")
+    out = _run(
+        """
+        import os, threading
+        import mmfuse.nn, mmfuse._config as c
+        print(c._state.get(), c._FROM_ENVIRONMENT)
+        os.environ["MMFUSE_BACKEND"] = "reference"  # before the first use: it counts
+        import mmfuse
+        print(mmfuse.get_config()["backend"])
+        os.environ["MMFUSE_BACKEND"] = "array_api"  # after it: no thread sees it
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(mmfuse.get_config()["backend"]))
+        worker.start(); worker.join()
+        print(seen[0])
+        """
+    )
+    assert out.splitlines() == ["None []", "reference", "reference"]
+
+
+def test_a_bad_preference_stops_only_what_reads_it():
+    """A refused MMFUSE_PREFER stopped config_context(backend=...) on entry (it yields the
+    configuration), though a named backend never reads the preference."""
+    out = _run(
+        """
+        import numpy as np, mmfuse
+        with mmfuse.config_context(backend="array_api") as cfg:
+            print(cfg, mmfuse.moments(np.ones((2, 3, 2)))[0].shape)
+        try:
+            mmfuse.get_config()
+        except ValueError as err:
+            print(str(err)[:45])
+        """,
+        env={"MMFUSE_PREFER": "nope"},
+    )
+    assert out.splitlines() == [
+        "{'backend': 'array_api', 'prefer': None} (2, 1, 2)",
+        "environment variable MMFUSE_PREFER: prefer mu",
+    ]
+
+
+@pytest.mark.parametrize("how", ["prefer", "backend"])
+def test_a_backend_that_refuses_on_metadata_is_not_imported(how):
+    """prefer="torch" (or "triton"), or backend="triton", on a NumPy call imported torch and
+    Triton (seconds) before their rows refused it; the rows' conditions read metadata only,
+    so the refusal (or, for a preference, the fallback to "auto") now imports nothing."""
+    pytest.importorskip("torch")
+    out = _run(
+        f"""
+        import sys
+        import numpy as np
+        import mmfuse
+        from mmfuse.backends import BackendUnsupported
+        x = np.ones((2, 6, 3))
+        p = mmfuse.init_lowrank([3], rank=1, out_dim=1, seed=0)
+        for name in ("torch", "triton"):
+            if "{how}" == "prefer":
+                with mmfuse.config_context(prefer=name):
+                    mmfuse.moments(x)
+                    mmfuse.lowrank_fusion([np.ones((2, 3))], **p)
+            else:
+                try:
+                    mmfuse.moments(x, backend=name)
+                except BackendUnsupported as err:
+                    print(str(err)[:40])
+        print(sorted(m for m in ("torch", "triton") if m in sys.modules))
+        """
+    )
+    lines = out.splitlines()
+    assert lines[-1] == "[]"
+    if how == "backend":
+        assert lines[:2] == ["backend 'torch' cannot take numpy arrays", "backend 'triton' cannot take numpy array"]

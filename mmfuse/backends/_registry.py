@@ -131,12 +131,31 @@ def _parameters(func: Callable[..., Any], *, drop: tuple[str, ...] = ()) -> Sign
     return tuple((p.name, p.kind) for p in sig.parameters.values() if p.name not in drop)
 
 
+def _spelt(signature: Signature) -> str:
+    """A signature as Python writes it, ``(xs, factors, *, append_one)``: its kinds shown, so
+    that a mismatch of kinds alone does not read as two equal lists of names."""
+    parts: list[str] = []
+    star = False
+    for name, kind in signature:
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            parts.append(f"*{name}")
+            star = True
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            parts.append(f"**{name}")
+        else:
+            if kind is inspect.Parameter.KEYWORD_ONLY and not star:
+                parts.append("*")
+                star = True
+            parts.append(name)
+    return f"({', '.join(parts)})"
+
+
 def _check_signature(op: str, backend: str, func: Callable[..., Any]) -> None:
     want, got = _signature(op), _parameters(func)
     if got != want:
         raise TypeError(
-            f"{backend} implementation of {op} must have the public signature "
-            f"({', '.join(n for n, _ in want)}); got ({', '.join(n for n, _ in got)})"
+            f"{backend} implementation of {op} must have the public signature {_spelt(want)}; "
+            f"got {_spelt(got)}"
         )
 
 
@@ -193,7 +212,12 @@ def register(
 
 def unregister(op: str, backend: str) -> None:
     """Remove what :func:`register` added for ``op`` and ``backend`` (mmfuse's own
-    implementations of that backend come back); nothing happens if there is none."""
+    implementations of that backend come back); nothing happens if there is none.  An
+    unknown operator or backend name is refused as :func:`register` refuses it (a typo
+    would leave the registration in place, silently)."""
+    _signature(op)
+    if backend not in BACKEND_NAMES or backend == "auto":
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES[1:])}, got {backend!r}")
     with _lock:
         if _REGISTERED.pop((op, backend), None) is not None:
             _CHOICES.clear()
@@ -263,7 +287,9 @@ def _candidates(
     with ``imported_only``, rows "auto" leaves out for ``info`` (:func:`_auto_skips`) are
     returned unresolved, as rows."""
     found: list[tuple[int, int, Implementation | Row]] = []
-    replaced = {b for (o, b) in _REGISTERED if o == op}
+    with _lock:  # (a snapshot: register / unregister in another thread change the dict)
+        registered = list(_REGISTERED.items())
+    replaced = {b for (o, b), _ in registered if o == op}
     for i, row in enumerate(_rows(op, backend)):
         if row.backend in replaced:
             continue
@@ -273,7 +299,7 @@ def _candidates(
         impl = _resolve(row)
         if impl is not None:
             found.append((-row.priority, i, impl))
-    for (o, b), impl in _REGISTERED.items():
+    for (o, b), impl in registered:
         if o == op and (backend is None or b == backend):
             found.append((-impl.priority, -1, impl))
     found.sort(key=lambda t: (t[0], t[1]))
@@ -379,6 +405,13 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
             f"'auto' finds no implementation of {op} that takes {what}: "
             f"{_join(reasons) if reasons else 'none is registered'}; {_backends_for(op)}"
         )
+    if info is not None:
+        refused = _table_refusals(op, name, info)
+        if refused:  # every row refuses on metadata: said without importing the backend
+            raise BackendUnsupported(
+                f"backend {name!r} cannot take {namespace_name(info.xp)} arrays on device "
+                f"{_device_name(info.device)!r} for {op}: {_join(refused)}"
+            )
     cands = [c for c in _candidates(op, name, imported_only=False) if isinstance(c, Implementation)]
     if not cands:
         reason = _plugin_errors.get(name, "it has no implementation of this operator")
@@ -397,6 +430,25 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
         f"backend {name!r} cannot take {namespace_name(info.xp)} arrays on device "
         f"{_device_name(info.device)!r} for {op}: {_join(reasons)}"
     )
+
+
+def _table_refusals(op: str, name: str, info: CallInfo) -> list[str]:
+    """The reasons of backend ``name``'s table rows for ``op`` when every one refuses the
+    call by its condition (which reads metadata only), and no user registration replaces
+    them; else []: then the rows are loaded and asked.  A forced or preferred backend that
+    cannot take the call is so refused without importing its framework (a preferred torch or
+    Triton imported both on NumPy calls: seconds)."""
+    with _lock:
+        if any(o == op and b == name for (o, b) in _REGISTERED):
+            return []
+    reasons: list[str] = []
+    for row in _rows(op, name):
+        refusal = CONDITIONS[row.condition](info)
+        if refusal is None:
+            return []
+        if refusal not in reasons:
+            reasons.append(refusal)
+    return reasons
 
 
 def _join(reasons: list[str]) -> str:
