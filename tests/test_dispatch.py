@@ -520,3 +520,19 @@ def test_a_backend_that_refuses_on_metadata_is_not_imported(how):
     assert lines[-1] == "[]"
     if how == "backend":
         assert lines[:2] == ["backend 'torch' cannot take numpy arrays", "backend 'triton' cannot take numpy array"]
+
+
+def test_explain_shows_what_a_preference_runs():
+    """Under prefer= explain() marked the chosen reference row "not considered" (no row said
+    "runs") and called rows above it "would run if the rows above could not"; a forced backend
+    without the operator printed the header alone."""
+    x = np.ones((2, 6, 3))
+    with mmfuse.config_context(prefer="reference"):
+        found = explain("moments", x)
+    verdicts = {(b, v): verdict for b, v, _, verdict in found.rows}
+    assert found.chosen.backend == "reference"
+    assert verdicts[("reference", found.chosen.variant)] == "runs"
+    assert verdicts[("array_api", "generic")] == "passed over: prefer reference runs first"
+    empty = explain("tensor_fusion", [np.ones((2, 3))], np.ones((4, 2)), backend="numba")
+    assert empty.chosen is None
+    assert [verdict for *_, verdict in empty.rows] == ["cannot run tensor_fusion: it has no implementation of this operator"]

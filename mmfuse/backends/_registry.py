@@ -562,26 +562,35 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
         chosen = None
     rows: list[tuple[str, str, int, str]] = []
     candidates = _candidates(op, None, imported_only=False)
-    row_of = {id(impl): row for row, impl in _RESOLVED.items()}
+    with _lock:
+        row_of = {id(impl): row for row, impl in _RESOLVED.items()}
+    passed_chosen = False
     for cand in candidates:
         if isinstance(cand, Row):  # not reached: imported_only=False resolves every row
             continue
         if not name.startswith("auto") and name != cand.backend:
             continue  # a forced backend: only its own rows are candidates
         row = row_of.get(id(cand))
-        if name.startswith("auto") and cand.backend == "reference":
+        if cand is chosen:  # first: a preference may pick a row "auto" itself would not
+            verdict, passed_chosen = "runs", True
+        elif name.startswith("auto") and cand.backend == "reference":
             verdict = "not considered: 'auto' never picks the reference (force backend='reference')"
-        elif name.startswith("auto") and cand is not chosen and row is not None and _auto_skips(row, info):
+        elif name.startswith("auto") and row is not None and _auto_skips(row, info):
             verdict = _skipped(row, info)
-        elif cand is chosen:
-            verdict = "runs"
         else:
             refusal = None if info is None else cand.refusal(info)
-            verdict = (
-                "would run if the rows above could not" if refusal is None else f"cannot take them: {refusal}"
-            )
+            if refusal is not None:
+                verdict = f"cannot take them: {refusal}"
+            elif chosen is not None and not passed_chosen:  # above the chosen: passed over
+                verdict = f"passed over: {name.split(', ')[-1]} runs first"
+            else:
+                verdict = "would run if the rows above could not"
         rows.append((cand.backend, cand.variant, cand.priority, verdict))
-    for backend, reason in sorted(_plugin_errors.items()):
+    if not rows and not name.startswith("auto"):  # a forced backend without this operator
+        rows.append((name, "(none)", 0, f"cannot run {op}: it has no implementation of this operator"))
+    with _lock:
+        errors = sorted(_plugin_errors.items())
+    for backend, reason in errors:
         has_rows = any(r.op == op and r.backend == backend for r in ROWS)
         if has_rows and (name.startswith("auto") or name == backend):
             rows.append((backend, "(not installed)", 0, f"unavailable: {reason}"))
