@@ -494,7 +494,13 @@ def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
         return np.array(np.from_dlpack(x), dtype=dtype, copy=True)
     except (TypeError, AttributeError, BufferError, RuntimeError, ValueError):
         # ValueError: array_api_strict at a standard version before 2023.12 refuses the
-        # max_version NumPy passes to __dlpack__; its __array__ still copies
+        # max_version NumPy passes to __dlpack__; its __array__ still copies, from its CPU
+        # device only (an array on another of its devices is moved there first)
+        strict = sys.modules.get("array_api_strict")
+        if strict is not None and type(x).__module__.startswith("array_api_strict"):
+            cpu = strict.Device("CPU_DEVICE")  # (its name for the host; no public constant)
+            if x.device != cpu:
+                x = x.to_device(cpu)
         return np.array(x, dtype=dtype, copy=True)
 
 

@@ -20,6 +20,7 @@ from ._namespace import (
     device_of,
     from_numpy,
     is_array,
+    is_jax,
     is_numpy,
     is_torch,
     namespace_name,
@@ -143,6 +144,24 @@ def random_generator(seed: Any) -> np.random.Generator:
         ) from None
 
 
+def check_jax_width(space: Any, dtype: Any) -> None:
+    """TypeError for a dtype JAX would silently truncate (float64 while its 64-bit mode is off:
+    arrays come back float32): the loaders', ``make_inputs``' and the initialisers' rule."""
+    if not is_jax(space):
+        return
+    import jax
+
+    try:
+        wide = np.dtype(dtype)
+    except TypeError:  # not a dtype at all: the caller's own check says so
+        return
+    if jax.dtypes.canonicalize_dtype(wide) != wide:
+        raise TypeError(
+            f"dtype {np.dtype(dtype).name} needs JAX's 64-bit mode, which is off "
+            "(jax.config.update('jax_enable_x64', True)); or ask for float32"
+        )
+
+
 def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
     """``dtype`` for parameters drawn by an initialiser (None: the namespace's default floating
     dtype); TypeError unless it is a real floating dtype of ``space``, and ValueError naming
@@ -157,6 +176,7 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
             named = getattr(space, dtype, None)
             if named is not None and not callable(named) and not dtype.startswith("_"):
                 dtype = named
+        check_jax_width(space, dtype)  # before JAX truncates it (with a warning) in the probe
         try:  # the dtype alone first, so that the namespace's refusal is about the dtype
             from_numpy(np.ones(1), space, dtype=dtype)
         except (TypeError, ValueError) as err:

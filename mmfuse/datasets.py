@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ._namespace import from_numpy, is_host_device, is_jax, is_numpy, is_torch
-from ._validation import check_bool_option, check_device, check_namespace, random_generator
+from ._validation import check_bool_option, check_device, check_jax_width, check_namespace, random_generator
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
 
@@ -174,14 +174,7 @@ def resolve_dtype(xp: Namespace | None, dtype: Any) -> Any:
         dtype = getattr(xp, dtype)
     if not _is_real_floating(xp, dtype):
         raise TypeError(f"dtype must be a real floating dtype of {name}, got {dtype!r}")
-    if is_jax(xp):
-        import jax
-
-        if jax.dtypes.canonicalize_dtype(dtype) != np.dtype(dtype):  # JAX would truncate it
-            raise TypeError(
-                f"dtype {np.dtype(dtype).name} needs JAX's 64-bit mode, which is off "
-                "(jax.config.update('jax_enable_x64', True)); or ask for float32"
-            )
+    check_jax_width(xp, dtype)
     return dtype
 
 

@@ -228,7 +228,9 @@ def test_the_cpu_by_any_name_in_every_namespace():
 
 def test_jax_float64_without_x64_is_refused_by_name():
     """Asking for float64 under JAX's default 32-bit mode gave float32 arrays and one warning
-    per array; it names the mode now."""
+    per array; it names the mode now, in the loaders, make_inputs and the initialisers (which
+    returned float32 parameters for dtype=float64)."""
+    import mmfuse
     import mmfuse.datasets as ds
 
     jax = pytest.importorskip("jax")
@@ -236,7 +238,10 @@ def test_jax_float64_without_x64_is_refused_by_name():
     jax.config.update("jax_enable_x64", False)
     try:
         for call in (lambda: ds.load_mfeat(xp=jax.numpy, dtype="float64"),
-                     lambda: make_inputs([3], batch=2, xp=jax.numpy, dtype=jax.numpy.float64)):  # fmt: skip
+                     lambda: make_inputs([3], batch=2, xp=jax.numpy, dtype=jax.numpy.float64),
+                     lambda: mmfuse.init_lowrank([3], rank=2, out_dim=2, seed=0, xp=jax.numpy, dtype=jax.numpy.float64),
+                     lambda: mmfuse.init_wander([4], [3], rank=2, feature_rank=1, token_rank=1, out_dim=4,
+                                                seed=0, xp=jax.numpy, dtype="float64")):  # fmt: skip
             with pytest.raises(TypeError, match="float64 needs JAX's 64-bit mode"):
                 call()
         assert make_inputs([3], batch=2, xp=jax.numpy)[0].dtype == jax.numpy.float32
@@ -250,6 +255,23 @@ def test_loaders_check_the_seed_without_shuffling():
     with pytest.raises(TypeError, match="seed"):
         ds.load_mfeat(seed="a")
     assert ds.load_mfeat(seed=3).n_samples == 2000
+
+
+@pytest.mark.parametrize("version", ["2022.12", "2023.12"])
+def test_strict_arrays_off_the_cpu_device_are_read(version):
+    """At the 2022.12 standard array_api_strict refuses NumPy's DLPack request and copies through
+    ``__array__``, from its CPU device only: assert_close and backend="reference" failed on
+    an array of another of its devices."""
+    strict = pytest.importorskip("array_api_strict")
+    import mmfuse
+
+    x = _rng().standard_normal((2, 5, 3)) + 3.0
+    with strict.ArrayAPIStrictFlags(api_version=version):
+        a = strict.asarray(x, device=strict.Device("device1"))
+        assert_close(a, x)
+        mean, _ = mmfuse.moments(a, backend="reference")
+        assert mean.device == a.device
+        assert_close(mean, x.mean(axis=1, keepdims=True))
 
 
 def test_tensors_with_the_negative_bit_are_read_with_their_sign():
