@@ -265,6 +265,36 @@ def test_dask_lazy_chunked_and_equal(dask_array, op, rng):
     assert_close(out.compute(), want)
 
 
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_dask_sequence_parameters_in_several_chunks(dask_array, mode, rng):
+    """Feature and token factors (and down-projections) in several chunks: the output's
+    batch chunks fragmented to one sample each (many more tasks, a PerformanceWarning) and an
+    empty batch failed in Dask's reshape.  The parameters are taken in one chunk each now."""
+    da = dask_array
+    feat = [rng.standard_normal(s) for s in ((2, 3, 5), (2, 2, 5))]
+    tok = [rng.standard_normal(s) for s in ((3, 4, 3), (3, 6, 3))]
+    hs = [rng.standard_normal(s) for s in ((9, 4, 3), (9, 6, 2))]
+    dfeat = [da.from_array(f, chunks=(1, 1, 5)) for f in feat]
+    dtok = [da.from_array(t, chunks=(1, 2, 3)) for t in tok]
+    dhs = [da.from_array(h, chunks=(3, -1, -1)) for h in hs]
+    y = mmfuse.sequence_fusion(dhs, dfeat, dtok, mode=mode)
+    assert y.chunks[0] == (3, 3, 3)
+    assert_close(y, ref.sequence_fusion(hs, feat, tok, mode=mode))
+    empty = mmfuse.sequence_fusion([da.zeros((0, 4, 3)), da.zeros((0, 6, 2))], dfeat, dtok, mode=mode)
+    assert empty.compute().shape == (0, 3, 5)
+    # wander: the down-projections chunked too
+    p = mmfuse.init_wander([5, 5], [4, 6], rank=3, feature_rank=2, token_rank=3, out_dim=5, seed=rng)
+    xs = [rng.standard_normal((9, t, 5)) for t in (4, 6)]
+    dp = {
+        "down": [tuple(da.from_array(a, chunks=2) for a in pair) for pair in p["down"]],
+        "feature": [da.from_array(f, chunks=1) for f in p["feature"]],
+        "token": [da.from_array(t, chunks=1) for t in p["token"]],
+    }
+    w = mmfuse.wander([da.from_array(x, chunks=(3, -1, -1)) for x in xs], dp, mode=mode)
+    assert w.chunks[0] == (3, 3, 3)
+    assert_close(w, ref.wander(xs, p, mode=mode))
+
+
 @pytest.mark.parametrize("op", CASES)
 def test_dask_chunks_of_unknown_size_are_refused_by_name(dask_array, op, rng):
     """Boolean indexing leaves chunks of unknown (NaN) size; sizes are checked against each

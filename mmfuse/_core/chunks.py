@@ -13,7 +13,17 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["per_batch_chunk"]
+__all__ = ["one_chunk", "per_batch_chunk"]
+
+
+def one_chunk(params: Sequence[Any]) -> list[Any]:
+    """Dask parameters (arrays or ``None``) each in one chunk; other arrays as they are.
+
+    Parameters have no batch axis: a chunked one, contracted with the batched inputs through
+    reshapes that merge the batch with it, fragmented the output's batch chunks (one sample a
+    chunk, many more tasks; an empty batch failed in Dask's reshape).  They are small, so
+    one chunk each costs nothing."""
+    return [None if p is None else _whole(p, from_axis=0) for p in params]
 
 
 def per_batch_chunk(
@@ -36,7 +46,7 @@ def per_batch_chunk(
     # count of block combinations (it warns "Increasing number of chunks by factor of ...",
     # an error under filterwarnings=error) before ``concatenate=True`` joins them again.
     batched = [_whole(x, from_axis=1) for x in batched]
-    params = [None if p is None else _whole(p, from_axis=0) for p in params]
+    params = one_chunk(params)
     # one index name per non-batch axis of every array: tuples of names, not strings of
     # letters, which ran out at eight modalities (26 letters for all axes of all arrays)
     names = (f"a{i}" for i in itertools.count())

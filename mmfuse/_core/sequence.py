@@ -32,6 +32,7 @@ from .._namespace import (
     low_precision,
     mask_tokens,
 )
+from .chunks import one_chunk
 
 __all__ = [
     "CP_BLOCK_BYTES",
@@ -537,6 +538,8 @@ def sequence_fusion(
             sequence_fusion, xp, hs[0].dtype, list(hs), list(feature_factors), list(token_factors),
             mode=mode, masks=masks,
         )  # fmt: skip
+    if is_dask(xp):  # parameters in one chunk: the output keeps the inputs' batch chunks
+        feature_factors, token_factors = one_chunk(feature_factors), one_chunk(token_factors)
     r_h, _, out_dim = feature_factors[0].shape
     r_t, _, n_out = token_factors[0].shape
     the_plan = plan(
@@ -754,7 +757,9 @@ def wander_with(
     masks = [None] * len(xs) if masks is None else list(masks)
     # padded tokens are zeroed before the down-projection too: a NaN there would otherwise
     # reach dL/dW as 0 * NaN (the residual still adds the raw tokens)
-    hs = [_down(xp, mask_tokens(xp, x, k), w, b) for x, k, (w, b) in zip(xs, masks, params["down"])]
+    # Dask: the down-projections in one chunk each, as sequence_fusion's factors
+    down = [tuple(one_chunk(pair)) if is_dask(xp) else pair for pair in params["down"]]
+    hs = [_down(xp, mask_tokens(xp, x, k), w, b) for x, k, (w, b) in zip(xs, masks, down)]
     hs = _activate(xp, activation, hs)
     y = fuse(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
     if residual == "first":
