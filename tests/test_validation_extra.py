@@ -456,6 +456,11 @@ def test_numpy_byte_orders_mix_as_in_numpy(swapped):
         "lowrank_fusion": (lambda a, b: mmfuse.lowrank_fusion([a, b], **p), [(4, 3), (4, 4)]),
         "tensor_fusion": (lambda a, b: mmfuse.tensor_fusion([a, b], weight), [(4, 3), (4, 4)]),
         "zoom_shift": (lambda a, b: mmfuse.zoom_shift(a, b), [(2, 5, 3), (2, 4, 3)]),
+        # masked statistics on NumPy (whichever array comes first): a count with dtype=">f8"
+        "zoom_shift masked": (
+            lambda a, b: mmfuse.zoom_shift(a, b, mask=np.arange(10).reshape(2, 5) % 3 > 0, backend="array_api"),
+            [(2, 5, 3), (2, 4, 3)],
+        ),
         "align": (lambda a, b: mmfuse.align([a, b])[1], [(2, 5, 3), (2, 4, 3)]),
         "wander": (lambda a, b: mmfuse.wander([a, b], wp), [(2, 6, 8), (2, 5, 8)]),
         # masked pooling asked NumPy's sum for dtype=">f8", which it refuses

@@ -312,7 +312,9 @@ def _block_stats(
         src = dev
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
-        count = total(full, axis, xb.dtype, None, True)
+        # (a native dtype=: NumPy's reductions refuse a byte-swapped one, ">f8" read from a file)
+        native = xb.dtype if xb.dtype.isnative else xb.dtype.newbyteorder("=")
+        count = total(full, axis, native, None, True)
         piv = total(xb, axis, None, piv_o, True, where=full)
         divide(piv, count, piv)
         dev = np.subtract(xb, piv, dev)
