@@ -347,11 +347,16 @@ def _host_device_of(xp: Namespace, device: Any) -> Any:
 
         return jax.devices("cpu")[0]
     info = getattr(xp, "__array_namespace_info__", None)
-    if info is None:
-        return device
-    for candidate in info().devices():
+    try:
+        devices = () if info is None else info().devices()
+    except RuntimeError:  # array_api_strict before the 2023.12 standard, which has no info()
+        devices = ()
+    for candidate in devices:
         if is_host_device(candidate):
             return candidate
+    strict = sys.modules.get("array_api_strict")
+    if strict is not None and namespace_name(xp) == "array_api_strict":
+        return strict.Device("CPU_DEVICE")  # its name for the host (no public constant)
     return device  # no CPU device (CuPy): the namespace's own error names it
 
 
@@ -496,11 +501,9 @@ def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
         # ValueError: array_api_strict at a standard version before 2023.12 refuses the
         # max_version NumPy passes to __dlpack__; its __array__ still copies, from its CPU
         # device only (an array on another of its devices is moved there first)
-        strict = sys.modules.get("array_api_strict")
-        if strict is not None and type(x).__module__.startswith("array_api_strict"):
-            cpu = strict.Device("CPU_DEVICE")  # (its name for the host; no public constant)
-            if x.device != cpu:
-                x = x.to_device(cpu)
+        device = getattr(x, "device", None)
+        if device is not None and not is_host_device(device) and hasattr(x, "to_device"):
+            x = x.to_device(_host_device_of(array_namespace(x), "cpu"))
         return np.array(x, dtype=dtype, copy=True)
 
 

@@ -272,6 +272,10 @@ def test_strict_arrays_off_the_cpu_device_are_read(version):
         mean, _ = mmfuse.moments(a, backend="reference")
         assert mean.device == a.device
         assert_close(mean, x.mean(axis=1, keepdims=True))
+        # device="cpu" means its CPU device: at 2022.12 (no __array_namespace_info__) the
+        # initialisers refused it ("'cpu' is not a device of array_api_strict")
+        p = mmfuse.init_lowrank([3], rank=2, out_dim=2, seed=0, xp=strict, device="cpu")
+        assert p["factors"][0].device == strict.Device("CPU_DEVICE")
 
 
 def test_tensors_with_the_negative_bit_are_read_with_their_sign():
