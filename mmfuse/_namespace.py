@@ -28,6 +28,7 @@ __all__ = [
     "is_numpy",
     "is_torch",
     "namespace_name",
+    "native_dtype",
     "not_an_array",
     "to_numpy",
     "torch_namespace",
@@ -358,6 +359,15 @@ def _host_device_of(xp: Namespace, device: Any) -> Any:
     if strict is not None and namespace_name(xp) == "array_api_strict":
         return strict.Device("CPU_DEVICE")  # its name for the host (no public constant)
     return device  # no CPU device (CuPy): the namespace's own error names it
+
+
+def native_dtype(dtype: Any) -> Any:
+    """A NumPy dtype in native byte order (``>f8`` is float64 read from a big-endian file: the
+    same numbers, which NumPy's operations mix freely, but which its reductions refuse as
+    ``dtype=``); other libraries' dtypes as they are."""
+    if isinstance(dtype, np.dtype) and not dtype.isnative:
+        return dtype.newbyteorder("=")
+    return dtype
 
 
 def work_dtype(xp: Namespace, dtype: Any) -> Any:

@@ -24,6 +24,7 @@ from ._namespace import (
     is_numpy,
     is_torch,
     namespace_name,
+    native_dtype,
     not_an_array,
 )
 
@@ -226,22 +227,15 @@ def check_bool(xp: Any, x: Any, name: str) -> None:
         raise TypeError(f"{name} must have a boolean dtype, got {x.dtype}")
 
 
-def _native(dtype: Any) -> Any:
-    """A NumPy dtype in native byte order (``>f8`` is float64 read from a big-endian file:
-    the same numbers, which NumPy's operations mix freely); other libraries' dtypes as they
-    are."""
-    return dtype.newbyteorder("=") if isinstance(dtype, np.dtype) else dtype
-
-
 def check_same_float_dtype(xp: Any, named: Sequence[tuple[str, Any]]) -> Any:
     """Every array is real floating and all share the first one's dtype; returns that dtype."""
     live = [(n, a) for n, a in named if a is not None]
     for n, a in live:
         check_float(xp, a, n)
     first_name, first = live[0]
-    want = _native(first.dtype)
+    want = native_dtype(first.dtype)  # byte orders mix, as in NumPy's own operations
     for n, a in live[1:]:
-        if _native(a.dtype) != want:
+        if native_dtype(a.dtype) != want:
             raise TypeError(
                 f"{n} has dtype {a.dtype} but {first_name} has dtype {first.dtype}; "
                 "cast all floating inputs to one dtype"

@@ -48,6 +48,7 @@ from .._namespace import (
     is_dask,
     is_jax,
     is_lazy,
+    native_dtype,
     work_dtype,
 )
 
@@ -312,9 +313,7 @@ def _block_stats(
         src = dev
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
-        # (a native dtype=: NumPy's reductions refuse a byte-swapped one, ">f8" read from a file)
-        native = xb.dtype if xb.dtype.isnative else xb.dtype.newbyteorder("=")
-        count = total(full, axis, native, None, True)
+        count = total(full, axis, native_dtype(xb.dtype), None, True)  # (">f8" refused there)
         piv = total(xb, axis, None, piv_o, True, where=full)
         divide(piv, count, piv)
         dev = np.subtract(xb, piv, dev)
