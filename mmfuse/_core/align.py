@@ -687,6 +687,11 @@ def _zoomed_spread(xp: Any, sigma: Any, share: Any, s: Any, eps: float) -> tuple
     return xp.where(live, z * xp.sqrt(total), root_eps), xp.where(live, share / total, 0.0)
 
 
+# The rounds' running state per modality: means, spreads, variance shares, composed scales
+# (None until a round first touches the modality)
+_RoundState = tuple[list[Any], list[Any], list[Any], list[Any]]
+
+
 def _round_maps(
     xp: Any,
     stats: list[tuple[Any, Any]],
@@ -715,28 +720,11 @@ def _round_maps(
     sig = [spread(xp, v, eps) for _, v in stats]
     if rounds is None:
         return _limit_maps(xp, mus, [v for _, v in stats], alpha, schedule, topology, hub, eps)
-    share: list[Any] = [None] * n  # var / (var + eps), once a spread update needs it
-    scales: list[Any] = [None] * n
+    # share: var / (var + eps), once a spread update needs it; scales: the composed zooms
+    state: _RoundState = (mus, sig, [None] * n, [None] * n)
     for r in range(rounds):
-        last = r == rounds - 1
-        src_mu, src_sig = (list(mus), list(sig)) if schedule == "jacobi" else (mus, sig)
-        for i in range(n):
-            if topology == "hub":
-                if i == hub:
-                    continue
-                mu_t, sigma_t = src_mu[hub], src_sig[hub]
-            else:
-                others = [src for j, src in enumerate(zip(src_mu, src_sig)) if j != i]
-                mu_t = _arithmetic_mean([m for m, _ in others])
-                sigma_t = _geometric_mean(xp, [g for _, g in others])
-            s = zoom_scale(xp, sig[i], sigma_t, alpha)
-            # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S (x0 - mu0) + ...
-            scales[i] = s if scales[i] is None else s * scales[i]
-            mus[i] = _target_mean(mus[i], mu_t, alpha)
-            if not last or (schedule != "jacobi" and topology != "hub" and i < n - 1):
-                if share[i] is None:
-                    share[i] = _var_share(xp, stats[i][1], eps)
-                sig[i], share[i] = _zoomed_spread(xp, sig[i], share[i], s, eps)
+        state = _one_round(xp, stats, state, r == rounds - 1, alpha, schedule, topology, hub, eps)
+    mus, _, _, scales = state
     out = []
     for i, s in enumerate(scales):
         if s is None:  # never moved: the identity
@@ -745,6 +733,42 @@ def _round_maps(
         else:
             out.append((s, mus[i], True))
     return out
+
+
+def _one_round(
+    xp: Any,
+    stats: list[tuple[Any, Any]],
+    state: _RoundState,
+    last: bool,
+    alpha: float,
+    schedule: str,
+    topology: str,
+    hub: int,
+    eps: float,
+) -> _RoundState:
+    """One round of :func:`_round_maps` on its running state (``last``: the final round,
+    whose spreads only a later step of the same round reads)."""
+    mus, sig, share, scales = state  # updated in place: the lists are _round_maps' own
+    n = len(stats)
+    src_mu, src_sig = (list(mus), list(sig)) if schedule == "jacobi" else (mus, sig)
+    for i in range(n):
+        if topology == "hub":
+            if i == hub:
+                continue
+            mu_t, sigma_t = src_mu[hub], src_sig[hub]
+        else:
+            others = [src for j, src in enumerate(zip(src_mu, src_sig)) if j != i]
+            mu_t = _arithmetic_mean([m for m, _ in others])
+            sigma_t = _geometric_mean(xp, [g for _, g in others])
+        s = zoom_scale(xp, sig[i], sigma_t, alpha)
+        # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S (x0 - mu0) + ...
+        scales[i] = s if scales[i] is None else s * scales[i]
+        mus[i] = _target_mean(mus[i], mu_t, alpha)
+        if not last or (schedule != "jacobi" and topology != "hub" and i < n - 1):
+            if share[i] is None:
+                share[i] = _var_share(xp, stats[i][1], eps)
+            sig[i], share[i] = _zoomed_spread(xp, sig[i], share[i], s, eps)
+    return mus, sig, share, scales
 
 
 def _arithmetic_mean(values: list[Any]) -> Any:
