@@ -83,7 +83,10 @@ def case_sequence_fusion(rng):
 
     def call(batched, P):
         return mmfuse.sequence_fusion(
-            batched[:n], [P(f) for f in feature], [P(t) for t in token], masks=[P(m, batch=True) for m in masks]
+            batched[:n],
+            [P(f) for f in feature],
+            [P(t) for t in token],
+            masks=[P(m, batch=True) for m in masks],
         )
 
     def reference(b):
@@ -96,7 +99,9 @@ def case_sequence_fusion_collapsed(rng):
     hs, feature, token, _ = _sequence_problem(rng)
 
     def call(batched, P):
-        return mmfuse.sequence_fusion(batched, [P(f) for f in feature], [P(t) for t in token], mode="collapsed")
+        return mmfuse.sequence_fusion(
+            batched, [P(f) for f in feature], [P(t) for t in token], mode="collapsed"
+        )
 
     def reference(b):
         return ref.sequence_fusion(b, feature, token, mode="collapsed")
@@ -107,7 +112,9 @@ def case_sequence_fusion_collapsed(rng):
 def case_wander(rng):
     lengths, dim = (4, 6, 5), 5
     xs = [rng.standard_normal((9, t, dim)) for t in lengths]
-    params = mmfuse.init_wander([dim] * 3, lengths, rank=3, feature_rank=2, token_rank=2, out_dim=dim, seed=rng)
+    params = mmfuse.init_wander(
+        [dim] * 3, lengths, rank=3, feature_rank=2, token_rank=2, out_dim=dim, seed=rng
+    )
 
     def convert(P):
         return {
@@ -126,7 +133,11 @@ def case_wander(rng):
 
 
 def _stat_inputs(rng, tokens=(6, 4, 5), batch=9, channels=3):
-    return [rng.standard_normal((batch, t, channels)) * rng.uniform(0.5, 3, channels) + rng.standard_normal(channels) for t in tokens]
+    return [
+        rng.standard_normal((batch, t, channels)) * rng.uniform(0.5, 3, channels)
+        + rng.standard_normal(channels)
+        for t in tokens
+    ]
 
 
 def case_moments(rng):
@@ -295,6 +306,29 @@ def test_dask_sequence_parameters_in_several_chunks(dask_array, mode, rng):
     assert_close(w, ref.wander(xs, p, mode=mode))
 
 
+@pytest.mark.parametrize(("schedule", "topology"), [("gauss-seidel", "consensus"), ("jacobi", "hub")])
+def test_dask_align_rounds_run_per_chunk(dask_array, schedule, topology, rng):
+    """The rounds act on the statistics alone and run per chunk: the graph does not grow
+    with them.  Written in Dask's calls they added about 86 tasks a round, and computing one
+    output alone failed with RecursionError from about 28 rounds.  Modalities chunked
+    differently along the batch, masks, float16 (float32 statistics): NumPy's values."""
+    da = dask_array
+    xs = [(rng.standard_normal((11, t, 4)) * 2 + 1).astype(np.float16) for t in (5, 3, 6)]
+    masks = [rng.random((11, t)) < 0.7 for t in (5, 3, 6)]
+    for m in masks:
+        m[:, 0] = True
+    kw = {"alpha": 0.6, "schedule": schedule, "topology": topology, "hub": 2, "masks": masks}
+    dxs = [da.from_array(x, chunks=(c, -1, 2)) for x, c in zip(xs, (4, 3, 11))]
+    dmasks = [da.from_array(m, chunks=(5, -1)) for m in masks]
+    few = mmfuse.align(dxs, rounds=2, **{**kw, "masks": dmasks})
+    many = mmfuse.align(dxs, rounds=60, **{**kw, "masks": dmasks})
+    assert len(many[0].__dask_graph__()) == len(few[0].__dask_graph__())
+    want = mmfuse.align(xs, rounds=60, **kw)
+    for got, w in zip(many, want):
+        assert got.dtype == w.dtype
+        np.testing.assert_array_equal(got.compute(), w)
+
+
 @pytest.mark.parametrize("op", CASES)
 def test_dask_chunks_of_unknown_size_are_refused_by_name(dask_array, op, rng):
     """Boolean indexing leaves chunks of unknown (NaN) size; sizes are checked against each
@@ -306,7 +340,9 @@ def test_dask_chunks_of_unknown_size_are_refused_by_name(dask_array, op, rng):
     keep = da.from_array(np.ones(xs[0].shape[0], dtype=bool), chunks=CHUNK)
     unknown = [batch(x)[keep] for x in xs]
     assert np.isnan(unknown[0].shape[0])
-    with pytest.raises(ValueError, match=r"has a size of unknown value along axis 0 \(shape \(nan, .*compute_chunk_sizes\(\)"):
+    with pytest.raises(
+        ValueError, match=r"has a size of unknown value along axis 0 \(shape \(nan, .*compute_chunk_sizes\(\)"
+    ):
         call(unknown, param)
     known = [u.compute_chunk_sizes() for u in unknown]
     assert_close(call(known, param).compute(), want)
@@ -419,7 +455,9 @@ def test_dask_array_module_as_xp_for_initialisers_loaders_and_helpers(dask_array
     da = dask_array
     p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=5, xp=da, seed=0)
     assert all(isinstance(a, da.Array) for a in (*p["factors"], p["weights"], p["bias"]))
-    assert_close(p["factors"][1].compute(), mmfuse.init_lowrank([3, 4], rank=2, out_dim=5, seed=0)["factors"][1])
+    assert_close(
+        p["factors"][1].compute(), mmfuse.init_lowrank([3, 4], rank=2, out_dim=5, seed=0)["factors"][1]
+    )
     (x,) = make_inputs([3], batch=2, xp=da, seed=1)
     assert isinstance(x, da.Array) and x.shape == (2, 3)
     views = load_mfeat(xp=da).views

@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["one_chunk", "per_batch_chunk"]
+__all__ = ["elementwise_per_chunk", "one_chunk", "per_batch_chunk"]
 
 
 def one_chunk(params: Sequence[Any]) -> list[Any]:
@@ -70,6 +70,38 @@ def per_batch_chunk(
         dtype=dtype,
         meta=np.empty((0,) * (1 + len(tail)), dtype=dtype),
     )
+
+
+def elementwise_per_chunk(
+    func: Callable[[list[Any]], list[Any]], arrays: Sequence[Any], n_out: int
+) -> list[Any]:
+    """``func(blocks)`` per chunk of Dask arrays of one shape and dtype: ``n_out`` lazy
+    arrays of that shape and dtype, chunked as ``arrays[0]``.
+
+    ``func`` maps the arrays' corresponding NumPy blocks to ``n_out`` arrays of the blocks'
+    shape (broadcastable to it): an elementwise computation, however long, is then one task
+    per chunk (and one slice per output) rather than a task per call per chunk.
+    """
+    import dask.array as da
+    import numpy as np
+
+    first = arrays[0]
+    chunks = first.chunks
+    arrays = [a if a.chunks == chunks else a.rechunk(chunks) for a in arrays]
+
+    def run(*blocks: Any) -> Any:
+        shape = blocks[0].shape
+        return np.stack([np.broadcast_to(a, shape) for a in func(list(blocks))])
+
+    stacked = da.map_blocks(
+        run,
+        *arrays,
+        new_axis=0,
+        chunks=((n_out,), *chunks),
+        dtype=first.dtype,
+        meta=np.empty((0,) * (first.ndim + 1), dtype=first.dtype),
+    )
+    return [stacked[k] for k in range(n_out)]
 
 
 def _whole(x: Any, *, from_axis: int) -> Any:
