@@ -311,7 +311,8 @@ def test_dask_align_rounds_run_per_chunk(dask_array, schedule, topology, rng):
     """The rounds act on the statistics alone and run per chunk: the graph does not grow
     with them.  Written in Dask's calls they added about 86 tasks a round, and computing one
     output alone failed with RecursionError from about 28 rounds.  Modalities chunked
-    differently along the batch, masks, float16 (float32 statistics): NumPy's values."""
+    differently along the batch, masks, float16 (float32 statistics): NumPy's values (to
+    float16's tolerance: under "auto" NumPy's call may take numba's kernels)."""
     da = dask_array
     xs = [(rng.standard_normal((11, t, 4)) * 2 + 1).astype(np.float16) for t in (5, 3, 6)]
     masks = [rng.random((11, t)) < 0.7 for t in (5, 3, 6)]
@@ -326,7 +327,7 @@ def test_dask_align_rounds_run_per_chunk(dask_array, schedule, topology, rng):
     want = mmfuse.align(xs, rounds=60, **kw)
     for got, w in zip(many, want):
         assert got.dtype == w.dtype
-        np.testing.assert_array_equal(got.compute(), w)
+        assert_close(got.compute(), w)
 
 
 @pytest.mark.parametrize("op", CASES)
@@ -417,6 +418,43 @@ def test_jax_grad_matches_reference_directional_derivative(jax_x64, op, rng):
         return float(np.sum(reference([x + sign * eps * v for x, v in zip(xs, directions)]) * upstream))
 
     numeric = (loss(1) - loss(-1)) / (2 * eps)
+    assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
+
+
+@pytest.mark.parametrize(("schedule", "topology"), [("gauss-seidel", "consensus"), ("jacobi", "hub")])
+def test_jax_jit_align_program_does_not_grow_with_rounds(jax_x64, schedule, topology, rng):
+    """Under ``jit`` the middle rounds are one loop: unrolled, compiling 50 rounds took 26 s
+    (the program grew with every round).  Values and gradients as NumPy's and the reference's;
+    eager ``grad`` keeps the unrolled rounds (a loop would be compiled on every call)."""
+    jax = jax_x64
+    jnp = jax.numpy
+    xs = [rng.standard_normal((5, t, 3)) * 2 + 1 for t in (4, 6, 3)]
+    kw = {"alpha": 0.7, "schedule": schedule, "topology": topology, "hub": 1}
+
+    def program(rounds):
+        return jax.make_jaxpr(lambda b: mmfuse.align(b, rounds=rounds, **kw))([jnp.asarray(x) for x in xs])
+
+    assert len(program(60).eqns) == len(program(5).eqns)
+    got = jax.jit(lambda b: mmfuse.align(b, rounds=60, **kw))([jnp.asarray(x) for x in xs])
+    for g, w in zip(got, mmfuse.align(xs, rounds=60, **kw)):
+        assert_close(g, w)
+    upstream = [rng.standard_normal(x.shape) for x in xs]
+
+    def loss(b):
+        return sum(jnp.sum(o * u) for o, u in zip(mmfuse.align(b, rounds=7, **kw), upstream))
+
+    staged = jax.jit(jax.grad(loss))([jnp.asarray(x) for x in xs])
+    eager = jax.grad(loss)([jnp.asarray(x) for x in xs])
+    for a, b in zip(staged, eager):
+        assert_close(a, b)
+    directions = [rng.standard_normal(x.shape) for x in xs]
+    analytic = sum(float(np.sum(np.asarray(g) * v)) for g, v in zip(staged, directions))
+
+    def ref_loss(sign):
+        moved = [x + sign * 1e-6 * v for x, v in zip(xs, directions)]
+        return float(sum(np.sum(o * u) for o, u in zip(ref.align(moved, rounds=7, **kw), upstream)))
+
+    numeric = (ref_loss(1) - ref_loss(-1)) / 2e-6
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
 
 

@@ -722,8 +722,23 @@ def _round_maps(
         return _limit_maps(xp, mus, [v for _, v in stats], alpha, schedule, topology, hub, eps)
     # share: var / (var + eps), once a spread update needs it; scales: the composed zooms
     state: _RoundState = (mus, sig, [None] * n, [None] * n)
-    for r in range(rounds):
-        state = _one_round(xp, stats, state, r == rounds - 1, alpha, schedule, topology, hub, eps)
+    options = (alpha, schedule, topology, hub, eps)
+    if rounds > 2 and _jax_staged(mus[0]):
+        # Delegation: under a JAX trace the middle rounds are one loop (lax.fori_loop: a scan,
+        # differentiable), so the program does not grow with them; unrolled, compiling 50
+        # rounds took 26 s.  The first round fills the state's None entries and the last
+        # skips the spreads no later step reads: both stay outside the loop.
+        import jax
+
+        def middle(_: Any, state: _RoundState) -> _RoundState:
+            return _one_round(xp, stats, state, False, *options)
+
+        state = _one_round(xp, stats, state, False, *options)
+        state = jax.lax.fori_loop(1, rounds - 1, middle, state)
+        state = _one_round(xp, stats, state, True, *options)
+    else:
+        for r in range(rounds):
+            state = _one_round(xp, stats, state, r == rounds - 1, *options)
     mus, _, _, scales = state
     out = []
     for i, s in enumerate(scales):
@@ -733,6 +748,16 @@ def _round_maps(
         else:
             out.append((s, mus[i], True))
     return out
+
+
+def _jax_staged(x: Any) -> bool:
+    """Whether ``x`` is a JAX tracer without a value (under ``jit`` or ``vmap``; under eager
+    ``grad`` the tracer carries its value, and a loop there would be compiled on every call)."""
+    jax = sys.modules.get("jax")
+    if jax is None or not isinstance(x, jax.core.Tracer):
+        return False
+    concrete = getattr(x, "to_concrete_value", None)  # JAX >= 0.4.36; before: staged
+    return concrete is None or concrete() is None
 
 
 def _one_round(
