@@ -61,9 +61,9 @@ def _initial_state() -> dict[str, tuple[Any, str]]:
 def _read_environment() -> dict[str, tuple[Any, str]]:
     state: dict[str, tuple[Any, str]] = {}
     for key, default in _DEFAULTS.items():
-        env = os.environ.get(_ENV_VARS[key])
-        if env:
-            value: Any = env.strip().lower()
+        env = os.environ.get(_ENV_VARS[key], "").strip()
+        if env:  # empty or blank: unset (a blank value was refused as "got ''")
+            value: Any = env.lower()
             try:
                 _check_option(key, value)
             except ValueError as exc:

@@ -109,6 +109,48 @@ def test_env_var_read_at_first_use():
     assert "environment variable MMFUSE_BACKEND: backend must be one of" in res.stderr
 
 
+def test_blank_environment_value_counts_as_unset():
+    """A blank MMFUSE_BACKEND was refused as "got ''" (its stripped value), where an empty one
+    counts as unset; surrounding blanks and case are ignored around a name."""
+    code = "import mmfuse; print(mmfuse.get_config()['backend'], mmfuse._config.config_source()['backend'])"
+    assert _run(code, env={"MMFUSE_BACKEND": "  \t"}) == "auto default"
+    assert _run(code, env={"MMFUSE_BACKEND": " Reference "}) == "reference environment (MMFUSE_BACKEND)"
+
+
+def test_define_op_refuses_what_it_ignored():
+    """define_op ignored mmfuse's own operator names silently, took name="" as the function's
+    name, and let an operator be redefined with other parameters under implementations
+    checked against the old ones."""
+    from mmfuse.backends import _registry, define_op, unregister
+
+    def my_norm(x, *, scale, backend=None):
+        return x
+
+    def my_norm_v2(x, *, scale, shift, backend=None):
+        return x
+
+    with pytest.raises(ValueError, match=r"^'moments' is one of mmfuse's own operators; give yours another name"):
+        define_op(my_norm, name="moments")
+    with pytest.raises(ValueError, match=r"^name must not be empty$"):
+        define_op(my_norm, name="")
+    with pytest.raises(TypeError, match=r"^name must be a str or None, got int$"):
+        define_op(my_norm, name=3)
+    define_op(my_norm)
+    define_op(my_norm)  # the same parameters again: nothing changes
+    register("my_norm", "numba", lambda x, *, scale: x * scale)
+    try:
+        with pytest.raises(ValueError, match=r"^operator 'my_norm' is defined already with parameters .* and has implementations registered for \['numba'\]; unregister them"):
+            define_op(my_norm_v2, name="my_norm")
+    finally:
+        unregister("my_norm", "numba")
+    try:
+        define_op(my_norm_v2, name="my_norm")  # nothing registered: redefined
+        with pytest.raises(TypeError, match="shift"):
+            register("my_norm", "numba", lambda x, *, scale: x * scale)
+    finally:
+        _registry._EXTRA_OPS.pop("my_norm")  # no public way to undefine: keep other tests' lists
+
+
 def test_bad_environment_value_stops_only_calls_that_read_it():
     """A bad MMFUSE_BACKEND stopped every call, even one naming its own backend (which the
     environment never decides); a bad MMFUSE_PREFER stops only calls under "auto"."""

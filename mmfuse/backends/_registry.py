@@ -163,15 +163,40 @@ def define_op(public: Callable[..., Any], name: str | None = None) -> None:
     """Declare a new operator from its public function (whose last keyword is ``backend``).
 
     mmfuse's own operators are in the catalogue already; this is for operators of your own,
-    which you then give implementations with :func:`register`.
+    which you then give implementations with :func:`register`.  ``name`` defaults to the
+    function's ``__name__``.  Defining an operator again with the same parameters changes
+    nothing; with other parameters it is refused while implementations of it are registered
+    (they were checked against the old ones).
+
+    Raises
+    ------
+    TypeError
+        ``public`` not callable, or ``name`` neither a str nor None.
+    ValueError
+        An empty name, the name of one of mmfuse's own operators, or a redefinition with
+        other parameters while implementations are registered.
     """
     if not callable(public):
         raise TypeError(f"public must be the operator's public function, got {type(public).__name__}")
-    op = name or public.__name__
-    if not isinstance(op, str):
-        raise TypeError(f"name must be a str or None, got {type(op).__name__}")
-    if op not in OPERATORS:
-        _EXTRA_OPS[op] = _parameters(public, drop=("backend",))
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+    op = public.__name__ if name is None else name
+    if not op:
+        raise ValueError("name must not be empty")
+    if op in OPERATORS:
+        raise ValueError(f"{op!r} is one of mmfuse's own operators; give yours another name (name=...)")
+    signature = _parameters(public, drop=("backend",))
+    with _lock:
+        if _EXTRA_OPS.get(op, signature) != signature:
+            # its implementations were checked against the old signature
+            held = sorted(backend for (defined, backend) in _REGISTERED if defined == op)
+            if held:
+                raise ValueError(
+                    f"operator {op!r} is defined already with parameters {_spelt(_EXTRA_OPS[op])} and "
+                    f"has implementations registered for {held}; unregister them before defining "
+                    f"it with parameters {_spelt(signature)}"
+                )
+        _EXTRA_OPS[op] = signature
 
 
 def register(
