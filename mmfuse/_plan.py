@@ -96,34 +96,23 @@ class PlanCache:
         return plan
 
 
-def _torch_key(a: Any) -> tuple[Any, ...]:
-    # the layout too: the checks refuse a sparse tensor, so it must not meet a dense one's plan
-    return (type(a), a.shape, a.dtype, a.device, a.requires_grad, a.layout)
+# Type -> whether it is a torch tensor type, remembered on first sight (sys.modules and
+# issubclass are a few times the cost of this lookup)
+_TORCH_TYPES: dict[type, bool] = {}
 
 
-def _other_key(a: Any) -> tuple[Any, ...]:
-    # CuPy, JAX, Dask, array-api-strict, ...: the device where they have one
-    return (type(a), a.shape, a.dtype, getattr(a, "device", None))
-
-
-# Array type -> its keyer, filled by _keyer on first sight (NumPy arrays, lists, tuples and
-# None are keyed inline by _append_keys)
-_KEYERS: dict[type, Callable[[Any], Any]] = {}
-
-
-def _keyer(t: type) -> Callable[[Any], Any]:
+def _torch_type(t: type) -> bool:
     torch = sys.modules.get("torch")
-    keyer = _torch_key if torch is not None and issubclass(t, torch.Tensor) else _other_key
-    _KEYERS[t] = keyer
-    return keyer
+    _TORCH_TYPES[t] = answer = torch is not None and issubclass(t, torch.Tensor)
+    return answer
 
 
 def _append_keys(arrays: Any, out: list[Any]) -> None:
     """Append the arrays' signature to ``out``, flat (no tuple or Python call per NumPy array:
     a tiny call's signature has a dozen arrays, and the keys were a fifth of its planned
     time): a NumPy array as its shape and dtype, a list or tuple as its type and length
-    followed by its elements, None as None, any other array as its keyer's tuple (type,
-    shape, dtype, device; for torch tensors also ``requires_grad`` and layout).  Unambiguous read left
+    followed by its elements, None as None, any other array as a tuple (type, shape, dtype,
+    device; for torch tensors also ``requires_grad`` and layout).  Unambiguous read left
     to right, since each kind starts with an entry of its own kind: a shape is a tuple of
     ints, a sequence starts with the type list or tuple, other arrays' tuples start with
     their type."""
@@ -138,8 +127,12 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
             _append_keys(a, out)
         elif a is None:
             out.append(None)
-        else:
-            out.append((_KEYERS.get(t) or _keyer(t))(a))
+        elif _TORCH_TYPES.get(t) or (t not in _TORCH_TYPES and _torch_type(t)):
+            # the layout too: the checks refuse a sparse tensor, so it must not meet a dense
+            # one's plan
+            out.append((t, a.shape, a.dtype, a.device, a.requires_grad, a.layout))
+        else:  # CuPy, JAX, Dask, array-api-strict, ...: the device where they have one
+            out.append((t, a.shape, a.dtype, getattr(a, "device", None)))
 
 
 def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:

@@ -308,12 +308,9 @@ def gelu_torch(x: Any) -> Any:
     Autograd flows through every step; without autograd the float64 path reuses its own
     intermediate buffers.
     """
-    import torch  # already imported: x is a tensor
-
+    torch = sys.modules["torch"]  # x is a tensor (a lookup: an import statement costs 0.2 us)
     if x.dtype != torch.float64:
-        import torch.nn.functional as tnf
-
-        return tnf.gelu(x)
+        return torch.nn.functional.gelu(x)
     u = x * (-SQRT1_2)
     corr = rounding_correction(torch, x, u)
     if (torch.is_grad_enabled() and x.requires_grad) or torch_transformed(x):
@@ -348,17 +345,13 @@ def gelu(xp: Any, x: Any) -> Any:
     """Exact GELU, x Phi(x) with the erf-based normal CDF (not the tanh approximation).
 
     NumPy and other namespaces use the Cody approximations above, in float32 for float16 /
-    bfloat16 inputs (the rational pieces overflow float16); torch its native erfc
-    (capability-checked) so that autograd and devices work.
+    bfloat16 inputs (the rational pieces overflow float16); torch its native erfc (in every
+    torch mmfuse supports, 2.4 on) so that autograd and devices work.
     """
     if not is_torch(xp) and low_precision(xp, x.dtype):
         return in_work_dtype(gelu, xp, x.dtype, xp, x)
     if is_torch(xp):
-        import torch
-
-        if hasattr(torch.special, "erfc"):
-            return gelu_torch(x)
-        return _gelu_generic(xp, x)
+        return gelu_torch(x)
     if is_numpy(xp):
         return _gelu_numpy(x)
     return _gelu_generic(xp, x)
@@ -544,15 +537,15 @@ def sequence_fusion(
     r_t, _, n_out = token_factors[0].shape
     the_plan = plan(
         mode,
-        tuple(int(h.shape[1]) for h in hs),
-        tuple(int(h.shape[2]) for h in hs),
+        tuple([int(h.shape[1]) for h in hs]),
+        tuple([int(h.shape[2]) for h in hs]),
         int(r_h),
         int(r_t),
         int(n_out),
         int(out_dim),
     )
-    masks = [None] * len(hs) if masks is None else list(masks)
-    hs = [mask_tokens(xp, h, mask) for h, mask in zip(hs, masks)]
+    if masks is not None:
+        hs = [mask_tokens(xp, h, mask) for h, mask in zip(hs, masks)]
     if mode == "collapsed":
         mats = [_collapsed_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
         y = None
@@ -754,12 +747,13 @@ def wander_with(
             wander_with, xp, xs[0].dtype, fuse, list(xs), dict(params), mode=mode, masks=masks,
             activation=activation, residual=residual,
         )  # fmt: skip
-    masks = [None] * len(xs) if masks is None else list(masks)
     # padded tokens are zeroed before the down-projection too: a NaN there would otherwise
     # reach dL/dW as 0 * NaN (the residual still adds the raw tokens)
-    # Dask: the down-projections in one chunk each, as sequence_fusion's factors
-    down = [tuple(one_chunk(pair)) if is_dask(xp) else pair for pair in params["down"]]
-    hs = [_down(xp, mask_tokens(xp, x, k), w, b) for x, k, (w, b) in zip(xs, masks, down)]
+    inputs = xs if masks is None else [mask_tokens(xp, x, k) for x, k in zip(xs, masks)]
+    down = params["down"]
+    if is_dask(xp):  # the down-projections in one chunk each, as sequence_fusion's factors
+        down = [tuple(one_chunk(pair)) for pair in down]
+    hs = [_down(xp, x, w, b) for x, (w, b) in zip(inputs, down)]
     hs = _activate(xp, activation, hs)
     y = fuse(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
     if residual == "first":

@@ -360,15 +360,22 @@ def _stackable(xs: Sequence[Any], params: Any, masks: Sequence[Any] | None) -> b
     masks, and every modality's inputs and parameters of one shape and dtype."""
     if len(xs) < 2 or (masks is not None and any(k is not None for k in masks)):
         return False
+    if not _one_shape(xs):  # modalities of other lengths: out before building the lists below
+        return False
     down = params["down"]
-    groups = [xs, [w for w, _ in down], [b for _, b in down], params["feature"], params["token"]]
-    for first, *rest in groups:
-        for t in rest:
-            if first is None or t is None:
-                if first is not t:
-                    return False
-            elif t.shape != first.shape or t.dtype != first.dtype:
+    groups = ([w for w, _ in down], [b for _, b in down], params["feature"], params["token"])
+    return all(_one_shape(group) for group in groups)
+
+
+def _one_shape(arrays: Sequence[Any]) -> bool:
+    """Whether the arrays (or Nones) all have the first one's shape and dtype (all None)."""
+    first = arrays[0]
+    for t in arrays[1:]:
+        if first is None or t is None:
+            if first is not t:
                 return False
+        elif t.shape != first.shape or t.dtype != first.dtype:
+            return False
     return True
 
 
@@ -438,7 +445,7 @@ def wander(
     :data:`WHOLE_BATCH_ROWS` samples run under autograd (the released configuration on
     modalities of one shape as :func:`stacked_adapter`, others the Array-API core); larger
     ones (and every call under ``torch.compile``) the custom ops (:func:`wander_torch`)."""
-    if len(xs[0]) <= WHOLE_BATCH_ROWS and not torch.compiler.is_compiling():
+    if xs[0].shape[0] <= WHOLE_BATCH_ROWS and not torch.compiler.is_compiling():
         released = mode == "collapsed" and isinstance(activation, str) and activation == "gelu"
         if released and _stackable(xs, params, masks):
             return stacked_adapter(xs, params, residual == "first")

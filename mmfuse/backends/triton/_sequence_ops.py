@@ -209,6 +209,11 @@ def takes(hs_or_xs: Sequence[Any], widths: Sequence[int], *more: Any) -> bool:
     return not _delegated(hs_or_xs, *more) and max(widths) <= MAX_WIDTH
 
 
+def _mask_list(masks: Sequence[Any] | None, n: int) -> list[Any]:
+    """The op's ``Tensor?[] masks``: one entry per modality (None: no mask)."""
+    return [None] * n if masks is None else list(masks)
+
+
 def sequence_fusion(
     hs: Sequence[Any],
     feature_factors: Sequence[Any],
@@ -219,7 +224,7 @@ def sequence_fusion(
 ) -> Any:
     """``mmfuse.sequence_fusion`` as the ``mmfuse_triton::sequence_fusion`` op (inputs
     checked); other calls (see :func:`takes`) go to the torch backend."""
-    masks_list = [None] * len(hs) if masks is None else list(masks)
+    masks_list = _mask_list(masks, len(hs))
     if not takes(hs, [int(h.shape[2]) for h in hs], feature_factors, token_factors):
         from .. import torch as torch_backend
 
@@ -253,9 +258,9 @@ def wander(
         )
     from . import _on_device
 
-    def fuse(hs: list[Any], feats: list[Any], toks: list[Any], *, mode: str, masks: list[Any]) -> Any:
+    def fuse(hs: list[Any], feats: list[Any], toks: list[Any], *, mode: str, masks: Any) -> Any:
         with _on_device(xs[0]):
-            return sequence_call(hs, feats, toks, mode, masks)
+            return sequence_call(hs, feats, toks, mode, _mask_list(masks, len(hs)))
 
     return _core_sequence.wander_with(
         fuse, list(xs), params, mode=mode, masks=masks, activation=activation, residual=residual
