@@ -265,6 +265,38 @@ def test_subset_refuses_over_max_elements(rng):
         mmfuse.tensor_interactions(p["xs"], p["weight"], max_elements=10)
 
 
+@pytest.mark.parametrize("by", ["order", "subset"])
+def test_tfn_terms_contract_the_batch_in_blocks_under_max_elements(by, rng):
+    """tensor_interactions honours max_elements as tensor_fusion does: the batch in blocks so
+    that no intermediate exceeds it.  It contracted the whole batch at once (4.1 million
+    float64 elements beyond its result at B = 4000 under max_elements=20000); values are
+    those of one block, and of the reference."""
+    import tracemalloc
+
+    # by="subset" refuses a result over the limit itself (8 terms of (700, 4)): a larger one,
+    # still under the whole batch's first intermediate (100 800 elements)
+    dims, h, limit = (5, 5, 5), 4, 2_000 if by == "order" else 30_000
+    weight = rng.standard_normal((6, 6, 6, h)) / 15
+    xs = [rng.standard_normal((700, d)) for d in dims]
+    want, labels = mmfuse.tensor_interactions(xs, weight, by=by)  # one block (default limit)
+    tracemalloc.start()
+    got, got_labels = mmfuse.tensor_interactions(xs, weight, by=by, max_elements=limit)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got_labels == labels
+    assert_close(got, want)
+    assert_close(got[:, :3], ref.tensor_interactions([x[:3] for x in xs], weight, by=by)[0])
+    # blocks: a few intermediates of at most `limit` elements beside the terms and their parts
+    # (one sample's first intermediate is 6 * 6 * 4 = 144; the whole batch's was 100 800)
+    assert peak <= 8 * (2 * got.size + 5 * limit), peak
+    torch = pytest.importorskip("torch")
+    leaves = [torch.from_numpy(x).requires_grad_() for x in xs]
+    terms, _ = mmfuse.tensor_interactions(leaves, torch.from_numpy(weight), by=by, max_elements=limit)
+    assert_close(terms.detach(), want)
+    terms.sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
+
+
 def test_argument_errors(rng):
     p = _problem(rng, 2, dims=(2, 3))
     with pytest.raises(ValueError, match=r"by must be 'order' or 'subset', got 'orders'"):
