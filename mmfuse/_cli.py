@@ -267,7 +267,10 @@ def _tensorly_rows(seed: int) -> list[dict[str, Any]]:
     from mmfuse._problems import make_problem
 
     (xs, cp, bias), _ = make_problem("cp_fusion", seed=seed)
-    err = _rel_err(mmfuse.cp_fusion(xs, cp, bias), mmfuse.tensor_fusion(xs, tl.cp_to_tensor(cp), bias))
+    # backend named, as every verify row's: a configured one (MMFUSE_BACKEND=torch, say) could
+    # not take these NumPy arrays, and its refusal discarded the whole table (exit 2)
+    fused = mmfuse.cp_fusion(xs, cp, bias, backend="auto")
+    err = _rel_err(fused, mmfuse.tensor_fusion(xs, tl.cp_to_tensor(cp), bias, backend="auto"))
     ok = err <= 1e-10
     return [
         {

@@ -51,6 +51,18 @@ def test_verify_passes_and_prints_table(capsys):
     assert " 0 failed" in out
 
 
+def test_verify_names_its_backends_whatever_the_configured_one(capsys):
+    """With MMFUSE_BACKEND=torch (here its in-process equivalent) verify ran every row, then
+    its TensorLy cross-check called cp_fusion on NumPy arrays under that policy: the refusal
+    discarded the table and the command exited 2."""
+    pytest.importorskip("tensorly")
+    with mmfuse.config_context(backend="torch"):
+        code = _cli.main(["verify", "--ops", "cp_fusion", "--namespaces", "numpy", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "vs tensorly.cp_to_tensor" in out
+
+
 def test_verify_exits_non_zero_on_mismatch(monkeypatch, capsys):
     # the command calls the public op by name, so a wrong answer is planted there (not in the
     # registry's private tables, which are not the command's business)
