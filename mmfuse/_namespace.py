@@ -489,9 +489,18 @@ def _torch_namespace(base: Any, torch: Any) -> Namespace:
 def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
     """Copy ``x`` into a new NumPy array (detaching torch tensors, leaving ``x`` untouched).
 
-    ``dtype=None`` keeps ``x``'s dtype, except that torch bfloat16 (which NumPy lacks) comes
-    back as float32, which holds every bfloat16 value exactly.
+    ``dtype=None`` keeps ``x``'s dtype, except that bfloat16 (which NumPy lacks: torch's, and
+    JAX's or NumPy's through ml_dtypes, and ml_dtypes' float8 types) comes back as float32,
+    which holds every value of those types exactly.
     """
+    out = _to_numpy(x, dtype)
+    if dtype is None and out.dtype.kind == "V" and out.dtype.name.startswith(("bfloat16", "float8")):
+        # ml_dtypes' floats have NumPy kind "V": no comparison or reduction treats them as numbers
+        return out.astype(np.float32)
+    return out
+
+
+def _to_numpy(x: Array, dtype: Any) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return np.array(x, dtype=dtype, copy=True)
     torch = sys.modules.get("torch")

@@ -293,3 +293,18 @@ def test_tensors_with_the_negative_bit_are_read_with_their_sign():
         assert_close(n, -x)
     for got, want in zip(mmfuse.moments(n, backend="reference"), mmfuse.moments(x, backend="reference")):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_bfloat16_of_jax_and_ml_dtypes_is_compared_at_its_tolerance():
+    """assert_close refused JAX's bfloat16 (and NumPy's through ml_dtypes: NumPy kind "V") as
+    "numeric arrays only", where torch's was compared at bfloat16's 5e-2."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng()
+    want = rng.standard_normal(6)
+    arrays = [want.astype(ml_dtypes.bfloat16)]
+    jax = pytest.importorskip("jax")
+    arrays.append(jax.numpy.asarray(want, dtype=jax.numpy.bfloat16))
+    for got in arrays:
+        assert_close(got, want, dtype="bfloat16")
+        with pytest.raises(AssertionError, match="values differ"):
+            assert_close(got, want + 0.2 * np.abs(want).max())
