@@ -238,9 +238,13 @@ def _autocast_cast(xs: Sequence[Any], dtype: torch.dtype) -> list[Any]:
     return [x.to(dtype) if _autocast_eligible(x) else x for x in xs]
 
 
-def _autocast_fusion(module: nn.Module, device_type: str, xs: Sequence[Any], *args: Any) -> Any:
-    """``module(xs, *args)`` in the autocast dtype of ``device_type``, autocast off inside.
-    Parameters follow the inputs' rule: a float64 layer stays float64 (as ``nn.Linear``)."""
+def _autocast_fusion(
+    module: nn.Module, device_type: str, forward: Callable[..., Any], xs: Sequence[Any], *args: Any
+) -> Any:
+    """``forward(module, xs, *args)`` (the layer class's own forward, not ``module(...)``: its
+    hooks have run once already) with the inputs and parameters in the autocast dtype of
+    ``device_type``, autocast off inside.  Parameters follow the inputs' rule: a float64 layer
+    stays float64 (as ``nn.Linear``)."""
     dtype = torch.get_autocast_dtype(device_type)
     params = {name: p.to(dtype) if _autocast_eligible(p) else p for name, p in module.named_parameters()}
     cast_params = any(_autocast_eligible(p) and p.dtype != dtype for p in module.parameters())
@@ -254,8 +258,14 @@ def _autocast_fusion(module: nn.Module, device_type: str, xs: Sequence[Any], *ar
                 f"casts, but this {layer_dtype} layer computes in {dtype} under autocast; pass "
                 f"{layer_dtype} inputs, or call the layer outside the autocast region"
             )
-    with torch.autocast(device_type, enabled=False):
-        return torch.func.functional_call(module, params, (_autocast_cast(xs, dtype), *args))
+    # torch.func.functional_call's own reparametrisation, around the forward rather than
+    # module(...): re-entering through __call__ ran the layer's hooks twice per call, and a
+    # subclass's forward around super().forward() twice as well.  (A throwaway module whose
+    # forward calls this one's breaks torch.compile's fullgraph: a module made while tracing.)
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with torch.autocast(device_type, enabled=False), _reparametrize_module(module, params):
+        return forward(module, _autocast_cast(xs, dtype), *args)
 
 
 def _parameter_dtype(module: nn.Module) -> torch.dtype:
@@ -495,7 +505,7 @@ class LowRankFusion(_RankedFusion):
             non-boolean ``present``.
         """
         if (device_type := _autocast_device(xs)) is not None:
-            return _autocast_fusion(self, device_type, xs, present)
+            return _autocast_fusion(self, device_type, LowRankFusion.forward, xs, present)
         factors = _entries(self.factors)
         if _compiling():
             xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
@@ -733,7 +743,7 @@ class CPFusion(_RankedFusion):
             non-boolean ``present``.
         """
         if (device_type := _autocast_device(xs)) is not None:
-            return _autocast_fusion(self, device_type, xs, present)
+            return _autocast_fusion(self, device_type, CPFusion.forward, xs, present)
         cp = (self.weights, list(self.factors))
         if _compiling():
             xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
@@ -952,7 +962,7 @@ class TensorFusion(nn.Module):
             ``xs`` not a list or tuple of tensors, or a dtype other than the layer's.
         """
         if (device_type := _autocast_device(xs)) is not None:
-            return _autocast_fusion(self, device_type, xs)
+            return _autocast_fusion(self, device_type, TensorFusion.forward, xs)
         if _compiling():
             xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), None, type(self).__name__)
             # the functional API's size check (torch tensors: one sample's intermediates, as
@@ -1265,7 +1275,7 @@ class WanderAdapter(nn.Module):
             non-boolean mask.
         """
         if (device_type := _autocast_device(xs)) is not None:
-            return _autocast_fusion(self, device_type, xs, masks)
+            return _autocast_fusion(self, device_type, WanderAdapter.forward, xs, masks)
         params = self.params()
         name = type(self).__name__
         if _compiling():

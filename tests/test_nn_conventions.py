@@ -57,6 +57,60 @@ def test_fusion_layers_under_autocast_compute_like_a_cast_copy(case, low):
         torch.testing.assert_close(p.grad, q.grad.float(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", range(5))
+def test_autocast_runs_hooks_and_a_subclass_forward_once(case):
+    """Under autocast the fusion layers re-entered through layer(...) (torch.func's
+    functional_call): forward hooks fired twice per call, a pre-hook rescaling the inputs was
+    applied twice, and a subclass's forward around super().forward() ran twice."""
+    layer, xs = _fusion_cases(seed=case)[case]
+    fired = []
+
+    def pre(module, args):
+        fired.append("pre")
+        return ([x * 2 for x in args[0]], *args[1:])
+
+    handles = [layer.register_forward_pre_hook(pre), layer.register_forward_hook(lambda *a: fired.append("post"))]
+    with torch.no_grad():
+        want = layer(xs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(xs)
+    for h in handles:
+        h.remove()
+    assert fired == ["pre", "post", "pre", "post"]
+    twin = copy.deepcopy(layer).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(got, twin([2 * x.to(torch.bfloat16) for x in xs]), rtol=0, atol=0)
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+    class Scaled(type(layer)):
+        def forward(self, *args, **kwargs):
+            fired.append("subclass")
+            return 3.0 * super().forward(*args, **kwargs)
+
+    scaled = copy.deepcopy(layer)
+    scaled.__class__ = Scaled
+    fired.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scaled(xs)
+    assert fired == ["subclass"]
+    with torch.no_grad():
+        torch.testing.assert_close(out, 3.0 * twin([x.to(torch.bfloat16) for x in xs]), rtol=0, atol=0)
+
+
+def test_autocast_compiles_fullgraph():
+    """torch.compile(fullgraph=True) of a fusion layer inside autocast: the cast parameters are
+    swapped in without a module made while tracing (which Dynamo refuses)."""
+    layer, xs = _fusion_cases(seed=0)[0]
+    torch._dynamo.reset()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = torch.compile(layer, backend="eager", fullgraph=True)(xs)
+            want = layer(xs)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_autocast_leaves_float64_layers_and_disabled_regions_alone():
     layer, xs = _fusion_cases(seed=7)[0]
     layer64 = copy.deepcopy(layer).double()
