@@ -775,6 +775,14 @@ def align(
     Consensus with M >= 3 keeps mixing after the first round even at alpha = 1 (the later
     modalities see updated targets), and Jacobi with M = 2 swaps the two every round.
 
+    A channel of a modality with no spread (a constant, or one unmasked token) is not zoomed
+    in any round, at any eps, as in the limit: its tokens take their target mean, its masked
+    tokens move with them.  (The naive definition would zoom it by
+    :math:`(\sigma_t / \sqrt{\varepsilon})^\alpha` every round at eps > 0, without end
+    under the hub topology: its spread stays sqrt(eps) while the hub's does not move.  That
+    changes nothing for its unmasked tokens, which sit at their mean, but blew up its padding
+    and, in floating point, the map itself.)  ``zoom_shift``, one step, keeps the formula.
+
     Every round is affine in the data, so the implementation measures each modality once,
     runs the rounds on the (B, 1, C) statistics (tracking the variance exactly) and applies
     one composed affine map per modality: two reads of each input and one write, whatever

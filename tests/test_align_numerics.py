@@ -296,7 +296,8 @@ def _align_60_digits(xs, masks, rounds, alpha, eps):
         for b, c in np.ndindex(y.shape[0], y.shape[2]):
             v = [y[b, t, c] for t in range(y.shape[1]) if mask[b, t]]
             mu = ctx.fsum(v) / len(v)
-            out[b, c] = (mu, ctx.sqrt(ctx.fsum((t - mu) ** 2 for t in v) / len(v) + eps))
+            var = ctx.fsum((t - mu) ** 2 for t in v) / len(v)
+            out[b, c] = (mu, ctx.sqrt(var + eps), var)
         return out
 
     ys = [np.vectorize(ctx.mpf, otypes=[object])(x) for x in xs]
@@ -304,17 +305,51 @@ def _align_60_digits(xs, masks, rounds, alpha, eps):
         for i in (0, 1):
             target, own = stats(ys[1 - i], masks[1 - i]), stats(ys[i], masks[i])
             y = ys[i].copy()
-            for (b, c), (mu, sd) in own.items():
-                s = (target[b, c][1] / sd) ** alpha if sd > 0 else 1
+            for (b, c), (mu, sd, var) in own.items():
+                # a lane with no spread is not zoomed in the rounds, at any eps (the limit's
+                # rule; the zoom of sqrt(eps) toward a wider target compounds without end)
+                s = (target[b, c][1] / sd) ** alpha if var > 0 else 1
                 y[b, :, c] = mu + (ys[i][b, :, c] - mu) * s + alpha * (target[b, c][0] - mu)
             ys[i] = y
     return [y.astype(np.float64) for y in ys]
 
 
+@pytest.mark.parametrize("backend", ["array_api", "torch", "reference", *(["numba"] if HAVE_NUMBA else [])])
+@pytest.mark.parametrize(("dtype", "rounds"), [("float32", 25), ("float64", 200)])
+def test_hub_rounds_leave_a_lane_with_no_spread_unzoomed(backend, dtype, rounds, rng):
+    """Hub topology, eps > 0: a channel with no spread (a constant, or one unmasked token) was
+    zoomed by (sigma_hub / sqrt(eps)) ** alpha every round; the composed scale cancelled the
+    map's offset (float64, 40 rounds: 0 where the hub's mean was due) and overflowed (NaN
+    values and gradients from 20 rounds in float32).  It is now left unzoomed, as in the limit
+    (rounds=None) and at eps = 0: its tokens take the hub's mean, its padding moves with them."""
+    hub = (rng.standard_normal((2, 6, 3)) + 5.0).astype(dtype)
+    other = rng.standard_normal((2, 5, 3)).astype(dtype)
+    other[:, :, 0] = 3.7  # no spread; its float mean misses 3.7 by a few ulps
+    mask = np.ones((2, 5), dtype=bool)
+    mask[1, 1:] = False  # one token: no spread in every channel of sample 1
+    opts = {"topology": "hub", "hub": 0, "alpha": 0.8, "masks": [np.ones((2, 6), dtype=bool), mask]}
+    limit = mmfuse.align([hub, other], rounds=None, backend="reference", **opts)[1]
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        leaf = torch.from_numpy(other).requires_grad_()
+        got = mmfuse.align([torch.from_numpy(hub), leaf], rounds=rounds, backend="torch",
+                           **{**opts, "masks": [torch.from_numpy(m) for m in opts["masks"]]})[1]  # fmt: skip
+        got.sum().backward()
+        assert torch.isfinite(leaf.grad).all()
+        got = got.detach().numpy()
+    else:
+        got = mmfuse.align([hub, other], rounds=rounds, backend=backend, **opts)[1]
+    # the lanes with no spread: every token (padding too) where the limit puts them
+    tol = {"rtol": 1e-5 if dtype == "float32" else 1e-12, "atol": 0.0}
+    assert_close(got[0, :, 0], limit[0, :, 0], **tol)
+    assert_close(got[1], limit[1], **tol)
+    assert np.all(np.isfinite(got))
+
+
 @pytest.mark.parametrize("backend", [None, "array_api", "torch", *(["numba"] if HAVE_NUMBA else [])])
 def test_align_rounds_against_60_digits(rng, backend):
     """Rounds that shrink a spread of 1e15 toward a guide whose sample has one unmasked token
-    (spread 0, sigma = sqrt(eps)) and zoom that guide's masked tokens by ~1e5: the outputs within
+    (spread 0, sigma = sqrt(eps): not zoomed, its masked tokens moved with it): the outputs within
     1e-13 of a 60-digit computation.  The rounds map the statistics exactly (a round is affine
     per channel), so nothing is lost to re-measuring tokens that sit ~1e5 spreads from their
     mean; the float64 reference, which re-measures its materialized arrays as the equations

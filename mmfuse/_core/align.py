@@ -366,8 +366,9 @@ def spread(xp: Any, var: Any, eps: float) -> Any:
     return xp.where(live, xp.sqrt(xp.where(live, var, 1.0)), var)
 
 
-def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
-    """``(target / sigma) ** alpha``, and 1 where ``sigma == 0`` (no spread: nothing to zoom).
+def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float, live: Any = None) -> Any:
+    """``(target / sigma) ** alpha``, and 1 where ``sigma == 0`` (no spread: nothing to zoom),
+    or where ``live`` (a boolean array, when given) is False.
 
     Uses only ``where`` with a Python scalar, so it also traces under ``torch.compile``.  For
     alpha < 1 the power's infinite derivative at ``target = 0`` (a guide with no spread, at
@@ -375,7 +376,8 @@ def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float) -> Any:
     tokens) gives a NaN scale: "no spread" is ``sigma == 0`` exactly, not ``not sigma > 0``,
     which would take NaN for it and return finite values computed without the NaN.
     """
-    live = sigma != 0
+    if live is None:
+        live = sigma != 0
     if type(sigma) is type(target) is np.ndarray and sigma.shape == target.shape:
         # Delegation: NumPy's divide fills the no-spread lanes with 1 in the same call
         # (``where=``, into a ones buffer), where the generic form's two ``where`` with a
@@ -722,7 +724,14 @@ def _round_maps(
         return _limit_maps(xp, mus, [v for _, v in stats], alpha, schedule, topology, hub, eps)
     # share: var / (var + eps), once a spread update needs it; scales: the composed zooms
     state: _RoundState = (mus, sig, [None] * n, [None] * n)
-    options = (alpha, schedule, topology, hub, eps)
+    # At eps > 0 a lane with no spread (variance 0) is zoomed by 1 in every round, as in the
+    # limit and as at eps = 0 (where its sigma is 0): its spread stays sqrt(eps), so each
+    # round's (sigma_t / sqrt(eps)) ** alpha compounded (geometrically under the hub
+    # topology), the map's offset target - corr S cancelled (float64, 40 rounds: 0 where 5.26
+    # was due) and S overflowed (0 * inf = NaN from 20 rounds in float32).  Such a lane maps
+    # to its target mean whatever the scale; its slope along x is now 1, as at eps = 0.
+    live = [v != 0 for _, v in stats] if eps > 0 else [None] * n
+    options = (alpha, schedule, topology, hub, eps, live)
     if rounds > 2 and _jax_staged(mus[0]):
         # Delegation: under a JAX trace the middle rounds are one loop (lax.fori_loop: a scan,
         # differentiable), so the program does not grow with them; unrolled, compiling 50
@@ -770,9 +779,11 @@ def _one_round(
     topology: str,
     hub: int,
     eps: float,
+    live: list[Any],
 ) -> _RoundState:
     """One round of :func:`_round_maps` on its running state (``last``: the final round,
-    whose spreads only a later step of the same round reads)."""
+    whose spreads only a later step of the same round reads; ``live``: per modality, the
+    lanes a zoom may scale, or None for zoom_scale's own rule)."""
     mus, sig, share, scales = state  # updated in place: the lists are _round_maps' own
     n = len(stats)
     src_mu, src_sig = (list(mus), list(sig)) if schedule == "jacobi" else (mus, sig)
@@ -785,7 +796,7 @@ def _one_round(
             others = [src for j, src in enumerate(zip(src_mu, src_sig)) if j != i]
             mu_t = _arithmetic_mean([m for m, _ in others])
             sigma_t = _geometric_mean(xp, [g for _, g in others])
-        s = zoom_scale(xp, sig[i], sigma_t, alpha)
+        s = zoom_scale(xp, sig[i], sigma_t, alpha, live[i])
         # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S (x0 - mu0) + ...
         scales[i] = s if scales[i] is None else s * scales[i]
         mus[i] = _target_mean(mus[i], mu_t, alpha)

@@ -105,14 +105,27 @@ def shift(x: Any, offset: Any) -> np.ndarray:
 
 
 def _zoom_shift_to(
-    x: np.ndarray, mu_t: np.ndarray, sigma_t: np.ndarray, alpha: float, axis: int, mask: Any, eps: float
+    x: np.ndarray,
+    mu_t: np.ndarray,
+    sigma_t: np.ndarray,
+    alpha: float,
+    axis: int,
+    mask: Any,
+    eps: float,
+    in_rounds: bool = False,
 ) -> np.ndarray:
-    """Zoom then shift x toward target statistics (mu_t, sigma_t)."""
+    """Zoom then shift x toward target statistics (mu_t, sigma_t).
+
+    A channel with no spread has nothing to zoom: sigma 0 (at eps = 0), and within
+    :func:`align`'s rounds (``in_rounds``) variance 0 at any eps, as in their limit: round
+    after round, the zoom of a spread of sqrt(eps) toward a wider target compounds without
+    end (its unmasked tokens sit at their mean whatever the scale; its padding would not).
+    """
     mu0, corr, var = _two_pass(x, axis, mask)
     mu_x, sigma_x = mu0 + corr, np.sqrt(var + eps)
     scale = np.ones_like(sigma_x)
     for idx in np.ndindex(sigma_x.shape):
-        if sigma_x[idx] > 0:  # a channel with no spread has nothing to zoom
+        if sigma_x[idx] > 0 and not (in_rounds and var[idx] == 0):
             scale[idx] = (sigma_t[idx] / sigma_x[idx]) ** alpha
     # zoom then shift, y = mu_x + (x - mu_x) s + alpha (mu_t - mu_x), with x - mu_x as
     # (x - m0) - corr and the means combined first: the same maths, summed so that a large
@@ -176,7 +189,7 @@ def align(
             source = previous if schedule == "jacobi" else ys
             stats = [moments(y, axis=axis, mask=m, eps=eps) for y, m in zip(source, masks)]
             mu_t, sigma_t = _target(i, [s[0] for s in stats], [s[1] for s in stats], topology, hub)
-            ys[i] = _zoom_shift_to(ys[i], mu_t, sigma_t, alpha, axis, masks[i], eps)
+            ys[i] = _zoom_shift_to(ys[i], mu_t, sigma_t, alpha, axis, masks[i], eps, in_rounds=True)
     return ys
 
 
