@@ -559,10 +559,11 @@ class LowRankFusion(_RankedFusion):
         """
         from ._interactions import lowrank_interactions
 
-        xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
-        return lowrank_interactions(
-            xs, list(self.factors), self.weights, by=by, present=present, append_one=self.append_one
-        )
+        xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
+        with _layer_call(self):
+            return lowrank_interactions(
+                xs, list(self.factors), self.weights, by=by, present=present, append_one=self.append_one
+            )
 
     @classmethod
     def from_lmf(
@@ -792,10 +793,11 @@ class CPFusion(_RankedFusion):
         """
         from ._interactions import cp_interactions
 
-        xs = _check_inputs(xs, self.in_dims, self.weights.dtype, present, type(self).__name__)
-        return cp_interactions(
-            xs, (self.weights, list(self.factors)), by=by, present=present, append_one=self.append_one
-        )
+        xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
+        with _layer_call(self):
+            return cp_interactions(
+                xs, (self.weights, list(self.factors)), by=by, present=present, append_one=self.append_one
+            )
 
     @classmethod
     def from_cp(
@@ -1019,10 +1021,11 @@ class TensorFusion(nn.Module):
         """
         from ._interactions import tensor_interactions
 
-        xs = _check_inputs(xs, self.in_dims, self.weight.dtype, None, type(self).__name__)
-        return tensor_interactions(
-            xs, self.weight, by=by, append_one=self.append_one, max_elements=self.max_elements
-        )
+        xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), None, type(self).__name__)
+        with _layer_call(self):
+            return tensor_interactions(
+                xs, self.weight, by=by, append_one=self.append_one, max_elements=self.max_elements
+            )
 
 
 # --------------------------------------------------------------------------- sequence layers

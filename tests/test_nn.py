@@ -336,3 +336,19 @@ def test_zoomshift_without_dtype_refuses_complex_and_integer_inputs(compiled):
         with pytest.raises(TypeError, match="ZoomShift: xs\\[0\\] must have a real floating dtype"):
             run(xs)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make", [lambda: LowRankFusion([3, 2], 4, 2), lambda: CPFusion([3, 2], 4, 2), lambda: TensorFusion([3, 2], 4)])
+def test_interactions_errors_name_the_layer_and_use_its_dtype_rule(make):
+    """layer.interactions reported the functional operator's errors without the layer's name
+    (forward's have it), and checked the inputs against one parameter's dtype rather than the
+    rule every layer method uses (all parameters one dtype)."""
+    layer = make()
+    name = type(layer).__name__
+    xs = [torch.randn(5, 3), torch.randn(5, 2)]
+    with pytest.raises(ValueError, match=rf"^{name}: by must be 'order' or 'subset', got 'bad'$"):
+        layer.interactions(xs, by="bad")
+    with torch.no_grad():
+        next(layer.parameters()).data = next(layer.parameters()).data.double()  # one parameter recast
+    with pytest.raises(TypeError, match=rf"^{name}"):
+        layer.interactions(xs)
