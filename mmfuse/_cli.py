@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every available backend against mmfuse.reference")
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to check (default all: {', '.join(OPS)})")
-    p.add_argument("--backends", nargs="+", metavar="BACKEND")
+    p.add_argument("--backends", nargs="+", metavar="BACKEND", help="backends to check (default: all)")
     p.add_argument(
         "--namespaces",
         nargs="+",
@@ -631,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"array namespaces to check, of: {', '.join(NAMESPACES)} (default: every one installed here)",
     )
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed, >= 0 (default 0)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="time the ops across available backends, side by side")
@@ -645,13 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed calls per row (default 5)")
     p.add_argument("--quick", action="store_true", help="tiny problems (a smoke run)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="train small fusion models on bundled real data")
     p.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
     p.add_argument("--out", default="mmfuse-demo", help="folder for the summary figure and table")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
     p.set_defaults(func=cmd_demo)
     return parser
 
