@@ -92,6 +92,10 @@ def _check_tolerance(name: str, value: float | None) -> None:
 
 def _host(x: Any, label: str) -> np.ndarray:
     """``x`` as a NumPy array in its own dtype; complex and non-numeric data refused."""
+    if getattr(getattr(x, "device", None), "type", None) == "meta":  # torch: shapes, no values
+        raise TypeError(
+            f"assert_close compares values; {label} is a tensor on the 'meta' device, which holds none"
+        )
     a = to_numpy(x, dtype=None)
     if a.dtype.kind == "c":
         raise TypeError(f"assert_close compares real-valued arrays only; {label} has complex dtype {a.dtype}")

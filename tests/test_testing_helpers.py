@@ -308,3 +308,10 @@ def test_bfloat16_of_jax_and_ml_dtypes_is_compared_at_its_tolerance():
         assert_close(got, want, dtype="bfloat16")
         with pytest.raises(AssertionError, match="values differ"):
             assert_close(got, want + 0.2 * np.abs(want).max())
+
+
+def test_meta_tensors_are_refused_by_name():
+    """A torch meta tensor (shapes, no values) raised torch's bare NotImplementedError."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"^assert_close compares values; actual is a tensor on the 'meta' device"):
+        assert_close(torch.ones(3, device="meta"), np.ones(3))
