@@ -81,7 +81,7 @@ def any_requires_grad(args: Sequence[Any]) -> bool:
     the question :func:`_flatten` would answer, without building the spec."""
     for arg in args:
         kind = type(arg)
-        if kind is float or kind is int or arg is None:
+        if kind is float or kind is int or kind is str or arg is None:
             # the ops' options and absent masks, skipped by type: the isinstance tests below
             # cost about 0.15 us per argument (a fifth of a tiny op's dispatch)
             continue
