@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from ._core import align as core
-from ._namespace import array_namespace, is_array, is_jax, is_torch, mask_tokens
+from ._namespace import array_namespace, in_native_order, is_array, is_jax, is_torch, mask_tokens
 from ._plan import PlanCache, call_key
 from ._validation import (
     as_sequence,
@@ -377,7 +377,7 @@ def _plan_moments(x: Any, axis: Any, mask: Any, eps: Any, backend: Any) -> Any:
     ax = _check_axis(x, axis, "x")
     check_mask(xp, mask, x, ax, "mask", "x")
     impl = lookup("moments", backend, like=x, arrays=(x,))
-    return partial(impl, axis=axis, eps=eps)
+    return partial(in_native_order(impl, (x,)), axis=axis, eps=eps)
 
 
 # --------------------------------------------------------------------------- primitives
@@ -660,7 +660,7 @@ def _plan_zoom_shift(
     check_mask(xp, mask, x, ax, "mask", "x")
     check_mask(xp, guide_mask, guide, ax, "guide_mask", "guide")
     impl = lookup("zoom_shift", backend, like=x, arrays=(x, guide))
-    return partial(impl, alpha=alpha, axis=axis, eps=eps)
+    return partial(in_native_order(impl, (x, guide)), alpha=alpha, axis=axis, eps=eps)
 
 
 # --------------------------------------------------------------------------- align
@@ -829,7 +829,7 @@ def _plan_align(
     schedule: str, topology: str, axis: int, backend: str | None,
 ) -> Any:  # fmt: skip
     """The implementation of :func:`align` for checked arguments, with its options bound."""
-    impl = lookup("align", backend, like=xs[0], arrays=xs)
+    impl = in_native_order(lookup("align", backend, like=xs[0], arrays=xs), xs)
     return partial(
         impl, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, axis=axis, eps=eps
     )

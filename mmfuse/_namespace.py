@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
@@ -368,6 +368,26 @@ def native_dtype(dtype: Any) -> Any:
     if isinstance(dtype, np.dtype) and not dtype.isnative:
         return dtype.newbyteorder("=")
     return dtype
+
+
+def in_native_order(func: Callable[..., Any], arrays: Sequence[Any]) -> Callable[..., Any]:
+    """``func`` itself, or, where a NumPy array among ``arrays`` is in non-native byte order
+    (``>f8`` read from a big-endian file), ``func`` with its NumPy array arguments (also
+    inside lists) copied to native order first: NumPy's own operations return native
+    results, and the alignment's buffers followed their input (``>f8`` statistics and maps,
+    where the fusions returned native float64).  Chosen once, when a call is planned."""
+    if not any(type(a) is np.ndarray and not a.dtype.isnative for a in arrays):
+        return func
+
+    def native(a: Any) -> Any:
+        if type(a) is np.ndarray and not a.dtype.isnative:
+            return a.astype(native_dtype(a.dtype))
+        return [native(v) for v in a] if isinstance(a, list) else a
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return func(*(native(a) for a in args), **{k: native(v) for k, v in kwargs.items()})
+
+    return call
 
 
 def work_dtype(xp: Namespace, dtype: Any) -> Any:

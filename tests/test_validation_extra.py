@@ -447,7 +447,8 @@ def test_sparse_torch_tensors_are_refused_by_name():
 def test_numpy_byte_orders_mix_as_in_numpy(swapped):
     """A big-endian float64 array (">f8", e.g. read from a file) beside native ones is the same
     dtype to NumPy's operations; the checks refused it ("xs[1] has dtype >f8 but xs[0] has dtype
-    float64").  Every family now takes it, with the native call's values bit for bit."""
+    float64").  Every family now takes it, with the native call's values bit for bit, and
+    returns native float64 as NumPy's operations do (the alignment returned ">f8")."""
     rng = np.random.default_rng()
     p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=2, seed=rng)
     wp = mmfuse.init_wander([8, 8], [6, 5], rank=4, feature_rank=2, token_rank=3, out_dim=8, seed=rng)
@@ -462,6 +463,8 @@ def test_numpy_byte_orders_mix_as_in_numpy(swapped):
             [(2, 5, 3), (2, 4, 3)],
         ),
         "align": (lambda a, b: mmfuse.align([a, b])[1], [(2, 5, 3), (2, 4, 3)]),
+        "align limit, first output": (lambda a, b: mmfuse.align([a, b], rounds=None)[0], [(2, 5, 3), (2, 4, 3)]),
+        "moments": (lambda a, b: mmfuse.moments(a if swapped == 0 else b)[1], [(2, 5, 3), (2, 4, 3)]),
         "wander": (lambda a, b: mmfuse.wander([a, b], wp), [(2, 6, 8), (2, 5, 8)]),
         # masked pooling asked NumPy's sum for dtype=">f8", which it refuses
         "zoom_shift_fusion": (
@@ -474,7 +477,8 @@ def test_numpy_byte_orders_mix_as_in_numpy(swapped):
         want = call(*args)
         args[swapped] = args[swapped].astype(">f8")
         got = call(*args)
-        assert got.dtype.kind == "f" and got.dtype.itemsize == 8, name
+        # native float64, as NumPy's own operations return (the alignment gave ">f8")
+        assert got.dtype == np.float64 and got.dtype.isnative, (name, got.dtype)
         np.testing.assert_array_equal(got, want, err_msg=name)
     with pytest.raises(TypeError, match=r"xs\[1\] has dtype >f4 but xs\[0\] has dtype float64"):
         mmfuse.lowrank_fusion([rng.standard_normal((4, 3)), rng.standard_normal((4, 4)).astype(">f4")], **p)
