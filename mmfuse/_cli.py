@@ -52,7 +52,7 @@ def _probe(module: str) -> tuple[Any, str | None]:
 def cmd_info(args: argparse.Namespace) -> int:
     import mmfuse
     from mmfuse import backends
-    from mmfuse._config import config_source
+    from mmfuse._config import config_source, refused_options
 
     # the first words are what ``mmfuse --version`` prints
     print(f"mmfuse {mmfuse.__version__}  (Python {platform.python_version()}, {platform.platform()})")
@@ -97,8 +97,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. a bad MMFUSE_BACKEND: report it, this is the diagnostic command
         print(f"  invalid: {exc}")
         return 0
+    refused = refused_options()  # a bad MMFUSE_PREFER is not in force under a named backend
     for key, value in config.items():
-        print(f"  {key} = {value!r}  (from {source[key]})")
+        why = f"{refused[key]}; not in force while the backend is named" if key in refused else None
+        print(f"  {key} = {value!r}  ({why or f'from {source[key]}'})")
     return 0
 
 

@@ -109,6 +109,13 @@ def get_config() -> dict[str, Any]:
     return {"backend": backend, "prefer": _value(state, "prefer")}
 
 
+def refused_options() -> dict[str, str]:
+    """The options whose environment value was refused, with the refusal's message (for
+    ``mmfuse info``: a refused ``MMFUSE_PREFER`` is not in force while the backend is named,
+    and :func:`get_config` then reports ``prefer=None``)."""
+    return {key: value.message for key, (value, _) in _current().items() if isinstance(value, _Refused)}
+
+
 def config_source() -> dict[str, str]:
     """Where each option in force came from (``"default"``, ``"environment (...)"``, ...)."""
     return {key: source for key, (_, source) in _current().items()}

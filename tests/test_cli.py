@@ -24,6 +24,18 @@ def test_info(capsys):
     assert "backend = 'auto'  (from default)" in out
 
 
+def test_info_says_why_a_refused_preference_is_not_in_force():
+    """With MMFUSE_BACKEND=torch and a bad MMFUSE_PREFER, info printed "prefer = None (from
+    environment (MMFUSE_PREFER))" and never the refused value."""
+    import os
+
+    env = {**os.environ, "MMFUSE_BACKEND": "torch", "MMFUSE_PREFER": "bogus"}
+    res = subprocess.run([sys.executable, "-m", "mmfuse", "info"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("prefer ="))
+    assert "got 'bogus'; not in force while the backend is named" in line, line
+
+
 def test_python_dash_m_runs_the_command():
     res = subprocess.run([sys.executable, "-m", "mmfuse", "info"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
