@@ -136,7 +136,10 @@ def check_namespace(xp: Any) -> Any:
 
 
 def random_generator(seed: Any) -> np.random.Generator:
-    """``numpy.random.default_rng(seed)``, its refusal of a bad seed naming ``seed``."""
+    """``numpy.random.default_rng(seed)``, its refusal of a bad seed naming ``seed``; a bool
+    refused too (NumPy takes True as the seed 1: a flag passed in the seed's place)."""
+    if isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"seed must be None, a non-negative int or a numpy.random.Generator, got {seed!r}")
     try:
         return np.random.default_rng(seed)
     except (TypeError, ValueError) as err:

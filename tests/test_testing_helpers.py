@@ -315,3 +315,19 @@ def test_meta_tensors_are_refused_by_name():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match=r"^assert_close compares values; actual is a tensor on the 'meta' device"):
         assert_close(torch.ones(3, device="meta"), np.ones(3))
+
+
+def test_a_bool_seed_is_refused_everywhere():
+    """NumPy's default_rng takes True as the seed 1: the loaders, make_inputs and the
+    initialisers accepted seed=True (a flag passed in the seed's place) silently."""
+    import mmfuse
+
+    calls = [
+        lambda: load_mfeat(seed=True),
+        lambda: make_inputs([3], batch=2, seed=True),
+        lambda: mmfuse.init_lowrank([3], rank=2, out_dim=2, seed=np.bool_(False)),
+        lambda: mmfuse.init_wander([4], [3], rank=2, feature_rank=2, token_rank=2, out_dim=4, seed=True),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"^seed must be None, a non-negative int or a numpy.random.Generator, got"):
+            call()
