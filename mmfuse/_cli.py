@@ -579,6 +579,7 @@ def _bench_plot(results: list[dict[str, Any]], path: str) -> bool:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmfuse._demo import run_demo
 
+    require("torch")  # before the folder: a missing torch left an empty one behind
     _check_output_dir(args.out, ("demo.txt", "demo.png"))
     with _writing(args.out, "create folder", any_error=True):  # now, not after the training
         os.makedirs(args.out, exist_ok=True)

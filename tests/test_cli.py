@@ -179,6 +179,15 @@ def test_missing_dependency_names_the_extra(monkeypatch):
         _console.require("cupy")
 
 
+def test_demo_without_torch_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """The demo made its output folder before finding torch missing, and left it empty."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch fails, installed or not
+    out = tmp_path / "demo-out"
+    assert _cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    assert "mmfuse[torch]" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
     pytest.importorskip("torch")
