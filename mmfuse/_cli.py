@@ -359,6 +359,8 @@ def _check_output_file(path: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"mmfuse: cannot write {path!r}: it is a directory")
     parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UsageError(f"mmfuse: cannot write {path!r}: {parent!r} is a file, not a directory")
     if not os.path.isdir(parent):
         raise UsageError(f"mmfuse: cannot write {path!r}: directory {parent!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):

@@ -281,6 +281,10 @@ def test_unwritable_outputs_fail_up_front(tmp_path, capsys, monkeypatch):
             _cli.main([*argv, "--no-progress"])
         assert exc.value.code == 2, argv
         assert capsys.readouterr().err.startswith("mmfuse: cannot "), argv
+    # a file where a folder is needed is named as such (it was "directory ... does not exist")
+    with pytest.raises(SystemExit):
+        _cli.main(["bench", "--quick", "--json", str(afile / "x.json"), "--no-progress"])
+    assert "is a file, not a directory" in capsys.readouterr().err
 
 
 def test_bench_reports_any_op_exception_as_an_error_row(monkeypatch, capsys):
