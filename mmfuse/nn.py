@@ -1441,7 +1441,9 @@ class ZoomShift(nn.Module):
             ``xs`` not a list or tuple of tensors, differing dtypes (or not the layer's), or a
             non-boolean mask.
         """
-        if (device_type := _autocast_device(xs)) is not None:  # statistics in float32 or wider
+        if (device_type := _autocast_device(xs)) is not None:
+            # inputs cast to the layer's dtype (float32 for a layer built without one), not the
+            # region's: the statistics are never computed in a 16-bit autocast dtype
             with torch.autocast(device_type, enabled=False):
                 return self.forward(_autocast_cast(xs, self.dtype or torch.float32), masks)
         dtype, source = self.dtype, "the layer's dtype is"
