@@ -139,6 +139,36 @@ def test_numpy_blocks_mixed_scales(rng, monkeypatch, threads):
         assert_close(y[b], want[b], err_msg=f"sample {b}")
 
 
+def test_large_numpy_calls_run_during_interpreter_shutdown(tmp_path):
+    """Inputs of 8 MiB or more split their blocks across a per-call thread pool, which
+    concurrent.futures refuses once the interpreter shuts down: moments / zoom_shift / align
+    raised "cannot schedule new futures after interpreter shutdown" from an atexit handler or
+    a non-daemon thread still running after the main script.  This thread does the work."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "shutdown.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, threading, time
+        import numpy as np, mmfuse
+        rng = np.random.default_rng()
+        big = rng.standard_normal((64, 256, 96)) * 3 + 1  # 12.6 MB: the threaded blocks
+        guide = rng.standard_normal((64, 100, 96))
+        want = [mmfuse.moments(big, backend="array_api")[1],
+                mmfuse.align([big, guide], backend="array_api")[0]]
+        def check(tag):
+            got = [mmfuse.moments(big, backend="array_api")[1],
+                   mmfuse.align([big, guide], backend="array_api")[0]]
+            print(tag, all(np.array_equal(g, w) for g, w in zip(got, want)), flush=True)
+        threading.Thread(target=lambda: (time.sleep(0.5), check("thread"))).start()
+        atexit.register(check, "atexit")
+    """))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["thread", "True", "atexit", "True"], (res.stdout, res.stderr)
+
+
 def test_dask_stays_lazy(rng):
     da = pytest.importorskip("dask.array")
     x = _wide(rng, (4, 16, 3))

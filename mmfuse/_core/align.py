@@ -152,7 +152,15 @@ def _run_blocks(x: Any, work: Any) -> None:
     per = -(-len(blocks) // workers)
     chunks = [blocks[i : i + per] for i in range(0, len(blocks), per)]
     with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-        for done in [pool.submit(work, c) for c in chunks]:
+        futures = []
+        for chunk in chunks:
+            try:
+                futures.append(pool.submit(work, chunk))
+            except RuntimeError:
+                # the interpreter is shutting down (a non-daemon thread still running, an
+                # atexit handler): concurrent.futures takes no new work, so this thread does it
+                work(chunk)
+        for done in futures:
             done.result()
 
 
