@@ -335,7 +335,11 @@ def moments(
     (over n tokens, from about 1.8e19 / sqrt(n), where the sum of squares does), float64's
     about 1.3e154; and spreads below about 1e-19 (float32) or 1e-154 (float64) underflow,
     losing precision down to a spread of 0 (the lane then counts as having none: shifted, not
-    zoomed).  float16 / bfloat16 compute in float32.  Compute in float64 for such data (the
+    zoomed).  The deviations are taken from a rounded first mean, so the magnitude counts too:
+    float32 statistics of values above about 1e26 overflow even with no spread (the mean's
+    rounding, an ulp of the values, squared), and a sum of tokens near float32's maximum
+    overflows (numba's float64 accumulation has neither limit).  float16 / bfloat16 compute
+    in float32.  Compute in float64 for such data (the
     numba CPU kernels accumulate in float64 whatever the input's dtype).  On NumPy the batch
     is walked in cache-sized blocks, so x is read from memory once.
 
