@@ -298,3 +298,16 @@ def test_auto_keeps_longdouble_off_the_cpu_kernels(rng):
     assert "needs float16/float32/float64 NumPy arrays" in str(mmfuse.backends.explain("moments", x))
     with pytest.raises(mmfuse.backends.BackendUnsupported, match=r"got (float128|longdouble)"):
         mmfuse.moments(x, backend="numba")
+
+
+def test_float32_zoom_of_a_subnormal_spread_stays_finite():
+    """The kernels computed the zoom in float64 but stored it in a float32 x's dtype: for a
+    lane with a subnormal spread (1e-41) toward a unit guide, the scale (1.4e40) overflowed to
+    inf and the outputs came out +-inf and NaN, where the exact ones are of unit size."""
+    x = np.array([1e-40, 1.1e-40, 0.9e-40, 1e-40], np.float32).reshape(1, 4, 1)
+    g = np.array([-1.0, 1.0, -1.0, 1.0], np.float32).reshape(1, 4, 1)
+    want = reference.zoom_shift(x, g, eps=0.0)
+    got = mmfuse.zoom_shift(x, g, eps=0.0, backend="numba")
+    assert got.dtype == np.float32
+    assert_close(got, want)
+    assert_close(mmfuse.align([x, g], rounds=1, eps=0.0, backend="numba")[0], reference.align([x, g], rounds=1, eps=0.0)[0])

@@ -134,8 +134,11 @@ def _zoom_shift_kernel(
         shift = np.empty(n)
         _sample_stats(x, mask, use_mask, b, c0, c1, first, var, shift)
         centre = np.empty(n, dtype=x.dtype)
-        scale = np.empty(n, dtype=x.dtype)
-        offset = np.empty(n, dtype=x.dtype)
+        # scale and offset in float64, the map computed in it and rounded once: stored in a
+        # float32 x's dtype, the zoom of a subnormal spread (1.4e40) overflowed to inf, and
+        # the output to +-inf and NaN where the exact one is of unit size
+        scale = np.empty(n)
+        offset = np.empty(n)
         for c in range(n):
             sigma = math.sqrt(var[c] + eps)
             s = 1.0  # no spread: nothing to zoom (as the core's _scale)
@@ -286,7 +289,8 @@ def zoom_shift(x3: Any, mask2: Any, g_mean: Any, g_sigma: Any, alpha: float, eps
 
 def apply_map(x3: Any, centre: Any, scale: Any, offset: Any) -> Any:
     """``(x - centre) * scale + offset`` for a C-contiguous (B', T, C') array and (B', C')
-    constants in x's dtype: the map about a pivot (``x - centre`` is exact near the mean;
+    constants (``centre`` in x's dtype, ``scale`` and ``offset`` float64: the map computed in
+    float64 and rounded once): the map about a pivot (``x - centre`` is exact near the mean;
     a zero centre gives ``x * scale + offset`` exactly, as identity maps need)."""
     out = np.empty(x3.shape, dtype=x3.dtype)
     chunk, n_tasks, workers = _plan(x3)

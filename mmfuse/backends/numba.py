@@ -874,11 +874,12 @@ class CPUPrimitives(Primitives):
         kept = list(x.shape)
         kept[axis] = 1
         shape = (lanes.shape[0], lanes.shape[2])
-        dt = lanes.dtype  # the per-channel constants are rounded once, to x's dtype
+        dt = lanes.dtype  # the pivot in x's dtype (x - pivot is exact near the mean); the
+        # scale and offset in float64, as the fused kernel's: in a float32 x's dtype the zoom
+        # of a subnormal spread overflowed to inf
         centre = np.zeros(shape, dtype=dt) if pivot is None else _per_lane(pivot, kept, shape, dt)
-        out = _numba_cpu.apply_map(
-            lanes, centre, _per_lane(scale, kept, shape, dt), _per_lane(offset, kept, shape, dt)
-        )
+        scale, offset = (_per_lane(a, kept, shape, np.float64) for a in (scale, offset))
+        out = _numba_cpu.apply_map(lanes, centre, scale, offset)
         return out.reshape(x.shape).astype(x.dtype, copy=False)
 
     def zoom_shift(
