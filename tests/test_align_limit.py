@@ -162,3 +162,16 @@ def test_newton_solves_the_gauss_seidel_equation(rng):
         y = align_limit.solve_gauss_seidel(np, psi, alpha)
         residual = y - alpha / 2 * np.logaddexp(0.0, y) - psi
         assert np.all(np.abs(residual) <= 4e-16 * np.maximum(1.0, np.abs(psi)))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_reference_limit_of_spreads_far_apart(alpha):
+    """The reference's iterative limit overflowed to +-inf for spreads 1e-150 and 1e150
+    (v s**2 with s**2 = 1e600, and var* / var0), where the limit is finite: +-1e150 at
+    alpha = 1, +-1e50 at alpha = 0.5 (the core's closed form gave them)."""
+    z = np.array([-1.0, 1.0, -1.0, 1.0])[None, :, None]
+    xs = [1e-150 * z, 1e150 * z]
+    want = 1e150 if alpha == 1.0 else 1e50
+    for backend in ("reference", "array_api"):
+        for out in mmfuse.align(xs, rounds=None, alpha=alpha, eps=0.0, backend=backend):
+            np.testing.assert_allclose(out, want * z, rtol=1e-12)

@@ -157,9 +157,9 @@ def _target(
     others = [j for j in range(len(mus)) if j != i]
     mu_t: Any = sum(mus[j] for j in others) / len(others)
     sigma_t = np.ones_like(sigmas[i])
-    for j in others:
-        sigma_t = sigma_t * sigmas[j]
-    return mu_t, sigma_t ** (1.0 / len(others))
+    for j in others:  # the product of the roots: the roots' product would overflow first
+        sigma_t = sigma_t * sigmas[j] ** (1.0 / len(others))
+    return mu_t, sigma_t
 
 
 def align(
@@ -231,7 +231,7 @@ def _limit(
             live = sigma_i > 0  # a channel with no spread has nothing to zoom
             scale = np.where(live, (sigma_t / np.where(live, sigma_i, 1.0)) ** alpha, 1.0)
             mus[i] = (1.0 - alpha) * mus[i] + alpha * mu_t  # mu + a (mu_t - mu), exact at a = 1
-            vs[i] = vs[i] * scale**2
+            vs[i] = vs[i] * scale * scale  # (v s) s: s**2 alone overflows first
         # stop when no statistic moves by more than ~50 ulps: rounding keeps the last ulps
         # moving, and the stopping point is within tol / (1 - contraction) of the limit
         still = any(
@@ -248,7 +248,7 @@ def _limit(
     out = []
     for i in range(n):
         # S = sqrt(var* / var0); a modality with no spread keeps S = 1 (its deviations are 0)
-        s = np.where(var0[i] > 0, np.sqrt(vs[i] / np.where(var0[i] > 0, var0[i], 1.0)), 1.0)
+        s = np.where(var0[i] > 0, np.sqrt(vs[i]) / np.sqrt(np.where(var0[i] > 0, var0[i], 1.0)), 1.0)
         first, corr, _ = parts[i]
         out.append(((_f64(ys[i]) - first) - corr) * s + mus[i])  # x - mu0 as in _zoom_shift_to
     return out
