@@ -43,6 +43,7 @@ __all__ = [
     "rank_major_projections",
     "rank_sum",
     "tensor_fusion",
+    "tensor_fusion_blocks",
     "tensor_fusion_rows",
     "whole_batch",
 ]
@@ -139,6 +140,18 @@ def tensor_fusion_rows(xp: Any, x: Any, dims: tuple[int, ...], out_dim: int, max
     return max(1, max_elements // max(1, *intermediate_sizes(1, dims, out_dim)))
 
 
+def tensor_fusion_blocks(
+    xp: Any, x: Any, dims: tuple[int, ...], out_dim: int, max_elements: int
+) -> list[slice] | None:
+    """The batch blocks of :func:`tensor_fusion_rows` samples for inputs like ``x``, or None
+    where the whole batch is one block (the contractions of :func:`tensor_fusion` and of
+    :func:`mmfuse._core.interactions.tensor_interactions`)."""
+    rows = tensor_fusion_rows(xp, x, dims, out_dim, max_elements)
+    if rows is None or rows >= x.shape[0]:
+        return None
+    return block_slices(int(x.shape[0]), rows)
+
+
 def _contract(xp: Any, xs: list[Any], weight: Any, append_one: bool) -> Any:
     """One block of :func:`tensor_fusion`, without the bias."""
     batch = xs[0].shape[0]
@@ -177,12 +190,10 @@ def tensor_fusion(
             tensor_fusion, xp, xs[0].dtype, list(xs), weight, bias, append_one=append_one,
             max_elements=max_elements,
         )  # fmt: skip
-    dims = tuple(weight.shape[:-1])
-    rows = tensor_fusion_rows(xp, xs[0], dims, weight.shape[-1], max_elements)
-    if rows is None or rows >= xs[0].shape[0]:
+    blocks = tensor_fusion_blocks(xp, xs[0], tuple(weight.shape[:-1]), weight.shape[-1], max_elements)
+    if blocks is None:
         t = _contract(xp, xs, weight, append_one)
     else:
-        blocks = block_slices(int(xs[0].shape[0]), rows)
         parts = [_contract(xp, [x[blk, ...] for x in xs], weight, append_one) for blk in blocks]
         t = _concat_blocks(xp, parts)
     if bias is not None:

@@ -45,7 +45,7 @@ from .._namespace import (
     is_lazy,
     low_precision,
 )
-from .fusion import flat_lowrank, mask_absent, tensor_fusion_rows
+from .fusion import flat_lowrank, mask_absent, tensor_fusion_blocks
 
 __all__ = [
     "NumPyOrders",
@@ -543,8 +543,8 @@ def tensor_interactions(
     """TFN's terms (K, B, h) by mode-by-mode contraction, each mode with the features or at the
     constant's index.
 
-    The batch is contracted in blocks of :func:`mmfuse._core.fusion.tensor_fusion_rows`
-    samples, as :func:`mmfuse._core.fusion.tensor_fusion`'s, so that no intermediate holds
+    The batch is contracted in the blocks of :func:`mmfuse._core.fusion.tensor_fusion_blocks`,
+    as :func:`mmfuse._core.fusion.tensor_fusion`'s, so that no intermediate holds
     more than ``max_elements`` elements (the public layer has refused a problem where one
     sample's would); ``None``: the whole batch at once."""
     xp = array_namespace(xs[0])
@@ -557,11 +557,11 @@ def tensor_interactions(
     batch = xs[0].shape[0]
     dims = tuple(weight.shape[:-1])
     out_dim = weight.shape[-1]
-    rows = None if max_elements is None else tensor_fusion_rows(xp, xs[0], dims, out_dim, max_elements)
-    if rows is not None and rows < batch:
+    blocks = None if max_elements is None else tensor_fusion_blocks(xp, xs[0], dims, out_dim, max_elements)
+    if blocks is not None:
         parts = [
             tensor_interactions([x[blk, ...] for x in xs], weight, by=by, append_one=append_one)[0]
-            for blk in block_slices(int(batch), rows)
+            for blk in blocks
         ]
         return xp.concat(parts, axis=1), labels_for(by, n)
     sizes = [x.shape[1] for x in xs]

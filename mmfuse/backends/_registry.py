@@ -199,6 +199,13 @@ def define_op(public: Callable[..., Any], name: str | None = None) -> None:
         _EXTRA_OPS[op] = signature
 
 
+def _check_named_backend(backend: Any) -> None:
+    """``backend`` names a backend (not "auto"): what :func:`register` and :func:`unregister`
+    take."""
+    if backend not in BACKEND_NAMES or backend == "auto":
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES[1:])}, got {backend!r}")
+
+
 def register(
     op: str,
     backend: str,
@@ -217,8 +224,7 @@ def register(
     implementations of ``op`` for ``backend``.
     """
     _signature(op)
-    if backend not in BACKEND_NAMES or backend == "auto":
-        raise ValueError(f"backend must be one of {list(BACKEND_NAMES[1:])}, got {backend!r}")
+    _check_named_backend(backend)
     if not callable(func):
         raise TypeError(f"func must be the implementation (a callable), got {type(func).__name__}")
     _check_signature(op, backend, func)
@@ -241,8 +247,7 @@ def unregister(op: str, backend: str) -> None:
     unknown operator or backend name is refused as :func:`register` refuses it (a typo
     would leave the registration in place, silently)."""
     _signature(op)
-    if backend not in BACKEND_NAMES or backend == "auto":
-        raise ValueError(f"backend must be one of {list(BACKEND_NAMES[1:])}, got {backend!r}")
+    _check_named_backend(backend)
     with _lock:
         if _REGISTERED.pop((op, backend), None) is not None:
             _CHOICES.clear()
