@@ -339,9 +339,9 @@ def moments(
     float32 statistics of values above about 1e26 overflow even with no spread (the mean's
     rounding, an ulp of the values, squared), and a sum of tokens near float32's maximum
     overflows (numba's float64 accumulation has neither limit).  float16 / bfloat16 compute
-    in float32.  Compute in float64 for such data (the
-    numba CPU kernels accumulate in float64 whatever the input's dtype).  On NumPy the batch
-    is walked in cache-sized blocks, so x is read from memory once.
+    in float32.  Compute in float64 for such data (the numba CPU kernels accumulate in float64
+    whatever the input's dtype).  On NumPy the batch is walked in cache-sized blocks, so x is
+    read from memory once.
 
     References
     ----------
