@@ -1445,7 +1445,9 @@ class ZoomShift(nn.Module):
             # inputs cast to the layer's dtype (float32 for a layer built without one), not the
             # region's: the statistics are never computed in a 16-bit autocast dtype
             with torch.autocast(device_type, enabled=False):
-                return self.forward(_autocast_cast(xs, self.dtype or torch.float32), masks)
+                # this class's forward, not self.forward: a subclass's forward around
+                # super().forward() would run its own body twice
+                return ZoomShift.forward(self, _autocast_cast(xs, self.dtype or torch.float32), masks)
         dtype, source = self.dtype, "the layer's dtype is"
         remedy = "cast the input or the layer (layer.to(dtype))"
         if dtype is None:  # parameter-free: the inputs must share the first one's dtype
@@ -1668,7 +1670,8 @@ class GuidedZoomShift(nn.Module):
         """
         if (device_type := _autocast_device(xs)) is not None:  # pooling and fusion too
             with torch.autocast(device_type, enabled=False):
-                return self.forward(_autocast_cast(xs, self.weight.dtype), masks)
+                # (this class's forward, as ZoomShift's: not a subclass's a second time)
+                return GuidedZoomShift.forward(self, _autocast_cast(xs, self.weight.dtype), masks)
         ys = self.modulate(xs, masks)
         full = list(masks) if masks is not None else [None] * len(ys)
         return fuse([pool(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)

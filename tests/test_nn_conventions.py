@@ -97,6 +97,30 @@ def test_autocast_runs_hooks_and_a_subclass_forward_once(case):
         torch.testing.assert_close(out, 3.0 * twin([x.to(torch.bfloat16) for x in xs]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("make", [lambda: ZoomShift(6, 2), lambda: GuidedZoomShift(6, 2)])
+def test_alignment_layers_under_autocast_run_a_subclass_forward_once(make):
+    """ZoomShift and GuidedZoomShift re-entered through self.forward under autocast: a
+    subclass's forward around super().forward() ran its body twice (3 * 3 * the output)."""
+    torch.manual_seed(0)
+    layer = make()
+    xs = [torch.randn(3, t, 6) for t in LENGTHS]
+    fired = []
+
+    class Scaled(type(layer)):
+        def forward(self, *args, **kwargs):
+            fired.append("subclass")
+            return 3.0 * super().forward(*args, **kwargs)
+
+    scaled = copy.deepcopy(layer)
+    scaled.__class__ = Scaled
+    with torch.no_grad():
+        want = 3.0 * layer(xs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = scaled(xs)
+    assert fired == ["subclass"]
+    torch.testing.assert_close(got, want)
+
+
 def test_autocast_compiles_fullgraph():
     """torch.compile(fullgraph=True) of a fusion layer inside autocast: the cast parameters are
     swapped in without a module made while tracing (which Dynamo refuses)."""
