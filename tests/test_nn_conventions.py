@@ -57,6 +57,20 @@ def test_fusion_layers_under_autocast_compute_like_a_cast_copy(case, low):
         torch.testing.assert_close(p.grad, q.grad.float(), rtol=0, atol=0)
 
 
+def _tripled_subclass(layer, fired):
+    """A copy of ``layer`` whose class is a subclass with ``forward`` returning three times
+    ``super().forward()``, noting each call of its body in ``fired``."""
+
+    class Scaled(type(layer)):
+        def forward(self, *args, **kwargs):
+            fired.append("subclass")
+            return 3.0 * super().forward(*args, **kwargs)
+
+    scaled = copy.deepcopy(layer)
+    scaled.__class__ = Scaled
+    return scaled
+
+
 @pytest.mark.parametrize("case", range(5))
 def test_autocast_runs_hooks_and_a_subclass_forward_once(case):
     """Under autocast the fusion layers re-entered through layer(...) (torch.func's
@@ -82,13 +96,7 @@ def test_autocast_runs_hooks_and_a_subclass_forward_once(case):
         torch.testing.assert_close(got, twin([2 * x.to(torch.bfloat16) for x in xs]), rtol=0, atol=0)
         torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
 
-    class Scaled(type(layer)):
-        def forward(self, *args, **kwargs):
-            fired.append("subclass")
-            return 3.0 * super().forward(*args, **kwargs)
-
-    scaled = copy.deepcopy(layer)
-    scaled.__class__ = Scaled
+    scaled = _tripled_subclass(layer, fired)
     fired.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = scaled(xs)
@@ -106,13 +114,7 @@ def test_alignment_layers_under_autocast_run_a_subclass_forward_once(make):
     xs = [torch.randn(3, t, 6) for t in LENGTHS]
     fired = []
 
-    class Scaled(type(layer)):
-        def forward(self, *args, **kwargs):
-            fired.append("subclass")
-            return 3.0 * super().forward(*args, **kwargs)
-
-    scaled = copy.deepcopy(layer)
-    scaled.__class__ = Scaled
+    scaled = _tripled_subclass(layer, fired)
     with torch.no_grad():
         want = 3.0 * layer(xs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
