@@ -20,7 +20,7 @@ from typing import Any
 
 from ._core import align as core
 from ._namespace import array_namespace, in_native_order, is_array, is_jax, is_torch, mask_tokens
-from ._plan import PlanCache, call_key
+from ._plan import PlanCache, call_key, planned_impl
 from ._validation import (
     as_sequence,
     check_bool,
@@ -663,8 +663,10 @@ def _plan_zoom_shift(
     _check_axis(guide, axis, "guide")
     check_mask(xp, mask, x, ax, "mask", "x")
     check_mask(xp, guide_mask, guide, ax, "guide_mask", "guide")
-    impl = lookup("zoom_shift", backend, like=x, arrays=(x, guide))
-    return partial(in_native_order(impl, (x, guide)), alpha=alpha, axis=axis, eps=eps)
+    impl = in_native_order(lookup("zoom_shift", backend, like=x, arrays=(x, guide)), (x, guide))
+    options = {"alpha": alpha, "axis": axis, "eps": eps}
+    impl = planned_impl(impl, (x, guide), {**options, "mask": mask, "guide_mask": guide_mask})
+    return partial(impl, **options)
 
 
 # --------------------------------------------------------------------------- align
@@ -834,9 +836,9 @@ def _plan_align(
 ) -> Any:  # fmt: skip
     """The implementation of :func:`align` for checked arguments, with its options bound."""
     impl = in_native_order(lookup("align", backend, like=xs[0], arrays=xs), xs)
-    return partial(
-        impl, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, axis=axis, eps=eps
-    )
+    options = {"rounds": rounds, "alpha": alpha, "schedule": schedule, "topology": topology, "hub": hub,
+               "axis": axis, "eps": eps}  # fmt: skip
+    return partial(planned_impl(impl, (xs,), {**options, "masks": masks}), **options)
 
 
 def _run_align(

@@ -19,6 +19,11 @@ whether autograd records (grad mode) and whether forward-mode AD is active (the 
 ``grad`` and ``traced``).  Options enter with their types, so that
 ``append_one=1`` (refused: not a bool) never matches a plan made for ``True``.
 
+An implementation may plan its own calls too: one with a ``plan`` attribute is asked, once
+per signature, which function to run for calls with this metadata (:func:`planned_impl`; the
+torch backend's choices by batch size, stackable modalities, autograd and the tensors' device
+and dtype), so those choices are not remade on every call.
+
 Calls are never planned while ``torch.compile`` traces them (Dynamo traces the checks as
 before), while a torch dispatch mode is active, or inside a ``torch.func`` transform (whose
 wrapped tensors the registry tells apart from plain ones of the same shape); a signature
@@ -38,7 +43,7 @@ import numpy as np
 from ._config import backend_policy
 from .backends._registry import generation
 
-__all__ = ["PlanCache", "call_key", "policy_key"]
+__all__ = ["PlanCache", "call_key", "planned_impl", "policy_key"]
 
 T = TypeVar("T")
 
@@ -164,15 +169,7 @@ def policy_key(backend: Any) -> Any:
     torch_state: Any = None
     if frameworks[0]:
         torch = sys.modules["torch"]
-        # not while Dynamo traces, nor under a TorchDispatchMode (FakeTensorMode, export,
-        # logging modes), which the registry's choice depends on
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-            return None
-        # nor inside a torch.func transform: the registry's choice depends on whether each
-        # tensor is wrapped by it (a plain tensor may take the custom op or the CPU kernels,
-        # a batched or differentiated one of the same shape may not), which a key of types,
-        # shapes and dtypes cannot see
-        if torch._C._are_functorch_transforms_active():
+        if _torch_intercepts(torch):
             return None
         torch_state = (torch.is_grad_enabled(), torch.autograd.forward_ad._current_level)
     try:
@@ -180,3 +177,36 @@ def policy_key(backend: Any) -> Any:
     except (TypeError, ValueError):  # a bad backend= : the unplanned path reports it
         return None
     return (names, frameworks, generation(), torch_state)
+
+
+def _torch_intercepts(torch: Any) -> bool:
+    """Whether torch operations are intercepted now, so that no call may be planned: while
+    Dynamo traces, under a TorchDispatchMode (FakeTensorMode, export, logging modes), which
+    the registry's choice depends on, or inside a torch.func transform, where the choice
+    depends on whether each tensor is wrapped by it (a plain tensor may take the custom op or
+    the CPU kernels, a batched or differentiated one of the same shape may not), which a key
+    of types, shapes and dtypes cannot see."""
+    return bool(
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+def planned_impl(impl: Callable[..., T], args: tuple[Any, ...], options: dict[str, Any]) -> Callable[..., T]:
+    """What a plan calls in place of the chosen implementation ``impl``: ``impl`` itself, or,
+    where it plans its own calls (a ``plan`` attribute), ``impl.plan(*args, **options)``: a
+    function taking ``impl``'s arguments, chosen from this call's metadata (``args``, the
+    call's arrays as ``impl`` takes them, and ``options``, its keywords).  Only metadata that
+    a signature holds may decide the choice (:func:`call_key`), since every later call of the
+    same signature runs it; anything else (strides, values) the chosen function checks itself.
+    """
+    plan = getattr(impl, "plan", None)
+    if plan is None:
+        return impl
+    # an unplanned call (its policy key is None) runs the implementation itself: its own plan
+    # assumes what a planned call guarantees, no tracing, dispatch mode or transform
+    torch = sys.modules.get("torch")
+    if torch is not None and _torch_intercepts(torch):
+        return impl
+    return plan(*args, **options)

@@ -17,7 +17,7 @@ import numpy as np
 from ._core import sequence as core
 from ._fusion import DEFAULT_MAX_ELEMENTS, Planned, check_allocations
 from ._namespace import array_namespace, from_numpy, is_array
-from ._plan import PlanCache, call_key
+from ._plan import PlanCache, call_key, planned_impl
 from ._validation import (
     as_sequence,
     check_bool,
@@ -524,7 +524,8 @@ def plan_wander(
     check_same_float_dtype(xp, named)
     masks = _check_masks(xp, masks, [tuple(x.shape) for x in xs], "xs")
     impl = lookup("wander", backend, like=xs[0], arrays=(xs, pairs, feature, token))
-    return partial(impl, mode=mode, activation=activation, residual=residual)
+    options = {"mode": mode, "activation": activation, "residual": residual}
+    return partial(planned_impl(impl, (xs, params), {**options, "masks": masks}), **options)
 
 
 # --------------------------------------------------------------------------- parameters

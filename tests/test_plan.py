@@ -333,3 +333,57 @@ def test_calls_inside_torch_func_transforms_of_plain_and_wrapped_tensors():
     xr = x.clone().requires_grad_(True)
     (want,) = torch.autograd.grad(mmfuse.lowrank_fusion([xr, y], **p).sum(), [xr])
     assert_close(got, want, rtol=1e-12)
+
+
+def test_a_planned_torch_call_checks_what_its_signature_does_not_fix(rng):
+    """The torch backend plans its own calls (``planned_impl``): the NumPy path on the
+    tensors' memory is chosen once per signature, and the layout, which a signature does not
+    hold, is still checked per call: a tensor with the negative bit (``numpy()`` refuses it)
+    or strided, of a planned signature, gets the values of a fresh copy."""
+    x, g = torch.tensor(rng.standard_normal((3, 5, 4))), torch.tensor(3.0 + rng.standard_normal((3, 6, 4)))
+    mmfuse.zoom_shift(x, g)
+    mmfuse.align([x, g], rounds=1)
+    for odd in (torch._neg_view(x), x.transpose(0, 1).contiguous().transpose(0, 1)):
+        assert not odd.is_contiguous() or odd.is_neg()
+        plain = odd.clone().contiguous().resolve_neg()
+        assert_close(mmfuse.zoom_shift(odd, g), ref.zoom_shift(plain.numpy(), g.numpy()), rtol=1e-12)
+        for got, want in zip(mmfuse.align([odd, g], rounds=1), ref.align([plain.numpy(), g.numpy()], rounds=1)):
+            assert_close(got, want, rtol=1e-12)
+
+
+def test_a_planned_torch_call_records_autograd_when_its_signature_does(rng):
+    """The same tensors planned without autograd (grad mode off) and then with it: the second
+    signature's plan differentiates (the NumPy path alone would not)."""
+    x = torch.tensor(rng.standard_normal((3, 5, 4)), requires_grad=True)
+    g = torch.tensor(rng.standard_normal((3, 6, 4)))
+    with torch.no_grad():
+        assert mmfuse.zoom_shift(x, g).grad_fn is None
+        assert all(y.grad_fn is None for y in mmfuse.align([x, g], rounds=1))
+    mmfuse.zoom_shift(x, g).sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    x.grad = None
+    sum(y.sum() for y in mmfuse.align([x, g], rounds=1)).backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+@pytest.mark.parametrize("batch", [2, 200])
+def test_planned_wander_calls_take_the_path_of_an_unplanned_one(rng, batch):
+    """The torch backend's ``wander`` plans its path (stacked, core, custom ops by batch size
+    and shapes) once per signature; planned and unplanned calls give the same values and
+    gradients, stackable or not."""
+    import importlib
+
+    backend = importlib.import_module("mmfuse.backends.torch.wander")
+    for lengths in ([4, 4], [4, 3]):
+        p = mmfuse.init_wander([5, 5], lengths, rank=3, feature_rank=2, token_rank=2, out_dim=5,
+                               seed=int(rng.integers(1 << 30)))  # fmt: skip
+        params = {k: [tuple(torch.tensor(a) for a in v) if isinstance(v, tuple) else torch.tensor(v)
+                      for v in p[k]] for k in p}  # fmt: skip
+        xs = [torch.tensor(rng.standard_normal((batch, t, 5)), requires_grad=True) for t in lengths]
+        for _ in range(2):  # planned on the first call, run from the plan on the second
+            got = mmfuse.wander(xs, params, mode="collapsed")
+            (gx,) = torch.autograd.grad(got.sum(), [xs[0]])
+            want = backend.wander(xs, params, mode="collapsed")
+            (wx,) = torch.autograd.grad(want.sum(), [xs[0]])
+            assert_close(got, want, rtol=1e-12)
+            assert_close(gx, wx, rtol=1e-12)

@@ -343,6 +343,30 @@ def wander_torch(
 
 
 
+def _plan_wander(
+    xs: Sequence[Any], params: Any, *, mode: str, masks: Sequence[Any] | None, activation: Any, residual: str
+) -> Any:
+    """What a planned :func:`wander` call with this metadata runs (``mmfuse._plan``): for the
+    released configuration on modalities of one shape (:func:`_stackable`: shapes, dtypes and
+    which masks are present, all in the signature), :func:`stacked_adapter` up to
+    :data:`WHOLE_BATCH_ROWS` samples (read per call, so that a changed bound holds for
+    planned calls too); else :func:`wander` itself.  (A WanderAdapter step at B = 1 spent
+    about 8 us of its forward choosing that path.)"""
+    released = mode == "collapsed" and isinstance(activation, str) and activation == "gelu"
+    if not (released and _stackable(xs, params, masks)):
+        return wander
+
+    def stacked(
+        xs: Sequence[Any], params: Any, *, mode: str = "cp", masks: Any = None, activation: Any = "gelu",
+        residual: str = "first",
+    ) -> Any:  # fmt: skip
+        if xs[0].shape[0] <= WHOLE_BATCH_ROWS:
+            return stacked_adapter(xs, params, residual == "first")
+        return wander(xs, params, mode=mode, masks=masks, activation=activation, residual=residual)
+
+    return stacked
+
+
 # Batches up to this many samples run under autograd: measured (WanderAdapter,
 # collapsed mode, CMU-MOSI sizes, one training step, 2-core CI box, float32), the core's
 # step took 0.65-0.93x the custom ops' time from B = 1 to 128 (1.41 against 2.16 ms at B = 1,
@@ -457,3 +481,6 @@ def wander(
         list(xs), [w for w, _ in down], [b for _, b in down], list(params["feature"]),
         list(params["token"]), mode, masks, activation, residual,
     )  # fmt: skip
+
+
+wander.plan = _plan_wander  # type: ignore[attr-defined]  # (mmfuse._plan.planned_impl)
