@@ -175,3 +175,64 @@ def test_reference_limit_of_spreads_far_apart(alpha):
     for backend in ("reference", "array_api"):
         for out in mmfuse.align(xs, rounds=None, alpha=alpha, eps=0.0, backend=backend):
             np.testing.assert_allclose(out, want * z, rtol=1e-12)
+
+
+def _limit_in_mpmath(xs: list[np.ndarray], alpha: float, schedule: str, topology: str, eps: float) -> list[np.ndarray]:
+    """The limit of the rounds by their recursion on (mean, variance), in 40-digit arithmetic,
+    per (sample, channel) lane: the outputs mu* + (x - mu0) sqrt(var* / var0)."""
+    mpmath = pytest.importorskip("mpmath")
+    mp = mpmath.mp.clone()
+    mp.dps = 40
+    n, a = len(xs), mp.mpf(alpha)
+    outs = [np.empty_like(x) for x in xs]
+    for b in range(xs[0].shape[0]):
+        for k in range(xs[0].shape[2]):
+            tokens = [[mp.mpf(float(t)) for t in x[b, :, k]] for x in xs]
+            mu0 = [sum(v) / len(v) for v in tokens]
+            var0 = [sum((t - m) ** 2 for t in v) / len(v) for v, m in zip(tokens, mu0)]
+            mus, vs = list(mu0), list(var0)
+            for _ in range(100_000):
+                old = list(mus) + list(vs)
+                # Jacobi reads the values before the sweep, Gauss-Seidel the latest
+                src_mu, src_v = (list(mus), list(vs)) if schedule == "jacobi" else (mus, vs)
+                for i in range(n):
+                    if topology == "hub" and i == 0:
+                        continue
+                    others = [0] if topology == "hub" else [j for j in range(n) if j != i]
+                    mu_t = sum(src_mu[j] for j in others) / len(others)
+                    log_sigma_t = sum(mp.log(src_v[j] + eps) for j in others) / (2 * len(others))
+                    scale = mp.exp(a * (log_sigma_t - mp.log(vs[i] + eps) / 2))
+                    mus[i] = mus[i] + a * (mu_t - mus[i])
+                    vs[i] = vs[i] * scale * scale
+                if max(abs(u - v) for u, v in zip(old, list(mus) + list(vs))) < mp.mpf(10) ** -30:
+                    break
+            for i in range(n):
+                s = mp.sqrt(vs[i] / var0[i])
+                outs[i][b, :, k] = [float(mus[i] + (t - mu0[i]) * s) for t in tokens[i]]
+    return outs
+
+
+@pytest.mark.parametrize(("schedule", "topology"), [("gauss-seidel", "consensus"), ("jacobi", "hub")])
+def test_reference_limit_at_small_alpha_is_exact(rng, schedule, topology):
+    """The reference iterated the statistics in float64 until a round moved them by less than
+    1e-14: at small alpha (each round removing alpha of the distance) it stopped about
+    eps64 / alpha short of the limit, 1e-13 of the outputs' scale at alpha = 0.05 (500 ulps;
+    4e-12 at alpha = 1e-3).  In double-double arithmetic, with a stop estimated from the
+    contraction, it is within a few ulps of a 40-digit iteration."""
+    xs = [rng.standard_normal((1, 5, 2)), 2.0 + 3.0 * rng.standard_normal((1, 4, 2)),
+          -1.0 + 0.5 * rng.standard_normal((1, 6, 2))]  # fmt: skip
+    want = _limit_in_mpmath(xs, 0.05, schedule, topology, 1e-5)
+    got = reference.align(xs, rounds=None, alpha=0.05, schedule=schedule, topology=topology, eps=1e-5)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=8 * np.finfo(np.float64).eps * np.abs(w).max())
+
+
+def test_reference_limit_says_when_it_cannot_settle(rng):
+    """Spreads far below sqrt(eps) move by about var / eps of the distance per round: the
+    reference stopped after a few rounds and returned a limit 0.6 of the outputs' scale off
+    (eps = 1e30) without a word.  Now its contraction estimate says within 1000 sweeps that
+    200000 would not do, and it refuses; the core's closed form has no such limit."""
+    xs = [rng.standard_normal((2, 5, 3)), 2.0 + 3.0 * rng.standard_normal((2, 4, 3))]
+    for eps in (1e8, 1e30):
+        with pytest.raises(ValueError, match=r"do not converge within 200000 sweeps"):
+            reference.align(xs, rounds=None, eps=eps)

@@ -5,10 +5,11 @@ over the token axis, population variance, eps inside the square root, masked tok
 zoom(X; G, a) = mu_X + (X - mu_X) (sigma_G / sigma_X)^a and shift(X; G, a) = X + a (mu_G - mu_X).
 Rounds re-measure the arrays every time.  The limit (``rounds=None``) runs the same rounds on
 the statistics alone (each round maps the data affinely, so it maps mean and raw variance
-exactly: mu <- mu + a (mu_t - mu), var <- var (sigma_t / sigma)^(2 a), sigma = sqrt(var + eps))
-until they stop moving, then applies one affine map per modality.  Slow on purpose: this is
-the oracle every other implementation is tested against (the core jumps to the limit through
-invariants of the rounds instead).  Inputs are assumed valid (the public layer checks them).
+exactly: mu <- mu + a (mu_t - mu), var <- var (sigma_t / sigma)^(2 a), sigma = sqrt(var + eps)),
+in double-double arithmetic, until they settle, then applies one affine map per modality.
+Slow on purpose: this is the oracle every other implementation is tested against (the core
+jumps to the limit through invariants of the rounds instead).  Inputs are assumed valid (the
+public layer checks them).
 
 Each mean is kept as the two-pass algorithm's first mean and correction, and a deviation
 x - mean formed as (x - m0) - corr, so that a mean large against the spread never costs an
@@ -203,55 +204,177 @@ def _limit(
     masks: list[Any],
     eps: float,
 ) -> list[np.ndarray]:
-    """Run the rounds on (mean, raw variance) until they stop moving; then one map each.
+    """Run the rounds on the statistics until they settle; then one map each.
 
-    A round maps every (sample, channel) of x affinely, so it maps the statistics exactly;
-    after the rounds converge each modality is ``mu* + (x - mu0) sqrt(var* / var0)``.
+    A round maps every (sample, channel) of x affinely, so it maps the statistics exactly:
+    mu <- mu + a (mu_t - mu), and log var <- log var + 2 a (log sigma_t - log sigma); the
+    means and the variances move independently.  After the rounds converge each modality is
+    ``mu* + (x - mu0) sqrt(var* / var0)``.
+
+    Both iterations run in double-double arithmetic (a value as hi + lo), each step's increment
+    computed from differences, which vanish at the limit: a float64 iteration adds a rounding of
+    the state every round while a step of alpha removes only alpha of the distance, so it
+    settles about eps64 / alpha from the limit (4e-12 relative at alpha = 1e-3, on the old
+    reference), while here the error left is that of the increments' own last steps.
     """
     n = len(ys)
     parts = [_two_pass(y, axis, m) for y, m in zip(ys, masks)]
-    mu0 = [first + corr for first, corr, _ in parts]
     var0 = [var for _, _, var in parts]
-    mus, vs = list(mu0), list(var0)
     # A (sample, channel) with no spread keeps var = 0 and sigma = sqrt(eps) in every round; it
     # pulls the others' variance to 0 (consensus, or a hub with no spread), slowly (like 1/k),
     # so set that limit at once: with every variance 0 there, the rounds leave it alone.
-    dead = [v == 0 for v in vs]
+    dead = [v == 0 for v in var0]
     collapse = dead[hub] if topology == "hub" else np.logical_or.reduce(dead)
-    vs = [np.where(collapse, 0.0, v) for v in vs]
-    for _ in range(200_000):
-        old_mus, old_vs = list(mus), list(vs)
-        for i in range(n):
-            if topology == "hub" and i == hub:
-                continue
-            src_mu, src_v = (old_mus, old_vs) if schedule == "jacobi" else (mus, vs)
-            sigmas = [np.sqrt(v + eps) for v in src_v]
-            mu_t, sigma_t = _target(i, src_mu, sigmas, topology, hub)
-            sigma_i = np.sqrt(vs[i] + eps)
-            live = sigma_i > 0  # a channel with no spread has nothing to zoom
-            scale = np.where(live, (sigma_t / np.where(live, sigma_i, 1.0)) ** alpha, 1.0)
-            mus[i] = (1.0 - alpha) * mus[i] + alpha * mu_t  # mu + a (mu_t - mu), exact at a = 1
-            vs[i] = vs[i] * scale * scale  # (v s) s: s**2 alone overflows first
-        # stop when no statistic moves by more than ~50 ulps: rounding keeps the last ulps
-        # moving, and the stopping point is within tol / (1 - contraction) of the limit
-        still = any(
-            np.any(np.abs(m - om) > 1e-14 * (np.abs(m) + np.sqrt(v))) or np.any(np.abs(v - ov) > 1e-14 * v)
-            for m, om, v, ov in zip(mus, old_mus, vs, old_vs)
-        )
-        if not still:
-            break
-    else:
-        raise ValueError(
-            "the rounds did not converge in 200000 sweeps (Jacobi consensus with M = 2 and alpha = 1 "
-            "has no limit; spreads far below sqrt(eps) converge too slowly for the reference)"
-        )
+    sources = _sources(n, schedule, topology, hub)
+    jacobi = schedule == "jacobi"
+    # a mean has settled when it moves by far less than an ulp of an output: of the mean itself
+    # or, where that is small, of the smallest spread among the modalities (not of the inputs'
+    # means: x about 1e8 moved to a unit-sized guide ends unit-sized)
+    floor = np.sqrt(np.minimum.reduce(var0)) + np.finfo(np.float64).tiny
+    mu_hi, mu_lo = _iterate(
+        [_two_sum(first, corr) for first, corr, _ in parts], sources, _mean_step(alpha), floor, True, jacobi
+    )
+    live = [~collapse & ~d for d in dead]
+    logs = [_log2(np.where(lv, v, 1.0)) for lv, v in zip(live, var0)]  # log var0, double-double
+    log_hi, log_lo = _iterate(logs, sources, _spread_step(alpha, eps, live), 1.0, False, jacobi)
+    # the growth log(var* / var0), from the (hi, lo) pairs' differences
+    growth = [(h - h0) + (e - e0) for h, e, (h0, e0) in zip(log_hi, log_lo, logs)]
     out = []
     for i in range(n):
-        # S = sqrt(var* / var0); a modality with no spread keeps S = 1 (its deviations are 0)
-        s = np.where(var0[i] > 0, np.sqrt(vs[i]) / np.sqrt(np.where(var0[i] > 0, var0[i], 1.0)), 1.0)
+        # S = sqrt(var* / var0) = exp(growth / 2); collapsed: var* = 0; no spread: S = 1
+        s = np.where(live[i], np.exp(0.5 * growth[i]), np.where(dead[i], 1.0, 0.0))
         first, corr, _ = parts[i]
-        out.append(((_f64(ys[i]) - first) - corr) * s + mus[i])  # x - mu0 as in _zoom_shift_to
+        # x - mu0 as in _zoom_shift_to; the limit's low part added before its high part
+        out.append((((_f64(ys[i]) - first) - corr) * s + mu_lo[i]) + mu_hi[i])
     return out
+
+
+def _two_sum(a: Any, b: Any) -> tuple[Any, Any]:
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth)."""
+    s = a + b
+    bp = s - a
+    return s, (a - (s - bp)) + (b - bp)
+
+
+def _sources(n: int, schedule: str, topology: str, hub: int) -> list[tuple[int, list[int]]]:
+    """The round's updates in order: (modality, the modalities its target is taken from)."""
+    if topology == "hub":
+        return [(i, [hub]) for i in range(n) if i != hub]
+    return [(i, [j for j in range(n) if j != i]) for i in range(n)]
+
+
+def _mean_step(alpha: float) -> Any:
+    """A mean's increment a (mu_t - mu), mu_t the others' average: from the differences of
+    the (hi, lo) pairs, exact where the means are close (Sterbenz)."""
+
+    def step(i: int, others: list[int], hi: list[Any], lo: list[Any]) -> Any:
+        diff = sum((hi[j] - hi[i]) + (lo[j] - lo[i]) for j in others)
+        return alpha * (diff / len(others))
+
+    return step
+
+
+def _log2(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log(v) for v > 0 as (hi, lo), good to about an ulp of 1 rather than of log(v) (whose
+    own rounding, up to 700 ulps of 1, would move the limit): lo = log(v exp(-hi)), the
+    product within a few ulps of 1."""
+    hi = np.log(v)
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo = np.log(v * np.exp(-hi))
+    return _two_sum(hi, np.where(np.isfinite(lo), lo, 0.0))
+
+
+def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
+    """A log-variance's increment 2 a (log sigma_t - log sigma), sigma_t the others' geometric
+    mean, for log var as (hi, lo) pairs (0 where not ``live``).
+
+    log sigma_j - log sigma_i = log1p(w expm1(log var_j - log var_i)) / 2 with
+    w = var_i / (var_i + eps): accurate relative to the difference itself, so the increments
+    vanish at the limit instead of settling at rounding noise."""
+
+    def share(h: Any) -> tuple[Any, Any]:
+        """(w, 1 - w) with w = var / (var + eps), for log var = h: each as a quotient, so each
+        is accurate where it is near 0."""
+        if eps == 0:
+            return 1.0, 0.0
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + eps * np.exp(-h)), 1.0 / (1.0 + np.exp(h) / eps)
+
+    def step(i: int, others: list[int], hi: list[Any], lo: list[Any]) -> Any:
+        w_i, u_i = share(hi[i])
+        total: Any = 0.0
+        for j in others:
+            d = (hi[j] - hi[i]) + (lo[j] - lo[i])  # log var_j - log var_i
+            u_j = share(hi[j])[1]
+            # log((var_j + eps) / (var_i + eps)) = log1p(w_i expm1(d)), unless its argument
+            # nears -1 (d < 0, both variances past eps) or expm1 overflows (d > 700): then
+            # factored by the larger variance, d - log1p((1 - w_j) expm1(d)) for d < 0 and
+            # d + log1p((1 - w_i) expm1(-d)) for d > 0
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # unused branches
+                near = w_i * np.expm1(np.minimum(d, 700.0))
+                down = d - np.log1p(u_j * np.expm1(np.minimum(d, 0.0)))
+                up = d + np.log1p(u_i * np.expm1(-np.abs(d)))
+                total = total + np.where(d > 700.0, up, np.where(near >= -0.5, np.log1p(near), down))
+        return np.where(live[i], alpha * (total / len(others)), 0.0)  # 2 a (1/2) mean
+
+    return step
+
+
+# The iteration stops where its distance to the limit, estimated from the last increments and
+# their contraction, is below this fraction of each lane's scale (far below an ulp)
+_SETTLED = 2.0**-62
+_SWEEPS = 200_000
+_WINDOW = 50
+
+
+def _iterate(
+    state: list[tuple[Any, Any]], sources: list[tuple[int, list[int]]], step: Any, floor: Any,
+    relative: bool, jacobi: bool,
+) -> tuple[list[Any], list[Any]]:  # fmt: skip
+    """Sweeps of ``step`` on double-double values, in the order of ``sources`` (Gauss-Seidel:
+    each update reads the latest values; Jacobi: the previous sweep's), until they settle:
+    until the largest increment relative to its lane's scale (``floor``, plus the value's own
+    magnitude where ``relative``) is 0, or it contracts and the distance left, increment
+    q / (1 - q) for the contraction q per sweep over the last :data:`_WINDOW` sweeps, is below
+    :data:`_SETTLED`.
+    Lanes whose increments are not finite (non-finite inputs) are left out of that test.
+    Returns the (hi, lo) lists."""
+    hi, lo = [h for h, _ in state], [e for _, e in state]
+    # increments relative to a fixed scale per lane (their contraction) and to the current one
+    # (the stop: a mean moving from 1e8 to a unit-sized guide must settle to an ulp of 1)
+    fixed = [floor + np.abs(h) if relative else floor for h in hi]
+    recent: list[float] = []  # the last sweeps' largest increments on the fixed scale
+    for sweep in range(_SWEEPS):
+        moved, moved_now = 0.0, 0.0
+        read = (list(hi), list(lo)) if jacobi else (hi, lo)
+        for i, others in sources:
+            delta = step(i, others, *read)
+            s, e = _two_sum(hi[i], delta)
+            hi[i], lo[i] = _two_sum(s, lo[i] + e)
+            with np.errstate(invalid="ignore", over="ignore"):
+                size = np.abs(delta)
+                size = np.where(np.isfinite(size), size, 0.0)  # non-finite inputs' lanes
+                moved = max(moved, float(np.max(size / fixed[i], initial=0.0)))
+                now = floor + np.abs(hi[i]) if relative else floor
+                moved_now = max(moved_now, float(np.max(size / now, initial=0.0)))
+        if moved == 0.0:
+            return hi, lo
+        recent = [*recent[-(_WINDOW - 1) :], moved]
+        # the contraction per sweep over the window (a single sweep's ratio wobbles where
+        # modes mix or the increments reach their rounding)
+        q = (moved / recent[0]) ** (1.0 / (len(recent) - 1)) if len(recent) > 1 else 1.0
+        if q < 1.0:
+            left = moved_now * q / (1.0 - q)  # the distance to the limit, contracting by q
+            if left <= _SETTLED:
+                return hi, lo
+        # a steady contraction that needs more sweeps than are left (spreads far below
+        # sqrt(eps) barely move per round), or none: say so now rather than at the end
+        if sweep >= 1000 and (q >= 1.0 or sweep + math.log(_SETTLED / left) / math.log(q) > _SWEEPS):
+            break
+    raise ValueError(
+        f"the rounds do not converge within {_SWEEPS} sweeps (Jacobi consensus with M = 2 and alpha = 1 "
+        "has no limit; spreads far below sqrt(eps) converge too slowly for the reference)"
+    )
 
 
 def zoom_shift_fusion(
