@@ -239,3 +239,8 @@ def test_reference_limit_says_when_it_cannot_settle(rng):
     for eps in (1e8, 1e30):
         with pytest.raises(ValueError, match=r"do not converge within 200000 sweeps"):
             reference.align(xs, rounds=None, eps=eps)
+    # one spread 1e-140 (its sigma is sqrt(eps)), the other 1e140: the variances' increments
+    # once went through log1p(-1) and came back NaN
+    far = [1e140 * xs[0], 1e-140 * xs[1]]
+    with pytest.raises(ValueError, match=r"do not converge within 200000 sweeps"):
+        reference.align(far, rounds=None)

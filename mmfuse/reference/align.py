@@ -301,20 +301,19 @@ def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
             return 1.0 / (1.0 + eps * np.exp(-h)), 1.0 / (1.0 + np.exp(h) / eps)
 
     def step(i: int, others: list[int], hi: list[Any], lo: list[Any]) -> Any:
-        w_i, u_i = share(hi[i])
+        w, u = share(hi[i])
         total: Any = 0.0
         for j in others:
             d = (hi[j] - hi[i]) + (lo[j] - lo[i])  # log var_j - log var_i
-            u_j = share(hi[j])[1]
-            # log((var_j + eps) / (var_i + eps)) = log1p(w_i expm1(d)), unless its argument
-            # nears -1 (d < 0, both variances past eps) or expm1 overflows (d > 700): then
-            # factored by the larger variance, d - log1p((1 - w_j) expm1(d)) for d < 0 and
-            # d + log1p((1 - w_i) expm1(-d)) for d > 0
+            # log((var_j + eps) / (var_i + eps)) = log1p(w expm1(d)) = log(u + w e^d): the
+            # first, accurate near d = 0, while its argument stays above -1/2 and expm1 does
+            # not overflow; else the second, a sum of two positive terms (as d + log(w + u e^-d)
+            # for d > 700)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # unused branches
-                near = w_i * np.expm1(np.minimum(d, 700.0))
-                down = d - np.log1p(u_j * np.expm1(np.minimum(d, 0.0)))
-                up = d + np.log1p(u_i * np.expm1(-np.abs(d)))
-                total = total + np.where(d > 700.0, up, np.where(near >= -0.5, np.log1p(near), down))
+                near = w * np.expm1(np.minimum(d, 700.0))
+                low = np.log(u + w * np.exp(np.minimum(d, 0.0)))
+                high = d + np.log(w + u * np.exp(-np.abs(d)))
+                total = total + np.where(d > 700.0, high, np.where(near >= -0.5, np.log1p(near), low))
         return np.where(live[i], alpha * (total / len(others)), 0.0)  # 2 a (1/2) mean
 
     return step
