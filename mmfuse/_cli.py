@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import importlib.util
 import json
@@ -661,6 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errno values of a write that found no room or no device (the output redirected to a full
+# disk, /dev/full, a removed device)
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.func is not cmd_info:
@@ -684,6 +690,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout now points at devnull, so flushing it at exit raises nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # a write that failed for want of room or a device (``mmfuse info > /dev/full``):
+        # files mmfuse writes name themselves (_writing), so here it is the output itself;
+        # one line on stderr, as ``ls`` says "write error", not a traceback
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
+        print(f"mmfuse: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return 1
+
 
 
 def _backend_in_force() -> str:

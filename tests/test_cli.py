@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -699,6 +700,16 @@ def test_a_closed_pipe_ends_quietly_with_the_shells_status():
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert res.returncode == 141, res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_an_output_with_no_room_is_one_line_not_a_traceback():
+    """``mmfuse info > /dev/full`` ended in an OSError traceback; now one line on stderr
+    naming the failure, and status 1."""
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "mmfuse", "info"], stdout=full, stderr=subprocess.PIPE, text=True)
+    assert res.returncode == 1
+    assert res.stderr.strip() == "mmfuse: cannot write the output: No space left on device"
 
 
 def test_bench_plot_needs_matplotlib_before_timing(monkeypatch, tmp_path, capsys):
