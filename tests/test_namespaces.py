@@ -1,5 +1,5 @@
 """mmfuse's NumPy and torch namespaces: array_api_compat's, with reshape / sum /
-matrix_transpose answered by ndarray's own methods (NumPy) or by the torch call
+matrix_transpose (and on NumPy permute_dims) answered by ndarray's own methods (NumPy) or by the torch call
 array_api_compat's wrapper would make (torch), where the answer is the same array
 (mmfuse._namespace)."""
 
@@ -27,7 +27,7 @@ def test_it_is_the_frameworks_namespace(framework):
     xp = array_namespace(make(2))
     assert is_it(xp) and namespace_name(xp) == framework
     assert array_namespace(make(2), make(3)) is xp  # the multi-array path too
-    for name in ("float32", "finfo", "concat", "astype", "where", "permute_dims"):
+    for name in ("float32", "finfo", "concat", "astype", "where", *(("permute_dims",) if framework == "torch" else ())):
         assert getattr(xp, name) is getattr(base, name)
 
 
@@ -55,6 +55,9 @@ def test_delegations_give_compats_answers(xp, rng, dtype):
                 _same(xp.sum(v, axis=axis, keepdims=keepdims), compat.sum(v, axis=axis, keepdims=keepdims))
         if v.ndim >= 2:
             _same(xp.matrix_transpose(v), compat.matrix_transpose(v))
+        for axes in ((2, 0, 1), (1, 0, 2), (0, 1, 2)) if v.ndim == 3 else ():
+            _same(xp.permute_dims(v, axes), compat.permute_dims(v, axes))
+            assert np.shares_memory(xp.permute_dims(v, axes), v)  # a view, as NumPy's
         _same(xp.reshape(v, (-1,)), compat.reshape(v, (-1,)))
     if dtype != "complex128":  # dtype= passed through (complex -> float64 would warn)
         _same(xp.sum(a, axis=0, dtype=np.float64), compat.sum(a, axis=0, dtype=np.float64))
