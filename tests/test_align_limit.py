@@ -244,3 +244,19 @@ def test_reference_limit_says_when_it_cannot_settle(rng):
     far = [1e140 * xs[0], 1e-140 * xs[1]]
     with pytest.raises(ValueError, match=r"do not converge within 200000 sweeps"):
         reference.align(far, rounds=None)
+
+
+@pytest.mark.parametrize("topology", ["consensus", "hub"])
+def test_reference_limit_of_a_lane_ignores_another_lanes_nan(rng, topology):
+    """Lanes are independent: a NaN token in one (sample, channel) leaves every other lane's
+    limit as it is without it (a NaN lane's scale once made the stopping test see no motion
+    at all, and the means stopped after a sweep or two)."""
+    a, b = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 5, 3))
+    with_nan = a.copy()
+    with_nan[0, 1, 2] = np.nan
+    clean = reference.align([a, b], rounds=None, alpha=0.5, topology=topology)
+    dirty = reference.align([with_nan, b], rounds=None, alpha=0.5, topology=topology)
+    for c, d in zip(clean, dirty):
+        lane = np.zeros(c.shape, dtype=bool)
+        lane[0, :, 2] = True  # the NaN's lane
+        np.testing.assert_array_equal(c[~lane], d[~lane])

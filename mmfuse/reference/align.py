@@ -326,6 +326,12 @@ _SWEEPS = 200_000
 _WINDOW = 50
 
 
+def _largest(r: Any) -> float:
+    """The largest finite entry of ``r`` (0 if none): lanes of non-finite inputs, whose
+    increments and scales are NaN or inf, never stop or hold up the others'."""
+    return float(np.max(np.where(np.isfinite(r), r, 0.0), initial=0.0))
+
+
 def _iterate(
     state: list[tuple[Any, Any]], sources: list[tuple[int, list[int]]], step: Any, floor: Any,
     relative: bool, jacobi: bool,
@@ -352,10 +358,9 @@ def _iterate(
             hi[i], lo[i] = _two_sum(s, lo[i] + e)
             with np.errstate(invalid="ignore", over="ignore"):
                 size = np.abs(delta)
-                size = np.where(np.isfinite(size), size, 0.0)  # non-finite inputs' lanes
-                moved = max(moved, float(np.max(size / fixed[i], initial=0.0)))
                 now = floor + np.abs(hi[i]) if relative else floor
-                moved_now = max(moved_now, float(np.max(size / now, initial=0.0)))
+                moved = max(moved, _largest(size / fixed[i]))
+                moved_now = max(moved_now, _largest(size / now))
         if moved == 0.0:
             return hi, lo
         recent = [*recent[-(_WINDOW - 1) :], moved]
