@@ -652,13 +652,12 @@ def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
     if is_torch(xp) and x.is_contiguous():
         # torch's linear runs that addmm on the (B T, d) view of a contiguous x itself (its
         # flattened path; a matmul, which folds the same way, without b): one operator
-        # instead of reshape, addmm, reshape
-        import torch
-
+        # instead of reshape, addmm, reshape.  (torch by lookup: x is a tensor, and an import
+        # statement costs 0.2 us)
+        torch = sys.modules["torch"]
         return x @ w if b is None else torch.nn.functional.linear(x, w.mT, b)
     if is_torch(xp):  # a strided x: addmm on its (B T, d) copy
-        import torch
-
+        torch = sys.modules["torch"]
         x2 = xp.reshape(x, (batch * t_m, d))
         h2 = x2 @ w if b is None else torch.addmm(b, x2, w)
         return xp.reshape(h2, (batch, t_m, w.shape[1]))

@@ -346,25 +346,34 @@ def wander_torch(
 def _plan_wander(
     xs: Sequence[Any], params: Any, *, mode: str, masks: Sequence[Any] | None, activation: Any, residual: str
 ) -> Any:
-    """What a planned :func:`wander` call with this metadata runs (``mmfuse._plan``): for the
-    released configuration on modalities of one shape (:func:`_stackable`: shapes, dtypes and
-    which masks are present, all in the signature), :func:`stacked_adapter` up to
-    :data:`WHOLE_BATCH_ROWS` samples (read per call, so that a changed bound holds for
-    planned calls too); else :func:`wander` itself.  (A WanderAdapter step at B = 1 spent
-    about 8 us of its forward choosing that path.)"""
+    """What a planned :func:`wander` call with this metadata runs (``mmfuse._plan``): the path
+    :func:`wander` takes for small batches, chosen once (:func:`stacked_adapter` for the
+    released configuration on modalities of one shape, :func:`_stackable`: shapes, dtypes and
+    which masks are present, all in the signature; else the Array-API core), with the bound
+    :data:`WHOLE_BATCH_ROWS` read per call, so that a changed bound holds for planned calls
+    too.  (A WanderAdapter step at B = 1 spent about 8 us of its forward choosing the path.)"""
     released = mode == "collapsed" and isinstance(activation, str) and activation == "gelu"
-    if not (released and _stackable(xs, params, masks)):
-        return wander
+    small = _stacked if released and _stackable(xs, params, masks) else _on_core
 
-    def stacked(
+    def planned(
         xs: Sequence[Any], params: Any, *, mode: str = "cp", masks: Any = None, activation: Any = "gelu",
         residual: str = "first",
     ) -> Any:  # fmt: skip
         if xs[0].shape[0] <= WHOLE_BATCH_ROWS:
-            return stacked_adapter(xs, params, residual == "first")
+            return small(xs, params, mode, masks, activation, residual)
         return wander(xs, params, mode=mode, masks=masks, activation=activation, residual=residual)
 
-    return stacked
+    return planned
+
+
+def _stacked(xs: Sequence[Any], params: Any, mode: str, masks: Any, activation: Any, residual: str) -> Any:
+    return stacked_adapter(xs, params, residual == "first")
+
+
+def _on_core(xs: Sequence[Any], params: Any, mode: str, masks: Any, activation: Any, residual: str) -> Any:
+    return _core_sequence.wander(
+        list(xs), params, mode=mode, masks=masks, activation=activation, residual=residual
+    )
 
 
 # Batches up to this many samples run under autograd: measured (WanderAdapter,
