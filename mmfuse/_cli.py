@@ -691,12 +691,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as exc:
-        # a write that failed for want of room or a device (``mmfuse info > /dev/full``):
-        # files mmfuse writes name themselves (_writing), so here it is the output itself;
-        # one line on stderr, as ``ls`` says "write error", not a traceback
-        if exc.errno not in _WRITE_ERRNOS:
+        # a write to the output that failed for want of room or a device (``mmfuse info >
+        # /dev/full``): one line on stderr, as ``ls`` says "write error", not a traceback.  An
+        # error about a file (one mmfuse reads, or writes: _writing) has its name, and
+        # propagates whole.
+        if exc.errno not in _WRITE_ERRNOS or exc.filename is not None:
             raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
+        with contextlib.suppress(OSError, ValueError):  # (an in-process stdout without a descriptor)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
         print(f"mmfuse: cannot write the output: {exc.strerror}", file=sys.stderr)
         return 1
 

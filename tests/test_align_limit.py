@@ -260,3 +260,41 @@ def test_reference_limit_of_a_lane_ignores_another_lanes_nan(rng, topology):
         lane = np.zeros(c.shape, dtype=bool)
         lane[0, :, 2] = True  # the NaN's lane
         np.testing.assert_array_equal(c[~lane], d[~lane])
+
+
+def test_reference_limit_settles_where_a_lane_has_no_spread_or_a_nan(rng):
+    """The stopping test divides each increment by its lane's scale: a channel of zeros (no
+    spread, mean 0: a zero-padded feature) gave a scale of 0, and a NaN in one modality's
+    lane made that lane's scale NaN for every modality; their increments were then left out
+    of the test, and with nothing else moving the means stopped after one sweep (hub)."""
+    h = 100.0 + rng.standard_normal((1, 6, 2))
+    padded = h.copy()
+    padded[0, :, 0] = 0.0
+    for eps in (1e-5, 0.0):
+        opts = {"rounds": None, "alpha": 0.5, "topology": "hub", "eps": eps}
+        for got, want in zip(reference.align([h, padded], **opts), mmfuse.align([h, padded], backend="array_api", **opts)):
+            np.testing.assert_allclose(got, want, rtol=1e-14)
+    g = rng.standard_normal((1, 6, 2))
+    with_nan, shifted = g.copy(), g.copy()
+    with_nan[0, 0, 0] = np.nan
+    shifted[0, :, 0] += 10.0
+    for schedule in ("gauss-seidel", "jacobi"):
+        opts = {"rounds": None, "alpha": 0.5, "topology": "hub", "hub": 0, "schedule": schedule}
+        got = reference.align([g, with_nan, shifted], **opts)[2]
+        want = mmfuse.align([g, with_nan, shifted], backend="array_api", **opts)[2]
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize(("scale_a", "scale_b", "opts"), [
+    (1e100, 1e-70, {"alpha": 1.0, "eps": 0.0, "topology": "hub", "hub": 1}),
+    (1e153, 1e-10, {"alpha": 0.5, "eps": 1e-5}),
+])  # fmt: skip
+def test_reference_limit_of_variances_1e300_apart(rng, scale_a, scale_b, opts):
+    """Variances further apart than the float64 range of exp: a term of the log-variance
+    step, log(u + w e^d), took log(0) (e^d underflowed, u = 0 at eps = 0 or underflowed), a
+    warning and NaN outputs; it is now summed in log space.  The means settle to an ulp of the
+    outputs, which the limit's spreads size (1e-70 here, where the inputs' were 1e100)."""
+    a, b = rng.standard_normal((2, 6, 3)), 5.0 + 3.0 * rng.standard_normal((2, 8, 3))
+    xs = [scale_a * a, scale_b * b]
+    for got, want in zip(reference.align(xs, rounds=None, **opts), mmfuse.align(xs, rounds=None, backend="array_api", **opts)):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13 * np.abs(want).max())

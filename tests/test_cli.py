@@ -712,6 +712,19 @@ def test_an_output_with_no_room_is_one_line_not_a_traceback():
     assert res.stderr.strip() == "mmfuse: cannot write the output: No space left on device"
 
 
+def test_an_error_about_a_file_is_not_taken_for_the_output(monkeypatch):
+    """The output's write error has no file name; an OSError naming a file (one read, say)
+    propagates whole, whatever its errno."""
+    import errno
+
+    def fails(args):
+        raise OSError(errno.EIO, "Input/output error", "/data/input.npz")
+
+    monkeypatch.setattr(_cli, "cmd_info", fails)
+    with pytest.raises(OSError, match=r"/data/input\.npz"):
+        _cli.main(["info"])
+
+
 def test_bench_plot_needs_matplotlib_before_timing(monkeypatch, tmp_path, capsys):
     """It failed only after every row was timed (minutes at bench scale), and after the JSON."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)

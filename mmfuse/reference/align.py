@@ -209,7 +209,8 @@ def _limit(
     A round maps every (sample, channel) of x affinely, so it maps the statistics exactly:
     mu <- mu + a (mu_t - mu), and log var <- log var + 2 a (log sigma_t - log sigma); the
     means and the variances move independently.  After the rounds converge each modality is
-    ``mu* + (x - mu0) sqrt(var* / var0)``.
+    ``mu* + (x - mu0) sqrt(var* / var0)``.  The variances are iterated first: the means settle
+    to an ulp of the outputs, whose size the limit's spreads give.
 
     Both iterations run in double-double arithmetic (a value as hi + lo), each step's increment
     computed from differences, which vanish at the limit: a float64 iteration adds a rounding of
@@ -227,25 +228,26 @@ def _limit(
     collapse = dead[hub] if topology == "hub" else np.logical_or.reduce(dead)
     sources = _sources(n, schedule, topology, hub)
     jacobi = schedule == "jacobi"
-    # a mean has settled when it moves by far less than an ulp of an output: of the mean itself
-    # or, where that is small, of the smallest spread among the modalities (not of the inputs'
-    # means: x about 1e8 moved to a unit-sized guide ends unit-sized)
-    floor = np.sqrt(np.minimum.reduce(var0)) + np.finfo(np.float64).tiny
-    mu_hi, mu_lo = _iterate(
-        [_two_sum(first, corr) for first, corr, _ in parts], sources, _mean_step(alpha), floor, True, jacobi
-    )
     live = [~collapse & ~d for d in dead]
     logs = [_log2(np.where(lv, v, 1.0)) for lv, v in zip(live, var0)]  # log var0, double-double
-    log_hi, log_lo = _iterate(logs, sources, _spread_step(alpha, eps, live), 1.0, False, jacobi)
-    # the growth log(var* / var0), from the (hi, lo) pairs' differences
+    log_hi, log_lo = _iterate(logs, sources, _spread_step(alpha, eps, live), lambda hi: 1.0, jacobi)
+    # the growth log(var* / var0), from the (hi, lo) pairs' differences; S = sqrt(var* / var0)
+    # = exp(growth / 2), collapsed: var* = 0, no spread: S = 1
     growth = [(h - h0) + (e - e0) for h, e, (h0, e0) in zip(log_hi, log_lo, logs)]
+    scales = [np.where(lv, np.exp(0.5 * g), np.where(d, 1.0, 0.0)) for lv, g, d in zip(live, growth, dead)]
+    # a mean has settled when it moves by far less than an ulp of an output, about the mean
+    # plus the limit's spread (not the inputs' means or spreads: x about 1e8, or spread 1e100,
+    # moved to a unit-sized guide ends unit-sized)
+    spreads = [np.sqrt(v) * sc for v, sc in zip(var0, scales)]
+    mu_hi, mu_lo = _iterate(
+        [_two_sum(first, corr) for first, corr, _ in parts], sources, _mean_step(alpha),
+        lambda hi: _lane_scale([np.abs(h) + sd for h, sd in zip(hi, spreads)]), jacobi,
+    )  # fmt: skip
     out = []
     for i in range(n):
-        # S = sqrt(var* / var0) = exp(growth / 2); collapsed: var* = 0; no spread: S = 1
-        s = np.where(live[i], np.exp(0.5 * growth[i]), np.where(dead[i], 1.0, 0.0))
         first, corr, _ = parts[i]
         # x - mu0 as in _zoom_shift_to; the limit's low part added before its high part
-        out.append((((_f64(ys[i]) - first) - corr) * s + mu_lo[i]) + mu_hi[i])
+        out.append((((_f64(ys[i]) - first) - corr) * scales[i] + mu_lo[i]) + mu_hi[i])
     return out
 
 
@@ -302,17 +304,19 @@ def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
 
     def step(i: int, others: list[int], hi: list[Any], lo: list[Any]) -> Any:
         w, u = share(hi[i])
+        with np.errstate(divide="ignore"):  # log 0 = -inf: a term that vanishes
+            log_w, log_u = np.log(w), np.log(u)
         total: Any = 0.0
         for j in others:
             d = (hi[j] - hi[i]) + (lo[j] - lo[i])  # log var_j - log var_i
             # log((var_j + eps) / (var_i + eps)) = log1p(w expm1(d)) = log(u + w e^d): the
             # first, accurate near d = 0, while its argument stays above -1/2 and expm1 does
-            # not overflow; else the second, a sum of two positive terms (as d + log(w + u e^-d)
-            # for d > 700)
+            # not overflow; else the second, a sum of two positive terms taken in log space
+            # (e^d and u underflow long before their logs do), as d + log(w + u e^-d) for d > 700
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # unused branches
                 near = w * np.expm1(np.minimum(d, 700.0))
-                low = np.log(u + w * np.exp(np.minimum(d, 0.0)))
-                high = d + np.log(w + u * np.exp(-np.abs(d)))
+                low = np.logaddexp(log_u, log_w + d)
+                high = d + np.logaddexp(log_w, log_u - d)
                 total = total + np.where(d > 700.0, high, np.where(near >= -0.5, np.log1p(near), low))
         return np.where(live[i], alpha * (total / len(others)), 0.0)  # 2 a (1/2) mean
 
@@ -326,40 +330,46 @@ _SWEEPS = 200_000
 _WINDOW = 50
 
 
+def _lane_scale(sizes: list[Any]) -> Any:
+    """Each lane's largest finite entry among ``sizes`` (one array per modality), 1 where none
+    is finite and positive: a modality's NaN leaves the others' scale as it is."""
+    with np.errstate(invalid="ignore"):
+        s = np.fmax.reduce(sizes)  # fmax: NaN loses to a number
+    return np.where(np.isfinite(s) & (s > 0), s, 1.0)
+
+
 def _largest(r: Any) -> float:
     """The largest finite entry of ``r`` (0 if none): lanes of non-finite inputs, whose
-    increments and scales are NaN or inf, never stop or hold up the others'."""
+    increments are NaN or inf, never stop or hold up the others'."""
     return float(np.max(np.where(np.isfinite(r), r, 0.0), initial=0.0))
 
 
 def _iterate(
-    state: list[tuple[Any, Any]], sources: list[tuple[int, list[int]]], step: Any, floor: Any,
-    relative: bool, jacobi: bool,
-) -> tuple[list[Any], list[Any]]:  # fmt: skip
+    state: list[tuple[Any, Any]], sources: list[tuple[int, list[int]]], step: Any, scale: Any, jacobi: bool
+) -> tuple[list[Any], list[Any]]:
     """Sweeps of ``step`` on double-double values, in the order of ``sources`` (Gauss-Seidel:
     each update reads the latest values; Jacobi: the previous sweep's), until they settle:
-    until the largest increment relative to its lane's scale (``floor``, plus the value's own
-    magnitude where ``relative``) is 0, or it contracts and the distance left, increment
-    q / (1 - q) for the contraction q per sweep over the last :data:`_WINDOW` sweeps, is below
-    :data:`_SETTLED`.
-    Lanes whose increments are not finite (non-finite inputs) are left out of that test.
-    Returns the (hi, lo) lists."""
+    until the largest increment relative to its lane's scale (``scale(hi)``, finite and
+    positive per lane) is 0, or it contracts and the distance left, increment q / (1 - q) for
+    the contraction q per sweep over the last :data:`_WINDOW` sweeps, is below
+    :data:`_SETTLED`.  Increments that are not finite (non-finite inputs) are left out of that
+    test.  Returns the (hi, lo) lists."""
     hi, lo = [h for h, _ in state], [e for _, e in state]
-    # increments relative to a fixed scale per lane (their contraction) and to the current one
+    # increments relative to the scale at the start (their contraction) and to the current one
     # (the stop: a mean moving from 1e8 to a unit-sized guide must settle to an ulp of 1)
-    fixed = [floor + np.abs(h) if relative else floor for h in hi]
+    fixed = scale(hi)
     recent: list[float] = []  # the last sweeps' largest increments on the fixed scale
     for sweep in range(_SWEEPS):
         moved, moved_now = 0.0, 0.0
         read = (list(hi), list(lo)) if jacobi else (hi, lo)
+        now = scale(hi)
         for i, others in sources:
             delta = step(i, others, *read)
             s, e = _two_sum(hi[i], delta)
             hi[i], lo[i] = _two_sum(s, lo[i] + e)
             with np.errstate(invalid="ignore", over="ignore"):
                 size = np.abs(delta)
-                now = floor + np.abs(hi[i]) if relative else floor
-                moved = max(moved, _largest(size / fixed[i]))
+                moved = max(moved, _largest(size / fixed))
                 moved_now = max(moved_now, _largest(size / now))
         if moved == 0.0:
             return hi, lo
