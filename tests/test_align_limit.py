@@ -298,3 +298,26 @@ def test_reference_limit_of_variances_1e300_apart(rng, scale_a, scale_b, opts):
     xs = [scale_a * a, scale_b * b]
     for got, want in zip(reference.align(xs, rounds=None, **opts), mmfuse.align(xs, rounds=None, backend="array_api", **opts)):
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13 * np.abs(want).max())
+
+
+def test_reference_limit_takes_exact_steps_on_far_apart_means(rng):
+    """The consensus limit depends on the path (every common value is a fixed point), so a
+    rounded step stays in it: means 1e15 moved to about 0 at alpha = 1 were 1.6e-3 off on
+    unit-sized outputs (a float64 increment), and a mean 1e121 moved to -1000 in one
+    double-double increment lost the -1000 altogether.  A hub whose means sit at 1e15, with
+    a modality spread 1e121 at eps = 0, made the stop test see rounding noise as no
+    contraction and refuse."""
+    xs = [1e15 + rng.standard_normal((2, 6, 3)), rng.standard_normal((2, 7, 3))]
+    for got, want in zip(reference.align(xs, rounds=None), mmfuse.align(xs, rounds=None, backend="array_api")):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-14 * np.abs(want).max())
+    # a modality without spread: consensus collapses every spread; the means meet at its -1000
+    flat = [1e8 + 1e121 * rng.standard_normal((1, 5, 2)), np.full((1, 4, 2), -1000.0)]
+    for got in reference.align(flat, rounds=None, eps=1.0):
+        np.testing.assert_array_equal(got, -1000.0)
+    masks = [rng.random((2, t)) < 0.6 for t in (7, 8)]
+    for mk in masks:
+        mk[:, :2] = True
+    hubbed = [1e15 + 4.5e121 * rng.standard_normal((2, 7, 3)), 1e15 + 7.6 * rng.standard_normal((2, 8, 3))]
+    opts = {"rounds": None, "alpha": 0.5, "eps": 0.0, "topology": "hub", "hub": 1, "schedule": "jacobi", "masks": masks}
+    for got, want in zip(reference.align(hubbed, **opts), mmfuse.align(hubbed, backend="array_api", **opts)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-14 * np.abs(want).max())

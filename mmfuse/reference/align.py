@@ -265,15 +265,50 @@ def _sources(n: int, schedule: str, topology: str, hub: int) -> list[tuple[int, 
     return [(i, [j for j in range(n) if j != i]) for i in range(n)]
 
 
-def _mean_step(alpha: float) -> Any:
-    """A mean's increment a (mu_t - mu), mu_t the others' average: from the differences of
-    the (hi, lo) pairs, exact where the means are close (Sterbenz)."""
+def _two_prod(a: Any, b: Any) -> tuple[Any, Any]:
+    """(p, e) with p = fl(a b) and p + e = a b exactly (Dekker, Veltkamp's split; for |a|,
+    |b| below about 1e300, where the split does not overflow)."""
+    p = a * b
+    with np.errstate(over="ignore", invalid="ignore"):
+        (ah, al), (bh, bl) = _split(a), _split(b)
+        e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    return p, np.where(np.isfinite(e), e, 0.0)
 
-    def step(i: int, others: list[int], hi: list[Any], lo: list[Any]) -> Any:
-        diff = sum((hi[j] - hi[i]) + (lo[j] - lo[i]) for j in others)
-        return alpha * (diff / len(others))
+
+def _split(a: Any) -> tuple[Any, Any]:
+    t = 134217729.0 * a  # 2**27 + 1
+    hi = t - (t - a)
+    return hi, a - hi
+
+
+def _mean_step(alpha: float) -> Any:
+    """A mean's new value (1 - a) mu + a mu_t, mu_t the others' average, as a (hi, lo) pair to
+    double-double precision.  Exact steps matter here: the consensus limit depends on the
+    path (every common value is a fixed point), so a rounded step stays in the limit; in this
+    form a = 1 takes the target exactly (mu + (mu_t - mu) lost -1000 next to 1e121)."""
+    keep = _two_sum(1.0, -alpha)  # 1 - a, exact as a pair
+
+    def step(i: int, others: list[int], hi: list[Any], lo: list[Any]) -> tuple[Any, Any]:
+        total: tuple[Any, Any] = (0.0, 0.0)
+        for j in others:
+            total = _dd_add(total, (hi[j], lo[j]))
+        n = float(len(others))
+        q = total[0] / n  # the average, as a pair: q + (total - q n) / n
+        t, te = _two_prod(q, n)
+        target = _two_sum(q, (((total[0] - t) - te) + total[1]) / n)
+        return _dd_add(_dd_mul(keep, (hi[i], lo[i])), _dd_mul((alpha, 0.0), target))
 
     return step
+
+
+def _dd_add(a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[Any, Any]:
+    s, e = _two_sum(a[0], b[0])
+    return _two_sum(s, e + (a[1] + b[1]))
+
+
+def _dd_mul(a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[Any, Any]:
+    p, e = _two_prod(a[0], b[0])
+    return _two_sum(p, e + (a[0] * b[1] + a[1] * b[0]))
 
 
 def _log2(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -287,8 +322,8 @@ def _log2(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
-    """A log-variance's increment 2 a (log sigma_t - log sigma), sigma_t the others' geometric
-    mean, for log var as (hi, lo) pairs (0 where not ``live``).
+    """A log-variance's new value, log var + 2 a (log sigma_t - log sigma), sigma_t the others'
+    geometric mean, for log var as (hi, lo) pairs (unmoved where not ``live``).
 
     log sigma_j - log sigma_i = log1p(w expm1(log var_j - log var_i)) / 2 with
     w = var_i / (var_i + eps): accurate relative to the difference itself, so the increments
@@ -318,7 +353,9 @@ def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
                 low = np.logaddexp(log_u, log_w + d)
                 high = d + np.logaddexp(log_w, log_u - d)
                 total = total + np.where(d > 700.0, high, np.where(near >= -0.5, np.log1p(near), low))
-        return np.where(live[i], alpha * (total / len(others)), 0.0)  # 2 a (1/2) mean
+        delta = np.where(live[i], alpha * (total / len(others)), 0.0)  # 2 a (1/2) mean
+        s, e = _two_sum(hi[i], delta)
+        return _two_sum(s, lo[i] + e)
 
     return step
 
@@ -326,6 +363,7 @@ def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
 # The iteration stops where its distance to the limit, estimated from the last increments and
 # their contraction, is below this fraction of each lane's scale (far below an ulp)
 _SETTLED = 2.0**-62
+_NOISE = 2.0**-100  # increments this small (relative) are the double-double arithmetic's own
 _SWEEPS = 200_000
 _WINDOW = 50
 
@@ -347,13 +385,13 @@ def _largest(r: Any) -> float:
 def _iterate(
     state: list[tuple[Any, Any]], sources: list[tuple[int, list[int]]], step: Any, scale: Any, jacobi: bool
 ) -> tuple[list[Any], list[Any]]:
-    """Sweeps of ``step`` on double-double values, in the order of ``sources`` (Gauss-Seidel:
-    each update reads the latest values; Jacobi: the previous sweep's), until they settle:
-    until the largest increment relative to its lane's scale (``scale(hi)``, finite and
-    positive per lane) is 0, or it contracts and the distance left, increment q / (1 - q) for
-    the contraction q per sweep over the last :data:`_WINDOW` sweeps, is below
-    :data:`_SETTLED`.  Increments that are not finite (non-finite inputs) are left out of that
-    test.  Returns the (hi, lo) lists."""
+    """Sweeps of ``step`` (a value's new (hi, lo) pair from the current ones) on double-double
+    values, in the order of ``sources`` (Gauss-Seidel: each update reads the latest values;
+    Jacobi: the previous sweep's), until they settle: until the largest move relative to its
+    lane's scale (``scale(hi)``, finite and positive per lane) is 0 or double-double rounding,
+    or it contracts and the distance left, move q / (1 - q) for the contraction q per sweep
+    over the last :data:`_WINDOW` sweeps, is below :data:`_SETTLED`.  Moves that are not
+    finite (non-finite inputs) are left out of that test.  Returns the (hi, lo) lists."""
     hi, lo = [h for h, _ in state], [e for _, e in state]
     # increments relative to the scale at the start (their contraction) and to the current one
     # (the stop: a mean moving from 1e8 to a unit-sized guide must settle to an ulp of 1)
@@ -364,14 +402,14 @@ def _iterate(
         read = (list(hi), list(lo)) if jacobi else (hi, lo)
         now = scale(hi)
         for i, others in sources:
-            delta = step(i, others, *read)
-            s, e = _two_sum(hi[i], delta)
-            hi[i], lo[i] = _two_sum(s, lo[i] + e)
+            new_hi, new_lo = step(i, others, *read)
             with np.errstate(invalid="ignore", over="ignore"):
-                size = np.abs(delta)
+                size = np.abs((new_hi - hi[i]) + (new_lo - lo[i]))  # how far it moved
+            hi[i], lo[i] = new_hi, new_lo
+            with np.errstate(invalid="ignore", over="ignore"):
                 moved = max(moved, _largest(size / fixed))
                 moved_now = max(moved_now, _largest(size / now))
-        if moved == 0.0:
+        if moved == 0.0 or moved_now <= _NOISE:  # still, or moving by double-double rounding
             return hi, lo
         recent = [*recent[-(_WINDOW - 1) :], moved]
         # the contraction per sweep over the window (a single sweep's ratio wobbles where
