@@ -688,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader went away (``mmfuse info | head -1``): stop quietly, as the shell's own
         # tools do, with their status (128 + SIGPIPE), never one of ours (1: a mismatch).
         # stdout now points at devnull, so flushing it at exit raises nothing more.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         return 141
     except OSError as exc:
         # a write to the output that failed for want of room or a device (``mmfuse info >
@@ -697,12 +697,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # propagates whole.
         if exc.errno not in _WRITE_ERRNOS or exc.filename is not None:
             raise
-        with contextlib.suppress(OSError, ValueError):  # (an in-process stdout without a descriptor)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
+        _stdout_to_devnull()  # no second failure when stdout is flushed at exit
         print(f"mmfuse: cannot write the output: {exc.strerror}", file=sys.stderr)
         return 1
 
 
+def _stdout_to_devnull() -> None:
+    """Point file descriptor 1 at devnull, where writing the output failed (nothing is left to
+    write, and the interpreter's flush at exit must not fail again).  An in-process stdout
+    without a descriptor (a test's capture) is left as it is."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 def _backend_in_force() -> str:
     from mmfuse._config import config_source, get_config

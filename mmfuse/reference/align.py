@@ -212,11 +212,12 @@ def _limit(
     ``mu* + (x - mu0) sqrt(var* / var0)``.  The variances are iterated first: the means settle
     to an ulp of the outputs, whose size the limit's spreads give.
 
-    Both iterations run in double-double arithmetic (a value as hi + lo), each step's increment
-    computed from differences, which vanish at the limit: a float64 iteration adds a rounding of
-    the state every round while a step of alpha removes only alpha of the distance, so it
-    settles about eps64 / alpha from the limit (4e-12 relative at alpha = 1e-3, on the old
-    reference), while here the error left is that of the increments' own last steps.
+    Both iterations run in double-double arithmetic (a value as hi + lo): a float64 iteration
+    adds a rounding of the state every round while a step of alpha removes only alpha of the
+    distance, so it settles about eps64 / alpha from the limit (4e-12 relative at alpha = 1e-3,
+    on the old reference).  A log-variance's step is computed from differences of the pairs,
+    which vanish at the limit; a mean's step, (1 - a) mu + a mu_t, is exact to double-double
+    precision, since the consensus limit keeps every step's rounding (:func:`_mean_step`).
     """
     n = len(ys)
     parts = [_two_pass(y, axis, m) for y, m in zip(ys, masks)]
@@ -229,7 +230,7 @@ def _limit(
     sources = _sources(n, schedule, topology, hub)
     jacobi = schedule == "jacobi"
     live = [~collapse & ~d for d in dead]
-    logs = [_log2(np.where(lv, v, 1.0)) for lv, v in zip(live, var0)]  # log var0, double-double
+    logs = [_log_dd(np.where(lv, v, 1.0)) for lv, v in zip(live, var0)]  # log var0, double-double
     log_hi, log_lo = _iterate(logs, sources, _spread_step(alpha, eps, live), lambda hi: 1.0, jacobi)
     # the growth log(var* / var0), from the (hi, lo) pairs' differences; S = sqrt(var* / var0)
     # = exp(growth / 2), collapsed: var* = 0, no spread: S = 1
@@ -311,7 +312,7 @@ def _dd_mul(a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[Any, Any]:
     return _two_sum(p, e + (a[0] * b[1] + a[1] * b[0]))
 
 
-def _log2(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _log_dd(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """log(v) for v > 0 as (hi, lo), good to about an ulp of 1 rather than of log(v) (whose
     own rounding, up to 700 ulps of 1, would move the limit): lo = log(v exp(-hi)), the
     product within a few ulps of 1."""
@@ -354,16 +355,15 @@ def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
                 high = d + np.logaddexp(log_w, log_u - d)
                 total = total + np.where(d > 700.0, high, np.where(near >= -0.5, np.log1p(near), low))
         delta = np.where(live[i], alpha * (total / len(others)), 0.0)  # 2 a (1/2) mean
-        s, e = _two_sum(hi[i], delta)
-        return _two_sum(s, lo[i] + e)
+        return _dd_add((hi[i], lo[i]), (delta, 0.0))
 
     return step
 
 
-# The iteration stops where its distance to the limit, estimated from the last increments and
-# their contraction, is below this fraction of each lane's scale (far below an ulp)
+# The iteration stops where its distance to the limit, estimated from the last moves and their
+# contraction, is below this fraction of each lane's scale (far below an ulp)
 _SETTLED = 2.0**-62
-_NOISE = 2.0**-100  # increments this small (relative) are the double-double arithmetic's own
+_NOISE = 2.0**-100  # moves this small (relative) are the double-double arithmetic's own
 _SWEEPS = 200_000
 _WINDOW = 50
 
@@ -393,10 +393,10 @@ def _iterate(
     over the last :data:`_WINDOW` sweeps, is below :data:`_SETTLED`.  Moves that are not
     finite (non-finite inputs) are left out of that test.  Returns the (hi, lo) lists."""
     hi, lo = [h for h, _ in state], [e for _, e in state]
-    # increments relative to the scale at the start (their contraction) and to the current one
+    # moves relative to the scale at the start (their contraction) and to the current one
     # (the stop: a mean moving from 1e8 to a unit-sized guide must settle to an ulp of 1)
     fixed = scale(hi)
-    recent: list[float] = []  # the last sweeps' largest increments on the fixed scale
+    recent: list[float] = []  # the last sweeps' largest moves on the fixed scale
     for sweep in range(_SWEEPS):
         moved, moved_now = 0.0, 0.0
         read = (list(hi), list(lo)) if jacobi else (hi, lo)

@@ -102,9 +102,9 @@ import torch
 from ..._core.align import GENERIC, NUMPY, _round_maps, align_with
 from ..._core.align import align as _core_align
 from ..._namespace import torch_namespace
-from .._torch_eager import any_requires_grad, bind
+from .._torch_eager import bind
 from ._common import cast, compute_dtype
-from .zoom_shift import host_kind, host_layout, host_view, on_host
+from .zoom_shift import host_view, on_host, plan_on_host
 
 _XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
 
@@ -329,28 +329,16 @@ def _plan_align(
     xs: list[Any], *, rounds: int | None, alpha: float, schedule: str, topology: str, hub: int,
     axis: int, masks: list[Any] | None, eps: float,
 ) -> Any:  # fmt: skip
-    """What a planned :func:`align` call with this metadata runs (``mmfuse._plan``): where
-    autograd records nothing and device, dtype and size allow the NumPy primitives
-    (:func:`~.zoom_shift.host_kind`), the forward's NumPy path, which then checks only the
-    tensors' layout per call; else :func:`align` itself (as :func:`.zoom_shift._plan_zoom_shift`)."""
-    present = [] if masks is None else masks
-    if (torch.is_grad_enabled() and any_requires_grad(xs)) or not host_kind(xs, present):
-        return align
+    """:func:`align`'s own plan (:func:`~.zoom_shift.plan_on_host`)."""
 
-    def on_numpy(
-        xs: list[Any], *, rounds: int | None = 1, alpha: float = 1.0, schedule: str = "gauss-seidel",
-        topology: str = "consensus", hub: int = 0, axis: int = -2, masks: list[Any] | None = None,
-        eps: float = 1e-5,
+    def numpy_path(
+        xs: list[Any], *, rounds: int | None, alpha: float, schedule: str, topology: str, hub: int,
+        axis: int, masks: list[Any] | None = None, eps: float,
     ) -> list[Any]:  # fmt: skip
-        if not host_layout(xs):
-            return align(
-                xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
-                axis=axis, masks=masks, eps=eps,
-            )  # fmt: skip
         masks_list = [None] * len(xs) if masks is None else masks
         return _on_numpy(xs, rounds, alpha, schedule, topology, hub, axis, masks_list, eps)
 
-    return on_numpy
+    return plan_on_host(align, numpy_path, xs, [] if masks is None else masks, lambda args: args[0])
 
 
 align.plan = _plan_align  # type: ignore[attr-defined]  # (mmfuse._plan.planned_impl)

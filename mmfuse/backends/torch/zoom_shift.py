@@ -37,7 +37,7 @@ tensors when numba is available (see :mod:`mmfuse.backends._table`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -49,7 +49,9 @@ from ._common import cast, compute_dtype
 
 _XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
 
-__all__ = ["host_kind", "host_layout", "host_view", "on_host", "zoom_shift", "zoom_shift_numba"]
+__all__ = [
+    "host_kind", "host_layout", "host_view", "on_host", "plan_on_host", "zoom_shift", "zoom_shift_numba",
+]
 
 _HOST_DTYPES = (torch.float32, torch.float64)
 
@@ -262,27 +264,39 @@ def zoom_shift(
     return _zoom_shift_eager(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
 
 
+def plan_on_host(
+    impl: Callable[..., Any], numpy_path: Callable[..., Any], data: Sequence[Any], masks: Sequence[Any],
+    tensors_of: Callable[[tuple[Any, ...]], Sequence[Any]],
+) -> Callable[..., Any]:  # fmt: skip
+    """What a planned call of the op ``impl`` with this metadata runs (``mmfuse._plan``): where
+    autograd records nothing (no grad mode, or no input requiring grad: the eager binding's
+    test) and device, dtype and size allow the NumPy primitives (:func:`host_kind` of
+    ``data`` and ``masks``), ``numpy_path`` (``impl``'s arguments, the forward's NumPy path),
+    checking per call only the layout of the tensors ``tensors_of(args)`` and taking ``impl``
+    for another one; else ``impl`` itself.  (About 3 us of the tiny ``zoom_shift``'s 32 were
+    those tests.)"""
+    if (torch.is_grad_enabled() and any_requires_grad(data)) or not host_kind(data, masks):
+        return impl
+
+    def on_numpy(*args: Any, **kwargs: Any) -> Any:
+        if host_layout(tensors_of(args)):
+            return numpy_path(*args, **kwargs)
+        return impl(*args, **kwargs)
+
+    return on_numpy
+
+
 def _plan_zoom_shift(
     x: Any, guide: Any, *, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float
 ) -> Any:
-    """What a planned :func:`zoom_shift` call with this metadata runs (``mmfuse._plan``): where
-    autograd records nothing (no grad mode, or no input requiring grad: the eager binding's
-    test) and device, dtype and size allow the NumPy primitives (:func:`host_kind`), the
-    forward's NumPy path, which then checks only the tensors' layout per call; else
-    :func:`zoom_shift` itself.  (About 3 us of the tiny call's 32 were those tests.)"""
-    recorded = torch.is_grad_enabled() and any_requires_grad((x, guide))
-    if recorded or not host_kind((x, guide), (mask, guide_mask)):
-        return zoom_shift
+    """:func:`zoom_shift`'s own plan (:func:`plan_on_host`)."""
 
-    def on_numpy(
-        x: Any, guide: Any, *, alpha: float = 1.0, axis: int = -2, mask: Any = None, guide_mask: Any = None,
-        eps: float = 1e-5,
+    def numpy_path(
+        x: Any, guide: Any, *, alpha: float, axis: int, mask: Any = None, guide_mask: Any = None, eps: float
     ) -> Any:  # fmt: skip
-        if host_layout((x, guide)):
-            return _on_numpy(x, guide, alpha, axis, mask, guide_mask, eps)
-        return _zoom_shift_forward(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
+        return _on_numpy(x, guide, alpha, axis, mask, guide_mask, eps)
 
-    return on_numpy
+    return plan_on_host(zoom_shift, numpy_path, (x, guide), (mask, guide_mask), lambda args: args)
 
 
 zoom_shift.plan = _plan_zoom_shift  # type: ignore[attr-defined]  # (mmfuse._plan.planned_impl)
