@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ._exact import dd_add, dd_mul, two_prod, two_sum
+
 __all__ = ["align", "moments", "shift", "zoom", "zoom_shift", "zoom_shift_fusion"]
 
 
@@ -241,7 +243,7 @@ def _limit(
     # moved to a unit-sized guide ends unit-sized)
     spreads = [np.sqrt(v) * sc for v, sc in zip(var0, scales)]
     mu_hi, mu_lo = _iterate(
-        [_two_sum(first, corr) for first, corr, _ in parts], sources, _mean_step(alpha),
+        [two_sum(first, corr) for first, corr, _ in parts], sources, _mean_step(alpha),
         lambda hi: _lane_scale([np.abs(h) + sd for h, sd in zip(hi, spreads)]), jacobi,
     )  # fmt: skip
     out = []
@@ -252,11 +254,6 @@ def _limit(
     return out
 
 
-def _two_sum(a: Any, b: Any) -> tuple[Any, Any]:
-    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth)."""
-    s = a + b
-    bp = s - a
-    return s, (a - (s - bp)) + (b - bp)
 
 
 def _sources(n: int, schedule: str, topology: str, hub: int) -> list[tuple[int, list[int]]]:
@@ -266,20 +263,8 @@ def _sources(n: int, schedule: str, topology: str, hub: int) -> list[tuple[int, 
     return [(i, [j for j in range(n) if j != i]) for i in range(n)]
 
 
-def _two_prod(a: Any, b: Any) -> tuple[Any, Any]:
-    """(p, e) with p = fl(a b) and p + e = a b exactly (Dekker, Veltkamp's split; for |a|,
-    |b| below about 1e300, where the split does not overflow)."""
-    p = a * b
-    with np.errstate(over="ignore", invalid="ignore"):
-        (ah, al), (bh, bl) = _split(a), _split(b)
-        e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
-    return p, np.where(np.isfinite(e), e, 0.0)
 
 
-def _split(a: Any) -> tuple[Any, Any]:
-    t = 134217729.0 * a  # 2**27 + 1
-    hi = t - (t - a)
-    return hi, a - hi
 
 
 def _mean_step(alpha: float) -> Any:
@@ -287,29 +272,23 @@ def _mean_step(alpha: float) -> Any:
     double-double precision.  Exact steps matter here: the consensus limit depends on the
     path (every common value is a fixed point), so a rounded step stays in the limit; in this
     form a = 1 takes the target exactly (mu + (mu_t - mu) lost -1000 next to 1e121)."""
-    keep = _two_sum(1.0, -alpha)  # 1 - a, exact as a pair
+    keep = two_sum(1.0, -alpha)  # 1 - a, exact as a pair
 
     def step(i: int, others: list[int], hi: list[Any], lo: list[Any]) -> tuple[Any, Any]:
         total: tuple[Any, Any] = (0.0, 0.0)
         for j in others:
-            total = _dd_add(total, (hi[j], lo[j]))
+            total = dd_add(total, (hi[j], lo[j]))
         n = float(len(others))
         q = total[0] / n  # the average, as a pair: q + (total - q n) / n
-        t, te = _two_prod(q, n)
-        target = _two_sum(q, (((total[0] - t) - te) + total[1]) / n)
-        return _dd_add(_dd_mul(keep, (hi[i], lo[i])), _dd_mul((alpha, 0.0), target))
+        t, te = two_prod(q, n)
+        target = two_sum(q, (((total[0] - t) - te) + total[1]) / n)
+        return dd_add(dd_mul(keep, (hi[i], lo[i])), dd_mul((alpha, 0.0), target))
 
     return step
 
 
-def _dd_add(a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[Any, Any]:
-    s, e = _two_sum(a[0], b[0])
-    return _two_sum(s, e + (a[1] + b[1]))
 
 
-def _dd_mul(a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[Any, Any]:
-    p, e = _two_prod(a[0], b[0])
-    return _two_sum(p, e + (a[0] * b[1] + a[1] * b[0]))
 
 
 def _log_dd(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -319,7 +298,7 @@ def _log_dd(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     hi = np.log(v)
     with np.errstate(over="ignore", invalid="ignore"):
         lo = np.log(v * np.exp(-hi))
-    return _two_sum(hi, np.where(np.isfinite(lo), lo, 0.0))
+    return two_sum(hi, np.where(np.isfinite(lo), lo, 0.0))
 
 
 def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
@@ -355,7 +334,7 @@ def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
                 high = d + np.logaddexp(log_w, log_u - d)
                 total = total + np.where(d > 700.0, high, np.where(near >= -0.5, np.log1p(near), low))
         delta = np.where(live[i], alpha * (total / len(others)), 0.0)  # 2 a (1/2) mean
-        return _dd_add((hi[i], lo[i]), (delta, 0.0))
+        return dd_add((hi[i], lo[i]), (delta, 0.0))
 
     return step
 
