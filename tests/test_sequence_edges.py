@@ -210,6 +210,20 @@ def test_numpy_gelu_paths_are_exact(with_scipy, dtype, monkeypatch):
         assert np.all(rel <= bound)
 
 
+def test_reference_gelu_is_exact_through_the_lower_tail():
+    """The oracle's GELU within a few ulps of 40-digit mpmath from x = -37 to 8 (drawn afresh
+    each run): erfc's argument -x / sqrt 2 carries its own rounding.  erfc of the rounded
+    argument alone was up to 1600 ulps off at x = -37 (about 2 u^2 times u's rounding)."""
+    mpmath = pytest.importorskip("mpmath")
+    rng = np.random.default_rng()
+    x = np.concatenate([rng.uniform(-37, 8, 600), -rng.uniform(20, 37.5, 200)])
+    mpmath.mp.dps = 40
+    want = np.array([float(mpmath.mpf(float(v)) * mpmath.ncdf(mpmath.mpf(float(v)))) for v in x])
+    got = mmfuse.reference.gelu(x)
+    ulps = np.abs(got - want) / np.spacing(np.abs(want))
+    assert ulps.max() <= 4, (x[np.argmax(ulps)], ulps.max())
+
+
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_numpy_activation_of_all_modalities_at_once_is_per_modality_bits(activation):
     """NumPy's Wander applies the GELU to all modalities' pre-activations in one call; the
@@ -228,7 +242,8 @@ def test_numpy_activation_of_all_modalities_at_once_is_per_modality_bits(activat
 
 def _gelu_on_path(path, x, monkeypatch):
     """The GELU of float64 NumPy ``x`` by one implementation: "cody" (NumPy with SciPy's
-    module hidden), "scipy", "generic" (the Array-API form), "torch" and "torch grad" (a
+    module hidden), "scipy", "generic" (the Array-API form), "reference" (the oracle),
+    "torch" and "torch grad" (a
     float64 tensor without and with autograd recording); as a NumPy array."""
     import sys
 
@@ -242,12 +257,14 @@ def _gelu_on_path(path, x, monkeypatch):
         return gelu(array_namespace(x), x)
     if path == "generic":
         return seq._gelu_generic(array_namespace(x), x)
+    if path == "reference":
+        return mmfuse.reference.gelu(x)
     torch = pytest.importorskip("torch")
     t = torch.tensor(x, requires_grad=path == "torch grad")
     return gelu(array_namespace(t), t).detach().numpy()
 
 
-@pytest.mark.parametrize("path", ["cody", "scipy", "generic", "torch"])
+@pytest.mark.parametrize("path", ["cody", "scipy", "generic", "reference", "torch"])
 def test_gelu_far_lower_tail_where_phi_alone_is_subnormal(path, monkeypatch):
     """x in (-37.615, -37.5): x Phi(x) is a normal float64 but Phi(x) is not (further down both
     are subnormal, x Phi(x) still above 0 to x ~ -38.6).  The NumPy paths
