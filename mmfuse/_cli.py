@@ -655,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="train small fusion models on bundled real data")
-    p.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
+    # (no time promised: on a loaded 2-core machine a quick run took 38-43 s)
+    p.add_argument("--quick", action="store_true", help="a short run: fewer epochs, results marked as such")
     p.add_argument("--out", default="mmfuse-demo", help="folder for the summary figure and table")
     p.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
     p.set_defaults(func=cmd_demo)
