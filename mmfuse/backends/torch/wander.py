@@ -422,8 +422,9 @@ def stacked_adapter(xs: Sequence[torch.Tensor], params: Any, residual: bool) -> 
     one for all modalities); Y is the product over the leading axis, plus the residual.  The
     same maths as the core's :func:`~mmfuse._core.sequence.wander` with, past the
     down-projections, one operator where the core has one per modality: a WanderAdapter
-    training step at the CMU-MOSI sizes dispatches 113 operators at the top level (272 in
-    all) against the core's 154 (462; the released layer: 147, 415).  (Stacking the inputs
+    training step at the CMU-MOSI sizes dispatches 106-107 operators at the top level
+    (243-256 in all, B = 1 and 32) against the core's 154 (462; the released layer: 147,
+    415).  (Stacking the inputs
     and parameters for one ``baddbmm`` would save a few more, at the price of a copy of the
     inputs held for backward: 2.0 MiB at B = 32, against 1.3 MiB here, the core's 1.0 and
     the released layer's 1.6.)
@@ -457,9 +458,13 @@ def stacked_adapter(xs: Sequence[torch.Tensor], params: Any, residual: bool) -> 
     else:  # F = H Phi (M, B, T, D), then Psi^T F
         first = torch.bmm(h.view(n_mod, batch * t_m, rank), phi).view(n_mod, batch, t_m, out_dim)
         terms = torch.matmul(psi_t.unsqueeze(1), first)
-    y = terms[0]
+    # unbind, not terms[m]: its backward stacks the M gradients in one operator, where each
+    # select's backward zero-fills a tensor of all M terms and copies one in (M of each, and
+    # the sums: 19 of a B = 1 step's 262 aten operators)
+    parts = terms.unbind(0)
+    y = parts[0]
     for m in range(1, n_mod):
-        y = y * terms[m]
+        y = y * parts[m]
     if residual:
         y = y + cast(_core_sequence.first_tokens(torch, list(xs), n_out), cdt)
     return cast(y, dtype)
