@@ -1,8 +1,8 @@
 """mmfuse: multimodal fusion operators over the Python Array API.
 
-CP outer-product fusion (TFN, LMF, CP in TensorLy's layout) and, in later modules,
-token-level sequence fusion and Zoom-and-Shift alignment, as pure functions whose output stays
-in the inputs' namespace, dtype and device.
+CP outer-product fusion (TFN, LMF, CP in TensorLy's layout) with its interaction terms by
+modality subset, token-level sequence fusion and the Wander adapter, and Zoom-and-Shift
+alignment, as pure functions whose output stays in the inputs' namespace, dtype and device.
 """
 
 from ._align import align, moments, shift, zoom, zoom_shift, zoom_shift_fusion

@@ -126,7 +126,8 @@ def check_mask(xp: Any, mask: Any, x: Any, axis: int, name: str, x_name: str) ->
     check_bool(xp, mask, name)
     want = tuple(x.shape[: axis + 1])
     if tuple(mask.shape) != want:
-        layout = "(B, T)" if axis == x.ndim - 2 == 1 else "x.shape[:axis + 1]"
+        # the slice with axis counted from the front (x.shape[:axis + 1] reads as () for -1)
+        layout = "(B, T)" if axis == x.ndim - 2 == 1 else f"x.shape[:{axis + 1}]"
         raise ValueError(
             f"{name} must have shape {layout} = {fmt_shape(want)} for {x_name} of shape "
             f"{fmt_shape(x.shape)} (axis={axis - x.ndim}), got {fmt_shape(mask.shape)}"
@@ -282,7 +283,8 @@ def moments(
     axis : int, default -2
         The statistics axis (tokens).  ``axis=-1`` takes statistics over channels instead,
         the fallback for single-token (L = 1) inputs; it is used only when asked for.
-    mask : bool array, shape ``x.shape[:axis + 1]`` (``(B, T)`` by default), optional
+    mask : bool array, shape ``x.shape[:axis + 1]`` with axis counted from the front (``(B, T)``
+        by default, ``x.shape`` for ``axis=-1``), optional
         True for tokens that count; masked tokens are excluded from both statistics.
     eps : float, default 1e-5
         Added to the variance inside the square root; 0 is allowed.
@@ -304,7 +306,7 @@ def moments(
         without values) skip it: a sample with every token masked then gets NaN statistics
         instead of an error.
     TypeError
-        Non-floating x, non-boolean mask, mixed namespaces.
+        Non-floating x, an ``axis`` that is not an int, non-boolean mask, mixed namespaces.
 
     Notes
     -----
@@ -395,7 +397,8 @@ def _check_operand(xp: Any, x: Any, v: Any, name: str) -> Any:
     """
     if isinstance(v, numbers.Real) and not isinstance(v, bool):
         return _real_float(v, name)
-    _check_array(v, name)
+    if not is_array(v):  # (a bool or complex scalar too: not a real number here)
+        raise TypeError(f"{name} must be an array or a real scalar, got {type(v).__name__}")
     common_namespace([("x", x), (name, v)])
     if getattr(v, "weak_type", False) is True and xp.isdtype(v.dtype, ("real floating", "integral")):
         # JAX: a weakly typed array (a Python float or int under jax.jit, jnp.asarray(0.5))
@@ -582,7 +585,8 @@ def zoom_shift(
         check reads the masks' values, so Dask and JAX masks and torch masks on the ``meta``
         device skip it (such a sample gets NaN statistics, and a NaN output).
     TypeError
-        Non-floating or mixed dtypes, non-boolean masks, mixed namespaces.
+        Non-floating or mixed dtypes, an ``axis`` that is not an int, non-boolean masks,
+        mixed namespaces.
 
     Notes
     -----
@@ -731,7 +735,8 @@ def align(
         all-masked check reads the masks' values, so Dask and JAX masks and torch masks on
         the ``meta`` device skip it (such a sample gets NaN statistics, and NaN outputs).
     TypeError
-        Non-floating or mixed dtypes, non-integer ``rounds`` or ``hub``, mixed namespaces.
+        Non-floating or mixed dtypes, non-integer ``rounds``, ``hub`` or ``axis``, mixed
+        namespaces.
 
     Notes
     -----

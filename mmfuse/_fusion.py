@@ -146,7 +146,8 @@ def check_tensor_fusion(
     n = len(xs)
     extra = constant_rows(append_one)
     expected = tuple(x.shape[1] + extra for x in xs)
-    layout = "(" + ", ".join(mode_label(m + 1, append_one) for m in range(n)) + ", h)"
+    # d_m numbered as the inputs, from 0 (xs[0] has d_0), as the other fusions' messages
+    layout = "(" + ", ".join(mode_label(m, append_one) for m in range(n)) + ", h)"
     if weight.ndim != n + 1 or tuple(weight.shape[:-1]) != expected:
         hint = ""
         if weight.ndim == n + 1:

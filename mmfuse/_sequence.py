@@ -418,10 +418,11 @@ def wander(
     Raises
     ------
     ValueError
-        Wrong number of down-projections or factors, W_m rows not d_m, a feature factor
-        whose r does not match its down-projection, a token factor whose T_m does not match
-        ``xs[m]``, D or T_out differing between modalities, ``residual="first"`` with some
-        d_m != D or T_out > sum T_m, bad mask shape, unknown mode, activation or residual.
+        A key of ``params`` missing, wrong number of down-projections or factors, W_m rows
+        not d_m, b_m not of shape (r_m,), a feature factor whose r does not match its
+        down-projection, a token factor whose T_m does not match ``xs[m]``, D or T_out
+        differing between modalities, ``residual="first"`` with some d_m != D or
+        T_out > sum T_m, bad mask shape, unknown mode, activation or residual.
     TypeError
         ``params`` not a dict, a down entry not a (W, b) pair, non-floating or mixed
         dtypes, non-boolean masks, mixed namespaces.

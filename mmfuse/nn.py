@@ -12,8 +12,10 @@ or ``masks`` where the functional operator has them).  Inputs are checked at the
 boundary (count, shapes, dtypes; the message names the modality).
 
 In eager mode ``forward`` calls the functional API (:func:`mmfuse.lowrank_fusion`, ...), so the
-backend policy (``backend=`` config, ``MMFUSE_BACKEND``) applies; under ``"auto"`` the
-``mmfuse::*`` custom operators of :mod:`mmfuse.backends.torch` run.  Under ``torch.compile``
+backend policy (``backend=`` config, ``MMFUSE_BACKEND``) applies; under ``"auto"`` the torch
+backend (:mod:`mmfuse.backends.torch`) runs: its ``mmfuse::*`` custom operators for large
+batches, plain autograd for small ones, and on the CPU without gradients the compiled
+alignment kernels where numba is imported (each layer's Notes give its rule).  Under ``torch.compile``
 the layers call those custom operators directly (the functional layer's namespace dispatch is
 Python that Dynamo need not trace), or, for :class:`ZoomShift`, a plain-torch transcription of
 the core's algorithm, so ``torch.compile(layer, fullgraph=True)`` works.

@@ -166,6 +166,8 @@ def assert_close(
         spelling: a dtype of any namespace or its name) and sit on ``device`` (for torch,
         compared as ``str(torch.device(device))``; ``"cpu"`` also names the CPU device of
         other namespaces).
+    err_msg : str, optional
+        Put at the start of the AssertionError's message (as in NumPy's ``assert_allclose``).
 
     Non-finite entries must match exactly: NaN where ``desired`` has NaN, and an infinity
     of the same sign where ``desired`` has one.

@@ -578,3 +578,17 @@ def test_explain_shows_what_a_preference_runs():
     empty = explain("tensor_fusion", [np.ones((2, 3))], np.ones((4, 2)), backend="numba")
     assert empty.chosen is None
     assert [verdict for *_, verdict in empty.rows] == ["cannot run tensor_fusion: it has no implementation of this operator"]
+
+
+def test_public_functions_have_the_catalogued_signatures():
+    """Every operator's public function takes exactly its catalogued parameters (names, kinds,
+    order) plus ``backend=`` last: the registry checks implementations against the catalogue,
+    so a public signature that drifted from it would refuse or mis-call every backend."""
+    import inspect
+
+    from mmfuse.backends._catalogue import OPERATORS
+
+    for op, signature in OPERATORS.items():
+        params = list(inspect.signature(getattr(mmfuse, op)).parameters.values())
+        assert params[-1].name == "backend" and params[-1].kind is inspect.Parameter.KEYWORD_ONLY, op
+        assert tuple((p.name, p.kind) for p in params[:-1]) == signature, op

@@ -443,7 +443,7 @@ def test_error_tfn_over_max_elements():
 
 def test_error_tfn_weight_shape():
     xs, _ = _ok()
-    with pytest.raises(ValueError, match=r"weight must have shape \(d_1 \+ 1, d_2 \+ 1, h\) = \(4, 3, h\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(d_0 \+ 1, d_1 \+ 1, h\) = \(4, 3, h\)"):
         mmfuse.tensor_fusion(xs, np.ones((4, 4, 2)))
 
 

@@ -482,3 +482,22 @@ def test_numpy_byte_orders_mix_as_in_numpy(swapped):
         np.testing.assert_array_equal(got, want, err_msg=name)
     with pytest.raises(TypeError, match=r"xs\[1\] has dtype >f4 but xs\[0\] has dtype float64"):
         mmfuse.lowrank_fusion([rng.standard_normal((4, 3)), rng.standard_normal((4, 4)).astype(">f4")], **p)
+
+
+@pytest.mark.parametrize("op, name", [("zoom", "scale"), ("shift", "offset")])
+@pytest.mark.parametrize("value", [True, 1j])
+def test_zoom_and_shift_name_what_an_operand_may_be(op, name, value):
+    """A bool or complex scalar is refused, and the message says what is accepted: an array
+    or a real scalar (it said "must be an array", though real scalars are taken)."""
+    x = np.random.default_rng().standard_normal((2, 5, 3))
+    kwargs = {"center": 0.0} if op == "zoom" else {}
+    with pytest.raises(TypeError, match=rf"^{name} must be an array or a real scalar, got {type(value).__name__}$"):
+        getattr(mmfuse, op)(x, value, **kwargs)
+
+
+def test_mask_shape_message_counts_the_axis_from_the_front():
+    """For axis=-1 the mask's shape is x.shape itself; the message wrote x.shape[:axis + 1],
+    which reads as () for axis = -1, next to the shape it meant."""
+    x = np.random.default_rng().standard_normal((3, 7, 4))
+    with pytest.raises(ValueError, match=r"mask must have shape x\.shape\[:3\] = \(3, 7, 4\) for x"):
+        mmfuse.moments(x, axis=-1, mask=np.ones((3, 7), dtype=bool))

@@ -3,7 +3,7 @@
 A leaf module (it imports nothing from mmfuse): backends and the registry read it, never the
 public layer.  A signature is the public function's parameters less ``backend=``, as
 ``(name, kind)`` pairs, which every implementation of the operator must have exactly (the
-registry checks registered functions against it; ``tests/test_registry.py`` checks the public
+registry checks registered functions against it; ``tests/test_dispatch.py`` checks the public
 functions).
 """
 

@@ -220,8 +220,9 @@ def register(
     parameter names and kinds).  ``supports(xp, device)`` returns ``None`` when the
     implementation can take arrays of namespace ``xp`` on ``device``, else a sentence saying
     what it needs.  Under ``"auto"`` the highest ``priority`` among the implementations that
-    can take a call wins (the Array-API core has priority 0).  It replaces mmfuse's own
-    implementations of ``op`` for ``backend``.
+    can take a call wins (the Array-API core has priority 0); one registered for
+    ``"reference"`` runs only when that backend is asked for by name, whatever its priority.
+    It replaces mmfuse's own implementations of ``op`` for ``backend``.
     """
     _signature(op)
     _check_named_backend(backend)

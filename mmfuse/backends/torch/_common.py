@@ -125,7 +125,7 @@ def store(acc: torch.Tensor, value: torch.Tensor, first: bool) -> None:
 
 
 def store_gram(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: bool) -> None:
-    """:func:`_store` of ``x^T g`` into the (d, k) ``acc``.  Wide ``g``: one GEMM writing (or
+    """:func:`store` of ``x^T g`` into the (d, k) ``acc``.  Wide ``g``: one GEMM writing (or
     adding into) ``acc`` itself, no temporary; narrow: :func:`gram`'s chunked product."""
     if g.shape[1] <= NARROW_WIDTH:
         store(acc, gram(g, x).t(), first)

@@ -19,7 +19,7 @@ forward.  At the CMU-MOSI defaults that is 5.0 MiB held from forward to backward
 copies, the activations) and 4.7 MiB for the layer built from a torch down-projection and
 ``mmfuse::sequence_fusion`` (which recomputes its contractions).
 
-Its backward is the opaque ``mmfuse::wander_collapsed_backward`` (:func:`_collapsed_grads`
+Its backward is the opaque ``mmfuse::wander_collapsed_backward`` (:func:`_wander_grads`
 for the fusion, then the GELU's derivative, the down-projection's gradients and the
 residual added in place).  With ``create_graph=True`` the backward instead re-runs the
 Array-API core's wander on the saved inputs under autograd and differentiates it, so double
