@@ -647,3 +647,46 @@ def test_the_reference_keeps_a_large_mean_out_of_the_output(rng):
     for call in calls:
         for got, want in zip(call("reference"), call("array_api")):
             np.testing.assert_allclose(got, want, rtol=0, atol=2e-14 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("namespace", ["numpy", "array_api_strict", "dask"])
+def test_float32_statistics_of_a_long_token_axis(namespace, masked):
+    """float32 sums over tokens accumulate in float64 where the namespace's sums run one row
+    after another (NumPy's blocked path, and NumPy's sums under array_api_strict and in Dask's
+    chunks), as the compiled kernels do.  In float32 the pivot of 65536 tokens of
+    1e4 + 0.01 N(0, 1) was many spreads off and the spread came out 0 or 1.0 relative off, a
+    constant lane of 4096 tokens got a spread of 6e-7 where it has none, and the mean pooling
+    of zoom_shift_fusion summed in float32 too."""
+    rng = np.random.default_rng()
+    x = (1e4 + 1e-2 * rng.standard_normal((2, 65536, 3))).astype(np.float32)
+    mask = rng.random((2, 65536)) < 0.8 if masked else None
+    constant = np.full((1, 4096, 2), 3.7, np.float32)
+    if namespace == "numpy":
+        conv = np.asarray
+    elif namespace == "array_api_strict":
+        conv = pytest.importorskip("array_api_strict").asarray
+    else:
+        conv = pytest.importorskip("dask.array").asarray
+    mean, std = mmfuse.moments(conv(x), eps=0.0, mask=None if mask is None else conv(mask), backend="array_api")
+    want_mean, want_std = reference.moments(x, mask=mask, eps=0.0)
+    assert_close(mean, want_mean, rtol=2e-7, atol=0, dtype="float32")
+    assert_close(std, want_std, rtol=1e-6, atol=0, dtype="float32")
+    assert np.all(to_numpy(mmfuse.moments(conv(constant), eps=0.0, backend="array_api")[1]) == 0)
+    # the pooled means of zoom_shift_fusion (no rounds: the inputs' own token means)
+    masks = None if mask is None else [conv(mask), conv(mask)]
+    pooled = mmfuse.zoom_shift_fusion([conv(x), conv(x)], rounds=0, masks=masks, fuse=None, backend="array_api")
+    assert_close(pooled[0], want_mean[:, 0], rtol=2e-7, atol=0, dtype="float32")
+
+
+def test_torch_cpu_float32_zoom_shift_of_a_long_token_axis():
+    """torch CPU float32 tensors computed through the NumPy statistics (the torch backend's
+    host path) get the guide's spread: it was 0.13 where it is 1 for 262144 tokens of
+    1e5 + N(0, 1) before the float64 accumulation (here 65536 of 1e4 + 0.01 N(0, 1))."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng()
+    x = torch.from_numpy((1e4 + 1e-2 * rng.standard_normal((2, 65536, 3))).astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal((2, 65536, 3)).astype(np.float32))
+    y = mmfuse.zoom_shift(x, g, eps=0.0, backend="torch")
+    want = _oracle_zoom_shift(x.numpy(), g.numpy(), eps=0.0)
+    assert_close(y, want, rtol=1e-5)

@@ -45,6 +45,7 @@ from .._namespace import (
     array_namespace,
     block_slices,
     device_of,
+    is_cupy,
     is_dask,
     is_jax,
     is_lazy,
@@ -218,23 +219,44 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
         dev = xs - pivot
         var, corr = torch.var_mean(dev, dim=axis, keepdim=True, correction=0)
         return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, float(x.shape[axis]), None)
+    acc = _accumulator(xp, xs)
     if mask is None:
         m = None
         count: Any = float(x.shape[axis])
-        pivot = xp.sum(xs, axis=axis, keepdims=True) / count
+        pivot = _rounded(xp, xp.sum(xs, axis=axis, keepdims=True, dtype=acc) / count, dt)
         dev = xs - pivot
         d = dev
     else:
         m = _expand_mask(xp, mask, x.ndim)
         zero = xp.zeros((), dtype=dt, device=device_of(x))
         count = xp.sum(xp.astype(m, dt), axis=axis, keepdims=True)
-        pivot = xp.sum(xp.where(m, xs, zero), axis=axis, keepdims=True) / count
+        pivot = _rounded(xp, xp.sum(xp.where(m, xs, zero), axis=axis, keepdims=True, dtype=acc) / count, dt)
         dev = xs - pivot
         d = xp.where(m, dev, zero)  # masked tokens (even inf or NaN) never enter
-    corr = xp.sum(d, axis=axis, keepdims=True) / count
-    var = xp.sum(d * d, axis=axis, keepdims=True) / count - corr * corr
+    corr = xp.sum(d, axis=axis, keepdims=True, dtype=acc) / count
+    var = xp.sum(d * d, axis=axis, keepdims=True, dtype=acc) / count - corr * corr
+    corr, var = _rounded(xp, corr, dt), _rounded(xp, var, dt)
     var = xp.where(var < 0, 0.0, var)  # rounding can go below 0; NaN stays
     return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, count, m)
+
+
+def _accumulator(xp: Any, x: Any) -> Any:
+    """The dtype in which sums of ``x`` over its tokens accumulate: float64 for float32 where
+    the namespace sums an axis one row after another (NumPy's sums, under array_api_strict
+    and in Dask's chunks: a long float32 token axis lost its statistics' pivot, as in
+    :func:`_block_stats`); None, x's own dtype, for float64 and where sums run as trees
+    (torch, JAX, CuPy), whose accelerators make float64 slow or lack it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):  # (isinstance: traced by Dynamo)
+        return None
+    if x.dtype == xp.float32 and not (is_jax(xp) or is_cupy(xp)):
+        return xp.float64
+    return None
+
+
+def _rounded(xp: Any, v: Any, dtype: Any) -> Any:
+    """``v`` in ``dtype`` (a float64 accumulation's result rounded once; nothing to do else)."""
+    return v if v.dtype == dtype else xp.astype(v, dtype)
 
 
 def _stats_numpy(x: Any, axis: int, mask: Any) -> Stats:
@@ -299,9 +321,16 @@ def _block_stats(
     too); ``masked`` (needed only with a mask) is scratch for the centred values with masked
     tokens zeroed, so huge or non-finite padding never enters a sum.
 
-    Outputs not given are allocated by the reductions themselves, and the ufuncs take their
-    arguments positionally: at small sizes a separate ``np.empty`` per output and a call's
-    keyword parsing are a tenth of the statistics' time.
+    Every sum accumulates in float64, float32 blocks too (the reductions' ``dtype``; the
+    result rounded once into the block's dtype), as the compiled kernels do: NumPy sums a
+    non-contiguous axis one row after another, so in float32 a long token axis lost the
+    pivot (T = 262144 tokens of 1e5 + N(0, 1): pivot 1600 spreads off, sigma 7x too large;
+    a constant lane of 4096 tokens got a spread of 6e-7 where it has none).
+
+    Outputs not given are allocated by the reductions themselves (in float64 blocks; in
+    others first, in the block's dtype), and the ufuncs take their arguments positionally: at
+    small sizes a separate ``np.empty`` per output and a call's keyword parsing are a tenth of
+    the statistics' time.
     """
     mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
     # Sums by np.add.reduce(array, axis, dtype, out, keepdims), not np.sum: the same reduction
@@ -313,30 +342,37 @@ def _block_stats(
     # Divisions by the count as np.divide(a, count, out): the same ufunc as ``/=``, without
     # the operator's deferral checks, which cost about 0.25 us a call with a 0-d count
     divide = np.divide
+    # the sums' accumulator: float64 whatever the block's float dtype (see above)
+    acc = np.float64
+    dtype = native_dtype(xb.dtype)  # (">f8" refused as an output dtype below)
+    if dtype != acc:  # outputs of the block's dtype, which the reductions would make float64
+        kept = (*xb.shape[:axis], 1, *xb.shape[axis + 1 :])
+        piv_o, corr_o, var_o = [np.empty(kept, dtype) if o is None else o for o in (piv_o, corr_o, var_o)]
     if mb is None:
-        count: Any = _constant(xb.dtype, xb.shape[axis])
-        piv = total(xb, axis, None, piv_o, True)
+        count: Any = _constant(dtype, xb.shape[axis])
+        piv = total(xb, axis, acc, piv_o, True)
         divide(piv, count, piv)
         dev = np.subtract(xb, piv, dev)
         src = dev
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
-        count = total(full, axis, native_dtype(xb.dtype), None, True)  # (">f8" refused there)
-        piv = total(xb, axis, None, piv_o, True, where=full)
+        count = total(full, axis, dtype, None, True)
+        piv = total(xb, axis, acc, piv_o, True, where=full)
         divide(piv, count, piv)
         dev = np.subtract(xb, piv, dev)
         masked[...] = 0
         np.copyto(masked, dev, where=full)
         src = masked
-    corr = total(src, axis, None, corr_o, True)
+    corr = total(src, axis, acc, corr_o, True)
     divide(corr, count, corr)
     if src.size <= _SMALL_ELEMENTS:
         # a small block: the squares in a temporary, then one reduction (einsum's Python
         # wrapper costs more than that temporary below this size)
-        var = total(np.multiply(src, src), axis, None, var_o, True)
+        var = total(np.multiply(src, src), axis, acc, var_o, True)
     else:  # the sum of squares without an x-sized temporary
-        var = np.empty(piv.shape, dtype=xb.dtype) if var_o is None else var_o
-        np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var, axis=axis))
+        var = np.empty(piv.shape, dtype=dtype) if var_o is None else var_o
+        np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var, axis=axis), dtype=acc,
+                  casting="same_kind")  # fmt: skip
     divide(var, count, var)
     np.subtract(var, np.multiply(corr, corr), var)
     # rounding can go below 0; NaN stays (out= by keyword: NumPy deprecates it positional here)
@@ -975,13 +1011,17 @@ def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
     """Pool (B, T, C) over the token axis 1, masked tokens excluded: (B, C)."""
     xp = array_namespace(x)
     if how == "mean":
-        if mask is None:
-            return xp.mean(x, axis=1)
-        m = _expand_mask(xp, mask, x.ndim)
         dt = work_dtype(xp, x.dtype)
+        acc = _accumulator(xp, x)  # float64 sums of float32 on NumPy-like namespaces
+        if mask is None:
+            if acc is None:
+                return xp.mean(x, axis=1)
+            return xp.astype(xp.sum(x, axis=1, dtype=acc) / float(x.shape[1]), x.dtype)
+        m = _expand_mask(xp, mask, x.ndim)
         zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
         # dtype= only to widen: NumPy's sum refuses a non-native one (">f8", as read from a file)
-        total = xp.sum(xp.where(m, x, zero), axis=1, dtype=None if dt == x.dtype else dt)
+        widen = acc if acc is not None else (None if dt == x.dtype else dt)
+        total = xp.sum(xp.where(m, x, zero), axis=1, dtype=widen)
         count = xp.sum(xp.astype(m, dt), axis=1)
         return xp.astype(total / count, x.dtype)
     # max
