@@ -673,6 +673,12 @@ def test_float32_statistics_of_a_long_token_axis(namespace, masked):
     assert_close(mean, want_mean, rtol=2e-7, atol=0, dtype="float32")
     assert_close(std, want_std, rtol=1e-6, atol=0, dtype="float32")
     assert np.all(to_numpy(mmfuse.moments(conv(constant), eps=0.0, backend="array_api")[1]) == 0)
+    # values near float32's maximum: their sum fits float64 (it overflowed float32, and values
+    # from 1e26 on gave NaN spreads: the float32 pivot's ulp, squared)
+    huge = np.array([1e26, 1e30, 3e38], np.float32).reshape(1, 1, 3) * np.ones((2, 1000, 1), np.float32)
+    big_mean, big_std = mmfuse.moments(conv(huge), eps=0.0, backend="array_api")
+    np.testing.assert_array_equal(to_numpy(big_mean), huge[:, :1])
+    np.testing.assert_array_equal(to_numpy(big_std), np.zeros((2, 1, 3)))
     # the pooled means of zoom_shift_fusion (no rounds: the inputs' own token means)
     masks = None if mask is None else [conv(mask), conv(mask)]
     pooled = mmfuse.zoom_shift_fusion([conv(x), conv(x)], rounds=0, masks=masks, fuse=None, backend="array_api")

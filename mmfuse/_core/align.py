@@ -342,38 +342,45 @@ def _block_stats(
     # Divisions by the count as np.divide(a, count, out): the same ufunc as ``/=``, without
     # the operator's deferral checks, which cost about 0.25 us a call with a 0-d count
     divide = np.divide
-    # the sums' accumulator: float64 whatever the block's float dtype (see above)
+    # the sums' accumulator: float64 whatever the block's float dtype (see above).  A float64
+    # block's sums are its outputs, divided by the count in place; a float32 block's are
+    # float64 arrays of their own, each divided into its float32 output (one rounding, and a
+    # sum of tokens near float32's maximum does not overflow)
     acc = np.float64
     dtype = native_dtype(xb.dtype)  # (">f8" refused as an output dtype below)
-    if dtype != acc:  # outputs of the block's dtype, which the reductions would make float64
+    wide = dtype != acc
+    if wide:
         kept = (*xb.shape[:axis], 1, *xb.shape[axis + 1 :])
         piv_o, corr_o, var_o = [np.empty(kept, dtype) if o is None else o for o in (piv_o, corr_o, var_o)]
     if mb is None:
         count: Any = _constant(dtype, xb.shape[axis])
-        piv = total(xb, axis, acc, piv_o, True)
-        divide(piv, count, piv)
+        s = total(xb, axis, acc, None if wide else piv_o, True)
+        piv = divide(s, count, piv_o if wide else s)
         dev = np.subtract(xb, piv, dev)
         src = dev
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
         count = total(full, axis, dtype, None, True)
-        piv = total(xb, axis, acc, piv_o, True, where=full)
-        divide(piv, count, piv)
+        s = total(xb, axis, acc, None if wide else piv_o, True, where=full)
+        piv = divide(s, count, piv_o if wide else s)
         dev = np.subtract(xb, piv, dev)
         masked[...] = 0
         np.copyto(masked, dev, where=full)
         src = masked
-    corr = total(src, axis, acc, corr_o, True)
-    divide(corr, count, corr)
+    s = total(src, axis, acc, None if wide else corr_o, True)
+    corr = divide(s, count, corr_o if wide else s)
     if src.size <= _SMALL_ELEMENTS:
-        # a small block: the squares in a temporary, then one reduction (einsum's Python
-        # wrapper costs more than that temporary below this size)
-        var = total(np.multiply(src, src), axis, acc, var_o, True)
+        # a small block: the squares in a temporary (in float64: a float32 deviation past
+        # 1.8e19 would overflow squared), then one reduction (einsum's Python wrapper costs
+        # more than that temporary below this size)
+        s = total(np.multiply(src, src, dtype=acc), axis, None, None if wide else var_o, True)
     else:  # the sum of squares without an x-sized temporary
-        var = np.empty(piv.shape, dtype=dtype) if var_o is None else var_o
-        np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var, axis=axis), dtype=acc,
-                  casting="same_kind")  # fmt: skip
-    divide(var, count, var)
+        if wide:
+            s = np.einsum(_square_sum(xb.ndim, axis), src, src, dtype=acc).reshape(piv.shape)
+        else:
+            s = np.empty(piv.shape, dtype=dtype) if var_o is None else var_o
+            np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(s, axis=axis))
+    var = divide(s, count, var_o if wide else s)
     np.subtract(var, np.multiply(corr, corr), var)
     # rounding can go below 0; NaN stays (out= by keyword: NumPy deprecates it positional here)
     np.maximum(var, _constant(xb.dtype, 0), out=var)
