@@ -323,12 +323,13 @@ def moments(
         var = ((v - mean[b, 0, c]) ** 2).sum() / len(v)
         std[b, 0, c] = np.sqrt(var + eps)
 
-    Numerics: every backend accumulates in at least float32: in float64 the NumPy path (and
-    NumPy's sums under array_api_strict and Dask), the numba CPU kernels and the reference;
-    torch, JAX, CuPy and the Triton kernels sum float32 in float32, as trees.  (NumPy sums a
-    non-contiguous axis one row after another: in float32 a long token axis lost its
-    pivot.)  The Array-API core and the torch custom op use the shifted
-    two-pass algorithm: with :math:`p` the plain mean (a pivot) and :math:`d_t = x_t - p`,
+    Numerics: every backend accumulates in at least float32: in float64 the numba CPU
+    kernels, the reference, and the NumPy path (and NumPy's sums under array_api_strict and
+    Dask) for token axes over 64 long; torch, JAX, CuPy and the Triton kernels sum float32
+    in float32, as trees.  (NumPy sums a non-contiguous axis one row after another: in
+    float32 a long token axis lost its pivot.)  The Array-API core and the torch custom op
+    use the shifted two-pass algorithm: with :math:`p` the plain mean (a pivot) and
+    :math:`d_t = x_t - p`,
 
     .. math:: \mu = p + \frac{1}{n} \sum_t m_t d_t, \qquad
               \mathrm{var} = \frac{1}{n} \sum_t m_t d_t^2 - (\mu - p)^2,
@@ -340,11 +341,11 @@ def moments(
     (over n tokens, from about 1.8e19 / sqrt(n), where the sum of squares does), float64's
     about 1.3e154; and spreads below about 1e-19 (float32) or 1e-154 (float64) underflow,
     losing precision down to a spread of 0 (the lane then counts as having none: shifted, not
-    zoomed).  Where float32 sums in float32 (torch, JAX, CuPy, Triton) the deviations are
-    taken from a rounded first mean, so the magnitude counts too: float32 statistics of values
-    above about 1e26 overflow even with no spread (the mean's rounding, an ulp of the values,
-    squared), and a sum of tokens near float32's maximum overflows (float64 accumulation has
-    neither limit).  float16 / bfloat16 compute in float32.  Compute in float64 for such data.
+    zoomed).  Where float32 sums in float32 (torch, JAX, CuPy, Triton, short NumPy axes) the
+    deviations are taken from a rounded first mean, so the magnitude counts too: float32
+    statistics of values above about 1e26 overflow even with no spread (the mean's rounding,
+    an ulp of the values, squared), and a sum of tokens near float32's maximum overflows
+    (float64 accumulation has neither limit).  float16 / bfloat16 compute in float32.  Compute in float64 for such data.
     On NumPy the batch is walked in cache-sized blocks, so x is read from memory once.
 
     References

@@ -219,7 +219,7 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
         dev = xs - pivot
         var, corr = torch.var_mean(dev, dim=axis, keepdim=True, correction=0)
         return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, float(x.shape[axis]), None)
-    acc = _accumulator(xp, xs)
+    acc = _accumulator(xp, xs, axis)
     if mask is None:
         m = None
         count: Any = float(x.shape[axis])
@@ -240,16 +240,25 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
     return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, count, m)
 
 
-def _accumulator(xp: Any, x: Any) -> Any:
-    """The dtype in which sums of ``x`` over its tokens accumulate: float64 for float32 where
-    the namespace sums an axis one row after another (NumPy's sums, under array_api_strict
-    and in Dask's chunks: a long float32 token axis lost its statistics' pivot, as in
-    :func:`_block_stats`); None, x's own dtype, for float64 and where sums run as trees
-    (torch, JAX, CuPy), whose accelerators make float64 slow or lack it."""
+# Token axes at most this long are summed in float32 where float32 sums run row after row:
+# at most 64 terms round (a pivot within 64 ulps of the mean; constant lanes measured exact),
+# and a call of microseconds would pay a third more for float64 sums (casting ufuncs, about
+# 0.5 us each: the tiny torch zoom_shift went 31 -> 41 us)
+F32_TOKENS = 64
+
+
+def _accumulator(xp: Any, x: Any, axis: int) -> Any:
+    """The dtype in which sums of ``x`` over ``axis`` (its tokens) accumulate: float64 for
+    float32 with more than :data:`F32_TOKENS` tokens where the namespace sums an axis one row
+    after another (NumPy's sums, under array_api_strict and in Dask's chunks: a long float32
+    token axis lost its statistics' pivot, as in :func:`_block_stats`); None, x's own dtype,
+    otherwise: float64, short axes, and where sums run as trees (torch, JAX, CuPy), whose
+    accelerators make float64 slow or lack it."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):  # (isinstance: traced by Dynamo)
         return None
-    if x.dtype == xp.float32 and not (is_jax(xp) or is_cupy(xp)):
+    long_axis = not isinstance(x.shape[axis], int) or x.shape[axis] > F32_TOKENS
+    if long_axis and x.dtype == xp.float32 and not (is_jax(xp) or is_cupy(xp)):
         return xp.float64
     return None
 
@@ -322,7 +331,8 @@ def _block_stats(
     tokens zeroed, so huge or non-finite padding never enters a sum.
 
     Every sum accumulates in float64, float32 blocks too (the reductions' ``dtype``; the
-    result rounded once into the block's dtype), as the compiled kernels do: NumPy sums a
+    result rounded once into the block's dtype; token axes up to :data:`F32_TOKENS` long
+    excepted), as the compiled kernels do: NumPy sums a
     non-contiguous axis one row after another, so in float32 a long token axis lost the
     pivot (T = 262144 tokens of 1e5 + N(0, 1): pivot 1600 spreads off, sigma 7x too large;
     a constant lane of 4096 tokens got a spread of 6e-7 where it has none).
@@ -342,25 +352,25 @@ def _block_stats(
     # Divisions by the count as np.divide(a, count, out): the same ufunc as ``/=``, without
     # the operator's deferral checks, which cost about 0.25 us a call with a 0-d count
     divide = np.divide
-    # the sums' accumulator: float64 whatever the block's float dtype (see above).  A float64
-    # block's sums are its outputs, divided by the count in place; a float32 block's are
-    # float64 arrays of their own, each divided into its float32 output (one rounding, and a
-    # sum of tokens near float32's maximum does not overflow)
-    acc = np.float64
-    dtype = native_dtype(xb.dtype)  # (">f8" refused as an output dtype below)
-    wide = dtype != acc
+    # the sums' accumulator (see above): a float64 block's sums, and a short token axis's, are
+    # its outputs, divided by the count in place; a long float32 axis's are float64 arrays of
+    # their own ("wide"), each divided into its float32 output (one rounding, and a sum of
+    # tokens near float32's maximum does not overflow)
+    wide = xb.shape[axis] > F32_TOKENS and xb.dtype.itemsize < 8  # (short axes: F32_TOKENS)
+    acc = np.float64 if wide else None  # (None: the block's own dtype, the reductions' default)
     if wide:
+        dtype = native_dtype(xb.dtype)  # (">f4" refused as an output dtype)
         kept = (*xb.shape[:axis], 1, *xb.shape[axis + 1 :])
         piv_o, corr_o, var_o = [np.empty(kept, dtype) if o is None else o for o in (piv_o, corr_o, var_o)]
     if mb is None:
-        count: Any = _constant(dtype, xb.shape[axis])
+        count: Any = _constant(xb.dtype, xb.shape[axis])
         s = total(xb, axis, acc, None if wide else piv_o, True)
         piv = divide(s, count, piv_o if wide else s)
         dev = np.subtract(xb, piv, dev)
         src = dev
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
-        count = total(full, axis, dtype, None, True)
+        count = total(full, axis, native_dtype(xb.dtype), None, True)  # (">f8" refused there)
         s = total(xb, axis, acc, None if wide else piv_o, True, where=full)
         piv = divide(s, count, piv_o if wide else s)
         dev = np.subtract(xb, piv, dev)
@@ -373,12 +383,13 @@ def _block_stats(
         # a small block: the squares in a temporary (in float64: a float32 deviation past
         # 1.8e19 would overflow squared), then one reduction (einsum's Python wrapper costs
         # more than that temporary below this size)
-        s = total(np.multiply(src, src, dtype=acc), axis, None, None if wide else var_o, True)
+        sq = np.multiply(src, src, dtype=acc) if wide else np.multiply(src, src)
+        s = total(sq, axis, None, None if wide else var_o, True)
     else:  # the sum of squares without an x-sized temporary
         if wide:
             s = np.einsum(_square_sum(xb.ndim, axis), src, src, dtype=acc).reshape(piv.shape)
         else:
-            s = np.empty(piv.shape, dtype=dtype) if var_o is None else var_o
+            s = np.empty(piv.shape, dtype=xb.dtype) if var_o is None else var_o
             np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(s, axis=axis))
     var = divide(s, count, var_o if wide else s)
     np.subtract(var, np.multiply(corr, corr), var)
@@ -1019,7 +1030,7 @@ def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
     xp = array_namespace(x)
     if how == "mean":
         dt = work_dtype(xp, x.dtype)
-        acc = _accumulator(xp, x)  # float64 sums of float32 on NumPy-like namespaces
+        acc = _accumulator(xp, x, 1)  # float64 sums of long float32 axes on NumPy-likes
         if mask is None:
             if acc is None:
                 return xp.mean(x, axis=1)
