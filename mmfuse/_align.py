@@ -345,8 +345,9 @@ def moments(
     deviations are taken from a rounded first mean, so the magnitude counts too: float32
     statistics of values above about 1e26 overflow even with no spread (the mean's rounding,
     an ulp of the values, squared), and a sum of tokens near float32's maximum overflows
-    (float64 accumulation has neither limit).  float16 / bfloat16 compute in float32.  Compute in float64 for such data.
-    On NumPy the batch is walked in cache-sized blocks, so x is read from memory once.
+    (float64 accumulation has neither limit).  float16 / bfloat16 compute in float32.
+    Compute in float64 for such data.  On NumPy the batch is walked in cache-sized blocks, so
+    x is read from memory once.
 
     References
     ----------
