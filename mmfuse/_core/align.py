@@ -330,18 +330,18 @@ def _block_stats(
     too); ``masked`` (needed only with a mask) is scratch for the centred values with masked
     tokens zeroed, so huge or non-finite padding never enters a sum.
 
-    Every sum accumulates in float64, float32 blocks too (the reductions' ``dtype``; the
-    result rounded once into the block's dtype; token axes up to :data:`F32_TOKENS` long
-    excepted), as the compiled kernels do: NumPy sums a
-    non-contiguous axis one row after another, so in float32 a long token axis lost the
-    pivot (T = 262144 tokens of 1e5 + N(0, 1): pivot 1600 spreads off, sigma 7x too large;
-    a constant lane of 4096 tokens got a spread of 6e-7 where it has none).
+    Outputs not given are allocated by the reductions themselves, and the ufuncs take their
+    arguments positionally: at small sizes a separate ``np.empty`` per output and a call's
+    keyword parsing are a tenth of the statistics' time.
 
-    Outputs not given are allocated by the reductions themselves (in float64 blocks; in
-    others first, in the block's dtype), and the ufuncs take their arguments positionally: at
-    small sizes a separate ``np.empty`` per output and a call's keyword parsing are a tenth of
-    the statistics' time.
+    A float32 block with a token axis over :data:`F32_TOKENS` long takes
+    :func:`_wide_block_stats` instead: NumPy sums a non-contiguous axis one row after another,
+    and in float32 such an axis lost the pivot (T = 262144 tokens of 1e5 + N(0, 1): pivot 1600
+    spreads off, sigma 7x too large; a constant lane of 4096 tokens got a spread of 6e-7
+    where it has none).
     """
+    if xb.shape[axis] > F32_TOKENS and xb.dtype.itemsize < 8:
+        return _wide_block_stats(xb, axis, mb, dev, masked, outs, with_mean)
     mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
     # Sums by np.add.reduce(array, axis, dtype, out, keepdims), not np.sum: the same reduction
     # without np.sum's Python layer (about 3 us a call, the cost of the whole sum at small
@@ -352,50 +352,68 @@ def _block_stats(
     # Divisions by the count as np.divide(a, count, out): the same ufunc as ``/=``, without
     # the operator's deferral checks, which cost about 0.25 us a call with a 0-d count
     divide = np.divide
-    # the sums' accumulator (see above): a float64 block's sums, and a short token axis's, are
-    # its outputs, divided by the count in place; a long float32 axis's are float64 arrays of
-    # their own ("wide"), each divided into its float32 output (one rounding, and a sum of
-    # tokens near float32's maximum does not overflow)
-    wide = xb.shape[axis] > F32_TOKENS and xb.dtype.itemsize < 8  # (short axes: F32_TOKENS)
-    acc = np.float64 if wide else None  # (None: the block's own dtype, the reductions' default)
-    if wide:
-        dtype = native_dtype(xb.dtype)  # (">f4" refused as an output dtype)
-        kept = (*xb.shape[:axis], 1, *xb.shape[axis + 1 :])
-        piv_o, corr_o, var_o = [np.empty(kept, dtype) if o is None else o for o in (piv_o, corr_o, var_o)]
     if mb is None:
         count: Any = _constant(xb.dtype, xb.shape[axis])
-        s = total(xb, axis, acc, None if wide else piv_o, True)
-        piv = divide(s, count, piv_o if wide else s)
+        piv = total(xb, axis, None, piv_o, True)
+        divide(piv, count, piv)
         dev = np.subtract(xb, piv, dev)
         src = dev
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
         count = total(full, axis, native_dtype(xb.dtype), None, True)  # (">f8" refused there)
-        s = total(xb, axis, acc, None if wide else piv_o, True, where=full)
-        piv = divide(s, count, piv_o if wide else s)
+        piv = total(xb, axis, None, piv_o, True, where=full)
+        divide(piv, count, piv)
         dev = np.subtract(xb, piv, dev)
         masked[...] = 0
         np.copyto(masked, dev, where=full)
         src = masked
-    s = total(src, axis, acc, None if wide else corr_o, True)
-    corr = divide(s, count, corr_o if wide else s)
+    corr = total(src, axis, None, corr_o, True)
+    divide(corr, count, corr)
     if src.size <= _SMALL_ELEMENTS:
-        # a small block: the squares in a temporary (in float64: a float32 deviation past
-        # 1.8e19 would overflow squared), then one reduction (einsum's Python wrapper costs
-        # more than that temporary below this size)
-        sq = np.multiply(src, src, dtype=acc) if wide else np.multiply(src, src)
-        s = total(sq, axis, None, None if wide else var_o, True)
+        # a small block: the squares in a temporary, then one reduction (einsum's Python
+        # wrapper costs more than that temporary below this size)
+        var = total(np.multiply(src, src), axis, None, var_o, True)
     else:  # the sum of squares without an x-sized temporary
-        if wide:
-            s = np.einsum(_square_sum(xb.ndim, axis), src, src, dtype=acc).reshape(piv.shape)
-        else:
-            s = np.empty(piv.shape, dtype=xb.dtype) if var_o is None else var_o
-            np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(s, axis=axis))
-    var = divide(s, count, var_o if wide else s)
+        var = np.empty(piv.shape, dtype=xb.dtype) if var_o is None else var_o
+        np.einsum(_square_sum(xb.ndim, axis), src, src, out=np.squeeze(var, axis=axis))
+    divide(var, count, var)
     np.subtract(var, np.multiply(corr, corr), var)
     # rounding can go below 0; NaN stays (out= by keyword: NumPy deprecates it positional here)
     np.maximum(var, _constant(xb.dtype, 0), out=var)
     return Stats(np.add(piv, corr, mean_o) if with_mean else None, var, piv, corr, dev)
+
+
+def _wide_block_stats(
+    xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple[Any, ...] | None = None,
+    with_mean: bool = True,
+) -> Stats:  # fmt: skip
+    """:func:`_block_stats` of a float32 block with a long token axis: those of its float64
+    copy (sums of float64, as the compiled kernels accumulate), each rounded once into the
+    block's dtype, about the float32-rounded pivot (its corr taken against that pivot, so that
+    ``dev = x - pivot`` stays the float32 deviations the maps use).  The copy is one block
+    (cache-sized); a constant lane keeps a spread of exactly 0, and a sum of tokens near
+    float32's maximum does not overflow."""
+    dtype = native_dtype(xb.dtype)  # (">f4" refused as an output dtype)
+    mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
+    scratch = None if mb is None else np.empty(xb.shape, dtype=np.float64)
+    copy = xb.astype(np.float64)
+    st = _block_stats(copy, axis, mb, copy, scratch, None, True)  # (its deviations in place)
+    piv = st.pivot.astype(dtype) if piv_o is None else _assign(piv_o, st.pivot)
+    # the mean against the rounded pivot: (pivot64 - pivot) + corr64, in float64, rounded once
+    corr64 = np.subtract(st.pivot, piv, dtype=np.float64)
+    corr64 += st.corr
+    corr = corr64.astype(dtype) if corr_o is None else _assign(corr_o, corr64)
+    var = st.var.astype(dtype) if var_o is None else _assign(var_o, st.var)
+    mean = None
+    if with_mean:
+        mean = st.mean.astype(dtype) if mean_o is None else _assign(mean_o, st.mean)
+    return Stats(mean, var, piv, corr, np.subtract(xb, piv, dev))
+
+
+def _assign(out: Any, value: Any) -> Any:
+    """``out[...] = value`` (rounded into out's dtype), returning ``out``."""
+    np.copyto(out, value, casting="same_kind")
+    return out
 
 
 # --------------------------------------------------------------------------- the map rules
