@@ -673,8 +673,8 @@ def test_float32_statistics_of_a_long_token_axis(namespace, masked):
     assert_close(mean, want_mean, rtol=2e-7, atol=0, dtype="float32")
     assert_close(std, want_std, rtol=1e-6, atol=0, dtype="float32")
     assert np.all(to_numpy(mmfuse.moments(conv(constant), eps=0.0, backend="array_api")[1]) == 0)
-    # values near float32's maximum: their sum fits float64 (it overflowed float32, and values
-    # from 1e26 on gave NaN spreads: the float32 pivot's ulp, squared)
+    # constant lanes up to float32's maximum: mean exact, spread 0 (their sum fits float64;
+    # from 1e26 on, the float32 pivot's ulp, squared and summed, overflowed into NaN spreads)
     huge = np.array([1e26, 1e30, 3e38], np.float32).reshape(1, 1, 3) * np.ones((2, 1000, 1), np.float32)
     big_mean, big_std = mmfuse.moments(conv(huge), eps=0.0, backend="array_api")
     np.testing.assert_array_equal(to_numpy(big_mean), huge[:, :1])

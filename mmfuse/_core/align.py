@@ -387,31 +387,69 @@ def _wide_block_stats(
     xb: Any, axis: int, mb: Any, dev: Any, masked: Any, outs: tuple[Any, ...] | None = None,
     with_mean: bool = True,
 ) -> Stats:  # fmt: skip
-    """:func:`_block_stats` of a float32 block with a long token axis: those of its float64
-    copy (sums of float64, as the compiled kernels accumulate), each rounded once into the
-    block's dtype, about the float32-rounded pivot (its corr taken against that pivot, so that
-    ``dev = x - pivot`` stays the float32 deviations the maps use).  The copy is one block
-    (cache-sized); a constant lane keeps a spread of exactly 0, and a sum of tokens near
-    float32's maximum does not overflow."""
+    """:func:`_block_stats` of a float32 block with a token axis over :data:`F32_TOKENS` long:
+    the same shifted algorithm, its sums accumulated in float64 and each statistic rounded
+    once into the block's dtype.  The pivot's sum is one reduction accumulating in float64
+    (a constant lane's pivot is exact: its spread stays 0); the deviations' sums, whose terms
+    are of the spread's size, are float32 sums of chunks of ``F32_TOKENS`` tokens added in
+    float64 (:func:`_chunked_sum`), so that at most ``F32_TOKENS`` terms round in float32
+    whatever the axis' length, as on a short axis.  No copy of the block is made (a float64
+    one cost 3x the memory and 2.4x the time where a block is one large sample)."""
     dtype = native_dtype(xb.dtype)  # (">f4" refused as an output dtype)
     mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
-    scratch = None if mb is None else np.empty(xb.shape, dtype=np.float64)
-    copy = xb.astype(np.float64)
-    st = _block_stats(copy, axis, mb, copy, scratch, None, True)  # (its deviations in place)
-    piv = st.pivot.astype(dtype) if piv_o is None else _assign(piv_o, st.pivot)
-    # the mean against the rounded pivot: (pivot64 - pivot) + corr64, in float64, rounded once
-    corr64 = np.subtract(st.pivot, piv, dtype=np.float64)
-    corr64 += st.corr
-    corr = corr64.astype(dtype) if corr_o is None else _assign(corr_o, corr64)
-    var = st.var.astype(dtype) if var_o is None else _assign(var_o, st.var)
-    mean = None
-    if with_mean:
-        mean = st.mean.astype(dtype) if mean_o is None else _assign(mean_o, st.mean)
-    return Stats(mean, var, piv, corr, np.subtract(xb, piv, dev))
+    kept = (*xb.shape[:axis], 1, *xb.shape[axis + 1 :])
+    total: Any = np.add.reduce  # (Any: the stubs do not take keepdims positionally)
+    if mb is None:
+        count: Any = float(xb.shape[axis])
+        piv64 = total(xb, axis, np.float64, None, True)
+    else:
+        full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
+        count = total(full, axis, np.float64, None, True)
+        piv64 = total(xb, axis, np.float64, None, True, where=full)
+    piv = _rounded_into(piv_o, np.divide(piv64, count, piv64), dtype, kept)
+    dev = np.subtract(xb, piv, dev)
+    src = dev
+    if mb is not None:
+        masked[...] = 0
+        np.copyto(masked, dev, where=full)
+        src = masked
+    corr64 = _chunked_sum(src, axis) / count
+    var64 = _chunked_sum(src, axis, squares=True) / count - corr64 * corr64
+    np.maximum(var64, 0.0, out=var64)  # rounding can go below 0; NaN stays
+    corr = _rounded_into(corr_o, corr64, dtype, kept)
+    var = _rounded_into(var_o, var64, dtype, kept)
+    mean = _rounded_into(mean_o, piv + corr64, dtype, kept) if with_mean else None
+    return Stats(mean, var, piv, corr, dev)
 
 
-def _assign(out: Any, value: Any) -> Any:
-    """``out[...] = value`` (rounded into out's dtype), returning ``out``."""
+def _chunked_sum(a: Any, axis: int, squares: bool = False) -> Any:
+    """The sum of ``a`` (or of its squares) over ``axis`` (kept), in float64: float32 sums of
+    chunks of :data:`F32_TOKENS` tokens (a view with the axis split in two, reduced over the
+    chunk; the squares by einsum, without an ``a``-sized temporary), added in float64, and the
+    last partial chunk summed in float64 directly."""
+    total: Any = np.add.reduce  # (Any: the stubs do not take keepdims positionally)
+    n = a.shape[axis]
+    main = n - n % F32_TOKENS
+    before, after = a.shape[:axis], a.shape[axis + 1 :]
+    first, last = (slice(None),) * axis + (slice(0, main),), (slice(None),) * axis + (slice(main, n),)
+    out = np.zeros((*before, 1, *after))
+    if main:
+        view = a[first].reshape((*before, main // F32_TOKENS, F32_TOKENS, *after))
+        if squares:
+            partial = np.einsum(_square_sum(view.ndim, axis + 1), view, view)
+        else:
+            partial = total(view, axis + 1)
+        total(partial, axis, np.float64, out, True)
+    if main < n:
+        rest = np.square(a[last], dtype=np.float64) if squares else a[last]
+        out += total(rest, axis, np.float64, None, True)
+    return out
+
+
+def _rounded_into(out: Any, value: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+    """``value`` (float64) rounded into ``out``, or into a new array of ``dtype``."""
+    if out is None:
+        out = np.empty(shape, dtype=dtype)
     np.copyto(out, value, casting="same_kind")
     return out
 
