@@ -13,9 +13,10 @@ boundary (count, shapes, dtypes; the message names the modality).
 
 In eager mode ``forward`` calls the functional API (:func:`mmfuse.lowrank_fusion`, ...), so the
 backend policy (``backend=`` config, ``MMFUSE_BACKEND``) applies; under ``"auto"`` the torch
-backend (:mod:`mmfuse.backends.torch`) runs: its ``mmfuse::*`` custom operators for large
-batches, plain autograd for small ones, and on the CPU without gradients the compiled
-alignment kernels where numba is imported (each layer's Notes give its rule).  Under ``torch.compile``
+backend (:mod:`mmfuse.backends.torch`) runs the fusions, its ``mmfuse::*`` custom operators
+for large batches and plain autograd for small ones (each layer's Notes give its rule), and
+on the CPU, where numba is imported, the numba backend's compiled kernels take the alignment
+calls they can (``zoom_shift`` with gradients too, inside a torch op).  Under ``torch.compile``
 the layers call those custom operators directly (the functional layer's namespace dispatch is
 Python that Dynamo need not trace), or, for :class:`ZoomShift`, a plain-torch transcription of
 the core's algorithm, so ``torch.compile(layer, fullgraph=True)`` works.
