@@ -58,8 +58,11 @@ Triton kernels (issue 21; the ``"triton"`` backend, ``mmfuse.backends.triton``),
    of 512 x 512, B <= 8192).
 
 Then the older sections (numba/CuPy lowrank, zoom_shift, layers) while the budget lasts.
-A section that raises prints its traceback and is listed as failed; the rest still run.
-The JSON goes to ``--json``, else ``$OUT/gpu.json`` when ``$OUT`` is set.
+A check, Triton timing case, candidate or section that raises prints its traceback and is
+reported as failed; the rest still run (one device run is all a session may get).  The
+budget is also checked between the Triton timing cases.  The JSON goes to ``--json``, else
+``$OUT/gpu.json`` when ``$OUT`` is set, rewritten after every section, and stdout is
+line-buffered: a run killed at its time limit keeps what it measured.
 
 ``--sweep`` adds the low-rank kernels' times under other tile sizes (the defaults come from
 ``ptxas`` register counts, not timings).
@@ -172,8 +175,23 @@ def check(name: str, got: Any, want: np.ndarray, rtol: float = 2e-4) -> None:
     scale = float(np.max(np.abs(want))) or 1.0
     status = "ok" if err <= rtol * scale else "MISMATCH"
     print(f"  check {name:<12} max|err|/max|ref| = {err / scale:.2e}  {status}")
-    if status != "ok":
-        raise SystemExit(f"{name} does not match the float64 result")
+    if status != "ok":  # (not SystemExit: the section fails, the run goes on)
+        raise RuntimeError(f"{name} does not match the float64 result")
+
+
+def _check_candidates(cands: dict[str, Callable[[], Any]], want: np.ndarray, rows: int, skip: str) -> None:
+    """:func:`check` every candidate but ``skip`` on its first ``rows`` rows; one that raises
+    (a mismatch, or a backend that cannot run on this device) is dropped, its traceback
+    printed, and the others are still timed."""
+    for name, fn in list(cands.items()):
+        if name == skip:
+            continue
+        try:
+            check(name, fn()[:rows], want)
+        except Exception:
+            traceback.print_exc()
+            print(f"  {name} dropped from the timings")
+            del cands[name]
 
 
 def bench_lowrank(quick: bool) -> list[tuple[str, str, float, float]]:
@@ -220,9 +238,7 @@ def _lowrank_case(
             cands["cupy"] = lambda cxs=cxs, cfs=cfs, cw=cw, cb=cb: mmfuse.lowrank_fusion(cxs, cfs, cw, cb, backend="cupy")
         else:
             cands["numba"] = lambda: mmfuse.lowrank_fusion(xs, factors, w1, bias, backend="numba")
-    for name, fn in cands.items():
-        if name != "gemm-only":
-            check(name, fn()[:n_chk], want)
+    _check_candidates(cands, want, n_chk, skip="gemm-only")
     times = time_cuda(cands, repeats=5 if quick else 20)
     for name, ms in times.items():
         rows.append((label, f"{name} fwd", ms, peak_mib(cands[name])))
@@ -667,8 +683,14 @@ def _guarded(label: str, fn: Callable[[], list[dict[str, Any]]]) -> list[dict[st
     try:
         return fn()
     except Exception as exc:
-        return [{"case": label, "check": f"FAILED: {type(exc).__name__}: {exc}"[:200], "rel_err": float("nan"),
-                 "tol": 0.0, "ok": False}]  # fmt: skip
+        return [_failed_row(label, exc)]
+
+
+def _failed_row(label: str, exc: Exception) -> dict[str, Any]:
+    """A failed check row naming the exception (listed as a mismatch in the closing table)."""
+    traceback.print_exc()
+    return {"case": label, "check": f"FAILED: {type(exc).__name__}: {exc}"[:200], "rel_err": float("nan"),
+            "tol": 0.0, "ok": False}  # fmt: skip
 
 
 def _cupy() -> Any:
@@ -832,6 +854,8 @@ def bench_triton_align(
     for name, ms in times.items():
         bw = (2 * nbytes if name == "copy" else moved) / (ms * 1e-3)
         rows.append((label, f"{name} ({bw / 1e9:.0f} GB/s, {bw / copy_bw:.0%} of copy)", ms, mem[name]))
+    if "triton" not in times:  # its check failed (reported above): the other rows stand
+        return rows, []
     summary = {"kind": "align", "case": f"align rounds=1 M=2 {shape}", "ms": times["triton"],
                "of_copy": frac["triton"], "others_of_copy": {k: v for k, v in frac.items() if k != "triton"},
                "ms_all": times, "rel_err": errs}  # fmt: skip
@@ -987,35 +1011,53 @@ def _new_triton_checks(torch: Any, device: str, dtype: Any, tiny: bool) -> list[
     return rows
 
 
-def bench_triton(quick: bool) -> tuple[list[tuple[str, str, float, float]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Issue 21's table: correctness first, then timings; returns (rows, checks, summary)."""
+def bench_triton(
+    quick: bool, deadline: float = float("inf")
+) -> tuple[list[tuple[str, str, float, float]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Issue 21's table: correctness first, then timings; returns (rows, checks, summary).
+    A check or timing case that raises is a failed row (its traceback printed), not the end of
+    the run; timing cases not started by ``deadline`` (``time.monotonic()``) are skipped."""
     torch = _torch()
     dtypes = (torch.float32, torch.bfloat16)
     checks: list[dict[str, Any]] = []
     for dtype in dtypes:
+        name = str(dtype).rsplit(".", 1)[-1]
         for batch, dims, out_dim, rank in LOWRANK_CASES:
-            checks += check_triton_lowrank(torch, "cuda", dtype, batch, dims, out_dim, rank)
-            checks += check_triton_cp(torch, "cuda", dtype, 2048, dims, out_dim, rank)
-        checks += check_triton_stats(torch, "cuda", dtype, (4, 512, 512))
-        checks += check_triton_stats(torch, "cuda", dtype, (4, 3000, 40))  # token axis in blocks
+            shape = (batch, dims, out_dim, rank)
+            checks += _guarded(f"triton lowrank {name} {shape}",
+                               lambda a=shape, dt=dtype: check_triton_lowrank(torch, "cuda", dt, *a))  # fmt: skip
+            checks += _guarded(f"triton cp {name} {shape}",
+                               lambda a=shape, dt=dtype: check_triton_cp(torch, "cuda", dt, 2048, *a[1:]))  # fmt: skip
+        for shape in ((4, 512, 512), (4, 3000, 40)):  # the token axis in one tile, in blocks
+            checks += _guarded(f"triton stats {name} {shape}",
+                               lambda sh=shape, dt=dtype: check_triton_stats(torch, "cuda", dt, sh))  # fmt: skip
         checks += _new_triton_checks(torch, "cuda", dtype, tiny=False)
-    checks += check_triton_compile(torch, "cuda")
+    checks += _guarded("triton torch.compile", lambda: check_triton_compile(torch, "cuda"))
     for c in checks:
         print(f"  check {c['case']:<64} {c['check']:<24} {c['rel_err']:.2e} (tol {c['tol']:.0e}) "
               f"{'ok' if c['ok'] else 'MISMATCH'}")  # fmt: skip
 
     rows: list[tuple[str, str, float, float]] = []
     summary: list[dict[str, Any]] = []
+    repeats = 5 if quick else 20
+    timings: list[tuple[str, Callable[[], tuple[list[Any], dict[str, Any]]]]] = []
     for dtype in dtypes:
         for batch, dims, out_dim, rank in LOWRANK_CASES:
-            case_rows, case_summary = _triton_timings(
-                torch, dtype, min(batch, 8192) if quick else batch, dims, out_dim, rank, 5 if quick else 20
-            )
-            rows += case_rows
-            summary.append(case_summary)
-    zoom_rows, zoom_summary = _triton_zoom_shift_timings(quick)
-    rows += zoom_rows
-    summary.append(zoom_summary)
+            shape = (min(batch, 8192) if quick else batch, dims, out_dim, rank)
+            timings.append((f"triton timings {dtype} {shape}",
+                            lambda dt=dtype, a=shape: _triton_timings(torch, dt, *a, repeats)))  # fmt: skip
+    timings.append(("triton zoom_shift timings", lambda: _triton_zoom_shift_timings(quick)))
+    for label, run in timings:
+        if time.monotonic() > deadline:
+            print(f"skipped (time budget): {label}")
+            continue
+        try:
+            case_rows, case_summary = run()
+        except Exception as exc:  # a failed case: a failed row, and the others still run
+            checks.append(_failed_row(label, exc))
+            continue
+        rows += case_rows
+        summary.append(case_summary)
     return rows, checks, summary
 
 
@@ -1227,9 +1269,7 @@ def bench_zoom_shift(quick: bool) -> tuple[list[tuple[str, str, float, float]], 
 
         cx, cg = cupy.from_dlpack(x), cupy.from_dlpack(guide)
         cands["cupy"] = lambda: mmfuse.zoom_shift(cx, cg, alpha=0.5, backend="cupy")
-    for name, fn in cands.items():
-        if name != "copy":
-            check(name, fn()[:4], want)
+    _check_candidates(cands, want, 4, skip="copy")
     times = time_cuda(cands, repeats=5 if quick else 20)
     nbytes = x.numel() * x.element_size()
     copy_bw = 2 * nbytes / (times["copy"] * 1e-3)
@@ -1274,15 +1314,50 @@ def main() -> None:
     if args.cpu_check:
         cpu_check()
         return
+    # lines reach the log as they are printed: a run killed at its time limit keeps them
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     start = time.monotonic()
+    deadline = start + args.budget_s
     torch = _torch()
     device = f"{torch.cuda.get_device_name()}  torch {torch.__version__}"
     print(f"device: {device}")
     import mmfuse.backends.triton  # noqa: F401  (the "triton" backend; needs triton installed)
 
-    rows, checks, summary = bench_triton(args.quick)
+    out_json = args.json or (os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else None)
+    rows: list[tuple[str, str, float, float]] = []
+    checks: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    failed: list[str] = []
+
+    def dump() -> None:
+        """The JSON so far, written after every section (a killed run keeps what it measured)."""
+        if not out_json:
+            return
+        tmp = out_json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"device": device, "seconds": time.monotonic() - start, "skipped": skipped, "failed": failed,
+                       "triton_checks": checks, "triton_summary": summary, "targets": TARGETS,
+                       "rows": [dict(zip(("case", "candidate", "ms", "peak_mib"), r)) for r in rows]},
+                      fh, indent=2)  # fmt: skip
+        os.replace(tmp, out_json)
+
+    try:
+        rows, checks, summary = bench_triton(args.quick, deadline)
+    except Exception:  # (each check and timing case is guarded; this is the last resort)
+        traceback.print_exc()
+        failed.append("triton")
+    dump()
     if args.sweep:
-        rows += sweep_triton_tiles(args.quick)
+        if time.monotonic() > deadline:
+            skipped.append("sweep")
+        else:
+            try:
+                rows += sweep_triton_tiles(args.quick)
+            except Exception:
+                traceback.print_exc()
+                failed.append("sweep")
+            dump()
 
     def with_summary(fn: Callable[[], tuple[list[Any], list[dict[str, Any]]]]) -> Callable[[], list[Any]]:
         def run() -> list[Any]:
@@ -1302,9 +1377,8 @@ def main() -> None:
         ("zoom_shift", lambda: bench_zoom_shift(args.quick)[0]),
         ("layers", lambda: bench_layers(args.quick)),
     ]
-    skipped, failed = [], []
     for name, section in sections:
-        if time.monotonic() - start > args.budget_s:
+        if time.monotonic() > deadline:
             skipped.append(name)
             continue
         try:
@@ -1312,13 +1386,8 @@ def main() -> None:
         except Exception:  # report it and go on: the other sections and the tables still print
             traceback.print_exc()
             failed.append(name)
-    out_json = args.json or (os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else None)
-    if out_json:
-        with open(out_json, "w") as fh:
-            json.dump({"device": device, "seconds": time.monotonic() - start, "skipped": skipped, "failed": failed,
-                       "triton_checks": checks, "triton_summary": summary, "targets": TARGETS,
-                       "rows": [dict(zip(("case", "candidate", "ms", "peak_mib"), r)) for r in rows]},
-                      fh, indent=2)  # fmt: skip
+        dump()
+    dump()
     print()
     print(f"{'case':<58} {'candidate':<44} {'ms':>9} {'peak MiB':>9} {'vs first':>9}")
     first: dict[str, float] = {}
