@@ -710,6 +710,7 @@ def _stdout_to_devnull() -> None:
     with contextlib.suppress(OSError, ValueError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
+
 def _backend_in_force() -> str:
     from mmfuse._config import config_source, get_config
 

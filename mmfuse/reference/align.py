@@ -254,17 +254,11 @@ def _limit(
     return out
 
 
-
-
 def _sources(n: int, schedule: str, topology: str, hub: int) -> list[tuple[int, list[int]]]:
     """The round's updates in order: (modality, the modalities its target is taken from)."""
     if topology == "hub":
         return [(i, [hub]) for i in range(n) if i != hub]
     return [(i, [j for j in range(n) if j != i]) for i in range(n)]
-
-
-
-
 
 
 def _mean_step(alpha: float) -> Any:
@@ -285,10 +279,6 @@ def _mean_step(alpha: float) -> Any:
         return dd_add(dd_mul(keep, (hi[i], lo[i])), dd_mul((alpha, 0.0), target))
 
     return step
-
-
-
-
 
 
 def _log_dd(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
