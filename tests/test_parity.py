@@ -205,11 +205,15 @@ def _modalities(op: str, m: int, rng: np.random.Generator) -> tuple[tuple[Any, .
     return None
 
 
-def _large_mean(op: str, rng: np.random.Generator) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+def _large_mean(
+    op: str, rng: np.random.Generator, tokens: int = 9, batch: int = 4
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """float32 data of mean 1e4 and spread 1e-2 (``tokens`` of them; ``long_axis``: 65536,
+    where float32 sums taken one row after another lost the pivot and gave a spread of 0)."""
     if op not in ALIGNMENT:
         return None
-    big = (1e4 + 1e-2 * rng.standard_normal((4, 9, 3))).astype(np.float32)
-    unit = rng.standard_normal((4, 7, 3)).astype(np.float32)
+    big = (1e4 + 1e-2 * rng.standard_normal((batch, tokens, 3))).astype(np.float32)
+    unit = rng.standard_normal((batch, 7, 3)).astype(np.float32)
     if op == "moments":
         return (big,), {}
     if op == "zoom_shift":
@@ -235,6 +239,7 @@ def _constant_channel(args: tuple[Any, ...], kwargs: dict[str, Any], op: str) ->
 CASES = (
     "random",
     "large_mean",
+    "long_axis",
     "constant_channel",
     "nan_padding",
     "inf_input",
@@ -262,8 +267,8 @@ def _case(op: str, case: str, seed: int) -> tuple[tuple[Any, ...], dict[str, Any
     rng = np.random.default_rng(seed)
     args, kwargs = make_problem(op, seed=rng)
     dtype = "float64"
-    if case == "large_mean":
-        made = _large_mean(op, rng)
+    if case in ("large_mean", "long_axis"):
+        made = _large_mean(op, rng) if case == "large_mean" else _large_mean(op, rng, tokens=65536, batch=2)
         if made is None:
             return None
         args, kwargs = made
@@ -358,7 +363,7 @@ def test_implementation_matches_reference(op: str, impl: Any, case: str) -> None
         got, want = got[0], want[0]
     got_np = tree_map(lambda a: to_numpy(a), got)
     want_np = tree_map(lambda a: np.asarray(a, dtype=np.float64), want)
-    if case == "large_mean":
+    if case in ("large_mean", "long_axis"):
         # Errors in units of each output's spread across tokens, beyond what float32 can hold
         # of values near 1e4 (a few ulps): a map folded into x s + t misses by ~6% of it.
         for g, w in zip(_leaves(got_np), _leaves(want_np)):
