@@ -1085,12 +1085,12 @@ def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
     """Pool (B, T, C) over the token axis 1, masked tokens excluded: (B, C)."""
     xp = array_namespace(x)
     if how == "mean":
-        dt = work_dtype(xp, x.dtype)
         acc = _accumulator(xp, x, 1)  # float64 sums of long float32 axes on NumPy-likes
         if mask is None:
             if acc is None:
                 return xp.mean(x, axis=1)
             return xp.astype(xp.sum(x, axis=1, dtype=acc) / float(x.shape[1]), x.dtype)
+        dt = work_dtype(xp, x.dtype)
         m = _expand_mask(xp, mask, x.ndim)
         zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
         # dtype= only to widen: NumPy's sum refuses a non-native one (">f8", as read from a file)
