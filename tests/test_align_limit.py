@@ -247,6 +247,22 @@ def test_reference_limit_says_when_it_cannot_settle(rng):
 
 
 @pytest.mark.parametrize("topology", ["consensus", "hub"])
+def test_reference_limit_refuses_spreads_too_small_to_move(rng, topology):
+    """Spreads of 1e-20 and 1e-30 at eps = 1e-5: a round moves their log-variances by about
+    var / eps (1e-35, 1e-55 of the distance), below double-double resolution, so the
+    reference's iteration saw no motion at its first sweep and returned the inputs' spreads
+    as the limit (x's spread 0.2-0.8 of the guide's, where the limit shares one).  It now
+    checks that the live modalities of each lane share a variance, and refuses otherwise;
+    the public closed form gives the shared spread."""
+    for s in (1e-20, 1e-30):
+        xs = [s * rng.standard_normal((2, 6, 3)), s * (1.0 + 2.0 * rng.standard_normal((2, 5, 3)))]
+        with pytest.raises(ValueError, match=r"do not converge within 200000 sweeps: spreads far below sqrt\(eps\)"):
+            reference.align(xs, rounds=None, alpha=0.5, topology=topology)
+        ys = mmfuse.align(xs, rounds=None, alpha=0.5, topology=topology)
+        np.testing.assert_allclose(ys[0].std(axis=1), ys[1].std(axis=1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("topology", ["consensus", "hub"])
 def test_reference_limit_of_a_lane_ignores_another_lanes_nan(rng, topology):
     """Lanes are independent: a NaN token in one (sample, channel) leaves every other lane's
     limit as it is without it (a NaN lane's scale once made the stopping test see no motion

@@ -234,6 +234,7 @@ def _limit(
     live = [~collapse & ~d for d in dead]
     logs = [_log_dd(np.where(lv, v, 1.0)) for lv, v in zip(live, var0)]  # log var0, double-double
     log_hi, log_lo = _iterate(logs, sources, _spread_step(alpha, eps, live), lambda hi: 1.0, jacobi)
+    _check_shared(log_hi, log_lo, live)
     # the growth log(var* / var0), from the (hi, lo) pairs' differences; S = sqrt(var* / var0)
     # = exp(growth / 2), collapsed: var* = 0, no spread: S = 1
     growth = [(h - h0) + (e - e0) for h, e, (h0, e0) in zip(log_hi, log_lo, logs)]
@@ -392,10 +393,33 @@ def _iterate(
         # sqrt(eps) barely move per round), or none: say so now rather than at the end
         if sweep >= 1000 and (q >= 1.0 or sweep + math.log(_SETTLED / left) / math.log(q) > _SWEEPS):
             break
-    raise ValueError(
-        f"the rounds do not converge within {_SWEEPS} sweeps (Jacobi consensus with M = 2 and alpha = 1 "
-        "has no limit; spreads far below sqrt(eps) converge too slowly for the reference)"
+    raise _unsettled()
+
+
+def _unsettled() -> ValueError:
+    return ValueError(
+        f"the rounds do not converge within {_SWEEPS} sweeps: spreads far below sqrt(eps) move by "
+        "about var / eps of their distance per round, too slowly for the reference's iteration (and "
+        "Jacobi consensus with M = 2 and alpha = 1 has no limit)"
     )
+
+
+# Live log-variances of a lane further apart than this after the iteration: not at the limit
+_SHARED = 2.0**-40
+
+
+def _check_shared(log_hi: list[Any], log_lo: list[Any], live: list[Any]) -> None:
+    """Refuse a variance iteration that stopped away from its limit.  At the limit every live
+    modality of a (sample, channel) has one variance (each sigma equals its target: the
+    others' geometric mean, or the hub's).  The iteration also stops where a sweep's moves
+    are below double-double resolution, which spreads far below sqrt(eps) reach at once: a
+    round moves their log-variances by about var / eps (1e-55 for spreads of 1e-30 at
+    eps = 1e-5), and the inputs' spreads came back as the limit."""
+    logs = [np.where(lv, h + e, np.nan) for h, e, lv in zip(log_hi, log_lo, live)]
+    with np.errstate(invalid="ignore"):
+        gap = np.fmax.reduce(logs) - np.fmin.reduce(logs)  # NaN where no modality is live
+    if np.any(np.isfinite(gap) & (gap > _SHARED)):
+        raise _unsettled()
 
 
 def zoom_shift_fusion(
