@@ -406,6 +406,10 @@ def test_errors_zoom_shift(rng):
     empty[1] = False
     with pytest.raises(ValueError, match=r"mask masks every token of a sample \(flat sample index 1\)"):
         mmfuse.zoom_shift(x, g, mask=empty)
+    # the oracle, which the public functions' check precedes, says so too (a bare
+    # ZeroDivisionError before)
+    with pytest.raises(ValueError, match=r"mask masks every token of sample 1 \(batch index\)"):
+        reference.moments(x, mask=empty)
     with pytest.raises(TypeError, match=r"mask must have a boolean dtype"):
         mmfuse.zoom_shift(x, g, mask=np.ones((B, 7)))
     with pytest.raises(ValueError, match=r"axis=-2 is the batch axis"):

@@ -87,6 +87,10 @@ def _two_pass(x: Any, axis: int, mask: Any) -> tuple[np.ndarray, np.ndarray, np.
         for k in range(xl.shape[1]):
             v = xl[b, k][ml[b, k]]  # the unmasked tokens of sample b, channel k
             n = len(v)
+            if n == 0:  # (the public functions refuse such a mask before any arithmetic)
+                raise ValueError(
+                    f"mask masks every token of sample {b} (batch index): its statistics are undefined"
+                )
             mu0 = sum(v) / n
             d = [t - mu0 for t in v]
             corr = sum(d) / n
