@@ -326,7 +326,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                  if not any(r[kind] == name and r["status"] == "ok" for r in rows)]  # fmt: skip
     if unchecked or not ran:
         what = ", ".join(unchecked) if unchecked else "anything"
-        print(f"mmfuse verify: nothing was checked for {what} (see the skipped rows above)", file=sys.stderr)
+        why = "see the skipped rows above"
+        if not ran and "reference" in (wanted or []):
+            why += "; the reference is the oracle the others are checked against, never checked itself"
+        print(f"mmfuse verify: nothing was checked for {what} ({why})", file=sys.stderr)
         return 1
     return 1 if bad else 0
 
@@ -431,6 +434,10 @@ def _sync(out: Any) -> None:
         torch.cuda.synchronize()
 
 
+# What ``bench`` times inputs of unless --namespaces says otherwise
+_BENCH_NAMESPACES = ("numpy", "torch")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import mmfuse
     from mmfuse import backends
@@ -448,7 +455,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"mmfuse: --plot writes a PNG: give a file name ending in .png, got {args.plot!r}")
     if args.plot:
         require("matplotlib")  # now, not after minutes of timing
-    namespaces = list(dict.fromkeys(args.namespaces))
+    namespaces = list(dict.fromkeys(args.namespaces or _BENCH_NAMESPACES))
     scale = "verify" if args.quick else "bench"
     jobs = []
     for op in ops:
@@ -526,6 +533,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     errors = sum(str(r["status"]).startswith("error") for r in results)
     if errors:
         print(f"\n{errors} error(s)", file=sys.stderr)
+    # as verify: a run that timed nothing is no success, nor one where a namespace or backend
+    # named on the command line timed nothing (``--backends cupy`` without CuPy, ``--backends
+    # reference`` without --quick, ``--namespaces cupy`` whose rows all skip)
+    named = [("namespace", ns) for ns in (args.namespaces or [])]
+    named += [("backend", b) for b in (args.backends or [])]
+    untimed = [f"{kind} {name}" for kind, name in dict.fromkeys(named)
+               if not any(r[kind] == name and r["seconds"] for r in results)]  # fmt: skip
+    if untimed or not any(r["seconds"] for r in results):
+        what = ", ".join(untimed) if untimed else "anything"
+        print(f"mmfuse bench: nothing was timed for {what} (see the lines above)", file=sys.stderr)
+        return 1
     return 1 if errors else 0
 
 
@@ -642,10 +660,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the ops across available backends, side by side")
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to time (default all: {', '.join(OPS)})")
-    p.add_argument("--backends", nargs="+", metavar="BACKEND", help="backends to time (default: all)")
     p.add_argument(
-        "--namespaces", nargs="+", default=["numpy", "torch"], choices=NAMESPACES,
-        help="array namespaces of the inputs (default: numpy torch)",
+        "--backends", nargs="+", metavar="BACKEND",
+        help="backends to time (default: all; the reference only with --quick: its loops take minutes "
+        "at full size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--namespaces", nargs="+", choices=NAMESPACES, metavar="NAMESPACE",
+        help=f"array namespaces of the inputs, of: {', '.join(NAMESPACES)} "
+        f"(default: {' '.join(_BENCH_NAMESPACES)})",
     )  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="write the timings as JSON")
     p.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed calls per row (default 5)")

@@ -319,8 +319,23 @@ def test_bench_output_names_refused_up_front(tmp_path, monkeypatch, capsys):
 
 def test_bench_says_the_reference_is_skipped_at_bench_scale(capsys):
     code = _cli.main(["bench", "--ops", "moments", "--backends", "reference", "--namespaces", "numpy", "--no-progress"])
-    assert code == 0
-    assert "reference: skipped at bench scale" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "reference: skipped at bench scale" in captured.out
+    # and a run that timed nothing is no success (it exited 0, as verify's "nothing was checked")
+    assert code == 1
+    assert "mmfuse bench: nothing was timed for namespace numpy, backend reference" in captured.err
+
+
+def test_bench_fails_where_a_named_backend_or_namespace_timed_nothing(monkeypatch, capsys):
+    """Exit 1 when nothing was timed, or nothing for a namespace or backend named on the
+    command line; the default namespaces (numpy, torch) are not named, so a machine without
+    torch still benches NumPy with exit 0."""
+    argv = ["bench", "--quick", "--ops", "moments", "--repeats", "1", "--no-progress"]
+    monkeypatch.setattr(_cli, "_converter", lambda ns, dtype: None if ns in ("torch", "cupy") else (lambda a: a))
+    assert _cli.main([*argv, "--backends", "array_api"]) == 0  # torch (a default) skipped: fine
+    assert "nothing was timed" not in capsys.readouterr().err
+    assert _cli.main([*argv, "--backends", "array_api", "--namespaces", "numpy", "cupy"]) == 1
+    assert "mmfuse bench: nothing was timed for namespace cupy (" in capsys.readouterr().err
 
 
 def test_bench_times_lazy_and_asynchronous_results_to_completion():
@@ -359,9 +374,10 @@ def test_bench_says_why_a_backend_is_skipped_and_dedupes_namespaces(monkeypatch,
         lambda op=None: ["array_api", "reference"] if op else {},
     )
     code = _cli.main(["bench", "--quick", "--ops", "moments", "--backends", "numba", "--no-progress"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "numba: skipped, not available here: ImportError: no numba here" in out
+    captured = capsys.readouterr()
+    assert code == 1  # a backend named that timed nothing
+    assert "numba: skipped, not available here: ImportError: no numba here" in captured.out
+    assert "nothing was timed for backend numba" in captured.err
     code = _cli.main(
         ["bench", "--quick", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy", "numpy",
          "--repeats", "1", "--no-progress"]
@@ -512,9 +528,10 @@ def test_bench_counts_a_refusal_as_not_applicable(monkeypatch, capsys):
         ["bench", "--quick", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy",
          "--repeats", "1", "--no-progress"]
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert "moments  array_api  numpy      -   -         n/a" in out
+    captured = capsys.readouterr()
+    assert code == 1, captured.out  # not an error, but what was named timed nothing (as verify)
+    assert "moments  array_api  numpy      -   -         n/a" in captured.out
+    assert "nothing was timed for namespace numpy, backend array_api" in captured.err
 
 
 def test_verify_checks_every_installed_namespace_by_default(monkeypatch, capsys):
