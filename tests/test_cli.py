@@ -758,3 +758,11 @@ def test_demo_refuses_an_empty_output_folder_name(capsys):
         _cli.main(["demo", "--quick", "--out", ""])
     assert exc.value.code == 2
     assert "--out needs a folder name" in capsys.readouterr().err
+
+
+def test_verify_of_the_reference_alone_says_it_is_never_checked(capsys):
+    argv = ["verify", "--ops", "moments", "--backends", "reference", "--namespaces", "numpy", "--no-progress"]
+    assert _cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "nothing was checked for namespace numpy (" in err
+    assert "the reference is the oracle the others are checked against, never checked itself" in err
