@@ -592,3 +592,29 @@ def test_public_functions_have_the_catalogued_signatures():
         params = list(inspect.signature(getattr(mmfuse, op)).parameters.values())
         assert params[-1].name == "backend" and params[-1].kind is inspect.Parameter.KEYWORD_ONLY, op
         assert tuple((p.name, p.kind) for p in params[:-1]) == signature, op
+
+
+_WITHOUT_TORCH = """
+import importlib.abc, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):  # torch as if not installed
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTorch())
+from mmfuse import backends
+table = backends.available()
+print(sorted(op for op, names in table.items() if "torch" in names))
+print("torch" in backends.unavailable())
+"""
+
+
+def test_a_backend_without_its_framework_is_not_available():
+    """Without torch, the torch backend's rows that run the core's functions (tensor_fusion,
+    moments, the interaction terms, the transforms' rows) still loaded, so available() listed
+    torch for every operator while unavailable() listed it too (and ``mmfuse info`` showed
+    the backend twice).  A row now needs its backend's framework as well as its module."""
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "True"]

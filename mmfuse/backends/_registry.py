@@ -26,6 +26,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from importlib.util import find_spec
 from typing import Any
 
 from .._config import BACKEND_NAMES, backend_policy
@@ -280,8 +281,16 @@ def _resolve(row: Row) -> Implementation | None:
     with _lock:
         if row in _RESOLVED:
             return _RESOLVED[row]
+        framework = FRAMEWORKS[row.backend]
         try:
             func = getattr(importlib.import_module(module), attr)
+            # and the backend's framework installed: some rows run the core's functions (the
+            # torch backend's autograd rows, numba's gradient rows), whose modules load
+            # without it, and the backend was listed as available on a machine without its
+            # framework.  Looked up, not imported: a lookup importing numba would make "auto"
+            # send small NumPy calls to its kernels
+            if framework is not None and framework not in sys.modules and find_spec(framework) is None:
+                raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
         except ImportError as exc:  # the backend's framework (or its module) is not installed
             _plugin_errors.setdefault(row.backend, f"{type(exc).__name__}: {exc}")
             return None
