@@ -173,14 +173,15 @@ def run_demo(*, quick: bool = False, out: str = "mmfuse-demo", progress: bool = 
     print(text)
     chances = ", ".join(f"{d} {c:.2f}" for d, c in chance.items())
     note = f" (quick run: {_epochs_text(epochs)}, fewer than the full demo's)" if quick else ""
-    print(f"\nchance: {chances}; total {total:.1f} s{note}")
+    summary = f"chance: {chances}; total {total:.1f} s{note}"
+    print(f"\n{summary}")
     for kind, shares in order_shares.items():
         # round, then + 0.0: no "-0.00" for a share that is zero to the printed digits
         parts = ", ".join(f"order {k}: {round(s, 2) + 0.0:.2f}" for k, s in enumerate(shares))
         print(f"LMF (rank 4) on {kind}, share of the fused output's variance by interaction order: {parts}")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "demo.txt"), "w") as fh:
-        fh.write(text + "\n")
+    with open(os.path.join(out, "demo.txt"), "w") as fh:  # the summary line: a quick run says so
+        fh.write(f"{text}\n\n{summary}\n")
     figure = os.path.join(out, "demo.png")
     if _figure(rows, figure, chance=chance, quick_epochs=epochs if quick else None):
         print(f"wrote {figure}")

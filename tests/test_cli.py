@@ -196,7 +196,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert _cli.main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    rows = [line.split() for line in (tmp_path / "demo.txt").read_text().splitlines()[2:]]
+    table_text, summary = (tmp_path / "demo.txt").read_text().split("\n\n")
+    assert summary.startswith("chance: ") and "(quick run: " in summary  # the file says so too
+    rows = [line.split() for line in table_text.splitlines()[2:]]
     chance = {"BasicMotions": 0.25, "mfeat": 0.10}
     methods = set()
     for row in rows:
