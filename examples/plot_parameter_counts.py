@@ -57,6 +57,8 @@ plt.show()
 
 # %%
 # The table behind the figure:
-print(f"{'M':>2} {'TFN':>16} {'LMF':>10} {'Wander W':>22} {'Wander':>10}")
-for row in zip(modalities, tfn, lmf, wander_full, wander):
-    print(f"{row[0]:>2} {row[1]:>16,} {row[2]:>10,} {row[3]:>22,} {row[4]:>10,}")
+header = ["M", "TFN", "LMF", "Wander W", "Wander"]
+rows = [header] + [[f"{v:,}" for v in row] for row in zip(modalities, tfn, lmf, wander_full, wander)]
+widths = [max(len(r[i]) for r in rows) for i in range(len(header))]  # each column its longest entry
+for row in rows:
+    print(" ".join(v.rjust(w) for v, w in zip(row, widths)))
