@@ -545,6 +545,33 @@ def test_gram_equals_the_plain_product(rows, width, dim):
     assert_close(tbc.gram(a32, x32), a.t() @ x, xp=torch, dtype=torch.float32)
 
 
+@pytest.mark.parametrize(("rows", "width"), [(65536, 4), (1024, 1), (1000, 4), (4096, 16), (512, 64), (96, 7)])
+def test_column_sums_equal_the_plain_sum(rows, width):
+    """column_sums' folded view (narrow widths, rows a multiple of the fold) and its plain
+    fallback (rows not a multiple, wide, strided) both give the column sums."""
+    g = torch.Generator().manual_seed(rows * 100 + width)
+    a = torch.randn(rows, width, generator=g, dtype=torch.float64) + 3.0
+    assert_close(tbc.column_sums(a), a.sum(dim=0), rtol=1e-12)
+    assert_close(tbc.column_sums(a.t().contiguous().t()), a.sum(dim=0), rtol=1e-12)  # strided
+    assert_close(tbc.column_sums(a.float()), a.sum(dim=0), xp=torch, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+@pytest.mark.parametrize("out_dim", [1, 2])
+def test_narrow_fusion_of_a_long_batch_matches_core(with_weights, out_dim):
+    """The kept-projection backward at a batch the column sums fold (1024 rows), h = 1 (the
+    weights' gradient as a product and column sums) and h = 2 (as a GEMV)."""
+    p = {"dims": [8, 16, 64], "batch": 1024, "rank": 4, "out_dim": out_dim, "append_one": True,
+         "with_present": False, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
+    xs, factors, weights, bias, _present, upstream = _lowrank_inputs(p)
+    got = mmfuse.lowrank_fusion(xs, factors, weights, bias, backend="torch")
+    core = mmfuse.lowrank_fusion(xs, factors, weights, bias, backend="array_api")
+    assert_close(got, core, rtol=1e-12)
+    leaves = [t for t in (*xs, *factors, weights, bias) if t is not None]
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
 @pytest.mark.parametrize(("rank", "out_dim"), [(2, 3), (4, 1), (3, 4), (16, 8)])
 def test_flat_factor_layouts_hold_the_same_matrix(rank, out_dim):
     """Narrow projections (R h <= 8) are stored transposed for MKL, wide ones row-major; the

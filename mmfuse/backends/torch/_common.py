@@ -135,6 +135,18 @@ def store_gram(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: bool)
         acc.addmm_(x.t(), g)
 
 
+def column_sums(a: torch.Tensor) -> torch.Tensor:
+    """``a.sum(dim=0)`` of a (n, W) tensor.  On the CPU a contiguous narrow one (W < 64) is
+    summed as its (n / k, k W) view (k = 64 // W rows side by side) and then the k partial
+    rows: torch reduces the rows of a narrow matrix element by element, 5x slower (52
+    against 11 us at (65536, 4)).  Other summation order, same sum to rounding."""
+    n, width = a.shape
+    k = 64 // width if 0 < width < 64 else 1
+    if k == 1 or n % k or a.device.type != "cpu" or not a.is_contiguous():
+        return a.sum(dim=0)
+    return a.view(n // k, k * width).sum(dim=0).view(k, width).sum(dim=0)
+
+
 # Fewest rows per chunk of gram's batched GEMM.
 _GRAM_CHUNK_ROWS = 2048
 
