@@ -14,6 +14,7 @@ from .._torch_eager import bind
 from ._common import (
     affine,
     cast,
+    column_sums,
     compute_dtype,
     load_fusion_inputs,
     masked_rows,
@@ -94,7 +95,7 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         prefix.append(proj[m - 1] if prev is None else prev * proj[m - 1])
     last = prefix[n_mod - 1]
     full = proj[n_mod - 1] if last is None else last * proj[n_mod - 1]
-    grad_w = (gp * full).sum(dim=0) if (need_w and w is not None) else None
+    grad_w = column_sums(gp * full) if (need_w and w is not None) else None
     grad_c = g.t() @ (full if w is None else full * w) if need_fs[-1] else None
     run = gp if w is None else gp * w
     grad_xs: list[torch.Tensor | None] = [None] * n_mod
@@ -112,7 +113,7 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         if need_fs[m]:
             ga = feats[m].t() @ gm
             if ctx.append_one:
-                ga = torch.cat([ga, gm.sum(dim=0, keepdim=True)], dim=0)
+                ga = torch.cat([ga, column_sums(gm).unsqueeze(0)], dim=0)
             grad_as[m] = cast(ga, dtype)
         if m:
             run = run * proj[m]
@@ -120,7 +121,7 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         grad_xs,
         cast(grad_w, dtype) if grad_w is not None else None,
         [*grad_as, cast(grad_c, dtype) if grad_c is not None else None],
-        grad.sum(dim=0) if need_b else None,
+        column_sums(grad) if need_b else None,
         None,
         None,
     )
