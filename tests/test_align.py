@@ -408,7 +408,7 @@ def test_errors_zoom_shift(rng):
         mmfuse.zoom_shift(x, g, mask=empty)
     # the oracle, which the public functions' check precedes, says so too (a bare
     # ZeroDivisionError before)
-    with pytest.raises(ValueError, match=r"mask masks every token of sample 1 \(batch index\)"):
+    with pytest.raises(ValueError, match=r"mask masks every token of a lane of sample 1 \(batch index\)"):
         reference.moments(x, mask=empty)
     with pytest.raises(TypeError, match=r"mask must have a boolean dtype"):
         mmfuse.zoom_shift(x, g, mask=np.ones((B, 7)))

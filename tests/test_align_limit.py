@@ -260,6 +260,13 @@ def test_reference_limit_refuses_spreads_too_small_to_move(rng, topology):
             reference.align(xs, rounds=None, alpha=0.5, topology=topology)
         ys = mmfuse.align(xs, rounds=None, alpha=0.5, topology=topology)
         np.testing.assert_allclose(ys[0].std(axis=1), ys[1].std(axis=1), rtol=1e-9)
+    # spreads 1e-13 apart (relative) stop below resolution too: 1e-13 short of a shared
+    # spread, where the public closed form is within 1e-15 (the check's first bound, 2**-40,
+    # let that through)
+    base = rng.standard_normal((2, 6, 3))
+    near = [1e-20 * base, 1e-20 * (1.0 + 1e-13) * base[:, ::-1]]
+    with pytest.raises(ValueError, match=r"do not converge within 200000 sweeps"):
+        reference.align(near, rounds=None, alpha=0.5, topology=topology)
 
 
 @pytest.mark.parametrize("topology", ["consensus", "hub"])

@@ -556,6 +556,34 @@ def test_column_sums_equal_the_plain_sum(rows, width):
     assert_close(tbc.column_sums(a.float()), a.sum(dim=0), xp=torch, dtype=torch.float32)
 
 
+def test_column_sums_under_dynamic_compile_do_not_guard_on_the_row_count():
+    """With symbolic shapes column_sums takes the plain sum: its fold's ``n % k`` test
+    guarded the graph on the row count's remainder, a recompile per remainder (the CP op's
+    backward is traced by torch.compile)."""
+    compiled = torch.compile(tbc.column_sums, dynamic=True, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (1024, 1000, 3000):
+            a = torch.randn(rows, 4, dtype=torch.float64)
+            assert_close(compiled(a), a.sum(dim=0), rtol=1e-12)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+@pytest.mark.parametrize(("batch", "out_dim"), [(1024, 1), (1024, 2), (1000, 1)])
+def test_cp_op_of_a_long_batch_matches_core(with_weights, batch, out_dim):
+    """The CP op's backward takes its column sums (weights, constant rows, bias) folded at
+    1024 rows (a multiple of the fold) and plainly at 1000."""
+    p = {"dims": [8, 16, 64], "batch": batch, "rank": 4, "out_dim": out_dim, "append_one": True,
+         "with_present": False, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
+    xs, cp, bias, _present, upstream = _cp_inputs(p)
+    got = mmfuse.cp_fusion(xs, cp, bias, backend="torch")
+    core = mmfuse.cp_fusion(xs, cp, bias, backend="array_api")
+    assert_close(got, core)
+    leaves = [*xs, *cp[1], *([cp[0]] if cp[0] is not None else []), bias]
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
 @pytest.mark.parametrize("with_weights", [False, True])
 @pytest.mark.parametrize("out_dim", [1, 2])
 def test_narrow_fusion_of_a_long_batch_matches_core(with_weights, out_dim):

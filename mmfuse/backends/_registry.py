@@ -289,7 +289,7 @@ def _resolve(row: Row) -> Implementation | None:
             # without it, and the backend was listed as available on a machine without its
             # framework.  Looked up, not imported: a lookup importing numba would make "auto"
             # send small NumPy calls to its kernels
-            if framework is not None and framework not in sys.modules and find_spec(framework) is None:
+            if framework is not None and not _installed(framework):
                 raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
         except ImportError as exc:  # the backend's framework (or its module) is not installed
             _plugin_errors.setdefault(row.backend, f"{type(exc).__name__}: {exc}")
@@ -303,6 +303,14 @@ def _resolve(row: Row) -> Implementation | None:
         impl = Implementation(row.op, row.backend, func, supports, row.priority, row.variant, condition)
         _RESOLVED[row] = impl
     return impl
+
+
+def _installed(name: str) -> bool:
+    """Whether the top-level module ``name`` is imported or importable (looked up, not
+    imported); ``sys.modules[name] = None``, the usual way to block an import, says no."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return find_spec(name) is not None
 
 
 def _rows(op: str, backend: str | None) -> list[Row]:

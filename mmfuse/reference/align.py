@@ -89,7 +89,8 @@ def _two_pass(x: Any, axis: int, mask: Any) -> tuple[np.ndarray, np.ndarray, np.
             n = len(v)
             if n == 0:  # (the public functions refuse such a mask before any arithmetic)
                 raise ValueError(
-                    f"mask masks every token of sample {b} (batch index): its statistics are undefined"
+                    f"mask masks every token of a lane of sample {b} (batch index): its statistics "
+                    "are undefined"
                 )
             mu0 = sum(v) / n
             d = [t - mu0 for t in v]
@@ -409,7 +410,7 @@ def _unsettled() -> ValueError:
 
 
 # Live log-variances of a lane further apart than this after the iteration: not at the limit
-_SHARED = 2.0**-40
+_SHARED = 2.0**-50  # (settled lanes are within about 2**-62)
 
 
 def _check_shared(log_hi: list[Any], log_lo: list[Any], live: list[Any]) -> None:
@@ -419,10 +420,15 @@ def _check_shared(log_hi: list[Any], log_lo: list[Any], live: list[Any]) -> None
     are below double-double resolution, which spreads far below sqrt(eps) reach at once: a
     round moves their log-variances by about var / eps (1e-55 for spreads of 1e-30 at
     eps = 1e-5), and the inputs' spreads came back as the limit."""
-    logs = [np.where(lv, h + e, np.nan) for h, e, lv in zip(log_hi, log_lo, live)]
-    with np.errstate(invalid="ignore"):
-        gap = np.fmax.reduce(logs) - np.fmin.reduce(logs)  # NaN where no modality is live
-    if np.any(np.isfinite(gap) & (gap > _SHARED)):
+    # each pair's difference from the (hi, lo) pairs, as the steps take it (hi + lo rounded to
+    # float64 would add an ulp of log var, 2**-49 at |log var| ~ 10)
+    gap: Any = 0.0
+    for i in range(len(log_hi)):
+        for j in range(i + 1, len(log_hi)):
+            with np.errstate(invalid="ignore"):
+                d = np.abs((log_hi[j] - log_hi[i]) + (log_lo[j] - log_lo[i]))
+            gap = np.maximum(gap, np.where(live[i] & live[j] & np.isfinite(d), d, 0.0))
+    if np.any(gap > _SHARED):
         raise _unsettled()
 
 

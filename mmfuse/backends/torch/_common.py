@@ -136,13 +136,18 @@ def store_gram(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: bool)
 
 
 def column_sums(a: torch.Tensor) -> torch.Tensor:
-    """``a.sum(dim=0)`` of a (n, W) tensor.  On the CPU a contiguous narrow one (W < 64) is
-    summed as its (n / k, k W) view (k = 64 // W rows side by side) and then the k partial
-    rows: torch reduces the rows of a narrow matrix element by element, 5x slower (52
-    against 11 us at (65536, 4)).  Other summation order, same sum to rounding."""
+    """``a.sum(dim=0)`` of a (n, W) tensor.  On the CPU a contiguous narrow one (W < 64)
+    whose row count is a multiple of k = 64 // W is summed as its (n / k, k W) view (k rows
+    side by side) and then the k partial rows: torch reduces the rows of a narrow matrix
+    element by element, 5x slower (52 against 11 us at (65536, 4)).  Other summation order,
+    same sum to rounding.  Under ``torch.compile`` the plain sum (measured in eager mode
+    only; and with dynamic shapes the test of ``n % k`` would guard the graph on the row
+    count, a recompile per remainder)."""
     n, width = a.shape
-    k = 64 // width if 0 < width < 64 else 1
-    if k == 1 or n % k or a.device.type != "cpu" or not a.is_contiguous():
+    if a.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < width < 64:
+        return a.sum(dim=0)
+    k = 64 // width
+    if k == 1 or n % k or not a.is_contiguous():
         return a.sum(dim=0)
     return a.view(n // k, k * width).sum(dim=0).view(k, width).sum(dim=0)
 

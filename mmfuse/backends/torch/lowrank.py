@@ -213,7 +213,7 @@ def lowrank_grads(
         for m in range(2, n_mod):
             pre.append(torch.mul(pre[m - 1], proj[m - 1], out=prefix[m][:n]))
         g = g_all[blk]
-        if need_w:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k], as one GEMV
+        if need_w:  # dL/dw_r = sum_{b,k} g[b,k] prod_m P_m[b,r,k]
             full = proj[0] if n_mod == 1 else torch.mul(pre[-1], proj[-1], out=gm[:n])
             assert gw is not None
             if out_dim == 1 and dev.type == "cpu":
