@@ -164,11 +164,13 @@ def policy_key(backend: Any) -> Any:
     modules = sys.modules
     # which optional frameworks are imported (what "auto" may choose from); spelt out, as
     # six ``in`` tests cost a third of ``tuple(map(modules.__contains__, names))``
-    frameworks = ("torch" in modules, "numba" in modules, "cupy" in modules,
+    # (torch looked up: ``sys.modules["torch"] = None``, the usual way to block an import,
+    # is no torch)
+    torch = modules.get("torch")
+    frameworks = (torch is not None, "numba" in modules, "cupy" in modules,
                   "triton" in modules, "dask" in modules, "jax" in modules)  # fmt: skip
     torch_state: Any = None
-    if frameworks[0]:
-        torch = sys.modules["torch"]
+    if torch is not None:
         if _torch_intercepts(torch):
             return None
         torch_state = (torch.is_grad_enabled(), torch.autograd.forward_ad._current_level)

@@ -606,10 +606,15 @@ if sys.argv[1] == "finder":
     sys.meta_path.insert(0, NoTorch())
 else:  # the other usual way of blocking an import
     sys.modules["torch"] = None
+import numpy as np
+import mmfuse
 from mmfuse import backends
 table = backends.available()
 print(sorted(op for op, names in table.items() if "torch" in names))
 print("torch" in backends.unavailable())
+# and calls run (a planned call's key asked torch, found as None, for its grad mode)
+x = np.random.default_rng(0).standard_normal((2, 5, 3))
+print(mmfuse.moments(x)[0].shape == (2, 1, 3), mmfuse.zoom_shift(x, 2.0 * x).shape == x.shape)
 """
 
 
@@ -618,9 +623,11 @@ def test_a_backend_without_its_framework_is_not_available(blocked_by):
     """Without torch, the torch backend's rows that run the core's functions (tensor_fusion,
     moments, the interaction terms, the transforms' rows) still loaded, so available() listed
     torch for every operator while unavailable() listed it too (and ``mmfuse info`` showed
-    the backend twice).  A row now needs its backend's framework as well as its module."""
+    the backend twice).  A row now needs its backend's framework as well as its module.
+    With ``sys.modules["torch"] = None`` every planned call failed (AttributeError in the
+    plan's key)."""
     done = subprocess.run(
         [sys.executable, "-c", _WITHOUT_TORCH, blocked_by], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["[]", "True"]
+    assert done.stdout.split() == ["[]", "True", "True", "True"]
