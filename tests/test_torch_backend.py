@@ -327,24 +327,53 @@ def test_narrow_fusion_keeps_only_its_small_projections(blocked_paths):
     assert extra == [(len(dims), batch, rank * out_dim)]
 
 
-def test_small_batch_keeps_projections_no_larger_than_the_factors(blocked_paths):
-    """Wide fusions keep their (M, B, R h) projections while they hold no more elements than
-    the factors (here B <= 7: 3 B 32 against 4 (6 + 7 + 8) 8 = 672), else save only inputs."""
+def test_wide_fusion_saves_only_inputs_at_any_batch(blocked_paths):
+    """Wide fusions save only their inputs, whatever the batch: the rule reads no batch size
+    (small batches once kept their projections too, and the op's output shape then depended
+    on B, which broke dynamic-batch torch.export)."""
     dims, rank, out_dim = (5, 6, 7), 4, 8
-    for batch, keeps in ((7, True), (8, False)):
+    for batch in (1, 7, 8):
         xs, factors, params, inputs = _lowrank_leaves(batch, dims, rank, out_dim)
         extra = [shape for ptr, shape in _saved_for_backward(xs, factors, params, "torch") if ptr not in inputs]
-        assert extra == ([(len(dims), batch, rank * out_dim)] if keeps else [])
-        kept = len(dims) * batch * rank * out_dim
-        assert (kept <= sum(f.numel() for f in factors)) == keeps
+        assert extra == []
+
+
+def test_lowrank_layer_exports_and_compiles_with_a_dynamic_batch():
+    """torch.export with a dynamic batch failed (a guard 257 <= B from the whole-batch bound
+    tested on the symbolic batch, or an internal error from the kept projections' shape rule
+    on B), and torch.compile(dynamic=True) recompiled as the batch crossed those rules."""
+    from mmfuse.nn import LowRankFusion
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    layer = LowRankFusion((3, 4), 5, 2, dtype=torch.float64)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = layer
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.f([a, b])
+
+    batch = torch.export.Dim("B", min=2, max=4096)
+    example = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64))
+    exported = torch.export.export(Wrap(), example, dynamic_shapes=({0: batch}, {0: batch}))
+    compiled = torch.compile(layer, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (8, 20, 300, 3):
+            xs = [torch.randn(rows, 3, dtype=torch.float64), torch.randn(rows, 4, dtype=torch.float64)]
+            want = layer(xs)
+            assert_close(exported.module()(*xs), want, rtol=1e-12)
+            assert_close(compiled(xs), want, rtol=1e-12)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("with_present", [False, True])
 @pytest.mark.parametrize("with_weights", [False, True])
-@pytest.mark.parametrize(("dims", "batch"), [([3, 4, 5], 4), ([6], 5)])
+@pytest.mark.parametrize(("dims", "batch"), [([90, 100, 110], 4), ([100], 5)])
 def test_small_batch_kept_projections_match_core(with_present, with_weights, dims, batch, blocked_paths):
-    """Kept projections with h above the rank-sum GEMM's width: the (weighted) strided rank
-    sum, several modalities and one."""
+    """Kept projections (a narrow fusion) with h above the rank-sum GEMM's width: the
+    (weighted) strided rank sum, several modalities and one."""
     rank, out_dim = 2, tbl._RANK_SUM_GEMM_WIDTH + 3
     p = {"dims": dims, "batch": batch, "rank": rank, "out_dim": out_dim, "append_one": True,
          "with_present": with_present, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip

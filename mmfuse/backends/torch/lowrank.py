@@ -54,13 +54,14 @@ def _keeps_projections(xs: Sequence[torch.Tensor], factors: Sequence[torch.Tenso
 
     Kept when they are cheap to hold: narrow fusions, whose projections take at most a quarter
     of the inputs' elements (M R h per sample against sum_m d_m; e.g. (8, 16, 64) with R h = 4:
-    12 against 88), and small batches, whose projections hold no more elements than the
-    factors themselves.  Otherwise they are recomputed: the memory-lean backward.
+    12 against 88).  Otherwise they are recomputed: the memory-lean backward.  The rule reads
+    no batch size: the op's second output has this shape, and a rule on B (small batches
+    once kept theirs too) guarded traced graphs on it, so that ``torch.export`` failed for a
+    dynamic batch and ``torch.compile(dynamic=True)`` recompiled across it.  (Eager small
+    batches run whole-batch, without the op: :func:`whole_batch`.)
     """
     rank, _, out_dim = factors[0].shape
-    per_sample = len(xs) * rank * out_dim
-    narrow = 4 * per_sample <= sum(x.shape[1] for x in xs)
-    return narrow or xs[0].shape[0] * per_sample <= sum(f.numel() for f in factors)
+    return 4 * len(xs) * rank * out_dim <= sum(x.shape[1] for x in xs)
 
 
 def _lowrank_forward(
@@ -362,10 +363,12 @@ def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
     """Whether a torch low-rank (or CP) fusion of this size runs whole-batch: small enough
     for the core's rule and at most :data:`WHOLE_BATCH_ROWS` samples, outside
     ``torch.compile`` (which traces the custom ops)."""
+    # the compile test first: the size tests on a traced call's symbolic batch would guard
+    # its graph on them (a recompile per side of each bound, and no dynamic-batch export)
     return (
-        batch <= WHOLE_BATCH_ROWS
+        not torch.compiler.is_compiling()
+        and batch <= WHOLE_BATCH_ROWS
         and _core_fusion.whole_batch(batch, rank, out_dim)
-        and not torch.compiler.is_compiling()
     )
 
 

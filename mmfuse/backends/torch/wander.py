@@ -483,7 +483,8 @@ def wander(
     :data:`WHOLE_BATCH_ROWS` samples run under autograd (the released configuration on
     modalities of one shape as :func:`stacked_adapter`, others the Array-API core); larger
     ones (and every call under ``torch.compile``) the custom ops (:func:`wander_torch`)."""
-    if xs[0].shape[0] <= WHOLE_BATCH_ROWS and not torch.compiler.is_compiling():
+    # (the compile test first: a size test on a traced call's symbolic batch guards its graph)
+    if not torch.compiler.is_compiling() and xs[0].shape[0] <= WHOLE_BATCH_ROWS:
         released = mode == "collapsed" and isinstance(activation, str) and activation == "gelu"
         if released and _stackable(xs, params, masks):
             return stacked_adapter(xs, params, residual == "first")
