@@ -275,7 +275,8 @@ def rounding_correction(torch: Any, x: Any, u: Any) -> Any:
 
 def torch_transformed(*tensors: Any) -> bool:
     """Whether any of the torch tensors is seen by a ``torch.func`` transform (grad, vmap,
-    jvp, ...: a functorch wrapper) or may carry a forward-mode tangent (a
+    jvp, ...: a functorch wrapper) or batched by autograd's own vmap, or may carry a
+    forward-mode tangent (a
     ``torch.autograd.forward_ad.dual_level`` is open).  Neither works with ``out=`` variants,
     custom operators without batching rules, or reuse of intermediate buffers."""
     import torch  # already imported: the arguments are tensors
@@ -287,8 +288,12 @@ def torch_transformed(*tensors: Any) -> bool:
         # it traces the transform depth, which says "inside a transform" for every tensor
         # there (never a wrong False: only the buffer-reusing fast paths are given up)
         return bool(torch._C._functorch.get_dynamic_layer_stack_depth() > 0)
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(wrapped(t) for t in tensors)
+    functorch = torch._C._functorch
+    # (and the legacy batched tensors of autograd's own vmap: is_grads_batched, vectorized
+    # Jacobians, gradcheck's batched-gradient check hand a backward those)
+    return any(
+        functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors
+    )
 
 
 def gelu_torch(x: Any) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..._core import fusion as _core_fusion
+from ..._core.sequence import torch_transformed
 from ..._namespace import block_budget, block_slices
 from .._torch_eager import any_requires_grad, bind, direct
 from ._common import (
@@ -312,7 +313,10 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
     kept = ctx.saved_tensors[-1] if ctx.kept else None
     need_w = bool(need_w) and weights is not None
     needs = [bool(v) for v in (*need_xs, *need_fs, need_w, need_b)]
-    if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiable formulas
+    # a graph of the backward wanted, or a backward under vmap (batched gradients:
+    # is_grads_batched, vectorized Jacobians), where the buffers' in-place writes have no
+    # batching rule: the differentiable, out-of-place formulas
+    if torch.is_grad_enabled() or torch_transformed(grad):
         grads: list[Any] = whole_batch_grads(grad, xs, factors, weights, ctx.append_one, present, needs)
     else:
         grads = _lowrank_backward_call(

@@ -234,7 +234,7 @@ def collapsed_grads(
     need_t = list(needs[2 * n_mod :])
     # With a graph of the backward wanted (double backward) the same formulas run out of place
     # on the whole batch, so autograd can differentiate them; otherwise blocked, into buffers.
-    graph = torch.is_grad_enabled()
+    graph = torch.is_grad_enabled() or _core_sequence.torch_transformed(grad)  # (or under vmap)
     hs = [mask_tokens(_XP, h, k) for h, k in zip(hs, masks)]
     phis = [f.sum(dim=0) for f in feats]  # (r_m, D)
     psis = [t.sum(dim=0) for t in toks]  # (T_m, T_out)
@@ -389,6 +389,28 @@ def _sequence_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> N
     ctx.save_for_backward(*hs, *feats, *toks, *(k for k in masks if k is not None))
 
 
+def _core_grads(
+    grad: torch.Tensor,
+    hs: Sequence[torch.Tensor],
+    feats: Sequence[torch.Tensor],
+    toks: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
+    needs: Sequence[bool],
+) -> list[torch.Tensor | None]:
+    """The gradients (in the order of ``needs``) by autograd through the core's cp-mode
+    fusion, re-run on the saved inputs."""
+    leaves = [t.detach().requires_grad_(need) for t, need in zip([*hs, *feats, *toks], needs)]
+    n_mod = len(hs)
+    with torch.enable_grad():
+        y = _core_sequence.sequence_fusion(
+            leaves[:n_mod], leaves[n_mod : 2 * n_mod], leaves[2 * n_mod :], mode="cp",
+            masks=masks if any(k is not None for k in masks) else None,
+        )  # fmt: skip
+        wanted = [t for t, need in zip(leaves, needs) if need]
+        found = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
+    return [next(found) if need else None for need in needs]
+
+
 def _sequence_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     n_mod = ctx.n_mod
     saved = list(ctx.saved_tensors)
@@ -397,9 +419,15 @@ def _sequence_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     masks = [next(rest) if present else None for present in ctx.mask_at]
     need_h, need_f, need_t = ctx.needs_input_grad[:3]
     needs = [bool(v) for v in (*need_h, *need_f, *need_t)]
-    if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiable formulas
-        grads_of = collapsed_grads if ctx.mode == "collapsed" else _sequence_grads
-        grads: list[Any] = grads_of(grad, hs, feats, toks, masks, needs)
+    if torch.is_grad_enabled() or _core_sequence.torch_transformed(grad):
+        # a graph of the backward wanted, or a backward under vmap (batched gradients): the
+        # differentiable, out-of-place formulas (cp mode's einsums have no batching rule
+        # there: its formulas by the core's autograd, as the fused Wander op does)
+        if ctx.mode == "cp" and not torch.is_grad_enabled():
+            grads: list[Any] = _core_grads(grad, hs, feats, toks, masks, needs)
+        else:
+            grads_of = collapsed_grads if ctx.mode == "collapsed" else _sequence_grads
+            grads = grads_of(grad, hs, feats, toks, masks, needs)
     else:
         grads = _sequence_backward_call(grad.contiguous(), hs, feats, toks, ctx.mode, masks, needs)
         grads = [g if need else None for g, need in zip(grads, needs)]

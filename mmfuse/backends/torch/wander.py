@@ -252,7 +252,9 @@ def _wander_grads(
     rest = iter(saved[5 * n_mod :])
     masks = [next(rest) if present else None for present in mask_at]
     kept = next(rest)
-    if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiate the core
+    # a graph of the backward wanted, or a backward under vmap (batched gradients), where the
+    # opaque backward's buffers have no batching rule: differentiate the core
+    if torch.is_grad_enabled() or _core_sequence.torch_transformed(grad):
         leaves = [t for group, flags in zip(groups, need) for t, f in zip(group, flags) if f]
         params = {"down": list(zip(groups[1], groups[2])), "feature": groups[3], "token": groups[4]}
         with torch.enable_grad():
