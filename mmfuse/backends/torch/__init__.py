@@ -73,21 +73,21 @@ per modality, the forward's cost).  Narrow fusions are the exception: when the M
 take at most a quarter of the inputs' elements (``4 M R h <= sum_m d_m``, e.g. dims (8, 16, 64)
 with R h = 4), the forward also returns them as a second, non-differentiable output and they
 are saved: little memory, and the backward skips the recomputing GEMMs (the narrow case of
-``benchmarks/torch_cpu.py``).  Small batches are the other exception: when the M projections
-hold no more elements than the factors (``M B R h <= sum_m R (d_m + 1) h``, e.g. B = 32 at
-dims (32, 32, 128), R = 16, h = 128), keeping them costs at most the parameters' own size, and
-skipping the recomputation made such a step about 13% faster on the CI machine.  Fusions that
-keep their projections also run forward and backward on the whole batch at once, not in
-cache-sized blocks: every per-row array is (B, R h), small per row (narrow) or few rows (small
-batch), so there is little to keep in cache, while each block costs a dozen op launches.
-Per block the backward forms ``G_m = (g w) * prod_{k != m} P_k`` with prefix and suffix
+``benchmarks/torch_cpu.py``).  (Small batches once kept theirs too, when the M projections
+held no more elements than the factors; but a rule on B gave the op's second output a shape
+that depends on B, which ``torch.export`` of a dynamic batch cannot take, and in eager mode
+small batches run whole-batch without the op.)  Fusions that keep their projections also run
+forward and backward on the whole batch at once, not in cache-sized blocks: every per-row array
+is (B, R h), small per row, so there is little to keep in cache, while each block costs a dozen
+op launches.  Per block the backward forms ``G_m = (g w) * prod_{k != m} P_k`` with prefix and suffix
 products (no division, so exact zeros in a projection are harmless).  Peak extra memory is a
 few (rows, R h) blocks plus the gradients themselves, independent of the batch size.
 
 When a graph of the backward is requested (``create_graph=True``: double backward,
-``gradgradcheck``), the same routine (:func:`.lowrank.lowrank_grads`, ``graph=True``) runs
-its formulas as ordinary differentiable torch operations on the whole batch; that trades
-memory for differentiability and is only done when asked for.
+``gradgradcheck``), or the backward runs under autograd's vmap (batched gradients), the same
+formulas run as ordinary differentiable, out-of-place torch operations on the whole batch
+(:func:`.lowrank.whole_batch_grads`); that trades memory for differentiability and is only
+done when asked for.
 
 float16 / bfloat16 inputs are computed in float32 and the results cast back.
 """
