@@ -322,16 +322,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     # (the reference is the oracle, never itself checked)
     named = [("namespace", ns) for ns in (args.namespaces or [])]
     named += [("backend", b) for b in (wanted or []) if b != "reference"]
-    unchecked = [f"{kind} {name}" for kind, name in dict.fromkeys(named)
-                 if not any(r[kind] == name and r["status"] == "ok" for r in rows)]  # fmt: skip
-    if unchecked or not ran:
-        what = ", ".join(unchecked) if unchecked else "anything"
+    what = _missed(named, rows, lambda r: r["status"] == "ok")
+    if what is not None:
         why = "see the skipped rows above"
         if not ran and wanted and set(wanted) == {"reference"}:
             why += "; the reference is the oracle the others are checked against, never checked itself"
         print(f"mmfuse verify: nothing was checked for {what} ({why})", file=sys.stderr)
         return 1
     return 1 if bad else 0
+
+
+def _missed(
+    named: list[tuple[str, str]], rows: list[dict[str, Any]], done: Callable[[dict[str, Any]], bool]
+) -> str | None:
+    """What a run (``verify``'s checks, ``bench``'s timings) did nothing for: the namespaces
+    and backends named on the command line, as (kind, name), with no row ``done``, or
+    "anything" when no row was done at all; None when something was done for each."""
+    missed = [f"{kind} {name}" for kind, name in dict.fromkeys(named)
+              if not any(r[kind] == name and done(r) for r in rows)]  # fmt: skip
+    if missed:
+        return ", ".join(missed)
+    return None if any(done(r) for r in rows) else "anything"
 
 
 def _installed(namespace: str) -> bool:
@@ -538,10 +549,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # reference`` without --quick, ``--namespaces cupy`` whose rows all skip)
     named = [("namespace", ns) for ns in (args.namespaces or [])]
     named += [("backend", b) for b in (args.backends or [])]
-    untimed = [f"{kind} {name}" for kind, name in dict.fromkeys(named)
-               if not any(r[kind] == name and r["seconds"] for r in results)]  # fmt: skip
-    if untimed or not any(r["seconds"] for r in results):
-        what = ", ".join(untimed) if untimed else "anything"
+    what = _missed(named, results, lambda r: bool(r["seconds"]))
+    if what is not None:
         print(f"mmfuse bench: nothing was timed for {what} (see the lines above)", file=sys.stderr)
         return 1
     return 1 if errors else 0

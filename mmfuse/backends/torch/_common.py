@@ -6,6 +6,7 @@ Public names of a private module: the operator modules of this package use them,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +16,9 @@ __all__ = [
     "LOW_PRECISION",
     "NARROW_WIDTH",
     "affine",
+    "autograd_grads",
     "cast",
+    "column_sums",
     "compute_dtype",
     "flat_factor",
     "flat_rows",
@@ -133,6 +136,24 @@ def store_gram(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: bool)
         torch.mm(x.t(), g, out=acc)
     else:
         acc.addmm_(x.t(), g)
+
+
+def autograd_grads(
+    compute: Callable[[], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+    grad: torch.Tensor,
+) -> list[torch.Tensor | None]:
+    """The gradients of ``compute()``, a function of ``inputs``, for upstream ``grad`` with
+    respect to the inputs flagged in ``needs`` (None for the others), by autograd: a custom
+    op's backward where its own formulas cannot run.  With a graph of the backward wanted
+    (double backward) that graph is recorded; under autograd's vmap (batched gradients)
+    only the values are (the opaque backwards' buffers have no batching rule there)."""
+    graph = torch.is_grad_enabled()
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        found = iter(torch.autograd.grad(compute(), wanted, grad, create_graph=graph, allow_unused=True))
+    return [next(found) if need else None for need in needs]
 
 
 def column_sums(a: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from ..._core import sequence as _core_sequence
 from ..._namespace import block_budget, block_slices, mask_tokens, torch_namespace
 from .._torch_eager import bind, direct
 from ._common import (
+    autograd_grads,
     cast,
     compute_dtype,
     flat_rows,
@@ -389,28 +390,6 @@ def _sequence_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> N
     ctx.save_for_backward(*hs, *feats, *toks, *(k for k in masks if k is not None))
 
 
-def _core_grads(
-    grad: torch.Tensor,
-    hs: Sequence[torch.Tensor],
-    feats: Sequence[torch.Tensor],
-    toks: Sequence[torch.Tensor],
-    masks: Sequence[torch.Tensor | None],
-    needs: Sequence[bool],
-) -> list[torch.Tensor | None]:
-    """The gradients (in the order of ``needs``) by autograd through the core's cp-mode
-    fusion, re-run on the saved inputs."""
-    leaves = [t.detach().requires_grad_(need) for t, need in zip([*hs, *feats, *toks], needs)]
-    n_mod = len(hs)
-    with torch.enable_grad():
-        y = _core_sequence.sequence_fusion(
-            leaves[:n_mod], leaves[n_mod : 2 * n_mod], leaves[2 * n_mod :], mode="cp",
-            masks=masks if any(k is not None for k in masks) else None,
-        )  # fmt: skip
-        wanted = [t for t, need in zip(leaves, needs) if need]
-        found = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
-    return [next(found) if need else None for need in needs]
-
-
 def _sequence_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     n_mod = ctx.n_mod
     saved = list(ctx.saved_tensors)
@@ -424,7 +403,12 @@ def _sequence_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         # differentiable, out-of-place formulas (cp mode's einsums have no batching rule
         # there: its formulas by the core's autograd, as the fused Wander op does)
         if ctx.mode == "cp" and not torch.is_grad_enabled():
-            grads: list[Any] = _core_grads(grad, hs, feats, toks, masks, needs)
+            def core() -> torch.Tensor:
+                return _core_sequence.sequence_fusion(
+                    hs, feats, toks, mode="cp", masks=masks if any(k is not None for k in masks) else None
+                )
+
+            grads: list[Any] = autograd_grads(core, [*hs, *feats, *toks], needs, grad)
         else:
             grads_of = collapsed_grads if ctx.mode == "collapsed" else _sequence_grads
             grads = grads_of(grad, hs, feats, toks, masks, needs)

@@ -39,6 +39,7 @@ from ..._namespace import in_work_dtype, mask_tokens, torch_namespace
 from .._torch_eager import bind, direct
 from ._common import (
     LOW_PRECISION,
+    autograd_grads,
     cast,
     compute_dtype,
     flat_rows,
@@ -255,15 +256,17 @@ def _wander_grads(
     # a graph of the backward wanted, or a backward under vmap (batched gradients), where the
     # opaque backward's buffers have no batching rule: differentiate the core
     if torch.is_grad_enabled() or _core_sequence.torch_transformed(grad):
-        leaves = [t for group, flags in zip(groups, need) for t, f in zip(group, flags) if f]
         params = {"down": list(zip(groups[1], groups[2])), "feature": groups[3], "token": groups[4]}
-        with torch.enable_grad():
-            y = _core_sequence.wander(
+
+        def core() -> torch.Tensor:
+            return _core_sequence.wander(
                 groups[0], params, mode="collapsed", masks=masks if any(mask_at) else None,
                 activation="gelu", residual="first" if residual else "none",
             )  # fmt: skip
-            found = iter(torch.autograd.grad(y, leaves, grad, create_graph=True, allow_unused=True))
-        return [[next(found) if f else None for f in flags] for flags in need]
+
+        flags = [f for group_flags in need for f in group_flags]
+        found = autograd_grads(core, [t for group in groups for t in group], flags, grad)
+        return [found[i * n_mod : (i + 1) * n_mod] for i in range(5)]
     flat = _wander_backward_call(
         grad.contiguous(), groups[0], groups[1], groups[3], groups[4], masks, residual, kept,
         [f for flags in need for f in flags],
