@@ -327,3 +327,46 @@ def test_gelu_of_huge_positive_inputs_is_the_input(path, monkeypatch):
     want = x * np.array([1.0, 1.0, 1.0, 0.5 * math.erfc(-3.0 / math.sqrt(2.0))])
     got = _gelu_on_path(path, x, monkeypatch)
     np.testing.assert_allclose(got, want, rtol=4e-16, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(3, 50, 16), (1, 7, 5), (2, 200, 64)])
+def test_torch_gelu_on_small_cpu_tensors_takes_the_transposed_view(dtype, shape):
+    """Small contiguous CPU tensors reach ATen's GELU kernels as a transposed view (oneDNN's
+    fixed cost avoided; ``aten_gelu_view``): the values, the gradient (autograd's and the
+    Wander op's own backward) and the layouts are those of the exact GELU."""
+    torch = pytest.importorskip("torch")
+    from mmfuse._core.sequence import aten_gelu_view, gelu_torch
+    from mmfuse.backends.torch.wander import _gelu_backward
+
+    gen = torch.Generator().manual_seed(2026_12_04)
+    dt = getattr(torch, dtype)
+    x = (3.0 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dt).requires_grad_()
+    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dt)
+    assert aten_gelu_view(x) == (math.prod(shape) < 1 << 14)
+    y = gelu_torch(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    x64 = x.detach().double()
+    cdf = 0.5 * torch.special.erfc(-x64 / math.sqrt(2.0))
+    want = x64 * cdf
+    want_dx = g.double() * (cdf + x64 * torch.exp(-0.5 * x64 * x64) / math.sqrt(2.0 * math.pi))
+    # a few ulps of |x| (the kernels compute in float32; bfloat16 rounds once at the end)
+    ulp = 2.0**-23 if dtype == "float32" else 2.0**-8
+    assert y.dtype == dt and y.is_contiguous() and dx.is_contiguous()
+    assert torch.all((y.double() - want).abs() <= 4 * ulp * (x64.abs() + want.abs()))
+    scale = (g.double().abs() * (1 + x64.abs()))
+    assert torch.all((dx.double() - want_dx).abs() <= 8 * ulp * scale)
+    own = _gelu_backward(g, x.detach())
+    assert own.is_contiguous() and torch.equal(own, dx)
+
+
+def test_aten_gelu_view_rules():
+    torch = pytest.importorskip("torch")
+    from mmfuse._core.sequence import aten_gelu_view
+
+    assert aten_gelu_view(torch.ones(4, 5))
+    assert not aten_gelu_view(torch.ones(20))  # no transposed view of one axis
+    assert not aten_gelu_view(torch.ones(20, 1))  # its view would count as contiguous
+    assert not aten_gelu_view(torch.ones(5, 4).mT)  # already ATen's own kernel
+    assert not aten_gelu_view(torch.ones(128, 128))  # oneDNN's is faster from 16384 elements
+    assert not aten_gelu_view(torch.ones(4, 5, device="meta"))

@@ -39,6 +39,7 @@ __all__ = [
     "SQRT1_2",
     "SequencePlan",
     "activation_fn",
+    "aten_gelu_view",
     "erf",
     "erfc_abs",
     "gelu",
@@ -296,6 +297,31 @@ def torch_transformed(*tensors: Any) -> bool:
     )
 
 
+# ATen runs the exact GELU and its derivative through oneDNN for contiguous float32 and bfloat16
+# CPU tensors, at a fixed cost per call (primitive set-up: about 9 us forward and 17 us
+# backward, on this project's 2-core Intel machine, whatever the size) that its own
+# vectorised kernel, which it takes for every other layout, does not pay: on a transposed view
+# the pair runs 2.5-4x faster up to 4096 elements, 1.7x at 8192, and about even at 16384, above
+# which oneDNN wins (benchmarks/RESULTS.md, twenty-second session).  The same formula either
+# way (the two agree within an ulp or two of float32).
+_ONEDNN_GELU_MIN = 1 << 14
+
+
+def aten_gelu_view(x: Any) -> bool:
+    """Whether ``x`` (a tensor) should reach ATen's GELU kernels as its transposed view
+    ``x.mT`` (small contiguous CPU tensors: ATen's own kernel instead of oneDNN's, see
+    ``_ONEDNN_GELU_MIN``).  Never under ``torch.compile``, which generates its own kernel."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() >= 2
+        and x.shape[-1] > 1
+        and x.shape[-2] > 1
+        and x.numel() < _ONEDNN_GELU_MIN
+        and x.is_contiguous()
+        and not sys.modules["torch"].compiler.is_compiling()
+    )
+
+
 def gelu_torch(x: Any) -> Any:
     """Torch path of :func:`gelu`.
 
@@ -305,7 +331,8 @@ def gelu_torch(x: Any) -> Any:
     the lower tail (relative error 1e-2 already at x = -7 in float64).
 
     float32 and half precisions: ``torch.nn.functional.gelu`` itself (the exact erf GELU, not
-    the tanh form; vectorised, 2-3x faster than the erfc form on CPU).  Its error is within
+    the tanh form; vectorised, 2-3x faster than the erfc form on CPU), on small CPU tensors
+    through a transposed view (:func:`aten_gelu_view`).  Its error is within
     a few float32 ulps of |x| absolutely (4.2 at most on [-10, 10], against mpmath), about
     float32's own resolution of the pre-activation; only its relative error far in the lower
     tail (where GELU ~ 0) is loose.
@@ -315,6 +342,8 @@ def gelu_torch(x: Any) -> Any:
     """
     torch = sys.modules["torch"]  # x is a tensor (a lookup: an import statement costs 0.2 us)
     if x.dtype != torch.float64:
+        if aten_gelu_view(x):  # (its saved input is that view too: the backward's kernel follows)
+            return torch.nn.functional.gelu(x.mT).mT
         return torch.nn.functional.gelu(x)
     u = x * (-SQRT1_2)
     corr = rounding_correction(torch, x, u)

@@ -107,6 +107,8 @@ def _gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     accurate normal CDF (erfc with the argument's rounding corrected, as in its forward);
     other dtypes torch's own exact-GELU derivative."""
     if pre.dtype != torch.float64:
+        if _core_sequence.aten_gelu_view(pre):  # (as the forward: ATen's kernel, not oneDNN's)
+            return torch.ops.aten.gelu_backward(grad.mT, pre.mT).mT
         return torch.ops.aten.gelu_backward(grad, pre)
     u = pre * (-_core_sequence.SQRT1_2)
     cdf = torch.special.erfc(u).mul_(_core_sequence.rounding_correction(torch, pre, u)).mul_(0.5)
