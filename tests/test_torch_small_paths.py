@@ -182,6 +182,9 @@ def _spy_stacked(monkeypatch):
     (3, (3, 3, 3), "first", False, False, 8),
     (1, (4, 4), "none", True, False, None),
     (2, (4, 4, 4), "first", True, True, None),
+    # one sample: the token contraction as a bmm (both orders)
+    (1, (3, 3, 3), "first", False, False, 8),
+    (1, (5, 5, 5), "first", True, False, None),
 ])  # fmt: skip
 def test_wander_collapsed_paths_match_autograd_through_the_core(
     rng, monkeypatch, path, batch, lengths, residual, with_bias, with_masks, n_out
