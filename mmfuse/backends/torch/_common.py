@@ -156,21 +156,32 @@ def autograd_grads(
     return [next(found) if need else None for need in needs]
 
 
-def column_sums(a: torch.Tensor) -> torch.Tensor:
-    """``a.sum(dim=0)`` of a (n, W) tensor.  On the CPU a contiguous narrow one (W < 64)
-    whose row count is a multiple of k = 64 // W is summed as its (n / k, k W) view (k rows
-    side by side) and then the k partial rows: torch reduces the rows of a narrow matrix
-    element by element, 5x slower (52 against 11 us at (65536, 4)).  Other summation order,
-    same sum to rounding.  Under ``torch.compile`` the plain sum (measured in eager mode
-    only; and with dynamic shapes the test of ``n % k`` would guard the graph on the row
-    count, a recompile per remainder)."""
+def _folded(a: torch.Tensor) -> torch.Tensor | None:
+    """A contiguous narrow (n, W) CPU tensor (W < 64) as its (n / k, k W) view with
+    k = 64 // W (k rows side by side), or None where there is none (other devices, under
+    ``torch.compile``, wide or strided tensors, n not a multiple of k).  torch runs
+    row-broadcast and column reductions over a narrow matrix element by element, several times
+    slower than over this view.  (Under ``torch.compile`` None: measured in eager mode only,
+    and with dynamic shapes the test of ``n % k`` would guard the graph on the row count, a
+    recompile per remainder.)"""
     n, width = a.shape
     if a.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < width < 64:
-        return a.sum(dim=0)
+        return None
     k = 64 // width
     if k == 1 or n % k or not a.is_contiguous():
+        return None
+    return a.view(n // k, k * width)
+
+
+def column_sums(a: torch.Tensor) -> torch.Tensor:
+    """``a.sum(dim=0)`` of a (n, W) tensor.  A narrow CPU one is summed over its folded view
+    (:func:`_folded`), then the k partial rows: torch reduces the rows of a narrow matrix
+    element by element, 5x slower (52 against 11 us at (65536, 4)).  Other summation order,
+    same sum to rounding."""
+    folded = _folded(a)
+    if folded is None:
         return a.sum(dim=0)
-    return a.view(n // k, k * width).sum(dim=0).view(k, width).sum(dim=0)
+    return folded.sum(dim=0).view(-1, a.shape[1]).sum(dim=0)
 
 
 # Fewest rows per chunk of gram's batched GEMM.
