@@ -585,6 +585,23 @@ def test_column_sums_equal_the_plain_sum(rows, width):
     assert_close(tbc.column_sums(a.float()), a.sum(dim=0), xp=torch, dtype=torch.float32)
 
 
+@pytest.mark.parametrize(("rows", "dim", "width"), [(4096, 8, 4), (1000, 16, 4), (960, 5, 3), (640, 7, 8), (300, 9, 16), (64, 3, 1)])
+@pytest.mark.parametrize("append_one", [True, False])
+def test_project_into_is_the_affine_projection(rows, dim, width, append_one):
+    """project_into: the constant row added over the output's folded view after the GEMM
+    (narrow widths, rows a multiple of the fold), else addmm's bias; into a slice of a
+    larger buffer too (a kept projection's row)."""
+    g = torch.Generator().manual_seed(rows * 1000 + dim * 10 + width)
+    x = torch.randn(rows, dim, generator=g, dtype=torch.float64)
+    mat = torch.randn(dim + append_one, width, generator=g, dtype=torch.float64)
+    want = (torch.cat([x, torch.ones(rows, 1, dtype=x.dtype)], 1) if append_one else x) @ mat
+    for dtype, tol in ((torch.float64, {"rtol": 1e-12}), (torch.float32, {"xp": torch, "dtype": torch.float32})):
+        kept = torch.full((2, rows, width), float("nan"), dtype=dtype)
+        tbc.project_into(kept[1], x.to(dtype), mat.to(dtype), append_one)
+        assert_close(kept[1], want, **tol)
+        assert torch.isnan(kept[0]).all()
+
+
 def test_column_sums_under_dynamic_compile_do_not_guard_on_the_row_count():
     """With symbolic shapes column_sums takes the plain sum: its fold's ``n % k`` test
     guarded the graph on the row count's remainder, a recompile per remainder (the CP op's

@@ -86,12 +86,28 @@ def masked_rows(x: torch.Tensor, present: torch.Tensor | None, m: int, blk: slic
 
 
 def project_into(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, append_one: bool) -> None:
-    """``out = [x, 1] @ mat`` (``x @ mat`` without the constant), written into ``out``."""
-    if append_one:
-        d = x.shape[1]
-        torch.addmm(mat[d], x, mat[:d], out=out)
-    else:
+    """``out = [x, 1] @ mat`` (``x @ mat`` without the constant), written into ``out``.
+
+    The constant row is ``addmm``'s bias, except for narrow outputs on the CPU (2 to 8
+    columns): there MKL's GEMM with an accumulated output (beta = 1) ran about 200 us slower
+    than without at (65536, 8 or 16) x (., 4), against the 30 us of adding the row over the
+    output's folded view (:func:`_folded`) after a plain ``mm`` (the same sums: the row is
+    added last either way).  At d = 64 the two were even; at 16 columns ``addmm`` was faster.
+    """
+    if not append_one:
         torch.mm(x, mat, out=out)
+        return
+    d = x.shape[1]
+    folded = _folded(out) if out.shape[1] <= _ROW_ADD_WIDTH else None
+    if folded is None:
+        torch.addmm(mat[d], x, mat[:d], out=out)
+        return
+    torch.mm(x, mat[:d], out=out)
+    folded.add_(mat[d].repeat(folded.shape[1] // out.shape[1]))
+
+
+# Widest output whose constant row project_into adds after the GEMM.
+_ROW_ADD_WIDTH = 8
 
 
 def gram(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
