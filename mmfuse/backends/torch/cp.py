@@ -18,6 +18,7 @@ from ._common import (
     compute_dtype,
     load_fusion_inputs,
     masked_rows,
+    project_into,
     save_fusion_inputs,
 )
 from .lowrank import whole_batch
@@ -49,10 +50,14 @@ def _cp_forward(
     cdt = compute_dtype(dtype)
     xs = [cast(x, cdt) for x in xs]
     factors = [cast(f, cdt) for f in factors]
-    _, proj = _cp_parts(xs, weights, factors, append_one, present)
-    prod = proj[0].clone() if len(proj) == 1 else proj[0] * proj[1]
-    for p in proj[2:]:
-        prod.mul_(p)
+    # the projections into buffers (project_into: the fast narrow CPU form of [x, 1] A)
+    batch, rank = xs[0].shape[0], factors[-1].shape[1]
+    prod = torch.empty((batch, rank), dtype=cdt, device=xs[0].device)
+    proj = torch.empty_like(prod) if len(xs) > 1 else prod
+    for m, (x, a) in enumerate(zip(xs, factors[:-1])):
+        project_into(prod if m == 0 else proj, masked_rows(x, present, m, slice(None)), a, append_one)
+        if m:
+            prod.mul_(proj)
     if weights is not None:
         prod.mul_(cast(weights, cdt))
     out = prod @ factors[-1].t()
