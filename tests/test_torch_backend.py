@@ -615,10 +615,12 @@ def test_column_sums_under_dynamic_compile_do_not_guard_on_the_row_count():
 
 
 @pytest.mark.parametrize("with_weights", [False, True])
-@pytest.mark.parametrize(("batch", "out_dim"), [(1024, 1), (1024, 2), (1000, 1)])
+@pytest.mark.parametrize(("batch", "out_dim"), [(1024, 1), (1024, 2), (1000, 1), (5000, 1), (4096, 16)])
 def test_cp_op_of_a_long_batch_matches_core(with_weights, batch, out_dim):
     """The CP op's backward takes its column sums (weights, constant rows, bias) folded at
-    1024 rows (a multiple of the fold) and plainly at 1000."""
+    1024 rows (a multiple of the fold) and plainly at 1000; its factor gradients through
+    gram's chunked product from 4096 rows (5000: a ragged last chunk), the output factor's
+    with g first (h <= R) or the projections first (h = 16 > R)."""
     p = {"dims": [8, 16, 64], "batch": batch, "rank": 4, "out_dim": out_dim, "append_one": True,
          "with_present": False, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
     xs, cp, bias, _present, upstream = _cp_inputs(p)

@@ -16,6 +16,7 @@ from ._common import (
     cast,
     column_sums,
     compute_dtype,
+    gram,
     load_fusion_inputs,
     masked_rows,
     project_into,
@@ -101,7 +102,10 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     last = prefix[n_mod - 1]
     full = proj[n_mod - 1] if last is None else last * proj[n_mod - 1]
     grad_w = column_sums(gp * full) if (need_w and w is not None) else None
-    grad_c = g.t() @ (full if w is None else full * w) if need_fs[-1] else None
+    grad_c = None
+    if need_fs[-1]:  # g^T (w * full), (h, R): gram with the narrower of the two first
+        fw = full if w is None else full * w
+        grad_c = gram(g, fw) if g.shape[1] <= fw.shape[1] else gram(fw, g).t()
     run = gp if w is None else gp * w
     grad_xs: list[torch.Tensor | None] = [None] * n_mod
     grad_as: list[torch.Tensor | None] = [None] * n_mod
@@ -116,7 +120,7 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
                 gx = torch.where(present[:, m : m + 1], gx, torch.zeros((), dtype=cdt, device=gx.device))
             grad_xs[m] = cast(gx, dtype)
         if need_fs[m]:
-            ga = feats[m].t() @ gm
+            ga = gram(gm, feats[m]).t()  # x_m^T G_m, reduced over the batch
             if ctx.append_one:
                 ga = torch.cat([ga, column_sums(gm).unsqueeze(0)], dim=0)
             grad_as[m] = cast(ga, dtype)
