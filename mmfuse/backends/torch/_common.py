@@ -103,7 +103,7 @@ def project_into(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, append_o
         torch.addmm(mat[d], x, mat[:d], out=out)
         return
     torch.mm(x, mat[:d], out=out)
-    folded.add_(mat[d].repeat(folded.shape[1] // out.shape[1]))
+    folded.add_(mat[d].expand(folded.shape[1] // out.shape[1], -1).reshape(-1))
 
 
 # Widest output whose constant row project_into adds after the GEMM.
