@@ -632,6 +632,23 @@ def test_cp_op_of_a_long_batch_matches_core(with_weights, batch, out_dim):
         assert_close(g, c, rtol=1e-10)
 
 
+@pytest.mark.parametrize("append_one", [True, False])
+@pytest.mark.parametrize("out_dim", [2, 20])
+def test_cp_op_gradients_are_contiguous(append_one, out_dim):
+    """The CP op's gradients come back in their inputs' (contiguous) layout from
+    ``autograd.grad`` too (where no parameter's layout is copied into): gram's transposed
+    products were handed out as views (found by review)."""
+    gen = torch.Generator().manual_seed(2026_12_04 + out_dim)
+    xs = [torch.randn(300, d, generator=gen, requires_grad=True) for d in (8, 16)]
+    extra = int(append_one)
+    fs = [torch.randn(d + extra, 4, generator=gen, requires_grad=True) for d in (8, 16)]
+    fs.append(torch.randn(out_dim, 4, generator=gen, requires_grad=True))
+    w = torch.randn(4, generator=gen, requires_grad=True)
+    y = mmfuse.cp_fusion(xs, (w, fs), append_one=append_one, backend="torch")
+    grads = torch.autograd.grad(y.sum(), [*xs, *fs, w])
+    assert all(g.is_contiguous() for g in grads)
+
+
 @pytest.mark.parametrize("with_weights", [False, True])
 @pytest.mark.parametrize("out_dim", [1, 2])
 def test_narrow_fusion_of_a_long_batch_matches_core(with_weights, out_dim):

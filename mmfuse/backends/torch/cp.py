@@ -105,7 +105,7 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     grad_c = None
     if need_fs[-1]:  # g^T (w * full), (h, R): gram with the narrower of the two first
         fw = full if w is None else full * w
-        grad_c = gram(g, fw) if g.shape[1] <= fw.shape[1] else gram(fw, g).t()
+        grad_c = gram(g, fw) if g.shape[1] <= fw.shape[1] else gram(fw, g).t().contiguous()
     run = gp if w is None else gp * w
     grad_xs: list[torch.Tensor | None] = [None] * n_mod
     grad_as: list[torch.Tensor | None] = [None] * n_mod
@@ -121,8 +121,8 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
             grad_xs[m] = cast(gx, dtype)
         if need_fs[m]:
             ga = gram(gm, feats[m]).t()  # x_m^T G_m, reduced over the batch
-            if ctx.append_one:
-                ga = torch.cat([ga, column_sums(gm).unsqueeze(0)], dim=0)
+            # (contiguous, as the factor: a caller of autograd.grad may view it)
+            ga = torch.cat([ga, column_sums(gm).unsqueeze(0)], dim=0) if ctx.append_one else ga.contiguous()
             grad_as[m] = cast(ga, dtype)
         if m:
             run = run * proj[m]
