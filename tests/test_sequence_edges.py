@@ -370,3 +370,19 @@ def test_aten_gelu_view_rules():
     assert not aten_gelu_view(torch.ones(5, 4).mT)  # already ATen's own kernel
     assert not aten_gelu_view(torch.ones(128, 128))  # oneDNN's is faster from 16384 elements
     assert not aten_gelu_view(torch.ones(4, 5, device="meta"))
+
+
+def test_torch_gelu_under_dynamic_compile_does_not_guard_on_the_size():
+    """Under ``torch.compile`` the GELU takes no size rule (``aten_gelu_view`` tests compiling
+    first): a size test on a symbolic shape would guard the graph on it, a recompile where a
+    growing batch crosses it."""
+    torch = pytest.importorskip("torch")
+    from mmfuse._core.sequence import gelu_torch
+
+    torch._dynamo.reset()
+    compiled = torch.compile(gelu_torch, dynamic=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (2, 40, 3):  # 1600, 32000 and 2400 elements: across the 16384 rule
+            x = torch.randn(batch, 50, 16)
+            torch.testing.assert_close(compiled(x), torch.nn.functional.gelu(x))
+    torch._dynamo.reset()

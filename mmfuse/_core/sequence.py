@@ -311,14 +311,15 @@ def aten_gelu_view(x: Any) -> bool:
     """Whether ``x`` (a tensor) should reach ATen's GELU kernels as its transposed view
     ``x.mT`` (small contiguous CPU tensors: ATen's own kernel instead of oneDNN's, see
     ``_ONEDNN_GELU_MIN``).  Never under ``torch.compile``, which generates its own kernel."""
+    # the compile test first: a size test on a traced call's symbolic shape guards its graph
     return (
-        x.device.type == "cpu"
+        not sys.modules["torch"].compiler.is_compiling()
+        and x.device.type == "cpu"
         and x.dim() >= 2
         and x.shape[-1] > 1
         and x.shape[-2] > 1
         and x.numel() < _ONEDNN_GELU_MIN
         and x.is_contiguous()
-        and not sys.modules["torch"].compiler.is_compiling()
     )
 
 
