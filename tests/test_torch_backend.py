@@ -632,6 +632,28 @@ def test_cp_op_of_a_long_batch_matches_core(with_weights, batch, out_dim):
         assert_close(g, c, rtol=1e-10)
 
 
+@pytest.mark.parametrize("rank", [4, 16])
+def test_cp_op_double_backward_of_a_long_batch_matches_core(rank):
+    """The CP op's differentiable backward at 4096 rows: its recomputed projections (R = 4: the
+    constant row over the folded view; R = 16: addmm) and gram's chunked factor gradients,
+    differentiated again, against autograd through the core (float64)."""
+    gen = torch.Generator().manual_seed(2026_12_04 + rank)
+    dims = (8, 16, 64)
+    base = [torch.randn(4096, d, generator=gen, dtype=torch.float64) for d in dims]
+    base += [torch.randn(d + 1, rank, generator=gen, dtype=torch.float64) / (d + 1) ** 0.5 for d in dims]
+    base += [torch.randn(3, rank, generator=gen, dtype=torch.float64), torch.randn(rank, generator=gen, dtype=torch.float64)]
+    results = []
+    for backend in ("torch", "array_api"):
+        leaves = [t.clone().requires_grad_() for t in base]
+        xs, fs, w = leaves[:3], leaves[3:7], leaves[7]
+        y = mmfuse.cp_fusion(xs, (w, fs), backend=backend)
+        grads = torch.autograd.grad((y * y).sum(), leaves, create_graph=True)
+        total = sum((g * g).sum() for g in grads)
+        results.append(torch.autograd.grad(total, leaves[3:]))
+    for a, b in zip(*results):
+        assert_close(a, b, rtol=1e-10)
+
+
 @pytest.mark.parametrize("append_one", [True, False])
 @pytest.mark.parametrize("out_dim", [2, 20])
 def test_cp_op_gradients_are_contiguous(append_one, out_dim):

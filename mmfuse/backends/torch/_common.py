@@ -103,11 +103,17 @@ def project_into(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, append_o
         torch.addmm(mat[d], x, mat[:d], out=out)
         return
     torch.mm(x, mat[:d], out=out)
-    folded.add_(mat[d].expand(folded.shape[1] // out.shape[1], -1).reshape(-1))
+    folded.add_(_tiled(mat[d], folded.shape[1]))
 
 
-# Widest output whose constant row project_into adds after the GEMM.
+# Widest output whose constant row project_into and affine add after the GEMM.
 _ROW_ADD_WIDTH = 8
+
+
+def _tiled(row: torch.Tensor, width: int) -> torch.Tensor:
+    """``row`` repeated to ``width`` elements (a folded view's row; expand and reshape:
+    2.7 us where ``repeat`` took 6.2)."""
+    return row.expand(width // row.shape[0], -1).reshape(-1)
 
 
 def gram(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -210,10 +216,20 @@ _GRAM_CHUNK_ROWS = 2048
 
 
 def affine(x: torch.Tensor, mat: torch.Tensor, append_one: bool) -> torch.Tensor:
+    """``[x, 1] @ mat`` (``x @ mat`` without the constant) for a (n, d) ``x``, out of place
+    and differentiable: :func:`project_into`'s rule for a backward that recomputes its
+    projections (narrow CPU outputs: ``mm``, then the constant row over the folded view, a
+    broadcast add where there is none; wider ones: ``addmm``)."""
     if not append_one:
         return x @ mat
-    d = x.shape[-1]
-    return x @ mat[..., :d, :] + mat[..., d : d + 1, :]
+    d = x.shape[1]
+    if mat.shape[1] > _ROW_ADD_WIDTH:
+        return torch.addmm(mat[d], x, mat[:d])
+    y = x @ mat[:d]
+    folded = _folded(y)
+    if folded is None:
+        return y + mat[d]
+    return (folded + _tiled(mat[d], folded.shape[1])).view(y.shape)
 
 
 def save_fusion_inputs(
