@@ -71,3 +71,27 @@ def released_wander(layer):
             return fusion + original[:, : fusion.shape[1], :]
 
     return ReleasedWander()
+
+
+def cp_layer(layer):
+    """The ``cp-layer`` baseline: CP fusion written plainly (the constant appended, one matmul
+    per modality into (B, R), the product, the weights, the output factor, the bias; autograd
+    for the backward, which keeps the projections), parameters copied from the mmfuse
+    ``CPFusion`` ``layer``."""
+    import torch
+
+    class CPLayer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.factors = torch.nn.ParameterList([torch.nn.Parameter(f.detach().clone()) for f in layer.factors])
+            self.weights = torch.nn.Parameter(layer.weights.detach().clone())
+            self.bias = torch.nn.Parameter(layer.bias.detach().clone())
+
+        def forward(self, inputs):
+            prod = None
+            for x, a in zip(inputs, self.factors[:-1]):
+                proj = x @ a[:-1] + a[-1]  # [x, 1] A_m
+                prod = proj if prod is None else prod * proj
+            return (prod * self.weights) @ self.factors[-1].t() + self.bias
+
+    return CPLayer()

@@ -30,6 +30,11 @@ inputs and all parameters:
   + ``F.gelu`` per modality, rank sums of the factors inside forward, ``(x @ wd).permute @
   wt``, product, permute, residual; autograd for the backward.
 
+CPFusion (not among issue 5's or 19's targets) at the narrow sizes, B = 65536, (8, 16, 64), h 1,
+R = 4 and 16: ``mmfuse-layer`` (the ``mmfuse::cp_fusion`` custom op: its backward recomputes
+the projections), ``mmfuse-core`` and ``cp-layer``, CP fusion written plainly (one matmul per
+modality, the product, the output factor; autograd keeps the projections).
+
 Small batches: the same layers at B = 32 (no target; what a training step of typical size
 costs, where per-call overhead rather than memory traffic decides).  Timed only.
 
@@ -51,7 +56,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _baselines import lmf_layer, released_wander
+from _baselines import cp_layer, lmf_layer, released_wander
 from _harness import (
     arg_parser,
     machine,
@@ -74,8 +79,14 @@ WANDER_CASES = {
     "wander-MOSI-B256-T50,50,50-d40-r16-Rh8-Rt12": (256, (50, 50, 50), 40, 16, 8, 12),
     "wander-MOSI-B32-T50,50,50-d40-r16-Rh8-Rt12": (32, (50, 50, 50), 40, 16, 8, 12),
 }
+# CPFusion: (B, dims, h, R)
+CP_CASES = {
+    "cp-B65536-d8,16,64-h1-R4": (65536, (8, 16, 64), 1, 4),
+    "cp-B65536-d8,16,64-h1-R16": (65536, (8, 16, 64), 1, 16),
+}
 SMALL_BATCH = {case for case, shape in (*CASES.items(), *WANDER_CASES.items()) if shape[0] == 32}
-BASELINE = {**dict.fromkeys(CASES, "lmf-layer"), **dict.fromkeys(WANDER_CASES, "released-layer")}
+BASELINE = {**dict.fromkeys(CASES, "lmf-layer"), **dict.fromkeys(WANDER_CASES, "released-layer"),
+            **dict.fromkeys(CP_CASES, "cp-layer")}  # fmt: skip
 
 
 def setup_wander(case: str, device: str = "cpu") -> dict[str, object]:
@@ -146,14 +157,17 @@ def setup(case: str, device: str = "cpu") -> dict[str, object]:
         return setup_wander(case, device)
 
     import mmfuse
-    from mmfuse.nn import LowRankFusion
+    from mmfuse.nn import CPFusion, LowRankFusion
 
-    batch, dims, out_dim, rank = CASES[case]
+    batch, dims, out_dim, rank = CASES[case] if case in CASES else CP_CASES[case]
     torch.manual_seed(20261122)
     xs = [torch.randn(batch, d, device=device, requires_grad=True) for d in dims]
-    layer = LowRankFusion(dims, out_dim, rank, device=device)
-
-    lmf = lmf_layer(layer)
+    if case in CP_CASES:
+        layer = CPFusion(dims, out_dim, rank, device=device)
+        baseline = ("cp-layer", cp_layer(layer))
+    else:
+        layer = LowRankFusion(dims, out_dim, rank, device=device)
+        baseline = ("lmf-layer", lmf_layer(layer))
 
     def step(module, **kw):
         def run():
@@ -172,7 +186,7 @@ def setup(case: str, device: str = "cpu") -> dict[str, object]:
     return {
         "mmfuse-layer": step(layer),
         "mmfuse-core": step(layer, backend="array_api"),
-        "lmf-layer": step(lmf),
+        baseline[0]: step(baseline[1]),
     }
 
 
@@ -196,7 +210,7 @@ def main() -> None:
 
     print(f"machine: {machine()}; torch {torch.__version__}, threads {torch.get_num_threads()}")
     rows, results = [], []
-    for case in (*CASES, *WANDER_CASES):
+    for case in (*CASES, *WANDER_CASES, *CP_CASES):
         base = BASELINE[case]
         cands = setup(case)
         err = check(cands, base)
@@ -225,7 +239,7 @@ def main() -> None:
                             "peak_mib": mem.get(name), "saved_mib": saved.get(name),
                             "rel_err_vs_baseline": err})  # fmt: skip
         print(f"{case}: max rel. error of mmfuse vs {base} output {err:.1e}")
-    print("base = lmf-layer (LowRankFusion cases), released-layer (WanderAdapter case)")
+    print("base = lmf-layer (LowRankFusion cases), released-layer (WanderAdapter cases), cp-layer (CPFusion cases)")
     print_table(rows, ["case", "candidate", "fwd+bwd ms", "base/this time", "ratio p10-p90", "peak MiB", "this/base mem",
                        "saved MiB", "this/base saved"])  # fmt: skip
     if args.json:
