@@ -174,3 +174,4 @@ def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     except ImportError:  # no torch: nothing else to pin
         return
     monkeypatch.setattr(torch_wander, "WHOLE_BATCH_ROWS", -1)
+    monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.cp"), "AUTOGRAD_ON_CPU", False)

@@ -446,6 +446,24 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize(("dims", "rank", "takes_op"), [((8, 16, 64), 16, False), ((8, 16, 64), 4, False), ((3, 5), 8, True)])
+def test_large_cpu_cp_fusion_runs_the_core_where_its_projections_are_no_larger(dims, rank, takes_op):
+    """A CP fusion above the whole-batch size on the CPU runs as the core under autograd where
+    its projections (M R per sample, which autograd keeps) are no more than its inputs
+    (sum d_m): measured faster than the custom op there at the same memory; else the op."""
+    p = {"dims": list(dims), "batch": 1000, "rank": rank, "out_dim": 3, "append_one": True,
+         "with_present": False, "with_weights": True, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
+    xs, cp, bias, _present, upstream = _cp_inputs(p)
+    with _OpLog() as log:
+        out = mmfuse.cp_fusion(xs, cp, bias, backend="torch")
+    assert ("mmfuse.cp_fusion.default" in log.ops) == takes_op
+    core = mmfuse.cp_fusion(xs, cp, bias, backend="array_api")
+    assert_close(out, core, rtol=1e-12)
+    leaves = [*xs, *cp[1], cp[0], bias]
+    for g, c in zip(_grads(out, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
 @pytest.mark.parametrize("op", ["lowrank_fusion", "cp_fusion"])
 def test_auto_runs_the_custom_op(op, blocked_paths):
     p = _small(True, False, seed=7)
@@ -616,7 +634,7 @@ def test_column_sums_under_dynamic_compile_do_not_guard_on_the_row_count():
 
 @pytest.mark.parametrize("with_weights", [False, True])
 @pytest.mark.parametrize(("batch", "out_dim"), [(1024, 1), (1024, 2), (1000, 1), (5000, 1), (4096, 16)])
-def test_cp_op_of_a_long_batch_matches_core(with_weights, batch, out_dim):
+def test_cp_op_of_a_long_batch_matches_core(with_weights, batch, out_dim, blocked_paths):
     """The CP op's backward takes its column sums (weights, constant rows, bias) folded at
     1024 rows (a multiple of the fold) and plainly at 1000; its factor gradients through
     gram's chunked product from 4096 rows (5000: a ragged last chunk), the output factor's
@@ -633,7 +651,7 @@ def test_cp_op_of_a_long_batch_matches_core(with_weights, batch, out_dim):
 
 
 @pytest.mark.parametrize("rank", [4, 16])
-def test_cp_op_double_backward_of_a_long_batch_matches_core(rank):
+def test_cp_op_double_backward_of_a_long_batch_matches_core(rank, blocked_paths):
     """The CP op's differentiable backward at 4096 rows: its recomputed projections (R = 4: the
     constant row over the folded view; R = 16: addmm) and gram's chunked factor gradients,
     differentiated again, against autograd through the core (float64)."""
@@ -656,7 +674,7 @@ def test_cp_op_double_backward_of_a_long_batch_matches_core(rank):
 
 @pytest.mark.parametrize("append_one", [True, False])
 @pytest.mark.parametrize("out_dim", [2, 20])
-def test_cp_op_gradients_are_contiguous(append_one, out_dim):
+def test_cp_op_gradients_are_contiguous(append_one, out_dim, blocked_paths):
     """The CP op's gradients come back in their inputs' (contiguous) layout from
     ``autograd.grad`` too (where no parameter's layout is copied into): gram's transposed
     products were handed out as views (found by review)."""

@@ -147,6 +147,29 @@ _cp_eager = bind("_CPFusion", torch.ops.mmfuse.cp_fusion, _cp_setup_context, _cp
 
 
 
+# Whether large eager CPU fusions may run as the core under autograd (_autograd_on_cpu);
+# tests of the custom op on the CPU turn it off (tests/conftest.py, blocked_paths).
+AUTOGRAD_ON_CPU = True
+
+
+def _autograd_on_cpu(xs: Sequence[Any], rank: int) -> bool:
+    """Whether a CP fusion too large for :func:`.lowrank.whole_batch` still runs as the core
+    under autograd: eagerly on the CPU, where autograd's saved projections (M R numbers per
+    sample) are no more than the inputs the custom op saves (sum d_m).  Measured on the
+    2-core CI machine (``benchmarks/torch_cpu.py``, RESULTS.md's twenty-second session), in
+    speed-up over a plain torch CP layer: the core 1.03x and 1.11x at B = 65536, (8, 16, 64),
+    h 1, R 4 and 16, 1.13-1.19x at (32, 32, 128), h 128, R 16 and 64 (B 1024-4096), where the
+    custom op, which recomputes its projections in backward, took 0.75-1.04x; peak memory
+    the same or lower.  Not on other devices (not measured there: the custom op)."""
+    # the compile test first: a size test on a traced call's symbolic shapes guards its graph
+    return (
+        AUTOGRAD_ON_CPU
+        and not torch.compiler.is_compiling()
+        and xs[0].device.type == "cpu"
+        and len(xs) * rank <= sum(x.shape[1] for x in xs)
+    )
+
+
 def cp_fusion(
     xs: Sequence[Any],
     cp: Any,
@@ -156,12 +179,14 @@ def cp_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.cp_fusion`` on torch tensors (inputs checked): small problems
-    (:func:`.lowrank.whole_batch`, the low-rank rule) as the core's few operations under autograd
-    (the custom op's fixed costs dominate there: 2-5x slower at B = 4, benchmarks/overhead.py),
-    others as the ``mmfuse::cp_fusion`` custom op (always under ``torch.compile``)."""
+    (:func:`.lowrank.whole_batch`, the low-rank rule) and large eager CPU ones whose
+    projections are no larger than their inputs (:func:`_autograd_on_cpu`) as the core's few
+    operations under autograd (the custom op's fixed costs dominate small calls: 2-5x slower
+    at B = 4, benchmarks/overhead.py), others as the ``mmfuse::cp_fusion`` custom op (always
+    under ``torch.compile``)."""
     weights, factors = cp
     out_dim, rank = factors[-1].shape
-    if whole_batch(xs[0].shape[0], rank, out_dim):
+    if whole_batch(xs[0].shape[0], rank, out_dim) or _autograd_on_cpu(xs, rank):
         cp = (weights, list(factors))
         return _core_fusion.cp_fusion(list(xs), cp, bias, append_one=append_one, present=present)
     return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)
