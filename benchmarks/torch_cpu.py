@@ -31,8 +31,10 @@ inputs and all parameters:
   wt``, product, permute, residual; autograd for the backward.
 
 CPFusion (not among issue 5's or 19's targets) at the narrow sizes, B = 65536, (8, 16, 64), h 1,
-R = 4 and 16: ``mmfuse-layer`` (the ``mmfuse::cp_fusion`` custom op: its backward recomputes
-the projections), ``mmfuse-core`` and ``cp-layer``, CP fusion written plainly (one matmul per
+R = 4 and 16: ``mmfuse-layer`` (under "auto": on the CPU at these sizes the core under
+autograd, see ``mmfuse.backends.torch.cp``), ``mmfuse-core``, ``mmfuse-op`` (the
+``mmfuse::cp_fusion`` custom op, which CUDA tensors and ``torch.compile`` take; its backward
+recomputes the projections) and ``cp-layer``, CP fusion written plainly (one matmul per
 modality, the product, the output factor; autograd keeps the projections).
 
 Small batches: the same layers at B = 32 (no target; what a training step of typical size
@@ -183,11 +185,28 @@ def setup(case: str, device: str = "cpu") -> dict[str, object]:
 
         return run
 
-    return {
-        "mmfuse-layer": step(layer),
-        "mmfuse-core": step(layer, backend="array_api"),
-        baseline[0]: step(baseline[1]),
-    }
+    cands = {"mmfuse-layer": step(layer), "mmfuse-core": step(layer, backend="array_api")}
+    if case in CP_CASES:
+        cands["mmfuse-op"] = _custom_op_step(step(layer))
+    cands[baseline[0]] = step(baseline[1])
+    return cands
+
+
+def _custom_op_step(run):
+    """``run`` with CPFusion held on its custom op (which "auto" leaves for the core under
+    autograd on the CPU at these sizes: ``mmfuse.backends.torch.cp.AUTOGRAD_ON_CPU``)."""
+    import importlib
+
+    cp = importlib.import_module("mmfuse.backends.torch.cp")
+
+    def on_op():
+        saved, cp.AUTOGRAD_ON_CPU = cp.AUTOGRAD_ON_CPU, False
+        try:
+            return run()
+        finally:
+            cp.AUTOGRAD_ON_CPU = saved
+
+    return on_op
 
 
 def _mem_ratio(this: float | None, base: float | None) -> str:
