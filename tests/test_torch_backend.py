@@ -450,7 +450,8 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
 def test_large_cpu_cp_fusion_runs_the_core_where_its_projections_are_no_larger(dims, rank, takes_op):
     """A CP fusion above the whole-batch size on the CPU runs as the core under autograd where
     its projections (M R per sample, which autograd keeps) are no more than its inputs
-    (sum d_m): measured faster than the custom op there at the same memory; else the op."""
+    (sum d_m): measured faster than the custom op there at the same memory; else the op, and
+    the op too where autograd records nothing (no_grad, no input requiring grad)."""
     p = {"dims": list(dims), "batch": 1000, "rank": rank, "out_dim": 3, "append_one": True,
          "with_present": False, "with_weights": True, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
     xs, cp, bias, _present, upstream = _cp_inputs(p)
@@ -462,6 +463,14 @@ def test_large_cpu_cp_fusion_runs_the_core_where_its_projections_are_no_larger(d
     leaves = [*xs, *cp[1], cp[0], bias]
     for g, c in zip(_grads(out, leaves, upstream), _grads(core, leaves, upstream)):
         assert_close(g, c, rtol=1e-10)
+    # without autograd recording, the op (its forward into its own buffers: faster, leaner)
+    with torch.no_grad(), _OpLog() as log:
+        mmfuse.cp_fusion(xs, cp, bias, backend="torch")
+    assert "mmfuse.cp_fusion.default" in log.ops
+    plain = [x.detach() for x in xs], (cp[0].detach(), [f.detach() for f in cp[1]])
+    with _OpLog() as log:
+        assert_close(mmfuse.cp_fusion(*plain, bias.detach(), backend="torch"), core, rtol=1e-12)
+    assert "mmfuse.cp_fusion.default" in log.ops
 
 
 @pytest.mark.parametrize("op", ["lowrank_fusion", "cp_fusion"])

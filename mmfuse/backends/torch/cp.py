@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..._core import fusion as _core_fusion
-from .._torch_eager import bind
+from .._torch_eager import any_requires_grad, bind
 from ._common import (
     affine,
     cast,
@@ -152,10 +152,13 @@ _cp_eager = bind("_CPFusion", torch.ops.mmfuse.cp_fusion, _cp_setup_context, _cp
 AUTOGRAD_ON_CPU = True
 
 
-def _autograd_on_cpu(xs: Sequence[Any], rank: int) -> bool:
+def _autograd_on_cpu(xs: Sequence[Any], rank: int, arrays: Sequence[Any]) -> bool:
     """Whether a CP fusion too large for :func:`.lowrank.whole_batch` still runs as the core
-    under autograd: eagerly on the CPU, where autograd's saved projections (M R numbers per
-    sample) are no more than the inputs the custom op saves (sum d_m).  Measured on the
+    under autograd: eagerly on the CPU, while autograd records (grad mode, and a tensor among
+    ``arrays`` requiring grad: without, the op's forward into its own buffers is faster and
+    leaner, 1.1-1.6x at B = 65536 and 2**20, found by review), where autograd's saved
+    projections (M R numbers per sample) are no more than the inputs the custom op saves
+    (sum d_m).  Measured on the
     2-core CI machine (``benchmarks/torch_cpu.py``, RESULTS.md's twenty-second session), in
     speed-up over a plain torch CP layer: the core 1.03x and 1.11x at B = 65536, (8, 16, 64),
     h 1, R 4 and 16, 1.13-1.19x at (32, 32, 128), h 128, R 16 and 64 (B 1024-4096), where the
@@ -166,6 +169,8 @@ def _autograd_on_cpu(xs: Sequence[Any], rank: int) -> bool:
         AUTOGRAD_ON_CPU
         and not torch.compiler.is_compiling()
         and xs[0].device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any_requires_grad(arrays)
         and len(xs) * rank <= sum(x.shape[1] for x in xs)
     )
 
@@ -186,7 +191,7 @@ def cp_fusion(
     under ``torch.compile``)."""
     weights, factors = cp
     out_dim, rank = factors[-1].shape
-    if whole_batch(xs[0].shape[0], rank, out_dim) or _autograd_on_cpu(xs, rank):
+    if whole_batch(xs[0].shape[0], rank, out_dim) or _autograd_on_cpu(xs, rank, (xs, factors, weights, bias)):
         cp = (weights, list(factors))
         return _core_fusion.cp_fusion(list(xs), cp, bias, append_one=append_one, present=present)
     return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)
