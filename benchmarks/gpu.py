@@ -679,11 +679,21 @@ def _triton_zoom_shift_timings(quick: bool) -> tuple[list[tuple[str, str, float,
 
 def _guarded(label: str, fn: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The check rows of ``fn()``, or one failed row naming the exception (a check that
-    crashes must not cost the rest of the run)."""
+    crashes must not cost the rest of the run), printed as soon as they are known with the
+    group's wall time (``seconds`` in each row; a group's first kernels include Triton's
+    compilation: what a device run's budget goes to)."""
+    start = time.monotonic()
     try:
-        return fn()
+        rows = fn()
     except Exception as exc:
-        return [_failed_row(label, exc)]
+        rows = [_failed_row(label, exc)]
+    seconds = time.monotonic() - start
+    for row in rows:
+        row["seconds"] = seconds
+        print(f"  check {row['case']:<64} {row['check']:<24} {row['rel_err']:.2e} (tol {row['tol']:.0e}) "
+              f"{'ok' if row['ok'] else 'MISMATCH'}")  # fmt: skip
+    print(f"    ({label}: {seconds:.1f} s)")
+    return rows
 
 
 def _failed_row(label: str, exc: Exception) -> dict[str, Any]:
@@ -1033,9 +1043,6 @@ def bench_triton(
                                lambda sh=shape, dt=dtype: check_triton_stats(torch, "cuda", dt, sh))  # fmt: skip
         checks += _new_triton_checks(torch, "cuda", dtype, tiny=False)
     checks += _guarded("triton torch.compile", lambda: check_triton_compile(torch, "cuda"))
-    for c in checks:
-        print(f"  check {c['case']:<64} {c['check']:<24} {c['rel_err']:.2e} (tol {c['tol']:.0e}) "
-              f"{'ok' if c['ok'] else 'MISMATCH'}")  # fmt: skip
 
     rows: list[tuple[str, str, float, float]] = []
     summary: list[dict[str, Any]] = []
@@ -1232,14 +1239,14 @@ def cpu_check() -> None:
 
     checks: list[dict[str, Any]] = []
     for dtype in (torch.float32, torch.bfloat16):
-        checks += check_triton_lowrank(torch, "cpu", dtype, 37, (5, 3, 17), 6, 3, n_check=37)
-        checks += check_triton_cp(torch, "cpu", dtype, 21, (5, 3, 17), 6, 3)
-        checks += check_triton_stats(torch, "cpu", dtype, (2, 9, 5))
-        checks += check_triton_stats(torch, "cpu", dtype, (2, 2100, 9))  # token axis in blocks
+        name = _dtype_name(dtype)
+        checks += _guarded(f"triton lowrank {name}",
+                           lambda dt=dtype: check_triton_lowrank(torch, "cpu", dt, 37, (5, 3, 17), 6, 3, n_check=37))  # fmt: skip
+        checks += _guarded(f"triton cp {name}", lambda dt=dtype: check_triton_cp(torch, "cpu", dt, 21, (5, 3, 17), 6, 3))
+        for shape in ((2, 9, 5), (2, 2100, 9)):  # the token axis in one tile, in blocks
+            checks += _guarded(f"triton stats {name} {shape}",
+                               lambda dt=dtype, sh=shape: check_triton_stats(torch, "cpu", dt, sh))  # fmt: skip
         checks += _new_triton_checks(torch, "cpu", dtype, tiny=True)
-    for c in checks:
-        print(f"  check {c['case']:<64} {c['check']:<24} {c['rel_err']:.2e} (tol {c['tol']:.0e}) "
-              f"{'ok' if c['ok'] else 'MISMATCH'}")  # fmt: skip
     n_ok = sum(c["ok"] for c in checks)
     print(f"Triton correctness under the interpreter: {n_ok}/{len(checks)} checks ok")
     if n_ok != len(checks):
