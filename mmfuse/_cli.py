@@ -20,6 +20,7 @@ import numpy as np
 from ._console import MissingDependency, Progress, require, shorten, table
 from ._namespace import tree_map
 from .backends import BackendUnsupported
+from .backends._registry import installed as _installed  # (a name tests replace)
 
 __all__ = ["main"]
 
@@ -343,15 +344,6 @@ def _missed(
     if missed:
         return ", ".join(missed)
     return None if any(done(r) for r in rows) else "anything"
-
-
-def _installed(namespace: str) -> bool:
-    """Whether ``namespace``'s package is installed (looked up, not imported: importing CuPy
-    initialises CUDA, and JAX takes a second or two)."""
-    try:
-        return importlib.util.find_spec(namespace) is not None
-    except (ImportError, ValueError):  # a broken install, or a stand-in module without a spec
-        return namespace in sys.modules
 
 
 def _check_choices(given: Sequence[str] | None, valid: Iterable[str], what: str) -> list[str]:

@@ -43,6 +43,7 @@ __all__ = [
     "define_op",
     "explain",
     "implementations",
+    "installed",
     "lookup",
     "register",
     "unavailable",
@@ -289,7 +290,7 @@ def _resolve(row: Row) -> Implementation | None:
             # without it, and the backend was listed as available on a machine without its
             # framework.  Looked up, not imported: a lookup importing numba would make "auto"
             # send small NumPy calls to its kernels
-            if framework is not None and not _installed(framework):
+            if framework is not None and not installed(framework):
                 raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
         except ImportError as exc:  # the backend's framework (or its module) is not installed
             _plugin_errors.setdefault(row.backend, f"{type(exc).__name__}: {exc}")
@@ -305,12 +306,17 @@ def _resolve(row: Row) -> Implementation | None:
     return impl
 
 
-def _installed(name: str) -> bool:
-    """Whether the top-level module ``name`` is imported or importable (looked up, not
-    imported); ``sys.modules[name] = None``, the usual way to block an import, says no."""
+def installed(name: str) -> bool:
+    """Whether the top-level module ``name`` is imported or importable, looked up, not
+    imported (importing numba would change "auto"'s choices, CuPy initialises CUDA, JAX takes
+    seconds); ``sys.modules[name] = None``, the usual way to block an import, says no, and so
+    does a broken install.  (The registry's rows and ``mmfuse verify``'s namespaces.)"""
     if name in sys.modules:
         return sys.modules[name] is not None
-    return find_spec(name) is not None
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken install
+        return False
 
 
 def _rows(op: str, backend: str | None) -> list[Row]:
