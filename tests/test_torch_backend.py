@@ -4,6 +4,7 @@ opcheck, gradcheck / gradgradcheck, dispatch under "auto", and what the backward
 from __future__ import annotations
 
 import contextlib
+import importlib
 from unittest import mock
 
 import numpy as np
@@ -38,6 +39,19 @@ def _lowrank_path(path):
     if path == "recompute":
         return mock.patch.object(tbl, "_keeps_projections", lambda xs, factors: False)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _cp_path(path):
+    """Context: ``"op"`` holds torch's cp_fusion on its custom op at any size (small batches,
+    and large CPU ones with gradients, otherwise run the core under autograd); ``"chosen"``
+    leaves the choice to the rules."""
+    if path != "op":
+        yield
+        return
+    tcp = importlib.import_module("mmfuse.backends.torch.cp")  # (the package's attribute is the function)
+    with mock.patch.object(tcp, "whole_batch", lambda *a: False), mock.patch.object(tcp, "AUTOGRAD_ON_CPU", False):
+        yield
 
 
 @st.composite
@@ -135,10 +149,14 @@ def test_lowrank_op_matches_core_and_reference(path, p):
 
 @settings(max_examples=30, deadline=None)
 @given(p=problems())
-def test_cp_op_matches_core_and_reference(p):
+@pytest.mark.parametrize("path", ["chosen", "op"])
+def test_cp_op_matches_core_and_reference(path, p):
     xs, cp, bias, present, upstream = _cp_inputs(p)
     kw = {"append_one": p["append_one"], "present": present}
-    got = mmfuse.cp_fusion(xs, cp, bias, **kw, backend="torch")
+    with _cp_path(path):
+        got = mmfuse.cp_fusion(xs, cp, bias, **kw, backend="torch")
+    if path == "op":
+        assert type(got.grad_fn).__name__ == "_CPFusionBackward"
     core = mmfuse.cp_fusion(xs, cp, bias, **kw, backend="array_api")
     want = ref.cp_fusion(
         [_np(x) for x in xs], (_np(cp[0]), [_np(f) for f in cp[1]]), _np(bias),
@@ -652,8 +670,11 @@ def test_cp_op_of_a_long_batch_matches_core(with_weights, batch, out_dim, blocke
          "with_present": False, "with_weights": with_weights, "seed": int(np.random.default_rng().integers(1 << 30))}  # fmt: skip
     xs, cp, bias, _present, upstream = _cp_inputs(p)
     got = mmfuse.cp_fusion(xs, cp, bias, backend="torch")
+    assert type(got.grad_fn).__name__ == "_CPFusionBackward"
     core = mmfuse.cp_fusion(xs, cp, bias, backend="array_api")
     assert_close(got, core)
+    want = ref.cp_fusion([_np(x) for x in xs], (_np(cp[0]), [_np(f) for f in cp[1]]), _np(bias))
+    assert_close(got, want, xp=torch, dtype=torch.float64)
     leaves = [*xs, *cp[1], *([cp[0]] if cp[0] is not None else []), bias]
     for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
         assert_close(g, c, rtol=1e-10)
