@@ -34,11 +34,16 @@ tbc = pytest.importorskip("mmfuse.backends.torch._common")
 PATHS = ["chosen", "recompute"]
 
 
+@contextlib.contextmanager
 def _lowrank_path(path):
-    """Context: ``"recompute"`` forces the memory-lean path whatever the sizes."""
-    if path == "recompute":
-        return mock.patch.object(tbl, "_keeps_projections", lambda xs, factors: False)
-    return contextlib.nullcontext()
+    """Context: ``"recompute"`` forces the custom op's memory-lean path whatever the sizes
+    (small batches otherwise run whole-batch, without the op)."""
+    if path != "recompute":
+        yield
+        return
+    with mock.patch.object(tbl, "_keeps_projections", lambda xs, factors: False), \
+            mock.patch.object(tbl, "whole_batch", lambda *a: False):  # fmt: skip
+        yield
 
 
 @contextlib.contextmanager
@@ -117,6 +122,8 @@ def test_lowrank_op_matches_core_and_reference(path, p):
     kw = {"append_one": p["append_one"], "present": present}
     with _lowrank_path(path):
         got = mmfuse.lowrank_fusion(xs, factors, weights, bias, **kw, backend="torch")
+    if path == "recompute":
+        assert type(got.grad_fn).__name__ == "_LowRankFusionBackward"
     core = mmfuse.lowrank_fusion(xs, factors, weights, bias, **kw, backend="array_api")
     want = ref.lowrank_fusion(
         [_np(x) for x in xs], [_np(f) for f in factors], _np(weights), _np(bias),
