@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "array_namespace",
+    "device_key",
     "device_of",
     "from_numpy",
     "is_array",
@@ -456,6 +457,21 @@ def device_of(x: Array) -> Any:
     if torch is not None and isinstance(x, torch.Tensor):
         return x.device  # what array_api_compat.device returns, without its generic dispatch
     return array_api_compat.device(x)
+
+
+def device_key(device: Any) -> Any:
+    """``device`` as it can enter a dict key (the registry's choices, the plan caches): the
+    device itself, or, where it has no hash, its type and ``repr``.
+
+    CuPy's ``cupy.cuda.Device`` defines equality but no hash, so a key holding it raised
+    ``TypeError: unhashable type`` in the registry (every CuPy call failed) and made the
+    plan caches skip every CuPy call.  The repr names the device ("<CUDA Device 0>").
+    """
+    try:
+        hash(device)
+    except TypeError:
+        return (type(device), repr(device))
+    return device
 
 
 def _all_torch(arrays: list[Array]) -> Namespace | None:

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._config import backend_policy
+from ._namespace import device_key
 from .backends._registry import generation
 
 __all__ = ["PlanCache", "call_key", "planned_impl", "policy_key"]
@@ -137,7 +138,7 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
             # one's plan
             out.append((t, a.shape, a.dtype, a.device, a.requires_grad, a.layout))
         else:  # CuPy, JAX, Dask, array-api-strict, ...: the device where they have one
-            out.append((t, a.shape, a.dtype, getattr(a, "device", None)))
+            out.append((t, a.shape, a.dtype, device_key(getattr(a, "device", None))))
 
 
 def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:

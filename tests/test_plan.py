@@ -137,6 +137,50 @@ def test_unhashable_or_array_options_run_unplanned(rng):
     assert _plan.call_key(None, (True,), xs, factors) is not None
     assert _plan.call_key(None, (True,), xs, "not an array") is None
 
+class _UnhashableDevice:
+    """Like CuPy's ``cupy.cuda.Device``: equality by id, no hash."""
+
+    def __init__(self, ident):
+        self.id = ident
+
+    def __eq__(self, other):
+        return isinstance(other, _UnhashableDevice) and other.id == self.id
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"<CUDA Device {self.id}>"
+
+
+def test_arrays_on_unhashable_devices_are_planned_and_dispatched(rng, monkeypatch):
+    """CuPy arrays' devices have no hash: the plan keys and the registry's choices hold a
+    stand-in (every CuPy call raised "unhashable type: 'cupy.cuda.device.Device'" in the
+    registry, found on the H200)."""
+    from mmfuse.backends import _conditions, _registry
+
+    class Duck:  # an array of another namespace, as the plan key sees it
+        def __init__(self, device):
+            self.shape, self.dtype, self.device = (2, 3), np.dtype(np.float32), device
+
+    keys = [_plan.call_key(None, (True,), [Duck(_UnhashableDevice(i))]) for i in (0, 0, 1)]
+    assert hash(keys[0]) == hash(keys[1]) and keys[0] == keys[1] and keys[0] != keys[2]
+    cache = _plan.PlanCache()
+    cache.remember(keys[0], "plan")
+    assert cache.get(keys[1]) == "plan" and cache.get(keys[2]) is None
+
+    # the registry: a NumPy call whose device has no hash is chosen once and remembered
+    monkeypatch.setattr(_conditions, "device_of", lambda x: _UnhashableDevice(0))
+    _registry._CHOICES.clear()
+    xs, factors, weights, bias = _lowrank_case(rng)
+    from mmfuse.backends import lookup
+
+    first = lookup("lowrank_fusion", "array_api", like=xs[0], arrays=(xs,))
+    assert lookup("lowrank_fusion", "array_api", like=xs[0], arrays=(xs,)) is first
+    assert any(isinstance(k[3], tuple) and k[3][0] is _UnhashableDevice for k in _registry._CHOICES)
+    assert_close(mmfuse.lowrank_fusion(xs, factors, weights, bias, backend="array_api"),
+                 ref.lowrank_fusion(xs, factors, weights, bias))  # fmt: skip
+
+
 def test_a_choice_made_during_a_registration_is_not_kept(rng):
     """A thread choosing an implementation while another registers one: the choice it made
     among the old registrations was stored after register() cleared the choices, and every

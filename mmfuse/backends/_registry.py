@@ -30,7 +30,7 @@ from importlib.util import find_spec
 from typing import Any
 
 from .._config import BACKEND_NAMES, backend_policy
-from .._namespace import array_namespace, is_array, namespace_name
+from .._namespace import array_namespace, device_key, is_array, namespace_name
 from ._catalogue import OPERATORS, Signature
 from ._conditions import CONDITIONS, CallInfo, call_info
 from ._table import FRAMEWORKS, ROWS, Row
@@ -425,7 +425,8 @@ def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
     frameworks: tuple[bool, ...] = ()
     if name.startswith("auto"):  # what "auto" may choose from: frameworks, size class
         frameworks = (*(fw in sys.modules for fw in _OPTIONAL), *(info.size >= n for n in _IMPORT_AT))
-    return (op, name, info.xp, info.device, info.dtype, info.grad, info.traced, info.intercepted, frameworks)
+    device = device_key(info.device)  # CuPy's devices have no hash
+    return (op, name, info.xp, device, info.dtype, info.grad, info.traced, info.intercepted, frameworks)
 
 
 def _policy(backend: str | None) -> str:
