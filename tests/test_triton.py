@@ -67,6 +67,14 @@ def _tol(dtype):
     return {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
 
 
+@pytest.fixture(params=["gemm", "fused"])
+def backward_path(request, monkeypatch):
+    """Each low-rank backward (the size rule picks one per call): the G kernel with cuBLAS
+    products, and the two recomputing kernels."""
+    monkeypatch.setattr(_ops, "LOWRANK_BACKWARD", request.param)
+    return request.param
+
+
 # (batch, dims, rank, h, append_one, with_weights, with_present)
 LOWRANK_CASES = [
     pytest.param(1, (3,), 1, 1, True, False, False, id="B1-M1-R1-h1"),
@@ -115,6 +123,7 @@ def _check_directional(loss_of, leaves, grads, rng, rtol):
         assert abs(got - want) <= rtol * max(scale, 1e-12), (i, got, want)
 
 
+@pytest.mark.usefixtures("backward_path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     ("batch", "dims", "rank", "out_dim", "append_one", "with_weights", "with_present"), LOWRANK_CASES
@@ -166,9 +175,11 @@ def test_lowrank_values_and_gradients(
         _check_directional(loss_of, leaves, grads, np.random.default_rng(1), 1e-4)
 
 
-def test_lowrank_backward_split_and_slice_paths():
-    """More row blocks than batch splits (the dL/dfactor kernel's read-modify-write of its
-    partials), several output slices (dL/dx's), and splits summed on the host."""
+def test_lowrank_backward_split_and_slice_paths(monkeypatch):
+    """The fused backward: more row blocks than batch splits (the dL/dfactor kernel's
+    read-modify-write of its partials), several output slices (dL/dx's), and splits summed on
+    the host."""
+    monkeypatch.setattr(_ops, "LOWRANK_BACKWARD", "fused")
     xs, fs, w, b, present, upstream = _lowrank_problem(70, (5, 9), 8, 13, True, True, True, torch.float32)
     leaves = [*xs, *fs, w, b]
 
@@ -192,6 +203,39 @@ def test_lowrank_backward_split_and_slice_paths():
         assert_close(a, torch.nan_to_num(c).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lowrank_gemm_backward_in_chunks(monkeypatch, dtype):
+    """The "gemm" backward over several batch chunks (the last one ragged), with absent rows
+    (NaN stored) and 16-bit G as hi + lo terms: the gradients of one chunk and of three agree
+    and match float64."""
+    monkeypatch.setattr(_ops, "LOWRANK_BACKWARD", "gemm")
+    xs, fs, w, b, present, upstream = _lowrank_problem(150, (5, 9, 3), 4, 6, True, True, True, dtype, seed=3)
+    leaves = [*xs, *fs, w, b]
+
+    def run():
+        out = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="triton")
+        return torch.autograd.grad((out * upstream).sum(), leaves)
+
+    with poisoned_buffers():
+        whole = run()
+        t = _ops._g_tiles(4, 6, 3, dtype)
+        per_row = 3 * (1 if dtype == torch.float32 else 2) * 4 * 6 * _ops._g_dtype(dtype).itemsize
+        monkeypatch.setattr(_ops, "_G_BYTES", per_row * t.block_b)  # chunks of block_b rows
+        chunked = run()
+    x64 = [x.detach().double().requires_grad_(True) for x in xs]
+    f64 = [f.detach().double().requires_grad_(True) for f in fs]
+    w64, b64 = w.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    out64 = mmfuse.lowrank_fusion(x64, f64, w64, b64, present=present, backend="torch")
+    want = torch.autograd.grad((out64 * upstream.double()).sum(), [*x64, *f64, w64, b64])
+    for m in range(3):
+        assert (whole[m][~present[:, m]] == 0).all() and (chunked[m][~present[:, m]] == 0).all()
+    for a, c, e in zip(whole, chunked, want):
+        assert a.dtype == c.dtype == dtype
+        assert_close(a, c, rtol=_tol(dtype))
+        assert_close(c, torch.nan_to_num(e).to(dtype), rtol=_tol(dtype))
+
+
+@pytest.mark.usefixtures("backward_path")
 def test_lowrank_partial_needs():
     """Only some gradients wanted: the kernels' NEED_X / NEED_F masks and NEED_W."""
     xs, fs, w, b, present, upstream = _lowrank_problem(7, (3, 4, 2), 2, 3, True, True, True, torch.float32)
@@ -206,6 +250,7 @@ def test_lowrank_partial_needs():
         assert_close(a, c)
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_lowrank_deterministic():
     xs, fs, w, b, present, upstream = _lowrank_problem(40, (6, 11, 3), 4, 9, True, True, True, torch.float32)
     leaves = [*xs, *fs, w, b]
@@ -217,6 +262,7 @@ def test_lowrank_deterministic():
         assert torch.equal(a, c)
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_lowrank_second_order_refuses_loudly():
     """The backward kernels have no derivative (docs/backends.rst): a second-order gradient
     raises naming the backward op, never returns wrong numbers; first-order with
@@ -248,6 +294,7 @@ def test_registered_autograd_matches_eager_binding():
         assert torch.equal(a, c)
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_lowrank_empty_batch():
     xs, fs, w, b, _, _ = _lowrank_problem(0, (3, 2), 2, 4, True, True, False, torch.float32)
     out = mmfuse.lowrank_fusion(xs, fs, w, b, backend="triton")
@@ -450,6 +497,7 @@ def test_stat_cases_reach_both_kernel_paths():
     assert _ops._stat_tiles(512, 512, 8192) == _ops._StatTiles(16, 512, True)  # the benchmark's shape
 
 
+@pytest.mark.usefixtures("backward_path")
 @pytest.mark.parametrize(
     ("block_b", "block_h", "rank_p", "block_k"),
     [(16, 1, 16, 16), (128, 4, 8, 16), (32, 16, 4, 32), (64, 2, 16, 64)],
@@ -462,6 +510,7 @@ def test_lowrank_other_tiles(block_b, block_h, rank_p, block_k):
     tiles = _ops._Tiles(block_b, block_k, block_h, rank_p, 4)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_ops, "_lowrank_tiles", lambda *args, **kw: tiles)
+        mp.setattr(_ops, "_g_tiles", lambda *args, **kw: tiles)
         out = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="triton")
         got = torch.autograd.grad((out * upstream).sum(), leaves)
     assert_close(out, _lowrank_ref(xs, fs, w, b, present, True))
@@ -507,6 +556,7 @@ def test_an_infinite_input_gives_inf_not_nan_through_padded_ranks():
         assert np.isinf(want).all()
 
 
+@pytest.mark.usefixtures("backward_path")
 @pytest.mark.parametrize("dtype", LOW)
 def test_low_precision_lowrank_gradients_keep_their_intermediate_in_float32(dtype):
     """G_m = g w prod_{j != m} P_j is an intermediate: rounded to float16 before the gradients'

@@ -402,6 +402,62 @@ def lowrank_bwd_f_kernel(
         tl.store(pw_ptr + pid.to(tl.int64) * BLOCK_N + c, wacc)
 
 
+@triton.jit
+def lowrank_bwd_g_kernel(
+    gm0, gm1, gm2, gm3, gm4, gm5, gm6, gm7, pw_ptr, g_ptr,
+    x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+    d0, d1, d2, d3, d4, d5, d6, d7, w_ptr, present_ptr, batch, n_out, rank, lo_offset,
+    NEED_G: tl.constexpr, SPLIT: tl.constexpr, NEED_W: tl.constexpr, M: tl.constexpr, APPEND: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_PRESENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, RANK_P: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """G_m[b, r, k] = g[b, k] w_r prod_{j != m} P_j[b, r, k], written to (B, R, h) buffers
+    ``gm_m`` (in their dtype) for the modalities in the bit mask ``NEED_G``, and the
+    rank-weight gradient's partials sum_b g prod_m P_m per program into ``pw`` (as
+    :func:`lowrank_bwd_f_kernel`).  ``SPLIT`` (16-bit buffers): G_m as two terms,
+    hi = G_m rounded and lo = G_m - hi rounded (``lo_offset`` elements further), whose sum
+    carries about 16 of float32's 24 bits: the host's tensor-core products of both then meet
+    the float32 intermediate to far below the result's own rounding.
+
+    The backward's other half is two GEMMs per modality on the host (cuBLAS, tensor cores
+    for 16-bit G): dL/dx_m = G_m F_m^T and dL/dF_m = [x_m, 1]^T G_m.  One program per
+    (BLOCK_B rows, BLOCK_H outputs), grid as the forward's; the M projection tiles are
+    recomputed and held at once (each G_m needs the others).  G_m is written for absent rows
+    too: their constant row still enters dL/dF_m; the host zeroes their dL/dx_m.
+    """
+    BLOCK_N: tl.constexpr = RANK_P * BLOCK_H
+    n_hblk = tl.cdiv(n_out, BLOCK_H)
+    pid = tl.program_id(0)
+    pid_b = pid // n_hblk
+    h0 = (pid % n_hblk) * BLOCK_H
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch
+    r, k, col_ok = _columns(h0, n_out, rank, BLOCK_H, RANK_P)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _all_projections(
+        x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
+        d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
+        M, APPEND, HAS_PRESENT, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION,
+    )  # fmt: skip
+    g = _g_times_w(g_ptr, w_ptr, rows, row_ok, r, k, col_ok, n_out, rank, False)
+    if NEED_W:
+        wsum = tl.sum(_others(M, g, p0, p1, p2, p3, p4, p5, p6, p7, M), axis=0)
+        tl.store(pw_ptr + pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N), wsum)
+    if HAS_W:
+        g = g * tl.load(w_ptr + r, mask=r < rank, other=0.0).to(tl.float32)[None, :]
+    # element (b, r, k) of a contiguous (B, R, h) buffer
+    dst = rows.to(tl.int64)[:, None] * rank * n_out + (r.to(tl.int64) * n_out + k)[None, :]
+    st_ok = row_ok[:, None] & col_ok[None, :]
+    for j in tl.static_range(M):
+        if (NEED_G >> j) & 1:
+            gm_ptr = _pick(j, gm0, gm1, gm2, gm3, gm4, gm5, gm6, gm7)
+            gm = _others(j, g, p0, p1, p2, p3, p4, p5, p6, p7, M)
+            hi = gm.to(gm_ptr.dtype.element_ty)
+            tl.store(gm_ptr + dst, hi, mask=st_ok)
+            if SPLIT:
+                lo = (gm - hi.to(tl.float32)).to(gm_ptr.dtype.element_ty)
+                tl.store(gm_ptr + lo_offset + dst, lo, mask=st_ok)
+
+
 # --------------------------------------------------------------------------- CP forward
 
 

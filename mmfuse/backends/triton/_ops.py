@@ -98,6 +98,35 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
     return _Tiles(block_b, block_k, block_h, rank_p, 8)
 
 
+def _g_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype) -> _Tiles:
+    """Tiles of ``lowrank_bwd_g_kernel``: the forward's columns, at most 64 of them, since it
+    holds all M projection tiles at once (64 x 64 float32 over 8 warps: 16 registers per
+    tile), and half the rows for M > 4.  Chosen from register counts, like the others."""
+    rank_p = _pow2(rank)
+    block_h = max(1, min(_pow2(out_dim), 64 // rank_p))
+    if rank_p * block_h < 16:
+        rank_p = 16 // block_h
+    block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    return _Tiles(64 if n_mod <= 4 else 32, block_k, block_h, rank_p, 8)
+
+
+#: The low-rank backward: "gemm" (G kernel + cuBLAS products), "fused" (the two recomputing
+#: kernels) or None for the size rule (:func:`_backward_path`); tests and the device sweep
+#: set it.
+LOWRANK_BACKWARD: str | None = None
+
+
+def _backward_path(rank: int, out_dim: int) -> str:
+    """Which low-rank backward runs.  The fused kernels recompute the M projections twice and
+    run their gradient products as small FMA dots; "gemm" recomputes them once (into G_m
+    buffers of at most _G_BYTES) and leaves the products to cuBLAS.  H200, float32, first
+    measurement: fused forward+backward 32.3 / 2.3 / 67.1 ms at the issue's three sizes
+    against LMF-style torch's 14.4 / 1.8 / 13.5 ms."""
+    if LOWRANK_BACKWARD is not None:
+        return LOWRANK_BACKWARD
+    return "gemm"
+
+
 def _precision(dtype: torch.dtype) -> str:
     """The kernels' PRECISION: float32 dots use TF32 exactly when torch's own matmuls would
     (16-bit operands go to the tensor cores with float32 accumulation whatever this says);
@@ -221,6 +250,9 @@ def _lowrank_backward_op(
 
     # an empty batch or output: every gradient is a sum over nothing (no kernel runs)
     live = batch > 0 and out_dim > 0
+    if live and _backward_path(rank, out_dim) == "gemm":
+        return _gradients(grad, *_backward_gemm(g, xs, factors, weights, append_one, present, need_x, need_f,
+                                                need_w), need_b)  # fmt: skip
     make = _empty if live else _zeros
     # dL/dx: float32 accumulators (returned as they are for float32 inputs)
     gx: list[torch.Tensor | None] = [
@@ -258,11 +290,109 @@ def _lowrank_backward_op(
         gf = [_zeros(f.shape, torch.float32, f.device) if need else None for f, need in zip(factors, need_f)]
         gw = _zeros((rank,), torch.float32, g.device) if need_w else None
 
-    def done(v: torch.Tensor | None) -> torch.Tensor:
-        return grad.new_empty((0,)) if v is None else v.to(dtype)
+    return _gradients(grad, gx, gf, gw, need_b)
 
-    gb = g.to(torch.float32).sum(dim=0) if need_b else None
+
+def _gradients(grad: torch.Tensor, gx: Any, gf: Any, gw: Any, need_b: bool) -> list[torch.Tensor]:
+    """The backward op's list: the gradients in the inputs' dtype, empty where not needed (a
+    custom op cannot return None in a list), the bias's from ``grad``."""
+
+    def done(v: torch.Tensor | None) -> torch.Tensor:
+        return grad.new_empty((0,)) if v is None else v.to(grad.dtype)
+
+    gb = grad.to(torch.float32).sum(dim=0) if need_b else None
     return [*(done(v) for v in gx), *(done(v) for v in gf), done(gw), done(gb)]
+
+
+# G_m buffers of the "gemm" backward: at most this many bytes per batch chunk (the step's
+# extra memory: LMF-style code keeps M (B, R h) projections, GiB at the issue's sizes)
+_G_BYTES = 128 << 20
+
+
+def _g_dtype(dtype: torch.dtype) -> torch.dtype:
+    """G_m's dtype: bfloat16 for bfloat16 inputs, as two terms (hi + lo, about 16 bits: G_m
+    rounded once to bfloat16 moved gradients by an ulp of theirs), so that the products run
+    on tensor cores; else float32 (float16 overflowed: 9e4 where the gradient is 90)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _backward_gemm(
+    g: torch.Tensor, xs: list[torch.Tensor], factors: list[torch.Tensor], weights: torch.Tensor | None,
+    append_one: bool, present: torch.Tensor | None, need_x: Sequence[bool], need_f: Sequence[bool],
+    need_w: bool,
+) -> tuple[list[Any], list[Any], Any]:
+    """(dL/dx, dL/dF, dL/dw) by ``lowrank_bwd_g_kernel`` and cuBLAS, chunk by chunk of rows:
+
+        G_m = g w prod_{j != m} P_j       (kernel, (C, R h) per modality, P recomputed once)
+        dL/dx_m[chunk] = G_m F_m^T        (F_m as (R h, d_m), copied once)
+        dL/dF_m += [x_m, 1]^T G_m         (float32 accumulator (D_m, R h), chunks in order)
+
+    Absent rows: x_m loaded as zeros (NaN stored there cannot enter), dL/dx_m zeroed.  Every
+    sum runs in a fixed order (cuBLAS on one stream, chunks in sequence): bit-identical runs.
+    """
+    n_mod, x0 = len(xs), xs[0]
+    batch, dtype, device = int(x0.shape[0]), g.dtype, g.device
+    rank, _, out_dim = (int(v) for v in factors[0].shape)
+    width = rank * out_dim
+    gdt = _g_dtype(dtype)
+    terms = 2 if gdt != torch.float32 else 1  # hi and lo
+    need_g = [a or b for a, b in zip(need_x, need_f)]
+    t = _g_tiles(rank, out_dim, n_mod, dtype)
+    per_row = max(1, sum(need_g)) * terms * width * gdt.itemsize
+    chunk = min(batch, max(t.block_b, _G_BYTES // per_row // t.block_b * t.block_b))
+    gms = [_empty((terms, chunk, width), gdt, device) if need else g for need in need_g]
+    n_hblk = triton.cdiv(out_dim, t.block_h)
+    block_n = t.rank_p * t.block_h
+    w_arg = x0 if weights is None else weights.contiguous()
+    # F_m as (R h, d_m): row r h + k of G_m's columns meets F_m[r, :d_m, k]
+    dims = [int(x.shape[1]) for x in xs]
+    fts: list[Any] = [f[:, :d, :].permute(0, 2, 1).reshape(width, d).to(gdt) if need else None
+                      for d, f, need in zip(dims, factors, need_x)]  # fmt: skip
+    gx: list[Any] = [_empty((batch, d), gdt, device) if need else None for d, need in zip(dims, need_x)]
+    acc: list[Any] = [_zeros((d + append_one, width), torch.float32, device) if need else None
+                      for d, need in zip(dims, need_f)]  # fmt: skip
+    gw = _zeros((rank,), torch.float32, device) if need_w else None
+    absent = None if present is None else ~present.to(torch.bool)
+    for start in range(0, batch, chunk):
+        stop = min(start + chunk, batch)
+        rows = stop - start
+        grid = (triton.cdiv(rows, t.block_b) * n_hblk,)
+        pw = _empty((grid[0], block_n) if need_w else (1,), torch.float32, device)
+        wrap_triton(K.lowrank_bwd_g_kernel)[grid](
+            *_slots(gms), pw, g[start:stop], *_slots([x[start:stop] for x in xs]), *_slots(factors),
+            *_dims(xs), w_arg, _present_arg(None if present is None else present[start:stop], x0),
+            rows, out_dim, rank, chunk * width,
+            NEED_G=sum(1 << m for m, need in enumerate(need_g) if need), SPLIT=terms == 2,
+            NEED_W=need_w, M=n_mod, APPEND=append_one, HAS_W=weights is not None,
+            HAS_PRESENT=present is not None, BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_H=t.block_h,
+            RANK_P=t.rank_p, PRECISION=_precision(dtype), num_warps=t.num_warps,
+        )  # fmt: skip
+        if gw is not None:
+            gw += pw.view(grid[0], t.rank_p, t.block_h).sum(dim=(0, 2))[:rank]
+        for m in range(n_mod):
+            if not need_g[m]:
+                continue
+            hi = gms[m][0, :rows]
+            lo = gms[m][1, :rows] if terms == 2 else None
+            if need_x[m]:
+                if lo is None:
+                    torch.mm(hi, fts[m], out=gx[m][start:stop])
+                else:  # hi's product plus lo's, rounded once (lo's own rounding is ~2^-16 of G)
+                    torch.addmm(torch.mm(lo, fts[m]), hi, fts[m], out=gx[m][start:stop])
+                if absent is not None:
+                    gx[m][start:stop].masked_fill_(absent[start:stop, m, None], 0.0)
+            if need_f[m]:
+                xm = xs[m][start:stop].to(gdt)
+                if absent is not None:  # NaN may be stored in absent rows
+                    xm = xm.masked_fill(absent[start:stop, m, None], 0.0)
+                if append_one:
+                    xm = torch.cat((xm, xm.new_ones((rows, 1))), dim=1)
+                if lo is None:
+                    acc[m].addmm_(xm.T, hi)
+                else:  # the chunk's 16-bit product (float32 inside cuBLAS), summed in float32
+                    acc[m] += torch.addmm(torch.mm(xm.T, lo), xm.T, hi)
+    gf = [None if a is None else a.view(-1, rank, out_dim).permute(1, 0, 2).contiguous() for a in acc]
+    return gx, gf, gw
 
 
 def _save_inputs(ctx: Any, xs: Any, factors: Any, weights: Any, present: Any, append_one: bool) -> None:
