@@ -73,7 +73,8 @@ def _align_stats(
     t = _ops._stat_tiles(n_tok, n_ch, 16384)  # moments' tiles: the same kernel body
     wrap_triton(AK.stats_kernel)[(n_rows, triton.cdiv(n_ch, t.block_c))](
         pivot, corr, var, rows, _ops._mask_rows(mask, rows), n_tok, n_ch,
-        HAS_MASK=mask is not None, SINGLE=t.single, BLOCK_T=t.block_t, BLOCK_C=t.block_c, num_warps=8,
+        HAS_MASK=mask is not None, SINGLE=t.single, BLOCK_T=t.block_t, BLOCK_C=t.block_c,
+        num_warps=t.num_warps,
     )  # fmt: skip
     return pivot, corr, var
 

@@ -63,6 +63,7 @@ class _Tiles(NamedTuple):
     block_h: int
     rank_p: int
     num_warps: int
+    num_stages: int = 3  # Triton's default on CUDA (software pipelining of the K loop)
 
 
 def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, backward: bool) -> _Tiles:
@@ -150,9 +151,18 @@ def _zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> to
 
 
 def _slots(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Eight pointer arguments: the modalities' tensors, then repeats of the first (the
-    kernels never touch slots past M)."""
+    """Eight pointer arguments of inputs: the modalities' tensors, then repeats of the first
+    (the kernels never touch slots past M)."""
     return [*tensors, *([tensors[0]] * (MAX_MODALITIES - len(tensors)))]
+
+
+def _out_slots(buffers: Sequence[torch.Tensor | None], like: torch.Tensor) -> list[torch.Tensor]:
+    """Eight pointer arguments of buffers a kernel writes: the buffers, and one scratch
+    element for each unused or unwanted slot.  A written buffer never appears twice:
+    ``torch.compile`` clones the tensors a user kernel mutates and copies each clone back, so
+    a repeated output would come back as the copy of an unwritten clone."""
+    scratch = _empty((1,), torch.float32, like.device)
+    return [scratch if b is None else b for b in buffers] + [scratch] * (MAX_MODALITIES - len(buffers))
 
 
 def _dims(xs: Sequence[torch.Tensor]) -> list[int]:
@@ -195,7 +205,7 @@ def _lowrank_op(
         _present_arg(present, x0), batch, out_dim, rank,
         M=n_mod, APPEND=append_one, HAS_W=weights is not None, HAS_BIAS=bias is not None,
         HAS_PRESENT=present is not None, BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_H=t.block_h,
-        RANK_P=t.rank_p, PRECISION=_precision(x0.dtype), num_warps=t.num_warps,
+        RANK_P=t.rank_p, PRECISION=_precision(x0.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return out
 
@@ -246,6 +256,7 @@ def _lowrank_backward_op(
         "M": n_mod, "APPEND": append_one, "HAS_W": weights is not None, "HAS_PRESENT": present is not None,
         "BLOCK_B": t.block_b, "BLOCK_K": t.block_k, "BLOCK_H": t.block_h, "RANK_P": t.rank_p,
         "PRECISION": _precision(dtype), "PRECISION32": _precision(torch.float32), "num_warps": t.num_warps,
+        "num_stages": t.num_stages,
     }  # fmt: skip
 
     # an empty batch or output: every gradient is a sum over nothing (no kernel runs)
@@ -261,7 +272,7 @@ def _lowrank_backward_op(
     if any(need_x) and live:
         mask = sum(1 << m for m, need in enumerate(need_x) if need)
         wrap_triton(K.lowrank_bwd_x_kernel)[(triton.cdiv(batch, t.block_b),)](
-            *_slots([v if v is not None else g for v in gx]), g, *_slots(xs), *_slots(factors), *_dims(xs),
+            *_out_slots(gx, g), g, *_slots(xs), *_slots(factors), *_dims(xs),
             w_arg, pres, batch, out_dim, rank, NEED_X=mask, **common,
         )  # fmt: skip
 
@@ -279,7 +290,7 @@ def _lowrank_backward_op(
         pw = _empty((splits * n_hblk, block_n) if need_w else (1,), torch.float32, g.device)
         mask = sum(1 << m for m, need in enumerate(need_f) if need)
         wrap_triton(K.lowrank_bwd_f_kernel)[(splits * n_hblk,)](
-            *_slots([p if p is not None else pw for p in parts]), pw, g, *_slots(xs), *_slots(factors),
+            *_out_slots(parts, g), pw, g, *_slots(xs), *_slots(factors),
             *_dims(xs), w_arg, pres, batch, out_dim, rank, rows, NEED_F=mask, NEED_W=need_w, **common,
         )  # fmt: skip
         # torch's reductions over a fixed shape are deterministic (no atomics): stage two
@@ -340,7 +351,8 @@ def _backward_gemm(
     t = _g_tiles(rank, out_dim, n_mod, dtype)
     per_row = max(1, sum(need_g)) * terms * width * gdt.itemsize
     chunk = min(batch, max(t.block_b, _G_BYTES // per_row // t.block_b * t.block_b))
-    gms = [_empty((terms, chunk, width), gdt, device) if need else g for need in need_g]
+    gms: list[torch.Tensor | None] = [_empty((terms, chunk, width), gdt, device) if need else None
+                                      for need in need_g]  # fmt: skip
     n_hblk = triton.cdiv(out_dim, t.block_h)
     block_n = t.rank_p * t.block_h
     w_arg = x0 if weights is None else weights.contiguous()
@@ -359,21 +371,21 @@ def _backward_gemm(
         grid = (triton.cdiv(rows, t.block_b) * n_hblk,)
         pw = _empty((grid[0], block_n) if need_w else (1,), torch.float32, device)
         wrap_triton(K.lowrank_bwd_g_kernel)[grid](
-            *_slots(gms), pw, g[start:stop], *_slots([x[start:stop] for x in xs]), *_slots(factors),
+            *_out_slots(gms, g), pw, g[start:stop], *_slots([x[start:stop] for x in xs]), *_slots(factors),
             *_dims(xs), w_arg, _present_arg(None if present is None else present[start:stop], x0),
             rows, out_dim, rank, chunk * width,
             NEED_G=sum(1 << m for m, need in enumerate(need_g) if need), SPLIT=terms == 2,
             NEED_W=need_w, M=n_mod, APPEND=append_one, HAS_W=weights is not None,
             HAS_PRESENT=present is not None, BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_H=t.block_h,
-            RANK_P=t.rank_p, PRECISION=_precision(dtype), num_warps=t.num_warps,
+            RANK_P=t.rank_p, PRECISION=_precision(dtype), num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
         if gw is not None:
             gw += pw.view(grid[0], t.rank_p, t.block_h).sum(dim=(0, 2))[:rank]
-        for m in range(n_mod):
-            if not need_g[m]:
+        for m, gm in enumerate(gms):
+            if gm is None:
                 continue
-            hi = gms[m][0, :rows]
-            lo = gms[m][1, :rows] if terms == 2 else None
+            hi = gm[0, :rows]
+            lo = gm[1, :rows] if terms == 2 else None
             if need_x[m]:
                 if lo is None:
                     torch.mm(hi, fts[m], out=gx[m][start:stop])
@@ -481,7 +493,7 @@ def _cp_op(
         _present_arg(present, x0), batch, out_dim, rank,
         M=n_mod, APPEND=append_one, HAS_W=weights is not None, HAS_BIAS=bias is not None,
         HAS_PRESENT=present is not None, BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_H=t.block_h,
-        RANK_P=t.rank_p, PRECISION=_precision(x0.dtype), num_warps=t.num_warps,
+        RANK_P=t.rank_p, PRECISION=_precision(x0.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return out
 
@@ -562,6 +574,11 @@ class _StatTiles(NamedTuple):
     block_c: int
     block_t: int
     single: bool
+    num_warps: int = 8
+
+
+# zoom_shift's register tile (x's stays live through the statistics); see _stat_tiles
+_ZOOM_SHIFT_BUDGET = 8192
 
 
 def _stat_tiles(n_tok: int, n_ch: int, budget: int, block_c: int | None = None) -> _StatTiles:
@@ -604,7 +621,8 @@ def _moments_op(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> tuple
     t = _stat_tiles(n_tok, n_ch, 16384)
     wrap_triton(K.moments_kernel)[(n_rows, triton.cdiv(n_ch, t.block_c))](
         mean, std, rows, _mask_rows(mask, rows), n_tok, n_ch, eps,
-        HAS_MASK=mask is not None, SINGLE=t.single, BLOCK_T=t.block_t, BLOCK_C=t.block_c, num_warps=8,
+        HAS_MASK=mask is not None, SINGLE=t.single, BLOCK_T=t.block_t, BLOCK_C=t.block_c,
+        num_warps=t.num_warps,
     )  # fmt: skip
     return mean, std
 
@@ -672,13 +690,13 @@ def _zoom_shift_op(
     rows, grows = _rows(x), _rows(guide)
     n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
     n_gtok = int(grows.shape[1])
-    t = _stat_tiles(n_tok, n_ch, 8192)
-    tg = _stat_tiles(n_gtok, n_ch, 8192, t.block_c)
+    t = _stat_tiles(n_tok, n_ch, _ZOOM_SHIFT_BUDGET)
+    tg = _stat_tiles(n_gtok, n_ch, _ZOOM_SHIFT_BUDGET, t.block_c)
     wrap_triton(K.zoom_shift_kernel)[(n_rows, triton.cdiv(n_ch, t.block_c))](
         y, rows, grows, _mask_rows(mask, rows), _mask_rows(guide_mask, rows), n_tok, n_gtok, n_ch,
         float(alpha), eps, HAS_MASK=mask is not None, HAS_GMASK=guide_mask is not None,
         ALPHA_ONE=alpha == 1.0, SINGLE=t.single, GSINGLE=tg.single, BLOCK_T=t.block_t,
-        BLOCK_GT=tg.block_t, BLOCK_C=t.block_c, num_warps=8,
+        BLOCK_GT=tg.block_t, BLOCK_C=t.block_c, num_warps=t.num_warps,
     )  # fmt: skip
     return y
 
