@@ -64,8 +64,7 @@ budget is also checked between the Triton timing cases.  The JSON goes to ``--js
 ``$OUT/gpu.json`` when ``$OUT`` is set, rewritten after every section, and stdout is
 line-buffered: a run killed at its time limit keeps what it measured.
 
-``--sweep`` adds the low-rank kernels' times under other tile sizes (the defaults come from
-``ptxas`` register counts, not timings).
+Tiles and the low-rank backward's paths are swept by ``benchmarks/gpu_tune.py``.
 
 ``--cpu-check`` runs the Triton correctness helpers on tiny CPU tensors under Triton's
 interpreter (no GPU needed; what CI can check of this script; the timings need a GPU).
@@ -1111,87 +1110,6 @@ def _triton_timings(
     return rows, summary
 
 
-_SWEEP_FWD = [(64, 8, 8), (32, 8, 4), (64, 4, 8), (128, 4, 8), (64, 16, 8)]
-_SWEEP_BWD = [(32, 4, 8), (64, 2, 8), (16, 4, 4), (32, 8, 8)]
-
-
-def sweep_triton_tiles(quick: bool) -> list[tuple[str, str, float, float]]:
-    """Forward and forward+backward times of the low-rank kernels under other tile sizes
-    (``--sweep``): the defaults were chosen from ptxas register counts without a GPU, so this
-    says which tiles to keep.  Each config is (BLOCK_B, BLOCK_H, num_warps) for the forward
-    or for the backward kernels; RANK_P and BLOCK_K stay as the defaults choose them."""
-    torch = _torch()
-    rows: list[tuple[str, str, float, float]] = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for batch, dims, out_dim, rank in LOWRANK_CASES[::2]:  # the two compute-bound sizes
-            rows += _sweep_case(torch, dtype, min(batch, 8192) if quick else batch, dims, out_dim, rank,
-                                5 if quick else 10)  # fmt: skip
-    return rows
-
-
-def _sweep_case(
-    torch: Any, dtype: Any, batch: int, dims: tuple[int, ...], out_dim: int, rank: int, repeats: int
-) -> list[tuple[str, str, float, float]]:
-    import mmfuse
-    from mmfuse.backends.triton import _ops
-
-    label = f"sweep {str(dtype).rsplit('.', 1)[-1]} B={batch} dims={dims} h={out_dim} R={rank}"
-    print(label)
-    xs, factors, w, bias = _lowrank_inputs(torch, batch, dims, out_dim, rank, dtype, "cuda")
-    xg = [x.detach().requires_grad_(True) for x in xs]
-    fg = [f.detach().requires_grad_(True) for f in factors]
-    default = _ops._lowrank_tiles
-
-    def runner(kind: str, block_b: int, block_h: int, warps: int) -> Callable[[], Any]:
-        def tiles(r: int, h: int, n_mod: int, dt: Any, backward: bool) -> Any:
-            t = default(r, h, n_mod, dt, backward)
-            if backward != (kind == "bwd"):
-                return t
-            bh = min(block_h, _ops._pow2(h))
-            return t._replace(block_b=block_b, block_h=bh, rank_p=max(t.rank_p, 16 // bh), num_warps=warps)
-
-        def run() -> Any:
-            _ops._lowrank_tiles = tiles
-            try:
-                if kind == "fwd":
-                    with torch.no_grad():
-                        return mmfuse.lowrank_fusion(xs, factors, w, bias, backend="triton")
-                return mmfuse.lowrank_fusion(xg, fg, w, bias, backend="triton").sum().backward()
-            finally:
-                _ops._lowrank_tiles = default
-
-        return run
-
-    cands = {f"{kind} B{b} H{h} w{nw}": runner(kind, b, h, nw)
-             for kind, cfgs in (("fwd", _SWEEP_FWD), ("bwd", _SWEEP_BWD)) for b, h, nw in cfgs}  # fmt: skip
-    if dtype == torch.float32:
-        # 3xTF32: tensor-core dots with about float32 accuracy (not torch's TF32 setting);
-        # its error against float64 is printed so the two can be weighed
-        default_precision = _ops._precision
-
-        def tf32x3(kind: str) -> Callable[[], Any]:
-            def run() -> Any:
-                _ops._precision = lambda dt: "tf32x3"
-                try:
-                    if kind == "fwd":
-                        with torch.no_grad():
-                            return mmfuse.lowrank_fusion(xs, factors, w, bias, backend="triton")
-                    return mmfuse.lowrank_fusion(xg, fg, w, bias, backend="triton").sum().backward()
-                finally:
-                    _ops._precision = default_precision
-
-            return run
-
-        cands["fwd tf32x3"], cands["bwd tf32x3"] = tf32x3("fwd"), tf32x3("bwd")
-        n = min(batch, 2048)
-        want = lmf_straightforward(torch, [x[:n].double() for x in xs], [f.double() for f in factors],
-                                   w.double()[None, :], bias.double())  # fmt: skip
-        print(f"  tf32x3 forward: max rel. error {_rel_err(cands['fwd tf32x3']()[:n], want):.1e}; "
-              f"ieee: {_rel_err(mmfuse.lowrank_fusion(xs, factors, w, bias, backend='triton')[:n], want):.1e}")
-    times = time_cuda(cands, repeats=repeats)
-    return [(label, name, ms, float("nan")) for name, ms in times.items()]
-
-
 def print_triton_summary(summary: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
     """The short closing table: issue 21's ratios, each with its target."""
     t = TARGETS
@@ -1313,8 +1231,6 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here (default: $OUT/gpu.json when $OUT is set)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="start no further section after this many seconds (default 420)")  # fmt: skip
-    parser.add_argument("--sweep", action="store_true",
-                        help="also time the low-rank kernels under other tile sizes (after the table)")  # fmt: skip
     parser.add_argument("--cpu-check", action="store_true",
                         help="only the Triton correctness checks, on CPU under the interpreter")  # fmt: skip
     args = parser.parse_args()
@@ -1355,17 +1271,6 @@ def main() -> None:
         traceback.print_exc()
         failed.append("triton")
     dump()
-    if args.sweep:
-        if time.monotonic() > deadline:
-            skipped.append("sweep")
-        else:
-            try:
-                rows += sweep_triton_tiles(args.quick)
-            except Exception:
-                traceback.print_exc()
-                failed.append("sweep")
-            dump()
-
     def with_summary(fn: Callable[[], tuple[list[Any], list[dict[str, Any]]]]) -> Callable[[], list[Any]]:
         def run() -> list[Any]:
             section_rows, section_summary = fn()

@@ -504,7 +504,7 @@ def test_stat_cases_reach_both_kernel_paths():
     ids=lambda v: str(v),
 )
 def test_lowrank_other_tiles(block_b, block_h, rank_p, block_k):
-    """The kernels are right for any legal tiles (what benchmarks/gpu.py --sweep times)."""
+    """The kernels are right for any legal tiles (what benchmarks/gpu_tune.py times)."""
     xs, fs, w, b, present, upstream = _lowrank_problem(21, (9, 5), 3, 7, True, True, True, torch.float32)
     leaves = [*xs, *fs, w, b]
     tiles = _ops._Tiles(block_b, block_k, block_h, rank_p, 4)

@@ -63,7 +63,7 @@ core's ``moments``.
 
 Costs the first GPU measurement should look at (none has been made): tile sizes come from
 ``ptxas -v`` register counts for sm_90a (:mod:`._compile_check`), not timings
-(``benchmarks/gpu.py --sweep`` times alternatives).  Besides DRAM traffic, the tiles re-read
+(``benchmarks/gpu_tune.py`` times alternatives).  Besides DRAM traffic, the tiles re-read
 data from L2: each forward program reads its factor slice for all modalities (B / BLOCK_B
 times the factors in all), and each output slice re-reads x (h / BLOCK_H times x); the
 backward's read-modify-writes of its own dx rows (once per output slice) and dF partials

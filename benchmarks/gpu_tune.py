@@ -1,0 +1,353 @@
+"""Tiles and paths of the ``"triton"`` backend's kernels, timed on a CUDA device (issue 21).
+
+Run on a CUDA machine: ``python benchmarks/gpu_tune.py [--budget-s S] [--json FILE]``.
+
+The kernels' default tiles came from ``ptxas`` register counts without a GPU; this times the
+alternatives side by side in one process (CUDA events, median of repeats, round-robin; each
+sample queues ``--queue`` calls between its events, so the device's time is measured rather
+than the host's launch latency) at issue 21's sizes, and prints per case each candidate's
+time over the default's (the defaults are the rows named ``default``):
+
+1. ``torch.compile`` of the low-rank op: each output's and each gradient's error against
+   eager, per backward path, with Inductor and with ``aot_eager`` (the same captured graph
+   without Inductor's code generation), so a mismatch can be placed;
+2. low-rank forward+backward, float32 (TF32 off) and bfloat16: the ``"fused"`` backward and
+   the ``"gemm"`` one under several G-kernel tiles, beside LMF-style torch code; every
+   candidate's gradients against the default's (max relative error), and peak memory;
+3. ``zoom_shift`` (256, 512, 512) float32: channel tiles, warps, one register tile or token
+   blocks, as a fraction of copy bandwidth; the whole public call and the bare op;
+4. low-rank forward: (BLOCK_B, columns, warps, stages, BLOCK_K) tiles, beside LMF-style code
+   and the GEMM-only time.
+
+Each section starts only while ``--budget-s`` lasts; the JSON (``--json``, else
+``$OUT/tune.json``) is rewritten after each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from gpu import LOWRANK_CASES, ZOOM_SHAPE, _lowrank_inputs, _rel_err, _torch, lmf_straightforward, peak_mib
+
+# (BLOCK_B, columns = RANK_P * BLOCK_H, warps, stages, BLOCK_K); BLOCK_K 16 becomes 32 for
+# 16-bit inputs (tensor-core dots need K >= 16; 32 is the default there)
+FWD_TILES = [
+    (64, 128, 8, 3, 16), (128, 128, 8, 3, 16), (128, 64, 8, 3, 16), (64, 64, 4, 3, 16),
+    (32, 128, 4, 3, 16), (64, 128, 8, 4, 32), (256, 64, 8, 3, 16), (128, 16, 4, 3, 16),
+    (256, 16, 4, 3, 16), (512, 16, 8, 3, 16),
+]  # fmt: skip
+G_TILES = [(64, 64, 8, 3, 16), (128, 64, 8, 3, 16), (64, 128, 8, 3, 16), (32, 64, 4, 3, 16), (256, 16, 4, 3, 16)]
+# (BLOCK_C, warps, BLOCK_T or 0 for the whole token axis in one tile)
+ZOOM_TILES = [(16, 8, 0), (16, 4, 0), (16, 16, 0), (32, 16, 0), (32, 8, 0), (8, 4, 0), (8, 8, 0),
+              (32, 8, 64), (64, 8, 32), (128, 8, 16), (64, 4, 16)]  # fmt: skip
+
+
+def time_queued(cands: dict[str, Callable[[], Any]], *, repeats: int, queue: int, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds per call, ``queue`` calls between a sample's CUDA events."""
+    torch = _torch()
+    for fn in cands.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(repeats):
+        for name, fn in cands.items():
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(queue):
+                fn()
+            stop.record()
+            stop.synchronize()
+            samples[name].append(start.elapsed_time(stop) / queue)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _tiles(ops: Any, rank: int, out_dim: int, cfg: tuple[int, ...], dtype: Any) -> Any:
+    """The kernels' _Tiles for a sweep configuration (the rules of ``_ops._lowrank_tiles``)."""
+    torch = _torch()
+    block_b, cols, warps, stages, block_k = cfg
+    if dtype in (torch.float16, torch.bfloat16):
+        block_k = max(32, block_k)
+    rank_p = ops._pow2(rank)
+    block_h = max(1, min(ops._pow2(out_dim), cols // rank_p))
+    if rank_p * block_h < 16:
+        rank_p = 16 // block_h
+    return ops._Tiles(block_b, block_k, block_h, rank_p, warps, stages)
+
+
+def _name(t: Any) -> str:
+    return f"B{t.block_b} N{t.rank_p * t.block_h} w{t.num_warps} s{t.num_stages} K{t.block_k}"
+
+
+class _Patched:
+    """Set module attributes for the duration of a call (the sweep's tiles and paths)."""
+
+    def __init__(self, module: Any, **values: Any) -> None:
+        self.module, self.values, self.saved = module, values, {}
+
+    def __enter__(self) -> None:
+        for k, v in self.values.items():
+            self.saved[k] = getattr(self.module, k)
+            setattr(self.module, k, v)
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            setattr(self.module, k, v)
+
+
+def compile_diagnosis() -> list[dict[str, Any]]:
+    """Compiled vs eager, per output, per backward path and compiler backend."""
+    torch = _torch()
+    from mmfuse.backends.triton import _ops
+
+    xs, factors, w, bias = _lowrank_inputs(torch, 1000, (32, 32, 128), 128, 16, torch.float32, "cuda", seed=5)
+    leaves = [t.requires_grad_(True) for t in (*xs, *factors, w, bias)]
+    names = ["out", "dx0", "dx1", "dx2", "dF0", "dF1", "dF2", "dw", "db"]
+    upstream = torch.randn(1000, 128, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7))
+
+    def step(*t: Any) -> Any:
+        return torch.ops.mmfuse_triton.lowrank_fusion(list(t[:3]), list(t[3:6]), t[6], t[7], True, None)
+
+    def run(fn: Callable[..., Any]) -> list[Any]:
+        out = fn(*leaves)
+        return [out.detach(), *torch.autograd.grad((out * upstream).sum(), leaves)]
+
+    rows = []
+    for path in ("gemm", "fused"):
+        for backend in ("aot_eager", "inductor"):
+            with _Patched(_ops, LOWRANK_BACKWARD=path):
+                eager = run(step)
+                torch._dynamo.reset()
+                try:
+                    got = run(torch.compile(step, backend=backend, fullgraph=True))
+                    errs = {n: _rel_err(a, b) for n, a, b in zip(names, got, eager)}
+                except Exception as exc:
+                    errs = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            rows.append({"path": path, "backend": backend, **errs})
+            shown = " ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in errs.items())
+            print(f"  compile {path:<5} {backend:<9} {shown}")
+    with torch.no_grad():
+        torch._dynamo.reset()
+        fwd = torch.compile(step, fullgraph=True)(*leaves)
+        err = _rel_err(fwd, step(*leaves))
+    print(f"  compile forward only (no_grad, inductor): out {err:.1e}")
+    rows.append({"path": "forward only", "backend": "inductor", "out": err})
+    return rows
+
+
+def lowrank_backward(repeats: int, queue: int) -> list[dict[str, Any]]:
+    """Forward+backward of the "fused" and "gemm" (several G tiles) backwards and LMF's."""
+    torch = _torch()
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for case in LOWRANK_CASES:
+            rows += _backward_case(dtype, *case, repeats=repeats, queue=queue)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _backward_case(
+    dtype: Any, batch: int, dims: tuple[int, ...], out_dim: int, rank: int, *, repeats: int, queue: int
+) -> list[dict[str, Any]]:
+    torch = _torch()
+    import mmfuse
+    from mmfuse.backends.triton import _ops
+
+    label = f"f+b {str(dtype)[6:]} B={batch} dims={dims} h={out_dim} R={rank}"
+    print(label)
+    xs, factors, w, bias = _lowrank_inputs(torch, batch, dims, out_dim, rank, dtype, "cuda")
+    leaves = [t.detach().requires_grad_(True) for t in (*xs, *factors, w, bias)]
+    xg, fg, wg, bg = leaves[: len(dims)], leaves[len(dims) : 2 * len(dims)], leaves[-2], leaves[-1]
+
+    def triton_step(path: str, tiles: Any = None) -> Callable[[], Any]:
+        patch: dict[str, Any] = {"LOWRANK_BACKWARD": path}
+        if tiles is not None:
+            patch["_g_tiles"] = lambda *a: tiles
+
+        def run() -> Any:
+            with _Patched(_ops, **patch):
+                out = mmfuse.lowrank_fusion(xg, fg, wg, bg, backend="triton")
+                return torch.autograd.grad(out.float().sum(), leaves)
+
+        return run
+
+    def lmf() -> Any:
+        return torch.autograd.grad(lmf_straightforward(torch, xg, fg, wg[None, :], bg).float().sum(), leaves)
+
+    cands: dict[str, Callable[[], Any]] = {
+        "lmf": lmf, "fused default": triton_step("fused"), "gemm default": triton_step("gemm"),
+    }  # fmt: skip
+    seen = {_name(_ops._g_tiles(rank, out_dim, len(dims), dtype))}
+    for cfg in G_TILES:
+        t = _tiles(_ops, rank, out_dim, cfg, dtype)
+        if _name(t) not in seen:
+            seen.add(_name(t))
+            cands[f"gemm {_name(t)}"] = triton_step("gemm", t)
+    want = cands["fused default"]()
+    errs = {k: max(_rel_err(a, b) for a, b in zip(fn(), want)) for k, fn in cands.items()}
+    times = time_queued(cands, repeats=repeats, queue=queue)
+    mem = {k: peak_mib(cands[k]) for k in ("lmf", "fused default", "gemm default")}
+    rows = []
+    for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
+        extra = f" {mem[k]:8.1f} MiB" if k in mem else ""
+        print(f"  {k:<34} {ms:8.3f} ms  {times['lmf'] / ms:5.2f}x lmf  grad err {errs[k]:.1e}{extra}")
+        rows.append({"case": label, "cand": k, "ms": ms, "vs_lmf": times["lmf"] / ms, "grad_err": errs[k],
+                     "peak_mib": mem.get(k)})  # fmt: skip
+    return rows
+
+
+def zoom_shift(repeats: int, queue: int) -> list[dict[str, Any]]:
+    """zoom_shift (256, 512, 512) float32 under each tile, against copy bandwidth."""
+    torch = _torch()
+    import mmfuse
+    from mmfuse.backends.triton import _ops
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(*ZOOM_SHAPE, device="cuda", generator=gen)
+    guide = 2 + 3 * torch.randn(*ZOOM_SHAPE, device="cuda", generator=gen)
+    want = mmfuse.zoom_shift(x.double(), guide.double(), alpha=0.5, backend="torch")
+
+    def call(cfg: tuple[int, int, int] | None, bare: bool = False) -> Callable[[], Any]:
+        def tiles(n_tok: int, n_ch: int, budget: int, block_c: int | None = None) -> Any:
+            c, warps, block_t = cfg  # type: ignore[misc]
+            single = block_t == 0
+            return _ops._StatTiles(c, _ops._pow2(n_tok) if single else block_t, single, warps)
+
+        def run() -> Any:
+            with _Patched(_ops, **({} if cfg is None else {"_stat_tiles": tiles})):
+                if bare:
+                    return torch.ops.mmfuse_triton.zoom_shift(x, guide, 0.5, None, None, 1e-5)
+                return mmfuse.zoom_shift(x, guide, alpha=0.5, backend="triton")
+
+        return run
+
+    cands: dict[str, Callable[[], Any]] = {"copy": lambda: x.clone(), "default": call(None),
+                                           "default, bare op": call(None, bare=True)}  # fmt: skip
+    for cfg in ZOOM_TILES:
+        cands[f"C{cfg[0]} w{cfg[1]} " + ("one tile" if cfg[2] == 0 else f"T{cfg[2]}")] = call(cfg)
+    errs = {}
+    with torch.no_grad():
+        for k, fn in cands.items():
+            if k != "copy":
+                try:
+                    errs[k] = _rel_err(fn(), want)
+                except Exception as exc:
+                    print(f"  {k}: FAILED {type(exc).__name__}: {exc}"[:200])
+        cands = {k: fn for k, fn in cands.items() if k == "copy" or k in errs}
+        times = time_queued(cands, repeats=repeats, queue=queue)
+    nbytes = x.numel() * x.element_size()
+    copy_bw = 2 * nbytes / times["copy"]
+    rows = []
+    print(f"zoom_shift {ZOOM_SHAPE} float32 (x, guide read, y written; copy {copy_bw / 1e6:.0f} GB/s)")
+    for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
+        frac = (2 if k == "copy" else 3) * nbytes / ms / copy_bw
+        err = f"  err {errs[k]:.1e}" if k in errs else ""
+        print(f"  {k:<24} {ms:8.3f} ms  {frac:5.0%} of copy{err}")
+        rows.append({"case": "zoom_shift", "cand": k, "ms": ms, "of_copy": frac, "err": errs.get(k)})
+    return rows
+
+
+def lowrank_forward(repeats: int, queue: int) -> list[dict[str, Any]]:
+    """Forward under each tile, beside LMF-style code and the GEMM-only time."""
+    torch = _torch()
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for case in LOWRANK_CASES:
+            rows += _forward_case(dtype, *case, repeats=repeats, queue=queue)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _forward_case(
+    dtype: Any, batch: int, dims: tuple[int, ...], out_dim: int, rank: int, *, repeats: int, queue: int
+) -> list[dict[str, Any]]:
+    torch = _torch()
+    import mmfuse
+    from mmfuse.backends.triton import _ops
+
+    label = f"fwd {str(dtype)[6:]} B={batch} dims={dims} h={out_dim} R={rank}"
+    print(label)
+    xs, factors, w, bias = _lowrank_inputs(torch, batch, dims, out_dim, rank, dtype, "cuda")
+
+    def triton_fwd(tiles: Any = None) -> Callable[[], Any]:
+        patch = {} if tiles is None else {"_lowrank_tiles": lambda *a, **k: tiles}
+
+        def run() -> Any:
+            with _Patched(_ops, **patch):
+                return mmfuse.lowrank_fusion(xs, factors, w, bias, backend="triton")
+
+        return run
+
+    cands: dict[str, Callable[[], Any]] = {
+        "lmf": lambda: lmf_straightforward(torch, xs, factors, w[None, :], bias),
+        "gemm-only": lambda: [torch.matmul(x, f[:, :-1, :]) for x, f in zip(xs, factors)],
+        "default": triton_fwd(),
+    }
+    seen = {_name(_ops._lowrank_tiles(rank, out_dim, len(dims), dtype, False))}
+    for cfg in FWD_TILES:
+        t = _tiles(_ops, rank, out_dim, cfg, dtype)
+        if _name(t) not in seen:
+            seen.add(_name(t))
+            cands[_name(t)] = triton_fwd(t)
+    with torch.no_grad():
+        want = cands["default"]()
+        errs = {k: _rel_err(fn(), want) for k, fn in cands.items() if k not in ("lmf", "gemm-only")}
+        times = time_queued(cands, repeats=repeats, queue=queue)
+    rows = []
+    for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
+        err = f"  err vs default {errs[k]:.1e}" if k in errs else ""
+        print(f"  {k:<26} {ms:8.3f} ms  {times['lmf'] / ms:5.2f}x lmf  {ms / times['gemm-only']:5.2f}x gemm{err}")
+        rows.append({"case": label, "cand": k, "ms": ms, "vs_lmf": times["lmf"] / ms,
+                     "vs_gemm": ms / times["gemm-only"], "err": errs.get(k)})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-s", type=float, default=300.0, help="start no section after this (default 300)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--queue", type=int, default=4, help="calls between a sample's events (default 4)")
+    parser.add_argument("--json", help="write the rows here (default: $OUT/tune.json when $OUT is set)")
+    parser.add_argument("--only", default="compile,backward,zoom,forward", help="sections, comma-separated")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    start = time.monotonic()
+    torch = _torch()
+    import mmfuse.backends.triton  # noqa: F401
+
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    out_json = args.json or (os.path.join(os.environ["OUT"], "tune.json") if os.environ.get("OUT") else None)
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name()}
+    sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "compile": compile_diagnosis,
+        "backward": lambda: lowrank_backward(args.repeats, max(1, args.queue // 2)),
+        "zoom": lambda: zoom_shift(args.repeats * 2, args.queue * 2),
+        "forward": lambda: lowrank_forward(args.repeats, args.queue),
+    }
+    for name in args.only.split(","):
+        if time.monotonic() - start > args.budget_s:
+            print(f"skipped (budget): {name}")
+            continue
+        t0 = time.monotonic()
+        try:
+            results[name] = sections[name]()
+        except Exception:
+            traceback.print_exc()
+            results[name] = "failed"
+        print(f"  ({name}: {time.monotonic() - t0:.0f} s)")
+        if out_json:
+            with open(out_json, "w") as fh:
+                json.dump(results, fh, indent=1)
+    print(f"total {time.monotonic() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
