@@ -28,14 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from gpu import LOWRANK_CASES, ZOOM_SHAPE, _lowrank_inputs, _rel_err, _torch, lmf_straightforward, peak_mib
+from gpu import (
+    LOWRANK_CASES,
+    ZOOM_SHAPE,
+    _lowrank_inputs,
+    _rel_err,
+    _torch,
+    lmf_straightforward,
+    peak_mib,
+    time_cuda,
+)  # fmt: skip
 
 # (BLOCK_B, columns = RANK_P * BLOCK_H, warps, stages, BLOCK_K); BLOCK_K 16 becomes 32 for
 # 16-bit inputs (tensor-core dots need K >= 16; 32 is the default there)
@@ -48,26 +56,6 @@ G_TILES = [(64, 64, 8, 3, 16), (128, 64, 8, 3, 16), (64, 128, 8, 3, 16), (32, 64
 # (BLOCK_C, warps, BLOCK_T or 0 for the whole token axis in one tile)
 ZOOM_TILES = [(16, 8, 0), (16, 4, 0), (16, 16, 0), (32, 16, 0), (32, 8, 0), (8, 4, 0), (8, 8, 0),
               (32, 8, 64), (64, 8, 32), (128, 8, 16), (64, 4, 16)]  # fmt: skip
-
-
-def time_queued(cands: dict[str, Callable[[], Any]], *, repeats: int, queue: int, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per call, ``queue`` calls between a sample's CUDA events."""
-    torch = _torch()
-    for fn in cands.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {k: [] for k in cands}
-    for _ in range(repeats):
-        for name, fn in cands.items():
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(queue):
-                fn()
-            stop.record()
-            stop.synchronize()
-            samples[name].append(start.elapsed_time(stop) / queue)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _tiles(ops: Any, rank: int, out_dim: int, cfg: tuple[int, ...], dtype: Any) -> Any:
@@ -193,7 +181,7 @@ def _backward_case(
             cands[f"gemm {_name(t)}"] = triton_step("gemm", t)
     want = cands["fused default"]()
     errs = {k: max(_rel_err(a, b) for a, b in zip(fn(), want)) for k, fn in cands.items()}
-    times = time_queued(cands, repeats=repeats, queue=queue)
+    times = time_cuda(cands, repeats=repeats, queue=queue)
     mem = {k: peak_mib(cands[k]) for k in ("lmf", "fused default", "gemm default")}
     rows = []
     for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
@@ -242,7 +230,7 @@ def zoom_shift(repeats: int, queue: int) -> list[dict[str, Any]]:
                 except Exception as exc:
                     print(f"  {k}: FAILED {type(exc).__name__}: {exc}"[:200])
         cands = {k: fn for k, fn in cands.items() if k == "copy" or k in errs}
-        times = time_queued(cands, repeats=repeats, queue=queue)
+        times = time_cuda(cands, repeats=repeats, queue=queue)
     nbytes = x.numel() * x.element_size()
     copy_bw = 2 * nbytes / times["copy"]
     rows = []
@@ -300,7 +288,7 @@ def _forward_case(
     with torch.no_grad():
         want = cands["default"]()
         errs = {k: _rel_err(fn(), want) for k, fn in cands.items() if k not in ("lmf", "gemm-only")}
-        times = time_queued(cands, repeats=repeats, queue=queue)
+        times = time_cuda(cands, repeats=repeats, queue=queue)
     rows = []
     for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
         err = f"  err vs default {errs[k]:.1e}" if k in errs else ""

@@ -369,8 +369,25 @@ def test_registered_and_supports():
         assert "TRITON_INTERPRET=1" in tb.supports(torch, torch.device("cpu"))
 
 
-def test_auto_keeps_the_torch_ops_until_measured():
-    """Priority below the torch backend's: "auto" does not pick unmeasured kernels."""
+def test_auto_takes_the_measured_kernels_for_cuda_tensors_only():
+    """On CUDA tensors (metadata: no GPU here) "auto" takes the kernels measured faster than
+    the torch ops (low-rank fusion, zoom_shift), not the others, and never the interpreter."""
+    from dataclasses import replace
+
+    from mmfuse._namespace import torch_namespace
+    from mmfuse.backends import _registry
+    from mmfuse.backends._conditions import CallInfo
+
+    cuda = CallInfo(torch_namespace(), torch.device("cuda", 0), torch.float32, True, False, 4096)
+    for op in ("lowrank_fusion", "zoom_shift"):
+        assert _registry._choose(op, "auto", cuda).backend == "triton"
+        assert _registry._choose(op, "auto", replace(cuda, device=torch.device("cpu"))).backend == "torch"
+    for op in ("cp_fusion", "wander", "sequence_fusion"):
+        assert _registry._choose(op, "auto", cuda).backend == "torch"
+
+
+def test_auto_keeps_the_torch_ops_on_cpu_tensors():
+    """Under the interpreter, CPU tensors: "auto" keeps the torch backend's ops."""
     xs, fs, w, b, _, _ = _lowrank_problem(3, (2, 2), 2, 2, True, True, False, torch.float32)
     out = mmfuse.lowrank_fusion(xs, fs, w, b)
     assert "Triton" not in type(out.grad_fn).__name__
@@ -494,7 +511,7 @@ def test_stat_cases_reach_both_kernel_paths():
     assert not _ops._stat_tiles(2100, 9, 16384).single  # moments, looped
     x_tiles = _ops._stat_tiles(2100, 9, 8192)
     assert not x_tiles.single and not _ops._stat_tiles(1100, 9, 8192, x_tiles.block_c).single
-    assert _ops._stat_tiles(512, 512, 8192) == _ops._StatTiles(16, 512, True)  # the benchmark's shape
+    assert _ops._stat_tiles(512, 512, _ops._ZOOM_SHIFT_BUDGET) == _ops._StatTiles(32, 512, True)  # the benchmark's
 
 
 @pytest.mark.usefixtures("backward_path")

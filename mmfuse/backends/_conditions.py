@@ -251,6 +251,14 @@ def _triton(info: CallInfo) -> str | None:
     return None
 
 
+def _triton_cuda(info: CallInfo) -> str | None:
+    """The Triton rows "auto" may take: torch CUDA tensors only, never Triton's interpreter
+    (which serves the tests and backend="triton" on CPU tensors, slowly)."""
+    if getattr(info.device, "type", None) != "cuda":
+        return "needs torch tensors on a CUDA device"
+    return _triton(info)
+
+
 def _interpreting() -> bool:
     import os
 
@@ -274,4 +282,5 @@ CONDITIONS: dict[str, Callable[[CallInfo], str | None]] = {
     "torch CPU (CPU kernels)": _numba_cpu_torch,
     "numpy or torch CPU, no gradient (CPU kernels)": _numba_cpu_no_grad,
     "torch CUDA tensors": _triton,
+    "torch CUDA tensors, compiled kernels": _triton_cuda,
 }

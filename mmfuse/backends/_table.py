@@ -207,11 +207,20 @@ def _rows() -> tuple[Row, ...]:
             AUTO_IMPORT_PRODUCTS,
         )
 
-    # Fused Triton kernels for torch CUDA tensors (CPU tensors under TRITON_INTERPRET=1).  Not
-    # yet measured on a GPU, so below every row "auto" picked before them (the torch backend's
-    # autograd rows are 5): "auto" never chooses them; backend="triton" runs them.
+    # Fused Triton kernels for torch CUDA tensors (CPU tensors under TRITON_INTERPRET=1), at 4:
+    # below every row "auto" picked before them (the torch backend's autograd rows are 5), so
+    # backend="triton" runs them and "auto" does not, except where an H200 measured them
+    # faster than the torch backend's custom ops (benchmarks/gpu_tune.py, RESULTS.md): the
+    # low-rank forward+backward (9.1 / 1.7 / 12.9 ms against 13.6 / 3.2 / 13.4 at issue 21's
+    # sizes, float32) and zoom_shift (0.29 against 1.0 ms at (256, 512, 512)).  Those rows,
+    # at 16 over the ops' 15, take CUDA tensors only (never the interpreter), once triton is
+    # imported.  The Wander and sequence kernels measured slower than the torch ops; cp,
+    # moments and align are not measured against them.
     for op in ("lowrank_fusion", "cp_fusion", "moments", "zoom_shift", "sequence_fusion", "wander", "align"):
         add(op, "triton", "fused kernels", f"{_TRITON}:{op}", "torch CUDA tensors", 4)
+    for op in ("lowrank_fusion", "zoom_shift"):
+        add(op, "triton", "fused kernels, measured faster", f"{_TRITON}:{op}",
+            "torch CUDA tensors, compiled kernels", 16)  # fmt: skip
     return tuple(rows)
 
 

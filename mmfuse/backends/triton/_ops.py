@@ -67,23 +67,25 @@ class _Tiles(NamedTuple):
 
 
 def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, backward: bool) -> _Tiles:
-    """Tile sizes of the low-rank kernels (powers of two; every ``tl.dot`` operand >= 16).
+    """Tile sizes of the low-rank forward and fused-backward kernels (powers of two; every
+    ``tl.dot`` operand >= 16).
 
     A program's tile holds BLOCK_N = RANK_P * BLOCK_H columns (all ranks of BLOCK_H
     outputs); narrow outputs pad the rank instead (h = 1, R = 4: RANK_P = 16) so the dot has
-    16 columns.  Chosen from the register use ``ptxas -v`` reports for sm_90a
-    (:mod:`._compile_check`, no GPU needed), not from timings (none yet):
+    16 columns.
 
-    - forward: two live (BLOCK_B, BLOCK_N) float32 tiles (the running product and the
-      current projection), BLOCK_B = 64, BLOCK_N <= 128, 8 warps: no spills at the issue's
-      sizes (4 warps spilled 0.5-1.5 KB a thread);
-    - backward: all M projection tiles live at once, so BLOCK_N <= 64 and BLOCK_B = 32
-      (16 for M > 4), 8 warps: no spills for M <= 4, some for M = 8;
-    - BLOCK_K = 16 for float32 (the FMA path of "ieee" dots keeps K-long operand slices per
-      thread: BLOCK_K = 32 spilled), 32 for 16-bit inputs (tensor cores).  The backward is
-      sized as float32 whatever the inputs: its gradient dots take G_m in float32 (an
-      intermediate that overflows float16), so 16-bit inputs leave the tensor cores there
-      (not measured on a GPU yet).
+    - forward, timed on an H200 (``benchmarks/gpu_tune.py``, RESULTS.md), BLOCK_N <= 128:
+      float32 ("ieee" FMA dots) 4 warps over BLOCK_B * BLOCK_N = 4096 (32 x 128: 1.63 ms
+      against 1.77 for the first, register-count choice 64 x 128 at 8 warps, at
+      B = 65536, (32, 32, 128), h 128, R 16; 256 x 16: 0.22 against 0.35 ms at h = 1, R = 4);
+      16-bit (tensor cores) 8 warps over 16384 (128 x 128: 0.46 against 0.74 ms; 256 x 16);
+      BLOCK_B at most 256;
+    - fused backward (the "fused" path, :func:`_backward_path`): all M projection tiles live
+      at once, so BLOCK_N <= 64 and BLOCK_B = 32 (16 for M > 4), 8 warps, from ``ptxas -v``
+      register counts (no spills for M <= 4); its gradient dots take G_m in float32 (an
+      intermediate that overflows float16), so it is sized as float32 whatever the inputs;
+    - BLOCK_K = 16 for float32 (the FMA path keeps K-long operand slices per thread: 32
+      spilled), 32 for 16-bit inputs.
     """
     rank_p = _pow2(rank)
     cols = 64 if backward else 128
@@ -91,24 +93,32 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
     if rank_p * block_h < 16:
         rank_p = 16 // block_h
     block_n = rank_p * block_h
+    low = dtype in (torch.float16, torch.bfloat16)
+    block_k = 32 if low else 16
     if backward:
-        block_b = 32 if n_mod <= 4 else 16
-    else:
-        block_b = max(16, min(64, _pow2_floor(max(1, 8192 // block_n))))
-    block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
-    return _Tiles(block_b, block_k, block_h, rank_p, 8)
+        return _Tiles(32 if n_mod <= 4 else 16, block_k, block_h, rank_p, 8)
+    if low:
+        return _Tiles(min(256, 16384 // block_n), block_k, block_h, rank_p, 8)
+    return _Tiles(min(256, max(16, 4096 // block_n)), block_k, block_h, rank_p, 4)
 
 
 def _g_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype) -> _Tiles:
-    """Tiles of ``lowrank_bwd_g_kernel``: the forward's columns, at most 64 of them, since it
-    holds all M projection tiles at once (64 x 64 float32 over 8 warps: 16 registers per
-    tile), and half the rows for M > 4.  Chosen from register counts, like the others."""
+    """Tiles of ``lowrank_bwd_g_kernel``, which holds all M projection tiles at once.  Timed
+    on an H200 (``benchmarks/gpu_tune.py``): 64 x 128 at 8 warps best of five at the issue's
+    wide sizes (forward+backward 9.1 ms against 9.8 for 64 x 64, float32; 7.6 against 9.3,
+    bfloat16), 256 x 16 at 4 warps for h = 1, R = 4 (1.69 against 1.71 ms); for M > 4,
+    32 x 64 (eight live tiles), from register counts, not timed."""
     rank_p = _pow2(rank)
-    block_h = max(1, min(_pow2(out_dim), 64 // rank_p))
+    cols = 128 if n_mod <= 4 else 64
+    block_h = max(1, min(_pow2(out_dim), cols // rank_p))
     if rank_p * block_h < 16:
         rank_p = 16 // block_h
     block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
-    return _Tiles(64 if n_mod <= 4 else 32, block_k, block_h, rank_p, 8)
+    if n_mod > 4:
+        return _Tiles(32, block_k, block_h, rank_p, 8)
+    if rank_p * block_h < 64:
+        return _Tiles(256, block_k, block_h, rank_p, 4)
+    return _Tiles(64, block_k, block_h, rank_p, 8)
 
 
 #: The low-rank backward: "gemm" (G kernel + cuBLAS products), "fused" (the two recomputing
@@ -120,12 +130,16 @@ LOWRANK_BACKWARD: str | None = None
 def _backward_path(rank: int, out_dim: int) -> str:
     """Which low-rank backward runs.  The fused kernels recompute the M projections twice and
     run their gradient products as small FMA dots; "gemm" recomputes them once (into G_m
-    buffers of at most _G_BYTES) and leaves the products to cuBLAS.  H200, float32, first
-    measurement: fused forward+backward 32.3 / 2.3 / 67.1 ms at the issue's three sizes
-    against LMF-style torch's 14.4 / 1.8 / 13.5 ms."""
+    buffers of at most _G_BYTES) and leaves the products to cuBLAS.  H200, forward+backward
+    (``benchmarks/gpu_tune.py``): at R h = 2048 and 4096 "gemm" takes 9.1 / 12.9 ms
+    (float32) and 7.6 / 7.0 ms (bfloat16) against the fused kernels' 31.9 / 66.6 and
+    32.7 / 65.0; at R h = 4 (h = 1, R = 4, B = 262144) the fused kernels are as fast in
+    float32 (1.73 against 1.69-1.71 ms) and faster in bfloat16 (1.40 against 1.78), with
+    half the memory (their partials against the G_m of the whole batch).  Measured at those
+    two widths only; the switch sits between them."""
     if LOWRANK_BACKWARD is not None:
         return LOWRANK_BACKWARD
-    return "gemm"
+    return "fused" if rank * out_dim <= 16 else "gemm"
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -577,18 +591,20 @@ class _StatTiles(NamedTuple):
     num_warps: int = 8
 
 
-# zoom_shift's register tile (x's stays live through the statistics); see _stat_tiles
-_ZOOM_SHIFT_BUDGET = 8192
+# zoom_shift's register tile (x's stays live through the statistics; see _stat_tiles).  8192
+# from ptxas (T = 512, BLOCK_C = 32 spilled 424 bytes a thread at 8 warps); timed on an H200
+# at (256, 512, 512) float32, the spilling 512 x 32 tile ran at 71% of copy bandwidth against
+# 54% for 512 x 16 (and 66% at 16 warps, 31% or less looping over token blocks)
+_ZOOM_SHIFT_BUDGET = 16384
 
 
 def _stat_tiles(n_tok: int, n_ch: int, budget: int, block_c: int | None = None) -> _StatTiles:
     """BLOCK_C channels per program (at most 32: 128-byte rows of float32; at least 8 while a
     narrower tile would let the token axis fit) and the whole token axis in one register tile
     when it has at most ``budget`` elements, so x is read once; else 4096-element token
-    blocks.  ``budget`` from ``ptxas -v`` for sm_90a at 8 warps: 16384 for ``moments`` (119
-    registers, no spills at T = 512, BLOCK_C = 32), 8192 for ``zoom_shift``, which keeps
-    x's tile live through its statistics (T = 512: BLOCK_C = 16 has no spills, 32 spilled
-    424 bytes a thread).  ``block_c``: fixed by the caller (the guide shares x's)."""
+    blocks.  ``budget``: 16384 for ``moments`` (from ``ptxas -v`` for sm_90a at 8 warps: 119
+    registers, no spills at T = 512, BLOCK_C = 32) and for ``zoom_shift`` (timed:
+    :data:`_ZOOM_SHIFT_BUDGET`).  ``block_c``: fixed by the caller (the guide shares x's)."""
     if block_c is None:
         block_c = min(32, _pow2(n_ch))
         while block_c > 8 and _pow2(n_tok) * block_c > budget:
