@@ -370,18 +370,22 @@ def test_registered_and_supports():
 
 
 def test_auto_takes_the_measured_kernels_for_cuda_tensors_only():
-    """On CUDA tensors (metadata: no GPU here) "auto" takes the kernels measured faster than
-    the torch ops (low-rank fusion, zoom_shift), not the others, and never the interpreter."""
+    """On CUDA tensors (metadata: no GPU here) of measured sizes "auto" takes the kernels
+    measured faster than the torch ops (low-rank fusion, zoom_shift), not the others, not for
+    small calls, and never the interpreter."""
     from dataclasses import replace
 
     from mmfuse._namespace import torch_namespace
     from mmfuse.backends import _registry
-    from mmfuse.backends._conditions import CallInfo
+    from mmfuse.backends._conditions import TRITON_AUTO_ELEMENTS, CallInfo
 
-    cuda = CallInfo(torch_namespace(), torch.device("cuda", 0), torch.float32, True, False, 4096)
+    big = TRITON_AUTO_ELEMENTS
+    cuda = CallInfo(torch_namespace(), torch.device("cuda", 0), torch.float32, True, False, big)
     for op in ("lowrank_fusion", "zoom_shift"):
         assert _registry._choose(op, "auto", cuda).backend == "triton"
-        assert _registry._choose(op, "auto", replace(cuda, device=torch.device("cpu"))).backend == "torch"
+        assert _registry._choose(op, "auto", replace(cuda, device=torch.device("cpu"))).backend != "triton"
+        assert _registry._choose(op, "auto", replace(cuda, size=big - 1)).backend == "torch"  # a layer step
+        assert _registry._choose(op, "auto", replace(cuda, size=0, intercepted=True)).backend == "torch"
     for op in ("cp_fusion", "wander", "sequence_fusion"):
         assert _registry._choose(op, "auto", cuda).backend == "torch"
 

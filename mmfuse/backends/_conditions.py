@@ -251,11 +251,21 @@ def _triton(info: CallInfo) -> str | None:
     return None
 
 
+# The first input's elements from which "auto" takes the Triton kernels measured faster.  On
+# an H200 they won at issue 21's sizes (2-67 M elements: the kernels' device time), and lost
+# in layer steps of 1 K and 131 K elements (B = 32 and 4096, (32, 32, 128)), where the host's
+# launches dominate and the torch ops launch fewer, larger operations.
+TRITON_AUTO_ELEMENTS = 1 << 20
+
+
 def _triton_cuda(info: CallInfo) -> str | None:
-    """The Triton rows "auto" may take: torch CUDA tensors only, never Triton's interpreter
-    (which serves the tests and backend="triton" on CPU tensors, slowly)."""
+    """The Triton rows "auto" may take: torch CUDA tensors of at least TRITON_AUTO_ELEMENTS
+    (so not while torch.compile traces: no size), never Triton's interpreter (which serves
+    the tests and backend="triton" on CPU tensors, slowly)."""
     if getattr(info.device, "type", None) != "cuda":
         return "needs torch tensors on a CUDA device"
+    if info.size < TRITON_AUTO_ELEMENTS:
+        return f"needs inputs of at least {TRITON_AUTO_ELEMENTS} elements (below, the torch ops were faster)"
     return _triton(info)
 
 
