@@ -221,7 +221,12 @@ def test_lowrank_gemm_backward_in_chunks(monkeypatch, dtype):
         t = _ops._g_tiles(4, 6, 3, dtype)
         per_row = 3 * (1 if dtype == torch.float32 else 2) * 4 * 6 * _ops._g_dtype(dtype).itemsize
         monkeypatch.setattr(_ops, "_G_BYTES", per_row * t.block_b)  # chunks of block_b rows
+        monkeypatch.setattr(_ops, "_MAX_CHUNKS", 150)
         chunked = run()
+        monkeypatch.setattr(_ops, "_MAX_CHUNKS", 2)  # two chunks of 128 rows: the quarter rule
+        halves = run()
+    for a, c in zip(halves, chunked):
+        assert_close(a, c, rtol=_tol(dtype))
     x64 = [x.detach().double().requires_grad_(True) for x in xs]
     f64 = [f.detach().double().requires_grad_(True) for f in fs]
     w64, b64 = w.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
