@@ -26,8 +26,17 @@ in L2)::
 Nothing but (B, h) is written; x_m of an absent sample is never loaded (masked load), so
 NaNs stored there cannot leak.
 
-Backward, two kernels, saving only the inputs (the caller holds them): with
-G_m = g w_r prod_{j != m} P_j,
+Backward, saving only the inputs (the caller holds them), with G_m = g w_r prod_{j != m} P_j;
+two paths (``_ops._backward_path``):
+
+"gemm" (wide outputs, R h > 16): ``lowrank_bwd_g_kernel`` recomputes the M projection tiles
+once and writes every G_m for a batch chunk (at most four chunks: bounded buffers), and
+cuBLAS does the products, dL/dx_m = G_m F_m^T and dL/dF_m = [x_m, 1]^T G_m (chunks summed in
+order; bfloat16 G as hi + lo terms so the products run on tensor cores while the gradients
+keep float32's intermediate).  On an H200 this took 9.1-10.8 ms at B = 65536, (32, 32, 128),
+h 128, R 16, float32, against LMF-style torch's 14.1 and the fused path's 31.9.
+
+"fused" (R h <= 16, where G_m is a few columns and the GEMMs would be all launch), two kernels:
 
 - ``lowrank_bwd_x_kernel`` (one program per row block, walking the output slices in order):
   recomputes the M projection tiles, forms each G_m from the others (no division), and
@@ -37,10 +46,11 @@ G_m = g w_r prod_{j != m} P_j,
   per-split float32 partials; the host sums the S partials (torch's fixed-shape reduction: a
   fixed order).  S is chosen to fill the device with at most 64 MiB of partials.
 
-So the backward costs the forward's projections twice more (once per kernel) plus the dx and
-dF products; in exchange the step keeps no (M, B, R h) projections (LMF's dominant memory).
-Everything is deterministic: same inputs, same bits.  The two kernels have no derivative of
-their own: a second-order gradient through the Triton low-rank op raises (torch names the
+So the fused backward costs the forward's projections twice more (once per kernel) plus the
+dx and dF products, the "gemm" one once more; in exchange neither keeps the (M, B, R h)
+projections (LMF's dominant memory).  Everything is deterministic: same inputs, same bits.
+The kernels have no derivative of their own: a second-order gradient through the Triton
+low-rank op raises (torch names the
 backward op without an autograd formula); the torch backend's op, whose backward is torch
 code, has one.
 
@@ -54,16 +64,16 @@ two-pass algorithm about a pivot (p = sum(x) / n, d = x - p, mean = p + sum(d) /
 var = sum(d^2) / n - (sum(d) / n)^2; masked tokens selected out, so NaN padding cannot leak)
 and, for ``zoom_shift``, the guide's statistics and then the map about x's pivot,
 y = (x - p) s + (target - corr s).  When the token axis fits one register tile (T <= 512 at
-16 channels, 1024 at 8) x is read once and y written once; longer axes loop over token
-blocks.  Their ops carry autograd (:mod:`._ops`): ``zoom_shift``'s backward is the torch
+32 channels, 1024 at 16, 2048 at 8) x is read once and y written once; longer axes loop over
+token blocks.  Their ops carry autograd (:mod:`._ops`): ``zoom_shift``'s backward is the torch
 backend's closed form (called, not copied), ``moments``' the per-token derivative of mean
 and std, both plain torch operations from the saved inputs (so double backward works).
 Other statistics axes than -2 go to the torch backend's ``zoom_shift`` op or the Array-API
 core's ``moments``.
 
-Costs the first GPU measurement should look at (none has been made): tile sizes come from
-``ptxas -v`` register counts for sm_90a (:mod:`._compile_check`), not timings
-(``benchmarks/gpu_tune.py`` times alternatives).  Besides DRAM traffic, the tiles re-read
+Tiles: the low-rank forward's, the G kernel's and ``zoom_shift``'s were timed on an H200
+(``benchmarks/gpu_tune.py``; benchmarks/RESULTS.md), the others come from ``ptxas -v``
+register counts for sm_90a (:mod:`._compile_check`).  Besides DRAM traffic, the tiles re-read
 data from L2: each forward program reads its factor slice for all modalities (B / BLOCK_B
 times the factors in all), and each output slice re-reads x (h / BLOCK_H times x); the
 backward's read-modify-writes of its own dx rows (once per output slice) and dF partials
