@@ -90,6 +90,20 @@ def _columns(h0, n_out, rank, BLOCK_H: tl.constexpr, RANK_P: tl.constexpr):
 
 
 @triton.jit
+def _row_block_tile(batch, n_out, rank, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, RANK_P: tl.constexpr):
+    """The (BLOCK_B rows, BLOCK_H outputs) tile of this program in a 1-D grid whose output
+    slices of one row block are adjacent (so the programs re-reading the same x rows run
+    together and find them in L2): (pid, first output, rows, rows in the batch, and
+    :func:`_columns`' rank, output index and valid flag of the tile's columns)."""
+    n_hblk = tl.cdiv(n_out, BLOCK_H)
+    pid = tl.program_id(0)
+    h0 = (pid % n_hblk) * BLOCK_H
+    rows = (pid // n_hblk) * BLOCK_B + tl.arange(0, BLOCK_B)
+    r, k, col_ok = _columns(h0, n_out, rank, BLOCK_H, RANK_P)
+    return pid, h0, rows, rows < batch, r, k, col_ok
+
+
+@triton.jit
 def _project(
     x_ptr, f_ptr, d, rows, ok, r, k, col_ok, n_out,
     APPEND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -224,13 +238,7 @@ def lowrank_fwd_kernel(
     registers; only (B, h) is written.
     """
     BLOCK_N: tl.constexpr = RANK_P * BLOCK_H
-    n_hblk = tl.cdiv(n_out, BLOCK_H)
-    pid = tl.program_id(0)
-    pid_b = pid // n_hblk
-    h0 = (pid % n_hblk) * BLOCK_H
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < batch
-    r, k, col_ok = _columns(h0, n_out, rank, BLOCK_H, RANK_P)
+    _, h0, rows, row_ok, r, k, col_ok = _row_block_tile(batch, n_out, rank, BLOCK_B, BLOCK_H, RANK_P)
 
     prod = _project_j(0, x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
                       d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
@@ -426,13 +434,7 @@ def lowrank_bwd_g_kernel(
     too: their constant row still enters dL/dF_m; the host zeroes their dL/dx_m.
     """
     BLOCK_N: tl.constexpr = RANK_P * BLOCK_H
-    n_hblk = tl.cdiv(n_out, BLOCK_H)
-    pid = tl.program_id(0)
-    pid_b = pid // n_hblk
-    h0 = (pid % n_hblk) * BLOCK_H
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < batch
-    r, k, col_ok = _columns(h0, n_out, rank, BLOCK_H, RANK_P)
+    pid, _, rows, row_ok, r, k, col_ok = _row_block_tile(batch, n_out, rank, BLOCK_B, BLOCK_H, RANK_P)
     p0, p1, p2, p3, p4, p5, p6, p7 = _all_projections(
         x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
         d0, d1, d2, d3, d4, d5, d6, d7, present_ptr, rows, row_ok, r, k, col_ok, n_out,
