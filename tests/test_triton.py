@@ -107,6 +107,15 @@ def _lowrank_ref(xs, fs, w, b, present, append_one):
     )  # fmt: skip
 
 
+def _torch_grads64(xs, fs, w, b, present, upstream):
+    """The torch backend's gradients of every leaf in float64 on the same (rounded) inputs."""
+    x64 = [x.detach().double().requires_grad_(True) for x in xs]
+    f64 = [f.detach().double().requires_grad_(True) for f in fs]
+    w64, b64 = w.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    out64 = mmfuse.lowrank_fusion(x64, f64, w64, b64, present=present, backend="torch")
+    return torch.autograd.grad((out64 * upstream.double()).sum(), [*x64, *f64, w64, b64])
+
+
 def _check_directional(loss_of, leaves, grads, rng, rtol):
     """<grad, v> against the exact central difference of the float64 reference along a
     random v, per leaf (the loss is affine in each leaf)."""
@@ -194,11 +203,7 @@ def test_lowrank_backward_split_and_slice_paths(monkeypatch):
             one_split = run()
     for a, c in zip(default, one_split):
         assert_close(a, c, rtol=1e-5)
-    x64 = [x.detach().double().requires_grad_(True) for x in xs]
-    f64 = [f.detach().double().requires_grad_(True) for f in fs]
-    w64, b64 = w.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
-    out64 = mmfuse.lowrank_fusion(x64, f64, w64, b64, present=present, backend="torch")
-    want = torch.autograd.grad((out64 * upstream.double()).sum(), [*x64, *f64, w64, b64])
+    want = _torch_grads64(xs, fs, w, b, present, upstream)
     for a, c in zip(one_split, want):
         assert_close(a, torch.nan_to_num(c).float())
 
@@ -227,11 +232,7 @@ def test_lowrank_gemm_backward_in_chunks(monkeypatch, dtype):
         halves = run()
     for a, c in zip(halves, chunked):
         assert_close(a, c, rtol=_tol(dtype))
-    x64 = [x.detach().double().requires_grad_(True) for x in xs]
-    f64 = [f.detach().double().requires_grad_(True) for f in fs]
-    w64, b64 = w.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
-    out64 = mmfuse.lowrank_fusion(x64, f64, w64, b64, present=present, backend="torch")
-    want = torch.autograd.grad((out64 * upstream.double()).sum(), [*x64, *f64, w64, b64])
+    want = _torch_grads64(xs, fs, w, b, present, upstream)
     for m in range(3):
         assert (whole[m][~present[:, m]] == 0).all() and (chunked[m][~present[:, m]] == 0).all()
     for a, c, e in zip(whole, chunked, want):
