@@ -26,7 +26,7 @@ Triton kernels (issue 21; the ``"triton"`` backend, ``mmfuse.backends.triton``),
 
 1. Correctness of every kernel against a float64 result on the same inputs: the low-rank
    forward (with and without a ``present`` mask, against the NumPy reference on a slice), its
-   two backward kernels (all gradients, against float64 autograd of the LMF-style code), the
+   backward (the default path; all gradients, against float64 autograd of the LMF-style code), the
    CP forward and its backward; in float32 (TF32 off) and bfloat16 at the three sizes (the
    gradient checks on the first 4096 rows); bit-identical reruns (same rows); ``moments``
    and ``zoom_shift`` (token masks, alpha 1 and 0.5, token axes in one tile and in blocks,

@@ -208,37 +208,73 @@ def test_lowrank_backward_split_and_slice_paths(monkeypatch):
         assert_close(a, torch.nan_to_num(c).float())
 
 
+def _count_g_launches(monkeypatch):
+    """The G kernel's launches (one per batch chunk of the "gemm" backward), as a list."""
+    launches = []
+    real = _ops.wrap_triton
+
+    def counting(kernel):
+        if kernel is _ops.K.lowrank_bwd_g_kernel:
+            launches.append(kernel)
+        return real(kernel)
+
+    monkeypatch.setattr(_ops, "wrap_triton", counting)
+    return launches
+
+
+def _small_g_rows(monkeypatch, rows=16):
+    default = _ops._g_tiles
+    monkeypatch.setattr(_ops, "_g_tiles", lambda *a: default(*a)._replace(block_b=rows))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_lowrank_gemm_backward_in_chunks(monkeypatch, dtype):
-    """The "gemm" backward over several batch chunks (the last one ragged), with absent rows
-    (NaN stored) and 16-bit G as hi + lo terms: the gradients of one chunk and of three agree
-    and match float64."""
+    """The "gemm" backward in one chunk, ten (16 rows, the last one ragged) and two (the
+    quarter rule), with absent rows (NaN stored) and 16-bit G as hi + lo terms: the gradients
+    agree and match float64."""
     monkeypatch.setattr(_ops, "LOWRANK_BACKWARD", "gemm")
+    _small_g_rows(monkeypatch)
+    launches = _count_g_launches(monkeypatch)
     xs, fs, w, b, present, upstream = _lowrank_problem(150, (5, 9, 3), 4, 6, True, True, True, dtype, seed=3)
     leaves = [*xs, *fs, w, b]
 
-    def run():
+    def run(g_bytes, max_chunks):
+        monkeypatch.setattr(_ops, "_G_BYTES", g_bytes)
+        monkeypatch.setattr(_ops, "_MAX_CHUNKS", max_chunks)
         out = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="triton")
         return torch.autograd.grad((out * upstream).sum(), leaves)
 
     with poisoned_buffers():
-        whole = run()
-        t = _ops._g_tiles(4, 6, 3, dtype)
-        per_row = 3 * (1 if dtype == torch.float32 else 2) * 4 * 6 * _ops._g_dtype(dtype).itemsize
-        monkeypatch.setattr(_ops, "_G_BYTES", per_row * t.block_b)  # chunks of block_b rows
-        monkeypatch.setattr(_ops, "_MAX_CHUNKS", 150)
-        chunked = run()
-        monkeypatch.setattr(_ops, "_MAX_CHUNKS", 2)  # two chunks of 128 rows: the quarter rule
-        halves = run()
-    for a, c in zip(halves, chunked):
-        assert_close(a, c, rtol=_tol(dtype))
+        whole = run(1 << 40, 1)
+        chunked = run(1, 150)
+        halves = run(1, 2)
+    assert len(launches) == 1 + 10 + 2
     want = _torch_grads64(xs, fs, w, b, present, upstream)
     for m in range(3):
-        assert (whole[m][~present[:, m]] == 0).all() and (chunked[m][~present[:, m]] == 0).all()
-    for a, c, e in zip(whole, chunked, want):
-        assert a.dtype == c.dtype == dtype
-        assert_close(a, c, rtol=_tol(dtype))
-        assert_close(c, torch.nan_to_num(e).to(dtype), rtol=_tol(dtype))
+        for grads in (whole, chunked, halves):
+            assert (grads[m][~present[:, m]] == 0).all()
+    for a, c, h, e in zip(whole, chunked, halves, want):
+        assert a.dtype == c.dtype == h.dtype == dtype
+        for got in (a, c, h):
+            assert_close(got, torch.nan_to_num(e).to(dtype), rtol=_tol(dtype))
+
+
+def test_bfloat16_factor_gradients_sum_their_chunks_in_float32(monkeypatch):
+    """Chunk sums that cancel: 16 rows of g = 1 (three of them 1 + 2^-7) then 16 of g = -1
+    give dL/dF = 3 * 2^-7.  Each chunk's product rounded to bfloat16 (16.0234375 -> 16) lost
+    it all (0.0 came back); summed in float32 it is exact."""
+    monkeypatch.setattr(_ops, "LOWRANK_BACKWARD", "gemm")
+    _small_g_rows(monkeypatch)
+    monkeypatch.setattr(_ops, "_G_BYTES", 1)
+    launches = _count_g_launches(monkeypatch)
+    x = torch.ones((32, 1), dtype=torch.bfloat16)
+    f = torch.ones((1, 2, 1), dtype=torch.bfloat16, requires_grad=True)
+    g = torch.cat([torch.ones(16), -torch.ones(16)])
+    g[:3] = 1 + 2**-7
+    out = mmfuse.lowrank_fusion([x], [f], backend="triton")
+    (grad,) = torch.autograd.grad(out, [f], g.to(torch.bfloat16)[:, None])
+    assert len(launches) == 2
+    assert grad.flatten().tolist() == [3 * 2**-7, 3 * 2**-7]
 
 
 @pytest.mark.usefixtures("backward_path")
@@ -375,7 +411,7 @@ def test_registered_and_supports():
         assert "TRITON_INTERPRET=1" in tb.supports(torch, torch.device("cpu"))
 
 
-def test_auto_takes_the_measured_kernels_for_cuda_tensors_only():
+def test_auto_takes_the_measured_kernels_for_cuda_tensors_only(monkeypatch):
     """On CUDA tensors (metadata: no GPU here) of measured sizes "auto" takes the kernels
     measured faster than the torch ops (low-rank fusion, zoom_shift), not the others, not for
     small calls, and never the interpreter."""
@@ -387,6 +423,9 @@ def test_auto_takes_the_measured_kernels_for_cuda_tensors_only():
 
     big = TRITON_AUTO_ELEMENTS
     cuda = CallInfo(torch_namespace(), torch.device("cuda", 0), torch.float32, True, False, big)
+    for op in ("lowrank_fusion", "zoom_shift"):  # this module sets TRITON_INTERPRET=1
+        assert _registry._choose(op, "auto", cuda).backend == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET")
     for op in ("lowrank_fusion", "zoom_shift"):
         assert _registry._choose(op, "auto", cuda).backend == "triton"
         assert _registry._choose(op, "auto", replace(cuda, device=torch.device("cpu"))).backend != "triton"
@@ -394,6 +433,10 @@ def test_auto_takes_the_measured_kernels_for_cuda_tensors_only():
         assert _registry._choose(op, "auto", replace(cuda, size=0, intercepted=True)).backend == "torch"
     for op in ("cp_fusion", "wander", "sequence_fusion"):
         assert _registry._choose(op, "auto", cuda).backend == "torch"
+    # the cache of "auto" choices tells the two sizes apart (its size classes hold the threshold)
+    assert _registry._key("lowrank_fusion", "auto", cuda) != _registry._key(
+        "lowrank_fusion", "auto", replace(cuda, size=big - 1)
+    )
 
 
 def test_auto_keeps_the_torch_ops_on_cpu_tensors():

@@ -256,17 +256,24 @@ def _triton(info: CallInfo) -> str | None:
 # in layer steps of 1 K and 131 K elements (B = 32 and 4096, (32, 32, 128)), where the host's
 # launches dominate and the torch ops launch fewer, larger operations.
 TRITON_AUTO_ELEMENTS = 1 << 20
+#: Element counts at which a condition's answer changes with the call's size: the registry's
+#: cache of "auto" choices keys calls by them (with the rows' ``import_at``).
+SIZE_THRESHOLDS = (TRITON_AUTO_ELEMENTS,)
 
 
 def _triton_cuda(info: CallInfo) -> str | None:
-    """The Triton rows "auto" may take: torch CUDA tensors of at least TRITON_AUTO_ELEMENTS
-    (so not while torch.compile traces: no size), never Triton's interpreter (which serves
-    the tests and backend="triton" on CPU tensors, slowly)."""
-    if getattr(info.device, "type", None) != "cuda":
-        return "needs torch tensors on a CUDA device"
+    """The Triton rows "auto" may take: what the other Triton rows take, on a CUDA device,
+    compiled (never Triton's interpreter, which serves the tests and backend="triton" on CPU
+    tensors, slowly), for inputs of at least TRITON_AUTO_ELEMENTS (so not while
+    torch.compile traces: no size)."""
+    refusal = _triton(info)
+    if refusal is not None:
+        return refusal
+    if getattr(info.device, "type", None) != "cuda" or _interpreting():
+        return "needs torch tensors on a CUDA device, with TRITON_INTERPRET unset"
     if info.size < TRITON_AUTO_ELEMENTS:
         return f"needs inputs of at least {TRITON_AUTO_ELEMENTS} elements (below, the torch ops were faster)"
-    return _triton(info)
+    return None
 
 
 def _interpreting() -> bool:

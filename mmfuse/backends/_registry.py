@@ -32,7 +32,7 @@ from typing import Any
 from .._config import BACKEND_NAMES, backend_policy
 from .._namespace import array_namespace, device_key, is_array, namespace_name
 from ._catalogue import OPERATORS, Signature
-from ._conditions import CONDITIONS, CallInfo, call_info
+from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info
 from ._table import FRAMEWORKS, ROWS, Row
 
 __all__ = [
@@ -113,9 +113,9 @@ _lock = threading.RLock()
 
 # Optional frameworks in a fixed order, for the cache key of "auto" choices.
 _OPTIONAL = tuple(sorted({fw for fw in FRAMEWORKS.values() if fw is not None}))
-# The element counts at which "auto" may import a framework (rows' import_at): the size
-# classes of the cache key of "auto" choices.
-_IMPORT_AT = tuple(sorted({r.import_at for r in ROWS if r.import_at}))
+# The size classes of the cache key of "auto" choices: the element counts at which "auto" may
+# import a framework (rows' import_at) and those at which a condition's answer changes.
+_SIZE_CLASSES = tuple(sorted({r.import_at for r in ROWS if r.import_at} | set(SIZE_THRESHOLDS)))
 
 
 def _signature(op: str) -> Signature:
@@ -424,7 +424,7 @@ def _first_array(obj: Any) -> Any:
 def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
     frameworks: tuple[bool, ...] = ()
     if name.startswith("auto"):  # what "auto" may choose from: frameworks, size class
-        frameworks = (*(fw in sys.modules for fw in _OPTIONAL), *(info.size >= n for n in _IMPORT_AT))
+        frameworks = (*(fw in sys.modules for fw in _OPTIONAL), *(info.size >= n for n in _SIZE_CLASSES))
     device = device_key(info.device)  # CuPy's devices have no hash
     return (op, name, info.xp, device, info.dtype, info.grad, info.traced, info.intercepted, frameworks)
 

@@ -30,7 +30,8 @@ Backward, saving only the inputs (the caller holds them), with G_m = g w_r prod_
 two paths (``_ops._backward_path``):
 
 "gemm" (wide outputs, R h > 16): ``lowrank_bwd_g_kernel`` recomputes the M projection tiles
-once and writes every G_m for a batch chunk (at most four chunks: bounded buffers), and
+once and writes every G_m for a batch chunk (128 MiB, or a quarter of the batch's G_m where
+that is more), and
 cuBLAS does the products, dL/dx_m = G_m F_m^T and dL/dF_m = [x_m, 1]^T G_m (chunks summed in
 order; bfloat16 G as hi + lo terms so the products run on tensor cores while the gradients
 keep float32's intermediate).  On an H200 this took 9.1-10.8 ms at B = 65536, (32, 32, 128),

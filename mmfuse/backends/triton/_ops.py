@@ -79,7 +79,7 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
       against 1.77 for the first, register-count choice 64 x 128 at 8 warps, at
       B = 65536, (32, 32, 128), h 128, R 16; 256 x 16: 0.22 against 0.35 ms at h = 1, R = 4);
       16-bit (tensor cores) 8 warps over 16384 (128 x 128: 0.46 against 0.74 ms; 256 x 16);
-      BLOCK_B at most 256;
+      BLOCK_B from 16 (``tl.dot``'s least, for R of 2048 and more) to 256;
     - fused backward (the "fused" path, :func:`_backward_path`): all M projection tiles live
       at once, so BLOCK_N <= 64 and BLOCK_B = 32 (16 for M > 4), 8 warps, from ``ptxas -v``
       register counts (no spills for M <= 4); its gradient dots take G_m in float32 (an
@@ -98,7 +98,7 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
     if backward:
         return _Tiles(32 if n_mod <= 4 else 16, block_k, block_h, rank_p, 8)
     if low:
-        return _Tiles(min(256, 16384 // block_n), block_k, block_h, rank_p, 8)
+        return _Tiles(max(16, min(256, 16384 // block_n)), block_k, block_h, rank_p, 8)
     return _Tiles(min(256, max(16, 4096 // block_n)), block_k, block_h, rank_p, 4)
 
 
@@ -330,9 +330,9 @@ def _gradients(grad: torch.Tensor, gx: Any, gf: Any, gw: Any, need_b: bool) -> l
 
 
 # G_m buffers of the "gemm" backward, per batch chunk: _G_BYTES, or a quarter of the whole
-# batch's where that is more (_MAX_CHUNKS chunks at most).  The whole batch's G_m are as
-# large as the M (B, R h) projections LMF-style code keeps for its backward (GiB at the
-# issue's sizes), so a quarter stays within issue 21's memory target.  Each chunk costs the
+# batch's where that is more (_MAX_CHUNKS chunks at most), so they grow with the batch.  The
+# whole batch's G_m are as large as the M (B, R h) projections LMF-style code keeps for its
+# backward (GiB at the issue's sizes): a quarter stays within issue 21's memory target.  Each chunk costs the
 # host ~8 launches per modality: on the H200 the path's time varied 7.6-12.4 ms between
 # machines at B = 65536 (32, 32, 128) h 128 R 16 bfloat16 with 13 chunks of 128 MiB, where
 # LMF-style code's stayed at 9.4-9.5 ms, i.e. host-bound; 4 chunks: not yet measured.
@@ -360,6 +360,9 @@ def _backward_gemm(
 
     Absent rows: x_m loaded as zeros (NaN stored there cannot enter), dL/dx_m zeroed.  Every
     sum runs in a fixed order (cuBLAS on one stream, chunks in sequence): bit-identical runs.
+    With bfloat16 G over several chunks, dL/dF_m's products run in float32 (hi + lo added):
+    cuBLAS writes a 16-bit product in 16 bits, and chunk sums rounded so before they are
+    added lost whole ulps of the result where they cancel (a review's find).
     """
     n_mod, x0 = len(xs), xs[0]
     batch, dtype, device = int(x0.shape[0]), g.dtype, g.device
@@ -368,6 +371,8 @@ def _backward_gemm(
     gdt = _g_dtype(dtype)
     terms = 2 if gdt != torch.float32 else 1  # hi and lo
     need_g = [a or b for a, b in zip(need_x, need_f)]
+    if not (any(need_g) or need_w):  # only the bias's gradient (the caller's): no kernel
+        return [None] * n_mod, [None] * n_mod, None
     t = _g_tiles(rank, out_dim, n_mod, dtype)
     per_row = max(1, sum(need_g)) * terms * width * gdt.itemsize
     quarter = triton.cdiv(triton.cdiv(batch, _MAX_CHUNKS), t.block_b) * t.block_b
@@ -422,8 +427,10 @@ def _backward_gemm(
                     xm = torch.cat((xm, xm.new_ones((rows, 1))), dim=1)
                 if lo is None:
                     acc[m].addmm_(xm.T, hi)
-                else:  # the chunk's 16-bit product (float32 inside cuBLAS), summed in float32
+                elif chunk == batch:  # one 16-bit product, rounded once (as the result is)
                     acc[m] += torch.addmm(torch.mm(xm.T, lo), xm.T, hi)
+                else:  # chunks summed in float32, each product too (see the docstring)
+                    acc[m].addmm_(xm.T.float(), hi.float() + lo.float())
     gf = [None if a is None else a.view(-1, rank, out_dim).permute(1, 0, 2).contiguous() for a in acc]
     return gx, gf, gw
 
