@@ -79,7 +79,8 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
       against 1.77 for the first, register-count choice 64 x 128 at 8 warps, at
       B = 65536, (32, 32, 128), h 128, R 16; 256 x 16: 0.22 against 0.35 ms at h = 1, R = 4);
       16-bit (tensor cores) 8 warps over 16384 (128 x 128: 0.46 against 0.74 ms; 256 x 16);
-      BLOCK_B from 16 (``tl.dot``'s least, for R of 2048 and more) to 256;
+      BLOCK_B from 16 (``tl.dot``'s least, for R of 2048 and more) to 256, 64 for M > 4
+      (``ptxas``: M = 8 at 256 x 16 spilled 2.3 KB a thread in float32; not timed);
     - fused backward (the "fused" path, :func:`_backward_path`): all M projection tiles live
       at once, so BLOCK_N <= 64 and BLOCK_B = 32 (16 for M > 4), 8 warps, from ``ptxas -v``
       register counts (no spills for M <= 4); its gradient dots take G_m in float32 (an
@@ -97,9 +98,10 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
     block_k = 32 if low else 16
     if backward:
         return _Tiles(32 if n_mod <= 4 else 16, block_k, block_h, rank_p, 8)
+    most = 256 if n_mod <= 4 else 64  # M = 8 at 256 x 16 spilled 2.3 KB (float32) a thread
     if low:
-        return _Tiles(max(16, min(256, 16384 // block_n)), block_k, block_h, rank_p, 8)
-    return _Tiles(min(256, max(16, 4096 // block_n)), block_k, block_h, rank_p, 4)
+        return _Tiles(max(16, min(most, 16384 // block_n)), block_k, block_h, rank_p, 8)
+    return _Tiles(min(most, max(16, 4096 // block_n)), block_k, block_h, rank_p, 4)
 
 
 def _g_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype) -> _Tiles:
