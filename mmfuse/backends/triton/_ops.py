@@ -6,7 +6,8 @@ kernels through ``wrap_triton`` (so ``torch.compile`` traces into them):
 
 - ``lowrank_fusion(xs, factors, weights, bias, append_one, present) -> Tensor``: one kernel.
 - ``lowrank_fusion_backward(grad, xs, factors, weights, append_one, present, needs)
-  -> Tensor[]``: two kernels (dL/dx; dL/dfactor and dL/dw partials) and fixed-order sums.
+  -> Tensor[]``: "gemm" (one kernel writing G_m per batch chunk, cuBLAS products) or
+  "fused" (two kernels: dL/dx; dL/dfactor and dL/dw partials), fixed-order sums either way.
 - ``cp_fusion(xs, weights, factors, bias, append_one, present) -> Tensor``: one kernel; its
   backward is plain torch code (the projections are only (B, R): no memory to save).
 - ``moments(x, mask, eps) -> (Tensor, Tensor)`` and ``zoom_shift(x, guide, alpha, mask,
@@ -79,8 +80,9 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
       against 1.77 for the first, register-count choice 64 x 128 at 8 warps, at
       B = 65536, (32, 32, 128), h 128, R 16; 256 x 16: 0.22 against 0.35 ms at h = 1, R = 4);
       16-bit (tensor cores) 8 warps over 16384 (128 x 128: 0.46 against 0.74 ms; 256 x 16);
-      BLOCK_B from 16 (``tl.dot``'s least, for R of 2048 and more) to 256, 64 for M > 4
-      (``ptxas``: M = 8 at 256 x 16 spilled 2.3 KB a thread in float32; not timed);
+      BLOCK_B from 16 (``tl.dot``'s least, for R of 2048 and more) to 256; for M > 4 at
+      most 64, and 8 warps in float32 (``ptxas``: M = 8 spilled 2.3 KB a thread at 256 x 16,
+      256 bytes at 64 x 32 with 4 warps, nothing so; not timed);
     - fused backward (the "fused" path, :func:`_backward_path`): all M projection tiles live
       at once, so BLOCK_N <= 64 and BLOCK_B = 32 (16 for M > 4), 8 warps, from ``ptxas -v``
       register counts (no spills for M <= 4); its gradient dots take G_m in float32 (an
@@ -98,10 +100,11 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
     block_k = 32 if low else 16
     if backward:
         return _Tiles(32 if n_mod <= 4 else 16, block_k, block_h, rank_p, 8)
-    most = 256 if n_mod <= 4 else 64  # M = 8 at 256 x 16 spilled 2.3 KB (float32) a thread
+    many = n_mod > 4  # M = 8, float32: 2.3 KB spilled a thread at 256 x 16, 4 warps
+    most = 64 if many else 256
     if low:
         return _Tiles(max(16, min(most, 16384 // block_n)), block_k, block_h, rank_p, 8)
-    return _Tiles(min(most, max(16, 4096 // block_n)), block_k, block_h, rank_p, 4)
+    return _Tiles(min(most, max(16, 4096 // block_n)), block_k, block_h, rank_p, 8 if many else 4)
 
 
 def _g_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype) -> _Tiles:
