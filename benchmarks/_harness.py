@@ -154,7 +154,7 @@ print(json.dumps({{'base': base, 'peak': hwm_kib()}}))
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    widths = [max([len(c), *(len(str(r.get(c, ""))) for r in rows)]) for c in columns]  # rows may be none
     line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
     print(line)
     print("-" * len(line))
