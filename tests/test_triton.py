@@ -433,7 +433,8 @@ def test_auto_takes_the_measured_kernels_for_cuda_tensors_only(monkeypatch):
         assert _registry._choose(op, "auto", replace(cuda, size=0, intercepted=True)).backend == "torch"
     for op in ("cp_fusion", "wander", "sequence_fusion"):
         assert _registry._choose(op, "auto", cuda).backend == "torch"
-    # the cache of "auto" choices tells the two sizes apart (its size classes hold the threshold)
+    # the cache of "auto" choices tells the two sizes apart: its size classes hold the threshold
+    assert big in _registry._SIZE_CLASSES
     assert _registry._key("lowrank_fusion", "auto", cuda) != _registry._key(
         "lowrank_fusion", "auto", replace(cuda, size=big - 1)
     )

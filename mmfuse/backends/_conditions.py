@@ -266,11 +266,11 @@ def _triton_cuda(info: CallInfo) -> str | None:
     compiled (never Triton's interpreter, which serves the tests and backend="triton" on CPU
     tensors, slowly), for inputs of at least TRITON_AUTO_ELEMENTS (so not while
     torch.compile traces: no size)."""
-    refusal = _triton(info)
+    refusal = _triton(info)  # the same words where both refuse: the backend's message says them once
     if refusal is not None:
         return refusal
     if getattr(info.device, "type", None) != "cuda" or _interpreting():
-        return "needs torch tensors on a CUDA device, with TRITON_INTERPRET unset"
+        return 'needs TRITON_INTERPRET unset (the interpreter serves backend="triton" only)'
     if info.size < TRITON_AUTO_ELEMENTS:
         return f"needs inputs of at least {TRITON_AUTO_ELEMENTS} elements (below, the torch ops were faster)"
     return None

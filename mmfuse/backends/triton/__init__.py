@@ -33,8 +33,9 @@ two paths (``_ops._backward_path``):
 once and writes every G_m for a batch chunk (128 MiB, or a quarter of the batch's G_m where
 that is more), and
 cuBLAS does the products, dL/dx_m = G_m F_m^T and dL/dF_m = [x_m, 1]^T G_m (chunks summed in
-order; bfloat16 G as hi + lo terms so the products run on tensor cores while the gradients
-keep float32's intermediate).  On an H200 this took 9.1-10.8 ms at B = 65536, (32, 32, 128),
+order; bfloat16 G as hi + lo terms so that dL/dx's products, and dL/dF's in a single chunk,
+run on tensor cores while the gradients keep float32's intermediate; over several chunks
+dL/dF's run in float32).  On an H200 this took 9.1-10.8 ms at B = 65536, (32, 32, 128),
 h 128, R 16, float32, against LMF-style torch's 14.1 and the fused path's 31.9.
 
 "fused" (R h <= 16, where G_m is a few columns and the GEMMs would be all launch), two kernels:

@@ -119,10 +119,8 @@ def _ptxas_stats(ptx: str, capability: int, arch: str) -> dict[str, int]:
     return stats
 
 
-# (dims, h, R): the first two sizes (the third shares the first's specialisations) and
-# eight modalities
-# the wide and narrow sizes, and M = 8 with the fused backward (R h <= 16) and with
-# the G kernel (R h > 16)
+# (dims, h, R): the first two sizes (the third shares the first's specialisations), and
+# M = 8 with the fused backward (R h <= 16) and with the G kernel (R h > 16)
 _CASES = (((32, 32, 128), 128, 16), ((8, 16, 64), 1, 4), ((5, 3, 2, 7, 1, 2, 3, 4), 3, 2),
           ((5, 3, 2, 7, 1, 2, 3, 4), 16, 2))  # fmt: skip
 

@@ -80,9 +80,10 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
       against 1.77 for the first, register-count choice 64 x 128 at 8 warps, at
       B = 65536, (32, 32, 128), h 128, R 16; 256 x 16: 0.22 against 0.35 ms at h = 1, R = 4);
       16-bit (tensor cores) 8 warps over 16384 (128 x 128: 0.46 against 0.74 ms; 256 x 16);
-      BLOCK_B from 16 (``tl.dot``'s least, for R of 2048 and more) to 256; for M > 4 at
-      most 64, and 8 warps in float32 (``ptxas``: M = 8 spilled 2.3 KB a thread at 256 x 16,
-      256 bytes at 64 x 32 with 4 warps, nothing so; not timed);
+      BLOCK_B from 16 (``tl.dot``'s least, for R over 1024) to 256; for M > 4 at most 64,
+      and 8 warps in float32 (``ptxas``: M = 8 at 256 x 16 spilled 2.3 KB a thread in
+      float32, 80 bytes in 16-bit; at 64 x 32 with 4 warps 256 bytes in float32; none as
+      chosen; not timed);
     - fused backward (the "fused" path, :func:`_backward_path`): all M projection tiles live
       at once, so BLOCK_N <= 64 and BLOCK_B = 32 (16 for M > 4), 8 warps, from ``ptxas -v``
       register counts (no spills for M <= 4); its gradient dots take G_m in float32 (an
@@ -100,7 +101,7 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
     block_k = 32 if low else 16
     if backward:
         return _Tiles(32 if n_mod <= 4 else 16, block_k, block_h, rank_p, 8)
-    many = n_mod > 4  # M = 8, float32: 2.3 KB spilled a thread at 256 x 16, 4 warps
+    many = n_mod > 4  # M = 8 at 256 x 16: 2.3 KB spilled a thread (float32), 80 bytes (16-bit)
     most = 64 if many else 256
     if low:
         return _Tiles(max(16, min(most, 16384 // block_n)), block_k, block_h, rank_p, 8)
@@ -111,7 +112,8 @@ def _g_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype) -> _Tiles:
     """Tiles of ``lowrank_bwd_g_kernel``, which holds all M projection tiles at once.  Timed
     on an H200 (``benchmarks/gpu_tune.py``): 64 x 128 at 8 warps best of five at the issue's
     wide sizes (forward+backward 9.1 ms against 9.8 for 64 x 64, float32; 7.6 against 9.3,
-    bfloat16), 256 x 16 at 4 warps for h = 1, R = 4 (1.69 against 1.71 ms); for M > 4,
+    bfloat16, with 13 chunks of bfloat16 dL/dF products then), 256 x 16 at 4 warps for
+    h = 1, R = 4 (1.69 against 1.71 ms); for M > 4,
     32 x 64 (eight live tiles), from register counts, not timed."""
     rank_p = _pow2(rank)
     cols = 128 if n_mod <= 4 else 64
@@ -135,9 +137,10 @@ LOWRANK_BACKWARD: str | None = None
 def _backward_path(rank: int, out_dim: int) -> str:
     """Which low-rank backward runs.  The fused kernels recompute the M projections twice and
     run their gradient products as small FMA dots; "gemm" recomputes them once (into G_m
-    buffers of at most _G_BYTES) and leaves the products to cuBLAS.  H200, forward+backward
-    (``benchmarks/gpu_tune.py``): at R h = 2048 and 4096 "gemm" takes 9.1 / 12.9 ms
-    (float32) and 7.6 / 7.0 ms (bfloat16) against the fused kernels' 31.9 / 66.6 and
+    buffers) and leaves the products to cuBLAS.  H200, forward+backward
+    (``benchmarks/gpu_tune.py``, before the chunking and bfloat16 dL/dF of the review fixes):
+    at R h = 2048 and 4096 "gemm" took 9.1 / 12.9 ms (float32) and 7.6-11.9 / 7.0-9.2 ms
+    (bfloat16, varying between machines) against the fused kernels' 31.9 / 66.6 and
     32.7 / 65.0; at R h = 4 (h = 1, R = 4, B = 262144) the fused kernels are as fast in
     float32 (1.73 against 1.69-1.71 ms) and faster in bfloat16 (1.40 against 1.78), with
     half the memory (their partials against the G_m of the whole batch).  Measured at those
@@ -365,9 +368,11 @@ def _backward_gemm(
 
     Absent rows: x_m loaded as zeros (NaN stored there cannot enter), dL/dx_m zeroed.  Every
     sum runs in a fixed order (cuBLAS on one stream, chunks in sequence): bit-identical runs.
-    With bfloat16 G over several chunks, dL/dF_m's products run in float32 (hi + lo added):
-    cuBLAS writes a 16-bit product in 16 bits, and chunk sums rounded so before they are
-    added lost whole ulps of the result where they cancel (a review's find).
+    With bfloat16 G over several chunks, dL/dF_m's products run in float32 (hi + lo added;
+    on the FMA units with TF32 off, not measured on a GPU; with TF32 on, G is rounded to
+    TF32's 11 bits there, still finer than the bfloat16 result): cuBLAS writes a 16-bit
+    product in 16 bits, and chunk sums rounded so before they are added lost whole ulps of
+    the result where they cancel (a review's find).
     """
     n_mod, x0 = len(xs), xs[0]
     batch, dtype, device = int(x0.shape[0]), g.dtype, g.device
@@ -435,7 +440,7 @@ def _backward_gemm(
                 elif chunk == batch:  # one 16-bit product, rounded once (as the result is)
                     acc[m] += torch.addmm(torch.mm(xm.T, lo), xm.T, hi)
                 else:  # chunks summed in float32, each product too (see the docstring)
-                    acc[m].addmm_(xm.T.float(), hi.float() + lo.float())
+                    acc[m].addmm_(xm.T.float(), hi.float().add_(lo))
     gf = [None if a is None else a.view(-1, rank, out_dim).permute(1, 0, 2).contiguous() for a in acc]
     return gx, gf, gw
 
