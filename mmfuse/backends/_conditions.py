@@ -270,7 +270,7 @@ def _triton_cuda(info: CallInfo) -> str | None:
     if refusal is not None:
         return refusal
     if getattr(info.device, "type", None) != "cuda" or _interpreting():
-        return 'needs TRITON_INTERPRET unset (the interpreter serves backend="triton" only)'
+        return 'needs torch CUDA tensors and TRITON_INTERPRET unset (the interpreter: backend="triton" only)'
     if info.size < TRITON_AUTO_ELEMENTS:
         return f"needs inputs of at least {TRITON_AUTO_ELEMENTS} elements (below, the torch ops were faster)"
     return None
