@@ -60,15 +60,9 @@ ZOOM_TILES = [(32, 8, 0), (16, 8, 0), (32, 4, 0), (32, 16, 0), (64, 16, 0), (64,
 
 def _tiles(ops: Any, rank: int, out_dim: int, cfg: tuple[int, ...], dtype: Any) -> Any:
     """The kernels' _Tiles for a sweep configuration (the rules of ``_ops._lowrank_tiles``)."""
-    torch = _torch()
     block_b, cols, warps, stages, block_k = cfg
-    if dtype in (torch.float16, torch.bfloat16):
-        block_k = max(32, block_k)
-    rank_p = ops._pow2(rank)
-    block_h = max(1, min(ops._pow2(out_dim), cols // rank_p))
-    if rank_p * block_h < 16:
-        rank_p = 16 // block_h
-    return ops._Tiles(block_b, block_k, block_h, rank_p, warps, stages)
+    rank_p, block_h = ops.column_tile(rank, out_dim, cols)
+    return ops._Tiles(block_b, max(ops.block_k_for(dtype), block_k), block_h, rank_p, warps, stages)
 
 
 def _name(t: Any) -> str:

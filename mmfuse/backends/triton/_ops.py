@@ -67,6 +67,23 @@ class _Tiles(NamedTuple):
     num_stages: int = 3  # Triton's default on CUDA (software pipelining of the K loop)
 
 
+def block_k_for(dtype: torch.dtype) -> int:
+    """BLOCK_K of every kernel's K loop: 16 for float32 (the FMA path of "ieee" dots keeps
+    K-long operand slices per thread: 32 spilled), 32 for 16-bit inputs (tensor cores)."""
+    return 32 if dtype in (torch.float16, torch.bfloat16) else 16
+
+
+def column_tile(rank: int, out_dim: int, cols: int) -> tuple[int, int]:
+    """(RANK_P, BLOCK_H) of a low-rank tile of about ``cols`` columns holding all ranks of
+    BLOCK_H outputs: R rounded up to a power of two, and padded further where the tile would
+    have fewer than 16 columns (``tl.dot``'s least)."""
+    rank_p = _pow2(rank)
+    block_h = max(1, min(_pow2(out_dim), cols // rank_p))
+    if rank_p * block_h < 16:
+        rank_p = 16 // block_h
+    return rank_p, block_h
+
+
 def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, backward: bool) -> _Tiles:
     """Tile sizes of the low-rank forward and fused-backward kernels (powers of two; every
     ``tl.dot`` operand >= 16).
@@ -88,17 +105,12 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
       at once, so BLOCK_N <= 64 and BLOCK_B = 32 (16 for M > 4), 8 warps, from ``ptxas -v``
       register counts (no spills for M <= 4); its gradient dots take G_m in float32 (an
       intermediate that overflows float16), so it is sized as float32 whatever the inputs;
-    - BLOCK_K = 16 for float32 (the FMA path keeps K-long operand slices per thread: 32
-      spilled), 32 for 16-bit inputs.
+    - BLOCK_K: :func:`block_k_for`.
     """
-    rank_p = _pow2(rank)
-    cols = 64 if backward else 128
-    block_h = max(1, min(_pow2(out_dim), cols // rank_p))
-    if rank_p * block_h < 16:
-        rank_p = 16 // block_h
+    rank_p, block_h = column_tile(rank, out_dim, 64 if backward else 128)
     block_n = rank_p * block_h
     low = dtype in (torch.float16, torch.bfloat16)
-    block_k = 32 if low else 16
+    block_k = block_k_for(dtype)
     if backward:
         return _Tiles(32 if n_mod <= 4 else 16, block_k, block_h, rank_p, 8)
     many = n_mod > 4  # M = 8 at 256 x 16: 2.3 KB spilled a thread (float32), 80 bytes (16-bit)
@@ -115,12 +127,8 @@ def _g_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype) -> _Tiles:
     bfloat16, with 13 chunks of bfloat16 dL/dF products then), 256 x 16 at 4 warps for
     h = 1, R = 4 (1.69 against 1.71 ms); for M > 4,
     32 x 64 (eight live tiles), from register counts, not timed."""
-    rank_p = _pow2(rank)
-    cols = 128 if n_mod <= 4 else 64
-    block_h = max(1, min(_pow2(out_dim), cols // rank_p))
-    if rank_p * block_h < 16:
-        rank_p = 16 // block_h
-    block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    rank_p, block_h = column_tile(rank, out_dim, 128 if n_mod <= 4 else 64)
+    block_k = block_k_for(dtype)
     if n_mod > 4:
         return _Tiles(32, block_k, block_h, rank_p, 8)
     if rank_p * block_h < 64:
@@ -503,8 +511,7 @@ def _cp_tiles(rank: int, out_dim: int, dtype: torch.dtype) -> _Tiles:
     rank_p = max(16, _pow2(rank))
     block_b = max(16, min(64, _pow2_floor(8192 // rank_p)))
     block_h = max(16, min(64, _pow2(out_dim)))
-    block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
-    return _Tiles(block_b, block_k, block_h, rank_p, 4)
+    return _Tiles(block_b, block_k_for(dtype), block_h, rank_p, 4)
 
 
 @triton_op("mmfuse_triton::cp_fusion", mutates_args={})

@@ -116,7 +116,7 @@ def _sequence_tiles(
     rank_p = max(16, _pow2(max(widths)))
     block_t = max(16, min(32, _pow2(n_out)))
     block_d = max(16, min(64, _pow2(out_dim)))
-    block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    block_k = _ops.block_k_for(dtype)
     num_warps = 4
     shrunk = False
     while _sequence_regs(n_mod, rank_p, block_t, block_d, num_warps) > _REG_BUDGET:
