@@ -191,12 +191,19 @@ def _folded(a: torch.Tensor) -> torch.Tensor | None:
     and with dynamic shapes the test of ``n % k`` would guard the graph on the row count, a
     recompile per remainder.)"""
     n, width = a.shape
-    if a.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < width < 64:
-        return None
-    k = 64 // width
-    if k == 1 or n % k or not a.is_contiguous():
+    k = _fold_rows(n, width, a.device)
+    if not k or not a.is_contiguous():
         return None
     return a.view(n // k, k * width)
+
+
+def _fold_rows(n: int, width: int, device: torch.device) -> int:
+    """k of :func:`_folded`'s view of a contiguous (n, width) tensor on ``device``, or 0 where
+    there is none."""
+    if device.type != "cpu" or torch.compiler.is_compiling() or not 0 < width < 64:
+        return 0
+    k = 64 // width
+    return 0 if k == 1 or n % k else k
 
 
 def column_sums(a: torch.Tensor) -> torch.Tensor:
@@ -217,19 +224,17 @@ _GRAM_CHUNK_ROWS = 2048
 
 def affine(x: torch.Tensor, mat: torch.Tensor, append_one: bool) -> torch.Tensor:
     """``[x, 1] @ mat`` (``x @ mat`` without the constant) for a (n, d) ``x``, out of place
-    and differentiable: :func:`project_into`'s rule for a backward that recomputes its
-    projections (narrow CPU outputs: ``mm``, then the constant row over the folded view, a
-    broadcast add where there is none; wider ones: ``addmm``)."""
+    and differentiable: :func:`project_into`'s rule, for a backward that recomputes the
+    projections its forward wrote (narrow outputs with a folded view: ``mm``, then the
+    constant row over that view; all others: ``addmm``), so both round alike."""
     if not append_one:
         return x @ mat
-    d = x.shape[1]
-    if mat.shape[1] > _ROW_ADD_WIDTH:
+    d, width = x.shape[1], mat.shape[1]
+    k = _fold_rows(x.shape[0], width, x.device) if width <= _ROW_ADD_WIDTH else 0
+    if not k:
         return torch.addmm(mat[d], x, mat[:d])
-    y = x @ mat[:d]
-    folded = _folded(y)
-    if folded is None:
-        return y + mat[d]
-    return (folded + _tiled(mat[d], folded.shape[1])).view(y.shape)
+    y = x @ mat[:d]  # contiguous: its folded view exists
+    return (y.view(-1, k * width) + _tiled(mat[d], k * width)).view(y.shape)
 
 
 def save_fusion_inputs(
