@@ -425,7 +425,16 @@ def test_auto_takes_the_measured_kernels_for_cuda_tensors_only(monkeypatch):
     cuda = CallInfo(torch_namespace(), torch.device("cuda", 0), torch.float32, True, False, big)
     for op in ("lowrank_fusion", "zoom_shift"):  # this module sets TRITON_INTERPRET=1
         assert _registry._choose(op, "auto", cuda).backend == "torch"
+    from mmfuse.backends._conditions import CONDITIONS
+
+    refuse = CONDITIONS["torch CUDA tensors, compiled kernels"]
+    assert "TRITON_INTERPRET unset" in refuse(cuda)
     monkeypatch.delenv("TRITON_INTERPRET")
+    assert refuse(cuda) is None
+    assert refuse(replace(cuda, size=big - 1)) == (
+        f"needs inputs of at least {big} elements (below, the torch ops were faster)"
+    )
+    assert refuse(replace(cuda, device=torch.device("cpu"))).startswith("needs torch tensors on a CUDA device")
     for op in ("lowrank_fusion", "zoom_shift"):
         assert _registry._choose(op, "auto", cuda).backend == "triton"
         assert _registry._choose(op, "auto", replace(cuda, device=torch.device("cpu"))).backend != "triton"
