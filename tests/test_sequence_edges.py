@@ -210,6 +210,33 @@ def test_numpy_gelu_paths_are_exact(with_scipy, dtype, monkeypatch):
         assert np.all(rel <= bound)
 
 
+def test_numpy_scipy_gelu_is_elementwise_across_blocks_and_exact_near_zero():
+    """SciPy's GELU path runs block by block and takes the lower-tail formula only on the
+    elements below its threshold: every element gets the bits it gets alone, whatever its
+    neighbours and block (tails in some blocks, none in others, the non-finite values); and
+    on [-1, 0], where erfc of the rounded argument replaced the tail formula, within 4 float64
+    ulps of 40-digit mpmath (the tail formula's error there was 4-5)."""
+    special = pytest.importorskip("scipy.special")
+    mpmath = pytest.importorskip("mpmath")
+    from mmfuse._core.sequence import _GELU_BLOCK, _SCIPY_TAIL_X, _gelu_scipy
+
+    rng = np.random.default_rng()
+    x = 3.0 * rng.standard_normal(2 * _GELU_BLOCK + 77)
+    x[_GELU_BLOCK : 2 * _GELU_BLOCK] = np.abs(x[_GELU_BLOCK : 2 * _GELU_BLOCK])  # no tail here
+    x[[5, -3, -2, -1]] = [-np.inf, np.inf, np.nan, _SCIPY_TAIL_X]
+    with np.errstate(invalid="ignore"):  # x = -inf: 0 * inf, NaN as the reference gives
+        got = _gelu_scipy(special, x)
+        picks = np.concatenate([rng.choice(x.shape[0], 300, replace=False), [5, x.shape[0] - 1]])
+        alone = np.concatenate([_gelu_scipy(special, x[i : i + 1]) for i in picks])
+    np.testing.assert_array_equal(got[picks], alone)
+    assert np.isnan(got[5]) and got[-3] == np.inf and np.isnan(got[-2])
+    near = np.concatenate([rng.uniform(-1.0, 0.0, 400), [-1.0, -0.5, -1e-300]])
+    mpmath.mp.dps = 40
+    want = np.array([float(mpmath.mpf(float(v)) * mpmath.ncdf(mpmath.mpf(float(v)))) for v in near])
+    ulps = np.abs(_gelu_scipy(special, near) - want) / np.spacing(np.abs(want))
+    assert ulps.max() <= 4, (near[np.argmax(ulps)], ulps.max())
+
+
 def test_reference_gelu_is_exact_through_the_lower_tail():
     """The oracle's GELU within a few ulps of 40-digit mpmath from x = -37 to 8 (drawn afresh
     each run): erfc's argument -x / sqrt 2 carries its own rounding.  erfc of the rounded
