@@ -1,7 +1,46 @@
-"""The plain torch layers the benchmarks compare mmfuse's layers with (one home for both
-``torch_cpu.py`` and ``overhead.py``; ``gpu.py`` reaches them through ``torch_cpu.setup``)."""
+"""The plain code the benchmarks compare mmfuse with: the plain torch layers (one home for
+``torch_cpu.py`` and ``overhead.py``; ``gpu.py`` reaches them through ``torch_cpu.setup``) and
+the plain Wander adapter's forward in NumPy or torch (``overhead.py``, ``sequence_cpu.py``)."""
 
 from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def plain_gelu(xp: Any):
+    """The exact GELU as plain code writes it: SciPy's ``erf`` on NumPy, ``F.gelu`` on torch."""
+    if xp.__name__ == "numpy":
+        try:
+            from scipy.special import erf
+        except ImportError:  # without SciPy: math.erf per element (slow, and then not a fair plain version)
+            import numpy as np
+
+            erf = np.vectorize(math.erf)
+        return lambda h: 0.5 * h * (1.0 + erf(h / math.sqrt(2.0)))
+    return xp.nn.functional.gelu
+
+
+def plain_wander(xp: Any, gelu, xs, params, mode):
+    """The Wander adapter's forward written plainly in namespace ``xp`` (NumPy or torch), as
+    the released code does (collapsed: rank sums, then two products per modality; cp: every
+    pair of feature and token ranks), with ``gelu`` from :func:`plain_gelu`."""
+    numpy = xp.__name__ == "numpy"
+    fused = None
+    for x, (w, b), phi, psi in zip(xs, params["down"], params["feature"], params["token"]):
+        h = gelu(x @ w + b)  # (B, T, r)
+        if mode == "collapsed":
+            term = psi.sum(0).T @ (h @ phi.sum(0))  # (B, T_out, D)
+        else:
+            g = h[None] @ phi[:, None]  # (R_h, B, T, D)
+            term = psi.transpose(0, 2, 1)[:, None, None] if numpy else psi.transpose(1, 2)[:, None, None]
+            term = term @ g[None]  # (R_t, R_h, B, T_out, D)
+        fused = term if fused is None else fused * term
+    if mode == "cp":
+        fused = fused.sum((0, 1))
+    n_out = fused.shape[1]
+    cat = xp.concatenate(xs, axis=1) if numpy else xp.cat(xs, dim=1)
+    return fused + cat[:, :n_out]
 
 
 def lmf_layer(layer):

@@ -80,7 +80,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _baselines import lmf_layer, released_wander
+from _baselines import lmf_layer, plain_gelu, plain_wander, released_wander
 from _harness import arg_parser, machine, medians, print_table, quantile, round_ratios, sample_rounds
 
 SEED = 20261202
@@ -118,34 +118,6 @@ def _plain_zoom_shift(xp: Any, x, g, eps=1e-5):
 def _plain_align(xp: Any, xs):
     y0 = _plain_zoom_shift(xp, xs[0], xs[1])
     return [y0, _plain_zoom_shift(xp, xs[1], y0)]
-
-
-def _gelu(xp: Any):
-    if xp is np:
-        try:
-            from scipy.special import erf
-        except ImportError:  # without SciPy: math.erf per element (slow, and then not a fair plain version)
-            erf = np.vectorize(math.erf)
-        return lambda h: 0.5 * h * (1.0 + erf(h / math.sqrt(2.0)))
-    return xp.nn.functional.gelu
-
-
-def _plain_wander(xp: Any, gelu, xs, params, mode):
-    fused = None
-    for x, (w, b), phi, psi in zip(xs, params["down"], params["feature"], params["token"]):
-        h = gelu(x @ w + b)  # (B, T, r)
-        if mode == "collapsed":
-            term = psi.sum(0).T @ (h @ phi.sum(0))  # (B, T_out, D)
-        else:
-            g = h[None] @ phi[:, None]  # (R_h, B, T, D)
-            term = psi.transpose(0, 2, 1)[:, None, None] if xp is np else psi.transpose(1, 2)[:, None, None]
-            term = term @ g[None]  # (R_t, R_h, B, T_out, D)
-        fused = term if fused is None else fused * term
-    if mode == "cp":
-        fused = fused.sum((0, 1))
-    n_out = fused.shape[1]
-    cat = xp.concatenate(xs, axis=1) if xp is np else xp.cat(xs, dim=1)
-    return fused + cat[:, :n_out]
 
 
 # ----------------------------------------------------------------------------- tiny cases
@@ -199,7 +171,7 @@ def tiny_cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], 
         "feature": [conv(f) for f in p["feature"]],
         "token": [conv(t) for t in p["token"]],
     }
-    gelu = _gelu(xp)
+    gelu = plain_gelu(xp)
     cases = {
         "lowrank_fusion B4 d3,4,5 h2 R2": (
             lambda: mmfuse.lowrank_fusion(xs, factors, weights, bias),
@@ -215,11 +187,11 @@ def tiny_cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], 
         ),
         "wander collapsed B4 T6,5 d8 r4 Rh2 Rt3": (
             lambda: mmfuse.wander(wxs, wparams, mode="collapsed"),
-            lambda: _plain_wander(xp, gelu, wxs, wparams, "collapsed"),
+            lambda: plain_wander(xp, gelu, wxs, wparams, "collapsed"),
         ),
         "wander cp B4 T6,5 d8 r4 Rh2 Rt3": (
             lambda: mmfuse.wander(wxs, wparams, mode="cp"),
-            lambda: _plain_wander(xp, gelu, wxs, wparams, "cp"),
+            lambda: plain_wander(xp, gelu, wxs, wparams, "cp"),
         ),
         "align rounds=1 (4,6,5),(4,7,5)": (
             lambda: mmfuse.align([x, g], rounds=1),

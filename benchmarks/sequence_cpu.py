@@ -11,6 +11,8 @@ residual), on the released configurations:
 - ``collapsed-torch``: ``mmfuse.wander(..., mode="collapsed", backend="array_api")`` on torch
   CPU tensors (the Array-API core, autograd-capable).
 - ``collapsed-numpy``: the same call on NumPy arrays.
+- ``released-numpy``: the released forward written plainly in NumPy, the GELU by SciPy's
+  ``erf`` (``_baselines.plain_wander``): ``collapsed-numpy``'s plain code in its namespace.
 - ``cp-torch``: ``mmfuse.wander(..., mode="cp")`` on torch CPU tensors, the true CP
   contraction; its cost grows with R_h R_t, reported by a sweep over the ranks.
 """
@@ -24,6 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _baselines import plain_gelu, plain_wander
 from _harness import arg_parser, machine, peak_rss_mib, print_table, time_candidates
 
 # name: (B, T_m, d, r, R_h, R_t)
@@ -101,6 +104,11 @@ def setup(case: str) -> dict[str, object]:
     def collapsed_numpy():
         return mmfuse.wander(xs, params, mode="collapsed")
 
+    gelu_numpy = plain_gelu(np)
+
+    def released_numpy():
+        return plain_wander(np, gelu_numpy, xs, params, "collapsed")
+
     def cp_torch():
         with torch.no_grad():
             return mmfuse.wander(t_xs, t_params, mode="cp", backend="array_api")
@@ -109,15 +117,22 @@ def setup(case: str) -> dict[str, object]:
         "released-torch": released_torch,
         "collapsed-torch": collapsed_torch,
         "collapsed-numpy": collapsed_numpy,
+        "released-numpy": released_numpy,
         "cp-torch": cp_torch,
     }
 
 
+def _released(candidate: str) -> str:
+    """The released forward in ``candidate``'s namespace."""
+    return "released-numpy" if candidate.endswith("numpy") else "released-torch"
+
+
 def check(cands: dict[str, object]) -> float:
-    """Max relative difference of collapsed mode (torch and numpy) from the released forward."""
+    """Max relative difference of collapsed mode (torch and numpy) and the plain NumPy forward
+    from the released torch forward."""
     ref = cands["released-torch"]().double().numpy()
     worst = 0.0
-    for name in ("collapsed-torch", "collapsed-numpy"):
+    for name in ("collapsed-torch", "collapsed-numpy", "released-numpy"):
         out = cands[name]()
         out = out.double().numpy() if hasattr(out, "double") else np.asarray(out, np.float64)
         worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
@@ -182,12 +197,15 @@ def main() -> None:
                 "candidate": name,
                 "ms": f"{t * 1e3:.2f}",
                 "released/this": f"{times['released-torch'] / t:.2f}",
+                # against the plain code in this candidate's own namespace
+                "released same xp/this": f"{times[_released(name)] / t:.2f}",
                 "this/collapsed-torch": f"{t / times['collapsed-torch']:.2f}",
                 "peak MiB": f"{mem[name]:.1f}" if name in mem else "-",
             })  # fmt: skip
             results.append({"case": case, "candidate": name, "seconds": t,
                             "peak_mib": mem.get(name), "rel_err_vs_released": err})  # fmt: skip
-    print_table(rows, ["case", "candidate", "ms", "released/this", "this/collapsed-torch", "peak MiB"])
+    print_table(rows, ["case", "candidate", "ms", "released/this", "released same xp/this", "this/collapsed-torch",
+                       "peak MiB"])  # fmt: skip
     print()
     print("cp mode vs R_h * R_t (MOSI shapes, torch):")
     sweep_rows = sweep(max(3, repeats // 2))
