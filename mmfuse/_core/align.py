@@ -34,7 +34,6 @@ through ``xp.asarray``.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -52,6 +51,7 @@ from .._namespace import (
     native_dtype,
     work_dtype,
 )
+from .threads import available_cores
 
 __all__ = [
     "GENERIC",
@@ -114,11 +114,7 @@ def _workers(x: Any, n_blocks: int) -> int:
     """
     if x.nbytes < _PARALLEL_BYTES or n_blocks < 2:
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, _MAX_WORKERS, n_blocks))
+    return max(1, min(available_cores(), _MAX_WORKERS, n_blocks))
 
 
 def _one_block(x: Any) -> bool:

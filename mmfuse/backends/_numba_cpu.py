@@ -10,7 +10,7 @@ Work split: the batch of a (B', T, C') lane view (statistics axis in the middle)
 tasks of one sample and a run of channels (the whole row when there are enough samples to
 keep every thread busy); each task's result depends on its own data only, so results do not
 depend on the number of threads.  The kernels are serial loops over a range of tasks that
-release the GIL (``nogil=True``); :func:`_launch` runs inputs of at least
+release the GIL (``nogil=True``); :func:`~mmfuse._core.threads.run_tasks` runs inputs of at least
 :data:`PARALLEL_ELEMENTS` elements on up to :func:`max_workers` threads that take runs of
 tasks as they become free, the calling thread among them, and waits only for runs a thread
 has taken.  Why not ``numba.prange``: its threading layers give each thread a fixed share of
@@ -34,14 +34,13 @@ nothing (the ``"numba"`` backend module, its only importer, needs numba anyway).
 
 from __future__ import annotations
 
-import _thread
 import math
-import os
-import threading
 from typing import Any
 
 import numba
 import numpy as np
+
+from .._core.threads import available_cores, run_tasks
 
 __all__ = ["PARALLEL_ELEMENTS", "apply_map", "channel_chunk", "max_workers", "stats", "zoom_shift"]
 
@@ -184,56 +183,13 @@ def _apply_kernel(x, centre, scale, offset, chunk, out, t0, t1):  # pragma: no c
 def max_workers() -> int:
     """Threads a large call may use: the cores this process may run on, at most
     ``NUMBA_NUM_THREADS`` (numba's setting, from the environment) and 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
+    cores = available_cores()
     limit = int(getattr(numba.config, "NUMBA_NUM_THREADS", cores))
     return max(1, min(cores, limit, _MAX_WORKERS))
 
 
 def _workers(elements: int, n_tasks: int) -> int:
     return 1 if elements < PARALLEL_ELEMENTS else max(1, min(max_workers(), n_tasks))
-
-
-def _launch(kernel: Any, n_tasks: int, workers: int, *args: Any) -> None:
-    """``kernel(*args, t0, t1)`` over tasks ``[0, n_tasks)``: on the calling thread alone, or
-    in runs of tasks taken by ``workers`` threads as they become free (the caller is one of
-    them).  The caller returns once every run is done; it never waits for a thread that has
-    taken nothing (one the OS has not yet scheduled simply finds no work and ends)."""
-    if workers <= 1 or n_tasks <= 1:
-        kernel(*args, 0, n_tasks)
-        return
-    step = max(1, -(-n_tasks // (4 * workers)))
-    starts = iter(range(0, n_tasks, step))
-    lock = threading.Lock()
-    left = [len(range(0, n_tasks, step))]
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        while True:
-            with lock:
-                t0 = next(starts, None)
-            if t0 is None:
-                return
-            try:
-                kernel(*args, t0, min(n_tasks, t0 + step))
-            except BaseException as exc:  # pragma: no cover - the kernels do not raise
-                errors.append(exc)
-            with lock:
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
-
-    for _ in range(workers - 1):
-        # not threading.Thread: its start() waits until the new thread runs, which on a busy
-        # machine is the very wait this scheme avoids
-        _thread.start_new_thread(work, ())
-    work()
-    done.wait()
-    if errors:  # pragma: no cover
-        raise errors[0]
 
 
 def channel_chunk(n_rows: int, n_chan: int, workers: int | None = None) -> int:
@@ -270,7 +226,7 @@ def stats(x3: Any, mask2: Any) -> tuple[Any, Any, Any]:
     shift = np.empty((n_rows, n_chan))
     mk, use = _mask_arg(mask2)
     chunk, n_tasks, workers = _plan(x3)
-    _launch(_stats_kernel, n_tasks, workers, x3, mk, use, chunk, first, var, shift)
+    run_tasks(_stats_kernel, n_tasks, workers, x3, mk, use, chunk, first, var, shift)
     return first, var, shift
 
 
@@ -280,7 +236,7 @@ def zoom_shift(x3: Any, mask2: Any, g_mean: Any, g_sigma: Any, alpha: float, eps
     out = np.empty(x3.shape, dtype=x3.dtype)
     mk, use = _mask_arg(mask2)
     chunk, n_tasks, workers = _plan(x3)
-    _launch(
+    run_tasks(
         _zoom_shift_kernel, n_tasks, workers,
         x3, mk, use, g_mean, g_sigma, float(alpha), float(eps), chunk, out,
     )  # fmt: skip
@@ -294,5 +250,5 @@ def apply_map(x3: Any, centre: Any, scale: Any, offset: Any) -> Any:
     a zero centre gives ``x * scale + offset`` exactly, as identity maps need)."""
     out = np.empty(x3.shape, dtype=x3.dtype)
     chunk, n_tasks, workers = _plan(x3)
-    _launch(_apply_kernel, n_tasks, workers, x3, centre, scale, offset, chunk, out)
+    run_tasks(_apply_kernel, n_tasks, workers, x3, centre, scale, offset, chunk, out)
     return out
