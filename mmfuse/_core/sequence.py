@@ -551,6 +551,11 @@ def plan(
 
 def _collapsed_factors(xp: Any, feature: Any, token: Any) -> tuple[Any, Any]:
     """(r, D) feature matrix and (T_out, T) token matrix of the released (rank-summed) form."""
+    if type(feature) is type(token) is sys.modules["numpy"].ndarray:
+        # NumPy: the reduction and the transposed view directly (np.sum's and the namespace
+        # wrapper's Python layers cost as much as these sums at small sizes); the same sums
+        add = sys.modules["numpy"].add
+        return add.reduce(feature, 0), add.reduce(token, 0).T
     phi = xp.sum(feature, axis=0)  # (r_m, D)
     psi_t = xp.matrix_transpose(xp.sum(token, axis=0))  # (T_out, T_m)
     return phi, psi_t
@@ -620,9 +625,15 @@ def sequence_fusion(
     if mode == "collapsed":
         mats = [_collapsed_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
         y = None
+        numpy = is_numpy(xp)
         for h, (phi, psi_t), order in zip(hs, mats, the_plan.orders):
             term = _contract(xp, h, phi, psi_t, order)  # (B, T_out, D)
-            y = term if y is None else y * term
+            if y is None:
+                y = term
+            elif numpy:
+                y *= term  # our own buffer (the first product)
+            else:
+                y = y * term
         return y
     mats = [_cp_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
     batch = hs[0].shape[0]
@@ -679,6 +690,8 @@ def _times(xp: Any, a: Any, mat: Any) -> Any:
         # call.  (A strided a it would not fold but broadcast to a bmm: the reshapes below.)
         return a @ mat
     n_b, n_p, r = a.shape
+    if type(a) is sys.modules["numpy"].ndarray:  # ndarray's own reshape: np.reshape's layer
+        return (a.reshape(n_b * n_p, r) @ mat).reshape(n_b, n_p, mat.shape[1])
     return xp.reshape(xp.reshape(a, (n_b * n_p, r)) @ mat, (n_b, n_p, mat.shape[1]))
 
 
