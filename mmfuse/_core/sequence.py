@@ -384,7 +384,7 @@ def _gelu_scipy(special: Any, x: Any) -> Any:
     """
     import numpy as np
 
-    flat = np.reshape(x, (-1,))
+    flat = x.reshape(-1)  # (ndarray's methods here: NumPy's function layer costs ~1 us a call)
     out = np.empty(flat.shape, dtype=x.dtype)
     wide = x.dtype == np.float64
     for start in range(0, flat.shape[0], _GELU_BLOCK):
@@ -400,7 +400,7 @@ def _gelu_scipy(special: Any, x: Any) -> Any:
         if not wide:
             out[start : start + _GELU_BLOCK] = ob
             continue
-        tail = np.flatnonzero(xb < _SCIPY_TAIL_X)
+        tail = (xb < _SCIPY_TAIL_X).nonzero()[0]
         if tail.shape[0]:
             xt = xb[tail]
             gauss = _exp_neg_square(np, np.minimum(np.negative(xt), _GELU_XMAX), 0.5)
@@ -409,7 +409,7 @@ def _gelu_scipy(special: Any, x: Any) -> Any:
             lower *= gauss
             lower *= 0.5
             ob[tail] = lower
-    return np.reshape(out, x.shape)
+    return out.reshape(x.shape)
 
 
 def gelu(xp: Any, x: Any) -> Any:
