@@ -208,7 +208,7 @@ def _gelu_numpy(x: Any) -> Any:
     if special is not None:
         return _gelu_scipy(special, x)
 
-    flat = np.reshape(x, (-1,))
+    flat = x.reshape(-1)  # (ndarray's methods: NumPy's function layer costs ~1 us a call)
     out = np.empty(flat.shape, dtype=x.dtype)
     for start in range(0, flat.shape[0], _GELU_BLOCK):
         xb = flat[start : start + _GELU_BLOCK]
@@ -219,9 +219,9 @@ def _gelu_numpy(x: Any) -> Any:
         if inner.all():
             np.multiply(xb, 0.5 + 0.5 * _erf_small(u), out=ob)
             continue
-        idx = np.flatnonzero(inner)
+        idx = inner.nonzero()[0]
         ob[idx] = xb[idx] * (0.5 + 0.5 * _erf_small(u[idx]))
-        idx = np.flatnonzero(~inner)
+        idx = (~inner).nonzero()[0]
         ao = a[idx]
         xo = xb[idx]
         if ao.max() <= 4.0:
@@ -247,7 +247,7 @@ def _gelu_numpy(x: Any) -> Any:
         gauss *= ratio
         gauss *= 0.5
         ob[idx] = np.where(xo < 0, lower, xo * (1.0 - gauss))
-    return np.reshape(out, x.shape)
+    return out.reshape(x.shape)
 
 
 # 1/sqrt(2) = SQRT1_2 + _SQRT1_2_LO exactly to ~1e-33; SQRT1_2 split into 26-bit halves
