@@ -637,14 +637,16 @@ def sequence_fusion(
         return y
     mats = [_cp_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
     batch = hs[0].shape[0]
-    if is_lazy(hs[0]) or is_dask(xp) or is_jax(xp) or batch is None:
+    numpy = type(hs[0]) is sys.modules["numpy"].ndarray
+    if numpy:  # (the tests below, and finfo, cost a few microseconds of a small call)
+        rows_b, chunk_j = cp_blocking(batch, r_t, n_out, r_h, out_dim, hs[0].itemsize, CP_BLOCK_BYTES)
+    elif is_lazy(hs[0]) or is_dask(xp) or is_jax(xp) or batch is None:
         rows_b, chunk_j = batch, int(r_t)  # one block: their schedulers handle memory
     else:
         itemsize = int(xp.finfo(hs[0].dtype).bits) // 8
         budget = block_budget(hs[0], CP_BLOCK_BYTES)
         shape = (int(batch), int(r_t), int(n_out), int(r_h), int(out_dim))
         rows_b, chunk_j = cp_blocking(*shape, itemsize, budget)
-    numpy = is_numpy(xp)
     parts = []
     # One block, or one chunk of token ranks, covering everything takes the arrays whole: an
     # index of all rows would be one more operator per modality on torch
