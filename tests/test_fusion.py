@@ -183,6 +183,39 @@ def test_large_batch_blocks_match_reference(rng):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numpy_constant_row_staged_or_added_matches_reference(rng, dtype):
+    """NumPy's [x, 1] @ mat builds [x, 1] where the add of the constant's row would move more
+    (stage_constant) and adds the row otherwise: whole-batch low-rank fusion on both sides of
+    the rule (some modalities staged, some not), CP fusion and tensor fusion (the batched
+    (B, 1, d) @ (B, d + 1, W) form), absent modalities full of NaN, all against the float64
+    reference."""
+    from mmfuse._core.fusion import affine, stage_constant, whole_batch
+
+    dims, rank, out_dim, batch = (6, 150, 16), 8, 16, 64  # R h = 128: over d for two of three
+    assert whole_batch(batch, rank, out_dim)
+    assert [stage_constant(rank * out_dim, d, batch * rank * out_dim) for d in dims] == [True, False, True]
+    xs = [rng.standard_normal((batch, d)).astype(dtype) for d in dims]
+    present = rng.random((batch, 3)) < 0.8
+    for m, x in enumerate(xs):
+        x[~present[:, m]] = np.nan
+    p = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=rng, dtype=dtype)
+    p["bias"] = rng.standard_normal(out_dim).astype(dtype)
+    got = mmfuse.lowrank_fusion(xs, **p, present=present, backend="array_api")
+    assert got.dtype == dtype and np.isfinite(got).all()
+    assert_close(got, mmfuse.lowrank_fusion(xs, **p, present=present, backend="reference"))
+    xs = [rng.standard_normal((batch, d)).astype(dtype) for d in dims]
+    cp = (rng.standard_normal(64).astype(dtype),
+          [rng.standard_normal((d + 1, 64)).astype(dtype) for d in dims] + [rng.standard_normal((out_dim, 64)).astype(dtype)])  # fmt: skip
+    assert_close(mmfuse.cp_fusion(xs, cp, backend="array_api"), mmfuse.cp_fusion(xs, cp, backend="reference"))
+    x3 = rng.standard_normal((batch, 1, 5)).astype(dtype)
+    mat3 = rng.standard_normal((batch, 6, 100)).astype(dtype)
+    want = np.concatenate([x3, np.ones((batch, 1, 1), dtype)], axis=2).astype(np.float64) @ mat3.astype(np.float64)
+    assert stage_constant(100, 5, batch * 100)
+    scale = np.abs(want).max()  # (float32 sums of six terms cancel: relative to the largest)
+    np.testing.assert_allclose(affine(x3, mat3, True), want, rtol=0, atol=default_rtol(dtype) * scale)
+
+
 def test_present_all_true_equals_no_present(xp, rng):
     xs = [rng.standard_normal((5, d)) for d in (3, 4)]
     p = mmfuse.init_lowrank([3, 4], rank=3, out_dim=2, seed=rng)
