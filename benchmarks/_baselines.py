@@ -1,6 +1,7 @@
 """The plain code the benchmarks compare mmfuse with: the plain torch layers (one home for
 ``torch_cpu.py`` and ``overhead.py``; ``gpu.py`` reaches them through ``torch_cpu.setup``) and
-the plain Wander adapter's forward in NumPy or torch (``overhead.py``, ``sequence_cpu.py``)."""
+the plain expressions of each operator's maths in NumPy or torch (``overhead.py``,
+``sizes.py``, ``sequence_cpu.py``), written as a user would write them in that namespace."""
 
 from __future__ import annotations
 
@@ -8,9 +9,58 @@ import math
 from typing import Any
 
 
+def _is_numpy(xp: Any) -> bool:
+    return xp.__name__ == "numpy"
+
+
+def plain_lowrank(xp: Any, xs, factors, weights, bias):
+    """LMF's forward: append the constant, (R, B, h) per modality by a broadcast matmul, the
+    product, the rank-weighted sum, the bias."""
+    fused = None
+    for x, f in zip(xs, factors):
+        hat = xp.concatenate([x, xp.ones((x.shape[0], 1), dtype=x.dtype)], axis=1)
+        proj = hat @ f  # (R, B, h)
+        fused = proj if fused is None else fused * proj
+    return (weights @ fused.reshape(fused.shape[0], -1)).reshape(fused.shape[1:]) + bias
+
+
+def plain_cp(xp: Any, xs, weights, factors, bias):
+    """CP fusion in TensorLy's layout: ``(w * prod_m [x_m, 1] @ A_m) @ C.T + b``."""
+    prod = weights
+    for x, a in zip(xs, factors):
+        hat = xp.concatenate([x, xp.ones((x.shape[0], 1), dtype=x.dtype)], axis=1)
+        prod = prod * (hat @ a)  # (B, R)
+    return prod @ factors[-1].T + bias
+
+
+def plain_moments(xp: Any, x, eps=1e-5):
+    """Mean and ``sqrt(var + eps)`` over the token axis (-2), kept."""
+    if _is_numpy(xp):
+        return x.mean(axis=-2, keepdims=True), xp.sqrt(x.var(axis=-2, keepdims=True) + eps)
+    var, mu = xp.var_mean(x, dim=-2, keepdim=True, correction=0)
+    return mu, xp.sqrt(var + eps)
+
+
+def plain_zoom_shift(xp: Any, x, g, eps=1e-5):
+    """``(x - mu) * (s_g / s_x) + mu_g`` with means and population variances over axis -2."""
+    if _is_numpy(xp):
+        mu, var = x.mean(axis=-2, keepdims=True), x.var(axis=-2, keepdims=True)
+        mu_g, var_g = g.mean(axis=-2, keepdims=True), g.var(axis=-2, keepdims=True)
+        return (x - mu) * xp.sqrt((var_g + eps) / (var + eps)) + mu_g
+    var, mu = xp.var_mean(x, dim=-2, keepdim=True, correction=0)
+    var_g, mu_g = xp.var_mean(g, dim=-2, keepdim=True, correction=0)
+    return (x - mu) * xp.sqrt((var_g + eps) / (var + eps)) + mu_g
+
+
+def plain_align(xp: Any, xs):
+    """One Gauss-Seidel round for two modalities: x0 toward x1, then x1 toward the new x0."""
+    y0 = plain_zoom_shift(xp, xs[0], xs[1])
+    return [y0, plain_zoom_shift(xp, xs[1], y0)]
+
+
 def plain_gelu(xp: Any):
     """The exact GELU as plain code writes it: SciPy's ``erf`` on NumPy, ``F.gelu`` on torch."""
-    if xp.__name__ == "numpy":
+    if _is_numpy(xp):
         try:
             from scipy.special import erf
         except ImportError:  # without SciPy: math.erf per element (slow, and then not a fair plain version)
@@ -25,7 +75,7 @@ def plain_wander(xp: Any, gelu, xs, params, mode):
     """The Wander adapter's forward written plainly in namespace ``xp`` (NumPy or torch), as
     the released code does (collapsed: rank sums, then two products per modality; cp: every
     pair of feature and token ranks), with ``gelu`` from :func:`plain_gelu`."""
-    numpy = xp.__name__ == "numpy"
+    numpy = _is_numpy(xp)
     fused = None
     for x, (w, b), phi, psi in zip(xs, params["down"], params["feature"], params["token"]):
         h = gelu(x @ w + b)  # (B, T, r)

@@ -80,45 +80,19 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _baselines import lmf_layer, plain_gelu, plain_wander, released_wander
+from _baselines import (
+    lmf_layer,
+    plain_align,
+    plain_cp,
+    plain_gelu,
+    plain_lowrank,
+    plain_wander,
+    plain_zoom_shift,
+    released_wander,
+)
 from _harness import arg_parser, machine, medians, print_table, quantile, round_ratios, sample_rounds
 
 SEED = 20261202
-
-# ----------------------------------------------------------------------------- plain maths
-
-
-def _plain_lowrank(xp: Any, xs, factors, weights, bias):
-    fused = None
-    for x, f in zip(xs, factors):
-        hat = xp.concatenate([x, xp.ones((x.shape[0], 1), dtype=x.dtype)], axis=1)
-        proj = hat @ f  # (R, B, h)
-        fused = proj if fused is None else fused * proj
-    return (weights @ fused.reshape(fused.shape[0], -1)).reshape(fused.shape[1:]) + bias
-
-
-def _plain_cp(xp: Any, xs, weights, factors, bias):
-    prod = weights
-    for x, a in zip(xs, factors):
-        hat = xp.concatenate([x, xp.ones((x.shape[0], 1), dtype=x.dtype)], axis=1)
-        prod = prod * (hat @ a)  # (B, R)
-    return prod @ factors[-1].T + bias
-
-
-def _plain_zoom_shift(xp: Any, x, g, eps=1e-5):
-    if xp is np:
-        mu, var = x.mean(axis=-2, keepdims=True), x.var(axis=-2, keepdims=True)
-        mu_g, var_g = g.mean(axis=-2, keepdims=True), g.var(axis=-2, keepdims=True)
-        return (x - mu) * np.sqrt((var_g + eps) / (var + eps)) + mu_g
-    var, mu = xp.var_mean(x, dim=-2, keepdim=True, correction=0)
-    var_g, mu_g = xp.var_mean(g, dim=-2, keepdim=True, correction=0)
-    return (x - mu) * xp.sqrt((var_g + eps) / (var + eps)) + mu_g
-
-
-def _plain_align(xp: Any, xs):
-    y0 = _plain_zoom_shift(xp, xs[0], xs[1])
-    return [y0, _plain_zoom_shift(xp, xs[1], y0)]
-
 
 # ----------------------------------------------------------------------------- tiny cases
 
@@ -175,15 +149,15 @@ def tiny_cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], 
     cases = {
         "lowrank_fusion B4 d3,4,5 h2 R2": (
             lambda: mmfuse.lowrank_fusion(xs, factors, weights, bias),
-            lambda: _plain_lowrank(xp, xs, factors, weights, bias),
+            lambda: plain_lowrank(xp, xs, factors, weights, bias),
         ),
         "cp_fusion B4 d3,4,5 h2 R2": (
             lambda: mmfuse.cp_fusion(xs, (cw, cf), cb),
-            lambda: _plain_cp(xp, xs, cw, cf, cb),
+            lambda: plain_cp(xp, xs, cw, cf, cb),
         ),
         "zoom_shift (4,6,5) to (4,7,5)": (
             lambda: mmfuse.zoom_shift(x, g),
-            lambda: _plain_zoom_shift(xp, x, g),
+            lambda: plain_zoom_shift(xp, x, g),
         ),
         "wander collapsed B4 T6,5 d8 r4 Rh2 Rt3": (
             lambda: mmfuse.wander(wxs, wparams, mode="collapsed"),
@@ -195,7 +169,7 @@ def tiny_cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], 
         ),
         "align rounds=1 (4,6,5),(4,7,5)": (
             lambda: mmfuse.align([x, g], rounds=1),
-            lambda: _plain_align(xp, [x, g]),
+            lambda: plain_align(xp, [x, g]),
         ),
     }
     return cases

@@ -1,0 +1,165 @@
+"""mmfuse against the plain code of the same maths at the sizes people train and run with.
+
+Run: ``python benchmarks/sizes.py [--json FILE] [--quick] [--only TEXT ...]`` (about two
+minutes on 2 cores; ``--quick`` fewer rounds).  ``--only TEXT`` (repeatable) runs just the
+cases whose "case xp" label contains one of the texts.
+
+``overhead.py`` holds the tiny calls, where the per-call overhead decides; ``fusion_cpu.py``,
+``sequence_cpu.py`` and ``torch_cpu.py`` compare with the released codes' algorithms.  This
+script checks the mission's "faster than the plain code at every size" in between: each case
+pairs one mmfuse call (backend "auto", as a user calls it) with the plain expression of the
+same maths in the same namespace (``_baselines.py``: ``plain_lowrank``, ``plain_cp``,
+``plain_moments``, ``plain_zoom_shift``, ``plain_align``, ``plain_wander`` with
+``plain_gelu``), float32 NumPy arrays and torch CPU tensors under ``torch.no_grad()``, the
+outputs checked equal (relative to their largest magnitude) before timing.
+
+- ``lowrank_fusion`` and ``cp_fusion``: (B, dims, h, R) = (1024, (32, 32, 128), 128, 16),
+  (4096, (8, 16, 64), 1, 4), (256, (64, 64, 64), 32, 8);
+- ``moments``, ``zoom_shift`` (toward a guide of another mean and spread), ``align(rounds=1)``
+  (two modalities): (32, 50, 64) and (256, 100, 128);
+- ``wander``: the CMU-MOSI adapter (T = 50, 50, 50, d = D = 40, r = 16, R_h = 8, R_t = 12,
+  exact GELU, residual "first") at B = 32 and 256 in collapsed mode, B = 32 in cp mode.
+
+Columns: median milliseconds per call of each, "mmfuse/plain" (below 1: mmfuse faster) and
+the 10th-90th percentiles of that ratio within interleaved rounds (``_harness.round_ratios``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _baselines import (
+    plain_align,
+    plain_cp,
+    plain_gelu,
+    plain_lowrank,
+    plain_moments,
+    plain_wander,
+    plain_zoom_shift,
+)
+from _harness import arg_parser, machine, medians, print_table, quantile, round_ratios, sample_rounds
+
+SEED = 20261204
+FUSION = [(1024, (32, 32, 128), 128, 16), (4096, (8, 16, 64), 1, 4), (256, (64, 64, 64), 32, 8)]
+ALIGN = [(32, 50, 64), (256, 100, 128)]
+WANDER = [("collapsed", 32), ("collapsed", 256), ("cp", 32)]  # (mode, B) at the MOSI sizes
+
+
+def cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """{case: (mmfuse call, plain call)} on float32 inputs of namespace ``xp_name``."""
+    import torch
+
+    import mmfuse
+
+    xp: Any = np if xp_name == "numpy" else torch
+
+    def conv(a: np.ndarray) -> Any:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        return a if xp is np else torch.from_numpy(a)
+
+    rng = np.random.default_rng(SEED)
+    out: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    for batch, dims, h, rank in FUSION:
+        xs = [conv(rng.standard_normal((batch, d))) for d in dims]
+        p = mmfuse.init_lowrank(dims, rank=rank, out_dim=h, seed=rng, dtype=np.float32)
+        fa, w, b = [conv(f) for f in p["factors"]], conv(p["weights"]), conv(rng.standard_normal(h))
+        cw = conv(rng.standard_normal(rank))
+        cf = [conv(rng.standard_normal((d + 1, rank)) / np.sqrt(d + 1)) for d in dims] + [conv(rng.standard_normal((h, rank)))]
+        label = f"B{batch} d{','.join(map(str, dims))} h{h} R{rank}"
+        out[f"lowrank_fusion {label}"] = (
+            lambda xs=xs, fa=fa, w=w, b=b: mmfuse.lowrank_fusion(xs, fa, w, b),
+            lambda xs=xs, fa=fa, w=w, b=b: plain_lowrank(xp, xs, fa, w, b),
+        )
+        out[f"cp_fusion {label}"] = (
+            lambda xs=xs, cw=cw, cf=cf, b=b: mmfuse.cp_fusion(xs, (cw, cf), b),
+            lambda xs=xs, cw=cw, cf=cf, b=b: plain_cp(xp, xs, cw, cf, b),
+        )
+    for shape in ALIGN:
+        x = conv(rng.standard_normal(shape))
+        g = conv(3.0 + 2.0 * rng.standard_normal(shape))
+        label = str(shape).replace(" ", "")
+        out[f"moments {label}"] = (lambda x=x: mmfuse.moments(x), lambda x=x: plain_moments(xp, x))
+        out[f"zoom_shift {label}"] = (lambda x=x, g=g: mmfuse.zoom_shift(x, g), lambda x=x, g=g: plain_zoom_shift(xp, x, g))
+        out[f"align rounds=1 {label} x2"] = (
+            lambda x=x, g=g: mmfuse.align([x, g], rounds=1),
+            lambda x=x, g=g: plain_align(xp, [x, g]),
+        )
+    gelu = plain_gelu(xp)
+    for mode, batch in WANDER:
+        xs = [conv(rng.standard_normal((batch, 50, 40))) for _ in range(3)]
+        p = mmfuse.init_wander([40] * 3, [50] * 3, rank=16, feature_rank=8, token_rank=12, out_dim=40,
+                               seed=rng, dtype=np.float32)  # fmt: skip
+        # non-trivial token factors (the released initialisation's zeros make every term 0)
+        p["token"] = [0.1 * rng.standard_normal(t.shape).astype(np.float32) for t in p["token"]]
+        params = {"down": [(conv(w), conv(b)) for w, b in p["down"]], "feature": [conv(f) for f in p["feature"]],
+                  "token": [conv(t) for t in p["token"]]}  # fmt: skip
+        out[f"wander {mode} MOSI B{batch}"] = (
+            lambda xs=xs, params=params, mode=mode: mmfuse.wander(xs, params, mode=mode),
+            lambda xs=xs, params=params, mode=mode: plain_wander(xp, gelu, xs, params, mode),
+        )
+    return out
+
+
+def _flat(out: Any) -> np.ndarray:
+    if isinstance(out, (list, tuple)):
+        return np.concatenate([_flat(o).ravel() for o in out])
+    return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float64)
+
+
+def check(case: str, mm: Any, plain: Any) -> float:
+    a, b = _flat(mm), _flat(plain)
+    err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+    if a.shape != b.shape or not err <= 1e-4:
+        raise AssertionError(f"{case}: mmfuse and the plain code differ (shapes {a.shape}, {b.shape}; rel. err {err:.1e})")
+    return err
+
+
+def run(quick: bool, only: list[str] | None) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    import torch
+
+    rows, results = [], []
+    for xp_name in ("numpy", "torch"):
+        for case, (mm, plain) in cases(xp_name).items():
+            if only is not None and not any(text in f"{case} {xp_name}" for text in only):
+                continue
+            with torch.no_grad():
+                err = check(f"{case} ({xp_name})", mm(), plain())
+                rounds = sample_rounds({"mmfuse": mm, "plain": plain}, repeats=5 if quick else 15, warmup=2)
+            times = medians(rounds)
+            ratios = round_ratios(rounds, "mmfuse", "plain")
+            ratio = times["mmfuse"] / times["plain"]
+            spread = (quantile(ratios, 0.1), quantile(ratios, 0.9))
+            rows.append({"case": case, "xp": xp_name, "mmfuse ms": f"{times['mmfuse'] * 1e3:.3f}",
+                         "plain ms": f"{times['plain'] * 1e3:.3f}", "mmfuse/plain": f"{ratio:.2f}",
+                         "p10-p90": f"{spread[0]:.2f}-{spread[1]:.2f}"})  # fmt: skip
+            results.append({"case": case, "namespace": xp_name, "mmfuse_seconds": times["mmfuse"],
+                            "plain_seconds": times["plain"], "ratio_mmfuse_over_plain": ratio,
+                            "ratio_p10": spread[0], "ratio_p90": spread[1], "rel_err": err})  # fmt: skip
+    return rows, results
+
+
+def main() -> None:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--only", action="append", help="run only the cases whose 'case xp' contains this (repeatable)")
+    args = parser.parse_args()
+    import torch
+
+    print(f"machine: {machine()}; torch {torch.__version__}, threads {torch.get_num_threads()}; numpy {np.__version__}")
+    rows, results = run(args.quick, args.only)
+    print("\nfloat32, no gradients, backend 'auto' (mmfuse/plain below 1: mmfuse faster)")
+    print_table(rows, ["case", "xp", "mmfuse ms", "plain ms", "mmfuse/plain", "p10-p90"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": machine(), "torch": torch.__version__, "numpy": np.__version__,
+                       "quick": args.quick, "results": results}, fh, indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
