@@ -229,6 +229,29 @@ def test_wander_collapsed_paths_match_autograd_through_the_core(
         assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("planned", [True, False])
+def test_wander_stacks_without_autograd_only_small_batches(rng, monkeypatch, planned):
+    """Modalities of one shape take the stacked adapter while autograd records (any batch up
+    to WHOLE_BATCH_ROWS) and, without it, below NO_GRAD_STACK_ROWS samples; else the core.
+    The same values either way; planned calls (the plan cache) and unplanned ones (the plan
+    cache cleared before each call) choose alike."""
+    from mmfuse import _sequence
+
+    stacked = _spy_stacked(monkeypatch)
+    small, large = torch_wander.NO_GRAD_STACK_ROWS - 1, torch_wander.NO_GRAD_STACK_ROWS
+    for batch, grad, want_stacked in ((small, False, 1), (large, False, 0), (large, True, 1)):
+        xs, params = _wander_leaves(rng, batch, (4, 4, 4), 4, 3, True)()
+        stacked.clear()
+        for _ in range(2):  # the second call planned (when plans are kept)
+            if not planned:
+                _sequence._WANDER_PLANS.clear()
+            with torch.set_grad_enabled(grad):
+                y = mmfuse.wander(xs, params, mode="collapsed")
+        assert stacked == [1] * (2 * want_stacked), (batch, grad)
+        want = mmfuse.wander(xs, params, mode="collapsed", backend="array_api")
+        assert_close(y.detach(), want.detach(), rtol=1e-12)
+
+
 @pytest.mark.parametrize("lengths", [(5, 4, 6), (4, 4, 4)])
 @pytest.mark.parametrize("path", ["small", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
