@@ -1123,7 +1123,8 @@ class WanderAdapter(nn.Module):
     ``torch.manual_seed`` makes it reproducible.  Under ``"auto"`` (the torch backend's
     :func:`mmfuse.wander`): batches of at most 128 samples run under autograd (the released
     configuration, collapsed with the GELU on modalities of one shape, as one stacked
-    computation; others the Array-API core), where the custom ops' fixed costs would
+    computation, which without gradients on the CPU only batches under 16 take; others the
+    Array-API core), where the custom ops' fixed costs would
     dominate; larger batches, and every call under ``torch.compile``, run the custom ops with
     memory-lean backward passes (``mmfuse::wander_collapsed`` for the released
     configuration, ``mmfuse::sequence_fusion`` otherwise).

@@ -232,7 +232,8 @@ def test_wander_collapsed_paths_match_autograd_through_the_core(
 @pytest.mark.parametrize("planned", [True, False])
 def test_wander_stacks_without_autograd_only_small_batches(rng, monkeypatch, planned):
     """Modalities of one shape take the stacked adapter while autograd records (any batch up
-    to WHOLE_BATCH_ROWS) and, without it, below NO_GRAD_STACK_ROWS samples; else the core.
+    to WHOLE_BATCH_ROWS) and, without it on the CPU, below NO_GRAD_STACK_ROWS samples; else
+    the core.
     The same values either way; planned calls (the plan cache) and unplanned ones (the plan
     cache cleared before each call) choose alike."""
     from mmfuse import _sequence
@@ -250,6 +251,12 @@ def test_wander_stacks_without_autograd_only_small_batches(rng, monkeypatch, pla
         assert stacked == [1] * (2 * want_stacked), (batch, grad)
         want = mmfuse.wander(xs, params, mode="collapsed", backend="array_api")
         assert_close(y.detach(), want.detach(), rtol=1e-12)
+    # the bound is read per call, as WHOLE_BATCH_ROWS: a planned call follows a raised one
+    monkeypatch.setattr(torch_wander, "NO_GRAD_STACK_ROWS", large + 1)
+    stacked.clear()
+    with torch.no_grad():
+        mmfuse.wander(xs, params, mode="collapsed")
+    assert stacked == [1]
 
 
 @pytest.mark.parametrize("lengths", [(5, 4, 6), (4, 4, 4)])

@@ -359,10 +359,12 @@ def gelu_torch(x: Any) -> Any:
     return torch.where(x > 40.0, x, out.mul_(corr).mul_(x).mul_(0.5))
 
 
-# Below this x the SciPy GELU takes its lower-tail formula on float64.  Above it erfc(-x / sqrt 2) of the
-# rounded argument is accurate: measured against 40-digit mpmath, at most 1.0 float64 ulp of
-# the result for x >= 0, 1.7 on [-0.66, 0], 3.1 on [-1, -0.8]; below -1 its error grows (6.9
-# ulps on [-1.41, -1.2], 280 on [-20, -8]) where the tail formula stays within 3-4.
+# Below this x the SciPy GELU takes its lower-tail formula (inputs of 64 bits or more).  Above
+# it erfc(-x / sqrt 2) of the rounded argument is the more accurate: measured against 40-digit
+# mpmath (4000 points per interval), at most 2 float64 ulps of the result for x >= -0.66, 3 on
+# [-0.8, -0.66], 4 on [-1, -0.8], where the tail formula took 5-8; below -1 erfc's error grows
+# (5 ulps on [-1.2, -1], 12 on [-1.41, -1.2], 550 on [-20, -8]) and the tail formula's stays
+# within 5-7.
 _SCIPY_TAIL_X = -1.0
 
 
@@ -370,15 +372,15 @@ def _gelu_scipy(special: Any, x: Any) -> Any:
     """x Phi(x) with SciPy's error functions, on NumPy, block by block (:data:`_GELU_BLOCK`):
     float64, and other float dtypes computed in float64 and rounded once.
 
-    Phi = erfc(u) / 2 with u = -x / sqrt 2, one SciPy call per element.  For float64 x below
-    :data:`_SCIPY_TAIL_X` (about a sixth of standard normal pre-activations), and on those
-    elements only, Phi = erfcx(u) exp(-x^2 / 2) / 2 instead: the Gaussian factor from x itself,
+    Phi = erfc(u) / 2 with u = -x / sqrt 2, one SciPy call per element.  For x of 64 bits or
+    more below :data:`_SCIPY_TAIL_X` (about a sixth of standard normal pre-activations), and on
+    those elements only, Phi = erfcx(u) exp(-x^2 / 2) / 2 instead: the Gaussian factor from x itself,
     split as in :func:`_gelu_generic` (erfc's own exp(-u^2) of the rounded u loses about u^2
     ulp: 5e-14 at x = -35), the slowly varying erfcx taking the rounded u; x multiplies the
     Gaussian factor first (Phi alone goes subnormal before x Phi does) and the half comes last
     (its x G erfcx may be subnormal).  Narrower inputs need no tail formula: there the
     rounding of u costs about 2 u^2 float64 ulps of Phi, under 3e-14 relative wherever their
-    x Phi(x) is a normal number (x > -14.6 for float32), far below their own half ulp.  The
+    x Phi(x) is a normal number (x > -13.1 for float32), far below their own half ulp.  The
     upper formula halves erfc (in [0, 2]: exact) before x, which past half the float64 range
     would overflow times 2.
     """
@@ -386,22 +388,20 @@ def _gelu_scipy(special: Any, x: Any) -> Any:
 
     flat = x.reshape(-1)  # (ndarray's methods here: NumPy's function layer costs ~1 us a call)
     out = np.empty(flat.shape, dtype=x.dtype)
-    wide = x.dtype == np.float64
+    native = x.dtype == np.float64  # (not a big-endian float64, nor long double)
+    exact_tail = x.dtype.itemsize >= 8  # float64 and long double (computed in float64 too)
     for start in range(0, flat.shape[0], _GELU_BLOCK):
         xb = flat[start : start + _GELU_BLOCK]
         ob = out[start : start + _GELU_BLOCK]
-        if not wide:  # this block in float64 (in cache), rounded once into out at the end
+        if not native:  # this block in float64 (in cache), rounded once into out at the end
             xb = xb.astype(np.float64)
             ob = np.empty(xb.shape, dtype=np.float64)
         u = np.multiply(xb, -SQRT1_2)
         special.erfc(u, out=ob)
         ob *= 0.5
         ob *= xb
-        if not wide:
-            out[start : start + _GELU_BLOCK] = ob
-            continue
-        tail = (xb < _SCIPY_TAIL_X).nonzero()[0]
-        if tail.shape[0]:
+        tail = (xb < _SCIPY_TAIL_X).nonzero()[0] if exact_tail else ()
+        if len(tail):
             xt = xb[tail]
             gauss = _exp_neg_square(np, np.minimum(np.negative(xt), _GELU_XMAX), 0.5)
             gauss *= xt
@@ -409,6 +409,8 @@ def _gelu_scipy(special: Any, x: Any) -> Any:
             lower *= gauss
             lower *= 0.5
             ob[tail] = lower
+        if not native:
+            out[start : start + _GELU_BLOCK] = ob
     return out.reshape(x.shape)
 
 

@@ -354,46 +354,57 @@ def _plan_wander(
     xs: Sequence[Any], params: Any, *, mode: str, masks: Sequence[Any] | None, activation: Any, residual: str
 ) -> Any:
     """What a planned :func:`wander` call with this metadata runs (``mmfuse._plan``): the path
-    :func:`wander` takes for small batches, chosen once (:func:`_small_path`: shapes, dtypes,
-    which masks are present and whether autograd records, all in the signature), with the
-    bound :data:`WHOLE_BATCH_ROWS` read per call, so that a changed bound holds for planned
-    calls too.  (A WanderAdapter step at B = 1 spent about 8 us of its forward choosing the
-    path.)"""
-    small = _small_path(xs, params, mode, masks, activation)
+    :func:`wander` takes for small batches, whose conditions are checked once
+    (:func:`_stack_conditions`: shapes, dtypes, devices, which masks are present and whether
+    autograd records, all in the signature), with the bounds :data:`WHOLE_BATCH_ROWS` and
+    :data:`NO_GRAD_STACK_ROWS` read per call, so that a changed bound holds for planned calls
+    too.  (A WanderAdapter step at B = 1 spent about 8 us of its forward choosing the path.)"""
+    stackable, any_batch = _stack_conditions(xs, params, mode, masks, activation)
 
     def planned(
         xs: Sequence[Any], params: Any, *, mode: str = "cp", masks: Any = None, activation: Any = "gelu",
         residual: str = "first",
     ) -> Any:  # fmt: skip
-        if xs[0].shape[0] <= WHOLE_BATCH_ROWS:
-            return small(xs, params, mode, masks, activation, residual)
+        batch = xs[0].shape[0]
+        if batch <= WHOLE_BATCH_ROWS:
+            return _small_path(stackable, any_batch, batch)(xs, params, mode, masks, activation, residual)
         return wander(xs, params, mode=mode, masks=masks, activation=activation, residual=residual)
 
     return planned
 
 
-# Without autograd recording, batches of at least this many samples leave the stacked adapter
-# for the core: its stacks copy every modality's inputs and parameters, which a training step
-# repays with fewer operators in backward, a forward alone only at small batches.  Measured
-# (no grad, collapsed mode, CMU-MOSI sizes, float32, 2-core CI box): stacked against core 77
-# against 107 us at B = 1, 157 / 165 at 8, 185 / 189 at 12, 222 / 216 at 16, 363 / 336 at 32,
-# 914 / 685 at 128.
+# Without autograd recording, CPU batches of at least this many samples leave the stacked
+# adapter for the core: its stacks copy every modality's inputs and parameters, which a
+# training step repays with fewer operators in backward, a forward alone only at small
+# batches.  Measured (no grad, collapsed mode, CMU-MOSI sizes, float32, 2-core CI box):
+# stacked against core 77 against 107 us at B = 1, 157 / 165 at 8, 185 / 189 at 12, 222 / 216
+# at 16, 363 / 336 at 32, 914 / 685 at 128.  Not measured on a GPU, where the stacked form's
+# fewer launches may matter more than its copies: CUDA tensors keep it.
 NO_GRAD_STACK_ROWS = 16
 
 
-def _small_path(
+def _stack_conditions(
     xs: Sequence[Any], params: Any, mode: str, masks: Sequence[Any] | None, activation: Any
-) -> Any:
-    """The path of a batch of at most :data:`WHOLE_BATCH_ROWS` samples: :func:`stacked_adapter`
-    for the released configuration on modalities of one shape (:func:`_stackable`) while
-    autograd records or below :data:`NO_GRAD_STACK_ROWS` samples, else the Array-API core."""
+) -> tuple[bool, bool]:
+    """``(stackable, stack_without_grad)`` for a small batch: whether the call may run
+    :func:`stacked_adapter` (the released configuration, collapsed with the GELU, on
+    modalities of one shape without masks: :func:`_stackable`), and whether it does so at any
+    batch (autograd records, or the tensors are not on the CPU) rather than only below
+    :data:`NO_GRAD_STACK_ROWS` samples."""
     released = mode == "collapsed" and isinstance(activation, str) and activation == "gelu"
     if not (released and _stackable(xs, params, masks)):
-        return _on_core
+        return False, False
     down = params["down"]
     tensors = [*xs, *(w for w, _ in down), *(b for _, b in down), *params["feature"], *params["token"]]
     recording = torch.is_grad_enabled() and any_requires_grad(tensors)
-    return _stacked if recording or xs[0].shape[0] < NO_GRAD_STACK_ROWS else _on_core
+    return True, recording or not xs[0].is_cpu
+
+
+def _small_path(stackable: bool, any_batch: bool, batch: int) -> Any:
+    """The path of a batch of at most :data:`WHOLE_BATCH_ROWS` samples
+    (:func:`_stack_conditions`): :func:`stacked_adapter` where allowed, for any batch or below
+    :data:`NO_GRAD_STACK_ROWS` samples; else the Array-API core."""
+    return _stacked if stackable and (any_batch or batch < NO_GRAD_STACK_ROWS) else _on_core
 
 
 def _stacked(xs: Sequence[Any], params: Any, mode: str, masks: Any, activation: Any, residual: str) -> Any:
@@ -524,12 +535,14 @@ def wander(
 ) -> Any:
     """``mmfuse.wander`` on torch tensors (inputs checked): batches of at most
     :data:`WHOLE_BATCH_ROWS` samples run under autograd (:func:`_small_path`: the released
-    configuration on modalities of one shape as :func:`stacked_adapter`, others the Array-API
-    core); larger ones (and every call under ``torch.compile``) the custom ops
+    configuration on modalities of one shape as :func:`stacked_adapter`, without autograd on
+    the CPU only below :data:`NO_GRAD_STACK_ROWS` samples; others the Array-API core); larger
+    ones (and every call under ``torch.compile``) the custom ops
     (:func:`wander_torch`)."""
     # (the compile test first: a size test on a traced call's symbolic batch guards its graph)
     if not torch.compiler.is_compiling() and xs[0].shape[0] <= WHOLE_BATCH_ROWS:
-        return _small_path(xs, params, mode, masks, activation)(xs, params, mode, masks, activation, residual)
+        path = _small_path(*_stack_conditions(xs, params, mode, masks, activation), xs[0].shape[0])
+        return path(xs, params, mode, masks, activation, residual)
     down = list(params["down"])
     return wander_torch(
         list(xs), [w for w, _ in down], [b for _, b in down], list(params["feature"]),
