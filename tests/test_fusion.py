@@ -214,6 +214,9 @@ def test_numpy_constant_row_staged_or_added_matches_reference(rng, dtype):
     assert stage_constant(100, 5, batch * 100)
     scale = np.abs(want).max()  # (float32 sums of six terms cancel: relative to the largest)
     np.testing.assert_allclose(affine(x3, mat3, True), want, rtol=0, atol=default_rtol(dtype) * scale)
+    # no features: the constant's row alone, however large the product
+    row = rng.standard_normal((1, 8)).astype(dtype)
+    np.testing.assert_array_equal(affine(np.empty((1000, 0), dtype), row, True), np.repeat(row, 1000, axis=0))
 
 
 def test_present_all_true_equals_no_present(xp, rng):

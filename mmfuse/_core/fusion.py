@@ -108,8 +108,11 @@ def affine(x: Any, mat: Any, append_one: bool) -> Any:
         return x @ mat
     d = x.shape[-1]
     if type(x) is np.ndarray:  # the common tiny call first: one type comparison, no torch check
-        width = mat.shape[-1] * (math.prod(mat.shape[:-2]) if x.ndim == 2 else 1)
-        if stage_constant(width, d, (x.size // d if d else 0) * width):
+        # (the product's width per row of x: mat is (d + 1, W), or a stack of R such matrices
+        # against a 2-D x, or one per row of a 3-D x; the size first: a tiny call pays two
+        # comparisons, no function call)
+        width = mat.shape[-1] * mat.shape[0] if mat.ndim == 3 and x.ndim == 2 else mat.shape[-1]
+        if d and x.size * width >= _STAGE_MIN_ELEMENTS * d and stage_constant(width, d, x.size // d * width):
             hat = np.empty((*x.shape[:-1], d + 1), dtype=x.dtype)
             hat[..., :d] = x
             hat[..., d] = 1
