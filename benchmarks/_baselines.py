@@ -33,6 +33,16 @@ def plain_cp(xp: Any, xs, weights, factors, bias):
     return prod @ factors[-1].T + bias
 
 
+def plain_tensor_fusion(xp: Any, xs, weight, bias):
+    """TFN: the outer product of the ``[x_m, 1]`` per sample, flattened, times the flattened
+    weight (d_1 + 1, ..., d_M + 1, h), plus the bias."""
+    z = None
+    for x in xs:
+        hat = xp.concatenate([x, xp.ones((x.shape[0], 1), dtype=x.dtype)], axis=1)
+        z = hat if z is None else (z[:, :, None] * hat[:, None, :]).reshape(x.shape[0], -1)
+    return z @ weight.reshape(-1, weight.shape[-1]) + bias
+
+
 def plain_moments(xp: Any, x, eps=1e-5):
     """Mean and ``sqrt(var + eps)`` over the token axis (-2), kept."""
     if _is_numpy(xp):

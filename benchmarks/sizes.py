@@ -9,12 +9,14 @@ cases whose "case xp" label contains one of the texts.
 script checks the mission's "faster than the plain code at every size" in between: each case
 pairs one mmfuse call (backend "auto", as a user calls it) with the plain expression of the
 same maths in the same namespace (``_baselines.py``: ``plain_lowrank``, ``plain_cp``,
-``plain_moments``, ``plain_zoom_shift``, ``plain_align``, ``plain_wander`` with
+``plain_tensor_fusion``, ``plain_moments``, ``plain_zoom_shift``, ``plain_align``, ``plain_wander`` with
 ``plain_gelu``), float32 NumPy arrays and torch CPU tensors under ``torch.no_grad()``, the
 outputs checked equal (relative to their largest magnitude) before timing.
 
 - ``lowrank_fusion`` and ``cp_fusion``: (B, dims, h, R) = (1024, (32, 32, 128), 128, 16),
   (4096, (8, 16, 64), 1, 4), (256, (64, 64, 64), 32, 8);
+- ``tensor_fusion`` (TFN's full weight): (B, dims, h) = (256, (8, 8, 8), 16),
+  (4096, (4, 8, 16), 4);
 - ``moments``, ``zoom_shift`` (toward a guide of another mean and spread), ``align(rounds=1)``
   (two modalities): (32, 50, 64) and (256, 100, 128);
 - ``wander``: the CMU-MOSI adapter (T = 50, 50, 50, d = D = 40, r = 16, R_h = 8, R_t = 12,
@@ -41,6 +43,7 @@ from _baselines import (
     plain_gelu,
     plain_lowrank,
     plain_moments,
+    plain_tensor_fusion,
     plain_wander,
     plain_zoom_shift,
 )
@@ -48,6 +51,7 @@ from _harness import arg_parser, machine, medians, print_table, quantile, round_
 
 SEED = 20261204
 FUSION = [(1024, (32, 32, 128), 128, 16), (4096, (8, 16, 64), 1, 4), (256, (64, 64, 64), 32, 8)]
+TENSOR = [(256, (8, 8, 8), 16), (4096, (4, 8, 16), 4)]  # (B, dims, h): TFN's full weight
 ALIGN = [(32, 50, 64), (256, 100, 128)]
 WANDER = [("collapsed", 32), ("collapsed", 256), ("cp", 32)]  # (mode, B) at the MOSI sizes
 
@@ -80,6 +84,15 @@ def cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]
         out[f"cp_fusion {label}"] = (
             lambda xs=xs, cw=cw, cf=cf, b=b: mmfuse.cp_fusion(xs, (cw, cf), b),
             lambda xs=xs, cw=cw, cf=cf, b=b: plain_cp(xp, xs, cw, cf, b),
+        )
+    for batch, dims, h in TENSOR:
+        xs = [conv(rng.standard_normal((batch, d))) for d in dims]
+        weight = conv(rng.standard_normal((*(d + 1 for d in dims), h)) / 8.0)
+        b = conv(rng.standard_normal(h))
+        label = f"B{batch} d{','.join(map(str, dims))} h{h}"
+        out[f"tensor_fusion {label}"] = (
+            lambda xs=xs, weight=weight, b=b: mmfuse.tensor_fusion(xs, weight, b),
+            lambda xs=xs, weight=weight, b=b: plain_tensor_fusion(xp, xs, weight, b),
         )
     for shape in ALIGN:
         x = conv(rng.standard_normal(shape))
