@@ -101,6 +101,44 @@ def test_tensor_fusion_matches_reference(xp, dtype, backend, problem):
     xp.assert_untouched()
 
 
+@pytest.mark.parametrize("append_one", [True, False])
+def test_tensor_fusion_outer_product_form_matches_mode_by_mode(rng, monkeypatch, append_one):
+    """Where D_1 <= h the core builds the outer product and contracts it in one GEMM
+    (outer_first; on NumPy from 2**20 first-intermediate elements, forced here both ways):
+    values against the reference on NumPy, in several batch blocks and an empty batch, and
+    values and every gradient on torch the same as the mode-by-mode form's."""
+    from mmfuse._core import fusion as core_fusion
+
+    dims, out_dim = (3, 5, 2), 7  # D_1 = 4 (or 3) <= h = 7
+    extra = int(append_one)
+    weight = rng.standard_normal((*(d + extra for d in dims), out_dim))
+    bias = rng.standard_normal(out_dim)
+    for batch, max_elements in ((37, 1 << 27), (37, 600), (0, 1 << 27)):  # 600: blocks of 4
+        xs = [rng.standard_normal((batch, d)) for d in dims]
+        want = ref.tensor_fusion(xs, weight, bias, append_one=append_one)
+        for threshold in (0, 1 << 62):  # the outer form, then mode by mode
+            monkeypatch.setattr(core_fusion, "_NUMPY_OUTER_ELEMENTS", threshold)
+            assert core_fusion.outer_first(xs[0], weight.shape[:-1], out_dim) == (threshold == 0)
+            got = mmfuse.tensor_fusion(xs, weight, bias, append_one=append_one, max_elements=max_elements,
+                                       backend="array_api")  # fmt: skip
+            assert got.shape == (batch, out_dim)
+            assert_close(got, want)
+    torch = pytest.importorskip("torch")
+    outs = []
+    for outer in (True, False):
+        monkeypatch.setattr(core_fusion, "outer_first", lambda x, dims, h, outer=outer: outer)
+        leaves = [torch.tensor(a, requires_grad=True) for a in (*[rng.standard_normal((6, d)) for d in dims],)]
+        if outs:  # the same inputs for both forms
+            leaves = [torch.tensor(a.detach().numpy(), requires_grad=True) for a in outs[0][0]]
+        w = torch.tensor(weight, requires_grad=True)
+        y = mmfuse.tensor_fusion(leaves, w, append_one=append_one, backend="torch")
+        grads = torch.autograd.grad((y ** 2).sum(), [*leaves, w])
+        outs.append((leaves, y.detach(), grads))
+    assert_close(outs[0][1], outs[1][1], rtol=1e-12)
+    for g1, g2 in zip(outs[0][2], outs[1][2]):
+        assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+
+
 def _cp_from(problem):
     xs, factors, weights, bias, present = _draw(problem)
     rng = np.random.default_rng(problem["seed"] + 1)
