@@ -42,7 +42,8 @@ def _lowrank_path(path):
         yield
         return
     with mock.patch.object(tbl, "_keeps_projections", lambda xs, factors: False), \
-            mock.patch.object(tbl, "whole_batch", lambda *a: False):  # fmt: skip
+            mock.patch.object(tbl, "whole_batch", lambda *a: False), \
+            mock.patch.object(tbl, "single_output", lambda *a: False):  # fmt: skip
         yield
 
 

@@ -88,6 +88,31 @@ def test_lowrank_small_paths_match_autograd_through_the_core(
         assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_lowrank_single_output_takes_plain_operations_up_to_its_own_bound(rng, monkeypatch):
+    """With one output, batches over WHOLE_BATCH_ROWS and up to SINGLE_OUTPUT_ROWS run
+    single_output_fusion (plain operations under autograd), larger ones the custom op; values
+    and gradients against autograd through the core on both sides of the bound."""
+    import importlib
+
+    torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
+    monkeypatch.setattr(torch_lowrank, "SINGLE_OUTPUT_ROWS", 40)
+    assert torch_lowrank.WHOLE_BATCH_ROWS < 300  # the case below is over the rank-major bound
+    for batch, plain in ((40, True), (41, False)):
+        monkeypatch.setattr(torch_lowrank, "WHOLE_BATCH_ROWS", batch - 10)
+        leaves = _lowrank_leaves(rng, batch, (3, 5), 4, 1, True, True, True)
+        upstream = torch.as_tensor(rng.standard_normal((batch, 1)))
+        results = []
+        for backend in ("torch", "array_api"):
+            xs, fs, w, b = leaves()
+            y = mmfuse.lowrank_fusion(xs, fs, w, b, backend=backend)
+            if backend == "torch":
+                assert ("LowRank" not in _grad_fn(y)) == plain, (batch, _grad_fn(y))
+            grads = torch.autograd.grad((y * upstream).sum(), [*xs, *fs, w, b])
+            results.append([y.detach(), *grads])
+        for got, want in zip(*results):
+            assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("out_dim", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lowrank_small_paths_in_lower_precisions(rng, out_dim, dtype):

@@ -363,6 +363,25 @@ _lowrank_eager = bind(
 WHOLE_BATCH_ROWS = 256
 
 
+# Single-output fusions (h = 1) run single_output_fusion up to this many samples (within the
+# core's bound on B R h): plain GEMMs (B, d + 1) x (d + 1, R) under autograd, whose fixed costs
+# are those of a handful of operators, against the blocked op's Python and buffers.  Measured
+# (one training step of LowRankFusion, (8, 16, 64), R 4, 2-core CI box, float32): 0.52x the
+# op's time at B = 512, 0.59x at 1024, 0.92x at 2048, about even at 4096 and 8192.
+SINGLE_OUTPUT_ROWS = 2048
+
+
+def single_output(batch: int, rank: int) -> bool:
+    """Whether a torch low-rank fusion with one output (h = 1) of this size runs
+    :func:`single_output_fusion`: at most :data:`SINGLE_OUTPUT_ROWS` samples, within the core's
+    whole-batch rule, outside ``torch.compile``."""
+    return (
+        not torch.compiler.is_compiling()
+        and batch <= SINGLE_OUTPUT_ROWS
+        and _core_fusion.whole_batch(batch, rank, 1)
+    )
+
+
 def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
     """Whether a torch low-rank (or CP) fusion of this size runs whole-batch: small enough
     for the core's rule and at most :data:`WHOLE_BATCH_ROWS` samples, outside
@@ -571,13 +590,14 @@ def lowrank_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.lowrank_fusion`` on torch tensors (inputs checked): small problems as one
-    autograd function over the rank-major form (see above), or with a single output as
-    plain operations under autograd (:func:`single_output_fusion`), others as the blocked
-    ``mmfuse::lowrank_fusion`` custom op (always under ``torch.compile``)."""
+    autograd function over the rank-major form (see above), with a single output up to
+    :data:`SINGLE_OUTPUT_ROWS` samples as plain operations under autograd
+    (:func:`single_output_fusion`), others as the blocked ``mmfuse::lowrank_fusion`` custom
+    op (always under ``torch.compile``)."""
     rank, _, out_dim = factors[0].shape
+    if out_dim == 1 and single_output(xs[0].shape[0], rank):
+        return single_output_fusion(xs, factors, weights, bias, append_one, present)
     if whole_batch(xs[0].shape[0], rank, out_dim):
-        if out_dim == 1:
-            return single_output_fusion(xs, factors, weights, bias, append_one, present)
         if torch.is_grad_enabled() and any_requires_grad((xs, factors, weights, bias)):
             return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
         # nothing to differentiate: the same forward without autograd.Function's apply (a
