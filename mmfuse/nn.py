@@ -885,7 +885,8 @@ class TensorFusion(nn.Module):
 
     Notes
     -----
-    ``forward(xs)`` is :func:`mmfuse.tensor_fusion`; the outer product is never built.
+    ``forward(xs)`` is :func:`mmfuse.tensor_fusion`; the outer product is built only where it
+    is no larger than the mode-by-mode contraction's first intermediate (D_1 <= h).
     ``reset_parameters`` draws :math:`W \sim \mathcal N(0, 1/\prod_m (d_m+1))` (unit output
     variance for unit-variance inputs) and zeroes the bias.
 
@@ -942,8 +943,9 @@ class TensorFusion(nn.Module):
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         r"""Fuse a batch: :math:`W \cdot (\hat x_1 \otimes \cdots \otimes \hat x_M) + b`.
 
-        The outer product is never built: W is contracted with one modality at a time, the
-        batch in blocks whose intermediates hold at most ``max_elements`` elements.
+        W is contracted with one modality at a time (or, where D_1 <= h, with the outer
+        product, then no larger), the batch in blocks whose intermediates hold at most
+        ``max_elements`` elements.
 
         Parameters
         ----------

@@ -124,6 +124,9 @@ def test_tensor_fusion_outer_product_form_matches_mode_by_mode(rng, monkeypatch,
             assert got.shape == (batch, out_dim)
             assert_close(got, want)
     torch = pytest.importorskip("torch")
+    # a later modality of no features: Z is empty but the partial product before it is not
+    assert core_fusion.outer_first(torch.empty((4096, 2)), (2, 1000, 1), 2)
+    assert not core_fusion.outer_first(torch.empty((4096, 2)), (2, 1000, 0), 2)
     outs = []
     for outer in (True, False):
         monkeypatch.setattr(core_fusion, "outer_first", lambda x, dims, h, outer=outer: outer)

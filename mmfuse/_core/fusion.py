@@ -208,7 +208,9 @@ def outer_first(x: Any, dims: tuple[int, ...], out_dim: int) -> bool:
     h) builds the outer product first (:func:`_contract_outer`): where D_1 <= h, and on NumPy
     only where the mode-by-mode form's first intermediate has at least
     :data:`_NUMPY_OUTER_ELEMENTS` elements."""
-    if dims[0] > out_dim:
+    if dims[0] > out_dim or math.prod(dims) == 0:
+        # (a modality of no features makes Z empty while the product of the ones before it is
+        # not: the mode-by-mode form's bound would not hold for that partial product)
         return False
     return type(x) is not np.ndarray or x.shape[0] * math.prod(dims[1:]) * out_dim >= _NUMPY_OUTER_ELEMENTS
 
@@ -399,7 +401,8 @@ WHOLE_BATCH_ELEMENTS = 1 << 18
 
 def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
     """Whether a low-rank fusion of this size runs whole-batch (:func:`lowrank_whole_batch`;
-    the torch backend adds a bound on the batch, :data:`mmfuse.backends.torch.lowrank.WHOLE_BATCH_ROWS`)."""
+    the torch backend adds a bound on the batch, :data:`mmfuse.backends.torch.lowrank.WHOLE_BATCH_ROWS`,
+    and :data:`~mmfuse.backends.torch.lowrank.SINGLE_OUTPUT_ROWS` for a single output)."""
     return batch * rank * out_dim <= WHOLE_BATCH_ELEMENTS
 
 

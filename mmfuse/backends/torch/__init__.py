@@ -54,8 +54,9 @@ that configuration, else the down-projection and activation in torch around
 Small problems skip the ops: a custom op's fixed costs (and a Python backward) decide a step
 of a few microseconds of arithmetic, so below measured sizes the functions run plain torch
 operations under autograd instead, each the same maths written once: ``lowrank_fusion`` and
-``cp_fusion`` the core's whole-batch form (:func:`.lowrank.whole_batch`), or with a single
-output (h = 1) :func:`.lowrank.single_output_fusion`; ``wander`` in the released
+``cp_fusion`` the core's whole-batch form (:func:`.lowrank.whole_batch`), ``lowrank_fusion``
+with a single output (h = 1) :func:`.lowrank.single_output_fusion` (up to its own bound,
+:func:`.lowrank.single_output`); ``wander`` in the released
 configuration with modalities of one shape and no masks, at B <= 128,
 :func:`.wander.stacked_adapter` (the modalities stacked along a leading axis).  The rules and
 their measurements are in ``docs/backends.rst``.  The ``zoom_shift`` and ``align`` ops'
