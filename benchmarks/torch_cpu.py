@@ -40,6 +40,10 @@ modality, the product, the output factor; autograd keeps the projections).
 Small batches: the same layers at B = 32 (no target; what a training step of typical size
 costs, where per-call overhead rather than memory traffic decides).  Timed only.
 
+``--batches`` runs instead the steps between those and the large batches (LowRankFusion at
+B = 256-8192, WanderAdapter at B = 8, 128, 512, CPFusion at B = 1024), timed only, the mmfuse
+layer against the plain one: where the small forms' row bounds hand over to the custom ops.
+
 Every time is the median over interleaved rounds; "ratio p10-p90" is the spread of the
 speed-up measured within single rounds (see ``_harness.round_ratios``), the machine's drift.
 
@@ -86,9 +90,28 @@ CP_CASES = {
     "cp-B65536-d8,16,64-h1-R4": (65536, (8, 16, 64), 1, 4),
     "cp-B65536-d8,16,64-h1-R16": (65536, (8, 16, 64), 1, 16),
 }
+# --batches: training steps between the small and the large batches (timed only, the mmfuse
+# layer against the plain one), where the small forms' row bounds switch to the custom ops
+BATCH_CASES = {
+    "B256-d32,32,128-h128-R16": (256, (32, 32, 128), 128, 16),
+    "B1024-d32,32,128-h128-R16": (1024, (32, 32, 128), 128, 16),
+    "B512-d8,16,64-h1-R4": (512, (8, 16, 64), 1, 4),
+    "B1024-d8,16,64-h1-R4": (1024, (8, 16, 64), 1, 4),
+    "B2048-d8,16,64-h1-R4": (2048, (8, 16, 64), 1, 4),
+    "B8192-d8,16,64-h1-R4": (8192, (8, 16, 64), 1, 4),
+}
+BATCH_WANDER_CASES = {
+    f"wander-MOSI-B{b}-T50,50,50-d40-r16-Rh8-Rt12": (b, (50, 50, 50), 40, 16, 8, 12) for b in (8, 128, 512)
+}
+BATCH_CP_CASES = {
+    "cp-B1024-d8,16,64-h1-R4": (1024, (8, 16, 64), 1, 4),
+    "cp-B1024-d32,32,128-h128-R16": (1024, (32, 32, 128), 128, 16),
+}
 SMALL_BATCH = {case for case, shape in (*CASES.items(), *WANDER_CASES.items()) if shape[0] == 32}
 BASELINE = {**dict.fromkeys(CASES, "lmf-layer"), **dict.fromkeys(WANDER_CASES, "released-layer"),
-            **dict.fromkeys(CP_CASES, "cp-layer")}  # fmt: skip
+            **dict.fromkeys(CP_CASES, "cp-layer"), **dict.fromkeys(BATCH_CASES, "lmf-layer"),
+            **dict.fromkeys(BATCH_WANDER_CASES, "released-layer"),
+            **dict.fromkeys(BATCH_CP_CASES, "cp-layer")}  # fmt: skip
 
 
 def setup_wander(case: str, device: str = "cpu") -> dict[str, object]:
@@ -224,14 +247,27 @@ def check(cands: dict[str, object], baseline: str = "lmf-layer") -> float:
 
 
 def main() -> None:
-    args = arg_parser(__doc__).parse_args()
+    parser = arg_parser(__doc__)
+    parser.add_argument("--batches", action="store_true",
+                        help="only the training steps at intermediate batches (BATCH_CASES), timed, mmfuse-layer "
+                             "against the plain layer")  # fmt: skip
+    args = parser.parse_args()
     import torch
 
     print(f"machine: {machine()}; torch {torch.__version__}, threads {torch.get_num_threads()}")
     rows, results = [], []
-    for case in (*CASES, *WANDER_CASES, *CP_CASES):
+    cases: tuple[str, ...] = (*CASES, *WANDER_CASES, *CP_CASES)
+    if args.batches:
+        CASES.update(BATCH_CASES)
+        WANDER_CASES.update(BATCH_WANDER_CASES)
+        CP_CASES.update(BATCH_CP_CASES)
+        cases = (*BATCH_CASES, *BATCH_WANDER_CASES, *BATCH_CP_CASES)
+        SMALL_BATCH.update(cases)
+    for case in cases:
         base = BASELINE[case]
         cands = setup(case)
+        if args.batches:
+            cands = {name: cands[name] for name in ("mmfuse-layer", base)}
         err = check(cands, base)
         rounds = sample_rounds(cands, repeats=5 if args.quick else 15)
         times = medians(rounds)
