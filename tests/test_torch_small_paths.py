@@ -91,13 +91,11 @@ def test_lowrank_small_paths_match_autograd_through_the_core(
 def test_lowrank_single_output_takes_plain_operations_up_to_its_own_bound(rng, monkeypatch):
     """With one output, batches over WHOLE_BATCH_ROWS and up to SINGLE_OUTPUT_ROWS run
     single_output_fusion (plain operations under autograd), larger ones the custom op; values
-    and gradients against autograd through the core on both sides of the bound."""
-    import importlib
-
+    and gradients against autograd through the core on both sides of the bound, values
+    against the float64 reference."""
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
     monkeypatch.setattr(torch_lowrank, "SINGLE_OUTPUT_ROWS", 40)
-    assert torch_lowrank.WHOLE_BATCH_ROWS < 300  # the case below is over the rank-major bound
-    for batch, plain in ((40, True), (41, False)):
+    for batch, plain in ((40, True), (41, False)):  # (over the rank-major form's bound, patched)
         monkeypatch.setattr(torch_lowrank, "WHOLE_BATCH_ROWS", batch - 10)
         leaves = _lowrank_leaves(rng, batch, (3, 5), 4, 1, True, True, True)
         upstream = torch.as_tensor(rng.standard_normal((batch, 1)))
@@ -107,6 +105,9 @@ def test_lowrank_single_output_takes_plain_operations_up_to_its_own_bound(rng, m
             y = mmfuse.lowrank_fusion(xs, fs, w, b, backend=backend)
             if backend == "torch":
                 assert ("LowRank" not in _grad_fn(y)) == plain, (batch, _grad_fn(y))
+                arrays = [[t.detach().numpy() for t in xs], [f.detach().numpy() for f in fs]]
+                want = mmfuse.reference.lowrank_fusion(*arrays, w.detach().numpy(), b.detach().numpy())
+                assert_close(y.detach().numpy(), want, rtol=1e-12)
             grads = torch.autograd.grad((y * upstream).sum(), [*xs, *fs, w, b])
             results.append([y.detach(), *grads])
         for got, want in zip(*results):
