@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-    "machine", "medians", "peak_rss_mib", "print_table", "quantile", "round_ratios", "sample_rounds",
-    "time_candidates",
+    "as_float64", "check_same", "machine", "medians", "peak_rss_mib", "print_table", "quantile", "round_ratios",
+    "sample_rounds", "time_candidates",
 ]
 
 
@@ -160,3 +160,26 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("-" * len(line))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def as_float64(out: Any) -> Any:
+    """A result (a NumPy array, a torch tensor, or a list or tuple of them) as one flat float64
+    NumPy array (tensors detached)."""
+    import numpy as np
+
+    if isinstance(out, (list, tuple)):
+        return np.concatenate([as_float64(o).ravel() for o in out])
+    return np.asarray(out.detach().numpy() if hasattr(out, "detach") else out, dtype=np.float64)
+
+
+def check_same(case: str, got: Any, want: Any, rtol: float) -> float:
+    """The largest difference of ``got`` from ``want`` relative to ``want``'s largest magnitude
+    (results as :func:`as_float64` takes them); raises if the shapes differ or it exceeds
+    ``rtol``: a benchmark checks that its candidates compute the same before timing them."""
+    import numpy as np
+
+    a, b = as_float64(got), as_float64(want)
+    err = float(np.abs(a - b).max(initial=0.0) / max(float(np.abs(b).max(initial=0.0)), 1e-300))
+    if a.shape != b.shape or not err <= rtol:
+        raise AssertionError(f"{case}: mmfuse and the plain code differ (shapes {a.shape}, {b.shape}; rel. err {err:.1e})")
+    return err

@@ -90,7 +90,16 @@ from _baselines import (
     plain_zoom_shift,
     released_wander,
 )
-from _harness import arg_parser, machine, medians, print_table, quantile, round_ratios, sample_rounds
+from _harness import (
+    arg_parser,
+    check_same,
+    machine,
+    medians,
+    print_table,
+    quantile,
+    round_ratios,
+    sample_rounds,
+)
 
 SEED = 20261202
 
@@ -175,20 +184,6 @@ def tiny_cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], 
     return cases
 
 
-def _as_numpy(out: Any) -> np.ndarray:
-    if isinstance(out, (list, tuple)):
-        return np.concatenate([_as_numpy(o).ravel() for o in out])
-    return np.asarray(out.detach().numpy() if hasattr(out, "detach") else out, dtype=np.float64)
-
-
-def _check_equal(case: str, a: Any, b: Any, rtol: float) -> float:
-    a, b = _as_numpy(a), _as_numpy(b)
-    err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
-    if a.shape != b.shape or not err <= rtol:
-        raise AssertionError(f"{case}: mmfuse and the plain expression differ (shape {a.shape} vs {b.shape}, rel. err {err:.2e})")
-    return err
-
-
 def py_calls(fn: Callable[[], Any]) -> tuple[int, int]:
     """(Python function calls, built-in calls) cProfile records in one call of ``fn`` after a
     warm-up call; the call of ``fn`` itself is not counted."""
@@ -228,7 +223,7 @@ def run_tiny(quick: bool, only: list[str] | None = None) -> tuple[list[dict[str,
             if only is not None and not any(text in f"{case} {xp_name}" for text in only):
                 continue
             with torch.no_grad():
-                err = _check_equal(f"{case} ({xp_name})", mm(), plain(), 1e-10 if xp_name == "numpy" else 2e-5)
+                err = check_same(f"{case} ({xp_name})", mm(), plain(), 1e-10 if xp_name == "numpy" else 2e-5)
                 calls = {"mmfuse": py_calls(mm), "plain": py_calls(plain)}
                 rounds = sample_rounds({"mmfuse": _loop(mm, inner), "plain": _loop(plain, inner)}, repeats=repeats, warmup=3)
             times = {k: v / inner for k, v in medians(rounds).items()}

@@ -22,8 +22,13 @@ outputs checked equal (relative to their largest magnitude) before timing.
 - ``wander``: the CMU-MOSI adapter (T = 50, 50, 50, d = D = 40, r = 16, R_h = 8, R_t = 12,
   exact GELU, residual "first") at B = 32 and 256 in collapsed mode, B = 32 in cp mode.
 
-Columns: median milliseconds per call of each, "mmfuse/plain" (below 1: mmfuse faster) and
-the 10th-90th percentiles of that ratio within interleaved rounds (``_harness.round_ratios``).
+Columns: median milliseconds per call of each, "mmfuse/plain" (below 1: mmfuse faster), the
+10th-90th percentiles of that ratio within interleaved rounds (``_harness.round_ratios``), and
+whether numba was imported when the case ran.  The order matters there, as in any process:
+the first Zoom-and-Shift call of at least ``AUTO_IMPORT_ELEMENTS`` elements (here NumPy's
+(256, 100, 128)) lets "auto" import numba, whose CPU kernels then serve ``moments``,
+``zoom_shift`` and ``align`` at every size, on NumPy arrays and torch CPU tensors alike; run
+``--only "(32,50,64)"`` to see the medium sizes without them.
 """
 
 from __future__ import annotations
@@ -47,7 +52,16 @@ from _baselines import (
     plain_wander,
     plain_zoom_shift,
 )
-from _harness import arg_parser, machine, medians, print_table, quantile, round_ratios, sample_rounds
+from _harness import (
+    arg_parser,
+    check_same,
+    machine,
+    medians,
+    print_table,
+    quantile,
+    round_ratios,
+    sample_rounds,
+)
 
 SEED = 20261204
 FUSION = [(1024, (32, 32, 128), 128, 16), (4096, (8, 16, 64), 1, 4), (256, (64, 64, 64), 32, 8)]
@@ -120,20 +134,6 @@ def cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]
     return out
 
 
-def _flat(out: Any) -> np.ndarray:
-    if isinstance(out, (list, tuple)):
-        return np.concatenate([_flat(o).ravel() for o in out])
-    return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float64)
-
-
-def check(case: str, mm: Any, plain: Any) -> float:
-    a, b = _flat(mm), _flat(plain)
-    err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-    if a.shape != b.shape or not err <= 1e-4:
-        raise AssertionError(f"{case}: mmfuse and the plain code differ (shapes {a.shape}, {b.shape}; rel. err {err:.1e})")
-    return err
-
-
 def run(quick: bool, only: list[str] | None) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     import torch
 
@@ -143,18 +143,20 @@ def run(quick: bool, only: list[str] | None) -> tuple[list[dict[str, str]], list
             if only is not None and not any(text in f"{case} {xp_name}" for text in only):
                 continue
             with torch.no_grad():
-                err = check(f"{case} ({xp_name})", mm(), plain())
+                err = check_same(f"{case} ({xp_name})", mm(), plain(), 1e-4)
                 rounds = sample_rounds({"mmfuse": mm, "plain": plain}, repeats=5 if quick else 15, warmup=2)
             times = medians(rounds)
             ratios = round_ratios(rounds, "mmfuse", "plain")
             ratio = times["mmfuse"] / times["plain"]
             spread = (quantile(ratios, 0.1), quantile(ratios, 0.9))
+            numba = "numba" in sys.modules  # (see the module docstring)
             rows.append({"case": case, "xp": xp_name, "mmfuse ms": f"{times['mmfuse'] * 1e3:.3f}",
                          "plain ms": f"{times['plain'] * 1e3:.3f}", "mmfuse/plain": f"{ratio:.2f}",
-                         "p10-p90": f"{spread[0]:.2f}-{spread[1]:.2f}"})  # fmt: skip
+                         "p10-p90": f"{spread[0]:.2f}-{spread[1]:.2f}", "numba": "yes" if numba else "no"})  # fmt: skip
             results.append({"case": case, "namespace": xp_name, "mmfuse_seconds": times["mmfuse"],
                             "plain_seconds": times["plain"], "ratio_mmfuse_over_plain": ratio,
-                            "ratio_p10": spread[0], "ratio_p90": spread[1], "rel_err": err})  # fmt: skip
+                            "ratio_p10": spread[0], "ratio_p90": spread[1], "numba_imported": numba,
+                            "rel_err": err})  # fmt: skip
     return rows, results
 
 
@@ -167,7 +169,7 @@ def main() -> None:
     print(f"machine: {machine()}; torch {torch.__version__}, threads {torch.get_num_threads()}; numpy {np.__version__}")
     rows, results = run(args.quick, args.only)
     print("\nfloat32, no gradients, backend 'auto' (mmfuse/plain below 1: mmfuse faster)")
-    print_table(rows, ["case", "xp", "mmfuse ms", "plain ms", "mmfuse/plain", "p10-p90"])
+    print_table(rows, ["case", "xp", "mmfuse ms", "plain ms", "mmfuse/plain", "p10-p90", "numba"])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine(), "torch": torch.__version__, "numpy": np.__version__,
