@@ -17,7 +17,11 @@ time over the default's (the defaults are the rows named ``default``):
 3. ``zoom_shift`` (256, 512, 512) float32: channel tiles, warps, one register tile or token
    blocks, as a fraction of copy bandwidth; the whole public call and the bare op;
 4. low-rank forward: (BLOCK_B, columns, warps, stages, BLOCK_K) tiles, beside LMF-style code
-   and the GEMM-only time.
+   and the GEMM-only time;
+5. ``narrow``: h = 1, R = 4 forward+backward, the fused backward's row tiles, and a per-kernel
+   profile of one step against LMF's;
+6. ``layers``: the layers' training steps by batch under each torch-backend path (the size
+   rules' alternatives), the Triton kernels and the plain layers.
 
 Each section starts only while ``--budget-s`` lasts; the JSON (``--json``, else
 ``$OUT/tune.json``) is rewritten after each.
@@ -26,6 +30,7 @@ Each section starts only while ``--budget-s`` lasts; the JSON (``--json``, else
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -204,7 +209,7 @@ def zoom_shift(repeats: int, queue: int) -> list[dict[str, Any]]:
     want = mmfuse.zoom_shift(x.double(), guide.double(), alpha=0.5, backend="torch")
 
     def call(cfg: tuple[int, int, int] | None, bare: bool = False) -> Callable[[], Any]:
-        def tiles(n_tok: int, n_ch: int, budget: int, block_c: int | None = None) -> Any:
+        def tiles(n_tok: int, n_ch: int, budget: int, block_c: int | None = None, num_warps: int = 8) -> Any:
             c, warps, block_t = cfg  # type: ignore[misc]
             single = block_t == 0
             return _ops._StatTiles(c, _ops._pow2(n_tok) if single else block_t, single, warps)
@@ -240,6 +245,154 @@ def zoom_shift(repeats: int, queue: int) -> list[dict[str, Any]]:
         err = f"  err {errs[k]:.1e}" if k in errs else ""
         print(f"  {k:<24} {ms:8.3f} ms  {frac:5.0%} of copy{err}")
         rows.append({"case": "zoom_shift", "cand": k, "ms": ms, "of_copy": frac, "err": errs.get(k)})
+    return rows
+
+
+# the fused backward's (BLOCK_B, warps) at h = 1, R = 4 (16 columns: RANK_P padded to 16)
+NARROW_BWD_TILES = [(64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8)]
+
+
+def narrow_backward(repeats: int, queue: int) -> list[dict[str, Any]]:
+    """h = 1, R = 4, B = 262144 forward+backward: the fused backward's row tiles (its default
+    32 rows at 8 warps leave most of a 16-column tile's threads idle), then where one default
+    step's device time goes (torch profiler, per kernel)."""
+    torch = _torch()
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rows += _narrow_case(dtype, repeats, queue)
+    return rows
+
+
+def _narrow_case(dtype: Any, repeats: int, queue: int) -> list[dict[str, Any]]:
+    torch = _torch()
+    import mmfuse
+    from mmfuse.backends.triton import _ops
+
+    batch, dims, out_dim, rank = next(c for c in LOWRANK_CASES if c[2] == 1)
+    rows = []
+    label = f"f+b {str(dtype)[6:]} B={batch} dims={dims} h={out_dim} R={rank}"
+    print(label)
+    xs, factors, w, bias = _lowrank_inputs(torch, batch, dims, out_dim, rank, dtype, "cuda")
+    leaves = [t.detach().requires_grad_(True) for t in (*xs, *factors, w, bias)]
+    xg, fg, wg, bg = leaves[: len(dims)], leaves[len(dims) : 2 * len(dims)], leaves[-2], leaves[-1]
+    default_tiles = _ops._lowrank_tiles
+
+    def step(tile: tuple[int, int] | None = None, path: str = "fused") -> Callable[[], Any]:
+        def tiles(rank: int, out_dim: int, n_mod: int, dt: Any, backward: bool) -> Any:
+            t = default_tiles(rank, out_dim, n_mod, dt, backward)
+            return t._replace(block_b=tile[0], num_warps=tile[1]) if backward and tile else t
+
+        def run() -> Any:
+            with _Patched(_ops, LOWRANK_BACKWARD=path, _lowrank_tiles=tiles):
+                out = mmfuse.lowrank_fusion(xg, fg, wg, bg, backend="triton")
+                return torch.autograd.grad(out.float().sum(), leaves)
+
+        return run
+
+    def lmf() -> Any:
+        return torch.autograd.grad(lmf_straightforward(torch, xg, fg, wg[None, :], bg).float().sum(), leaves)
+
+    cands: dict[str, Callable[[], Any]] = {"lmf": lmf, "fused default": step(),
+                                           "gemm default": step(path="gemm")}  # fmt: skip
+    for tile in NARROW_BWD_TILES:
+        cands[f"fused B{tile[0]} w{tile[1]}"] = step(tile)
+    want = cands["fused default"]()
+    errs = {k: max(_rel_err(a, b) for a, b in zip(fn(), want)) for k, fn in cands.items()}
+    times = time_cuda(cands, repeats=repeats, queue=queue)
+    for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
+        print(f"  {k:<26} {ms:8.3f} ms  {times['lmf'] / ms:5.2f}x lmf  grad err {errs[k]:.1e}")
+        rows.append({"case": label, "cand": k, "ms": ms, "vs_lmf": times["lmf"] / ms, "grad_err": errs[k]})
+    for name in ("fused default", "lmf"):
+        rows.append({"case": label, "cand": name, "profile": _kernel_profile(cands[name])})
+    return rows
+
+
+def _kernel_profile(fn: Callable[[], Any], steps: int = 3, top: int = 8) -> list[dict[str, Any]]:
+    """Device time per kernel over ``steps`` calls (torch profiler), the largest printed."""
+    torch = _torch()
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages()
+              if str(getattr(e, "device_type", "")).endswith("CUDA") and getattr(e, "device_time_total", 0) > 0]  # fmt: skip
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / steps
+    print(f"    profile: {total / 1e3:.3f} ms device time a step in {sum(e.count for e in events) // steps} kernels")
+    out = []
+    for e in events[:top]:
+        print(f"      {e.device_time_total / steps / 1e3:8.3f} ms  x{e.count // steps:<3} {e.key[:90]}")
+        out.append({"kernel": e.key, "ms": e.device_time_total / steps / 1e3, "count": e.count / steps})
+    return out
+
+
+# layer steps on CUDA by batch: (label, torch_cpu setup function's shape, batches)
+LAYER_SWEEP = [
+    ("LowRankFusion wide", ((32, 32, 128), 128, 16), (32, 1024, 4096, 16384)),
+    ("LowRankFusion narrow", ((8, 16, 64), 1, 4), (32, 4096, 65536)),
+    ("WanderAdapter collapsed", ((50, 50, 50), 40, 16, 8, 12), (32, 256, 1024)),
+]
+_HUGE = 1 << 60
+
+
+def layers(repeats: int, queue: int) -> list[dict[str, Any]]:
+    """Training steps of the layers on CUDA (benchmarks/torch_cpu.py's candidates) by batch,
+    under each path the torch backend's size rules choose between (measured on a CPU), the
+    Triton kernels, and the plain layer: which rule the CUDA device wants."""
+    torch = _torch()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_cpu
+
+    import mmfuse
+    from mmfuse._core import fusion as core_fusion
+    # (modules by path: the package's names ``lowrank``/``wander`` are its functions)
+    lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
+    wander = importlib.import_module("mmfuse.backends.torch.wander")
+
+    def under(run: Callable[[], Any], backend: str, module: Any = None, **values: Any) -> Callable[[], Any]:
+        def step() -> Any:
+            with mmfuse.config_context(backend=backend), _Patched(core_fusion, WHOLE_BATCH_ELEMENTS=_HUGE):
+                if module is None:
+                    return run()
+                with _Patched(module, **values):
+                    return run()
+
+        return step
+
+    rows = []
+    for label, shape, batches in LAYER_SWEEP:
+        for batch in batches:
+            case = f"{label} B={batch}"
+            print(case)
+            if label.startswith("Wander"):
+                lengths, dim, rank, r_h, r_t = shape
+                got = torch_cpu.setup_wander("", "cuda", (batch, lengths, dim, rank, r_h, r_t))
+                base = "released-layer"
+                layer = got["mmfuse-layer"]
+                cands = {base: got[base], "mmfuse-layer (auto)": layer,
+                         "torch, small path": under(layer, "torch", wander, WHOLE_BATCH_ROWS=_HUGE),
+                         "torch, core": under(layer, "torch", wander, WHOLE_BATCH_ROWS=0),
+                         "triton": under(layer, "triton")}  # fmt: skip
+            else:
+                dims, out_dim, rank = shape
+                got = torch_cpu.setup("", "cuda", (batch, dims, out_dim, rank))
+                base = "lmf-layer"
+                layer = got["mmfuse-layer"]
+                cands = {base: got[base], "mmfuse-layer (auto)": layer,
+                         "torch, whole batch": under(layer, "torch", lowrank, WHOLE_BATCH_ROWS=_HUGE, SINGLE_OUTPUT_ROWS=0),
+                         "torch, blocked op": under(layer, "torch", lowrank, WHOLE_BATCH_ROWS=0, SINGLE_OUTPUT_ROWS=0),
+                         "triton": under(layer, "triton")}  # fmt: skip
+                if out_dim == 1:
+                    cands["torch, single output"] = under(layer, "torch", lowrank, SINGLE_OUTPUT_ROWS=_HUGE)
+            times = time_cuda(cands, repeats=repeats, queue=queue)
+            for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
+                print(f"  {k:<26} {ms:8.3f} ms  {times[base] / ms:5.2f}x plain")
+                rows.append({"case": case, "cand": k, "ms": ms, "vs_plain": times[base] / ms})
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -304,7 +457,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--queue", type=int, default=4, help="calls between a sample's events (default 4)")
     parser.add_argument("--json", help="write the rows here (default: $OUT/tune.json when $OUT is set)")
-    parser.add_argument("--only", default="compile,backward,zoom,forward", help="sections, comma-separated")
+    parser.add_argument("--only", default="compile,backward,zoom,forward,narrow,layers",
+                        help="sections, comma-separated")  # fmt: skip
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     start = time.monotonic()
@@ -319,6 +473,8 @@ def main() -> None:
         "backward": lambda: lowrank_backward(args.repeats, max(1, args.queue // 2)),
         "zoom": lambda: zoom_shift(args.repeats * 2, args.queue * 2),
         "forward": lambda: lowrank_forward(args.repeats, args.queue),
+        "narrow": lambda: narrow_backward(args.repeats, max(1, args.queue // 2)),
+        "layers": lambda: layers(args.repeats * 2, args.queue),
     }
     for name in args.only.split(","):
         if time.monotonic() - start > args.budget_s:

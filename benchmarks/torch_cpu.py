@@ -114,13 +114,14 @@ BASELINE = {**dict.fromkeys(CASES, "lmf-layer"), **dict.fromkeys(WANDER_CASES, "
             **dict.fromkeys(BATCH_CP_CASES, "cp-layer")}  # fmt: skip
 
 
-def setup_wander(case: str, device: str = "cpu") -> dict[str, object]:
+def setup_wander(case: str, device: str = "cpu", shape: tuple | None = None) -> dict[str, object]:
+    """As :func:`setup`; ``shape``: (B, T_m, d, r, R_h, R_t) instead of the case's."""
     import torch
 
     import mmfuse
     from mmfuse.nn import WanderAdapter
 
-    batch, lengths, dim, rank, r_h, r_t = WANDER_CASES[case]
+    batch, lengths, dim, rank, r_h, r_t = shape or WANDER_CASES[case]
     torch.manual_seed(20261122)
     xs = [torch.randn(batch, t, dim, device=device, requires_grad=True) for t in lengths]
     dims = (dim,) * len(lengths)
@@ -173,9 +174,10 @@ def saved_mib(run) -> float:
     return sum(storages.values()) / 2**20
 
 
-def setup(case: str, device: str = "cpu") -> dict[str, object]:
+def setup(case: str, device: str = "cpu", shape: tuple | None = None) -> dict[str, object]:
     """The candidates of one case, as callables running one forward+backward step on ``device``
-    (benchmarks/gpu.py times the same candidates on CUDA)."""
+    (benchmarks/gpu.py times the same candidates on CUDA); ``shape``: a LowRankFusion case's
+    (B, dims, h, R) instead of the case's (benchmarks/gpu_tune.py's batch sweep)."""
     import torch
 
     if case in WANDER_CASES:
@@ -184,7 +186,7 @@ def setup(case: str, device: str = "cpu") -> dict[str, object]:
     import mmfuse
     from mmfuse.nn import CPFusion, LowRankFusion
 
-    batch, dims, out_dim, rank = CASES[case] if case in CASES else CP_CASES[case]
+    batch, dims, out_dim, rank = shape or (CASES[case] if case in CASES else CP_CASES[case])
     torch.manual_seed(20261122)
     xs = [torch.randn(batch, d, device=device, requires_grad=True) for d in dims]
     if case in CP_CASES:
