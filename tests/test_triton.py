@@ -574,7 +574,9 @@ def test_stat_cases_reach_both_kernel_paths():
     assert not _ops._stat_tiles(2100, 9, 16384).single  # moments, looped
     x_tiles = _ops._stat_tiles(2100, 9, 8192)
     assert not x_tiles.single and not _ops._stat_tiles(1100, 9, 8192, x_tiles.block_c).single
-    assert _ops._stat_tiles(512, 512, _ops._ZOOM_SHIFT_BUDGET) == _ops._StatTiles(32, 512, True)  # the benchmark's
+    assert _ops._stat_tiles(512, 512, _ops._ZOOM_SHIFT_BUDGET, num_warps=_ops._ZOOM_SHIFT_WARPS) == _ops._StatTiles(
+        32, 512, True, 4
+    )  # the benchmark's
 
 
 @pytest.mark.usefixtures("backward_path")

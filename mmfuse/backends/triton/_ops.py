@@ -95,7 +95,9 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
     - forward, timed on an H200 (``benchmarks/gpu_tune.py``, RESULTS.md), BLOCK_N <= 128:
       float32 ("ieee" FMA dots) 4 warps over BLOCK_B * BLOCK_N = 4096 (32 x 128: 1.63 ms
       against 1.77 for the first, register-count choice 64 x 128 at 8 warps, at
-      B = 65536, (32, 32, 128), h 128, R 16; 256 x 16: 0.22 against 0.35 ms at h = 1, R = 4);
+      B = 65536, (32, 32, 128), h 128, R 16; 256 x 16: 0.22 against 0.35 ms at h = 1, R = 4),
+      8 warps where BLOCK_N = 16 (256 x 16 at h = 1, R = 4, B = 262144: 0.191 against 0.231 ms
+      at 4 warps, twenty-fifth session's sweep);
       16-bit (tensor cores) 8 warps over 16384 (128 x 128: 0.46 against 0.74 ms; 256 x 16);
       BLOCK_B from 16 (``tl.dot``'s least, for R over 1024) to 256; for M > 4 at most 64,
       and 8 warps in float32 (``ptxas``: M = 8 at 256 x 16 spilled 2.3 KB a thread in
@@ -117,7 +119,8 @@ def _lowrank_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype, back
     most = 64 if many else 256
     if low:
         return _Tiles(max(16, min(most, 16384 // block_n)), block_k, block_h, rank_p, 8)
-    return _Tiles(min(most, max(16, 4096 // block_n)), block_k, block_h, rank_p, 8 if many else 4)
+    warps = 8 if many or block_n <= 16 else 4
+    return _Tiles(min(most, max(16, 4096 // block_n)), block_k, block_h, rank_p, warps)
 
 
 def _g_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype) -> _Tiles:
@@ -126,14 +129,18 @@ def _g_tiles(rank: int, out_dim: int, n_mod: int, dtype: torch.dtype) -> _Tiles:
     wide sizes (forward+backward 9.1 ms against 9.8 for 64 x 64, float32; 7.6 against 9.3,
     bfloat16, with 13 chunks of bfloat16 dL/dF products then), 256 x 16 at 4 warps for
     h = 1, R = 4 (1.69 against 1.71 ms); for M > 4,
-    32 x 64 (eight live tiles), from register counts, not timed."""
+    32 x 64 (eight live tiles), from register counts, not timed.  The 64 x 128 tile pipelines
+    its K loop 4 deep: forward+backward 1.5-2% faster in float32 and 6-8% in bfloat16 than 3
+    deep at issue 21's two wide sizes (M = 3; twenty-fifth session's sweep), with 36 KB
+    (float32) and 48 KB (16-bit) of shared memory at M = 3 (``_compile_check``; M = 4 not
+    timed)."""
     rank_p, block_h = column_tile(rank, out_dim, 128 if n_mod <= 4 else 64)
     block_k = block_k_for(dtype)
     if n_mod > 4:
         return _Tiles(32, block_k, block_h, rank_p, 8)
     if rank_p * block_h < 64:
         return _Tiles(256, block_k, block_h, rank_p, 4)
-    return _Tiles(64, block_k, block_h, rank_p, 8)
+    return _Tiles(64, block_k, block_h, rank_p, 8, 4)
 
 
 #: The low-rank backward: "gemm" (G kernel + cuBLAS products), "fused" (the two recomputing
@@ -627,22 +634,28 @@ class _StatTiles(NamedTuple):
 # at (256, 512, 512) float32, the spilling 512 x 32 tile ran at 71% of copy bandwidth against
 # 54% for 512 x 16 (and 66% at 16 warps, 31% or less looping over token blocks)
 _ZOOM_SHIFT_BUDGET = 16384
+# ... and at 4 warps: 73.5% and 75% of copy in two sweeps on two machines (benchmarks/gpu_tune.py),
+# against 67-70% at 8 (more programs resident per SM outweigh the spills)
+_ZOOM_SHIFT_WARPS = 4
 
 
-def _stat_tiles(n_tok: int, n_ch: int, budget: int, block_c: int | None = None) -> _StatTiles:
+def _stat_tiles(
+    n_tok: int, n_ch: int, budget: int, block_c: int | None = None, num_warps: int = 8
+) -> _StatTiles:
     """BLOCK_C channels per program (at most 32: 128-byte rows of float32; at least 8 while a
     narrower tile would let the token axis fit) and the whole token axis in one register tile
     when it has at most ``budget`` elements, so x is read once; else 4096-element token
     blocks.  ``budget``: 16384 for ``moments`` (from ``ptxas -v`` for sm_90a at 8 warps: 119
     registers, no spills at T = 512, BLOCK_C = 32) and for ``zoom_shift`` (timed:
-    :data:`_ZOOM_SHIFT_BUDGET`).  ``block_c``: fixed by the caller (the guide shares x's)."""
+    :data:`_ZOOM_SHIFT_BUDGET`).  ``block_c``: fixed by the caller (the guide shares x's).
+    ``num_warps``: 8 (``moments``' register count) or :data:`_ZOOM_SHIFT_WARPS`."""
     if block_c is None:
         block_c = min(32, _pow2(n_ch))
         while block_c > 8 and _pow2(n_tok) * block_c > budget:
             block_c //= 2
     if _pow2(n_tok) * block_c <= budget:
-        return _StatTiles(block_c, _pow2(n_tok), True)
-    return _StatTiles(block_c, max(1, 4096 // block_c), False)
+        return _StatTiles(block_c, _pow2(n_tok), True, num_warps)
+    return _StatTiles(block_c, max(1, 4096 // block_c), False, num_warps)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -737,7 +750,7 @@ def _zoom_shift_op(
     rows, grows = _rows(x), _rows(guide)
     n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
     n_gtok = int(grows.shape[1])
-    t = _stat_tiles(n_tok, n_ch, _ZOOM_SHIFT_BUDGET)
+    t = _stat_tiles(n_tok, n_ch, _ZOOM_SHIFT_BUDGET, num_warps=_ZOOM_SHIFT_WARPS)
     tg = _stat_tiles(n_gtok, n_ch, _ZOOM_SHIFT_BUDGET, t.block_c)
     wrap_triton(K.zoom_shift_kernel)[(n_rows, triton.cdiv(n_ch, t.block_c))](
         y, rows, grows, _mask_rows(mask, rows), _mask_rows(guide_mask, rows), n_tok, n_gtok, n_ch,
