@@ -341,21 +341,21 @@ _HUGE = 1 << 60
 
 def layers(repeats: int, queue: int) -> list[dict[str, Any]]:
     """Training steps of the layers on CUDA (benchmarks/torch_cpu.py's candidates) by batch,
-    under each path the torch backend's size rules choose between (measured on a CPU), the
-    Triton kernels, and the plain layer: which rule the CUDA device wants."""
+    under each path the torch backend's accelerator bounds choose between (set from the
+    host-bound steps of one H200 run, not timed between B = 32 and the bounds), the Triton
+    kernels, and the plain layer: where the bounds belong."""
     torch = _torch()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch_cpu
 
     import mmfuse
-    from mmfuse._core import fusion as core_fusion
     # (modules by path: the package's names ``lowrank``/``wander`` are its functions)
     lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
     wander = importlib.import_module("mmfuse.backends.torch.wander")
 
     def under(run: Callable[[], Any], backend: str, module: Any = None, **values: Any) -> Callable[[], Any]:
         def step() -> Any:
-            with mmfuse.config_context(backend=backend), _Patched(core_fusion, WHOLE_BATCH_ELEMENTS=_HUGE):
+            with mmfuse.config_context(backend=backend):
                 if module is None:
                     return run()
                 with _Patched(module, **values):
@@ -374,20 +374,20 @@ def layers(repeats: int, queue: int) -> list[dict[str, Any]]:
                 base = "released-layer"
                 layer = got["mmfuse-layer"]
                 cands = {base: got[base], "mmfuse-layer (auto)": layer,
-                         "torch, small path": under(layer, "torch", wander, WHOLE_BATCH_ROWS=_HUGE),
-                         "torch, core": under(layer, "torch", wander, WHOLE_BATCH_ROWS=0),
+                         "torch, small path": under(layer, "torch", wander, ACCELERATOR_SMALL_ELEMENTS=_HUGE),
+                         "torch, custom ops": under(layer, "torch", wander, ACCELERATOR_SMALL_ELEMENTS=-1),
                          "triton": under(layer, "triton")}  # fmt: skip
             else:
                 dims, out_dim, rank = shape
                 got = torch_cpu.setup("", "cuda", (batch, dims, out_dim, rank))
                 base = "lmf-layer"
                 layer = got["mmfuse-layer"]
+                # (on CUDA one bound serves both small forms: at h = 1 the single-output one runs)
+                small = "torch, single output" if out_dim == 1 else "torch, whole batch"
                 cands = {base: got[base], "mmfuse-layer (auto)": layer,
-                         "torch, whole batch": under(layer, "torch", lowrank, WHOLE_BATCH_ROWS=_HUGE, SINGLE_OUTPUT_ROWS=0),
-                         "torch, blocked op": under(layer, "torch", lowrank, WHOLE_BATCH_ROWS=0, SINGLE_OUTPUT_ROWS=0),
+                         small: under(layer, "torch", lowrank, ACCELERATOR_WHOLE_BATCH_ELEMENTS=_HUGE),
+                         "torch, blocked op": under(layer, "torch", lowrank, ACCELERATOR_WHOLE_BATCH_ELEMENTS=-1),
                          "triton": under(layer, "triton")}  # fmt: skip
-                if out_dim == 1:
-                    cands["torch, single output"] = under(layer, "torch", lowrank, SINGLE_OUTPUT_ROWS=_HUGE)
             times = time_cuda(cands, repeats=repeats, queue=queue)
             for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
                 print(f"  {k:<26} {ms:8.3f} ms  {times[base] / ms:5.2f}x plain")

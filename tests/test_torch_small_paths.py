@@ -330,3 +330,40 @@ def test_wander_stacked_path_takes_strided_inputs(rng, monkeypatch):
     assert_close(y.detach(), want.detach(), rtol=1e-12)
     (g,) = torch.autograd.grad(y.sum(), [strided[1]])
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_accelerator_bounds_of_the_small_forms(monkeypatch):
+    """Off the CPU the small forms run up to their element bounds (2**23: B R h, B R with one
+    output, the first Wander input's elements) instead of the CPU's batch bounds; on the CPU
+    nothing changes.  The rules themselves, and the paths they give on ``meta`` tensors (off
+    the CPU, nothing computed) on both sides of each bound, read per call."""
+    torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
+    big = torch_lowrank.ACCELERATOR_WHOLE_BATCH_ELEMENTS
+    assert big == 1 << 23 == torch_wander.ACCELERATOR_SMALL_ELEMENTS
+    assert torch_lowrank.whole_batch(4096, 16, 128, "cuda") and not torch_lowrank.whole_batch(4097, 16, 128, "cuda")
+    assert not torch_lowrank.whole_batch(4096, 16, 128, "cpu")  # the CPU's B <= 256 and B R h <= 2**18
+    assert torch_lowrank.whole_batch(256, 4, 8, "cpu") and not torch_lowrank.whole_batch(257, 4, 8, "cpu")
+    assert torch_lowrank.single_output(big // 4, 4, "cuda") and not torch_lowrank.single_output(big // 4 + 1, 4, "cuda")
+    assert not torch_lowrank.single_output(4096, 4, "cpu")  # the CPU's B <= 2048
+
+    def lowrank_path(batch, dims, rank, out_dim):
+        xs = [torch.empty(batch, d, device="meta", requires_grad=True) for d in dims]
+        fs = [torch.empty(rank, d + 1, out_dim, device="meta", requires_grad=True) for d in dims]
+        y = mmfuse.lowrank_fusion(xs, fs)
+        assert y.shape == (batch, out_dim) and y.device.type == "meta"
+        return _grad_fn(y)
+
+    assert lowrank_path(4096, (32, 32, 128), 16, 128) == "_LowRankWholeBatchBackward"
+    assert lowrank_path(4097, (32, 32, 128), 16, 128) == "_LowRankFusionBackward"  # the op
+    assert "LowRank" not in lowrank_path(big // 4, (8, 16), 4, 1)  # single output: plain operations
+    assert lowrank_path(big // 4 + 1, (8, 16), 4, 1) == "_LowRankFusionBackward"
+    monkeypatch.setattr(torch_lowrank, "ACCELERATOR_WHOLE_BATCH_ELEMENTS", 4095 * 16 * 128)
+    assert lowrank_path(4096, (32, 32, 128), 16, 128) == "_LowRankFusionBackward"
+
+    # Wander: the first modality's elements, not its batch
+    for shape, small in (((4096, 64, 32), True), ((4097, 64, 32), False)):
+        assert torch_wander._small_batch(torch.empty(shape, device="meta")) == small
+    assert not torch_wander._small_batch(torch.empty((129, 2, 2)))  # CPU: B <= WHOLE_BATCH_ROWS
+    assert torch_wander._small_batch(torch.empty((128, 2, 2)))
+    monkeypatch.setattr(torch_wander, "ACCELERATOR_SMALL_ELEMENTS", 10)
+    assert not torch_wander._small_batch(torch.empty((1, 11), device="meta"))

@@ -371,28 +371,49 @@ WHOLE_BATCH_ROWS = 256
 SINGLE_OUTPUT_ROWS = 2048
 
 
-def single_output(batch: int, rank: int) -> bool:
-    """Whether a torch low-rank fusion with one output (h = 1) of this size runs
-    :func:`single_output_fusion`: at most :data:`SINGLE_OUTPUT_ROWS` samples, within the core's
-    whole-batch rule, outside ``torch.compile``."""
-    return (
-        not torch.compiler.is_compiling()
-        and batch <= SINGLE_OUTPUT_ROWS
-        and _core_fusion.whole_batch(batch, rank, 1)
-    )
+# On an accelerator (tensors off the CPU) both small forms run while their rank-major
+# projections (R, B, h) hold at most this many elements, instead of the CPU's bounds above.
+# There a step's device work stays hidden behind the host's launches up to far larger batches
+# than on a CPU, so the form launching the fewest operators decides the step.  Measured on an
+# H200 (benchmarks/gpu.py, RESULTS.md, twenty-fifth session): the LMF layer's training step
+# took 1.86 ms at B = 32 and 1.75 at B = 4096 ((32, 32, 128), R 16, h 128: B R h = 2**23), the
+# whole-batch form's 1.37 at B = 32 and the blocked op's 2.10 at B = 4096; torch's profiler
+# counts 60 top-level (138 in all) operators a step for the whole-batch form, 150 (352) for
+# the op on one block (an accelerator's blocks are whole batches), 88 (311) for LMF.  The
+# whole-batch form runs the GEMMs LMF runs, and LMF's step at 2**23 was still host-bound, so
+# up to there the bound keeps a form that was measured host-bound at this size.  Not timed at
+# batches between 32 and 4096 nor on other devices (benchmarks/gpu_tune.py's "layers" sweep
+# times it).  Memory: the kept projections, at most M * 2**23 elements (the op on one block
+# held more at B = 4096: 294 MiB peak against LMF's 226).
+ACCELERATOR_WHOLE_BATCH_ELEMENTS = 1 << 23
 
 
-def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
-    """Whether a torch low-rank (or CP) fusion of this size runs whole-batch: small enough
-    for the core's rule and at most :data:`WHOLE_BATCH_ROWS` samples, outside
-    ``torch.compile`` (which traces the custom ops)."""
+def single_output(batch: int, rank: int, device_type: str = "cpu") -> bool:
+    """Whether a torch low-rank fusion with one output (h = 1) of this size on a device of
+    this type runs :func:`single_output_fusion`: on the CPU at most
+    :data:`SINGLE_OUTPUT_ROWS` samples within the core's whole-batch rule, elsewhere while
+    ``B R`` <= :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return False
+    if device_type != "cpu":
+        return batch * rank <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
+    return batch <= SINGLE_OUTPUT_ROWS and _core_fusion.whole_batch(batch, rank, 1)
+
+
+def whole_batch(batch: int, rank: int, out_dim: int, device_type: str = "cpu") -> bool:
+    """Whether a torch low-rank (or CP) fusion of this size on a device of this type runs
+    whole-batch: on the CPU small enough for the core's rule and at most
+    :data:`WHOLE_BATCH_ROWS` samples, elsewhere while ``B R h`` <=
+    :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never under ``torch.compile`` (which traces the
+    custom ops).  (CP fusion asks with the CPU's rule: its small form is the core's, which
+    keeps the core's own bound.)"""
     # the compile test first: the size tests on a traced call's symbolic batch would guard
     # its graph on them (a recompile per side of each bound, and no dynamic-batch export)
-    return (
-        not torch.compiler.is_compiling()
-        and batch <= WHOLE_BATCH_ROWS
-        and _core_fusion.whole_batch(batch, rank, out_dim)
-    )
+    if torch.compiler.is_compiling():
+        return False
+    if device_type != "cpu":
+        return batch * rank * out_dim <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
+    return batch <= WHOLE_BATCH_ROWS and _core_fusion.whole_batch(batch, rank, out_dim)
 
 
 def whole_batch_grads(
@@ -595,9 +616,10 @@ def lowrank_fusion(
     (:func:`single_output_fusion`), others as the blocked ``mmfuse::lowrank_fusion`` custom
     op (always under ``torch.compile``)."""
     rank, _, out_dim = factors[0].shape
-    if out_dim == 1 and single_output(xs[0].shape[0], rank):
+    batch, device_type = xs[0].shape[0], xs[0].device.type
+    if out_dim == 1 and single_output(batch, rank, device_type):
         return single_output_fusion(xs, factors, weights, bias, append_one, present)
-    if whole_batch(xs[0].shape[0], rank, out_dim):
+    if whole_batch(batch, rank, out_dim, device_type):
         if torch.is_grad_enabled() and any_requires_grad((xs, factors, weights, bias)):
             return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
         # nothing to differentiate: the same forward without autograd.Function's apply (a

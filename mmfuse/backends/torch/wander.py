@@ -365,9 +365,9 @@ def _plan_wander(
         xs: Sequence[Any], params: Any, *, mode: str = "cp", masks: Any = None, activation: Any = "gelu",
         residual: str = "first",
     ) -> Any:  # fmt: skip
-        batch = xs[0].shape[0]
-        if batch <= WHOLE_BATCH_ROWS:
-            return _small_path(stackable, any_batch, batch)(xs, params, mode, masks, activation, residual)
+        if _small_batch(xs[0]):
+            path = _small_path(stackable, any_batch, xs[0].shape[0])
+            return path(xs, params, mode, masks, activation, residual)
         return wander(xs, params, mode=mode, masks=masks, activation=activation, residual=residual)
 
     return planned
@@ -401,7 +401,7 @@ def _stack_conditions(
 
 
 def _small_path(stackable: bool, any_batch: bool, batch: int) -> Any:
-    """The path of a batch of at most :data:`WHOLE_BATCH_ROWS` samples
+    """The path of a small batch (:func:`_small_batch`)
     (:func:`_stack_conditions`): :func:`stacked_adapter` where allowed, for any batch or below
     :data:`NO_GRAD_STACK_ROWS` samples; else the Array-API core."""
     return _stacked if stackable and (any_batch or batch < NO_GRAD_STACK_ROWS) else _on_core
@@ -427,6 +427,26 @@ def _on_core(xs: Sequence[Any], params: Any, mode: str, masks: Any, activation: 
 # benchmark size; at 512 it was slower (1.06x).  What runs is the core, or, for the released
 # configuration on modalities of one shape, :func:`stacked_adapter`.
 WHOLE_BATCH_ROWS = 128
+
+# On an accelerator the small-batch paths run while the first modality's input holds at most
+# this many elements, instead of WHOLE_BATCH_ROWS: there the step's device work stays hidden
+# behind the host's launches, so the path launching the fewest operators decides it.
+# Measured on an H200 (benchmarks/gpu.py, RESULTS.md, twenty-fifth session; collapsed mode,
+# CMU-MOSI sizes): the released layer's training step took 3.27 ms at B = 32, 3.44 at 256 and
+# 3.39 at 4096 (B T d = 8.2 M elements: host-bound throughout); this module's stacked
+# adapter (the released form, fewer operators) 2.63 at B = 32, the custom ops 4.41 at B = 256
+# and 4.11 at 4096.  Not timed at B = 256 to 4096 on the stacked adapter itself
+# (benchmarks/gpu_tune.py's "layers" sweep times it).  Memory: what the released layer keeps.
+ACCELERATOR_SMALL_ELEMENTS = 1 << 23
+
+
+def _small_batch(x: torch.Tensor) -> bool:
+    """Whether a call whose first modality is ``x`` takes the small-batch paths: at most
+    :data:`WHOLE_BATCH_ROWS` samples on the CPU, at most :data:`ACCELERATOR_SMALL_ELEMENTS`
+    input elements elsewhere (bounds read per call)."""
+    if x.device.type == "cpu":
+        return x.shape[0] <= WHOLE_BATCH_ROWS
+    return x.numel() <= ACCELERATOR_SMALL_ELEMENTS
 
 
 def _stackable(xs: Sequence[Any], params: Any, masks: Sequence[Any] | None) -> bool:
@@ -533,14 +553,14 @@ def wander(
     activation: Any = "gelu",
     residual: str = "first",
 ) -> Any:
-    """``mmfuse.wander`` on torch tensors (inputs checked): batches of at most
-    :data:`WHOLE_BATCH_ROWS` samples run under autograd (:func:`_small_path`: the released
+    """``mmfuse.wander`` on torch tensors (inputs checked): small batches (:func:`_small_batch`:
+    at most :data:`WHOLE_BATCH_ROWS` samples on the CPU) run under autograd (:func:`_small_path`: the released
     configuration on modalities of one shape as :func:`stacked_adapter`, without autograd on
     the CPU only below :data:`NO_GRAD_STACK_ROWS` samples; others the Array-API core); larger
     ones (and every call under ``torch.compile``) the custom ops
     (:func:`wander_torch`)."""
     # (the compile test first: a size test on a traced call's symbolic batch guards its graph)
-    if not torch.compiler.is_compiling() and xs[0].shape[0] <= WHOLE_BATCH_ROWS:
+    if not torch.compiler.is_compiling() and _small_batch(xs[0]):
         path = _small_path(*_stack_conditions(xs, params, mode, masks, activation), xs[0].shape[0])
         return path(xs, params, mode, masks, activation, residual)
     down = list(params["down"])
