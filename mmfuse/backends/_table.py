@@ -212,7 +212,8 @@ def _rows() -> tuple[Row, ...]:
     # backend="triton" runs them and "auto" does not, except where an H200 measured them
     # faster than the torch backend's custom ops (benchmarks/gpu_tune.py, RESULTS.md): the
     # low-rank forward+backward (9.1 / 1.7 / 12.9 ms against 13.6 / 3.2 / 13.4 at issue 21's
-    # sizes, float32) and zoom_shift (0.29 against 1.0 ms at (256, 512, 512)).  Those rows,
+    # sizes, float32; 7.96 / 2.00 / 11.80 against 13.78 / 2.54 / 13.00 in a later run) and
+    # zoom_shift (0.29 against 1.0 ms at (256, 512, 512)).  Those rows,
     # at 16 over the ops' 15, take CUDA tensors of at least TRITON_AUTO_ELEMENTS (layer steps
     # of B = 32 and 4096 ran slower through them: host-bound), never the interpreter, once
     # triton is imported.  The Wander and sequence kernels measured slower than the torch ops; cp,
