@@ -161,7 +161,8 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
 def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fusions of any size take the paths they take for large problems: NumPy's blocked
     buffers, torch's custom ops (``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS``,
-    ``mmfuse.backends.torch.wander.WHOLE_BATCH_ROWS``).  For tests of those paths on small
+    ``mmfuse.backends.torch.wander.WHOLE_BATCH_ROWS``, and off the CPU the accelerator
+    bounds).  For tests of those paths on small
     inputs: small problems otherwise run whole-batch (rank-major low-rank fusion; on torch, the
     core under autograd for CP fusion and the Wander adapter)."""
     import mmfuse._core.fusion as core_fusion
@@ -174,4 +175,7 @@ def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     except ImportError:  # no torch: nothing else to pin
         return
     monkeypatch.setattr(torch_wander, "WHOLE_BATCH_ROWS", -1)
+    monkeypatch.setattr(torch_wander, "ACCELERATOR_SMALL_ELEMENTS", -1)  # (off the CPU)
+    torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
+    monkeypatch.setattr(torch_lowrank, "ACCELERATOR_WHOLE_BATCH_ELEMENTS", -1)
     monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.cp"), "AUTOGRAD_ON_CPU", False)

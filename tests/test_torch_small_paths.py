@@ -333,18 +333,22 @@ def test_wander_stacked_path_takes_strided_inputs(rng, monkeypatch):
 
 
 def test_accelerator_bounds_of_the_small_forms(monkeypatch):
-    """Off the CPU the small forms run up to their element bounds (2**23: B R h, B R with one
-    output, the first Wander input's elements) instead of the CPU's batch bounds; on the CPU
-    nothing changes.  The rules themselves, and the paths they give on ``meta`` tensors (off
-    the CPU, nothing computed) on both sides of each bound, read per call."""
+    """Off the CPU the small forms run up to element bounds on their largest arrays (2**24:
+    B R max(h, d_m), B R with one output; 2**25: the Wander inputs' elements in all) instead
+    of the CPU's batch bounds; on the CPU nothing changes.  The rules themselves, and the
+    paths they give on ``meta`` tensors (off the CPU, nothing computed) on both sides of each
+    bound, read per call."""
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
     big = torch_lowrank.ACCELERATOR_WHOLE_BATCH_ELEMENTS
-    assert big == 1 << 23 == torch_wander.ACCELERATOR_SMALL_ELEMENTS
-    assert torch_lowrank.whole_batch(4096, 16, 128, "cuda") and not torch_lowrank.whole_batch(4097, 16, 128, "cuda")
-    assert not torch_lowrank.whole_batch(4096, 16, 128, "cpu")  # the CPU's B <= 256 and B R h <= 2**18
-    assert torch_lowrank.whole_batch(256, 4, 8, "cpu") and not torch_lowrank.whole_batch(257, 4, 8, "cpu")
-    assert torch_lowrank.single_output(big // 4, 4, "cuda") and not torch_lowrank.single_output(big // 4 + 1, 4, "cuda")
-    assert not torch_lowrank.single_output(4096, 4, "cpu")  # the CPU's B <= 2048
+    assert big == 1 << 24 and torch_wander.ACCELERATOR_SMALL_ELEMENTS == 1 << 25
+    whole, single = torch_lowrank.whole_batch, torch_lowrank.single_output
+    assert whole(8192, 16, 128, "cuda", 128) and not whole(8193, 16, 128, "cuda", 128)
+    # the widest modality bounds the dL/dx partials (R, B, d_m) where d_m > h
+    assert whole(8192, 16, 2, "cuda", 128) and not whole(8192, 16, 2, "cuda", 129)
+    assert not whole(4096, 16, 128, "cpu", 128)  # the CPU's B <= 256 and B R h <= 2**18
+    assert whole(256, 4, 8, "cpu") and not whole(257, 4, 8, "cpu")
+    assert single(big // 4, 4, "cuda") and not single(big // 4 + 1, 4, "cuda")
+    assert not single(4096, 4, "cpu")  # the CPU's B <= 2048
 
     def lowrank_path(batch, dims, rank, out_dim):
         xs = [torch.empty(batch, d, device="meta", requires_grad=True) for d in dims]
@@ -353,17 +357,21 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
         assert y.shape == (batch, out_dim) and y.device.type == "meta"
         return _grad_fn(y)
 
-    assert lowrank_path(4096, (32, 32, 128), 16, 128) == "_LowRankWholeBatchBackward"
-    assert lowrank_path(4097, (32, 32, 128), 16, 128) == "_LowRankFusionBackward"  # the op
+    assert lowrank_path(8192, (32, 32, 128), 16, 128) == "_LowRankWholeBatchBackward"
+    assert lowrank_path(8193, (32, 32, 128), 16, 128) == "_LowRankFusionBackward"  # the op
+    assert lowrank_path(8192, (32, 256), 16, 4) == "_LowRankFusionBackward"  # d_m 256 > h
     assert "LowRank" not in lowrank_path(big // 4, (8, 16), 4, 1)  # single output: plain operations
     assert lowrank_path(big // 4 + 1, (8, 16), 4, 1) == "_LowRankFusionBackward"
-    monkeypatch.setattr(torch_lowrank, "ACCELERATOR_WHOLE_BATCH_ELEMENTS", 4095 * 16 * 128)
-    assert lowrank_path(4096, (32, 32, 128), 16, 128) == "_LowRankFusionBackward"
+    monkeypatch.setattr(torch_lowrank, "ACCELERATOR_WHOLE_BATCH_ELEMENTS", 8191 * 16 * 128)
+    assert lowrank_path(8192, (32, 32, 128), 16, 128) == "_LowRankFusionBackward"
 
-    # Wander: the first modality's elements, not its batch
-    for shape, small in (((4096, 64, 32), True), ((4097, 64, 32), False)):
-        assert torch_wander._small_batch(torch.empty(shape, device="meta")) == small
-    assert not torch_wander._small_batch(torch.empty((129, 2, 2)))  # CPU: B <= WHOLE_BATCH_ROWS
-    assert torch_wander._small_batch(torch.empty((128, 2, 2)))
+    # Wander: the modalities' elements in all, not the batch
+    def meta(*shapes):
+        return [torch.empty(s, device="meta") for s in shapes]
+
+    assert torch_wander._small_batch(meta((4096, 64, 64), (4096, 64, 64)))  # 2**25
+    assert not torch_wander._small_batch(meta((4096, 64, 64), (4096, 65, 64)))
+    assert not torch_wander._small_batch([torch.empty((129, 2, 2))])  # CPU: B <= WHOLE_BATCH_ROWS
+    assert torch_wander._small_batch([torch.empty((128, 2, 2)), torch.empty((128, 9, 9))])
     monkeypatch.setattr(torch_wander, "ACCELERATOR_SMALL_ELEMENTS", 10)
-    assert not torch_wander._small_batch(torch.empty((1, 11), device="meta"))
+    assert not torch_wander._small_batch(meta((1, 6), (1, 5)))

@@ -371,21 +371,25 @@ WHOLE_BATCH_ROWS = 256
 SINGLE_OUTPUT_ROWS = 2048
 
 
-# On an accelerator (tensors off the CPU) both small forms run while their rank-major
-# projections (R, B, h) hold at most this many elements, instead of the CPU's bounds above.
-# There a step's device work stays hidden behind the host's launches up to far larger batches
-# than on a CPU, so the form launching the fewest operators decides the step.  Measured on an
-# H200 (benchmarks/gpu.py, RESULTS.md, twenty-fifth session): the LMF layer's training step
-# took 1.86 ms at B = 32 and 1.75 at B = 4096 ((32, 32, 128), R 16, h 128: B R h = 2**23), the
+# On an accelerator (tensors off the CPU) both small forms run while their largest arrays
+# hold at most this many elements, instead of the CPU's bounds above: the whole-batch form's
+# rank-major projections and its dL/dx partials, (R, B, h) and (R, B, d_m), so B R max(h,
+# d_m); with h = 1 the plain operations' (B, R).  There a step's device work stays hidden
+# behind the host's launches up to far larger batches than on a CPU, so the form launching the
+# fewest operators decides the step.  Measured on an H200 (benchmarks/gpu.py, RESULTS.md,
+# twenty-fifth session): the LMF layer's training step took 1.86 ms at B = 32 and 1.75 at
+# B = 4096 ((32, 32, 128), R 16, h 128: B R h = B R d_m = 2**23), the
 # whole-batch form's 1.37 at B = 32 and the blocked op's 2.10 at B = 4096; torch's profiler
 # counts 60 top-level (138 in all) operators a step for the whole-batch form, 150 (352) for
 # the op on one block (an accelerator's blocks are whole batches), 88 (311) for LMF.  The
-# whole-batch form runs the GEMMs LMF runs, and LMF's step at 2**23 was still host-bound, so
-# up to there the bound keeps a form that was measured host-bound at this size.  Not timed at
+# whole-batch form runs the GEMMs LMF runs, and LMF's step at B = 4096 was still host-bound:
+# the bound takes in that size (and twice it, B = 8192 there, not measured).  Not timed at
 # batches between 32 and 4096 nor on other devices (benchmarks/gpu_tune.py's "layers" sweep
-# times it).  Memory: the kept projections, at most M * 2**23 elements (the op on one block
-# held more at B = 4096: 294 MiB peak against LMF's 226).
-ACCELERATOR_WHOLE_BATCH_ELEMENTS = 1 << 23
+# times it).
+# Memory: each such array at most 64 MiB in float32; M kept projections and, in backward,
+# their prefix products (the op on one block held more at B = 4096: 294 MiB peak against
+# LMF's 226).
+ACCELERATOR_WHOLE_BATCH_ELEMENTS = 1 << 24
 
 
 def single_output(batch: int, rank: int, device_type: str = "cpu") -> bool:
@@ -400,19 +404,19 @@ def single_output(batch: int, rank: int, device_type: str = "cpu") -> bool:
     return batch <= SINGLE_OUTPUT_ROWS and _core_fusion.whole_batch(batch, rank, 1)
 
 
-def whole_batch(batch: int, rank: int, out_dim: int, device_type: str = "cpu") -> bool:
+def whole_batch(batch: int, rank: int, out_dim: int, device_type: str = "cpu", widest: int = 0) -> bool:
     """Whether a torch low-rank (or CP) fusion of this size on a device of this type runs
     whole-batch: on the CPU small enough for the core's rule and at most
-    :data:`WHOLE_BATCH_ROWS` samples, elsewhere while ``B R h`` <=
-    :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never under ``torch.compile`` (which traces the
-    custom ops).  (CP fusion asks with the CPU's rule: its small form is the core's, which
-    keeps the core's own bound.)"""
+    :data:`WHOLE_BATCH_ROWS` samples, elsewhere while ``B R max(h, widest)`` <=
+    :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS` (``widest``: the widest modality's ``d_m``);
+    never under ``torch.compile`` (which traces the custom ops).  (CP fusion asks with the
+    CPU's rule: its small form is the core's, which keeps the core's own bound.)"""
     # the compile test first: the size tests on a traced call's symbolic batch would guard
     # its graph on them (a recompile per side of each bound, and no dynamic-batch export)
     if torch.compiler.is_compiling():
         return False
     if device_type != "cpu":
-        return batch * rank * out_dim <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
+        return batch * rank * max(out_dim, widest) <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
     return batch <= WHOLE_BATCH_ROWS and _core_fusion.whole_batch(batch, rank, out_dim)
 
 
@@ -612,14 +616,15 @@ def lowrank_fusion(
 ) -> Any:
     """``mmfuse.lowrank_fusion`` on torch tensors (inputs checked): small problems as one
     autograd function over the rank-major form (see above), with a single output up to
-    :data:`SINGLE_OUTPUT_ROWS` samples as plain operations under autograd
+    :data:`SINGLE_OUTPUT_ROWS` samples on the CPU (:func:`single_output`) as plain operations under autograd
     (:func:`single_output_fusion`), others as the blocked ``mmfuse::lowrank_fusion`` custom
     op (always under ``torch.compile``)."""
     rank, _, out_dim = factors[0].shape
     batch, device_type = xs[0].shape[0], xs[0].device.type
     if out_dim == 1 and single_output(batch, rank, device_type):
         return single_output_fusion(xs, factors, weights, bias, append_one, present)
-    if whole_batch(batch, rank, out_dim, device_type):
+    widest = 0 if device_type == "cpu" else max(x.shape[1] for x in xs)  # (the CPU's rule ignores it)
+    if whole_batch(batch, rank, out_dim, device_type, widest):
         if torch.is_grad_enabled() and any_requires_grad((xs, factors, weights, bias)):
             return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
         # nothing to differentiate: the same forward without autograd.Function's apply (a

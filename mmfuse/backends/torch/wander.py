@@ -356,16 +356,17 @@ def _plan_wander(
     """What a planned :func:`wander` call with this metadata runs (``mmfuse._plan``): the path
     :func:`wander` takes for small batches, whose conditions are checked once
     (:func:`_stack_conditions`: shapes, dtypes, devices, which masks are present and whether
-    autograd records, all in the signature), with the bounds :data:`WHOLE_BATCH_ROWS` and
-    :data:`NO_GRAD_STACK_ROWS` read per call, so that a changed bound holds for planned calls
-    too.  (A WanderAdapter step at B = 1 spent about 8 us of its forward choosing the path.)"""
+    autograd records, all in the signature), with the bounds :data:`WHOLE_BATCH_ROWS`,
+    :data:`ACCELERATOR_SMALL_ELEMENTS` and :data:`NO_GRAD_STACK_ROWS` read per call, so that
+    a changed bound holds for planned calls too.  (A WanderAdapter step at B = 1 spent about
+    8 us of its forward choosing the path.)"""
     stackable, any_batch = _stack_conditions(xs, params, mode, masks, activation)
 
     def planned(
         xs: Sequence[Any], params: Any, *, mode: str = "cp", masks: Any = None, activation: Any = "gelu",
         residual: str = "first",
     ) -> Any:  # fmt: skip
-        if _small_batch(xs[0]):
+        if _small_batch(xs):
             path = _small_path(stackable, any_batch, xs[0].shape[0])
             return path(xs, params, mode, masks, activation, residual)
         return wander(xs, params, mode=mode, masks=masks, activation=activation, residual=residual)
@@ -428,25 +429,26 @@ def _on_core(xs: Sequence[Any], params: Any, mode: str, masks: Any, activation: 
 # configuration on modalities of one shape, :func:`stacked_adapter`.
 WHOLE_BATCH_ROWS = 128
 
-# On an accelerator the small-batch paths run while the first modality's input holds at most
-# this many elements, instead of WHOLE_BATCH_ROWS: there the step's device work stays hidden
+# On an accelerator the small-batch paths run while the modalities' inputs hold at most this
+# many elements in all, instead of WHOLE_BATCH_ROWS: there the step's device work stays hidden
 # behind the host's launches, so the path launching the fewest operators decides it.
 # Measured on an H200 (benchmarks/gpu.py, RESULTS.md, twenty-fifth session; collapsed mode,
 # CMU-MOSI sizes): the released layer's training step took 3.27 ms at B = 32, 3.44 at 256 and
-# 3.39 at 4096 (B T d = 8.2 M elements: host-bound throughout); this module's stacked
-# adapter (the released form, fewer operators) 2.63 at B = 32, the custom ops 4.41 at B = 256
-# and 4.11 at 4096.  Not timed at B = 256 to 4096 on the stacked adapter itself
-# (benchmarks/gpu_tune.py's "layers" sweep times it).  Memory: what the released layer keeps.
-ACCELERATOR_SMALL_ELEMENTS = 1 << 23
+# 3.39 at 4096 (24.6 M input elements: host-bound throughout); this module's stacked adapter
+# (the released form, fewer operators) 2.63 at B = 32, the custom ops 4.41 at B = 256 and
+# 4.11 at 4096.  Not timed at B = 256 to 4096 on the stacked adapter itself
+# (benchmarks/gpu_tune.py's "layers" sweep times it).  Memory: what the released layer keeps,
+# which grows with the inputs (the stacked adapter also copies them once).
+ACCELERATOR_SMALL_ELEMENTS = 1 << 25
 
 
-def _small_batch(x: torch.Tensor) -> bool:
-    """Whether a call whose first modality is ``x`` takes the small-batch paths: at most
+def _small_batch(xs: Sequence[torch.Tensor]) -> bool:
+    """Whether a call on the modalities ``xs`` takes the small-batch paths: at most
     :data:`WHOLE_BATCH_ROWS` samples on the CPU, at most :data:`ACCELERATOR_SMALL_ELEMENTS`
-    input elements elsewhere (bounds read per call)."""
-    if x.device.type == "cpu":
-        return x.shape[0] <= WHOLE_BATCH_ROWS
-    return x.numel() <= ACCELERATOR_SMALL_ELEMENTS
+    input elements in all elsewhere (bounds read per call)."""
+    if xs[0].device.type == "cpu":
+        return xs[0].shape[0] <= WHOLE_BATCH_ROWS
+    return sum(x.numel() for x in xs) <= ACCELERATOR_SMALL_ELEMENTS
 
 
 def _stackable(xs: Sequence[Any], params: Any, masks: Sequence[Any] | None) -> bool:
@@ -560,7 +562,7 @@ def wander(
     ones (and every call under ``torch.compile``) the custom ops
     (:func:`wander_torch`)."""
     # (the compile test first: a size test on a traced call's symbolic batch guards its graph)
-    if not torch.compiler.is_compiling() and _small_batch(xs[0]):
+    if not torch.compiler.is_compiling() and _small_batch(xs):
         path = _small_path(*_stack_conditions(xs, params, mode, masks, activation), xs[0].shape[0])
         return path(xs, params, mode, masks, activation, residual)
     down = list(params["down"])
