@@ -342,13 +342,13 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
     big = torch_lowrank.ACCELERATOR_WHOLE_BATCH_ELEMENTS
     assert big == 1 << 24 and torch_wander.ACCELERATOR_SMALL_ELEMENTS == 1 << 25
     whole, single = torch_lowrank.whole_batch, torch_lowrank.single_output
-    assert whole(8192, 16, 128, "cuda", 128) and not whole(8193, 16, 128, "cuda", 128)
+    assert whole(8192, 16, 128, False, 128) and not whole(8193, 16, 128, False, 128)
     # the widest modality bounds the dL/dx partials (R, B, d_m) where d_m > h
-    assert whole(8192, 16, 2, "cuda", 128) and not whole(8192, 16, 2, "cuda", 129)
-    assert not whole(4096, 16, 128, "cpu", 128)  # the CPU's B <= 256 and B R h <= 2**18
-    assert whole(256, 4, 8, "cpu") and not whole(257, 4, 8, "cpu")
-    assert single(big // 4, 4, "cuda") and not single(big // 4 + 1, 4, "cuda")
-    assert not single(4096, 4, "cpu")  # the CPU's B <= 2048
+    assert whole(8192, 16, 2, False, 128) and not whole(8192, 16, 2, False, 129)
+    assert not whole(4096, 16, 128, True, 128)  # the CPU's B <= 256 and B R h <= 2**18
+    assert whole(256, 4, 8, True) and not whole(257, 4, 8, True)
+    assert single(big // 4, 4, False) and not single(big // 4 + 1, 4, False)
+    assert not single(4096, 4, True)  # the CPU's B <= 2048
 
     def lowrank_path(batch, dims, rank, out_dim):
         xs = [torch.empty(batch, d, device="meta", requires_grad=True) for d in dims]

@@ -392,21 +392,21 @@ SINGLE_OUTPUT_ROWS = 2048
 ACCELERATOR_WHOLE_BATCH_ELEMENTS = 1 << 24
 
 
-def single_output(batch: int, rank: int, device_type: str = "cpu") -> bool:
-    """Whether a torch low-rank fusion with one output (h = 1) of this size on a device of
-    this type runs :func:`single_output_fusion`: on the CPU at most
+def single_output(batch: int, rank: int, on_cpu: bool = True) -> bool:
+    """Whether a torch low-rank fusion with one output (h = 1) of this size (its tensors on
+    the CPU or not) runs :func:`single_output_fusion`: on the CPU at most
     :data:`SINGLE_OUTPUT_ROWS` samples within the core's whole-batch rule, elsewhere while
     ``B R`` <= :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never under ``torch.compile``."""
     if torch.compiler.is_compiling():
         return False
-    if device_type != "cpu":
+    if not on_cpu:
         return batch * rank <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
     return batch <= SINGLE_OUTPUT_ROWS and _core_fusion.whole_batch(batch, rank, 1)
 
 
-def whole_batch(batch: int, rank: int, out_dim: int, device_type: str = "cpu", widest: int = 0) -> bool:
-    """Whether a torch low-rank (or CP) fusion of this size on a device of this type runs
-    whole-batch: on the CPU small enough for the core's rule and at most
+def whole_batch(batch: int, rank: int, out_dim: int, on_cpu: bool = True, widest: int = 0) -> bool:
+    """Whether a torch low-rank (or CP) fusion of this size (its tensors on the CPU or not)
+    runs whole-batch: on the CPU small enough for the core's rule and at most
     :data:`WHOLE_BATCH_ROWS` samples, elsewhere while ``B R max(h, widest)`` <=
     :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS` (``widest``: the widest modality's ``d_m``);
     never under ``torch.compile`` (which traces the custom ops).  (CP fusion asks with the
@@ -415,7 +415,7 @@ def whole_batch(batch: int, rank: int, out_dim: int, device_type: str = "cpu", w
     # its graph on them (a recompile per side of each bound, and no dynamic-batch export)
     if torch.compiler.is_compiling():
         return False
-    if device_type != "cpu":
+    if not on_cpu:
         return batch * rank * max(out_dim, widest) <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
     return batch <= WHOLE_BATCH_ROWS and _core_fusion.whole_batch(batch, rank, out_dim)
 
@@ -620,11 +620,11 @@ def lowrank_fusion(
     (:func:`single_output_fusion`), others as the blocked ``mmfuse::lowrank_fusion`` custom
     op (always under ``torch.compile``)."""
     rank, _, out_dim = factors[0].shape
-    batch, device_type = xs[0].shape[0], xs[0].device.type
-    if out_dim == 1 and single_output(batch, rank, device_type):
+    batch, on_cpu = xs[0].shape[0], xs[0].is_cpu  # (is_cpu: a seventh of .device.type's cost)
+    if out_dim == 1 and single_output(batch, rank, on_cpu):
         return single_output_fusion(xs, factors, weights, bias, append_one, present)
-    widest = 0 if device_type == "cpu" else max(x.shape[1] for x in xs)  # (the CPU's rule ignores it)
-    if whole_batch(batch, rank, out_dim, device_type, widest):
+    widest = 0 if on_cpu else max(x.shape[1] for x in xs)  # (the CPU's rule ignores it)
+    if whole_batch(batch, rank, out_dim, on_cpu, widest):
         if torch.is_grad_enabled() and any_requires_grad((xs, factors, weights, bias)):
             return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
         # nothing to differentiate: the same forward without autograd.Function's apply (a

@@ -446,7 +446,7 @@ def _small_batch(xs: Sequence[torch.Tensor]) -> bool:
     """Whether a call on the modalities ``xs`` takes the small-batch paths: at most
     :data:`WHOLE_BATCH_ROWS` samples on the CPU, at most :data:`ACCELERATOR_SMALL_ELEMENTS`
     input elements in all elsewhere (bounds read per call)."""
-    if xs[0].device.type == "cpu":
+    if xs[0].is_cpu:
         return xs[0].shape[0] <= WHOLE_BATCH_ROWS
     return sum(x.numel() for x in xs) <= ACCELERATOR_SMALL_ELEMENTS
 
