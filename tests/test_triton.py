@@ -656,3 +656,49 @@ def test_low_precision_lowrank_gradients_keep_their_intermediate_in_float32(dtyp
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # finite where the true gradient is (the constant row's, 9e4, is over float16's range)
     assert abs(float(grads["triton"][0]) - 90.0) < 0.5 and abs(float(grads["triton"][1][0, 0, 0]) - 90.0) < 0.5
+
+
+def test_eager_calls_launch_with_wrap_triton_off(monkeypatch):
+    """Eager calls run the ops' functions directly (no custom-op dispatch) and, as the ops
+    themselves do, with ``wrap_triton`` off: left on, every launch would take the
+    higher-order op's eager path, which files its constant arguments in torch's kernel side
+    table for good (one entry per launch).  Every op and its backward, both low-rank
+    backwards, the align primitives; the launches recorded through each module's
+    ``wrap_triton``."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from mmfuse.backends.triton import _align_ops, _sequence_ops
+
+    seen = []
+    for module in (_ops, _sequence_ops, _align_ops):
+        real = module.wrap_triton
+
+        def spy(kernel, real=real):
+            seen.append((kernel.__name__ if hasattr(kernel, "__name__") else kernel, is_wrap_triton_enabled()))
+            return real(kernel)
+
+        monkeypatch.setattr(module, "wrap_triton", spy)
+    rng = np.random.default_rng(11)
+    xs = [_leaf(rng.standard_normal((5, d)), torch.float32) for d in (3, 4)]
+    for path, out_dim in (("gemm", 8), ("fused", 1)):
+        monkeypatch.setattr(_ops, "LOWRANK_BACKWARD", path)
+        fs = [_leaf(rng.standard_normal((2, d + 1, out_dim)), torch.float32) for d in (3, 4)]
+        mmfuse.lowrank_fusion(xs, fs, backend="triton").sum().backward()
+    cp = (_leaf(rng.standard_normal(2), torch.float32),
+          [_leaf(rng.standard_normal((d + 1, 2)), torch.float32) for d in (3, 4)] +
+          [_leaf(rng.standard_normal((3, 2)), torch.float32)])  # fmt: skip
+    mmfuse.cp_fusion(xs, cp, backend="triton").sum().backward()
+    x = _leaf(rng.standard_normal((2, 6, 5)), torch.float32)
+    g = torch.tensor(rng.standard_normal((2, 7, 5)), dtype=torch.float32)
+    mmfuse.zoom_shift(x, g, backend="triton").sum().backward()
+    mean, std = mmfuse.moments(x, backend="triton")
+    (mean.sum() + std.sum()).backward()
+    ys = mmfuse.align([x, g], rounds=1, backend="triton")
+    sum(y.sum() for y in ys).backward()
+    hs = [_leaf(rng.standard_normal((2, t, 3)), torch.float32) for t in (4, 5)]
+    feats = [_leaf(rng.standard_normal((2, 3, 4)), torch.float32) for _ in hs]  # (R_h, r_m, D)
+    toks = [_leaf(rng.standard_normal((3, t, 2)), torch.float32) for t in (4, 5)]  # (R_t, T_m, T_out)
+    mmfuse.sequence_fusion(hs, feats, toks, mode="cp", backend="triton").sum().backward()
+    kernels = {k for k, _ in seen}
+    assert len(kernels) >= 8, kernels  # every op launched, forward and backward
+    assert not any(on for _, on in seen), [k for k, on in seen if on]

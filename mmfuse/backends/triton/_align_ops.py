@@ -40,7 +40,6 @@ from torch.library import triton_op, wrap_triton
 
 from ..._core.align import Primitives, Stats, align_with
 from ..._core.align import align as core_align
-from .._torch_eager import direct
 from ..torch.align import _align_backward, _align_setup_context, bind_align, call_align
 from . import _align_kernels as AK
 from . import _ops
@@ -104,9 +103,10 @@ def _align_map(
 
 _stats_op = triton_op("mmfuse_triton::align_stats", mutates_args={})(_align_stats)
 _map_op = triton_op("mmfuse_triton::align_map", mutates_args={})(_align_map)
-# eager calls launch the kernels directly; torch.compile and dispatch modes see the ops
-_stats_call = direct(torch.ops.mmfuse_triton.align_stats, _align_stats)
-_map_call = direct(torch.ops.mmfuse_triton.align_map, _align_map)
+# eager calls launch the kernels directly (wrap_triton off, as in the ops); torch.compile and
+# dispatch modes see the ops
+_stats_call = _ops.eager_op(torch.ops.mmfuse_triton.align_stats, _align_stats)
+_map_call = _ops.eager_op(torch.ops.mmfuse_triton.align_map, _align_map)
 
 
 class TritonPrimitives(Primitives):
@@ -197,6 +197,6 @@ _align_op = triton_op("mmfuse_triton::align", mutates_args={})(_align_forward)
 _align_op.register_autograd(_align_backward, setup_context=_align_setup_context)
 
 
-# Eager calls run the kernels' forward directly; torch.compile and dispatch modes see
-# mmfuse_triton::align.
+# Eager calls run the kernels' forward directly (its launches with wrap_triton off, as in the
+# op: _stats_call and _map_call); torch.compile and dispatch modes see mmfuse_triton::align.
 _align_eager = bind_align("_TritonAlign", torch.ops.mmfuse_triton.align, _align_forward)

@@ -17,7 +17,7 @@ kernels through ``wrap_triton`` (so ``torch.compile`` traces into them):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -26,7 +26,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..._core.align import GENERIC, spread
 from ..._namespace import torch_namespace
-from .._torch_eager import bind
+from .._torch_eager import bind, direct
 from ..torch._common import cast, compute_dtype
 from ..torch.zoom_shift import _zoom_shift_backward as _torch_zoom_shift_backward
 from ..torch.zoom_shift import _zoom_shift_setup_context as _torch_zoom_shift_setup_context
@@ -42,6 +42,44 @@ MAX_MODALITIES = 8
 #: triton decorated them, i.e. when this package was first imported).
 INTERPRETED: bool = not isinstance(K.lowrank_fwd_kernel, triton.runtime.JITFunction)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_WrapSwitch = Callable[[bool], Any]
+_wrap_switch: _WrapSwitch | None
+try:  # torch's switch of wrap_triton (private): what triton_op's own implementation turns off
+    from torch._library.triton import set_wrap_triton_enabled as _wrap_switch
+except ImportError:  # (a torch without it: eager calls dispatch the ops, see launching)
+    _wrap_switch = None
+
+
+def launching(launch: Callable[..., Any]) -> Callable[..., Any] | None:
+    """``launch`` (a ``triton_op``'s function) run as the op runs it: with ``wrap_triton``
+    off, so that its launches go straight to the kernels.  Eager calls run it so, through
+    :func:`~mmfuse.backends._torch_eager.bind`'s ``forward`` or
+    :func:`~mmfuse.backends._torch_eager.direct` (``torch.compile`` and dispatch modes still
+    see the op), which skips the op's dispatch: a tiny low-rank forward's host time 36 -> 17
+    us on a CPU (launches recorded, not run).  Called outside the op with ``wrap_triton``
+    left on, each launch would take the higher-order op's eager path, which files the launch's
+    constant arguments in torch's kernel side table, one entry per launch, never removed.
+    None where torch lacks the switch: the caller then dispatches the op."""
+    switch = _wrap_switch
+    if switch is None:
+        return None
+
+    def run(*args: Any) -> Any:
+        with switch(False):
+            return launch(*args)
+
+    run.__name__ = run.__qualname__ = launch.__name__
+    return run
+
+
+def eager_op(op: Callable[..., Any], launch: Callable[..., Any]) -> Callable[..., Any]:
+    """The op ``op`` as eager code calls it: :func:`launching` ``launch`` where nothing
+    intercepts torch operations (:func:`~mmfuse.backends._torch_eager.direct`), else (and
+    without the switch) the op."""
+    run = launching(launch)
+    return op if run is None else direct(op, run)
+
 
 # The backward's dL/dfactor partials: at most this many bytes of float32 per-split buffers
 # (they replace the (M, B, R h) projections LMF-style code keeps: tens of MiB against GiB).
@@ -217,8 +255,7 @@ def _present_arg(present: torch.Tensor | None, like: torch.Tensor) -> torch.Tens
 # --------------------------------------------------------------------------- low-rank forward
 
 
-@triton_op("mmfuse_triton::lowrank_fusion", mutates_args={})
-def _lowrank_op(
+def _lowrank_launch(
     xs: list[torch.Tensor],
     factors: list[torch.Tensor],
     weights: torch.Tensor | None,
@@ -247,6 +284,9 @@ def _lowrank_op(
     return out
 
 
+_lowrank_op = triton_op("mmfuse_triton::lowrank_fusion", mutates_args={})(_lowrank_launch)
+
+
 # --------------------------------------------------------------------------- low-rank backward
 
 
@@ -261,8 +301,7 @@ def _splits(batch: int, block_b: int, n_hblk: int, factor_elems: int) -> tuple[i
     return triton.cdiv(batch, rows), rows
 
 
-@triton_op("mmfuse_triton::lowrank_fusion_backward", mutates_args={})
-def _lowrank_backward_op(
+def _lowrank_backward_launch(
     grad: torch.Tensor,
     xs: list[torch.Tensor],
     factors: list[torch.Tensor],
@@ -339,6 +378,11 @@ def _lowrank_backward_op(
         gw = _zeros((rank,), torch.float32, g.device) if need_w else None
 
     return _gradients(grad, gx, gf, gw, need_b)
+
+
+_lowrank_backward_op = triton_op("mmfuse_triton::lowrank_fusion_backward", mutates_args={})(
+    _lowrank_backward_launch
+)
 
 
 def _gradients(grad: torch.Tensor, gx: Any, gf: Any, gw: Any, need_b: bool) -> list[torch.Tensor]:
@@ -490,9 +534,7 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     need_xs, need_fs, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
     xs, factors, weights, present = _load_inputs(ctx)
     needs = [bool(v) for v in (*need_xs, *need_fs, need_w and weights is not None, need_b)]
-    grads = torch.ops.mmfuse_triton.lowrank_fusion_backward(
-        grad, xs, factors, weights, ctx.append_one, present, needs
-    )
+    grads = _lowrank_backward_call(grad, xs, factors, weights, ctx.append_one, present, needs)
     return (
         [grads[m] if need_xs[m] else None for m in range(n_mod)],
         [grads[n_mod + m] if need_fs[m] else None for m in range(n_mod)],
@@ -503,10 +545,24 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     )
 
 
+_lowrank_backward_eager = eager_op(torch.ops.mmfuse_triton.lowrank_fusion_backward, _lowrank_backward_launch)
+
+
+def _lowrank_backward_call(*args: Any) -> list[torch.Tensor]:
+    """The backward op's gradients: launched directly (:func:`eager_op`) where autograd records
+    nothing, else (``create_graph=True``) the op itself, which has no derivative, so that a
+    second-order gradient raises naming it (its launches' ``out=`` products would fail with a
+    message naming ``mm``, or return gradients cut from the graph)."""
+    if torch.is_grad_enabled():
+        return torch.ops.mmfuse_triton.lowrank_fusion_backward(*args)
+    return _lowrank_backward_eager(*args)
+
+
 _lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
 lowrank_call = bind(
-    "_TritonLowRankFusion", torch.ops.mmfuse_triton.lowrank_fusion, _lowrank_setup_context, _lowrank_backward
-)
+    "_TritonLowRankFusion", torch.ops.mmfuse_triton.lowrank_fusion, _lowrank_setup_context, _lowrank_backward,
+    launching(_lowrank_launch),
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- CP fusion
@@ -521,8 +577,7 @@ def _cp_tiles(rank: int, out_dim: int, dtype: torch.dtype) -> _Tiles:
     return _Tiles(block_b, block_k_for(dtype), block_h, rank_p, 4)
 
 
-@triton_op("mmfuse_triton::cp_fusion", mutates_args={})
-def _cp_op(
+def _cp_launch(
     xs: list[torch.Tensor],
     weights: torch.Tensor | None,
     factors: list[torch.Tensor],
@@ -548,6 +603,9 @@ def _cp_op(
         RANK_P=t.rank_p, PRECISION=_precision(x0.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return out
+
+
+_cp_op = triton_op("mmfuse_triton::cp_fusion", mutates_args={})(_cp_launch)
 
 
 def _cp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -616,7 +674,10 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 
 _cp_op.register_autograd(_cp_backward, setup_context=_cp_setup_context)
-cp_call = bind("_TritonCPFusion", torch.ops.mmfuse_triton.cp_fusion, _cp_setup_context, _cp_backward)
+cp_call = bind(
+    "_TritonCPFusion", torch.ops.mmfuse_triton.cp_fusion, _cp_setup_context, _cp_backward,
+    launching(_cp_launch),
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- moments / zoom_shift
@@ -671,8 +732,9 @@ def _mask_rows(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return mask.contiguous().view(torch.uint8).view(-1, mask.shape[-1])
 
 
-@triton_op("mmfuse_triton::moments", mutates_args={})
-def _moments_op(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments_launch(
+    x: torch.Tensor, mask: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) over axis -2 of a (B, ..., T, C) tensor, kept as size 1, in x's dtype."""
     shape = (*x.shape[:-2], 1, x.shape[-1])
     mean, std = _empty(shape, x.dtype, x.device), _empty(shape, x.dtype, x.device)
@@ -685,6 +747,9 @@ def _moments_op(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> tuple
         num_warps=t.num_warps,
     )  # fmt: skip
     return mean, std
+
+
+_moments_op = triton_op("mmfuse_triton::moments", mutates_args={})(_moments_launch)
 
 
 def _moments_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -732,12 +797,12 @@ def _moments_backward(
 
 _moments_op.register_autograd(_moments_backward, setup_context=_moments_setup_context)
 _moments_eager = bind(
-    "_TritonMoments", torch.ops.mmfuse_triton.moments, _moments_setup_context, _moments_backward
-)
+    "_TritonMoments", torch.ops.mmfuse_triton.moments, _moments_setup_context, _moments_backward,
+    launching(_moments_launch),
+)  # fmt: skip
 
 
-@triton_op("mmfuse_triton::zoom_shift", mutates_args={})
-def _zoom_shift_op(
+def _zoom_shift_launch(
     x: torch.Tensor,
     guide: torch.Tensor,
     alpha: float,
@@ -761,6 +826,9 @@ def _zoom_shift_op(
     return y
 
 
+_zoom_shift_op = triton_op("mmfuse_triton::zoom_shift", mutates_args={})(_zoom_shift_launch)
+
+
 # The backward is the torch backend's op's (mmfuse.backends.torch.zoom_shift: the closed form
 # in its module docstring, saving only the inputs), called with that op's argument layout
 # (x, guide, alpha, axis, mask, guide_mask, eps); the gradients' positions (x, guide first)
@@ -779,8 +847,9 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 _zoom_shift_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
 _zoom_shift_eager = bind(
-    "_TritonZoomShift", torch.ops.mmfuse_triton.zoom_shift, _zoom_shift_setup_context, _zoom_shift_backward
-)
+    "_TritonZoomShift", torch.ops.mmfuse_triton.zoom_shift, _zoom_shift_setup_context, _zoom_shift_backward,
+    launching(_zoom_shift_launch),
+)  # fmt: skip
 
 
 def moments_call(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,8 +141,7 @@ def _counts(values: Sequence[int]) -> list[int]:
 # --------------------------------------------------------------------------- forward
 
 
-@triton_op("mmfuse_triton::sequence_fusion", mutates_args={})
-def _sequence_op(
+def _sequence_launch(
     hs: list[torch.Tensor],
     feature_factors: list[torch.Tensor],
     token_factors: list[torch.Tensor],
@@ -182,6 +181,9 @@ def _sequence_op(
     return out
 
 
+_sequence_op = triton_op("mmfuse_triton::sequence_fusion", mutates_args={})(_sequence_launch)
+
+
 # --------------------------------------------------------------------------- backward
 #
 # The torch backend's setup_context and backward, unchanged (the two ops share a signature):
@@ -195,6 +197,7 @@ sequence_call = bind(
     torch.ops.mmfuse_triton.sequence_fusion,
     _sequence_setup_context,
     _sequence_backward,
+    _ops.launching(_sequence_launch),
 )
 
 
