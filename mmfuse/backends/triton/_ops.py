@@ -1,8 +1,9 @@
 """Host side of the ``"triton"`` backend: launch configurations, ``torch.library.triton_op``
 registrations and their analytic autograd.
 
-Operators (namespace ``mmfuse_triton``), each a ``triton_op`` whose body launches its
-kernels through ``wrap_triton`` (so ``torch.compile`` traces into them):
+Operators (namespace ``mmfuse_triton``), each a ``triton_op`` whose body (``_*_launch``)
+launches its kernels through ``wrap_triton`` (so ``torch.compile`` traces into them); eager
+calls run the bodies directly, as the ops do, with ``wrap_triton`` off (:func:`launching`):
 
 - ``lowrank_fusion(xs, factors, weights, bias, append_one, present) -> Tensor``: one kernel.
 - ``lowrank_fusion_backward(grad, xs, factors, weights, append_one, present, needs)
