@@ -1123,8 +1123,8 @@ class WanderAdapter(nn.Module):
     masks (B, T_m) (True: real token) and returns (B, T_out, D).  ``reset_parameters`` draws
     from :func:`mmfuse.init_wander` with a seed taken from torch's global generator, so
     ``torch.manual_seed`` makes it reproducible.  Under ``"auto"`` (the torch backend's
-    :func:`mmfuse.wander`): batches of at most 128 samples on the CPU (off it, of at most
-    2**25 input elements) run under autograd (the released
+    :func:`mmfuse.wander`): batches of at most 128 samples (off the CPU, in the stacked
+    configuration below, up to 2**25 elements in its largest arrays) run under autograd (the released
     configuration, collapsed with the GELU on modalities of one shape, as one stacked
     computation, which without gradients on the CPU only batches under 16 take; others the
     Array-API core), where the custom ops' fixed costs would

@@ -334,8 +334,8 @@ def test_wander_stacked_path_takes_strided_inputs(rng, monkeypatch):
 
 def test_accelerator_bounds_of_the_small_forms(monkeypatch):
     """Off the CPU the small forms run up to element bounds on their largest arrays (2**24:
-    B R max(h, d_m), B R with one output; 2**25: the Wander inputs' elements in all) instead
-    of the CPU's batch bounds; on the CPU nothing changes.  The rules themselves, and the
+    B R max(h, d_m), B R with one output; 2**25: the stacked Wander adapter's) instead of the
+    CPU's batch bounds; on the CPU nothing changes.  The rules themselves, and the
     paths they give on ``meta`` tensors (off the CPU, nothing computed) on both sides of each
     bound, read per call."""
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
@@ -365,13 +365,24 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
     monkeypatch.setattr(torch_lowrank, "ACCELERATOR_WHOLE_BATCH_ELEMENTS", 8191 * 16 * 128)
     assert lowrank_path(8192, (32, 32, 128), 16, 128) == "_LowRankFusionBackward"
 
-    # Wander: the modalities' elements in all, not the batch
-    def meta(*shapes):
-        return [torch.empty(s, device="meta") for s in shapes]
+    # Wander off the CPU: the stacked adapter up to its largest arrays' elements (M B T max(d,
+    # r, D) and M B T_out max(T, D)), other configurations at the CPU's batch bound
+    def wander_args(batch, n_tok, d, rank, out_dim, n_out, device="meta"):
+        xs = [torch.empty((batch, n_tok, d), device=device) for _ in range(2)]
+        params = {"down": [(torch.empty((d, rank), device=device), None)] * 2,
+                  "feature": [torch.empty((2, rank, out_dim), device=device)] * 2,
+                  "token": [torch.empty((3, n_tok, n_out), device=device)] * 2}  # fmt: skip
+        return xs, params
 
-    assert torch_wander._small_batch(meta((4096, 64, 64), (4096, 64, 64)))  # 2**25
-    assert not torch_wander._small_batch(meta((4096, 64, 64), (4096, 65, 64)))
-    assert not torch_wander._small_batch([torch.empty((129, 2, 2))])  # CPU: B <= WHOLE_BATCH_ROWS
-    assert torch_wander._small_batch([torch.empty((128, 2, 2)), torch.empty((128, 9, 9))])
+    xs, params = wander_args(4096, 64, 64, 8, 16, 64)  # M B T d = 2**25: at the bound
+    assert torch_wander._stacked_elements(xs, params) == 1 << 25
+    assert torch_wander._small_batch(xs, params, True)
+    assert not torch_wander._small_batch(xs, params, False)  # the core's path: B <= 128
+    xs, params = wander_args(4096, 64, 8, 8, 16, 65)  # the per-sample Psi copy M B T_out T over it
+    assert torch_wander._stacked_elements(xs, params) == 2 * 4096 * 65 * 64
+    assert not torch_wander._small_batch(xs, params, True)
+    assert torch_wander._small_batch(*wander_args(128, 64, 64, 8, 16, 64), False)
+    xs, params = wander_args(129, 4, 4, 2, 2, 3, device="cpu")
+    assert not torch_wander._small_batch(xs, params, True)  # CPU: B <= WHOLE_BATCH_ROWS
     monkeypatch.setattr(torch_wander, "ACCELERATOR_SMALL_ELEMENTS", 10)
-    assert not torch_wander._small_batch(meta((1, 6), (1, 5)))
+    assert not torch_wander._small_batch(*wander_args(129, 4, 4, 2, 2, 3), True)

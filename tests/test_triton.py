@@ -699,6 +699,47 @@ def test_eager_calls_launch_with_wrap_triton_off(monkeypatch):
     feats = [_leaf(rng.standard_normal((2, 3, 4)), torch.float32) for _ in hs]  # (R_h, r_m, D)
     toks = [_leaf(rng.standard_normal((3, t, 2)), torch.float32) for t in (4, 5)]  # (R_t, T_m, T_out)
     mmfuse.sequence_fusion(hs, feats, toks, mode="cp", backend="triton").sum().backward()
+    # without autograd (the bindings' other branch), and a backward recording a graph
+    with torch.no_grad():
+        mmfuse.lowrank_fusion(xs, fs, backend="triton")
+        mmfuse.zoom_shift(x, g, backend="triton")
+    torch.autograd.grad(mmfuse.lowrank_fusion(xs, fs, backend="triton").sum(), xs, create_graph=True)
+    xw = [_leaf(rng.standard_normal((2, 4, 3)), torch.float32) for _ in range(2)]
+    params = mmfuse.init_wander([3, 3], [4, 4], rank=2, feature_rank=2, token_rank=3, out_dim=3, seed=5, xp=torch)
+    mmfuse.wander(xw, params, mode="collapsed", backend="triton").sum().backward()
     kernels = {k for k, _ in seen}
-    assert len(kernels) >= 8, kernels  # every op launched, forward and backward
+    assert kernels == {"cp_fwd_kernel", "lowrank_bwd_f_kernel", "lowrank_bwd_g_kernel", "lowrank_bwd_x_kernel",
+                       "lowrank_fwd_kernel", "map_kernel", "moments_kernel", "sequence_fwd_kernel",
+                       "stats_kernel", "zoom_shift_kernel"}, kernels  # fmt: skip
     assert not any(on for _, on in seen), [k for k, on in seen if on]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the checks read traced sizes)
+def test_eager_calls_yield_the_op_to_jit_trace_and_tensor_subclasses():
+    """Where the eager path's direct launch would be invisible or wrong the op runs instead:
+    ``torch.jit.trace`` records dispatched operators only (a direct launch left a graph that
+    returned uninitialised memory), and a tensor subclass's ``__torch_dispatch__`` must see
+    the op (a launch would read the wrapper's memory)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    rng = np.random.default_rng(12)
+
+    def draw():
+        return (torch.tensor(rng.standard_normal((2, 6, 5)), dtype=torch.float32),
+                torch.tensor(2 + 3 * rng.standard_normal((2, 7, 5)), dtype=torch.float32))  # fmt: skip
+
+    def step(x, g):
+        return mmfuse.zoom_shift(x, g, alpha=0.5, backend="triton")
+
+    traced = torch.jit.trace(step, draw(), check_trace=False)
+    x, g = draw()
+    assert torch.equal(traced(x, g), step(x, g))
+    assert_close(traced(x, g), mmfuse.zoom_shift(x, g, alpha=0.5, backend="torch"))
+
+    pair = TwoTensor(x, 2 * x)
+    mean, std = mmfuse.moments(pair, backend="triton")
+    want = [mmfuse.moments(v, backend="triton") for v in (x, 2 * x)]
+    assert isinstance(mean, TwoTensor)
+    assert torch.equal(mean.a, want[0][0]) and torch.equal(mean.b, want[1][0])
+    assert torch.equal(std.a, want[0][1]) and torch.equal(std.b, want[1][1])

@@ -144,10 +144,16 @@ def _needs(ctx: Any, spec: Sequence[Any]) -> list[Any]:
 def direct(op: Callable[..., Any], implementation: Callable[..., Any]) -> Callable[..., Any]:
     """``implementation`` (the function a custom op registered) where nothing intercepts torch
     operations, else the op ``op``: under ``torch.compile`` and dispatch modes (fake tensors,
-    export, logging modes) the registered op, with its fake implementation, must be seen."""
+    export, logging modes) the registered op, with its fake implementation, must be seen, and
+    ``torch.jit.trace`` records dispatched operators only (an implementation that reads the
+    tensors' memory, NumPy or a Triton launch, would leave nothing in its graph)."""
 
     def call(*args: Any) -> Any:
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        if (
+            torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack()
+            or torch._C._get_tracing_state() is not None
+        ):
             return op(*args)
         return implementation(*args)
 
@@ -193,7 +199,7 @@ def bind(
     )
 
     def call(*args: Any) -> Any:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
             return op(*args)
         if torch.is_grad_enabled() and any_requires_grad(args):
             spec, tensors = _flatten(args)

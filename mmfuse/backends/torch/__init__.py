@@ -57,8 +57,8 @@ operations under autograd instead, each the same maths written once: ``lowrank_f
 ``cp_fusion`` the core's whole-batch form (:func:`.lowrank.whole_batch`), ``lowrank_fusion``
 with a single output (h = 1) :func:`.lowrank.single_output_fusion` (up to its own bound,
 :func:`.lowrank.single_output`); ``wander`` in the released
-configuration with modalities of one shape and no masks, at B <= 128 on the CPU (off it up to
-an element bound, :func:`.wander._small_batch`),
+configuration with modalities of one shape and no masks, at B <= 128 (off the CPU up to an
+element bound, :func:`.wander._small_batch`),
 :func:`.wander.stacked_adapter` (the modalities stacked along a leading axis).  The rules and
 their measurements are in ``docs/backends.rst``.  The ``zoom_shift`` and ``align`` ops'
 forwards run the core's NumPy primitives on CPU float32 / float64 tensors' memory

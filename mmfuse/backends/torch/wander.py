@@ -366,7 +366,7 @@ def _plan_wander(
         xs: Sequence[Any], params: Any, *, mode: str = "cp", masks: Any = None, activation: Any = "gelu",
         residual: str = "first",
     ) -> Any:  # fmt: skip
-        if _small_batch(xs):
+        if _small_batch(xs, params, stackable):
             path = _small_path(stackable, any_batch, xs[0].shape[0])
             return path(xs, params, mode, masks, activation, residual)
         return wander(xs, params, mode=mode, masks=masks, activation=activation, residual=residual)
@@ -429,26 +429,38 @@ def _on_core(xs: Sequence[Any], params: Any, mode: str, masks: Any, activation: 
 # configuration on modalities of one shape, :func:`stacked_adapter`.
 WHOLE_BATCH_ROWS = 128
 
-# On an accelerator the small-batch paths run while the modalities' inputs hold at most this
-# many elements in all, instead of WHOLE_BATCH_ROWS: there the step's device work stays hidden
-# behind the host's launches, so the path launching the fewest operators decides it.
-# Measured on an H200 (benchmarks/gpu.py, RESULTS.md, twenty-fifth session; collapsed mode,
-# CMU-MOSI sizes): the released layer's training step took 3.27 ms at B = 32, 3.44 at 256 and
-# 3.39 at 4096 (24.6 M input elements: host-bound throughout); this module's stacked adapter
-# (the released form, fewer operators) 2.63 at B = 32, the custom ops 4.41 at B = 256 and
-# 4.11 at 4096.  Not timed at B = 256 to 4096 on the stacked adapter itself
-# (benchmarks/gpu_tune.py's "layers" sweep times it).  Memory: what the released layer keeps,
-# which grows with the inputs (the stacked adapter also copies them once).
+# On an accelerator the stacked adapter runs while its largest arrays hold at most this many
+# elements (:func:`_stacked_elements`), instead of WHOLE_BATCH_ROWS: there the step's device
+# work stays hidden behind the host's launches, so the path launching the fewest operators
+# decides it.  Measured on an H200 (benchmarks/gpu.py, RESULTS.md, twenty-fifth session;
+# collapsed mode, CMU-MOSI sizes): the released layer's training step took 3.27 ms at B = 32,
+# 3.44 at 256 and 3.39 at 4096 (host-bound throughout); the stacked adapter (the released
+# form, fewer operators) 2.63 at B = 32, the custom ops 4.41 at B = 256 and 4.11 at 4096.
+# The bound takes in B = 4096 there (30.7 M elements); not timed at B = 256 to 4096 on the
+# stacked adapter itself (benchmarks/gpu_tune.py's "layers" sweep times it).  The other small
+# path, the core under autograd (cp mode, masks, modalities of other shapes), keeps every
+# block's terms for backward and stays at WHOLE_BATCH_ROWS on every device.
 ACCELERATOR_SMALL_ELEMENTS = 1 << 25
 
 
-def _small_batch(xs: Sequence[torch.Tensor]) -> bool:
-    """Whether a call on the modalities ``xs`` takes the small-batch paths: at most
-    :data:`WHOLE_BATCH_ROWS` samples on the CPU, at most :data:`ACCELERATOR_SMALL_ELEMENTS`
-    input elements in all elsewhere (bounds read per call)."""
-    if xs[0].is_cpu:
-        return xs[0].shape[0] <= WHOLE_BATCH_ROWS
-    return sum(x.numel() for x in xs) <= ACCELERATOR_SMALL_ELEMENTS
+def _stacked_elements(xs: Sequence[torch.Tensor], params: Any) -> int:
+    """Elements of the stacked adapter's largest arrays for these modalities (of one shape):
+    (M, B, T, k) for k in d, r and D (inputs, activations, the feature contraction) and
+    (M, B, T_out, k) for k in T and D (the token contraction's per-sample copy of Psi, the
+    terms)."""
+    batch, n_tok, d = xs[0].shape
+    rank = params["down"][0][0].shape[-1]
+    out_dim, n_out = params["feature"][0].shape[-1], params["token"][0].shape[-1]
+    return len(xs) * batch * max(n_tok * max(d, rank, out_dim), n_out * max(n_tok, out_dim))
+
+
+def _small_batch(xs: Sequence[torch.Tensor], params: Any, stackable: bool) -> bool:
+    """Whether a call takes the small-batch paths: at most :data:`WHOLE_BATCH_ROWS` samples,
+    or off the CPU, for the stacked adapter (``stackable``: :func:`_stack_conditions`), at
+    most :data:`ACCELERATOR_SMALL_ELEMENTS` in its largest arrays (bounds read per call)."""
+    if xs[0].shape[0] <= WHOLE_BATCH_ROWS:
+        return True
+    return stackable and not xs[0].is_cpu and _stacked_elements(xs, params) <= ACCELERATOR_SMALL_ELEMENTS
 
 
 def _stackable(xs: Sequence[Any], params: Any, masks: Sequence[Any] | None) -> bool:
@@ -556,15 +568,18 @@ def wander(
     residual: str = "first",
 ) -> Any:
     """``mmfuse.wander`` on torch tensors (inputs checked): small batches (:func:`_small_batch`:
-    at most :data:`WHOLE_BATCH_ROWS` samples on the CPU) run under autograd (:func:`_small_path`: the released
+    at most :data:`WHOLE_BATCH_ROWS` samples; off the CPU, for the stacked adapter, up to an
+    element bound) run under autograd (:func:`_small_path`: the released
     configuration on modalities of one shape as :func:`stacked_adapter`, without autograd on
     the CPU only below :data:`NO_GRAD_STACK_ROWS` samples; others the Array-API core); larger
     ones (and every call under ``torch.compile``) the custom ops
     (:func:`wander_torch`)."""
     # (the compile test first: a size test on a traced call's symbolic batch guards its graph)
-    if not torch.compiler.is_compiling() and _small_batch(xs):
-        path = _small_path(*_stack_conditions(xs, params, mode, masks, activation), xs[0].shape[0])
-        return path(xs, params, mode, masks, activation, residual)
+    if not torch.compiler.is_compiling():
+        stackable, any_batch = _stack_conditions(xs, params, mode, masks, activation)
+        if _small_batch(xs, params, stackable):
+            path = _small_path(stackable, any_batch, xs[0].shape[0])
+            return path(xs, params, mode, masks, activation, residual)
     down = list(params["down"])
     return wander_torch(
         list(xs), [w for w, _ in down], [b for _, b in down], list(params["feature"]),

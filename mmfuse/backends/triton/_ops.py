@@ -52,7 +52,7 @@ except ImportError:  # (a torch without it: eager calls dispatch the ops, see la
     _wrap_switch = None
 
 
-def launching(launch: Callable[..., Any]) -> Callable[..., Any] | None:
+def launching(op: Callable[..., Any], launch: Callable[..., Any]) -> Callable[..., Any] | None:
     """``launch`` (a ``triton_op``'s function) run as the op runs it: with ``wrap_triton``
     off, so that its launches go straight to the kernels.  Eager calls run it so, through
     :func:`~mmfuse.backends._torch_eager.bind`'s ``forward`` or
@@ -61,12 +61,16 @@ def launching(launch: Callable[..., Any]) -> Callable[..., Any] | None:
     us on a CPU (launches recorded, not run).  Called outside the op with ``wrap_triton``
     left on, each launch would take the higher-order op's eager path, which files the launch's
     constant arguments in torch's kernel side table, one entry per launch, never removed.
-    None where torch lacks the switch: the caller then dispatches the op."""
+    Tensor subclasses (anything but a plain tensor or parameter) get the op ``op``: their
+    ``__torch_dispatch__`` must see it, where a launch would read the wrapper's memory.  None
+    where torch lacks the switch: the caller then dispatches the op."""
     switch = _wrap_switch
     if switch is None:
         return None
 
     def run(*args: Any) -> Any:
+        if not _plain_tensors(args):
+            return op(*args)
         with switch(False):
             return launch(*args)
 
@@ -74,11 +78,28 @@ def launching(launch: Callable[..., Any]) -> Callable[..., Any] | None:
     return run
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_tensors(args: Sequence[Any]) -> bool:
+    """Whether every tensor among ``args`` (or in a list argument) is a plain tensor or a
+    parameter."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN:
+                return False
+        elif isinstance(a, list):
+            for t in a:
+                if isinstance(t, torch.Tensor) and type(t) not in _PLAIN:
+                    return False
+    return True
+
+
 def eager_op(op: Callable[..., Any], launch: Callable[..., Any]) -> Callable[..., Any]:
     """The op ``op`` as eager code calls it: :func:`launching` ``launch`` where nothing
     intercepts torch operations (:func:`~mmfuse.backends._torch_eager.direct`), else (and
     without the switch) the op."""
-    run = launching(launch)
+    run = launching(op, launch)
     return op if run is None else direct(op, run)
 
 
@@ -562,7 +583,7 @@ def _lowrank_backward_call(*args: Any) -> list[torch.Tensor]:
 _lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
 lowrank_call = bind(
     "_TritonLowRankFusion", torch.ops.mmfuse_triton.lowrank_fusion, _lowrank_setup_context, _lowrank_backward,
-    launching(_lowrank_launch),
+    launching(torch.ops.mmfuse_triton.lowrank_fusion, _lowrank_launch),
 )  # fmt: skip
 
 
@@ -677,7 +698,7 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 _cp_op.register_autograd(_cp_backward, setup_context=_cp_setup_context)
 cp_call = bind(
     "_TritonCPFusion", torch.ops.mmfuse_triton.cp_fusion, _cp_setup_context, _cp_backward,
-    launching(_cp_launch),
+    launching(torch.ops.mmfuse_triton.cp_fusion, _cp_launch),
 )  # fmt: skip
 
 
@@ -799,7 +820,7 @@ def _moments_backward(
 _moments_op.register_autograd(_moments_backward, setup_context=_moments_setup_context)
 _moments_eager = bind(
     "_TritonMoments", torch.ops.mmfuse_triton.moments, _moments_setup_context, _moments_backward,
-    launching(_moments_launch),
+    launching(torch.ops.mmfuse_triton.moments, _moments_launch),
 )  # fmt: skip
 
 
@@ -849,7 +870,7 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 _zoom_shift_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
 _zoom_shift_eager = bind(
     "_TritonZoomShift", torch.ops.mmfuse_triton.zoom_shift, _zoom_shift_setup_context, _zoom_shift_backward,
-    launching(_zoom_shift_launch),
+    launching(torch.ops.mmfuse_triton.zoom_shift, _zoom_shift_launch),
 )  # fmt: skip
 
 

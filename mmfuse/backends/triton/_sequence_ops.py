@@ -197,7 +197,7 @@ sequence_call = bind(
     torch.ops.mmfuse_triton.sequence_fusion,
     _sequence_setup_context,
     _sequence_backward,
-    _ops.launching(_sequence_launch),
+    _ops.launching(torch.ops.mmfuse_triton.sequence_fusion, _sequence_launch),
 )
 
 
