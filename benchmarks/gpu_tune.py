@@ -381,7 +381,8 @@ def layers(repeats: int, queue: int) -> list[dict[str, Any]]:
                 layer = got["mmfuse-layer"]
                 cands = {base: got[base], "mmfuse-layer (auto)": layer,
                          "torch, small path": under(layer, "torch", wander, ACCELERATOR_SMALL_ELEMENTS=_HUGE),
-                         "torch, custom ops": under(layer, "torch", wander, ACCELERATOR_SMALL_ELEMENTS=-1),
+                         "torch, custom ops": under(layer, "torch", wander, ACCELERATOR_SMALL_ELEMENTS=-1,
+                                                    WHOLE_BATCH_ROWS=-1),
                          "triton": under(layer, "triton")}  # fmt: skip
             else:
                 dims, out_dim, rank = shape
