@@ -184,15 +184,18 @@ def policy_key(backend: Any) -> Any:
 
 def _torch_intercepts(torch: Any) -> bool:
     """Whether torch operations are intercepted now, so that no call may be planned: while
-    Dynamo traces, under a TorchDispatchMode (FakeTensorMode, export, logging modes), which
-    the registry's choice depends on, or inside a torch.func transform, where the choice
-    depends on whether each tensor is wrapped by it (a plain tensor may take the custom op or
-    the CPU kernels, a batched or differentiated one of the same shape may not), which a key
-    of types, shapes and dtypes cannot see."""
+    Dynamo or ``torch.jit.trace`` traces, under a TorchDispatchMode (FakeTensorMode, export,
+    logging modes), which the registry's choice depends on, or inside a torch.func transform,
+    where the choice depends on whether each tensor is wrapped by it (a plain tensor may take
+    the custom op or the CPU kernels, a batched or differentiated one of the same shape may
+    not), which a key of types, shapes and dtypes cannot see.  (``torch.jit.trace`` records
+    dispatched operators only: a plan's direct NumPy path or kernel launch would leave
+    nothing in its graph.)"""
     return bool(
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._are_functorch_transforms_active()
+        or torch._C._get_tracing_state() is not None
     )
 
 

@@ -75,7 +75,8 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     # applied there (the custom ops' bindings) fails on plain tensors too ("must override the
     # setup_context staticmethod"), and the CPU kernels read memory that batched tensors lack
     traced = torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    # (torch.jit.trace too: it records dispatched operators only, so nothing may read memory)
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._get_tracing_state():
         return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True)  # no (symbolic) size
     return CallInfo(xp, like.device, like.dtype, grad, traced, like.numel())
 
