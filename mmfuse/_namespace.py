@@ -311,6 +311,19 @@ def is_lazy(x: Array) -> bool:
 ACCELERATOR_BLOCK_BYTES = 1 << 28
 
 
+def torch_intercepts(torch: Any) -> bool:
+    """Whether something intercepts or records torch operations now (``torch`` the imported
+    module): Dynamo tracing, a TorchDispatchMode (fake tensors, export, logging modes), or
+    ``torch.jit.trace``, which records dispatched operators only.  There the custom ops must
+    be called as ops, and nothing may read the tensors' memory behind torch's back (NumPy, a
+    kernel launch): it would run on fake data, or leave nothing in a traced graph."""
+    return bool(
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._get_tracing_state() is not None
+    )
+
+
 def on_accelerator(x: Array) -> bool:
     """Whether ``x`` lives on an accelerator (a CuPy array, a torch tensor off the CPU)."""
     if array_api_compat.is_cupy_array(x):

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._config import backend_policy
-from ._namespace import device_key
+from ._namespace import device_key, torch_intercepts
 from .backends._registry import generation
 
 __all__ = ["PlanCache", "call_key", "planned_impl", "policy_key"]
@@ -191,12 +191,7 @@ def _torch_intercepts(torch: Any) -> bool:
     not), which a key of types, shapes and dtypes cannot see.  (``torch.jit.trace`` records
     dispatched operators only: a plan's direct NumPy path or kernel launch would leave
     nothing in its graph.)"""
-    return bool(
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._are_functorch_transforms_active()
-        or torch._C._get_tracing_state() is not None
-    )
+    return torch_intercepts(torch) or bool(torch._C._are_functorch_transforms_active())
 
 
 def planned_impl(impl: Callable[..., T], args: tuple[Any, ...], options: dict[str, Any]) -> Callable[..., T]:

@@ -1,8 +1,8 @@
 """Work split across threads on the CPU: how many cores a call may use, and a runner of
 independent tasks that never waits for a thread the OS has not scheduled.
 
-NumPy's ufuncs, reductions and GEMMs, SciPy's special-function ufuncs and numba's ``nogil``
-kernels release the GIL, so disjoint pieces of one array run in parallel from Python threads.
+numba's ``nogil`` kernels (and NumPy's ufuncs, reductions and GEMMs) release the GIL, so
+disjoint pieces of one array run in parallel from Python threads.
 """
 
 from __future__ import annotations

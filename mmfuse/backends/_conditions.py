@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .._namespace import device_of, is_cupy, is_dask, is_numpy, is_torch
+from .._namespace import device_of, is_cupy, is_dask, is_numpy, is_torch, torch_intercepts
 
 __all__ = ["CONDITIONS", "CallInfo", "call_info"]
 
@@ -75,8 +75,7 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     # applied there (the custom ops' bindings) fails on plain tensors too ("must override the
     # setup_context staticmethod"), and the CPU kernels read memory that batched tensors lack
     traced = torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
-    # (torch.jit.trace too: it records dispatched operators only, so nothing may read memory)
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._get_tracing_state():
+    if torch_intercepts(torch):
         return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True)  # no (symbolic) size
     return CallInfo(xp, like.device, like.dtype, grad, traced, like.numel())
 

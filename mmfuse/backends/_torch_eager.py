@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .._namespace import torch_intercepts
+
 __all__ = ["any_requires_grad", "bind", "direct"]
 
 
@@ -143,17 +145,13 @@ def _needs(ctx: Any, spec: Sequence[Any]) -> list[Any]:
 
 def direct(op: Callable[..., Any], implementation: Callable[..., Any]) -> Callable[..., Any]:
     """``implementation`` (the function a custom op registered) where nothing intercepts torch
-    operations, else the op ``op``: under ``torch.compile`` and dispatch modes (fake tensors,
-    export, logging modes) the registered op, with its fake implementation, must be seen, and
-    ``torch.jit.trace`` records dispatched operators only (an implementation that reads the
-    tensors' memory, NumPy or a Triton launch, would leave nothing in its graph)."""
+    operations (:func:`~mmfuse._namespace.torch_intercepts`), else the op ``op``: under
+    ``torch.compile`` and dispatch modes the registered op, with its fake implementation, must
+    be seen, and ``torch.jit.trace`` records dispatched operators only (an implementation that
+    reads the tensors' memory, NumPy or a Triton launch, would leave nothing in its graph)."""
 
     def call(*args: Any) -> Any:
-        if (
-            torch.compiler.is_compiling()
-            or torch._C._len_torch_dispatch_stack()
-            or torch._C._get_tracing_state() is not None
-        ):
+        if torch_intercepts(torch):
             return op(*args)
         return implementation(*args)
 

@@ -402,8 +402,8 @@ def _stack_conditions(
 
 
 def _small_path(stackable: bool, any_batch: bool, batch: int) -> Any:
-    """The path of a small batch (:func:`_small_batch`)
-    (:func:`_stack_conditions`): :func:`stacked_adapter` where allowed, for any batch or below
+    """The path of a small batch (:func:`_small_batch`), from :func:`_stack_conditions`'
+    answers: :func:`stacked_adapter` where allowed, for any batch or below
     :data:`NO_GRAD_STACK_ROWS` samples; else the Array-API core."""
     return _stacked if stackable and (any_batch or batch < NO_GRAD_STACK_ROWS) else _on_core
 

@@ -95,6 +95,15 @@ def _plain_tensors(args: Sequence[Any]) -> bool:
     return True
 
 
+def bind_launch(
+    name: str, op: Any, setup_context: Callable[..., None], backward: Callable[..., Any],
+    launch: Callable[..., Any],
+) -> Callable[..., Any]:  # fmt: skip
+    """:func:`~mmfuse.backends._torch_eager.bind` of the op ``op`` with autograd, its eager
+    forward ``launch`` run by :func:`launching`."""
+    return bind(name, op, setup_context, backward, launching(op, launch))
+
+
 def eager_op(op: Callable[..., Any], launch: Callable[..., Any]) -> Callable[..., Any]:
     """The op ``op`` as eager code calls it: :func:`launching` ``launch`` where nothing
     intercepts torch operations (:func:`~mmfuse.backends._torch_eager.direct`), else (and
@@ -581,9 +590,9 @@ def _lowrank_backward_call(*args: Any) -> list[torch.Tensor]:
 
 
 _lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
-lowrank_call = bind(
+lowrank_call = bind_launch(
     "_TritonLowRankFusion", torch.ops.mmfuse_triton.lowrank_fusion, _lowrank_setup_context, _lowrank_backward,
-    launching(torch.ops.mmfuse_triton.lowrank_fusion, _lowrank_launch),
+    _lowrank_launch,
 )  # fmt: skip
 
 
@@ -696,10 +705,9 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 
 _cp_op.register_autograd(_cp_backward, setup_context=_cp_setup_context)
-cp_call = bind(
-    "_TritonCPFusion", torch.ops.mmfuse_triton.cp_fusion, _cp_setup_context, _cp_backward,
-    launching(torch.ops.mmfuse_triton.cp_fusion, _cp_launch),
-)  # fmt: skip
+cp_call = bind_launch(
+    "_TritonCPFusion", torch.ops.mmfuse_triton.cp_fusion, _cp_setup_context, _cp_backward, _cp_launch
+)
 
 
 # --------------------------------------------------------------------------- moments / zoom_shift
@@ -818,9 +826,9 @@ def _moments_backward(
 
 
 _moments_op.register_autograd(_moments_backward, setup_context=_moments_setup_context)
-_moments_eager = bind(
+_moments_eager = bind_launch(
     "_TritonMoments", torch.ops.mmfuse_triton.moments, _moments_setup_context, _moments_backward,
-    launching(torch.ops.mmfuse_triton.moments, _moments_launch),
+    _moments_launch,
 )  # fmt: skip
 
 
@@ -868,9 +876,9 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 
 _zoom_shift_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
-_zoom_shift_eager = bind(
+_zoom_shift_eager = bind_launch(
     "_TritonZoomShift", torch.ops.mmfuse_triton.zoom_shift, _zoom_shift_setup_context, _zoom_shift_backward,
-    launching(torch.ops.mmfuse_triton.zoom_shift, _zoom_shift_launch),
+    _zoom_shift_launch,
 )  # fmt: skip
 
 

@@ -36,7 +36,6 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from ..._core import sequence as _core_sequence
-from .._torch_eager import bind
 from ..torch.sequence import _sequence_backward, _sequence_setup_context
 from . import _ops
 from . import _sequence_kernels as SK
@@ -192,12 +191,12 @@ _sequence_op = triton_op("mmfuse_triton::sequence_fusion", mutates_args={})(_seq
 
 
 _sequence_op.register_autograd(_sequence_backward, setup_context=_sequence_setup_context)
-sequence_call = bind(
+sequence_call = _ops.bind_launch(
     "_TritonSequenceFusion",
     torch.ops.mmfuse_triton.sequence_fusion,
     _sequence_setup_context,
     _sequence_backward,
-    _ops.launching(torch.ops.mmfuse_triton.sequence_fusion, _sequence_launch),
+    _sequence_launch,
 )
 
 
