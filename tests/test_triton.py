@@ -24,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from triton_interpreted import import_interpreted, poisoned_buffers  # noqa: E402
+from triton_interpreted import import_interpreted, neg_bit_runs, poisoned_buffers  # noqa: E402
 
 tb = import_interpreted()
 
@@ -398,6 +398,22 @@ def test_cp_values_and_gradients(dtype, batch, dims, rank, out_dim, append_one, 
     )
 
 
+def test_cp_negative_bit_views_are_read_as_their_values():
+    rng = np.random.default_rng(4)
+    dims, rank, out_dim = (3, 4), 3, 5
+    xs = [_leaf(rng.standard_normal((6, d)), torch.float32) for d in dims]
+    factors = [_leaf(rng.standard_normal((d + 1, rank)), torch.float32) for d in (*dims, out_dim - 1)]
+    w, b = _leaf(rng.standard_normal(rank), torch.float32), _leaf(rng.standard_normal(out_dim), torch.float32)
+    upstream = torch.tensor(rng.standard_normal((6, out_dim)), dtype=torch.float32)
+
+    def call(ins):
+        return mmfuse.cp_fusion(ins[:2], (ins[5], ins[2:5]), ins[6], backend="triton")
+
+    views, plain = neg_bit_runs(call, [*xs, *factors, w, b], upstream)
+    for got, want in zip(views, plain):
+        assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -599,6 +615,21 @@ def test_lowrank_other_tiles(block_b, block_h, rank_p, block_k):
     want_out = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="torch")
     for g, c in zip(got, torch.autograd.grad((want_out * upstream).sum(), leaves)):
         assert_close(g, c)
+
+
+@pytest.mark.usefixtures("backward_path")
+def test_negative_bit_views_are_read_as_their_values():
+    """The kernels read raw memory, which a ``torch._neg_view`` shares with its negated base:
+    every input and the upstream gradient are read resolved (the low-rank op read -x)."""
+    xs, fs, w, b, present, upstream = _lowrank_problem(7, (3, 5), 2, 3, True, True, True, torch.float32)
+    n = len(xs)
+
+    def call(ins):
+        return mmfuse.lowrank_fusion(ins[:n], ins[n : 2 * n], *ins[2 * n :], present=present, backend="triton")
+
+    views, plain = neg_bit_runs(call, [*xs, *fs, w, b], upstream)
+    for got, want in zip(views, plain):
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
 
 
 def test_empty_output_width():

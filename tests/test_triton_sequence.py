@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from triton_interpreted import import_interpreted, poisoned_buffers  # noqa: E402
+from triton_interpreted import import_interpreted, neg_bit_runs, poisoned_buffers  # noqa: E402
 
 tb = import_interpreted()
 
@@ -146,6 +146,21 @@ def test_values_and_gradients(rng, dtype, mode, batch, lengths, widths, r_h, r_t
             got = float(np.sum(_np(g) * v))
             scale = float(np.sum(np.abs(_np(g) * v))) + abs(want)
             assert abs(got - want) <= 1e-4 * max(scale, 1e-12), (i, got, want)
+
+
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_negative_bit_views_are_read_as_their_values(rng, mode):
+    """Inputs and the upstream gradient as ``torch._neg_view``s: the kernels read them
+    resolved, bit for bit as the same values in plain tensors."""
+    hs, feats, toks, masks, upstream = _problem(rng, 3, (4, 5), (3, 2), 2, 2, 3, 4, True, torch.float32)
+    n = len(hs)
+
+    def call(ins):
+        return mmfuse.sequence_fusion(ins[:n], ins[n : 2 * n], ins[2 * n :], mode=mode, masks=masks, backend="triton")
+
+    views, plain = neg_bit_runs(call, [*hs, *feats, *toks], upstream)
+    for got, want in zip(views, plain):
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
 
 
 def test_deterministic_and_registered_autograd(rng):

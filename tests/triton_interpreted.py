@@ -64,3 +64,18 @@ def poisoned_buffers() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_ops, "_empty", nan_empty)
         yield
+
+
+def neg_bit_runs(call: Any, tensors: list[Any], upstream: Any) -> list[list[Any]]:
+    """``call(inputs)``'s output and its gradients with respect to ``tensors``' negations,
+    run twice: the inputs and the upstream gradient given as ``torch._neg_view``s (memory
+    holding -v, read as v by torch's operators, not by a kernel reading the raw memory), and
+    as plain tensors of the same values."""
+    import torch
+
+    bases = [(-t).detach().requires_grad_(True) for t in tensors]
+    runs = []
+    for view in (torch._neg_view, torch.neg):
+        out = call([view(t) for t in bases])
+        runs.append([out, *torch.autograd.grad(out, bases, view(-upstream))])
+    return runs

@@ -89,7 +89,7 @@ def _align_map(
     kept = _kept(x)
 
     def per_channel(a: torch.Tensor) -> torch.Tensor:
-        return a.to(torch.float32).broadcast_to(kept).contiguous()
+        return _ops.dense(a.to(torch.float32).broadcast_to(kept))
 
     s, o = per_channel(scale), per_channel(offset)
     block_t, block_c = map_tiles(n_tok, n_ch)

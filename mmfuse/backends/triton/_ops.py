@@ -256,6 +256,13 @@ def _zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> to
     return torch.zeros(tuple(shape), dtype=dtype, device=device)
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """The memory a kernel may read for ``t``: contiguous, with torch's negative bit resolved
+    (a ``torch._neg_view`` shares its base's memory and is negated by torch's own operators
+    only; ``contiguous`` keeps the bit, so a kernel reading the raw memory saw -t)."""
+    return t.resolve_neg().contiguous()
+
+
 def _slots(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Eight pointer arguments of inputs: the modalities' tensors, then repeats of the first
     (the kernels never touch slots past M)."""
@@ -300,13 +307,13 @@ def _lowrank_launch(
     out = _empty((batch, out_dim), x0.dtype, x0.device)
     if batch == 0 or out_dim == 0:
         return out
-    xs = [x.contiguous() for x in xs]
-    factors = [f.contiguous() for f in factors]
+    xs = [dense(x) for x in xs]
+    factors = [dense(f) for f in factors]
     t = _lowrank_tiles(rank, out_dim, n_mod, x0.dtype, backward=False)
     grid = (triton.cdiv(batch, t.block_b) * triton.cdiv(out_dim, t.block_h),)
     wrap_triton(K.lowrank_fwd_kernel)[grid](
         out, *_slots(xs), *_slots(factors), *_dims(xs),
-        x0 if weights is None else weights.contiguous(), x0 if bias is None else bias.contiguous(),
+        x0 if weights is None else dense(weights), x0 if bias is None else dense(bias),
         _present_arg(present, x0), batch, out_dim, rank,
         M=n_mod, APPEND=append_one, HAS_W=weights is not None, HAS_BIAS=bias is not None,
         HAS_PRESENT=present is not None, BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_H=t.block_h,
@@ -351,10 +358,10 @@ def _lowrank_backward_launch(
     need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
     need_w = needs[2 * n_mod] and weights is not None
     need_b = needs[2 * n_mod + 1]
-    g = grad.contiguous()
-    xs = [x.contiguous() for x in xs]
-    factors = [f.contiguous() for f in factors]
-    w_arg = x0 if weights is None else weights.contiguous()
+    g = dense(grad)
+    xs = [dense(x) for x in xs]
+    factors = [dense(f) for f in factors]
+    w_arg = x0 if weights is None else dense(weights)
     pres = _present_arg(present, x0)
     # the gradients' dots take G_m in float32 (PRECISION32): tiles sized for float32 operands
     t = _lowrank_tiles(rank, out_dim, n_mod, torch.float32, backward=True)
@@ -481,7 +488,7 @@ def _backward_gemm(
                                       for need in need_g]  # fmt: skip
     n_hblk = triton.cdiv(out_dim, t.block_h)
     block_n = t.rank_p * t.block_h
-    w_arg = x0 if weights is None else weights.contiguous()
+    w_arg = x0 if weights is None else dense(weights)
     # F_m as (R h, d_m): row r h + k of G_m's columns meets F_m[r, :d_m, k]
     dims = [int(x.shape[1]) for x in xs]
     fts: list[Any] = [f[:, :d, :].permute(0, 2, 1).reshape(width, d).to(gdt) if need else None
@@ -622,12 +629,12 @@ def _cp_launch(
     out = _empty((batch, out_dim), x0.dtype, x0.device)
     if batch == 0:
         return out
-    xs = [x.contiguous() for x in xs]
-    factors = [f.contiguous() for f in factors]
+    xs = [dense(x) for x in xs]
+    factors = [dense(f) for f in factors]
     t = _cp_tiles(rank, out_dim, x0.dtype)
     wrap_triton(K.cp_fwd_kernel)[(triton.cdiv(batch, t.block_b),)](
         out, *_slots(xs), *_slots(factors[:-1]), *_dims(xs), factors[-1],
-        x0 if weights is None else weights.contiguous(), x0 if bias is None else bias.contiguous(),
+        x0 if weights is None else dense(weights), x0 if bias is None else dense(bias),
         _present_arg(present, x0), batch, out_dim, rank,
         M=n_mod, APPEND=append_one, HAS_W=weights is not None, HAS_BIAS=bias is not None,
         HAS_PRESENT=present is not None, BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_H=t.block_h,
@@ -752,7 +759,7 @@ def _stat_tiles(
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(B, ..., T, C) -> contiguous (N, T, C), its negative bit resolved (``contiguous`` keeps
     a ``torch._neg_view``'s bit and the kernels read the raw memory: negated data)."""
-    return x.resolve_neg().contiguous().view(-1, x.shape[-2], x.shape[-1])
+    return dense(x).view(-1, x.shape[-2], x.shape[-1])
 
 
 def _mask_rows(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -161,9 +161,9 @@ def _sequence_launch(
         feats = [f.sum(dim=0, keepdim=True, dtype=torch.float32) for f in feature_factors]
         toks = [t.sum(dim=0, keepdim=True, dtype=torch.float32).to(dtype) for t in token_factors]
     else:
-        feats = [f.contiguous() for f in feature_factors]
-        toks = [t.contiguous() for t in token_factors]
-    hs = [h.contiguous() for h in hs]
+        feats = [_ops.dense(f) for f in feature_factors]
+        toks = [_ops.dense(t) for t in token_factors]
+    hs = [_ops.dense(h) for h in hs]
     mask_args = [h0 if k is None else k.contiguous().view(torch.uint8) for k in masks]
     has_mask = sum(1 << m for m, k in enumerate(masks) if k is not None)
     widths = [int(h.shape[2]) for h in hs]
