@@ -11,6 +11,7 @@ it.  The maths lives in :mod:`mmfuse._core.align` (Array-API core) and
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import numbers
@@ -19,7 +20,7 @@ from functools import partial
 from typing import Any
 
 from ._core import align as core
-from ._namespace import array_namespace, in_native_order, is_array, is_jax, is_torch, mask_tokens
+from ._namespace import array_namespace, in_native_order, is_array, is_jax, is_torch, mask_tokens, work_dtype
 from ._plan import PlanCache, call_key, planned_impl
 from ._validation import (
     as_sequence,
@@ -107,6 +108,42 @@ def check_eps(eps: Any) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"eps must be a finite number >= 0 (0 is allowed), got {eps!r}")
     return value
+
+
+def check_eps_dtype(xp: Any, eps: float, dtype: Any) -> None:
+    """``eps`` is 0 or a normal number of the dtype the statistics are computed in (float32
+    for float32, float16 and bfloat16 inputs): a smaller one is lost to underflow there (an
+    eps of 1e-50 adds 0 to a float32 variance, and sqrt(1e-100) is 0), while the rules that
+    keep a lane with no spread finite follow eps's Python value (NaN outputs), and backends
+    that compute in float64 would keep it (different outputs)."""
+    if eps == 0:
+        return
+    work = work_dtype(xp, dtype)
+    tiny = float(xp.finfo(work).smallest_normal)
+    if eps < tiny:
+        raise ValueError(
+            f"eps={eps!r} is below {tiny:.3g}, the smallest normal number of {work}, in which the "
+            f"statistics of {dtype} inputs are computed: it would be lost to underflow; use eps=0 "
+            f"or eps >= {tiny:.3g}"
+        )
+
+
+def check_hub(hub: Any, topology: str, n: int) -> int:
+    """The hub modality's index in [0, n) for ``topology="hub"`` (``None``: 0, negative
+    indices from the end), 0 for another topology, which has no hub: ``hub`` given with it is
+    refused rather than silently ignored."""
+    if hub is None:
+        return 0
+    if isinstance(hub, bool) or not isinstance(hub, numbers.Integral):
+        raise TypeError(f"hub must be an int (a modality index), got {type(hub).__name__}")
+    if topology != "hub":
+        raise ValueError(
+            f"hub={hub} applies to topology='hub' only: with topology={topology!r} every modality "
+            "moves toward the others' statistics (leave hub out, or set topology='hub')"
+        )
+    if not -n <= int(hub) < n:
+        raise ValueError(f"hub={hub} is out of range for {n} modalities (valid: 0 to {n - 1})")
+    return int(hub) % n
 
 
 def check_alpha(alpha: Any) -> float:
@@ -232,11 +269,7 @@ def _check_align(
     check_choice(schedule, "schedule", SCHEDULES)
     check_choice(topology, "topology", TOPOLOGIES)
     n = len(xs)
-    if isinstance(hub, bool) or not isinstance(hub, numbers.Integral):
-        raise TypeError(f"hub must be an int (a modality index), got {type(hub).__name__}")
-    if not -n <= int(hub) < n:
-        raise ValueError(f"hub={hub} is out of range for {n} modalities (valid: 0 to {n - 1})")
-    hub = int(hub) % n
+    hub = check_hub(hub, topology, n)
     named = [(f"xs[{m}]", x) for m, x in enumerate(xs)]
     if masks is not None:
         masks = as_sequence(masks, "masks", min_len=0)
@@ -246,7 +279,7 @@ def _check_align(
                 f"for {n} modalities"
             )
     xp = common_namespace([*named, *((f"masks[{m}]", k) for m, k in enumerate(masks or []))])
-    check_same_float_dtype(xp, named)
+    check_eps_dtype(xp, eps, check_same_float_dtype(xp, named))
     ax = _check_axis(xs[0], axis, "xs[0]")
     for m, x in enumerate(xs[1:], start=1):
         _check_compatible(xs[0], x, ax, "xs[0]", f"xs[{m}]")
@@ -300,11 +333,12 @@ def moments(
     Raises
     ------
     ValueError
-        ``axis`` is the batch axis or has a single entry, negative ``eps``, a mask of the
-        wrong shape or one that masks every token of a sample.  That last check reads the
-        mask's values, so Dask and JAX masks and torch masks on the ``meta`` device (shapes
-        without values) skip it: a sample with every token masked then gets NaN statistics
-        instead of an error.
+        ``axis`` is the batch axis or has a single entry, negative ``eps`` or one below the
+        smallest normal number of the statistics' dtype (float32 for 32- and 16-bit
+        inputs), a mask of the wrong shape or one that masks every token of a sample.  That
+        last check reads the mask's values, so Dask and JAX masks and torch masks on the
+        ``meta`` device (shapes without values) skip it: a sample with every token masked
+        then gets NaN statistics instead of an error.
     TypeError
         Non-floating x, an ``axis`` that is not an int, non-boolean mask, mixed namespaces.
 
@@ -383,8 +417,9 @@ def _plan_moments(x: Any, axis: Any, mask: Any, eps: Any, backend: Any) -> Any:
     """Check a :func:`moments` call and choose its implementation (its plan)."""
     _check_array(x, "x")
     xp = common_namespace([("x", x), ("mask", mask)])
-    check_same_float_dtype(xp, [("x", x)])
+    dtype = check_same_float_dtype(xp, [("x", x)])
     eps = check_eps(eps)
+    check_eps_dtype(xp, eps, dtype)
     ax = _check_axis(x, axis, "x")
     check_mask(xp, mask, x, ax, "mask", "x")
     impl = lookup("moments", backend, like=x, arrays=(x,))
@@ -585,8 +620,10 @@ def zoom_shift(
     Raises
     ------
     ValueError
-        Channel (or batch) mismatch, ``alpha`` outside (0, 1], negative ``eps``, masks of the
-        wrong shape or masking every token of a sample, ``axis`` on the batch.  The all-masked
+        Channel (or batch) mismatch, ``alpha`` outside (0, 1], negative ``eps`` or one below
+        the smallest normal number of the statistics' dtype (float32 for 32- and 16-bit
+        inputs), masks of the wrong shape or masking every token of a sample, ``axis`` on the
+        batch.  The all-masked
         check reads the masks' values, so Dask and JAX masks and torch masks on the ``meta``
         device skip it (such a sample gets NaN statistics, and a NaN output).
     TypeError
@@ -664,9 +701,10 @@ def _plan_zoom_shift(
     _check_array(guide, "guide")
     named = [("x", x), ("guide", guide)]
     xp = common_namespace([*named, ("mask", mask), ("guide_mask", guide_mask)])
-    check_same_float_dtype(xp, named)
+    dtype = check_same_float_dtype(xp, named)
     alpha = check_alpha(alpha)
     eps = check_eps(eps)
+    check_eps_dtype(xp, eps, dtype)
     ax = _check_axis(x, axis, "x")
     _check_compatible(x, guide, ax, "x", "guide")
     _check_axis(guide, axis, "guide")
@@ -688,7 +726,7 @@ def align(
     alpha: float = 1.0,
     schedule: str = "gauss-seidel",
     topology: str = "consensus",
-    hub: int = 0,
+    hub: int | None = None,
     axis: int = -2,
     masks: Sequence[Any] | None = None,
     eps: float = 1e-5,
@@ -712,8 +750,9 @@ def align(
         "consensus": each modality moves toward the others' pooled statistics (arithmetic
         mean of their means, geometric mean of their stds).  "hub": every modality moves
         toward modality ``hub``, which stays fixed (the guide).
-    hub : int, default 0
-        The guide modality for ``topology="hub"`` (negative indices count from the end).
+    hub : int, optional
+        The guide modality for ``topology="hub"`` (default 0; negative indices count from
+        the end).  Refused with ``topology="consensus"``, which has no hub.
     axis : int, default -2
         Statistics axis (tokens); ``axis=-1`` for channel statistics (L = 1 fallback).
     masks : sequence of M bool arrays (or None), shapes (B, T_m), optional
@@ -734,11 +773,13 @@ def align(
     ------
     ValueError
         Fewer than 2 modalities, channel or batch mismatch, ``alpha`` outside (0, 1], negative
-        ``rounds`` or ``eps``, unknown ``schedule`` or ``topology``, ``hub`` out of range,
-        masks of the wrong shape or masking every token of a sample, and ``rounds=None`` for
-        Jacobi consensus with M = 2 and alpha = 1 (no limit: the two swap every round).  The
-        all-masked check reads the masks' values, so Dask and JAX masks and torch masks on
-        the ``meta`` device skip it (such a sample gets NaN statistics, and NaN outputs).
+        ``rounds`` or ``eps``, ``eps`` below the smallest normal number of the statistics'
+        dtype (float32 for 32- and 16-bit inputs), unknown ``schedule`` or ``topology``,
+        ``hub`` out of range or given with ``topology="consensus"``, masks of the wrong shape
+        or masking every token of a sample, and ``rounds=None`` for Jacobi consensus with
+        M = 2 and alpha = 1 (no limit: the two swap every round).  The all-masked check reads
+        the masks' values, so Dask and JAX masks and torch masks on the ``meta`` device skip
+        it (such a sample gets NaN statistics, and NaN outputs).
     TypeError
         Non-floating or mixed dtypes, non-integer ``rounds``, ``hub`` or ``axis``, mixed
         namespaces.
@@ -947,7 +988,8 @@ def zoom_shift_fusion(
                 f"xs[{m}] must be 3-dimensional with shape (B, T_m, C), got shape "
                 f"{fmt_shape(x.shape)}"
             )
-    bound = _ALIGN_SIGNATURE.bind(seq, **align_options)  # TypeError for unknown keywords
+    _check_align_keywords(align_options)
+    bound = _ALIGN_SIGNATURE.bind(seq, **align_options)
     bound.apply_defaults()
     opts = bound.arguments
     masks, axis = opts["masks"], opts["axis"]
@@ -977,3 +1019,18 @@ def _has_autograd(xp: Any) -> bool:
 
 
 _ALIGN_SIGNATURE = inspect.signature(align)
+_ALIGN_KEYWORDS = tuple(name for name in _ALIGN_SIGNATURE.parameters if name != "xs")
+
+
+def _check_align_keywords(options: dict[str, Any]) -> None:
+    """Every keyword beyond ``fuse`` and ``pool`` is one of :func:`align`'s (a misspelt one
+    is named with the accepted ones and the closest, not reported from inside ``inspect``)."""
+    for name in options:
+        if name not in _ALIGN_KEYWORDS:
+            accepted = ("fuse", "pool", *_ALIGN_KEYWORDS)
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"zoom_shift_fusion() got an unexpected keyword argument {name!r} (its keywords: "
+                f"{', '.join(accepted)}){hint}"
+            )

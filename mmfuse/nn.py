@@ -1337,7 +1337,8 @@ class ZoomShift(nn.Module):
     alpha : float in (0, 1], default 1.0
     schedule : {"gauss-seidel", "jacobi"}, default "gauss-seidel"
     topology : {"consensus", "hub"}, default "consensus"
-    hub : int, default 0
+    hub : int, optional
+        The guide modality for ``topology="hub"`` (default 0); refused with "consensus".
     eps : float, default 1e-5
     device, dtype : optional
         The layer has no parameters; if ``dtype`` is given, inputs must have it, and it moves
@@ -1366,7 +1367,7 @@ class ZoomShift(nn.Module):
         alpha: float = 1.0,
         schedule: str = "gauss-seidel",
         topology: str = "consensus",
-        hub: int = 0,
+        hub: int | None = None,
         eps: float = 1e-5,
         device: Any = None,
         dtype: Any = None,
@@ -1385,11 +1386,16 @@ class ZoomShift(nn.Module):
         self.rounds = _align.check_rounds(rounds)
         self.alpha = _align.check_alpha(alpha)
         self.eps = _align.check_eps(eps)
-        self.hub = _check_index("hub", hub, self.num_modalities)
+        # the guide's index under the hub topology (default 0), None under consensus, which
+        # has no hub (a hub given with it is refused, as by align)
+        if hub is not None:  # the layer's own type and range messages first
+            hub = _check_index("hub", hub, self.num_modalities)
+            hub = _align.check_hub(hub, topology, self.num_modalities)
+        self.hub = 0 if hub is None and topology == "hub" else hub
         self.fuse, self.pool, self.schedule, self.topology = fuse, pool, schedule, topology
         if (
             self.rounds is None
-            and limit_weights(self.num_modalities, self.alpha, schedule, topology, self.hub)
+            and limit_weights(self.num_modalities, self.alpha, schedule, topology, self.hub or 0)
             is None
         ):
             raise ValueError("rounds=None: Jacobi consensus with M = 2 and alpha = 1 has no limit")
@@ -1478,7 +1484,7 @@ class ZoomShift(nn.Module):
                 xs = [mask_tokens(torch_namespace(), x, k) for x, k in zip(xs, mask_list)]
             ys = _TORCH["align"](
                 xs, rounds=self.rounds, alpha=self.alpha, schedule=self.schedule, topology=self.topology,
-                hub=self.hub, axis=-2, masks=mask_list, eps=self.eps,
+                hub=self.hub or 0, axis=-2, masks=mask_list, eps=self.eps,
             )  # fmt: skip
             return pool_and_fuse(ys, fuse_how=self.fuse, pool_how=self.pool, masks=mask_list)
         from ._align import zoom_shift_fusion

@@ -103,7 +103,9 @@ def test_zoom_and_shift_primitives(xp, dtype, rng):
 def test_align_matches_reference(xp, dtype, rng, rounds, schedule, topology):
     xs = _data(rng)
     masks = [_mask(rng, TOKENS[0]), None, _mask(rng, TOKENS[2])]
-    opts = {"rounds": rounds, "alpha": 0.6, "schedule": schedule, "topology": topology, "hub": 1}
+    opts = {"rounds": rounds, "alpha": 0.6, "schedule": schedule, "topology": topology}
+    if topology == "hub":
+        opts["hub"] = 1
     got = mmfuse.align(
         [xp.asarray(x, dtype) for x in xs],
         masks=[None if m is None else xp.asarray(m) for m in masks],
@@ -279,7 +281,9 @@ def test_gauss_seidel_limit_weights_are_the_fixed_point(n, alpha):
 )
 def test_closed_form_equals_sixty_rounds(rng, schedule, topology, n):
     xs = _data(rng)[:n]
-    opts = {"alpha": 0.6, "schedule": schedule, "topology": topology, "hub": n - 1}
+    opts = {"alpha": 0.6, "schedule": schedule, "topology": topology}
+    if topology == "hub":
+        opts["hub"] = n - 1
     limit = mmfuse.align(xs, rounds=None, eps=0.0, **opts)
     many = mmfuse.align(xs, rounds=60, eps=0.0, **opts)
     for y, z in zip(limit, many):
@@ -477,6 +481,12 @@ def test_errors_align(rng):
     for hub in (3, -4):
         with pytest.raises(ValueError, match=rf"hub={hub} is out of range for 3 modalities"):
             mmfuse.align(xs, topology="hub", hub=hub)
+    # consensus has no hub: one given there would be ignored, so it is refused
+    for hub in (0, 1):
+        with pytest.raises(ValueError, match=rf"hub={hub} applies to topology='hub' only"):
+            mmfuse.align(xs, hub=hub)
+    with pytest.raises(TypeError, match=r"hub must be an int"):
+        mmfuse.align(xs, topology="hub", hub=1.0)
     with pytest.raises(ValueError, match=r"masks\[2\] must have shape \(B, T\) = \(3, 6\)"):
         mmfuse.align(xs, masks=[None, None, np.ones((B, 5), dtype=bool)])
     with pytest.raises(ValueError, match=r"masks must have one entry .* got 2 for 3 modalities"):
@@ -503,14 +513,55 @@ def test_errors_fusion_and_primitives(rng):
         mmfuse.zoom_shift_fusion(xs, pool="sum")
     with pytest.raises(ValueError, match=r"xs\[1\] must be 3-dimensional"):
         mmfuse.zoom_shift_fusion([xs[0], xs[1][:, 0]])
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'round'"):
+    with pytest.raises(
+        TypeError,
+        match=r"zoom_shift_fusion\(\) got an unexpected keyword argument 'round' \(its keywords: fuse, pool, "
+        r"rounds, alpha, .*, backend\); did you mean 'rounds'\?",
+    ):
         mmfuse.zoom_shift_fusion(xs, round=3)
+    with pytest.raises(ValueError, match=r"hub=1 applies to topology='hub' only"):
+        mmfuse.zoom_shift_fusion(xs, hub=1)
     with pytest.raises(ValueError, match=r"hub=5 is out of range"):
         mmfuse.zoom_shift_fusion(xs, topology="hub", hub=5)
     with pytest.raises(ValueError, match=r"scale of shape \(3, 1, 5\) does not broadcast"):
         mmfuse.zoom(xs[0], np.ones((B, 1, 5)), center=0.0)
     with pytest.raises(ValueError, match=r"offset of shape \(2, 1, 4\) does not broadcast"):
         mmfuse.shift(xs[0], np.ones((2, 1, C)))
+
+
+def test_hub_topology_defaults_to_the_first_modality(rng):
+    xs = _data(rng)
+    for got, want in zip(mmfuse.align(xs, topology="hub"), mmfuse.align(xs, topology="hub", hub=0)):
+        assert np.array_equal(got, want)
+
+
+def test_eps_lost_to_underflow_in_the_statistics_dtype_is_refused():
+    """An eps below the smallest normal number of the statistics' dtype (float32 for float32
+    and 16-bit inputs) would be lost in var + eps or sqrt(eps) there: refused (it gave NaN in
+    align, and other outputs than the float64-computing backends in zoom_shift)."""
+    a = np.array([[[1.0], [2.0]]], np.float32)
+    c = np.full((1, 2, 1), 3.7, np.float32)  # a lane with no spread
+    below = r"eps=1e-50 is below 1.18e-38, the smallest normal number of float32, in which the statistics of float32 inputs"
+    with pytest.raises(ValueError, match=below):
+        mmfuse.align([a, c], rounds=2, alpha=0.3, eps=1e-50)
+    with pytest.raises(ValueError, match=below):
+        mmfuse.zoom_shift(a, c, eps=1e-50)
+    with pytest.raises(ValueError, match=below):
+        mmfuse.moments(a, eps=1e-50)
+    with pytest.raises(ValueError, match=r"eps=1e-50 is below"):
+        mmfuse.zoom_shift_fusion([a, c], eps=1e-50)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"smallest normal number of torch.float32, in which the statistics of torch.bfloat16"):
+        mmfuse.moments(torch.from_numpy(a).bfloat16(), eps=1e-40)
+    # 0, float32's smallest normal, and float64 data with a float64 normal eps are fine
+    tiny = float(np.finfo(np.float32).smallest_normal)
+    for eps in (0.0, tiny):
+        y = mmfuse.align([a, c], rounds=2, alpha=0.3, eps=eps)[0]
+        assert np.isfinite(y).all()
+    a64, c64 = a.astype(np.float64), c.astype(np.float64)
+    got = mmfuse.align([a64, c64], rounds=2, alpha=0.3, eps=1e-300)
+    for y, w in zip(got, reference.align([a64, c64], rounds=2, alpha=0.3, eps=1e-300)):
+        assert_close(y, w)
 
 
 def test_moments_backend_keyword_selects_the_implementation():

@@ -241,6 +241,7 @@ def test_guided_zoomshift_refuses_a_sample_without_tokens_like_zoomshift():
         (lambda: WanderAdapter((6, 6), LENGTHS, 3, 2, 2, bias="yes"), TypeError, "bias must be a bool"),
         (lambda: ZoomShift(6, 2, hub=1.7), TypeError, "hub must be an integer modality index, got float 1.7"),
         (lambda: ZoomShift(6, 2, hub=2), ValueError, "hub=2 is out of range for 2 modalities"),
+        (lambda: ZoomShift(6, 2, hub=1), ValueError, "hub=1 applies to topology='hub' only"),
         (lambda: GuidedZoomShift(6, 2, guide=1.7), TypeError, "guide must be an integer modality index"),
         (lambda: GuidedZoomShift(6, 2, guide=-3), ValueError, "guide=-3 is out of range for 2 modalities"),
     ],
@@ -253,7 +254,7 @@ def test_constructor_arguments_are_checked_not_coerced(make, error, match):
 def test_numpy_integers_and_bools_are_accepted():
     layer = LowRankFusion([np.int64(4), 3], np.int32(6), 2, append_one=np.bool_(False))
     assert layer.in_dims == (4, 3) and layer.out_dim == 6 and layer.append_one is False
-    assert ZoomShift(6, 3, hub=np.int64(-1)).hub == 2
+    assert ZoomShift(6, 3, topology="hub", hub=np.int64(-1)).hub == 2
 
 
 def test_zoomshift_names_itself_for_a_single_token():

@@ -17,7 +17,7 @@ from mmfuse.backends import explain  # noqa: E402
 from mmfuse.backends.torch import align as op_align  # noqa: E402
 
 # (schedule, topology, hub): every combination the public function offers
-LAYOUTS = [("gauss-seidel", "consensus", 0), ("jacobi", "consensus", 0), ("gauss-seidel", "hub", -1)]
+LAYOUTS = [("gauss-seidel", "consensus", None), ("jacobi", "consensus", None), ("gauss-seidel", "hub", -1)]
 
 
 def _case(rng, n_mod, batch=2, channels=3, dtype=torch.float64, masked=True, pad=0.0):

@@ -128,7 +128,7 @@ def test_align_values(rng, batch, tokens, channels, rounds, alpha):
 
 @pytest.mark.parametrize(
     ("topology", "schedule", "hub"),
-    [("hub", "gauss-seidel", 1), ("hub", "jacobi", -1), ("consensus", "jacobi", 0)],
+    [("hub", "gauss-seidel", 1), ("hub", "jacobi", -1), ("consensus", "jacobi", None)],
 )
 @pytest.mark.parametrize("rounds", [0, 1, None])
 def test_align_topologies(rng, topology, schedule, hub, rounds):
@@ -140,7 +140,7 @@ def test_align_topologies(rng, topology, schedule, hub, rounds):
             backend="triton",
         )  # fmt: skip
     want = ref.align(
-        [_np(x) for x in xs], rounds=rounds, alpha=0.6, topology=topology, schedule=schedule, hub=hub,
+        [_np(x) for x in xs], rounds=rounds, alpha=0.6, topology=topology, schedule=schedule, hub=hub or 0,
         masks=[m.numpy() for m in masks],
     )  # fmt: skip
     for i, (x, y, w) in enumerate(zip(xs, ys, want)):

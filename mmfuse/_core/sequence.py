@@ -696,6 +696,10 @@ def _times(xp: Any, a: Any, mat: Any) -> Any:
     n_b, n_p, r = a.shape
     if type(a) is sys.modules["numpy"].ndarray:  # ndarray's own reshape: np.reshape's layer
         return (a.reshape(n_b * n_p, r) @ mat).reshape(n_b, n_p, mat.shape[1])
+    if is_dask(xp):
+        # Dask: the broadcast matmul, as in _down: the reshape to (b p, r) rechunks a's token
+        # chunks, and fails on an empty batch split in several chunks (a Dask error)
+        return a @ mat
     return xp.reshape(xp.reshape(a, (n_b * n_p, r)) @ mat, (n_b, n_p, mat.shape[1]))
 
 
