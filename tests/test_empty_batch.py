@@ -12,7 +12,7 @@ import pytest
 
 import mmfuse
 import mmfuse.reference as ref
-from mmfuse._namespace import block_slices, to_numpy
+from mmfuse._namespace import block_slices, from_numpy, to_numpy
 
 BACKENDS = [None, "array_api", "reference"]
 DIMS = (3, 4)
@@ -172,6 +172,17 @@ def test_layers_run_forward_and_backward_on_an_empty_batch():
         out.sum().backward()
         for p in layer.parameters():
             assert p.grad is not None and torch.count_nonzero(p.grad) == 0, type(layer).__name__
+
+
+def test_empty_numpy_results_become_dask_arrays():
+    """Dask's automatic chunking divided by zero on an empty (256, 0, 2) array (the reference
+    backend's interaction terms by subset of an empty batch, M = 8)."""
+    da = pytest.importorskip("dask.array")
+    for shape in ((256, 0, 2), (1024, 0, 2), (0, 3), (2, 0)):
+        for dtype in (np.float32, np.float64):
+            got = from_numpy(np.zeros(shape, dtype), da, dtype=dtype)
+            assert isinstance(got, da.Array) and got.shape == shape and got.dtype == dtype
+            assert got.compute().shape == shape
 
 
 @pytest.mark.parametrize("batch", [0, 3])
