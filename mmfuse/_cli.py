@@ -482,7 +482,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         convert = _converter(ns, "float32")
         entry: dict[str, Any] = {"op": op, "backend": b, "namespace": ns, "dtype": "float32"}
         if convert is None:
-            entry.update(status="skipped", seconds=None)
+            entry.update(status="skipped", seconds=None, detail=f"{ns} not available")
         else:
             call_args, call_kwargs = tree_map(convert, args_np), tree_map(convert, kwargs_np)
             func = getattr(mmfuse, op)
@@ -494,8 +494,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     _sync(_call(func, b, call_args, call_kwargs))
                     times.append(time.perf_counter() - t0)
                 entry.update(status="ok", seconds=float(np.median(times)))
-            except BackendUnsupported:
-                entry.update(status="n/a", seconds=None)
+            except BackendUnsupported as exc:  # what it needs, as verify's detail column says
+                entry.update(status="n/a", seconds=None, detail=_refusal(exc))
             except Exception as exc:
                 entry.update(status=shorten(f"error: {type(exc).__name__}: {exc}", _DETAIL), seconds=None)
         results.append(entry)
@@ -520,7 +520,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for r in results
     ]
     if rows or not args.backends:
-        print(table(rows, ["op", "backend", "namespace", "ms", "speed-up", "status"]))
+        # why rows were skipped or not applicable, where any were
+        why = ["detail"] if any(r.get("detail") for r in rows) else []
+        print(table(rows, ["op", "backend", "namespace", "ms", "speed-up", "status", *why]))
     if any(r["seconds"] for r in results):
         print(_speedup_note(any(r.get("vs_array_api_numpy") for r in results)))
     if args.json:
