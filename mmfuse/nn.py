@@ -47,7 +47,7 @@ from . import _fusion
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
-from ._namespace import mask_tokens, torch_namespace
+from ._namespace import mask_tokens, torch_namespace, work_dtype
 from ._plan import PlanCache, call_key
 from ._validation import check_bool_option, check_device, check_positive_int, check_size_list
 from .backends import BackendUnsupported, lookup
@@ -1618,8 +1618,13 @@ class GuidedZoomShift(nn.Module):
                 for m, (seq, mask) in enumerate(zip(xs, full)):
                     check_mask(array_namespace(seq), mask, seq, 1, f"masks[{m}]", f"xs[{m}]")
         c = self.channels
-        p = pool(xs[self.guide], full[self.guide], "mean")  # (B, C)
-        heads = torch.einsum("bc,kdc->kbd", p, self.weight) + self.bias[:, None, :]  # (M-1, B, 2C)
+        # the guide's summary and the heads in the statistics' dtype (float32 for 16-bit
+        # layers): exp(log_zoom) turns their rounding into relative error of every output
+        # (heads rounded to bfloat16 gave 10-45x the error of float32 maths rounded once)
+        work = work_dtype(torch_namespace(), self.weight.dtype)
+        p = pool(xs[self.guide].to(work), full[self.guide], "mean")  # (B, C)
+        # (M - 1, B, 2 C)
+        heads = torch.einsum("bc,kdc->kbd", p, self.weight.to(work)) + self.bias.to(work)[:, None, :]
         out = []
         k = 0
         for m, (x, mask) in enumerate(zip(xs, full)):
