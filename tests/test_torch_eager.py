@@ -127,3 +127,39 @@ def test_jit_trace_records_the_ops(backend):
     traced = torch.jit.trace(step, draw(), check_trace=False)
     x, g = draw()
     assert_close(traced(x, g), step(x, g), rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the checks read traced sizes)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_jit_trace_records_align_and_the_zoomshift_layer(backend):
+    """The align op takes its masks as a list of optional tensors, which ``torch.jit.trace``
+    cannot record ("unsupported input list type: Tensor?", also through the ZoomShift layer):
+    traced, align runs the core's algorithm in torch operations.  Replays on new inputs
+    (masks included) equal eager calls."""
+    import mmfuse
+    from mmfuse.nn import ZoomShift
+
+    gen = torch.Generator().manual_seed(4)
+
+    def draw():
+        x, g = torch.randn(2, 6, 5, generator=gen), 2 + torch.randn(2, 7, 5, generator=gen)
+        mask = torch.rand(2, 6, generator=gen) < 0.7
+        mask[:, 0] = True
+        return x, g, mask
+
+    def step(x, g, mask):
+        return mmfuse.align([x, g], rounds=2, alpha=0.5, masks=[mask, None], backend=backend)
+
+    layer = ZoomShift(5, 2, rounds=2, alpha=0.5)
+
+    def fused(x, g, mask):
+        return layer([x, g], masks=[mask, torch.ones(g.shape[:2], dtype=torch.bool)])
+
+    traced = torch.jit.trace(step, draw(), check_trace=False)
+    args = draw()
+    for a, b in zip(traced(*args), step(*args)):
+        assert_close(a, b, rtol=1e-6)
+    traced = torch.jit.trace(fused, draw(), check_trace=False)
+    args = draw()
+    assert_close(traced(*args), fused(*args), rtol=1e-6)

@@ -358,7 +358,16 @@ def call_align(
     eps: float,
 ) -> list[Any]:
     """``binding`` (this op's eager binding, or one with its argument layout: the Triton
-    backend's) called with ``align``'s keywords as the op's arguments, typed as its schema."""
+    backend's) called with ``align``'s keywords as the op's arguments, typed as its schema.
+
+    Under ``torch.jit.trace``: the core's algorithm in torch operations, which the tracer
+    records, since it cannot record an op taking a list of optional tensors (the masks:
+    "unsupported input list type: Tensor?"); the same algorithm, differentiated by autograd."""
+    if torch._C._get_tracing_state() is not None:
+        return _core_align(
+            list(xs), rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
+            axis=axis, masks=None if masks is None else list(masks), eps=eps,
+        )  # fmt: skip
     masks_list = [None] * len(xs) if masks is None else list(masks)
     out = binding(
         list(xs), None if rounds is None else int(rounds), float(alpha), str(schedule), str(topology),
