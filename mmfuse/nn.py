@@ -272,12 +272,18 @@ def _autocast_fusion(
 
 
 def _parameter_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype all of ``module``'s parameters have, which its inputs must have; a TypeError
-    naming a parameter of another (one replaced through ``.data``, or by
+    """The dtype all of the layer's own parameters have, which its inputs must have; a
+    TypeError naming one of another (one replaced through ``.data``, or by
     ``load_state_dict(assign=True)``).  Asked where the layer plans a call (eager) and where it
     is traced (compiled, which skips the functional API's own checks and would otherwise
-    compute in mixed dtypes: a float64 bias gave a float32 layer float64 outputs)."""
-    named = iter(module.named_parameters())
+    compute in mixed dtypes: a float64 bias gave a float32 layer float64 outputs).
+
+    Its own parameters are those its class names (``_PARAMETERS``: what its operator computes
+    with, all of them in its plans' key); parameters a user or a subclass adds are theirs.  A
+    float64 one added to a float32 layer was refused by unplanned calls only, so whether a
+    call passed depended on whether another call of its signature had been planned."""
+    own = type(module)._PARAMETERS  # type: ignore[attr-defined]
+    named = (item for item in module.named_parameters() if item[0].split(".", 1)[0] in own)
     first_name, first = next(named)
     for name, p in named:
         if p.dtype != first.dtype:
@@ -373,6 +379,7 @@ class _RankedFusion(nn.Module):
     for the size check, ``_planned``) and how to draw them (``reset_parameters``).
     """
 
+    _PARAMETERS = ("factors", "weights", "bias")  # (the ones the layer computes with)
     bias: nn.Parameter | None
 
     def __init__(
@@ -897,6 +904,7 @@ class TensorFusion(nn.Module):
     built on the CPU under the same seed).
     """
 
+    _PARAMETERS = ("weight", "bias")  # (the ones the layer computes with)
     bias: nn.Parameter | None
 
     def __init__(
@@ -1138,6 +1146,8 @@ class WanderAdapter(nn.Module):
     large-model tooling do (under ``torch.manual_seed(s)`` the draw equals that of a layer
     built on the CPU under the same seed).
     """
+
+    _PARAMETERS = ("down_weights", "down_biases", "feature_factors", "token_factors")
 
     def __init__(
         self,
@@ -1552,6 +1562,8 @@ class GuidedZoomShift(nn.Module):
     large-model tooling do (under ``torch.manual_seed(s)`` the draw equals that of a layer
     built on the CPU under the same seed).
     """
+
+    _PARAMETERS = ("weight", "bias")
 
     def __init__(
         self,

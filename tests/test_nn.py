@@ -3,6 +3,7 @@ torch.compile(fullgraph=True), batch size 1, boundary errors."""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -323,6 +324,22 @@ def test_a_parameter_of_another_dtype_is_refused_eager_and_compiled(compiled):
         with pytest.raises(TypeError, match=rf"{type(layer).__name__}: parameter {name} has dtype .*layer\.to\(dtype\)"):
             run(xs)
         torch._dynamo.reset()
+
+
+def test_parameters_a_user_adds_are_theirs_planned_or_not():
+    """A float64 parameter (or submodule) added to a float32 layer was refused by unplanned
+    calls and accepted by calls whose signature had been planned (by this or another layer):
+    the dtype rule covers the parameters the layer computes with, all in its plans' key."""
+    for layer, xs, _ in _mixed_dtype_layers():
+        for p in layer.parameters():  # back to one dtype: the mixed one is the test above's
+            p.data = p.data.float()
+        want = layer(xs)
+        fresh = copy.deepcopy(layer)
+        fresh.temperature = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+        fresh.head = torch.nn.Linear(2, 2).double()
+        mmfuse.nn._LAYER_PLANS.clear()  # unplanned first, then planned: both accept
+        for _ in range(2):
+            assert torch.equal(fresh(xs), want)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
