@@ -988,9 +988,31 @@ def _limit_maps(
     w = limit_weights(len(mus), float(alpha), schedule, topology, hub)
     if w is None:  # the public layer refuses this case; kept as a guard
         raise ValueError("this iteration has no limit (Jacobi consensus, M = 2, alpha = 1)")
-    return limit_maps(
-        xp, mus, variances, w, alpha=float(alpha), schedule=schedule, topology=topology, hub=hub, eps=eps
-    )
+    options: dict[str, Any] = {"alpha": float(alpha), "schedule": schedule, "topology": topology, "hub": hub,
+                               "eps": eps}  # fmt: skip
+    dtype = variances[0].dtype
+    if not _float64_limit(xp, variances[0]):
+        return limit_maps(xp, mus, variances, w, **options)
+    # The limit's scales are exp((log v* - log v_i) / 2): differences of logs, whose rounding
+    # grows with |log v| (float32: 20 ulps of the output at spreads near 1e15, 16x a round's
+    # error at the default options with spreads 1e4 and 1; a review's find).  Where the
+    # namespace has float64, the (B, 1, C) statistics' limit runs in it, rounded once.
+    wide = [xp.astype(a, xp.float64) for a in (*mus, *variances)]
+    maps = limit_maps(xp, wide[: len(mus)], wide[len(mus) :], w, **options)
+    return [(xp.astype(s, dtype), xp.astype(mu, dtype), moved) for s, mu, moved in maps]
+
+
+def _float64_limit(xp: Any, like: Any) -> bool:
+    """Whether float32 statistics like ``like`` take their limit in float64: where the
+    namespace computes float64 (not torch's MPS, nor JAX without x64)."""
+    if like.dtype != xp.float32:
+        return False
+    if is_jax(xp):
+        return bool(getattr(sys.modules["jax"].config, "jax_enable_x64", False))
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(like, torch.Tensor):
+        return like.device.type != "mps"
+    return True
 
 
 def align_with(
