@@ -199,8 +199,9 @@ def _gelu_numpy(x: Any) -> Any:
     instead (:func:`_gelu_scipy`), as :func:`gelu_torch` uses torch's: about twenty NumPy
     calls instead of forty on small inputs (12 against 39 us at 176 elements), and one
     SciPy call per element where these formulas take about thirty passes (12 against 15 ms
-    at 614400 standard normal elements); the same accuracy (a few ulps; float32 and float16
-    through float64), last bits that may differ.
+    at 614400 standard normal elements); the same accuracy (a few float64 ulps; other float
+    dtypes computed in float64 and rounded once, within half an ulp or so of theirs either
+    way), last bits that may differ.  (float32 in its own precision had taken up to 6 ulps.)
     """
     import numpy as np
 
@@ -210,44 +211,57 @@ def _gelu_numpy(x: Any) -> Any:
 
     flat = x.reshape(-1)  # (ndarray's methods: NumPy's function layer costs ~1 us a call)
     out = np.empty(flat.shape, dtype=x.dtype)
+    native = x.dtype == np.float64  # (not a big-endian float64, nor long double)
     for start in range(0, flat.shape[0], _GELU_BLOCK):
         xb = flat[start : start + _GELU_BLOCK]
         ob = out[start : start + _GELU_BLOCK]
-        u = xb * SQRT1_2
-        a = np.abs(u)
-        inner = a <= _THRESH
-        if inner.all():
-            np.multiply(xb, 0.5 + 0.5 * _erf_small(u), out=ob)
-            continue
-        idx = inner.nonzero()[0]
-        ob[idx] = xb[idx] * (0.5 + 0.5 * _erf_small(u[idx]))
-        idx = (~inner).nonzero()[0]
-        ao = a[idx]
-        xo = xb[idx]
-        if ao.max() <= 4.0:
-            ratio = _mid_ratio(ao)
-        else:
-            ratio = np.empty_like(ao)
-            mid = ao <= 4.0
-            ratio[mid] = _mid_ratio(ao[mid])
-            y = np.minimum(ao[~mid], _GELU_XMAX * SQRT1_2)
-            z = 1.0 / (y * y)
-            num = _P[5] * z
-            den = z
-            for i in range(4):
-                num = (num + _P[i]) * z
-                den = (den + _Q[i]) * z
-            ratio[~mid] = (_SQRPI - z * (num + _P[4]) / (den + _Q[4])) / y
-        gauss = _exp_neg_square(np, np.minimum(np.abs(xo), _GELU_XMAX), 0.5)
-        # lower tail: (x G) ratio / 2, x first (as _gelu_generic); min(x, 0) keeps +inf's
-        # unused lower value finite, and x = -inf gives NaN (0 inf), as the reference
-        lower = np.minimum(xo, 0.0) * gauss
-        lower *= ratio
-        lower *= 0.5
-        gauss *= ratio
-        gauss *= 0.5
-        ob[idx] = np.where(xo < 0, lower, xo * (1.0 - gauss))
+        if native:
+            _gelu_block(xb, ob)
+        else:  # this block in float64 (in cache), rounded once into out
+            wide = np.empty(xb.shape, dtype=np.float64)
+            _gelu_block(xb.astype(np.float64), wide)
+            ob[...] = wide
     return out.reshape(x.shape)
+
+
+def _gelu_block(xb: Any, ob: Any) -> None:
+    """:func:`_gelu_numpy` on one float64 block ``xb``, into ``ob``."""
+    import numpy as np
+
+    u = xb * SQRT1_2
+    a = np.abs(u)
+    inner = a <= _THRESH
+    if inner.all():
+        np.multiply(xb, 0.5 + 0.5 * _erf_small(u), out=ob)
+        return
+    idx = inner.nonzero()[0]
+    ob[idx] = xb[idx] * (0.5 + 0.5 * _erf_small(u[idx]))
+    idx = (~inner).nonzero()[0]
+    ao = a[idx]
+    xo = xb[idx]
+    if ao.max() <= 4.0:
+        ratio = _mid_ratio(ao)
+    else:
+        ratio = np.empty_like(ao)
+        mid = ao <= 4.0
+        ratio[mid] = _mid_ratio(ao[mid])
+        y = np.minimum(ao[~mid], _GELU_XMAX * SQRT1_2)
+        z = 1.0 / (y * y)
+        num = _P[5] * z
+        den = z
+        for i in range(4):
+            num = (num + _P[i]) * z
+            den = (den + _Q[i]) * z
+        ratio[~mid] = (_SQRPI - z * (num + _P[4]) / (den + _Q[4])) / y
+    gauss = _exp_neg_square(np, np.minimum(np.abs(xo), _GELU_XMAX), 0.5)
+    # lower tail: (x G) ratio / 2, x first (as _gelu_generic); min(x, 0) keeps +inf's
+    # unused lower value finite, and x = -inf gives NaN (0 inf), as the reference
+    lower = np.minimum(xo, 0.0) * gauss
+    lower *= ratio
+    lower *= 0.5
+    gauss *= ratio
+    gauss *= 0.5
+    ob[idx] = np.where(xo < 0, lower, xo * (1.0 - gauss))
 
 
 # 1/sqrt(2) = SQRT1_2 + _SQRT1_2_LO exactly to ~1e-33; SQRT1_2 split into 26-bit halves
@@ -418,7 +432,8 @@ def gelu(xp: Any, x: Any) -> Any:
     """Exact GELU, x Phi(x) with the erf-based normal CDF (not the tanh approximation).
 
     NumPy and other namespaces use the Cody approximations above, in float32 for float16 /
-    bfloat16 inputs (the rational pieces overflow float16); torch its native erfc (in every
+    bfloat16 inputs (the rational pieces overflow float16), NumPy in float64 for every dtype,
+    rounded once (or SciPy's erfc, :func:`_gelu_numpy`); torch its native erfc (in every
     torch mmfuse supports, 2.4 on) so that autograd and devices work.
     """
     if not is_torch(xp) and low_precision(xp, x.dtype):
