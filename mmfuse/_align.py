@@ -122,10 +122,16 @@ def check_eps_dtype(xp: Any, eps: float, dtype: Any) -> None:
     tiny = float(xp.finfo(work).smallest_normal)
     if eps < tiny:
         raise ValueError(
-            f"eps={eps!r} is below {tiny:.3g}, the smallest normal number of {work}, in which the "
-            f"statistics of {dtype} inputs are computed: it would be lost to underflow; use eps=0 "
-            f"or eps >= {tiny:.3g}"
+            f"eps={eps!r} is below {tiny:.3g}, the smallest normal number of {_dtype_name(work)}, in "
+            f"which the statistics of {_dtype_name(dtype)} inputs are computed: it would be lost to "
+            f"underflow; use eps=0 or eps >= {tiny:.3g}"
         )
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A dtype as a message names it: "float32" also for a scalar type (NumPy's and JAX's
+    ``xp.float32`` are classes), "torch.float32" for torch's."""
+    return dtype.__name__ if isinstance(dtype, type) else str(dtype)
 
 
 def check_hub(hub: Any, topology: str, n: int) -> int:

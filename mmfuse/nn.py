@@ -1399,7 +1399,7 @@ class ZoomShift(nn.Module):
         # the guide's index under the hub topology (default 0), None under consensus, which
         # has no hub (a hub given with it is refused, as by align)
         if hub is not None:  # the layer's own type and range messages first
-            hub = _check_index("hub", hub, self.num_modalities)
+            _check_index("hub", hub, self.num_modalities)
             hub = _align.check_hub(hub, topology, self.num_modalities)
         self.hub = 0 if hub is None and topology == "hub" else hub
         self.fuse, self.pool, self.schedule, self.topology = fuse, pool, schedule, topology

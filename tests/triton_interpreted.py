@@ -66,16 +66,22 @@ def poisoned_buffers() -> Iterator[None]:
         yield
 
 
-def neg_bit_runs(call: Any, tensors: list[Any], upstream: Any) -> list[list[Any]]:
-    """``call(inputs)``'s output and its gradients with respect to ``tensors``' negations,
-    run twice: the inputs and the upstream gradient given as ``torch._neg_view``s (memory
-    holding -v, read as v by torch's operators, not by a kernel reading the raw memory), and
-    as plain tensors of the same values."""
+def neg_bit_runs(call: Any, tensors: list[Any], upstream: Any) -> Iterator[tuple[list[Any], list[Any]]]:
+    """Pairs of runs of ``call(inputs)`` (its output and its gradients with respect to the
+    inputs' negations): one input, then the upstream gradient, given as a ``torch._neg_view``
+    (memory holding -v, read as v by torch's operators, not by a kernel reading the raw
+    memory), against the same values as plain tensors.  One at a time: with every input a
+    view, a kernel reading them all negated can get the right answer by symmetry (an even
+    number of negated factors)."""
     import torch
 
     bases = [(-t).detach().requires_grad_(True) for t in tensors]
-    runs = []
-    for view in (torch._neg_view, torch.neg):
-        out = call([view(t) for t in bases])
-        runs.append([out, *torch.autograd.grad(out, bases, view(-upstream))])
-    return runs
+    for which in range(len(bases) + 1):  # the last: the upstream gradient
+
+        def run(view: Any, which: int = which) -> list[Any]:
+            ins = [view(t) if i == which else -t for i, t in enumerate(bases)]
+            out = call(ins)
+            up = view(-upstream) if which == len(bases) else upstream
+            return [out, *torch.autograd.grad(out, bases, up)]
+
+        yield run(torch._neg_view), run(torch.neg)
