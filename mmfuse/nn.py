@@ -47,7 +47,7 @@ from . import _fusion
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
-from ._namespace import mask_tokens, torch_namespace, work_dtype
+from ._namespace import low_precision, mask_tokens, torch_namespace, work_dtype
 from ._plan import PlanCache, call_key
 from ._validation import check_bool_option, check_device, check_positive_int, check_size_list
 from .backends import BackendUnsupported, lookup
@@ -250,12 +250,12 @@ def _autocast_fusion(
     stays float64 (as ``nn.Linear``)."""
     dtype = torch.get_autocast_dtype(device_type)
     params = {name: p.to(dtype) if _autocast_eligible(p) else p for name, p in module.named_parameters()}
-    cast_params = any(_autocast_eligible(p) and p.dtype != dtype for p in module.parameters())
+    cast_params = any(_autocast_eligible(p) and p.dtype != dtype for _, p in _own_parameters(module))
     for m, x in enumerate(xs if cast_params and isinstance(xs, (list, tuple)) else ()):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
             # autocast never casts float64 (torch's rule), while it does cast the parameters:
             # say so, rather than "the layer's parameters have dtype bfloat16"
-            layer_dtype = next(module.parameters()).dtype
+            layer_dtype = next(_own_parameters(module))[1].dtype
             raise TypeError(
                 f"{type(module).__name__}: xs[{m}] has dtype torch.float64, which autocast never "
                 f"casts, but this {layer_dtype} layer computes in {dtype} under autocast; pass "
@@ -271,6 +271,13 @@ def _autocast_fusion(
         return forward(module, _autocast_cast(xs, dtype), *args)
 
 
+def _own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The layer's own (name, parameter) pairs: those its class names in ``_PARAMETERS``, the
+    ones its operator computes with (all of them in its plans' key)."""
+    own = type(module)._PARAMETERS  # type: ignore[attr-defined]
+    return (item for item in module.named_parameters() if item[0].split(".", 1)[0] in own)
+
+
 def _parameter_dtype(module: nn.Module) -> torch.dtype:
     """The dtype all of the layer's own parameters have, which its inputs must have; a
     TypeError naming one of another (one replaced through ``.data``, or by
@@ -282,8 +289,7 @@ def _parameter_dtype(module: nn.Module) -> torch.dtype:
     with, all of them in its plans' key); parameters a user or a subclass adds are theirs.  A
     float64 one added to a float32 layer was refused by unplanned calls only, so whether a
     call passed depended on whether another call of its signature had been planned."""
-    own = type(module)._PARAMETERS  # type: ignore[attr-defined]
-    named = (item for item in module.named_parameters() if item[0].split(".", 1)[0] in own)
+    named = _own_parameters(module)
     first_name, first = next(named)
     for name, p in named:
         if p.dtype != first.dtype:
@@ -1490,6 +1496,10 @@ class ZoomShift(nn.Module):
                     "the layer takes statistics over the token axis, so give it at least 2 tokens"
                 )
         if _compiling():
+            from ._align import check_eps_dtype
+
+            with _layer_call(self):  # (the functional API's check, which compiling skips)
+                check_eps_dtype(torch_namespace(), self.eps, dtype)
             if mask_list is not None:  # as zoom_shift_fusion: padding never reaches gradients
                 xs = [mask_tokens(torch_namespace(), x, k) for x, k in zip(xs, mask_list)]
             ys = _TORCH["align"](
@@ -1633,10 +1643,14 @@ class GuidedZoomShift(nn.Module):
         # the guide's summary and the heads in the statistics' dtype (float32 for 16-bit
         # layers): exp(log_zoom) turns their rounding into relative error of every output
         # (heads rounded to bfloat16 gave 10-45x the error of float32 maths rounded once)
-        work = work_dtype(torch_namespace(), self.weight.dtype)
-        p = pool(xs[self.guide].to(work), full[self.guide], "mean")  # (B, C)
-        # (M - 1, B, 2 C)
-        heads = torch.einsum("bc,kdc->kbd", p, self.weight.to(work)) + self.bias.to(work)[:, None, :]
+        guide: torch.Tensor = xs[self.guide]
+        weight: torch.Tensor = self.weight
+        bias: torch.Tensor = self.bias
+        if low_precision(torch_namespace(), weight.dtype):  # (cached: no cost for 32/64 bits)
+            work = work_dtype(torch_namespace(), weight.dtype)
+            guide, weight, bias = guide.to(work), weight.to(work), bias.to(work)
+        p = pool(guide, full[self.guide], "mean")  # (B, C)
+        heads = torch.einsum("bc,kdc->kbd", p, weight) + bias[:, None, :]  # (M - 1, B, 2 C)
         out = []
         k = 0
         for m, (x, mask) in enumerate(zip(xs, full)):

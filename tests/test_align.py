@@ -553,6 +553,12 @@ def test_eps_lost_to_underflow_in_the_statistics_dtype_is_refused():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match=r"smallest normal number of torch.float32, in which the statistics of torch.bfloat16"):
         mmfuse.moments(torch.from_numpy(a).bfloat16(), eps=1e-40)
+    # the layer too, eager and compiled (which skips the functional API's checks)
+    layer = mmfuse.nn.ZoomShift(1, 2, eps=1e-50)
+    for run in (layer, torch.compile(layer, backend="eager")):
+        with pytest.raises(ValueError, match=r"^ZoomShift: eps=1e-50 is below"):
+            run([torch.from_numpy(a), torch.from_numpy(c)])
+    torch._dynamo.reset()
     # 0, float32's smallest normal, and float64 data with a float64 normal eps are fine
     tiny = float(np.finfo(np.float32).smallest_normal)
     for eps in (0.0, tiny):

@@ -340,6 +340,13 @@ def test_parameters_a_user_adds_are_theirs_planned_or_not():
         mmfuse.nn._LAYER_PLANS.clear()  # unplanned first, then planned: both accept
         for _ in range(2):
             assert torch.equal(fresh(xs), want)
+    # nor does autocast look at them: a float64 layer with a float32 parameter added stays
+    # float64 (it had said "this torch.float32 layer computes in torch.bfloat16")
+    layer = LowRankFusion([3, 2], 4, 2).double()
+    layer.extra = torch.nn.Parameter(torch.ones(2))
+    xs = [torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(xs).dtype == torch.float64
 
 
 @pytest.mark.parametrize("compiled", [False, True])
