@@ -177,15 +177,17 @@ def align(
     alpha: float = 1.0,
     schedule: str = "gauss-seidel",
     topology: str = "consensus",
-    hub: int = 0,
+    hub: int | None = None,
     axis: int = -2,
     masks: list[Any] | None = None,
     eps: float = 1e-5,
 ) -> list[np.ndarray]:
-    """Alternating Zoom-and-Shift rounds, each re-measuring the arrays; or their limit."""
+    """Alternating Zoom-and-Shift rounds, each re-measuring the arrays; or their limit.
+    ``hub``: the guide of topology="hub" (None: 0); other topologies have none (the oracle
+    ignores it there, where :func:`mmfuse.align` refuses it)."""
     ys = [_f64(x) for x in xs]
     n = len(ys)
-    hub = hub % n
+    hub = 0 if hub is None else hub % n
     masks = list(masks) if masks is not None else [None] * n
     if rounds is None:
         return _limit(ys, alpha, schedule, topology, hub, axis, masks, eps)
