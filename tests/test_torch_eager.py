@@ -132,7 +132,7 @@ def test_jit_trace_records_the_ops(backend):
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the checks read traced sizes)
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_jit_trace_records_align_and_the_zoomshift_layer(backend):
+def test_jit_trace_records_align_sequence_fusion_and_the_zoomshift_layer(backend):
     """The align op takes its masks as a list of optional tensors, which ``torch.jit.trace``
     cannot record ("unsupported input list type: Tensor?", also through the ZoomShift layer):
     traced, align runs the core's algorithm in torch operations.  Replays on new inputs
@@ -163,3 +163,16 @@ def test_jit_trace_records_align_and_the_zoomshift_layer(backend):
     traced = torch.jit.trace(fused, draw(), check_trace=False)
     args = draw()
     assert_close(traced(*args), fused(*args), rtol=1e-6)
+
+    # the sequence_fusion op takes its masks the same way (a list of Nones without masks)
+    feats = [torch.randn(2, 5, 3, generator=gen), torch.randn(2, 5, 3, generator=gen)]
+    toks = [torch.randn(2, 6, 4, generator=gen), torch.randn(2, 7, 4, generator=gen)]
+    for masked in (True, False):
+
+        def seq(x, g, mask, masked=masked):
+            masks = [mask, None] if masked else None
+            return mmfuse.sequence_fusion([x, g], feats, toks, masks=masks, backend=backend)
+
+        traced = torch.jit.trace(seq, draw(), check_trace=False)
+        args = draw()
+        assert_close(traced(*args), seq(*args), rtol=1e-6)

@@ -103,7 +103,7 @@ from ..._core.align import GENERIC, NUMPY, _round_maps, align_with
 from ..._core.align import align as _core_align
 from ..._namespace import torch_namespace
 from .._torch_eager import bind
-from ._common import cast, compute_dtype
+from ._common import cast, compute_dtype, jit_tracing
 from .zoom_shift import host_view, on_host, plan_on_host
 
 _XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
@@ -358,12 +358,9 @@ def call_align(
     eps: float,
 ) -> list[Any]:
     """``binding`` (this op's eager binding, or one with its argument layout: the Triton
-    backend's) called with ``align``'s keywords as the op's arguments, typed as its schema.
-
-    Under ``torch.jit.trace``: the core's algorithm in torch operations, which the tracer
-    records, since it cannot record an op taking a list of optional tensors (the masks:
-    "unsupported input list type: Tensor?"); the same algorithm, differentiated by autograd."""
-    if torch._C._get_tracing_state() is not None:
+    backend's) called with ``align``'s keywords as the op's arguments, typed as its schema;
+    under ``torch.jit.trace``, the core's algorithm (:func:`~._common.jit_tracing`)."""
+    if jit_tracing():
         return _core_align(
             list(xs), rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
             axis=axis, masks=None if masks is None else list(masks), eps=eps,

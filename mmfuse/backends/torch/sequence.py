@@ -39,6 +39,7 @@ from ._common import (
     cast,
     compute_dtype,
     flat_rows,
+    jit_tracing,
     store,
 )
 
@@ -439,6 +440,12 @@ def sequence_fusion(
     mode: str = "cp",
     masks: Sequence[Any] | None = None,
 ) -> Any:
-    """``mmfuse.sequence_fusion`` as the ``mmfuse::sequence_fusion`` custom op (inputs checked)."""
+    """``mmfuse.sequence_fusion`` as the ``mmfuse::sequence_fusion`` custom op (inputs checked);
+    under ``torch.jit.trace``, the core's algorithm (:func:`~._common.jit_tracing`)."""
+    if jit_tracing():
+        return _core_sequence.sequence_fusion(
+            list(hs), list(feature_factors), list(token_factors), mode=mode,
+            masks=None if masks is None else list(masks),
+        )  # fmt: skip
     masks_list = [None] * len(hs) if masks is None else list(masks)
     return sequence_op_eager(list(hs), list(feature_factors), list(token_factors), mode, masks_list)
