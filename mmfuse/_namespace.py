@@ -21,6 +21,7 @@ __all__ = [
     "device_key",
     "device_of",
     "from_numpy",
+    "has_float64",
     "is_array",
     "is_cupy",
     "is_dask",
@@ -322,6 +323,17 @@ def torch_intercepts(torch: Any) -> bool:
         or torch._C._len_torch_dispatch_stack()
         or torch._C._get_tracing_state() is not None
     )
+
+
+def has_float64(xp: Namespace, like: Array) -> bool:
+    """Whether arrays like ``like`` can be computed in float64: not torch tensors on Apple's
+    MPS, which has none, nor JAX without x64, which would keep float32 silently."""
+    if is_jax(xp):
+        return bool(getattr(sys.modules["jax"].config, "jax_enable_x64", False))
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(like, torch.Tensor):
+        return bool(like.device.type != "mps")
+    return True
 
 
 def on_accelerator(x: Array) -> bool:

@@ -44,6 +44,7 @@ from .._namespace import (
     array_namespace,
     block_slices,
     device_of,
+    has_float64,
     is_cupy,
     is_dask,
     is_jax,
@@ -1003,16 +1004,9 @@ def _limit_maps(
 
 
 def _float64_limit(xp: Any, like: Any) -> bool:
-    """Whether float32 statistics like ``like`` take their limit in float64: where the
-    namespace computes float64 (not torch's MPS, nor JAX without x64)."""
-    if like.dtype != xp.float32:
-        return False
-    if is_jax(xp):
-        return bool(getattr(sys.modules["jax"].config, "jax_enable_x64", False))
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(like, torch.Tensor):
-        return like.device.type != "mps"
-    return True
+    """Whether float32 statistics like ``like`` take their limit in float64 (where the
+    namespace has it)."""
+    return bool(like.dtype == xp.float32 and has_float64(xp, like))
 
 
 def align_with(
