@@ -117,14 +117,18 @@ def _erfc_ratio(xp: Any, y: Any) -> Any:
         den = (den + _D[i]) * mid
     r_mid = (num + _C[7]) / (den + _D[7])
     big = xp.clip(y, 4.0, _GELU_XMAX * SQRT1_2)  # past _XBIG the GELU's x G still needs it
-    z = 1.0 / (big * big)
+    return xp.where(y <= 4.0, r_mid, _big_ratio(big))
+
+
+def _big_ratio(y: Any) -> Any:
+    """erfc(y) exp(y^2) for y >= 4 (CALERF's P/Q approximation in 1 / y^2)."""
+    z = 1.0 / (y * y)
     num = _P[5] * z
     den = z
     for i in range(4):
         num = (num + _P[i]) * z
         den = (den + _Q[i]) * z
-    r_big = (_SQRPI - z * (num + _P[4]) / (den + _Q[4])) / big
-    return xp.where(y <= 4.0, r_mid, r_big)
+    return (_SQRPI - z * (num + _P[4]) / (den + _Q[4])) / y
 
 
 def erfc_abs(xp: Any, y: Any) -> Any:
@@ -248,14 +252,7 @@ def _gelu_block(xb: Any, ob: Any) -> None:
         ratio = np.empty_like(ao)
         mid = ao <= 4.0
         ratio[mid] = _mid_ratio(ao[mid])
-        y = np.minimum(ao[~mid], _GELU_XMAX * SQRT1_2)
-        z = 1.0 / (y * y)
-        num = _P[5] * z
-        den = z
-        for i in range(4):
-            num = (num + _P[i]) * z
-            den = (den + _Q[i]) * z
-        ratio[~mid] = (_SQRPI - z * (num + _P[4]) / (den + _Q[4])) / y
+        ratio[~mid] = _big_ratio(np.minimum(ao[~mid], _GELU_XMAX * SQRT1_2))
     gauss = _exp_neg_square(np, np.minimum(np.abs(xo), _GELU_XMAX), 0.5)
     # lower tail: (x G) ratio / 2, x first (as _gelu_generic); min(x, 0) keeps +inf's
     # unused lower value finite, and x = -inf gives NaN (0 inf), as the reference
