@@ -21,7 +21,6 @@ __all__ = [
     "device_key",
     "device_of",
     "from_numpy",
-    "has_float64",
     "is_array",
     "is_cupy",
     "is_dask",
@@ -29,12 +28,14 @@ __all__ = [
     "is_lazy",
     "is_numpy",
     "is_torch",
+    "jit_tracing",
     "namespace_name",
     "native_dtype",
     "not_an_array",
     "to_numpy",
     "torch_namespace",
     "tree_map",
+    "widens_float32",
 ]
 
 Array = Any
@@ -318,18 +319,27 @@ def torch_intercepts(torch: Any) -> bool:
     ``torch.jit.trace``, which records dispatched operators only.  There the custom ops must
     be called as ops, and nothing may read the tensors' memory behind torch's back (NumPy, a
     kernel launch): it would run on fake data, or leave nothing in a traced graph."""
-    return bool(
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._get_tracing_state() is not None
-    )
+    return bool(torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or jit_tracing(torch))
 
 
-def has_float64(xp: Namespace, like: Array) -> bool:
-    """Whether arrays like ``like`` can be computed in float64: not torch tensors on Apple's
-    MPS, which has none, nor JAX without x64, which would keep float32 silently."""
+def jit_tracing(torch: Any) -> bool:
+    """Whether ``torch.jit.trace`` records now (``torch`` the imported module).  Besides what
+    :func:`torch_intercepts` says of it, the tracer cannot record an op taking a list of
+    optional tensors (the ``align`` and ``sequence_fusion`` ops' masks: "unsupported input
+    list type: Tensor?"), so those run the core's algorithm in torch operations there, which
+    it records (the same algorithm, differentiated by autograd)."""
+    return torch._C._get_tracing_state() is not None
+
+
+def widens_float32(xp: Namespace, like: Array) -> bool:
+    """Whether a float32 computation on arrays like ``like`` runs in float64, rounded once:
+    ``like`` is float32 and its namespace computes float64 there (not torch tensors on Apple's
+    MPS, which has none, nor JAX outside its 64-bit mode, which would keep float32 silently:
+    asked as the initialisers' :func:`mmfuse._validation.check_jax_width` asks)."""
+    if like.dtype != xp.float32:
+        return False
     if is_jax(xp):
-        return bool(getattr(sys.modules["jax"].config, "jax_enable_x64", False))
+        return bool(sys.modules["jax"].dtypes.canonicalize_dtype(np.float64) == np.float64)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(like, torch.Tensor):
         return bool(like.device.type != "mps")

@@ -44,12 +44,12 @@ from .._namespace import (
     array_namespace,
     block_slices,
     device_of,
-    has_float64,
     is_cupy,
     is_dask,
     is_jax,
     is_lazy,
     native_dtype,
+    widens_float32,
     work_dtype,
 )
 from .threads import available_cores
@@ -992,7 +992,7 @@ def _limit_maps(
     options: dict[str, Any] = {"alpha": float(alpha), "schedule": schedule, "topology": topology, "hub": hub,
                                "eps": eps}  # fmt: skip
     dtype = variances[0].dtype
-    if not _float64_limit(xp, variances[0]):
+    if not widens_float32(xp, variances[0]):
         return limit_maps(xp, mus, variances, w, **options)
     # The limit's scales are exp((log v* - log v_i) / 2): differences of logs, whose rounding
     # grows with |log v| (float32: 20 ulps of the output at spreads near 1e15, 16x a round's
@@ -1001,12 +1001,6 @@ def _limit_maps(
     wide = [xp.astype(a, xp.float64) for a in (*mus, *variances)]
     maps = limit_maps(xp, wide[: len(mus)], wide[len(mus) :], w, **options)
     return [(xp.astype(s, dtype), xp.astype(mu, dtype), moved) for s, mu, moved in maps]
-
-
-def _float64_limit(xp: Any, like: Any) -> bool:
-    """Whether float32 statistics like ``like`` take their limit in float64 (where the
-    namespace has it)."""
-    return bool(like.dtype == xp.float32 and has_float64(xp, like))
 
 
 def align_with(

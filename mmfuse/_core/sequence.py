@@ -23,7 +23,6 @@ from .._namespace import (
     array_namespace,
     block_budget,
     block_slices,
-    has_float64,
     in_work_dtype,
     is_dask,
     is_jax,
@@ -32,6 +31,7 @@ from .._namespace import (
     is_torch,
     low_precision,
     mask_tokens,
+    widens_float32,
 )
 from .chunks import one_chunk
 
@@ -442,7 +442,7 @@ def gelu(xp: Any, x: Any) -> Any:
         return gelu_torch(x)
     if is_numpy(xp):
         return _gelu_numpy(x)
-    if x.dtype == xp.float32 and has_float64(xp, x):
+    if widens_float32(xp, x):
         # float32 in float64, rounded once, as on NumPy: the formulas in float32 took up to
         # 9 ulps (Dask), where rounding the float64 value is within half an ulp
         return xp.astype(_gelu_generic(xp, xp.astype(x, xp.float64)), xp.float32)

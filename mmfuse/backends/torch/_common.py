@@ -48,14 +48,6 @@ def flat_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
 
 
-def jit_tracing() -> bool:
-    """Whether ``torch.jit.trace`` records now.  It cannot record an op taking a list of
-    optional tensors (the ``align`` and ``sequence_fusion`` ops' masks: "unsupported input
-    list type: Tensor?"), so those run the core's algorithm in torch operations there, which
-    it records (the same algorithm, differentiated by autograd)."""
-    return torch._C._get_tracing_state() is not None
-
-
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, skipping the dispatcher when there is nothing to do (the usual case:
     these ops are called per layer per step, and ~3 us per no-op cast adds up at small sizes)."""

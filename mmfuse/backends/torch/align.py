@@ -101,9 +101,9 @@ import torch
 
 from ..._core.align import GENERIC, NUMPY, _round_maps, align_with
 from ..._core.align import align as _core_align
-from ..._namespace import torch_namespace
+from ..._namespace import jit_tracing, torch_namespace
 from .._torch_eager import bind
-from ._common import cast, compute_dtype, jit_tracing
+from ._common import cast, compute_dtype
 from .zoom_shift import host_view, on_host, plan_on_host
 
 _XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
@@ -359,8 +359,8 @@ def call_align(
 ) -> list[Any]:
     """``binding`` (this op's eager binding, or one with its argument layout: the Triton
     backend's) called with ``align``'s keywords as the op's arguments, typed as its schema;
-    under ``torch.jit.trace``, the core's algorithm (:func:`~._common.jit_tracing`)."""
-    if jit_tracing():
+    under ``torch.jit.trace``, the core's algorithm (:func:`mmfuse._namespace.jit_tracing`)."""
+    if jit_tracing(torch):
         return _core_align(
             list(xs), rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub,
             axis=axis, masks=None if masks is None else list(masks), eps=eps,

@@ -32,14 +32,13 @@ from typing import Any
 import torch
 
 from ..._core import sequence as _core_sequence
-from ..._namespace import block_budget, block_slices, mask_tokens, torch_namespace
+from ..._namespace import block_budget, block_slices, jit_tracing, mask_tokens, torch_namespace
 from .._torch_eager import bind, direct
 from ._common import (
     autograd_grads,
     cast,
     compute_dtype,
     flat_rows,
-    jit_tracing,
     store,
 )
 
@@ -441,8 +440,8 @@ def sequence_fusion(
     masks: Sequence[Any] | None = None,
 ) -> Any:
     """``mmfuse.sequence_fusion`` as the ``mmfuse::sequence_fusion`` custom op (inputs checked);
-    under ``torch.jit.trace``, the core's algorithm (:func:`~._common.jit_tracing`)."""
-    if jit_tracing():
+    under ``torch.jit.trace``, the core's algorithm (:func:`mmfuse._namespace.jit_tracing`)."""
+    if jit_tracing(torch):
         return _core_sequence.sequence_fusion(
             list(hs), list(feature_factors), list(token_factors), mode=mode,
             masks=None if masks is None else list(masks),

@@ -36,7 +36,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from ..._core import sequence as _core_sequence
-from ..torch._common import jit_tracing
+from ..._namespace import jit_tracing
 from ..torch.sequence import _sequence_backward, _sequence_setup_context
 from . import _ops
 from . import _sequence_kernels as SK
@@ -229,7 +229,7 @@ def sequence_fusion(
     checked); other calls (see :func:`takes`) go to the torch backend."""
     masks_list = _mask_list(masks, len(hs))
     # (torch.jit.trace: the torch backend's, which runs the core there; see its jit_tracing)
-    if jit_tracing() or not takes(hs, [int(h.shape[2]) for h in hs], feature_factors, token_factors):
+    if jit_tracing(torch) or not takes(hs, [int(h.shape[2]) for h in hs], feature_factors, token_factors):
         from .. import torch as torch_backend
 
         return torch_backend.sequence_fusion(hs, feature_factors, token_factors, mode=mode, masks=masks)
