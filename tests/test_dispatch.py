@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -81,6 +82,45 @@ def test_looking_up_backends_imports_no_numba():
         """
     )
     assert out == "False array_api"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or importlib.util.find_spec("torch") is None,
+                    reason="needs triton and torch installed")
+def test_auto_takes_triton_rows_whether_or_not_triton_is_imported():
+    """The Triton rows "auto" takes (CUDA tensors of at least TRITON_AUTO_ELEMENTS) do not
+    depend on whether triton is imported: a lookup (available(), explain()) imports it, and
+    "auto" had then started taking them where, before the lookup, it had not.  A large CPU
+    call, which they refuse on metadata, imports nothing for them.  (Metadata only: no GPU
+    here, and the interpreter is unset, as on a CUDA machine.)"""
+    out = _run(
+        """
+        import sys
+        import torch
+        from mmfuse.backends import _registry, available
+        from mmfuse.backends._conditions import TRITON_AUTO_ELEMENTS, CallInfo
+        from mmfuse._namespace import torch_namespace
+
+        xp = torch_namespace()
+        def info(device, size):
+            return CallInfo(xp, torch.device(device), torch.float32, True, False, size)
+        big, small = TRITON_AUTO_ELEMENTS, TRITON_AUTO_ELEMENTS - 1
+        cpu = [_registry._choose(op, "auto", info("cpu", big)).backend for op in ("lowrank_fusion", "zoom_shift")]
+        print("triton" in cpu, "triton" in sys.modules)
+        before = [_registry._choose(op, "auto", info("cuda", n)).backend
+                  for op in ("lowrank_fusion", "zoom_shift") for n in (big, small)]
+        print(before, "triton" in sys.modules)
+        available()
+        after = [_registry._choose(op, "auto", info("cuda", n)).backend
+                 for op in ("lowrank_fusion", "zoom_shift") for n in (big, small)]
+        print(after == before)
+        """,
+        env={"TRITON_INTERPRET": "0"},
+    )
+    assert out.splitlines() == [
+        "False False",
+        "['triton', 'torch', 'triton', 'torch'] True",
+        "True",
+    ]
 
 
 def test_import_does_not_read_environment_or_set_state():

@@ -327,11 +327,15 @@ def _rows(op: str, backend: str | None) -> list[Row]:
 
 def _auto_skips(row: Row, info: CallInfo | None) -> bool:
     """Whether "auto" leaves ``row`` out: its framework is not imported, and the row has no
-    ``import_at`` or the call is smaller than it."""
+    ``import_at``, or the call is smaller than it, or the row's condition refuses the call
+    (read from metadata, before anything is imported: Triton's rows would otherwise import
+    triton, seconds, for every large CPU tensor, to refuse it)."""
     fw = FRAMEWORKS[row.backend]
     if fw is None or fw in sys.modules:
         return False
-    return not (row.import_at and info is not None and info.size >= row.import_at)
+    if not (row.import_at and info is not None and info.size >= row.import_at):
+        return True
+    return CONDITIONS[row.condition](info) is not None
 
 
 def _candidates(
@@ -630,16 +634,14 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
             verdict, passed_chosen = "runs", True
         elif name.startswith("auto") and cand.backend == "reference":
             verdict = "not considered: 'auto' never picks the reference (force backend='reference')"
+        elif (refusal := None if info is None else cand.refusal(info)) is not None:
+            verdict = f"cannot take them: {refusal}"  # (before a skip: the reason that stands)
         elif name.startswith("auto") and row is not None and _auto_skips(row, info):
             verdict = _skipped(row, info)
+        elif chosen is not None and not passed_chosen:  # above the chosen: passed over
+            verdict = f"passed over: {name.split(', ')[-1]} runs first"
         else:
-            refusal = None if info is None else cand.refusal(info)
-            if refusal is not None:
-                verdict = f"cannot take them: {refusal}"
-            elif chosen is not None and not passed_chosen:  # above the chosen: passed over
-                verdict = f"passed over: {name.split(', ')[-1]} runs first"
-            else:
-                verdict = "would run if the rows above could not"
+            verdict = "would run if the rows above could not"
         rows.append((cand.backend, cand.variant, cand.priority, verdict))
     if not rows and not name.startswith("auto"):  # a forced backend without this operator
         rows.append((name, "(none)", 0, f"cannot run {op}: it has no implementation of this operator"))

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ._conditions import TRITON_AUTO_ELEMENTS
+
 __all__ = ["AUTO_IMPORT_ELEMENTS", "AUTO_IMPORT_PRODUCTS", "FRAMEWORKS", "ROWS", "Row"]
 
 
@@ -215,14 +217,17 @@ def _rows() -> tuple[Row, ...]:
     # sizes, float32; 7.96 / 2.00 / 11.80 against 13.78 / 2.54 / 13.00 in a later run) and
     # zoom_shift (0.29 against 1.0 ms at (256, 512, 512)).  Those rows,
     # at 16 over the ops' 15, take CUDA tensors of at least TRITON_AUTO_ELEMENTS (layer steps
-    # of B = 32 and 4096 ran slower through them: host-bound), never the interpreter, once
-    # triton is imported.  The Wander and sequence kernels measured slower than the torch ops; cp,
-    # moments and align are not measured against them.
+    # of B = 32 and 4096 ran slower through them: host-bound), never the interpreter, whether
+    # or not triton is imported (their import_at: the first such call imports it, and compiles
+    # the kernels once).  Not "once triton is imported": mmfuse's own lookups (available(),
+    # explain()) import it, and torch.compile does, so "auto" would have changed with them.
+    # The Wander and sequence kernels measured slower than the torch ops; cp, moments and
+    # align are not measured against them.
     for op in ("lowrank_fusion", "cp_fusion", "moments", "zoom_shift", "sequence_fusion", "wander", "align"):
         add(op, "triton", "fused kernels", f"{_TRITON}:{op}", "torch CUDA tensors", 4)
     for op in ("lowrank_fusion", "zoom_shift"):
         add(op, "triton", "fused kernels, measured faster", f"{_TRITON}:{op}",
-            "torch CUDA tensors, compiled kernels", 16)  # fmt: skip
+            "torch CUDA tensors, compiled kernels", 16, TRITON_AUTO_ELEMENTS)  # fmt: skip
     return tuple(rows)
 
 
