@@ -52,10 +52,10 @@ h 128, R 16, float32, against LMF-style torch's 14.1 and the fused path's 31.9.
 So the fused backward costs the forward's projections twice more (once per kernel) plus the
 dx and dF products, the "gemm" one once more; in exchange neither keeps the (M, B, R h)
 projections (LMF's dominant memory).  Everything is deterministic: same inputs, same bits.
-The kernels have no derivative of their own: a second-order gradient through the Triton
-low-rank op raises (torch names the
-backward op without an autograd formula); the torch backend's op, whose backward is torch
-code, has one.
+The kernels have no derivative of their own: where a graph of the backward is recorded
+(``create_graph=True``: gradient penalties, Hessian-vector products) or the backward is batched
+(``is_grads_batched``), the low-rank op's backward runs the torch backend's differentiable
+formulas (``whole_batch_grads``) instead, so second-order gradients are the torch backend's.
 
 CP fusion (``cp_fwd_kernel``): per row block the (BLOCK_B, R) product
 w * prod_m [x_m, 1] A_m is formed in registers, then multiplied by C^T slice by slice.  Its

@@ -26,9 +26,11 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from ..._core.align import GENERIC, spread
+from ..._core.sequence import torch_transformed
 from ..._namespace import torch_namespace
 from .._torch_eager import bind, direct
 from ..torch._common import cast, compute_dtype
+from ..torch.lowrank import whole_batch_grads
 from ..torch.zoom_shift import _zoom_shift_backward as _torch_zoom_shift_backward
 from ..torch.zoom_shift import _zoom_shift_setup_context as _torch_zoom_shift_setup_context
 from . import _kernels as K
@@ -572,7 +574,15 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     need_xs, need_fs, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
     xs, factors, weights, present = _load_inputs(ctx)
     needs = [bool(v) for v in (*need_xs, *need_fs, need_w and weights is not None, need_b)]
-    grads = _lowrank_backward_call(grad, xs, factors, weights, ctx.append_one, present, needs)
+    if torch.is_grad_enabled() or torch_transformed(grad):
+        # a graph of the backward wanted (create_graph=True: gradient penalties, Hessian-vector
+        # products), or a backward under vmap (batched gradients): the torch backend's
+        # differentiable, out-of-place formulas, as its own op does there.  The kernels have no
+        # derivative, and "auto" takes them for large CUDA calls only: without this a second
+        # derivative would have worked on small inputs and raised on large ones
+        grads: list[Any] = whole_batch_grads(grad, xs, factors, weights, ctx.append_one, present, needs)
+    else:
+        grads = _lowrank_backward_eager(grad, xs, factors, weights, ctx.append_one, present, needs)
     return (
         [grads[m] if need_xs[m] else None for m in range(n_mod)],
         [grads[n_mod + m] if need_fs[m] else None for m in range(n_mod)],
@@ -584,16 +594,6 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 
 
 _lowrank_backward_eager = eager_op(torch.ops.mmfuse_triton.lowrank_fusion_backward, _lowrank_backward_launch)
-
-
-def _lowrank_backward_call(*args: Any) -> list[torch.Tensor]:
-    """The backward op's gradients: launched directly (:func:`eager_op`) where autograd records
-    nothing, else (``create_graph=True``) the op itself, which has no derivative, so that a
-    second-order gradient raises naming it (its launches' ``out=`` products would fail with a
-    message naming ``mm``, or return gradients cut from the graph)."""
-    if torch.is_grad_enabled():
-        return torch.ops.mmfuse_triton.lowrank_fusion_backward(*args)
-    return _lowrank_backward_eager(*args)
 
 
 _lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
