@@ -461,6 +461,27 @@ def test_moments_gradients(rng, dtype, shape, masked):
     assert_close(g_mean, want_mean)
 
 
+def test_batched_backwards_match_the_torch_backend(rng):
+    """Autograd's batched backward (``is_grads_batched``: vectorized Jacobians) through the
+    Triton alignment ops gives the torch backend's gradients; moments' backward had failed
+    there (no batching rule for ``broadcast_to``)."""
+    x = torch.tensor(rng.standard_normal((3, 6, 5)), dtype=torch.float32, requires_grad=True)
+    g = torch.tensor(2.0 + rng.standard_normal((3, 7, 5)), dtype=torch.float32, requires_grad=True)
+    calls = {
+        "moments": (lambda be: mmfuse.moments(x, backend=be), [x]),
+        "zoom_shift": (lambda be: [mmfuse.zoom_shift(x, g, backend=be)], [x, g]),
+        "align": (lambda be: mmfuse.align([x, g], backend=be), [x, g]),
+    }
+    for call, leaves in calls.values():
+        shapes = [o.shape for o in call("torch")]
+        vs = [torch.tensor(rng.standard_normal((4, *s)), dtype=torch.float32) for s in shapes]
+        got, want = (
+            torch.autograd.grad(call(be), leaves, vs, is_grads_batched=True) for be in ("triton", "torch")
+        )
+        for a, b in zip(got, want):
+            assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # the interpreter's pow at 0
 @pytest.mark.parametrize("case", list(_ZERO_SPREAD_CALLS))
 def test_gradients_where_a_lane_has_no_spread(rng, case):

@@ -826,7 +826,8 @@ def _moments_backward(
         per_token = k * st.dev - k * st.corr
     if grad_mean is not None:
         per_token = per_token + cast(grad_mean, cdt)
-    grad_x = torch.broadcast_to(per_token / st.count, x.shape)
+    # (expand, not broadcast_to, which has no rule for autograd's batched backward)
+    grad_x = (per_token / st.count).expand(x.shape)
     if st.mask is not None:
         grad_x = torch.where(st.mask, grad_x, zero)
     return cast(grad_x, dtype), None, None
