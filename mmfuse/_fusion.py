@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._core import fusion as core
-from ._namespace import array_namespace, from_numpy, is_array, not_an_array
+from ._namespace import array_namespace, from_numpy, is_array, is_dask, not_an_array
 from ._plan import PlanCache, call_key
 from ._validation import (
     as_sequence,
@@ -178,23 +178,37 @@ def check_intermediates(
 
     The core contracts the batch in blocks of :func:`mmfuse._core.fusion.tensor_fusion_rows`
     samples, so ``max_elements`` bounds memory and a large batch is no reason to refuse; only
-    one sample's intermediate can be too large (never, once the weight itself fits).  Dask and
-    JAX arrays are contracted as one block, so there the whole batch's intermediate counts.
+    one sample's intermediate can be too large (never, once the weight itself fits).  JAX
+    arrays are contracted as one block, so there the whole batch's intermediate counts; Dask
+    arrays one batch chunk at a time (its products are blockwise over the batch), so there
+    the largest chunk's (of ``x``: the chunks the inputs share are no larger).
     The one rule of :func:`tensor_fusion` and of ``nn.TensorFusion``'s compiled path (whose
     batch is symbolic: a per-sample message never formats it).
     """
     one_block = core.tensor_fusion_rows(xp, x, dims, out_dim, max_elements) is None
     rows = x.shape[0] if one_block else 1
+    per_chunk = one_block and is_dask(xp)
+    if per_chunk:
+        sizes = x.chunks[0]
+        rows = None if any(math.isnan(n) for n in sizes) else max(sizes, default=0)
     if rows is None:  # a lazy batch of unknown size: its scheduler bounds memory
         return
     for m, size in enumerate(core.intermediate_sizes(rows, dims, out_dim), start=1):
         if not size > max_elements:  # (a NaN size would pass; the boundary refuses those first)
             continue
+        if per_chunk:
+            raise ValueError(
+                f"{where}: contracting modality {m - 1} leaves an intermediate of shape "
+                f"{fmt_shape((rows, *dims[m:], out_dim))} with {size} elements per batch chunk "
+                f"of {rows} rows, over max_elements={max_elements} (Dask arrays are contracted "
+                f"one batch chunk at a time); rechunk the batch smaller, use {instead}, or raise "
+                "max_elements"
+            )
         if one_block:
             raise ValueError(
                 f"{where}: contracting modality {m - 1} leaves an intermediate of shape "
                 f"{fmt_shape((rows, *dims[m:], out_dim))} with {size} elements, over "
-                f"max_elements={max_elements} (Dask and JAX arrays are contracted as one block); "
+                f"max_elements={max_elements} (JAX arrays are contracted as one block); "
                 f"fuse a smaller batch, use {instead}, or raise max_elements"
             )
         raise ValueError(
@@ -230,8 +244,9 @@ def tensor_fusion(
     max_elements : int, default ``DEFAULT_MAX_ELEMENTS`` (2**27)
         Refuse (ValueError) a weight with more elements than this (TFN is exponential in M).
         It also bounds memory: the batch is contracted in blocks whose intermediates hold at
-        most this many elements, so a large batch is never refused for its size (Dask and JAX
-        arrays, contracted as one block, are refused where the whole batch's would not fit).
+        most this many elements, so a large batch is never refused for its size (JAX arrays,
+        contracted as one block, are refused where the whole batch's would not fit, Dask
+        arrays, contracted chunk by chunk, where their largest batch chunk's would not).
     backend : str, optional
         Implementation to run (see :func:`mmfuse.set_config`); default: the configured one.
 

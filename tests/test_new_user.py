@@ -436,18 +436,33 @@ def test_tensor_fusion_refuses_only_what_one_sample_cannot_fit():
     assert mmfuse.tensor_fusion(xs, weight, max_elements=120).shape == (3, 6)
 
 
-def test_tensor_fusion_on_dask_is_one_block_and_still_refuses_the_batch():
+def test_tensor_fusion_on_dask_counts_the_largest_batch_chunk():
+    """Dask contracts one batch chunk at a time: the largest chunk's intermediate counts, not
+    the whole batch's (which refused, as for JAX, batches that Dask fuses within the limit)."""
     da = pytest.importorskip("dask.array")
+    xs, weight, _ = _tfn_problem(10)  # one sample's intermediates: (4, 6) and (6,), 24 elements
+    lazy = [da.from_array(x, chunks=((3, 6, 1), x.shape[1])) for x in xs]  # largest chunk: 6 rows
+    with pytest.raises(
+        ValueError,
+        match=r"intermediate of shape \(6, 4, 6\) with 144 elements per batch chunk of 6 rows, "
+        r"over max_elements=143 \(Dask arrays are contracted one batch chunk at a time\); "
+        r"rechunk the batch smaller",
+    ):
+        mmfuse.tensor_fusion(lazy, da.from_array(weight), max_elements=143)
+    # the whole batch's 240 elements are over the limit, every chunk's within it
+    got = mmfuse.tensor_fusion(lazy, da.from_array(weight), max_elements=144)
+    np.testing.assert_allclose(np.asarray(got.compute()), mmfuse.tensor_fusion(xs, weight), rtol=1e-12)
+
+
+def test_tensor_fusion_on_jax_is_one_block_and_still_refuses_the_batch():
+    jnp = pytest.importorskip("jax.numpy")
     xs, weight, _ = _tfn_problem(10)
-    lazy = [da.from_array(x, chunks=5) for x in xs]
     with pytest.raises(
         ValueError,
         match=r"intermediate of shape \(10, 4, 6\) with 240 elements, over max_elements=200 "
-        r"\(Dask and JAX arrays are contracted as one block\); fuse a smaller batch",
+        r"\(JAX arrays are contracted as one block\); fuse a smaller batch",
     ):
-        mmfuse.tensor_fusion(lazy, da.from_array(weight), max_elements=200)
-    got = mmfuse.tensor_fusion(lazy, da.from_array(weight), max_elements=240)
-    np.testing.assert_allclose(np.asarray(got.compute()), mmfuse.tensor_fusion(xs, weight), rtol=1e-12)
+        mmfuse.tensor_fusion([jnp.asarray(x) for x in xs], jnp.asarray(weight), max_elements=200)
 
 
 def test_tensorfusion_layer_takes_a_large_batch_eager_and_compiled():
