@@ -335,15 +335,25 @@ def widens_float32(xp: Namespace, like: Array) -> bool:
     """Whether a float32 computation on arrays like ``like`` runs in float64, rounded once:
     ``like`` is float32 and its namespace computes float64 there (not torch tensors on Apple's
     MPS, which has none, nor JAX outside its 64-bit mode, which would keep float32 silently:
-    asked as the initialisers' :func:`mmfuse._validation.check_jax_width` asks)."""
+    asked as the initialisers' :func:`mmfuse._validation.check_jax_width` asks; elsewhere the
+    standard's inspection API says, for ``like``'s device: array-api-strict has a device
+    without float64)."""
     if like.dtype != xp.float32:
         return False
+    if type(like) is np.ndarray:
+        return True
     if is_jax(xp):
         return bool(sys.modules["jax"].dtypes.canonicalize_dtype(np.float64) == np.float64)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(like, torch.Tensor):
         return bool(like.device.type != "mps")
-    return True
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is None:  # (a namespace before the 2023.12 standard: float64 is required there)
+        return True
+    try:
+        return "float64" in info().dtypes(device=device_of(like), kind="real floating")
+    except Exception:  # an inspection API that cannot answer for this device: as before it
+        return True
 
 
 def on_accelerator(x: Array) -> bool:

@@ -232,6 +232,39 @@ def test_wander_and_shares_run_on_array_api_strict_before_2023_12(version, rng):
         strict.reset_array_api_strict_flags()
 
 
+def test_float32_on_a_device_without_float64(rng):
+    """array-api-strict's "no_float64" device (as Apple's MPS): the float32 GELU and the
+    float32 limit of align(rounds=None), which run in float64 where the device has it, crashed
+    there ("does not support dtype=float64"); they keep float32 there, asked through the
+    standard's inspection API."""
+    strict = pytest.importorskip("array_api_strict")
+    import mmfuse
+
+    device = strict.Device("no_float64")
+    xs = [rng.standard_normal((2, 5, 4)), 1.0 + rng.standard_normal((2, 6, 4))]
+    p = mmfuse.init_wander([4, 4], [5, 6], rank=3, feature_rank=2, token_rank=2, out_dim=4, seed=1)
+
+    def on_device(a):
+        return strict.asarray(np.asarray(a, np.float32), device=device)
+
+    def host(a):  # (NumPy reads only the default device's arrays)
+        return np.asarray(a.to_device(strict.Device("CPU_DEVICE")))
+
+    ps = {
+        "down": [(on_device(w), on_device(b)) for w, b in p["down"]],
+        "feature": [on_device(f) for f in p["feature"]],
+        "token": [on_device(t) for t in p["token"]],
+    }
+    got = mmfuse.wander([on_device(x) for x in xs], ps)
+    assert got.dtype == strict.float32 and got.device == device
+    np.testing.assert_allclose(host(got), mmfuse.wander(xs, p), rtol=2e-5, atol=2e-5)
+    aligned = mmfuse.align([on_device(x) for x in xs], rounds=None, alpha=0.5)
+    want = mmfuse.reference.align(xs, rounds=None, alpha=0.5)
+    for a, w in zip(aligned, want):
+        assert a.dtype == strict.float32 and a.device == device
+        np.testing.assert_allclose(host(a), w, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("version", ["2022.12", "2023.12"])
 def test_float32_stays_float32_on_array_api_strict_2022_12(version, rng):
     """At the 2022.12 standard a floating ``sum`` returns the default floating dtype:
