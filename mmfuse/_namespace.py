@@ -498,10 +498,20 @@ def block_slices(batch: int, rows: int) -> list[slice]:
 
 
 def device_of(x: Array) -> Any:
+    """``x``'s device: what constants for computations with ``x`` are created on, and what
+    the checks compare; None where there is no single one (a traced JAX value, a JAX array
+    sharded over several devices)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         return x.device  # what array_api_compat.device returns, without its generic dispatch
-    return array_api_compat.device(x)
+    device = array_api_compat.device(x)
+    # A JAX array sharded over several devices reports its Sharding, whose partition spec
+    # cannot place a constant of another shape (a 0-d one raised IndexError inside JAX), and
+    # which differs between layouts JAX combines freely (a batch-sharded input, replicated
+    # parameters).  No device: constants stay uncommitted, placed by the computation.
+    if len(getattr(device, "device_set", ())) > 1:
+        return None
+    return device
 
 
 def device_key(device: Any) -> Any:

@@ -561,3 +561,52 @@ def test_shares_on_array_api_strict_before_2023_12():
     finally:
         xs.set_array_api_strict_flags(api_version=previous)
     np.testing.assert_allclose(np.asarray(got), mmfuse.reference.interaction_shares(terms), rtol=1e-12)
+
+
+def test_jax_arrays_sharded_over_several_devices():
+    """Data parallelism in JAX: a batch sharded over two (host) devices with replicated
+    parameters was refused ("factors[0] is on device NamedSharding(... P()) but xs[0] is on
+    NamedSharding(... P('b',))"), and masks sharded as their inputs crashed inside JAX (a
+    constant created with the inputs' (B, ...) sharding).  A sharded array has no single
+    device: constants stay uncommitted, and the results are the NumPy ones.  (A subprocess:
+    the device count is fixed when JAX starts.)"""
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import numpy as np, jax, mmfuse
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        jax.config.update("jax_enable_x64", True)
+        mesh = Mesh(np.array(jax.devices()), ("b",))
+        batch, repl = NamedSharding(mesh, P("b")), NamedSharding(mesh, P())
+        rng = np.random.default_rng(0)
+        xs = [rng.standard_normal((4, d)) for d in (3, 2)]
+        fs = [rng.standard_normal((2, d + 1, 5)) for d in (3, 2)]
+        x, g = rng.standard_normal((6, 5, 3)), 1.0 + rng.standard_normal((6, 4, 3))
+        m = rng.random((6, 5)) < 0.8
+        m[:, 0] = True
+        on = jax.device_put
+        got = {
+            "lowrank": mmfuse.lowrank_fusion([on(a, batch) for a in xs], [on(f, repl) for f in fs]),
+            "moments": mmfuse.moments(on(x, batch), mask=on(m, batch))[1],
+            "zoom_shift": mmfuse.zoom_shift(on(x, batch), on(g, batch), mask=on(m, repl)),
+            "align": mmfuse.align([on(x, batch), on(g, batch)], masks=[on(m, batch), None])[0],
+        }
+        want = {
+            "lowrank": mmfuse.lowrank_fusion(xs, fs),
+            "moments": mmfuse.moments(x, mask=m)[1],
+            "zoom_shift": mmfuse.zoom_shift(x, g, mask=m),
+            "align": mmfuse.align([x, g], masks=[m, None])[0],
+        }
+        print(len(jax.devices()), max(float(np.abs(np.asarray(got[k]) - want[k]).max()) for k in got))
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    devices, error = res.stdout.split()
+    assert devices == "2" and float(error) < 1e-12, res.stdout
