@@ -392,7 +392,7 @@ def moments(
 
     References
     ----------
-    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [1] J. Qin, "Zoom and Shift are All You Need", arXiv:2406.08866, 2024.
     .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
        Alignment Method", arXiv:2306.16950, 2023.
 
@@ -505,7 +505,7 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
 
     References
     ----------
-    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [1] J. Qin, "Zoom and Shift are All You Need", arXiv:2406.08866, 2024.
     .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
        Alignment Method", arXiv:2306.16950, 2023.
 
@@ -561,7 +561,7 @@ def shift(x: Any, offset: Any) -> Any:
 
     References
     ----------
-    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [1] J. Qin, "Zoom and Shift are All You Need", arXiv:2406.08866, 2024.
     .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
        Alignment Method", arXiv:2306.16950, 2023.
 
@@ -667,7 +667,7 @@ def zoom_shift(
 
     References
     ----------
-    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [1] J. Qin, "Zoom and Shift are All You Need", arXiv:2406.08866, 2024.
     .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
        Alignment Method", arXiv:2306.16950, 2023.
 
@@ -853,7 +853,7 @@ def align(
 
     References
     ----------
-    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [1] J. Qin, "Zoom and Shift are All You Need", arXiv:2406.08866, 2024.
     .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
        Alignment Method", arXiv:2306.16950, 2023.
 
@@ -922,7 +922,7 @@ def zoom_shift_fusion(
     xs: Sequence[Any],
     *,
     fuse: str | None = "concat",
-    pool: str = "mean",
+    pool: str = "max",
     **align_options: Any,
 ) -> Any:
     r"""Align M token sequences with :func:`align`, pool over tokens, then fuse.
@@ -934,8 +934,9 @@ def zoom_shift_fusion(
     fuse : {"concat", "sum", "mean", None}, default "concat"
         How to combine the M pooled (B, C) features: concatenation (B, M C), sum or mean
         (B, C); ``None`` returns the list of aligned pooled features.
-    pool : {"mean", "max"}, default "mean"
-        Pooling over the token axis (axis 1); masked tokens are excluded.
+    pool : {"max", "mean"}, default "max"
+        Pooling over the token axis (axis 1); masked tokens are excluded.  ``"mean"`` pools
+        what alignment equalises: see Notes.
     **align_options
         Keywords of :func:`align`: ``rounds``, ``alpha``, ``schedule``, ``topology``, ``hub``,
         ``axis``, ``masks``, ``eps``, ``backend``.  ``masks`` (B, T_m) also mask the pooling;
@@ -965,12 +966,27 @@ def zoom_shift_fusion(
     symmetric operators.  Naive definition::
 
         ys = align(xs, **align_options)
-        pooled = [y[b][mask[b]].mean(axis=0) for each sample b, for y, mask in zip(ys, masks)]
+        pooled = [y[b][mask[b]].max(axis=0) for each sample b, for y, mask in zip(ys, masks)]
         out = np.concatenate(pooled, axis=-1)   # or sum(pooled), or sum(pooled) / M
+
+    **Why max pooling by default.**  An aligned modality is
+    :math:`y_m = \mu^*_m + \sigma^*_m \odot z_m`, with :math:`z_m` its standardised tokens and
+    :math:`(\mu^*_m, \sigma^*_m)` the (B, 1, C) statistics alignment gave it.  Its token mean is
+    :math:`\mu^*_m`: the zoom never reaches a mean-pooled feature, and where alignment has made
+    the means equal every modality mean-pools to the same vector.  That is the case in the
+    limit (``rounds=None``, any ``alpha``), and after one round with ``alpha=1`` for two
+    modalities under Gauss-Seidel or for the hub topology.  With the defaults (``alpha=1``,
+    one Gauss-Seidel round, consensus) and M = 2, ``pool="mean"`` returns modality 1's token
+    mean twice, and modality 0 reaches neither the output nor, in a network, its gradient.
+    With ``rounds=None`` it returns M copies of one weighted mean of the modalities' means.
+    Max pooling keeps what alignment leaves to each modality, its standardised token
+    profile: :math:`\mu^*_m + \sigma^*_m \odot \max_t z_m(t)`.  ``pool="mean"`` stays
+    available (it was the default until 2026-12-04), for partial alignment (``alpha < 1``
+    with a finite number of rounds, which mixes the means invertibly) or for comparison.
 
     References
     ----------
-    .. [1] J. Qin, "Zoom and Shift is All You Need", arXiv:2406.08866, 2024.
+    .. [1] J. Qin, "Zoom and Shift are All You Need", arXiv:2406.08866, 2024.
     .. [2] J. Qin et al., "Alternative Telescopic Displacement: An Efficient Multimodal
        Alignment Method", arXiv:2306.16950, 2023.
 

@@ -100,7 +100,7 @@ class Wander(nn.Module):
 
 class ZoomShift(nn.Module):
     """Encoders to token sequences -> :class:`mmfuse.nn.ZoomShift` (the exact limit of the
-    alternating rounds, alpha 0.5; mean-pooled and concatenated) -> classifier.  Vector
+    alternating rounds, alpha 0.5; max-pooled and concatenated) -> classifier.  Vector
     encodings are split into 4 tokens of ``hidden`` channels."""
 
     def __init__(

@@ -1347,7 +1347,10 @@ class ZoomShift(nn.Module):
     num_modalities : int
         M >= 2.
     fuse : {"concat", "sum", "mean", None}, default "concat"
-    pool : {"mean", "max"}, default "mean"
+    pool : {"max", "mean"}, default "max"
+        Pooling over tokens.  ``"mean"`` pools what alignment equalises (the aligned means:
+        with the defaults and M = 2 both modalities pool to modality 1's mean, and modality 0
+        gets no gradient); see :func:`mmfuse.zoom_shift_fusion`'s Notes.
     rounds : int in [0, 10**6] or None, default 1
         Rounds of alignment; ``None``: the exact limit of the rounds.
     alpha : float in (0, 1], default 1.0
@@ -1378,7 +1381,7 @@ class ZoomShift(nn.Module):
         num_modalities: int,
         *,
         fuse: str | None = "concat",
-        pool: str = "mean",
+        pool: str = "max",
         rounds: int | None = 1,
         alpha: float = 1.0,
         schedule: str = "gauss-seidel",
@@ -1530,9 +1533,10 @@ class GuidedZoomShift(nn.Module):
     guide : int, default 0
         The guide modality g; it passes through unchanged.
     fuse : {"concat", "sum", "mean", None}, default "concat"
-    pool : {"mean", "max"}, default "mean"
+    pool : {"max", "mean"}, default "max"
         Pooling of the modulated sequences for the fusion (the guide's summary that drives
-        the modulation is always its masked mean).
+        the modulation is always its masked mean).  With ``"mean"`` the zoom never reaches
+        the output (see Notes), and the log-zoom half of ``weight`` and ``bias`` never trains.
     max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS``
         Refuse (ValueError) a ``weight`` with more elements than this, before allocating it.
     device, dtype : optional
@@ -1564,7 +1568,10 @@ class GuidedZoomShift(nn.Module):
     ``reset_parameters`` sets W and c to zero: :math:`a = b = 0`, so the layer starts as the
     identity on the sequences (exactly the parameter-free pooling and fusion) and still
     trains: :math:`\partial L / \partial W_m = (\partial L / \partial [a_m; b_m])\, p^\top` is
-    non-zero as soon as the upstream gradient and the guide's features are.
+    non-zero as soon as the upstream gradient and the guide's features are, with one
+    exception: the token mean of :math:`y_m` is :math:`\mu_m + b_m` whatever :math:`a_m`, so
+    under ``pool="mean"`` the log-zoom head's gradient is exactly zero (hence the default
+    ``pool="max"``, through which both heads train).
 
     Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
     ``forward`` on ``meta`` inputs returns ``meta`` outputs of the right shapes; materialise
@@ -1582,7 +1589,7 @@ class GuidedZoomShift(nn.Module):
         *,
         guide: int = 0,
         fuse: str | None = "concat",
-        pool: str = "mean",
+        pool: str = "max",
         max_elements: int = DEFAULT_MAX_ELEMENTS,
         device: Any = None,
         dtype: Any = None,

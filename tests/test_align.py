@@ -603,3 +603,24 @@ def test_zoom_shift_fusion_masks_of_none_leave_any_axis_allowed(rng):
     )
     with pytest.raises(ValueError, match="need the default axis=-2"):
         mmfuse.zoom_shift_fusion(xs, masks=[np.ones((2, 5), bool), None], axis=-1)
+
+
+def test_zoom_shift_fusion_default_pooling_keeps_every_modality(rng):
+    """Mean pooling after alignment pools the aligned means, which alignment equalises: with
+    the other defaults and M = 2 it returned modality 1's token mean twice (modality 0 never
+    reached the output), and with rounds=None M copies of one mean.  The default pooling is
+    max, which keeps each modality's standardised token profile."""
+    xs = [rng.standard_normal((3, 9, 4)), 2.0 + 0.5 * rng.standard_normal((3, 6, 4))]
+    mean_pooled = mmfuse.zoom_shift_fusion(xs, pool="mean", fuse=None)
+    np.testing.assert_allclose(mean_pooled[0], xs[1].mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(mean_pooled[1], xs[1].mean(axis=1), rtol=1e-12)
+    limit = mmfuse.zoom_shift_fusion(xs, pool="mean", fuse=None, rounds=None, alpha=0.5)
+    np.testing.assert_allclose(limit[0], limit[1], rtol=1e-12)
+    pooled = mmfuse.zoom_shift_fusion(xs, fuse=None)
+    np.testing.assert_array_equal(pooled[0], np.max(mmfuse.align(xs)[0], axis=1))
+    assert not np.allclose(pooled[0], pooled[1])
+    # the output depends on modality 0 (under pool="mean" it did not at all): its channels
+    # reversed, the fused features change
+    again = [xs[0][:, :, ::-1].copy(), xs[1]]
+    assert not np.allclose(mmfuse.zoom_shift_fusion(again), mmfuse.zoom_shift_fusion(xs))
+    assert mmfuse.zoom_shift_fusion(xs).shape == (3, 8)

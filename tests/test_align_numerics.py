@@ -681,7 +681,9 @@ def test_float32_statistics_of_a_long_token_axis(namespace, masked):
     np.testing.assert_array_equal(to_numpy(big_std), np.zeros((2, 1, 3)))
     # the pooled means of zoom_shift_fusion (no rounds: the inputs' own token means)
     masks = None if mask is None else [conv(mask), conv(mask)]
-    pooled = mmfuse.zoom_shift_fusion([conv(x), conv(x)], rounds=0, masks=masks, fuse=None, backend="array_api")
+    pooled = mmfuse.zoom_shift_fusion(
+        [conv(x), conv(x)], rounds=0, masks=masks, fuse=None, pool="mean", backend="array_api"
+    )
     assert_close(pooled[0], want_mean[:, 0], rtol=2e-7, atol=0, dtype="float32")
 
 

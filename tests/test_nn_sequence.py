@@ -218,7 +218,8 @@ def test_zoom_shift_layer_errors():
 
 
 def _film_reference(layer, xs, masks):
-    """y_m = mu_m + (x_m - mu_m) exp(a_m) + b_m with [a; b] = W p + c, p the guide's masked mean."""
+    """y_m = mu_m + (x_m - mu_m) exp(a_m) + b_m with [a; b] = W p + c, p the guide's masked
+    mean; pooled as the layer pools."""
     w, c = layer.weight.detach().numpy(), layer.bias.detach().numpy()
     xs = [x.detach().numpy() for x in xs]
     masks = [np.ones(x.shape[:2], bool) if k is None else k.numpy() for x, k in zip(xs, masks)]
@@ -235,7 +236,8 @@ def _film_reference(layer, xs, masks):
                 mu = x[b][mk[b]].mean(axis=0)
                 y[b] = mu + (x[b] - mu) * np.exp(head[:ch]) + head[ch:]
             k += 1
-        pooled.append(np.stack([y[b][mk[b]].mean(axis=0) for b in range(x.shape[0])]))
+        pool = np.max if layer.pool == "max" else np.mean
+        pooled.append(np.stack([pool(y[b][mk[b]], axis=0) for b in range(x.shape[0])]))
     return np.concatenate(pooled, axis=-1)
 
 
@@ -257,7 +259,10 @@ def test_guided_zoom_shift_maths_identity_init_and_training(batch):
     seqs = layer.modulate(xs, masks)
     assert seqs[1] is xs[1] and seqs[0].shape == xs[0].shape
     assert tuple(layer.weight.shape) == (2, 2 * D, D)
-    assert "channels=6, num_modalities=3, guide=1, fuse='concat', pool='mean'" in repr(layer)
+    assert "channels=6, num_modalities=3, guide=1, fuse='concat', pool='max'" in repr(layer)
+    mean_pooled = GuidedZoomShift(D, 3, guide=1, pool="mean", dtype=torch.float64)
+    mean_pooled.load_state_dict(layer.state_dict())
+    assert_close(mean_pooled(xs, masks=masks), _film_reference(mean_pooled, xs, masks), xp=torch, dtype=torch.float64)
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
@@ -385,3 +390,25 @@ def test_zoom_shift_repr_shows_its_dtype():
     would show it: its repr said nothing of it."""
     assert "dtype" not in repr(ZoomShift(3, 2))
     assert repr(ZoomShift(3, 2, dtype=torch.float64)).endswith("eps=1e-05, dtype=torch.float64)")
+
+
+def test_zoom_shift_layers_default_pooling_trains_every_input_and_parameter():
+    """Mean pooling after alignment gave modality 0 of ZoomShift (defaults, M = 2) a zero
+    gradient, and GuidedZoomShift's log-zoom head (its first C rows) an exactly zero one (the
+    token mean of mu + (x - mu) e^a + b is mu + b).  Under the default max pooling both get
+    gradients; under pool="mean" they still do not (the documented reason for the default)."""
+    xs = [x.requires_grad_(True) for x in _xs(3, lengths=(7, 5))]
+    (g0,) = torch.autograd.grad(ZoomShift(D, 2)(xs).sum(), xs[:1])
+    assert float(g0.abs().max()) > 1e-3
+    (g0,) = torch.autograd.grad(ZoomShift(D, 2, pool="mean")(xs).sum(), xs[:1])
+    assert float(g0.abs().max()) < 1e-12
+    for pool, trains in (("max", True), ("mean", False)):
+        layer = GuidedZoomShift(D, 2, pool=pool, dtype=torch.float64)
+        with torch.no_grad():  # away from the zero init, where every head's gradient is generic
+            layer.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+        out = layer(xs)
+        upstream = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        (gw,) = torch.autograd.grad((out * upstream).sum(), [layer.weight])
+        zoom_rows = float(gw[:, :D].abs().max())
+        assert (zoom_rows > 1e-3) if trains else (zoom_rows < 1e-12), (pool, zoom_rows)
+        assert float(gw[:, D:].abs().max()) > 1e-3

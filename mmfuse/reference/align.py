@@ -438,10 +438,10 @@ def zoom_shift_fusion(
     xs: list[Any],
     *,
     fuse: str | None = "concat",
-    pool: str = "mean",
+    pool: str = "max",
     **align_options: Any,
 ) -> Any:
-    """Align, pool each sample's unmasked tokens (mean or max), then concat / sum / mean."""
+    """Align, pool each sample's unmasked tokens (max or mean), then concat / sum / mean."""
     ys = align(xs, **align_options)
     masks = align_options.get("masks") or [None] * len(ys)
     pooled = []
