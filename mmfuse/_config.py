@@ -91,7 +91,7 @@ def _current() -> dict[str, tuple[Any, str]]:
 
 
 def get_config() -> dict[str, Any]:
-    """Return the options in force, as a new dict (e.g. ``{"backend": "auto"}``).
+    """Return the options in force, as a new dict (e.g. ``{"backend": "auto", "prefer": None}``).
 
     Examples
     --------
