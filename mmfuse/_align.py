@@ -101,9 +101,22 @@ def _real_float(value: Any, name: str) -> float:
         raise ValueError(f"{name} is too large for a floating-point number: {size}") from None
 
 
+def _not_a_real(name: str, value: Any) -> TypeError:
+    """The refusal of a non-number option; for an array (a tensor, a JAX value traced by
+    ``jax.jit``) with the remedy: these options steer the computation's Python."""
+    hint = ""
+    if hasattr(value, "shape"):
+        hint = (
+            f"; {name} decides the computation's Python (rules, limits), so it cannot be an "
+            f"array: pass a Python float (float({name}) outside a trace; under jax.jit a static "
+            "argument, static_argnames, or a closed-over constant)"
+        )
+    return TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
+
+
 def check_eps(eps: Any) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+        raise _not_a_real("eps", eps)
     value = _real_float(eps, "eps")
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"eps must be a finite number >= 0 (0 is allowed), got {eps!r}")
@@ -154,7 +167,7 @@ def check_hub(hub: Any, topology: str, n: int) -> int:
 
 def check_alpha(alpha: Any) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
+        raise _not_a_real("alpha", alpha)
     value = _real_float(alpha, "alpha")
     if not 0.0 < value <= 1.0:  # also False for NaN
         raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")

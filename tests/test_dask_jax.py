@@ -610,3 +610,16 @@ def test_jax_arrays_sharded_over_several_devices():
     assert res.returncode == 0, res.stderr[-3000:]
     devices, error = res.stdout.split()
     assert devices == "2" and float(error) < 1e-12, res.stdout
+
+
+def test_a_traced_alpha_or_eps_is_refused_with_the_remedy():
+    """alpha and eps steer Python (rules, limits): traced by jax.jit they are refused, and the
+    message says what to pass instead (it said only "got DynamicJaxprTracer")."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    x, g = jnp.ones((2, 3, 2)), 2.0 * jnp.ones((2, 4, 2))
+    for name in ("alpha", "eps"):
+        with pytest.raises(TypeError, match=rf"{name} must be a real number, got DynamicJaxprTracer; .*static_argnames"):
+            jax.jit(lambda x, g, v, name=name: mmfuse.zoom_shift(x, g, **{name: v}))(x, g, 0.5)
+    fixed = jax.jit(lambda x, g, a: mmfuse.zoom_shift(x, g, alpha=a), static_argnames="a")
+    assert fixed(x, g, a=0.5).shape == (2, 3, 2)
