@@ -172,7 +172,7 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
     ``device`` unless ``space`` can hold arrays there, both found on a one-element array
     before anything is drawn (so a refused call leaves a passed Generator untouched)."""
     if dtype is None:
-        dtype = space.asarray(1.0).dtype
+        dtype = _default_floating_dtype(space, device)
     else:
         if isinstance(dtype, str) and not is_numpy(space) and dtype.isidentifier():
             # a dtype's name ("float32"): NumPy takes it, torch and array_api_strict do not; the
@@ -195,6 +195,19 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
             "the fusions take floating parameters only"
         )
     return dtype
+
+
+def _default_floating_dtype(space: Any, device: Any) -> Any:
+    """The namespace's default real floating dtype on ``device``: the standard's inspection
+    API where the namespace has one and a device is given (array-api-strict's "no_float64"
+    device defaults to float32), else what a Python float becomes."""
+    info = getattr(space, "__array_namespace_info__", None)
+    if info is not None and device is not None:
+        try:
+            return info().default_dtypes(device=device)["real floating"]
+        except Exception:  # a device it cannot answer for: check_device names it next
+            pass
+    return space.asarray(1.0).dtype
 
 
 def check_device(space: Any, device: Any, dtype: Any = None) -> Any:

@@ -258,6 +258,9 @@ def test_float32_on_a_device_without_float64(rng):
     got = mmfuse.wander([on_device(x) for x in xs], ps)
     assert got.dtype == strict.float32 and got.device == device
     np.testing.assert_allclose(host(got), mmfuse.wander(xs, p), rtol=2e-5, atol=2e-5)
+    # the initialisers' default dtype is the device's (float64 was refused as "not a device")
+    drawn = mmfuse.init_lowrank([2, 3], rank=2, out_dim=3, xp=strict, device=device, seed=0)
+    assert drawn["weights"].dtype == strict.float32 and drawn["weights"].device == device
     aligned = mmfuse.align([on_device(x) for x in xs], rounds=None, alpha=0.5)
     want = mmfuse.reference.align(xs, rounds=None, alpha=0.5)
     for a, w in zip(aligned, want):
