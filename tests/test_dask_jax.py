@@ -623,3 +623,21 @@ def test_a_traced_alpha_or_eps_is_refused_with_the_remedy():
             jax.jit(lambda x, g, v, name=name: mmfuse.zoom_shift(x, g, **{name: v}))(x, g, 0.5)
     fixed = jax.jit(lambda x, g, a: mmfuse.zoom_shift(x, g, alpha=a), static_argnames="a")
     assert fixed(x, g, a=0.5).shape == (2, 3, 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dask_gelu_is_one_task_per_chunk_and_numpys_values(dtype, rng):
+    """The exact GELU on Dask maps each chunk through its own namespace's GELU: one task per
+    chunk (the formulas' elementwise Dask operations made about 200 per chunk) and NumPy's
+    values, bit for bit."""
+    da = pytest.importorskip("dask.array")
+    from mmfuse._core.sequence import gelu
+    from mmfuse._namespace import array_namespace
+
+    x = (4.0 * rng.standard_normal((12, 5, 3))).astype(dtype)
+    lazy = da.from_array(x, chunks=(4, 5, 3))
+    y = gelu(array_namespace(lazy), lazy)
+    assert len(dict(y.__dask_graph__())) == 2 * lazy.npartitions  # the chunks and their GELUs
+    got = y.compute()
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(got, gelu(np, x))
