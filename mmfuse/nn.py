@@ -44,6 +44,8 @@ import torch
 from torch import nn
 
 from . import _fusion
+from ._autocast import autocast_device, cast_tree
+from ._autocast import eligible as autocast_eligible
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
@@ -217,30 +219,6 @@ def _check_inputs(
 # autocast, float64 inputs are never cast.
 
 
-def _autocast_device(xs: Any) -> str | None:
-    """The inputs' device type if an autocast region is active for it, else None."""
-    if not torch._C._is_any_autocast_enabled():  # the usual case, answered in one call
-        return None
-    if not isinstance(xs, (list, tuple)) or not xs or not isinstance(xs[0], torch.Tensor):
-        return None  # the boundary checks report it
-    device_type = xs[0].device.type
-    # torch has no autocast for some device types ("meta", for models built there and
-    # materialised later) and raises when asked about one: no region can be active there
-    if not torch.amp.is_autocast_available(device_type):
-        return None
-    return device_type if torch.is_autocast_enabled(device_type) else None
-
-
-def _autocast_eligible(x: Any) -> bool:
-    """Whether autocast casts ``x``: floating tensors other than float64 (as torch's own)."""
-    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
-
-
-def _autocast_cast(xs: Sequence[Any], dtype: torch.dtype) -> list[Any]:
-    """Floating inputs other than float64 cast to ``dtype`` (the rest as they are)."""
-    return [x.to(dtype) if _autocast_eligible(x) else x for x in xs]
-
-
 def _autocast_fusion(
     module: nn.Module, device_type: str, forward: Callable[..., Any], xs: Sequence[Any], *args: Any
 ) -> Any:
@@ -249,8 +227,8 @@ def _autocast_fusion(
     ``device_type``, autocast off inside.  Parameters follow the inputs' rule: a float64 layer
     stays float64 (as ``nn.Linear``)."""
     dtype = torch.get_autocast_dtype(device_type)
-    params = {name: p.to(dtype) if _autocast_eligible(p) else p for name, p in module.named_parameters()}
-    cast_params = any(_autocast_eligible(p) and p.dtype != dtype for _, p in _own_parameters(module))
+    params = {name: p.to(dtype) if autocast_eligible(p) else p for name, p in module.named_parameters()}
+    cast_params = any(autocast_eligible(p) and p.dtype != dtype for _, p in _own_parameters(module))
     for m, x in enumerate(xs if cast_params and isinstance(xs, (list, tuple)) else ()):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
             # autocast never casts float64 (torch's rule), while it does cast the parameters:
@@ -268,7 +246,7 @@ def _autocast_fusion(
     from torch.nn.utils.stateless import _reparametrize_module
 
     with torch.autocast(device_type, enabled=False), _reparametrize_module(module, params):
-        return forward(module, _autocast_cast(xs, dtype), *args)
+        return forward(module, cast_tree(xs, dtype), *args)
 
 
 def _own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -520,7 +498,7 @@ class LowRankFusion(_RankedFusion):
             ``xs`` not a list or tuple of tensors, a dtype other than the layer's, or a
             non-boolean ``present``.
         """
-        if (device_type := _autocast_device(xs)) is not None:
+        if (device_type := autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, LowRankFusion.forward, xs, present)
         factors = _entries(self.factors)
         if _compiling():
@@ -759,7 +737,7 @@ class CPFusion(_RankedFusion):
             ``xs`` not a list or tuple of tensors, a dtype other than the layer's, or a
             non-boolean ``present``.
         """
-        if (device_type := _autocast_device(xs)) is not None:
+        if (device_type := autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, CPFusion.forward, xs, present)
         cp = (self.weights, list(self.factors))
         if _compiling():
@@ -982,7 +960,7 @@ class TensorFusion(nn.Module):
         TypeError
             ``xs`` not a list or tuple of tensors, or a dtype other than the layer's.
         """
-        if (device_type := _autocast_device(xs)) is not None:
+        if (device_type := autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, TensorFusion.forward, xs)
         if _compiling():
             xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), None, type(self).__name__)
@@ -1300,7 +1278,7 @@ class WanderAdapter(nn.Module):
             ``xs`` not a list or tuple of tensors, a dtype other than the layer's, or a
             non-boolean mask.
         """
-        if (device_type := _autocast_device(xs)) is not None:
+        if (device_type := autocast_device(xs)) is not None:
             return _autocast_fusion(self, device_type, WanderAdapter.forward, xs, masks)
         params = self.params()
         name = type(self).__name__
@@ -1473,13 +1451,13 @@ class ZoomShift(nn.Module):
             ``xs`` not a list or tuple of tensors, differing dtypes (or not the layer's), or a
             non-boolean mask.
         """
-        if (device_type := _autocast_device(xs)) is not None:
+        if (device_type := autocast_device(xs)) is not None:
             # inputs cast to the layer's dtype (float32 for a layer built without one), not the
             # region's: the statistics are never computed in a 16-bit autocast dtype
             with torch.autocast(device_type, enabled=False):
                 # this class's forward, not self.forward: a subclass's forward around
                 # super().forward() would run its own body twice
-                return ZoomShift.forward(self, _autocast_cast(xs, self.dtype or torch.float32), masks)
+                return ZoomShift.forward(self, cast_tree(xs, self.dtype or torch.float32), masks)
         dtype, source = self.dtype, "the layer's dtype is"
         remedy = "cast the input or the layer (layer.to(dtype))"
         if dtype is None:  # parameter-free: the inputs must share the first one's dtype
@@ -1632,9 +1610,9 @@ class GuidedZoomShift(nn.Module):
         self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None
     ) -> list[torch.Tensor]:
         """The modulated (B, T_m, C) sequences (the guide's unchanged), before pooling."""
-        if (device_type := _autocast_device(xs)) is not None:  # statistics in the layer's dtype
+        if (device_type := autocast_device(xs)) is not None:  # statistics in the layer's dtype
             with torch.autocast(device_type, enabled=False):
-                return self.modulate(_autocast_cast(xs, self.weight.dtype), masks)
+                return self.modulate(cast_tree(xs, self.weight.dtype), masks)
         dims = (self.channels,) * self.num_modalities
         xs, mask_list = _check_seq_inputs(xs, dims, None, self.weight.dtype, masks, type(self).__name__)
         full = mask_list if mask_list is not None else [None] * len(xs)
@@ -1719,10 +1697,10 @@ class GuidedZoomShift(nn.Module):
             ``xs`` not a list or tuple of tensors, a dtype other than the layer's, or a
             non-boolean mask.
         """
-        if (device_type := _autocast_device(xs)) is not None:  # pooling and fusion too
+        if (device_type := autocast_device(xs)) is not None:  # pooling and fusion too
             with torch.autocast(device_type, enabled=False):
                 # (this class's forward, as ZoomShift's: not a subclass's a second time)
-                return GuidedZoomShift.forward(self, _autocast_cast(xs, self.weight.dtype), masks)
+                return GuidedZoomShift.forward(self, cast_tree(xs, self.weight.dtype), masks)
         ys = self.modulate(xs, masks)
         full = list(masks) if masks is not None else [None] * len(ys)
         return fuse([pool(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)
