@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._autocast import autocast_device, without_autocast
 from ._core import fusion as core
 from ._namespace import array_namespace, from_numpy, is_array, is_dask, not_an_array
 from ._plan import PlanCache, call_key
@@ -303,6 +304,11 @@ def tensor_fusion(
     >>> mmfuse.tensor_fusion(xs, weight).shape
     (4, 5)
     """
+    if (device_type := autocast_device(xs)) is not None:  # (matmul-like: see mmfuse._autocast)
+        return without_autocast(
+            device_type, tensor_fusion, xs, weight, bias, append_one=append_one, max_elements=max_elements,
+            backend=backend,
+        )  # fmt: skip
     key = call_key(backend, (append_one, max_elements), xs, weight, bias)
     plan = _TENSOR_PLANS.plan(key, plan_tensor, xs, weight, bias, append_one, max_elements, backend)
     return plan(xs, weight, bias)
@@ -445,6 +451,11 @@ def lowrank_fusion(
     >>> bool(np.allclose(mmfuse.lowrank_fusion(xs, **params), mmfuse.tensor_fusion(xs, full)))
     True
     """
+    if (device_type := autocast_device(xs)) is not None:  # (matmul-like: see mmfuse._autocast)
+        return without_autocast(
+            device_type, lowrank_fusion, xs, factors, weights, bias, append_one=append_one, present=present,
+            backend=backend,
+        )  # fmt: skip
     key = call_key(backend, (append_one,), xs, factors, weights, bias, present)
     plan = _LOWRANK_PLANS.plan(key, plan_lowrank, xs, factors, weights, bias, append_one, present, backend)
     return plan(xs, factors, weights, bias, present=present)
@@ -630,6 +641,11 @@ def cp_fusion(
     True
     """
     pair = cp_pair(cp)
+    if (device_type := autocast_device(xs)) is not None:  # (matmul-like: see mmfuse._autocast)
+        return without_autocast(
+            device_type, cp_fusion, xs, pair if pair is not None else cp, bias, append_one=append_one,
+            present=present, backend=backend,
+        )  # fmt: skip
     key = call_key(backend, (append_one,), xs, pair, bias, present) if pair is not None else None
     plan = _CP_PLANS.plan(key, plan_cp, xs, cp, bias, append_one, present, backend)
     return plan(xs, pair if pair is not None else as_cp(cp), bias, present=present)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ._autocast import autocast_device, without_autocast
 from ._core import interactions as core
 from ._fusion import (
     DEFAULT_MAX_ELEMENTS,
@@ -20,6 +21,7 @@ from ._fusion import (
     check_lowrank_factors,
     check_tensor_fusion,
     check_vector,
+    cp_pair,
     named_arrays,
 )
 from ._namespace import array_namespace, is_array, not_an_array
@@ -170,6 +172,11 @@ def tensor_interactions(
     >>> bool(np.allclose(terms.sum(axis=0), mmfuse.tensor_fusion(xs, weight)))
     True
     """
+    if (device_type := autocast_device(xs)) is not None:  # (matmul-like: see mmfuse._autocast)
+        return without_autocast(
+            device_type, tensor_interactions, xs, weight, by=by, append_one=append_one,
+            max_elements=max_elements, backend=backend,
+        )  # fmt: skip
     by, append_one, max_elements = _options(by, append_one, max_elements)
     try:
         xs = check_tensor_fusion(xs, weight, None, append_one, max_elements)
@@ -270,6 +277,11 @@ def lowrank_interactions(
     >>> bool(np.allclose(terms.sum(axis=0) + p["bias"], y))
     True
     """
+    if (device_type := autocast_device(xs)) is not None:  # (matmul-like: see mmfuse._autocast)
+        return without_autocast(
+            device_type, lowrank_interactions, xs, factors, weights, by=by, present=present,
+            append_one=append_one, max_elements=max_elements, backend=backend,
+        )  # fmt: skip
     by, append_one, max_elements = _options(by, append_one, max_elements)
     xs, batch = check_modalities(xs)
     factors = list(factors) if isinstance(factors, (list, tuple)) else factors
@@ -369,6 +381,12 @@ def cp_interactions(
     >>> bool(np.allclose(terms.sum(axis=0), mmfuse.cp_fusion(xs, cp)))
     True
     """
+    if (device_type := autocast_device(xs)) is not None:  # (matmul-like: see mmfuse._autocast)
+        pair = cp_pair(cp)
+        return without_autocast(
+            device_type, cp_interactions, xs, pair if pair is not None else cp, by=by, present=present,
+            append_one=append_one, max_elements=max_elements, backend=backend,
+        )  # fmt: skip
     by, append_one, max_elements = _options(by, append_one, max_elements)
     xs, weights, factors = check_cp_inputs(xs, cp, append_one, present)
     if by == "subset":

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._autocast import autocast_device, without_autocast
 from ._core import sequence as core
 from ._fusion import DEFAULT_MAX_ELEMENTS, Planned, check_allocations
 from ._namespace import array_namespace, from_numpy, is_array
@@ -281,6 +282,11 @@ def sequence_fusion(
     >>> bool(np.allclose(y, mmfuse.sequence_fusion(hs, phi1, psi1, mode="cp")))
     True
     """
+    if (device_type := autocast_device(hs)) is not None:  # (matmul-like: see mmfuse._autocast)
+        return without_autocast(
+            device_type, sequence_fusion, hs, feature_factors, token_factors, mode=mode, masks=masks,
+            backend=backend,
+        )  # fmt: skip
     key = call_key(backend, (mode,), hs, feature_factors, token_factors, masks)
     plan = _SEQUENCE_PLANS.plan(key, plan_sequence, hs, feature_factors, token_factors, mode, masks, backend)
     return plan(hs, feature_factors, token_factors, masks=masks)
@@ -465,6 +471,11 @@ def wander(
     >>> float(np.abs(y - xs[0][:, :4]).max()) < 0.05 * float(np.abs(xs[0]).max())
     True
     """
+    if (device_type := autocast_device(xs)) is not None:  # (matmul-like: see mmfuse._autocast)
+        return without_autocast(
+            device_type, wander, xs, params, mode=mode, masks=masks, activation=activation,
+            residual=residual, backend=backend,
+        )  # fmt: skip
     parts = (params.get("down"), params.get("feature"), params.get("token")) if type(params) is dict else None
     options = (mode, activation, residual)
     key = call_key(backend, options, xs, *parts, masks) if parts is not None else None

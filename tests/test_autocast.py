@@ -1,0 +1,95 @@
+"""The functional fusions under ``torch.autocast`` (mmfuse/_autocast.py): matmul-like, so their
+floating inputs are cast once to the region's dtype and the fusion runs with autocast off.
+
+Before, the output's dtype depended on the path a call's size took (bfloat16 for the small
+forms of plain operators, float32 for the custom operators' buffers), and the custom ops'
+backward was not the derivative of their partly autocast forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mmfuse  # noqa: E402
+
+
+def _leaf(rng, shape, scale=1.0):
+    return torch.tensor(scale * rng.standard_normal(shape), dtype=torch.float32, requires_grad=True)
+
+
+def _cases(rng, batch):
+    xs = [_leaf(rng, (batch, 3)), _leaf(rng, (batch, 4))]
+    factors = [_leaf(rng, (2, 4, 3), 0.5), _leaf(rng, (2, 5, 3), 0.5)]
+    weight = _leaf(rng, (4, 5, 3), 0.5)
+    cp = (_leaf(rng, (2,)), [_leaf(rng, (4, 2), 0.5), _leaf(rng, (5, 2), 0.5), _leaf(rng, (3, 2), 0.5)])
+    seq_batch = max(1, batch // 50)
+    hs = [_leaf(rng, (seq_batch, 5, 3)), _leaf(rng, (seq_batch, 6, 3))]
+    feature, token = [_leaf(rng, (2, 3, 4)), _leaf(rng, (2, 3, 4))], [_leaf(rng, (2, 5, 3)), _leaf(rng, (2, 6, 3))]
+    wx = [_leaf(rng, (seq_batch, 6, 4)), _leaf(rng, (seq_batch, 5, 4))]
+    p = mmfuse.init_wander([4, 4], [6, 5], rank=3, feature_rank=2, token_rank=2, out_dim=4, seed=1, xp=torch)
+    params = {
+        "down": [(w.requires_grad_(True), b.requires_grad_(True)) for w, b in p["down"]],
+        "feature": [f.requires_grad_(True) for f in p["feature"]],
+        "token": [(t + 0.1).detach().requires_grad_(True) for t in p["token"]],
+    }
+    return {
+        "tensor_fusion": (lambda a: mmfuse.tensor_fusion(a[0], a[1]), (xs, weight)),
+        "lowrank_fusion": (lambda a: mmfuse.lowrank_fusion(a[0], a[1]), (xs, factors)),
+        "cp_fusion": (lambda a: mmfuse.cp_fusion(a[0], a[1]), (xs, cp)),
+        "tensor_interactions": (lambda a: mmfuse.tensor_interactions(a[0], a[1])[0], (xs, weight)),
+        "lowrank_interactions": (lambda a: mmfuse.lowrank_interactions(a[0], a[1])[0], (xs, factors)),
+        "cp_interactions": (lambda a: mmfuse.cp_interactions(a[0], a[1])[0], (xs, cp)),
+        "sequence_fusion": (lambda a: mmfuse.sequence_fusion(*a), (hs, feature, token)),
+        "wander": (lambda a: mmfuse.wander(a[0], a[1], mode="collapsed"), (wx, params)),
+    }
+
+
+def _leaves(tree):
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    return [leaf for item in tree for leaf in _leaves(item)]
+
+
+def _bf16(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.to(torch.bfloat16)
+    if isinstance(tree, dict):
+        return {k: _bf16(v) for k, v in tree.items()}
+    return type(tree)(_bf16(v) for v in tree)
+
+
+@pytest.mark.parametrize("batch", [5, 3000])  # the small forms, and the custom ops
+def test_fusions_under_autocast_are_the_fusion_of_the_cast_inputs(batch):
+    rng = np.random.default_rng(batch)
+    for name, (call, args) in _cases(rng, batch).items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = call(args)
+        want = call(_bf16(args))  # outside the region: the inputs cast by hand
+        assert out.dtype == torch.bfloat16, name
+        assert torch.equal(out, want), name
+        leaves = _leaves(args)
+        upstream = torch.tensor(rng.standard_normal(out.shape), dtype=torch.bfloat16)
+        got = torch.autograd.grad((out * upstream).sum(), leaves, allow_unused=True)
+        expected = torch.autograd.grad((call(_bf16(args)) * upstream).sum(), leaves, allow_unused=True)
+        for g, e, leaf in zip(got, expected, leaves):
+            assert (g is None) == (e is None), name
+            if g is not None:
+                assert g.dtype == leaf.dtype == torch.float32, name
+                assert torch.equal(g, e), name
+
+
+def test_float64_and_the_alignment_operators_are_not_cast():
+    """autocast never casts float64 (torch's rule); the alignment operators are
+    normalisations, which autocast runs in float32: both keep their dtype."""
+    rng = np.random.default_rng(0)
+    xs = [torch.tensor(rng.standard_normal((5, d))) for d in (3, 4)]
+    factors = [torch.tensor(rng.standard_normal((2, d + 1, 3))) for d in (3, 4)]
+    x, g = torch.randn(2, 6, 3), torch.randn(2, 5, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mmfuse.lowrank_fusion(xs, factors).dtype == torch.float64
+        assert mmfuse.zoom_shift(x, g).dtype == torch.float32
+        assert mmfuse.align([x, g])[0].dtype == torch.float32
