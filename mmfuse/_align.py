@@ -20,7 +20,17 @@ from functools import partial
 from typing import Any
 
 from ._core import align as core
-from ._namespace import array_namespace, in_native_order, is_array, is_jax, is_torch, mask_tokens, work_dtype
+from ._namespace import (
+    array_namespace,
+    in_native_order,
+    in_work_dtype,
+    is_array,
+    is_jax,
+    is_torch,
+    low_precision,
+    mask_tokens,
+    work_dtype,
+)
 from ._plan import PlanCache, call_key, planned_impl
 from ._validation import (
     as_sequence,
@@ -1044,8 +1054,16 @@ def zoom_shift_fusion(
         # Masked tokens are mapped but never pooled: zeroed, NaN or inf padding cannot reach
         # the gradients through 0 * NaN (values are unchanged: they never enter statistics).
         seq = [mask_tokens(xp, x, k) for x, k in zip(seq, masks)]
-    aligned = _run_align(seq, masks, rounds, alpha, schedule, topology, hub, axis, eps, opts["backend"])
-    return core.zoom_shift_fusion(aligned, fuse_how=fuse, pool_how=pool, masks=masks)
+
+    def align_pool_fuse(seq: list[Any]) -> Any:
+        aligned = _run_align(seq, masks, rounds, alpha, schedule, topology, hub, axis, eps, opts["backend"])
+        return core.zoom_shift_fusion(aligned, fuse_how=fuse, pool_how=pool, masks=masks)
+
+    if low_precision(xp, seq[0].dtype):
+        # float16 / bfloat16: aligned, pooled and fused in float32, rounded once (pooling the
+        # aligned sequences rounded to 16 bits cost hundreds of ulps of a small pooled mean)
+        return in_work_dtype(align_pool_fuse, xp, seq[0].dtype, seq)
+    return align_pool_fuse(seq)
 
 
 def _has_autograd(xp: Any) -> bool:

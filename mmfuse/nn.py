@@ -49,7 +49,7 @@ from ._autocast import eligible as autocast_eligible
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
-from ._namespace import low_precision, mask_tokens, torch_namespace, work_dtype
+from ._namespace import low_precision, mask_tokens, torch_namespace, tree_map, work_dtype
 from ._plan import PlanCache, call_key
 from ._validation import check_bool_option, check_device, check_positive_int, check_size_list
 from .backends import BackendUnsupported, lookup
@@ -1483,11 +1483,16 @@ class ZoomShift(nn.Module):
                 check_eps_dtype(torch_namespace(), self.eps, dtype)
             if mask_list is not None:  # as zoom_shift_fusion: padding never reaches gradients
                 xs = [mask_tokens(torch_namespace(), x, k) for x, k in zip(xs, mask_list)]
+            # float16 / bfloat16: aligned, pooled and fused in float32, rounded once (as
+            # zoom_shift_fusion)
+            work = work_dtype(torch_namespace(), dtype)
             ys = _TORCH["align"](
-                xs, rounds=self.rounds, alpha=self.alpha, schedule=self.schedule, topology=self.topology,
-                hub=self.hub or 0, axis=-2, masks=mask_list, eps=self.eps,
+                [x.to(work) for x in xs], rounds=self.rounds, alpha=self.alpha,
+                schedule=self.schedule, topology=self.topology, hub=self.hub or 0, axis=-2,
+                masks=mask_list, eps=self.eps,
             )  # fmt: skip
-            return pool_and_fuse(ys, fuse_how=self.fuse, pool_how=self.pool, masks=mask_list)
+            out = pool_and_fuse(ys, fuse_how=self.fuse, pool_how=self.pool, masks=mask_list)
+            return tree_map(lambda a: a.to(dtype), out) if work != dtype else out
         from ._align import zoom_shift_fusion
 
         with _layer_call(self):
@@ -1613,6 +1618,15 @@ class GuidedZoomShift(nn.Module):
         if (device_type := autocast_device(xs)) is not None:  # statistics in the layer's dtype
             with torch.autocast(device_type, enabled=False):
                 return self.modulate(cast_tree(xs, self.weight.dtype), masks)
+        xs, ys = self._modulated(xs, masks)
+        # float16 / bfloat16: the statistics are float32, so is y; rounded once to x's dtype
+        return [x if m == self.guide else y.to(x.dtype) for m, (x, y) in enumerate(zip(xs, ys))]
+
+    def _modulated(
+        self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The checked inputs and :meth:`modulate`'s sequences in the statistics' dtype
+        (float32 for a 16-bit layer, the guide's upcast exactly), not yet rounded."""
         dims = (self.channels,) * self.num_modalities
         xs, mask_list = _check_seq_inputs(xs, dims, None, self.weight.dtype, masks, type(self).__name__)
         full = mask_list if mask_list is not None else [None] * len(xs)
@@ -1640,18 +1654,16 @@ class GuidedZoomShift(nn.Module):
         k = 0
         for m, (x, mask) in enumerate(zip(xs, full)):
             if m == self.guide:
-                out.append(x)
+                out.append(guide)
                 continue
             # masked tokens zeroed first (mapped, never pooled): NaN or inf padding would reach
             # the parameters' gradients as 0 * NaN through the zoom (as ZoomShift's)
             x = mask_tokens(torch_namespace(), x, mask)
             mean, _ = _masked_stats(x, mask)
             log_zoom, shift = heads[k, :, None, :c], heads[k, :, None, c:]
-            y = mean + (x - mean) * torch.exp(log_zoom) + shift
-            # float16 / bfloat16: the statistics are float32, so is y; rounded once to x's dtype
-            out.append(y if y.dtype == x.dtype else y.to(x.dtype))
+            out.append(mean + (x - mean) * torch.exp(log_zoom) + shift)
             k += 1
-        return out
+        return xs, out
 
     def _check_parameters(self, xs: list[torch.Tensor]) -> None:
         """The parameters' shapes, dtypes and device (a user may replace them; the inputs' and
@@ -1701,6 +1713,10 @@ class GuidedZoomShift(nn.Module):
             with torch.autocast(device_type, enabled=False):
                 # (this class's forward, as ZoomShift's: not a subclass's a second time)
                 return GuidedZoomShift.forward(self, cast_tree(xs, self.weight.dtype), masks)
-        ys = self.modulate(xs, masks)
+        xs, ys = self._modulated(xs, masks)
         full = list(masks) if masks is not None else [None] * len(ys)
-        return fuse([pool(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)
+        # pooled and fused in the statistics' dtype, rounded once (float16 / bfloat16: pooling
+        # sequences rounded to 16 bits cost many ulps of a small pooled mean)
+        out = fuse([pool(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)
+        dtype = xs[0].dtype
+        return tree_map(lambda a: a.to(dtype), out) if ys[0].dtype != dtype else out

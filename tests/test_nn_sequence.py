@@ -352,6 +352,44 @@ def test_guided_zoom_shift_keeps_low_precision_dtypes(dtype):
         assert torch.equal(a, b.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fuse", ["mean", "sum", None])
+def test_zoom_shift_fusion_16_bit_is_float32_maths_rounded_once(dtype, fuse):
+    """float16 / bfloat16 Zoom-and-Shift fusion: aligned, pooled and fused in float32, rounded
+    once, bit for bit (zoom_shift_fusion, the ZoomShift layer eager and compiled, and
+    GuidedZoomShift's forward).  Pooling the aligned sequences rounded to 16 bits had cost up
+    to hundreds of ulps of a small pooled mean (and sums of pooled features one more rounding)."""
+    torch.manual_seed(2)
+    low = [x.to(dtype) for x in _xs(7, dtype=torch.float32)]
+    masks = _masks(7)
+    wide = [x.float() for x in low]
+
+    def rounded(out):
+        return [o.to(dtype) for o in out] if isinstance(out, list) else out.to(dtype)
+
+    def same(got, want):
+        for a, b in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
+            assert a.dtype == dtype and torch.equal(a, b)
+
+    for pool in ("mean", "max"):
+        options = {"fuse": fuse, "pool": pool, "rounds": None, "alpha": 0.5}
+        want = rounded(mmfuse.zoom_shift_fusion(wide, masks=masks, **options))
+        same(mmfuse.zoom_shift_fusion(low, masks=masks, **options), want)
+        layer = ZoomShift(D, 3, **options)
+        same(layer(low, masks=masks), want)
+        torch._dynamo.reset()  # (a new layer per case: Dynamo's recompile limit is per code object)
+        compiled = torch.compile(ZoomShift(D, 3, dtype=dtype, **options), fullgraph=True, backend="aot_eager")
+        same(compiled(low, masks=masks), want)
+        guided = GuidedZoomShift(D, 3, guide=1, fuse=fuse, pool=pool, dtype=dtype)
+        with torch.no_grad():
+            guided.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+            guided.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+        f32 = GuidedZoomShift(D, 3, guide=1, fuse=fuse, pool=pool, dtype=torch.float32)
+        f32.load_state_dict({k: v.float() for k, v in guided.state_dict().items()})
+        with torch.no_grad():
+            same(guided(low, masks=masks), rounded(f32(wide, masks=masks)))
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 
