@@ -21,6 +21,7 @@ __all__ = [
     "device_key",
     "device_of",
     "from_numpy",
+    "has_float64",
     "is_array",
     "is_cupy",
     "is_dask",
@@ -340,18 +341,26 @@ def widens_float32(xp: Namespace, like: Array) -> bool:
     without float64)."""
     if like.dtype != xp.float32:
         return False
-    if type(like) is np.ndarray:
+    return type(like) is np.ndarray or has_float64(xp, device_of(like))
+
+
+def has_float64(xp: Namespace, device: Any) -> bool:
+    """Whether arrays of namespace ``xp`` on ``device`` can be float64 (the one answer to it):
+    not torch tensors on Apple's MPS, nor JAX outside its 64-bit mode (which would keep float32
+    silently: asked as the initialisers' :func:`mmfuse._validation.check_jax_width` asks);
+    elsewhere the standard's inspection API says, for ``device`` (array-api-strict has a device
+    without float64)."""
+    if is_numpy(xp):
         return True
     if is_jax(xp):
         return bool(sys.modules["jax"].dtypes.canonicalize_dtype(np.float64) == np.float64)
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(like, torch.Tensor):
-        return bool(like.device.type != "mps")
+    if is_torch(xp):  # (a torch.device, or its name: "mps", "mps:0")
+        return str(getattr(device, "type", device)).split(":")[0] != "mps"
     info = getattr(xp, "__array_namespace_info__", None)
     if info is None:  # (a namespace before the 2023.12 standard: float64 is required there)
         return True
     try:
-        return "float64" in info().dtypes(device=device_of(like), kind="real floating")
+        return "float64" in info().dtypes(device=device, kind="real floating")
     except Exception:  # an inspection API that cannot answer for this device: as before it
         return True
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._namespace import from_numpy, is_host_device, is_jax, is_numpy, is_torch
+from ._namespace import from_numpy, has_float64, is_host_device, is_numpy, is_torch
 from ._validation import check_bool_option, check_device, check_jax_width, check_namespace, random_generator
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
@@ -144,8 +144,10 @@ def _check_split(split: str | None) -> None:
         raise ValueError(f"split must be one of None, 'train', 'test'; got {split!r}")
 
 
-def resolve_dtype(xp: Namespace | None, dtype: Any) -> Any:
-    """The floating dtype to return features in (a dtype of ``xp``, or of NumPy).
+def resolve_dtype(xp: Namespace | None, dtype: Any, device: Any = None) -> Any:
+    """The floating dtype to return features in (a dtype of ``xp``, or of NumPy): ``dtype``,
+    or by default float64, float32 where ``xp`` has no float64 on ``device`` (JAX without its
+    64-bit mode, torch's MPS, array-api-strict's "no_float64" device).
 
     Raises
     ------
@@ -162,12 +164,8 @@ def resolve_dtype(xp: Namespace | None, dtype: Any) -> Any:
             raise TypeError(f"dtype must be a real floating dtype, got {resolved}")
         return resolved
     name = getattr(xp, "__name__", repr(xp))
-    if dtype is None:
-        if is_jax(xp):  # float32 unless x64 is enabled (JAX has no float64 then, and warns)
-            import jax
-
-            return jax.dtypes.canonicalize_dtype(xp.float64)
-        return xp.float64
+    if dtype is None:  # (JAX without x64 has no float64, and would warn and truncate)
+        return xp.float64 if has_float64(xp, device) else xp.float32
     if isinstance(dtype, str):
         if not dtype.isidentifier() or dtype.startswith("_") or not hasattr(xp, dtype):
             raise TypeError(f"dtype {dtype!r} is not a dtype of the namespace {name}")
@@ -217,9 +215,9 @@ def _finish(
         check_namespace(xp)
     if xp is None and device is not None and not is_host_device(device):
         raise ValueError(f"device={device!r} needs an array namespace: pass xp= as well")
+    feat_dtype = resolve_dtype(xp, dtype, device)
     if xp is not None:
-        check_device(xp, device)  # before the shuffle draws from a caller's Generator
-    feat_dtype = resolve_dtype(xp, dtype)
+        check_device(xp, device, feat_dtype)  # before the shuffle draws from a caller's Generator
     rows = np.arange(target.shape[0])
     if split is not None:
         rows = rows[is_train] if split == "train" else rows[~is_train]
@@ -285,8 +283,9 @@ def load_mfeat(
         Device of the returned arrays in ``xp``.
     dtype : dtype or str, optional
         Floating dtype of the feature arrays (a dtype of ``xp`` or its name); float64 by
-        default, which holds the published values exactly (under JAX float32 unless x64 is
-        enabled: it has no float64 then).  Labels are always int64 (under
+        default, which holds the published values exactly (float32 where the namespace has
+        no float64 on ``device``: JAX unless x64 is enabled, torch's MPS, array-api-strict's
+        "no_float64" device).  Labels are always int64 (under
         JAX int32 unless x64 is enabled: it has no int64 then).
     shuffle : bool, default False
         Permute the rows (the same permutation for every view, the labels and
@@ -405,8 +404,9 @@ def load_basic_motions(
         Device of the returned arrays in ``xp``.
     dtype : dtype or str, optional
         Floating dtype of the series (a dtype of ``xp`` or its name); float64 by default,
-        which holds the published values exactly (under JAX float32 unless x64 is enabled:
-        it has no float64 then).  Labels are always int64 (under JAX int32 unless x64 is
+        which holds the published values exactly (float32 where the namespace has no
+        float64 on ``device``: JAX unless x64 is enabled, torch's MPS, array-api-strict's
+        "no_float64" device).  Labels are always int64 (under JAX int32 unless x64 is
         enabled: it has no int64 then).
     shuffle : bool, default False
         Permute the recordings (the same permutation for both modalities, ``raw``, the

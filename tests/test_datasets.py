@@ -396,3 +396,14 @@ def test_jax_without_x64_loads_float32_without_a_warning():
                 np.testing.assert_allclose(np.asarray(got.views[0]), load().views[0], rtol=1e-6)
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+def test_default_dtype_on_a_device_without_float64():
+    """float64 by default, float32 where the device has none (array-api-strict's
+    "no_float64" device): the load was refused as "not a device of array_api_strict"."""
+    strict = pytest.importorskip("array_api_strict")
+    device = strict.Device("no_float64")
+    for load in (load_mfeat, load_basic_motions):
+        data = load(xp=strict, device=device)
+        assert all(v.dtype == strict.float32 and v.device == device for v in data.views)
+        assert load(xp=strict).views[0].dtype == strict.float64

@@ -266,6 +266,14 @@ def test_float32_on_a_device_without_float64(rng):
     for a, w in zip(aligned, want):
         assert a.dtype == strict.float32 and a.device == device
         np.testing.assert_allclose(host(a), w, rtol=2e-5, atol=2e-5)
+    # more than F32_TOKENS tokens: the statistics' sums, accumulated in float64 where the
+    # device has it, stay in float32 here
+    long = 3.0 + rng.standard_normal((2, 70, 4))
+    mean, std = mmfuse.moments(on_device(long))
+    assert mean.dtype == strict.float32 and mean.device == device
+    want_mean, want_std = mmfuse.reference.moments(long.astype(np.float32))
+    np.testing.assert_allclose(host(mean), want_mean, rtol=1e-6)
+    np.testing.assert_allclose(host(std), want_std, rtol=1e-5)
 
 
 @pytest.mark.parametrize("version", ["2022.12", "2023.12"])

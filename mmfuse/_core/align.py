@@ -255,7 +255,8 @@ def _accumulator(xp: Any, x: Any, axis: int) -> Any:
     if torch is not None and isinstance(x, torch.Tensor):  # (isinstance: traced by Dynamo)
         return None
     long_axis = not isinstance(x.shape[axis], int) or x.shape[axis] > F32_TOKENS
-    if long_axis and x.dtype == xp.float32 and not (is_jax(xp) or is_cupy(xp)):
+    # (widens_float32: float32, on a device that has float64; array-api-strict has one without)
+    if long_axis and not (is_jax(xp) or is_cupy(xp)) and widens_float32(xp, x):
         return xp.float64
     return None
 
