@@ -21,7 +21,7 @@ inputs are looked up in ``sys.modules["torch"]``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["autocast_device", "cast_tree", "eligible", "without_autocast"]
@@ -61,15 +61,30 @@ def cast_tree(obj: Any, dtype: Any) -> Any:
         return [cast_tree(v, dtype) for v in obj]
     if isinstance(obj, tuple):  # (a tuple subclass, such as TensorLy's CPTensor, as its items)
         return tuple(cast_tree(v, dtype) for v in obj)
-    if type(obj) is dict:
+    if isinstance(obj, Mapping):  # (a dict, or another mapping: as a dict)
         return {k: cast_tree(v, dtype) for k, v in obj.items()}
     return obj
 
 
 def without_autocast(device_type: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` with the floating tensors in the autocast dtype of
-    ``device_type``, autocast off inside."""
+    ``device_type``, autocast off inside.  A call with a float64 tensor is not cast at all
+    (autocast never casts float64): its other tensors keep the dtypes the caller gave, so that
+    the dtype checks name those, not the region's."""
     torch = sys.modules["torch"]
+    if _has_float64(torch, (args, kwargs)):
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args, **kwargs)
     dtype = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type, enabled=False):
         return fn(*cast_tree(args, dtype), **cast_tree(kwargs, dtype))
+
+
+def _has_float64(torch: Any, obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.dtype == torch.float64
+    if isinstance(obj, (list, tuple)):
+        return any(_has_float64(torch, v) for v in obj)
+    if isinstance(obj, Mapping):
+        return any(_has_float64(torch, v) for v in obj.values())
+    return False

@@ -227,7 +227,7 @@ def _autocast_fusion(
     ``device_type``, autocast off inside.  Parameters follow the inputs' rule: a float64 layer
     stays float64 (as ``nn.Linear``)."""
     dtype = torch.get_autocast_dtype(device_type)
-    params = {name: p.to(dtype) if autocast_eligible(p) else p for name, p in module.named_parameters()}
+    params = cast_tree(dict(module.named_parameters()), dtype)
     cast_params = any(autocast_eligible(p) and p.dtype != dtype for _, p in _own_parameters(module))
     for m, x in enumerate(xs if cast_params and isinstance(xs, (list, tuple)) else ()):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float64:

@@ -7,6 +7,8 @@ backward was not the derivative of their partly autocast forward."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 
@@ -23,8 +25,9 @@ def _cases(rng, batch):
     xs = [_leaf(rng, (batch, 3)), _leaf(rng, (batch, 4))]
     factors = [_leaf(rng, (2, 4, 3), 0.5), _leaf(rng, (2, 5, 3), 0.5)]
     weight = _leaf(rng, (4, 5, 3), 0.5)
-    cp = (_leaf(rng, (2,)), [_leaf(rng, (4, 2), 0.5), _leaf(rng, (5, 2), 0.5), _leaf(rng, (3, 2), 0.5)])
-    seq_batch = max(1, batch // 50)
+    # rank 8: projections wider than the inputs, so that large batches take the custom op
+    cp = (_leaf(rng, (8,)), [_leaf(rng, (4, 8), 0.5), _leaf(rng, (5, 8), 0.5), _leaf(rng, (3, 8), 0.5)])
+    seq_batch = max(1, batch // 10)
     hs = [_leaf(rng, (seq_batch, 5, 3)), _leaf(rng, (seq_batch, 6, 3))]
     feature, token = [_leaf(rng, (2, 3, 4)), _leaf(rng, (2, 3, 4))], [_leaf(rng, (2, 5, 3)), _leaf(rng, (2, 6, 3))]
     wx = [_leaf(rng, (seq_batch, 6, 4)), _leaf(rng, (seq_batch, 5, 4))]
@@ -43,6 +46,8 @@ def _cases(rng, batch):
         "cp_interactions": (lambda a: mmfuse.cp_interactions(a[0], a[1])[0], (xs, cp)),
         "sequence_fusion": (lambda a: mmfuse.sequence_fusion(*a), (hs, feature, token)),
         "wander": (lambda a: mmfuse.wander(a[0], a[1], mode="collapsed"), (wx, params)),
+        # parameters in another mapping than a dict (cast as well: they were not)
+        "wander, OrderedDict": (lambda a: mmfuse.wander(a[0], OrderedDict(a[1]), mode="collapsed"), (wx, params)),
     }
 
 
@@ -62,7 +67,7 @@ def _bf16(tree):
     return type(tree)(_bf16(v) for v in tree)
 
 
-@pytest.mark.parametrize("batch", [5, 3000])  # the small forms, and the custom ops
+@pytest.mark.parametrize("batch", [5, 3000])  # the small forms, and the custom ops (see the test)
 def test_fusions_under_autocast_are_the_fusion_of_the_cast_inputs(batch):
     rng = np.random.default_rng(batch)
     for name, (call, args) in _cases(rng, batch).items():
@@ -71,6 +76,8 @@ def test_fusions_under_autocast_are_the_fusion_of_the_cast_inputs(batch):
         want = call(_bf16(args))  # outside the region: the inputs cast by hand
         assert out.dtype == torch.bfloat16, name
         assert torch.equal(out, want), name
+        if batch > 5 and "interactions" not in name and name != "tensor_fusion":  # (no custom op)
+            assert "Backward0" not in type(out.grad_fn).__name__, (name, type(out.grad_fn).__name__)
         leaves = _leaves(args)
         upstream = torch.tensor(rng.standard_normal(out.shape), dtype=torch.bfloat16)
         got = torch.autograd.grad((out * upstream).sum(), leaves, allow_unused=True)
@@ -84,7 +91,8 @@ def test_fusions_under_autocast_are_the_fusion_of_the_cast_inputs(batch):
 
 def test_float64_and_the_alignment_operators_are_not_cast():
     """autocast never casts float64 (torch's rule); the alignment operators are
-    normalisations, which autocast runs in float32: both keep their dtype."""
+    normalisations, which autocast runs in float32: both keep their dtype.  A call mixing
+    float64 with float32 is refused naming the dtypes given, not the region's."""
     rng = np.random.default_rng(0)
     xs = [torch.tensor(rng.standard_normal((5, d))) for d in (3, 4)]
     factors = [torch.tensor(rng.standard_normal((2, d + 1, 3))) for d in (3, 4)]
@@ -93,3 +101,5 @@ def test_float64_and_the_alignment_operators_are_not_cast():
         assert mmfuse.lowrank_fusion(xs, factors).dtype == torch.float64
         assert mmfuse.zoom_shift(x, g).dtype == torch.float32
         assert mmfuse.align([x, g])[0].dtype == torch.float32
+        with pytest.raises(TypeError, match=r"factors\[0\] has dtype torch.float32 but xs\[0\] has dtype torch.float64"):
+            mmfuse.lowrank_fusion(xs, [f.float() for f in factors])
