@@ -123,6 +123,24 @@ def test_auto_takes_triton_rows_whether_or_not_triton_is_imported():
     ]
 
 
+def test_explain_gives_a_refusal_before_a_skip():
+    """A row "auto" skips (its framework not imported) because its condition refuses the call
+    says why it refuses.  Since "auto" asks an import_at row's condition before importing its
+    framework, explain() asked about the skip first would have read, for numba's CPU kernels
+    and a large torch tensor needing gradients, "not considered: 'auto' takes it once numba is
+    imported, or for calls of size at least ...", which such a call would not get either."""
+    out = _run(
+        """
+        import sys, torch
+        from mmfuse.backends import explain
+        x = torch.ones(2, 1 << 19, 2, requires_grad=True)  # 2^21 elements: past import_at
+        rows = [r for r in explain("moments", x).rows if r[0] == "numba" and r[1] == "CPU kernels"]
+        print("numba" in sys.modules, rows[0][3])
+        """
+    )
+    assert out.startswith("False cannot take them: needs NumPy arrays, or torch CPU"), out
+
+
 def test_import_does_not_read_environment_or_set_state():
     out = _run(
         """

@@ -23,9 +23,10 @@ Here a busy machine costs at most the serial time plus one run of tasks.
 Numerics: sums accumulate in float64 whatever the input dtype; the variance is the corrected
 two-pass one (mean, then centred sums and squares, the first correcting the mean), as the
 core's pivot form and the reference, so accuracy does not depend on the mean-to-spread ratio
-and a channel with no spread has variance exactly 0.  The map is applied in the input's dtype as
-``(x - c) * s + (mu + alpha (mu_g - mu) - (mu - c) s)``, with ``c`` the mean rounded to that
-dtype (``x - c`` is exact near the mean) and the per-channel constants rounded once.
+and a channel with no spread has variance exactly 0.  The map is
+``(x - c) * s + (mu + alpha (mu_g - mu) - (mu - c) s)``, with ``c`` the mean rounded to the
+input's dtype (``x - c`` is exact near the mean) and the scale and offset in float64: computed
+in float64 and rounded once to the input's dtype (:func:`apply_map`).
 
 Compilation: on first use, per dtype, cached on disk (``cache=True``), so a process after the
 first loads them in well under a second.  Importing this module imports numba but compiles

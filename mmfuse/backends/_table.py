@@ -14,7 +14,8 @@ How a row is chosen:
 - ``"auto"``: every row but the reference's, highest priority first, skipping rows of an
   optional framework the process has not imported (``import mmfuse`` never imports one),
   except rows with an ``import_at`` element count, which "auto" also takes for calls of at
-  least that many elements when the framework is installed (the first such call imports it;
+  least that many elements that the row's condition accepts (read from the call's metadata,
+  before anything is imported) when the framework is installed (the first such call imports it;
   :data:`AUTO_IMPORT_ELEMENTS` says why numba's CPU kernels have one); the Array-API core's
   generic row takes anything, so something always runs.
 

@@ -1,8 +1,8 @@
 """The ``"triton"`` backend: fused Triton kernels for torch CUDA tensors.
 
 Importing this package imports torch and triton; the registry imports it lazily (by name, or
-under ``"auto"`` for the first call it would take: CUDA tensors of at least 2^20 elements), so
-``import mmfuse`` never does.
+under ``"auto"`` once the user has imported triton, or for the first call its measured rows
+would take: CUDA tensors of at least 2^20 elements), so ``import mmfuse`` never does.
 
 Why a fused kernel
 ------------------
