@@ -452,3 +452,30 @@ def test_from_lmf_names_factor_0_for_an_empty_rank_or_output(shape):
     factors = [torch.randn(*shape), torch.randn(shape[0], 3, shape[2])]
     with pytest.raises(ValueError, match=r"^factors\[0\] has shape \(\d+, 4, \d+\): LMF's \(R, d_0 \+ 1, h\) needs R >= 1 and h >= 1$"):
         LowRankFusion.from_lmf(factors, torch.ones(1, shape[0]), torch.zeros(1, shape[2]))
+
+
+_EXPORT_LAYERS = {
+    "LowRankFusion": lambda: LowRankFusion([8, 16], out_dim=4, rank=3),
+    "CPFusion": lambda: CPFusion([8, 16], out_dim=4, rank=3),
+    "TensorFusion": lambda: TensorFusion([3, 4], out_dim=4),
+    "WanderAdapter": lambda: WanderAdapter([8, 8], [6, 5], rank=4, feature_rank=2, token_rank=3, mode="collapsed"),
+    "ZoomShift": lambda: ZoomShift(8, 2),
+    "GuidedZoomShift": lambda: GuidedZoomShift(8, 2),
+}
+_EXPORT_SHAPES = {
+    "LowRankFusion": [(8,), (16,)], "CPFusion": [(8,), (16,)], "TensorFusion": [(3,), (4,)],
+    "WanderAdapter": [(6, 8), (5, 8)], "ZoomShift": [(6, 8), (5, 8)], "GuidedZoomShift": [(6, 8), (5, 8)],
+}
+
+
+@pytest.mark.parametrize("name", list(_EXPORT_LAYERS))
+def test_layers_export_with_a_dynamic_batch(name):
+    """torch.export of every layer (the deployment path), its batch dynamic: the exported
+    program at another batch size equals the eager layer."""
+    torch.manual_seed(0)
+    layer = _EXPORT_LAYERS[name]()
+    xs = [torch.randn(5, *shape) for shape in _EXPORT_SHAPES[name]]
+    batch = torch.export.Dim("B", min=2, max=4096)
+    program = torch.export.export(layer, (xs,), dynamic_shapes=([{0: batch} for _ in xs],))
+    other = [torch.randn(9, *shape) for shape in _EXPORT_SHAPES[name]]
+    torch.testing.assert_close(program.module()(other), layer(other))
