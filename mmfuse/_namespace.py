@@ -334,11 +334,7 @@ def jit_tracing(torch: Any) -> bool:
 
 def widens_float32(xp: Namespace, like: Array) -> bool:
     """Whether a float32 computation on arrays like ``like`` runs in float64, rounded once:
-    ``like`` is float32 and its namespace computes float64 there (not torch tensors on Apple's
-    MPS, which has none, nor JAX outside its 64-bit mode, which would keep float32 silently:
-    asked as the initialisers' :func:`mmfuse._validation.check_jax_width` asks; elsewhere the
-    standard's inspection API says, for ``like``'s device: array-api-strict has a device
-    without float64)."""
+    ``like`` is float32 and its device has float64 (:func:`has_float64`)."""
     if like.dtype != xp.float32:
         return False
     return type(like) is np.ndarray or has_float64(xp, device_of(like))
@@ -474,18 +470,28 @@ def low_precision(xp: Namespace, dtype: Any) -> bool:
 
 
 def in_work_dtype(func: Callable[..., Any], xp: Namespace, dtype: Any, *args: Any, **kwargs: Any) -> Any:
-    """``func(*args, **kwargs)`` with every floating array in :func:`work_dtype` of ``dtype``
-    (other arrays, masks say, as they are), the floating arrays of its result (an array, or
-    arrays nested in lists, tuples and dicts beside other values) rounded once back to
-    ``dtype``: how float16 / bfloat16 accumulate in float32 (a modality's projection, or a
-    sum of squares, overflows float16's 65504 long before the result does)."""
-    work = work_dtype(xp, dtype)
+    """``func(*args, **kwargs)`` computed in :func:`work_dtype` of ``dtype``, rounded once back
+    to ``dtype`` (:func:`computed_in`): how float16 / bfloat16 accumulate in float32 (a
+    modality's projection, or a sum of squares, overflows float16's 65504 long before the
+    result does)."""
+    return computed_in(func, xp, work_dtype(xp, dtype), dtype, *args, **kwargs)
 
-    def cast_to(target: Any) -> Callable[[Any], Any]:
-        return lambda a: xp.astype(a, target) if xp.isdtype(a.dtype, "real floating") else a
 
-    args_up, kwargs_up = tree_map(cast_to(work), (args, kwargs))
-    return tree_map(cast_to(dtype), func(*args_up, **kwargs_up))
+def computed_in(
+    func: Callable[..., Any], xp: Namespace, wide: Any, dtype: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """``func(*args, **kwargs)`` with every floating array in ``wide`` (other arrays, masks
+    say, as they are), the floating arrays of its result (an array, or arrays nested in
+    lists, tuples and dicts beside other values) rounded once to ``dtype``
+    (:func:`rounded_to`)."""
+    args_up, kwargs_up = rounded_to(xp, wide, (args, kwargs))
+    return rounded_to(xp, dtype, func(*args_up, **kwargs_up))
+
+
+def rounded_to(xp: Namespace, dtype: Any, obj: Any) -> Any:
+    """``obj`` with every floating array in it (nested in lists, tuples and dicts) cast to
+    ``dtype``, other values as they are."""
+    return tree_map(lambda a: xp.astype(a, dtype) if xp.isdtype(a.dtype, "real floating") else a, obj)
 
 
 def block_budget(x: Array, host_bytes: int) -> int:

@@ -49,7 +49,7 @@ from ._autocast import eligible as autocast_eligible
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
-from ._namespace import low_precision, mask_tokens, torch_namespace, tree_map, work_dtype
+from ._namespace import low_precision, mask_tokens, rounded_to, torch_namespace, work_dtype
 from ._plan import PlanCache, call_key
 from ._validation import check_bool_option, check_device, check_positive_int, check_size_list
 from .backends import BackendUnsupported, lookup
@@ -1492,7 +1492,7 @@ class ZoomShift(nn.Module):
                 masks=mask_list, eps=self.eps,
             )  # fmt: skip
             out = pool_and_fuse(ys, fuse_how=self.fuse, pool_how=self.pool, masks=mask_list)
-            return tree_map(lambda a: a.to(dtype), out) if work != dtype else out
+            return rounded_to(torch_namespace(), dtype, out) if work != dtype else out
         from ._align import zoom_shift_fusion
 
         with _layer_call(self):
@@ -1719,4 +1719,4 @@ class GuidedZoomShift(nn.Module):
         # sequences rounded to 16 bits cost many ulps of a small pooled mean)
         out = fuse([pool(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)
         dtype = xs[0].dtype
-        return tree_map(lambda a: a.to(dtype), out) if ys[0].dtype != dtype else out
+        return rounded_to(torch_namespace(), dtype, out) if ys[0].dtype != dtype else out

@@ -43,6 +43,7 @@ import numpy as np
 from .._namespace import (
     array_namespace,
     block_slices,
+    computed_in,
     device_of,
     is_cupy,
     is_dask,
@@ -992,16 +993,16 @@ def _limit_maps(
         raise ValueError("this iteration has no limit (Jacobi consensus, M = 2, alpha = 1)")
     options: dict[str, Any] = {"alpha": float(alpha), "schedule": schedule, "topology": topology, "hub": hub,
                                "eps": eps}  # fmt: skip
-    dtype = variances[0].dtype
     if not widens_float32(xp, variances[0]):
         return limit_maps(xp, mus, variances, w, **options)
     # The limit's scales are exp((log v* - log v_i) / 2): differences of logs, whose rounding
     # grows with |log v| (float32: 20 ulps of the output at spreads near 1e15, 16x a round's
     # error at the default options with spreads 1e4 and 1; a review's find).  Where the
     # namespace has float64, the (B, 1, C) statistics' limit runs in it, rounded once.
-    wide = [xp.astype(a, xp.float64) for a in (*mus, *variances)]
-    maps = limit_maps(xp, wide[: len(mus)], wide[len(mus) :], w, **options)
-    return [(xp.astype(s, dtype), xp.astype(mu, dtype), moved) for s, mu, moved in maps]
+    def limit(mus: list[Any], variances: list[Any]) -> list[Any]:
+        return limit_maps(xp, mus, variances, w, **options)
+
+    return computed_in(limit, xp, xp.float64, variances[0].dtype, list(mus), list(variances))
 
 
 def align_with(

@@ -23,6 +23,7 @@ from .._namespace import (
     array_namespace,
     block_budget,
     block_slices,
+    computed_in,
     in_work_dtype,
     is_dask,
     is_jax,
@@ -451,7 +452,7 @@ def gelu(xp: Any, x: Any) -> Any:
     if widens_float32(xp, x):
         # float32 in float64, rounded once, as on NumPy: the formulas in float32 took up to
         # 9 ulps (Dask), where rounding the float64 value is within half an ulp
-        return xp.astype(_gelu_generic(xp, xp.astype(x, xp.float64)), xp.float32)
+        return computed_in(_gelu_generic, xp, xp.float64, x.dtype, xp, x)
     return _gelu_generic(xp, x)
 
 
