@@ -104,7 +104,7 @@ from ..._core.align import align as _core_align
 from ..._namespace import jit_tracing, torch_namespace
 from .._torch_eager import bind
 from ._common import cast, compute_dtype
-from .zoom_shift import host_view, on_host, plan_on_host
+from .zoom_shift import host_layout, host_view, on_host, plan_on_host
 
 _XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
 
@@ -138,13 +138,15 @@ def _on_numpy(
     topology: str,
     hub: int,
     axis: int,
-    masks: Sequence[torch.Tensor | None],
+    masks: Sequence[torch.Tensor | None] | None,
     eps: float,
 ) -> list[torch.Tensor]:
-    """The forward by the core's NumPy primitives on the tensors' memory (:func:`on_host`)."""
+    """The forward by the core's NumPy primitives on the tensors' memory (:func:`on_host`);
+    ``masks`` None: none."""
     ys = align_with(
         NUMPY, [host_view(x) for x in xs], rounds=rounds, alpha=alpha, schedule=schedule,
-        topology=topology, hub=hub, axis=axis, masks=[host_view(k) for k in masks], eps=eps,
+        topology=topology, hub=hub, axis=axis, masks=None if masks is None else [host_view(k) for k in masks],
+        eps=eps,
     )  # fmt: skip
     return [torch.from_numpy(y) for y in ys]  # new arrays: the primitives never write an input
 
@@ -325,20 +327,25 @@ def align(
     )  # fmt: skip
 
 
+def _align_on_host(
+    xs: list[Any], *, rounds: int | None, alpha: float, schedule: str, topology: str, hub: int,
+    axis: int, masks: list[Any] | None = None, eps: float,
+) -> list[Any]:  # fmt: skip
+    """:func:`align`'s planned NumPy path (:func:`~.zoom_shift.plan_on_host`)."""
+    if host_layout(xs):
+        return _on_numpy(xs, rounds, alpha, schedule, topology, hub, axis, masks, eps)
+    return align(
+        xs, rounds=rounds, alpha=alpha, schedule=schedule, topology=topology, hub=hub, axis=axis,
+        masks=masks, eps=eps,
+    )  # fmt: skip
+
+
 def _plan_align(
     xs: list[Any], *, rounds: int | None, alpha: float, schedule: str, topology: str, hub: int,
     axis: int, masks: list[Any] | None, eps: float,
 ) -> Any:  # fmt: skip
     """:func:`align`'s own plan (:func:`~.zoom_shift.plan_on_host`)."""
-
-    def numpy_path(
-        xs: list[Any], *, rounds: int | None, alpha: float, schedule: str, topology: str, hub: int,
-        axis: int, masks: list[Any] | None = None, eps: float,
-    ) -> list[Any]:  # fmt: skip
-        masks_list = [None] * len(xs) if masks is None else masks
-        return _on_numpy(xs, rounds, alpha, schedule, topology, hub, axis, masks_list, eps)
-
-    return plan_on_host(align, numpy_path, xs, [] if masks is None else masks, lambda args: args[0])
+    return plan_on_host(align, _align_on_host, xs, [] if masks is None else masks)
 
 
 align.plan = _plan_align  # type: ignore[attr-defined]  # (mmfuse._plan.planned_impl)
