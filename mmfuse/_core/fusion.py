@@ -117,8 +117,12 @@ def affine(x: Any, mat: Any, append_one: bool) -> Any:
             hat[..., :d] = x
             hat[..., d] = 1
             return hat @ mat
-        out = x @ mat[..., :d, :]
-        out += mat[..., d : d + 1, :]  # the product's own buffer (x and mat are never written)
+        if mat.ndim == 2:  # (plain slices: an Ellipsis index costs twice as much, 0.15 us a modality)
+            out = x @ mat[:d]
+            out += mat[d]
+        else:
+            out = x @ mat[..., :d, :]
+            out += mat[..., d : d + 1, :]  # the product's own buffer (x and mat are never written)
         return out
     torch = sys.modules.get("torch")  # isinstance, not is_torch(xp): Dynamo traces this line
     if torch is not None and isinstance(x, torch.Tensor) and mat.ndim in (2, 3) and x.ndim <= mat.ndim:
