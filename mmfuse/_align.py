@@ -676,7 +676,11 @@ def zoom_shift(
     :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)`, the guide's up to O(eps).  A channel
     of x with zero spread (possible only with ``eps = 0``) is shifted, not zoomed; gradients take
     the zero spread's own derivative as 0 (exact for a lane with one unmasked token, the
-    subgradient 0 for equal values).  Naive definition::
+    subgradient 0 for equal values).  Statistics past their dtype's range (see
+    :func:`moments`: float32 spreads above about 1.8e19) are infinite or NaN: an infinite
+    spread zooms its lane by 0, so every token takes the target mean, as the plain
+    ``(x - mu) / sigma * sigma_g + mu_g`` does, and a NaN one gives NaN.  The numba kernels
+    accumulate float32 in float64, so they meet float64's limits instead.  Naive definition::
 
         mu_x, s_x = moments(x, mask=mask, eps=eps)
         mu_g, s_g = moments(guide, mask=guide_mask, eps=eps)

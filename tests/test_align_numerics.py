@@ -632,6 +632,30 @@ def test_align_propagates_a_nan_in_an_unmasked_token(rng, backend, kwargs):
     np.testing.assert_allclose(ys[1][ok], want[1][ok], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", [None, "array_api", "torch", "numba"])
+def test_the_reference_takes_a_nan_spread_as_every_implementation_does(rng, backend):
+    """A float64 spread past about 1.3e154 overflows the variance (a documented limit) while
+    the mean stays finite: a lane's spread is then infinite or NaN, depending on its rounding.
+    The reference tested "no spread" as ``not sigma > 0``, so it shifted a NaN lane without
+    zooming it (finite values near 1e200) where every implementation returns NaN by the
+    documented rule (only a spread of exactly 0 is none).  Now they agree lane by lane."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    x, g = 1e200 * rng.standard_normal((4, 6, 8)), rng.standard_normal((4, 5, 8))
+    x[-1] *= 1e-200  # a last sample of ordinary size: finite everywhere
+    args = (x, g)
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        args = (torch.tensor(x), torch.tensor(g))
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = reference.zoom_shift(x, g)
+        got = to_numpy(mmfuse.zoom_shift(*args, backend=backend))
+    assert np.isnan(want[:-1]).any() and np.isfinite(want[-1]).all()
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-12, atol=1e-12)
+
+
 def test_the_reference_keeps_a_large_mean_out_of_the_output(rng):
     """x about 1e8 with unit spread: the reference's outputs are unit-sized and right to the
     last bits (its means were one float64 each, good only to an ulp of 1e8: 6e-9 errors), as

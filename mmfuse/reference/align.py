@@ -128,12 +128,14 @@ def _zoom_shift_to(
     :func:`align`'s rounds (``in_rounds``) variance 0 at any eps, as in their limit: round
     after round, the zoom of a spread of sqrt(eps) toward a wider target compounds without
     end (its unmasked tokens sit at their mean whatever the scale; its padding would not).
+    "No spread" is a spread of exactly 0: a NaN spread (a NaN token, or a variance past
+    float64's range) gives a NaN scale, as in every implementation.
     """
     mu0, corr, var = _two_pass(x, axis, mask)
     mu_x, sigma_x = mu0 + corr, np.sqrt(var + eps)
     scale = np.ones_like(sigma_x)
     for idx in np.ndindex(sigma_x.shape):
-        if sigma_x[idx] > 0 and not (in_rounds and var[idx] == 0):
+        if not (sigma_x[idx] == 0 or (in_rounds and var[idx] == 0)):
             scale[idx] = (sigma_t[idx] / sigma_x[idx]) ** alpha
     # zoom then shift, y = mu_x + (x - mu_x) s + alpha (mu_t - mu_x), with x - mu_x as
     # (x - m0) - corr and the means combined first: the same maths, summed so that a large
