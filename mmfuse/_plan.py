@@ -118,7 +118,8 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
     a tiny call's signature has a dozen arrays, and the keys were a fifth of its planned
     time): a NumPy array as its shape and dtype, a list or tuple as its type and length
     followed by its elements, None as None, any other array as a tuple (type, shape, dtype,
-    device; for torch tensors also ``requires_grad`` and layout).  Unambiguous read left
+    device; for torch tensors also ``requires_grad`` and layout, for others their ``chunks``
+    where they have them: Dask's).  Unambiguous read left
     to right, since each kind starts with an entry of its own kind: a shape is a tuple of
     ints, a sequence starts with the type list or tuple, other arrays' tuples start with
     their type."""
@@ -137,8 +138,11 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
             # the layout too: the checks refuse a sparse tensor, so it must not meet a dense
             # one's plan
             out.append((t, a.shape, a.dtype, a.device, a.requires_grad, a.layout))
-        else:  # CuPy, JAX, Dask, array-api-strict, ...: the device where they have one
-            out.append((t, a.shape, a.dtype, device_key(getattr(a, "device", None))))
+        else:  # CuPy, JAX, Dask, array-api-strict, ...: the device where they have one, and
+            # a Dask array's chunks (the size checks count its largest batch chunk: a plan of
+            # fine chunks must not pass coarse ones of the same shape)
+            device = device_key(getattr(a, "device", None))
+            out.append((t, a.shape, a.dtype, device, getattr(a, "chunks", None)))
 
 
 def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:

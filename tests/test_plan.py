@@ -49,6 +49,24 @@ def test_signatures_of_different_arrangements_differ(rng):
     assert again == [keys[0], keys[2]]
 
 
+def test_dask_calls_of_other_chunks_are_planned_apart(rng):
+    """Dask's tensor_fusion refuses by its largest batch chunk (max_elements), so the chunks
+    are part of a Dask array's signature: a plan made for fine chunks let coarse chunks of
+    the same shape through, where a fresh process refuses them (a review's find)."""
+    da = pytest.importorskip("dask.array")
+    x1, x2, w = rng.standard_normal((8, 3)), rng.standard_normal((8, 2)), rng.standard_normal((4, 3, 5))
+
+    def call(rows):
+        xs = [da.from_array(x1, chunks=(rows, 3)), da.from_array(x2, chunks=(rows, 2))]
+        return mmfuse.tensor_fusion(xs, da.from_array(w), max_elements=60)
+
+    with pytest.raises(ValueError, match="max_elements=60"):
+        call(8)
+    assert_close(call(1).compute(), ref.tensor_fusion([x1, x2], w), rtol=1e-12)
+    with pytest.raises(ValueError, match="max_elements=60"):
+        call(8)
+
+
 def test_a_bad_call_after_a_good_one_raises_what_an_unplanned_call_raises(rng):
     xs, factors, weights, bias = _lowrank_case(rng)
     mmfuse.lowrank_fusion(xs, factors, weights, bias)  # planned
