@@ -42,6 +42,7 @@ import numpy as np
 
 from ._config import backend_policy
 from ._namespace import device_key, torch_intercepts
+from .backends._conditions import triton_interpreting
 from .backends._registry import generation
 
 __all__ = ["PlanCache", "call_key", "planned_impl", "policy_key"]
@@ -167,18 +168,21 @@ def policy_key(backend: Any) -> Any:
     """The dispatch state a plan depends on, or None while ``torch.compile`` traces (never
     plan there).  See the module docstring."""
     modules = sys.modules
-    # which optional frameworks are imported (what "auto" may choose from); spelt out, as
-    # six ``in`` tests cost a third of ``tuple(map(modules.__contains__, names))``
-    # (torch looked up: ``sys.modules["torch"] = None``, the usual way to block an import,
-    # is no torch)
+    # (torch looked up: ``sys.modules["torch"] = None``, the usual way to block an import, is
+    # no torch)
     torch = modules.get("torch")
-    frameworks = (torch is not None, "numba" in modules, "cupy" in modules,
-                  "triton" in modules, "dask" in modules, "jax" in modules)  # fmt: skip
     torch_state: Any = None
     if torch is not None:
-        if _torch_intercepts(torch):
+        if _torch_intercepts(torch):  # first: nothing below is read while Dynamo traces
             return None
         torch_state = (torch.is_grad_enabled(), torch.autograd.forward_ad._current_level)
+    # which optional frameworks are imported (what "auto" may choose from); spelt out, as
+    # six ``in`` tests cost a third of ``tuple(map(modules.__contains__, names))``; triton:
+    # 0 not imported, 1 imported, 2 with its interpreter on (the Triton rows' conditions read
+    # it per call)
+    triton = 0 if "triton" not in modules else 1 + triton_interpreting()
+    frameworks = (torch is not None, "numba" in modules, "cupy" in modules,
+                  triton, "dask" in modules, "jax" in modules)  # fmt: skip
     try:
         names = backend_policy(backend)
     except (TypeError, ValueError):  # a bad backend= : the unplanned path reports it

@@ -689,3 +689,35 @@ def test_a_backend_without_its_framework_is_not_available(blocked_by):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "True", "True", "True"]
+
+
+def test_the_triton_interpreter_setting_is_read_per_call():
+    """``backend="triton"`` takes CPU tensors only while TRITON_INTERPRET is on, and the
+    conditions read it per call: a plan (and a cached registry choice) made with it set was
+    kept after it was unset, so CPU calls kept running the interpreter (a review's find).
+    Triton's own reading of the variable decides: "2" and "off" are off, "yes" is on."""
+    pytest.importorskip("triton")
+    out = _run(
+        """
+        import os, torch, mmfuse
+        from mmfuse.backends import BackendUnsupported
+        xs = [torch.randn(4, 3), torch.randn(4, 2)]
+        factors = [torch.randn(2, 4, 5), torch.randn(2, 3, 5)]
+        def call():
+            try:
+                mmfuse.lowrank_fusion(xs, factors, backend="triton")
+                return "ran"
+            except BackendUnsupported:
+                return "refused"
+        seen = [call()]
+        for value in ("1", None, "yes", "2", "off", "1"):
+            if value is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = value
+            seen.append(call())
+        print(" ".join(seen))
+        """,
+        env={"TRITON_INTERPRET": "0"},
+    )
+    assert out == "refused ran refused ran refused refused ran"

@@ -16,6 +16,7 @@ Nothing here imports a framework.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -243,7 +244,7 @@ def _numba_cpu_no_grad(info: CallInfo) -> str | None:
 def _triton(info: CallInfo) -> str | None:
     if not is_torch(info.xp):
         return "needs torch tensors on a CUDA device"
-    interpreted = importlib.util.find_spec("triton") is not None and _interpreting()
+    interpreted = importlib.util.find_spec("triton") is not None and triton_interpreting()
     if getattr(info.device, "type", None) != "cuda" and not interpreted:
         return "needs torch tensors on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
     if info.traced:
@@ -269,17 +270,28 @@ def _triton_cuda(info: CallInfo) -> str | None:
     refusal = _triton(info)  # the same words where both refuse: the backend's message says them once
     if refusal is not None:
         return refusal
-    if getattr(info.device, "type", None) != "cuda" or _interpreting():
+    if getattr(info.device, "type", None) != "cuda" or triton_interpreting():
         return 'needs torch CUDA tensors and TRITON_INTERPRET unset (the interpreter: backend="triton" only)'
     if info.size < TRITON_AUTO_ELEMENTS:
         return f"needs inputs of at least {TRITON_AUTO_ELEMENTS} elements (below, the torch ops were faster)"
     return None
 
 
-def _interpreting() -> bool:
-    import os
+# The values of TRITON_INTERPRET that turn Triton's interpreter on (its getenv_bool, read at
+# each kernel launch): any other value, "0", "2" and "off" among them, leaves it off
+_TRUE_WORDS = ("1", "true", "on", "yes", "y")
 
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+def triton_interpreting() -> bool:
+    """Whether Triton's interpreter is on now (``TRITON_INTERPRET``, as triton itself reads it:
+    where triton is imported, its own setting, ``triton.knobs``; else the same rule on the
+    environment).  Read per call: a process may set or unset it between calls, and the plan
+    keys and the registry's cache of choices hold it for that reason."""
+    triton = sys.modules.get("triton")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE_WORDS
 
 
 #: condition name (as the static table writes it) -> condition

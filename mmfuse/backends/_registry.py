@@ -32,7 +32,7 @@ from typing import Any
 from .._config import BACKEND_NAMES, backend_policy
 from .._namespace import array_namespace, device_key, is_array, namespace_name
 from ._catalogue import OPERATORS, Signature
-from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info
+from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info, triton_interpreting
 from ._table import FRAMEWORKS, ROWS, Row
 
 __all__ = [
@@ -429,8 +429,12 @@ def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
     frameworks: tuple[bool, ...] = ()
     if name.startswith("auto"):  # what "auto" may choose from: frameworks, size class
         frameworks = (*(fw in sys.modules for fw in _OPTIONAL), *(info.size >= n for n in _SIZE_CLASSES))
+    # the Triton rows' conditions read TRITON_INTERPRET per call (a review found a choice made
+    # with it set kept after it was unset)
+    interpreting = (name == "triton" or name.startswith("auto")) and triton_interpreting()
     device = device_key(info.device)  # CuPy's devices have no hash
-    return (op, name, info.xp, device, info.dtype, info.grad, info.traced, info.intercepted, frameworks)
+    call = (info.xp, device, info.dtype, info.grad, info.traced, info.intercepted)
+    return (op, name, *call, frameworks, interpreting)
 
 
 def _policy(backend: str | None) -> str:

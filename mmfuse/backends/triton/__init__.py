@@ -97,7 +97,6 @@ accepted too (that is how the tests check them).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,6 +104,7 @@ import torch
 
 from ..._core.sequence import torch_transformed
 from ..._namespace import is_torch
+from .._conditions import triton_interpreting
 from . import _ops
 from ._align_ops import align  # the core's alignment over Triton primitives
 from ._sequence_ops import sequence_fusion, wander  # Wander's token-level fusion, the adapter
@@ -125,7 +125,7 @@ def supports(xp: Any, device: Any) -> str | None:
         return "needs torch tensors on a CUDA device"
     kind = getattr(device, "type", str(device))
     if INTERPRETED:
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_interpreting():
             return "its kernels were built for Triton's interpreter; set TRITON_INTERPRET=1 to run them"
         return None if kind in ("cpu", "cuda") else f"the interpreter takes CPU or CUDA tensors, not {kind!r}"
     if kind == "cuda" and torch.cuda.is_available():
