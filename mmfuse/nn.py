@@ -249,11 +249,19 @@ def _autocast_fusion(
         return forward(module, cast_tree(xs, dtype), *args)
 
 
-def _own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """The layer's own (name, parameter) pairs: those its class names in ``_PARAMETERS``, the
-    ones its operator computes with (all of them in its plans' key)."""
-    own = type(module)._PARAMETERS  # type: ignore[attr-defined]
-    return (item for item in module.named_parameters() if item[0].split(".", 1)[0] in own)
+def _own_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The layer's own (name, tensor) pairs: the attributes its class names in
+    ``_PARAMETERS``, which its operator computes with (all of them in its plans' key), read as
+    the forward reads them (a ParameterList entry by entry, ``factors.0``, ...; None left out).
+    So a parameter under a parametrization (``weight_norm``, ``prune``, ...) is its computed
+    value: ``named_parameters()`` names it ``parametrizations.weight.original``, and a layer
+    whose every such tensor was parametrized had none to ask (a bare StopIteration)."""
+    for attr in type(module)._PARAMETERS:  # type: ignore[attr-defined]
+        value = getattr(module, attr)
+        if isinstance(value, nn.ParameterList):
+            yield from ((f"{attr}.{i}", p) for i, p in enumerate(_entries(value)))
+        elif value is not None:
+            yield attr, value
 
 
 def _parameter_dtype(module: nn.Module) -> torch.dtype:

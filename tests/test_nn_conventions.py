@@ -479,3 +479,39 @@ def test_layers_export_with_a_dynamic_batch(name):
     program = torch.export.export(layer, (xs,), dynamic_shapes=([{0: batch} for _ in xs],))
     other = [torch.randn(9, *shape) for shape in _EXPORT_SHAPES[name]]
     torch.testing.assert_close(program.module()(other), layer(other))
+
+
+def test_layers_under_parametrizations_compute_with_the_parametrized_values(rng):
+    """torch's parametrizations (weight_norm, prune, register_parametrization) move a
+    parameter to ``parametrizations.<name>.original``: a layer whose every parameter was
+    moved (TensorFusion without a bias) raised a bare StopIteration looking for its dtype,
+    eagerly and under autocast (a review's find).  The layers read the tensors they compute
+    with, so they run, with the parametrized values, and train the originals."""
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.parametrizations import weight_norm
+
+    import mmfuse.reference as ref
+
+    xs = [torch.tensor(rng.standard_normal((6, d))) for d in (3, 4)]
+    xn = [x.numpy() for x in xs]
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    normed = weight_norm(TensorFusion([3, 4], 5, bias=False, dtype=torch.float64), "weight", dim=-1)
+    pruned = prune.l1_unstructured(TensorFusion([3, 4], 5, bias=False, dtype=torch.float64), "weight", amount=0.5)
+    lowrank = LowRankFusion([3, 4], 5, rank=2, dtype=torch.float64)
+    parametrize.register_parametrization(lowrank.factors, "0", Doubled())
+    for layer in (normed, pruned):
+        y = layer(xs)
+        np.testing.assert_allclose(y.detach().numpy(), ref.tensor_fusion(xn, layer.weight.detach().numpy()), rtol=1e-12)
+        y.sum().backward()
+        assert all(p.grad is not None for p in layer.parameters())
+    factors = [f.detach().numpy() for f in lowrank.factors]
+    assert np.array_equal(factors[0], 2.0 * lowrank.factors.parametrizations["0"].original.detach().numpy())
+    want = ref.lowrank_fusion(xn, factors, lowrank.weights.detach().numpy(), lowrank.bias.detach().numpy())
+    np.testing.assert_allclose(lowrank(xs).detach().numpy(), want, rtol=1e-12)
+    single = weight_norm(TensorFusion([3, 4], 5, bias=False), "weight", dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert single([x.float() for x in xs]).dtype == torch.bfloat16
