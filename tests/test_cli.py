@@ -76,6 +76,21 @@ def test_verify_names_its_backends_whatever_the_configured_one(capsys):
     assert "vs tensorly.cp_to_tensor" in out
 
 
+def test_verify_runs_the_tensorly_check_only_where_the_filters_allow(capsys):
+    """The TensorLy cross-check (cp_fusion under "auto" on NumPy) ran whatever the filters:
+    ``--backends reference``, which checks nothing (the reference is the oracle), exited 0 on
+    its pass, and ``--namespaces dask`` got a NumPy row (a review's find)."""
+    pytest.importorskip("tensorly")
+    code = _cli.main(["verify", "--ops", "cp_fusion", "--backends", "reference", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1 and "vs tensorly" not in captured.out
+    assert "the reference is the oracle" in captured.err
+    pytest.importorskip("dask")
+    code = _cli.main(["verify", "--ops", "cp_fusion", "--namespaces", "dask", "--backends", "array_api", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "vs tensorly" not in out and "numpy" not in out
+
+
 def test_verify_exits_non_zero_on_mismatch(monkeypatch, capsys):
     # the command calls the public op by name, so a wrong answer is planted there (not in the
     # registry's private tables, which are not the command's business)
