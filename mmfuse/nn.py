@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -73,9 +74,15 @@ def _layer_call(module: nn.Module) -> Iterator[None]:
     except BackendUnsupported as exc:
         raise BackendUnsupported(f"{name}.forward: {exc}") from None
     except (ValueError, TypeError) as exc:
-        if type(exc) not in (ValueError, TypeError) or str(exc).startswith(f"{name}"):
+        if type(exc) not in (ValueError, TypeError):
             raise
-        raise type(exc)(f"{name}: {exc}") from None
+        message = str(exc)
+        # the functional operator's names for the layer's parameters, as the layer names them
+        for pattern, layer_name in getattr(type(module), "_FUNCTIONAL_NAMES", ()):
+            message = re.sub(pattern, layer_name, message)
+        if message == str(exc) and message.startswith(name):
+            raise
+        raise type(exc)(message if message.startswith(name) else f"{name}: {message}") from None
 
 
 _LAYER_PLANS = PlanCache()
@@ -1140,6 +1147,13 @@ class WanderAdapter(nn.Module):
     """
 
     _PARAMETERS = ("down_weights", "down_biases", "feature_factors", "token_factors")
+    # wander()'s names for them in its messages -> this layer's (mmfuse.nn._layer_call)
+    _FUNCTIONAL_NAMES = (
+        (r"params\['down'\]\[(\d+)\]\[0\]", r"down_weights[\1]"),
+        (r"params\['down'\]\[(\d+)\]\[1\]", r"down_biases[\1]"),
+        (r"params\['feature'\]", "feature_factors"),
+        (r"params\['token'\]", "token_factors"),
+    )
 
     def __init__(
         self,

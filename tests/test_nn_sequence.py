@@ -450,3 +450,22 @@ def test_zoom_shift_layers_default_pooling_trains_every_input_and_parameter():
         zoom_rows = float(gw[:, :D].abs().max())
         assert (zoom_rows > 1e-3) if trains else (zoom_rows < 1e-12), (pool, zoom_rows)
         assert float(gw[:, D:].abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("attr", "m", "shape", "named"),
+    [
+        ("token_factors", 1, (2, 6, 3), r"WanderAdapter: token_factors\[1\] has shape \(2, 6, 3\)"),
+        ("down_biases", 0, (5,), r"WanderAdapter: down_biases\[0\] must have shape .* to match down_weights\[0\]"),
+        ("feature_factors", 0, (2, 4, 3), r"WanderAdapter: feature_factors\[0\] has shape .* width of down_weights\[0\]"),
+    ],
+)
+def test_wander_adapter_errors_name_the_layers_parameters(attr, m, shape, named):
+    """A parameter of the wrong shape is named as the layer names it (``token_factors[1]``),
+    not as the functional ``wander`` does (``params['token'][1]``: a layer user has no
+    ``params``; a review's find)."""
+    layer = WanderAdapter([6, 6], [4, 5], 3, 2, 2)
+    getattr(layer, attr)[m].data = torch.randn(*shape)
+    with pytest.raises(ValueError, match=named) as info:
+        layer([torch.randn(7, 4, 6), torch.randn(7, 5, 6)])
+    assert "params[" not in str(info.value)
