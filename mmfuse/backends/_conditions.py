@@ -287,10 +287,10 @@ def triton_interpreting() -> bool:
     where triton is imported, its own setting, ``triton.knobs``; else the same rule on the
     environment).  Read per call: a process may set or unset it between calls, and the plan
     keys and the registry's cache of choices hold it for that reason."""
-    triton = sys.modules.get("triton")
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
+    runtime = getattr(getattr(sys.modules.get("triton"), "knobs", None), "runtime", None)
+    interpret = getattr(runtime, "interpret", None)  # (None: a triton without knobs, before 3.4)
+    if interpret is not None:
+        return bool(interpret)
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE_WORDS
 
 
