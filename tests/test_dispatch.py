@@ -721,3 +721,43 @@ def test_the_triton_interpreter_setting_is_read_per_call():
         env={"TRITON_INTERPRET": "0"},
     )
     assert out == "refused ran refused ran refused refused ran"
+
+
+def test_forced_triton_calls_the_built_kernels_cannot_take_are_refused():
+    """The registry asked only TRITON_INTERPRET, not the backend, whose kernels are built once
+    (for a GPU, or for the interpreter) at its first import: with GPU-built kernels, setting
+    the variable (as the refusal advised) ran them on CPU tensors ("0 active drivers"), and the
+    interpreter took meta tensors ("Cannot copy out of meta tensor").  Both are refused by the
+    backend's own words now (a review's find)."""
+    pytest.importorskip("triton")
+    out = _run(
+        """
+        import os, torch, mmfuse
+        import mmfuse.backends.triton as tb  # built for a GPU: the variable is off
+        from mmfuse.backends import BackendUnsupported
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            mmfuse.lowrank_fusion([torch.randn(3, 2)], [torch.randn(1, 3, 2)], backend="triton")
+            print("ran")
+        except BackendUnsupported as exc:
+            print("built for a GPU" in str(exc), "in a new process" in str(exc))
+        """,
+        env={"TRITON_INTERPRET": "0"},
+    )
+    assert out == "True True"
+    out = _run(
+        """
+        import torch, mmfuse
+        from mmfuse.backends import BackendUnsupported
+        x = torch.randn(2, 5, 3, device="meta")
+        for call in (lambda: mmfuse.zoom_shift(x, x, backend="triton"),
+                     lambda: mmfuse.lowrank_fusion([x[:, 0]], [torch.randn(1, 4, 2, device="meta")], backend="triton")):
+            try:
+                call()
+                print("ran")
+            except BackendUnsupported as exc:
+                print("device 'meta'" in str(exc))
+        """,
+        env={"TRITON_INTERPRET": "1"},
+    )
+    assert out == "True\nTrue"

@@ -244,9 +244,20 @@ def _numba_cpu_no_grad(info: CallInfo) -> str | None:
 def _triton(info: CallInfo) -> str | None:
     if not is_torch(info.xp):
         return "needs torch tensors on a CUDA device"
-    interpreted = importlib.util.find_spec("triton") is not None and triton_interpreting()
-    if getattr(info.device, "type", None) != "cuda" and not interpreted:
-        return "needs torch tensors on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+    backend = sys.modules.get("mmfuse.backends.triton")
+    if backend is not None:
+        # its kernels are built, for a GPU or for the interpreter, whatever the variable says
+        # now: the backend knows which devices they take (a call the variable alone let
+        # through ran GPU-built kernels on the CPU, or the interpreter on meta tensors, and
+        # failed inside Triton)
+        refusal = backend.supports(info.xp, info.device)
+        if refusal is not None:
+            return refusal
+    else:
+        kind = getattr(info.device, "type", None)
+        interpreted = importlib.util.find_spec("triton") is not None and triton_interpreting()
+        if kind != "cuda" and not (interpreted and kind == "cpu"):
+            return "needs torch tensors on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
     if info.traced:
         return "needs torch tensors outside torch.func transforms and forward-mode AD"
     return None

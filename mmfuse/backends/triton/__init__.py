@@ -130,6 +130,12 @@ def supports(xp: Any, device: Any) -> str | None:
         return None if kind in ("cpu", "cuda") else f"the interpreter takes CPU or CUDA tensors, not {kind!r}"
     if kind == "cuda" and torch.cuda.is_available():
         return None
+    if kind == "cpu" and triton_interpreting():
+        return (
+            "its kernels were built for a GPU: mmfuse.backends.triton was first imported before "
+            "TRITON_INTERPRET=1 was set; set it before that import (in a new process) to run "
+            "them on CPU tensors"
+        )
     return f"needs torch tensors on a CUDA device, got device {device!r}"
 
 
