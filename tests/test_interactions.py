@@ -427,6 +427,20 @@ def test_shares_do_not_depend_on_the_terms_scale(xp, dtype, scale, rng):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("small", [1e-10, 1e-17])
+def test_variance_shares_of_small_terms_beside_a_large_constant(xp, small, rng):
+    """A constant order-0 term of 1 beside varying terms of 1e-10: y = sum_k T_k absorbed the
+    small terms before its centring (shares off by 8e-8), and at 1e-17 gave NaN, where the
+    exact shares are 0 for the constant and the small terms' own.  Each term is centred
+    before the sum, in the core and in the reference (a review's find)."""
+    varying = small * rng.standard_normal((2, 16, 3))
+    terms = np.concatenate([np.ones((1, 16, 3)), varying])
+    y = varying.sum(axis=0) - varying.sum(axis=0).mean(axis=0)
+    exact = np.array([0.0] + [float(((v - v.mean(axis=0)) * y).sum() / (y * y).sum()) for v in varying])
+    np.testing.assert_allclose(ref.interaction_shares(terms), exact, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(mmfuse.interaction_shares(xp.asarray(terms))), exact, rtol=1e-12, atol=1e-12)
+
+
 def test_shares_of_no_terms_and_of_long_doubles(xp):
     """K = 0 gives no shares (the rescaling's max over nothing raised NumPy's and torch's own
     errors); a long double input is rescaled within float64's exponents."""

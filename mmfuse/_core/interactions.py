@@ -629,10 +629,11 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     k = xp.floor(xp.log2(xp.where(usable, big, 1.0)))
     k = xp.where(k > emax, float(emax), xp.where(k < -emax, float(-emax), k))  # (no clip before 2023.12)
     terms = terms * 2.0 ** (-k)
-    y = xp.sum(terms, axis=0)
     if kind == "variance":
+        # each term centred before the sum: y's own centring came after a constant term of 1
+        # had absorbed varying ones of 1e-10 (shares off by 1e-7, or NaN; a review's find)
         terms = terms - xp.mean(terms, axis=1, keepdims=True)
-        y = y - xp.mean(y, axis=0, keepdims=True)
+    y = xp.sum(terms, axis=0)
     num = xp.sum(terms * y, axis=(1, 2))
     den = xp.sum(y * y)
     zero = den == 0

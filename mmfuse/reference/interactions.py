@@ -158,10 +158,9 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> np.ndarray:
     big = float(np.max(np.abs(t))) if t.size else 0.0
     if math.isfinite(big) and big > 0:  # scale-free: the largest term about 1 (exactly: 2**k)
         t = np.ldexp(t, -np.frexp(big)[1])
+    if kind == "variance":  # each term centred first (then y is centred too), so that a
+        t = t - t.mean(axis=1, keepdims=True)  # large constant term cannot absorb small ones
     y = t.sum(axis=0)
-    if kind == "variance":
-        t = t - t.mean(axis=1, keepdims=True)
-        y = y - y.mean(axis=0, keepdims=True)
     num = np.array([float(np.sum(tk * y)) for tk in t])
     den = float(np.sum(y * y))
     return num / den if den != 0 else np.full(t.shape[0], np.nan)
