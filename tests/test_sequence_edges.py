@@ -427,3 +427,31 @@ def test_torch_gelu_under_dynamic_compile_does_not_guard_on_the_size():
             x = torch.randn(batch, 50, 16)
             torch.testing.assert_close(compiled(x), torch.nn.functional.gelu(x))
     torch._dynamo.reset()
+
+
+def test_gelu_tanh_is_accurate_in_its_lower_tail():
+    """``activation="gelu_tanh"``, 0.5 x (1 + tanh z), against 50-digit arithmetic: 1 + tanh z
+    cancelled for negative x (2e6 float64 ulps at x = -5, 0 for -3.1e-21 at x = -8, in the
+    reference as in the core); computed as x sigmoid(2 z), the error is z's rounding, under
+    4 + 8 |z| ulps (a review of the oracle)."""
+    mpmath = pytest.importorskip("mpmath")
+    from mmfuse._core.sequence import ACTIVATIONS
+    from mmfuse.reference.sequence import _ACTIVATIONS as REF_ACTIVATIONS
+
+    mp = mpmath.mp.clone()
+    mp.dps = 50
+    x = np.concatenate([np.linspace(-12.0, 6.0, 721), np.random.default_rng().uniform(-12.0, 6.0, 200)])
+
+    def exact_at(v):  # 0.5 v (1 + tanh z) = v / (1 + e^(-2 z)) exactly: no cancellation at 50 digits
+        z = mp.sqrt(2 / mp.pi) * (mp.mpf(v) + mp.mpf("0.044715") * mp.mpf(v) ** 3)
+        return float(mp.mpf(v) / (1 + mp.exp(-2 * z)))
+
+    exact = np.array([exact_at(v) for v in x])
+    z = np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)
+    bound = (4.0 + 8.0 * np.abs(z)) * np.spacing(np.abs(exact))
+    candidates = {"reference": REF_ACTIVATIONS["gelu_tanh"](x), "numpy": ACTIVATIONS["gelu_tanh"](np, x)}
+    torch = pytest.importorskip("torch")
+    candidates["torch"] = ACTIVATIONS["gelu_tanh"](torch, torch.tensor(x)).numpy()
+    for name, got in candidates.items():
+        err = np.abs(got - exact)
+        assert np.all(err <= bound), (name, x[np.argmax(err / bound)])

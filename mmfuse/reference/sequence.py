@@ -155,7 +155,11 @@ def gelu(x: Any) -> np.ndarray:
 
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    """0.5 x (1 + tanh z), z = sqrt(2 / pi) (x + 0.044715 x^3), written as the same function
+    x sigmoid(2 z), with e = exp(-2 |z|): 1 + tanh z cancels for negative x."""
+    z = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+    e = np.exp(-2.0 * np.abs(z))
+    return x * np.where(z >= 0, 1.0, e) / (1.0 + e)
 
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
