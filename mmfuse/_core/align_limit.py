@@ -184,7 +184,12 @@ def limit_maps(
         if topology == "hub" and i == hub:
             maps.append((xp.ones_like(mu), mu, False))
             continue
-        s = xp.exp((log_star - lv) / 2.0)  # sqrt(v* / v_i), without forming the variances
+        if topology == "hub":
+            # sqrt(v_hub / v_i) as a ratio of spreads: exp of the logs' difference carried
+            # their rounding, an ulp of |log v| (88 ulps of the output at spreads of 1e100)
+            s = xp.sqrt(xp.where(dead[hub], 1.0, variances[hub])) / xp.sqrt(xp.where(d, 1.0, variances[i]))
+        else:
+            s = xp.exp((log_star - lv) / 2.0)  # sqrt(v* / v_i), without forming the variances
         s = xp.where(d, 1.0, xp.where(collapse, 0.0, s))
         maps.append((s, mu_star, True))
     return maps

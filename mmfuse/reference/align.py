@@ -187,7 +187,7 @@ def align(
     """Alternating Zoom-and-Shift rounds, each re-measuring the arrays; or their limit.
     ``hub``: the guide of topology="hub" (None: 0); other topologies have none (the oracle
     ignores it there, where :func:`mmfuse.align` refuses it)."""
-    ys = [_f64(x) for x in xs]
+    ys = [np.array(x, dtype=np.float64) for x in xs]  # copies: rounds = 0 and the hub return new arrays
     n = len(ys)
     hub = 0 if hub is None else hub % n
     masks = list(masks) if masks is not None else [None] * n
@@ -242,20 +242,33 @@ def _limit(
     jacobi = schedule == "jacobi"
     live = [~collapse & ~d for d in dead]
     logs = [_log_dd(np.where(lv, v, 1.0)) for lv, v in zip(live, var0)]  # log var0, double-double
-    log_hi, log_lo = _iterate(logs, sources, _spread_step(alpha, eps, live), lambda hi: 1.0, jacobi)
-    _check_shared(log_hi, log_lo, live)
-    # the growth log(var* / var0), from the (hi, lo) pairs' differences; S = sqrt(var* / var0)
-    # = exp(growth / 2), collapsed: var* = 0, no spread: S = 1
-    growth = [(h - h0) + (e - e0) for h, e, (h0, e0) in zip(log_hi, log_lo, logs)]
-    scales = [np.where(lv, np.exp(0.5 * g), np.where(d, 1.0, 0.0)) for lv, g, d in zip(live, growth, dead)]
+    if topology == "hub":
+        # the hub never moves: every live lane's limit is the hub's variance, and every mean's
+        # the hub's (the iteration reached it too slowly where spreads are far below sqrt(eps))
+        log_hi, log_lo = [logs[hub][0]] * n, [logs[hub][1]] * n
+    else:
+        log_hi, log_lo = _iterate(logs, sources, _spread_step(alpha, eps, live), lambda hi: 1.0, jacobi)
+        _check_shared(log_hi, log_lo, live)
+    # the growth log(var* / var0) as a (hi, lo) pair of the pairs' difference; S = sqrt(var* /
+    # var0) = exp(growth / 2) (1 + lo / 2): a growth rounded to one float64 first carried an
+    # ulp of |growth| into S (88 ulps at spreads of 1e100).  Collapsed: var* = 0; no spread: S = 1
+    growth = [dd_add((h, e), (-h0, -e0)) for h, e, (h0, e0) in zip(log_hi, log_lo, logs)]
+    scales = [
+        np.where(lv, np.exp(0.5 * g) * (1.0 + 0.5 * gl), np.where(d, 1.0, 0.0))
+        for lv, (g, gl), d in zip(live, growth, dead)
+    ]
     # a mean has settled when it moves by far less than an ulp of an output, about the mean
     # plus the limit's spread (not the inputs' means or spreads: x about 1e8, or spread 1e100,
     # moved to a unit-sized guide ends unit-sized)
     spreads = [np.sqrt(v) * sc for v, sc in zip(var0, scales)]
-    mu_hi, mu_lo = _iterate(
-        [two_sum(first, corr) for first, corr, _ in parts], sources, _mean_step(alpha),
-        lambda hi: _lane_scale([np.abs(h) + sd for h, sd in zip(hi, spreads)]), jacobi,
-    )  # fmt: skip
+    means = [two_sum(first, corr) for first, corr, _ in parts]
+    if topology == "hub":
+        mu_hi, mu_lo = [means[hub][0]] * n, [means[hub][1]] * n
+    else:
+        mu_hi, mu_lo = _iterate(
+            means, sources, _mean_step(alpha),
+            lambda hi: _lane_scale([np.abs(h) + sd for h, sd in zip(hi, spreads)]), jacobi,
+        )  # fmt: skip
     out = []
     for i in range(n):
         first, corr, _ = parts[i]
