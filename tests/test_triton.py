@@ -464,6 +464,12 @@ def test_auto_takes_the_measured_kernels_for_cuda_tensors_only(monkeypatch):
     refuse = CONDITIONS["torch CUDA tensors, compiled kernels"]
     assert "TRITON_INTERPRET unset" in refuse(cuda)
     monkeypatch.delenv("TRITON_INTERPRET")
+    # as in a process whose kernels were built for a GPU (here they were built for the
+    # interpreter, which the row refuses once the variable is unset, saying so)
+    assert "built for Triton's interpreter" in refuse(cuda)
+    import mmfuse.backends.triton as tb
+
+    monkeypatch.setattr(tb, "INTERPRETED", False)
     assert refuse(cuda) is None
     assert refuse(replace(cuda, size=big - 1)) == (
         f"needs inputs of at least {big} elements (below, the torch ops were faster)"

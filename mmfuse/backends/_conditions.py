@@ -244,20 +244,18 @@ def _numba_cpu_no_grad(info: CallInfo) -> str | None:
 def _triton(info: CallInfo) -> str | None:
     if not is_torch(info.xp):
         return "needs torch tensors on a CUDA device"
+    interpreting = importlib.util.find_spec("triton") is not None and triton_interpreting()
     backend = sys.modules.get("mmfuse.backends.triton")
-    if backend is not None:
-        # its kernels are built, for a GPU or for the interpreter, whatever the variable says
-        # now: the backend knows which devices they take (a call the variable alone let
-        # through ran GPU-built kernels on the CPU, or the interpreter on meta tensors, and
-        # failed inside Triton)
+    if backend is not None and interpreting != backend.INTERPRETED:
+        # its kernels were built at its first import, for a GPU or for the interpreter, and the
+        # variable has changed since: the backend says what it takes (a call the variable alone
+        # let through ran GPU-built kernels on the CPU and failed inside Triton)
         refusal = backend.supports(info.xp, info.device)
         if refusal is not None:
             return refusal
-    else:
-        kind = getattr(info.device, "type", None)
-        interpreted = importlib.util.find_spec("triton") is not None and triton_interpreting()
-        if kind != "cuda" and not (interpreted and kind == "cpu"):
-            return "needs torch tensors on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+    kind = getattr(info.device, "type", None)
+    if kind != "cuda" and not (interpreting and kind == "cpu"):  # (the interpreter: no meta)
+        return "needs torch tensors on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
     if info.traced:
         return "needs torch tensors outside torch.func transforms and forward-mode AD"
     return None
@@ -294,14 +292,11 @@ _TRUE_WORDS = ("1", "true", "on", "yes", "y")
 
 
 def triton_interpreting() -> bool:
-    """Whether Triton's interpreter is on now (``TRITON_INTERPRET``, as triton itself reads it:
-    where triton is imported, its own setting, ``triton.knobs``; else the same rule on the
-    environment).  Read per call: a process may set or unset it between calls, and the plan
-    keys and the registry's cache of choices hold it for that reason."""
-    runtime = getattr(getattr(sys.modules.get("triton"), "knobs", None), "runtime", None)
-    interpret = getattr(runtime, "interpret", None)  # (None: a triton without knobs, before 3.4)
-    if interpret is not None:
-        return bool(interpret)
+    """Whether Triton's interpreter is on now: ``TRITON_INTERPRET`` by the rule triton itself
+    reads it with (read from the environment, not ``triton.knobs``: Dynamo cannot trace its C
+    getenv, and the registry asks while torch.compile traces a public function).  Read per
+    call: a process may set or unset it between calls, and the plan keys and the registry's
+    cache of choices hold it for that reason."""
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE_WORDS
 
 
