@@ -469,3 +469,26 @@ def test_wander_adapter_errors_name_the_layers_parameters(attr, m, shape, named)
     with pytest.raises(ValueError, match=named) as info:
         layer([torch.randn(7, 4, 6), torch.randn(7, 5, 6)])
     assert "params[" not in str(info.value)
+
+
+def test_guided_zoom_shift_gradients_do_not_depend_on_a_modalitys_mean(rng):
+    """A modality of 1e6 + N(0, 1): the log-zoom gradient sum G (x - mu) e^a was taken from x -
+    mu with mu rounded to one float64, an ulp of 1e6 on unit deviations (3e5 ulps of the
+    gradient against exact arithmetic).  Now x - mu is (x - pivot) - corr, as in the core, so
+    the gradients equal those of the same data translated to mean 0 (exactly representable:
+    the translation is exact), as the maths says (a review against exact arithmetic)."""
+    x0 = torch.tensor(rng.standard_normal((3, 4, 2)))
+    far = torch.tensor(1e6 + rng.standard_normal((3, 5, 2)))
+    near = far - 1e6  # exact (Sterbenz): the same deviations
+    w = torch.tensor(rng.standard_normal((3, 4)))
+    layer = GuidedZoomShift(2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(0.7 * torch.tensor(rng.standard_normal((1, 4, 2))))
+        layer.bias.copy_(0.7 * torch.tensor(rng.standard_normal((1, 4))))
+    grads = []
+    for x1 in (far, near):
+        layer.zero_grad()
+        (layer([x0, x1]) * w).sum().backward()
+        grads.append((layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.all((a - b).abs() <= 64 * torch.finfo(torch.float64).eps * b.abs().max())
