@@ -159,7 +159,10 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> np.ndarray:
     if math.isfinite(big) and big > 0:  # scale-free: the largest term about 1 (exactly: 2**k)
         t = np.ldexp(t, -np.frexp(big)[1])
     if kind == "variance":  # each term centred first (then y is centred too), so that a
-        t = t - t.mean(axis=1, keepdims=True)  # large constant term cannot absorb small ones
+        # large constant term cannot absorb small ones; corrected two-pass (a second mean of
+        # the deviations), exact where a spread is a few ulps of its mean
+        d = t - t.mean(axis=1, keepdims=True)
+        t = d - d.mean(axis=1, keepdims=True)
     y = t.sum(axis=0)
     num = np.array([float(np.sum(tk * y)) for tk in t])
     den = float(np.sum(y * y))
