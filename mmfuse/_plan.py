@@ -177,17 +177,19 @@ def policy_key(backend: Any) -> Any:
             return None
         torch_state = (torch.is_grad_enabled(), torch.autograd.forward_ad._current_level)
     # which optional frameworks are imported (what "auto" may choose from); spelt out, as
-    # six ``in`` tests cost a third of ``tuple(map(modules.__contains__, names))``; triton:
-    # 0 not imported, 1 imported, 2 with its interpreter on (the Triton rows' conditions read
-    # it per call)
-    triton = 0 if "triton" not in modules else 1 + triton_interpreting()
+    # six ``in`` tests cost a third of ``tuple(map(modules.__contains__, names))``
     frameworks = (torch is not None, "numba" in modules, "cupy" in modules,
-                  triton, "dask" in modules, "jax" in modules)  # fmt: skip
+                  "triton" in modules, "dask" in modules, "jax" in modules)  # fmt: skip
     try:
         names = backend_policy(backend)
     except (TypeError, ValueError):  # a bad backend= : the unplanned path reports it
         return None
-    return (names, frameworks, generation(), torch_state)
+    # a policy naming triton (backend= or prefer=) takes CPU tensors only while Triton's
+    # interpreter is on, which its conditions read per call (a plan made with it on ran the
+    # interpreter after it was unset).  Only there: an environment read costs 0.5 us, and
+    # "auto" takes the Triton rows for CUDA tensors alone, compiled, whatever the variable.
+    interpreting = "triton" in names and triton_interpreting()
+    return (names, frameworks, generation(), torch_state, interpreting)
 
 
 def _torch_intercepts(torch: Any) -> bool:

@@ -430,8 +430,10 @@ def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
     if name.startswith("auto"):  # what "auto" may choose from: frameworks, size class
         frameworks = (*(fw in sys.modules for fw in _OPTIONAL), *(info.size >= n for n in _SIZE_CLASSES))
     # the Triton rows' conditions read TRITON_INTERPRET per call (a review found a choice made
-    # with it set kept after it was unset)
-    interpreting = (name == "triton" or name.startswith("auto")) and triton_interpreting()
+    # with it set kept after it was unset): a policy naming triton, or "auto" on a CUDA device
+    # (its Triton rows' only device); an environment read costs 0.5 us, so nowhere else
+    cuda = getattr(info.device, "type", None) == "cuda"
+    interpreting = ("triton" in name or (cuda and name.startswith("auto"))) and triton_interpreting()
     device = device_key(info.device)  # CuPy's devices have no hash
     call = (info.xp, device, info.dtype, info.grad, info.traced, info.intercepted)
     return (op, name, *call, frameworks, interpreting)
