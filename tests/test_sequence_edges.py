@@ -450,6 +450,12 @@ def test_gelu_tanh_is_accurate_in_its_lower_tail():
     z = np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)
     bound = (4.0 + 8.0 * np.abs(z)) * np.spacing(np.abs(exact))
     candidates = {"reference": REF_ACTIVATIONS["gelu_tanh"](x), "numpy": ACTIVATIONS["gelu_tanh"](np, x)}
+    try:  # the generic form (namespaces other than NumPy and torch)
+        import array_api_strict as xps
+
+        candidates["array_api_strict"] = np.asarray(ACTIVATIONS["gelu_tanh"](xps, xps.asarray(x)))
+    except ImportError:
+        pass
     torch = pytest.importorskip("torch")
     candidates["torch"] = ACTIVATIONS["gelu_tanh"](torch, torch.tensor(x)).numpy()
     for name, got in candidates.items():

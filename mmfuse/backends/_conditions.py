@@ -297,7 +297,7 @@ def triton_interpreting() -> bool:
     getenv, and the registry asks while torch.compile traces a public function).  Read per
     call: a process may set or unset it between calls, and the plan keys and the registry's
     cache of choices hold it for that reason."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE_WORDS
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_WORDS  # (no strip: " 1" is off)
 
 
 #: condition name (as the static table writes it) -> condition

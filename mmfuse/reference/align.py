@@ -209,10 +209,10 @@ def align(
     n = len(ys)
     hub = 0 if hub is None else hub % n
     masks = list(masks) if masks is not None else [None] * n
+    if rounds == 0 or alpha == 0:  # nothing moves (alpha = 0: any number of rounds, the limit)
+        return ys
     if rounds is None:
         return _limit(ys, alpha, schedule, topology, hub, axis, masks, eps)
-    if rounds == 0:
-        return ys
     # Each modality is held as the unrounded sum of a per-lane level and its deviations,
     # y = level + dev (level 0 at first), and every round measures and maps that sum.  A
     # round's output rounded to float64 and measured again lost the deviations' low bits to a
@@ -257,12 +257,14 @@ def _limit(
     ``mu* + (x - mu0) sqrt(var* / var0)``.  The variances are iterated first: the means settle
     to an ulp of the outputs, whose size the limit's spreads give.
 
-    Both iterations run in double-double arithmetic (a value as hi + lo): a float64 iteration
-    adds a rounding of the state every round while a step of alpha removes only alpha of the
-    distance, so it settles about eps64 / alpha from the limit (4e-12 relative at alpha = 1e-3,
-    on the old reference).  A log-variance's step is computed from differences of the pairs,
-    which vanish at the limit; a mean's step, (1 - a) mu + a mu_t, is exact to double-double
-    precision, since the consensus limit keeps every step's rounding (:func:`_mean_step`).
+    Under the hub topology the limit is the hub's statistics, set directly (the hub never
+    moves). Otherwise both iterations run in double-double arithmetic (a value as hi + lo): a
+    float64 iteration adds a rounding of the state every round while a step of alpha removes
+    only alpha of the distance, so it settles about eps64 / alpha from the limit (4e-12
+    relative at alpha = 1e-3, on the old reference). A log-variance's step is computed from
+    differences of the pairs, which vanish at the limit; a mean's step, (1 - a) mu + a mu_t,
+    is exact to double-double precision, since the consensus limit keeps every step's rounding
+    (:func:`_mean_step`).
     """
     n = len(ys)
     parts = [_two_pass(y, axis, m) for y, m in zip(ys, masks)]
@@ -465,12 +467,12 @@ _SHARED = 2.0**-50  # (settled lanes are within about 2**-62)
 
 
 def _check_shared(log_hi: list[Any], log_lo: list[Any], live: list[Any]) -> None:
-    """Refuse a variance iteration that stopped away from its limit.  At the limit every live
-    modality of a (sample, channel) has one variance (each sigma equals its target: the
-    others' geometric mean, or the hub's).  The iteration also stops where a sweep's moves
-    are below double-double resolution, which spreads far below sqrt(eps) reach at once: a
-    round moves their log-variances by about var / eps (1e-55 for spreads of 1e-30 at
-    eps = 1e-5), and the inputs' spreads came back as the limit."""
+    """Refuse a variance iteration that stopped away from its limit. At the limit every live
+    modality of a (sample, channel) has one variance (each sigma equals its target, the
+    others' geometric mean; consensus only: the hub's limit is set directly). The iteration
+    also stops where a sweep's moves are below double-double resolution, which spreads far
+    below sqrt(eps) reach at once: a round moves their log-variances by about var / eps (1e-55
+    for spreads of 1e-30 at eps = 1e-5), and the inputs' spreads came back as the limit."""
     # each pair's difference from the (hi, lo) pairs, as the steps take it (hi + lo rounded to
     # float64 would add an ulp of log var, 2**-49 at |log var| ~ 10)
     gap: Any = 0.0
