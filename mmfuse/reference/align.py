@@ -112,30 +112,6 @@ def shift(x: Any, offset: Any) -> np.ndarray:
     return _f64(x) + _f64(offset)
 
 
-def _zoom_shift_to(
-    x: np.ndarray,
-    mu_t: np.ndarray,
-    sigma_t: np.ndarray,
-    alpha: float,
-    axis: int,
-    mask: Any,
-    eps: float,
-    in_rounds: bool = False,
-) -> np.ndarray:
-    """Zoom then shift x toward target statistics (mu_t, sigma_t).
-
-    A channel with no spread has nothing to zoom: sigma 0 (at eps = 0), and within
-    :func:`align`'s rounds (``in_rounds``) variance 0 at any eps, as in their limit: round
-    after round, the zoom of a spread of sqrt(eps) toward a wider target compounds without
-    end (its unmasked tokens sit at their mean whatever the scale; its padding would not).
-    "No spread" is a spread of exactly 0: a NaN spread (a NaN token, or a variance past
-    float64's range) gives a NaN scale, as in every implementation.
-    """
-    level = np.zeros(_kept_shape(x, axis))
-    offset, dev = _zoom_shift_parts(level, x, mu_t, sigma_t, alpha, axis, mask, eps, in_rounds)
-    return dev + offset
-
-
 def _zoom_shift_parts(
     level: np.ndarray,
     x: np.ndarray,
@@ -145,13 +121,21 @@ def _zoom_shift_parts(
     axis: int,
     mask: Any,
     eps: float,
-    in_rounds: bool,
+    in_rounds: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_zoom_shift_to` of the array ``level + x`` (``level`` one value per lane) as the
-    pair (offset, deviations) of the result, ``offset + deviations`` unrounded: zoom then
-    shift, y = mu_y + (y - mu_y) s + alpha (mu_t - mu_y), with y - mu_y as (x - m0) - corr
-    and mu_y = level + (m0 + corr).  The same maths, summed so that a large mean's ulps never
-    reach the deviations."""
+    """Zoom then shift the array ``level + x`` (``level`` one value per lane, unrounded)
+    toward target statistics (mu_t, sigma_t), as the pair (offset, deviations) of the result,
+    whose sum is the result: y = mu_y + (y - mu_y) s + alpha (mu_t - mu_y), with y - mu_y as
+    (x - m0) - corr and mu_y = level + (m0 + corr).  The same maths, summed so that a large
+    mean's ulps never reach the deviations.
+
+    A channel with no spread has nothing to zoom: sigma 0 (at eps = 0), and within
+    :func:`align`'s rounds (``in_rounds``) variance 0 at any eps, as in their limit: round
+    after round, the zoom of a spread of sqrt(eps) toward a wider target compounds without
+    end (its unmasked tokens sit at their mean whatever the scale; its padding would not).
+    "No spread" is a spread of exactly 0: a NaN spread (a NaN token, or a variance past
+    float64's range) gives a NaN scale, as in every implementation.
+    """
     mu0, corr, var = _two_pass(x, axis, mask)
     mu_x, sigma_x = level + (mu0 + corr), np.sqrt(var + eps)
     scale = np.ones_like(sigma_x)
@@ -173,7 +157,9 @@ def zoom_shift(
 ) -> np.ndarray:
     """mu_x + (x - mu_x) (sigma_g / sigma_x)^alpha + alpha (mu_g - mu_x)."""
     mu_g, sigma_g = moments(_f64(guide), axis=axis, mask=guide_mask, eps=eps)
-    return _zoom_shift_to(_f64(x), mu_g, sigma_g, alpha, axis, mask, eps)
+    x = _f64(x)
+    offset, dev = _zoom_shift_parts(np.zeros(_kept_shape(x, axis)), x, mu_g, sigma_g, alpha, axis, mask, eps)
+    return dev + offset
 
 
 def _target(
@@ -308,7 +294,7 @@ def _limit(
     out = []
     for i in range(n):
         first, corr, _ = parts[i]
-        # x - mu0 as in _zoom_shift_to; the limit's low part added before its high part
+        # x - mu0 as in _zoom_shift_parts; the limit's low part added before its high part
         out.append((((_f64(ys[i]) - first) - corr) * scales[i] + mu_lo[i]) + mu_hi[i])
     return out
 
