@@ -112,7 +112,10 @@ def _gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten.gelu_backward(grad, pre)
     u = pre * (-_core_sequence.SQRT1_2)
     cdf = torch.special.erfc(u).mul_(_core_sequence.rounding_correction(torch, pre, u)).mul_(0.5)
-    pdf = torch.exp(pre * pre * -0.5).mul_(_INV_SQRT_2PI)
+    # phi from the split exp(-x^2 / 2) (the forward's): exp of the rounded x * x lost about
+    # x^2 / 2 ulps far in the lower tail (256 at x = -30; a review against exact arithmetic)
+    pdf = _core_sequence._exp_neg_square(torch, pre.abs().clamp_(max=_core_sequence._GELU_XMAX), 0.5)
+    pdf.mul_(_INV_SQRT_2PI)
     return cdf.addcmul_(pre, pdf).mul_(grad)
 
 
