@@ -155,20 +155,26 @@ def limit_maps(
         if wj != 0.0:  # a zero weight must not turn a non-finite mean into NaN
             mu_star = mu_star + wj * mu
     dead = [v == 0 for v in variances]  # no spread: such a variance stays 0 in every round
-    # log of the variance with 1 where it is 0, so that no -inf or NaN enters (nor, on torch,
-    # its gradient); those entries are overwritten below.  NaN variances stay NaN.
-    logv = [xp.log(xp.where(d, 1.0, v)) for d, v in zip(dead, variances)]
     if topology == "hub":
-        log_star = logv[hub]
         collapse = dead[hub]
+        # sqrt(v_hub / v_i) as a ratio of spreads (exp of the logs' difference, as below,
+        # carried their rounding, an ulp of |log v|: 88 ulps of the output at spreads of 1e100)
+        hub_spread = xp.sqrt(xp.where(collapse, 1.0, variances[hub]))
+
+        def scale(i: int) -> Any:
+            return hub_spread / xp.sqrt(xp.where(dead[i], 1.0, variances[i]))
+
     else:
+        # log of the variance with 1 where it is 0, so that no -inf or NaN enters (nor, on
+        # torch, its gradient); those entries are overwritten below.  NaN variances stay NaN.
+        logv = [xp.log(xp.where(d, 1.0, v)) for d, v in zip(dead, variances)]
         collapse = dead[0]
         for d in dead[1:]:
             collapse = xp.logical_or(collapse, d)
         if schedule == "jacobi" or eps == 0:
             # Jacobi: sum_j log v_j is invariant (weights 1/M); eps = 0: the linear theory
             log_w = weights if schedule != "jacobi" else tuple(1.0 / n for _ in range(n))
-            log_star = 0.0
+            log_star: Any = 0.0
             for wj, lv in zip(log_w, logv):
                 if wj != 0.0:
                     log_star = log_star + wj * lv
@@ -179,17 +185,15 @@ def limit_maps(
             for j, y in enumerate(ys):
                 psi = psi + (y - (alpha * (n - 1 - j) / (n - 1)) * _softplus(xp, y))
             log_star = solve_gauss_seidel(xp, psi / n, alpha) + log_eps
+
+        def scale(i: int) -> Any:
+            return xp.exp((log_star - logv[i]) / 2.0)  # sqrt(v* / v_i), without forming the variances
+
     maps = []
-    for i, (mu, lv, d) in enumerate(zip(means, logv, dead)):
+    for i, (mu, d) in enumerate(zip(means, dead)):
         if topology == "hub" and i == hub:
             maps.append((xp.ones_like(mu), mu, False))
             continue
-        if topology == "hub":
-            # sqrt(v_hub / v_i) as a ratio of spreads: exp of the logs' difference carried
-            # their rounding, an ulp of |log v| (88 ulps of the output at spreads of 1e100)
-            s = xp.sqrt(xp.where(dead[hub], 1.0, variances[hub])) / xp.sqrt(xp.where(d, 1.0, variances[i]))
-        else:
-            s = xp.exp((log_star - lv) / 2.0)  # sqrt(v* / v_i), without forming the variances
-        s = xp.where(d, 1.0, xp.where(collapse, 0.0, s))
+        s = xp.where(d, 1.0, xp.where(collapse, 0.0, scale(i)))
         maps.append((s, mu_star, True))
     return maps

@@ -630,11 +630,11 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     k = xp.where(k > emax, float(emax), xp.where(k < -emax, float(-emax), k))  # (no clip before 2023.12)
     terms = terms * 2.0 ** (-k)
     if kind == "variance":
-        # each term centred before the sum: y's own centring came after a constant term of 1
-        # had absorbed varying ones of 1e-10 (shares off by 1e-7, or NaN; a review's find)
-        # corrected two-pass: a term whose spread is a few ulps of its mean (1e12 + 1e-3 noise)
-        # lost most of its deviations to the mean's rounding (shares and gradients off by 1e7
-        # ulps); the second mean gives back what the first rounded away
+        # each term centred before the sum (centring y = sum_k T_k came after a constant term
+        # of 1 had absorbed varying ones of 1e-10: shares off by 1e-7, or NaN), by a corrected
+        # two-pass: the second mean gives back what the first rounded away (a term whose spread
+        # is a few ulps of its mean, 1e12 + 1e-3 noise, lost most of its deviations: shares
+        # and gradients off by 1e7 ulps)
         dev = terms - xp.mean(terms, axis=1, keepdims=True)
         terms = dev - xp.mean(dev, axis=1, keepdims=True)
     y = xp.sum(terms, axis=0)
