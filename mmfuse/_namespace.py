@@ -85,6 +85,8 @@ def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Nam
                 "convert all inputs to one namespace"
             )
     if len(present) == 1:
+        if len(_BY_TYPE) >= 256:  # a few types per program; classes made on the fly must not
+            _BY_TYPE.clear()  # pile up (nor be kept alive) for good
         _BY_TYPE[type(present[0][1])] = xp
     return xp
 

@@ -110,6 +110,8 @@ _TORCH_TYPES: dict[type, bool] = {}
 
 def _torch_type(t: type) -> bool:
     torch = sys.modules.get("torch")
+    if len(_TORCH_TYPES) >= 256:  # a few types per program, but classes made on the fly must
+        _TORCH_TYPES.clear()  # not pile up (nor be kept alive) for good
     _TORCH_TYPES[t] = answer = torch is not None and issubclass(t, torch.Tensor)
     return answer
 
@@ -186,8 +188,11 @@ def policy_key(backend: Any) -> Any:
         return None
     # a policy naming triton (backend= or prefer=) takes CPU tensors only while Triton's
     # interpreter is on, which its conditions read per call (a plan made with it on ran the
-    # interpreter after it was unset).  Only there: an environment read costs 0.5 us, and
-    # "auto" takes the Triton rows for CUDA tensors alone, compiled, whatever the variable.
+    # interpreter after it was unset).  Only there: an environment read costs 0.5 us.  "auto"
+    # takes the Triton rows for CUDA tensors alone, and only with the variable unset (the
+    # registry's key holds it); its plans do not, so one made under either setting keeps its
+    # choice when the variable changes: the compiled kernels (built at triton's import, which
+    # the variable no longer changes) or the torch op, both right for CUDA tensors.
     interpreting = "triton" in names and triton_interpreting()
     return (names, frameworks, generation(), torch_state, interpreting)
 

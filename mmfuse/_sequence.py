@@ -477,10 +477,35 @@ def wander(
             residual=residual, backend=backend,
         )  # fmt: skip
     parts = (params.get("down"), params.get("feature"), params.get("token")) if type(params) is dict else None
-    options = (mode, activation, residual)
+    options = (mode, activation_key(activation), residual)
     key = call_key(backend, options, xs, *parts, masks) if parts is not None else None
     plan = _WANDER_PLANS.plan(key, plan_wander, xs, params, mode, masks, activation, residual, backend)
-    return plan(xs, params if parts is not None else _clean_params(params), masks=masks)
+    given = params if parts is not None else _clean_params(params)
+    return plan(xs, given, masks=masks, activation=activation)
+
+
+class _AnyCallable:
+    """What a plan's key holds for any callable ``activation`` (:func:`activation_key`): an
+    object of its own type, equal to no option a caller can pass."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<any callable activation>"
+
+
+_CALLABLE_ACTIVATION = _AnyCallable()
+
+
+def activation_key(activation: Any) -> Any:
+    """``activation`` as a plan's key holds it: a name as itself, any callable as one marker.
+    A plan is the same for every callable (checked as callable, never inspected), and the
+    callable reaches the plan per call: a key or a plan holding it would keep it, and all it
+    references (a module, a closure's arrays), alive in the plan cache after its last use,
+    and a fresh lambda per call would plan every call."""
+    if isinstance(activation, str) or not callable(activation):
+        return activation
+    return _CALLABLE_ACTIVATION
 
 
 _WANDER_PLANS = PlanCache()
@@ -536,8 +561,9 @@ def plan_wander(
     check_same_float_dtype(xp, named)
     masks = _check_masks(xp, masks, [tuple(x.shape) for x in xs], "xs")
     impl = lookup("wander", backend, like=xs[0], arrays=(xs, pairs, feature, token))
-    options = {"mode": mode, "activation": activation, "residual": residual}
-    return partial(planned_impl(impl, (xs, params), {**options, "masks": masks}), **options)
+    options = {"mode": mode, "residual": residual}  # (activation: passed per call, activation_key)
+    chosen = planned_impl(impl, (xs, params), {**options, "activation": activation, "masks": masks})
+    return partial(chosen, **options)
 
 
 # --------------------------------------------------------------------------- parameters

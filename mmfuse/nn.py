@@ -52,8 +52,10 @@ from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._namespace import low_precision, mask_tokens, rounded_to, torch_namespace, work_dtype
 from ._plan import PlanCache, call_key
+from ._sequence import activation_key, plan_wander
 from ._validation import check_bool_option, check_device, check_positive_int, check_size_list
 from .backends import BackendUnsupported, lookup
+from .backends._registry import registration
 
 __all__ = ["CPFusion", "GuidedZoomShift", "LowRankFusion", "TensorFusion", "WanderAdapter", "ZoomShift"]
 
@@ -104,15 +106,24 @@ def _layer_plan(
     return run
 
 
-# The torch backend's registered implementation of each operator the layers call, resolved once
-# here (importing the torch backend defines the mmfuse::* custom operators): under
-# torch.compile the layers call these directly, skipping the functional layer's checks and
-# dispatch, which Dynamo need not trace; in eager mode they call the functional API, whose
-# registry picks the same implementations under "auto".
+# The torch backend's implementation of each operator the layers call: under torch.compile
+# the layers call these directly, skipping the functional layer's checks and dispatch, which
+# Dynamo need not trace; in eager mode they call the functional API, whose registry picks the
+# same implementations under "auto".  mmfuse's own, resolved once here (importing the torch
+# backend defines the mmfuse::* custom operators before anything is compiled); one that
+# ``mmfuse.backends.register(op, "torch", ...)`` put in their place is read per call
+# (:func:`_torch_impl`), whenever it was registered.
 _TORCH = {
     op: lookup(op, "torch")
     for op in ("tensor_fusion", "lowrank_fusion", "cp_fusion", "wander", "align")
 }
+
+
+def _torch_impl(op: str) -> Any:
+    """The torch backend's implementation of ``op`` as the registry has it now: a registered
+    replacement (one dict read, which Dynamo traces and guards), else mmfuse's own."""
+    replacement = registration(op, "torch")
+    return _TORCH[op] if replacement is None else replacement.func
 
 
 def _fmt(shape: Sequence[Any]) -> str:
@@ -518,7 +529,7 @@ class LowRankFusion(_RankedFusion):
         factors = _entries(self.factors)
         if _compiling():
             xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
-            return _TORCH["lowrank_fusion"](
+            return _torch_impl("lowrank_fusion")(
                 xs, factors, self.weights, self.bias, append_one=self.append_one, present=present
             )
 
@@ -757,7 +768,7 @@ class CPFusion(_RankedFusion):
         cp = (self.weights, list(self.factors))
         if _compiling():
             xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
-            return _TORCH["cp_fusion"](xs, cp, self.bias, append_one=self.append_one, present=present)
+            return _torch_impl("cp_fusion")(xs, cp, self.bias, append_one=self.append_one, present=present)
 
         def plan() -> Any:
             checked = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
@@ -985,7 +996,7 @@ class TensorFusion(nn.Module):
             _fusion.check_intermediates(
                 "TensorFusion", torch, xs[0], dims, self.out_dim, self.max_elements, "LowRankFusion"
             )
-            return _TORCH["tensor_fusion"](
+            return _torch_impl("tensor_fusion")(
                 xs, self.weight, self.bias, append_one=self.append_one, max_elements=self.max_elements
             )
 
@@ -1307,24 +1318,25 @@ class WanderAdapter(nn.Module):
         if _compiling():
             dtype = _parameter_dtype(self)
             xs, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, name)
-            return _TORCH["wander"](
+            return _torch_impl("wander")(
                 xs, params, mode=self.mode, masks=mask_list, activation=self.activation,
                 residual=self.residual,
             )  # fmt: skip
 
         def plan() -> Any:
-            from ._sequence import plan_wander
-
             dtype = _parameter_dtype(self)
             checked, mask_list = _check_seq_inputs(xs, self.in_dims, self.lengths, dtype, masks, name)
             return plan_wander(checked, params, self.mode, mask_list, self.activation, self.residual, None)
 
-        options = (self.in_dims, self.lengths, self.mode, self.activation, self.residual)
+        # (a callable activation as one marker, passed per call: a deleted layer's activation
+        # module must not live on in the plan cache)
+        options = (self.in_dims, self.lengths, self.mode, activation_key(self.activation), self.residual)
         # the parameters' metadata as one flat list (their number follows from in_dims): a
         # quicker signature than the nested (weight, bias) pairs
         down = params["down"]
         flat = [*(w for w, _ in down), *(b for _, b in down), *params["feature"], *params["token"]]
-        return _layer_plan(self, options, (xs, masks, flat), plan)(xs, params, masks=masks)
+        run = _layer_plan(self, options, (xs, masks, flat), plan)
+        return run(xs, params, masks=masks, activation=self.activation)
 
 
 # --------------------------------------------------------------------------- Zoom and Shift
@@ -1501,7 +1513,7 @@ class ZoomShift(nn.Module):
             # float16 / bfloat16: aligned, pooled and fused in float32, rounded once (as
             # zoom_shift_fusion)
             work = work_dtype(torch_namespace(), dtype)
-            ys = _TORCH["align"](
+            ys = _torch_impl("align")(
                 [x.to(work) for x in xs], rounds=self.rounds, alpha=self.alpha,
                 schedule=self.schedule, topology=self.topology, hub=self.hub or 0, axis=-2,
                 masks=mask_list, eps=self.eps,

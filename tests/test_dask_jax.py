@@ -641,3 +641,22 @@ def test_dask_gelu_is_one_task_per_chunk_and_numpys_values(dtype, rng):
     got = y.compute()
     assert got.dtype == x.dtype
     np.testing.assert_array_equal(got, gelu(np, x))
+
+
+def test_jax_eager_masks_hiding_a_sample_are_refused_as_numpys(jax_x64):
+    """An eager JAX mask that hides every token of a sample is refused with NumPy's message
+    (every JAX array had been taken for a traced one, and gave NaN statistics silently); under
+    jit and vmap its values cannot be read, and the call runs (a review of the plan state)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = np.random.default_rng().standard_normal((2, 4, 3))
+    hiding = np.array([[True, False, True, True], [False] * 4])
+    with pytest.raises(ValueError, match=r"^mask masks every token of a sample \(flat sample index 1\)"):
+        mmfuse.moments(x, mask=hiding)
+    with pytest.raises(ValueError, match=r"^mask masks every token of a sample \(flat sample index 1\)"):
+        mmfuse.moments(jnp.asarray(x), mask=jnp.asarray(hiding))
+    keep = hiding.copy()
+    keep[1, 0] = True
+    got = jax.jit(lambda a, m: mmfuse.moments(a, mask=m)[0])(jnp.asarray(x), jnp.asarray(keep))
+    assert_close(np.asarray(got), ref.moments(x, mask=keep)[0])

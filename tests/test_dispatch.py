@@ -761,3 +761,30 @@ def test_forced_triton_calls_the_built_kernels_cannot_take_are_refused():
         env={"TRITON_INTERPRET": "1"},
     )
     assert out == "True\nTrue"
+
+
+def test_compiled_layers_run_a_torch_implementation_registered_after_their_import():
+    """Under torch.compile the layers call the torch backend's implementation directly; one
+    registered after ``mmfuse.nn`` was imported is the one they call, as the eager layers
+    (through the registry) do.  The table resolved at import had kept mmfuse's own, so the
+    result depended on import order (a review of the plan state); unregistering brings it back."""
+    torch = pytest.importorskip("torch")
+    from mmfuse.nn import LowRankFusion
+
+    def constant(xs, factors, weights=None, bias=None, *, append_one=True, present=None):
+        return torch.full((xs[0].shape[0], factors[0].shape[-1]), 42.0, dtype=xs[0].dtype)
+
+    layer = LowRankFusion([3, 2], rank=2, out_dim=5)
+    xs = [torch.randn(4, 3), torch.randn(4, 2)]
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with mmfuse.config_context(backend="torch"):
+        own = compiled(xs)
+        register("lowrank_fusion", "torch", constant, priority=100)
+        try:
+            assert bool((layer(xs) == 42).all())
+            assert bool((compiled(xs) == 42).all())
+        finally:
+            unregister("lowrank_fusion", "torch")
+        again = compiled(xs)
+    torch.testing.assert_close(again, own, rtol=0, atol=0)
+    assert not bool((own == 42).any())

@@ -492,3 +492,48 @@ def test_guided_zoom_shift_gradients_do_not_depend_on_a_modalitys_mean(rng):
         grads.append((layer.weight.grad.clone(), layer.bias.grad.clone()))
     for a, b in zip(*grads):
         assert torch.all((a - b).abs() <= 64 * torch.finfo(torch.float64).eps * b.abs().max())
+
+
+def test_a_callable_activation_is_not_kept_alive_by_the_plans():
+    """A plan's key holds one marker for any callable activation, and the callable reaches the
+    plan per call: the key and the plan held the callable itself, so a deleted one (and all it
+    references: a layer's activation module, a closure's arrays) stayed alive in the plan
+    cache, and a fresh lambda per call planned every call (a review of the plan state)."""
+    import gc
+    import weakref
+
+    from mmfuse import _sequence
+
+    rng = np.random.default_rng()
+    params = mmfuse.init_wander([8, 8], [6, 5], rank=4, feature_rank=2, token_rank=3, out_dim=8, seed=rng)
+    xs = [rng.standard_normal((2, 6, 8)), rng.standard_normal((2, 5, 8))]
+
+    class Scaled:
+        def __init__(self, k):
+            self.k = k
+
+        def __call__(self, h):
+            return np.tanh(self.k * h)
+
+    _sequence._WANDER_PLANS.clear()
+    outs, refs = [], []
+    for k in (0.5, 2.0):
+        act = Scaled(k)
+        refs.append(weakref.ref(act))
+        outs.append(mmfuse.wander(xs, params, activation=act))
+        want = ref.wander(xs, params, activation=lambda h, k=k: np.tanh(k * h))
+        assert_close(outs[-1], want)  # each call runs its own callable, though one plan serves both
+        del act
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert len(_sequence._WANDER_PLANS) == 1
+    assert not np.allclose(outs[0], outs[1])
+
+    module = torch.nn.Tanh()
+    layer = WanderAdapter([8, 8], [6, 5], rank=4, feature_rank=2, token_rank=3, activation=module)
+    alive = weakref.ref(module)
+    y = layer([torch.randn(2, 6, 8), torch.randn(2, 5, 8)])
+    assert y.shape == (2, 4, 8)
+    del layer, module, y
+    gc.collect()
+    assert alive() is None

@@ -449,3 +449,17 @@ def test_planned_wander_calls_take_the_path_of_an_unplanned_one(rng, batch):
             (wx,) = torch.autograd.grad(want.sum(), [xs[0]])
             assert_close(got, want, rtol=1e-12)
             assert_close(gx, wx, rtol=1e-12)
+
+
+def test_the_per_type_caches_stay_bounded():
+    """The types seen by the plan keys and by array_namespace are remembered, but not without
+    bound: classes made on the fly (a subclass per call) piled up and were kept alive for
+    good (a review of the plan state)."""
+    from mmfuse import _namespace, _plan
+
+    x = np.random.default_rng().standard_normal((2, 4, 3))
+    for k in range(600):
+        kind = type(f"Sub{k}", (np.ndarray,), {})
+        mmfuse.moments(x.view(kind))
+    assert len(_plan._TORCH_TYPES) <= 256
+    assert len(_namespace._BY_TYPE) <= 256

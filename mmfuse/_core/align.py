@@ -1151,7 +1151,9 @@ def is_eager(xp: Any, x: Any) -> bool:
     tensor on the ``meta`` device, which has shapes but no values, nor one wrapped by a
     ``torch.func`` transform: under ``vmap`` its values cannot steer Python, as a JAX
     tracer's cannot)."""
-    if is_lazy(x) or is_dask(xp) or is_jax(xp):
+    if is_jax(xp):  # eager JAX arrays are checked as NumPy's are; under jit, vmap, grad not
+        return not isinstance(x, sys.modules["jax"].core.Tracer)
+    if is_lazy(x) or is_dask(xp):
         return False
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor) and _functorch_wrapped(torch, x):

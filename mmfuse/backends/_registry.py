@@ -257,6 +257,14 @@ def unregister(op: str, backend: str) -> None:
             _generation[0] += 1
 
 
+def registration(op: str, backend: str) -> Implementation | None:
+    """What :func:`register` added for ``op`` and ``backend`` and :func:`unregister` has not
+    removed, or None.  One dict read, which Dynamo traces (the compiled layers of
+    :mod:`mmfuse.nn` ask it per call: a registration made after their import holds there
+    too)."""
+    return _REGISTERED.get((op, backend))
+
+
 def _finite(value: numbers.Real) -> bool:
     try:
         return math.isfinite(value)
