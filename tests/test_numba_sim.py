@@ -461,3 +461,29 @@ def test_kernels_compile_to_ptx():
     if "NO-NVVM" in proc.stdout:
         pytest.skip(f"NVVM is not installed: {proc.stdout.strip()}")
     assert proc.stdout.count("OK") == 8, proc.stdout
+
+
+def test_float32_statistics_accumulate_in_float64():
+    """float32 inputs are accumulated and mapped in float64 (``ALIGN_ACCUMULATOR``).  In
+    float32 each token lane's running sum drifted over a long axis (the pivot, then the
+    variance about it: sigma 7000 float32 ulps off at T = 262144 of 1e5 + N(0, 1)), and the
+    map's offset cancelled on constant lanes of 1e8 (a review of the kernels)."""
+    ref = _align_ref()
+    rng = np.random.default_rng()
+    x = (1e5 + rng.standard_normal((1, 4096, 2))).astype(np.float32)
+    x[0, :, 1] = 1e5  # a constant lane: mean 1e5, no spread
+    mean = cuda.to_device(np.full((1, 2), np.nan, np.float32))
+    std = cuda.to_device(np.full((1, 2), np.nan, np.float32))
+    nb.moments_device(dev(x, np.float32), None, 0.0, mean, std, empty=nan_empty, channels=2, lanes=8)
+    want_mean, want_std = ref.moments(x, eps=0.0)
+    # both the exact statistics rounded once to float32 (the reference's are float64)
+    assert np.all(np.abs(mean.copy_to_host() - want_mean[:, 0, :]) <= 0.5 * np.spacing(np.float32(1e5)))
+    assert np.all(np.abs(std.copy_to_host() - want_std[:, 0, :]) <= np.spacing(np.float32(1.0)))
+    assert std.copy_to_host()[0, 1] == 0.0
+    big = np.full((1, 50, 2), 1e8, np.float32)
+    guide = rng.normal(-3.0, 20.0, (1, 40, 2)).astype(np.float32)
+    out = cuda.to_device(np.full(big.shape, np.nan, np.float32))
+    nb.zoom_shift_device(dev(big, np.float32), dev(guide, np.float32), out, empty=nan_empty, channels=2, lanes=8)
+    want = ref.zoom_shift(big, guide)
+    ulps = np.abs(out.copy_to_host() - want) / np.spacing(np.abs(want).astype(np.float32))
+    assert ulps.max() <= 1, ulps.max()

@@ -251,7 +251,7 @@ def test_registered_ops_match_direct_calls(rng):
     assert torch.equal(pivot, stats.pivot) and torch.equal(corr, stats.corr) and torch.equal(var, stats.var)
     s, t = var.sqrt() + 0.5, corr - 1.0
     assert torch.equal(
-        torch.ops.mmfuse_triton.align_map(x, pivot, s, t), _align_ops.TRITON.apply(x, 1, pivot, s, t)
+        torch.ops.mmfuse_triton.align_map(x, pivot, corr, s, t), _align_ops.TRITON.apply(x, 1, pivot, corr, s, t)
     )
     st = ref.moments(_np(x), mask=mask.numpy(), eps=0.0)
     assert_close(stats.mean, st[0])
@@ -594,3 +594,19 @@ def test_align_reads_a_neg_view_as_its_values(rng, rounds):
         want = mmfuse.align([x, g], rounds=rounds, backend="triton")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_constant_lanes_of_a_large_value_land_on_the_guide_mean(rng):
+    """float32 lanes of one large value whose float32 sum rounds: the kernels take the
+    statistics' correction off the centred values before the zoom, so the output is the
+    guide's mean (folded into the offset, ``target - corr s``, it cancelled against
+    ``(x - p) s``: 3% off), in zoom_shift's fused kernel and align's map."""
+    x = torch.full((2, 50, 3), 1e8, dtype=torch.float32)
+    guide = torch.tensor(rng.normal(-3.0, 20.0, (2, 40, 3)), dtype=torch.float32)
+    want = ref.zoom_shift(_np(x), _np(guide))
+    for got in (
+        mmfuse.zoom_shift(x, guide, backend="triton"),
+        mmfuse.align([x, guide], rounds=1, topology="hub", hub=1, backend="triton")[0],
+    ):
+        ulps = np.abs(_np(got) - want) / np.spacing(np.abs(want).astype(np.float32))
+        assert ulps.max() <= 4, ulps.max()

@@ -530,15 +530,21 @@ def _target_mean(mean: Any, g_mean: Any, alpha: float) -> Any:
 def zoom_shift_map(
     xp: Any, st: Stats, g_mean: Any, g_sigma: Any, alpha: float, eps: float
 ) -> tuple[Any, Any]:
-    """The Zoom-and-Shift step as a map about x's pivot: ``(s, offset)`` with
-    ``y = (x - pivot) s + offset``.
+    """The Zoom-and-Shift step as a map about x's pivot: ``(s, target)`` with
+    ``y = ((x - pivot) - corr) s + target``.
 
-    ``s = (sigma_g / sigma_x) ** alpha`` and ``offset = mu_x + alpha (mu_g - mu_x) - corr s``,
-    since ``x - mu_x = (x - pivot) - corr``.  The rule every implementation written in Python
-    applies (the compiled kernels carry their own transcription, checked by the same tests).
+    ``s = (sigma_g / sigma_x) ** alpha`` and ``target = mu_x + alpha (mu_g - mu_x)``, since
+    ``x - mu_x = (x - pivot) - corr``.  The correction is taken off the centred values before
+    the zoom, not folded into the offset as ``target - corr s``: a pivot off the mean by a few
+    of its ulps (a float32 sum) times a large zoom (a lane with no spread) made ``corr s``
+    large beside the output, and the sum of ``(x - pivot) s`` and that offset cancelled (lanes
+    of a constant 1e8 in float32 came out 3% off the guide's mean where they are exactly it;
+    a review's find).  Here a constant lane's ``(x - pivot) - corr`` is exactly 0.  The rule
+    every implementation written in Python applies (the compiled kernels carry their own
+    transcription, checked by the same tests).
     """
     s = zoom_scale(xp, spread(xp, st.var, eps), g_sigma, alpha)
-    return s, _target_mean(st.mean, g_mean, alpha) - st.corr * s
+    return s, _target_mean(st.mean, g_mean, alpha)
 
 
 # --------------------------------------------------------------------------- primitives
@@ -558,25 +564,27 @@ class Primitives:
         """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded."""
         return _stats(x, axis, mask, keep_dev=keep_dev)
 
-    def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
-        """``(x - pivot) * scale + offset`` in x's dtype, computed in the statistics' dtype
-        (float16: round once).  ``pivot`` None: ``x * scale + offset``, for identity maps
-        (scale 1, offset 0), which then copy x exactly.  ``dev``: ``x - pivot`` if at hand
-        (from :meth:`stats` with ``keep_dev``, for this call only: an implementation may write
-        the map into it).
+    def apply(
+        self, x: Any, axis: int, pivot: Any, corr: Any, scale: Any, target: Any, dev: Any = None
+    ) -> Any:
+        """``((x - pivot) - corr) * scale + target`` in x's dtype, computed in the statistics'
+        dtype (float16: round once): :func:`zoom_shift_map`'s rule.  ``pivot`` None (``corr``
+        unused): ``x * scale + target``, for identity maps (scale 1, target 0), which then copy
+        x exactly.  ``dev``: ``x - pivot`` if at hand (from :meth:`stats` with ``keep_dev``,
+        for this call only: an implementation may write the map into it).
 
-        Folding a map into ``x * s + (offset - pivot s)`` would lose ``|mean| s`` ulps to
+        Folding a map into ``x * s + (target - mean s)`` would lose ``|mean| s`` ulps to
         cancellation (data 1e4 + 1e-2 noise zoomed to unit spread: 6% of the output's spread
         in float32); ``x - pivot`` is exact near the mean.
         """
         xp = array_namespace(x)
         if pivot is None:
             if scale.dtype != x.dtype:
-                return xp.astype(xp.astype(x, scale.dtype) * scale + offset, x.dtype)
-            return x * scale + offset
+                return xp.astype(xp.astype(x, scale.dtype) * scale + target, x.dtype)
+            return x * scale + target
         if dev is None:
             dev = (x if pivot.dtype == x.dtype else xp.astype(x, pivot.dtype)) - pivot
-        y = dev * scale + offset
+        y = (dev - corr) * scale + target
         return y if y.dtype == x.dtype else xp.astype(y, x.dtype)  # float16: round once
 
     def zoom_shift(
@@ -584,8 +592,8 @@ class Primitives:
     ) -> Any:
         """x zoomed and shifted toward guide statistics (``g_sigma = sqrt(var_g + eps)``)."""
         st = self.stats(x, axis, mask, keep_dev=True)
-        s, offset = zoom_shift_map(array_namespace(st.var), st, g_mean, g_sigma, alpha, eps)
-        return self.apply(x, axis, st.pivot, s, offset, st.dev)
+        s, target = zoom_shift_map(array_namespace(st.var), st, g_mean, g_sigma, alpha, eps)
+        return self.apply(x, axis, st.pivot, st.corr, s, target, st.dev)
 
 
 class NumPyPrimitives(Primitives):
@@ -596,12 +604,15 @@ class NumPyPrimitives(Primitives):
     def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False) -> Stats:
         return _stats_numpy(x, axis, mask)
 
-    def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
+    def apply(
+        self, x: Any, axis: int, pivot: Any, corr: Any, scale: Any, target: Any, dev: Any = None
+    ) -> Any:
         if dev is not None and pivot is not None:  # the statistics' own buffer (one block)
+            dev -= corr
             dev *= scale
-            dev += offset
+            dev += target
             return dev
-        return _apply_numpy(x, scale, offset, pivot)
+        return _apply_numpy(x, scale, target, pivot, corr)
 
     def zoom_shift(
         self, x: Any, axis: int, mask: Any, g_mean: Any, g_sigma: Any, alpha: float, eps: float
@@ -613,7 +624,7 @@ GENERIC = Primitives()
 NUMPY = NumPyPrimitives()
 
 
-def _apply_numpy(x: Any, scale: Any, offset: Any, pivot: Any = None) -> Any:
+def _apply_numpy(x: Any, scale: Any, target: Any, pivot: Any = None, corr: Any = None) -> Any:
     out = np.empty(x.shape, dtype=x.dtype)
 
     def work(blocks: list[slice]) -> None:
@@ -622,8 +633,9 @@ def _apply_numpy(x: Any, scale: Any, offset: Any, pivot: Any = None) -> Any:
                 np.multiply(x[blk], scale[blk], out=out[blk])
             else:
                 np.subtract(x[blk], pivot[blk], out=out[blk])
+                out[blk] -= corr[blk]
                 out[blk] *= scale[blk]
-            out[blk] += offset[blk]
+            out[blk] += target[blk]
 
     _run_blocks(x, work)
     return out
@@ -635,7 +647,7 @@ def _zoom_shift_numpy(
     """One read of x: per cache-sized block, statistics then the affine map, in place.
 
     ``out`` first holds ``x - pivot`` (the centred values the variance needs), and is then
-    scaled and shifted in place by :func:`zoom_shift_map`'s rule.
+    corrected, scaled and shifted in place by :func:`zoom_shift_map`'s rule.
     """
     out = np.empty(x.shape, dtype=x.dtype)
     if _one_block(x):  # one block, on this thread: no block bookkeeping
@@ -668,9 +680,10 @@ def _zoom_shift_block(
     map applied to ``ob`` in place."""
     # x's own mean enters the map only for a partial step (_target_mean)
     st = _block_stats(xb, axis, mb, ob, masked, outs, alpha != 1.0)
-    s, offset = zoom_shift_map(np, st, g_mean, g_sigma, alpha, eps)
+    s, target = zoom_shift_map(np, st, g_mean, g_sigma, alpha, eps)
+    ob -= st.corr
     ob *= s
-    ob += offset
+    ob += target
 
 
 # --------------------------------------------------------------------------- moments, zoom_shift
@@ -844,7 +857,7 @@ def _round_maps(
     # At eps > 0 a lane with no spread (variance 0) is zoomed by 1 in every round, as in the
     # limit and as at eps = 0 (where its sigma is 0): its spread stays sqrt(eps), so each
     # round's (sigma_t / sqrt(eps)) ** alpha compounded (geometrically under the hub
-    # topology), the map's offset target - corr S cancelled (float64, 40 rounds: 0 where 5.26
+    # topology), the map's folded offset target - corr S cancelled (float64, 40 rounds: 0 where 5.26
     # was due) and S overflowed (0 * inf = NaN from 20 rounds in float32).  Such a lane maps
     # to its target mean whatever the scale; its slope along x is now 1, as at eps = 0.
     live = [v != 0 for _, v in stats] if eps > 0 else [None] * n
@@ -1041,9 +1054,9 @@ def align_with(
     out = []
     for x, st, (s, target, moved) in zip(xs, stats, maps):
         if moved:
-            out.append(prims.apply(x, ax, st.pivot, s, target - st.corr * s, st.dev if keep else None))
+            out.append(prims.apply(x, ax, st.pivot, st.corr, s, target, st.dev if keep else None))
         else:
-            out.append(prims.apply(x, ax, None, s, xp.zeros_like(s)))
+            out.append(prims.apply(x, ax, None, None, s, xp.zeros_like(s)))
     return out
 
 

@@ -244,7 +244,10 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
     Accurate whatever the mean-to-spread ratio (``x - p`` is exact near the mean), and the
     fixed merge order makes results independent of scheduling.  ``zoom_shift`` then maps the
     same slab about the pivot, ``(x - p) s + offset`` (folding the map into ``x s + t`` would
-    lose ``|mean| s`` ulps): x is read from memory about once.
+    lose ``|mean| s`` ulps): x is read from memory about once.  The drivers take ``acc``
+    float64 for float32 inputs too (:data:`ALIGN_ACCUMULATOR`), so the offset
+    ``target - corr s``, which the core no longer folds (:func:`mmfuse._core.align.zoom_shift_map`),
+    cancels in float64 only, far below a float32 output's ulp.
     """
     global cuda
     import numba.cuda
@@ -365,6 +368,15 @@ def _align_kernels_cached(acc_name: str, channels: int, lanes: int) -> _Kernels:
     import numba
 
     return _Kernels(align_kernel_sources(getattr(numba, acc_name), channels, lanes))
+
+
+# The Zoom-and-Shift kernels accumulate float32 inputs in float64 too, and map them in it
+# (rounded once on the store).  In float32 each token lane's running sum drifted over long axes
+# (T = 262144 tokens of 1e5 + N(0, 1): sigma 8.6e-4 off; a constant lane of 1e5 got a spread
+# of 0.87), the variance left float32's range for spreads past 1.8e19, and the map's offset
+# cancelled for large constant lanes (a review of the kernels under the CUDA simulator).  A
+# memory-bound kernel: a few float64 operations per element read.
+ALIGN_ACCUMULATOR = "float64"
 
 
 def align_kernels(dtype: Any, channels: int = STAT_CHANNELS, lanes: int = STAT_LANES) -> Any:
@@ -546,13 +558,13 @@ def moments_device(
 ) -> tuple[Any, Any]:
     """Per-(sample, channel) mean and ``sqrt(var + eps)`` of a (B', T, C') device array.
 
-    ``mask`` (B', T) bool or None; outputs (B', C'), float32 or float64 (accumulation is in
-    x's dtype).  One read of x, deterministic.
+    ``mask`` (B', T) bool or None; outputs (B', C'), float32 or float64 (accumulation in
+    float64 for both, :data:`ALIGN_ACCUMULATOR`).  One read of x, deterministic.
     """
     import numpy as np
 
     empty = empty or _default_empty
-    kern = align_kernels(x.dtype, channels, lanes)
+    kern = align_kernels(ALIGN_ACCUMULATOR, channels, lanes)
     batch, _, n_chan = x.shape
     blocks = batch * math.ceil(n_chan / channels)
     if blocks:
@@ -595,7 +607,7 @@ def zoom_shift_device(
     moments_device(
         guide, guide_mask, eps, g_mean, g_std, empty=empty, stream=stream, channels=channels, lanes=lanes
     )
-    kern = align_kernels(x.dtype, channels, lanes)
+    kern = align_kernels(ALIGN_ACCUMULATOR, channels, lanes)
     blocks = batch * math.ceil(n_chan / channels)
     if blocks and x.shape[1]:
         use_mask = mask is not None
@@ -865,7 +877,9 @@ class CPUPrimitives(Primitives):
         pivot = first.astype(lanes.dtype)
         return Stats(first + shift, var, pivot, (first - pivot) + shift)
 
-    def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
+    def apply(
+        self, x: Any, axis: int, pivot: Any, corr: Any, scale: Any, target: Any, dev: Any = None
+    ) -> Any:
         import numpy as np
 
         from . import _numba_cpu
@@ -876,9 +890,12 @@ class CPUPrimitives(Primitives):
         shape = (lanes.shape[0], lanes.shape[2])
         dt = lanes.dtype  # the pivot in x's dtype (x - pivot is exact near the mean); the
         # scale and offset in float64, as the fused kernel's: in a float32 x's dtype the zoom
-        # of a subnormal spread overflowed to inf
+        # of a subnormal spread overflowed to inf.  The offset target - corr s in float64 too:
+        # a float64 kernel's map, whose cancellation costs float64 ulps, far below x's
         centre = np.zeros(shape, dtype=dt) if pivot is None else _per_lane(pivot, kept, shape, dt)
-        scale, offset = (_per_lane(a, kept, shape, np.float64) for a in (scale, offset))
+        scale, offset = (_per_lane(a, kept, shape, np.float64) for a in (scale, target))
+        if pivot is not None:
+            offset = offset - _per_lane(corr, kept, shape, np.float64) * scale
         out = _numba_cpu.apply_map(lanes, centre, scale, offset)
         return out.reshape(x.shape).astype(x.dtype, copy=False)
 

@@ -110,9 +110,9 @@ def _zoom_shift_forward(
     xc, gc = cast(x, cdt), cast(guide, cdt)
     g = GENERIC.stats(gc, ax, guide_mask)
     st = GENERIC.stats(xc, ax, mask, keep_dev=True)
-    # the core's rule, about the pivot: y = (x - p) s + offset, x - p exact near the mean
-    s, offset = zoom_shift_map(_XP, st, g.mean, spread(_XP, g.var, eps), alpha, eps)
-    return torch.addcmul(offset, st.dev, s).to(dtype)
+    # the core's rule, about the pivot: y = ((x - p) - corr) s + target, x - p exact near the mean
+    s, target = zoom_shift_map(_XP, st, g.mean, spread(_XP, g.var, eps), alpha, eps)
+    return torch.addcmul(target, st.dev - st.corr, s).to(dtype)
 
 
 def _on_numpy(

@@ -66,7 +66,7 @@ backward is plain torch code (projections are only (B, R)).
 two-pass algorithm about a pivot (p = sum(x) / n, d = x - p, mean = p + sum(d) / n,
 var = sum(d^2) / n - (sum(d) / n)^2; masked tokens selected out, so NaN padding cannot leak)
 and, for ``zoom_shift``, the guide's statistics and then the map about x's pivot,
-y = (x - p) s + (target - corr s).  When the token axis fits one register tile (T <= 512 at
+y = ((x - p) - corr) s + target (the core's rule).  When the token axis fits one register tile (T <= 512 at
 32 channels, 1024 at 16, 2048 at 8) x is read once and y written once; longer axes loop over
 token blocks.  Their ops carry autograd (:mod:`._ops`): ``zoom_shift``'s backward is the torch
 backend's closed form (called, not copied), ``moments``' the per-token derivative of mean

@@ -8,9 +8,9 @@ kernels in :mod:`._align_kernels`, launched through ``wrap_triton``):
 
 - ``align_stats(x, mask) -> (pivot, corr, var)``: one read of x, float32 (…, 1, C) results
   (the core's shifted two-pass statistics about a pivot, as the CPU paths);
-- ``align_map(x, pivot, scale, offset) -> y``: one read of x and one write of y, the map
-  ``(x - pivot) scale + offset`` about the pivot (``pivot`` None: ``x scale + offset``, the
-  identity map of a modality the rounds leave alone).
+- ``align_map(x, pivot, corr, scale, target) -> y``: one read of x and one write of y, the
+  map ``((x - pivot) - corr) scale + target`` about the pivot (the core's rule; ``pivot`` and
+  ``corr`` None: ``x scale + target``, the identity map of a modality the rounds leave alone).
 
 So an M-modality alignment moves 3 x-sized passes per modality (read, read, write) and
 2M + M kernels' worth of (B, 1, C) statistics, whatever the number of rounds.
@@ -79,10 +79,14 @@ def _align_stats(
 
 
 def _align_map(
-    x: torch.Tensor, pivot: torch.Tensor | None, scale: torch.Tensor, offset: torch.Tensor
+    x: torch.Tensor,
+    pivot: torch.Tensor | None,
+    corr: torch.Tensor | None,
+    scale: torch.Tensor,
+    target: torch.Tensor,
 ) -> torch.Tensor:
-    """``(x - pivot) scale + offset`` (``pivot`` None: ``x scale + offset``) in float32,
-    rounded once to x's dtype; the constants broadcast to (B, ..., 1, C)."""
+    """``((x - pivot) - corr) scale + target`` (``pivot`` None: ``x scale + target``) in
+    float32, rounded once to x's dtype; the constants broadcast to (B, ..., 1, C)."""
     y = _ops._empty(x.shape, x.dtype, x.device)
     rows = _ops._rows(x)
     n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
@@ -91,12 +95,13 @@ def _align_map(
     def per_channel(a: torch.Tensor) -> torch.Tensor:
         return _ops.dense(a.to(torch.float32).broadcast_to(kept))
 
-    s, o = per_channel(scale), per_channel(offset)
+    s, o = per_channel(scale), per_channel(target)
+    p, k = (s, s) if pivot is None or corr is None else (per_channel(pivot), per_channel(corr))
     block_t, block_c = map_tiles(n_tok, n_ch)
     n_tblk = triton.cdiv(n_tok, block_t)
     wrap_triton(AK.map_kernel)[(n_rows * n_tblk, triton.cdiv(n_ch, block_c))](
-        y, rows, s if pivot is None else per_channel(pivot), s, o, n_tok, n_ch, n_tblk,
-        HAS_PIVOT=pivot is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
+        y, rows, p, k, s, o, n_tok, n_ch, n_tblk,
+        HAS_PIVOT=pivot is not None and corr is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return y
 
@@ -119,8 +124,10 @@ class TritonPrimitives(Primitives):
         pivot, corr, var = _stats_call(x, mask)
         return Stats(pivot + corr, var, pivot, corr)
 
-    def apply(self, x: Any, axis: int, pivot: Any, scale: Any, offset: Any, dev: Any = None) -> Any:
-        return _map_call(x, pivot, scale, offset)
+    def apply(
+        self, x: Any, axis: int, pivot: Any, corr: Any, scale: Any, target: Any, dev: Any = None
+    ) -> Any:
+        return _map_call(x, pivot, corr, scale, target)
 
 
 TRITON = TritonPrimitives()

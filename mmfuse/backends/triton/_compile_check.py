@@ -222,7 +222,7 @@ def _align_cases(
     gen: torch.Generator, dtype: torch.dtype, tokens: tuple[int, ...], channels: int
 ) -> Iterator[tuple[str, Callable[[], Any]]]:
     """``stats_kernel`` (with and without a mask) and ``map_kernel`` (about the pivot, and the
-    identity map ``x s + offset``) on each modality's shape."""
+    identity map ``x s + target``) on each modality's shape."""
     xs = [torch.randn(2, t, channels, generator=gen).to(dtype) for t in tokens]
 
     def run() -> Any:
@@ -231,8 +231,8 @@ def _align_cases(
             torch.ops.mmfuse_triton.align_stats(x, mask)
             pivot, _, _ = torch.ops.mmfuse_triton.align_stats(x, None)
             scale = torch.ones_like(pivot)
-            torch.ops.mmfuse_triton.align_map(x, pivot, scale, pivot)
-            torch.ops.mmfuse_triton.align_map(x, None, scale, pivot)
+            torch.ops.mmfuse_triton.align_map(x, pivot, pivot, scale, pivot)
+            torch.ops.mmfuse_triton.align_map(x, None, None, scale, pivot)
 
     yield f"align {dtype} tokens={tokens} C={channels}", run
 

@@ -633,7 +633,7 @@ def zoom_shift_kernel(
     HAS_MASK: tl.constexpr, HAS_GMASK: tl.constexpr, ALPHA_ONE: tl.constexpr, SINGLE: tl.constexpr,
     GSINGLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_GT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """y = (x - p) s + (target - corr s), the core's map about x's pivot, with
+    """y = ((x - p) - corr) s + target, the core's map about x's pivot, with
     s = (sigma_g / sigma_x) ** alpha, sigma = sqrt(var + eps), target = mu_g at alpha = 1
     else (1 - alpha) mu_x + alpha mu_g.  Every token of x is mapped, masked ones included
     (the mask only keeps them out of the statistics), as the core does."""
@@ -660,11 +660,10 @@ def zoom_shift_kernel(
     else:
         s = tl.where(live, tl.exp2(alpha * tl.log2(ratio)), 1.0)
         target = (1.0 - alpha) * (pivot + corr) + alpha * (g_piv + g_corr)
-    offset = target - corr * s
     c_ok2 = c_ok[None, :]
     if SINGLE:  # the tile is still in registers: x read once
         at = (n * n_tok + t0)[:, None] * n_ch + c[None, :]
-        y = (x - pivot[None, :]) * s[None, :] + offset[None, :]
+        y = ((x - pivot[None, :]) - corr[None, :]) * s[None, :] + target[None, :]
         tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=(t0 < n_tok)[:, None] & c_ok2)
     else:
         for t_start in range(0, n_tok, BLOCK_T):
@@ -672,5 +671,5 @@ def zoom_shift_kernel(
             ok = (t < n_tok)[:, None] & c_ok2
             at = (n * n_tok + t)[:, None] * n_ch + c[None, :]
             xb = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            y = (xb - pivot[None, :]) * s[None, :] + offset[None, :]
+            y = ((xb - pivot[None, :]) - corr[None, :]) * s[None, :] + target[None, :]
             tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=ok)
