@@ -293,6 +293,9 @@ def _limit(
         )  # fmt: skip
     out = []
     for i in range(n):
+        if topology == "hub" and i == hub:  # it never moves: its copy (its statistics mapped
+            out.append(ys[i])  # onto themselves lost a few ulps to rounding)
+            continue
         first, corr, _ = parts[i]
         # x - mu0 as in _zoom_shift_parts; the limit's low part added before its high part
         out.append((((_f64(ys[i]) - first) - corr) * scales[i] + mu_lo[i]) + mu_hi[i])
