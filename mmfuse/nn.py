@@ -1575,8 +1575,12 @@ class GuidedZoomShift(nn.Module):
     guide unchanged) is pooled over its unmasked tokens and the M (B, C) features fused as
     in :func:`mmfuse.zoom_shift_fusion`.
 
+    Padded tokens (``masks``) of the modulated modalities are zeroed before the map, so that
+    NaN or inf padding never reaches a gradient: their outputs in :meth:`modulate` are the
+    map of 0, and pooling never reads them (the guide is returned as given, padding and all).
+
     ``reset_parameters`` sets W and c to zero: :math:`a = b = 0`, so the layer starts as the
-    identity on the sequences (exactly the parameter-free pooling and fusion) and still
+    identity on the sequences' real tokens (exactly the parameter-free pooling and fusion) and still
     trains: :math:`\partial L / \partial W_m = (\partial L / \partial [a_m; b_m])\, p^\top` is
     non-zero as soon as the upstream gradient and the guide's features are, with one
     exception: the token mean of :math:`y_m` is :math:`\mu_m + b_m` whatever :math:`a_m`, so
@@ -1641,7 +1645,8 @@ class GuidedZoomShift(nn.Module):
     def modulate(
         self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None
     ) -> list[torch.Tensor]:
-        """The modulated (B, T_m, C) sequences (the guide's unchanged), before pooling."""
+        """The modulated (B, T_m, C) sequences (the guide's unchanged), before pooling; padded
+        tokens of the others hold the map of 0 (zeroed first: see the class Notes)."""
         if (device_type := autocast_device(xs)) is not None:  # statistics in the layer's dtype
             with torch.autocast(device_type, enabled=False):
                 return self.modulate(cast_tree(xs, self.weight.dtype), masks)
