@@ -631,6 +631,8 @@ def zoom_shift(
     axis : int, default -2
         The statistics axis (tokens); ``axis=-1`` for channel statistics (L = 1 fallback).
     mask, guide_mask : bool arrays, shapes (B, T) and (B, T_g), optional
+        (``x.shape[:axis + 1]`` and ``guide.shape[:axis + 1]`` with axis counted from the
+        front, as for :func:`moments`: the full shapes for ``axis=-1``.)
         True for tokens that count in x's and the guide's statistics.  The map is applied to
         every token of x, masked ones included; they just never influence it.  So padding
         must be finite (zeros, not NaN) for the output there, and for any gradient, to be
@@ -789,6 +791,8 @@ def align(
     axis : int, default -2
         Statistics axis (tokens); ``axis=-1`` for channel statistics (L = 1 fallback).
     masks : sequence of M bool arrays (or None), shapes (B, T_m), optional
+        (``xs[m].shape[:axis + 1]`` with axis counted from the front, as for
+        :func:`moments`: the full shapes for ``axis=-1``.)
         True for tokens that count in each modality's statistics.  Every token is mapped,
         masked ones included, so padding must be finite (zeros, not NaN) for the outputs
         there, and for any gradient, to be finite (see :func:`zoom_shift`).
