@@ -624,3 +624,33 @@ def test_zoom_shift_fusion_default_pooling_keeps_every_modality(rng):
     again = [xs[0][:, :, ::-1].copy(), xs[1]]
     assert not np.allclose(mmfuse.zoom_shift_fusion(again), mmfuse.zoom_shift_fusion(xs))
     assert mmfuse.zoom_shift_fusion(xs).shape == (3, 8)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"rounds": 0}, {"rounds": 0, "alpha": 0.3}, {"rounds": 2, "topology": "hub"},
+     {"rounds": None, "topology": "hub", "alpha": 0.5}],
+)  # fmt: skip
+def test_a_modality_left_where_it_is_comes_back_bit_for_bit(options):
+    """rounds = 0, and the hub: their outputs are the inputs' copies, -0.0 included.  Their
+    identity map x * 1 + 0 turned -0.0 into 0.0 (in the reference's finite rounds too); it
+    adds -0.0 now, which is exact for every x (a review of the kernels)."""
+    import importlib.util
+
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 5, 3))
+    guide = rng.standard_normal((2, 4, 3))
+    x[0, 0, 0] = guide[1, 1, 1] = -0.0
+    left = [0] if options.get("topology") == "hub" else [0, 1]  # the hub is modality 0
+    runs = {"reference": reference.align([x, guide], **options)}
+    backends = ["array_api"] + (["numba"] if importlib.util.find_spec("numba") else [])
+    for backend in backends:
+        runs[backend] = mmfuse.align([x, guide], backend=backend, **options)
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        runs["torch"] = [to_numpy(y) for y in mmfuse.align([torch.from_numpy(x), torch.from_numpy(guide)], **options)]
+    for name, ys in runs.items():
+        for m in left:
+            want = (x, guide)[m]
+            assert np.array_equal(ys[m], want) and np.array_equal(np.signbit(ys[m]), np.signbit(want)), (name, m)

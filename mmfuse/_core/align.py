@@ -1056,7 +1056,9 @@ def align_with(
         if moved:
             out.append(prims.apply(x, ax, st.pivot, st.corr, s, target, st.dev if keep else None))
         else:
-            out.append(prims.apply(x, ax, None, None, s, xp.zeros_like(s)))
+            # (a target of -0.0: x + (-0.0) is x for every x, -0.0 included, where + 0.0
+            # turned -0.0 into 0.0)
+            out.append(prims.apply(x, ax, None, None, s, -xp.zeros_like(s)))
     return out
 
 

@@ -204,7 +204,9 @@ def align(
     # round's output rounded to float64 and measured again lost the deviations' low bits to a
     # large mean (Jacobi swapping unit data through a mean of 1e8: 1e7 ulps; a spread of
     # 1e-12 zoomed toward a distant hub over three rounds: 6700 ulps)
-    levels = [np.zeros(_kept_shape(y, axis)) for y in ys]
+    # (-0.0: a modality left where it is, the hub, comes back as dev + (-0.0), exactly its
+    # input, -0.0 included, where + 0.0 turned -0.0 into 0.0)
+    levels = [np.full(_kept_shape(y, axis), -0.0) for y in ys]
     for _ in range(rounds):
         # Jacobi reads the previous round; Gauss-Seidel the latest values
         previous = (list(levels), list(ys))
