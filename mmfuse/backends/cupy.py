@@ -13,8 +13,9 @@
 
 ``moments`` / ``zoom_shift``: one ``RawModule`` kernel (the same design as the numba backend:
 one block per (sample, channel tile); the core's shifted two-pass statistics about a pivot,
-the token lanes' partial sums merged in a fixed order; then the slab mapped about the pivot
-while it is in cache).  Deterministic: no atomics.
+the token lanes' partial sums merged in a fixed order, in double for float32 too; then the
+slab mapped about the pivot while it is in cache, by the core's rule).  Deterministic: no
+atomics.  ``tests/test_cupy_kernel_on_host.py`` runs this kernel's source on the host.
 
 float16 inputs are upcast to float32 (CuPy has no bfloat16) and the result cast back;
 non-contiguous inputs are copied; inputs are never written.  Importing this module imports
@@ -81,24 +82,27 @@ q = term;
 """
 
 _STATS_SOURCE = r"""
-template <typename T, int CH, int LANES>
+template <typename T, typename A, int CH, int LANES>
 __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask, int use_mask,
                           int B, int L, int C, T eps, T* mean_out, T* std_out, int apply,
                           const T* __restrict__ g_mean, const T* __restrict__ g_std, T alpha,
                           T* out) {
     // The core's shifted two-pass statistics (mmfuse._core.align): pivot p = sum(x) / n,
     // then sums of d = x - p and d * d (the slab is in cache); lanes merged in lane order.
-    __shared__ T sn[LANES][CH];
-    __shared__ T s1[LANES][CH];
-    __shared__ T s2[LANES][CH];
+    // Accumulated, and the map computed, in A (double for float inputs too: the numba
+    // kernels' reasons, mmfuse.backends.numba.ALIGN_ACCUMULATOR), rounded once on the store.
+    __shared__ A sn[LANES][CH];
+    __shared__ A s1[LANES][CH];
+    __shared__ A s2[LANES][CH];
+    __shared__ A sc[CH];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int c_tiles = (C + CH - 1) / CH;
     const long long b = blockIdx.x / c_tiles;
     const int c = (blockIdx.x - b * c_tiles) * CH + tx;
-    T n = 0, total = 0;
+    A n = 0, total = 0;
     if (c < C) {
         for (int t = ty; t < L; t += LANES) {
-            if (!use_mask || mask[b * L + t]) { n += 1; total += x[(b * L + t) * C + c]; }
+            if (!use_mask || mask[b * L + t]) { n += 1; total += (A)x[(b * L + t) * C + c]; }
         }
     }
     sn[ty][tx] = n; s1[ty][tx] = total;
@@ -106,17 +110,17 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
     if (ty == 0) {
         for (int k = 1; k < LANES; ++k) { n += sn[k][tx]; total += s1[k][tx]; }
         sn[0][tx] = n;
-        s2[0][tx] = (n > 0) ? total / n : (T)0;
+        s2[0][tx] = (n > 0) ? total / n : (A)0;
     }
     __syncthreads();
     n = sn[0][tx];
-    const T pivot = s2[0][tx];
+    const A pivot = s2[0][tx];
     __syncthreads();
-    T d1 = 0, d2 = 0;
+    A d1 = 0, d2 = 0;
     if (c < C) {
         for (int t = ty; t < L; t += LANES) {
             if (!use_mask || mask[b * L + t]) {
-                const T d = x[(b * L + t) * C + c] - pivot;
+                const A d = (A)x[(b * L + t) * C + c] - pivot;
                 d1 += d; d2 += d * d;
             }
         }
@@ -125,36 +129,36 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
     __syncthreads();
     if (ty == 0) {
         for (int k = 1; k < LANES; ++k) { d1 += s1[k][tx]; d2 += s2[k][tx]; }
-        T corr = 0, mean = 0, sigma = 0;
+        A corr = 0, mean = 0, sigma = 0;
         if (c < C) {  // (threads past the last channel have no tokens: n = 0)
             corr = d1 / n;
-            T var = d2 / n - corr * corr;
-            if (var < (T)0) var = 0;  // rounding can go below 0
+            A var = d2 / n - corr * corr;
+            if (var < (A)0) var = 0;  // rounding can go below 0
             mean = pivot + corr;
-            sigma = sqrt(var + eps);
+            sigma = sqrt(var + (A)eps);
         }
         if (!apply) {
-            if (c < C) { mean_out[b * C + c] = mean; std_out[b * C + c] = sigma; }
+            if (c < C) { mean_out[b * C + c] = (T)mean; std_out[b * C + c] = (T)sigma; }
         } else {
-            T scale = 1, offset = 0;
+            A scale = 1, target = 0;
             if (c < C) {
                 if (sigma != 0) {  // NaN is no "no spread" (the core's zoom_scale)
-                    T ratio = g_std[b * C + c] / sigma;
-                    scale = (alpha == (T)1) ? ratio : pow(ratio, alpha);
+                    A ratio = (A)g_std[b * C + c] / sigma;
+                    scale = (alpha == (T)1) ? ratio : pow(ratio, (A)alpha);
                 }
-                T target = g_mean[b * C + c];
-                if (alpha != (T)1) target = ((T)1 - alpha) * mean + alpha * target;
-                offset = target - corr * scale;  // the map about the pivot
+                target = (A)g_mean[b * C + c];
+                if (alpha != (T)1) target = ((A)1 - (A)alpha) * mean + (A)alpha * target;
             }
-            s1[0][tx] = scale; s2[0][tx] = offset;
+            // the core's map about the pivot, ((x - p) - corr) s + target (zoom_shift_map)
+            s1[0][tx] = scale; s2[0][tx] = target; sc[tx] = corr;
         }
     }
     if (apply) {
         __syncthreads();
         if (c < C) {
-            const T scale = s1[0][tx], offset = s2[0][tx];
+            const A scale = s1[0][tx], target = s2[0][tx], corr = sc[tx];
             for (int t = ty; t < L; t += LANES) {
-                out[(b * L + t) * C + c] = (x[(b * L + t) * C + c] - pivot) * scale + offset;
+                out[(b * L + t) * C + c] = (T)((((A)x[(b * L + t) * C + c] - pivot) - corr) * scale + target);
             }
         }
     }
@@ -179,7 +183,7 @@ def _elementwise() -> tuple[Any, Any]:
 def _stats_module() -> Any:
     import cupy
 
-    names = [f"stats_map<{t},{STAT_CHANNELS},{STAT_LANES}>" for t in ("float", "double")]
+    names = [f"stats_map<{t},double,{STAT_CHANNELS},{STAT_LANES}>" for t in ("float", "double")]
     return cupy.RawModule(code=_STATS_SOURCE, options=("-std=c++14",), name_expressions=names)
 
 
@@ -187,7 +191,7 @@ def _stats_kernel(dtype: Any) -> Any:
     import cupy
 
     t = "float" if cupy.dtype(dtype) == cupy.float32 else "double"
-    return _stats_module().get_function(f"stats_map<{t},{STAT_CHANNELS},{STAT_LANES}>")
+    return _stats_module().get_function(f"stats_map<{t},double,{STAT_CHANNELS},{STAT_LANES}>")
 
 
 # ----------------------------------------------------------------------------- helpers

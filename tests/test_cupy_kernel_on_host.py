@@ -1,0 +1,187 @@
+"""The CuPy backend's statistics kernel (``mmfuse.backends.cupy._STATS_SOURCE``, CUDA C++) run
+on the host: compiled by the system's C++ compiler with a small prelude that stands in for
+CUDA's thread indices, ``__shared__`` memory and ``__syncthreads`` (one block at a time, its
+threads as OS threads meeting at a barrier), so that the kernel's own source is checked
+against the reference without a GPU or CuPy.  What it cannot check: CuPy's compilation
+(NVRTC) and launch, and the device's arithmetic (the host's IEEE double and float are the same
+formats; fused multiply-adds may differ in the last bit).  Skipped without a C++20 compiler."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mmfuse.reference as ref
+
+CUPY_SOURCE = Path(__file__).resolve().parents[1] / "mmfuse" / "backends" / "cupy.py"
+
+_PRELUDE = r"""
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <thread>
+#include <vector>
+struct Idx { int x, y, z; };
+thread_local Idx threadIdx;
+Idx blockIdx;
+std::barrier<>* g_barrier;
+void __syncthreads() { g_barrier->arrive_and_wait(); }
+#define __global__
+#define __restrict__
+#define __shared__ static
+using std::pow;
+using std::sqrt;
+"""
+
+_DRIVER = r"""
+template <typename T>
+int run(const char* in_path, const char* out_path) {
+    FILE* f = std::fopen(in_path, "rb");
+    int h[5];
+    double ea[2];
+    if (std::fread(h, sizeof(int), 5, f) != 5 || std::fread(ea, sizeof(double), 2, f) != 2) return 1;
+    const int B = h[0], L = h[1], C = h[2], use_mask = h[3], apply = h[4];
+    std::vector<T> x(B * L * C), g_mean(B * C), g_std(B * C), out(B * L * C), mean(B * C), std_(B * C);
+    std::vector<unsigned char> mask(B * L);
+    if (std::fread(x.data(), sizeof(T), x.size(), f) != x.size()) return 1;
+    if (std::fread(mask.data(), 1, mask.size(), f) != mask.size()) return 1;
+    if (std::fread(g_mean.data(), sizeof(T), g_mean.size(), f) != g_mean.size()) return 1;
+    if (std::fread(g_std.data(), sizeof(T), g_std.size(), f) != g_std.size()) return 1;
+    std::fclose(f);
+    const int blocks = B * ((C + CHANNELS - 1) / CHANNELS);
+    for (int blk = 0; blk < blocks; ++blk) {
+        blockIdx.x = blk;
+        std::barrier<> barrier(CHANNELS * LANES_);
+        g_barrier = &barrier;
+        std::vector<std::thread> threads;
+        for (int ty = 0; ty < LANES_; ++ty)
+            for (int tx = 0; tx < CHANNELS; ++tx)
+                threads.emplace_back([&, tx, ty] {
+                    threadIdx = {tx, ty, 0};
+                    KERNEL<T>(x.data(), reinterpret_cast<const bool*>(mask.data()), use_mask, B, L, C,
+                              (T)ea[0], mean.data(), std_.data(), apply, g_mean.data(), g_std.data(),
+                              (T)ea[1], out.data());
+                });
+        for (auto& t : threads) t.join();
+    }
+    f = std::fopen(out_path, "wb");
+    std::fwrite(mean.data(), sizeof(T), mean.size(), f);
+    std::fwrite(std_.data(), sizeof(T), std_.size(), f);
+    std::fwrite(out.data(), sizeof(T), out.size(), f);
+    std::fclose(f);
+    return 0;
+}
+int main(int argc, char** argv) { return argv[1][0] == 'f' ? run<float>(argv[2], argv[3]) : run<double>(argv[2], argv[3]); }
+"""
+
+
+def _kernel_source() -> tuple[str, str, int, int]:
+    """The kernel's source, its instantiation (as the backend names it, the element type left
+    open), and the backend's channels and lanes per block, read from the module's text (the
+    module itself needs CuPy to import)."""
+    text = CUPY_SOURCE.read_text()
+    source = re.search(r'_STATS_SOURCE = r"""(.*?)"""', text, re.S).group(1)
+    names = re.search(r'names = \[f"(stats_map<\{t\}[^"]*)"', text).group(1)
+    channels = int(re.search(r"^STAT_CHANNELS = (\d+)", text, re.M).group(1))
+    lanes = int(re.search(r"^STAT_LANES = (\d+)", text, re.M).group(1))
+    instance = names.replace("{STAT_CHANNELS}", "CHANNELS").replace("{STAT_LANES}", "LANES_")
+    return source, instance, channels, lanes
+
+
+@pytest.fixture(scope="module")
+def host_kernel(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on this machine")
+    source, instance, channels, lanes = _kernel_source()
+    # KERNEL<T>: the backend's instantiation, with T the driver's element type
+    kernel = instance.replace("{t}", "T")
+    work = tmp_path_factory.mktemp("cupy_kernel")
+    program = (
+        _PRELUDE + source + f"\nconstexpr int CHANNELS = {channels};\nconstexpr int LANES_ = {lanes};\n"
+        + f"template <typename T> constexpr auto KERNEL = &{kernel};\n" + _DRIVER
+    )
+    (work / "kernel.cpp").write_text(program)
+    done = subprocess.run(
+        [compiler, "-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-o", str(work / "kernel"),
+         str(work / "kernel.cpp")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0 and "barrier" in done.stderr and "No such file" in done.stderr:
+        pytest.skip("the C++ compiler has no C++20 <barrier>")
+    assert done.returncode == 0, done.stderr
+
+    def run(x, mask, eps, apply, g_mean, g_std, alpha):
+        batch, tokens, chans = x.shape
+        dtype = x.dtype
+        with open(work / "in.bin", "wb") as f:
+            np.array([batch, tokens, chans, mask is not None, apply], np.int32).tofile(f)
+            np.array([eps, alpha], np.float64).tofile(f)
+            x.tofile(f)
+            (mask if mask is not None else np.ones((batch, tokens), bool)).astype(np.uint8).tofile(f)
+            np.asarray(g_mean, dtype).tofile(f)
+            np.asarray(g_std, dtype).tofile(f)
+        kind = "f" if dtype == np.float32 else "d"
+        subprocess.run([str(work / "kernel"), kind, str(work / "in.bin"), str(work / "out.bin")], check=True)
+        out = np.fromfile(work / "out.bin", dtype=dtype)
+        n = batch * chans
+        return out[:n].reshape(batch, chans), out[n : 2 * n].reshape(batch, chans), out[2 * n :].reshape(x.shape)
+
+    return run
+
+
+def _case(rng, kind, dtype):
+    # 37 channels: two channel tiles; a long axis: 32768 tokens per lane (float32 lane sums
+    # drifted there: sigma thousands of ulps off in the numba-cuda transcription)
+    shape = (1, 262144, 3) if kind == "long" else (2, 50, 37)
+    x = 1.0 + 3.0 * rng.standard_normal(shape)
+    mask = None
+    if kind == "constant":  # a float32 lane of 1e8, and lanes a few of its ulps around it
+        x[:] = 1e8
+        x[1] += 30.0 * rng.standard_normal(shape[1:])
+    elif kind == "long":  # a long axis of 1e5 + N(0, 1), and a constant lane of 1e5
+        x = 1e5 + rng.standard_normal(shape)
+        x[0, :, 1] = 1e5
+    elif kind == "masked":
+        mask = rng.random(shape[:2]) < 0.6
+        mask[:, 0] = True
+        x[~mask] = np.nan  # padding never enters the statistics
+    guide = -3.0 + 20.0 * rng.standard_normal((shape[0], 40, shape[2]))
+    return x.astype(dtype), mask, guide.astype(dtype)
+
+
+@pytest.mark.parametrize("kind", ["random", "constant", "long", "masked"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_cupy_statistics_kernel_against_the_reference(host_kernel, kind, dtype, alpha):
+    """The kernel's moments and zoom_shift within an ulp or two of the reference (float32:
+    accumulated in double and rounded once), constant float32 lanes of 1e8 and a long axis
+    included, where float32 accumulation and a map folding the correction into its offset
+    were thousands of ulps off in the numba-cuda transcription of the same kernel."""
+    rng = np.random.default_rng()
+    x, mask, guide = _case(rng, kind, dtype)
+    want_mean, want_std = ref.moments(x, mask=mask)
+    mean, std, _ = host_kernel(x, mask, 1e-5, 0, want_mean[:, 0], want_std[:, 0], 1.0)
+    g_mean, g_std = (a[:, 0].astype(dtype) for a in ref.moments(guide))
+    _, _, y = host_kernel(x, mask, 1e-5, 1, g_mean, g_std, alpha)
+    want = ref.zoom_shift(x, guide, alpha=alpha, mask=mask)
+    # float32: accumulated in double and rounded once; float64: the double sums' own rounding
+    # over up to 32768 tokens a lane, beside the reference's (an exact-arithmetic oracle's)
+    # (the long axis' float64 sums of squares, 32768 terms a lane added in order: up to about
+    # 60 ulps of sigma, as any such sum; the float32 outputs round that away)
+    ulp = float(np.finfo(dtype).eps)
+    ulps = 2 if dtype == np.float32 else (128 if kind == "long" else 16)
+    size = np.abs(want_mean[:, 0]) + want_std[:, 0]  # the data's own scale, per lane
+    mean_err = (np.abs(mean - want_mean[:, 0]) / (ulp * size)).max()
+    std_err = (np.abs(std - want_std[:, 0]) / (ulp * want_std[:, 0])).max()
+    assert mean_err <= ulps and std_err <= ulps, (mean_err, std_err)
+    # the map: relative to the output's size (the guide's spread, or the mean the partial step keeps)
+    scale = max(float(np.abs(guide).max()), float(np.nanmax(np.abs(want))))
+    keep = np.isfinite(want)
+    err = np.abs(y - want)[keep].max() / (ulp * scale)
+    assert err <= ulps, err
