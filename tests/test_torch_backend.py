@@ -850,3 +850,27 @@ def test_batched_gradients_equal_looped_ones(case):
     looped = [torch.autograd.grad(y, leaves, v, retain_graph=True) for v in vs]
     for got, each in zip(batched, zip(*looped)):
         assert_close(got, torch.stack(each), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cp_op_bias_gradient_of_16_bit_tensors_is_summed_in_float32(dtype):
+    """The CP op's dL/db is the upstream gradient's column sums in float32, rounded once, as
+    the low-rank op's: summed in the 16-bit dtype (over a folded view, its partial sums
+    rounded) it gave 128 where 96 is due, and NaN for a loss-scaled gradient (a review of the
+    fusion ops).  M R > sum d_m, so the custom op runs."""
+    batch, dims, rank, out_dim = 4096, (2, 2), 4, 2
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    xs = [torch.randn(batch, d, generator=gen).to(dtype) for d in dims]
+    factors = [torch.randn(d + 1, rank, generator=gen).to(dtype) for d in dims]
+    factors.append(torch.randn(out_dim, rank, generator=gen).to(dtype))
+    weights = torch.randn(rank, generator=gen).to(dtype)
+    bias = torch.zeros(out_dim, dtype=dtype, requires_grad=True)
+    for big, extra in ((100.0625, 0.0), (30000.0, 8.0)):  # a cancelling, and a loss-scaled, upstream
+        g = torch.full((batch, out_dim), big)
+        g[1::2] = -100.0 if big < 1000 else -big
+        g[0] += extra
+        g = g.to(dtype)
+        out = mmfuse.cp_fusion(xs, (weights, factors), bias, backend="torch")
+        (got,) = torch.autograd.grad(out, [bias], g)
+        want = g.double().sum(0).to(dtype)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

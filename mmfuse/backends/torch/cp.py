@@ -136,7 +136,9 @@ def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         grad_xs,
         cast(grad_w, dtype) if grad_w is not None else None,
         [*grad_as, cast(grad_c, dtype) if grad_c is not None else None],
-        column_sums(grad) if need_b else None,
+        # (in the compute dtype, rounded once: 16-bit partial sums rounded, and overflowed at
+        # loss-scaling sizes, as the low-rank op's do not; a review of the fusion ops)
+        cast(column_sums(g), dtype) if need_b else None,
         None,
         None,
     )
