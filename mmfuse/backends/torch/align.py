@@ -214,7 +214,9 @@ def align_grads(
             sums.append(None)
         else:
             s0 = g.sum(dim=ax, keepdim=True)
-            sums.append((s0, (g * st.dev).sum(dim=ax, keepdim=True) - st.corr * s0))
+            # (x - mean formed before the sum, as the forward's map: - corr * S0 folded in
+            # cancelled on a constant lane; a review of the gradients)
+            sums.append((s0, (g * (st.dev - st.corr)).sum(dim=ax, keepdim=True)))
         stats.append(st._replace(dev=None))
 
     def node(t: torch.Tensor) -> torch.Tensor:
@@ -258,8 +260,10 @@ def align_grads(
             zero = torch.zeros((), dtype=cdt, device=x.device)
             k_mean = zero if d_mean is None else d_mean / st.count
             k_var = zero if d_var is None else 2 * d_var / st.count
-            # (x - pivot) k_var + (k_mean - corr k_var): x - mean about the pivot
-            grad = torch.addcmul(k_mean - st.corr * k_var, cast(x, cdt) - st.pivot, k_var)
+            # ((x - pivot) - corr) k_var + k_mean: x - mean about the pivot (the correction
+            # folded into the offset, k_mean - corr k_var, cancelled where dL/dvar is large:
+            # a constant lane pulled toward others' spreads, about 1 / eps)
+            grad = torch.addcmul(k_mean, (cast(x, cdt) - st.pivot) - st.corr, k_var)
             if st.mask is not None:
                 grad = torch.where(st.mask, grad, zero)
         if g is not None:
