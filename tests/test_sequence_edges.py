@@ -461,3 +461,18 @@ def test_gelu_tanh_is_accurate_in_its_lower_tail():
     for name, got in candidates.items():
         err = np.abs(got - exact)
         assert np.all(err <= bound), (name, x[np.argmax(err / bound)])
+
+
+def test_relu_derivative_at_zero_is_torchs():
+    """The ReLU's derivative at exactly 0 is 0, as torch.relu's (the core's where(x < 0, ...)
+    took the identity branch there: 1); values and NaN unchanged."""
+    torch = pytest.importorskip("torch")
+    from mmfuse._core.sequence import ACTIVATIONS
+
+    x = torch.tensor([-1.0, 0.0, 2.0, float("nan")], dtype=torch.float64, requires_grad=True)
+    y = ACTIVATIONS["relu"](torch, x)
+    (got,) = torch.autograd.grad(y.sum(), [x])
+    plain = x.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(torch.relu(plain).sum(), [plain])
+    torch.testing.assert_close(y, torch.relu(x.detach()), equal_nan=True)
+    torch.testing.assert_close(got, want, equal_nan=True)

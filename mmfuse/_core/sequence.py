@@ -482,7 +482,9 @@ def _gelu_tanh(xp: Any, x: Any) -> Any:
 
 
 def _relu(xp: Any, x: Any) -> Any:
-    return xp.where(x < 0, xp.zeros_like(x), x)  # NaN stays NaN, as np.maximum(x, 0)
+    # NaN stays NaN, as np.maximum(x, 0); x = 0 takes the constant branch, so autograd's
+    # derivative there is 0, as torch.relu's (x < 0 gave 1; a review of the fusion)
+    return xp.where(x <= 0, xp.zeros_like(x), x)
 
 
 ACTIVATIONS: dict[str, Callable[[Any, Any], Any]] = {
