@@ -660,3 +660,10 @@ def test_jax_eager_masks_hiding_a_sample_are_refused_as_numpys(jax_x64):
     keep[1, 0] = True
     got = jax.jit(lambda a, m: mmfuse.moments(a, mask=m)[0])(jnp.asarray(x), jnp.asarray(keep))
     assert_close(np.asarray(got), ref.moments(x, mask=keep)[0])
+    # a concrete mask the traced function closes over: its test is staged there, not a value
+    # (a first version of this fix raised TracerBoolConversionError; the final diff review)
+    captured = jnp.asarray(keep)
+    for fn in (lambda a: mmfuse.moments(a, mask=captured)[0],
+               lambda a: mmfuse.zoom_shift(a, a, mask=captured, guide_mask=captured),
+               lambda a: mmfuse.align([a, a], masks=[captured, captured])[0]):  # fmt: skip
+        assert np.all(np.isfinite(np.asarray(jax.jit(fn)(jnp.asarray(x)))))
