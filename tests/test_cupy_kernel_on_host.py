@@ -141,9 +141,11 @@ def _case(rng, kind, dtype):
     shape = (1, 262144, 3) if kind == "long" else (2, 50, 37)
     x = 1.0 + 3.0 * rng.standard_normal(shape)
     mask = None
-    if kind == "constant":  # a float32 lane of 1e8, and lanes a few of its ulps around it
-        x[:] = 1e8
-        x[1] += 30.0 * rng.standard_normal(shape[1:])
+    if kind == "constant":  # lanes of a large value whose sum rounds, and lanes a few of
+        # its ulps around it (float64: a folded offset, target - corr s, was 9.5 ulps off)
+        value = 100000008.0 if dtype == np.float32 else 3e16 / 7
+        x[:] = value
+        x[1] += value * (2.0**-21 if dtype == np.float32 else 2.0**-50) * rng.standard_normal(shape[1:])
     elif kind == "long":  # a long axis of 1e5 + N(0, 1), and a constant lane of 1e5
         x = 1e5 + rng.standard_normal(shape)
         x[0, :, 1] = 1e5
@@ -185,3 +187,27 @@ def test_cupy_statistics_kernel_against_the_reference(host_kernel, kind, dtype, 
     keep = np.isfinite(want)
     err = np.abs(y - want)[keep].max() / (ulp * scale)
     assert err <= ulps, err
+
+
+def test_cupy_statistics_kernel_compiles_for_the_device(tmp_path):
+    """The same source compiled to PTX by nvcc with the backend's language level (CuPy's
+    NVRTC takes ``-std=c++14``), both instantiations the backend names: what the host's C++20
+    build above cannot see (device code rules, an older language level).  Skipped without
+    nvcc; nvcc is not NVRTC, but shares its front end."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    source, instance, channels, lanes = _kernel_source()
+    params = re.search(r"stats_map\((.*?)\)\s*\{", source, re.S).group(1)
+    lines = [source]
+    for t in ("float", "double"):
+        name = instance.replace("{t}", t).replace("CHANNELS", str(channels)).replace("LANES_", str(lanes))
+        typed = re.sub(r"\bT\b", t, params)
+        lines.append(f"template __global__ void {name}({typed});")
+    (tmp_path / "kernel.cu").write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [nvcc, "-std=c++14", "-ptx", str(tmp_path / "kernel.cu"), "-o", str(tmp_path / "kernel.ptx")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert ".entry" in (tmp_path / "kernel.ptx").read_text()

@@ -253,6 +253,11 @@ def test_registered_ops_match_direct_calls(rng):
     assert torch.equal(
         torch.ops.mmfuse_triton.align_map(x, pivot, corr, s, t), _align_ops.TRITON.apply(x, 1, pivot, corr, s, t)
     )
+    # no correction given: none applied (the pivot was ignored with it; the final review)
+    assert torch.equal(
+        torch.ops.mmfuse_triton.align_map(x, pivot, None, s, t),
+        torch.ops.mmfuse_triton.align_map(x, pivot, torch.zeros_like(corr), s, t),
+    )
     st = ref.moments(_np(x), mask=mask.numpy(), eps=0.0)
     assert_close(stats.mean, st[0])
     assert_close(stats.var, st[1] ** 2, rtol=1e-3)

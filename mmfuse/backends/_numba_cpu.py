@@ -23,10 +23,10 @@ Here a busy machine costs at most the serial time plus one run of tasks.
 Numerics: sums accumulate in float64 whatever the input dtype; the variance is the corrected
 two-pass one (mean, then centred sums and squares, the first correcting the mean), as the
 core's pivot form and the reference, so accuracy does not depend on the mean-to-spread ratio
-and a channel with no spread has variance exactly 0.  The map is
-``(x - c) * s + (mu + alpha (mu_g - mu) - (mu - c) s)``, with ``c`` the mean rounded to the
-input's dtype (``x - c`` is exact near the mean) and the scale and offset in float64: computed
-in float64 and rounded once to the input's dtype (:func:`apply_map`).
+and a channel with no spread has variance exactly 0.  The map is the core's,
+``((x - c) - (mu - c)) * s + (mu + alpha (mu_g - mu))``, with ``c`` the mean rounded to the
+input's dtype (``x - c`` is exact near the mean) and the scale, correction and target in
+float64: computed in float64 and rounded once to the input's dtype (:func:`apply_map`).
 
 Compilation: on first use, per dtype, cached on disk (``cache=True``), so a process after the
 first loads them in well under a second.  Importing this module imports numba but compiles
@@ -134,11 +134,12 @@ def _zoom_shift_kernel(
         shift = np.empty(n)
         _sample_stats(x, mask, use_mask, b, c0, c1, first, var, shift)
         centre = np.empty(n, dtype=x.dtype)
-        # scale and offset in float64, the map computed in it and rounded once: stored in a
-        # float32 x's dtype, the zoom of a subnormal spread (1.4e40) overflowed to inf, and
-        # the output to +-inf and NaN where the exact one is of unit size
+        # scale, correction and target in float64, the map computed in it and rounded once:
+        # stored in a float32 x's dtype, the zoom of a subnormal spread (1.4e40) overflowed
+        # to inf, and the output to +-inf and NaN where the exact one is of unit size
         scale = np.empty(n)
-        offset = np.empty(n)
+        corr = np.empty(n)
+        target = np.empty(n)
         for c in range(n):
             sigma = math.sqrt(var[c] + eps)
             s = 1.0  # no spread: nothing to zoom (as the core's _scale)
@@ -148,39 +149,41 @@ def _zoom_shift_kernel(
                     s = s**alpha
             # about the first mean rounded to x's dtype (x - centre is exact near the mean);
             # what the rounding dropped, and the second pass's shift, are the correction,
-            # applied in float64 through the offset (as the core's pivot and corr: the mean
-            # as one float64 would cost ulps of a large mean, 1e-8 on unit outputs at 1e8)
+            # taken off x - centre before the zoom (the core's rule, zoom_shift_map: folded
+            # into an offset, target - corr s, it cancelled on constant float64 lanes of
+            # large values, 171 ulps at 3e16 / 7; the final review of the diff)
             centre[c] = first[c]
             scale[c] = s
+            corr[c] = (first[c] - centre[c]) + shift[c]
             # the target mean as the core's _target_mean: a convex combination, exactly the
             # guide's at alpha = 1 (mean + alpha (g - mean) cancels the same way)
-            target = g_mean[b, c0 + c]
+            target[c] = g_mean[b, c0 + c]
             if alpha != 1.0:
-                target = (1.0 - alpha) * (first[c] + shift[c]) + alpha * target
-            offset[c] = target - ((first[c] - centre[c]) + shift[c]) * s
+                target[c] = (1.0 - alpha) * (first[c] + shift[c]) + alpha * target[c]
         for t in range(n_tok):
             row = x[b, t, c0:c1]
             dest = out[b, t, c0:c1]
             for c in range(n):
                 # x - centre in float64: exact whatever the distance from the mean (in
                 # float32 it rounded far from the mean: 1.4 ulps of the output, a review's find)
-                dest[c] = (np.float64(row[c]) - centre[c]) * scale[c] + offset[c]
+                dest[c] = ((np.float64(row[c]) - centre[c]) - corr[c]) * scale[c] + target[c]
 
 
 @numba.njit(cache=True, nogil=True)
-def _apply_kernel(x, centre, scale, offset, chunk, out, t0, t1):  # pragma: no cover - compiled
+def _apply_kernel(x, centre, corr, scale, target, chunk, out, t0, t1):  # pragma: no cover - compiled
     _, n_tok, n_chan = x.shape
     per = (n_chan + chunk - 1) // chunk
     for task in range(t0, t1):
         b, c0, c1 = _task_span(task, per, chunk, n_chan)
         p = centre[b, c0:c1]
+        k = corr[b, c0:c1]
         s = scale[b, c0:c1]
-        o = offset[b, c0:c1]
+        o = target[b, c0:c1]
         for t in range(n_tok):
             row = x[b, t, c0:c1]
             dest = out[b, t, c0:c1]
             for c in range(c1 - c0):
-                dest[c] = (np.float64(row[c]) - p[c]) * s[c] + o[c]  # (as above)
+                dest[c] = ((np.float64(row[c]) - p[c]) - k[c]) * s[c] + o[c]  # (as above)
 
 
 def max_workers() -> int:
@@ -246,12 +249,13 @@ def zoom_shift(x3: Any, mask2: Any, g_mean: Any, g_sigma: Any, alpha: float, eps
     return out
 
 
-def apply_map(x3: Any, centre: Any, scale: Any, offset: Any) -> Any:
-    """``(x - centre) * scale + offset`` for a C-contiguous (B', T, C') array and (B', C')
-    constants (``centre`` in x's dtype, ``scale`` and ``offset`` float64: the map computed in
-    float64 and rounded once): the map about a pivot (``x - centre`` is exact near the mean;
-    a zero centre gives ``x * scale + offset`` exactly, as identity maps need)."""
+def apply_map(x3: Any, centre: Any, corr: Any, scale: Any, target: Any) -> Any:
+    """``((x - centre) - corr) * scale + target`` (the core's rule, ``zoom_shift_map``) for a
+    C-contiguous (B', T, C') array and (B', C') constants (``centre`` in x's dtype, the others
+    float64: the map computed in float64 and rounded once): the map about a pivot (``x -
+    centre`` is exact near the mean; a zero centre and correction give ``x * scale + target``
+    exactly, as identity maps need)."""
     out = np.empty(x3.shape, dtype=x3.dtype)
     chunk, n_tasks, workers = _plan(x3)
-    run_tasks(_apply_kernel, n_tasks, workers, x3, centre, scale, offset, chunk, out)
+    run_tasks(_apply_kernel, n_tasks, workers, x3, centre, corr, scale, target, chunk, out)
     return out

@@ -243,11 +243,10 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
     merged likewise into ``mean = p + sum(d) / n`` and ``var = sum(d**2) / n - (sum(d) / n)**2``.
     Accurate whatever the mean-to-spread ratio (``x - p`` is exact near the mean), and the
     fixed merge order makes results independent of scheduling.  ``zoom_shift`` then maps the
-    same slab about the pivot, ``(x - p) s + offset`` (folding the map into ``x s + t`` would
-    lose ``|mean| s`` ulps): x is read from memory about once.  The drivers take ``acc``
-    float64 for float32 inputs too (:data:`ALIGN_ACCUMULATOR`), so the offset
-    ``target - corr s``, which the core no longer folds (:func:`mmfuse._core.align.zoom_shift_map`),
-    cancels in float64 only, far below a float32 output's ulp.
+    same slab about the pivot, ``((x - p) - corr) s + target`` (folding the map into ``x s + t``
+    would lose ``|mean| s`` ulps, and the correction into the offset cancelled on constant
+    lanes): x is read from memory about once.  The drivers take ``acc`` float64 for float32
+    inputs too (:data:`ALIGN_ACCUMULATOR`).
     """
     global cuda
     import numba.cuda
@@ -258,9 +257,9 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
         """Statistics of x[b, :, c] and, when ``apply``, the Zoom-and-Shift map of the slab.
 
         ``apply`` False (moments): mean_out[b, c] = mean, std_out[b, c] = sqrt(var + eps).
-        ``apply`` True (zoom_shift): out = (x - p) * s + offset with s = (g_std / sigma_x) **
-        alpha (1 where sigma_x = 0) and offset = (1 - alpha) mu_x + alpha g_mean - (mu_x - p) s,
-        the core's rule (:func:`mmfuse._core.align.zoom_shift_map`).  Grid: one block per
+        ``apply`` True (zoom_shift): out = ((x - p) - corr) * s + target with s = (g_std /
+        sigma_x) ** alpha (1 where sigma_x = 0), corr = mu_x - p and target = (1 - alpha) mu_x +
+        alpha g_mean, the core's rule (:func:`mmfuse._core.align.zoom_shift_map`).  Grid: one block per
         (sample, channel tile), flattened on blockIdx.x; threads (channels, lanes).
         """
         tx = cuda.threadIdx.x
@@ -273,6 +272,7 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
         sn = cuda.shared.array((lanes, channels), acc)
         s1 = cuda.shared.array((lanes, channels), acc)
         s2 = cuda.shared.array((lanes, channels), acc)
+        sc = cuda.shared.array(channels, acc)  # the correction, for the map
         # pass 1: counts and sums per lane (masked tokens are never read)
         n = acc(0)
         total = acc(0)
@@ -326,7 +326,7 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
                     std_out[b, c] = sigma
             else:
                 scale = acc(1)
-                offset = acc(0)
+                target = acc(0)
                 if c < n_chan:
                     if sigma != acc(0):  # NaN is no "no spread" (the core's zoom_scale)
                         ratio = acc(g_std[b, c]) / sigma
@@ -334,16 +334,17 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
                     target = acc(g_mean[b, c])
                     if alpha != 1.0:
                         target = (acc(1) - acc(alpha)) * mean + acc(alpha) * target
-                    offset = target - corr * scale
                 s1[0, tx] = scale
-                s2[0, tx] = offset
+                s2[0, tx] = target
+                sc[tx] = corr
         if apply:
             cuda.syncthreads()
             if c < n_chan:
                 scale = s1[0, tx]
-                offset = s2[0, tx]
-                for t in range(ty, n_tok, lanes):
-                    out[b, t, c] = (acc(x[b, t, c]) - pivot) * scale + offset
+                target = s2[0, tx]
+                corr = sc[tx]
+                for t in range(ty, n_tok, lanes):  # the core's rule: ((x - p) - corr) s + target
+                    out[b, t, c] = ((acc(x[b, t, c]) - pivot) - corr) * scale + target
 
     return {"stats_map": stats_map}
 
@@ -889,14 +890,12 @@ class CPUPrimitives(Primitives):
         kept[axis] = 1
         shape = (lanes.shape[0], lanes.shape[2])
         dt = lanes.dtype  # the pivot in x's dtype (x - pivot is exact near the mean); the
-        # scale and offset in float64, as the fused kernel's: in a float32 x's dtype the zoom
-        # of a subnormal spread overflowed to inf.  The offset target - corr s in float64 too:
-        # a float64 kernel's map, whose cancellation costs float64 ulps, far below x's
+        # scale, correction and target in float64, as the fused kernel's: in a float32 x's
+        # dtype the zoom of a subnormal spread overflowed to inf
         centre = np.zeros(shape, dtype=dt) if pivot is None else _per_lane(pivot, kept, shape, dt)
-        scale, offset = (_per_lane(a, kept, shape, np.float64) for a in (scale, target))
-        if pivot is not None:
-            offset = offset - _per_lane(corr, kept, shape, np.float64) * scale
-        out = _numba_cpu.apply_map(lanes, centre, scale, offset)
+        fix = np.zeros(shape) if pivot is None else _per_lane(corr, kept, shape, np.float64)
+        scale, target = (_per_lane(a, kept, shape, np.float64) for a in (scale, target))
+        out = _numba_cpu.apply_map(lanes, centre, fix, scale, target)
         return out.reshape(x.shape).astype(x.dtype, copy=False)
 
     def zoom_shift(

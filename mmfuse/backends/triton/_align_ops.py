@@ -85,8 +85,9 @@ def _align_map(
     scale: torch.Tensor,
     target: torch.Tensor,
 ) -> torch.Tensor:
-    """``((x - pivot) - corr) scale + target`` (``pivot`` None: ``x scale + target``) in
-    float32, rounded once to x's dtype; the constants broadcast to (B, ..., 1, C)."""
+    """``((x - pivot) - corr) scale + target`` (``pivot`` None: ``x scale + target``; ``corr``
+    None: no correction) in float32, rounded once to x's dtype; the constants broadcast to
+    (B, ..., 1, C)."""
     y = _ops._empty(x.shape, x.dtype, x.device)
     rows = _ops._rows(x)
     n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
@@ -96,12 +97,13 @@ def _align_map(
         return _ops.dense(a.to(torch.float32).broadcast_to(kept))
 
     s, o = per_channel(scale), per_channel(target)
-    p, k = (s, s) if pivot is None or corr is None else (per_channel(pivot), per_channel(corr))
+    p = s if pivot is None else per_channel(pivot)  # (s: an unread placeholder)
+    k = s if pivot is None else (torch.zeros_like(p) if corr is None else per_channel(corr))
     block_t, block_c = map_tiles(n_tok, n_ch)
     n_tblk = triton.cdiv(n_tok, block_t)
     wrap_triton(AK.map_kernel)[(n_rows * n_tblk, triton.cdiv(n_ch, block_c))](
         y, rows, p, k, s, o, n_tok, n_ch, n_tblk,
-        HAS_PIVOT=pivot is not None and corr is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
+        HAS_PIVOT=pivot is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return y
 
