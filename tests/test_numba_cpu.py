@@ -331,3 +331,18 @@ def test_float32_maps_are_the_float64_values_rounded_once():
     ):  # fmt: skip
         ulps = np.abs(got - want) / np.spacing(np.abs(want).astype(np.float32))
         assert ulps.max() <= 0.51, ulps.max()
+
+
+def test_zoom_shift_numba_op_fake_matches_the_kernels_layout():
+    """``mmfuse::zoom_shift_numba`` returns a C-contiguous tensor, and its fake says so: the
+    fake was ``empty_like(x)``, a transposed x's strides, which ``torch.library.opcheck``
+    (and inductor, which trusts fake strides) refused (a review of program capture)."""
+    torch = pytest.importorskip("torch")
+    import mmfuse.backends.torch.zoom_shift  # noqa: F401  (defines the op)
+
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    x = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64).transpose(1, 2)  # (4, 5, 3), strided
+    guide = torch.randn(4, 3, 6, generator=gen, dtype=torch.float64).transpose(1, 2)
+    args = (x, guide, 0.6, -2, None, None, 1e-5)
+    torch.library.opcheck(torch.ops.mmfuse.zoom_shift_numba.default, args)
+    assert torch.ops.mmfuse.zoom_shift_numba(*args).is_contiguous()

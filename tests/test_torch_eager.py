@@ -176,3 +176,38 @@ def test_jit_trace_records_align_sequence_fusion_and_the_zoomshift_layer(backend
         traced = torch.jit.trace(seq, draw(), check_trace=False)
         args = draw()
         assert_close(traced(*args), seq(*args), rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the checks read traced sizes)
+def test_jit_trace_of_the_float64_gelu_adapter_traced_without_grad_trains():
+    """The float64 GELU under ``torch.jit.trace`` is recorded as the plain erfc form: traced
+    under ``torch.no_grad()`` it had recorded the no-grad branch's ``out=`` buffers, and the
+    traced module then failed under autograd ("erfc(): functions with out=... don't support
+    automatic differentiation"); TorchScript's constant pooling also broke the rounding
+    correction's split constants (a review of program capture)."""
+    from mmfuse.nn import WanderAdapter
+
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    layer = WanderAdapter([8, 8], [6, 5], rank=4, feature_rank=2, token_rank=3, mode="cp", dtype=torch.float64)
+
+    class Pair(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, a, b):
+            return self.layer([a, b])
+
+    def draw():
+        return torch.randn(4, 6, 8, generator=gen, dtype=torch.float64), torch.randn(4, 5, 8, generator=gen, dtype=torch.float64)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(Pair(), draw(), check_trace=False)
+    a, b = draw()
+    a.requires_grad_()
+    out = traced(a, b)
+    out.sum().backward()  # failed before
+    assert_close(out, layer([a, b]), rtol=1e-12)
+    assert a.grad is not None and bool(torch.isfinite(a.grad).all())

@@ -30,6 +30,7 @@ from .._namespace import (
     is_lazy,
     is_numpy,
     is_torch,
+    jit_tracing,
     low_precision,
     mask_tokens,
     widens_float32,
@@ -364,6 +365,13 @@ def gelu_torch(x: Any) -> Any:
             return torch.nn.functional.gelu(x.mT).mT
         return torch.nn.functional.gelu(x)
     u = x * (-SQRT1_2)
+    if jit_tracing(torch):
+        # torch.jit.trace records operators, not this function: the no-grad branch's out=
+        # buffers would fail a traced module run with autograd, and TorchScript's constant
+        # pooling merges the split constants of rounding_correction with SQRT1_2 (5e-8 off
+        # in float64; a review of program capture).  Its GELU: erfc of the rounded argument,
+        # about x^2 ulps off far in the lower tail
+        return x * (0.5 * torch.special.erfc(u))
     corr = rounding_correction(torch, x, u)
     if (torch.is_grad_enabled() and x.requires_grad) or torch_transformed(x):
         return x * (0.5 * torch.special.erfc(u) * corr)

@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..._core.align import GENERIC, NUMPY, spread, zoom_scale, zoom_shift_map, zoom_shift_with
@@ -229,7 +230,9 @@ def _zoom_shift_numba_forward(
         numpy_view(x), numpy_view(guide), alpha=alpha, axis=axis, mask=numpy_view(mask),
         guide_mask=numpy_view(guide_mask), eps=eps,
     )  # fmt: skip
-    return torch.from_numpy(y)
+    # C-contiguous, as the fake says (the kernels' output follows x's lane layout; a no-op
+    # copy where it is contiguous already)
+    return torch.from_numpy(np.ascontiguousarray(y))
 
 
 _zoom_shift_numba_op = torch.library.custom_op(
@@ -239,7 +242,9 @@ _zoom_shift_numba_op = torch.library.custom_op(
 
 @_zoom_shift_numba_op.register_fake
 def _(x: Any, guide: Any, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float) -> Any:
-    return torch.empty_like(x)
+    # C-contiguous, as the kernels' new array (empty_like kept a transposed x's strides, which
+    # opcheck and inductor compare; a review of program capture)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 _zoom_shift_numba_op.register_autograd(_zoom_shift_backward, setup_context=_zoom_shift_setup_context)
