@@ -306,6 +306,14 @@ def is_array(obj: Any) -> bool:
 
 def is_lazy(x: Array) -> bool:
     """True for arrays whose values are not known until computed (Dask, traced JAX)."""
+    if type(x) is np.ndarray:
+        return False
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        # array_api_compat's answer for every tensor, without its lru_cache'd class test,
+        # which Dynamo traces through with a warning (the core under a compiled layer in a
+        # torch.func transform)
+        return False
     return bool(array_api_compat.is_lazy_array(x))
 
 

@@ -47,6 +47,9 @@ from torch import nn
 from . import _fusion
 from ._autocast import autocast_device, cast_tree
 from ._autocast import eligible as autocast_eligible
+from ._core import align as _core_align
+from ._core import fusion as _core_fusion
+from ._core import sequence as _core_sequence
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
@@ -113,15 +116,26 @@ def _layer_plan(
 # backend defines the mmfuse::* custom operators before anything is compiled); one that
 # ``mmfuse.backends.register(op, "torch", ...)`` put in their place is read per call
 # (:func:`_torch_impl`), whenever it was registered.
-_TORCH = {
-    op: lookup(op, "torch")
-    for op in ("tensor_fusion", "lowrank_fusion", "cp_fusion", "wander", "align")
+_LAYER_OPS = ("tensor_fusion", "lowrank_fusion", "cp_fusion", "wander", "align")
+_TORCH = {op: lookup(op, "torch") for op in _LAYER_OPS}
+# ... and the Array-API core's, which the compiled path calls inside a torch.func transform
+# (grad, vmap, ...), as the eager registry does: the custom ops have no batching rules, and
+# their autograd registration does not run under functorch's grad (a review of program capture)
+_CORE = {
+    "tensor_fusion": _core_fusion.tensor_fusion,
+    "lowrank_fusion": _core_fusion.lowrank_fusion,
+    "cp_fusion": _core_fusion.cp_fusion,
+    "wander": _core_sequence.wander,
+    "align": _core_align.align,
 }
 
 
 def _torch_impl(op: str) -> Any:
     """The torch backend's implementation of ``op`` as the registry has it now: a registered
-    replacement (one dict read, which Dynamo traces and guards), else mmfuse's own."""
+    replacement (one dict read, which Dynamo traces and guards), else mmfuse's own; inside a
+    ``torch.func`` transform (its depth, which Dynamo traces), the Array-API core's."""
+    if torch._C._functorch.get_dynamic_layer_stack_depth() > 0:
+        return _CORE[op]
     replacement = registration(op, "torch")
     return _TORCH[op] if replacement is None else replacement.func
 

@@ -205,3 +205,30 @@ def test_generic_align_compiles_with_dynamic_shapes():
                     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_layers_inside_torch_func_transforms_take_the_core():
+    """torch.compile over torch.func transforms of the layers (grad of a functional_call,
+    vmap): the compiled path calls the Array-API core inside a transform, as the eager
+    registry does; it called the custom ops, which have no batching rules and whose autograd
+    does not run under functorch's grad: a hard error (a review of program capture)."""
+    from torch.func import functional_call, grad, vmap
+
+    from mmfuse.nn import LowRankFusion, ZoomShift
+
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    layer = LowRankFusion([8, 16], out_dim=4, rank=3, dtype=torch.float64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    xs = [torch.randn(6, 8, generator=gen, dtype=torch.float64), torch.randn(6, 16, generator=gen, dtype=torch.float64)]
+
+    def loss(p, xs):
+        return functional_call(layer, (p,), (xs,)).square().sum()
+
+    want = grad(loss)(params, xs)
+    got = torch.compile(grad(loss), backend="eager", fullgraph=True)(params, xs)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12)
+    zoom = ZoomShift(8, 2)
+    seqs = [torch.randn(2, 6, 5, 8, generator=gen, dtype=torch.float64),
+            torch.randn(2, 6, 4, 8, generator=gen, dtype=torch.float64)]  # fmt: skip
+    torch.testing.assert_close(torch.compile(vmap(zoom), backend="eager")(seqs), vmap(zoom)(seqs), rtol=1e-12, atol=1e-12)
