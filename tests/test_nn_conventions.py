@@ -515,3 +515,30 @@ def test_layers_under_parametrizations_compute_with_the_parametrized_values(rng)
     single = weight_norm(TensorFusion([3, 4], 5, bias=False), "weight", dim=-1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert single([x.float() for x in xs]).dtype == torch.bfloat16
+
+
+def test_tensor_fusion_exports_and_compiles_one_graph_for_any_batch():
+    """TensorFusion blocks its batch (``max_elements``) in eager mode only: traced, the batch
+    is one block.  Its blocks had guarded the graph to B <= rows: ``torch.export`` with an
+    unbounded batch failed, and ``torch.compile(dynamic=True)`` made a graph per batch size
+    above the rows (a review of program capture)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(int(torch.randint(2**31, ())))
+    layer = TensorFusion([5, 6], out_dim=4, max_elements=200, dtype=torch.float64)  # blocks of 4 rows
+
+    def draw(batch):
+        return [torch.randn(batch, 5, dtype=torch.float64), torch.randn(batch, 6, dtype=torch.float64)]
+
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(layer, (draw(10),), dynamic_shapes=([{0: batch}, {0: batch}],))
+    for size in (3, 41, 300):
+        xs = draw(size)
+        torch.testing.assert_close(program.module()(xs), layer(xs))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="eager", dynamic=True, fullgraph=True)
+    for size in (10, 11, 40, 41, 42, 43):
+        xs = draw(size)
+        torch.testing.assert_close(compiled(xs), layer(xs))
+    assert counters["stats"]["unique_graphs"] <= 2

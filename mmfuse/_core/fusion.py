@@ -175,11 +175,26 @@ def tensor_fusion_blocks(
 ) -> list[slice] | None:
     """The batch blocks of :func:`tensor_fusion_rows` samples for inputs like ``x``, or None
     where the whole batch is one block (the contractions of :func:`tensor_fusion` and of
-    :func:`mmfuse._core.interactions.tensor_interactions`)."""
+    :func:`mmfuse._core.interactions.tensor_interactions`).
+
+    A traced batch (under ``torch.compile``, whose Dynamo takes a symbolic size for an int,
+    and under ``torch.export``) is one block: a graph for every batch size cannot loop over
+    a count of blocks that depends on it, and comparing the batch with the rows guarded the
+    graph to ``B <= rows`` (``torch.export`` with an unbounded batch failed; dynamic
+    compilation made a graph per batch size above it; a review of program capture).
+    ``max_elements`` then bounds nothing there: the compiled program's memory is the whole
+    batch's."""
     rows = tensor_fusion_rows(xp, x, dims, out_dim, max_elements)
-    if rows is None or rows >= x.shape[0]:
+    if rows is None or not isinstance(x.shape[0], int) or _torch_traced(x) or rows >= x.shape[0]:
         return None
     return block_slices(int(x.shape[0]), rows)
+
+
+def _torch_traced(x: Any) -> bool:
+    """Whether ``x`` is a tensor seen by ``torch.compile``'s tracer (isinstance: Dynamo
+    traces it; its is_compiling is True only there)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor) and bool(torch.compiler.is_compiling())
 
 
 def _contract(xp: Any, xs: list[Any], weight: Any, append_one: bool) -> Any:
