@@ -813,3 +813,31 @@ def test_constant_lanes_of_a_large_value_land_on_the_guide_mean(tokens, value, d
     for name, got in runs.items():
         ulps = np.abs(got - want) / np.spacing(scale.astype(dtype))
         assert ulps.max() <= 4, (name, ulps.max())
+
+
+def test_blocked_map_of_large_inputs_takes_the_correction_off():
+    """Inputs of several blocks (over 512 KiB) are mapped block by block after their
+    statistics (``_apply_numpy``), the correction taken off there too: float32 data
+    1e4 + 1e-2 noise aligned to a unit hub keeps the hub's mean (a mutant dropping the
+    correction there was 0.055 off, and no test saw it)."""
+    rng = np.random.default_rng()
+    x = (1e4 + 1e-2 * rng.standard_normal((64, 256, 16))).astype(np.float32)
+    hub = rng.standard_normal((64, 256, 16)).astype(np.float32)
+    got = mmfuse.align([x, hub], topology="hub", hub=1, backend="array_api")[0]
+    want = reference.align([x, hub], topology="hub", hub=1)[0]
+    assert np.abs(got - want).max() <= 8 * np.spacing(np.float32(np.abs(want).max()))
+
+
+def test_masked_max_pool_of_negative_values_ignores_the_padding():
+    """pool="max" (the layers' default) over masked tokens of negative data: the padding never
+    wins the max (a mutant filling it with 0 instead of -inf survived: the tests' data had
+    positive maxima)."""
+    rng = np.random.default_rng()
+    xs = [rng.normal(-10.0, 1.0, (3, 6, 4)), rng.normal(-10.0, 1.0, (3, 5, 4))]
+    masks = [rng.random((3, 6)) < 0.6, rng.random((3, 5)) < 0.6]
+    for m in masks:
+        m[:, 0] = True
+    got = mmfuse.zoom_shift_fusion(xs, masks=masks, pool="max", fuse="concat")
+    want = reference.zoom_shift_fusion(xs, masks=masks, pool="max", fuse="concat")
+    assert_close(got, want)
+    assert np.all(got < -5.0)

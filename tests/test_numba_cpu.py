@@ -346,3 +346,25 @@ def test_zoom_shift_numba_op_fake_matches_the_kernels_layout():
     args = (x, guide, 0.6, -2, None, None, 1e-5)
     torch.library.opcheck(torch.ops.mmfuse.zoom_shift_numba.default, args)
     assert torch.ops.mmfuse.zoom_shift_numba(*args).is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 33), (1, 8, 17), (3, 5, 40)])
+def test_channel_chunks_cover_every_channel(shape):
+    """One sample with more channels than a chunk (the kernels split its channels among
+    threads' tasks): every channel is computed, the last partial chunk included (a mutant
+    rounding the task count down left 16 channels uninitialised, and no test saw it)."""
+    rng = np.random.default_rng()
+    x = 3.0 + rng.standard_normal(shape)
+    guide = rng.standard_normal((shape[0], 6, shape[2]))
+    assert_close(mmfuse.zoom_shift(x, guide, alpha=0.7, backend="numba"), reference.zoom_shift(x, guide, alpha=0.7))
+    got = mmfuse.align([x, guide], rounds=2, alpha=0.5, backend="numba")
+    for y, want in zip(got, reference.align([x, guide], rounds=2, alpha=0.5)):
+        assert_close(y, want)
+
+
+def test_constant_lane_has_no_spread():
+    """A constant lane whose float64 sum rounds (7 tokens of 3.7): the corrected variance is
+    exactly 0 (a mutant dropping the correction's square left 4.4e-16)."""
+    x = np.full((1, 7, 2), 3.7)
+    mean, std = mmfuse.moments(x, eps=0.0, backend="numba")
+    assert np.all(std == 0.0) and np.all(mean == 3.7)
