@@ -416,3 +416,38 @@ def test_float32_limit_is_as_accurate_as_a_round(rng, options, backend):
             y = to_numpy(y, dtype=None)
             assert y.dtype == np.float32
             assert float(np.abs(y - w).max()) <= 4e-7 * float(np.abs(w).max())
+
+
+def test_limit_with_dead_lanes_equals_many_rounds():
+    """Lanes with no spread in the closed-form limit, where a mutation audit found them
+    untested: a constant channel in a modality that is not the hub (M = 3, hub 1: the
+    others keep the hub's spread, only a dead hub lane collapses them), and, under
+    consensus, a modality with one unmasked token per sample (its masked tokens shifted
+    with it, as the rounds do)."""
+    rng = np.random.default_rng()
+    xs = [rng.standard_normal((2, 6, 3)), 2.0 + rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 7, 3))]
+    xs[0][:, :, 0] = 1.5
+    opts = {"alpha": 0.6, "topology": "hub", "hub": 1}
+    for y, z in zip(mmfuse.align(xs, rounds=None, **opts), mmfuse.align(xs, rounds=400, **opts)):
+        np.testing.assert_allclose(y, z, rtol=1e-10, atol=1e-10)
+    masks = [np.zeros((2, 6), bool), None, None]
+    masks[0][:, 2] = True  # one real token per sample
+    xs[0][:, :, 0] = rng.standard_normal((2, 6))  # (its other channels constant over the one token anyway)
+    # the one-token modality, masked tokens too (the others' spreads collapse toward its 0
+    # only like 1 / k, which 400 rounds do not reach)
+    y = mmfuse.align(xs, rounds=None, alpha=0.6, masks=masks)[0]
+    z = mmfuse.align(xs, rounds=400, alpha=0.6, masks=masks)[0]
+    np.testing.assert_allclose(y, z, rtol=1e-6, atol=1e-6)
+
+
+def test_hub_limit_gradients_with_a_dead_hub_lane_are_finite():
+    """rounds=None under the hub topology with a constant hub channel: every gradient finite
+    (a mutant dropping the guard inside the hub's square root gave NaN, and no test saw it)."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    xs = [torch.randn(2, 6, 3, generator=gen, dtype=torch.float64), torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)]
+    xs[1][:, :, 0] = 0.75
+    xs = [x.requires_grad_() for x in xs]
+    ys = mmfuse.align(xs, rounds=None, alpha=0.5, topology="hub", hub=1, backend="torch")
+    sum((y * torch.randn(y.shape, generator=gen, dtype=torch.float64)).sum() for y in ys).backward()
+    assert all(bool(torch.isfinite(x.grad).all()) for x in xs)
