@@ -409,3 +409,19 @@ def test_gradients_of_a_constant_lane_of_a_large_value(value, dtype, alpha):
         want = exact_in.grad
         err = (got_in.grad.double() - want).abs().max() / (want.abs().max() * torch.finfo(dtype).eps)
         assert err <= 4, (op.__name__, float(err))
+
+
+def test_guide_gradient_of_a_guide_with_a_large_mean():
+    """dL/dguide of the closed-form backward on a guide of mean 1e8 and spread 1e-3: the
+    guide's correction is taken off its centred values (a mutant dropping it, an ulp of
+    the mean times the zoom, survived the tests).  Against autograd through the core."""
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    x = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64)
+    guide = 1e8 + 1e-3 * torch.randn(2, 7, 3, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64)
+    grads = []
+    for backend in ("torch", "array_api"):
+        g = guide.clone().requires_grad_()
+        mmfuse.zoom_shift(x, g, alpha=0.7, backend=backend).backward(upstream)
+        grads.append(g.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-9 * float(grads[1].abs().max()))
