@@ -598,3 +598,14 @@ def test_variance_shares_of_a_term_whose_spread_is_ulps_of_its_mean(xp, rng):
     want = np.array([float(sum(t[b][j] * y[b][j] for b in range(16) for j in range(2)) / den) for t in centred])
     np.testing.assert_allclose(ref.interaction_shares(terms), want, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(np.asarray(mmfuse.interaction_shares(xp.asarray(terms))), want, rtol=1e-12, atol=1e-15)
+
+
+def test_shares_of_subnormal_float32_terms_are_those_of_the_scaled_terms():
+    """interaction_shares scales the terms before squaring, so float32 terms of about 1e-42
+    (subnormal) have the shares of the same terms at unit size (a mutant dropping the scale's
+    clamp gave NaN shares, and no test saw it)."""
+    rng = np.random.default_rng()
+    terms = rng.standard_normal((3, 6, 2)).astype(np.float32)
+    tiny = (terms.astype(np.float64) * 1e-42).astype(np.float32)
+    want = mmfuse.interaction_shares(tiny.astype(np.float64) * 1e42)
+    np.testing.assert_allclose(mmfuse.interaction_shares(tiny), want, atol=1e-3)
