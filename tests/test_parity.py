@@ -221,6 +221,23 @@ def _large_mean(
     return ([big, unit],), {"rounds": None, "alpha": 0.5}
 
 
+def _large_constant(op: str, rng: np.random.Generator) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """float32 lanes of one large value whose float32 sum over the tokens rounds (100000008:
+    the pivot then misses it by ulps, a correction the map must take off before the zoom of
+    about 1 / sqrt(eps)), one sample a few ulps around it, aligned to a unit guide.  A map
+    folding the correction into its offset (target - corr s) came out 25000 ulps off."""
+    if op not in ALIGNMENT:
+        return None
+    big = np.full((2, 50, 3), 100000008.0, dtype=np.float32)
+    big[1] += (48.0 * rng.standard_normal((50, 3))).astype(np.float32)  # a few of its ulps
+    unit = (0.5 + 2.0 * rng.standard_normal((2, 7, 3))).astype(np.float32)
+    if op == "moments":
+        return (big,), {}
+    if op == "zoom_shift":
+        return (big, unit), {"alpha": 1.0}
+    return ([big, unit],), {"rounds": 1, "topology": "hub", "hub": 1}
+
+
 def _constant_channel(args: tuple[Any, ...], kwargs: dict[str, Any], op: str) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """A channel with no spread in the first input (and another in the second) at eps = 0, where
     the zero-spread rule (scale 1) decides the output.  3.7 and -1.3, not 2.5: their sums over
@@ -240,6 +257,7 @@ CASES = (
     "random",
     "large_mean",
     "long_axis",
+    "large_constant",
     "constant_channel",
     "nan_padding",
     "inf_input",
@@ -269,6 +287,12 @@ def _case(op: str, case: str, seed: int) -> tuple[tuple[Any, ...], dict[str, Any
     dtype = "float64"
     if case in ("large_mean", "long_axis"):
         made = _large_mean(op, rng) if case == "large_mean" else _large_mean(op, rng, tokens=65536, batch=2)
+        if made is None:
+            return None
+        args, kwargs = made
+        dtype = "float32"
+    elif case == "large_constant":
+        made = _large_constant(op, rng)
         if made is None:
             return None
         args, kwargs = made
@@ -370,6 +394,14 @@ def test_implementation_matches_reference(op: str, impl: Any, case: str) -> None
             spread = float(np.mean(np.std(w, axis=-2))) if w.shape[-2] > 1 else 1e-2
             limit = 1e-3 * spread + 4 * np.finfo(np.float32).eps * np.abs(w)
             assert np.all(np.abs(g - w) <= limit), (op, impl.variant, float(np.max(np.abs(g - w)) / spread))
+        return
+    if case == "large_constant":
+        # in float32 ulps of each output's largest value (the guide's scale, or the
+        # statistics' own): the exact map of the rounded inputs, rounded, and the guide's
+        # float32 statistics
+        for g, w in zip(_leaves(got_np), _leaves(want_np)):
+            limit = 16 * np.finfo(np.float32).eps * float(np.max(np.abs(w)))
+            assert np.all(np.abs(g - w) <= limit), (op, impl.variant, float(np.max(np.abs(g - w)) / limit) * 16)
         return
     tol = _tolerance(dtype, case)
     for g, w in zip(_leaves(got_np), _leaves(want_np)):
