@@ -47,9 +47,6 @@ from torch import nn
 from . import _fusion
 from ._autocast import autocast_device, cast_tree
 from ._autocast import eligible as autocast_eligible
-from ._core import align as _core_align
-from ._core import fusion as _core_fusion
-from ._core import sequence as _core_sequence
 from ._core.align import GENERIC, fuse, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
@@ -121,13 +118,7 @@ _TORCH = {op: lookup(op, "torch") for op in _LAYER_OPS}
 # ... and the Array-API core's, which the compiled path calls inside a torch.func transform
 # (grad, vmap, ...), as the eager registry does: the custom ops have no batching rules, and
 # their autograd registration does not run under functorch's grad (a review of program capture)
-_CORE = {
-    "tensor_fusion": _core_fusion.tensor_fusion,
-    "lowrank_fusion": _core_fusion.lowrank_fusion,
-    "cp_fusion": _core_fusion.cp_fusion,
-    "wander": _core_sequence.wander,
-    "align": _core_align.align,
-}
+_CORE = {op: lookup(op, "array_api", like=torch.empty(0)) for op in _LAYER_OPS}
 
 
 def _torch_impl(op: str) -> Any:
