@@ -190,5 +190,23 @@ def backend_policy(backend: str | None) -> tuple[str, str | None]:
         if backend != "auto":  # nothing else is read (not even the environment, at import)
             return (backend, None)
     state = _current()
+    if backend is None:
+        last = _last_policy  # (one read: another thread may replace it)
+        if last[0] is state:
+            return last[1]
     name = backend or _value(state, "backend")
-    return (name, _value(state, "prefer") if name == "auto" else None)
+    policy = (name, _value(state, "prefer") if name == "auto" else None)
+    if backend is None:
+        _remember_policy(state, policy)
+    return policy
+
+
+# The policy of the last options state read without a backend= keyword (every planned call
+# reads it; states are never changed in place, each set_config / config_context makes a new
+# one, which this holds alive until the next, so an identity test says it is still in force)
+_last_policy: tuple[Any, Any] = (None, None)
+
+
+def _remember_policy(state: Any, policy: tuple[str, str | None]) -> None:
+    global _last_policy
+    _last_policy = (state, policy)

@@ -17,7 +17,7 @@ import numpy as np
 from ._autocast import autocast_device, without_autocast
 from ._core import fusion as core
 from ._namespace import array_namespace, from_numpy, is_array, is_dask, not_an_array
-from ._plan import PlanCache, call_key
+from ._plan import PlanCache, call_key, planned_impl
 from ._validation import (
     as_sequence,
     check_bool_option,
@@ -480,7 +480,8 @@ def plan_lowrank(
     if present is not None:
         check_present(xp, present, batch, len(xs))
     impl = lookup("lowrank_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
-    return partial(impl, append_one=append_one)
+    chosen = planned_impl(impl, (xs, factors, weights, bias), {"append_one": append_one, "present": present})
+    return partial(chosen, append_one=append_one)
 
 
 # --------------------------------------------------------------------------- CP fusion

@@ -258,6 +258,61 @@ def test_whole_batch_and_blocked_numpy_match_the_reference(rng, monkeypatch, blo
         assert_close(got, want, rtol=tol, atol=tol)
 
 
+def test_a_planned_numpy_lowrank_call_reads_the_size_bound_per_call(rng, monkeypatch):
+    """The NumPy plan (``_plan_lowrank_numpy``) fixes the whole-batch form's namespace, not its
+    size rule: a bound changed after the plan holds for the planned signature too, as the
+    torch plans' bounds do."""
+    import mmfuse._core.fusion as core_fusion
+
+    xs, factors, weights, bias = _lowrank_case(rng)
+    want = ref.lowrank_fusion(xs, factors, weights, bias)
+    assert_close(mmfuse.lowrank_fusion(xs, factors, weights, bias), want)  # planned, whole-batch
+    whole = []
+    monkeypatch.setattr(core_fusion, "lowrank_whole_batch", lambda *a: whole.append(a) or want)
+    mmfuse.lowrank_fusion(xs, factors, weights, bias)
+    assert len(whole) == 1  # the plan runs the whole-batch form through its module
+    monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)
+    assert_close(mmfuse.lowrank_fusion(xs, factors, weights, bias), want)  # now blocked
+    assert len(whole) == 1
+    # float16 keeps the function itself (float32 work, one rounding): its plan is the same
+    # function, whatever the bound
+    monkeypatch.undo()
+    half = [x.astype(np.float16) for x in xs], [f.astype(np.float16) for f in factors]
+    got = mmfuse.lowrank_fusion(*half, weights.astype(np.float16), bias.astype(np.float16))
+    assert got.dtype == np.float16
+    want16 = ref.lowrank_fusion(*half, weights.astype(np.float16), bias.astype(np.float16))
+    assert_close(got, want16)
+
+
+def test_the_configured_policy_is_read_afresh_after_every_change():
+    """``backend_policy`` remembers the last options state's policy by identity: every
+    set_config and config_context makes a new state, each thread its own."""
+    import threading
+
+    from mmfuse._config import backend_policy
+
+    assert backend_policy(None) == ("auto", None)
+    with mmfuse.config_context(backend="reference"):
+        assert backend_policy(None) == ("reference", None)
+        with mmfuse.config_context(backend="auto", prefer="numba"):
+            assert backend_policy(None) == ("auto", "numba")
+        assert backend_policy(None) == ("reference", None)
+    assert backend_policy(None) == ("auto", None)
+    seen = []
+
+    def other():
+        seen.append(backend_policy(None))
+        mmfuse.set_config(backend="array_api")
+        seen.append(backend_policy(None))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen == [("auto", None), ("array_api", None)]
+    assert backend_policy(None) == ("auto", None)
+    assert backend_policy("torch") == ("torch", None)
+
+
 torch = pytest.importorskip("torch")
 import mmfuse.nn  # noqa: E402
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
@@ -441,8 +441,13 @@ def rank_sum(xp: Any, acc: Any, weights: Any, bias: Any) -> Any:
     """``sum_r w_r acc[r] + b`` for a rank-major (R, B, h) ``acc``, as one (R,) @ (R, B h)
     product (a sum without weights)."""
     rank, batch, out_dim = acc.shape
-    flat = xp.reshape(acc, (rank, batch * out_dim))
-    y = xp.reshape(xp.sum(flat, axis=0) if weights is None else weights @ flat, (batch, out_dim))
+    if type(acc) is np.ndarray:  # ndarray's own reshape and sum: the namespace's wrappers
+        # cost a tenth of a tiny call's kernel; the same reductions
+        flat = acc.reshape(rank, batch * out_dim)
+        y = (flat.sum(axis=0) if weights is None else weights @ flat).reshape(batch, out_dim)
+    else:
+        flat = xp.reshape(acc, (rank, batch * out_dim))
+        y = xp.reshape(xp.sum(flat, axis=0) if weights is None else weights @ flat, (batch, out_dim))
     return y if bias is None else y + bias
 
 
@@ -454,6 +459,11 @@ def lowrank_whole_batch(
     appended), the product over modalities, and the weighted rank sum as one (R,) @ (R, B h)
     product.  About three array operations per modality and no layout copies: the form for
     small problems (:func:`whole_batch`), where each operation's fixed cost dominates."""
+    if present is None and type(xs[0]) is np.ndarray:  # the tiny NumPy call, kept short
+        acc = affine(xs[0], factors[0], append_one)
+        for x, f in zip(xs[1:], factors[1:]):
+            acc *= affine(x, f, append_one)  # acc: this function's own array
+        return rank_sum(xp, acc, weights, bias)
     projections = rank_major_projections(xp, xs, factors, append_one, present)
     acc = projections[0]
     in_place = type(acc) is np.ndarray  # NumPy: acc is this function's own array
@@ -556,12 +566,34 @@ def lowrank_fusion_numpy(
     if xs[0].dtype.itemsize < 4:  # float16 (NumPy has no bfloat16): in float32, as the core
         return in_work_dtype(lowrank_fusion_numpy, array_namespace(xs[0]), xs[0].dtype, xs, factors,
                              weights, bias, append_one=append_one, present=present)  # fmt: skip
+    return _lowrank_numpy_in(array_namespace(xs[0]), xs, factors, weights, bias, append_one, present)
+
+
+def _lowrank_numpy_in(
+    xp: Any, xs: list[Any], factors: list[Any], weights: Any, bias: Any, append_one: bool, present: Any
+) -> Any:
+    """:func:`lowrank_fusion_numpy` of float32 / float64 arrays, whose namespace is ``xp``."""
     rank, _, out_dim = factors[0].shape
     if whole_batch(xs[0].shape[0], rank, out_dim):
         # lowrank_with's first branch, asked without its namespace and laziness checks (NumPy
         # arrays are never lazy): the form of tiny calls, where those checks cost a tenth
-        return lowrank_whole_batch(array_namespace(xs[0]), xs, factors, weights, bias, append_one, present)
+        return lowrank_whole_batch(xp, xs, factors, weights, bias, append_one, present)
     return lowrank_with(_NumPyRun, xs, factors, weights, bias, append_one, present)
+
+
+def _plan_lowrank_numpy(
+    xs: list[Any], factors: list[Any], weights: Any, bias: Any, *, append_one: bool, present: Any
+) -> Any:
+    """:func:`lowrank_fusion_numpy`'s own plan (:func:`mmfuse._plan.planned_impl`): calls in
+    their own dtype go straight to its float32 / float64 body, their namespace bound (the
+    size rule, :func:`whole_batch`, still reads its bound per call: a changed bound holds
+    for planned calls too); float16 calls run the function itself."""
+    if xs[0].dtype.itemsize < 4:
+        return lowrank_fusion_numpy
+    return partial(_lowrank_numpy_in, array_namespace(xs[0]))
+
+
+lowrank_fusion_numpy.plan = _plan_lowrank_numpy  # type: ignore[attr-defined]
 
 
 def _add_row(target: Any, row: Any) -> None:
