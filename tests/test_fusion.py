@@ -231,7 +231,7 @@ def test_numpy_constant_row_staged_or_added_matches_reference(rng, dtype):
     the rule (some modalities staged, some not), CP fusion and tensor fusion (the batched
     (B, 1, d) @ (B, d + 1, W) form), absent modalities full of NaN, all against the float64
     reference."""
-    from mmfuse._core.fusion import affine, stage_constant, whole_batch
+    from mmfuse._core.fusion import affine, stage_constant, stage_stacked, whole_batch
 
     dims, rank, out_dim, batch = (6, 150, 16), 8, 16, 64  # R h = 128: over d for two of three
     assert whole_batch(batch, rank, out_dim)
@@ -255,6 +255,15 @@ def test_numpy_constant_row_staged_or_added_matches_reference(rng, dtype):
     assert stage_constant(100, 5, batch * 100)
     scale = np.abs(want).max()  # (float32 sums of six terms cancel: relative to the largest)
     np.testing.assert_allclose(affine(x3, mat3, True), want, rtol=0, atol=default_rtol(dtype) * scale)
+    # small stacks of R (d + 1, h) factors (tiny whole-batch calls) are staged up to d = 128
+    for d, staged in ((3, True), (128, True), (129, False)):
+        assert stage_stacked(d, 4 * 2 * 2) is staged
+        x = rng.standard_normal((4, d)).astype(dtype)
+        mat = rng.standard_normal((2, d + 1, 2)).astype(dtype)
+        want = np.concatenate([x, np.ones((4, 1), dtype)], axis=1).astype(np.float64) @ mat.astype(np.float64)
+        scale = (np.abs(x).sum(axis=1, keepdims=True) + 1) * np.abs(mat).max()
+        np.testing.assert_allclose(affine(x, mat, True), want, rtol=0, atol=default_rtol(dtype) * scale.max())
+    assert not stage_stacked(3, 4096)  # larger stacks: stage_constant's rule
     # no features: the constant's row alone, however large the product
     row = rng.standard_normal((1, 8)).astype(dtype)
     np.testing.assert_array_equal(affine(np.empty((1000, 0), dtype), row, True), np.repeat(row, 1000, axis=0))

@@ -96,23 +96,43 @@ def stage_constant(width: int, d: int, elements: int) -> bool:
     return width > d and elements >= _STAGE_MIN_ELEMENTS
 
 
+def stage_stacked(d: int, elements: int) -> bool:
+    """Whether a stack of R (d + 1, h) matrices against a 2-D x (the whole-batch low-rank
+    projections, ``elements`` = B R h) is staged below :func:`stage_constant`'s sizes.
+
+    There the add costs more than elsewhere: it broadcasts an (R, 1, h) row over the batch,
+    R B inner loops of h elements each, and the GEMM reads the strided (R, d, h) slice of
+    mat, so that small products pay more for the add than for the copy.  Staged over added
+    (2-core CI box, ``timeit``, min of 7), (B, R, h) = (4, 2, 2) and (16, 4, 8): 0.80 and
+    0.73 at d = 3, 0.86 and 0.83 at d = 32, 0.91 and 0.93 at d = 128, 1.02 and 1.07 at
+    d = 512 (the tiny ``lowrank_fusion`` of ``benchmarks/overhead.py``: 1.51 -> 1.44).  Larger
+    products keep :func:`stage_constant`'s rule: there the copy's cost depends on the BLAS
+    (B = 4096, R h = 64: 0.89 at d = 32, 2.07 at d = 64; B = 16384, R h = 16: 1.22-1.45).
+    """
+    return elements < _STAGE_MIN_ELEMENTS and d <= 128
+
+
 def affine(x: Any, mat: Any, append_one: bool) -> Any:
     """``hat x @ mat`` with ``hat x = [x, 1]``.
 
     ``mat`` has ``d + 1`` rows when ``append_one`` (the last row is the constant's) and ``d``
     rows otherwise.  Works batched: ``mat`` may carry leading batch dimensions.  NumPy builds
-    ``hat x`` where that is cheaper (:func:`stage_constant`), else adds the constant's row
-    to the product; the other namespaces never build it.
+    ``hat x`` where that is cheaper (:func:`stage_constant`, :func:`stage_stacked`), else adds
+    the constant's row to the product; the other namespaces never build it.
     """
     if not append_one:
         return x @ mat
     d = x.shape[-1]
     if type(x) is np.ndarray:  # the common tiny call first: one type comparison, no torch check
         # (the product's width per row of x: mat is (d + 1, W), or a stack of R such matrices
-        # against a 2-D x, or one per row of a 3-D x; the size first: a tiny call pays two
-        # comparisons, no function call)
-        width = mat.shape[-1] * mat.shape[0] if mat.ndim == 3 and x.ndim == 2 else mat.shape[-1]
-        if d and x.size * width >= _STAGE_MIN_ELEMENTS * d and stage_constant(width, d, x.size // d * width):
+        # against a 2-D x, or one per row of a 3-D x; a stack's own rule, then the size
+        # before stage_constant: a tiny 2-D call pays two comparisons, no function call)
+        stacked = mat.ndim == 3 and x.ndim == 2
+        width = mat.shape[-1] * mat.shape[0] if stacked else mat.shape[-1]
+        if d and (
+            (stacked and stage_stacked(d, x.shape[0] * width))
+            or (x.size * width >= _STAGE_MIN_ELEMENTS * d and stage_constant(width, d, x.size // d * width))
+        ):
             hat = np.empty((*x.shape[:-1], d + 1), dtype=x.dtype)
             hat[..., :d] = x
             hat[..., d] = 1
