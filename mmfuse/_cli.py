@@ -8,6 +8,7 @@ import errno
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._console import MissingDependency, Progress, require, shorten, table
-from ._namespace import tree_map
+from ._namespace import is_array, tree_map
 from .backends import BackendUnsupported
 from .backends._registry import installed as _installed  # (a name tests replace)
 
@@ -110,9 +111,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _leaves(obj: Any) -> list[Any]:
+    """An op's outputs, flat: each array on its own, and each label (a list or tuple holding
+    no array: an interaction term's subset, or the list of them) whole, as nested tuples, so
+    that labels are compared with their grouping (flattened, ``[(0,), (1,)]`` and ``[(0, 1)]``
+    would look the same)."""
     if isinstance(obj, (list, tuple)):
+        if not _holds_array(obj):
+            return [_as_tuples(obj)]
         return [leaf for o in obj for leaf in _leaves(o)]
     return [obj]
+
+
+def _holds_array(obj: Any) -> bool:
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_array(o) for o in obj)
+    return is_array(obj)
+
+
+def _as_tuples(obj: Any) -> Any:
+    return tuple(_as_tuples(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
 
 
 def _converter(namespace: str, dtype: str) -> Callable[[np.ndarray], Any] | None:
@@ -145,6 +162,25 @@ def _rel_err(got: Any, want: np.ndarray) -> float:
         return float("inf")
     scale = max(float(np.abs(want).max()), 1e-300)
     return float(np.abs(g - want).max() / scale)
+
+
+def _wrong_kind(got: list[Any], want: list[Any], like: Any) -> str | None:
+    """What is wrong with the kind of an op's array outputs, or None: each must be an array of
+    the inputs' namespace (``like``: an input as the op was given it) and dtype."""
+    from mmfuse._namespace import array_namespace, namespace_name
+    from mmfuse.testing import _dtype_key
+
+    space = namespace_name(array_namespace(like))
+    for i, (g, w) in enumerate(zip(got, want)):
+        if not isinstance(w, np.ndarray):
+            continue
+        if not is_array(g):
+            return f"output {i} is a {type(g).__name__}, not an array"
+        got_space, got_dtype = namespace_name(array_namespace(g)), _dtype_key(g.dtype)
+        dtype = _dtype_key(like.dtype)
+        if got_space != space or got_dtype != dtype:
+            return f"output {i} is {got_space} {got_dtype} for {space} {dtype} inputs"
+    return None
 
 
 def verify_rows(
@@ -217,9 +253,13 @@ def verify_rows(
                     )
                 elif any(g != w for g, w in labels):
                     row.update(status="MISMATCH", detail="labels differ from the reference's")
+                elif (kind := _wrong_kind(got, want, convert(np.ones(1)))) is not None:
+                    row.update(status="MISMATCH", detail=kind)
                 else:
                     pairs = [(g, w) for g, w in zip(got, want) if isinstance(w, np.ndarray)]
-                    err = max(_rel_err(g, w) for g, w in pairs)
+                    errs = [_rel_err(g, w) for g, w in pairs]
+                    # (max would drop a NaN after the first output: max(3e-8, nan) is 3e-8)
+                    err = math.nan if any(math.isnan(e) for e in errs) else max(errs)
                     row.update(
                         status="ok" if err <= tol else "MISMATCH",
                         detail=f"max rel err {err:.1e} (tol {tol:.0e})",

@@ -362,12 +362,31 @@ def has_float64(xp: Namespace, device: Any) -> bool:
         return bool(sys.modules["jax"].dtypes.canonicalize_dtype(np.float64) == np.float64)
     if is_torch(xp):  # (a torch.device, or its name: "mps", "mps:0")
         return str(getattr(device, "type", device)).split(":")[0] != "mps"
+    return _inspected_dtype(xp, device, "float64", "real floating")
+
+
+def has_int64(xp: Namespace, device: Any) -> bool:
+    """Whether arrays of namespace ``xp`` on ``device`` can be int64 (the datasets' labels):
+    not JAX outside its 64-bit mode (which would keep int32); elsewhere the standard's
+    inspection API says, for ``device`` (array-api-strict has a device without 64-bit
+    types)."""
+    if is_numpy(xp) or is_torch(xp):
+        return True
+    if is_jax(xp):
+        return bool(sys.modules["jax"].dtypes.canonicalize_dtype(np.int64) == np.int64)
+    return _inspected_dtype(xp, device, "int64", "signed integer")
+
+
+def _inspected_dtype(xp: Namespace, device: Any, name: str, kind: str) -> bool:
+    """Whether the standard's inspection API lists dtype ``name`` (of ``kind``) for ``device``;
+    True where it cannot say (a namespace before the 2023.12 standard, where float64 and int64
+    are required, or an inspection API that cannot answer for this device)."""
     info = getattr(xp, "__array_namespace_info__", None)
-    if info is None:  # (a namespace before the 2023.12 standard: float64 is required there)
+    if info is None:
         return True
     try:
-        return "float64" in info().dtypes(device=device, kind="real floating")
-    except Exception:  # an inspection API that cannot answer for this device: as before it
+        return name in info().dtypes(device=device, kind=kind)
+    except Exception:
         return True
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._namespace import from_numpy, has_float64, is_host_device, is_numpy, is_torch
+from ._namespace import from_numpy, has_float64, has_int64, is_host_device, is_numpy, is_torch
 from ._validation import check_bool_option, check_device, check_jax_width, check_namespace, random_generator
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
@@ -82,7 +82,7 @@ class MultimodalDataset:
     view_names : tuple of str
         A name per view, in the order of ``views``.
     target : array of int64, shape (n_samples,)
-        Class labels ``0 .. n_classes - 1``.
+        Class labels ``0 .. n_classes - 1`` (int32 where the namespace or device has no int64).
     target_names : tuple of str
         ``target_names[k]`` is the class that label ``k`` stands for.
     is_train : array of bool, shape (n_samples,)
@@ -236,7 +236,9 @@ def _finish(
 
     return MultimodalDataset(
         views=[convert(v, feat_dtype) for v in views],
-        target=convert(target.astype(np.int64), None),
+        # int64 labels where the device holds them, else int32 (JAX without x64, whose own
+        # conversion does the same, array-api-strict's device without 64-bit types)
+        target=convert(target.astype(np.int64), None if has_int64(space, device) else space.int32),
         is_train=convert(is_train, None),
         raw=None if raw is None else convert(raw, feat_dtype),
         **meta,
@@ -285,8 +287,8 @@ def load_mfeat(
         Floating dtype of the feature arrays (a dtype of ``xp`` or its name); float64 by
         default, which holds the published values exactly (float32 where the namespace has
         no float64 on ``device``: JAX unless x64 is enabled, torch's MPS, array-api-strict's
-        "no_float64" device).  Labels are always int64 (under
-        JAX int32 unless x64 is enabled: it has no int64 then).
+        "no_float64" device).  Labels are int64 (int32 where the namespace or device has no
+        int64: JAX unless x64 is enabled, array-api-strict's device without 64-bit types).
     shuffle : bool, default False
         Permute the rows (the same permutation for every view, the labels and
         ``is_train``).  Without shuffling the rows are in the source order: class by class.
@@ -406,8 +408,8 @@ def load_basic_motions(
         Floating dtype of the series (a dtype of ``xp`` or its name); float64 by default,
         which holds the published values exactly (float32 where the namespace has no
         float64 on ``device``: JAX unless x64 is enabled, torch's MPS, array-api-strict's
-        "no_float64" device).  Labels are always int64 (under JAX int32 unless x64 is
-        enabled: it has no int64 then).
+        "no_float64" device).  Labels are int64 (int32 where the namespace or device has no
+        int64: JAX unless x64 is enabled, array-api-strict's device without 64-bit types).
     shuffle : bool, default False
         Permute the recordings (the same permutation for both modalities, ``raw``, the
         labels and ``is_train``).  Without shuffling the order is the files' order.

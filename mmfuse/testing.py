@@ -220,6 +220,9 @@ def assert_close(
                 f"first at index {_where(a.shape, i)}: actual {a.flat[i]} != desired {d.flat[i]}"
             )
         return
+    if a.dtype.kind in "biu" and d.dtype.kind in "biuf" and (_past_float64(a) or _past_float64(d)):
+        _assert_close_exactly(a, d, rtol, atol, prefix)
+        return
     a = a.astype(np.float64)
     d = d.astype(np.float64)
     for name, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
@@ -245,6 +248,36 @@ def assert_close(
             f"(worst excess at index {_where(a.shape, i)}: {err.flat[i]:.3e} > "
             f"{allowed.flat[i]:.3e}); rtol={rtol:g}, atol={atol:.3e}, max|desired|={scale:.3e}"
         )
+
+
+def _past_float64(a: np.ndarray) -> bool:
+    """Whether integer array ``a`` holds a value float64 cannot (beyond 2**53 in magnitude)."""
+    return a.dtype.kind in "iu" and a.size > 0 and (int(a.max()) > 2**53 or int(a.min()) < -(2**53))
+
+
+def _assert_close_exactly(a: np.ndarray, d: np.ndarray, rtol: float, atol: float | None, prefix: str) -> None:
+    """:func:`assert_close`'s test for integer results holding values past 2**53, in exact
+    rational arithmetic (float64 would round them: 2**60 + 1 passed for 2**60 at rtol 0).
+    ``d`` may be float (each float is an exact rational); its non-finite entries mismatch."""
+    from fractions import Fraction
+
+    if d.dtype.kind == "f" and not np.isfinite(d).all():
+        i = int(np.flatnonzero(~np.isfinite(d))[0])
+        raise AssertionError(
+            f"{prefix}non-finite values differ (in desired only) at index {_where(a.shape, i)}: "
+            f"actual {a.flat[i]} != desired {d.flat[i]!r}"
+        )
+    exact = [Fraction(int(v)) for v in a.flat]
+    want = [Fraction(int(v) if d.dtype.kind in "biu" else float(v)) for v in d.flat]
+    scale = max((abs(w) for w in want), default=Fraction(0))
+    bound = Fraction(rtol) * scale if atol is None else Fraction(atol)
+    for i, (x, w) in enumerate(zip(exact, want)):
+        if abs(x - w) > bound + Fraction(rtol) * abs(w):
+            raise AssertionError(
+                f"{prefix}values differ (exact comparison) at index {_where(a.shape, i)}: actual "
+                f"{a.flat[i]} != desired {d.flat[i]}; |actual - desired| = {abs(x - w)}, "
+                f"rtol={rtol:g}, atol={float(bound):.3e}"
+            )
 
 
 def make_inputs(
@@ -274,8 +307,10 @@ def make_inputs(
     xp : array namespace, optional
         Namespace of the returned arrays; NumPy when None.
     dtype : dtype or str, optional
-        A real floating dtype of ``xp`` (or its name); float64 when None (under JAX without
-        its 64-bit mode float32, and float64 is refused there: JAX would truncate it).
+        A real floating dtype of ``xp`` (or its name); float64 when None (float32 where the
+        namespace has no float64 on ``device``: JAX without its 64-bit mode, where float64
+        is refused since JAX would truncate it, torch's MPS, array-api-strict's
+        "no_float64" device).
     device : optional
         Device of the returned arrays in ``xp``; NumPy arrays only live on the CPU.
     tokens : sequence of int, optional
@@ -330,8 +365,10 @@ def make_inputs(
     ]  # fmt: skip
     if planned:
         check_allocations("make_inputs", planned, limit)
-    check_device(np if xp is None else xp, device)  # before drawing from a caller's Generator
-    cast = None if dtype is None else resolve_dtype(xp, dtype)
+    cast = None if dtype is None and xp is None else resolve_dtype(xp, dtype, device)
+    # before drawing from a caller's Generator; in the arrays' dtype (a device without float64
+    # takes float32 inputs)
+    check_device(np if xp is None else xp, device, cast)
     rng = random_generator(seed)
     shapes = [(batch, d) for d in dims] if tokens is None else [(batch, t, d) for t, d in zip(tokens, dims)]
     arrays = [rng.standard_normal(s) for s in shapes]

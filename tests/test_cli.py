@@ -8,10 +8,12 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import mmfuse
 from mmfuse import _cli, _console
+from mmfuse._namespace import tree_map
 from mmfuse.backends import BackendUnsupported
 
 
@@ -121,6 +123,70 @@ def test_verify_counts_a_missing_output_as_a_mismatch(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "MISMATCH" in out and "1 outputs where the reference gives 2" in out
+
+
+def test_verify_catches_nan_in_a_later_output(monkeypatch, capsys):
+    """A NaN spread after a right mean is a MISMATCH (max() of the outputs' errors had dropped
+    a NaN that was not first)."""
+    op = mmfuse.moments
+
+    def nan_spread(*args, **kwargs):
+        mean, std = op(*args, **kwargs)
+        return mean, std * np.nan
+
+    monkeypatch.setattr(mmfuse, "moments", nan_spread)
+    code = _cli.main(["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "MISMATCH" in out and "max rel err nan" in out
+
+
+def test_verify_compares_labels_with_their_grouping(monkeypatch, capsys):
+    """Interaction labels regrouped with the same integers in the same order (the order-1 term
+    of modality 0 called (0, 1)) are a MISMATCH."""
+    op = mmfuse.tensor_interactions
+
+    def regrouped(*args, **kwargs):
+        terms, labels = op(*args, **kwargs)
+        flat = [m for label in labels for m in label]
+        sizes = [len(label) for label in labels]
+        sizes[1], sizes[2] = sizes[1] + sizes[2], 0  # the same integers, grouped otherwise
+        out, start = [], 0
+        for size in sizes:
+            out.append(tuple(flat[start : start + size]))
+            start += size
+        return terms, out
+
+    monkeypatch.setattr(mmfuse, "tensor_interactions", regrouped)
+    code = _cli.main(
+        ["verify", "--ops", "tensor_interactions", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "labels differ from the reference's" in out
+
+
+def test_verify_checks_the_outputs_namespace_and_dtype(monkeypatch, capsys):
+    """An implementation answering NumPy float64 to torch float32 inputs, with the right values,
+    is a MISMATCH naming what it returned."""
+    pytest.importorskip("torch")
+    import mmfuse.reference as ref
+    from mmfuse._namespace import to_numpy
+
+    def host(a):
+        return tree_map(to_numpy, a)
+
+    def on_host(xs, factors, weights=None, bias=None, *, append_one=True, present=None):
+        return ref.lowrank_fusion(host(xs), host(factors), host(weights), host(bias), append_one=append_one,
+                                  present=None if present is None else host(present))  # fmt: skip
+
+    monkeypatch.setattr(mmfuse, "lowrank_fusion", lambda *a, backend=None, **k: on_host(*a, **k))
+    code = _cli.main(
+        ["verify", "--ops", "lowrank_fusion", "--namespaces", "torch", "--backends", "array_api", "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "output 0 is numpy float64 for torch float32 inputs" in out
 
 
 def test_verify_and_bench_cover_the_interaction_terms(monkeypatch, capsys):

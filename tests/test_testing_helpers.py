@@ -57,6 +57,18 @@ def test_complex_refused_and_integers_exact():
     with pytest.raises(AssertionError, match="differ"):
         assert_close(~flags, flags)
     assert_close(m, n, rtol=1e-6)  # the caller's tolerances still apply
+    # past 2**53, in exact arithmetic also against a float desired or with tolerances given
+    big = 2**60
+    with pytest.raises(AssertionError, match="exact comparison"):
+        assert_close(np.array([big + 1]), np.array([float(big)]))
+    with pytest.raises(AssertionError, match="exact comparison"):
+        assert_close(np.array([big + 1]), np.array([big]), atol=0.5)
+    with pytest.raises(AssertionError, match="exact comparison"):
+        assert_close(np.array([big + 1]), np.array([big]), rtol=1e-30)
+    assert_close(np.array([big + 1, 7]), np.array([big, 7]), atol=1)
+    assert_close(np.array([big]), np.array([float(big)]))
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_close(np.array([big, 1]), np.array([float(big), np.nan]))
 
 
 def test_default_rtol_normalises_dtype_spellings():
@@ -111,6 +123,23 @@ def test_dtype_spellings_of_numpy_and_python_get_their_tolerance():
     for bad in ("0.1", True):
         with pytest.raises(TypeError, match=r"^rtol must be a real number"):
             assert_close(x, x, rtol=bad)
+
+
+def test_make_inputs_and_loaders_on_a_device_without_64_bit_types():
+    """A device without float64 takes float32 inputs (asked for, or by default), and one without
+    any 64-bit type int32 labels, as JAX without x64 does."""
+    xs = pytest.importorskip("array_api_strict")
+    no_f64 = xs.Device("no_float64")
+    for dtype in ("float32", None):
+        (x,) = make_inputs([3], batch=2, seed=1, xp=xs, device=no_f64, dtype=dtype)
+        assert x.dtype == xs.float32 and x.device == no_f64
+    assert make_inputs([3], batch=2, seed=1, xp=xs)[0].dtype == xs.float64
+    no_x64 = xs.Device("no_x64")
+    data = load_basic_motions(xp=xs, device=no_x64)
+    assert data.views[0].dtype == xs.float32 and data.target.dtype == xs.int32
+    want = load_basic_motions()
+    assert_close(data.target, want.target)  # (read off the device by the helper)
+    assert load_basic_motions(xp=xs).target.dtype == xs.int64
 
 
 def test_make_inputs_checks_arguments():
