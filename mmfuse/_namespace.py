@@ -210,7 +210,10 @@ def _ours(xp: Namespace) -> Namespace:
         return xp
     ours = _OURS.get(name)
     if ours is None:
-        ours = _OURS[name] = make(xp)
+        # setdefault: concurrent first calls keep the first object stored, so every caller
+        # gets the same one (the namespace checks compare namespaces by identity: two objects
+        # for NumPy made one call's arrays "mixed")
+        ours = _OURS.setdefault(name, make(xp))
     return ours
 
 

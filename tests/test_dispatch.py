@@ -788,3 +788,58 @@ def test_compiled_layers_run_a_torch_implementation_registered_after_their_impor
         again = compiled(xs)
     torch.testing.assert_close(again, own, rtol=0, atol=0)
     assert not bool((own == 42).any())
+
+
+def test_a_registration_made_while_a_refusal_is_written_does_not_break_it(monkeypatch):
+    """The refusal's list of backends reads a snapshot of the registrations (as the choice
+    does): a register / unregister in another thread had raised "dictionary changed size
+    during iteration" in place of BackendUnsupported, and broke a soft preference's fallback.
+    Here the registration is made from inside the reading of the registrations (a registered
+    op name whose comparison registers), standing in for the other thread, so the test is
+    deterministic."""
+    from mmfuse._core import align, fusion
+    from mmfuse.backends import _registry
+
+    armed = []
+
+    class Registering(str):
+        def __eq__(self, other):
+            if armed and ("moments", "cupy") not in _registry._REGISTERED:
+                register("moments", "cupy", align.moments, supports=lambda xp, device: False)
+            return str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    register(Registering("tensor_fusion"), "cupy", fusion.tensor_fusion, supports=lambda xp, device: False)
+    try:
+        armed.append(True)
+        message = _registry._backends_for("tensor_fusion")
+    finally:
+        unregister("tensor_fusion", "cupy")
+        if ("moments", "cupy") in _registry._REGISTERED:
+            unregister("moments", "cupy")
+    assert "cupy" in message and "backends with an implementation of tensor_fusion" in message
+
+
+def test_concurrent_first_calls_share_one_namespace_object(monkeypatch):
+    """mmfuse's replacement of a namespace is made once: a first call racing another (which
+    stores its own object meanwhile, simulated here inside the making) gets the stored one,
+    since the namespace checks compare namespaces by identity (two NumPy namespace objects
+    had made one call's arrays "mixed")."""
+    import array_api_compat
+
+    from mmfuse import _namespace
+
+    compat = array_api_compat.array_namespace(np.ones(1))
+    name = compat.__name__
+    monkeypatch.delitem(_namespace._OURS, name, raising=False)
+    make = _namespace._REPLACEMENTS[name]
+    other = make(compat)
+
+    def racing(xp):
+        _namespace._OURS[name] = other  # the other thread's object, stored first
+        return make(xp)
+
+    monkeypatch.setitem(_namespace._REPLACEMENTS, name, racing)
+    first = _namespace._ours(compat)
+    assert first is other and _namespace._ours(compat) is other

@@ -404,7 +404,9 @@ def _backends_for(op: str) -> str:
     """The backends with rows or registrations for ``op``, for a refusal's message, read from
     the table without loading any (:func:`available` imports each backend's framework to say
     which load: seconds for torch and Triton, on a path a soft preference takes and drops)."""
-    names = {row.backend for row in _rows(op, None)} | {b for (o, b) in _REGISTERED if o == op}
+    with _lock:  # (a snapshot, as _candidates: register / unregister in another thread change the dict)
+        registered = list(_REGISTERED)
+    names = {row.backend for row in _rows(op, None)} | {b for (o, b) in registered if o == op}
     return f"backends with an implementation of {op}: {sorted(names)} (available() says which load here)"
 
 
