@@ -854,3 +854,31 @@ def test_float32_statistics_of_a_long_axis_count_every_token(tokens):
     want_mean, want_std = reference.moments(x, eps=0.0)
     np.testing.assert_allclose(mean, want_mean, rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(std, want_std, rtol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["array_api", "torch", *(["numba"] if HAVE_NUMBA else [])])
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_a_non_finite_token_reaches_every_consensus_modality(rng, backend, poison):
+    """Consensus rounds read every modality: an unmasked NaN (or infinite) token in one lane of
+    the first makes that lane NaN in all of them, as the reference's literal rounds say.  At
+    alpha = 1 the first modality's tracked mean had been its (finite) target mean, so a later
+    modality whose lane has no spread (zoomed by 1) took a finite target; in the limit
+    (rounds=None, eps = 0) the first modality's weight is 0 and its mean was skipped.  Lanes
+    without the token stay finite and right."""
+    xs = [rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 3, 3)) + 2.0, rng.standard_normal((2, 5, 3))]
+    xs[0][0, 2, 1] = poison
+    xs[1][0, :, 1] = 5.0  # no spread in the poisoned lane
+    cases = [({"rounds": r}, 2) for r in (1, 2, None)] + [({"rounds": r, "eps": 0.0}, m) for r in (3, None) for m in (2, 3)]
+    for options, n in cases:
+        arrays = xs[:n]
+        if backend == "torch":
+            torch = pytest.importorskip("torch")
+            arrays = [torch.from_numpy(x) for x in arrays]
+        with np.errstate(invalid="ignore"):  # (NumPy's warning for inf - inf, as the maths has it)
+            want = reference.align(xs[:n], **options)
+            got = [to_numpy(y) for y in mmfuse.align(arrays, backend=backend, **options)]
+        for i, (y, w) in enumerate(zip(got, want)):
+            assert np.isnan(w[0, :, 1]).all(), (options, n, i)  # (what the rounds say)
+            assert np.array_equal(np.isfinite(y), np.isfinite(w)), (options, n, i)
+            finite = np.isfinite(w)
+            assert_close(np.where(finite, y, 0.0), np.where(finite, w, 0.0), err_msg=f"{options} {n} {i}")

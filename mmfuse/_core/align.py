@@ -929,8 +929,17 @@ def _one_round(
         s = zoom_scale(xp, sig[i], sigma_t, alpha, live[i])
         # y = s (x - mu_i) + mu_i + alpha (mu_t - mu_i), composed with x = S (x0 - mu0) + ...
         scales[i] = s if scales[i] is None else s * scales[i]
-        mus[i] = _target_mean(mus[i], mu_t, alpha)
-        if not last or (schedule != "jacobi" and topology != "hub" and i < n - 1):
+        read_later = not last or (schedule != "jacobi" and topology != "hub" and i < n - 1)
+        if alpha == 1.0 and topology != "hub" and read_later:
+            # The mean the later steps read: at alpha = 1 the target mean is mu_t exactly,
+            # without the modality's own mean, but where that mean is not finite (a NaN or
+            # an infinite token) the map's output is NaN, and so is its mean: 0 * mu_i is 0
+            # or NaN (a later modality whose lane has no spread, zoomed by 1, had taken a
+            # finite target for NaN; a review's find).  The hub's others are never read.
+            mus[i] = mu_t + 0.0 * mus[i]
+        else:
+            mus[i] = _target_mean(mus[i], mu_t, alpha)
+        if read_later:
             if share[i] is None:
                 share[i] = _var_share(xp, stats[i][1], eps)
             sig[i], share[i] = _zoomed_spread(xp, sig[i], share[i], s, eps)

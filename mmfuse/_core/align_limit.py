@@ -152,7 +152,11 @@ def limit_maps(
     n = len(means)
     mu_star: Any = 0.0
     for wj, mu in zip(weights, means):
-        if wj != 0.0:  # a zero weight must not turn a non-finite mean into NaN
+        # A zero weight under the hub topology must not turn a non-finite mean into NaN (the
+        # hub never reads the others).  Consensus rounds read every modality, those of zero
+        # weight too (Gauss-Seidel at alpha = 1: the first): a non-finite mean there makes
+        # every modality NaN from the first round on, and 0 * mu keeps that.
+        if wj != 0.0 or topology != "hub":
             mu_star = mu_star + wj * mu
     dead = [v == 0 for v in variances]  # no spread: such a variance stays 0 in every round
     if topology == "hub":
@@ -175,9 +179,8 @@ def limit_maps(
             # Jacobi: sum_j log v_j is invariant (weights 1/M); eps = 0: the linear theory
             log_w = weights if schedule != "jacobi" else tuple(1.0 / n for _ in range(n))
             log_star: Any = 0.0
-            for wj, lv in zip(log_w, logv):
-                if wj != 0.0:
-                    log_star = log_star + wj * lv
+            for wj, lv in zip(log_w, logv):  # (every modality, as the means: 0 * a NaN is NaN)
+                log_star = log_star + wj * lv
         else:
             log_eps = math.log(eps)
             ys = [lv - log_eps for lv in logv]
