@@ -297,6 +297,27 @@ def test_tfn_terms_contract_the_batch_in_blocks_under_max_elements(by, rng):
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
 
 
+def test_lowrank_subsets_hold_the_walks_path_not_every_product(rng):
+    """By subset, each of the 2^M rank products (rows, R h) is reduced to (rows, h) as the walk
+    makes it: all 2^M were held until the end of a block (M = 8, R h = 65536: 68 times the
+    result's memory, past max_elements while the result was under it)."""
+    import tracemalloc
+
+    dims, rank, out_dim, batch = [1] * 8, 64, 32, 16
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    factors = [rng.standard_normal((rank, d + 1, out_dim)) / 2 for d in dims]
+    tracemalloc.start()
+    got, labels = mmfuse.lowrank_interactions(xs, factors, by="subset")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # the walk's path (9 products of 16 x 2048) and the terms with their stack: about 3 MiB;
+    # every product at once was 2^8 x 16 x 2048 float64 elements, 64 MiB
+    assert peak <= 8 * got.nbytes + 9 * batch * rank * out_dim * 8, peak
+    want, want_labels = ref.lowrank_interactions([x[:3] for x in xs], factors, by="subset")
+    assert labels == want_labels
+    assert_close(got[:, :3], want)
+
+
 def test_argument_errors(rng):
     p = _problem(rng, 2, dims=(2, 3))
     with pytest.raises(ValueError, match=r"by must be 'order' or 'subset', got 'orders'"):

@@ -123,23 +123,29 @@ def order_coefficients(projs: list[Any], consts: list[Any]) -> list[Any]:
     return coef
 
 
-def subset_products(projs: list[Any], consts: list[Any]) -> dict[int, Any]:
-    """``prod_{m in S} projs[m] * prod_{m not in S} consts[m]`` for every subset S (keyed by its
-    bit mask), by a depth-first walk that shares prefixes (2^(M+1) products)."""
+def subset_products(projs: list[Any], consts: list[Any], reduce: Callable[[Any], Any]) -> dict[int, Any]:
+    """``reduce(prod_{m in S} projs[m] * prod_{m not in S} consts[m])`` for every subset S
+    (keyed by its bit mask; None for a product that is zero), by a depth-first walk that
+    shares prefixes (2^(M+1) products).  Each product is reduced as soon as the walk makes it,
+    so only the walk's path of M + 1 (rows, W) products is held, not all 2^M of them (at
+    M = 8, R h = 65536: 68 times the result's memory)."""
     out: dict[int, Any] = {}
-    _walk(1, consts[0], 0, projs, consts, out)
-    _walk(1, projs[0], 1, projs, consts, out)
+    _walk(1, consts[0], 0, projs, consts, out, reduce)
+    _walk(1, projs[0], 1, projs, consts, out, reduce)
     return out
 
 
-def _walk(m: int, acc: Any, mask: int, projs: list[Any], consts: list[Any], out: dict[int, Any]) -> None:
+def _walk(
+    m: int, acc: Any, mask: int, projs: list[Any], consts: list[Any], out: dict[int, Any],
+    reduce: Callable[[Any], Any],
+) -> None:  # fmt: skip
     """One node of :func:`subset_products`' walk (a module-level function: a recursive closure
     would be a reference cycle holding every product until the garbage collector runs)."""
     if m == len(projs):
-        out[mask] = acc
+        out[mask] = None if acc is None else reduce(acc)
         return
-    _walk(m + 1, _mul(acc, consts[m]), mask, projs, consts, out)
-    _walk(m + 1, None if acc is None else acc * projs[m], mask | (1 << m), projs, consts, out)
+    _walk(m + 1, _mul(acc, consts[m]), mask, projs, consts, out, reduce)
+    _walk(m + 1, None if acc is None else acc * projs[m], mask | (1 << m), projs, consts, out, reduce)
 
 
 def _ranked_terms(
@@ -157,22 +163,23 @@ def _ranked_terms(
     labels = labels_for(by, n)
     x0 = xs[0]
     dev = device_of(x0)
-    row_width = (n + 2) * width if by == "order" else (n + 1) * width
+    # per row: the order recursion's M + 1 coefficients and a projection; the subset walk's
+    # path of M + 1 products and the 2^M reduced terms (with their stack, twice)
+    row_width = (n + 2) * width if by == "order" else (n + 1) * width + 2 * (1 << n) * out_dim
     parts = []
     for blk in _blocks(xp, x0, row_width):
         projs, consts = zip(*(project(x[blk, ...], m, blk) for m, x in enumerate(xs)))
         rows = projs[0].shape[0]
         if by == "order":
-            found = order_coefficients(list(projs), list(consts))
+            found = [None if t is None else reduce(t) for t in order_coefficients(list(projs), list(consts))]
         else:
-            products = subset_products(list(projs), list(consts))
+            products = subset_products(list(projs), list(consts), reduce)
             found = [products[_mask(s)] for s in labels]
         terms = []
-        for t in found:
-            if t is None:
+        for r in found:
+            if r is None:
                 terms.append(xp.zeros((rows, out_dim), dtype=x0.dtype, device=dev))
             else:
-                r = reduce(t)
                 terms.append(r if r.shape[0] == rows else xp.broadcast_to(r, (rows, out_dim)))
         parts.append(xp.stack(terms, axis=0))
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
