@@ -178,7 +178,8 @@ def check_intermediates(
     intermediate over ``max_elements``.
 
     The core contracts the batch in blocks of :func:`mmfuse._core.fusion.tensor_fusion_rows`
-    samples, so ``max_elements`` bounds memory and a large batch is no reason to refuse; only
+    samples, so ``max_elements`` bounds each block's intermediates and a large batch is no
+    reason to refuse (autograd keeps every block's for the backward); only
     one sample's intermediate can be too large (never, once the weight itself fits).  JAX
     arrays are contracted as one block, so there the whole batch's intermediate counts; Dask
     arrays one batch chunk at a time (its products are blockwise over the batch), so there
@@ -244,10 +245,13 @@ def tensor_fusion(
         interaction, down to the unimodal terms and a constant.
     max_elements : int, default ``DEFAULT_MAX_ELEMENTS`` (2**27)
         Refuse (ValueError) a weight with more elements than this (TFN is exponential in M).
-        It also bounds memory: the batch is contracted in blocks whose intermediates hold at
-        most this many elements, so a large batch is never refused for its size (JAX arrays,
-        contracted as one block, are refused where the whole batch's would not fit, Dask
-        arrays, contracted chunk by chunk, where their largest batch chunk's would not).
+        It also bounds the intermediates: the batch is contracted in blocks whose
+        intermediates hold at most this many elements, so a large batch is never refused for
+        its size (JAX arrays, contracted as one block, are refused where the whole batch's
+        would not fit, Dask arrays, contracted chunk by chunk, where their largest batch
+        chunk's would not).  Not the memory of a torch call that autograd records (each
+        block's intermediates are kept for the backward) or of one that ``torch.compile``
+        traces (one block: the whole batch's).
     backend : str, optional
         Implementation to run (see :func:`mmfuse.set_config`); default: the configured one.
 

@@ -896,8 +896,12 @@ class TensorFusion(nn.Module):
     bias : bool, default True
     max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS``
         Refuse (ValueError) a weight with more elements than this, at construction.  At call
-        time it bounds memory, not the batch size: the batch is contracted in blocks whose
-        intermediates stay within it (eager and compiled alike).
+        time it bounds the intermediates, not the batch size: an eager forward contracts the
+        batch in blocks whose intermediates stay within it.  Where autograd records, each
+        block's intermediates are kept for the backward (memory grows with the batch, as in
+        the plain code), and under ``torch.compile`` the batch is one block (a graph cannot
+        loop over a count of blocks that depends on a symbolic batch); there only one
+        sample's intermediates are checked against it.
     device, dtype : optional
 
     Attributes

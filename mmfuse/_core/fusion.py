@@ -149,12 +149,14 @@ def affine(x: Any, mat: Any, append_one: bool) -> Any:
         # Delegation: torch's addmm / baddbmm add the constant row inside the product, one
         # operator where the generic form below dispatches four (two slices, the product, the
         # sum): at small sizes each is a few microseconds of fixed cost.  The same sum, its
-        # last bit may differ.  A 2-D x against a stack of matrices is expanded (a view).
+        # last bit may differ.  Not a 2-D x against a stack of R matrices: baddbmm would take
+        # x expanded to (R, B, d), a view whose gradient it forms whole, R times x's size,
+        # before summing it (B = 16384, d = 2048, R = 16: 2.2 GB; a review's find), where
+        # matmul below folds the stack.
         if mat.ndim == 2:
             return torch.addmm(mat[d], x, mat[:d])
-        if x.ndim == 2 or x.shape[0] == mat.shape[0]:
-            rows = x if x.ndim == 3 else x.expand(mat.shape[0], *x.shape)
-            return torch.baddbmm(mat[:, d : d + 1], rows, mat[:, :d])
+        if x.ndim == 3 and x.shape[0] == mat.shape[0]:
+            return torch.baddbmm(mat[:, d : d + 1], x, mat[:, :d])
     return x @ mat[..., :d, :] + mat[..., d : d + 1, :]
 
 
