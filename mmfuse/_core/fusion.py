@@ -525,6 +525,9 @@ def lowrank_with(
         assert acc is not None
         run.rank_sum(blk, acc)
     y = run.result()
+    if bias is not None and type(y) is np.ndarray:  # NumPy's run writes its own output: the
+        y += bias  # bias in place, not a second output-sized array (2x the output's peak)
+        return y
     return y if bias is None else y + bias
 
 
