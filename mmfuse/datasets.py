@@ -153,7 +153,8 @@ def resolve_dtype(xp: Namespace | None, dtype: Any, device: Any = None) -> Any:
     ------
     TypeError
         Naming ``dtype``, if it is not one of the namespace's real floating dtypes (or the
-        name of one), or is float64 under JAX without its 64-bit mode (JAX would truncate it).
+        name of one), or is float64 under JAX without its 64-bit mode (JAX would truncate it)
+        or on a ``device`` without float64.
     """
     if xp is None or is_numpy(xp):
         try:
@@ -173,6 +174,11 @@ def resolve_dtype(xp: Namespace | None, dtype: Any, device: Any = None) -> Any:
     if not _is_real_floating(xp, dtype):
         raise TypeError(f"dtype must be a real floating dtype of {name}, got {dtype!r}")
     check_jax_width(xp, dtype)
+    if device is not None and dtype == xp.float64 and not has_float64(xp, device):
+        # (the device probe would refuse the device itself, naming it where the dtype is wrong)
+        raise TypeError(
+            f"dtype {dtype!r} is not available on device={device!r} of {name}: pass a narrower dtype"
+        )
     return dtype
 
 

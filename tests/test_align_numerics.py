@@ -882,3 +882,18 @@ def test_a_non_finite_token_reaches_every_consensus_modality(rng, backend, poiso
             assert np.array_equal(np.isfinite(y), np.isfinite(w)), (options, n, i)
             finite = np.isfinite(w)
             assert_close(np.where(finite, y, 0.0), np.where(finite, w, 0.0), err_msg=f"{options} {n} {i}")
+
+
+def test_a_float32_variance_past_its_range_does_not_poison_the_consensus_limit(rng):
+    """Finite float32 data whose variance overflows (spread 1e20) in the modality of weight 0
+    (Gauss-Seidel consensus, alpha = 1, eps = 0): its infinite log-variance is no NaN token
+    and must not make the limit NaN; the other modalities keep values near the reference's
+    (that modality's statistics are past float32's range: docs/backends.rst, Range limits)."""
+    big = (rng.standard_normal((1, 4, 1)) * 1e20).astype(np.float32)
+    xs = [big, rng.standard_normal((1, 4, 1)).astype(np.float32), rng.standard_normal((1, 4, 1)).astype(np.float32)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = reference.align(xs, rounds=None, eps=0.0)
+        got = mmfuse.align(xs, rounds=None, eps=0.0)
+    for y, w in zip(got[1:], want[1:]):
+        assert np.isfinite(y).all()
+        assert_close(y, w, rtol=1e-2)

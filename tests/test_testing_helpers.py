@@ -134,6 +134,8 @@ def test_make_inputs_and_loaders_on_a_device_without_64_bit_types():
         (x,) = make_inputs([3], batch=2, seed=1, xp=xs, device=no_f64, dtype=dtype)
         assert x.dtype == xs.float32 and x.device == no_f64
     assert make_inputs([3], batch=2, seed=1, xp=xs)[0].dtype == xs.float64
+    with pytest.raises(TypeError, match="float64 is not available on device"):  # (not "not a device")
+        make_inputs([3], batch=2, seed=1, xp=xs, device=no_f64, dtype="float64")
     no_x64 = xs.Device("no_x64")
     data = load_basic_motions(xp=xs, device=no_x64)
     assert data.views[0].dtype == xs.float32 and data.target.dtype == xs.int32

@@ -179,8 +179,12 @@ def limit_maps(
             # Jacobi: sum_j log v_j is invariant (weights 1/M); eps = 0: the linear theory
             log_w = weights if schedule != "jacobi" else tuple(1.0 / n for _ in range(n))
             log_star: Any = 0.0
-            for wj, lv in zip(log_w, logv):  # (every modality, as the means: 0 * a NaN is NaN)
-                log_star = log_star + wj * lv
+            for wj, lv in zip(log_w, logv):
+                # (zero weights skipped: a NaN or infinite token already makes mu* NaN above,
+                # while an infinite log-variance of finite data, a float32 variance past its
+                # range, must not: the rest keep the reference's values)
+                if wj != 0.0:
+                    log_star = log_star + wj * lv
         else:
             log_eps = math.log(eps)
             ys = [lv - log_eps for lv in logv]
