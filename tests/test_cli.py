@@ -93,19 +93,23 @@ def test_verify_runs_the_tensorly_check_only_where_the_filters_allow(capsys):
     assert code == 0 and "vs tensorly" not in out and "numpy" not in out
 
 
+def _verify_planted(monkeypatch, capsys, op, planted, namespace="numpy"):
+    """``mmfuse verify`` of ``op`` on the array_api backend with ``planted`` in place of the
+    public function (the command calls the public op by name, so a wrong answer is planted
+    there, not in the registry's private tables, which are not the command's business):
+    (exit code, output)."""
+    monkeypatch.setattr(mmfuse, op, planted)
+    code = _cli.main(["verify", "--ops", op, "--namespaces", namespace, "--backends", "array_api", "--no-progress"])
+    return code, capsys.readouterr().out
+
+
 def test_verify_exits_non_zero_on_mismatch(monkeypatch, capsys):
-    # the command calls the public op by name, so a wrong answer is planted there (not in the
-    # registry's private tables, which are not the command's business)
     op = mmfuse.cp_fusion
 
     def broken(*args, **kwargs):
         return op(*args, **kwargs) * 1.01
 
-    monkeypatch.setattr(mmfuse, "cp_fusion", broken)
-    code = _cli.main(
-        ["verify", "--ops", "cp_fusion", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"]
-    )
-    out = capsys.readouterr().out
+    code, out = _verify_planted(monkeypatch, capsys, "cp_fusion", broken)
     assert code == 1
     assert "MISMATCH" in out
 
@@ -118,9 +122,7 @@ def test_verify_counts_a_missing_output_as_a_mismatch(monkeypatch, capsys):
     def half(*args, **kwargs):
         return op(*args, **kwargs)[:1]
 
-    monkeypatch.setattr(mmfuse, "moments", half)
-    code = _cli.main(["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"])
-    out = capsys.readouterr().out
+    code, out = _verify_planted(monkeypatch, capsys, "moments", half)
     assert code == 1
     assert "MISMATCH" in out and "1 outputs where the reference gives 2" in out
 
@@ -134,9 +136,7 @@ def test_verify_catches_nan_in_a_later_output(monkeypatch, capsys):
         mean, std = op(*args, **kwargs)
         return mean, std * np.nan
 
-    monkeypatch.setattr(mmfuse, "moments", nan_spread)
-    code = _cli.main(["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"])
-    out = capsys.readouterr().out
+    code, out = _verify_planted(monkeypatch, capsys, "moments", nan_spread)
     assert code == 1
     assert "MISMATCH" in out and "max rel err nan" in out
 
@@ -157,11 +157,7 @@ def test_verify_compares_labels_with_their_grouping(monkeypatch, capsys):
             start += size
         return terms, out
 
-    monkeypatch.setattr(mmfuse, "tensor_interactions", regrouped)
-    code = _cli.main(
-        ["verify", "--ops", "tensor_interactions", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"]
-    )
-    out = capsys.readouterr().out
+    code, out = _verify_planted(monkeypatch, capsys, "tensor_interactions", regrouped)
     assert code == 1
     assert "labels differ from the reference's" in out
 
@@ -180,11 +176,8 @@ def test_verify_checks_the_outputs_namespace_and_dtype(monkeypatch, capsys):
         return ref.lowrank_fusion(host(xs), host(factors), host(weights), host(bias), append_one=append_one,
                                   present=None if present is None else host(present))  # fmt: skip
 
-    monkeypatch.setattr(mmfuse, "lowrank_fusion", lambda *a, backend=None, **k: on_host(*a, **k))
-    code = _cli.main(
-        ["verify", "--ops", "lowrank_fusion", "--namespaces", "torch", "--backends", "array_api", "--no-progress"]
-    )
-    out = capsys.readouterr().out
+    code, out = _verify_planted(monkeypatch, capsys, "lowrank_fusion", lambda *a, backend=None, **k: on_host(*a, **k),
+                                "torch")  # fmt: skip
     assert code == 1
     assert "output 0 is numpy float64 for torch float32 inputs" in out
 
