@@ -40,7 +40,6 @@ __all__ = [
     "lowrank_whole_batch",
     "lowrank_with",
     "mask_absent",
-    "rank_major_projections",
     "rank_sum",
     "tensor_fusion",
     "tensor_fusion_blocks",
@@ -480,17 +479,17 @@ def lowrank_whole_batch(
     broadcast product ``[x_m, 1] @ F_m`` of shape (R, B, h) (the constant row added, not
     appended), the product over modalities, and the weighted rank sum as one (R,) @ (R, B h)
     product.  About three array operations per modality and no layout copies: the form for
-    small problems (:func:`whole_batch`), where each operation's fixed cost dominates."""
-    if present is None and type(xs[0]) is np.ndarray:  # the tiny NumPy call, kept short
-        acc = affine(xs[0], factors[0], append_one)
-        for x, f in zip(xs[1:], factors[1:]):
-            acc *= affine(x, f, append_one)  # acc: this function's own array
-        return rank_sum(xp, acc, weights, bias)
-    projections = rank_major_projections(xp, xs, factors, append_one, present)
-    acc = projections[0]
-    in_place = type(acc) is np.ndarray  # NumPy: acc is this function's own array
-    for proj in projections[1:]:
-        if in_place:
+    small problems (:func:`whole_batch`), where each operation's fixed cost dominates.
+    Absent samples' features are zeroed (``present``)."""
+    in_place = type(xs[0]) is np.ndarray  # NumPy: acc is this function's own array
+    if present is not None:
+        xs = [mask_absent(xp, x, present, m) for m, x in enumerate(xs)]
+    acc = None
+    for x, f in zip(xs, factors):
+        proj = affine(x, f, append_one)
+        if acc is None:
+            acc = proj
+        elif in_place:
             acc *= proj
         else:
             acc = acc * proj

@@ -487,10 +487,10 @@ _ALL = slice(None)
 def rank_major_projections(
     xs: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], append_one: bool, present: Any
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The core's :func:`~mmfuse._core.fusion.rank_major_projections` with fewer operators:
-    the features ``hat x_m`` (the constant appended by one ``pad``, absent samples zeroed)
-    and per modality one ``bmm`` of them with F_m, (R, B, h).  Returns (features,
-    projections); the backward reuses both."""
+    """The projections of the core's :func:`~mmfuse._core.fusion.lowrank_whole_batch` with
+    fewer operators: the features ``hat x_m`` (the constant appended by one ``pad``, absent
+    samples zeroed) and per modality one ``bmm`` of them with F_m, (R, B, h).  Returns
+    (features, projections); the backward reuses both."""
     hats = []
     projections = []
     for m, (x, f) in enumerate(zip(xs, factors)):
