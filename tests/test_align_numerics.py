@@ -314,6 +314,67 @@ def test_align_large_mean_spread_of_the_output(xp, rng):
             _assert_within_ulps(y, w, err_msg=f"rounds={rounds}")
 
 
+_CANCELLING = [  # (means, options): targets near 0 made of means of about 1e4
+    ((1e4, -1e4), {"rounds": 1, "alpha": 0.5}),
+    ((1e4, -1e4), {"rounds": 3, "alpha": 0.7}),
+    ((2e4, -1e4, -1.5e4), {"rounds": None, "alpha": 0.5}),
+    ((1e4, -1e4, 0.0), {"rounds": 2, "alpha": 1.0, "schedule": "jacobi"}),
+]
+
+
+def _cancelling(rng, means):
+    return [(m + rng.standard_normal((3, 9, 4))).astype(np.float32) for m in means]
+
+
+@pytest.mark.parametrize(("means", "options"), _CANCELLING)
+@pytest.mark.parametrize("backend", ["array_api", "torch", *(["numba"] if HAVE_NUMBA else [])])
+def test_align_targets_where_the_means_cancel(rng, backend, means, options):
+    """float32 modalities of means near 1e4 and -1e4 (unit spreads) whose targets are near 0:
+    the outputs within a few of their own ulps of the float64 oracle.  The rounds took each
+    mean rounded to float32 (half an ulp of 1e4, 5e-4), which the target near 0 kept: 1.5e-4
+    of the outputs' size at rounds=1, alpha=0.5, 3e6 of their ulps (they now run on float64
+    statistics, the mean as pivot + correction)."""
+    xs = _cancelling(rng, means)
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        got = [y.numpy() for y in mmfuse.align([torch.from_numpy(x) for x in xs], backend="torch", **options)]
+    else:
+        got = mmfuse.align(xs, backend=backend, **options)
+    for m, (y, w) in enumerate(zip(got, reference.align(xs, **options))):
+        assert y.dtype == np.float32
+        _assert_within_ulps(y, w, ulps=4, err_msg=f"modality {m}")
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+@pytest.mark.parametrize("backend", ["array_api", "torch", *(["numba"] if HAVE_NUMBA else [])])
+def test_zoom_shift_partial_step_where_the_means_cancel(rng, backend, alpha):
+    """A partial step of a mean-1e4 modality toward a mean-(-1e4) guide (target near 0 at
+    alpha 0.5): within a few ulps of the outputs.  Both means rounded to float32 first cost
+    1.3e-4 of the outputs' size."""
+    x, g = _cancelling(rng, (1e4, -1e4))
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        y = mmfuse.zoom_shift(torch.from_numpy(x), torch.from_numpy(g), alpha=alpha, backend="torch").numpy()
+    else:
+        y = mmfuse.zoom_shift(x, g, alpha=alpha, backend=backend)
+    assert y.dtype == np.float32
+    _assert_within_ulps(y, _oracle_zoom_shift(x, g, alpha=alpha), ulps=4)
+
+
+def test_align_targets_where_the_means_cancel_namespaces(xp, rng):
+    """As above, on every namespace through the Array-API core (float32 statistics widened
+    where the device has float64; without it the means stay float32, a documented limit)."""
+    from mmfuse._namespace import device_of, has_float64
+
+    xs = _cancelling(rng, (1e4, -1e4))
+    arrays = [xp.asarray(x, F32) for x in xs]
+    if not has_float64(xp.xp, device_of(arrays[0])):
+        pytest.skip("no float64 on this namespace's device")
+    got = mmfuse.align(arrays, rounds=1, alpha=0.5, backend="array_api")
+    for y, w in zip(got, reference.align(xs, rounds=1, alpha=0.5)):
+        _assert_within_ulps(y, w, ulps=4)
+
+
 def _align_60_digits(xs, masks, rounds, alpha, eps):
     """Gauss-Seidel consensus rounds of two modalities, each re-measuring the other's mapped
     tokens, in 60-digit arithmetic (mpmath): the maths of ``align`` without float64 rounding."""

@@ -43,7 +43,6 @@ import numpy as np
 from .._namespace import (
     array_namespace,
     block_slices,
-    computed_in,
     device_of,
     is_cupy,
     is_dask,
@@ -64,12 +63,15 @@ __all__ = [
     "align",
     "align_numpy",
     "align_with",
+    "guide_mean",
     "limit_weights",
     "moments",
     "moments_numpy",
     "moments_with",
     "pool",
+    "round_statistics",
     "shift",
+    "wide_mean",
     "zoom",
     "zoom_scale",
     "zoom_shift",
@@ -264,7 +266,10 @@ def _accumulator(xp: Any, x: Any, axis: int) -> Any:
 
 def _rounded(xp: Any, v: Any, dtype: Any) -> Any:
     """``v`` in ``dtype`` (a float64 accumulation's result rounded once; nothing to do else)."""
-    return v if v.dtype == dtype else xp.astype(v, dtype)
+    if v.dtype == dtype:
+        return v
+    # (NumPy: ndarray's own astype, without the namespace wrapper's checks: ~1 us at small sizes)
+    return v.astype(dtype) if type(v) is np.ndarray else xp.astype(v, dtype)
 
 
 def _stats_numpy(x: Any, axis: int, mask: Any) -> Stats:
@@ -544,7 +549,28 @@ def zoom_shift_map(
     transcription, checked by the same tests).
     """
     s = zoom_scale(xp, spread(xp, st.var, eps), g_sigma, alpha)
-    return s, _target_mean(st.mean, g_mean, alpha)
+    if alpha == 1.0:
+        return s, g_mean
+    # a partial step mixes x's mean with the guide's, which may cancel: in float64 where
+    # float32 widens (wide_mean; the guide's from guide_mean), the target rounded once
+    return s, _rounded(xp, _target_mean(wide_mean(xp, st), g_mean, alpha), st.var.dtype)
+
+
+def wide_mean(xp: Any, st: Stats) -> Any:
+    """The mean of statistics ``st``, in float64 as ``pivot + corr`` (exact) where they are
+    float32 and the namespace has float64 (:func:`widens_float32`), else ``st.mean``: the
+    mean that steps combining means take (:func:`round_statistics`, :func:`zoom_shift_map`)."""
+    if not widens_float32(xp, st.var):
+        return st.mean
+    if type(st.pivot) is np.ndarray:  # one ufunc adding in float64 (the same exact sum)
+        return np.add(st.pivot, st.corr, dtype=np.float64)
+    return xp.astype(st.pivot, xp.float64) + xp.astype(st.corr, xp.float64)
+
+
+def guide_mean(xp: Any, g: Stats, alpha: float) -> Any:
+    """The guide's mean a Zoom-and-Shift map of step ``alpha`` takes (:func:`zoom_shift_map`):
+    its rounded mean at alpha = 1, where it is the target itself, else :func:`wide_mean`."""
+    return g.mean if alpha == 1.0 else wide_mean(xp, g)
 
 
 # --------------------------------------------------------------------------- primitives
@@ -708,7 +734,7 @@ def zoom_shift_with(
     ax = axis % x.ndim
     g = prims.stats(guide, ax, guide_mask)
     xp = array_namespace(g.var)
-    return prims.zoom_shift(x, ax, mask, g.mean, spread(xp, g.var, eps), alpha, eps)
+    return prims.zoom_shift(x, ax, mask, guide_mean(xp, g, alpha), spread(xp, g.var, eps), alpha, eps)
 
 
 def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
@@ -1013,18 +1039,30 @@ def _limit_maps(
     w = limit_weights(len(mus), float(alpha), schedule, topology, hub)
     if w is None:  # the public layer refuses this case; kept as a guard
         raise ValueError("this iteration has no limit (Jacobi consensus, M = 2, alpha = 1)")
-    options: dict[str, Any] = {"alpha": float(alpha), "schedule": schedule, "topology": topology, "hub": hub,
-                               "eps": eps}  # fmt: skip
-    if not widens_float32(xp, variances[0]):
-        return limit_maps(xp, mus, variances, w, **options)
-    # The limit's scales are exp((log v* - log v_i) / 2): differences of logs, whose rounding
-    # grows with |log v| (float32: 20 ulps of the output at spreads near 1e15, 16x a round's
-    # error at the default options with spreads 1e4 and 1; a review's find).  Where the
-    # namespace has float64, the (B, 1, C) statistics' limit runs in it, rounded once.
-    def limit(mus: list[Any], variances: list[Any]) -> list[Any]:
-        return limit_maps(xp, mus, variances, w, **options)
+    # (float32 statistics arrive here in float64 where the namespace has it: round_statistics)
+    return limit_maps(xp, mus, variances, w, alpha=float(alpha), schedule=schedule, topology=topology,
+                      hub=hub, eps=eps)  # fmt: skip
 
-    return computed_in(limit, xp, xp.float64, variances[0].dtype, list(mus), list(variances))
+
+def round_statistics(xp: Any, st: Stats) -> tuple[Any, Any]:
+    """The ``(mean, var)`` of a modality that the rounds (:func:`_round_maps`) take.
+
+    float32 statistics go to float64 where the namespace has it (:func:`widens_float32`),
+    the mean formed there as ``pivot + corr`` (exact), so that the rounds and their limit
+    run in float64 and each map is rounded once (:func:`align_with`; the torch backward
+    takes the same inputs).  Why: the rounds combine the modalities' means, and means of
+    opposite sign cancel, where a mean rounded to float32 first carries half an ulp of its
+    own size into a target near 0 (means 1e4 and -1e4 with unit spreads, alpha 0.5: 1.5e-4
+    of the outputs' size, 3e6 of their ulps; now 2); and the limit's scales are
+    ``exp((log v* - log v_i) / 2)``, differences of logs whose rounding grows with
+    ``|log v|`` (float32: 20 ulps of the output at spreads near 1e15).  Only (B, 1, C)
+    arrays are widened.  Statistics already in float64 (float64 inputs, the numba kernels'
+    accumulators) and devices without float64 are taken as they are.
+    """
+    if not widens_float32(xp, st.var):
+        return st.mean, st.var
+    var = st.var.astype(np.float64) if type(st.var) is np.ndarray else xp.astype(st.var, xp.float64)
+    return wide_mean(xp, st), var
 
 
 def align_with(
@@ -1054,14 +1092,16 @@ def align_with(
     keep = all(_one_block(x) for x in xs)
     stats = [prims.stats(x, ax, m, keep_dev=keep) for x, m in zip(xs, masks)]
     xp = array_namespace(stats[0].var)
-    pairs = [(st.mean, st.var) for st in stats]
+    pairs = [round_statistics(xp, st) for st in stats]
     options = (rounds, alpha, schedule, topology, hub % len(xs), eps)
     # Delegation: on Dask the rounds run per chunk of the statistics, in NumPy.  Written in
     # Dask's calls they add about 86 tasks a round, one nested deeper than the last, and
     # computing one output failed with RecursionError from about 28 rounds.
     maps = _round_maps_per_chunk(pairs, *options) if is_dask(xp) else _round_maps(xp, pairs, *options)
     out = []
+    dt = stats[0].var.dtype  # the maps in the statistics' dtype, each rounded once
     for x, st, (s, target, moved) in zip(xs, stats, maps):
+        s, target = _rounded(xp, s, dt), _rounded(xp, target, dt)
         if moved:
             out.append(prims.apply(x, ax, st.pivot, st.corr, s, target, st.dev if keep else None))
         else:

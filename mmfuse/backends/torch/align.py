@@ -99,7 +99,7 @@ from typing import Any
 
 import torch
 
-from ..._core.align import GENERIC, NUMPY, _round_maps, align_with
+from ..._core.align import GENERIC, NUMPY, _round_maps, align_with, round_statistics
 from ..._core.align import align as _core_align
 from ..._namespace import jit_tracing, torch_namespace
 from .._torch_eager import bind
@@ -224,10 +224,14 @@ def align_grads(
         # found below stay functions of x; else (or for a constant input) a fresh leaf
         return t if graph and t.requires_grad else t.detach().requires_grad_()
 
-    means = [node(st.mean) for st in stats]
-    variances = [node(st.var) for st in stats]
+    # the rounds' inputs as the forward's (float64 where float32 widens: round_statistics);
+    # their gradients and maps come back in the compute dtype below
+    wide = [round_statistics(_XP, st) for st in stats]
+    means = [node(mean) for mean, _ in wide]
+    variances = [node(var) for _, var in wide]
     with torch.enable_grad():
         maps = _round_maps(_XP, list(zip(means, variances)), rounds, alpha, schedule, topology, hub % n, eps)
+        maps = [(cast(s, cdt), cast(target, cdt), moved) for s, target, moved in maps]  # (recorded)
     # dL/dmean, dL/dvar: the vector-Jacobian product of the rounds (or their limit) with
     # seeds S1 for s and S0 for target, on the (B, 1, C) statistics graph
     outs, seeds = [], []
@@ -240,9 +244,8 @@ def align_grads(
                 seeds.append(seed)
     d_stats: list[Any] = [None] * (2 * n)
     if outs:
-        d_stats = list(
-            torch.autograd.grad(outs, [*means, *variances], seeds, allow_unused=True, create_graph=graph)
-        )
+        found = torch.autograd.grad(outs, [*means, *variances], seeds, allow_unused=True, create_graph=graph)
+        d_stats = [None if d is None else cast(d, cdt) for d in found]
     # Pass 2, per modality: dL/dx = s G + (m / n) [dL/dmean + 2 (x - mean) dL/dvar]
     result: list[torch.Tensor | None] = []
     for k, (x, st, g, sk, (s, _, moved)) in enumerate(zip(xs, stats, gs, sums, maps)):

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._core.align import GENERIC, NUMPY, spread, zoom_scale, zoom_shift_map, zoom_shift_with
+from ..._core.align import GENERIC, NUMPY, guide_mean, spread, zoom_scale, zoom_shift_map, zoom_shift_with
 from ..._namespace import torch_namespace
 from .._torch_eager import any_requires_grad, bind
 from ._common import cast, compute_dtype
@@ -112,7 +112,7 @@ def _zoom_shift_forward(
     g = GENERIC.stats(gc, ax, guide_mask)
     st = GENERIC.stats(xc, ax, mask, keep_dev=True)
     # the core's rule, about the pivot: y = ((x - p) - corr) s + target, x - p exact near the mean
-    s, target = zoom_shift_map(_XP, st, g.mean, spread(_XP, g.var, eps), alpha, eps)
+    s, target = zoom_shift_map(_XP, st, guide_mean(_XP, g, alpha), spread(_XP, g.var, eps), alpha, eps)
     return torch.addcmul(target, st.dev - st.corr, s).to(dtype)
 
 
