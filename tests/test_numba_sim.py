@@ -326,6 +326,25 @@ def test_cuda_kernels_keep_a_large_mean_against_a_small_spread():
     assert err < 1e-3, err
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.7])
+def test_zoom_shift_partial_step_where_the_means_cancel(alpha):
+    """Means near 1e4 and -1e4 (unit spreads): a partial step's target near 0 within a few
+    float32 ulps of the outputs.  The guide's mean rounded to float32 first (its buffer in
+    x's dtype) left alpha times half an ulp of 1e4 there (6e-5 of the outputs' size)."""
+    rng = np.random.default_rng(13)
+    x = (1e4 + rng.standard_normal((3, 9, 5))).astype(np.float32)
+    g = (-1e4 + rng.standard_normal((3, 7, 5))).astype(np.float32)
+    out = cuda.to_device(np.full(x.shape, np.nan, np.float32))
+    nb.zoom_shift_device(dev(x, np.float32), dev(g, np.float32), out, alpha=alpha, empty=nan_empty,
+                         channels=4, lanes=2)  # fmt: skip
+    ref = _align_ref()
+    mx, sx = ref.moments(x)
+    mg, sg = ref.moments(g)
+    want = (x.astype(np.float64) - mx) * (sg / sx) ** alpha + ((1 - alpha) * mx + alpha * mg)
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(out.copy_to_host() - want) <= 4 * ulp + 1e-7)
+
+
 def test_zoom_shift_constant_channel_is_shifted_not_zoomed():
     """eps = 0 and a channel with no spread: scale 1 (no division by zero), as the core does."""
     ref = _align_ref()

@@ -580,6 +580,25 @@ def test_zoom_shift_values(dtype, shape, gshape, alpha):
     assert torch.equal(y, again)
 
 
+@pytest.mark.parametrize(("shape", "gshape"), [STAT_CASES[0], STAT_CASES[-1]])
+@pytest.mark.parametrize("alpha", [0.5, 0.7])
+def test_zoom_shift_partial_step_where_the_means_cancel(shape, gshape, alpha):
+    """Means near 1e4 and -1e4 (unit spreads): a partial step's target near 0 within a few
+    float32 ulps of the outputs (the target in float64, the core's rule).  Rounded to float32
+    first, the means left 1.3e-4 of the outputs' size at alpha 0.5.  alpha 0.7 is not a float32
+    number: the kernel's weights are the caller's float64 alpha."""
+    rng = np.random.default_rng(7)
+    x = torch.tensor(1e4 + rng.standard_normal(shape), dtype=torch.float32)
+    guide = torch.tensor(-1e4 + rng.standard_normal(gshape), dtype=torch.float32)
+    y = mmfuse.zoom_shift(x, guide, alpha=alpha, backend="triton").double()
+    mx, sx = ref.moments(_np(x))
+    mg, sg = ref.moments(_np(guide))
+    want = torch.from_numpy((_np(x) - mx) * (sg / sx) ** alpha + ((1 - alpha) * mx + alpha * mg))
+    ulp = torch.from_numpy(np.spacing(np.abs(want.numpy()).astype(np.float32)).astype(np.float64))
+    spread = float((want - want.mean(dim=1, keepdim=True)).abs().max())  # (the kernels' float32 sums)
+    assert float(((y - want).abs() - 4 * ulp - 1e-6 * spread).max()) <= 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("shape", "gshape"), STAT_CASES)
 def test_moments_values(dtype, shape, gshape):

@@ -603,7 +603,10 @@ def zoom_shift_device(
     import numpy as np
 
     batch, _, n_chan = x.shape
-    g_mean = empty((batch, n_chan), x.dtype)
+    # a partial step's target mixes the guide's mean with x's, which may cancel: the guide's
+    # mean kept in the kernels' float64 (the core's rule, zoom_shift_map), not rounded to x's
+    # dtype first (half an ulp of a mean of 1e4 in a target near 0)
+    g_mean = empty((batch, n_chan), x.dtype if alpha == 1.0 else np.dtype(np.float64))
     g_std = empty((batch, n_chan), x.dtype)
     moments_device(
         guide, guide_mask, eps, g_mean, g_std, empty=empty, stream=stream, channels=channels, lanes=lanes

@@ -629,14 +629,20 @@ def moments_kernel(
 
 @triton.jit
 def zoom_shift_kernel(
-    y_ptr, x_ptr, g_ptr, m_ptr, gm_ptr, n_tok, n_gtok, n_ch, alpha, eps,
+    y_ptr, x_ptr, g_ptr, m_ptr, gm_ptr, n_tok, n_gtok, n_ch, alpha, alpha_lo, eps,
     HAS_MASK: tl.constexpr, HAS_GMASK: tl.constexpr, ALPHA_ONE: tl.constexpr, SINGLE: tl.constexpr,
     GSINGLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_GT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """y = ((x - p) - corr) s + target, the core's map about x's pivot, with
     s = (sigma_g / sigma_x) ** alpha, sigma = sqrt(var + eps), target = mu_g at alpha = 1
     else (1 - alpha) mu_x + alpha mu_g.  Every token of x is mapped, masked ones included
-    (the mask only keeps them out of the statistics), as the core does."""
+    (the mask only keeps them out of the statistics), as the core does.
+
+    A partial step's target is computed in float64 from the pivots and corrections and
+    rounded once, as the core's (``zoom_shift_map``): the two means may cancel, and rounded
+    to float32 first they left half an ulp of their size in a target near 0.  ``alpha`` is
+    passed as float32 (the zoom's exponent) plus ``alpha_lo``, the float32 remainder of the
+    caller's float64 alpha, so that the weights are the caller's to 2**-48."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < n_ch
@@ -659,7 +665,10 @@ def zoom_shift_kernel(
         target = g_piv + g_corr
     else:
         s = tl.where(live, tl.exp2(alpha * tl.log2(ratio)), 1.0)
-        target = (1.0 - alpha) * (pivot + corr) + alpha * (g_piv + g_corr)
+        a64 = tl.cast(alpha, tl.float64) + tl.cast(alpha_lo, tl.float64)
+        mean64 = pivot.to(tl.float64) + corr.to(tl.float64)
+        g_mean64 = g_piv.to(tl.float64) + g_corr.to(tl.float64)
+        target = ((1.0 - a64) * mean64 + a64 * g_mean64).to(tl.float32)
     c_ok2 = c_ok[None, :]
     if SINGLE:  # the tile is still in registers: x read once
         at = (n * n_tok + t0)[:, None] * n_ch + c[None, :]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
@@ -855,9 +856,11 @@ def _zoom_shift_launch(
     n_gtok = int(grows.shape[1])
     t = _stat_tiles(n_tok, n_ch, _ZOOM_SHIFT_BUDGET, num_warps=_ZOOM_SHIFT_WARPS)
     tg = _stat_tiles(n_gtok, n_ch, _ZOOM_SHIFT_BUDGET, t.block_c)
+    alpha_hi = float(np.float32(alpha))  # the kernel's float32 alpha and the remainder
+    alpha_lo = float(np.float32(float(alpha) - alpha_hi))
     wrap_triton(K.zoom_shift_kernel)[(n_rows, triton.cdiv(n_ch, t.block_c))](
         y, rows, grows, _mask_rows(mask, rows), _mask_rows(guide_mask, rows), n_tok, n_gtok, n_ch,
-        float(alpha), eps, HAS_MASK=mask is not None, HAS_GMASK=guide_mask is not None,
+        alpha_hi, alpha_lo, eps, HAS_MASK=mask is not None, HAS_GMASK=guide_mask is not None,
         ALPHA_ONE=alpha == 1.0, SINGLE=t.single, GSINGLE=tg.single, BLOCK_T=t.block_t,
         BLOCK_GT=tg.block_t, BLOCK_C=t.block_c, num_warps=t.num_warps,
     )  # fmt: skip
