@@ -47,7 +47,7 @@ from torch import nn
 from . import _fusion
 from ._autocast import autocast_device, cast_tree
 from ._autocast import eligible as autocast_eligible
-from ._core.align import GENERIC, fuse, limit_weights, pool
+from ._core.align import GENERIC, limit_weights, pool
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._namespace import low_precision, mask_tokens, rounded_to, torch_namespace, work_dtype
@@ -1758,9 +1758,9 @@ class GuidedZoomShift(nn.Module):
                 # (this class's forward, as ZoomShift's: not a subclass's a second time)
                 return GuidedZoomShift.forward(self, cast_tree(xs, self.weight.dtype), masks)
         xs, ys = self._modulated(xs, masks)
-        full = list(masks) if masks is not None else [None] * len(ys)
         # pooled and fused in the statistics' dtype, rounded once (float16 / bfloat16: pooling
         # sequences rounded to 16 bits cost many ulps of a small pooled mean)
-        out = fuse([pool(y, k, self.pool) for y, k in zip(ys, full)], self.fuse)
+        mask_list = None if masks is None else list(masks)
+        out = pool_and_fuse(ys, fuse_how=self.fuse, pool_how=self.pool, masks=mask_list)
         dtype = xs[0].dtype
         return rounded_to(torch_namespace(), dtype, out) if ys[0].dtype != dtype else out
