@@ -361,6 +361,45 @@ def test_zoom_shift_partial_step_where_the_means_cancel(rng, backend, alpha):
     _assert_within_ulps(y, _oracle_zoom_shift(x, g, alpha=alpha), ulps=4)
 
 
+@pytest.mark.parametrize("fuse", ["sum", "mean"])
+@pytest.mark.parametrize("backend", ["array_api", "torch"])
+def test_fusion_sums_of_pooled_means_that_cancel(rng, backend, fuse):
+    """rounds = 0: float32 pooled means near 1e4 and -1e4 summed to near 0, within a few ulps
+    of the float64 oracle (pooled and fused in float64, rounded once; rounded to float32
+    first, each pooled mean left half an ulp of 1e4 in the sum: 1.8e6 of its ulps)."""
+    xs = _cancelling(rng, (1e4, -1e4))
+    options = {"rounds": 0, "fuse": fuse, "pool": "mean"}
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        got = mmfuse.zoom_shift_fusion([torch.from_numpy(x) for x in xs], backend="torch", **options).numpy()
+    else:
+        got = mmfuse.zoom_shift_fusion(xs, backend=backend, **options)
+    want = reference.zoom_shift_fusion(xs, **options)
+    assert got.dtype == np.float32
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(got - want) <= 4 * ulp), np.max(np.abs(got - want) / ulp)
+
+
+def test_guided_zoom_shift_moves_a_large_mean_near_zero(rng):
+    """A learned shift that takes a modality of mean -1e4 near 0: the mean and the shift are
+    added in float64 and rounded once (the float32 mean added first left a share of half an
+    ulp of 1e4 in outputs near 1: 6.6e-4, 2e-4 of their spread)."""
+    torch = pytest.importorskip("torch")
+    from mmfuse.nn import GuidedZoomShift
+
+    xs = [torch.from_numpy(x) for x in _cancelling(rng, (1e4, -1e4))]
+    layer = GuidedZoomShift(4, 2, fuse=None, pool="mean")
+    with torch.no_grad():
+        layer.bias[0, :4] = 0.3  # the log-zoom head of modality 1 (a zoom of 1 hid the error)
+        layer.bias[0, 4:] = 1e4  # its shift head
+    wide = GuidedZoomShift(4, 2, fuse=None, pool="mean", dtype=torch.float64)
+    wide.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    with torch.no_grad():
+        got = layer.modulate(xs)[1][1].double().numpy()
+        want = wide.modulate([x.double() for x in xs])[1][1].numpy()
+    _assert_within_ulps(got, want, ulps=4)
+
+
 def test_align_targets_where_the_means_cancel_namespaces(xp, rng):
     """As above, on every namespace through the Array-API core (float32 statistics widened
     where the device has float64; without it the means stay float32, a documented limit)."""

@@ -704,8 +704,9 @@ def _zoom_shift_block(
 ) -> None:  # fmt: skip
     """One block: its statistics (``ob`` receiving ``x - pivot``), then :func:`zoom_shift_map`'s
     map applied to ``ob`` in place."""
-    # x's own mean enters the map only for a partial step (_target_mean)
-    st = _block_stats(xb, axis, mb, ob, masked, outs, alpha != 1.0)
+    # x's own mean enters the map only for a partial step (_target_mean), and there as
+    # pivot + corr in float64 where float32 widens (wide_mean)
+    st = _block_stats(xb, axis, mb, ob, masked, outs, alpha != 1.0 and xb.dtype != np.float32)
     s, target = zoom_shift_map(np, st, g_mean, g_sigma, alpha, eps)
     ob -= st.corr
     ob *= s
@@ -1044,25 +1045,36 @@ def _limit_maps(
                       hub=hub, eps=eps)  # fmt: skip
 
 
-def round_statistics(xp: Any, st: Stats) -> tuple[Any, Any]:
-    """The ``(mean, var)`` of a modality that the rounds (:func:`_round_maps`) take.
+def round_statistics(
+    xp: Any, stats: list[Stats], rounds: int | None, alpha: float, topology: str
+) -> list[tuple[Any, Any]]:
+    """Each modality's ``(mean, var)`` that the rounds (:func:`_round_maps`) take.
 
-    float32 statistics go to float64 where the namespace has it (:func:`widens_float32`),
-    the mean formed there as ``pivot + corr`` (exact), so that the rounds and their limit
-    run in float64 and each map is rounded once (:func:`align_with`; the torch backward
-    takes the same inputs).  Why: the rounds combine the modalities' means, and means of
-    opposite sign cancel, where a mean rounded to float32 first carries half an ulp of its
-    own size into a target near 0 (means 1e4 and -1e4 with unit spreads, alpha 0.5: 1.5e-4
-    of the outputs' size, 3e6 of their ulps; now 2); and the limit's scales are
+    Where the rounds combine means or take their limit, float32 statistics go to float64
+    where the namespace has it (:func:`widens_float32`), the mean formed there as ``pivot +
+    corr`` (exact), so that the rounds and their limit run in float64 and each map is
+    rounded once (:func:`align_with`; the torch backward takes the same inputs).  Why: means
+    of opposite sign cancel, where a mean rounded to float32 first carries half an ulp of
+    its own size into a target near 0 (means 1e4 and -1e4 with unit spreads, alpha 0.5:
+    1.5e-4 of the outputs' size, 3e6 of their ulps; now 2); and the limit's scales are
     ``exp((log v* - log v_i) / 2)``, differences of logs whose rounding grows with
     ``|log v|`` (float32: 20 ulps of the output at spreads near 1e15).  Only (B, 1, C)
     arrays are widened.  Statistics already in float64 (float64 inputs, the numba kernels'
     accumulators) and devices without float64 are taken as they are.
+
+    At alpha = 1 with two modalities or a hub (and at rounds = 0) no round combines means:
+    every target is one modality's mean, copied, and the scales are ratios of spreads, so
+    float32 loses nothing and the statistics are taken as they are (the casts were a tenth
+    of a tiny call).
     """
-    if not widens_float32(xp, st.var):
-        return st.mean, st.var
-    var = st.var.astype(np.float64) if type(st.var) is np.ndarray else xp.astype(st.var, xp.float64)
-    return wide_mean(xp, st), var
+    combined = rounds is None or (rounds > 0 and (alpha != 1.0 or (topology != "hub" and len(stats) > 2)))
+    if not combined or not widens_float32(xp, stats[0].var):
+        return [(st.mean, st.var) for st in stats]
+    out = []
+    for st in stats:
+        var = st.var.astype(np.float64) if type(st.var) is np.ndarray else xp.astype(st.var, xp.float64)
+        out.append((wide_mean(xp, st), var))
+    return out
 
 
 def align_with(
@@ -1092,7 +1104,7 @@ def align_with(
     keep = all(_one_block(x) for x in xs)
     stats = [prims.stats(x, ax, m, keep_dev=keep) for x, m in zip(xs, masks)]
     xp = array_namespace(stats[0].var)
-    pairs = [round_statistics(xp, st) for st in stats]
+    pairs = round_statistics(xp, stats, rounds, alpha, topology)
     options = (rounds, alpha, schedule, topology, hub % len(xs), eps)
     # Delegation: on Dask the rounds run per chunk of the statistics, in NumPy.  Written in
     # Dask's calls they add about 86 tasks a round, one nested deeper than the last, and
@@ -1153,15 +1165,18 @@ def align_numpy(
 # --------------------------------------------------------------------------- fusion
 
 
-def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
-    """Pool (B, T, C) over the token axis 1, masked tokens excluded: (B, C)."""
+def pool(x: Any, mask: Any = None, how: str = "mean", *, wide: bool = False) -> Any:
+    """Pool (B, T, C) over the token axis 1, masked tokens excluded: (B, C).  ``wide``: a
+    float32 mean summed and returned in float64 (for :func:`zoom_shift_fusion`'s sums)."""
     xp = array_namespace(x)
     if how == "mean":
-        acc = _accumulator(xp, x, 1)  # float64 sums of long float32 axes on NumPy-likes
+        # float64 sums of long float32 axes on NumPy-likes, and of any when asked
+        acc = xp.float64 if wide else _accumulator(xp, x, 1)
+        out_dt = xp.float64 if wide else x.dtype
         if mask is None:
             if acc is None:
                 return xp.mean(x, axis=1)
-            return xp.astype(xp.sum(x, axis=1, dtype=acc) / float(x.shape[1]), x.dtype)
+            return _rounded(xp, xp.sum(x, axis=1, dtype=acc) / float(x.shape[1]), out_dt)
         dt = work_dtype(xp, x.dtype)
         m = _expand_mask(xp, mask, x.ndim)
         zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
@@ -1169,7 +1184,7 @@ def pool(x: Any, mask: Any = None, how: str = "mean") -> Any:
         widen = acc if acc is not None else (None if dt == x.dtype else dt)
         total = xp.sum(xp.where(m, x, zero), axis=1, dtype=widen)
         count = xp.sum(xp.astype(m, dt), axis=1)
-        return xp.astype(total / count, x.dtype)
+        return _rounded(xp, total / count, out_dt)
     # max
     if is_dask(xp) and x.shape[0] == 0:
         # Dask computes its max over axis 1 of an empty batch as shape (1, 0), where its
@@ -1201,9 +1216,18 @@ def fuse(pooled: list[Any], how: str | None, xp: Any = None) -> Any:
 def zoom_shift_fusion(
     aligned: list[Any], *, fuse_how: str | None, pool_how: str, masks: list[Any] | None
 ) -> Any:
-    """Pool the aligned (B, T_m, C) arrays over tokens (masked), then fuse."""
+    """Pool the aligned (B, T_m, C) arrays over tokens (masked), then fuse.
+
+    A sum or mean of pooled means runs in float64 where float32 widens, rounded once:
+    pooled means of opposite sign cancel, and rounded to float32 first each left half an ulp
+    of its size in a sum near 0 (means 1e4 and -1e4 at rounds = 0: 1.8e6 of the result's
+    ulps; a review's find)."""
     masks = list(masks) if masks is not None else [None] * len(aligned)
-    return fuse([pool(y, m, pool_how) for y, m in zip(aligned, masks)], fuse_how)
+    xp = array_namespace(aligned[0])
+    wide = fuse_how in ("sum", "mean") and pool_how == "mean" and len(aligned) > 1
+    wide = wide and widens_float32(xp, aligned[0])
+    fused = fuse([pool(y, m, pool_how, wide=wide) for y, m in zip(aligned, masks)], fuse_how, xp)
+    return _rounded(xp, fused, aligned[0].dtype) if wide else fused
 
 
 def _functorch_wrapped(torch: Any, t: Any) -> bool:

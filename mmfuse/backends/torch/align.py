@@ -226,7 +226,7 @@ def align_grads(
 
     # the rounds' inputs as the forward's (float64 where float32 widens: round_statistics);
     # their gradients and maps come back in the compute dtype below
-    wide = [round_statistics(_XP, st) for st in stats]
+    wide = round_statistics(_XP, stats, rounds, alpha, topology)
     means = [node(mean) for mean, _ in wide]
     variances = [node(var) for _, var in wide]
     with torch.enable_grad():
