@@ -20,9 +20,12 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from ._core import align as core
 from ._namespace import (
     array_namespace,
+    check_array,
     in_native_order,
     in_work_dtype,
     is_array,
@@ -30,6 +33,7 @@ from ._namespace import (
     is_torch,
     low_precision,
     mask_tokens,
+    not_an_array,
     work_dtype,
 )
 from ._plan import PlanCache, call_key, planned_impl
@@ -52,11 +56,6 @@ POOL_MODES = ("mean", "max")
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_array(x: Any, name: str) -> None:
-    if not is_array(x):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
 
 
 def _check_axis(x: Any, axis: Any, name: str) -> int:
@@ -189,7 +188,7 @@ def check_mask(xp: Any, mask: Any, x: Any, axis: int, name: str, x_name: str) ->
     """``mask``: boolean, shape ``x.shape[:axis + 1]``, no sample with every token masked."""
     if mask is None:
         return
-    _check_array(mask, name)
+    check_array(mask, name)
     check_bool(xp, mask, name)
     want = tuple(x.shape[: axis + 1])
     if tuple(mask.shape) != want:
@@ -280,7 +279,7 @@ def _as_modalities(xs: Any) -> list[Any]:
     if len(xs) < 2:
         raise ValueError(f"xs must hold at least 2 modalities, got {len(xs)}")
     for m, x in enumerate(xs):
-        _check_array(x, f"xs[{m}]")
+        check_array(x, f"xs[{m}]")
     return xs
 
 
@@ -448,7 +447,7 @@ _MOMENTS_PLANS = PlanCache()
 
 def _plan_moments(x: Any, axis: Any, mask: Any, eps: Any, backend: Any) -> Any:
     """Check a :func:`moments` call and choose its implementation (its plan)."""
-    _check_array(x, "x")
+    check_array(x, "x")
     xp = common_namespace([("x", x), ("mask", mask)])
     dtype = check_same_float_dtype(xp, [("x", x)])
     eps = check_eps(eps)
@@ -470,6 +469,8 @@ def _check_operand(xp: Any, x: Any, v: Any, name: str) -> Any:
     """
     if isinstance(v, numbers.Real) and not isinstance(v, bool):
         return _real_float(v, name)
+    if isinstance(v, np.matrix):
+        raise not_an_array(name, v)
     if not is_array(v):  # (a bool or complex scalar too: not a real number here)
         raise TypeError(f"{name} must be an array or a real scalar, got {type(v).__name__}")
     common_namespace([("x", x), (name, v)])
@@ -543,7 +544,7 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
     >>> mmfuse.zoom(np.array([1.0, 2.0, 3.0]), 2.0, center=2.0)
     array([0., 2., 4.])
     """
-    _check_array(x, "x")
+    check_array(x, "x")
     xp = common_namespace([("x", x)])
     check_same_float_dtype(xp, [("x", x)])
     scale = _check_operand(xp, x, scale, "scale")
@@ -599,7 +600,7 @@ def shift(x: Any, offset: Any) -> Any:
     >>> mmfuse.shift(np.array([[[1.0], [3.0]]]), np.array([[[10.0]]]))[:, :, 0]
     array([[11., 13.]])
     """
-    _check_array(x, "x")
+    check_array(x, "x")
     xp = common_namespace([("x", x)])
     check_same_float_dtype(xp, [("x", x)])
     offset = _check_operand(xp, x, offset, "offset")
@@ -736,8 +737,8 @@ def _plan_zoom_shift(
     x: Any, guide: Any, alpha: Any, axis: Any, mask: Any, guide_mask: Any, eps: Any, backend: Any
 ) -> Any:
     """Check a :func:`zoom_shift` call and choose its implementation (its plan)."""
-    _check_array(x, "x")
-    _check_array(guide, "guide")
+    check_array(x, "x")
+    check_array(guide, "guide")
     named = [("x", x), ("guide", guide)]
     xp = common_namespace([*named, ("mask", mask), ("guide_mask", guide_mask)])
     dtype = check_same_float_dtype(xp, named)

@@ -235,6 +235,12 @@ def not_an_array(label: str, obj: Any) -> TypeError:
     return TypeError(f"{label} must be an array, got {type(obj).__name__}")
 
 
+def check_array(obj: Any, label: str) -> None:
+    """Refuse ``obj`` unless it is an array (:func:`not_an_array`'s error)."""
+    if not is_array(obj):
+        raise not_an_array(label, obj)
+
+
 def _check_ndarray_subclass(a: np.ndarray, label: str) -> None:
     """Refuse the NumPy subclasses whose arithmetic differs from ndarray's.
 

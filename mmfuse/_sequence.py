@@ -17,7 +17,7 @@ import numpy as np
 from ._autocast import autocast_device, without_autocast
 from ._core import sequence as core
 from ._fusion import DEFAULT_MAX_ELEMENTS, Planned, check_allocations
-from ._namespace import array_namespace, from_numpy, is_array
+from ._namespace import array_namespace, check_array, from_numpy
 from ._plan import PlanCache, call_key, planned_impl
 from ._validation import (
     as_sequence,
@@ -57,11 +57,6 @@ def check_mode(mode: Any) -> None:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
 
 
-def _check_array(a: Any, name: str) -> None:
-    if not is_array(a):
-        raise TypeError(f"{name} must be an array, got {type(a).__name__}")
-
-
 def _check_factors(
     factors: Any,
     name: str,
@@ -83,7 +78,7 @@ def _check_factors(
             f"{n} modalities"
         )
     for m, f in enumerate(factors):
-        _check_array(f, f"{name}[{m}]")
+        check_array(f, f"{name}[{m}]")
         check_ndim(f, 3, f"{name}[{m}]", layout.replace("_m", f"_{m}"))
     rank, out = factors[0].shape[0], factors[0].shape[2]
     for m, f in enumerate(factors):
@@ -127,7 +122,7 @@ def _check_masks(xp: Any, masks: Any, shapes: Sequence[tuple[int, ...]], source:
     for m, (mask, shape) in enumerate(zip(masks, shapes)):
         if mask is None:
             continue
-        _check_array(mask, f"masks[{m}]")
+        check_array(mask, f"masks[{m}]")
         check_bool(xp, mask, f"masks[{m}]")
         if tuple(mask.shape) != tuple(shape[:2]):
             raise ValueError(
@@ -350,7 +345,7 @@ def _check_params(params: Any, xs: list[Any]) -> tuple[list[tuple[Any, Any]], li
                 f"got {type(pair).__name__}"
             )
         w, b = pair
-        _check_array(w, f"params['down'][{m}][0]")
+        check_array(w, f"params['down'][{m}][0]")
         check_ndim(w, 2, f"params['down'][{m}][0]", f"(d_{m}, r)")
         if w.shape[0] != x.shape[2]:
             raise ValueError(
@@ -358,7 +353,7 @@ def _check_params(params: Any, xs: list[Any]) -> tuple[list[tuple[Any, Any]], li
                 f"with d_{m} = {x.shape[2]} (the width of xs[{m}] of shape {fmt_shape(x.shape)})"
             )
         if b is not None:
-            _check_array(b, f"params['down'][{m}][1]")
+            check_array(b, f"params['down'][{m}][1]")
             if tuple(b.shape) != (w.shape[1],):
                 raise ValueError(
                     f"params['down'][{m}][1] must have shape (r,) = ({w.shape[1]},) to match "

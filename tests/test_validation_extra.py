@@ -484,6 +484,48 @@ def test_numpy_byte_orders_mix_as_in_numpy(swapped):
         mmfuse.lowrank_fusion([rng.standard_normal((4, 3)), rng.standard_normal((4, 4)).astype(">f4")], **p)
 
 
+def test_reference_backend_returns_native_byte_order():
+    """backend="reference" on ">f8" / ">f4" inputs: native results, as every other backend
+    (the fusions' results came back in the input's big-endian dtype)."""
+    rng = np.random.default_rng()
+    p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=2, seed=rng)
+    wp = mmfuse.init_wander([8, 8], [6, 5], rank=4, feature_rank=2, token_rank=3, out_dim=8, seed=rng)
+    for order in (">f8", ">f4"):
+        xs = [rng.standard_normal((4, 3)).astype(order), rng.standard_normal((4, 4)).astype(order)]
+        seqs = [rng.standard_normal((2, 6, 8)).astype(order), rng.standard_normal((2, 5, 8)).astype(order)]
+        native = np.dtype(order).newbyteorder("=")
+        params = {k: [v.astype(native) for v in vs] if isinstance(vs, list) else vs.astype(native)
+                  for k, vs in p.items()}  # fmt: skip
+        wparams = {"down": [(w.astype(native), b.astype(native)) for w, b in wp["down"]],
+                   "feature": [f.astype(native) for f in wp["feature"]],
+                   "token": [t.astype(native) for t in wp["token"]]}  # fmt: skip
+        for name, out in (
+            ("lowrank_fusion", mmfuse.lowrank_fusion(xs, **params, backend="reference")),
+            ("wander", mmfuse.wander(seqs, wparams, backend="reference")),
+            ("moments", mmfuse.moments(seqs[0], backend="reference")[0]),
+        ):
+            assert out.dtype == native and out.dtype.isnative, (name, order, out.dtype)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_numpy_matrix_refusals_say_why_everywhere():
+    """Every entry point refuses numpy.matrix naming it (some said only "must be an array,
+    got matrix")."""
+    x = np.random.default_rng().standard_normal((2, 5))
+    wp = mmfuse.init_wander([5, 5], [2, 2], rank=2, feature_rank=1, token_rank=1, out_dim=5, seed=0)
+    wp["down"][0] = (np.asmatrix(wp["down"][0][0]), wp["down"][0][1])
+    seq = np.random.default_rng().standard_normal((2, 2, 5))
+    calls = {
+        "x": lambda: mmfuse.moments(np.asmatrix(x)),
+        "x ": lambda: mmfuse.shift(np.asmatrix(x), 1.0),
+        "scale": lambda: mmfuse.zoom(seq, np.asmatrix(x), center=0.0),
+        r"params\['down'\]\[0\]\[0\]": lambda: mmfuse.wander([seq, seq], wp),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name.strip()} is a numpy\.matrix"):
+            call()
+
+
 @pytest.mark.parametrize("op, name", [("zoom", "scale"), ("shift", "offset")])
 @pytest.mark.parametrize("value", [True, 1j])
 def test_zoom_and_shift_name_what_an_operand_may_be(op, name, value):

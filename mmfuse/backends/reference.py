@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import reference
-from .._namespace import array_namespace, device_of, from_numpy, to_numpy, tree_map
+from .._namespace import array_namespace, device_of, from_numpy, native_dtype, to_numpy, tree_map
 
 __all__ = [
     "align",
@@ -51,7 +51,9 @@ def as_backend(func: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         like = _first_float_array((args, kwargs))
         xp = array_namespace(like)
-        dtype, device = like.dtype, device_of(like)
+        # results in native byte order, as every other backend gives (a ">f8" input's own dtype
+        # came back big-endian from the fusions)
+        dtype, device = native_dtype(like.dtype), device_of(like)
         np_args = tree_map(lambda a: to_numpy(a, dtype=None), (args, kwargs))
         out = func(*np_args[0], **np_args[1])
         return tree_map(lambda a: from_numpy(a, xp, dtype=dtype, device=device), out)
