@@ -2,8 +2,8 @@
 
 The Zoom-and-Shift papers describe the idea (alternately shift and zoom each modality's
 features toward the others until they share one feature space) but publish no usable equations
-or code.  The formalisation here is mmfuse's own (see ``DESIGN.md`` section 1.5 and the Notes of
-each function).  This layer checks arguments (from metadata; the one value check is that no
+or code.  The formalisation here is mmfuse's own (see ``docs/theory/zoom_shift.rst`` and the Notes
+of each function).  This layer checks arguments (from metadata; the one value check is that no
 sample has every token masked), picks the implementation through the backend registry and calls
 it.  The maths lives in :mod:`mmfuse._core.align` (Array-API core) and
 :mod:`mmfuse.reference.align` (the NumPy oracle).

@@ -14,12 +14,14 @@ boundary (count, shapes, dtypes; the message names the modality).
 In eager mode ``forward`` calls the functional API (:func:`mmfuse.lowrank_fusion`, ...), so the
 backend policy (``backend=`` config, ``MMFUSE_BACKEND``) applies; under ``"auto"`` the torch
 backend (:mod:`mmfuse.backends.torch`) runs the fusions, its ``mmfuse::*`` custom operators
-for large batches and plain autograd for small ones (each layer's Notes give its rule), and
-on the CPU, where numba is imported, the numba backend's compiled kernels take the alignment
-calls they can (``zoom_shift`` with gradients too, inside a torch op).  Under ``torch.compile``
-the layers call those custom operators directly (the functional layer's namespace dispatch is
-Python that Dynamo need not trace), or, for :class:`ZoomShift`, a plain-torch transcription of
-the core's algorithm, so ``torch.compile(layer, fullgraph=True)`` works.
+for large batches and plain autograd for small ones (the size rule: ``docs/backends.rst``,
+"Small problems"), and on the CPU, where numba is imported (or a call of at least 2**20
+elements imports it), the numba backend's compiled kernels take the alignment calls they can
+(``zoom_shift`` with gradients too, inside a torch op).  Under ``torch.compile`` the layers call
+those custom operators directly (the functional layer's namespace dispatch is Python that
+Dynamo need not trace): :class:`ZoomShift` the ``mmfuse::align`` op and the core's pooling,
+:class:`TensorFusion` the core's contraction (it has no custom op), so
+``torch.compile(layer, fullgraph=True)`` works.
 
 Importing this module imports torch.
 
@@ -475,8 +477,9 @@ class LowRankFusion(_RankedFusion):
     ``forward(xs, present=None)`` returns
     :math:`\sum_r w_r \prod_m (\hat x_m W_m^{(r)}) + b`, shape (B, h); see
     :func:`mmfuse.lowrank_fusion`.  ``reset_parameters`` draws factors
-    :math:`\mathcal N(0, 1/(d_m+1))`, sets weights to 1/R and the bias to zero, the scheme of
-    :func:`mmfuse.init_lowrank` (LMF's released code uses Xavier-normal factors and weights).
+    :math:`\mathcal N(0, 1/D_m)` (:math:`D_m = d_m + 1` with the appended one), sets weights
+    to 1/R and the bias to zero, the scheme of :func:`mmfuse.init_lowrank` (LMF's released
+    code uses Xavier-normal factors and weights).
     Load LMF's released weights with :meth:`from_lmf`.
 
     Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
@@ -706,8 +709,9 @@ class CPFusion(_RankedFusion):
     Notes
     -----
     ``forward(xs, present=None)`` returns :math:`C (w \odot \prod_m A_m^\top \hat x_m) + b`
-    (:func:`mmfuse.cp_fusion`).  ``reset_parameters``: :math:`A_m \sim \mathcal N(0, 1/(d_m+1))`,
-    :math:`C \sim \mathcal N(0, 1/R)`, weights one, bias zero.  :meth:`from_cp` loads a
+    (:func:`mmfuse.cp_fusion`).  ``reset_parameters``: :math:`A_m \sim \mathcal N(0, 1/D_m)`
+    (:math:`D_m = d_m + 1` with the appended one), :math:`C \sim \mathcal N(0, 1/R)`, weights
+    one, bias zero.  :meth:`from_cp` loads a
     ``tensorly`` CPTensor or a ``(weights, factors)`` pair.
 
     Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and

@@ -843,3 +843,19 @@ def test_concurrent_first_calls_share_one_namespace_object(monkeypatch):
     monkeypatch.setitem(_namespace._REPLACEMENTS, name, racing)
     first = _namespace._ours(compat)
     assert first is other and _namespace._ours(compat) is other
+
+
+def test_reference_functions_have_the_public_signatures():
+    """The oracle's functions take the public functions' parameters (names, kinds, order)
+    without ``backend=``, as mmfuse.reference's docstring says (lowrank_to_tensor lacked
+    ``max_elements``)."""
+    import inspect
+
+    from mmfuse import reference
+
+    names = [n for n in reference.__all__ if callable(getattr(mmfuse, n, None))]
+    assert len(names) >= 15
+    for name in names:
+        public = [(p.name, p.kind) for p in inspect.signature(getattr(mmfuse, name)).parameters.values()]
+        ours = [(p.name, p.kind) for p in inspect.signature(getattr(reference, name)).parameters.values()]
+        assert ours == [p for p in public if p[0] != "backend"], name

@@ -85,8 +85,14 @@ def lowrank_fusion(
     return out
 
 
-def lowrank_to_tensor(factors: list[Any], weights: Any = None) -> np.ndarray:
-    """W[i_1, ..., i_M, k] = sum_r w_r prod_m factors[m][r, i_m, k]."""
+def lowrank_to_tensor(
+    factors: list[Any], weights: Any = None, *, max_elements: int | None = None
+) -> np.ndarray:
+    """W[i_1, ..., i_M, k] = sum_r w_r prod_m factors[m][r, i_m, k].
+
+    ``max_elements`` is accepted for signature parity and ignored (as in
+    :func:`tensor_fusion`).
+    """
     factors = [_f64(f) for f in factors]
     rank, _, out_dim = factors[0].shape
     w = np.ones(rank) if weights is None else _f64(weights)
