@@ -21,7 +21,10 @@ elements imports it), the numba backend's compiled kernels take the alignment ca
 those custom operators directly (the functional layer's namespace dispatch is Python that
 Dynamo need not trace): :class:`ZoomShift` the ``mmfuse::align`` op and the core's pooling,
 :class:`TensorFusion` the core's contraction (it has no custom op), so
-``torch.compile(layer, fullgraph=True)`` works.
+``torch.compile(layer, fullgraph=True)`` works.  For ``torch.jit.trace``, trace under
+``torch.no_grad()``: the fusions choose their autograd form by grad mode, and trace's check
+re-runs the layer, so a trace with gradients on fails that check (a traced custom autograd
+function could not be saved either).
 
 Importing this module imports torch.
 
@@ -720,6 +723,11 @@ class CPFusion(_RankedFusion):
     large-model tooling do (under ``torch.manual_seed(s)`` the draw equals that of a layer
     built on the CPU under the same seed).
     """
+
+    # the functional API's names for the layer's parameters, in its errors (a factor replaced
+    # by one of the wrong shape was "cp factor 2"; the layer calls it factors[2])
+    _FUNCTIONAL_NAMES = ((r"cp factor (\d+)", r"factors[\1]"), (r"cp factors", "factors"),
+                         (r"cp weights", "weights"))  # fmt: skip
 
     def _factor_shapes(self) -> list[tuple[int, ...]]:
         extra = int(self.append_one)

@@ -376,3 +376,20 @@ def test_interactions_errors_name_the_layer_and_use_its_dtype_rule(make):
         next(layer.parameters()).data = next(layer.parameters()).data.double()  # one parameter recast
     with pytest.raises(TypeError, match=rf"^{name}"):
         layer.interactions(xs)
+
+
+@pytest.mark.parametrize(
+    ("index", "shape", "named"),
+    [
+        (2, (6, 4), r"^CPFusion: factors\[2\] has rank 4 \(shape \(6, 4\)\) but factors\[0\] has rank 3"),
+        (0, (4, 4), r"^CPFusion: factors\[1\] has rank 3 .* but factors\[0\] has rank 4"),
+    ],
+)
+def test_cp_fusion_layer_errors_name_its_parameters(index, shape, named):
+    """A factor replaced by one of the wrong shape is named as the layer names it
+    (``factors[2]``), not as the functional cp_fusion does (``cp factor 2``; a review's find)."""
+    layer = CPFusion([3, 4], 5, 3)
+    layer.factors[index] = torch.nn.Parameter(torch.zeros(*shape))
+    with pytest.raises(ValueError, match=named) as info:
+        layer([torch.randn(4, 3), torch.randn(4, 4)])
+    assert "cp factor" not in str(info.value)
