@@ -415,6 +415,16 @@ def check_triton_stats(torch: Any, device: str, dtype: Any, shape: tuple[int, in
     for name, got, want in (("moments mean", mean, want_mean), ("moments std", std, want_std)):
         err = _rel_err(got, want)
         rows.append({"case": label, "check": name, "rel_err": err, "tol": tol, "ok": err <= tol})
+    if dtype == torch.float32:
+        # a partial step between means near 1e4 and -1e4 (unit spreads): the target near 0 in
+        # float64, rounded once (float32 means left 1.3e-4 of the outputs' size there)
+        far = (1e4 + torch.randn(*shape, device=device, generator=gen)).to(dtype)
+        back = (-1e4 + torch.randn(*shape, device=device, generator=gen)).to(dtype)
+        want = mmfuse.zoom_shift(far.double(), back.double(), alpha=0.5, backend="array_api")
+        backends = ["triton"] + (["numba"] if device == "cuda" and "numba" in mmfuse.backends.available("zoom_shift") else [])
+        for backend in backends:
+            err = _rel_err(mmfuse.zoom_shift(far, back, alpha=0.5, backend=backend), want)
+            rows.append(_row(label, f"zoom_shift means +-1e4 alpha=0.5 ({backend})", err, 2e-6))
     return rows
 
 
