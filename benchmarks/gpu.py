@@ -425,6 +425,12 @@ def check_triton_stats(torch: Any, device: str, dtype: Any, shape: tuple[int, in
         for backend in backends:
             err = _rel_err(mmfuse.zoom_shift(far, back, alpha=0.5, backend=backend), want)
             rows.append(_row(label, f"zoom_shift means +-1e4 alpha=0.5 ({backend})", err, 2e-6))
+        if device == "cuda" and "cupy" in mmfuse.backends.available("zoom_shift"):
+            import cupy
+
+            got = mmfuse.zoom_shift(cupy.from_dlpack(far), cupy.from_dlpack(back), alpha=0.5, backend="cupy")
+            err = _rel_err(torch.from_dlpack(got), want)
+            rows.append(_row(label, "zoom_shift means +-1e4 alpha=0.5 (cupy)", err, 2e-6))
     return rows
 
 

@@ -84,13 +84,15 @@ q = term;
 _STATS_SOURCE = r"""
 template <typename T, typename A, int CH, int LANES>
 __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask, int use_mask,
-                          int B, int L, int C, T eps, T* mean_out, T* std_out, int apply,
-                          const T* __restrict__ g_mean, const T* __restrict__ g_std, T alpha,
+                          int B, int L, int C, T eps, A* mean_out, T* std_out, int apply,
+                          const A* __restrict__ g_mean, const T* __restrict__ g_std, A alpha,
                           T* out) {
     // The core's shifted two-pass statistics (mmfuse._core.align): pivot p = sum(x) / n,
     // then sums of d = x - p and d * d (the slab is in cache); lanes merged in lane order.
     // Accumulated, and the map computed, in A (double for float inputs too: the numba
-    // kernels' reasons, mmfuse.backends.numba.ALIGN_ACCUMULATOR), rounded once on the store.
+    // kernels' reasons, mmfuse.backends.numba.ALIGN_ACCUMULATOR), rounded once on the store;
+    // the means written and read (mean_out, g_mean) and alpha stay in A: a partial step's
+    // target mixes two means, which may cancel (the core's rule, zoom_shift_map).
     __shared__ A sn[LANES][CH];
     __shared__ A s1[LANES][CH];
     __shared__ A s2[LANES][CH];
@@ -138,16 +140,16 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
             sigma = sqrt(var + (A)eps);
         }
         if (!apply) {
-            if (c < C) { mean_out[b * C + c] = (T)mean; std_out[b * C + c] = (T)sigma; }
+            if (c < C) { mean_out[b * C + c] = mean; std_out[b * C + c] = (T)sigma; }
         } else {
             A scale = 1, target = 0;
             if (c < C) {
                 if (sigma != 0) {  // NaN is no "no spread" (the core's zoom_scale)
                     A ratio = (A)g_std[b * C + c] / sigma;
-                    scale = (alpha == (T)1) ? ratio : pow(ratio, (A)alpha);
+                    scale = (alpha == (A)1) ? ratio : pow(ratio, alpha);
                 }
-                target = (A)g_mean[b * C + c];
-                if (alpha != (T)1) target = ((A)1 - (A)alpha) * mean + (A)alpha * target;
+                target = g_mean[b * C + c];
+                if (alpha != (A)1) target = ((A)1 - alpha) * mean + alpha * target;
             }
             // the core's map about the pivot, ((x - p) - corr) s + target (zoom_shift_map)
             s1[0][tx] = scale; s2[0][tx] = target; sc[tx] = corr;
@@ -343,7 +345,7 @@ def _launch_stats(x3: Any, mask: Any, eps: float, mean: Any, std: Any, apply: bo
         (blocks,), (STAT_CHANNELS, STAT_LANES),
         (x3, mask if mask is not None else dummy_mask, np.int32(mask is not None), np.int32(batch),
          np.int32(length), np.int32(chans), scalar(eps), mean, std, np.int32(apply), g_mean, g_std,
-         scalar(alpha), out),
+         np.float64(alpha), out),
     )
 
 
@@ -358,12 +360,12 @@ def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> t
         mk = None if mask is None else _prep(mask, cupy.bool_).reshape(x3.shape[0], x3.shape[1])
         kept = list(x.shape)
         kept[ax] = 1
-        mean = cupy.empty(kept, dtype=dtype)
+        mean = cupy.empty(kept, dtype=cupy.float64)  # (the kernel's accumulator: rounded once below)
         std = cupy.empty(kept, dtype=dtype)
-        _launch_stats(x3, mk, eps, mean, std, False, mean, std, 1.0, mean)
+        _launch_stats(x3, mk, eps, mean, std, False, mean, std, 1.0, std)
     if dtype != x.dtype:
-        mean, std = mean.astype(x.dtype), std.astype(x.dtype)
-    return mean, std
+        std = std.astype(x.dtype)
+    return mean.astype(x.dtype, copy=False), std
 
 
 def zoom_shift(
@@ -386,9 +388,12 @@ def zoom_shift(
         g3 = _lanes(_prep(guide, dtype), ax)
         mk = None if mask is None else _prep(mask, cupy.bool_).reshape(x3.shape[0], x3.shape[1])
         gmk = None if guide_mask is None else _prep(guide_mask, cupy.bool_).reshape(g3.shape[0], g3.shape[1])
-        g_mean = cupy.empty((g3.shape[0], g3.shape[2]), dtype=dtype)
-        g_std = cupy.empty_like(g_mean)
-        _launch_stats(g3, gmk, eps, g_mean, g_std, False, g_mean, g_std, 1.0, g_mean)
+        # the guide's mean in the kernel's float64 accumulator, not rounded to x's dtype: a
+        # partial step's target mixes it with x's mean, which may cancel (the core's rule,
+        # zoom_shift_map; half an ulp of a mean of 1e4 in a target near 0)
+        g_mean = cupy.empty((g3.shape[0], g3.shape[2]), dtype=cupy.float64)
+        g_std = cupy.empty((g3.shape[0], g3.shape[2]), dtype=dtype)
+        _launch_stats(g3, gmk, eps, g_mean, g_std, False, g_mean, g_std, 1.0, g_std)
         out = cupy.empty(x3.shape, dtype=dtype)
         _launch_stats(x3, mk, eps, g_mean, g_std, True, g_mean, g_std, alpha, out)
         out = out.reshape(x.shape)
