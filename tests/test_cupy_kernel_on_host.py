@@ -46,11 +46,13 @@ int run(const char* in_path, const char* out_path) {
     double ea[2];
     if (std::fread(h, sizeof(int), 5, f) != 5 || std::fread(ea, sizeof(double), 2, f) != 2) return 1;
     const int B = h[0], L = h[1], C = h[2], use_mask = h[3], apply = h[4];
-    std::vector<T> x(B * L * C), g_mean(B * C), g_std(B * C), out(B * L * C), mean(B * C), std_(B * C);
+    // the means and alpha in the kernel's accumulator type (A = double), the rest in T
+    std::vector<T> x(B * L * C), g_std(B * C), out(B * L * C), std_(B * C);
+    std::vector<double> g_mean(B * C), mean(B * C);
     std::vector<unsigned char> mask(B * L);
     if (std::fread(x.data(), sizeof(T), x.size(), f) != x.size()) return 1;
     if (std::fread(mask.data(), 1, mask.size(), f) != mask.size()) return 1;
-    if (std::fread(g_mean.data(), sizeof(T), g_mean.size(), f) != g_mean.size()) return 1;
+    if (std::fread(g_mean.data(), sizeof(double), g_mean.size(), f) != g_mean.size()) return 1;
     if (std::fread(g_std.data(), sizeof(T), g_std.size(), f) != g_std.size()) return 1;
     std::fclose(f);
     const int blocks = B * ((C + CHANNELS - 1) / CHANNELS);
@@ -65,12 +67,12 @@ int run(const char* in_path, const char* out_path) {
                     threadIdx = {tx, ty, 0};
                     KERNEL<T>(x.data(), reinterpret_cast<const bool*>(mask.data()), use_mask, B, L, C,
                               (T)ea[0], mean.data(), std_.data(), apply, g_mean.data(), g_std.data(),
-                              (T)ea[1], out.data());
+                              ea[1], out.data());
                 });
         for (auto& t : threads) t.join();
     }
     f = std::fopen(out_path, "wb");
-    std::fwrite(mean.data(), sizeof(T), mean.size(), f);
+    std::fwrite(mean.data(), sizeof(double), mean.size(), f);
     std::fwrite(std_.data(), sizeof(T), std_.size(), f);
     std::fwrite(out.data(), sizeof(T), out.size(), f);
     std::fclose(f);
@@ -124,13 +126,14 @@ def host_kernel(tmp_path_factory):
             np.array([eps, alpha], np.float64).tofile(f)
             x.tofile(f)
             (mask if mask is not None else np.ones((batch, tokens), bool)).astype(np.uint8).tofile(f)
-            np.asarray(g_mean, dtype).tofile(f)
+            np.asarray(g_mean, np.float64).tofile(f)  # (the kernel's accumulator type)
             np.asarray(g_std, dtype).tofile(f)
         kind = "f" if dtype == np.float32 else "d"
         subprocess.run([str(work / "kernel"), kind, str(work / "in.bin"), str(work / "out.bin")], check=True)
-        out = np.fromfile(work / "out.bin", dtype=dtype)
         n = batch * chans
-        return out[:n].reshape(batch, chans), out[n : 2 * n].reshape(batch, chans), out[2 * n :].reshape(x.shape)
+        mean = np.fromfile(work / "out.bin", dtype=np.float64, count=n)  # (double, unrounded)
+        rest = np.fromfile(work / "out.bin", dtype=dtype, offset=8 * n)
+        return mean.reshape(batch, chans), rest[:n].reshape(batch, chans), rest[n:].reshape(x.shape)
 
     return run
 
@@ -202,7 +205,7 @@ def test_cupy_statistics_kernel_compiles_for_the_device(tmp_path):
     lines = [source]
     for t in ("float", "double"):
         name = instance.replace("{t}", t).replace("CHANNELS", str(channels)).replace("LANES_", str(lanes))
-        typed = re.sub(r"\bT\b", t, params)
+        typed = re.sub(r"\bA\b", "double", re.sub(r"\bT\b", t, params))
         lines.append(f"template __global__ void {name}({typed});")
     (tmp_path / "kernel.cu").write_text("\n".join(lines) + "\n")
     done = subprocess.run(
@@ -211,3 +214,18 @@ def test_cupy_statistics_kernel_compiles_for_the_device(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert ".entry" in (tmp_path / "kernel.ptx").read_text()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.7])
+def test_cupy_partial_step_where_the_means_cancel(host_kernel, alpha):
+    """float32 means near 1e4 and -1e4 (unit spreads): a partial step's target near 0 within
+    a few ulps of the outputs, the guide's mean and alpha taken in double (the kernel read the
+    guide's mean rounded to float32, and alpha too: alpha times half an ulp of 1e4 there)."""
+    rng = np.random.default_rng(17)
+    x = (1e4 + rng.standard_normal((2, 9, 37))).astype(np.float32)
+    guide = (-1e4 + rng.standard_normal((2, 7, 37))).astype(np.float32)
+    g_mean, g_std = (a[:, 0] for a in ref.moments(guide))  # what the guide's launch writes
+    _, _, y = host_kernel(x, None, 1e-5, 1, g_mean, g_std.astype(np.float32), alpha)
+    want = ref.zoom_shift(x, guide, alpha=alpha)
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(y - want) <= 4 * ulp + 1e-6 * np.abs(want).max()), np.max(np.abs(y - want) / ulp)
