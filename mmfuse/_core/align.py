@@ -48,6 +48,7 @@ from .._namespace import (
     is_dask,
     is_jax,
     is_lazy,
+    is_torch,
     native_dtype,
     widens_float32,
     work_dtype,
@@ -327,7 +328,8 @@ def _block_stats(
     """Statistics of one block into ``outs = (mean, var, pivot, corr)``, returned as
     :class:`Stats` with ``dev``; None (for ``outs`` or ``dev``): new arrays.  Without
     ``with_mean`` the mean (``pivot + corr``) is left out (None; ``outs[0]`` not written):
-    a full step's map about the pivot does not use x's own mean.
+    a full step's map about the pivot does not use x's own mean, nor does a float32 partial
+    step, which forms it in float64 (:func:`wide_mean`).
 
     The shifted algorithm of :func:`_stats` (section comment above), all but the first sum
     reading the block from cache.  ``dev`` receives ``x - pivot`` for every token (masked ones
@@ -557,7 +559,8 @@ def zoom_shift_map(
 
 
 def wide_mean(xp: Any, st: Stats) -> Any:
-    """The mean of statistics ``st``, in float64 as ``pivot + corr`` (exact) where they are
+    """The mean of statistics ``st``, in float64 as ``pivot + corr`` (exact unless corr is
+    below about 2**-29 of the pivot, and then within half a float64 ulp) where they are
     float32 and the namespace has float64 (:func:`widens_float32`), else ``st.mean``: the
     mean that steps combining means take (:func:`round_statistics`, :func:`zoom_shift_map`)."""
     if not widens_float32(xp, st.var):
@@ -706,7 +709,7 @@ def _zoom_shift_block(
     map applied to ``ob`` in place."""
     # x's own mean enters the map only for a partial step (_target_mean), and there as
     # pivot + corr in float64 where float32 widens (wide_mean)
-    st = _block_stats(xb, axis, mb, ob, masked, outs, alpha != 1.0 and xb.dtype != np.float32)
+    st = _block_stats(xb, axis, mb, ob, masked, outs, alpha != 1.0 and not widens_float32(np, xb))
     s, target = zoom_shift_map(np, st, g_mean, g_sigma, alpha, eps)
     ob -= st.corr
     ob *= s
@@ -1052,11 +1055,11 @@ def round_statistics(
 
     Where the rounds combine means or take their limit, float32 statistics go to float64
     where the namespace has it (:func:`widens_float32`), the mean formed there as ``pivot +
-    corr`` (exact), so that the rounds and their limit run in float64 and each map is
+    corr`` (:func:`wide_mean`), so that the rounds and their limit run in float64 and each map is
     rounded once (:func:`align_with`; the torch backward takes the same inputs).  Why: means
     of opposite sign cancel, where a mean rounded to float32 first carries half an ulp of
     its own size into a target near 0 (means 1e4 and -1e4 with unit spreads, alpha 0.5:
-    1.5e-4 of the outputs' size, 3e6 of their ulps; now 2); and the limit's scales are
+    1.5e-4 of the outputs' size, 3e6 of their ulps; now within 4); and the limit's scales are
     ``exp((log v* - log v_i) / 2)``, differences of logs whose rounding grows with
     ``|log v|`` (float32: 20 ulps of the output at spreads near 1e15).  Only (B, 1, C)
     arrays are widened.  Statistics already in float64 (float64 inputs, the numba kernels'
@@ -1221,11 +1224,15 @@ def zoom_shift_fusion(
     A sum or mean of pooled means runs in float64 where float32 widens, rounded once:
     pooled means of opposite sign cancel, and rounded to float32 first each left half an ulp
     of its size in a sum near 0 (means 1e4 and -1e4 at rounds = 0: 1.8e6 of the result's
-    ulps; a review's find)."""
+    ulps; a review's find).  Not on torch: its float64 sum of a float32 tensor copies the
+    tensor to float64 first (a second review: +224 MiB and 6.6x the time at two (16, 2048,
+    1024) inputs), where NumPy's reduction casts inside its loop: torch's pooled means stay
+    float32, a documented limit (alignment moves the means together, so it matters most at
+    rounds = 0)."""
     masks = list(masks) if masks is not None else [None] * len(aligned)
     xp = array_namespace(aligned[0])
     wide = fuse_how in ("sum", "mean") and pool_how == "mean" and len(aligned) > 1
-    wide = wide and widens_float32(xp, aligned[0])
+    wide = wide and not is_torch(xp) and widens_float32(xp, aligned[0])
     fused = fuse([pool(y, m, pool_how, wide=wide) for y, m in zip(aligned, masks)], fuse_how, xp)
     return _rounded(xp, fused, aligned[0].dtype) if wide else fused
 
