@@ -399,6 +399,24 @@ def test_guided_zoom_shift_moves_a_large_mean_near_zero(rng):
     _assert_within_ulps(got, want, ulps=4)
 
 
+@pytest.mark.parametrize("backend", ["array_api", "torch"])
+def test_align_means_that_cancel_in_blocks_on_a_long_masked_axis(rng, backend):
+    """As above on inputs of several NumPy blocks (1.2 MB each), a token axis over
+    F32_TOKENS (float64 sums) and token masks."""
+    xs = [(m + rng.standard_normal((48, 100, 64))).astype(np.float32) for m in (1e4, -1e4)]
+    masks = [_mask(rng, 48, 100) for _ in xs]
+    options = {"rounds": 1, "alpha": 0.5, "masks": masks}
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        tensors = {"masks": [torch.from_numpy(k) for k in masks]}
+        ys = mmfuse.align([torch.from_numpy(x) for x in xs], backend="torch", **{**options, **tensors})
+        got = [y.numpy() for y in ys]
+    else:
+        got = mmfuse.align(xs, backend=backend, **options)
+    for m, (y, w) in enumerate(zip(got, reference.align(xs, **options))):
+        _assert_within_ulps(y, w, ulps=4, err_msg=f"modality {m}")
+
+
 def test_align_targets_where_the_means_cancel_namespaces(xp, rng):
     """As above, on every namespace through the Array-API core (float32 statistics widened
     where the device has float64; without it the means stay float32, a documented limit)."""

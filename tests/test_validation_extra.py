@@ -520,6 +520,9 @@ def test_numpy_matrix_refusals_say_why_everywhere():
         "x ": lambda: mmfuse.shift(np.asmatrix(x), 1.0),
         "scale": lambda: mmfuse.zoom(seq, np.asmatrix(x), center=0.0),
         r"params\['down'\]\[0\]\[0\]": lambda: mmfuse.wander([seq, seq], wp),
+        r"xs\[0\]": lambda: mmfuse.align([np.asmatrix(x), seq]),
+        "guide": lambda: mmfuse.zoom_shift(seq, np.asmatrix(x)),
+        r"masks\[0\]": lambda: mmfuse.align([seq, seq], masks=[np.asmatrix(np.ones((2, 2), bool)), None]),
     }
     for name, call in calls.items():
         with pytest.raises(TypeError, match=rf"^{name.strip()} is a numpy\.matrix"):
