@@ -266,7 +266,8 @@ def _accumulator(xp: Any, x: Any, axis: int) -> Any:
 
 
 def _rounded(xp: Any, v: Any, dtype: Any) -> Any:
-    """``v`` in ``dtype`` (a float64 accumulation's result rounded once; nothing to do else)."""
+    """``v`` in ``dtype``: a float64 result rounded once, or float32 statistics widened
+    (:func:`round_statistics`); nothing to do where the dtypes agree."""
     if v.dtype == dtype:
         return v
     # (NumPy: ndarray's own astype, without the namespace wrapper's checks: ~1 us at small sizes)
@@ -567,7 +568,7 @@ def wide_mean(xp: Any, st: Stats) -> Any:
         return st.mean
     if type(st.pivot) is np.ndarray:  # one ufunc adding in float64 (the same exact sum)
         return np.add(st.pivot, st.corr, dtype=np.float64)
-    return xp.astype(st.pivot, xp.float64) + xp.astype(st.corr, xp.float64)
+    return _rounded(xp, st.pivot, xp.float64) + _rounded(xp, st.corr, xp.float64)
 
 
 def guide_mean(xp: Any, g: Stats, alpha: float) -> Any:
@@ -1073,11 +1074,7 @@ def round_statistics(
     combined = rounds is None or (rounds > 0 and (alpha != 1.0 or (topology != "hub" and len(stats) > 2)))
     if not combined or not widens_float32(xp, stats[0].var):
         return [(st.mean, st.var) for st in stats]
-    out = []
-    for st in stats:
-        var = st.var.astype(np.float64) if type(st.var) is np.ndarray else xp.astype(st.var, xp.float64)
-        out.append((wide_mean(xp, st), var))
-    return out
+    return [(wide_mean(xp, st), _rounded(xp, st.var, xp.float64)) for st in stats]
 
 
 def align_with(
