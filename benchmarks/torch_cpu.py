@@ -42,7 +42,8 @@ costs, where per-call overhead rather than memory traffic decides).  Timed only.
 
 ``--batches`` runs instead the steps between those and the large batches (LowRankFusion at
 B = 256-8192, WanderAdapter at B = 8, 128, 512, CPFusion at B = 1024), timed only, the mmfuse
-layer against the plain one: where the small forms' row bounds hand over to the custom ops.
+layer against the plain one: where the small forms' row bounds hand over to the custom ops
+(with h = 1: where the plain form turns rank-major, past 1024 samples).
 
 Every time is the median over interleaved rounds; "ratio p10-p90" is the spread of the
 speed-up measured within single rounds (see ``_harness.round_ratios``), the machine's drift.

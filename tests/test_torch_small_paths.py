@@ -41,7 +41,7 @@ def _lowrank_leaves(rng, batch, dims, rank, out_dim, append_one, with_weights, w
     return leaves
 
 
-@pytest.mark.parametrize("path", ["small", "blocked"])
+@pytest.mark.parametrize("path", ["small", "rank_major", "blocked"])
 @pytest.mark.parametrize("out_dim", [1, 3])
 @pytest.mark.parametrize(("batch", "dims", "append_one", "with_weights", "with_bias", "with_present"), [
     (1, (3, 4), True, True, True, False),
@@ -53,10 +53,14 @@ def _lowrank_leaves(rng, batch, dims, rank, out_dim, append_one, with_weights, w
 def test_lowrank_small_paths_match_autograd_through_the_core(
     rng, monkeypatch, path, out_dim, batch, dims, append_one, with_weights, with_bias, with_present
 ):
+    torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
     if path == "blocked":
         import mmfuse._core.fusion as core_fusion
 
         monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)
+        monkeypatch.setattr(torch_lowrank, "SINGLE_OUTPUT_ELEMENTS", -1)
+    elif path == "rank_major":  # h = 1: the form of batches over RANK_MAJOR_ROWS on the CPU
+        monkeypatch.setattr(torch_lowrank, "RANK_MAJOR_ROWS", 0)
     rank = 3
     leaves = _lowrank_leaves(rng, batch, dims, rank, out_dim, append_one, with_weights, with_bias)
     present = None
@@ -89,14 +93,16 @@ def test_lowrank_small_paths_match_autograd_through_the_core(
 
 
 def test_lowrank_single_output_takes_plain_operations_up_to_its_own_bound(rng, monkeypatch):
-    """With one output, batches over WHOLE_BATCH_ROWS and up to SINGLE_OUTPUT_ROWS run
-    single_output_fusion (plain operations under autograd), larger ones the custom op; values
-    and gradients against autograd through the core on both sides of the bound, values
-    against the float64 reference."""
+    """With one output, batches over WHOLE_BATCH_ROWS run single_output_fusion (plain
+    operations under autograd) while B R <= SINGLE_OUTPUT_ELEMENTS, batch-major up to
+    RANK_MAJOR_ROWS samples and rank-major beyond; larger ones the custom op.  Values and gradients against
+    autograd through the core on both sides of each bound, values against the float64
+    reference."""
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
-    monkeypatch.setattr(torch_lowrank, "SINGLE_OUTPUT_ROWS", 40)
-    for batch, plain in ((40, True), (41, False)):  # (over the rank-major form's bound, patched)
-        monkeypatch.setattr(torch_lowrank, "WHOLE_BATCH_ROWS", batch - 10)
+    monkeypatch.setattr(torch_lowrank, "SINGLE_OUTPUT_ELEMENTS", 40 * 4)
+    monkeypatch.setattr(torch_lowrank, "RANK_MAJOR_ROWS", 38)
+    for batch, plain in ((38, True), (39, True), (40, True), (41, False)):
+        monkeypatch.setattr(torch_lowrank, "WHOLE_BATCH_ROWS", batch - 10)  # (passed, patched)
         leaves = _lowrank_leaves(rng, batch, (3, 5), 4, 1, True, True, True)
         upstream = torch.as_tensor(rng.standard_normal((batch, 1)))
         results = []
@@ -114,11 +120,31 @@ def test_lowrank_single_output_takes_plain_operations_up_to_its_own_bound(rng, m
             assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("form", ["batch_major", "rank_major"])
+@pytest.mark.parametrize(("with_weights", "with_bias"), [(True, True), (True, False), (False, True)])
+def test_lowrank_single_output_forms_on_an_empty_batch(rng, monkeypatch, form, with_weights, with_bias):
+    """Both forms of single_output_fusion take B = 0: a (0, 1) result, zero parameter
+    gradients, empty input gradients."""
+    torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
+    monkeypatch.setattr(torch_lowrank, "RANK_MAJOR_ROWS", -1 if form == "rank_major" else 1 << 30)
+    xs, fs, w, b = _lowrank_leaves(rng, 0, (3, 5), 4, 1, True, with_weights, with_bias)()
+    y = mmfuse.lowrank_fusion(xs, fs, w, b)
+    assert y.shape == (0, 1) and "LowRank" not in _grad_fn(y)
+    params = [t for t in (*fs, w, b) if t is not None]
+    grads = torch.autograd.grad(y.sum() + sum(p.sum() for p in params), [*xs, *params])
+    assert [g.shape for g in grads[: len(xs)]] == [(0, 3), (0, 5)]
+    for g in grads[len(xs) :]:
+        assert torch.equal(g, torch.ones_like(g))  # the parameters' own sums only
+
+
+@pytest.mark.parametrize("rank_major", [False, True])
 @pytest.mark.parametrize("out_dim", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lowrank_small_paths_in_lower_precisions(rng, out_dim, dtype):
+def test_lowrank_small_paths_in_lower_precisions(rng, monkeypatch, rank_major, out_dim, dtype):
     """float32 and bfloat16 (computed in float32, rounded once) against float64 on the same
-    (rounded) inputs."""
+    (rounded) inputs; with h = 1 in both forms of single_output_fusion."""
+    if rank_major:
+        monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.lowrank"), "RANK_MAJOR_ROWS", 0)
     leaves = _lowrank_leaves(rng, 8, (6, 5, 7), 4, out_dim, True, True, True)
     upstream = torch.as_tensor(rng.standard_normal((8, out_dim))).to(dtype)
     low = leaves(dtype)
@@ -348,7 +374,7 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
     assert not whole(4096, 16, 128, True, 128)  # the CPU's B <= 256 and B R h <= 2**18
     assert whole(256, 4, 8, True) and not whole(257, 4, 8, True)
     assert single(big // 4, 4, False) and not single(big // 4 + 1, 4, False)
-    assert not single(4096, 4, True)  # the CPU's B <= 2048
+    assert single(1 << 18, 4, True) and not single((1 << 18) + 1, 4, True)  # the CPU's B R <= 2**20
 
     def lowrank_path(batch, dims, rank, out_dim):
         xs = [torch.empty(batch, d, device="meta", requires_grad=True) for d in dims]

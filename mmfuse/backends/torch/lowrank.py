@@ -363,12 +363,28 @@ _lowrank_eager = bind(
 WHOLE_BATCH_ROWS = 256
 
 
-# Single-output fusions (h = 1) run single_output_fusion up to this many samples (within the
-# core's bound on B R h): plain GEMMs (B, d + 1) x (d + 1, R) under autograd, whose fixed costs
-# are those of a handful of operators, against the blocked op's Python and buffers.  Measured
-# (one training step of LowRankFusion, (8, 16, 64), R 4, 2-core CI box, float32): 0.52x the
-# op's time at B = 512, 0.59x at 1024, 0.92x at 2048, about even at 4096 and 8192.
-SINGLE_OUTPUT_ROWS = 2048
+# Single-output fusions (h = 1) run single_output_fusion on the CPU while its projections,
+# (B, R) or (R, B), hold at most this many elements: plain GEMMs under autograd, whose fixed
+# costs are those of a handful of operators.  Beyond, the blocked op wins: its cache-sized
+# blocks keep the projections and their products in cache, where the plain form streams every
+# (R, B) intermediate through memory, forward and backward.  Measured (one training step of
+# LowRankFusion, (8, 16, 64), R 4 to 128, 2-core CI box, float32, medians of rounds
+# alternating the order; benchmarks/RESULTS.md, thirty-second session): against the blocked
+# op 0.74-0.83x its time at B R = 2**19, 0.82-0.92x at 2**20, 0.94-1.25x at 2**21 (R 32:
+# 1.25, R 128: 1.08).
+SINGLE_OUTPUT_ELEMENTS = 1 << 20
+
+
+# Beyond this many samples on the CPU, single_output_fusion runs rank-major, its projections
+# (R, B) with the constant's row of F_m as addmm's bias; up to it, and on an accelerator,
+# batch-major, (B, R) with the constant staged (``[x_m, 1]``, one copy of x_m).  Measured (one
+# training step, (8, 16, 64), R 4 and 16, 2-core CI box, float32, interleaved medians): the
+# rank-major form took 1.1-1.2x the batch-major one's time at B = 32 to 256 (more operators:
+# the slices of F_m, their backward's zero-filled gradients, the views of the last product),
+# about even at 512 and 1024, 0.86-0.94x at 2048, 0.82-0.87x at 4096 and 0.65-0.74x at 16384
+# (the batch-major GEMMs' R columns are too few for the CPU's GEMM kernels, and its copy of
+# every x_m costs its bytes).  Accelerators keep the form launching fewer operators.
+RANK_MAJOR_ROWS = 1024
 
 
 # On an accelerator (tensors off the CPU) both small forms run while their largest arrays
@@ -394,14 +410,12 @@ ACCELERATOR_WHOLE_BATCH_ELEMENTS = 1 << 24
 
 def single_output(batch: int, rank: int, on_cpu: bool = True) -> bool:
     """Whether a torch low-rank fusion with one output (h = 1) of this size (its tensors on
-    the CPU or not) runs :func:`single_output_fusion`: on the CPU at most
-    :data:`SINGLE_OUTPUT_ROWS` samples within the core's whole-batch rule, elsewhere while
-    ``B R`` <= :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never under ``torch.compile``."""
+    the CPU or not) runs :func:`single_output_fusion`: while ``B R`` <=
+    :data:`SINGLE_OUTPUT_ELEMENTS` on the CPU, :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`
+    elsewhere; never under ``torch.compile``."""
     if torch.compiler.is_compiling():
         return False
-    if not on_cpu:
-        return batch * rank <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
-    return batch <= SINGLE_OUTPUT_ROWS and _core_fusion.whole_batch(batch, rank, 1)
+    return batch * rank <= (SINGLE_OUTPUT_ELEMENTS if on_cpu else ACCELERATOR_WHOLE_BATCH_ELEMENTS)
 
 
 def whole_batch(batch: int, rank: int, out_dim: int, on_cpu: bool = True, widest: int = 0) -> bool:
@@ -566,31 +580,44 @@ def single_output_fusion(
     append_one: bool,
     present: Any,
 ) -> torch.Tensor:
-    """Low-rank fusion with a single output (h = 1) of a small problem, as plain torch
-    operations recorded by autograd: per modality ``P_m = hat x_m F_m[:, :, 0]^T`` (B, R)
-    by one GEMM, their product, and ``y = P w + b`` by one matrix-vector product.
+    """Low-rank fusion with a single output (h = 1), as plain torch operations recorded by
+    autograd: per modality the projections ``P_m = hat x_m F_m[:, :, 0]^T`` by one GEMM,
+    their product, and ``y = P w + b`` by one more.  Up to :data:`RANK_MAJOR_ROWS` samples
+    on the CPU, and on an accelerator, batch-major: ``P_m`` (B, R), the constant staged in
+    ``hat x_m``; beyond, rank-major: ``P_m^T`` (R, B) with the constant's row of ``F_m`` as
+    the GEMM's bias, and ``y^T = w^T P^T + b`` (1, B) returned as its (B, 1) view.
 
     Why not :class:`_LowRankWholeBatch`: at h = 1 its rank-major GEMMs are R matrix-vector
     products, and their batched GEMM took about twice a plain GEMM's time on the CI machine
     (12-16 us against 7 us at B = 32, R 4: its threads' start-up), and its backward's Python,
     not the arithmetic, then decides the step; here every GEMM is a plain one and autograd's
-    backward runs without Python (a pad, two GEMMs and a product per modality each way).
-    Measured (one training step, single thread, CPU time, interleaved rounds; (8, 16, 64),
-    R 4): 0.70-0.78x the rank-major function's time at B = 32 and at B = 1.
+    backward runs without Python.  Measured (one training step, single thread, CPU time,
+    interleaved rounds; (8, 16, 64), R 4): 0.70-0.78x the rank-major function's time at B = 32
+    and at B = 1.
     """
     dtype = xs[0].dtype
     low = dtype in LOW_PRECISION
+    rank_major = xs[0].shape[0] > RANK_MAJOR_ROWS and xs[0].is_cpu
     acc = None
     for m, (x, f) in enumerate(zip(xs, factors)):
         if low:  # computed in float32, rounded once at the end
             x, f = cast(x, torch.float32), cast(f, torch.float32)
         if present is not None:
             x = masked_rows(x, present, m, _ALL)
-        hat = torch.constant_pad_nd(x, (0, 1), 1.0) if append_one else x
-        proj = torch.mm(hat, f.squeeze(2).t())  # (B, R); F_m[:, :, 0] as a (D, R) view
+        f = f.squeeze(2)  # F_m[:, :, 0], (R, D)
+        if not rank_major:
+            hat = torch.constant_pad_nd(x, (0, 1), 1.0) if append_one else x
+            proj = torch.mm(hat, f.t())  # (B, R)
+        elif append_one:
+            d = x.shape[1]
+            proj = torch.addmm(f[:, d:], f[:, :d], x.t())  # (R, B)
+        else:
+            proj = torch.mm(f, x.t())
         acc = proj if acc is None else acc * proj
     assert acc is not None
-    if weights is None:
+    if rank_major:
+        y = _rank_major_output(acc, weights, bias)
+    elif weights is None:
         y = acc.sum(dim=1, keepdim=True)
         if bias is not None:
             y = y + cast(bias, acc.dtype)
@@ -605,6 +632,23 @@ def single_output_fusion(
     return cast(y, dtype) if low else y
 
 
+def _rank_major_output(
+    acc: torch.Tensor, weights: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``y = sum_r w_r acc[r] + b`` (B, 1) from rank-major products ``acc`` (R, B), by one
+    (1, R) x (R, B) GEMM, so that backward's dL/dacc is again (R, B) and contiguous (the
+    products' backward then runs over contiguous rows)."""
+    if weights is None:
+        y = acc.sum(dim=0, keepdim=True)
+        if bias is not None:
+            y = y + cast(bias, acc.dtype)
+    else:
+        w = cast(weights, acc.dtype).unsqueeze(0)  # (1, R)
+        # (the bias (1,) broadcasts over (1, B) as it is)
+        y = torch.mm(w, acc) if bias is None else torch.addmm(cast(bias, acc.dtype), w, acc)
+    return y.view(-1, 1)
+
+
 def lowrank_fusion(
     xs: Sequence[Any],
     factors: Sequence[Any],
@@ -615,8 +659,8 @@ def lowrank_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.lowrank_fusion`` on torch tensors (inputs checked): small problems as one
-    autograd function over the rank-major form (see above), with a single output up to
-    :data:`SINGLE_OUTPUT_ROWS` samples on the CPU (:func:`single_output`) as plain operations under autograd
+    autograd function over the rank-major form (see above), with a single output up to its
+    own bound (:func:`single_output`) as plain operations under autograd
     (:func:`single_output_fusion`), others as the blocked ``mmfuse::lowrank_fusion`` custom
     op (always under ``torch.compile``)."""
     rank, _, out_dim = factors[0].shape
