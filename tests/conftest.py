@@ -162,7 +162,7 @@ def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fusions of any size take the paths they take for large problems: NumPy's blocked
     buffers, torch's custom ops (``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS``,
     ``mmfuse.backends.torch.wander.WHOLE_BATCH_ROWS``,
-    ``mmfuse.backends.torch.lowrank.SINGLE_OUTPUT_ELEMENTS``, and off the CPU the accelerator
+    ``mmfuse.backends.torch.lowrank.PLAIN_ELEMENTS``, and off the CPU the accelerator
     bounds).  For tests of those paths on small
     inputs: small problems otherwise run whole-batch (rank-major low-rank fusion; on torch, the
     core under autograd for CP fusion and the Wander adapter)."""
@@ -179,5 +179,5 @@ def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch_wander, "ACCELERATOR_SMALL_ELEMENTS", -1)  # (off the CPU)
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
     monkeypatch.setattr(torch_lowrank, "ACCELERATOR_WHOLE_BATCH_ELEMENTS", -1)
-    monkeypatch.setattr(torch_lowrank, "SINGLE_OUTPUT_ELEMENTS", -1)
+    monkeypatch.setattr(torch_lowrank, "PLAIN_ELEMENTS", -1)
     monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.cp"), "AUTOGRAD_ON_CPU", False)

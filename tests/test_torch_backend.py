@@ -43,7 +43,7 @@ def _lowrank_path(path):
         return
     with mock.patch.object(tbl, "_keeps_projections", lambda xs, factors: False), \
             mock.patch.object(tbl, "whole_batch", lambda *a: False), \
-            mock.patch.object(tbl, "single_output", lambda *a: False):  # fmt: skip
+            mock.patch.object(tbl, "plain_form", lambda *a: False):  # fmt: skip
         yield
 
 
@@ -773,8 +773,12 @@ def test_eager_calls_run_the_implementations_without_the_dispatcher():
         import torch
         import mmfuse
 
+        import importlib
+
         torch.manual_seed(0)
         B = 300  # above the whole-batch rules (low-rank and CP 256 rows, Wander 128)
+        # and low-rank fusion's plain form off (it runs up to B R h <= 2**20)
+        importlib.import_module("mmfuse.backends.torch.lowrank").PLAIN_ELEMENTS = -1
         xs = [torch.randn(B, d, dtype=torch.float64) for d in (3, 4)]
         p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=3, seed=1, xp=torch, dtype=torch.float64)
         fs = [f.clone().requires_grad_() for f in p["factors"]]

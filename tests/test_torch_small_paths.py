@@ -1,6 +1,6 @@
 """The torch backend's small-problem paths against autograd through the float64 Array-API core:
-low-rank fusion with a single output (``single_output_fusion``, plain operations under
-autograd) next to the rank-major autograd function (h > 1) and the blocked custom op, and the
+low-rank fusion as plain operations under autograd (``plain_fusion``, its batch-major and
+rank-major forms) next to the rank-major autograd function and the blocked custom op, and the
 released Wander configuration under autograd (``_collapsed_adapter``, batches of at most
 ``WHOLE_BATCH_ROWS``) next to the fused custom op.  Values, every gradient and a double
 backward, on random inputs."""
@@ -41,7 +41,7 @@ def _lowrank_leaves(rng, batch, dims, rank, out_dim, append_one, with_weights, w
     return leaves
 
 
-@pytest.mark.parametrize("path", ["small", "rank_major", "blocked"])
+@pytest.mark.parametrize("path", ["plain", "plain_rank_major", "whole_batch", "blocked"])
 @pytest.mark.parametrize("out_dim", [1, 3])
 @pytest.mark.parametrize(("batch", "dims", "append_one", "with_weights", "with_bias", "with_present"), [
     (1, (3, 4), True, True, True, False),
@@ -58,9 +58,11 @@ def test_lowrank_small_paths_match_autograd_through_the_core(
         import mmfuse._core.fusion as core_fusion
 
         monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)
-        monkeypatch.setattr(torch_lowrank, "SINGLE_OUTPUT_ELEMENTS", -1)
-    elif path == "rank_major":  # h = 1: the form of batches over RANK_MAJOR_ROWS on the CPU
-        monkeypatch.setattr(torch_lowrank, "RANK_MAJOR_ROWS", 0)
+        monkeypatch.setattr(torch_lowrank, "PLAIN_ELEMENTS", -1)
+    elif path == "plain_rank_major":  # the form of batches over STAGED_ROWS on the CPU
+        monkeypatch.setattr(torch_lowrank, "STAGED_ROWS", 0)
+    elif path == "whole_batch":  # h > 1 with R h over PLAIN_RANK_OUTPUTS (h = 1 stays plain)
+        monkeypatch.setattr(torch_lowrank, "PLAIN_RANK_OUTPUTS", 0)
     rank = 3
     leaves = _lowrank_leaves(rng, batch, dims, rank, out_dim, append_one, with_weights, with_bias)
     present = None
@@ -79,10 +81,11 @@ def test_lowrank_small_paths_match_autograd_through_the_core(
         if backend == "torch":
             if path == "blocked":
                 assert "LowRankFusion" in _grad_fn(y)  # the custom op's node
-            elif out_dim == 1:
-                assert "LowRank" not in _grad_fn(y)  # plain operations under autograd
-            else:
+            elif path == "whole_batch" and out_dim > 1:
                 assert _grad_fn(y) == "_LowRankWholeBatchBackward"
+            else:
+                assert "LowRank" not in _grad_fn(y)  # plain operations under autograd
+            assert y.is_contiguous()
         inputs = [t for t in (*xs, *fs, w, b) if t is not None]
         grads = torch.autograd.grad((y * upstream).sum(), inputs, create_graph=True)
         second = torch.autograd.grad((grads[len(xs)] ** 2).sum() + (grads[0] ** 2).sum(), [xs[0], fs[0]])
@@ -92,19 +95,19 @@ def test_lowrank_small_paths_match_autograd_through_the_core(
         assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_lowrank_single_output_takes_plain_operations_up_to_its_own_bound(rng, monkeypatch):
-    """With one output, batches over WHOLE_BATCH_ROWS run single_output_fusion (plain
-    operations under autograd) while B R <= SINGLE_OUTPUT_ELEMENTS, batch-major up to
-    RANK_MAJOR_ROWS samples and rank-major beyond; larger ones the custom op.  Values and gradients against
-    autograd through the core on both sides of each bound, values against the float64
-    reference."""
+@pytest.mark.parametrize("out_dim", [1, 3])
+def test_lowrank_takes_plain_operations_up_to_their_own_bound(rng, monkeypatch, out_dim):
+    """Batches over WHOLE_BATCH_ROWS run plain_fusion (plain operations under autograd) while
+    B R h <= PLAIN_ELEMENTS, staged (with h = 1 batch-major) up to STAGED_ROWS samples and
+    rank-major beyond; larger ones the custom op.  Values and gradients against autograd
+    through the core on both sides of each bound, values against the float64 reference."""
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
-    monkeypatch.setattr(torch_lowrank, "SINGLE_OUTPUT_ELEMENTS", 40 * 4)
-    monkeypatch.setattr(torch_lowrank, "RANK_MAJOR_ROWS", 38)
+    monkeypatch.setattr(torch_lowrank, "PLAIN_ELEMENTS", 40 * 4 * out_dim)
+    monkeypatch.setattr(torch_lowrank, "STAGED_ROWS", 38)
     for batch, plain in ((38, True), (39, True), (40, True), (41, False)):
         monkeypatch.setattr(torch_lowrank, "WHOLE_BATCH_ROWS", batch - 10)  # (passed, patched)
-        leaves = _lowrank_leaves(rng, batch, (3, 5), 4, 1, True, True, True)
-        upstream = torch.as_tensor(rng.standard_normal((batch, 1)))
+        leaves = _lowrank_leaves(rng, batch, (3, 5), 4, out_dim, True, True, True)
+        upstream = torch.as_tensor(rng.standard_normal((batch, out_dim)))
         results = []
         for backend in ("torch", "array_api"):
             xs, fs, w, b = leaves()
@@ -122,14 +125,15 @@ def test_lowrank_single_output_takes_plain_operations_up_to_its_own_bound(rng, m
 
 @pytest.mark.parametrize("form", ["batch_major", "rank_major"])
 @pytest.mark.parametrize(("with_weights", "with_bias"), [(True, True), (True, False), (False, True)])
-def test_lowrank_single_output_forms_on_an_empty_batch(rng, monkeypatch, form, with_weights, with_bias):
-    """Both forms of single_output_fusion take B = 0: a (0, 1) result, zero parameter
-    gradients, empty input gradients."""
+@pytest.mark.parametrize("out_dim", [1, 3])
+def test_lowrank_plain_forms_on_an_empty_batch(rng, monkeypatch, form, with_weights, with_bias, out_dim):
+    """Every form of plain_fusion takes B = 0: a (0, h) result, zero parameter gradients,
+    empty input gradients."""
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
-    monkeypatch.setattr(torch_lowrank, "RANK_MAJOR_ROWS", -1 if form == "rank_major" else 1 << 30)
-    xs, fs, w, b = _lowrank_leaves(rng, 0, (3, 5), 4, 1, True, with_weights, with_bias)()
+    monkeypatch.setattr(torch_lowrank, "STAGED_ROWS", -1 if form == "rank_major" else 1 << 30)
+    xs, fs, w, b = _lowrank_leaves(rng, 0, (3, 5), 4, out_dim, True, with_weights, with_bias)()
     y = mmfuse.lowrank_fusion(xs, fs, w, b)
-    assert y.shape == (0, 1) and "LowRank" not in _grad_fn(y)
+    assert y.shape == (0, out_dim) and "LowRank" not in _grad_fn(y)
     params = [t for t in (*fs, w, b) if t is not None]
     grads = torch.autograd.grad(y.sum() + sum(p.sum() for p in params), [*xs, *params])
     assert [g.shape for g in grads[: len(xs)]] == [(0, 3), (0, 5)]
@@ -137,14 +141,17 @@ def test_lowrank_single_output_forms_on_an_empty_batch(rng, monkeypatch, form, w
         assert torch.equal(g, torch.ones_like(g))  # the parameters' own sums only
 
 
-@pytest.mark.parametrize("rank_major", [False, True])
+@pytest.mark.parametrize("form", ["plain", "plain_rank_major", "whole_batch"])
 @pytest.mark.parametrize("out_dim", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lowrank_small_paths_in_lower_precisions(rng, monkeypatch, rank_major, out_dim, dtype):
+def test_lowrank_small_paths_in_lower_precisions(rng, monkeypatch, form, out_dim, dtype):
     """float32 and bfloat16 (computed in float32, rounded once) against float64 on the same
-    (rounded) inputs; with h = 1 in both forms of single_output_fusion."""
-    if rank_major:
-        monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.lowrank"), "RANK_MAJOR_ROWS", 0)
+    (rounded) inputs; both row forms of plain_fusion, and (h > 1) the whole-batch function."""
+    torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
+    if form == "plain_rank_major":
+        monkeypatch.setattr(torch_lowrank, "STAGED_ROWS", 0)
+    elif form == "whole_batch":
+        monkeypatch.setattr(torch_lowrank, "PLAIN_RANK_OUTPUTS", 0)
     leaves = _lowrank_leaves(rng, 8, (6, 5, 7), 4, out_dim, True, True, True)
     upstream = torch.as_tensor(rng.standard_normal((8, out_dim))).to(dtype)
     low = leaves(dtype)
@@ -367,14 +374,19 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
     big = torch_lowrank.ACCELERATOR_WHOLE_BATCH_ELEMENTS
     assert big == 1 << 24 and torch_wander.ACCELERATOR_SMALL_ELEMENTS == 1 << 25
-    whole, single = torch_lowrank.whole_batch, torch_lowrank.single_output
+    whole, plain = torch_lowrank.whole_batch, torch_lowrank.plain_form
     assert whole(8192, 16, 128, False, 128) and not whole(8193, 16, 128, False, 128)
     # the widest modality bounds the dL/dx partials (R, B, d_m) where d_m > h
     assert whole(8192, 16, 2, False, 128) and not whole(8192, 16, 2, False, 129)
     assert not whole(4096, 16, 128, True, 128)  # the CPU's B <= 256 and B R h <= 2**18
     assert whole(256, 4, 8, True) and not whole(257, 4, 8, True)
-    assert single(big // 4, 4, False) and not single(big // 4 + 1, 4, False)
-    assert single(1 << 18, 4, True) and not single((1 << 18) + 1, 4, True)  # the CPU's B R <= 2**20
+    assert plain(big // 4, 4, 1, False) and not plain(big // 4 + 1, 4, 1, False)
+    assert not plain(8, 4, 2, False)  # off the CPU only h = 1
+    # the CPU's B R h <= 2**20, and within whole_batch only h = 1 or R h <= 64
+    assert plain(1 << 18, 4, 1, True) and not plain((1 << 18) + 1, 4, 1, True)
+    assert plain(1 << 16, 4, 4, True) and not plain((1 << 16) + 1, 4, 4, True)
+    assert plain(256, 4, 16, True) and not plain(256, 4, 17, True)  # R h 64, 68 (whole-batch)
+    assert plain(257, 4, 17, True) and plain(256, 16, 128, True)  # past whole_batch's B, B R h
 
     def lowrank_path(batch, dims, rank, out_dim):
         xs = [torch.empty(batch, d, device="meta", requires_grad=True) for d in dims]

@@ -441,8 +441,9 @@ WHOLE_BATCH_ELEMENTS = 1 << 18
 
 def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
     """Whether a low-rank fusion of this size runs whole-batch (:func:`lowrank_whole_batch`;
-    the torch backend adds a bound on the batch, :data:`mmfuse.backends.torch.lowrank.WHOLE_BATCH_ROWS`,
-    and :data:`~mmfuse.backends.torch.lowrank.SINGLE_OUTPUT_ELEMENTS` for a single output)."""
+    the torch backend adds a bound on the batch,
+    :data:`mmfuse.backends.torch.lowrank.WHOLE_BATCH_ROWS`, and runs its plain form instead
+    where that is faster, :func:`mmfuse.backends.torch.lowrank.plain_form`)."""
     return batch * rank * out_dim <= WHOLE_BATCH_ELEMENTS
 
 

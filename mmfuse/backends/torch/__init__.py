@@ -55,8 +55,8 @@ Small problems skip the ops: a custom op's fixed costs (and a Python backward) d
 of a few microseconds of arithmetic, so below measured sizes the functions run plain torch
 operations under autograd instead, each the same maths written once: ``lowrank_fusion`` and
 ``cp_fusion`` the core's whole-batch form (:func:`.lowrank.whole_batch`), ``lowrank_fusion``
-with a single output (h = 1) :func:`.lowrank.single_output_fusion` (up to its own bound,
-:func:`.lowrank.single_output`); ``wander`` in the released
+with few outputs, or past that form's bounds, :func:`.lowrank.plain_fusion` (up to its own
+bound, :func:`.lowrank.plain_form`); ``wander`` in the released
 configuration with modalities of one shape and no masks, at B <= 128 (off the CPU up to an
 element bound, :func:`.wander._small_batch`),
 :func:`.wander.stacked_adapter` (the modalities stacked along a leading axis).  The rules and

@@ -351,8 +351,9 @@ _lowrank_eager = bind(
 # dispatches the fewest of them (about three per modality forward, a dozen per modality
 # backward; benchmarks/overhead.py counts them), with one batched GEMM per modality.  Its
 # backward, whole_batch_grads, is also the differentiable backward of the blocked op
-# (create_graph=True).  Small fusions with a single output (h = 1) instead run
-# single_output_fusion under autograd (see there).
+# (create_graph=True).  Fusions with few outputs (h = 1, or R h <= PLAIN_RANK_OUTPUTS) and
+# those past its bounds up to PLAIN_ELEMENTS instead run plain_fusion under autograd (see
+# plain_form).
 #
 # The size rule (measured: one training step, 2-core CI box, float32; docs/backends.rst
 # "Small problems"): the whole-batch function took 0.57-0.67x the blocked op's time at
@@ -363,28 +364,43 @@ _lowrank_eager = bind(
 WHOLE_BATCH_ROWS = 256
 
 
-# Single-output fusions (h = 1) run single_output_fusion on the CPU while its projections,
-# (B, R) or (R, B), hold at most this many elements: plain GEMMs under autograd, whose fixed
-# costs are those of a handful of operators.  Beyond, the blocked op wins: its cache-sized
-# blocks keep the projections and their products in cache, where the plain form streams every
-# (R, B) intermediate through memory, forward and backward.  Measured (one training step of
-# LowRankFusion, (8, 16, 64), R 4 to 128, 2-core CI box, float32, medians of rounds
-# alternating the order; benchmarks/RESULTS.md, thirty-second session): against the blocked
-# op 0.74-0.83x its time at B R = 2**19, 0.82-0.92x at 2**20, 0.94-1.25x at 2**21 (R 32:
-# 1.25, R 128: 1.08).
-SINGLE_OUTPUT_ELEMENTS = 1 << 20
+# On the CPU, plain_fusion runs while its projections, (R h, B) or (B, R h), hold at most this
+# many elements: plain GEMMs under autograd, whose fixed costs are those of a handful of
+# operators.  Beyond, the blocked op wins: its cache-sized blocks keep the projections and
+# their products in cache, where the plain form streams every (R h, B) intermediate through
+# memory, forward and backward.  Measured (one training step of LowRankFusion, (8, 16, 64),
+# 2-core CI box, float32, medians of rounds alternating the order; benchmarks/RESULTS.md,
+# thirty-second session): with h = 1, R 4 to 128, against the blocked op 0.74-0.83x its time
+# at B R = 2**19, 0.82-0.92x at 2**20, 0.94-1.25x at 2**21 (R 32: 1.25, R 128: 1.08); with h 2
+# to 32 and R 4 or 16 past WHOLE_BATCH_ROWS samples, 0.49-0.89x (B = 512 to 65536, R h B up
+# to 2**20; (32, 32, 128) with h 16 to 128, R 16: 0.80-0.91x).
+PLAIN_ELEMENTS = 1 << 20
 
 
-# Beyond this many samples on the CPU, single_output_fusion runs rank-major, its projections
-# (R, B) with the constant's row of F_m as addmm's bias; up to it, and on an accelerator,
-# batch-major, (B, R) with the constant staged (``[x_m, 1]``, one copy of x_m).  Measured (one
-# training step, (8, 16, 64), R 4 and 16, 2-core CI box, float32, interleaved medians): the
-# rank-major form took 1.1-1.2x the batch-major one's time at B = 32 to 256 (more operators:
-# the slices of F_m, their backward's zero-filled gradients, the views of the last product),
-# about even at 512 and 1024, 0.86-0.94x at 2048, 0.82-0.87x at 4096 and 0.65-0.74x at 16384
-# (the batch-major GEMMs' R columns are too few for the CPU's GEMM kernels, and its copy of
-# every x_m costs its bytes).  Accelerators keep the form launching fewer operators.
-RANK_MAJOR_ROWS = 1024
+# Within the whole-batch function's bounds (whole_batch), plain_fusion runs instead while R h
+# is at most this: there its one GEMM per modality with R h rows beat the function's batched
+# GEMMs (R of them, h columns each) and Python backward, and beyond the plain form's copy of
+# each factor as (R h, D) (its GEMM's layout) costs more than that saves.  Measured (one
+# training step, 2-core CI box, float32, (8, 16, 64) unless noted), plain / whole-batch:
+# 0.79-0.99x at B = 32 to 256 for R h = 8 to 64 (1.02 at h 16, R 4, B 256), 1.02-1.05x at
+# B = 1 (a few microseconds); 1.03-1.14x for R h = 128 to 512, and 1.06-1.29x at (32, 32,
+# 128), h 16 to 128, R 16, B = 32.  With h = 1 the plain form runs at every size within
+# PLAIN_ELEMENTS (see plain_fusion).
+PLAIN_RANK_OUTPUTS = 64
+
+
+# Up to this many samples on the CPU, and always on an accelerator, plain_fusion stages the
+# constant (``[x_m, 1]``, one copy of x_m), and with h = 1 runs batch-major, (B, R); beyond, it
+# runs rank-major, (R h, B), with the constant's row of F_m as addmm's bias.  Measured (one
+# training step, (8, 16, 64), R 4 and 16, h = 1, 2-core CI box, float32, interleaved medians):
+# the rank-major form took 1.1-1.2x the batch-major one's time at B = 32 to 256 (more
+# operators: the slices of F_m, their backward's zero-filled gradients, the views of the last
+# product), about even at 512 and 1024, 0.86-0.94x at 2048, 0.82-0.87x at 4096 and 0.65-0.74x
+# at 16384 (the batch-major GEMMs' R columns are too few for the CPU's GEMM kernels, and its
+# copy of every x_m costs its bytes); with h = 2 to 32 the staged rank-major form was the
+# faster up to B = 512, the unstaged from 4096.  Accelerators keep the forms launching fewer
+# operators.
+STAGED_ROWS = 1024
 
 
 # On an accelerator (tensors off the CPU) both small forms run while their largest arrays
@@ -408,14 +424,19 @@ RANK_MAJOR_ROWS = 1024
 ACCELERATOR_WHOLE_BATCH_ELEMENTS = 1 << 24
 
 
-def single_output(batch: int, rank: int, on_cpu: bool = True) -> bool:
-    """Whether a torch low-rank fusion with one output (h = 1) of this size (its tensors on
-    the CPU or not) runs :func:`single_output_fusion`: while ``B R`` <=
-    :data:`SINGLE_OUTPUT_ELEMENTS` on the CPU, :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`
-    elsewhere; never under ``torch.compile``."""
+def plain_form(batch: int, rank: int, out_dim: int, on_cpu: bool = True) -> bool:
+    """Whether a torch low-rank fusion of this size (its tensors on the CPU or not) runs
+    :func:`plain_fusion`: on the CPU while ``B R h`` <= :data:`PLAIN_ELEMENTS`, where
+    :func:`whole_batch` holds only with h = 1 or ``R h`` <= :data:`PLAIN_RANK_OUTPUTS`;
+    elsewhere with h = 1 while ``B R`` <= :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never
+    under ``torch.compile``."""
     if torch.compiler.is_compiling():
         return False
-    return batch * rank <= (SINGLE_OUTPUT_ELEMENTS if on_cpu else ACCELERATOR_WHOLE_BATCH_ELEMENTS)
+    if not on_cpu:
+        return out_dim == 1 and batch * rank <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
+    if batch * rank * out_dim > PLAIN_ELEMENTS:
+        return False
+    return out_dim == 1 or rank * out_dim <= PLAIN_RANK_OUTPUTS or not whole_batch(batch, rank, out_dim)
 
 
 def whole_batch(batch: int, rank: int, out_dim: int, on_cpu: bool = True, widest: int = 0) -> bool:
@@ -572,7 +593,7 @@ class _LowRankWholeBatch(torch.autograd.Function):
         return (None, None, grads[2 * n_mod], grads[2 * n_mod + 1], *grads[: 2 * n_mod])
 
 
-def single_output_fusion(
+def plain_fusion(
     xs: Sequence[torch.Tensor],
     factors: Sequence[torch.Tensor],
     weights: torch.Tensor | None,
@@ -580,43 +601,49 @@ def single_output_fusion(
     append_one: bool,
     present: Any,
 ) -> torch.Tensor:
-    """Low-rank fusion with a single output (h = 1), as plain torch operations recorded by
-    autograd: per modality the projections ``P_m = hat x_m F_m[:, :, 0]^T`` by one GEMM,
-    their product, and ``y = P w + b`` by one more.  Up to :data:`RANK_MAJOR_ROWS` samples
-    on the CPU, and on an accelerator, batch-major: ``P_m`` (B, R), the constant staged in
-    ``hat x_m``; beyond, rank-major: ``P_m^T`` (R, B) with the constant's row of ``F_m`` as
-    the GEMM's bias, and ``y^T = w^T P^T + b`` (1, B) returned as its (B, 1) view.
+    """Low-rank fusion as plain torch operations recorded by autograd: per modality the
+    projections ``P_m[r] = hat x_m F_m[r]`` by one GEMM, their product, and ``y = sum_r w_r
+    P[r] + b`` by one more.  Rank-major, ``P_m`` as (R h, B) against ``F_m`` as (R h, D) (a
+    copy when h > 1), with the constant's row of ``F_m`` as the GEMM's bias past
+    :data:`STAGED_ROWS` samples on the CPU and staged in ``hat x_m`` up to it; with h = 1 up
+    to it (and on an accelerator), batch-major, ``P_m`` (B, R) and ``y`` by ``addmv``.
 
-    Why not :class:`_LowRankWholeBatch`: at h = 1 its rank-major GEMMs are R matrix-vector
-    products, and their batched GEMM took about twice a plain GEMM's time on the CI machine
-    (12-16 us against 7 us at B = 32, R 4: its threads' start-up), and its backward's Python,
-    not the arithmetic, then decides the step; here every GEMM is a plain one and autograd's
-    backward runs without Python.  Measured (one training step, single thread, CPU time,
-    interleaved rounds; (8, 16, 64), R 4): 0.70-0.78x the rank-major function's time at B = 32
-    and at B = 1.
+    Why not :class:`_LowRankWholeBatch`: with few outputs its rank-major GEMMs are R
+    matrix-vector products, and their batched GEMM took about twice a plain GEMM's time on
+    the CI machine (12-16 us against 7 us at B = 32, R 4, h = 1: its threads' start-up), and
+    its backward's Python, not the arithmetic, then decides the step; here every GEMM is a
+    plain one and autograd's backward runs without Python.  Measured (one training step,
+    single thread, CPU time, interleaved rounds; (8, 16, 64), R 4, h = 1): 0.70-0.78x the
+    rank-major function's time at B = 32 and at B = 1.  The rules: :func:`plain_form`.
     """
     dtype = xs[0].dtype
     low = dtype in LOW_PRECISION
-    rank_major = xs[0].shape[0] > RANK_MAJOR_ROWS and xs[0].is_cpu
+    rank, _, out_dim = factors[0].shape
+    staged_rows = xs[0].shape[0] <= STAGED_ROWS or not xs[0].is_cpu
+    batch_major = staged_rows and out_dim == 1
+    staged = staged_rows and append_one
     acc = None
     for m, (x, f) in enumerate(zip(xs, factors)):
         if low:  # computed in float32, rounded once at the end
             x, f = cast(x, torch.float32), cast(f, torch.float32)
         if present is not None:
             x = masked_rows(x, present, m, _ALL)
-        f = f.squeeze(2)  # F_m[:, :, 0], (R, D)
-        if not rank_major:
+        if batch_major:
             hat = torch.constant_pad_nd(x, (0, 1), 1.0) if append_one else x
-            proj = torch.mm(hat, f.t())  # (B, R)
-        elif append_one:
-            d = x.shape[1]
-            proj = torch.addmm(f[:, d:], f[:, :d], x.t())  # (R, B)
+            proj = torch.mm(hat, f.squeeze(2).t())  # (B, R); F_m[:, :, 0] as a (D, R) view
         else:
-            proj = torch.mm(f, x.t())
+            f = f.squeeze(2) if out_dim == 1 else f.transpose(1, 2).reshape(rank * out_dim, -1)
+            if staged:
+                proj = torch.mm(f, torch.constant_pad_nd(x, (0, 1), 1.0).t())  # (R h, B)
+            elif append_one:
+                d = x.shape[1]
+                proj = torch.addmm(f[:, d:], f[:, :d], x.t())
+            else:
+                proj = torch.mm(f, x.t())
         acc = proj if acc is None else acc * proj
     assert acc is not None
-    if rank_major:
-        y = _rank_major_output(acc, weights, bias)
+    if not batch_major:
+        y = _rank_major_output(acc, weights, bias, rank, out_dim)
     elif weights is None:
         y = acc.sum(dim=1, keepdim=True)
         if bias is not None:
@@ -633,20 +660,26 @@ def single_output_fusion(
 
 
 def _rank_major_output(
-    acc: torch.Tensor, weights: torch.Tensor | None, bias: torch.Tensor | None
+    acc: torch.Tensor, weights: torch.Tensor | None, bias: torch.Tensor | None, rank: int, out_dim: int
 ) -> torch.Tensor:
-    """``y = sum_r w_r acc[r] + b`` (B, 1) from rank-major products ``acc`` (R, B), by one
-    (1, R) x (R, B) GEMM, so that backward's dL/dacc is again (R, B) and contiguous (the
-    products' backward then runs over contiguous rows)."""
-    if weights is None:
-        y = acc.sum(dim=0, keepdim=True)
-        if bias is not None:
-            y = y + cast(bias, acc.dtype)
-    else:
-        w = cast(weights, acc.dtype).unsqueeze(0)  # (1, R)
-        # (the bias (1,) broadcasts over (1, B) as it is)
-        y = torch.mm(w, acc) if bias is None else torch.addmm(cast(bias, acc.dtype), w, acc)
-    return y.view(-1, 1)
+    """``y = sum_r w_r acc[r] + b`` (B, h) from rank-major products ``acc`` (R h, B), by one
+    (1, R) x (R, h B) GEMM, so that backward's dL/dacc is again contiguous (the products'
+    backward then runs over contiguous rows); with h > 1 the (h, B) result is copied out as
+    (B, h), contiguous as the other forms' results."""
+    flat = acc.view(rank, -1)  # (R, h B)
+    w = None if weights is None else cast(weights, acc.dtype).unsqueeze(0)  # (1, R)
+    b = None if bias is None else cast(bias, acc.dtype)
+    if out_dim == 1:
+        if w is None:
+            y = flat.sum(dim=0, keepdim=True)
+            y = y if b is None else y + b
+        else:  # (the bias (1,) broadcasts over (1, B) as it is)
+            y = torch.mm(w, flat) if b is None else torch.addmm(b, w, flat)
+        return y.view(-1, 1)
+    y = (flat.sum(dim=0) if w is None else torch.mm(w, flat)).view(out_dim, -1)  # (h, B)
+    if b is not None:
+        y = y + b.unsqueeze(1)
+    return y.t().contiguous()
 
 
 def lowrank_fusion(
@@ -658,15 +691,15 @@ def lowrank_fusion(
     append_one: bool = True,
     present: Any = None,
 ) -> Any:
-    """``mmfuse.lowrank_fusion`` on torch tensors (inputs checked): small problems as one
-    autograd function over the rank-major form (see above), with a single output up to its
-    own bound (:func:`single_output`) as plain operations under autograd
-    (:func:`single_output_fusion`), others as the blocked ``mmfuse::lowrank_fusion`` custom
-    op (always under ``torch.compile``)."""
+    """``mmfuse.lowrank_fusion`` on torch tensors (inputs checked): problems up to a size
+    (:func:`plain_form`) as plain operations under autograd (:func:`plain_fusion`), small
+    ones with many outputs as one autograd function over the rank-major form (see above),
+    others as the blocked ``mmfuse::lowrank_fusion`` custom op (always under
+    ``torch.compile``)."""
     rank, _, out_dim = factors[0].shape
     batch, on_cpu = xs[0].shape[0], xs[0].is_cpu  # (is_cpu: a seventh of .device.type's cost)
-    if out_dim == 1 and single_output(batch, rank, on_cpu):
-        return single_output_fusion(xs, factors, weights, bias, append_one, present)
+    if plain_form(batch, rank, out_dim, on_cpu):
+        return plain_fusion(xs, factors, weights, bias, append_one, present)
     widest = 0 if on_cpu else max(x.shape[1] for x in xs)  # (the CPU's rule ignores it)
     if whole_batch(batch, rank, out_dim, on_cpu, widest):
         if torch.is_grad_enabled() and any_requires_grad((xs, factors, weights, bias)):
