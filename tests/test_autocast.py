@@ -68,8 +68,12 @@ def _bf16(tree):
 
 
 @pytest.mark.parametrize("batch", [5, 3000])  # the small forms, and the custom ops (see the test)
-def test_fusions_under_autocast_are_the_fusion_of_the_cast_inputs(batch):
+def test_fusions_under_autocast_are_the_fusion_of_the_cast_inputs(batch, monkeypatch):
     rng = np.random.default_rng(batch)
+    if batch > 5:  # low-rank fusion's plain form runs up to B R h <= 2**20: the op here
+        import importlib
+
+        monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.lowrank"), "PLAIN_ELEMENTS", -1)
     for name, (call, args) in _cases(rng, batch).items():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = call(args)

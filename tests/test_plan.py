@@ -324,10 +324,16 @@ import mmfuse.nn  # noqa: E402
 def test_torch_whole_batch_and_blocked_gradients_match_the_reference(rng, monkeypatch, blocked, batch, dims, with_present, with_weights):
     """Values, gradients and a double backward of the torch paths (whole-batch autograd
     function, blocked custom op) against autograd through the float64 core."""
+    import importlib
+
+    torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
     if blocked:
         import mmfuse._core.fusion as core_fusion
 
         monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)
+        monkeypatch.setattr(torch_lowrank, "PLAIN_ELEMENTS", -1)
+    else:  # (R h = 6: the plain form's, unless its bound on R h is lowered)
+        monkeypatch.setattr(torch_lowrank, "PLAIN_RANK_OUTPUTS", 0)
     xs_np, fs_np, w_np, b_np = _lowrank_case(rng, batch, dims, 3, 2)
     present = torch.as_tensor(rng.random((batch, len(dims))) < 0.7) if with_present else None
 
@@ -346,10 +352,9 @@ def test_torch_whole_batch_and_blocked_gradients_match_the_reference(rng, monkey
         grads = torch.autograd.grad((y * upstream).sum(), inputs, create_graph=True)
         second = torch.autograd.grad(grads[0].square().sum(), fs[0])[0]
         results.append([y.detach(), *[g.detach() for g in grads], second])
-    if not blocked:
-        xs, fs, w, b = leaves()
-        y = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="torch")
-        assert type(y.grad_fn).__name__ == "_LowRankWholeBatchBackward"
+    xs, fs, w, b = leaves()
+    y = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="torch")
+    assert type(y.grad_fn).__name__ == ("_LowRankFusionBackward" if blocked else "_LowRankWholeBatchBackward")
     for got, want in zip(*results):
         assert_close(got, want, rtol=1e-10, atol=1e-12)
 

@@ -632,7 +632,7 @@ def plain_fusion(
             hat = torch.constant_pad_nd(x, (0, 1), 1.0) if append_one else x
             proj = torch.mm(hat, f.squeeze(2).t())  # (B, R); F_m[:, :, 0] as a (D, R) view
         else:
-            f = f.squeeze(2) if out_dim == 1 else f.transpose(1, 2).reshape(rank * out_dim, -1)
+            f = f.squeeze(2) if out_dim == 1 else f.transpose(1, 2).reshape(rank * out_dim, f.shape[1])
             if staged:
                 proj = torch.mm(f, torch.constant_pad_nd(x, (0, 1), 1.0).t())  # (R h, B)
             elif append_one:
@@ -666,7 +666,8 @@ def _rank_major_output(
     (1, R) x (R, h B) GEMM, so that backward's dL/dacc is again contiguous (the products'
     backward then runs over contiguous rows); with h > 1 the (h, B) result is copied out as
     (B, h), contiguous as the other forms' results."""
-    flat = acc.view(rank, -1)  # (R, h B)
+    batch = acc.shape[1]
+    flat = acc.view(rank, out_dim * batch)  # (R, h B); (sizes, not -1: B may be 0)
     w = None if weights is None else cast(weights, acc.dtype).unsqueeze(0)  # (1, R)
     b = None if bias is None else cast(bias, acc.dtype)
     if out_dim == 1:
@@ -675,8 +676,8 @@ def _rank_major_output(
             y = y if b is None else y + b
         else:  # (the bias (1,) broadcasts over (1, B) as it is)
             y = torch.mm(w, flat) if b is None else torch.addmm(b, w, flat)
-        return y.view(-1, 1)
-    y = (flat.sum(dim=0) if w is None else torch.mm(w, flat)).view(out_dim, -1)  # (h, B)
+        return y.view(batch, 1)
+    y = (flat.sum(dim=0) if w is None else torch.mm(w, flat)).view(out_dim, batch)  # (h, B)
     if b is not None:
         y = y + b.unsqueeze(1)
     return y.t().contiguous()
