@@ -389,8 +389,8 @@ def layers(repeats: int, queue: int) -> list[dict[str, Any]]:
                 got = torch_cpu.setup("", "cuda", (batch, dims, out_dim, rank))
                 base = "lmf-layer"
                 layer = got["mmfuse-layer"]
-                # (on CUDA one bound serves both small forms: at h = 1 the single-output one runs)
-                small = "torch, single output" if out_dim == 1 else "torch, whole batch"
+                # (on CUDA one bound serves both small forms: at h = 1 the plain form runs)
+                small = "torch, plain form" if out_dim == 1 else "torch, whole batch"
                 cands = {base: got[base], "mmfuse-layer (auto)": layer,
                          small: under(layer, "torch", lowrank, ACCELERATOR_WHOLE_BATCH_ELEMENTS=_HUGE),
                          "torch, blocked op": under(layer, "torch", lowrank, ACCELERATOR_WHOLE_BATCH_ELEMENTS=-1),

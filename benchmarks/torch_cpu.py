@@ -41,9 +41,10 @@ Small batches: the same layers at B = 32 (no target; what a training step of typ
 costs, where per-call overhead rather than memory traffic decides).  Timed only.
 
 ``--batches`` runs instead the steps between those and the large batches (LowRankFusion at
-B = 256-8192, WanderAdapter at B = 8, 128, 512, CPFusion at B = 1024), timed only, the mmfuse
-layer against the plain one: where the small forms' row bounds hand over to the custom ops
-(with h = 1: where the plain form turns rank-major, past 1024 samples).
+B = 256-8192 with h 1, 4, 16 and 128, WanderAdapter at B = 8, 128, 512, CPFusion at
+B = 1024), timed only, the mmfuse layer against the plain one: where the small forms hand
+over to each other and to the custom ops (low-rank fusion's plain form, ``plain_fusion``,
+runs up to B R h = 2**20 and turns rank-major past 1024 samples with h = 1).
 
 Every time is the median over interleaved rounds; "ratio p10-p90" is the spread of the
 speed-up measured within single rounds (see ``_harness.round_ratios``), the machine's drift.
@@ -100,6 +101,11 @@ BATCH_CASES = {
     "B1024-d8,16,64-h1-R4": (1024, (8, 16, 64), 1, 4),
     "B2048-d8,16,64-h1-R4": (2048, (8, 16, 64), 1, 4),
     "B8192-d8,16,64-h1-R4": (8192, (8, 16, 64), 1, 4),
+    # past the whole-batch function's 256 rows, up to B R h = 2**20: the plain form (plain_fusion)
+    "B512-d8,16,64-h4-R16": (512, (8, 16, 64), 4, 16),
+    "B4096-d8,16,64-h4-R16": (4096, (8, 16, 64), 4, 16),
+    "B4096-d8,16,64-h16-R16": (4096, (8, 16, 64), 16, 16),
+    "B512-d32,32,128-h128-R16": (512, (32, 32, 128), 128, 16),
 }
 BATCH_WANDER_CASES = {
     f"wander-MOSI-B{b}-T50,50,50-d40-r16-Rh8-Rt12": (b, (50, 50, 50), 40, 16, 8, 12) for b in (8, 128, 512)

@@ -83,6 +83,8 @@ def test_lowrank_small_paths_match_autograd_through_the_core(
                 assert "LowRankFusion" in _grad_fn(y)  # the custom op's node
             elif path == "whole_batch" and out_dim > 1:
                 assert _grad_fn(y) == "_LowRankWholeBatchBackward"
+            elif path == "plain_rank_major" and with_present:  # masked: plain up to STAGED_ROWS
+                assert "LowRank" in _grad_fn(y)
             else:
                 assert "LowRank" not in _grad_fn(y)  # plain operations under autograd
             assert y.is_contiguous()
@@ -121,6 +123,41 @@ def test_lowrank_takes_plain_operations_up_to_their_own_bound(rng, monkeypatch, 
             results.append([y.detach(), *grads])
         for got, want in zip(*results):
             assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("out_dim", [1, 3])
+def test_lowrank_plain_forms_are_the_ones_their_rules_name(rng, monkeypatch, out_dim):
+    """Up to STAGED_ROWS samples plain_fusion stages the constant (one pad of each x_m; with
+    h = 1 batch-major, its rank sum one addmv), beyond it takes the constant's row of F_m as
+    addmm's bias (no pad); the forms agree to rounding, so only the operators tell them apart."""
+    from test_torch_backend import _OpLog
+
+    monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.lowrank"), "STAGED_ROWS", 8)
+    results = []
+    xs, fs, w, b = _lowrank_leaves(rng, 9, (3, 5), 4, out_dim, True, True, True)()
+    for batch in (8, 9):
+        with _OpLog() as log:
+            y = mmfuse.lowrank_fusion([x[:batch] for x in xs], fs, w, b)
+        assert "LowRank" not in _grad_fn(y)
+        staged = batch == 8
+        assert ("aten.constant_pad_nd.default" in log.ops) == staged, (batch, log.ops)
+        assert ("aten.addmm.default" in log.ops) == (not staged), (batch, log.ops)
+        assert ("aten.addmv.default" in log.ops) == (staged and out_dim == 1), (batch, log.ops)
+        results.append(y.detach()[:8])
+    assert_close(results[0], results[1], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("staged_rows", [-1, 1 << 30])
+def test_lowrank_plain_forms_take_rank_zero(staged_rows, monkeypatch):
+    """R = 0 (an empty sum over ranks): the result is the bias broadcast over (B, h), as the
+    reference's (addmv over an empty inner dimension had returned its (1,) input)."""
+    monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.lowrank"), "STAGED_ROWS", staged_rows)
+    for out_dim in (1, 3):
+        xs = [torch.randn(5, 3, dtype=torch.float64)]
+        bias = torch.randn(out_dim, dtype=torch.float64)
+        y = mmfuse.lowrank_fusion(xs, [torch.randn(0, 4, out_dim, dtype=torch.float64)], torch.randn(0, dtype=torch.float64), bias)
+        assert y.shape == (5, out_dim)
+        assert torch.equal(y, bias.expand(5, out_dim))
 
 
 @pytest.mark.parametrize("form", ["batch_major", "rank_major"])
@@ -387,6 +424,8 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
     assert plain(1 << 16, 4, 4, True) and not plain((1 << 16) + 1, 4, 4, True)
     assert plain(256, 4, 16, True) and not plain(256, 4, 17, True)  # R h 64, 68 (whole-batch)
     assert plain(257, 4, 17, True) and plain(256, 16, 128, True)  # past whole_batch's B, B R h
+    # with a present mask at most STAGED_ROWS samples (autograd keeps the masked copies)
+    assert plain(1024, 4, 1, True, True) and not plain(1025, 4, 1, True, True) and plain(1025, 4, 1, True)
 
     def lowrank_path(batch, dims, rank, out_dim):
         xs = [torch.empty(batch, d, device="meta", requires_grad=True) for d in dims]

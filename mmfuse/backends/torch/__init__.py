@@ -74,15 +74,19 @@ costs no memory, and the backward recomputes the projections block by block (one
 per modality, the forward's cost).  Narrow fusions are the exception: when the M projections
 take at most a quarter of the inputs' elements (``4 M R h <= sum_m d_m``, e.g. dims (8, 16, 64)
 with R h = 4), the forward also returns them as a second, non-differentiable output and they
-are saved: little memory, and the backward skips the recomputing GEMMs (the narrow case of
-``benchmarks/torch_cpu.py``).  (Small batches once kept theirs too, when the M projections
-held no more elements than the factors; but a rule on B gave the op's second output a shape
-that depends on B, which ``torch.export`` of a dynamic batch cannot take, and in eager mode
-small batches run whole-batch without the op.)  Fusions that keep their projections also run
-forward and backward on the whole batch at once, not in cache-sized blocks: every per-row array
-is (B, R h), small per row, so there is little to keep in cache, while each block costs a dozen
-op launches.  Per block the backward forms ``G_m = (g w) * prod_{k != m} P_k`` with prefix and suffix
-products (no division, so exact zeros in a projection are harmless).  Peak extra memory is a
+are saved: little memory, and the backward skips the recomputing GEMMs (such fusions past the
+plain form's bound below).  (Small batches once kept theirs too, when the M projections held
+no more elements than the factors; but a rule on B gave the op's second output a shape that
+depends on B, which ``torch.export`` of a dynamic batch cannot take, and in eager mode calls up
+to a size run without the op.)  In eager mode on the CPU, calls up to B R h = 2**20 run
+:func:`.lowrank.plain_fusion` instead (plain operations, whose autograd keeps the projections
+and their running products: at most 4 MiB each in float32; with a ``present`` mask only up to
+1024 samples, since autograd also keeps the masked copies of the inputs).  Fusions that keep
+their projections also run forward and backward on the whole batch at once, not in cache-sized
+blocks: every per-row array is (B, R h), small per row, so there is little to keep in cache,
+while each block costs a dozen op launches.  Per block the backward forms ``G_m = (g w) *
+prod_{k != m} P_k`` with prefix and suffix products (no division, so exact zeros in a
+projection are harmless).  Peak extra memory is a
 few (rows, R h) blocks plus the gradients themselves, independent of the batch size.
 
 When a graph of the backward is requested (``create_graph=True``: double backward,

@@ -58,8 +58,8 @@ def _keeps_projections(xs: Sequence[torch.Tensor], factors: Sequence[torch.Tenso
     12 against 88).  Otherwise they are recomputed: the memory-lean backward.  The rule reads
     no batch size: the op's second output has this shape, and a rule on B (small batches
     once kept theirs too) guarded traced graphs on it, so that ``torch.export`` failed for a
-    dynamic batch and ``torch.compile(dynamic=True)`` recompiled across it.  (Eager small
-    batches run whole-batch, without the op: :func:`whole_batch`.)
+    dynamic batch and ``torch.compile(dynamic=True)`` recompiled across it.  (Eager calls up
+    to a size run without the op: :func:`plain_form`, :func:`whole_batch`.)
     """
     rank, _, out_dim = factors[0].shape
     return 4 * len(xs) * rank * out_dim <= sum(x.shape[1] for x in xs)
@@ -360,7 +360,9 @@ _lowrank_eager = bind(
 # (32, 32, 128), R 16, h 128 for B = 32 to 128, and 0.66-0.96x at (8, 16, 64), R 4, h 1 for
 # B = 64 to 256; at h = 1 it lost beyond (1.0x at B = 512, 2.1x at B = 1024: its R
 # matrix-vector products against the blocked op's one GEMM with R h columns).  Hence the
-# core's bound on B R h and, on torch, at most WHOLE_BATCH_ROWS samples.
+# core's bound on B R h and, on torch, at most WHOLE_BATCH_ROWS samples.  (Since the
+# thirty-second session h = 1, and R h <= PLAIN_RANK_OUTPUTS, run plain_fusion on the CPU
+# instead; the bound stays as measured.)
 WHOLE_BATCH_ROWS = 256
 
 
@@ -377,15 +379,15 @@ WHOLE_BATCH_ROWS = 256
 PLAIN_ELEMENTS = 1 << 20
 
 
-# Within the whole-batch function's bounds (whole_batch), plain_fusion runs instead while R h
-# is at most this: there its one GEMM per modality with R h rows beat the function's batched
-# GEMMs (R of them, h columns each) and Python backward, and beyond the plain form's copy of
-# each factor as (R h, D) (its GEMM's layout) costs more than that saves.  Measured (one
-# training step, 2-core CI box, float32, (8, 16, 64) unless noted), plain / whole-batch:
-# 0.79-0.99x at B = 32 to 256 for R h = 8 to 64 (1.02 at h 16, R 4, B 256), 1.02-1.05x at
-# B = 1 (a few microseconds); 1.03-1.14x for R h = 128 to 512, and 1.06-1.29x at (32, 32,
-# 128), h 16 to 128, R 16, B = 32.  With h = 1 the plain form runs at every size within
-# PLAIN_ELEMENTS (see plain_fusion).
+# Within the whole-batch function's bounds (whole_batch), plain_fusion runs instead while R h is
+# at most this: there its one GEMM per modality with R h rows beat the function's batched GEMMs
+# (R of them, h columns each) and Python backward, and beyond the plain form's copy of each
+# factor as (R h, D) (its GEMM's layout) costs more than that saves.  Measured (one training
+# step, 2-core CI box, float32, (8, 16, 64) unless noted), plain / whole-batch: 0.79-0.99x at B
+# = 32 to 256 for R h = 8 to 64 (1.02 at h 16, R 4, B 256), 1.02-1.05x at B = 1 (a few
+# microseconds, within the rounds' spread: kept plain there); 1.03-1.14x for R h = 128 to 512,
+# and 1.06-1.29x at (32, 32, 128), h 16 to 128, R 16, B = 32.  With h = 1 the plain form runs at
+# every size within PLAIN_ELEMENTS (see plain_fusion).
 PLAIN_RANK_OUTPUTS = 64
 
 
@@ -424,17 +426,24 @@ STAGED_ROWS = 1024
 ACCELERATOR_WHOLE_BATCH_ELEMENTS = 1 << 24
 
 
-def plain_form(batch: int, rank: int, out_dim: int, on_cpu: bool = True) -> bool:
-    """Whether a torch low-rank fusion of this size (its tensors on the CPU or not) runs
-    :func:`plain_fusion`: on the CPU while ``B R h`` <= :data:`PLAIN_ELEMENTS`, where
-    :func:`whole_batch` holds only with h = 1 or ``R h`` <= :data:`PLAIN_RANK_OUTPUTS`;
+def plain_form(batch: int, rank: int, out_dim: int, on_cpu: bool = True, masked: bool = False) -> bool:
+    """Whether a torch low-rank fusion of this size (its tensors on the CPU or not; with a
+    ``present`` mask or not) runs :func:`plain_fusion`: on the CPU while ``B R h`` <=
+    :data:`PLAIN_ELEMENTS`, where :func:`whole_batch` holds only with h = 1 or ``R h`` <=
+    :data:`PLAIN_RANK_OUTPUTS`, and with a mask at most :data:`STAGED_ROWS` samples;
     elsewhere with h = 1 while ``B R`` <= :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never
-    under ``torch.compile``."""
+    under ``torch.compile``.
+
+    Why the masked bound: the plain form masks whole modalities (``torch.where``), and autograd
+    keeps each masked copy of x_m for the factors' gradients, B sum d_m elements (1 GiB at
+    B = 2**18, d_m 512, 512 in float32), where the blocked op masks block by block and keeps
+    only the inputs; up to STAGED_ROWS samples the plain form copies every x_m anyway (its
+    staged constant), as the whole-batch function does."""
     if torch.compiler.is_compiling():
         return False
     if not on_cpu:
         return out_dim == 1 and batch * rank <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
-    if batch * rank * out_dim > PLAIN_ELEMENTS:
+    if batch * rank * out_dim > PLAIN_ELEMENTS or (masked and batch > STAGED_ROWS):
         return False
     return out_dim == 1 or rank * out_dim <= PLAIN_RANK_OUTPUTS or not whole_batch(batch, rank, out_dim)
 
@@ -601,20 +610,21 @@ def plain_fusion(
     append_one: bool,
     present: Any,
 ) -> torch.Tensor:
-    """Low-rank fusion as plain torch operations recorded by autograd: per modality the
-    projections ``P_m[r] = hat x_m F_m[r]`` by one GEMM, their product, and ``y = sum_r w_r
-    P[r] + b`` by one more.  Rank-major, ``P_m`` as (R h, B) against ``F_m`` as (R h, D) (a
-    copy when h > 1), with the constant's row of ``F_m`` as the GEMM's bias past
-    :data:`STAGED_ROWS` samples on the CPU and staged in ``hat x_m`` up to it; with h = 1 up
-    to it (and on an accelerator), batch-major, ``P_m`` (B, R) and ``y`` by ``addmv``.
+    """Low-rank fusion as plain torch operations recorded by autograd: per modality the projections
+    ``P_m[r] = hat x_m F_m[r]`` by one GEMM, their product, and ``y = sum_r w_r P[r] + b``
+    by one more (without weights, a sum).  Rank-major, ``P_m`` as (R h, B) against ``F_m``
+    as (R h, D) (a copy when h > 1), with the constant's row of ``F_m`` as the GEMM's bias
+    past :data:`STAGED_ROWS` samples on the CPU and staged in ``hat x_m`` up to it; with h =
+    1 up to it (and on an accelerator), batch-major, ``P_m`` (B, R) and ``y`` by ``addmv``.
 
-    Why not :class:`_LowRankWholeBatch`: with few outputs its rank-major GEMMs are R
-    matrix-vector products, and their batched GEMM took about twice a plain GEMM's time on
-    the CI machine (12-16 us against 7 us at B = 32, R 4, h = 1: its threads' start-up), and
-    its backward's Python, not the arithmetic, then decides the step; here every GEMM is a
-    plain one and autograd's backward runs without Python.  Measured (one training step,
-    single thread, CPU time, interleaved rounds; (8, 16, 64), R 4, h = 1): 0.70-0.78x the
-    rank-major function's time at B = 32 and at B = 1.  The rules: :func:`plain_form`.
+    Why not :class:`_LowRankWholeBatch` (with few outputs, see :data:`PLAIN_RANK_OUTPUTS`):
+    at h = 1 its rank-major GEMMs are R matrix-vector products, and their batched GEMM took
+    about twice a plain GEMM's time on the CI machine (12-16 us against 7 us at B = 32, R 4,
+    h = 1: its threads' start-up), and its backward's Python, not the arithmetic, then
+    decides the step; here every GEMM is a plain one and autograd's backward runs without
+    Python.  Measured (one training step, single thread, CPU time, interleaved rounds; (8,
+    16, 64), R 4, h = 1): 0.70-0.78x the rank-major function's time at B = 32 and at B = 1.
+    The rules: :func:`plain_form`.
     """
     dtype = xs[0].dtype
     low = dtype in LOW_PRECISION
@@ -650,8 +660,9 @@ def plain_fusion(
             y = y + cast(bias, acc.dtype)
     else:  # the bias (1,) broadcasts over the batch
         w = cast(weights, acc.dtype)
-        if bias is None or acc.shape[0] == 0:
-            # (addmv over an empty batch returns its (1,) input as is, where y is (0,))
+        if bias is None or acc.numel() == 0:
+            # (addmv over an empty batch, or rank 0, returns its (1,) input as is, where y is
+            # (B,))
             y = torch.mv(acc, w) if bias is None else torch.mv(acc, w) + cast(bias, acc.dtype)
         else:
             y = torch.addmv(cast(bias, acc.dtype), acc, w)
@@ -699,7 +710,7 @@ def lowrank_fusion(
     ``torch.compile``)."""
     rank, _, out_dim = factors[0].shape
     batch, on_cpu = xs[0].shape[0], xs[0].is_cpu  # (is_cpu: a seventh of .device.type's cost)
-    if plain_form(batch, rank, out_dim, on_cpu):
+    if plain_form(batch, rank, out_dim, on_cpu, present is not None):
         return plain_fusion(xs, factors, weights, bias, append_one, present)
     widest = 0 if on_cpu else max(x.shape[1] for x in xs)  # (the CPU's rule ignores it)
     if whole_batch(batch, rank, out_dim, on_cpu, widest):
