@@ -143,8 +143,14 @@ def test_lowrank_plain_forms_are_the_ones_their_rules_name(rng, monkeypatch, out
         assert ("aten.constant_pad_nd.default" in log.ops) == staged, (batch, log.ops)
         assert ("aten.addmm.default" in log.ops) == (not staged), (batch, log.ops)
         assert ("aten.addmv.default" in log.ops) == (staged and out_dim == 1), (batch, log.ops)
+        assert "aten.bmm.default" not in log.ops, (batch, log.ops)
         results.append(y.detach()[:8])
     assert_close(results[0], results[1], rtol=1e-13, atol=1e-13)
+    if out_dim > 1:  # without autograd, within its bounds, the whole-batch form (bmm)
+        with torch.no_grad(), _OpLog() as log:
+            y = mmfuse.lowrank_fusion([x[:8] for x in xs], fs, w, b)
+        assert "aten.bmm.default" in log.ops, log.ops
+        assert_close(y, results[0], rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("staged_rows", [-1, 1 << 30])
@@ -423,6 +429,7 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
     assert plain(1 << 18, 4, 1, True) and not plain((1 << 18) + 1, 4, 1, True)
     assert plain(1 << 16, 4, 4, True) and not plain((1 << 16) + 1, 4, 4, True)
     assert plain(256, 4, 16, True) and not plain(256, 4, 17, True)  # R h 64, 68 (whole-batch)
+    assert not plain(256, 4, 16, True, records=False) and plain(256, 4, 1, True, records=False)
     assert plain(257, 4, 17, True) and plain(256, 16, 128, True)  # past whole_batch's B, B R h
     # with a present mask at most STAGED_ROWS samples (autograd keeps the masked copies)
     assert plain(1024, 4, 1, True, True) and not plain(1025, 4, 1, True, True) and plain(1025, 4, 1, True)

@@ -379,15 +379,17 @@ WHOLE_BATCH_ROWS = 256
 PLAIN_ELEMENTS = 1 << 20
 
 
-# Within the whole-batch function's bounds (whole_batch), plain_fusion runs instead while R h is
-# at most this: there its one GEMM per modality with R h rows beat the function's batched GEMMs
-# (R of them, h columns each) and Python backward, and beyond the plain form's copy of each
-# factor as (R h, D) (its GEMM's layout) costs more than that saves.  Measured (one training
-# step, 2-core CI box, float32, (8, 16, 64) unless noted), plain / whole-batch: 0.79-0.99x at B
-# = 32 to 256 for R h = 8 to 64 (1.02 at h 16, R 4, B 256), 1.02-1.05x at B = 1 (a few
-# microseconds, within the rounds' spread: kept plain there); 1.03-1.14x for R h = 128 to 512,
-# and 1.06-1.29x at (32, 32, 128), h 16 to 128, R 16, B = 32.  With h = 1 the plain form runs at
-# every size within PLAIN_ELEMENTS (see plain_fusion).
+# Within the whole-batch function's bounds (whole_batch), plain_fusion runs instead, while
+# autograd records, where R h is at most this: there its one GEMM per modality with R h rows
+# beat the function's batched GEMMs (R of them, h columns each) and Python backward, and
+# beyond the plain form's copy of each factor as (R h, D) (its GEMM's layout) costs more than
+# that saves.  Measured (one training step, 2-core CI box, float32, (8, 16, 64) unless noted),
+# plain / whole-batch: 0.79-0.99x at B = 32 to 256 for R h = 8 to 64 (1.02 at h 16, R 4, B
+# 256), 1.02-1.05x at B = 1 (a few microseconds, within the rounds' spread: kept plain there);
+# 1.03-1.14x for R h = 128 to 512, and 1.06-1.29x at (32, 32, 128), h 16 to 128, R 16, B = 32.
+# With h = 1 the plain form runs at every size within PLAIN_ELEMENTS (see plain_fusion).
+# Without autograd the whole-batch form runs as plain operations without the function, fewer
+# than plain_fusion's (see plain_form).
 PLAIN_RANK_OUTPUTS = 64
 
 
@@ -426,13 +428,19 @@ STAGED_ROWS = 1024
 ACCELERATOR_WHOLE_BATCH_ELEMENTS = 1 << 24
 
 
-def plain_form(batch: int, rank: int, out_dim: int, on_cpu: bool = True, masked: bool = False) -> bool:
+def plain_form(
+    batch: int, rank: int, out_dim: int, on_cpu: bool = True, masked: bool = False, records: bool = True
+) -> bool:
     """Whether a torch low-rank fusion of this size (its tensors on the CPU or not; with a
-    ``present`` mask or not) runs :func:`plain_fusion`: on the CPU while ``B R h`` <=
-    :data:`PLAIN_ELEMENTS`, where :func:`whole_batch` holds only with h = 1 or ``R h`` <=
-    :data:`PLAIN_RANK_OUTPUTS`, and with a mask at most :data:`STAGED_ROWS` samples;
-    elsewhere with h = 1 while ``B R`` <= :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never
-    under ``torch.compile``.
+    ``present`` mask or not; autograd recording it or not) runs :func:`plain_fusion`: on
+    the CPU while ``B R h`` <= :data:`PLAIN_ELEMENTS`, where :func:`whole_batch` holds only
+    with h = 1 or, while autograd records, ``R h`` <= :data:`PLAIN_RANK_OUTPUTS`, and with a
+    mask at most :data:`STAGED_ROWS` samples; elsewhere with h = 1 while ``B R`` <=
+    :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never under ``torch.compile``.
+
+    Why only while autograd records: without it the whole-batch form runs as plain
+    operations too (no autograd.Function), the fewest: a tiny call (B = 4, h 2, R 2) took
+    45 us in the plain form against 35 us.
 
     Why the masked bound: the plain form masks whole modalities (``torch.where``), and autograd
     keeps each masked copy of x_m for the factors' gradients, B sum d_m elements (1 GiB at
@@ -445,7 +453,9 @@ def plain_form(batch: int, rank: int, out_dim: int, on_cpu: bool = True, masked:
         return out_dim == 1 and batch * rank <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
     if batch * rank * out_dim > PLAIN_ELEMENTS or (masked and batch > STAGED_ROWS):
         return False
-    return out_dim == 1 or rank * out_dim <= PLAIN_RANK_OUTPUTS or not whole_batch(batch, rank, out_dim)
+    if out_dim == 1 or not whole_batch(batch, rank, out_dim):
+        return True
+    return records and rank * out_dim <= PLAIN_RANK_OUTPUTS
 
 
 def whole_batch(batch: int, rank: int, out_dim: int, on_cpu: bool = True, widest: int = 0) -> bool:
@@ -710,11 +720,12 @@ def lowrank_fusion(
     ``torch.compile``)."""
     rank, _, out_dim = factors[0].shape
     batch, on_cpu = xs[0].shape[0], xs[0].is_cpu  # (is_cpu: a seventh of .device.type's cost)
-    if plain_form(batch, rank, out_dim, on_cpu, present is not None):
+    records = torch.is_grad_enabled() and any_requires_grad((xs, factors, weights, bias))
+    if plain_form(batch, rank, out_dim, on_cpu, present is not None, records):
         return plain_fusion(xs, factors, weights, bias, append_one, present)
     widest = 0 if on_cpu else max(x.shape[1] for x in xs)  # (the CPU's rule ignores it)
     if whole_batch(batch, rank, out_dim, on_cpu, widest):
-        if torch.is_grad_enabled() and any_requires_grad((xs, factors, weights, bias)):
+        if records:
             return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
         # nothing to differentiate: the same forward without autograd.Function's apply (a
         # quarter of a tiny call's time), as the eager binding does for the custom ops
