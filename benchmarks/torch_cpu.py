@@ -6,9 +6,10 @@ Run: ``python benchmarks/torch_cpu.py [--json FILE] [--quick]``.
 Candidates, float32, all cores, one training step's forward and backward (``out.sum()``
 back-propagated to the inputs and all parameters):
 
-- ``mmfuse-layer``: ``mmfuse.nn.LowRankFusion`` (the ``mmfuse::lowrank_fusion`` custom op:
-  blocked forward, analytic backward that saves only the inputs; narrow fusions such as the
-  second case run unblocked and keep their small (M, B, R h) projections).
+- ``mmfuse-layer``: ``mmfuse.nn.LowRankFusion`` under "auto": the wide case the
+  ``mmfuse::lowrank_fusion`` custom op (blocked forward, analytic backward that saves only
+  the inputs), the narrow second case (B R h = 2**18) the plain form, rank-major GEMMs under
+  autograd (``mmfuse.backends.torch.lowrank.plain_fusion``).
 - ``mmfuse-core``: the same layer forced onto the Array-API core (autograd through it).
 - ``lmf-layer``: a straightforward layer in the style of LMF's released code: concatenate the
   constant, one batched matmul per modality giving (R, B, h), elementwise product, rank-weighted

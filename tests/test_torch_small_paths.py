@@ -430,6 +430,10 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
     assert plain(1 << 16, 4, 4, True) and not plain((1 << 16) + 1, 4, 4, True)
     assert plain(256, 4, 16, True) and not plain(256, 4, 17, True)  # R h 64, 68 (whole-batch)
     assert not plain(256, 4, 16, True, records=False) and plain(256, 4, 1, True, records=False)
+    # without autograd past the whole-batch bounds: B R h <= 2**16 or R h <= 8
+    assert plain(1 << 12, 16, 1, True, records=False) and not plain((1 << 12) + 1, 16, 1, True, records=False)
+    assert plain(1 << 17, 8, 1, True, records=False) and plain(1 << 17, 8, 1, True)
+    assert plain((1 << 12) + 1, 16, 1, True)  # (while autograd records, up to 2**20)
     assert plain(257, 4, 17, True) and plain(256, 16, 128, True)  # past whole_batch's B, B R h
     # with a present mask at most STAGED_ROWS samples (autograd keeps the masked copies)
     assert plain(1024, 4, 1, True, True) and not plain(1025, 4, 1, True, True) and plain(1025, 4, 1, True)

@@ -79,9 +79,10 @@ plain form's bound below).  (Small batches once kept theirs too, when the M proj
 no more elements than the factors; but a rule on B gave the op's second output a shape that
 depends on B, which ``torch.export`` of a dynamic batch cannot take, and in eager mode calls up
 to a size run without the op.)  In eager mode on the CPU, calls up to B R h = 2**20 run
-:func:`.lowrank.plain_fusion` instead (plain operations, whose autograd keeps the projections
-and their running products: at most 4 MiB each in float32; with a ``present`` mask only up to
-1024 samples, since autograd also keeps the masked copies of the inputs).  Fusions that keep
+:func:`.lowrank.plain_fusion` instead, with the exceptions :func:`.lowrank.plain_form`
+states (plain operations, whose autograd keeps the projections and their running products:
+at most 4 MiB each in float32; with a ``present`` mask only up to 1024 samples, since autograd
+also keeps the masked copies of the inputs).  Fusions that keep
 their projections also run forward and backward on the whole batch at once, not in cache-sized
 blocks: every per-row array is (B, R h), small per row, so there is little to keep in cache,
 while each block costs a dozen op launches.  Per block the backward forms ``G_m = (g w) *

@@ -374,8 +374,9 @@ WHOLE_BATCH_ROWS = 256
 # 2-core CI box, float32, medians of rounds alternating the order; benchmarks/RESULTS.md,
 # thirty-second session): with h = 1, R 4 to 128, against the blocked op 0.74-0.83x its time
 # at B R = 2**19, 0.82-0.92x at 2**20, 0.94-1.25x at 2**21 (R 32: 1.25, R 128: 1.08); with h 2
-# to 32 and R 4 or 16 past WHOLE_BATCH_ROWS samples, 0.49-0.89x (B = 512 to 65536, R h B up
-# to 2**20; (32, 32, 128) with h 16 to 128, R 16: 0.80-0.91x).
+# to 32 and R 4 or 16 past WHOLE_BATCH_ROWS samples, 0.49-0.93x (B = 512 to 65536, R h B up
+# to 2**20; 1.02 at the bound, h 16, R 16, B 4096; (32, 32, 128) with h 16 to 128, R 16:
+# 0.80-0.91x).
 PLAIN_ELEMENTS = 1 << 20
 
 
@@ -386,11 +387,23 @@ PLAIN_ELEMENTS = 1 << 20
 # that saves.  Measured (one training step, 2-core CI box, float32, (8, 16, 64) unless noted),
 # plain / whole-batch: 0.79-0.99x at B = 32 to 256 for R h = 8 to 64 (1.02 at h 16, R 4, B
 # 256), 1.02-1.05x at B = 1 (a few microseconds, within the rounds' spread: kept plain there);
-# 1.03-1.14x for R h = 128 to 512, and 1.06-1.29x at (32, 32, 128), h 16 to 128, R 16, B = 32.
+# 0.87-1.14x for R h = 128 to 512 (above 1 in 10 of 12), and 1.06-1.29x at (32, 32, 128), h
+# 16 to 128, R 16, B = 32.
 # With h = 1 the plain form runs at every size within PLAIN_ELEMENTS (see plain_fusion).
 # Without autograd the whole-batch form runs as plain operations without the function, fewer
 # than plain_fusion's (see plain_form).
 PLAIN_RANK_OUTPUTS = 64
+
+
+# Without autograd (a forward alone: no_grad, inference), plain_fusion runs past the
+# whole-batch bounds only while B R h is at most FORWARD_PLAIN_ELEMENTS or R h at most
+# FORWARD_PLAIN_RANK_OUTPUTS: a forward alone gains less from it than a training step.
+# Measured (forward under no_grad, (8, 16, 64), 2-core CI box, float32, rounds alternating
+# the order), plain / op: 0.52-0.93x at B R h = 2**14 to 2**16 for R h = 4 to 64; with R h 4
+# and 8, 0.76-1.01x at 2**18 and 0.78-0.91x at 2**20; with R h 16 to 256, 1.10-1.19x at 2**18
+# and 1.12-1.31x at 2**20.
+FORWARD_PLAIN_ELEMENTS = 1 << 16
+FORWARD_PLAIN_RANK_OUTPUTS = 8
 
 
 # Up to this many samples on the CPU, and always on an accelerator, plain_fusion stages the
@@ -434,9 +447,11 @@ def plain_form(
     """Whether a torch low-rank fusion of this size (its tensors on the CPU or not; with a
     ``present`` mask or not; autograd recording it or not) runs :func:`plain_fusion`: on
     the CPU while ``B R h`` <= :data:`PLAIN_ELEMENTS`, where :func:`whole_batch` holds only
-    with h = 1 or, while autograd records, ``R h`` <= :data:`PLAIN_RANK_OUTPUTS`, and with a
-    mask at most :data:`STAGED_ROWS` samples; elsewhere with h = 1 while ``B R`` <=
-    :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never under ``torch.compile``.
+    with h = 1 or, while autograd records, ``R h`` <= :data:`PLAIN_RANK_OUTPUTS`, without
+    autograd only while ``B R h`` <= :data:`FORWARD_PLAIN_ELEMENTS` or ``R h`` <=
+    :data:`FORWARD_PLAIN_RANK_OUTPUTS`, and with a mask at most :data:`STAGED_ROWS` samples;
+    elsewhere with h = 1 while ``B R`` <= :data:`ACCELERATOR_WHOLE_BATCH_ELEMENTS`; never
+    under ``torch.compile``.
 
     Why only while autograd records: without it the whole-batch form runs as plain
     operations too (no autograd.Function), the fewest: a tiny call (B = 4, h 2, R 2) took
@@ -451,7 +466,10 @@ def plain_form(
         return False
     if not on_cpu:
         return out_dim == 1 and batch * rank <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
-    if batch * rank * out_dim > PLAIN_ELEMENTS or (masked and batch > STAGED_ROWS):
+    elements = batch * rank * out_dim
+    if elements > PLAIN_ELEMENTS or (masked and batch > STAGED_ROWS):
+        return False
+    if not records and elements > FORWARD_PLAIN_ELEMENTS and rank * out_dim > FORWARD_PLAIN_RANK_OUTPUTS:
         return False
     if out_dim == 1 or not whole_batch(batch, rank, out_dim):
         return True
