@@ -286,6 +286,16 @@ CASES = (
 )
 
 
+# The float32 cases of hard data: each maker gives (args, kwargs), or None where it does not
+# apply to the operator.
+_FLOAT32_HARD_DATA = {
+    "large_mean": _large_mean,
+    "long_axis": lambda op, rng: _large_mean(op, rng, tokens=65536, batch=2),
+    "cancelling_means": _cancelling_means,
+    "large_constant": _large_constant,
+}
+
+
 def _case(op: str, case: str, seed: int) -> tuple[tuple[Any, ...], dict[str, Any], str] | None:
     """(args, kwargs, dtype) in NumPy for ``case`` (None: the case does not apply to ``op``)."""
     if op in EXPLAINS:  # the fusion's case, without the bias, terms by order or by subset
@@ -299,20 +309,8 @@ def _case(op: str, case: str, seed: int) -> tuple[tuple[Any, ...], dict[str, Any
     rng = np.random.default_rng(seed)
     args, kwargs = make_problem(op, seed=rng)
     dtype = "float64"
-    if case in ("large_mean", "long_axis"):
-        made = _large_mean(op, rng) if case == "large_mean" else _large_mean(op, rng, tokens=65536, batch=2)
-        if made is None:
-            return None
-        args, kwargs = made
-        dtype = "float32"
-    elif case == "cancelling_means":
-        made = _cancelling_means(op, rng)
-        if made is None:
-            return None
-        args, kwargs = made
-        dtype = "float32"
-    elif case == "large_constant":
-        made = _large_constant(op, rng)
+    if case in _FLOAT32_HARD_DATA:
+        made = _FLOAT32_HARD_DATA[case](op, rng)
         if made is None:
             return None
         args, kwargs = made
