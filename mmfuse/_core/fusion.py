@@ -447,18 +447,6 @@ def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
     return batch * rank * out_dim <= WHOLE_BATCH_ELEMENTS
 
 
-def rank_major_projections(
-    xp: Any, xs: list[Any], factors: list[Any], append_one: bool, present: Any
-) -> list[Any]:
-    """Every modality's projections ``[x_m, 1] @ F_m`` as one broadcast product each, in the
-    paper's rank-major layout (R, B, h), absent samples' features zeroed."""
-    if present is None:  # every sample has every modality (the common call, kept short)
-        return [affine(x, f, append_one) for x, f in zip(xs, factors)]
-    return [
-        affine(mask_absent(xp, x, present, m), f, append_one) for m, (x, f) in enumerate(zip(xs, factors))
-    ]
-
-
 def rank_sum(xp: Any, acc: Any, weights: Any, bias: Any) -> Any:
     """``sum_r w_r acc[r] + b`` for a rank-major (R, B, h) ``acc``, as one (R,) @ (R, B h)
     product (a sum without weights)."""
