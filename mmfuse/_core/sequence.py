@@ -682,30 +682,54 @@ def sequence_fusion(
     if masks is not None:
         hs = [mask_tokens(xp, h, mask) for h, mask in zip(hs, masks)]
     if mode == "collapsed":
-        mats = [_collapsed_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
-        y = None
-        numpy = is_numpy(xp)
-        for h, (phi, psi_t), order in zip(hs, mats, the_plan.orders):
-            term = _contract(xp, h, phi, psi_t, order)  # (B, T_out, D)
-            if y is None:
-                y = term
-            elif numpy:
-                y *= term  # our own buffer (the first product)
-            else:
-                y = y * term
-        return y
+        return fuse_collapsed(xp, hs, feature_factors, token_factors, the_plan.orders)
+    blocking = cp_block_shape(xp, hs[0], int(r_t), int(n_out), int(r_h), int(out_dim))
+    return fuse_cp(xp, hs, feature_factors, token_factors, the_plan.orders, blocking)
+
+
+def fuse_collapsed(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: list[Any],
+                   orders: tuple[str, ...]) -> Any:  # fmt: skip
+    """:func:`sequence_fusion`'s collapsed mode on the (masked) activations ``hs``, each
+    modality contracted in its planned order (:class:`SequencePlan`)."""
+    mats = [_collapsed_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
+    y = None
+    numpy = is_numpy(xp)
+    for h, (phi, psi_t), order in zip(hs, mats, orders):
+        term = _contract(xp, h, phi, psi_t, order)  # (B, T_out, D)
+        if y is None:
+            y = term
+        elif numpy:
+            y *= term  # our own buffer (the first product)
+        else:
+            y = y * term
+    return y
+
+
+def cp_block_shape(xp: Any, h: Any, r_t: int, n_out: int, r_h: int, out_dim: int) -> tuple[Any, int]:
+    """(batch rows, token ranks) per block of cp mode for activations like ``h`` (B, T, r):
+    :func:`cp_blocking` within the host's block budget, one block on lazy namespaces."""
+    batch = h.shape[0]
+    if type(h) is sys.modules["numpy"].ndarray:  # (the tests below, and finfo, cost a few
+        # microseconds of a small call)
+        return cp_blocking(batch, r_t, n_out, r_h, out_dim, h.itemsize, CP_BLOCK_BYTES)
+    if is_lazy(h) or is_dask(xp) or is_jax(xp) or batch is None:
+        return batch, r_t  # one block: their schedulers handle memory
+    itemsize = int(xp.finfo(h.dtype).bits) // 8
+    budget = block_budget(h, CP_BLOCK_BYTES)
+    return cp_blocking(int(batch), r_t, n_out, r_h, out_dim, itemsize, budget)
+
+
+def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: list[Any],
+            orders: tuple[str, ...], blocking: tuple[Any, int]) -> Any:  # fmt: skip
+    """:func:`sequence_fusion`'s cp mode on the (masked) activations ``hs``, each modality
+    contracted in its planned order, ``blocking`` (batch rows, token ranks) per block
+    (:func:`cp_block_shape`)."""
+    r_h, _, out_dim = feature_factors[0].shape
+    r_t, _, n_out = token_factors[0].shape
     mats = [_cp_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
     batch = hs[0].shape[0]
     numpy = type(hs[0]) is sys.modules["numpy"].ndarray
-    if numpy:  # (the tests below, and finfo, cost a few microseconds of a small call)
-        rows_b, chunk_j = cp_blocking(batch, r_t, n_out, r_h, out_dim, hs[0].itemsize, CP_BLOCK_BYTES)
-    elif is_lazy(hs[0]) or is_dask(xp) or is_jax(xp) or batch is None:
-        rows_b, chunk_j = batch, int(r_t)  # one block: their schedulers handle memory
-    else:
-        itemsize = int(xp.finfo(hs[0].dtype).bits) // 8
-        budget = block_budget(hs[0], CP_BLOCK_BYTES)
-        shape = (int(batch), int(r_t), int(n_out), int(r_h), int(out_dim))
-        rows_b, chunk_j = cp_blocking(*shape, itemsize, budget)
+    rows_b, chunk_j = blocking
     parts = []
     # One block, or one chunk of token ranks, covering everything takes the arrays whole: an
     # index of all rows would be one more operator per modality on torch
@@ -716,13 +740,13 @@ def sequence_fusion(
         # the first contraction, once per batch block: (b, R_t T_out, r_m) or (b, T_m, R_h D)
         firsts = [
             psi_t @ h if order == "token" else _times(xp, h, phi)
-            for h, (phi, psi_t), order in zip(block, mats, the_plan.orders)
+            for h, (phi, psi_t), order in zip(block, mats, orders)
         ]
         acc = None
         for j0 in range(0, r_t, chunk_j):
             rows = slice(j0 * n_out, min(j0 + chunk_j, r_t) * n_out)  # token ranks j0..
             prod = None
-            for first, (phi, psi_t), order in zip(firsts, mats, the_plan.orders):
+            for first, (phi, psi_t), order in zip(firsts, mats, orders):
                 # (b, jn T_out, R_h D)
                 if order == "token":
                     term = _times(xp, first if all_ranks else first[:, rows, :], phi)
@@ -910,9 +934,20 @@ def wander_with(
     down = params["down"]
     if is_dask(xp):  # the down-projections in one chunk each, as sequence_fusion's factors
         down = [tuple(one_chunk(pair)) for pair in down]
+    feature, token = list(params["feature"]), list(params["token"])
+    fused = lambda hs: fuse(hs, feature, token, mode=mode, masks=masks)  # noqa: E731
+    return adapter(xp, xs, inputs, down, activation, residual, fused)
+
+
+def adapter(
+    xp: Any, xs: list[Any], inputs: list[Any], down: Any, activation: Any, residual: str,
+    fuse: Callable[[list[Any]], Any],
+) -> Any:  # fmt: skip
+    """The adapter's steps on the token sequences ``inputs`` (``xs``, their padding zeroed):
+    each one's down-projection ``down`` and ``activation``, then ``fuse`` (the activations'
+    sequence fusion, (B, T_out, D)) and the ``residual`` from the raw ``xs``."""
     hs = [_down(xp, x, w, b) for x, (w, b) in zip(inputs, down)]
-    hs = _activate(xp, activation, hs)
-    y = fuse(hs, list(params["feature"]), list(params["token"]), mode=mode, masks=masks)
+    y = fuse(_activate(xp, activation, hs))
     if residual == "first":
         y = y + first_tokens(xp, xs, y.shape[1])
     return y
