@@ -311,7 +311,8 @@ def plan_sequence(
     check_same_float_dtype(xp, named)
     masks = _check_masks(xp, masks, shapes, "hs")
     impl = lookup("sequence_fusion", backend, like=hs[0], arrays=(hs, feature_factors, token_factors))
-    return partial(impl, mode=mode)
+    chosen = planned_impl(impl, (hs, feature_factors, token_factors), {"mode": mode, "masks": masks})
+    return partial(chosen, mode=mode)
 
 
 # --------------------------------------------------------------------------- the adapter

@@ -284,6 +284,56 @@ def test_a_planned_numpy_lowrank_call_reads_the_size_bound_per_call(rng, monkeyp
     assert_close(got, want16)
 
 
+@pytest.mark.parametrize("mode", ["collapsed", "cp"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_planned_numpy_wander_and_sequence_fusion_give_the_unplanned_bits(rng, mode, dtype, monkeypatch):
+    """The core's NumPy plans (``_plan_wander``, ``_plan_sequence_fusion``) run the same
+    steps as the entry functions with the orders chosen once: the same bits, calls one and
+    two (made and planned), modalities of both contraction orders; cp mode reads its cache
+    budget per call (a budget changed after the plan blocks the planned call too); masked and
+    float16 calls keep the entry functions."""
+    import mmfuse._core.sequence as core
+
+    lengths, dims, n_out = (40, 3, 5), (6, 4, 6), 8
+    params = mmfuse.init_wander(list(dims), list(lengths), rank=4, feature_rank=2, token_rank=3,
+                                out_dim=6, n_out=n_out, seed=int(rng.integers(1 << 30)), dtype=dtype)  # fmt: skip
+    xs = [rng.standard_normal((5, t, d)).astype(dtype) for t, d in zip(lengths, dims)]
+    hs = [rng.standard_normal((5, t, 4)).astype(dtype) for t in lengths]
+    feature, token = params["feature"], params["token"]
+    assert len(set(core.plan(mode, lengths, (4,) * 3, 2, 3, n_out, 6).orders)) == 2
+    want_wander = core.wander(xs, params, mode=mode, masks=None, activation="gelu", residual="none")
+    want_fusion = core.sequence_fusion(hs, feature, token, mode=mode)
+    planned_wander = core._plan_wander(xs, params, mode=mode, masks=None, activation="gelu", residual="none")
+    planned_fusion = core._plan_sequence_fusion(hs, feature, token, mode=mode, masks=None)
+    assert planned_wander is not core.wander and planned_fusion is not core.sequence_fusion
+    for _ in range(2):
+        got = mmfuse.wander(xs, params, mode=mode, residual="none")
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, want_wander)
+        np.testing.assert_array_equal(mmfuse.sequence_fusion(hs, feature, token, mode=mode), want_fusion)
+    with monkeypatch.context() as patch:  # planned calls: not through the entry functions
+        for name in ("wander_with", "sequence_fusion"):
+            patch.setattr(core, name, lambda *a, **k: pytest.fail("the entry function ran"))
+        np.testing.assert_array_equal(mmfuse.wander(xs, params, mode=mode, residual="none"), want_wander)
+        np.testing.assert_array_equal(mmfuse.sequence_fusion(hs, feature, token, mode=mode), want_fusion)
+    if mode == "cp":
+        blocks = []
+        fuse_cp = core.fuse_cp
+        monkeypatch.setattr(core, "fuse_cp", lambda *a: blocks.append(a[-1]) or fuse_cp(*a))
+        monkeypatch.setattr(core, "CP_BLOCK_BYTES", 3 * 2 * 6 * np.dtype(dtype).itemsize)
+        core.cp_blocking.cache_clear()
+        try:
+            got = mmfuse.sequence_fusion(hs, feature, token, mode=mode)
+        finally:
+            core.cp_blocking.cache_clear()
+        assert blocks == [(1, 1)]
+        assert_close(got, want_fusion)
+    masks = [np.ones((5, t), dtype=bool) for t in lengths]
+    assert core._plan_wander(xs, params, mode=mode, masks=masks, activation="gelu", residual="none") is core.wander
+    half = [h.astype(np.float16) for h in hs]
+    assert core._plan_sequence_fusion(half, feature, token, mode=mode, masks=None) is core.sequence_fusion
+
+
 def test_the_configured_policy_is_read_afresh_after_every_change():
     """``backend_policy`` remembers the last options state's policy by identity: every
     set_config and config_context makes a new state, each thread its own."""

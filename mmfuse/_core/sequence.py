@@ -951,3 +951,71 @@ def adapter(
     if residual == "first":
         y = y + first_tokens(xp, xs, y.shape[1])
     return y
+
+
+# --------------------------------------------------------------------------- plans
+#
+# The public layer plans each call signature once (mmfuse._plan); these are the core's own
+# plans for NumPy arrays (:func:`mmfuse._plan.planned_impl`).  A signature fixes the namespace,
+# dtype, shapes and options, so the contraction orders are chosen once and a call runs
+# fuse_collapsed / fuse_cp (and the adapter's steps) straight, without the entry functions'
+# namespace, dtype, Dask and order look-ups (about a tenth of the tiny Wander call of
+# benchmarks/overhead.py).  float16 (computed in float32) and masked calls run the entry
+# functions themselves.
+
+
+def _numpy_plan_applies(h: Any, masks: Any) -> bool:
+    """Whether a call on arrays like ``h`` runs planned: unmasked NumPy in its own dtype."""
+    return type(h) is sys.modules["numpy"].ndarray and masks is None and h.dtype.itemsize >= 4
+
+
+def _planned_fusion(
+    h: Any, feature_factors: Any, token_factors: Any, mode: str
+) -> Callable[[list[Any], Any, Any], Any]:
+    """The fusion of NumPy activations of ``h``'s type and dtype, in the factors' shapes (the
+    signature's), chosen once: ``fuse(hs, feature_factors, token_factors)``."""
+    xp = array_namespace(h)
+    r_h, _, out_dim = (int(n) for n in feature_factors[0].shape)
+    r_t, _, n_out = (int(n) for n in token_factors[0].shape)
+    lengths = tuple(int(t.shape[1]) for t in token_factors)
+    ranks = tuple(int(f.shape[1]) for f in feature_factors)
+    orders = plan(mode, lengths, ranks, r_h, r_t, n_out, out_dim).orders
+
+    def collapsed(hs: list[Any], feature: Any, token: Any) -> Any:
+        return fuse_collapsed(xp, hs, feature, token, orders)
+
+    def cp(hs: list[Any], feature: Any, token: Any) -> Any:
+        # the blocks per call (a cached look-up), as the unplanned call: the cache budget
+        # CP_BLOCK_BYTES is read when it runs
+        return fuse_cp(xp, hs, feature, token, orders, cp_block_shape(xp, hs[0], r_t, n_out, r_h, out_dim))
+
+    return collapsed if mode == "collapsed" else cp
+
+
+def _plan_sequence_fusion(hs: list[Any], feature_factors: Any, token_factors: Any, *, mode: str,
+                          masks: Any = None) -> Callable[..., Any]:  # fmt: skip
+    """:func:`sequence_fusion`'s own plan: see this section's comment."""
+    if not _numpy_plan_applies(hs[0], masks):
+        return sequence_fusion
+    fuse = _planned_fusion(hs[0], feature_factors, token_factors, mode)
+    return lambda hs, feature, token, *, masks=None, mode=mode: fuse(hs, feature, token)
+
+
+def _plan_wander(xs: list[Any], params: Any, *, mode: str, masks: Any, activation: Any,
+                 residual: str) -> Callable[..., Any]:  # fmt: skip
+    """:func:`wander`'s own plan: see this section's comment.  (A pre-activation's shape is
+    its input's with the width of its down-projection, which the signature fixes.)"""
+    if not _numpy_plan_applies(xs[0], masks):
+        return wander
+    xp = array_namespace(xs[0])
+    fuse = _planned_fusion(xs[0], params["feature"], params["token"], mode)
+
+    def planned(xs: list[Any], params: Any, *, masks: Any, activation: Any, mode: str, residual: str) -> Any:
+        feature, token = params["feature"], params["token"]
+        return adapter(xp, xs, xs, params["down"], activation, residual, lambda hs: fuse(hs, feature, token))
+
+    return planned
+
+
+sequence_fusion.plan = _plan_sequence_fusion  # type: ignore[attr-defined]
+wander.plan = _plan_wander  # type: ignore[attr-defined]
