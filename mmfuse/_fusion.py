@@ -825,11 +825,13 @@ def init_lowrank(
     ------
     ValueError
         ``dims`` empty, or a size (``dims[m]``, ``rank``, ``out_dim``, ``max_elements``) that
-        is not a positive integer (floats such as 2.7, strings and bools included), or a
-        factor over ``max_elements`` (the message names the sizes that make it big).
+        is not a positive integer (floats such as 2.7, strings and bools included), a
+        factor over ``max_elements`` (the message names the sizes that make it big), or a
+        negative ``seed``.
     TypeError
-        ``dims`` not a sequence, ``append_one`` not a bool, or ``dtype`` not a real floating
-        dtype.
+        ``dims`` not a sequence, ``append_one`` not a bool, ``dtype`` not a real floating
+        dtype, or a ``seed`` that is not None, an int or a ``numpy.random.Generator`` (a
+        float or a bool).
 
     Notes
     -----

@@ -741,11 +741,12 @@ def init_wander(
     ------
     ValueError
         Non-positive sizes (``max_elements`` included), ``dims`` and ``lengths`` of different
-        lengths, unknown ``init``, or an array over ``max_elements`` (the message names the
-        sizes that make it big).
+        lengths, unknown ``init``, an array over ``max_elements`` (the message names the
+        sizes that make it big), or a negative ``seed``.
     TypeError
         ``dims`` or ``lengths`` not a sequence (a set or dict: no modality order), ``dtype``
-        not a real floating dtype of ``xp``, ``xp`` not a namespace, or a bad ``seed``.
+        not a real floating dtype of ``xp``, ``xp`` not a namespace, or a ``seed`` that is
+        not None, an int or a ``numpy.random.Generator`` (a float or a bool).
 
     Notes
     -----

@@ -390,6 +390,11 @@ def test_wander_names_an_activation_that_is_not_elementwise(rng, route, monkeypa
             call(lambda z: z[:, :, :] > 0)
         with pytest.raises(TypeError, match=r"activation must keep the pre-activations' dtype: it returned "):
             call(lambda z: (z * 2).astype("float32") if route == "numpy" else (z * 2).float())
+        # an array of another library, in the same dtype: the message had said "it returned
+        # float64 for pre-activations of dtype torch.float64" (a review's find)
+        if route != "numpy":
+            with pytest.raises(TypeError, match=r"library: it returned numpy\.ndarray for pre-activations of type torch\.Tensor"):
+                call(lambda z: z.detach().numpy())
 
 
 def test_wander_residual_spans_modalities(rng):

@@ -526,13 +526,30 @@ def apply_activation(activation: Callable[[Any], Any], h: Any) -> Any:
             f"pre-activations of shape {tuple(h.shape)}"
         )
     dtype = getattr(out, "dtype", None)
-    # (types first: dtypes of two libraries are not compared, which array_api_strict warns at)
+    # (types first: dtypes of two libraries are not compared, which array_api_strict warns at;
+    # and an array of another library is named as such: its float32 is not "another dtype")
+    if _library(type(dtype)) != _library(type(h.dtype)):
+        raise TypeError(
+            f"activation must return an array of the pre-activations' library: it returned "
+            f"{_qualified(type(out))} for pre-activations of type {_qualified(type(h))}"
+        )
     if type(dtype) is not type(h.dtype) or dtype != h.dtype:
         raise TypeError(
             f"activation must keep the pre-activations' dtype: it returned {dtype} for "
             f"pre-activations of dtype {h.dtype}"
         )
     return out
+
+
+def _qualified(kind: type) -> str:
+    """A type's name with its module's (``numpy.ndarray``, ``torch.Tensor``)."""
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _library(kind: type) -> str:
+    """The top-level package defining a type (``numpy`` for NumPy's per-dtype classes, whose
+    types differ from one dtype to another)."""
+    return kind.__module__.partition(".")[0]
 
 
 # --------------------------------------------------------------------------- the planner
