@@ -976,9 +976,9 @@ def adapter(
 # plans for NumPy arrays (:func:`mmfuse._plan.planned_impl`).  A signature fixes the namespace,
 # dtype, shapes and options, so the contraction orders are chosen once and a call runs
 # fuse_collapsed / fuse_cp (and the adapter's steps) straight, without the entry functions'
-# namespace, dtype, Dask and order look-ups (about a tenth of the tiny Wander call of
-# benchmarks/overhead.py).  float16 (computed in float32) and masked calls run the entry
-# functions themselves.
+# namespace, dtype, Dask and order look-ups (3-8% of benchmarks/overhead.py's tiny Wander call,
+# 10-14% of a sequence fusion of its shapes: benchmarks/RESULTS.md, thirty-third session).
+# float16 (computed in float32) and masked calls run the entry functions themselves.
 
 
 def _numpy_plan_applies(h: Any, masks: Any) -> bool:
