@@ -659,27 +659,13 @@ def plain_fusion(
     rank, _, out_dim = factors[0].shape
     staged_rows = xs[0].shape[0] <= STAGED_ROWS or not xs[0].is_cpu
     batch_major = staged_rows and out_dim == 1
-    staged = staged_rows and append_one
-    acc = None
-    for m, (x, f) in enumerate(zip(xs, factors)):
-        if low:  # computed in float32, rounded once at the end
-            x, f = cast(x, torch.float32), cast(f, torch.float32)
-        if present is not None:
-            x = masked_rows(x, present, m, _ALL)
-        if batch_major:
-            hat = torch.constant_pad_nd(x, (0, 1), 1.0) if append_one else x
-            proj = torch.mm(hat, f.squeeze(2).t())  # (B, R); F_m[:, :, 0] as a (D, R) view
-        else:
-            f = f.squeeze(2) if out_dim == 1 else f.transpose(1, 2).reshape(rank * out_dim, f.shape[1])
-            if staged:
-                proj = torch.mm(f, torch.constant_pad_nd(x, (0, 1), 1.0).t())  # (R h, B)
-            elif append_one:
-                d = x.shape[1]
-                proj = torch.addmm(f[:, d:], f[:, :d], x.t())
-            else:
-                proj = torch.mm(f, x.t())
-        acc = proj if acc is None else acc * proj
-    assert acc is not None
+    # F_m as (R h, D): F_m[:, :, 0] a view with h = 1, a copy otherwise (sizes, not -1: R or D
+    # may be 0)
+    mats = [
+        f.squeeze(2) if out_dim == 1 else f.transpose(1, 2).reshape(rank * out_dim, f.shape[1])
+        for f in factors
+    ]
+    acc = projections_product(xs, mats, append_one, present, staged=staged_rows, batch_major=batch_major)
     if not batch_major:
         y = _rank_major_output(acc, weights, bias, rank, out_dim)
     elif weights is None:
@@ -696,6 +682,45 @@ def plain_fusion(
             y = torch.addmv(cast(bias, acc.dtype), acc, w)
         y = y.unsqueeze(1)
     return cast(y, dtype) if low else y
+
+
+def projections_product(
+    xs: Sequence[torch.Tensor],
+    mats: Sequence[torch.Tensor],
+    append_one: bool,
+    present: Any,
+    *,
+    staged: bool,
+    batch_major: bool,
+) -> torch.Tensor:
+    """The product over modalities of the projections ``hat x_m M_m^T`` against ``mats`` (K,
+    D each: D = d_m + 1 with ``append_one``, the constant's column last) as plain torch
+    operations: rank-major, (K, B), or with ``batch_major`` (B, K) (staged).  ``staged``:
+    the constant appended to x_m (``hat x_m``, the form of small batches); else, with
+    ``append_one``, M_m's last column is the GEMM's bias.  Absent modalities (``present``)
+    enter as zeros; 16-bit inputs are computed in float32 (the caller rounds the result once).
+    Low-rank fusion's :func:`plain_fusion` (M_m = F_m as (R h, D)) and CP fusion's
+    (``mmfuse.backends.torch.cp``, M_m = A_m^T) share it."""
+    low = xs[0].dtype in LOW_PRECISION
+    acc = None
+    for m, (x, mat) in enumerate(zip(xs, mats)):
+        if low:  # computed in float32, rounded once at the end
+            x, mat = cast(x, torch.float32), cast(mat, torch.float32)
+        if present is not None:
+            x = masked_rows(x, present, m, _ALL)
+        if batch_major:
+            hat = torch.constant_pad_nd(x, (0, 1), 1.0) if append_one else x
+            proj = torch.mm(hat, mat.t())  # (B, K)
+        elif staged and append_one:
+            proj = torch.mm(mat, torch.constant_pad_nd(x, (0, 1), 1.0).t())  # (K, B)
+        elif append_one:
+            d = x.shape[1]
+            proj = torch.addmm(mat[:, d:], mat[:, :d], x.t())
+        else:
+            proj = torch.mm(mat, x.t())
+        acc = proj if acc is None else acc * proj
+    assert acc is not None
+    return acc
 
 
 def _rank_major_output(
