@@ -2,8 +2,8 @@
 low-rank fusion as plain operations under autograd (``plain_fusion``, its batch-major and
 rank-major forms) next to the rank-major autograd function and the blocked custom op, and the
 released Wander configuration under autograd (``_collapsed_adapter``, batches of at most
-``WHOLE_BATCH_ROWS``) next to the fused custom op.  Values, every gradient and a double
-backward, on random inputs."""
+``WHOLE_BATCH_ROWS``) next to the fused custom op, and CP fusion's plain rank-major form
+(``plain_cp_fusion``).  Values, every gradient and a double backward, on random inputs."""
 
 from __future__ import annotations
 
@@ -210,6 +210,142 @@ def test_lowrank_small_paths_in_lower_precisions(rng, monkeypatch, form, out_dim
     for got, want in zip(*results):
         assert got.dtype == dtype
         assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("staged", [True, False])
+@pytest.mark.parametrize("out_dim", [1, 3])
+@pytest.mark.parametrize(("batch", "dims", "append_one", "with_weights", "with_bias", "with_present"), [
+    (1, (3, 4), True, True, True, False),
+    (9, (3, 4, 5), True, True, True, True),
+    (7, (5,), False, False, True, True),
+    (6, (2, 3), True, False, False, False),  # M R > sum d_m: the custom op
+    (5, (4, 2, 3, 2), False, True, False, True),
+    (0, (3, 4), True, True, True, False),
+])  # fmt: skip
+def test_cp_plain_form_matches_autograd_through_the_core(
+    rng, monkeypatch, staged, out_dim, batch, dims, append_one, with_weights, with_bias, with_present
+):
+    """CP fusion's plain rank-major form (``plain_cp_fusion``: large eager CPU calls that
+    record, here forced at small sizes), staged and with the constant's row as the GEMM's bias,
+    against autograd through the float64 core: values, every gradient and a double backward,
+    absent modalities' NaN never leaking; without autograd the custom op runs."""
+    torch_cp = importlib.import_module("mmfuse.backends.torch.cp")
+    monkeypatch.setattr(torch_cp, "whole_batch", lambda *a: False)
+    monkeypatch.setattr(torch_cp, "plain_form", lambda *a: True)
+    monkeypatch.setattr(torch_cp, "STAGED_ROWS", 1 << 20 if staged else 0)
+    rank, extra = 3, int(append_one)
+    arrays = [rng.standard_normal((batch, d)) for d in dims]
+    factors = [rng.standard_normal((d + extra, rank)) / np.sqrt(d + extra) for d in dims]
+    factors.append(rng.standard_normal((out_dim, rank)))
+    weights = rng.standard_normal(rank) if with_weights else None
+    bias = rng.standard_normal(out_dim) if with_bias else None
+    present = None
+    if with_present:
+        present = torch.as_tensor(rng.random((batch, len(dims))) < 0.6)
+        if batch:
+            present[0] = True
+    upstream = torch.as_tensor(rng.standard_normal((batch, out_dim)))
+
+    def leaf(a):
+        return None if a is None else torch.tensor(a, dtype=torch.float64, requires_grad=True)
+
+    # the form's own condition: projections no larger than the inputs (M R <= sum d_m)
+    plain = len(dims) * rank <= sum(dims)
+    calls = []
+    plain_cp_fusion = torch_cp.plain_cp_fusion
+    monkeypatch.setattr(torch_cp, "plain_cp_fusion", lambda *a: calls.append(1) or plain_cp_fusion(*a))
+    results = []
+    for backend in ("torch", "array_api"):
+        xs, fs, w, b = [leaf(x) for x in arrays], [leaf(f) for f in factors], leaf(weights), leaf(bias)
+        if present is not None:
+            with torch.no_grad():
+                for m, x in enumerate(xs):
+                    x[~present[:, m]] = float("nan")  # absent features never leak
+        y = mmfuse.cp_fusion(xs, (w, fs), b, present=present, append_one=append_one, backend=backend)
+        if backend == "torch":
+            assert calls == ([1] if plain else [])
+            assert ("CPFusion" in _grad_fn(y)) != plain  # else the custom op's node
+            assert y.shape == (batch, out_dim) and y.is_contiguous()
+            with torch.no_grad():  # nothing to differentiate: the custom op's forward
+                calls.clear()
+                mmfuse.cp_fusion(xs, (w, fs), b, present=present, append_one=append_one, backend=backend)
+                assert calls == []
+        inputs = [t for t in (*xs, *fs, w, b) if t is not None]
+        grads = torch.autograd.grad((y * upstream).sum(), inputs, create_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+        second = torch.autograd.grad(
+            (grads[len(xs)] ** 2).sum() + (grads[0] ** 2).sum(), [xs[0], fs[0]], allow_unused=True
+        )
+        second = [torch.zeros_like(t) if g is None else g for t, g in zip([xs[0], fs[0]], second)]
+        results.append([y.detach(), *[g.detach() for g in grads], *[g.detach() for g in second]])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("out_dim", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cp_plain_form_in_lower_precisions(rng, monkeypatch, out_dim, dtype):
+    """CP's plain form in float32 and the 16-bit dtypes (computed in float32, rounded once)
+    against float64 on the same (rounded) inputs, values and gradients, the dtype kept."""
+    torch_cp = importlib.import_module("mmfuse.backends.torch.cp")
+    monkeypatch.setattr(torch_cp, "whole_batch", lambda *a: False)
+    monkeypatch.setattr(torch_cp, "plain_form", lambda *a: True)
+    calls = []
+    plain_cp_fusion = torch_cp.plain_cp_fusion
+    monkeypatch.setattr(torch_cp, "plain_cp_fusion", lambda *a: calls.append(1) or plain_cp_fusion(*a))
+    dims, rank = (6, 5, 7), 4
+    arrays = [
+        *(rng.standard_normal((8, d)) for d in dims),
+        *(rng.standard_normal((d + 1, rank)) / np.sqrt(d + 1) for d in dims),
+        rng.standard_normal((out_dim, rank)), rng.standard_normal(rank), rng.standard_normal(out_dim),
+    ]  # fmt: skip
+    upstream = torch.as_tensor(rng.standard_normal((8, out_dim)))
+    results = []
+    for dt in (dtype, torch.float64):
+        # the float64 run on the low-precision inputs' own values
+        leaves = [torch.tensor(a).to(dtype).to(dt).requires_grad_(True) for a in arrays]
+        xs, fs, (w, b) = leaves[:3], leaves[3:7], leaves[7:]
+        y = mmfuse.cp_fusion(xs, (w, fs), b)
+        assert y.dtype == dt
+        grads = torch.autograd.grad((y * upstream.to(dtype).to(dt)).sum(), leaves)
+        results.append([y.detach(), *grads])
+    assert calls == [1, 1]
+    tol = 2e-5 if dtype == torch.float32 else 1e-2  # 16-bit: its own rounding of each result
+    for got, want in zip(*results):
+        assert got.dtype == dtype
+        assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_cp_plain_form_runs_where_its_rule_says(rng, monkeypatch):
+    """The rule (``plain_form``): at least PLAIN_ROWS samples, at most PLAIN_OUTPUTS outputs,
+    inputs at most PLAIN_WIDTH wide in all; and a CPFusion step there takes the form (only
+    while autograd records: without, the custom op's forward), the core below it."""
+    from mmfuse.nn import CPFusion
+
+    torch_cp = importlib.import_module("mmfuse.backends.torch.cp")
+    rows, outs, width = torch_cp.PLAIN_ROWS, torch_cp.PLAIN_OUTPUTS, torch_cp.PLAIN_WIDTH
+    assert torch_cp.plain_form(rows, outs, width)
+    assert not torch_cp.plain_form(rows - 1, outs, width)
+    assert not torch_cp.plain_form(rows, outs + 1, width)
+    assert not torch_cp.plain_form(rows, outs, width + 1)
+    calls = []
+    plain_cp_fusion = torch_cp.plain_cp_fusion
+    monkeypatch.setattr(torch_cp, "plain_cp_fusion", lambda *a: calls.append(a[0][0].shape[0]) or plain_cp_fusion(*a))
+    dims = (8, 16, 64)
+    layer = CPFusion(dims, 1, 4).double()
+    for batch in (rows, rows // 2):
+        xs = [torch.as_tensor(rng.standard_normal((batch, d))) for d in dims]
+        y = layer(xs)
+        y.sum().backward()
+        want = mmfuse.reference.cp_fusion(
+            [x.numpy() for x in xs], (layer.weights.detach().numpy(), [f.detach().numpy() for f in layer.factors]),
+            layer.bias.detach().numpy(),
+        )  # fmt: skip
+        assert_close(y.detach(), torch.as_tensor(want), rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            layer(xs)
+    assert calls == [rows]
 
 
 def test_lowrank_layer_single_output_step_matches_the_core(rng):

@@ -12,6 +12,7 @@ import torch
 from ..._core import fusion as _core_fusion
 from .._torch_eager import any_requires_grad, bind
 from ._common import (
+    LOW_PRECISION,
     affine,
     cast,
     column_sums,
@@ -22,9 +23,9 @@ from ._common import (
     project_into,
     save_fusion_inputs,
 )
-from .lowrank import whole_batch
+from .lowrank import STAGED_ROWS, projections_product, whole_batch
 
-__all__ = ['cp_fusion']
+__all__ = ['cp_fusion', 'plain_cp_fusion', 'plain_form']
 
 
 def _cp_parts(
@@ -189,11 +190,75 @@ def cp_fusion(
     (:func:`.lowrank.whole_batch`, the low-rank rule) and large eager CPU ones whose
     projections are no larger than their inputs (:func:`_autograd_on_cpu`) as the core's few
     operations under autograd (the custom op's fixed costs dominate small calls: 2-5x slower
-    at B = 4, benchmarks/overhead.py), others as the ``mmfuse::cp_fusion`` custom op (always
-    under ``torch.compile``)."""
+    at B = 4, benchmarks/overhead.py), of those the large narrow ones with few outputs in the
+    plain rank-major form (:func:`plain_form`, :func:`plain_cp_fusion`), others as the
+    ``mmfuse::cp_fusion`` custom op (always under ``torch.compile``)."""
     weights, factors = cp
     out_dim, rank = factors[-1].shape
-    if whole_batch(xs[0].shape[0], rank, out_dim) or _autograd_on_cpu(xs, rank, (xs, factors, weights, bias)):
+    if whole_batch(xs[0].shape[0], rank, out_dim):
+        cp = (weights, list(factors))
+        return _core_fusion.cp_fusion(list(xs), cp, bias, append_one=append_one, present=present)
+    if _autograd_on_cpu(xs, rank, (xs, factors, weights, bias)):
+        if plain_form(xs[0].shape[0], out_dim, sum(x.shape[1] for x in xs)):
+            return plain_cp_fusion(xs, weights, factors, bias, append_one, present)
         cp = (weights, list(factors))
         return _core_fusion.cp_fusion(list(xs), cp, bias, append_one=append_one, present=present)
     return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)
+
+
+# Where the core ran under autograd (_autograd_on_cpu), the plain rank-major form takes calls of
+# at least PLAIN_ROWS samples with at most PLAIN_OUTPUTS outputs on inputs at most PLAIN_WIDTH
+# wide in all (sum d_m): narrow projections, whose batch-major GEMMs of R columns are the
+# CPU's slow case.  Measured (one CPFusion training step, float32, interleaved rounds on the
+# 2-core CI machine; benchmarks/RESULTS.md, thirty-third session), the core's time over the
+# plain form's: (8, 16, 64) with h 1, R 4: 0.75-0.93 at B = 512-2048, 1.04 at 4096, 1.05-1.24
+# from 8192 to 262144; h 1, R 16 and h 4, R 4 or 16: 1.09-1.21 (B 16384-65536); but h 8 and 16
+# 1.01 and 0.98, and wider inputs 0.92-1.02 ((32, 32, 128) h 1 and 4, (256, 256, 256) h 1).
+PLAIN_ROWS = 8192
+PLAIN_OUTPUTS = 4
+PLAIN_WIDTH = 128
+
+
+def plain_form(batch: int, out_dim: int, width: int) -> bool:
+    """Whether a CP fusion that runs as plain operations under autograd on the CPU
+    (:func:`_autograd_on_cpu`) takes the rank-major form (:func:`plain_cp_fusion`) rather than
+    the core's batch-major one: ``batch`` samples, ``out_dim`` outputs, inputs ``width`` wide
+    in all (see the constants above)."""
+    return batch >= PLAIN_ROWS and out_dim <= PLAIN_OUTPUTS and width <= PLAIN_WIDTH
+
+
+def plain_cp_fusion(
+    xs: Sequence[torch.Tensor],
+    weights: torch.Tensor | None,
+    factors: Sequence[torch.Tensor],
+    bias: torch.Tensor | None,
+    append_one: bool,
+    present: Any,
+) -> torch.Tensor:
+    """CP fusion as plain torch operations recorded by autograd, rank-major: per modality the
+    projections ``A_m^T hat x_m`` (R, B) by one GEMM (:func:`.lowrank.projections_product`,
+    the low-rank plain form's; the constant staged in ``hat x_m`` up to
+    :data:`.lowrank.STAGED_ROWS` samples, else ``A_m``'s constant row as the GEMM's bias),
+    their product, and ``y^T = (C diag(w)) P + b`` (h, B) by one more, copied out as (B, h)
+    where h > 1.
+
+    Why rank-major: at the few ranks of the usual configurations the batch-major projections
+    (B, R) of narrow inputs are GEMMs with R columns and a short inner dimension, the CPU's
+    slow case, and with their backward they were most of the step, as for low-rank fusion.
+    Where it runs: :func:`plain_form`.  16-bit inputs are computed in float32 and rounded
+    once."""
+    dtype = xs[0].dtype
+    batch = xs[0].shape[0]
+    mats = [a.t() for a in factors[:-1]]  # A_m^T (R, D), views
+    staged = batch <= STAGED_ROWS
+    prod = projections_product(xs, mats, append_one, present, staged=staged, batch_major=False)  # (R, B)
+    out = factors[-1] if weights is None else factors[-1] * weights  # C diag(w), (h, R)
+    out = cast(out, prod.dtype)
+    out_dim = out.shape[0]
+    # (h, B); the bias as a column, broadcast over the batch
+    b = None if bias is None else cast(bias, prod.dtype).unsqueeze(1)
+    y = torch.mm(out, prod) if b is None else torch.addmm(b, out, prod)
+    # (B, h): a view with h = 1 (sizes, not -1: B may be 0), a contiguous copy otherwise, as
+    # the other paths return
+    y = y.view(batch, 1) if out_dim == 1 else y.t().contiguous()
+    return cast(y, dtype) if dtype in LOW_PRECISION else y
