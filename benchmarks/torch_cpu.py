@@ -32,8 +32,9 @@ inputs and all parameters:
   wt``, product, permute, residual; autograd for the backward.
 
 CPFusion (not among issue 5's or 19's targets) at the narrow sizes, B = 65536, (8, 16, 64), h 1,
-R = 4 and 16: ``mmfuse-layer`` (under "auto": on the CPU at these sizes the core under
-autograd, see ``mmfuse.backends.torch.cp``), ``mmfuse-core``, ``mmfuse-op`` (the
+R = 4 and 16: ``mmfuse-layer`` (under "auto": on the CPU at these sizes plain operations
+under autograd in rank-major form, see ``mmfuse.backends.torch.cp.plain_form``), ``mmfuse-core``
+(the core under autograd, batch-major), ``mmfuse-op`` (the
 ``mmfuse::cp_fusion`` custom op, which CUDA tensors and ``torch.compile`` take; its backward
 recomputes the projections) and ``cp-layer``, CP fusion written plainly (one matmul per
 modality, the product, the output factor; autograd keeps the projections).
