@@ -23,7 +23,7 @@ from ._common import (
     project_into,
     save_fusion_inputs,
 )
-from .lowrank import STAGED_ROWS, projections_product, whole_batch
+from .lowrank import STAGED_ROWS, as_batch_rows, projections_product, whole_batch
 
 __all__ = ['cp_fusion', 'plain_cp_fusion', 'plain_form']
 
@@ -195,12 +195,13 @@ def cp_fusion(
     ``mmfuse::cp_fusion`` custom op (always under ``torch.compile``)."""
     weights, factors = cp
     out_dim, rank = factors[-1].shape
-    if whole_batch(xs[0].shape[0], rank, out_dim):
-        cp = (weights, list(factors))
-        return _core_fusion.cp_fusion(list(xs), cp, bias, append_one=append_one, present=present)
-    if _autograd_on_cpu(xs, rank, (xs, factors, weights, bias)):
-        if plain_form(xs[0].shape[0], out_dim, sum(x.shape[1] for x in xs)):
+    batch = xs[0].shape[0]
+    on_core = whole_batch(batch, rank, out_dim)
+    if not on_core and _autograd_on_cpu(xs, rank, (xs, factors, weights, bias)):
+        if plain_form(batch, out_dim, sum(x.shape[1] for x in xs)):
             return plain_cp_fusion(xs, weights, factors, bias, append_one, present)
+        on_core = True
+    if on_core:
         cp = (weights, list(factors))
         return _core_fusion.cp_fusion(list(xs), cp, bias, append_one=append_one, present=present)
     return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)
@@ -248,17 +249,12 @@ def plain_cp_fusion(
     Where it runs: :func:`plain_form`.  16-bit inputs are computed in float32 and rounded
     once."""
     dtype = xs[0].dtype
-    batch = xs[0].shape[0]
     mats = [a.t() for a in factors[:-1]]  # A_m^T (R, D), views
-    staged = batch <= STAGED_ROWS
+    staged = xs[0].shape[0] <= STAGED_ROWS
     prod = projections_product(xs, mats, append_one, present, staged=staged, batch_major=False)  # (R, B)
     out = factors[-1] if weights is None else factors[-1] * weights  # C diag(w), (h, R)
     out = cast(out, prod.dtype)
-    out_dim = out.shape[0]
-    # (h, B); the bias as a column, broadcast over the batch
+    # (h, B), then (B, h); the bias as a column, broadcast over the batch
     b = None if bias is None else cast(bias, prod.dtype).unsqueeze(1)
-    y = torch.mm(out, prod) if b is None else torch.addmm(b, out, prod)
-    # (B, h): a view with h = 1 (sizes, not -1: B may be 0), a contiguous copy otherwise, as
-    # the other paths return
-    y = y.view(batch, 1) if out_dim == 1 else y.t().contiguous()
+    y = as_batch_rows(torch.mm(out, prod) if b is None else torch.addmm(b, out, prod))
     return cast(y, dtype) if dtype in LOW_PRECISION else y

@@ -740,11 +740,18 @@ def _rank_major_output(
             y = y if b is None else y + b
         else:  # (the bias (1,) broadcasts over (1, B) as it is)
             y = torch.mm(w, flat) if b is None else torch.addmm(b, w, flat)
-        return y.view(batch, 1)
+        return as_batch_rows(y)
     y = (flat.sum(dim=0) if w is None else torch.mm(w, flat)).view(out_dim, batch)  # (h, B)
     if b is not None:
         y = y + b.unsqueeze(1)
-    return y.t().contiguous()
+    return as_batch_rows(y)
+
+
+def as_batch_rows(y: torch.Tensor) -> torch.Tensor:
+    """A rank-major form's (h, B) result as (B, h), contiguous as the other forms' results: a
+    view with h = 1 (sizes, not -1: B may be 0), a copy otherwise."""
+    out_dim, batch = y.shape
+    return y.view(batch, 1) if out_dim == 1 else y.t().contiguous()
 
 
 def lowrank_fusion(
