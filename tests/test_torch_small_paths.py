@@ -317,6 +317,28 @@ def test_cp_plain_form_in_lower_precisions(rng, monkeypatch, out_dim, dtype):
         assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cp_plain_form_in_16_bits_is_its_float32_result_rounded_once(rng, dtype, monkeypatch):
+    """A 16-bit plain CP fusion is the float32 one of the same values, rounded once: every
+    step in float32, the output factor's product with the weights too (it had been formed in
+    the 16-bit dtype first)."""
+    torch_cp = importlib.import_module("mmfuse.backends.torch.cp")
+    dims, rank, out_dim, batch = (6, 5, 7), 8, 3, 64
+    arrays = [
+        *(rng.standard_normal((batch, d)) for d in dims),
+        *(rng.standard_normal((d + 1, rank)) / np.sqrt(d + 1) for d in dims),
+        rng.standard_normal((out_dim, rank)), rng.standard_normal(rank), rng.standard_normal(out_dim),
+    ]  # fmt: skip
+    low = [torch.tensor(a).to(dtype) for a in arrays]
+    wide = [t.float() for t in low]
+    for rows in (1 << 20, 0):  # staged and with the constant's row as the GEMM's bias
+        monkeypatch.setattr(torch_cp, "STAGED_ROWS", rows)
+        got = torch_cp.plain_cp_fusion(low[:3], low[7], low[3:7], low[8], True, None)
+        want = torch_cp.plain_cp_fusion(wide[:3], wide[7], wide[3:7], wide[8], True, None).to(dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got, want)
+
+
 def test_cp_plain_form_runs_where_its_rule_says(rng, monkeypatch):
     """The rule (``plain_form``): at least PLAIN_ROWS samples, at most PLAIN_OUTPUTS outputs,
     inputs at most PLAIN_WIDTH wide in all; and a CPFusion step there takes the form (only

@@ -252,8 +252,9 @@ def plain_cp_fusion(
     mats = [a.t() for a in factors[:-1]]  # A_m^T (R, D), views
     staged = xs[0].shape[0] <= STAGED_ROWS
     prod = projections_product(xs, mats, append_one, present, staged=staged, batch_major=False)  # (R, B)
-    out = factors[-1] if weights is None else factors[-1] * weights  # C diag(w), (h, R)
-    out = cast(out, prod.dtype)
+    out = cast(factors[-1], prod.dtype)  # C diag(w), (h, R), in the products' float32 for 16 bits
+    if weights is not None:
+        out = out * cast(weights, prod.dtype)
     # (h, B), then (B, h); the bias as a column, broadcast over the batch
     b = None if bias is None else cast(bias, prod.dtype).unsqueeze(1)
     y = as_batch_rows(torch.mm(out, prod) if b is None else torch.addmm(b, out, prod))
