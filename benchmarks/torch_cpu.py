@@ -44,7 +44,7 @@ costs, where per-call overhead rather than memory traffic decides).  Timed only.
 
 ``--batches`` runs instead the steps between those and the large batches (LowRankFusion at
 B = 256-8192 with h 1, 4, 16 and 128, WanderAdapter at B = 8, 128, 512, CPFusion at
-B = 1024), timed only, the mmfuse layer against the plain one: where the small forms hand
+B = 1024 and either side of its plain form's rule, with the core), timed only, the mmfuse layer against the plain one: where the small forms hand
 over to each other and to the custom ops (low-rank fusion's plain form, ``plain_fusion``,
 runs up to B R h = 2**20 and turns rank-major past 1024 samples with h = 1).
 
@@ -115,6 +115,13 @@ BATCH_WANDER_CASES = {
 BATCH_CP_CASES = {
     "cp-B1024-d8,16,64-h1-R4": (1024, (8, 16, 64), 1, 4),
     "cp-B1024-d32,32,128-h128-R16": (1024, (32, 32, 128), 128, 16),
+    # either side of CP's plain rank-major form (mmfuse.backends.torch.cp.plain_form: B >= 8192,
+    # h <= 4, sum d_m <= 128; mmfuse-core is the core's batch-major form it replaces there)
+    "cp-B4096-d8,16,64-h1-R4": (4096, (8, 16, 64), 1, 4),
+    "cp-B8192-d8,16,64-h1-R4": (8192, (8, 16, 64), 1, 4),
+    "cp-B65536-d8,16,64-h4-R4": (65536, (8, 16, 64), 4, 4),
+    "cp-B65536-d8,16,64-h16-R4": (65536, (8, 16, 64), 16, 4),
+    "cp-B65536-d32,32,128-h1-R16": (65536, (32, 32, 128), 1, 16),
 }
 SMALL_BATCH = {case for case, shape in (*CASES.items(), *WANDER_CASES.items()) if shape[0] == 32}
 BASELINE = {**dict.fromkeys(CASES, "lmf-layer"), **dict.fromkeys(WANDER_CASES, "released-layer"),
@@ -277,8 +284,9 @@ def main() -> None:
     for case in cases:
         base = BASELINE[case]
         cands = setup(case)
-        if args.batches:
-            cands = {name: cands[name] for name in ("mmfuse-layer", base)}
+        if args.batches:  # (CPFusion with the core too: the form its rule weighs against)
+            names = ("mmfuse-layer", "mmfuse-core", base) if case in BATCH_CP_CASES else ("mmfuse-layer", base)
+            cands = {name: cands[name] for name in names}
         err = check(cands, base)
         rounds = sample_rounds(cands, repeats=5 if args.quick else 15)
         times = medians(rounds)

@@ -317,6 +317,32 @@ def test_cp_plain_form_in_lower_precisions(rng, monkeypatch, out_dim, dtype):
         assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("staged", [True, False])
+def test_cp_plain_form_keeps_an_inf_in_its_sample(rng, monkeypatch, staged):
+    """An inf in one sample's input (and a -inf in another) reaches only those samples, in
+    both forms of the projections: where the reference's outputs are not finite (it sums the
+    full weight tensor's terms, so it may give NaN where a factored form gives an inf: the
+    parity matrix compares finiteness too), and as inf or NaN exactly where the core's
+    factored form puts them; the other samples are the reference's to rounding."""
+    torch_cp = importlib.import_module("mmfuse.backends.torch.cp")
+    monkeypatch.setattr(torch_cp, "STAGED_ROWS", 1 << 20 if staged else 0)
+    dims, rank, out_dim, batch = (3, 4, 5), 3, 2, 6
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    xs[0][1, 0], xs[0][2, 1] = np.inf, -np.inf
+    factors = [rng.standard_normal((d + 1, rank)) for d in dims] + [rng.standard_normal((out_dim, rank))]
+    weights, bias = rng.standard_normal(rank), rng.standard_normal(out_dim)
+    with np.errstate(invalid="ignore"):
+        want = mmfuse.reference.cp_fusion(xs, (weights, factors), bias)
+    leaves = [torch.tensor(a, requires_grad=True) for a in (*xs, *factors, weights, bias)]
+    got = torch_cp.plain_cp_fusion(leaves[:3], leaves[7], leaves[3:7], leaves[8], True, None).detach().numpy()
+    core = mmfuse.cp_fusion(leaves[:3], (leaves[7], leaves[3:7]), leaves[8], backend="array_api").detach().numpy()
+    assert np.array_equal(np.isfinite(got), np.isfinite(want))
+    assert np.array_equal(np.isnan(got), np.isnan(core)) and np.array_equal(np.isinf(got), np.isinf(core))
+    assert not np.isfinite(want[1:3]).any() and np.isfinite(want[[0, 3, 4, 5]]).all()
+    finite = np.isfinite(want)
+    assert_close(got[finite], want[finite], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cp_plain_form_in_16_bits_is_its_float32_result_rounded_once(rng, dtype, monkeypatch):
     """A 16-bit plain CP fusion is the float32 one of the same values, rounded once: every
