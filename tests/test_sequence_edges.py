@@ -463,6 +463,39 @@ def test_gelu_tanh_is_accurate_in_its_lower_tail():
         assert np.all(err <= bound), (name, x[np.argmax(err / bound)])
 
 
+def test_gelu_tanh_keeps_its_smallest_normal_values():
+    """Where e^(-2 z) overflows (x below about -21.16 in float64, -10.06 in float32) the value
+    x sigmoid(2 z) is still a normal number down to about -21.2 and -10.9 (a subnormal one in
+    float32 below -10.1): NumPy's quotient
+    x / (1 + e^(-2 z)) gave 0 there (a review's find); now every namespace but torch (whose
+    sigmoid flushes them, see ``_gelu_tanh``) takes the reference's form."""
+    from mmfuse._core.sequence import ACTIVATIONS
+    from mmfuse.reference.sequence import _ACTIVATIONS as REF_ACTIVATIONS
+
+    rng = np.random.default_rng()
+    x64 = rng.uniform(-21.2, -21.16, 64)
+    x32 = rng.uniform(-10.6, -10.06, 64).astype(np.float32)  # values above 1e-43
+    want64 = REF_ACTIVATIONS["gelu_tanh"](x64)
+    want32 = REF_ACTIVATIONS["gelu_tanh"](x32.astype(np.float64))
+    assert np.all(want64 < 0) and np.all(want32.astype(np.float32) < 0)
+    namespaces = [np]
+    try:
+        import array_api_strict as xps
+
+        namespaces.append(xps)
+    except ImportError:
+        pass
+    for xp in namespaces:
+        got64 = np.asarray(ACTIVATIONS["gelu_tanh"](xp, xp.asarray(x64)))
+        got32 = np.asarray(ACTIVATIONS["gelu_tanh"](xp, xp.asarray(x32)))
+        assert got32.dtype == np.float32
+        # z's rounding (a few |z| ulps: |z| < 400 here); in float32 (computed in float32)
+        # also e's and x e's subnormal steps, a few of them (1e-44 absolute)
+        np.testing.assert_allclose(got64, want64, rtol=4000 * np.finfo(np.float64).eps, atol=0)
+        np.testing.assert_allclose(got32, want32, rtol=1e-3, atol=16 * np.finfo(np.float32).smallest_subnormal)
+        assert np.all(got32 < 0)  # (the quotient gave 0 for all)
+
+
 def test_relu_derivative_at_zero_is_torchs():
     """The ReLU's derivative at exactly 0 is 0, as torch.relu's (the core's where(x < 0, ...)
     took the identity branch there: 1); values and NaN unchanged."""
