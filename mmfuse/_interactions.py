@@ -37,6 +37,7 @@ from ._validation import (
     fmt_shape,
 )
 from .backends import lookup
+from .backends._catalogue import CALL_SIZES
 
 __all__ = ["cp_interactions", "interaction_shares", "lowrank_interactions", "tensor_interactions"]
 
@@ -60,13 +61,6 @@ def _check_subset_size(func: str, n: int, batch: int, out_dim: int, max_elements
             f"max_elements={max_elements}; use by='order' (M + 1 = {n + 1} terms), fuse a "
             "smaller batch, or raise max_elements"
         )
-
-
-def _recursion_products(n: int, batch: Any, width: int) -> int:
-    """The size "auto" weighs a call by (the rows' ``import_at``): about the order recursion's
-    products, M^2 B (R h) for LMF and M^2 B R for CP, which is what a compiled recursion saves
-    on (``xs[0]``'s size says nothing of M or h).  0 for an unknown (Dask) batch size."""
-    return n * n * batch * width if isinstance(batch, int) else 0
 
 
 def _options(by: Any, append_one: Any, max_elements: Any) -> tuple[str, bool, int]:
@@ -294,7 +288,7 @@ def lowrank_interactions(
         check_present(xp, present, batch, len(xs))
     if by == "subset":
         _check_subset_size("lowrank_interactions", len(xs), batch, out_dim, max_elements)
-    size = _recursion_products(len(xs), batch, rank * out_dim)
+    size = CALL_SIZES["lowrank_interactions"](xs, factors)
     impl = lookup("lowrank_interactions", backend, like=xs[0], arrays=(xs, factors, weights), size=size)
     return impl(
         xs, factors, weights, by=by, present=present, append_one=append_one, max_elements=max_elements
@@ -391,7 +385,7 @@ def cp_interactions(
     xs, weights, factors = check_cp_inputs(xs, cp, append_one, present)
     if by == "subset":
         _check_subset_size("cp_interactions", len(xs), xs[0].shape[0], factors[-1].shape[0], max_elements)
-    size = _recursion_products(len(xs), xs[0].shape[0], factors[-1].shape[1])
+    size = CALL_SIZES["cp_interactions"](xs, (weights, factors))
     impl = lookup("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights), size=size)
     return impl(
         xs, (weights, factors), by=by, present=present, append_one=append_one, max_elements=max_elements

@@ -51,9 +51,13 @@ def test_products_not_the_first_array_decide_in_a_fresh_process():
         big = problem(1024, (8, 4, 6, 3), 4, N // (16 * 1024 * 4))
         below = problem(1023, (8, 4, 6, 3), 4, N // (16 * 1024 * 4))
         assert big[0][0].size < AUTO_IMPORT_ELEMENTS
+        # explain, given the call's arguments, weighs the call by its products as the call does
+        print(explain("lowrank_interactions", *below).chosen.variant)
+        print(explain("lowrank_interactions", *big).chosen.variant)
         mmfuse.lowrank_interactions(*below)
         cp = (None, [rng.standard_normal((d + 1, 64)).astype(np.float32) for d in (8, 4, 6, 3)]
               + [rng.standard_normal((16, 64)).astype(np.float32)])
+        print(explain("cp_interactions", below[0], cp).chosen.variant)
         mmfuse.cp_interactions(below[0], cp)  # 16 x 1023 x 64 products
         print(sorted(m for m in sys.modules if m.split(".")[0] == "numba"))
         print(explain("lowrank_interactions", big[0][0], size=16 * 1024 * 4 * (N // (16 * 1024 * 4))).chosen.variant)
@@ -64,7 +68,10 @@ def test_products_not_the_first_array_decide_in_a_fresh_process():
         print(explain("cp_interactions", below[0][0]).chosen.variant)
         """
     )
-    assert out.splitlines() == ["[]", "CPU kernels", "True float32", "True", "CPU kernels"]
+    assert out.splitlines() == [
+        "numpy, in-place order recursion", "CPU kernels", "numpy, in-place order recursion",
+        "[]", "CPU kernels", "True float32", "True", "CPU kernels",
+    ]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

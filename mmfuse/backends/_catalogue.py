@@ -9,10 +9,11 @@ functions).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from inspect import Parameter
 from typing import Any
 
-__all__ = ["OPERATORS", "Signature"]
+__all__ = ["CALL_SIZES", "OPERATORS", "Signature"]
 
 Signature = tuple[tuple[str, Any], ...]  # (name, inspect.Parameter kind)
 
@@ -37,4 +38,32 @@ OPERATORS: dict[str, Signature] = {
     "tensor_interactions": _sig("xs weight", "by append_one max_elements"),
     "lowrank_interactions": _sig("xs factors weights", "by present append_one max_elements"),
     "cp_interactions": _sig("xs cp", "by present append_one max_elements"),
+}
+
+
+def _recursion_products(xs: Any, width: int) -> int:
+    """M^2 B width for the M arrays ``xs`` (B, d_m); 0 for an unknown (Dask) batch size."""
+    if not isinstance(xs, (list, tuple)):  # (explain's arrays may be any of the call's)
+        raise TypeError("xs: not the call's list of arrays")
+    n, batch = len(xs), xs[0].shape[0]
+    return n * n * batch * width if isinstance(batch, int) else 0
+
+
+def _lowrank_interactions_size(xs: Any, factors: Any, *rest: Any) -> int:
+    r, _, h = factors[0].shape  # (R, d_m + 1, h)
+    return _recursion_products(xs, r * h)
+
+
+def _cp_interactions_size(xs: Any, cp: Any, *rest: Any) -> int:
+    return _recursion_products(xs, cp[1][-1].shape[1])  # cp = (weights, factors), C (h, R)
+
+
+#: operator -> the size "auto" weighs its call by (the rows' ``import_at``), from the public
+#: call's leading arguments, for the operators whose first array's element count does not
+#: measure their work: the interaction terms, by their order recursion's products, M^2 B (R h)
+#: for LMF and M^2 B R for CP, which is what a compiled recursion saves on.  The public
+#: functions pass it to ``lookup``, and ``explain`` computes it from the arrays it is given.
+CALL_SIZES: dict[str, Callable[..., int]] = {
+    "lowrank_interactions": _lowrank_interactions_size,
+    "cp_interactions": _cp_interactions_size,
 }

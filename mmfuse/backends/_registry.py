@@ -18,6 +18,7 @@ with ``import_at``, for a call of at least that many elements).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -31,7 +32,7 @@ from typing import Any
 
 from .._config import BACKEND_NAMES, backend_policy
 from .._namespace import array_namespace, device_key, is_array, namespace_name
-from ._catalogue import OPERATORS, Signature
+from ._catalogue import CALL_SIZES, OPERATORS, Signature
 from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info, triton_interpreting
 from ._table import FRAMEWORKS, ROWS, Row
 
@@ -610,8 +611,10 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     ``"auto"`` every one (importing the optional backends' modules that are installed).
     Raises nothing for a refusal: a forced backend that cannot take the inputs shows
     ``chosen=None`` and its reasons.  ``size``: the call's size as the public function
-    passes it to :func:`lookup` (default: the first floating array's element count; the
-    interaction terms pass their recursion's products, M^2 B R h).
+    passes it to :func:`lookup`; by default computed as the public function does: for the
+    interaction terms from ``arrays`` given as the call's leading arguments (``xs, factors``
+    or ``xs, cp``: their recursion's products, M^2 B R h or M^2 B R), otherwise (and for
+    arrays that are not those) the first floating array's element count.
 
     Examples
     --------
@@ -630,6 +633,10 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     name = _policy(backend)
     _check_leaves(arrays, "arrays")
     like = _first_array(list(arrays))
+    if size is None and op in CALL_SIZES:
+        # (arrays of another structure, "some of them": the first array's count, as documented)
+        with contextlib.suppress(AttributeError, IndexError, TypeError, ValueError):
+            size = CALL_SIZES[op](*arrays)
     info = _describe(like, arrays, size)
     try:
         chosen: Implementation | None = _choose(op, name, info)
