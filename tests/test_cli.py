@@ -264,10 +264,22 @@ def test_demo_without_torch_leaves_no_folder(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path, capsys):
-    pytest.importorskip("torch")
+def test_demo_quick_end_to_end(tmp_path, capsys, monkeypatch):
+    torch = pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
-    assert _cli.main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    from mmfuse import _demo
+
+    # it trains on one torch thread (numbers that do not depend on the core count), and gives
+    # the caller's setting back
+    seen, train = set(), _demo._train
+    monkeypatch.setattr(_demo, "_train", lambda *a: seen.add(torch.get_num_threads()) or train(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert _cli.main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+        assert seen == {1} and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
     out = capsys.readouterr().out
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
     table_text, summary = (tmp_path / "demo.txt").read_text().split("\n\n")
