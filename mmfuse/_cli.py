@@ -688,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="import CuPy and ask it how many CUDA devices it sees; without this flag no CUDA "
         "device query is made through CuPy (torch's CUDA devices are listed either way)",
     )
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=cmd_info, command_parser=p)
 
     p = sub.add_parser("verify", help="check every available backend against mmfuse.reference")
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to check (default all: {', '.join(OPS)})")
@@ -702,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed, >= 0 (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=cmd_verify, command_parser=p)
 
     p = sub.add_parser("bench", help="time the ops across available backends, side by side")
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to time (default all: {', '.join(OPS)})")
@@ -721,14 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny problems (a smoke run)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")
     p.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, command_parser=p)
 
     p = sub.add_parser("demo", help="train small fusion models on bundled real data")
     # (no time promised: on a loaded 2-core machine a quick run took 38-43 s)
     p.add_argument("--quick", action="store_true", help="a short run: fewer epochs, results marked as such")
     p.add_argument("--out", default="mmfuse-demo", help="folder for the summary figure and table")
     p.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, command_parser=p)
     return parser
 
 
@@ -738,7 +738,9 @@ _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # (parse_args reports a subcommand's unknown option with the top-level usage)
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.func is not cmd_info:
         import mmfuse
 

@@ -376,6 +376,25 @@ def test_unwritable_outputs_fail_up_front(tmp_path, capsys, monkeypatch):
     assert "is a file, not a directory" in capsys.readouterr().err
 
 
+def test_an_unknown_option_names_its_subcommand(capsys):
+    """A misspelt option of a subcommand is reported with that subcommand's usage (argparse's
+    parse_args gave the top-level usage, which lists no option of it); status 2."""
+    for argv, usage in (
+        (["demo", "--quik"], "usage: mmfuse demo [-h] [--quick]"),
+        (["bench", "--repeatz", "3"], "usage: mmfuse bench [-h]"),
+        (["info", "--probe"], None),  # an abbreviation argparse accepts: no error
+    ):
+        if usage is None:
+            assert _cli.build_parser().parse_known_args(argv)[1] == []
+            continue
+        with pytest.raises(SystemExit) as exc:
+            _cli.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(usage), err
+        assert f"mmfuse {argv[0]}: error: unrecognized arguments: {' '.join(argv[1:])}" in err
+
+
 def test_bench_reports_any_op_exception_as_an_error_row(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("kaput")
