@@ -47,6 +47,7 @@ __all__ = [
     "erfc_abs",
     "gelu",
     "gelu_torch",
+    "in_input_dtype",
     "plan",
     "rounding_correction",
     "sequence_fusion",
@@ -542,6 +543,18 @@ def activation_fn(xp: Any, activation: Any) -> Callable[[Any], Any]:
     return lambda x: fn(xp, x)
 
 
+def in_input_dtype(xp: Any, activation: Any, dtype: Any) -> Any:
+    """``activation`` for pre-activations computed in a wider work dtype than the inputs'
+    ``dtype`` (float16 / bfloat16 inputs, computed in float32): a caller's callable is called
+    on them rounded to ``dtype`` and its result widened back, since it may hold parameters
+    of the inputs' dtype (an ``nn.PReLU`` of a bfloat16 layer, or one that autocast casts)
+    and was written for the inputs' dtype; a named activation is the library's own and runs in
+    the work dtype, unchanged."""
+    if not callable(activation):
+        return activation
+    return lambda h: xp.astype(apply_activation(activation, xp.astype(h, dtype)), h.dtype)
+
+
 def apply_activation(activation: Callable[[Any], Any], h: Any) -> Any:
     """A caller's ``activation`` on the pre-activations ``h`` (B, T_m, r_m), its result
     checked: an array of h's shape (the activation is elementwise) and dtype, else an error
@@ -974,7 +987,7 @@ def wander_with(
     if low_precision(xp, xs[0].dtype):
         return in_work_dtype(
             wander_with, xp, xs[0].dtype, fuse, list(xs), dict(params), mode=mode, masks=masks,
-            activation=activation, residual=residual,
+            activation=in_input_dtype(xp, activation, xs[0].dtype), residual=residual,
         )  # fmt: skip
     # padded tokens are zeroed before the down-projection too: a NaN there would otherwise
     # reach dL/dW as 0 * NaN (the residual still adds the raw tokens)
