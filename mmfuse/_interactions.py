@@ -413,6 +413,11 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     array, shape (K,)
         In the terms' namespace and dtype.  The shares sum to 1 (to rounding).  NaN where the
         output has zero variance (``"variance"``) or is zero (``"norm"``), and for an empty batch.
+        The shares are those of the terms as given: identical samples whose terms came out
+        different in their last bits (a GEMM may round a row differently by its place in the
+        batch, at the edges of its blocks and tiles) give a variance of rounding noise and
+        shares of noise, not NaN; compare the output's spread with its size before reading
+        them.
 
     Raises
     ------
