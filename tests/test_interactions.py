@@ -474,6 +474,15 @@ def test_shares_of_no_terms_and_of_long_doubles(xp):
     )
 
 
+@pytest.mark.parametrize("kind", ["variance", "norm"])
+def test_shares_of_an_empty_batch_are_nan_in_the_reference_too(kind):
+    """B = 0: NaN shares from the core and from the reference (whose batch means had warned
+    "Mean of empty slice", an error under this suite's filters; a review's find)."""
+    terms = np.random.default_rng().standard_normal((3, 0, 2))
+    for got in (ref.interaction_shares(terms, kind=kind), mmfuse.interaction_shares(terms, kind=kind)):
+        assert got.shape == (3,) and np.all(np.isnan(got))
+
+
 def test_shares_name_a_masked_array_terms():
     with pytest.raises(TypeError, match=r"^terms is a numpy.ma.MaskedArray"):
         mmfuse.interaction_shares(np.ma.masked_array(np.ones((2, 3, 1))))

@@ -158,6 +158,8 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> np.ndarray:
     big = float(np.max(np.abs(t))) if t.size else 0.0
     if math.isfinite(big) and big > 0:  # scale-free: the largest term about 1 (exactly: 2**k)
         t = np.ldexp(t, -np.frexp(big)[1])
+    if t.shape[1] == 0:  # no sample: no share (and no mean of an empty batch to warn about)
+        return np.full(t.shape[0], np.nan)
     if kind == "variance":  # each term centred first (then y is centred too), so that a
         # large constant term cannot absorb small ones; corrected two-pass (a second mean of
         # the deviations), exact where a spread is a few ulps of its mean
