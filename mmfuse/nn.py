@@ -918,14 +918,15 @@ class TensorFusion(nn.Module):
 
     Attributes
     ----------
-    weight : nn.Parameter, shape (d_1 + 1, ..., d_M + 1, h)
+    weight : nn.Parameter, shape (D_1, ..., D_M, h)
+        D_m = d_m + 1 with ``append_one`` (the constant's index last), d_m without.
     bias : nn.Parameter (h,) or None
 
     Notes
     -----
     ``forward(xs)`` is :func:`mmfuse.tensor_fusion`; the outer product is built only where it
     is no larger than the mode-by-mode contraction's first intermediate (D_1 <= h).
-    ``reset_parameters`` draws :math:`W \sim \mathcal N(0, 1/\prod_m (d_m+1))` (unit output
+    ``reset_parameters`` draws :math:`W \sim \mathcal N(0, 1/\prod_m D_m)` (unit output
     variance for unit-variance inputs) and zeroes the bias.
 
     Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
