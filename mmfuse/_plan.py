@@ -143,9 +143,11 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
             out.append((t, a.shape, a.dtype, a.device, a.requires_grad, a.layout))
         else:  # CuPy, JAX, Dask, array-api-strict, ...: the device where they have one, and
             # a Dask array's chunks (the size checks count its largest batch chunk: a plan of
-            # fine chunks must not pass coarse ones of the same shape)
+            # fine chunks must not pass coarse ones of the same shape) and its chunks' type
+            # (masked chunks are refused: a plan of plain ones must not pass them)
             device = device_key(getattr(a, "device", None))
-            out.append((t, a.shape, a.dtype, device, getattr(a, "chunks", None)))
+            meta = type(getattr(a, "_meta", None))
+            out.append((t, a.shape, a.dtype, device, getattr(a, "chunks", None), meta))
 
 
 def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:
