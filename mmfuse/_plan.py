@@ -11,7 +11,7 @@ an uncached call; only a call that passed them is remembered, so nothing bad is 
 
 What a signature holds (:func:`_append_keys`): per array its type, shape and dtype, and, for
 arrays of other namespaces than NumPy, its device; for torch tensors also ``requires_grad``
-and the layout.
+and the layout, for Dask arrays their chunks and their chunks' type.
 Per call (:func:`policy_key`): the backend policy in force (the ``backend=`` keyword, the
 configured backend and preference), which optional frameworks are imported (what "auto" may
 choose from), the registry's generation (bumped by ``register``/``unregister``), and for torch
@@ -122,7 +122,7 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
     time): a NumPy array as its shape and dtype, a list or tuple as its type and length
     followed by its elements, None as None, any other array as a tuple (type, shape, dtype,
     device; for torch tensors also ``requires_grad`` and layout, for others their ``chunks``
-    where they have them: Dask's).  Unambiguous read left
+    and ``_meta``'s type where they have them: Dask's).  Unambiguous read left
     to right, since each kind starts with an entry of its own kind: a shape is a tuple of
     ints, a sequence starts with the type list or tuple, other arrays' tuples start with
     their type."""
