@@ -154,6 +154,25 @@ def _call(func: Callable[..., Any], backend: str, args: Any, kwargs: Any) -> Any
     return func(*args, **kwargs, backend=backend)
 
 
+def _host_copies(inputs: Any) -> list[np.ndarray]:
+    """Host copies of every array in ``inputs`` (nested lists, tuples, dicts), in order."""
+    from mmfuse._namespace import to_numpy
+
+    found: list[Any] = []
+    tree_map(found.append, inputs)
+    return [to_numpy(a, dtype=None) for a in found]
+
+
+def _changed_input(inputs: Any, before: list[np.ndarray]) -> int | None:
+    """The index (in :func:`_host_copies`' order) of the first input array whose values are
+    no longer those copied in ``before``, or None: an op must not write to its inputs (the
+    reference runs on its own copy, so a comparison of outputs cannot see it)."""
+    for i, (now, then) in enumerate(zip(_host_copies(inputs), before)):
+        if not np.array_equal(now, then, equal_nan=then.dtype.kind == "f"):
+            return i
+    return None
+
+
 def _rel_err(got: Any, want: np.ndarray) -> float:
     from mmfuse._namespace import to_numpy
 
@@ -235,10 +254,10 @@ def verify_rows(
             # JAX without x64 turns float64 into float32: checking it at float64 tolerance is meaningless
             row.update(status="skipped", detail=f"jax makes {dtype} float32 unless JAX_ENABLE_X64=1")
         else:
+            given = tree_map(convert, args), tree_map(convert, kwargs)
+            before = _host_copies(given)
             try:
-                got = _leaves(
-                    _call(getattr(mmfuse, op), b, tree_map(convert, args), tree_map(convert, kwargs))
-                )
+                got = _leaves(_call(getattr(mmfuse, op), b, *given))
             except BackendUnsupported as exc:
                 row.update(status="n/a", detail=_refusal(exc))
             except Exception as exc:
@@ -255,6 +274,8 @@ def verify_rows(
                     row.update(status="MISMATCH", detail="labels differ from the reference's")
                 elif (kind := _wrong_kind(got, want, convert(np.ones(1)))) is not None:
                     row.update(status="MISMATCH", detail=kind)
+                elif (changed := _changed_input(given, before)) is not None:
+                    row.update(status="MISMATCH", detail=f"input {changed} was written to")
                 else:
                     pairs = [(g, w) for g, w in zip(got, want) if isinstance(w, np.ndarray)]
                     errs = [_rel_err(g, w) for g, w in pairs]

@@ -58,7 +58,9 @@ def _lowrank_terms(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...
 
 def _cp_terms(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     (xs, cp, _), _ = _cp(rng, scale)
-    return (xs, cp), {"by": "subset", "present": rng.random((xs[0].shape[0], len(xs))) < 0.8}
+    present = rng.random((xs[0].shape[0], len(xs))) < 0.8
+    present[0] = True  # a sample with every modality: the top-order term is not zero everywhere
+    return (xs, cp), {"by": "subset", "present": present}
 
 
 def _sequence(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:

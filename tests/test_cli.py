@@ -182,6 +182,36 @@ def test_verify_checks_the_outputs_namespace_and_dtype(monkeypatch, capsys):
     assert "output 0 is numpy float64 for torch float32 inputs" in out
 
 
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+def test_verify_catches_an_op_that_writes_to_its_inputs(monkeypatch, capsys, namespace):
+    """The reference runs on its own copy of the problem, so an op that overwrote an input
+    (here: its result written over xs[0]'s first row after computing it) with the right
+    values passed (a review of the command); it is a MISMATCH naming the input."""
+    if namespace == "torch":
+        pytest.importorskip("torch")
+    op = mmfuse.lowrank_fusion
+
+    def scribbling(xs, *args, **kwargs):
+        out = op(xs, *args, **kwargs)
+        xs[0][0] = xs[0][0] * 2.0 + 1.0
+        return out
+
+    code, out = _verify_planted(monkeypatch, capsys, "lowrank_fusion", scribbling, namespace)
+    assert code == 1
+    assert "MISMATCH" in out and "input 0 was written to" in out
+
+
+def test_verify_cp_interactions_problem_has_a_top_order_term():
+    """The verified cp_interactions problem holds a sample with every modality present, so
+    its highest-order term is not zero everywhere (an op dropping it had passed)."""
+    from mmfuse._problems import make_problem
+
+    args, kwargs = make_problem("cp_interactions", seed=0)
+    terms, labels = mmfuse.cp_interactions(*args, **kwargs)
+    assert labels[-1] == tuple(range(len(args[0])))
+    assert np.abs(terms[-1]).max() > 0
+
+
 def test_verify_and_bench_cover_the_interaction_terms(monkeypatch, capsys):
     """The interaction operators (numba and torch rows) are verified against the reference,
     labels included, and timed; wrong labels are a MISMATCH."""
