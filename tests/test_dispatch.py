@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -859,3 +860,50 @@ def test_reference_functions_have_the_public_signatures():
         public = [(p.name, p.kind) for p in inspect.signature(getattr(mmfuse, name)).parameters.values()]
         ours = [(p.name, p.kind) for p in inspect.signature(getattr(reference, name)).parameters.values()]
         assert ours == [p for p in public if p[0] != "backend"], name
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_inherit_a_held_registry_lock():
+    """A thread of the parent holding the registry's lock at the fork (registering a backend,
+    say) left it held in the child, whose first dispatch then waited for ever (a review's
+    find); the child gets a lock of its own."""
+    import threading
+    import time
+
+    from mmfuse.backends import _registry
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _registry._lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    try:
+        with warnings.catch_warnings():  # (3.12 warns of a fork with threads: the point here)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: explain reads the registry's rows under its lock
+            code = 1
+            try:
+                explain("lowrank_fusion", np.ones((13, 3)))
+                code = 0
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung on the registry's lock")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        holder.join()

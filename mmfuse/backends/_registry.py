@@ -23,6 +23,7 @@ import importlib
 import inspect
 import math
 import numbers
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -111,6 +112,18 @@ _CHOICES: dict[tuple[Any, ...], Implementation] = {}
 _generation = [0]
 # Importing a backend's module takes turns: another thread may be half-way through it.
 _lock = threading.RLock()
+
+
+def _new_lock_in_child() -> None:
+    """A forked child's own lock: one held by another thread of the parent at the fork
+    (registering a backend) would stay held in the child, whose first dispatch would then
+    wait for it for ever (a review's find)."""
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 # Optional frameworks in a fixed order, for the cache key of "auto" choices.
 _OPTIONAL = tuple(sorted({fw for fw in FRAMEWORKS.values() if fw is not None}))
