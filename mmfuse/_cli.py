@@ -212,7 +212,7 @@ def verify_rows(
     import mmfuse
     import mmfuse.reference as ref
     from mmfuse import backends
-    from mmfuse._problems import make_problem
+    from mmfuse._problems import CASES, make_problem
     from mmfuse.testing import default_rtol
 
     jobs = []
@@ -223,9 +223,11 @@ def verify_rows(
         for b in registered:
             if b == "reference" or (backends_wanted is not None and b not in backends_wanted):
                 continue
-            for ns in namespaces:
-                for dtype in ("float32", "float64"):
-                    jobs.append((op, b, ns, dtype))
+            # the default problem, then the options an implementation could ignore and pass it
+            for case in (None, *CASES.get(op, ())):
+                for ns in namespaces:
+                    for dtype in ("float32", "float64"):
+                        jobs.append((op, case, b, ns, dtype))
         # a backend asked for by name that cannot run here says so, rather than vanishing
         for b in backends_wanted or ():
             if b == "reference" or b not in registered:
@@ -243,11 +245,11 @@ def verify_rows(
     last_job = {job[0]: i for i, job in enumerate(jobs)}
     bar = Progress(len(jobs), "verify", items=len(last_job), enabled=progress)
     rows: list[dict[str, Any]] = []
-    for i, (op, b, ns, dtype) in enumerate(jobs):
-        args, kwargs = make_problem(op, seed=seed)
+    for i, (op, case, b, ns, dtype) in enumerate(jobs):
+        args, kwargs = make_problem(op, seed=seed, case=case)
         want = _leaves(getattr(ref, op)(*args, **kwargs))
         convert = _converter(ns, dtype)
-        row = {"op": op, "backend": b, "namespace": ns, "dtype": dtype}
+        row = {"op": op if case is None else f"{op} ({case})", "backend": b, "namespace": ns, "dtype": dtype}
         if convert is None:
             row.update(status="skipped", detail=f"{ns} not available")
         elif ns == "jax" and str(convert(np.zeros(1)).dtype) != dtype:
@@ -286,9 +288,9 @@ def verify_rows(
                         detail=f"max rel err {err:.1e} (tol {tol:.0e})",
                     )
         rows.append(row)
-        bar.step(f"{op}/{b}/{ns}/{dtype}")
+        bar.step(f"{row['op']}/{b}/{ns}/{dtype}")
         if last_job[op] == i:
-            checked = [r["status"] for r in rows if r["op"] == op]
+            checked = [r["status"] for r in rows if r["op"].split(" ")[0] == op]
             bar.finished(f"{op} checked, {checked.count('ok')} of {len(checked)} rows ok")
     return rows + unverified
 

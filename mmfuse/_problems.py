@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OPS", "make_problem"]
+__all__ = ["CASES", "OPS", "make_problem"]
 
 
 def _fusion_sizes(scale: str) -> tuple[int, tuple[int, ...], int, int]:
@@ -112,6 +112,114 @@ def _align(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[
     return (xs,), {"rounds": 3, "alpha": 0.6}
 
 
+# --------------------------------------------------------------------------- other options
+#
+# ``mmfuse verify`` checks each operator on its default problem above and on these: the
+# options an implementation could ignore and still pass the default problem (a review of the
+# command found, among others, ``present``, masks, ``append_one=False``, ``mode``,
+# ``residual``, ``schedule`` and ``by`` never exercised).
+
+
+def _without_constant(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, weight, _), _ = _tensor(rng, scale)
+    # the constant's index is the last of every mode
+    return (xs, weight[tuple(slice(0, -1) for _ in xs)], None), {"append_one": False}
+
+
+def _lowrank_plain(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, factors, _, _), _ = _lowrank(rng, scale)
+    return (xs, [f[:, :-1, :] for f in factors], None, None), {"append_one": False}
+
+
+def _present(rng: np.random.Generator, batch: int, n: int) -> np.ndarray:
+    present = rng.random((batch, n)) < 0.7
+    present[0] = True  # a sample with every modality: the M-way term is not zero everywhere
+    return present
+
+
+def _cp_masked(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, (_, factors), _), _ = _cp(rng, scale)
+    return (xs, (None, factors), None), {"present": _present(rng, xs[0].shape[0], len(xs))}
+
+
+def _cp_plain(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, (weights, factors), bias), _ = _cp(rng, scale)
+    return (xs, (weights, [f[:-1] for f in factors[:-1]] + [factors[-1]]), bias), {"append_one": False}
+
+
+def _sequence_collapsed(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = _sequence(rng, scale)
+    return args, {**kwargs, "mode": "collapsed"}
+
+
+def _token_masks(rng: np.random.Generator, xs: list[np.ndarray]) -> list[np.ndarray]:
+    masks = [rng.random(x.shape[:2]) < 0.8 for x in xs]
+    for k in masks:
+        k[:, 0] = True  # a real token in every sample
+    return masks
+
+
+def _wander_options(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, params), _ = _wander(rng, scale)
+    options = {"mode": "collapsed", "activation": "gelu_tanh", "residual": "none"}
+    return (xs, params), {**options, "masks": _token_masks(rng, xs)}
+
+
+def _moments_masked(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (x,), _ = _moments(rng, scale)
+    return (x,), {"mask": _token_masks(rng, [x])[0], "eps": 0.1}
+
+
+def _zoom_shift_masked(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (x, guide), _ = _zoom_shift(rng, scale)
+    mask, guide_mask = _token_masks(rng, [x, guide])
+    return (x, guide), {"mask": mask, "guide_mask": guide_mask}
+
+
+def _align_jacobi(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs,), _ = _align(rng, scale)
+    return (xs,), {"rounds": 2, "alpha": 0.5, "schedule": "jacobi", "masks": _token_masks(rng, xs)}
+
+
+def _align_hub(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs,), _ = _align(rng, scale)
+    return (xs,), {"rounds": 1, "alpha": 0.8, "topology": "hub", "hub": 1}
+
+
+def _tensor_terms_plain(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, weight, _), kwargs = _without_constant(rng, scale)
+    return (xs, weight), {**kwargs, "by": "order"}
+
+
+def _lowrank_terms_plain(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, factors, weights, _), _ = _lowrank(rng, scale)
+    return (xs, [f[:, :-1, :] for f in factors], weights), {"append_one": False, "by": "subset"}
+
+
+def _cp_terms_by_order(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, cp), kwargs = _cp_terms(rng, scale)
+    return (xs, cp), {**kwargs, "by": "order"}
+
+
+Problem = Callable[[np.random.Generator, str], tuple[tuple[Any, ...], dict[str, Any]]]
+
+#: operator name -> {case: problem generator}: the options ``mmfuse verify`` checks beside
+#: the default problem of :data:`OPS`
+CASES: dict[str, dict[str, Problem]] = {
+    "tensor_fusion": {"append_one=False, bias=None": _without_constant},
+    "lowrank_fusion": {"append_one=False, weights=None, bias=None": _lowrank_plain},
+    "cp_fusion": {"present, weights=None, bias=None": _cp_masked, "append_one=False": _cp_plain},
+    "sequence_fusion": {"mode=collapsed": _sequence_collapsed},
+    "wander": {"mode=collapsed, masks, gelu_tanh, residual=none": _wander_options},
+    "moments": {"mask, eps=0.1": _moments_masked},
+    "zoom_shift": {"mask, guide_mask": _zoom_shift_masked},
+    "align": {"schedule=jacobi, masks": _align_jacobi, "topology=hub, hub=1": _align_hub},
+    "tensor_interactions": {"by=order, append_one=False": _tensor_terms_plain},
+    "lowrank_interactions": {"by=subset, append_one=False": _lowrank_terms_plain},
+    "cp_interactions": {"by=order": _cp_terms_by_order},
+}
+
+
 #: operator name -> problem generator
 OPS: dict[str, Callable[[np.random.Generator, str], tuple[tuple[Any, ...], dict[str, Any]]]] = {
     "tensor_fusion": _tensor,
@@ -129,9 +237,11 @@ OPS: dict[str, Callable[[np.random.Generator, str], tuple[tuple[Any, ...], dict[
 
 
 def make_problem(
-    op: str, *, seed: int | np.random.Generator | None = None, scale: str = "verify"
+    op: str, *, seed: int | np.random.Generator | None = None, scale: str = "verify", case: str | None = None
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A random problem for ``op`` (see :data:`OPS`)."""
+    """A random problem for ``op``: its default one (:data:`OPS`), or ``case`` of
+    :data:`CASES`."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; valid ops: {sorted(OPS)}")
-    return OPS[op](np.random.default_rng(seed), scale)
+    make = OPS[op] if case is None else CASES[op][case]
+    return make(np.random.default_rng(seed), scale)

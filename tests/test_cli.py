@@ -61,7 +61,8 @@ def test_verify_passes_and_prints_table(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "op " in out and "status" in out
-    assert "lowrank_fusion   array_api" in out or "lowrank_fusion  array_api" in out
+    assert re.search(r"^lowrank_fusion +array_api ", out, re.M)
+    assert re.search(r"^lowrank_fusion \(append_one=False, weights=None, bias=None\) +array_api .* ok ", out, re.M)
     assert "vs tensorly.cp_to_tensor" in out
     assert " 0 failed" in out
 
@@ -201,6 +202,27 @@ def test_verify_catches_an_op_that_writes_to_its_inputs(monkeypatch, capsys, nam
     assert "MISMATCH" in out and "input 0 was written to" in out
 
 
+@pytest.mark.parametrize(
+    ("op", "ignored"),
+    [("cp_fusion", "present"), ("wander", "residual"), ("align", "schedule"), ("sequence_fusion", "mode")],
+)
+def test_verify_catches_an_op_that_ignores_an_option(monkeypatch, capsys, op, ignored):
+    """verify checks each op on its default problem and on the options an implementation
+    could ignore and pass it (a review of the command: a cp_fusion ignoring ``present``, a
+    wander ignoring ``residual``, an align ignoring ``schedule`` all passed): the case's
+    rows are MISMATCHes, the default problem's pass."""
+    real = getattr(mmfuse, op)
+
+    def ignoring(*args, **kwargs):
+        kwargs.pop(ignored, None)
+        return real(*args, **kwargs)
+
+    code, out = _verify_planted(monkeypatch, capsys, op, ignoring)
+    assert code == 1, out
+    assert re.search(rf"^{op} \(.*{ignored}.* MISMATCH ", out, re.M), out
+    assert not re.search(rf"^{op} +array_api .* MISMATCH ", out, re.M), out
+
+
 def test_verify_cp_interactions_problem_has_a_top_order_term():
     """The verified cp_interactions problem holds a sample with every modality present, so
     its highest-order term is not zero everywhere (an op dropping it had passed)."""
@@ -218,7 +240,7 @@ def test_verify_and_bench_cover_the_interaction_terms(monkeypatch, capsys):
     ops = ["tensor_interactions", "lowrank_interactions", "cp_interactions"]
     code = _cli.main(["verify", "--ops", *ops, "--namespaces", "numpy", "--backends", "array_api", "--no-progress"])
     out = capsys.readouterr().out
-    assert code == 0 and out.count(" ok ") == 6, out
+    assert code == 0 and out.count(" ok ") == 12, out  # a default problem and one of other options each
     code = _cli.main(["bench", "--quick", "--ops", *ops, "--namespaces", "numpy", "--backends", "array_api",
                       "--repeats", "1", "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
@@ -352,8 +374,9 @@ def test_verify_and_bench_run_on_jax_and_dask(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "ERROR" not in out and "MISMATCH" not in out
-    assert "moments  array_api  jax        float32  ok" in out
-    assert "moments  array_api  dask       float64  ok" in out
+    assert re.search(r"^moments +array_api +jax +float32 +ok ", out, re.M)
+    assert re.search(r"^moments +array_api +dask +float64 +ok ", out, re.M)
+    assert re.search(r"^moments \(mask, eps=0.1\) +array_api +dask +float64 +ok ", out, re.M)
     code = _cli.main(
         ["bench", "--quick", "--ops", "moments", "--backends", "array_api", "--namespaces", "jax", "dask",
          "--repeats", "1", "--no-progress"]
@@ -645,7 +668,7 @@ def test_verify_catches_refusals_by_type_and_keeps_whole_words(monkeypatch, caps
     captured = capsys.readouterr()
     assert "nothing was checked for namespace numpy, backend array_api" in captured.err
     lines = [line for line in captured.out.splitlines() if line.startswith("moments")]
-    assert len(lines) == 2 and all(" n/a " in line for line in lines)
+    assert len(lines) == 4 and all(" n/a " in line for line in lines)  # the default problem and the masked one
     detail = lines[0].split(" n/a ", 1)[1].strip()
     assert detail.endswith(" ...") and len(detail) <= 100
     assert reason.startswith(detail[: -len(" ...")] + " ")  # cut between words: "... torch CUDA", never "CUD"
