@@ -332,6 +332,11 @@ def lowrank_bwd_x_kernel(
                     part = _dot(gm, ft.to(tl.float32), None, PRECISION32)
                     dst = gx_ptr + rows64[:, None] * d + i[None, :]
                     store_ok = row_ok[:, None] & i_ok[None, :]
+                    # this program's earlier pass stored these elements, from threads other
+                    # than those loading them now: a store then a load of one address by
+                    # different threads is ordered only by a barrier (the dots' own
+                    # synchronisation happens to give one today; a review of the kernels)
+                    tl.debug_barrier()
                     prev = tl.load(dst, mask=store_ok & (hb > 0), other=0.0)
                     # absent rows: exact zeros (their x never entered the fusion)
                     tl.store(dst, tl.where(ok[:, None], prev + part, 0.0), mask=store_ok)
@@ -399,10 +404,12 @@ def lowrank_bwd_f_kernel(
                     part = _dot(xt.to(tl.float32), gm, None, PRECISION32)  # G_m float32, as above
                     dst = slot[None, :] + i[:, None] * n_out
                     st_ok = i_ok[:, None] & col_ok[None, :]
+                    tl.debug_barrier()  # earlier passes' stores, by other threads (as above)
                     prev = tl.load(dst, mask=st_ok & later, other=0.0)
                     tl.store(dst, prev + part, mask=st_ok)
                 if APPEND:  # the constant row: sum over rows of G_m (every row has its 1)
                     const_dst = slot + d * n_out
+                    tl.debug_barrier()  # (as above: a different thread layout from the store's)
                     const_prev = tl.load(const_dst, mask=col_ok & later, other=0.0)
                     tl.store(const_dst, const_prev + tl.sum(gm, axis=0), mask=col_ok)
     if NEED_W:
