@@ -404,10 +404,11 @@ def wander(
     activation : {"gelu", "gelu_tanh", "relu", "identity"} or callable, default "gelu"
         Applied after the down-projection.  ``"gelu"`` is the exact erf GELU (the released
         code's ``F.gelu``); ``"gelu_tanh"`` its tanh approximation.  A callable takes and
-        returns an array of the inputs' namespace and dtype (under ``backend="reference"``
-        it is called on float64 NumPy arrays; for float16 / bfloat16 inputs, which the
-        adapter computes in float32, on the float32 pre-activations rounded to the inputs'
-        dtype, its result widened back).
+        returns an array of the inputs' namespace and of the pre-activations' dtype (under
+        ``backend="reference"`` it is called on float64 NumPy arrays; float16 / bfloat16
+        inputs are computed in float32, so a callable gets float32 pre-activations, except
+        one holding floating parameters of one dtype, such as an ``nn.PReLU``, which gets
+        them in its parameters' dtype, its result widened back).
     residual : {"first", "none"}, default "first"
         ``"first"`` adds the first T_out tokens of the inputs concatenated along the token
         axis (the released behaviour; needs every d_m = D and T_out <= sum T_m);

@@ -47,7 +47,7 @@ __all__ = [
     "erfc_abs",
     "gelu",
     "gelu_torch",
-    "in_input_dtype",
+    "in_own_dtype",
     "plan",
     "rounding_correction",
     "sequence_fusion",
@@ -543,16 +543,26 @@ def activation_fn(xp: Any, activation: Any) -> Callable[[Any], Any]:
     return lambda x: fn(xp, x)
 
 
-def in_input_dtype(xp: Any, activation: Any, dtype: Any) -> Any:
-    """``activation`` for pre-activations computed in a wider work dtype than the inputs'
-    ``dtype`` (float16 / bfloat16 inputs, computed in float32): a caller's callable is called
-    on them rounded to ``dtype`` and its result widened back, since it may hold parameters
-    of the inputs' dtype (an ``nn.PReLU`` of a bfloat16 layer, or one that autocast casts)
-    and was written for the inputs' dtype; a named activation is the library's own and runs in
-    the work dtype, unchanged."""
-    if not callable(activation):
+def in_own_dtype(xp: Any, activation: Any) -> Any:
+    """``activation`` for pre-activations computed in a work dtype wider than the inputs'
+    (float16 / bfloat16 inputs, computed in float32): a caller's callable that holds floating
+    parameters of one dtype (an ``nn.PReLU``; under autocast, the layer casts them with its
+    own) is called on the pre-activations in that dtype, its result widened back; any other
+    callable, and a named activation (the library's own), in the work dtype.  (A bfloat16
+    PReLU had failed on float32 pre-activations, and a float32 one on bfloat16 ones: each is
+    called in its own dtype now; a review's find.)"""
+    if not callable(activation) or not callable(getattr(activation, "parameters", None)):
         return activation
-    return lambda h: xp.astype(apply_activation(activation, xp.astype(h, dtype)), h.dtype)
+
+    def call(h: Any) -> Any:
+        # read per call: autocast reparametrises the module's parameters for the call
+        dtypes = {p.dtype for p in activation.parameters() if p.is_floating_point()}
+        own = dtypes.pop() if len(dtypes) == 1 else h.dtype
+        if own == h.dtype:
+            return apply_activation(activation, h)
+        return xp.astype(apply_activation(activation, xp.astype(h, own)), h.dtype)
+
+    return call
 
 
 def apply_activation(activation: Callable[[Any], Any], h: Any) -> Any:
@@ -987,7 +997,7 @@ def wander_with(
     if low_precision(xp, xs[0].dtype):
         return in_work_dtype(
             wander_with, xp, xs[0].dtype, fuse, list(xs), dict(params), mode=mode, masks=masks,
-            activation=in_input_dtype(xp, activation, xs[0].dtype), residual=residual,
+            activation=in_own_dtype(xp, activation), residual=residual,
         )  # fmt: skip
     # padded tokens are zeroed before the down-projection too: a NaN there would otherwise
     # reach dL/dW as 0 * NaN (the residual still adds the raw tokens)

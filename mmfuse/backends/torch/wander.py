@@ -333,7 +333,7 @@ def wander_torch(
         return in_work_dtype(
             wander_torch, _XP, xs[0].dtype, list(xs), list(weights), list(biases),
             list(feature_factors), list(token_factors), mode, masks,
-            _core_sequence.in_input_dtype(_XP, activation, xs[0].dtype), residual,
+            _core_sequence.in_own_dtype(_XP, activation), residual,
         )  # fmt: skip
     if mode == "collapsed" and activation == "gelu":  # the released configuration: one op
         biases = [torch.zeros(w.shape[1], dtype=w.dtype, device=w.device) if b is None else b
