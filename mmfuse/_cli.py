@@ -761,9 +761,15 @@ _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    if extra:  # (parse_args reports a subcommand's unknown option with the top-level usage)
-        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # a subcommand's unknown option with that subcommand's usage (parse_args gave the
+        # top-level one); an unknown option before the subcommand is the top level's
+        given = list(sys.argv[1:] if argv is None else argv)
+        first = given.index(args.command) if args.command in given else len(given)
+        owner = parser if extra[0] in given[:first] else args.command_parser
+        owner.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.func is not cmd_info:
         import mmfuse
 

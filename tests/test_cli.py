@@ -446,6 +446,12 @@ def test_an_unknown_option_names_its_subcommand(capsys):
         err = capsys.readouterr().err
         assert err.startswith(usage), err
         assert f"mmfuse {argv[0]}: error: unrecognized arguments: {' '.join(argv[1:])}" in err
+    # before the subcommand: the top level's (it had blamed the subcommand; a final review)
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["--quik", "verify"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mmfuse [-h]") and "mmfuse: error: unrecognized arguments: --quik" in err, err
 
 
 def test_bench_reports_any_op_exception_as_an_error_row(monkeypatch, capsys):
