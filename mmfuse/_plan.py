@@ -146,8 +146,9 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
             # fine chunks must not pass coarse ones of the same shape) and its chunks' type
             # (masked chunks are refused: a plan of plain ones must not pass them)
             device = device_key(getattr(a, "device", None))
-            meta = type(getattr(a, "_meta", None))
-            out.append((t, a.shape, a.dtype, device, getattr(a, "chunks", None), meta))
+            chunks = getattr(a, "chunks", None)
+            meta = None if chunks is None else type(getattr(a, "_meta", None))
+            out.append((t, a.shape, a.dtype, device, chunks, meta))
 
 
 def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:

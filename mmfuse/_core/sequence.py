@@ -431,28 +431,23 @@ def _gelu_scipy(special: Any, x: Any) -> Any:
     native = x.dtype == np.float64  # (not a big-endian float64, nor long double)
     exact_tail = x.dtype.itemsize >= 8  # float64 and long double (computed in float64 too)
     if native and flat.shape[0] <= _GELU_BLOCK:  # one block: no slices, no loop
-        erfc = special.erfc(np.multiply(flat, -SQRT1_2))
-        return _gelu_scipy_block(special, flat, erfc, True).reshape(x.shape)
+        return _gelu_scipy_block(special, flat, None, True).reshape(x.shape)
     out = np.empty(flat.shape, dtype=x.dtype)
     for start in range(0, flat.shape[0], _GELU_BLOCK):
         xb = flat[start : start + _GELU_BLOCK]
         if native:
-            ob = out[start : start + _GELU_BLOCK]
-            special.erfc(np.multiply(xb, -SQRT1_2), out=ob)
-            _gelu_scipy_block(special, xb, ob, exact_tail)
+            _gelu_scipy_block(special, xb, out[start : start + _GELU_BLOCK], exact_tail)
         else:  # this block in float64 (in cache), rounded once into out
-            xb = xb.astype(np.float64)
-            out[start : start + _GELU_BLOCK] = _gelu_scipy_block(
-                special, xb, special.erfc(np.multiply(xb, -SQRT1_2)), exact_tail
-            )
+            wide = _gelu_scipy_block(special, xb.astype(np.float64), None, exact_tail)
+            out[start : start + _GELU_BLOCK] = wide
     return out.reshape(x.shape)
 
 
 def _gelu_scipy_block(special: Any, xb: Any, ob: Any, exact_tail: bool) -> Any:
-    """:func:`_gelu_scipy` on one float64 block ``xb`` whose erfc(-x / sqrt 2) is in ``ob``:
-    ``ob`` made x Phi(x) in place, and returned (the tail formula below
-    :data:`_SCIPY_TAIL_X` where ``exact_tail``)."""
+    """:func:`_gelu_scipy` on one float64 block ``xb``, into ``ob`` (None: a new array), which
+    is returned (the tail formula below :data:`_SCIPY_TAIL_X` where ``exact_tail``)."""
     np = sys.modules["numpy"]
+    ob = special.erfc(np.multiply(xb, -SQRT1_2), out=ob)
     ob *= 0.5
     ob *= xb
     tail = (xb < _SCIPY_TAIL_X).nonzero()[0] if exact_tail else ()
