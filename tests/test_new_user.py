@@ -579,3 +579,36 @@ def test_initialisers_take_a_dtype_by_name_in_every_namespace(space):
     assert p["bias"].dtype == xp.float64 and w["feature"][0].dtype == xp.float64
     with pytest.raises(TypeError, match=r"^dtype must be a real floating dtype of the namespace .*got 'asarray'"):
         mmfuse.init_lowrank([3], rank=1, out_dim=2, xp=xp, dtype="asarray")
+
+
+# --------------------------------------------------------------------------- torch.compile first
+
+
+@pytest.mark.slow
+def test_first_call_under_compile_imports_the_backend_without_recompiles():
+    """A compiled function making a process's first mmfuse call on torch tensors imports the
+    torch backend inside torch.compile's call.  Dynamo compiled each function the import ran:
+    the op bindings, one function called with a new op each time, recompiled up to Dynamo's
+    limit with a warning ("hit config.recompile_limit"), then run uncompiled (a review's
+    find).  In a fresh interpreter: no such warning, and the eager values."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, torch, mmfuse
+        assert "mmfuse.backends.torch" not in sys.modules
+        torch.manual_seed(0)
+        xs = [torch.randn(2, t, 3, dtype=torch.float64) for t in (4, 6)]
+        f = torch.compile(lambda a, b: mmfuse.align([a, b], rounds=2, alpha=0.4)[0], backend="eager")
+        got = f(*xs)
+        assert "mmfuse.backends.torch" in sys.modules
+        torch.testing.assert_close(got, mmfuse.align(xs, rounds=2, alpha=0.4)[0], rtol=1e-12, atol=0)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+    assert "recompile_limit" not in out.stderr, out.stderr[-3000:]

@@ -295,6 +295,17 @@ def _any_input(xp: Any, device: Any) -> str | None:
     return None
 
 
+def _import_untraced(module: str) -> Any:
+    """``importlib.import_module(module)``, out of Dynamo's sight where it is loaded.  The first
+    call of a ``torch.compile``-d function that needs a backend imports the backend there, and
+    Dynamo compiled each function its import runs: the op bindings, one function called with
+    a new op each time, recompiled up to Dynamo's limit (8), with a warning, after which that
+    frame ran uncompiled (a review's find).  Nothing of an import belongs in a graph."""
+    if "torch._dynamo" not in sys.modules:  # (no compilation without it: not imported for this)
+        return importlib.import_module(module)
+    return sys.modules["torch"].compiler.disable(importlib.import_module)(module)
+
+
 def _resolve(row: Row) -> Implementation | None:
     """The row's implementation (its module imported), or None if the module cannot load."""
     impl = _RESOLVED.get(row)
@@ -306,7 +317,7 @@ def _resolve(row: Row) -> Implementation | None:
             return _RESOLVED[row]
         framework = FRAMEWORKS[row.backend]
         try:
-            func = getattr(importlib.import_module(module), attr)
+            func = getattr(_import_untraced(module), attr)
             # and the backend's framework installed: some rows run the core's functions (the
             # torch backend's autograd rows, numba's gradient rows), whose modules load
             # without it, and the backend was listed as available on a machine without its
