@@ -1395,7 +1395,7 @@ class ZoomShift(nn.Module):
     Notes
     -----
     ``forward(xs, masks=None)`` takes M tensors (B, T_m, C) and optional (B, T_m) boolean
-    masks and returns (B, M C) for ``fuse="concat"``, (B, C) for sum / mean, or the list of
+    masks and returns (B, M C) for ``fuse="concat"``, (B, C) for sum / mean, or the tuple of
     pooled aligned (B, C) features for ``fuse=None``.  Statistics are over the token axis.
 
     The layer has no parameters; it runs on ``meta`` inputs (shapes only, e.g. in a model
@@ -1490,9 +1490,10 @@ class ZoomShift(nn.Module):
 
         Returns
         -------
-        tensor or list of tensors
+        tensor or tuple of tensors
             (B, M C) for ``fuse="concat"``, (B, C) for ``"sum"`` and ``"mean"``, the M pooled
-            aligned (B, C) features for ``fuse=None``.  On ``meta`` inputs, ``meta`` tensors
+            aligned (B, C) features for ``fuse=None`` (a tuple, as torch's modules return
+            several outputs).  On ``meta`` inputs, ``meta`` tensors
             of these shapes.
 
         Raises
@@ -1545,15 +1546,22 @@ class ZoomShift(nn.Module):
                 masks=mask_list, eps=self.eps,
             )  # fmt: skip
             out = pool_and_fuse(ys, fuse_how=self.fuse, pool_how=self.pool, masks=mask_list)
-            return rounded_to(torch_namespace(), dtype, out) if work != dtype else out
+            return _outputs(rounded_to(torch_namespace(), dtype, out) if work != dtype else out)
         from ._align import zoom_shift_fusion
 
         with _layer_call(self):
-            return zoom_shift_fusion(
+            return _outputs(zoom_shift_fusion(
                 xs, fuse=self.fuse, pool=self.pool, rounds=self.rounds, alpha=self.alpha,
                 schedule=self.schedule, topology=self.topology, hub=self.hub, masks=mask_list,
                 eps=self.eps,
-            )  # fmt: skip
+            ))  # fmt: skip
+
+
+def _outputs(out: Any) -> Any:
+    """A layer's result as torch's modules give several outputs: the per-modality list of
+    ``fuse=None`` as a tuple (a module's full backward hooks take a tensor or a tuple of
+    tensors, and never fired on the list: a review's find)."""
+    return tuple(out) if isinstance(out, list) else out
 
 
 class GuidedZoomShift(nn.Module):
@@ -1759,9 +1767,10 @@ class GuidedZoomShift(nn.Module):
 
         Returns
         -------
-        tensor or list of tensors
+        tensor or tuple of tensors
             (B, M C) for ``fuse="concat"``, (B, C) for ``"sum"`` and ``"mean"``, the M pooled
-            (B, C) features for ``fuse=None``.  On ``meta`` inputs (a layer built with
+            (B, C) features for ``fuse=None`` (a tuple, as torch's modules return several
+            outputs).  On ``meta`` inputs (a layer built with
             ``device="meta"``, not yet materialised), ``meta`` tensors of these shapes.
 
         Raises
@@ -1783,4 +1792,4 @@ class GuidedZoomShift(nn.Module):
         mask_list = None if masks is None else list(masks)
         out = pool_and_fuse(ys, fuse_how=self.fuse, pool_how=self.pool, masks=mask_list)
         dtype = xs[0].dtype
-        return rounded_to(torch_namespace(), dtype, out) if ys[0].dtype != dtype else out
+        return _outputs(rounded_to(torch_namespace(), dtype, out) if ys[0].dtype != dtype else out)

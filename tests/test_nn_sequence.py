@@ -5,6 +5,7 @@ functional API and the reference, masks, state_dict, torch.compile(fullgraph=Tru
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -364,11 +365,13 @@ def test_zoom_shift_fusion_16_bit_is_float32_maths_rounded_once(dtype, fuse):
     masks = _masks(7)
     wide = [x.float() for x in low]
 
-    def rounded(out):
-        return [o.to(dtype) for o in out] if isinstance(out, list) else out.to(dtype)
+    def rounded(out):  # (fuse=None: the functional API's list, the layers' tuple)
+        return [o.to(dtype) for o in out] if isinstance(out, (list, tuple)) else out.to(dtype)
 
     def same(got, want):
-        for a, b in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
+        several = isinstance(got, (list, tuple))
+        assert several == isinstance(want, (list, tuple))
+        for a, b in zip(got if several else [got], want if several else [want], strict=True):
             assert a.dtype == dtype and torch.equal(a, b)
 
     # every call on the torch backend, which the compiled layer runs: under "auto" the eager
@@ -607,3 +610,34 @@ def test_a_callable_activation_with_parameters_is_called_in_their_dtype(batch):
     )  # fmt: skip
     assert y.dtype == np.float16 and set(dtypes) == {np.dtype(np.float32)}
     assert_close(y, ref.wander(nxs, params, activation=np.tanh), dtype=np.float16, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("name", ["ZoomShift", "GuidedZoomShift"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_per_modality_outputs_are_a_tuple_and_fire_backward_hooks(name, compiled, rng):
+    """fuse=None returns the M pooled features as a tuple, torch's convention for a module's
+    several outputs: a full backward hook never fired on the list it had returned (torch only
+    warned; a review's find).  The values are the functional API's."""
+    layer = (ZoomShift if name == "ZoomShift" else GuidedZoomShift)(4, 3, fuse=None, dtype=torch.float64)
+    xs = [torch.tensor(rng.standard_normal((2, t, 4)), requires_grad=True) for t in (5, 3, 6)]
+    calls = []
+    layer.register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(len(grad_out)))
+    if compiled:
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Dynamo's notes on the layer's graph breaks
+            ys = torch.compile(layer, backend="eager")(xs)
+    else:
+        ys = layer(xs)
+    assert type(ys) is tuple and len(ys) == 3
+    if name == "ZoomShift":
+        want = mmfuse.zoom_shift_fusion([x.detach() for x in xs], fuse=None)
+        for y, w in zip(ys, want):
+            assert_close(y.detach(), w)
+    with warnings.catch_warnings():
+        # the layers take their inputs as one list, which torch's hooks do not look into:
+        # their grad_input is empty and torch says so
+        warnings.filterwarnings("ignore", "Full backward hook is firing when gradients are computed")
+        sum((y * y).sum() for y in ys).backward()
+    assert calls == [3]
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)
