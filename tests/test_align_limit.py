@@ -254,6 +254,18 @@ def test_reference_limit_says_when_it_cannot_settle(rng):
         reference.align(far, rounds=None)
 
 
+def test_reference_limit_refusal_names_a_small_alpha(rng):
+    """At alpha = 1e-7 a round moves the statistics by about alpha of their distance, so the
+    reference's iteration would need far more than its sweeps; its refusal had named only
+    spreads far below sqrt(eps) as the cause, also at eps = 0 with unit spreads (a review's
+    find).  The public closed form computes that limit."""
+    xs = [rng.standard_normal((2, 4, 3)), 2.0 + 3.0 * rng.standard_normal((2, 6, 3))]
+    with pytest.raises(ValueError, match=r"do not converge within 200000 sweeps: .*with a small alpha"):
+        reference.align(xs, rounds=None, alpha=1e-7, eps=0.0)
+    ys = mmfuse.align(xs, rounds=None, alpha=1e-7, eps=0.0)
+    np.testing.assert_allclose(ys[0].std(axis=1), ys[1].std(axis=1), rtol=1e-9)
+
+
 @pytest.mark.parametrize("topology", ["consensus"])
 def test_reference_limit_refuses_spreads_too_small_to_move(rng, topology):
     """Spreads of 1e-20 and 1e-30 at eps = 1e-5: a round moves their log-variances by about

@@ -439,7 +439,8 @@ def _iterate(
             if left <= _SETTLED:
                 return hi, lo
         # a steady contraction that needs more sweeps than are left (spreads far below
-        # sqrt(eps) barely move per round), or none: say so now rather than at the end
+        # sqrt(eps), or any at a small alpha, barely move per round), or none: say so now
+        # rather than at the end
         if sweep >= 1000 and (q >= 1.0 or sweep + math.log(_SETTLED / left) / math.log(q) > _SWEEPS):
             break
     raise _unsettled()
@@ -448,8 +449,9 @@ def _iterate(
 def _unsettled() -> ValueError:
     return ValueError(
         f"the rounds do not converge within {_SWEEPS} sweeps: spreads far below sqrt(eps) move by "
-        "about var / eps of their distance per round, too slowly for the reference's iteration (and "
-        "Jacobi consensus with M = 2 and alpha = 1 has no limit)"
+        "about var / eps of their distance per round, and with a small alpha all statistics move "
+        "by about alpha of theirs, too slowly for the reference's iteration (and Jacobi consensus "
+        "with M = 2 and alpha = 1 has no limit)"
     )
 
 
