@@ -4,8 +4,11 @@ DistributedDataParallel on CPU.
 Two processes (gloo backend, ``torch.multiprocessing.spawn``) each take half of every batch;
 DDP averages their gradients, so each step equals one step on the full batch in one process.
 The script checks exactly that at the end (exit status 1 if parameters or gradients differ by more
-than ``--tol``), for both layers (both run mmfuse's custom ops, whose
-analytic backwards DDP's gradient hooks see like any other).
+than ``--tol``), for both layers.  At this script's sizes (8 samples per process) both layers
+run as plain torch operations under autograd, mmfuse's small-problem paths
+(docs/backends.rst, "Small problems"); larger batches run mmfuse's custom ops, whose analytic
+backwards accumulate into the parameters' ``.grad`` as any operator's do, which is all DDP's
+gradient hooks see.
 
 Run: ``python examples/ddp_lowrank.py [--world-size 2] [--steps 5] [--model lowrank|wander|both]``.
 """
