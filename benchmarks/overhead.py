@@ -25,6 +25,9 @@ called under ``torch.no_grad()``; ``backend`` is left at the configured default 
   per modality (NumPy: ``scipy.special.erf``, torch: ``F.gelu``), the factors' rank sums (collapsed)
   or all (R_h, R_t) pairs by broadcast matmuls (cp), the product, the first T_out tokens of
   the concatenated inputs.
+- ``wander`` collapsed again with ``activation=`` the plain code's GELU (SciPy's ``erf``
+  formula, ``F.gelu``), on both sides: a diagnostic row, not one of issue 19's, that takes the
+  exact GELU's own cost out of the ratio (what is left is the rest of the call's).
 - ``align``, two modalities (4, 6, 5) and (4, 7, 5), rounds = 1 (alpha 1, Gauss-Seidel,
   consensus); plain: ``y0 = zoom_shift(x0, x1)`` then ``y1 = zoom_shift(x1, y0)`` with the plain
   zoom_shift above.
@@ -175,6 +178,10 @@ def tiny_cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], 
         "wander cp B4 T6,5 d8 r4 Rh2 Rt3": (
             lambda: mmfuse.wander(wxs, wparams, mode="cp"),
             lambda: plain_wander(xp, gelu, wxs, wparams, "cp"),
+        ),
+        "wander collapsed B4 T6,5 d8 r4 Rh2 Rt3 plain GELU": (
+            lambda: mmfuse.wander(wxs, wparams, mode="collapsed", activation=gelu),
+            lambda: plain_wander(xp, gelu, wxs, wparams, "collapsed"),
         ),
         "align rounds=1 (4,6,5),(4,7,5)": (
             lambda: mmfuse.align([x, g], rounds=1),
