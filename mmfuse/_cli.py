@@ -543,8 +543,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("reference: skipped at bench scale (its loops would take minutes there); --quick times it")
     bar = Progress(len(jobs), "bench", items=len(jobs), enabled=not args.no_progress)
     results = []
+    problems: dict[str, Any] = {}
     for op, b, ns in jobs:
         args_np, kwargs_np = make_problem(op, seed=0, scale=scale)
+        problems.setdefault(op, _problem_shapes(args_np, kwargs_np))
         convert = _converter(ns, "float32")
         entry: dict[str, Any] = {"op": op, "backend": b, "namespace": ns, "dtype": "float32"}
         if convert is None:
@@ -593,7 +595,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(_speedup_note(any(r.get("vs_array_api_numpy") for r in results)))
     if args.json:
         machine = platform.platform()
-        report = {"mmfuse": mmfuse.__version__, "machine": machine, "scale": scale, "results": results}
+        report = {
+            "mmfuse": mmfuse.__version__, "machine": machine, "scale": scale, "problems": problems,
+            "results": results,
+        }  # fmt: skip
         with _writing(args.json), open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
         print(f"wrote {args.json}")
@@ -614,6 +619,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"mmfuse bench: nothing was timed for {what} (see the lines above)", file=sys.stderr)
         return 1
     return 1 if errors else 0
+
+
+def _problem_shapes(args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """An op's timed problem as bench's JSON records it: its arguments with every array
+    replaced by its shape, so that a timing says what it timed."""
+    def shape(a: Any) -> list[int]:
+        return list(a.shape)
+
+    return {"args": tree_map(shape, list(args)), "kwargs": tree_map(shape, kwargs)}
 
 
 def _speedup_note(have_baseline: bool) -> str:
@@ -739,7 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"array namespaces of the inputs, of: {', '.join(NAMESPACES)} "
         f"(default: {' '.join(_BENCH_NAMESPACES)})",
     )  # fmt: skip
-    p.add_argument("--json", metavar="FILE", help="write the timings as JSON")
+    p.add_argument(
+        "--json", metavar="FILE", help="write the timings, and each op's problem (its arrays' shapes) as JSON"
+    )
     p.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed calls per row (default 5)")
     p.add_argument("--quick", action="store_true", help="tiny problems (a smoke run)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")

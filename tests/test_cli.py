@@ -280,8 +280,18 @@ def test_bench_json_and_plot(tmp_path, capsys):
     )
     assert code == 0
     data = json.loads(js.read_text())
-    assert set(data) == {"mmfuse", "machine", "scale", "results"}
+    assert set(data) == {"mmfuse", "machine", "scale", "problems", "results"}
     assert data["scale"] == "verify"
+    # what was timed: the arguments with each array as its shape
+    from mmfuse._problems import make_problem
+
+    args, kwargs = make_problem("lowrank_fusion", seed=0, scale="verify")
+    xs, factors, weights, bias = args
+    assert data["problems"]["lowrank_fusion"] == {
+        "args": [[list(x.shape) for x in xs], [list(f.shape) for f in factors], list(weights.shape), list(bias.shape)],
+        "kwargs": {"present": list(kwargs["present"].shape)},
+    }
+    assert set(data["problems"]) == {"lowrank_fusion", "moments"}
     ran = [r for r in data["results"] if r["status"] == "ok"]
     assert {r["op"] for r in ran} == {"lowrank_fusion", "moments"}
     for r in ran:
