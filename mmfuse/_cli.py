@@ -522,6 +522,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _check_output_file(path)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"mmfuse: --plot writes a PNG: give a file name ending in .png, got {args.plot!r}")
+    if args.json and args.plot and os.path.realpath(args.json) == os.path.realpath(args.plot):
+        # (the PNG, written last, had replaced the report, and both were said to be written)
+        raise UsageError(f"mmfuse: --json and --plot name the same file ({args.plot!r}): give two names")
     if args.plot:
         require("matplotlib")  # now, not after minutes of timing
     namespaces = list(dict.fromkeys(args.namespaces or _BENCH_NAMESPACES))

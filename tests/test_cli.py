@@ -486,7 +486,10 @@ def test_bench_output_names_refused_up_front(tmp_path, monkeypatch, capsys):
     for argv, message in (
         (["--plot", str(tmp_path / "p.xyz")], "--plot writes a PNG: give a file name ending in .png"),
         (["--json", ""], "--json needs a file name, got an empty one"),
-    ):
+        # one file for both: the PNG had replaced the report (a review's find)
+        (["--json", str(tmp_path / "b.png"), "--plot", str(tmp_path / "." / "b.png")],
+         "--json and --plot name the same file"),
+    ):  # fmt: skip
         with pytest.raises(SystemExit) as exc:
             _cli.main(["bench", "--quick", "--ops", "moments", "--no-progress", *argv])
         assert exc.value.code == 2
