@@ -305,7 +305,7 @@ def _gelu_on_path(path, x, monkeypatch):
     return gelu(array_namespace(t), t).detach().numpy()
 
 
-@pytest.mark.parametrize("path", ["cody", "scipy", "generic", "reference", "torch"])
+@pytest.mark.parametrize("path", ["cody", "scipy", "generic", "reference", "torch", "torch grad"])
 def test_gelu_far_lower_tail_where_phi_alone_is_subnormal(path, monkeypatch):
     """x in (-37.615, -37.5): x Phi(x) is a normal float64 but Phi(x) is not (further down both
     are subnormal, x Phi(x) still above 0 to x ~ -38.6).  The NumPy paths

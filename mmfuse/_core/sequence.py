@@ -30,7 +30,6 @@ from .._namespace import (
     is_lazy,
     is_numpy,
     is_torch,
-    jit_tracing,
     low_precision,
     mask_tokens,
     widens_float32,
@@ -48,8 +47,8 @@ __all__ = [
     "gelu",
     "gelu_torch",
     "in_own_dtype",
+    "normal_cdf_torch",
     "plan",
-    "rounding_correction",
     "sequence_fusion",
     "wander",
     "wander_with",
@@ -284,30 +283,38 @@ def _gelu_block(xb: Any, ob: Any) -> None:
     ob[idx] = np.where(xo < 0, lower, xo * (1.0 - gauss))
 
 
-# 1/sqrt(2) = SQRT1_2 + _SQRT1_2_LO exactly to ~1e-33; SQRT1_2 split into 26-bit halves
-_SQRT1_2_LO = -4.8336466567264567e-17
-_SQRT1_2_HI = 0.70710676908493042  # float(np.float32(...)) rounded to 26 bits
-_SQRT1_2_TAIL = SQRT1_2 - _SQRT1_2_HI
-_SPLIT = 134217729.0  # 2**27 + 1, Veltkamp's splitter for float64
+# Below this x the float64 torch GELU takes its lower-tail formula (:func:`normal_cdf_torch`).
+# Measured against 50-digit mpmath (torch 2.13's erfc and erfcx): with the cut here (u > 1)
+# the value is within 2 ulps above it and 5 below, the derivative autograd forms within 5
+# ulps of |Phi| + |x phi| everywhere (29 on [-38, -37.5], where phi is subnormal); a cut at -1
+# took 5 ulps of the value on [-1.2, -1] against 2.
+_TORCH_TAIL_X = -1.4142135623730951  # -sqrt 2
 
 
-def rounding_correction(torch: Any, x: Any, u: Any) -> Any:
-    """Factor fixing erfc(u) for the rounding of u = fl(-x / sqrt 2), u > 1 (float64).
+def normal_cdf_torch(torch: Any, x: Any, times_x: bool) -> Any:
+    """Phi(x) (``times_x``: x Phi(x)) for a float64 tensor x, from torch's operations, so
+    that autograd's derivative is as accurate as the value (a few ulps everywhere).
 
-    With u* = -x / sqrt 2 exactly and delta = u* - u (Dekker's exact product error plus the
-    rounding of 1/sqrt 2), erfc(u*) = erfc(u) (1 - delta (2u + 1/u) + O(delta^2, delta/u^3)),
-    since erfc'/erfc = -2 / (sqrt(pi) erfcx) = -(2u + 1/u) + O(1/u^3).  Without it the
-    relative error of Phi grows like x^2 ulp in the lower tail (1e-13 at x = -37).
-    """
-    xc = torch.clamp(x, -40.0, 40.0)
-    t = _SPLIT * xc
-    x_hi = t - (t - xc)
-    x_lo = xc - x_hi
-    p = xc * SQRT1_2  # = -u where |x| <= 40
-    err = ((x_hi * _SQRT1_2_HI - p) + x_hi * _SQRT1_2_TAIL + x_lo * _SQRT1_2_HI) + x_lo * _SQRT1_2_TAIL
-    delta = -err - xc * _SQRT1_2_LO
-    uc = torch.clamp(u, 1.0, 40.0)
-    return torch.where(u > 1.0, 1.0 - delta * (2.0 * uc + 1.0 / uc), torch.ones_like(u))
+    Above :data:`_TORCH_TAIL_X`: erfc(u) / 2 with u = -x / sqrt 2.  Below it: erfcx(u) G / 2
+    with the Gaussian factor G = exp(-x^2 / 2) from x itself, split as in CALERF
+    (:func:`_exp_neg_square`), x multiplying G first (x Phi(x) is a normal number down to
+    x ~ -37.6, where Phi alone is subnormal).  There erfc of the rounded u (about u^2 ulps
+    off) took its derivative from exp(-u^2) of that u: up to 490 ulps of the GELU's derivative
+    on [-37.5, -20], where the value had been corrected for u's rounding (a review against
+    exact arithmetic); the split's derivative is exact, and erfcx varies slowly.  Each
+    formula reads x clamped to its own side, so the lanes ``where`` drops stay finite and give
+    no NaN gradients.  Where x Phi(x) = x (Phi rounds to 1 from x ~ 8.3) it is x itself:
+    0.5 erfc(u) is exactly 1 there, and it multiplies x after the halving (erfc = 2 times an
+    x past half the float64 range would overflow)."""
+    tail = x < _TORCH_TAIL_X
+    below = torch.clamp(x, max=_TORCH_TAIL_X)
+    above = torch.clamp(x, min=_TORCH_TAIL_X)
+    gauss = _exp_neg_square(torch, torch.clamp(-below, max=_GELU_XMAX), 0.5)  # (-inf: as generic)
+    if times_x:
+        gauss = below * gauss
+    lower = gauss * torch.special.erfcx(below * (-SQRT1_2)) * 0.5
+    upper = 0.5 * torch.special.erfc(above * (-SQRT1_2))
+    return torch.where(tail, lower, above * upper if times_x else upper)
 
 
 def torch_transformed(*tensors: Any) -> bool:
@@ -362,10 +369,10 @@ def aten_gelu_view(x: Any) -> bool:
 def gelu_torch(x: Any) -> Any:
     """Torch path of :func:`gelu`.
 
-    float64: x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2 and the argument's rounding
-    corrected (:func:`rounding_correction`): ~1 ulp relative everywhere.
-    ``torch.nn.functional.gelu`` computes 0.5 (1 + erf(x / sqrt 2)) instead, which cancels in
-    the lower tail (relative error 1e-2 already at x = -7 in float64).
+    float64: x Phi(x) by :func:`normal_cdf_torch`, within a few ulps relative everywhere,
+    and so is the derivative autograd forms.  ``torch.nn.functional.gelu`` computes
+    0.5 (1 + erf(x / sqrt 2)) instead, which cancels in the lower tail (relative error 1e-2
+    already at x = -7 in float64).
 
     float32 and half precisions: ``torch.nn.functional.gelu`` itself (the exact erf GELU, not
     the tanh form; vectorised, 2-3x faster than the erfc form on CPU), on small CPU tensors
@@ -374,30 +381,14 @@ def gelu_torch(x: Any) -> Any:
     float32's own resolution of the pre-activation; only its relative error far in the lower
     tail (where GELU ~ 0) is loose.
 
-    Autograd flows through every step; without autograd the float64 path reuses its own
-    intermediate buffers.
+    Autograd flows through every step.
     """
     torch = sys.modules["torch"]  # x is a tensor (a lookup: an import statement costs 0.2 us)
     if x.dtype != torch.float64:
         if aten_gelu_view(x):  # (its saved input is that view too: the backward's kernel follows)
             return torch.nn.functional.gelu(x.mT).mT
         return torch.nn.functional.gelu(x)
-    u = x * (-SQRT1_2)
-    if jit_tracing(torch):
-        # torch.jit.trace records operators, not this function: the no-grad branch's out=
-        # buffers would fail a traced module run with autograd, and TorchScript's constant
-        # pooling merges the split constants of rounding_correction with SQRT1_2 (5e-8 off
-        # in float64; a review of program capture).  Its GELU: erfc of the rounded argument,
-        # about x^2 ulps off far in the lower tail
-        return x * (0.5 * torch.special.erfc(u))
-    corr = rounding_correction(torch, x, u)
-    if (torch.is_grad_enabled() and x.requires_grad) or torch_transformed(x):
-        return x * (0.5 * torch.special.erfc(u) * corr)
-    out = torch.special.erfc(u, out=u)  # no autograd: our own buffers (x is never written)
-    # x before the 0.5, which would take a small erfc (far lower tail) below the normal range;
-    # where x Phi(x) = x (Phi rounds to 1 from x ~ 8.3), x itself: erfc = 2 times an x past
-    # half the float64 range overflowed
-    return torch.where(x > 40.0, x, out.mul_(corr).mul_(x).mul_(0.5))
+    return normal_cdf_torch(torch, x, True)
 
 
 # Below this x the SciPy GELU takes its lower-tail formula (inputs of 64 bits or more).  Above

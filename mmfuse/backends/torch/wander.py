@@ -104,14 +104,13 @@ _INV_SQRT_2PI = 0.39894228040143267794
 
 def _gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """dL/dpre of GELU(pre) = pre Phi(pre): grad (Phi + pre phi).  float64 uses the core's
-    accurate normal CDF (erfc with the argument's rounding corrected, as in its forward);
+    accurate normal CDF (:func:`~mmfuse._core.sequence.normal_cdf_torch`, its forward's);
     other dtypes torch's own exact-GELU derivative."""
     if pre.dtype != torch.float64:
         if _core_sequence.aten_gelu_view(pre):  # (as the forward: ATen's kernel, not oneDNN's)
             return torch.ops.aten.gelu_backward(grad.mT, pre.mT).mT
         return torch.ops.aten.gelu_backward(grad, pre)
-    u = pre * (-_core_sequence.SQRT1_2)
-    cdf = torch.special.erfc(u).mul_(_core_sequence.rounding_correction(torch, pre, u)).mul_(0.5)
+    cdf = _core_sequence.normal_cdf_torch(torch, pre, False)
     # phi from the split exp(-x^2 / 2) (the forward's): exp of the rounded x * x lost about
     # x^2 / 2 ulps far in the lower tail (256 at x = -30; a review against exact arithmetic)
     pdf = _core_sequence._exp_neg_square(torch, pre.abs().clamp_(max=_core_sequence._GELU_XMAX), 0.5)
