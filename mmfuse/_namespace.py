@@ -343,8 +343,34 @@ def torch_intercepts(torch: Any) -> bool:
     module): Dynamo tracing, a TorchDispatchMode (fake tensors, export, logging modes), or
     ``torch.jit.trace``, which records dispatched operators only.  There the custom ops must
     be called as ops, and nothing may read the tensors' memory behind torch's back (NumPy, a
-    kernel launch): it would run on fake data, or leave nothing in a traced graph."""
-    return bool(torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or jit_tracing(torch))
+    kernel launch): it would run on fake data, or leave nothing in a traced graph.
+
+    Also in the frames a compiled call runs eagerly at a graph break (:func:`_dynamo_frame_hook`),
+    where ``is_compiling()`` says False: what is decided there (a plan, an implementation) is
+    used by the frame Dynamo traces next.  A graph break inside a compiled call's planning had
+    chosen the NumPy path or the reference there, which Dynamo then traced on fake tensors
+    and failed (a compiled zoom_shift or align after a configuration change, or under
+    ``prefer="reference"``; a review's find)."""
+    return bool(
+        torch.compiler.is_compiling() or _dynamo_frame_hook(torch) or torch._C._len_torch_dispatch_stack()
+        or jit_tracing(torch)
+    )  # fmt: skip
+
+
+# torch's getter of Dynamo's frame hook (None: a torch without it), looked up once
+_FRAME_HOOK_GETTER: list[Any] = []
+
+
+def _dynamo_frame_hook(torch: Any) -> bool:
+    """Whether Dynamo's frame hook is set: from a ``torch.compile``-d function's start to its
+    end, but for the compiled graphs' own runs (and ``torch.compiler.disable``-d code), so in
+    the frames it runs eagerly at graph breaks; never in plain eager code.  (Not traceable by
+    Dynamo, so asked only after ``is_compiling()``, which is True where it traces.)"""
+    if not _FRAME_HOOK_GETTER:
+        eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+        _FRAME_HOOK_GETTER.append(getattr(eval_frame, "get_eval_frame_callback", None))
+    getter = _FRAME_HOOK_GETTER[0]
+    return getter is not None and getter() is not None
 
 
 def jit_tracing(torch: Any) -> bool:

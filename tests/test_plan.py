@@ -475,6 +475,42 @@ def test_compiled_calls_never_read_the_plan_caches(rng, monkeypatch):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("op", ["zoom_shift", "align"])
+def test_compiled_calls_after_a_policy_change_and_under_a_preference(rng, op):
+    """A compiled zoom_shift or align recompiled after a configuration change, or first traced
+    under prefer="reference", failed in Dynamo: a graph break inside the call's planning ran
+    the planning eagerly, where nothing said "compiling", and its choice (the NumPy path,
+    the reference) was then traced on fake tensors (a review's find).  The frames a compiled
+    call runs eagerly now count as intercepted, and the reference refuses intercepted calls;
+    the compiled values are the eager ones throughout, and a forced reference says why not."""
+    import warnings
+
+    x = torch.from_numpy(rng.standard_normal((3, 6, 4)).astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal((3, 5, 4)).astype(np.float32))
+
+    def call(x, g):
+        return mmfuse.zoom_shift(x, g) if op == "zoom_shift" else mmfuse.align([x, g])[0]
+
+    want = call(x, g)
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Dynamo's notes on the public functions' graph breaks
+            compiled = torch.compile(call, backend="eager")
+            assert_close(compiled(x, g), want)
+            with mmfuse.config_context(backend="array_api"):
+                assert_close(compiled(x, g), want, rtol=1e-6)
+            assert_close(compiled(x, g), want)  # (recompiled: the policy changed back)
+            with mmfuse.config_context(prefer="reference"):
+                assert_close(compiled(x, g), want, rtol=1e-6)
+            torch._dynamo.reset()
+            forced = torch.compile(lambda x, g: mmfuse.zoom_shift(x, g, backend="reference"), backend="eager")
+            with pytest.raises(BackendUnsupported, match="cannot run while torch operations are intercepted"):
+                forced(x, g)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_calls_inside_torch_func_transforms_of_plain_and_wrapped_tensors():
     """Inside vmap / grad, a call on plain tensors (constants, captured leaves) ran the custom
     op's autograd.Function or the CPU kernels, which fail there ("must override the

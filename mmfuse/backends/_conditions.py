@@ -105,6 +105,12 @@ def _reference(info: CallInfo) -> str | None:
             "dual level, jax.jit or jax.grad): it computes in NumPy float64, which carries no "
             "tangent and needs values; call it outside them"
         )
+    if info.intercepted:  # (Dynamo traced its copy to NumPy on fake tensors and failed)
+        return (
+            "cannot run while torch operations are intercepted (torch.compile, a dispatch mode "
+            "such as FakeTensorMode, torch.jit.trace): it copies the tensors' values to NumPy; "
+            "call it eagerly"
+        )
     return None
 
 

@@ -3,7 +3,8 @@
 Inputs are copied to NumPy, the float64 reference runs, and the result comes back in the
 caller's namespace, dtype and device.  Slow and gradient-free by design: it is the oracle.
 Its row's condition (``"values, no grad"``) refuses torch tensors that require grad in grad
-mode, and tensors on the meta device.
+mode, tensors on the meta device, traced arrays, and calls while torch operations are
+intercepted (``torch.compile``, dispatch modes, ``torch.jit.trace``).
 The registry's table names the functions below, one per operator.
 """
 
