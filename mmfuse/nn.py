@@ -59,8 +59,8 @@ from ._namespace import low_precision, mask_tokens, rounded_to, torch_namespace,
 from ._plan import PlanCache, call_key
 from ._sequence import activation_key, plan_wander
 from ._validation import check_bool_option, check_device, check_positive_int, check_size_list
-from .backends import BackendUnsupported, lookup
-from .backends._registry import registration
+from .backends import BackendUnsupported
+from .backends._registry import own, registration
 
 __all__ = ["CPFusion", "GuidedZoomShift", "LowRankFusion", "TensorFusion", "WanderAdapter", "ZoomShift"]
 
@@ -117,13 +117,15 @@ def _layer_plan(
 # same implementations under "auto".  mmfuse's own, resolved once here (importing the torch
 # backend defines the mmfuse::* custom operators before anything is compiled); one that
 # ``mmfuse.backends.register(op, "torch", ...)`` put in their place is read per call
-# (:func:`_torch_impl`), whenever it was registered.
+# (:func:`_torch_impl`), whenever it was registered.  (Own ones, not what the registry holds
+# at this import: a registration made before it had stayed here after its unregister; a
+# review's find.)
 _LAYER_OPS = ("tensor_fusion", "lowrank_fusion", "cp_fusion", "wander", "align")
-_TORCH = {op: lookup(op, "torch") for op in _LAYER_OPS}
+_TORCH = {op: own(op, "torch") for op in _LAYER_OPS}
 # ... and the Array-API core's, which the compiled path calls inside a torch.func transform
 # (grad, vmap, ...), as the eager registry does: the custom ops have no batching rules, and
 # their autograd registration does not run under functorch's grad (a review of program capture)
-_CORE = {op: lookup(op, "array_api", like=torch.empty(0)) for op in _LAYER_OPS}
+_CORE = {op: own(op, "array_api", like=torch.empty(0)) for op in _LAYER_OPS}
 
 
 def _torch_impl(op: str) -> Any:

@@ -790,6 +790,44 @@ def test_compiled_layers_run_a_torch_implementation_registered_after_their_impor
     assert not bool((own == 42).any())
 
 
+def test_compiled_layers_drop_a_registration_made_before_their_import_once_unregistered():
+    """``mmfuse.nn`` keeps mmfuse's own torch and core implementations from its import; a
+    registration made before that import had been kept as if it were mmfuse's own, and the
+    compiled layers kept calling it after ``unregister`` (a review's find).  In a fresh
+    interpreter, where the registration can come first."""
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest.importorskip("torch")
+    code = textwrap.dedent(
+        """
+        import sys, warnings, torch, mmfuse
+        from mmfuse.backends import register, unregister
+        assert "mmfuse.nn" not in sys.modules
+        def constant(xs, factors, weights=None, bias=None, *, append_one=True, present=None):
+            return torch.full((xs[0].shape[0], factors[0].shape[-1]), 42.0, dtype=xs[0].dtype)
+        for backend in ("torch", "array_api"):
+            register("lowrank_fusion", backend, constant, priority=100)
+        import mmfuse.nn as nn
+        for backend in ("torch", "array_api"):
+            unregister("lowrank_fusion", backend)
+        layer = nn.LowRankFusion([3, 2], rank=2, out_dim=5)
+        xs = [torch.randn(4, 3), torch.randn(4, 2)]
+        want = layer(xs)
+        assert not bool((want == 42).any())
+        got = torch.compile(layer, backend="eager", fullgraph=True)(xs)
+        torch.testing.assert_close(got, want)
+        grad = torch.func.grad(lambda x0: torch.compile(layer, backend="eager")([x0, xs[1]]).sum())(xs[0])
+        assert torch.isfinite(grad).all() and not bool((grad == 0).all())
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
 def test_a_registration_made_while_a_refusal_is_written_does_not_break_it(monkeypatch):
     """The refusal's list of backends reads a snapshot of the registrations (as the choice
     does): a register / unregister in another thread had raised "dictionary changed size

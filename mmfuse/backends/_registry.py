@@ -609,6 +609,20 @@ def lookup(
     return impl.func
 
 
+def own(op: str, backend: str, *, like: Any = None) -> Callable[..., Any]:
+    """mmfuse's own implementation of ``op`` in ``backend`` (for inputs like the array
+    ``like``: the first of the table's rows that takes them), whatever :func:`register` has
+    put in its place: a caller keeping it must not keep a registration, which
+    :func:`unregister` would not reach.  Raises :class:`BackendUnsupported` where no row loads
+    or takes such inputs."""
+    info = _describe(like, ())
+    for row in _rows(op, backend):
+        impl = _resolve(row)
+        if impl is not None and (info is None or impl.refusal(info) is None):
+            return impl.func
+    raise BackendUnsupported(f"mmfuse's backend {backend!r} has no implementation of {op} for such inputs")
+
+
 @dataclass(frozen=True)
 class Explanation:
     """What :func:`explain` found: the implementation that would run, and why each other
