@@ -20,6 +20,7 @@ __all__ = [
     "array_namespace",
     "device_key",
     "device_of",
+    "first_floating",
     "from_numpy",
     "has_float64",
     "is_array",
@@ -733,6 +734,21 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
             return da.from_array(np.asarray(a, dtype=dtype), chunks=-1)
         import array_api_compat.dask.array as xp
     return xp.asarray(a, dtype=dtype, device=_host_device_of(xp, device))
+
+
+def first_floating(obj: Any) -> Any:
+    """The first array of a real floating dtype inside nested lists, tuples and dicts (the
+    array a call's namespace, device and dtype are read from: not a mask or an index array
+    that comes first), or None."""
+    found: list[Any] = []
+
+    def visit(a: Any) -> Any:
+        if not found and array_namespace(a).isdtype(a.dtype, "real floating"):
+            found.append(a)
+        return a
+
+    tree_map(visit, obj)
+    return found[0] if found else None
 
 
 def tree_map(func: Callable[[Any], Any], obj: Any) -> Any:

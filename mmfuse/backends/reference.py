@@ -15,7 +15,15 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import reference
-from .._namespace import array_namespace, device_of, from_numpy, native_dtype, to_numpy, tree_map
+from .._namespace import (
+    array_namespace,
+    device_of,
+    first_floating,
+    from_numpy,
+    native_dtype,
+    to_numpy,
+    tree_map,
+)
 
 __all__ = [
     "align",
@@ -33,24 +41,12 @@ __all__ = [
 ]
 
 
-def _first_float_array(obj: Any) -> Any:
-    found: list[Any] = []
-
-    def visit(a: Any) -> Any:
-        if not found and array_namespace(a).isdtype(a.dtype, "real floating"):
-            found.append(a)
-        return a
-
-    tree_map(visit, obj)
-    return found[0] if found else None
-
-
 def as_backend(func: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a NumPy reference function as an implementation for any namespace."""
 
     @functools.wraps(func)
     def run(*args: Any, **kwargs: Any) -> Any:
-        like = _first_float_array((args, kwargs))
+        like = first_floating((args, kwargs))
         xp = array_namespace(like)
         # results in native byte order, as every other backend gives (a ">f8" input's own dtype
         # came back big-endian from the fusions)
