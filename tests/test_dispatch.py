@@ -638,6 +638,28 @@ def test_explain_shows_what_a_preference_runs():
     assert [verdict for *_, verdict in empty.rows] == ["cannot run tensor_fusion: it has no implementation of this operator"]
 
 
+def test_explain_reads_the_call_as_the_call_does():
+    """Three review finds: explain() read the first array, not the first floating one (a
+    mask given first described a bool call, where the call itself runs by x); under
+    prefer="reference" a reference that refused (a tensor requiring grad) was said to be
+    "not considered" by "auto", not why it refused; and explain() without arrays answered
+    by what happened to be imported, then otherwise once its table had imported the rest."""
+    x = np.random.default_rng().standard_normal((2, 6, 3))
+    mask = np.ones((2, 6), dtype=bool)
+    assert explain("moments", mask, x).chosen == explain("moments", x, mask).chosen
+    with pytest.raises(TypeError, match=r"explain: give the call's arrays"):
+        explain("moments")
+    with pytest.raises(TypeError, match=r"explain: give the call's arrays"):
+        explain("moments", [], None)
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(x).requires_grad_()
+    with mmfuse.config_context(prefer="reference"):
+        found = explain("moments", t)
+    verdict = {b: v for b, _, _, v in found.rows}["reference"]
+    assert verdict.startswith("cannot take them: needs inputs that require no gradient"), verdict
+    assert found.chosen.backend != "reference"
+
+
 def test_public_functions_have_the_catalogued_signatures():
     """Every operator's public function takes exactly its catalogued parameters (names, kinds,
     order) plus ``backend=`` last: the registry checks implementations against the catalogue,

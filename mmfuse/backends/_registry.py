@@ -32,7 +32,7 @@ from importlib.util import find_spec
 from typing import Any
 
 from .._config import BACKEND_NAMES, backend_policy
-from .._namespace import array_namespace, device_key, is_array, namespace_name
+from .._namespace import array_namespace, device_key, first_floating, is_array, namespace_name
 from ._catalogue import CALL_SIZES, OPERATORS, Signature
 from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info, triton_interpreting
 from ._table import FRAMEWORKS, ROWS, Row
@@ -644,15 +644,16 @@ class Explanation:
 def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None = None) -> Explanation:
     """Which implementation of ``op`` would run for ``arrays``, and why the others would not.
 
-    ``arrays``: the call's arrays (or some of them; the first floating one decides the
-    namespace, device and dtype).  Lists the forced backend's implementations, or under
-    ``"auto"`` every one (importing the optional backends' modules that are installed).
-    Raises nothing for a refusal: a forced backend that cannot take the inputs shows
-    ``chosen=None`` and its reasons.  ``size``: the call's size as the public function
-    passes it to :func:`lookup`; by default computed as the public function does: for the
-    interaction terms from ``arrays`` given as the call's leading arguments (``xs, factors``
-    or ``xs, cp``: their recursion's products, M^2 B R h or M^2 B R), otherwise (and for
-    arrays that are not those) the first floating array's element count.
+    ``arrays``: the call's arrays (or some of them, at least one: a TypeError otherwise; the
+    first floating one decides the namespace, device and dtype, as in the call).  Lists the
+    forced backend's implementations, or under ``"auto"`` every one (importing the optional
+    backends' modules that are installed).  Raises nothing for a refusal: a forced backend
+    that cannot take the inputs shows ``chosen=None`` and its reasons.  ``size``: the call's
+    size as the public function passes it to :func:`lookup`; by default computed as the public
+    function does: for the interaction terms from ``arrays`` given as the call's leading
+    arguments (``xs, factors`` or ``xs, cp``: their recursion's products, M^2 B R h or M^2 B
+    R), otherwise (and for arrays that are not those) the first floating array's element
+    count.
 
     Examples
     --------
@@ -670,7 +671,17 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     _signature(op)  # an unknown operator: a ValueError listing the known ones
     name = _policy(backend)
     _check_leaves(arrays, "arrays")
-    like = _first_array(list(arrays))
+    if _first_array(list(arrays)) is None:
+        # (without arrays the choice was "auto"'s among what happened to be imported, and
+        # building the table imports the rest: a second call answered otherwise)
+        raise TypeError(
+            f"explain: give the call's arrays, e.g. explain({op!r}, x, ...): which implementation "
+            "runs depends on their namespace, device, dtype and size"
+        )
+    # as the public functions read them: the first floating array (not a mask given first)
+    like = first_floating(list(arrays))
+    if like is None:
+        like = _first_array(list(arrays))
     if size is None and op in CALL_SIZES:
         # (arrays of another structure, "some of them": the first array's count, as documented)
         with contextlib.suppress(AttributeError, IndexError, TypeError, ValueError):
@@ -693,7 +704,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
         row = row_of.get(id(cand))
         if cand is chosen:  # first: a preference may pick a row "auto" itself would not
             verdict, passed_chosen = "runs", True
-        elif name.startswith("auto") and cand.backend == "reference":
+        elif name.startswith("auto") and cand.backend == "reference" and name != "auto, prefer reference":
             verdict = "not considered: 'auto' never picks the reference (force backend='reference')"
         elif (refusal := None if info is None else cand.refusal(info)) is not None:
             verdict = f"cannot take them: {refusal}"  # (before a skip: the reason that stands)
