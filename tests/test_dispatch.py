@@ -193,6 +193,22 @@ def test_define_op_refuses_what_it_ignored():
         define_op(my_norm, name="")
     with pytest.raises(TypeError, match=r"^name must be a str or None, got int$"):
         define_op(my_norm, name=3)
+    # a callable without a usable name, parameters that cannot be read, no backend keyword
+    # (a partial's AttributeError, a builtin's ValueError, nothing; a review's find)
+    import functools
+
+    with pytest.raises(TypeError, match=r"^public \(partial\) has no name an operator can take: give one"):
+        define_op(functools.partial(my_norm))
+    with pytest.raises(TypeError, match=r"^public \(function\) has no name an operator can take"):
+        define_op(lambda x, *, backend=None: x)
+    with pytest.raises(TypeError, match=r"^public's parameters cannot be read"):
+        define_op(max, name="my_max")
+    with pytest.raises(TypeError, match=r"^public must take the keyword backend"):
+        define_op(lambda x, *, scale: x, name="my_scale")
+    assert "my_scale" not in _registry._EXTRA_OPS and "my_max" not in _registry._EXTRA_OPS
+    define_op(functools.partial(my_norm), name="my_norm")  # named: a partial is fine
+    with pytest.raises(TypeError, match=r"^numba implementation of my_norm: its parameters cannot be read"):
+        register("my_norm", "numba", max)
     define_op(my_norm)
     define_op(my_norm)  # the same parameters again: nothing changes
     register("my_norm", "numba", lambda x, *, scale: x * scale)

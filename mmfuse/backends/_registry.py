@@ -167,12 +167,22 @@ def _spelt(signature: Signature) -> str:
 
 
 def _check_signature(op: str, backend: str, func: Callable[..., Any]) -> None:
-    want, got = _signature(op), _parameters(func)
+    want = _signature(op)
+    try:
+        got = _parameters(func)
+    except (TypeError, ValueError) as exc:  # a builtin, a C extension's function
+        raise TypeError(
+            f"{backend} implementation of {op}: its parameters cannot be read ({exc}); wrap it in "
+            f"a Python function with the public signature {_spelt(want)}"
+        ) from None
     if got != want:
         raise TypeError(
             f"{backend} implementation of {op} must have the public signature {_spelt(want)}; "
             f"got {_spelt(got)}"
         )
+
+
+_KEYWORD_KINDS = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def define_op(public: Callable[..., Any], name: str | None = None) -> None:
@@ -187,7 +197,9 @@ def define_op(public: Callable[..., Any], name: str | None = None) -> None:
     Raises
     ------
     TypeError
-        ``public`` not callable, or ``name`` neither a str nor None.
+        ``public`` not callable, without a ``backend`` keyword, or with parameters that
+        cannot be read (a builtin); ``name`` neither a str nor None, or None where ``public``
+        has no name that is an identifier (a ``functools.partial``, a lambda).
     ValueError
         An empty name, the name of one of mmfuse's own operators, or a redefinition with
         other parameters while implementations are registered.
@@ -196,11 +208,25 @@ def define_op(public: Callable[..., Any], name: str | None = None) -> None:
         raise TypeError(f"public must be the operator's public function, got {type(public).__name__}")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, got {type(name).__name__}")
-    op = public.__name__ if name is None else name
+    op = getattr(public, "__name__", None) if name is None else name
+    if name is None and not (isinstance(op, str) and op.isidentifier()):
+        # (a partial or a callable object has no __name__, and a lambda's is "<lambda>")
+        raise TypeError(
+            f"public ({type(public).__name__}) has no name an operator can take: give one (name=...)"
+        )
     if not op:
         raise ValueError("name must not be empty")
     if op in OPERATORS:
         raise ValueError(f"{op!r} is one of mmfuse's own operators; give yours another name (name=...)")
+    try:
+        parameters = inspect.signature(public).parameters
+    except (TypeError, ValueError) as exc:  # a builtin, a C extension's function
+        raise TypeError(f"public's parameters cannot be read ({exc}); define it in Python") from None
+    if "backend" not in parameters or parameters["backend"].kind not in _KEYWORD_KINDS:
+        raise TypeError(
+            f"public must take the keyword backend (its last, as mmfuse's public functions do), e.g. "
+            f"def {op}(x, *, backend=None)"
+        )
     signature = _parameters(public, drop=("backend",))
     with _lock:
         if _EXTRA_OPS.get(op, signature) != signature:
