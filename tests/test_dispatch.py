@@ -676,6 +676,27 @@ def test_explain_reads_the_call_as_the_call_does():
     assert found.chosen.backend != "reference"
 
 
+def test_explain_lists_no_loading_error_of_rows_a_registration_replaced():
+    """A registration replaces its backend's rows; explain() had listed both the registration
+    and the replaced rows' "(not installed)" loading error (a review's find)."""
+    pytest.importorskip("numpy")
+    if "cupy" not in mmfuse.backends.unavailable():
+        pytest.skip("needs a backend that cannot load here (CuPy installed)")
+
+    def mine(x, *, axis=-2, mask=None, eps=1e-5):
+        return x.mean(axis=axis, keepdims=True), x.std(axis=axis, keepdims=True)
+
+    x = np.ones((2, 4, 3))
+    assert ("cupy", "(not installed)") in [(b, v) for b, v, _, _ in explain("moments", x, backend="cupy").rows]
+    register("moments", "cupy", mine)
+    try:
+        found = explain("moments", x, backend="cupy")
+    finally:
+        unregister("moments", "cupy")
+    assert [(b, v) for b, v, _, _ in found.rows] == [("cupy", "registered")]
+    assert found.chosen is not None and found.chosen.func is mine
+
+
 def test_public_functions_have_the_catalogued_signatures():
     """Every operator's public function takes exactly its catalogued parameters (names, kinds,
     order) plus ``backend=`` last: the registry checks implementations against the catalogue,

@@ -264,7 +264,10 @@ def register(
     what it needs.  Under ``"auto"`` the highest ``priority`` among the implementations that
     can take a call wins (the Array-API core has priority 0); one registered for
     ``"reference"`` runs only when that backend is asked for by name, whatever its priority.
-    It replaces mmfuse's own implementations of ``op`` for ``backend``.
+    It replaces mmfuse's own implementations of ``op`` for ``backend``.  The public function
+    checks the call's arguments before ``func`` runs, and returns ``func``'s result as it is:
+    giving it in the inputs' namespace, dtype and device, as mmfuse's own do, is ``func``'s
+    part.
     """
     _signature(op)
     _check_named_backend(backend)
@@ -745,9 +748,12 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
         rows.append((name, "(none)", 0, f"cannot run {op}: it has no implementation of this operator"))
     with _lock:
         errors = sorted(_plugin_errors.items())
+    with _lock:
+        replaced = {b for (o, b) in _REGISTERED if o == op}
     for backend, reason in errors:
         has_rows = any(r.op == op and r.backend == backend for r in ROWS)
-        if has_rows and (name.startswith("auto") or name == backend):
+        # (a registration replaces the backend's rows: their loading error is not this op's)
+        if has_rows and backend not in replaced and (name.startswith("auto") or name == backend):
             rows.append((backend, "(not installed)", 0, f"unavailable: {reason}"))
     return Explanation(op, name, chosen, tuple(rows))
 
