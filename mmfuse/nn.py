@@ -250,14 +250,18 @@ def _check_inputs(
 
 
 def _autocast_fusion(
-    module: nn.Module, device_type: str, forward: Callable[..., Any], xs: Sequence[Any], *args: Any
-) -> Any:
-    """``forward(module, xs, *args)`` (the layer class's own forward, not ``module(...)``: its
-    hooks have run once already) with the inputs and parameters in the autocast dtype of
-    ``device_type``, autocast off inside.  Parameters follow the inputs' rule: a float64 layer
-    stays float64 (as ``nn.Linear``)."""
+    module: nn.Module, device_type: str, forward: Callable[..., Any], xs: Sequence[Any], *args: Any,
+    **kwargs: Any,
+) -> Any:  # fmt: skip
+    """``forward(module, xs, *args, **kwargs)`` (the layer class's own forward or
+    ``interactions``, not ``module(...)``: its hooks have run once already) with the inputs
+    and parameters in the autocast dtype of ``device_type``, autocast off inside.  Parameters
+    follow the inputs' rule: a float64 layer stays float64 (as ``nn.Linear``)."""
     dtype = torch.get_autocast_dtype(device_type)
-    params = cast_tree(dict(module.named_parameters()), dtype)
+    # every name of a shared (tied) parameter: named_parameters() gives one, and the others
+    # kept the original's dtype (a review's find: "factors.1 has dtype float32 but factors.0
+    # has bfloat16" from a layer of one dtype)
+    params = cast_tree(dict(module.named_parameters(remove_duplicate=False)), dtype)
     cast_params = any(autocast_eligible(p) and p.dtype != dtype for _, p in _own_parameters(module))
     for m, x in enumerate(xs if cast_params and isinstance(xs, (list, tuple)) else ()):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
@@ -276,7 +280,7 @@ def _autocast_fusion(
     from torch.nn.utils.stateless import _reparametrize_module
 
     with torch.autocast(device_type, enabled=False), _reparametrize_module(module, params):
-        return forward(module, cast_tree(xs, dtype), *args)
+        return forward(module, cast_tree(xs, dtype), *args, **kwargs)
 
 
 def _own_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -590,6 +594,8 @@ class LowRankFusion(_RankedFusion):
         >>> bool(torch.allclose(terms.sum(0) + layer.bias, layer(xs), atol=1e-5))
         True
         """
+        if (device_type := autocast_device(xs)) is not None:  # (as forward: matmul-like)
+            return _autocast_fusion(self, device_type, LowRankFusion.interactions, xs, by=by, present=present)
         from ._interactions import lowrank_interactions
 
         xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
@@ -830,6 +836,8 @@ class CPFusion(_RankedFusion):
         >>> bool(torch.allclose(terms.sum(0) + layer.bias, layer(xs), atol=1e-5))
         True
         """
+        if (device_type := autocast_device(xs)) is not None:  # (as forward: matmul-like)
+            return _autocast_fusion(self, device_type, CPFusion.interactions, xs, by=by, present=present)
         from ._interactions import cp_interactions
 
         xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
@@ -1066,6 +1074,8 @@ class TensorFusion(nn.Module):
         >>> bool(torch.allclose(terms.sum(0) + layer.bias, layer(xs), atol=1e-5))
         True
         """
+        if (device_type := autocast_device(xs)) is not None:  # (as forward: matmul-like)
+            return _autocast_fusion(self, device_type, TensorFusion.interactions, xs, by=by)
         from ._interactions import tensor_interactions
 
         xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), None, type(self).__name__)
@@ -1402,6 +1412,12 @@ class ZoomShift(nn.Module):
 
     The layer has no parameters; it runs on ``meta`` inputs (shapes only, e.g. in a model
     built on the ``meta`` device to be materialised later), masks included.
+
+    Under ``torch.autocast`` the layer is a normalisation, as ``nn.LayerNorm`` is there: its
+    inputs (float64 excepted) are cast to the layer's dtype (float32 for a layer built
+    without one) and the result is in that dtype, where :func:`mmfuse.zoom_shift_fusion`
+    keeps its inputs' dtype in and out of the region.  (So are :class:`GuidedZoomShift`'s,
+    to its parameters' dtype.)
     """
 
     def __init__(
@@ -1685,7 +1701,8 @@ class GuidedZoomShift(nn.Module):
         tokens of the others hold the map of 0 (zeroed first: see the class Notes)."""
         if (device_type := autocast_device(xs)) is not None:  # statistics in the layer's dtype
             with torch.autocast(device_type, enabled=False):
-                return self.modulate(cast_tree(xs, self.weight.dtype), masks)
+                # (this class's modulate, as forward: not a subclass's a second time)
+                return GuidedZoomShift.modulate(self, cast_tree(xs, self.weight.dtype), masks)
         xs, ys = self._modulated(xs, masks)
         # float16 / bfloat16: the statistics are float32, so is y; rounded once to x's dtype
         return [x if m == self.guide else y.to(x.dtype) for m, (x, y) in enumerate(zip(xs, ys))]

@@ -123,6 +123,67 @@ def test_alignment_layers_under_autocast_run_a_subclass_forward_once(make):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: LowRankFusion((4, 4), 5, 2), lambda: CPFusion((4, 4), 5, 2),
+    lambda: WanderAdapter((6, 6), (5, 5), 3, 2, 2, mode="collapsed"),
+])  # fmt: skip
+def test_autocast_of_a_layer_with_tied_parameters(make):
+    """A parameter shared by two names (factors[1] = factors[0]) kept its float32 under the
+    second name, and the layer refused itself: "factors.1 has dtype float32 but factors.0
+    has bfloat16" (a review's find).  Now the output of a cast copy, and the gradient reaches
+    the shared parameter through both uses."""
+    torch.manual_seed(0)
+    layer = make()
+    tied = "factors" if hasattr(layer, "factors") else "feature_factors"
+    getattr(layer, tied)[1] = getattr(layer, tied)[0]
+    xs = [torch.randn(3, 4), torch.randn(3, 4)] if tied == "factors" else [torch.randn(3, 5, 6) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(xs)
+    twin = copy.deepcopy(layer).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, twin([x.to(torch.bfloat16) for x in xs]), rtol=0, atol=0)
+    out.float().sum().backward()
+    shared = getattr(layer, tied)[0]
+    assert shared.grad is not None and shared.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LowRankFusion(DIMS, 5, 2), lambda: CPFusion(DIMS, 5, 2), lambda: TensorFusion(DIMS, 5),
+])  # fmt: skip
+def test_interactions_under_autocast_take_what_forward_takes(make):
+    """interactions() refused the 16-bit activations an autocast region makes ("xs[0] has
+    dtype bfloat16 but the layer's parameters have dtype float32") where forward took them (a
+    review's find); its terms are now the cast copy's, as forward's output is."""
+    torch.manual_seed(0)
+    layer = make()
+    xs = [torch.randn(3, d, dtype=torch.bfloat16) for d in DIMS]
+    twin = copy.deepcopy(layer).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms, labels = layer.interactions(xs, by="subset")
+    want, want_labels = twin.interactions(xs, by="subset")
+    assert terms.dtype == torch.bfloat16 and labels == want_labels
+    torch.testing.assert_close(terms, want, rtol=0, atol=0)
+
+
+def test_guided_modulate_under_autocast_runs_a_subclass_modulate_once():
+    """GuidedZoomShift.modulate re-entered through self.modulate under autocast, so a
+    subclass's modulate around super().modulate() ran its body twice (a review's find; the
+    forward had been fixed the same way)."""
+    torch.manual_seed(0)
+    fired = []
+
+    class Counting(GuidedZoomShift):
+        def modulate(self, xs, masks=None):
+            fired.append(1)
+            return super().modulate(xs, masks)
+
+    layer = Counting(6, 2)
+    xs = [torch.randn(3, t, 6) for t in LENGTHS]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = layer.modulate(xs)
+    assert fired == [1] and len(ys) == 2
+
+
 def test_autocast_compiles_fullgraph():
     """torch.compile(fullgraph=True) of a fusion layer inside autocast: the cast parameters are
     swapped in without a module made while tracing (which Dynamo refuses)."""
