@@ -4,6 +4,7 @@ against the Array-API core and the reference, opcheck, gradcheck / gradgradcheck
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -554,6 +555,21 @@ def test_registered_autograd_equals_the_eager_binding(op, mode, monkeypatch):
 def test_torch_backend_refuses_numpy():
     with pytest.raises(TypeError, match=r"backend 'torch' cannot take numpy arrays .* needs torch tensors"):
         mmfuse.zoom_shift(np.ones((2, 3, 1)), np.ones((2, 3, 1)), backend="torch")
+
+
+def test_float64_gelu_gradient_of_a_nan_is_nan():
+    """The float64 GELU's autograd path read x clamped to each formula's side, and clamp's
+    derivative is 0 at NaN: a NaN pre-activation got a zero gradient, so a NaN sample vanished
+    from the parameters' gradients (a review's find).  NaN now, as the fused op's backward and
+    torch's own GELU give; finite inputs on both sides of the cut as before."""
+    from mmfuse._core.sequence import gelu_torch
+    from mmfuse.backends.torch.wander import _gelu_backward
+
+    v = torch.tensor([math.nan, 1.0, -3.0, -math.sqrt(2.0)], dtype=torch.float64)
+    x = v.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(gelu_torch(x).sum(), x)
+    assert torch.isnan(grad[0]) and torch.isfinite(grad[1:]).all()
+    torch.testing.assert_close(grad, _gelu_backward(torch.ones_like(v), v), rtol=1e-15, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("path", ["fused op", "autograd"])

@@ -285,9 +285,9 @@ def _gelu_block(xb: Any, ob: Any) -> None:
 
 # Below this x the float64 torch GELU takes its lower-tail formula (:func:`normal_cdf_torch`).
 # Measured against 50-digit mpmath (torch 2.13's erfc and erfcx): with the cut here (u > 1)
-# the value is within 2 ulps above it and 5 below, the derivative autograd forms within 5
-# ulps of |Phi| + |x phi| everywhere (29 on [-38, -37.5], where phi is subnormal); a cut at -1
-# took 5 ulps of the value on [-1.2, -1] against 2.
+# the value is within 4 ulps above it (erfc's own) and 5 below, the derivative autograd forms
+# within 5 ulps of |Phi| + |x phi| everywhere (29 on [-38, -37.5], where phi is subnormal); a
+# cut at -1 took 5 ulps of the value on [-1.2, -1] against 2.
 _TORCH_TAIL_X = -1.4142135623730951  # -sqrt 2
 
 
@@ -307,8 +307,10 @@ def normal_cdf_torch(torch: Any, x: Any, times_x: bool) -> Any:
     0.5 erfc(u) is exactly 1 there, and it multiplies x after the halving (erfc = 2 times an
     x past half the float64 range would overflow)."""
     tail = x < _TORCH_TAIL_X
-    below = torch.clamp(x, max=_TORCH_TAIL_X)
-    above = torch.clamp(x, min=_TORCH_TAIL_X)
+    # selected, not clamped: clamp's derivative is 0 at NaN, which dropped a NaN sample's
+    # contribution from the gradients (a review's find); where() passes x's own
+    below = torch.where(tail, x, _TORCH_TAIL_X)
+    above = torch.where(tail, _TORCH_TAIL_X, x)
     gauss = _exp_neg_square(torch, torch.clamp(-below, max=_GELU_XMAX), 0.5)  # (-inf: as generic)
     if times_x:
         gauss = below * gauss
