@@ -36,6 +36,7 @@ __all__ = [
     "not_an_array",
     "to_numpy",
     "torch_namespace",
+    "torch_values_hidden",
     "tree_map",
     "widens_float32",
 ]
@@ -356,6 +357,18 @@ def torch_intercepts(torch: Any) -> bool:
         torch.compiler.is_compiling() or _dynamo_frame_hook(torch) or torch._C._len_torch_dispatch_stack()
         or jit_tracing(torch)
     )  # fmt: skip
+
+
+def torch_values_hidden(torch: Any) -> bool:
+    """Whether a copy of torch tensors' values now would be wrong, not merely unseen
+    (:func:`torch_intercepts` says more: any dispatch mode, a counting or logging one too):
+    Dynamo traces, or runs a compiled call's frames eagerly, ``torch.jit.trace`` records (a
+    copy is no operator, so the trace keeps its values as constants), or a ``FakeTensorMode``
+    is active (fake tensors have none)."""
+    if torch.compiler.is_compiling() or _dynamo_frame_hook(torch) or jit_tracing(torch):
+        return True
+    fake = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+    return fake is not None and torch._C._get_dispatch_mode(fake) is not None
 
 
 # torch's getter of Dynamo's frame hook (None: a torch without it), looked up once

@@ -22,7 +22,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .._namespace import device_of, is_cupy, is_dask, is_numpy, is_torch, torch_intercepts
+from .._namespace import (
+    device_of,
+    is_cupy,
+    is_dask,
+    is_numpy,
+    is_torch,
+    torch_intercepts,
+    torch_values_hidden,
+)
 
 __all__ = ["CONDITIONS", "CallInfo", "call_info"]
 
@@ -38,7 +46,9 @@ class CallInfo:
     inputs, or forward-mode AD is active (the custom ops support neither); ``intercepted``:
     ``torch.compile`` (Dynamo) traces the call, or a ``TorchDispatchMode`` is active
     (``FakeTensorMode``, export's modes, a logging mode).  The custom ops are fine there, but
-    nothing may read the tensors' memory behind torch's back.
+    nothing may read the tensors' memory behind torch's back.  ``values_hidden``: of those,
+    the calls where a copy of the values would be wrong, not merely unseen
+    (:func:`~mmfuse._namespace.torch_values_hidden`: tracing, fake tensors).
     """
 
     xp: Any
@@ -48,6 +58,7 @@ class CallInfo:
     traced: bool = False
     size: int = 0
     intercepted: bool = False
+    values_hidden: bool = False
 
 
 def _tensors(arrays: Iterable[Any], torch: Any) -> list[Any]:
@@ -76,8 +87,8 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     # applied there (the custom ops' bindings) fails on plain tensors too ("must override the
     # setup_context staticmethod"), and the CPU kernels read memory that batched tensors lack
     traced = torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
-    if torch_intercepts(torch):
-        return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True)  # no (symbolic) size
+    if torch_intercepts(torch):  # no (symbolic) size
+        return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True, torch_values_hidden(torch))
     return CallInfo(xp, like.device, like.dtype, grad, traced, like.numel())
 
 
@@ -105,11 +116,12 @@ def _reference(info: CallInfo) -> str | None:
             "dual level, jax.jit or jax.grad): it computes in NumPy float64, which carries no "
             "tangent and needs values; call it outside them"
         )
-    if info.intercepted:  # (Dynamo traced its copy to NumPy on fake tensors and failed)
+    # (Dynamo traced its copy to NumPy on fake tensors and failed; a counting or logging
+    # dispatch mode sees real values, which the reference may copy)
+    if info.values_hidden:
         return (
-            "cannot run while torch operations are intercepted (torch.compile, a dispatch mode "
-            "such as FakeTensorMode, torch.jit.trace): it copies the tensors' values to NumPy; "
-            "call it eagerly"
+            "cannot run while torch.compile or torch.jit.trace traces, or under FakeTensorMode: "
+            "it copies the tensors' values to NumPy; call it outside them"
         )
     return None
 

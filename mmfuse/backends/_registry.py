@@ -186,7 +186,8 @@ _KEYWORD_KINDS = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_O
 
 
 def define_op(public: Callable[..., Any], name: str | None = None) -> None:
-    """Declare a new operator from its public function (whose last keyword is ``backend``).
+    """Declare a new operator from its public function (which takes the keyword ``backend``,
+    last by mmfuse's convention).
 
     mmfuse's own operators are in the catalogue already; this is for operators of your own,
     which you then give implementations with :func:`register`.  ``name`` defaults to the
@@ -201,8 +202,9 @@ def define_op(public: Callable[..., Any], name: str | None = None) -> None:
         cannot be read (a builtin); ``name`` neither a str nor None, or None where ``public``
         has no name that is an identifier (a ``functools.partial``, a lambda).
     ValueError
-        An empty name, the name of one of mmfuse's own operators, or a redefinition with
-        other parameters while implementations are registered.
+        An empty name or one that is not an identifier, the name of one of mmfuse's own
+        operators, or a redefinition with other parameters while implementations are
+        registered.
     """
     if not callable(public):
         raise TypeError(f"public must be the operator's public function, got {type(public).__name__}")
@@ -216,6 +218,8 @@ def define_op(public: Callable[..., Any], name: str | None = None) -> None:
         )
     if not op:
         raise ValueError("name must not be empty")
+    if not op.isidentifier():  # (as a default name must be: messages and tables show it)
+        raise ValueError(f"name must be an identifier, such as 'my_norm', got {op!r}")
     if op in OPERATORS:
         raise ValueError(f"{op!r} is one of mmfuse's own operators; give yours another name (name=...)")
     try:
@@ -224,7 +228,7 @@ def define_op(public: Callable[..., Any], name: str | None = None) -> None:
         raise TypeError(f"public's parameters cannot be read ({exc}); define it in Python") from None
     if "backend" not in parameters or parameters["backend"].kind not in _KEYWORD_KINDS:
         raise TypeError(
-            f"public must take the keyword backend (its last, as mmfuse's public functions do), e.g. "
+            f"public must take the keyword backend (as mmfuse's public functions do), e.g. "
             f"def {op}(x, *, backend=None)"
         )
     signature = _parameters(public, drop=("backend",))
@@ -499,7 +503,7 @@ def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
     cuda = getattr(info.device, "type", None) == "cuda"
     interpreting = ("triton" in name or (cuda and name.startswith("auto"))) and triton_interpreting()
     device = device_key(info.device)  # CuPy's devices have no hash
-    call = (info.xp, device, info.dtype, info.grad, info.traced, info.intercepted)
+    call = (info.xp, device, info.dtype, info.grad, info.traced, info.intercepted, info.values_hidden)
     return (op, name, *call, frameworks, interpreting)
 
 
