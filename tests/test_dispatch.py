@@ -205,6 +205,8 @@ def test_define_op_refuses_what_it_ignored():
         define_op(max, name="my_max")
     with pytest.raises(TypeError, match=r"^public must take the keyword backend"):
         define_op(lambda x, *, scale: x, name="my_scale")
+    with pytest.raises(ValueError, match=r"^name must be an identifier, such as 'my_norm', got 'my op!'$"):
+        define_op(my_norm, name="my op!")
     assert "my_scale" not in _registry._EXTRA_OPS and "my_max" not in _registry._EXTRA_OPS
     define_op(functools.partial(my_norm), name="my_norm")  # named: a partial is fine
     with pytest.raises(TypeError, match=r"^numba implementation of my_norm: its parameters cannot be read"):
