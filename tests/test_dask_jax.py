@@ -482,6 +482,31 @@ def test_jax_jit_align_program_does_not_grow_with_rounds(jax_x64, schedule, topo
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
 
 
+@pytest.mark.parametrize("rounds", [1, None])
+def test_jax_jit_keeps_a_constant_lane_without_spread(jax_x64, rounds, rng):
+    """A channel constant over the tokens has no spread; under jax.jit XLA fused the
+    variance's d * d - corr * corr into an FMA, which left 1e-49 where the eager call has 0,
+    and align's gradient on that lane took the spread branch: 1e12 where eager gave 0.8 (a
+    review's find).  jit and eager now agree, values and gradients."""
+    jax = jax_x64
+    jnp = jax.numpy
+    x = rng.standard_normal((3, 5, 3))
+    x[:, :, 1] = 0.3
+    g = 1.0 + 2.0 * rng.standard_normal((3, 4, 3))
+    weights = [rng.standard_normal((3, 5, 3)), rng.standard_normal((3, 4, 3))]
+
+    def loss(a, b):
+        ys = mmfuse.align([a, b], rounds=rounds, alpha=0.5)
+        return sum(jnp.sum(y * w) for y, w in zip(ys, weights))
+
+    eager = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(g))
+    jitted = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(g))
+    for e, j in zip(eager, jitted):
+        np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-9, atol=1e-12)
+    _, sigma = jax.jit(lambda a: mmfuse.moments(a, eps=0.0))(jnp.asarray(x))
+    assert np.all(np.asarray(sigma)[:, 0, 1] == 0.0)
+
+
 def test_mixed_namespace_messages_name_jax_and_dask(rng):
     """JAX arrays are named jax.numpy (they were called "numpy", beside real NumPy arrays)."""
     jnp = pytest.importorskip("jax.numpy")

@@ -237,7 +237,15 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
     corr = xp.sum(d, axis=axis, keepdims=True, dtype=acc) / count
     var = xp.sum(d * d, axis=axis, keepdims=True, dtype=acc) / count - corr * corr
     corr, var = _rounded(xp, corr, dt), _rounded(xp, var, dt)
-    var = xp.where(var < 0, 0.0, var)  # rounding can go below 0; NaN stays
+    # Rounding can go below 0 (NaN stays).  And a lane whose deviations are all equal (a
+    # constant lane off its rounded pivot: d = corr everywhere) must give exactly 0, the
+    # "no spread" every later step tests for; where a compiler fuses d * d - corr * corr into
+    # an FMA (XLA under jax.jit) it gave the last bits of corr * corr instead (1e-49 at corr
+    # 1e-17), and the lane's gradients took the spread branch, 1e12 where the eager call gave
+    # 0.8 (a review's find).  A variance within an ulp of corr * corr is that subtraction's
+    # noise: any real spread is ulps of the mean, far above it (corr is the pivot's rounding).
+    noise = float(xp.finfo(dt).eps) * (corr * corr)
+    var = xp.where(var <= noise, 0.0, var)
     return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, count, m)
 
 
