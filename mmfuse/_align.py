@@ -368,8 +368,9 @@ def moments(
         ``axis`` is the batch axis or has a single entry, negative ``eps`` or one below the
         smallest normal number of the statistics' dtype (float32 for 32- and 16-bit
         inputs), a mask of the wrong shape or one that masks every token of a sample.  That
-        last check reads the mask's values, so Dask and JAX masks and torch masks on the
-        ``meta`` device (shapes without values) skip it: a sample with every token masked
+        last check reads the mask's values, so Dask masks, traced JAX masks (under
+        ``jax.jit`` or ``jax.vmap``) and torch masks on the ``meta`` device (shapes without
+        values) skip it: a sample with every token masked
         then gets NaN statistics instead of an error.
     TypeError
         Non-floating x, an ``axis`` that is not an int, non-boolean mask, mixed namespaces.
@@ -660,8 +661,9 @@ def zoom_shift(
         the smallest normal number of the statistics' dtype (float32 for 32- and 16-bit
         inputs), masks of the wrong shape or masking every token of a sample, ``axis`` on the
         batch.  The all-masked
-        check reads the masks' values, so Dask and JAX masks and torch masks on the ``meta``
-        device skip it (such a sample gets NaN statistics, and a NaN output).
+        check reads the masks' values, so Dask masks, traced JAX masks (under ``jax.jit`` or
+        ``jax.vmap``) and torch masks on the ``meta`` device skip it (such a sample gets NaN
+        statistics, and a NaN output).
     TypeError
         Non-floating or mixed dtypes, an ``axis`` that is not an int, non-boolean masks,
         mixed namespaces.
@@ -820,8 +822,9 @@ def align(
         ``hub`` out of range or given with ``topology="consensus"``, masks of the wrong shape
         or masking every token of a sample, and ``rounds=None`` for Jacobi consensus with
         M = 2 and alpha = 1 (no limit: the two swap every round).  The all-masked check reads
-        the masks' values, so Dask and JAX masks and torch masks on the ``meta`` device skip
-        it (such a sample gets NaN statistics, and NaN outputs).
+        the masks' values, so Dask masks, traced JAX masks (under ``jax.jit`` or ``jax.vmap``)
+        and torch masks on the ``meta`` device skip it (such a sample gets NaN statistics,
+        and NaN outputs).
     TypeError
         Non-floating or mixed dtypes, non-integer ``rounds``, ``hub`` or ``axis``, mixed
         namespaces.
@@ -990,8 +993,9 @@ def zoom_shift_fusion(
     ------
     ValueError
         Inputs not 3-dimensional, unknown ``fuse`` or ``pool``, masks with ``axis`` other
-        than -2, and everything :func:`align` refuses (Dask and JAX masks and torch masks on
-        the ``meta`` device skip its all-masked-sample check: such a sample pools to NaN).
+        than -2, and everything :func:`align` refuses (Dask masks, traced JAX masks and torch
+        masks on the ``meta`` device skip its all-masked-sample check: such a sample pools to
+        NaN).
     TypeError
         An unknown keyword, and everything :func:`align` refuses.
 

@@ -756,8 +756,13 @@ def first_floating(obj: Any) -> Any:
     found: list[Any] = []
 
     def visit(a: Any) -> Any:
-        if not found and array_namespace(a).isdtype(a.dtype, "real floating"):
-            found.append(a)
+        if not found:
+            try:
+                floating = array_namespace(a).isdtype(a.dtype, "real floating")
+            except TypeError:  # a dtype the namespace does not know (ml_dtypes' in NumPy)
+                floating = False
+            if floating:
+                found.append(a)
         return a
 
     tree_map(visit, obj)

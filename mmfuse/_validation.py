@@ -234,7 +234,11 @@ def check_bool_option(name: str, value: Any) -> bool:
 
 
 def check_float(xp: Any, x: Any, name: str) -> None:
-    if not xp.isdtype(x.dtype, "real floating"):
+    try:
+        floating = xp.isdtype(x.dtype, "real floating")
+    except TypeError:  # a dtype the namespace does not know: np.isdtype refuses ml_dtypes'
+        floating = False  # bfloat16 in a NumPy array with its own message, naming no argument
+    if not floating:
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
 
 

@@ -567,3 +567,16 @@ def test_mask_shape_message_counts_the_axis_from_the_front():
     x = np.random.default_rng().standard_normal((3, 7, 4))
     with pytest.raises(ValueError, match=r"mask must have shape x\.shape\[:3\] = \(3, 7, 4\) for x"):
         mmfuse.moments(x, axis=-1, mask=np.ones((3, 7), dtype=bool))
+
+
+def test_a_numpy_array_of_a_dtype_numpy_does_not_know_is_refused_by_name():
+    """ml_dtypes' bfloat16 in a NumPy array: np.isdtype raised its own TypeError ("dtype
+    argument must be a NumPy dtype"), naming no argument (a review's find); now the check's
+    message, as for a Dask array of the same data.  explain() reads past such an array."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.random.default_rng().standard_normal((2, 3, 4)).astype(ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match=r"^x must have a real floating dtype, got bfloat16$"):
+        mmfuse.moments(x)
+    from mmfuse.backends import explain
+
+    assert explain("moments", x, np.ones((2, 3, 4))).chosen is not None
