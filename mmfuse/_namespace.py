@@ -20,6 +20,7 @@ __all__ = [
     "array_namespace",
     "device_key",
     "device_of",
+    "fake_tensors",
     "first_floating",
     "from_numpy",
     "has_float64",
@@ -362,13 +363,30 @@ def torch_intercepts(torch: Any) -> bool:
 def torch_values_hidden(torch: Any) -> bool:
     """Whether a copy of torch tensors' values now would be wrong, not merely unseen
     (:func:`torch_intercepts` says more: any dispatch mode, a counting or logging one too):
-    Dynamo traces, or runs a compiled call's frames eagerly, ``torch.jit.trace`` records (a
-    copy is no operator, so the trace keeps its values as constants), or a ``FakeTensorMode``
-    is active (fake tensors have none)."""
+    Dynamo traces, or runs a compiled call's frames eagerly, ``torch.jit.trace`` or
+    ``make_fx`` records (a copy is no operator, so the trace keeps the values as constants),
+    or torch's fake or functional tensors are made (they have none): one of torch's own
+    tracing modes (``FakeTensorMode``, the proxy mode of ``make_fx`` and export, the
+    functionalization of AOTAutograd) is active.  A mode of the caller's is taken as one
+    that observes (``FlopCounterMode``, logging)."""
     if torch.compiler.is_compiling() or _dynamo_frame_hook(torch) or jit_tracing(torch):
         return True
-    fake = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
-    return fake is not None and torch._C._get_dispatch_mode(fake) is not None
+    keys = getattr(torch._C, "_TorchDispatchModeKey", None)
+    if keys is None:
+        return False
+    return any(torch._C._get_dispatch_mode(key) is not None for key in _tracing_mode_keys(keys))
+
+
+def _tracing_mode_keys(keys: Any) -> list[Any]:
+    """torch's own tracing modes among its dispatch-mode keys (those this torch has)."""
+    return [key for name in ("FAKE", "PROXY", "FUNCTIONAL") if (key := getattr(keys, name, None)) is not None]
+
+
+def fake_tensors(torch: Any, tensors: Any) -> bool:
+    """Whether any of the ``tensors`` is one of torch's fake tensors (shapes without values),
+    also after its ``FakeTensorMode`` has exited."""
+    fake = sys.modules.get("torch._subclasses.fake_tensor")  # (none exist before it loads)
+    return fake is not None and any(isinstance(t, fake.FakeTensor) for t in tensors)
 
 
 # torch's getter of Dynamo's frame hook (None: a torch without it), looked up once

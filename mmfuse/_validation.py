@@ -189,7 +189,11 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
                 f"got {dtype!r} ({err})"
             ) from None
     probe = check_device(space, device, dtype)
-    if not array_namespace(probe).isdtype(probe.dtype, "real floating"):
+    try:
+        floating = array_namespace(probe).isdtype(probe.dtype, "real floating")
+    except TypeError:  # a dtype the namespace does not know (ml_dtypes' in NumPy), as check_float
+        floating = False
+    if not floating:
         raise TypeError(
             f"dtype must be a real floating dtype (e.g. float32 or float64), got {probe.dtype}; "
             "the fusions take floating parameters only"

@@ -580,3 +580,28 @@ def test_a_numpy_array_of_a_dtype_numpy_does_not_know_is_refused_by_name():
     from mmfuse.backends import explain
 
     assert explain("moments", x, np.ones((2, 3, 4))).chosen is not None
+
+
+def test_init_dtype_numpy_does_not_know_is_refused_by_name():
+    """init_lowrank / init_wander with ml_dtypes' bfloat16 gave np.isdtype's own TypeError,
+    naming no argument (the session's final review); now the dtype check's message."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with pytest.raises(TypeError, match=r"^dtype must be a real floating dtype"):
+        mmfuse.init_lowrank([3, 4], rank=2, out_dim=5, dtype=ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match=r"^dtype must be a real floating dtype"):
+        mmfuse.init_wander([4, 4], [3, 5], rank=2, feature_rank=2, token_rank=2, out_dim=4, dtype=ml_dtypes.bfloat16)
+
+
+def test_a_float32_variance_past_its_range_is_never_taken_for_no_spread():
+    """float32 statistics past a spread of about 1.8e19 are inf where they are computed in
+    float32 (the docs say so; paths summing in float64, numba's kernels, give the spread).
+    The generic path's noise rule compared inf <= inf (corr * corr overflowed too) and zeroed
+    such a variance, so a lane with a spread of 1e29 was taken as constant (the session's
+    final review).  Never 0 now: inf, or the reference's spread."""
+    strict = pytest.importorskip("array_api_strict")
+    x = (1e30 + 1e29 * np.random.default_rng().standard_normal((1, 100, 4))).astype(np.float32)
+    want = mmfuse.reference.moments(x, eps=0.0)[1]
+    with np.errstate(over="ignore"):  # (NumPy says a float32 square overflows, where it does)
+        for got in (mmfuse.moments(x, eps=0.0)[1], mmfuse.moments(strict.asarray(x), eps=0.0)[1]):
+            got = np.asarray(got, dtype=np.float64)
+            assert np.all(np.isinf(got) | np.isclose(got, want, rtol=1e-5)), (got, want)

@@ -244,8 +244,11 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
     # 1e-17), and the lane's gradients took the spread branch, 1e12 where the eager call gave
     # 0.8 (a review's find).  A variance within an ulp of corr * corr is that subtraction's
     # noise: any real spread is ulps of the mean, far above it (corr is the pivot's rounding).
+    # (A finite noise only: float32 corr * corr overflows where the spread itself does, and
+    # inf <= inf had zeroed a variance past float32's range, which must stay inf; the
+    # session's final review.)
     noise = float(xp.finfo(dt).eps) * (corr * corr)
-    var = xp.where(var <= noise, 0.0, var)
+    var = xp.where((var <= noise) & xp.isfinite(noise), 0.0, var)
     return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, count, m)
 
 

@@ -297,15 +297,16 @@ def normal_cdf_torch(torch: Any, x: Any, times_x: bool) -> Any:
 
     Above :data:`_TORCH_TAIL_X`: erfc(u) / 2 with u = -x / sqrt 2.  Below it: erfcx(u) G / 2
     with the Gaussian factor G = exp(-x^2 / 2) from x itself, split as in CALERF
-    (:func:`_exp_neg_square`), x multiplying G first (x Phi(x) is a normal number down to
-    x ~ -37.6, where Phi alone is subnormal).  There erfc of the rounded u (about u^2 ulps
-    off) took its derivative from exp(-u^2) of that u: up to 490 ulps of the GELU's derivative
-    on [-37.5, -20], where the value had been corrected for u's rounding (a review against
-    exact arithmetic); the split's derivative is exact, and erfcx varies slowly.  Each
-    formula reads x clamped to its own side, so the lanes ``where`` drops stay finite and give
-    no NaN gradients.  Where x Phi(x) = x (Phi rounds to 1 from x ~ 8.3) it is x itself:
-    0.5 erfc(u) is exactly 1 there, and it multiplies x after the halving (erfc = 2 times an
-    x past half the float64 range would overflow)."""
+    (:func:`_exp_neg_square`), x multiplying G first (x Phi(x) is a normal number down to x ~
+    -37.6, where Phi alone is subnormal).  There erfc of the rounded u (about u^2 ulps off)
+    took its derivative from exp(-u^2) of that u: up to 490 ulps of the GELU's derivative on
+    [-37.5, -20], where the value had been corrected for u's rounding (a review against exact
+    arithmetic); the split's derivative is exact, and erfcx varies slowly.  Each formula reads
+    x where it applies and the cut elsewhere (selected, not clamped: NaN keeps its NaN
+    gradient), so the lanes ``where`` drops stay finite and give no NaN gradients.  Where x
+    Phi(x) = x (Phi rounds to 1 from x ~ 8.3) it is x itself: 0.5 erfc(u) is exactly 1 there,
+    and it multiplies x after the halving (erfc = 2 times an x past half the float64 range
+    would overflow)."""
     tail = x < _TORCH_TAIL_X
     # selected, not clamped: clamp's derivative is 0 at NaN, which dropped a NaN sample's
     # contribution from the gradients (a review's find); where() passes x's own

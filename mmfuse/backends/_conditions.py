@@ -24,6 +24,7 @@ from typing import Any
 
 from .._namespace import (
     device_of,
+    fake_tensors,
     is_cupy,
     is_dask,
     is_numpy,
@@ -89,7 +90,10 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     traced = torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
     if torch_intercepts(torch):  # no (symbolic) size
         return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True, torch_values_hidden(torch))
-    return CallInfo(xp, like.device, like.dtype, grad, traced, like.numel())
+    # fake tensors outside their mode have no values either (the reference copied
+    # uninitialised memory from them; the session's final review)
+    hidden = fake_tensors(torch, tensors)
+    return CallInfo(xp, like.device, like.dtype, grad, traced, like.numel(), False, hidden)
 
 
 # --------------------------------------------------------------------------- conditions
@@ -120,8 +124,8 @@ def _reference(info: CallInfo) -> str | None:
     # dispatch mode sees real values, which the reference may copy)
     if info.values_hidden:
         return (
-            "cannot run while torch.compile or torch.jit.trace traces, or under FakeTensorMode: "
-            "it copies the tensors' values to NumPy; call it outside them"
+            "cannot run on fake tensors, nor while torch.compile, torch.jit.trace or make_fx "
+            "traces: it copies the tensors' values to NumPy; call it on real tensors, outside them"
         )
     return None
 
