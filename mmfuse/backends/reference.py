@@ -3,8 +3,8 @@
 Inputs are copied to NumPy, the float64 reference runs, and the result comes back in the
 caller's namespace, dtype and device.  Slow and gradient-free by design: it is the oracle.
 Its row's condition (``"values, no grad"``) refuses torch tensors that require grad in grad
-mode, tensors on the meta device, traced arrays, and calls while ``torch.compile`` or
-``torch.jit.trace`` traces or under ``FakeTensorMode``.
+mode, tensors on the meta device, fake tensors, traced arrays, and calls while
+``torch.compile``, ``torch.jit.trace`` or ``make_fx`` traces.
 The registry's table names the functions below, one per operator.
 """
 
