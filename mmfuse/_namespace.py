@@ -35,6 +35,7 @@ __all__ = [
     "namespace_name",
     "native_dtype",
     "not_an_array",
+    "real_floating",
     "to_numpy",
     "torch_namespace",
     "torch_values_hidden",
@@ -767,6 +768,16 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
     return xp.asarray(a, dtype=dtype, device=_host_device_of(xp, device))
 
 
+def real_floating(xp: Namespace, dtype: Any) -> bool:
+    """Whether ``dtype`` is a real floating dtype of ``xp``: False also for a dtype the
+    namespace does not know (``np.isdtype`` refuses ml_dtypes' bfloat16 in a NumPy array with
+    its own TypeError, which named no argument)."""
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except TypeError:
+        return False
+
+
 def first_floating(obj: Any) -> Any:
     """The first array of a real floating dtype inside nested lists, tuples and dicts (the
     array a call's namespace, device and dtype are read from: not a mask or an index array
@@ -774,13 +785,8 @@ def first_floating(obj: Any) -> Any:
     found: list[Any] = []
 
     def visit(a: Any) -> Any:
-        if not found:
-            try:
-                floating = array_namespace(a).isdtype(a.dtype, "real floating")
-            except TypeError:  # a dtype the namespace does not know (ml_dtypes' in NumPy)
-                floating = False
-            if floating:
-                found.append(a)
+        if not found and real_floating(array_namespace(a), a.dtype):
+            found.append(a)
         return a
 
     tree_map(visit, obj)

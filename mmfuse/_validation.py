@@ -26,6 +26,7 @@ from ._namespace import (
     namespace_name,
     native_dtype,
     not_an_array,
+    real_floating,
 )
 
 __all__ = [
@@ -189,11 +190,7 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
                 f"got {dtype!r} ({err})"
             ) from None
     probe = check_device(space, device, dtype)
-    try:
-        floating = array_namespace(probe).isdtype(probe.dtype, "real floating")
-    except TypeError:  # a dtype the namespace does not know (ml_dtypes' in NumPy), as check_float
-        floating = False
-    if not floating:
+    if not real_floating(array_namespace(probe), probe.dtype):
         raise TypeError(
             f"dtype must be a real floating dtype (e.g. float32 or float64), got {probe.dtype}; "
             "the fusions take floating parameters only"
@@ -238,11 +235,7 @@ def check_bool_option(name: str, value: Any) -> bool:
 
 
 def check_float(xp: Any, x: Any, name: str) -> None:
-    try:
-        floating = xp.isdtype(x.dtype, "real floating")
-    except TypeError:  # a dtype the namespace does not know: np.isdtype refuses ml_dtypes'
-        floating = False  # bfloat16 in a NumPy array with its own message, naming no argument
-    if not floating:
+    if not real_floating(xp, x.dtype):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
 
 
