@@ -298,7 +298,7 @@ def verify_rows(
 def _refusal(exc: BaseException) -> str:
     """What a backend's refusal says it needs, for the detail column.
 
-    The message starts "backend 'x' cannot take <namespace> arrays on device ... for <op>: ",
+    The message starts "backend 'x' cannot take <namespace> arrays [on device ...] for <op>: ",
     which the row's other columns already say; what follows the first ": " is the reason.
     """
     text = str(exc)

@@ -507,6 +507,16 @@ def test_jax_jit_keeps_a_constant_lane_without_spread(jax_x64, rounds, rng):
     assert np.all(np.asarray(sigma)[:, 0, 1] == 0.0)
 
 
+def test_a_refusal_of_traced_jax_arrays_names_no_device(jax_x64, rng):
+    """A JAX tracer has no device: the refusal said "jax.numpy arrays on device None" (a
+    review's find); it names the arrays and the reason."""
+    jax, jnp = jax_x64, jax_x64.numpy
+    x = jnp.asarray(rng.standard_normal((2, 4, 3)))
+    with pytest.raises(mmfuse.backends.BackendUnsupported, match=r"^backend 'reference' cannot take jax\.numpy arrays for moments: ") as exc:
+        jax.jit(lambda a: mmfuse.moments(a, backend="reference")[0])(x)
+    assert "device None" not in str(exc.value)
+
+
 def test_mixed_namespace_messages_name_jax_and_dask(rng):
     """JAX arrays are named jax.numpy (they were called "numpy", beside real NumPy arrays)."""
     jnp = pytest.importorskip("jax.numpy")

@@ -533,7 +533,7 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
         # operator defined with none that takes these inputs, can leave nothing
         what = "these inputs"
         if info is not None:
-            what = f"{namespace_name(info.xp)} arrays on device {_device_name(info.device)!r}"
+            what = _arrays_of(info)
         raise BackendUnsupported(
             f"'auto' finds no implementation of {op} that takes {what}: "
             f"{_join(reasons) if reasons else 'none is registered'}; {_backends_for(op)}"
@@ -542,8 +542,7 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
         refused = _table_refusals(op, name, info)
         if refused:  # every row refuses on metadata: said without importing the backend
             raise BackendUnsupported(
-                f"backend {name!r} cannot take {namespace_name(info.xp)} arrays on device "
-                f"{_device_name(info.device)!r} for {op}: {_join(refused)}"
+                f"backend {name!r} cannot take {_arrays_of(info)} for {op}: {_join(refused)}"
             )
     cands = [c for c in _candidates(op, name, imported_only=False) if isinstance(c, Implementation)]
     if not cands:
@@ -559,10 +558,14 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
             return cand
         if refusal not in reasons:
             reasons.append(refusal)
-    raise BackendUnsupported(
-        f"backend {name!r} cannot take {namespace_name(info.xp)} arrays on device "
-        f"{_device_name(info.device)!r} for {op}: {_join(reasons)}"
-    )
+    raise BackendUnsupported(f"backend {name!r} cannot take {_arrays_of(info)} for {op}: {_join(reasons)}")
+
+
+def _arrays_of(info: CallInfo) -> str:
+    """The call's arrays as a refusal names them: "numpy arrays on device 'cpu'", or without
+    a device where they have none (a JAX tracer under jax.jit: "on device None" before)."""
+    where = "" if info.device is None else f" on device {_device_name(info.device)!r}"
+    return f"{namespace_name(info.xp)} arrays{where}"
 
 
 def _table_refusals(op: str, name: str, info: CallInfo) -> list[str]:
