@@ -115,6 +115,29 @@ def test_verify_exits_non_zero_on_mismatch(monkeypatch, capsys):
     assert "MISMATCH" in out
 
 
+@pytest.mark.parametrize("op", ["lowrank_fusion", "sequence_fusion"])
+def test_verify_catches_float32_computed_at_tf32_precision(monkeypatch, capsys, op):
+    """Inputs rounded to TF32's 10-bit mantissa (a GPU matmul with TF32 on) are 2e-4 to 9e-4
+    off: verify's float32 tolerance had been 1e-3 and passed them.  float64 rows are untouched."""
+    public = getattr(mmfuse, op)
+
+    def tf32(a):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+            return a
+        bits = a.copy().view(np.uint32)
+        bits += np.uint32(0x1000)  # round to nearest at the 13th bit, then drop 13 bits
+        bits &= np.uint32(0xFFFFE000)
+        return bits.view(np.float32)
+
+    def planted(*args, **kwargs):
+        return public(*tree_map(tf32, args), **tree_map(tf32, kwargs))
+
+    code, out = _verify_planted(monkeypatch, capsys, op, planted)
+    rows = [line for line in out.splitlines() if " ok " in line or "MISMATCH" in line]
+    assert code == 1
+    assert rows and all(("MISMATCH" in r) == ("float32" in r) for r in rows), out
+
+
 def test_verify_counts_a_missing_output_as_a_mismatch(monkeypatch, capsys):
     """An implementation giving fewer outputs than the reference (moments: the mean without the
     spread) is a MISMATCH: comparing pairwise alone would check the outputs it gave."""
@@ -325,6 +348,24 @@ def test_demo_without_torch_leaves_no_folder(tmp_path, monkeypatch, capsys):
     assert not out.exists()
 
 
+def test_demo_refuses_a_backend_that_cannot_train_before_any_work(tmp_path, monkeypatch, capsys):
+    """MMFUSE_BACKEND=reference (no autograd): the demo had failed at its first mmfuse layer,
+    after the plain models of the first data set had trained, and left an empty folder."""
+    pytest.importorskip("torch")
+    from mmfuse import _demo
+
+    def boom(*a, **k):
+        raise AssertionError("a model trained before the backend was checked")
+
+    monkeypatch.setattr(_demo, "_train", boom)
+    out = tmp_path / "demo-out"
+    with mmfuse.config_context(backend="reference"):
+        assert _cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "backend 'reference' cannot take torch arrays" in err and "needs inputs that require no gradient" in err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys, monkeypatch):
     torch = pytest.importorskip("torch")
@@ -433,6 +474,13 @@ def test_unwritable_outputs_fail_up_front(tmp_path, capsys, monkeypatch):
             _cli.main([*argv, "--no-progress"])
         assert exc.value.code == 2, argv
         assert capsys.readouterr().err.startswith("mmfuse: cannot "), argv
+    # a trailing slash names a folder: it had passed the check (dirname drops it), and the
+    # bench failed only after all its timing, saying "Is a directory" of a path that was none
+    for argv in (["bench", "--json", f"{tmp_path / 'new'}/"], ["bench", "--json", f"{afile}/"]):
+        with pytest.raises(SystemExit) as exc:
+            _cli.main([*argv, "--no-progress"])
+        assert exc.value.code == 2, argv
+        assert "a trailing '/' names a directory, not a file" in capsys.readouterr().err, argv
     # a file where a folder is needed is named as such (it was "directory ... does not exist")
     with pytest.raises(SystemExit):
         _cli.main(["bench", "--quick", "--json", str(afile / "x.json"), "--no-progress"])
@@ -870,8 +918,9 @@ def test_a_configured_backend_the_work_cannot_use_is_one_line_exit_2(monkeypatch
     with mmfuse.config_context(backend="cupy"):
         code = _cli.main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "d")])
     assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("mmfuse: backend 'cupy' cannot run tensor_fusion") and "backend='cupy' from config_context" in err
+    err = capsys.readouterr().err  # (the refusal of the demo's check of its layers, before any work)
+    assert err.startswith("mmfuse: ") and len(err.strip().splitlines()) == 1, err
+    assert "backend 'cupy' cannot run tensor_fusion" in err and "backend='cupy' from config_context" in err
 
 
 def test_verify_that_checked_nothing_fails(capsys):
