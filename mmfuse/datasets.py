@@ -18,6 +18,7 @@ citations and licences are in ``NOTICE`` and ``mmfuse/data/NOTICE``.
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -127,9 +128,15 @@ class MultimodalDataset:
 
 
 def _read_npz(filename: str) -> dict[str, np.ndarray]:
-    data = resources.files("mmfuse").joinpath("data").joinpath(filename).read_bytes()
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {key: npz[key] for key in npz.files}
+    path = resources.files("mmfuse").joinpath("data").joinpath(filename)
+    data = path.read_bytes()  # (a missing file: FileNotFoundError, which names it)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        # a damaged install: the reader's own message ("File is not a zip file") names no file
+        raise OSError(f"mmfuse's bundled data file {str(path)!r} cannot be read ({exc}); "
+                      "reinstalling mmfuse restores it") from exc  # fmt: skip
 
 
 def _decode(arrays: dict[str, np.ndarray], prefix: str = "") -> np.ndarray:

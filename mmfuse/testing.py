@@ -17,6 +17,9 @@ __all__ = ["assert_close", "default_rtol", "make_inputs"]
 # terms, so float32 is allowed a few hundred ulps; float64 results are compared tightly.
 # Integer and boolean results are exact.
 _RTOL = {"float64": 1e-10, "float32": 2e-4, "float16": 2e-2, "bfloat16": 5e-2}
+# NumPy's long double (float128 on x86-64 Linux, float96 on 32-bit x86): at least float64's
+# precision, so float64's tolerance (the float32 fallback had let 5e-5 errors pass)
+_RTOL.update(float128=_RTOL["float64"], float96=_RTOL["float64"])
 _EXACT = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
 
@@ -72,8 +75,8 @@ def default_rtol(dtype: Any) -> float:
 
     ``dtype`` may be a dtype of any namespace (NumPy, torch, JAX, array_api_strict, ...), a
     NumPy scalar type such as ``np.float32``, or a name (``"float32"``, ``"torch.float32"``).
-    Integer and boolean dtypes get 0 (exact), other dtypes (complex) the float32 tolerance;
-    a TypeError for what names no dtype.
+    Integer and boolean dtypes get 0 (exact), NumPy's long double float64's tolerance, other
+    dtypes (complex) the float32 tolerance; a TypeError for what names no dtype.
     """
     key = _dtype_key(dtype)
     if key in _EXACT:

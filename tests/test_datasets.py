@@ -352,6 +352,30 @@ def test_npz_loads_without_pickle():
                 assert npz[key].dtype != object
 
 
+def test_a_damaged_data_file_is_named(monkeypatch):
+    """A truncated bundled file (a damaged install) said only "File is not a zip file"."""
+    import mmfuse.datasets as ds
+
+    whole = resources.files("mmfuse").joinpath("data").joinpath("basic_motions.npz").read_bytes()
+
+    class Damaged:
+        def __init__(self, name):
+            self.name = name
+
+        def joinpath(self, name):
+            return Damaged(name)
+
+        def read_bytes(self):
+            return whole[:5000]
+
+        def __str__(self):
+            return f"/site/mmfuse/data/{self.name}"
+
+    monkeypatch.setattr(ds.resources, "files", lambda package: Damaged(package))
+    with pytest.raises(OSError, match=r"bundled data file '/site/mmfuse/data/basic_motions.npz' cannot be read"):
+        ds.load_basic_motions()
+
+
 def test_import_is_light():
     code = (
         "import sys, mmfuse.datasets as d; d.load_mfeat(); d.load_basic_motions(); "

@@ -82,6 +82,11 @@ def test_default_rtol_normalises_dtype_spellings():
         assert default_rtol(spelling) == 2e-4, spelling
     assert default_rtol(torch.bfloat16) == default_rtol("bfloat16") == 5e-2
     assert default_rtol(np.int64) == default_rtol(torch.int32) == default_rtol(np.bool_) == 0.0
+    # long double: float64's tolerance (it had the float32 fallback, and a 5e-5 error passed)
+    assert default_rtol(np.longdouble) == default_rtol(np.dtype(np.longdouble).name) == 1e-10
+    d = _rng().standard_normal(8).astype(np.longdouble)
+    with pytest.raises(AssertionError):
+        assert_close(d * (1 + 5e-5), d)
 
 
 def test_device_dtype_normalised_and_tolerances_checked():
