@@ -995,7 +995,7 @@ def zoom_shift_fusion(
         Inputs not 3-dimensional, unknown ``fuse`` or ``pool``, masks with ``axis`` other
         than -2, and everything :func:`align` refuses (Dask masks, traced JAX masks and torch
         masks on the ``meta`` device skip its all-masked-sample check: such a sample pools to
-        NaN).
+        NaN, and max-pools to -inf in the modality whose tokens are all masked).
     TypeError
         An unknown keyword, and everything :func:`align` refuses.
 

@@ -276,6 +276,23 @@ def test_dask_lazy_chunked_and_equal(dask_array, op, rng):
     assert_close(out.compute(), want)
 
 
+@pytest.mark.parametrize("op", CASES)
+def test_dask_batch_chunk_with_no_samples(dask_array, op, rng):
+    """A batch chunk with no samples, as boolean filtering and ``compute_chunk_sizes()`` leave:
+    Dask's own max failed on compute there ("could not broadcast input array from shape (1,0)"),
+    in zoom_shift_fusion's max pooling (its B = 0 special case covered a whole empty batch)."""
+    da = dask_array
+    xs, call, _, want = CASES[op](rng)
+    _, param = _dask_converters(da)
+    cut = xs[0].shape[0] // 2
+
+    def batch(a):
+        return da.from_array(np.asarray(a), chunks=((cut, 0, a.shape[0] - cut), *np.shape(a)[1:]))
+
+    out = call([batch(x) for x in xs], param)
+    assert_close(out.compute(), want)
+
+
 @pytest.mark.parametrize("mode", ["cp", "collapsed"])
 def test_dask_sequence_parameters_in_several_chunks(dask_array, mode, rng):
     """Feature and token factors (and down-projections) in several chunks: the output's

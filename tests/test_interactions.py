@@ -514,6 +514,30 @@ def test_dask_lazy_and_equal(kind, rng):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_dask_empty_batch_chunk_and_parameters_in_several_chunks(kind, rng):
+    """A batch chunk with no samples (what boolean filtering and ``compute_chunk_sizes()``
+    leave): Dask's own max, in interaction_shares' scaling, failed on compute.  Parameters in
+    several chunks: tensor_interactions split the terms' chunks by its weight's (a
+    PerformanceWarning, an error under filterwarnings=error), where tensor_fusion took the
+    weight in one chunk."""
+    da = pytest.importorskip("dask.array")
+    p = _problem(rng, 3, batch=11)
+
+    def conv(a):
+        a = np.asarray(a)
+        if a.ndim >= 1 and a.shape[0] == 11:
+            return da.from_array(a, chunks=((5, 0, 6), *a.shape[1:]))
+        return da.from_array(a, chunks=2)
+
+    terms, _, _ = _call(kind, p, conv, by="order", present=kind != "tensor")
+    want = _reference(kind, p, present=kind != "tensor")[0]
+    assert terms.chunks[1] == (5, 0, 6)
+    assert_close(terms.compute(), want)
+    for how in ("variance", "norm"):
+        assert_close(mmfuse.interaction_shares(terms, kind=how).compute(), ref.interaction_shares(want, kind=how))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_jax_eager_and_jit(kind, rng):
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)

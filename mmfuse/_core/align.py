@@ -53,6 +53,7 @@ from .._namespace import (
     widens_float32,
     work_dtype,
 )
+from .chunks import dask_max
 from .threads import available_cores
 
 __all__ = [
@@ -1196,16 +1197,13 @@ def pool(x: Any, mask: Any = None, how: str = "mean", *, wide: bool = False) -> 
         total = xp.sum(xp.where(m, x, zero), axis=1, dtype=widen)
         count = xp.sum(xp.astype(m, dt), axis=1)
         return _rounded(xp, total / count, out_dt)
-    # max
-    if is_dask(xp) and x.shape[0] == 0:
-        # Dask computes its max over axis 1 of an empty batch as shape (1, 0), where its
-        # metadata (and NumPy) say (0, C): the empty answer itself
-        return xp.zeros((0, x.shape[2]), dtype=x.dtype)
+    # max (Dask's own max fails on a batch chunk with no samples: dask_max)
+    top = dask_max if is_dask(xp) else xp.max
     if mask is None:
-        return xp.max(x, axis=1)
+        return top(x, axis=1)
     m = _expand_mask(xp, mask, x.ndim)
     low = xp.full((), -math.inf, dtype=x.dtype, device=device_of(x))
-    return xp.max(xp.where(m, x, low), axis=1)
+    return top(xp.where(m, x, low), axis=1)
 
 
 def fuse(pooled: list[Any], how: str | None, xp: Any = None) -> Any:

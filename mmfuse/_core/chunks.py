@@ -10,10 +10,11 @@ the chunk for cache.  The graph gets one task per batch chunk; nothing is comput
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["elementwise_per_chunk", "one_chunk", "per_batch_chunk"]
+__all__ = ["dask_max", "elementwise_per_chunk", "one_chunk", "per_batch_chunk"]
 
 
 def one_chunk(params: Sequence[Any]) -> list[Any]:
@@ -24,6 +25,31 @@ def one_chunk(params: Sequence[Any]) -> list[Any]:
     chunk, many more tasks; an empty batch failed in Dask's reshape).  They are small, so
     one chunk each costs nothing."""
     return [None if p is None else _whole(p, from_axis=0) for p in params]
+
+
+def dask_max(x: Any, axis: int | None = None) -> Any:
+    """The maximum of Dask array ``x`` over ``axis`` (None: all), lazily, from its chunks' own.
+
+    Dask's own max gives a chunk with no elements the maximum of shape (1, ..., 1, 0) (its
+    rule for empty pieces of a whole-array reduction), which does not fit beside the other
+    chunks' where the chunk is empty along a kept axis: a batch chunk emptied by boolean
+    filtering and ``compute_chunk_sizes()`` failed on compute (a review's find).  Here such a
+    chunk gives its own empty maximum, and one empty along a reduced axis -inf, the identity
+    of max (it never wins beside a value; a NaN still does)."""
+    import dask.array as da
+
+    return da.reduction(x, _chunk_max, _chunk_max, axis=axis, dtype=x.dtype, meta=x._meta)
+
+
+def _chunk_max(block: Any, axis: tuple[int, ...], keepdims: bool) -> Any:
+    """One chunk's (or one combining step's) part of :func:`dask_max`."""
+    if all(block.shape[a] for a in axis):
+        return block.max(axis=axis, keepdims=keepdims)
+    from .._namespace import array_namespace, device_of
+
+    xp = array_namespace(block)  # (a CuPy chunk's -inf is a CuPy array)
+    shape = tuple(1 if a in axis else n for a, n in enumerate(block.shape) if keepdims or a not in axis)
+    return xp.full(shape, -math.inf, dtype=block.dtype, device=device_of(block))
 
 
 def per_batch_chunk(

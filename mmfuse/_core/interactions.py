@@ -45,6 +45,7 @@ from .._namespace import (
     is_lazy,
     low_precision,
 )
+from .chunks import dask_max, one_chunk
 from .fusion import flat_lowrank, mask_absent, tensor_fusion_blocks
 
 __all__ = [
@@ -560,6 +561,8 @@ def tensor_interactions(
             tensor_interactions, xp, xs[0].dtype, xs, weight, by=by, append_one=append_one,
             max_elements=max_elements,
         )  # fmt: skip
+    if is_dask(xp):  # in one chunk, as the fusion's: its reshapes would split the batch's
+        (weight,) = one_chunk([weight])
     n = len(xs)
     batch = xs[0].shape[0]
     dims = tuple(weight.shape[:-1])
@@ -630,7 +633,7 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     # The shares do not depend on the terms' scale: rescaled by a power of two (exact) so that
     # the largest is about 1, the sums of squares neither overflow nor underflow (float32
     # terms of 1e18 gave NaN or silently zero shares, of 1e-25 all NaN)
-    big = xp.max(xp.abs(terms))
+    big = (dask_max if is_dask(xp) else xp.max)(xp.abs(terms))  # (Dask's own: see dask_max)
     usable = xp.isfinite(big) & (big > 0)
     emax = 126 if xp.finfo(terms.dtype).bits <= 32 else 1022  # 2**emax and 2**-emax normal
     k = xp.floor(xp.log2(xp.where(usable, big, 1.0)))
