@@ -1,9 +1,12 @@
 """Backend policy: which implementation runs, chosen per call, per context or per process.
 
-Precedence (highest first): the ``backend=`` keyword of a call > :func:`config_context` >
-:func:`set_config` > the ``MMFUSE_BACKEND`` environment variable (read at first use, never at
-import) > ``"auto"``.  State lives in a :class:`contextvars.ContextVar`, so threads and asyncio
-tasks see their own context and nothing global is patched.
+Precedence (highest first): the ``backend=`` keyword of a call > :func:`config_context` /
+:func:`set_config`, the latest in force (a ``with config_context(...)`` block sets options
+over what ``set_config`` set, and restores the state it entered with when it exits: a
+``set_config`` inside the block holds until then, as scikit-learn's do) > the
+``MMFUSE_BACKEND`` environment variable (read at first use, never at import) > ``"auto"``.
+State lives in a :class:`contextvars.ContextVar`, so threads and asyncio tasks see their own
+context and nothing global is patched.
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ def set_config(**options: Any) -> None:
     """Set options for the current context (and contexts created from it later: asyncio
     tasks started after it, ``contextvars.copy_context()``; a thread started later begins
     from the defaults and the environment, as contextvars do, so set them in the thread or
-    pass ``backend=``).
+    pass ``backend=``).  Inside a :func:`config_context` block it overrides the block's
+    options, until the block exits and restores the state it entered with.
 
     Parameters
     ----------

@@ -182,9 +182,12 @@ def policy_key(backend: Any) -> Any:
             return None
         torch_state = (torch.is_grad_enabled(), torch.autograd.forward_ad._current_level)
     # which optional frameworks are imported (what "auto" may choose from); spelt out, as
-    # six ``in`` tests cost a third of ``tuple(map(modules.__contains__, names))``
-    frameworks = (torch is not None, "numba" in modules, "cupy" in modules,
-                  "triton" in modules, "dask" in modules, "jax" in modules)  # fmt: skip
+    # six tests cost a third of ``tuple(map(modules.__contains__, names))``.  An entry None
+    # is an import blocked (``sys.modules["numba"] = None``): not imported, else a plan made
+    # while it was blocked outlived its unblocking (a review's find); Dask and JAX arrays
+    # cannot exist while theirs is
+    frameworks = (torch is not None, modules.get("numba") is not None, modules.get("cupy") is not None,
+                  modules.get("triton") is not None, "dask" in modules, "jax" in modules)  # fmt: skip
     try:
         names = backend_policy(backend)
     except (TypeError, ValueError):  # a bad backend= : the unplanned path reports it

@@ -752,6 +752,47 @@ def test_a_backend_without_its_framework_is_not_available(blocked_by):
     assert done.stdout.split() == ["[]", "True", "True", "True"]
 
 
+_UNBLOCKED_NUMBA = """
+import os, sys
+import numpy as np
+sys.modules["numba"] = None  # blocked, as a test suite or a user does, then unblocked
+import mmfuse
+from mmfuse.backends import explain, unavailable
+
+ran = []
+
+def spy(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "moments_cpu":
+        ran.append(frame.f_code.co_filename.endswith(os.path.join("backends", "numba.py")))
+
+x = np.random.default_rng(0).standard_normal((2, 6, 3))
+mmfuse.moments(x)
+print("numba" in unavailable())
+del sys.modules["numba"]
+import numba
+sys.setprofile(spy)
+mmfuse.moments(x)  # the signature seen while blocked
+sys.setprofile(None)
+print(ran == [True], explain("moments", x).chosen.backend, "numba" in unavailable())
+if "cupy" in unavailable():  # a backend with the operator that cannot load: no "(none)" row
+    print([row[1] for row in explain("zoom_shift", x, backend="cupy").rows])
+else:
+    print(["(not installed)"])
+"""
+
+
+def test_a_framework_unblocked_is_used_and_no_longer_unavailable():
+    """``sys.modules["numba"] = None`` counted as imported in the plans' and the registry's
+    keys, so a signature first seen while numba was blocked kept the core after it was
+    unblocked and imported (explain said numba runs); unavailable() and explain kept its load
+    error.  And explain(backend="cupy") of an operator CuPy has, without CuPy, said "no
+    implementation of this operator" beside "not installed" (review finds)."""
+    pytest.importorskip("numba")
+    done = subprocess.run([sys.executable, "-c", _UNBLOCKED_NUMBA], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["True", "True numba False", "['(not installed)']"], done.stdout
+
+
 def test_the_triton_interpreter_setting_is_read_per_call():
     """``backend="triton"`` takes CPU tensors only while TRITON_INTERPRET is on, and the
     conditions read it per call: a plan (and a cached registry choice) made with it set was

@@ -362,6 +362,9 @@ def _resolve(row: Row) -> Implementation | None:
             _plugin_errors.setdefault(row.backend, f"{type(exc).__name__}: {exc}")
             return None
         _check_signature(row.op, row.backend, func)
+        # it loads now: an error recorded while its framework was missing (an import blocked,
+        # then unblocked) no longer stands
+        _plugin_errors.pop(row.backend, None)
         condition = CONDITIONS[row.condition]
 
         def supports(xp: Any, device: Any, _c: Condition = condition) -> str | None:
@@ -397,7 +400,7 @@ def _auto_skips(row: Row, info: CallInfo | None) -> bool:
     (read from metadata, before anything is imported: Triton's rows would otherwise import
     triton, seconds, for every large CPU tensor, to refuse it)."""
     fw = FRAMEWORKS[row.backend]
-    if fw is None or fw in sys.modules:
+    if fw is None or sys.modules.get(fw) is not None:  # (None: an import blocked)
         return False
     if not (row.import_at and info is not None and info.size >= row.import_at):
         return True
@@ -496,7 +499,8 @@ def _first_array(obj: Any) -> Any:
 def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
     frameworks: tuple[bool, ...] = ()
     if name.startswith("auto"):  # what "auto" may choose from: frameworks, size class
-        frameworks = (*(fw in sys.modules for fw in _OPTIONAL), *(info.size >= n for n in _SIZE_CLASSES))
+        imported = [sys.modules.get(fw) is not None for fw in _OPTIONAL]  # (None: an import blocked)
+        frameworks = (*imported, *(info.size >= n for n in _SIZE_CLASSES))
     # the Triton rows' conditions read TRITON_INTERPRET per call (a review found a choice made
     # with it set kept after it was unset): a policy naming triton, or "auto" on a CUDA device
     # (its Triton rows' only device); an environment read costs 0.5 us, so nowhere else
@@ -751,10 +755,12 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
         else:
             verdict = "would run if the rows above could not"
         rows.append((cand.backend, cand.variant, cand.priority, verdict))
-    if not rows and not name.startswith("auto"):  # a forced backend without this operator
-        rows.append((name, "(none)", 0, f"cannot run {op}: it has no implementation of this operator"))
     with _lock:
         errors = sorted(_plugin_errors.items())
+    if not rows and not name.startswith("auto") and not any(r.op == op and r.backend == name for r in ROWS):
+        # a forced backend without this operator (one that has rows but cannot load says so
+        # below, "not installed"; "no implementation" was untrue of it)
+        rows.append((name, "(none)", 0, f"cannot run {op}: it has no implementation of this operator"))
     with _lock:
         replaced = {b for (o, b) in _REGISTERED if o == op}
     for backend, reason in errors:
