@@ -194,7 +194,9 @@ def sequence_fusion(
     masks : sequence of M boolean arrays (B, T_m) or None, optional
         Padding masks, True for a real token and False for padding (the convention of
         Hugging Face's ``attention_mask``; PyTorch's ``key_padding_mask`` is the negation).
-        Padded tokens are zeroed before the token contraction; an entry may be None.
+        Padded tokens are zeroed before the token contraction; an entry may be None.  A
+        sample with every token of one modality padded has that modality's term 0, so its
+        whole fused output is 0 (the product over modalities).
     backend : str, optional
         Implementation to run (see :func:`mmfuse.set_config`); default: the configured one.
 
@@ -400,7 +402,8 @@ def wander(
     masks : sequence of M boolean arrays (B, T_m) or None, optional
         Padding masks (True: real token), passed to :func:`sequence_fusion`: padded tokens
         are zeroed after the activation, before the token contraction.  The residual is
-        not masked.
+        not masked.  A sample with every token of one modality padded gets a fused term of
+        0: its output is the residual alone.
     activation : {"gelu", "gelu_tanh", "relu", "identity"} or callable, default "gelu"
         Applied after the down-projection.  ``"gelu"`` is the exact erf GELU (the released
         code's ``F.gelu``); ``"gelu_tanh"`` its tanh approximation.  A callable takes and

@@ -1172,7 +1172,9 @@ class WanderAdapter(nn.Module):
     Notes
     -----
     ``forward(xs, masks=None)`` takes M tensors (B, T_m, d_m) and optional boolean padding
-    masks (B, T_m) (True: real token) and returns (B, T_out, D).  ``reset_parameters`` draws
+    masks (B, T_m) (True: real token) and returns (B, T_out, D); a sample with every token
+    of one modality padded gets a fused term of 0 (its output is the residual alone, see
+    :func:`mmfuse.wander`).  ``reset_parameters`` draws
     from :func:`mmfuse.init_wander` with a seed taken from torch's global generator, so
     ``torch.manual_seed`` makes it reproducible.  Under ``"auto"`` (the torch backend's
     :func:`mmfuse.wander`): batches of at most 128 samples (off the CPU, in the stacked

@@ -317,6 +317,31 @@ def test_fused_collapsed_wander_matches_core_and_reference(lengths, n_out, resid
         assert_close(g, c, rtol=1e-10)
 
 
+@pytest.mark.parametrize(("lengths", "n_out"), [((0, 5), 3), ((2, 0, 5), 4)])
+def test_fused_collapsed_wander_residual_skips_a_modality_without_tokens(lengths, n_out, blocked_paths):
+    """A modality with no tokens before the residual's T_out are taken: the fused op's residual
+    stopped at it, leaving out the later modalities' tokens and their gradients, where the
+    core, the reference and small batches skip it (a review's find).  One rule now, the core's
+    :func:`mmfuse._core.sequence.residual_spans`."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    xs, params, _, _, rng = _wander_setup([max(t, 1) for t in lengths], n_out, seed)
+    # (init_wander refuses T_m = 0, which the functional calls take: inputs and token factors cut)
+    xs = [x.detach()[:, :t].clone().requires_grad_() for x, t in zip(xs, lengths)]
+    params["token"] = [f.detach()[:, :t].clone().requires_grad_() for f, t in zip(params["token"], lengths)]
+    leaves = [*xs, *(t for w, b in params["down"] for t in (w, b)), *params["feature"], *params["token"]]
+    with _OpLog() as log:
+        got = mmfuse.wander(xs, params, mode="collapsed", backend="torch")
+    assert "mmfuse.wander_collapsed.default" in log.ops
+    core = mmfuse.wander(xs, params, mode="collapsed", backend="array_api")
+    np_params = {"down": [(_np(w), _np(b)) for w, b in params["down"]],
+                 "feature": [_np(f) for f in params["feature"]], "token": [_np(t) for t in params["token"]]}  # fmt: skip
+    assert_close(got, ref.wander([_np(x) for x in xs], np_params, mode="collapsed"), xp=torch, dtype=torch.float64)
+    assert_close(got, core, rtol=1e-12)
+    upstream = torch.tensor(rng.standard_normal(tuple(got.shape)))
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
 def test_fused_collapsed_wander_partial_gradients_and_low_precision():
     xs, params, _, masks, rng = _wander_setup((4, 5), 3, 7)
     frozen = [xs[0].detach(), xs[1]]  # no gradient for x_0 (the residual's modality)

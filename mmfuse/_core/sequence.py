@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -937,15 +937,26 @@ def _activate(xp: Any, activation: Any, hs: list[Any]) -> list[Any]:
     return out
 
 
+def residual_spans(lengths: Sequence[int], n_out: int) -> list[tuple[int, int, int]]:
+    """(modality, tokens taken, output offset) of the first ``n_out`` tokens of inputs of
+    ``lengths`` tokens concatenated along the token axis; a modality without tokens takes
+    none and the next one goes on (the residual's rule, for every implementation)."""
+    spans, at = [], 0
+    for m, t_m in enumerate(lengths):
+        if at >= n_out:
+            break
+        take = min(n_out - at, t_m)
+        if take > 0:
+            spans.append((m, take, at))
+            at += take
+    return spans
+
+
 def first_tokens(xp: Any, xs: list[Any], n_out: int) -> Any:
     """The first ``n_out`` tokens of the inputs concatenated along the token axis."""
-    pieces, left = [], n_out
-    for x in xs:
-        if left <= 0:
-            break
-        take = min(left, x.shape[1])
-        pieces.append(x[:, :take, :])
-        left -= take
+    pieces = [xs[m][:, :take, :] for m, take, _ in residual_spans([x.shape[1] for x in xs], n_out)]
+    if not pieces:  # (no output token)
+        return xs[0][:, :0, :]
     return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=1)
 
 

@@ -86,19 +86,6 @@ def _kept_views(kept: torch.Tensor, layout: Sequence[tuple[int, ...]]) -> list[t
     return views
 
 
-def _residual_spans(lengths: Sequence[int], n_out: int) -> list[tuple[int, int, int]]:
-    """(modality, tokens taken, output offset) of the residual's first ``n_out`` tokens of the
-    concatenated inputs (:func:`mmfuse._core.sequence.first_tokens`)."""
-    spans, at = [], 0
-    for m, t_m in enumerate(lengths):
-        take = min(n_out - at, t_m)
-        if take <= 0:
-            break
-        spans.append((m, take, at))
-        at += take
-    return spans
-
-
 _INV_SQRT_2PI = 0.39894228040143267794
 
 
@@ -148,7 +135,7 @@ def _wander_forward(
         y = terms[m].clone() if y is None else y.mul_(terms[m])
     assert y is not None
     if residual:
-        for m, take, at in _residual_spans([t for t, _ in shapes], y.shape[1]):
+        for m, take, at in _core_sequence.residual_spans([t for t, _ in shapes], y.shape[1]):
             y[:, at : at + take].add_(cast(xs[m][:, :take], cdt))
     return cast(y, dtype), kept
 
@@ -211,7 +198,7 @@ def _wander_grads_impl(
         [*need_h, *needs[3 * n_mod :]], terms=terms, firsts=firsts, on_grad_h=down_projection_grads,
     )  # fmt: skip
     if residual:  # the residual's share of dL/dx, added where the fusion's already lies
-        for m, take, at in _residual_spans([t for t, _ in shapes], g.shape[1]):
+        for m, take, at in _core_sequence.residual_spans([t for t, _ in shapes], g.shape[1]):
             if need_x[m]:
                 gx[m][:, :take].add_(g[:, at : at + take])
     out = [*gx, *gw, *gb, *fused[n_mod:]]
