@@ -509,6 +509,44 @@ def test_float64_and_many_modalities_go_to_the_torch_ops(blocked_paths):
     assert_close(out, _lowrank_ref(xs, fs, w, b, None, True))
 
 
+def test_ranks_over_the_kernels_limit_go_to_the_torch_ops(monkeypatch):
+    """Above ``_ops.MAX_RANK`` the tiles need more shared memory than a GPU block gets (R >
+    1024: the launch failed on an H100/H200), so the torch backend's ops take the call; at
+    the limit the kernels do.  (The limit made small here: the interpreter has no such bound.)"""
+    rng = np.random.default_rng(7)
+    xs = [torch.tensor(rng.standard_normal((5, d)), dtype=torch.float32) for d in (3, 2)]
+    for rank in (2, 3):
+        fs = [torch.tensor(rng.standard_normal((rank, d + 1, 4)), dtype=torch.float32) for d in (3, 2)]
+        # CP: (d_m + 1, R) per modality, then the output factor (h, R) = (4, R)
+        cp = (None, [torch.tensor(rng.standard_normal((n, rank)), dtype=torch.float32) for n in (4, 3, 4)])
+        launched = []
+        monkeypatch.setattr(_ops, "MAX_RANK", 2)
+        for name in ("lowrank_call", "cp_call"):
+            real = getattr(_ops, name)
+            monkeypatch.setattr(_ops, name, lambda *a, real=real, name=name, seen=launched: seen.append(name) or real(*a))
+        low = mmfuse.lowrank_fusion(xs, fs, backend="triton")
+        out = mmfuse.cp_fusion(xs, cp, backend="triton")
+        monkeypatch.undo()
+        assert launched == ([] if rank > 2 else ["lowrank_call", "cp_call"]), rank
+        assert_close(low, ref.lowrank_fusion([_np(x) for x in xs], [_np(f) for f in fs]))
+        assert_close(out, ref.cp_fusion([_np(x) for x in xs], (None, [_np(f) for f in cp[1]])))
+
+
+def test_stats_kernels_grid_stays_within_cudas_limit():
+    """The statistics kernels put channel blocks on grid axis 1 (at most 65535 programs on
+    CUDA): every tile choice keeps ``_ops.MAX_CHANNELS`` channels within it, and one more
+    channel goes to the torch backend (2.1 million channels at T <= 512 had a grid of 65625)."""
+    from mmfuse.backends.triton import _align_ops, _stats_kernels_take
+
+    for n_tok in (1, 2, 7, 512, 513, 2048, 2049, 10**6):
+        for budget in (16384, _ops._ZOOM_SHIFT_BUDGET):
+            block_c = _ops._stat_tiles(n_tok, _ops.MAX_CHANNELS, budget).block_c
+            assert -(-_ops.MAX_CHANNELS // block_c) <= 65535, (n_tok, block_c)
+        assert -(-_ops.MAX_CHANNELS // _align_ops.map_tiles(n_tok, _ops.MAX_CHANNELS)[1]) <= 65535
+    wide = torch.ones((1, 2, _ops.MAX_CHANNELS + 1))
+    assert _stats_kernels_take(wide[..., 1:], -2, [None]) and not _stats_kernels_take(wide, -2, [None])
+
+
 def test_import_mmfuse_does_not_import_triton():
     code = "import sys, mmfuse, mmfuse.backends; print('triton' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -527,6 +565,7 @@ def test_kernels_compile_for_sm90():
         from mmfuse.backends.triton._compile_check import compile_kernels
         rows = compile_kernels()
         print(len(rows), sorted({r["kernel"] for r in rows}))
+        print("most shared memory", max(r["dynamic_smem"] for r in rows))
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -534,6 +573,9 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "lowrank_bwd_f_kernel" in res.stdout and "cp_fwd_kernel" in res.stdout
+    # what a block may have on an H100/H200 (227 KiB; more fails the launch), also at the
+    # largest rank the kernels take (_ops.MAX_RANK)
+    assert int(res.stdout.split("most shared memory")[1]) <= 232448, res.stdout
 
 
 # --------------------------------------------------------------------------- moments / zoom_shift

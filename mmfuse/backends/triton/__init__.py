@@ -87,7 +87,11 @@ Numerics: float32 accumulation everywhere (16-bit inputs included; results cast 
 float32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, as torch).
 float64 inputs, more than eight modalities and ``torch.func`` transforms go to the torch
 backend's custom ops (the kernels are built for float32/float16/bfloat16; fp64 dots would run
-far below the GPU's FP32/TF32 rate).
+far below the GPU's FP32/TF32 rate), and so do ranks over ``_ops.MAX_RANK`` (512: the tiles
+of larger ones need more shared memory than a block gets); alignment inputs with over
+``_ops.MAX_CHANNELS`` channels (524280: CUDA's grid) go to the torch backend or the core.
+The spreads take ``sqrt_rn`` (the default ``tl.sqrt`` is approximate and flushes a subnormal
+variance, possible at ``eps=0``, to 0).
 
 Without a GPU the kernels run under Triton's interpreter: with ``TRITON_INTERPRET=1`` set
 before this package is imported, and still set when the call is made, CPU torch tensors are
@@ -163,7 +167,7 @@ def lowrank_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.lowrank_fusion`` as the ``mmfuse_triton::lowrank_fusion`` op (inputs checked)."""
-    if _delegated(xs, factors, weights, bias):
+    if _delegated(xs, factors, weights, bias) or factors[0].shape[0] > _ops.MAX_RANK:
         from .. import torch as torch_backend
 
         return torch_backend.lowrank_fusion(
@@ -183,7 +187,7 @@ def cp_fusion(
 ) -> Any:
     """``mmfuse.cp_fusion`` as the ``mmfuse_triton::cp_fusion`` op (inputs checked)."""
     weights, factors = cp
-    if _delegated(xs, factors, weights, bias):
+    if _delegated(xs, factors, weights, bias) or factors[-1].shape[1] > _ops.MAX_RANK:
         from .. import torch as torch_backend
 
         return torch_backend.cp_fusion(xs, cp, bias, append_one=append_one, present=present)
@@ -193,11 +197,13 @@ def cp_fusion(
 
 def _stats_kernels_take(x: Any, axis: int, masks: Sequence[Any], *others: Any) -> bool:
     """Whether the statistics kernels take a call: float32/16-bit tensors of at least three
-    dimensions, statistics over axis -2, masks of shape x.shape[:-1], no empty axis, and no
-    ``torch.func`` transform (the ops carry autograd, but no batching rule or forward-mode
-    derivative)."""
+    dimensions, statistics over axis -2, at most :data:`~._ops.MAX_CHANNELS` channels, masks
+    of shape x.shape[:-1], no empty axis, and no ``torch.func`` transform (the ops carry
+    autograd, but no batching rule or forward-mode derivative)."""
     tensors = [x, *others]
     if x.dtype not in _ops.KERNEL_DTYPES or x.ndim < 3 or axis % x.ndim != x.ndim - 2:
+        return False
+    if x.shape[-1] > _ops.MAX_CHANNELS:
         return False
     if any(t.numel() == 0 for t in tensors):
         return False

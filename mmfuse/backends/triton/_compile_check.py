@@ -119,10 +119,12 @@ def _ptxas_stats(ptx: str, capability: int, arch: str) -> dict[str, int]:
     return stats
 
 
-# (dims, h, R): the first two sizes (the third shares the first's specialisations), and
-# M = 8 with the fused backward (R h <= 16) and with the G kernel (R h > 16)
+# (dims, h, R): the first two sizes (the third shares the first's specialisations),
+# M = 8 with the fused backward (R h <= 16) and with the G kernel (R h > 16), and the largest
+# rank the kernels take (_ops.MAX_RANK: the most shared memory) at M = 2 and M = 8
 _CASES = (((32, 32, 128), 128, 16), ((8, 16, 64), 1, 4), ((5, 3, 2, 7, 1, 2, 3, 4), 3, 2),
-          ((5, 3, 2, 7, 1, 2, 3, 4), 16, 2))  # fmt: skip
+          ((5, 3, 2, 7, 1, 2, 3, 4), 16, 2), ((16, 16), 1, _ops.MAX_RANK),
+          ((5, 3, 2, 7, 1, 2, 3, 4), 1, _ops.MAX_RANK))  # fmt: skip
 
 
 def _cases() -> Iterator[tuple[str, Callable[[], Any]]]:

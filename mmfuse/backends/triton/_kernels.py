@@ -631,7 +631,7 @@ def moments_kernel(
     pivot, corr, var = _row_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, SINGLE, BLOCK_T, BLOCK_C)
     c_ok = c < n_ch
     tl.store(mean_ptr + n * n_ch + c, (pivot + corr).to(mean_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(std_ptr + n * n_ch + c, tl.sqrt(var + eps).to(std_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(std_ptr + n * n_ch + c, tl.sqrt_rn(var + eps).to(std_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
@@ -664,9 +664,10 @@ def zoom_shift_kernel(
         pivot, corr, var = _tile_stats(x, keep)
     else:
         pivot, corr, var = _loop_stats(x_ptr, m_ptr, n, c, n_tok, n_ch, HAS_MASK, BLOCK_T, BLOCK_C)
-    sigma = tl.sqrt(var + eps)
+    # sqrt_rn: tl.sqrt is sqrt.approx.ftz on a GPU, 0 for a subnormal variance (eps = 0)
+    sigma = tl.sqrt_rn(var + eps)
     live = sigma != 0.0  # no spread: nothing to zoom (NaN is a spread, as in the core)
-    ratio = tl.sqrt(g_var + eps) / tl.where(live, sigma, 1.0)
+    ratio = tl.sqrt_rn(g_var + eps) / tl.where(live, sigma, 1.0)
     if ALPHA_ONE:
         s = tl.where(live, ratio, 1.0)
         target = g_piv + g_corr

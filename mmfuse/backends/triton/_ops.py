@@ -46,6 +46,19 @@ MAX_MODALITIES = 8
 #: triton decorated them, i.e. when this package was first imported).
 INTERPRETED: bool = not isinstance(K.lowrank_fwd_kernel, triton.runtime.JITFunction)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: The largest rank R the low-rank and CP kernels take (larger ones delegate to the torch
+#: backend).  A program's column tile holds all R ranks rounded up to a power of two, and its
+#: K loop's pipelined factor slices take (stages - 1) x BLOCK_K x RANK_P elements of shared
+#: memory, past the 227 KiB a block gets on an H100/H200 from R = 1025 in float32 (258 KiB
+#: for the low-rank forward at R = 2048, 384 KiB for CP; a review's find) and at R = 1024 in
+#: the 16-bit backward's G kernel (256 KiB, four stages), so the launch would fail
+#: (OutOfResources); compiled for sm_90a without a GPU (``_compile_check``, whose cases
+#: include this rank).  Ranks over 512 are rare in fusion layers (LMF's are 4 to 16).
+MAX_RANK = 512
+#: The most channels C the statistics kernels take (larger ones: the torch backend or the
+#: core).  Their grid puts channel blocks of BLOCK_C >= 8 on CUDA's axis 1, which takes at
+#: most 65535 programs (axis 0 takes the rows: up to 2**31 - 1).
+MAX_CHANNELS = 65535 * 8
 
 _WrapSwitch = Callable[[bool], Any]
 _wrap_switch: _WrapSwitch | None
