@@ -46,7 +46,7 @@ from .._namespace import (
     low_precision,
 )
 from .chunks import dask_max, one_chunk
-from .fusion import flat_lowrank, mask_absent, tensor_fusion_blocks
+from .fusion import Joined, flat_lowrank, mask_absent, tensor_fusion_blocks
 
 __all__ = [
     "NumPyOrders",
@@ -167,7 +167,7 @@ def _ranked_terms(
     # per row: the order recursion's M + 1 coefficients and a projection; the subset walk's
     # path of M + 1 products and the 2^M reduced terms (with their stack, twice)
     row_width = (n + 2) * width if by == "order" else (n + 1) * width + 2 * (1 << n) * out_dim
-    parts = []
+    joined = Joined(xp, x0.shape[0], axis=1)
     for blk in _blocks(xp, x0, row_width):
         projs, consts = zip(*(project(x[blk, ...], m, blk) for m, x in enumerate(xs)))
         rows = projs[0].shape[0]
@@ -182,8 +182,8 @@ def _ranked_terms(
                 terms.append(xp.zeros((rows, out_dim), dtype=x0.dtype, device=dev))
             else:
                 terms.append(r if r.shape[0] == rows else xp.broadcast_to(r, (rows, out_dim)))
-        parts.append(xp.stack(terms, axis=0))
-    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+        joined.add(xp.stack(terms, axis=0))
+    return joined.result()
 
 
 def lowrank_interactions(
@@ -569,11 +569,11 @@ def tensor_interactions(
     out_dim = weight.shape[-1]
     blocks = None if max_elements is None else tensor_fusion_blocks(xp, xs[0], dims, out_dim, max_elements)
     if blocks is not None:
-        parts = [
-            tensor_interactions([x[blk, ...] for x in xs], weight, by=by, append_one=append_one)[0]
-            for blk in blocks
-        ]
-        return xp.concat(parts, axis=1), labels_for(by, n)
+        joined = Joined(xp, batch, axis=1)
+        for blk in blocks:
+            terms, _ = tensor_interactions([x[blk, ...] for x in xs], weight, by=by, append_one=append_one)
+            joined.add(terms)
+        return joined.result(), labels_for(by, n)
     sizes = [x.shape[1] for x in xs]
 
     def split(g: Any, batched: bool, m: int) -> tuple[Any, Any]:

@@ -35,6 +35,7 @@ from .._namespace import (
     widens_float32,
 )
 from .chunks import one_chunk
+from .fusion import Joined
 
 __all__ = [
     "CP_BLOCK_BYTES",
@@ -790,7 +791,7 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
     batch = hs[0].shape[0]
     numpy = type(hs[0]) is sys.modules["numpy"].ndarray
     rows_b, chunk_j = blocking
-    parts = []
+    joined = Joined(xp, batch)
     # One block, or one chunk of token ranks, covering everything takes the arrays whole: an
     # index of all rows would be one more operator per modality on torch
     all_ranks = chunk_j >= r_t
@@ -832,8 +833,8 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
                 summed = xp.sum(xp.reshape(prod, (n_b, n_p, r_h, out_dim)), axis=2)  # over i
                 summed = xp.sum(xp.reshape(summed, (n_b, n_p // n_out, n_out, out_dim)), axis=1)
             acc = summed if acc is None else acc + summed  # over j
-        parts.append(acc)
-    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+        joined.add(acc)
+    return joined.result()
 
 
 def _times(xp: Any, a: Any, mat: Any) -> Any:
