@@ -1600,7 +1600,9 @@ class GuidedZoomShift(nn.Module):
     pool : {"max", "mean"}, default "max"
         Pooling of the modulated sequences for the fusion (the guide's summary that drives
         the modulation is always its masked mean).  With ``"mean"`` the zoom never reaches
-        the output (see Notes), and the log-zoom half of ``weight`` and ``bias`` never trains.
+        the output (see Notes), and the log-zoom half of ``weight`` and ``bias`` gets a
+        gradient of rounding noise only (which an adaptive optimiser such as Adam still
+        turns into steps: freeze that half if it matters).
     max_elements : int, default ``mmfuse.DEFAULT_MAX_ELEMENTS``
         Refuse (ValueError) a ``weight`` with more elements than this, before allocating it.
     device, dtype : optional
@@ -1638,8 +1640,10 @@ class GuidedZoomShift(nn.Module):
     trains: :math:`\partial L / \partial W_m = (\partial L / \partial [a_m; b_m])\, p^\top` is
     non-zero as soon as the upstream gradient and the guide's features are, with one
     exception: the token mean of :math:`y_m` is :math:`\mu_m + b_m` whatever :math:`a_m`, so
-    under ``pool="mean"`` the log-zoom head's gradient is exactly zero (hence the default
-    ``pool="max"``, through which both heads train).
+    under ``pool="mean"`` the log-zoom head's gradient is zero up to rounding (hence the
+    default ``pool="max"``, through which both heads train; under Adam, which normalises the
+    rounding noise into steps of the learning rate's order, that head drifts without changing
+    the output).
 
     Built on the ``meta`` device (``device="meta"``) the layer allocates nothing, and
     ``forward`` on ``meta`` inputs returns ``meta`` outputs of the right shapes; materialise
