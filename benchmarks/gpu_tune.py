@@ -39,6 +39,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+# the checkout's own mmfuse, installed or not: ``python benchmarks/<script>.py`` puts only
+# benchmarks/ on the path, and a lent device has no network to install the package
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from gpu import (
     LOWRANK_CASES,
     ZOOM_SHAPE,
