@@ -530,6 +530,31 @@ def test_compiled_calls_after_a_policy_change_and_under_a_preference(rng, op):
         mmfuse.zoom_shift(fx, fg, backend="reference")
 
 
+def test_masked_alignment_on_fake_tensors_and_under_non_strict_export():
+    """A fake mask has no values, as a meta one has none: the all-masked check read them
+    (DataDependentOutputException under FakeTensorMode; GuardOnDataDependentSymNode in a
+    non-strict torch.export), where the same calls without a mask, and the layers, ran (a
+    review's find).  Such masks skip the check now, as meta ones do."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    x, g = torch.randn(4, 6, 3, generator=gen), torch.randn(4, 7, 3, generator=gen)
+    m = torch.rand(4, 6, generator=gen) > 0.3
+    m[:, 0] = True
+    with FakeTensorMode() as mode:
+        fx, fg, fm = mode.from_tensor(x), mode.from_tensor(g), mode.from_tensor(m)
+        assert tuple(mmfuse.zoom_shift(fx, fg, mask=fm).shape) == (4, 6, 3)
+        assert tuple(mmfuse.moments(fx, mask=fm)[1].shape) == (4, 1, 3)
+        assert [tuple(y.shape) for y in mmfuse.align([fx, fg], masks=[fm, None])] == [(4, 6, 3), (4, 7, 3)]
+
+    class Aligned(torch.nn.Module):
+        def forward(self, x, g, m):
+            return mmfuse.zoom_shift(x, g, mask=m)
+
+    exported = torch.export.export(Aligned(), (x, g, m), strict=False)
+    assert_close(exported.module()(x, g, m), mmfuse.zoom_shift(x, g, mask=m), rtol=1e-6)
+
+
 def test_calls_inside_torch_func_transforms_of_plain_and_wrapped_tensors():
     """Inside vmap / grad, a call on plain tensors (constants, captured leaves) ran the custom
     op's autograd.Function or the CPU kernels, which fail there ("must override the

@@ -44,6 +44,7 @@ from .._namespace import (
     array_namespace,
     block_slices,
     device_of,
+    fake_tensors,
     is_cupy,
     is_dask,
     is_jax,
@@ -1249,14 +1250,18 @@ def _functorch_wrapped(torch: Any, t: Any) -> bool:
 
 def is_eager(xp: Any, x: Any) -> bool:
     """True when mask values can be inspected (not Dask, not a traced JAX array, not a torch
-    tensor on the ``meta`` device, which has shapes but no values, nor one wrapped by a
-    ``torch.func`` transform: under ``vmap`` its values cannot steer Python, as a JAX
-    tracer's cannot)."""
+    tensor on the ``meta`` device or a fake one, which have shapes but no values, as under
+    ``FakeTensorMode`` and a non-strict ``torch.export``, nor one wrapped by a ``torch.func``
+    transform: under ``vmap`` its values cannot steer Python, as a JAX tracer's cannot)."""
     if is_jax(xp):  # eager JAX arrays are checked as NumPy's are; under jit, vmap, grad not
         return not isinstance(x, sys.modules["jax"].core.Tracer)
     if is_lazy(x) or is_dask(xp):
         return False
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor) and _functorch_wrapped(torch, x):
+    if (
+        torch is not None
+        and isinstance(x, torch.Tensor)
+        and (_functorch_wrapped(torch, x) or fake_tensors(torch, (x,)))
+    ):
         return False
     return getattr(device_of(x), "type", None) != "meta"
