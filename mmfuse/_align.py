@@ -138,11 +138,19 @@ def check_eps_dtype(xp: Any, eps: float, dtype: Any) -> None:
     for float32, float16 and bfloat16 inputs): a smaller one is lost to underflow there (an
     eps of 1e-50 adds 0 to a float32 variance, and sqrt(1e-100) is 0), while the rules that
     keep a lane with no spread finite follow eps's Python value (NaN outputs), and backends
-    that compute in float64 would keep it (different outputs)."""
+    that compute in float64 would keep it (different outputs).  Nor above that dtype's
+    largest number: ``var + eps`` overflowed to inf there (every output NaN), where the numba
+    kernels and the reference, in float64, gave finite ones (a review's find)."""
     if eps == 0:
         return
     work = work_dtype(xp, dtype)
-    tiny = float(xp.finfo(work).smallest_normal)
+    info = xp.finfo(work)
+    tiny, big = float(info.smallest_normal), float(info.max)
+    if eps > big:
+        raise ValueError(
+            f"eps={eps!r} is above {big:.3g}, the largest number of {_dtype_name(work)}, in which "
+            f"the statistics of {_dtype_name(dtype)} inputs are computed: var + eps would overflow"
+        )
     if eps < tiny:
         raise ValueError(
             f"eps={eps!r} is below {tiny:.3g}, the smallest normal number of {_dtype_name(work)}, in "
@@ -367,8 +375,8 @@ def moments(
     ValueError
         ``axis`` is the batch axis or has a single entry, negative ``eps`` or one below the
         smallest normal number of the statistics' dtype (float32 for 32- and 16-bit
-        inputs), a mask of the wrong shape or one that masks every token of a sample.  That
-        last check reads the mask's values, so Dask masks, traced JAX masks (under
+        inputs) or above its largest, a mask of the wrong shape or one that masks every
+        token of a sample.  That last check reads the mask's values, so Dask masks, traced JAX masks (under
         ``jax.jit`` or ``jax.vmap``) and torch masks on the ``meta`` device or fake (under
         ``FakeTensorMode`` or a non-strict ``torch.export``: shapes without values) skip it:
         a sample with every token masked then gets NaN statistics instead of an error.
@@ -659,8 +667,8 @@ def zoom_shift(
     ValueError
         Channel (or batch) mismatch, ``alpha`` outside (0, 1], negative ``eps`` or one below
         the smallest normal number of the statistics' dtype (float32 for 32- and 16-bit
-        inputs), masks of the wrong shape or masking every token of a sample, ``axis`` on the
-        batch.  The all-masked
+        inputs) or above its largest, masks of the wrong shape or masking every token of a
+        sample, ``axis`` on the batch.  The all-masked
         check reads the masks' values, so Dask masks, traced JAX masks (under ``jax.jit`` or
         ``jax.vmap``) and torch masks on the ``meta`` device or fake skip it (such a sample
         gets NaN statistics, and a NaN output).
@@ -782,7 +790,8 @@ def align(
         Token counts may differ; batch and channel counts must match.
     rounds : int in [0, 10**6] or None, default 1
         Number of rounds; ``None`` returns the exact limit of the iteration.  0 returns
-        copies of the inputs.
+        copies of the inputs (made as the identity map, ``x * 1 + (-0)``: JAX on CPU
+        flushes subnormal values to 0 in that arithmetic, as in all of its own).
     alpha : float in (0, 1], default 1.0
         Step of each :func:`zoom_shift` (1: moment matching).
     schedule : {"gauss-seidel", "jacobi"}, default "gauss-seidel"
@@ -818,7 +827,7 @@ def align(
     ValueError
         Fewer than 2 modalities, channel or batch mismatch, ``alpha`` outside (0, 1], negative
         ``rounds`` or ``eps``, ``eps`` below the smallest normal number of the statistics'
-        dtype (float32 for 32- and 16-bit inputs), unknown ``schedule`` or ``topology``,
+        dtype (float32 for 32- and 16-bit inputs) or above its largest, unknown ``schedule`` or ``topology``,
         ``hub`` out of range or given with ``topology="consensus"``, masks of the wrong shape
         or masking every token of a sample, and ``rounds=None`` for Jacobi consensus with
         M = 2 and alpha = 1 (no limit: the two swap every round).  The all-masked check reads

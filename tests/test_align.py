@@ -535,6 +535,23 @@ def test_hub_topology_defaults_to_the_first_modality(rng):
         assert np.array_equal(got, want)
 
 
+def test_eps_over_the_statistics_dtypes_largest_is_refused():
+    """An eps above float32's largest number, with float32 inputs: var + eps overflowed to inf
+    there, and every output was NaN, where numba and the reference (float64) gave finite
+    ones, so "auto" answered by what had been imported (a review's find).  Refused now;
+    float64 inputs take it."""
+    rng = np.random.default_rng()
+    a = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    b = (3 * rng.standard_normal((2, 4, 3)) + 1).astype(np.float32)
+    above = r"eps=1e\+39 is above 3.4e\+38, the largest number of float32, in which the statistics of float32 inputs"
+    for call in (lambda e: mmfuse.moments(a, eps=e), lambda e: mmfuse.zoom_shift(a, b, eps=e),
+                 lambda e: mmfuse.align([a, b], eps=e), lambda e: mmfuse.zoom_shift_fusion([a, b], eps=e)):  # fmt: skip
+        with pytest.raises(ValueError, match=above):
+            call(1e39)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    assert_close(mmfuse.zoom_shift(a64, b64, eps=1e39), reference.zoom_shift(a64, b64, eps=1e39))
+
+
 def test_eps_lost_to_underflow_in_the_statistics_dtype_is_refused():
     """An eps below the smallest normal number of the statistics' dtype (float32 for float32
     and 16-bit inputs) would be lost in var + eps or sqrt(eps) there: refused (it gave NaN in
