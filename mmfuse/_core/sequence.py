@@ -791,11 +791,11 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
     batch = hs[0].shape[0]
     numpy = type(hs[0]) is sys.modules["numpy"].ndarray
     rows_b, chunk_j = blocking
-    joined = Joined(xp, batch)
+    blocks = block_slices(batch, rows_b)
+    joined = Joined(xp, batch) if len(blocks) > 1 else None  # (one block: its result itself)
     # One block, or one chunk of token ranks, covering everything takes the arrays whole: an
     # index of all rows would be one more operator per modality on torch
     all_ranks = chunk_j >= r_t
-    blocks = block_slices(batch, rows_b)
     for blk in blocks:
         block = hs if len(blocks) == 1 else [h[blk, ...] for h in hs]
         # the first contraction, once per batch block: (b, R_t T_out, r_m) or (b, T_m, R_h D)
@@ -833,7 +833,10 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
                 summed = xp.sum(xp.reshape(prod, (n_b, n_p, r_h, out_dim)), axis=2)  # over i
                 summed = xp.sum(xp.reshape(summed, (n_b, n_p // n_out, n_out, out_dim)), axis=1)
             acc = summed if acc is None else acc + summed  # over j
+        if joined is None:
+            return acc
         joined.add(acc)
+    assert joined is not None
     return joined.result()
 
 
@@ -955,6 +958,8 @@ def residual_spans(lengths: Sequence[int], n_out: int) -> list[tuple[int, int, i
 
 def first_tokens(xp: Any, xs: list[Any], n_out: int) -> Any:
     """The first ``n_out`` tokens of the inputs concatenated along the token axis."""
+    if xs[0].shape[1] >= n_out:  # the first modality's alone (the released T_out = r <= T_0)
+        return xs[0][:, :n_out, :]
     pieces = [xs[m][:, :take, :] for m, take, _ in residual_spans([x.shape[1] for x in xs], n_out)]
     if not pieces:  # (no output token)
         return xs[0][:, :0, :]
