@@ -91,13 +91,15 @@ def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
                     f"{n} is a {a.layout} tensor; mmfuse takes dense (strided) tensors: pass "
                     f"{n}.to_dense()"
                 )
-    first_name, first = live[0]
-    dev = device_of(first)
-    for n, a in live[1:]:
-        other = device_of(a)
-        # Traced JAX values report no device; only compare devices both arrays know.
-        if other is not None and dev is not None and other != dev:
-            raise ValueError(f"{n} is on device {other} but {first_name} is on {dev}")
+    # Traced JAX values report no device, and an uncommitted JAX array (one made without a
+    # device: mmfuse's own init_* by default) follows the committed ones, as in JAX's own
+    # operations (it was refused beside data committed to another device; a review's find):
+    # only the devices arrays are pinned to are compared.
+    # (device first: a tracer has none, and raises for ``committed``)
+    pinned = [(n, d) for n, a in live if (d := device_of(a)) is not None and getattr(a, "committed", True)]
+    for n, d in pinned[1:]:
+        if d != pinned[0][1]:
+            raise ValueError(f"{n} is on device {d} but {pinned[0][0]} is on {pinned[0][1]}")
     return xp
 
 

@@ -703,6 +703,44 @@ def test_jax_arrays_sharded_over_several_devices():
     assert devices == "2" and float(error) < 1e-12, res.stdout
 
 
+def test_jax_uncommitted_parameters_follow_data_committed_to_another_device():
+    """Data committed to cpu:1 with mmfuse's own init_* parameters (uncommitted, on cpu:0):
+    refused eagerly ("factors[0] is on device cpu:0 but xs[0] is on cpu:1") where JAX's own
+    operations and the same call under jit take them, uncommitted arrays following committed
+    ones (a review's find).  Arrays committed to two devices are still refused."""
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import numpy as np, jax, jax.numpy as jnp, mmfuse
+        jax.config.update("jax_enable_x64", True)
+        d0, d1 = jax.devices()
+        rng = np.random.default_rng()
+        xs = [rng.standard_normal((4, d)) for d in (3, 2)]
+        p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=5, seed=0, xp=jnp)
+        got = mmfuse.lowrank_fusion([jax.device_put(x, d1) for x in xs], **p)
+        want = mmfuse.lowrank_fusion(xs, [np.asarray(f) for f in p["factors"]], np.asarray(p["weights"]),
+                                     np.asarray(p["bias"]))
+        print(got.devices() == {d1}, float(np.abs(np.asarray(got) - want).max()))
+        try:
+            mmfuse.lowrank_fusion([jax.device_put(x, d1) for x in xs], [jax.device_put(f, d0) for f in p["factors"]])
+        except ValueError as exc:
+            print("refused:", exc)
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first, second = res.stdout.strip().splitlines()
+    same_device, error = first.split()
+    assert same_device == "True" and float(error) < 1e-12, res.stdout
+    assert second.startswith("refused: factors[0] is on device") and " but xs[0] is on " in second, second
+
+
 def test_a_traced_alpha_or_eps_is_refused_with_the_remedy():
     """alpha and eps steer Python (rules, limits): traced by jax.jit they are refused, and the
     message says what to pass instead (it said only "got DynamicJaxprTracer")."""
