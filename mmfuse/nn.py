@@ -46,8 +46,11 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import torch
-from torch import nn
+try:
+    import torch
+    from torch import nn
+except ImportError as exc:  # the one extra this module needs, named (it was a bare "No module named 'torch'")
+    raise ImportError(f"mmfuse.nn needs torch ({exc}); install it with: pip install 'mmfuse[torch]'") from exc
 
 from . import _fusion
 from ._autocast import autocast_device, cast_tree

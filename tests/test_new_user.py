@@ -612,3 +612,19 @@ def test_first_call_under_compile_imports_the_backend_without_recompiles():
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
     assert "recompile_limit" not in out.stderr, out.stderr[-3000:]
+
+
+def test_mmfuse_nn_without_torch_names_the_extra():
+    """Without torch, ``mmfuse.nn`` said only "No module named 'torch'", where the other
+    optional parts (numba, CuPy, the demo) name the extra to install (a review's find)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import mmfuse\n"
+        "try:\n    mmfuse.nn\nexcept ImportError as exc:\n    print(exc)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("mmfuse.nn needs torch (") and "pip install 'mmfuse[torch]'" in res.stdout
