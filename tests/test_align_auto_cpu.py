@@ -282,6 +282,28 @@ def test_registered_autograd_of_the_op_matches_the_eager_binding(rng):
     assert torch.isfinite(gg).all()
 
 
+def test_the_op_refuses_masks_its_kernels_would_read_outside(rng):
+    """torch.ops.mmfuse.zoom_shift_numba took masks of any shape and dtype, which its kernels
+    index as (B', T) booleans unchecked: a (1, T) mask read past its end (NaN outputs), a
+    (B, T - 2) one gave wrong values silently, a float one was cast (a review's find).  The
+    public call refuses them; the op itself now does too, naming the argument."""
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(_draw(rng, (4, 6, 3), np.float64))
+    g = torch.tensor(_guide(rng, (4, 5, 3), np.float64))
+    ok = torch.ones(4, 6, dtype=torch.bool)
+    bad = {
+        "mask": [torch.ones(1, 6, dtype=torch.bool), torch.ones(4, 4, dtype=torch.bool), ok.double()],
+        "guide_mask": [torch.ones(4, 6, dtype=torch.bool)],
+    }
+    for name, masks in bad.items():
+        for m in masks:
+            args = (m, None) if name == "mask" else (None, m)
+            with pytest.raises(ValueError, match=rf"^mmfuse::zoom_shift_numba: {name} must be a bool tensor"):
+                torch.ops.mmfuse.zoom_shift_numba(x, g, 1.0, -2, *args, 1e-5)
+    got = torch.ops.mmfuse.zoom_shift_numba(x, g, 1.0, -2, ok, None, 1e-5)
+    assert_close(got, reference.zoom_shift(x.numpy(), g.numpy(), mask=ok.numpy()))
+
+
 def test_transforms_and_compile_keep_their_rows():
     """Under torch.func transforms, forward-mode AD and torch.compile the kernels are refused
     (they would read traced tensors' memory): the rows that ran there before still do."""

@@ -5,7 +5,9 @@ Each row says: operator, backend (the policy name a user forces with ``backend=`
 (``"module:attribute"``, imported only when the row is chosen), the condition on the call
 (:data:`mmfuse.backends._conditions.CONDITIONS`) and the priority.  The registry
 (:mod:`mmfuse.backends._registry`) reads this table and nothing else, so what runs depends on
-the inputs and the policy only, never on what was imported first.
+the inputs, the policy and, for "auto", on which optional frameworks the process has imported
+(a row's ``import_at`` size aside, "auto" takes numba's, CuPy's and Triton's rows only once
+their framework is imported; mmfuse's own lookups, ``available()`` and ``explain()``, import none).
 
 How a row is chosen:
 

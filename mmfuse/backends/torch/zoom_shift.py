@@ -226,6 +226,16 @@ def _zoom_shift_numba_forward(
 ) -> torch.Tensor:
     from ..numba import numpy_view, zoom_shift_arrays
 
+    # the kernels index the masks as (B', T) boolean arrays of x's and the guide's lanes,
+    # unchecked: a mask of another shape or dtype, which the public call refuses but a direct
+    # ``torch.ops.mmfuse.zoom_shift_numba`` call could pass, read outside it (a review's find)
+    ax = axis % x.dim()
+    for name, m, like in (("mask", mask, x), ("guide_mask", guide_mask, guide)):
+        if m is not None and (m.dtype != torch.bool or tuple(m.shape) != tuple(like.shape[: ax + 1])):
+            raise ValueError(
+                f"mmfuse::zoom_shift_numba: {name} must be a bool tensor of shape "
+                f"{tuple(like.shape[: ax + 1])}, got {m.dtype} of shape {tuple(m.shape)}"
+            )
     y = zoom_shift_arrays(
         numpy_view(x), numpy_view(guide), alpha=alpha, axis=axis, mask=numpy_view(mask),
         guide_mask=numpy_view(guide_mask), eps=eps,
