@@ -726,8 +726,10 @@ def test_jax_uncommitted_parameters_follow_data_committed_to_another_device():
         want = mmfuse.lowrank_fusion(xs, [np.asarray(f) for f in p["factors"]], np.asarray(p["weights"]),
                                      np.asarray(p["bias"]))
         print(got.devices() == {d1}, float(np.abs(np.asarray(got) - want).max()))
-        try:
-            mmfuse.lowrank_fusion([jax.device_put(x, d1) for x in xs], [jax.device_put(f, d0) for f in p["factors"]])
+        try:  # the same signature but committed to cpu:0: a plan made for the uncommitted
+            # parameters must not pass them (it had: JAX's own error from inside the call)
+            pinned = {k: jax.device_put(v, d0) for k, v in p.items()}
+            mmfuse.lowrank_fusion([jax.device_put(x, d1) for x in xs], **pinned)
         except ValueError as exc:
             print("refused:", exc)
         """

@@ -793,6 +793,24 @@ def test_a_framework_unblocked_is_used_and_no_longer_unavailable():
     assert done.stdout.split("\n")[:3] == ["True", "True numba False", "['(not installed)']"], done.stdout
 
 
+def test_a_backend_module_that_cannot_load_stays_unavailable():
+    """numba's rows span several modules; the first fix for errors that no longer stand
+    dropped the backend's recorded error when any of its rows loaded, so a kernel module that
+    cannot load vanished from unavailable() once a core-function row of numba had loaded (a
+    review of the session's diff).  Only the failed module's loading clears it now."""
+    pytest.importorskip("numba")
+    code = (
+        "import sys\n"
+        "sys.modules['mmfuse.backends.numba'] = None\n"
+        "import mmfuse\n"
+        "from mmfuse import backends\n"
+        "print(backends.unavailable().get('numba', ''))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "mmfuse.backends.numba" in done.stdout, done.stdout
+
+
 def test_the_triton_interpreter_setting_is_read_per_call():
     """``backend="triton"`` takes CPU tensors only while TRITON_INTERPRET is on, and the
     conditions read it per call: a plan (and a cached registry choice) made with it set was

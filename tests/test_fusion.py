@@ -739,9 +739,10 @@ def _blocked_problem(op, rng):
                 lambda: ref.sequence_fusion([h[:16] for h in hs], ff, tf, mode="cp"))  # fmt: skip
     xs = [rng.standard_normal((20000 if op == "tensor_fusion" else 5000, 3)) for _ in range(4)]
     w = rng.standard_normal((4, 4, 4, 4, 100))
-    if op == "tensor_fusion":
-        return (lambda: mmfuse.tensor_fusion(xs, w, max_elements=1 << 18),
-                lambda: ref.tensor_fusion([x[:16] for x in xs], w))  # fmt: skip
+    if op == "tensor_fusion":  # with a bias, added in the blocks' own output (not a copy)
+        b = rng.standard_normal(100)
+        return (lambda: mmfuse.tensor_fusion(xs, w, b, max_elements=1 << 18),
+                lambda: ref.tensor_fusion([x[:16] for x in xs], w, b))  # fmt: skip
     return (lambda: mmfuse.tensor_interactions(xs, w, max_elements=1 << 18)[0].swapaxes(0, 1),
             lambda: ref.tensor_interactions([x[:16] for x in xs], w)[0].swapaxes(0, 1))  # fmt: skip
 

@@ -352,6 +352,9 @@ def tensor_fusion(
         for blk in blocks:
             joined.add(_contract(xp, [x[blk, ...] for x in xs], weight, append_one))
         t = joined.result()
+        if bias is not None and type(t) is np.ndarray:  # in the blocks' own output, not a copy
+            t += bias
+            return t
     if bias is not None:
         t = t + bias
     return t

@@ -105,6 +105,7 @@ _REGISTERED: dict[tuple[str, str], Implementation] = {}
 _RESOLVED: dict[Row, Implementation] = {}
 # backend -> why its module could not be imported
 _plugin_errors: dict[str, str] = {}
+_failed_modules: dict[str, str] = {}  # backend -> the module whose failure _plugin_errors holds
 # (op, policy, namespace, device, dtype, grad, traced, intercepted, imported frameworks and size
 # class under "auto") -> implementation
 _CHOICES: dict[tuple[Any, ...], Implementation] = {}
@@ -359,12 +360,17 @@ def _resolve(row: Row) -> Implementation | None:
             if framework is not None and not installed(framework):
                 raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
         except ImportError as exc:  # the backend's framework (or its module) is not installed
-            _plugin_errors.setdefault(row.backend, f"{type(exc).__name__}: {exc}")
+            if row.backend not in _plugin_errors:
+                _plugin_errors[row.backend] = f"{type(exc).__name__}: {exc}"
+                _failed_modules[row.backend] = module
             return None
         _check_signature(row.op, row.backend, func)
-        # it loads now: an error recorded while its framework was missing (an import blocked,
-        # then unblocked) no longer stands
-        _plugin_errors.pop(row.backend, None)
+        # the module whose failure was recorded loads now (its framework's import was blocked,
+        # then unblocked): that error no longer stands.  Only that module's: a backend's rows
+        # span modules, and one that loads says nothing of another's failure
+        if _failed_modules.get(row.backend) == module:
+            _plugin_errors.pop(row.backend, None)
+            _failed_modules.pop(row.backend, None)
         condition = CONDITIONS[row.condition]
 
         def supports(xp: Any, device: Any, _c: Condition = condition) -> str | None:
