@@ -751,7 +751,7 @@ def _blocked_problem(op, rng):
 def test_numpy_blocked_results_are_written_into_one_output(op, rng):
     """Batch blocks are written into the output as they come (``_core.fusion.Joined``): joined
     at the end, every block and their join were held at once, the output's size again
-    (tracemalloc: 1.0-1.03x the output beyond it; a review's find).  What is held beyond the
+    (tracemalloc: 1.0-1.23x the output beyond it; a review's find).  What is held beyond the
     output is now the blocks' working memory, a few MiB, whatever B."""
     import tracemalloc
 
