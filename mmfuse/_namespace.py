@@ -631,6 +631,18 @@ def device_of(x: Array) -> Any:
     return device
 
 
+def committed(x: Any) -> Any:
+    """A JAX array's ``committed`` flag: False for one made without a device, which follows
+    the committed arrays it meets, as in JAX's own operations (the device checks compare only
+    the others, and the plan keys keep the flag: a plan made with an uncommitted array must
+    not pass a committed one on another device); None for other arrays and for tracers,
+    which raise for it (ConcretizationTypeError)."""
+    try:
+        return getattr(x, "committed", None)
+    except Exception:
+        return None
+
+
 def device_key(device: Any) -> Any:
     """``device`` as it can enter a dict key (the registry's choices, the plan caches): the
     device itself, or, where it has no hash, its type and ``repr``.

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._config import backend_policy
-from ._namespace import device_key, torch_intercepts
+from ._namespace import committed, device_key, torch_intercepts
 from .backends._conditions import triton_interpreting
 from .backends._registry import generation
 
@@ -148,17 +148,7 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
             device = device_key(getattr(a, "device", None))
             chunks = getattr(a, "chunks", None)
             meta = None if chunks is None else type(getattr(a, "_meta", None))
-            out.append((t, a.shape, a.dtype, device, chunks, meta, _committed(a)))
-
-
-def _committed(a: Any) -> Any:
-    """A JAX array's ``committed`` flag (the device checks compare only committed arrays'
-    devices: a plan made with an uncommitted one must not pass a committed one on another
-    device; a review's find); None for other arrays, and for tracers, which refuse it."""
-    try:
-        return getattr(a, "committed", None)
-    except Exception:  # (a JAX tracer: ConcretizationTypeError)
-        return None
+            out.append((t, a.shape, a.dtype, device, chunks, meta, committed(a)))
 
 
 def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:
