@@ -181,13 +181,15 @@ def policy_key(backend: Any) -> Any:
         if _torch_intercepts(torch):  # first: nothing below is read while Dynamo traces
             return None
         torch_state = (torch.is_grad_enabled(), torch.autograd.forward_ad._current_level)
-    # which optional frameworks are imported (what "auto" may choose from); spelt out, as
-    # six tests cost a third of ``tuple(map(modules.__contains__, names))``.  An entry None
-    # is an import blocked (``sys.modules["numba"] = None``): not imported, else a plan made
-    # while it was blocked outlived its unblocking (a review's find); Dask and JAX arrays
-    # cannot exist while theirs is
-    frameworks = (torch is not None, modules.get("numba") is not None, modules.get("cupy") is not None,
-                  modules.get("triton") is not None, "dask" in modules, "jax" in modules)  # fmt: skip
+    # which optional frameworks are imported (what "auto" may choose from), each as its entry
+    # in sys.modules stands: the module, None (an import blocked, ``sys.modules["numba"] =
+    # None``) or absent (0).  Three states, not "imported or not": a plan made while numba
+    # was blocked outlived its unblocking, both before numba's import (the plan's fallback
+    # kept where "auto" or ``prefer="numba"`` would import it) and after (review finds).
+    # Spelt out, as six tests cost a third of ``tuple(map(modules.__contains__, names))``;
+    # Dask and JAX arrays cannot exist while theirs is blocked
+    frameworks = (modules.get("torch", 0), modules.get("numba", 0), modules.get("cupy", 0),
+                  modules.get("triton", 0), "dask" in modules, "jax" in modules)  # fmt: skip
     try:
         names = backend_policy(backend)
     except (TypeError, ValueError):  # a bad backend= : the unplanned path reports it

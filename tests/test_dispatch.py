@@ -1063,3 +1063,66 @@ def test_a_forked_child_does_not_inherit_a_held_registry_lock():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == "finished", res.stdout
+
+
+def test_a_forced_backend_without_the_operator_says_so_after_its_load_failed():
+    """A forced backend with no rows for the operator was refused with its recorded load
+    error ("the cupy backend needs CuPy (pip install ...)") once something had tried to load
+    it, and with "no implementation of this operator" before: installing it would not help
+    (a review's find)."""
+    if "cupy" not in mmfuse.backends.unavailable():  # (records CuPy's load error)
+        pytest.skip("needs a backend that cannot load here (CuPy installed)")
+    xs = [np.random.default_rng(3).standard_normal((2, 5, 3)) for _ in range(2)]
+    assert not [row for row in mmfuse.backends._table.ROWS if row.op == "align" and row.backend == "cupy"]
+    with pytest.raises(BackendUnsupported, match=r"backend 'cupy' cannot run align: it has no implementation of this operator;"):
+        mmfuse.align(xs, backend="cupy")
+
+
+def test_explain_takes_a_cp_tensor_as_the_operators_do():
+    """cp_fusion and cp_interactions take TensorLy's CPTensor for ``cp``; explain() refused
+    it ("arrays[1] is a CPTensor, not an array"), where the docs say to give it the call's
+    arrays (a review's find).  It reads the pair, and sizes the call from it."""
+    tl = pytest.importorskip("tensorly")
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((6, d)) for d in (3, 4)]
+    # (weights, factors): C (h, R) last, the inputs' factors with their constant row
+    pair = (rng.standard_normal(2), [rng.standard_normal((4, 2)), rng.standard_normal((5, 2)), rng.standard_normal((3, 2))])
+    cpt = tl.cp_tensor.CPTensor(pair)
+    for op in ("cp_fusion", "cp_interactions"):
+        found = explain(op, xs, cpt)
+        assert found.rows == explain(op, xs, pair).rows, op
+        assert found.chosen is not None, op
+
+
+_UNBLOCKED_NOT_IMPORTED = """
+import os, sys
+import numpy as np
+sys.modules["numba"] = None  # blocked, then unblocked, and not imported by the caller
+import mmfuse
+
+ran = []
+
+def spy(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "moments_cpu":
+        ran.append(frame.f_code.co_filename.endswith(os.path.join("backends", "numba.py")))
+
+x = np.random.default_rng(0).standard_normal((2, 6, 3))
+with mmfuse.config_context(prefer="numba"):
+    mmfuse.moments(x)
+    del sys.modules["numba"]
+    sys.setprofile(spy)
+    mmfuse.moments(x)  # the signature seen while blocked: numba is importable now
+    sys.setprofile(None)
+print(ran == [True], sys.modules.get("numba") is not None)
+"""
+
+
+def test_a_framework_unblocked_is_taken_before_anyone_imports_it():
+    """The plans' and the registry's keys held "numba imported or not", the same for an
+    import blocked and one merely not done: a signature seen while numba was blocked kept
+    its fallback after the unblocking, where ``prefer="numba"`` (or "auto" on a large call)
+    imports it (a review's find)."""
+    pytest.importorskip("numba")
+    done = subprocess.run([sys.executable, "-c", _UNBLOCKED_NOT_IMPORTED], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"], done.stdout

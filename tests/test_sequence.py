@@ -312,10 +312,9 @@ def test_gelu_is_exact_erf_gelu(xp):
 # --------------------------------------------------------------------------- the adapter
 
 
-def _wander_case(rng, n, *, same_dim=True, masked=False, rank=3, lengths=None):
+def _wander_case(rng, n, *, same_dim=True, masked=False, rank=3, lengths=None, batch=3):
     lengths = lengths or [4, 2, 3, 2, 3, 2, 2][:n]
     dims = [5] * n if same_dim else [5, 3, 4, 6, 2, 3, 4][:n]
-    batch = 3
     xs = [rng.standard_normal((batch, t, d)) for t, d in zip(lengths, dims)]
     params = mmfuse.init_wander(dims, lengths, rank=rank, feature_rank=2, token_rank=2,
                                 out_dim=5, seed=rng)  # fmt: skip
@@ -395,6 +394,45 @@ def test_wander_names_an_activation_that_is_not_elementwise(rng, route, monkeypa
         if route != "numpy":
             with pytest.raises(TypeError, match=r"library: it returned numpy\.ndarray for pre-activations of type torch\.Tensor"):
                 call(lambda z: z.detach().numpy())
+
+
+@pytest.mark.parametrize("library", ["jax", "dask", "array_api_strict"])
+def test_wander_names_an_activation_returning_numpy_for_arrays_with_numpy_dtypes(rng, library):
+    """JAX and Dask arrays have NumPy's dtypes, and the check compared the dtypes' libraries:
+    a NumPy result passed, forced JAX's pre-activations to the host (a TracerArrayConversion
+    error under jit) and failed in Dask's fusion with an error naming no argument (a
+    review's find).  A valid activation of theirs still runs."""
+    if library == "jax":
+        jnp = pytest.importorskip("jax.numpy")
+        put = jnp.asarray
+    elif library == "dask":
+        da = pytest.importorskip("dask.array")
+
+        def put(a):
+            return da.from_array(a, chunks=1)
+    else:
+        strict = pytest.importorskip("array_api_strict")
+        put = strict.asarray
+    xs, params, _ = _wander_case(rng, 2)
+    args = ([put(x) for x in xs], tree_map(put, params))
+    with pytest.raises(TypeError, match=r"library: it returned numpy\.ndarray for pre-activations of type "):
+        mmfuse.wander(*args, activation=lambda h: np.tanh(np.asarray(h)))
+    xp = mmfuse._namespace.array_namespace(args[0][0])
+    got = mmfuse.wander(*args, activation=xp.tanh)
+    assert_close(got, reference.wander(xs, params, activation=np.tanh))
+
+
+@pytest.mark.parametrize("batch", [2, 150])
+def test_wander_names_an_activation_moving_its_result(rng, batch):
+    """A result on another device failed in the fusion's product ("Tensor on device cpu is
+    not on the expected device meta"), naming no argument (a review's find): small batches
+    (the core) and large ones (the torch backend's ops)."""
+    torch = pytest.importorskip("torch")
+    xs, params, _ = _wander_case(rng, 2, batch=batch)
+    txs, tparams = [torch.from_numpy(x) for x in xs], tree_map(torch.from_numpy, params)
+    for mode in ("cp", "collapsed"):
+        with pytest.raises(ValueError, match=r"activation must keep the pre-activations' device: it returned an array on meta for pre-activations on cpu"):
+            mmfuse.wander(txs, tparams, mode=mode, activation=lambda h: h.to("meta"))
 
 
 def test_wander_residual_spans_modalities(rng):

@@ -24,6 +24,7 @@ from .._namespace import (
     block_budget,
     block_slices,
     computed_in,
+    device_of,
     in_work_dtype,
     is_dask,
     is_jax,
@@ -570,9 +571,12 @@ def apply_activation(activation: Callable[[Any], Any], h: Any) -> Any:
             f"pre-activations of shape {tuple(h.shape)}"
         )
     dtype = getattr(out, "dtype", None)
-    # (types first: dtypes of two libraries are not compared, which array_api_strict warns at;
-    # and an array of another library is named as such: its float32 is not "another dtype")
-    if _library(type(dtype)) != _library(type(h.dtype)):
+    # (namespaces first: dtypes of two libraries are not compared, which array_api_strict
+    # warns at; and an array of another library is named as such: its float32 is not
+    # "another dtype".  The arrays' namespaces, not their dtypes' libraries: JAX and Dask
+    # arrays have NumPy's dtypes, so a NumPy result had passed, forcing JAX's pre-activations
+    # to the host and failing in Dask's fusion far from the activation; a review's find)
+    if type(out) is not type(h) and not _same_namespace(out, h):
         raise TypeError(
             f"activation must return an array of the pre-activations' library: it returned "
             f"{_qualified(type(out))} for pre-activations of type {_qualified(type(h))}"
@@ -582,18 +586,27 @@ def apply_activation(activation: Callable[[Any], Any], h: Any) -> Any:
             f"activation must keep the pre-activations' dtype: it returned {dtype} for "
             f"pre-activations of dtype {h.dtype}"
         )
+    if type(h) is not sys.modules["numpy"].ndarray and device_of(out) != device_of(h):
+        # (else the fusion's product failed on the two devices, naming no argument)
+        raise ValueError(
+            f"activation must keep the pre-activations' device: it returned an array on "
+            f"{device_of(out)} for pre-activations on {device_of(h)}"
+        )
     return out
+
+
+def _same_namespace(a: Any, b: Any) -> bool:
+    """Whether two arrays (``b`` one) are of one array namespace; False for an ``a`` that is
+    no array."""
+    try:
+        return array_namespace(a) is array_namespace(b)
+    except TypeError:
+        return False
 
 
 def _qualified(kind: type) -> str:
     """A type's name with its module's (``numpy.ndarray``, ``torch.Tensor``)."""
     return f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _library(kind: type) -> str:
-    """The top-level package defining a type (``numpy`` for NumPy's per-dtype classes, whose
-    types differ from one dtype to another)."""
-    return kind.__module__.partition(".")[0]
 
 
 # --------------------------------------------------------------------------- the planner

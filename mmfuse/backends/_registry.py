@@ -491,6 +491,16 @@ def _check_leaves(items: Sequence[Any], label: str) -> None:
             )
 
 
+def _cp_arrays(arg: Any) -> Any:
+    """A CP argument (TensorLy's ``CPTensor``, which ``cp_fusion`` and ``cp_interactions``
+    take) as its (weights, factors); any other argument as it is."""
+    if is_array(arg) or arg is None or isinstance(arg, (list, tuple)):
+        return arg
+    from .._fusion import cp_pair  # (the public layer imports this module)
+
+    return cp_pair(arg) or arg
+
+
 def _first_array(obj: Any) -> Any:
     if is_array(obj):
         return obj
@@ -503,10 +513,12 @@ def _first_array(obj: Any) -> Any:
 
 
 def _key(op: str, name: str, info: CallInfo) -> tuple[Any, ...]:
-    frameworks: tuple[bool, ...] = ()
+    frameworks: tuple[Any, ...] = ()
     if name.startswith("auto"):  # what "auto" may choose from: frameworks, size class
-        imported = [sys.modules.get(fw) is not None for fw in _OPTIONAL]  # (None: an import blocked)
-        frameworks = (*imported, *(info.size >= n for n in _SIZE_CLASSES))
+        # each framework's entry in sys.modules: the module, None (an import blocked) or
+        # absent (0), as the plans' key (mmfuse._plan.policy_key) holds it
+        states = [sys.modules.get(fw, 0) for fw in _OPTIONAL]
+        frameworks = (*states, *(info.size >= n for n in _SIZE_CLASSES))
     # the Triton rows' conditions read TRITON_INTERPRET per call (a review found a choice made
     # with it set kept after it was unset): a policy naming triton, or "auto" on a CUDA device
     # (its Triton rows' only device); an environment read costs 0.5 us, so nowhere else
@@ -556,7 +568,9 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
             )
     cands = [c for c in _candidates(op, name, imported_only=False) if isinstance(c, Implementation)]
     if not cands:
-        reason = _plugin_errors.get(name, "it has no implementation of this operator")
+        reason = "it has no implementation of this operator"
+        if _rows(op, name):  # its rows could not load: why (installing it would not help otherwise)
+            reason = _plugin_errors.get(name, reason)
         raise BackendUnsupported(
             f"backend {name!r} cannot run {op}: {reason}; {_backends_for(op)}"
         )
@@ -716,6 +730,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     """
     _signature(op)  # an unknown operator: a ValueError listing the known ones
     name = _policy(backend)
+    arrays = tuple(_cp_arrays(a) for a in arrays)
     _check_leaves(arrays, "arrays")
     if _first_array(list(arrays)) is None:
         # (without arrays the choice was "auto"'s among what happened to be imported, and
