@@ -565,13 +565,20 @@ def check_cp_inputs(
             f"the output factor) for {n} modalities"
         )
     extra = constant_rows(append_one)
+    # every factor transposed: each transpose fits its modality, all with one rank.  Only
+    # then: the factors share their column count R here (as_cp), so one transposed factor's
+    # transpose has another rank than the others (the hint had said it "would fit", and the
+    # next call's rank check said to transpose it back; a review's find)
+    transposed = all(a.shape[1] == x.shape[1] + extra for x, a in zip(xs, factors)) and (
+        len({a.shape[0] for a in factors}) == 1
+    )
     for m, (x, a) in enumerate(zip(xs, factors)):
         if a.shape[0] != x.shape[1] + extra:
             hint = _constant_hint([a.shape[0]], [x.shape[1]], append_one)
-            if not hint and a.shape[1] == x.shape[1] + extra:
+            if not hint and transposed:
                 hint = (
                     f"; it looks transposed (its transpose, of shape {fmt_shape(a.shape[::-1])}, "
-                    f"would fit); {_CP_LAYOUT}"
+                    f"would fit, as would the other factors'); {_CP_LAYOUT}"
                 )
             raise ValueError(
                 f"cp factor {m} has shape {fmt_shape(a.shape)}; expected "
@@ -738,8 +745,9 @@ def lowrank_to_tensor(
             f"over max_elements={max_elements}; use lowrank_fusion (it never builds the full "
             "weight), or raise max_elements"
         )
-    if len(factors) > 1 and rank * size > max_elements:
-        # the core sums the rank terms of an (R, D_1 ... D_M, h) product
+    if (len(factors) > 1 or weights is not None) and rank * size > max_elements:
+        # the core sums the rank terms of an (R, D_1 ... D_M, h) product (one weighted factor
+        # too: its product with the weights; a review's find)
         raise ValueError(
             f"lowrank_to_tensor: building the full weight of shape {fmt_shape(shape)} from rank "
             f"{rank} factors holds an intermediate of shape {fmt_shape((rank, *shape))} with "

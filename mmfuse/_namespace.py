@@ -717,9 +717,9 @@ def _torch_namespace(base: Any, torch: Any) -> Namespace:
 def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
     """Copy ``x`` into a new NumPy array (detaching torch tensors, leaving ``x`` untouched).
 
-    ``dtype=None`` keeps ``x``'s dtype, except that bfloat16 (which NumPy lacks: torch's, and
-    JAX's or NumPy's through ml_dtypes, and ml_dtypes' float8 types) comes back as float32,
-    which holds every value of those types exactly.
+    ``dtype=None`` keeps ``x``'s dtype, except that bfloat16 and the float8 types (which NumPy
+    lacks: torch's, and JAX's or NumPy's through ml_dtypes) come back as float32, which holds
+    every value of those types exactly.
     """
     out = _to_numpy(x, dtype)
     if dtype is None and out.dtype.kind == "V" and out.dtype.name.startswith(("bfloat16", "float8")):
@@ -736,7 +736,9 @@ def _to_numpy(x: Array, dtype: Any) -> np.ndarray:
         # the negative and conjugate bits resolved: DLPack exports the raw memory without them
         # (a torch._neg_view tensor came back negated)
         x = x.detach().cpu().resolve_neg().resolve_conj()
-        if x.dtype == torch.bfloat16:  # neither DLPack to NumPy nor __array__ take bfloat16
+        if x.dtype == torch.bfloat16 or (x.dtype.is_floating_point and x.dtype.itemsize == 1):
+            # neither DLPack to NumPy nor __array__ take bfloat16 or the float8 types; float32
+            # holds their values exactly (as JAX's, through ml_dtypes, below)
             x = x.float()
     elif array_api_compat.is_cupy_array(x):
         x = x.get()

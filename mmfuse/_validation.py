@@ -40,6 +40,7 @@ __all__ = [
     "check_same_float_dtype",
     "common_namespace",
     "fmt_shape",
+    "narrow_float",
 ]
 
 
@@ -192,11 +193,14 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
                 f"got {dtype!r} ({err})"
             ) from None
     probe = check_device(space, device, dtype)
-    if not real_floating(array_namespace(probe), probe.dtype):
+    xp = array_namespace(probe)
+    if not real_floating(xp, probe.dtype):
         raise TypeError(
             f"dtype must be a real floating dtype (e.g. float32 or float64), got {probe.dtype}; "
             "the fusions take floating parameters only"
         )
+    if xp.finfo(probe.dtype).bits < 16:
+        raise narrow_float(f"dtype is {probe.dtype}")
     return dtype
 
 
@@ -239,6 +243,19 @@ def check_bool_option(name: str, value: Any) -> bool:
 def check_float(xp: Any, x: Any, name: str) -> None:
     if not real_floating(xp, x.dtype):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+    if xp.finfo(x.dtype).bits < 16:
+        raise narrow_float(f"{name} has dtype {x.dtype}")
+
+
+def narrow_float(subject: str) -> TypeError:
+    """The error for an 8-bit float (torch's and JAX's float8 types; ``subject`` says whose
+    dtype, and which): storage formats with almost no operators (torch's CPU matmul, sum and
+    GELU refuse them), which some paths had widened and others failed on with the library's
+    own error (a review's find)."""
+    return TypeError(
+        f"{subject}, an 8-bit float: mmfuse computes in float16, bfloat16, "
+        "float32 and float64; use one of them"
+    )
 
 
 def check_bool(xp: Any, x: Any, name: str) -> None:

@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from ._namespace import from_numpy, has_float64, has_int64, is_host_device, is_numpy, is_torch
-from ._validation import check_bool_option, check_device, check_jax_width, check_namespace, random_generator
+from ._validation import (
+    check_bool_option,
+    check_device,
+    check_jax_width,
+    check_namespace,
+    narrow_float,
+    random_generator,
+)
 
 __all__ = ["MultimodalDataset", "load_basic_motions", "load_mfeat"]
 
@@ -180,6 +187,8 @@ def resolve_dtype(xp: Namespace | None, dtype: Any, device: Any = None) -> Any:
         dtype = getattr(xp, dtype)
     if not _is_real_floating(xp, dtype):
         raise TypeError(f"dtype must be a real floating dtype of {name}, got {dtype!r}")
+    if xp.finfo(dtype).bits < 16:  # (mfeat's features reach 17572; float8_e4m3fn's max is 448)
+        raise narrow_float(f"dtype is {dtype!r}")
     check_jax_width(xp, dtype)
     if device is not None and dtype == xp.float64 and not has_float64(xp, device):
         # (the device probe would refuse the device itself, naming it where the dtype is wrong)

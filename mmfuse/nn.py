@@ -61,7 +61,7 @@ from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._namespace import low_precision, mask_tokens, rounded_to, torch_namespace, work_dtype
 from ._plan import PlanCache, call_key
 from ._sequence import activation_key, plan_wander
-from ._validation import check_bool_option, check_device, check_positive_int, check_size_list
+from ._validation import check_bool_option, check_device, check_positive_int, check_size_list, narrow_float
 from .backends import BackendUnsupported
 from .backends._registry import own, registration
 
@@ -204,6 +204,13 @@ def _check_modality_tensors(
             raise TypeError(
                 f"{layer}: xs[{m}] has dtype {x.dtype} but {dtype_source} {dtype}; {remedy}"
             )
+        # the dtypes mmfuse computes in (a layer cast with layer.to(dtype) escapes the
+        # constructor's check): a complex GuidedZoomShift had dropped the imaginary parts, and
+        # float8 layers failed in torch, or not, by layer and batch size (review finds)
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{layer}: xs[{m}] must have a real floating dtype, got {x.dtype}")
+        if x.dtype.itemsize < 2:
+            raise narrow_float(f"{layer}: xs[{m}] has dtype {x.dtype}")
     batch = xs[0].shape[0]
     for m, x in enumerate(xs):
         if x.shape[0] != batch:
@@ -344,6 +351,8 @@ def _check_dtype(dtype: Any) -> Any:
     dtype it expects, must be floating), else TypeError."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    if dtype is not None and dtype.itemsize < 2:
+        raise narrow_float(f"dtype is {dtype}")
     return dtype
 
 

@@ -75,13 +75,22 @@ def default_rtol(dtype: Any) -> float:
 
     ``dtype`` may be a dtype of any namespace (NumPy, torch, JAX, array_api_strict, ...), a
     NumPy scalar type such as ``np.float32``, or a name (``"float32"``, ``"torch.float32"``).
-    Integer and boolean dtypes get 0 (exact), NumPy's long double float64's tolerance, other
-    dtypes (complex) the float32 tolerance; a TypeError for what names no dtype.
+    Integer and boolean dtypes get 0 (exact), NumPy's long double float64's tolerance, complex
+    dtypes the float32 tolerance; a TypeError for what names no dtype, or one without a
+    tolerance here (8-bit floats, which mmfuse does not compute in; object, string, date
+    and void dtypes: these had got float32's silently).
     """
     key = _dtype_key(dtype)
     if key in _EXACT:
         return 0.0
-    return _RTOL.get(key, 2e-4)
+    if key in _RTOL:
+        return _RTOL[key]
+    if key.startswith("complex"):
+        return _RTOL["float32"]
+    raise TypeError(
+        f"no default tolerance for dtype {dtype!r}: mmfuse.testing has them for floating dtypes "
+        "of 16 bits or more, complex, integer and boolean ones; pass rtol"
+    )
 
 
 def _check_tolerance(name: str, value: float | None) -> None:
@@ -223,7 +232,9 @@ def assert_close(
                 f"first at index {_where(a.shape, i)}: actual {a.flat[i]} != desired {d.flat[i]}"
             )
         return
-    if a.dtype.kind in "biu" and d.dtype.kind in "biuf" and (_past_float64(a) or _past_float64(d)):
+    if a.dtype.kind in "biuf" and d.dtype.kind in "biuf" and (_past_float64(a) or _past_float64(d)):
+        # an integer past 2**53 on either side (a float actual against such a desired had
+        # gone through float64, and 2**60 passed for 2**60 + 1 at rtol 0; a review's find)
         _assert_close_exactly(a, d, rtol, atol, prefix)
         return
     a = a.astype(np.float64)
@@ -259,19 +270,24 @@ def _past_float64(a: np.ndarray) -> bool:
 
 
 def _assert_close_exactly(a: np.ndarray, d: np.ndarray, rtol: float, atol: float | None, prefix: str) -> None:
-    """:func:`assert_close`'s test for integer results holding values past 2**53, in exact
-    rational arithmetic (float64 would round them: 2**60 + 1 passed for 2**60 at rtol 0).
-    ``d`` may be float (each float is an exact rational); its non-finite entries mismatch."""
+    """:func:`assert_close`'s test for arrays one of which holds integers past 2**53, in
+    exact rational arithmetic (float64 would round them: 2**60 + 1 passed for 2**60 at rtol
+    0).  The other may be float (each float is an exact rational); its non-finite entries
+    mismatch."""
     from fractions import Fraction
 
-    if d.dtype.kind == "f" and not np.isfinite(d).all():
-        i = int(np.flatnonzero(~np.isfinite(d))[0])
-        raise AssertionError(
-            f"{prefix}non-finite values differ (in desired only) at index {_where(a.shape, i)}: "
-            f"actual {a.flat[i]} != desired {d.flat[i]!r}"
-        )
-    exact = [Fraction(int(v)) for v in a.flat]
-    want = [Fraction(int(v) if d.dtype.kind in "biu" else float(v)) for v in d.flat]
+    for label, arr in (("actual", a), ("desired", d)):
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            i = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise AssertionError(
+                f"{prefix}non-finite values differ (in {label} only) at index {_where(a.shape, i)}: "
+                f"actual {a.flat[i]!r} != desired {d.flat[i]!r}"
+            )
+
+    def rationals(arr: np.ndarray) -> list[Fraction]:
+        return [Fraction(int(v) if arr.dtype.kind in "biu" else float(v)) for v in arr.flat]
+
+    exact, want = rationals(a), rationals(d)
     scale = max((abs(w) for w in want), default=Fraction(0))
     bound = Fraction(rtol) * scale if atol is None else Fraction(atol)
     for i, (x, w) in enumerate(zip(exact, want)):

@@ -386,6 +386,16 @@ def test_transposed_cp_factors_are_named_with_the_layout():
     assert mmfuse.cp_fusion(xs, (None, [a0, a1, c])).shape == (2, 5)
 
 
+def test_a_factor_with_wrong_rows_is_not_called_transposed_when_its_transpose_would_not_fit():
+    """One factor with wrong rows whose column count happens to be d_m + 1: its transpose has
+    another rank than the other factors, yet the message said it "would fit", and the call
+    that followed the hint was told to transpose it back (a review's find)."""
+    xs = [np.ones((4, 3)), np.ones((4, 2))]
+    a0, a1, c = np.ones((6, 4)), np.ones((3, 4)), np.ones((5, 4))
+    with pytest.raises(ValueError, match=r"^cp factor 0 has shape \(6, 4\); expected \(d_0 \+ 1, R\) = \(4, R\) for xs\[0\] of shape \(4, 3\)$"):
+        mmfuse.cp_fusion(xs, (None, [a0, a1, c]))
+
+
 def test_layer_from_cp_says_the_factor_looks_transposed():
     with pytest.raises(ValueError, match=r"cp factor 1 looks transposed .*" + LAYOUT):
         mnn.CPFusion.from_cp((None, [torch.ones(4, 2), torch.ones(2, 3), torch.ones(5, 2)]))
@@ -452,6 +462,18 @@ def test_tensor_fusion_on_dask_counts_the_largest_batch_chunk():
     # the whole batch's 240 elements are over the limit, every chunk's within it
     got = mmfuse.tensor_fusion(lazy, da.from_array(weight), max_elements=144)
     np.testing.assert_allclose(np.asarray(got.compute()), mmfuse.tensor_fusion(xs, weight), rtol=1e-12)
+
+
+def test_lowrank_to_tensor_counts_one_weighted_factors_intermediate():
+    """With one factor and weights the core builds factors[0] * weights, (R, D, h), which
+    the docstring says max_elements refuses; the check was skipped for one factor (a
+    review's find).  Without weights it sums the factor itself: no intermediate."""
+    rng = np.random.default_rng(11)
+    f, w = rng.standard_normal((64, 10, 5)), rng.standard_normal(64)
+    with pytest.raises(ValueError, match=r"intermediate of shape \(64, 10, 5\) with 3200 elements, over max_elements=1000"):
+        mmfuse.lowrank_to_tensor([f], w, max_elements=1000)
+    np.testing.assert_allclose(mmfuse.lowrank_to_tensor([f], max_elements=1000), f.sum(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(mmfuse.lowrank_to_tensor([f], w), np.tensordot(w, f, axes=1), rtol=1e-12)
 
 
 def test_tensor_fusion_on_jax_is_one_block_and_still_refuses_the_batch():

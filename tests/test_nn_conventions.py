@@ -420,6 +420,54 @@ def test_from_cp_names_the_cp_factor_with_too_few_rows(factors, append_one, matc
         CPFusion.from_cp((None, [torch.randn(s) for s in factors]), append_one=append_one)
 
 
+_EVERY_LAYER = [
+    (lambda: LowRankFusion([3, 2], 5, 2), lambda: [torch.randn(3, 3), torch.randn(3, 2)]),
+    (lambda: CPFusion([3, 2], 5, 2), lambda: [torch.randn(3, 3), torch.randn(3, 2)]),
+    (lambda: TensorFusion([3, 2], 5), lambda: [torch.randn(3, 3), torch.randn(3, 2)]),
+    (lambda: WanderAdapter((6, 6), LENGTHS, 3, 2, 2), lambda: [torch.randn(3, t, 6) for t in LENGTHS]),
+    (lambda: GuidedZoomShift(6, 2), lambda: [torch.randn(3, t, 6) for t in LENGTHS]),
+    (lambda: ZoomShift(6, 2), lambda: [torch.randn(3, t, 6) for t in LENGTHS]),
+]
+
+
+@pytest.mark.parametrize(("make", "inputs"), _EVERY_LAYER)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_an_8_bit_float_is_refused_by_the_constructor_and_the_forward(make, inputs, dtype):
+    """float8 passed the layers' checks: the constructor failed in torch's random fill, and a
+    layer cast with .to(float8) failed in torch (matmul, add, GELU) or ran, by layer and
+    batch size (a review's find).  Both refuse it now, naming the argument (and the layer)."""
+    layer = make()
+    name = type(layer).__name__
+    with pytest.raises(TypeError, match=rf"^dtype is {dtype}, an 8-bit float: mmfuse computes in float16, bfloat16, float32 and float64"):
+        type(layer)(*_constructor_args(layer), dtype=dtype)
+    xs = [x.to(dtype) for x in inputs()]
+    with pytest.raises(TypeError, match=rf"^{name}: xs\[0\] has dtype {dtype}, an 8-bit float"):
+        layer.to(dtype)(xs)
+
+
+def _constructor_args(layer):
+    """The positional arguments :data:`_EVERY_LAYER` built ``layer`` with."""
+    if isinstance(layer, (LowRankFusion, CPFusion)):
+        return ([3, 2], 5, 2)
+    if isinstance(layer, TensorFusion):
+        return ([3, 2], 5)
+    if isinstance(layer, WanderAdapter):
+        return ((6, 6), LENGTHS, 3, 2, 2)
+    return (6, 2)
+
+
+def test_a_complex_guided_zoomshift_is_refused():
+    """.to(complex64) escapes the constructor's dtype check; GuidedZoomShift's forward then
+    compared the inputs' dtype with its weight's only, and dropped the imaginary parts of
+    the statistics (with a ComplexWarning), where every other layer refused (a review's
+    find)."""
+    with pytest.warns(UserWarning, match="Complex modules are a new feature"):  # (torch's)
+        layer = GuidedZoomShift(6, 2, pool="mean").to(torch.complex64)
+    xs = [torch.randn(3, t, 6, dtype=torch.complex64) for t in LENGTHS]
+    with pytest.raises(TypeError, match=r"^GuidedZoomShift: xs\[0\] must have a real floating dtype, got torch.complex64$"):
+        layer(xs)
+
+
 @pytest.mark.parametrize(
     ("make", "inputs", "extra"),
     [

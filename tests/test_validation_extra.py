@@ -52,6 +52,42 @@ def test_reference_backend_takes_torch_bfloat16(op, rng):
         assert_close(g, w, xp=torch, dtype=torch.bfloat16, device=torch.device("cpu"), rtol=1e-2)
 
 
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("backend", [None, "torch", "array_api", "reference"])
+def test_every_operator_refuses_torch_float8_naming_the_argument(op, backend, rng):
+    """float8 passed the real-floating check: the core widened it to float32, the torch
+    backend failed in torch ("bmm" not implemented for 'Float8_e4m3fn'), the reference in
+    its conversion (a review's find).  Every implementation refuses it now, up front."""
+    torch = pytest.importorskip("torch")
+    args, kwargs = make_problem(op, seed=rng)
+
+    def to_f8(a):
+        t = torch.from_numpy(np.array(a))
+        return t if a.dtype == np.bool_ else t.to(torch.float8_e4m3fn)
+
+    with pytest.raises(TypeError, match=r"has dtype torch.float8_e4m3fn, an 8-bit float: mmfuse computes in "):
+        getattr(mmfuse, op)(*tree_map(to_f8, args), **tree_map(to_f8, kwargs), backend=backend)
+
+
+def test_jax_float8_and_8_bit_parameters_and_data_are_refused():
+    """The same rule for JAX's float8 (the core had widened it), the initialisers' and the
+    loaders' ``dtype`` (mfeat's features reach 17572, float8_e4m3fn's largest is 448)."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"^dtype is torch.float8_e5m2, an 8-bit float"):
+        mmfuse.init_lowrank([3, 4], out_dim=5, rank=2, seed=1, xp=torch, dtype=torch.float8_e5m2)
+    with pytest.raises(TypeError, match=r"^dtype is torch.float8_e4m3fn, an 8-bit float"):
+        mmfuse.init_wander([4, 4], [3, 3], rank=2, feature_rank=2, token_rank=2, out_dim=4, seed=1,
+                           xp=torch, dtype=torch.float8_e4m3fn)  # fmt: skip
+    from mmfuse import datasets
+
+    with pytest.raises(TypeError, match=r"^dtype is torch.float8_e4m3fn, an 8-bit float"):
+        datasets.load_mfeat(xp=torch, dtype=torch.float8_e4m3fn)
+    jnp = pytest.importorskip("jax.numpy")
+    x = jnp.ones((2, 3, 4), jnp.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"^x has dtype float8_e4m3fn, an 8-bit float"):
+        mmfuse.zoom_shift(x, x)
+
+
 def test_to_numpy_converts_torch_bfloat16_exactly(rng):
     torch = pytest.importorskip("torch")
     x = torch.from_numpy(rng.standard_normal((4, 6))).bfloat16().requires_grad_()

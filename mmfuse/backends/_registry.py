@@ -705,7 +705,8 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     """Which implementation of ``op`` would run for ``arrays``, and why the others would not.
 
     ``arrays``: the call's arrays (or some of them, at least one: a TypeError otherwise; the
-    first floating one decides the namespace, device and dtype, as in the call).  Lists the
+    first floating one decides the namespace, device and dtype, as in the call; TensorLy's
+    ``CPTensor`` for ``cp``, as the call takes it).  Lists the
     forced backend's implementations, or under ``"auto"`` every one (importing the optional
     backends' modules that are installed).  Raises nothing for a refusal: a forced backend
     that cannot take the inputs shows ``chosen=None`` and its reasons.  ``size``: the call's
