@@ -536,13 +536,16 @@ def in_native_order(func: Callable[..., Any], arrays: Sequence[Any]) -> Callable
     (``>f8`` read from a big-endian file), ``func`` with its NumPy array arguments (also
     inside lists) copied to native order first: NumPy's own operations return native
     results, and the alignment's buffers followed their input (``>f8`` statistics and maps,
-    where the fusions returned native float64).  Chosen once, when a call is planned."""
-    if not any(type(a) is np.ndarray and not a.dtype.isnative for a in arrays):
+    where the fusions returned native float64).  Chosen once, when a call is planned.  Also
+    for ndarray subclasses (``np.memmap`` of such a file: a type test for ndarray itself had
+    passed it through, and ``align`` returned one ``>f4`` and one ``<f4`` modality; a review's
+    find), copied into plain ndarrays."""
+    if not any(isinstance(a, np.ndarray) and not a.dtype.isnative for a in arrays):
         return func
 
     def native(a: Any) -> Any:
-        if type(a) is np.ndarray and not a.dtype.isnative:
-            return a.astype(native_dtype(a.dtype))
+        if isinstance(a, np.ndarray) and not a.dtype.isnative:
+            return np.asarray(a, dtype=native_dtype(a.dtype))
         return [native(v) for v in a] if isinstance(a, list) else a
 
     def call(*args: Any, **kwargs: Any) -> Any:

@@ -541,6 +541,32 @@ def test_numpy_byte_orders_mix_as_in_numpy(swapped):
         mmfuse.lowrank_fusion([rng.standard_normal((4, 3)), rng.standard_normal((4, 4)).astype(">f4")], **p)
 
 
+@pytest.mark.parametrize("backend", [None, "array_api"])
+def test_a_big_endian_memmap_gives_native_alignment_outputs(tmp_path, backend):
+    """A big-endian file read as np.memmap (an ndarray subclass): the byte-order conversion
+    tested for ndarray itself, so the alignment's buffers followed the file's ">f4", and
+    align returned one ">f4" and one "<f4" modality (a review's find)."""
+    rng = np.random.default_rng()
+    x = (1 + rng.standard_normal((4, 30, 3))).astype(">f4")
+    g = (2 + rng.standard_normal((4, 20, 3))).astype(">f4")
+    x.tofile(tmp_path / "x.bin")
+    xm = np.memmap(tmp_path / "x.bin", dtype=">f4", mode="r", shape=x.shape)
+    native = np.dtype("float32")
+    outs = {
+        "align": mmfuse.align([xm, g], rounds=None, alpha=0.5, backend=backend),
+        "zoom_shift": [mmfuse.zoom_shift(xm, g, backend=backend)],
+        "moments": list(mmfuse.moments(xm, backend=backend)),
+    }
+    for name, got in outs.items():
+        assert [o.dtype for o in got] == [native] * len(got), name
+        want = {"align": lambda: mmfuse.align([x.astype(native), g.astype(native)], rounds=None, alpha=0.5, backend=backend),
+                "zoom_shift": lambda: [mmfuse.zoom_shift(x.astype(native), g.astype(native), backend=backend)],
+                "moments": lambda: list(mmfuse.moments(x.astype(native), backend=backend))}[name]()  # fmt: skip
+        for o, w in zip(got, want):
+            np.testing.assert_array_equal(o, w, err_msg=name)
+    del xm
+
+
 def test_reference_backend_returns_native_byte_order():
     """backend="reference" on ">f8" / ">f4" inputs: native results, as every other backend
     (the fusions' results came back in the input's big-endian dtype)."""
