@@ -483,7 +483,7 @@ def plan_lowrank(
     check_vector(xp, bias, "bias", out_dim, "h")
     if present is not None:
         check_present(xp, present, batch, len(xs))
-    impl = lookup("lowrank_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
+    impl = lookup("lowrank_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias, present))
     chosen = planned_impl(impl, (xs, factors, weights, bias), {"append_one": append_one, "present": present})
     return partial(chosen, append_one=append_one)
 
@@ -679,7 +679,7 @@ def plan_cp(xs: Any, cp: Any, bias: Any, append_one: Any, present: Any, backend:
     """Check a :func:`cp_fusion` call and choose its implementation (its plan)."""
     append_one = check_bool_option("append_one", append_one)
     xs, weights, factors = check_cp_inputs(xs, cp, append_one, present, bias)
-    impl = lookup("cp_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias))
+    impl = lookup("cp_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias, present))
     return partial(impl, append_one=append_one)
 
 

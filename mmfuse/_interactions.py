@@ -289,7 +289,8 @@ def lowrank_interactions(
     if by == "subset":
         _check_subset_size("lowrank_interactions", len(xs), batch, out_dim, max_elements)
     size = CALL_SIZES["lowrank_interactions"](xs, factors)
-    impl = lookup("lowrank_interactions", backend, like=xs[0], arrays=(xs, factors, weights), size=size)
+    arrays = (xs, factors, weights, present)
+    impl = lookup("lowrank_interactions", backend, like=xs[0], arrays=arrays, size=size)
     return impl(
         xs, factors, weights, by=by, present=present, append_one=append_one, max_elements=max_elements
     )
@@ -386,7 +387,7 @@ def cp_interactions(
     if by == "subset":
         _check_subset_size("cp_interactions", len(xs), xs[0].shape[0], factors[-1].shape[0], max_elements)
     size = CALL_SIZES["cp_interactions"](xs, (weights, factors))
-    impl = lookup("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights), size=size)
+    impl = lookup("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights, present), size=size)
     return impl(
         xs, (weights, factors), by=by, present=present, append_one=append_one, max_elements=max_elements
     )

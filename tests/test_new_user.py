@@ -591,6 +591,35 @@ def test_reference_backend_refuses_jax_tracers_by_name():
     assert mmfuse.zoom_shift(x, g, backend="reference").shape == (2, 3, 4)
 
 
+def test_reference_backend_refuses_a_tracer_in_any_argument():
+    """Only the first floating array was tested for a tracer: a traced weight, factor, guide,
+    later modality, mask or ``present`` (grad with respect to the parameters, data a
+    closure's constant) reached the reference and JAX's TracerArrayConversionError (a
+    review's find)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng()
+    xs = [jnp.asarray(rng.standard_normal((4, d))) for d in (3, 2)]
+    factors = [jnp.asarray(rng.standard_normal((2, d + 1, 5))) for d in (3, 2)]
+    w = jnp.asarray(rng.standard_normal(2))
+    x, g = jnp.asarray(rng.standard_normal((4, 6, 3))), jnp.asarray(rng.standard_normal((4, 5, 3)))
+    mask = jnp.asarray(rng.random((4, 6)) < 0.7).at[:, 0].set(True)
+    present = jnp.asarray(rng.random((4, 2)) < 0.7)
+    ref = {"backend": "reference"}
+    calls = [
+        (jax.jit, lambda ww: mmfuse.lowrank_fusion(xs, factors, ww, **ref), w),
+        (jax.grad, lambda f0: mmfuse.lowrank_fusion(xs, [f0, factors[1]], w, **ref).sum(), factors[0]),
+        (jax.jit, lambda k: mmfuse.lowrank_fusion(xs, factors, w, present=k, **ref), present),
+        (jax.jit, lambda gg: mmfuse.zoom_shift(x, gg, **ref), g),
+        (jax.jit, lambda k: mmfuse.moments(x, mask=k, **ref), mask),
+        (jax.jit, lambda gg: mmfuse.align([x, gg], **ref), g),
+        (jax.jit, lambda k: mmfuse.align([x, g], masks=[k, None], **ref), mask),
+    ]
+    for transform, call, arg in calls:
+        with pytest.raises(BackendUnsupported, match=r"backend 'reference' cannot take .*traced arrays"):
+            transform(call)(arg)
+
+
 @pytest.mark.parametrize("space", ["torch", "array_api_strict"])
 def test_initialisers_take_a_dtype_by_name_in_every_namespace(space):
     """init_lowrank / init_wander refused "float32" on torch and array_api_strict (NumPy, JAX

@@ -62,13 +62,14 @@ class CallInfo:
     values_hidden: bool = False
 
 
-def _tensors(arrays: Iterable[Any], torch: Any) -> list[Any]:
+def _instances(arrays: Iterable[Any], kind: type) -> list[Any]:
+    """The arrays of type ``kind`` among ``arrays``, lists and tuples walked."""
     found: list[Any] = []
     for a in arrays:
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, kind):
             found.append(a)
         elif isinstance(a, (list, tuple)):  # wander's (weight, bias) pairs, cp's factors
-            found.extend(_tensors(a, torch))
+            found.extend(_instances(a, kind))
     return found
 
 
@@ -76,13 +77,16 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     """Describe a call whose first floating array is ``like`` and whose arrays are ``arrays``."""
     if not is_torch(xp):
         size = getattr(like, "size", 0)  # NumPy, CuPy, JAX: an int; Dask: NaN when unknown
-        # a JAX tracer (jax.jit, jax.grad) has no values: what the reference copies
+        # a JAX tracer (jax.jit, jax.grad) has no values: what the reference copies.  Any
+        # of the call's arrays (parameters traced under grad, data a closure's constant: the
+        # first array alone had let the reference take them, to fail in JAX's conversion; a
+        # review's find)
         jax = sys.modules.get("jax")
-        traced = jax is not None and isinstance(like, jax.core.Tracer)
+        traced = jax is not None and bool(_instances([like, *arrays], jax.core.Tracer))
         size = size if isinstance(size, int) else 0
         return CallInfo(xp, device_of(like), like.dtype, traced=traced, size=size)
     torch = sys.modules["torch"]
-    tensors = _tensors(arrays, torch) or [like]
+    tensors = _instances(arrays, torch.Tensor) or [like]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     # inside any torch.func transform, not only for its wrapped tensors: an autograd.Function
     # applied there (the custom ops' bindings) fails on plain tensors too ("must override the

@@ -644,10 +644,11 @@ def lookup(
     """The implementation of ``op`` to run for inputs like the array ``like``.
 
     ``backend`` is the call's ``backend=`` keyword (``None``: the configured policy);
-    ``arrays`` the call's other arrays (nested lists allowed), whose autograd state the choice
-    may depend on; ``size`` the call's size for the rows' ``import_at`` where ``like``'s
-    element count does not measure its work (the interaction terms: their recursion's
-    products).  Raises :class:`BackendUnsupported` when a named backend cannot run it.
+    ``arrays`` the call's other arrays, masks included (nested lists allowed), whose autograd
+    and tracing state the choice may depend on; ``size`` the call's size for the rows'
+    ``import_at`` where ``like``'s element count does not measure its work (the interaction
+    terms: their recursion's products).  Raises :class:`BackendUnsupported` when a named
+    backend cannot run it.
     """
     name = _policy(backend)
     info = _describe(like, arrays, size)
