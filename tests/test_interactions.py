@@ -663,3 +663,25 @@ def test_shares_of_subnormal_float32_terms_are_those_of_the_scaled_terms():
     tiny = (terms.astype(np.float64) * 1e-42).astype(np.float32)
     want = mmfuse.interaction_shares(tiny.astype(np.float64) * 1e42)
     np.testing.assert_allclose(mmfuse.interaction_shares(tiny), want, atol=1e-3)
+
+
+@pytest.mark.parametrize("by", ["order", "subset"])
+def test_dask_output_width_zero_gives_empty_terms(by, rng):
+    """h = 0 on Dask: the core's reshapes split an empty axis, which Dask's reshape refuses
+    (NotImplementedError in lowrank_interactions, tensor_interactions and tensor_fusion,
+    where NumPy, torch, JAX and cp_interactions give empty results; a review's find)."""
+    da = pytest.importorskip("dask.array")
+    xs = [rng.standard_normal((5, 2)), rng.standard_normal((5, 3))]
+    lazy = [da.from_array(x, chunks=(3, -1)) for x in xs]
+    factors = [rng.standard_normal((2, 3, 0)), rng.standard_normal((2, 4, 0))]
+    weight = rng.standard_normal((3, 4, 0))
+    calls = {
+        "lowrank_interactions": lambda a, f, w: mmfuse.lowrank_interactions(a, f, by=by)[0],
+        "tensor_interactions": lambda a, f, w: mmfuse.tensor_interactions(a, w, by=by)[0],
+        "tensor_fusion": lambda a, f, w: mmfuse.tensor_fusion(a, w),
+    }
+    for name, call in calls.items():
+        want = call(xs, factors, weight)
+        got = call(lazy, [da.from_array(f) for f in factors], da.from_array(weight))
+        assert isinstance(got, da.Array), name
+        assert got.compute().shape == want.shape and want.shape[-1] == 0, name

@@ -14,7 +14,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["dask_max", "elementwise_per_chunk", "one_chunk", "per_batch_chunk"]
+from .._namespace import is_dask
+
+__all__ = ["dask_max", "elementwise_per_chunk", "one_chunk", "per_batch_chunk", "reshaped"]
 
 
 def one_chunk(params: Sequence[Any]) -> list[Any]:
@@ -25,6 +27,16 @@ def one_chunk(params: Sequence[Any]) -> list[Any]:
     chunk, many more tasks; an empty batch failed in Dask's reshape).  They are small, so
     one chunk each costs nothing."""
     return [None if p is None else _whole(p, from_axis=0) for p in params]
+
+
+def reshaped(xp: Any, x: Any, shape: tuple[Any, ...]) -> Any:
+    """``xp.reshape(x, shape)``, also for a Dask array without elements: Dask's reshape only
+    merges or splits existing axes, and refuses to split an empty one (an output width h = 0
+    crashed the interaction terms and tensor_fusion on Dask; a review's find).  An empty
+    array's reshape is a new empty array: nothing of ``x`` is lost."""
+    if 0 in shape and is_dask(xp):
+        return xp.zeros(shape, dtype=x.dtype)
+    return xp.reshape(x, shape)
 
 
 def dask_max(x: Any, axis: int | None = None) -> Any:

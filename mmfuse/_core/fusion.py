@@ -26,6 +26,7 @@ from .._namespace import (
     is_lazy,
     low_precision,
 )
+from .chunks import reshaped
 
 __all__ = [
     "Joined",
@@ -263,7 +264,7 @@ def _contract(xp: Any, xs: list[Any], weight: Any, append_one: bool) -> Any:
     for m in range(1, len(xs)):
         # Modes 2..M are batched matrix-vector products: (B, 1, D_m) @ (B, D_m, rest).
         # explicit sizes, not -1: an empty batch leaves -1 undetermined
-        t = xp.reshape(t, (batch, dims[m], math.prod(weight.shape[m + 1 :])))
+        t = reshaped(xp, t, (batch, dims[m], math.prod(weight.shape[m + 1 :])))
         t = affine(xs[m][:, None, :], t, append_one)[:, 0, :]
     return t
 

@@ -45,7 +45,7 @@ from .._namespace import (
     is_lazy,
     low_precision,
 )
-from .chunks import dask_max, one_chunk
+from .chunks import dask_max, one_chunk, reshaped
 from .fusion import Joined, flat_lowrank, mask_absent, tensor_fusion_blocks
 
 __all__ = [
@@ -216,7 +216,7 @@ def lowrank_interactions(
         return mask_absent(xp, x, rows, m) @ feats[m], consts[m]
 
     def reduce(t: Any) -> Any:
-        return xp.sum(xp.reshape(t, (t.shape[0], rank, out_dim)), axis=1)
+        return xp.sum(reshaped(xp, t, (t.shape[0], rank, out_dim)), axis=1)
 
     terms = _ranked_terms(xp, xs, project, reduce, rank * out_dim, out_dim, by)
     return terms, labels_for(by, len(xs))
@@ -586,7 +586,7 @@ def tensor_interactions(
         feat = _contract(xp, xs[m], g, batched, d)
         shape_c = (g.shape[0], lead, tail)
         shape_f = (batch, lead, tail)
-        return (None if const is None else xp.reshape(const, shape_c)), xp.reshape(feat, shape_f)
+        return (None if const is None else reshaped(xp, const, shape_c)), reshaped(xp, feat, shape_f)
 
     start = xp.reshape(weight, (1, dims[0], math.prod(dims[1:]) * out_dim))
     if by == "order":

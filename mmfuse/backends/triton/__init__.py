@@ -85,11 +85,14 @@ dots with TF32 off run on the FMA units (no tensor cores), as torch's own.
 
 Numerics: float32 accumulation everywhere (16-bit inputs included; results cast back).
 float32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, as torch).
-float64 inputs, more than eight modalities and ``torch.func`` transforms go to the torch
-backend's custom ops (the kernels are built for float32/float16/bfloat16; fp64 dots would run
-far below the GPU's FP32/TF32 rate), and so do ranks over ``_ops.MAX_RANK`` (512: the tiles
-of larger ones need more shared memory than a block gets); alignment inputs with over
-``_ops.MAX_CHANNELS`` channels (524280: CUDA's grid) go to the torch backend or the core.
+float64 inputs and more than eight modalities go to the torch backend's custom ops (the
+kernels are built for float32/float16/bfloat16; fp64 dots would run far below the GPU's
+FP32/TF32 rate), and so do ranks over ``_ops.MAX_RANK`` (512: the tiles of larger ones need
+more shared memory than a block gets); alignment inputs with over ``_ops.MAX_CHANNELS``
+channels (524280: CUDA's grid) go to the torch backend or the core.  Inside ``torch.func``
+transforms and forward-mode AD this module's functions, called directly, hand the call to
+the torch backend too; through the public functions the registry refuses
+``backend="triton"`` there (``BackendUnsupported``), and "auto" takes the torch backend.
 The spreads take ``sqrt_rn`` (the default ``tl.sqrt`` is approximate and flushes a subnormal
 variance, possible at ``eps=0``, to 0).
 
