@@ -368,3 +368,17 @@ def test_constant_lane_has_no_spread():
     x = np.full((1, 7, 2), 3.7)
     mean, std = mmfuse.moments(x, eps=0.0, backend="numba")
     assert np.all(std == 0.0) and np.all(mean == 3.7)
+
+
+def test_the_registered_numba_op_refuses_non_float_data():
+    """torch.ops.mmfuse.zoom_shift_numba, called directly, compiled its kernels for an int32 x
+    and returned a truncated int32 result (the public call refuses it; a review's find)."""
+    torch = pytest.importorskip("torch")
+    import mmfuse.backends.torch  # noqa: F401  (registers the op)
+
+    x = torch.randint(-5, 5, (2, 6, 3), dtype=torch.int32)
+    g = torch.randn(2, 4, 3)
+    with pytest.raises(TypeError, match=r"x and guide must be float32 or float64 tensors of one dtype, got torch.int32 and torch.float32"):
+        torch.ops.mmfuse.zoom_shift_numba(x, g, 1.0, -2, None, None, 1e-5)
+    with pytest.raises(TypeError, match=r"got torch.float32 and torch.float64"):
+        torch.ops.mmfuse.zoom_shift_numba(g, g.double(), 1.0, -2, None, None, 1e-5)

@@ -254,6 +254,28 @@ def test_opcheck(append_one, with_present, path):
     )
 
 
+def test_fakes_give_the_real_strides_of_permuted_inputs():
+    """The fakes promised other strides than the real outputs for permuted inputs: the
+    zoom_shift op's output (its fake was empty_like(x), addcmul's layout follows its
+    broadcast operands) and the low-rank backward's dL/dx (the real one empty_like(x), its
+    fake contiguous).  Eager and aot_eager ran; inductor asserted (review finds)."""
+    import itertools
+
+    rng = torch.Generator().manual_seed(5)
+    g = torch.randn(3, 6, 4, dtype=torch.float64, generator=rng)
+    for perm in itertools.permutations(range(3)):
+        base = torch.randn(*[(3, 5, 4)[p] for p in perm], dtype=torch.float64, generator=rng)
+        x = base.permute(*[perm.index(i) for i in range(3)])
+        for dtype in (torch.float64, torch.bfloat16):
+            torch.library.opcheck(torch.ops.mmfuse.zoom_shift.default, (x.to(dtype), g.to(dtype), 0.7, -2, None, None, 1e-5))
+    xs = [torch.randn(d, 5, dtype=torch.float64, generator=rng).t() for d in (4, 5, 6)]
+    factors = [torch.randn(2, d + 1, 3, dtype=torch.float64, generator=rng) for d in (4, 5, 6)]
+    w = torch.randn(2, dtype=torch.float64, generator=rng)
+    grad = torch.randn(5, 3, dtype=torch.float64, generator=rng)
+    needs = [True] * (2 * len(xs) + 2)
+    torch.library.opcheck(torch.ops.mmfuse.lowrank_fusion_backward.default, (grad, xs, factors, w, True, None, needs))
+
+
 @pytest.mark.parametrize("append_one", [True, False])
 @pytest.mark.parametrize("with_present", [False, True])
 def test_gradcheck_gradgradcheck(append_one, with_present):

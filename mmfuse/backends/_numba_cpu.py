@@ -188,7 +188,10 @@ def _apply_kernel(x, centre, corr, scale, target, chunk, out, t0, t1):  # pragma
 
 def max_workers() -> int:
     """Threads a large call may use: the cores this process may run on, at most
-    ``NUMBA_NUM_THREADS`` (numba's setting, from the environment) and 8."""
+    ``NUMBA_NUM_THREADS`` (numba's setting, from the environment) and 8.  Not
+    ``numba.get_num_threads()``: ``numba.set_num_threads`` sizes numba's own parallel
+    runtime, which these kernels (run on mmfuse's threads) do not use, and asking it would
+    start that runtime's threads."""
     cores = available_cores()
     limit = int(getattr(numba.config, "NUMBA_NUM_THREADS", cores))
     return max(1, min(cores, limit, _MAX_WORKERS))

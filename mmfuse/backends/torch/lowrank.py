@@ -180,7 +180,10 @@ def lowrank_grads(
     need_x, need_f = needs[:n_mod], needs[n_mod : 2 * n_mod]
     need_w, need_b = needs[2 * n_mod], needs[2 * n_mod + 1]
     batch = xs[0].shape[0]
-    gx: list[Any] = [torch.empty_like(x) if need_x[m] else None for m, x in enumerate(xs)]
+    # C-contiguous, as the fake says (empty_like kept a transposed x's strides, which
+    # torch.compile's inductor asserts against the fake; a review's find)
+    gx: list[Any] = [torch.empty(x.shape, dtype=cdt, device=dev) if need_x[m] else None
+                     for m, x in enumerate(xs)]  # fmt: skip
     # the first block writes the factor and weight gradients, later blocks add to them
     gmat: list[Any] = [torch.empty_like(mat) if need_f[m] else None for m, mat in enumerate(mats)]
     gw = torch.empty_like(w) if need_w else None
@@ -285,10 +288,11 @@ def _(
 ) -> Any:
     n_mod = len(xs)
     out = []
+    # in grad's dtype, as the implementation casts them (the inputs' own in any autograd use)
     for m, x in enumerate(xs):
-        out.append(x.new_empty(x.shape) if needs[m] else grad.new_empty((0,)))
+        out.append(grad.new_empty(x.shape) if needs[m] else grad.new_empty((0,)))
     for m, f in enumerate(factors):
-        out.append(f.new_empty(f.shape) if needs[n_mod + m] else grad.new_empty((0,)))
+        out.append(grad.new_empty(f.shape) if needs[n_mod + m] else grad.new_empty((0,)))
     rank, out_dim = factors[0].shape[0], factors[0].shape[2]
     out.append(grad.new_empty((rank,)) if needs[2 * n_mod] else grad.new_empty((0,)))
     out.append(grad.new_empty((out_dim,)) if needs[2 * n_mod + 1] else grad.new_empty((0,)))

@@ -113,7 +113,10 @@ def _zoom_shift_forward(
     st = GENERIC.stats(xc, ax, mask, keep_dev=True)
     # the core's rule, about the pivot: y = ((x - p) - corr) s + target, x - p exact near the mean
     s, target = zoom_shift_map(_XP, st, guide_mean(_XP, g, alpha), spread(_XP, g.var, eps), alpha, eps)
-    return torch.addcmul(target, st.dev - st.corr, s).to(dtype)
+    # C-contiguous, as the fake says and the NumPy path gives: addcmul's layout follows its
+    # broadcast operands, so a permuted x's output had other strides than the fake's, which
+    # torch.compile's inductor asserts (a review's find; a no-op where it is contiguous)
+    return torch.addcmul(target, st.dev - st.corr, s).to(dtype).contiguous()
 
 
 def _on_numpy(
@@ -138,7 +141,7 @@ _zoom_shift_op = torch.library.custom_op("mmfuse::zoom_shift", _zoom_shift_forwa
 
 @_zoom_shift_op.register_fake
 def _(x: Any, guide: Any, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float) -> Any:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # C-contiguous (empty_like keeps a permuted x's strides)
 
 
 def _zoom_shift_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -230,6 +233,12 @@ def _zoom_shift_numba_forward(
     # unchecked: a mask of another shape or dtype, which the public call refuses but a direct
     # ``torch.ops.mmfuse.zoom_shift_numba`` call could pass, read outside it (a review's find)
     ax = axis % x.dim()
+    if x.dtype not in _HOST_DTYPES or guide.dtype != x.dtype:  # (else an int32 x came back
+        # truncated, in int32)
+        raise TypeError(
+            f"mmfuse::zoom_shift_numba: x and guide must be float32 or float64 tensors of one "
+            f"dtype, got {x.dtype} and {guide.dtype}"
+        )
     for name, m, like in (("mask", mask, x), ("guide_mask", guide_mask, guide)):
         if m is not None and (m.dtype != torch.bool or tuple(m.shape) != tuple(like.shape[: ax + 1])):
             raise ValueError(
