@@ -64,7 +64,8 @@ def sample_rounds(
     a while after their parallel region, and a call of the other library that starts then
     loses cores to them (on 2 cores an LMF-style torch step ran nearly twice as long right
     after a NumPy-backed one).  Rounds still interleave the candidates, so slow drifts
-    of the machine hit all of them alike; ``repeats`` samples per candidate in all.
+    of the machine hit all of them alike; ``repeats`` samples per candidate in all, rounded
+    up to whole rounds (``burst - 1`` samples each: 16 for 15 at the default burst of 3).
     """
     for fn in candidates.values():
         for _ in range(warmup):

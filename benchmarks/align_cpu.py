@@ -205,10 +205,12 @@ def main() -> None:
         rounds = {**sample_rounds(numpy_group, repeats=repeats), **sample_rounds(torch_group, repeats=repeats)}
         times = medians(rounds)
         mem = {} if args.quick or args.auto else {n: peak_rss_mib("align_cpu", case, n) for n in cands}
-        copy_bw = 2 * nbytes / times["numpy-copy"]
         for name in cands:
             t = times[name]
             bw = (2 * nbytes if name == "numpy-copy" else moved_bytes(case)) / t
+            # the copy timed in the candidate's own group, as the summary's fractions (the
+            # torch rows had been divided by the NumPy group's copy)
+            copy_bw = 2 * nbytes / times["numpy-copy/t" if name in TORCH_GROUP else "numpy-copy"]
             row = {
                 "case": case,
                 "candidate": name,
