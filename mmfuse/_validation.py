@@ -248,12 +248,12 @@ def check_float(xp: Any, x: Any, name: str) -> None:
 
 
 def narrow_float(subject: str) -> TypeError:
-    """The error for an 8-bit float (torch's and JAX's float8 types; ``subject`` says whose
-    dtype, and which): storage formats with almost no operators (torch's CPU matmul, sum and
-    GELU refuse them), which some paths had widened and others failed on with the library's
-    own error (a review's find)."""
+    """The error for a float of fewer than 16 bits (torch's and JAX's float8 and float4
+    types; ``subject`` says whose dtype, and which): storage formats with almost no operators
+    (torch's CPU matmul, sum and GELU refuse them), which some paths had widened and others
+    failed on with the library's own error (a review's find)."""
     return TypeError(
-        f"{subject}, an 8-bit float: mmfuse computes in float16, bfloat16, "
+        f"{subject}, a float of fewer than 16 bits: mmfuse computes in float16, bfloat16, "
         "float32 and float64; use one of them"
     )
 

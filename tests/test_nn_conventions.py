@@ -438,10 +438,10 @@ def test_an_8_bit_float_is_refused_by_the_constructor_and_the_forward(make, inpu
     batch size (a review's find).  Both refuse it now, naming the argument (and the layer)."""
     layer = make()
     name = type(layer).__name__
-    with pytest.raises(TypeError, match=rf"^dtype is {dtype}, an 8-bit float: mmfuse computes in float16, bfloat16, float32 and float64"):
+    with pytest.raises(TypeError, match=rf"^dtype is {dtype}, a float of fewer than 16 bits: mmfuse computes in float16, bfloat16, float32 and float64"):
         type(layer)(*_constructor_args(layer), dtype=dtype)
     xs = [x.to(dtype) for x in inputs()]
-    with pytest.raises(TypeError, match=rf"^{name}: xs\[0\] has dtype {dtype}, an 8-bit float"):
+    with pytest.raises(TypeError, match=rf"^{name}: xs\[0\] has dtype {dtype}, a float of fewer than 16 bits"):
         layer.to(dtype)(xs)
 
 

@@ -422,6 +422,27 @@ def test_wander_names_an_activation_returning_numpy_for_arrays_with_numpy_dtypes
     assert_close(got, reference.wander(xs, params, activation=np.tanh))
 
 
+def test_wander_takes_jax_activations_under_grad_and_vmap(rng):
+    """The device check first compared JAX devices too: a tracer has none (None) and an
+    uncommitted result follows committed data, so valid activations under jax.grad and
+    jax.vmap were refused (a review of the session's diff)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    xs, params, _ = _wander_case(rng, 2)
+    jxs, jparams = [jnp.asarray(x) for x in xs], tree_map(jnp.asarray, params)
+
+    def step(h):
+        return jnp.where(h > 0, 1.0, 0.0).astype(h.dtype)
+
+    grads = jax.grad(lambda p: mmfuse.wander(jxs, p, activation=step).sum())(jparams)
+    assert grads["down"][0][0].shape == params["down"][0][0].shape
+    got = jax.vmap(lambda x0: mmfuse.wander([x0[None], jxs[1][:1]], jparams, activation=jax.nn.relu))(jxs[0])
+    assert got.shape == (3, 1, *mmfuse.wander(jxs, jparams, activation=jax.nn.relu).shape[1:])
+    for i in range(3):
+        one = reference.wander([xs[0][i : i + 1], xs[1][:1]], params, activation="relu")
+        assert_close(got[i], one)
+
+
 @pytest.mark.parametrize("batch", [2, 150])
 def test_wander_names_an_activation_moving_its_result(rng, batch):
     """A result on another device failed in the fusion's product ("Tensor on device cpu is

@@ -656,7 +656,12 @@ def lookup(
         _signature(op)
         return _choose(op, name, None).func
     key = _key(op, name, info)
-    impl = _CHOICES.get(key)
+    try:
+        impl = _CHOICES.get(key)
+    except TypeError:  # an unhashable sys.modules entry in the key (a module class with
+        # __eq__ and no __hash__): chosen, not remembered, as the plan caches do
+        _signature(op)
+        return _choose(op, name, info).func
     if impl is None:
         _signature(op)
         seen = _generation[0]
