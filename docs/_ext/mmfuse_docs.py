@@ -239,18 +239,26 @@ class BenchmarkDirective(SphinxDirective):
         lines = [f"**Machine:** {_fmt(data.get('machine', 'not recorded'))}.  Reproduce with "
                  f"``{command}``.", ""]
         extra = {k: v for k, v in data.items() if k not in ("machine", "results", "sweep")}
+        tables = {k: v for k, v in extra.items() if _records(v)}  # (align_cpu's "auto" summary)
         for k, v in extra.items():
-            lines += [f"**{k}:** ``{_fmt(v)}``", ""]
+            if k not in tables:
+                lines += [f"**{k}:** ``{_fmt(v)}``", ""]
         header, rows = benchmark_rows(data)
         lines += _list_table(header, rows)
-        sweep = data.get("sweep")
-        if sweep:
+        if _records(data.get("sweep")):
+            tables = {"Sweep": data["sweep"], **tables}
+        for title, records in tables.items():
             keys: list[str] = []
-            for r in sweep:
+            for r in records:
                 keys += [k for k in r if k not in keys]
-            lines += ["Sweep:", ""]
-            lines += _list_table(keys, [[_fmt(r.get(k)) for k in keys] for r in sweep])
+            lines += [f"{title}:", ""]
+            lines += _list_table(keys, [[_fmt(r.get(k)) for k in keys] for r in records])
         return _rst_block(self, lines)
+
+
+def _records(value: Any) -> bool:
+    """Whether a benchmark file's entry is a list of flat objects (shown as a table)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
 
 
 def plot_benchmark(name: str, *, title: str | None = None) -> None:
