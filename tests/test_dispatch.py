@@ -1155,3 +1155,20 @@ def test_an_unhashable_module_entry_is_no_crash(name):
     done = subprocess.run([sys.executable, "-c", _UNHASHABLE_MODULE, name], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "(2, 5) (2, 5)", done.stdout
+
+
+def test_explain_answers_and_reference_implementations_pickle():
+    """explain()'s answer held each table row's ``supports``, a closure, and the reference
+    backend's functions carried the reference module's names (functools.wraps), under which
+    pickle found other objects: neither pickled, so a multiprocessing pool could not return
+    them (a review's find).  The answer compares equal after a round trip."""
+    import pickle
+
+    x = np.random.default_rng(6).standard_normal((4, 3))
+    found = explain("lowrank_fusion", x)
+    assert pickle.loads(pickle.dumps(found)) == found
+    for impl in mmfuse.backends.implementations("moments"):
+        assert pickle.loads(pickle.dumps(impl)) == impl
+    for op in ("lowrank_fusion", "zoom_shift", "wander"):
+        func = lookup(op, "reference", like=x)
+        assert pickle.loads(pickle.dumps(func)) is func, op

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import sys
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -1024,13 +1024,19 @@ def _round_maps_per_chunk(
     probe = [(np.zeros(()), np.ones(()))] * n
     moved = [m for _, _, m in _round_maps(np, probe, rounds and 1, alpha, schedule, topology, hub, eps)]
 
-    def maps_of_chunk(blocks: list[Any]) -> list[Any]:
-        pairs = list(zip(blocks[::2], blocks[1::2]))
-        maps = _round_maps(np, pairs, rounds, alpha, schedule, topology, hub, eps)
-        return [a for s, mu, _ in maps for a in (s, mu)]
-
+    maps_of_chunk = partial(_chunk_maps, rounds, alpha, schedule, topology, hub, eps)
     lazy = elementwise_per_chunk(maps_of_chunk, [a for pair in stats for a in pair], 2 * n)
     return [(lazy[2 * i], lazy[2 * i + 1], moved[i]) for i in range(n)]
+
+
+def _chunk_maps(
+    rounds: Any, alpha: float, schedule: str, topology: str, hub: int, eps: float, blocks: list[Any]
+) -> list[Any]:
+    """One chunk's maps for :func:`_round_maps_dask` (module-level, so its graph pickles):
+    ``blocks`` the chunk's (sigma, mean) of each modality, in turn."""
+    pairs = list(zip(blocks[::2], blocks[1::2]))
+    maps = _round_maps(np, pairs, rounds, alpha, schedule, topology, hub, eps)
+    return [a for s, mu, _ in maps for a in (s, mu)]
 
 
 def _arithmetic_mean(values: list[Any]) -> Any:

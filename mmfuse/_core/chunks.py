@@ -9,6 +9,7 @@ the chunk for cache.  The graph gets one task per batch chunk; nothing is comput
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -75,6 +76,8 @@ def per_batch_chunk(
 
     ``batched`` are Dask arrays sharing their batch chunks (axis 0); every other axis is
     handed whole to ``func``.  ``params`` (arrays or ``None``) are handed whole to every task.
+    ``func`` should pickle (a module-level function, or a ``functools.partial`` of one), so
+    that the lazy result does.
     """
     import dask.array as da
     import numpy as np
@@ -95,12 +98,8 @@ def per_batch_chunk(
     for p in params:
         args += [None, None] if p is None else [p, tuple(next(names) for _ in range(p.ndim))]
     out_index = ("b", *(next(names) for _ in tail))
-
-    def run(*arrays: Any) -> Any:
-        return func(list(arrays[:n_batched]), list(arrays[n_batched:]))
-
     return da.blockwise(
-        run,
+        functools.partial(_per_batch_task, func, n_batched),
         out_index,
         *args,
         new_axes=dict(zip(out_index[1:], tail)),
@@ -108,6 +107,14 @@ def per_batch_chunk(
         dtype=dtype,
         meta=np.empty((0,) * (1 + len(tail)), dtype=dtype),
     )
+
+
+def _per_batch_task(func: Callable[[list[Any], list[Any]], Any], n_batched: int, *arrays: Any) -> Any:
+    """One task of :func:`per_batch_chunk`.  Tasks are module-level functions bound with
+    ``functools.partial`` (and so are the ``func`` they run), not closures: the lazy results
+    then pickle with the standard ``pickle`` (a multiprocessing queue, joblib), not only with
+    Dask's cloudpickle (a review's find)."""
+    return func(list(arrays[:n_batched]), list(arrays[n_batched:]))
 
 
 def elementwise_per_chunk(
@@ -126,13 +133,8 @@ def elementwise_per_chunk(
     first = arrays[0]
     chunks = first.chunks
     arrays = [a if a.chunks == chunks else a.rechunk(chunks) for a in arrays]
-
-    def run(*blocks: Any) -> Any:
-        shape = blocks[0].shape
-        return np.stack([np.broadcast_to(a, shape) for a in func(list(blocks))])
-
     stacked = da.map_blocks(
-        run,
+        functools.partial(_elementwise_task, func),
         *arrays,
         new_axis=0,
         chunks=((n_out,), *chunks),
@@ -140,6 +142,14 @@ def elementwise_per_chunk(
         meta=np.empty((0,) * (first.ndim + 1), dtype=first.dtype),
     )
     return [stacked[k] for k in range(n_out)]
+
+
+def _elementwise_task(func: Callable[[list[Any]], list[Any]], *blocks: Any) -> Any:
+    """One task of :func:`elementwise_per_chunk` (module-level: see :func:`_per_batch_task`)."""
+    import numpy as np
+
+    shape = blocks[0].shape
+    return np.stack([np.broadcast_to(a, shape) for a in func(list(blocks))])
 
 
 def _whole(x: Any, *, from_axis: int) -> Any:

@@ -599,13 +599,16 @@ def lowrank_fusion_dask(
     n = len(xs)
     out_dim = factors[0].shape[2]
     batched = [*xs] if present is None else [*xs, present]
-
-    def chunk(b: list[Any], p: list[Any]) -> Any:
-        return lowrank_fusion_numpy(
-            b[:n], p[:n], p[n], p[n + 1], append_one=append_one, present=None if present is None else b[n]
-        )
-
+    chunk = partial(_lowrank_chunk, n, append_one, present is not None)
     return per_batch_chunk(chunk, batched, [*factors, weights, bias], (out_dim,), xs[0].dtype)
+
+
+def _lowrank_chunk(n: int, append_one: bool, with_present: bool, b: list[Any], p: list[Any]) -> Any:
+    """One batch chunk of :func:`lowrank_fusion_dask` (module-level, so its graph pickles):
+    ``b`` the chunk's n inputs (then ``present``), ``p`` the factors, weights and bias."""
+    return lowrank_fusion_numpy(
+        b[:n], p[:n], p[n], p[n + 1], append_one=append_one, present=b[n] if with_present else None
+    )
 
 
 def lowrank_fusion_numpy(

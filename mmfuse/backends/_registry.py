@@ -372,13 +372,23 @@ def _resolve(row: Row) -> Implementation | None:
             _plugin_errors.pop(row.backend, None)
             _failed_modules.pop(row.backend, None)
         condition = CONDITIONS[row.condition]
-
-        def supports(xp: Any, device: Any, _c: Condition = condition) -> str | None:
-            return _c(CallInfo(xp, device, None))
-
+        supports = _ConditionSupports(condition)
         impl = Implementation(row.op, row.backend, func, supports, row.priority, row.variant, condition)
         _RESOLVED[row] = impl
     return impl
+
+
+@dataclass(frozen=True)
+class _ConditionSupports:
+    """A table row's ``supports(xp, device)``: its condition asked with the namespace and
+    device alone.  A module-level class, not a closure, so that implementations (and
+    :func:`explain`'s answers holding them) pickle, and compare equal after a round trip (a
+    review's find)."""
+
+    condition: Condition
+
+    def __call__(self, xp: Any, device: Any) -> str | None:
+        return self.condition(CallInfo(xp, device, None))
 
 
 def installed(name: str) -> bool:

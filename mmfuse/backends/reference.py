@@ -55,6 +55,10 @@ def as_backend(func: Callable[..., Any]) -> Callable[..., Any]:
         out = func(*np_args[0], **np_args[1])
         return tree_map(lambda a: from_numpy(a, xp, dtype=dtype, device=device), out)
 
+    # named as this module's attribute of the same name holds it (functools.wraps took the
+    # reference function's names, under which pickle found another object: the reference
+    # backend's implementations could not be pickled; a review's find)
+    run.__module__, run.__qualname__ = __name__, func.__name__
     return run
 
 
