@@ -140,7 +140,9 @@ def check_eps_dtype(xp: Any, eps: float, dtype: Any) -> None:
     keep a lane with no spread finite follow eps's Python value (NaN outputs), and backends
     that compute in float64 would keep it (different outputs).  Nor above that dtype's
     largest number: ``var + eps`` overflowed to inf there (every output NaN), where the numba
-    kernels and the reference, in float64, gave finite ones (a review's find)."""
+    kernels and the reference, in float64, gave finite ones (a review's find).  An eps just
+    below it still overflows ``var + eps`` for large enough spreads, as large spreads alone
+    do: the range limits of docs/backends.rst, not refused here."""
     if eps == 0:
         return
     work = work_dtype(xp, dtype)

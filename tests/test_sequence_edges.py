@@ -509,3 +509,21 @@ def test_relu_derivative_at_zero_is_torchs():
     (want,) = torch.autograd.grad(torch.relu(plain).sum(), [plain])
     torch.testing.assert_close(y, torch.relu(x.detach()), equal_nan=True)
     torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_torch_float64_gelu_derivative_at_the_range_ends():
+    """The float64 torch GELU's derivative was NaN below x ~ -1.27e308 (erfcx's own derivative
+    overflowed there, times a Gaussian factor of 0) and at x = +inf (0 times inf in erfc's),
+    where x Phi(x)'s derivative is 0 and 1; through wander, a bias of -1.5e308 gave a NaN
+    gradient on torch and 0 on JAX (a review's find).  NaN still gives NaN."""
+    torch = pytest.importorskip("torch")
+    from mmfuse._core.sequence import gelu_torch
+
+    x = torch.tensor([-1.7e308, -1.3e308, -1e308, -50.0, 50.0, 1.7e308, math.inf, math.nan],
+                     dtype=torch.float64, requires_grad=True)  # fmt: skip
+    out = gelu_torch(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    y = out.detach()
+    assert y[:4].tolist() == [0.0] * 4 and y[4:7].tolist() == [50.0, 1.7e308, math.inf]
+    assert grad[:7].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert math.isnan(grad[7].item()) and math.isnan(y[7].item())

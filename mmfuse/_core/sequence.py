@@ -314,11 +314,17 @@ def normal_cdf_torch(torch: Any, x: Any, times_x: bool) -> Any:
     # contribution from the gradients (a review's find); where() passes x's own
     below = torch.where(tail, x, _TORCH_TAIL_X)
     above = torch.where(tail, _TORCH_TAIL_X, x)
-    gauss = _exp_neg_square(torch, torch.clamp(-below, max=_GELU_XMAX), 0.5)  # (-inf: as generic)
+    capped = torch.clamp(-below, max=_GELU_XMAX)  # (-inf: as generic)
+    gauss = _exp_neg_square(torch, capped, 0.5)
     if times_x:
         gauss = below * gauss
-    lower = gauss * torch.special.erfcx(below * (-SQRT1_2)) * 0.5
-    upper = 0.5 * torch.special.erfc(above * (-SQRT1_2))
+    # erfcx and erfc read the capped arguments too, whose values there are those of the
+    # uncapped ones (the Gaussian factor 0, erfc 2): erfcx's derivative overflowed past
+    # |u| ~ 9e307 (x below -1.27e308), and erfc's at x = +inf gave 0 * inf, both NaN where
+    # the GELU's derivative is 0 and 1 (a review against JAX and exact values).  NaN never
+    # reaches a cap: it takes the upper formula, whose x keeps its gradient
+    lower = gauss * torch.special.erfcx(capped * SQRT1_2) * 0.5
+    upper = 0.5 * torch.special.erfc(torch.clamp(above, max=_GELU_XMAX) * (-SQRT1_2))
     return torch.where(tail, lower, above * upper if times_x else upper)
 
 
