@@ -241,6 +241,37 @@ def test_compiled_zoomshift_first_call_in_a_fresh_process_with_gradients():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+def test_compiled_zoomshift_takes_every_token_count_in_one_graph():
+    """The statistics' token count was float(x.shape[axis]), which fixed Dynamo's symbolic
+    size: the custom ops' backwards trace it, so a ZoomShift whose inputs require grad
+    compiled one graph per token count (fullgraph training over varying lengths failed at
+    Dynamo's recompile limit), and mark_dynamic on the token axis was refused (a review's
+    find)."""
+    from torch._dynamo.utils import counters
+
+    from mmfuse.nn import ZoomShift
+
+    torch.manual_seed(0)
+    layer = ZoomShift(8, 2, rounds=2, alpha=0.5)
+    layer([torch.randn(4, 6, 8, requires_grad=True), torch.randn(4, 7, 8)])  # (eager: caches warm)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    for t in (6, 9, 13):
+        xs = [torch.randn(4, t, 8, requires_grad=True), torch.randn(4, t + 1, 8, requires_grad=True)]
+        got, want = compiled(xs), layer(xs)
+        torch.testing.assert_close(got, want)
+        gg = torch.autograd.grad(got.sum(), xs)
+        gw = torch.autograd.grad(want.sum(), xs)
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+    xs = [torch.randn(4, 6, 8, requires_grad=True), torch.randn(4, 5, 8)]
+    torch._dynamo.mark_dynamic(xs[0], 1)
+    torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(xs), layer(xs))
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch internals, inductor import
 def test_compile_fullgraph_inductor_lowrank():
     """The default (inductor) backend on CPU, with a missing-modality mask."""

@@ -203,6 +203,15 @@ class Stats(NamedTuple):
     mask: Any = None
 
 
+def _divisor(n: Any) -> Any:
+    """A token count as the statistics' divisor: a Python float, or a symbolic size (while
+    ``torch.compile`` traces with a dynamic token axis) as it is.  ``float()`` of the symbolic
+    size specialised the graph to one length: the custom ops' backwards traced this, so a
+    ZoomShift layer recompiled for every token count and failed past Dynamo's limit (a
+    review's find).  Dividing by the int gives the same values as by its float."""
+    return float(n) if isinstance(n, (int, float)) else n
+
+
 def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> Stats:
     """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded: the shifted
     algorithm (section comment above) in standard Array-API calls.  ``dev`` is kept when
@@ -221,11 +230,11 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
         pivot = torch.mean(xs, dim=axis, keepdim=True)
         dev = xs - pivot
         var, corr = torch.var_mean(dev, dim=axis, keepdim=True, correction=0)
-        return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, float(x.shape[axis]), None)
+        return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, _divisor(x.shape[axis]), None)
     acc = _accumulator(xp, xs, axis)
     if mask is None:
         m = None
-        count: Any = float(x.shape[axis])
+        count: Any = _divisor(x.shape[axis])
         pivot = _rounded(xp, xp.sum(xs, axis=axis, keepdims=True, dtype=acc) / count, dt)
         dev = xs - pivot
         d = dev
