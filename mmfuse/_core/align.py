@@ -1041,7 +1041,7 @@ def _round_maps_per_chunk(
 def _chunk_maps(
     rounds: Any, alpha: float, schedule: str, topology: str, hub: int, eps: float, blocks: list[Any]
 ) -> list[Any]:
-    """One chunk's maps for :func:`_round_maps_dask` (module-level, so its graph pickles):
+    """One chunk's maps for :func:`_round_maps_per_chunk` (module-level, so its graph pickles):
     ``blocks`` the chunk's (sigma, mean) of each modality, in turn."""
     pairs = list(zip(blocks[::2], blocks[1::2]))
     maps = _round_maps(np, pairs, rounds, alpha, schedule, topology, hub, eps)

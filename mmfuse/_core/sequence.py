@@ -321,8 +321,8 @@ def normal_cdf_torch(torch: Any, x: Any, times_x: bool) -> Any:
     # erfcx and erfc read the capped arguments too, whose values there are those of the
     # uncapped ones (the Gaussian factor 0, erfc 2): erfcx's derivative overflowed past
     # |u| ~ 9e307 (x below -1.27e308), and erfc's at x = +inf gave 0 * inf, both NaN where
-    # the GELU's derivative is 0 and 1 (a review against JAX and exact values).  NaN never
-    # reaches a cap: it takes the upper formula, whose x keeps its gradient
+    # the GELU's derivative is 0 and 1 (a review against JAX and exact values).  NaN takes
+    # the upper formula: its cap passes the NaN on, and the factor x keeps its NaN gradient
     lower = gauss * torch.special.erfcx(capped * SQRT1_2) * 0.5
     upper = 0.5 * torch.special.erfc(torch.clamp(above, max=_GELU_XMAX) * (-SQRT1_2))
     return torch.where(tail, lower, above * upper if times_x else upper)
