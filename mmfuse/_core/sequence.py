@@ -318,13 +318,13 @@ def normal_cdf_torch(torch: Any, x: Any, times_x: bool) -> Any:
     gauss = _exp_neg_square(torch, capped, 0.5)
     if times_x:
         gauss = below * gauss
-    # erfcx and erfc read the capped arguments too, whose values there are those of the
-    # uncapped ones (the Gaussian factor 0, erfc 2): erfcx's derivative overflowed past
-    # |u| ~ 9e307 (x below -1.27e308), and erfc's at x = +inf gave 0 * inf, both NaN where
-    # the GELU's derivative is 0 and 1 (a review against JAX and exact values).  NaN takes
-    # the upper formula: its cap passes the NaN on, and the factor x keeps its NaN gradient
-    lower = gauss * torch.special.erfcx(capped * SQRT1_2) * 0.5
-    upper = 0.5 * torch.special.erfc(torch.clamp(above, max=_GELU_XMAX) * (-SQRT1_2))
+    # erfcx reads the capped argument too (where the Gaussian factor is 0, so the value is
+    # the same): its derivative overflowed past u ~ 9e307, a NaN gradient for finite x below
+    # -1.27e308 where the GELU's derivative is 0, as JAX gives (a review's find).  ``below *
+    # 0`` adds -0 to it for finite x and NaN for x = -inf, whose value is NaN (0 inf) and
+    # whose gradient stays NaN, as JAX's and every other backend's (and x = +inf's, in erfc)
+    lower = gauss * torch.special.erfcx(capped * SQRT1_2 + below * 0.0) * 0.5
+    upper = 0.5 * torch.special.erfc(above * (-SQRT1_2))
     return torch.where(tail, lower, above * upper if times_x else upper)
 
 
