@@ -38,6 +38,7 @@ __all__ = [
     "check_ndim",
     "check_positive_int",
     "check_same_float_dtype",
+    "check_wide_float",
     "common_namespace",
     "fmt_shape",
     "narrow_float",
@@ -199,8 +200,7 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
             f"dtype must be a real floating dtype (e.g. float32 or float64), got {probe.dtype}; "
             "the fusions take floating parameters only"
         )
-    if xp.finfo(probe.dtype).bits < 16:
-        raise narrow_float(f"dtype is {probe.dtype}")
+    check_wide_float(xp, probe.dtype, f"dtype is {probe.dtype}")
     return dtype
 
 
@@ -243,8 +243,15 @@ def check_bool_option(name: str, value: Any) -> bool:
 def check_float(xp: Any, x: Any, name: str) -> None:
     if not real_floating(xp, x.dtype):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
-    if xp.finfo(x.dtype).bits < 16:
-        raise narrow_float(f"{name} has dtype {x.dtype}")
+    check_wide_float(xp, x.dtype, f"{name} has dtype {x.dtype}")
+
+
+def check_wide_float(xp: Any, dtype: Any, subject: str) -> None:
+    """Refuse a real floating ``dtype`` of ``xp`` narrower than 16 bits (:func:`narrow_float`,
+    with ``subject`` saying whose dtype it is): the one home of the rule for the functions'
+    inputs, the initialisers' and loaders' ``dtype`` and the layers."""
+    if xp.finfo(dtype).bits < 16:
+        raise narrow_float(subject)
 
 
 def narrow_float(subject: str) -> TypeError:

@@ -61,7 +61,13 @@ from ._fusion import DEFAULT_MAX_ELEMENTS
 from ._namespace import low_precision, mask_tokens, rounded_to, torch_namespace, work_dtype
 from ._plan import PlanCache, call_key
 from ._sequence import activation_key, plan_wander
-from ._validation import check_bool_option, check_device, check_positive_int, check_size_list, narrow_float
+from ._validation import (
+    check_bool_option,
+    check_device,
+    check_positive_int,
+    check_size_list,
+    check_wide_float,
+)
 from .backends import BackendUnsupported
 from .backends._registry import own, registration
 
@@ -214,7 +220,7 @@ def _check_modality_tensors(
     if dtype not in _LAYER_DTYPES:
         if not dtype.is_floating_point:
             raise TypeError(f"{layer}: xs[0] must have a real floating dtype, got {dtype}")
-        raise narrow_float(f"{layer}: xs[0] has dtype {dtype}")
+        check_wide_float(torch, dtype, f"{layer}: xs[0] has dtype {dtype}")
     batch = xs[0].shape[0]
     for m, x in enumerate(xs):
         if x.shape[0] != batch:
@@ -355,8 +361,8 @@ def _check_dtype(dtype: Any) -> Any:
     dtype it expects, must be floating), else TypeError."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    if dtype is not None and dtype.itemsize < 2:
-        raise narrow_float(f"dtype is {dtype}")
+    if dtype is not None:
+        check_wide_float(torch, dtype, f"dtype is {dtype}")
     return dtype
 
 
