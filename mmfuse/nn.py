@@ -282,7 +282,10 @@ def _autocast_fusion(
     # kept the original's dtype (a review's find: "factors.1 has dtype float32 but factors.0
     # has bfloat16" from a layer of one dtype)
     params = cast_tree(dict(module.named_parameters(remove_duplicate=False)), dtype)
-    cast_params = any(autocast_eligible(p) and p.dtype != dtype for _, p in _own_parameters(module))
+    own = list(_own_parameters(module))  # (computed here, in the region: as nn.Linear's weight)
+    computed = _computed_values(module, own, dtype)
+    params.update(computed.pop(None))
+    cast_params = any(autocast_eligible(p) and p.dtype != dtype for _, p in own)
     for m, x in enumerate(xs if cast_params and isinstance(xs, (list, tuple)) else ()):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
             # autocast never casts float64 (torch's rule), while it does cast the parameters:
@@ -299,8 +302,67 @@ def _autocast_fusion(
     # forward calls this one's breaks torch.compile's fullgraph: a module made while tracing.)
     from torch.nn.utils.stateless import _reparametrize_module
 
-    with torch.autocast(device_type, enabled=False), _reparametrize_module(module, params):
+    with (
+        torch.autocast(device_type, enabled=False),
+        _reparametrize_module(module, params),
+        _parametrized_as(computed),
+    ):
         return forward(module, cast_tree(xs, dtype), *args, **kwargs)
+
+
+def _computed_values(module: nn.Module, own: list[tuple[str, Any]], dtype: torch.dtype) -> dict[Any, Any]:
+    """The layer's own tensors that are not registered parameters, cast to ``dtype``: their
+    values computed by a parametrization or a pruning hook, which :func:`_autocast_fusion`
+    hands to the forward in place of recomputing them there from cast originals.  (That had
+    failed: a pruning or old-style ``spectral_norm`` hook's value is set before the forward,
+    in the original's dtype, so it met cast parameters; the new ``spectral_norm`` met its own
+    float32 buffers with autocast off.  A review's find.)
+
+    Keyed as the swaps take them: under None, the hooks' plain attributes by their names
+    (swapped like parameters); under ``(owner, attribute)``, the parametrized ones, whose
+    property would write any value set through it back into the original."""
+    from torch.nn.utils import parametrize
+
+    by_name: dict[str, Any] = {}
+    computed: dict[Any, Any] = {None: by_name}
+    for name, value in own:
+        path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(path)
+        if owner._parameters.get(attr) is value:
+            continue  # a parameter: swapped (cast) by its name already
+        cast = cast_tree(value, dtype)
+        if parametrize.is_parametrized(owner, attr):
+            computed[(owner, attr)] = cast
+        else:
+            by_name[name] = cast
+    return computed
+
+
+@contextlib.contextmanager
+def _parametrized_as(values: dict[Any, Any]) -> Iterator[None]:
+    """Parametrized tensors read as ``values[(owner, attribute)]`` inside: entries of the
+    cache of :func:`torch.nn.utils.parametrize.cached` (its own, private dict; the only way
+    to give a parametrized attribute a value without its setter's ``right_inverse``, or
+    ``torch.func.functional_call``'s swap, which goes through that setter), restored after,
+    so that an enclosing ``cached()`` keeps its own entries."""
+    if not values:
+        yield
+        return
+    from torch.nn.utils import parametrize
+
+    with parametrize.cached():
+        cache = parametrize._cache
+        keys = {(id(owner), attr): value for (owner, attr), value in values.items()}
+        saved = {key: cache.get(key) for key in keys}
+        cache.update(keys)
+        try:
+            yield
+        finally:
+            for key, old in saved.items():
+                if old is None:
+                    cache.pop(key, None)
+                else:
+                    cache[key] = old
 
 
 def _own_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

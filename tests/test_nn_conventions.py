@@ -626,6 +626,46 @@ def test_layers_under_parametrizations_compute_with_the_parametrized_values(rng)
         assert single([x.float() for x in xs]).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("wrap", ["prune", "old_spectral_norm", "spectral_norm", "spectral_norm_entry"])
+def test_layers_under_autocast_compute_with_the_parametrized_values(wrap):
+    """Under autocast, a layer computes with its parametrized tensors as computed in the
+    region (as ``nn.Linear``), cast to the region's dtype.  It had cast the originals and
+    recomputed inside: a pruning or old-style ``spectral_norm`` hook's float32 value met
+    bfloat16 parameters ("parameter bias has dtype torch.bfloat16 but weight has
+    torch.float32"), and the new ``spectral_norm`` its own float32 buffers with autocast off
+    (a review's find).  Nothing is written back into the originals; an enclosing
+    ``parametrize.cached()`` keeps its own values."""
+    from torch.nn.utils import parametrizations, parametrize, prune
+
+    seed = int(np.random.SeedSequence().generate_state(1)[0])
+    torch.manual_seed(seed)
+    xs = [torch.randn(6, 3), torch.randn(6, 4)]
+    if wrap == "prune":
+        layer = prune.l1_unstructured(TensorFusion([3, 4], 5), "weight", amount=0.5)
+    elif wrap == "old_spectral_norm":
+        layer = torch.nn.utils.spectral_norm(TensorFusion([3, 4], 5), "weight")
+    elif wrap == "spectral_norm":
+        layer = parametrizations.spectral_norm(TensorFusion([3, 4], 5))
+    else:
+        layer = LowRankFusion([3, 4], 5, rank=2)
+        parametrizations.spectral_norm(layer.factors, "0")
+    layer.eval()  # (spectral norm's power iteration would move the weight between calls)
+    originals = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    with parametrize.cached():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xs)
+        assert y.dtype == torch.bfloat16
+        if wrap == "spectral_norm":
+            assert parametrize._cache[(id(layer), "weight")].dtype == torch.float32
+    y.float().sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    assert all(torch.equal(p, originals[name]) for name, p in layer.named_parameters())
+    # the same maths in bfloat16: the values computed in float32, rounded once, then the layer
+    with torch.no_grad():
+        want = layer(xs)
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+
+
 def test_tensor_fusion_exports_and_compiles_one_graph_for_any_batch():
     """TensorFusion blocks its batch (``max_elements``) in eager mode only: traced, the batch
     is one block.  Its blocks had guarded the graph to B <= rows: ``torch.export`` with an
