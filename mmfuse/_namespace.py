@@ -566,7 +566,15 @@ _LOW_PRECISION: dict[tuple[type, Any], bool] = {}
 def low_precision(xp: Namespace, dtype: Any) -> bool:
     """Whether ``dtype`` computes in a wider one (:func:`work_dtype`); kept by dtype (``finfo``
     costs about a microsecond, a twentieth of a tiny fusion).  Keyed by the dtype's type first,
-    so that dtypes of two libraries are never compared (array_api_strict warns)."""
+    so that dtypes of two libraries are never compared (array_api_strict warns).
+
+    NumPy's and torch's dtypes (JAX's, CuPy's and Dask's are NumPy's) answer from their
+    ``itemsize`` (a float's bits are 8 times it) without the table: Dynamo guarded a traced
+    layer's graph on the table not holding its dtype, which the trace itself then added, so
+    a process's first compiled call compiled twice (a review's find)."""
+    size = getattr(dtype, "itemsize", None)
+    if size is not None:
+        return bool(size < 4)
     key = (type(dtype), dtype)
     low = _LOW_PRECISION.get(key)
     if low is None:

@@ -666,6 +666,32 @@ def test_layers_under_autocast_compute_with_the_parametrized_values(wrap):
     torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("name", ["TensorFusion", "GuidedZoomShift"])
+def test_first_compiled_call_of_a_process_compiles_once(name):
+    """A process's first compiled call (nothing computed eagerly before) makes one graph for
+    every batch size.  The dtypes' "low precision" answers were kept in a table that the
+    trace itself filled, after Dynamo had guarded on its absence: TensorFusion and
+    GuidedZoomShift compiled twice (a review's find).  Emptying the table stands for the
+    fresh process."""
+    from torch._dynamo.utils import counters
+
+    from mmfuse import _namespace
+
+    torch.manual_seed(int(np.random.SeedSequence().generate_state(1)[0]))
+    if name == "TensorFusion":
+        layer, shapes = TensorFusion([3, 4], 5), [(3,), (4,)]
+    else:
+        layer, shapes = GuidedZoomShift(4, 2), [(3, 4), (5, 4)]
+    torch._dynamo.reset()
+    counters.clear()
+    _namespace._LOW_PRECISION.clear()
+    compiled = torch.compile(layer, backend="eager", dynamic=True)
+    for batch in (2, 3, 7, 30):
+        xs = [torch.randn(batch, *shape) for shape in shapes]
+        torch.testing.assert_close(compiled(xs), layer(xs))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_tensor_fusion_exports_and_compiles_one_graph_for_any_batch():
     """TensorFusion blocks its batch (``max_elements``) in eager mode only: traced, the batch
     is one block.  Its blocks had guarded the graph to B <= rows: ``torch.export`` with an
