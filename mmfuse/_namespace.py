@@ -406,6 +406,13 @@ def _dynamo_frame_hook(torch: Any) -> bool:
     return getter is not None and getter() is not None
 
 
+def traced_by_dynamo(x: Any) -> bool:
+    """Whether ``x`` is a tensor seen by ``torch.compile``'s tracer (isinstance: Dynamo
+    traces it; its is_compiling is True only there)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor) and bool(torch.compiler.is_compiling())
+
+
 def jit_tracing(torch: Any) -> bool:
     """Whether ``torch.jit.trace`` records now (``torch`` the imported module).  Besides what
     :func:`torch_intercepts` says of it, the tracer cannot record an op taking a list of

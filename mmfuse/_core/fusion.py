@@ -25,6 +25,7 @@ from .._namespace import (
     is_jax,
     is_lazy,
     low_precision,
+    traced_by_dynamo,
 )
 from .chunks import reshaped
 
@@ -240,16 +241,9 @@ def tensor_fusion_blocks(
     ``max_elements`` then bounds nothing there: the compiled program's memory is the whole
     batch's."""
     rows = tensor_fusion_rows(xp, x, dims, out_dim, max_elements)
-    if rows is None or not isinstance(x.shape[0], int) or _torch_traced(x) or rows >= x.shape[0]:
+    if rows is None or not isinstance(x.shape[0], int) or traced_by_dynamo(x) or rows >= x.shape[0]:
         return None
     return block_slices(int(x.shape[0]), rows)
-
-
-def _torch_traced(x: Any) -> bool:
-    """Whether ``x`` is a tensor seen by ``torch.compile``'s tracer (isinstance: Dynamo
-    traces it; its is_compiling is True only there)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor) and bool(torch.compiler.is_compiling())
 
 
 def _contract(xp: Any, xs: list[Any], weight: Any, append_one: bool) -> Any:
