@@ -234,6 +234,71 @@ def test_compiled_layers_inside_torch_func_transforms_take_the_core():
     torch.testing.assert_close(torch.compile(vmap(zoom), backend="eager")(seqs), vmap(zoom)(seqs), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("op", ["lowrank", "sequence-cp"])
+def test_core_exports_with_an_unbounded_batch(op):
+    """The Array-API core's low-rank fusion and cp-mode sequence fusion under torch.export with
+    a dynamic batch: a traced batch is one block, as tensor_fusion's.  The low-rank core
+    compared the batch with its whole-batch bound (the program held only for B <= 256, and an
+    example batch above it fixed the batch); the cp blocks read ``int(batch)`` ("specialized
+    it to be a constant") (a review of function transforms)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    if op == "lowrank":
+        params = mmfuse.init_lowrank([8, 6], rank=16, out_dim=64, seed=int(torch.randint(2**31, ())), xp=torch)
+
+        def call(a, b):
+            return mmfuse.lowrank_fusion([a, b], params["factors"], params["weights"], backend="array_api")
+
+        shapes = [(8,), (6,)]
+    else:
+        feature = [torch.randn(2, r, 6, generator=gen, dtype=F64) for r in (4, 3)]
+        token = [torch.randn(3, t, 2, generator=gen, dtype=F64) for t in (3, 5)]
+
+        def call(a, b):
+            return mmfuse.sequence_fusion([a, b], feature, token, mode="cp", backend="array_api")
+
+        shapes = [(3, 4), (5, 3)]
+
+    class Module(torch.nn.Module):
+        def forward(self, a, b):
+            return call(a, b)
+
+    dtype = torch.float32 if op == "lowrank" else F64
+    batch = torch.export.Dim("batch")
+    example = [torch.randn(8, *shape, generator=gen, dtype=dtype) for shape in shapes]
+    program = torch.export.export(Module(), tuple(example), dynamic_shapes=({0: batch}, {0: batch}))
+    for size in (3, 700):
+        xs = [torch.randn(size, *shape, generator=gen, dtype=dtype) for shape in shapes]
+        torch.testing.assert_close(program.module()(*xs), call(*xs))
+
+
+def test_compiled_grad_of_the_wander_adapter_makes_one_graph_for_every_batch():
+    """torch.compile(dynamic=True) of torch.func.grad over a cp-mode WanderAdapter (the core
+    inside the transform): one graph for every batch size.  The cp blocks read the batch as
+    an int, and torch's ``linear`` on a 3-D input guards on its batch under the transform: a
+    graph per batch size (a review of function transforms)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(int(torch.randint(2**31, ())))
+    layer = WanderAdapter((6, 6), LENGTHS, 3, 2, 2, mode="cp", dtype=F64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, xs):
+        return functional_call(layer, p, (xs,)).square().sum()
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(grad(loss), backend="eager", dynamic=True)
+    try:
+        for size in (8, 9, 10, 40):
+            xs = [torch.randn(size, t, 6, dtype=F64) for t in LENGTHS]
+            got, want = compiled(params, xs), grad(loss)(params, xs)
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_core_lowrank_gradient_never_expands_the_features_by_the_rank():
     """The core's whole-batch projections of a 2-D x against the (R, d + 1, h) factors (the
     path of backend="array_api" and of torch.func transforms): baddbmm of x expanded to

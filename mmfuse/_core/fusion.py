@@ -69,10 +69,11 @@ def batch_blocks(xp: Any, x: Any, width: int) -> list[slice]:
     """Slices of the batch axis so each block's (rows, width) intermediate stays in cache.
 
     Lazy and traced namespaces (Dask, JAX) get one block: their own schedulers handle memory,
-    and Python loops over blocks would only enlarge their graphs.
+    and Python loops over blocks would only enlarge their graphs.  So does a batch traced by
+    ``torch.compile`` or ``torch.export`` (:func:`tensor_fusion_blocks` says why).
     """
     batch = x.shape[0]
-    if is_lazy(x) or is_dask(xp) or is_jax(xp) or batch is None:
+    if is_lazy(x) or is_dask(xp) or is_jax(xp) or batch is None or traced_by_dynamo(x):
         return [slice(None)]
     itemsize = _itemsize(xp, x.dtype)
     rows = block_rows(int(batch), width, itemsize, block_budget(x, _BLOCK_BYTES))
@@ -537,7 +538,10 @@ def lowrank_with(
     xp = array_namespace(xs[0])
     rank, _, out_dim = factors[0].shape
     batch = xs[0].shape[0]
-    if batch is not None and not is_lazy(xs[0]) and whole_batch(batch, rank, out_dim):
+    # a traced batch is one block, without comparing it (:func:`tensor_fusion_blocks`)
+    if batch is not None and not is_lazy(xs[0]) and (
+        traced_by_dynamo(xs[0]) or whole_batch(batch, rank, out_dim)
+    ):
         return lowrank_whole_batch(xp, xs, factors, weights, bias, append_one, present)
     mats = [flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
     run = new_run(xp, xs, mats, rank, out_dim, append_one)

@@ -33,6 +33,7 @@ from .._namespace import (
     is_torch,
     low_precision,
     mask_tokens,
+    traced_by_dynamo,
     widens_float32,
 )
 from .chunks import one_chunk
@@ -760,7 +761,9 @@ def sequence_fusion(
         feature_factors, token_factors = one_chunk(feature_factors), one_chunk(token_factors)
     r_h, _, out_dim = feature_factors[0].shape
     r_t, _, n_out = token_factors[0].shape
-    the_plan = plan(
+    # (traced by torch.compile: the plan itself, which it would trace through the cache anyway,
+    # warning at the cache every time)
+    the_plan = (plan.__wrapped__ if traced_by_dynamo(hs[0]) else plan)(
         mode,
         tuple([int(h.shape[1]) for h in hs]),
         tuple([int(h.shape[2]) for h in hs]),
@@ -797,13 +800,15 @@ def fuse_collapsed(xp: Any, hs: list[Any], feature_factors: list[Any], token_fac
 
 def cp_block_shape(xp: Any, h: Any, r_t: int, n_out: int, r_h: int, out_dim: int) -> tuple[Any, int]:
     """(batch rows, token ranks) per block of cp mode for activations like ``h`` (B, T, r):
-    :func:`cp_blocking` within the host's block budget, one block on lazy namespaces."""
+    :func:`cp_blocking` within the host's block budget; None rows (the whole batch, one
+    block) on lazy namespaces and for a batch traced by ``torch.compile`` or
+    ``torch.export`` (:func:`mmfuse._core.fusion.tensor_fusion_blocks` says why)."""
     batch = h.shape[0]
     if type(h) is sys.modules["numpy"].ndarray:  # (the tests below, and finfo, cost a few
         # microseconds of a small call)
         return cp_blocking(batch, r_t, n_out, r_h, out_dim, h.itemsize, CP_BLOCK_BYTES)
-    if is_lazy(h) or is_dask(xp) or is_jax(xp) or batch is None:
-        return batch, r_t  # one block: their schedulers handle memory
+    if is_lazy(h) or is_dask(xp) or is_jax(xp) or batch is None or traced_by_dynamo(h):
+        return None, r_t  # one block: their schedulers handle memory
     itemsize = int(xp.finfo(h.dtype).bits) // 8
     budget = block_budget(h, CP_BLOCK_BYTES)
     return cp_blocking(int(batch), r_t, n_out, r_h, out_dim, itemsize, budget)
@@ -820,7 +825,7 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
     batch = hs[0].shape[0]
     numpy = type(hs[0]) is sys.modules["numpy"].ndarray
     rows_b, chunk_j = blocking
-    blocks = block_slices(batch, rows_b)
+    blocks = [slice(None)] if rows_b is None else block_slices(batch, rows_b)
     joined = Joined(xp, batch) if len(blocks) > 1 else None  # (one block: its result itself)
     # One block, or one chunk of token ranks, covering everything takes the arrays whole: an
     # index of all rows would be one more operator per modality on torch
@@ -929,8 +934,11 @@ def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
         # flattened path; a matmul, which folds the same way, without b): one operator
         # instead of reshape, addmm, reshape.  (torch by lookup: x is a tensor, and an import
         # statement costs 0.2 us)
-        torch = sys.modules["torch"]
-        return x @ w if b is None else torch.nn.functional.linear(x, w.mT, b)
+        if b is None:
+            return x @ w
+        if traced_by_dynamo(x):  # compiled under torch.func's grad, linear on a 3-D input
+            return x @ w + b  # guards on its batch (a graph per batch size); these do not
+        return sys.modules["torch"].nn.functional.linear(x, w.mT, b)
     if is_torch(xp):  # a strided x: addmm on its (B T, d) copy
         torch = sys.modules["torch"]
         x2 = xp.reshape(x, (batch * t_m, d))
