@@ -923,6 +923,57 @@ def test_a_configured_backend_the_work_cannot_use_is_one_line_exit_2(monkeypatch
     assert "backend 'cupy' cannot run tensor_fusion" in err and "backend='cupy' from config_context" in err
 
 
+def test_bench_shows_a_named_backend_without_the_op_as_not_applicable(capsys):
+    """``bench --backends numba`` for an op numba has no implementation of: a row saying so,
+    as verify's.  The op had vanished from the table, and with no other op there was no
+    table at all under "see the lines above"."""
+    from mmfuse import backends
+
+    if "numba" in backends.unavailable():
+        pytest.skip("numba is not available here")
+    argv = ["bench", "--quick", "--backends", "numba", "--namespaces", "numpy", "--repeats", "1", "--no-progress"]
+    assert _cli.main([*argv, "--ops", "moments", "tensor_fusion"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"moments +numba +numpy +[0-9.]+ .* ok", out)
+    assert re.search(r"tensor_fusion +numba +- +- +- +n/a +numba has no implementation of tensor_fusion", out)
+    assert _cli.main([*argv, "--ops", "tensor_fusion"]) == 1
+    captured = capsys.readouterr()
+    assert "numba has no implementation of tensor_fusion" in captured.out
+    assert "nothing was timed for namespace numpy, backend numba" in captured.err
+
+
+def test_verify_calls_failed_checks_failed_not_unchecked(monkeypatch, capsys):
+    """A named backend whose every row was checked and failed: "N failed", exit 1, and no
+    "nothing was checked" (which is for rows skipped or not applicable)."""
+    op = mmfuse.moments
+
+    def off(*args, **kwargs):
+        mu, var = op(*args, **kwargs)
+        return mu * 1.01, var
+
+    monkeypatch.setattr(mmfuse, "moments", off)
+    code = _cli.main(["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert re.search(r"\n0 passed, [1-9][0-9]* failed, 0 skipped", captured.out)
+    assert "nothing was checked" not in captured.err
+
+
+def test_verify_takes_labels_returned_as_an_array_for_a_mismatch(monkeypatch, capsys):
+    """An implementation giving its labels as an array (``np.asarray(labels)``) is a
+    MISMATCH row; the comparison with the reference's labels had ended verify in a
+    traceback ("The truth value of an array ... is ambiguous")."""
+    op = mmfuse.lowrank_interactions
+
+    def as_array(*args, **kwargs):
+        terms, labels = op(*args, **kwargs)
+        return terms, np.asarray(labels)
+
+    code, out = _verify_planted(monkeypatch, capsys, "lowrank_interactions", as_array)
+    assert code == 1
+    assert "labels differ from the reference's" in out
+
+
 def test_verify_that_checked_nothing_fails(capsys):
     """``verify --namespaces cupy`` without CuPy (or a backend that cannot run) printed
     "0 passed" and exited 0: a machine whose GPU stack is broken passed its check."""
