@@ -640,6 +640,13 @@ def cp_fusion(
     Naive form: ``tensor_fusion(xs, tensorly.cp_to_tensor(cp), bias)``.  Convert to LMF's
     layout with :func:`cp_to_lowrank`.
 
+    References
+    ----------
+    .. [1] T. G. Kolda, B. W. Bader, "Tensor Decompositions and Applications", SIAM Review
+       51(3), 2009 (the CP decomposition of the weight).
+    .. [2] A. Zadeh, M. Chen, S. Poria, E. Cambria, L.-P. Morency, "Tensor Fusion Network for
+       Multimodal Sentiment Analysis", EMNLP 2017 (the fused tensor it factorises).
+
     Examples
     --------
     >>> import numpy as np
@@ -769,6 +776,15 @@ def cp_to_lowrank(cp: Any) -> tuple[list[Any], Any]:
     -------
     factors : list of M arrays, shapes (R, D_m, h)
     weights : array, shape (R,)
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 factors, factors of differing ranks, or weights of a shape other than
+        (R,).
+    TypeError
+        ``cp`` neither a CPTensor nor a (weights, factors) pair, factors not a list or tuple
+        of arrays, or non-floating factors.
 
     Notes
     -----

@@ -216,6 +216,27 @@ def test_masked_tokens_are_ignored_even_when_nan(rng):
     assert_close(got, reference.sequence_fusion(hs, feature, token, masks=partial))
 
 
+@pytest.mark.parametrize("fill", [np.nan, np.inf, -np.inf])
+def test_wander_padding_of_any_value_is_ignored_silently_by_every_backend(fill):
+    """Padded tokens holding NaN or +-inf change nothing and warn nowhere (pytest turns
+    warnings into errors): the reference's down-projection had warned on inf padding
+    ("invalid value encountered in matmul"), where the other backends were silent (a
+    review's find).  The residual is off: it would carry the padding itself."""
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    lengths = (6, 4)
+    xs = [rng.standard_normal((3, t, 4)) for t in lengths]
+    masks = [rng.random((3, t)) < 0.7 for t in lengths]
+    for m in masks:
+        m[:, 0] = True  # every sample keeps a token
+    params = mmfuse.init_wander([4, 4], lengths, rank=3, feature_rank=2, token_rank=3, out_dim=4,
+                                seed=int(rng.integers(2**31)))  # fmt: skip
+    poisoned = [np.where(m[:, :, None], x, fill) for x, m in zip(xs, masks)]
+    want = reference.wander(xs, params, masks=masks, residual="none")
+    for backend in ("reference", "auto", "array_api"):
+        got = mmfuse.wander(poisoned, params, masks=masks, residual="none", backend=backend)
+        assert_close(got, want)
+
+
 def test_reference_weight_tensor():
     """W = W_tok (x) W_feat has order 2M + 2, laid out (T_1, r_1, ..., T_M, r_M, T_out, D)."""
     rng = np.random.default_rng(0)

@@ -188,9 +188,12 @@ def wander(
     act = _ACTIVATIONS[activation] if isinstance(activation, str) else activation
     hs = []
     for x, (w, b) in zip(xs, params["down"]):
-        h = x @ _f64(w)  # (B, T_m, d_m) @ (d_m, r_m)
-        if b is not None:
-            h = h + _f64(b)
+        # padded tokens may hold anything (NaN, inf), which the masks then drop: no warnings
+        # of theirs, as no other backend gives (inf padding warned in the matmul)
+        with np.errstate(invalid="ignore", over="ignore"):
+            h = x @ _f64(w)  # (B, T_m, d_m) @ (d_m, r_m)
+            if b is not None:
+                h = h + _f64(b)
         hs.append(_f64(act(h)))
     y = sequence_fusion(hs, params["feature"], params["token"], mode=mode, masks=masks)
     if residual == "first":
