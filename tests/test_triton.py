@@ -545,6 +545,12 @@ def test_stats_kernels_grid_stays_within_cudas_limit():
         assert -(-_ops.MAX_CHANNELS // _align_ops.map_tiles(n_tok, _ops.MAX_CHANNELS)[1]) <= 65535
     wide = torch.ones((1, 2, _ops.MAX_CHANNELS + 1))
     assert _stats_kernels_take(wide[..., 1:], -2, [None]) and not _stats_kernels_take(wide, -2, [None])
+    # and a program per row on axis 0 (at most 2**31 - 1): one row more goes elsewhere too, in
+    # any modality (views of one element: nothing allocated)
+    one = torch.ones((1, 1, 2, 3))
+    tall, fits = one.expand(2, 2**30, 2, 3), one.expand(1, _ops.MAX_ROWS, 2, 3)
+    assert _stats_kernels_take(fits, -2, [None]) and not _stats_kernels_take(tall, -2, [None])
+    assert not _stats_kernels_take(fits, -2, [None, None], tall)
 
 
 def test_import_mmfuse_does_not_import_triton():

@@ -89,7 +89,8 @@ float64 inputs and more than eight modalities go to the torch backend's custom o
 kernels are built for float32/float16/bfloat16; fp64 dots would run far below the GPU's
 FP32/TF32 rate), and so do ranks over ``_ops.MAX_RANK`` (512: the tiles of larger ones need
 more shared memory than a block gets); alignment inputs with over ``_ops.MAX_CHANNELS``
-channels (524280: CUDA's grid) go to the torch backend or the core.  Inside ``torch.func``
+channels (524280), or over ``_ops.MAX_ROWS`` rows (2**31 - 1; CUDA's grid, both), go to the
+torch backend or the core.  Inside ``torch.func``
 transforms and forward-mode AD this module's functions, called directly, hand the call to
 the torch backend too; through the public functions the registry refuses
 ``backend="triton"`` there (``BackendUnsupported``), and "auto" takes the torch backend.
@@ -104,6 +105,7 @@ accepted too (that is how the tests check them).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -200,13 +202,14 @@ def cp_fusion(
 
 def _stats_kernels_take(x: Any, axis: int, masks: Sequence[Any], *others: Any) -> bool:
     """Whether the statistics kernels take a call: float32/16-bit tensors of at least three
-    dimensions, statistics over axis -2, at most :data:`~._ops.MAX_CHANNELS` channels, masks
-    of shape x.shape[:-1], no empty axis, and no ``torch.func`` transform (the ops carry
-    autograd, but no batching rule or forward-mode derivative)."""
+    dimensions, statistics over axis -2, at most :data:`~._ops.MAX_CHANNELS` channels and
+    :data:`~._ops.MAX_ROWS` rows (CUDA's grid), masks of shape x.shape[:-1], no empty axis,
+    and no ``torch.func`` transform (the ops carry autograd, but no batching rule or
+    forward-mode derivative)."""
     tensors = [x, *others]
     if x.dtype not in _ops.KERNEL_DTYPES or x.ndim < 3 or axis % x.ndim != x.ndim - 2:
         return False
-    if x.shape[-1] > _ops.MAX_CHANNELS:
+    if x.shape[-1] > _ops.MAX_CHANNELS or any(math.prod(t.shape[:-2]) > _ops.MAX_ROWS for t in tensors):
         return False
     if any(t.numel() == 0 for t in tensors):
         return False
