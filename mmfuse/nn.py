@@ -273,96 +273,73 @@ def _autocast_fusion(
     module: nn.Module, device_type: str, forward: Callable[..., Any], xs: Sequence[Any], *args: Any,
     **kwargs: Any,
 ) -> Any:  # fmt: skip
-    """``forward(module, xs, *args, **kwargs)`` (the layer class's own forward or
-    ``interactions``, not ``module(...)``: its hooks have run once already) with the inputs
-    and parameters in the autocast dtype of ``device_type``, autocast off inside.  Parameters
-    follow the inputs' rule: a float64 layer stays float64 (as ``nn.Linear``)."""
+    """``forward(view, xs, *args, **kwargs)`` (the layer class's own forward or
+    ``interactions``, not ``module(...)``: its hooks have run once already) with the inputs in
+    the autocast dtype of ``device_type`` and ``view`` the layer with its tensors in it
+    (:func:`_cast_view`), autocast off inside.  Parameters follow the inputs' rule: a float64
+    layer stays float64 (as ``nn.Linear``)."""
     dtype = torch.get_autocast_dtype(device_type)
-    # every name of a shared (tied) parameter: named_parameters() gives one, and the others
-    # kept the original's dtype (a review's find: "factors.1 has dtype float32 but factors.0
-    # has bfloat16" from a layer of one dtype)
-    params = cast_tree(dict(module.named_parameters(remove_duplicate=False)), dtype)
     own = list(_own_parameters(module))  # (computed here, in the region: as nn.Linear's weight)
-    computed = _computed_values(module, own, dtype)
-    params.update(computed.pop(None))
     cast_params = any(autocast_eligible(p) and p.dtype != dtype for _, p in own)
     for m, x in enumerate(xs if cast_params and isinstance(xs, (list, tuple)) else ()):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
             # autocast never casts float64 (torch's rule), while it does cast the parameters:
             # say so, rather than "the layer's parameters have dtype bfloat16"
-            layer_dtype = next(_own_parameters(module))[1].dtype
+            layer_dtype = own[0][1].dtype
             raise TypeError(
                 f"{type(module).__name__}: xs[{m}] has dtype torch.float64, which autocast never "
                 f"casts, but this {layer_dtype} layer computes in {dtype} under autocast; pass "
                 f"{layer_dtype} inputs, or call the layer outside the autocast region"
             )
-    # torch.func.functional_call's own reparametrisation, around the forward rather than
-    # module(...): re-entering through __call__ ran the layer's hooks twice per call, and a
-    # subclass's forward around super().forward() twice as well.  (A throwaway module whose
-    # forward calls this one's breaks torch.compile's fullgraph: a module made while tracing.)
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    with (
-        torch.autocast(device_type, enabled=False),
-        _reparametrize_module(module, params),
-        _parametrized_as(computed),
-    ):
-        return forward(module, cast_tree(xs, dtype), *args, **kwargs)
+    view = _cast_view(module, own, dtype)
+    with torch.autocast(device_type, enabled=False):
+        return forward(view, cast_tree(xs, dtype), *args, **kwargs)
 
 
-def _computed_values(module: nn.Module, own: list[tuple[str, Any]], dtype: torch.dtype) -> dict[Any, Any]:
-    """The layer's own tensors that are not registered parameters, cast to ``dtype``: their
-    values computed by a parametrization or a pruning hook, which :func:`_autocast_fusion`
-    hands to the forward in place of recomputing them there from cast originals.  (That had
-    failed: a pruning or old-style ``spectral_norm`` hook's value is set before the forward,
-    in the original's dtype, so it met cast parameters; the new ``spectral_norm`` met its own
-    float32 buffers with autocast off.  A review's find.)
+def _cast_view(module: nn.Module, own: list[tuple[str, Any]], dtype: torch.dtype) -> nn.Module:
+    """A shallow copy of the layer (:func:`_cast_copy`: every parameter, its submodules' too,
+    cast to ``dtype``) whose own tensors ``own`` (:func:`_own_parameters`, as computed:
+    parametrized, pruned) read cast to ``dtype``.
 
-    Keyed as the swaps take them: under None, the hooks' plain attributes by their names
-    (swapped like parameters); under ``(owner, attribute)``, the parametrized ones, whose
-    property would write any value set through it back into the original."""
-    from torch.nn.utils import parametrize
+    The layer itself is left as it is.  Its tensors had been swapped for the call on the
+    layer itself (``functional_call``'s swap): threads running one layer under autocast
+    restored each other's bfloat16 copies, leaving plain bfloat16 tensors in place of its
+    parameters, and other threads' calls refused (a review's find).  The copy's class, and
+    its parameter lists', is their own without parametrizations (whose properties would
+    recompute the originals), so that a parametrized tensor reads its cast value as a
+    parameter does; a pruning hook's value, an attribute of the instance, is replaced there."""
+    from torch.nn.utils.parametrize import type_before_parametrizations
 
-    by_name: dict[str, Any] = {}
-    computed: dict[Any, Any] = {None: by_name}
+    view = _cast_copy(module, dtype)
+    if type(view) is not (plain := type_before_parametrizations(module)):
+        view.__class__ = plain
     for name, value in own:
-        path, _, attr = name.rpartition(".")
-        owner = module.get_submodule(path)
-        if owner._parameters.get(attr) is value:
-            continue  # a parameter: swapped (cast) by its name already
+        owner: Any = view
+        attr, _, index = name.partition(".")
+        if index:  # an entry of a ParameterList (the original's class: the copy's may be set)
+            plain = type_before_parametrizations(module._modules[attr])  # type: ignore[arg-type]
+            owner, attr = view._modules[attr], index
+            if type(owner) is not plain:
+                owner.__class__ = plain
         cast = cast_tree(value, dtype)
-        if parametrize.is_parametrized(owner, attr):
-            computed[(owner, attr)] = cast
+        if attr in owner.__dict__:
+            owner.__dict__[attr] = cast
         else:
-            by_name[name] = cast
-    return computed
+            owner._parameters[attr] = cast
+    return view
 
 
-@contextlib.contextmanager
-def _parametrized_as(values: dict[Any, Any]) -> Iterator[None]:
-    """Parametrized tensors read as ``values[(owner, attribute)]`` inside: entries of the
-    cache of :func:`torch.nn.utils.parametrize.cached` (its own, private dict; the only way
-    to give a parametrized attribute a value without its setter's ``right_inverse``, or
-    ``torch.func.functional_call``'s swap, which goes through that setter), restored after,
-    so that an enclosing ``cached()`` keeps its own entries."""
-    if not values:
-        yield
-        return
-    from torch.nn.utils import parametrize
-
-    with parametrize.cached():
-        cache = parametrize._cache
-        keys = {(id(owner), attr): value for (owner, attr), value in values.items()}
-        saved = {key: cache.get(key) for key in keys}
-        cache.update(keys)
-        try:
-            yield
-        finally:
-            for key, old in saved.items():
-                if old is None:
-                    cache.pop(key, None)
-                else:
-                    cache[key] = old
+def _cast_copy(m: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``m``'s shallow copy (its ``__dict__``; nothing run, no module made, which Dynamo
+    would refuse) with its parameters and its submodules' (an activation's, say) cast to
+    ``dtype`` as autocast casts (:func:`mmfuse._autocast.cast_tree`)."""
+    copy: nn.Module = object.__new__(type(m))
+    copy.__dict__.update(m.__dict__)
+    copy.__dict__["_parameters"] = cast_tree(dict(m._parameters), dtype)
+    if m._modules:
+        subs = {k: sub if sub is None else _cast_copy(sub, dtype) for k, sub in m._modules.items()}
+        copy.__dict__["_modules"] = subs
+    return copy
 
 
 def _own_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -692,6 +692,50 @@ def test_first_compiled_call_of_a_process_compiles_once(name):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_autocast_calls_leave_the_layer_alone_across_threads():
+    """Threads sharing one layer, some under autocast, some not: every call right, and the
+    layer's parameters still its own float32 Parameters after.  Autocast calls had swapped
+    bfloat16 copies into the layer itself for their forward: overlapping calls restored each
+    other's copies, so the layer ended with plain bfloat16 tensors (an optimizer built
+    before trained nothing), and the plain threads' calls were refused meanwhile (a
+    review's find)."""
+    import sys
+    import threading
+
+    torch.manual_seed(int(np.random.SeedSequence().generate_state(1)[0]))
+    layer = LowRankFusion([16, 16], out_dim=8, rank=4)
+    params = dict(layer.named_parameters())
+    xs = [torch.randn(4, 16), torch.randn(4, 16)]
+    with torch.no_grad():
+        want = layer(xs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want_low = layer(xs)
+    errors: list[BaseException] = []
+
+    def work(autocast: bool) -> None:
+        try:
+            for _ in range(150):
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    got = layer(xs)
+                torch.testing.assert_close(got, want_low if autocast else want, rtol=0, atol=0)
+        except BaseException as exc:  # (reported below, from the main thread)
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        threads = [threading.Thread(target=work, args=(a,)) for a in (True, True, False)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    assert all(p is params[name] for name, p in layer.named_parameters())
+    assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in params.values())
+
+
 def test_tensor_fusion_exports_and_compiles_one_graph_for_any_batch():
     """TensorFusion blocks its batch (``max_elements``) in eager mode only: traced, the batch
     is one block.  Its blocks had guarded the graph to B <= rows: ``torch.export`` with an
