@@ -6,6 +6,7 @@ array_api_compat's wrapper would make (torch), where the answer is the same arra
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any
 
 import array_api_compat.numpy as compat
@@ -412,3 +413,48 @@ def test_compiling_the_public_functions_warns_nothing(case):
     want = fn(*args)
     for g, w in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
         torch.testing.assert_close(g, w)
+
+
+def test_compiled_interaction_functions_one_after_another():
+    """torch.compile of cp_interactions after a compiled lowrank_interactions: the registry's
+    choice, traced after the public function's graph break, read its cache key (every
+    optional framework's sys.modules entry), on which Dynamo guarded the module table while
+    torch's own imports changed it ("Guard failed on the same frame it was created"; a
+    review's find).  Under Dynamo the registry now chooses without its cache."""
+    torch = pytest.importorskip("torch")
+    import mmfuse
+
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence().generate_state(1)[0]))
+    xs = [torch.randn(4, 2, generator=gen), torch.randn(4, 3, generator=gen)]
+    low = mmfuse.init_lowrank([2, 3], rank=2, out_dim=3, seed=int(torch.randint(2**31, ())), xp=torch)
+    cp = (torch.rand(2, generator=gen), [torch.randn(d, 2, generator=gen) for d in (3, 4, 3)])
+
+    def lowrank(xs):
+        return mmfuse.lowrank_interactions(xs, low["factors"], low["weights"])[0]
+
+    def cp_terms(xs):
+        return mmfuse.cp_interactions(xs, cp)[0]
+
+    import sys
+    import types
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Dynamo's notes on the public functions' graph breaks
+            compiled = [torch.compile(fn, backend="eager") for fn in (lowrank, cp_terms)]
+            for fn, run in zip((lowrank, cp_terms), compiled):
+                torch.testing.assert_close(run(xs), fn(xs))
+            graphs = counters["stats"]["unique_graphs"]
+            # an import elsewhere in the program (here: a module added to the table) must
+            # not recompile them
+            sys.modules["_mmfuse_test_unrelated"] = types.ModuleType("_mmfuse_test_unrelated")
+            for fn, run in zip((lowrank, cp_terms), compiled):
+                torch.testing.assert_close(run(xs), fn(xs))
+            assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        sys.modules.pop("_mmfuse_test_unrelated", None)
+        torch._dynamo.reset()

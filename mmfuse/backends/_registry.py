@@ -665,6 +665,13 @@ def lookup(
     if info is None:
         _signature(op)
         return _choose(op, name, None).func
+    if info.intercepted:
+        # Dynamo traces this (or a dispatch mode is on): chosen, not remembered, as the plans
+        # never plan there.  The key's sys.modules entries would guard a compiled frame on the
+        # module table, which torch's own imports change while it compiles ("Guard failed on
+        # the same frame it was created"; a review's find), and any later import recompiles.
+        _signature(op)
+        return _choose(op, name, info).func
     key = _key(op, name, info)
     try:
         impl = _CHOICES.get(key)
