@@ -233,6 +233,22 @@ def _ours(xp: Namespace) -> Namespace:
 _BY_TYPE: dict[type, Namespace] = {}
 
 
+def know_torch_and_numpy_types() -> None:
+    """Fill :data:`_BY_TYPE` for NumPy arrays and torch's plain tensors and parameters, as
+    :func:`array_namespace` would on their first calls; called where torch's operators are
+    defined (the torch backend's import).  Dynamo guards a compiled layer's graph on the
+    table, which it reads: a table that grew after the trace recompiled the layer, and the
+    torch ops' own NumPy paths grew it on the first run of a compiled ``ZoomShift``, which
+    so recompiled on its second, identical call (a review's find).  Not at ``import
+    mmfuse``: array_api_compat's NumPy namespace takes 0.1 s to import."""
+    import array_api_compat.numpy as compat_numpy
+
+    torch = sys.modules["torch"]
+    for kind in (torch.Tensor, torch.nn.Parameter):
+        _BY_TYPE.setdefault(kind, torch_namespace())
+    _BY_TYPE.setdefault(np.ndarray, _ours(compat_numpy))
+
+
 def not_an_array(label: str, obj: Any) -> TypeError:
     """The error for an argument that is not an array (``numpy.matrix`` explained: it is an
     ndarray subclass that array_api_compat, and so mmfuse, does not count as an array)."""

@@ -736,6 +736,29 @@ def test_autocast_calls_leave_the_layer_alone_across_threads():
     assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in params.values())
 
 
+def test_compiled_alignment_layers_never_recompile_for_the_namespace_table():
+    """In a fresh process, a compiled ZoomShift's second identical call recompiled: Dynamo
+    guarded its graph on the namespace-by-type table, which the torch op's own NumPy path
+    then grew; so did every compiled ZoomShift / GuidedZoomShift / TensorFusion after an
+    eager NumPy call (a review's find).  The table now holds NumPy's and torch's types from
+    the torch backend's import on."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, numpy as np, mmfuse, mmfuse.nn as mn\n"
+        "torch._dynamo.config.error_on_recompile = True\n"
+        "xs = [torch.randn(3, 5, 4), torch.randn(3, 6, 4)]\n"
+        "for layer in (mn.ZoomShift(4, 2), mn.GuidedZoomShift(4, 2)):\n"
+        "    run = torch.compile(layer, backend='eager', fullgraph=True)\n"
+        "    run(xs); run(xs)\n"
+        "    mmfuse.zoom_shift(np.random.rand(3, 5, 4), np.random.rand(3, 6, 4))\n"
+        "    torch.testing.assert_close(run(xs), layer(xs))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 def test_tensor_fusion_exports_and_compiles_one_graph_for_any_batch():
     """TensorFusion blocks its batch (``max_elements``) in eager mode only: traced, the batch
     is one block.  Its blocks had guarded the graph to B <= rows: ``torch.export`` with an

@@ -101,11 +101,14 @@ float16 / bfloat16 inputs are computed in float32 and the results cast back.
 
 from __future__ import annotations
 
+from ..._namespace import know_torch_and_numpy_types
 from .align import align
 from .cp import cp_fusion
 from .lowrank import lowrank_fusion
 from .sequence import sequence_fusion
 from .wander import wander, wander_torch
 from .zoom_shift import zoom_shift
+
+know_torch_and_numpy_types()  # (before anything is compiled: see there)
 
 __all__ = ["align", "cp_fusion", "lowrank_fusion", "sequence_fusion", "wander", "wander_torch", "zoom_shift"]
