@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ._namespace import from_numpy, has_float64, has_int64, is_host_device, is_numpy, is_torch
+from ._namespace import from_numpy, has_float64, has_int64, is_dask, is_host_device, is_numpy, is_torch
 from ._validation import (
     check_bool_option,
     check_device,
@@ -170,7 +170,9 @@ def resolve_dtype(xp: Namespace | None, dtype: Any, device: Any = None) -> Any:
         name of one), or is float64 under JAX without its 64-bit mode (JAX would truncate it)
         or on a ``device`` without float64.
     """
-    if xp is None or is_numpy(xp):
+    # (Dask's dtypes are NumPy's: dask.array itself, as a user passes it, has no finfo, and
+    # array_api_compat's Dask namespace no float16, which NumPy, the initialisers and Dask take)
+    if xp is None or is_numpy(xp) or is_dask(xp):
         try:
             resolved = np.dtype("float64" if dtype is None else dtype)
         except TypeError:

@@ -615,6 +615,16 @@ def test_dask_array_module_as_xp_for_initialisers_loaders_and_helpers(dask_array
     assert isinstance(x, da.Array) and x.shape == (2, 3)
     views = load_mfeat(xp=da).views
     assert isinstance(views[0], da.Array) and views[0].dtype == np.float64
+    # a dtype too, by name or NumPy's (the loaders and make_inputs asked dask.array, which
+    # has no finfo, for it: AttributeError; and refused "float16", which the initialisers take)
+    from mmfuse.datasets import load_basic_motions
+
+    for dtype in ("float32", np.float32, "float16"):
+        want = np.dtype(dtype)
+        (x,) = make_inputs([3], batch=2, xp=da, dtype=dtype, seed=1)
+        assert isinstance(x, da.Array) and x.dtype == want
+        for data in (load_mfeat(xp=da, dtype=dtype), load_basic_motions(xp=da, dtype=dtype)):
+            assert isinstance(data.views[0], da.Array) and data.views[0].dtype == want
 
 
 def test_jax_lowrank_with_an_empty_rank_or_output():
