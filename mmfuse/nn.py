@@ -79,16 +79,16 @@ def _compiling() -> bool:
 
 
 @contextlib.contextmanager
-def _layer_call(module: nn.Module) -> Iterator[None]:
+def _layer_call(module: nn.Module, method: str = "forward") -> Iterator[None]:
     """A forced backend's refusal, and the functional operator's own errors about the
     inputs (a mask hiding every token of a sample, ...), named after the layer the user
     called, as its boundary checks' errors are (the operator is named in the rest of a
-    refusal's message)."""
+    refusal's message); a refusal names the layer's ``method`` too."""
     name = type(module).__name__
     try:
         yield
     except BackendUnsupported as exc:
-        raise BackendUnsupported(f"{name}.forward: {exc}") from None
+        raise BackendUnsupported(f"{name}.{method}: {exc}") from None
     except (ValueError, TypeError) as exc:
         if type(exc) not in (ValueError, TypeError):
             raise
@@ -660,7 +660,7 @@ class LowRankFusion(_RankedFusion):
         from ._interactions import lowrank_interactions
 
         xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
-        with _layer_call(self):
+        with _layer_call(self, "interactions"):
             return lowrank_interactions(
                 xs, list(self.factors), self.weights, by=by, present=present, append_one=self.append_one
             )
@@ -902,7 +902,7 @@ class CPFusion(_RankedFusion):
         from ._interactions import cp_interactions
 
         xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
-        with _layer_call(self):
+        with _layer_call(self, "interactions"):
             return cp_interactions(
                 xs, (self.weights, list(self.factors)), by=by, present=present, append_one=self.append_one
             )
@@ -1140,7 +1140,7 @@ class TensorFusion(nn.Module):
         from ._interactions import tensor_interactions
 
         xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), None, type(self).__name__)
-        with _layer_call(self):
+        with _layer_call(self, "interactions"):
             return tensor_interactions(
                 xs, self.weight, by=by, append_one=self.append_one, max_elements=self.max_elements
             )

@@ -507,6 +507,12 @@ def test_a_layers_refusal_names_the_layer():
         BackendUnsupported, match=r"^LowRankFusion\.forward: backend 'cupy' cannot (take|run) .*lowrank_fusion"
     ):
         layer(xs)
+    # the method called, too (interactions had been labelled forward)
+    for make in (lambda: layer, lambda: mnn.CPFusion([3, 4], 2, rank=2), lambda: mnn.TensorFusion([3, 4], 2)):
+        with mmfuse.config_context(backend="cupy"), pytest.raises(
+            BackendUnsupported, match=rf"^{type(make()).__name__}\.interactions: backend 'cupy' cannot (take|run) "
+        ):
+            make().interactions(xs)
     seqs = [torch.randn(2, 4, 3), torch.randn(2, 5, 3)]
     with mmfuse.config_context(backend="cupy"), pytest.raises(BackendUnsupported, match=r"^ZoomShift\.forward: "):
         mnn.ZoomShift(3, 2)(seqs)
