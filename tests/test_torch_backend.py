@@ -900,3 +900,36 @@ def test_cp_op_bias_gradient_of_16_bit_tensors_is_summed_in_float32(dtype):
         (got,) = torch.autograd.grad(out, [bias], g)
         want = g.double().sum(0).to(dtype)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_compiled_cp_fusion_backward_keeps_feature_sizes_dynamic():
+    """torch.compile(dynamic=True) of the cp_fusion op, forward and backward: one graph for
+    new batch and feature sizes.  The backward's projection read the constant row at index
+    d = x.shape[1], which fixed each modality's feature size (a recompile per size; a
+    review of the custom ops)."""
+    from torch._dynamo.utils import counters
+
+    import mmfuse.backends.torch  # noqa: F401  (defines torch.ops.mmfuse)
+
+    def fused(x0, x1, w, a0, a1, c, b):
+        return torch.ops.mmfuse.cp_fusion([x0, x1], w, [a0, a1, c], b, True, None)
+
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+
+    def draw(batch, d0, d1):
+        shapes = [(batch, d0), (batch, d1), (3,), (d0 + 1, 3), (d1 + 1, 3), (4, 3), (4,)]
+        return [torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fused, backend="aot_eager", dynamic=True, fullgraph=True)
+    try:
+        for sizes in ((11, 5, 8), (13, 5, 8), (11, 7, 12)):
+            args = draw(*sizes)
+            got = torch.autograd.grad(compiled(*args).sum(), args)
+            want = torch.autograd.grad(fused(*args).sum(), args)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()

@@ -97,13 +97,13 @@ def project_into(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, append_o
     if not append_one:
         torch.mm(x, mat, out=out)
         return
-    d = x.shape[1]
+    # (mat is (d + 1, width): its constant row is the last, read as -1, as in affine)
     folded = _folded(out) if out.shape[1] <= _ROW_ADD_WIDTH else None
     if folded is None:
-        torch.addmm(mat[d], x, mat[:d], out=out)
+        torch.addmm(mat[-1], x, mat[:-1], out=out)
         return
-    torch.mm(x, mat[:d], out=out)
-    folded.add_(_tiled(mat[d], folded.shape[1]))
+    torch.mm(x, mat[:-1], out=out)
+    folded.add_(_tiled(mat[-1], folded.shape[1]))
 
 
 # Widest output whose constant row project_into and affine add after the GEMM.
@@ -229,12 +229,15 @@ def affine(x: torch.Tensor, mat: torch.Tensor, append_one: bool) -> torch.Tensor
     constant row over that view; all others: ``addmm``), so both round alike."""
     if not append_one:
         return x @ mat
-    d, width = x.shape[1], mat.shape[1]
+    # mat is (d + 1, width), its constant row the last: read as -1, not as d = x.shape[1],
+    # an index that fixed d in a compiled graph with dynamic shapes (a recompile per feature
+    # size of cp_fusion's backward; a review's find)
+    width = mat.shape[1]
     k = _fold_rows(x.shape[0], width, x.device) if width <= _ROW_ADD_WIDTH else 0
     if not k:
-        return torch.addmm(mat[d], x, mat[:d])
-    y = x @ mat[:d]  # contiguous: its folded view exists
-    return (y.view(-1, k * width) + _tiled(mat[d], k * width)).view(y.shape)
+        return torch.addmm(mat[-1], x, mat[:-1])
+    y = x @ mat[:-1]  # contiguous: its folded view exists
+    return (y.view(-1, k * width) + _tiled(mat[-1], k * width)).view(y.shape)
 
 
 def save_fusion_inputs(
