@@ -885,7 +885,9 @@ def align(
 
     With ``alpha = 1`` one round already matches moments: for the hub topology and for two
     modalities under Gauss-Seidel further rounds change nothing (legal, but wasted; exactly
-    so for eps = 0, and up to the O(eps / var) of re-measuring otherwise).
+    so for eps = 0 in exact arithmetic, up to the O(eps / var) of re-measuring otherwise, and
+    in floating point up to an ulp of re-rounding per round: see the range limits of
+    ``docs/backends.rst``).
     Consensus with M >= 3 keeps mixing after the first round even at alpha = 1 (the later
     modalities see updated targets), and Jacobi with M = 2 swaps the two every round.
 

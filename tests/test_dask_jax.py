@@ -835,3 +835,41 @@ def test_lazy_results_pickle_with_the_standard_pickle(rng):
     for name, lazy in results.items():
         again = pickle.loads(pickle.dumps(lazy))
         np.testing.assert_array_equal(np.asarray(again.compute()), np.asarray(lazy.compute()), err_msg=name)
+
+
+def test_dask_parameters_in_many_chunks_keep_the_outputs_one_chunk_wide(dask_array):
+    """Parameters chunked finely (even one element a chunk) are taken in one chunk by every
+    fusion and interaction function, as lowrank_fusion's are: tensor_fusion, cp_fusion and
+    the rank-R interaction terms had split the output along h, grown the graph by the chunk
+    count, and warned ("Increasing number of chunks", an error under warnings-as-errors;
+    a review's find)."""
+    import warnings
+
+    da = dask_array
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    xs_np = [rng.standard_normal((40, d)) for d in (3, 4, 2)]
+    xs = [da.from_array(x, chunks=(4, -1)) for x in xs_np]
+    weight = rng.standard_normal((4, 5, 3, 5))
+    cp = (rng.random(3), [rng.standard_normal((d, 3)) for d in (4, 5, 3, 5)])
+    low = mmfuse.init_lowrank([3, 4, 2], rank=3, out_dim=5, seed=int(rng.integers(2**31)))
+    bias = rng.standard_normal(5)
+
+    def fine(a):
+        return da.from_array(a, chunks=1)
+
+    calls = [
+        (mmfuse.tensor_fusion, (weight, bias), (fine(weight), fine(bias))),
+        (mmfuse.cp_fusion, (cp, bias), ((fine(cp[0]), [fine(a) for a in cp[1]]), fine(bias))),
+        (lambda xs, cp: mmfuse.cp_interactions(xs, cp)[0], (cp,), ((fine(cp[0]), [fine(a) for a in cp[1]]),)),
+        (
+            lambda xs, f, w: mmfuse.lowrank_interactions(xs, f, w)[0],
+            (low["factors"], low["weights"]),
+            ([fine(f) for f in low["factors"]], fine(low["weights"])),
+        ),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for func, args_np, args_da in calls:
+            got = func(xs, *args_da)
+            assert got.numblocks[-1] == 1 and got.numblocks[-2] == 10
+            assert_close(got.compute(), func(xs_np, *args_np))

@@ -27,7 +27,7 @@ from .._namespace import (
     low_precision,
     traced_by_dynamo,
 )
-from .chunks import reshaped
+from .chunks import one_chunk, reshaped
 
 __all__ = [
     "Joined",
@@ -336,6 +336,8 @@ def tensor_fusion(
             tensor_fusion, xp, xs[0].dtype, list(xs), weight, bias, append_one=append_one,
             max_elements=max_elements,
         )  # fmt: skip
+    if is_dask(xp):  # in one chunk: a chunked weight split the output's h (and the graph grew)
+        weight, bias = one_chunk([weight, bias])
     blocks = tensor_fusion_blocks(xp, xs[0], tuple(weight.shape[:-1]), weight.shape[-1], max_elements)
     if blocks is None:
         t = _contract(xp, xs, weight, append_one)
@@ -688,6 +690,8 @@ def cp_fusion(
     if low_precision(xp, xs[0].dtype):
         return in_work_dtype(cp_fusion, xp, xs[0].dtype, xs, cp, bias, append_one=append_one, present=present)
     weights, factors = cp
+    if is_dask(xp):  # in one chunk, as tensor_fusion's
+        weights, bias, *factors = one_chunk([weights, bias, *factors])
     out_factor = factors[-1]
     prod = None
     for m, (x, a) in enumerate(zip(xs, factors[:-1])):

@@ -205,6 +205,8 @@ def lowrank_interactions(
             lowrank_interactions, xp, xs[0].dtype, xs, factors, weights, by=by, present=present,
             append_one=append_one,
         )  # fmt: skip
+    if is_dask(xp):  # in one chunk, as the fusions'
+        weights, *factors = one_chunk([weights, *factors])
     rank, _, out_dim = factors[0].shape
     mats = [flat_lowrank(xp, f, weights if m == 0 else None) for m, f in enumerate(factors)]
     dims = [x.shape[1] for x in xs]
@@ -441,6 +443,8 @@ def cp_interactions(
             cp_interactions, xp, xs[0].dtype, xs, cp, by=by, present=present, append_one=append_one
         )
     weights, factors = cp
+    if is_dask(xp):  # in one chunk, as the fusions'
+        weights, *factors = one_chunk([weights, *factors])
     out_factor = factors[-1]
     out_dim = out_factor.shape[0]
     out_t = xp.matrix_transpose(out_factor if weights is None else out_factor * weights)  # (R, h)
