@@ -936,9 +936,10 @@ def _down(xp: Any, x: Any, w: Any, b: Any) -> Any:
         # statement costs 0.2 us)
         if b is None:
             return x @ w
-        if traced_by_dynamo(x):  # compiled under torch.func's grad, linear on a 3-D input
-            return x @ w + b  # guards on its batch (a graph per batch size); these do not
-        return sys.modules["torch"].nn.functional.linear(x, w.mT, b)
+        torch = sys.modules["torch"]
+        if torch.compiler.is_compiling():  # compiled under torch.func's grad, linear on a 3-D
+            return x @ w + b  # input guards on its batch (a graph per batch size); these do not
+        return torch.nn.functional.linear(x, w.mT, b)
     if is_torch(xp):  # a strided x: addmm on its (B T, d) copy
         torch = sys.modules["torch"]
         x2 = xp.reshape(x, (batch * t_m, d))
