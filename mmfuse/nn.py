@@ -297,48 +297,78 @@ def _autocast_fusion(
 
 
 def _cast_view(module: nn.Module, own: list[tuple[str, Any]], dtype: torch.dtype) -> nn.Module:
-    """A shallow copy of the layer (:func:`_cast_copy`: every parameter, its submodules' too,
+    """A shallow copy of the layer (:func:`_cast_copy`: its parameters and its submodules'
     cast to ``dtype``) whose own tensors ``own`` (:func:`_own_parameters`, as computed:
     parametrized, pruned) read cast to ``dtype``.
 
     The layer itself is left as it is.  Its tensors had been swapped for the call on the
     layer itself (``functional_call``'s swap): threads running one layer under autocast
     restored each other's bfloat16 copies, leaving plain bfloat16 tensors in place of its
-    parameters, and other threads' calls refused (a review's find).  The copy's class, and
-    its parameter lists', is their own without parametrizations (whose properties would
-    recompute the originals), so that a parametrized tensor reads its cast value as a
-    parameter does; a pruning hook's value, an attribute of the instance, is replaced there."""
+    parameters, and other threads' calls refused (a review's find).  A pruning hook's value
+    (an attribute of the instance) is replaced in the copy's ``__dict__``; a parametrized
+    tensor, a property of the layer's class that calls ``self.parametrizations[name]()``, by
+    a :class:`_Computed` in the copy's ``parametrizations`` where Dynamo traces (which
+    cannot see a class changed), else a parameter of the copy, whose class becomes the one
+    before parametrizations."""
     from torch.nn.utils.parametrize import type_before_parametrizations
 
-    view = _cast_copy(module, dtype)
-    if type(view) is not (plain := type_before_parametrizations(module)):
-        view.__class__ = plain
+    view = _cast_copy(module, dtype, always=True)
     for name, value in own:
         owner: Any = view
+        source: Any = module
         attr, _, index = name.partition(".")
-        if index:  # an entry of a ParameterList (the original's class: the copy's may be set)
-            plain = type_before_parametrizations(module._modules[attr])  # type: ignore[arg-type]
-            owner, attr = view._modules[attr], index
-            if type(owner) is not plain:
-                owner.__class__ = plain
+        if index:  # an entry of a ParameterList
+            owner, source, attr = _own_child(view, module, attr, dtype), module._modules[attr], index
         cast = cast_tree(value, dtype)
         if attr in owner.__dict__:
             owner.__dict__[attr] = cast
-        else:
+        elif attr in owner._parameters:
+            owner._parameters[attr] = cast
+        elif _compiling():  # a parametrized tensor, traced: its parametrization stands in
+            _own_child(owner, source, "parametrizations", dtype)._modules[attr] = _Computed(cast)
+        else:  # eager: the copy's class without the properties (an enclosing
+            # parametrize.cached() would answer them from the original's cache), the value a
+            # parameter of the copy
+            owner.__class__ = type_before_parametrizations(source)
             owner._parameters[attr] = cast
     return view
 
 
-def _cast_copy(m: nn.Module, dtype: torch.dtype) -> nn.Module:
+def _own_child(copy: nn.Module, original: nn.Module, name: str, dtype: torch.dtype) -> Any:
+    """``copy``'s submodule ``name`` (``copy`` a :func:`_cast_copy` of ``original``), as a
+    copy of its own: made now where it is still ``original``'s, whose entries are about to
+    be replaced."""
+    child = copy._modules[name]
+    if child is original._modules[name]:
+        child = copy._modules[name] = _cast_copy(child, dtype, always=True)  # type: ignore[arg-type]
+    return child
+
+
+class _Computed:
+    """A parametrization's stand-in in :func:`_cast_view`'s copy: called, it gives the value
+    already computed (a plain object: a module made while Dynamo traces breaks its graph)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __call__(self) -> Any:
+        return self.value
+
+
+def _cast_copy(m: nn.Module, dtype: torch.dtype, always: bool = False) -> nn.Module:
     """``m``'s shallow copy (its ``__dict__``; nothing run, no module made, which Dynamo
     would refuse) with its parameters and its submodules' (an activation's, say) cast to
-    ``dtype`` as autocast casts (:func:`mmfuse._autocast.cast_tree`)."""
+    ``dtype`` as autocast casts (:func:`mmfuse._autocast.cast_tree`); ``m`` itself where
+    nothing in it is cast, unless ``always``.  (Attributes a copied module sets on itself
+    during the call stay on the copy; its buffers are the original's.)"""
+    subs = {k: sub if sub is None else _cast_copy(sub, dtype) for k, sub in m._modules.items()}
+    copied = any(sub is not m._modules[k] for k, sub in subs.items())
+    if not (always or copied or any(autocast_eligible(p) for p in m._parameters.values())):
+        return m
     copy: nn.Module = object.__new__(type(m))
     copy.__dict__.update(m.__dict__)
     copy.__dict__["_parameters"] = cast_tree(dict(m._parameters), dtype)
-    if m._modules:
-        subs = {k: sub if sub is None else _cast_copy(sub, dtype) for k, sub in m._modules.items()}
-        copy.__dict__["_modules"] = subs
+    copy.__dict__["_modules"] = subs
     return copy
 
 

@@ -692,6 +692,50 @@ def test_first_compiled_call_of_a_process_compiles_once(name):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_autocast_of_parametrized_layers_compiles_fullgraph_and_keeps_module_state():
+    """Under autocast, a layer with a parametrized tensor (weight_norm on TensorFusion's
+    weight, spectral_norm on a LowRankFusion factor) compiles with fullgraph=True, giving the
+    eager values; and a parameterless activation module that counts its calls still counts
+    them (the autocast call runs on a copy of the modules whose parameters it casts only;
+    a review of this session's change, whose copy had changed its class under Dynamo and
+    copied every submodule)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(int(np.random.SeedSequence().generate_state(1)[0]))
+    xs = [torch.randn(4, 3), torch.randn(4, 4)]
+    normed = parametrizations.weight_norm(TensorFusion([3, 4], 5), "weight", dim=0)
+    lowrank = LowRankFusion([3, 4], 5, rank=2)
+    parametrizations.spectral_norm(lowrank.factors, "0")
+    lowrank.eval()
+    torch._dynamo.reset()
+    try:
+        for layer in (normed, lowrank):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = torch.compile(layer, backend="eager", fullgraph=True)(xs)
+                want = layer(xs)
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, h):
+            self.calls += 1
+            return torch.relu(h)
+
+    act = Counting()
+    adapter = WanderAdapter([4, 4], [3, 5], 3, 2, 2, activation=act)
+    seqs = [torch.randn(2, 3, 4), torch.randn(2, 5, 4)]
+    adapter(seqs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adapter(seqs)
+    assert act.calls == 4  # one per modality and call
+
+
 def test_autocast_calls_leave_the_layer_alone_across_threads():
     """Threads sharing one layer, some under autocast, some not: every call right, and the
     layer's parameters still its own float32 Parameters after.  Autocast calls had swapped
