@@ -69,8 +69,12 @@ def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Nam
         # plain tensors and parameters only: tensor subclasses are what tracing makes
         # (FunctionalTensor, FakeTensor), and Dynamo, reading this dict, guards on its keys
         # and fails on such a class ("DictGetItemSource index must be a ConstDictKeySource")
-        if len(present) == 1 and kind in (sys.modules["torch"].Tensor, sys.modules["torch"].nn.Parameter):
-            _BY_TYPE[kind] = torch_xp
+        torch = sys.modules["torch"]
+        if len(present) == 1 and kind in (torch.Tensor, torch.nn.Parameter):
+            if torch.compiler.is_compiling():  # (no import while Dynamo traces)
+                _BY_TYPE[kind] = torch_xp
+            else:  # all three at once: the table then stays as it is
+                know_torch_and_numpy_types()
         return torch_xp
     spaces = []
     for i, a in present:
@@ -96,6 +100,7 @@ def array_namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Nam
     if len(present) == 1 and not hasattr(present[0][1], "_meta"):
         if len(_BY_TYPE) >= 256:  # a few types per program; classes made on the fly must not
             _BY_TYPE.clear()  # pile up (nor be kept alive) for good
+            _BY_TYPE.update(_KNOWN)  # (NumPy's and torch's stay: see know_torch_and_numpy_types)
         _BY_TYPE[type(present[0][1])] = xp
     return xp
 
@@ -231,22 +236,30 @@ def _ours(xp: Namespace) -> Namespace:
 # namespace), so the answer can be kept: it is what einops does, and it saves the core a
 # generic inference (a few microseconds) per call.
 _BY_TYPE: dict[type, Namespace] = {}
+# ... and its entries for NumPy's and torch's types, once known (know_torch_and_numpy_types)
+_KNOWN: dict[type, Namespace] = {}
 
 
 def know_torch_and_numpy_types() -> None:
-    """Fill :data:`_BY_TYPE` for NumPy arrays and torch's plain tensors and parameters, as
-    :func:`array_namespace` would on their first calls; called where torch's operators are
-    defined (the torch backend's import).  Dynamo guards a compiled layer's graph on the
-    table, which it reads: a table that grew after the trace recompiled the layer, and the
-    torch ops' own NumPy paths grew it on the first run of a compiled ``ZoomShift``, which
-    so recompiled on its second, identical call (a review's find).  Not at ``import
-    mmfuse``: array_api_compat's NumPy namespace takes 0.1 s to import."""
+    """Fill :data:`_BY_TYPE` for NumPy arrays and torch's plain tensors and parameters at
+    once, as :func:`array_namespace` would on their first calls, and keep them there; called
+    where torch's operators are defined (the torch backend's import) and on the first answer
+    for a torch tensor, whichever comes first.  Dynamo guards a compiled graph on the table,
+    which it reads: a table that grew after the trace recompiled it, and the torch ops' own
+    NumPy paths grew it on the first run of a compiled ``ZoomShift``, which so recompiled on
+    its second, identical call (a review's find).  (A process whose first torch call is
+    compiled, before any import of mmfuse's torch backend, still fills it while Dynamo
+    traces: one recompile.)  Not at ``import mmfuse``: array_api_compat's NumPy namespace
+    takes 0.1 s to import."""
+    if _KNOWN:
+        return
     import array_api_compat.numpy as compat_numpy
 
     torch = sys.modules["torch"]
-    for kind in (torch.Tensor, torch.nn.Parameter):
-        _BY_TYPE.setdefault(kind, torch_namespace())
-    _BY_TYPE.setdefault(np.ndarray, _ours(compat_numpy))
+    xp = torch_namespace()
+    known = {torch.Tensor: xp, torch.nn.Parameter: xp, np.ndarray: _ours(compat_numpy)}
+    _BY_TYPE.update(known)
+    _KNOWN.update(known)
 
 
 def not_an_array(label: str, obj: Any) -> TypeError:
