@@ -566,7 +566,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     jobs.append((op, b, ns))
         # a backend named here that runs but has no implementation of this op: a row saying
         # so (as verify's), where it had vanished from the table
-        for b in args.backends or ():
+        for b in wanted if args.backends else ():  # (wanted: the named ones, each once)
             if b not in registered and b not in missing:
                 unrunnable.append({"op": op, "backend": b, "namespace": "-", "dtype": "float32",
                                    "status": "n/a", "seconds": None,

@@ -194,7 +194,7 @@ def wander(
             h = x @ _f64(w)  # (B, T_m, d_m) @ (d_m, r_m)
             if b is not None:
                 h = h + _f64(b)
-        hs.append(_f64(act(h)))
+            hs.append(_f64(act(h)))  # (the tanh GELU's cube overflows on padding of 1e308)
     y = sequence_fusion(hs, params["feature"], params["token"], mode=mode, masks=masks)
     if residual == "first":
         tokens = np.concatenate(xs, axis=1)  # (B, T_1 + ... + T_M, D)

@@ -60,7 +60,7 @@ MAX_RANK = 512
 #: most 65535 programs (axis 0 takes the rows: up to 2**31 - 1).
 MAX_CHANNELS = 65535 * 8
 #: The most rows (the product of the axes before the last two) the statistics kernels take:
-#: a program per row on CUDA's grid axis 0, which takes at most 2**31 - 1 (larger ones, 8 GiB
+#: a program per row on CUDA's grid axis 0, which takes at most 2**31 - 1 (larger ones, 4 GiB
 #: of float16 at least: the torch backend or the core).
 MAX_ROWS = 2**31 - 1
 
