@@ -348,6 +348,10 @@ def is_array(obj: Any) -> bool:
     torch = sys.modules.get("torch")  # not imported: no tensor can exist
     if torch is not None and isinstance(obj, torch.Tensor):
         return True
+    if callable(obj) and not hasattr(obj, "__array_namespace__"):
+        # a function or a module (a Wander activation, in the arguments a 16-bit call widens):
+        # no array library's arrays are callable (Dynamo warned at the class tests below)
+        return False
     return bool(array_api_compat.is_array_api_obj(obj))
 
 

@@ -325,7 +325,7 @@ def _cast_view(module: nn.Module, own: list[tuple[str, Any]], dtype: torch.dtype
         elif attr in owner._parameters:
             owner._parameters[attr] = cast
         elif _compiling():  # a parametrized tensor, traced: its parametrization stands in
-            _own_child(owner, source, "parametrizations", dtype)._modules[attr] = _Computed(cast)
+            _own_child(owner, source, "parametrizations", dtype)._modules[attr] = _computed(cast)
         else:  # eager: the copy's class without the properties (an enclosing
             # parametrize.cached() would answer them from the original's cache), the value a
             # parameter of the copy
@@ -344,15 +344,25 @@ def _own_child(copy: nn.Module, original: nn.Module, name: str, dtype: torch.dty
     return child
 
 
-class _Computed:
+class _Computed(nn.Module):
     """A parametrization's stand-in in :func:`_cast_view`'s copy: called, it gives the value
-    already computed (a plain object: a module made while Dynamo traces breaks its graph)."""
+    already computed.  A module, as what it stands in for (Dynamo resuming after a graph
+    break walks the copy's modules: a plain object there crashed it; a review's find), made
+    by :func:`_computed` from a template's state rather than by ``__init__`` (a module
+    constructed while Dynamo traces breaks its graph)."""
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    def forward(self) -> Any:
+        return self.__dict__["value"]
 
-    def __call__(self) -> Any:
-        return self.value
+
+_COMPUTED_STATE = dict(_Computed().__dict__)  # (its empty dicts are never written to)
+
+
+def _computed(value: Any) -> _Computed:
+    stand_in: _Computed = object.__new__(_Computed)
+    stand_in.__dict__.update(_COMPUTED_STATE)
+    stand_in.__dict__["value"] = value
+    return stand_in
 
 
 def _cast_copy(m: nn.Module, dtype: torch.dtype, always: bool = False) -> nn.Module:

@@ -368,7 +368,14 @@ def test_predicates_give_array_api_compats_answers():
     for space in spaces:
         for ours, theirs in pairs:
             assert ours(space) == theirs(space), (ours, space)
-    for obj in objects:
+    # callables too (a Wander activation passes through the checks): a function, a builtin,
+    # a lambda, a class, and a module where torch is installed
+    callables: list[Any] = [len, np.tanh, lambda h: h, ns.is_array, np.ndarray]
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        callables.append(torch.nn.GELU())
+    for obj in [*objects, *callables]:
         assert ns.is_array(obj) == array_api_compat.is_array_api_obj(obj), type(obj)
 
 

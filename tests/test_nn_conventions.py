@@ -736,6 +736,35 @@ def test_autocast_of_parametrized_layers_compiles_fullgraph_and_keeps_module_sta
     assert act.calls == 4  # one per modality and call
 
 
+def test_autocast_of_a_parametrized_layer_compiles_across_a_graph_break():
+    """A compiled WanderAdapter with a parametrized down-projection, under autocast, whose
+    activation breaks the graph: Dynamo, resuming after the break, walks the layer's copy's
+    modules, where the parametrization's stand-in had been a plain object ("'_Computed'
+    object has no attribute 'named_modules'"; a review of this session's change)."""
+    from torch.nn.utils import parametrizations
+
+    def act(h):
+        torch._dynamo.graph_break()
+        return torch.relu(h)
+
+    torch.manual_seed(int(np.random.SeedSequence().generate_state(1)[0]))
+    adapter = WanderAdapter([4, 4], [3, 5], 3, 2, 2, activation=act)
+    parametrizations.weight_norm(adapter.down_weights, "0", dim=0)
+    seqs = [torch.randn(2, 3, 4), torch.randn(2, 5, 4)]
+    import warnings
+
+    torch._dynamo.reset()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (Dynamo's own notes on the graph break's resume)
+            got = torch.compile(adapter, backend="eager")(seqs)
+            want = adapter(seqs)
+    finally:
+        torch._dynamo.reset()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_autocast_calls_leave_the_layer_alone_across_threads():
     """Threads sharing one layer, some under autocast, some not: every call right, and the
     layer's parameters still its own float32 Parameters after.  Autocast calls had swapped
