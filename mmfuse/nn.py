@@ -319,11 +319,11 @@ def _cast_view(module: nn.Module, own: list[tuple[str, Any]], dtype: torch.dtype
         attr, _, index = name.partition(".")
         if index:  # an entry of a ParameterList
             owner, source, attr = _own_child(view, module, attr, dtype), module._modules[attr], index
+        if attr in owner._parameters:
+            continue  # a parameter: cast by the copy already
         cast = cast_tree(value, dtype)
         if attr in owner.__dict__:
             owner.__dict__[attr] = cast
-        elif attr in owner._parameters:
-            owner._parameters[attr] = cast
         elif _compiling():  # a parametrized tensor, traced: its parametrization stands in
             _own_child(owner, source, "parametrizations", dtype)._modules[attr] = _computed(cast)
         else:  # eager: the copy's class without the properties (an enclosing

@@ -662,27 +662,22 @@ def lookup(
     """
     name = _policy(backend)
     info = _describe(like, arrays, size)
-    if info is None:
-        _signature(op)
-        return _choose(op, name, None).func
-    if info.intercepted:
-        # Dynamo traces this (or a dispatch mode is on): chosen, not remembered, as the plans
-        # never plan there.  The key's sys.modules entries would guard a compiled frame on the
-        # module table, which torch's own imports change while it compiles ("Guard failed on
-        # the same frame it was created"; a review's find), and any later import recompiles.
-        _signature(op)
-        return _choose(op, name, info).func
+    if info is None or info.intercepted:
+        # chosen, not remembered: no arrays to describe; or Dynamo traces this (or a dispatch
+        # mode is on), where the plans never plan either: the key's sys.modules entries would
+        # guard a compiled frame on the module table, which torch's own imports change while
+        # it compiles ("Guard failed on the same frame it was created"; a review's find), and
+        # any later import would recompile it
+        return _signed_choice(op, name, info).func
     key = _key(op, name, info)
     try:
         impl = _CHOICES.get(key)
     except TypeError:  # an unhashable sys.modules entry in the key (a module class with
         # __eq__ and no __hash__): chosen, not remembered, as the plan caches do
-        _signature(op)
-        return _choose(op, name, info).func
+        return _signed_choice(op, name, info).func
     if impl is None:
-        _signature(op)
         seen = _generation[0]
-        impl = _choose(op, name, info)
+        impl = _signed_choice(op, name, info)
         with _lock:
             # kept only if no register()/unregister() ran meanwhile (in another thread): a
             # choice made among the old registrations, stored after their clear(), would
@@ -690,6 +685,12 @@ def lookup(
             if _generation[0] == seen:
                 _CHOICES[key] = impl
     return impl.func
+
+
+def _signed_choice(op: str, name: str, info: CallInfo | None) -> Implementation:
+    """:func:`_choose` for an operator checked to exist (:func:`_signature`)."""
+    _signature(op)
+    return _choose(op, name, info)
 
 
 def own(op: str, backend: str, *, like: Any = None) -> Callable[..., Any]:

@@ -90,10 +90,10 @@ kernels are built for float32/float16/bfloat16; fp64 dots would run far below th
 FP32/TF32 rate), and so do ranks over ``_ops.MAX_RANK`` (512: the tiles of larger ones need
 more shared memory than a block gets); alignment inputs with over ``_ops.MAX_CHANNELS``
 channels (524280), or over ``_ops.MAX_ROWS`` rows (2**31 - 1; CUDA's grid, both), go to the
-torch backend or the core.  Inside ``torch.func``
-transforms and forward-mode AD this module's functions, called directly, hand the call to
-the torch backend too; through the public functions the registry refuses
-``backend="triton"`` there (``BackendUnsupported``), and "auto" takes the torch backend.
+torch backend or the core.  Inside ``torch.func`` transforms and forward-mode AD this
+module's functions, called directly, hand the call to the torch backend too; through the
+public functions the registry refuses ``backend="triton"`` there (``BackendUnsupported``),
+and "auto" takes the torch backend.
 The spreads take ``sqrt_rn`` (the default ``tl.sqrt`` is approximate and flushes a subnormal
 variance, possible at ``eps=0``, to 0).
 

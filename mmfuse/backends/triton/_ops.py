@@ -57,7 +57,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 512
 #: The most channels C the statistics kernels take (larger ones: the torch backend or the
 #: core).  Their grid puts channel blocks of BLOCK_C >= 8 on CUDA's axis 1, which takes at
-#: most 65535 programs (axis 0 takes the rows: up to 2**31 - 1).
+#: most 65535 programs (axis 0 takes the rows: :data:`MAX_ROWS`).
 MAX_CHANNELS = 65535 * 8
 #: The most rows (the product of the axes before the last two) the statistics kernels take:
 #: a program per row on CUDA's grid axis 0, which takes at most 2**31 - 1 (larger ones, 4 GiB
