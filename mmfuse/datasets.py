@@ -333,8 +333,10 @@ def load_mfeat(
     ValueError
         If ``split`` is not None, ``"train"`` or ``"test"``, or ``device`` is a device other
         than ``"cpu"`` with NumPy arrays (no ``xp``, or ``xp=numpy``).
+        Also if ``seed`` is a negative int.
     TypeError
-        If ``dtype`` is not a real floating dtype.
+        If ``dtype`` is not a real floating dtype, ``shuffle`` is not a bool, ``seed`` is not
+        None, an int or a ``numpy.random.Generator``, or ``xp`` is not an array namespace.
 
     Notes
     -----
@@ -456,8 +458,10 @@ def load_basic_motions(
     ValueError
         If ``split`` is not None, ``"train"`` or ``"test"``, or ``device`` is a device other
         than ``"cpu"`` with NumPy arrays (no ``xp``, or ``xp=numpy``).
+        Also if ``seed`` is a negative int.
     TypeError
-        If ``dtype`` is not a real floating dtype.
+        If ``dtype`` is not a real floating dtype, ``shuffle`` is not a bool, ``seed`` is not
+        None, an int or a ``numpy.random.Generator``, or ``xp`` is not an array namespace.
 
     Notes
     -----

@@ -1737,8 +1737,9 @@ class GuidedZoomShift(nn.Module):
     map of 0, and pooling never reads them (the guide is returned as given, padding and all).
 
     ``reset_parameters`` sets W and c to zero: :math:`a = b = 0`, so the layer starts as the
-    identity on the sequences' real tokens (exactly the parameter-free pooling and fusion) and still
-    trains: :math:`\partial L / \partial W_m = (\partial L / \partial [a_m; b_m])\, p^\top` is
+    identity on the sequences' real tokens (the parameter-free pooling and fusion, up to
+    rounding: the map recomputes each token about its pivot, ``(x - pivot - corr) e^0 + mu``,
+    which re-rounds some entries by an ulp of the channel's scale) and still trains: :math:`\partial L / \partial W_m = (\partial L / \partial [a_m; b_m])\, p^\top` is
     non-zero as soon as the upstream gradient and the guide's features are, with one
     exception: the token mean of :math:`y_m` is :math:`\mu_m + b_m` whatever :math:`a_m`, so
     under ``pool="mean"`` the log-zoom head's gradient is zero up to rounding (hence the
