@@ -849,6 +849,37 @@ def test_the_triton_interpreter_setting_is_read_per_call():
     assert out == "refused ran refused ran refused refused ran"
 
 
+def test_triton_whose_language_was_built_before_the_variable_changed_is_refused():
+    """Triton builds its language helpers (``tl.cdiv``, ...) at its own first import: with
+    triton imported (here by torch._dynamo, as torch.compile does) before TRITON_INTERPRET=1
+    was set, the backend said it could run and every kernel failed inside Triton ("Cannot call
+    @triton.jit'd outside of the scope of a kernel"; a review's find).  Refused now, naming the
+    cause; "auto" runs the torch op."""
+    pytest.importorskip("triton")
+    out = _run(
+        """
+        import os, torch, mmfuse
+        import torch._dynamo  # imports triton, built for a GPU: the variable is off
+        from mmfuse.backends import BackendUnsupported
+        os.environ["TRITON_INTERPRET"] = "1"
+        x, f = torch.randn(5, 3), torch.randn(2, 4, 3)
+        for call in (lambda: mmfuse.lowrank_fusion([x, x], [f, f], backend="triton"),
+                     lambda: mmfuse.zoom_shift(f, f, backend="triton")):
+            try:
+                call()
+                print("ran")
+            except BackendUnsupported as exc:
+                print("first imported before TRITON_INTERPRET=1" in str(exc))
+        import mmfuse.backends.triton as tb  # its kernels built for the interpreter now
+        print("new process" in tb.supports(torch, torch.device("cpu")))
+        want = mmfuse.lowrank_fusion([x, x], [f, f], backend="torch")
+        print(torch.equal(mmfuse.lowrank_fusion([x, x], [f, f]), want))
+        """,
+        env={"TRITON_INTERPRET": "0"},
+    )
+    assert out == "True\nTrue\nTrue\nTrue"
+
+
 def test_forced_triton_calls_the_built_kernels_cannot_take_are_refused():
     """The registry asked only TRITON_INTERPRET, not the backend, whose kernels are built once
     (for a GPU, or for the interpreter) at its first import: with GPU-built kernels, setting

@@ -271,6 +271,9 @@ def _triton(info: CallInfo) -> str | None:
     if not is_torch(info.xp):
         return "needs torch tensors on a CUDA device"
     interpreting = importlib.util.find_spec("triton") is not None and triton_interpreting()
+    refusal = triton_build_refusal(interpreting)
+    if refusal is not None:
+        return refusal
     backend = sys.modules.get("mmfuse.backends.triton")
     if backend is not None and interpreting != backend.INTERPRETED:
         # its kernels were built at its first import, for a GPU or for the interpreter, and the
@@ -315,6 +318,32 @@ def _triton_cuda(info: CallInfo) -> str | None:
 # The values of TRITON_INTERPRET that turn Triton's interpreter on (its getenv_bool, read at
 # each kernel launch): any other value, "0", "2" and "off" among them, leaves it off
 _TRUE_WORDS = ("1", "true", "on", "yes", "y")
+
+
+def triton_build_refusal(interpreting: bool) -> str | None:
+    """None unless triton is imported and its language was built for the other side of
+    ``interpreting`` (whether Triton's interpreter is on now): triton builds its own helpers
+    (``tl.cdiv``, ...) for the interpreter or for a GPU at its first import, as
+    ``TRITON_INTERPRET`` then said, and mmfuse's kernels call them, so every kernel failed
+    inside Triton ("Cannot call @triton.jit'd outside of the scope of a kernel") where the
+    variable was set after that import (``torch.compile`` imports triton; a review's find).
+    Not imported yet: its import, by this call's, sees the variable as it is now."""
+    triton = sys.modules.get("triton")
+    jit = getattr(getattr(triton, "runtime", None), "JITFunction", None)
+    helper = getattr(getattr(triton, "language", None), "cdiv", None)
+    if jit is None or helper is None or (not isinstance(helper, jit)) == interpreting:
+        return None
+    if interpreting:
+        return (
+            "triton was first imported before TRITON_INTERPRET=1 was set (torch.compile imports "
+            "it), so its language is built for a GPU; set the variable before that import, in a new "
+            "process, to run the kernels on CPU tensors"
+        )
+    return (
+        "triton was first imported with TRITON_INTERPRET=1 set, so its language is built for the "
+        "interpreter; unset the variable before that import, in a new process, to run the kernels "
+        "on a GPU"
+    )
 
 
 def triton_interpreting() -> bool:

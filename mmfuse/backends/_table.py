@@ -7,7 +7,9 @@ Each row says: operator, backend (the policy name a user forces with ``backend=`
 (:mod:`mmfuse.backends._registry`) reads this table and nothing else, so what runs depends on
 the inputs, the policy and, for "auto", on which optional frameworks the process has imported
 (a row's ``import_at`` size aside, "auto" takes numba's, CuPy's and Triton's rows only once
-their framework is imported; mmfuse's own lookups, ``available()`` and ``explain()``, import none).
+their framework is imported; a call's lookup imports none, while the listings ``available()``
+and ``explain()`` import the backends' modules, torch, Triton and CuPy among them, never numba:
+no choice of "auto" changes with them, as the Triton rows' comment below says).
 
 How a row is chosen:
 

@@ -98,8 +98,10 @@ The spreads take ``sqrt_rn`` (the default ``tl.sqrt`` is approximate and flushes
 variance, possible at ``eps=0``, to 0).
 
 Without a GPU the kernels run under Triton's interpreter: with ``TRITON_INTERPRET=1`` set
-before this package is imported, and still set when the call is made, CPU torch tensors are
-accepted too (that is how the tests check them).
+before triton itself is first imported (``torch.compile`` imports it) and before this package
+is, and still set when the call is made, CPU torch tensors are accepted too (that is how the
+tests check them).  Triton builds its language for the interpreter or for a GPU at its first
+import, and this package its kernels at its own: a call the two builds cannot run is refused.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ import torch
 
 from ..._core.sequence import torch_transformed
 from ..._namespace import is_torch
-from .._conditions import triton_interpreting
+from .._conditions import triton_build_refusal, triton_interpreting
 from . import _ops
 from ._align_ops import align  # the core's alignment over Triton primitives
 from ._sequence_ops import sequence_fusion, wander  # Wander's token-level fusion, the adapter
@@ -132,6 +134,9 @@ def supports(xp: Any, device: Any) -> str | None:
     now, also CPU tensors.  Else what is needed."""
     if not is_torch(xp):
         return "needs torch tensors on a CUDA device"
+    refusal = triton_build_refusal(triton_interpreting())
+    if refusal is not None:
+        return refusal
     kind = getattr(device, "type", str(device))
     if INTERPRETED:
         if not triton_interpreting():
