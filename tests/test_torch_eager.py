@@ -179,6 +179,46 @@ def test_jit_trace_records_align_sequence_fusion_and_the_zoomshift_layer(backend
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the checks read traced sizes)
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_jit_trace_records_wander_past_the_small_batch_paths(mode):
+    """Batches over WHOLE_BATCH_ROWS take the custom ops, whose masks are a list of optional
+    tensors: traced under no_grad (as the docs say), ``wander`` and the WanderAdapter failed
+    there ("unsupported input list type: Tensor?"; a review's find).  They run the core's
+    algorithm while traced; replays at other batches (masks included) equal eager calls."""
+    import mmfuse
+    from mmfuse.backends.torch.wander import WHOLE_BATCH_ROWS
+    from mmfuse.nn import WanderAdapter
+
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    layer = WanderAdapter([4, 4], [5, 6], rank=3, feature_rank=2, token_rank=2, mode=mode, dtype=torch.float64)
+    with torch.no_grad():  # (the functional's closure: constants of its trace, without grad)
+        params = {k: [tuple(t.detach() for t in e) if isinstance(e, tuple) else e.detach() for e in v]
+                  for k, v in layer.params().items()}  # fmt: skip
+
+    def draw(batch):
+        xs = [torch.randn(batch, 5, 4, generator=gen, dtype=torch.float64),
+              torch.randn(batch, 6, 4, generator=gen, dtype=torch.float64)]  # fmt: skip
+        mask = torch.rand(batch, 5, generator=gen) < 0.7
+        mask[:, 0] = True
+        return xs, mask
+
+    def functional(a, b, mask):
+        return mmfuse.wander([a, b], params, mode=mode, masks=[mask, None], activation="relu")
+
+    batch = WHOLE_BATCH_ROWS + 1
+    with torch.no_grad():
+        xs, mask = draw(batch)
+        traced_layer = torch.jit.trace(layer, (xs,), check_trace=False)
+        traced = torch.jit.trace(functional, (*xs, mask), check_trace=False)
+    for size in (batch, batch + 5):
+        xs, mask = draw(size)
+        assert_close(traced_layer(xs), layer(xs), rtol=1e-12)
+        assert_close(traced(*xs, mask), functional(*xs, mask), rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the checks read traced sizes)
 def test_jit_trace_of_the_float64_gelu_adapter_traced_without_grad_trains():

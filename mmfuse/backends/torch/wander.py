@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..._core import sequence as _core_sequence
-from ..._namespace import in_work_dtype, mask_tokens, torch_namespace
+from ..._namespace import in_work_dtype, jit_tracing, mask_tokens, torch_namespace
 from .._torch_eager import any_requires_grad, bind, direct
 from ._common import (
     LOW_PRECISION,
@@ -310,8 +310,16 @@ def wander_torch(
     ``mmfuse::wander_collapsed`` op (absent biases become zeros).  Otherwise: down-projection
     (one GEMM per modality), activation (the core's, so values agree), the
     ``mmfuse::sequence_fusion`` op, residual.  Traceable by Dynamo (used by
-    :class:`mmfuse.nn.WanderAdapter` under ``torch.compile``).
+    :class:`mmfuse.nn.WanderAdapter` under ``torch.compile``).  Under ``torch.jit.trace``,
+    the core's algorithm (:func:`mmfuse._namespace.jit_tracing`: the ops take the masks as a
+    list of optional tensors, which the tracer cannot record; a review's find, at B > 128).
     """
+    if jit_tracing(torch):  # the tracer cannot record an op taking a list of optional tensors
+        params = {"down": list(zip(weights, biases)), "feature": list(feature_factors), "token": list(token_factors)}
+        return _core_sequence.wander(
+            list(xs), params, mode=mode, masks=None if masks is None else list(masks),
+            activation=activation, residual=residual,
+        )  # fmt: skip
     masks_list = [None] * len(xs) if masks is None else list(masks)
     if xs[0].dtype in LOW_PRECISION and not (mode == "collapsed" and activation == "gelu"):
         # float16 / bfloat16: down-projections and activation in float32 too, rounded once
