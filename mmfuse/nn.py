@@ -1739,7 +1739,8 @@ class GuidedZoomShift(nn.Module):
     ``reset_parameters`` sets W and c to zero: :math:`a = b = 0`, so the layer starts as the
     identity on the sequences' real tokens (the parameter-free pooling and fusion, up to
     rounding: the map recomputes each token about its pivot, ``(x - pivot - corr) e^0 + mu``,
-    which re-rounds some entries by an ulp of the channel's scale) and still trains: :math:`\partial L / \partial W_m = (\partial L / \partial [a_m; b_m])\, p^\top` is
+    which re-rounds some entries by an ulp of the channel's scale) and still
+    trains: :math:`\partial L / \partial W_m = (\partial L / \partial [a_m; b_m])\, p^\top` is
     non-zero as soon as the upstream gradient and the guide's features are, with one
     exception: the token mean of :math:`y_m` is :math:`\mu_m + b_m` whatever :math:`a_m`, so
     under ``pool="mean"`` the log-zoom head's gradient is zero up to rounding (hence the
@@ -1821,9 +1822,11 @@ class GuidedZoomShift(nn.Module):
         """The checked inputs and :meth:`modulate`'s sequences in the statistics' dtype
         (float32 for a 16-bit layer, the guide's upcast exactly), not yet rounded."""
         dims = (self.channels,) * self.num_modalities
-        xs, mask_list = _check_seq_inputs(xs, dims, None, self.weight.dtype, masks, type(self).__name__)
+        dtype = self._check_parameters()  # before the inputs, which are checked against it
+        xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__)
         full = mask_list if mask_list is not None else [None] * len(xs)
-        self._check_parameters(xs)
+        _check_device(type(self).__name__, "weight", self.weight, xs[0])
+        _check_device(type(self).__name__, "bias", self.bias, xs[0])
         if not _compiling():  # as ZoomShift: a sample without tokens has no statistics
             from ._align import check_mask
             from ._namespace import array_namespace
@@ -1864,19 +1867,23 @@ class GuidedZoomShift(nn.Module):
             k += 1
         return xs, out
 
-    def _check_parameters(self, xs: list[torch.Tensor]) -> None:
-        """The parameters' shapes, dtypes and device (a user may replace them; the inputs' and
-        masks' devices are the boundary checks'): einsum would take a CPU tensor beside a meta
-        one."""
+    def _check_parameters(self) -> torch.dtype:
+        """The parameters' types, shapes and one dtype, returned (a user may replace them;
+        both are required: the heads are ``W p + c``), checked before the inputs, so that a
+        replaced parameter of another dtype is named as such rather than the inputs blamed for
+        differing from ``weight`` (a review's find).  Their device is checked against the
+        inputs' after those (einsum would take a CPU tensor beside a meta one)."""
         layer, k, c = type(self).__name__, self.num_modalities - 1, self.channels
         shapes = (("weight", "(M - 1, 2 C, C)", (k, 2 * c, c)), ("bias", "(M - 1, 2 C)", (k, 2 * c)))
         for name, layout, want in shapes:
             got = getattr(self, name)
+            if not isinstance(got, torch.Tensor):
+                raise TypeError(
+                    f"{layer}: {name} must be a tensor of shape {layout} = {want}, got {type(got).__name__}"
+                )
             if tuple(got.shape) != want:
                 raise ValueError(f"{layer}: {name} must have shape {layout} = {want}, got {_fmt(got.shape)}")
-        _parameter_dtype(self)  # one dtype for all parameters (the layers' one rule and message)
-        _check_device(layer, "weight", self.weight, xs[0])
-        _check_device(layer, "bias", self.bias, xs[0])
+        return _parameter_dtype(self)  # one dtype for all parameters (the layers' one rule and message)
 
     def forward(self, xs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None) -> Any:
         r"""Modulate a batch of token sequences from the guide's pooled features (see

@@ -305,6 +305,15 @@ def test_guided_zoom_shift_checks_devices_and_replaced_parameters():
     layer.bias = torch.nn.Parameter(torch.zeros(2, 2 * D))
     with pytest.raises(ValueError, match=r"^GuidedZoomShift: bias must have shape \(M - 1, 2 C\) = \(1, 12\), got \(2, 12\)"):
         layer(xs)
+    # a replaced weight of another dtype is named, not the inputs blamed for differing from it
+    # (whose remedy then met the parameters' mixed dtypes), and a bias set to None is named
+    # (an AttributeError on None.shape before; both a review's finds)
+    layer = GuidedZoomShift(D, 2, fuse=None)
+    with pytest.raises(TypeError, match=r"^GuidedZoomShift: parameter bias has dtype torch.float32 but weight has torch.float64"):
+        torch.func.functional_call(layer, {"weight": layer.weight.double()}, (xs,))
+    layer.bias = None
+    with pytest.raises(TypeError, match=r"^GuidedZoomShift: bias must be a tensor of shape \(M - 1, 2 C\) = \(1, 12\), got NoneType"):
+        layer(xs)
 
 
 def test_zoomshift_dtype_messages_give_a_remedy_that_works():

@@ -315,7 +315,8 @@ def wander_torch(
     list of optional tensors, which the tracer cannot record; a review's find, at B > 128).
     """
     if jit_tracing(torch):  # the tracer cannot record an op taking a list of optional tensors
-        params = {"down": list(zip(weights, biases)), "feature": list(feature_factors), "token": list(token_factors)}
+        down = list(zip(weights, biases))
+        params = {"down": down, "feature": list(feature_factors), "token": list(token_factors)}
         return _core_sequence.wander(
             list(xs), params, mode=mode, masks=None if masks is None else list(masks),
             activation=activation, residual=residual,
