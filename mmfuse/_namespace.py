@@ -35,6 +35,7 @@ __all__ = [
     "namespace_name",
     "native_dtype",
     "not_an_array",
+    "python_dispatched",
     "real_floating",
     "to_numpy",
     "torch_namespace",
@@ -414,6 +415,18 @@ def torch_values_hidden(torch: Any) -> bool:
 def _tracing_mode_keys(keys: Any) -> list[Any]:
     """torch's own tracing modes among its dispatch-mode keys (those this torch has)."""
     return [key for name in ("FAKE", "PROXY", "FUNCTIONAL") if (key := getattr(keys, name, None)) is not None]
+
+
+def python_dispatched(torch: Any, tensors: Any) -> bool:
+    """Whether any of the ``tensors`` is of a class that runs its operations in Python (its
+    own ``__torch_dispatch__``): torch's fake tensors (also after their mode has exited),
+    wrapper subclasses (``TwoTensor``, ``MaskedTensor``, ``DTensor``) and logging tensors.
+    Their memory, where they have any, is not their values (``Tensor.numpy()`` refuses them):
+    they compute through torch's operators only, nothing may read their memory (a wrapper's
+    NumPy copy was uninitialised memory; a review's find).  Plain subclasses (``Parameter``,
+    ones overriding ``__torch_function__`` only) keep the plain tensor's dispatch."""
+    plain = torch._C._disabled_torch_dispatch_impl
+    return any(getattr(type(t), "__torch_dispatch__", plain) is not plain for t in tensors)
 
 
 def fake_tensors(torch: Any, tensors: Any) -> bool:

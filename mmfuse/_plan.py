@@ -164,7 +164,7 @@ def call_key(backend: Any, options: tuple[Any, ...], *arrays: Any) -> Any:
     parts = [policy, *options, *map(type, options)]
     try:
         _append_keys(arrays, parts)
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # (a nested tensor's sizes)
         return None
     return tuple(parts)
 

@@ -61,13 +61,27 @@ def as_sequence(obj: Any, name: str, *, min_len: int = 1, what: str = "modality"
     return list(obj)
 
 
+def nested_tensor_error(name: str) -> TypeError:
+    """The refusal of a torch nested tensor of strided layout, whose sizes raise torch's
+    "Internal error: NestedTensorImpl doesn't support sizes" (a jagged one is refused by its
+    layout, :func:`common_namespace`)."""
+    return TypeError(
+        f"{name} is a nested tensor; mmfuse takes dense tensors: pad it "
+        f"(torch.nested.to_padded_tensor({name}, 0.0)), marking the padding with a mask where "
+        "the operation takes one"
+    )
+
+
 def check_known_sizes(named: Sequence[tuple[str, Any]]) -> None:
     """ValueError naming the first array with a size of unknown value: Dask's NaN, for chunks of
     unknown size (e.g. after boolean indexing).  Every operator checks sizes against each
     other (batch sizes, masks, factors), which NaN cannot answer (``nan != nan``), and Dask
     cannot align such chunks across arrays either."""
     for n, a in named:
-        shape = getattr(a, "shape", ())
+        try:
+            shape = getattr(a, "shape", ())
+        except RuntimeError:  # a strided nested torch tensor ("Internal error: ... sizes")
+            raise nested_tensor_error(n) from None
         for k, size in enumerate(shape):
             if type(size) is float and size != size:
                 raise ValueError(

@@ -67,6 +67,7 @@ from ._validation import (
     check_positive_int,
     check_size_list,
     check_wide_float,
+    nested_tensor_error,
 )
 from .backends import BackendUnsupported
 from .backends._registry import own, registration
@@ -205,10 +206,14 @@ def _check_modality_tensors(
     for m, (x, shape) in enumerate(zip(xs, shapes)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{layer}: xs[{m}] must be a torch.Tensor, got {type(x).__name__}")
-        fits = x.dim() == len(shape) and all(w is None or x.shape[k] == w for k, w in enumerate(shape))
+        try:
+            sizes = x.shape
+        except RuntimeError:  # a strided nested tensor's sizes
+            raise TypeError(f"{layer}: {nested_tensor_error(f'xs[{m}]')}") from None
+        fits = len(sizes) == len(shape) and all(w is None or sizes[k] == w for k, w in enumerate(shape))
         if not fits:
             want = ", ".join(str(w) if w is not None else "BT"[k] for k, w in enumerate(shape))
-            raise ValueError(f"{layer}: xs[{m}] must have shape ({want}), got {_fmt(x.shape)}")
+            raise ValueError(f"{layer}: xs[{m}] must have shape ({want}), got {_fmt(sizes)}")
         if x.dtype != dtype:
             raise TypeError(
                 f"{layer}: xs[{m}] has dtype {x.dtype} but {dtype_source} {dtype}; {remedy}"

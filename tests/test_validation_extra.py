@@ -4,6 +4,7 @@ parameter chunks, and ``mmfuse verify`` with unknown or unavailable backends."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
 import subprocess
@@ -498,6 +499,63 @@ def test_sparse_torch_tensors_are_refused_by_name():
     for name, call in calls:
         with pytest.raises(TypeError, match=rf"^{re.escape(name)} is a torch.sparse_coo tensor; mmfuse takes dense"):
             call()
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
+def test_strided_nested_torch_tensors_are_refused_by_name():
+    """A nested tensor of strided layout (torch.nested's default) reached torch's "Internal
+    error: NestedTensorImpl doesn't support sizes. Please file an issue." from the functions'
+    and the layers' first look at its shape (a review's find); it is refused by name."""
+    torch = pytest.importorskip("torch")
+    from mmfuse.nn import LowRankFusion, ZoomShift
+
+    nt = torch.nested.nested_tensor([torch.randn(5, 3), torch.randn(7, 3)])
+    nested_mask = torch.nested.nested_tensor([torch.ones(5, dtype=torch.bool), torch.ones(6, dtype=torch.bool)])
+    seq = torch.randn(2, 5, 3)
+    mmfuse.zoom_shift(seq, seq + 1)  # a plan for dense tensors of these shapes
+    p = mmfuse.init_lowrank([3, 3], rank=2, out_dim=2, xp=torch, seed=0)
+    calls = [
+        ("x", lambda: mmfuse.moments(nt)),
+        ("guide", lambda: mmfuse.zoom_shift(seq, nt)),
+        ("xs[1]", lambda: mmfuse.align([seq, nt])),
+        ("mask", lambda: mmfuse.moments(seq, mask=nested_mask)),
+        ("xs[0]", lambda: mmfuse.lowrank_fusion([nt, nt], **p)),
+        ("LowRankFusion: xs[0]", lambda: LowRankFusion([3, 3], 2, 2)([nt, nt])),
+        ("ZoomShift: xs[0]", lambda: ZoomShift(3, 2)([nt, seq])),
+    ]
+    for name, call in calls:
+        with pytest.raises(TypeError, match=rf"^{re.escape(name)} is a nested tensor; mmfuse takes dense tensors: pad it"):
+            call()
+
+
+def test_torch_wrapper_subclasses_are_computed_by_torch_operations():
+    """Tensor subclasses that run their operations in Python (``__torch_dispatch__``: TwoTensor,
+    MaskedTensor, DTensor) have no values in their own memory: the reference copied it (garbage
+    values, returned as a plain tensor), and "auto"'s NumPy path for zoom_shift and align, and
+    numba's CPU kernels, called ``numpy()`` on them ("not supported for tensor subclasses"; a
+    review's find).  The reference and numba refuse them; "auto" computes through torch's
+    operators, each of TwoTensor's halves as the plain tensor gives."""
+    torch = pytest.importorskip("torch")
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    from mmfuse.backends import BackendUnsupported
+
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    a, g = torch.randn(2, 5, 3, generator=gen), 1 + torch.randn(2, 6, 3, generator=gen)
+    t, tg = two_tensor.TwoTensor(a, 2 * a), two_tensor.TwoTensor(g, g.clone())
+    for _ in range(2):  # (planned the second time)
+        got = mmfuse.zoom_shift(t, tg)
+        assert type(got) is two_tensor.TwoTensor
+        assert_close(got.a, mmfuse.zoom_shift(a, g))
+        assert_close(got.b, mmfuse.zoom_shift(2 * a, g))
+        aligned = mmfuse.align([t, tg], rounds=2)
+        want = mmfuse.align([a, g], rounds=2)
+        assert_close(aligned[1].a, want[1])
+        assert_close(mmfuse.moments(t)[1].b, mmfuse.moments(2 * a)[1])
+    with pytest.raises(BackendUnsupported, match=r"nor on tensor subclasses that run their operations in Python"):
+        mmfuse.moments(t, backend="reference")
+    if importlib.util.find_spec("numba") is not None:
+        with pytest.raises(BackendUnsupported, match=r"not subclasses that run their operations in Python"):
+            mmfuse.zoom_shift(t, tg, backend="numba")
 
 
 @pytest.mark.parametrize("swapped", [0, 1])

@@ -24,11 +24,11 @@ from typing import Any
 
 from .._namespace import (
     device_of,
-    fake_tensors,
     is_cupy,
     is_dask,
     is_numpy,
     is_torch,
+    python_dispatched,
     torch_intercepts,
     torch_values_hidden,
 )
@@ -49,7 +49,9 @@ class CallInfo:
     (``FakeTensorMode``, export's modes, a logging mode).  The custom ops are fine there, but
     nothing may read the tensors' memory behind torch's back.  ``values_hidden``: of those,
     the calls where a copy of the values would be wrong, not merely unseen
-    (:func:`~mmfuse._namespace.torch_values_hidden`: tracing, fake tensors).
+    (:func:`~mmfuse._namespace.torch_values_hidden`: tracing), or tensors whose memory is not
+    their values (:func:`~mmfuse._namespace.python_dispatched`: fake tensors, wrapper
+    subclasses).
     """
 
     xp: Any
@@ -94,9 +96,9 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
     traced = torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
     if torch_intercepts(torch):  # no (symbolic) size
         return CallInfo(xp, like.device, like.dtype, grad, traced, 0, True, torch_values_hidden(torch))
-    # fake tensors outside their mode have no values either (the reference copied
-    # uninitialised memory from them; the session's final review)
-    hidden = fake_tensors(torch, tensors)
+    # fake tensors outside their mode have no values either, nor do wrapper subclasses in
+    # their own memory (the reference copied uninitialised memory from both; review finds)
+    hidden = python_dispatched(torch, tensors)
     return CallInfo(xp, like.device, like.dtype, grad, traced, like.numel(), False, hidden)
 
 
@@ -129,7 +131,9 @@ def _reference(info: CallInfo) -> str | None:
     if info.values_hidden:
         return (
             "cannot run on fake tensors, nor while torch.compile, torch.jit.trace or make_fx "
-            "traces: it copies the tensors' values to NumPy; call it on real tensors, outside them"
+            "traces, nor on tensor subclasses that run their operations in Python (TwoTensor, "
+            "MaskedTensor, DTensor, ...): it copies the tensors' values to NumPy; call it on plain "
+            "tensors with values, outside tracing"
         )
     return None
 
@@ -241,6 +245,12 @@ def _torch_cpu_refusal(info: CallInfo) -> str | None:
         return (
             f"needs {_TORCH_CPU} outside torch.func transforms, forward-mode AD, torch.compile "
             "and dispatch modes (the kernels read the tensors' memory)"
+        )
+    if info.values_hidden:
+        return (
+            f"needs plain {_TORCH_CPU}, not subclasses that run their operations in Python "
+            "(fake tensors, TwoTensor, MaskedTensor, DTensor, ...): the kernels read the tensors' "
+            "memory, which is not their values"
         )
     return None
 

@@ -66,13 +66,19 @@ def on_host(data: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] =
 
 
 def host_kind(data: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] = ()) -> bool:
-    """:func:`on_host`'s conditions that a planned call's signature fixes (device, dtype and
-    shape are in it): every tensor on the CPU, the data float32 / float64 and non-empty."""
+    """:func:`on_host`'s conditions that a planned call's signature fixes (device, dtype,
+    shape and type are in it): every tensor on the CPU and of a class with the plain tensor's
+    dispatch (a wrapper subclass's memory is not its values: ``numpy()`` refuses it;
+    :func:`mmfuse._namespace.python_dispatched`), the data float32 / float64 and non-empty."""
+    plain = torch._C._disabled_torch_dispatch_impl
     for t in data:
         if not (t.is_cpu and t.dtype in _HOST_DTYPES) or t.numel() == 0:
             return False
-    for k in masks:  # noqa: SIM110 (a loop: all() over a generator costs 0.15 us more per call)
-        if k is not None and not k.is_cpu:
+        if type(t).__torch_dispatch__ is not plain:
+            return False
+    # (loops: all() over a generator costs 0.15 us more per call)
+    for k in masks:
+        if k is not None and (not k.is_cpu or type(k).__torch_dispatch__ is not plain):
             return False
     return True
 
