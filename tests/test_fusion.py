@@ -574,6 +574,18 @@ def test_error_cp_bad_type_and_rank():
     cp = (None, [np.ones((4, 2)), np.ones((3, 3)), np.ones((5, 2))])
     with pytest.raises(ValueError, match=r"cp factor 1 has rank 3 .* but cp factor 0 has rank 2"):
         mmfuse.cp_fusion(xs, cp)
+    # (factors, weights) swapped, and a two-factor list alone (one modality): the message had
+    # said "cp factors must be a list or tuple of arrays", of a list of arrays (a review's find)
+    rng = np.random.default_rng()
+    factors = [rng.standard_normal((4, 2)), rng.standard_normal((3, 2)), rng.standard_normal((5, 2))]
+    hint = r"cp must be a \(weights, factors\) pair, but its first item is a {}, where the weights"
+    with pytest.raises(TypeError, match=hint.format("list or tuple")):
+        mmfuse.cp_fusion(xs, (factors, np.ones(2)))
+    with pytest.raises(TypeError, match=hint.format("2-D array")):
+        mmfuse.cp_fusion(xs[:1], [factors[0], factors[2]])
+    with pytest.raises(TypeError, match=hint.format("list or tuple")):
+        mmfuse.cp_to_lowrank((factors, None))
+    assert_close(mmfuse.cp_fusion(xs, (np.ones(2), factors)), mmfuse.cp_fusion(xs, (None, factors)))
 
 
 def test_error_cp_factor_rows():
