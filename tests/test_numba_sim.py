@@ -211,6 +211,43 @@ def test_batch_chunks(monkeypatch):
     assert_close(got, want, dtype=np.dtype("float64"))
 
 
+def test_empty_outputs_and_ranks_launch_no_empty_grid(monkeypatch):
+    """h = 0 or R = 0 (legal: the layers take out_dim = 0 and rank = 0): the drivers divided by
+    zero threads (h = 0) or launched grids with an extent of 0, which CUDA refuses and the
+    simulator hides (a code review's find).  Every launch now has a grid of at least one
+    block, and the results are the reference's (the bias, for R = 0)."""
+    launches = []
+
+    class Recorded:
+        def __init__(self, kern):
+            self.kern = kern
+
+        def __getattr__(self, name):
+            kernel = getattr(self.kern, name)
+
+            class Launcher:
+                def __getitem__(self, config):
+                    grid = config[0] if isinstance(config[0], tuple) else (config[0],)
+                    launches.append((name, grid))
+                    return kernel[config]
+
+            return Launcher()
+
+    real = nb.kernels
+    monkeypatch.setattr(nb, "kernels", lambda *args, **kw: Recorded(real(*args, **kw)))
+    rng = np.random.default_rng()
+    dims = [3, 2]
+    xs, _ = draw_inputs(rng, 5, dims, with_present=False)
+    for rank, out_dim in ((2, 0), (0, 3)):
+        factors, weights, bias = lowrank_params(rng, dims, rank, out_dim, True, with_weights=True, with_bias=True)
+        got = run_lowrank(xs, factors, weights, bias, None, True, "float64", 8)
+        assert_close(got, reference.lowrank_fusion(xs, factors, weights, bias), dtype=np.dtype("float64"))
+        cp_w, cp_f = cp_params(rng, dims, rank, out_dim, True, with_weights=True)
+        got = run_cp(xs, cp_w, cp_f, bias, None, True, "float64", 8)
+        assert_close(got, reference.cp_fusion(xs, (cp_w, cp_f), bias), dtype=np.dtype("float64"))
+    assert launches and all(min(grid) >= 1 for _, grid in launches), launches
+
+
 def test_repeated_runs_are_bit_identical():
     rng = np.random.default_rng(5)
     dims = [3, 6, 2]
@@ -425,6 +462,12 @@ def test_supports_says_what_it_needs():
     needs_grad = CallInfo(torch_compat, torch.device("cuda", 0), None, grad=True)
     assert "need no gradient" in cuda_kernels(needs_grad)
     assert CONDITIONS["CUDA arrays needing gradients"](needs_grad) is None
+    # and they read the tensors' memory: not inside transforms or forward-mode AD (a dual
+    # tensor's tangent was dropped), tracing, dispatch modes, nor for fake tensors or wrapper
+    # subclasses, as the CPU kernels (a code review's find; "auto" then takes the torch row)
+    for flag in ("traced", "intercepted", "values_hidden"):
+        info = CallInfo(torch_compat, torch.device("cuda", 0), None, **{flag: True})
+        assert "outside torch.func transforms, forward-mode AD" in cuda_kernels(info), flag
 
 
 def test_auto_does_not_pick_numba_for_host_arrays():

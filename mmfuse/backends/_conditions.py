@@ -206,6 +206,12 @@ def _numba_cuda(info: CallInfo) -> str | None:
         return _CUDA_ARRAYS
     if info.grad:
         return f"{_CUDA_ARRAYS} that need no gradient (its kernels are forward-only)"
+    if info.traced or info.intercepted or info.values_hidden:  # (as the CPU kernels' refusal)
+        return (
+            f"{_CUDA_ARRAYS} outside torch.func transforms, forward-mode AD, torch.compile and "
+            "dispatch modes, and not subclasses that run their operations in Python: the kernels "
+            "read the tensors' memory (a dual tensor's tangent was dropped; a code review's find)"
+        )
     return _numba_cuda_usable()
 
 

@@ -277,7 +277,8 @@ def lowrank_fusion(
                 cupy.matmul(x[start:stop], a[: dims[m]], out=work[m, :n])
             kernel(work, c_arg, w_arg, b_arg, p_arg, n_mod, rows, start, rank, out_dim, flags,
                    out[start:stop])
-    return out if out.dtype == in_dtype else out.astype(in_dtype)
+        # (the cast inside the device's block: CuPy's astype allocates on the current device)
+        return out if out.dtype == in_dtype else out.astype(in_dtype)
 
 
 def cp_fusion(
@@ -319,7 +320,7 @@ def cp_fusion(
             cupy.matmul(q[:n], out_t, out=out[start:stop])
         if b is not None:
             out += b
-    return out if out.dtype == in_dtype else out.astype(in_dtype)
+        return out if out.dtype == in_dtype else out.astype(in_dtype)  # (as lowrank_fusion's)
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -363,9 +364,11 @@ def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> t
         mean = cupy.empty(kept, dtype=cupy.float64)  # (the kernel's accumulator: rounded once below)
         std = cupy.empty(kept, dtype=dtype)
         _launch_stats(x3, mk, eps, mean, std, False, mean, std, 1.0, std)
-    if dtype != x.dtype:
-        std = std.astype(x.dtype)
-    return mean.astype(x.dtype, copy=False), std
+        # the casts on x's device too: CuPy's astype allocates on the current device (a
+        # float32 moments on device 1 returned its mean on device 0; a code review's find)
+        if dtype != x.dtype:
+            std = std.astype(x.dtype)
+        return mean.astype(x.dtype, copy=False), std
 
 
 def zoom_shift(
@@ -397,4 +400,4 @@ def zoom_shift(
         out = cupy.empty(x3.shape, dtype=dtype)
         _launch_stats(x3, mk, eps, g_mean, g_std, True, g_mean, g_std, alpha, out)
         out = out.reshape(x.shape)
-    return out if dtype == x.dtype else out.astype(x.dtype)
+        return out if dtype == x.dtype else out.astype(x.dtype)  # (as moments')

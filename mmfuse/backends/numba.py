@@ -442,6 +442,8 @@ def _run_projections(
     rows = stop - start
     for m, (x, f) in enumerate(zip(xs, mats)):
         n_cols = f.shape[0] * f.shape[2]
+        if not n_cols:  # R h = 0: nothing to project (CUDA refuses a grid extent of 0)
+            continue
         grid = (math.ceil(n_cols / tile), math.ceil(rows / tile))
         kern.proj[grid, (tile, tile), stream](x[start:stop], f, pres, m, use_present, work, m)
 
@@ -498,6 +500,8 @@ def lowrank_fusion_device(
     _check_device_inputs([*xs, *factors, weights, bias], dtype)
     kern = kernels(dtype, tile)
     rank, _, out_dim = factors[0].shape
+    if not out_dim:  # h = 0: an empty output (CUDA refuses a grid extent of 0)
+        return out
     w = weights if weights is not None else _dummy(empty, dtype)
     bb = bias if bias is not None else _dummy(empty, dtype)
     chunks = _projected_chunks(kern, xs, factors, present, rank * out_dim, dtype, tile, stream, empty)
@@ -533,6 +537,8 @@ def cp_fusion_device(
     kern = kernels(dtype, tile)
     out_factor = cp_factors[-1]
     out_dim, rank = out_factor.shape
+    if not out_dim:  # h = 0: an empty output (CUDA refuses a grid extent of 0)
+        return out
     # A_m (D, R) seen as a rank-1, h = R low-rank factor (1, D, R): the same GEMM kernel.
     mats = [a.reshape(1, a.shape[0], a.shape[1]) for a in cp_factors[:-1]]
     w = cp_weights if cp_weights is not None else _dummy(empty, dtype)
@@ -669,10 +675,11 @@ class _Frame:
             # the negative bit resolved: contiguous() keeps a torch._neg_view's, and the
             # kernels read the raw memory (negated data)
             a = a.detach().resolve_neg().contiguous()
-        else:
-            if floating and a.dtype != self.dtype:
-                a = a.astype(self.dtype)
-            a = self.fw.ascontiguousarray(a)
+        else:  # on the arrays' device, as empty(): CuPy allocates (and runs) on the current one
+            with self.fw.cuda.Device(self.device_id):
+                if floating and a.dtype != self.dtype:
+                    a = a.astype(self.dtype)
+                a = self.fw.ascontiguousarray(a)
         return a
 
     def numba(self, a: Any) -> Any:
@@ -698,9 +705,12 @@ class _Frame:
         return self.numba(self.empty(shape, dtype))
 
     def finish(self, out: Any) -> Any:
-        if out.dtype != self.in_dtype:
-            out = out.to(self.in_dtype) if self.torch else out.astype(self.in_dtype)
-        return out
+        if out.dtype == self.in_dtype:
+            return out
+        if self.torch:
+            return out.to(self.in_dtype)
+        with self.fw.cuda.Device(self.device_id):  # (as prepare's)
+            return out.astype(self.in_dtype)
 
 
 def _prepared(frame: _Frame, xs: Sequence[Any], present: Any) -> tuple[list[Any], Any]:
