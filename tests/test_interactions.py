@@ -244,6 +244,33 @@ def test_present_absent_modality_only_through_its_constant(kind, rng):
     assert_close(terms[1:, 1], np.zeros_like(terms[1:, 1]))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_reference_terms_take_the_weights_slices_as_the_definition_reads(rng):
+    """The reference formed each term as dot products with u = [x; 0] and e = [0; 1], whose
+    zeros times a NaN or inf entry made NaN of terms that do not involve it (a NaN in a
+    constant's row spread into every term; an infinite feature's terms summed to NaN where
+    tensor_fusion gives inf; a review's find).  It takes the slices, as the implementations:
+    the same non-finite pattern, and the same values elsewhere."""
+    xs = [rng.standard_normal((2, 2)), rng.standard_normal((2, 3))]
+    factors = [rng.standard_normal((2, 3, 2)), rng.standard_normal((2, 4, 2))]
+    factors[0][1, -1, 0] = np.nan  # in modality 0's constant row, rank 1
+    weight = rng.standard_normal((3, 4, 2))
+    weight[-1, 0, 1] = np.nan  # the constant of modality 0 with modality 1's first feature
+    inf_xs = [xs[0].copy(), xs[1]]
+    inf_xs[0][0, 0] = np.inf
+    calls = [
+        lambda b: mmfuse.lowrank_interactions(xs, factors, by="subset", backend=b)[0],
+        lambda b: mmfuse.tensor_interactions(xs, weight, by="subset", backend=b)[0],
+        lambda b: mmfuse.tensor_interactions(inf_xs, np.abs(weight[..., :1]) + 1, by="subset", backend=b)[0],
+    ]
+    for call in calls:
+        want = call("array_api")
+        assert np.isfinite(want).any() and not np.isfinite(want).all()
+        assert_close(call("reference"), want)  # (NaN and inf where the implementation has them)
+    terms = calls[2]("reference")
+    assert_close(terms.sum(axis=0), ref.tensor_fusion(inf_xs, np.abs(weight[..., :1]) + 1))
+
+
 # --------------------------------------------------------------------------- refusals
 
 

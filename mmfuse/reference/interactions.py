@@ -4,9 +4,16 @@ With :math:`\hat x_m = u_m + e_m`, :math:`u_m = [x_m; 0]` (the features) and
 :math:`e_m = [0; 1]` (the constant), the outer product :math:`\bigotimes_m \hat x_m` is the sum
 over the subsets S of the modalities of :math:`\bigotimes_m v_m` with :math:`v_m = u_m` for
 m in S and :math:`v_m = e_m` otherwise.  Every function here builds each of those 2^M outer
-products (or, for the factorised weights, each per-rank product) literally, per sample, and
-groups them by order by summing the subsets of that size.  Slow on purpose: the oracle.
-Inputs are assumed valid (the public layer checks them).
+products (or, for the factorised weights, each per-rank product) per sample, and groups them
+by order by summing the subsets of that size.  Slow on purpose: the oracle.  Inputs are
+assumed valid (the public layer checks them).
+
+A factor :math:`e_m` selects the constant's entries of the weight and :math:`u_m` contracts its
+feature entries with x_m: each term is formed from those slices, as the definition reads
+(:math:`P_m = x_m^\top F_m[:d_m]`, :math:`c_m = F_m[d_m]`), not as dot products with the zero
+entries of :math:`u_m` and :math:`e_m`, whose ``0 * nan`` and ``0 * inf`` made NaN of terms
+that do not involve a non-finite entry (a NaN in a constant's row spread into every term, and
+an infinite feature's terms no longer summed to ``tensor_fusion``; a review's find).
 """
 
 from __future__ import annotations
@@ -37,24 +44,23 @@ def subset_labels(n_modalities: int) -> list[tuple[int, ...]]:
     return [s for k in range(n_modalities + 1) for s in itertools.combinations(range(n_modalities), k)]
 
 
-def _split(x: np.ndarray, append_one: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(u, e): u = [x; 0] (the features), e = [0; 1] (the constant); hat x = u + e.
+def _contract(w: np.ndarray, x: np.ndarray | None, in_subset: bool, append_one: bool) -> np.ndarray:
+    """``v . w`` over w's first axis for v = u = [x; 0] (``in_subset``) or e = [0; 1]: x
+    contracted with w's feature rows (zeros for an absent modality, x None), or w's constant
+    row; without the constant (``append_one=False``, u = x, e = 0) x contracted with every
+    row, or zeros."""
+    if in_subset:
+        return np.zeros(w.shape[1:]) if x is None else np.tensordot(x, w[: x.shape[0]], axes=1)
+    if append_one:
+        return w[-1]
+    return np.zeros(w.shape[1:])
 
-    Without the constant (``append_one=False``) hat x = x = u and e is the zero vector.
-    """
-    if not append_one:
-        return x, np.zeros_like(x)
-    u = np.append(x, 0.0)
-    e = np.zeros_like(u)
-    e[-1] = 1.0
-    return u, e
 
-
-def _features(xs: list[np.ndarray], present: Any, b: int) -> list[np.ndarray]:
-    """Sample b's features; an absent modality's are zeros (its u_m vanishes)."""
+def _features(xs: list[np.ndarray], present: Any, b: int) -> list[np.ndarray | None]:
+    """Sample b's features; None for an absent modality (its u_m vanishes)."""
     if present is None:
         return [x[b] for x in xs]
-    return [x[b] if bool(present[b, m]) else np.zeros_like(x[b]) for m, x in enumerate(xs)]
+    return [x[b] if bool(present[b, m]) else None for m, x in enumerate(xs)]
 
 
 def _by(subset_terms: np.ndarray, n_modalities: int, by: str) -> tuple[np.ndarray, list[Any]]:
@@ -86,12 +92,12 @@ def tensor_interactions(
     labels = subset_labels(n)
     terms = np.zeros((len(labels), xs[0].shape[0], w.shape[-1]))
     for b in range(xs[0].shape[0]):
-        parts = [_split(x, append_one) for x in _features(xs, None, b)]
+        feats = _features(xs, None, b)
         for i, s in enumerate(labels):
-            z = np.ones(())
-            for m, (u, e) in enumerate(parts):
-                z = np.multiply.outer(z, u if m in s else e)
-            terms[i, b] = np.tensordot(z, w, axes=n)
+            z = w  # contracted one modality's axis at a time, the first remaining axis each
+            for m, x in enumerate(feats):
+                z = _contract(z, x, m in s, append_one)
+            terms[i, b] = z
     return _by(terms, n, by)
 
 
@@ -118,12 +124,12 @@ def lowrank_interactions(
     labels = subset_labels(n)
     terms = np.zeros((len(labels), xs[0].shape[0], out_dim))
     for b in range(xs[0].shape[0]):
-        parts = [_split(x, append_one) for x in _features(xs, present, b)]
+        feats = _features(xs, present, b)
         for i, s in enumerate(labels):
             for r in range(rank):
                 term = np.full(out_dim, w[r])
-                for m, ((u, e), f) in enumerate(zip(parts, factors)):
-                    term = term * ((u if m in s else e) @ f[r])
+                for m, (x, f) in enumerate(zip(feats, factors)):
+                    term = term * _contract(f[r], x, m in s, append_one)
                 terms[i, b] += term
     return _by(terms, n, by)
 
