@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._namespace import half_imported
+
 __all__ = ["autocast_device", "cast_tree", "eligible", "without_autocast"]
 
 
@@ -32,8 +34,15 @@ def autocast_device(xs: Any) -> str | None:
     is active for it, else None (also for anything that is not such a list: the checks report
     it)."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch._C._is_any_autocast_enabled():  # the usual case: one call
+    if torch is None:
         return None
+    try:
+        if not torch._C._is_any_autocast_enabled():  # the usual case: one call
+            return None
+    except AttributeError:  # a torch another thread still imports: no tensor exists yet
+        if half_imported(torch):
+            return None
+        raise
     if not isinstance(xs, (list, tuple)) or not xs or not isinstance(xs[0], torch.Tensor):
         return None
     device_type = xs[0].device.type

@@ -23,6 +23,7 @@ __all__ = [
     "fake_tensors",
     "first_floating",
     "from_numpy",
+    "half_imported",
     "has_float64",
     "is_array",
     "is_cupy",
@@ -346,8 +347,10 @@ def is_array(obj: Any) -> bool:
         return True
     if kind in _NOT_ARRAYS:
         return False
-    torch = sys.modules.get("torch")  # not imported: no tensor can exist
-    if torch is not None and isinstance(obj, torch.Tensor):
+    # (not imported, or still being imported by another thread without its Tensor class yet:
+    # no tensor can exist; see half_imported)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    if tensor is not None and isinstance(obj, tensor):
         return True
     if callable(obj) and not hasattr(obj, "__array_namespace__"):
         # a function or a module (a Wander activation, in the arguments a 16-bit call widens):
@@ -360,8 +363,8 @@ def is_lazy(x: Array) -> bool:
     """True for arrays whose values are not known until computed (Dask, traced JAX)."""
     if type(x) is np.ndarray:
         return False
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (as is_array's)
+    if tensor is not None and isinstance(x, tensor):
         # array_api_compat's answer for every tensor, without its lru_cache'd class test,
         # which Dynamo traces through with a warning (the core under a compiled layer in a
         # torch.func transform)
@@ -374,6 +377,16 @@ def is_lazy(x: Array) -> bool:
 # Python), so there a block only bounds the memory held: this many bytes.  With the CPU budgets
 # the torch ops ran 6-15x slower than one-shot torch code on an H100 (benchmarks/RESULTS.md).
 ACCELERATOR_BLOCK_BYTES = 1 << 28
+
+
+def half_imported(module: Any) -> bool:
+    """Whether ``module``, an entry of ``sys.modules``, is still being imported: another thread
+    imports it, and it sits in ``sys.modules`` from the start, so the names it has not yet
+    defined raise AttributeError.  None of its arrays can exist before its import ends, so a
+    call made meanwhile takes it as not imported where it reads the framework for any call
+    (torch's state when planning, JAX's Tracer class): every NumPy call had failed while
+    another thread imported torch or JAX (a review's find)."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def torch_intercepts(torch: Any) -> bool:
@@ -520,8 +533,8 @@ def on_accelerator(x: Array) -> bool:
     """Whether ``x`` lives on an accelerator (a CuPy array, a torch tensor off the CPU)."""
     if array_api_compat.is_cupy_array(x):
         return True
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta")
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (as is_array's)
+    return tensor is not None and isinstance(x, tensor) and x.device.type not in ("cpu", "meta")
 
 
 def mask_tokens(xp: Namespace, x: Array, mask: Array | None) -> Array:
@@ -682,8 +695,8 @@ def device_of(x: Array) -> Any:
     """``x``'s device: what constants for computations with ``x`` are created on, and what
     the checks compare; None where there is no single one (a traced JAX value, a JAX array
     sharded over several devices)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (as is_array's)
+    if tensor is not None and isinstance(x, tensor):
         return x.device  # what array_api_compat.device returns, without its generic dispatch
     device = array_api_compat.device(x)
     # A JAX array sharded over several devices reports its Sharding, whose partition spec
@@ -729,8 +742,11 @@ def _all_torch(arrays: list[Array]) -> Namespace | None:
     per-array dispatch (tens of microseconds per call at small sizes), with the same answer:
     array_api_compat maps every ``torch.Tensor`` (subclasses included) to that namespace.
     """
-    torch = sys.modules.get("torch")
-    if torch is None or not all(isinstance(a, torch.Tensor) for a in arrays):
+    # (None: no torch, or one another thread is still importing, whose classes may not exist
+    # yet; no tensor can exist before they do: NumPy calls failed with AttributeError
+    # meanwhile, a review's find; see half_imported)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    if tensor is None or not all(isinstance(a, tensor) for a in arrays):
         return None
     return _OURS.get(_COMPAT_TORCH) or torch_namespace()
 
@@ -795,12 +811,12 @@ def to_numpy(x: Array, dtype: Any = np.float64) -> np.ndarray:
 def _to_numpy(x: Array, dtype: Any) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return np.array(x, dtype=dtype, copy=True)
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (as is_array's)
+    if tensor is not None and isinstance(x, tensor):
         # the negative and conjugate bits resolved: DLPack exports the raw memory without them
         # (a torch._neg_view tensor came back negated)
         x = x.detach().cpu().resolve_neg().resolve_conj()
-        if x.dtype == torch.bfloat16 or (x.dtype.is_floating_point and x.dtype.itemsize == 1):
+        if x.dtype == sys.modules["torch"].bfloat16 or (x.dtype.is_floating_point and x.dtype.itemsize == 1):
             # neither DLPack to NumPy nor __array__ take bfloat16 or the float8 types; float32
             # holds their values exactly (as JAX's, through ml_dtypes, below)
             x = x.float()

@@ -34,6 +34,7 @@ the full path every time, where the checks report it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -41,7 +42,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._config import backend_policy
-from ._namespace import committed, device_key, torch_intercepts
+from ._namespace import committed, device_key, half_imported, torch_intercepts
 from .backends._conditions import triton_interpreting
 from .backends._registry import generation
 
@@ -178,9 +179,17 @@ def policy_key(backend: Any) -> Any:
     torch = modules.get("torch")
     torch_state: Any = None
     if torch is not None:
-        if _torch_intercepts(torch):  # first: nothing below is read while Dynamo traces
-            return None
-        torch_state = (torch.is_grad_enabled(), torch.autograd.forward_ad._current_level)
+        try:
+            if _torch_intercepts(torch):  # first: nothing below is read while Dynamo traces
+                return None
+            torch_state = (torch.is_grad_enabled(), torch.autograd.forward_ad._current_level)
+        except AttributeError:
+            if not half_imported(torch):
+                raise
+            # another thread imports torch: wait for it to end, as ``import torch`` does, so
+            # that this call's later reads of torch (its checks, isinstance tests) find it whole
+            importlib.import_module("torch")
+            return policy_key(backend)
     # which optional frameworks are imported (what "auto" may choose from), each as its entry
     # in sys.modules stands: the module, None (an import blocked, ``sys.modules["numba"] =
     # None``) or absent (0).  Three states, not "imported or not": a plan made while numba

@@ -83,8 +83,9 @@ def call_info(xp: Any, like: Any, arrays: Iterable[Any] = ()) -> CallInfo:
         # of the call's arrays (parameters traced under grad, data a closure's constant: the
         # first array alone had let the reference take them, to fail in JAX's conversion; a
         # review's find)
-        jax = sys.modules.get("jax")
-        traced = jax is not None and bool(_instances([like, *arrays], jax.core.Tracer))
+        # (None: no JAX, or one another thread still imports; see half_imported)
+        tracer = getattr(getattr(sys.modules.get("jax"), "core", None), "Tracer", None)
+        traced = tracer is not None and bool(_instances([like, *arrays], tracer))
         size = size if isinstance(size, int) else 0
         return CallInfo(xp, device_of(like), like.dtype, traced=traced, size=size)
     torch = sys.modules["torch"]
