@@ -379,8 +379,9 @@ def moments(
         smallest normal number of the statistics' dtype (float32 for 32- and 16-bit
         inputs) or above its largest, a mask of the wrong shape or one that masks every
         token of a sample.  That last check reads the mask's values, so Dask masks, traced JAX masks (under
-        ``jax.jit`` or ``jax.vmap``) and torch masks on the ``meta`` device or fake (under
-        ``FakeTensorMode`` or a non-strict ``torch.export``: shapes without values) skip it:
+        ``jax.jit`` or ``jax.vmap``) and torch masks on the ``meta`` device, fake (under
+        ``FakeTensorMode`` or a non-strict ``torch.export``: shapes without values) or seen by a
+        ``torch.func`` transform (``vmap``: values that cannot steer Python) skip it:
         a sample with every token masked then gets NaN statistics instead of an error.
     TypeError
         Non-floating x, an ``axis`` that is not an int, non-boolean mask, mixed namespaces.
@@ -672,8 +673,8 @@ def zoom_shift(
         inputs) or above its largest, masks of the wrong shape or masking every token of a
         sample, ``axis`` on the batch.  The all-masked
         check reads the masks' values, so Dask masks, traced JAX masks (under ``jax.jit`` or
-        ``jax.vmap``) and torch masks on the ``meta`` device or fake skip it (such a sample
-        gets NaN statistics, and a NaN output).
+        ``jax.vmap``) and torch masks on the ``meta`` device, fake or seen by a ``torch.func``
+        transform skip it (such a sample gets NaN statistics, and a NaN output).
     TypeError
         Non-floating or mixed dtypes, an ``axis`` that is not an int, non-boolean masks,
         mixed namespaces.
@@ -835,8 +836,8 @@ def align(
         or masking every token of a sample, and ``rounds=None`` for Jacobi consensus with
         M = 2 and alpha = 1 (no limit: the two swap every round).  The all-masked check reads
         the masks' values, so Dask masks, traced JAX masks (under ``jax.jit`` or ``jax.vmap``)
-        and torch masks on the ``meta`` device or fake skip it (such a sample gets NaN
-        statistics, and NaN outputs).
+        and torch masks on the ``meta`` device, fake or seen by a ``torch.func`` transform skip
+        it (such a sample gets NaN statistics, and NaN outputs).
     TypeError
         Non-floating or mixed dtypes, non-integer ``rounds``, ``hub`` or ``axis``, mixed
         namespaces.
@@ -1008,7 +1009,8 @@ def zoom_shift_fusion(
     ValueError
         Inputs not 3-dimensional, unknown ``fuse`` or ``pool``, masks with ``axis`` other
         than -2, and everything :func:`align` refuses (Dask masks, traced JAX masks and torch
-        masks on the ``meta`` device or fake skip its all-masked-sample check: such a sample pools to
+        masks on the ``meta`` device, fake or seen by a ``torch.func`` transform skip its
+        all-masked-sample check: such a sample pools to
         NaN, and max-pools to -inf in the modality whose tokens are all masked).
     TypeError
         An unknown keyword, and everything :func:`align` refuses.

@@ -1608,7 +1608,8 @@ class ZoomShift(nn.Module):
         masks : list or tuple of M entries, optional
             Each None or a boolean (B, T_m) mask, True for tokens that count in the
             statistics and the pooling.  Every sample needs an unmasked token: checked in eager
-            mode, except on the ``meta`` device, whose tensors have no values.  A sample with
+            mode, except on the ``meta`` device, whose tensors have no values, and inside
+            ``torch.func`` transforms (``vmap``), whose values cannot steer Python.  A sample with
             a single unmasked token is taken (refusing it would refuse padded batches with a
             one-token utterance), but its spread is sqrt(eps), as for a one-token input, which
             the layer refuses: its partners are zoomed to it, and their spread in that sample
@@ -1902,7 +1903,8 @@ class GuidedZoomShift(nn.Module):
         masks : list or tuple of M entries, optional
             Each None or a boolean (B, T_m) mask, True for tokens that count in the
             statistics and the pooling.  Every sample needs an unmasked token: checked in eager
-            mode, except on the ``meta`` device, whose tensors have no values.
+            mode, except on the ``meta`` device, whose tensors have no values, and inside
+            ``torch.func`` transforms (``vmap``), whose values cannot steer Python.
 
         Returns
         -------

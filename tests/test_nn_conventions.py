@@ -857,3 +857,40 @@ def test_tensor_fusion_exports_and_compiles_one_graph_for_any_batch():
         xs = draw(size)
         torch.testing.assert_close(compiled(xs), layer(xs))
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # (Dynamo's notes on the graph breaks)
+@pytest.mark.parametrize("kind", ["LowRankFusion", "CPFusion"])
+def test_interactions_export_and_compile_for_any_batch(kind):
+    """The rank-R interaction terms' batch blocks compared a traced batch with their bounds:
+    ``torch.export`` with a dynamic batch failed ("specialized to a constant") and
+    ``torch.compile(dynamic=True)`` made graphs per batch size, up to its recompile limit (a
+    review's find).  A traced batch is one block there too, as in the fusions."""
+    from torch._dynamo.utils import counters
+
+    import mmfuse.nn as mnn
+
+    torch.manual_seed(int(torch.randint(2**31, ())))
+    layer = getattr(mnn, kind)([4, 3], out_dim=2, rank=3, dtype=torch.float64)
+
+    class Terms(torch.nn.Module):
+        def forward(self, a, b):
+            return layer.interactions([a, b])[0]
+
+    def draw(batch):
+        return torch.randn(batch, 4, dtype=torch.float64), torch.randn(batch, 3, dtype=torch.float64)
+
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(Terms(), draw(6), dynamic_shapes=({0: batch}, {0: batch}), strict=False)
+    for size in (3, 11):
+        args = draw(size)
+        torch.testing.assert_close(program.module()(*args), Terms()(*args))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(Terms(), backend="eager", dynamic=True)
+    graphs = []
+    for size in (6, 7, 9, 17):
+        args = draw(size)
+        torch.testing.assert_close(compiled(*args), Terms()(*args))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == graphs[:-1], graphs

@@ -44,6 +44,7 @@ from .._namespace import (
     is_jax,
     is_lazy,
     low_precision,
+    traced_by_dynamo,
 )
 from .chunks import dask_max, one_chunk, reshaped
 from .fusion import Joined, flat_lowrank, mask_absent, tensor_fusion_blocks
@@ -97,9 +98,12 @@ def _add(a: Any, b: Any) -> Any:
 
 def _blocks(xp: Any, x: Any, width: int) -> list[slice]:
     """Batch blocks whose ``width`` elements per row fill about ``_BLOCK_BYTES``; one block on
-    lazy or traced namespaces (Dask, JAX), whose schedulers handle memory."""
+    lazy or traced namespaces (Dask, JAX), whose schedulers handle memory, and for a batch
+    traced by ``torch.compile`` or ``torch.export``, as :func:`mmfuse._core.fusion.batch_blocks`
+    (the size tests fixed a dynamic batch: a graph per batch size, and exports refused; a
+    review's find)."""
     batch = x.shape[0]
-    if is_lazy(x) or is_dask(xp) or is_jax(xp) or batch is None:
+    if is_lazy(x) or is_dask(xp) or is_jax(xp) or batch is None or traced_by_dynamo(x):
         return [slice(None)]
     itemsize = int(xp.finfo(x.dtype).bits) // 8
     budget = block_budget(x, _BLOCK_BYTES)
