@@ -67,8 +67,8 @@ def nested_tensor_error(name: str) -> TypeError:
     layout, :func:`common_namespace`)."""
     return TypeError(
         f"{name} is a nested tensor; mmfuse takes dense tensors: pad it "
-        f"(torch.nested.to_padded_tensor({name}, 0.0)), marking the padding with a mask where "
-        "the operation takes one"
+        "(torch.nested.to_padded_tensor(t, 0.0)), marking the padding with a mask where the "
+        "operation takes one"
     )
 
 
@@ -207,7 +207,17 @@ def check_floating_dtype(space: Any, dtype: Any, device: Any) -> Any:
                 f"dtype must be a real floating dtype of the namespace (e.g. its float32 or float64), "
                 f"got {dtype!r} ({err})"
             ) from None
-    probe = check_device(space, device, dtype)
+    probe = check_device(space, device)  # the device alone: a refusal names it
+    if device is not None and not is_numpy(space):
+        try:  # then the dtype there: a refusal names the dtype (float64 on a device without it)
+            probe = from_numpy(np.ones(1), space, dtype=dtype, device=device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise TypeError(
+                f"dtype {dtype!r} is not available on device={device!r} of {namespace_name(space)}: "
+                f"pass a narrower dtype ({err})"
+            ) from None
+    else:
+        probe = check_device(space, device, dtype)
     xp = array_namespace(probe)
     if not real_floating(xp, probe.dtype):
         raise TypeError(
@@ -235,10 +245,13 @@ def check_device(space: Any, device: Any, dtype: Any = None) -> Any:
     """A one-element array of namespace ``space`` on ``device`` (of ``dtype``); ValueError
     naming ``device`` where the namespace cannot hold arrays there (torch's RuntimeError for
     "cuda0", a negative index, CUDA on a CPU build; NumPy's host-only rule)."""
+    # without a dtype, a float32 probe: every device has it (float64 not: MPS, the "no_float64"
+    # device of array-api-strict, which a float64 probe had called no device)
+    one = np.ones(1, dtype=np.float32 if dtype is None else np.float64)
     if is_numpy(space):
-        return from_numpy(np.ones(1), space, dtype=dtype, device=device)  # its own ValueError
+        return from_numpy(one, space, dtype=dtype, device=device)  # its own ValueError
     try:
-        return from_numpy(np.ones(1), space, dtype=dtype, device=device)
+        return from_numpy(one, space, dtype=dtype, device=device)
     except (RuntimeError, TypeError, ValueError, OverflowError, AssertionError) as err:  # the namespace's own
         raise ValueError(f"device={device!r} is not a device of {namespace_name(space)}: {err}") from None
 

@@ -108,6 +108,11 @@ def _host(x: Any, label: str) -> np.ndarray:
         raise TypeError(
             f"assert_close compares values; {label} is a tensor on the 'meta' device, which holds none"
         )
+    if getattr(x, "is_nested", False) is True:  # torch's internal error or a subclass's otherwise
+        raise TypeError(
+            f"assert_close compares dense arrays; {label} is a nested tensor: compare its padded "
+            "form (torch.nested.to_padded_tensor(t, 0.0)) or its components"
+        )
     a = to_numpy(x, dtype=None)
     if a.dtype.kind == "c":
         raise TypeError(f"assert_close compares real-valued arrays only; {label} has complex dtype {a.dtype}")
@@ -342,8 +347,8 @@ def make_inputs(
     ------
     ValueError
         If ``tokens`` and ``dims`` differ in length, a size is not a positive integer
-        (``batch``: a non-negative one), an array would be over ``max_elements``, or
-        ``device`` is not a device of ``xp``.
+        (``batch``: a non-negative one), an array would be over ``max_elements``,
+        ``device`` is not a device of ``xp``, or ``seed`` is a negative int.
     TypeError
         If ``dtype`` is not a real floating dtype (a cast to it would not keep the values),
         ``dims`` or ``tokens`` is not a sequence (a set or dict: no modality order), ``xp``

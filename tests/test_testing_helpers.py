@@ -374,6 +374,19 @@ def test_meta_tensors_are_refused_by_name():
         assert_close(torch.ones(3, device="meta"), np.ones(3))
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
+@pytest.mark.parametrize("layout", ["strided", "jagged"])
+def test_nested_tensors_are_refused_by_name(layout):
+    """A nested tensor raised torch's "Internal error: NestedTensorImpl doesn't support sizes"
+    (strided) or ".numpy() is not supported for tensor subclasses" (jagged; a review's find)."""
+    torch = pytest.importorskip("torch")
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=getattr(torch, layout))
+    with pytest.raises(TypeError, match=r"^assert_close compares dense arrays; actual is a nested tensor"):
+        assert_close(nested, np.ones(2))
+    with pytest.raises(TypeError, match=r"^assert_close compares dense arrays; desired is a nested tensor"):
+        assert_close(np.ones(2), nested)
+
+
 def test_a_bool_seed_is_refused_everywhere():
     """NumPy's default_rng takes True as the seed 1: the loaders, make_inputs and the
     initialisers accepted seed=True (a flag passed in the seed's place) silently."""

@@ -363,6 +363,17 @@ def test_initialisers_name_a_dtype_the_namespace_does_not_know(init, rng):
     with pytest.raises(ValueError, match=r"device='cuda': NumPy arrays live on the CPU only"):
         calls[init](dtype=np.float32, device="cuda")
     assert gen.bit_generator.state == state  # refused before drawing
+    # float64 on a device without it is the dtype's refusal, not the device's ("not a device
+    # of array_api_strict" before; a review's find), and that device's default is float32
+    strict = pytest.importorskip("array_api_strict")
+    device = strict.Device("no_float64")
+    with pytest.raises(TypeError, match=r"^dtype array_api_strict.float64 is not available on device=.*pass a narrower dtype"):
+        calls[init](xp=strict, device=device, dtype=strict.float64)
+    with pytest.raises(ValueError, match=r"^device='gpu' is not a device of array_api_strict"):
+        calls[init](xp=strict, device="gpu", dtype=strict.float64)
+    assert gen.bit_generator.state == state
+    params = calls[init](xp=strict, device=device)
+    assert params["factors" if init == "lowrank" else "feature"][0].dtype == strict.float32
 
 
 # --------------------------------------------------------------------------- Dask parameter chunks
@@ -495,6 +506,7 @@ def test_sparse_torch_tensors_are_refused_by_name():
         ("weight", lambda: mmfuse.tensor_fusion([x, y], torch.randn(4, 3, 4).to_sparse())),
         ("mask", lambda: mmfuse.moments(seq, mask=torch.ones(2, 3, dtype=torch.bool).to_sparse())),
         ("x", lambda: mmfuse.zoom_shift(seq.to_sparse(), seq + 1)),
+        ("terms", lambda: mmfuse.interaction_shares(torch.randn(2, 3, 4).to_sparse())),
     ]
     for name, call in calls:
         with pytest.raises(TypeError, match=rf"^{re.escape(name)} is a torch.sparse_coo tensor; mmfuse takes dense"):
@@ -516,6 +528,7 @@ def test_strided_nested_torch_tensors_are_refused_by_name():
     p = mmfuse.init_lowrank([3, 3], rank=2, out_dim=2, xp=torch, seed=0)
     calls = [
         ("x", lambda: mmfuse.moments(nt)),
+        ("terms", lambda: mmfuse.interaction_shares(torch.nested.nested_tensor([torch.randn(2, 3)] * 2))),
         ("guide", lambda: mmfuse.zoom_shift(seq, nt)),
         ("xs[1]", lambda: mmfuse.align([seq, nt])),
         ("mask", lambda: mmfuse.moments(seq, mask=nested_mask)),
