@@ -424,7 +424,9 @@ def moments(
     deviations are taken from a rounded first mean, so the magnitude counts too: float32
     statistics of values above about 1e26 overflow even with no spread (the mean's rounding,
     an ulp of the values, squared), and a sum of tokens near float32's maximum overflows
-    (float64 accumulation has neither limit).  float16 / bfloat16 compute in float32.
+    (float64 accumulation has neither limit for float32 data).  float64 data whose token sum
+    passes float64's maximum (``|x| T`` over about 1.8e308: 1000 tokens of 2e305) gets NaN
+    statistics on every backend, with no spread too.  float16 / bfloat16 compute in float32.
     Compute in float64 for such data.  On NumPy the batch is walked in cache-sized blocks, so
     x is read from memory once.
 
