@@ -497,13 +497,14 @@ def as_cp(cp: Any) -> tuple[Any, list[Any]]:
         weights, factors = cp.weights, cp.factors
     elif isinstance(cp, (list, tuple)) and len(cp) == 2:
         weights, factors = cp
-        alone = is_array(weights) and is_array(factors) and getattr(weights, "ndim", 1) == 2
-        if isinstance(weights, (list, tuple)) or alone:
+        listed = isinstance(weights, (list, tuple)) and any(is_array(w) for w in weights)
+        alone = is_array(weights) and is_array(factors) and weights.ndim == factors.ndim == 2
+        if listed or alone:
             # (factors, weights) swapped, or a two-factor list alone (one modality): as_sequence
             # below had said "cp factors must be a list or tuple", of what was given one
             raise TypeError(
                 f"cp must be a (weights, factors) pair, but its first item is a "
-                f"{'list or tuple' if isinstance(weights, (list, tuple)) else '2-D array'}, where the "
+                f"{'list or tuple of arrays' if listed else '2-D array'}, where the "
                 "weights (a vector of R entries, or None) belong: pass (weights, factors), e.g. "
                 "(None, factors), not the factors first or alone"
             )

@@ -62,9 +62,9 @@ def as_sequence(obj: Any, name: str, *, min_len: int = 1, what: str = "modality"
 
 
 def nested_tensor_error(name: str) -> TypeError:
-    """The refusal of a torch nested tensor of strided layout, whose sizes raise torch's
-    "Internal error: NestedTensorImpl doesn't support sizes" (a jagged one is refused by its
-    layout, :func:`common_namespace`)."""
+    """The refusal of a torch nested tensor (strided, whose sizes raise torch's "Internal
+    error: NestedTensorImpl doesn't support sizes", or jagged, whose ``to_dense()`` is
+    refused)."""
     return TypeError(
         f"{name} is a nested tensor; mmfuse takes dense tensors: pad it "
         "(torch.nested.to_padded_tensor(t, 0.0)), marking the padding with a mask where the "
@@ -81,7 +81,9 @@ def check_known_sizes(named: Sequence[tuple[str, Any]]) -> None:
         try:
             shape = getattr(a, "shape", ())
         except RuntimeError:  # a strided nested torch tensor ("Internal error: ... sizes")
-            raise nested_tensor_error(n) from None
+            if getattr(a, "is_nested", False) is True:
+                raise nested_tensor_error(n) from None
+            raise  # another of torch's refusals (a traced closure's tensor): its own words
         for k, size in enumerate(shape):
             if type(size) is float and size != size:
                 raise ValueError(
@@ -103,6 +105,8 @@ def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
     if is_torch(xp):
         strided = sys.modules["torch"].strided
         for n, a in live:
+            if a.is_nested:  # jagged too: its to_dense() (the remedy below) is refused
+                raise nested_tensor_error(n)
             if a.layout != strided:  # sparse / mkldnn: torch's own errors deep inside otherwise
                 raise TypeError(
                     f"{n} is a {a.layout} tensor; mmfuse takes dense (strided) tensors: pass "

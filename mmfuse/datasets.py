@@ -335,8 +335,10 @@ def load_mfeat(
         than ``"cpu"`` with NumPy arrays (no ``xp``, or ``xp=numpy``).
         Also if ``seed`` is a negative int.
     TypeError
-        If ``dtype`` is not a real floating dtype, ``shuffle`` is not a bool, ``seed`` is not
-        None, an int or a ``numpy.random.Generator``, or ``xp`` is not an array namespace.
+        If ``dtype`` is not a real floating dtype, ``shuffle`` is not a bool, ``seed`` is
+        not something ``numpy.random.default_rng`` takes (None, an int, a sequence of ints, a
+        ``SeedSequence``, a bit generator or a ``Generator``) or is a bool, or ``xp`` is not
+        an array namespace.
 
     Notes
     -----
@@ -460,8 +462,10 @@ def load_basic_motions(
         than ``"cpu"`` with NumPy arrays (no ``xp``, or ``xp=numpy``).
         Also if ``seed`` is a negative int.
     TypeError
-        If ``dtype`` is not a real floating dtype, ``shuffle`` is not a bool, ``seed`` is not
-        None, an int or a ``numpy.random.Generator``, or ``xp`` is not an array namespace.
+        If ``dtype`` is not a real floating dtype, ``shuffle`` is not a bool, ``seed`` is
+        not something ``numpy.random.default_rng`` takes (None, an int, a sequence of ints, a
+        ``SeedSequence``, a bit generator or a ``Generator``) or is a bool, or ``xp`` is not
+        an array namespace.
 
     Notes
     -----

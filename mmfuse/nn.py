@@ -206,10 +206,10 @@ def _check_modality_tensors(
     for m, (x, shape) in enumerate(zip(xs, shapes)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{layer}: xs[{m}] must be a torch.Tensor, got {type(x).__name__}")
-        try:
-            sizes = x.shape
-        except RuntimeError:  # a strided nested tensor's sizes
-            raise TypeError(f"{layer}: {nested_tensor_error(f'xs[{m}]')}") from None
+        if x.is_nested:  # (a strided one's sizes raise torch's internal error; a jagged one's
+            # hold a symbolic token count the checks below cannot read)
+            raise TypeError(f"{layer}: {nested_tensor_error(f'xs[{m}]')}")
+        sizes = x.shape
         fits = len(sizes) == len(shape) and all(w is None or sizes[k] == w for k, w in enumerate(shape))
         if not fits:
             want = ", ".join(str(w) if w is not None else "BT"[k] for k, w in enumerate(shape))
@@ -1817,7 +1817,7 @@ class GuidedZoomShift(nn.Module):
         if (device_type := autocast_device(xs)) is not None:  # statistics in the layer's dtype
             with torch.autocast(device_type, enabled=False):
                 # (this class's modulate, as forward: not a subclass's a second time)
-                return GuidedZoomShift.modulate(self, cast_tree(xs, self.weight.dtype), masks)
+                return GuidedZoomShift.modulate(self, cast_tree(xs, self._check_parameters()), masks)
         xs, ys = self._modulated(xs, masks)
         # float16 / bfloat16: the statistics are float32, so is y; rounded once to x's dtype
         return [x if m == self.guide else y.to(x.dtype) for m, (x, y) in enumerate(zip(xs, ys))]
@@ -1926,7 +1926,7 @@ class GuidedZoomShift(nn.Module):
         if (device_type := autocast_device(xs)) is not None:  # pooling and fusion too
             with torch.autocast(device_type, enabled=False):
                 # (this class's forward, as ZoomShift's: not a subclass's a second time)
-                return GuidedZoomShift.forward(self, cast_tree(xs, self.weight.dtype), masks)
+                return GuidedZoomShift.forward(self, cast_tree(xs, self._check_parameters()), masks)
         xs, ys = self._modulated(xs, masks)
         # pooled and fused in the statistics' dtype, rounded once (float16 / bfloat16: pooling
         # sequences rounded to 16 bits cost many ulps of a small pooled mean)

@@ -579,13 +579,18 @@ def test_error_cp_bad_type_and_rank():
     rng = np.random.default_rng()
     factors = [rng.standard_normal((4, 2)), rng.standard_normal((3, 2)), rng.standard_normal((5, 2))]
     hint = r"cp must be a \(weights, factors\) pair, but its first item is a {}, where the weights"
-    with pytest.raises(TypeError, match=hint.format("list or tuple")):
+    with pytest.raises(TypeError, match=hint.format("list or tuple of arrays")):
         mmfuse.cp_fusion(xs, (factors, np.ones(2)))
     with pytest.raises(TypeError, match=hint.format("2-D array")):
         mmfuse.cp_fusion(xs[:1], [factors[0], factors[2]])
-    with pytest.raises(TypeError, match=hint.format("list or tuple")):
+    with pytest.raises(TypeError, match=hint.format("list or tuple of arrays")):
         mmfuse.cp_to_lowrank((factors, None))
     assert_close(mmfuse.cp_fusion(xs, (np.ones(2), factors)), mmfuse.cp_fusion(xs, (None, factors)))
+    # weights as a list of numbers, or 2-D weights beside stacked factors: their own messages
+    with pytest.raises(TypeError, match=r"^cp weights must be an array or None, got list"):
+        mmfuse.cp_fusion(xs, ([1.0, 2.0], factors))
+    with pytest.raises(TypeError, match=r"^cp factors must be a list or tuple of arrays"):
+        mmfuse.cp_fusion(xs, (np.ones((2, 1)), np.ones((3, 4, 2))))
 
 
 def test_error_cp_factor_rows():

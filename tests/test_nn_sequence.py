@@ -4,6 +4,7 @@ functional API and the reference, masks, state_dict, torch.compile(fullgraph=Tru
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -314,6 +315,13 @@ def test_guided_zoom_shift_checks_devices_and_replaced_parameters():
     layer.bias = None
     with pytest.raises(TypeError, match=r"^GuidedZoomShift: bias must be a tensor of shape \(M - 1, 2 C\) = \(1, 12\), got NoneType"):
         layer(xs)
+    layer = GuidedZoomShift(D, 2, fuse=None)
+    layer.weight = None  # under autocast too (it read weight.dtype first: an AttributeError)
+    for region in (contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with region, pytest.raises(TypeError, match=r"^GuidedZoomShift: weight must be a tensor of shape"):
+            layer(xs)
+        with region, pytest.raises(TypeError, match=r"^GuidedZoomShift: weight must be a tensor of shape"):
+            layer.modulate(xs)
 
 
 def test_zoomshift_dtype_messages_give_a_remedy_that_works():

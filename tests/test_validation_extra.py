@@ -519,7 +519,7 @@ def test_strided_nested_torch_tensors_are_refused_by_name():
     error: NestedTensorImpl doesn't support sizes. Please file an issue." from the functions'
     and the layers' first look at its shape (a review's find); it is refused by name."""
     torch = pytest.importorskip("torch")
-    from mmfuse.nn import LowRankFusion, ZoomShift
+    from mmfuse.nn import GuidedZoomShift, LowRankFusion, WanderAdapter, ZoomShift
 
     nt = torch.nested.nested_tensor([torch.randn(5, 3), torch.randn(7, 3)])
     nested_mask = torch.nested.nested_tensor([torch.ones(5, dtype=torch.bool), torch.ones(6, dtype=torch.bool)])
@@ -536,9 +536,26 @@ def test_strided_nested_torch_tensors_are_refused_by_name():
         ("LowRankFusion: xs[0]", lambda: LowRankFusion([3, 3], 2, 2)([nt, nt])),
         ("ZoomShift: xs[0]", lambda: ZoomShift(3, 2)([nt, seq])),
     ]
+    # jagged ones too: the layers read their symbolic token count (AttributeError from the
+    # message's shape formatting, or a GuidedZoomShift guide accepted), and the functions'
+    # remedy, to_dense(), is refused for them (the diff review's finds)
+    jagged = torch.nested.nested_tensor([torch.randn(5, 3), torch.randn(7, 3)], layout=torch.jagged)
+    calls += [
+        ("x", lambda: mmfuse.moments(jagged)),
+        ("WanderAdapter: xs[0]", lambda: WanderAdapter([3, 3], [4, 5], 2, 2, 2)([jagged, seq])),
+        ("GuidedZoomShift: xs[1]", lambda: GuidedZoomShift(3, 2)([seq, jagged])),
+    ]
     for name, call in calls:
         with pytest.raises(TypeError, match=rf"^{re.escape(name)} is a nested tensor; mmfuse takes dense tensors: pad it"):
             call()
+    # torch's other refusals of a shape read keep their own words (a traced closure's tensor
+    # that requires grad was called a nested tensor)
+    layer = LowRankFusion([3, 3], 2, 2)
+    held = torch.randn(5, 3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.jit.trace's deprecation)
+        with pytest.raises(RuntimeError, match=r"Cannot insert a Tensor that requires grad as a constant"):
+            torch.jit.trace(lambda x: layer([x, held]), (torch.randn(5, 3),))
 
 
 def test_torch_wrapper_subclasses_are_computed_by_torch_operations():
