@@ -85,8 +85,15 @@ def without_autocast(device_type: str, fn: Callable[..., Any], *args: Any, **kwa
         with torch.autocast(device_type, enabled=False):
             return fn(*args, **kwargs)
     dtype = torch.get_autocast_dtype(device_type)
+    # masks (boolean by contract) as given: a floating one's refusal names the caller's dtype,
+    # not the region's (a review's find)
+    cast = {k: v if k in _MASK_ARGUMENTS else cast_tree(v, dtype) for k, v in kwargs.items()}
     with torch.autocast(device_type, enabled=False):
-        return fn(*cast_tree(args, dtype), **cast_tree(kwargs, dtype))
+        return fn(*cast_tree(args, dtype), **cast)
+
+
+#: The keyword arguments of the public functions that are masks.
+_MASK_ARGUMENTS = frozenset({"present", "masks", "mask", "guide_mask"})
 
 
 def _has_float64(torch: Any, obj: Any) -> bool:

@@ -296,6 +296,11 @@ def _autocast_fusion(
                 f"casts, but this {layer_dtype} layer computes in {dtype} under autocast; pass "
                 f"{layer_dtype} inputs, or call the layer outside the autocast region"
             )
+    if own and own[0][1].dtype == torch.float64:
+        # a float64 layer is never cast, nor then its inputs: float32 ones are refused naming
+        # float32, not the region's dtype (a review's find); float64 ones run in float64
+        with torch.autocast(device_type, enabled=False):
+            return forward(module, xs, *args, **kwargs)
     view = _cast_view(module, own, dtype)
     with torch.autocast(device_type, enabled=False):
         return forward(view, cast_tree(xs, dtype), *args, **kwargs)

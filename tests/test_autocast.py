@@ -107,3 +107,21 @@ def test_float64_and_the_alignment_operators_are_not_cast():
         assert mmfuse.align([x, g])[0].dtype == torch.float32
         with pytest.raises(TypeError, match=r"factors\[0\] has dtype torch.float32 but xs\[0\] has dtype torch.float64"):
             mmfuse.lowrank_fusion(xs, [f.float() for f in factors])
+
+
+def test_floating_masks_under_autocast_are_refused_with_the_given_dtype():
+    """Masks are boolean by contract: the region's cast had turned a float32 ``present`` or
+    ``masks`` entry into bfloat16 before its check, whose message then named a dtype the
+    caller never passed (a review's find).  Masks are left as given."""
+    rng = np.random.default_rng()
+    xs = [torch.tensor(rng.standard_normal((4, d)), dtype=torch.float32) for d in (3, 4)]
+    p = mmfuse.init_lowrank([3, 4], rank=3, out_dim=5, seed=rng, xp=torch)
+    wp = mmfuse.init_wander([3, 3], [5, 6], rank=2, feature_rank=2, token_rank=2, out_dim=3, seed=rng, xp=torch)
+    seqs = [torch.randn(4, 5, 3), torch.randn(4, 6, 3)]
+    present = torch.ones(4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"^present must have a boolean dtype, got torch.float32$"):
+            mmfuse.lowrank_fusion(xs, **p, present=present)
+        with pytest.raises(TypeError, match=r"masks\[0\] must have a boolean dtype, got torch.float32"):
+            mmfuse.wander(seqs, wp, masks=[torch.ones(4, 5), None])
+        assert mmfuse.lowrank_fusion(xs, **p, present=present > 0).dtype == torch.bfloat16

@@ -213,6 +213,11 @@ def test_autocast_leaves_float64_layers_and_disabled_regions_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=msg):
         layer(xs64)
     assert layer64(xs64).dtype == torch.float64
+    # and the mirror case: float32 inputs to a float64 layer (which autocast never casts) are
+    # refused naming float32, the dtype given, not the region's bfloat16 (a review's find)
+    msg = rf"^{type(layer).__name__}: xs\[0\] has dtype torch.float32 but the layer's parameters have dtype torch.float64"
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=msg):
+        layer64(xs)
 
 
 @pytest.mark.parametrize("case", range(5))
