@@ -470,6 +470,13 @@ def test_auto_takes_the_measured_kernels_for_cuda_tensors_only(monkeypatch):
     import mmfuse.backends.triton as tb
 
     monkeypatch.setattr(tb, "INTERPRETED", False)
+    # (and triton's language built for a GPU, as in such a process: here it was built for the
+    # interpreter, which the rows refuse beside GPU-built kernels, saying so)
+    assert "language is built for the interpreter" in refuse(cuda)
+    from mmfuse.backends import _conditions
+
+    monkeypatch.setattr(_conditions, "triton_build_refusal", lambda interpreting: None)
+    monkeypatch.setattr(tb, "triton_build_refusal", lambda interpreting: None)
     assert refuse(cuda) is None
     assert refuse(replace(cuda, size=big - 1)) == (
         f"needs inputs of at least {big} elements (below, the torch ops were faster)"

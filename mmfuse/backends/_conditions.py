@@ -288,14 +288,16 @@ def _triton(info: CallInfo) -> str | None:
     if not is_torch(info.xp):
         return "needs torch tensors on a CUDA device"
     interpreting = importlib.util.find_spec("triton") is not None and triton_interpreting()
-    refusal = triton_build_refusal(interpreting)
-    if refusal is not None:
-        return refusal
     backend = sys.modules.get("mmfuse.backends.triton")
-    if backend is not None and interpreting != backend.INTERPRETED:
+    if backend is None:  # its import will build the kernels as the variable says now
+        refusal = triton_build_refusal(interpreting)
+        if refusal is not None:
+            return refusal
+    elif interpreting != backend.INTERPRETED or triton_build_refusal(backend.INTERPRETED) is not None:
         # its kernels were built at its first import, for a GPU or for the interpreter, and the
-        # variable has changed since: the backend says what it takes (a call the variable alone
-        # let through ran GPU-built kernels on the CPU and failed inside Triton)
+        # variable has changed since, or triton's language was built otherwise: the backend
+        # says what it takes (a call the variable alone let through ran GPU-built kernels on
+        # the CPU and failed inside Triton)
         refusal = backend.supports(info.xp, info.device)
         if refusal is not None:
             return refusal

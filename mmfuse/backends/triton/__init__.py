@@ -134,7 +134,7 @@ def supports(xp: Any, device: Any) -> str | None:
     now, also CPU tensors.  Else what is needed."""
     if not is_torch(xp):
         return "needs torch tensors on a CUDA device"
-    refusal = triton_build_refusal(triton_interpreting())
+    refusal = triton_build_refusal(INTERPRETED)  # triton's language built as the kernels
     if refusal is not None:
         return refusal
     kind = getattr(device, "type", str(device))
