@@ -67,6 +67,8 @@ def _read_environment() -> dict[str, tuple[Any, str]]:
         env = os.environ.get(_ENV_VARS[key], "").strip()
         if env:  # empty or blank: unset (a blank value was refused as "got ''")
             value: Any = env.lower()
+            if key == "prefer" and value == "none":  # None spelt out (refused as "must be None")
+                value = None
             try:
                 _check_option(key, value)
             except ValueError as exc:
