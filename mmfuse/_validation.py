@@ -88,8 +88,8 @@ def check_known_sizes(named: Sequence[tuple[str, Any]]) -> None:
             if type(size) is float and size != size:
                 raise ValueError(
                     f"{n} has a size of unknown value along axis {k} (shape {fmt_shape(shape)}): "
-                    "Dask chunks of unknown size, e.g. after boolean indexing; call "
-                    f"{n}.compute_chunk_sizes() first"
+                    "Dask chunks of unknown size, e.g. after boolean indexing; call its "
+                    ".compute_chunk_sizes() first"
                 )
 
 

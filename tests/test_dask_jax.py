@@ -381,7 +381,7 @@ def test_dask_chunks_of_unknown_size_are_refused_by_name(dask_array, op, rng):
     unknown = [batch(x)[keep] for x in xs]
     assert np.isnan(unknown[0].shape[0])
     with pytest.raises(
-        ValueError, match=r"has a size of unknown value along axis 0 \(shape \(nan, .*compute_chunk_sizes\(\)"
+        ValueError, match=r"has a size of unknown value along axis 0 \(shape \(nan, .*call its \.compute_chunk_sizes\(\)"
     ):
         call(unknown, param)
     known = [u.compute_chunk_sizes() for u in unknown]
