@@ -55,9 +55,10 @@ def autocast_device(xs: Any) -> str | None:
 
 def eligible(x: Any) -> bool:
     """Whether autocast casts ``x``: floating tensors other than float64 (as torch's own)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not isinstance(x, torch.Tensor):
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (see half_imported)
+    if tensor is None or not isinstance(x, tensor):
         return False
+    torch = sys.modules["torch"]
     return bool(x.is_floating_point() and x.dtype != torch.float64)
 
 

@@ -468,8 +468,8 @@ def _dynamo_frame_hook(torch: Any) -> bool:
 def traced_by_dynamo(x: Any) -> bool:
     """Whether ``x`` is a tensor seen by ``torch.compile``'s tracer (isinstance: Dynamo
     traces it; its is_compiling is True only there)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor) and bool(torch.compiler.is_compiling())
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (as is_array's)
+    return tensor is not None and isinstance(x, tensor) and bool(sys.modules["torch"].compiler.is_compiling())
 
 
 def jit_tracing(torch: Any) -> bool:

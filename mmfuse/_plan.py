@@ -110,10 +110,10 @@ _TORCH_TYPES: dict[type, bool] = {}
 
 
 def _torch_type(t: type) -> bool:
-    torch = sys.modules.get("torch")
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (see half_imported)
     if len(_TORCH_TYPES) >= 256:  # a few types per program, but classes made on the fly must
         _TORCH_TYPES.clear()  # not pile up (nor be kept alive) for good
-    _TORCH_TYPES[t] = answer = torch is not None and issubclass(t, torch.Tensor)
+    _TORCH_TYPES[t] = answer = tensor is not None and issubclass(t, tensor)
     return answer
 
 
@@ -189,7 +189,11 @@ def policy_key(backend: Any) -> Any:
             # another thread imports torch: wait for it to end, as ``import torch`` does, so
             # that this call's later reads of torch (its checks, isinstance tests) find it whole
             importlib.import_module("torch")
-            return policy_key(backend)
+            if not half_imported(torch):
+                return policy_key(backend)
+            # still half built: this thread's own import of torch called mmfuse (an import
+            # hook, a plugin torch loads), where the import statement returns the partial
+            # module at once; no tensor exists yet: planned without torch (a diff review's find)
     # which optional frameworks are imported (what "auto" may choose from), each as its entry
     # in sys.modules stands: the module, None (an import blocked, ``sys.modules["numba"] =
     # None``) or absent (0).  Three states, not "imported or not": a plan made while numba
@@ -240,6 +244,6 @@ def planned_impl(impl: Callable[..., T], args: tuple[Any, ...], options: dict[st
     # an unplanned call (its policy key is None) runs the implementation itself: its own plan
     # assumes what a planned call guarantees, no tracing, dispatch mode or transform
     torch = sys.modules.get("torch")
-    if torch is not None and _torch_intercepts(torch):
+    if torch is not None and not half_imported(torch) and _torch_intercepts(torch):
         return impl
     return plan(*args, **options)

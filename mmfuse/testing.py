@@ -53,8 +53,8 @@ def _dtype_key(dtype: Any) -> str:
             return str(np.dtype(name).name)
         except TypeError:
             raise TypeError(f"dtype {dtype!r} names no dtype") from None
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(dtype, torch.dtype):
+    torch_dtype = getattr(sys.modules.get("torch"), "dtype", None)  # (see half_imported)
+    if torch_dtype is not None and isinstance(dtype, torch_dtype):
         return str(dtype).rsplit(".", 1)[-1]
     if dtype in (float, int, bool, complex):  # Python's types, as NumPy reads them
         return str(np.dtype(dtype).name)
@@ -130,8 +130,9 @@ def _same_device(actual: Any, want: Any) -> bool:
     ``CPU_DEVICE``, a JAX CPU device).
     """
     got = device_of(actual)
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(actual, torch.Tensor):
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (see half_imported)
+    if tensor is not None and isinstance(actual, tensor):
+        torch = sys.modules["torch"]
         if not isinstance(want, (str, torch.device)):
             return False
         try:

@@ -79,6 +79,91 @@ def test_numpy_calls_while_another_thread_imports_a_framework(framework):
     assert out == "True []", out
 
 
+@pytest.mark.parametrize(("framework", "held_at"), [("torch", "torch._C"), ("jax", "jax._src.lib")])
+def test_numpy_calls_during_a_held_import_of_a_framework(framework, held_at):
+    """The same, deterministically: the other thread's import is held at one of its
+    submodules while every kind of NumPy call runs once.  The interaction terms (which never
+    plan, so never wait), numba's kernels for them, assert_close and align's staged-rounds
+    test still read torch.Tensor or jax.core half built (a diff review's find)."""
+    pytest.importorskip(framework)
+    out = _run(
+        f"""
+        import importlib.abc, sys, threading
+        import numpy as np, mmfuse, mmfuse.testing
+        held, release = threading.Event(), threading.Event()
+
+        class Hold(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "{held_at}" and threading.current_thread() is importer:
+                    held.set()
+                    release.wait(120)
+
+        sys.meta_path.insert(0, Hold())
+        rng = np.random.default_rng()
+        xs = [rng.standard_normal((4, 3)), rng.standard_normal((4, 2))]
+        x, g = rng.standard_normal((4, 5, 3)), rng.standard_normal((4, 6, 3))
+        p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=2, seed=rng)
+        weight = rng.standard_normal((4, 3, 2))
+        # (calls that never plan: a planned call waits for torch's import, here held by this
+        # thread; JAX's is never waited for)
+        calls = [lambda: mmfuse.lowrank_interactions(xs, p["factors"], p["weights"]),
+                 lambda: mmfuse.lowrank_interactions(xs, p["factors"], by="subset"),
+                 lambda: mmfuse.tensor_interactions(xs, weight),
+                 lambda: mmfuse.testing.assert_close(x, x),
+                 lambda: mmfuse.zoom(x, 2.0, center=0.0)]
+        if "{framework}" == "jax":
+            calls.append(lambda: mmfuse.align([x, g], rounds=3))
+        wants = [call() for call in calls]
+
+        def same(a, b):
+            if isinstance(a, (tuple, list)):
+                return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+            return bool(np.array_equal(a, b))
+
+        importer = threading.Thread(target=__import__, args=("{framework}",))
+        importer.start()
+        assert held.wait(120)
+        errors = []
+        for call, want in zip(calls, wants):
+            try:
+                assert same(call(), want)
+            except Exception as exc:
+                errors.append(f"{{type(exc).__name__}}: {{exc}}")
+        release.set()
+        importer.join()
+        print(errors)
+        """
+    )
+    assert out == "[]", out
+
+
+def test_a_numpy_call_inside_torchs_own_import_runs():
+    """An mmfuse call made by this thread's own import of torch (an import hook, a plugin
+    torch loads): waiting for the import returns the half-built module at once, and the wait
+    recursed without end (RecursionError; a diff review's find).  It runs, planned without
+    torch."""
+    pytest.importorskip("torch")
+    out = _run(
+        """
+        import importlib.abc, sys
+        import numpy as np, mmfuse
+        x = np.random.default_rng().standard_normal((2, 3, 4))
+        want = mmfuse.moments(x)
+        seen = []
+
+        class During(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "torch._utils" and not seen:
+                    seen.append(mmfuse.moments(x))
+
+        sys.meta_path.insert(0, During())
+        import torch
+        print(len(seen), all(np.array_equal(a, b) for a, b in zip(seen[0], want)))
+        """
+    )
+    assert out == "1 True", out
+
+
 def test_import_mmfuse_imports_no_optional_framework():
     out = _run(
         """

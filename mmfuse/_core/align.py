@@ -129,8 +129,9 @@ def _one_block(x: Any) -> bool:
     Python int: Dask's unknown chunks, traced shapes)."""
     if type(x) is np.ndarray:  # the NumPy path's own arrays first: one type comparison
         return bool(x.nbytes <= _BLOCK_BYTES)
-    torch = sys.modules.get("torch")  # isinstance, not is_torch(xp): Dynamo traces this line
-    if torch is not None and isinstance(x, torch.Tensor):
+    # isinstance, not is_torch(xp): Dynamo traces this line (None: see half_imported)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    if tensor is not None and isinstance(x, tensor):
         # not nbytes: under torch.compile with dynamic shapes it raises ("Cannot call numel()
         # on tensor with symbolic sizes"), where numel() gives a symbolic int
         n: Any = x.numel() * x.element_size()
@@ -219,8 +220,10 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
     xp = array_namespace(x)
     dt = work_dtype(xp, x.dtype)
     xs = x if dt == x.dtype else xp.astype(x, dt)
-    torch = sys.modules.get("torch")  # isinstance, not is_torch(xp): Dynamo traces this line
-    if mask is None and torch is not None and isinstance(xs, torch.Tensor) and xs.numel() > 0:
+    # isinstance, not is_torch(xp): Dynamo traces this line (None: see half_imported)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    if mask is None and tensor is not None and isinstance(xs, tensor) and xs.numel() > 0:
+        torch = sys.modules["torch"]
         # Delegation: torch's var_mean gives corr = mean(d) and the variance of d in one
         # reduction (Welford's update, never negative), where the Array-API form below needs
         # three sums and seven elementwise operations: at small sizes each is a few
@@ -277,8 +280,8 @@ def _accumulator(xp: Any, x: Any, axis: int) -> Any:
     token axis lost its statistics' pivot, as in :func:`_block_stats`); None, x's own dtype,
     otherwise: float64, short axes, and where sums run as trees (torch, JAX, CuPy), whose
     accelerators make float64 slow or lack it."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):  # (isinstance: traced by Dynamo)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (isinstance: traced by Dynamo)
+    if tensor is not None and isinstance(x, tensor):
         return None
     long_axis = not isinstance(x.shape[axis], int) or x.shape[axis] > F32_TOKENS
     # (widens_float32: float32, on a device that has float64; array-api-strict has one without)
@@ -951,9 +954,11 @@ def _jax_staged(x: Any) -> bool:
     first; a review's find).  Each tracer is unwrapped to what it carries (``val`` of a batch
     or jaxpr tracer, ``primal`` of a JVP one): under ``jit`` the innermost is a jaxpr variable,
     not an array."""
-    jax = sys.modules.get("jax")
-    if jax is None or not isinstance(x, jax.core.Tracer):
+    # (None: no JAX, or one another thread still imports; see half_imported)
+    tracer = getattr(getattr(sys.modules.get("jax"), "core", None), "Tracer", None)
+    if tracer is None or not isinstance(x, tracer):
         return False
+    jax = sys.modules["jax"]
     for _ in range(64):  # (the transforms' nesting)
         if not isinstance(x, jax.core.Tracer):
             return not isinstance(x, jax.Array)
@@ -1285,11 +1290,11 @@ def is_eager(xp: Any, x: Any) -> bool:
         return not isinstance(x, sys.modules["jax"].core.Tracer)
     if is_lazy(x) or is_dask(xp):
         return False
-    torch = sys.modules.get("torch")
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (see half_imported)
     if (
-        torch is not None
-        and isinstance(x, torch.Tensor)
-        and (_functorch_wrapped(torch, x) or fake_tensors(torch, (x,)))
+        tensor is not None
+        and isinstance(x, tensor)
+        and (_functorch_wrapped(sys.modules["torch"], x) or fake_tensors(sys.modules["torch"], (x,)))
     ):
         return False
     return getattr(device_of(x), "type", None) != "meta"

@@ -147,8 +147,10 @@ def affine(x: Any, mat: Any, append_one: bool) -> Any:
             out = x @ mat[..., :d, :]
             out += mat[..., d : d + 1, :]  # the product's own buffer (x and mat are never written)
         return out
-    torch = sys.modules.get("torch")  # isinstance, not is_torch(xp): Dynamo traces this line
-    if torch is not None and isinstance(x, torch.Tensor) and mat.ndim in (2, 3) and x.ndim <= mat.ndim:
+    # isinstance, not is_torch(xp): Dynamo traces this line (None: see half_imported)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    if tensor is not None and isinstance(x, tensor) and mat.ndim in (2, 3) and x.ndim <= mat.ndim:
+        torch = sys.modules["torch"]
         # Delegation: torch's addmm / baddbmm add the constant row inside the product, one
         # operator where the generic form below dispatches four (two slices, the product, the
         # sum): at small sizes each is a few microseconds of fixed cost.  The same sum, its
@@ -219,8 +221,8 @@ def tensor_fusion_rows(xp: Any, x: Any, dims: tuple[int, ...], out_dim: int, max
     """
     # torch tensors first, by type: never lazy, and array_api_compat's (lru-cached) checks
     # would warn under torch.compile, which traces this for the layers' compiled path
-    torch = sys.modules.get("torch")
-    is_tensor = torch is not None and isinstance(x, torch.Tensor)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (see half_imported)
+    is_tensor = tensor is not None and isinstance(x, tensor)
     if not is_tensor and (is_lazy(x) or is_dask(xp) or is_jax(xp) or x.shape[0] is None):
         return None
     # (an output width of 0 makes every intermediate empty: one block)
@@ -714,8 +716,9 @@ def cp_fusion(
         return y
     if weights is not None:
         prod = prod * weights
-    torch = sys.modules.get("torch")
-    if bias is not None and torch is not None and isinstance(prod, torch.Tensor):
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (see half_imported)
+    if bias is not None and tensor is not None and isinstance(prod, tensor):
+        torch = sys.modules["torch"]
         # Delegation, as in affine: the output projection and the bias in one addmm
         return torch.addmm(bias, prod, out_factor.mT)
     y = prod @ xp.matrix_transpose(out_factor)

@@ -938,8 +938,8 @@ CPU = CPUPrimitives()
 
 
 def _torch_tensor(a: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(a, torch.Tensor)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (see mmfuse._namespace.half_imported)
+    return tensor is not None and isinstance(a, tensor)
 
 
 def numpy_view(a: Any) -> Any:
