@@ -723,16 +723,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     require("torch")  # before the folder: a missing torch left an empty one behind
     _check_output_dir(args.out, ("demo.txt", "demo.png"))
     check_models_train()  # and a backend in force that cannot train the layers
-    created = not os.path.isdir(args.out)
+    created = []  # the folders makedirs will create, the innermost first
+    path = os.path.abspath(args.out)
+    while not os.path.isdir(path) and path != os.path.dirname(path):
+        created.append(path)
+        path = os.path.dirname(path)
     with _writing(args.out, "create folder", any_error=True):  # now, not after the training
         os.makedirs(args.out, exist_ok=True)
     try:
         with _writing(args.out):
             return run_demo(quick=args.quick, out=args.out, progress=not args.no_progress)
     except KeyboardInterrupt:  # no empty folder left behind (rmdir: only if nothing was written)
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(args.out)
+        with contextlib.suppress(OSError):
+            for folder in created:
+                os.rmdir(folder)
         raise
 
 

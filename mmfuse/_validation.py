@@ -84,6 +84,8 @@ def check_known_sizes(named: Sequence[tuple[str, Any]]) -> None:
             if getattr(a, "is_nested", False) is True:
                 raise nested_tensor_error(n) from None
             raise  # another of torch's refusals (a traced closure's tensor): its own words
+        if type(a) is not np.ndarray and getattr(a, "is_nested", False) is True:
+            raise nested_tensor_error(n)  # a jagged one: its symbolic size reached the checks
         for k, size in enumerate(shape):
             if type(size) is float and size != size:
                 raise ValueError(

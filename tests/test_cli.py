@@ -1080,3 +1080,19 @@ def test_prefer_none_from_the_environment_is_none():
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "None"
+
+
+def test_ctrl_c_is_one_line_and_the_demo_leaves_no_folder(monkeypatch, tmp_path, capsys):
+    """Ctrl-C ended in a traceback deep in autograd and left the demo's folder (and any parent
+    it made) empty behind (review finds): one line, the shell's status 130, no folder."""
+    pytest.importorskip("torch")
+    import mmfuse._demo
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mmfuse._demo, "run_demo", interrupted)
+    out = tmp_path / "made" / "demo"
+    assert _cli.main(["demo", "--out", str(out), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip() == "mmfuse: interrupted"
+    assert not (tmp_path / "made").exists()

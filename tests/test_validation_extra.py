@@ -540,10 +540,15 @@ def test_strided_nested_torch_tensors_are_refused_by_name():
     # message's shape formatting, or a GuidedZoomShift guide accepted), and the functions'
     # remedy, to_dense(), is refused for them (the diff review's finds)
     jagged = torch.nested.nested_tensor([torch.randn(5, 3), torch.randn(7, 3)], layout=torch.jagged)
+    jagged2d = torch.nested.nested_tensor([torch.randn(3), torch.randn(2)], layout=torch.jagged)
     calls += [
         ("x", lambda: mmfuse.moments(jagged)),
         ("WanderAdapter: xs[0]", lambda: WanderAdapter([3, 3], [4, 5], 2, 2, 2)([jagged, seq])),
         ("GuidedZoomShift: xs[1]", lambda: GuidedZoomShift(3, 2)([seq, jagged])),
+        # 2-D ones, whose factor checks read the symbolic size first (internal AttributeError)
+        ("xs[0]", lambda: mmfuse.lowrank_fusion([jagged2d, seq[:, 0]], **p)),
+        ("hs[0]", lambda: mmfuse.sequence_fusion([jagged, seq], [torch.randn(2, 3, 5)] * 2,
+                                                 [torch.randn(2, 5, 3), torch.randn(2, 5, 3)])),
     ]
     for name, call in calls:
         with pytest.raises(TypeError, match=rf"^{re.escape(name)} is a nested tensor; mmfuse takes dense tensors: pad it"):
