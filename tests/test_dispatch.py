@@ -488,6 +488,9 @@ def test_register_checks_supports_and_priority():
             register("moments", "numba", core_align.moments, priority=bad)
     with pytest.raises(TypeError, match=r"^supports must be None or a callable"):
         register("moments", "numba", core_align.moments, supports=42)
+    # a supports of the wrong arity failed at every later call, in a message naming a lambda
+    with pytest.raises(TypeError, match=r"^supports must take two arguments \(xp, device\), got .* \(xp\)$"):
+        register("moments", "numba", core_align.moments, supports=lambda xp: None)
     assert mmfuse.moments(np.ones((2, 3, 2)))[0].shape == (2, 1, 2)  # nothing was registered
 
 

@@ -267,12 +267,18 @@ def register(
     parameter names and kinds).  ``supports(xp, device)`` returns ``None`` when the
     implementation can take arrays of namespace ``xp`` on ``device``, else a sentence saying
     what it needs.  Under ``"auto"`` the highest ``priority`` among the implementations that
-    can take a call wins (the Array-API core has priority 0); one registered for
-    ``"reference"`` runs only when that backend is asked for by name, whatever its priority.
-    It replaces mmfuse's own implementations of ``op`` for ``backend``.  The public function
-    checks the call's arguments before ``func`` runs, and returns ``func``'s result as it is:
-    giving it in the inputs' namespace, dtype and device, as mmfuse's own do, is ``func``'s
-    part.
+    can take a call wins, a registration winning ties (the Array-API core's rows have
+    priority 0, and 1 for its NumPy and Dask paths: ``explain`` lists every row's); one
+    registered for ``"reference"`` runs only when that backend is asked for by name, whatever
+    its priority.  It replaces mmfuse's own implementations of ``op`` for ``backend``.  The
+    public function checks the call's arguments before ``func`` runs, and gives ``func`` the
+    checked values (``align``'s ``hub``, for one, as the int the topology uses: 0 where
+    ``topology`` is not ``"hub"``), and returns ``func``'s result as it is: giving it in the
+    inputs' namespace, dtype and device, as mmfuse's own do, is ``func``'s part.  Under
+    ``torch.compile`` the ``nn`` layers call a ``"torch"`` registration directly, without
+    its ``supports`` or priority (Dynamo traces no registry choice; the eager layers do ask).
+    ``func`` should have no attribute ``plan``: mmfuse's own implementations plan their calls
+    through one.
     """
     _signature(op)
     _check_named_backend(backend)
@@ -281,6 +287,16 @@ def register(
     _check_signature(op, backend, func)
     if supports is not None and not callable(supports):
         raise TypeError(f"supports must be None or a callable (xp, device) -> str | None, got {supports!r}")
+    if supports is not None:  # its arity here, not at every call of op (a review's find)
+        try:
+            inspect.signature(supports).bind(None, None)
+        except TypeError:
+            raise TypeError(
+                f"supports must take two arguments (xp, device), got {supports!r} with signature "
+                f"{inspect.signature(supports)}"
+            ) from None
+        except ValueError:  # a builtin without a signature: taken as it is
+            pass
     # priorities are compared (and negated) at every choice: a bad one must fail here, not there
     if isinstance(priority, bool) or not isinstance(priority, numbers.Real) or not _finite(priority):
         raise TypeError(f"priority must be a finite real number (e.g. 10), got {priority!r}")
