@@ -32,12 +32,14 @@ __all__ = [
     "is_lazy",
     "is_numpy",
     "is_torch",
+    "is_torch_tensor",
     "jit_tracing",
     "namespace_name",
     "native_dtype",
     "not_an_array",
     "python_dispatched",
     "real_floating",
+    "tensor_memory",
     "to_numpy",
     "torch_namespace",
     "torch_values_hidden",
@@ -428,6 +430,20 @@ def torch_values_hidden(torch: Any) -> bool:
 def _tracing_mode_keys(keys: Any) -> list[Any]:
     """torch's own tracing modes among its dispatch-mode keys (those this torch has)."""
     return [key for name in ("FAKE", "PROXY", "FUNCTIONAL") if (key := getattr(keys, name, None)) is not None]
+
+
+def is_torch_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor (False while torch is not imported, or is still being
+    imported by another thread without its Tensor class yet: none can exist; see
+    :func:`half_imported`)."""
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor is not None and isinstance(x, tensor)
+
+
+def tensor_memory(a: Any) -> Any:
+    """A torch CPU tensor's memory as a NumPy array (no copy; the negative bit resolved, which
+    ``numpy()`` refuses); None stays None."""
+    return None if a is None else a.detach().resolve_neg().numpy()
 
 
 def python_dispatched(torch: Any, tensors: Any) -> bool:

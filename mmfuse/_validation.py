@@ -78,14 +78,12 @@ def check_known_sizes(named: Sequence[tuple[str, Any]]) -> None:
     other (batch sizes, masks, factors), which NaN cannot answer (``nan != nan``), and Dask
     cannot align such chunks across arrays either."""
     for n, a in named:
-        try:
-            shape = getattr(a, "shape", ())
-        except RuntimeError:  # a strided nested torch tensor ("Internal error: ... sizes")
-            if getattr(a, "is_nested", False) is True:
-                raise nested_tensor_error(n) from None
-            raise  # another of torch's refusals (a traced closure's tensor): its own words
+        # a nested torch tensor first: a strided one's sizes raise torch's internal error, a
+        # jagged one's symbolic size reaches the checks (torch's other refusals of a shape
+        # read, a traced closure's tensor, keep their own words)
         if type(a) is not np.ndarray and getattr(a, "is_nested", False) is True:
-            raise nested_tensor_error(n)  # a jagged one: its symbolic size reached the checks
+            raise nested_tensor_error(n)
+        shape = getattr(a, "shape", ())
         for k, size in enumerate(shape):
             if type(size) is float and size != size:
                 raise ValueError(
@@ -106,9 +104,7 @@ def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
     xp = array_namespace(*(a for _, a in live), names=tuple(n for n, _ in live))
     if is_torch(xp):
         strided = sys.modules["torch"].strided
-        for n, a in live:
-            if a.is_nested:  # jagged too: its to_dense() (the remedy below) is refused
-                raise nested_tensor_error(n)
+        for n, a in live:  # (nested ones, jagged too, were refused by check_known_sizes)
             if a.layout != strided:  # sparse / mkldnn: torch's own errors deep inside otherwise
                 raise TypeError(
                     f"{n} is a {a.layout} tensor; mmfuse takes dense (strided) tensors: pass "

@@ -41,6 +41,7 @@ from .._core.interactions import (
     lowrank_interactions_with,
     tiled,
 )
+from .._namespace import is_torch_tensor, tensor_memory
 
 __all__ = ["NumbaOrders", "cp_interactions_cpu", "lowrank_interactions_cpu"]
 
@@ -66,14 +67,7 @@ def _compiled_dtype(arrays: list[Any]) -> bool:
     return all(getattr(a, "dtype", None) in (np.float32, np.float64) for a in arrays)
 
 
-def _torch_tensor(a: Any) -> bool:
-    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (see mmfuse._namespace.half_imported)
-    return tensor is not None and isinstance(a, tensor)
-
-
-def _view(a: Any) -> Any:
-    """A torch CPU tensor's memory as a NumPy array (no copy); None stays None."""
-    return None if a is None else a.detach().resolve_neg().numpy()
+_torch_tensor, _view = is_torch_tensor, tensor_memory  # (mmfuse._namespace's)
 
 
 def lowrank_interactions_cpu(

@@ -55,7 +55,7 @@ if importlib.util.find_spec("numba") is None:
     raise ImportError("the numba backend needs numba (pip install 'mmfuse[numba]')")
 
 from .._core.align import Primitives, Stats, align_with, moments_with, zoom_shift_with
-from .._namespace import array_namespace, device_of, is_torch
+from .._namespace import array_namespace, device_of, is_torch, is_torch_tensor, tensor_memory
 
 #: Whether numba-cuda (the CUDA half of this backend) is installed.
 HAS_CUDA = importlib.util.find_spec("numba_cuda") is not None
@@ -937,14 +937,8 @@ CPU = CPUPrimitives()
 # whose analytic backward is mmfuse::zoom_shift's.
 
 
-def _torch_tensor(a: Any) -> bool:
-    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (see mmfuse._namespace.half_imported)
-    return tensor is not None and isinstance(a, tensor)
-
-
-def numpy_view(a: Any) -> Any:
-    """A torch CPU tensor's memory as a NumPy array (no copy); None stays None."""
-    return None if a is None else a.detach().resolve_neg().numpy()
+_torch_tensor = is_torch_tensor
+numpy_view = tensor_memory  # (the name this module exports)
 
 
 def _from_numpy(a: Any) -> Any:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..._core.align import GENERIC, NUMPY, guide_mean, spread, zoom_scale, zoom_shift_map, zoom_shift_with
-from ..._namespace import torch_namespace
+from ..._namespace import python_dispatched, torch_namespace
 from .._torch_eager import any_requires_grad, bind
 from ._common import cast, compute_dtype
 
@@ -70,17 +70,13 @@ def host_kind(data: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]
     shape and type are in it): every tensor on the CPU and of a class with the plain tensor's
     dispatch (a wrapper subclass's memory is not its values: ``numpy()`` refuses it;
     :func:`mmfuse._namespace.python_dispatched`), the data float32 / float64 and non-empty."""
-    plain = torch._C._disabled_torch_dispatch_impl
     for t in data:
         if not (t.is_cpu and t.dtype in _HOST_DTYPES) or t.numel() == 0:
             return False
-        if type(t).__torch_dispatch__ is not plain:
-            return False
-    # (loops: all() over a generator costs 0.15 us more per call)
     for k in masks:
-        if k is not None and (not k.is_cpu or type(k).__torch_dispatch__ is not plain):
+        if k is not None and not k.is_cpu:
             return False
-    return True
+    return not python_dispatched(torch, [*data, *(k for k in masks if k is not None)])
 
 
 def host_layout(data: Sequence[torch.Tensor]) -> bool:
