@@ -841,8 +841,10 @@ def init_lowrank(
         R and h.
     append_one : bool, default True
         Whether factors get the constant's row (d_m + 1 rows).
-    seed : int or numpy.random.Generator, optional
-        Source of randomness; the draw is the same in every namespace.
+    seed : int, numpy.random.Generator or None, optional
+        Source of randomness: ``numpy.random.default_rng(seed)``, so anything it takes (a
+        ``SeedSequence``, a bit generator) works too; None draws fresh entropy.  The draw is
+        the same in every namespace.
     xp : namespace, optional
         Namespace of the returned arrays (default NumPy), e.g. ``torch`` or ``array_api_strict``.
     dtype, device : optional

@@ -334,7 +334,7 @@ def _check_params(params: Any, xs: list[Any]) -> tuple[list[tuple[Any, Any]], li
             "(see init_wander)"
         )
     n = len(xs)
-    down = as_sequence(params["down"], "params['down']", what="modality")
+    down = as_sequence(params["down"], "params['down']", items="(W, b) pairs")
     if len(down) != n:
         raise ValueError(
             f"params['down'] must have one (W, b) pair per modality: got {len(down)} for "
@@ -725,8 +725,10 @@ def init_wander(
         D, the output width (equal to the d_m for ``residual="first"``).
     n_out : int, optional
         T_out, the output token count; default ``rank``, as released.
-    seed : int or numpy.random.Generator, optional
-        Source of randomness; the draw is the same in every namespace.
+    seed : int, numpy.random.Generator or None, optional
+        Source of randomness: ``numpy.random.default_rng(seed)``, so anything it takes (a
+        ``SeedSequence``, a bit generator) works too; None draws fresh entropy.  The draw is
+        the same in every namespace.
     xp : namespace, optional
         Namespace of the returned arrays (default NumPy), e.g. ``torch``.
     dtype, device : optional

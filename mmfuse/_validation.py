@@ -49,11 +49,14 @@ def fmt_shape(shape: Sequence[Any]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def as_sequence(obj: Any, name: str, *, min_len: int = 1, what: str = "modality") -> list[Any]:
-    """``obj`` as a list, insisting it is a list or tuple (an array is not a sequence here)."""
+def as_sequence(
+    obj: Any, name: str, *, min_len: int = 1, what: str = "modality", items: str = "arrays"
+) -> list[Any]:
+    """``obj`` as a list, insisting it is a list or tuple (an array is not a sequence here) of
+    ``items`` (the message's word for its entries)."""
     if is_array(obj) or not isinstance(obj, (list, tuple)):
         raise TypeError(
-            f"{name} must be a list or tuple of arrays (one per {what}), got {type(obj).__name__}"
+            f"{name} must be a list or tuple of {items} (one per {what}), got {type(obj).__name__}"
         )
     if len(obj) < min_len:
         plural = {"modality": "modalities"}.get(what, what + "s") if min_len > 1 else what

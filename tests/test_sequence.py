@@ -707,6 +707,10 @@ def test_errors_wander(rng):
         mmfuse.wander(xs, [params["down"], params["feature"], params["token"]])
     with pytest.raises(TypeError, match=r"params\['down'\]\[0\] must be a \(W, b\) pair"):
         mmfuse.wander(xs, dict(params, down=[params["down"][0][0], params["down"][1]]))
+    # a generator of pairs: its entries are named as pairs, not as arrays (a review's find)
+    with pytest.raises(TypeError, match=r"^params\['down'\] must be a list or tuple of \(W, b\) pairs "
+                                        r"\(one per modality\), got generator$"):
+        mmfuse.wander(xs, dict(params, down=(pair for pair in params["down"])))
     with pytest.raises(ValueError, match=r"masks\[0\] must have shape \(B, T_0\) = \(3, 4\)"):
         mmfuse.wander(xs, params, masks=[np.ones((3, 2), bool), None])
 
