@@ -953,6 +953,43 @@ def test_a_backend_module_that_cannot_load_stays_unavailable():
     assert "mmfuse.backends.numba" in done.stdout, done.stdout
 
 
+_BROKEN_NUMBA = """
+import numpy as np
+import mmfuse
+from mmfuse import backends
+from mmfuse.backends import BackendUnsupported
+rng = np.random.default_rng()
+x, g = rng.standard_normal((64, 128, 128)), rng.standard_normal((64, 100, 128))  # past import_at
+print(backends.explain("zoom_shift", x, g).chosen.backend)  # (a question: imports nothing)
+y = mmfuse.zoom_shift(x, g)
+print(np.array_equal(y, mmfuse.zoom_shift(x, g, backend="array_api")), mmfuse.moments(x)[0].shape)
+print("numba" in backends.available("zoom_shift"), backends.unavailable()["numba"])
+try:
+    mmfuse.zoom_shift(x[:1, :4], g[:1, :4], backend="numba")
+except BackendUnsupported as err:
+    print(err)
+"""
+
+
+def test_a_framework_whose_import_fails_is_refused_not_raised(tmp_path):
+    """numba installed but failing at import (numba refusing a newer NumPy, emulated by a
+    package of that name that raises as it does): "auto" took its rows for large calls on the
+    installed check alone, and the import's error rose from inside the call; ``backend=
+    "numba"`` raised it too, and ``available()`` kept listing numba (a review's find).  The
+    import is tried when a row needing it is chosen: a failure is a refusal ("auto" runs the
+    core) and the backend counts as not installed from then on."""
+    fake = tmp_path / "numba"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise ImportError("Numba needs NumPy 2.3 or less")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _BROKEN_NUMBA], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    why = "numba is installed but its import fails (ImportError: Numba needs NumPy 2.3 or less)"
+    assert lines[:3] == ["numba", "True (64, 1, 128)", f"False ImportError: {why}"], lines
+    assert lines[3].startswith(f"backend 'numba' cannot run zoom_shift: ImportError: {why}"), lines
+
+
 def test_the_triton_interpreter_setting_is_read_per_call():
     """``backend="triton"`` takes CPU tensors only while TRITON_INTERPRET is on, and the
     conditions read it per call: a plan (and a cached registry choice) made with it set was

@@ -237,6 +237,37 @@ def test_no_numba_threading_layer_is_started():
     assert done.stdout.strip() == "Threading layer is not initialized."
 
 
+def test_kernels_compile_where_numba_finds_no_place_for_its_cache():
+    """Without a writable place for numba's on-disk cache (no NUMBA_CACHE_DIR, a read-only
+    install and no writable home: numba's locators all decline, emulated by emptying their
+    list), numba refuses ``cache=True`` at decoration; the kernels compile uncached instead
+    (a review's find: every numba call, "auto" ones included, raised "cannot cache function
+    ...: no locator available")."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numba.core.caching as caching\n"
+        "caching.CacheImpl._locator_classes = []\n"
+        "import numpy as np, mmfuse\n"
+        "from mmfuse import reference\n"
+        "from mmfuse.testing import assert_close\n"
+        "rng = np.random.default_rng()\n"
+        "x, g = rng.standard_normal((3, 7, 5)), 2.0 + rng.standard_normal((3, 4, 5))\n"
+        "assert_close(mmfuse.zoom_shift(x, g, backend='numba'), reference.zoom_shift(x, g))\n"
+        "xs = [rng.standard_normal((6, d)) for d in (2, 3, 2)]\n"
+        "fs = [rng.standard_normal((2, d + 1, 4)) for d in (2, 3, 2)]\n"
+        "assert_close(mmfuse.lowrank_interactions(xs, fs, backend='numba')[0], reference.lowrank_interactions(xs, fs)[0])\n"
+        "from mmfuse.backends import _numba_cpu, _numba_orders\n"
+        "print(_numba_cpu._sample_stats._cache.__class__.__name__, _numba_orders._copy._cache.__class__.__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["NullCache", "NullCache"]  # compiled, not cached
+
+
 def test_cuda_arrays_without_numba_cuda_are_refused_with_the_reason(monkeypatch):
     """With numba but not numba-cuda installed, CUDA inputs get a message naming numba-cuda."""
     torch = pytest.importorskip("torch")

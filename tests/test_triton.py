@@ -539,6 +539,33 @@ def test_ranks_over_the_kernels_limit_go_to_the_torch_ops(monkeypatch):
         assert_close(out, ref.cp_fusion([_np(x) for x in xs], (None, [_np(f) for f in cp[1]])))
 
 
+def test_batches_past_32_bit_rows_go_to_the_torch_ops(monkeypatch):
+    """The fusion kernels' row index is 32-bit: a batch over ``_ops.MAX_ROWS`` (2**31 - 1)
+    rows wrapped to negative rows (reads before x, writes before the output; a review's find),
+    so the torch backend's ops take it.  The limit made small here (the interpreter cannot
+    run 2**31 rows), and the rule's own bound read on views of one element."""
+    from mmfuse.backends.triton import _too_many_rows
+
+    one = torch.ones((1, 3))
+    assert not _too_many_rows([one.expand(_ops.MAX_ROWS, 3)]) and _too_many_rows([one.expand(2**31, 3)])
+    rng = np.random.default_rng(8)
+    fs = [torch.tensor(rng.standard_normal((2, d + 1, 4)), dtype=torch.float32) for d in (3, 2)]
+    cp = (None, [torch.tensor(rng.standard_normal((n, 2)), dtype=torch.float32) for n in (4, 3, 4)])
+    for batch in (5, 6):
+        xs = [torch.tensor(rng.standard_normal((batch, d)), dtype=torch.float32) for d in (3, 2)]
+        launched = []
+        monkeypatch.setattr(_ops, "MAX_ROWS", 5)
+        for name in ("lowrank_call", "cp_call"):
+            real = getattr(_ops, name)
+            monkeypatch.setattr(_ops, name, lambda *a, real=real, name=name, seen=launched: seen.append(name) or real(*a))
+        low = mmfuse.lowrank_fusion(xs, fs, backend="triton")
+        out = mmfuse.cp_fusion(xs, cp, backend="triton")
+        monkeypatch.undo()
+        assert launched == ([] if batch > 5 else ["lowrank_call", "cp_call"]), batch
+        assert_close(low, ref.lowrank_fusion([_np(x) for x in xs], [_np(f) for f in fs]))
+        assert_close(out, ref.cp_fusion([_np(x) for x in xs], (None, [_np(f) for f in cp[1]])))
+
+
 def test_stats_kernels_grid_stays_within_cudas_limit():
     """The statistics kernels put channel blocks on grid axis 1 (at most 65535 programs on
     CUDA): every tile choice keeps ``_ops.MAX_CHANNELS`` channels within it, and one more

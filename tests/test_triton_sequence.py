@@ -288,7 +288,28 @@ def test_calls_the_kernel_does_not_take_go_to_the_torch_backend(rng):
         out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", backend="triton")
         assert type(out.grad_fn).__name__ == "_SequenceFusionBackward"
         assert_close(out, _ref(hs, feats, toks, None, "cp"))
-    assert _sequence_ops.takes([hs[0]], [_sequence_ops.MAX_WIDTH])
+    assert _sequence_ops.takes([hs[0]], [_sequence_ops.MAX_WIDTH], [])
+
+
+def test_factors_past_32_bit_offsets_go_to_the_torch_backend(rng, monkeypatch):
+    """The kernel's offsets inside a factor are 32-bit: a factor of more than
+    MAX_FACTOR_ELEMENTS elements goes to the torch backend's op.  (A token factor of shape
+    (3, 1, 2**30) started its rank 2 at offset -2**31 and crashed the interpreter; a review's
+    find.)  Views of one element: nothing allocated."""
+    one, h = torch.ones((1, 1, 1)), torch.ones((1, 1, 2))
+    fits, past = one.expand(1, 1, _sequence_ops.MAX_FACTOR_ELEMENTS), one.expand(3, 1, 2**30)
+    assert _sequence_ops.takes([h], [2], [fits]) and not _sequence_ops.takes([h], [2], [fits, past])
+    # through the public function, the limit made one below the largest factor: a token factor
+    # (2, 3, 3) of 18 elements beside feature factors of 16, then a feature factor (2, 2, 8) of
+    # 32 beside token factors of at most 18
+    for out_dim, largest in ((4, 18), (8, 32)):
+        hs, feats, toks, _, _ = _problem(rng, 2, (3, 2), (2, 2), 2, 2, 3, out_dim, False, torch.float32)
+        assert max(f.numel() for f in (*feats, *toks)) == largest
+        for limit, op in ((largest - 1, "_SequenceFusionBackward"), (largest, "_TritonSequenceFusionBackward")):
+            monkeypatch.setattr(_sequence_ops, "MAX_FACTOR_ELEMENTS", limit)
+            out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", backend="triton")
+            assert type(out.grad_fn).__name__ == op, (out_dim, limit)
+            assert_close(out, _ref(hs, feats, toks, None, "cp"))
 
 
 def test_empty_batch(rng):

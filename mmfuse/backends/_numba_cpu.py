@@ -28,8 +28,9 @@ and a channel with no spread has variance exactly 0.  The map is the core's,
 input's dtype (``x - c`` is exact near the mean) and the scale, correction and target in
 float64: computed in float64 and rounded once to the input's dtype (:func:`apply_map`).
 
-Compilation: on first use, per dtype, cached on disk (``cache=True``), so a process after the
-first loads them in well under a second.  Importing this module imports numba but compiles
+Compilation: on first use, per dtype, cached on disk (``cache=True``, where numba finds a
+writable place: :func:`mmfuse.backends._numba_jit.cpu_kernel`), so a process after the first
+loads them in well under a second.  Importing this module imports numba but compiles
 nothing (the ``"numba"`` backend module, its only importer, needs numba anyway).
 """
 
@@ -42,6 +43,7 @@ import numba
 import numpy as np
 
 from .._core.threads import available_cores, run_tasks
+from ._numba_jit import cpu_kernel
 
 __all__ = ["PARALLEL_ELEMENTS", "apply_map", "channel_chunk", "max_workers", "stats", "zoom_shift"]
 
@@ -55,7 +57,7 @@ _MAX_WORKERS = 8
 # loop keeps LLVM from vectorising it (several times slower).
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no cover - compiled
     """x[b, :, c0:c1]'s statistics over its tokens (masked ones skipped): the first mean in
     ``mean[:]``, the second pass's correction in ``shift[:]`` (the mean is their sum, which
@@ -97,7 +99,7 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no
         var[c] = 0.0 if v < 0.0 else v  # rounding can go below 0; NaN stays (NaN < 0 is False)
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _task_span(task, per, chunk, n_chan):  # pragma: no cover - compiled
     """(sample, first channel, end channel) of task ``task`` (``per`` tasks per sample)."""
     b = task // per
@@ -105,7 +107,7 @@ def _task_span(task, per, chunk, n_chan):  # pragma: no cover - compiled
     return b, c0, min(c0 + chunk, n_chan)
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _stats_kernel(x, mask, use_mask, chunk, mean_out, var_out, shift_out, t0, t1):  # pragma: no cover
     n_chan = x.shape[2]
     per = (n_chan + chunk - 1) // chunk
@@ -120,7 +122,7 @@ def _stats_kernel(x, mask, use_mask, chunk, mean_out, var_out, shift_out, t0, t1
         shift_out[b, c0:c1] = shift
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _zoom_shift_kernel(
     x, mask, use_mask, g_mean, g_sigma, alpha, eps, chunk, out, t0, t1
 ):  # pragma: no cover - compiled
@@ -169,7 +171,7 @@ def _zoom_shift_kernel(
                 dest[c] = ((np.float64(row[c]) - centre[c]) - corr[c]) * scale[c] + target[c]
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _apply_kernel(x, centre, corr, scale, target, chunk, out, t0, t1):  # pragma: no cover - compiled
     _, n_tok, n_chan = x.shape
     per = (n_chan + chunk - 1) // chunk

@@ -17,7 +17,8 @@ Numerics: the same operations in the same order as NumPy's recursion (order j be
 ``c * (order j) + p * (order j - 1)``, no fused multiply-add), so the coefficients are the
 NumPy path's to the last bit; float32 and float64 compute in their own dtype.
 
-Compilation: on first use, per dtype, cached on disk (``cache=True``).  The kernels live in
+Compilation: on first use, per dtype, cached on disk where numba can
+(:func:`mmfuse.backends._numba_jit.cpu_kernel`).  The kernels live in
 :mod:`mmfuse.backends._numba_orders`, imported on a kernel's first run: importing this module
 (as resolving the registry's rows does) imports no numba.
 

@@ -3,12 +3,13 @@ the interaction terms), apart so that importing that module, which the registry 
 resolve its rows (``available()``, ``explain()``), imports no numba: the kernels load on first
 use, and "auto" keeps choosing by whether the process has imported numba.
 
-Compilation: on first use, per dtype, cached on disk (``cache=True``).
+Compilation: on first use, per dtype, cached on disk where numba can
+(:func:`mmfuse.backends._numba_jit.cpu_kernel`).
 """
 
 from __future__ import annotations
 
-import numba
+from ._numba_jit import cpu_kernel
 
 __all__ = ["coefficients"]
 
@@ -17,27 +18,27 @@ __all__ = ["coefficients"]
 # length, keeps it from doing so: several times slower).
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _copy(dst, a):  # pragma: no cover - compiled
     for w in range(dst.shape[0]):
         dst[w] = a[w]
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _times(dst, a, p):  # pragma: no cover - compiled
     """dst = a * p."""
     for w in range(dst.shape[0]):
         dst[w] = a[w] * p[w]
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _step(dst, c, low, p):  # pragma: no cover - compiled
     """dst = dst * c + low * p (order j from orders j and j - 1 and modality m's c and p)."""
     for w in range(dst.shape[0]):
         dst[w] = dst[w] * c[w] + low[w] * p[w]
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _step2(a, b, c, low, p):  # pragma: no cover - compiled
     """Two adjacent orders in one pass (b the lower): each from the old values, as _step."""
     for w in range(a.shape[0]):
@@ -46,7 +47,7 @@ def _step2(a, b, c, low, p):  # pragma: no cover - compiled
         b[w] = bw * c[w] + low[w] * p[w]
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _step4(a, b, d, e, c, low, p):  # pragma: no cover - compiled
     """Four adjacent orders in one pass (a the highest, e the lowest), as _step: each row is
     loaded once for two updates, about half the loads of four single passes."""
@@ -62,14 +63,14 @@ def _step4(a, b, d, e, c, low, p):  # pragma: no cover - compiled
         e[w] = ew * cw + low[w] * pw
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def _first(dst, a, c, low, p):  # pragma: no cover - compiled
     """dst = a * c + low * p (order 1 after the second modality, from the first's row a)."""
     for w in range(dst.shape[0]):
         dst[w] = a[w] * c[w] + low[w] * p[w]
 
 
-@numba.njit(cache=True, nogil=True)
+@cpu_kernel
 def coefficients(proj, const, prefix, coef):  # pragma: no cover - compiled
     """Orders 1..M of ``prod_m (const[m] + t proj[m])`` into ``coef``.
 

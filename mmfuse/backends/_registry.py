@@ -106,6 +106,8 @@ _RESOLVED: dict[Row, Implementation] = {}
 # backend -> why its module could not be imported
 _plugin_errors: dict[str, str] = {}
 _failed_modules: dict[str, str] = {}  # backend -> the module whose failure _plugin_errors holds
+# framework -> why its import failed though it is installed (:func:`_framework_refusal`)
+_broken_frameworks: dict[str, str] = {}
 # (op, policy, namespace, device, dtype, grad, traced, intercepted, imported frameworks and size
 # class under "auto") -> implementation
 _CHOICES: dict[tuple[Any, ...], Implementation] = {}
@@ -373,6 +375,8 @@ def _resolve(row: Row) -> Implementation | None:
             # without it, and the backend was listed as available on a machine without its
             # framework.  Looked up, not imported: a lookup importing numba would make "auto"
             # send small NumPy calls to its kernels
+            if framework in _broken_frameworks:
+                raise ImportError(f"{framework} is installed but its import fails ({_broken_frameworks[framework]})")
             if framework is not None and not installed(framework):
                 raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
         except ImportError as exc:  # the backend's framework (or its module) is not installed
@@ -411,13 +415,52 @@ def installed(name: str) -> bool:
     """Whether the top-level module ``name`` is imported or importable, looked up, not
     imported (importing numba would change "auto"'s choices, CuPy initialises CUDA, JAX takes
     seconds); ``sys.modules[name] = None``, the usual way to block an import, says no, and so
-    does a broken install.  (The registry's rows and ``mmfuse verify``'s namespaces.)"""
+    does a broken install, and one whose import has failed (:func:`_framework_refusal`).
+    (The registry's rows and ``mmfuse verify``'s namespaces.)"""
     if name in sys.modules:
         return sys.modules[name] is not None
+    if name in _broken_frameworks:
+        return False
     try:
         return find_spec(name) is not None
     except (ImportError, ValueError):  # a broken install
         return False
+
+
+def _framework_refusal(impl: Implementation) -> str | None:
+    """Why a table row's implementation ``impl`` cannot run for want of its framework, or None.
+
+    Its framework, installed (the row resolved) but not imported yet, is imported here: a row
+    "auto" takes past its ``import_at``, or one ``backend=`` names (their modules load without
+    it; their kernels import it when they run).  An import that fails (numba refusing a newer
+    NumPy, a half-removed install) is then this row's refusal, and the framework counts as
+    not installed from then on (:func:`installed`: its rows stop resolving, and
+    :func:`unavailable` gives the error), where the import's error used to rise from inside
+    the call, "auto"'s large calls included (a review's find).  Registrations (no
+    ``condition``) import what they need themselves.
+    """
+    fw = FRAMEWORKS.get(impl.backend)
+    if fw is None or impl.condition is None or sys.modules.get(fw) is not None:
+        return None
+    if fw in sys.modules:  # None: an import blocked (sys.modules[fw] = None), maybe lifted later
+        return f"the import of {fw} is blocked (sys.modules[{fw!r}] is None)"
+    try:
+        importlib.import_module(fw)
+    except Exception as exc:  # (ImportError, or whatever a broken package raises at import)
+        error = f"{type(exc).__name__}: {exc}"
+        with _lock:
+            _broken_frameworks[fw] = error
+            for row in [r for r in _RESOLVED if FRAMEWORKS[r.backend] == fw]:
+                del _RESOLVED[row]
+            _CHOICES.clear()
+            _generation[0] += 1
+        return f"{fw} is installed but its import fails ({error})"
+    return None
+
+
+def _no_refusal(impl: Implementation) -> None:
+    """:func:`_framework_refusal`'s stand-in where nothing may be imported (:func:`explain`)."""
+    return None
 
 
 def _rows(op: str, backend: str | None) -> list[Row]:
@@ -561,18 +604,24 @@ def _policy(backend: str | None) -> str:
     return name if prefer is None else f"auto, prefer {prefer}"
 
 
-def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
+def _choose(op: str, name: str, info: CallInfo | None, *, to_run: bool = True) -> Implementation:
+    """The implementation policy ``name`` takes for a call described by ``info``; with
+    ``to_run`` (not :func:`explain`'s question, which must import nothing that changes later
+    choices) a framework the choice needs is imported first (:func:`_framework_refusal`)."""
+    loads = _framework_refusal if to_run else _no_refusal
     if name.startswith("auto, prefer "):
         try:
-            return _choose(op, name[len("auto, prefer ") :], info)
+            return _choose(op, name[len("auto, prefer ") :], info, to_run=to_run)
         except BackendUnsupported:  # a preference, not a demand: "auto" decides
-            return _choose(op, "auto", info)
+            return _choose(op, "auto", info, to_run=to_run)
     reasons: list[str] = []
     if name == "auto":
         for cand in _candidates(op, None, imported_only=True, info=info):
             if isinstance(cand, Row) or cand.backend == "reference":
                 continue
             refusal = None if info is None else cand.refusal(info)
+            if refusal is None:
+                refusal = loads(cand)
             if refusal is None:
                 return cand
             if refusal not in reasons:
@@ -604,6 +653,8 @@ def _choose(op: str, name: str, info: CallInfo | None) -> Implementation:
         return cands[0]
     for cand in cands:
         refusal = cand.refusal(info)
+        if refusal is None:
+            refusal = loads(cand)
         if refusal is None:
             return cand
         if refusal not in reasons:
@@ -790,7 +841,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
             size = CALL_SIZES[op](*arrays)
     info = _describe(like, arrays, size)
     try:
-        chosen: Implementation | None = _choose(op, name, info)
+        chosen: Implementation | None = _choose(op, name, info, to_run=False)
     except BackendUnsupported:
         chosen = None
     rows: list[tuple[str, str, int, str]] = []

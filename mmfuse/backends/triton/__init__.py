@@ -88,9 +88,10 @@ float32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, a
 float64 inputs and more than eight modalities go to the torch backend's custom ops (the
 kernels are built for float32/float16/bfloat16; fp64 dots would run far below the GPU's
 FP32/TF32 rate), and so do ranks over ``_ops.MAX_RANK`` (512: the tiles of larger ones need
-more shared memory than a block gets); alignment inputs with over ``_ops.MAX_CHANNELS``
-channels (524280), or over ``_ops.MAX_ROWS`` rows (2**31 - 1; CUDA's grid, both), go to the
-torch backend or the core.  Inside ``torch.func`` transforms and forward-mode AD this
+more shared memory than a block gets), and batches over ``_ops.MAX_ROWS`` (2**31 - 1: the
+kernels' row index is 32-bit); alignment inputs with over ``_ops.MAX_CHANNELS`` channels
+(524280), or over ``_ops.MAX_ROWS`` rows (CUDA's grid, both), go to the torch backend or the
+core.  Inside ``torch.func`` transforms and forward-mode AD this
 module's functions, called directly, hand the call to the torch backend too; through the
 public functions the registry refuses ``backend="triton"`` there (``BackendUnsupported``),
 and "auto" takes the torch backend.
@@ -167,6 +168,13 @@ def _delegated(xs: Sequence[Any], *more: Any) -> bool:
     return torch_transformed(*(t for t in tensors if isinstance(t, torch.Tensor)))
 
 
+def _too_many_rows(xs: Sequence[Any]) -> bool:
+    """Whether a fusion's batch is over :data:`~._ops.MAX_ROWS`: the fusion kernels' row index
+    (program id times the row block) is 32-bit, so a batch over 2**31 - 1 rows wrapped to
+    negative rows, read before x and written before the output (a review's find)."""
+    return int(xs[0].shape[0]) > _ops.MAX_ROWS
+
+
 def lowrank_fusion(
     xs: Sequence[Any],
     factors: Sequence[Any],
@@ -177,7 +185,7 @@ def lowrank_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.lowrank_fusion`` as the ``mmfuse_triton::lowrank_fusion`` op (inputs checked)."""
-    if _delegated(xs, factors, weights, bias) or factors[0].shape[0] > _ops.MAX_RANK:
+    if _delegated(xs, factors, weights, bias) or factors[0].shape[0] > _ops.MAX_RANK or _too_many_rows(xs):
         from .. import torch as torch_backend
 
         return torch_backend.lowrank_fusion(
@@ -197,7 +205,7 @@ def cp_fusion(
 ) -> Any:
     """``mmfuse.cp_fusion`` as the ``mmfuse_triton::cp_fusion`` op (inputs checked)."""
     weights, factors = cp
-    if _delegated(xs, factors, weights, bias) or factors[-1].shape[1] > _ops.MAX_RANK:
+    if _delegated(xs, factors, weights, bias) or factors[-1].shape[1] > _ops.MAX_RANK or _too_many_rows(xs):
         from .. import torch as torch_backend
 
         return torch_backend.cp_fusion(xs, cp, bias, append_one=append_one, present=present)

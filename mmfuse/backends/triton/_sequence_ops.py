@@ -21,9 +21,9 @@
   differentiates them and the op supplies the fusion's backward.
 
 Calls the kernel is not built for go to the torch backend's functions: float64, more than
-eight modalities, ``torch.func`` transforms (as for the other Triton ops), and widths r_m
+eight modalities, ``torch.func`` transforms (as for the other Triton ops), widths r_m
 above :data:`MAX_WIDTH` (the kernel keeps each modality's (T_out slice, r_m) token-first
-tile in registers).
+tile in registers), and a factor of more than :data:`MAX_FACTOR_ELEMENTS` elements.
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ from . import _ops
 from . import _sequence_kernels as SK
 from ._ops import MAX_MODALITIES, _pow2, _precision, _slots
 
-__all__ = ["MAX_WIDTH", "sequence_call", "sequence_fusion", "takes", "wander"]
+__all__ = ["MAX_FACTOR_ELEMENTS", "MAX_WIDTH", "sequence_call", "sequence_fusion", "takes", "wander"]
 
 #: The largest r_m the kernel takes (rounded up to a power of two it is the width of every
 #: modality's token-first register tile; M of them live through the feature-rank loop).
 MAX_WIDTH = 64
+#: The most elements a feature or token factor may have: the kernel's offsets inside a factor
+#: are 32-bit (a token factor's rank j starts at ``j T_m T_out``, which wrapped past 2**31 to a
+#: negative offset: a read before the factor; a review's find, shown in the interpreter).
+MAX_FACTOR_ELEMENTS = 2**31 - 1
 
 
 class _SeqTiles(NamedTuple):
@@ -204,12 +208,17 @@ sequence_call = _ops.bind_launch(
 # --------------------------------------------------------------------------- entry points
 
 
-def takes(hs_or_xs: Sequence[Any], widths: Sequence[int], *more: Any) -> bool:
+def takes(
+    hs_or_xs: Sequence[Any], widths: Sequence[int], factors: Sequence[Any], *more: Any
+) -> bool:  # fmt: skip
     """Whether the kernel serves a call: the other Triton ops' rules (float32 / 16-bit, at
-    most eight modalities, no ``torch.func`` transform) and every width r_m <= MAX_WIDTH."""
+    most eight modalities, no ``torch.func`` transform), every width r_m <= MAX_WIDTH and
+    every one of the feature and token ``factors`` of at most MAX_FACTOR_ELEMENTS elements."""
     from . import _delegated  # the package's routing rule (imported by now)
 
-    return not _delegated(hs_or_xs, *more) and max(widths) <= MAX_WIDTH
+    if _delegated(hs_or_xs, factors, *more) or max(widths) > MAX_WIDTH:
+        return False
+    return all(f.numel() <= MAX_FACTOR_ELEMENTS for f in factors)
 
 
 def _mask_list(masks: Sequence[Any] | None, n: int) -> list[Any]:
@@ -229,7 +238,7 @@ def sequence_fusion(
     checked); other calls (see :func:`takes`) go to the torch backend."""
     masks_list = _mask_list(masks, len(hs))
     # (torch.jit.trace: the torch backend's, which runs the core there; see its jit_tracing)
-    if jit_tracing(torch) or not takes(hs, [int(h.shape[2]) for h in hs], feature_factors, token_factors):
+    if jit_tracing(torch) or not takes(hs, [int(h.shape[2]) for h in hs], [*feature_factors, *token_factors]):
         from .. import torch as torch_backend
 
         return torch_backend.sequence_fusion(hs, feature_factors, token_factors, mode=mode, masks=masks)
@@ -256,7 +265,8 @@ def wander(
     feats, toks = list(params["feature"]), list(params["token"])
     # (torch.jit.trace: the torch backend's, which runs the core there, as sequence_fusion
     # above; the op's list of optional masks failed the tracer; a review's find)
-    if jit_tracing(torch) or not takes(xs, [int(w.shape[1]) for w in weights], weights, biases, feats, toks):
+    widths = [int(w.shape[1]) for w in weights]
+    if jit_tracing(torch) or not takes(xs, widths, [*feats, *toks], weights, biases):
         from .. import torch as torch_backend
 
         return torch_backend.wander(
