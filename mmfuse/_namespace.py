@@ -668,8 +668,10 @@ def in_work_dtype(func: Callable[..., Any], xp: Namespace, dtype: Any, *args: An
     """``func(*args, **kwargs)`` computed in :func:`work_dtype` of ``dtype``, rounded once back
     to ``dtype`` (:func:`computed_in`): how float16 / bfloat16 accumulate in float32 (a
     modality's projection, or a sum of squares, overflows float16's 65504 long before the
-    result does)."""
-    return computed_in(func, xp, work_dtype(xp, dtype), dtype, *args, **kwargs)
+    result does).  A non-native NumPy ``dtype`` (">f2") is rounded to in native order, as
+    NumPy's own operations return (:func:`native_dtype`; its ">f2" result was refused by
+    ``torch.from_numpy``, where ">f4" and ">f8" inputs gave native ones: a review's find)."""
+    return computed_in(func, xp, work_dtype(xp, dtype), native_dtype(dtype), *args, **kwargs)
 
 
 def computed_in(
