@@ -43,10 +43,12 @@ class UsageError(SystemExit):
 
 
 def _probe(module: str) -> tuple[Any, str | None]:
+    from mmfuse.backends._table import install_hint
+
     try:
         return importlib.import_module(module), None
     except Exception as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, f"{type(exc).__name__}: {exc}{install_hint(exc)}"
 
 
 # --------------------------------------------------------------------------- info
@@ -480,10 +482,20 @@ def _writing(path: str, what: str = "write", *, any_error: bool = False) -> Iter
         where = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else None
         top = os.path.abspath(path)
         if where is not None and not any_error:
-            if os.path.commonpath([top, os.path.abspath(where)]) != top:
+            if not _inside(os.path.abspath(where), top):
                 raise  # not the output: a real failure, shown in full
             path = where
         raise UsageError(f"mmfuse: cannot {what} {path!r}: {exc.strerror or exc}") from None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether absolute ``path`` is ``folder`` or inside it; False for paths on two Windows
+    drives, of which ``commonpath`` raises ValueError ("Paths don't have the same drive"),
+    which had buried the error being reported (a review's find)."""
+    try:
+        return os.path.commonpath([folder, path]) == folder
+    except ValueError:
+        return False
 
 
 def _check_output_dir(path: str, files: Sequence[str]) -> None:
@@ -850,11 +862,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:  # e.g. MMFUSE_BACKEND=bogus
             raise UsageError(f"mmfuse: {exc}") from None
     try:
-        status = int(args.func(args))
-        # written now, in here: a block-buffered stdout (a pipe, a file) is otherwise flushed at
-        # exit, past the handlers below (a closed reader or a full disk gave "Exception ignored"
-        # and status 120 outside this machine's unbuffered runs; a review's find)
-        sys.stdout.flush()
+        with _escaping_stdout():
+            status = int(args.func(args))
+            # written now, in here: a block-buffered stdout (a pipe, a file) is otherwise flushed
+            # at exit, past the handlers below (a closed reader or a full disk gave "Exception
+            # ignored" and status 120 outside this machine's unbuffered runs; a review's find)
+            sys.stdout.flush()
         return status
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status (128 + SIGINT)
         print("mmfuse: interrupted", file=sys.stderr)
@@ -881,6 +894,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         _stdout_to_devnull()  # no second failure when stdout is flushed at exit
         print(f"mmfuse: cannot write the output: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _escaping_stdout() -> Iterator[None]:
+    """stdout writing characters its encoding lacks as escapes (``\\xe9``), as stderr does,
+    while a command runs; then as it was.  The output names the user's paths and settings,
+    which an ASCII or cp1252 stdout (Windows' redirected output, ``PYTHONIOENCODING``, a C
+    locale) cannot always encode: the work was done, then its report raised
+    UnicodeEncodeError (a review's find).  A stream without ``reconfigure`` (a test's
+    capture, a user's wrapper) or with its own error handler is left as it is."""
+    stream = sys.stdout
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is None or getattr(stream, "errors", None) != "strict":
+        yield
+        return
+    reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):  # (a closed or failed stream: no matter)
+            reconfigure(errors="strict")
 
 
 def _stdout_to_devnull() -> None:

@@ -640,6 +640,64 @@ def test_bad_env_backend_info_reports_it_others_exit_2():
     assert "Traceback" not in res.stderr and "MMFUSE_BACKEND" in res.stderr
 
 
+_INFO_WITHOUT = """
+import importlib.abc, sys
+
+class Absent(importlib.abc.MetaPathFinder):  # torch and jax as if not installed
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "jax"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Absent())
+sys.modules["dask"] = None  # blocked: installing it would not help, so no hint
+from mmfuse import _cli
+_cli.main(["info"])
+"""
+
+
+def test_info_says_how_to_install_a_missing_framework():
+    """A framework missing from the machine gets its install command in ``info``'s namespace
+    and backend lines (only CuPy's and numba's backends said one; torch's and Triton's gave
+    the bare ModuleNotFoundError; a review's find); an import blocked by ``sys.modules[name] =
+    None`` gets none."""
+    res = subprocess.run([sys.executable, "-c", _INFO_WITHOUT], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    missing = [line.split()[0] for line in res.stdout.splitlines() if "missing:" in line]
+    hinted = [line.split()[0] for line in res.stdout.splitlines()
+              if line.endswith("No module named 'torch' (pip install 'mmfuse[torch]')")]  # fmt: skip
+    assert hinted == ["torch", "torch", "triton"], res.stdout  # the namespace, the two backends
+    assert "No module named 'jax' (pip install 'mmfuse[jax]')\n" in res.stdout
+    assert "dask" in missing and "'dask' is not a package\n" in res.stdout and "mmfuse[dask]" not in res.stdout
+
+
+def test_output_characters_the_stdout_cannot_encode_are_escaped(tmp_path):
+    """An ASCII or cp1252 stdout (Windows' redirected output, PYTHONIOENCODING, a C locale)
+    raised UnicodeEncodeError at a report naming a non-ASCII setting or path, after the work
+    was done (a review's find); it writes them as escapes now, as stderr does, with status 0."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "MMFUSE_BACKEND": "caf\u00e9"}
+    res = subprocess.run([sys.executable, "-m", "mmfuse", "info"], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "invalid:" in res.stdout and "caf\\xe9" in res.stdout, res.stdout
+    out = tmp_path / "r\u00e9sultats \u0436" / "b.json"
+    out.parent.mkdir()
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    args = ["bench", "--quick", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy", "--json", str(out)]
+    res = subprocess.run([sys.executable, "-m", "mmfuse", *args], capture_output=True, encoding="cp1252", timeout=300, env=env)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert json.loads(out.read_text())["results"] and "r\u00e9sultats \\u0436" in res.stdout, res.stdout
+
+
+def test_a_failing_file_on_another_drive_is_not_taken_for_the_output(monkeypatch):
+    """On Windows ``commonpath`` of paths on two drives raises ValueError, which buried the
+    error being reported (a file read under C: failing while --out is on D:; a review's
+    find): such a file is simply not inside the output."""
+    import ntpath
+
+    monkeypatch.setattr(_cli.os.path, "commonpath", ntpath.commonpath)
+    assert not _cli._inside("C:\\Users\\me\\data.npz", "D:\\res")
+    assert _cli._inside("D:\\res\\b.json", "D:\\res") and _cli._inside("D:\\res", "D:\\res")
+
+
 def test_info_queries_cuda_devices_only_with_probe_gpu():
     # a stand-in cupy, already imported (as dask.array does when CuPy is installed)
     code = """

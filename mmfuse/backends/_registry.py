@@ -35,7 +35,7 @@ from .._config import BACKEND_NAMES, backend_policy
 from .._namespace import array_namespace, device_key, first_floating, is_array, namespace_name
 from ._catalogue import CALL_SIZES, OPERATORS, Signature
 from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info, triton_interpreting
-from ._table import FRAMEWORKS, ROWS, Row
+from ._table import FRAMEWORKS, ROWS, Row, install_hint
 
 __all__ = [
     "BackendUnsupported",
@@ -381,7 +381,7 @@ def _resolve(row: Row) -> Implementation | None:
                 raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
         except ImportError as exc:  # the backend's framework (or its module) is not installed
             if row.backend not in _plugin_errors:
-                _plugin_errors[row.backend] = f"{type(exc).__name__}: {exc}"
+                _plugin_errors[row.backend] = f"{type(exc).__name__}: {exc}{install_hint(exc)}"
                 _failed_modules[row.backend] = module
             return None
         _check_signature(row.op, row.backend, func)

@@ -46,11 +46,12 @@ above that op's row at 15, which it replaces on CPU: same backward, a forward ab
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 from ._conditions import TRITON_AUTO_ELEMENTS
 
-__all__ = ["AUTO_IMPORT_ELEMENTS", "AUTO_IMPORT_PRODUCTS", "FRAMEWORKS", "ROWS", "Row"]
+__all__ = ["AUTO_IMPORT_ELEMENTS", "AUTO_IMPORT_PRODUCTS", "FRAMEWORKS", "ROWS", "Row", "install_hint"]
 
 
 class Row(NamedTuple):
@@ -105,6 +106,32 @@ FRAMEWORKS: dict[str, str | None] = {
     "cupy": "cupy",
     "triton": "triton",
 }
+
+
+#: optional module -> what installs it (pyproject's extras; Triton has none: it comes with
+#: torch's CUDA builds, or alone)
+_INSTALLS = {
+    "torch": "pip install 'mmfuse[torch]'",
+    "numba": "pip install 'mmfuse[numba]'",
+    "cupy": "pip install 'mmfuse[cupy]'",
+    "triton": "pip install triton",
+    "jax": "pip install 'mmfuse[jax]'",
+    "dask": "pip install 'mmfuse[dask]'",
+    "tensorly": "pip install 'mmfuse[tensorly]'",
+    "array_api_strict": "pip install array-api-strict",
+}
+
+
+def install_hint(exc: BaseException) -> str:
+    """`` (pip install ...)`` for an import error that says an optional framework is not
+    installed, else "" (another error, or an import blocked by ``sys.modules[name] = None``,
+    which installing would not lift).  The messages of ``mmfuse info`` and
+    :func:`~mmfuse.backends.unavailable`."""
+    name = getattr(exc, "name", None)
+    top = name.split(".")[0] if isinstance(name, str) else None
+    if not isinstance(exc, ModuleNotFoundError) or top not in _INSTALLS or sys.modules.get(top, 0) is None:
+        return ""
+    return f" ({_INSTALLS[top]})"
 
 
 def _rows() -> tuple[Row, ...]:
