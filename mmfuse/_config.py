@@ -133,6 +133,12 @@ def set_config(**options: Any) -> None:
     pass ``backend=``).  Inside a :func:`config_context` block it overrides the block's
     options, until the block exits and restores the state it entered with.
 
+    Other processes do not see it: a child started by ``spawn`` or ``forkserver`` (a
+    DataLoader's or a ``multiprocessing`` pool's under those start methods) and Dask's worker
+    processes begin from the defaults and the environment, so set ``MMFUSE_BACKEND`` /
+    ``MMFUSE_PREFER`` before starting them (or call this in each); a ``fork`` child begins
+    with its parent's settings of the forking thread.
+
     Parameters
     ----------
     backend : {"auto", "array_api", "reference", "numba", "cupy", "torch", "triton"}
