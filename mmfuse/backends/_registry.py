@@ -376,7 +376,8 @@ def _resolve(row: Row) -> Implementation | None:
             # framework.  Looked up, not imported: a lookup importing numba would make "auto"
             # send small NumPy calls to its kernels
             if framework in _broken_frameworks:
-                raise ImportError(f"{framework} is installed but its import fails ({_broken_frameworks[framework]})")
+                why = _broken_frameworks[framework]
+                raise ImportError(f"{framework} is installed but its import fails ({why})")
             if framework is not None and not installed(framework):
                 raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
         except ImportError as exc:  # the backend's framework (or its module) is not installed

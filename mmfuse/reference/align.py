@@ -25,12 +25,9 @@ from typing import Any
 import numpy as np
 
 from ._exact import dd_add, dd_mul, two_prod, two_sum
+from ._inputs import f64
 
 __all__ = ["align", "moments", "shift", "zoom", "zoom_shift", "zoom_shift_fusion"]
-
-
-def _f64(a: Any) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64)
 
 
 def _lanes(x: np.ndarray, axis: int, mask: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +77,7 @@ def _two_pass(x: Any, axis: int, mask: Any) -> tuple[np.ndarray, np.ndarray, np.
     The mean is m0 + corr; kept as the two, a deviation x - mean is (x - m0) - corr, to the
     last bit even where the mean is large against the spread (as one float64 the mean is
     only good to an ulp of itself: 1.5e-8 at 1e8, on unit-sized deviations)."""
-    x = _f64(x)
+    x = f64(x)
     xl, ml = _lanes(x, axis, mask)
     first, shift, var = (np.zeros(xl.shape[:2]) for _ in range(3))
     for b in range(xl.shape[0]):
@@ -104,12 +101,12 @@ def _two_pass(x: Any, axis: int, mask: Any) -> tuple[np.ndarray, np.ndarray, np.
 
 def zoom(x: Any, scale: Any, *, center: Any) -> np.ndarray:
     """center + (x - center) * scale."""
-    return _f64(center) + (_f64(x) - _f64(center)) * _f64(scale)
+    return f64(center) + (f64(x) - f64(center)) * f64(scale)
 
 
 def shift(x: Any, offset: Any) -> np.ndarray:
     """x + offset."""
-    return _f64(x) + _f64(offset)
+    return f64(x) + f64(offset)
 
 
 def _zoom_shift_parts(
@@ -142,7 +139,7 @@ def _zoom_shift_parts(
     for idx in np.ndindex(sigma_x.shape):
         if not (sigma_x[idx] == 0 or (in_rounds and var[idx] == 0)):
             scale[idx] = (sigma_t[idx] / sigma_x[idx]) ** alpha
-    return (1.0 - alpha) * mu_x + alpha * mu_t, ((_f64(x) - mu0) - corr) * scale
+    return (1.0 - alpha) * mu_x + alpha * mu_t, ((f64(x) - mu0) - corr) * scale
 
 
 def zoom_shift(
@@ -156,8 +153,8 @@ def zoom_shift(
     eps: float = 1e-5,
 ) -> np.ndarray:
     """mu_x + (x - mu_x) (sigma_g / sigma_x)^alpha + alpha (mu_g - mu_x)."""
-    mu_g, sigma_g = moments(_f64(guide), axis=axis, mask=guide_mask, eps=eps)
-    x = _f64(x)
+    mu_g, sigma_g = moments(f64(guide), axis=axis, mask=guide_mask, eps=eps)
+    x = f64(x)
     offset, dev = _zoom_shift_parts(np.zeros(_kept_shape(x, axis)), x, mu_g, sigma_g, alpha, axis, mask, eps)
     return dev + offset
 
@@ -300,7 +297,7 @@ def _limit(
             continue
         first, corr, _ = parts[i]
         # x - mu0 as in _zoom_shift_parts; the limit's low part added before its high part
-        out.append((((_f64(ys[i]) - first) - corr) * scales[i] + mu_lo[i]) + mu_hi[i])
+        out.append((((f64(ys[i]) - first) - corr) * scales[i] + mu_lo[i]) + mu_hi[i])
     return out
 
 

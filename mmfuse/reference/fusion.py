@@ -11,11 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from ._inputs import f64
+
 __all__ = ["cp_fusion", "cp_to_lowrank", "lowrank_fusion", "lowrank_to_tensor", "tensor_fusion"]
-
-
-def _f64(a: Any) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64)
 
 
 def hat(x: np.ndarray, append_one: bool) -> np.ndarray:
@@ -40,8 +38,8 @@ def tensor_fusion(
     ``max_elements`` is accepted for signature parity and ignored: the reference is for
     sizes small enough to build Z.
     """
-    xs = [_f64(x) for x in xs]
-    w = _f64(weight)
+    xs = [f64(x) for x in xs]
+    w = f64(weight)
     n_modes = len(xs)
     out = np.zeros((xs[0].shape[0], w.shape[-1]))
     for b in range(xs[0].shape[0]):
@@ -50,7 +48,7 @@ def tensor_fusion(
             z = np.multiply.outer(z, hat(x[b], append_one))
         out[b] = np.tensordot(z, w, axes=n_modes)  # sum over all input modes
     if bias is not None:
-        out += _f64(bias)
+        out += f64(bias)
     return out
 
 
@@ -68,10 +66,10 @@ def lowrank_fusion(
 
     An absent modality (``present[b, m]`` False) enters as hat x_m = [0, ..., 0, 1].
     """
-    xs = [_f64(x) for x in xs]
-    factors = [_f64(f) for f in factors]
+    xs = [f64(x) for x in xs]
+    factors = [f64(f) for f in factors]
     rank, _, out_dim = factors[0].shape
-    w = np.ones(rank) if weights is None else _f64(weights)
+    w = np.ones(rank) if weights is None else f64(weights)
     out = np.zeros((xs[0].shape[0], out_dim))
     for b in range(xs[0].shape[0]):
         for r in range(rank):
@@ -81,7 +79,7 @@ def lowrank_fusion(
                 term = term * (hat(feats, append_one) @ f[r])
             out[b] += term
     if bias is not None:
-        out += _f64(bias)
+        out += f64(bias)
     return out
 
 
@@ -93,9 +91,9 @@ def lowrank_to_tensor(
     ``max_elements`` is accepted for signature parity and ignored (as in
     :func:`tensor_fusion`).
     """
-    factors = [_f64(f) for f in factors]
+    factors = [f64(f) for f in factors]
     rank, _, out_dim = factors[0].shape
-    w = np.ones(rank) if weights is None else _f64(weights)
+    w = np.ones(rank) if weights is None else f64(weights)
     dims = tuple(f.shape[1] for f in factors)
     full = np.zeros((*dims, out_dim))
     for k in range(out_dim):
@@ -110,9 +108,9 @@ def lowrank_to_tensor(
 def cp_to_tensor(cp: tuple[Any, list[Any]]) -> np.ndarray:
     """The full tensor of a CP decomposition: sum_r w_r a_1r (x) ... (x) a_Mr (x) c_r."""
     weights, factors = cp
-    factors = [_f64(f) for f in factors]
+    factors = [f64(f) for f in factors]
     rank = factors[0].shape[1]
-    w = np.ones(rank) if weights is None else _f64(weights)
+    w = np.ones(rank) if weights is None else f64(weights)
     full = np.zeros(tuple(f.shape[0] for f in factors))
     for r in range(rank):
         block = np.full((), w[r])
@@ -134,7 +132,7 @@ def cp_fusion(
 
     An absent modality's features are replaced by zeros before fusion.
     """
-    xs = [_f64(x).copy() for x in xs]
+    xs = [f64(x).copy() for x in xs]
     if present is not None:
         for m, x in enumerate(xs):
             x[~np.asarray(present, dtype=bool)[:, m]] = 0.0
@@ -144,7 +142,7 @@ def cp_fusion(
 def cp_to_lowrank(cp: tuple[Any, list[Any]]) -> tuple[list[np.ndarray], np.ndarray]:
     """Exact CP -> LMF conversion: F_1[r] = a_1r c_r^T and F_m[r] = a_mr 1^T for m > 1."""
     weights, factors = cp
-    factors = [_f64(f) for f in factors]
+    factors = [f64(f) for f in factors]
     out_factor = factors[-1]
     rank = out_factor.shape[1]
     lowrank = []
@@ -154,5 +152,5 @@ def cp_to_lowrank(cp: tuple[Any, list[Any]]) -> tuple[list[np.ndarray], np.ndarr
             partner = out_factor[:, r] if m == 0 else np.ones(out_factor.shape[0])
             f[r] = np.outer(a[:, r], partner)
         lowrank.append(f)
-    w = np.ones(rank) if weights is None else _f64(weights)
+    w = np.ones(rank) if weights is None else f64(weights)
     return lowrank, w

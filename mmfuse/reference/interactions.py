@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ._inputs import f64
 from .fusion import cp_to_tensor
 
 __all__ = [
@@ -33,10 +34,6 @@ __all__ = [
     "subset_labels",
     "tensor_interactions",
 ]
-
-
-def _f64(a: Any) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64)
 
 
 def subset_labels(n_modalities: int) -> list[tuple[int, ...]]:
@@ -86,8 +83,8 @@ def tensor_interactions(
 
     ``max_elements`` is accepted for signature parity and ignored.
     """
-    xs = [_f64(x) for x in xs]
-    w = _f64(weight)
+    xs = [f64(x) for x in xs]
+    w = f64(weight)
     n = len(xs)
     labels = subset_labels(n)
     terms = np.zeros((len(labels), xs[0].shape[0], w.shape[-1]))
@@ -116,10 +113,10 @@ def lowrank_interactions(
     (e_m . F_m[r] is the constant's row of the factor; u_m . F_m[r] the features' projection.)
     An absent modality (``present[b, m]`` False) has u_m = 0.  ``max_elements`` is ignored.
     """
-    xs = [_f64(x) for x in xs]
-    factors = [_f64(f) for f in factors]
+    xs = [f64(x) for x in xs]
+    factors = [f64(f) for f in factors]
     rank, _, out_dim = factors[0].shape
-    w = np.ones(rank) if weights is None else _f64(weights)
+    w = np.ones(rank) if weights is None else f64(weights)
     n = len(xs)
     labels = subset_labels(n)
     terms = np.zeros((len(labels), xs[0].shape[0], out_dim))
@@ -147,7 +144,7 @@ def cp_interactions(
 
     An absent modality's features are replaced by zeros.  ``max_elements`` is ignored.
     """
-    xs = [_f64(x).copy() for x in xs]
+    xs = [f64(x).copy() for x in xs]
     if present is not None:
         for m, x in enumerate(xs):
             x[~np.asarray(present, dtype=bool)[:, m]] = 0.0
@@ -160,7 +157,7 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> np.ndarray:
     ``kind="norm"``: <T_k, y> / <y, y> over all samples and outputs (no centring).  NaN when
     the denominator is zero.
     """
-    t = _f64(terms)
+    t = f64(terms)
     big = float(np.max(np.abs(t))) if t.size else 0.0
     if math.isfinite(big) and big > 0:  # scale-free: the largest term about 1 (exactly: 2**k)
         t = np.ldexp(t, -np.frexp(big)[1])

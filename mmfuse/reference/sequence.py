@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ._exact import two_prod
+from ._inputs import f64
 
 __all__ = [
     "feature_weight",
@@ -35,10 +36,6 @@ __all__ = [
     "token_weight",
     "wander",
 ]
-
-
-def _f64(a: Any) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64)
 
 
 def _shared_last_mode(factors: list[np.ndarray]) -> np.ndarray:
@@ -61,13 +58,13 @@ def _collapse(factors: list[np.ndarray]) -> list[np.ndarray]:
 
 def feature_weight(feature_factors: list[Any], *, mode: str = "cp") -> np.ndarray:
     """W_feat[s_1, ..., s_M, k] = sum_i prod_m Phi_m[i, s_m, k], shape (r_1, ..., r_M, D)."""
-    factors = [_f64(f) for f in feature_factors]
+    factors = [f64(f) for f in feature_factors]
     return _shared_last_mode(_collapse(factors) if mode == "collapsed" else factors)
 
 
 def token_weight(token_factors: list[Any], *, mode: str = "cp") -> np.ndarray:
     """W_tok[tau_1, ..., tau_M, t] = sum_j prod_m Psi_m[j, tau_m, t], shape (T_1, ..., T_M, T_out)."""
-    factors = [_f64(f) for f in token_factors]
+    factors = [f64(f) for f in token_factors]
     return _shared_last_mode(_collapse(factors) if mode == "collapsed" else factors)
 
 
@@ -115,7 +112,7 @@ def sequence_fusion(
     ``mode="cp"`` uses W as given by the factors; ``mode="collapsed"`` sums each modality's
     ranks first (the released Wander code).  Padded tokens are zeroed before the contraction.
     """
-    hs = _masked([_f64(h) for h in hs], masks)
+    hs = _masked([f64(h) for h in hs], masks)
     w = sequence_weight(feature_factors, token_factors, mode=mode)
     n_modes = 2 * len(hs)
     out = np.zeros((hs[0].shape[0], *w.shape[-2:]))
@@ -142,7 +139,7 @@ def gelu(x: Any) -> np.ndarray:
     down to x = -37.5).  Below, erfc is subnormal and its own rounding (2^-1074 absolute),
     times x / 2, leaves up to about 20 ulps (or units of 2^-1074 once x Phi is subnormal too).
     """
-    x = _f64(x)
+    x = f64(x)
     u, lo = two_prod(x, -_RSQRT2)  # -x (1 / sqrt 2) = u + lo + (-x) _RSQRT2_LO
     erfc = np.vectorize(math.erfc, otypes=[np.float64])(u)
     with np.errstate(invalid="ignore", over="ignore"):  # u * u of a huge u: exp(-inf) = 0
@@ -184,17 +181,17 @@ def wander(
     ``residual="first"`` adds the first T_out tokens of the inputs concatenated along the
     token axis (the released code); a callable ``activation`` is called on float64 NumPy.
     """
-    xs = [_f64(x) for x in xs]
+    xs = [f64(x) for x in xs]
     act = _ACTIVATIONS[activation] if isinstance(activation, str) else activation
     hs = []
     for x, (w, b) in zip(xs, params["down"]):
         # padded tokens may hold anything (NaN, inf), which the masks then drop: no warnings
         # of theirs, as no other backend gives (inf padding warned in the matmul)
         with np.errstate(invalid="ignore", over="ignore"):
-            h = x @ _f64(w)  # (B, T_m, d_m) @ (d_m, r_m)
+            h = x @ f64(w)  # (B, T_m, d_m) @ (d_m, r_m)
             if b is not None:
-                h = h + _f64(b)
-            hs.append(_f64(act(h)))  # (the tanh GELU's cube overflows on padding of 1e308)
+                h = h + f64(b)
+            hs.append(f64(act(h)))  # (the tanh GELU's cube overflows on padding of 1e308)
     y = sequence_fusion(hs, params["feature"], params["token"], mode=mode, masks=masks)
     if residual == "first":
         tokens = np.concatenate(xs, axis=1)  # (B, T_1 + ... + T_M, D)
