@@ -806,3 +806,24 @@ def test_a_float32_variance_past_its_range_is_never_taken_for_no_spread():
         for got in (mmfuse.moments(x, eps=0.0)[1], mmfuse.moments(strict.asarray(x), eps=0.0)[1]):
             got = np.asarray(got, dtype=np.float64)
             assert np.all(np.isinf(got) | np.isclose(got, want, rtol=1e-5)), (got, want)
+
+
+def test_the_references_refuse_complex_values():
+    """The references took complex arrays as their real parts, with only a ComplexWarning (the
+    public functions refuse them; a review's find): a TypeError now, in every family."""
+    from mmfuse import reference
+
+    rng = np.random.default_rng()
+    z = rng.standard_normal((2, 5, 3)) + 1j
+    p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=2, seed=rng)
+    wp = mmfuse.init_wander([3, 3], [5, 5], rank=2, feature_rank=1, token_rank=1, out_dim=3, seed=rng)
+    calls = {
+        "zoom_shift": lambda: reference.zoom_shift(z, z.real),
+        "lowrank_fusion": lambda: reference.lowrank_fusion([z[:, 0], rng.standard_normal((2, 4))], p["factors"]),
+        "lowrank_interactions": lambda: reference.lowrank_interactions([z[:, 0], z[:, 0, :3].real], p["factors"][:1] * 2),
+        "wander": lambda: reference.wander([z, z.real], wp),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=r"^the references take real arrays, got complex128$"):
+            call()
+            pytest.fail(f"{name} took complex values")
