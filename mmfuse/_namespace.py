@@ -866,6 +866,7 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
     if is_numpy(xp):
         check_host_device(device)
         return np.asarray(a, dtype=dtype)
+    a = _rounded_once_for(a, dtype)
     if is_cupy(xp):
         # CuPy's own asarray takes no device argument; array_api_compat's wrapper of it does
         import array_api_compat.cupy as xp
@@ -878,6 +879,44 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
             return da.from_array(np.asarray(a, dtype=dtype), chunks=-1)
         import array_api_compat.dask.array as xp
     return xp.asarray(a, dtype=dtype, device=_host_device_of(xp, device))
+
+
+def _rounded_once_for(a: np.ndarray, dtype: Any) -> np.ndarray:
+    """``a`` prepared in NumPy so that another namespace's conversion to the 16-bit float
+    ``dtype`` rounds it once, correctly; other arrays and dtypes as they are.
+
+    torch converts float64 to float16 and bfloat16 through float32, rounding twice: about one
+    value in 20000 came out an ulp off the nearest (the initialisers' "same draw in every
+    namespace" failed for torch's 16-bit dtypes, and the reference backend's 16-bit results
+    were not its float64 answers correctly rounded; a review's find).  float16 is rounded by
+    NumPy itself (correctly), then passed on exactly; for bfloat16, which NumPy lacks, a
+    float32 rounded to odd (:func:`_float32_rounded_to_odd`) is passed, whose rounding to
+    bfloat16's 8 bits is the correct rounding of ``a`` (Boldo and Melquiond, "Emulation of FMA
+    and correctly rounded sums: proved algorithms using rounding to odd", IEEE TC 57, 2008).
+    """
+    if dtype is None or a.dtype.kind != "f" or a.dtype.itemsize <= 4:
+        return a
+    name = str(dtype)  # torch.float16, float16 (NumPy's, JAX's), torch.bfloat16, bfloat16
+    with np.errstate(over="ignore"):  # (past the range: infinity, as the conversion gives)
+        if name.endswith("bfloat16"):
+            return _float32_rounded_to_odd(a)
+        if name.endswith("float16"):
+            return np.asarray(a, dtype=np.float16)
+    return a
+
+
+def _float32_rounded_to_odd(a: np.ndarray) -> np.ndarray:
+    """``a`` (float64) rounded to float32 by rounding to odd: truncated toward zero, and the
+    last bit set where that lost anything.  Infinities, NaN and exact values as they are; a
+    finite value past float32's range goes to infinity, as every later rounding of it would."""
+    t = a.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        lost = np.isfinite(t) & (t != a)
+        over = lost & (np.abs(t.astype(np.float64)) > np.abs(a))
+    t[over] = np.nextafter(t[over], np.float32(0))
+    bits = t.view(np.uint32)
+    bits[lost] |= np.uint32(1)
+    return t
 
 
 def real_floating(xp: Namespace, dtype: Any) -> bool:
