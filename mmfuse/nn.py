@@ -49,6 +49,7 @@ from typing import Any
 try:
     import torch
     from torch import nn
+    from torch.nn.utils import parametrize
 except ImportError as exc:  # the one extra this module needs, named (it was a bare "No module named 'torch'")
     raise ImportError(f"mmfuse.nn needs torch ({exc}); install it with: pip install 'mmfuse[torch]'") from exc
 
@@ -113,7 +114,14 @@ def _layer_plan(
     :mod:`mmfuse._plan`), the functional plan its checks and dispatch chose the first time;
     otherwise ``plan()`` (the layer's boundary checks, then the functional operator's), kept
     only if it passed.  So a step with a seen signature runs no checks beyond torch's own."""
-    key = call_key(None, (type(module), *options), *arrays)
+    cls = type(module)
+    if "parametrizations" in module._modules:
+        # torch's parametrizations give the layer a class of its own, whose properties hold the
+        # layer: in a key it kept every such layer and its parameters alive until the cache
+        # was cleared (a review's find).  The class they derive from; the parametrized values
+        # are in the key as the arrays they are.
+        cls = parametrize.type_before_parametrizations(module)
+    key = call_key(None, (cls, *options), *arrays)
     run = _LAYER_PLANS.get(key)
     if run is None:  # (not PlanCache.plan: the layer names itself in a refusal)
         with _layer_call(module):
