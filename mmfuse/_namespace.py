@@ -144,7 +144,10 @@ def _numpy_namespace(base: Any) -> Namespace:
     def reshape(a: Any, /, shape: Any, order: str = "C", *, copy: Any = None) -> Any:
         if copy is None and order == "C" and type(a) is np.ndarray:
             return a.reshape(shape)
-        return compat_reshape(a, shape, order, copy=copy)
+        # (order by keyword: before array_api_compat 1.16 / NumPy 2.1 its reshape was a wrapper
+        # taking xp third, where a positional order landed: "multiple values for argument
+        # 'xp'" for every ndarray subclass; a review's find)
+        return compat_reshape(a, shape, order=order, copy=copy)
 
     def sum(
         a: Any, /, axis: Any = None, dtype: Any = None, *args: Any, keepdims: bool = False, **kwargs: Any

@@ -939,7 +939,9 @@ def _round_maps(
     for i, s in enumerate(scales):
         if s is None:  # never moved: the identity
             like = stats[i][0]
-            out.append((xp.full(like.shape, 1.0, dtype=like.dtype, device=device_of(like)), mus[i], False))
+            # (ones_like: the per-chunk maps pass NumPy itself, whose full() took no device=
+            # before NumPy 2.0; a review's find)
+            out.append((xp.ones_like(like), mus[i], False))
         else:
             out.append((s, mus[i], True))
     return out
