@@ -516,6 +516,30 @@ def test_float64_and_many_modalities_go_to_the_torch_ops(blocked_paths):
     assert_close(out, _lowrank_ref(xs, fs, w, b, None, True))
 
 
+def _launches_under_limit(monkeypatch, limit, value, xs, fs, cp):
+    """The fusion kernels launched by ``backend="triton"``'s lowrank_fusion and cp_fusion of
+    ``xs`` with ``_ops.<limit>`` set to ``value``; both results checked against the reference."""
+    launched = []
+    monkeypatch.setattr(_ops, limit, value)
+    for name in ("lowrank_call", "cp_call"):
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *a, real=real, name=name, seen=launched: seen.append(name) or real(*a))
+    low = mmfuse.lowrank_fusion(xs, fs, backend="triton")
+    out = mmfuse.cp_fusion(xs, cp, backend="triton")
+    monkeypatch.undo()
+    assert_close(low, ref.lowrank_fusion([_np(x) for x in xs], [_np(f) for f in fs]))
+    assert_close(out, ref.cp_fusion([_np(x) for x in xs], (None, [_np(f) for f in cp[1]])))
+    return launched
+
+
+def _factors(rng, rank):
+    """Low-rank factors (R, d_m + 1, 4) of modalities of widths 3 and 2, and the CP pair
+    (None, [(d_m + 1, R)..., (4, R)]) of the same shapes."""
+    fs = [torch.tensor(rng.standard_normal((rank, d + 1, 4)), dtype=torch.float32) for d in (3, 2)]
+    cp = (None, [torch.tensor(rng.standard_normal((n, rank)), dtype=torch.float32) for n in (4, 3, 4)])
+    return fs, cp
+
+
 def test_ranks_over_the_kernels_limit_go_to_the_torch_ops(monkeypatch):
     """Above ``_ops.MAX_RANK`` the tiles need more shared memory than a GPU block gets (R >
     1024: the launch failed on an H100/H200), so the torch backend's ops take the call; at
@@ -523,20 +547,8 @@ def test_ranks_over_the_kernels_limit_go_to_the_torch_ops(monkeypatch):
     rng = np.random.default_rng(7)
     xs = [torch.tensor(rng.standard_normal((5, d)), dtype=torch.float32) for d in (3, 2)]
     for rank in (2, 3):
-        fs = [torch.tensor(rng.standard_normal((rank, d + 1, 4)), dtype=torch.float32) for d in (3, 2)]
-        # CP: (d_m + 1, R) per modality, then the output factor (h, R) = (4, R)
-        cp = (None, [torch.tensor(rng.standard_normal((n, rank)), dtype=torch.float32) for n in (4, 3, 4)])
-        launched = []
-        monkeypatch.setattr(_ops, "MAX_RANK", 2)
-        for name in ("lowrank_call", "cp_call"):
-            real = getattr(_ops, name)
-            monkeypatch.setattr(_ops, name, lambda *a, real=real, name=name, seen=launched: seen.append(name) or real(*a))
-        low = mmfuse.lowrank_fusion(xs, fs, backend="triton")
-        out = mmfuse.cp_fusion(xs, cp, backend="triton")
-        monkeypatch.undo()
+        launched = _launches_under_limit(monkeypatch, "MAX_RANK", 2, xs, *_factors(rng, rank))
         assert launched == ([] if rank > 2 else ["lowrank_call", "cp_call"]), rank
-        assert_close(low, ref.lowrank_fusion([_np(x) for x in xs], [_np(f) for f in fs]))
-        assert_close(out, ref.cp_fusion([_np(x) for x in xs], (None, [_np(f) for f in cp[1]])))
 
 
 def test_batches_past_32_bit_rows_go_to_the_torch_ops(monkeypatch):
@@ -549,21 +561,10 @@ def test_batches_past_32_bit_rows_go_to_the_torch_ops(monkeypatch):
     one = torch.ones((1, 3))
     assert not _too_many_rows([one.expand(_ops.MAX_ROWS, 3)]) and _too_many_rows([one.expand(2**31, 3)])
     rng = np.random.default_rng(8)
-    fs = [torch.tensor(rng.standard_normal((2, d + 1, 4)), dtype=torch.float32) for d in (3, 2)]
-    cp = (None, [torch.tensor(rng.standard_normal((n, 2)), dtype=torch.float32) for n in (4, 3, 4)])
     for batch in (5, 6):
         xs = [torch.tensor(rng.standard_normal((batch, d)), dtype=torch.float32) for d in (3, 2)]
-        launched = []
-        monkeypatch.setattr(_ops, "MAX_ROWS", 5)
-        for name in ("lowrank_call", "cp_call"):
-            real = getattr(_ops, name)
-            monkeypatch.setattr(_ops, name, lambda *a, real=real, name=name, seen=launched: seen.append(name) or real(*a))
-        low = mmfuse.lowrank_fusion(xs, fs, backend="triton")
-        out = mmfuse.cp_fusion(xs, cp, backend="triton")
-        monkeypatch.undo()
+        launched = _launches_under_limit(monkeypatch, "MAX_ROWS", 5, xs, *_factors(rng, 2))
         assert launched == ([] if batch > 5 else ["lowrank_call", "cp_call"]), batch
-        assert_close(low, ref.lowrank_fusion([_np(x) for x in xs], [_np(f) for f in fs]))
-        assert_close(out, ref.cp_fusion([_np(x) for x in xs], (None, [_np(f) for f in cp[1]])))
 
 
 def test_stats_kernels_grid_stays_within_cudas_limit():
