@@ -538,7 +538,8 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
     Notes
     -----
     One of mmfuse's two primitives of Zoom-and-Shift (our formalisation).  Zooming about x's
-    own mean keeps the mean and multiplies the spread by ``|scale|``, so it commutes with
+    own mean keeps the mean and multiplies the standard deviation by ``|scale|`` (the raw one:
+    :func:`moments`' spread, ``sqrt(var + eps)``, moves by that only up to eps), so it commutes with
     :func:`shift`.  Naive definition::
 
         y = np.empty_like(x)
@@ -693,9 +694,12 @@ def zoom_shift(
 
     and the result is the two composed (they commute: the zoom is about x's own mean).  The
     output's mean is :math:`\mu_x + \alpha(\mu_g - \mu_x)` and its log spread moves by the same
-    fraction alpha toward the guide's.  At alpha = 1 with ``eps = 0`` the output has exactly
+    fraction alpha toward the guide's (exactly at ``eps = 0``; with ``eps > 0`` up to
+    :math:`O(\varepsilon / \sigma_x^2)`).  At alpha = 1 with ``eps = 0`` the output has exactly
     the guide's mean and std; with ``eps > 0`` its variance is
-    :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)`, the guide's up to O(eps).  A channel
+    :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)`, the guide's up to
+    :math:`O(\varepsilon / \sigma_x^2)` of it (a spread of x near :math:`\sqrt\varepsilon` keeps
+    about half the guide's variance).  A channel
     of x with zero spread (possible only with ``eps = 0``) is shifted, not zoomed; gradients take
     the zero spread's own derivative as 0 (exact for a lane with one unmasked token, the
     subgradient 0 for equal values).  Statistics past their dtype's range (see
