@@ -715,10 +715,17 @@ def block_slices(batch: int, rows: int) -> list[slice]:
 def device_of(x: Array) -> Any:
     """``x``'s device: what constants for computations with ``x`` are created on, and what
     the checks compare; None where there is no single one (a traced JAX value, a JAX array
-    sharded over several devices)."""
+    sharded over several devices) or none it is bound to (an uncommitted JAX array)."""
     tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (as is_array's)
     if tensor is not None and isinstance(x, tensor):
         return x.device  # what array_api_compat.device returns, without its generic dispatch
+    if type(x) is not np.ndarray and committed(x) is False:
+        # a JAX array made without a device follows the committed arrays it meets: so must the
+        # constants made for it.  Created on its default device they were committed there, and
+        # met parameters or masks committed elsewhere (or sharded) inside JAX ("incompatible
+        # devices"); and an all-uncommitted call returned a result committed to device 0 (a
+        # review's find)
+        return None
     device = array_api_compat.device(x)
     # A JAX array sharded over several devices reports its Sharding, whose partition spec
     # cannot place a constant of another shape (a 0-d one raised IndexError inside JAX), and
