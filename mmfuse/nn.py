@@ -9,7 +9,11 @@ Each layer owns its parameters (registered ``nn.Parameter`` / ``nn.ParameterList
 ``device`` and ``dtype`` like ``torch.nn.Linear``, has ``reset_parameters`` and an
 ``extra_repr``, and its ``forward`` takes a sequence of per-modality tensors (plus ``present``
 or ``masks`` where the functional operator has them).  Inputs are checked at the layer
-boundary (count, shapes, dtypes; the message names the modality).
+boundary (count, shapes, dtypes; the message names the modality).  Since those tensors come in
+one list, a full backward hook (``register_full_backward_hook``) sees no input gradients
+(``grad_input`` is ``(None,)``, and torch warns that no input requires grad); its
+``grad_output`` is right.  For the inputs' gradients, hook the tensors themselves
+(``x.register_hook``).
 
 In eager mode ``forward`` calls the functional API (:func:`mmfuse.lowrank_fusion`, ...), so the
 backend policy (``backend=`` config, ``MMFUSE_BACKEND``) applies; under ``"auto"`` the torch
@@ -43,6 +47,7 @@ import contextlib
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -1250,6 +1255,21 @@ def _check_seq_inputs(
     return list(xs), list(masks)
 
 
+def _fill(param: torch.Tensor, values: Any) -> None:
+    """``param.copy_(values)`` for a draw made on the host (a NumPy array).  A DTensor
+    parameter (FSDP2's ``fully_shard``, tensor parallelism) takes the draw distributed as
+    itself (rank 0's, scattered to the shards): copying a plain tensor into it raised "got
+    mixed torch.Tensor and DTensor", so ``reset_parameters`` after ``to_empty`` failed there
+    (a review's find)."""
+    src = torch.from_numpy(values)
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and isinstance(param, dtensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(param.dtype), param.device_mesh, param.placements)
+    param.copy_(src)
+
+
 class WanderAdapter(nn.Module):
     r"""The Wander adapter (Guo et al., AAAI 2025) as a layer: :func:`mmfuse.wander`.
 
@@ -1406,13 +1426,13 @@ class WanderAdapter(nn.Module):
         )  # fmt: skip
         with torch.no_grad():
             for m, (w, b) in enumerate(params["down"]):
-                self.down_weights[m].copy_(torch.from_numpy(w))
+                _fill(self.down_weights[m], w)
                 if len(self.down_biases):
-                    self.down_biases[m].copy_(torch.from_numpy(b))
+                    _fill(self.down_biases[m], b)
             for mine, f in zip(self.feature_factors, params["feature"]):
-                mine.copy_(torch.from_numpy(f))
+                _fill(mine, f)
             for mine, t in zip(self.token_factors, params["token"]):
-                mine.copy_(torch.from_numpy(t))
+                _fill(mine, t)
 
     def extra_repr(self) -> str:
         act = repr(self.activation)

@@ -935,3 +935,42 @@ def test_interactions_export_and_compile_for_any_batch(kind):
         torch.testing.assert_close(compiled(*args), Terms()(*args))
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1:] == graphs[:-1], graphs
+
+
+_FSDP_RESET = """
+import os, socket, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from mmfuse.nn import WanderAdapter
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.manual_seed(5)
+plain = WanderAdapter([4, 4], [5, 5], 3, 2, 2)
+layer = WanderAdapter([4, 4], [5, 5], 3, 2, 2, device="meta")
+fully_shard(layer)
+layer.to_empty(device="cpu")
+torch.manual_seed(5)
+layer.reset_parameters()
+pairs = list(zip(layer.parameters(), plain.parameters()))
+print(type(pairs[0][0]).__name__, all(torch.equal(a.full_tensor(), b) for a, b in pairs))
+dist.destroy_process_group()
+"""
+
+
+def test_wander_adapter_resets_sharded_parameters():
+    """Built on meta, sharded by FSDP2's fully_shard, then to_empty and reset_parameters (the
+    docs' large-model recipe): WanderAdapter copied its host-side draw, a plain tensor, into
+    DTensor parameters, and torch refused ("got mixed torch.Tensor and DTensor"; a review's
+    find); the other layers fill theirs in place.  The draw is now distributed as each
+    parameter is, the values those of an unsharded layer of the same seed."""
+    pytest.importorskip("torch.distributed.fsdp")
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch built without distributed")
+    done = subprocess.run([sys.executable, "-c", _FSDP_RESET], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["DTensor", "True"], done.stdout
