@@ -58,14 +58,15 @@ def sample_rounds(
     """Seconds per call of each candidate, as one list per round, measured in interleaved
     bursts.
 
-    Each round runs every candidate ``burst`` times in a row and discards the first call of
-    the burst.  That first call absorbs what the previous candidate left behind: on a small
-    machine, the worker threads of OpenBLAS (NumPy) and of OpenMP (torch) keep spinning for
-    a while after their parallel region, and a call of the other library that starts then
-    loses cores to them (on 2 cores an LMF-style torch step ran nearly twice as long right
-    after a NumPy-backed one).  Rounds still interleave the candidates, so slow drifts
-    of the machine hit all of them alike; ``repeats`` samples per candidate in all, rounded
-    up to whole rounds (``burst - 1`` samples each: 16 for 15 at the default burst of 3).
+    Each round runs every candidate ``burst`` times in a row (at least twice: a ``burst`` of 1
+    runs as 2) and discards the first call of the burst.  That first call absorbs what the
+    previous candidate left behind: on a small machine, the worker threads of OpenBLAS (NumPy)
+    and of OpenMP (torch) keep spinning for a while after their parallel region, and a call of
+    the other library that starts then loses cores to them (on 2 cores an LMF-style torch step
+    ran nearly twice as long right after a NumPy-backed one).  Rounds still interleave the
+    candidates, so slow drifts of the machine hit all of them alike; ``repeats`` samples per
+    candidate in all, rounded up to whole rounds (``max(burst - 1, 1)`` samples each: 16 for
+    15 at the default burst of 3).
     """
     for fn in candidates.values():
         for _ in range(warmup):
@@ -165,12 +166,12 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 def as_float64(out: Any) -> Any:
     """A result (a NumPy array, a torch tensor, or a list or tuple of them) as one flat float64
-    NumPy array (tensors detached)."""
+    NumPy array (tensors detached and copied to the host: gpu.py checks CUDA results too)."""
     import numpy as np
 
     if isinstance(out, (list, tuple)):
         return np.concatenate([as_float64(o).ravel() for o in out])
-    return np.asarray(out.detach().numpy() if hasattr(out, "detach") else out, dtype=np.float64)
+    return np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out, dtype=np.float64)
 
 
 def check_same(case: str, got: Any, want: Any, rtol: float) -> float:
@@ -180,7 +181,11 @@ def check_same(case: str, got: Any, want: Any, rtol: float) -> float:
     import numpy as np
 
     a, b = as_float64(got), as_float64(want)
-    err = float(np.abs(a - b).max(initial=0.0) / max(float(np.abs(b).max(initial=0.0)), 1e-300))
+    err = float("nan")  # (shapes first: different ones may not broadcast, or broadcast wrongly)
+    if a.shape == b.shape:
+        err = float(np.abs(a - b).max(initial=0.0) / max(float(np.abs(b).max(initial=0.0)), 1e-300))
     if a.shape != b.shape or not err <= rtol:
-        raise AssertionError(f"{case}: mmfuse and the plain code differ (shapes {a.shape}, {b.shape}; rel. err {err:.1e})")
+        raise AssertionError(
+            f"{case}: the results differ (shapes {a.shape}, {b.shape}; rel. err {err:.1e}, tol {rtol:.0e})"
+        )
     return err

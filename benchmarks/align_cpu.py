@@ -2,7 +2,8 @@
 
 Run: ``python benchmarks/align_cpu.py [--json FILE] [--quick] [--auto] [--rule]``.
 
-Inputs (B, T, C) = (64, 512, 256) float32 per modality, all cores.  Candidates per case:
+Inputs (B, T, C) = (64, 512, 256) float32 per modality, all cores; ``zoom_shift`` runs at
+alpha = 1, ``align`` at ``ALPHA`` = 0.5.  Candidates per case:
 
 - ``auto-numpy`` / ``auto-torch``: the public function under ``backend="auto"`` on NumPy
   arrays / torch CPU tensors (no gradient): what a user gets by default.  With numba installed
@@ -20,6 +21,10 @@ Inputs (B, T, C) = (64, 512, 256) float32 per modality, all cores.  Candidates p
 - ``torch-straight``: the straightforward torch version: mean, then std, then the affine map as
   separate ops (align: the rounds literally, re-measuring every array each round).
 - ``numpy-copy``: ``np.copy`` of one input: the bandwidth yardstick (timed in both groups).
+
+Before a case is timed, every candidate is checked (:func:`check`: against the torch version,
+which is checked against the float64 oracle ``mmfuse.reference`` on a few samples); a mismatch
+raises and nothing is timed.
 
 Effective bandwidth = (bytes of every input read once + bytes of every output written once) /
 time; ``bw/copy`` divides it by the copy's (2 x nbytes / time).  Targets: issue 4, mmfuse at
@@ -47,11 +52,22 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import arg_parser, machine, medians, peak_rss_mib, print_table, quantile, sample_rounds
+from _harness import (
+    arg_parser,
+    check_same,
+    machine,
+    medians,
+    peak_rss_mib,
+    print_table,
+    quantile,
+    sample_rounds,
+)
 
 SHAPE = (64, 512, 256)
 EPS = 1e-5
-ALPHA = 0.5
+ALPHA = 0.5  # align's; zoom_shift runs at alpha 1 (setup)
+RTOL = 1e-5  # float32 against float32 or float64 (observed ~2e-7); a wrong map is far above
+REF_ROWS = 2  # samples the float64 oracle (mmfuse.reference, literal and slow) checks
 # case -> (number of modalities, what runs); bytes moved = 2 inputs + outputs
 CASES = {
     "zoom_shift": (2, "zoom_shift"),
@@ -70,17 +86,21 @@ def _torch_zoom_shift(torch, x, guide, alpha):
     return mx + (x - mx) * (sg / sx) ** alpha + alpha * (mg - mx)
 
 
+def _inputs(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(20261122)
+    return [
+        (float(m) + (1.0 + m) * rng.standard_normal(SHAPE, dtype=np.float32)).astype(np.float32)
+        for m in range(n)
+    ]
+
+
 def setup(case: str) -> dict[str, object]:
     import torch
 
     import mmfuse
 
     n, op, *extra = CASES[case]
-    rng = np.random.default_rng(20261122)
-    xs = [
-        (float(m) + (1.0 + m) * rng.standard_normal(SHAPE, dtype=np.float32)).astype(np.float32)
-        for m in range(n)
-    ]
+    xs = _inputs(n)
     ts = [torch.from_numpy(x) for x in xs]
     cands: dict[str, object] = {}
     if op == "zoom_shift":
@@ -141,23 +161,28 @@ def moved_bytes(case: str) -> int:
     return (n + outputs) * nbytes
 
 
-def check(case: str, cands: dict[str, object]) -> float:
-    """Max relative difference of every mmfuse candidate against the torch version (or,
-    without one, mmfuse on torch through the core)."""
+def check(case: str, cands: dict[str, object]) -> dict[str, tuple[str, float]]:
+    """{candidate: (its reference, relative error)}, checked before timing (``check_same``
+    raises past ``RTOL``): every mmfuse candidate against the torch version on the whole input
+    (or, without one, against mmfuse on torch through the core), and that reference against
+    the float64 oracle ``mmfuse.reference`` on the first ``REF_ROWS`` samples (each sample's
+    statistics are its own).  The copy computes nothing to compare: not checked."""
+    import mmfuse.reference
+
+    n, op, *extra = CASES[case]
     ref = "torch-straight" if "torch-straight" in cands else "mmfuse-torch"
-    b = cands[ref]()
-    b = b if isinstance(b, list) else [b]
-    worst = 0.0
-    for name, fn in cands.items():
-        if name in (ref, "numpy-copy"):
-            continue
-        a = fn()
-        a = a if isinstance(a, list) else [a]
-        for u, v in zip(a, b):
-            u = u.double().numpy() if hasattr(u, "numpy") and not isinstance(u, np.ndarray) else u
-            v = v.double().numpy()
-            worst = max(worst, float(np.abs(np.asarray(u, dtype=np.float64) - v).max() / np.abs(v).max()))
-    return worst
+    want = cands[ref]()
+    errs = {name: (ref, check_same(f"{case} {name} vs {ref}", fn(), want, RTOL))
+            for name, fn in cands.items() if name not in (ref, "numpy-copy")}  # fmt: skip
+    xs = [np.asarray(x[:REF_ROWS], dtype=np.float64) for x in _inputs(n)]
+    if op == "zoom_shift":
+        oracle = mmfuse.reference.zoom_shift(xs[0], xs[1], alpha=1.0, eps=EPS)
+    else:
+        oracle = mmfuse.reference.align(xs, rounds=extra[0], alpha=ALPHA, eps=EPS)
+    got = want[:REF_ROWS] if op == "zoom_shift" else [y[:REF_ROWS] for y in want]
+    label = f"mmfuse.reference (float64, first {REF_ROWS} samples)"
+    errs[ref] = (label, check_same(f"{case} {ref} vs {label}", got, oracle, RTOL))
+    return errs
 
 
 # Candidates timed in one group with the copy; two groups, NumPy first: torch's OpenMP workers
@@ -195,7 +220,7 @@ def main() -> None:
     for case in cases:
         cands = setup(case)
         print(f"{case}: 'auto' runs {chosen(case)}")
-        err = check(case, cands)
+        errs = check(case, cands)
         if args.auto:
             cands = {k: v for k, v in cands.items() if k in (*AUTO, "numpy-copy")}
         repeats = 3 if args.quick else (15 if args.auto else 9)
@@ -221,16 +246,18 @@ def main() -> None:
                 "peak MiB": f"{mem[name]:.1f}" if name in mem else "-",
             }
             rows.append(row)
+            checked_against, err = errs.get(name, (None, None))  # (None: the copy)
             results.append(
                 {"case": case, "candidate": name, "seconds": t, "bytes": moved_bytes(case),
                  "bw_fraction_of_copy": bw / copy_bw, "peak_mib": mem.get(name),
-                 "rel_err": err}
+                 "checked_against": checked_against, "rel_err": err}
             )
         for name in AUTO:
             if name in cands and case in ("zoom_shift", "align-r1"):
                 per = fractions(case, rounds, name, "numpy-copy" if name in NUMPY_GROUP else "numpy-copy/t")
                 summary.append((case, name, statistics.median(per), quantile(per, 0.1), quantile(per, 0.9)))
-        print(f"{case}: max relative difference of the mmfuse candidates vs the reference candidate {err:.2e}")
+        print(f"{case}: max relative difference, each candidate vs its reference: "
+              f"{max(err for _, err in errs.values()):.2e}")  # fmt: skip
     print_table(rows, ["case", "candidate", "ms", "straight/this", "GB/s", "bw/copy", "peak MiB"])
     print('\n"auto" at (64, 512, 256) float32, fraction of copy bandwidth (target >= 0.5):')
     for case, name, med, p10, p90 in summary:

@@ -14,6 +14,9 @@ computed with Dask's ``threads`` scheduler:
 - ``plain``: ``0.5 x (1 + erf(x / sqrt 2))`` with SciPy's ``erf`` mapped over the chunks,
   what a user would write (less accurate in the lower tail).
 
+Before timing, each candidate's result is checked against the float64 oracle
+``mmfuse.reference.gelu`` (relative error at most ``RTOL``); a mismatch raises.
+
 Columns: median milliseconds per ``compute()``, the speed-up of ``per chunk`` over each other
 candidate with its per-round p10-p90, and the graphs' task counts (before Dask's
 optimisation).  SciPy is imported (for ``plain``), so NumPy's GELU inside ``per chunk`` takes
@@ -30,8 +33,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import arg_parser, machine, medians, print_table, quantile, round_ratios, sample_rounds
+from _harness import (
+    arg_parser,
+    check_same,
+    machine,
+    medians,
+    print_table,
+    quantile,
+    round_ratios,
+    sample_rounds,
+)
 
+RTOL = 1e-13  # float64, relative to the largest |GELU| (observed ~2e-16); a wrong formula is far above
 CASES = {
     "(64, 6, 8) in 4 chunks": ((64, 6, 8), 16),
     "(8192, 50, 64) in 16 chunks": ((8192, 50, 64), 512),
@@ -43,6 +56,7 @@ def main() -> None:
     import dask.array as da
     import scipy.special
 
+    import mmfuse.reference
     from mmfuse._core.sequence import _gelu_generic, gelu
     from mmfuse._namespace import array_namespace
 
@@ -56,8 +70,10 @@ def main() -> None:
             "elementwise": _gelu_generic(xp, x),
             "plain": 0.5 * x * (1.0 + da.map_blocks(scipy.special.erf, x / math.sqrt(2.0), dtype=x.dtype)),
         }
-        want = graphs["per chunk"].compute()
-        err = float(np.max(np.abs(graphs["elementwise"].compute() - want)) / np.max(np.abs(want)))
+        # every candidate against the float64 oracle before timing (raises past RTOL)
+        want = mmfuse.reference.gelu(x_np)
+        errs = {name: check_same(f"{case} {name} vs mmfuse.reference.gelu", g.compute(), want, RTOL)
+                for name, g in graphs.items()}  # fmt: skip
         rounds = sample_rounds(
             {name: (lambda g=g: g.compute(scheduler="threads")) for name, g in graphs.items()},
             repeats=4 if args.quick else 10,
@@ -75,7 +91,7 @@ def main() -> None:
                 "tasks (ours / other)": f"{len(dict(graphs['per chunk'].__dask_graph__()))} / "
                 f"{len(dict(graphs[other].__dask_graph__()))}",
             })  # fmt: skip
-        full.append({"case": case, "seconds": times, "elementwise_rel_err": err,
+        full.append({"case": case, "seconds": times, "rel_err_vs_reference": errs,
                      "tasks": {k: len(dict(g.__dask_graph__())) for k, g in graphs.items()}})  # fmt: skip
     print(f"machine: {machine()}")
     print_table(rows, ["case", "vs", "per chunk ms", "other ms", "speed-up", "p10-p90", "tasks (ours / other)"])

@@ -19,7 +19,8 @@ Cases (issue 6):
   device-to-device copy of x; the bandwidth counts x and guide read once and the output
   written once, against the measured copy bandwidth.
 
-Also issue 5's layer comparison (``benchmarks/torch_cpu.py``'s candidates) on CUDA tensors.
+Also issue 5's layer comparison (``benchmarks/torch_cpu.py``'s candidates) on CUDA tensors,
+each step's output and gradients checked against its reference first (``torch_cpu.check``).
 Results of a run on an H100: benchmarks/RESULTS.md (``--json`` wrote docs/performance/gpu_h100.json).
 
 Triton kernels (issue 21; the ``"triton"`` backend, ``mmfuse.backends.triton``), run first:
@@ -105,6 +106,10 @@ TARGETS = {"fwd_vs_lmf": 2.0, "fwd_vs_gemm": 1.3, "fb_vs_lmf": 1.5, "mem_vs_lmf"
 WANDER_MOSI = ((50, 50, 50), 40, 16, 8, 12)
 WANDER_BATCHES = (32, 4096)
 ALIGN_SHAPE = (256, 512, 512)
+# float32 layer steps against the plain layers' float32 steps on CUDA: outputs and gradients,
+# before timing.  Twice mmfuse.testing's float32 tolerance (2e-4), which the Triton checks
+# allow each side of float64 (their gradients 4e-4); a wrong or missing term is far above
+LAYER_RTOL = 4e-4
 
 
 def _torch() -> Any:
@@ -786,6 +791,8 @@ def _triton_wander_timings(
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _baselines import released_wander
+    from _harness import check_same
+    from torch_cpu import check_step
 
     torch = _torch()
     lengths, dim, rank, r_h, r_t = WANDER_MOSI
@@ -813,6 +820,7 @@ def _triton_wander_timings(
             out.sum().backward()
             return out
 
+        run.inputs, run.module = xg, module  # type: ignore[attr-defined]  (for check_step)
         return run
 
     fwd: dict[str, Callable[[], Any]] = {
@@ -825,12 +833,21 @@ def _triton_wander_timings(
         "mmfuse-torch": step(layer_call("torch", xg), layer),
         "plain": step(lambda: plain(xg), plain),
     }
+    # every candidate checked against the plain layer before anything is timed (raises past
+    # LAYER_RTOL: the section fails): the forwards' outputs, the steps' outputs and gradients
     with torch.no_grad():
         with mock.patch.object(_sequence_ops, "sequence_call", wraps=_sequence_ops.sequence_call) as spy:
             got = fwd["triton"]()
         routed = spy.call_count == 1
-        err = _rel_err(got, fwd["plain"]())
-        print(f"  triton layer reached the kernel: {routed}; max rel. error vs plain {err:.1e}")
+        want = fwd["plain"]()
+        errs = {"triton fwd": check_same(f"{label} triton fwd vs plain", got, want, LAYER_RTOL),
+                "mmfuse-torch fwd": check_same(f"{label} mmfuse-torch fwd vs plain", fwd["mmfuse-torch"](), want,
+                                               LAYER_RTOL)}  # fmt: skip
+    for name in ("triton", "mmfuse-torch"):
+        errs[f"{name} fwd+bwd"] = check_step(f"{label} {name} fwd+bwd vs plain", fb[name], fb["plain"], LAYER_RTOL)
+    print(f"  triton layer reached the kernel: {routed}; max rel. error vs plain (outputs, gradients): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))  # fmt: skip
+    with torch.no_grad():
         t_fwd = time_cuda(fwd, repeats=repeats)
         m_fwd = {k: peak_mib(fn) for k, fn in fwd.items()}
     t_fb = time_cuda(fb, repeats=repeats)
@@ -838,7 +855,7 @@ def _triton_wander_timings(
     rows = [(label, f"{k} fwd", t_fwd[k], m_fwd[k]) for k in fwd]
     rows += [(label, f"{k} fwd+bwd", t_fb[k], m_fb[k]) for k in fb]
     summary = {
-        "kind": "wander", "case": f"wander collapsed MOSI B={batch}", "routed": routed, "rel_err_vs_plain": err,
+        "kind": "wander", "case": f"wander collapsed MOSI B={batch}", "routed": routed, "rel_err_vs_plain": errs,
         "fwd_ms": t_fwd["triton"], "torch_fwd_ms": t_fwd["mmfuse-torch"], "plain_fwd_ms": t_fwd["plain"],
         "fwd_vs_plain": t_fwd["plain"] / t_fwd["triton"], "torch_fwd_vs_plain": t_fwd["plain"] / t_fwd["mmfuse-torch"],
         "fb_ms": t_fb["triton"], "torch_fb_ms": t_fb["mmfuse-torch"], "plain_fb_ms": t_fb["plain"],
@@ -906,6 +923,9 @@ def bench_triton_align(
                 continue
             print(f"  check {name:<22} max|err|/max|ref| vs float64 = {errs[name]:.2e}  "
                   f"{'ok' if errs[name] <= 2e-4 else 'MISMATCH'}")  # fmt: skip
+        bad = [name for name, err in errs.items() if not err <= 2e-4 and name in cands]
+        if bad:  # (not timed: the section fails, the run goes on)
+            raise RuntimeError(f"{label}: {', '.join(bad)} do not match the float64 result")
         times = time_cuda(cands, repeats=5 if quick else 20)
         mem = {k: peak_mib(fn) for k, fn in cands.items()}
     nbytes = xs[0].numel() * xs[0].element_size()
@@ -958,6 +978,9 @@ def bench_triton_cupy(
                     continue
                 print(f"  check {name:<24} max|err|/max|ref| vs float64 = {errs[name]:.2e}  "
                       f"{'ok' if errs[name] <= 2e-4 else 'MISMATCH'}")  # fmt: skip
+            bad = [name for name, err in errs.items() if not err <= 2e-4]
+            if bad:  # (not timed: the section fails, the run goes on)
+                raise RuntimeError(f"{label}: {', '.join(bad)} do not match the float64 result")
             if "triton via DLPack" not in cands:
                 return
             times = time_cuda(cands, repeats=repeats)
@@ -1271,7 +1294,11 @@ def bench_layers(quick: bool) -> list[tuple[str, str, float, float]]:
         label = f"{case} fwd+bwd"
         print(label)
         cands = torch_cpu.setup(case, device="cuda")
-        print(f"  check mmfuse-layer vs {base}: max rel. error {torch_cpu.check(cands, base):.1e}")
+        # outputs and gradients, every candidate against its reference; raises (the section
+        # fails) before anything is timed
+        errs = torch_cpu.check(cands, base, case, LAYER_RTOL)
+        print("  check (outputs, gradients): max rel. error "
+              + ", ".join(f"{name} vs {ref} {err:.1e}" for name, (ref, err) in errs.items()))  # fmt: skip
         times = time_cuda(cands, repeats=5 if quick else 20)
         for name, ms in sorted(times.items(), key=lambda kv: kv[0] != base):
             rows.append((label, name, ms, peak_mib(cands[name])))

@@ -20,6 +20,10 @@ The target: ``lowrank_interactions(..., by="order")`` at M = 8 costs at most 2x 
   through NumPy views of the tensors, with ``[grad]`` (factors requiring gradients) the core
   under autograd, forward only).
 
+Before a case is timed, every candidate is checked (:func:`check`: the fusions against their
+plain expressions, the terms' sum against the fusion, the terms against the float64 oracle
+``mmfuse.reference`` on a few samples); a mismatch raises and nothing is timed.
+
 The ratio column is each candidate's median time over its plain fusion's (same namespace);
 "p10-p90" is the spread of that ratio over the interleaved rounds (each round times both
 within milliseconds of each other).  On a shared machine, OpenBLAS's and torch's worker
@@ -45,8 +49,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _baselines import plain_cp, plain_lowrank
 from _harness import (
     arg_parser,
+    check_same,
     machine,
     medians,
     peak_rss_mib,
@@ -70,12 +76,15 @@ BASE = {
     "torch lowrank_interactions-order": "torch lowrank_fusion",
     "torch lowrank_interactions-order[grad]": "torch lowrank_fusion",
 }
+RTOL = {"float32": 1e-5, "float64": 1e-12}  # observed ~5e-7 and ~1e-15; a term moved or lost is far above
+REF_ROWS = 2  # samples the oracle (mmfuse.reference: loops over subsets, ranks and samples) checks
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 DTYPE = os.environ.get("MMFUSE_BENCH_DTYPE", "float32")
 
 
-def setup(case: str) -> dict[str, object]:
+def _inputs(case: str):
+    """(xs, LMF factors, LMF weights, CP decomposition) of the case, in ``DTYPE``."""
     import mmfuse
 
     batch, dims, out_dim, rank = CASES[case]
@@ -83,13 +92,20 @@ def setup(case: str) -> dict[str, object]:
     rng = np.random.default_rng(20261202)
     xs = [rng.standard_normal((batch, d)).astype(dtype) for d in dims]
     p = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=rng, dtype=dtype)
-    factors, weights = p["factors"], p["weights"]
     cp_rank = 64
     cp = (
         np.ones(cp_rank, dtype),
         [(rng.standard_normal((d + 1, cp_rank)) / np.sqrt(d + 1)).astype(dtype) for d in dims]
         + [(rng.standard_normal((out_dim, cp_rank)) / np.sqrt(cp_rank)).astype(dtype)],
     )
+    return xs, p["factors"], p["weights"], cp
+
+
+def setup(case: str) -> dict[str, object]:
+    import mmfuse
+
+    dims = CASES[case][1]
+    xs, factors, weights, cp = _inputs(case)
     cands = {
         "lowrank_fusion": lambda: mmfuse.lowrank_fusion(xs, factors, weights),
         "lowrank_interactions-order": lambda: mmfuse.lowrank_interactions(xs, factors, weights)[0],
@@ -118,17 +134,49 @@ def setup(case: str) -> dict[str, object]:
     return cands
 
 
-def check(cands: dict[str, object]) -> float:
-    """Max relative error of every candidate's terms summed over the orders against the fused
-    output of its namespace."""
-    worst = 0.0
+def check(case: str, cands: dict[str, object]) -> dict[str, dict[str, float]]:
+    """{candidate: {what it was checked against: relative error}}, checked before timing
+    (``check_same`` raises past ``RTOL``).  The fusions: against their plain expressions
+    (``_baselines.py``).  The terms: summed over the orders (or subsets), against the fused
+    output of their namespace, on every sample; and term by term against the float64 oracle
+    ``mmfuse.reference.lowrank_interactions`` on the first ``REF_ROWS`` samples (CP's through
+    ``cp_to_lowrank``: its own oracle builds the full weight tensor), which the sum cannot
+    tell from terms moved between orders."""
+    import mmfuse.reference as reference
+
+    rtol = RTOL[DTYPE]
+    xs, factors, weights, cp = _inputs(case)
+
+    def plain_torch():
+        import torch
+
+        t = torch.from_numpy
+        return plain_lowrank(torch, [t(x) for x in xs], [t(f) for f in factors], t(weights), 0.0)
+
+    # the fusions' plain expressions, in the candidate's namespace
+    plain = {
+        "lowrank_fusion": ("plain lowrank", lambda: plain_lowrank(np, xs, factors, weights, 0.0)),
+        "cp_fusion": ("plain cp", lambda: plain_cp(np, xs, cp[0], cp[1], 0.0)),
+        "torch lowrank_fusion": ("plain lowrank (torch)", plain_torch),
+    }
+    errs: dict[str, dict[str, float]] = {}
+    for name, (label, fn) in plain.items():
+        if name in cands:
+            errs[name] = {label: check_same(f"{case} {name} vs {label}", cands[name](), fn(), rtol)}
+    head = [x[:REF_ROWS] for x in xs]
+    oracle = {"lowrank": reference.lowrank_interactions(head, factors, weights),
+              "cp": reference.lowrank_interactions(head, *reference.cp_to_lowrank(cp))}  # fmt: skip
     for name, base in BASE.items():
-        if name not in cands or name.endswith("-subset"):
+        if name not in cands:
             continue
-        y = np.asarray(cands[base](), dtype=np.float64)
-        terms = np.asarray(cands[name](), dtype=np.float64)
-        worst = max(worst, float(np.abs(terms.sum(axis=0) - y).max() / np.abs(y).max()))
-    return worst
+        terms = cands[name]()
+        errs[name] = {f"sum vs {base}": check_same(f"{case} {name} sum vs {base}", terms.sum(0), cands[base](), rtol)}
+        kind = "cp" if name.startswith("cp") else "lowrank"
+        by = "subset" if name.endswith("-subset") else "order"
+        want = oracle[kind][0] if by == "order" else reference.lowrank_interactions(head, factors, weights, by=by)[0]
+        label = f"mmfuse.reference (first {REF_ROWS} samples)"
+        errs[name][label] = check_same(f"{case} {name} vs {label}", terms[:, :REF_ROWS], want, rtol)
+    return errs
 
 
 # --------------------------------------------------------------------------- --rule
@@ -223,7 +271,7 @@ def main() -> None:
     rows, results = [], []
     for case in CASES:
         cands = setup(case)
-        err = check(cands)
+        errs = check(case, cands)
         rounds = sample_rounds(cands, repeats=8 if args.quick else 24)
         times = {name: float(np.median([t for r in rs for t in r])) for name, rs in rounds.items()}
         mem = {} if args.quick else {n: peak_rss_mib("interactions", case, n) for n in cands}
@@ -255,10 +303,11 @@ def main() -> None:
                     "ratio_p10": lo,
                     "ratio_p90": hi,
                     "peak_mib": mem.get(name),
-                    "rel_err_sum_vs_fusion": err,
+                    "rel_err": errs[name],  # {this row's reference: its error}
                 }
             )
-        print(f"{case}: max relative error of the terms' sum against the fusion {err:.1e}")
+        print(f"{case}: max relative error, each candidate vs its references: "
+              f"{max(e for row in errs.values() for e in row.values()):.1e}")  # fmt: skip
     print_table(rows, ["case", "candidate", "ms", "this/fusion", "p10-p90", "peak MiB"])
     if args.json:
         with open(args.json, "w") as fh:

@@ -35,7 +35,10 @@ called under ``torch.no_grad()``; ``backend`` is left at the configured default 
 Columns: "mmfuse us" and "plain us": median microseconds per call (each sample times a loop
 of calls); "mmfuse/plain": their ratio (issue 19's target: at most 1.5); "p10-p90": the 10th
 and 90th percentiles of the same ratio measured within single interleaved rounds (see
-``_harness.round_ratios``), i.e. how much of it is the machine's drift; "py calls mmfuse" and
+``_harness.round_ratios``), i.e. how much of it is the machine's drift.  The headline ratio is
+the ratio of the two medians of all samples pooled over the rounds, while p10-p90 are
+quantiles of the per-round ratios: different statistics, so on a drifting machine the headline
+may fall outside its band.  "py calls mmfuse" and
 "py calls plain": function calls that cProfile records in one call after warm-up, Python
 functions and, in brackets, built-in (C) functions and methods, the timed lambda itself not
 counted; they do not depend on the machine's load.
@@ -47,9 +50,11 @@ Part 2, layers: one training step (inputs' and parameters' grads set to None, fo
 R_h = 8, R_t = 12).  float32, all cores.  The plain layers are the same as torch_cpu.py's
 (``lmf-layer``: LMF's released fusion; ``released-layer``: the released Wander adapter; both
 from ``_baselines.py``), with their parameters copied from the mmfuse layer (outputs checked
-equal).  Columns: "mmfuse ms" and
+equal, and the gradients of the inputs and parameters: ``torch_cpu.check_step``, relative error
+at most 1e-4 each, before timing).  Columns: "mmfuse ms" and
 "plain ms": median milliseconds per step; "plain/mmfuse": the speed-up of mmfuse over the plain
-layer (target: at least 1.2) with its per-round p10-p90; "ops" columns: torch operators in one
+layer (target: at least 1.2; the ratio of pooled medians, as in part 1) with its per-round
+p10-p90; "ops" columns: torch operators in one
 step after warm-up, recorded by ``torch.profiler`` (CPU activity; the forward, the
 ``out.sum()``, and the backward on autograd's thread):
 
@@ -103,6 +108,7 @@ from _harness import (
     round_ratios,
     sample_rounds,
 )
+from torch_cpu import check_step
 
 SEED = 20261202
 
@@ -297,6 +303,7 @@ def layer_steps(case: str) -> dict[str, Callable[[], Any]]:
             out.sum().backward()
             return out
 
+        run.inputs, run.module = xs, module  # type: ignore[attr-defined]  (for check_step)
         return run
 
     return {"mmfuse": step(layer), "plain": step(plain)}
@@ -347,11 +354,8 @@ def run_layers(quick: bool, only: list[str] | None = None) -> tuple[list[dict[st
         if only is not None and not any(text in case for text in only):
             continue
         steps = layer_steps(case)
-        a = steps["mmfuse"]().detach().double()
-        b = steps["plain"]().detach().double()
-        err = float((a - b).abs().max() / b.abs().max())
-        if not err <= 1e-4:
-            raise AssertionError(f"{case}: mmfuse layer and plain layer differ (rel. err {err:.2e})")
+        # the output and every gradient (inputs, parameters), as torch_cpu.py checks its steps
+        err = check_step(case, steps["mmfuse"], steps["plain"], 1e-4)
         ops = {k: op_counts(f) for k, f in steps.items()}
         calls = {k: py_calls(f) for k, f in steps.items()}
         rounds = sample_rounds(steps, repeats=10 if quick else 200, warmup=3)

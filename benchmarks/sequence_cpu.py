@@ -15,6 +15,10 @@ residual), on the released configurations:
   ``erf`` (``_baselines.plain_wander``): ``collapsed-numpy``'s plain code in its namespace.
 - ``cp-torch``: ``mmfuse.wander(..., mode="cp")`` on torch CPU tensors, the true CP
   contraction; its cost grows with R_h R_t, reported by a sweep over the ranks.
+
+Before timing a case, every candidate is checked against its reference (see :func:`check`); a
+mismatch raises and nothing is timed.  The sweep checks its calls likewise, against the
+plain forward in float64.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _baselines import plain_gelu, plain_wander
-from _harness import arg_parser, machine, peak_rss_mib, print_table, time_candidates
+from _harness import arg_parser, check_same, machine, peak_rss_mib, print_table, time_candidates
 
 # name: (B, T_m, d, r, R_h, R_t)
 CASES = {
@@ -36,6 +40,8 @@ CASES = {
 }
 # R_h x R_t sweep of cp mode (MOSI shapes)
 SWEEP = [(1, 1), (2, 2), (4, 3), (8, 6), (8, 12), (16, 12)]
+RTOL = 1e-5  # float32 against float32 (observed ~1e-7); a wrong or missing term is far above
+CP_ROWS = 4  # samples of the float64 plain references (a sample's output is its own)
 
 
 def _inputs(case: str, ranks: tuple[int, int] | None = None):
@@ -122,21 +128,42 @@ def setup(case: str) -> dict[str, object]:
     }
 
 
+_CHECKED_AGAINST = {
+    "collapsed-torch": "released-torch",
+    "collapsed-numpy": "released-torch",
+    "released-numpy": "released-torch",
+    "cp-torch": f"plain cp, float64, first {CP_ROWS} samples",
+}
+
+
 def _released(candidate: str) -> str:
     """The released forward in ``candidate``'s namespace."""
     return "released-numpy" if candidate.endswith("numpy") else "released-torch"
 
 
-def check(cands: dict[str, object]) -> float:
-    """Max relative difference of collapsed mode (torch and numpy) and the plain NumPy forward
-    from the released torch forward."""
-    ref = cands["released-torch"]().double().numpy()
-    worst = 0.0
-    for name in ("collapsed-torch", "collapsed-numpy", "released-numpy"):
-        out = cands[name]()
-        out = out.double().numpy() if hasattr(out, "double") else np.asarray(out, np.float64)
-        worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
-    return worst
+def check(case: str, cands: dict[str, object]) -> dict[str, float]:
+    """Relative difference of each candidate from its reference (``check_same``: raises past
+    ``RTOL``, before anything is timed): collapsed mode (torch and numpy) and the plain NumPy
+    forward from the released torch forward; cp mode, other maths, from the plain CP
+    contraction (``_baselines.plain_wander(mode="cp")``) in float64 on the first ``CP_ROWS``
+    samples (all of them would take GiBs at the Food101 sizes)."""
+    ref = cands["released-torch"]()
+    errs = {name: check_same(f"{case} {name} vs released-torch", cands[name](), ref, RTOL)
+            for name in ("collapsed-torch", "collapsed-numpy", "released-numpy")}  # fmt: skip
+    errs["cp-torch"] = check_same(f"{case} cp-torch vs plain cp (float64)", cands["cp-torch"]()[:CP_ROWS],
+                                  _plain64(case, None, "cp"), RTOL)  # fmt: skip
+    return errs
+
+
+def _plain64(case: str, ranks: tuple[int, int] | None, mode: str):
+    """The plain forward (``_baselines.plain_wander``) in float64 on the case's first
+    ``CP_ROWS`` samples."""
+    xs, params, _, _ = _inputs(case, ranks)
+    xs = [x[:CP_ROWS].astype(np.float64) for x in xs]
+    params = {"down": [(w.astype(np.float64), b.astype(np.float64)) for w, b in params["down"]],
+              "feature": [f.astype(np.float64) for f in params["feature"]],
+              "token": [t.astype(np.float64) for t in params["token"]]}  # fmt: skip
+    return plain_wander(np, plain_gelu(np), xs, params, mode)
 
 
 def sweep(repeats: int) -> list[dict[str, object]]:
@@ -158,6 +185,8 @@ def sweep(repeats: int) -> list[dict[str, object]]:
             with torch.no_grad():
                 return mmfuse.wander(t_xs, t_params, mode="collapsed", backend="array_api")
 
+        for name, fn in (("cp", cp), ("collapsed", collapsed)):  # checked before timing, as in check()
+            check_same(f"sweep {ranks} {name} vs plain (float64)", fn()[:CP_ROWS], _plain64(case, ranks, name), RTOL)
         times = time_candidates({"cp": cp, "collapsed": collapsed}, repeats=repeats, warmup=1)
         rows.append({"R_h x R_t": f"{ranks[0]} x {ranks[1]}", "R_h*R_t": ranks[0] * ranks[1],
                      "cp ms": f"{times['cp'] * 1e3:.2f}",
@@ -185,7 +214,7 @@ def main() -> None:
     rows, results = [], []
     for case in CASES:
         cands = setup(case)
-        err = check(cands)
+        errs = check(case, cands)
         # cp mode is 30-300x slower: timed on its own, with fewer repeats
         fast = {k: v for k, v in cands.items() if k != "cp-torch"}
         times = time_candidates(fast, repeats=repeats)
@@ -202,8 +231,11 @@ def main() -> None:
                 "this/collapsed-torch": f"{t / times['collapsed-torch']:.2f}",
                 "peak MiB": f"{mem[name]:.1f}" if name in mem else "-",
             })  # fmt: skip
+            # each row its own check (None for released-torch, the reference); cp-torch's is
+            # against the plain CP contraction, not the released (collapsed) forward
             results.append({"case": case, "candidate": name, "seconds": t,
-                            "peak_mib": mem.get(name), "rel_err_vs_released": err})  # fmt: skip
+                            "peak_mib": mem.get(name), "rel_err": errs.get(name),
+                            "checked_against": _CHECKED_AGAINST.get(name)})  # fmt: skip
     print_table(rows, ["case", "candidate", "ms", "released/this", "released same xp/this", "this/collapsed-torch",
                        "peak MiB"])  # fmt: skip
     print()

@@ -48,6 +48,13 @@ B = 1024 and either side of its plain form's rule, with the core), timed only, t
 over to each other and to the custom ops (low-rank fusion's plain form, ``plain_fusion``,
 runs up to B R h = 2**20 and turns rank-major past 1024 samples with h = 1).
 
+Before a case is timed, every candidate's step is checked against its reference
+(:func:`check`): the output and the gradients of the inputs and of the parameters (the plain
+layer's mapped onto the mmfuse layer's, :func:`param_grads`), each within ``RTOL`` relative
+to its largest entry.  The reference is the case's plain layer, except for ``mmfuse-cp`` and
+``mmfuse-cp-core``: the CP contraction written plainly (``_baselines.plain_wander``) on their
+own layer's parameters.  A mismatch raises and nothing is timed.
+
 Every time is the median over interleaved rounds; "ratio p10-p90" is the spread of the
 speed-up measured within single rounds (see ``_harness.round_ratios``), the machine's drift.
 
@@ -66,9 +73,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _baselines import cp_layer, lmf_layer, released_wander
+from _baselines import cp_layer, lmf_layer, plain_wander, released_wander
 from _harness import (
     arg_parser,
+    check_same,
     machine,
     medians,
     peak_rss_mib,
@@ -146,10 +154,17 @@ def setup_wander(case: str, device: str = "cpu", shape: tuple | None = None) -> 
 
     released = released_wander(layer)
 
-    def step(module, **kw):
+    def plain_cp(inputs):
+        # cp mode is other maths than the released (collapsed) layer: its reference is the CP
+        # contraction written plainly, on cp_layer's own parameters (so their grads land there)
+        params = {"down": list(zip(cp_layer.down_weights, cp_layer.down_biases)),
+                  "feature": list(cp_layer.feature_factors), "token": list(cp_layer.token_factors)}  # fmt: skip
+        return plain_wander(torch, torch.nn.functional.gelu, inputs, params, "cp")
+
+    def step(module, call=None, **kw):
         def forward():
             with mmfuse.config_context(**kw):
-                return module(xs)
+                return (call or module)(xs)
 
         def run():
             for p in (*xs, *module.parameters()):
@@ -160,15 +175,19 @@ def setup_wander(case: str, device: str = "cpu", shape: tuple | None = None) -> 
 
         run.forward = forward  # type: ignore[attr-defined]
         run.leaves = [*xs, *module.parameters()]  # type: ignore[attr-defined]
+        run.inputs, run.module = xs, module  # type: ignore[attr-defined]  (for check_step)
         return run
 
-    return {
+    cands = {
         "mmfuse-layer": step(layer),
         "mmfuse-core": step(layer, backend="array_api"),
         "mmfuse-cp": step(cp_layer),
         "mmfuse-cp-core": step(cp_layer, backend="array_api"),
         "released-layer": step(released),
     }
+    for name in ("mmfuse-cp", "mmfuse-cp-core"):  # checked against it, not timed
+        cands[name].reference = ("plain-cp", step(cp_layer, plain_cp))  # type: ignore[attr-defined]
+    return cands
 
 
 def saved_mib(run) -> float:
@@ -224,6 +243,7 @@ def setup(case: str, device: str = "cpu", shape: tuple | None = None) -> dict[st
             out.sum().backward()
             return out
 
+        run.inputs, run.module = xs, module  # type: ignore[attr-defined]  (for check_step)
         return run
 
     cands = {"mmfuse-layer": step(layer), "mmfuse-core": step(layer, backend="array_api")}
@@ -247,6 +267,7 @@ def _custom_op_step(run):
         finally:
             cp.AUTOGRAD_ON_CPU = saved
 
+    on_op.__dict__.update(run.__dict__)  # its inputs and module, for check_step
     return on_op
 
 
@@ -258,10 +279,69 @@ def _mem_ratio(this: float | None, base: float | None) -> str:
     return f"{this / base:.2f}" if base >= 0.1 else "n/a"
 
 
-def check(cands: dict[str, object], baseline: str = "lmf-layer") -> float:
-    a = cands["mmfuse-layer"]().detach().double()
-    b = cands[baseline]().detach().double()
-    return float((a - b).abs().max() / b.abs().max())
+# float32 steps against float32 steps (observed: outputs ~1e-7, gradients up to ~5e-6 of their
+# largest entry); a wrong or missing term, or a gradient not reached, is far above
+RTOL = 1e-4
+
+
+def param_grads(module) -> dict[str, object]:
+    """The gradients of ``module``'s parameters by the mmfuse layer's names and in its layout:
+    the plain layers of ``_baselines.py`` hold copies of the mmfuse layer's parameters, some
+    rearranged (LMF's constant first, its weights and bias (1, n); ``nn.Linear``'s transposed
+    weight); ``cp_layer``'s and the mmfuse layers' names agree.  A gradient not reached is 0."""
+    import torch
+
+    def grad(p):
+        return torch.zeros_like(p) if p.grad is None else p.grad
+
+    kind = type(module).__name__
+    if kind == "LMFLayer":
+        grads = {f"factors.{i}": torch.cat([grad(f)[:, 1:], grad(f)[:, :1]], dim=1) for i, f in enumerate(module.factors)}
+        return {**grads, "weights": grad(module.fusion_weights)[0], "bias": grad(module.fusion_bias)[0]}
+    if kind == "ReleasedWander":
+        grads = {}
+        for i, lin in enumerate(module.linears):
+            grads[f"down_weights.{i}"], grads[f"down_biases.{i}"] = grad(lin.weight).T, grad(lin.bias)
+        grads.update({f"feature_factors.{i}": grad(f) for i, f in enumerate(module.factor_dim)})
+        return {**grads, **{f"token_factors.{i}": grad(t) for i, t in enumerate(module.factor_t)}}
+    return {name: grad(p) for name, p in module.named_parameters()}
+
+
+def step_result(run) -> tuple[object, dict[str, object]]:
+    """One step of ``run`` (a candidate of :func:`setup`): its output and the gradients of its
+    inputs and parameters (:func:`param_grads`), copied: the next step overwrites them."""
+    out = run()
+    grads = {f"inputs.{i}": x.grad for i, x in enumerate(run.inputs)}
+    grads.update(param_grads(run.module))
+    return out.detach().clone(), {k: g.detach().clone() for k, g in grads.items()}
+
+
+def check_step(case: str, got, want, rtol: float = RTOL) -> float:
+    """The largest relative error of one step of ``got`` against one of ``want``: the output
+    and every gradient compared on its own (``check_same``, which raises past ``rtol``)."""
+    out, grads = step_result(got)
+    want_out, want_grads = step_result(want)
+    if grads.keys() != want_grads.keys():
+        raise AssertionError(f"{case}: gradients of {sorted(grads)} against {sorted(want_grads)}")
+    errs = [check_same(f"{case} output", out, want_out, rtol)]
+    errs += [check_same(f"{case} grad {name}", grads[name], want_grads[name], rtol) for name in want_grads]
+    return max(errs)
+
+
+def check(
+    cands: dict[str, object], baseline: str = "lmf-layer", case: str = "", rtol: float = RTOL
+) -> dict[str, tuple[str, float]]:
+    """{candidate: (its reference, relative error)} of every candidate but ``baseline``, checked
+    (:func:`check_step`: output and gradients; raises on a mismatch) before anything is timed:
+    against the plain layer ``baseline``, or a candidate's own ``reference`` (the cp-mode
+    Wander candidates: other maths, on a layer of their own)."""
+    errs = {}
+    for name, run in cands.items():
+        if name == baseline:
+            continue
+        ref_name, ref = getattr(run, "reference", (baseline, cands[baseline]))
+        errs[name] = (ref_name, check_step(f"{case} {name} vs {ref_name}", run, ref, rtol))
+    return errs
 
 
 def main() -> None:
@@ -287,7 +367,7 @@ def main() -> None:
         if args.batches:  # (CPFusion with the core too: the form its rule weighs against)
             names = ("mmfuse-layer", "mmfuse-core", base) if case in BATCH_CP_CASES else ("mmfuse-layer", base)
             cands = {name: cands[name] for name in names}
-        err = check(cands, base)
+        errs = check(cands, base, case)
         rounds = sample_rounds(cands, repeats=5 if args.quick else 15)
         times = medians(rounds)
         timed_only = args.quick or case in SMALL_BATCH
@@ -308,11 +388,15 @@ def main() -> None:
                 "this/base saved": f"{saved[name] / max(saved[base], 1e-9):.2f}" if name in saved else "-",
             }
             rows.append(row)
+            # each row its own check (output and gradients): None for the baseline, the
+            # reference of the others
+            checked_against, err = errs.get(name, (None, None))
             results.append({"case": case, "candidate": name, "baseline": base, "seconds": t,
                             "ratio_p10": spread[0], "ratio_p90": spread[1], "rounds": len(ratios),
                             "peak_mib": mem.get(name), "saved_mib": saved.get(name),
-                            "rel_err_vs_baseline": err})  # fmt: skip
-        print(f"{case}: max rel. error of mmfuse vs {base} output {err:.1e}")
+                            "checked_against": checked_against, "rel_err": err})  # fmt: skip
+        print(f"{case}: max rel. error (output and gradients) "
+              + ", ".join(f"{name} vs {ref} {err:.1e}" for name, (ref, err) in errs.items()))  # fmt: skip
     print("base = lmf-layer (LowRankFusion cases), released-layer (WanderAdapter cases), cp-layer (CPFusion cases)")
     print_table(rows, ["case", "candidate", "fwd+bwd ms", "base/this time", "ratio p10-p90", "peak MiB", "this/base mem",
                        "saved MiB", "this/base saved"])  # fmt: skip
