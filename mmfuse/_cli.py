@@ -903,10 +903,13 @@ def _escaping_stdout() -> Iterator[None]:
     which an ASCII or cp1252 stdout (Windows' redirected output, ``PYTHONIOENCODING``, a C
     locale) cannot always encode: the work was done, then its report raised
     UnicodeEncodeError (a review's find).  A stream without ``reconfigure`` (a test's
-    capture, a user's wrapper) or with its own error handler is left as it is."""
+    capture, a user's wrapper) or with a handler that replaces already is left as it is;
+    ``surrogateescape`` (``PYTHONIOENCODING=ascii:surrogateescape``) raises for other
+    characters, so it is replaced too (a diff review's find)."""
     stream = sys.stdout
     reconfigure = getattr(stream, "reconfigure", None)
-    if reconfigure is None or getattr(stream, "errors", None) != "strict":
+    before = getattr(stream, "errors", None)
+    if reconfigure is None or before not in ("strict", "surrogateescape"):
         yield
         return
     reconfigure(errors="backslashreplace")
@@ -914,7 +917,7 @@ def _escaping_stdout() -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(OSError, ValueError):  # (a closed or failed stream: no matter)
-            reconfigure(errors="strict")
+            reconfigure(errors=before)
 
 
 def _stdout_to_devnull() -> None:

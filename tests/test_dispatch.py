@@ -990,6 +990,85 @@ def test_a_framework_whose_import_fails_is_refused_not_raised(tmp_path):
     assert lines[3].startswith(f"backend 'numba' cannot run zoom_shift: ImportError: {why}"), lines
 
 
+_BROKEN_NUMBA_FIRST = """
+import sys, threading, time
+import numpy as np
+import mmfuse
+from mmfuse import backends
+from mmfuse.backends import BackendUnsupported
+rng = np.random.default_rng()
+x, g = rng.standard_normal((64, 128, 128)), rng.standard_normal((64, 100, 128))  # past import_at
+if sys.argv[1] == "named":  # the first call names numba: the same message as later ones
+    for _ in range(2):
+        try:
+            mmfuse.zoom_shift(x[:1, :4], g[:1, :4], backend="numba")
+        except BackendUnsupported as err:
+            print(str(err).split(";")[0])
+elif sys.argv[1] == "preferred":  # a preference: 'auto' decides, the core runs
+    with mmfuse.config_context(prefer="numba"):
+        print(np.array_equal(mmfuse.zoom_shift(x, g), mmfuse.zoom_shift(x, g, backend="array_api")))
+else:  # another thread calls while the (slow) failing import runs: it waits, then refuses
+    out = {}
+    def call(name, a, b):
+        try:
+            mmfuse.zoom_shift(a, b)
+            out[name] = "ok"
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    first = threading.Thread(target=call, args=("first", x, g))
+    first.start()
+    while "numba" not in sys.modules:
+        time.sleep(0.01)
+    call("second", x, g)
+    first.join()
+    print(out["first"], out["second"])
+"""
+
+
+@pytest.mark.parametrize("first", ["named", "preferred", "racing"])
+def test_a_framework_whose_import_fails_first_met_by_name_preference_or_two_threads(tmp_path, first):
+    """The same broken numba, met first by ``backend="numba"`` (its first refusal listed the
+    import's failure among the other rows' refusals of the arrays, unlike later calls'), by
+    ``prefer="numba"``, or by a thread calling while another thread's (slow) import fails (it
+    took the half-imported module for imported, and met the ImportError inside the call; a
+    diff review's finds)."""
+    fake = tmp_path / "numba"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('import time\ntime.sleep(1)\nraise ImportError("Numba needs NumPy 2.3 or less")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _BROKEN_NUMBA_FIRST, first], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    why = "numba is installed but its import fails (ImportError: Numba needs NumPy 2.3 or less)"
+    want = {
+        "named": [f"backend 'numba' cannot run zoom_shift: ImportError: {why}"] * 2,
+        "preferred": ["True"],
+        "racing": ["ok ok"],
+    }
+    assert done.stdout.splitlines() == want[first], done.stdout
+
+
+def test_a_blocked_framework_is_refused_by_the_rows_that_loaded_before(capsys):
+    """numba's rows loaded, then its import blocked (``sys.modules["numba"] = None``) before
+    numba was imported: "auto" refuses them for a large call and runs the core, and
+    ``explain`` says the same (it chose numba's kernels, and the call then raised; a diff
+    review's find)."""
+    pytest.importorskip("numba")
+    code = (
+        "import sys\n"
+        "import numpy as np, mmfuse\n"
+        "from mmfuse import backends\n"
+        "backends.available('moments')\n"
+        "sys.modules['numba'] = None\n"
+        "x = np.random.default_rng().standard_normal((64, 128, 128))\n"
+        "print(backends.explain('moments', x).chosen.backend)\n"
+        "print(np.array_equal(mmfuse.moments(x)[1], mmfuse.moments(x, backend='array_api')[1]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["array_api", "True"], done.stdout
+
+
 def test_the_triton_interpreter_setting_is_read_per_call():
     """``backend="triton"`` takes CPU tensors only while TRITON_INTERPRET is on, and the
     conditions read it per call: a plan (and a cached registry choice) made with it set was

@@ -288,7 +288,7 @@ def test_calls_the_kernel_does_not_take_go_to_the_torch_backend(rng):
         out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", backend="triton")
         assert type(out.grad_fn).__name__ == "_SequenceFusionBackward"
         assert_close(out, _ref(hs, feats, toks, None, "cp"))
-    assert _sequence_ops.takes([hs[0]], [_sequence_ops.MAX_WIDTH], [])
+    assert _sequence_ops.takes([hs[0]], [_sequence_ops.MAX_WIDTH], feats[:1], toks[:1])
 
 
 def test_factors_past_32_bit_offsets_go_to_the_torch_backend(rng, monkeypatch):
@@ -296,9 +296,16 @@ def test_factors_past_32_bit_offsets_go_to_the_torch_backend(rng, monkeypatch):
     MAX_FACTOR_ELEMENTS elements goes to the torch backend's op.  (A token factor of shape
     (3, 1, 2**30) started its rank 2 at offset -2**31 and crashed the interpreter; a review's
     find.)  Views of one element: nothing allocated."""
-    one, h = torch.ones((1, 1, 1)), torch.ones((1, 1, 2))
+    one, h, feat = torch.ones((1, 1, 1)), torch.ones((1, 1, 2)), torch.ones((1, 2, 1))
     fits, past = one.expand(1, 1, _sequence_ops.MAX_FACTOR_ELEMENTS), one.expand(3, 1, 2**30)
-    assert _sequence_ops.takes([h], [2], [fits]) and not _sequence_ops.takes([h], [2], [fits, past])
+    takes = _sequence_ops.takes
+    assert takes([h], [2], [feat], [fits]) and not takes([h, h], [2, 2], [feat, feat], [fits, past])
+    # and inside one sample: T_m r_m of the activations, T_out D of the output (a diff review's)
+    long_h = torch.ones((1, 1, 2)).expand(1, 2**30, 2)
+    wide_out = [one.expand(1, 1, 2**16)], [torch.ones((1, 2, 1)).expand(1, 2, 2**15)]
+    assert takes([long_h[:, :-1]], [2], [feat], [one.expand(1, 2**30 - 1, 1)])
+    assert not takes([long_h], [2], [feat], [one.expand(1, 2**30, 1)])
+    assert not takes([h], [2], wide_out[1], wide_out[0]) and takes([h], [2], wide_out[1], [one.expand(1, 1, 2**15)])
     # through the public function, the limit made one below the largest factor: a token factor
     # (2, 3, 3) of 18 elements beside feature factors of 16, then a feature factor (2, 2, 8) of
     # 32 beside token factors of at most 18

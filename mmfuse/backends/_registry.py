@@ -32,7 +32,7 @@ from importlib.util import find_spec
 from typing import Any
 
 from .._config import BACKEND_NAMES, backend_policy
-from .._namespace import array_namespace, device_key, first_floating, is_array, namespace_name
+from .._namespace import array_namespace, device_key, first_floating, half_imported, is_array, namespace_name
 from ._catalogue import CALL_SIZES, OPERATORS, Signature
 from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info, triton_interpreting
 from ._table import FRAMEWORKS, ROWS, Row, install_hint
@@ -380,7 +380,9 @@ def _resolve(row: Row) -> Implementation | None:
                 raise ImportError(f"{framework} is installed but its import fails ({why})")
             if framework is not None and not installed(framework):
                 raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
-        except ImportError as exc:  # the backend's framework (or its module) is not installed
+        except Exception as exc:  # the backend's framework (or its module) is not installed, or
+            # fails at import with another error (a broken install: AttributeError, say), which
+            # unavailable() and ``mmfuse info`` then report rather than raise (a diff review's find)
             if row.backend not in _plugin_errors:
                 _plugin_errors[row.backend] = f"{type(exc).__name__}: {exc}{install_hint(exc)}"
                 _failed_modules[row.backend] = module
@@ -428,23 +430,30 @@ def installed(name: str) -> bool:
         return False
 
 
-def _framework_refusal(impl: Implementation) -> str | None:
+def _framework_refusal(impl: Implementation, importing: bool = True) -> str | None:
     """Why a table row's implementation ``impl`` cannot run for want of its framework, or None.
 
-    Its framework, installed (the row resolved) but not imported yet, is imported here: a row
-    "auto" takes past its ``import_at``, or one ``backend=`` names (their modules load without
-    it; their kernels import it when they run).  An import that fails (numba refusing a newer
-    NumPy, a half-removed install) is then this row's refusal, and the framework counts as
-    not installed from then on (:func:`installed`: its rows stop resolving, and
-    :func:`unavailable` gives the error), where the import's error used to rise from inside
-    the call, "auto"'s large calls included (a review's find).  Registrations (no
-    ``condition``) import what they need themselves.
+    Its framework, installed (the row resolved) but not imported yet, or still being imported
+    by another thread, is imported here (waiting for that thread's import, as an import
+    statement does): a row "auto" takes past its ``import_at``, or one ``backend=`` names
+    (their modules load without it; their kernels import it when they run).  An import that
+    fails (numba refusing a newer NumPy, a half-removed install) is then this row's refusal,
+    and the framework counts as not installed from then on (:func:`installed`: its rows stop
+    resolving, and :func:`unavailable` gives the error), where the import's error used to rise
+    from inside the call, "auto"'s large calls included (a review's find; a call made while
+    another thread's failing import ran had still met it: a diff review's).  Without
+    ``importing`` (:func:`explain`'s question, which must import nothing that changes later
+    choices) only a blocked import is a refusal.  Registrations (no ``condition``) import what
+    they need themselves.
     """
     fw = FRAMEWORKS.get(impl.backend)
-    if fw is None or impl.condition is None or sys.modules.get(fw) is not None:
+    if fw is None or impl.condition is None:
         return None
-    if fw in sys.modules:  # None: an import blocked (sys.modules[fw] = None), maybe lifted later
-        return f"the import of {fw} is blocked (sys.modules[{fw!r}] is None)"
+    module = sys.modules.get(fw, _ABSENT)
+    if module is None:  # an import blocked (sys.modules[fw] = None), maybe lifted later
+        return f"ImportError: the import of {fw} is blocked (sys.modules[{fw!r}] is None)"
+    if (module is not _ABSENT and not half_imported(module)) or not importing:
+        return None
     try:
         importlib.import_module(fw)
     except Exception as exc:  # (ImportError, or whatever a broken package raises at import)
@@ -455,13 +464,11 @@ def _framework_refusal(impl: Implementation) -> str | None:
                 del _RESOLVED[row]
             _CHOICES.clear()
             _generation[0] += 1
-        return f"{fw} is installed but its import fails ({error})"
+        return f"ImportError: {fw} is installed but its import fails ({error})"
     return None
 
 
-def _no_refusal(impl: Implementation) -> None:
-    """:func:`_framework_refusal`'s stand-in where nothing may be imported (:func:`explain`)."""
-    return None
+_ABSENT = object()  # (sys.modules.get's default: a module absent, not blocked)
 
 
 def _rows(op: str, backend: str | None) -> list[Row]:
@@ -609,7 +616,9 @@ def _choose(op: str, name: str, info: CallInfo | None, *, to_run: bool = True) -
     """The implementation policy ``name`` takes for a call described by ``info``; with
     ``to_run`` (not :func:`explain`'s question, which must import nothing that changes later
     choices) a framework the choice needs is imported first (:func:`_framework_refusal`)."""
-    loads = _framework_refusal if to_run else _no_refusal
+    def loads(impl: Implementation) -> str | None:
+        return _framework_refusal(impl, importing=to_run)
+
     if name.startswith("auto, prefer "):
         try:
             return _choose(op, name[len("auto, prefer ") :], info, to_run=to_run)
@@ -654,8 +663,10 @@ def _choose(op: str, name: str, info: CallInfo | None, *, to_run: bool = True) -
         return cands[0]
     for cand in cands:
         refusal = cand.refusal(info)
-        if refusal is None:
-            refusal = loads(cand)
+        if refusal is None and (failure := loads(cand)) is not None:
+            # said as when its rows cannot load (the next call's message), not as one more
+            # reason among the other rows' refusals of these arrays (a diff review's find)
+            raise BackendUnsupported(f"backend {name!r} cannot run {op}: {failure}; {_backends_for(op)}")
         if refusal is None:
             return cand
         if refusal not in reasons:

@@ -47,9 +47,11 @@ __all__ = ["MAX_FACTOR_ELEMENTS", "MAX_WIDTH", "sequence_call", "sequence_fusion
 #: The largest r_m the kernel takes (rounded up to a power of two it is the width of every
 #: modality's token-first register tile; M of them live through the feature-rank loop).
 MAX_WIDTH = 64
-#: The most elements a feature or token factor may have: the kernel's offsets inside a factor
-#: are 32-bit (a token factor's rank j starts at ``j T_m T_out``, which wrapped past 2**31 to a
-#: negative offset: a read before the factor; a review's find, shown in the interpreter).
+#: The most elements a feature or token factor, or one sample of an input's activations (T_m r_m)
+#: or of the output (T_out D), may have: the kernel's offsets inside them are 32-bit (a token
+#: factor's rank j starts at ``j T_m T_out``, which wrapped past 2**31 to a negative offset: a
+#: read before the factor; a review's find, shown in the interpreter; the in-sample offsets
+#: ``t r`` and ``t D`` likewise: a diff review's).
 MAX_FACTOR_ELEMENTS = 2**31 - 1
 
 
@@ -209,16 +211,20 @@ sequence_call = _ops.bind_launch(
 
 
 def takes(
-    hs_or_xs: Sequence[Any], widths: Sequence[int], factors: Sequence[Any], *more: Any
+    hs_or_xs: Sequence[Any], widths: Sequence[int], feature: Sequence[Any], token: Sequence[Any], *more: Any
 ) -> bool:  # fmt: skip
     """Whether the kernel serves a call: the other Triton ops' rules (float32 / 16-bit, at
-    most eight modalities, no ``torch.func`` transform), every width r_m <= MAX_WIDTH and
-    every one of the feature and token ``factors`` of at most MAX_FACTOR_ELEMENTS elements."""
+    most eight modalities, no ``torch.func`` transform), every width r_m <= MAX_WIDTH, and
+    every factor, sample of activations (T_m r_m) and sample of the output (T_out D) of at
+    most MAX_FACTOR_ELEMENTS elements."""
     from . import _delegated  # the package's routing rule (imported by now)
 
-    if _delegated(hs_or_xs, factors, *more) or max(widths) > MAX_WIDTH:
+    if _delegated(hs_or_xs, feature, token, *more) or max(widths) > MAX_WIDTH:
         return False
-    return all(f.numel() <= MAX_FACTOR_ELEMENTS for f in factors)
+    sizes = [f.numel() for f in (*feature, *token)]
+    sizes += [int(x.shape[1]) * w for x, w in zip(hs_or_xs, widths)]
+    sizes.append(int(token[0].shape[2]) * int(feature[0].shape[2]))
+    return max(sizes) <= MAX_FACTOR_ELEMENTS
 
 
 def _mask_list(masks: Sequence[Any] | None, n: int) -> list[Any]:
@@ -238,7 +244,7 @@ def sequence_fusion(
     checked); other calls (see :func:`takes`) go to the torch backend."""
     masks_list = _mask_list(masks, len(hs))
     # (torch.jit.trace: the torch backend's, which runs the core there; see its jit_tracing)
-    if jit_tracing(torch) or not takes(hs, [int(h.shape[2]) for h in hs], [*feature_factors, *token_factors]):
+    if jit_tracing(torch) or not takes(hs, [int(h.shape[2]) for h in hs], feature_factors, token_factors):
         from .. import torch as torch_backend
 
         return torch_backend.sequence_fusion(hs, feature_factors, token_factors, mode=mode, masks=masks)
@@ -266,7 +272,7 @@ def wander(
     # (torch.jit.trace: the torch backend's, which runs the core there, as sequence_fusion
     # above; the op's list of optional masks failed the tracer; a review's find)
     widths = [int(w.shape[1]) for w in weights]
-    if jit_tracing(torch) or not takes(xs, widths, [*feats, *toks], weights, biases):
+    if jit_tracing(torch) or not takes(xs, widths, feats, toks, weights, biases):
         from .. import torch as torch_backend
 
         return torch_backend.wander(
