@@ -695,12 +695,13 @@ def zoom_shift(
     and the result is the two composed (they commute: the zoom is about x's own mean).  The
     output's mean is :math:`\mu_x + \alpha(\mu_g - \mu_x)` and its log spread moves by the same
     fraction alpha toward the guide's (exactly at ``eps = 0``; with ``eps > 0`` up to
-    :math:`O(\varepsilon / \sigma_x^2)`).  At alpha = 1 with ``eps = 0`` the output has exactly
-    the guide's mean and std; with ``eps > 0`` its variance is
-    :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)`, the guide's up to
-    :math:`O(\varepsilon / \sigma_x^2)` of it (a spread of x near :math:`\sqrt\varepsilon` keeps
-    about half the guide's variance).  A channel
-    of x with zero spread (possible only with ``eps = 0``) is shifted, not zoomed; gradients take
+    :math:`O(\varepsilon / \sigma_x^2 + \varepsilon / \sigma_g^2)`, the raw spreads': a guide
+    with spread near :math:`\sqrt\varepsilon` or below is missed by a good part of it).  At
+    alpha = 1 with ``eps = 0`` the output has exactly the guide's mean and std; with
+    ``eps > 0`` its variance is :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)`, the guide's
+    up to :math:`O(\varepsilon / \sigma_x^2)` of it (a spread of x near
+    :math:`\sqrt\varepsilon` keeps about half the guide's variance).  A channel of x with
+    zero spread (possible only with ``eps = 0``) is shifted, not zoomed; gradients take
     the zero spread's own derivative as 0 (exact for a lane with one unmasked token, the
     subgradient 0 for equal values).  Statistics past their dtype's range (see
     :func:`moments`: float32 spreads above about 1.8e19) are infinite or NaN: an infinite

@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "array_namespace",
+    "constant_device",
     "device_key",
     "device_of",
     "fake_tensors",
@@ -39,6 +40,7 @@ __all__ = [
     "not_an_array",
     "python_dispatched",
     "real_floating",
+    "rounded_once_for",
     "tensor_memory",
     "to_numpy",
     "torch_namespace",
@@ -561,7 +563,7 @@ def mask_tokens(xp: Namespace, x: Array, mask: Array | None) -> Array:
     (a new array), so NaN or inf padding never leaks; ``x`` itself when ``mask`` is None."""
     if mask is None:
         return x
-    zero = xp.zeros((), dtype=x.dtype, device=device_of(x))
+    zero = xp.zeros((), dtype=x.dtype, device=constant_device(x))
     return xp.where(xp.reshape(mask, (*mask.shape, *(1,) * (x.ndim - mask.ndim))), x, zero)
 
 
@@ -713,19 +715,12 @@ def block_slices(batch: int, rows: int) -> list[slice]:
 
 
 def device_of(x: Array) -> Any:
-    """``x``'s device: what constants for computations with ``x`` are created on, and what
-    the checks compare; None where there is no single one (a traced JAX value, a JAX array
-    sharded over several devices) or none it is bound to (an uncommitted JAX array)."""
+    """``x``'s device: what the checks compare and the registry's conditions read; None where
+    there is no single one (a traced JAX value, a JAX array sharded over several devices).
+    Constants for computations with ``x`` take :func:`constant_device`."""
     tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (as is_array's)
     if tensor is not None and isinstance(x, tensor):
         return x.device  # what array_api_compat.device returns, without its generic dispatch
-    if type(x) is not np.ndarray and committed(x) is False:
-        # a JAX array made without a device follows the committed arrays it meets: so must the
-        # constants made for it.  Created on its default device they were committed there, and
-        # met parameters or masks committed elsewhere (or sharded) inside JAX ("incompatible
-        # devices"); and an all-uncommitted call returned a result committed to device 0 (a
-        # review's find)
-        return None
     device = array_api_compat.device(x)
     # A JAX array sharded over several devices reports its Sharding, whose partition spec
     # cannot place a constant of another shape (a 0-d one raised IndexError inside JAX), and
@@ -734,6 +729,18 @@ def device_of(x: Array) -> Any:
     if len(getattr(device, "device_set", ())) > 1:
         return None
     return device
+
+
+def constant_device(x: Array) -> Any:
+    """The device to create constants for computations with ``x`` on: :func:`device_of`, but
+    None (no device given: uncommitted) for a JAX array made without a device.  Such an array
+    follows the committed arrays it meets, so must its constants: created on its default device
+    they were committed there, and met parameters or masks committed elsewhere (or sharded)
+    inside JAX ("incompatible devices"), and an all-uncommitted call returned a result
+    committed to device 0 (a review's find)."""
+    if type(x) is not np.ndarray and committed(x) is False:
+        return None
+    return device_of(x)
 
 
 def committed(x: Any) -> Any:
@@ -876,7 +883,7 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
     if is_numpy(xp):
         check_host_device(device)
         return np.asarray(a, dtype=dtype)
-    a = _rounded_once_for(a, dtype)
+    a = rounded_once_for(a, dtype)
     if is_cupy(xp):
         # CuPy's own asarray takes no device argument; array_api_compat's wrapper of it does
         import array_api_compat.cupy as xp
@@ -891,7 +898,7 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
     return xp.asarray(a, dtype=dtype, device=_host_device_of(xp, device))
 
 
-def _rounded_once_for(a: np.ndarray, dtype: Any) -> np.ndarray:
+def rounded_once_for(a: np.ndarray, dtype: Any) -> np.ndarray:
     """``a`` prepared in NumPy so that another namespace's conversion to the 16-bit float
     ``dtype`` rounds it once, correctly; other arrays and dtypes as they are.
 
@@ -907,7 +914,8 @@ def _rounded_once_for(a: np.ndarray, dtype: Any) -> np.ndarray:
     if dtype is None or a.dtype.kind != "f" or a.dtype.itemsize <= 4:
         return a
     name = str(dtype)  # torch.float16, float16 (NumPy's, JAX's), torch.bfloat16, bfloat16
-    with np.errstate(over="ignore"):  # (past the range: infinity, as the conversion gives)
+    # (past the range: infinity, as the conversion gives; a signalling NaN: a NaN, quietly)
+    with np.errstate(over="ignore", invalid="ignore"):
         if name.endswith("bfloat16"):
             return _float32_rounded_to_odd(a)
         if name.endswith("float16"):
@@ -919,7 +927,7 @@ def _float32_rounded_to_odd(a: np.ndarray) -> np.ndarray:
     """``a`` (float64) rounded to float32 by rounding to odd: truncated toward zero, and the
     last bit set where that lost anything.  Infinities, NaN and exact values as they are; a
     finite value past float32's range goes to infinity, as every later rounding of it would."""
-    t = a.astype(np.float32)
+    t = np.asarray(a).astype(np.float32)  # (asarray: a NumPy scalar, too, comes back an array)
     with np.errstate(invalid="ignore"):
         lost = np.isfinite(t) & (t != a)
         over = lost & (np.abs(t.astype(np.float64)) > np.abs(a))

@@ -925,3 +925,35 @@ def test_dask_parameters_in_many_chunks_keep_the_outputs_one_chunk_wide(dask_arr
             got = func(xs, *args_da)
             assert got.numblocks[-1] == 1 and got.numblocks[-2] == 10
             assert_close(got.compute(), func(xs_np, *args_np))
+
+
+def test_uncommitted_jax_arrays_keep_their_device_for_checks_and_registrations():
+    """Constants made for a JAX array without a device stay uncommitted, but the array's device
+    is still its device where it is asked: a registration's ``supports(xp, device)`` and
+    ``assert_close(device=...)`` got None for it while this session's first fix of the
+    constants stood (a diff review's find)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from mmfuse import backends
+    from mmfuse.testing import assert_close
+
+    x = jnp.asarray(np.ones(3, np.float32))
+    assert_close(x, x, device="cpu")
+    assert_close(x, x, device=jax.devices()[0])
+    seen = []
+
+    def supports(xp, device):
+        seen.append(device)
+        return None
+
+    def mine(xs, factors, weights=None, bias=None, *, append_one=True, present=None):
+        return mmfuse.lowrank_fusion(xs, factors, weights, bias, append_one=append_one, present=present,
+                                     backend="reference")  # fmt: skip
+
+    p = mmfuse.init_lowrank([3, 2], rank=2, out_dim=5, seed=0, xp=jnp)
+    backends.register("lowrank_fusion", "array_api", mine, supports=supports, priority=10)
+    try:
+        got = mmfuse.lowrank_fusion([jnp.ones((4, 3)), jnp.ones((4, 2))], **p)
+    finally:
+        backends.unregister("lowrank_fusion", "array_api")
+    assert seen and seen[0] == jax.devices()[0] and got.shape == (4, 5)

@@ -356,6 +356,12 @@ def test_float64_to_bfloat16_through_round_to_odd_matches_the_nearest():
     got = from_numpy(a, torch_xp, dtype=torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(got, want)
     assert (np.signbit(got) == np.signbit(want)).all()
+    # a signalling NaN quietly (the cast warned "invalid value": an error under pytest), and a
+    # NumPy scalar (item assignment into a float32 scalar failed; a diff review's finds)
+    signalling = np.array([0x7FF0000000000001], dtype=np.uint64).view(np.float64)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.isnan(from_numpy(signalling, torch_xp, dtype=dtype)).all()
+    assert from_numpy(np.float64(0.1), torch_xp, dtype=torch.bfloat16).item() == float(ml_dtypes.bfloat16(0.1))
 
 
 def test_init_lowrank_default_dtype_is_namespace_default():

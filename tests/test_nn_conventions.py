@@ -974,3 +974,23 @@ def test_wander_adapter_resets_sharded_parameters():
     done = subprocess.run([sys.executable, "-c", _FSDP_RESET], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["DTensor", "True"], done.stdout
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_a_16_bit_wander_adapter_draws_init_wanders_values(name):
+    """WanderAdapter's host-side draw copied into 16-bit parameters by torch rounded twice
+    (through float32): a few values an ulp off init_wander's draw of the same seed in that
+    dtype (3 of 29440 in float16; a diff review's find).  Rounded once now, the same values."""
+    dtype = getattr(torch, name)
+    sizes = {"rank": 16, "feature_rank": 8, "token_rank": 12, "out_dim": 40}
+    torch.manual_seed(0)
+    seed = int(torch.randint(0, 2**62, ()).item())  # the draw reset_parameters makes first
+    torch.manual_seed(0)
+    layer = WanderAdapter([40, 40], [50, 50], dtype=dtype, **sizes)
+    from mmfuse import init_wander
+
+    want = init_wander([40, 40], [50, 50], n_out=layer.n_out, seed=seed, init=layer.init, xp=torch, dtype=dtype, **sizes)
+    got = [*layer.down_weights, *layer.down_biases, *layer.feature_factors, *layer.token_factors]
+    expected = [w for w, _ in want["down"]] + [b for _, b in want["down"]] + want["feature"] + want["token"]
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g.detach(), e)
