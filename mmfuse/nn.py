@@ -28,7 +28,9 @@ Dynamo need not trace): :class:`ZoomShift` the ``mmfuse::align`` op and the core
 ``torch.compile(layer, fullgraph=True)`` works.  For ``torch.jit.trace``, trace under
 ``torch.no_grad()``: the fusions choose their autograd form by grad mode, and trace's check
 re-runs the layer, so a trace with gradients on fails that check (a traced custom autograd
-function could not be saved either).
+function could not be saved either).  A program exported or traced with the custom operators
+loads where ``mmfuse.nn`` is imported; the getting-started guide's notes on saving and deploying
+say more (ONNX, ``torch.jit.script``).
 
 Importing this module imports torch.
 
@@ -1619,6 +1621,16 @@ class ZoomShift(nn.Module):
     def dtype(self) -> torch.dtype | None:
         """The dtype inputs must have (None: any floating dtype, shared by the inputs)."""
         return None if self._dtype_buffer is None else self._dtype_buffer.dtype
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
+        # The dtype's buffer holds no data, but built on meta it stays there through
+        # load_state_dict(assign=True) (it is not persistent), and torch refuses to copy any meta
+        # tensor, an empty one too: ``.to(device)`` failed ("Cannot copy out of meta tensor"; a
+        # review's find).  Remade on the CPU first, it moves as any buffer does.
+        buffer = self._dtype_buffer
+        if buffer is not None and buffer.is_meta:
+            self._dtype_buffer = torch.empty(0, dtype=buffer.dtype, device="cpu")
+        return super()._apply(fn, recurse)
 
     def reset_parameters(self) -> None:
         """Nothing to reset: the layer is parameter-free."""

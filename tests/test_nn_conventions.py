@@ -994,3 +994,70 @@ def test_a_16_bit_wander_adapter_draws_init_wanders_values(name):
     expected = [w for w, _ in want["down"]] + [b for _, b in want["down"]] + want["feature"] + want["token"]
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g.detach(), e)
+
+
+def test_zoomshift_with_a_dtype_built_on_meta_moves_after_an_assigning_load():
+    """A model built on meta and filled by ``load_state_dict(assign=True)``: ZoomShift's dtype
+    buffer (empty, not in the state dict) stayed on meta, and ``model.to(device)`` failed ("Cannot
+    copy out of meta tensor"; a review's find).  It moves now, keeping the dtype."""
+    torch.manual_seed(0)
+    real = torch.nn.ModuleDict({"pre": torch.nn.Linear(4, 4), "zoom": ZoomShift(4, 2, dtype=torch.float32)})
+    with torch.device("meta"):
+        model = torch.nn.ModuleDict({"pre": torch.nn.Linear(4, 4), "zoom": ZoomShift(4, 2, dtype=torch.float32)})
+    model.load_state_dict(real.state_dict(), assign=True)
+    model.to("cpu")
+    assert model["zoom"].dtype == torch.float32 and model["zoom"]._dtype_buffer.device.type == "cpu"
+    xs = [torch.randn(3, 5, 4), torch.randn(3, 6, 4)]
+    want = real["zoom"]([real["pre"](xs[0]), xs[1]])
+    torch.testing.assert_close(model["zoom"]([model["pre"](xs[0]), xs[1]]), want)
+    model.double()
+    assert model["zoom"].dtype == torch.float64
+
+
+_LOAD_EXPORTED = """
+import sys, torch
+if sys.argv[2] == "mmfuse.nn":
+    import mmfuse.nn
+elif sys.argv[2] == "mmfuse":
+    import mmfuse
+try:
+    program = torch.export.load(sys.argv[1])
+    xs = [torch.ones(4, 3), torch.ones(4, 2)]
+    print(tuple(program.module()(xs).shape))
+except Exception:  # (torch names the operator it cannot resolve in a warning, on stderr)
+    print("failed")
+"""
+
+
+def test_exported_layers_load_after_importing_mmfuse_nn(tmp_path):
+    """The deployment notes (getting started): an exported program holding a layer's custom
+    operator loads where ``mmfuse.nn`` is imported, not with ``import mmfuse`` alone (which
+    imports no torch) nor without; and with the Array-API core registered as the torch
+    implementation the exported graph holds no ``mmfuse::`` operator (for ONNX's exporter)."""
+    import subprocess
+    import sys
+
+    import mmfuse.backends as mb
+
+    layer = LowRankFusion([3, 2], 5, rank=2)
+    xs = [torch.randn(4, 3), torch.randn(4, 2)]
+    program = torch.export.export(layer, (xs,))
+    assert any("mmfuse" in str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    torch.export.save(program, tmp_path / "lrf.pt2")
+    seen = {}
+    for imported in ("mmfuse.nn", "mmfuse", "nothing"):
+        done = subprocess.run([sys.executable, "-c", _LOAD_EXPORTED, str(tmp_path / "lrf.pt2"), imported],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        seen[imported] = (done.stdout.strip(), "torch.ops.mmfuse.lowrank_fusion" in done.stderr)
+    assert seen == {"mmfuse.nn": ("(4, 5)", False), "mmfuse": ("failed", True), "nothing": ("failed", True)}, seen
+    ops = ("lowrank_fusion", "cp_fusion", "wander", "align")
+    for op in ops:
+        mb.register(op, "torch", mb.lookup(op, "array_api", like=torch.empty(0)))
+    try:
+        plain = torch.export.export(layer, (xs,))
+    finally:
+        for op in ops:
+            mb.unregister(op, "torch")
+    assert not any("mmfuse" in str(n.target) for n in plain.graph.nodes if n.op == "call_function")
+    torch.testing.assert_close(plain.module()(xs), layer(xs))
