@@ -44,7 +44,7 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
-from .backends import lookup
+from .backends._registry import choose
 
 __all__ = ["align", "moments", "shift", "zoom", "zoom_shift", "zoom_shift_fusion"]
 
@@ -468,7 +468,7 @@ def _plan_moments(x: Any, axis: Any, mask: Any, eps: Any, backend: Any) -> Any:
     check_eps_dtype(xp, eps, dtype)
     ax = _check_axis(x, axis, "x")
     check_mask(xp, mask, x, ax, "mask", "x")
-    impl = lookup("moments", backend, like=x, arrays=(x, mask))
+    impl = choose("moments", backend, like=x, arrays=(x, mask))
     return partial(in_native_order(impl, (x,)), axis=axis, eps=eps)
 
 
@@ -770,7 +770,7 @@ def _plan_zoom_shift(
     _check_axis(guide, axis, "guide")
     check_mask(xp, mask, x, ax, "mask", "x")
     check_mask(xp, guide_mask, guide, ax, "guide_mask", "guide")
-    impl = lookup("zoom_shift", backend, like=x, arrays=(x, guide, mask, guide_mask))
+    impl = choose("zoom_shift", backend, like=x, arrays=(x, guide, mask, guide_mask))
     impl = in_native_order(impl, (x, guide))
     options = {"alpha": alpha, "axis": axis, "eps": eps}
     impl = planned_impl(impl, (x, guide), {**options, "mask": mask, "guide_mask": guide_mask})
@@ -953,7 +953,7 @@ def _plan_align(
     schedule: str, topology: str, axis: int, backend: str | None,
 ) -> Any:  # fmt: skip
     """The implementation of :func:`align` for checked arguments, with its options bound."""
-    impl = in_native_order(lookup("align", backend, like=xs[0], arrays=(xs, masks)), xs)
+    impl = in_native_order(choose("align", backend, like=xs[0], arrays=(xs, masks)), xs)
     options = {"rounds": rounds, "alpha": alpha, "schedule": schedule, "topology": topology, "hub": hub,
                "axis": axis, "eps": eps}  # fmt: skip
     return partial(planned_impl(impl, (xs,), {**options, "masks": masks}), **options)

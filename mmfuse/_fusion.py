@@ -34,7 +34,7 @@ from ._validation import (
     fmt_shape,
     random_generator,
 )
-from .backends import lookup
+from .backends._registry import choose
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
@@ -328,7 +328,7 @@ def plan_tensor(
     append_one = check_bool_option("append_one", append_one)
     max_elements = check_positive_int("max_elements", max_elements)
     xs = check_tensor_fusion(xs, weight, bias, append_one, max_elements)
-    impl = lookup("tensor_fusion", backend, like=xs[0], arrays=(xs, weight, bias))
+    impl = choose("tensor_fusion", backend, like=xs[0], arrays=(xs, weight, bias))
     return partial(impl, append_one=append_one, max_elements=max_elements)
 
 
@@ -483,7 +483,7 @@ def plan_lowrank(
     check_vector(xp, bias, "bias", out_dim, "h")
     if present is not None:
         check_present(xp, present, batch, len(xs))
-    impl = lookup("lowrank_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias, present))
+    impl = choose("lowrank_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias, present))
     chosen = planned_impl(impl, (xs, factors, weights, bias), {"append_one": append_one, "present": present})
     return partial(chosen, append_one=append_one)
 
@@ -697,7 +697,7 @@ def plan_cp(xs: Any, cp: Any, bias: Any, append_one: Any, present: Any, backend:
     """Check a :func:`cp_fusion` call and choose its implementation (its plan)."""
     append_one = check_bool_option("append_one", append_one)
     xs, weights, factors = check_cp_inputs(xs, cp, append_one, present, bias)
-    impl = lookup("cp_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias, present))
+    impl = choose("cp_fusion", backend, like=xs[0], arrays=(xs, factors, weights, bias, present))
     return partial(impl, append_one=append_one)
 
 

@@ -36,8 +36,8 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
-from .backends import lookup
 from .backends._catalogue import CALL_SIZES
+from .backends._registry import choose
 
 __all__ = ["cp_interactions", "interaction_shares", "lowrank_interactions", "tensor_interactions"]
 
@@ -178,7 +178,7 @@ def tensor_interactions(
         raise ValueError(str(exc).replace("tensor_fusion:", "tensor_interactions:", 1)) from None
     if by == "subset":
         _check_subset_size("tensor_interactions", len(xs), xs[0].shape[0], weight.shape[-1], max_elements)
-    impl = lookup("tensor_interactions", backend, like=xs[0], arrays=(xs, weight))
+    impl = choose("tensor_interactions", backend, like=xs[0], arrays=(xs, weight))
     return impl(xs, weight, by=by, append_one=append_one, max_elements=max_elements)
 
 
@@ -290,7 +290,7 @@ def lowrank_interactions(
         _check_subset_size("lowrank_interactions", len(xs), batch, out_dim, max_elements)
     size = CALL_SIZES["lowrank_interactions"](xs, factors)
     arrays = (xs, factors, weights, present)
-    impl = lookup("lowrank_interactions", backend, like=xs[0], arrays=arrays, size=size)
+    impl = choose("lowrank_interactions", backend, like=xs[0], arrays=arrays, size=size)
     return impl(
         xs, factors, weights, by=by, present=present, append_one=append_one, max_elements=max_elements
     )
@@ -387,7 +387,7 @@ def cp_interactions(
     if by == "subset":
         _check_subset_size("cp_interactions", len(xs), xs[0].shape[0], factors[-1].shape[0], max_elements)
     size = CALL_SIZES["cp_interactions"](xs, (weights, factors))
-    impl = lookup("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights, present), size=size)
+    impl = choose("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights, present), size=size)
     return impl(
         xs, (weights, factors), by=by, present=present, append_one=append_one, max_elements=max_elements
     )

@@ -33,7 +33,7 @@ from ._validation import (
     fmt_shape,
     random_generator,
 )
-from .backends import lookup
+from .backends._registry import choose
 
 __all__ = [
     "init_wander",
@@ -312,7 +312,7 @@ def plan_sequence(
     xp = common_namespace([*named, *((f"masks[{m}]", k) for m, k in enumerate(masks_named))])
     check_same_float_dtype(xp, named)
     masks = _check_masks(xp, masks, shapes, "hs")
-    impl = lookup("sequence_fusion", backend, like=hs[0], arrays=(hs, feature_factors, token_factors, masks))
+    impl = choose("sequence_fusion", backend, like=hs[0], arrays=(hs, feature_factors, token_factors, masks))
     chosen = planned_impl(impl, (hs, feature_factors, token_factors), {"mode": mode, "masks": masks})
     return partial(chosen, mode=mode)
 
@@ -562,7 +562,7 @@ def plan_wander(
     xp = common_namespace([*named, *((f"masks[{m}]", k) for m, k in enumerate(masks_named))])
     check_same_float_dtype(xp, named)
     masks = _check_masks(xp, masks, [tuple(x.shape) for x in xs], "xs")
-    impl = lookup("wander", backend, like=xs[0], arrays=(xs, pairs, feature, token, masks))
+    impl = choose("wander", backend, like=xs[0], arrays=(xs, pairs, feature, token, masks))
     options = {"mode": mode, "residual": residual}  # (activation: passed per call, activation_key)
     chosen = planned_impl(impl, (xs, params), {**options, "activation": activation, "masks": masks})
     return partial(chosen, **options)

@@ -687,19 +687,27 @@ def test_output_characters_the_stdout_cannot_encode_are_escaped(tmp_path):
     assert json.loads(out.read_text())["results"] and "r\u00e9sultats \\u0436" in res.stdout, res.stdout
 
 
-def test_the_escaping_stdout_is_put_back_after_an_in_process_call(monkeypatch, capsys):
-    """main() switches stdout to escaping only while a command runs: a program calling it
-    in-process gets its stream back as it was (strict, or surrogateescape)."""
-    import io
+_ESCAPING_IN_PROCESS = """
+import io, sys
+from mmfuse import _cli
+for errors in ("strict", "surrogateescape"):
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors=errors)
+    sys.stdout = stream
+    status = _cli.main(["info"])
+    sys.stdout = sys.__stdout__
+    print(status, stream.errors, "caf\\\\xe9" in stream.buffer.getvalue().decode("ascii"))
+"""
 
-    for errors in ("strict", "surrogateescape"):
-        stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors=errors)
-        monkeypatch.setattr(sys, "stdout", stream)
-        monkeypatch.setenv("MMFUSE_BACKEND", "caf\u00e9")
-        assert _cli.main(["info"]) == 0
-        assert stream.errors == errors
-        stream.seek(0)
-        assert "caf\\xe9" in stream.buffer.getvalue().decode("ascii")
+
+def test_the_escaping_stdout_is_put_back_after_an_in_process_call():
+    """main() switches stdout to escaping only while a command runs: a program calling it
+    in-process gets its stream back as it was (strict, or surrogateescape).  (A fresh process:
+    the environment's settings are read once per process.)"""
+    env = {**os.environ, "MMFUSE_BACKEND": "caf\u00e9"}
+    res = subprocess.run([sys.executable, "-c", _ESCAPING_IN_PROCESS], capture_output=True, text=True, env=env,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["0 strict True", "0 surrogateescape True"], res.stdout
 
 
 def test_a_failing_file_on_another_drive_is_not_taken_for_the_output(monkeypatch):

@@ -737,8 +737,30 @@ def lookup(
     and tracing state the choice may depend on; ``size`` the call's size for the rows'
     ``import_at`` where ``like``'s element count does not measure its work (the interaction
     terms: their recursion's products).  Raises :class:`BackendUnsupported` when a named
-    backend cannot run it.
+    backend cannot run it.  A question: it imports no framework (a choice whose framework is
+    not imported yet imports it when it runs), so it never changes what "auto" picks.
     """
+    return _lookup(op, backend, like, arrays, size, to_run=False)
+
+
+def choose(
+    op: str,
+    backend: str | None = None,
+    *,
+    like: Any = None,
+    arrays: Sequence[Any] = (),
+    size: int | None = None,
+) -> Callable[..., Any]:
+    """:func:`lookup` for a call about to run (mmfuse's public functions plan with it): a
+    chosen row's framework that is installed but not imported yet is imported first, and one
+    whose import fails is refused (:func:`_framework_refusal`), so the call runs another
+    implementation instead of meeting the import's error."""
+    return _lookup(op, backend, like, arrays, size, to_run=True)
+
+
+def _lookup(
+    op: str, backend: str | None, like: Any, arrays: Sequence[Any], size: int | None, to_run: bool
+) -> Callable[..., Any]:  # fmt: skip
     name = _policy(backend)
     info = _describe(like, arrays, size)
     if info is None or info.intercepted:
@@ -747,16 +769,16 @@ def lookup(
         # guard a compiled frame on the module table, which torch's own imports change while
         # it compiles ("Guard failed on the same frame it was created"; a review's find), and
         # any later import would recompile it
-        return _signed_choice(op, name, info).func
-    key = _key(op, name, info)
+        return _signed_choice(op, name, info, to_run).func
+    key = (*_key(op, name, info), to_run)  # (a question's choice may not have imported)
     try:
         impl = _CHOICES.get(key)
     except TypeError:  # an unhashable sys.modules entry in the key (a module class with
         # __eq__ and no __hash__): chosen, not remembered, as the plan caches do
-        return _signed_choice(op, name, info).func
+        return _signed_choice(op, name, info, to_run).func
     if impl is None:
         seen = _generation[0]
-        impl = _signed_choice(op, name, info)
+        impl = _signed_choice(op, name, info, to_run)
         with _lock:
             # kept only if no register()/unregister() ran meanwhile (in another thread): a
             # choice made among the old registrations, stored after their clear(), would
@@ -766,10 +788,10 @@ def lookup(
     return impl.func
 
 
-def _signed_choice(op: str, name: str, info: CallInfo | None) -> Implementation:
+def _signed_choice(op: str, name: str, info: CallInfo | None, to_run: bool) -> Implementation:
     """:func:`_choose` for an operator checked to exist (:func:`_signature`)."""
     _signature(op)
-    return _choose(op, name, info)
+    return _choose(op, name, info, to_run=to_run)
 
 
 def own(op: str, backend: str, *, like: Any = None) -> Callable[..., Any]:
