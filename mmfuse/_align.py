@@ -698,9 +698,12 @@ def zoom_shift(
     :math:`O(\varepsilon / \sigma_x^2 + \varepsilon / \sigma_g^2)`, the raw spreads': a guide
     with spread near :math:`\sqrt\varepsilon` or below is missed by a good part of it).  At
     alpha = 1 with ``eps = 0`` the output has exactly the guide's mean and std; with
-    ``eps > 0`` its variance is :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)`, the guide's
-    up to :math:`O(\varepsilon / \sigma_x^2)` of it (a spread of x near
-    :math:`\sqrt\varepsilon` keeps about half the guide's variance).  A channel of x with
+    ``eps > 0`` its variance is :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)` in the
+    spreads :func:`moments` gives (:math:`\sigma^2 = v + \varepsilon` of the raw variance
+    :math:`v`), i.e. :math:`v_x (v_g + \varepsilon) / (v_x + \varepsilon)`: the guide's raw
+    variance up to :math:`O(\varepsilon / v_x + \varepsilon / v_g)` of it (x's spread near
+    :math:`\sqrt\varepsilon` keeps about half of it; a guide's near it gets about twice).  A
+    channel of x with
     zero spread (possible only with ``eps = 0``) is shifted, not zoomed; gradients take
     the zero spread's own derivative as 0 (exact for a lane with one unmasked token, the
     subgradient 0 for equal values).  Statistics past their dtype's range (see

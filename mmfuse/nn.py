@@ -1627,9 +1627,14 @@ class ZoomShift(nn.Module):
         # load_state_dict(assign=True) (it is not persistent), and torch refuses to copy any meta
         # tensor, an empty one too: ``.to(device)`` failed ("Cannot copy out of meta tensor"; a
         # review's find).  Remade on the CPU first, it moves as any buffer does.
+        # Only where the conversion refuses it: one that keeps the model on meta (.half()) keeps
+        # the buffer there too (a diff review's find).
         buffer = self._dtype_buffer
         if buffer is not None and buffer.is_meta:
-            self._dtype_buffer = torch.empty(0, dtype=buffer.dtype, device="cpu")
+            try:
+                fn(buffer)
+            except NotImplementedError:  # ("Cannot copy out of meta tensor")
+                self._dtype_buffer = torch.empty(0, dtype=buffer.dtype, device="cpu")
         return super()._apply(fn, recurse)
 
     def reset_parameters(self) -> None:
