@@ -916,8 +916,8 @@ def test_constant_lanes_of_a_large_value_land_on_the_guide_mean(tokens, value, d
     guide = rng.normal(-3.0, 20.0, (2, 40, 3)).astype(dtype)
     want = reference.zoom_shift(x, guide)
     # per lane, the output's size: the guide's spread (the guide's own float32 statistics
-    # round by about an ulp of it, and its mean may be far smaller)
-    scale = np.abs(guide).max(axis=1, keepdims=True)
+    # round by a few ulps of it, and its mean may be far smaller), or a zoomed deviation's
+    scale = np.maximum(np.abs(guide).max(axis=1, keepdims=True), np.abs(want).max(axis=1, keepdims=True))
     runs = {"array_api": mmfuse.zoom_shift(x, guide, backend="array_api")}
     if HAVE_NUMBA:
         runs["numba"] = mmfuse.zoom_shift(x, guide, backend="numba")  # the fused kernel
@@ -929,7 +929,10 @@ def test_constant_lanes_of_a_large_value_land_on_the_guide_mean(tokens, value, d
         runs[f"torch grad={grad}"] = to_numpy(mmfuse.zoom_shift(xt, torch.from_numpy(guide)).detach())
     for name, got in runs.items():
         ulps = np.abs(got - want) / np.spacing(scale.astype(dtype))
-        assert ulps.max() <= 4, (name, ulps.max())
+        # 8: the float32 statistics' own rounding of 40-50 values (over 6000 seeds of the
+        # 1e8 / 50-token case: at most 4.6 ulps of this scale; a CI run met 4.7 against the 4
+        # this had, of the guide's spread alone); the folded map was 25000 and more
+        assert ulps.max() <= 8, (name, ulps.max())
 
 
 def test_blocked_map_of_large_inputs_takes_the_correction_off():
