@@ -695,8 +695,8 @@ def zoom_shift(
     and the result is the two composed (they commute: the zoom is about x's own mean).  The
     output's mean is :math:`\mu_x + \alpha(\mu_g - \mu_x)` and its log spread moves by the same
     fraction alpha toward the guide's (exactly at ``eps = 0``; with ``eps > 0`` up to
-    :math:`O(\varepsilon / \sigma_x^2 + \varepsilon / \sigma_g^2)`, the raw spreads': a guide
-    with spread near :math:`\sqrt\varepsilon` or below is missed by a good part of it).  At
+    :math:`O(\varepsilon / v_x + \varepsilon / v_g)` in the raw variances :math:`v` below: a
+    guide with spread near :math:`\sqrt\varepsilon` or below is missed by a good part of it).  At
     alpha = 1 with ``eps = 0`` the output has exactly the guide's mean and std; with
     ``eps > 0`` its variance is :math:`\sigma_g^2 (1 - \varepsilon / \sigma_x^2)` in the
     spreads :func:`moments` gives (:math:`\sigma^2 = v + \varepsilon` of the raw variance

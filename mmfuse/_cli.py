@@ -43,7 +43,7 @@ class UsageError(SystemExit):
 
 
 def _probe(module: str) -> tuple[Any, str | None]:
-    from mmfuse.backends._table import install_hint
+    from mmfuse._extras import install_hint
 
     try:
         return importlib.import_module(module), None

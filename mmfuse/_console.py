@@ -15,19 +15,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ._extras import install_command
+
 __all__ = ["MissingDependency", "Progress", "require", "shorten", "table"]
-
-#: The pip extra that installs each optional top-level module.
-EXTRAS = {
-    "torch": "torch",
-    "array_api_strict": "test",
-    "cupy": "cupy",
-    "jax": "jax",
-    "dask": "dask",
-    "tensorly": "tensorly",
-    "matplotlib": "plot",
-}
-
 
 class MissingDependency(RuntimeError):
     """An optional module a command needs is not installed (the message names the extra)."""
@@ -38,10 +28,9 @@ def require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        extra = EXTRAS.get(module.split(".")[0], "all")
         raise MissingDependency(
             f"{module} is needed for this command but could not be imported ({exc}); "
-            f"install it with: pip install 'mmfuse[{extra}]'"
+            f"install it with: {install_command(module)}"
         ) from None
 
 

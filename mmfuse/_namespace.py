@@ -18,7 +18,6 @@ import numpy as np
 
 __all__ = [
     "array_namespace",
-    "constant_device",
     "device_key",
     "device_of",
     "fake_tensors",
@@ -38,6 +37,7 @@ __all__ = [
     "namespace_name",
     "native_dtype",
     "not_an_array",
+    "pinned_device",
     "python_dispatched",
     "real_floating",
     "rounded_once_for",
@@ -563,7 +563,7 @@ def mask_tokens(xp: Namespace, x: Array, mask: Array | None) -> Array:
     (a new array), so NaN or inf padding never leaks; ``x`` itself when ``mask`` is None."""
     if mask is None:
         return x
-    zero = xp.zeros((), dtype=x.dtype, device=constant_device(x))
+    zero = xp.zeros((), dtype=x.dtype, device=pinned_device(x))
     return xp.where(xp.reshape(mask, (*mask.shape, *(1,) * (x.ndim - mask.ndim))), x, zero)
 
 
@@ -717,7 +717,7 @@ def block_slices(batch: int, rows: int) -> list[slice]:
 def device_of(x: Array) -> Any:
     """``x``'s device: what the checks compare and the registry's conditions read; None where
     there is no single one (a traced JAX value, a JAX array sharded over several devices).
-    Constants for computations with ``x`` take :func:`constant_device`."""
+    Constants for computations with ``x`` take :func:`pinned_device`."""
     tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # (as is_array's)
     if tensor is not None and isinstance(x, tensor):
         return x.device  # what array_api_compat.device returns, without its generic dispatch
@@ -731,13 +731,14 @@ def device_of(x: Array) -> Any:
     return device
 
 
-def constant_device(x: Array) -> Any:
-    """The device to create constants for computations with ``x`` on: :func:`device_of`, but
-    None (no device given: uncommitted) for a JAX array made without a device.  Such an array
-    follows the committed arrays it meets, so must its constants: created on its default device
-    they were committed there, and met parameters or masks committed elsewhere (or sharded)
-    inside JAX ("incompatible devices"), and an all-uncommitted call returned a result
-    committed to device 0 (a review's find)."""
+def pinned_device(x: Array) -> Any:
+    """The device ``x`` is bound to: :func:`device_of`, but None for a JAX array made without a
+    device, which follows the committed arrays it meets, as in JAX's own operations.  What the
+    device checks compare, and what constants for computations with ``x`` are created on (None:
+    no device given, uncommitted, so they follow too: created on its default device they were
+    committed there, and met parameters or masks committed elsewhere, or sharded, inside JAX
+    ("incompatible devices"), and an all-uncommitted call returned a result committed to
+    device 0; a review's find)."""
     if type(x) is not np.ndarray and committed(x) is False:
         return None
     return device_of(x)
@@ -872,7 +873,8 @@ def _to_numpy(x: Array, dtype: Any) -> np.ndarray:
 
 
 def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any = None) -> Array:
-    """Move a NumPy array into namespace ``xp`` (on ``device``, as ``dtype``).
+    """Move a NumPy array into namespace ``xp`` (on ``device``, as ``dtype``; a wider float
+    array rounded once to a 16-bit ``dtype``: :func:`rounded_once_for`).
 
     Raises
     ------
@@ -913,7 +915,10 @@ def rounded_once_for(a: np.ndarray, dtype: Any) -> np.ndarray:
     """
     if dtype is None or a.dtype.kind != "f" or a.dtype.itemsize <= 4:
         return a
-    name = str(dtype)  # torch.float16, float16 (NumPy's, JAX's), torch.bfloat16, bfloat16
+    try:  # NumPy's and JAX's dtypes and scalar types (np.float16, jnp.bfloat16: classes)
+        name = np.dtype(dtype).name
+    except TypeError:  # torch.float16, torch.bfloat16, ...
+        name = str(dtype)
     # (past the range: infinity, as the conversion gives; a signalling NaN: a NaN, quietly)
     with np.errstate(over="ignore", invalid="ignore"):
         if name.endswith("bfloat16"):

@@ -17,8 +17,6 @@ import numpy as np
 
 from ._namespace import (
     array_namespace,
-    committed,
-    device_of,
     from_numpy,
     is_array,
     is_jax,
@@ -27,6 +25,7 @@ from ._namespace import (
     namespace_name,
     native_dtype,
     not_an_array,
+    pinned_device,
     real_floating,
 )
 
@@ -117,7 +116,7 @@ def common_namespace(named: Sequence[tuple[str, Any]]) -> Any:
     # device: mmfuse's own init_* by default) follows the committed ones, as in JAX's own
     # operations (it was refused beside data committed to another device; a review's find):
     # only the devices arrays are pinned to are compared.
-    pinned = [(n, d) for n, a in live if committed(a) is not False and (d := device_of(a)) is not None]
+    pinned = [(n, d) for n, a in live if (d := pinned_device(a)) is not None]
     for n, d in pinned[1:]:
         if d != pinned[0][1]:
             raise ValueError(f"{n} is on device {d} but {pinned[0][0]} is on {pinned[0][1]}")

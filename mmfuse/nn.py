@@ -122,7 +122,8 @@ def _layer_plan(
     otherwise ``plan()`` (the layer's boundary checks, then the functional operator's), kept
     only if it passed.  So a step with a seen signature runs no checks beyond torch's own."""
     cls = type(module)
-    if "parametrizations" in module._modules:
+    if "parametrizations" in module._modules:  # (parametrize.is_parametrized's test, without
+        # nn.Module's attribute look-up, which costs a step about a microsecond)
         # torch's parametrizations give the layer a class of its own, whose properties hold the
         # layer: in a key it kept every such layer and its parameters alive until the cache
         # was cleared (a review's find).  The class they derive from; the parametrized values
@@ -1257,7 +1258,7 @@ def _check_seq_inputs(
     return list(xs), list(masks)
 
 
-def _fill(param: torch.Tensor, values: Any) -> None:
+def _copy_host_draw(param: torch.Tensor, values: Any) -> None:
     """``param.copy_(values)`` for a draw made on the host (a NumPy array).  A DTensor
     parameter (FSDP2's ``fully_shard``, tensor parallelism) takes the draw distributed as
     itself (rank 0's, scattered to the shards): copying a plain tensor into it raised "got
@@ -1430,13 +1431,13 @@ class WanderAdapter(nn.Module):
         )  # fmt: skip
         with torch.no_grad():
             for m, (w, b) in enumerate(params["down"]):
-                _fill(self.down_weights[m], w)
+                _copy_host_draw(self.down_weights[m], w)
                 if len(self.down_biases):
-                    _fill(self.down_biases[m], b)
+                    _copy_host_draw(self.down_biases[m], b)
             for mine, f in zip(self.feature_factors, params["feature"]):
-                _fill(mine, f)
+                _copy_host_draw(mine, f)
             for mine, t in zip(self.token_factors, params["token"]):
-                _fill(mine, t)
+                _copy_host_draw(mine, t)
 
     def extra_repr(self) -> str:
         act = repr(self.activation)
@@ -1632,7 +1633,7 @@ class ZoomShift(nn.Module):
         buffer = self._dtype_buffer
         if buffer is not None and buffer.is_meta:
             try:
-                fn(buffer)
+                fn(buffer)  # (a probe: torch's conversions make a new tensor, left unused)
             except NotImplementedError:  # ("Cannot copy out of meta tensor")
                 self._dtype_buffer = torch.empty(0, dtype=buffer.dtype, device="cpu")
         return super()._apply(fn, recurse)

@@ -1048,7 +1048,7 @@ def test_a_framework_whose_import_fails_first_met_by_name_preference_or_two_thre
     assert done.stdout.splitlines() == want[first], done.stdout
 
 
-def test_a_blocked_framework_is_refused_by_the_rows_that_loaded_before(capsys):
+def test_a_blocked_framework_is_refused_by_the_rows_that_loaded_before():
     """numba's rows loaded, then its import blocked (``sys.modules["numba"] = None``) before
     numba was imported: "auto" refuses them for a large call and runs the core, and
     ``explain`` says the same (it chose numba's kernels, and the call then raised; a diff

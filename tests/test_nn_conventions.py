@@ -997,13 +997,13 @@ def test_a_16_bit_wander_adapter_draws_init_wanders_values(name):
     # a value the double rounding gets wrong (rare in a draw: bfloat16's case above may meet
     # none): just above a halfway point between 16-bit neighbours, which float32 rounds onto
     # the halfway point, and rounding to even then takes down
-    from mmfuse.nn import _fill
+    from mmfuse.nn import _copy_host_draw
 
     bits = 7 if name == "bfloat16" else 10  # the fraction's bits: the neighbours' step 2**-bits
     above_halfway = np.array([1.0 + 2.0 ** -(bits + 1) + 2.0**-40])
     param = torch.empty(1, dtype=dtype)
     with torch.no_grad():
-        _fill(param, above_halfway)
+        _copy_host_draw(param, above_halfway)
     assert param.item() == 1.0 + 2.0**-bits
 
 

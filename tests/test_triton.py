@@ -552,18 +552,18 @@ def test_ranks_over_the_kernels_limit_go_to_the_torch_ops(monkeypatch):
 
 
 def test_batches_past_32_bit_rows_go_to_the_torch_ops(monkeypatch):
-    """The fusion kernels' row index is 32-bit: a batch over ``_ops.MAX_ROWS`` (2**31 - 1)
+    """The fusion kernels' row index is 32-bit: a batch over ``_ops.MAX_BATCH`` (2**31 - 1)
     rows wrapped to negative rows (reads before x, writes before the output; a review's find),
     so the torch backend's ops take it.  The limit made small here (the interpreter cannot
     run 2**31 rows), and the rule's own bound read on views of one element."""
     from mmfuse.backends.triton import _too_many_rows
 
     one = torch.ones((1, 3))
-    assert not _too_many_rows([one.expand(_ops.MAX_ROWS, 3)]) and _too_many_rows([one.expand(2**31, 3)])
+    assert not _too_many_rows([one.expand(_ops.MAX_BATCH, 3)]) and _too_many_rows([one.expand(2**31, 3)])
     rng = np.random.default_rng(8)
     for batch in (5, 6):
         xs = [torch.tensor(rng.standard_normal((batch, d)), dtype=torch.float32) for d in (3, 2)]
-        launched = _launches_under_limit(monkeypatch, "MAX_ROWS", 5, xs, *_factors(rng, 2))
+        launched = _launches_under_limit(monkeypatch, "MAX_BATCH", 5, xs, *_factors(rng, 2))
         assert launched == ([] if batch > 5 else ["lowrank_call", "cp_call"]), batch
 
 

@@ -43,7 +43,6 @@ import numpy as np
 from .._namespace import (
     array_namespace,
     block_slices,
-    constant_device,
     device_of,
     fake_tensors,
     is_cupy,
@@ -52,6 +51,7 @@ from .._namespace import (
     is_lazy,
     is_torch,
     native_dtype,
+    pinned_device,
     widens_float32,
     work_dtype,
 )
@@ -244,7 +244,7 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
         d = dev
     else:
         m = _expand_mask(xp, mask, x.ndim)
-        zero = xp.zeros((), dtype=dt, device=constant_device(x))
+        zero = xp.zeros((), dtype=dt, device=pinned_device(x))
         count = xp.sum(xp.astype(m, dt), axis=axis, keepdims=True)
         pivot = _rounded(xp, xp.sum(xp.where(m, xs, zero), axis=axis, keepdims=True, dtype=acc) / count, dt)
         dev = xs - pivot
@@ -1228,7 +1228,7 @@ def pool(x: Any, mask: Any = None, how: str = "mean", *, wide: bool = False) -> 
             return _rounded(xp, xp.sum(x, axis=1, dtype=acc) / float(x.shape[1]), out_dt)
         dt = work_dtype(xp, x.dtype)
         m = _expand_mask(xp, mask, x.ndim)
-        zero = xp.zeros((), dtype=x.dtype, device=constant_device(x))
+        zero = xp.zeros((), dtype=x.dtype, device=pinned_device(x))
         # dtype= only to widen: NumPy's sum refuses a non-native one (">f8", as read from a file)
         widen = acc if acc is not None else (None if dt == x.dtype else dt)
         total = xp.sum(xp.where(m, x, zero), axis=1, dtype=widen)
@@ -1239,7 +1239,7 @@ def pool(x: Any, mask: Any = None, how: str = "mean", *, wide: bool = False) -> 
     if mask is None:
         return top(x, axis=1)
     m = _expand_mask(xp, mask, x.ndim)
-    low = xp.full((), -math.inf, dtype=x.dtype, device=constant_device(x))
+    low = xp.full((), -math.inf, dtype=x.dtype, device=pinned_device(x))
     return top(xp.where(m, x, low), axis=1)
 
 

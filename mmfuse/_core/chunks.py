@@ -58,11 +58,11 @@ def _chunk_max(block: Any, axis: tuple[int, ...], keepdims: bool) -> Any:
     """One chunk's (or one combining step's) part of :func:`dask_max`."""
     if all(block.shape[a] for a in axis):
         return block.max(axis=axis, keepdims=keepdims)
-    from .._namespace import array_namespace, constant_device
+    from .._namespace import array_namespace, pinned_device
 
     xp = array_namespace(block)  # (a CuPy chunk's -inf is a CuPy array)
     shape = tuple(1 if a in axis else n for a, n in enumerate(block.shape) if keepdims or a not in axis)
-    return xp.full(shape, -math.inf, dtype=block.dtype, device=constant_device(block))
+    return xp.full(shape, -math.inf, dtype=block.dtype, device=pinned_device(block))
 
 
 def per_batch_chunk(

@@ -19,12 +19,12 @@ from .._namespace import (
     array_namespace,
     block_budget,
     block_slices,
-    constant_device,
     in_work_dtype,
     is_dask,
     is_jax,
     is_lazy,
     low_precision,
+    pinned_device,
     traced_by_dynamo,
 )
 from .chunks import one_chunk, reshaped
@@ -169,7 +169,7 @@ def mask_absent(xp: Any, x: Any, present: Any, m: int) -> Any:
     """Zero the features of samples whose modality ``m`` is absent (NaN-safe: ``where``)."""
     if present is None:
         return x
-    zero = xp.zeros((), dtype=x.dtype, device=constant_device(x))
+    zero = xp.zeros((), dtype=x.dtype, device=pinned_device(x))
     return xp.where(present[:, m : m + 1], x, zero)
 
 
@@ -301,7 +301,7 @@ def _contract_outer(xp: Any, xs: list[Any], weight: Any, append_one: bool) -> An
     def hat(x: Any) -> Any:
         if not append_one:
             return x
-        one = xp.ones((batch, 1), dtype=x.dtype, device=constant_device(x))
+        one = xp.ones((batch, 1), dtype=x.dtype, device=pinned_device(x))
         return xp.concat([x, one], axis=1)
 
     z = hat(xs[0])
@@ -756,10 +756,10 @@ def cp_to_lowrank(cp: tuple[Any, list[Any]]) -> tuple[list[Any], Any]:
         if m == 0:
             lowrank.append(a_t * out_t[:, None, :])
         else:
-            ones = xp.ones((1, 1, out_t.shape[1]), dtype=a.dtype, device=constant_device(a))
+            ones = xp.ones((1, 1, out_t.shape[1]), dtype=a.dtype, device=pinned_device(a))
             lowrank.append(a_t * ones)
     if weights is None:
-        weights = xp.ones((out_factor.shape[1],), dtype=out_factor.dtype, device=constant_device(out_factor))
+        weights = xp.ones((out_factor.shape[1],), dtype=out_factor.dtype, device=pinned_device(out_factor))
     else:
         # a new array, as every other output (the caller's own was returned: a write to it
         # changed the CP input); a product, not a copy call, so that autograd flows through

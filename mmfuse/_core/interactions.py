@@ -38,12 +38,12 @@ from .._namespace import (
     array_namespace,
     block_budget,
     block_slices,
-    constant_device,
     in_work_dtype,
     is_dask,
     is_jax,
     is_lazy,
     low_precision,
+    pinned_device,
     traced_by_dynamo,
 )
 from .chunks import dask_max, one_chunk, reshaped
@@ -167,7 +167,7 @@ def _ranked_terms(
     n = len(xs)
     labels = labels_for(by, n)
     x0 = xs[0]
-    dev = constant_device(x0)
+    const_device = pinned_device(x0)
     # per row: the order recursion's M + 1 coefficients and a projection; the subset walk's
     # path of M + 1 products and the 2^M reduced terms (with their stack, twice)
     row_width = (n + 2) * width if by == "order" else (n + 1) * width + 2 * (1 << n) * out_dim
@@ -183,7 +183,7 @@ def _ranked_terms(
         terms = []
         for r in found:
             if r is None:
-                terms.append(xp.zeros((rows, out_dim), dtype=x0.dtype, device=dev))
+                terms.append(xp.zeros((rows, out_dim), dtype=x0.dtype, device=const_device))
             else:
                 terms.append(r if r.shape[0] == rows else xp.broadcast_to(r, (rows, out_dim)))
         joined.add(xp.stack(terms, axis=0))
@@ -616,7 +616,7 @@ def tensor_interactions(
     terms = []
     for g in found:
         if g is None:
-            terms.append(xp.zeros((batch, out_dim), dtype=weight.dtype, device=constant_device(weight)))
+            terms.append(xp.zeros((batch, out_dim), dtype=weight.dtype, device=pinned_device(weight)))
         else:
             g = xp.reshape(g, (g.shape[0], out_dim))
             terms.append(g if g.shape[0] == batch else xp.broadcast_to(g, (batch, out_dim)))
@@ -633,9 +633,9 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     once (sums of squares overflow float16's 65504 long before the shares do)."""
     xp = array_namespace(terms)
     if terms.shape[0] == 0:  # no term: no share
-        return xp.zeros((0,), dtype=terms.dtype, device=constant_device(terms))
+        return xp.zeros((0,), dtype=terms.dtype, device=pinned_device(terms))
     if terms.shape[1] == 0 or terms.shape[2] == 0:  # no sample or no output: nothing to share
-        return xp.full((terms.shape[0],), math.nan, dtype=terms.dtype, device=constant_device(terms))
+        return xp.full((terms.shape[0],), math.nan, dtype=terms.dtype, device=pinned_device(terms))
     if low_precision(xp, terms.dtype):
         return in_work_dtype(interaction_shares, xp, terms.dtype, terms, kind=kind)
     # The shares do not depend on the terms' scale: rescaled by a power of two (exact) so that

@@ -32,16 +32,18 @@ from importlib.util import find_spec
 from typing import Any
 
 from .._config import BACKEND_NAMES, backend_policy
+from .._extras import install_hint
 from .._namespace import array_namespace, device_key, first_floating, half_imported, is_array, namespace_name
 from ._catalogue import CALL_SIZES, OPERATORS, Signature
 from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info, triton_interpreting
-from ._table import FRAMEWORKS, ROWS, Row, install_hint
+from ._table import FRAMEWORKS, ROWS, Row
 
 __all__ = [
     "BackendUnsupported",
     "Explanation",
     "Implementation",
     "available",
+    "choose",
     "define_op",
     "explain",
     "implementations",
@@ -106,12 +108,14 @@ _RESOLVED: dict[Row, Implementation] = {}
 # backend -> why its module could not be imported
 _plugin_errors: dict[str, str] = {}
 _failed_modules: dict[str, str] = {}  # backend -> the module whose failure _plugin_errors holds
+_ABSENT = object()  # (sys.modules.get's default: a module absent, not blocked)
 # framework -> why its import failed though it is installed (:func:`_framework_refusal`)
 _broken_frameworks: dict[str, str] = {}
 # (op, policy, namespace, device, dtype, grad, traced, intercepted, imported frameworks and size
 # class under "auto") -> implementation
 _CHOICES: dict[tuple[Any, ...], Implementation] = {}
-# Bumped whenever registrations change, so that plans made before (mmfuse._plan) are not reused.
+# Bumped whenever registrations change, or a framework's import fails (_framework_refusal), so
+# that plans made before (mmfuse._plan) are not reused.
 _generation = [0]
 # Importing a backend's module takes turns: another thread may be half-way through it.
 _lock = threading.RLock()
@@ -375,9 +379,9 @@ def _resolve(row: Row) -> Implementation | None:
             # without it, and the backend was listed as available on a machine without its
             # framework.  Looked up, not imported: a lookup importing numba would make "auto"
             # send small NumPy calls to its kernels
-            if framework in _broken_frameworks:
-                why = _broken_frameworks[framework]
-                raise ImportError(f"{framework} is installed but its import fails ({why})")
+            if framework in _broken_frameworks and sys.modules.get(framework) is None:
+                # (until it imports after all: installed() then says so too)
+                raise ImportError(_import_failed(framework))
             if framework is not None and not installed(framework):
                 raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
         except Exception as exc:  # the backend's framework (or its module) is not installed, or
@@ -430,7 +434,7 @@ def installed(name: str) -> bool:
         return False
 
 
-def _framework_refusal(impl: Implementation, importing: bool = True) -> str | None:
+def _framework_refusal(impl: Implementation, *, importing: bool) -> str | None:
     """Why a table row's implementation ``impl`` cannot run for want of its framework, or None.
 
     Its framework, installed (the row resolved) but not imported yet, or still being imported
@@ -455,20 +459,23 @@ def _framework_refusal(impl: Implementation, importing: bool = True) -> str | No
     if (module is not _ABSENT and not half_imported(module)) or not importing:
         return None
     try:
-        importlib.import_module(fw)
+        _import_untraced(fw)
     except Exception as exc:  # (ImportError, or whatever a broken package raises at import)
-        error = f"{type(exc).__name__}: {exc}"
         with _lock:
-            _broken_frameworks[fw] = error
+            _broken_frameworks[fw] = f"{type(exc).__name__}: {exc}"
             for row in [r for r in _RESOLVED if FRAMEWORKS[r.backend] == fw]:
                 del _RESOLVED[row]
             _CHOICES.clear()
             _generation[0] += 1
-        return f"ImportError: {fw} is installed but its import fails ({error})"
+        return f"ImportError: {_import_failed(fw)}"
     return None
 
 
-_ABSENT = object()  # (sys.modules.get's default: a module absent, not blocked)
+def _import_failed(fw: str) -> str:
+    """What the registry says of framework ``fw`` whose import failed (its rows' refusal, and
+    their load error in :func:`unavailable`)."""
+    return f"{fw} is installed but its import fails ({_broken_frameworks[fw]})"
+
 
 
 def _rows(op: str, backend: str | None) -> list[Row]:
@@ -612,10 +619,12 @@ def _policy(backend: str | None) -> str:
     return name if prefer is None else f"auto, prefer {prefer}"
 
 
-def _choose(op: str, name: str, info: CallInfo | None, *, to_run: bool = True) -> Implementation:
+def _choose(op: str, name: str, info: CallInfo | None, *, to_run: bool = False) -> Implementation:
     """The implementation policy ``name`` takes for a call described by ``info``; with
-    ``to_run`` (not :func:`explain`'s question, which must import nothing that changes later
-    choices) a framework the choice needs is imported first (:func:`_framework_refusal`)."""
+    ``to_run`` (:func:`choose`'s, not the questions of :func:`lookup` and :func:`explain`, which
+    must import nothing that changes later choices) a framework the choice needs is imported
+    first (:func:`_framework_refusal`)."""
+
     def loads(impl: Implementation) -> str | None:
         return _framework_refusal(impl, importing=to_run)
 
@@ -737,8 +746,9 @@ def lookup(
     and tracing state the choice may depend on; ``size`` the call's size for the rows'
     ``import_at`` where ``like``'s element count does not measure its work (the interaction
     terms: their recursion's products).  Raises :class:`BackendUnsupported` when a named
-    backend cannot run it.  A question: it imports no framework (a choice whose framework is
-    not imported yet imports it when it runs), so it never changes what "auto" picks.
+    backend cannot run it.  A question: it imports no framework that "auto" reads (numba: a
+    choice of its rows imports it when it runs), so it never changes what "auto" picks; the
+    public functions ask :func:`choose` instead.
     """
     return _lookup(op, backend, like, arrays, size, to_run=False)
 
@@ -835,7 +845,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     forced backend's implementations, or under ``"auto"`` every one (importing the optional
     backends' modules that are installed).  Raises nothing for a refusal: a forced backend
     that cannot take the inputs shows ``chosen=None`` and its reasons.  ``size``: the call's
-    size as the public function passes it to :func:`lookup`; by default computed as the public
+    size as the public function passes it to :func:`choose`; by default computed as the public
     function does: for the interaction terms from ``arrays`` given as the call's leading
     arguments (``xs, factors`` or ``xs, cp``: their recursion's products, M^2 B R h or M^2 B
     R), otherwise (and for arrays that are not those) the first floating array's element

@@ -7,7 +7,8 @@ Each row says: operator, backend (the policy name a user forces with ``backend=`
 (:mod:`mmfuse.backends._registry`) reads this table and nothing else, so what runs depends on
 the inputs, the policy and, for "auto", on which optional frameworks the process has imported
 (a row's ``import_at`` size aside, "auto" takes numba's, CuPy's and Triton's rows only once
-their framework is imported; a call's lookup imports none, while the listings ``available()``
+their framework is imported; a lookup imports none (a call's choice of a row past its
+``import_at`` imports its framework: numba), while the listings ``available()``
 and ``explain()`` import the backends' modules, torch, Triton and CuPy among them, never numba:
 no choice of "auto" changes with them, as the Triton rows' comment below says).
 
@@ -46,12 +47,11 @@ above that op's row at 15, which it replaces on CPU: same backward, a forward ab
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
 from ._conditions import TRITON_AUTO_ELEMENTS
 
-__all__ = ["AUTO_IMPORT_ELEMENTS", "AUTO_IMPORT_PRODUCTS", "FRAMEWORKS", "ROWS", "Row", "install_hint"]
+__all__ = ["AUTO_IMPORT_ELEMENTS", "AUTO_IMPORT_PRODUCTS", "FRAMEWORKS", "ROWS", "Row"]
 
 
 class Row(NamedTuple):
@@ -106,32 +106,6 @@ FRAMEWORKS: dict[str, str | None] = {
     "cupy": "cupy",
     "triton": "triton",
 }
-
-
-#: optional module -> what installs it (pyproject's extras; Triton has none: it comes with
-#: torch's CUDA builds, or alone)
-_INSTALLS = {
-    "torch": "pip install 'mmfuse[torch]'",
-    "numba": "pip install 'mmfuse[numba]'",
-    "cupy": "pip install 'mmfuse[cupy]'",
-    "triton": "pip install triton",
-    "jax": "pip install 'mmfuse[jax]'",
-    "dask": "pip install 'mmfuse[dask]'",
-    "tensorly": "pip install 'mmfuse[tensorly]'",
-    "array_api_strict": "pip install array-api-strict",
-}
-
-
-def install_hint(exc: BaseException) -> str:
-    """`` (pip install ...)`` for an import error that says an optional framework is not
-    installed, else "" (another error, or an import blocked by ``sys.modules[name] = None``,
-    which installing would not lift).  The messages of ``mmfuse info`` and
-    :func:`~mmfuse.backends.unavailable`."""
-    name = getattr(exc, "name", None)
-    top = name.split(".")[0] if isinstance(name, str) else None
-    if not isinstance(exc, ModuleNotFoundError) or top not in _INSTALLS or sys.modules.get(top, 0) is None:
-        return ""
-    return f" ({_INSTALLS[top]})"
 
 
 def _rows() -> tuple[Row, ...]:

@@ -17,10 +17,10 @@ from typing import Any
 from .. import reference
 from .._namespace import (
     array_namespace,
-    constant_device,
     first_floating,
     from_numpy,
     native_dtype,
+    pinned_device,
     to_numpy,
     tree_map,
 )
@@ -43,13 +43,13 @@ __all__ = [
 
 def _placed_on(tree: Any) -> Any:
     """The device the call's arrays put a result on: the first one any of them is bound to
-    (:func:`~mmfuse._namespace.constant_device`; an uncommitted JAX array binds none, and follows the
+    (:func:`~mmfuse._namespace.pinned_device`; an uncommitted JAX array binds none, and follows the
     others, as in JAX's own operations: the reference's result had been committed to the first
     array's default device beside parameters on another; a review's find), or None."""
     found: list[Any] = []
 
     def visit(a: Any) -> Any:
-        if not found and (device := constant_device(a)) is not None:
+        if not found and (device := pinned_device(a)) is not None:
             found.append(device)
         return a
 

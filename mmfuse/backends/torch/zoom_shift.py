@@ -213,7 +213,7 @@ _zoom_shift_eager = bind(
 # backend's CPU kernels (:func:`mmfuse.backends.numba.zoom_shift_arrays`: the core's algorithm
 # over numba's primitives) on NumPy views of the tensors' memory: no copy in, the kernels'
 # output buffer out.  CPU float32/float64 tensors; the registry's numba row for torch CPU
-# tensors runs it (numba is imported at its first call, not here).
+# tensors runs it (numba is imported when a call first chooses it, not here).
 #
 # Eager calls run the forward function itself, not the op (mmfuse.backends._torch_eager.bind):
 # a custom op's first dispatch imports torch._dynamo (2-3 s on the CI machine, and triton with

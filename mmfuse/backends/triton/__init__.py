@@ -88,7 +88,7 @@ float32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, a
 float64 inputs and more than eight modalities go to the torch backend's custom ops (the
 kernels are built for float32/float16/bfloat16; fp64 dots would run far below the GPU's
 FP32/TF32 rate), and so do ranks over ``_ops.MAX_RANK`` (512: the tiles of larger ones need
-more shared memory than a block gets), and batches over ``_ops.MAX_ROWS`` (2**31 - 1: the
+more shared memory than a block gets), and batches over ``_ops.MAX_BATCH`` (2**31 - 1: the
 kernels' row index is 32-bit); alignment inputs with over ``_ops.MAX_CHANNELS`` channels
 (524280), or over ``_ops.MAX_ROWS`` rows (CUDA's grid, both), go to the torch backend or the
 core.  Inside ``torch.func`` transforms and forward-mode AD this
@@ -169,10 +169,10 @@ def _delegated(xs: Sequence[Any], *more: Any) -> bool:
 
 
 def _too_many_rows(xs: Sequence[Any]) -> bool:
-    """Whether a fusion's batch is over :data:`~._ops.MAX_ROWS`: the fusion kernels' row index
+    """Whether a fusion's batch is over :data:`~._ops.MAX_BATCH`: the fusion kernels' row index
     (program id times the row block) is 32-bit, so a batch over 2**31 - 1 rows wrapped to
     negative rows, read before x and written before the output (a review's find)."""
-    return int(xs[0].shape[0]) > _ops.MAX_ROWS
+    return int(xs[0].shape[0]) > _ops.MAX_BATCH
 
 
 def lowrank_fusion(

@@ -61,9 +61,11 @@ MAX_RANK = 512
 MAX_CHANNELS = 65535 * 8
 #: The most rows (the product of the axes before the last two) the statistics kernels take:
 #: a program per row on CUDA's grid axis 0, which takes at most 2**31 - 1 (larger ones, 4 GiB
-#: of float16 at least: the torch backend or the core).  Also the largest batch the fusion
-#: kernels take, whose row index is 32-bit (larger ones: the torch backend).
+#: of float16 at least: the torch backend or the core).
 MAX_ROWS = 2**31 - 1
+#: The largest batch the fusion kernels take: their row index (program id times the row block)
+#: is 32-bit (larger ones: the torch backend).
+MAX_BATCH = 2**31 - 1
 
 _WrapSwitch = Callable[[bool], Any]
 _wrap_switch: _WrapSwitch | None
