@@ -19,6 +19,7 @@ from ._extras import install_command
 
 __all__ = ["MissingDependency", "Progress", "require", "shorten", "table"]
 
+
 class MissingDependency(RuntimeError):
     """An optional module a command needs is not installed (the message names the extra)."""
 

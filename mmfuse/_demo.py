@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ._extras import install_command
+
 __all__ = ["check_models_train", "run_demo"]
 
 
@@ -240,7 +242,7 @@ def _figure(
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib not installed: no figure (pip install 'mmfuse[plot]')")
+        print(f"matplotlib not installed: no figure ({install_command('matplotlib')})")
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -53,12 +53,14 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from ._extras import install_command
+
 try:
     import torch
     from torch import nn
     from torch.nn.utils import parametrize
 except ImportError as exc:  # the one extra this module needs, named (it was a bare "No module named 'torch'")
-    raise ImportError(f"mmfuse.nn needs torch ({exc}); install it with: pip install 'mmfuse[torch]'") from exc
+    raise ImportError(f"mmfuse.nn needs torch ({exc}); install it with: {install_command('torch')}") from exc
 
 from . import _fusion
 from ._autocast import autocast_device, cast_tree

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .._extras import install_command
 from .._namespace import (
     device_of,
     is_cupy,
@@ -190,7 +191,7 @@ def _cuda_arrays(info: CallInfo) -> bool:
 
 def _numba_cuda_usable() -> str | None:
     if importlib.util.find_spec("numba_cuda") is None:
-        return f"{_CUDA_ARRAYS}, and numba-cuda (pip install 'mmfuse[numba]')"
+        return f"{_CUDA_ARRAYS}, and numba-cuda ({install_command('numba')})"
     from numba.cuda.core import config
 
     if config.ENABLE_CUDASIM:

@@ -442,8 +442,8 @@ def _framework_refusal(impl: Implementation, *, importing: bool) -> str | None:
     statement does): a row "auto" takes past its ``import_at``, or one ``backend=`` names
     (their modules load without it; their kernels import it when they run).  An import that
     fails (numba refusing a newer NumPy, a half-removed install) is then this row's refusal,
-    and the framework counts as not installed from then on (:func:`installed`: its rows stop
-    resolving, and :func:`unavailable` gives the error), where the import's error used to rise
+    and the framework counts as not installed until it does import (:func:`installed`: its rows
+    stop resolving, and :func:`unavailable` gives the error), where the import's error used to rise
     from inside the call, "auto"'s large calls included (a review's find; a call made while
     another thread's failing import ran had still met it: a diff review's).  Without
     ``importing`` (:func:`explain`'s question, which must import nothing that changes later
@@ -475,7 +475,6 @@ def _import_failed(fw: str) -> str:
     """What the registry says of framework ``fw`` whose import failed (its rows' refusal, and
     their load error in :func:`unavailable`)."""
     return f"{fw} is installed but its import fails ({_broken_frameworks[fw]})"
-
 
 
 def _rows(op: str, backend: str | None) -> list[Row]:

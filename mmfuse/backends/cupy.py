@@ -30,8 +30,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .._extras import install_command
+
 if importlib.util.find_spec("cupy") is None:
-    raise ImportError("the cupy backend needs CuPy (pip install 'mmfuse[cupy]')")
+    raise ImportError(f"the cupy backend needs CuPy ({install_command('cupy')})")
 
 
 __all__ = ["WORKSPACE_BYTES", "cp_fusion", "lowrank_fusion", "moments", "zoom_shift"]

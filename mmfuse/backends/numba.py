@@ -51,8 +51,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._extras import install_command
+
 if importlib.util.find_spec("numba") is None:
-    raise ImportError("the numba backend needs numba (pip install 'mmfuse[numba]')")
+    raise ImportError(f"the numba backend needs numba ({install_command('numba')})")
 
 from .._core.align import Primitives, Stats, align_with, moments_with, zoom_shift_with
 from .._namespace import array_namespace, device_of, is_torch, is_torch_tensor, tensor_memory
