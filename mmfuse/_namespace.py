@@ -22,6 +22,7 @@ __all__ = [
     "device_of",
     "fake_tensors",
     "first_floating",
+    "first_of",
     "from_numpy",
     "half_imported",
     "has_float64",
@@ -40,7 +41,6 @@ __all__ = [
     "pinned_device",
     "python_dispatched",
     "real_floating",
-    "rounded_once_for",
     "tensor_memory",
     "to_numpy",
     "torch_namespace",
@@ -956,11 +956,17 @@ def first_floating(obj: Any) -> Any:
     """The first array of a real floating dtype inside nested lists, tuples and dicts (the
     array a call's namespace, device and dtype are read from: not a mask or an index array
     that comes first), or None."""
+    return first_of(obj, lambda a: a if real_floating(array_namespace(a), a.dtype) else None)
+
+
+def first_of(obj: Any, pick: Callable[[Any], Any]) -> Any:
+    """The first ``pick(a)`` that is not None over the arrays ``a`` inside nested lists, tuples
+    and dicts (in :func:`tree_map`'s order), or None; ``pick`` is not called past it."""
     found: list[Any] = []
 
     def visit(a: Any) -> Any:
-        if not found and real_floating(array_namespace(a), a.dtype):
-            found.append(a)
+        if not found and (value := pick(a)) is not None:
+            found.append(value)
         return a
 
     tree_map(visit, obj)

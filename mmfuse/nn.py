@@ -68,7 +68,7 @@ from ._autocast import eligible as autocast_eligible
 from ._core.align import GENERIC, limit_weights, pool, wide_mean
 from ._core.align import zoom_shift_fusion as pool_and_fuse
 from ._fusion import DEFAULT_MAX_ELEMENTS
-from ._namespace import low_precision, mask_tokens, rounded_once_for, rounded_to, torch_namespace, work_dtype
+from ._namespace import from_numpy, low_precision, mask_tokens, rounded_to, torch_namespace, work_dtype
 from ._plan import PlanCache, call_key
 from ._sequence import activation_key, plan_wander
 from ._validation import (
@@ -1265,15 +1265,16 @@ def _copy_host_draw(param: torch.Tensor, values: Any) -> None:
     parameter (FSDP2's ``fully_shard``, tensor parallelism) takes the draw distributed as
     itself (rank 0's, scattered to the shards): copying a plain tensor into it raised "got
     mixed torch.Tensor and DTensor", so ``reset_parameters`` after ``to_empty`` failed there
-    (a review's find).  The draw is rounded once to the parameter's dtype
-    (:func:`mmfuse._namespace.rounded_once_for`: torch's own float64 -> float16 / bfloat16
-    copy rounds twice, so a 16-bit layer's draw was not init_wander's; a diff review's find)."""
-    src = torch.from_numpy(rounded_once_for(values, param.dtype))
+    (a review's find).  The draw comes over as :func:`mmfuse._namespace.from_numpy` brings any
+    host array, rounded once to the parameter's dtype (torch's own float64 -> float16 /
+    bfloat16 copy rounds twice, so a 16-bit layer's draw was not init_wander's; a diff
+    review's find)."""
+    src = from_numpy(values, torch_namespace(), dtype=param.dtype, device="cpu")
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     if dtensor is not None and isinstance(param, dtensor):
         from torch.distributed.tensor import distribute_tensor
 
-        src = distribute_tensor(src.to(param.dtype), param.device_mesh, param.placements)
+        src = distribute_tensor(src, param.device_mesh, param.placements)
     param.copy_(src)
 
 

@@ -18,6 +18,7 @@ from .. import reference
 from .._namespace import (
     array_namespace,
     first_floating,
+    first_of,
     from_numpy,
     native_dtype,
     pinned_device,
@@ -41,22 +42,6 @@ __all__ = [
 ]
 
 
-def _placed_on(tree: Any) -> Any:
-    """The device the call's arrays put a result on: the first one any of them is bound to
-    (:func:`~mmfuse._namespace.pinned_device`; an uncommitted JAX array binds none, and follows the
-    others, as in JAX's own operations: the reference's result had been committed to the first
-    array's default device beside parameters on another; a review's find), or None."""
-    found: list[Any] = []
-
-    def visit(a: Any) -> Any:
-        if not found and (device := pinned_device(a)) is not None:
-            found.append(device)
-        return a
-
-    tree_map(visit, tree)
-    return found[0] if found else None
-
-
 def as_backend(func: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a NumPy reference function as an implementation for any namespace."""
 
@@ -65,8 +50,11 @@ def as_backend(func: Callable[..., Any]) -> Callable[..., Any]:
         like = first_floating((args, kwargs))
         xp = array_namespace(like)
         # results in native byte order, as every other backend gives (a ">f8" input's own dtype
-        # came back big-endian from the fusions), on the device of the call's arrays
-        dtype, device = native_dtype(like.dtype), _placed_on((args, kwargs))
+        # came back big-endian from the fusions), on the first device one of the call's arrays is
+        # bound to (pinned_device: an uncommitted JAX array binds none, and follows the others,
+        # as in JAX's own operations: the result had been committed to the first array's default
+        # device beside parameters on another; a review's find)
+        dtype, device = native_dtype(like.dtype), first_of((args, kwargs), pinned_device)
         np_args = tree_map(lambda a: to_numpy(a, dtype=None), (args, kwargs))
         out = func(*np_args[0], **np_args[1])
         return tree_map(lambda a: from_numpy(a, xp, dtype=dtype, device=device), out)
