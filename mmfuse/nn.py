@@ -699,7 +699,8 @@ class LowRankFusion(_RankedFusion):
         xs : sequence of M tensors, shapes (B, d_m)
             As in ``forward``.
         by : {"order", "subset"}, default "order"
-            M + 1 terms by interaction order, or 2^M terms by subset of modalities.
+            M + 1 terms by interaction order, or 2^M terms by subset of modalities (refused
+            over the layer's ``max_elements``).
         present : bool tensor, shape (B, M), optional
             As in ``forward``: an absent modality contributes only through its constant.
 
@@ -730,7 +731,8 @@ class LowRankFusion(_RankedFusion):
         xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
         with _layer_call(self, "interactions"):
             return lowrank_interactions(
-                xs, list(self.factors), self.weights, by=by, present=present, append_one=self.append_one
+                xs, list(self.factors), self.weights, by=by, present=present, append_one=self.append_one,
+                max_elements=self.max_elements,
             )
 
     @classmethod
@@ -941,7 +943,8 @@ class CPFusion(_RankedFusion):
         xs : sequence of M tensors, shapes (B, d_m)
             As in ``forward``.
         by : {"order", "subset"}, default "order"
-            M + 1 terms by interaction order, or 2^M terms by subset of modalities.
+            M + 1 terms by interaction order, or 2^M terms by subset of modalities (refused
+            over the layer's ``max_elements``).
         present : bool tensor, shape (B, M), optional
             As in ``forward``: an absent modality contributes only through its constant.
 
@@ -972,7 +975,8 @@ class CPFusion(_RankedFusion):
         xs = _check_inputs(xs, self.in_dims, _parameter_dtype(self), present, type(self).__name__)
         with _layer_call(self, "interactions"):
             return cp_interactions(
-                xs, (self.weights, list(self.factors)), by=by, present=present, append_one=self.append_one
+                xs, (self.weights, list(self.factors)), by=by, present=present, append_one=self.append_one,
+                max_elements=self.max_elements,
             )
 
     @classmethod

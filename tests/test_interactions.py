@@ -661,6 +661,24 @@ def test_nn_layer_interactions_sum_to_forward_and_carry_gradients(layer_kind):
         layer.interactions([xs[0], torch.randn(6, 5, dtype=torch.float64), xs[2]])
 
 
+@pytest.mark.parametrize("layer_kind", ["lowrank", "cp", "tensor"])
+def test_nn_layer_interactions_refuse_by_the_layers_own_max_elements(layer_kind):
+    """A layer's ``interactions(by="subset")`` is refused over the layer's ``max_elements``,
+    not the default: LowRankFusion's and CPFusion's had ignored theirs (a review's find)."""
+    torch = pytest.importorskip("torch")
+    from mmfuse import nn as mnn
+
+    dims = [1, 1, 1, 1]
+    kinds = {"lowrank": mnn.LowRankFusion, "cp": mnn.CPFusion, "tensor": mnn.TensorFusion}
+    rank = {} if layer_kind == "tensor" else {"rank": 2}
+    xs = [torch.randn(5, 1, dtype=torch.float64) for _ in dims]
+    small = kinds[layer_kind](dims, out_dim=3, max_elements=200, dtype=torch.float64, **rank)
+    with pytest.raises(ValueError, match=r"240 elements, over max_elements=200"):
+        small.interactions(xs, by="subset")
+    terms, labels = small.interactions(xs, by="order")  # M + 1 terms: 75 elements
+    assert tuple(terms.shape) == (5, 5, 3) and labels == [0, 1, 2, 3, 4]
+
+
 def test_variance_shares_of_a_term_whose_spread_is_ulps_of_its_mean(xp, rng):
     """A term of 1e12 + 1e-3 N(0, 1), its spread about 8 ulps of its mean: centred by one
     rounded mean it lost most of its deviations (the share off in its fifth digit, gradients
