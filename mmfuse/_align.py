@@ -525,7 +525,7 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
     Returns
     -------
     array, x's shape
-        In x's namespace and dtype.
+        In x's namespace and dtype (float16 and bfloat16 computed in float32, rounded once).
 
     Raises
     ------
@@ -564,6 +564,11 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
     check_same_float_dtype(xp, [("x", x)])
     scale = _check_operand(xp, x, scale, "scale")
     center = _check_operand(xp, x, center, "center")
+    if low_precision(xp, x.dtype):
+        # float16 / bfloat16 in float32, rounded once, as every operator: in x's dtype NumPy's
+        # and JAX's weak scalars are first rounded to it (scale = 1e5 became inf, where the
+        # result is finite, and torch's opmath gave it: a review's find)
+        return in_work_dtype(core.zoom, xp, x.dtype, x, scale, center=center)
     return core.zoom(x, scale, center=center)
 
 
@@ -583,7 +588,7 @@ def shift(x: Any, offset: Any) -> Any:
     Returns
     -------
     array, x's shape
-        In x's namespace and dtype.
+        In x's namespace and dtype (float16 and bfloat16 computed in float32, rounded once).
 
     Raises
     ------
@@ -619,6 +624,8 @@ def shift(x: Any, offset: Any) -> Any:
     xp = common_namespace([("x", x)])
     check_same_float_dtype(xp, [("x", x)])
     offset = _check_operand(xp, x, offset, "offset")
+    if low_precision(xp, x.dtype):  # (as zoom: in float32, rounded once)
+        return in_work_dtype(core.shift, xp, x.dtype, x, offset)
     return core.shift(x, offset)
 
 
