@@ -47,6 +47,11 @@ def _dtype_key(dtype: Any) -> str:
         prefix, _, name = dtype.rpartition(".")
         if prefix == "torch" and name in _TORCH_ALIASES:
             return _TORCH_ALIASES[name]
+        torch = sys.modules.get("torch") if prefix == "torch" else None
+        if torch is not None and isinstance(getattr(torch, name, None), torch.dtype):
+            # torch's own names NumPy lacks ("torch.chalf", "torch.float8_e4m3fn"): as the dtype
+            # object (they had been said to name no dtype; a review's find)
+            return _dtype_key(getattr(torch, name))
         if name == "bfloat16":  # not a NumPy dtype
             return name
         try:  # NumPy's spellings ("f8", "double"), also after another namespace's prefix
@@ -243,8 +248,11 @@ def assert_close(
         # gone through float64, and 2**60 passed for 2**60 + 1 at rtol 0; a review's find)
         _assert_close_exactly(a, d, rtol, atol, prefix)
         return
-    a = a.astype(np.float64)
-    d = d.astype(np.float64)
+    # long double compared as long double: through float64 values past its range were inf (or
+    # 0) on both sides and passed (1e400 for 2e400; a review's find)
+    work = np.longdouble if any(v.dtype.kind == "f" and v.dtype.itemsize > 8 for v in (a, d)) else np.float64
+    a = a.astype(work)
+    d = d.astype(work)
     for name, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
         bad = np.flatnonzero(test(a) != test(d))
         if bad.size:
@@ -255,7 +263,7 @@ def assert_close(
                 f"desired {d.flat[i]!r}"
             )
     finite = np.isfinite(d)
-    scale = float(np.max(np.abs(d[finite]))) if finite.any() else 0.0
+    scale = np.max(np.abs(d[finite])) if finite.any() else work(0.0)  # (work's scalar: no overflow)
     if atol is None:
         atol = rtol * scale
     with np.errstate(invalid="ignore"):
@@ -264,10 +272,15 @@ def assert_close(
     if err.size and np.any(err > allowed):
         i = int(np.argmax(err - allowed))
         raise AssertionError(
-            f"{prefix}values differ: max |actual - desired| = {err.max():.3e} "
-            f"(worst excess at index {_where(a.shape, i)}: {err.flat[i]:.3e} > "
-            f"{allowed.flat[i]:.3e}); rtol={rtol:g}, atol={atol:.3e}, max|desired|={scale:.3e}"
+            f"{prefix}values differ: max |actual - desired| = {_e(err.max())} "
+            f"(worst excess at index {_where(a.shape, i)}: {_e(err.flat[i])} > "
+            f"{_e(allowed.flat[i])}); rtol={rtol:g}, atol={_e(atol)}, max|desired|={_e(scale)}"
         )
+
+
+def _e(v: Any) -> str:
+    """``f"{v:.3e}"``, for long doubles too (a format spec goes through float64)."""
+    return np.format_float_scientific(v, precision=3, unique=False)
 
 
 def _past_float64(a: np.ndarray) -> bool:

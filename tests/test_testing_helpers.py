@@ -260,6 +260,23 @@ def test_torch_aliases_by_name_and_unknown_dtypes():
     assert_close(x, x.numpy(), dtype="torch.double")
     with pytest.raises(TypeError, match="names no dtype"):
         assert_close(x, x.numpy(), dtype="bogus")
+    # torch's names NumPy lacks are its dtypes too (they had been said to name no dtype)
+    assert default_rtol("torch.complex32") == default_rtol("torch.chalf") == default_rtol(torch.complex32)
+    with pytest.raises(TypeError, match="no default tolerance"):
+        default_rtol("torch.float8_e4m3fn")
+
+
+def test_long_doubles_are_compared_as_long_doubles():
+    """Through float64, long doubles past its range were inf (or 0) on both sides and a
+    factor of 2 passed at rtol 1e-10 (a review's find); the message prints them in full."""
+    if np.finfo(np.longdouble).maxexp <= np.finfo(np.float64).maxexp:
+        pytest.skip("long double is float64 here")
+    big, tiny = np.longdouble("1e400"), np.longdouble("1e-400")
+    with pytest.raises(AssertionError, match=r"max \|actual - desired\| = 1\.000e\+400"):
+        assert_close(np.array([big]), np.array([2 * big]))
+    with pytest.raises(AssertionError, match="differ"):
+        assert_close(np.array([tiny]), np.array([3 * tiny]))
+    assert_close(np.array([big, tiny]), np.array([big, tiny]) * (1 + np.longdouble(2.0**-60)))
 
 
 def test_the_cpu_by_any_name_in_every_namespace():
