@@ -491,14 +491,16 @@ def test_variance_shares_of_small_terms_beside_a_large_constant(xp, small, rng):
 
 def test_shares_of_no_terms_and_of_long_doubles(xp):
     """K = 0 gives no shares (the rescaling's max over nothing raised NumPy's and torch's own
-    errors); a long double input is rescaled within float64's exponents."""
+    errors); a long double input is rescaled within its own exponents (within float64's,
+    terms of 1e3000 and 1e-3000 gave NaN: a review's find)."""
     got = mmfuse.interaction_shares(xp.asarray(np.zeros((0, 4, 5))))
     assert tuple(got.shape) == (0,)
     terms = np.random.default_rng().standard_normal((3, 4, 5))
-    np.testing.assert_allclose(
-        mmfuse.interaction_shares(terms.astype(np.longdouble)).astype(np.float64), ref.interaction_shares(terms),
-        rtol=1e-12,
-    )
+    want = ref.interaction_shares(terms)
+    scales = ["1", "1e3000", "1e-3000"] if np.finfo(np.longdouble).maxexp > 1024 else ["1"]
+    for scale in scales:
+        got = mmfuse.interaction_shares(terms.astype(np.longdouble) * np.longdouble(scale))
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=1e-12, err_msg=scale)
 
 
 @pytest.mark.parametrize("kind", ["variance", "norm"])

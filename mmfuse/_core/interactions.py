@@ -643,7 +643,11 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     # terms of 1e18 gave NaN or silently zero shares, of 1e-25 all NaN)
     big = (dask_max if is_dask(xp) else xp.max)(xp.abs(terms))  # (Dask's own: see dask_max)
     usable = xp.isfinite(big) & (big > 0)
-    emax = 126 if xp.finfo(terms.dtype).bits <= 32 else 1022  # 2**emax and 2**-emax normal
+    # 2**emax and 2**-emax normal: finfo's maxexp where the namespace gives it (NumPy's long
+    # double reaches 2**16383: capped at float64's 1022, its terms of 1e3000 gave NaN; a
+    # review's find), else by the bits (the standard's finfo has no exponents)
+    maxexp = getattr(xp.finfo(terms.dtype), "maxexp", None)
+    emax = int(maxexp) - 2 if maxexp else 126 if xp.finfo(terms.dtype).bits <= 32 else 1022
     k = xp.floor(xp.log2(xp.where(usable, big, 1.0)))
     k = xp.where(k > emax, float(emax), xp.where(k < -emax, float(-emax), k))  # (no clip before 2023.12)
     terms = terms * 2.0 ** (-k)
