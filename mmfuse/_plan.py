@@ -138,7 +138,10 @@ def _append_keys(arrays: Any, out: list[Any]) -> None:
             _append_keys(a, out)
         elif a is None:
             out.append(None)
-        elif _TORCH_TYPES.get(t) or (t not in _TORCH_TYPES and _torch_type(t)):
+        elif (known := _TORCH_TYPES.get(t)) or (known is None and _torch_type(t)):
+            # (the table read once: a second read could see another thread's entry filed
+            # meanwhile and take a tensor for another array, whose key has no requires_grad,
+            # so that a tensor needing grad met a no-grad plan; a review's find)
             # the layout too: the checks refuse a sparse tensor, so it must not meet a dense
             # one's plan
             out.append((t, a.shape, a.dtype, a.device, a.requires_grad, a.layout))

@@ -420,6 +420,31 @@ def test_planned_torch_calls_follow_grad_mode(rng):
     assert fs[0].grad is not None
 
 
+def test_a_tensor_seen_first_while_another_thread_files_its_type_keeps_requires_grad(monkeypatch):
+    """The type table was read twice (a miss, then "not in"): another thread filing the type
+    in between made the tensor's key a generic array's, without requires_grad, so that a
+    tensor needing grad met a no-grad plan (a review's find, forced here: the table's first
+    read misses while the type is filed)."""
+
+    class FiledMeanwhile(dict):
+        def get(self, key, default=None):
+            found = dict.get(self, key, default)
+            if found is None:
+                self[key] = True  # another thread's entry, filed after this read
+            return found
+
+    monkeypatch.setattr(_plan, "_TORCH_TYPES", FiledMeanwhile())
+    keys = []
+    for grad in (False, True):
+        _plan._TORCH_TYPES.clear()
+        keys.append(_plan.call_key(None, (), torch.ones(5, 3, requires_grad=grad)))
+    assert keys[0] != keys[1]
+    x = torch.randn(4, 6, 5, requires_grad=True)
+    _plan._TORCH_TYPES.clear()
+    y = mmfuse.zoom_shift(x, torch.randn(4, 7, 5))
+    assert y.requires_grad
+
+
 def test_a_layer_checks_a_new_signature_after_a_planned_one():
     layer = mmfuse.nn.LowRankFusion([3, 4], 2, 2)
     layer([torch.randn(5, 3), torch.randn(5, 4)])
