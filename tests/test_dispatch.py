@@ -414,6 +414,39 @@ def test_precedence_call_over_context_over_set_config():
         _config._state.set(saved)
 
 
+def test_a_block_closed_in_another_thread_says_so_and_leaves_this_one_alone():
+    """A generator that yields inside a block, finished by another thread: contextvars' own
+    ValueError named neither mmfuse nor the cause (a review's find); the closing thread's
+    options are untouched."""
+    import threading
+
+    def stream():
+        with mmfuse.config_context(backend="reference"):
+            yield mmfuse.get_config()["backend"]
+
+    saved = _config._state.get()
+    gen = stream()
+    assert next(gen) == "reference"
+    caught = []
+
+    def finish():
+        try:
+            gen.close()
+        except RuntimeError as exc:
+            caught.append((str(exc), mmfuse.get_config()["backend"]))
+
+    worker = threading.Thread(target=finish)
+    worker.start()
+    worker.join()
+    (message, backend_there), = caught
+    assert "mmfuse.config_context: the block was closed in another thread or asyncio task" in message
+    assert backend_there != "reference"
+    # this thread's context keeps the block's options (as contextvars has it: nothing can
+    # restore a context from another), as the docstring says
+    assert mmfuse.get_config()["backend"] == "reference"
+    _config._state.set(saved)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'array_api', 'reference', 'numba', 'cupy', 'torch', 'triton'\], got 'fast'"):
         mmfuse.set_config(backend="fast")
