@@ -432,7 +432,7 @@ def wander(
         differing between modalities, ``residual="first"`` with some d_m != D or
         T_out > sum T_m, bad mask shape, unknown mode, activation or residual.
     TypeError
-        ``params`` not a dict, a down entry not a (W, b) pair, non-floating or mixed
+        ``params`` not a mapping, a down entry not a (W, b) pair, non-floating or mixed
         dtypes, non-boolean masks, mixed namespaces.
 
     Notes
