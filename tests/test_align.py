@@ -500,6 +500,14 @@ def test_errors_align(rng):
     with pytest.raises(ValueError, match=r"Jacobi consensus with M = 2 and alpha = 1 has no limit"):
         mmfuse.align(xs[:2], rounds=None, schedule="jacobi")
     mmfuse.align(xs[:2], rounds=4, schedule="jacobi")  # finite rounds are fine: a swap
+    # every other alpha has a limit, the plain average whatever alpha: a tiny one too (alpha
+    # under 3e-17 had been refused as that swap: a review's find)
+    for n in (2, 3):
+        want = mmfuse.align(xs[:n], rounds=None, schedule="jacobi", alpha=0.5)
+        for alpha in (1e-17, 5e-324, 1.0 - 2.0**-53):
+            got = mmfuse.align(xs[:n], rounds=None, schedule="jacobi", alpha=alpha)
+            for y, w in zip(got, want):
+                assert_close(y, w)
     with pytest.raises(TypeError, match=r"mixed array namespaces"):
         torch = pytest.importorskip("torch")
         mmfuse.align([xs[0], torch.from_numpy(xs[1])])

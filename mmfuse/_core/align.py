@@ -832,7 +832,10 @@ def limit_weights(n: int, alpha: float, schedule: str, topology: str, hub: int) 
     if topology == "hub":
         return tuple(1.0 if j == hub else 0.0 for j in range(n))
     if schedule == "jacobi":
-        if abs(1.0 - alpha * n / (n - 1)) >= 1.0:
+        # the eigenvalue 1 - alpha M / (M - 1) is -1 only there (alpha in (0, 1]); tested
+        # without forming it: 1 - (a tiny alpha's term) rounded to 1 and refused alpha below
+        # 3e-17 as if it were that swap (a review's find)
+        if alpha * n >= 2 * (n - 1):
             return None
         return tuple(1.0 / n for _ in range(n))
     c = [(n - 1) * (1.0 - alpha) + alpha * j for j in range(n)]
