@@ -490,10 +490,12 @@ def _check_operand(xp: Any, x: Any, v: Any, name: str) -> Any:
     common_namespace([("x", x), (name, v)])
     if getattr(v, "weak_type", False) is True and xp.isdtype(v.dtype, ("real floating", "integral")):
         # JAX: a weakly typed array (a Python float or int under jax.jit, jnp.asarray(0.5))
-        # takes the other operand's dtype, as in JAX's own promotion, like the Python number it
-        # stands for (which an eager call takes)
-        v = xp.astype(v, x.dtype)
-    check_same_float_dtype(xp, [("x", x), (name, v)])
+        # takes the dtype x computes in, like the Python number it stands for (which an eager
+        # call takes): x's own, float32 for 16-bit x (rounded to float16 first, a scale of 1e5
+        # had given inf under jit where the eager call is finite; a review's find)
+        v = xp.astype(v, work_dtype(xp, x.dtype))
+    else:
+        check_same_float_dtype(xp, [("x", x), (name, v)])
     shape = tuple(x.shape)
     vs = tuple(v.shape)
     ok = len(vs) <= len(shape) and all(

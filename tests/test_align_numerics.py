@@ -623,6 +623,30 @@ def test_zoom_and_shift_of_float16_are_computed_in_float32(xp):
     assert s.item() == 1.0 + 2.0**-10
 
 
+@pytest.mark.parametrize("namespace", ["jax", "jax.jit", "dask"])
+def test_zoom_and_shift_of_float16_in_jax_and_dask_are_computed_in_float32(namespace):
+    """As above, on JAX (eager, and under jit, where Python floats are weakly typed arrays,
+    which had still been rounded to float16 first) and Dask."""
+    x16 = np.array([[[1.0], [1.001], [1.002]]], dtype=np.float16)
+    exact = (1.0 + (x16.astype(np.float64) - 1.0) * 1e5).astype(np.float16)
+    one16 = np.ones((1, 1, 1), np.float16)
+    if namespace == "dask":
+        da = pytest.importorskip("dask.array")
+        x, one = da.from_array(x16), da.from_array(one16)
+        zoom, shift = mmfuse.zoom, mmfuse.shift
+    else:
+        jax = pytest.importorskip("jax")
+        x, one = jax.numpy.asarray(x16), jax.numpy.asarray(one16)
+        zoom, shift = mmfuse.zoom, mmfuse.shift
+        if namespace == "jax.jit":
+            zoom = jax.jit(lambda x, s, center: mmfuse.zoom(x, s, center=center))
+            shift = jax.jit(mmfuse.shift)
+    np.testing.assert_array_equal(np.asarray(zoom(x, 1e5, center=1.0)), exact)
+    assert np.asarray(zoom(one, 3.0, center=0.1)).item() == float(np.float16(2.8))
+    shifted = np.asarray(shift(one, 2.0**-11 + 2.0**-23))
+    assert shifted.dtype == np.float16 and shifted.item() == 1.0 + 2.0**-10
+
+
 def test_zoom_and_shift_refuse_other_arrays_and_booleans():
     x = np.ones((2, 3, 4), dtype=np.float32)
     with pytest.raises(TypeError, match="dtype float64 but x has dtype float32"):
