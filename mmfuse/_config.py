@@ -173,12 +173,13 @@ def config_context(**options: Any) -> Iterator[dict[str, Any]]:
     """Temporarily set options inside a ``with`` block; the previous state comes back after.
 
     The state is a :mod:`contextvars` variable, and a block restores the state it entered
-    with, as :func:`decimal.localcontext` does: blocks close in the order they opened, in
-    the thread or asyncio task (the context) they opened in.  A generator that yields inside
-    a block runs its caller under the block's options until it is resumed and the block
-    closes; two such generators advanced in turn leave the state of whichever block closed
-    last.  A block closed in another context (a generator finished by another thread, or
-    finalised by an event loop) raises RuntimeError: it cannot restore the context it left.
+    with, as :func:`decimal.localcontext` does: blocks close last opened first, in the
+    thread or asyncio task (the context) they opened in.  A generator that yields inside a
+    block runs its caller under the block's options until it is resumed and the block
+    closes; two such generators closed in the order they opened leave the state the one
+    closed last had entered with (the other's options).  A block closed in another context
+    (a generator finished by another thread, or finalised by an event loop) raises
+    RuntimeError: it cannot restore the context it left.
 
     Examples
     --------
@@ -198,13 +199,13 @@ def config_context(**options: Any) -> Iterator[dict[str, Any]]:
     finally:
         try:
             _state.reset(token)
-        except ValueError:  # (contextvars' words name neither mmfuse nor the cause)
+        except ValueError as exc:  # (contextvars' words name neither mmfuse nor the cause)
             raise RuntimeError(
                 "mmfuse.config_context: the block was closed in another thread or asyncio task "
                 "(another contextvars context) than it opened in, where its options cannot be "
                 "undone; close a block where it opened (e.g. finish a generator that yields "
                 "inside one in the thread that started it)"
-            ) from None
+            ) from exc  # (chained: an exception passing through the block stays in sight)
 
 
 def backend_policy(backend: str | None) -> tuple[str, str | None]:
