@@ -420,8 +420,8 @@ def moments(
     (over n tokens, from about 1.8e19 / sqrt(n), where the sum of squares does), float64's
     about 1.3e154 (likewise from about 1.3e154 / sqrt(n)); and spreads below about 1e-19
     (float32) or 1e-154 (float64) underflow, losing precision down to a spread of 0 (the
-    lane then counts as having none: shifted, not zoomed).  Where float32 sums in float32 (torch, JAX, CuPy, Triton, short NumPy axes) the
-    deviations are taken from a rounded first mean, so the magnitude counts too: float32
+    lane then counts as having none: shifted, not zoomed).  Where float32 sums in float32
+    (torch, JAX, CuPy, Triton, short NumPy axes) the deviations are taken from a rounded first mean, so the magnitude counts too: float32
     statistics of values above about 1e26 overflow even with no spread (the mean's rounding,
     an ulp of the values, squared), and a sum of tokens near float32's maximum overflows
     (float64 accumulation has neither limit for float32 data).  float64 data whose token sum
