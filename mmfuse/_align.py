@@ -415,20 +415,20 @@ def moments(
 
     exact for any :math:`p` and accurate whatever the ratio of mean to spread (the rounded
     float32 mean of data 1e4 + 1e-2 noise is off by a tenth of the spread; a plain two-pass
-    variance would carry the square of that).  Limits, from the variance's range (squares of
-    the spread): float32 statistics overflow (inf or NaN) when the spread exceeds about 1.8e19
-    (over n tokens, from about 1.8e19 / sqrt(n), where the sum of squares does), float64's
-    about 1.3e154 (likewise from about 1.3e154 / sqrt(n)); and spreads below about 1e-19
-    (float32) or 1e-154 (float64) underflow, losing precision down to a spread of 0 (the
-    lane then counts as having none: shifted, not zoomed).  Where float32 sums in float32
-    (torch, JAX, CuPy, Triton, short NumPy axes) the deviations are taken from a rounded first mean, so the magnitude counts too: float32
-    statistics of values above about 1e26 overflow even with no spread (the mean's rounding,
-    an ulp of the values, squared), and a sum of tokens near float32's maximum overflows
-    (float64 accumulation has neither limit for float32 data).  float64 data whose token sum
-    passes float64's maximum (``|x| T`` over about 1.8e308: 1000 tokens of 2e305) gets NaN
-    statistics on every backend, with no spread too.  float16 / bfloat16 compute in float32.
-    Compute in float64 for such data.  On NumPy the batch is walked in cache-sized blocks, so
-    x is read from memory once.
+    variance would carry the square of that).  Limits, from the variance's range (squares of the
+    spread): float32 statistics overflow (inf or NaN) when the spread exceeds about 1.8e19 (over
+    n tokens, from about 1.8e19 / sqrt(n), where the sum of squares does), float64's about
+    1.3e154 (likewise from about 1.3e154 / sqrt(n)); and spreads below about 1e-19 (float32) or
+    1e-154 (float64) underflow, losing precision down to a spread of 0 (the lane then counts as
+    having none: shifted, not zoomed).  Where float32 sums in float32 (torch, JAX, CuPy, Triton,
+    short NumPy axes) the deviations are taken from a rounded first mean, so the magnitude
+    counts too: float32 statistics of values above about 1e26 overflow even with no spread (the
+    mean's rounding, an ulp of the values, squared), and a sum of tokens near float32's maximum
+    overflows (float64 accumulation has neither limit for float32 data).  float64 data whose
+    token sum passes float64's maximum (``|x| T`` over about 1.8e308: 1000 tokens of 2e305) gets
+    NaN statistics on every backend, with no spread too.  float16 / bfloat16 compute in
+    float32.  Compute in float64 for such data.  On NumPy the batch is walked in cache-sized
+    blocks, so x is read from memory once.
 
     References
     ----------
