@@ -772,12 +772,12 @@ def sequence_fusion(
         int(n_out),
         int(out_dim),
     )
-    if masks is not None:
-        hs = [mask_tokens(xp, h, mask) for h, mask in zip(hs, masks)]
     if mode == "collapsed":
+        if masks is not None:
+            hs = [mask_tokens(xp, h, mask) for h, mask in zip(hs, masks)]
         return fuse_collapsed(xp, hs, feature_factors, token_factors, the_plan.orders)
     blocking = cp_block_shape(xp, hs[0], int(r_t), int(n_out), int(r_h), int(out_dim))
-    return fuse_cp(xp, hs, feature_factors, token_factors, the_plan.orders, blocking)
+    return fuse_cp(xp, hs, feature_factors, token_factors, the_plan.orders, blocking, masks)
 
 
 def fuse_collapsed(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: list[Any],
@@ -815,10 +815,12 @@ def cp_block_shape(xp: Any, h: Any, r_t: int, n_out: int, r_h: int, out_dim: int
 
 
 def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: list[Any],
-            orders: tuple[str, ...], blocking: tuple[Any, int]) -> Any:  # fmt: skip
-    """:func:`sequence_fusion`'s cp mode on the (masked) activations ``hs``, each modality
-    contracted in its planned order, ``blocking`` (batch rows, token ranks) per block
-    (:func:`cp_block_shape`)."""
+            orders: tuple[str, ...], blocking: tuple[Any, int], masks: Any = None) -> Any:  # fmt: skip
+    """:func:`sequence_fusion`'s cp mode on the activations ``hs``, their padded tokens
+    zeroed block by block where ``masks`` (a list with None entries, or None) says, each
+    modality contracted in its planned order, ``blocking`` (batch rows, token ranks) per
+    block (:func:`cp_block_shape`).  (Masking the inputs whole first had held a masked copy
+    of every input: memory growing with B, where the blocks' does not; a review's find.)"""
     r_h, _, out_dim = feature_factors[0].shape
     r_t, _, n_out = token_factors[0].shape
     mats = [_cp_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
@@ -832,6 +834,11 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
     all_ranks = chunk_j >= r_t
     for blk in blocks:
         block = hs if len(blocks) == 1 else [h[blk, ...] for h in hs]
+        if masks is not None:
+            block = [
+                h if k is None else mask_tokens(xp, h, k if len(blocks) == 1 else k[blk, ...])
+                for h, k in zip(block, masks)
+            ]
         # the first contraction, once per batch block: (b, R_t T_out, r_m) or (b, T_m, R_h D)
         firsts = [
             psi_t @ h if order == "token" else _times(xp, h, phi)

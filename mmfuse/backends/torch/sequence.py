@@ -88,14 +88,29 @@ def _sequence_grads(
     need_t = list(needs[2 * n_mod :])
     if not any(needs):
         return [None] * (3 * n_mod)
-    hs = [mask_tokens(_XP, h, k) for h, k in zip(hs, masks)]
     mats = [_seq_matrices(f, t) for f, t in zip(feats, toks)]
     batch = grad.shape[0]
     rows_b, chunk_j = _core_sequence.cp_blocking(
         int(batch), rt, int(n_out), rh, int(out_dim), grad.element_size(),
         block_budget(grad, _core_sequence.CP_BLOCK_BYTES),
     )
+    # The inputs masked and dL/dH written block by block: masking them whole first, and
+    # joining the blocks' dL/dH at the end, had held up to three input-sized copies, so the
+    # peak grew with B (a review's find).  With a graph of the backward wanted (double
+    # backward, or under a transform) the blocks' dL/dH are joined out of place instead.
+    graph = torch.is_grad_enabled() or _core_sequence.torch_transformed(grad)
     gh_parts: list[list[torch.Tensor]] = [[] for _ in range(n_mod)]
+    gh_out: list[torch.Tensor | None] = [None] * n_mod
+
+    def keep_grad_h(m: int, blk: slice, part: torch.Tensor) -> None:
+        if masks[m] is not None:
+            part = mask_tokens(_XP, part, masks[m][blk])
+        if graph:
+            gh_parts[m].append(part)
+            return
+        if gh_out[m] is None:
+            gh_out[m] = part.new_empty((batch, *part.shape[1:]))
+        gh_out[m][blk] = part
     gphi: list[torch.Tensor | None] = [None] * n_mod
     gpsi: list[torch.Tensor | None] = [None] * n_mod
     gpsi_rows: list[dict[int, torch.Tensor]] = [{} for _ in range(n_mod)]  # feature first
@@ -104,7 +119,7 @@ def _sequence_grads(
         return v if acc is None else acc + v
 
     for blk in block_slices(batch, rows_b):
-        hb = [h[blk] for h in hs]
+        hb = [h[blk] if k is None else mask_tokens(_XP, h[blk], k[blk]) for h, k in zip(hs, masks)]
         nb = hb[0].shape[0]
         # token first: Psi^T H (b, R_t T_out, r); feature first: H Phi (b, T, R_h D)
         firsts = [
@@ -154,7 +169,7 @@ def _sequence_grads(
                     continue
                 ga = gfirst_chunks[m][0] if len(gfirst_chunks[m]) == 1 else torch.cat(gfirst_chunks[m], dim=1)
                 if need_h[m]:
-                    gh_parts[m].append(psi_t.t() @ ga)
+                    keep_grad_h(m, blk, psi_t.t() @ ga)
                 if need_t[m]:
                     gpsi[m] = add(gpsi[m], torch.einsum("bpr,btr->pt", ga, hb[m]))
             else:
@@ -162,7 +177,7 @@ def _sequence_grads(
                 if gf is None:
                     continue
                 if need_h[m]:
-                    gh_parts[m].append(gf @ phi.t())
+                    keep_grad_h(m, blk, gf @ phi.t())
                 if need_f[m]:
                     flat_h = flat_rows(hb[m])
                     gphi[m] = add(gphi[m], flat_h.t() @ flat_rows(gf))
@@ -175,9 +190,11 @@ def _sequence_grads(
     for m in range(n_mod):
         if not need_h[m]:
             out.append(None)
-            continue
-        gh = gh_parts[m][0] if len(gh_parts[m]) == 1 else torch.cat(gh_parts[m], dim=0)
-        out.append(mask_tokens(_XP, gh, masks[m]))
+        elif not graph:
+            out.append(gh_out[m] if gh_out[m] is not None else torch.zeros_like(hs[m]))  # (no block: B = 0)
+        else:
+            parts = gh_parts[m] or [torch.zeros_like(hs[m])]
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
     for m, f in enumerate(feats):
         g = gphi[m]
         if not need_f[m] or g is None:
@@ -236,7 +253,8 @@ def collapsed_grads(
     # With a graph of the backward wanted (double backward) the same formulas run out of place
     # on the whole batch, so autograd can differentiate them; otherwise blocked, into buffers.
     graph = torch.is_grad_enabled() or _core_sequence.torch_transformed(grad)  # (or under vmap)
-    hs = [mask_tokens(_XP, h, k) for h, k in zip(hs, masks)]
+    # the inputs masked block by block, and dL/dH masked in its buffer (as cp mode's routine:
+    # masked whole they were held twice more)
     phis = [f.sum(dim=0) for f in feats]  # (r_m, D)
     psis = [t.sum(dim=0) for t in toks]  # (T_m, T_out)
     batch, n_out, out_dim = grad.shape
@@ -262,7 +280,7 @@ def collapsed_grads(
 
     for blk in block_slices(batch, rows_b):
         first_block = blk.start == 0
-        hb = [h[blk] for h in hs]
+        hb = [h[blk] if k is None else mask_tokens(_XP, h[blk], k[blk]) for h, k in zip(hs, masks)]
         first_blk = [f[blk] for f in firsts] if firsts is not None else [
             torch.matmul(psi.t(), h) if order == "token" else torch.matmul(h, phi)
             for h, phi, psi, order in zip(hb, phis, psis, orders)
@@ -302,13 +320,15 @@ def collapsed_grads(
                         gh[m] = gh_blk  # the whole batch: one block
                 if graph and keep_gh[m] and orders[m] == "token":
                     gh[m] = gh_blk  # the whole batch: one block
+                mask = masks[m]
                 if gh_blk is not None and on_grad_h is not None:
-                    mask = masks[m]
                     on_grad_h(m, blk, gh_blk if mask is None else mask_tokens(_XP, gh_blk, mask[blk]))
+                elif gh_blk is not None and mask is not None and not graph:  # (its buffer's rows)
+                    gh_blk.masked_fill_(~mask[blk].unsqueeze(-1), 0)
             if m:
                 run = run * term_blk[m] if graph or m == n_mod - 1 else run.mul_(term_blk[m])
     out: list[torch.Tensor | None] = [
-        None if g is None else mask_tokens(_XP, g, k) if k is not None else g for g, k in zip(gh, masks)
+        g if g is None or k is None or not graph else mask_tokens(_XP, g, k) for g, k in zip(gh, masks)
     ]
     # every rank's slice gets the gradient of the rank sum
     out += [None if g is None else g.unsqueeze(0).expand(f.shape).clone() for g, f in zip(gphi, feats)]
