@@ -773,21 +773,23 @@ def sequence_fusion(
         int(out_dim),
     )
     if mode == "collapsed":
-        if masks is not None:
-            hs = [mask_tokens(xp, h, mask) for h, mask in zip(hs, masks)]
-        return fuse_collapsed(xp, hs, feature_factors, token_factors, the_plan.orders)
+        return fuse_collapsed(xp, hs, feature_factors, token_factors, the_plan.orders, masks)
     blocking = cp_block_shape(xp, hs[0], int(r_t), int(n_out), int(r_h), int(out_dim))
     return fuse_cp(xp, hs, feature_factors, token_factors, the_plan.orders, blocking, masks)
 
 
 def fuse_collapsed(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: list[Any],
-                   orders: tuple[str, ...]) -> Any:  # fmt: skip
-    """:func:`sequence_fusion`'s collapsed mode on the (masked) activations ``hs``, each
-    modality contracted in its planned order (:class:`SequencePlan`)."""
+                   orders: tuple[str, ...], masks: Any = None) -> Any:  # fmt: skip
+    """:func:`sequence_fusion`'s collapsed mode on the activations ``hs``, their padded
+    tokens zeroed where ``masks`` (a list with None entries, or None) says, each modality
+    contracted in its planned order (:class:`SequencePlan`).  Each modality is masked just
+    before its contraction: one masked copy held at a time, not M."""
     mats = [_collapsed_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
     y = None
     numpy = is_numpy(xp)
-    for h, (phi, psi_t), order in zip(hs, mats, orders):
+    for m, (h, (phi, psi_t), order) in enumerate(zip(hs, mats, orders)):
+        if masks is not None and masks[m] is not None:
+            h = mask_tokens(xp, h, masks[m])
         term = _contract(xp, h, phi, psi_t, order)  # (B, T_out, D)
         if y is None:
             y = term
