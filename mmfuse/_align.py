@@ -520,7 +520,8 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
         Broadcasts to x's shape, e.g. a (B, 1, C) ratio of standard deviations.  Real scalars
         (Python or NumPy, e.g. ``np.float64(2.0)``) are taken as Python floats, so they never
         change the result's dtype; an array, 0-d included, must have x's dtype (a weakly
-        typed JAX array, such as a Python float passed through ``jax.jit``, takes it).
+        typed JAX array, such as a Python float passed through ``jax.jit``, takes the dtype
+        x computes in: x's own, float32 for float16 / bfloat16 x).
     center : array or real scalar
         The fixed point of the zoom, e.g. x's own (B, 1, C) mean; scalars as for ``scale``.
 
@@ -585,7 +586,8 @@ def shift(x: Any, offset: Any) -> Any:
         Broadcasts to x's shape, e.g. a (B, 1, C) step toward a guide's mean.  Real scalars
         (Python or NumPy) are taken as Python floats, so they never change the result's
         dtype; an array, 0-d included, must have x's dtype (a weakly typed JAX array, such
-        as a Python float passed through ``jax.jit``, takes it).
+        as a Python float passed through ``jax.jit``, takes the dtype x computes in, as for
+        :func:`zoom`).
 
     Returns
     -------

@@ -630,14 +630,13 @@ def test_zoom_and_shift_of_float16_in_jax_and_dask_are_computed_in_float32(names
     x16 = np.array([[[1.0], [1.001], [1.002]]], dtype=np.float16)
     exact = (1.0 + (x16.astype(np.float64) - 1.0) * 1e5).astype(np.float16)
     one16 = np.ones((1, 1, 1), np.float16)
+    zoom, shift = mmfuse.zoom, mmfuse.shift
     if namespace == "dask":
         da = pytest.importorskip("dask.array")
         x, one = da.from_array(x16), da.from_array(one16)
-        zoom, shift = mmfuse.zoom, mmfuse.shift
     else:
         jax = pytest.importorskip("jax")
         x, one = jax.numpy.asarray(x16), jax.numpy.asarray(one16)
-        zoom, shift = mmfuse.zoom, mmfuse.shift
         if namespace == "jax.jit":
             zoom = jax.jit(lambda x, s, center: mmfuse.zoom(x, s, center=center))
             shift = jax.jit(mmfuse.shift)

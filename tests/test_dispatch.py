@@ -435,16 +435,18 @@ def test_a_block_closed_in_another_thread_says_so_and_leaves_this_one_alone():
         except RuntimeError as exc:
             caught.append((str(exc), mmfuse.get_config()["backend"]))
 
-    worker = threading.Thread(target=finish)
-    worker.start()
-    worker.join()
-    (message, backend_there), = caught
-    assert "mmfuse.config_context: the block was closed in another thread or asyncio task" in message
-    assert backend_there != "reference"
-    # this thread's context keeps the block's options (as contextvars has it: nothing can
-    # restore a context from another), as the docstring says
-    assert mmfuse.get_config()["backend"] == "reference"
-    _config._state.set(saved)
+    try:
+        worker = threading.Thread(target=finish)
+        worker.start()
+        worker.join()
+        (message, backend_there), = caught
+        assert "mmfuse.config_context: the block was closed in another thread or asyncio task" in message
+        assert backend_there != "reference"
+        # this thread's context keeps the block's options (as contextvars has it: nothing can
+        # restore a context from another), as the docstring says
+        assert mmfuse.get_config()["backend"] == "reference"
+    finally:
+        _config._state.set(saved)
 
 
 def test_config_errors():

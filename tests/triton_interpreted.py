@@ -89,10 +89,11 @@ def _bfloat16_to_nearest() -> None:
 
 def share_not_rounded_once(got: Any, exact: Any) -> float:
     """The share of ``got``'s entries (a bfloat16 or float16 tensor) that are not ``exact``
-    (float64 NumPy, the maths on ``got``'s rounded inputs) rounded once to ``got``'s dtype.
-    A kernel computing in float32 and rounding once misses a few in ten thousand (where the
-    float32 value and the exact one straddle a rounding boundary); truncation, or rounding
-    an intermediate to 16 bits, misses a good share."""
+    (float64 NumPy, the maths on ``got``'s rounded inputs) rounded to ``got``'s dtype (through
+    float32: a second rounding, which differs from one only where float32 lands on a 16-bit
+    midpoint, about 2**-16 of values).  A kernel computing in float32 and rounding once misses
+    a few in ten thousand (where the float32 value and the exact one straddle a rounding
+    boundary); truncation, or rounding an intermediate to 16 bits, misses a good share."""
     import torch
 
     once = torch.from_numpy(exact).to(torch.float32).to(got.dtype)

@@ -837,9 +837,9 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
     for blk in blocks:
         block = hs if len(blocks) == 1 else [h[blk, ...] for h in hs]
         if masks is not None:
+            whole = len(blocks) == 1
             block = [
-                h if k is None else mask_tokens(xp, h, k if len(blocks) == 1 else k[blk, ...])
-                for h, k in zip(block, masks)
+                mask_tokens(xp, h, k if whole or k is None else k[blk, ...]) for h, k in zip(block, masks)
             ]
         # the first contraction, once per batch block: (b, R_t T_out, r_m) or (b, T_m, R_h D)
         firsts = [

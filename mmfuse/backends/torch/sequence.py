@@ -74,9 +74,10 @@ def _sequence_grads(
 ) -> list[torch.Tensor | None]:
     """Gradients of cp-mode sequence fusion, blocked; ``needs`` = [h_0.., feature_0.., token_0..].
 
-    Out-of-place torch operations only, so autograd can differentiate it (double backward).
-    Returns the gradients in that order, None where not needed.  (Collapsed mode has its own
-    routine, :func:`collapsed_grads`.)
+    With a graph of the backward wanted (double backward, or under a transform) out-of-place
+    torch operations only, so autograd can differentiate it; otherwise dL/dH is written block
+    by block into one buffer.  Returns the gradients in that order, None where not needed.
+    (Collapsed mode has its own routine, :func:`collapsed_grads`.)
     """
     n_mod = len(hs)
     r_h, _, out_dim = feats[0].shape
@@ -103,14 +104,15 @@ def _sequence_grads(
     gh_out: list[torch.Tensor | None] = [None] * n_mod
 
     def keep_grad_h(m: int, blk: slice, part: torch.Tensor) -> None:
-        if masks[m] is not None:
-            part = mask_tokens(_XP, part, masks[m][blk])
+        mask = masks[m]
+        part = mask_tokens(_XP, part, None if mask is None else mask[blk])
         if graph:
             gh_parts[m].append(part)
             return
-        if gh_out[m] is None:
-            gh_out[m] = part.new_empty((batch, *part.shape[1:]))
-        gh_out[m][blk] = part
+        buffer = gh_out[m]
+        if buffer is None:
+            buffer = gh_out[m] = part.new_empty((batch, *part.shape[1:]))
+        buffer[blk] = part
     gphi: list[torch.Tensor | None] = [None] * n_mod
     gpsi: list[torch.Tensor | None] = [None] * n_mod
     gpsi_rows: list[dict[int, torch.Tensor]] = [{} for _ in range(n_mod)]  # feature first
@@ -119,7 +121,7 @@ def _sequence_grads(
         return v if acc is None else acc + v
 
     for blk in block_slices(batch, rows_b):
-        hb = [h[blk] if k is None else mask_tokens(_XP, h[blk], k[blk]) for h, k in zip(hs, masks)]
+        hb = [mask_tokens(_XP, h[blk], None if k is None else k[blk]) for h, k in zip(hs, masks)]
         nb = hb[0].shape[0]
         # token first: Psi^T H (b, R_t T_out, r); feature first: H Phi (b, T, R_h D)
         firsts = [
@@ -280,7 +282,7 @@ def collapsed_grads(
 
     for blk in block_slices(batch, rows_b):
         first_block = blk.start == 0
-        hb = [h[blk] if k is None else mask_tokens(_XP, h[blk], k[blk]) for h, k in zip(hs, masks)]
+        hb = [mask_tokens(_XP, h[blk], None if k is None else k[blk]) for h, k in zip(hs, masks)]
         first_blk = [f[blk] for f in firsts] if firsts is not None else [
             torch.matmul(psi.t(), h) if order == "token" else torch.matmul(h, phi)
             for h, phi, psi, order in zip(hb, phis, psis, orders)
