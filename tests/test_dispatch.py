@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,16 +20,31 @@ from mmfuse.backends import BackendUnsupported, available, explain, lookup, regi
 from mmfuse.backends import reference as reference_backend
 
 
-def _run(code: str, env: dict[str, str] | None = None) -> str:
+def _run(code: str, *argv: str, env: dict[str, str] | None = None) -> str:
+    """``code`` run by a fresh Python (``argv`` its arguments; ``env`` over this process's
+    environment, less ``MMFUSE_BACKEND``), which must succeed: its stdout, stripped."""
     import os
 
     full_env = {k: v for k, v in os.environ.items() if k != "MMFUSE_BACKEND"}
     full_env.update(env or {})
     res = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env
-    )
+        [sys.executable, "-c", textwrap.dedent(code), *argv], capture_output=True, text=True, env=full_env,
+        timeout=300,
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
     return res.stdout.strip()
+
+
+def _broken_numba(tmp_path: Any, *, slow: bool = False) -> dict[str, str]:
+    """The environment of a process whose ``numba`` is installed but fails at import, as numba
+    refusing a newer NumPy does (a package of that name that raises; ``slow``: after a second)."""
+    import os
+
+    fake = tmp_path / "numba"
+    fake.mkdir()
+    wait = "import time\ntime.sleep(1)\n" if slow else ""
+    (fake / "__init__.py").write_text(f'{wait}raise ImportError("Numba needs NumPy 2.3 or less")\n')
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
@@ -983,9 +999,8 @@ def test_a_backend_module_that_cannot_load_stays_unavailable():
         "from mmfuse import backends\n"
         "print(backends.unavailable().get('numba', ''))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "mmfuse.backends.numba" in done.stdout, done.stdout
+    out = _run(code)
+    assert "mmfuse.backends.numba" in out, out
 
 
 _BROKEN_NUMBA = """
@@ -1013,13 +1028,7 @@ def test_a_framework_whose_import_fails_is_refused_not_raised(tmp_path):
     "numba"`` raised it too, and ``available()`` kept listing numba (a review's find).  The
     import is tried when a row needing it is chosen: a failure is a refusal ("auto" runs the
     core) and the backend counts as not installed from then on."""
-    fake = tmp_path / "numba"
-    fake.mkdir()
-    (fake / "__init__.py").write_text('raise ImportError("Numba needs NumPy 2.3 or less")\n')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", _BROKEN_NUMBA], capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = _run(_BROKEN_NUMBA, env=_broken_numba(tmp_path)).splitlines()
     why = "numba is installed but its import fails (ImportError: Numba needs NumPy 2.3 or less)"
     assert lines[:3] == ["numba", "True (64, 1, 128)", f"False ImportError: {why}"], lines
     assert lines[3].startswith(f"backend 'numba' cannot run zoom_shift: ImportError: {why}"), lines
@@ -1067,20 +1076,14 @@ def test_a_framework_whose_import_fails_first_met_by_name_preference_or_two_thre
     ``prefer="numba"``, or by a thread calling while another thread's (slow) import fails (it
     took the half-imported module for imported, and met the ImportError inside the call; a
     diff review's finds)."""
-    fake = tmp_path / "numba"
-    fake.mkdir()
-    (fake / "__init__.py").write_text('import time\ntime.sleep(1)\nraise ImportError("Numba needs NumPy 2.3 or less")\n')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", _BROKEN_NUMBA_FIRST, first], capture_output=True, text=True,
-                          timeout=300, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    out = _run(_BROKEN_NUMBA_FIRST, first, env=_broken_numba(tmp_path, slow=True))
     why = "numba is installed but its import fails (ImportError: Numba needs NumPy 2.3 or less)"
     want = {
         "named": [f"backend 'numba' cannot run zoom_shift: ImportError: {why}"] * 2,
         "preferred": ["True"],
         "racing": ["ok ok"],
     }
-    assert done.stdout.splitlines() == want[first], done.stdout
+    assert out.splitlines() == want[first], out
 
 
 def test_a_blocked_framework_is_refused_by_the_rows_that_loaded_before():
@@ -1099,9 +1102,8 @@ def test_a_blocked_framework_is_refused_by_the_rows_that_loaded_before():
         "print(backends.explain('moments', x).chosen.backend)\n"
         "print(np.array_equal(mmfuse.moments(x)[1], mmfuse.moments(x, backend='array_api')[1]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["array_api", "True"], done.stdout
+    out = _run(code)
+    assert out.split() == ["array_api", "True"], out
 
 
 def test_the_triton_interpreter_setting_is_read_per_call():
