@@ -715,8 +715,9 @@ def lowrank_to_tensor(
     weights : array, shape (R,), optional
         Default ones.
     max_elements : int, default ``DEFAULT_MAX_ELEMENTS`` (2**27)
-        Refuse (ValueError) a full weight, or the (R, D_1 ... D_M, h) intermediate it is
-        summed from, with more elements than this, as :func:`tensor_fusion` does: the full
+        Refuse (ValueError) a full weight, or the (R, D_1 ... D_{M-1}, h) intermediate it is
+        built from (the rank terms over all modalities but the last; one factor with weights:
+        (R, D_1, h)), with more elements than this, as :func:`tensor_fusion` does: the full
         weight is exponential in M.
 
     Returns
@@ -763,13 +764,14 @@ def lowrank_to_tensor(
             f"over max_elements={max_elements}; use lowrank_fusion (it never builds the full "
             "weight), or raise max_elements"
         )
-    if (len(factors) > 1 or weights is not None) and rank * size > max_elements:
-        # the core sums the rank terms of an (R, D_1 ... D_M, h) product (one weighted factor
-        # too: its product with the weights; a review's find)
+    # the core's rank terms over all modalities but the last (one weighted factor too: its
+    # product with the weights; a review's find)
+    held = core.lowrank_intermediate(rank, dims, out_dim, weights is not None)
+    if held is not None and math.prod(held) > max_elements:
         raise ValueError(
             f"lowrank_to_tensor: building the full weight of shape {fmt_shape(shape)} from rank "
-            f"{rank} factors holds an intermediate of shape {fmt_shape((rank, *shape))} with "
-            f"{rank * size} elements, over max_elements={max_elements}; use lowrank_fusion "
+            f"{rank} factors holds an intermediate of shape {fmt_shape(held)} with "
+            f"{math.prod(held)} elements, over max_elements={max_elements}; use lowrank_fusion "
             "(it never builds the full weight), or raise max_elements"
         )
     return core.lowrank_to_tensor(factors, weights)
@@ -874,7 +876,10 @@ def init_lowrank(
     -----
     Factors are drawn :math:`\mathcal N(0, 1 / D_m)` so each projection
     :math:`\hat x_m^\top W_m^{(r)}` has about unit variance for standardised inputs;
-    weights are :math:`1/R`, so the rank sum stays O(1); the bias is zero.
+    weights are :math:`1/R` (the rank terms' mean), so the rank sum stays bounded as R
+    grows: its variance is about :math:`1/R`, since the rank terms are independent with
+    mean 0 (an output standard deviation of :math:`1/\sqrt R`, where
+    :class:`mmfuse.nn.CPFusion`'s initialisation gives about 1); the bias is zero.
 
     Examples
     --------

@@ -210,22 +210,24 @@ def mmfuse_cp(rng, xs, rank=3, out_dim=2):
 
 
 def test_lowrank_to_tensor_refuses_sizes_over_max_elements(rng):
-    factors = [rng.standard_normal((2, d, 3)) for d in (5, 4, 6)]  # full (5, 4, 6, 3): 360
-    weights = rng.standard_normal(2)
+    # full (5, 4, 2, 3): 120 elements; the rank terms over all but the last modality
+    # (8, 5, 4, 3): 480
+    factors = [rng.standard_normal((8, d, 3)) for d in (5, 4, 2)]
+    weights = rng.standard_normal(8)
     want = ref.lowrank_to_tensor(factors, weights)
-    assert_close(mmfuse.lowrank_to_tensor(factors, weights, max_elements=np.int64(720)), want)
+    assert_close(mmfuse.lowrank_to_tensor(factors, weights, max_elements=np.int64(480)), want)
     with pytest.raises(
         ValueError,
         match=r"lowrank_to_tensor: building the full weight of shape "
-        r"\(5, 4, 6, 3\).*\(2, 5, 4, 6, 3\) with 720 elements, over max_elements=719",
+        r"\(5, 4, 2, 3\).*\(8, 5, 4, 3\) with 480 elements, over max_elements=479",
     ):
-        mmfuse.lowrank_to_tensor(factors, weights, max_elements=719)
+        mmfuse.lowrank_to_tensor(factors, weights, max_elements=479)
     with pytest.raises(
         ValueError,
-        match=r"lowrank_to_tensor: the full weight of shape \(5, 4, 6, 3\) "
-        r"has 360 elements, over max_elements=359; use lowrank_fusion",
+        match=r"lowrank_to_tensor: the full weight of shape \(5, 4, 2, 3\) "
+        r"has 120 elements, over max_elements=119; use lowrank_fusion",
     ):
-        mmfuse.lowrank_to_tensor(factors, weights, max_elements=359)
+        mmfuse.lowrank_to_tensor(factors, weights, max_elements=119)
     for bad in (0, True, 2.0**40, "big"):
         with pytest.raises(ValueError, match=r"max_elements must be a positive integer"):
             mmfuse.lowrank_to_tensor(factors, weights, max_elements=bad)

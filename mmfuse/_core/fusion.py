@@ -727,18 +727,40 @@ def cp_fusion(
 
 def lowrank_to_tensor(factors: list[Any], weights: Any = None) -> Any:
     """``W = sum_r w_r (outer product over input modes of factors[m][r])``, output mode shared
-    (float16 / bfloat16 in float32, rounded once: the rank terms' products overflow first)."""
+    (float16 / bfloat16 in float32, rounded once: the rank terms' products overflow first).
+
+    The rank terms' products over all but the last modality, (R, D_1 ... D_{M-1}, h), then
+    the last modality and the rank sum as one product batched over the output mode: the
+    (R, D_1 ... D_M, h) array of every rank term (R times the result; a review measured
+    272 MiB and 313 ms for a 16 MiB weight at R = 16, against 48 MiB and 112 ms) is never
+    formed.  (:func:`lowrank_intermediate` is its size, which the public function bounds.)"""
     xp = array_namespace(factors[0])
     if low_precision(xp, factors[0].dtype):
         return in_work_dtype(lowrank_to_tensor, xp, factors[0].dtype, list(factors), weights)
     rank, _, out_dim = factors[0].shape
     acc = factors[0] if weights is None else factors[0] * weights[:, None, None]
-    for f in factors[1:]:
+    if len(factors) == 1:
+        return xp.sum(acc, axis=0)
+    *head, last = factors
+    for f in head[1:]:
         # (R, P, 1, h) * (R, 1, D_m, h) -> (R, P * D_m, h); sizes named, not -1, which an
         # empty rank or output leaves undetermined
         acc = xp.reshape(acc[:, :, None, :] * f[:, None, :, :], (rank, acc.shape[1] * f.shape[1], out_dim))
+    # (h, P, R) @ (h, R, D_M) -> (h, P, D_M): the rank sum in the product
+    full = xp.matmul(xp.permute_dims(acc, (2, 1, 0)), xp.permute_dims(last, (2, 0, 1)))
     dims = tuple(f.shape[1] for f in factors)
-    return xp.reshape(xp.sum(acc, axis=0), (*dims, out_dim))
+    return xp.reshape(xp.permute_dims(full, (1, 2, 0)), (*dims, out_dim))
+
+
+def lowrank_intermediate(
+    rank: int, dims: tuple[int, ...], out_dim: int, weighted: bool
+) -> tuple[int, ...] | None:
+    """The shape of :func:`lowrank_to_tensor`'s largest intermediate beyond its result (and
+    that result's transpose): (R, D_1 ... D_{M-1}, h), the rank terms over all modalities but
+    the last; one factor: its product with the weights, or None (a sum of the factor itself)."""
+    if len(dims) == 1:
+        return (rank, dims[0], out_dim) if weighted else None
+    return (rank, *dims[:-1], out_dim)
 
 
 def cp_to_lowrank(cp: tuple[Any, list[Any]]) -> tuple[list[Any], Any]:
