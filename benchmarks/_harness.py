@@ -116,12 +116,12 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
 
 
-def peak_rss_mib(module: str, case: str, candidate: str) -> float:
+def peak_rss_mib(module: str, case: str, candidate: str, env: dict[str, str] | None = None) -> float:
     """Peak RSS growth (MiB) of one call of ``candidate`` in a fresh process.
 
     The benchmark module must define ``setup(case) -> dict[str, callable]``; the child builds
     inputs, records its RSS high-water mark, resets it (``/proc/self/clear_refs``) and calls
-    the candidate once.
+    the candidate once.  ``env``: variables set for the child on top of this process's.
     """
     code = f"""
 import json, resource, sys
@@ -149,7 +149,7 @@ except OSError:
 out = fn()
 print(json.dumps({{'base': base, 'peak': hwm_kib()}}))
 """
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     data = json.loads(res.stdout.strip().splitlines()[-1])
     return max(0.0, (data["peak"] - data["base"]) / 1024.0)

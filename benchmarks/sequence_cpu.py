@@ -16,6 +16,18 @@ residual), on the released configurations:
 - ``cp-torch``: ``mmfuse.wander(..., mode="cp")`` on torch CPU tensors, the true CP
   contraction; its cost grows with R_h R_t, reported by a sweep over the ranks.
 
+Then (not with ``--quick``) the memory of padding masks: ``mmfuse.sequence_fusion(mode="cp")``
+forward and backward on torch CPU float32 tensors needing gradients, three modalities
+(B, 128, 32), R_h = R_t = 4, T_out = 64, D = 64, B = 512 and 2048, with masks (each sample
+keeps a random number of leading tokens, at least one) and without: peak RSS growth of one
+step (gradients set to None first) in a fresh process each, with glibc's mmap threshold fixed
+at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that large buffers are returned to the system when
+freed and runs agree within about 1 MiB.  The baseline is taken after a first step, whose
+gradients it holds; the measured step sets them to None before its own, so the growth is the
+output (8 MiB at B = 512, 32 at 2048) and the step's temporaries.  A masked step should take
+what an unmasked one takes: masking is done block by block, never on whole inputs (RESULTS.md,
+forty-first session).
+
 Before timing a case, every candidate is checked against its reference (see :func:`check`); a
 mismatch raises and nothing is timed.  The sweep checks its calls likewise, against the
 plain forward in float64.
@@ -38,6 +50,11 @@ CASES = {
     "MOSI B256 T50,50,50 d40 r16 Rh8 Rt12": (256, (50, 50, 50), 40, 16, 8, 12),
     "Food101 B64 T197,50 d768 r64 Rh8 Rt12": (64, (197, 50), 768, 64, 8, 12),
 }
+# masked cp-mode forward + backward: name -> B (three modalities (B, 128, 32), R 4 x 4,
+# T_out 64, D 64)
+MASKED_CASES = {"masked cp fwd+bwd B512": 512, "masked cp fwd+bwd B2048": 2048}
+# glibc's mmap threshold for the memory runs (see the module docstring)
+MMAP_THRESHOLD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 # R_h x R_t sweep of cp mode (MOSI shapes)
 SWEEP = [(1, 1), (2, 2), (4, 3), (8, 6), (8, 12), (16, 12)]
 RTOL = 1e-5  # float32 against float32 (observed ~1e-7); a wrong or missing term is far above
@@ -72,6 +89,8 @@ def setup(case: str) -> dict[str, object]:
 
     import mmfuse
 
+    if case in MASKED_CASES:
+        return _masked_setup(MASKED_CASES[case])
     xs, params, t_xs, t_params = _inputs(case)
     # the released module's layout: nn.Linear weight (r, d), factor_dim (R_h, r, D),
     # factor_t (R_t, T, r)
@@ -126,6 +145,40 @@ def setup(case: str) -> dict[str, object]:
         "released-numpy": released_numpy,
         "cp-torch": cp_torch,
     }
+
+
+def _masked_setup(batch: int) -> dict[str, object]:
+    """One training step's cp-mode sequence fusion with and without padding masks
+    (:data:`MASKED_CASES`), torch CPU float32, every input needing its gradient."""
+    import torch
+
+    import mmfuse
+
+    gen = torch.Generator().manual_seed(20261206)
+    tokens, width, r_h, r_t, t_out, out_dim = 128, 32, 4, 4, 64, 64
+    hs = [torch.randn(batch, tokens, width, generator=gen, requires_grad=True) for _ in range(3)]
+    feature = [torch.randn(r_h, width, out_dim, generator=gen).div_(width**0.5).requires_grad_() for _ in range(3)]
+    token = [torch.randn(r_t, tokens, t_out, generator=gen).div_(tokens**0.5).requires_grad_() for _ in range(3)]
+    # each sample keeps its first 1..T tokens of each modality
+    masks = [torch.arange(tokens) < torch.randint(1, tokens + 1, (batch, 1), generator=gen) for _ in range(3)]
+    leaves = [*hs, *feature, *token]
+
+    def step(masks):
+        for t in leaves:
+            t.grad = None
+        mmfuse.sequence_fusion(hs, feature, token, mode="cp", masks=masks).sum().backward()
+
+    return {"masked": lambda: step(masks), "unmasked": lambda: step(None)}
+
+
+def masked_memory() -> list[dict[str, object]]:
+    """Peak MiB of :data:`MASKED_CASES`' steps, masked and not, a fresh process each."""
+    rows = []
+    for case, batch in MASKED_CASES.items():
+        mem = {n: peak_rss_mib("sequence_cpu", case, n, MMAP_THRESHOLD_ENV) for n in ("masked", "unmasked")}
+        rows.append({"B": batch, "masked MiB": f"{mem['masked']:.1f}", "unmasked MiB": f"{mem['unmasked']:.1f}",
+                     "masked/unmasked": f"{mem['masked'] / mem['unmasked']:.2f}"})  # fmt: skip
+    return rows
 
 
 _CHECKED_AGAINST = {
@@ -242,9 +295,16 @@ def main() -> None:
     print("cp mode vs R_h * R_t (MOSI shapes, torch):")
     sweep_rows = sweep(max(3, repeats // 2))
     print_table(sweep_rows, ["R_h x R_t", "R_h*R_t", "cp ms", "collapsed ms", "cp/collapsed"])
+    memory_rows = []
+    if not args.quick:
+        print()
+        print("masked cp mode, forward + backward, torch CPU float32, (B, 128, 32) x 3, peak RSS growth:")
+        memory_rows = masked_memory()
+        print_table(memory_rows, ["B", "masked MiB", "unmasked MiB", "masked/unmasked"])
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": machine(), "results": results, "sweep": sweep_rows}, fh, indent=2)
+            json.dump({"machine": machine(), "results": results, "sweep": sweep_rows,
+                       "masked_memory": memory_rows}, fh, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":
