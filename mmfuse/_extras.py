@@ -11,6 +11,7 @@ __all__ = ["install_command", "install_hint"]
 EXTRAS = {
     "torch": "torch",
     "numba": "numba",
+    "numba_cuda": "numba",  # (the numba extra installs numba-cuda with numba)
     "cupy": "cupy",
     "jax": "jax",
     "dask": "dask",
@@ -25,10 +26,16 @@ PACKAGES = {
 
 
 def install_command(module: str) -> str:
-    """The pip command that installs ``module`` (a dotted name: its top-level package's)."""
+    """The pip command that installs ``module`` (a dotted name: its top-level package's).
+
+    numba's: numba alone for the CPU kernels, since the numba extra also installs numba-cuda
+    and its CUDA bindings (a few hundred MB a CPU-only machine has no use for); ask for
+    ``numba_cuda`` where the CUDA kernels are what is missing."""
     top = module.split(".")[0]
     if top in PACKAGES:
         return f"pip install {PACKAGES[top]}"
+    if top == "numba":
+        return "pip install numba, or pip install 'mmfuse[numba]' for the CUDA kernels too"
     return f"pip install 'mmfuse[{EXTRAS.get(top, 'all')}]'"
 
 

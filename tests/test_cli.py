@@ -337,6 +337,14 @@ def test_missing_dependency_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # importing cupy fails, installed or not
     with pytest.raises(_console.MissingDependency, match=r"pip install 'mmfuse\[cupy\]'"):
         _console.require("cupy")
+    # numba alone serves the CPU kernels: its extra adds numba-cuda and the CUDA bindings
+    # (a review measured a 380 MB environment on a CPU-only machine)
+    monkeypatch.setitem(sys.modules, "numba", None)
+    with pytest.raises(
+        _console.MissingDependency,
+        match=r"install it with: pip install numba, or pip install 'mmfuse\[numba\]' for the CUDA kernels too$",
+    ):
+        _console.require("numba")
 
 
 def test_demo_without_torch_leaves_no_folder(tmp_path, monkeypatch, capsys):

@@ -194,7 +194,7 @@ def _cuda_arrays(info: CallInfo) -> bool:
 
 def _numba_cuda_usable() -> str | None:
     if importlib.util.find_spec("numba_cuda") is None:
-        return f"{_CUDA_ARRAYS}, and numba-cuda ({install_command('numba')})"
+        return f"{_CUDA_ARRAYS}, and numba-cuda ({install_command('numba_cuda')})"
     from numba.cuda.core import config
 
     if config.ENABLE_CUDASIM:
