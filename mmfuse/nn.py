@@ -1687,7 +1687,10 @@ class ZoomShift(nn.Module):
         ------
         ValueError
             A wrong number of tensors, shapes other than (B, T_m, C), differing batch sizes,
-            masks of the wrong number or shape, or a sample with every token masked.
+            masks of the wrong number or shape, or a sample with every token masked (where
+            the masks have values: not under ``torch.compile`` or ``torch.export``, whose
+            masks are fake; there such a sample's output is not finite: NaN statistics, and
+            max pooling of no tokens gives -inf).
         TypeError
             ``xs`` not a list or tuple of tensors, differing dtypes (or not the layer's), or a
             non-boolean mask.
@@ -1978,7 +1981,10 @@ class GuidedZoomShift(nn.Module):
         ------
         ValueError
             A wrong number of tensors, shapes other than (B, T_m, C), differing batch sizes,
-            masks of the wrong number or shape, or a sample with every token masked.
+            masks of the wrong number or shape, or a sample with every token masked (where
+            the masks have values: not under ``torch.compile`` or ``torch.export``, whose
+            masks are fake; there that modality's pooled features are not finite: NaN for
+            mean pooling of no tokens, -inf for max pooling).
         TypeError
             ``xs`` not a list or tuple of tensors, a dtype other than the layer's, or a
             non-boolean mask.
