@@ -14,7 +14,9 @@
 ``moments`` / ``zoom_shift``: one ``RawModule`` kernel (the same design as the numba backend:
 one block per (sample, channel tile); the core's shifted two-pass statistics about a pivot,
 the token lanes' partial sums merged in a fixed order, in double for float32 too; then the
-slab mapped about the pivot while it is in cache, by the core's rule).  Deterministic: no
+slab mapped about the pivot, by the core's rule; the later passes read the slab from the L2
+cache only for short token axes, as the numba kernels' docstring says:
+:func:`mmfuse.backends.numba.align_kernel_sources`).  Deterministic: no
 atomics.  ``tests/test_cupy_kernel_on_host.py`` runs this kernel's source on the host.
 
 float16 inputs are upcast to float32 (CuPy has no bfloat16) and the result cast back;
@@ -90,7 +92,8 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
                           const A* __restrict__ g_mean, const T* __restrict__ g_std, A alpha,
                           T* out) {
     // The core's shifted two-pass statistics (mmfuse._core.align): pivot p = sum(x) / n,
-    // then sums of d = x - p and d * d (the slab is in cache); lanes merged in lane order.
+    // then sums of d = x - p and d * d (from cache where the slab fits it: short token axes);
+    // lanes merged in lane order.
     // Accumulated, and the map computed, in A (double for float inputs too: the numba
     // kernels' reasons, mmfuse.backends.numba.ALIGN_ACCUMULATOR), rounded once on the store;
     // the means written and read (mean_out, g_mean) and alpha stay in A: a partial step's
@@ -353,7 +356,7 @@ def _launch_stats(x3: Any, mask: Any, eps: float, mean: Any, std: Any, apply: bo
 
 
 def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
-    """:func:`mmfuse.moments` for CuPy arrays (one read of x, deterministic)."""
+    """:func:`mmfuse.moments` for CuPy arrays (two passes over x, deterministic)."""
     import cupy
 
     ax = axis % x.ndim

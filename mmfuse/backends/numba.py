@@ -241,13 +241,18 @@ def align_kernel_sources(acc: Any, channels: int, lanes: int) -> dict[str, Calla
     core's shifted two-pass algorithm (:mod:`mmfuse._core.align`, statistics section), in
     ``acc``: the ``lanes`` token lanes each sum every ``lanes``-th token, lane 0 merges the
     lanes' partial sums in lane order into the pivot ``p = sum(x) / n``; then each lane sums
-    ``d = x - p`` and ``d**2`` over the same tokens (a cache hit: the block has just read them),
-    merged likewise into ``mean = p + sum(d) / n`` and ``var = sum(d**2) / n - (sum(d) / n)**2``.
+    ``d = x - p`` and ``d**2`` over the same tokens, merged likewise into
+    ``mean = p + sum(d) / n`` and ``var = sum(d**2) / n - (sum(d) / n)**2``.  The later passes
+    over a block's slab (T tokens x ``channels``) read it from the L2 cache only while the
+    resident blocks' slabs fit it: on an H100's 50 MB L2 up to about 370 float32 or 185 float64
+    tokens (a review's estimate); longer token axes are read from memory on each pass, twice
+    for ``moments`` and three times for ``zoom_shift`` (H100: CuPy's zoom_shift at
+    (256, 512, 512) float32 ran at 50% of copy bandwidth, what three reads and a write give).
     Accurate whatever the mean-to-spread ratio (``x - p`` is exact near the mean), and the
     fixed merge order makes results independent of scheduling.  ``zoom_shift`` then maps the
     same slab about the pivot, ``((x - p) - corr) s + target`` (folding the map into ``x s + t``
     would lose ``|mean| s`` ulps, and the correction into the offset cancelled on constant
-    lanes): x is read from memory about once.  The drivers take ``acc`` float64 for float32
+    lanes).  The drivers take ``acc`` float64 for float32
     inputs too (:data:`ALIGN_ACCUMULATOR`).
     """
     global cuda
@@ -603,7 +608,8 @@ def zoom_shift_device(
     """Zoom-and-Shift of a (B', T, C') device array toward ``guide`` (B', T_g, C'), into ``out``.
 
     Two launches: the guide's statistics (one read of the guide), then one kernel that
-    reduces each (sample, channel tile) slab of x and maps it (x read about once).
+    reduces each (sample, channel tile) slab of x and maps it (three passes over the slab, from
+    memory once where it fits the cache: :func:`align_kernel_sources`).
     """
     empty = empty or _default_empty
     if guide.dtype != x.dtype or out.dtype != x.dtype:
@@ -794,7 +800,8 @@ def _mask_view(mask: Any) -> Any:
 
 
 def moments_cuda(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
-    """:func:`mmfuse.moments` with the numba CUDA kernel (one read of x)."""
+    """:func:`mmfuse.moments` with the numba CUDA kernel (two passes over x, one read from
+    memory where a block's slab fits the cache: :func:`align_kernel_sources`)."""
     frame = _Frame(x)
     ax = axis % x.ndim
     xp_ = frame.prepare(x)
