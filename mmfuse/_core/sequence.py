@@ -16,7 +16,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from .._namespace import (
@@ -822,9 +822,24 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
     zeroed block by block where ``masks`` (a list with None entries, or None) says, each
     modality contracted in its planned order, ``blocking`` (batch rows, token ranks) per
     block (:func:`cp_block_shape`).  (Masking the inputs whole first had held a masked copy
-    of every input: memory growing with B, where the blocks' does not; a review's find.)"""
+    of every input: memory growing with B, where the blocks' does not; a review's find.)
+
+    Dask: one task per batch chunk, each this function on the chunk's NumPy arrays with
+    NumPy's blocking (:func:`_fuse_cp_chunk`).  As a graph of Dask's own operations, every
+    chunk's first contractions, (b, R_t T_out, R_h D) each, were scheduled before any chunk's
+    product, so all of them were held at once: 302 MiB at B = 1024 in chunks of 64, against
+    15 MiB for NumPy's whole batch (a review's measurement)."""
     r_h, _, out_dim = feature_factors[0].shape
     r_t, _, n_out = token_factors[0].shape
+    if is_dask(xp):
+        from .chunks import per_batch_chunk
+
+        present = tuple(masks is not None and k is not None for k in (masks or [None] * len(hs)))
+        batched = [*hs, *(k for k, there in zip(masks or (), present) if there)]
+        chunk = partial(_fuse_cp_chunk, len(hs), present, tuple(orders))
+        return per_batch_chunk(
+            chunk, batched, [*feature_factors, *token_factors], (int(n_out), int(out_dim)), hs[0].dtype
+        )
     mats = [_cp_factors(xp, f, t) for f, t in zip(feature_factors, token_factors)]
     batch = hs[0].shape[0]
     numpy = type(hs[0]) is sys.modules["numpy"].ndarray
@@ -881,6 +896,22 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
         joined.add(acc)
     assert joined is not None
     return joined.result()
+
+
+def _fuse_cp_chunk(
+    n: int, present: tuple[bool, ...], orders: tuple[str, ...], b: list[Any], p: list[Any]
+) -> Any:
+    """One batch chunk of :func:`fuse_cp` on Dask (module-level, so that its graph pickles):
+    ``b`` the chunk's n activations, then the masks ``present`` says the modalities have;
+    ``p`` the n feature factors, then the n token factors."""
+    rest = iter(b[n:])
+    masks = [next(rest) if there else None for there in present] if any(present) else None
+    feature, token = p[:n], p[n:]
+    r_h, _, out_dim = feature[0].shape
+    r_t, _, n_out = token[0].shape
+    xp = array_namespace(b[0])
+    blocking = cp_block_shape(xp, b[0], r_t, n_out, r_h, out_dim)
+    return fuse_cp(xp, b[:n], feature, token, orders, blocking, masks)
 
 
 def _times(xp: Any, a: Any, mat: Any) -> Any:
