@@ -136,8 +136,11 @@ def named_arrays(prefix: str, arrays: Sequence[Any]) -> list[tuple[str, Any]]:
 
 
 def check_tensor_fusion(
-    xs: Any, weight: Any, bias: Any, append_one: bool, max_elements: int
-) -> list[Any]:
+    xs: Any, weight: Any, bias: Any, append_one: bool, max_elements: int,
+    where: str = "tensor_fusion", instead: str = "lowrank_fusion",
+) -> list[Any]:  # fmt: skip
+    """The checks of a full weight's fusion (:func:`tensor_fusion`, and ``where``'s: the
+    interaction terms', whose size messages name ``where`` and its low-rank ``instead``)."""
     xs, _ = check_modalities(xs)
     if not is_array(weight):
         raise not_an_array("weight", weight)
@@ -164,10 +167,10 @@ def check_tensor_fusion(
     w_size = int(np.prod(weight.shape))
     if w_size > max_elements:
         raise ValueError(
-            f"tensor_fusion: weight of shape {fmt_shape(weight.shape)} has {w_size} elements, "
-            f"over max_elements={max_elements}; use lowrank_fusion, or raise max_elements"
+            f"{where}: weight of shape {fmt_shape(weight.shape)} has {w_size} elements, "
+            f"over max_elements={max_elements}; use {instead}, or raise max_elements"
         )
-    check_intermediates("tensor_fusion", xp, xs[0], expected, out_dim, max_elements, "lowrank_fusion")
+    check_intermediates(where, xp, xs[0], expected, out_dim, max_elements, instead)
     return xs
 
 

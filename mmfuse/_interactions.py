@@ -172,10 +172,11 @@ def tensor_interactions(
             max_elements=max_elements, backend=backend,
         )  # fmt: skip
     by, append_one, max_elements = _options(by, append_one, max_elements)
-    try:
-        xs = check_tensor_fusion(xs, weight, None, append_one, max_elements)
-    except ValueError as exc:  # the same limits as tensor_fusion, under this function's name
-        raise ValueError(str(exc).replace("tensor_fusion:", "tensor_interactions:", 1)) from None
+    # the same limits as tensor_fusion, under this function's name, suggesting its low-rank
+    # counterpart (lowrank_fusion was suggested; a review's find)
+    xs = check_tensor_fusion(
+        xs, weight, None, append_one, max_elements, "tensor_interactions", "lowrank_interactions"
+    )
     if by == "subset":
         _check_subset_size("tensor_interactions", len(xs), xs[0].shape[0], weight.shape[-1], max_elements)
     impl = choose("tensor_interactions", backend, like=xs[0], arrays=(xs, weight))

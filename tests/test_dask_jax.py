@@ -872,6 +872,23 @@ def test_dask_cp_sequence_fusion_holds_a_few_chunks_not_the_batch(dask_array):
     assert peak < 4 * got.nbytes, (peak, got.nbytes)
 
 
+def test_dask_reference_results_are_one_chunk_whatever_dasks_chunk_size(dask_array):
+    """backend="reference" on Dask returns one chunk, as the backends guide says; the results
+    were converted by Dask's asarray, which chunks by "array.chunk-size" (a review's find)."""
+    import dask
+
+    da = dask_array
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((40, t, 3)) for t in (6, 2)]
+    with dask.config.set({"array.chunk-size": "1KiB"}):
+        out = mmfuse.align([da.from_array(x, chunks=16) for x in xs], backend="reference")
+        assert [y.numblocks for y in out] == [(1, 1, 1), (1, 1, 1)]
+        for y, want in zip(out, ref.align(xs)):
+            assert_close(y.compute(), want)
+        params = mmfuse.init_lowrank([300, 300], rank=4, out_dim=8, xp=da, seed=0)
+        assert params["factors"][0].numblocks == (1, 1, 1)
+
+
 def test_jax_eager_masks_hiding_a_sample_are_refused_as_numpys(jax_x64):
     """An eager JAX mask that hides every token of a sample is refused with NumPy's message
     (every JAX array had been taken for a traced one, and gave NaN statistics silently); under

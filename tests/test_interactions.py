@@ -288,7 +288,11 @@ def test_subset_refuses_over_max_elements(rng):
         mmfuse.tensor_interactions(p["xs"], p["weight"], by="subset", max_elements=200)
     terms, _ = mmfuse.lowrank_interactions(p["xs"], p["factors"], by="order", max_elements=200)
     assert terms.shape == (5, 5, 3)
-    with pytest.raises(ValueError, match=r"tensor_interactions: weight of shape .* over max_elements=10"):
+    # the low-rank counterpart suggested, not lowrank_fusion (a review's find)
+    with pytest.raises(
+        ValueError,
+        match=r"tensor_interactions: weight of shape .* over max_elements=10; use lowrank_interactions, or",
+    ):
         mmfuse.tensor_interactions(p["xs"], p["weight"], max_elements=10)
 
 
