@@ -137,7 +137,8 @@ def set_config(**options: Any) -> None:
     DataLoader's or a ``multiprocessing`` pool's under those start methods) and Dask's worker
     processes begin from the defaults and the environment, so set ``MMFUSE_BACKEND`` /
     ``MMFUSE_PREFER`` before starting them (or call this in each); a ``fork`` child begins
-    with its parent's settings of the forking thread.
+    with its parent's settings of the forking thread.  (A call on Dask arrays is decided on
+    the client, when the graph is built: its tasks read no settings on the workers.)
 
     Parameters
     ----------
