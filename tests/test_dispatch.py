@@ -301,6 +301,38 @@ def test_import_does_not_read_environment_or_set_state():
     assert out == "None"  # the bad value is only read (and rejected) at first use
 
 
+def test_a_refusal_says_where_a_backend_the_call_never_named_was_set():
+    """A forced backend that refuses a call names the setting that forced it, where the caller
+    never wrote ``backend=`` (an environment variable in a shell profile or a CI job was
+    nowhere in sight; a review's find); a call naming it says nothing more."""
+    out = _run(
+        """
+        import numpy as np, mmfuse
+        p = mmfuse.init_lowrank((3, 4), rank=2, out_dim=2, seed=0)
+        xs = [np.ones((2, 3)), np.ones((2, 4))]
+        for kwargs in ({}, {"backend": "numba"}):
+            try:
+                mmfuse.lowrank_fusion(xs, **p, **kwargs)
+            except mmfuse.backends.BackendUnsupported as exc:
+                print(str(exc).partition(" device")[2])
+        """,
+        env={"MMFUSE_BACKEND": "numba"},
+    )
+    configured, named = out.splitlines()
+    assert configured.endswith(
+        "(the backend is set by the environment variable MMFUSE_BACKEND; pass backend= to override)"
+    ), configured
+    assert named.endswith("on a CUDA device"), named
+    xs = [np.ones((2, 3)), np.ones((2, 4))]
+    p = mmfuse.init_lowrank((3, 4), rank=2, out_dim=2, seed=0)
+    with mmfuse.config_context(backend="numba"):
+        with pytest.raises(BackendUnsupported, match=r"set by mmfuse\.config_context; pass backend= to"):
+            mmfuse.lowrank_fusion(xs, **p)
+        mmfuse.set_config(backend="numba")
+        with pytest.raises(BackendUnsupported, match=r"set by mmfuse\.set_config; pass backend= to"):
+            mmfuse.lowrank_fusion(xs, **p)
+
+
 def test_env_var_read_at_first_use():
     out = _run(
         "import mmfuse; print(mmfuse.get_config()['backend'], mmfuse._config.config_source()['backend'])",

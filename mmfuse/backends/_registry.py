@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
 from typing import Any
 
-from .._config import BACKEND_NAMES, backend_policy
+from .._config import BACKEND_NAMES, backend_policy, config_source
 from .._extras import install_hint
 from .._namespace import array_namespace, device_key, first_floating, half_imported, is_array, namespace_name
 from ._catalogue import CALL_SIZES, OPERATORS, Signature
@@ -768,6 +768,29 @@ def choose(
 
 
 def _lookup(
+    op: str, backend: str | None, like: Any, arrays: Sequence[Any], size: int | None, to_run: bool
+) -> Callable[..., Any]:  # fmt: skip
+    try:
+        return _lookup_policy(op, backend, like, arrays, size, to_run)
+    except BackendUnsupported as exc:
+        if backend is not None or (source := _configured_by()) is None:
+            raise
+        # a backend the caller never named: say where it was set (an environment variable in a
+        # shell profile or a CI job was nowhere in sight; a review's find)
+        raise BackendUnsupported(f"{exc} ({source}; pass backend= to override)") from None
+
+
+def _configured_by() -> str | None:
+    """Where the backend in force was set, as a refusal says it, or None for the default."""
+    source = config_source()["backend"]
+    if source == "default":
+        return None
+    if source.startswith("environment (") and source.endswith(")"):
+        return f"the backend is set by the environment variable {source[len('environment (') : -1]}"
+    return f"the backend is set by mmfuse.{source}"
+
+
+def _lookup_policy(
     op: str, backend: str | None, like: Any, arrays: Sequence[Any], size: int | None, to_run: bool
 ) -> Callable[..., Any]:  # fmt: skip
     name = _policy(backend)
