@@ -660,12 +660,16 @@ def test_column_sums_equal_the_plain_sum(rows, width):
     assert_close(tbc.column_sums(a.float()), a.sum(dim=0), xp=torch, dtype=torch.float32)
 
 
-@pytest.mark.parametrize(("rows", "dim", "width"), [(4096, 8, 4), (1000, 16, 4), (960, 5, 3), (640, 7, 8), (300, 9, 16), (64, 3, 1)])
+@pytest.mark.parametrize(
+    ("rows", "dim", "width"),
+    [(16384, 8, 4), (16400, 6, 8), (4096, 8, 4), (1000, 16, 4), (960, 5, 3), (640, 7, 8), (300, 9, 16), (64, 3, 1)],
+)
 @pytest.mark.parametrize("append_one", [True, False])
 def test_project_into_is_the_affine_projection(rows, dim, width, append_one):
     """project_into: the constant row added over the output's folded view after the GEMM
-    (narrow widths, rows a multiple of the fold), else addmm's bias; into a slice of a
-    larger buffer too (a kept projection's row)."""
+    (2 to 8 columns, at least 16384 rows, a multiple of the fold: tests/test_torch_small_paths
+    pins that rule), else addmm's bias; into a slice of a larger buffer too (a kept
+    projection's row)."""
     g = torch.Generator().manual_seed(rows * 1000 + dim * 10 + width)
     x = torch.randn(rows, dim, generator=g, dtype=torch.float64)
     mat = torch.randn(dim + append_one, width, generator=g, dtype=torch.float64)

@@ -396,6 +396,69 @@ def test_cp_plain_form_runs_where_its_rule_says(rng, monkeypatch):
     assert calls == [rows]
 
 
+@pytest.mark.parametrize("rank", [1, 2, 8, 16])
+def test_cp_projections_fold_their_constant_row_only_where_the_rule_says(rng, monkeypatch, rank):
+    """The CP op's projections (``project_into`` in its forward, ``affine`` where its backward
+    recomputes them) add the constant row over the output's folded view after ``mm`` only for
+    2 to ``_ROW_ADD_WIDTH`` columns from ``_ROW_ADD_ROWS`` rows on, else as ``addmm``'s bias: a
+    review measured the fold's fixed cost at 1.4-3.3x addmm's time up to 1024 rows (a narrow
+    CP fusion's forward at B = 512 up to 2x the plain torch code's).  On both sides of the
+    rows bound (each a multiple of the fold) the values against the float64 reference and the
+    gradients against autograd through the core; the paths by their operators."""
+    from test_torch_backend import _OpLog
+
+    tc = importlib.import_module("mmfuse.backends.torch._common")
+    monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.cp"), "AUTOGRAD_ON_CPU", False)
+    folds = []
+    tiled = tc._tiled
+    monkeypatch.setattr(tc, "_tiled", lambda row, width: folds.append(width) or tiled(row, width))
+    bound = tc._ROW_ADD_ROWS
+    dims, out_dim = (3, 5), 2
+    for batch in (bound - 64, bound):
+        fold = batch >= bound and 2 <= rank <= tc._ROW_ADD_WIDTH
+        assert bool(tc._row_add_fold(batch, rank, torch.device("cpu"))) == fold
+        xs = [rng.standard_normal((batch, d)) for d in dims]
+        factors = [rng.standard_normal((d + 1, rank)) / np.sqrt(d + 1) for d in dims]
+        factors.append(rng.standard_normal((out_dim, rank)))
+        weights, bias = rng.standard_normal(rank), rng.standard_normal(out_dim)
+        want = torch.as_tensor(mmfuse.reference.cp_fusion(xs, (weights, factors), bias))
+
+        def leaves(xs=xs, factors=factors, weights=weights, bias=bias):
+            return [torch.tensor(a, requires_grad=True) for a in (*xs, *factors, weights, bias)]
+
+        # the primitives: addmm, or mm and the row over the folded view
+        x, mat = leaves()[0].detach(), leaves()[2].detach()
+        out = torch.empty((batch, rank), dtype=x.dtype)
+        with _OpLog() as log:
+            tc.project_into(out, x, mat, True)
+            got = tc.affine(x, mat, True)
+        gemms = [op.split(".")[1] for op in log.ops if op.split(".")[1] in ("mm", "addmm")]
+        assert gemms == ["mm" if fold else "addmm"] * 2, (batch, log.ops)  # (out=, then out of place)
+        assert_close(out, got, rtol=1e-13, atol=1e-13)
+        assert_close(got, torch.cat([x, torch.ones(batch, 1, dtype=x.dtype)], 1) @ mat, rtol=1e-12, atol=1e-13)
+        # a step of the op: the forward's projections, then the backward's recomputed ones
+        results = []
+        for backend in ("torch", "array_api"):
+            t = leaves()
+            folds.clear()
+            y = mmfuse.cp_fusion(t[:2], (t[5], t[2:5]), t[6], backend=backend)
+            if backend == "torch":
+                assert "CPFusion" in _grad_fn(y), _grad_fn(y)  # the custom op
+                assert_close(y.detach(), want, rtol=1e-11, atol=1e-12)
+            grads = torch.autograd.grad((y * y.detach()).sum(), t)
+            if backend == "torch":
+                assert folds == [64 // rank * rank] * (4 if fold else 0), (batch, folds)
+            results.append([y.detach(), *grads])
+        for got_t, want_t in zip(*results):
+            assert_close(got_t, want_t, rtol=1e-10, atol=1e-12)
+        folds.clear()
+        with torch.no_grad():  # the op's forward alone
+            y = mmfuse.cp_fusion([torch.as_tensor(a) for a in xs], (torch.as_tensor(weights), [
+                torch.as_tensor(f) for f in factors]), torch.as_tensor(bias))  # fmt: skip
+        assert folds == [64 // rank * rank] * (2 if fold else 0), (batch, folds)
+        assert_close(y, want, rtol=1e-11, atol=1e-12)
+
+
 def test_lowrank_layer_single_output_step_matches_the_core(rng):
     """One training step of the layer with h = 1 (the benchmark's narrow case, smaller):
     parameter gradients equal float64 autograd through the core."""

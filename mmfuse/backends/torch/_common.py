@@ -88,17 +88,15 @@ def masked_rows(x: torch.Tensor, present: torch.Tensor | None, m: int, blk: slic
 def project_into(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, append_one: bool) -> None:
     """``out = [x, 1] @ mat`` (``x @ mat`` without the constant), written into ``out``.
 
-    The constant row is ``addmm``'s bias, except for narrow outputs on the CPU (2 to 8
-    columns): there MKL's GEMM with an accumulated output (beta = 1) ran about 200 us slower
-    than without at (65536, 8 or 16) x (., 4), against the 30 us of adding the row over the
-    output's folded view (:func:`_folded`) after a plain ``mm`` (the same sums: the row is
-    added last either way).  At d = 64 the two were even; at 16 columns ``addmm`` was faster.
+    The constant row is ``addmm``'s bias, except for long narrow outputs on the CPU (see
+    :func:`_row_add_fold`): there it is added over the output's folded view (:func:`_folded`)
+    after a plain ``mm`` (the same sums: the row is added last either way).
     """
     if not append_one:
         torch.mm(x, mat, out=out)
         return
     # (mat is (d + 1, width): its constant row is the last, read as -1, as in affine)
-    folded = _folded(out) if out.shape[1] <= _ROW_ADD_WIDTH else None
+    folded = _folded(out) if _row_add_fold(out.shape[0], out.shape[1], out.device) else None
     if folded is None:
         torch.addmm(mat[-1], x, mat[:-1], out=out)
         return
@@ -106,8 +104,34 @@ def project_into(out: torch.Tensor, x: torch.Tensor, mat: torch.Tensor, append_o
     folded.add_(_tiled(mat[-1], folded.shape[1]))
 
 
-# Widest output whose constant row project_into and affine add after the GEMM.
+# project_into and affine add the constant row after the GEMM (over the output's folded view)
+# for outputs of 2 to _ROW_ADD_WIDTH columns and at least _ROW_ADD_ROWS rows; else it is
+# addmm's bias.  Why the fold: on the Intel machine of RESULTS.md's twenty-second session
+# MKL's GEMM with an accumulated output (beta = 1) ran about 200 us slower than without at
+# (65536, 8 or 16) x (., 4) (308 against 88 us at d = 8), and the mm plus the row's add
+# over the folded view took 119-131; at d = 64 they were even, at 16 columns addmm was
+# faster.  Why only from _ROW_ADD_ROWS rows (a review's find and measurement, on the 2-core
+# AMD EPYC machine, torch 2.13 with MKL, float32, one thread, d 8 and 16, both factor
+# layouts, fold and addmm interleaved in one process, medians of 15-31 rounds): the fold's
+# view, tiled row and extra pass cost 20-45 us a call whatever the size, which never paid
+# back there.  Fold over addmm at 2 to 8 columns: 1.2-4.6x at B = 64 to 1024 (mostly 2-3.3x;
+# a narrow CP fusion's forward at B = 512 took 2.4-2.7x the plain torch code's time, 1.8-1.9x
+# with addmm), 1.0-3.7x at 4096, within the noise at 16384 and 65536 (medians and minima
+# scattered both ways, 0.6-1.3x); at one column (MKL's GEMV path) 1.1-1.4x slower even there,
+# hence 2 columns and up, as the Intel rule's "2 to 8".  From 16384 rows on the fold costs
+# nothing measurable there and keeps the Intel machine's gain.
 _ROW_ADD_WIDTH = 8
+_ROW_ADD_ROWS = 16384
+
+
+def _row_add_fold(n: int, width: int, device: torch.device) -> int:
+    """k of the folded view over which :func:`project_into` and :func:`affine` add the
+    constant row of an (n, width) projection on ``device`` (see the constants above), or 0
+    where it is ``addmm``'s bias."""
+    # the compile test before the rows test: a size test on symbolic shapes guards the graph
+    if not 2 <= width <= _ROW_ADD_WIDTH or torch.compiler.is_compiling() or n < _ROW_ADD_ROWS:
+        return 0
+    return _fold_rows(n, width, device)
 
 
 def _tiled(row: torch.Tensor, width: int) -> torch.Tensor:
@@ -225,15 +249,16 @@ _GRAM_CHUNK_ROWS = 2048
 def affine(x: torch.Tensor, mat: torch.Tensor, append_one: bool) -> torch.Tensor:
     """``[x, 1] @ mat`` (``x @ mat`` without the constant) for a (n, d) ``x``, out of place
     and differentiable: :func:`project_into`'s rule, for a backward that recomputes the
-    projections its forward wrote (narrow outputs with a folded view: ``mm``, then the
-    constant row over that view; all others: ``addmm``), so both round alike."""
+    projections its forward wrote (long narrow outputs with a folded view,
+    :func:`_row_add_fold`: ``mm``, then the constant row over that view; all others:
+    ``addmm``), so both round alike."""
     if not append_one:
         return x @ mat
     # mat is (d + 1, width), its constant row the last: read as -1, not as d = x.shape[1],
     # an index that fixed d in a compiled graph with dynamic shapes (a recompile per feature
     # size of cp_fusion's backward; a review's find)
     width = mat.shape[1]
-    k = _fold_rows(x.shape[0], width, x.device) if width <= _ROW_ADD_WIDTH else 0
+    k = _row_add_fold(x.shape[0], width, x.device)
     if not k:
         return torch.addmm(mat[-1], x, mat[:-1])
     y = x @ mat[:-1]  # contiguous: its folded view exists

@@ -52,7 +52,8 @@ def _cp_forward(
     cdt = compute_dtype(dtype)
     xs = [cast(x, cdt) for x in xs]
     factors = [cast(f, cdt) for f in factors]
-    # the projections into buffers (project_into: the fast narrow CPU form of [x, 1] A)
+    # the projections into buffers (project_into: [x, 1] A, the constant row addmm's bias,
+    # or for long narrow ones on the CPU added over a folded view after the GEMM)
     batch, rank = xs[0].shape[0], factors[-1].shape[1]
     prod = torch.empty((batch, rank), dtype=cdt, device=xs[0].device)
     proj = torch.empty_like(prod) if len(xs) > 1 else prod
