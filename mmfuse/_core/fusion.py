@@ -461,10 +461,17 @@ class _NumPyRun:
         if self.summer is not None:
             with np.errstate(invalid="ignore"):  # inf * 0: handled below, not the caller's
                 np.matmul(acc, self.summer, out=out)
-            if np.isfinite(out).all():
+            finite = np.isfinite(out).all(axis=1)
+            if finite.all():
                 return
             # an inf in acc met the GEMM's zeros (inf * 0 = NaN) and spread NaN to the sample's
-            # other outputs: this block again as the sum itself, which keeps inf where it is
+            # other outputs: those samples again as the sum itself, which keeps inf where it
+            # is.  Those alone: the block's other samples keep the GEMM's sums (redone as sums
+            # too, their last bits changed with a neighbour's inf; a review's find)
+            bad = (~finite).nonzero()[0]
+            with np.errstate(invalid="ignore"):  # (inf - inf: NaN, as the GEMM gives unwarned)
+                out[bad] = acc[bad].reshape(len(bad), self.rank, self.out_dim).sum(axis=1)
+            return
         np.sum(acc.reshape(acc.shape[0], self.rank, self.out_dim), axis=1, out=out)
 
     def result(self) -> Any:

@@ -120,9 +120,15 @@ def _lowrank_forward(
             if bool(torch.isfinite(out[blk].sum())):
                 continue
             # an inf in prod met the GEMM's zeros (inf * 0 = NaN) and spread NaN to the
-            # sample's other outputs: this block again as the weighted sum itself
+            # sample's other outputs: those samples again as the weighted sum itself.  Those
+            # alone: the block's other samples keep the GEMM's sums (redone as sums too, their
+            # last bits changed with a neighbour's inf; a review's find)
+            bad = (~torch.isfinite(out[blk]).all(dim=1)).nonzero().squeeze(1)
+            redone = prod[bad].view(-1, rank, out_dim)
             if weights is not None:
-                rank_w = cast(weights, cdt).view(1, rank, 1)
+                redone = redone * cast(weights, cdt).view(1, rank, 1)
+            out[blk].index_copy_(0, bad, torch.sum(redone, dim=1))
+            continue
         if rank_w is not None:
             torch.sum(prod.view(n, rank, out_dim) * rank_w, dim=1, out=out[blk])
         else:
