@@ -413,3 +413,68 @@ def test_the_registered_numba_op_refuses_non_float_data():
         torch.ops.mmfuse.zoom_shift_numba(x, g, 1.0, -2, None, None, 1e-5)
     with pytest.raises(TypeError, match=r"got torch.float32 and torch.float64"):
         torch.ops.mmfuse.zoom_shift_numba(g, g.double(), 1.0, -2, None, None, 1e-5)
+
+
+def _lane_calls(x, guide, mask, guide_mask, axis=-2):
+    """moments, zoom_shift and align (one and three rounds) of x and guide with the kernels."""
+    kw = {"axis": axis, "backend": "numba"}
+    return [
+        *mmfuse.moments(x, mask=mask, **kw),
+        mmfuse.zoom_shift(x, guide, alpha=0.6, mask=mask, guide_mask=guide_mask, **kw),
+        mmfuse.zoom_shift(x, guide, eps=0.0, mask=mask, guide_mask=guide_mask, **kw),
+        *mmfuse.align([x, guide], rounds=1, masks=[mask, guide_mask], **kw),
+        *mmfuse.align([x, guide], rounds=3, alpha=0.5, topology="hub", hub=1, masks=[mask, guide_mask], **kw),
+    ]
+
+
+def _hard_lanes(rng, shape, dtype):
+    """Lanes with a large mean (the first mean's rounding matters) and a constant one."""
+    x = draw(rng, shape, dtype, offset=1e4 if dtype == np.float32 else 1e8, spread=0.5)
+    x[0, :, 0] = 3.7  # no spread: variance exactly 0, scale 1 at eps = 0
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_single_channel_lanes_equal_a_channel_of_wider_rows(dtype, masked):
+    """(B, T, 1) inputs run the scalar per-channel loops (C' <= SCALAR_CHANNELS; axis=-1
+    calls too), (B, T, 7) ones the row loops: the same data as channel 3 of the wider input
+    gives the same bits (same operations, same order; the scalar loops made one-channel calls
+    4-10x faster, a performance review's measurement)."""
+    assert 1 <= _numba_cpu.SCALAR_CHANNELS < 7 <= 16  # (7 channels: one row task per sample)
+    rng = np.random.default_rng()
+    x, guide = _hard_lanes(rng, (4, 37, 1), dtype), draw(rng, (4, 23, 1), dtype, offset=-4.0)
+    wide_x, wide_g = _hard_lanes(rng, (4, 37, 7), dtype), draw(rng, (4, 23, 7), dtype)
+    wide_x[..., 3:4], wide_g[..., 3:4] = x, guide
+    mask, guide_mask = (token_mask(rng, 4, 37), token_mask(rng, 4, 23)) if masked else (None, None)
+    one = _lane_calls(x, guide, mask, guide_mask)
+    many = _lane_calls(wide_x, wide_g, mask, guide_mask)
+    for a, b in zip(one, many, strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(a, b[..., 3:4])
+    if not masked:  # the statistics axis last: (B, 1, T) lanes are (B, T, 1) ones
+        swap = _lane_calls(x.transpose(0, 2, 1), guide.transpose(0, 2, 1), None, None, axis=-1)
+        for a, b in zip(swap, one, strict=True):
+            np.testing.assert_array_equal(a, np.swapaxes(b, -1, -2) if b.ndim == 3 else b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 29, 1), (2, 17, 3), (5, 11, 9), (1, 40, 40)])
+def test_scalar_lanes_and_row_loops_give_the_same_bits(monkeypatch, dtype, shape):
+    """Every task forced through the row loops (SCALAR_CHANNELS = 0), then through the
+    scalar per-channel loops (a large SCALAR_CHANNELS), on the same inputs, masked and not,
+    one thread and several (channels split among tasks for the single sample): equal."""
+    rng = np.random.default_rng()
+    batch, tokens, chan = shape
+    x, guide = _hard_lanes(rng, shape, dtype), draw(rng, (batch, tokens + 5, chan), dtype)
+    masks = [(None, None), (token_mask(rng, batch, tokens), token_mask(rng, batch, tokens + 5))]
+    runs = []
+    for lanes, parallel in ((0, False), (1 << 30, False), (1 << 30, True)):
+        monkeypatch.setattr(_numba_cpu, "SCALAR_CHANNELS", lanes)
+        monkeypatch.setattr(_numba_cpu, "PARALLEL_ELEMENTS", 0 if parallel else 1 << 62)
+        monkeypatch.setattr(_numba_cpu, "max_workers", lambda p=parallel: 3 if p else 1)
+        runs.append([y for m, gm in masks for y in _lane_calls(x, guide, m, gm)])
+    for rows, scalar, threaded in zip(*runs, strict=True):
+        np.testing.assert_array_equal(rows, scalar)
+        np.testing.assert_array_equal(scalar, threaded)
+    assert_close(runs[0][2], reference.zoom_shift(x, guide, alpha=0.6).astype(dtype), dtype=np.dtype(dtype))

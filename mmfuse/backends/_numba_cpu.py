@@ -53,6 +53,19 @@ PARALLEL_ELEMENTS = 1 << 18
 _MAX_WORKERS = 8
 
 
+#: Tasks of at most this many channels run one channel at a time on scalars (_lane_stats,
+#: _lane_map) instead of the row loops: C' = 1 above all (every axis=-1 call, (B, T, 1)
+#: inputs), where a row view per token, a one-step channel loop and sums kept in arrays made
+#: the kernels 2.5-10x slower than plain NumPy (a performance review's measurement: moments
+#: of (64, 4096, 1) float32 3.9 ms against NumPy's 0.57 ms; now about 0.7 ms, the serial
+#: float64 sums' latency).  Measured on 262144 float32 elements, one thread: the lanes win
+#: to 4 channels (statistics 1.09 -> 0.54 ms at 2, 0.62 -> 0.52 at 4), break even at 5-6
+#: and lose from 8 (0.29 -> 0.52).  Same operations in the same order as the row loops, so
+#: the same bits (tests/test_numba_cpu.py compares the two); read on each call, so tests
+#: may force either path.
+SCALAR_CHANNELS = 4
+
+
 # Loops run over row views (``x[b, t, c0:c1]``): indexing the 3-d array inside the channel
 # loop keeps LLVM from vectorising it (several times slower).
 
@@ -100,6 +113,66 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no
 
 
 @cpu_kernel
+def _lane_stats(x, mask, use_mask, b, c):  # pragma: no cover - compiled
+    """(first mean, variance, shift) of the one channel x[b, :, c]: _sample_stats's
+    operations, in its order, on scalars (the sums in registers, no row views)."""
+    xb = x[b]
+    n_tok = xb.shape[0]
+    mean = 0.0
+    count = 0
+    for t in range(n_tok):
+        if use_mask and not mask[b, t]:
+            continue
+        count += 1
+        mean += xb[t, c]
+    total = float(count) if count > 0 else math.nan
+    mean /= total
+    corr = 0.0
+    var = 0.0
+    for t in range(n_tok):
+        if use_mask and not mask[b, t]:
+            continue
+        d = xb[t, c] - mean
+        corr += d
+        var += d * d
+    shift = corr / total
+    v = var / total - shift * shift
+    return mean, 0.0 if v < 0.0 else v, shift
+
+
+@cpu_kernel
+def _lane_map(x, b, c, centre, corr, scale, target, out):  # pragma: no cover - compiled
+    """out[b, :, c] = the map of x[b, :, c] (constants float64, ``centre`` the value of x's
+    dtype): the row loops' expression, one channel at a time."""
+    for t in range(x.shape[1]):
+        out[b, t, c] = ((np.float64(x[b, t, c]) - centre) - corr) * scale + target
+
+
+@cpu_kernel
+def _map_constants(first, var, shift, centre, g_mean, g_sigma, alpha, eps):  # pragma: no cover
+    """(scale, correction, target) of a channel's map from its statistics, ``centre`` (the
+    first mean rounded to x's dtype) and the guide's mean and sigma."""
+    sigma = math.sqrt(var + eps)
+    s = 1.0  # no spread: nothing to zoom (as the core's _scale)
+    if sigma != 0.0:  # NaN is no "no spread" (the core's zoom_scale)
+        s = g_sigma / sigma
+        if alpha != 1.0:
+            s = s**alpha
+    # about the first mean rounded to x's dtype (x - centre is exact near the mean); what
+    # the rounding dropped, and the second pass's shift, are the correction, taken off
+    # x - centre before the zoom (the core's rule, zoom_shift_map: folded into an offset,
+    # target - corr s, it cancelled on constant float64 lanes of large values, 171 ulps at
+    # 3e16 / 7; the final review of the diff)
+    corr = (first - centre) + shift
+    # the target mean as the core's _target_mean: a convex combination, exactly the guide's
+    # at alpha = 1 (mean + alpha (g - mean) cancels the same way)
+    target = g_mean
+    if alpha != 1.0:
+        target = (1.0 - alpha) * (first + shift) + alpha * target
+    return s, corr, target
+
+
+@cpu_kernel
 def _task_span(task, per, chunk, n_chan):  # pragma: no cover - compiled
     """(sample, first channel, end channel) of task ``task`` (``per`` tasks per sample)."""
     b = task // per
@@ -108,11 +181,18 @@ def _task_span(task, per, chunk, n_chan):  # pragma: no cover - compiled
 
 
 @cpu_kernel
-def _stats_kernel(x, mask, use_mask, chunk, mean_out, var_out, shift_out, t0, t1):  # pragma: no cover
+def _stats_kernel(x, mask, use_mask, chunk, scalar, mean_out, var_out, shift_out, t0, t1):  # pragma: no cover
     n_chan = x.shape[2]
     per = (n_chan + chunk - 1) // chunk
     for task in range(t0, t1):
         b, c0, c1 = _task_span(task, per, chunk, n_chan)
+        if c1 - c0 <= scalar:  # (SCALAR_CHANNELS)
+            for c in range(c0, c1):
+                m, v, k = _lane_stats(x, mask, use_mask, b, c)
+                mean_out[b, c] = m
+                var_out[b, c] = v
+                shift_out[b, c] = k
+            continue
         mean = np.empty(c1 - c0)
         var = np.empty(c1 - c0)
         shift = np.empty(c1 - c0)
@@ -124,13 +204,22 @@ def _stats_kernel(x, mask, use_mask, chunk, mean_out, var_out, shift_out, t0, t1
 
 @cpu_kernel
 def _zoom_shift_kernel(
-    x, mask, use_mask, g_mean, g_sigma, alpha, eps, chunk, out, t0, t1
+    x, mask, use_mask, g_mean, g_sigma, alpha, eps, chunk, scalar, out, t0, t1
 ):  # pragma: no cover - compiled
     _, n_tok, n_chan = x.shape
     per = (n_chan + chunk - 1) // chunk
+    rounded = np.empty(1, dtype=x.dtype)  # rounds a lane's first mean to x's dtype
     for task in range(t0, t1):
         b, c0, c1 = _task_span(task, per, chunk, n_chan)
         n = c1 - c0
+        if n <= scalar:  # (SCALAR_CHANNELS)
+            for c in range(c0, c1):
+                first, var, shift = _lane_stats(x, mask, use_mask, b, c)
+                rounded[0] = first
+                centre = np.float64(rounded[0])
+                s, k, o = _map_constants(first, var, shift, centre, g_mean[b, c], g_sigma[b, c], alpha, eps)
+                _lane_map(x, b, c, centre, k, s, o, out)
+            continue
         first = np.empty(n)
         var = np.empty(n)
         shift = np.empty(n)
@@ -143,25 +232,11 @@ def _zoom_shift_kernel(
         corr = np.empty(n)
         target = np.empty(n)
         for c in range(n):
-            sigma = math.sqrt(var[c] + eps)
-            s = 1.0  # no spread: nothing to zoom (as the core's _scale)
-            if sigma != 0.0:  # NaN is no "no spread" (the core's zoom_scale)
-                s = g_sigma[b, c0 + c] / sigma
-                if alpha != 1.0:
-                    s = s**alpha
-            # about the first mean rounded to x's dtype (x - centre is exact near the mean);
-            # what the rounding dropped, and the second pass's shift, are the correction,
-            # taken off x - centre before the zoom (the core's rule, zoom_shift_map: folded
-            # into an offset, target - corr s, it cancelled on constant float64 lanes of
-            # large values, 171 ulps at 3e16 / 7; the final review of the diff)
             centre[c] = first[c]
-            scale[c] = s
-            corr[c] = (first[c] - centre[c]) + shift[c]
-            # the target mean as the core's _target_mean: a convex combination, exactly the
-            # guide's at alpha = 1 (mean + alpha (g - mean) cancels the same way)
-            target[c] = g_mean[b, c0 + c]
-            if alpha != 1.0:
-                target[c] = (1.0 - alpha) * (first[c] + shift[c]) + alpha * target[c]
+            scale[c], corr[c], target[c] = _map_constants(
+                first[c], var[c], shift[c], np.float64(centre[c]),
+                g_mean[b, c0 + c], g_sigma[b, c0 + c], alpha, eps,
+            )  # fmt: skip
         for t in range(n_tok):
             row = x[b, t, c0:c1]
             dest = out[b, t, c0:c1]
@@ -172,11 +247,15 @@ def _zoom_shift_kernel(
 
 
 @cpu_kernel
-def _apply_kernel(x, centre, corr, scale, target, chunk, out, t0, t1):  # pragma: no cover - compiled
+def _apply_kernel(x, centre, corr, scale, target, chunk, scalar, out, t0, t1):  # pragma: no cover - compiled
     _, n_tok, n_chan = x.shape
     per = (n_chan + chunk - 1) // chunk
     for task in range(t0, t1):
         b, c0, c1 = _task_span(task, per, chunk, n_chan)
+        if c1 - c0 <= scalar:  # (SCALAR_CHANNELS)
+            for c in range(c0, c1):
+                _lane_map(x, b, c, np.float64(centre[b, c]), corr[b, c], scale[b, c], target[b, c], out)
+            continue
         p = centre[b, c0:c1]
         k = corr[b, c0:c1]
         s = scale[b, c0:c1]
@@ -237,7 +316,7 @@ def stats(x3: Any, mask2: Any) -> tuple[Any, Any, Any]:
     shift = np.empty((n_rows, n_chan))
     mk, use = _mask_arg(mask2)
     chunk, n_tasks, workers = _plan(x3)
-    run_tasks(_stats_kernel, n_tasks, workers, x3, mk, use, chunk, first, var, shift)
+    run_tasks(_stats_kernel, n_tasks, workers, x3, mk, use, chunk, SCALAR_CHANNELS, first, var, shift)
     return first, var, shift
 
 
@@ -249,7 +328,7 @@ def zoom_shift(x3: Any, mask2: Any, g_mean: Any, g_sigma: Any, alpha: float, eps
     chunk, n_tasks, workers = _plan(x3)
     run_tasks(
         _zoom_shift_kernel, n_tasks, workers,
-        x3, mk, use, g_mean, g_sigma, float(alpha), float(eps), chunk, out,
+        x3, mk, use, g_mean, g_sigma, float(alpha), float(eps), chunk, SCALAR_CHANNELS, out,
     )  # fmt: skip
     return out
 
@@ -262,5 +341,5 @@ def apply_map(x3: Any, centre: Any, corr: Any, scale: Any, target: Any) -> Any:
     exactly, as identity maps need)."""
     out = np.empty(x3.shape, dtype=x3.dtype)
     chunk, n_tasks, workers = _plan(x3)
-    run_tasks(_apply_kernel, n_tasks, workers, x3, centre, corr, scale, target, chunk, out)
+    run_tasks(_apply_kernel, n_tasks, workers, x3, centre, corr, scale, target, chunk, SCALAR_CHANNELS, out)
     return out
