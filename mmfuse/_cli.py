@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from ._console import MissingDependency, Progress, require, shorten, table
+from ._console import (
+    MissingDependency,
+    Progress,
+    check_interrupted,
+    keeping_interrupts,
+    require,
+    shorten,
+    table,
+)
 from ._namespace import is_array, tree_map
 from .backends import BackendUnsupported
 from .backends._registry import installed as _installed  # (a name tests replace)
@@ -254,9 +262,12 @@ def verify_rows(
     last_job = {job[0]: i for i, job in enumerate(jobs)}
     bar = Progress(len(jobs), "verify", items=len(last_job), enabled=progress)
     rows: list[dict[str, Any]] = []
+    # the reference's answer for each (op, case), computed at the first job that needs it: the
+    # problem is the same for every backend, namespace and dtype (a fixed seed), and the
+    # reference ran once a job, 20 to 40 times each, skipped rows included (7.7 s of a 30 s
+    # run; a review's find)
+    answers: dict[tuple[str, str | None], list[Any]] = {}
     for i, (op, case, b, ns, dtype) in enumerate(jobs):
-        args, kwargs = make_problem(op, seed=seed, case=case)
-        want = _leaves(getattr(ref, op)(*args, **kwargs))
         convert = _converter(ns, dtype)
         row = {"op": op if case is None else f"{op} ({case})", "backend": b, "namespace": ns, "dtype": dtype}
         if convert is None:
@@ -265,6 +276,13 @@ def verify_rows(
             # JAX without x64 turns float64 into float32: checking it at float64 tolerance is meaningless
             row.update(status="skipped", detail=f"jax makes {dtype} float32 unless JAX_ENABLE_X64=1")
         else:
+            if (op, case) not in answers:  # (on a problem of its own, as each job's)
+                ref_args, ref_kwargs = make_problem(op, seed=seed, case=case)
+                answers[op, case] = _leaves(getattr(ref, op)(*ref_args, **ref_kwargs))
+            want = answers[op, case]
+            # but fresh inputs for each job: the converters pass NumPy's boolean masks on
+            # uncopied, so a problem shared between jobs would carry one job's writes into the next
+            args, kwargs = make_problem(op, seed=seed, case=case)
             given = tree_map(convert, args), tree_map(convert, kwargs)
             before = _host_copies(given)
             try:
@@ -769,11 +787,29 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, except that a failed write of its help, version or usage text raises.
+
+    argparse drops an OSError from writing them: with an unbuffered stdout
+    (``PYTHONUNBUFFERED``) ``mmfuse --help > /dev/full`` exited 0 having written nothing,
+    where ``info`` says "cannot write the output" and exits 1 (a review's find).  Raised, the
+    error reaches main's handlers of a closed reader and a full disk.  (The subcommands'
+    parsers are made of this class too: ``add_subparsers`` uses the parent's class.)
+    """
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:
+            # as argparse: stderr where no stream is given or stdout is None (closed at startup)
+            stream = file or sys.stderr
+            if stream is not None:
+                stream.write(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmfuse import __version__
     from mmfuse._problems import OPS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mmfuse", description="Multimodal fusion over the Python Array API."
     )
     # the same text as the first words of ``mmfuse info``
@@ -845,29 +881,25 @@ _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        # a subcommand's unknown option with that subcommand's usage (parse_args gave the
-        # top-level one); an unknown option before the subcommand is the top level's
-        given = list(sys.argv[1:] if argv is None else argv)
-        first = given.index(args.command) if args.command in given else len(given)
-        owner = parser if extra[0] in given[:first] else args.command_parser
-        owner.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.func is not cmd_info:
-        import mmfuse
-
-        try:
-            mmfuse.get_config()
-        except ValueError as exc:  # e.g. MMFUSE_BACKEND=bogus
-            raise UsageError(f"mmfuse: {exc}") from None
     try:
         with _escaping_stdout():
-            status = int(args.func(args))
+            args = _parse(argv)
+            if args.func is not cmd_info:
+                import mmfuse
+
+                try:
+                    mmfuse.get_config()
+                except ValueError as exc:  # e.g. MMFUSE_BACKEND=bogus
+                    raise UsageError(f"mmfuse: {exc}") from None
+            with keeping_interrupts():
+                status = int(args.func(args))
+                # a Ctrl-C swallowed on the way (in a garbage-collection callback: see
+                # keeping_interrupts) after the last step of work is an interruption still
+                check_interrupted()
             # written now, in here: a block-buffered stdout (a pipe, a file) is otherwise flushed
             # at exit, past the handlers below (a closed reader or a full disk gave "Exception
             # ignored" and status 120 outside this machine's unbuffered runs; a review's find)
-            sys.stdout.flush()
+            _flush_stdout()
         return status
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status (128 + SIGINT)
         print("mmfuse: interrupted", file=sys.stderr)
@@ -876,7 +908,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmfuse: {exc}", file=sys.stderr)
         return 2
     except BackendUnsupported as exc:  # the configuration forces a backend the work cannot use
-        print(f"mmfuse: {exc} (the backend in force: {_backend_in_force()})", file=sys.stderr)
+        # (the refusal without the registry's note of where the backend was set and of
+        # backend=, which a command line has no use for: what is in force is said here)
+        refusal = getattr(exc, "refusal", str(exc))
+        print(f"mmfuse: {refusal} (the backend in force: {_backend_in_force()})", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # the reader went away (``mmfuse info | head -1``): stop quietly, as the shell's own
@@ -894,6 +929,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         _stdout_to_devnull()  # no second failure when stdout is flushed at exit
         print(f"mmfuse: cannot write the output: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line parsed, or SystemExit: a usage error (status 2, its message written
+    to stderr) or ``--help`` and ``--version``, written to stdout and flushed.
+
+    Why flushed here: argparse prints them and exits inside ``parse_known_args``; their text,
+    left in a block-buffered stdout (a pipe, a file), was written at exit, past main's
+    handlers of a closed reader and a full disk (``mmfuse --version | true`` and ``mmfuse
+    --help > /dev/full`` printed "Exception ignored ... BrokenPipeError" and exited 120; a
+    review's find).  Flushed here, their failure ends as ``info``'s does.
+    """
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit:
+        _flush_stdout()
+        raise
+    if extra:
+        # a subcommand's unknown option with that subcommand's usage (parse_args gave the
+        # top-level one); an unknown option before the subcommand is the top level's
+        given = list(sys.argv[1:] if argv is None else argv)
+        first = given.index(args.command) if args.command in given else len(given)
+        owner = parser if extra[0] in given[:first] else args.command_parser
+        owner.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _flush_stdout() -> None:
+    """Write what stdout holds; nothing to do where it is None (the process started with file
+    descriptor 1 closed, ``mmfuse info >&-``: print() then writes nothing, and a plain
+    ``sys.stdout.flush()`` ended the command in an AttributeError traceback; a review's find)."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 @contextlib.contextmanager
@@ -924,8 +993,9 @@ def _stdout_to_devnull() -> None:
     """Point file descriptor 1 at devnull, where writing the output failed (nothing is left to
     write, and the interpreter's flush at exit must not fail again).  An in-process stdout
     without a descriptor (a test's capture) is left as it is."""
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # (AttributeError: stdout is None)
+        fd = sys.stdout.fileno()  # (first: no devnull opened where there is nothing to point)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
 
 
 def _backend_in_force() -> str:

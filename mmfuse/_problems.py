@@ -188,6 +188,71 @@ def _align_hub(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], d
     return (xs,), {"rounds": 1, "alpha": 0.8, "topology": "hub", "hub": 1}
 
 
+# (a second review found more options never exercised: masks=None, present=None, ``axis``,
+# ``eps``, ``rounds=None`` and the "relu" and "identity" activations: each case below is
+# one an implementation got wrong, planted, and passed)
+
+
+def _sequence_unmasked(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = _sequence(rng, scale)
+    return args, {**kwargs, "masks": None}
+
+
+def _wander_relu(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = _wander(rng, scale)
+    return args, {**kwargs, "activation": "relu"}
+
+
+def _wander_identity(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = _wander(rng, scale)
+    return args, {**kwargs, "activation": "identity"}
+
+
+def _tokens_on_axis_1(rng: np.random.Generator, scale: str, tokens: int) -> np.ndarray:
+    """A 4-D input (B, T, 2, C) whose tokens are axis 1: statistics over axis -2 (the default)
+    differ from them in both value and shape, so an implementation ignoring ``axis`` fails."""
+    x = _stats_input(rng, scale, 2 * tokens)
+    return x.reshape(x.shape[0], -1, 2, x.shape[-1])
+
+
+def _moments_axis(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    x = _tokens_on_axis_1(rng, scale, 6)
+    # a mask's shape is x.shape[:axis + 1]: (B, T) here
+    return (x,), {"axis": 1, "mask": _token_masks(rng, [x])[0]}
+
+
+def _zoom_shift_axis(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    x, guide = _tokens_on_axis_1(rng, scale, 6), _tokens_on_axis_1(rng, scale, 4)
+    mask, guide_mask = _token_masks(rng, [x, guide])
+    return (x, guide), {"alpha": 0.7, "axis": 1, "mask": mask, "guide_mask": guide_mask}
+
+
+def _zoom_shift_eps(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = _zoom_shift(rng, scale)
+    # the variances are 0.25 to 9 (_stats_input): 0.5 moves every output visibly
+    return args, {**kwargs, "eps": 0.5}
+
+
+def _align_limit(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs,), _ = _align(rng, scale)
+    # alpha < 1: the limit is far from one round (or three), and eps enters it (re-measured
+    # every round, mmfuse._core.align_limit)
+    return (xs,), {"rounds": None, "alpha": 0.6, "eps": 0.5}
+
+
+def _align_axis(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    # (tokens 6, 4, 5 drew, at seed 0, three unmasked tokens within 1e-3 of each other: the
+    # zoom stretched a masked one 35-fold, and with it float32's rounding of the inputs, to
+    # 8e-6 of verify's 2e-5 tolerance; these sizes stayed under 5e-7 for seeds 0-39)
+    xs = [_tokens_on_axis_1(rng, scale, t) for t in (7, 5, 6)]
+    return (xs,), {"rounds": 2, "alpha": 0.6, "axis": 1, "masks": _token_masks(rng, xs)}
+
+
+def _cp_terms_unmasked(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (xs, cp), kwargs = _cp_terms(rng, scale)
+    return (xs, cp), {**kwargs, "present": None}
+
+
 def _tensor_terms_plain(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     (xs, weight, _), kwargs = _without_constant(rng, scale)
     return (xs, weight), {**kwargs, "by": "order"}
@@ -211,14 +276,27 @@ CASES: dict[str, dict[str, Problem]] = {
     "tensor_fusion": {"append_one=False, bias=None": _without_constant},
     "lowrank_fusion": {"append_one=False, weights=None, bias=None": _lowrank_plain},
     "cp_fusion": {"present, weights=None, bias=None": _cp_masked, "append_one=False": _cp_plain},
-    "sequence_fusion": {"mode=collapsed": _sequence_collapsed},
-    "wander": {"mode=collapsed, masks, gelu_tanh, residual=none": _wander_options},
-    "moments": {"mask, eps=0.1": _moments_masked},
-    "zoom_shift": {"mask, guide_mask": _zoom_shift_masked},
-    "align": {"schedule=jacobi, masks": _align_jacobi, "topology=hub, hub=1": _align_hub},
+    "sequence_fusion": {"mode=collapsed": _sequence_collapsed, "masks=None": _sequence_unmasked},
+    "wander": {
+        "mode=collapsed, masks, gelu_tanh, residual=none": _wander_options,
+        "activation=relu": _wander_relu,
+        "activation=identity": _wander_identity,
+    },
+    "moments": {"mask, eps=0.1": _moments_masked, "4-D, axis=1, mask": _moments_axis},
+    "zoom_shift": {
+        "mask, guide_mask": _zoom_shift_masked,
+        "4-D, axis=1, mask, guide_mask": _zoom_shift_axis,
+        "eps=0.5": _zoom_shift_eps,
+    },
+    "align": {
+        "schedule=jacobi, masks": _align_jacobi,
+        "topology=hub, hub=1": _align_hub,
+        "rounds=None, eps=0.5": _align_limit,
+        "4-D, axis=1, masks": _align_axis,
+    },
     "tensor_interactions": {"by=order, append_one=False": _tensor_terms_plain},
     "lowrank_interactions": {"by=subset, append_one=False": _lowrank_terms_plain},
-    "cp_interactions": {"by=order": _cp_terms_by_order},
+    "cp_interactions": {"by=order": _cp_terms_by_order, "present=None": _cp_terms_unmasked},
 }
 
 

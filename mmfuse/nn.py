@@ -99,7 +99,10 @@ def _layer_call(module: nn.Module, method: str = "forward") -> Iterator[None]:
     try:
         yield
     except BackendUnsupported as exc:
-        raise BackendUnsupported(f"{name}.{method}: {exc}") from None
+        named = BackendUnsupported(f"{name}.{method}: {exc}")
+        if hasattr(exc, "refusal"):  # (the registry's, without its note of a configured backend)
+            named.refusal = f"{name}.{method}: {exc.refusal}"  # type: ignore[attr-defined]
+        raise named from None
     except (ValueError, TypeError) as exc:
         if type(exc) not in (ValueError, TypeError):
             raise

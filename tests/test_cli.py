@@ -246,6 +246,67 @@ def test_verify_catches_an_op_that_ignores_an_option(monkeypatch, capsys, op, ig
     assert not re.search(rf"^{op} +array_api .* MISMATCH ", out, re.M), out
 
 
+def _off_without(name):
+    """A planted bug: the op's (first) output 1% off where option ``name`` is None or not given."""
+
+    def plant(real, *args, **kwargs):
+        out = real(*args, **kwargs)
+        if kwargs.get(name) is not None:
+            return out
+        return (out[0] * 1.01, *out[1:]) if isinstance(out, tuple) else out * 1.01
+
+    return plant
+
+
+def _given(change):
+    """A planted bug: the op called with its keywords changed by ``change`` (a dict to a dict)."""
+    return lambda real, *args, **kwargs: real(*args, **change(dict(kwargs)))
+
+
+def _without(name):
+    """A planted bug: option ``name`` ignored (the default used instead)."""
+    return _given(lambda kwargs: {k: v for k, v in kwargs.items() if k != name})
+
+
+def _replaced(name, old, new):
+    """A planted bug: option ``name`` taken for ``new`` where it is ``old``."""
+    return _given(lambda kwargs: {**kwargs, name: new} if name in kwargs and kwargs[name] == old else kwargs)
+
+
+@pytest.mark.parametrize(
+    ("op", "case", "plant"),
+    [
+        ("sequence_fusion", "masks=None", _off_without("masks")),
+        ("cp_interactions", "present=None", _off_without("present")),
+        ("moments", "4-D, axis=1, mask", _without("axis")),
+        ("zoom_shift", "4-D, axis=1, mask, guide_mask", _without("axis")),
+        ("align", "4-D, axis=1, masks", _without("axis")),
+        ("zoom_shift", "eps=0.5", _without("eps")),
+        ("align", "rounds=None, eps=0.5", _without("eps")),
+        ("align", "rounds=None, eps=0.5", _replaced("rounds", None, 1)),
+        ("wander", "activation=relu", _replaced("activation", "relu", "gelu")),
+        ("wander", "activation=identity", _replaced("activation", "identity", "gelu")),
+    ],
+    ids=["masks=None", "present=None", "moments-axis", "zoom_shift-axis", "align-axis", "zoom_shift-eps",
+         "align-eps", "rounds=None-as-1", "relu", "identity"],
+)  # fmt: skip
+def test_verify_catches_a_wrong_answer_to_an_option_it_had_never_tried(monkeypatch, capsys, op, case, plant):
+    """A second review of the command planted these bugs and verify passed each: a
+    sequence_fusion wrong only without masks, a cp_interactions wrong only without
+    ``present``, moments, zoom_shift and align ignoring ``axis`` (every problem used the
+    default axis), zoom_shift and align ignoring ``eps``, align's exact limit (rounds=None)
+    run as one round, wander's "relu" and "identity" taken for "gelu".  Each is now a failed
+    row of the case that tries the option (a MISMATCH, or an ERROR where the mask's shape no
+    longer fits), and of no other."""
+    real = getattr(mmfuse, op)
+    code, out = _verify_planted(monkeypatch, capsys, op, lambda *args, **kwargs: plant(real, *args, **kwargs))
+    assert code == 1, out
+    rows = re.findall(r"^(\S.*?) {2,}array_api +numpy +float(?:32|64) +(\S+) ", out, re.M)
+    failed = {name for name, status in rows if status in ("MISMATCH", "ERROR")}
+    assert failed == {f"{op} ({case})"}, out
+    assert all(status == "ok" for name, status in rows if name != f"{op} ({case})"), out
+
+
 def test_verify_cp_interactions_problem_has_a_top_order_term():
     """The verified cp_interactions problem holds a sample with every modality present, so
     its highest-order term is not zero everywhere (an op dropping it had passed)."""
@@ -263,7 +324,9 @@ def test_verify_and_bench_cover_the_interaction_terms(monkeypatch, capsys):
     ops = ["tensor_interactions", "lowrank_interactions", "cp_interactions"]
     code = _cli.main(["verify", "--ops", *ops, "--namespaces", "numpy", "--backends", "array_api", "--no-progress"])
     out = capsys.readouterr().out
-    assert code == 0 and out.count(" ok ") == 12, out  # a default problem and one of other options each
+    # two dtypes of a default problem and one of other options each, and cp_interactions'
+    # present=None
+    assert code == 0 and out.count(" ok ") == 14, out
     code = _cli.main(["bench", "--quick", "--ops", *ops, "--namespaces", "numpy", "--backends", "array_api",
                       "--repeats", "1", "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
@@ -626,8 +689,8 @@ def test_bench_says_why_a_backend_is_skipped_and_dedupes_namespaces(monkeypatch,
         ["verify", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy", "numpy", "--no-progress"]
     )
     assert code == 0
-    # float32 and float64 of the default problem and of the masked one, the namespace once
-    assert len(re.findall(r"^moments.* +array_api +numpy ", capsys.readouterr().out, re.M)) == 4
+    # float32 and float64 of the default problem, the masked one and the 4-D one, the namespace once
+    assert len(re.findall(r"^moments.* +array_api +numpy ", capsys.readouterr().out, re.M)) == 6
 
 
 def test_bad_env_backend_info_reports_it_others_exit_2():
@@ -825,7 +888,7 @@ def test_verify_catches_refusals_by_type_and_keeps_whole_words(monkeypatch, caps
     captured = capsys.readouterr()
     assert "nothing was checked for namespace numpy, backend array_api" in captured.err
     lines = [line for line in captured.out.splitlines() if line.startswith("moments")]
-    assert len(lines) == 4 and all(" n/a " in line for line in lines)  # the default problem and the masked one
+    assert len(lines) == 6 and all(" n/a " in line for line in lines)  # the default problem and 2 others
     detail = lines[0].split(" n/a ", 1)[1].strip()
     assert detail.endswith(" ...") and len(detail) <= 100
     assert reason.startswith(detail[: -len(" ...")] + " ")  # cut between words: "... torch CUDA", never "CUD"
@@ -1012,6 +1075,17 @@ def test_a_configured_backend_the_work_cannot_use_is_one_line_exit_2(monkeypatch
     assert "backend 'cupy' cannot run tensor_fusion" in err and "backend='cupy' from config_context" in err
 
 
+def test_a_configured_backend_refusal_says_what_is_in_force_once(capsys, tmp_path):
+    """The registry's refusal of a configured backend notes where it was set (for callers of
+    the functions and layers); the command says what is in force its own way, once."""
+    with mmfuse.config_context(backend="reference"):
+        code = _cli.main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "d")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "backend='reference' from config_context" in err, err
+    assert "the backend is set by" not in err, err
+
+
 def test_bench_shows_a_named_backend_without_the_op_as_not_applicable(capsys):
     """``bench --backends numba`` for an op numba has no implementation of: a row saying so,
     as verify's.  The op had vanished from the table, and with no other op there was no
@@ -1185,3 +1259,180 @@ def test_ctrl_c_is_one_line_and_the_demo_leaves_no_folder(monkeypatch, tmp_path,
     assert _cli.main(["demo", "--out", str(out), "--no-progress"]) == 130
     assert capsys.readouterr().err.strip() == "mmfuse: interrupted"
     assert not (tmp_path / "made").exists()
+
+
+def test_a_ctrl_c_swallowed_in_a_finaliser_still_interrupts(monkeypatch, capsys):
+    """JAX's garbage-collection callback swallowed a Ctrl-C that landed while it ran (CPython
+    "ignores" an exception raised in a finaliser or a gc callback): verify finished and exited
+    0 (a review's find).  Here a finaliser in the op's call gets the SIGINT; the run stops at
+    once, with one line and the shell's status."""
+    import signal
+
+    from mmfuse import _problems
+
+    monkeypatch.setitem(_problems.CASES, "moments", {})  # the default problem alone: 2 jobs
+    ignored = []  # (pytest's own hook would report the ignored exception as an error)
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: ignored.append(unraisable.exc_type))
+    real = mmfuse.moments
+
+    class Finaliser:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    def collected(*args, **kwargs):
+        Finaliser()  # dropped at once: its __del__ runs here, as a gc callback would
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mmfuse, "moments", collected)
+    argv = ["verify", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy", "--no-progress"]
+    code = _cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 130, captured.out
+    assert captured.err.strip() == "mmfuse: interrupted"
+    assert ignored == [KeyboardInterrupt]  # swallowed where it was raised, and the first job was the last
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_ctrl_c_after_the_last_step_still_interrupts(monkeypatch, capsys):
+    """A Ctrl-C swallowed after the last step of work (no Progress.step to see it) ends the
+    command as interrupted too, not with the command's status."""
+    import signal
+
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+
+    class Finaliser:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    def info(args):
+        Finaliser()
+        return 0
+
+    monkeypatch.setattr(_cli, "cmd_info", info)
+    assert _cli.main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "mmfuse: interrupted"
+
+
+def test_the_sigint_handler_is_installed_only_over_the_default_and_put_back(monkeypatch):
+    """main() handles SIGINT itself while a command runs (see the test above), only in the main
+    thread (``signal.signal`` raises ValueError in any other), only over Python's default
+    handler (a program that ignores SIGINT keeps ignoring it), and puts the handler back."""
+    import signal
+    import threading
+
+    seen = []
+    monkeypatch.setattr(_cli, "cmd_info", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
+    assert _cli.main(["info"]) == 0
+    assert seen[-1] is not signal.default_int_handler  # its own, while the command ran
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert _cli.main(["info"]) == 0
+        assert seen[-1] is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    status = []
+    thread = threading.Thread(target=lambda: status.append(_cli.main(["info"])))
+    thread.start()
+    thread.join()
+    assert status == [0] and seen[-1] is signal.default_int_handler
+
+
+@pytest.mark.skipif(os.name != "posix", reason="closes stdout with the shell's >&-")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["info"],
+        ["--version"],
+        ["verify", "--ops", "moments", "--backends", "array_api", "--namespaces", "numpy"],
+    ],
+)
+def test_a_closed_stdout_is_no_traceback(argv):
+    """``mmfuse info >&-`` (stdout closed at startup: sys.stdout is None) ended in an
+    AttributeError traceback at main's flush of stdout (a review's find); print() writes
+    nothing there, and the command's status is its own."""
+    import shlex
+
+    command = shlex.join([sys.executable, "-m", "mmfuse", *argv]) + " >&-"
+    res = subprocess.run(
+        command, shell=True, stderr=subprocess.PIPE, text=True, env=_buffered_env(), timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+
+
+_UNBUFFERED = "unbuffered"
+
+
+def _env(buffering: str) -> dict[str, str]:
+    """The environment with stdout block-buffered (a pipe's or a file's as a user's is), or
+    unbuffered (PYTHONUNBUFFERED=1)."""
+    return {**_buffered_env(), "PYTHONUNBUFFERED": "1"} if buffering == _UNBUFFERED else _buffered_env()
+
+
+@pytest.mark.parametrize("buffering", ["buffered", _UNBUFFERED])
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_help_and_version_to_a_closed_pipe_end_quietly(buffering, flag):
+    """``mmfuse --version | true``: argparse prints and exits inside its parsing, outside main's
+    handlers, and the block-buffered text failed at exit ("Exception ignored ...
+    BrokenPipeError", status 120); unbuffered, argparse dropped the error (status 0).  Now as
+    ``info``: nothing on stderr and 128 + SIGPIPE (a review's find)."""
+    script = (
+        "import os, sys\n"
+        "from mmfuse import _cli\n"
+        "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"  # a pipe whose reader is gone
+        f"sys.exit(_cli.main([{flag!r}]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(buffering))
+    assert res.returncode == 141, res.stderr
+    assert res.stderr == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("buffering", ["buffered", _UNBUFFERED])
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_help_and_version_to_a_full_disk_are_one_line(buffering, flag):
+    """``mmfuse --help > /dev/full`` printed "Exception ignored ..." and exited 120 (block-
+    buffered), or exited 0 having written nothing (unbuffered: argparse drops the error);
+    now one line and status 1, as ``info``."""
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(
+            [sys.executable, "-m", "mmfuse", flag], stdout=full, stderr=subprocess.PIPE, text=True,
+            env=_env(buffering),
+        )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip() == "mmfuse: cannot write the output: No space left on device"
+
+
+def test_verify_computes_each_reference_answer_once(monkeypatch, capsys):
+    """verify ran the reference once a job (20 to 40 times per problem, skipped rows included:
+    7.7 s of a 30 s run; a review's find): once per problem now, never for a problem whose
+    rows all skip, while each job still gets inputs of its own (NumPy's boolean masks reach
+    the op uncopied: a shared one written to by one job would be the next one's input)."""
+    import functools
+
+    import mmfuse.reference as ref
+    from mmfuse._problems import CASES
+
+    calls, masks = [], []
+    real_ref, real_op, real_converter = ref.moments, mmfuse.moments, _cli._converter
+
+    @functools.wraps(real_ref)  # (the registry checks the reference's signature)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real_ref(*args, **kwargs)
+
+    monkeypatch.setattr(ref, "moments", counted)
+    monkeypatch.setattr(mmfuse, "moments", lambda *a, **k: masks.append(k.get("mask")) or real_op(*a, **k))
+    monkeypatch.setattr(
+        _cli, "_converter", lambda ns, dtype: None if ns == "cupy" else real_converter(ns, dtype)
+    )
+    argv = ["verify", "--ops", "moments", "--backends", "array_api", "--no-progress", "--namespaces"]
+    assert _cli.main([*argv, "numpy", "array_api_strict"]) == 0
+    assert len(calls) == 1 + len(CASES["moments"]) > 1  # 4 jobs each: 2 namespaces, 2 dtypes
+    masked = [m for m in masks if m is not None]
+    assert masked and len({id(m) for m in masked}) == len(masked)  # (all alive: no id is reused)
+    calls.clear()
+    assert _cli.main([*argv, "cupy"]) == 1  # every row skipped: nothing was checked
+    assert calls == []
+    capsys.readouterr()

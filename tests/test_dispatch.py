@@ -304,7 +304,8 @@ def test_import_does_not_read_environment_or_set_state():
 def test_a_refusal_says_where_a_backend_the_call_never_named_was_set():
     """A forced backend that refuses a call names the setting that forced it, where the caller
     never wrote ``backend=`` (an environment variable in a shell profile or a CI job was
-    nowhere in sight; a review's find); a call naming it says nothing more."""
+    nowhere in sight; a review's find); a call naming it says nothing more.  A layer's
+    refusal names the layer and the setting too."""
     out = _run(
         """
         import numpy as np, mmfuse
@@ -320,17 +321,24 @@ def test_a_refusal_says_where_a_backend_the_call_never_named_was_set():
     )
     configured, named = out.splitlines()
     assert configured.endswith(
-        "(the backend is set by the environment variable MMFUSE_BACKEND; pass backend= to override)"
+        "(the backend is set by the environment variable MMFUSE_BACKEND)"
     ), configured
     assert named.endswith("on a CUDA device"), named
     xs = [np.ones((2, 3)), np.ones((2, 4))]
     p = mmfuse.init_lowrank((3, 4), rank=2, out_dim=2, seed=0)
     with mmfuse.config_context(backend="numba"):
-        with pytest.raises(BackendUnsupported, match=r"set by mmfuse\.config_context; pass backend= to"):
+        with pytest.raises(BackendUnsupported, match=r"\(the backend is set by mmfuse\.config_context\)$"):
             mmfuse.lowrank_fusion(xs, **p)
         mmfuse.set_config(backend="numba")
-        with pytest.raises(BackendUnsupported, match=r"set by mmfuse\.set_config; pass backend= to"):
+        with pytest.raises(BackendUnsupported, match=r"\(the backend is set by mmfuse\.set_config\)$"):
             mmfuse.lowrank_fusion(xs, **p)
+    torch = pytest.importorskip("torch")
+    from mmfuse.nn import LowRankFusion
+
+    layer = LowRankFusion([3, 4], rank=2, out_dim=2)
+    refused = pytest.raises(BackendUnsupported, match=r"^LowRankFusion\.forward: .*\(the backend is set by mmfuse")
+    with mmfuse.config_context(backend="reference"), refused:
+        layer([torch.ones(2, 3), torch.ones(2, 4)])
 
 
 def test_env_var_read_at_first_use():

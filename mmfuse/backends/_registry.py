@@ -776,8 +776,11 @@ def _lookup(
         if backend is not None or (source := _configured_by()) is None:
             raise
         # a backend the caller never named: say where it was set (an environment variable in a
-        # shell profile or a CI job was nowhere in sight; a review's find)
-        raise BackendUnsupported(f"{exc} ({source}; pass backend= to override)") from None
+        # shell profile or a CI job was nowhere in sight; a review's find).  ``refusal`` keeps
+        # the refusal alone, for the mmfuse command, which says what is in force its own way
+        configured = BackendUnsupported(f"{exc} ({source})")
+        configured.refusal = str(exc)  # type: ignore[attr-defined]
+        raise configured from None
 
 
 def _configured_by() -> str | None:
