@@ -19,6 +19,7 @@ from ._core import fusion as core
 from ._namespace import array_namespace, from_numpy, is_array, is_dask, not_an_array
 from ._plan import PlanCache, call_key, planned_impl
 from ._validation import (
+    Seed,
     as_sequence,
     check_bool_option,
     check_floating_dtype,
@@ -830,7 +831,7 @@ def init_lowrank(
     rank: int,
     out_dim: int,
     append_one: bool = True,
-    seed: int | np.random.Generator | None = None,
+    seed: Seed = None,
     xp: Any = None,
     dtype: Any = None,
     device: Any = None,

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from ._validation import Seed
+
 __all__ = ["CASES", "OPS", "make_problem"]
 
 
@@ -317,7 +319,7 @@ OPS: dict[str, Callable[[np.random.Generator, str], tuple[tuple[Any, ...], dict[
 
 
 def make_problem(
-    op: str, *, seed: int | np.random.Generator | None = None, scale: str = "verify", case: str | None = None
+    op: str, *, seed: Seed = None, scale: str = "verify", case: str | None = None
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A random problem for ``op``: its default one (:data:`OPS`), or ``case`` of
     :data:`CASES`."""

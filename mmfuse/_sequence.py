@@ -20,6 +20,7 @@ from ._fusion import DEFAULT_MAX_ELEMENTS, Planned, check_allocations
 from ._namespace import array_namespace, check_array, from_numpy
 from ._plan import PlanCache, call_key, planned_impl
 from ._validation import (
+    Seed,
     as_sequence,
     check_bool,
     check_floating_dtype,
@@ -704,7 +705,7 @@ def init_wander(
     token_rank: int,
     out_dim: int,
     n_out: int | None = None,
-    seed: int | np.random.Generator | None = None,
+    seed: Seed = None,
     xp: Any = None,
     dtype: Any = None,
     device: Any = None,

@@ -11,7 +11,7 @@ import numbers
 import sys
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from ._namespace import (
 )
 
 __all__ = [
+    "Seed",
     "as_sequence",
     "check_bool",
     "check_bool_option",
@@ -156,6 +157,15 @@ def check_namespace(xp: Any) -> Any:
             f"got {xp!r}"
         )
     return xp
+
+
+#: What a ``seed`` argument takes: whatever ``numpy.random.default_rng`` takes (a bool refused
+#: at run time).  The hints had said ``int | Generator | None``, which refused a SeedSequence,
+#: a bit generator or a NumPy integer that the docstrings promise (an API review's find).
+Seed: TypeAlias = (
+    "int | np.integer[Any] | Sequence[int] | np.random.SeedSequence | np.random.BitGenerator"
+    " | np.random.Generator | None"
+)
 
 
 def random_generator(seed: Any) -> np.random.Generator:

@@ -27,6 +27,7 @@ import numpy as np
 
 from ._namespace import from_numpy, has_float64, has_int64, is_dask, is_host_device, is_numpy, is_torch
 from ._validation import (
+    Seed,
     check_bool_option,
     check_device,
     check_jax_width,
@@ -227,7 +228,7 @@ def _finish(
     is_train: np.ndarray,
     split: str | None,
     shuffle: bool,
-    seed: int | np.random.Generator | None,
+    seed: Seed,
     xp: Namespace | None,
     device: Any,
     dtype: Any,
@@ -276,7 +277,7 @@ def load_mfeat(
     device: Any = None,
     dtype: Any = None,
     shuffle: bool = False,
-    seed: int | np.random.Generator | None = None,
+    seed: Seed = None,
 ) -> MultimodalDataset:
     """Load the UCI Multiple Features data set (handwritten digits, six views).
 
@@ -404,7 +405,7 @@ def load_basic_motions(
     device: Any = None,
     dtype: Any = None,
     shuffle: bool = False,
-    seed: int | np.random.Generator | None = None,
+    seed: Seed = None,
 ) -> MultimodalDataset:
     """Load the UEA BasicMotions data set (smartwatch accelerometer and gyroscope).
 

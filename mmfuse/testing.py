@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ._namespace import array_namespace, device_of, is_array, is_host_device, namespace_name, to_numpy
+from ._validation import Seed
 
 __all__ = ["assert_close", "default_rtol", "make_inputs"]
 
@@ -192,9 +193,6 @@ def assert_close(
     err_msg : str, optional
         Put at the start of the AssertionError's message (as in NumPy's ``assert_allclose``).
 
-    Non-finite entries must match exactly: NaN where ``desired`` has NaN, and an infinity
-    of the same sign where ``desired`` has one.
-
     Raises
     ------
     AssertionError
@@ -204,6 +202,11 @@ def assert_close(
         (a string, a bool).
     ValueError
         If ``rtol`` or ``atol`` is negative or NaN.
+
+    Notes
+    -----
+    Non-finite entries must match exactly: NaN where ``desired`` has NaN, and an infinity
+    of the same sign where ``desired`` has one.
 
     Examples
     --------
@@ -322,7 +325,7 @@ def make_inputs(
     dims: Sequence[int],
     *,
     batch: int,
-    seed: int | np.random.Generator | None = None,
+    seed: Seed = None,
     xp: Any = None,
     dtype: Any = None,
     device: Any = None,
