@@ -160,7 +160,8 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
 @pytest.fixture
 def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fusions of any size take the paths they take for large problems: NumPy's blocked
-    buffers, torch's custom ops (``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS``,
+    buffers, torch's custom ops (``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS`` and
+    ``NUMPY_WHOLE_BATCH_ROWS``,
     ``mmfuse.backends.torch.wander.WHOLE_BATCH_ROWS``,
     ``mmfuse.backends.torch.lowrank.PLAIN_ELEMENTS``, and off the CPU the accelerator
     bounds).  For tests of those paths on small
@@ -169,6 +170,7 @@ def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     import mmfuse._core.fusion as core_fusion
 
     monkeypatch.setattr(core_fusion, "WHOLE_BATCH_ELEMENTS", -1)
+    monkeypatch.setattr(core_fusion, "NUMPY_WHOLE_BATCH_ROWS", -1)
     import importlib
 
     try:  # the module (the package's attribute of that name is the function)

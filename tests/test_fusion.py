@@ -225,6 +225,57 @@ def test_large_batch_blocks_match_reference(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numpy_lowrank_runs_whole_batch_at_few_rows_beyond_the_size_bound(rng, monkeypatch, dtype):
+    """Beyond ``WHOLE_BATCH_ELEMENTS``, NumPy runs the whole-batch form where B <=
+    ``NUMPY_WHOLE_BATCH_ROWS`` and h > 8: the blocked form copied every factor as (D, R h) on
+    every call (``flat_lowrank``), 2.1x the plain expression at B = 16, R 512, h 64 (a
+    review's measurement).  Which form runs on each side of the rule (more rows, h = 8, the
+    rule switched off), each against the reference; at those rows the blocked form is
+    one block anyway, so the whole-batch form's (R, B, h) arrays hold no more than it."""
+    import mmfuse._core.fusion as core_fusion
+
+    rows = core_fusion.NUMPY_WHOLE_BATCH_ROWS
+    assert core_fusion.block_rows(rows, 1 << 30, 1) == rows  # (one block whatever R h)
+    calls = {"whole": 0, "flat": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(core_fusion, "lowrank_whole_batch", counted("whole", core_fusion.lowrank_whole_batch))
+    monkeypatch.setattr(core_fusion, "flat_lowrank", counted("flat", core_fusion.flat_lowrank))
+    dims = (5, 3, 7)
+    cases = [  # (B, R, h, row bound, form): every B R h over 2**18
+        (16, 512, 64, None, "whole"),  # the review's R h
+        (rows, 64, 64, None, "whole"),
+        (rows + 1, 64, 64, None, "blocked"),
+        (rows, 512, 8, None, "blocked"),  # (R GEMMs of 8 columns: slower than one of R h)
+        (rows, 64, 64, -1, "blocked"),  # (blocked_paths' switch of this rule)
+    ]
+    for batch, rank, out_dim, bound, form in cases:
+        assert not core_fusion.whole_batch(batch, rank, out_dim)
+        if bound is not None:
+            monkeypatch.setattr(core_fusion, "NUMPY_WHOLE_BATCH_ROWS", bound)
+        xs = [rng.standard_normal((batch, d)).astype(dtype) for d in dims]
+        present = rng.random((batch, len(dims))) < 0.8
+        for m, x in enumerate(xs):
+            x[~present[:, m]] = np.nan  # absent features never leak
+        p = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=rng, dtype=dtype)
+        p["bias"] = rng.standard_normal(out_dim).astype(dtype)
+        calls.update(whole=0, flat=0)
+        got = mmfuse.lowrank_fusion(xs, **p, present=present)
+        want = {"whole": (1, 0), "blocked": (0, len(dims))}[form]
+        assert (calls["whole"], calls["flat"]) == want, (batch, rank, out_dim, bound, calls)
+        assert got.dtype == dtype and np.isfinite(got).all()
+        ref_args = [xs, p["factors"], p["weights"], p["bias"]]
+        atol = _terms_atol(dtype, ref.lowrank_fusion, *ref_args, present=present)
+        assert_close(got, ref.lowrank_fusion(*ref_args, present=present), atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_numpy_constant_row_staged_or_added_matches_reference(rng, dtype):
     """NumPy's [x, 1] @ mat builds [x, 1] where the add of the constant's row would move more
     (stage_constant) and adds the row otherwise: whole-batch low-rank fusion on both sides of

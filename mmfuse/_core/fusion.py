@@ -484,15 +484,31 @@ class _NumPyRun:
 # float64, docs/backends.rst "Small problems"): the whole-batch form took 0.44-0.65x the
 # blocked form's time from B R h = 256 to 4096 and 0.56-0.89x at (32, 32, 128), R 16, h 128
 # from B = 32 to 128 (B R h = 2**16 to 2**18); 1.1-1.7x beyond, where the blocked form's
-# cache-sized blocks pay off.
+# cache-sized blocks pay off (but not at few rows and a wide R h: NUMPY_WHOLE_BATCH_ROWS).
 WHOLE_BATCH_ELEMENTS = 1 << 18
+
+# NumPy also runs whole-batch beyond that bound where B <= this many rows and h > 8.  There the
+# blocked form's copy of every factor as (D_m, R h) (flat_lowrank: O(R D h) per call whatever B,
+# 1/B of the GEMMs' flops but a strided copy) decided the time: B = 16, (32, 32, 32), R 512,
+# h 64 took 2.1x the plain NumPy expression, 47% of it in that copy (a review's measurement).
+# Measured on the 2-core CI box (thread CPU time, medians of 5-41 interleaved rounds, float32
+# and float64, B R h > 2**18; docs/backends.rst "Small problems"): whole-batch / blocked
+# 0.42-0.98 at (32, 32, 32) and (8, 16, 64), B 8-128, R 64-512, h 32 and 128, and 0.39-1.08
+# at (4, 4, 4), (32, 32, 128) and (256, 512), h 12 to 128, R to 1024.  Not at h <= 8, where
+# the whole-batch form's R GEMMs of h columns lose to the blocked form's one of R h columns
+# (0.63-1.38, worst at d_m = 512), nor from B = 256, where the two are mixed (0.55-1.77,
+# float32 losing at the largest R h).  At <= 128 rows the blocked form is one block anyway
+# (block_rows: at least 256 rows), so the whole-batch form's (R, B, h) arrays are no more
+# memory than that block's (B, R h) buffers (and it copies no factor).
+NUMPY_WHOLE_BATCH_ROWS = 128
 
 
 def whole_batch(batch: int, rank: int, out_dim: int) -> bool:
     """Whether a low-rank fusion of this size runs whole-batch (:func:`lowrank_whole_batch`;
     the torch backend adds a bound on the batch,
     :data:`mmfuse.backends.torch.lowrank.WHOLE_BATCH_ROWS`, and runs its plain form instead
-    where that is faster, :func:`mmfuse.backends.torch.lowrank.plain_form`)."""
+    where that is faster, :func:`mmfuse.backends.torch.lowrank.plain_form`; NumPy adds few
+    rows beyond it, :data:`NUMPY_WHOLE_BATCH_ROWS`)."""
     return batch * rank * out_dim <= WHOLE_BATCH_ELEMENTS
 
 
@@ -642,9 +658,13 @@ def _lowrank_numpy_in(
 ) -> Any:
     """:func:`lowrank_fusion_numpy` of float32 / float64 arrays, whose namespace is ``xp``."""
     rank, _, out_dim = factors[0].shape
-    if whole_batch(xs[0].shape[0], rank, out_dim):
+    batch = xs[0].shape[0]
+    if whole_batch(batch, rank, out_dim) or (
+        batch <= NUMPY_WHOLE_BATCH_ROWS and out_dim > 8
+    ):
         # lowrank_with's first branch, asked without its namespace and laziness checks (NumPy
-        # arrays are never lazy): the form of tiny calls, where those checks cost a tenth
+        # arrays are never lazy): the form of tiny calls, where those checks cost a tenth; and
+        # NumPy's own rule beyond it, few rows and h > 8 (NUMPY_WHOLE_BATCH_ROWS says why)
         return lowrank_whole_batch(xp, xs, factors, weights, bias, append_one, present)
     return lowrank_with(_NumPyRun, xs, factors, weights, bias, append_one, present)
 
@@ -654,8 +674,9 @@ def _plan_lowrank_numpy(
 ) -> Any:
     """:func:`lowrank_fusion_numpy`'s own plan (:func:`mmfuse._plan.planned_impl`): calls in
     their own dtype go straight to its float32 / float64 body, their namespace bound (the
-    size rule, :func:`whole_batch`, still reads its bound per call: a changed bound holds
-    for planned calls too); float16 calls run the function itself."""
+    size rule, :func:`whole_batch` and :data:`NUMPY_WHOLE_BATCH_ROWS`, still reads its bounds
+    per call: a changed bound holds for planned calls too); float16 calls run the function
+    itself."""
     if xs[0].dtype.itemsize < 4:
         return lowrank_fusion_numpy
     return partial(_lowrank_numpy_in, array_namespace(xs[0]))
