@@ -26,7 +26,8 @@ PACKAGES = {
 
 
 def install_command(module: str) -> str:
-    """The pip command that installs ``module`` (a dotted name: its top-level package's).
+    """The pip command that installs ``module`` (a dotted name: its top-level package's), or
+    for numba two, in one sentence.
 
     numba's: numba alone for the CPU kernels, since the numba extra also installs numba-cuda
     and its CUDA bindings (a few hundred MB a CPU-only machine has no use for); ask for

@@ -890,10 +890,11 @@ def from_numpy(a: np.ndarray, xp: Namespace, *, dtype: Any = None, device: Any =
         # CuPy's own asarray takes no device argument; array_api_compat's wrapper of it does
         import array_api_compat.cupy as xp
     elif is_dask(xp):  # dask.array's too (xp=dask.array passed by a user)
-        # one chunk, as the docs say of the reference backend's results (and the initialisers'
-        # parameters are small): asarray chunks by dask's "array.chunk-size" (a result of
-        # 300000 x 8 x 8 came back in two batch chunks; a review's find), and its automatic
-        # chunking divides by zero on some empty shapes (an empty batch's interaction terms)
+        # one chunk, as the docs say of the reference backend's results (the initialisers'
+        # parameters and the data sets are small; make_inputs says so): asarray chunks by
+        # dask's "array.chunk-size" (a result of 300000 x 8 x 8 came back in two batch chunks;
+        # a review's find), and its automatic chunking divides by zero on some empty shapes
+        # (an empty batch's interaction terms)
         import dask.array as da
 
         return da.from_array(np.asarray(a, dtype=dtype), chunks=-1)

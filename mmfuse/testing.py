@@ -346,7 +346,8 @@ def make_inputs(
     seed : int, numpy.random.Generator or None, optional
         Seed of the draw.
     xp : array namespace, optional
-        Namespace of the returned arrays; NumPy when None.
+        Namespace of the returned arrays; NumPy when None.  Dask arrays come in one chunk
+        (``rechunk`` them for tests of chunked paths).
     dtype : dtype or str, optional
         A real floating dtype of ``xp`` (or its name); float64 when None (float32 where the
         namespace has no float64 on ``device``: JAX without its 64-bit mode, where float64

@@ -469,8 +469,7 @@ class _NumPyRun:
             # is.  Those alone: the block's other samples keep the GEMM's sums (redone as sums
             # too, their last bits changed with a neighbour's inf; a review's find)
             bad = (~finite).nonzero()[0]
-            with np.errstate(invalid="ignore"):  # (inf - inf: NaN, as the GEMM gives unwarned)
-                out[bad] = acc[bad].reshape(len(bad), self.rank, self.out_dim).sum(axis=1)
+            out[bad] = acc[bad].reshape(len(bad), self.rank, self.out_dim).sum(axis=1)
             return
         np.sum(acc.reshape(acc.shape[0], self.rank, self.out_dim), axis=1, out=out)
 
@@ -774,10 +773,14 @@ def lowrank_to_tensor(factors: list[Any], weights: Any = None) -> Any:
         # (R, P, 1, h) * (R, 1, D_m, h) -> (R, P * D_m, h); sizes named, not -1, which an
         # empty rank or output leaves undetermined
         acc = xp.reshape(acc[:, :, None, :] * f[:, None, :, :], (rank, acc.shape[1] * f.shape[1], out_dim))
-    # (h, P, R) @ (h, R, D_M) -> (h, P, D_M): the rank sum in the product
+    # (h, P, R) @ (h, R, D_M) -> (h, P, D_M): the rank sum in the product; then (P, D_M, h)
     full = xp.matmul(xp.permute_dims(acc, (2, 1, 0)), xp.permute_dims(last, (2, 0, 1)))
+    full = xp.permute_dims(full, (1, 2, 0))
     dims = tuple(f.shape[1] for f in factors)
-    return xp.reshape(xp.permute_dims(full, (1, 2, 0)), (*dims, out_dim))
+    # through a flat copy: C-contiguous, as before (a reshape that only splits the P axis
+    # returned a view with the output mode outermost in memory; the session's diff review)
+    flat = xp.reshape(full, (full.shape[0] * full.shape[1] * full.shape[2],))
+    return xp.reshape(flat, (*dims, out_dim))
 
 
 def lowrank_intermediate(

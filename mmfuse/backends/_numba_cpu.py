@@ -56,9 +56,10 @@ _MAX_WORKERS = 8
 #: Tasks of at most this many channels run one channel at a time on scalars (_lane_stats,
 #: _lane_map) instead of the row loops: C' = 1 above all (every axis=-1 call, (B, T, 1)
 #: inputs), where a row view per token, a one-step channel loop and sums kept in arrays made
-#: the kernels 2.5-10x slower than plain NumPy (a performance review's measurement: moments
-#: of (64, 4096, 1) float32 3.9 ms against NumPy's 0.57 ms; now about 0.7 ms, the serial
-#: float64 sums' latency).  Measured on 262144 float32 elements, one thread: the lanes win
+#: the kernels 2.5-10x slower than plain NumPy (a performance review's measurement, under
+#: load: moments of (64, 4096, 1) float32 3.9 ms against NumPy's 0.57 ms; the fix's, in
+#: interleaved rounds: 2.13 -> 0.74 ms against NumPy's 0.32, what is left the serial float64
+#: sums' latency).  Measured on 262144 float32 elements, one thread: the lanes win
 #: to 4 channels (statistics 1.09 -> 0.54 ms at 2, 0.62 -> 0.52 at 4), break even at 5-6
 #: and lose from 8 (0.29 -> 0.52).  Same operations in the same order as the row loops, so
 #: the same bits (tests/test_numba_cpu.py compares the two); read on each call, so tests
