@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
-from typing import Any
+from typing import Any, overload
 
 from .._config import BACKEND_NAMES, backend_policy, config_source
 from .._extras import install_hint
@@ -538,8 +538,16 @@ def unavailable() -> dict[str, str]:
     return dict(_plugin_errors)
 
 
+@overload
+def available(op: None = None) -> dict[str, list[str]]: ...
+@overload
+def available(op: str) -> list[str]: ...
+
+
 def available(op: str | None = None) -> dict[str, list[str]] | list[str]:
-    """Backends with an implementation per operator (for one operator: a list).
+    """Backends with an implementation per operator (for one operator: a list).  (Typed per
+    call: ``available()["lowrank_fusion"]`` and ``available("moments")[0]`` both check under
+    mypy; an API review's find.)
 
     Optional backends whose framework is not importable are left out; see
     :func:`unavailable` for why.

@@ -20,6 +20,7 @@ spread that was 6e-9 on unit outputs).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -174,7 +175,7 @@ def _target(
 
 
 def align(
-    xs: list[Any],
+    xs: Sequence[Any],
     *,
     rounds: int | None = 1,
     alpha: float = 1.0,
@@ -182,7 +183,7 @@ def align(
     topology: str = "consensus",
     hub: int | None = None,
     axis: int = -2,
-    masks: list[Any] | None = None,
+    masks: Sequence[Any] | None = None,
     eps: float = 1e-5,
 ) -> list[np.ndarray]:
     """Alternating Zoom-and-Shift rounds, each re-measuring the arrays; or their limit.
@@ -231,7 +232,7 @@ def _limit(
     topology: str,
     hub: int,
     axis: int,
-    masks: list[Any],
+    masks: Sequence[Any],
     eps: float,
 ) -> list[np.ndarray]:
     """Run the rounds on the statistics until they settle; then one map each.
@@ -315,7 +316,7 @@ def _mean_step(alpha: float) -> Any:
     form a = 1 takes the target exactly (mu + (mu_t - mu) lost -1000 next to 1e121)."""
     keep = two_sum(1.0, -alpha)  # 1 - a, exact as a pair
 
-    def step(i: int, others: list[int], hi: list[Any], lo: list[Any]) -> tuple[Any, Any]:
+    def step(i: int, others: list[int], hi: Sequence[Any], lo: Sequence[Any]) -> tuple[Any, Any]:
         total: tuple[Any, Any] = (0.0, 0.0)
         for j in others:
             total = dd_add(total, (hi[j], lo[j]))
@@ -354,7 +355,7 @@ def _spread_step(alpha: float, eps: float, live: list[np.ndarray]) -> Any:
         with np.errstate(over="ignore"):
             return 1.0 / (1.0 + eps * np.exp(-h)), 1.0 / (1.0 + np.exp(h) / eps)
 
-    def step(i: int, others: list[int], hi: list[Any], lo: list[Any]) -> Any:
+    def step(i: int, others: list[int], hi: Sequence[Any], lo: Sequence[Any]) -> Any:
         w, u = share(hi[i])
         with np.errstate(divide="ignore"):  # log 0 = -inf: a term that vanishes
             log_w, log_u = np.log(w), np.log(u)
@@ -384,7 +385,7 @@ _SWEEPS = 200_000
 _WINDOW = 50
 
 
-def _lane_scale(sizes: list[Any]) -> Any:
+def _lane_scale(sizes: Sequence[Any]) -> Any:
     """Each lane's largest finite entry among ``sizes`` (one array per modality), 1 where none
     is finite and positive: a modality's NaN leaves the others' scale as it is."""
     with np.errstate(invalid="ignore"):
@@ -456,7 +457,7 @@ def _unsettled() -> ValueError:
 _SHARED = 2.0**-50  # (settled lanes are within about 2**-62)
 
 
-def _check_shared(log_hi: list[Any], log_lo: list[Any], live: list[Any]) -> None:
+def _check_shared(log_hi: Sequence[Any], log_lo: Sequence[Any], live: Sequence[Any]) -> None:
     """Refuse a variance iteration that stopped away from its limit. At the limit every live
     modality of a (sample, channel) has one variance (each sigma equals its target, the
     others' geometric mean; consensus only: the hub's limit is set directly). The iteration
@@ -476,7 +477,7 @@ def _check_shared(log_hi: list[Any], log_lo: list[Any], live: list[Any]) -> None
 
 
 def zoom_shift_fusion(
-    xs: list[Any],
+    xs: Sequence[Any],
     *,
     fuse: str | None = "concat",
     pool: str = "max",

@@ -7,6 +7,7 @@ maths.  Inputs are assumed valid (the public layer checks them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ def _present(present: Any, b: int, m: int) -> bool:
 
 
 def tensor_fusion(
-    xs: list[Any],
+    xs: Sequence[Any],
     weight: Any,
     bias: Any = None,
     *,
@@ -53,8 +54,8 @@ def tensor_fusion(
 
 
 def lowrank_fusion(
-    xs: list[Any],
-    factors: list[Any],
+    xs: Sequence[Any],
+    factors: Sequence[Any],
     weights: Any = None,
     bias: Any = None,
     *,
@@ -84,7 +85,7 @@ def lowrank_fusion(
 
 
 def lowrank_to_tensor(
-    factors: list[Any], weights: Any = None, *, max_elements: int | None = None
+    factors: Sequence[Any], weights: Any = None, *, max_elements: int | None = None
 ) -> np.ndarray:
     """W[i_1, ..., i_M, k] = sum_r w_r prod_m factors[m][r, i_m, k].
 
@@ -105,7 +106,7 @@ def lowrank_to_tensor(
     return full
 
 
-def cp_to_tensor(cp: tuple[Any, list[Any]]) -> np.ndarray:
+def cp_to_tensor(cp: tuple[Any, Sequence[Any]]) -> np.ndarray:
     """The full tensor of a CP decomposition: sum_r w_r a_1r (x) ... (x) a_Mr (x) c_r."""
     weights, factors = cp
     factors = [f64(f) for f in factors]
@@ -121,8 +122,8 @@ def cp_to_tensor(cp: tuple[Any, list[Any]]) -> np.ndarray:
 
 
 def cp_fusion(
-    xs: list[Any],
-    cp: tuple[Any, list[Any]],
+    xs: Sequence[Any],
+    cp: tuple[Any, Sequence[Any]],
     bias: Any = None,
     *,
     append_one: bool = True,
@@ -139,7 +140,7 @@ def cp_fusion(
     return tensor_fusion(xs, cp_to_tensor(cp), bias, append_one=append_one)
 
 
-def cp_to_lowrank(cp: tuple[Any, list[Any]]) -> tuple[list[np.ndarray], np.ndarray]:
+def cp_to_lowrank(cp: tuple[Any, Sequence[Any]]) -> tuple[list[np.ndarray], np.ndarray]:
     """Exact CP -> LMF conversion: F_1[r] = a_1r c_r^T and F_m[r] = a_mr 1^T for m > 1."""
     weights, factors = cp
     factors = [f64(f) for f in factors]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,7 @@ def _by(subset_terms: np.ndarray, n_modalities: int, by: str) -> tuple[np.ndarra
 
 
 def tensor_interactions(
-    xs: list[Any],
+    xs: Sequence[Any],
     weight: Any,
     *,
     by: str = "order",
@@ -99,8 +100,8 @@ def tensor_interactions(
 
 
 def lowrank_interactions(
-    xs: list[Any],
-    factors: list[Any],
+    xs: Sequence[Any],
+    factors: Sequence[Any],
     weights: Any = None,
     *,
     by: str = "order",
@@ -132,8 +133,8 @@ def lowrank_interactions(
 
 
 def cp_interactions(
-    xs: list[Any],
-    cp: tuple[Any, list[Any]],
+    xs: Sequence[Any],
+    cp: tuple[Any, Sequence[Any]],
     *,
     by: str = "order",
     present: Any = None,

@@ -20,7 +20,7 @@ valid (the public layer checks them); it imports nothing from the rest of mmfuse
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,20 +56,20 @@ def _collapse(factors: list[np.ndarray]) -> list[np.ndarray]:
     return [f.sum(axis=0, keepdims=True) for f in factors]
 
 
-def feature_weight(feature_factors: list[Any], *, mode: str = "cp") -> np.ndarray:
+def feature_weight(feature_factors: Sequence[Any], *, mode: str = "cp") -> np.ndarray:
     """W_feat[s_1, ..., s_M, k] = sum_i prod_m Phi_m[i, s_m, k], shape (r_1, ..., r_M, D)."""
     factors = [f64(f) for f in feature_factors]
     return _shared_last_mode(_collapse(factors) if mode == "collapsed" else factors)
 
 
-def token_weight(token_factors: list[Any], *, mode: str = "cp") -> np.ndarray:
+def token_weight(token_factors: Sequence[Any], *, mode: str = "cp") -> np.ndarray:
     """W_tok[tau_1, ..., tau_M, t] = sum_j prod_m Psi_m[j, tau_m, t], shape (T_1, ..., T_M, T_out)."""
     factors = [f64(f) for f in token_factors]
     return _shared_last_mode(_collapse(factors) if mode == "collapsed" else factors)
 
 
 def sequence_weight(
-    feature_factors: list[Any], token_factors: list[Any], *, mode: str = "cp"
+    feature_factors: Sequence[Any], token_factors: Sequence[Any], *, mode: str = "cp"
 ) -> np.ndarray:
     """The explicit order-(2M + 2) weight W = W_tok (x) W_feat.
 
@@ -100,9 +100,9 @@ def _masked(hs: list[np.ndarray], masks: Any) -> list[np.ndarray]:
 
 
 def sequence_fusion(
-    hs: list[Any],
-    feature_factors: list[Any],
-    token_factors: list[Any],
+    hs: Sequence[Any],
+    feature_factors: Sequence[Any],
+    token_factors: Sequence[Any],
     *,
     mode: str = "cp",
     masks: Any = None,
@@ -168,7 +168,7 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def wander(
-    xs: list[Any],
+    xs: Sequence[Any],
     params: dict[str, Any],
     *,
     mode: str = "cp",
