@@ -872,6 +872,38 @@ def test_dask_cp_sequence_fusion_holds_a_few_chunks_not_the_batch(dask_array):
     assert peak < 4 * got.nbytes, (peak, got.nbytes)
 
 
+@pytest.mark.parametrize("chunks", [(0, 1), (0, 0, 1), (1, 0, 3), (0, 5), (0, 0)])
+def test_dask_batch_chunks_of_size_zero_in_the_per_chunk_paths(dask_array, chunks):
+    """Dask's blockwise handed an empty batch chunk's task a one-row chunk's block (broadcast, as
+    if of size 1): batch chunks (0, 1) gave 2 rows of a 1-row result, (0, 0, 1) 3, and (0, 0)
+    a missing dependency at compute (a fuzzing review's find).  The per-chunk paths (cp-mode sequence fusion, low-rank fusion) drop such
+    chunks first; a mask chunked otherwise too."""
+    da = dask_array
+    rng = np.random.default_rng(7)
+    batch = sum(chunks)
+    hs = [rng.standard_normal((batch, t, 3)) for t in (4, 2)]
+    feature = [rng.standard_normal((2, 3, 5)) for _ in hs]
+    token = [rng.standard_normal((2, t, 3)) for t in (4, 2)]
+    masks = [np.arange(4) < rng.integers(1, 5, (batch, 1)), None]
+    want = mmfuse.sequence_fusion(hs, feature, token, mode="cp", masks=masks)
+    got = mmfuse.sequence_fusion(
+        [da.from_array(h, chunks=(chunks, -1, -1)) for h in hs],
+        [da.from_array(f) for f in feature],
+        [da.from_array(t) for t in token],
+        mode="cp",
+        masks=[da.from_array(masks[0], chunks=(chunks[::-1], -1)), None],
+    ).compute()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    xs = [rng.standard_normal((batch, d)) for d in (3, 4)]
+    p = mmfuse.init_lowrank((3, 4), rank=4, out_dim=2, seed=1)
+    lazy = mmfuse.lowrank_fusion(
+        [da.from_array(x, chunks=(chunks, -1)) for x in xs],
+        [da.from_array(f) for f in p["factors"]], da.from_array(p["weights"]), da.from_array(p["bias"]),
+    )  # fmt: skip
+    np.testing.assert_allclose(lazy.compute(), mmfuse.lowrank_fusion(xs, **p), rtol=1e-12, atol=1e-12)
+
+
 def test_dask_reference_results_are_one_chunk_whatever_dasks_chunk_size(dask_array):
     """backend="reference" on Dask returns one chunk, as the backends guide says; the results
     were converted by Dask's asarray, which chunks by "array.chunk-size" (a review's find)."""

@@ -86,7 +86,7 @@ def per_batch_chunk(
     # them one chunk each up front.  Left to ``blockwise``, chunked non-batch axes multiply its
     # count of block combinations (it warns "Increasing number of chunks by factor of ...",
     # an error under filterwarnings=error) before ``concatenate=True`` joins them again.
-    batched = [_whole(x, from_axis=1) for x in batched]
+    batched = [_without_empty_batch_chunks(_whole(x, from_axis=1)) for x in batched]
     params = one_chunk(params)
     # one index name per non-batch axis of every array: tuples of names, not strings of
     # letters, which ran out at eight modalities (26 letters for all axes of all arrays)
@@ -150,6 +150,18 @@ def _elementwise_task(func: Callable[[list[Any]], list[Any]], *blocks: Any) -> A
 
     shape = blocks[0].shape
     return np.stack([np.broadcast_to(a, shape) for a in func(list(blocks))])
+
+
+def _without_empty_batch_chunks(x: Any) -> Any:
+    """``x`` with no batch chunk of size 0 (one of size 0 where the batch is empty).  Dask's
+    ``blockwise`` handed such a chunk's task a one-row chunk's block, as if broadcasting it
+    (Dask 2026.8: batch chunks (0, 1) gave 2 rows of a 1-row result, (0, 0, 1) 3, and (0, 0)
+    a missing dependency at compute; a fuzzing review's find), so ``per_batch_chunk`` never
+    gives it one."""
+    sizes = x.chunks[0]
+    if len(sizes) == 1 or 0 not in sizes:
+        return x
+    return x.rechunk({0: tuple(n for n in sizes if n) or (0,)})
 
 
 def _whole(x: Any, *, from_axis: int) -> Any:
