@@ -16,6 +16,8 @@ from ._validation import Seed
 
 __all__ = ["CASES", "OPS", "make_problem"]
 
+Problem = Callable[[np.random.Generator, str], tuple[tuple[Any, ...], dict[str, Any]]]
+
 
 def _fusion_sizes(scale: str) -> tuple[int, tuple[int, ...], int, int]:
     if scale == "bench":
@@ -195,19 +197,15 @@ def _align_hub(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], d
 # one an implementation got wrong, planted, and passed)
 
 
-def _sequence_unmasked(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args, kwargs = _sequence(rng, scale)
-    return args, {**kwargs, "masks": None}
+def _with_options(make: Problem, **options: Any) -> Problem:
+    """``make``'s problem with ``options`` over its keywords: a case that differs from another
+    problem in its options alone."""
 
+    def problem(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = make(rng, scale)
+        return args, {**kwargs, **options}
 
-def _wander_relu(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args, kwargs = _wander(rng, scale)
-    return args, {**kwargs, "activation": "relu"}
-
-
-def _wander_identity(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args, kwargs = _wander(rng, scale)
-    return args, {**kwargs, "activation": "identity"}
+    return problem
 
 
 def _tokens_on_axis_1(rng: np.random.Generator, scale: str, tokens: int) -> np.ndarray:
@@ -229,30 +227,12 @@ def _zoom_shift_axis(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, .
     return (x, guide), {"alpha": 0.7, "axis": 1, "mask": mask, "guide_mask": guide_mask}
 
 
-def _zoom_shift_eps(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args, kwargs = _zoom_shift(rng, scale)
-    # the variances are 0.25 to 9 (_stats_input): 0.5 moves every output visibly
-    return args, {**kwargs, "eps": 0.5}
-
-
-def _align_limit(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    (xs,), _ = _align(rng, scale)
-    # alpha < 1: the limit is far from one round (or three), and eps enters it (re-measured
-    # every round, mmfuse._core.align_limit)
-    return (xs,), {"rounds": None, "alpha": 0.6, "eps": 0.5}
-
-
 def _align_axis(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     # (tokens 6, 4, 5 drew, at seed 0, three unmasked tokens within 1e-3 of each other: the
     # zoom stretched a masked one 35-fold, and with it float32's rounding of the inputs, to
     # 8e-6 of verify's 2e-5 tolerance; these sizes stayed under 5e-7 for seeds 0-39)
     xs = [_tokens_on_axis_1(rng, scale, t) for t in (7, 5, 6)]
     return (xs,), {"rounds": 2, "alpha": 0.6, "axis": 1, "masks": _token_masks(rng, xs)}
-
-
-def _cp_terms_unmasked(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    (xs, cp), kwargs = _cp_terms(rng, scale)
-    return (xs, cp), {**kwargs, "present": None}
 
 
 def _tensor_terms_plain(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -265,40 +245,42 @@ def _lowrank_terms_plain(rng: np.random.Generator, scale: str) -> tuple[tuple[An
     return (xs, [f[:, :-1, :] for f in factors], weights), {"append_one": False, "by": "subset"}
 
 
-def _cp_terms_by_order(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    (xs, cp), kwargs = _cp_terms(rng, scale)
-    return (xs, cp), {**kwargs, "by": "order"}
-
-
-Problem = Callable[[np.random.Generator, str], tuple[tuple[Any, ...], dict[str, Any]]]
-
 #: operator name -> {case: problem generator}: the options ``mmfuse verify`` checks beside
 #: the default problem of :data:`OPS`
 CASES: dict[str, dict[str, Problem]] = {
     "tensor_fusion": {"append_one=False, bias=None": _without_constant},
     "lowrank_fusion": {"append_one=False, weights=None, bias=None": _lowrank_plain},
     "cp_fusion": {"present, weights=None, bias=None": _cp_masked, "append_one=False": _cp_plain},
-    "sequence_fusion": {"mode=collapsed": _sequence_collapsed, "masks=None": _sequence_unmasked},
+    "sequence_fusion": {
+        "mode=collapsed": _sequence_collapsed,
+        "masks=None": _with_options(_sequence, masks=None),
+    },
     "wander": {
         "mode=collapsed, masks, gelu_tanh, residual=none": _wander_options,
-        "activation=relu": _wander_relu,
-        "activation=identity": _wander_identity,
+        "activation=relu": _with_options(_wander, activation="relu"),
+        "activation=identity": _with_options(_wander, activation="identity"),
     },
     "moments": {"mask, eps=0.1": _moments_masked, "4-D, axis=1, mask": _moments_axis},
     "zoom_shift": {
         "mask, guide_mask": _zoom_shift_masked,
         "4-D, axis=1, mask, guide_mask": _zoom_shift_axis,
-        "eps=0.5": _zoom_shift_eps,
+        # the variances are 0.25 to 9 (_stats_input): 0.5 moves every output visibly
+        "eps=0.5": _with_options(_zoom_shift, eps=0.5),
     },
     "align": {
         "schedule=jacobi, masks": _align_jacobi,
         "topology=hub, hub=1": _align_hub,
-        "rounds=None, eps=0.5": _align_limit,
+        # alpha 0.6 (_align's): the limit is far from one round (or three), and eps enters
+        # it (re-measured every round, mmfuse._core.align_limit)
+        "rounds=None, eps=0.5": _with_options(_align, rounds=None, eps=0.5),
         "4-D, axis=1, masks": _align_axis,
     },
     "tensor_interactions": {"by=order, append_one=False": _tensor_terms_plain},
     "lowrank_interactions": {"by=subset, append_one=False": _lowrank_terms_plain},
-    "cp_interactions": {"by=order": _cp_terms_by_order, "present=None": _cp_terms_unmasked},
+    "cp_interactions": {
+        "by=order": _with_options(_cp_terms, by="order"),
+        "present=None": _with_options(_cp_terms, present=None),
+    },
 }
 
 
