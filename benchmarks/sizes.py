@@ -14,11 +14,12 @@ same maths in the same namespace (``_baselines.py``: ``plain_lowrank``, ``plain_
 outputs checked equal (relative to their largest magnitude) before timing.
 
 - ``lowrank_fusion`` and ``cp_fusion``: (B, dims, h, R) = (1024, (32, 32, 128), 128, 16),
-  (4096, (8, 16, 64), 1, 4), (256, (64, 64, 64), 32, 8);
+  (4096, (8, 16, 64), 1, 4), (256, (64, 64, 64), 32, 8), (16, (32, 32, 32), 64, 512),
+  (512, (16, 16, 16), 32, 8);
 - ``tensor_fusion`` (TFN's full weight): (B, dims, h) = (256, (8, 8, 8), 16),
   (4096, (4, 8, 16), 4);
 - ``moments``, ``zoom_shift`` (toward a guide of another mean and spread), ``align(rounds=1)``
-  (two modalities): (32, 50, 64) and (256, 100, 128);
+  (two modalities): (32, 50, 64), (256, 100, 128) and (64, 4096, 1);
 - ``wander``: the CMU-MOSI adapter (T = 50, 50, 50, d = D = 40, r = 16, R_h = 8, R_t = 12,
   exact GELU, residual "first") at B = 32 and 256 in collapsed mode, B = 32 in cp mode.
 
@@ -64,9 +65,15 @@ from _harness import (
 )
 
 SEED = 20261204
-FUSION = [(1024, (32, 32, 128), 128, 16), (4096, (8, 16, 64), 1, 4), (256, (64, 64, 64), 32, 8)]
+# the last two: a performance review's crossovers of the forty-second session (a small batch
+# with a wide R h: NumPy's blocked form copied every factor per call; narrow ranks at B = 512:
+# torch's constant-row fold)
+FUSION = [(1024, (32, 32, 128), 128, 16), (4096, (8, 16, 64), 1, 4), (256, (64, 64, 64), 32, 8),
+          (16, (32, 32, 32), 64, 512), (512, (16, 16, 16), 32, 8)]  # fmt: skip
 TENSOR = [(256, (8, 8, 8), 16), (4096, (4, 8, 16), 4)]  # (B, dims, h): TFN's full weight
-ALIGN = [(32, 50, 64), (256, 100, 128)]
+# the last: one channel (the review's crossover of numba's CPU kernels, which serve it once the
+# (256, 100, 128) case has imported numba)
+ALIGN = [(32, 50, 64), (256, 100, 128), (64, 4096, 1)]
 WANDER = [("collapsed", 32), ("collapsed", 256), ("cp", 32)]  # (mode, B) at the MOSI sizes
 
 
