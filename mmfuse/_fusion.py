@@ -495,8 +495,11 @@ def plan_lowrank(
 # --------------------------------------------------------------------------- CP fusion
 
 
-def as_cp(cp: Any) -> tuple[Any, list[Any]]:
-    """Normalise a ``tensorly.cp_tensor.CPTensor`` or a ``(weights, factors)`` pair."""
+def as_cp(cp: Any, rows: Sequence[int] | None = None) -> tuple[Any, list[Any]]:
+    """Normalise a ``tensorly.cp_tensor.CPTensor`` or a ``(weights, factors)`` pair.  ``rows``:
+    the modality factors' expected row counts (``d_m + 1``, or ``d_m`` without the constant),
+    where the caller knows them: a rank mismatch's hint then calls a factor transposed only
+    where its transpose fits its modality."""
     if hasattr(cp, "weights") and hasattr(cp, "factors"):  # CPTensor, without importing TensorLy
         weights, factors = cp.weights, cp.factors
     elif isinstance(cp, (list, tuple)) and len(cp) == 2:
@@ -527,7 +530,7 @@ def as_cp(cp: Any) -> tuple[Any, list[Any]]:
         if f.shape[1] != rank:
             raise ValueError(
                 f"cp factor {i} has rank {f.shape[1]} (shape {fmt_shape(f.shape)}) but cp factor "
-                f"0 has rank {rank} (shape {fmt_shape(factors[0].shape)}){_transposed_hint(factors, i)}"
+                f"0 has rank {rank} (shape {fmt_shape(factors[0].shape)}){_transposed_hint(factors, i, rows)}"
             )
     if weights is not None:
         if not is_array(weights):
@@ -544,21 +547,30 @@ _CP_LAYOUT = (
 )
 
 
-def _transposed_hint(factors: Sequence[Any], i: int) -> str:
+def _transposed_hint(factors: Sequence[Any], i: int, rows: Sequence[int] | None = None) -> str:
     """The expected layout, and which factor looks transposed, for factor ``i`` whose rank
-    (columns) differs from factor 0's."""
+    (columns) differs from factor 0's.  With the modality factors' expected ``rows`` (as
+    many as the modality factors), a modality factor is called transposed only where its
+    column count is its expected row count: one with the right rows but a column short had
+    been told it "looks transposed", and its transpose was then refused for its rows (a
+    review's find).  Without them (no inputs to read d_m from), a guess from the shapes."""
+    known = rows is not None and len(rows) == len(factors) - 1
+
+    def turned(k: int) -> bool:  # factor k's transpose fits its rows (the output's: unknown)
+        return not known or k >= len(factors) - 1 or factors[k].shape[1] == rows[k]  # type: ignore[index]
+
     f, first = factors[i], factors[0]
-    if f.shape[0] == first.shape[1]:
+    if f.shape[0] == first.shape[1] and turned(i):
         return (
             f"; cp factor {i} looks transposed (its transpose, of shape {fmt_shape(f.shape[::-1])}, "
             f"has rank {first.shape[1]}); {_CP_LAYOUT}"
         )
-    if first.shape[0] == f.shape[1]:
+    if first.shape[0] == f.shape[1] and turned(0):
         return (
             f"; cp factor 0 looks transposed (its transpose, of shape "
             f"{fmt_shape(first.shape[::-1])}, has rank {f.shape[1]}); {_CP_LAYOUT}"
         )
-    if f.shape[0] == first.shape[0]:
+    if f.shape[0] == first.shape[0] and all(turned(k) for k in range(len(factors))):
         return (
             f"; the factors look transposed (they share their row count, {f.shape[0]}, where "
             f"the rank belongs); {_CP_LAYOUT}"
@@ -572,14 +584,14 @@ def check_cp_inputs(
     """The checks of a CP fusion's arguments (:func:`cp_fusion`, and
     :func:`mmfuse.cp_interactions` without a bias); returns ``(xs, weights, factors)``."""
     xs, batch = check_modalities(xs)
-    weights, factors = as_cp(cp)
+    extra = constant_rows(append_one)
+    weights, factors = as_cp(cp, [x.shape[1] + extra for x in xs])
     n = len(xs)
     if len(factors) != n + 1:
         raise ValueError(
             f"cp has {len(factors)} factors; expected M + 1 = {n + 1} (one per modality, then "
             f"the output factor) for {n} modalities"
         )
-    extra = constant_rows(append_one)
     # every factor transposed: each transpose fits its modality, all with one rank.  Only
     # then: the factors share their column count R here (as_cp), so one transposed factor's
     # transpose has another rank than the others (the hint had said it "would fit", and the

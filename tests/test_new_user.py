@@ -396,6 +396,23 @@ def test_a_factor_with_wrong_rows_is_not_called_transposed_when_its_transpose_wo
         mmfuse.cp_fusion(xs, (None, [a0, a1, c]))
 
 
+def test_a_factor_short_of_a_column_is_not_called_transposed():
+    """A modality factor with its modality's rows and the wrong column count: its transpose
+    would not fit its rows, yet the rank check called it transposed, and the call that
+    followed that advice was refused for its rows (a review's find).  Only the layout is
+    named; a factor whose transpose does fit is still called transposed."""
+    xs = [np.ones((4, 3)), np.ones((4, 2))]
+    w = np.ones(3)
+    for short in (np.ones((3, 2)), np.ones((3, 4))):
+        with pytest.raises(ValueError) as info:
+            mmfuse.cp_fusion(xs, (w, [np.ones((4, 3)), short, np.ones((5, 3))]))
+        assert "transposed" not in str(info.value)
+        assert re.search(r"^cp factor 1 has rank \d \(shape \(3, \d\)\) but cp factor 0 has rank 3 .*; " + LAYOUT, str(info.value))
+    xs = [np.ones((4, 3)), np.ones((4, 4))]
+    with pytest.raises(ValueError, match=r"cp factor 1 looks transposed \(its transpose, of shape \(5, 3\), has rank 3\)"):
+        mmfuse.cp_interactions(xs, (w, [np.ones((4, 3)), np.ones((3, 5)), np.ones((5, 3))]))
+
+
 def test_layer_from_cp_says_the_factor_looks_transposed():
     with pytest.raises(ValueError, match=r"cp factor 1 looks transposed .*" + LAYOUT):
         mnn.CPFusion.from_cp((None, [torch.ones(4, 2), torch.ones(2, 3), torch.ones(5, 2)]))
