@@ -153,6 +153,66 @@ def test_lowrank_plain_forms_are_the_ones_their_rules_name(rng, monkeypatch, out
         assert_close(y, results[0], rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lowrank_forward_runs_whole_batch_at_few_rows_with_wide_outputs(rng, monkeypatch, dtype):
+    """Without autograd on the CPU, beyond the core's bound on B R h, the whole-batch form runs
+    where B <= ``FORWARD_WHOLE_BATCH_ROWS`` and h > ``FORWARD_WHOLE_BATCH_WIDTH``: the blocked
+    op copied every factor as (D, R h) per call, 2.0x the plain expression at B = 16, R 512,
+    h 64.  Which form runs on each side of the rule (more rows, h = 8, the rule switched off,
+    autograd recording), each against the float64 reference, absent features NaN."""
+    import mmfuse._core.fusion as core_fusion
+
+    torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
+    rows = torch_lowrank.FORWARD_WHOLE_BATCH_ROWS
+    width = torch_lowrank.FORWARD_WHOLE_BATCH_WIDTH
+    calls = {"whole": 0, "op": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(torch_lowrank, "_whole_batch_forward", counted("whole", torch_lowrank._whole_batch_forward))
+    monkeypatch.setattr(torch_lowrank, "_lowrank_eager", counted("op", torch_lowrank._lowrank_eager))
+    dims = (5, 3, 7)
+    cases = [  # (B, R, h, row bound, autograd, form): every B R h over the core's 2**18
+        (16, 512, 64, None, False, "whole"),  # the benchmark's R h
+        (rows, 64, 64, None, False, "whole"),
+        (rows + 1, 64, 64, None, False, "op"),
+        (rows, 512, width, None, False, "op"),  # (R GEMMs of 8 columns: slower than one of R h)
+        (rows, 64, 64, -1, False, "op"),  # (blocked_paths' switch of this rule)
+        (16, 512, 64, None, True, "plain"),  # a training step keeps its rules: plain_fusion
+    ]
+    for batch, rank, out_dim, bound, records, form in cases:
+        assert not core_fusion.whole_batch(batch, rank, out_dim)
+        if bound is not None:
+            monkeypatch.setattr(torch_lowrank, "FORWARD_WHOLE_BATCH_ROWS", bound)
+        xs = [rng.standard_normal((batch, d)) for d in dims]
+        present = rng.random((batch, len(dims))) < 0.8
+        for m, x in enumerate(xs):
+            x[~present[:, m]] = np.nan
+        p = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=rng)
+        p["bias"] = rng.standard_normal(out_dim)
+        args = [
+            [torch.tensor(x, dtype=dtype, requires_grad=records) for x in xs],
+            [torch.tensor(f, dtype=dtype) for f in p["factors"]],
+            torch.tensor(p["weights"], dtype=dtype),
+            torch.tensor(p["bias"], dtype=dtype),
+        ]
+        calls.update(whole=0, op=0)
+        got = mmfuse.lowrank_fusion(*args, present=torch.as_tensor(present))
+        want = {"whole": (1, 0), "op": (0, 1), "plain": (0, 0)}[form]
+        assert (calls["whole"], calls["op"]) == want, (batch, rank, out_dim, bound, records, calls)
+        assert got.dtype == dtype and got.is_contiguous() and torch.isfinite(got).all()
+        ref_args = [xs, p["factors"], p["weights"], p["bias"]]
+        want_y = mmfuse.reference.lowrank_fusion(*ref_args, present=present)
+        scale = float(np.max(np.abs(want_y))) + 1.0
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert_close(got.detach().numpy(), want_y, rtol=tol, atol=tol * scale)
+
+
 @pytest.mark.parametrize("staged_rows", [-1, 1 << 30])
 def test_lowrank_plain_forms_take_rank_zero(staged_rows, monkeypatch):
     """R = 0 (an empty sum over ranks): the result is the bias broadcast over (B, h), as the

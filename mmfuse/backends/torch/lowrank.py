@@ -416,6 +416,24 @@ FORWARD_PLAIN_ELEMENTS = 1 << 16
 FORWARD_PLAIN_RANK_OUTPUTS = 8
 
 
+# Without autograd on the CPU, the whole-batch form also runs beyond the core's bound on B R h
+# where B is at most FORWARD_WHOLE_BATCH_ROWS and h over FORWARD_WHOLE_BATCH_WIDTH (NumPy's own
+# rule, mmfuse._core.fusion.NUMPY_WHOLE_BATCH_ROWS, measured again for torch).  There the
+# blocked op's copy of every factor as (D_m, R h) per call (1/B of the GEMMs' flops, but a
+# strided copy of R D_m h elements) decided the time: 2.0x the plain torch expression at B =
+# 16, (32, 32, 32), R 512, h 64 (benchmarks/sizes.py).  Measured (forward under no_grad, one
+# thread, thread CPU time, minima of 3 calls, medians of 7 interleaved rounds, float32, on the
+# 2-core CI box, the forty-third session), whole-batch / op: 0.52-1.08 for B R h = 2**19 to
+# 2**22, B 16 to 128, h 32 to 128, R 64 to 1024 ((32, 32, 32), (8, 16, 64), (32, 32, 128),
+# (64, 64, 64)), the whole-batch form 0.92-1.05x the plain expression; with h = 4 or 8 (R
+# 1024 to 4096) 1.36-4.53: there the op's one GEMM of R h columns beats R GEMMs of h columns,
+# as on NumPy.  Not while autograd records: there the step's rules above hold, and mmfuse's
+# step already took 0.52-0.87x the plain expression's at those sizes (the whole-batch function
+# 0.82-1.01x of it, but holding M (R, B, h) projections for backward where the op holds none).
+FORWARD_WHOLE_BATCH_ROWS = 128
+FORWARD_WHOLE_BATCH_WIDTH = 8
+
+
 # Up to this many samples on the CPU, and always on an accelerator, plain_fusion stages the
 # constant (``[x_m, 1]``, one copy of x_m), and with h = 1 runs batch-major, (B, R); beyond, it
 # runs rank-major, (R h, B), with the constant's row of F_m as addmm's bias.  Measured (one
@@ -500,6 +518,16 @@ def whole_batch(batch: int, rank: int, out_dim: int, on_cpu: bool = True, widest
     if not on_cpu:
         return batch * rank * max(out_dim, widest) <= ACCELERATOR_WHOLE_BATCH_ELEMENTS
     return batch <= WHOLE_BATCH_ROWS and _core_fusion.whole_batch(batch, rank, out_dim)
+
+
+def wide_forward(batch: int, out_dim: int) -> bool:
+    """Whether a forward without autograd on the CPU runs whole-batch beyond
+    :func:`whole_batch`'s bounds: at most :data:`FORWARD_WHOLE_BATCH_ROWS` samples and h over
+    :data:`FORWARD_WHOLE_BATCH_WIDTH` (the measurements are theirs); never under
+    ``torch.compile``, which traces the custom op."""
+    if torch.compiler.is_compiling():
+        return False
+    return batch <= FORWARD_WHOLE_BATCH_ROWS and out_dim > FORWARD_WHOLE_BATCH_WIDTH
 
 
 def whole_batch_grads(
@@ -775,7 +803,8 @@ def lowrank_fusion(
 ) -> Any:
     """``mmfuse.lowrank_fusion`` on torch tensors (inputs checked): problems up to a size
     (:func:`plain_form`) as plain operations under autograd (:func:`plain_fusion`), small
-    ones with many outputs as one autograd function over the rank-major form (see above),
+    ones with many outputs as one autograd function over the rank-major form (see above; a
+    forward without autograd also at few samples with wide outputs, :func:`wide_forward`),
     others as the blocked ``mmfuse::lowrank_fusion`` custom op (always under
     ``torch.compile``)."""
     rank, _, out_dim = factors[0].shape
@@ -784,7 +813,9 @@ def lowrank_fusion(
     if plain_form(batch, rank, out_dim, on_cpu, present is not None, records):
         return plain_fusion(xs, factors, weights, bias, append_one, present)
     widest = 0 if on_cpu else max(x.shape[1] for x in xs)  # (the CPU's rule ignores it)
-    if whole_batch(batch, rank, out_dim, on_cpu, widest):
+    if whole_batch(batch, rank, out_dim, on_cpu, widest) or (
+        not records and on_cpu and wide_forward(batch, out_dim)
+    ):
         if records:
             return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)
         # nothing to differentiate: the same forward without autograd.Function's apply (a
