@@ -1285,6 +1285,29 @@ def _copy_host_draw(param: torch.Tensor, values: Any) -> None:
     param.copy_(src)
 
 
+def _check_module_factory(name: str, module: Any, like: torch.Tensor) -> None:
+    """Refuse (TypeError) an ``nn.Module`` argument (a layer's submodule) whose parameters or
+    buffers are not on the device of ``like`` (a parameter the layer has just made: its
+    ``device``/``dtype`` arguments, or torch's defaults), or whose floating parameters are
+    not in its dtype where that is float32 or float64.  (A 16-bit layer computes in float32
+    and calls such a module in its parameters' own dtype: :func:`~mmfuse._core.sequence.in_own_dtype`.)
+    The layer does not move the module (``.to()`` would change the caller's module in place;
+    ``torch.nn`` layers that take modules leave them as given); unchecked, the first forward
+    failed inside the module with torch's dtype or device error, which named neither."""
+    if not isinstance(module, nn.Module):
+        return
+    full = like.dtype not in (torch.float16, torch.bfloat16)
+    for part, t in (*module.named_parameters(), *module.named_buffers()):
+        wrong_dtype = full and isinstance(t, nn.Parameter) and t.is_floating_point() and t.dtype != like.dtype
+        if wrong_dtype or t.device != like.device:
+            raise TypeError(
+                f"{name} holds {part} in {t.dtype} on {t.device}, where the layer's parameters are "
+                f"{like.dtype} on {like.device}: build the {name} there too (e.g. "
+                f"nn.PReLU(device=..., dtype=...)) or move it with .to() first; the layer does "
+                f"not move a module it is given"
+            )
+
+
 class WanderAdapter(nn.Module):
     r"""The Wander adapter (Guo et al., AAAI 2025) as a layer: :func:`mmfuse.wander`.
 
@@ -1305,6 +1328,11 @@ class WanderAdapter(nn.Module):
     mode : {"cp", "collapsed"}, default "cp"
         As in :func:`mmfuse.sequence_fusion`; ``"collapsed"`` is the released contraction.
     activation : {"gelu", "gelu_tanh", "relu", "identity"} or callable, default "gelu"
+        A callable ``nn.Module`` becomes a submodule (its parameters are the layer's, and
+        ``.to()`` moves them); it must be on the layer's device and, for a float32 or
+        float64 layer, hold its floating parameters in the layer's dtype (TypeError
+        otherwise: the layer does not move a module it is given; a 16-bit layer calls it in
+        its parameters' own dtype).
     residual : {"first", "none"}, default "first"
     init : {"trainable", "parity"}, default "trainable"
         The scheme of :func:`mmfuse.init_wander` used by ``reset_parameters``; ``"parity"``
@@ -1417,6 +1445,7 @@ class WanderAdapter(nn.Module):
         _fusion.check_allocations(type(self).__name__, planned, self.max_elements)
         r = self.rank
         self.down_weights = nn.ParameterList([nn.Parameter(torch.empty(d, r, **fk)) for d in self.in_dims])
+        _check_module_factory("activation", activation, self.down_weights[0])
         self.down_biases = nn.ParameterList(
             [nn.Parameter(torch.empty(r, **fk)) for _ in self.in_dims] if with_bias else []
         )

@@ -629,6 +629,33 @@ def test_a_callable_activation_with_parameters_is_called_in_their_dtype(batch):
     assert_close(y, ref.wander(nxs, params, activation=np.tanh), dtype=np.float16, rtol=0.02, atol=0.02)
 
 
+def test_an_activation_module_off_the_layers_dtype_or_device_is_refused_naming_it():
+    """An ``nn.Module`` activation is a submodule that the layer does not move: built with
+    ``dtype=float64`` or on ``meta`` around a float32 CPU PReLU, the layer had failed in its
+    first forward inside ``prelu`` with torch's dtype or device error (a review's find).  Now
+    the constructor names the activation; a module in the layer's dtype and device works, as
+    does one of any dtype in a 16-bit layer (called in its own dtype), and the layer's
+    ``.to()`` still moves it with the rest."""
+    sizes = {"rank": 3, "feature_rank": 2, "token_rank": 2}
+    for act, options in (
+        (torch.nn.PReLU(), {"dtype": torch.float64}),
+        (torch.nn.PReLU(), {"device": "meta"}),
+        (torch.nn.PReLU(dtype=torch.bfloat16), {}),
+    ):
+        with pytest.raises(TypeError, match=r"^activation holds weight in torch\.\w+ on cpu, where the layer's parameters are"):
+            WanderAdapter([6, 6], [4, 3], **sizes, activation=act, **options)
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    xs = [torch.randn(2, 4, 6, generator=gen, dtype=torch.float64), torch.randn(2, 3, 6, generator=gen, dtype=torch.float64)]
+    layer = WanderAdapter([6, 6], [4, 3], **sizes, activation=torch.nn.PReLU(dtype=torch.float64), dtype=torch.float64)
+    assert layer(xs).dtype == torch.float64
+    meta = WanderAdapter([6, 6], [4, 3], **sizes, activation=torch.nn.PReLU(device="meta"), device="meta")
+    assert meta([x.to("meta", torch.float32) for x in xs]).device.type == "meta"
+    half = WanderAdapter([6, 6], [4, 3], **sizes, activation=torch.nn.PReLU(), dtype=torch.bfloat16)
+    assert half([x.to(torch.bfloat16) for x in xs]).dtype == torch.bfloat16
+    moved = WanderAdapter([6, 6], [4, 3], **sizes, activation=torch.nn.PReLU()).double()
+    assert moved.activation.weight.dtype == torch.float64 and moved(xs).dtype == torch.float64
+
+
 @pytest.mark.parametrize("name", ["ZoomShift", "GuidedZoomShift"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_per_modality_outputs_are_a_tuple_and_fire_backward_hooks(name, compiled, rng):
