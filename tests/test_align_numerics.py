@@ -169,6 +169,37 @@ def test_large_numpy_calls_run_during_interpreter_shutdown(tmp_path):
     assert res.stdout.split() == ["thread", "True", "atexit", "True"], (res.stdout, res.stderr)
 
 
+@pytest.mark.parametrize("started", [0, 1])
+def test_run_tasks_does_the_work_itself_when_no_thread_can_start(monkeypatch, started):
+    """The numba CPU kernels' task runner: Python 3.12 refuses new threads at interpreter
+    shutdown (an atexit handler, a non-daemon thread still running after the main one), and
+    ``moments`` / ``zoom_shift`` / ``align`` through numba raised "can't create new thread
+    at interpreter shutdown" there (a review's find, on 3.12).  With thread starts refused
+    (after ``started`` succeeded), every task still runs exactly once and the call returns."""
+    import _thread
+    import types
+
+    from mmfuse._core import threads
+
+    calls = {"n": 0}
+
+    def start_new_thread(fn, args):
+        calls["n"] += 1
+        if calls["n"] > started:
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        return _thread.start_new_thread(fn, args)
+
+    monkeypatch.setattr(threads, "_thread", types.SimpleNamespace(start_new_thread=start_new_thread))
+    seen = np.zeros(37, dtype=np.int64)
+
+    def kernel(out, t0, t1):
+        out[t0:t1] += 1
+
+    threads.run_tasks(kernel, 37, 4, seen)
+    assert calls["n"] == started + 1
+    assert (seen == 1).all()
+
+
 def test_dask_stays_lazy(rng):
     da = pytest.importorskip("dask.array")
     x = _wide(rng, (4, 16, 3))

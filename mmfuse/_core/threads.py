@@ -56,7 +56,13 @@ def run_tasks(kernel: Any, n_tasks: int, workers: int, *args: Any) -> None:
     for _ in range(workers - 1):
         # not threading.Thread: its start() waits until the new thread runs, which on a busy
         # machine is the very wait this scheme avoids
-        _thread.start_new_thread(work, ())
+        try:
+            _thread.start_new_thread(work, ())
+        except RuntimeError:
+            # no new thread: the interpreter is shutting down (Python 3.12 refuses threads to
+            # an atexit handler, or to a non-daemon thread still running after the main one),
+            # or the OS is out of threads.  The threads started, and this one, take every task
+            break
     work()
     done.wait()
     if errors:
