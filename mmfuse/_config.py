@@ -137,8 +137,13 @@ def set_config(**options: Any) -> None:
     DataLoader's or a ``multiprocessing`` pool's under those start methods) and Dask's worker
     processes begin from the defaults and the environment, so set ``MMFUSE_BACKEND`` /
     ``MMFUSE_PREFER`` before starting them (or call this in each); a ``fork`` child begins
-    with its parent's settings of the forking thread.  (A call on Dask arrays is decided on
-    the client, when the graph is built: its tasks read no settings on the workers.)
+    with the settings of the thread that forked it, which for a ``multiprocessing`` pool's
+    replacement workers (``maxtasksperchild``, a worker that died) is a thread of the pool's
+    own, with the defaults and the environment: set the environment variables, or call this
+    in the pool's ``initializer``.  A thread that calls this keeps the setting for whatever
+    it runs next (a ``ThreadPoolExecutor``'s worker, its later tasks): use
+    :func:`config_context` in such code.  (A call on Dask arrays is decided on the client,
+    when the graph is built: its tasks read no settings on the workers.)
 
     Parameters
     ----------
