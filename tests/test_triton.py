@@ -618,6 +618,41 @@ def test_stats_kernels_grid_stays_within_cudas_limit():
     assert not _stats_kernels_take(fits, -2, [None, None], tall)
 
 
+@pytest.mark.parametrize("switch", ["cuda_matmul", "generic", "legacy", "matmul_precision"])
+def test_tf32_follows_torchs_switches_without_raising(rng, switch):
+    """float32 dots use TF32 exactly when torch's CUDA matmuls would, whichever of torch's
+    switches set it.  The kernels had read the legacy ``allow_tf32``, which raises
+    RuntimeError once the new ``fp32_precision`` API has set the precision: every Triton
+    fusion call failed then (a review's find).  16-bit and float64 precisions are unchanged;
+    the state is restored."""
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.fp32_precision, torch.backends.fp32_precision, torch.get_float32_matmul_precision())
+    assert _ops._precision(torch.float32) == "ieee"  # (torch's default)
+    try:
+        if switch == "cuda_matmul":
+            matmul.fp32_precision = "tf32"
+        elif switch == "generic":
+            torch.backends.fp32_precision = "tf32"
+        elif switch == "legacy":
+            matmul.allow_tf32 = True
+        else:
+            torch.set_float32_matmul_precision("high")
+        assert _ops._precision(torch.float32) == "tf32"
+        assert _ops._precision(torch.float16) == "ieee"
+        xs = [torch.tensor(rng.standard_normal((4, d)), dtype=torch.float32) for d in (3, 2)]
+        fs = [torch.tensor(rng.standard_normal((2, d + 1, 5)), dtype=torch.float32) for d in (3, 2)]
+        got = mmfuse.lowrank_fusion(xs, fs, backend="triton")
+        want = ref.lowrank_fusion([_np(x) for x in xs], [_np(f) for f in fs])
+        assert_close(_np(got), want, rtol=1e-2, atol=1e-2)  # (the interpreter's dots are float32)
+    finally:  # (each switch undone by itself, then the new API's values, "none" included)
+        if switch == "legacy":
+            matmul.allow_tf32 = False
+        elif switch == "matmul_precision":
+            torch.set_float32_matmul_precision(saved[2])
+        matmul.fp32_precision, torch.backends.fp32_precision = saved[:2]
+    assert _ops._precision(torch.float32) == "ieee"
+
+
 def test_import_mmfuse_does_not_import_triton():
     code = "import sys, mmfuse, mmfuse.backends; print('triton' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -84,7 +84,8 @@ backward's read-modify-writes of its own dx rows (once per output slice) and dF 
 dots with TF32 off run on the FMA units (no tensor cores), as torch's own.
 
 Numerics: float32 accumulation everywhere (16-bit inputs included; results cast back).
-float32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, as torch).
+float32 dots use TF32 exactly when torch's own CUDA matmuls do (``torch.backends.cuda.matmul.fp32_precision``,
+which ``allow_tf32`` and ``torch.set_float32_matmul_precision`` also set; off by default, as torch).
 float64 inputs and more than eight modalities go to the torch backend's custom ops (the
 kernels are built for float32/float16/bfloat16; fp64 dots would run far below the GPU's
 FP32/TF32 rate), and so do ranks over ``_ops.MAX_RANK`` (512: the tiles of larger ones need

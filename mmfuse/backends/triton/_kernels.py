@@ -16,7 +16,7 @@ Conventions shared by every kernel here:
   and outputs load zeros and are never stored.
 - Products accumulate in float32 (``tl.dot`` with a float32 accumulator; float16/bfloat16
   operands go to the tensor cores as they are, float32 ones with ``PRECISION`` "ieee" or
-  "tf32" following ``torch.backends.cuda.matmul.allow_tf32``).
+  "tf32" as torch's own CUDA matmuls, ``_ops.tf32_matmuls``).
 - Masked loads never read absent or out-of-range data: an absent modality's row is loaded
   as zeros (so NaNs stored there cannot reach the result) and contributes only its constant
   row, exactly as the reference's hat x = [0, ..., 0, 1].

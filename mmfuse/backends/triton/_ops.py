@@ -263,9 +263,25 @@ def _precision(dtype: torch.dtype) -> str:
     "upcast" works around the interpreter's broken bfloat16 dots (see ``_kernels._dot``)."""
     if INTERPRETED and dtype == torch.bfloat16:
         return "upcast"
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and tf32_matmuls():
         return "tf32"
     return "ieee"
+
+
+def tf32_matmuls() -> bool:
+    """Whether torch's own float32 matmuls on CUDA use TF32: ``fp32_precision`` of
+    ``torch.backends.cuda.matmul`` ("none": the generic ``torch.backends.fp32_precision``'s),
+    which follows the legacy ``allow_tf32`` and ``set_float32_matmul_precision`` as well;
+    the legacy flag alone on a torch without it.  Not the legacy flag where the new switch
+    exists: reading it raises RuntimeError once the new API has set the precision, which
+    made every Triton fusion call fail (a review's find)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # (a torch before the fp32_precision switches)
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
