@@ -32,7 +32,7 @@ tb = import_interpreted()
 import mmfuse  # noqa: E402
 import mmfuse.reference as ref  # noqa: E402
 from mmfuse.backends import available  # noqa: E402
-from mmfuse.backends.triton import _ops  # noqa: E402
+from mmfuse.backends.triton import _kernels, _ops  # noqa: E402
 from mmfuse.testing import assert_close  # noqa: E402
 
 LOW = (torch.float16, torch.bfloat16)
@@ -597,6 +597,17 @@ def test_batches_past_32_bit_rows_go_to_the_torch_ops(monkeypatch):
         assert launched == ([] if batch > 5 else ["lowrank_call", "cp_call"]), batch
 
 
+def test_factor_slabs_past_32_bit_offsets_go_to_the_torch_ops(monkeypatch):
+    """The fusion kernels' offsets inside one rank's low-rank slab ((d_m + 1) h) and inside a
+    CP factor are 32-bit: a larger slab (4 GiB of float16 at R = 1) read at wrapped offsets
+    (a review's find), so the torch backend's ops take it.  The limit made small here: the
+    factors of ``_factors`` have slabs of 16 and 12 (low-rank) and 8, 6 and 8 elements (CP)."""
+    rng = np.random.default_rng(9)
+    xs = [torch.tensor(rng.standard_normal((5, d)), dtype=torch.float32) for d in (3, 2)]
+    for limit, want in ((16, ["lowrank_call", "cp_call"]), (15, ["cp_call"]), (8, ["cp_call"]), (7, [])):
+        assert _launches_under_limit(monkeypatch, "MAX_SLAB_ELEMENTS", limit, xs, *_factors(rng, 2)) == want, limit
+
+
 def test_stats_kernels_grid_stays_within_cudas_limit():
     """The statistics kernels put channel blocks on grid axis 1 (at most 65535 programs on
     CUDA): every tile choice keeps ``_ops.MAX_CHANNELS`` channels within it, and one more
@@ -616,6 +627,34 @@ def test_stats_kernels_grid_stays_within_cudas_limit():
     tall, fits = one.expand(2, 2**30, 2, 3), one.expand(1, _ops.MAX_ROWS, 2, 3)
     assert _stats_kernels_take(fits, -2, [None]) and not _stats_kernels_take(tall, -2, [None])
     assert not _stats_kernels_take(fits, -2, [None, None], tall)
+
+
+def test_backward_splits_cover_every_row_up_to_the_largest_batch():
+    """The dL/dfactor kernel's split bounds (``_kernels._split_rows``, run by the
+    interpreter with 32-bit arguments as on a GPU) at the splits ``_splits`` gives: every
+    split's [start, stop) is the host's, so the splits tile [0, B), up to B = MAX_BATCH.  The
+    stop had been ``min(start + rows, B)``, which wrapped past 2**31 - 1 for the last split
+    of B = 2**31 - 1 (h = 1, R = 4: 512 splits of 2**22 rows): a negative stop, its 4.2
+    million rows dropped from dL/dF and dL/dw without a NaN (a review's find)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit  # (the interpreter reads _kernels from this module's globals)
+    def bounds(out_ptr, rows_per_split, batch):
+        split = tl.program_id(0)
+        start, stop = _kernels._split_rows(split, rows_per_split, batch)
+        tl.store(out_ptr + 2 * split, start)
+        tl.store(out_ptr + 2 * split + 1, stop)
+
+    for batch in (_ops.MAX_BATCH, _ops.MAX_BATCH - 2**21, 2**31 - 2**22, 1000):
+        for block_b, factor_elems in ((64, 8), (16, 1 << 20)):
+            splits, rows = _ops._splits(batch, block_b, 1, factor_elems)
+            out = torch.empty(2 * splits, dtype=torch.int32)
+            bounds[(splits,)](out, rows, batch)
+            got = out.view(splits, 2).tolist()
+            want = [[s * rows, min((s + 1) * rows, batch)] for s in range(splits)]
+            assert got == want, (batch, block_b, splits, rows)
+            assert got[-1][1] == batch
 
 
 @pytest.mark.parametrize("switch", ["cuda_matmul", "generic", "legacy", "matmul_precision"])

@@ -341,6 +341,23 @@ def test_factors_past_32_bit_offsets_go_to_the_torch_backend(rng, monkeypatch):
             assert_close(out, _ref(hs, feats, toks, None, "cp"))
 
 
+def test_launches_past_cudas_grid_go_to_the_torch_backend():
+    """One program per (sample, output token tile, output feature tile) on CUDA's grid axis
+    0, at most MAX_PROGRAMS: a batch of 2**31 with T_out = D = 1 had been launched, and
+    Triton's launcher raised OverflowError (a review's find, by reading); such calls go to
+    the torch backend.  Read with the smallest tiles (16 x 16), on views of one element."""
+    one = torch.ones((1, 1, 1))
+    feat, tok = one.expand(1, 1, 1), one.expand(1, 1, 1)
+    takes = _sequence_ops.takes
+    assert takes([one.expand(_sequence_ops.MAX_PROGRAMS, 1, 1)], [1], [feat], [tok])
+    assert not takes([one.expand(2**31, 1, 1)], [1], [feat], [tok])
+    # 17 output tokens and 33 features: 2 x 3 tiles of 16 per sample
+    wide_feat, wide_tok = one.expand(1, 1, 33), one.expand(1, 1, 17)
+    fits = _sequence_ops.MAX_PROGRAMS // 6
+    assert takes([one.expand(fits, 1, 1)], [1], [wide_feat], [wide_tok])
+    assert not takes([one.expand(fits + 1, 1, 1)], [1], [wide_feat], [wide_tok])
+
+
 def test_empty_batch(rng):
     hs, feats, toks, _, _ = _problem(rng, 0, (3, 2), (2, 2), 2, 2, 3, 4, False, torch.float32)
     out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", backend="triton")

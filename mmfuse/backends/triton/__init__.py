@@ -89,10 +89,11 @@ which ``allow_tf32`` and ``torch.set_float32_matmul_precision`` also set; off by
 float64 inputs and more than eight modalities go to the torch backend's custom ops (the
 kernels are built for float32/float16/bfloat16; fp64 dots would run far below the GPU's
 FP32/TF32 rate), and so do ranks over ``_ops.MAX_RANK`` (512: the tiles of larger ones need
-more shared memory than a block gets), and batches over ``_ops.MAX_BATCH`` (2**31 - 1: the
-kernels' row index is 32-bit); alignment inputs with over ``_ops.MAX_CHANNELS`` channels
-(524280), or over ``_ops.MAX_ROWS`` rows (CUDA's grid, both), go to the torch backend or the
-core.  Inside ``torch.func`` transforms and forward-mode AD this
+more shared memory than a block gets), batches over ``_ops.MAX_BATCH`` (2**31 - 1: the
+kernels' row index is 32-bit), and factor slabs over ``_ops.MAX_SLAB_ELEMENTS`` (one rank's
+(d_m + 1) h, a CP factor: 32-bit offsets inside them); alignment inputs with over
+``_ops.MAX_CHANNELS`` channels (524280), or over ``_ops.MAX_ROWS`` rows (CUDA's grid, both), go
+to the torch backend or the core.  Inside ``torch.func`` transforms and forward-mode AD this
 module's functions, called directly, hand the call to the torch backend too; through the
 public functions the registry refuses ``backend="triton"`` there (``BackendUnsupported``),
 and "auto" takes the torch backend.
@@ -110,7 +111,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -176,6 +177,13 @@ def _too_many_rows(xs: Sequence[Any]) -> bool:
     return int(xs[0].shape[0]) > _ops.MAX_BATCH
 
 
+def _slabs_too_large(sizes: Iterable[int]) -> bool:
+    """Whether a factor slab the fusion kernels index with 32-bit offsets (``sizes``: one
+    rank's (d_m + 1) h per low-rank factor, a CP factor's elements) is over
+    :data:`~._ops.MAX_SLAB_ELEMENTS`."""
+    return max(sizes, default=0) > _ops.MAX_SLAB_ELEMENTS
+
+
 def lowrank_fusion(
     xs: Sequence[Any],
     factors: Sequence[Any],
@@ -186,7 +194,12 @@ def lowrank_fusion(
     present: Any = None,
 ) -> Any:
     """``mmfuse.lowrank_fusion`` as the ``mmfuse_triton::lowrank_fusion`` op (inputs checked)."""
-    if _delegated(xs, factors, weights, bias) or factors[0].shape[0] > _ops.MAX_RANK or _too_many_rows(xs):
+    if (
+        _delegated(xs, factors, weights, bias)
+        or factors[0].shape[0] > _ops.MAX_RANK
+        or _too_many_rows(xs)
+        or _slabs_too_large(int(f.shape[1]) * int(f.shape[2]) for f in factors)
+    ):
         from .. import torch as torch_backend
 
         return torch_backend.lowrank_fusion(
@@ -206,7 +219,12 @@ def cp_fusion(
 ) -> Any:
     """``mmfuse.cp_fusion`` as the ``mmfuse_triton::cp_fusion`` op (inputs checked)."""
     weights, factors = cp
-    if _delegated(xs, factors, weights, bias) or factors[-1].shape[1] > _ops.MAX_RANK or _too_many_rows(xs):
+    if (
+        _delegated(xs, factors, weights, bias)
+        or factors[-1].shape[1] > _ops.MAX_RANK
+        or _too_many_rows(xs)
+        or _slabs_too_large(int(f.numel()) for f in factors)
+    ):
         from .. import torch as torch_backend
 
         return torch_backend.cp_fusion(xs, cp, bias, append_one=append_one, present=present)

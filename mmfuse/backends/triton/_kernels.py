@@ -343,6 +343,20 @@ def lowrank_bwd_x_kernel(
 
 
 @triton.jit
+def _split_rows(split, rows_per_split, batch):
+    """Rows [start, stop) of batch split ``split``, in 32 bits without overflow: start is
+    below the batch (the host launches cdiv(B, rows_per_split) splits), and so is the stop,
+    as ``start + min(rows_per_split, B - start)``.  ``min(start + rows_per_split, B)``
+    wrapped past 2**31 - 1 for the last split of a batch within 2**22 rows of that bound,
+    whose rows then all failed ``rows < stop``: their dL/dF and dL/dw dropped silently (a
+    review's find, by the interpreter).  Rows stay in 32 bits too: start and the block
+    offsets are multiples of BLOCK_B (rows_per_split is whole row blocks), so a block's last
+    row is at most 2**31 - 1."""
+    start = split * rows_per_split
+    return start, start + tl.minimum(rows_per_split, batch - start)
+
+
+@triton.jit
 def lowrank_bwd_f_kernel(
     pf0, pf1, pf2, pf3, pf4, pf5, pf6, pf7, pw_ptr, g_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7, f0, f1, f2, f3, f4, f5, f6, f7,
@@ -368,8 +382,7 @@ def lowrank_bwd_f_kernel(
     h0 = hb * BLOCK_H
     r, k, col_ok = _columns(h0, n_out, rank, BLOCK_H, RANK_P)
     r64 = r.to(tl.int64)
-    start = split * rows_per_split
-    stop = tl.minimum(start + rows_per_split, batch)
+    start, stop = _split_rows(split, rows_per_split, batch)
     wacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for it in range(0, tl.cdiv(stop - start, BLOCK_B)):
         later = it > 0  # the first block stores, later ones add

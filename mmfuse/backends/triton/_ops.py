@@ -66,6 +66,11 @@ MAX_ROWS = 2**31 - 1
 #: The largest batch the fusion kernels take: their row index (program id times the row block)
 #: is 32-bit (larger ones: the torch backend).
 MAX_BATCH = 2**31 - 1
+#: The most elements of one rank's low-rank factor slab ((d_m + 1) h for (R, d_m + 1, h)) and of
+#: a CP factor that the fusion kernels take: their offsets inside those are 32-bit (a rank's
+#: start is 64-bit), so a larger slab (R = 1, d_m = 65535, h = 32768: 4 GiB of float16) read
+#: at wrapped, negative offsets (a review's find, by reading; larger ones: the torch backend).
+MAX_SLAB_ELEMENTS = 2**31 - 1
 
 _WrapSwitch = Callable[[bool], Any]
 _wrap_switch: _WrapSwitch | None

@@ -23,7 +23,8 @@
 Calls the kernel is not built for go to the torch backend's functions: float64, more than
 eight modalities, ``torch.func`` transforms (as for the other Triton ops), widths r_m
 above :data:`MAX_WIDTH` (the kernel keeps each modality's (T_out slice, r_m) token-first
-tile in registers), and a factor of more than :data:`MAX_FACTOR_ELEMENTS` elements.
+tile in registers), a factor of more than :data:`MAX_FACTOR_ELEMENTS` elements, and a launch
+of more than :data:`MAX_PROGRAMS` programs.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from . import _ops
 from . import _sequence_kernels as SK
 from ._ops import MAX_MODALITIES, _pow2, _precision, _slots
 
-__all__ = ["MAX_FACTOR_ELEMENTS", "MAX_WIDTH", "sequence_call", "sequence_fusion", "takes", "wander"]
+__all__ = [
+    "MAX_FACTOR_ELEMENTS", "MAX_PROGRAMS", "MAX_WIDTH", "sequence_call", "sequence_fusion", "takes", "wander",
+]
 
 #: The largest r_m the kernel takes (rounded up to a power of two it is the width of every
 #: modality's token-first register tile; M of them live through the feature-rank loop).
@@ -53,6 +56,14 @@ MAX_WIDTH = 64
 #: read before the factor; a review's find, shown in the interpreter; the in-sample offsets
 #: ``t r`` and ``t D`` likewise: a diff review's).
 MAX_FACTOR_ELEMENTS = 2**31 - 1
+#: The most programs the kernel's launch may have: one per (sample, output token tile, output
+#: feature tile) on CUDA's grid axis 0, which takes at most 2**31 - 1 (Triton's launcher reads
+#: it as a C int: a larger grid, B >= 2**31 with T_out = D = 1, raised OverflowError rather
+#: than going to the torch backend; a review's find, by reading).
+MAX_PROGRAMS = 2**31 - 1
+#: The smallest BLOCK_T and BLOCK_D of :func:`_sequence_tiles` (a ``tl.dot`` operand's least):
+#: the launch bound is read with them, the most programs any tile choice gives.
+_MIN_TILE = 16
 
 
 class _SeqTiles(NamedTuple):
@@ -120,8 +131,8 @@ def _sequence_tiles(
     spilled 80 bytes, at two 4 (sm_90a, ptxas of the triton wheel; the unmasked one about 30
     either way)."""
     rank_p = max(16, _pow2(max(widths)))
-    block_t = max(16, min(32, _pow2(n_out)))
-    block_d = max(16, min(64, _pow2(out_dim)))
+    block_t = max(_MIN_TILE, min(32, _pow2(n_out)))
+    block_d = max(_MIN_TILE, min(64, _pow2(out_dim)))
     block_k = _ops.block_k_for(dtype)
     num_warps = 4
     shrunk = False
@@ -214,17 +225,20 @@ def takes(
     hs_or_xs: Sequence[Any], widths: Sequence[int], feature: Sequence[Any], token: Sequence[Any], *more: Any
 ) -> bool:  # fmt: skip
     """Whether the kernel serves a call: the other Triton ops' rules (float32 / 16-bit, at
-    most eight modalities, no ``torch.func`` transform), every width r_m <= MAX_WIDTH, and
+    most eight modalities, no ``torch.func`` transform), every width r_m <= MAX_WIDTH,
     every factor, sample of activations (T_m r_m) and sample of the output (T_out D) of at
-    most MAX_FACTOR_ELEMENTS elements."""
+    most MAX_FACTOR_ELEMENTS elements, and a launch of at most MAX_PROGRAMS programs (with
+    the smallest tiles: B cdiv(T_out, 16) cdiv(D, 16))."""
     from . import _delegated  # the package's routing rule (imported by now)
 
     if _delegated(hs_or_xs, feature, token, *more) or max(widths) > MAX_WIDTH:
         return False
     sizes = [f.numel() for f in (*feature, *token)]
     sizes += [int(x.shape[1]) * w for x, w in zip(hs_or_xs, widths)]
-    sizes.append(int(token[0].shape[2]) * int(feature[0].shape[2]))
-    return max(sizes) <= MAX_FACTOR_ELEMENTS
+    n_out, out_dim = int(token[0].shape[2]), int(feature[0].shape[2])
+    sizes.append(n_out * out_dim)
+    programs = int(hs_or_xs[0].shape[0]) * -(-n_out // _MIN_TILE) * -(-out_dim // _MIN_TILE)
+    return max(sizes) <= MAX_FACTOR_ELEMENTS and programs <= MAX_PROGRAMS
 
 
 def _mask_list(masks: Sequence[Any] | None, n: int) -> list[Any]:
