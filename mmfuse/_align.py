@@ -920,6 +920,13 @@ def align(
     under the hub topology: its spread stays sqrt(eps) while the hub's does not move.  That
     changes nothing for its unmasked tokens, which sit at their mean, but blew up its padding
     and, in floating point, the map itself.)  ``zoom_shift``, one step, keeps the formula.
+    Gradients follow the rule too: such a lane's slope along x is 1 (for ``rounds=1``,
+    alpha = 1 and a target fixed by the others, dL/dx_t = w_t minus the mean of w over the
+    lane's unmasked tokens, for upstream w), where the naive definition's is
+    :math:`(\sigma_t / \sqrt{arepsilon})^lpha` per round, compounding (a few hundred
+    for one round at eps = 1e-5 and unit spreads).  So at a constant lane ``align``'s
+    gradient differs from ``zoom_shift``'s and from finite differences of its own outputs
+    (a perturbed lane has a spread, and is zoomed).
 
     Every round is affine in the data, so the implementation measures each modality once,
     runs the rounds on the (B, 1, C) statistics (tracking the variance exactly) and applies

@@ -560,6 +560,30 @@ def test_eps_over_the_statistics_dtypes_largest_is_refused():
     assert_close(mmfuse.zoom_shift(a64, b64, eps=1e39), reference.zoom_shift(a64, b64, eps=1e39))
 
 
+@pytest.mark.parametrize("backend", [None, "array_api", "torch"])
+def test_align_gradient_at_a_lane_without_spread_is_the_unzoomed_maps(backend):
+    """The documented convention (``align``'s Notes): a lane with no spread is not zoomed, in
+    its values and its derivative, so its slope along x is 1: for rounds=1, alpha = 1, two
+    modalities, dL/dx_t = w_t - mean(w) (a review found it disagreeing with ``zoom_shift``'s
+    one-step derivative, sigma_g / sqrt(eps) times that, and with finite differences: that is
+    the rule, now said).  Lanes with a spread take ``zoom_shift``'s gradient, and the values
+    are ``zoom_shift``'s."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    x = torch.randn(3, 5, 2, generator=gen, dtype=torch.float64)
+    x[:, :, 0] = 3.0  # one lane per sample without spread
+    x.requires_grad_(True)
+    g = torch.randn(3, 6, 2, generator=gen, dtype=torch.float64) * 2 + 1
+    w = torch.randn(3, 5, 2, generator=gen, dtype=torch.float64)
+    y = mmfuse.align([x, g], rounds=1, backend=backend)[0]
+    (grad,) = torch.autograd.grad((y * w).sum(), x)
+    z = mmfuse.zoom_shift(x, g, backend=backend)
+    (zgrad,) = torch.autograd.grad((z * w).sum(), x)
+    assert_close(y.detach(), z.detach())
+    assert_close(grad[:, :, 0], w[:, :, 0] - w[:, :, 0].mean(dim=1, keepdim=True), rtol=1e-12, atol=1e-12)
+    assert_close(grad[:, :, 1], zgrad[:, :, 1], rtol=1e-12, atol=1e-12)
+
+
 def test_eps_lost_to_underflow_in_the_statistics_dtype_is_refused():
     """An eps below the smallest normal number of the statistics' dtype (float32 for float32
     and 16-bit inputs) would be lost in var + eps or sqrt(eps) there: refused (it gave NaN in
