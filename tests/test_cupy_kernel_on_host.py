@@ -65,7 +65,7 @@ int run(const char* in_path, const char* out_path) {
             for (int tx = 0; tx < CHANNELS; ++tx)
                 threads.emplace_back([&, tx, ty] {
                     threadIdx = {tx, ty, 0};
-                    KERNEL<T>(x.data(), reinterpret_cast<const bool*>(mask.data()), use_mask, B, L, C,
+                    KERNEL<T>(x.data(), reinterpret_cast<const bool*>(mask.data()), use_mask, L, C,
                               (T)ea[0], mean.data(), std_.data(), apply, g_mean.data(), g_std.data(),
                               ea[1], out.data());
                 });

@@ -32,24 +32,32 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .._core import align as core_align
 from .._extras import install_command
 
 if importlib.util.find_spec("cupy") is None:
     raise ImportError(f"the cupy backend needs CuPy ({install_command('cupy')})")
 
 
-__all__ = ["WORKSPACE_BYTES", "cp_fusion", "lowrank_fusion", "moments", "zoom_shift"]
+__all__ = ["MAX_STAT_BLOCKS", "WORKSPACE_BYTES", "cp_fusion", "lowrank_fusion", "moments", "zoom_shift"]
 
 #: Target size of the per-chunk projection workspace (bytes).
 WORKSPACE_BYTES = 64 << 20
 MIN_CHUNK_ROWS = 256
 STAT_CHANNELS = 32
 STAT_LANES = 8
+#: The most blocks the statistics kernel launches: one per (row, channel tile) on CUDA's grid
+#: axis x, which takes at most 2**31 - 1 (and CuPy packs as a C int: a larger grid raised
+#: OverflowError; a review's find).  Larger calls (2**31 rows of one channel: 8 GiB of float32
+#: at least) take the core's Array-API path on the same arrays.
+MAX_STAT_BLOCKS = 2**31 - 1
 
 # ----------------------------------------------------------------------------- kernels
 
-# P: (M, rows, N) GEMM results; C: (M, N) constant rows (or unused); present: (B, M) bool.
-# One thread per output element; flags: 1 weights, 2 bias, 4 present, 8 constant rows.
+# P: (M, rows, N) GEMM results; C: (M, N) constant rows (or unused); present: the chunk's
+# (rows, M) bool rows (the host passes each chunk its own slice: a row offset added in 32 bits
+# wrapped past 2**31 rows and read before the mask; a review's find).  One thread per output
+# element; flags: 1 weights, 2 bias, 4 present, 8 constant rows.
 _LOWRANK_BODY = r"""
 const int b = i / h;
 const int k = i - b * h;
@@ -60,7 +68,7 @@ for (int r = 0; r < R; ++r) {
     T term = (flags & 1) ? w[r] : (T)1;
     for (int m = 0; m < M; ++m) {
         T v = (flags & 8) ? C[m * N + col] : (T)0;
-        if (!(flags & 4) || present[(long long)(row0 + b) * M + m]) {
+        if (!(flags & 4) || present[(long long)b * M + m]) {
             v += P[((long long)m * rows + b) * N + col];
         }
         term *= v;
@@ -77,7 +85,7 @@ const int r = i - b * R;
 T term = (flags & 1) ? w[r] : (T)1;
 for (int m = 0; m < M; ++m) {
     T v = (flags & 8) ? C[m * R + r] : (T)0;
-    if (!(flags & 4) || present[(long long)(row0 + b) * M + m]) {
+    if (!(flags & 4) || present[(long long)b * M + m]) {
         v += P[((long long)m * rows + b) * R + r];
     }
     term *= v;
@@ -88,12 +96,15 @@ q = term;
 _STATS_SOURCE = r"""
 template <typename T, typename A, int CH, int LANES>
 __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask, int use_mask,
-                          int B, int L, int C, T eps, A* mean_out, T* std_out, int apply,
+                          long long L, long long C, T eps, A* mean_out, T* std_out, int apply,
                           const A* __restrict__ g_mean, const T* __restrict__ g_std, A alpha,
                           T* out) {
     // The core's shifted two-pass statistics (mmfuse._core.align): pivot p = sum(x) / n,
     // then sums of d = x - p and d * d (from cache where the slab fits it: short token axes);
     // lanes merged in lane order.
+    // Token and channel indices are 64-bit: an int token loop wrapped past 2**31 - 1 tokens
+    // (t += LANES from 2**31 - 32) and read before x, and C + CH - 1 wrapped for 2**31 - 31
+    // channels (a review's find, in nvcc's PTX); the grid's blocks: MAX_STAT_BLOCKS.
     // Accumulated, and the map computed, in A (double for float inputs too: the numba
     // kernels' reasons, mmfuse.backends.numba.ALIGN_ACCUMULATOR), rounded once on the store;
     // the means written and read (mean_out, g_mean) and alpha stay in A: a partial step's
@@ -103,12 +114,12 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
     __shared__ A s2[LANES][CH];
     __shared__ A sc[CH];
     const int tx = threadIdx.x, ty = threadIdx.y;
-    const int c_tiles = (C + CH - 1) / CH;
+    const long long c_tiles = (C + CH - 1) / CH;
     const long long b = blockIdx.x / c_tiles;
-    const int c = (blockIdx.x - b * c_tiles) * CH + tx;
+    const long long c = (blockIdx.x - b * c_tiles) * CH + tx;
     A n = 0, total = 0;
     if (c < C) {
-        for (int t = ty; t < L; t += LANES) {
+        for (long long t = ty; t < L; t += LANES) {
             if (!use_mask || mask[b * L + t]) { n += 1; total += (A)x[(b * L + t) * C + c]; }
         }
     }
@@ -125,7 +136,7 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
     __syncthreads();
     A d1 = 0, d2 = 0;
     if (c < C) {
-        for (int t = ty; t < L; t += LANES) {
+        for (long long t = ty; t < L; t += LANES) {
             if (!use_mask || mask[b * L + t]) {
                 const A d = (A)x[(b * L + t) * C + c] - pivot;
                 d1 += d; d2 += d * d;
@@ -164,7 +175,7 @@ __global__ void stats_map(const T* __restrict__ x, const bool* __restrict__ mask
         __syncthreads();
         if (c < C) {
             const A scale = s1[0][tx], target = s2[0][tx], corr = sc[tx];
-            for (int t = ty; t < L; t += LANES) {
+            for (long long t = ty; t < L; t += LANES) {
                 out[(b * L + t) * C + c] = (T)((((A)x[(b * L + t) * C + c] - pivot) - corr) * scale + target);
             }
         }
@@ -179,7 +190,7 @@ def _elementwise() -> tuple[Any, Any]:
 
     params = (
         "raw T P, raw T C, raw T w, raw T bias, raw bool present, "
-        "int32 M, int32 rows, int32 row0, int32 R, int32 h, int32 flags"
+        "int32 M, int32 rows, int32 R, int32 h, int32 flags"
     )
     lowrank = cupy.ElementwiseKernel(params, "T out", _LOWRANK_BODY, "mmfuse_lowrank_combine")
     cp = cupy.ElementwiseKernel(params, "T q", _CP_BODY, "mmfuse_cp_combine")
@@ -241,6 +252,12 @@ def _combine_args(
     )
 
 
+def _chunk_present(p_arg: Any, present: Any, start: int, stop: int) -> Any:
+    """The combine kernel's ``present`` for rows [start, stop): the mask's own rows (a view),
+    or the one-element stand-in when there is no mask."""
+    return p_arg if present is None else p_arg[start:stop]
+
+
 # ----------------------------------------------------------------------------- fusion
 
 
@@ -280,8 +297,8 @@ def lowrank_fusion(
             n = stop - start
             for m, (x, a) in enumerate(zip(xs_p, mats)):
                 cupy.matmul(x[start:stop], a[: dims[m]], out=work[m, :n])
-            kernel(work, c_arg, w_arg, b_arg, p_arg, n_mod, rows, start, rank, out_dim, flags,
-                   out[start:stop])
+            kernel(work, c_arg, w_arg, b_arg, _chunk_present(p_arg, pres, start, stop), n_mod, rows, rank,
+                   out_dim, flags, out[start:stop])
         # (the cast inside the device's block: CuPy's astype allocates on the current device)
         return out if out.dtype == in_dtype else out.astype(in_dtype)
 
@@ -321,7 +338,8 @@ def cp_fusion(
             n = stop - start
             for m, (x, a) in enumerate(zip(xs_p, mats)):
                 cupy.matmul(x[start:stop], a[: dims[m]], out=work[m, :n])
-            kernel(work, c_arg, w_arg, b_arg, p_arg, n_mod, rows, start, rank, 1, flags, q[:n])
+            kernel(work, c_arg, w_arg, b_arg, _chunk_present(p_arg, pres, start, stop), n_mod, rows, rank, 1,
+                   flags, q[:n])
             cupy.matmul(q[:n], out_t, out=out[start:stop])
         if b is not None:
             out += b
@@ -341,18 +359,24 @@ def _launch_stats(x3: Any, mask: Any, eps: float, mean: Any, std: Any, apply: bo
     import cupy
     import numpy as np
 
-    batch, length, chans = x3.shape
-    blocks = batch * math.ceil(chans / STAT_CHANNELS)
+    _, length, chans = x3.shape
+    blocks = _stat_blocks(x3)
     if not blocks or not length:
         return
     scalar = np.float32 if x3.dtype == cupy.float32 else np.float64
     dummy_mask = cupy.zeros((1,), dtype=cupy.bool_)
     _stats_kernel(x3.dtype)(
         (blocks,), (STAT_CHANNELS, STAT_LANES),
-        (x3, mask if mask is not None else dummy_mask, np.int32(mask is not None), np.int32(batch),
-         np.int32(length), np.int32(chans), scalar(eps), mean, std, np.int32(apply), g_mean, g_std,
+        (x3, mask if mask is not None else dummy_mask, np.int32(mask is not None),
+         np.int64(length), np.int64(chans), scalar(eps), mean, std, np.int32(apply), g_mean, g_std,
          np.float64(alpha), out),
     )
+
+
+def _stat_blocks(x3: Any) -> int:
+    """The statistics kernel's blocks for (rows, tokens, channels) ``x3``: one per (row,
+    channel tile)."""
+    return int(x3.shape[0]) * math.ceil(int(x3.shape[2]) / STAT_CHANNELS)
 
 
 def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> tuple[Any, Any]:
@@ -363,6 +387,9 @@ def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> t
     dtype = _work_dtype(x)
     with cupy.cuda.Device(x.device.id):
         x3 = _lanes(_prep(x, dtype), ax)
+        if _stat_blocks(x3) > MAX_STAT_BLOCKS:  # (past CUDA's grid: the core's path)
+            mean, std = core_align.moments(_prep(x, dtype), axis=ax, mask=mask, eps=eps)
+            return mean.astype(x.dtype, copy=False), std.astype(x.dtype, copy=False)
         mk = None if mask is None else _prep(mask, cupy.bool_).reshape(x3.shape[0], x3.shape[1])
         kept = list(x.shape)
         kept[ax] = 1
@@ -394,6 +421,12 @@ def zoom_shift(
     with cupy.cuda.Device(x.device.id):
         x3 = _lanes(_prep(x, dtype), ax)
         g3 = _lanes(_prep(guide, dtype), ax)
+        if max(_stat_blocks(x3), _stat_blocks(g3)) > MAX_STAT_BLOCKS:  # (as moments')
+            out = core_align.zoom_shift(
+                _prep(x, dtype), _prep(guide, dtype), alpha=alpha, axis=ax, mask=mask,
+                guide_mask=guide_mask, eps=eps,
+            )  # fmt: skip
+            return out.astype(x.dtype, copy=False)
         mk = None if mask is None else _prep(mask, cupy.bool_).reshape(x3.shape[0], x3.shape[1])
         gmk = None if guide_mask is None else _prep(guide_mask, cupy.bool_).reshape(g3.shape[0], g3.shape[1])
         # the guide's mean in the kernel's float64 accumulator, not rounded to x's dtype: a
