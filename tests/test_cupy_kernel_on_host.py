@@ -229,3 +229,111 @@ def test_cupy_partial_step_where_the_means_cancel(host_kernel, alpha):
     want = ref.zoom_shift(x, guide, alpha=alpha)
     ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
     assert np.all(np.abs(y - want) <= 4 * ulp + 1e-6 * np.abs(want).max()), np.max(np.abs(y - want) / ulp)
+
+
+# --------------------------------------------------------------------------- the fusions' combine kernels
+
+_COMBINE_DRIVER = r"""
+#include <cstdio>
+#include <vector>
+template <typename T>
+void lowrank_elem(long long i, const T* P, const T* C, const T* w, const T* bias, const bool* present,
+                  int M, int rows, int R, int h, int flags, T& out) {
+LOWRANK_BODY
+}
+template <typename T>
+void cp_elem(long long i, const T* P, const T* C, const T* w, const T* bias, const bool* present,
+             int M, int rows, int R, int h, int flags, T& q) {
+CP_BODY
+}
+int main(int argc, char** argv) {
+    // ints: cp, M, rows, n, R, h, flags; then P (M rows N), C (M N), w (R), bias (h), present (n M)
+    FILE* f = std::fopen(argv[1], "rb");
+    int a[7];
+    if (std::fread(a, sizeof(int), 7, f) != 7) return 1;
+    const int cp = a[0], M = a[1], rows = a[2], n = a[3], R = a[4], h = a[5], flags = a[6];
+    const long long N = cp ? R : (long long)R * h, width = cp ? R : h;
+    std::vector<double> P(M * rows * N), C(M * N), w(R), bias(h), out(n * width);
+    std::vector<unsigned char> present(n * M);
+    if (std::fread(P.data(), 8, P.size(), f) != P.size() || std::fread(C.data(), 8, C.size(), f) != C.size()
+        || std::fread(w.data(), 8, w.size(), f) != w.size() || std::fread(bias.data(), 8, bias.size(), f) != bias.size()
+        || std::fread(present.data(), 1, present.size(), f) != present.size()) return 1;
+    std::fclose(f);
+    const bool* pres = reinterpret_cast<const bool*>(present.data());
+    for (long long i = 0; i < n * width; ++i) {
+        if (cp) cp_elem<double>(i, P.data(), C.data(), w.data(), bias.data(), pres, M, rows, R, 1, flags, out[i]);
+        else lowrank_elem<double>(i, P.data(), C.data(), w.data(), bias.data(), pres, M, rows, R, h, flags, out[i]);
+    }
+    f = std::fopen(argv[2], "wb");
+    std::fwrite(out.data(), 8, out.size(), f);
+    std::fclose(f);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def combine_kernel(tmp_path_factory):
+    """The backend's two ElementwiseKernel bodies (``_LOWRANK_BODY``, ``_CP_BODY``) compiled for
+    the host, one output element per call as CuPy's loop runs them; float64 operands."""
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on this machine")
+    text = CUPY_SOURCE.read_text()
+    bodies = {name: re.search(rf'{name} = r"""(.*?)"""', text, re.S).group(1) for name in ("_LOWRANK_BODY", "_CP_BODY")}
+    program = _COMBINE_DRIVER.replace("LOWRANK_BODY", bodies["_LOWRANK_BODY"]).replace("CP_BODY", bodies["_CP_BODY"])
+    work = tmp_path_factory.mktemp("cupy_combine")
+    (work / "combine.cpp").write_text(program)
+    done = subprocess.run(
+        [compiler, "-std=c++17", "-O1", "-Wall", "-Werror", "-o", str(work / "combine"), str(work / "combine.cpp")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    def run(cp, P, C, w, bias, present, n, rank, width, flags):
+        n_mod, rows = P.shape[:2]
+        with open(work / "in.bin", "wb") as f:
+            np.array([cp, n_mod, rows, n, rank, width, flags], np.int32).tofile(f)
+            for a in (P, C, w, bias):
+                np.ascontiguousarray(a, np.float64).tofile(f)
+            np.asarray(present, np.uint8).tofile(f)
+        subprocess.run([str(work / "combine"), str(work / "in.bin"), str(work / "out.bin")], check=True)
+        return np.fromfile(work / "out.bin", dtype=np.float64).reshape(n, rank if cp else width)
+
+    return run
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_cupy_combine_kernels_take_their_chunks_present_rows(combine_kernel, start):
+    """Both combine bodies on one batch chunk [start, B), as the backend launches them: the
+    workspace's GEMM rows (rows of them, more than the chunk's; absent samples' rows NaN),
+    the constant rows, and the chunk's own rows of ``present`` (the host's slice: the kernels
+    had added a 32-bit row offset, which wrapped past 2**31 rows; a review's find), against
+    the float64 reference's rows of the chunk."""
+    rng = np.random.default_rng()
+    dims, rank, out_dim, batch = (3, 5, 2), 3, 4, 12
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    present = rng.random((batch, len(dims))) < 0.6
+    for m, x in enumerate(xs):
+        x[~present[:, m]] = np.nan  # absent features never leak
+    w, bias = rng.standard_normal(rank), rng.standard_normal(out_dim)
+    n, rows = batch - start, batch - start + 3  # (the workspace has spare rows)
+    stop = batch
+
+    def workspace(mats):  # (M, rows, N) GEMM results of the chunk, spare rows NaN
+        P = np.full((len(dims), rows, mats[0].shape[1]), np.nan)
+        for m, (x, a) in enumerate(zip(xs, mats)):
+            P[m, :n] = x[start:stop] @ a[: dims[m]]
+        return P, np.stack([a[d] for a, d in zip(mats, dims)])
+
+    factors = [rng.standard_normal((rank, d + 1, out_dim)) for d in dims]
+    P, C = workspace([f.transpose(1, 0, 2).reshape(d + 1, rank * out_dim) for f, d in zip(factors, dims)])
+    got = combine_kernel(0, P, C, w, bias, present[start:stop], n, rank, out_dim, 1 | 2 | 4 | 8)
+    want = ref.lowrank_fusion(xs, factors, w, bias, present=present)[start:stop]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+    cp_factors = [rng.standard_normal((d + 1, rank)) for d in dims] + [rng.standard_normal((out_dim, rank))]
+    P, C = workspace(cp_factors[:-1])
+    q = combine_kernel(1, P, C, w, bias[:1], present[start:stop], n, rank, 1, 1 | 4 | 8)
+    want = ref.cp_fusion(xs, (w, cp_factors), bias, present=present)[start:stop]
+    np.testing.assert_allclose(q @ cp_factors[-1].T + bias, want, rtol=1e-12, atol=1e-12)
