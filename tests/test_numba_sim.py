@@ -284,6 +284,25 @@ def test_driver_rejects_mixed_or_half_dtypes():
         nb.kernels(np.float16)
 
 
+def test_drivers_refuse_a_block_cuda_cannot_launch():
+    """The device drivers' ``tile`` (a tile x tile block) and ``channels`` x ``lanes`` (the
+    statistics' block) past CUDA's 1024 threads, or not positive ints, had reached the launch
+    and failed with CUDA's "too many resources requested" (a review's find); refused naming
+    them.  The largest blocks still build."""
+    x = cuda.to_device(np.ones((2, 3), dtype=np.float64))
+    f = cuda.to_device(np.ones((1, 4, 2), dtype=np.float64))
+    out = cuda.to_device(np.zeros((2, 2), dtype=np.float64))
+    for tile in (33, 0, 2.0, True):
+        with pytest.raises(ValueError, match=r"^tile \* tile must be positive ints with at most 1024 threads"):
+            nb.lowrank_fusion_device([x], [f], None, None, out, tile=tile)
+    x3 = cuda.to_device(np.ones((2, 5, 3), dtype=np.float64))
+    mean, std = cuda.to_device(np.zeros((2, 3))), cuda.to_device(np.zeros((2, 3)))
+    for channels, lanes in ((64, 32), (0, 8), (32, -1)):
+        with pytest.raises(ValueError, match=r"^channels \* lanes must be positive ints"):
+            nb.moments_device(x3, None, 1e-5, mean, std, channels=channels, lanes=lanes)
+    assert nb.kernels(np.float64, np.int64(32)) is not None and nb.align_kernels(np.float64, 32, 32) is not None
+
+
 # ----------------------------------------------------------------------------- Zoom and Shift
 
 

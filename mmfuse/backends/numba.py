@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -394,6 +395,7 @@ def align_kernels(dtype: Any, channels: int = STAT_CHANNELS, lanes: int = STAT_L
     name = np.dtype(dtype).name
     if name not in ("float32", "float64"):
         raise TypeError(f"numba kernels run in float32 or float64, got {name}")
+    _check_block("channels * lanes", channels, lanes)
     return _align_kernels_cached(name, int(channels), int(lanes))
 
 
@@ -404,7 +406,25 @@ def kernels(dtype: Any, tile: int = TILE) -> Any:
     name = np.dtype(dtype).name
     if name not in ("float32", "float64"):
         raise TypeError(f"numba kernels run in float32 or float64, got {name}")
+    _check_block("tile * tile", tile, tile)
     return _kernels_cached(name, int(tile))
+
+
+#: The most threads of one CUDA block.
+MAX_BLOCK_THREADS = 1024
+
+
+def _check_block(label: str, x: Any, y: Any) -> None:
+    """Refuse (ValueError) a thread block of ``x`` by ``y`` threads that CUDA cannot launch: a
+    size that is not a positive int, or more than :data:`MAX_BLOCK_THREADS` threads (the
+    device drivers' ``tile`` / ``channels`` and ``lanes`` had reached the launch, which failed
+    with CUDA's "too many resources requested"; a review's find)."""
+    whole = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1 for v in (x, y))
+    if not whole or int(x) * int(y) > MAX_BLOCK_THREADS:
+        raise ValueError(
+            f"{label} must be positive ints with at most {MAX_BLOCK_THREADS} threads in all (one "
+            f"CUDA block), got {x!r} and {y!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- device drivers
