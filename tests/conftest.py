@@ -158,6 +158,28 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
 
 
 @pytest.fixture
+def call_counts(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``call_counts(module, name)`` wraps ``module.name`` for the test so that its calls are
+    counted; ``call_counts.calls`` maps each wrapped name to its count (which form of an
+    operator a size rule chose)."""
+    import collections
+
+    calls: collections.Counter[str] = collections.Counter()
+
+    def wrap(module: Any, name: str) -> None:
+        fn = getattr(module, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    wrap.calls = calls  # type: ignore[attr-defined]
+    return wrap
+
+
+@pytest.fixture
 def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fusions of any size take the paths they take for large problems: NumPy's blocked
     buffers, torch's custom ops (``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS`` and

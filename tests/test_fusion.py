@@ -225,7 +225,7 @@ def test_large_batch_blocks_match_reference(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_numpy_lowrank_runs_whole_batch_at_few_rows_beyond_the_size_bound(rng, monkeypatch, dtype):
+def test_numpy_lowrank_runs_whole_batch_at_few_rows_beyond_the_size_bound(rng, monkeypatch, call_counts, dtype):
     """Beyond ``WHOLE_BATCH_ELEMENTS``, NumPy runs the whole-batch form where B <=
     ``NUMPY_WHOLE_BATCH_ROWS`` and h > 8: the blocked form copied every factor as (D, R h) on
     every call (``flat_lowrank``), 2.1x the plain expression at B = 16, R 512, h 64 (a
@@ -236,17 +236,9 @@ def test_numpy_lowrank_runs_whole_batch_at_few_rows_beyond_the_size_bound(rng, m
 
     rows = core_fusion.NUMPY_WHOLE_BATCH_ROWS
     assert core_fusion.block_rows(rows, 1 << 30, 1) == rows  # (one block whatever R h)
-    calls = {"whole": 0, "flat": 0}
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    monkeypatch.setattr(core_fusion, "lowrank_whole_batch", counted("whole", core_fusion.lowrank_whole_batch))
-    monkeypatch.setattr(core_fusion, "flat_lowrank", counted("flat", core_fusion.flat_lowrank))
+    call_counts(core_fusion, "lowrank_whole_batch")
+    call_counts(core_fusion, "flat_lowrank")
+    calls = call_counts.calls
     dims = (5, 3, 7)
     cases = [  # (B, R, h, row bound, form): every B R h over 2**18
         (16, 512, 64, None, "whole"),  # the review's R h
@@ -265,10 +257,10 @@ def test_numpy_lowrank_runs_whole_batch_at_few_rows_beyond_the_size_bound(rng, m
             x[~present[:, m]] = np.nan  # absent features never leak
         p = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=rng, dtype=dtype)
         p["bias"] = rng.standard_normal(out_dim).astype(dtype)
-        calls.update(whole=0, flat=0)
+        calls.clear()
         got = mmfuse.lowrank_fusion(xs, **p, present=present)
         want = {"whole": (1, 0), "blocked": (0, len(dims))}[form]
-        assert (calls["whole"], calls["flat"]) == want, (batch, rank, out_dim, bound, calls)
+        assert (calls["lowrank_whole_batch"], calls["flat_lowrank"]) == want, (batch, rank, out_dim, bound, calls)
         assert got.dtype == dtype and np.isfinite(got).all()
         ref_args = [xs, p["factors"], p["weights"], p["bias"]]
         atol = _terms_atol(dtype, ref.lowrank_fusion, *ref_args, present=present)

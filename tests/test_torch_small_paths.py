@@ -154,7 +154,7 @@ def test_lowrank_plain_forms_are_the_ones_their_rules_name(rng, monkeypatch, out
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_lowrank_forward_runs_whole_batch_at_few_rows_with_wide_outputs(rng, monkeypatch, dtype):
+def test_lowrank_forward_runs_whole_batch_at_few_rows_with_wide_outputs(rng, monkeypatch, call_counts, dtype):
     """Without autograd on the CPU, beyond the core's bound on B R h, the whole-batch form runs
     where B <= ``FORWARD_WHOLE_BATCH_ROWS`` and h > ``FORWARD_WHOLE_BATCH_WIDTH``: the blocked
     op copied every factor as (D, R h) per call, 2.0x the plain expression at B = 16, R 512,
@@ -165,17 +165,9 @@ def test_lowrank_forward_runs_whole_batch_at_few_rows_with_wide_outputs(rng, mon
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
     rows = torch_lowrank.FORWARD_WHOLE_BATCH_ROWS
     width = torch_lowrank.FORWARD_WHOLE_BATCH_WIDTH
-    calls = {"whole": 0, "op": 0}
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    monkeypatch.setattr(torch_lowrank, "_whole_batch_forward", counted("whole", torch_lowrank._whole_batch_forward))
-    monkeypatch.setattr(torch_lowrank, "_lowrank_eager", counted("op", torch_lowrank._lowrank_eager))
+    call_counts(torch_lowrank, "_whole_batch_forward")
+    call_counts(torch_lowrank, "_lowrank_eager")
+    calls = call_counts.calls
     dims = (5, 3, 7)
     cases = [  # (B, R, h, row bound, autograd, form): every B R h over the core's 2**18
         (16, 512, 64, None, False, "whole"),  # the benchmark's R h
@@ -201,10 +193,10 @@ def test_lowrank_forward_runs_whole_batch_at_few_rows_with_wide_outputs(rng, mon
             torch.tensor(p["weights"], dtype=dtype),
             torch.tensor(p["bias"], dtype=dtype),
         ]
-        calls.update(whole=0, op=0)
+        calls.clear()
         got = mmfuse.lowrank_fusion(*args, present=torch.as_tensor(present))
         want = {"whole": (1, 0), "op": (0, 1), "plain": (0, 0)}[form]
-        assert (calls["whole"], calls["op"]) == want, (batch, rank, out_dim, bound, records, calls)
+        assert (calls["_whole_batch_forward"], calls["_lowrank_eager"]) == want, (batch, rank, out_dim, bound, records, calls)
         assert got.dtype == dtype and got.is_contiguous() and torch.isfinite(got).all()
         ref_args = [xs, p["factors"], p["weights"], p["bias"]]
         want_y = mmfuse.reference.lowrank_fusion(*ref_args, present=present)
