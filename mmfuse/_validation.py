@@ -172,13 +172,19 @@ def random_generator(seed: Any) -> np.random.Generator:
     """``numpy.random.default_rng(seed)``, its refusal of a bad seed naming ``seed``; a bool
     refused too (NumPy takes True as the seed 1: a flag passed in the seed's place)."""
     if isinstance(seed, (bool, np.bool_)):
-        raise TypeError(f"seed must be None, a non-negative int or a numpy.random.Generator, got {seed!r}")
+        raise TypeError(f"{_SEEDS}, got {seed!r}")
     try:
         return np.random.default_rng(seed)
     except (TypeError, ValueError) as err:
-        raise type(err)(
-            f"seed must be None, a non-negative int or a numpy.random.Generator, got {seed!r} ({err})"
-        ) from None
+        raise type(err)(f"{_SEEDS}, got {seed!r} ({err})") from None
+
+
+# (all that default_rng takes: the message had named three kinds, and for a sequence with a
+# negative entry suggested that sequences were not taken at all; a review's find)
+_SEEDS = (
+    "seed must be what numpy.random.default_rng takes: None, a non-negative int or a sequence "
+    "of them, a SeedSequence, a BitGenerator or a Generator"
+)
 
 
 def check_jax_width(space: Any, dtype: Any) -> None:
