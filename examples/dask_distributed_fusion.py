@@ -92,6 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rows < 20 or args.chunk < 1 or args.workers < 1:
         parser.error("need --rows >= 20 (the sequence batch is rows // 20), --chunk >= 1, --workers >= 1")
+    import dask
     from dask.distributed import Client, LocalCluster
 
     params = mmfuse.init_lowrank(DIMS, rank=16, out_dim=128, seed=0, dtype=np.float32)
@@ -103,15 +104,16 @@ def main() -> None:
         Client(cluster),
     ):
         fused, mean = fused_mean(args.rows, args.chunk, params)
-        t0 = time.perf_counter()
-        result = mean.compute()
-        elapsed = time.perf_counter() - t0
-        # check: the last chunk (whatever its size) recomputed with NumPy alone
+        # check: the last chunk (whatever its size) recomputed with NumPy alone, its block
+        # computed with the mean in one graph (docs/backends.rst: a block of a result fetched
+        # with .blocks[k].compute() after the whole can fail under Dask's task fusion)
         k = fused.numblocks[0] - 1
+        t0 = time.perf_counter()
+        result, got = dask.compute(mean, fused.blocks[k])
+        elapsed = time.perf_counter() - t0
         size = fused.chunks[0][k]
         local = [make_chunk(m, k, size, d, 0) for m, d in enumerate(DIMS)]
         expected = mmfuse.lowrank_fusion(local, **params)
-        got = fused.blocks[k].compute()
         err = float(np.abs(got - expected).max() / np.abs(expected).max())
         seq_rows = args.rows // 20  # (T, C) per sample: 100 x 64 values, 33x a fusion row's 192
         _, seq_mean = aligned_mean(seq_rows, max(1, args.chunk // 20))
