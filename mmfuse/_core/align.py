@@ -214,6 +214,19 @@ def _divisor(n: Any) -> Any:
     return float(n) if isinstance(n, (int, float)) else n
 
 
+# CPU tensors of at most this many elements take torch's var_mean in _stats (tensors on an
+# accelerator always: not measured there).  Past it var_mean, a Welford reduction, was the
+# slower on the CPU: _stats of (B, T, C) float32 over T, one thread, torch 2.13 on the 2-core
+# CI box (thread CPU time, medians; the forty-third session), var_mean / generic form 0.36 at
+# 128 elements, 0.63 at 1024, 0.92 at 2048, 1.45 at 4096, 4.7-7.5 at 65536 to 524288
+# ((512, 8, 16), (32, 50, 64), (64, 16, 64) over C, (512, 64, 16) over C): the generic form's
+# sums and elementwise ops run vectorised where var_mean's update does not.  It runs in
+# moments' forward under autograd and in the recomputed statistics of the zoom_shift and
+# align ops' backwards, whose training steps at (512, 8, 16) took 2.65 -> 0.84 ms (moments),
+# 6.23 -> 2.89 (zoom_shift), 7.60 -> 4.33 (align) (a review's measurement of the change).
+TORCH_VAR_MEAN_ELEMENTS = 2048
+
+
 def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> Stats:
     """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded: the shifted
     algorithm (section comment above) in standard Array-API calls.  ``dev`` is kept when
@@ -223,14 +236,18 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
     xs = x if dt == x.dtype else xp.astype(x, dt)
     # isinstance, not is_torch(xp): Dynamo traces this line (None: see half_imported)
     tensor = getattr(sys.modules.get("torch"), "Tensor", None)
-    if mask is None and tensor is not None and isinstance(xs, tensor) and xs.numel() > 0:
+    if (
+        mask is None and tensor is not None and isinstance(xs, tensor) and xs.numel() > 0
+        and (xs.numel() <= TORCH_VAR_MEAN_ELEMENTS or not xs.is_cpu)
+    ):  # fmt: skip
         torch = sys.modules["torch"]
         # Delegation: torch's var_mean gives corr = mean(d) and the variance of d in one
         # reduction (Welford's update, never negative), where the Array-API form below needs
         # three sums and seven elementwise operations: at small sizes each is a few
         # microseconds of fixed cost.  Same quantities about the same kind of pivot; the last
         # bits differ from the generic form's.  (Empty inputs take the generic form, whose
-        # 0 / 0 gives the same NaN without var_mean's warning.)
+        # 0 / 0 gives the same NaN without var_mean's warning.)  On the CPU only up to
+        # TORCH_VAR_MEAN_ELEMENTS: past it the generic form is the faster.
         pivot = torch.mean(xs, dim=axis, keepdim=True)
         dev = xs - pivot
         var, corr = torch.var_mean(dev, dim=axis, keepdim=True, correction=0)
