@@ -185,7 +185,8 @@ def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     buffers, torch's custom ops (``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS`` and
     ``NUMPY_WHOLE_BATCH_ROWS``,
     ``mmfuse.backends.torch.wander.WHOLE_BATCH_ROWS``,
-    ``mmfuse.backends.torch.lowrank.PLAIN_ELEMENTS`` and ``FORWARD_WHOLE_BATCH_ROWS``, and off the CPU the accelerator
+    ``mmfuse.backends.torch.lowrank.PLAIN_ELEMENTS`` and ``FORWARD_WHOLE_BATCH_ROWS``,
+    ``mmfuse.backends.torch.sequence.CORE_ROWS``, and off the CPU the accelerator
     bounds).  For tests of those paths on small
     inputs: small problems otherwise run whole-batch (rank-major low-rank fusion; on torch, the
     core under autograd for CP fusion and the Wander adapter)."""
@@ -205,4 +206,5 @@ def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch_lowrank, "ACCELERATOR_WHOLE_BATCH_ELEMENTS", -1)
     monkeypatch.setattr(torch_lowrank, "PLAIN_ELEMENTS", -1)
     monkeypatch.setattr(torch_lowrank, "FORWARD_WHOLE_BATCH_ROWS", -1)
+    monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.sequence"), "CORE_ROWS", -1)
     monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.cp"), "AUTOGRAD_ON_CPU", False)

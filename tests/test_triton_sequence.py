@@ -35,6 +35,15 @@ from mmfuse.testing import assert_close  # noqa: E402
 KERNEL = "_TritonSequenceFusionBackward"
 
 
+@pytest.fixture(autouse=True)
+def _torch_op_at_every_size(monkeypatch):
+    """Calls handed to the torch backend run its custom op whatever their batch (CPU batches
+    of at most ``CORE_ROWS`` samples otherwise run the core): the tests name its node."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.sequence"), "CORE_ROWS", -1)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
     with pytest.MonkeyPatch.context() as mp:

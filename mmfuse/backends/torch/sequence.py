@@ -453,6 +453,21 @@ sequence_op_eager = bind(
 
 
 
+# On the CPU, batches of at most this many samples run the Array-API core (under autograd,
+# when it records) rather than the custom op, as wander's small batches do
+# (mmfuse.backends.torch.wander.WHOLE_BATCH_ROWS, whose memory reasoning sets the bound: the
+# core keeps every term for backward, the op none).  Measured (one thread, thread CPU time,
+# medians of 5 interleaved rounds, float32, the 2-core CI box, the forty-third session),
+# core / op: training steps (forward and backward) 0.53-0.58 at (8, 8) tokens, r 4, R_h 2, R_t
+# 2, D 16, T_out 4 from B = 1 to 128, both modes, and 0.40-0.85 at the CMU-MOSI shapes ((50,
+# 50, 50), r 16, R_h 8, R_t 12, D 40, T_out 16); forwards without autograd 0.64-1.00 at
+# both.  The op's fixed costs (its Python, the dispatcher, its backward's blocking) decided
+# those steps: 1.4-2.2x the plain torch code's at B <= 128 (a review's measurement).  Beyond
+# (0.46-0.97 at B 256 and 512) the op's memory-lean backward is kept.  Not measured on an
+# accelerator: there the op runs at every size.
+CORE_ROWS = 128
+
+
 def sequence_fusion(
     hs: Sequence[Any],
     feature_factors: Sequence[Any],
@@ -461,9 +476,14 @@ def sequence_fusion(
     mode: str = "cp",
     masks: Sequence[Any] | None = None,
 ) -> Any:
-    """``mmfuse.sequence_fusion`` as the ``mmfuse::sequence_fusion`` custom op (inputs checked);
-    under ``torch.jit.trace``, the core's algorithm (:func:`mmfuse._namespace.jit_tracing`)."""
-    if jit_tracing(torch):
+    """``mmfuse.sequence_fusion`` as the ``mmfuse::sequence_fusion`` custom op (inputs
+    checked); on the CPU, batches of at most :data:`CORE_ROWS` samples, and every call under
+    ``torch.jit.trace`` (:func:`mmfuse._namespace.jit_tracing`), the core's algorithm
+    (outside ``torch.compile``, which traces the op)."""
+    # (the compile test first: a size test on a traced call's symbolic batch guards its graph)
+    if jit_tracing(torch) or (
+        not torch.compiler.is_compiling() and hs[0].is_cpu and hs[0].shape[0] <= CORE_ROWS
+    ):
         return _core_sequence.sequence_fusion(
             list(hs), list(feature_factors), list(token_factors), mode=mode,
             masks=None if masks is None else list(masks),
