@@ -227,7 +227,7 @@ def assert_close(
     if xp is not None and namespace_name(got_xp) != namespace_name(array_namespace(xp.asarray(0.0))):
         raise AssertionError(f"{prefix}namespace {namespace_name(got_xp)} != {namespace_name(xp)}")
     if dtype is not None and _dtype_key(actual.dtype) != _dtype_key(dtype):
-        raise AssertionError(f"{prefix}dtype {actual.dtype} != {dtype}")
+        raise AssertionError(f"{prefix}dtype {_dtype_key(actual.dtype)} != {_dtype_key(dtype)}")
     if device is not None and not _same_device(actual, device):
         raise AssertionError(f"{prefix}device {device_of(actual)!r} != {device!r}")
     a = _host(actual, "actual")
@@ -321,6 +321,24 @@ def _assert_close_exactly(a: np.ndarray, d: np.ndarray, rtol: float, atol: float
             )
 
 
+# The smallest subnormal number of each dtype whose rounding can turn a standard-normal draw
+# into 0 (float64's, 5e-324, cannot): a draw below it in magnitude takes it, with its sign
+_SMALLEST_SUBNORMAL = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149}
+
+
+def _nonzero(a: np.ndarray, dtype: Any) -> np.ndarray:
+    """The float64 draw ``a`` with every entry that would round to 0 in ``dtype`` (None:
+    float64) at that dtype's smallest subnormal, sign kept: ``make_inputs`` promises no zeros,
+    and about one float16 draw in 4e7 rounded to one (a review's find)."""
+    floor = None if dtype is None else _SMALLEST_SUBNORMAL.get(_dtype_key(dtype))
+    if floor is None:
+        return a
+    small = np.abs(a) < floor
+    if small.any():
+        a[small] = np.copysign(floor, a[small])
+    return a
+
+
 def make_inputs(
     dims: Sequence[int],
     *,
@@ -334,8 +352,9 @@ def make_inputs(
 ) -> list[Any]:
     """Random standard-normal modality inputs, (B, d_m) or (B, T_m, d_m) with ``tokens``.
 
-    Drawn in float64 from ``seed`` (never zeros), then cast, so every namespace sees the same
-    values.
+    Drawn in float64 from ``seed``, then cast, so every namespace sees the same values; never
+    zeros (a draw that would round to 0 in a 16-bit dtype, under 3e-8 for float16, takes that
+    dtype's smallest subnormal number with its sign).
 
     Parameters
     ----------
@@ -413,7 +432,7 @@ def make_inputs(
     check_device(np if xp is None else xp, device, cast)
     rng = random_generator(seed)
     shapes = [(batch, d) for d in dims] if tokens is None else [(batch, t, d) for t, d in zip(tokens, dims)]
-    arrays = [rng.standard_normal(s) for s in shapes]
+    arrays = [_nonzero(rng.standard_normal(s), cast) for s in shapes]
     if xp is None:
         return [a if cast is None else a.astype(cast) for a in arrays]
     return [from_numpy(a, xp, dtype=cast, device=device) for a in arrays]

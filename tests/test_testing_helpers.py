@@ -418,3 +418,32 @@ def test_a_bool_seed_is_refused_everywhere():
     for call in calls:
         with pytest.raises(TypeError, match=r"^seed must be what numpy.random.default_rng takes: None, a non-negative int or a sequence of them, a SeedSequence, a BitGenerator or a Generator, got"):
             call()
+
+
+def test_make_inputs_draws_no_zero_in_16_bits_and_takes_torchs_dtype_names():
+    """float16 rounds draws under 3e-8 to 0 (about one in 4e7): such a draw takes float16's
+    smallest subnormal with its sign, as the docstring's "never zeros" promises; other draws
+    are the float64 draw rounded, and float32 / float64 draws are unchanged.  And torch's own
+    spelling of its dtypes (``str(torch.float32)``) is a dtype name, as in the tolerances
+    (a review's finds)."""
+    from mmfuse import testing
+
+    a = np.array([1e-9, -2e-8, 2.0**-25, 0.5, -1.25e-7])
+    got = testing._nonzero(a.copy(), np.float16).astype(np.float16)
+    tiny = np.float16(2.0**-24)
+    np.testing.assert_array_equal(got, np.array([tiny, -tiny, tiny, 0.5, -1.25e-7], np.float16))
+    assert (got != 0).all()
+    for dtype in (None, np.float64, np.float32):
+        np.testing.assert_array_equal(testing._nonzero(a.copy(), dtype), a)
+    (x,) = make_inputs([1024], batch=70000, seed=0, dtype="float16")  # (had 1 zero)
+    assert x.dtype == np.float16 and (x != 0).all()
+    (w,) = make_inputs([1024], batch=70000, seed=0)
+    np.testing.assert_array_equal(x[w.astype(np.float16) != 0], w.astype(np.float16)[w.astype(np.float16) != 0])
+    torch = pytest.importorskip("torch")
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        (t,) = make_inputs([3], batch=2, xp=torch, dtype=str(dtype))
+        assert t.dtype == dtype
+    with pytest.raises(TypeError, match=r"dtype 'numpy.float32' is not a dtype of the namespace torch"):
+        make_inputs([3], batch=2, xp=torch, dtype="numpy.float32")
+    with pytest.raises(AssertionError, match=r"dtype float32 != float64$"):
+        assert_close(torch.ones(2), np.ones(2), dtype=np.float64)
