@@ -88,7 +88,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ops = [op for op, impls in table.items() if b in impls]
         print(f"  {b:<10} {', '.join(ops)}")
     for b, reason in sorted(backends.unavailable().items()):
-        print(f"  {b:<10} missing: {reason}")
+        # a backend with registrations (listed above) and its own implementations missing
+        # had read as both working and missing (a review's find)
+        label = "own implementations missing" if b in names else "missing"
+        print(f"  {b:<10} {label}: {reason}")
     print("\ndevices:")
     print("  cpu")
     torch = sys.modules.get("torch")

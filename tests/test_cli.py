@@ -27,6 +27,25 @@ def test_info(capsys):
     assert "backend = 'auto'  (from default)" in out
 
 
+def test_info_says_a_backend_with_registrations_misses_only_its_own(capsys, monkeypatch):
+    """A registration for a backend whose own implementations cannot load (CuPy here) is
+    listed under it, and the load error reads as its own implementations missing, not the
+    backend missing (it had read as both working and missing; a review's find)."""
+    from mmfuse.backends import register, unregister
+
+    monkeypatch.setattr("mmfuse.backends.unavailable", lambda: {"cupy": "ImportError: no CuPy here"})
+    register("moments", "cupy", lambda x, *, axis=-2, mask=None, eps=1e-5: (x, x),
+             supports=lambda xp, device: "never", priority=0)  # fmt: skip
+    try:
+        assert _cli.main(["info"]) == 0
+    finally:
+        unregister("moments", "cupy")
+    out = capsys.readouterr().out
+    assert "  cupy       moments" in out
+    assert "  cupy       own implementations missing: ImportError: no CuPy here" in out
+    assert "  cupy       missing:" not in out
+
+
 def test_info_says_why_a_refused_preference_is_not_in_force():
     """With MMFUSE_BACKEND=torch and a bad MMFUSE_PREFER, info printed "prefer = None (from
     environment (MMFUSE_PREFER))" and never the refused value."""

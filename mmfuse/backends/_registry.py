@@ -276,7 +276,9 @@ def register(
     can take a call wins, a registration winning ties (the Array-API core's rows have
     priority 0, and 1 for its NumPy and Dask paths: ``explain`` lists every row's); one
     registered for ``"reference"`` runs only when that backend is asked for by name, whatever
-    its priority.  It replaces mmfuse's own implementations of ``op`` for ``backend``.  The
+    its priority.  It replaces mmfuse's own implementations of ``op`` for ``backend``, and an
+    earlier registration of the same ``op`` and ``backend`` (:func:`unregister` then brings
+    back mmfuse's own, not the earlier registration).  The
     public function checks the call's arguments before ``func`` runs, and gives ``func`` the
     checked values (``align``'s ``hub``, for one, as the int the topology uses: 0 where
     ``topology`` is not ``"hub"``), and returns ``func``'s result as it is: giving it in the
