@@ -81,14 +81,13 @@ def plain_gelu(xp: Any):
     return xp.nn.functional.gelu
 
 
-def plain_wander(xp: Any, gelu, xs, params, mode):
-    """The Wander adapter's forward written plainly in namespace ``xp`` (NumPy or torch), as
-    the released code does (collapsed: rank sums, then two products per modality; cp: every
-    pair of feature and token ranks), with ``gelu`` from :func:`plain_gelu`."""
+def plain_sequence(xp: Any, hs, feature, token, mode):
+    """Wander's token-level fusion of the activations ``hs`` (B, T_m, r_m) written plainly in
+    namespace ``xp`` (NumPy or torch), as the released code does (collapsed: rank sums, then
+    two products per modality; cp: every pair of feature and token ranks)."""
     numpy = _is_numpy(xp)
     fused = None
-    for x, (w, b), phi, psi in zip(xs, params["down"], params["feature"], params["token"]):
-        h = gelu(x @ w + b)  # (B, T, r)
+    for h, phi, psi in zip(hs, feature, token):
         if mode == "collapsed":
             term = psi.sum(0).T @ (h @ phi.sum(0))  # (B, T_out, D)
         else:
@@ -96,10 +95,17 @@ def plain_wander(xp: Any, gelu, xs, params, mode):
             term = psi.transpose(0, 2, 1)[:, None, None] if numpy else psi.transpose(1, 2)[:, None, None]
             term = term @ g[None]  # (R_t, R_h, B, T_out, D)
         fused = term if fused is None else fused * term
-    if mode == "cp":
-        fused = fused.sum((0, 1))
+    return fused.sum((0, 1)) if mode == "cp" else fused
+
+
+def plain_wander(xp: Any, gelu, xs, params, mode):
+    """The Wander adapter's forward written plainly in namespace ``xp`` (NumPy or torch), as
+    the released code does: the down-projections with ``gelu`` (from :func:`plain_gelu`),
+    :func:`plain_sequence`, the residual of the first tokens."""
+    hs = [gelu(x @ w + b) for x, (w, b) in zip(xs, params["down"])]  # (B, T, r) each
+    fused = plain_sequence(xp, hs, params["feature"], params["token"], mode)
     n_out = fused.shape[1]
-    cat = xp.concatenate(xs, axis=1) if numpy else xp.cat(xs, dim=1)
+    cat = xp.concatenate(xs, axis=1) if _is_numpy(xp) else xp.cat(xs, dim=1)
     return fused + cat[:, :n_out]
 
 
