@@ -1,7 +1,7 @@
 """mmfuse against the plain code of the same maths at the sizes people train and run with.
 
-Run: ``python benchmarks/sizes.py [--json FILE] [--quick] [--only TEXT ...]`` (about two
-minutes on 2 cores; ``--quick`` fewer rounds).  ``--only TEXT`` (repeatable) runs just the
+Run: ``python benchmarks/sizes.py [--json FILE] [--quick] [--only TEXT ...] [--steps]`` (about
+two minutes on 2 cores; ``--quick`` fewer rounds).  ``--only TEXT`` (repeatable) runs just the
 cases whose "case xp" label contains one of the texts.
 
 ``overhead.py`` holds the tiny calls, where the per-call overhead decides; ``fusion_cpu.py``,
@@ -22,6 +22,15 @@ outputs checked equal (relative to their largest magnitude) before timing.
   (two modalities): (32, 50, 64), (256, 100, 128) and (64, 4096, 1);
 - ``wander``: the CMU-MOSI adapter (T = 50, 50, 50, d = D = 40, r = 16, R_h = 8, R_t = 12,
   exact GELU, residual "first") at B = 32 and 256 in collapsed mode, B = 32 in cp mode.
+
+Part 2 (``--steps``, or any ``--only`` text matching "step"): torch training steps, forward
+and backward of the output's sum with every input and parameter requiring grad, against the
+plain expression under autograd, where a review of the forty-third session found mmfuse's
+step 1.4-2.2x the plain one's: ``moments``, ``zoom_shift`` and ``align(rounds=1)`` at
+(512, 8, 16) and (32, 50, 64) (the statistics' var_mean, slow past 2048 elements on the CPU),
+``sequence_fusion`` (``plain_sequence``) in both modes at (8, 8) tokens, r 4, R_h 2, R_t 2,
+D 16, T_out 4, B = 8 and 128, and collapsed at the CMU-MOSI shapes, B = 8 (the custom op's
+fixed costs at small batches).
 
 Columns: median milliseconds per call of each, "mmfuse/plain" (below 1: mmfuse faster), the
 10th-90th percentiles of that ratio within interleaved rounds (``_harness.round_ratios``), and
@@ -49,6 +58,7 @@ from _baselines import (
     plain_gelu,
     plain_lowrank,
     plain_moments,
+    plain_sequence,
     plain_tensor_fusion,
     plain_wander,
     plain_zoom_shift,
@@ -141,15 +151,68 @@ def cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]
     return out
 
 
-def run(quick: bool, only: list[str] | None) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+# part 2: (B, T, C) of the statistics' steps; (lengths, r, R_h, R_t, D, T_out, B, mode) of the
+# sequence fusion's
+STEP_ALIGN = [(512, 8, 16), (32, 50, 64)]
+STEP_SEQUENCE = [((8, 8), 4, 2, 2, 16, 4, 8, "collapsed"), ((8, 8), 4, 2, 2, 16, 4, 128, "collapsed"),
+                 ((8, 8), 4, 2, 2, 16, 4, 8, "cp"), ((50, 50, 50), 16, 8, 12, 40, 16, 8, "collapsed")]  # fmt: skip
+
+
+def step_cases() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """{case: (mmfuse step, plain step)}: torch float32 training steps (see the docstring)."""
+    import torch
+
+    import mmfuse
+
+    rng = np.random.default_rng(SEED + 1)
+
+    def leaf(a: np.ndarray) -> Any:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).requires_grad_()
+
+    def step(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            y = fn()
+            total = sum(t.sum() for t in y) if isinstance(y, (list, tuple)) else y.sum()
+            total.backward()
+            return [t.detach() for t in y] if isinstance(y, (list, tuple)) else y.detach()
+
+        return run
+
+    out: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    for shape in STEP_ALIGN:
+        x, g = leaf(rng.standard_normal(shape)), leaf(3.0 + 2.0 * rng.standard_normal(shape))
+        label = str(shape).replace(" ", "")
+        out[f"moments step {label}"] = (step(lambda x=x: mmfuse.moments(x)), step(lambda x=x: plain_moments(torch, x)))
+        out[f"zoom_shift step {label}"] = (
+            step(lambda x=x, g=g: mmfuse.zoom_shift(x, g)), step(lambda x=x, g=g: plain_zoom_shift(torch, x, g))
+        )
+        out[f"align rounds=1 step {label} x2"] = (
+            step(lambda x=x, g=g: mmfuse.align([x, g], rounds=1)), step(lambda x=x, g=g: plain_align(torch, [x, g]))
+        )
+    for lengths, r, r_h, r_t, d, t_out, batch, mode in STEP_SEQUENCE:
+        hs = [leaf(rng.standard_normal((batch, t, r))) for t in lengths]
+        feats = [leaf(rng.standard_normal((r_h, r, d)) / np.sqrt(r)) for _ in lengths]
+        toks = [leaf(rng.standard_normal((r_t, t, t_out)) / t) for t in lengths]
+        label = f"{mode} T{','.join(map(str, lengths))} r{r} Rh{r_h} Rt{r_t} D{d} B{batch}"
+        out[f"sequence_fusion step {label}"] = (
+            step(lambda hs=hs, f=feats, t=toks, m=mode: mmfuse.sequence_fusion(hs, f, t, mode=m)),
+            step(lambda hs=hs, f=feats, t=toks, m=mode: plain_sequence(torch, hs, f, t, m)),
+        )
+    return out
+
+
+def run(quick: bool, only: list[str] | None, steps: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     import torch
 
     rows, results = [], []
-    for xp_name in ("numpy", "torch"):
-        for case, (mm, plain) in cases(xp_name).items():
+    groups = [(xp_name, cases, torch.no_grad) for xp_name in ("numpy", "torch")]
+    if steps:
+        groups.append(("torch", step_cases, torch.enable_grad))
+    for xp_name, make, grad_mode in groups:
+        for case, (mm, plain) in make(*(() if make is step_cases else (xp_name,))).items():
             if only is not None and not any(text in f"{case} {xp_name}" for text in only):
                 continue
-            with torch.no_grad():
+            with grad_mode():
                 err = check_same(f"{case} ({xp_name})", mm(), plain(), 1e-4)
                 rounds = sample_rounds({"mmfuse": mm, "plain": plain}, repeats=5 if quick else 15, warmup=2)
             times = medians(rounds)
@@ -170,12 +233,14 @@ def run(quick: bool, only: list[str] | None) -> tuple[list[dict[str, str]], list
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--only", action="append", help="run only the cases whose 'case xp' contains this (repeatable)")
+    parser.add_argument("--steps", action="store_true", help="also part 2, torch training steps")
     args = parser.parse_args()
     import torch
 
     print(f"machine: {machine()}; torch {torch.__version__}, threads {torch.get_num_threads()}; numpy {np.__version__}")
-    rows, results = run(args.quick, args.only)
-    print("\nfloat32, no gradients, backend 'auto' (mmfuse/plain below 1: mmfuse faster)")
+    steps = args.steps or any("step" in text for text in args.only or [])
+    rows, results = run(args.quick, args.only, steps)
+    print("\nfloat32, backend 'auto', no gradients (\"step\" rows: a training step; mmfuse/plain below 1: mmfuse faster)")
     print_table(rows, ["case", "xp", "mmfuse ms", "plain ms", "mmfuse/plain", "p10-p90", "numba"])
     if args.json:
         with open(args.json, "w") as fh:
