@@ -923,7 +923,7 @@ def align(
     Gradients follow the rule too: such a lane's slope along x is 1 (for ``rounds=1``,
     alpha = 1 and a target fixed by the others, dL/dx_t = w_t minus the mean of w over the
     lane's unmasked tokens, for upstream w), where the naive definition's is
-    :math:`(\sigma_t / \sqrt{arepsilon})^lpha` per round, compounding (a few hundred
+    :math:`(\sigma_t / \sqrt{\varepsilon})^\alpha` per round, compounding (a few hundred
     for one round at eps = 1e-5 and unit spreads).  So at a constant lane ``align``'s
     gradient differs from ``zoom_shift``'s and from finite differences of its own outputs
     (a perturbed lane has a spread, and is zoomed).
