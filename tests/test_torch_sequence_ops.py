@@ -673,3 +673,12 @@ def test_sequence_fusion_small_batches_run_the_core(monkeypatch, mode):
     # (the op's call has one sample more, whose rows are cut from the loss)
     for got, want in zip(*results):
         assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # and within the rows, only while the terms the core keeps fit CORE_TERM_ELEMENTS (M B R_t
+    # R_h T_out D, ranks 1 in collapsed mode: a diff review measured 10x the op's memory past it)
+    hs = [h[:bound] for h in all_hs]
+    terms = len(hs) * bound * (1 if mode == "collapsed" else 2 * 2) * 2 * 3
+    for limit, runs_op in ((terms, False), (terms - 1, True)):
+        monkeypatch.setattr(tbs, "CORE_TERM_ELEMENTS", limit)
+        with _OpLog() as log:
+            out = mmfuse.sequence_fusion(hs, feats, toks, mode=mode, backend="torch")
+        assert ("mmfuse.sequence_fusion.default" in log.ops) == runs_op, (limit, log.ops)

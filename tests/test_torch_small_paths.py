@@ -158,8 +158,9 @@ def test_lowrank_forward_runs_whole_batch_at_few_rows_with_wide_outputs(rng, mon
     """Without autograd on the CPU, beyond the core's bound on B R h, the whole-batch form runs
     where B <= ``FORWARD_WHOLE_BATCH_ROWS`` and h > ``FORWARD_WHOLE_BATCH_WIDTH``: the blocked
     op copied every factor as (D, R h) per call, 2.0x the plain expression at B = 16, R 512,
-    h 64.  Which form runs on each side of the rule (more rows, h = 8, the rule switched off,
-    autograd recording), each against the float64 reference, absent features NaN."""
+    h 64.  Which form runs on each side of the rule (more rows, h = 8, past its bound on B R
+    h, the rule switched off, autograd recording), each against the float64 reference, absent
+    features NaN."""
     import mmfuse._core.fusion as core_fusion
 
     torch_lowrank = importlib.import_module("mmfuse.backends.torch.lowrank")
@@ -176,10 +177,14 @@ def test_lowrank_forward_runs_whole_batch_at_few_rows_with_wide_outputs(rng, mon
         (rows, 512, width, None, False, "op"),  # (R GEMMs of 8 columns: slower than one of R h)
         (rows, 64, 64, -1, False, "op"),  # (blocked_paths' switch of this rule)
         (16, 512, 64, None, True, "plain"),  # a training step keeps its rules: plain_fusion
+        (16, 512, 64, "elements", False, "op"),  # past the measured B R h (memory: a diff review)
     ]
+    assert torch_lowrank.FORWARD_WHOLE_BATCH_ELEMENTS >= 16 * 512 * 64
     for batch, rank, out_dim, bound, records, form in cases:
         assert not core_fusion.whole_batch(batch, rank, out_dim)
-        if bound is not None:
+        if bound == "elements":
+            monkeypatch.setattr(torch_lowrank, "FORWARD_WHOLE_BATCH_ELEMENTS", batch * rank * out_dim - 1)
+        elif bound is not None:
             monkeypatch.setattr(torch_lowrank, "FORWARD_WHOLE_BATCH_ROWS", bound)
         xs = [rng.standard_normal((batch, d)) for d in dims]
         present = rng.random((batch, len(dims))) < 0.8

@@ -56,10 +56,13 @@ of a few microseconds of arithmetic, so below measured sizes the functions run p
 operations under autograd instead, each the same maths written once: ``lowrank_fusion`` and
 ``cp_fusion`` the core's whole-batch form (:func:`.lowrank.whole_batch`), ``lowrank_fusion``
 with few outputs, or past that form's bounds, :func:`.lowrank.plain_fusion` (up to its own
-bound, :func:`.lowrank.plain_form`); ``wander`` in the released
+bound, :func:`.lowrank.plain_form`; without autograd also few samples with wide outputs,
+:func:`.lowrank.wide_forward`); ``wander`` in the released
 configuration with modalities of one shape and no masks, at B <= 128 (off the CPU up to an
 element bound, :func:`.wander._small_batch`),
-:func:`.wander.stacked_adapter` (the modalities stacked along a leading axis).  The rules and
+:func:`.wander.stacked_adapter` (the modalities stacked along a leading axis);
+``sequence_fusion`` on the CPU at B <= 128 with few terms to keep, the core
+(:func:`.sequence._on_core`).  The rules and
 their measurements are in ``docs/backends.rst``.  The ``zoom_shift`` and ``align`` ops'
 forwards run the core's NumPy primitives on CPU float32 / float64 tensors' memory
 (:mod:`.zoom_shift`).

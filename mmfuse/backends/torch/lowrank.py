@@ -430,8 +430,13 @@ FORWARD_PLAIN_RANK_OUTPUTS = 8
 # as on NumPy.  Not while autograd records: there the step's rules above hold, and mmfuse's
 # step already took 0.52-0.87x the plain expression's at those sizes (the whole-batch function
 # 0.82-1.01x of it, but holding M (R, B, h) projections for backward where the op holds none).
+# And only within the measured sizes, B R h <= FORWARD_WHOLE_BATCH_ELEMENTS: the whole-batch
+# form holds M (R, B, h) projections at once where the op's workspaces are chunked, 450 against
+# 166 MB at B 128, R 1024, h 256 (2**25) and 892 against 323 at R 2048, for about the op's time
+# (a diff review's find).
 FORWARD_WHOLE_BATCH_ROWS = 128
 FORWARD_WHOLE_BATCH_WIDTH = 8
+FORWARD_WHOLE_BATCH_ELEMENTS = 1 << 22
 
 
 # Up to this many samples on the CPU, and always on an accelerator, plain_fusion stages the
@@ -520,14 +525,18 @@ def whole_batch(batch: int, rank: int, out_dim: int, on_cpu: bool = True, widest
     return batch <= WHOLE_BATCH_ROWS and _core_fusion.whole_batch(batch, rank, out_dim)
 
 
-def wide_forward(batch: int, out_dim: int) -> bool:
+def wide_forward(batch: int, rank: int, out_dim: int) -> bool:
     """Whether a forward without autograd on the CPU runs whole-batch beyond
-    :func:`whole_batch`'s bounds: at most :data:`FORWARD_WHOLE_BATCH_ROWS` samples and h over
-    :data:`FORWARD_WHOLE_BATCH_WIDTH` (the measurements are theirs); never under
-    ``torch.compile``, which traces the custom op."""
+    :func:`whole_batch`'s bounds: at most :data:`FORWARD_WHOLE_BATCH_ROWS` samples, h over
+    :data:`FORWARD_WHOLE_BATCH_WIDTH` and B R h at most :data:`FORWARD_WHOLE_BATCH_ELEMENTS`
+    (the measurements are theirs); never under ``torch.compile``, which traces the custom op."""
     if torch.compiler.is_compiling():
         return False
-    return batch <= FORWARD_WHOLE_BATCH_ROWS and out_dim > FORWARD_WHOLE_BATCH_WIDTH
+    return (
+        batch <= FORWARD_WHOLE_BATCH_ROWS
+        and out_dim > FORWARD_WHOLE_BATCH_WIDTH
+        and batch * rank * out_dim <= FORWARD_WHOLE_BATCH_ELEMENTS
+    )
 
 
 def whole_batch_grads(
@@ -814,7 +823,7 @@ def lowrank_fusion(
         return plain_fusion(xs, factors, weights, bias, append_one, present)
     widest = 0 if on_cpu else max(x.shape[1] for x in xs)  # (the CPU's rule ignores it)
     if whole_batch(batch, rank, out_dim, on_cpu, widest) or (
-        not records and on_cpu and wide_forward(batch, out_dim)
+        not records and on_cpu and wide_forward(batch, rank, out_dim)
     ):
         if records:
             return _LowRankWholeBatch.apply(append_one, present, weights, bias, *xs, *factors)

@@ -467,6 +467,33 @@ sequence_op_eager = bind(
 # accelerator: there the op runs at every size.
 CORE_ROWS = 128
 
+# ... and only while the terms the core keeps for backward, M B R_t R_h T_out D elements (R_t
+# = R_h = 1 in collapsed mode), are at most this many (16 MiB of float32).  Past it the op's
+# saved inputs are the point (the module docstring): at M = 3, T 50, r 32, R_h = R_t = 16,
+# T_out 32, D 128, B = 128 (2**28 elements) the core held 2823 MB against the op's 282 and its
+# step took 1.56x the op's wall time (a diff review's find), where its thread CPU time had
+# been 0.82-0.96x the op's from 2**23 to 2**26 elements (the forty-third session): a little
+# time for tens of times the memory.  The measured small cases stay inside (the CMU-MOSI
+# shapes in cp mode up to B = 32, 2**22).
+CORE_TERM_ELEMENTS = 1 << 22
+
+
+def _on_core(
+    hs: Sequence[Any], feature_factors: Sequence[Any], token_factors: Sequence[Any], mode: str
+) -> bool:
+    """Whether a call runs the core rather than the op: on the CPU, outside ``torch.compile``
+    (which traces the op), at most :data:`CORE_ROWS` samples whose kept terms have at most
+    :data:`CORE_TERM_ELEMENTS` elements."""
+    if torch.compiler.is_compiling() or not hs[0].is_cpu:
+        return False
+    batch = hs[0].shape[0]
+    if batch > CORE_ROWS:
+        return False
+    r_h, _, out_dim = feature_factors[0].shape
+    r_t, _, n_out = token_factors[0].shape
+    ranks = 1 if mode == "collapsed" else r_t * r_h
+    return len(hs) * batch * ranks * n_out * out_dim <= CORE_TERM_ELEMENTS
+
 
 def sequence_fusion(
     hs: Sequence[Any],
@@ -477,13 +504,9 @@ def sequence_fusion(
     masks: Sequence[Any] | None = None,
 ) -> Any:
     """``mmfuse.sequence_fusion`` as the ``mmfuse::sequence_fusion`` custom op (inputs
-    checked); on the CPU, batches of at most :data:`CORE_ROWS` samples, and every call under
-    ``torch.jit.trace`` (:func:`mmfuse._namespace.jit_tracing`), the core's algorithm
-    (outside ``torch.compile``, which traces the op)."""
-    # (the compile test first: a size test on a traced call's symbolic batch guards its graph)
-    if jit_tracing(torch) or (
-        not torch.compiler.is_compiling() and hs[0].is_cpu and hs[0].shape[0] <= CORE_ROWS
-    ):
+    checked); small problems on the CPU (:func:`_on_core`), and every call under
+    ``torch.jit.trace`` (:func:`mmfuse._namespace.jit_tracing`), the core's algorithm."""
+    if jit_tracing(torch) or _on_core(hs, feature_factors, token_factors, mode):
         return _core_sequence.sequence_fusion(
             list(hs), list(feature_factors), list(token_factors), mode=mode,
             masks=None if masks is None else list(masks),
