@@ -172,7 +172,7 @@ def random_generator(seed: Any) -> np.random.Generator:
     """``numpy.random.default_rng(seed)``, its refusal of a bad seed naming ``seed``; a bool
     refused too (NumPy takes True as the seed 1: a flag passed in the seed's place)."""
     if isinstance(seed, (bool, np.bool_)):
-        raise TypeError(f"{_SEEDS}, got {seed!r}")
+        raise TypeError(f"{_SEEDS} (not a bool, which NumPy would take as the seed 1), got {seed!r}")
     try:
         return np.random.default_rng(seed)
     except (TypeError, ValueError) as err:

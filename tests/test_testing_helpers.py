@@ -416,7 +416,7 @@ def test_a_bool_seed_is_refused_everywhere():
         lambda: mmfuse.init_wander([4], [3], rank=2, feature_rank=2, token_rank=2, out_dim=4, seed=True),
     ]
     for call in calls:
-        with pytest.raises(TypeError, match=r"^seed must be what numpy.random.default_rng takes: None, a non-negative int or a sequence of them, a SeedSequence, a BitGenerator or a Generator, got"):
+        with pytest.raises(TypeError, match=r"^seed must be what numpy.random.default_rng takes: None, a non-negative int or a sequence of them, a SeedSequence, a BitGenerator or a Generator \(not a bool, which NumPy would take as the seed 1\), got"):
             call()
 
 
