@@ -768,13 +768,22 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
 
     xs, params = wander_args(4096, 64, 64, 8, 16, 64)  # M B T d = 2**25: at the bound
     assert torch_wander._stacked_elements(xs, params) == 1 << 25
-    assert torch_wander._small_batch(xs, params, True)
-    assert not torch_wander._small_batch(xs, params, False)  # the core's path: B <= 128
+    assert torch_wander._small_batch(xs, params, True, "collapsed")
+    assert not torch_wander._small_batch(xs, params, False, "cp")  # the core's path: B <= 128
     xs, params = wander_args(4096, 64, 8, 8, 16, 65)  # the per-sample Psi copy M B T_out T over it
     assert torch_wander._stacked_elements(xs, params) == 2 * 4096 * 65 * 64
-    assert not torch_wander._small_batch(xs, params, True)
-    assert torch_wander._small_batch(*wander_args(128, 64, 64, 8, 16, 64), False)
+    assert not torch_wander._small_batch(xs, params, True, "collapsed")
+    assert torch_wander._small_batch(*wander_args(128, 64, 64, 8, 16, 64), False, "cp")
     xs, params = wander_args(129, 4, 4, 2, 2, 3, device="cpu")
-    assert not torch_wander._small_batch(xs, params, True)  # CPU: B <= WHOLE_BATCH_ROWS
+    assert not torch_wander._small_batch(xs, params, True, "collapsed")  # CPU: B <= WHOLE_BATCH_ROWS
     monkeypatch.setattr(torch_wander, "ACCELERATOR_SMALL_ELEMENTS", 10)
-    assert not torch_wander._small_batch(*wander_args(129, 4, 4, 2, 2, 3), True)
+    assert not torch_wander._small_batch(*wander_args(129, 4, 4, 2, 2, 3), True, "collapsed")
+    # and on the CPU only while the core's kept terms fit (M B R_t R_h T_out D: 2 x 128 x 3 x 2
+    # x 64 x 16 in cp mode, 2 x 128 x 64 x 16 collapsed; a diff review)
+    xs, params = wander_args(128, 64, 64, 8, 16, 64, device="cpu")
+    sequence_module = importlib.import_module("mmfuse.backends.torch.sequence")
+    monkeypatch.setattr(sequence_module, "CORE_TERM_ELEMENTS", 2 * 128 * 3 * 2 * 64 * 16)
+    assert torch_wander._small_batch(xs, params, False, "cp")
+    monkeypatch.setattr(sequence_module, "CORE_TERM_ELEMENTS", 2 * 128 * 3 * 2 * 64 * 16 - 1)
+    assert not torch_wander._small_batch(xs, params, False, "cp")
+    assert torch_wander._small_batch(xs, params, False, "collapsed")

@@ -42,7 +42,7 @@ from ._common import (
     store,
 )
 
-__all__ = ['collapsed_grads', 'sequence_fusion', 'sequence_op_eager']
+__all__ = ['collapsed_grads', 'core_terms_fit', 'sequence_fusion', 'sequence_op_eager']
 
 _XP = torch_namespace()  # the namespace the core's helpers take for torch tensors
 
@@ -478,21 +478,28 @@ CORE_ROWS = 128
 CORE_TERM_ELEMENTS = 1 << 22
 
 
+def core_terms_fit(
+    batch: int, feature_factors: Sequence[Any], token_factors: Sequence[Any], mode: str
+) -> bool:
+    """Whether the terms the core keeps for backward, M B R_t R_h T_out D elements (ranks 1 in
+    collapsed mode), are at most :data:`CORE_TERM_ELEMENTS` (this module's small batches, and
+    :mod:`.wander`'s)."""
+    r_h, _, out_dim = feature_factors[0].shape
+    r_t, _, n_out = token_factors[0].shape
+    ranks = 1 if mode == "collapsed" else r_t * r_h
+    return len(feature_factors) * batch * ranks * n_out * out_dim <= CORE_TERM_ELEMENTS
+
+
 def _on_core(
     hs: Sequence[Any], feature_factors: Sequence[Any], token_factors: Sequence[Any], mode: str
 ) -> bool:
     """Whether a call runs the core rather than the op: on the CPU, outside ``torch.compile``
-    (which traces the op), at most :data:`CORE_ROWS` samples whose kept terms have at most
-    :data:`CORE_TERM_ELEMENTS` elements."""
+    (which traces the op), at most :data:`CORE_ROWS` samples whose kept terms fit
+    (:func:`core_terms_fit`)."""
     if torch.compiler.is_compiling() or not hs[0].is_cpu:
         return False
     batch = hs[0].shape[0]
-    if batch > CORE_ROWS:
-        return False
-    r_h, _, out_dim = feature_factors[0].shape
-    r_t, _, n_out = token_factors[0].shape
-    ranks = 1 if mode == "collapsed" else r_t * r_h
-    return len(hs) * batch * ranks * n_out * out_dim <= CORE_TERM_ELEMENTS
+    return batch <= CORE_ROWS and core_terms_fit(batch, feature_factors, token_factors, mode)
 
 
 def sequence_fusion(

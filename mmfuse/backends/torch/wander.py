@@ -44,7 +44,7 @@ from ._common import (
     compute_dtype,
     flat_rows,
 )
-from .sequence import collapsed_grads, sequence_op_eager
+from .sequence import collapsed_grads, core_terms_fit, sequence_op_eager
 
 __all__ = ['wander', 'wander_torch']
 
@@ -365,7 +365,7 @@ def _plan_wander(
         xs: Sequence[Any], params: Any, *, mode: str = "cp", masks: Any = None, activation: Any = "gelu",
         residual: str = "first",
     ) -> Any:  # fmt: skip
-        if _small_batch(xs, params, stackable):
+        if _small_batch(xs, params, stackable, mode):
             path = _small_path(stackable, any_batch, xs[0].shape[0])
             return path(xs, params, mode, masks, activation, residual)
         return wander(xs, params, mode=mode, masks=masks, activation=activation, residual=residual)
@@ -453,11 +453,14 @@ def _stacked_elements(xs: Sequence[torch.Tensor], params: Any) -> int:
     return len(xs) * batch * max(n_tok * max(d, rank, out_dim), n_out * max(n_tok, out_dim))
 
 
-def _small_batch(xs: Sequence[torch.Tensor], params: Any, stackable: bool) -> bool:
-    """Whether a call takes the small-batch paths: at most :data:`WHOLE_BATCH_ROWS` samples,
-    or off the CPU, for the stacked adapter (``stackable``: :func:`_stack_conditions`), at
-    most :data:`ACCELERATOR_SMALL_ELEMENTS` in its largest arrays (bounds read per call)."""
-    if xs[0].shape[0] <= WHOLE_BATCH_ROWS:
+def _small_batch(xs: Sequence[torch.Tensor], params: Any, stackable: bool, mode: str) -> bool:
+    """Whether a call takes the small-batch paths: at most :data:`WHOLE_BATCH_ROWS` samples
+    whose terms fit the core's bound (:func:`.sequence.core_terms_fit`: cp mode with large
+    ranks kept tens of times the ops' memory, as sequence_fusion's did; a diff review), or off
+    the CPU, for the stacked adapter (``stackable``: :func:`_stack_conditions`), at most
+    :data:`ACCELERATOR_SMALL_ELEMENTS` in its largest arrays (bounds read per call)."""
+    batch = xs[0].shape[0]
+    if batch <= WHOLE_BATCH_ROWS and core_terms_fit(batch, params["feature"], params["token"], mode):
         return True
     return stackable and not xs[0].is_cpu and _stacked_elements(xs, params) <= ACCELERATOR_SMALL_ELEMENTS
 
@@ -576,7 +579,7 @@ def wander(
     # (the compile test first: a size test on a traced call's symbolic batch guards its graph)
     if not torch.compiler.is_compiling():
         stackable, any_batch = _stack_conditions(xs, params, mode, masks, activation)
-        if _small_batch(xs, params, stackable):
+        if _small_batch(xs, params, stackable, mode):
             path = _small_path(stackable, any_batch, xs[0].shape[0])
             return path(xs, params, mode, masks, activation, residual)
     down = list(params["down"])
