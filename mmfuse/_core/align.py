@@ -227,6 +227,15 @@ def _divisor(n: Any) -> Any:
 TORCH_VAR_MEAN_ELEMENTS = 2048
 
 
+def _var_mean_pays(xs: Any) -> bool:
+    """Whether :func:`_stats` takes torch's var_mean for the tensor ``xs``: on the CPU up to
+    :data:`TORCH_VAR_MEAN_ELEMENTS`, elsewhere always, and always while ``torch.compile`` or
+    ``torch.export`` traces (as before the bound: a size test on a symbolic batch guards the
+    graph on it, and ``torch.export`` with a dynamic batch refused the guard)."""
+    torch = sys.modules["torch"]
+    return torch.compiler.is_compiling() or not xs.is_cpu or xs.numel() <= TORCH_VAR_MEAN_ELEMENTS
+
+
 def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> Stats:
     """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded: the shifted
     algorithm (section comment above) in standard Array-API calls.  ``dev`` is kept when
@@ -236,10 +245,8 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
     xs = x if dt == x.dtype else xp.astype(x, dt)
     # isinstance, not is_torch(xp): Dynamo traces this line (None: see half_imported)
     tensor = getattr(sys.modules.get("torch"), "Tensor", None)
-    if (
-        mask is None and tensor is not None and isinstance(xs, tensor) and xs.numel() > 0
-        and (xs.numel() <= TORCH_VAR_MEAN_ELEMENTS or not xs.is_cpu)
-    ):  # fmt: skip
+    torch_stats = mask is None and tensor is not None and isinstance(xs, tensor) and xs.numel() > 0
+    if torch_stats and _var_mean_pays(xs):
         torch = sys.modules["torch"]
         # Delegation: torch's var_mean gives corr = mean(d) and the variance of d in one
         # reduction (Welford's update, never negative), where the Array-API form below needs
