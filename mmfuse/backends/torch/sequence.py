@@ -468,14 +468,15 @@ sequence_op_eager = bind(
 CORE_ROWS = 128
 
 # ... and only while the terms the core keeps for backward, M B R_t R_h T_out D elements (R_t
-# = R_h = 1 in collapsed mode), are at most this many (16 MiB of float32).  Past it the op's
+# = R_h = 1 in collapsed mode), are at most this many (32 MiB of float32).  Past it the op's
 # saved inputs are the point (the module docstring): at M = 3, T 50, r 32, R_h = R_t = 16,
 # T_out 32, D 128, B = 128 (2**28 elements) the core held 2823 MB against the op's 282 and its
 # step took 1.56x the op's wall time (a diff review's find), where its thread CPU time had
 # been 0.82-0.96x the op's from 2**23 to 2**26 elements (the forty-third session): a little
 # time for tens of times the memory.  The measured small cases stay inside (the CMU-MOSI
-# shapes in cp mode up to B = 32, 2**22).
-CORE_TERM_ELEMENTS = 1 << 22
+# shapes in cp mode up to B = 32: 5.9 million elements, core / op 0.40-0.78 per step; at B =
+# 128, 23.6 million and 0.85, the op).
+CORE_TERM_ELEMENTS = 1 << 23
 
 
 def core_terms_fit(
