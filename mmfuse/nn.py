@@ -1296,7 +1296,7 @@ def _check_module_factory(name: str, module: Any, like: torch.Tensor) -> None:
     failed inside the module with torch's dtype or device error, which named neither."""
     if not isinstance(module, nn.Module):
         return
-    full = like.dtype not in (torch.float16, torch.bfloat16)
+    full = not low_precision(torch_namespace(), like.dtype)  # (computed in its own dtype)
     for part, t in (*module.named_parameters(), *module.named_buffers()):
         wrong_dtype = full and isinstance(t, nn.Parameter) and t.is_floating_point() and t.dtype != like.dtype
         if wrong_dtype or t.device != like.device:
