@@ -153,11 +153,6 @@ def _cp_plain(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], di
     return (xs, (weights, [f[:-1] for f in factors[:-1]] + [factors[-1]]), bias), {"append_one": False}
 
 
-def _sequence_collapsed(rng: np.random.Generator, scale: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args, kwargs = _sequence(rng, scale)
-    return args, {**kwargs, "mode": "collapsed"}
-
-
 def _token_masks(rng: np.random.Generator, xs: list[np.ndarray]) -> list[np.ndarray]:
     masks = [rng.random(x.shape[:2]) < 0.8 for x in xs]
     for k in masks:
@@ -252,7 +247,7 @@ CASES: dict[str, dict[str, Problem]] = {
     "lowrank_fusion": {"append_one=False, weights=None, bias=None": _lowrank_plain},
     "cp_fusion": {"present, weights=None, bias=None": _cp_masked, "append_one=False": _cp_plain},
     "sequence_fusion": {
-        "mode=collapsed": _sequence_collapsed,
+        "mode=collapsed": _with_options(_sequence, mode="collapsed"),
         "masks=None": _with_options(_sequence, masks=None),
     },
     "wander": {
