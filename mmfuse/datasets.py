@@ -322,7 +322,7 @@ def load_mfeat(
     shuffle : bool, default False
         Permute the rows (the same permutation for every view, the labels and
         ``is_train``).  Without shuffling the rows are in the source order: class by class.
-    seed : int, numpy.random.Generator or None, optional
+    seed : None, int, sequence of int, SeedSequence, BitGenerator or Generator, optional
         Seed of the shuffle, used only when ``shuffle=True``.  The permutation comes from
         ``np.random.default_rng(seed)``; NumPy's global random state is not touched.  None
         gives a fresh, unpredictable order.
@@ -447,7 +447,7 @@ def load_basic_motions(
     shuffle : bool, default False
         Permute the recordings (the same permutation for both modalities, ``raw``, the
         labels and ``is_train``).  Without shuffling the order is the files' order.
-    seed : int, numpy.random.Generator or None, optional
+    seed : None, int, sequence of int, SeedSequence, BitGenerator or Generator, optional
         Seed of the shuffle, used only when ``shuffle=True``.  The permutation comes from
         ``np.random.default_rng(seed)``; NumPy's global random state is not touched.  None
         gives a fresh, unpredictable order.

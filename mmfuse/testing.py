@@ -362,7 +362,7 @@ def make_inputs(
         Feature size ``d_m`` of each modality.
     batch : int
         Batch size ``B``.
-    seed : int, numpy.random.Generator or None, optional
+    seed : None, int, sequence of int, SeedSequence, BitGenerator or Generator, optional
         Seed of the draw.
     xp : array namespace, optional
         Namespace of the returned arrays; NumPy when None.  Dask arrays come in one chunk

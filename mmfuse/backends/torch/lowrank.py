@@ -116,7 +116,7 @@ def _lowrank_forward(
             torch.mm(prod, rank_sum, out=out[blk])
             # any inf or NaN makes the block's sum inf or NaN (one reduction, where isfinite
             # and all took five operators, 0.13 ms at 65536 rows); an overflowing sum of finite
-            # outputs only redoes the block
+            # outputs redoes nothing (below: no sample is non-finite)
             if bool(torch.isfinite(out[blk].sum())):
                 continue
             # an inf in prod met the GEMM's zeros (inf * 0 = NaN) and spread NaN to the
