@@ -859,7 +859,7 @@ def init_lowrank(
         R and h.
     append_one : bool, default True
         Whether factors get the constant's row (d_m + 1 rows).
-    seed : int, numpy.random.Generator or None, optional
+    seed : None, int, sequence of int, SeedSequence, BitGenerator or Generator, optional
         Source of randomness: ``numpy.random.default_rng(seed)``, so anything it takes (a
         ``SeedSequence``, a bit generator) works too; None draws fresh entropy.  The draw is
         the same in every namespace.

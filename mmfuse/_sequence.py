@@ -726,7 +726,7 @@ def init_wander(
         D, the output width (equal to the d_m for ``residual="first"``).
     n_out : int, optional
         T_out, the output token count; default ``rank``, as released.
-    seed : int, numpy.random.Generator or None, optional
+    seed : None, int, sequence of int, SeedSequence, BitGenerator or Generator, optional
         Source of randomness: ``numpy.random.default_rng(seed)``, so anything it takes (a
         ``SeedSequence``, a bit generator) works too; None draws fresh entropy.  The draw is
         the same in every namespace.
