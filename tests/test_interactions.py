@@ -294,6 +294,16 @@ def test_subset_refuses_over_max_elements(rng):
         match=r"tensor_interactions: weight of shape .* over max_elements=10; use lowrank_interactions, or",
     ):
         mmfuse.tensor_interactions(p["xs"], p["weight"], max_elements=10)
+    # and an intermediate over the bound (Dask: a batch chunk is contracted whole), named as
+    # tensor_interactions' with its own suggestion (a final reread found it untested)
+    da = pytest.importorskip("dask.array")
+    xs = [da.from_array(rng.standard_normal((400, 3))) for _ in range(2)]
+    with pytest.raises(
+        ValueError,
+        match=r"^tensor_interactions: contracting modality 0 leaves an intermediate of shape \(400, 4, 3\).*"
+        r"use lowrank_interactions, or raise max_elements",
+    ):
+        mmfuse.tensor_interactions(xs, da.from_array(rng.standard_normal((4, 4, 3))), max_elements=2000)
 
 
 @pytest.mark.parametrize("by", ["order", "subset"])
