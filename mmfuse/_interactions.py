@@ -289,7 +289,8 @@ def lowrank_interactions(
         check_present(xp, present, batch, len(xs))
     if by == "subset":
         _check_subset_size("lowrank_interactions", len(xs), batch, out_dim, max_elements)
-    size = CALL_SIZES["lowrank_interactions"](xs, factors)
+    recursion = core.runs_recursion(by, append_one)
+    size = CALL_SIZES["lowrank_interactions"](xs, factors) if recursion else 0
     arrays = (xs, factors, weights, present)
     impl = choose("lowrank_interactions", backend, like=xs[0], arrays=arrays, size=size)
     return impl(
@@ -387,7 +388,8 @@ def cp_interactions(
     xs, weights, factors = check_cp_inputs(xs, cp, append_one, present)
     if by == "subset":
         _check_subset_size("cp_interactions", len(xs), xs[0].shape[0], factors[-1].shape[0], max_elements)
-    size = CALL_SIZES["cp_interactions"](xs, (weights, factors))
+    recursion = core.runs_recursion(by, append_one)
+    size = CALL_SIZES["cp_interactions"](xs, (weights, factors)) if recursion else 0
     impl = choose("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights, present), size=size)
     return impl(
         xs, (weights, factors), by=by, present=present, append_one=append_one, max_elements=max_elements

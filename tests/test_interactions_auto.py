@@ -74,6 +74,51 @@ def test_products_not_the_first_array_decide_in_a_fresh_process():
     ]
 
 
+def test_calls_without_the_recursion_never_import_numba_in_a_fresh_process():
+    """By subset, or without the appended constant, the terms take the generic path whatever
+    row runs, so their size for "auto" is 0: calls past AUTO_IMPORT_PRODUCTS by the
+    recursion's count do not import numba (they had, 0.4 s for a kernel never run; a review's
+    find).  The same problems by order with the constant still do, and the terms of every
+    call equal the array_api backend's."""
+    from test_align_auto_cpu import _run
+
+    out = _run(
+        """
+        import sys
+        import numpy as np
+        import mmfuse
+        from mmfuse.backends._table import AUTO_IMPORT_PRODUCTS as N
+
+        rng = np.random.default_rng()
+        dims, batch, rank = (4, 3, 5, 2, 4, 3, 2, 5), 1024, 4
+        out_dim = N // (64 * batch * rank) + 1  # M = 8: past N products by 64 B R h
+        def lowrank(append_one):
+            xs = [rng.standard_normal((batch, d)).astype(np.float32) for d in dims]
+            k = 1 if append_one else 0
+            fs = [rng.standard_normal((rank, d + k, out_dim)).astype(np.float32) for d in dims]
+            return xs, fs, rng.standard_normal(rank).astype(np.float32)
+        xs, fs, w = lowrank(True)
+        cp_width = N // (64 * batch) + 1
+        cp = (None, [rng.standard_normal((d + 1, cp_width)).astype(np.float32) for d in dims]
+              + [rng.standard_normal((2, cp_width)).astype(np.float32)])
+        cp0 = (None, [a[:-1] for a in cp[1][:-1]] + [cp[1][-1]])
+        calls = [
+            (mmfuse.lowrank_interactions, (xs, fs, w), {"by": "subset"}),
+            (mmfuse.lowrank_interactions, lowrank(False), {"append_one": False}),
+            (mmfuse.cp_interactions, (xs, cp), {"by": "subset"}),
+            (mmfuse.cp_interactions, (xs, cp0), {"append_one": False}),
+        ]
+        for fn, args, kw in calls:
+            terms, _ = fn(*args, **kw)
+            want, _ = fn(*args, **kw, backend="array_api")
+            print("numba" in sys.modules, bool(np.array_equal(terms, want)))
+        mmfuse.lowrank_interactions(xs, fs, w)
+        print("numba" in sys.modules)
+        """
+    )
+    assert out.splitlines() == ["False True"] * 4 + ["True"]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("present", [False, True])
 def test_numpy_kernel_rows_equal_the_reference(rng, dtype, present):

@@ -228,6 +228,15 @@ def lowrank_interactions(
     return terms, labels_for(by, len(xs))
 
 
+def runs_recursion(by: str, append_one: bool) -> bool:
+    """Whether an interaction-terms call runs the order recursion (:class:`NumPyOrders` or a
+    backend's compiled twin): by order, with the appended constant.  Other calls (by subset,
+    or without the constant) take the generic path whatever implementation was chosen, so
+    the public functions weigh them as size 0 for "auto" (``CALL_SIZES``): such a call had
+    imported numba (0.4 s) for a kernel it never ran (a review's find)."""
+    return by == "order" and append_one
+
+
 def lowrank_interactions_numpy(
     xs: list[Any],
     factors: list[Any],
@@ -268,7 +277,7 @@ def lowrank_interactions_with(
             lowrank_interactions_with, xp, xs[0].dtype, recursion, xs, factors, weights, by=by,
             present=present, append_one=append_one,
         )  # fmt: skip
-    if by != "order" or not append_one or rank == 0 or out_dim == 0:
+    if not runs_recursion(by, append_one) or rank == 0 or out_dim == 0:
         return lowrank_interactions(xs, factors, weights, by=by, present=present, append_one=append_one)
     import numpy as np
 
@@ -501,7 +510,7 @@ def cp_interactions_with(
             cp_interactions_with, xp, xs[0].dtype, recursion, xs, cp, by=by, present=present,
             append_one=append_one,
         )  # fmt: skip
-    if by != "order" or not append_one or rank == 0 or out_dim == 0:
+    if not runs_recursion(by, append_one) or rank == 0 or out_dim == 0:
         return cp_interactions(xs, cp, by=by, present=present, append_one=append_one)
     import numpy as np
 

@@ -63,7 +63,8 @@ def _cp_interactions_size(xs: Any, cp: Any, *rest: Any) -> int:
 #: measure their work: the interaction terms, by their order recursion's products, M^2 B (R h)
 #: for LMF and M^2 B R for CP, which is what a compiled recursion saves on.  The public
 #: functions pass it to ``choose`` (``lookup``'s twin for a call about to run), and ``explain``
-#: computes it from the arrays it is given.
+#: computes it from the arrays it is given.  Only calls that run the recursion
+#: (:func:`mmfuse._core.interactions.runs_recursion`) are weighed so; the others pass 0.
 CALL_SIZES: dict[str, Callable[..., int]] = {
     "lowrank_interactions": _lowrank_interactions_size,
     "cp_interactions": _cp_interactions_size,

@@ -883,8 +883,9 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     size as the public function passes it to :func:`choose`; by default computed as the public
     function does: for the interaction terms from ``arrays`` given as the call's leading
     arguments (``xs, factors`` or ``xs, cp``: their recursion's products, M^2 B R h or M^2 B
-    R), otherwise (and for arrays that are not those) the first floating array's element
-    count.
+    R, as for a call by order with the appended constant; a call by subset or with
+    ``append_one=False`` passes 0, which ``size=0`` shows), otherwise (and for arrays that are
+    not those) the first floating array's element count.
 
     Examples
     --------
