@@ -885,8 +885,9 @@ def init_lowrank(
         negative ``seed``.
     TypeError
         ``dims`` not a sequence, ``append_one`` not a bool, ``dtype`` not a real floating
-        dtype, or a ``seed`` that is not None, an int or a ``numpy.random.Generator`` (a
-        float or a bool).
+        dtype, or a ``seed`` that is not something ``numpy.random.default_rng`` takes (None,
+        an int, a sequence of ints, a ``SeedSequence``, a bit generator or a ``Generator``)
+        or is a bool.
 
     Notes
     -----

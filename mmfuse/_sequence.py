@@ -755,7 +755,8 @@ def init_wander(
     TypeError
         ``dims`` or ``lengths`` not a sequence (a set or dict: no modality order), ``dtype``
         not a real floating dtype of ``xp``, ``xp`` not a namespace, or a ``seed`` that is
-        not None, an int or a ``numpy.random.Generator`` (a float or a bool).
+        not something ``numpy.random.default_rng`` takes (None, an int, a sequence of ints, a
+        ``SeedSequence``, a bit generator or a ``Generator``) or is a bool.
 
     Notes
     -----

@@ -10,8 +10,10 @@ steps per modality:
    1.8e19, since the variance exceeds float32's range: compute in float64 for such data);
 2. one per-channel affine map ``y = S * x + T`` whose ``S`` and ``T`` come from a few small
    ``(B, 1, C)`` computations on the statistics alone, applied about the pivot as
-   ``(x - p) * S + (T + S p)`` (the folded form loses ``|S x|`` ulps when the mean dwarfs
-   the spread).
+   ``((x - p) - corr) * S + target`` with ``corr = mean - p`` and ``target = S mean + T``
+   (:func:`zoom_shift_map`; the folded form ``S x + T`` loses ``|S x|`` ulps when the mean
+   dwarfs the spread, and folding ``corr`` into the offset cancels on a lane with no
+   spread).
 
 Every zoom and shift is affine in x, so a round of alignment maps statistics to statistics
 exactly (mean ``mu -> S mu + T``, variance ``var -> S**2 var``): the rounds run on the
