@@ -1359,7 +1359,8 @@ class WanderAdapter(nn.Module):
     :func:`mmfuse.wander`).  ``reset_parameters`` draws
     from :func:`mmfuse.init_wander` with a seed taken from torch's global generator, so
     ``torch.manual_seed`` makes it reproducible.  Under ``"auto"`` (the torch backend's
-    :func:`mmfuse.wander`): batches of at most 128 samples (off the CPU, in the stacked
+    :func:`mmfuse.wander`): batches of at most 128 samples whose kept terms, M B R_t R_h T_out
+    D elements (ranks 1 in collapsed mode), are at most 2**23 (off the CPU, in the stacked
     configuration below, up to 2**25 elements in its largest arrays) run under autograd (the released
     configuration, collapsed with the GELU on modalities of one shape, as one stacked
     computation, which without gradients on the CPU only batches under 16 take; others the

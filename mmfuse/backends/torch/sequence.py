@@ -468,7 +468,10 @@ sequence_op_eager = bind(
 CORE_ROWS = 128
 
 # ... and only while the terms the core keeps for backward, M B R_t R_h T_out D elements (R_t
-# = R_h = 1 in collapsed mode), are at most this many (32 MiB of float32).  Past it the op's
+# = R_h = 1 in collapsed mode), are at most this many (32 MiB of float32).  Autograd keeps the
+# running product over the modalities too, so the core holds up to about twice the terms: a
+# review measured 1.33x them at M = 3 and 1.78x at M = 8 (2**23 elements: 57 MiB of float32,
+# 114 of float64), against the op's inputs alone.  Past the bound the op's
 # saved inputs are the point (the module docstring): at M = 3, T 50, r 32, R_h = R_t = 16,
 # T_out 32, D 128, B = 128 (2**28 elements) the core held 2823 MB against the op's 282 and its
 # step took 1.56x the op's wall time (a diff review's find), where its thread CPU time had
@@ -484,7 +487,8 @@ def core_terms_fit(
 ) -> bool:
     """Whether the terms the core keeps for backward, M B R_t R_h T_out D elements (ranks 1 in
     collapsed mode), are at most :data:`CORE_TERM_ELEMENTS` (this module's small batches, and
-    :mod:`.wander`'s)."""
+    :mod:`.wander`'s).  What autograd then holds is up to about twice that (the running
+    products besides the terms; the constant's comment)."""
     r_h, _, out_dim = feature_factors[0].shape
     r_t, _, n_out = token_factors[0].shape
     ranks = 1 if mode == "collapsed" else r_t * r_h
