@@ -571,8 +571,15 @@ def zoom(x: Any, scale: Any, *, center: Any) -> Any:
         # float16 / bfloat16 in float32, rounded once, as every operator: in x's dtype NumPy's
         # and JAX's weak scalars are first rounded to it (scale = 1e5 became inf, where the
         # result is finite, and torch's opmath gave it: a review's find)
-        return in_work_dtype(core.zoom, xp, x.dtype, x, scale, center=center)
-    return core.zoom(x, scale, center=center)
+        return _as_array(x, in_work_dtype(core.zoom, xp, x.dtype, x, scale, center=center))
+    return _as_array(x, core.zoom(x, scale, center=center))
+
+
+def _as_array(x: Any, out: Any) -> Any:
+    """``out``, a 0-d NumPy array where x is one: NumPy's arithmetic on 0-d arrays gives a
+    scalar (np.float64), and :func:`zoom` and :func:`shift` return an array of x's shape, as
+    in every other namespace (a review's find)."""
+    return np.asarray(out) if type(x) is np.ndarray and x.ndim == 0 else out
 
 
 def shift(x: Any, offset: Any) -> Any:
@@ -629,8 +636,8 @@ def shift(x: Any, offset: Any) -> Any:
     check_same_float_dtype(xp, [("x", x)])
     offset = _check_operand(xp, x, offset, "offset")
     if low_precision(xp, x.dtype):  # (as zoom: in float32, rounded once)
-        return in_work_dtype(core.shift, xp, x.dtype, x, offset)
-    return core.shift(x, offset)
+        return _as_array(x, in_work_dtype(core.shift, xp, x.dtype, x, offset))
+    return _as_array(x, core.shift(x, offset))
 
 
 # --------------------------------------------------------------------------- zoom_shift

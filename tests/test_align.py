@@ -97,6 +97,20 @@ def test_zoom_and_shift_primitives(xp, dtype, rng):
     xp.assert_untouched()
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_zoom_and_shift_of_a_0d_numpy_array_return_a_0d_array(rng, dtype):
+    """NumPy's arithmetic on 0-d arrays gives a scalar; zoom and shift return an array of x's
+    shape (0-d), of x's dtype, as their Returns say and the other namespaces give."""
+    x, scale, center = (np.asarray(v, dtype=dtype) for v in rng.uniform(0.5, 2.0, 3))
+    for got, want in (
+        (mmfuse.zoom(x, scale, center=center), reference.zoom(x, scale, center=center)),
+        (mmfuse.zoom(x, 2.0, center=1.0), reference.zoom(x, 2.0, center=1.0)),
+        (mmfuse.shift(x, center), reference.shift(x, center)),
+    ):
+        assert type(got) is np.ndarray and got.shape == () and got.dtype == dtype
+        assert_close(got, np.asarray(want), dtype=dtype)
+
+
 @pytest.mark.parametrize("rounds", [0, 1, 3, None])
 @pytest.mark.parametrize("schedule", ["gauss-seidel", "jacobi"])
 @pytest.mark.parametrize("topology", ["consensus", "hub"])
