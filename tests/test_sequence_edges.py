@@ -129,14 +129,21 @@ def test_wander_errors_quote_the_inputs_shapes():
 @pytest.mark.parametrize("mode", ["collapsed", "cp"])
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 @pytest.mark.parametrize("backend", ["torch", "array_api"])
-def test_wander_nan_padding_gives_the_gradients_of_zero_padding(mode, activation, backend):
+@pytest.mark.parametrize("paths", ["small", "blocked"])
+def test_wander_nan_padding_gives_the_gradients_of_zero_padding(mode, activation, backend, paths, request):
     """Padded tokens are zeroed before the down-projection: NaN padding used to reach dL/dW
-    (and, through the fused op's GELU derivative, dL/db) as 0 * NaN."""
+    (and, through the fused op's GELU derivative, dL/db) as 0 * NaN.  "blocked": the paths of
+    large batches (the torch backend's custom ops, ``mmfuse::wander_collapsed`` for the
+    collapsed GELU adapter), whose own masking of dL/dW no small-batch call reached (a
+    mutation review's find)."""
     torch = pytest.importorskip("torch")
+    if paths == "blocked":
+        request.getfixturevalue("blocked_paths")
     g = torch.Generator().manual_seed(6)
     xs = [torch.randn(2, t, 4, generator=g, dtype=torch.float64) for t in (5, 3)]
     masks = [torch.ones(2, 5, dtype=torch.bool), torch.rand(2, 3, generator=g) > 0.4]
     masks[1][:, 0] = True
+    masks[1][:, 2] = False  # padding in every sample (the draw alone had left none)
     p = mmfuse.init_wander([4, 4], [5, 3], rank=3, feature_rank=2, token_rank=2, out_dim=4, seed=6,
                            xp=torch, dtype=torch.float64)  # fmt: skip
     upstream = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
