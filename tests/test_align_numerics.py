@@ -82,6 +82,10 @@ def test_moments_large_mean_small_spread(xp, rng, masked):
     want_mean, want_std = reference.moments(x, mask=mask, eps=0.0)
     assert_close(mean, want_mean, dtype=xp.dtype(F32))
     assert_close(std, want_std, dtype=xp.dtype(F32))
+    # the mean as pivot + correction: within an ulp of the exact one (the pivot alone, a
+    # rounded float32 sum, was 1.6-2.6 ulps off and passed the tolerance above; a mutation
+    # review's find)
+    _assert_within_ulps(mean, want_mean, ulps=1)
     xp.assert_untouched()
 
 
@@ -114,6 +118,22 @@ def test_moments_wide_float32(xp, rng, masked):
     assert np.all(np.isfinite(to_numpy(std)))
     assert_close(mean, want_mean, dtype=xp.dtype(F32))
     assert_close(std, want_std, dtype=xp.dtype(F32))
+
+
+@pytest.mark.parametrize("tokens", [100, 1000])
+def test_moments_float32_variance_past_its_range_leaves_no_lane_finite(xp, rng, tokens):
+    """Spread 1e20 about 1e27 in float32: the variance (1e40) is past float32's range, so
+    every lane's spread is inf or NaN (docs/backends.rst, Range limits), none finite, none
+    0.  The generic form's
+    "no spread" rule (a variance within the noise of corr * corr) must not take a lane whose
+    noise overflowed to inf for one without spread: without its isfinite test one lane in
+    four came back 0 (a mutation review's find; 64 lanes here, so that some lane's noise
+    overflows whatever the draw).  1000 tokens: torch's generic form (past
+    TORCH_VAR_MEAN_ELEMENTS)."""
+    x = (1e27 + 1e20 * rng.standard_normal((2, tokens, 32))).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, std = mmfuse.moments(xp.asarray(x, F32), eps=0.0, backend="array_api")
+    assert not np.isfinite(to_numpy(std)).any(), to_numpy(std)
 
 
 @pytest.mark.parametrize("threads", [False, True])
@@ -279,6 +299,27 @@ def test_torch_gradients_on_hard_float32_data(rng, data):
             assert_close(a, b.numpy(), rtol=1e-3, err_msg=backend)
 
 
+@pytest.mark.parametrize("rounds", [3, None])
+def test_torch_align_gradients_of_float32_spreads_apart_use_float64_rounds(rng, rounds):
+    """float32 modalities of spreads 1e15 and 1e-3, a half step: the rounds' statistics are
+    widened to float64 in the op's backward as in its forward (round_statistics), so the
+    gradients stay within a few float32 roundings of float64 autograd's.  Without the
+    widening the backward's log-spreads lost 1.3e-6 relative at the limit, against 1e-7
+    (a mutation review's find)."""
+    torch = pytest.importorskip("torch")
+    data = [rng.standard_normal((4, 16, 8)) * 1e15, rng.standard_normal((4, 16, 8)) * 1e-3]
+    up = [rng.standard_normal(x.shape) for x in data]
+    grads = {}
+    for dt in (torch.float32, torch.float64):
+        leaves = [torch.tensor(x, dtype=dt, requires_grad=True) for x in data]
+        ys = mmfuse.align(leaves, rounds=rounds, alpha=0.5, backend="torch")
+        loss = sum((y.double() * torch.from_numpy(u)).sum() for y, u in zip(ys, up))
+        grads[dt] = torch.autograd.grad(loss, leaves)
+    for a, b in zip(grads[torch.float32], grads[torch.float64]):
+        error = float((a.double() - b).abs().max() / b.abs().max())
+        assert error <= 4e-7, error
+
+
 def test_torch_compiled_backward_large_mean(rng):
     """Under torch.compile the op's backward (the shifted statistics, traced) matches the eager
     backward and float64 on data whose mean dwarfs its spread."""
@@ -390,6 +431,23 @@ def test_zoom_shift_partial_step_where_the_means_cancel(rng, backend, alpha):
         y = mmfuse.zoom_shift(x, g, alpha=alpha, backend=backend)
     assert y.dtype == np.float32
     _assert_within_ulps(y, _oracle_zoom_shift(x, g, alpha=alpha), ulps=4)
+
+
+@pytest.mark.parametrize("backend", ["array_api", "torch", *(["numba"] if HAVE_NUMBA else [])])
+def test_zoom_shift_partial_step_where_float64_means_cancel(rng, backend):
+    """float64 means of +-1.4e13 over 4096 tokens (unit spreads), a half step: the target is
+    (mu_x + mu_g) / 2, near 0, so each mean's correction to its first estimate (the float64
+    sum's rounding, about 0.1 here) must reach it.  The numba kernels' target without the
+    correction passed every float32 test and was 0.37 off outputs of size 5 here (a mutation
+    review's find)."""
+    x = 1e14 / 7 + rng.standard_normal((2, 4096, 8))
+    g = -1e14 / 7 + rng.standard_normal((2, 4096, 8))
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        y = mmfuse.zoom_shift(torch.from_numpy(x), torch.from_numpy(g), alpha=0.5, backend="torch").numpy()
+    else:
+        y = mmfuse.zoom_shift(x, g, alpha=0.5, backend=backend)
+    assert_close(y, reference.zoom_shift(x, g, alpha=0.5), rtol=1e-9)
 
 
 @pytest.mark.parametrize("fuse", ["sum", "mean"])
@@ -1078,16 +1136,20 @@ def test_a_non_finite_token_reaches_every_consensus_modality(rng, backend, poiso
             assert_close(np.where(finite, y, 0.0), np.where(finite, w, 0.0), err_msg=f"{options} {n} {i}")
 
 
-def test_a_float32_variance_past_its_range_does_not_poison_the_consensus_limit(rng):
+@pytest.mark.parametrize("backend", _numpy_backends())
+def test_a_float32_variance_past_its_range_does_not_poison_the_consensus_limit(rng, backend):
     """Finite float32 data whose variance overflows (spread 1e20) in the modality of weight 0
     (Gauss-Seidel consensus, alpha = 1, eps = 0): its infinite log-variance is no NaN token
     and must not make the limit NaN; the other modalities keep values near the reference's
-    (that modality's statistics are past float32's range: docs/backends.rst, Range limits)."""
+    (that modality's statistics are past float32's range: docs/backends.rst, Range limits).
+    Each backend named: under "auto" the numba kernels' float64 statistics, once numba was
+    imported by an earlier test, never overflow, and the core's limit went untested (a
+    mutation review's find)."""
     big = (rng.standard_normal((1, 4, 1)) * 1e20).astype(np.float32)
     xs = [big, rng.standard_normal((1, 4, 1)).astype(np.float32), rng.standard_normal((1, 4, 1)).astype(np.float32)]
     with np.errstate(over="ignore", invalid="ignore"):
         want = reference.align(xs, rounds=None, eps=0.0)
-        got = mmfuse.align(xs, rounds=None, eps=0.0)
+        got = mmfuse.align(xs, rounds=None, eps=0.0, backend=backend)
     for y, w in zip(got[1:], want[1:]):
         assert np.isfinite(y).all()
         assert_close(y, w, rtol=1e-2)
