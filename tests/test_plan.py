@@ -67,6 +67,18 @@ def test_dask_calls_of_other_chunks_are_planned_apart(rng):
         call(8)
 
 
+def test_dask_masked_chunks_after_plain_ones_are_refused_by_name(rng):
+    """A Dask array's chunk type is in its signature: masked chunks of a shape planned with
+    plain ones get the unplanned call's refusal, naming x (without it the refusal came from
+    a later layer, as "argument 0"; a mutation review's find)."""
+    da = pytest.importorskip("dask.array")
+    x = rng.standard_normal((3, 6, 2))
+    mmfuse.moments(da.from_array(x))
+    masked = da.from_array(np.ma.masked_array(x, x > 1), asarray=False)
+    with pytest.raises(TypeError, match=r"^x is a Dask array of numpy\.ma\.MaskedArray chunks"):
+        mmfuse.moments(masked)
+
+
 def test_a_bad_call_after_a_good_one_raises_what_an_unplanned_call_raises(rng):
     xs, factors, weights, bias = _lowrank_case(rng)
     mmfuse.lowrank_fusion(xs, factors, weights, bias)  # planned
@@ -89,16 +101,47 @@ def test_a_bad_call_after_a_good_one_raises_what_an_unplanned_call_raises(rng):
 
 
 def test_masks_values_are_checked_on_every_planned_call(rng):
+    """Each operator planned with good masks first, then called with the same signature and
+    a sample with every token masked: every planned call checks the values (only
+    zoom_shift's x mask had been planned before its bad call; a mutation review's find)."""
     x, g = rng.standard_normal((3, 6, 2)), rng.standard_normal((3, 5, 2))
-    mask = np.ones((3, 6), dtype=bool)
-    mmfuse.zoom_shift(x, g, mask=mask)
-    mask[1] = False  # same signature, a sample with every token masked
+    mask, guide_mask = np.ones((3, 6), dtype=bool), np.ones((3, 5), dtype=bool)
+    mmfuse.zoom_shift(x, g, mask=mask, guide_mask=guide_mask)
+    mmfuse.align([x, x], masks=[mask, None], rounds=1)
+    mmfuse.moments(x, mask=mask)
+    guide_mask[1] = False  # same signatures, a sample with every token masked
+    with pytest.raises(ValueError, match="guide_mask masks every token of a sample"):
+        mmfuse.zoom_shift(x, g, mask=mask, guide_mask=guide_mask)
+    guide_mask[1] = True
+    mask[1] = False
     with pytest.raises(ValueError, match="masks every token of a sample"):
-        mmfuse.zoom_shift(x, g, mask=mask)
+        mmfuse.zoom_shift(x, g, mask=mask, guide_mask=guide_mask)
     with pytest.raises(ValueError, match="masks every token of a sample"):
         mmfuse.align([x, x], masks=[mask, None], rounds=1)
     with pytest.raises(ValueError, match="masks every token of a sample"):
         mmfuse.moments(x, mask=mask)
+
+
+def test_the_plan_caches_stay_bounded(monkeypatch):
+    """A program making new shapes (a growing batch) starts the plans over at MAX_PLANS
+    rather than keeping every signature (untested before; a mutation review's find)."""
+    monkeypatch.setattr(_plan, "MAX_PLANS", 8)
+    cache = mmfuse._align._MOMENTS_PLANS
+    cache.clear()
+    for batch in range(1, 30):
+        mmfuse.moments(np.ones((batch, 4, 2)))
+        assert 1 <= len(cache) <= 8
+
+
+def test_float16_numpy_alignment_takes_the_generic_rows():
+    """NumPy's cache-blocked alignment takes float32 / float64; float16 goes to the generic
+    rows, which compute in float32 and round once (the blocked ones in float16 had been 3
+    ulps off the reference; a mutation review's find)."""
+    from mmfuse.backends import explain
+
+    x = np.ones((4, 20, 3), dtype=np.float16)
+    for op, arrays in (("moments", (x,)), ("zoom_shift", (x, x)), ("align", ([x, x],))):
+        assert explain(op, *arrays, backend="array_api").chosen.variant == "generic", op
 
 
 def test_planned_calls_follow_the_configured_backend(rng):
@@ -610,6 +653,50 @@ def test_calls_inside_torch_func_transforms_of_plain_and_wrapped_tensors():
     xr = x.clone().requires_grad_(True)
     (want,) = torch.autograd.grad(mmfuse.lowrank_fusion([xr, y], **p).sum(), [xr])
     assert_close(got, want, rtol=1e-12)
+
+
+def test_a_signature_planned_outside_a_transform_is_not_used_inside_one():
+    """The per-sample shape planned on plain tensors first, then the same shape inside
+    vmap: the transform's call is not planned (the plan's NumPy path would read batched
+    tensors' memory: "Cannot access data pointer"; a mutation review's find)."""
+    x, g = torch.randn(2, 4, 6, 3, dtype=torch.float64), torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    mmfuse.zoom_shift(x[0], g[0])
+    mmfuse.align([x[0], g[0]], rounds=1)
+    got = torch.func.vmap(lambda a, b: mmfuse.zoom_shift(a, b))(x, g)
+    aligned = torch.func.vmap(lambda a, b: mmfuse.align([a, b], rounds=1)[0])(x, g)
+    for i in range(2):
+        assert_close(got[i], ref.zoom_shift(x[i].numpy(), g[i].numpy()), rtol=1e-12)
+        assert_close(aligned[i], ref.align([x[i].numpy(), g[i].numpy()], rounds=1)[0], rtol=1e-12)
+
+
+# torch's forward-AD decompositions are TorchScript, which warns on first use (torch >= 2.11)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_signature_planned_without_forward_ad_is_not_used_with_it():
+    """A plain call planned first, then the same signature with a dual tensor: the tangent
+    is that of an unplanned call (the forward-AD level in the key; without it the plan's
+    NumPy path dropped the tangent silently; a mutation review's find)."""
+    import torch.autograd.forward_ad as fwad
+
+    x, g = torch.randn(3, 6, 2, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
+    t = torch.randn_like(x)
+    mmfuse.zoom_shift(x, g)
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(mmfuse.zoom_shift(fwad.make_dual(x, t), g)).tangent
+        want = fwad.unpack_dual(mmfuse.zoom_shift(fwad.make_dual(x, t), g, backend="array_api")).tangent
+    assert tangent is not None
+    assert_close(tangent, want, rtol=1e-10)
+
+
+def test_a_signature_planned_on_the_cpu_is_not_used_on_meta():
+    """The same shapes and dtypes on the CPU, then on the meta device: the device is in the
+    key, so the meta call is planned apart and gives meta outputs (the CPU plan's NumPy path
+    cannot read them; a mutation review's find)."""
+    x, g = torch.randn(3, 6, 2), torch.randn(3, 5, 2)
+    mmfuse.zoom_shift(x, g)
+    mmfuse.align([x, g], rounds=1)
+    y = mmfuse.zoom_shift(x.to("meta"), g.to("meta"))
+    assert y.device.type == "meta" and y.shape == x.shape
+    assert all(a.device.type == "meta" for a in mmfuse.align([x.to("meta"), g.to("meta")], rounds=1))
 
 
 def test_a_planned_torch_call_checks_what_its_signature_does_not_fix(rng):

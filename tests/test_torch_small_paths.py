@@ -180,6 +180,11 @@ def test_lowrank_forward_runs_whole_batch_at_few_rows_with_wide_outputs(rng, mon
         (16, 512, 64, "elements", False, "op"),  # past the measured B R h (memory: a diff review)
     ]
     assert torch_lowrank.FORWARD_WHOLE_BATCH_ELEMENTS >= 16 * 512 * 64
+    # the rule at its documented bounds (docs/backends.rst): B <= 128, h > 8, B R h <= 2**22
+    wide = torch_lowrank.wide_forward
+    assert (rows, width, torch_lowrank.FORWARD_WHOLE_BATCH_ELEMENTS) == (128, 8, 1 << 22)
+    assert wide(128, 512, 64) and not wide(128, 513, 64) and not wide(129, 8, 64)
+    assert wide(1, 4, 9) and not wide(1, 4, 8)
     for batch, rank, out_dim, bound, records, form in cases:
         assert not core_fusion.whole_batch(batch, rank, out_dim)
         if bound == "elements":
