@@ -337,3 +337,61 @@ def test_cupy_combine_kernels_take_their_chunks_present_rows(combine_kernel, sta
     q = combine_kernel(1, P, C, w, bias[:1], present[start:stop], n, rank, 1, 1 | 4 | 8)
     want = ref.cp_fusion(xs, (w, cp_factors), bias, present=present)[start:stop]
     np.testing.assert_allclose(q @ cp_factors[-1].T + bias, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("flags", range(16))
+def test_cupy_combine_kernels_follow_their_flags(combine_kernel, flags):
+    """Both combine bodies under every subset of their flags (1: weights, 2: bias, 4:
+    present, 8: the constant rows), the operands a flag leaves out poisoned (NaN, and a
+    present mask of all False), as the backend's stand-ins are never to be read: against the
+    reference without those operands.  Only the full set had been run, so a body reading an
+    unflagged operand passed (a mutation review's find)."""
+    rng = np.random.default_rng()
+    dims, rank, out_dim, batch = (3, 5, 2), 3, 4, 9
+    use_w, use_b, use_p, use_c = (bool(flags & f) for f in (1, 2, 4, 8))
+    xs = [rng.standard_normal((batch, d)) for d in dims]
+    present = rng.random((batch, len(dims))) < 0.6 if use_p else np.zeros((batch, len(dims)), bool)
+    if use_p:
+        for m, x in enumerate(xs):
+            x[~present[:, m]] = np.nan
+    w, bias = rng.standard_normal(rank), rng.standard_normal(out_dim)
+    w_in, b_in = (w if use_w else np.full(rank, np.nan)), (bias if use_b else np.full(out_dim, np.nan))
+
+    def workspace(mats):
+        P = np.stack([x @ a[: dims[m]] for m, (x, a) in enumerate(zip(xs, mats))])
+        C = np.stack([a[d] for a, d in zip(mats, dims)])
+        return P, (C if use_c else np.full_like(C, np.nan))
+
+    factors = [rng.standard_normal((rank, d + 1, out_dim)) for d in dims]
+    P, C = workspace([f.transpose(1, 0, 2).reshape(d + 1, rank * out_dim) for f, d in zip(factors, dims)])
+    got = combine_kernel(0, P, C, w_in, b_in, present, batch, rank, out_dim, flags)
+    want = ref.lowrank_fusion(
+        xs, factors if use_c else [f[:, :d] for f, d in zip(factors, dims)], w if use_w else None,
+        bias if use_b else None, append_one=use_c, present=present if use_p else None,
+    )  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+    cp_factors = [rng.standard_normal((d + 1, rank)) for d in dims] + [rng.standard_normal((out_dim, rank))]
+    P, C = workspace(cp_factors[:-1])
+    q = combine_kernel(1, P, C, w_in, b_in[:1], present, batch, rank, 1, flags & ~2)
+    used = cp_factors if use_c else [a[:d] for a, d in zip(cp_factors, dims)] + cp_factors[-1:]
+    want = ref.cp_fusion(xs, (w if use_w else None, used), append_one=use_c, present=present if use_p else None)
+    np.testing.assert_allclose(q @ cp_factors[-1].T, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cupy_statistics_kernel_at_eps_0_leaves_a_channel_without_spread_unzoomed(host_kernel):
+    """eps = 0 and a constant channel (sigma 0): its scale is 1, so it is shifted onto the
+    guide's mean, not zoomed by 0 / 0 (the other tests' eps = 1e-5 never gave sigma 0, and a
+    kernel without the test gave NaN there; a mutation review's find)."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 7, 3))
+    x[:, :, 0] = 3.7
+    guide = 1.0 + 2.0 * rng.standard_normal((2, 5, 3))
+    g_mean, g_std = (a[:, 0] for a in ref.moments(guide, eps=0.0))
+    _, std, _ = host_kernel(x, None, 0.0, 0, g_mean, g_std, 1.0)
+    assert np.all(std[:, 0] == 0.0)
+    _, _, y = host_kernel(x, None, 0.0, 1, g_mean, g_std, 1.0)
+    want = ref.zoom_shift(x, guide, eps=0.0)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+
