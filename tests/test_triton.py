@@ -768,15 +768,17 @@ def test_zoom_shift_values(dtype, shape, gshape, alpha):
 
 
 @pytest.mark.parametrize(("shape", "gshape"), [STAT_CASES[0], STAT_CASES[-1]])
-@pytest.mark.parametrize("alpha", [0.5, 0.7])
-def test_zoom_shift_partial_step_where_the_means_cancel(shape, gshape, alpha):
+@pytest.mark.parametrize(("alpha", "means"), [(0.5, (1e4, -1e4)), (0.7, (1e4, -1e4)), (0.1, (-1e4, 9e4))])
+def test_zoom_shift_partial_step_where_the_means_cancel(shape, gshape, alpha, means):
     """Means near 1e4 and -1e4 (unit spreads): a partial step's target near 0 within a few
     float32 ulps of the outputs (the target in float64, the core's rule).  Rounded to float32
     first, the means left 1.3e-4 of the outputs' size at alpha 0.5.  alpha 0.7 is not a float32
-    number: the kernel's weights are the caller's float64 alpha."""
+    number: the kernel's weights are the caller's float64 alpha, and at alpha 0.1 (means -1e4
+    and 9e4, target near 0) that alpha's float32 rounding alone left 1250 ulps (a mutation
+    review's find: the alpha 0.5 and 0.7 targets did not cancel enough to show it)."""
     rng = np.random.default_rng(7)
-    x = torch.tensor(1e4 + rng.standard_normal(shape), dtype=torch.float32)
-    guide = torch.tensor(-1e4 + rng.standard_normal(gshape), dtype=torch.float32)
+    x = torch.tensor(means[0] + rng.standard_normal(shape), dtype=torch.float32)
+    guide = torch.tensor(means[1] + rng.standard_normal(gshape), dtype=torch.float32)
     y = mmfuse.zoom_shift(x, guide, alpha=alpha, backend="triton").double()
     mx, sx = ref.moments(_np(x))
     mg, sg = ref.moments(_np(guide))
@@ -798,6 +800,18 @@ def test_moments_values(dtype, shape, gshape):
         assert_close(mean, want_mean, xp=torch, dtype=dtype, device="cpu")
         # std ~ 1 under a mean of 1e3: judged on its own scale (float32: well inside 2e-4)
         assert_close(std, want_std, xp=torch, dtype=dtype, device="cpu")
+
+
+def test_moments_mean_is_pivot_plus_correction():
+    """float32 data of 1e4 + N(0, 1) over 3000 tokens: the mean within an ulp of the exact one
+    (the pivot alone, a float32 sum, was 11 ulps off and passed test_moments_values'
+    tolerance; a mutation review's find)."""
+    rng = np.random.default_rng()
+    x = (1e4 + rng.standard_normal((2, 3000, 4))).astype(np.float32)
+    mean, _ = mmfuse.moments(torch.from_numpy(x), backend="triton")
+    want, _ = ref.moments(x)
+    ulps = np.abs(mean.double().numpy() - want) / np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 1.0, ulps.max()
 
 
 def test_statistics_with_gradients_stay_on_the_triton_ops():
@@ -845,6 +859,50 @@ def test_lowrank_other_tiles(block_b, block_h, rank_p, block_k):
     want_out = mmfuse.lowrank_fusion(xs, fs, w, b, present=present, backend="torch")
     for g, c in zip(got, torch.autograd.grad((want_out * upstream).sum(), leaves)):
         assert_close(g, c)
+
+
+@pytest.mark.usefixtures("backward_path")
+def test_strided_inputs_are_read_as_their_values():
+    """The kernels read raw memory by row-major offsets: transposed views of every input (x,
+    a factor, the weights' and bias' strided slices) give the values and gradients of their
+    contiguous copies, bit for bit (untested, a kernel reading a transposed x's memory as
+    row-major passed every test; a mutation review's find)."""
+    rng = np.random.default_rng()
+    dims, rank, out_dim, batch = (4, 3), 2, 3, 5
+    bases = [
+        torch.tensor(rng.standard_normal((dims[0], batch)), dtype=torch.float32),  # x_0^T
+        torch.tensor(rng.standard_normal((batch, dims[1])), dtype=torch.float32),
+        torch.tensor(rng.standard_normal((rank, out_dim, dims[0] + 1)), dtype=torch.float32),  # F_0^T
+        torch.tensor(rng.standard_normal((rank, dims[1] + 1, out_dim)), dtype=torch.float32),
+        torch.tensor(rng.standard_normal(2 * rank), dtype=torch.float32),
+        torch.tensor(rng.standard_normal(2 * out_dim), dtype=torch.float32),
+    ]
+    upstream = torch.tensor(rng.standard_normal((batch, out_dim)), dtype=torch.float32)
+    results = []
+    for strided in (True, False):
+        leaves = [b.clone().requires_grad_(True) for b in bases]
+        x0, x1, f0, f1, w, b = leaves[0].t(), leaves[1], leaves[2].transpose(1, 2), leaves[3], leaves[4][::2], leaves[5][::2]
+        ins = [x0, x1, f0, f1, w, b]
+        if strided:
+            assert not (x0.is_contiguous() or f0.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+        else:
+            ins = [t.contiguous() for t in ins]
+        y = mmfuse.lowrank_fusion(ins[:2], ins[2:4], ins[4], ins[5], backend="triton")
+        results.append((y, *torch.autograd.grad((y * upstream).sum(), leaves)))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    want_y = _lowrank_ref([t.detach() for t in (x0, x1)], [f0.detach(), f1.detach()], w.detach(), b.detach(), None, True)
+    assert_close(results[0][0], want_y, xp=torch, dtype=torch.float32, device="cpu")
+
+    cp_bases = [bases[0], bases[1], torch.tensor(rng.standard_normal((rank, dims[0] + 1)), dtype=torch.float32),
+                torch.tensor(rng.standard_normal((dims[1] + 1, rank)), dtype=torch.float32),
+                torch.tensor(rng.standard_normal((rank, out_dim)), dtype=torch.float32)]  # fmt: skip
+    outs = []
+    for strided in (True, False):
+        x0, x1, a0, a1, c = cp_bases[0].t(), cp_bases[1], cp_bases[2].t(), cp_bases[3], cp_bases[4].t()
+        ins = [x0, x1, a0, a1, c] if strided else [t.contiguous() for t in (x0, x1, a0, a1, c)]
+        outs.append(mmfuse.cp_fusion(ins[:2], (None, ins[2:]), backend="triton"))
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.usefixtures("backward_path")
