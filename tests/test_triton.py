@@ -446,6 +446,32 @@ def test_fusion_outputs_of_16_bits_are_rounded_once(dtype, op):
     assert share_not_rounded_once(got, exact) <= 0.005
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_gemm_backward_gradients_of_16_bits_are_rounded_once(monkeypatch, dtype):
+    """The "gemm" backward's 16-bit gradients are their float32 sums rounded once: the
+    products of the other modalities reach the GEMMs as a 16-bit high part plus its 16-bit
+    remainder, so all but a few in a hundred are the exact gradient (float64, on the rounded
+    inputs) rounded once.  Without the remainder a third to a half missed, which the 16-bit
+    tolerances of the other tests let through (a mutation review's find)."""
+    if dtype == torch.bfloat16 and not triton_interpreted.BFLOAT16_TO_NEAREST:
+        pytest.skip("this triton's interpreter truncates bfloat16 casts")
+    monkeypatch.setattr(_ops, "LOWRANK_BACKWARD", "gemm")
+    rng = np.random.default_rng()
+    batch, dims, rank, out_dim = 16, (5, 7), 3, 6
+    xs = [_leaf(rng.standard_normal((batch, d)), dtype) for d in dims]
+    fs = [_leaf(rng.standard_normal((rank, d + 1, out_dim)), dtype) for d in dims]
+    upstream = torch.tensor(rng.standard_normal((batch, out_dim)), dtype=dtype)
+    out = mmfuse.lowrank_fusion(xs, fs, backend="triton")
+    got = torch.autograd.grad((out * upstream).sum(), [*xs, *fs])
+    x64 = [x.detach().double().requires_grad_(True) for x in xs]
+    f64 = [f.detach().double().requires_grad_(True) for f in fs]
+    out64 = mmfuse.lowrank_fusion(x64, f64, backend="torch")
+    exact = torch.autograd.grad((out64 * upstream.double()).sum(), [*x64, *f64])
+    for g, e in zip(got, exact):
+        assert g.dtype == dtype
+        assert share_not_rounded_once(g, e.numpy()) <= 0.05
+
+
 def test_cp_negative_bit_views_are_read_as_their_values():
     rng = np.random.default_rng(4)
     dims, rank, out_dim = (3, 4), 3, 5
