@@ -655,6 +655,24 @@ def test_stats_kernels_grid_stays_within_cudas_limit():
     assert not _stats_kernels_take(fits, -2, [None, None], tall)
 
 
+def test_row_offsets_are_widened_to_64_bits_before_they_are_multiplied():
+    """Every pointer offset built from a program's row indices widens them first
+    (``rows.to(tl.int64) * ...``): an int32 product wraps past 2**31 elements, which B h
+    reaches below MAX_BATCH rows and only a GPU holding such an output shows, so it is read
+    off the kernels' source here (a mutation review's find: a 32-bit store offset in the
+    low-rank forward passed every test under the interpreter)."""
+    import pathlib
+    import re
+
+    multiplied = re.compile(r"\brows(\[[^\]]*\])?\s*\*")
+    bad = []
+    for path in sorted(pathlib.Path(_kernels.__file__).parent.glob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if multiplied.search(line.split("#")[0]):
+                bad.append(f"{path.name}:{n}: {line.strip()}")
+    assert not bad, bad
+
+
 def test_backward_splits_cover_every_row_up_to_the_largest_batch():
     """The dL/dfactor kernel's split bounds (``_kernels._split_rows``, run by the
     interpreter with 32-bit arguments as on a GPU) at the splits ``_splits`` gives: every
