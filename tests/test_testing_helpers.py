@@ -447,3 +447,35 @@ def test_make_inputs_draws_no_zero_in_16_bits_and_takes_torchs_dtype_names():
         make_inputs([3], batch=2, xp=torch, dtype="numpy.float32")
     with pytest.raises(AssertionError, match=r"dtype float32 != float64$"):
         assert_close(torch.ones(2), np.ones(2), dtype=np.float64)
+
+
+def test_assert_close_refuses_what_its_rules_refuse():
+    """Each rule of assert_close at work on its own (a mutation review found each could be
+    dropped or loosened with every test still passing): a NaN against a finite value either
+    way, a shape that only broadcasts (floats and exact integers), another namespace than
+    ``xp``, the tolerance at its bound atol + rtol |desired| with atol = rtol max|desired|,
+    exact comparisons past float64, a tensor off the CPU for ``device="cpu"``, and
+    ``err_msg`` in the message."""
+    rng = _rng()
+    x = 1.0 + rng.random(3)
+    for a, d in ((np.array([np.nan, 2.0]), np.array([1.0, 2.0])), (np.array([1.0, 2.0]), np.array([np.nan, 2.0]))):
+        with pytest.raises(AssertionError, match="non-finite"):
+            assert_close(a, d)
+    for a, d in ((np.ones((2, 3)), np.ones(3)), (np.ones((2, 3), dtype=np.int64), np.ones(3, dtype=np.int64))):
+        with pytest.raises(AssertionError, match=r"shape \(2, 3\) != \(3,\)"):
+            assert_close(a, d)
+    rtol = default_rtol(np.float64)
+    scale = float(np.max(np.abs(x)))
+    bound = rtol * scale + rtol * np.abs(x)  # per entry
+    assert_close(x + 0.9 * bound, x)
+    with pytest.raises(AssertionError):
+        assert_close(x + 1.1 * bound, x)
+    with pytest.raises(AssertionError, match="exact"):
+        assert_close(np.array([2**60 + 1]), np.array([0]), rtol=0, atol=2**60)
+    with pytest.raises(AssertionError, match=r"^CTX"):
+        assert_close(np.ones(2), np.zeros(2), err_msg="CTX")
+    torch = pytest.importorskip("torch")
+    with pytest.raises(AssertionError, match="namespace numpy != torch"):
+        assert_close(np.ones(2), np.ones(2), xp=torch)
+    with pytest.raises(AssertionError, match="device"):
+        assert_close(torch.ones(2, device="meta"), np.ones(2), device="cpu")
