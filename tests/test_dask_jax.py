@@ -277,6 +277,26 @@ def test_dask_lazy_chunked_and_equal(dask_array, op, rng):
 
 
 @pytest.mark.parametrize("op", CASES)
+def test_dask_float32_results_declare_float32(dask_array, op, rng):
+    """A lazy result's dtype is what it computes to: a float32 call declares float32 before
+    computing (the per-chunk paths pass the dtype to Dask themselves, where a float64 there
+    went unnoticed by every float64 test; a mutation review's find)."""
+    da = dask_array
+    xs, call, _, want = CASES[op](rng)
+    batch, param = _dask_converters(da)
+
+    def narrow(a):
+        a = np.asarray(a)
+        return a.astype(np.float32) if a.dtype == np.float64 else a
+
+    out = call([batch(narrow(x)) for x in xs], lambda a, **kw: param(narrow(a), **kw))
+    assert out.dtype == np.float32
+    got = out.compute()
+    assert got.dtype == np.float32
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("op", CASES)
 def test_dask_batch_chunk_with_no_samples(dask_array, op, rng):
     """A batch chunk with no samples, as boolean filtering and ``compute_chunk_sizes()`` leave:
     Dask's own max failed on compute there ("could not broadcast input array from shape (1,0)"),
@@ -291,6 +311,22 @@ def test_dask_batch_chunk_with_no_samples(dask_array, op, rng):
 
     out = call([batch(x) for x in xs], param)
     assert_close(out.compute(), want)
+
+
+def test_dask_max_over_a_token_chunk_of_size_zero(dask_array):
+    """A chunk empty along the reduced axis gives max's identity, -inf, not Dask's error nor 0:
+    max pooling over all-negative tokens chunked (3, 0, 2), and interaction_shares (the
+    largest |term|) of terms with an empty chunk, give NumPy's values (a mutation review)."""
+    da = dask_array
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    seqs = [-np.abs(rng.standard_normal((2, 5, 3))) - 1.0 for _ in range(2)]
+    lazy = [da.from_array(x, chunks=((1, 1), (3, 0, 2), (3,))) for x in seqs]
+    want = mmfuse.zoom_shift_fusion(seqs, pool="max", rounds=0)
+    assert np.all(want < -1.0)
+    assert_close(mmfuse.zoom_shift_fusion(lazy, pool="max", rounds=0).compute(), want)
+    terms = rng.standard_normal((3, 5, 4))
+    chunked = da.from_array(terms, chunks=((3,), (2, 0, 3), (4,)))
+    assert_close(mmfuse.interaction_shares(chunked).compute(), mmfuse.interaction_shares(terms))
 
 
 @pytest.mark.parametrize("mode", ["cp", "collapsed"])
@@ -830,6 +866,7 @@ def test_dask_gelu_is_one_task_per_chunk_and_numpys_values(dtype, rng):
     x = (4.0 * rng.standard_normal((12, 5, 3))).astype(dtype)
     lazy = da.from_array(x, chunks=(4, 5, 3))
     y = gelu(array_namespace(lazy), lazy)
+    assert y.dtype == x.dtype  # declared before computing
     assert len(dict(y.__dask_graph__())) == 2 * lazy.npartitions  # the chunks and their GELUs
     got = y.compute()
     assert got.dtype == x.dtype
@@ -996,6 +1033,7 @@ def test_dask_parameters_in_many_chunks_keep_the_outputs_one_chunk_wide(dask_arr
 
     calls = [
         (mmfuse.tensor_fusion, (weight, bias), (fine(weight), fine(bias))),
+        (lambda xs, w: mmfuse.tensor_interactions(xs, w)[0], (weight,), (fine(weight),)),
         (mmfuse.cp_fusion, (cp, bias), ((fine(cp[0]), [fine(a) for a in cp[1]]), fine(bias))),
         (lambda xs, cp: mmfuse.cp_interactions(xs, cp)[0], (cp,), ((fine(cp[0]), [fine(a) for a in cp[1]]),)),
         (
