@@ -198,7 +198,9 @@ def _rel_err(got: Any, want: np.ndarray) -> float:
 
 def _wrong_kind(got: list[Any], want: list[Any], like: Any) -> str | None:
     """What is wrong with the kind of an op's array outputs, or None: each must be an array of
-    the inputs' namespace (``like``: an input as the op was given it) and dtype."""
+    the inputs' namespace (``like``: an input as the op was given it) and dtype, in the
+    reference's shape (a wrong one had read "max rel err inf", or, where it broadcast against
+    the reference's, passed)."""
     from mmfuse._namespace import array_namespace, namespace_name
     from mmfuse.testing import _dtype_key
 
@@ -212,6 +214,10 @@ def _wrong_kind(got: list[Any], want: list[Any], like: Any) -> str | None:
         dtype = _dtype_key(like.dtype)
         if got_space != space or got_dtype != dtype:
             return f"output {i} is {got_space} {got_dtype} for {space} {dtype} inputs"
+        # (a shape Dask does not know yet, a NaN, is left to the comparison of values)
+        shape = tuple(g.shape)
+        if all(isinstance(n, int) for n in shape) and shape != w.shape:
+            return f"output {i} has shape {shape} where the reference's has {w.shape}"
     return None
 
 

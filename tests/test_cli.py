@@ -225,6 +225,87 @@ def test_verify_checks_the_outputs_namespace_and_dtype(monkeypatch, capsys):
     assert "output 0 is numpy float64 for torch float32 inputs" in out
 
 
+def test_verify_catches_float64_computed_in_float32(monkeypatch, capsys):
+    """An implementation that computes float64 calls in float32 and widens the result is 1e-7
+    off: a MISMATCH at verify's float64 tolerance, while its float32 rows pass (a mutation
+    review: the tolerance loosened 1000x had gone unnoticed)."""
+    public = mmfuse.lowrank_fusion
+
+    def narrow(a):
+        return a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == np.float64 else a
+
+    def in_float32(*args, **kwargs):
+        wide = args[0][0].dtype == np.float64
+        out = public(*tree_map(narrow, args), **tree_map(narrow, kwargs))
+        return out.astype(np.float64) if wide else out
+
+    code, out = _verify_planted(monkeypatch, capsys, "lowrank_fusion", in_float32)
+    rows = [line for line in out.splitlines() if " ok " in line or "MISMATCH" in line]
+    assert code == 1
+    assert rows and all(("MISMATCH" in r) == ("float64" in r) for r in rows), out
+
+
+def test_verify_checks_the_dtype_within_the_namespace(monkeypatch, capsys):
+    """NumPy float64 outputs for NumPy float32 inputs are a MISMATCH (the namespace's test alone
+    would pass them; a mutation review)."""
+    public = mmfuse.lowrank_fusion
+
+    def widened(*args, **kwargs):
+        return public(*args, **kwargs).astype(np.float64)
+
+    code, out = _verify_planted(monkeypatch, capsys, "lowrank_fusion", widened)
+    assert code == 1
+    assert "output 0 is numpy float64 for numpy float32 inputs" in out
+    assert all(" ok " in r for r in out.splitlines() if "float64  " in r and "lowrank_fusion" in r), out
+
+
+def test_verify_names_an_output_of_the_wrong_shape(monkeypatch, capsys):
+    """An output with an extra leading axis broadcasts against the reference's and read as
+    "max rel err inf" (or, had the shapes not been compared at all, passed): the row names both
+    shapes."""
+    public = mmfuse.cp_fusion
+    args, kwargs = __import__("mmfuse._problems", fromlist=["make_problem"]).make_problem("cp_fusion", seed=0)
+    batch, out_dim = public(*args, **kwargs).shape
+    code, out = _verify_planted(monkeypatch, capsys, "cp_fusion", lambda *a, **k: public(*a, **k)[None])
+    assert code == 1
+    assert f"output 0 has shape (1, {batch}, {out_dim}) where the reference's has ({batch}, {out_dim})" in out
+
+
+def test_verify_runs_the_backend_it_names(capsys):
+    """Each row calls its own backend: a registration 1% off for the torch backend is caught on
+    NumPy inputs (a verify that ran every row on one backend would pass it)."""
+    pytest.importorskip("torch")
+    from mmfuse.backends import register, unregister
+
+    core = mmfuse.moments
+
+    def off(x, *, axis=-2, mask=None, eps=1e-5):
+        mean, std = core(x, axis=axis, mask=mask, eps=eps, backend="array_api")
+        return mean * 1.01, std
+
+    register("moments", "torch", off, supports=lambda xp, device: None, priority=0)
+    try:
+        code = _cli.main(["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "torch",
+                          "--no-progress"])  # fmt: skip
+    finally:
+        unregister("moments", "torch")
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "MISMATCH" in out and "max rel err 1.0e-02" in out, out
+
+
+def test_verify_tensorly_cross_check_can_fail(monkeypatch, capsys):
+    """The cross-check against TensorLy's cp_to_tensor reports a MISMATCH (and verify fails)
+    where the two disagree in the 7th digit: its 1e-10 bound is checked, not assumed."""
+    tl = pytest.importorskip("tensorly")
+    real = tl.cp_to_tensor
+    monkeypatch.setattr(tl, "cp_to_tensor", lambda cp: real(cp) * (1 + 1e-7))
+    code = _cli.main(["verify", "--ops", "cp_fusion", "--namespaces", "numpy", "--no-progress"])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "vs tensorly.cp_to_tensor" in ln)
+    assert code == 1 and "MISMATCH" in line, out
+
+
 @pytest.mark.parametrize("namespace", ["numpy", "torch"])
 def test_verify_catches_an_op_that_writes_to_its_inputs(monkeypatch, capsys, namespace):
     """The reference runs on its own copy of the problem, so an op that overwrote an input
@@ -600,6 +681,34 @@ def test_an_unknown_option_names_its_subcommand(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: mmfuse [-h]") and "mmfuse: error: unrecognized arguments: --quik" in err, err
+
+
+def test_bench_reports_the_median_and_the_speed_up_over_array_api(monkeypatch, tmp_path, capsys):
+    """A row's seconds are the median of its timed calls and its speed-up the array_api NumPy
+    row's median over its own (above 1: faster), on a clock this test sets: 3, 1, 2 units for
+    array_api (median 2, min 1) and 1, 0.25, 0.5 for the reference (median 0.5), so 4.00x
+    (a mutation review: min for median, or the ratio inverted, had passed every test)."""
+    units = {"array_api": [3.0, 1.0, 2.0], "reference": [1.0, 0.25, 0.5]}
+    clock = [0.0]
+    calls = dict.fromkeys(units, -1)  # the first call of each row is its untimed warm-up
+
+    def timed(func, backend, args, kwargs):
+        calls[backend] += 1
+        if calls[backend] > 0:
+            clock[0] += units[backend][calls[backend] - 1]
+        return np.zeros(1)
+
+    monkeypatch.setattr(_cli, "_call", timed)
+    monkeypatch.setattr(_cli.time, "perf_counter", lambda: clock[0])
+    js = tmp_path / "b.json"
+    code = _cli.main(["bench", "--quick", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api",
+                      "reference", "--repeats", "3", "--json", str(js), "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = {r["backend"]: r for r in json.loads(js.read_text())["results"]}
+    assert rows["array_api"]["seconds"] == 2.0 and rows["reference"]["seconds"] == 0.5
+    assert rows["array_api"]["vs_array_api_numpy"] == 1.0 and rows["reference"]["vs_array_api_numpy"] == 4.0
+    assert "4.00x" in out
 
 
 def test_bench_reports_any_op_exception_as_an_error_row(monkeypatch, capsys):
