@@ -310,7 +310,7 @@ def test_bad_split(load):
 
 
 @pytest.mark.parametrize("load", LOADERS)
-@pytest.mark.parametrize("dtype", ["int64", np.int32, "bool"])
+@pytest.mark.parametrize("dtype", ["int64", np.int32, "bool", "complex128", np.complex64])
 def test_non_float_dtype_rejected(load, dtype):
     with pytest.raises(TypeError, match="dtype must be a real floating dtype"):
         load(dtype=dtype)
