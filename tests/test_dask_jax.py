@@ -342,8 +342,23 @@ def test_dask_sequence_parameters_in_several_chunks(dask_array, mode, rng):
     dtok = [da.from_array(t, chunks=(1, 2, 3)) for t in tok]
     dhs = [da.from_array(h, chunks=(3, -1, -1)) for h in hs]
     y = mmfuse.sequence_fusion(dhs, dfeat, dtok, mode=mode)
-    assert y.chunks[0] == (3, 3, 3)
+    assert y.chunks == ((3, 3, 3), (3,), (5,))
     assert_close(y, ref.sequence_fusion(hs, feat, tok, mode=mode))
+    # the graph grows by the parameters' chunks (their pieces, joined once), not by their
+    # combinations: collapsed mode's contractions over chunked ranks had given 216 tasks
+    # against 76 (a mutation review)
+    whole = mmfuse.sequence_fusion(dhs, [da.from_array(f) for f in feat], [da.from_array(t) for t in tok], mode=mode)
+    pieces = sum(a.npartitions for a in dfeat + dtok)
+    assert len(y.__dask_graph__()) <= len(whole.__dask_graph__()) + pieces
+    # inputs chunked along their tokens and widths: one task per batch chunk still, without
+    # Dask's "Increasing number of chunks" (an error under warnings-as-errors)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine = mmfuse.sequence_fusion([da.from_array(h, chunks=(3, 1, 1)) for h in hs], dfeat, dtok, mode=mode)
+    assert fine.chunks == y.chunks
+    assert_close(fine, ref.sequence_fusion(hs, feat, tok, mode=mode))
     empty = mmfuse.sequence_fusion([da.zeros((0, 4, 3)), da.zeros((0, 6, 2))], dfeat, dtok, mode=mode)
     assert empty.compute().shape == (0, 3, 5)
     # wander: the down-projections chunked too
@@ -354,9 +369,14 @@ def test_dask_sequence_parameters_in_several_chunks(dask_array, mode, rng):
         "feature": [da.from_array(f, chunks=1) for f in p["feature"]],
         "token": [da.from_array(t, chunks=1) for t in p["token"]],
     }
-    w = mmfuse.wander([da.from_array(x, chunks=(3, -1, -1)) for x in xs], dp, mode=mode)
-    assert w.chunks[0] == (3, 3, 3)
+    dxs = [da.from_array(x, chunks=(3, -1, -1)) for x in xs]
+    w = mmfuse.wander(dxs, dp, mode=mode)
+    assert w.chunks == ((3, 3, 3), (3,), (5,))
     assert_close(w, ref.wander(xs, p, mode=mode))
+    whole = mmfuse.wander(dxs, {k: [tuple(map(da.from_array, a)) if k == "down" else da.from_array(a) for a in v]
+                                for k, v in p.items()}, mode=mode)  # fmt: skip
+    pieces = sum(a.npartitions for v in dp.values() for entry in v for a in (entry if isinstance(entry, tuple) else [entry]))
+    assert len(w.__dask_graph__()) <= len(whole.__dask_graph__()) + pieces
 
 
 @pytest.mark.parametrize("mode", ["cp", "collapsed"])
@@ -1033,6 +1053,11 @@ def test_dask_parameters_in_many_chunks_keep_the_outputs_one_chunk_wide(dask_arr
 
     calls = [
         (mmfuse.tensor_fusion, (weight, bias), (fine(weight), fine(bias))),
+        (
+            mmfuse.lowrank_fusion,
+            (low["factors"], low["weights"], bias),
+            ([fine(f) for f in low["factors"]], fine(low["weights"]), fine(bias)),
+        ),
         (lambda xs, w: mmfuse.tensor_interactions(xs, w)[0], (weight,), (fine(weight),)),
         (mmfuse.cp_fusion, (cp, bias), ((fine(cp[0]), [fine(a) for a in cp[1]]), fine(bias))),
         (lambda xs, cp: mmfuse.cp_interactions(xs, cp)[0], (cp,), ((fine(cp[0]), [fine(a) for a in cp[1]]),)),
