@@ -194,6 +194,30 @@ def test_cp_rank_and_output_span_several_tiles():
     assert_close(got, reference.cp_fusion(xs, (weights, factors), bias), dtype=np.dtype("float64"))
 
 
+def test_lowrank_combine_spans_several_thread_blocks():
+    """B h = 300 outputs: more than one combine block of 256 threads, the last one partial (the
+    other cases have at most 63 outputs, one block, so a grid rounded down went unseen)."""
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    dims = [3, 4]
+    xs, present = draw_inputs(rng, 30, dims, with_present=True)
+    factors, weights, bias = lowrank_params(rng, dims, 2, 10, True, with_weights=True, with_bias=True)
+    got = run_lowrank(xs, factors, weights, bias, present, True, "float64", 8)
+    assert np.all(np.isfinite(got)), "an output element was not written (still NaN)"
+    assert_close(got, reference.lowrank_fusion(xs, factors, weights, bias, present=present), dtype=np.dtype("float64"))
+
+
+def test_workspace_rows_follow_its_byte_budget():
+    """The projection workspace holds WORKSPACE_BYTES: rows = budget / (M width itemsize),
+    at least MIN_CHUNK_ROWS, at most 65535 tiles (the grid's y extent), the batch where it
+    fits (an itemsize dropped had made it 4-8x the budget, which no value shows)."""
+    budget = nb.WORKSPACE_BYTES
+    assert nb._chunk_rows(10**7, 2, 64, 8, 16) == budget // (2 * 64 * 8)
+    assert nb._chunk_rows(10**7, 3, 48, 4, 16) == budget // (3 * 48 * 4)
+    assert nb._chunk_rows(10**7, 8, 10**6, 8, 16) == nb.MIN_CHUNK_ROWS
+    assert nb._chunk_rows(10**9, 1, 1, 4, 2) == 65535 * 2
+    assert nb._chunk_rows(100, 2, 64, 8, 16) == 100
+
+
 def test_batch_chunks(monkeypatch):
     """A workspace smaller than the batch: chunks of 3 rows, the last one ragged."""
     monkeypatch.setattr(nb, "WORKSPACE_BYTES", 1)
