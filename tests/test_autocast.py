@@ -40,6 +40,11 @@ def _cases(rng, batch):
     return {
         "tensor_fusion": (lambda a: mmfuse.tensor_fusion(a[0], a[1]), (xs, weight)),
         "lowrank_fusion": (lambda a: mmfuse.lowrank_fusion(a[0], a[1]), (xs, factors)),
+        # tensors given by keyword are cast as the positional ones (a mutation review)
+        "lowrank_fusion, weights and bias by keyword": (
+            lambda a: mmfuse.lowrank_fusion(a[0], a[1], weights=a[2], bias=a[3]),
+            (xs, factors, _leaf(rng, (2,)), _leaf(rng, (3,))),
+        ),
         "cp_fusion": (lambda a: mmfuse.cp_fusion(a[0], a[1]), (xs, cp)),
         "tensor_interactions": (lambda a: mmfuse.tensor_interactions(a[0], a[1])[0], (xs, weight)),
         "lowrank_interactions": (lambda a: mmfuse.lowrank_interactions(a[0], a[1])[0], (xs, factors)),
