@@ -77,24 +77,19 @@ def cast_tree(obj: Any, dtype: Any) -> Any:
 
 
 def without_autocast(device_type: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` with the floating tensors in the autocast dtype of
-    ``device_type``, autocast off inside.  A call with a float64 tensor is not cast at all
-    (autocast never casts float64): its other tensors keep the dtypes the caller gave, so that
-    the dtype checks name those, not the region's."""
+    """``fn(*args, **kwargs)`` with the floating tensors of ``args`` in the autocast dtype of
+    ``device_type``, autocast off inside.  The callers pass the arrays to cast (inputs and
+    parameters) positionally, and the masks and options by keyword, which go as given: a
+    floating mask's refusal then names the caller's dtype, not the region's (a review's
+    find).  A call with a float64 tensor is not cast at all (autocast never casts float64):
+    its other tensors keep the dtypes the caller gave, so that the dtype checks name those."""
     torch = sys.modules["torch"]
     if _has_float64(torch, (args, kwargs)):
         with torch.autocast(device_type, enabled=False):
             return fn(*args, **kwargs)
     dtype = torch.get_autocast_dtype(device_type)
-    # masks (boolean by contract) as given: a floating one's refusal names the caller's dtype,
-    # not the region's (a review's find)
-    cast = {k: v if k in _MASK_ARGUMENTS else cast_tree(v, dtype) for k, v in kwargs.items()}
     with torch.autocast(device_type, enabled=False):
-        return fn(*cast_tree(args, dtype), **cast)
-
-
-#: The keyword arguments of the public functions that are masks.
-_MASK_ARGUMENTS = frozenset({"present", "masks", "mask", "guide_mask"})
+        return fn(*cast_tree(args, dtype), **kwargs)
 
 
 def _has_float64(torch: Any, obj: Any) -> bool:
