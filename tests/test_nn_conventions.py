@@ -327,6 +327,23 @@ def test_zoomshift_names_itself_for_a_single_token():
     """The functional check's remedy ("pass axis=-1") named an option the layer has not."""
     with pytest.raises(ValueError, match=r"^ZoomShift: xs\[0\] has a single token \(shape \(2, 1, 3\)\).*at least 2 tokens$"):
         ZoomShift(3, 2)([torch.randn(2, 1, 3), torch.randn(2, 4, 3)])
+    # and for none: the layer's own message, before anything computes NaN statistics
+    for m in (0, 1):
+        xs = [torch.randn(2, 4, 3), torch.randn(2, 4, 3)]
+        xs[m] = torch.randn(2, 0, 3)
+        with pytest.raises(ValueError, match=rf"^ZoomShift: xs\[{m}\] has no tokens \(shape \(2, 0, 3\)\); every modality"):
+            ZoomShift(3, 2)(xs)
+
+
+def test_a_16_bit_zoomshift_layer_under_autocast_computes_in_its_own_dtype():
+    """Inside autocast the layer's inputs are cast to the layer's dtype (bfloat16 here), as a
+    call outside the region on inputs cast by hand (float32 is only for layers without one)."""
+    layer = ZoomShift(3, 2, dtype=torch.bfloat16)
+    xs = [torch.randn(2, 4, 3), torch.randn(2, 5, 3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(xs)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, layer([x.to(torch.bfloat16) for x in xs]), rtol=0, atol=0)
 
 
 def test_masks_must_be_a_list_and_from_cp_checks_the_bias():
