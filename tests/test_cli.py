@@ -492,6 +492,44 @@ def test_unknown_op_or_backend_lists_valid_ones():
         _cli.main(["bench", "--ops", "nope"])
     with pytest.raises(SystemExit, match=r"unknown backend 'fast'; valid backends: array_api, reference"):
         _cli.main(["bench", "--backends", "fast"])
+    for command in ("verify", "bench"):  # each names what it checks, whatever the other did
+        with pytest.raises(SystemExit, match=r"unknown op 'nope'; valid ops: tensor_fusion, lowrank_fusion"):
+            _cli.main([command, "--ops", "nope"])
+        with pytest.raises(SystemExit, match=r"unknown backend 'fast'; valid backends: array_api, reference"):
+            _cli.main([command, "--backends", "fast"])
+
+
+def test_verify_checks_the_problems_of_the_seed_it_is_given(monkeypatch, capsys):
+    """``--seed`` reaches every problem verify makes, its reference answers' too."""
+    import mmfuse._problems as problems
+
+    seeds, make = [], problems.make_problem
+
+    def recorded(op, *, seed=None, scale="verify", case=None):
+        seeds.append(seed)
+        return make(op, seed=seed, scale=scale, case=case)
+
+    monkeypatch.setattr(problems, "make_problem", recorded)
+    argv = ["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"]
+    for seed in (0, 7):  # (0, the default, is a seed one may also give)
+        seeds.clear()
+        assert _cli.main([*argv, "--seed", str(seed)]) == 0
+        assert seeds and set(seeds) == {seed}
+    capsys.readouterr()
+
+
+def test_python_dash_m_exits_with_the_commands_status():
+    """``python -m mmfuse`` exits with main's status (a verify that checked nothing: 1)."""
+    res = subprocess.run([sys.executable, "-m", "mmfuse", "verify", "--ops", "moments", "--backends", "reference",
+                          "--no-progress"], capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 1, res.stderr
+
+
+def test_tables_have_no_trailing_spaces():
+    text = _console.table([{"a": "x", "b": "1"}, {"a": "longer", "b": ""}], ["a", "b"])
+    lines = text.splitlines()
+    assert all(line == line.rstrip() for line in lines), lines
+    assert lines[-1] == "longer"
 
 
 def test_missing_dependency_names_the_extra(monkeypatch):
@@ -709,6 +747,30 @@ def test_bench_reports_the_median_and_the_speed_up_over_array_api(monkeypatch, t
     assert rows["array_api"]["seconds"] == 2.0 and rows["reference"]["seconds"] == 0.5
     assert rows["array_api"]["vs_array_api_numpy"] == 1.0 and rows["reference"]["vs_array_api_numpy"] == 4.0
     assert "4.00x" in out
+
+
+def test_bench_times_the_bench_scale_problems_unless_quick(monkeypatch, tmp_path, capsys):
+    """Without --quick the timed problems are the bench-scale ones (and the JSON says so);
+    with it, the verify-scale ones.  (Seen through make_problem's scale argument: timing the
+    bench-scale problems themselves takes minutes.)"""
+    import mmfuse._problems as problems
+
+    asked, make = [], problems.make_problem
+
+    def recorded(op, *, seed=0, scale="verify", case=None):
+        asked.append(scale)
+        return make(op, seed=seed, scale="verify", case=case)  # the quick problem either way
+
+    monkeypatch.setattr(problems, "make_problem", recorded)
+    for quick, scale in ((False, "bench"), (True, "verify")):
+        asked.clear()
+        js = tmp_path / f"{scale}.json"
+        argv = ["bench", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api", "--repeats", "1",
+                "--json", str(js), "--no-progress"]  # fmt: skip
+        assert _cli.main(argv + (["--quick"] if quick else [])) == 0
+        assert asked and set(asked) == {scale}
+        assert json.loads(js.read_text())["scale"] == scale
+    capsys.readouterr()
 
 
 def test_bench_reports_any_op_exception_as_an_error_row(monkeypatch, capsys):

@@ -66,18 +66,22 @@ def test_train_reports_the_test_splits_accuracy_and_the_trainable_parameters():
     assert acc == 0.5 and n_params == 3 and seconds >= 0.0 and len(steps) == 3
 
 
-def _stub_run(monkeypatch, tmp_path, capsys):
+def _stub_run(monkeypatch, tmp_path, capsys, quick=True):
     """``run_demo`` with ``_train`` replaced: each model's initial parameters are recorded, a
     single-modality model is checked to read its own modality only, and the accuracies are
     fixed per name (the best single modality neither the first nor the last of mfeat's)."""
     record = {}
     kinds = {2: "BasicMotions", 6: "mfeat"}
+    loaders = {"BasicMotions": datasets.load_basic_motions, "mfeat": datasets.load_mfeat}
 
     def stub(torch_, model, train, test, epochs, progress):
         xs = test[0]
         kind = kinds[len(xs)]
         name = next(n for n, m in current.items() if m is model)
         record[kind, name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        record[kind, "epochs"] = epochs
+        for split, (_, target) in (("train", train), ("test", test)):
+            np.testing.assert_array_equal(target.numpy(), loaders[kind](split=split).target)
         if name.startswith("single: "):
             m = _demo._VIEW_NAMES[kind].index(name[len("single: ") :])
             poisoned = [x if k == m else torch.full_like(x, float("nan")) for k, x in enumerate(xs)]
@@ -105,7 +109,7 @@ def _stub_run(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(_demo, "_train", stub)
     monkeypatch.setattr(_demo, "_models", tracked)
-    assert _demo.run_demo(quick=True, out=str(tmp_path), progress=False) == 0
+    assert _demo.run_demo(quick=quick, out=str(tmp_path), progress=False) == 0
     return record, capsys.readouterr().out
 
 
@@ -121,3 +125,17 @@ def test_demo_seeds_each_model_names_chance_and_the_best_single_modality(monkeyp
     for kind, view in best.items():
         row = next(line for line in out.splitlines() if line.startswith(kind) and "best single" in line)
         assert f"best single ({view})" in row and "0.5" in row.split(")")[-1], row
+
+
+def test_demo_trains_the_full_epochs_unless_quick(monkeypatch, tmp_path, capsys):
+    quick, _ = _stub_run(monkeypatch, tmp_path / "q", capsys)
+    full, _ = _stub_run(monkeypatch, tmp_path / "f", capsys, quick=False)
+    assert (quick["BasicMotions", "epochs"], quick["mfeat", "epochs"]) == (30, 20)
+    assert (full["BasicMotions", "epochs"], full["mfeat", "epochs"]) == (150, 120)
+
+
+def test_the_pre_flight_check_leaves_the_callers_random_state_alone():
+    torch.manual_seed(3)
+    before = torch.random.get_rng_state()
+    _demo.check_models_train()
+    assert torch.equal(torch.random.get_rng_state(), before)
