@@ -410,14 +410,21 @@ def _iterate(
     over the last :data:`_WINDOW` sweeps, is below :data:`_SETTLED`.  Moves that are not
     finite (non-finite inputs) are left out of that test.  Returns the (hi, lo) lists."""
     hi, lo = [h for h, _ in state], [e for _, e in state]
-    # moves relative to the scale at the start (their contraction) and to the current one
-    # (the stop: a mean moving from 1e8 to a unit-sized guide must settle to an ulp of 1)
+    # moves relative to a scale held fixed (their contraction) and to the current one (the
+    # stop: a mean moving from 1e8 to a unit-sized guide must settle to an ulp of 1)
     fixed = scale(hi)
     recent: list[float] = []  # the last sweeps' largest moves on the fixed scale
     for sweep in range(_SWEEPS):
         moved, moved_now = 0.0, 0.0
         read = (list(hi), list(lo)) if jacobi else (hi, lo)
         now = scale(hi)
+        # A lane whose scale has changed more than twofold (a mean of 1e20 that the first
+        # sweep pulled to the others' unit-sized ones) starts the contraction's estimate
+        # afresh on the new scale: measured on the old one, that first collapse read as a
+        # contraction of 1e-20 per sweep, and the iteration stopped after two sweeps with its
+        # consensus means 1e-2 apart (a mutation review's find).
+        if np.any((now > 2.0 * fixed) | (now < 0.5 * fixed)):
+            fixed, recent = now, []
         for i, others in sources:
             new_hi, new_lo = step(i, others, *read)
             with np.errstate(invalid="ignore", over="ignore"):
