@@ -463,3 +463,54 @@ def test_hub_limit_gradients_with_a_dead_hub_lane_are_finite():
     ys = mmfuse.align(xs, rounds=None, alpha=0.5, topology="hub", hub=1, backend="torch")
     sum((y * torch.randn(y.shape, generator=gen, dtype=torch.float64)).sum() for y in ys).backward()
     assert all(bool(torch.isfinite(x.grad).all()) for x in xs)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_reference_limit_of_a_mean_far_from_the_others(eps):
+    """One modality's mean at 1e20: the first sweep pulls it to the others' unit-sized ones, a
+    collapse that the reference's stop test had read as a contraction of 1e-20 per sweep; it
+    stopped after two sweeps with its consensus means 1e-2 apart.  Now its means agree, and
+    equal 500 rounds and the library's closed form."""
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    xs = [rng.standard_normal((2, 6, 2)) for _ in range(3)]
+    xs[0] *= 1e20
+    opts = {"topology": "consensus", "schedule": "gauss-seidel", "alpha": 1.0, "eps": eps}
+    got = reference.align(xs, rounds=None, **opts)
+    means = np.stack([y.mean(axis=1) for y in got])
+    np.testing.assert_allclose(means, np.broadcast_to(means[0], means.shape), rtol=1e-13, atol=1e-13)
+    for want in (reference.align(xs, rounds=500, **opts), mmfuse.align(xs, rounds=None, backend="array_api", **opts)):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-13 * np.abs(w).max())
+
+
+def test_consensus_limit_takes_a_non_finite_modality_of_zero_weight():
+    """Gauss-Seidel consensus at alpha = 1 gives the first modality's mean weight 0 in the
+    limit, yet every round reads it: an infinite token there makes every modality's lane NaN,
+    in the limit as in the rounds (a mutation review: skipping zero weights had given finite
+    values)."""
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    xs = [rng.standard_normal((1, 5, 2)) for _ in range(3)]
+    xs[0][0, 1, 0] = np.inf
+    opts = {"topology": "consensus", "schedule": "gauss-seidel", "alpha": 1.0, "eps": 0.0}
+    with np.errstate(invalid="ignore", over="ignore"):
+        limit = mmfuse.align(xs, rounds=None, backend="array_api", **opts)
+        rounds = mmfuse.align(xs, rounds=50, backend="array_api", **opts)
+    for y, r in zip(limit, rounds):
+        assert np.all(np.isnan(y[..., 0])) and np.all(np.isnan(r[..., 0]))
+        assert np.all(np.isfinite(y[..., 1]))
+
+
+def test_float32_limit_beside_a_variance_past_float32s_range():
+    """Finite float32 data whose variance overflows float32 (spread 1e20): that modality is out
+    of float32's range (the docs: compute in float64), but the others keep the float64
+    reference's values, its infinite log-variance carrying weight 0 (Gauss-Seidel consensus at
+    alpha = 1, eps = 0) rather than making every lane NaN (a mutation review)."""
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    xs = [rng.standard_normal((2, 6, 3)) for _ in range(3)]
+    xs[0] *= 1e20
+    opts = {"topology": "consensus", "schedule": "gauss-seidel", "alpha": 1.0, "eps": 0.0}
+    with np.errstate(over="ignore", invalid="ignore"):
+        got = mmfuse.align([x.astype(np.float32) for x in xs], rounds=None, backend="array_api", **opts)
+    want = reference.align([x.astype(np.float32).astype(np.float64) for x in xs], rounds=None, **opts)
+    for g, w in zip(got[1:], want[1:]):
+        assert_close(g, w)
