@@ -465,6 +465,77 @@ def test_narrow_fusion_with_kept_projections_matches_core(
         assert_close(g, c, rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_opcheck_of_kept_projections_wider_than_the_rank(dtype):
+    """The fake's kept projections are (M, B, R h) in the accumulation dtype (float32 for
+    16-bit inputs): with h = 1 a fake of (M, B, R) passed too (a mutation review)."""
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    xs = [torch.randn(5, d, generator=g, dtype=torch.float64).to(dtype) for d in (8, 16, 64)]
+    fs = [torch.randn(2, d + 1, 2, generator=g, dtype=torch.float64).to(dtype) for d in (8, 16, 64)]
+    assert tbl._keeps_projections(xs, fs)
+    _, kept = torch.ops.mmfuse.lowrank_fusion(xs, fs, None, None, True, None)
+    assert tuple(kept.shape) == (3, 5, 4)
+    torch.library.opcheck(torch.ops.mmfuse.lowrank_fusion.default, (xs, fs, None, None, True, None))
+
+
+def test_kept_projections_spread_a_non_finite_value_as_the_core_does():
+    """The kept path's rank sums are GEMMs, which mix an inf into its sample's other outputs
+    (inf * 0): such a sample is summed again without them.  An inf input with rank weights of
+    both signs gives NaN, as the core does; an output that overflows leaves its sample's
+    finite outputs finite (a mutation review: the redo without the weights, or none, passed)."""
+    ones = [torch.ones(3, d, dtype=torch.float64) for d in (8, 16, 64)]
+    fs = [torch.full((2, d + 1, 2), 0.1, dtype=torch.float64) for d in (8, 16, 64)]
+    assert tbl._keeps_projections(ones, fs)
+    xs = [x.clone() for x in ones]
+    xs[0][1, 0] = float("inf")
+    w = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    got, _ = torch.ops.mmfuse.lowrank_fusion(xs, fs, w, None, True, None)
+    core = mmfuse.lowrank_fusion(xs, fs, w, None, backend="array_api")
+    assert torch.isnan(core[1]).all()
+    assert_close(got, core)
+    xs = [x.clone() for x in ones]
+    overflow = [f.clone() for f in fs]
+    for m in (0, 1):  # sample 1's output 0 overflows; output 1 reads neither huge input
+        xs[m][1, 0] = 1e300
+        overflow[m][:, 0, 1] = 0.0
+    got, _ = torch.ops.mmfuse.lowrank_fusion(xs, overflow, None, None, True, None)
+    core = mmfuse.lowrank_fusion(xs, overflow, None, None, backend="array_api")
+    assert torch.isinf(core[1, 0]) and torch.isfinite(core[1, 1])
+    assert_close(got, core)
+
+
+def test_batched_gradients_through_the_op():
+    """is_grads_batched (vmap over the upstream gradient) through the custom op itself: its
+    blocked backward runs the whole-batch formulas under the transform (out= kernels have no
+    batching rule)."""
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    xs = [torch.randn(4, d, generator=g, dtype=torch.float64, requires_grad=True) for d in (3, 4)]
+    fs = [torch.randn(2, d + 1, 3, generator=g, dtype=torch.float64, requires_grad=True) for d in (3, 4)]
+    y = torch.ops.mmfuse.lowrank_fusion(xs, fs, None, None, True, None)[0]
+    upstream = torch.randn(2, *y.shape, generator=g, dtype=torch.float64)
+    leaves = [*xs, *fs]
+    batched = torch.autograd.grad(y, leaves, upstream, is_grads_batched=True, retain_graph=True)
+    for k, v in enumerate(upstream):
+        for b, looped in zip(batched, torch.autograd.grad(y, leaves, v, retain_graph=True)):
+            torch.testing.assert_close(b[k], looped)
+
+
+def test_wide_factor_gradients_accumulate_over_batch_blocks(monkeypatch):
+    """R h above the narrow width (projections not kept): dL/dF sums every batch block's
+    X^T G into one accumulator (a block that overwrote it was 2869 off)."""
+    import mmfuse.backends.torch.lowrank as tl
+
+    monkeypatch.setattr(tl, "BLOCK_BYTES", 1 << 12)
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    xs = [torch.randn(3000, 32, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    fs = [torch.randn(4, 33, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert not tbl._keeps_projections(xs, fs)
+    got = torch.autograd.grad(torch.ops.mmfuse.lowrank_fusion(xs, fs, None, None, True, None)[0].sum(), fs)
+    want = torch.autograd.grad(mmfuse.lowrank_fusion(xs, fs, backend="array_api").sum(), fs)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-10)
+
+
 def test_narrow_opcheck_and_gradcheck():
     p = {"dims": [4, 5, 6], "batch": 5, "rank": 1, "out_dim": 1, "append_one": True,
          "with_present": True, "with_weights": True, "seed": 11}  # fmt: skip
@@ -494,7 +565,8 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("dims", "rank", "takes_op"), [((8, 16, 64), 16, False), ((8, 16, 64), 4, False), ((3, 5), 8, True)])
+@pytest.mark.parametrize(("dims", "rank", "takes_op"), [((8, 16, 64), 16, False), ((8, 16, 64), 4, False), ((3, 5), 8, True),
+                                                   ((4, 8), 6, False)])  # (M R = sum d_m: the rule's bound)
 def test_large_cpu_cp_fusion_runs_the_core_where_its_projections_are_no_larger(dims, rank, takes_op):
     """A CP fusion above the whole-batch size on the CPU runs as the core under autograd where
     its projections (M R per sample, which autograd keeps) are no more than its inputs

@@ -14,7 +14,7 @@ Operators (namespace ``mmfuse``), each a ``torch.library.custom_op`` with ``regi
 - ``mmfuse::lowrank_fusion(xs, factors, weights, bias, append_one, present)``: LMF Eq. 8,
   returning ``(fusion, kept)``.  Forward: per batch block, one GEMM per modality into a reused
   (rows, R h) buffer, an in-place product and the rank sum; no (B, R h) array is allocated,
-  except the (M, B, R h) ``kept`` projections of narrow fusions and small batches (see below).
+  except the (M, B, R h) ``kept`` projections of narrow fusions (see below).
 - ``mmfuse::lowrank_fusion_backward``: the blocked analytic backward of the above (opaque to
   autograd, used when no graph of the backward is being built).
 - ``mmfuse::cp_fusion(xs, weights, factors, bias, append_one, present)``: CP fusion in
