@@ -427,6 +427,25 @@ def test_guide_gradient_of_a_guide_with_a_large_mean():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-9 * float(grads[1].abs().max()))
 
 
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_align_gradients_of_a_modality_with_a_large_mean(rounds):
+    """The align op's closed-form backward on a modality of mean 1e8 and spread 1e-3: each
+    pass takes the correction off the centred values (dropped in either pass, dL/dx was 1e-7
+    to 3e-6 off; the constant-lane tests cannot show it, their correction being exactly 0; a
+    mutation review).  Against autograd through the core, both modalities' gradients."""
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    x = 1e8 + 1e-3 * torch.randn(2, 6, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 7, 3, generator=gen, dtype=torch.float64)
+    ups = [torch.randn(2, t, 3, generator=gen, dtype=torch.float64) for t in (6, 7)]
+    grads = []
+    for backend in ("torch", "array_api"):
+        leaves = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+        out = mmfuse.align(leaves, rounds=rounds, alpha=0.7, backend=backend)
+        grads.append(torch.autograd.grad(sum((o * u).sum() for o, u in zip(out, ups)), leaves))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_statistics_take_var_mean_on_small_cpu_tensors_only(monkeypatch, call_counts, grad):
     """The core's torch statistics (moments under autograd, the ops' recomputing backwards)

@@ -200,17 +200,22 @@ def test_sequence_only_needed_gradients_and_low_precision():
 
 @pytest.mark.parametrize("mode", ["cp", "collapsed"])
 def test_sequence_opcheck_gradcheck(mode):
+    # (T_out != D: a fake giving (B, D, T_out) must show)
     p = {"lengths": [3, 2], "widths": [2, 1], "batch": 2, "r_h": 2, "r_t": 2, "n_out": 2,
-         "out_dim": 2, "mode": mode, "with_masks": True, "seed": 3}  # fmt: skip
+         "out_dim": 3, "mode": mode, "with_masks": True, "seed": 3}  # fmt: skip
     hs, feats, toks, masks, upstream = _seq_inputs(p)
     masks[0][:, 0] = True
     op_masks = [masks[0], None]
     torch.library.opcheck(torch.ops.mmfuse.sequence_fusion.default, (hs, feats, toks, mode, op_masks))
-    torch.library.opcheck(
-        torch.ops.mmfuse.sequence_fusion_backward.default,
-        (upstream, [h.detach() for h in hs], [f.detach() for f in feats], [t.detach() for t in toks],
-         mode, op_masks, [True, False, True, True, False, True]),
-    )  # fmt: skip
+    # activations of other strides (a permuted view): the backward's gradients take theirs
+    strided = [h.detach().transpose(1, 2).contiguous().transpose(1, 2) for h in hs]
+    assert not strided[0].is_contiguous()
+    for activations in ([h.detach() for h in hs], strided):
+        torch.library.opcheck(
+            torch.ops.mmfuse.sequence_fusion_backward.default,
+            (upstream, activations, [f.detach() for f in feats], [t.detach() for t in toks],
+             mode, op_masks, [True, False, True, True, False, True]),
+        )  # fmt: skip
 
     def f(*a):
         return torch.ops.mmfuse.sequence_fusion(list(a[:2]), list(a[2:4]), list(a[4:]), mode, op_masks)
@@ -321,6 +326,35 @@ def test_fused_collapsed_wander_matches_core_and_reference(lengths, n_out, resid
     assert_close(got, core, rtol=1e-12)
     upstream = torch.tensor(rng.standard_normal(tuple(got.shape)))
     for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
+@pytest.mark.parametrize(("mode", "activation"), [("collapsed", "gelu"), ("collapsed", "relu"), ("cp", "gelu")])
+def test_wander_ops_keep_nan_padding_out_of_the_gradients(mode, activation, blocked_paths):
+    """NaN in padded tokens never reaches a gradient of the custom ops' paths (the fused
+    collapsed GELU op, and the down-projection before the sequence op otherwise): padding is
+    zeroed before the down-projection, whose dL/dW would else take 0 * NaN (a mutation
+    review: unmasked, dL/dW_0 was NaN and every test passed)."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    xs, params, leaves, masks, rng = _wander_setup((4, 6, 3), 3, seed)
+    masks[0][:, 0] = True
+    masks[0][:, -1] = False
+    with torch.no_grad():
+        xs[0][~masks[0]] = float("nan")
+    kw = {"mode": mode, "masks": masks, "activation": activation, "residual": "none"}
+    with _OpLog() as log:
+        got = mmfuse.wander(xs, params, **kw, backend="torch")
+    fused = "mmfuse.wander_collapsed.default" in log.ops
+    assert fused == (mode == "collapsed" and activation == "gelu")
+    assert fused or "mmfuse.sequence_fusion.default" in log.ops
+    core = mmfuse.wander(xs, params, **kw, backend="array_api")
+    assert torch.isfinite(got).all()
+    assert_close(got, core, rtol=1e-12)
+    upstream = torch.tensor(rng.standard_normal(tuple(got.shape)))
+    for leaf, g, c in zip(leaves, _grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        if leaf is xs[0]:
+            continue  # (the padded tokens' own gradient: 0 on both, but NaN * 0 is not 0)
+        assert torch.isfinite(g).all()
         assert_close(g, c, rtol=1e-10)
 
 
@@ -480,6 +514,8 @@ def test_zoom_shift_opcheck_gradcheck(alpha):
          "with_masks": True, "seed": 8}  # fmt: skip
     x, g, mask, guide_mask, _ = _zs_inputs(p)
     torch.library.opcheck(torch.ops.mmfuse.zoom_shift.default, (x, g, alpha, -2, mask, guide_mask, 1e-5))
+    permuted = x.detach().transpose(1, 2).contiguous().transpose(1, 2)  # the output takes x's strides
+    torch.library.opcheck(torch.ops.mmfuse.zoom_shift.default, (permuted, g.detach(), alpha, -2, mask, guide_mask, 1e-5))
 
     def f(x, g):
         return torch.ops.mmfuse.zoom_shift(x, g, alpha, -2, mask, guide_mask, 1e-5)
