@@ -975,11 +975,17 @@ def first_of(obj: Any, pick: Callable[[Any], Any]) -> Any:
 
 
 def tree_map(func: Callable[[Any], Any], obj: Any) -> Any:
-    """Apply ``func`` to every array inside nested lists, tuples and dicts (same structure back)."""
+    """Apply ``func`` to every array inside nested lists, tuples and dicts (same structure back).
+
+    A namedtuple comes back as its own type, built from its fields positionally (its
+    constructor takes them so; built from one iterable, as a tuple or TensorLy's CPTensor is,
+    it had raised: modalities in a namedtuple, which the operators take, crashed the reference
+    backend and ``explain``; a mutation review's find)."""
     if is_array(obj):
         return func(obj)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(tree_map(func, o) for o in obj)
+        items = [tree_map(func, o) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, dict):
         return {k: tree_map(func, v) for k, v in obj.items()}
     return obj
