@@ -1538,3 +1538,34 @@ def test_explain_answers_and_reference_implementations_pickle():
     for op in ("lowrank_fusion", "zoom_shift", "wander"):
         func = lookup(op, "reference", like=x)
         assert pickle.loads(pickle.dumps(func)) is func, op
+
+
+def test_config_context_restores_the_settings_when_an_exception_leaves_the_block():
+    before = mmfuse.get_config()
+    # (pytest.raises outside: the exception leaves the config block, as a caller's would)
+    with pytest.raises(KeyError), mmfuse.config_context(backend="reference", prefer="array_api"):
+        raise KeyError("leaves the block")
+    assert mmfuse.get_config() == before
+
+
+def test_an_explicit_auto_reads_the_preference_and_leaves_the_configured_policy_alone():
+    """backend="auto" named in a call reads the configured preference as the default does,
+    and a later call without backend= still reads the configured backend (a policy cached
+    for the explicit "auto" had stood in for it; a mutation review)."""
+    x = np.random.default_rng().standard_normal((2, 5, 3))
+    with mmfuse.config_context(prefer="reference"):
+        assert explain("moments", x, backend="auto").chosen.backend == "reference"
+    with mmfuse.config_context(backend="reference"):
+        assert _config.backend_policy(None) == ("reference", None)
+        assert _config.backend_policy("auto")[0] == "auto"
+        assert _config.backend_policy(None) == ("reference", None)
+        assert explain("moments", x).chosen.backend == "reference"
+
+
+def test_layer_sizes_given_as_numpy_integers_are_kept_as_python_ints():
+    torch = pytest.importorskip("torch")
+    from mmfuse.nn import LowRankFusion
+
+    layer = LowRankFusion([np.int64(4), 3], out_dim=np.int64(2), rank=np.int32(2), max_elements=np.int64(10**6))
+    assert all(type(v) is int for v in (*layer.in_dims, layer.out_dim, layer.rank, layer.max_elements))
+    assert layer([torch.randn(3, 4), torch.randn(3, 3)]).shape == (3, 2)
