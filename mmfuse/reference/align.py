@@ -446,7 +446,14 @@ def _iterate(
         # a steady contraction that needs more sweeps than are left (spreads far below
         # sqrt(eps), or any at a small alpha, barely move per round), or none: say so now
         # rather than at the end
-        if sweep >= 1000 and (q >= 1.0 or sweep + math.log(_SETTLED / left) / math.log(q) > _SWEEPS):
+        # (only on a full window: one restarted on a new scale a few sweeps ago says little,
+        # and far-apart means that cancel, +-1e300 at alpha 0.1, restart it every few sweeps
+        # for thousands of sweeps on their way to 0)
+        if (
+            sweep >= 1000
+            and len(recent) == _WINDOW
+            and (q >= 1.0 or sweep + math.log(_SETTLED / left) / math.log(q) > _SWEEPS)
+        ):
             break
     raise _unsettled()
 
