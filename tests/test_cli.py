@@ -499,22 +499,30 @@ def test_unknown_op_or_backend_lists_valid_ones():
             _cli.main([command, "--backends", "fast"])
 
 
-def test_verify_checks_the_problems_of_the_seed_it_is_given(monkeypatch, capsys):
-    """``--seed`` reaches every problem verify makes, its reference answers' too."""
+@pytest.fixture
+def problems_asked(monkeypatch):
+    """The (seed, scale) of every problem the command asks ``mmfuse._problems.make_problem``
+    for, in order; each is built at verify scale whatever was asked (timing the bench-scale
+    problems themselves takes minutes)."""
     import mmfuse._problems as problems
 
-    seeds, make = [], problems.make_problem
+    asked, make = [], problems.make_problem
 
     def recorded(op, *, seed=None, scale="verify", case=None):
-        seeds.append(seed)
-        return make(op, seed=seed, scale=scale, case=case)
+        asked.append((seed, scale))
+        return make(op, seed=seed, scale="verify", case=case)
 
     monkeypatch.setattr(problems, "make_problem", recorded)
+    return asked
+
+
+def test_verify_checks_the_problems_of_the_seed_it_is_given(problems_asked, capsys):
+    """``--seed`` reaches every problem verify makes, its reference answers' too."""
     argv = ["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api", "--no-progress"]
     for seed in (0, 7):  # (0, the default, is a seed one may also give)
-        seeds.clear()
+        problems_asked.clear()
         assert _cli.main([*argv, "--seed", str(seed)]) == 0
-        assert seeds and set(seeds) == {seed}
+        assert problems_asked and {s for s, _ in problems_asked} == {seed}
     capsys.readouterr()
 
 
@@ -749,26 +757,16 @@ def test_bench_reports_the_median_and_the_speed_up_over_array_api(monkeypatch, t
     assert "4.00x" in out
 
 
-def test_bench_times_the_bench_scale_problems_unless_quick(monkeypatch, tmp_path, capsys):
+def test_bench_times_the_bench_scale_problems_unless_quick(problems_asked, tmp_path, capsys):
     """Without --quick the timed problems are the bench-scale ones (and the JSON says so);
-    with it, the verify-scale ones.  (Seen through make_problem's scale argument: timing the
-    bench-scale problems themselves takes minutes.)"""
-    import mmfuse._problems as problems
-
-    asked, make = [], problems.make_problem
-
-    def recorded(op, *, seed=0, scale="verify", case=None):
-        asked.append(scale)
-        return make(op, seed=seed, scale="verify", case=case)  # the quick problem either way
-
-    monkeypatch.setattr(problems, "make_problem", recorded)
+    with it, the verify-scale ones (seen through make_problem's scale argument)."""
     for quick, scale in ((False, "bench"), (True, "verify")):
-        asked.clear()
+        problems_asked.clear()
         js = tmp_path / f"{scale}.json"
         argv = ["bench", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api", "--repeats", "1",
                 "--json", str(js), "--no-progress"]  # fmt: skip
         assert _cli.main(argv + (["--quick"] if quick else [])) == 0
-        assert asked and set(asked) == {scale}
+        assert problems_asked and {a for _, a in problems_asked} == {scale}
         assert json.loads(js.read_text())["scale"] == scale
     capsys.readouterr()
 

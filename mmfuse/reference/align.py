@@ -407,7 +407,8 @@ def _iterate(
     Jacobi: the previous sweep's), until they settle: until the largest move relative to its
     lane's scale (``scale(hi)``, finite and positive per lane) is 0 or double-double rounding,
     or it contracts and the distance left, move q / (1 - q) for the contraction q per sweep
-    over the last :data:`_WINDOW` sweeps, is below :data:`_SETTLED`.  Moves that are not
+    over the last :data:`_WINDOW` sweeps (those since a lane's scale last changed twofold), is
+    below :data:`_SETTLED`.  Moves that are not
     finite (non-finite inputs) are left out of that test.  Returns the (hi, lo) lists."""
     hi, lo = [h for h, _ in state], [e for _, e in state]
     # moves relative to a scale held fixed (their contraction) and to the current one (the
