@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -478,3 +480,57 @@ def test_scalar_lanes_and_row_loops_give_the_same_bits(monkeypatch, dtype, shape
         np.testing.assert_array_equal(rows, scalar)
         np.testing.assert_array_equal(scalar, threaded)
     assert_close(runs[0][2], reference.zoom_shift(x, guide, alpha=0.6).astype(dtype), dtype=np.dtype(dtype))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "negated"])
+def test_planned_torch_zoom_shift_equals_the_op(grad, layout):
+    """A planned ``backend="numba"`` zoom_shift of torch CPU tensors needing no gradient runs
+    the kernels on the tensors' memory past the op's binding (its plan); it gives the op's
+    bits, for a layout the kernels' views cannot take too (the op then), and a call needing
+    gradients keeps the op and its backward."""
+    torch = pytest.importorskip("torch")
+    ops = importlib.import_module("mmfuse.backends.torch.zoom_shift")  # (the package's name is the function)
+
+    rng = np.random.default_rng()
+    x = torch.from_numpy(draw(rng, (3, 7, 5), np.float32))
+    guide = torch.from_numpy(draw(rng, (3, 6, 5), np.float32, offset=-1.0))
+    mask = torch.from_numpy(token_mask(rng, 3, 7))
+    if layout == "transposed":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "negated":
+        x = torch._neg_view(-x)  # x's values, the negative bit set
+        assert x.is_neg()
+    xr = x.detach().clone().requires_grad_(grad)
+    options = {"alpha": 0.6, "axis": -2, "mask": mask, "guide_mask": None, "eps": 1e-5}
+    chosen = nb.zoom_shift_cpu.plan(xr, guide, **options)
+    assert chosen is (ops.zoom_shift_numba if grad else ops._zoom_shift_numba_on_host)
+    want = torch.ops.mmfuse.zoom_shift_numba(x, guide, 0.6, -2, mask, None, 1e-5)
+    for _ in range(2):  # planned by the first call, run from the plan by the second
+        got = mmfuse.zoom_shift(xr, guide, alpha=0.6, mask=mask, backend="numba")
+        assert got.dtype == torch.float32 and got.is_contiguous() and got.requires_grad == grad
+        assert torch.equal(got.detach(), want)
+    if grad:
+        got.sum().backward()
+        assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+def test_planned_numpy_zoom_shift_runs_the_kernels_directly():
+    """The plan of a NumPy call is the kernels' function itself (no torch test per call)."""
+    rng = np.random.default_rng()
+    x, guide = draw(rng, (2, 5, 3), np.float64), draw(rng, (2, 4, 3), np.float64)
+    options = {"alpha": 1.0, "axis": -2, "mask": None, "guide_mask": None, "eps": 1e-5}
+    assert nb.zoom_shift_cpu.plan(x, guide, **options) is nb.zoom_shift_arrays
+    assert_close(mmfuse.zoom_shift(x, guide, backend="numba"), reference.zoom_shift(x, guide))
+
+
+def test_statistics_of_another_shape_are_broadcast_to_the_lanes():
+    """The kernels' per-lane constants: a statistic already of the kept shape is reshaped (the
+    common case, no broadcast), one of another broadcastable shape is broadcast first."""
+    kept, lanes = [2, 1, 3], (2, 3)
+    a = np.arange(6.0).reshape(kept)
+    assert np.array_equal(nb._per_lane(a, kept, lanes, np.float64), a.reshape(lanes))
+    got = nb._per_lane(np.float32(2.5), kept, lanes, np.float64)
+    assert got.dtype == np.float64 and got.flags.c_contiguous and np.array_equal(got, np.full(lanes, 2.5))
+    got = nb._per_lane(np.arange(3.0).reshape(1, 1, 3), kept, lanes, np.float64)
+    assert np.array_equal(got, np.tile(np.arange(3.0), (2, 1)))

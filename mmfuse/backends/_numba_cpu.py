@@ -301,9 +301,13 @@ def _plan(x3: Any) -> tuple[int, int, int]:
     return chunk, n_rows * -(-n_chan // chunk) if n_chan else 0, workers
 
 
+# The kernels' mask argument when there is none (never read then; never written)
+_NO_MASK = np.ones((1, 1), dtype=np.bool_)
+
+
 def _mask_arg(mask: Any) -> tuple[Any, bool]:
     if mask is None:
-        return np.ones((1, 1), dtype=np.bool_), False
+        return _NO_MASK, False
     return np.ascontiguousarray(mask, dtype=np.bool_), True
 
 

@@ -898,7 +898,9 @@ def _per_lane(a: Any, kept: Sequence[int], shape: tuple[int, int], dtype: Any) -
     """Statistics-shaped ``a`` (broadcastable to ``kept``) as a contiguous (B', C') array."""
     import numpy as np
 
-    return np.ascontiguousarray(np.broadcast_to(a, tuple(kept)).reshape(shape), dtype=dtype)
+    if a.shape != tuple(kept):  # (numpy.broadcast_to costs a tiny call's kernel time: only if needed)
+        a = np.broadcast_to(a, tuple(kept))
+    return np.ascontiguousarray(a.reshape(shape), dtype=dtype)
 
 
 class CPUPrimitives(Primitives):
@@ -1009,6 +1011,23 @@ def zoom_shift_cpu(
 
         return zoom_shift_numba(x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps)
     return zoom_shift_arrays(x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps)
+
+
+def _plan_zoom_shift_cpu(
+    x: Any, guide: Any, *, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float
+) -> Callable[..., Any]:
+    """:func:`zoom_shift_cpu`'s own plan (:func:`mmfuse._plan.planned_impl`): NumPy arrays go
+    straight to :func:`zoom_shift_arrays`; torch tensors to the op's planned path (without
+    autograd, the kernels on the tensors' memory, past the op's binding and its checks)."""
+    if _torch_tensor(x):
+        from .torch.zoom_shift import plan_zoom_shift_numba
+
+        options = {"alpha": alpha, "axis": axis, "mask": mask, "guide_mask": guide_mask, "eps": eps}
+        return plan_zoom_shift_numba(x, guide, **options)
+    return zoom_shift_arrays
+
+
+zoom_shift_cpu.plan = _plan_zoom_shift_cpu  # type: ignore[attr-defined]
 
 
 def align_cpu(

@@ -51,7 +51,8 @@ from ._common import cast, compute_dtype
 _XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
 
 __all__ = [
-    "host_kind", "host_layout", "host_view", "on_host", "plan_on_host", "zoom_shift", "zoom_shift_numba",
+    "host_kind", "host_layout", "host_view", "on_host", "plan_on_host", "plan_zoom_shift_numba", "zoom_shift",
+    "zoom_shift_numba",
 ]
 
 _HOST_DTYPES = (torch.float32, torch.float64)
@@ -220,6 +221,23 @@ _zoom_shift_eager = bind(
 # it where installed), which would dwarf numba's own one-time cost.
 
 
+def _zoom_shift_numba_on_host(
+    x: Any, guide: Any, *, alpha: float, axis: int, mask: Any = None, guide_mask: Any = None, eps: float
+) -> Any:  # fmt: skip
+    """The kernels on the tensors' memory (any strides; the negative bit resolved): the op's
+    forward after its checks, and :func:`zoom_shift_numba`'s planned path
+    (:func:`plan_on_host`), where the public call's checks stand for the op's."""
+    from ..numba import numpy_view, zoom_shift_arrays
+
+    y = zoom_shift_arrays(
+        numpy_view(x), numpy_view(guide), alpha=alpha, axis=axis, mask=numpy_view(mask),
+        guide_mask=numpy_view(guide_mask), eps=eps,
+    )  # fmt: skip
+    # C-contiguous, as the fake says (the kernels' output follows x's lane layout; a no-op
+    # copy where it is contiguous already)
+    return torch.from_numpy(np.ascontiguousarray(y))
+
+
 def _zoom_shift_numba_forward(
     x: torch.Tensor,
     guide: torch.Tensor,
@@ -229,8 +247,6 @@ def _zoom_shift_numba_forward(
     guide_mask: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    from ..numba import numpy_view, zoom_shift_arrays
-
     # the kernels index the masks as (B', T) boolean arrays of x's and the guide's lanes,
     # unchecked: a mask of another shape or dtype, which the public call refuses but a direct
     # ``torch.ops.mmfuse.zoom_shift_numba`` call could pass, read outside it (a review's find)
@@ -247,13 +263,9 @@ def _zoom_shift_numba_forward(
                 f"mmfuse::zoom_shift_numba: {name} must be a bool tensor of shape "
                 f"{tuple(like.shape[: ax + 1])}, got {m.dtype} of shape {tuple(m.shape)}"
             )
-    y = zoom_shift_arrays(
-        numpy_view(x), numpy_view(guide), alpha=alpha, axis=axis, mask=numpy_view(mask),
-        guide_mask=numpy_view(guide_mask), eps=eps,
+    return _zoom_shift_numba_on_host(
+        x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask, eps=eps
     )  # fmt: skip
-    # C-contiguous, as the fake says (the kernels' output follows x's lane layout; a no-op
-    # copy where it is contiguous already)
-    return torch.from_numpy(np.ascontiguousarray(y))
 
 
 _zoom_shift_numba_op = torch.library.custom_op(
@@ -300,12 +312,12 @@ def plan_on_host(
     """What a planned call of the op ``impl`` with this metadata runs (``mmfuse._plan``): where
     autograd records nothing (no grad mode, or no input requiring grad: the eager binding's
     test) and device, dtype and size allow the NumPy primitives (:func:`host_kind` of
-    ``data`` and ``masks``), ``numpy_path``, which takes ``impl``'s arguments, checks the
-    one condition a signature does not fix (:func:`host_layout`) and runs the forward's NumPy
-    path, or ``impl`` for another layout; else ``impl`` itself.  (About 3 us of the tiny
-    ``zoom_shift``'s 32 were those tests; ``numpy_path`` is a module-level function taking
-    the arguments by name, since a generic ``*args, **kwargs`` wrapper and its closures cost
-    about 1 us more a call.)"""
+    ``data`` and ``masks``), ``numpy_path``, which takes ``impl``'s arguments and runs the
+    forward's NumPy path (checking what a signature does not fix: the NumPy primitives'
+    :func:`host_layout`, else ``impl``; numba's kernels take any layout); else ``impl``
+    itself.  (About 3 us of the tiny ``zoom_shift``'s 32 were those tests; ``numpy_path`` is a
+    module-level function taking the arguments by name, since a generic ``*args, **kwargs``
+    wrapper and its closures cost about 1 us more a call.)"""
     if (torch.is_grad_enabled() and any_requires_grad(data)) or not host_kind(data, masks):
         return impl
     return numpy_path
@@ -343,3 +355,12 @@ def zoom_shift_numba(
     """``mmfuse.zoom_shift`` of torch CPU float32/float64 tensors as ``mmfuse::zoom_shift_numba``
     (numba's CPU kernels forward, the analytic backward; inputs checked)."""
     return _zoom_shift_numba_eager(x, guide, float(alpha), int(axis), mask, guide_mask, float(eps))
+
+
+def plan_zoom_shift_numba(
+    x: Any, guide: Any, *, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float
+) -> Any:
+    """:func:`zoom_shift_numba`'s plan (:func:`plan_on_host`), for the numba backend's
+    ``zoom_shift_cpu`` (the registry's row), whose plan it is for torch tensors."""
+    return plan_on_host(zoom_shift_numba, _zoom_shift_numba_on_host, (x, guide), (mask, guide_mask))
+
