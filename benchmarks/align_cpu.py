@@ -38,6 +38,10 @@ The closing lines give each "auto" fraction as the median over rounds with its p
 processes, the one-time cost of importing numba and loading its kernels (with the on-disk
 cache, and with an empty one), then per-call times of the NumPy core and the kernels by size
 and the calls after which the one-time cost is repaid.
+``--small``: what "auto" runs at small sizes once numba is imported (its kernels, at every
+size) against what it runs before (the core on NumPy arrays; on torch CPU tensors the op
+``mmfuse::zoom_shift``, ``mmfuse::align`` and the autograd row of ``moments``): microseconds
+per call, one thread, float32, no gradient, and kernels / core with its p10-p90 over rounds.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from _harness import (
     peak_rss_mib,
     print_table,
     quantile,
+    round_ratios,
     sample_rounds,
 )
 
@@ -207,9 +212,13 @@ def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--auto", action="store_true", help='only the "auto" rows of zoom_shift and align-r1')
     parser.add_argument("--rule", action="store_true", help="the measurements behind AUTO_IMPORT_ELEMENTS")
+    parser.add_argument("--small", action="store_true", help="numba's kernels against the core at small sizes")
     args = parser.parse_args()
     if args.rule:
         rule(args)
+        return
+    if args.small:
+        small(args)
         return
     import torch
 
@@ -361,6 +370,54 @@ def rule(args) -> None:
             "zs saved ns/elem": f"{saved / x.size * 1e9:.2f}",
             "calls to repay": f"{extra / saved:.0f}" if saved > 0 else "never",
         })  # fmt: skip
+    print_table(rows, list(rows[0]))
+
+
+# --------------------------------------------------------------------------- --small
+
+#: (B, T, C): overhead.py's tiny zoom_shift, then few lanes of many tokens, many lanes of few
+SMALL_SHAPES = ((4, 6, 5), (4, 16, 16), (1, 64, 4), (8, 8, 256), (8, 64, 32), (16, 128, 16))
+
+
+def small(args) -> None:
+    """Per call at small sizes: numba's kernels (what "auto" runs once numba is imported)
+    against the rows "auto" runs before it is."""
+    import numba  # noqa: F401  (imported: "auto" would run the kernels at every size)
+    import torch
+
+    import mmfuse
+
+    torch.set_num_threads(1)
+    print(f"machine: {machine()}; one torch thread; numba imported")
+    rng = np.random.default_rng(3)
+    calls = {
+        "zoom_shift": lambda x, g, be: mmfuse.zoom_shift(x, g, backend=be),
+        "align": lambda x, g, be: mmfuse.align([x, g], backend=be),
+        "moments": lambda x, g, be: mmfuse.moments(x, backend=be),
+    }
+    rows = []
+    for shape in SMALL_SHAPES:
+        x = (1.0 + rng.standard_normal(shape)).astype(np.float32)
+        g = rng.standard_normal((shape[0], shape[1] + 3, shape[2])).astype(np.float32)
+        for kind, (a, b, core) in {
+            "numpy": (x, g, "array_api"),
+            "torch": (torch.from_numpy(x), torch.from_numpy(g), "torch"),
+        }.items():
+            for op, call in calls.items():
+                cands = {
+                    "core": lambda call=call, a=a, b=b, core=core: call(a, b, core),
+                    "kernels": lambda call=call, a=a, b=b: call(a, b, "numba"),
+                }
+                check_same(f"{op} {shape} {kind}", cands["kernels"](), cands["core"](), RTOL)
+                rounds = sample_rounds(cands, repeats=40 if args.quick else 200, burst=21)
+                times = medians(rounds)
+                ratios = round_ratios(rounds, "kernels", "core")  # kernels / core, per round
+                rows.append({
+                    "shape": str(shape), "arrays": kind, "op": op,
+                    "core us": f"{times['core'] * 1e6:.1f}", "kernels us": f"{times['kernels'] * 1e6:.1f}",
+                    "kernels/core": f"{statistics.median(ratios):.2f} "
+                                    f"({quantile(ratios, 0.1):.2f}-{quantile(ratios, 0.9):.2f})",
+                })  # fmt: skip
     print_table(rows, list(rows[0]))
 
 
