@@ -235,11 +235,9 @@ def test_batch_chunks(monkeypatch):
     assert_close(got, want, dtype=np.dtype("float64"))
 
 
-def test_empty_outputs_and_ranks_launch_no_empty_grid(monkeypatch):
-    """h = 0 or R = 0 (legal: the layers take out_dim = 0 and rank = 0): the drivers divided by
-    zero threads (h = 0) or launched grids with an extent of 0, which CUDA refuses and the
-    simulator hides (a code review's find).  Every launch now has a grid of at least one
-    block, and the results are the reference's (the bias, for R = 0)."""
+def record_launches(monkeypatch, factory):
+    """Record the grid of every launch of the kernels that ``nb.<factory>`` builds (``kernels``
+    or ``align_kernels``): a list of (kernel name, grid) that fills as the drivers launch."""
     launches = []
 
     class Recorded:
@@ -257,8 +255,17 @@ def test_empty_outputs_and_ranks_launch_no_empty_grid(monkeypatch):
 
             return Launcher()
 
-    real = nb.kernels
-    monkeypatch.setattr(nb, "kernels", lambda *args, **kw: Recorded(real(*args, **kw)))
+    real = getattr(nb, factory)
+    monkeypatch.setattr(nb, factory, lambda *args, **kw: Recorded(real(*args, **kw)))
+    return launches
+
+
+def test_empty_outputs_and_ranks_launch_no_empty_grid(monkeypatch):
+    """h = 0 or R = 0 (legal: the layers take out_dim = 0 and rank = 0): the drivers divided by
+    zero threads (h = 0) or launched grids with an extent of 0, which CUDA refuses and the
+    simulator hides (a code review's find).  Every launch now has a grid of at least one
+    block, and the results are the reference's (the bias, for R = 0)."""
+    launches = record_launches(monkeypatch, "kernels")
     rng = np.random.default_rng()
     dims = [3, 2]
     xs, _ = draw_inputs(rng, 5, dims, with_present=False)
@@ -270,6 +277,30 @@ def test_empty_outputs_and_ranks_launch_no_empty_grid(monkeypatch):
         got = run_cp(xs, cp_w, cp_f, bias, None, True, "float64", 8)
         assert_close(got, reference.cp_fusion(xs, (cp_w, cp_f), bias), dtype=np.dtype("float64"))
     assert launches and all(min(grid) >= 1 for _, grid in launches), launches
+
+
+def test_empty_batches_and_channels_launch_no_empty_grid(monkeypatch):
+    """B = 0 (the public functions take it) and, for the statistics, C' = 0: nothing to
+    launch.  A fusion driver's chunk of 0 rows had looped for ever (range with step 0), and a
+    statistics launch of 0 blocks, which CUDA refuses, passed the simulator (a mutation
+    review's finds)."""
+    launches = record_launches(monkeypatch, "kernels")
+    align_launches = record_launches(monkeypatch, "align_kernels")
+    rng = np.random.default_rng()
+    dims = [3, 2]
+    xs = [np.empty((0, d)) for d in dims]
+    factors, weights, bias = lowrank_params(rng, dims, 2, 3, True, with_weights=True, with_bias=True)
+    assert run_lowrank(xs, factors, weights, bias, None, True, "float64", 8).shape == (0, 3)
+    cp_w, cp_f = cp_params(rng, dims, 2, 3, True, with_weights=True)
+    assert run_cp(xs, cp_w, cp_f, bias, None, True, "float64", 8).shape == (0, 3)
+    for shape in ((0, 5, 3), (2, 5, 0)):
+        x = dev(rng.standard_normal(shape), "float64")
+        stats = [cuda.to_device(np.empty((shape[0], shape[2]))) for _ in range(2)]
+        nb.moments_device(x, None, 1e-5, *stats, empty=nan_empty, channels=4, lanes=2)
+        out = cuda.to_device(np.empty(shape))
+        guide = dev(rng.standard_normal((shape[0], 4, shape[2])), "float64")
+        nb.zoom_shift_device(x, guide, out, alpha=0.5, empty=nan_empty, channels=4, lanes=2)
+    assert all(min(grid) >= 1 for _, grid in launches + align_launches), launches + align_launches
 
 
 def test_repeated_runs_are_bit_identical():
@@ -306,6 +337,14 @@ def test_driver_rejects_mixed_or_half_dtypes():
         nb.lowrank_fusion_device([x], [f], None, None, out)
     with pytest.raises(TypeError, match="numba kernels run in float32 or float64, got float16"):
         nb.kernels(np.float16)
+    a, c = cuda.to_device(np.ones((4, 2))), cuda.to_device(np.ones((2, 2)))
+    with pytest.raises(TypeError, match="all arrays must have dtype float64, got float32"):
+        nb.cp_fusion_device([x], None, [a, c], None, out)
+    x3, g3 = cuda.to_device(np.ones((1, 4, 2), np.float32)), cuda.to_device(np.ones((1, 3, 2)))
+    with pytest.raises(TypeError, match="x, guide and out must share one dtype, got float32, float64, float32"):
+        nb.zoom_shift_device(x3, g3, cuda.to_device(np.zeros((1, 4, 2), np.float32)), channels=2, lanes=2)
+    with pytest.raises(TypeError, match="x, guide and out must share one dtype, got float32, float32, float64"):
+        nb.zoom_shift_device(x3, x3, cuda.to_device(np.zeros((1, 4, 2))), channels=2, lanes=2)
 
 
 def test_drivers_refuse_a_block_cuda_cannot_launch():
@@ -407,22 +446,29 @@ def test_cuda_kernels_keep_a_large_mean_against_a_small_spread():
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.7])
-def test_zoom_shift_partial_step_where_the_means_cancel(alpha):
-    """Means near 1e4 and -1e4 (unit spreads): a partial step's target near 0 within a few
-    float32 ulps of the outputs.  The guide's mean rounded to float32 first (its buffer in
-    x's dtype) left alpha times half an ulp of 1e4 there (6e-5 of the outputs' size)."""
+@pytest.mark.parametrize(("dtype", "mean"), [(np.float32, 1e4), (np.float64, 1e12 / 3)])
+def test_zoom_shift_partial_step_where_the_means_cancel(alpha, dtype, mean):
+    """Means near m and -m (unit spreads): a partial step's target near 0 within a few ulps
+    of the outputs.  The guide's mean rounded to float32 first (its buffer in x's dtype) left
+    alpha times half an ulp of 1e4 there (6e-5 of the outputs' size).  In float64 (means
+    +-1e12 / 3, whose float64 ulps the float32 case cannot show) a target formed about x's
+    pivot instead of its mean was 3e-5 off (a mutation review's find)."""
     rng = np.random.default_rng(13)
-    x = (1e4 + rng.standard_normal((3, 9, 5))).astype(np.float32)
-    g = (-1e4 + rng.standard_normal((3, 7, 5))).astype(np.float32)
-    out = cuda.to_device(np.full(x.shape, np.nan, np.float32))
-    nb.zoom_shift_device(dev(x, np.float32), dev(g, np.float32), out, alpha=alpha, empty=nan_empty,
+    x = (mean + rng.standard_normal((3, 9, 5))).astype(dtype)
+    g = (-mean + rng.standard_normal((3, 7, 5))).astype(dtype)
+    out = cuda.to_device(np.full(x.shape, np.nan, dtype))
+    nb.zoom_shift_device(dev(x, dtype), dev(g, dtype), out, alpha=alpha, empty=nan_empty,
                          channels=4, lanes=2)  # fmt: skip
     ref = _align_ref()
-    mx, sx = ref.moments(x)
-    mg, sg = ref.moments(g)
-    want = (x.astype(np.float64) - mx) * (sg / sx) ** alpha + ((1 - alpha) * mx + alpha * mg)
-    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
-    assert np.all(np.abs(out.copy_to_host() - want) <= 4 * ulp + 1e-7)
+    if dtype == np.float32:
+        mx, sx = ref.moments(x)
+        mg, sg = ref.moments(g)
+        want = (x.astype(np.float64) - mx) * (sg / sx) ** alpha + ((1 - alpha) * mx + alpha * mg)
+        ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        assert np.all(np.abs(out.copy_to_host() - want) <= 4 * ulp + 1e-7)
+    else:  # the oracle's own float64 result (exact statistics, the map about x's mean)
+        want = ref.zoom_shift(x, g, alpha=alpha)
+        assert np.abs(out.copy_to_host() - want).max() <= 16 * np.spacing(np.abs(want).max())
 
 
 def test_zoom_shift_constant_channel_is_shifted_not_zoomed():
@@ -469,6 +515,103 @@ def test_lane_views_cover_other_axes():
         want_mean, want_std = ref.moments(x, axis=axis)
         assert_close(mean.copy_to_host().reshape(kept), want_mean, dtype=np.dtype("float64"))
         assert_close(std.copy_to_host().reshape(kept), want_std, dtype=np.dtype("float64"))
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@pytest.fixture
+def torch_as_cuda(monkeypatch):
+    """The drivers' host side (``_Frame``: prepare, empty, finish; the lane and mask views)
+    with torch CPU tensors standing for CUDA tensors: numba's ``as_cuda_array`` wraps a
+    tensor's own memory in the simulator's device array (no copy, so the kernels' writes land
+    in the tensor), the current stream is the default one, and the drivers' blocks are small
+    (one Python thread per simulated GPU thread).  Nothing else of the code is replaced."""
+    torch = pytest.importorskip("torch")
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    class DefaultStream:
+        cuda_stream = 0
+
+    class TensorsAsDeviceArrays:
+        gpus = cuda.gpus
+
+        def as_cuda_array(self, t, sync=True):
+            # what _Frame.prepare promises the kernels: contiguous memory holding the values
+            assert t.is_contiguous() and not t.is_neg(), "a tensor reached a kernel unprepared"
+            return FakeCUDAArray(t.numpy())
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: DefaultStream())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    frame_init = nb._Frame.__init__
+
+    def init(self, like):
+        frame_init(self, like)
+        self.cuda = TensorsAsDeviceArrays()
+
+    monkeypatch.setattr(nb._Frame, "__init__", init)
+    for driver, small in ((nb.moments_device, {"channels": 4, "lanes": 2}),
+                          (nb.zoom_shift_device, {"channels": 4, "lanes": 2}),
+                          (nb.lowrank_fusion_device, {"tile": 4}), (nb.cp_fusion_device, {"tile": 4})):  # fmt: skip
+        monkeypatch.setattr(driver, "__kwdefaults__", {**driver.__kwdefaults__, **small})
+    return torch
+
+
+@pytest.mark.parametrize(("dtype", "axis"), [("float16", -2), ("float32", -1), ("float64", 1), ("float64", -2)])
+def test_host_side_of_the_statistics(torch_as_cuda, dtype, axis):
+    """moments_cuda and zoom_shift_cuda on a strided 4-d tensor, statistics over a middle or
+    the last axis, masks of x and the guide: the reference's values, in x's dtype (float16
+    computed in float32), a tensor back, the inputs untouched."""
+    torch = torch_as_cuda
+    ref = _align_ref()
+    rng = np.random.default_rng()
+    dt = getattr(torch, dtype)
+    x = torch.tensor(1.0 + 2.0 * rng.standard_normal((2, 3, 8, 5)), dtype=dt).transpose(2, 3)  # (2, 3, 5, 8)
+    guide = torch.tensor(-1.0 + rng.standard_normal((2, 3, 5, 8)), dtype=dt)
+    ax = axis % 4
+    mask = torch.from_numpy(rng.random(x.shape[: ax + 1]) > 0.3)
+    mask[..., 0] = True
+    guide_mask = torch.from_numpy(rng.random(guide.shape[: ax + 1]) > 0.3)
+    guide_mask[..., -1] = True
+    before = [t.clone() for t in (x, guide, mask, guide_mask)]
+    x64, g64 = x.double().numpy(), guide.double().numpy()
+    mean, std = nb.moments_cuda(x, axis=axis, mask=mask)
+    for got, want in zip((mean, std), ref.moments(x64, axis=axis, mask=mask.numpy())):
+        assert_close(got, want, xp=torch, dtype=dt)
+    for alpha in (1.0, 0.5):
+        got = nb.zoom_shift_cuda(x, guide, alpha=alpha, axis=axis, mask=mask, guide_mask=guide_mask)
+        want = ref.zoom_shift(x64, g64, alpha=alpha, axis=axis, mask=mask.numpy(), guide_mask=guide_mask.numpy())
+        assert_close(got, want, xp=torch, dtype=dt)
+    assert all(torch.equal(a, b) for a, b in zip((x, guide, mask, guide_mask), before))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_host_side_of_the_fusions(torch_as_cuda, dtype):
+    """lowrank_fusion and cp_fusion with strided inputs and absent modalities (``present``):
+    the reference's values, in the inputs' dtype, the inputs untouched."""
+    torch = torch_as_cuda
+    rng = np.random.default_rng()
+    dt = getattr(torch, dtype)
+    dims, batch = [3, 4], 6
+    present = rng.random((batch, 2)) > 0.3
+    present[0, 0] = present[1, 1] = False  # each modality absent somewhere
+    present[2] = True
+    xs = [torch.tensor(rng.standard_normal((d, batch)), dtype=dt).T for d in dims]  # strided
+    factors, weights, bias = lowrank_params(rng, dims, 2, 3, True, with_weights=True, with_bias=True)
+    cp_w, cp_f = cp_params(rng, dims, 2, 3, True, with_weights=True)
+    t = {"factors": [torch.tensor(f, dtype=dt) for f in factors], "weights": torch.tensor(weights, dtype=dt),
+         "bias": torch.tensor(bias, dtype=dt), "cp_w": torch.tensor(cp_w, dtype=dt),
+         "cp_f": [torch.tensor(f, dtype=dt) for f in cp_f]}  # fmt: skip
+    before = [x.clone() for x in xs]
+    x64 = [x.double().numpy() for x in xs]
+    f64 = {k: [a.double().numpy() for a in v] if isinstance(v, list) else v.double().numpy() for k, v in t.items()}
+    got = nb.lowrank_fusion(xs, t["factors"], t["weights"], t["bias"], present=torch.from_numpy(present))
+    want = reference.lowrank_fusion(x64, f64["factors"], f64["weights"], f64["bias"], present=present)
+    assert_close(got, want, xp=torch, dtype=dt)
+    got = nb.cp_fusion(xs, (t["cp_w"], t["cp_f"]), t["bias"], present=torch.from_numpy(present))
+    want = reference.cp_fusion(x64, (f64["cp_w"], f64["cp_f"]), f64["bias"], present=present)
+    assert_close(got, want, xp=torch, dtype=dt)
+    assert all(torch.equal(a, b) for a, b in zip(xs, before))
 
 
 # ----------------------------------------------------------------------------- registry
