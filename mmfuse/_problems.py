@@ -302,5 +302,9 @@ def make_problem(
     :data:`CASES`."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; valid ops: {sorted(OPS)}")
+    if case is not None and case not in CASES.get(op, {}):
+        raise ValueError(f"unknown case {case!r} of {op}; valid cases: {sorted(CASES.get(op, {}))}")
+    if scale not in ("verify", "bench"):  # (the generators test for "bench": anything else was verify's)
+        raise ValueError(f"scale must be 'verify' or 'bench', got {scale!r}")
     make = OPS[op] if case is None else CASES[op][case]
     return make(np.random.default_rng(seed), scale)

@@ -386,9 +386,19 @@ def _replaced(name, old, new):
         ("align", "rounds=None, eps=0.5", _replaced("rounds", None, 1)),
         ("wander", "activation=relu", _replaced("activation", "relu", "gelu")),
         ("wander", "activation=identity", _replaced("activation", "identity", "gelu")),
+        # (a mutation review of the problems: each option below had been drawn so that
+        # ignoring it changed nothing, and verify passed: ``present`` all True, masks all True,
+        # eps and hub at their defaults, gelu_tanh as "gelu")
+        ("lowrank_fusion", None, _without("present")),
+        ("lowrank_interactions", None, _without("present")),
+        ("sequence_fusion", (None, "mode=collapsed"), _without("masks")),
+        ("moments", "mask, eps=0.1", _without("eps")),
+        ("align", "topology=hub, hub=1", _without("hub")),
+        ("wander", "mode=collapsed, masks, gelu_tanh, residual=none", _replaced("activation", "gelu_tanh", "gelu")),
     ],
     ids=["masks=None", "present=None", "moments-axis", "zoom_shift-axis", "align-axis", "zoom_shift-eps",
-         "align-eps", "rounds=None-as-1", "relu", "identity"],
+         "align-eps", "rounds=None-as-1", "relu", "identity", "lowrank-present", "lowrank_interactions-present",
+         "sequence-masks", "moments-eps", "align-hub", "gelu_tanh"],
 )  # fmt: skip
 def test_verify_catches_a_wrong_answer_to_an_option_it_had_never_tried(monkeypatch, capsys, op, case, plant):
     """A second review of the command planted these bugs and verify passed each: a
@@ -397,14 +407,71 @@ def test_verify_catches_a_wrong_answer_to_an_option_it_had_never_tried(monkeypat
     default axis), zoom_shift and align ignoring ``eps``, align's exact limit (rounds=None)
     run as one round, wander's "relu" and "identity" taken for "gelu".  Each is now a failed
     row of the case that tries the option (a MISMATCH, or an ERROR where the mask's shape no
-    longer fits), and of no other."""
+    longer fits), and of no other (``case``: one case, None for the default problem, or a
+    tuple of them where several try the option)."""
     real = getattr(mmfuse, op)
     code, out = _verify_planted(monkeypatch, capsys, op, lambda *args, **kwargs: plant(real, *args, **kwargs))
     assert code == 1, out
     rows = re.findall(r"^(\S.*?) {2,}array_api +numpy +float(?:32|64) +(\S+) ", out, re.M)
+    expected = {op if c is None else f"{op} ({c})" for c in (case if isinstance(case, tuple) else (case,))}
     failed = {name for name, status in rows if status in ("MISMATCH", "ERROR")}
-    assert failed == {f"{op} ({case})"}, out
-    assert all(status == "ok" for name, status in rows if name != f"{op} ({case})"), out
+    assert failed == expected, out
+    assert all(status == "ok" for name, status in rows if name not in expected), out
+
+
+def _arrays(tree):
+    """The NumPy arrays in a problem's arguments (lists, tuples and dicts walked)."""
+    if isinstance(tree, np.ndarray):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        return [a for t in tree for a in _arrays(t)]
+    return []
+
+
+def test_every_problem_is_float64_and_never_zeros():
+    """What mmfuse._problems promises the commands: float64 data (a mutant drawing one op's
+    inputs in float32 passed), never an all-zero array (nor one for tensor_fusion's inputs),
+    finite values; every case's ``key=value`` label says what its keywords hold."""
+    from mmfuse._problems import CASES, OPS, make_problem
+
+    problems = [(op, None) for op in OPS] + [(op, case) for op, cases in CASES.items() for case in cases]
+    for op, case in problems:
+        args, kwargs = make_problem(op, seed=3, case=case)
+        floats = [a for a in _arrays([args, kwargs]) if a.dtype.kind == "f"]
+        assert floats, (op, case)
+        for a in floats:
+            assert a.dtype == np.float64 and np.all(np.isfinite(a)) and np.any(a != 0), (op, case, a.dtype)
+        for part in (case or "").split(", "):
+            key, _, value = part.partition("=")
+            if value and key in kwargs:
+                assert str(kwargs[key]) == value, (op, case, key, kwargs[key])
+
+
+def test_bench_problems_are_larger_than_verify_problems():
+    """``mmfuse bench`` times the bench-scale problems (a mutant giving the fusions verify's
+    seven rows at bench scale passed: the command's test sees only the scale it asks for)."""
+    from mmfuse._problems import make_problem
+
+    for op in ("tensor_fusion", "lowrank_fusion", "cp_fusion", "sequence_fusion", "wander", "moments",
+               "lowrank_interactions", "cp_interactions"):  # fmt: skip  (zoom_shift's, align's: 130-400 MB)
+        small = sum(a.size for a in _arrays(make_problem(op, seed=1, scale="verify")))
+        large = sum(a.size for a in _arrays(make_problem(op, seed=1, scale="bench")))
+        assert large >= 100 * small, (op, small, large)
+
+
+def test_make_problem_names_what_it_takes():
+    """An unknown case or scale is refused naming the valid ones (a case was a bare KeyError;
+    an unknown scale gave verify's sizes)."""
+    from mmfuse._problems import make_problem
+
+    with pytest.raises(ValueError, match=r"unknown case 'nope' of moments; valid cases: \['4-D, axis=1, mask'"):
+        make_problem("moments", case="nope")
+    with pytest.raises(ValueError, match=r"unknown case 'x' of lowrank_fusion"):
+        make_problem("lowrank_fusion", case="x")
+    with pytest.raises(ValueError, match=r"scale must be 'verify' or 'bench', got 'Bench'"):
+        make_problem("moments", scale="Bench")
 
 
 def test_verify_cp_interactions_problem_has_a_top_order_term():
