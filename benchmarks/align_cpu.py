@@ -362,6 +362,8 @@ def rule(args) -> None:
             "align core": lambda x=x, g=g: mmfuse.align([x, g], alpha=0.5, backend="array_api"),
             "align numba": lambda x=x, g=g: mmfuse.align([x, g], alpha=0.5, backend="numba"),
         }
+        for op in ("zs", "align"):  # the kernels against the core, before either is timed
+            check_same(f"--rule {op} at {x.shape}", cands[f"{op} numba"](), cands[f"{op} core"](), RTOL)
         times = medians(sample_rounds(cands, repeats=6 if args.quick else 12))
         saved = times["zs core"] - times["zs numba"]
         rows.append({

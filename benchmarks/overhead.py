@@ -389,6 +389,8 @@ def run_dispatch(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]
 
     import torch
 
+    import mmfuse
+
     zs = importlib.import_module("mmfuse.backends.torch.zoom_shift")
     x, g = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in _tiny_inputs()[2])  # as part 1
     xr = x.clone().requires_grad_(True)
@@ -398,6 +400,9 @@ def run_dispatch(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]
         "binding, grad": lambda: zs._zoom_shift_eager(xr, g, 1.0, -2, None, None, 1e-5),
         "torch.ops, grad": lambda: torch.ops.mmfuse.zoom_shift(xr, g, 1.0, -2, None, None, 1e-5),
     }
+    want = mmfuse.zoom_shift(x, g)  # every call the public one's result, before any is timed
+    for name, call in cands.items():
+        check_same(f"dispatch: {name}", call(), want, 0.0)
     times = medians(sample_rounds(cands, repeats=10 if quick else 60, burst=25))
     rows = [{"call": name, "us": f"{t * 1e6:.1f}"} for name, t in times.items()]
     results = [{"part": "dispatch", "call": name, "seconds": t} for name, t in times.items()]

@@ -169,25 +169,30 @@ def step_cases() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     def leaf(a: np.ndarray) -> Any:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).requires_grad_()
 
-    def step(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def step(fn: Callable[[], Any], *leaves: Any) -> Callable[[], Any]:
         def run() -> Any:
             y = fn()
             total = sum(t.sum() for t in y) if isinstance(y, (list, tuple)) else y.sum()
             total.backward()
             return [t.detach() for t in y] if isinstance(y, (list, tuple)) else y.detach()
 
+        run.fn, run.leaves = fn, leaves  # type: ignore[attr-defined]  (what check_step compares)
         return run
 
     out: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
     for shape in STEP_ALIGN:
         x, g = leaf(rng.standard_normal(shape)), leaf(3.0 + 2.0 * rng.standard_normal(shape))
         label = str(shape).replace(" ", "")
-        out[f"moments step {label}"] = (step(lambda x=x: mmfuse.moments(x)), step(lambda x=x: plain_moments(torch, x)))
+        out[f"moments step {label}"] = (
+            step(lambda x=x: mmfuse.moments(x), x), step(lambda x=x: plain_moments(torch, x), x)
+        )
         out[f"zoom_shift step {label}"] = (
-            step(lambda x=x, g=g: mmfuse.zoom_shift(x, g)), step(lambda x=x, g=g: plain_zoom_shift(torch, x, g))
+            step(lambda x=x, g=g: mmfuse.zoom_shift(x, g), x, g),
+            step(lambda x=x, g=g: plain_zoom_shift(torch, x, g), x, g),
         )
         out[f"align rounds=1 step {label} x2"] = (
-            step(lambda x=x, g=g: mmfuse.align([x, g], rounds=1)), step(lambda x=x, g=g: plain_align(torch, [x, g]))
+            step(lambda x=x, g=g: mmfuse.align([x, g], rounds=1), x, g),
+            step(lambda x=x, g=g: plain_align(torch, [x, g]), x, g),
         )
     for lengths, r, r_h, r_t, d, t_out, batch, mode in STEP_SEQUENCE:
         hs = [leaf(rng.standard_normal((batch, t, r))) for t in lengths]
@@ -195,10 +200,34 @@ def step_cases() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
         toks = [leaf(rng.standard_normal((r_t, t, t_out)) / t) for t in lengths]
         label = f"{mode} T{','.join(map(str, lengths))} r{r} Rh{r_h} Rt{r_t} D{d} B{batch}"
         out[f"sequence_fusion step {label}"] = (
-            step(lambda hs=hs, f=feats, t=toks, m=mode: mmfuse.sequence_fusion(hs, f, t, mode=m)),
-            step(lambda hs=hs, f=feats, t=toks, m=mode: plain_sequence(torch, hs, f, t, m)),
+            step(lambda hs=hs, f=feats, t=toks, m=mode: mmfuse.sequence_fusion(hs, f, t, mode=m), *hs, *feats, *toks),
+            step(lambda hs=hs, f=feats, t=toks, m=mode: plain_sequence(torch, hs, f, t, m), *hs, *feats, *toks),
         )
     return out
+
+
+def check_step(case: str, mm: Callable[[], Any], plain: Callable[[], Any], rtol: float) -> float:
+    """The largest relative difference of mmfuse's step from the plain one: the outputs, then
+    every leaf's gradient on its own (each against its own scale), raising past ``rtol``
+    (``check_same``).  The outputs alone had let a step whose backward is wrong, or does less
+    work, be timed.  The gradients are of the outputs against random weights, not of their
+    sum, whose gradient is zero for x in zoom_shift and align (a centred x's sum): two noises
+    compared with each other."""
+    import torch
+
+    def run(step: Any) -> list[Any]:
+        for t in step.leaves:
+            t.grad = None
+        y = step.fn()
+        ys = list(y) if isinstance(y, (list, tuple)) else [y]
+        gen = torch.Generator().manual_seed(SEED)
+        weights = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in ys]
+        sum((t * w).sum() for t, w in zip(ys, weights)).backward()
+        return [torch.cat([t.detach().reshape(-1) for t in ys]), *(t.grad for t in step.leaves)]
+
+    got, want = run(mm), run(plain)
+    names = ["output", *(f"gradient {i}" for i in range(len(want) - 1))]
+    return max(check_same(f"{case}: {name}", g, w, rtol) for name, g, w in zip(names, got, want))
 
 
 def run(quick: bool, only: list[str] | None, steps: bool) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
@@ -213,7 +242,10 @@ def run(quick: bool, only: list[str] | None, steps: bool) -> tuple[list[dict[str
             if only is not None and not any(text in f"{case} {xp_name}" for text in only):
                 continue
             with grad_mode():
-                err = check_same(f"{case} ({xp_name})", mm(), plain(), 1e-4)
+                if make is step_cases:
+                    err = check_step(f"{case} ({xp_name})", mm, plain, 1e-4)
+                else:
+                    err = check_same(f"{case} ({xp_name})", mm(), plain(), 1e-4)
                 rounds = sample_rounds({"mmfuse": mm, "plain": plain}, repeats=5 if quick else 15, warmup=2)
             times = medians(rounds)
             ratios = round_ratios(rounds, "mmfuse", "plain")
