@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import numpy as np
@@ -112,6 +113,11 @@ def test_non_contiguous_and_half_inputs():
     got16 = mmfuse.zoom_shift(half, half[:, ::-1], alpha=0.5, backend="numba")
     assert got16.dtype == np.float16
     assert_close(got16, reference.zoom_shift(half, half[:, ::-1], alpha=0.5).astype(np.float16), dtype=np.dtype("float16"))
+    # the maps of align and the statistics of moments come back in float16 too
+    for y, want in zip(mmfuse.align([half, 2 * half], alpha=0.5, backend="numba"), reference.align([half, 2 * half], alpha=0.5)):
+        assert_close(y, want.astype(np.float16), dtype=np.dtype("float16"))
+    for y, want in zip(mmfuse.moments(half, backend="numba"), reference.moments(half)):
+        assert_close(y, want.astype(np.float16), dtype=np.dtype("float16"))
 
 
 @pytest.mark.parametrize("rounds", [0, 1, 3, None])
@@ -161,6 +167,7 @@ def test_channel_chunk_splits_only_when_samples_are_few():
     chunk = _numba_cpu.channel_chunk(1, 256)
     assert 16 <= chunk <= 256 and (threads == 1 or chunk < 256)
     assert _numba_cpu.channel_chunk(1, 256, 1) == 128  # one thread: two tasks
+    assert _numba_cpu.channel_chunk(1, 20, 8) == 16  # never below 16 channels a task
 
 
 def test_auto_runs_the_cpu_kernels_once_numba_is_imported(monkeypatch):
@@ -482,37 +489,44 @@ def test_scalar_lanes_and_row_loops_give_the_same_bits(monkeypatch, dtype, shape
     assert_close(runs[0][2], reference.zoom_shift(x, guide, alpha=0.6).astype(dtype), dtype=np.dtype(dtype))
 
 
-@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("grad", ["none", "no_grad", "needed"])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "negated"])
-def test_planned_torch_zoom_shift_equals_the_op(grad, layout):
-    """A planned ``backend="numba"`` zoom_shift of torch CPU tensors needing no gradient runs
-    the kernels on the tensors' memory past the op's binding (its plan); it gives the op's
-    bits, for a layout the kernels' views cannot take too (the op then), and a call needing
-    gradients keeps the op and its backward."""
+def test_planned_torch_zoom_shift_equals_the_kernels_on_numpy(grad, layout):
+    """A planned ``backend="numba"`` zoom_shift of torch CPU tensors where autograd records
+    nothing (no input requires grad, or grad mode is off) runs the kernels on the tensors'
+    memory past the op's binding (its plan); it gives the bits of the kernels on NumPy arrays,
+    masks of x and the guide included, for strided and negative-bit tensors too, and a call
+    needing gradients keeps the op and its backward.  (Compared with the op itself, whose
+    forward runs the same function, a dropped mask had passed; and a clone had dropped the
+    negative bit: a mutation review's finds.)"""
     torch = pytest.importorskip("torch")
     ops = importlib.import_module("mmfuse.backends.torch.zoom_shift")  # (the package's name is the function)
 
     rng = np.random.default_rng()
     x = torch.from_numpy(draw(rng, (3, 7, 5), np.float32))
     guide = torch.from_numpy(draw(rng, (3, 6, 5), np.float32, offset=-1.0))
-    mask = torch.from_numpy(token_mask(rng, 3, 7))
+    mask, guide_mask = torch.from_numpy(token_mask(rng, 3, 7)), torch.from_numpy(token_mask(rng, 3, 6))
+    want = mmfuse.zoom_shift(x.numpy(), guide.numpy(), alpha=0.6, mask=mask.numpy(), guide_mask=guide_mask.numpy(),
+                             backend="numba")  # fmt: skip
     if layout == "transposed":
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     elif layout == "negated":
         x = torch._neg_view(-x)  # x's values, the negative bit set
-        assert x.is_neg()
-    xr = x.detach().clone().requires_grad_(grad)
-    options = {"alpha": 0.6, "axis": -2, "mask": mask, "guide_mask": None, "eps": 1e-5}
-    chosen = nb.zoom_shift_cpu.plan(xr, guide, **options)
-    assert chosen is (ops.zoom_shift_numba if grad else ops._zoom_shift_numba_on_host)
-    want = torch.ops.mmfuse.zoom_shift_numba(x, guide, 0.6, -2, mask, None, 1e-5)
-    for _ in range(2):  # planned by the first call, run from the plan by the second
-        got = mmfuse.zoom_shift(xr, guide, alpha=0.6, mask=mask, backend="numba")
-        assert got.dtype == torch.float32 and got.is_contiguous() and got.requires_grad == grad
-        assert torch.equal(got.detach(), want)
-    if grad:
+    if grad != "none":
+        x = x.requires_grad_() if layout != "negated" else torch._neg_view((-x).detach().requires_grad_())
+    assert x.is_neg() == (layout == "negated") and x.is_contiguous() == (layout != "transposed")
+    options = {"alpha": 0.6, "axis": -2, "mask": mask, "guide_mask": guide_mask, "eps": 1e-5}
+    with torch.no_grad() if grad == "no_grad" else contextlib.nullcontext():
+        chosen = nb.zoom_shift_cpu.plan(x, guide, **options)
+        assert chosen is (ops.zoom_shift_numba if grad == "needed" else ops._zoom_shift_numba_on_host)
+        for _ in range(2):  # planned by the first call, run from the plan by the second
+            got = mmfuse.zoom_shift(x, guide, alpha=0.6, mask=mask, guide_mask=guide_mask, backend="numba")
+            assert got.dtype == torch.float32 and got.is_contiguous() and got.requires_grad == (grad == "needed")
+            np.testing.assert_array_equal(got.detach().numpy(), want)
+    if grad == "needed":
         got.sum().backward()
-        assert xr.grad is not None and torch.isfinite(xr.grad).all()
+        leaf = x if layout != "negated" else x._base
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
 
 
 def test_planned_numpy_zoom_shift_runs_the_kernels_directly():

@@ -40,7 +40,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..._core.align import GENERIC, NUMPY, guide_mean, spread, zoom_scale, zoom_shift_map, zoom_shift_with
@@ -233,9 +232,7 @@ def _zoom_shift_numba_on_host(
         numpy_view(x), numpy_view(guide), alpha=alpha, axis=axis, mask=numpy_view(mask),
         guide_mask=numpy_view(guide_mask), eps=eps,
     )  # fmt: skip
-    # C-contiguous, as the fake says (the kernels' output follows x's lane layout; a no-op
-    # copy where it is contiguous already)
-    return torch.from_numpy(np.ascontiguousarray(y))
+    return torch.from_numpy(y)  # the kernels' new C-contiguous array, as the fake says
 
 
 def _zoom_shift_numba_forward(
