@@ -6,6 +6,7 @@ that keep x's dtype.  Every backend that runs on a CPU is compared with a float6
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -1153,3 +1154,61 @@ def test_a_float32_variance_past_its_range_does_not_poison_the_consensus_limit(r
     for y, w in zip(got[1:], want[1:]):
         assert np.isfinite(y).all()
         assert_close(y, w, rtol=1e-2)
+
+
+def test_run_tasks_raises_a_workers_error_and_waits_for_its_runs():
+    """The task runner re-raises an error from any run, whichever thread took it, and
+    returns only after every run a thread has taken is done (a mutation review: a swallowed
+    error, and a caller returning while a slow thread's runs were still going, passed every
+    test)."""
+    import threading
+    import time
+
+    from mmfuse._core import threads
+
+    def failing(out, t0, t1):
+        if t0 <= 36 < t1:
+            raise ValueError("task 36")
+        out[t0:t1] += 1
+
+    with pytest.raises(ValueError, match="task 36"):
+        threads.run_tasks(failing, 37, 4, np.zeros(37, dtype=np.int64))
+    main = threading.get_ident()
+
+    def slow_elsewhere(out, t0, t1):  # (the caller's runs take 0.01 s: the other threads take some)
+        time.sleep(0.01 if threading.get_ident() == main else 0.2)
+        out[t0:t1] += 1
+
+    seen = np.zeros(37, dtype=np.int64)
+    threads.run_tasks(slow_elsewhere, 37, 4, seen)
+    assert (seen == 1).all()
+    if hasattr(os, "sched_getaffinity"):  # (Linux: the cores this process may run on)
+        assert threads.available_cores() == len(os.sched_getaffinity(0))
+
+
+def test_numpy_blocks_of_samples_over_the_block_size(rng, monkeypatch):
+    """Samples each larger than a block (more than 512 KiB of tokens and channels): one
+    sample a block, not zero (range() with step 0 had raised, untested), and split across
+    threads (a pool below the threshold) each block exactly once; an error in a block's
+    work comes out of the call."""
+    x = (3.0 + rng.standard_normal((3, 1000, 200))).astype(np.float32)  # 800 KB a sample
+    guide = rng.standard_normal((3, 900, 200)).astype(np.float32)
+    assert core._rows_per_block(x) == 1
+    for threads in (False, True):
+        monkeypatch.setattr(core, "_PARALLEL_BYTES", 0 if threads else 1 << 62)
+        assert_close(mmfuse.zoom_shift(x, guide, backend="array_api"), reference.zoom_shift(x, guide))
+    visits = np.zeros(3, dtype=np.int64)
+
+    def work(blocks):
+        for blk in blocks:
+            visits[blk] += 1  # (separate samples per thread: no race on the counts)
+
+    core._run_blocks(x, work)
+    assert (visits == 1).all(), visits
+
+    def failing(blocks):
+        if any(blk.start == 2 for blk in blocks):
+            raise MemoryError("the last block")
+
+    with pytest.raises(MemoryError, match="the last block"):
+        core._run_blocks(x, failing)

@@ -904,3 +904,12 @@ def test_numpy_blocked_lowrank_adds_the_bias_in_its_own_output(rng):
     tracemalloc.stop()
     assert peak < 1.6 * y.nbytes, peak / y.nbytes  # (it was 2.1)
     assert_close(y[:64], ref.lowrank_fusion([x[:64] for x in xs], p["factors"], p["weights"], bias))
+
+
+def test_batch_blocks_of_rows_wider_than_the_block_budget(rng):
+    """Intermediates of over 8 KiB a row (R h = 4096 float64 here): a block holds its floor
+    of 256 rows, not 0 (range() with step 0 had raised, untested: a mutation review)."""
+    dims, rank, out_dim = (3, 2), 16, 256
+    xs = [rng.standard_normal((600, d)) for d in dims]
+    p = mmfuse.init_lowrank(dims, rank=rank, out_dim=out_dim, seed=rng)
+    assert_close(mmfuse.lowrank_fusion(xs, **p, backend="array_api"), mmfuse.lowrank_fusion(xs, **p, backend="reference"))

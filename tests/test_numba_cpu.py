@@ -548,3 +548,24 @@ def test_statistics_of_another_shape_are_broadcast_to_the_lanes():
     assert got.dtype == np.float64 and got.flags.c_contiguous and np.array_equal(got, np.full(lanes, 2.5))
     got = nb._per_lane(np.arange(3.0).reshape(1, 1, 3), kept, lanes, np.float64)
     assert np.array_equal(got, np.tile(np.arange(3.0), (2, 1)))
+
+
+def test_kernels_release_the_gil_and_other_compile_errors_rise(monkeypatch):
+    """The CPU kernels are compiled nogil (else the runner's threads take turns), and only
+    numba's "cannot cache" refusal is answered by compiling without the cache: another error
+    at decoration rises (a mutation review: both untested)."""
+    import numba
+
+    from mmfuse.backends import _numba_jit
+
+    for kernel in (_numba_cpu._stats_kernel, _numba_cpu._zoom_shift_kernel, _numba_cpu._apply_kernel):
+        assert kernel.targetoptions.get("nogil") is True, kernel
+
+    def njit(**options):
+        if options.get("cache"):
+            raise RuntimeError("numba internal failure at decoration")
+        return numba.njit(**options)
+
+    monkeypatch.setattr(_numba_jit.numba, "njit", njit)
+    with pytest.raises(RuntimeError, match="numba internal failure"):
+        _numba_jit.cpu_kernel(lambda a: a)

@@ -251,3 +251,52 @@ def test_jit_trace_of_the_float64_gelu_adapter_traced_without_grad_trains():
     out.sum().backward()  # failed before
     assert_close(out, layer([a, b]), rtol=1e-12)
     assert a.grad is not None and bool(torch.isfinite(a.grad).all())
+
+
+def test_a_later_modality_requiring_grad_is_seen():
+    """Only the second modality requires grad: the binding records the op (a test of the
+    first list item alone had run the no-grad forward, whose out= GEMMs refuse autograd), and
+    the gradient reaches that modality alone (a mutation review)."""
+    import mmfuse
+
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(1024, 32, generator=gen)
+    x1 = torch.randn(1024, 32, generator=gen, requires_grad=True)
+    factors = [torch.randn(16, 33, 64, generator=gen) / 6 for _ in range(2)]
+    assert _torch_eager.any_requires_grad([[x0, x1]]) and not _torch_eager.any_requires_grad([[x0], 1.0, None])
+    out = mmfuse.lowrank_fusion([x0, x1], factors, backend="torch")
+    assert out.requires_grad
+    out.sum().backward()
+    assert x1.grad is not None and x0.grad is None
+    want = torch.autograd.grad(mmfuse.lowrank_fusion([x0, x1], factors, backend="array_api").sum(), x1)[0]
+    assert_close(x1.grad, want)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_dispatch_mode_sees_the_ops(grad):
+    """Under a TorchDispatchMode (a logging mode here), the bound ops go through torch's
+    dispatcher, so the mode sees ``mmfuse.*`` operators, not the aten operators of their
+    bodies or a NumPy path (a mutation review: dropping that test on either path passed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import mmfuse
+
+    seen = []
+
+    class Logging(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 6, 5, generator=gen, requires_grad=grad)
+    g = 2 + torch.randn(2, 7, 5, generator=gen)
+    # (a fusion large enough for its op: smaller ones run plain torch operations by design)
+    xs = [torch.randn(1024, 32, generator=gen) for _ in range(2)]
+    factors = [torch.randn(16, 33, 64, generator=gen) for _ in range(2)]
+    with Logging():
+        mmfuse.zoom_shift(x, g, backend="torch")
+        if not grad:
+            mmfuse.lowrank_fusion(xs, factors, backend="torch")
+    assert seen[0] == "mmfuse.zoom_shift.default", seen
+    assert grad or "mmfuse.lowrank_fusion.default" in seen, seen
