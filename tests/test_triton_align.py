@@ -227,6 +227,20 @@ def test_align_gradients(rng, rounds):
         assert_close(g, w.float(), rtol=1e-3)
 
 
+def test_align_masks_of_some_modalities(rng):
+    """Masks for some modalities, None for others: the given masks count (a mutation review:
+    treating a partly None list as no masks gave 1.8e4 off where the padding held 100, and
+    passed)."""
+    xs, masks = _modalities(rng, 2, (5, 4), 3, torch.float32, big=False)
+    xs[0] = torch.where(masks[0][..., None], xs[0], torch.full_like(xs[0], 100.0))
+    partial = [masks[0], None]
+    with _kernels_only():
+        ys = mmfuse.align(xs, alpha=0.5, masks=partial, backend="triton")
+    want = ref.align([_np(x) for x in xs], alpha=0.5, masks=[masks[0].numpy(), None])
+    for y, w in zip(ys, want):
+        assert_close(y, w, xp=torch, dtype=torch.float32, device="cpu")
+
+
 def test_align_fallbacks(rng):
     """float64 and other statistics axes run the core under autograd: same values."""
     xs, masks = _modalities(rng, 2, (5, 4), 3, torch.float32)

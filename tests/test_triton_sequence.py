@@ -103,6 +103,9 @@ CASES = [
     pytest.param("cp", 3, (4, 7, 5), (3, 2, 5), 2, 3, 3, 5, True, id="cp-M3-masks"),
     pytest.param("cp", 2, (19, 3), (20, 4), 1, 2, 33, 70, True, id="cp-tiles-Kloop-wide"),
     pytest.param("cp", 2, (2, 3, 1, 2, 3, 1, 2, 3), (2, 1, 3, 2, 1, 2, 3, 1), 2, 2, 2, 3, True, id="cp-M8"),
+    # the widest modality (over 16) not the first: the rank tile follows the widest (a mutant
+    # sizing it by the first width was 117 off, and passed: a mutation review)
+    pytest.param("cp", 2, (4, 3), (3, 20), 1, 2, 3, 5, False, id="cp-wide-second"),
     pytest.param("collapsed", 1, (6,), (4,), 3, 2, 2, 3, True, id="collapsed-B1-M1"),
     pytest.param("collapsed", 3, (4, 7, 5), (3, 2, 5), 2, 3, 3, 5, True, id="collapsed-M3-masks"),
     pytest.param("collapsed", 2, (3, 4, 2, 3, 1, 2, 3, 2), (2,) * 8, 1, 1, 2, 2, False, id="collapsed-M8"),
@@ -308,18 +311,51 @@ def test_wander_outputs_of_16_bits_are_rounded_once(rng, dtype, mode):
 
 
 def test_calls_the_kernel_does_not_take_go_to_the_torch_backend(rng):
-    """float64, more than eight modalities, widths above MAX_WIDTH: the torch backend's op."""
+    """float64, more than eight modalities, widths above MAX_WIDTH: the torch backend's op,
+    with the call's masks, mode and (for wander) activation and residual passed on (a
+    mutation review: masks and the activation dropped on the way passed)."""
     cases = [
         ((4, 3), (2, 3), torch.float64),
         ((2,) * 9, (1,) * 9, torch.float32),
         ((3, 2), (_sequence_ops.MAX_WIDTH + 1, 2), torch.float32),
     ]
     for lengths, widths, dtype in cases:
-        hs, feats, toks, _, _ = _problem(rng, 2, lengths, widths, 1, 1, 2, 2, False, dtype)
-        out = mmfuse.sequence_fusion(hs, feats, toks, mode="cp", backend="triton")
-        assert type(out.grad_fn).__name__ == "_SequenceFusionBackward"
-        assert_close(out, _ref(hs, feats, toks, None, "cp"))
+        hs, feats, toks, masks, _ = _problem(rng, 2, lengths, widths, 1, 1, 2, 2, True, dtype)
+        for mode in ("cp", "collapsed"):
+            out = mmfuse.sequence_fusion(hs, feats, toks, mode=mode, masks=masks, backend="triton")
+            assert type(out.grad_fn).__name__ == "_SequenceFusionBackward"
+            assert_close(out, _ref(hs, feats, toks, masks, mode))
     assert _sequence_ops.takes([hs[0]], [_sequence_ops.MAX_WIDTH], feats[:1], toks[:1])
+    xs = [torch.tensor(rng.standard_normal((2, t, 4))) for t in (3, 4)]  # float64: the torch backend's
+    params = mmfuse.init_wander([4, 4], [3, 4], rank=2, feature_rank=2, token_rank=2, out_dim=4, seed=1, dtype=np.float64)
+    tp = {k: [tuple(torch.tensor(a) for a in v) if isinstance(v, tuple) else torch.tensor(v) for v in vs] for k, vs in params.items()}
+    masks = [torch.tensor(rng.random((2, t)) < 0.7) for t in (3, 4)]
+    for k in masks:
+        k[:, 0] = True
+    options = {"mode": "cp", "activation": "relu", "residual": "none", "masks": masks}
+    got = mmfuse.wander(xs, tp, backend="triton", **options)
+    assert_close(got, mmfuse.wander(xs, tp, backend="torch", **options), rtol=0)
+    want = ref.wander([_np(x) for x in xs], params, **{**options, "masks": [k.numpy() for k in masks]})
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("mode", ["cp", "collapsed"])
+def test_masks_of_some_modalities_strided(rng, mode):
+    """A transposed mask (its memory not row-major) beside a modality without one: the
+    kernels read the mask's values and no mask where there is none (a mutation review: a
+    strided mask read as raw memory was 20 off, and every modality's mask bit set when any
+    had one read h_0 as a mask, 15 off; both passed)."""
+    hs, feats, toks, _, _ = _problem(rng, 5, (3, 4), (3, 2), 2, 2, 2, 3, False, torch.float32)
+    mask = torch.tensor(rng.random((3, 5)) < 0.6).t()  # (5, 3), strided
+    mask[:, 0] = True
+    assert not mask.is_contiguous()
+    masks = [mask, None]
+    with poisoned_buffers():
+        out = mmfuse.sequence_fusion(hs, feats, toks, mode=mode, masks=masks, backend="triton")
+    assert type(out.grad_fn).__name__ == KERNEL
+    want = ref.sequence_fusion([_np(h) for h in hs], [_np(f) for f in feats], [_np(t) for t in toks], mode=mode,
+                               masks=[mask.numpy(), None])  # fmt: skip
+    assert_close(out, want, xp=torch, dtype=torch.float32, device="cpu")
 
 
 def test_factors_past_32_bit_offsets_go_to_the_torch_backend(rng, monkeypatch):
