@@ -718,3 +718,50 @@ def test_sequence_fusion_small_batches_run_the_core(monkeypatch, mode):
         with _OpLog() as log:
             out = mmfuse.sequence_fusion(hs, feats, toks, mode=mode, backend="torch")
         assert ("mmfuse.sequence_fusion.default" in log.ops) == runs_op, (limit, log.ops)
+
+
+def test_the_cores_term_bound_counts_rank_products():
+    """The kept terms of cp mode are M B R_t R_h T_out D (a mutation review: a bound counting
+    R_t + R_h passed, since the only case had R_h = R_t = 2; at R_h = R_t = 16 it let the core
+    keep six times its documented bound)."""
+    feats = [torch.empty(3, 2, 4)] * 2  # R_h 3, D 4
+    toks = [torch.empty(5, 6, 7)] * 2  # R_t 5, T_out 7
+    terms = 2 * 10 * 3 * 5 * 7 * 4  # M B R_h R_t T_out D at B = 10
+    for mode, kept in (("cp", terms), ("collapsed", terms // 15)):
+        for limit, fits in ((kept, True), (kept - 1, False)):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(tbs, "CORE_TERM_ELEMENTS", limit)
+                assert tbs.core_terms_fit(10, feats, toks, mode) is fits, (mode, limit)
+
+
+@pytest.mark.parametrize("trained", ["biases", "weights"])
+def test_fused_collapsed_wander_gradients_of_the_down_projection_alone(trained, blocked_paths):
+    """Frozen inputs, factors and all but the down-projections' biases (BitFit) or weights:
+    the fused op's backward still forms dL/dH for them (a mutation review: without it the
+    bias-only call failed with an invalid gradient shape, untested)."""
+    xs, params, _, masks, rng = _wander_setup((4, 5), 3, 11)
+    frozen = {"down": [(w if trained == "weights" else w.detach(), b if trained == "biases" else b.detach())
+                       for w, b in params["down"]],
+              "feature": [f.detach() for f in params["feature"]], "token": [t.detach() for t in params["token"]]}  # fmt: skip
+    leaves = [wb[0 if trained == "weights" else 1] for wb in frozen["down"]]
+    xs = [x.detach() for x in xs]
+    got = mmfuse.wander(xs, frozen, mode="collapsed", masks=masks, backend="torch")
+    assert "WanderCollapsed" in type(got.grad_fn).__name__
+    core = mmfuse.wander(xs, frozen, mode="collapsed", masks=masks, backend="array_api")
+    upstream = torch.tensor(rng.standard_normal(tuple(got.shape)))
+    for g, c in zip(_grads(got, leaves, upstream), _grads(core, leaves, upstream)):
+        assert_close(g, c, rtol=1e-10)
+
+
+def test_fused_collapsed_wander_batched_gradients(blocked_paths):
+    """Batched vector-Jacobian products (``is_grads_batched``, vmap over the backward)
+    through the fused op equal one product per row (a mutation review: the backward's
+    in-place path under vmap failed, untested)."""
+    xs, params, _, masks, rng = _wander_setup((4, 5), 3, 12)
+    got = mmfuse.wander(xs, params, mode="collapsed", masks=masks, backend="torch")
+    assert "WanderCollapsed" in type(got.grad_fn).__name__
+    ups = torch.tensor(rng.standard_normal((3, *got.shape)))
+    weight = params["down"][1][0]
+    batched = torch.autograd.grad(got, weight, ups, retain_graph=True, is_grads_batched=True)[0]
+    for row, up in zip(batched, ups):
+        assert_close(row, torch.autograd.grad(got, weight, up, retain_graph=True)[0], rtol=1e-12)
