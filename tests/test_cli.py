@@ -420,14 +420,10 @@ def test_verify_catches_a_wrong_answer_to_an_option_it_had_never_tried(monkeypat
 
 
 def _arrays(tree):
-    """The NumPy arrays in a problem's arguments (lists, tuples and dicts walked)."""
-    if isinstance(tree, np.ndarray):
-        return [tree]
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (list, tuple)):
-        return [a for t in tree for a in _arrays(t)]
-    return []
+    """The arrays in a problem's arguments (the project's walker of lists, tuples and dicts)."""
+    found: list = []
+    tree_map(found.append, tree)
+    return found
 
 
 def test_every_problem_is_float64_and_never_zeros():

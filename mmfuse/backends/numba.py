@@ -898,8 +898,9 @@ def _per_lane(a: Any, kept: Sequence[int], shape: tuple[int, int], dtype: Any) -
     """Statistics-shaped ``a`` (broadcastable to ``kept``) as a contiguous (B', C') array."""
     import numpy as np
 
-    if a.shape != tuple(kept):  # (numpy.broadcast_to costs a tiny call's kernel time: only if needed)
-        a = np.broadcast_to(a, tuple(kept))
+    kept = tuple(kept)
+    if a.shape != kept:  # (numpy.broadcast_to costs a tiny call's kernel time: only if needed)
+        a = np.broadcast_to(a, kept)
     return np.ascontiguousarray(a.reshape(shape), dtype=dtype)
 
 
