@@ -227,3 +227,51 @@ def test_numba_constant_channel_has_no_spread(rng, dtype, count):
     ys = mmfuse.align([x, g], masks=[mask, guide_mask], eps=0.0, rounds=1, backend="numba")
     for y, w in zip(ys, reference.align([x, g], masks=[mask, guide_mask], eps=0.0, rounds=1)):
         assert_close(y, w.astype(x.dtype), rtol=_rtol(dtype))
+
+
+# An eps from float32's smallest normal number on keeps every spread positive, so the map
+# rules skip their no-spread tests there (core.spreads_positive): both routes must give the
+# same bits, and a smaller eps, which only a direct call of an op can pass, must take the tests.
+
+
+def _both_routes(monkeypatch, fn):
+    fast = fn()
+    monkeypatch.setattr(core, "spreads_positive", lambda eps: False)
+    tested = fn()
+    monkeypatch.undo()
+    return fast, tested
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("eps", [1e-5, 2.0**-126, 3.0])
+def test_positive_spreads_skip_the_tests_with_the_same_bits(rng, monkeypatch, dtype, eps):
+    x, g, _, _ = _inputs(rng, (5, 9, 6), 7, dtype, masked=False)
+    x[0, :, 1] = np.nan  # a NaN lane stays NaN either way
+    x[1, :, 2] = 1e17 * rng.standard_normal(9)  # a spread far from sqrt(eps)
+    xs = [x, g, (0.5 * x[:, :4] + 2.0).astype(dtype)]
+    assert core.spreads_positive(eps)
+    for fn in (
+        lambda: core.zoom_shift_numpy(x, g, eps=eps),
+        lambda: core.zoom_shift_numpy(x, g, alpha=0.3, eps=eps),
+        lambda: core.zoom_shift(x, g, alpha=0.7, eps=eps),
+        lambda: core.align_with(core.NUMPY, xs, rounds=3, alpha=0.6, schedule="gauss-seidel",
+                                topology="consensus", hub=0, axis=-2, masks=None, eps=eps),
+        lambda: core.align_with(core.GENERIC, xs, rounds=2, alpha=1.0, schedule="jacobi",
+                                topology="consensus", hub=0, axis=-2, masks=None, eps=eps),
+    ):  # fmt: skip
+        fast, tested = _both_routes(monkeypatch, fn)
+        for a, b in zip(fast if isinstance(fast, list) else [fast], tested if isinstance(tested, list) else [tested]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_an_eps_lost_to_underflow_takes_the_no_spread_tests(rng):
+    """eps = 1e-50 adds 0 to a float32 variance: a constant lane has spread 0, and the
+    tests keep its scale at 1 (the skip would divide by 0: inf, and NaN outputs)."""
+    x, g, _, _ = _inputs(rng, (3, 6, 4), 5, "float32", masked=False)  # channel 0 constant
+    assert not core.spreads_positive(1e-50)
+    y = core.zoom_shift_numpy(x, g, eps=1e-50)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y[:, :, 0], np.broadcast_to(g[:, :, :1].mean(axis=1), (3, 6)), rtol=1e-6)
+    ys = core.align_with(core.NUMPY, [x, g], rounds=2, alpha=1.0, schedule="gauss-seidel",
+                         topology="consensus", hub=0, axis=-2, masks=None, eps=1e-50)  # fmt: skip
+    assert all(np.isfinite(y).all() for y in ys)

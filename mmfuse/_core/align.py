@@ -543,9 +543,26 @@ def spread(xp: Any, var: Any, eps: float) -> Any:
     return xp.where(live, xp.sqrt(xp.where(live, var, 1.0)), var)
 
 
+# From float32's smallest normal number on, eps keeps every spread positive: sqrt(var + eps)
+# is at least sqrt(eps) in every dtype the statistics take (var >= 0; NaN and inf are not 0),
+# and so is every zoomed spread (about (sigma_t / sigma)^alpha sigma, between the two).  No lane
+# is then "without spread", and the rules may skip their tests for one (``where`` on
+# ``sigma != 0``): the same values in fewer operations (the tiny NumPy zoom_shift of
+# benchmarks/overhead.py took 56-59 us with the tests, 49-50 without).  The public calls refuse
+# a smaller positive eps (check_eps_dtype), which underflows in float32; a direct call of an op
+# may pass one, and takes the tests.
+_EPS_KEEPS_SPREAD = 2.0**-126
+
+
+def spreads_positive(eps: float) -> bool:
+    """Whether ``eps`` keeps every spread positive (:data:`_EPS_KEEPS_SPREAD`)."""
+    return eps >= _EPS_KEEPS_SPREAD
+
+
 def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float, live: Any = None) -> Any:
     """``(target / sigma) ** alpha``, and 1 where ``sigma == 0`` (no spread: nothing to zoom),
-    or where ``live`` (a boolean array, when given) is False.
+    or where ``live`` (a boolean array, when given) is False; ``live`` True: every lane has
+    spread (:func:`spreads_positive`), no test.
 
     Uses only ``where`` with a Python scalar, so it also traces under ``torch.compile``.  For
     alpha < 1 the power's infinite derivative at ``target = 0`` (a guide with no spread, at
@@ -553,6 +570,9 @@ def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float, live: Any = None)
     tokens) gives a NaN scale: "no spread" is ``sigma == 0`` exactly, not ``not sigma > 0``,
     which would take NaN for it and return finite values computed without the NaN.
     """
+    if live is True:
+        ratio = target / sigma
+        return ratio if alpha == 1.0 else _power(xp, ratio, alpha)
     if live is None:
         live = sigma != 0
     if type(sigma) is type(target) is np.ndarray and sigma.shape == target.shape:
@@ -603,7 +623,7 @@ def zoom_shift_map(
     every implementation written in Python applies (the compiled kernels carry their own
     transcription, checked by the same tests).
     """
-    s = zoom_scale(xp, spread(xp, st.var, eps), g_sigma, alpha)
+    s = zoom_scale(xp, spread(xp, st.var, eps), g_sigma, alpha, spreads_positive(eps) or None)
     if alpha == 1.0:
         return s, g_mean
     # a partial step mixes x's mean with the guide's, which may cancel: in float64 where
@@ -874,6 +894,8 @@ def _var_share(xp: Any, var: Any, eps: float) -> Any:
     if eps == 0:
         return None
     den = var + eps
+    if spreads_positive(eps):  # den >= eps > 0 on every lane: no test (same values)
+        return var / den
     live = den != 0
     if type(var) is np.ndarray:
         # Delegation, as in zoom_scale: one divide with ``where=`` into a zeroed buffer, for
@@ -890,8 +912,12 @@ def _zoomed_spread(xp: Any, sigma: Any, share: Any, s: Any, eps: float) -> tuple
     z = s * sigma
     if eps == 0:
         return z, share
-    live = z != 0  # NaN stays NaN (zoom_scale)
     root_eps = math.sqrt(eps)
+    if spreads_positive(eps):  # z > 0 on every lane: no test (same values)
+        q = root_eps / z
+        total = share + q * q
+        return z * xp.sqrt(total), share / total
+    live = z != 0  # NaN stays NaN (zoom_scale)
     if type(z) is type(share) is np.ndarray and share.shape == z.shape:
         # Delegation, as in zoom_scale: each ``where`` with a Python scalar becomes the ufunc's
         # ``where=`` into a buffer holding that scalar (the lanes it leaves alone); same values
