@@ -446,9 +446,15 @@ def is_torch_tensor(x: Any) -> bool:
 
 
 def tensor_memory(a: Any) -> Any:
-    """A torch CPU tensor's memory as a NumPy array (no copy; the negative bit resolved, which
-    ``numpy()`` refuses); None stays None."""
-    return None if a is None else a.detach().resolve_neg().numpy()
+    """A torch CPU tensor's memory as a NumPy array (no copy, but for a tensor with the
+    negative bit, which ``numpy()`` refuses: resolved into a copy); None stays None.  Detached
+    only where it requires grad, and resolved only where it has the bit: each is a tensor made
+    and dispatched, about a microsecond of a tiny call's four views."""
+    if a is None:
+        return None
+    if a.requires_grad:
+        a = a.detach()
+    return (a.resolve_neg() if a.is_neg() else a).numpy()
 
 
 def python_dispatched(torch: Any, tensors: Any) -> bool:

@@ -216,6 +216,12 @@ def _divisor(n: Any) -> Any:
     return float(n) if isinstance(n, (int, float)) else n
 
 
+def kept_shape(shape: Any, axis: int) -> tuple[int, ...]:
+    """``shape`` with the statistics axis ``axis`` (non-negative) as size 1: the shape of the
+    statistics of an array of ``shape``."""
+    return (*shape[:axis], 1, *shape[axis + 1 :])
+
+
 # CPU tensors of at most this many elements take torch's var_mean in _stats (tensors on an
 # accelerator always: not measured there).  Past it var_mean, a Welford reduction, was the
 # slower on the CPU: _stats of (B, T, C) float32 over T, one thread, torch 2.13 on the 2-core
@@ -331,9 +337,8 @@ def _stats_numpy(x: Any, axis: int, mask: Any) -> Stats:
     if _one_block(x):  # one block, on this thread: no block bookkeeping
         scratch = None if mask is None else np.empty(x.shape, dtype=x.dtype)
         return _block_stats(x, axis, mask, None, scratch)
-    shape = list(x.shape)
-    shape[axis] = 1
-    outs = tuple(np.empty(shape, dtype=x.dtype) for _ in range(4))  # mean, var, pivot, corr
+    kept = kept_shape(x.shape, axis)
+    outs = tuple(np.empty(kept, dtype=x.dtype) for _ in range(4))  # mean, var, pivot, corr
 
     def work(blocks: list[slice]) -> None:
         rows = max(b.stop - b.start for b in blocks)
@@ -456,7 +461,7 @@ def _wide_block_stats(
     one cost 3x the memory and 2.4x the time where a block is one large sample)."""
     dtype = native_dtype(xb.dtype)  # (">f4" refused as an output dtype)
     mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
-    kept = (*xb.shape[:axis], 1, *xb.shape[axis + 1 :])
+    kept = kept_shape(xb.shape, axis)
     total: Any = np.add.reduce  # (Any: the stubs do not take keepdims positionally)
     if mb is None:
         count: Any = float(xb.shape[axis])
@@ -759,8 +764,7 @@ def _zoom_shift_numpy(
 
     def work(blocks: list[slice]) -> None:
         rows = max(b.stop - b.start for b in blocks)
-        shape = [rows, *x.shape[1:]]
-        shape[axis] = 1
+        shape = kept_shape((rows, *x.shape[1:]), axis)
         stats = tuple(np.empty(shape, dtype=x.dtype) for _ in range(4))  # mean, var, pivot, corr
         masked = None if mask is None else np.empty((rows, *x.shape[1:]), dtype=x.dtype)
         for blk in blocks:

@@ -391,8 +391,7 @@ def moments(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5) -> t
             mean, std = core_align.moments(_prep(x, dtype), axis=ax, mask=mask, eps=eps)
             return mean.astype(x.dtype, copy=False), std.astype(x.dtype, copy=False)
         mk = None if mask is None else _prep(mask, cupy.bool_).reshape(x3.shape[0], x3.shape[1])
-        kept = list(x.shape)
-        kept[ax] = 1
+        kept = core_align.kept_shape(x.shape, ax)
         mean = cupy.empty(kept, dtype=cupy.float64)  # (the kernel's accumulator: rounded once below)
         std = cupy.empty(kept, dtype=dtype)
         _launch_stats(x3, mk, eps, mean, std, False, mean, std, 1.0, std)

@@ -57,7 +57,7 @@ from .._extras import install_command
 if importlib.util.find_spec("numba") is None:
     raise ImportError(f"the numba backend needs numba ({install_command('numba')})")
 
-from .._core.align import Primitives, Stats, align_with, moments_with, zoom_shift_with
+from .._core.align import Primitives, Stats, align_with, kept_shape, moments_with, zoom_shift_with
 from .._namespace import array_namespace, device_of, is_torch, is_torch_tensor, tensor_memory
 
 #: Whether numba-cuda (the CUDA half of this backend) is installed.
@@ -826,9 +826,8 @@ def moments_cuda(x: Any, *, axis: int = -2, mask: Any = None, eps: float = 1e-5)
     ax = axis % x.ndim
     xp_ = frame.prepare(x)
     mk = frame.prepare(mask, floating=False)
-    kept = list(x.shape)
-    kept[ax] = 1
-    mean, std = frame.empty(tuple(kept)), frame.empty(tuple(kept))
+    kept = kept_shape(x.shape, ax)
+    mean, std = frame.empty(kept), frame.empty(kept)
     x3 = _lane_view(xp_, ax)
     with frame.cuda.gpus[frame.device_id]:
         moments_device(
@@ -914,8 +913,7 @@ class CPUPrimitives(Primitives):
 
         lanes = _cpu_lanes(x, axis)
         first, var, shift = _numba_cpu.stats(lanes, _cpu_mask(mask))  # float64, (B', C')
-        kept = list(x.shape)
-        kept[axis] = 1
+        kept = kept_shape(x.shape, axis)
         first, var, shift = first.reshape(kept), var.reshape(kept), shift.reshape(kept)
         # the pivot: the first mean rounded to the lanes' dtype, so x - pivot is exact near the
         # mean; what the rounding dropped and the second pass's shift are the correction
@@ -931,8 +929,7 @@ class CPUPrimitives(Primitives):
         from . import _numba_cpu
 
         lanes = _cpu_lanes(x, axis)
-        kept = list(x.shape)
-        kept[axis] = 1
+        kept = kept_shape(x.shape, axis)
         shape = (lanes.shape[0], lanes.shape[2])
         dt = lanes.dtype  # the pivot in x's dtype (x - pivot is exact near the mean); the
         # scale, correction and target in float64, as the fused kernel's: in a float32 x's
@@ -952,8 +949,7 @@ class CPUPrimitives(Primitives):
 
         lanes = _cpu_lanes(x, axis)
         shape = (lanes.shape[0], lanes.shape[2])
-        kept = list(x.shape)
-        kept[axis] = 1
+        kept = kept_shape(x.shape, axis)
         g_mean, g_sigma = (_per_lane(a, kept, shape, np.float64) for a in (g_mean, g_sigma))
         out = _numba_cpu.zoom_shift(lanes, _cpu_mask(mask), g_mean, g_sigma, alpha, eps)
         return out.reshape(x.shape).astype(x.dtype, copy=False)

@@ -101,10 +101,10 @@ import torch
 
 from ..._core.align import GENERIC, NUMPY, _round_maps, align_with, round_statistics
 from ..._core.align import align as _core_align
-from ..._namespace import jit_tracing, torch_namespace
+from ..._namespace import jit_tracing, tensor_memory, torch_namespace
 from .._torch_eager import bind
 from ._common import cast, compute_dtype
-from .zoom_shift import host_layout, host_view, on_host, plan_on_host
+from .zoom_shift import host_layout, on_host, plan_on_host
 
 _XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
 
@@ -144,9 +144,9 @@ def _on_numpy(
     """The forward by the core's NumPy primitives on the tensors' memory (:func:`on_host`);
     ``masks`` None: none."""
     ys = align_with(
-        NUMPY, [host_view(x) for x in xs], rounds=rounds, alpha=alpha, schedule=schedule,
-        topology=topology, hub=hub, axis=axis, masks=None if masks is None else [host_view(k) for k in masks],
-        eps=eps,
+        NUMPY, [tensor_memory(x) for x in xs], rounds=rounds, alpha=alpha, schedule=schedule,
+        topology=topology, hub=hub, axis=axis,
+        masks=None if masks is None else [tensor_memory(k) for k in masks], eps=eps,
     )  # fmt: skip
     return [torch.from_numpy(y) for y in ys]  # new arrays: the primitives never write an input
 

@@ -43,14 +43,14 @@ from typing import Any
 import torch
 
 from ..._core.align import GENERIC, NUMPY, guide_mean, spread, zoom_scale, zoom_shift_map, zoom_shift_with
-from ..._namespace import python_dispatched, torch_namespace
+from ..._namespace import python_dispatched, tensor_memory, torch_namespace
 from .._torch_eager import any_requires_grad, bind
 from ._common import cast, compute_dtype
 
 _XP = torch_namespace()  # the torch namespace array_namespace gives the core for torch tensors
 
 __all__ = [
-    "host_kind", "host_layout", "host_view", "on_host", "plan_on_host", "plan_zoom_shift_numba", "zoom_shift",
+    "host_kind", "host_layout", "on_host", "plan_on_host", "plan_zoom_shift_numba", "zoom_shift",
     "zoom_shift_numba",
 ]
 
@@ -86,14 +86,6 @@ def host_layout(data: Sequence[torch.Tensor]) -> bool:
         if not t.is_contiguous() or t.is_neg():
             return False
     return True
-
-
-def host_view(t: torch.Tensor | None) -> Any:
-    """A CPU tensor's memory as a NumPy array (no copy); None stays None.  (Without the
-    negative bit, which :func:`on_host` checks: ``numpy()`` refuses such a view.)"""
-    if t is None:
-        return None
-    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 def _zoom_shift_forward(
@@ -132,8 +124,8 @@ def _on_numpy(
 ) -> torch.Tensor:
     """The forward by the core's NumPy primitives on the tensors' memory (:func:`on_host`)."""
     y = zoom_shift_with(
-        NUMPY, host_view(x), host_view(guide), alpha=alpha, axis=axis, eps=eps,
-        mask=host_view(mask), guide_mask=host_view(guide_mask),
+        NUMPY, tensor_memory(x), tensor_memory(guide), alpha=alpha, axis=axis, eps=eps,
+        mask=tensor_memory(mask), guide_mask=tensor_memory(guide_mask),
     )  # fmt: skip
     return torch.from_numpy(y)
 
@@ -226,11 +218,11 @@ def _zoom_shift_numba_on_host(
     """The kernels on the tensors' memory (any strides; the negative bit resolved): the op's
     forward after its checks, and :func:`zoom_shift_numba`'s planned path
     (:func:`plan_on_host`), where the public call's checks stand for the op's."""
-    from ..numba import numpy_view, zoom_shift_arrays
+    from ..numba import zoom_shift_arrays
 
     y = zoom_shift_arrays(
-        numpy_view(x), numpy_view(guide), alpha=alpha, axis=axis, mask=numpy_view(mask),
-        guide_mask=numpy_view(guide_mask), eps=eps,
+        tensor_memory(x), tensor_memory(guide), alpha=alpha, axis=axis, mask=tensor_memory(mask),
+        guide_mask=tensor_memory(guide_mask), eps=eps,
     )  # fmt: skip
     return torch.from_numpy(y)  # the kernels' new C-contiguous array, as the fake says
 

@@ -38,7 +38,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ..._core.align import Primitives, Stats, align_with
+from ..._core.align import Primitives, Stats, align_with, kept_shape
 from ..._core.align import align as core_align
 from ..torch.align import _align_backward, _align_setup_context, bind_align, call_align
 from . import _align_kernels as AK
@@ -58,15 +58,12 @@ def map_tiles(n_tok: int, n_ch: int) -> tuple[int, int]:
     return block_t, block_c
 
 
-def _kept(x: torch.Tensor) -> tuple[int, ...]:
-    return (*x.shape[:-2], 1, x.shape[-1])
-
-
 def _align_stats(
     x: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pivot, corr, var) over axis -2 of a (B, ..., T, C) tensor, float32, kept as size 1."""
-    pivot, corr, var = (_ops._empty(_kept(x), torch.float32, x.device) for _ in range(3))
+    kept = kept_shape(x.shape, x.dim() - 2)
+    pivot, corr, var = (_ops._empty(kept, torch.float32, x.device) for _ in range(3))
     rows = _ops._rows(x)
     n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
     t = _ops._stat_tiles(n_tok, n_ch, 16384)  # moments' tiles: the same kernel body
@@ -91,7 +88,7 @@ def _align_map(
     y = _ops._empty(x.shape, x.dtype, x.device)
     rows = _ops._rows(x)
     n_rows, n_tok, n_ch = (int(v) for v in rows.shape)
-    kept = _kept(x)
+    kept = kept_shape(x.shape, x.dim() - 2)
 
     def per_channel(a: torch.Tensor) -> torch.Tensor:
         return _ops.dense(a.to(torch.float32).broadcast_to(kept))
