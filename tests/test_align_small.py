@@ -234,9 +234,12 @@ def test_numba_constant_channel_has_no_spread(rng, dtype, count):
 # same bits, and a smaller eps, which only a direct call of an op can pass, must take the tests.
 
 
-def _both_routes(monkeypatch, fn):
+def _both_routes(monkeypatch, fn, *modules):
+    """``fn()`` as it runs, then with every spread taken as possibly 0 (in the core and the
+    ``modules`` that import the test)."""
     fast = fn()
-    monkeypatch.setattr(core, "spreads_positive", lambda eps: False)
+    for module in (core, *modules):
+        monkeypatch.setattr(module, "spreads_positive", lambda eps: False)
     tested = fn()
     monkeypatch.undo()
     return fast, tested
@@ -275,3 +278,23 @@ def test_an_eps_lost_to_underflow_takes_the_no_spread_tests(rng):
     ys = core.align_with(core.NUMPY, [x, g], rounds=2, alpha=1.0, schedule="gauss-seidel",
                          topology="consensus", hub=0, axis=-2, masks=None, eps=1e-50)  # fmt: skip
     assert all(np.isfinite(y).all() for y in ys)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+@pytest.mark.parametrize("masked", [False, True])
+def test_torch_op_backward_skips_the_tests_with_the_same_bits(rng, monkeypatch, alpha, masked):
+    """mmfuse::zoom_shift's closed-form backward (and its double backward) at an eps that
+    keeps every spread positive: the same gradients without the no-spread guards as with."""
+    _, (tx, tg, tm, tgm) = _torch_case(rng, torch.float64, masked=masked)  # (a constant channel)
+
+    def grads():
+        x, g = tx.clone().requires_grad_(), tg.clone().requires_grad_()
+        y = _ops.zoom_shift(x, g, alpha=alpha, mask=tm, guide_mask=tgm, eps=1e-5)
+        w = torch.from_numpy(np.random.default_rng(5).standard_normal(tuple(y.shape)))
+        gx, gg = torch.autograd.grad((y * w).sum(), [x, g], create_graph=True)
+        ggx, ggg = torch.autograd.grad((gx * gx).sum() + gg.sum(), [x, g])
+        return [a.detach() for a in (y, gx, gg, ggx, ggg)]
+
+    fast, tested = _both_routes(monkeypatch, grads, _ops)
+    for a, b in zip(fast, tested):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

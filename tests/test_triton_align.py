@@ -634,3 +634,33 @@ def test_constant_lanes_of_a_large_value_land_on_the_guide_mean(rng):
     ):
         ulps = np.abs(_np(got) - want) / np.spacing(np.abs(want).astype(np.float32))
         assert ulps.max() <= 4, ulps.max()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_moments_backward_skips_the_tests_with_the_same_bits(rng, monkeypatch, masked):
+    """The Triton moments op's backward at an eps that keeps every spread positive: the same
+    gradients (and double-backward ones) without its no-spread guard as with it."""
+    import importlib
+
+    core = importlib.import_module("mmfuse._core.align")
+    ops = importlib.import_module("mmfuse.backends.triton._ops")
+    x0 = torch.tensor(3.0 + rng.standard_normal((3, 6, 5)))
+    x0[:, :, 1] = 2.5  # a channel without spread
+    mask = torch.tensor(rng.random((3, 6)) < 0.7) if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    up = [torch.tensor(rng.standard_normal((3, 1, 5))) for _ in range(2)]
+
+    def grads():
+        x = x0.clone().float().requires_grad_()
+        mean, std = mmfuse.moments(x, mask=mask, eps=1e-5, backend="triton")
+        (gx,) = torch.autograd.grad((mean * up[0]).sum() + (std * up[1]).sum(), [x], create_graph=True)
+        (ggx,) = torch.autograd.grad((gx * gx).sum(), [x])
+        return gx.detach(), ggx
+
+    fast = grads()
+    for module in (core, ops):
+        monkeypatch.setattr(module, "spreads_positive", lambda eps: False)
+    tested = grads()
+    for a, b in zip(fast, tested):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -591,6 +591,14 @@ def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float, live: Any = None)
     return xp.where(live, ratio if alpha == 1.0 else _power(xp, ratio, alpha), 1.0)
 
 
+def where_live(xp: Any, live: Any, value: Any, other: Any) -> Any:
+    """``xp.where(live, value, other)`` (``xp`` a namespace, or torch itself), or ``value``
+    itself where ``live`` is True (every lane has spread: :func:`spreads_positive`; as
+    :func:`zoom_scale` takes it): the closed-form backwards' guards of the lanes without
+    spread, no operator where there are none."""
+    return value if live is True else xp.where(live, value, other)
+
+
 def _filled(like: Any, value: float) -> Any:
     """A new NumPy array of ``like``'s shape and dtype holding ``value`` (``np.full`` is a
     Python function: twice the time of these two C calls at small sizes)."""

@@ -42,7 +42,17 @@ from typing import Any
 
 import torch
 
-from ..._core.align import GENERIC, NUMPY, guide_mean, spread, zoom_scale, zoom_shift_map, zoom_shift_with
+from ..._core.align import (
+    GENERIC,
+    NUMPY,
+    guide_mean,
+    spread,
+    spreads_positive,
+    where_live,
+    zoom_scale,
+    zoom_shift_map,
+    zoom_shift_with,
+)
 from ..._namespace import python_dispatched, tensor_memory, torch_namespace
 from .._torch_eager import any_requires_grad, bind
 from ._common import cast, compute_dtype
@@ -163,7 +173,10 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     # the core's spread: at eps = 0 a lane with no spread has sigma 0 with derivative 0, not
     # sqrt's infinite one, which a double backward turned into 0 * inf = NaN
     sigma_x, sigma_g = spread(_XP, st.var, eps), spread(_XP, gs.var, eps)
-    s, live = zoom_scale(_XP, sigma_x, sigma_g, alpha), sigma_x != 0  # as zoom_scale's
+    # lanes without spread (their tests skipped where eps rules them out: spreads_positive)
+    positive = spreads_positive(eps)
+    live = True if positive else sigma_x != 0  # (NaN is a spread, as zoom_scale's)
+    s = zoom_scale(_XP, sigma_x, sigma_g, alpha, live)
     zero = torch.zeros((), dtype=cdt, device=x.device)
     # centred values x - mu_x = dev - corr (dev = x - pivot, exact near the mean), formed
     # before they are summed or scaled, as the forward's map: folded in as - corr * s0 and
@@ -174,16 +187,16 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     s1 = (g * centred).sum(dim=ax, keepdim=True)
     grad_x = grad_g = None
     if need_x:
-        sx = torch.where(live, sigma_x, 1.0)  # two divisions: sigma**2 may leave float32's range
-        k_var = torch.where(live, alpha * s * (s1 / sx) / sx, zero)
+        sx = where_live(torch, live, sigma_x, 1.0)  # two divisions: sigma**2 may leave float32's range
+        k_var = where_live(torch, live, alpha * s * (s1 / sx) / sx, zero)
         per_token = (s0 * (1 - alpha - s) - k_var * centred) / n_x
         if m_x is not None:
             per_token = torch.where(m_x, per_token, zero)
         grad_x = (s * g + per_token).to(dtype)
     if need_g:
-        ok = live & (sigma_g != 0)
-        sg = torch.where(ok, sigma_g, 1.0)
-        k_var = torch.where(ok, s * (s1 / sg) / sg, zero)
+        ok = True if positive else live & (sigma_g != 0)
+        sg = where_live(torch, ok, sigma_g, 1.0)
+        k_var = where_live(torch, ok, s * (s1 / sg) / sg, zero)
         per_token = alpha * (s0 + k_var * (g_dev - g_corr)) / n_g  # (the guide's, as above)
         if m_g is not None:
             per_token = torch.where(m_g, per_token, zero)
