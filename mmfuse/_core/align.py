@@ -244,10 +244,11 @@ def _var_mean_pays(xs: Any) -> bool:
     return torch.compiler.is_compiling() or not xs.is_cpu or xs.numel() <= TORCH_VAR_MEAN_ELEMENTS
 
 
-def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> Stats:
+def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False, with_mean: bool = True) -> Stats:
     """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded: the shifted
     algorithm (section comment above) in standard Array-API calls.  ``dev`` is kept when
-    ``keep_dev``.  Branch-free in the values, so ``torch.compile`` traces it."""
+    ``keep_dev``; the mean (``pivot + corr``, an operation) is left out (None) without
+    ``with_mean``.  Branch-free in the values, so ``torch.compile`` traces it."""
     xp = array_namespace(x)
     dt = work_dtype(xp, x.dtype)
     xs = x if dt == x.dtype else xp.astype(x, dt)
@@ -266,7 +267,8 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
         pivot = torch.mean(xs, dim=axis, keepdim=True)
         dev = xs - pivot
         var, corr = torch.var_mean(dev, dim=axis, keepdim=True, correction=0)
-        return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, _divisor(x.shape[axis]), None)
+        mean = pivot + corr if with_mean else None
+        return Stats(mean, var, pivot, corr, dev if keep_dev else None, _divisor(x.shape[axis]), None)
     acc = _accumulator(xp, xs, axis)
     if mask is None:
         m = None
@@ -296,7 +298,7 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False) -> St
     # session's final review.)
     noise = float(xp.finfo(dt).eps) * (corr * corr)
     var = xp.where((var <= noise) & xp.isfinite(noise), 0.0, var)
-    return Stats(pivot + corr, var, pivot, corr, dev if keep_dev else None, count, m)
+    return Stats(pivot + corr if with_mean else None, var, pivot, corr, dev if keep_dev else None, count, m)
 
 
 # Token axes at most this long are summed in float32 where float32 sums run row after row:
@@ -675,9 +677,11 @@ class Primitives:
     """The Array-API primitives: any namespace, autograd flows through, ``torch.compile``
     traces them.  Backends subclass it (NumPy's blocked buffers, numba's kernels)."""
 
-    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False) -> Stats:
-        """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded."""
-        return _stats(x, axis, mask, keep_dev=keep_dev)
+    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False, with_mean: bool = True) -> Stats:
+        """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded; ``dev``
+        kept with ``keep_dev``, and the mean left out (None) without ``with_mean``, where a
+        subclass may (its caller reads neither)."""
+        return _stats(x, axis, mask, keep_dev=keep_dev, with_mean=with_mean)
 
     def apply(
         self, x: Any, axis: int, pivot: Any, corr: Any, scale: Any, target: Any, dev: Any = None
@@ -706,7 +710,8 @@ class Primitives:
         self, x: Any, axis: int, mask: Any, g_mean: Any, g_sigma: Any, alpha: float, eps: float
     ) -> Any:
         """x zoomed and shifted toward guide statistics (``g_sigma = sqrt(var_g + eps)``)."""
-        st = self.stats(x, axis, mask, keep_dev=True)
+        # (x's own mean enters the map only for a partial step: zoom_shift_map)
+        st = self.stats(x, axis, mask, keep_dev=True, with_mean=alpha != 1.0)
         s, target = zoom_shift_map(array_namespace(st.var), st, g_mean, g_sigma, alpha, eps)
         return self.apply(x, axis, st.pivot, st.corr, s, target, st.dev)
 
@@ -716,7 +721,7 @@ class NumPyPrimitives(Primitives):
     inputs), so each pass reads x from memory once, and :meth:`zoom_shift` maps each block
     right after reducing it (one read of x in all)."""
 
-    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False) -> Stats:
+    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False, with_mean: bool = True) -> Stats:
         return _stats_numpy(x, axis, mask)
 
     def apply(

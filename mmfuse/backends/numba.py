@@ -908,7 +908,7 @@ class CPUPrimitives(Primitives):
     accumulated in float64, one loop nest per pass over a sample); the algorithms are the
     core's (:mod:`mmfuse._core.align`)."""
 
-    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False) -> Stats:
+    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False, with_mean: bool = True) -> Stats:
         from . import _numba_cpu
 
         lanes = _cpu_lanes(x, axis)

@@ -114,7 +114,7 @@ def _zoom_shift_forward(
     ax = axis % x.dim()
     xc, gc = cast(x, cdt), cast(guide, cdt)
     g = GENERIC.stats(gc, ax, guide_mask)
-    st = GENERIC.stats(xc, ax, mask, keep_dev=True)
+    st = GENERIC.stats(xc, ax, mask, keep_dev=True, with_mean=alpha != 1.0)  # (as GENERIC.zoom_shift)
     # the core's rule, about the pivot: y = ((x - p) - corr) s + target, x - p exact near the mean
     s, target = zoom_shift_map(_XP, st, guide_mean(_XP, g, alpha), spread(_XP, g.var, eps), alpha, eps)
     # C-contiguous, as the fake says and the NumPy path gives: addcmul's layout follows its
@@ -166,8 +166,9 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     cdt = compute_dtype(dtype)
     ax = ctx.axis % x.dim()
     xc, gc, g = cast(x, cdt), cast(guide, cdt), cast(grad, cdt)
-    gs = GENERIC.stats(gc, ax, guide_mask, keep_dev=True)
-    st = GENERIC.stats(xc, ax, mask, keep_dev=True)
+    # (the means themselves are not read here: the centred values and the variances)
+    gs = GENERIC.stats(gc, ax, guide_mask, keep_dev=True, with_mean=False)
+    st = GENERIC.stats(xc, ax, mask, keep_dev=True, with_mean=False)
     m_g, n_g, g_corr, g_dev = gs.mask, gs.count, gs.corr, gs.dev
     m_x, n_x, corr, dev = st.mask, st.count, st.corr, st.dev
     # the core's spread: at eps = 0 a lane with no spread has sigma 0 with derivative 0, not
@@ -177,7 +178,6 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     positive = spreads_positive(eps)
     live = True if positive else sigma_x != 0  # (NaN is a spread, as zoom_scale's)
     s = zoom_scale(_XP, sigma_x, sigma_g, alpha, live)
-    zero = torch.zeros((), dtype=cdt, device=x.device)
     # centred values x - mu_x = dev - corr (dev = x - pivot, exact near the mean), formed
     # before they are summed or scaled, as the forward's map: folded in as - corr * s0 and
     # + k_var * corr they cancelled on a constant lane (exactly 0 there, where k_var may be
@@ -188,18 +188,19 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     grad_x = grad_g = None
     if need_x:
         sx = where_live(torch, live, sigma_x, 1.0)  # two divisions: sigma**2 may leave float32's range
-        k_var = where_live(torch, live, alpha * s * (s1 / sx) / sx, zero)
+        k_var = where_live(torch, live, (s if alpha == 1.0 else alpha * s) * (s1 / sx) / sx, 0.0)
         per_token = (s0 * (1 - alpha - s) - k_var * centred) / n_x
         if m_x is not None:
-            per_token = torch.where(m_x, per_token, zero)
-        grad_x = (s * g + per_token).to(dtype)
+            per_token = torch.where(m_x, per_token, 0.0)
+        grad_x = cast(s * g + per_token, dtype)
     if need_g:
         ok = True if positive else live & (sigma_g != 0)
         sg = where_live(torch, ok, sigma_g, 1.0)
-        k_var = where_live(torch, ok, s * (s1 / sg) / sg, zero)
-        per_token = alpha * (s0 + k_var * (g_dev - g_corr)) / n_g  # (the guide's, as above)
+        k_var = where_live(torch, ok, s * (s1 / sg) / sg, 0.0)
+        per_token = s0 + k_var * (g_dev - g_corr)  # (the guide's centred values, as above)
+        per_token = (per_token if alpha == 1.0 else alpha * per_token) / n_g
         if m_g is not None:
-            per_token = torch.where(m_g, per_token, zero)
+            per_token = torch.where(m_g, per_token, 0.0)
         grad_g = cast(per_token, dtype)  # full shape: (g - mu_g) broadcasts the statistics
     return grad_x, grad_g, None, None, None, None, None
 

@@ -117,7 +117,7 @@ class TritonPrimitives(Primitives):
     """The alignment primitives as Triton kernels, statistics over the last-but-one axis of
     float32 / float16 / bfloat16 tensors (what :func:`align` checks before using them)."""
 
-    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False) -> Stats:
+    def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False, with_mean: bool = True) -> Stats:
         if axis != x.ndim - 2:
             raise ValueError(f"the Triton statistics run over axis -2 (got axis {axis} of {x.ndim})")
         pivot, corr, var = _stats_call(x, mask)

@@ -856,7 +856,7 @@ def _moments_backward(
     mask = rest[0] if ctx.has_mask else None
     dtype = x.dtype
     cdt = compute_dtype(dtype)
-    st = GENERIC.stats(cast(x, cdt), x.dim() - 2, mask, keep_dev=True)
+    st = GENERIC.stats(cast(x, cdt), x.dim() - 2, mask, keep_dev=True, with_mean=False)  # (mean unread)
     zero = torch.zeros((), dtype=cdt, device=x.device)
     per_token: Any = zero
     if grad_std is not None:
