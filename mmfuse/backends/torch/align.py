@@ -256,11 +256,12 @@ def align_grads(
         if not graph:
             s = s.detach()
         if moved and sk is not None:  # the explicit -s S0 through (x - mean)
-            explicit = -s * sk[0]
-            d_mean = explicit if d_mean is None else d_mean + explicit
+            d_mean = -s * sk[0] if d_mean is None else d_mean - s * sk[0]
         grad: torch.Tensor | None = None
         if d_mean is not None or d_var is not None:
-            zero = torch.zeros((), dtype=cdt, device=x.device)
+            zero: Any = None  # (a zero tensor only where one stands in: it is an operator)
+            if d_mean is None or d_var is None:
+                zero = torch.zeros((), dtype=cdt, device=x.device)
             k_mean = zero if d_mean is None else d_mean / st.count
             k_var = zero if d_var is None else 2 * d_var / st.count
             # ((x - pivot) - corr) k_var + k_mean: x - mean about the pivot (the correction
@@ -268,7 +269,7 @@ def align_grads(
             # a constant lane pulled toward others' spreads, about 1 / eps)
             grad = torch.addcmul(k_mean, (cast(x, cdt) - st.pivot) - st.corr, k_var)
             if st.mask is not None:
-                grad = torch.where(st.mask, grad, zero)
+                grad = torch.where(st.mask, grad, 0.0)
         if g is not None:
             if not moved:  # the identity map
                 grad = g if grad is None else grad + g
