@@ -679,8 +679,8 @@ class Primitives:
 
     def stats(self, x: Any, axis: int, mask: Any, *, keep_dev: bool = False, with_mean: bool = True) -> Stats:
         """:class:`Stats` of x over ``axis`` (non-negative), masked tokens excluded; ``dev``
-        kept with ``keep_dev``, and the mean left out (None) without ``with_mean``, where a
-        subclass may (its caller reads neither)."""
+        kept with ``keep_dev``.  ``with_mean`` False: the caller does not read the mean, which
+        these primitives then leave out (None; the others may compute it anyway)."""
         return _stats(x, axis, mask, keep_dev=keep_dev, with_mean=with_mean)
 
     def apply(
