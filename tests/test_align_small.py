@@ -229,9 +229,9 @@ def test_numba_constant_channel_has_no_spread(rng, dtype, count):
         assert_close(y, w.astype(x.dtype), rtol=_rtol(dtype))
 
 
-# An eps from float32's smallest normal number on keeps every spread positive, so the map
-# rules skip their no-spread tests there (core.spreads_positive): both routes must give the
-# same bits, and a smaller eps, which only a direct call of an op can pass, must take the tests.
+# An eps from 2**-120 on keeps every spread positive, so the map rules skip their no-spread
+# tests there (core.spreads_positive): both routes must give the same bits, and a smaller eps
+# (2**-126 on from the public calls, less from a direct call of an op) must take the tests.
 
 
 def _both_routes(monkeypatch, fn, *modules):
@@ -246,7 +246,7 @@ def _both_routes(monkeypatch, fn, *modules):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("eps", [1e-5, 2.0**-126, 3.0])
+@pytest.mark.parametrize("eps", [1e-5, 2.0**-120, 3.0])
 def test_positive_spreads_skip_the_tests_with_the_same_bits(rng, monkeypatch, dtype, eps):
     x, g, _, _ = _inputs(rng, (5, 9, 6), 7, dtype, masked=False)
     x[0, :, 1] = np.nan  # a NaN lane stays NaN either way
@@ -267,6 +267,28 @@ def test_positive_spreads_skip_the_tests_with_the_same_bits(rng, monkeypatch, dt
             np.testing.assert_array_equal(a, b)
 
 
+def test_subnormal_scales_flushed_to_zero_leave_outputs_finite(monkeypatch):
+    """Where the CPU flushes subnormal results to zero (XLA's default on the CPU;
+    torch.set_flush_denormal, which sets it for NumPy on this thread too), a scale between a
+    spread near float32's largest and one of sqrt(eps) must not be flushed at an eps that skips
+    the tests: at 2**-126 the zoomed spread became sqrt(eps) / 0 and the outputs NaN."""
+    x0 = np.zeros((1, 2, 2), np.float32)
+    x0[0, :, 0] = [9.5e18, -9.5e18]  # a spread of 9.5e18, the other channel ordinary
+    x0[0, :, 1] = [1.0, 2.0]
+    x1 = np.zeros((1, 2, 2), np.float32)  # a guide without spread in channel 0
+    x1[0, :, 1] = [0.0, 1.0]
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal numbers")
+    try:
+        for eps in (2.0**-126, 2.0**-124, 2.0**-120, 2.0**-119):
+            fast, tested = _both_routes(monkeypatch, lambda e=eps: mmfuse.align([x0, x1], rounds=3, eps=e))
+            for a, b in zip(fast, tested):
+                assert np.isfinite(a).all(), eps
+                np.testing.assert_array_equal(a, b)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_an_eps_lost_to_underflow_takes_the_no_spread_tests(rng):
     """eps = 1e-50 adds 0 to a float32 variance: a constant lane has spread 0, and the
     tests keep its scale at 1 (the skip would divide by 0: inf, and NaN outputs)."""
@@ -278,6 +300,12 @@ def test_an_eps_lost_to_underflow_takes_the_no_spread_tests(rng):
     ys = core.align_with(core.NUMPY, [x, g], rounds=2, alpha=1.0, schedule="gauss-seidel",
                          topology="consensus", hub=0, axis=-2, masks=None, eps=1e-50)  # fmt: skip
     assert all(np.isfinite(y).all() for y in ys)
+    # the op's closed-form backward too (a direct call: the public one refuses this eps)
+    tx, tg = torch.from_numpy(x).requires_grad_(), torch.from_numpy(g).requires_grad_()
+    y = torch.ops.mmfuse.zoom_shift(tx, tg, 1.0, -2, None, None, 1e-50)
+    w = torch.from_numpy(rng.standard_normal(y.shape).astype(np.float32))
+    gx, gg = torch.autograd.grad((y * w).sum(), [tx, tg])
+    assert torch.isfinite(gx).all() and torch.isfinite(gg).all()
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.6])

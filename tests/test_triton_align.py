@@ -664,3 +664,16 @@ def test_moments_backward_skips_the_tests_with_the_same_bits(rng, monkeypatch, m
     tested = grads()
     for a, b in zip(fast, tested):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_moments_backward_at_an_eps_lost_to_underflow(rng):
+    """eps = 1e-50 (a direct op call: the public one refuses it) adds 0 to a float32
+    variance: a constant channel has spread 0, and the backward's guard keeps its gradient
+    finite (without it: a division by 0)."""
+    x = torch.tensor(3.0 + rng.standard_normal((2, 6, 4)), dtype=torch.float32)
+    x[:, :, 1] = 2.5
+    x.requires_grad_()
+    mean, std = torch.ops.mmfuse_triton.moments(x, None, 1e-50)
+    w = torch.tensor(rng.standard_normal(tuple(std.shape)), dtype=torch.float32)
+    (gx,) = torch.autograd.grad((std * w).sum() + mean.sum(), [x])
+    assert torch.isfinite(gx).all()

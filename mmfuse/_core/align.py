@@ -550,15 +550,19 @@ def spread(xp: Any, var: Any, eps: float) -> Any:
     return xp.where(live, xp.sqrt(xp.where(live, var, 1.0)), var)
 
 
-# From float32's smallest normal number on, eps keeps every spread positive: sqrt(var + eps)
-# is at least sqrt(eps) in every dtype the statistics take (var >= 0; NaN and inf are not 0),
-# and so is every zoomed spread (about (sigma_t / sigma)^alpha sigma, between the two).  No lane
-# is then "without spread", and the rules may skip their tests for one (``where`` on
+# From 2**-120 on, eps keeps every spread positive: sqrt(var + eps) is at least sqrt(eps) =
+# 2**-60 in every dtype the statistics take (var >= 0; NaN and inf are not 0), and so is every
+# zoomed spread (s sigma, about (sigma_t / sigma)^alpha sigma: between the two).  No lane is
+# then "without spread", and the rules may skip their tests for one (``where`` on
 # ``sigma != 0``): the same values in fewer operations (the tiny NumPy zoom_shift of
-# benchmarks/overhead.py took 56-59 us with the tests, 49-50 without).  The public calls refuse
-# a smaller positive eps (check_eps_dtype), which underflows in float32; a direct call of an op
-# may pass one, and takes the tests.
-_EPS_KEEPS_SPREAD = 2.0**-126
+# benchmarks/overhead.py took 56-59 us with the tests, 49-50 without).  Not from float32's
+# smallest normal number, 2**-126, on: a scale s = sigma_t / sigma of sqrt(2**-126) / 2**64 is
+# subnormal, which hardware set to flush such results to zero (XLA on the CPU,
+# torch.set_flush_denormal) made 0, and the zoomed spread's sqrt(eps) / (s sigma) inf, NaN
+# outputs where the tests give finite ones (a review's find); from 2**-120 every such scale is
+# at least 2**-60 / 2**64.5, a normal float32 number.  Smaller eps (the public calls take
+# 2**-126 on, check_eps_dtype; a direct op call may pass less) keep the tests.
+_EPS_KEEPS_SPREAD = 2.0**-120
 
 
 def spreads_positive(eps: float) -> bool:
