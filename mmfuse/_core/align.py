@@ -570,6 +570,13 @@ def spreads_positive(eps: float) -> bool:
     return eps >= _EPS_KEEPS_SPREAD
 
 
+def live_lanes(sigma: Any, eps: float) -> Any:
+    """The lanes with spread, as :func:`zoom_scale` and :func:`where_live` take them: True on
+    every lane where ``eps`` keeps every spread positive (:func:`spreads_positive`: no
+    operator), else ``sigma != 0`` (a NaN spread is a spread)."""
+    return True if spreads_positive(eps) else sigma != 0
+
+
 def zoom_scale(xp: Any, sigma: Any, target: Any, alpha: float, live: Any = None) -> Any:
     """``(target / sigma) ** alpha``, and 1 where ``sigma == 0`` (no spread: nothing to zoom),
     or where ``live`` (a boolean array, when given) is False; ``live`` True: every lane has
@@ -642,7 +649,8 @@ def zoom_shift_map(
     every implementation written in Python applies (the compiled kernels carry their own
     transcription, checked by the same tests).
     """
-    s = zoom_scale(xp, spread(xp, st.var, eps), g_sigma, alpha, spreads_positive(eps) or None)
+    sigma = spread(xp, st.var, eps)
+    s = zoom_scale(xp, sigma, g_sigma, alpha, live_lanes(sigma, eps))
     if alpha == 1.0:
         return s, g_mean
     # a partial step mixes x's mean with the guide's, which may cancel: in float64 where

@@ -893,11 +893,11 @@ def _cpu_mask(mask: Any) -> Any:
     return None if mask is None else _mask_view(mask)
 
 
-def _per_lane(a: Any, kept: Sequence[int], shape: tuple[int, int], dtype: Any) -> Any:
-    """Statistics-shaped ``a`` (broadcastable to ``kept``) as a contiguous (B', C') array."""
+def _per_lane(a: Any, kept: tuple[int, ...], shape: tuple[int, int], dtype: Any) -> Any:
+    """Statistics-shaped ``a`` (broadcastable to ``kept``, a :func:`kept_shape`) as a contiguous
+    (B', C') array."""
     import numpy as np
 
-    kept = tuple(kept)
     if a.shape != kept:  # (numpy.broadcast_to costs a tiny call's kernel time: only if needed)
         a = np.broadcast_to(a, kept)
     return np.ascontiguousarray(a.reshape(shape), dtype=dtype)

@@ -46,8 +46,8 @@ from ..._core.align import (
     GENERIC,
     NUMPY,
     guide_mean,
+    live_lanes,
     spread,
-    spreads_positive,
     where_live,
     zoom_scale,
     zoom_shift_map,
@@ -175,8 +175,7 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     # sqrt's infinite one, which a double backward turned into 0 * inf = NaN
     sigma_x, sigma_g = spread(_XP, st.var, eps), spread(_XP, gs.var, eps)
     # lanes without spread (their tests skipped where eps rules them out: spreads_positive)
-    positive = spreads_positive(eps)
-    live = True if positive else sigma_x != 0  # (NaN is a spread, as zoom_scale's)
+    live = live_lanes(sigma_x, eps)
     s = zoom_scale(_XP, sigma_x, sigma_g, alpha, live)
     # centred values x - mu_x = dev - corr (dev = x - pivot, exact near the mean), formed
     # before they are summed or scaled, as the forward's map: folded in as - corr * s0 and
@@ -194,7 +193,7 @@ def _zoom_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
             per_token = torch.where(m_x, per_token, 0.0)
         grad_x = cast(s * g + per_token, dtype)
     if need_g:
-        ok = True if positive else live & (sigma_g != 0)
+        ok = True if live is True else live & (sigma_g != 0)
         sg = where_live(torch, ok, sigma_g, 1.0)
         k_var = where_live(torch, ok, s * (s1 / sg) / sg, 0.0)
         per_token = s0 + k_var * (g_dev - g_corr)  # (the guide's centred values, as above)

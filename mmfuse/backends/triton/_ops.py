@@ -26,7 +26,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ..._core.align import GENERIC, spread, spreads_positive, where_live
+from ..._core.align import GENERIC, live_lanes, spread, where_live
 from ..._core.sequence import torch_transformed
 from ..._namespace import torch_namespace
 from .._torch_eager import bind, direct
@@ -863,8 +863,7 @@ def _moments_backward(
         # the core's spread: at eps = 0 a lane with no spread has derivative 0, not sqrt's
         # infinite one (a double backward made it 0 * inf = NaN), as the zoom_shift ops'
         sigma = spread(torch_namespace(), st.var, ctx.eps)
-        # as the core: a NaN spread is no "no spread"; no test where eps rules them out
-        live = True if spreads_positive(ctx.eps) else sigma != 0
+        live = live_lanes(sigma, ctx.eps)  # (no test where eps rules lanes without spread out)
         k = where_live(torch, live, cast(grad_std, cdt) / where_live(torch, live, sigma, 1.0), zero)
         per_token = k * st.dev - k * st.corr
     if grad_mean is not None:
