@@ -27,14 +27,17 @@ Part 2 (``--steps``, or any ``--only`` text matching "step"): torch training ste
 and backward of the output's sum with every input and parameter requiring grad, against the
 plain expression under autograd, where a review of the forty-third session found mmfuse's
 step 1.4-2.2x the plain one's: ``moments``, ``zoom_shift`` and ``align(rounds=1)`` at
-(512, 8, 16) and (32, 50, 64) (the statistics' var_mean, slow past 2048 elements on the CPU),
+(4, 6, 5) (``overhead.py``'s tiny case), (512, 8, 16) and (32, 50, 64) (the statistics'
+var_mean, slow past 2048 elements on the CPU),
 ``sequence_fusion`` (``plain_sequence``) in both modes at (8, 8) tokens, r 4, R_h 2, R_t 2,
 D 16, T_out 4, B = 8 and 128, and collapsed at the CMU-MOSI shapes, B = 8 (the custom op's
 fixed costs at small batches).
 
 Columns: median milliseconds per call of each, "mmfuse/plain" (below 1: mmfuse faster), the
-10th-90th percentiles of that ratio within interleaved rounds (``_harness.round_ratios``), and
-whether numba was imported when the case ran.  The order matters there, as in any process:
+10th-90th percentiles of that ratio within interleaved rounds (``_harness.round_ratios``),
+whether numba was imported when the case ran, and for the steps the torch operators each
+dispatches ("ops top" of ``overhead.py``: operator calls not inside another one, forward and
+backward).  The order matters there, as in any process:
 the first Zoom-and-Shift call of at least ``AUTO_IMPORT_ELEMENTS`` elements (here NumPy's
 (256, 100, 128)) lets "auto" import numba, whose CPU kernels then serve ``moments``,
 ``zoom_shift`` and ``align`` at every size, on NumPy arrays and torch CPU tensors alike; run
@@ -153,7 +156,7 @@ def cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]
 
 # part 2: (B, T, C) of the statistics' steps; (lengths, r, R_h, R_t, D, T_out, B, mode) of the
 # sequence fusion's
-STEP_ALIGN = [(512, 8, 16), (32, 50, 64)]
+STEP_ALIGN = [(4, 6, 5), (512, 8, 16), (32, 50, 64)]
 STEP_SEQUENCE = [((8, 8), 4, 2, 2, 16, 4, 8, "collapsed"), ((8, 8), 4, 2, 2, 16, 4, 128, "collapsed"),
                  ((8, 8), 4, 2, 2, 16, 4, 8, "cp"), ((50, 50, 50), 16, 8, 12, 40, 16, 8, "collapsed")]  # fmt: skip
 
@@ -241,9 +244,13 @@ def run(quick: bool, only: list[str] | None, steps: bool) -> tuple[list[dict[str
         for case, (mm, plain) in make(*(() if make is step_cases else (xp_name,))).items():
             if only is not None and not any(text in f"{case} {xp_name}" for text in only):
                 continue
+            ops = ("-", "-")
             with grad_mode():
                 if make is step_cases:
+                    from overhead import op_counts
+
                     err = check_step(f"{case} ({xp_name})", mm, plain, 1e-4)
+                    ops = (str(op_counts(mm)[0]), str(op_counts(plain)[0]))
                 else:
                     err = check_same(f"{case} ({xp_name})", mm(), plain(), 1e-4)
                 rounds = sample_rounds({"mmfuse": mm, "plain": plain}, repeats=5 if quick else 15, warmup=2)
@@ -254,11 +261,12 @@ def run(quick: bool, only: list[str] | None, steps: bool) -> tuple[list[dict[str
             numba = "numba" in sys.modules  # (see the module docstring)
             rows.append({"case": case, "xp": xp_name, "mmfuse ms": f"{times['mmfuse'] * 1e3:.3f}",
                          "plain ms": f"{times['plain'] * 1e3:.3f}", "mmfuse/plain": f"{ratio:.2f}",
-                         "p10-p90": f"{spread[0]:.2f}-{spread[1]:.2f}", "numba": "yes" if numba else "no"})  # fmt: skip
+                         "p10-p90": f"{spread[0]:.2f}-{spread[1]:.2f}", "numba": "yes" if numba else "no",
+                         "ops mmfuse": ops[0], "ops plain": ops[1]})  # fmt: skip
             results.append({"case": case, "namespace": xp_name, "mmfuse_seconds": times["mmfuse"],
                             "plain_seconds": times["plain"], "ratio_mmfuse_over_plain": ratio,
                             "ratio_p10": spread[0], "ratio_p90": spread[1], "numba_imported": numba,
-                            "rel_err": err})  # fmt: skip
+                            "rel_err": err, "ops_top": ops})  # fmt: skip
     return rows, results
 
 
@@ -273,7 +281,8 @@ def main() -> None:
     steps = args.steps or any("step" in text for text in args.only or [])
     rows, results = run(args.quick, args.only, steps)
     print("\nfloat32, backend 'auto', no gradients (\"step\" rows: a training step; mmfuse/plain below 1: mmfuse faster)")
-    print_table(rows, ["case", "xp", "mmfuse ms", "plain ms", "mmfuse/plain", "p10-p90", "numba"])
+    print_table(rows, ["case", "xp", "mmfuse ms", "plain ms", "mmfuse/plain", "p10-p90", "numba", "ops mmfuse",
+                       "ops plain"])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine(), "torch": torch.__version__, "numpy": np.__version__,
