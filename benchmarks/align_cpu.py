@@ -42,16 +42,26 @@ and the calls after which the one-time cost is repaid.
 size) against what it runs before (the core on NumPy arrays; on torch CPU tensors the op
 ``mmfuse::zoom_shift``, ``mmfuse::align`` and the autograd row of ``moments``): microseconds
 per call, one thread, float32, no gradient, and kernels / core with its p10-p90 over rounds.
+``--grad``: the measurements behind ``AUTOGRAD_CORE_ELEMENTS``
+(``mmfuse/backends/torch/zoom_shift.py``): a training step (forward, then the backward of
+the outputs' sum weighted by fixed random numbers) of two float32 torch CPU modalities (x and a guide of one more token, both
+requiring grad) by the torch backend's custom op (``mmfuse::zoom_shift``, ``mmfuse::align``)
+and by the core's algorithm under autograd (``backend="array_api"``), ``zoom_shift`` and
+``align(rounds=1)``, by size, at one torch thread and at torch's default; microseconds per
+step and core / op with its p10-p90 over rounds (each candidate's gradients checked against
+the other's first).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 import numpy as np
 
@@ -213,7 +223,11 @@ def main() -> None:
     parser.add_argument("--auto", action="store_true", help='only the "auto" rows of zoom_shift and align-r1')
     parser.add_argument("--rule", action="store_true", help="the measurements behind AUTO_IMPORT_ELEMENTS")
     parser.add_argument("--small", action="store_true", help="numba's kernels against the core at small sizes")
+    parser.add_argument("--grad", action="store_true", help="the measurements behind AUTOGRAD_CORE_ELEMENTS")
     args = parser.parse_args()
+    if args.grad:
+        grad_rule(args)
+        return
     if args.rule:
         rule(args)
         return
@@ -420,6 +434,74 @@ def small(args) -> None:
                     "kernels/core": f"{statistics.median(ratios):.2f} "
                                     f"({quantile(ratios, 0.1):.2f}-{quantile(ratios, 0.9):.2f})",
                 })  # fmt: skip
+    print_table(rows, list(rows[0]))
+
+
+# --------------------------------------------------------------------------- --grad
+
+#: (B, T, C) of x (the guide has T + 1 tokens): from overhead.py's tiny case to 2**18 elements,
+#: with many tokens of few channels and few tokens of many among them
+GRAD_SHAPES = (
+    (4, 6, 5), (8, 16, 16), (16, 32, 32), (8, 512, 8), (32, 64, 32), (64, 64, 32), (16, 64, 128),
+    (32, 128, 64), (8, 1024, 32),
+)  # fmt: skip
+
+
+def grad_rule(args) -> None:
+    """Training steps: the torch backend's custom ops against the core under autograd."""
+    import torch
+
+    import mmfuse
+
+    op_align = importlib.import_module("mmfuse.backends.torch.align")  # (the modules: the
+    op_zoom_shift = importlib.import_module("mmfuse.backends.torch.zoom_shift")  # package's names are functions)
+    default_threads = torch.get_num_threads()
+    print(f"machine: {machine()}; numba {'imported' if 'numba' in sys.modules else 'not imported'}")
+    rng = np.random.default_rng(4)
+
+    def leaf(a: np.ndarray) -> Any:
+        return torch.from_numpy(a.astype(np.float32)).requires_grad_()
+
+    rows = []
+    for threads in sorted({1, default_threads}):
+        torch.set_num_threads(threads)
+        for shape in GRAD_SHAPES:
+            x = leaf(1.0 + rng.standard_normal(shape))
+            g = leaf(3.0 + 2.0 * rng.standard_normal((shape[0], shape[1] + 1, shape[2])))
+            # the loss: the outputs weighted by random numbers (a plain sum's gradient for x is
+            # zero, a centred x's sum, so its rounding noise would be compared)
+            w = torch.from_numpy(rng.standard_normal((shape[0], shape[1] + 1, shape[2])).astype(np.float32))
+            calls = {  # (the op: the torch backend's function itself, which the rule never reaches)
+                "zoom_shift": (
+                    lambda x=x, g=g: [op_zoom_shift.zoom_shift(x, g)],
+                    lambda x=x, g=g: [mmfuse.zoom_shift(x, g, backend="array_api")],
+                ),
+                "align": (
+                    lambda x=x, g=g: op_align.align([x, g], rounds=1, alpha=1.0, schedule="gauss-seidel",
+                                                    topology="consensus", hub=0, axis=-2, masks=None, eps=EPS),
+                    lambda x=x, g=g: mmfuse.align([x, g], rounds=1, backend="array_api"),
+                ),
+            }  # fmt: skip
+            for op, pair in calls.items():
+
+                def step(call: Any, x=x, g=g, w=w) -> list[Any]:
+                    x.grad = g.grad = None
+                    sum((y * w[:, : y.shape[1]]).sum() for y in call()).backward()
+                    return [x.grad, g.grad]
+
+                cands = {"op": lambda c=pair[0]: step(c), "core": lambda c=pair[1]: step(c)}
+                for got, want in zip(cands["core"](), cands["op"]()):
+                    check_same(f"{op} {shape} gradients", got.numpy(), want.numpy(), 1e-4)
+                rounds = sample_rounds(cands, repeats=10 if args.quick else 40, burst=5)
+                times = medians(rounds)
+                ratios = round_ratios(rounds, "core", "op")
+                rows.append({
+                    "threads": str(threads), "shape": str(shape), "elements": str(x.numel()), "op": op,
+                    "custom op us": f"{times['op'] * 1e6:.0f}", "core us": f"{times['core'] * 1e6:.0f}",
+                    "core/op": f"{statistics.median(ratios):.2f} "
+                               f"({quantile(ratios, 0.1):.2f}-{quantile(ratios, 0.9):.2f})",
+                })  # fmt: skip
+    torch.set_num_threads(default_threads)
     print_table(rows, list(rows[0]))
 
 

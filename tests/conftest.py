@@ -180,6 +180,27 @@ def call_counts(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 @pytest.fixture
+def custom_align_ops(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Planned ``zoom_shift`` and ``align`` calls that autograd records take the torch
+    backend's custom ops at every size (``mmfuse.backends.torch.zoom_shift.AUTOGRAD_CORE_ELEMENTS``;
+    small CPU ones otherwise run the core under autograd): for tests of the ops' backwards
+    through the public functions.  The rule is read when a call is planned, so the public
+    functions' plans are forgotten before and after the test."""
+    import importlib
+
+    import mmfuse._align as align_api
+
+    def forget() -> None:
+        align_api._ZOOM_SHIFT_PLANS.clear()
+        align_api._ALIGN_PLANS.clear()
+
+    forget()
+    monkeypatch.setattr(importlib.import_module("mmfuse.backends.torch.zoom_shift"), "AUTOGRAD_CORE_ELEMENTS", -1)
+    yield
+    forget()  # (the constant itself is restored by monkeypatch's own teardown, after this)
+
+
+@pytest.fixture
 def blocked_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fusions of any size take the paths they take for large problems: NumPy's blocked
     buffers, torch's custom ops (``mmfuse._core.fusion.WHOLE_BATCH_ELEMENTS`` and

@@ -575,7 +575,7 @@ def test_eps_over_the_statistics_dtypes_largest_is_refused():
 
 
 @pytest.mark.parametrize("backend", [None, "array_api", "torch"])
-def test_align_gradient_at_a_lane_without_spread_is_the_unzoomed_maps(backend):
+def test_align_gradient_at_a_lane_without_spread_is_the_unzoomed_maps(backend, request):
     """The documented convention (``align``'s Notes): a lane with no spread is not zoomed, in
     its values and its derivative, so its slope along x is 1: for rounds=1, alpha = 1, two
     modalities, dL/dx_t = w_t - mean(w) (a review found it disagreeing with ``zoom_shift``'s
@@ -583,6 +583,8 @@ def test_align_gradient_at_a_lane_without_spread_is_the_unzoomed_maps(backend):
     the rule, now said).  Lanes with a spread take ``zoom_shift``'s gradient, and the values
     are ``zoom_shift``'s."""
     torch = pytest.importorskip("torch")
+    if backend == "torch":  # the custom ops (small calls that autograd records: the core)
+        request.getfixturevalue("custom_align_ops")
     gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
     x = torch.randn(3, 5, 2, generator=gen, dtype=torch.float64)
     x[:, :, 0] = 3.0  # one lane per sample without spread

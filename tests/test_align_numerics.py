@@ -280,7 +280,7 @@ def test_numba_zoom_shift_large_mean_to_unit_spread(rng):
 
 
 @pytest.mark.parametrize("data", ["large-mean", "wide"])
-def test_torch_gradients_on_hard_float32_data(rng, data):
+def test_torch_gradients_on_hard_float32_data(rng, data, custom_align_ops):
     """Gradients of the custom op and of the core (autograd) in float32 match float64."""
     torch = pytest.importorskip("torch")
     x = _large_mean(rng, (2, 24, 3)) if data == "large-mean" else _wide(rng, (2, 24, 3))
@@ -301,7 +301,7 @@ def test_torch_gradients_on_hard_float32_data(rng, data):
 
 
 @pytest.mark.parametrize("rounds", [3, None])
-def test_torch_align_gradients_of_float32_spreads_apart_use_float64_rounds(rng, rounds):
+def test_torch_align_gradients_of_float32_spreads_apart_use_float64_rounds(rng, rounds, custom_align_ops):
     """float32 modalities of spreads 1e15 and 1e-3, a half step: the rounds' statistics are
     widened to float64 in the op's backward as in its forward (round_statistics), so the
     gradients stay within a few float32 roundings of float64 autograd's.  Without the
@@ -553,7 +553,7 @@ def _align_60_digits(xs, masks, rounds, alpha, eps):
 
 @pytest.mark.parametrize("backend", ["array_api", "torch", "reference", *(["numba"] if HAVE_NUMBA else [])])
 @pytest.mark.parametrize(("dtype", "rounds"), [("float32", 25), ("float64", 200)])
-def test_hub_rounds_leave_a_lane_with_no_spread_unzoomed(backend, dtype, rounds, rng):
+def test_hub_rounds_leave_a_lane_with_no_spread_unzoomed(backend, dtype, rounds, rng, request):
     """Hub topology, eps > 0: a channel with no spread (a constant, or one unmasked token) was
     zoomed by (sigma_hub / sqrt(eps)) ** alpha every round; the composed scale cancelled the
     map's offset (float64, 40 rounds: 0 where the hub's mean was due) and overflowed (NaN
@@ -568,6 +568,7 @@ def test_hub_rounds_leave_a_lane_with_no_spread_unzoomed(backend, dtype, rounds,
     limit = mmfuse.align([hub, other], rounds=None, backend="reference", **opts)[1]
     if backend == "torch":
         torch = pytest.importorskip("torch")
+        request.getfixturevalue("custom_align_ops")  # the custom op (small calls: the core)
         leaf = torch.from_numpy(other).requires_grad_()
         got = mmfuse.align([torch.from_numpy(hub), leaf], rounds=rounds, backend="torch",
                            **{**opts, "masks": [torch.from_numpy(m) for m in opts["masks"]]})[1]  # fmt: skip
@@ -830,12 +831,14 @@ def zero_spread_reference(rng, case):
 
 @pytest.mark.parametrize("backend", [None, "torch", "array_api", "torch.func"])
 @pytest.mark.parametrize("case", list(_ZERO_SPREAD_CALLS))
-def test_gradients_where_a_lane_has_no_spread(rng, case, backend):
+def test_gradients_where_a_lane_has_no_spread(rng, case, backend, request):
     """At eps = 0 a lane with a single unmasked token has sigma = 0, where sqrt and
     (sigma_g / sigma_x) ** alpha have infinite derivatives; the spread's own derivative there
     is 0, so the gradients are finite: those of finite differences of the reference (autograd
     through the core gave NaN; the custom ops' closed forms drop those terms)."""
     torch = pytest.importorskip("torch")
+    if backend == "torch":  # the custom ops (small calls that autograd records: the core)
+        request.getfixturevalue("custom_align_ops")
     (x, g, mx, mg), call, weights, want = zero_spread_reference(rng, case)
     tmx, tmg = torch.from_numpy(mx), torch.from_numpy(mg)
 

@@ -148,7 +148,7 @@ def _torch_case(rng, dtype, *, masked, strided=False):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("eps", [1e-5, 0.0])
 @pytest.mark.parametrize("strided", [False, True])
-def test_torch_op_forward_both_ways(rng, dtype, masked, eps, strided):
+def test_torch_op_forward_both_ways(rng, dtype, masked, eps, strided, custom_align_ops):
     """CPU float32 / float64 with x contiguous: the NumPy primitives on the tensors' memory
     (the core's NumPy bits); strided x: torch operations (the generic core's bits); both match
     the reference, and gradients flow through the op either way."""

@@ -16,6 +16,10 @@ import mmfuse  # noqa: E402
 from mmfuse.backends import explain  # noqa: E402
 from mmfuse.backends.torch import align as op_align  # noqa: E402
 
+# the public functions' calls below test the op at every size (small CPU ones with gradients
+# otherwise run the core under autograd: tests/test_torch_small_paths.py)
+pytestmark = pytest.mark.usefixtures("custom_align_ops")
+
 # (schedule, topology, hub): every combination the public function offers
 LAYOUTS = [("gauss-seidel", "consensus", None), ("jacobi", "consensus", None), ("gauss-seidel", "hub", -1)]
 

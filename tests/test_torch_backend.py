@@ -877,6 +877,8 @@ def test_eager_calls_run_the_implementations_without_the_dispatcher():
         B = 300  # above the whole-batch rules (low-rank and CP 256 rows, Wander 128)
         # and low-rank fusion's plain form off (it runs up to B R h <= 2**20)
         importlib.import_module("mmfuse.backends.torch.lowrank").PLAIN_ELEMENTS = -1
+        # and zoom_shift's op at every size (small steps run the core under autograd)
+        importlib.import_module("mmfuse.backends.torch.zoom_shift").AUTOGRAD_CORE_ELEMENTS = -1
         xs = [torch.randn(B, d, dtype=torch.float64) for d in (3, 4)]
         p = mmfuse.init_lowrank([3, 4], rank=2, out_dim=3, seed=1, xp=torch, dtype=torch.float64)
         fs = [f.clone().requires_grad_() for f in p["factors"]]

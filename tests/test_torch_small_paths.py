@@ -271,7 +271,7 @@ def test_lowrank_small_paths_in_lower_precisions(rng, monkeypatch, form, out_dim
     tol = 2e-5 if dtype == torch.float32 else 1e-2  # bfloat16: its own rounding of each result
     for got, want in zip(*results):
         assert got.dtype == dtype
-        assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+        assert_close(got.double(), want, rtol=tol, atol=tol * float(want.detach().abs().max()))
 
 
 @pytest.mark.parametrize("staged", [True, False])
@@ -376,7 +376,7 @@ def test_cp_plain_form_in_lower_precisions(rng, monkeypatch, out_dim, dtype):
     tol = 2e-5 if dtype == torch.float32 else 1e-2  # 16-bit: its own rounding of each result
     for got, want in zip(*results):
         assert got.dtype == dtype
-        assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+        assert_close(got.double(), want, rtol=tol, atol=tol * float(want.detach().abs().max()))
 
 
 @pytest.mark.parametrize("staged", [True, False])
@@ -700,7 +700,7 @@ def test_wander_collapsed_paths_in_lower_precisions(rng, monkeypatch, path, leng
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     for got, want in zip(*outs):
         assert got.dtype == dtype
-        assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+        assert_close(got.double(), want, rtol=tol, atol=tol * float(want.detach().abs().max()))
 
 
 def test_wander_stacked_path_takes_strided_inputs(rng, monkeypatch):
@@ -792,3 +792,103 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
     monkeypatch.setattr(sequence_module, "CORE_TERM_ELEMENTS", 2 * 128 * 3 * 2 * 64 * 16 - 1)
     assert not torch_wander._small_batch(xs, params, False, "cp")
     assert torch_wander._small_batch(xs, params, False, "collapsed")
+
+
+# --------------------------------------------------------------------------- alignment steps
+
+torch_zoom_shift = importlib.import_module("mmfuse.backends.torch.zoom_shift")
+torch_align = importlib.import_module("mmfuse.backends.torch.align")
+
+
+def _align_leaves(rng, n_mod, dtype, masked):
+    """``n_mod`` (B, T_k, C) modalities of different means and spreads requiring grad, the
+    first ``n_mod - 1`` with token masks (or none)."""
+    xs, masks = [], []
+    batch, channels = int(rng.integers(1, 4)), int(rng.integers(2, 6))
+    for k in range(n_mod):
+        tokens = int(rng.integers(3, 9))
+        x = rng.uniform(-3, 3) + rng.uniform(0.2, 4) * rng.standard_normal((batch, tokens, channels))
+        xs.append(torch.tensor(x, dtype=dtype, requires_grad=True))
+        mask = None
+        if masked and k < n_mod - 1:
+            mask = torch.from_numpy(rng.random((batch, tokens)) < 0.7)
+            mask[:, 0] = True
+        masks.append(mask)
+    return xs, masks
+
+
+def _step_grads(ys, xs, weights):
+    """dL/dx of L = sum_k <w_k, y_k>, recorded (for a second order)."""
+    loss = sum((y * w).sum() for y, w in zip(ys, weights))
+    return torch.autograd.grad(loss, xs, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_small_alignment_steps_run_the_core_under_autograd(rng, dtype, masked):
+    """Small CPU float32 / float64 calls that autograd records run the core's algorithm under
+    autograd (``AUTOGRAD_CORE_ELEMENTS``), not the custom ops: the same values and gradients
+    as the ops' (called as the torch backend's functions, which the rule never reaches), and
+    a second order through autograd's own graph."""
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    options = {"rounds": None, "alpha": 0.6, "schedule": "gauss-seidel", "topology": "consensus", "hub": 0,
+               "axis": -2, "eps": 1e-5}  # fmt: skip
+    for n_mod in (2, 3):
+        xs, masks = _align_leaves(rng, n_mod, dtype, masked)
+        ws = [torch.from_numpy(rng.standard_normal(tuple(x.shape))).to(dtype) for x in xs]
+        ys = mmfuse.align(xs, masks=masks if masked else None, rounds=None, alpha=0.6)
+        assert _grad_fn(ys[0]) != "_AlignBackward"
+        ops = torch_align.align(xs, masks=masks if masked else None, **options)
+        assert _grad_fn(ops[0]) == "_AlignBackward"
+        for y, o in zip(ys, ops):
+            assert y.dtype == dtype
+            assert_close(y.detach(), o.detach(), rtol=tol, atol=tol)
+        for got, want in zip(_step_grads(ys, xs, ws), _step_grads(ops, xs, ws)):
+            assert_close(got.detach(), want.detach(), rtol=tol, atol=tol * float(want.detach().abs().max()))
+    x, g = xs[0], xs[1]
+    mask, guide_mask = masks[0], masks[1]
+    w = torch.from_numpy(rng.standard_normal(tuple(x.shape))).to(dtype)
+    # (backend "torch": with numba imported "auto" takes its op, mmfuse::zoom_shift_numba, at
+    # every size: measured even with the core)
+    y = mmfuse.zoom_shift(x, g, mask=mask, guide_mask=guide_mask, alpha=0.7, backend="torch")
+    assert _grad_fn(y) != "_ZoomShiftBackward"
+    op = torch_zoom_shift.zoom_shift(x, g, mask=mask, guide_mask=guide_mask, alpha=0.7)
+    assert _grad_fn(op) == "_ZoomShiftBackward"
+    assert_close(y.detach(), op.detach(), rtol=tol, atol=tol)
+    for got, want in zip(_step_grads([y], [x, g], [w]), _step_grads([op], [x, g], [w])):
+        assert_close(got.detach(), want.detach(), rtol=tol, atol=tol * float(want.detach().abs().max()))
+    if dtype == torch.float64:  # the core's second order (autograd through its own graph)
+        torch.autograd.gradgradcheck(lambda a, b: mmfuse.zoom_shift(a, b, alpha=0.7, backend="torch"), (x, g))
+        torch.autograd.gradgradcheck(lambda a, b: tuple(mmfuse.align([a, b], rounds=2)), (x, g))
+
+
+def test_alignment_steps_take_the_ops_beyond_the_bound(rng, monkeypatch):
+    """The rule's edges: a largest input over ``AUTOGRAD_CORE_ELEMENTS``, a 16-bit dtype (not
+    measured), and calls autograd does not record (the NumPy path, no graph) keep what ran
+    before; the bound itself is inclusive."""
+    import mmfuse._align as align_api
+
+    x = torch.from_numpy(rng.standard_normal((2, 5, 3))).float().requires_grad_()
+    g = torch.from_numpy(3.0 + rng.standard_normal((2, 6, 3))).float().requires_grad_()
+    largest = g.numel()
+
+    def names(x, g):
+        align_api._ZOOM_SHIFT_PLANS.clear()
+        align_api._ALIGN_PLANS.clear()
+        return _grad_fn(mmfuse.zoom_shift(x, g, backend="torch")), _grad_fn(mmfuse.align([x, g], backend="torch")[0])
+
+    try:
+        monkeypatch.setattr(torch_zoom_shift, "AUTOGRAD_CORE_ELEMENTS", largest)
+        core = names(x, g)
+        assert core[0] != "_ZoomShiftBackward" and core[1] != "_AlignBackward"
+        monkeypatch.setattr(torch_zoom_shift, "AUTOGRAD_CORE_ELEMENTS", largest - 1)
+        assert names(x, g) == ("_ZoomShiftBackward", "_AlignBackward")
+        monkeypatch.undo()
+        half = [t.detach().half().requires_grad_() for t in (x, g)]
+        assert names(*half) == ("_ZoomShiftBackward", "_AlignBackward")
+        with torch.no_grad():
+            assert names(x, g) == ("NoneType", "NoneType")
+        assert names(x.detach(), g.detach()) == ("NoneType", "NoneType")
+    finally:
+        align_api._ZOOM_SHIFT_PLANS.clear()
+        align_api._ALIGN_PLANS.clear()

@@ -416,7 +416,7 @@ def _f64_leaf(t):
         pytest.param((2, 1100, 3), (2, 13, 3), 0.7, id="looped-x"),
     ],
 )
-def test_zoom_shift_gradients(rng, dtype, shape, gshape, alpha):
+def test_zoom_shift_gradients(rng, dtype, shape, gshape, alpha, custom_align_ops):
     big = dtype == torch.float32
     x = torch.tensor((1e4 if big else 3.0) + rng.standard_normal(shape), dtype=dtype).requires_grad_(True)
     guide0 = torch.tensor(2 + 3 * rng.standard_normal(gshape), dtype=dtype)
@@ -485,7 +485,7 @@ def test_moments_gradients(rng, dtype, shape, masked):
     assert_close(g_mean, want_mean)
 
 
-def test_batched_backwards_match_the_torch_backend(rng):
+def test_batched_backwards_match_the_torch_backend(rng, custom_align_ops):
     """Autograd's batched backward (``is_grads_batched``: vectorized Jacobians) through the
     Triton alignment ops gives the torch backend's gradients; moments' backward had failed
     there (no batching rule for ``broadcast_to``)."""
@@ -547,7 +547,7 @@ def test_registered_autograd_matches_eager_binding(rng):
     assert torch.equal(ga, gb)
 
 
-def test_double_backward(rng):
+def test_double_backward(rng, custom_align_ops):
     """The backwards are plain torch operations: second derivatives flow, equal to the torch
     backend's (zoom_shift: the same closed form) and the core's autograd (moments)."""
     x0 = torch.tensor(5 + rng.standard_normal((2, 6, 3)), dtype=torch.float32)

@@ -87,9 +87,11 @@ recorded statistics themselves, so a graph of the whole backward is built; witho
 the tiny statistics graph.
 
 Calls: eager calls go through :func:`mmfuse.backends._torch_eager.bind` (graph node
-``_AlignBackward``); under ``torch.compile``, dispatch modes, and for direct
-``torch.ops.mmfuse.align`` calls the registered op and autograd run.  The op returns a list
-of M tensors (``Tensor[]``); the eager binding sees the same outputs as a tuple.
+``_AlignBackward``), but for small planned CPU calls that autograd records, which run the
+core under autograd (:data:`~mmfuse.backends.torch.zoom_shift.AUTOGRAD_CORE_ELEMENTS`); under
+``torch.compile``, dispatch modes, and for direct ``torch.ops.mmfuse.align`` calls the
+registered op and autograd run.  The op returns a list of M tensors (``Tensor[]``); the eager
+binding sees the same outputs as a tuple.
 """
 
 from __future__ import annotations
@@ -353,7 +355,7 @@ def _plan_align(
     axis: int, masks: list[Any] | None, eps: float,
 ) -> Any:  # fmt: skip
     """:func:`align`'s own plan (:func:`~.zoom_shift.plan_on_host`)."""
-    return plan_on_host(align, _align_on_host, xs, [] if masks is None else masks)
+    return plan_on_host(align, _align_on_host, xs, [] if masks is None else masks, _core_align)
 
 
 align.plan = _plan_align  # type: ignore[attr-defined]  # (mmfuse._plan.planned_impl)

@@ -30,6 +30,11 @@ fixed cost is 1.5-4 us, a NumPy ufunc's 0.3-2 us, and the step needs about 20), 
 (8, 32, 32) to (32, 128, 128), 0.5x at (16, 512, 256) and 0.25x at (64, 512, 256).  The
 backward is the torch formula below either way.
 
+Small training steps: planned eager calls on CPU float32 / float64 tensors that autograd
+records, whose largest input has at most :data:`AUTOGRAD_CORE_ELEMENTS` elements, run the core's
+algorithm under autograd instead of the op (:func:`plan_on_host`; ``align`` likewise): there the
+op's fixed costs outweigh the memory its backward saves.
+
 ``mmfuse::zoom_shift_numba`` is the same step with the same backward, its forward numba's CPU
 kernels on the tensors' memory (CPU float32/float64 tensors): what "auto" runs for torch CPU
 tensors when numba is available (see :mod:`mmfuse.backends._table`).
@@ -53,6 +58,7 @@ from ..._core.align import (
     zoom_shift_map,
     zoom_shift_with,
 )
+from ..._core.align import zoom_shift as _core_zoom_shift
 from ..._namespace import python_dispatched, tensor_memory, torch_namespace
 from .._torch_eager import any_requires_grad, bind
 from ._common import cast, compute_dtype
@@ -65,6 +71,25 @@ __all__ = [
 ]
 
 _HOST_DTYPES = (torch.float32, torch.float64)
+
+#: Planned eager calls on CPU float32 / float64 tensors that autograd records run as the core's
+#: algorithm under autograd (:func:`plan_on_host`), not as the custom op, while their largest
+#: input has at most this many elements.  The op exists for its memory: its backward keeps only
+#: the inputs, where autograd through the core keeps about 1.5x (``zoom_shift``) and 2.2x
+#: (``align``) the inputs' bytes from forward to backward; its fixed costs (the binding,
+#: re-reading the inputs for their statistics, and for ``align`` a nested
+#: ``torch.autograd.grad`` through the rounds) make it the slower form on the CPU.  Measured on
+#: the 2-core CI machine, a training step of two float32 modalities, core / op time
+#: (``python benchmarks/align_cpu.py --grad``; benchmarks/RESULTS.md, forty-eighth session),
+#: one torch thread and two: ``align(rounds=1)`` 0.51-0.83 from (4, 6, 5) to 262144 elements,
+#: ``zoom_shift`` 0.92-0.99 up to 16384 elements and 0.46-0.80 from 32768 to 262144; at 2**19
+#: to 2**20 elements the core was still 0.46-0.92 but for single-threaded ``align`` (1.01 and
+#: 1.34).  The bound keeps what autograd holds beyond the inputs under about 1 MiB (float32);
+#: larger calls keep the op's memory.  Not on other devices (not measured there; each extra
+#: operator is a kernel launch), never under ``torch.compile`` (planned calls are eager);
+#: numba's op (``mmfuse::zoom_shift_numba``), whose forward is its kernels, measured even with
+#: the core at these sizes (0.92-1.08) and keeps its calls.
+AUTOGRAD_CORE_ELEMENTS = 1 << 16
 
 
 def on_host(data: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] = ()) -> bool:
@@ -309,19 +334,28 @@ def zoom_shift(
 
 
 def plan_on_host(
-    impl: Callable[..., Any], numpy_path: Callable[..., Any], data: Sequence[Any], masks: Sequence[Any]
+    impl: Callable[..., Any],
+    numpy_path: Callable[..., Any],
+    data: Sequence[Any],
+    masks: Sequence[Any],
+    core: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
     """What a planned call of the op ``impl`` with this metadata runs (``mmfuse._plan``): where
-    autograd records nothing (no grad mode, or no input requiring grad: the eager binding's
-    test) and device, dtype and size allow the NumPy primitives (:func:`host_kind` of
-    ``data`` and ``masks``), ``numpy_path``, which takes ``impl``'s arguments and runs the
+    device, dtype and size allow the NumPy primitives (:func:`host_kind` of ``data`` and
+    ``masks``) and autograd records nothing (no grad mode, or no input requiring grad: the
+    eager binding's test), ``numpy_path``, which takes ``impl``'s arguments and runs the
     forward's NumPy path (checking what a signature does not fix: the NumPy primitives'
-    :func:`host_layout`, else ``impl``; numba's kernels take any layout); else ``impl``
-    itself.  (About 3 us of the tiny ``zoom_shift``'s 32 were those tests; ``numpy_path`` is a
-    module-level function taking the arguments by name, since a generic ``*args, **kwargs``
-    wrapper and its closures cost about 1 us more a call.)"""
-    if (torch.is_grad_enabled() and any_requires_grad(data)) or not host_kind(data, masks):
+    :func:`host_layout`, else ``impl``; numba's kernels take any layout); where autograd
+    records such a call and its largest input has at most :data:`AUTOGRAD_CORE_ELEMENTS`
+    elements, ``core`` (the core's algorithm, taking ``impl``'s arguments, run under
+    autograd), where given; else ``impl`` itself.  (About 3 us of the tiny ``zoom_shift``'s 32
+    were those tests; ``numpy_path`` is a module-level function taking the arguments by name,
+    since a generic ``*args, **kwargs`` wrapper and its closures cost about 1 us more a call.)"""
+    if not host_kind(data, masks):
         return impl
+    if torch.is_grad_enabled() and any_requires_grad(data):
+        small = max(t.numel() for t in data) <= AUTOGRAD_CORE_ELEMENTS
+        return core if core is not None and small else impl
     return numpy_path
 
 
@@ -338,7 +372,7 @@ def _plan_zoom_shift(
     x: Any, guide: Any, *, alpha: float, axis: int, mask: Any, guide_mask: Any, eps: float
 ) -> Any:
     """:func:`zoom_shift`'s own plan (:func:`plan_on_host`)."""
-    return plan_on_host(zoom_shift, _zoom_shift_on_host, (x, guide), (mask, guide_mask))
+    return plan_on_host(zoom_shift, _zoom_shift_on_host, (x, guide), (mask, guide_mask), _core_zoom_shift)
 
 
 zoom_shift.plan = _plan_zoom_shift  # type: ignore[attr-defined]  # (mmfuse._plan.planned_impl)
