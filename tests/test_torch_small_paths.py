@@ -862,20 +862,22 @@ def test_small_alignment_steps_run_the_core_under_autograd(rng, dtype, masked):
         torch.autograd.gradgradcheck(lambda a, b: tuple(mmfuse.align([a, b], rounds=2)), (x, g))
 
 
-def test_alignment_steps_take_the_ops_beyond_the_bound(rng, monkeypatch):
-    """The rule's edges: a largest input over ``AUTOGRAD_CORE_ELEMENTS``, a 16-bit dtype (not
-    measured), and calls autograd does not record (the NumPy path, no graph) keep what ran
-    before; the bound itself is inclusive."""
+def test_alignment_steps_take_the_ops_beyond_the_bound(rng, monkeypatch, call_counts):
+    """The rule's edges: a largest input over ``AUTOGRAD_CORE_ELEMENTS``, ``align``'s rounds'
+    graph over ``AUTOGRAD_CORE_ROUND_LANES`` (lanes x modalities x rounds, the limit as 2), a
+    16-bit dtype (not measured), and calls autograd does not record (the NumPy path on the
+    tensors' memory, as before) keep what ran before; both bounds are inclusive."""
     import mmfuse._align as align_api
 
     x = torch.from_numpy(rng.standard_normal((2, 5, 3))).float().requires_grad_()
     g = torch.from_numpy(3.0 + rng.standard_normal((2, 6, 3))).float().requires_grad_()
-    largest = g.numel()
+    largest, lanes = g.numel(), 2 * 2 * 3  # lanes: (sample, channel) pairs of both modalities
 
-    def names(x, g):
+    def names(x, g, rounds=1):
         align_api._ZOOM_SHIFT_PLANS.clear()
         align_api._ALIGN_PLANS.clear()
-        return _grad_fn(mmfuse.zoom_shift(x, g, backend="torch")), _grad_fn(mmfuse.align([x, g], backend="torch")[0])
+        zs = mmfuse.zoom_shift(x, g, backend="torch")
+        return _grad_fn(zs), _grad_fn(mmfuse.align([x, g], rounds=rounds, backend="torch")[0])
 
     try:
         monkeypatch.setattr(torch_zoom_shift, "AUTOGRAD_CORE_ELEMENTS", largest)
@@ -884,11 +886,24 @@ def test_alignment_steps_take_the_ops_beyond_the_bound(rng, monkeypatch):
         monkeypatch.setattr(torch_zoom_shift, "AUTOGRAD_CORE_ELEMENTS", largest - 1)
         assert names(x, g) == ("_ZoomShiftBackward", "_AlignBackward")
         monkeypatch.undo()
+        monkeypatch.setattr(torch_align, "AUTOGRAD_CORE_ROUND_LANES", 3 * lanes)
+        assert names(x, g, rounds=3)[1] != "_AlignBackward"
+        assert names(x, g, rounds=4)[1] == "_AlignBackward"
+        assert names(x, g, rounds=None)[1] != "_AlignBackward"  # (as two rounds)
+        monkeypatch.setattr(torch_align, "AUTOGRAD_CORE_ROUND_LANES", 2 * lanes - 1)
+        assert names(x, g, rounds=None)[1] == "_AlignBackward"
+        monkeypatch.undo()
         half = [t.detach().half().requires_grad_() for t in (x, g)]
         assert names(*half) == ("_ZoomShiftBackward", "_AlignBackward")
+        # without autograd: the NumPy path on the tensors' memory (the same name, NoneType,
+        # as the core's would give: counted instead)
+        call_counts(torch_zoom_shift, "_on_numpy")  # (both modules' functions of that name:
+        call_counts(torch_align, "_on_numpy")  # one count each per names())
+        assert names(x.detach(), g.detach()) == ("NoneType", "NoneType")
+        assert call_counts.calls["_on_numpy"] == 2
         with torch.no_grad():
             assert names(x, g) == ("NoneType", "NoneType")
-        assert names(x.detach(), g.detach()) == ("NoneType", "NoneType")
+        assert call_counts.calls["_on_numpy"] == 4
     finally:
         align_api._ZOOM_SHIFT_PLANS.clear()
         align_api._ALIGN_PLANS.clear()

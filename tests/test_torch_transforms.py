@@ -56,7 +56,7 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_func_grad_equals_eager_autograd(name):
+def test_func_grad_equals_eager_autograd(name, custom_align_ops):
     """Gradients with respect to the parameters and the inputs."""
     layer, xs = _case(name, seed=1)
     params = {k: v.detach() for k, v in layer.named_parameters()}
@@ -97,7 +97,7 @@ def _double_backward_jvp(layer, xs, tangent):
 # torch's forward-AD decompositions are TorchScript, which warns on first use (torch >= 2.11)
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("name", CASES)
-def test_jvp_and_forward_mode_ad_equal_double_backward(name):
+def test_jvp_and_forward_mode_ad_equal_double_backward(name, custom_align_ops):
     layer, xs = _case(name, seed=3)
     tangent = torch.randn_like(xs[0])
     want = _double_backward_jvp(layer, xs, tangent)

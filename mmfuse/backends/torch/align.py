@@ -350,12 +350,33 @@ def _align_on_host(
     )  # fmt: skip
 
 
+#: ``align``'s own bound on its small steps (:data:`.zoom_shift.AUTOGRAD_CORE_ELEMENTS`):
+#: autograd through the core also keeps the rounds' statistics graph, about 90-250 bytes per
+#: lane (a sample's channel), modality and round in float32 (measured with
+#: ``saved_tensors_hooks``: 93-143 at rounds 1-16, 218-243 for the limit), so with few tokens
+#: it outgrows the inputs (4.5x their bytes at two (512, 8, 16) modalities, one round; 46x
+#: at 16 rounds; a review found 557 MiB held at (512, 2, 64), 100 rounds).  The core runs only
+#: while lanes x modalities x rounds (the limit counted as 2) is at most this: at most about
+#: 2 MiB of statistics graph.
+AUTOGRAD_CORE_ROUND_LANES = 1 << 14
+
+
+def _rounds_graph_small(xs: Sequence[Any], rounds: int | None, axis: int) -> bool:
+    """Whether the rounds' statistics graph of these inputs is within
+    :data:`AUTOGRAD_CORE_ROUND_LANES` (lanes: a modality's elements over its token count)."""
+    steps = 2 if rounds is None else rounds
+    lanes = sum(x.numel() // max(1, x.shape[axis]) for x in xs)
+    return lanes * steps <= AUTOGRAD_CORE_ROUND_LANES
+
+
 def _plan_align(
     xs: list[Any], *, rounds: int | None, alpha: float, schedule: str, topology: str, hub: int,
     axis: int, masks: list[Any] | None, eps: float,
 ) -> Any:  # fmt: skip
-    """:func:`align`'s own plan (:func:`~.zoom_shift.plan_on_host`)."""
-    return plan_on_host(align, _align_on_host, xs, [] if masks is None else masks, _core_align)
+    """:func:`align`'s own plan (:func:`~.zoom_shift.plan_on_host`; small steps the core under
+    autograd while its rounds' graph is small too, :func:`_rounds_graph_small`)."""
+    core = _core_align if _rounds_graph_small(xs, rounds, axis) else None
+    return plan_on_host(align, _align_on_host, xs, [] if masks is None else masks, core)
 
 
 align.plan = _plan_align  # type: ignore[attr-defined]  # (mmfuse._plan.planned_impl)

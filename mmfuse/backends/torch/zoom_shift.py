@@ -74,21 +74,26 @@ _HOST_DTYPES = (torch.float32, torch.float64)
 
 #: Planned eager calls on CPU float32 / float64 tensors that autograd records run as the core's
 #: algorithm under autograd (:func:`plan_on_host`), not as the custom op, while their largest
-#: input has at most this many elements.  The op exists for its memory: its backward keeps only
-#: the inputs, where autograd through the core keeps about 1.5x (``zoom_shift``) and 2.2x
-#: (``align``) the inputs' bytes from forward to backward; its fixed costs (the binding,
-#: re-reading the inputs for their statistics, and for ``align`` a nested
-#: ``torch.autograd.grad`` through the rounds) make it the slower form on the CPU.  Measured on
-#: the 2-core CI machine, a training step of two float32 modalities, core / op time
-#: (``python benchmarks/align_cpu.py --grad``; benchmarks/RESULTS.md, forty-eighth session),
-#: one torch thread and two: ``align(rounds=1)`` 0.51-0.83 from (4, 6, 5) to 262144 elements,
-#: ``zoom_shift`` 0.92-0.99 up to 16384 elements and 0.46-0.80 from 32768 to 262144; at 2**19
-#: to 2**20 elements the core was still 0.46-0.92 but for single-threaded ``align`` (1.01 and
-#: 1.34).  The bound keeps what autograd holds beyond the inputs under about 1 MiB (float32);
-#: larger calls keep the op's memory.  Not on other devices (not measured there; each extra
-#: operator is a kernel launch), never under ``torch.compile`` (planned calls are eager);
-#: numba's op (``mmfuse::zoom_shift_numba``), whose forward is its kernels, measured even with
-#: the core at these sizes (0.92-1.08) and keeps its calls.
+#: input has at most this many elements (``align`` also bounds its rounds' statistics graph:
+#: :data:`mmfuse.backends.torch.align.AUTOGRAD_CORE_ROUND_LANES`).  The op exists for its
+#: memory: its backward keeps only the inputs; its fixed costs (the binding, re-reading the
+#: inputs for their statistics, and for ``align`` a nested ``torch.autograd.grad`` through the
+#: rounds) make it the slower form on the CPU.  Measured on the 2-core CI machine, a training
+#: step of two float32 modalities, core / op time (``python benchmarks/align_cpu.py --grad``;
+#: benchmarks/RESULTS.md, forty-eighth session), one torch thread and two:
+#: ``align(rounds=1)`` 0.51-0.83 from (4, 6, 5) to 262144 elements, ``zoom_shift`` 0.92-0.99
+#: up to 16384 elements and 0.46-0.80 from 32768 to 262144; at 2**19 to 2**20 elements the
+#: core was still 0.46-0.92 but for single-threaded ``align`` (1.01 and 1.34).  Autograd
+#: through the core keeps 1.5-2x the inputs' bytes beyond them for ``zoom_shift`` (5.9x with
+#: one token per lane, whose statistics are as large as the data), counted with
+#: ``saved_tensors_hooks``: a few MiB at this bound in float32; larger calls keep the op's
+#: memory.  Values: the core under autograd computes in torch operations, whose last bits
+#: differ (a few ulps) from the NumPy path that the same call takes without autograd, so a
+#: small step's outputs are no longer bitwise those of its ``torch.no_grad()`` call.  Not on
+#: other devices (not measured there; each extra operator is a kernel launch), never under
+#: ``torch.compile`` (planned calls are eager); numba's op (``mmfuse::zoom_shift_numba``),
+#: whose forward is its kernels, measured even with the core at these sizes (0.92-1.08) and
+#: keeps its calls.
 AUTOGRAD_CORE_ELEMENTS = 1 << 16
 
 
