@@ -44,12 +44,13 @@ size) against what it runs before (the core on NumPy arrays; on torch CPU tensor
 per call, one thread, float32, no gradient, and kernels / core with its p10-p90 over rounds.
 ``--grad``: the measurements behind ``AUTOGRAD_CORE_ELEMENTS``
 (``mmfuse/backends/torch/zoom_shift.py``): a training step (forward, then the backward of
-the outputs' sum weighted by fixed random numbers) of two float32 torch CPU modalities (x and a guide of one more token, both
-requiring grad) by the torch backend's custom op (``mmfuse::zoom_shift``, ``mmfuse::align``)
-and by the core's algorithm under autograd (``backend="array_api"``), ``zoom_shift`` and
-``align(rounds=1)``, by size, at one torch thread and at torch's default; microseconds per
-step and core / op with its p10-p90 over rounds (each candidate's gradients checked against
-the other's first).
+the outputs' sum weighted by fixed random numbers) of two float32 torch CPU modalities (x
+and a guide of one more token, both requiring grad) by the torch backend's custom op
+(``mmfuse::zoom_shift``, ``mmfuse::align``) and by the core's algorithm under autograd
+(``backend="array_api"``), ``zoom_shift`` and ``align(rounds=1)``, by size, at one torch
+thread and at torch's default; microseconds per step and core / op with its p10-p90 over
+rounds (each candidate's gradients checked against the other's first).  (``align``'s second
+bound, ``AUTOGRAD_CORE_ROUND_LANES``, is about the memory of many rounds: see its comment.)
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ the tiny statistics graph.
 
 Calls: eager calls go through :func:`mmfuse.backends._torch_eager.bind` (graph node
 ``_AlignBackward``), but for small planned CPU calls that autograd records, which run the
-core under autograd (:data:`~mmfuse.backends.torch.zoom_shift.AUTOGRAD_CORE_ELEMENTS`); under
+core under autograd (:data:`~mmfuse.backends.torch.zoom_shift.AUTOGRAD_CORE_ELEMENTS` and
+:data:`AUTOGRAD_CORE_ROUND_LANES`); under
 ``torch.compile``, dispatch modes, and for direct ``torch.ops.mmfuse.align`` calls the
 registered op and autograd run.  The op returns a list of M tensors (``Tensor[]``); the eager
 binding sees the same outputs as a tuple.
