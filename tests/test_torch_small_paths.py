@@ -798,29 +798,21 @@ def test_accelerator_bounds_of_the_small_forms(monkeypatch):
 
 torch_zoom_shift = importlib.import_module("mmfuse.backends.torch.zoom_shift")
 torch_align = importlib.import_module("mmfuse.backends.torch.align")
+from test_torch_align_op import _case, _loss  # noqa: E402  (its inputs and loss)
 
 
 def _align_leaves(rng, n_mod, dtype, masked):
-    """``n_mod`` (B, T_k, C) modalities of different means and spreads requiring grad, the
-    first ``n_mod - 1`` with token masks (or none)."""
-    xs, masks = [], []
-    batch, channels = int(rng.integers(1, 4)), int(rng.integers(2, 6))
-    for k in range(n_mod):
-        tokens = int(rng.integers(3, 9))
-        x = rng.uniform(-3, 3) + rng.uniform(0.2, 4) * rng.standard_normal((batch, tokens, channels))
-        xs.append(torch.tensor(x, dtype=dtype, requires_grad=True))
-        mask = None
-        if masked and k < n_mod - 1:
-            mask = torch.from_numpy(rng.random((batch, tokens)) < 0.7)
-            mask[:, 0] = True
-        masks.append(mask)
-    return xs, masks
+    """``n_mod`` modalities requiring grad, of different means, spreads and token counts, the
+    first ``n_mod - 1`` masked or none (``test_torch_align_op``'s cases)."""
+    xs, masks = _case(rng, n_mod, batch=int(rng.integers(1, 4)), channels=int(rng.integers(2, 6)),
+                      dtype=dtype, masked=masked)  # fmt: skip
+    return [x.requires_grad_() for x in xs], masks
 
 
 def _step_grads(ys, xs, weights):
-    """dL/dx of L = sum_k <w_k, y_k>, recorded (for a second order)."""
-    loss = sum((y * w).sum() for y, w in zip(ys, weights))
-    return torch.autograd.grad(loss, xs, create_graph=True)
+    """dL/dx of L = sum_k <w_k, y_k> (``test_torch_align_op``'s loss), recorded (for a second
+    order)."""
+    return torch.autograd.grad(_loss(ys, weights), xs, create_graph=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
