@@ -49,8 +49,12 @@ and a guide of one more token, both requiring grad) by the torch backend's custo
 (``mmfuse::zoom_shift``, ``mmfuse::align``) and by the core's algorithm under autograd
 (``backend="array_api"``), ``zoom_shift`` and ``align(rounds=1)``, by size, at one torch
 thread and at torch's default; microseconds per step and core / op with its p10-p90 over
-rounds (each candidate's gradients checked against the other's first).  (``align``'s second
-bound, ``AUTOGRAD_CORE_ROUND_LANES``, is about the memory of many rounds: see its comment.)
+rounds (each candidate's gradients checked against the other's first); "kept": the bytes each
+keeps from forward to backward beyond the inputs (``torch.autograd.graph.saved_tensors_hooks``),
+in units of the inputs' bytes, core / op.  A second table gives the memory behind ``align``'s
+second bound, ``AUTOGRAD_CORE_ROUND_LANES``: what the core keeps for two (512, 8, 16) and two
+(4, 64, 64) modalities by rounds, in units of the inputs' bytes and in bytes per lane (a
+sample's channel), modality and round (the limit counted as two rounds).
 """
 
 from __future__ import annotations
@@ -440,6 +444,24 @@ def small(args) -> None:
 
 # --------------------------------------------------------------------------- --grad
 
+
+def kept_bytes(call: Any, inputs: list[Any]) -> int:
+    """Bytes that autograd keeps from ``call()``'s forward for its backward, beyond the
+    ``inputs`` themselves (each saved tensor counted once, by its memory)."""
+    import torch
+
+    own = {t.data_ptr() for t in inputs}
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(t: Any) -> Any:
+        if t.data_ptr() not in own:
+            saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call()
+    return sum(saved.values())
+
 #: (B, T, C) of x (the guide has T + 1 tokens): from overhead.py's tiny case to 2**18 elements,
 #: with many tokens of few channels and few tokens of many among them
 GRAD_SHAPES = (
@@ -496,13 +518,31 @@ def grad_rule(args) -> None:
                 rounds = sample_rounds(cands, repeats=10 if args.quick else 40, burst=5)
                 times = medians(rounds)
                 ratios = round_ratios(rounds, "core", "op")
+                in_bytes = (x.numel() + g.numel()) * x.element_size()
+                kept = {k: kept_bytes(pair[i], [x, g]) / in_bytes for i, k in enumerate(("op", "core"))}
                 rows.append({
                     "threads": str(threads), "shape": str(shape), "elements": str(x.numel()), "op": op,
                     "custom op us": f"{times['op'] * 1e6:.0f}", "core us": f"{times['core'] * 1e6:.0f}",
                     "core/op": f"{statistics.median(ratios):.2f} "
                                f"({quantile(ratios, 0.1):.2f}-{quantile(ratios, 0.9):.2f})",
+                    "kept core/op": f"{kept['core']:.1f} / {kept['op']:.1f}",
                 })  # fmt: skip
     torch.set_num_threads(default_threads)
+    print_table(rows, list(rows[0]))
+    print()
+    rows = []
+    for shape in ((512, 8, 16), (4, 64, 64)):
+        xs = [leaf(k + (k + 1.0) * rng.standard_normal(shape)) for k in range(2)]
+        in_bytes = sum(t.numel() * t.element_size() for t in xs)
+        lanes = 2 * shape[0] * shape[2]  # (both modalities')
+        for n_rounds in (1, 4, 16, None):
+            kept = kept_bytes(lambda r=n_rounds, xs=xs: mmfuse.align(xs, rounds=r, alpha=0.5, backend="array_api"), xs)
+            rows.append({
+                "align, two modalities": str(shape), "rounds": str(n_rounds),
+                "kept / inputs": f"{kept / in_bytes:.1f}",
+                "bytes per lane, modality, round": f"{kept / (lanes * (n_rounds or 2)):.0f}",
+                "lanes x modalities x rounds": str(lanes * (n_rounds or 2)),
+            })  # fmt: skip
     print_table(rows, list(rows[0]))
 
 

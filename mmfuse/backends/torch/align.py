@@ -352,9 +352,10 @@ def _align_on_host(
 
 
 #: ``align``'s own bound on its small steps (:data:`.zoom_shift.AUTOGRAD_CORE_ELEMENTS`):
-#: autograd through the core also keeps the rounds' statistics graph, about 90-250 bytes per
-#: lane (a sample's channel), modality and round in float32 (measured with
-#: ``saved_tensors_hooks``: 93-143 at rounds 1-16, 218-243 for the limit), so with few tokens
+#: autograd through the core also keeps the rounds' statistics graph, about 90-150 bytes per
+#: lane (a sample's channel), modality and round in float32, the limit about 240 (two rounds'
+#: worth; ``python benchmarks/align_cpu.py --grad``, its second table: 93-143 at rounds 1-16
+#: with 8 tokens, the data's own share included), so with few tokens
 #: it outgrows the inputs (4.5x their bytes at two (512, 8, 16) modalities, one round; 46x
 #: at 16 rounds; a review found 557 MiB held at (512, 2, 64), 100 rounds).  The core runs only
 #: while lanes x modalities x rounds (the limit counted as 2) is at most this: at most about
