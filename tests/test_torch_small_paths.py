@@ -832,9 +832,15 @@ def test_small_alignment_steps_run_the_core_under_autograd(rng, dtype, masked):
         assert _grad_fn(ys[0]) != "_AlignBackward"
         ops = torch_align.align(xs, masks=masks if masked else None, **options)
         assert _grad_fn(ops[0]) == "_AlignBackward"
-        for y, o in zip(ys, ops):
+        # and the float64 oracle's values (mmfuse.reference, from the inputs' own numbers)
+        oracle = mmfuse.reference.align(
+            [x.detach().double().numpy() for x in xs], rounds=None, alpha=0.6,
+            masks=[None if k is None else k.numpy() for k in masks] if masked else None,
+        )  # fmt: skip
+        for y, o, r in zip(ys, ops, oracle):
             assert y.dtype == dtype
             assert_close(y.detach(), o.detach(), rtol=tol, atol=tol)
+            assert_close(y.detach().double().numpy(), r, rtol=tol, atol=tol * float(np.abs(r).max()))
         for got, want in zip(_step_grads(ys, xs, ws), _step_grads(ops, xs, ws)):
             assert_close(got.detach(), want.detach(), rtol=tol, atol=tol * float(want.detach().abs().max()))
     x, g = xs[0], xs[1]
