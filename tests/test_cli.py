@@ -1235,9 +1235,9 @@ def test_verify_progress_in_a_log_is_one_line_per_op(capsys):
     assert _cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "\r" not in err
-    assert [line.split(",")[0] for line in err.splitlines()] == [
-        "verify: moments checked",
-        "verify: zoom_shift checked",
+    assert [line.split(":")[:2] for line in err.splitlines()] == [
+        ["verify", " moments checked"],
+        ["verify", " zoom_shift checked"],
     ]
 
 
@@ -1387,6 +1387,22 @@ def test_verify_takes_labels_returned_as_an_array_for_a_mismatch(monkeypatch, ca
     code, out = _verify_planted(monkeypatch, capsys, "lowrank_interactions", as_array)
     assert code == 1
     assert "labels differ from the reference's" in out
+
+
+def test_verify_counts_rows_a_backend_cannot_take_apart_from_skipped(capsys):
+    """Rows of a backend that takes no such arrays (status "n/a", e.g. the Triton kernels
+    with NumPy arrays) are counted as not applicable, in the summary and in the progress line,
+    apart from skipped ones (a namespace or dtype not available): the progress said "12 of 24
+    rows ok" and the summary counted those rows as skipped, which a new user read as problems."""
+    code = _cli.main(["verify", "--ops", "moments", "--namespaces", "numpy"])
+    captured = capsys.readouterr()
+    assert code == 0
+    statuses = re.findall(r"^moments.*?  (ok|n/a|skipped|MISMATCH|ERROR)  ", captured.out, re.MULTILINE)
+    na = statuses.count("n/a")
+    assert na > 0 and statuses.count("ok") > 0
+    summary = f"{statuses.count('ok')} passed, 0 failed, {statuses.count('skipped')} skipped, {na} not applicable"
+    assert f"\n{summary}\n" in captured.out
+    assert f"moments checked: {summary} (" in captured.err
 
 
 def test_verify_that_checked_nothing_fails(capsys):
