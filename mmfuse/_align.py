@@ -58,6 +58,11 @@ POOL_MODES = ("mean", "max")
 # --------------------------------------------------------------------------- checks
 
 
+# Why one entry along the statistics axis is refused (whatever eps: "its spread is only
+# sqrt(eps)" read oddly at eps = 0, a new user's report)
+SINGLE_ENTRY = "its variance is 0 (a single entry is its own mean), so alignment would erase it"
+
+
 def _check_axis(x: Any, axis: Any, name: str) -> int:
     """Normalise ``axis`` for ``x``; refuse the batch axis and an empty or single-entry axis."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
@@ -95,7 +100,7 @@ def _check_axis(x: Any, axis: Any, name: str) -> int:
         )
         raise ValueError(
             f"{name} has a single entry along the statistics axis axis={axis} (shape "
-            f"{fmt_shape(x.shape)}): its spread is only sqrt(eps) and alignment would erase it"
+            f"{fmt_shape(x.shape)}): {SINGLE_ENTRY}"
             f"{instead}"
         )
     return ax

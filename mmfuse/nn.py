@@ -1748,10 +1748,12 @@ class ZoomShift(nn.Module):
         xs, mask_list = _check_seq_inputs(xs, dims, None, dtype, masks, type(self).__name__, source, remedy)
         for m, x in enumerate(xs):
             if x.shape[1] == 1:  # (align's own message would advise an axis the layer has not)
+                from ._align import SINGLE_ENTRY
+
                 raise ValueError(
                     f"{type(self).__name__}: xs[{m}] has a single token (shape {_fmt(x.shape)}): "
-                    "its spread over tokens is only sqrt(eps) and alignment would erase it; "
-                    "the layer takes statistics over the token axis, so give it at least 2 tokens"
+                    f"{SINGLE_ENTRY}; the layer takes statistics over the token axis, so give it "
+                    "at least 2 tokens"
                 )
         if _compiling():
             from ._align import check_eps_dtype
