@@ -692,7 +692,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if args.plot:
         with _writing(args.plot):
-            wrote = _bench_plot(results, args.plot)
+            wrote = _bench_plot(results, args.plot, quick=args.quick)
         print(f"wrote {args.plot}" if wrote else f"no timings to plot, so {args.plot} was not written")
     errors = sum(str(r["status"]).startswith("error") for r in results)
     if errors:
@@ -731,7 +731,7 @@ def _speedup_note(have_baseline: bool) -> str:
     )
 
 
-def _bench_plot(results: list[dict[str, Any]], path: str) -> bool:
+def _bench_plot(results: list[dict[str, Any]], path: str, *, quick: bool) -> bool:
     """Draw the timed rows of ``results`` into the PNG ``path``; False (nothing written) when
     no row was timed."""
     require("matplotlib")
@@ -740,9 +740,23 @@ def _bench_plot(results: list[dict[str, Any]], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = _bench_figure(results, quick=quick)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _bench_figure(results: list[dict[str, Any]], *, quick: bool) -> Any:
+    """The figure of :func:`_bench_plot` (None where no row was timed).  A quick run's title
+    says so, as the demo's figure does: its tiny problems time the calls' fixed costs, not the
+    backends' speed at bench scale."""
+    import matplotlib.pyplot as plt
+
     done = [r for r in results if r.get("seconds")]
     if not done:  # nothing was timed (every row skipped): no empty chart
-        return False
+        return None
     ops = sorted({r["op"] for r in done})
     series = sorted({(r["backend"], r["namespace"]) for r in done})
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ops) + 2), 4.2), constrained_layout=True)
@@ -758,11 +772,10 @@ def _bench_plot(results: list[dict[str, Any]], path: str) -> bool:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ops))], ops, rotation=20, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("median time per call (ms, log scale)")
-    ax.set_title("mmfuse bench: lower is better")
+    quick_note = "\nQUICK RUN: tiny problems (fixed costs, not bench scale)" if quick else ""
+    ax.set_title(f"mmfuse bench: lower is better{quick_note}")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return fig
 
 
 # --------------------------------------------------------------------------- demo

@@ -1269,6 +1269,30 @@ def test_demo_figure_marks_a_quick_run_and_the_chance_level():
             plt.close(fig)
 
 
+def test_bench_figure_marks_a_quick_run():
+    """As the demo's figure: a quick run's chart says its problems are tiny (a new user's
+    report: the title was the same as a full run's)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [
+        {"op": op, "backend": "array_api", "namespace": "numpy", "seconds": 1e-4, "status": "ok"}
+        for op in ("moments", "zoom_shift")
+    ]
+    for quick in (False, True):
+        fig = _cli._bench_figure(results, quick=quick)
+        try:
+            title = fig.axes[0].get_title()
+            assert title.startswith("mmfuse bench: lower is better")
+            assert ("QUICK RUN" in title) == quick, title
+        finally:
+            plt.close(fig)
+    assert _cli._bench_figure([{**results[0], "seconds": None}], quick=True) is None
+
+
 def test_an_os_error_writing_the_outputs_is_one_line_with_status_2(capsys, monkeypatch):
     """The up-front checks cannot see every unwritable path (under /proc, even root's
     os.access says yes); the OSError at creation or writing is reported like them."""
