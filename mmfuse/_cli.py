@@ -333,10 +333,11 @@ def verify_rows(
 
 def tally(rows: list[dict[str, Any]]) -> str:
     """verify's counts of ``rows`` by status: passed, failed (a mismatch or an error), skipped
-    (a namespace or dtype not available here) and not applicable (a backend that does not take
-    such arrays, "n/a": by design, not a gap).  Not applicable apart from skipped: "22 of 80
-    rows ok" read as 58 problems where every other row was a backend for another device
-    (a new user's report)."""
+    (not run here: a namespace or dtype not available, a named backend that cannot run or has
+    no implementation of the operator, TensorLy not installed) and not applicable (a backend
+    that does not take such arrays, "n/a": by design, not a gap).  Not applicable apart from
+    skipped: "22 of 80 rows ok" read as 58 problems where every other row was a backend for
+    another device (a new user's report)."""
     counts = Counter(r["status"] for r in rows)
     failed = counts["MISMATCH"] + counts["ERROR"]
     skipped = len(rows) - counts["ok"] - failed - counts["n/a"]
@@ -453,7 +454,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     # (a row that failed was checked: its failure is counted above, not called unchecked)
     what = _missed(named, rows, lambda r: r["status"] in ("ok", "MISMATCH", "ERROR"))
     if what is not None:
-        why = "see the skipped rows above"
+        why = "see the rows above that were skipped or not applicable"
         if not ran and wanted and set(wanted) == {"reference"}:
             why += "; the reference is the oracle the others are checked against, never checked itself"
         print(f"mmfuse verify: nothing was checked for {what} ({why})", file=sys.stderr)

@@ -1413,6 +1413,13 @@ def test_verify_takes_labels_returned_as_an_array_for_a_mismatch(monkeypatch, ca
     assert "labels differ from the reference's" in out
 
 
+def test_verify_tally_counts_each_status():
+    """Errors count as failed beside mismatches; rows skipped for any reason (the remainder)
+    as skipped; "n/a" rows as not applicable."""
+    rows = [{"status": s} for s in ("ok", "ok", "MISMATCH", "ERROR", "ERROR", "skipped", "n/a", "n/a", "n/a")]
+    assert _cli.tally(rows) == "2 passed, 3 failed, 1 skipped, 3 not applicable"
+
+
 def test_verify_counts_rows_a_backend_cannot_take_apart_from_skipped(capsys):
     """Rows of a backend that takes no such arrays (status "n/a", e.g. the Triton kernels
     with NumPy arrays) are counted as not applicable, in the summary and in the progress line,

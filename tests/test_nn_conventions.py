@@ -325,7 +325,7 @@ def test_numpy_integers_and_bools_are_accepted():
 
 def test_zoomshift_names_itself_for_a_single_token():
     """The functional check's remedy ("pass axis=-1") named an option the layer has not."""
-    with pytest.raises(ValueError, match=r"^ZoomShift: xs\[0\] has a single token \(shape \(2, 1, 3\)\).*at least 2 tokens$"):
+    with pytest.raises(ValueError, match=r"^ZoomShift: xs\[0\] has a single token \(shape \(2, 1, 3\)\): its variance is 0 .*at least 2 tokens$"):
         ZoomShift(3, 2)([torch.randn(2, 1, 3), torch.randn(2, 4, 3)])
     # and for none: the layer's own message, before anything computes NaN statistics
     for m in (0, 1):
