@@ -411,9 +411,12 @@ def _block_stats(
     mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
     # Sums by np.add.reduce(array, axis, dtype, out, keepdims), not np.sum: the same reduction
     # without np.sum's Python layer (about 3 us a call, the cost of the whole sum at small
-    # sizes).  A reduction rather than a GEMM with a ones row: as fast on one thread, and
-    # BLAS's own threads would fight the batch-block threads of _run_blocks (measured: 0.45 ->
-    # 0.6 of copy bandwidth for zoom_shift at (64, 512, 256) float32 on 2 cores)
+    # sizes).  A reduction rather than a product with a ones row: the reference's order of
+    # summation (the same bits, and the same NaN-or-infinite lanes where a variance overflows),
+    # and no BLAS threads fighting the batch-block threads of _run_blocks (measured: 0.45 ->
+    # 0.6 of copy bandwidth for zoom_shift at (64, 512, 256) float32 on 2 cores).  On one
+    # thread the product is faster between the tiny and the blocked sizes (11-29%,
+    # benchmarks/RESULTS.md, forty-ninth session), not taken for those two reasons
     total: Any = np.add.reduce  # (Any: the stubs do not take keepdims positionally)
     # Divisions by the count as np.divide(a, count, out): the same ufunc as ``/=``, without
     # the operator's deferral checks, which cost about 0.25 us a call with a 0-d count
