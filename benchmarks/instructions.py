@@ -17,7 +17,9 @@ them.
 Method: per namespace, one run that only warms up (each selected case's mmfuse call and plain
 code, 50 calls each, under ``torch.no_grad()`` as in ``overhead.py``), and per case and side one
 run with the same warm-up followed by N calls (``--calls``, default 2000; 500 with ``--quick``) of that side; the
-figures per call are that run's counts less the warm-up run's, divided by N.  One thread
+figures per call are that run's counts less the warm-up run's, divided by N.  A fixed
+``PYTHONHASHSEED`` (two runs of one process then differ by a few thousand instructions in
+billions).  One thread
 (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``): an idle OpenBLAS thread spinning would
 add instructions of its own.
 
@@ -67,7 +69,10 @@ def _counts(args: list[str]) -> dict[str, int]:
     """Run this script's child mode under cachegrind; its totals by event (Ir, I1mr, ...)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "cachegrind.out")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # (a fixed hash seed: string hashes decide dict and set layouts, which moved a run's
+        # count by about 0.6 M instructions between two runs of the same process)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "PYTHONHASHSEED": "0"}  # fmt: skip
         command = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--cachegrind-out-file={out}",
                    sys.executable, os.path.abspath(__file__), "--child", *args]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -92,7 +97,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="cachegrind runs at once (default 2)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # (the runs under valgrind)
     args = parser.parse_args()
-    calls = args.calls or (500 if args.quick else 2000)
+    calls = args.calls if args.calls is not None else (500 if args.quick else 2000)
+    if calls < 1 or args.jobs < 1:
+        parser.error(f"--calls and --jobs must be at least 1, got {calls} and {args.jobs}")
     if args.child:
         xp_name, case, side, calls, *labels = args.child
         _child(xp_name, labels, case, side, int(calls))
@@ -116,8 +123,11 @@ def main() -> None:
     if not runs:
         sys.exit(f"no case matches {only}")
     print(f"machine: {machine()}; {len(runs)} cachegrind runs, {args.jobs} at a time", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        counts = dict(zip(runs, pool.map(_counts, runs.values())))
+    try:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            counts = dict(zip(runs, pool.map(_counts, runs.values())))
+    except RuntimeError as exc:  # a run under valgrind failed: its own error, no traceback
+        sys.exit(f"instructions.py: {exc}")
     rows, results = [], []
     for xp_name, case, side in counts:
         if side != "mmfuse":
