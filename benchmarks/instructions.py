@@ -101,8 +101,8 @@ def main() -> None:
     if calls < 1 or args.jobs < 1:
         parser.error(f"--calls and --jobs must be at least 1, got {calls} and {args.jobs}")
     if args.child:
-        xp_name, case, side, calls, *labels = args.child
-        _child(xp_name, labels, case, side, int(calls))
+        xp_name, case, side, child_calls, *labels = args.child
+        _child(xp_name, labels, case, side, int(child_calls))
         return
     if shutil.which("valgrind") is None:
         sys.exit("instructions.py needs valgrind (e.g. apt-get install valgrind)")
