@@ -1445,6 +1445,7 @@ def test_verify_that_checked_nothing_fails(capsys):
         pytest.skip("CuPy runs here")
     assert code == 1
     assert "nothing was checked for namespace cupy" in captured.err
+    assert "(see the rows above that were skipped or not applicable)" in captured.err
     code = _cli.main(["verify", "--ops", "moments", "--namespaces", "numpy", "--backends", "array_api",
                       "reference", "--no-progress"])  # fmt: skip
     assert code == 0, capsys.readouterr().err  # the reference is the oracle: never itself checked
