@@ -1,7 +1,7 @@
 """How fast a tiny ``zoom_shift`` could be through a compiled kernel: a floor for issue 19.
 
 Run: ``python benchmarks/compiled_floor.py [--json FILE] [--quick]`` (needs a C compiler,
-``cc``; about 5 s, ``--quick`` 1 s).
+``cc``; a few seconds).
 
 Why: ``overhead.py``'s tiny torch ``zoom_shift`` stays near 1.8x the plain torch code, and
 ``instructions.py`` showed that no single piece of the call accounts for the gap (the plan's
@@ -169,9 +169,11 @@ def main() -> None:
                 "mmfuse": lambda x=x, g=g: mmfuse.zoom_shift(x, g),
                 "floor": lambda x=x, g=g, floor=floor: floor(x, g),
             }
-            want = first[xp_name]["plain"]()
-            for name in ("mmfuse", "floor"):
-                errors[f"{xp_name} {name}"] = check_same(f"zoom_shift {xp_name} {name}", first[xp_name][name](), want, 1e-5)
+            with torch.no_grad():  # (as timed)
+                want = first[xp_name]["plain"]()
+                for name in ("mmfuse", "floor"):
+                    got = first[xp_name][name]()
+                    errors[f"{xp_name} {name}"] = check_same(f"zoom_shift {xp_name} {name}", got, want, 1e-5)
         rows = time_rows(first, repeats)
 
         import numba  # noqa: F401  (from here on "auto" takes numba's kernels at every size)
@@ -180,9 +182,10 @@ def main() -> None:
             xp_name: {"plain": calls["plain"], "mmfuse with numba": calls["mmfuse"]} for xp_name, calls in first.items()
         }
         for xp_name, calls in later.items():
-            errors[f"{xp_name} mmfuse with numba"] = check_same(
-                f"zoom_shift {xp_name} with numba", calls["mmfuse with numba"](), calls["plain"](), 1e-5
-            )
+            with torch.no_grad():
+                errors[f"{xp_name} mmfuse with numba"] = check_same(
+                    f"zoom_shift {xp_name} with numba", calls["mmfuse with numba"](), calls["plain"](), 1e-5
+                )
         numba_rows = time_rows(later, repeats)
 
     print(f"machine: {machine()}; torch {torch.__version__}, threads 1; numpy {np.__version__}")
@@ -192,7 +195,11 @@ def main() -> None:
     print_table(numba_rows, ["xp", "plain us", "mmfuse with numba us", "mmfuse with numba/plain"])
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": machine(), "default": rows, "numba": numba_rows, "errors": errors}, fh, indent=1)
+            record = {
+                "machine": machine(), "torch": torch.__version__, "numpy": np.__version__, "quick": args.quick,
+                "default": rows, "numba": numba_rows, "errors": errors,
+            }  # fmt: skip
+            json.dump(record, fh, indent=1)
 
 
 if __name__ == "__main__":
