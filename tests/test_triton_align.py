@@ -155,7 +155,9 @@ def test_align_topologies(rng, topology, schedule, hub, rounds):
 def test_align_low_precision(rng, dtype, rounds):
     """Statistics and the map in float32, rounded once to the inputs' dtype: all but a few
     outputs in a thousand are the exact ones rounded once (bfloat16 where the interpreter
-    rounds its casts as a GPU does: :mod:`triton_interpreted`)."""
+    rounds its casts as a GPU does: :mod:`triton_interpreted`).  Over 30 seeds 4 of 23040
+    were not, at most one of an output's 96, so each output allows two (0.01 had allowed
+    none: a seed's single miss on one CPU would fail); truncation misses about half."""
     xs, masks = _modalities(rng, 2, (7, 4, 5), 6, dtype, big=False)
     with _kernels_only():
         ys = mmfuse.align(xs, rounds=rounds, alpha=0.5, masks=masks, backend="triton")
@@ -163,7 +165,7 @@ def test_align_low_precision(rng, dtype, rounds):
     for y, w in zip(ys, want):
         assert_close(y, w, xp=torch, dtype=dtype, device="cpu")
         if dtype == torch.float16 or triton_interpreted.BFLOAT16_TO_NEAREST:
-            assert share_not_rounded_once(y, w) <= 0.01
+            assert share_not_rounded_once(y, w) <= 2 / y.numel()
 
 
 def test_align_middle_axes(rng):

@@ -293,8 +293,11 @@ def test_wander_bfloat16_no_bias_relu(rng, mode):
 def test_wander_outputs_of_16_bits_are_rounded_once(rng, dtype, mode):
     """The down-projections, the activation, the fusion and the residual in float32, the
     output rounded once: all but a few in ten thousand outputs are the exact ones (the
-    reference on the rounded inputs) rounded once.  (These kernels cast nothing to 16 bits:
-    they read float32 and torch rounds their output, so this holds under a truncating
+    reference on the rounded inputs) rounded once: over 20 seeds 3 of 21600 outputs were not
+    (float32 sums and the exact value on either side of a 16-bit rounding boundary), so each
+    check of 135 outputs allows two (0.005 had allowed none, and one seed's single miss on
+    one CPU failed it); truncation misses about half.  (These kernels cast nothing to 16
+    bits: they read float32 and torch rounds their output, so this holds under a truncating
     interpreter too; a kernel that came to round in-kernel would rely on
     :mod:`triton_interpreted`'s rounding cast.)"""
     lengths, dim = (6, 5, 7), 5
@@ -307,7 +310,7 @@ def test_wander_outputs_of_16_bits_are_rounded_once(rng, dtype, mode):
         y = mmfuse.wander(xs, params, mode=mode, activation=activation, residual=residual, backend="triton")
         want = ref.wander([_np(x) for x in xs], ref_params, mode=mode, activation=activation, residual=residual)
         assert y.dtype == dtype
-        assert share_not_rounded_once(y, want) <= 0.005, (activation, residual)
+        assert share_not_rounded_once(y, want) <= 2 / y.numel(), (activation, residual)
 
 
 def test_calls_the_kernel_does_not_take_go_to_the_torch_backend(rng):
