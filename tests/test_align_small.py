@@ -270,7 +270,10 @@ def test_subnormal_scales_flushed_to_zero_leave_outputs_finite(monkeypatch):
     """Where the CPU flushes subnormal results to zero (XLA's default on the CPU;
     torch.set_flush_denormal, which sets it for NumPy on this thread too), a scale between a
     spread near float32's largest and one of sqrt(eps) must not be flushed at an eps that skips
-    the tests: at 2**-126 the zoomed spread became sqrt(eps) / 0 and the outputs NaN."""
+    the tests: at 2**-126 the zoomed spread became sqrt(eps) / 0 and the outputs NaN.  The
+    core's own rule pinned (backend "array_api"): "auto" takes numba's kernels once any test
+    has imported numba, and the core's rule went untested in a full run (a mutation review);
+    the public default call as well."""
     x0 = np.zeros((1, 2, 2), np.float32)
     x0[0, :, 0] = [9.5e18, -9.5e18]  # a spread of 9.5e18, the other channel ordinary
     x0[0, :, 1] = [1.0, 2.0]
@@ -280,12 +283,34 @@ def test_subnormal_scales_flushed_to_zero_leave_outputs_finite(monkeypatch):
         pytest.skip("this CPU cannot flush subnormal numbers")
     try:
         for eps in (2.0**-126, 2.0**-124, 2.0**-120, 2.0**-119):
-            fast, tested = _both_routes(monkeypatch, lambda e=eps: mmfuse.align([x0, x1], rounds=3, eps=e))
-            for a, b in zip(fast, tested):
-                assert np.isfinite(a).all(), eps
-                np.testing.assert_array_equal(a, b)
+            for backend in ("array_api", None):
+                fast, tested = _both_routes(
+                    monkeypatch, lambda e=eps, b=backend: mmfuse.align([x0, x1], rounds=3, eps=e, backend=b)
+                )
+                for a, b in zip(fast, tested):
+                    assert np.isfinite(a).all(), (eps, backend)
+                    np.testing.assert_array_equal(a, b)
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_zoomed_spread_of_a_lane_without_spread_is_root_eps_on_every_path():
+    """An eps too small to keep every spread positive (the tested route): a lane with
+    z = s sigma = 0 keeps sigma = sqrt(eps) and share 0, on NumPy's delegated branch and on
+    the other namespaces' (torch here) alike (a mutation review: the generic branch's
+    sqrt(eps) turned 0 passed, where only JAX without float64 or a flushing CPU reaches it)."""
+    torch = pytest.importorskip("torch")
+    from mmfuse._namespace import array_namespace
+
+    eps = 1e-50
+    assert not core.spreads_positive(eps)
+    sigma, share, s = np.array([0.0, 2.0, 3.0]), np.array([0.0, 1.0, 0.5]), np.array([1.0, 1.0, 0.25])
+    want_sigma, want_share = core._zoomed_spread(np, sigma, share, s, eps)
+    assert want_sigma[0] == np.sqrt(eps) and want_share[0] == 0.0
+    t = [torch.from_numpy(a) for a in (sigma, share, s)]
+    got_sigma, got_share = core._zoomed_spread(array_namespace(t[0]), *t, eps)
+    np.testing.assert_array_equal(got_sigma.numpy(), want_sigma)
+    np.testing.assert_array_equal(got_share.numpy(), want_share)
 
 
 def test_an_eps_lost_to_underflow_takes_the_no_spread_tests(rng):

@@ -51,13 +51,15 @@ def test_cody_path_over_several_blocks_equals_each_element(without_scipy):
         assert got[i] == core.gelu(np, x[i : i + 1])[0]
 
 
-@pytest.mark.parametrize(("interval", "bound"), [((-1.0, -0.5), 6), ((-1.5, -1.0), 8), ((-3.0, -1.5), 8),
-                                               ((-37.615, -37.3), 7)])  # fmt: skip
+@pytest.mark.parametrize(("interval", "bound"), [((-1.0, -0.5), 6), ((-1.0, -0.8), 4), ((-1.5, -1.0), 8),
+                                               ((-3.0, -1.5), 8), ((-37.615, -37.3), 7)])  # fmt: skip
 def test_scipy_path_near_and_past_its_tail_cut(interval, bound):
     """SciPy's erfc above _SCIPY_TAIL_X, its lower-tail formula below: within the 5-7 ulps the
     comment above _SCIPY_TAIL_X measures (4000 points: 4, 7, 6 and 5 ulps on these intervals;
     the cut moved to -1.5 gave 13 on [-1.5, -1], and x multiplied in after erfcx times the
-    Gaussian factor, there subnormal, 10 near x = -37.6)."""
+    Gaussian factor, there subnormal, 10 near x = -37.6).  [-1, -0.8] on its own (3 ulps on
+    this grid): the cut moved to -0.9 gave 5 there, within the wider interval's 6 (a
+    mutation review)."""
     special = pytest.importorskip("scipy.special")
     x = np.linspace(*interval, 2003)  # (a fixed grid: the bounds are maxima, checked once)
     assert _ulps(core._gelu_scipy(special, x), _exact(x)) <= bound
@@ -94,3 +96,33 @@ def test_fused_wander_gelu_derivative_at_the_ends_of_the_float64_range():
     pre = torch.tensor([-1.7e308, -1.2e307, -1e300, 1.2e307, 1.7e308], dtype=torch.float64)
     got = _gelu_backward(torch.ones_like(pre), pre)
     assert torch.equal(got, torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("path", ["cody", "scipy", "array_api"])
+def test_far_below_the_clamp_gelu_is_minus_zero(path, monkeypatch):
+    """Inputs far below _GELU_XMAX (to float64's largest): x Phi(x) is -0.0, not NaN.  The
+    split Gaussian factor's 16 y overflows from about 1.1e307 without the clamp; -inf gives
+    NaN (0 times inf) with or without it, so it cannot tell (a mutation review: the SciPy
+    path's clamp removed passed every test)."""
+    x = np.array([-1.7e308, -1.2e307, -1e300, -41.0])
+    if path == "scipy":
+        got = core._gelu_scipy(pytest.importorskip("scipy.special"), x)
+    elif path == "cody":
+        monkeypatch.delitem(sys.modules, "scipy.special", raising=False)
+        got = core.gelu(np, x)
+    else:
+        xp = pytest.importorskip("array_api_strict")
+        got = np.asarray(core._gelu_generic(xp, xp.asarray(x)))
+    assert not np.isnan(got).any(), got
+    assert (got == 0).all() and np.signbit(got).all(), got
+
+
+def test_array_api_path_far_in_the_lower_tail_within_a_few_ulps():
+    """The Array-API path where x Phi(x) is about to go subnormal (x near -37.5): x times the
+    Gaussian factor first, then the rational factor: 5 ulps on this grid, where x times the
+    product of the two factors gave 11 (a mutation review; the SciPy path's own test has this
+    interval too, and its bound)."""
+    xp = pytest.importorskip("array_api_strict")
+    x = np.linspace(-37.615, -37.3, 2003)
+    got = np.asarray(core._gelu_generic(xp, xp.asarray(x)))
+    assert _ulps(got, _exact(x)) <= 7
