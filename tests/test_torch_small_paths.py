@@ -428,14 +428,17 @@ def test_cp_plain_form_in_16_bits_is_its_float32_result_rounded_once(rng, dtype,
 
 
 def test_cp_plain_form_runs_where_its_rule_says(rng, monkeypatch):
-    """The rule (``plain_form``): at least PLAIN_ROWS samples, at most PLAIN_OUTPUTS outputs,
-    inputs at most PLAIN_WIDTH wide in all; and a CPFusion step there takes the form (only
-    while autograd records: without, the custom op's forward), the core below it."""
+    """The rule (``plain_form``): PLAIN_ROWS to PLAIN_MAX_ROWS samples, at most PLAIN_OUTPUTS
+    outputs, inputs at most PLAIN_WIDTH wide in all; and a CPFusion step there takes the form
+    (only while autograd records: without, the custom op's forward), the core below and above
+    it."""
     from mmfuse.nn import CPFusion
 
     torch_cp = importlib.import_module("mmfuse.backends.torch.cp")
     rows, outs, width = torch_cp.PLAIN_ROWS, torch_cp.PLAIN_OUTPUTS, torch_cp.PLAIN_WIDTH
     assert torch_cp.plain_form(rows, outs, width)
+    assert torch_cp.plain_form(torch_cp.PLAIN_MAX_ROWS, outs, width)
+    assert not torch_cp.plain_form(torch_cp.PLAIN_MAX_ROWS + 1, outs, width)
     assert not torch_cp.plain_form(rows - 1, outs, width)
     assert not torch_cp.plain_form(rows, outs + 1, width)
     assert not torch_cp.plain_form(rows, outs, width + 1)
@@ -444,7 +447,7 @@ def test_cp_plain_form_runs_where_its_rule_says(rng, monkeypatch):
     monkeypatch.setattr(torch_cp, "plain_cp_fusion", lambda *a: calls.append(a[0][0].shape[0]) or plain_cp_fusion(*a))
     dims = (8, 16, 64)
     layer = CPFusion(dims, 1, 4).double()
-    for batch in (rows, rows // 2):
+    for batch in (rows, rows // 2, torch_cp.PLAIN_MAX_ROWS + 1):
         xs = [torch.as_tensor(rng.standard_normal((batch, d))) for d in dims]
         y = layer(xs)
         y.sum().backward()
