@@ -33,7 +33,7 @@ inputs and all parameters:
 
 CPFusion (not among issue 5's or 19's targets) at the narrow sizes, B = 65536, (8, 16, 64), h 1,
 R = 4 and 16: ``mmfuse-layer`` (under "auto": on the CPU at these sizes the core under
-autograd, as ``mmfuse-core``; from 8192 to 32768 samples plain operations in rank-major form,
+autograd, as ``mmfuse-core``; from 8192 to 24576 samples plain operations in rank-major form,
 see ``mmfuse.backends.torch.cp.plain_form``), ``mmfuse-core`` (the core under autograd,
 batch-major), ``mmfuse-op`` (the
 ``mmfuse::cp_fusion`` custom op, which CUDA tensors and ``torch.compile`` take; its backward
@@ -125,7 +125,7 @@ BATCH_CP_CASES = {
     "cp-B1024-d8,16,64-h1-R4": (1024, (8, 16, 64), 1, 4),
     "cp-B1024-d32,32,128-h128-R16": (1024, (32, 32, 128), 128, 16),
     # either side of CP's plain rank-major form (mmfuse.backends.torch.cp.plain_form: 8192 <= B
-    # <= 32768, h <= 4, sum d_m <= 128; mmfuse-core is the core's batch-major form it replaces
+    # <= 24576, h <= 4, sum d_m <= 128; mmfuse-core is the core's batch-major form it replaces
     # there)
     "cp-B4096-d8,16,64-h1-R4": (4096, (8, 16, 64), 1, 4),
     "cp-B8192-d8,16,64-h1-R4": (8192, (8, 16, 64), 1, 4),

@@ -220,13 +220,14 @@ def cp_fusion(
 # lost to the core from B = 65536 (core / plain form 0.81-0.92 at (8, 16, 64), h 1, R 4,
 # torch on one and two threads, one pair of runs 1.01; the form 0.85-1.01x the plain CP
 # layer's speed, the core 1.00-1.09x), where the first VM had measured the form 1.13-1.20x the
-# plain layer's speed at B = 65536-262144 and the core 0.97-1.14x.  Beyond the bound the core,
-# whose worst on either VM (0.97) is above the form's (0.85); up to it the form won on both
-# (1.11-1.27x the plain layer's speed at B = 8192-32768 there, the core 0.97-1.11x, except one
-# run at B = 32768 on two threads: 0.87 against 0.99).  (The custom op, 1.35-1.71x the plain
-# layer there from B = 65536, had run 0.75-1.04x on the first VM: not taken.)
+# plain layer's speed at B = 65536-262144 and the core 0.97-1.14x; at B = 32768 on two threads
+# five runs gave the form 0.84-1.27x and the core 0.96-1.07x.  Beyond the bound the core, whose
+# worst on either VM (0.96) is above the form's (0.84); up to it the form ran 1.00-1.42x the
+# plain layer's speed there (B = 8192-24576; the core 0.94-1.12x).  (The custom op,
+# 1.35-1.71x the plain layer there from B = 65536, had run 0.75-1.04x on the first VM: not
+# taken.)
 PLAIN_ROWS = 8192
-PLAIN_MAX_ROWS = 32768
+PLAIN_MAX_ROWS = 24576
 PLAIN_OUTPUTS = 4
 PLAIN_WIDTH = 128
 
