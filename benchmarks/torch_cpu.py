@@ -124,9 +124,9 @@ BATCH_WANDER_CASES = {
 BATCH_CP_CASES = {
     "cp-B1024-d8,16,64-h1-R4": (1024, (8, 16, 64), 1, 4),
     "cp-B1024-d32,32,128-h128-R16": (1024, (32, 32, 128), 128, 16),
-    # either side of CP's plain rank-major form (mmfuse.backends.torch.cp.plain_form: 8192 <= B
-    # <= 24576, h <= 4, sum d_m <= 128; mmfuse-core is the core's batch-major form it replaces
-    # there)
+    # either side of CP's plain rank-major form (mmfuse.backends.torch.cp.plain_form:
+    # 8192 <= B <= 24576, h <= 4, sum d_m <= 128; mmfuse-core is the core's batch-major form it
+    # replaces there)
     "cp-B4096-d8,16,64-h1-R4": (4096, (8, 16, 64), 1, 4),
     "cp-B8192-d8,16,64-h1-R4": (8192, (8, 16, 64), 1, 4),
     "cp-B32768-d8,16,64-h1-R4": (32768, (8, 16, 64), 1, 4),

@@ -442,12 +442,16 @@ def test_cp_plain_form_runs_where_its_rule_says(rng, monkeypatch):
     assert not torch_cp.plain_form(rows - 1, outs, width)
     assert not torch_cp.plain_form(rows, outs + 1, width)
     assert not torch_cp.plain_form(rows, outs, width + 1)
-    calls = []
-    plain_cp_fusion = torch_cp.plain_cp_fusion
+    calls, op_calls = [], []
+    plain_cp_fusion, cp_eager = torch_cp.plain_cp_fusion, torch_cp._cp_eager
     monkeypatch.setattr(torch_cp, "plain_cp_fusion", lambda *a: calls.append(a[0][0].shape[0]) or plain_cp_fusion(*a))
+    monkeypatch.setattr(
+        torch_cp, "_cp_eager", lambda *a: op_calls.append((a[0][0].shape[0], torch.is_grad_enabled())) or cp_eager(*a)
+    )
     dims = (8, 16, 64)
     layer = CPFusion(dims, 1, 4).double()
-    for batch in (rows, rows // 2, torch_cp.PLAIN_MAX_ROWS + 1):
+    batches = (rows, rows // 2, torch_cp.PLAIN_MAX_ROWS + 1)
+    for batch in batches:
         xs = [torch.as_tensor(rng.standard_normal((batch, d))) for d in dims]
         y = layer(xs)
         y.sum().backward()
@@ -459,6 +463,7 @@ def test_cp_plain_form_runs_where_its_rule_says(rng, monkeypatch):
         with torch.no_grad():
             layer(xs)
     assert calls == [rows]
+    assert op_calls == [(batch, False) for batch in batches]  # (the core, not the op, elsewhere)
 
 
 @pytest.mark.parametrize("rank", [1, 2, 8, 16])

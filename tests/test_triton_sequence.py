@@ -292,9 +292,9 @@ def test_wander_bfloat16_no_bias_relu(rng, mode):
 @pytest.mark.parametrize("mode", ["cp", "collapsed"])
 def test_wander_outputs_of_16_bits_are_rounded_once(rng, dtype, mode):
     """The down-projections, the activation, the fusion and the residual in float32, the
-    output rounded once: all but a few in ten thousand outputs are the exact ones (the
-    reference on the rounded inputs) rounded once: over 20 seeds 3 of 21600 outputs were not
-    (float32 sums and the exact value on either side of a 16-bit rounding boundary), so each
+    output rounded once: the outputs are the exact ones (the reference on the rounded inputs)
+    rounded once, but for a few in ten thousand (over 20 seeds 3 of 21600 outputs were not:
+    float32 sums and the exact value on either side of a 16-bit rounding boundary), so each
     check of 135 outputs allows two (0.005 had allowed none, and one seed's single miss on
     one CPU failed it); truncation misses about half.  (These kernels cast nothing to 16
     bits: they read float32 and torch rounds their output, so this holds under a truncating

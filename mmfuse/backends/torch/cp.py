@@ -208,24 +208,26 @@ def cp_fusion(
     return _cp_eager(list(xs), weights, list(factors), bias, append_one, present)
 
 
-# Where the core ran under autograd (_autograd_on_cpu), the plain rank-major form takes calls of
-# PLAIN_ROWS to PLAIN_MAX_ROWS samples with at most PLAIN_OUTPUTS outputs on inputs at most
+# Where the core ran under autograd (_autograd_on_cpu), the plain rank-major form takes calls
+# of PLAIN_ROWS to PLAIN_MAX_ROWS samples with at most PLAIN_OUTPUTS outputs on inputs at most
 # PLAIN_WIDTH wide in all (sum d_m): narrow projections, whose batch-major GEMMs of R columns
-# are the CPU's slow case.  Measured (one CPFusion training step, float32, interleaved rounds on the
-# 2-core CI machine; benchmarks/RESULTS.md, thirty-third session), the core's time over the
-# plain form's: (8, 16, 64) with h 1, R 4: 0.75-0.93 at B = 512-2048, 1.04 at 4096, 1.05-1.24
-# from 8192 to 262144; h 1, R 16 and h 4, R 4 or 16: 1.09-1.21 (B 16384-65536); but h 8 and 16
-# 1.01 and 0.98, and wider inputs 0.92-1.02 ((32, 32, 128) h 1 and 4, (256, 256, 256) h 1).
-# And at most PLAIN_MAX_ROWS samples: on another 2-core VM (the fifty-first session) the form
-# lost to the core from B = 65536 (core / plain form 0.81-0.92 at (8, 16, 64), h 1, R 4,
-# torch on one and two threads, one pair of runs 1.01; the form 0.85-1.01x the plain CP
-# layer's speed, the core 1.00-1.09x), where the first VM had measured the form 1.13-1.20x the
-# plain layer's speed at B = 65536-262144 and the core 0.97-1.14x; at B = 32768 on two threads
-# five runs gave the form 0.84-1.27x and the core 0.96-1.07x.  Beyond the bound the core, whose
-# worst on either VM (0.96) is above the form's (0.84); up to it the form ran 1.00-1.42x the
-# plain layer's speed there (B = 8192-24576; the core 0.94-1.12x).  (The custom op,
-# 1.35-1.71x the plain layer there from B = 65536, had run 0.75-1.04x on the first VM: not
-# taken.)
+# are the CPU's slow case.  Measured (one CPFusion training step, float32, interleaved rounds
+# on the 2-core CI machine; benchmarks/RESULTS.md, thirty-third session), the core's time over
+# the plain form's: (8, 16, 64) with h 1, R 4: 0.75-0.93 at B = 512-2048, 1.04 at 4096,
+# 1.05-1.24 from 8192 to 262144; h 1, R 16 and h 4, R 4 or 16: 1.09-1.21 (B 16384-65536); but
+# h 8 and 16 1.01 and 0.98, and wider inputs 0.92-1.02 ((32, 32, 128) h 1 and 4, (256, 256,
+# 256) h 1).
+# And at most PLAIN_MAX_ROWS samples: on another 2-core VM (the fifty-first session, torch on
+# one and two threads) the form lost to the core from B = 65536: at (8, 16, 64), h 1, R 4 the
+# core / plain form time 0.81-0.92 (one pair of runs 1.01), the form 0.85-1.01x the plain CP
+# layer's speed and the core 1.00-1.10x; at R 16 the form 0.79x, the core 1.05x.  The first VM
+# had measured the form 1.13-1.20x the plain layer's speed at B = 65536-262144 and the core
+# 0.97-1.14x.  At B = 32768 on two threads the form ran 0.84-1.27x over five runs (seven
+# samples) and the core 0.96-1.10x.  Beyond the bound the core, whose worst on either VM
+# (0.96) is above the form's (0.79); up to it the form ran 1.00-1.42x the plain layer's speed
+# there (B = 8192-24576; the core 0.94-1.12x).  (The custom op, 1.35-1.71x the plain layer
+# there from B = 65536 at R 4, had run 1.01x and 0.96x at R 4 and 16 on the twenty-second
+# session's VM, the core 1.03x and 1.11x: not taken.)
 PLAIN_ROWS = 8192
 PLAIN_MAX_ROWS = 24576
 PLAIN_OUTPUTS = 4
