@@ -191,8 +191,9 @@ def cp_fusion(
     (:func:`.lowrank.whole_batch`, the low-rank rule) and large eager CPU ones whose
     projections are no larger than their inputs (:func:`_autograd_on_cpu`) as the core's few
     operations under autograd (the custom op's fixed costs dominate small calls: 2-5x slower
-    at B = 4, benchmarks/overhead.py), of those the large narrow ones with few outputs in the
-    plain rank-major form (:func:`plain_form`, :func:`plain_cp_fusion`), others as the
+    at B = 4, benchmarks/overhead.py), of those the narrow ones of 8192 to 24576 samples with
+    few outputs in the plain rank-major form (:func:`plain_form`, :func:`plain_cp_fusion`),
+    others as the
     ``mmfuse::cp_fusion`` custom op (always under ``torch.compile``)."""
     weights, factors = cp
     out_dim, rank = factors[-1].shape
