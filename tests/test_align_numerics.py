@@ -1112,6 +1112,32 @@ def test_float32_statistics_of_a_long_axis_count_every_token(tokens):
     np.testing.assert_allclose(std, want_std, rtol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(8, 8, 8), (16, 8, 4), (64, 16, 8), (256, 50, 2), (3, 40, 7, 2), (4, 60, 1)])
+def test_token_sums_by_einsum_give_the_reductions_bits(monkeypatch, shape, dtype):
+    """Blocks of two or more channels per token sum over the tokens by einsum past
+    ``_EINSUM_ELEMENTS`` (several times faster with few channels than np.add.reduce, whose
+    inner loop then runs over one token's channels): token after token, the reduction's
+    order, so the statistics and maps have the same bits either way, masked or not."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal(shape) * 3 + 1e3).astype(dtype)
+    guide = (rng.standard_normal(shape) * 0.5 - 2.0).astype(dtype)
+    mask = rng.random(shape[:2]) < 0.7
+
+    def calls():
+        return [
+            *mmfuse.moments(x, axis=1, backend="array_api"),
+            *mmfuse.moments(x, axis=1, mask=mask, backend="array_api"),
+            mmfuse.zoom_shift(x, guide, axis=1, alpha=0.7, backend="array_api"),
+        ]
+
+    monkeypatch.setattr(core, "_EINSUM_ELEMENTS", 1 << 62)
+    reduced = calls()
+    monkeypatch.setattr(core, "_EINSUM_ELEMENTS", 0)
+    for a, b in zip(calls(), reduced, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("backend", ["array_api", "torch", *(["numba"] if HAVE_NUMBA else [])])
 @pytest.mark.parametrize("poison", [np.nan, np.inf])
 def test_a_non_finite_token_reaches_every_consensus_modality(rng, backend, poison):
