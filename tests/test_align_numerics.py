@@ -1099,17 +1099,22 @@ def test_masked_max_pool_of_negative_values_ignores_the_padding():
     assert np.all(got < -5.0)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3])
 @pytest.mark.parametrize("tokens", [65, 129, 200])
-def test_float32_statistics_of_a_long_axis_count_every_token(tokens):
-    """float32 token axes past F32_TOKENS sum chunks in float32 and the partial last chunk in
-    float64 (``_chunked_sum``): every token counts (a mutant dropping the last partial chunk's
-    last token survived: no test had T = 64 k + 1)."""
+def test_float32_statistics_of_a_long_axis_count_every_token(tokens, channels):
+    """float32 token axes past F32_TOKENS sum the squared deviations in chunks in float32 and
+    the partial last chunk in float64 (``_chunked_square_sum``): every token counts (a
+    mutant dropping the last partial chunk's last token survived: no test had T = 64 k + 1).
+    The mean, one float64 sum (by einsum where the channels are the inner axis), is the
+    exact mean rounded once (within half an ulp of float32, and float64's own error)."""
     rng = np.random.default_rng()
-    x = rng.normal(3.0, 2.0, (2, tokens, 3)).astype(np.float32)
+    x = rng.normal(3.0, 2.0, (2, tokens, channels)).astype(np.float32)
     mean, std = mmfuse.moments(x, eps=0.0, backend="array_api")
     want_mean, want_std = reference.moments(x, eps=0.0)
     np.testing.assert_allclose(mean, want_mean, rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(std, want_std, rtol=2e-6)
+    half_ulp = np.spacing(np.abs(want_mean).astype(np.float32)).astype(np.float64) / 2
+    assert np.all(np.abs(mean.astype(np.float64) - want_mean) <= half_ulp * (1 + 1e-9))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -500,44 +500,51 @@ def _wide_block_stats(
 ) -> Stats:  # fmt: skip
     """:func:`_block_stats` of a float32 block with a token axis over :data:`F32_TOKENS` long:
     the same shifted algorithm, its sums accumulated in float64 and each statistic rounded
-    once into the block's dtype.  The pivot's sum is one reduction accumulating in float64
-    (a constant lane's pivot is exact: its spread stays 0); the deviations' sums, whose terms
-    are of the spread's size, are float32 sums of chunks of ``F32_TOKENS`` tokens added in
-    float64 (:func:`_chunked_sum`), so that at most ``F32_TOKENS`` terms round in float32
-    whatever the axis' length, as on a short axis.  No copy of the block is made (a float64
-    one cost 3x the memory and 2.4x the time where a block is one large sample)."""
+    once into the block's dtype.  The mean is one sum accumulating in float64 (a constant
+    lane's is exact: its spread stays 0), the pivot that mean rounded to float32, and the
+    correction ``sum(x - pivot) / n`` their difference, exact in float64: the float64 mean
+    already holds what a sum of the deviations would recover (and more precisely than their
+    float32 partial sums), so no pass over the deviations is spent on it.  The squared
+    deviations' sum, whose terms are of the spread's size, is float32 sums of chunks of
+    ``F32_TOKENS`` tokens added in float64 (:func:`_chunked_square_sum`), so that at most
+    ``F32_TOKENS`` terms round in float32 whatever the axis' length, as on a short axis.  No
+    copy of the block is made (a float64 one cost 3x the memory and 2.4x the time where a
+    block is one large sample)."""
     dtype = native_dtype(xb.dtype)  # (">f4" refused as an output dtype)
     mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
     kept = kept_shape(xb.shape, axis)
     total: Any = np.add.reduce  # (Any: the stubs do not take keepdims positionally)
     if mb is None:
         count: Any = float(xb.shape[axis])
-        piv64 = total(xb, axis, np.float64, None, True)
+        piv64 = np.einsum(_axis_sum(xb.ndim, axis), xb, dtype=np.float64, casting="safe").reshape(kept)
     else:
         full = np.broadcast_to(_expand_mask(np, mb, xb.ndim), xb.shape)
         count = total(full, axis, np.float64, None, True)
         piv64 = total(xb, axis, np.float64, None, True, where=full)
-    piv = _rounded_into(piv_o, np.divide(piv64, count, piv64), dtype, kept)
+    mean64 = np.divide(piv64, count, piv64)
+    piv = _rounded_into(piv_o, mean64, dtype, kept)
     dev = np.subtract(xb, piv, dev)
     src = dev
     if mb is not None:
         masked[...] = 0
         np.copyto(masked, dev, where=full)
         src = masked
-    corr64 = _chunked_sum(src, axis) / count
-    var64 = _chunked_sum(src, axis, squares=True) / count - corr64 * corr64
+    # (float64 minus its own float32 rounding: exact, and mean = pivot + corr is the float64
+    # mean itself)
+    corr64 = mean64 - piv
+    var64 = _chunked_square_sum(src, axis) / count - corr64 * corr64
     np.maximum(var64, 0.0, out=var64)  # rounding can go below 0; NaN stays
     corr = _rounded_into(corr_o, corr64, dtype, kept)
     var = _rounded_into(var_o, var64, dtype, kept)
-    mean = _rounded_into(mean_o, piv + corr64, dtype, kept) if with_mean else None
+    mean = _rounded_into(mean_o, mean64, dtype, kept) if with_mean else None
     return Stats(mean, var, piv, corr, dev)
 
 
-def _chunked_sum(a: Any, axis: int, squares: bool = False) -> Any:
-    """The sum of ``a`` (or of its squares) over ``axis`` (kept), in float64: float32 sums of
-    chunks of :data:`F32_TOKENS` tokens (a view with the axis split in two, reduced over the
-    chunk; the squares by einsum, without an ``a``-sized temporary), added in float64, and the
-    last partial chunk summed in float64 directly."""
+def _chunked_square_sum(a: Any, axis: int) -> Any:
+    """The sum of ``a``'s squares over ``axis`` (kept), in float64: float32 sums of chunks of
+    :data:`F32_TOKENS` tokens (a view with the axis split in two, reduced over the chunk by
+    einsum, without an ``a``-sized temporary), added in float64, and the last partial
+    chunk's squares summed in float64 directly."""
     total: Any = np.add.reduce  # (Any: the stubs do not take keepdims positionally)
     n = a.shape[axis]
     main = n - n % F32_TOKENS
@@ -546,14 +553,10 @@ def _chunked_sum(a: Any, axis: int, squares: bool = False) -> Any:
     out = np.zeros((*before, 1, *after))
     if main:
         view = a[first].reshape((*before, main // F32_TOKENS, F32_TOKENS, *after))
-        if squares:
-            partial = np.einsum(_square_sum(view.ndim, axis + 1), view, view)
-        else:
-            partial = total(view, axis + 1)
+        partial = np.einsum(_square_sum(view.ndim, axis + 1), view, view)
         total(partial, axis, np.float64, out, True)
     if main < n:
-        rest = np.square(a[last], dtype=np.float64) if squares else a[last]
-        out += total(rest, axis, np.float64, None, True)
+        out += total(np.square(a[last], dtype=np.float64), axis, np.float64, None, True)
     return out
 
 
