@@ -468,11 +468,13 @@ def test_single_channel_lanes_equal_a_channel_of_wider_rows(dtype, masked):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 29, 1), (2, 17, 3), (5, 11, 9), (1, 40, 40)])
+@pytest.mark.parametrize("shape", [(3, 29, 1), (2, 17, 3), (5, 11, 9), (1, 40, 40), (3, 30, 2), (2, 3, 1)])
 def test_scalar_lanes_and_row_loops_give_the_same_bits(monkeypatch, dtype, shape):
     """Every task forced through the row loops (SCALAR_CHANNELS = 0), then through the
     scalar per-channel loops (a large SCALAR_CHANNELS), on the same inputs, masked and not,
-    one thread and several (channels split among tasks for the single sample): equal."""
+    one thread and several (channels split among tasks for the single sample): equal.  Token
+    counts leave 0 to 3 tokens after the last whole step of the SLOTS partial sums, and
+    fewer tokens than slots."""
     rng = np.random.default_rng()
     batch, tokens, chan = shape
     x, guide = _hard_lanes(rng, shape, dtype), draw(rng, (batch, tokens + 5, chan), dtype)

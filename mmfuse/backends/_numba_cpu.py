@@ -20,10 +20,11 @@ work a call waits for a descheduled thread.  Measured on the 2-core CI machine u
 ms for the NumPy core, and (64, 512, 256) float32 35 ms against 21 ms single-threaded.
 Here a busy machine costs at most the serial time plus one run of tasks.
 
-Numerics: sums accumulate in float64 whatever the input dtype; the variance is the corrected
-two-pass one (mean, then centred sums and squares, the first correcting the mean), as the
-core's pivot form and the reference, so accuracy does not depend on the mean-to-spread ratio
-and a channel with no spread has variance exactly 0.  The map is the core's,
+Numerics: sums accumulate in float64 whatever the input dtype, each in four interleaved
+partial sums (:data:`SLOTS`); the variance is the corrected two-pass one (mean, then centred
+sums and squares, the first correcting the mean), as the core's pivot form and the
+reference, so accuracy does not depend on the mean-to-spread ratio and a channel with no
+spread has variance exactly 0.  The map is the core's,
 ``((x - c) - (mu - c)) * s + (mu + alpha (mu_g - mu))``, with ``c`` the mean rounded to the
 input's dtype (``x - c`` is exact near the mean) and the scale, correction and target in
 float64: computed in float64 and rounded once to the input's dtype (:func:`apply_map`).
@@ -58,8 +59,10 @@ _MAX_WORKERS = 8
 #: inputs), where a row view per token, a one-step channel loop and sums kept in arrays made
 #: the kernels 2.5-10x slower than plain NumPy (a performance review's measurement, under
 #: load: moments of (64, 4096, 1) float32 3.9 ms against NumPy's 0.57 ms; the fix's, in
-#: interleaved rounds: 2.13 -> 0.74 ms against NumPy's 0.32, what is left the serial float64
-#: sums' latency).  Measured on 262144 float32 elements, one thread: the lanes win
+#: interleaved rounds: 2.13 -> 0.74 ms against NumPy's 0.32, what was left the serial float64
+#: sums' latency, which the SLOTS partial sums took off: 360 -> 254 us against NumPy's 219,
+#: zoom_shift 807 -> 541 us, on 2 cores).  Measured on 262144 float32 elements, one thread
+#: (before the partial sums): the lanes win
 #: to 4 channels (statistics 1.09 -> 0.54 ms at 2, 0.62 -> 0.52 at 4), break even at 5-6
 #: and lose from 8 (0.29 -> 0.52).  Same operations in the same order as the row loops, so
 #: the same bits (tests/test_numba_cpu.py compares the two); read on each call, so tests
@@ -71,73 +74,138 @@ SCALAR_CHANNELS = 4
 # loop keeps LLVM from vectorising it (several times slower).
 
 
+# Token sums run in SLOTS interleaved partial sums (token t into slot t % SLOTS, each slot
+# token after token), added as (s0 + s1) + (s2 + s3) at the end: four independent chains of
+# additions where one chain waited on each addition's latency.  Both kernels below use this
+# order, so a channel's statistics have the same bits in the scalar lanes and in the row loops.
+# (Both write the four slots out: changing this number means rewriting them.)
+SLOTS = 4
+
+
 @cpu_kernel
 def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no cover - compiled
     """x[b, :, c0:c1]'s statistics over its tokens (masked ones skipped): the first mean in
     ``mean[:]``, the second pass's correction in ``shift[:]`` (the mean is their sum, which
-    float64 alone would round to ulps of a large mean), the variance in ``var[:]``."""
+    float64 alone would round to ulps of a large mean), the variance in ``var[:]``.  Sums in
+    :data:`SLOTS` partial sums per channel."""
     n = c1 - c0
     xb = x[b]
-    mean[:] = 0.0
-    var[:] = 0.0
+    parts = np.zeros((SLOTS, n))
     count = 0
     for t in range(xb.shape[0]):
         if use_mask and not mask[b, t]:
             continue
         count += 1
         row = xb[t, c0:c1]
+        part = parts[t % SLOTS]
         for c in range(n):
-            mean[c] += row[c]
+            part[c] += row[c]
     # Divided by the count, not multiplied by its reciprocal (an ulp closer to the value).
     total = float(count) if count > 0 else math.nan
     for c in range(n):
-        mean[c] /= total
+        mean[c] = ((parts[0, c] + parts[1, c]) + (parts[2, c] + parts[3, c])) / total
     # Second pass (the sample is still in cache): the corrected two-pass algorithm, as the
     # reference's moments: sums of d = x - mean and d^2, then the shift sum d / n and
     # var = sum d^2 / n - (sum d / n)^2.  The correction gives back what rounding took from
     # the first mean, so a channel with no spread (the same d for every token) has variance
     # exactly 0, which the zero-spread rule (scale 1) needs at eps = 0: without it, 7 float64
-    # tokens of 3.7 left a variance of ~1e-32 and a zoom by ~1e15 of rounding noise.
-    corr = np.zeros(n)
+    # tokens of 3.7 left a variance of ~1e-32 and a zoom by ~1e15 of rounding noise.  (The
+    # sums of equal d, a few ulps of the mean, are exact in any order.)
+    corrs = np.zeros((SLOTS, n))
+    squares = np.zeros((SLOTS, n))
     for t in range(xb.shape[0]):
         if use_mask and not mask[b, t]:
             continue
         row = xb[t, c0:c1]
+        corr = corrs[t % SLOTS]
+        square = squares[t % SLOTS]
         for c in range(n):
             d = row[c] - mean[c]
             corr[c] += d
-            var[c] += d * d
+            square[c] += d * d
     for c in range(n):
-        shift[c] = corr[c] / total
-        v = var[c] / total - shift[c] * shift[c]
+        shift[c] = ((corrs[0, c] + corrs[1, c]) + (corrs[2, c] + corrs[3, c])) / total
+        v = ((squares[0, c] + squares[1, c]) + (squares[2, c] + squares[3, c])) / total - shift[c] * shift[c]
         var[c] = 0.0 if v < 0.0 else v  # rounding can go below 0; NaN stays (NaN < 0 is False)
 
 
 @cpu_kernel
 def _lane_stats(x, mask, use_mask, b, c):  # pragma: no cover - compiled
     """(first mean, variance, shift) of the one channel x[b, :, c]: _sample_stats's
-    operations, in its order, on scalars (the sums in registers, no row views)."""
+    operations, in its order, on scalars (the sums in registers, no row views): the four
+    slots' tokens a step apart, then the tokens left over after the last whole step."""
     xb = x[b]
     n_tok = xb.shape[0]
-    mean = 0.0
+    whole = n_tok - n_tok % SLOTS
+    s0 = s1 = s2 = s3 = 0.0
     count = 0
-    for t in range(n_tok):
+    for t in range(0, whole, SLOTS):
+        if not use_mask:
+            s0 += xb[t, c]
+            s1 += xb[t + 1, c]
+            s2 += xb[t + 2, c]
+            s3 += xb[t + 3, c]
+            continue
+        if mask[b, t]:
+            s0 += xb[t, c]
+            count += 1
+        if mask[b, t + 1]:
+            s1 += xb[t + 1, c]
+            count += 1
+        if mask[b, t + 2]:
+            s2 += xb[t + 2, c]
+            count += 1
+        if mask[b, t + 3]:
+            s3 += xb[t + 3, c]
+            count += 1
+    if not use_mask:
+        count = whole
+    for t in range(whole, n_tok):  # slots 0, 1, 2 in turn
         if use_mask and not mask[b, t]:
             continue
         count += 1
-        mean += xb[t, c]
+        if t == whole:
+            s0 += xb[t, c]
+        elif t == whole + 1:
+            s1 += xb[t, c]
+        else:
+            s2 += xb[t, c]
     total = float(count) if count > 0 else math.nan
-    mean /= total
-    corr = 0.0
-    var = 0.0
-    for t in range(n_tok):
+    mean = ((s0 + s1) + (s2 + s3)) / total
+    k0 = k1 = k2 = k3 = 0.0
+    q0 = q1 = q2 = q3 = 0.0
+    for t in range(0, whole, SLOTS):
+        if not use_mask or mask[b, t]:
+            d = xb[t, c] - mean
+            k0 += d
+            q0 += d * d
+        if not use_mask or mask[b, t + 1]:
+            d = xb[t + 1, c] - mean
+            k1 += d
+            q1 += d * d
+        if not use_mask or mask[b, t + 2]:
+            d = xb[t + 2, c] - mean
+            k2 += d
+            q2 += d * d
+        if not use_mask or mask[b, t + 3]:
+            d = xb[t + 3, c] - mean
+            k3 += d
+            q3 += d * d
+    for t in range(whole, n_tok):
         if use_mask and not mask[b, t]:
             continue
         d = xb[t, c] - mean
-        corr += d
-        var += d * d
-    shift = corr / total
-    v = var / total - shift * shift
+        if t == whole:
+            k0 += d
+            q0 += d * d
+        elif t == whole + 1:
+            k1 += d
+            q1 += d * d
+        else:
+            k2 += d
+            q2 += d * d
+    shift = ((k0 + k1) + (k2 + k3)) / total
+    v = ((q0 + q1) + (q2 + q3)) / total - shift * shift
     return mean, 0.0 if v < 0.0 else v, shift
 
 
