@@ -20,14 +20,15 @@ work a call waits for a descheduled thread.  Measured on the 2-core CI machine u
 ms for the NumPy core, and (64, 512, 256) float32 35 ms against 21 ms single-threaded.
 Here a busy machine costs at most the serial time plus one run of tasks.
 
-Numerics: sums accumulate in float64 whatever the input dtype, each in four interleaved
-partial sums (:data:`SLOTS`); the variance is the corrected two-pass one (mean, then centred
-sums and squares, the first correcting the mean), as the core's pivot form and the
-reference, so accuracy does not depend on the mean-to-spread ratio and a channel with no
-spread has variance exactly 0.  The map is the core's,
-``((x - c) - (mu - c)) * s + (mu + alpha (mu_g - mu))``, with ``c`` the mean rounded to the
-input's dtype (``x - c`` is exact near the mean) and the scale, correction and target in
-float64: computed in float64 and rounded once to the input's dtype (:func:`apply_map`).
+Numerics: sums accumulate in float64 whatever the input dtype, over lanes of at least
+:data:`SLOT_TOKENS` tokens in four interleaved partial sums (:data:`SLOTS`); the variance is
+the corrected two-pass one (mean, then centred sums and squares, the first correcting the
+mean), as the core's pivot form and the reference, so accuracy does not depend on the
+mean-to-spread ratio and a channel with no spread has variance exactly 0.  The map is the
+core's, ``((x - c) - (mu - c)) * s + (mu + alpha (mu_g - mu))``, with ``c`` the mean
+rounded to the input's dtype (``x - c`` is exact near the mean) and the scale, correction
+and target in float64: computed in float64 and rounded once to the input's dtype
+(:func:`apply_map`).
 
 Compilation: on first use, per dtype, cached on disk (``cache=True``, where numba finds a
 writable place: :func:`mmfuse.backends._numba_jit.cpu_kernel`), so a process after the first
@@ -74,12 +75,18 @@ SCALAR_CHANNELS = 4
 # loop keeps LLVM from vectorising it (several times slower).
 
 
-# Token sums run in SLOTS interleaved partial sums (token t into slot t % SLOTS, each slot
-# token after token), added as (s0 + s1) + (s2 + s3) at the end: four independent chains of
-# additions where one chain waited on each addition's latency.  Both kernels below use this
-# order, so a channel's statistics have the same bits in the scalar lanes and in the row loops.
-# (Both write the four slots out: changing this number means rewriting them.)
+# Token sums of lanes of at least SLOT_TOKENS tokens run in SLOTS interleaved partial sums
+# (token t into slot t % SLOTS, each slot token after token), added as (s0 + s1) + (s2 + s3)
+# at the end: four independent chains of additions where one chain waited on each addition's
+# latency.  Shorter lanes sum token after token (slot 0 alone, the others staying 0), the
+# reference's order: there the latency costs little, and a lane's statistics keep the
+# reference's bits, on which outcomes at the documented limits depend (a variance that
+# overflows gives inf or NaN depending on its rounding; tests/test_align_numerics.py compares
+# the lanes).  Both kernels below use this order, so a channel's statistics have the same bits
+# in the scalar lanes and in the row loops.  (Both write the four slots out: changing SLOTS
+# means rewriting them.)
 SLOTS = 4
+SLOT_TOKENS = 16
 
 
 @cpu_kernel
@@ -90,6 +97,7 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no
     :data:`SLOTS` partial sums per channel."""
     n = c1 - c0
     xb = x[b]
+    slots = SLOTS if xb.shape[0] >= SLOT_TOKENS else 1
     parts = np.zeros((SLOTS, n))
     count = 0
     for t in range(xb.shape[0]):
@@ -97,7 +105,7 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no
             continue
         count += 1
         row = xb[t, c0:c1]
-        part = parts[t % SLOTS]
+        part = parts[t % slots]
         for c in range(n):
             part[c] += row[c]
     # Divided by the count, not multiplied by its reciprocal (an ulp closer to the value).
@@ -117,8 +125,8 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no
         if use_mask and not mask[b, t]:
             continue
         row = xb[t, c0:c1]
-        corr = corrs[t % SLOTS]
-        square = squares[t % SLOTS]
+        corr = corrs[t % slots]
+        square = squares[t % slots]
         for c in range(n):
             d = row[c] - mean[c]
             corr[c] += d
@@ -133,10 +141,12 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no
 def _lane_stats(x, mask, use_mask, b, c):  # pragma: no cover - compiled
     """(first mean, variance, shift) of the one channel x[b, :, c]: _sample_stats's
     operations, in its order, on scalars (the sums in registers, no row views): the four
-    slots' tokens a step apart, then the tokens left over after the last whole step."""
+    slots' tokens a step apart, then the tokens left over after the last whole step (a lane
+    shorter than SLOT_TOKENS: all of them, into slot 0)."""
     xb = x[b]
     n_tok = xb.shape[0]
-    whole = n_tok - n_tok % SLOTS
+    slotted = n_tok >= SLOT_TOKENS
+    whole = n_tok - n_tok % SLOTS if slotted else 0
     s0 = s1 = s2 = s3 = 0.0
     count = 0
     for t in range(0, whole, SLOTS):
@@ -160,11 +170,11 @@ def _lane_stats(x, mask, use_mask, b, c):  # pragma: no cover - compiled
             count += 1
     if not use_mask:
         count = whole
-    for t in range(whole, n_tok):  # slots 0, 1, 2 in turn
+    for t in range(whole, n_tok):  # slots 0, 1, 2 in turn (unslotted: slot 0)
         if use_mask and not mask[b, t]:
             continue
         count += 1
-        if t == whole:
+        if t == whole or not slotted:
             s0 += xb[t, c]
         elif t == whole + 1:
             s1 += xb[t, c]
@@ -195,7 +205,7 @@ def _lane_stats(x, mask, use_mask, b, c):  # pragma: no cover - compiled
         if use_mask and not mask[b, t]:
             continue
         d = xb[t, c] - mean
-        if t == whole:
+        if t == whole or not slotted:
             k0 += d
             q0 += d * d
         elif t == whole + 1:
