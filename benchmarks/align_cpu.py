@@ -1,6 +1,7 @@
 """zoom_shift and align on CPU: mmfuse vs a straightforward torch version vs a NumPy copy.
 
-Run: ``python benchmarks/align_cpu.py [--json FILE] [--quick] [--auto] [--rule]``.
+Run: ``python benchmarks/align_cpu.py [--json FILE] [--quick] [--auto] [--rule] [--small] [--grad]
+[--channels]``.
 
 Inputs (B, T, C) = (64, 512, 256) float32 per modality, all cores; ``zoom_shift`` runs at
 alpha = 1, ``align`` at ``ALPHA`` = 0.5.  Candidates per case:
@@ -55,6 +56,14 @@ in units of the inputs' bytes, core / op.  A second table gives the memory behin
 second bound, ``AUTOGRAD_CORE_ROUND_LANES``: what the core keeps for two (512, 8, 16) and two
 (4, 64, 64) modalities by rounds, in units of the inputs' bytes and in bytes per lane (a
 sample's channel), modality and round (the limit counted as two rounds).
+``--channels``: few channels over many tokens, NumPy float32 (64, 4096, C) for C = 1, 2, 4,
+8 and 16 (the guide of 3072 tokens), no gradient, ``moments``, ``zoom_shift`` and
+``align(rounds=1)``: the core's NumPy path (``backend="array_api"``, what "auto" runs before
+numba is imported; ``core``), the same with its fold of tokens into rows turned off
+(``unfolded``: ``mmfuse._core.align._FOLD_ELEMENTS`` set past any size, in the same process),
+numba's kernels (``kernels``) and the plain NumPy code (``plain``, ``_baselines.py``),
+milliseconds per call, medians of interleaved rounds, and the ratios to the plain code; each
+candidate checked against the plain code first.
 """
 
 from __future__ import annotations
@@ -229,7 +238,11 @@ def main() -> None:
     parser.add_argument("--rule", action="store_true", help="the measurements behind AUTO_IMPORT_ELEMENTS")
     parser.add_argument("--small", action="store_true", help="numba's kernels against the core at small sizes")
     parser.add_argument("--grad", action="store_true", help="the measurements behind AUTOGRAD_CORE_ELEMENTS")
+    parser.add_argument("--channels", action="store_true", help="few channels over many tokens, NumPy")
     args = parser.parse_args()
+    if args.channels:
+        channels(args)
+        return
     if args.grad:
         grad_rule(args)
         return
@@ -439,6 +452,61 @@ def small(args) -> None:
                     "kernels/core": f"{statistics.median(ratios):.2f} "
                                     f"({quantile(ratios, 0.1):.2f}-{quantile(ratios, 0.9):.2f})",
                 })  # fmt: skip
+    print_table(rows, list(rows[0]))
+
+
+# --------------------------------------------------------------------------- --channels
+
+CHANNEL_COUNTS = (1, 2, 4, 8, 16)
+
+
+def channels(args) -> None:
+    """Few channels over many tokens: the core folded and unfolded, the kernels, the plain
+    code (see the module docstring)."""
+    import numba  # noqa: F401  (the kernels' row, asked by name)
+    from _baselines import plain_align, plain_moments, plain_zoom_shift
+
+    import mmfuse
+    from mmfuse._core import align as core_align
+
+    print(f"machine: {machine()}; NumPy float32, no gradient")
+    rng = np.random.default_rng(5)
+    fold_elements = core_align._FOLD_ELEMENTS
+
+    def unfolded(call: Any) -> Any:
+        core_align._FOLD_ELEMENTS = 1 << 62
+        try:
+            return call()
+        finally:
+            core_align._FOLD_ELEMENTS = fold_elements
+
+    rows = []
+    for c in CHANNEL_COUNTS:
+        x = (3.0 + 2.0 * rng.standard_normal((64, 4096, c))).astype(np.float32)
+        g = (rng.standard_normal((64, 3072, c)) - 1.0).astype(np.float32)
+        ops = {
+            "moments": (lambda be, x=x: mmfuse.moments(x, backend=be), lambda x=x: plain_moments(np, x)),
+            "zoom_shift": (
+                lambda be, x=x, g=g: mmfuse.zoom_shift(x, g, backend=be), lambda x=x, g=g: plain_zoom_shift(np, x, g)
+            ),
+            "align-r1": (
+                lambda be, x=x, g=g: mmfuse.align([x, g], rounds=1, backend=be), lambda x=x, g=g: plain_align(np, [x, g])
+            ),
+        }
+        for op, (call, plain) in ops.items():
+            cands = {
+                "core": lambda call=call: call("array_api"),
+                "unfolded": lambda call=call: unfolded(lambda: call("array_api")),
+                "kernels": lambda call=call: call("numba"),
+                "plain": plain,
+            }
+            for name in ("core", "unfolded", "kernels"):
+                check_same(f"{op} C {c} {name}", cands[name](), cands["plain"](), RTOL)
+            times = medians(sample_rounds(cands, repeats=3 if args.quick else 9))
+            rows.append({
+                "C": c, "op": op, **{f"{n} ms": f"{t * 1e3:.2f}" for n, t in times.items()},
+                **{f"{n}/plain": f"{times[n] / times['plain']:.2f}" for n in ("core", "unfolded", "kernels")},
+            })  # fmt: skip
     print_table(rows, list(rows[0]))
 
 

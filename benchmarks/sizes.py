@@ -19,7 +19,8 @@ outputs checked equal (relative to their largest magnitude) before timing.
 - ``tensor_fusion`` (TFN's full weight): (B, dims, h) = (256, (8, 8, 8), 16),
   (4096, (4, 8, 16), 4);
 - ``moments``, ``zoom_shift`` (toward a guide of another mean and spread), ``align(rounds=1)``
-  (two modalities): (32, 50, 64), (256, 100, 128) and (64, 4096, 1);
+  (two modalities): (32, 50, 64), (256, 100, 128), (64, 4096, 1) and (64, 4096, 4) (few
+  channels over many tokens, which NumPy's broadcasting and sums run slowly, the plain code too);
 - ``wander``: the CMU-MOSI adapter (T = 50, 50, 50, d = D = 40, r = 16, R_h = 8, R_t = 12,
   exact GELU, residual "first") at B = 32 and 256 in collapsed mode, B = 32 in cp mode.
 
@@ -86,7 +87,7 @@ FUSION = [(1024, (32, 32, 128), 128, 16), (4096, (8, 16, 64), 1, 4), (256, (64, 
 TENSOR = [(256, (8, 8, 8), 16), (4096, (4, 8, 16), 4)]  # (B, dims, h): TFN's full weight
 # the last: one channel (the review's crossover of numba's CPU kernels, which serve it once the
 # (256, 100, 128) case has imported numba)
-ALIGN = [(32, 50, 64), (256, 100, 128), (64, 4096, 1)]
+ALIGN = [(32, 50, 64), (256, 100, 128), (64, 4096, 1), (64, 4096, 4)]
 WANDER = [("collapsed", 32), ("collapsed", 256), ("cp", 32)]  # (mode, B) at the MOSI sizes
 
 

@@ -1136,11 +1136,88 @@ def test_token_sums_by_einsum_give_the_reductions_bits(monkeypatch, shape, dtype
             mmfuse.zoom_shift(x, guide, axis=1, alpha=0.7, backend="array_api"),
         ]
 
+    monkeypatch.setattr(core, "_FOLD_ELEMENTS", 1 << 62)  # (these shapes' unfolded sums)
     monkeypatch.setattr(core, "_EINSUM_ELEMENTS", 1 << 62)
     reduced = calls()
     monkeypatch.setattr(core, "_EINSUM_ELEMENTS", 0)
     for a, b in zip(calls(), reduced, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fold_slots_divide_the_tokens_within_the_fold_width():
+    """A block folds k tokens into a row only where k divides the tokens, k W stays within
+    the fold's width, the fold leaves at least _FOLD_ROWS rows, and W is 2 to _FOLD_LANES;
+    where such a k exists, it does fold."""
+    for tokens in (64, 100, 1000, 4096, 4099, 4097):
+        for lanes in range(1, 40):
+            k = core._fold_slots(tokens, lanes)
+            if k == 0:
+                assert lanes < 2 or lanes > core._FOLD_LANES or not any(
+                    tokens % j == 0 for j in range(2, min(core._FOLD_WIDTH // lanes, tokens // core._FOLD_ROWS) + 1)
+                )
+                continue
+            assert k >= 2 and tokens % k == 0 and k * lanes <= core._FOLD_WIDTH
+            assert tokens // k >= core._FOLD_ROWS
+    assert core._fold_slots(4096, 2) == 32 and core._fold_slots(1000, 4) == 10 and core._fold_slots(4099, 2) == 0
+
+
+FOLDED = [((64, 1000, 2), np.float32), ((16, 4096, 8), np.float32), ((3, 640, 2, 3), np.float32),
+          ((32, 512, 2), np.float64), ((300, 64, 5), np.float64), ((256, 4096, 2), np.float32)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape, dtype", FOLDED)
+def test_folded_blocks_give_the_statistics_and_maps(monkeypatch, shape, dtype):
+    """Few channels over many tokens fold tokens into the rows (``_fold_slots``): the same
+    statistics and maps as the unfolded path to a few ulps (another order of the sums; maps
+    the same operations per element), both against the reference, for moments, zoom_shift
+    toward another guide, a partial step, align; a masked call does not fold (the same bits
+    with or without the fold enabled).  (256, 4096, 2) float32 runs as blocks on threads."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal(shape) * 2.0 + 300.0).astype(dtype)
+    guide = (rng.standard_normal(shape) * 0.25 - 7.0).astype(dtype)
+    mask = _mask(rng, shape[0], shape[1])
+
+    def calls():
+        return [
+            *mmfuse.moments(x, axis=1, backend="array_api"),
+            mmfuse.zoom_shift(x, guide, axis=1, backend="array_api"),
+            mmfuse.zoom_shift(x, guide, axis=1, alpha=0.4, backend="array_api"),
+            *mmfuse.align([x, guide], axis=1, rounds=1, backend="array_api"),
+            *mmfuse.moments(x, axis=1, mask=mask, backend="array_api"),
+        ]
+
+    assert core._fold_of(x, 1)  # (the shapes fold)
+    folded = calls()
+    monkeypatch.setattr(core, "_FOLD_ELEMENTS", 1 << 62)
+    plain = calls()
+    want = [
+        *reference.moments(x, axis=1),
+        reference.zoom_shift(x, guide, axis=1),
+        reference.zoom_shift(x, guide, axis=1, alpha=0.4),
+        *reference.align([x, guide], axis=1, rounds=1),
+    ]
+    ulp = np.finfo(dtype).eps
+    for i, (a, b) in enumerate(zip(folded[:-2], plain[:-2], strict=True)):
+        scale = np.abs(b).max()
+        np.testing.assert_allclose(a, b, rtol=0, atol=8 * ulp * scale, err_msg=f"call {i}")
+        np.testing.assert_allclose(a, want[i], rtol=0, atol=16 * ulp * scale, err_msg=f"call {i}")
+    for a, b in zip(folded[-2:], plain[-2:], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_strided_block_runs_unfolded(monkeypatch):
+    """A transposed (not C-contiguous) input takes the unfolded sums (a fold is a view of
+    contiguous memory), with the maps folded on their own buffers: right either way."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((2, 1024, 64)) * 3.0 + 5.0).astype(np.float32).transpose(2, 1, 0)  # (64, 1024, 2)
+    guide = (rng.standard_normal((64, 900, 2)) - 1.0).astype(np.float32)
+    assert not x.flags.c_contiguous and core._fold_slots(1024, 2)
+    y = mmfuse.zoom_shift(x, guide, axis=1, backend="array_api")
+    mean, std = mmfuse.moments(x, axis=1, backend="array_api")
+    assert_close(y, reference.zoom_shift(x, guide, axis=1), dtype=np.dtype(np.float32))
+    want_mean, want_std = reference.moments(x, axis=1)
+    assert_close(mean, want_mean, dtype=np.dtype(np.float32))
+    assert_close(std, want_std, dtype=np.dtype(np.float32))
 
 
 @pytest.mark.parametrize("backend", ["array_api", "torch", *(["numba"] if HAVE_NUMBA else [])])
