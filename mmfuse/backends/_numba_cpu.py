@@ -138,6 +138,12 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no
 
 
 @cpu_kernel
+def _centred_sums(k, q, d):  # pragma: no cover - compiled
+    """One token's deviation ``d`` added to a slot's sums of deviations and of their squares."""
+    return k + d, q + d * d
+
+
+@cpu_kernel
 def _lane_stats(x, mask, use_mask, b, c):  # pragma: no cover - compiled
     """(first mean, variance, shift) of the one channel x[b, :, c]: _sample_stats's
     operations, in its order, on scalars (the sums in registers, no row views): the four
@@ -186,34 +192,22 @@ def _lane_stats(x, mask, use_mask, b, c):  # pragma: no cover - compiled
     q0 = q1 = q2 = q3 = 0.0
     for t in range(0, whole, SLOTS):
         if not use_mask or mask[b, t]:
-            d = xb[t, c] - mean
-            k0 += d
-            q0 += d * d
+            k0, q0 = _centred_sums(k0, q0, xb[t, c] - mean)
         if not use_mask or mask[b, t + 1]:
-            d = xb[t + 1, c] - mean
-            k1 += d
-            q1 += d * d
+            k1, q1 = _centred_sums(k1, q1, xb[t + 1, c] - mean)
         if not use_mask or mask[b, t + 2]:
-            d = xb[t + 2, c] - mean
-            k2 += d
-            q2 += d * d
+            k2, q2 = _centred_sums(k2, q2, xb[t + 2, c] - mean)
         if not use_mask or mask[b, t + 3]:
-            d = xb[t + 3, c] - mean
-            k3 += d
-            q3 += d * d
+            k3, q3 = _centred_sums(k3, q3, xb[t + 3, c] - mean)
     for t in range(whole, n_tok):
         if use_mask and not mask[b, t]:
             continue
-        d = xb[t, c] - mean
         if t == whole or not slotted:
-            k0 += d
-            q0 += d * d
+            k0, q0 = _centred_sums(k0, q0, xb[t, c] - mean)
         elif t == whole + 1:
-            k1 += d
-            q1 += d * d
+            k1, q1 = _centred_sums(k1, q1, xb[t, c] - mean)
         else:
-            k2 += d
-            q2 += d * d
+            k2, q2 = _centred_sums(k2, q2, xb[t, c] - mean)
     shift = ((k0 + k1) + (k2 + k3)) / total
     v = ((q0 + q1) + (q2 + q3)) / total - shift * shift
     return mean, 0.0 if v < 0.0 else v, shift
