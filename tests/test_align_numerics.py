@@ -1205,7 +1205,7 @@ def test_folded_blocks_give_the_statistics_and_maps(monkeypatch, shape, dtype):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_strided_block_runs_unfolded(monkeypatch):
+def test_a_strided_block_runs_unfolded():
     """A transposed (not C-contiguous) input takes the unfolded sums (a fold is a view of
     contiguous memory), with the maps folded on their own buffers: right either way."""
     rng = np.random.default_rng()
