@@ -1144,6 +1144,23 @@ def test_token_sums_by_einsum_give_the_reductions_bits(monkeypatch, shape, dtype
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_an_infinite_token_gives_a_nan_mean_on_a_long_float32_axis(channels, masked):
+    """A lane with an infinite token has a NaN mean (inf - inf in the shifted form) on every
+    path and in the reference; the float32 path over long token axes (float64 sums, folded
+    or not) had returned the float64 sum's inf (a review's find)."""
+    x = np.full((3, 1031, channels), 3.0, np.float32)
+    x[0, 5, 0] = np.inf
+    x[1, 7, 0] = -np.inf
+    mask = np.ones((3, 1031), bool) if masked else None
+    with np.errstate(invalid="ignore"):
+        mean, _ = mmfuse.moments(x, mask=mask, backend="array_api")
+        want, _ = reference.moments(x, mask=mask)
+    np.testing.assert_array_equal(np.isnan(mean), np.isnan(want))
+    assert np.isnan(mean[0, 0, 0]) and np.isnan(mean[1, 0, 0]) and np.all(mean[2] == 3.0)
+
+
 def test_fold_slots_divide_the_tokens_within_the_fold_width():
     """A block folds k tokens into a row only where k divides the tokens, k W stays within
     the fold's width, the fold leaves at least _FOLD_ROWS rows, and W is 2 to _FOLD_LANES;
@@ -1161,19 +1178,26 @@ def test_fold_slots_divide_the_tokens_within_the_fold_width():
     assert core._fold_slots(4096, 2) == 32 and core._fold_slots(1000, 4) == 10 and core._fold_slots(4099, 2) == 0
 
 
-FOLDED = [((64, 1000, 2), np.float32), ((16, 4096, 8), np.float32), ((3, 640, 2, 3), np.float32),
-          ((32, 512, 2), np.float64), ((300, 64, 5), np.float64), ((256, 4096, 2), np.float32)]  # fmt: skip
+FOLDED = [((64, 1000, 2), np.float32, 300.0), ((16, 4096, 8), np.float32, 300.0),
+          ((3, 640, 2, 3), np.float32, 300.0), ((32, 512, 2), np.float64, 300.0),
+          ((300, 64, 5), np.float64, 300.0), ((256, 4096, 2), np.float32, 300.0),
+          ((32, 128, 4), np.float32, 300.0), ((256, 64, 2), np.float32, 300.0),
+          ((4, 4160, 2), np.float32, 300.0), ((64, 1000, 2), np.float32, 1e4),
+          ((32, 128, 4), np.float32, 1e4), ((32, 512, 2), np.float64, 1e8)]  # fmt: skip
 
 
-@pytest.mark.parametrize("shape, dtype", FOLDED)
-def test_folded_blocks_give_the_statistics_and_maps(monkeypatch, shape, dtype):
+@pytest.mark.parametrize("shape, dtype, offset", FOLDED)
+def test_folded_blocks_give_the_statistics_and_maps(monkeypatch, shape, dtype, offset):
     """Few channels over many tokens fold tokens into the rows (``_fold_slots``): the same
     statistics and maps as the unfolded path to a few ulps (another order of the sums; maps
     the same operations per element), both against the reference, for moments, zoom_shift
     toward another guide, a partial step, align; a masked call does not fold (the same bits
-    with or without the fold enabled).  (256, 4096, 2) float32 runs as blocks on threads."""
+    with or without the fold enabled).  (256, 4096, 2) float32 runs as blocks on threads;
+    float32 over 64 tokens sums in float64 (T 128), at 64 in float32 (k = 2), and (4, 4160,
+    2) leaves a partial chunk of the squares (130 rows); means far above the spread (a
+    spread of 2 at 1e4 in float32, 1e8 in float64) need the pivot's correction."""
     rng = np.random.default_rng()
-    x = (rng.standard_normal(shape) * 2.0 + 300.0).astype(dtype)
+    x = (rng.standard_normal(shape) * 2.0 + offset).astype(dtype)
     guide = (rng.standard_normal(shape) * 0.25 - 7.0).astype(dtype)
     mask = _mask(rng, shape[0], shape[1])
 

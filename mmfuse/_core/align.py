@@ -96,15 +96,16 @@ _MAX_WORKERS = 8
 # Blocks of at most this many elements square into a temporary and reduce it, larger ones
 # use einsum (no temporary): below it einsum's fixed cost is the larger one.
 _SMALL_ELEMENTS = 1 << 12
-# Blocks of at least this many elements with two or more channels per token sum over the
+# Blocks of more than this many elements with two or more channels per token sum over the
 # tokens by einsum, not np.add.reduce (see _axis_sum): measured (float32, 2-core CI box),
-# one sum took 2.3 -> 1.9 us at (8, 8, 8), 3.3 -> 2.1 at (16, 8, 4), 5.4 -> 2.6 at
-# (16, 16, 8), 18 -> 5.3 at (64, 16, 8), 100 -> 23 at (512, 8, 16), 191 -> 41 at
-# (256, 50, 2) and 34 -> 20 at (32, 50, 64), the squares' sums alike; below it (1.4 ->
-# 1.7 us at (4, 6, 5), 1.6 -> 1.7 at (4, 8, 8)) einsum's fixed cost is the larger.  One
-# channel keeps the reduction: its token axis is the innermost, which NumPy sums pairwise
-# and fast, as the reference does.
-_EINSUM_ELEMENTS = 1 << 9
+# one sum took 7.3 -> 3.1 us at (32, 8, 16), 18 -> 5.3 at (64, 16, 8), 100 -> 23 at
+# (512, 8, 16), 191 -> 41 at (256, 50, 2) and 34 -> 20 at (32, 50, 64), the squares' sums
+# alike.  Below it the two were within a microsecond either way, one session's run against
+# another's (2.3 -> 1.9 us at (8, 8, 8) in one, 3.1 -> 4.1 in a review's; whole calls at
+# (2, 16, 16) and (2, 8, 32) 1.2-1.4x slower with einsum there), so small blocks keep the
+# reduction.  One channel keeps it too: its token axis is the innermost, which NumPy sums
+# pairwise and fast, as the reference does.
+_EINSUM_ELEMENTS = _SMALL_ELEMENTS
 # Blocks of 2 to _FOLD_LANES channels per token fold tokens into rows of up to _FOLD_WIDTH
 # elements, leaving at least _FOLD_ROWS rows (see _fold_slots), in blocks of at least
 # _FOLD_ELEMENTS elements: below it the fold's own operations (the lanes' constants tiled,
@@ -409,9 +410,11 @@ def _axis_sum(ndim: int, axis: int) -> str:
     Why einsum and not ``np.add.reduce`` where the token axis is not the innermost (the
     channels are): the reduction then runs an inner loop over the C channels of one token
     at a time, einsum a loop that keeps the sums of all channels going, several times faster
-    with few channels and never slower past a few hundred elements (:data:`_EINSUM_ELEMENTS`).
-    The same order of terms per sum (token after token), so the same bits, in every case
-    measured.  Measured (2-core CI box, float32 in, float64 sums of a long token axis,
+    with few channels and not slower past a few thousand elements (:data:`_EINSUM_ELEMENTS`).
+    The same order of terms per sum (token after token) on C-contiguous blocks, so the same
+    bits there, in every case measured; on other layouts (a transposed or reversed input)
+    the two iterate differently and a spread's last bits may differ (2-3 ulps measured).
+    Measured (2-core CI box, float32 in, float64 sums of a long token axis,
     :func:`_wide_block_stats`): (16, 4096, 4) 1000 against 334 us, (64, 4096, 1) 84 against
     71, (32, 100, 2) 49 against 18, (256, 100, 128) 1415 against 1287."""
     letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
@@ -501,7 +504,8 @@ def _folded_block_stats(xb: Any, axis: int, k: int, dev: Any, outs: tuple[Any, .
         np.maximum(var64, 0.0, out=var64)  # rounding can go below 0; NaN stays
         corr = _rounded_into(corr_o, corr64, dtype, kept)
         var = _rounded_into(var_o, var64, dtype, kept)
-        mean = _rounded_into(mean_o, mean64, dtype, kept) if with_mean else None
+        # (the mean as pivot + correction: see _wide_block_stats)
+        mean = _rounded_into(mean_o, piv + corr64, dtype, kept) if with_mean else None
         return Stats(mean, var, piv, corr, devf.reshape(xb.shape))
     count = _constant(xb.dtype, tokens)
     piv = np.divide(_slot_sums(np.einsum("abc->ac", xf), k, kept), count, piv_o)
@@ -560,7 +564,8 @@ def _block_stats(
     spreads off, sigma 7x too large; a constant lane of 4096 tokens got a spread of 6e-7
     where it has none).
     """
-    if mb is None and (k := _fold_of(xb, axis)):
+    # (and only into a C-contiguous dev buffer, which its folded view must be, not a copy)
+    if mb is None and (dev is None or dev.flags.c_contiguous) and (k := _fold_of(xb, axis)):
         return _folded_block_stats(xb, axis, k, dev, outs, with_mean)
     if xb.shape[axis] > F32_TOKENS and xb.dtype.itemsize < 8:
         return _wide_block_stats(xb, axis, mb, dev, masked, outs, with_mean)
@@ -579,7 +584,7 @@ def _block_stats(
     divide = np.divide
     # the token sums by einsum where the channels are the inner axis (see _axis_sum); the
     # size first: a tiny call pays one comparison
-    lanes = xb.size >= _EINSUM_ELEMENTS and xb.dtype.isnative and math.prod(xb.shape[axis + 1 :]) > 1
+    lanes = xb.size > _EINSUM_ELEMENTS and math.prod(xb.shape[axis + 1 :]) > 1
     kept = kept_shape(xb.shape, axis) if lanes else ()
     if mb is None:
         count: Any = _constant(xb.dtype, xb.shape[axis])
@@ -604,7 +609,7 @@ def _block_stats(
     else:
         corr = total(src, axis, None, corr_o, True)
     divide(corr, count, corr)
-    if src.size <= _SMALL_ELEMENTS and not lanes:
+    if src.size <= _SMALL_ELEMENTS:
         # a small block: the squares in a temporary, then one reduction (einsum's Python
         # wrapper costs more than that temporary below this size)
         var = total(np.multiply(src, src), axis, None, var_o, True)
@@ -659,7 +664,10 @@ def _wide_block_stats(
     np.maximum(var64, 0.0, out=var64)  # rounding can go below 0; NaN stays
     corr = _rounded_into(corr_o, corr64, dtype, kept)
     var = _rounded_into(var_o, var64, dtype, kept)
-    mean = _rounded_into(mean_o, mean64, dtype, kept) if with_mean else None
+    # the mean as pivot + correction (the float64 mean itself where both are finite): a lane
+    # with an infinite token has a NaN correction (inf - inf), and so a NaN mean, as on every
+    # other path and the reference, where the float64 mean alone was inf (a review's find)
+    mean = _rounded_into(mean_o, piv + corr64, dtype, kept) if with_mean else None
     return Stats(mean, var, piv, corr, dev)
 
 
