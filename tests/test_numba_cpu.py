@@ -472,9 +472,10 @@ def test_single_channel_lanes_equal_a_channel_of_wider_rows(dtype, masked):
 def test_scalar_lanes_and_row_loops_give_the_same_bits(monkeypatch, dtype, shape):
     """Every task forced through the row loops (SCALAR_CHANNELS = 0), then through the
     scalar per-channel loops (a large SCALAR_CHANNELS), on the same inputs, masked and not,
-    one thread and several (channels split among tasks for the single sample): equal.  Token
-    counts leave 0 to 3 tokens after the last whole step of the SLOTS partial sums, and
-    fewer tokens than slots."""
+    one thread and several (channels split among tasks for the single sample): equal.  The
+    scalar lanes of 16 tokens or more run four at a time (``_four_lane_stats``) unmasked:
+    lane counts leave 0 to 3 lanes after the last group of four, and shorter lanes (11, 3
+    tokens) run one by one."""
     rng = np.random.default_rng()
     batch, tokens, chan = shape
     x, guide = _hard_lanes(rng, shape, dtype), draw(rng, (batch, tokens + 5, chan), dtype)

@@ -20,15 +20,13 @@ work a call waits for a descheduled thread.  Measured on the 2-core CI machine u
 ms for the NumPy core, and (64, 512, 256) float32 35 ms against 21 ms single-threaded.
 Here a busy machine costs at most the serial time plus one run of tasks.
 
-Numerics: sums accumulate in float64 whatever the input dtype, over lanes of at least
-:data:`SLOT_TOKENS` tokens in four interleaved partial sums (:data:`SLOTS`); the variance is
-the corrected two-pass one (mean, then centred sums and squares, the first correcting the
-mean), as the core's pivot form and the reference, so accuracy does not depend on the
-mean-to-spread ratio and a channel with no spread has variance exactly 0.  The map is the
-core's, ``((x - c) - (mu - c)) * s + (mu + alpha (mu_g - mu))``, with ``c`` the mean
-rounded to the input's dtype (``x - c`` is exact near the mean) and the scale, correction
-and target in float64: computed in float64 and rounded once to the input's dtype
-(:func:`apply_map`).
+Numerics: sums accumulate in float64 whatever the input dtype; the variance is the corrected
+two-pass one (mean, then centred sums and squares, the first correcting the mean), as the
+core's pivot form and the reference, so accuracy does not depend on the mean-to-spread ratio
+and a channel with no spread has variance exactly 0.  The map is the core's,
+``((x - c) - (mu - c)) * s + (mu + alpha (mu_g - mu))``, with ``c`` the mean rounded to the
+input's dtype (``x - c`` is exact near the mean) and the scale, correction and target in
+float64: computed in float64 and rounded once to the input's dtype (:func:`apply_map`).
 
 Compilation: on first use, per dtype, cached on disk (``cache=True``, where numba finds a
 writable place: :func:`mmfuse.backends._numba_jit.cpu_kernel`), so a process after the first
@@ -61,9 +59,8 @@ _MAX_WORKERS = 8
 #: the kernels 2.5-10x slower than plain NumPy (a performance review's measurement, under
 #: load: moments of (64, 4096, 1) float32 3.9 ms against NumPy's 0.57 ms; the fix's, in
 #: interleaved rounds: 2.13 -> 0.74 ms against NumPy's 0.32, what was left the serial float64
-#: sums' latency, which the SLOTS partial sums took off: 360 -> 254 us against NumPy's 219,
-#: zoom_shift 807 -> 541 us, on 2 cores).  Measured on 262144 float32 elements, one thread
-#: (before the partial sums): the lanes win
+#: sums' latency, which running four lanes side by side took off: _four_lane_stats).
+#: Measured on 262144 float32 elements, one thread (before the four lanes): the lanes win
 #: to 4 channels (statistics 1.09 -> 0.54 ms at 2, 0.62 -> 0.52 at 4), break even at 5-6
 #: and lose from 8 (0.29 -> 0.52).  Same operations in the same order as the row loops, so
 #: the same bits (tests/test_numba_cpu.py compares the two); read on each call, so tests
@@ -75,142 +72,130 @@ SCALAR_CHANNELS = 4
 # loop keeps LLVM from vectorising it (several times slower).
 
 
-# Token sums of lanes of at least SLOT_TOKENS tokens run in SLOTS interleaved partial sums
-# (token t into slot t % SLOTS, each slot token after token), added as (s0 + s1) + (s2 + s3)
-# at the end: four independent chains of additions where one chain waited on each addition's
-# latency.  Shorter lanes sum token after token (slot 0 alone, the others staying 0), the
-# reference's order: there the latency costs little, and a lane's statistics keep the
-# reference's bits, on which outcomes at the documented limits depend (a variance that
-# overflows gives inf or NaN depending on its rounding; tests/test_align_numerics.py compares
-# the lanes).  Both kernels below use this order, so a channel's statistics have the same bits
-# in the scalar lanes and in the row loops.  (Both write the four slots out: changing SLOTS
-# means rewriting them.)
-SLOTS = 4
-SLOT_TOKENS = 16
-
-
 @cpu_kernel
 def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no cover - compiled
     """x[b, :, c0:c1]'s statistics over its tokens (masked ones skipped): the first mean in
     ``mean[:]``, the second pass's correction in ``shift[:]`` (the mean is their sum, which
-    float64 alone would round to ulps of a large mean), the variance in ``var[:]``.  Sums in
-    :data:`SLOTS` partial sums per channel."""
+    float64 alone would round to ulps of a large mean), the variance in ``var[:]``."""
     n = c1 - c0
     xb = x[b]
-    slots = SLOTS if xb.shape[0] >= SLOT_TOKENS else 1
-    parts = np.zeros((SLOTS, n))
+    mean[:] = 0.0
+    var[:] = 0.0
     count = 0
     for t in range(xb.shape[0]):
         if use_mask and not mask[b, t]:
             continue
         count += 1
         row = xb[t, c0:c1]
-        part = parts[t % slots]
         for c in range(n):
-            part[c] += row[c]
+            mean[c] += row[c]
     # Divided by the count, not multiplied by its reciprocal (an ulp closer to the value).
     total = float(count) if count > 0 else math.nan
     for c in range(n):
-        mean[c] = ((parts[0, c] + parts[1, c]) + (parts[2, c] + parts[3, c])) / total
+        mean[c] /= total
     # Second pass (the sample is still in cache): the corrected two-pass algorithm, as the
     # reference's moments: sums of d = x - mean and d^2, then the shift sum d / n and
     # var = sum d^2 / n - (sum d / n)^2.  The correction gives back what rounding took from
     # the first mean, so a channel with no spread (the same d for every token) has variance
     # exactly 0, which the zero-spread rule (scale 1) needs at eps = 0: without it, 7 float64
-    # tokens of 3.7 left a variance of ~1e-32 and a zoom by ~1e15 of rounding noise.  (The
-    # sums of equal d, a few ulps of the mean, are exact in any order.)
-    corrs = np.zeros((SLOTS, n))
-    squares = np.zeros((SLOTS, n))
+    # tokens of 3.7 left a variance of ~1e-32 and a zoom by ~1e15 of rounding noise.
+    corr = np.zeros(n)
     for t in range(xb.shape[0]):
         if use_mask and not mask[b, t]:
             continue
         row = xb[t, c0:c1]
-        corr = corrs[t % slots]
-        square = squares[t % slots]
         for c in range(n):
             d = row[c] - mean[c]
             corr[c] += d
-            square[c] += d * d
+            var[c] += d * d
     for c in range(n):
-        shift[c] = ((corrs[0, c] + corrs[1, c]) + (corrs[2, c] + corrs[3, c])) / total
-        v = ((squares[0, c] + squares[1, c]) + (squares[2, c] + squares[3, c])) / total - shift[c] * shift[c]
+        shift[c] = corr[c] / total
+        v = var[c] / total - shift[c] * shift[c]
         var[c] = 0.0 if v < 0.0 else v  # rounding can go below 0; NaN stays (NaN < 0 is False)
-
-
-@cpu_kernel
-def _centred_sums(k, q, d):  # pragma: no cover - compiled
-    """One token's deviation ``d`` added to a slot's sums of deviations and of their squares."""
-    return k + d, q + d * d
 
 
 @cpu_kernel
 def _lane_stats(x, mask, use_mask, b, c):  # pragma: no cover - compiled
     """(first mean, variance, shift) of the one channel x[b, :, c]: _sample_stats's
-    operations, in its order, on scalars (the sums in registers, no row views): the four
-    slots' tokens a step apart, then the tokens left over after the last whole step (a lane
-    shorter than SLOT_TOKENS: all of them, into slot 0)."""
+    operations, in its order, on scalars (the sums in registers, no row views)."""
     xb = x[b]
     n_tok = xb.shape[0]
-    slotted = n_tok >= SLOT_TOKENS
-    whole = n_tok - n_tok % SLOTS if slotted else 0
-    s0 = s1 = s2 = s3 = 0.0
+    mean = 0.0
     count = 0
-    for t in range(0, whole, SLOTS):
-        if not use_mask:
-            s0 += xb[t, c]
-            s1 += xb[t + 1, c]
-            s2 += xb[t + 2, c]
-            s3 += xb[t + 3, c]
-            continue
-        if mask[b, t]:
-            s0 += xb[t, c]
-            count += 1
-        if mask[b, t + 1]:
-            s1 += xb[t + 1, c]
-            count += 1
-        if mask[b, t + 2]:
-            s2 += xb[t + 2, c]
-            count += 1
-        if mask[b, t + 3]:
-            s3 += xb[t + 3, c]
-            count += 1
-    if not use_mask:
-        count = whole
-    for t in range(whole, n_tok):  # slots 0, 1, 2 in turn (unslotted: slot 0)
+    for t in range(n_tok):
         if use_mask and not mask[b, t]:
             continue
         count += 1
-        if t == whole or not slotted:
-            s0 += xb[t, c]
-        elif t == whole + 1:
-            s1 += xb[t, c]
-        else:
-            s2 += xb[t, c]
+        mean += xb[t, c]
     total = float(count) if count > 0 else math.nan
-    mean = ((s0 + s1) + (s2 + s3)) / total
-    k0 = k1 = k2 = k3 = 0.0
-    q0 = q1 = q2 = q3 = 0.0
-    for t in range(0, whole, SLOTS):
-        if not use_mask or mask[b, t]:
-            k0, q0 = _centred_sums(k0, q0, xb[t, c] - mean)
-        if not use_mask or mask[b, t + 1]:
-            k1, q1 = _centred_sums(k1, q1, xb[t + 1, c] - mean)
-        if not use_mask or mask[b, t + 2]:
-            k2, q2 = _centred_sums(k2, q2, xb[t + 2, c] - mean)
-        if not use_mask or mask[b, t + 3]:
-            k3, q3 = _centred_sums(k3, q3, xb[t + 3, c] - mean)
-    for t in range(whole, n_tok):
+    mean /= total
+    corr = 0.0
+    var = 0.0
+    for t in range(n_tok):
         if use_mask and not mask[b, t]:
             continue
-        if t == whole or not slotted:
-            k0, q0 = _centred_sums(k0, q0, xb[t, c] - mean)
-        elif t == whole + 1:
-            k1, q1 = _centred_sums(k1, q1, xb[t, c] - mean)
-        else:
-            k2, q2 = _centred_sums(k2, q2, xb[t, c] - mean)
-    shift = ((k0 + k1) + (k2 + k3)) / total
-    v = ((q0 + q1) + (q2 + q3)) / total - shift * shift
+        d = xb[t, c] - mean
+        corr += d
+        var += d * d
+    shift = corr / total
+    v = var / total - shift * shift
     return mean, 0.0 if v < 0.0 else v, shift
+
+
+@cpu_kernel
+def _centred_sums(corr, var, d):  # pragma: no cover - compiled
+    """One token's deviation ``d`` added to a lane's sums of deviations and of their squares
+    (:func:`_lane_stats`'s operations)."""
+    return corr + d, var + d * d
+
+
+@cpu_kernel
+def _spread(total, corr, var):  # pragma: no cover - compiled
+    """(variance, shift) from a lane's sums of deviations and of their squares
+    (:func:`_lane_stats`'s operations)."""
+    shift = corr / total
+    v = var / total - shift * shift
+    return 0.0 if v < 0.0 else v, shift
+
+
+# Unmasked scalar lanes of at least this many tokens run four at a time (_four_lane_stats,
+# the grouped kernels): on shorter ones (and masked ones, whose per-lane mask tests the
+# four-at-a-time loop made slower) the grouping's bookkeeping cost more than the latency it
+# hides: measured (float32, 2 cores), moments of (8192, 4, 2) 334 -> 379 us and zoom_shift
+# 926 -> 1172 grouped, (2048, 6, 1) 1.08-1.13x, masked (64, 4096, 1) 659 -> 706 us;
+# unmasked (512, 40, 1) 0.84-0.86x, (64, 4096, 1) 0.68-0.73x.
+LANE_GROUP_TOKENS = 16
+
+
+@cpu_kernel
+def _four_lane_stats(x, lb, lc, first, var, shift):  # pragma: no cover - compiled
+    """:func:`_lane_stats` of the four unmasked lanes x[lb[i], :, lc[i]] into ``first[i]``,
+    ``var[i]`` and ``shift[i]``, side by side: each lane's sums in their own order (token after
+    token, the same operations as one lane alone, so the same bits), the four chains of
+    additions interleaved, where one lane's chain waits on each addition's latency."""
+    b0, b1, b2, b3 = lb[0], lb[1], lb[2], lb[3]
+    c0, c1, c2, c3 = lc[0], lc[1], lc[2], lc[3]
+    n_tok = x.shape[1]
+    s0 = s1 = s2 = s3 = 0.0
+    for t in range(n_tok):
+        s0 += x[b0, t, c0]
+        s1 += x[b1, t, c1]
+        s2 += x[b2, t, c2]
+        s3 += x[b3, t, c3]
+    total = float(n_tok)  # (at least LANE_GROUP_TOKENS)
+    m0, m1, m2, m3 = s0 / total, s1 / total, s2 / total, s3 / total
+    k0 = k1 = k2 = k3 = 0.0
+    q0 = q1 = q2 = q3 = 0.0
+    for t in range(n_tok):
+        k0, q0 = _centred_sums(k0, q0, x[b0, t, c0] - m0)
+        k1, q1 = _centred_sums(k1, q1, x[b1, t, c1] - m1)
+        k2, q2 = _centred_sums(k2, q2, x[b2, t, c2] - m2)
+        k3, q3 = _centred_sums(k3, q3, x[b3, t, c3] - m3)
+    first[0], first[1], first[2], first[3] = m0, m1, m2, m3
+    var[0], shift[0] = _spread(total, k0, q0)
+    var[1], shift[1] = _spread(total, k1, q1)
+    var[2], shift[2] = _spread(total, k2, q2)
+    var[3], shift[3] = _spread(total, k3, q3)
 
 
 @cpu_kernel
@@ -320,6 +305,74 @@ def _zoom_shift_kernel(
 
 
 @cpu_kernel
+def _grouped_stats_kernel(x, chunk, mean_out, var_out, shift_out, t0, t1):  # pragma: no cover
+    """:func:`_stats_kernel` of unmasked scalar lanes (LANE_GROUP_TOKENS tokens or more, at
+    most SCALAR_CHANNELS channels a task), four at a time by :func:`_four_lane_stats`, the
+    last few one by one: the same operations per lane, so the same bits.  (A kernel of its
+    own: folded into _stats_kernel, the lanes that are not grouped ran up to 1.1x slower,
+    the machine code of the whole loop changed with it.)"""
+    n_chan = x.shape[2]
+    per = (n_chan + chunk - 1) // chunk
+    lb, lc = np.empty(4, np.int64), np.empty(4, np.int64)
+    first4, var4, shift4 = np.empty(4), np.empty(4), np.empty(4)
+    pending = 0
+    for task in range(t0, t1):
+        b, c0, c1 = _task_span(task, per, chunk, n_chan)
+        for c in range(c0, c1):
+            lb[pending], lc[pending] = b, c
+            pending += 1
+            if pending == 4:
+                pending = 0
+                _four_lane_stats(x, lb, lc, first4, var4, shift4)
+                for i in range(4):
+                    mean_out[lb[i], lc[i]] = first4[i]
+                    var_out[lb[i], lc[i]] = var4[i]
+                    shift_out[lb[i], lc[i]] = shift4[i]
+    for i in range(pending):
+        b, c = lb[i], lc[i]
+        mean_out[b, c], var_out[b, c], shift_out[b, c] = _lane_stats(x, _NO_MASK, False, b, c)
+
+
+@cpu_kernel
+def _grouped_zoom_shift_kernel(x, g_mean, g_sigma, alpha, eps, chunk, out, t0, t1):  # pragma: no cover
+    """:func:`_zoom_shift_kernel` of unmasked scalar lanes (as :func:`_grouped_stats_kernel`):
+    their statistics four at a time, each lane then mapped."""
+    n_chan = x.shape[2]
+    per = (n_chan + chunk - 1) // chunk
+    rounded = np.empty(1, dtype=x.dtype)  # rounds a lane's first mean to x's dtype
+    lb, lc = np.empty(4, np.int64), np.empty(4, np.int64)
+    first4, var4, shift4 = np.empty(4), np.empty(4), np.empty(4)
+    pending = 0
+    for task in range(t0, t1):
+        b, c0, c1 = _task_span(task, per, chunk, n_chan)
+        for c in range(c0, c1):
+            lb[pending], lc[pending] = b, c
+            pending += 1
+            if pending == 4:
+                pending = 0
+                _four_lane_stats(x, lb, lc, first4, var4, shift4)
+                for i in range(4):
+                    _lane_zoom_shift(x, lb[i], lc[i], first4[i], var4[i], shift4[i], g_mean, g_sigma,
+                                     alpha, eps, rounded, out)  # fmt: skip
+    for i in range(pending):
+        b, c = lb[i], lc[i]
+        first, var, shift = _lane_stats(x, _NO_MASK, False, b, c)
+        _lane_zoom_shift(x, b, c, first, var, shift, g_mean, g_sigma, alpha, eps, rounded, out)
+
+
+@cpu_kernel
+def _lane_zoom_shift(
+    x, b, c, first, var, shift, g_mean, g_sigma, alpha, eps, rounded, out
+):  # pragma: no cover - compiled
+    """The map of the one channel x[b, :, c] from its statistics into ``out`` (``rounded``: a
+    one-element array of x's dtype, scratch that rounds the first mean to it)."""
+    rounded[0] = first
+    centre = np.float64(rounded[0])
+    s, k, o = _map_constants(first, var, shift, centre, g_mean[b, c], g_sigma[b, c], alpha, eps)
+    _lane_map(x, b, c, centre, k, s, o, out)
+
+
+@cpu_kernel
 def _apply_kernel(x, centre, corr, scale, target, chunk, scalar, out, t0, t1):  # pragma: no cover - compiled
     _, n_tok, n_chan = x.shape
     per = (n_chan + chunk - 1) // chunk
@@ -383,6 +436,13 @@ def _mask_arg(mask: Any) -> tuple[Any, bool]:
     return np.ascontiguousarray(mask, dtype=np.bool_), True
 
 
+def _grouped(x3: Any, mask2: Any, chunk: int) -> bool:
+    """Whether a call's tasks are all scalar lanes that run four at a time (the grouped
+    kernels): unmasked, at least :data:`LANE_GROUP_TOKENS` tokens, at most
+    :data:`SCALAR_CHANNELS` channels a task (read on each call, as the kernels' own test)."""
+    return mask2 is None and x3.shape[1] >= LANE_GROUP_TOKENS and chunk <= SCALAR_CHANNELS
+
+
 def stats(x3: Any, mask2: Any) -> tuple[Any, Any, Any]:
     """float64 (first mean, population variance, shift) of a C-contiguous float32/float64
     (B', T, C') array over T, masked tokens (``mask2`` (B', T) bool, or None) excluded; each of
@@ -391,8 +451,11 @@ def stats(x3: Any, mask2: Any) -> tuple[Any, Any, Any]:
     first = np.empty((n_rows, n_chan))
     var = np.empty((n_rows, n_chan))
     shift = np.empty((n_rows, n_chan))
-    mk, use = _mask_arg(mask2)
     chunk, n_tasks, workers = _plan(x3)
+    if _grouped(x3, mask2, chunk):
+        run_tasks(_grouped_stats_kernel, n_tasks, workers, x3, chunk, first, var, shift)
+        return first, var, shift
+    mk, use = _mask_arg(mask2)
     run_tasks(_stats_kernel, n_tasks, workers, x3, mk, use, chunk, SCALAR_CHANNELS, first, var, shift)
     return first, var, shift
 
@@ -401,8 +464,12 @@ def zoom_shift(x3: Any, mask2: Any, g_mean: Any, g_sigma: Any, alpha: float, eps
     """Zoom-and-Shift of a C-contiguous (B', T, C') array toward guide statistics (B', C')
     (float64 mean and ``sqrt(var + eps)``); one read of x, output in x's dtype."""
     out = np.empty(x3.shape, dtype=x3.dtype)
-    mk, use = _mask_arg(mask2)
     chunk, n_tasks, workers = _plan(x3)
+    if _grouped(x3, mask2, chunk):
+        args = (x3, g_mean, g_sigma, float(alpha), float(eps), chunk, out)
+        run_tasks(_grouped_zoom_shift_kernel, n_tasks, workers, *args)
+        return out
+    mk, use = _mask_arg(mask2)
     run_tasks(
         _zoom_shift_kernel, n_tasks, workers,
         x3, mk, use, g_mean, g_sigma, float(alpha), float(eps), chunk, SCALAR_CHANNELS, out,
