@@ -305,59 +305,66 @@ def _zoom_shift_kernel(
 
 
 @cpu_kernel
-def _grouped_stats_kernel(x, chunk, mean_out, var_out, shift_out, t0, t1):  # pragma: no cover
-    """:func:`_stats_kernel` of unmasked scalar lanes (LANE_GROUP_TOKENS tokens or more, at
-    most SCALAR_CHANNELS channels a task), four at a time by :func:`_four_lane_stats`, the
-    last few one by one: the same operations per lane, so the same bits.  (A kernel of its
-    own: folded into _stats_kernel, the lanes that are not grouped ran up to 1.1x slower,
-    the machine code of the whole loop changed with it.)"""
-    n_chan = x.shape[2]
+def _task_lanes(t0, t1, chunk, n_chan):  # pragma: no cover - compiled
+    """The (sample, channel) lanes of tasks t0 to t1 in order, as two arrays."""
     per = (n_chan + chunk - 1) // chunk
-    lb, lc = np.empty(4, np.int64), np.empty(4, np.int64)
-    first4, var4, shift4 = np.empty(4), np.empty(4), np.empty(4)
-    pending = 0
+    lanes_b, lanes_c = np.empty(n_chan * (t1 - t0), np.int64), np.empty(n_chan * (t1 - t0), np.int64)
+    n = 0
     for task in range(t0, t1):
         b, c0, c1 = _task_span(task, per, chunk, n_chan)
         for c in range(c0, c1):
-            lb[pending], lc[pending] = b, c
-            pending += 1
-            if pending == 4:
-                pending = 0
-                _four_lane_stats(x, lb, lc, first4, var4, shift4)
-                for i in range(4):
-                    mean_out[lb[i], lc[i]] = first4[i]
-                    var_out[lb[i], lc[i]] = var4[i]
-                    shift_out[lb[i], lc[i]] = shift4[i]
-    for i in range(pending):
-        b, c = lb[i], lc[i]
-        mean_out[b, c], var_out[b, c], shift_out[b, c] = _lane_stats(x, _NO_MASK, False, b, c)
+            lanes_b[n], lanes_c[n] = b, c
+            n += 1
+    return lanes_b[:n], lanes_c[:n]
+
+
+@cpu_kernel
+def _lanes_stats(x, lanes_b, lanes_c, first, var, shift):  # pragma: no cover - compiled
+    """:func:`_lane_stats` of the unmasked lanes x[lanes_b[i], :, lanes_c[i]] into ``first[i]``,
+    ``var[i]``, ``shift[i]``: four at a time by :func:`_four_lane_stats`, the last few one by
+    one; the same operations per lane, so the same bits."""
+    n = len(lanes_b)
+    whole = n - n % 4
+    for g in range(0, whole, 4):
+        _four_lane_stats(x, lanes_b[g : g + 4], lanes_c[g : g + 4], first[g : g + 4], var[g : g + 4],
+                         shift[g : g + 4])  # fmt: skip
+    for i in range(whole, n):
+        first[i], var[i], shift[i] = _lane_stats(x, _NO_MASK, False, lanes_b[i], lanes_c[i])
+
+
+@cpu_kernel
+def _grouped_stats_kernel(x, chunk, mean_out, var_out, shift_out, t0, t1):  # pragma: no cover
+    """:func:`_stats_kernel` of unmasked scalar lanes (LANE_GROUP_TOKENS tokens or more, at
+    most SCALAR_CHANNELS channels a task) by :func:`_lanes_stats`.  (Kernels of their own:
+    folded into _stats_kernel, the lanes that are not grouped ran up to 1.1x slower, the
+    machine code of the whole loop changed with it.)"""
+    lanes_b, lanes_c = _task_lanes(t0, t1, chunk, x.shape[2])
+    n = len(lanes_b)
+    first, var, shift = np.empty(n), np.empty(n), np.empty(n)
+    _lanes_stats(x, lanes_b, lanes_c, first, var, shift)
+    for i in range(n):
+        b, c = lanes_b[i], lanes_c[i]
+        mean_out[b, c], var_out[b, c], shift_out[b, c] = first[i], var[i], shift[i]
+
+
+# Lanes whose statistics the grouped zoom_shift kernel takes before mapping them: a few groups
+# of four, so that a lane is mapped while it is still in cache
+_MAP_LANES = 16
 
 
 @cpu_kernel
 def _grouped_zoom_shift_kernel(x, g_mean, g_sigma, alpha, eps, chunk, out, t0, t1):  # pragma: no cover
     """:func:`_zoom_shift_kernel` of unmasked scalar lanes (as :func:`_grouped_stats_kernel`):
-    their statistics four at a time, each lane then mapped."""
-    n_chan = x.shape[2]
-    per = (n_chan + chunk - 1) // chunk
+    their statistics by :func:`_lanes_stats`, _MAP_LANES lanes at a time, then their maps."""
+    lanes_b, lanes_c = _task_lanes(t0, t1, chunk, x.shape[2])
     rounded = np.empty(1, dtype=x.dtype)  # rounds a lane's first mean to x's dtype
-    lb, lc = np.empty(4, np.int64), np.empty(4, np.int64)
-    first4, var4, shift4 = np.empty(4), np.empty(4), np.empty(4)
-    pending = 0
-    for task in range(t0, t1):
-        b, c0, c1 = _task_span(task, per, chunk, n_chan)
-        for c in range(c0, c1):
-            lb[pending], lc[pending] = b, c
-            pending += 1
-            if pending == 4:
-                pending = 0
-                _four_lane_stats(x, lb, lc, first4, var4, shift4)
-                for i in range(4):
-                    _lane_zoom_shift(x, lb[i], lc[i], first4[i], var4[i], shift4[i], g_mean, g_sigma,
-                                     alpha, eps, rounded, out)  # fmt: skip
-    for i in range(pending):
-        b, c = lb[i], lc[i]
-        first, var, shift = _lane_stats(x, _NO_MASK, False, b, c)
-        _lane_zoom_shift(x, b, c, first, var, shift, g_mean, g_sigma, alpha, eps, rounded, out)
+    first, var, shift = np.empty(_MAP_LANES), np.empty(_MAP_LANES), np.empty(_MAP_LANES)
+    for start in range(0, len(lanes_b), _MAP_LANES):
+        lb, lc = lanes_b[start : start + _MAP_LANES], lanes_c[start : start + _MAP_LANES]
+        _lanes_stats(x, lb, lc, first, var, shift)
+        for i in range(len(lb)):
+            b, c = lb[i], lc[i]
+            _lane_zoom_shift(x, b, c, first[i], var[i], shift[i], g_mean, g_sigma, alpha, eps, rounded, out)
 
 
 @cpu_kernel
