@@ -488,33 +488,25 @@ def _folded_block_stats(xb: Any, axis: int, k: int, dev: Any, outs: tuple[Any, .
     a long float32 axis, its squared deviations in float32 chunks of the folded rows), each
     sum over the folded rows, per slot and lane, then over the slots: another order of the
     terms than the unfolded path's, so the last bits may differ."""
-    mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
+    piv_o = None if outs is None else outs[2]
     kept = kept_shape(xb.shape, axis)
     tokens = xb.shape[axis]
     xf = _folded(xb, axis, k)
+    dev_f = None if dev is None else _folded(dev, axis, k)
     if tokens > F32_TOKENS and xb.dtype.itemsize < 8:  # as _wide_block_stats
-        dtype = native_dtype(xb.dtype)
         mean64 = _slot_sums(np.einsum("abc->ac", xf, dtype=np.float64, casting="safe"), k, kept)
         mean64 /= tokens
-        piv = _rounded_into(piv_o, mean64, dtype, kept)
-        devf = np.subtract(xf, _tiled(piv, kept, axis, k), None if dev is None else _folded(dev, axis, k))
-        corr64 = mean64 - piv  # (exact: see _wide_block_stats)
+        piv = _rounded_into(piv_o, mean64, native_dtype(xb.dtype), kept)
+        devf = np.subtract(xf, _tiled(piv, kept, axis, k), dev_f)
         squares = _chunked_square_sum(devf, 1)
-        var64 = _slot_sums(squares.reshape(squares.shape[0], -1), k, kept) / tokens - corr64 * corr64
-        np.maximum(var64, 0.0, out=var64)  # rounding can go below 0; NaN stays
-        corr = _rounded_into(corr_o, corr64, dtype, kept)
-        var = _rounded_into(var_o, var64, dtype, kept)
-        # (the mean as pivot + correction: see _wide_block_stats)
-        mean = _rounded_into(mean_o, piv + corr64, dtype, kept) if with_mean else None
-        return Stats(mean, var, piv, corr, devf.reshape(xb.shape))
+        squares = _slot_sums(squares.reshape(squares.shape[0], -1), k, kept)
+        return _wide_statistics(mean64, piv, squares, tokens, outs, kept, with_mean, devf.reshape(xb.shape))
     count = _constant(xb.dtype, tokens)
     piv = np.divide(_slot_sums(np.einsum("abc->ac", xf), k, kept), count, piv_o)
-    devf = np.subtract(xf, _tiled(piv, kept, axis, k), None if dev is None else _folded(dev, axis, k))
-    corr = np.divide(_slot_sums(np.einsum("abc->ac", devf), k, kept), count, corr_o)
-    var = np.divide(_slot_sums(np.einsum("abc,abc->ac", devf, devf), k, kept), count, var_o)
-    np.subtract(var, np.multiply(corr, corr), var)
-    np.maximum(var, _constant(xb.dtype, 0), out=var)  # rounding can go below 0; NaN stays
-    return Stats(np.add(piv, corr, mean_o) if with_mean else None, var, piv, corr, devf.reshape(xb.shape))
+    devf = np.subtract(xf, _tiled(piv, kept, axis, k), dev_f)
+    corr = _slot_sums(np.einsum("abc->ac", devf), k, kept)
+    var = _slot_sums(np.einsum("abc,abc->ac", devf, devf), k, kept)
+    return _statistics(piv, corr, var, count, outs, with_mean, devf.reshape(xb.shape))
 
 
 def _map_block(src: Any, ob: Any, axis: int, pivot: Any, corr: Any, scale: Any, target: Any) -> None:
@@ -569,7 +561,7 @@ def _block_stats(
         return _folded_block_stats(xb, axis, k, dev, outs, with_mean)
     if xb.shape[axis] > F32_TOKENS and xb.dtype.itemsize < 8:
         return _wide_block_stats(xb, axis, mb, dev, masked, outs, with_mean)
-    mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
+    _, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
     # Sums by np.add.reduce(array, axis, dtype, out, keepdims), not np.sum: the same reduction
     # without np.sum's Python layer (about 3 us a call, the cost of the whole sum at small
     # sizes).  A reduction rather than a product with a ones row: the reference's order of
@@ -579,9 +571,7 @@ def _block_stats(
     # thread the product is faster between the tiny and the blocked sizes (11-29%,
     # benchmarks/RESULTS.md, forty-ninth session), not taken for those two reasons
     total: Any = np.add.reduce  # (Any: the stubs do not take keepdims positionally)
-    # Divisions by the count as np.divide(a, count, out): the same ufunc as ``/=``, without
-    # the operator's deferral checks, which cost about 0.25 us a call with a 0-d count
-    divide = np.divide
+    divide = np.divide  # (see _statistics)
     # the token sums by einsum where the channels are the inner axis (see _axis_sum); the
     # size first: a tiny call pays one comparison
     lanes = xb.size > _EINSUM_ELEMENTS and math.prod(xb.shape[axis + 1 :]) > 1
@@ -608,17 +598,30 @@ def _block_stats(
         corr = _einsum_into(_axis_sum(xb.ndim, axis), corr_o, kept, axis, src)
     else:
         corr = total(src, axis, None, corr_o, True)
-    divide(corr, count, corr)
     if src.size <= _SMALL_ELEMENTS:
         # a small block: the squares in a temporary, then one reduction (einsum's Python
         # wrapper costs more than that temporary below this size)
         var = total(np.multiply(src, src), axis, None, var_o, True)
     else:  # the sum of squares without an x-sized temporary
         var = _einsum_into(_square_sum(xb.ndim, axis), var_o, piv.shape, axis, src, src)
-    divide(var, count, var)
+    return _statistics(piv, corr, var, count, outs, with_mean, dev)
+
+
+def _statistics(piv: Any, corr: Any, var: Any, count: Any, outs: tuple[Any, ...] | None, with_mean: bool,
+                dev: Any) -> Stats:  # fmt: skip
+    """The shifted algorithm's statistics in the block's own dtype (a short axis, or float64):
+    from the pivot and the sums of the deviations and of their squares (``corr``, ``var``,
+    divided in place where no output is given for them), ``outs`` = (mean, var, pivot, corr)
+    for the results (None: new arrays).  The one home of these rules for the unfolded and the
+    folded blocks (:func:`_block_stats`, :func:`_folded_block_stats`)."""
+    mean_o, var_o, _, corr_o = (None, None, None, None) if outs is None else outs
+    # Divisions by the count as np.divide(a, count, out): the same ufunc as ``/=``, without
+    # the operator's deferral checks, which cost about 0.25 us a call with a 0-d count
+    corr = np.divide(corr, count, corr if corr_o is None else corr_o)
+    var = np.divide(var, count, var if var_o is None else var_o)
     np.subtract(var, np.multiply(corr, corr), var)
     # rounding can go below 0; NaN stays (out= by keyword: NumPy deprecates it positional here)
-    np.maximum(var, _constant(xb.dtype, 0), out=var)
+    np.maximum(var, _constant(var.dtype, 0), out=var)
     return Stats(np.add(piv, corr, mean_o) if with_mean else None, var, piv, corr, dev)
 
 
@@ -639,7 +642,7 @@ def _wide_block_stats(
     copy of the block is made (a float64 one cost 3x the memory and 2.4x the time where a
     block is one large sample)."""
     dtype = native_dtype(xb.dtype)  # (">f4" refused as an output dtype)
-    mean_o, var_o, piv_o, corr_o = (None, None, None, None) if outs is None else outs
+    piv_o = None if outs is None else outs[2]
     kept = kept_shape(xb.shape, axis)
     total: Any = np.add.reduce  # (Any: the stubs do not take keepdims positionally)
     if mb is None:
@@ -657,10 +660,22 @@ def _wide_block_stats(
         masked[...] = 0
         np.copyto(masked, dev, where=full)
         src = masked
+    return _wide_statistics(mean64, piv, _chunked_square_sum(src, axis), count, outs, kept, with_mean, dev)
+
+
+def _wide_statistics(mean64: Any, piv: Any, squares: Any, count: Any, outs: tuple[Any, ...] | None,
+                     kept: tuple[int, ...], with_mean: bool, dev: Any) -> Stats:  # fmt: skip
+    """A float32 long axis' statistics (:func:`_wide_block_stats`), rounded once into the
+    pivot's dtype, from the float64 mean, the pivot (that mean rounded) and the float64 sum
+    of the squared deviations; ``outs`` = (mean, var, pivot, corr) for the results (None:
+    new arrays).  The one home of these rules for the unfolded and the folded blocks
+    (:func:`_wide_block_stats`, :func:`_folded_block_stats`)."""
+    mean_o, var_o, _, corr_o = (None, None, None, None) if outs is None else outs
+    dtype = piv.dtype
     # (float64 minus its own float32 rounding: exact, and mean = pivot + corr is the float64
     # mean itself)
     corr64 = mean64 - piv
-    var64 = _chunked_square_sum(src, axis) / count - corr64 * corr64
+    var64 = squares / count - corr64 * corr64
     np.maximum(var64, 0.0, out=var64)  # rounding can go below 0; NaN stays
     corr = _rounded_into(corr_o, corr64, dtype, kept)
     var = _rounded_into(var_o, var64, dtype, kept)
