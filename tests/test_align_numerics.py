@@ -1120,6 +1120,39 @@ def test_float32_statistics_of_a_long_axis_count_every_token(tokens, channels):
     assert np.all(np.abs(mean.astype(np.float64) - want_mean) <= half_ulp * (1 + 1e-9))
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("namespace", ["array_api_strict", "dask"])
+def test_generic_float32_mean_of_a_long_axis_is_correctly_rounded(namespace, masked):
+    """The generic form (array-api-strict, Dask) of a float32 axis past F32_TOKENS sums in
+    float64 and takes the correction as the float64 mean's difference from its float32
+    rounding, as the NumPy path does: the mean within half a float32 ulp of the exact one on
+    data whose signs mix (a float64 sum of the rounded float32 deviations had been up to 250
+    ulps off there, the mean being small against the tokens)."""
+    pytest.importorskip("array_api_strict" if namespace == "array_api_strict" else "dask.array")
+    rng = np.random.default_rng()
+    x = rng.standard_normal((4, 1000, 3)).astype(np.float32)
+    x[:, :, 1] *= 1e4
+    mask = _mask(rng, 4, 1000) if masked else None
+    want_mean, want_std = reference.moments(x, mask=mask, eps=0.0)
+    if namespace == "array_api_strict":
+        import array_api_strict as xps
+
+        got = mmfuse.moments(xps.asarray(x), mask=None if mask is None else xps.asarray(mask), eps=0.0)
+        mean, std = (np.asarray(a) for a in got)
+    else:
+        import dask.array as da
+
+        got = mmfuse.moments(
+            da.from_array(x, chunks=(2, 1000, 3)), mask=None if mask is None else da.from_array(mask, chunks=(2, 1000)),
+            eps=0.0,
+        )  # fmt: skip
+        mean, std = (a.compute() for a in got)
+    assert mean.dtype == std.dtype == np.float32
+    half_ulp = np.spacing(np.abs(want_mean).astype(np.float32)).astype(np.float64) / 2
+    assert np.all(np.abs(mean.astype(np.float64) - want_mean) <= half_ulp * (1 + 1e-9))
+    np.testing.assert_allclose(std, want_std, rtol=2e-6)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(8, 8, 8), (16, 8, 4), (64, 16, 8), (256, 50, 2), (3, 40, 7, 2), (4, 60, 1)])
 def test_token_sums_by_einsum_give_the_reductions_bits(monkeypatch, shape, dtype):

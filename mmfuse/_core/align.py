@@ -295,17 +295,27 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False, with_
     if mask is None:
         m = None
         count: Any = _divisor(x.shape[axis])
-        pivot = _rounded(xp, xp.sum(xs, axis=axis, keepdims=True, dtype=acc) / count, dt)
+        mean = xp.sum(xs, axis=axis, keepdims=True, dtype=acc) / count
+        pivot = _rounded(xp, mean, dt)
         dev = xs - pivot
         d = dev
     else:
         m = _expand_mask(xp, mask, x.ndim)
         zero = xp.zeros((), dtype=dt, device=pinned_device(x))
         count = xp.sum(xp.astype(m, dt), axis=axis, keepdims=True)
-        pivot = _rounded(xp, xp.sum(xp.where(m, xs, zero), axis=axis, keepdims=True, dtype=acc) / count, dt)
+        mean = xp.sum(xp.where(m, xs, zero), axis=axis, keepdims=True, dtype=acc) / count
+        pivot = _rounded(xp, mean, dt)
         dev = xs - pivot
         d = xp.where(m, dev, zero)  # masked tokens (even inf or NaN) never enter
-    corr = xp.sum(d, axis=axis, keepdims=True, dtype=acc) / count
+    if acc is None:
+        corr = xp.sum(d, axis=axis, keepdims=True, dtype=acc) / count
+    else:
+        # float64 sums of a float32 long axis: the correction is the float64 mean's difference
+        # from its own float32 rounding (exact), as on the NumPy path (_wide_statistics); a
+        # float64 sum of the float32 deviations, each rounded where the tokens' signs mix,
+        # had left the mean up to 250 float32 ulps off (mean = pivot + corr is now the float64
+        # mean correctly rounded; inf - inf keeps a lane with an infinite token NaN)
+        corr = mean - xp.astype(pivot, acc)
     var = xp.sum(d * d, axis=axis, keepdims=True, dtype=acc) / count - corr * corr
     corr, var = _rounded(xp, corr, dt), _rounded(xp, var, dt)
     # Rounding can go below 0 (NaN stays).  And a lane whose deviations are all equal (a
