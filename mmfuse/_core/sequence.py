@@ -717,6 +717,11 @@ def _cp_factors(xp: Any, feature: Any, token: Any) -> tuple[Any, Any]:
     """Feature factors as one (r, R_h D) matrix, token factors as one (R_t T_out, T) matrix."""
     r_h, r_m, d = feature.shape
     r_t, t_m, t_out = token.shape
+    if type(feature) is type(token) is sys.modules["numpy"].ndarray:
+        # NumPy: ndarray's own methods (the namespace wrappers' Python layers cost 2.3 of these
+        # 3.4 us per modality, a tenth of the tiny cp Wander call); the same copies
+        phi = feature.transpose(1, 0, 2).reshape(r_m, r_h * d)
+        return phi, token.transpose(0, 2, 1).reshape(r_t * t_out, t_m)
     phi = xp.reshape(xp.permute_dims(feature, (1, 0, 2)), (r_m, r_h * d))
     psi_t = xp.reshape(xp.permute_dims(token, (0, 2, 1)), (r_t * t_out, t_m))
     return phi, psi_t
@@ -846,7 +851,7 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
     batch = hs[0].shape[0]
     numpy = type(hs[0]) is sys.modules["numpy"].ndarray
     rows_b, chunk_j = blocking
-    blocks = [slice(None)] if rows_b is None else block_slices(batch, rows_b)
+    blocks = [slice(None)] if rows_b is None or rows_b >= batch > 0 else block_slices(batch, rows_b)
     joined = Joined(xp, batch) if len(blocks) > 1 else None  # (one block: its result itself)
     # One block, or one chunk of token ranks, covering everything takes the arrays whole: an
     # index of all rows would be one more operator per modality on torch
@@ -865,7 +870,7 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
         ]
         acc = None
         for j0 in range(0, r_t, chunk_j):
-            rows = slice(j0 * n_out, min(j0 + chunk_j, r_t) * n_out)  # token ranks j0..
+            rows = None if all_ranks else slice(j0 * n_out, min(j0 + chunk_j, r_t) * n_out)  # ranks j0..
             prod = None
             for first, (phi, psi_t), order in zip(firsts, mats, orders):
                 # (b, jn T_out, R_h D)
@@ -887,8 +892,10 @@ def fuse_cp(xp: Any, hs: list[Any], feature_factors: list[Any], token_factors: l
                 # its time (from 768 to 8.4M elements; ndarray's methods, whose wrappers in
                 # the namespace cost a tenth of a tiny sum).  Not on torch, whose CPU
                 # reduction over two strided axes took 2-4.6x the two sums' time from 65536
-                # elements on.
-                summed = prod.reshape(n_b, n_p // n_out, n_out, r_h, out_dim).sum(axis=(1, 3))
+                # elements on.  (add.reduce: ndarray.sum's Python layer over it costs a tenth
+                # of a tiny call's reduction)
+                by_rank = prod.reshape(n_b, n_p // n_out, n_out, r_h, out_dim)
+                summed = sys.modules["numpy"].add.reduce(by_rank, (1, 3))
             else:
                 summed = xp.sum(xp.reshape(prod, (n_b, n_p, r_h, out_dim)), axis=2)  # over i
                 summed = xp.sum(xp.reshape(summed, (n_b, n_p // n_out, n_out, out_dim)), axis=1)
@@ -918,14 +925,14 @@ def _fuse_cp_chunk(
 
 def _times(xp: Any, a: Any, mat: Any) -> Any:
     """(b, p, r) @ (r, q) as one GEMM on (b p, r)."""
+    n_b, n_p, r = a.shape
+    if type(a) is sys.modules["numpy"].ndarray:  # ndarray's own reshape: np.reshape's layer
+        return (a.reshape(n_b * n_p, r) @ mat).reshape(n_b, n_p, mat.shape[1])
     if is_torch(xp) and a.is_contiguous():
         # torch's matmul folds a contiguous (b, p, r) @ (r, q) into that GEMM itself (a view,
         # the same mm): one operator instead of reshape, mm, reshape, about 3 us of a tiny
         # call.  (A strided a it would not fold but broadcast to a bmm: the reshapes below.)
         return a @ mat
-    n_b, n_p, r = a.shape
-    if type(a) is sys.modules["numpy"].ndarray:  # ndarray's own reshape: np.reshape's layer
-        return (a.reshape(n_b * n_p, r) @ mat).reshape(n_b, n_p, mat.shape[1])
     if is_dask(xp):
         # Dask: the broadcast matmul, as in _down: the reshape to (b p, r) rechunks a's token
         # chunks, and fails on an empty batch split in several chunks (a Dask error)
