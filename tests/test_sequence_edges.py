@@ -272,18 +272,24 @@ def test_reference_gelu_is_exact_through_the_lower_tail():
     assert ulps.max() <= 4, (x[np.argmax(ulps)], ulps.max())
 
 
+@pytest.mark.parametrize("batch", [3, 700])
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_numpy_activation_of_all_modalities_at_once_is_per_modality_bits(activation):
-    """NumPy's Wander applies the GELU to all modalities' pre-activations in one call; the
-    same bits, in the same shapes, as one call per modality (widths and lengths differing)."""
-    from mmfuse._core.sequence import ACTIVATIONS, _activate
+def test_numpy_activation_of_all_modalities_at_once_is_per_modality_bits(activation, batch, monkeypatch):
+    """NumPy's Wander applies the GELU to all modalities' pre-activations in one call up to
+    _ONE_CALL_ELEMENTS elements in all, one call per modality beyond; the same bits, in the
+    same shapes, either way (widths and lengths differing)."""
+    from mmfuse._core.sequence import _ONE_CALL_ELEMENTS, ACTIVATIONS, _activate
 
     rng = np.random.default_rng()
-    hs = [3.0 * rng.standard_normal((3, t, r)) for t, r in ((5, 4), (2, 7), (6, 1))]
+    hs = [3.0 * rng.standard_normal((batch, t, r)) for t, r in ((5, 4), (2, 7), (6, 1))]
     xp = array_namespace(hs[0])
+    fn, calls = ACTIVATIONS[activation], []
+    monkeypatch.setitem(ACTIVATIONS, activation, lambda xp, h: calls.append(h.size) or fn(xp, h))
     got = _activate(xp, activation, hs)
+    total = sum(h.size for h in hs)
+    assert calls == ([total] if total <= _ONE_CALL_ELEMENTS else [h.size for h in hs])
     for h, g in zip(hs, got):
-        want = ACTIVATIONS[activation](xp, h)
+        want = fn(xp, h)
         assert g.shape == h.shape and g.dtype == h.dtype
         np.testing.assert_array_equal(g, want)
 
