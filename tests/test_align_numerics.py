@@ -1120,37 +1120,59 @@ def test_float32_statistics_of_a_long_axis_count_every_token(tokens, channels):
     assert np.all(np.abs(mean.astype(np.float64) - want_mean) <= half_ulp * (1 + 1e-9))
 
 
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("namespace", ["array_api_strict", "dask"])
-def test_generic_float32_mean_of_a_long_axis_is_correctly_rounded(namespace, masked):
-    """The generic form (array-api-strict, Dask) of a float32 axis past F32_TOKENS sums in
-    float64 and takes the correction as the float64 mean's difference from its float32
-    rounding, as the NumPy path does: the mean within half a float32 ulp of the exact one on
-    data whose signs mix (a float64 sum of the rounded float32 deviations had been up to 250
-    ulps off there, the mean being small against the tokens)."""
+def _generic_moments(namespace, x, mask):
+    """``mmfuse.moments`` of float32 NumPy ``x`` (and ``mask``) as array-api-strict or Dask
+    arrays (the generic form), over axis 1, eps 0, back as NumPy arrays."""
     pytest.importorskip("array_api_strict" if namespace == "array_api_strict" else "dask.array")
-    rng = np.random.default_rng()
-    x = rng.standard_normal((4, 1000, 3)).astype(np.float32)
-    x[:, :, 1] *= 1e4
-    mask = _mask(rng, 4, 1000) if masked else None
-    want_mean, want_std = reference.moments(x, mask=mask, eps=0.0)
     if namespace == "array_api_strict":
         import array_api_strict as xps
 
         got = mmfuse.moments(xps.asarray(x), mask=None if mask is None else xps.asarray(mask), eps=0.0)
-        mean, std = (np.asarray(a) for a in got)
-    else:
-        import dask.array as da
+        return tuple(np.asarray(a) for a in got)
+    import dask.array as da
 
-        got = mmfuse.moments(
-            da.from_array(x, chunks=(2, 1000, 3)), mask=None if mask is None else da.from_array(mask, chunks=(2, 1000)),
-            eps=0.0,
-        )  # fmt: skip
-        mean, std = (a.compute() for a in got)
+    batch, tokens = x.shape[:2]
+    got = mmfuse.moments(
+        da.from_array(x, chunks=(max(1, batch // 2), tokens, x.shape[2])),
+        mask=None if mask is None else da.from_array(mask, chunks=(max(1, batch // 2), tokens)), eps=0.0,
+    )  # fmt: skip
+    return tuple(a.compute() for a in got)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("namespace", ["array_api_strict", "dask"])
+def test_generic_float32_mean_of_a_long_axis_is_the_float64_mean_rounded(namespace, masked, rng):
+    """The generic form (array-api-strict, Dask) of a float32 axis past F32_TOKENS sums in
+    float64 and takes the correction as the float64 mean's difference from its float32
+    rounding, as the NumPy path does: the mean within half a float32 ulp of the float64 one
+    on data whose signs mix (a float64 sum of the rounded float32 deviations had been
+    thousands of ulps off there, the mean being small against the tokens)."""
+    x = rng.standard_normal((4, 1000, 3)).astype(np.float32)
+    x[:, :, 1] *= 1e4
+    mask = _mask(rng, 4, 1000) if masked else None
+    want_mean, want_std = reference.moments(x, mask=mask, eps=0.0)
+    mean, std = _generic_moments(namespace, x, mask)
     assert mean.dtype == std.dtype == np.float32
     half_ulp = np.spacing(np.abs(want_mean).astype(np.float32)).astype(np.float64) / 2
     assert np.all(np.abs(mean.astype(np.float64) - want_mean) <= half_ulp * (1 + 1e-9))
     np.testing.assert_allclose(std, want_std, rtol=2e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("namespace", ["array_api_strict", "dask"])
+def test_generic_float32_long_axis_with_an_infinite_token_has_a_nan_mean(namespace, masked):
+    """An infinite token on the generic long-axis path: pivot inf, correction inf - inf, so
+    the mean is NaN, as on NumPy and in the reference (a correction that dropped the
+    non-finite difference would give inf)."""
+    x = np.full((3, 1031, 2), 3.0, np.float32)
+    x[0, 5, 0] = np.inf
+    x[1, 7, 1] = -np.inf
+    mask = np.ones((3, 1031), bool) if masked else None
+    with np.errstate(invalid="ignore"):
+        mean, _ = _generic_moments(namespace, x, mask)
+        want, _ = reference.moments(x, mask=mask)
+    np.testing.assert_array_equal(np.isnan(mean), np.isnan(want))
+    assert np.isnan(mean[0, 0, 0]) and np.isnan(mean[1, 0, 1]) and np.all(mean[2] == 3.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -204,7 +204,10 @@ def _run_blocks(x: Any, work: Any) -> None:
 # exactly (for any p), and accurate whatever the mean-to-spread ratio: x - p is exact for
 # tokens near the mean, and the correction sum(d) / n recovers what the rounded p lost (a
 # float32 p of data 1e4 + 1e-2 noise is off by a tenth of the spread, and a plain two-pass
-# variance by the square of that).  Chan, Golub & LeVeque (1983) recommend this form.
+# variance by the square of that).  Chan, Golub & LeVeque (1983) recommend this form.  Where a
+# float32 axis is summed in float64 (long axes: F32_TOKENS), the correction is instead the
+# float64 mean's difference from p, its float32 rounding (exact in float64), so the mean is
+# the float64 mean rounded once, and sum(d) / n is not taken.
 # Limit: float32 statistics overflow (inf / NaN) when the spread exceeds about 1.8e19, since
 # the variance then exceeds float32's range (and from about 1.8e19 / sqrt(n) on, where the
 # sum of squares does): compute in float64 for such data.
@@ -313,8 +316,9 @@ def _stats(x: Any, axis: int, mask: Any = None, *, keep_dev: bool = False, with_
         # float64 sums of a float32 long axis: the correction is the float64 mean's difference
         # from its own float32 rounding (exact), as on the NumPy path (_wide_statistics); a
         # float64 sum of the float32 deviations, each rounded where the tokens' signs mix,
-        # had left the mean up to 250 float32 ulps off (mean = pivot + corr is now the float64
-        # mean correctly rounded; inf - inf keeps a lane with an infinite token NaN)
+        # had left the mean thousands of float32 ulps off on standard normal data, without
+        # bound where the tokens cancel (mean = pivot + corr is now the float64 mean rounded
+        # once; inf - inf keeps a lane with an infinite token NaN)
         corr = mean - xp.astype(pivot, acc)
     var = xp.sum(d * d, axis=axis, keepdims=True, dtype=acc) / count - corr * corr
     corr, var = _rounded(xp, corr, dt), _rounded(xp, var, dt)
