@@ -412,8 +412,9 @@ def moments(
     deviations in float32 chunks of 64 tokens, added in float64; there, and under
     array_api_strict and Dask, :math:`\mu - p` below is the float64 mean's difference from
     the pivot, its float32 rounding, so the mean is the float64 mean rounded once); torch,
-    JAX, CuPy and the Triton kernels sum float32 in float32, as trees.  (NumPy sums a non-contiguous axis one
-    row after another: in float32 a long token axis lost its pivot.)  The Array-API core and
+    JAX, CuPy and the Triton kernels sum float32 in float32, as trees.  (NumPy sums a
+    non-contiguous axis one row after another: in float32 a long token axis lost its
+    pivot.)  The Array-API core and
     the torch custom op use the shifted two-pass algorithm: with :math:`p` the plain mean (a
     pivot) and :math:`d_t = x_t - p`,
 

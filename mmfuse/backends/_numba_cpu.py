@@ -73,6 +73,24 @@ SCALAR_CHANNELS = 4
 
 
 @cpu_kernel
+def _centred_sums(corr, var, d):  # pragma: no cover - compiled
+    """One token's deviation ``d`` added to a lane's sums of deviations and of their squares:
+    the second pass of every statistics kernel below, token after token."""
+    return corr + d, var + d * d
+
+
+@cpu_kernel
+def _spread(total, corr, var):  # pragma: no cover - compiled
+    """(variance, shift) from a lane's sums of deviations and of their squares over ``total``
+    tokens: the one home of the corrected two-pass finish, shift = sum d / n and
+    var = sum d^2 / n - shift^2, clamped at 0 (rounding can go below it; NaN stays, NaN < 0
+    being False)."""
+    shift = corr / total
+    v = var / total - shift * shift
+    return 0.0 if v < 0.0 else v, shift
+
+
+@cpu_kernel
 def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no cover - compiled
     """x[b, :, c0:c1]'s statistics over its tokens (masked ones skipped): the first mean in
     ``mean[:]``, the second pass's correction in ``shift[:]`` (the mean is their sum, which
@@ -109,9 +127,7 @@ def _sample_stats(x, mask, use_mask, b, c0, c1, mean, var, shift):  # pragma: no
             corr[c] += d
             var[c] += d * d
     for c in range(n):
-        shift[c] = corr[c] / total
-        v = var[c] / total - shift[c] * shift[c]
-        var[c] = 0.0 if v < 0.0 else v  # rounding can go below 0; NaN stays (NaN < 0 is False)
+        var[c], shift[c] = _spread(total, corr[c], var[c])
 
 
 @cpu_kernel
@@ -134,28 +150,9 @@ def _lane_stats(x, mask, use_mask, b, c):  # pragma: no cover - compiled
     for t in range(n_tok):
         if use_mask and not mask[b, t]:
             continue
-        d = xb[t, c] - mean
-        corr += d
-        var += d * d
-    shift = corr / total
-    v = var / total - shift * shift
-    return mean, 0.0 if v < 0.0 else v, shift
-
-
-@cpu_kernel
-def _centred_sums(corr, var, d):  # pragma: no cover - compiled
-    """One token's deviation ``d`` added to a lane's sums of deviations and of their squares
-    (:func:`_lane_stats`'s operations)."""
-    return corr + d, var + d * d
-
-
-@cpu_kernel
-def _spread(total, corr, var):  # pragma: no cover - compiled
-    """(variance, shift) from a lane's sums of deviations and of their squares
-    (:func:`_lane_stats`'s operations)."""
-    shift = corr / total
-    v = var / total - shift * shift
-    return 0.0 if v < 0.0 else v, shift
+        corr, var = _centred_sums(corr, var, xb[t, c] - mean)
+    var, shift = _spread(total, corr, var)
+    return mean, var, shift
 
 
 # Unmasked scalar lanes of at least this many tokens run four at a time (_four_lane_stats,
