@@ -1120,9 +1120,19 @@ def test_float32_statistics_of_a_long_axis_count_every_token(tokens, channels):
     assert np.all(np.abs(mean.astype(np.float64) - want_mean) <= half_ulp * (1 + 1e-9))
 
 
-def _generic_moments(namespace, x, mask):
-    """``mmfuse.moments`` of float32 NumPy ``x`` (and ``mask``) as array-api-strict or Dask
-    arrays (the generic form), over axis 1, eps 0, back as NumPy arrays."""
+# The paths whose float32 sums over a long token axis accumulate in float64: NumPy's blocked
+# core, numba's CPU kernels, and the generic form under array-api-strict and Dask
+_FLOAT64_SUMMING = ["numpy", "numba", "array_api_strict", "dask"]
+
+
+def _moments_on(namespace, x, mask):
+    """``mmfuse.moments`` of float32 NumPy ``x`` (and ``mask``) over axis 1, eps 0, back as
+    NumPy arrays: on NumPy arrays by the core ("numpy") or numba's kernels ("numba"), or as
+    array-api-strict or Dask arrays (the generic form)."""
+    if namespace in ("numpy", "numba"):
+        if namespace == "numba" and not HAVE_NUMBA:
+            pytest.skip("numba is not installed")
+        return mmfuse.moments(x, mask=mask, eps=0.0, backend="array_api" if namespace == "numpy" else "numba")
     pytest.importorskip("array_api_strict" if namespace == "array_api_strict" else "dask.array")
     if namespace == "array_api_strict":
         import array_api_strict as xps
@@ -1140,18 +1150,19 @@ def _generic_moments(namespace, x, mask):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("namespace", ["array_api_strict", "dask"])
-def test_generic_float32_mean_of_a_long_axis_is_the_float64_mean_rounded(namespace, masked, rng):
+@pytest.mark.parametrize("namespace", _FLOAT64_SUMMING)
+def test_float32_mean_of_a_long_axis_is_the_float64_mean_rounded(namespace, masked, rng):
     """The generic form (array-api-strict, Dask) of a float32 axis past F32_TOKENS sums in
     float64 and takes the correction as the float64 mean's difference from its float32
     rounding, as the NumPy path does: the mean within half a float32 ulp of the float64 one
     on data whose signs mix (a float64 sum of the rounded float32 deviations had been
-    thousands of ulps off there, the mean being small against the tokens)."""
+    thousands of ulps off there, the mean being small against the tokens).  numba's kernels,
+    whose sums are all float64, give the same answer."""
     x = rng.standard_normal((4, 1000, 3)).astype(np.float32)
     x[:, :, 1] *= 1e4
     mask = _mask(rng, 4, 1000) if masked else None
     want_mean, want_std = reference.moments(x, mask=mask, eps=0.0)
-    mean, std = _generic_moments(namespace, x, mask)
+    mean, std = _moments_on(namespace, x, mask)
     assert mean.dtype == std.dtype == np.float32
     half_ulp = np.spacing(np.abs(want_mean).astype(np.float32)).astype(np.float64) / 2
     assert np.all(np.abs(mean.astype(np.float64) - want_mean) <= half_ulp * (1 + 1e-9))
@@ -1159,17 +1170,17 @@ def test_generic_float32_mean_of_a_long_axis_is_the_float64_mean_rounded(namespa
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("namespace", ["array_api_strict", "dask"])
-def test_generic_float32_long_axis_with_an_infinite_token_has_a_nan_mean(namespace, masked):
-    """An infinite token on the generic long-axis path: pivot inf, correction inf - inf, so
-    the mean is NaN, as on NumPy and in the reference (a correction that dropped the
-    non-finite difference would give inf)."""
+@pytest.mark.parametrize("namespace", _FLOAT64_SUMMING)
+def test_float32_long_axis_with_an_infinite_token_has_a_nan_mean(namespace, masked):
+    """An infinite token on a long float32 axis summed in float64: pivot inf, correction
+    inf - inf, so the mean is NaN on every such path and in the reference (a correction that
+    dropped the non-finite difference would give inf)."""
     x = np.full((3, 1031, 2), 3.0, np.float32)
     x[0, 5, 0] = np.inf
     x[1, 7, 1] = -np.inf
     mask = np.ones((3, 1031), bool) if masked else None
     with np.errstate(invalid="ignore"):
-        mean, _ = _generic_moments(namespace, x, mask)
+        mean, _ = _moments_on(namespace, x, mask)
         want, _ = reference.moments(x, mask=mask)
     np.testing.assert_array_equal(np.isnan(mean), np.isnan(want))
     assert np.isnan(mean[0, 0, 0]) and np.isnan(mean[1, 0, 1]) and np.all(mean[2] == 3.0)
