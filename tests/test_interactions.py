@@ -271,6 +271,29 @@ def test_reference_terms_take_the_weights_slices_as_the_definition_reads(rng):
     assert_close(terms.sum(axis=0), ref.tensor_fusion(inf_xs, np.abs(weight[..., :1]) + 1))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("by", ["subset", "order"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_the_constant_the_lower_terms_are_zero_next_to_a_non_finite_feature(kind, by, rng):
+    """Without the constant every term but the M-way one is zero (the documented rule, and the
+    implementations': no term at all).  The reference formed them as 0 times a projection, so
+    a sample with a NaN or inf feature had NaN in the terms of the subsets holding it (a
+    review's find); they are 0 there too.  The M-way term is non-finite on both paths (inf or
+    NaN: the reference rebuilds CP's full weight, the implementation does not) and the same
+    elsewhere."""
+    p = _problem(rng, 3, batch=4, rank=2, out_dim=3, append_one=False)
+    p["xs"] = [x.copy() for x in p["xs"]]
+    p["xs"][1][0, 0] = np.nan
+    p["xs"][2][2, -1] = np.inf
+    got, labels, _ = _call(kind, p, np.asarray, by=by, append_one=False, backend="reference")
+    want, _, _ = _call(kind, p, np.asarray, by=by, append_one=False, backend="array_api")
+    top = len(labels) - 1  # the M-way term: the full subset, or order M
+    for terms in (got, want):
+        assert np.all(terms[:top] == 0), "a lower term is not exactly zero"
+        assert not np.isfinite(terms[top, 0]).all() and not np.isfinite(terms[top, 2]).all()
+    assert_close(got[:, [1, 3]], want[:, [1, 3]])  # the finite samples
+
+
 # --------------------------------------------------------------------------- refusals
 
 

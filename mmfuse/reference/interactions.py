@@ -14,6 +14,9 @@ feature entries with x_m: each term is formed from those slices, as the definiti
 entries of :math:`u_m` and :math:`e_m`, whose ``0 * nan`` and ``0 * inf`` made NaN of terms
 that do not involve a non-finite entry (a NaN in a constant's row spread into every term, and
 an infinite feature's terms no longer summed to ``tensor_fusion``; a review's find).
+Without the constant (``append_one=False``, e_m = 0) a term with some e_m is zero by its
+definition, whatever the other factors hold: it is left at 0, not formed as 0 times a
+projection that may be NaN or inf (as the implementations, which carry it as no term).
 """
 
 from __future__ import annotations
@@ -42,16 +45,20 @@ def subset_labels(n_modalities: int) -> list[tuple[int, ...]]:
     return [s for k in range(n_modalities + 1) for s in itertools.combinations(range(n_modalities), k)]
 
 
-def _contract(w: np.ndarray, x: np.ndarray | None, in_subset: bool, append_one: bool) -> np.ndarray:
+def _contract(w: np.ndarray, x: np.ndarray | None, in_subset: bool) -> np.ndarray:
     """``v . w`` over w's first axis for v = u = [x; 0] (``in_subset``) or e = [0; 1]: x
     contracted with w's feature rows (zeros for an absent modality, x None), or w's constant
-    row; without the constant (``append_one=False``, u = x, e = 0) x contracted with every
-    row, or zeros."""
+    row; without the constant (``append_one=False``, u = x) x contracted with every row (e = 0
+    is never contracted: the callers skip its terms, :func:`_vanishes`)."""
     if in_subset:
         return np.zeros(w.shape[1:]) if x is None else np.tensordot(x, w[: x.shape[0]], axes=1)
-    if append_one:
-        return w[-1]
-    return np.zeros(w.shape[1:])
+    return w[-1]
+
+
+def _vanishes(subset: tuple[int, ...], n_modalities: int, append_one: bool) -> bool:
+    """Whether the term of ``subset`` is zero by definition: without the constant, some
+    modality outside the subset contributes e_m = 0."""
+    return not append_one and len(subset) < n_modalities
 
 
 def _features(xs: list[np.ndarray], present: Any, b: int) -> list[np.ndarray | None]:
@@ -92,9 +99,11 @@ def tensor_interactions(
     for b in range(xs[0].shape[0]):
         feats = _features(xs, None, b)
         for i, s in enumerate(labels):
+            if _vanishes(s, n, append_one):
+                continue
             z = w  # contracted one modality's axis at a time, the first remaining axis each
             for m, x in enumerate(feats):
-                z = _contract(z, x, m in s, append_one)
+                z = _contract(z, x, m in s)
             terms[i, b] = z
     return _by(terms, n, by)
 
@@ -124,10 +133,12 @@ def lowrank_interactions(
     for b in range(xs[0].shape[0]):
         feats = _features(xs, present, b)
         for i, s in enumerate(labels):
+            if _vanishes(s, n, append_one):
+                continue
             for r in range(rank):
                 term = np.full(out_dim, w[r])
                 for m, (x, f) in enumerate(zip(feats, factors)):
-                    term = term * _contract(f[r], x, m in s, append_one)
+                    term = term * _contract(f[r], x, m in s)
                 terms[i, b] += term
     return _by(terms, n, by)
 
