@@ -465,6 +465,56 @@ def test_narrow_fusion_with_kept_projections_matches_core(
         assert_close(g, c, rtol=1e-10)
 
 
+@pytest.mark.parametrize("saved_hooks", ["checkpoint", "save_on_cpu_counted"])
+@pytest.mark.parametrize("op", ["lowrank kept", "lowrank", "cp"])
+def test_fusion_ops_unpack_their_saved_tensors_once(op, saved_hooks):
+    """The low-rank op's backward read ``ctx.saved_tensors`` twice where it kept its
+    projections (the inputs, then the kept tensor again): non-reentrant activation
+    checkpointing refused it (``CheckpointError``: a tensor unpacked twice), and every
+    saved-tensor hook ran twice (a review's find).  Each saved tensor is unpacked once, and
+    the gradients are those of the step without hooks."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    dims = (8, 16, 64)
+    xs = [torch.randn(6, d, generator=g, dtype=torch.float64, requires_grad=True) for d in dims]
+    width = 1 if op == "lowrank kept" else 9  # kept: 4 M R h <= sum d_m
+    fs = [torch.randn(2, d + 1, width, generator=g, dtype=torch.float64, requires_grad=True) for d in dims]
+    w = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert tbl._keeps_projections(xs, fs) == (op == "lowrank kept")
+    if op == "cp":
+        out_factor = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+        cp_fs = [f[:, :, 0].T.detach().requires_grad_() for f in fs]
+        leaves = [*xs, w, *cp_fs, out_factor]
+
+        def run(*a):
+            return torch.ops.mmfuse.cp_fusion(list(a[:3]), a[3], list(a[4:]), None, True, None)
+    else:
+        leaves = [*xs, *fs, w]
+
+        def run(*a):
+            return torch.ops.mmfuse.lowrank_fusion(list(a[:3]), list(a[3:6]), a[6], None, True, None)[0]
+
+    upstream = torch.randn(run(*leaves).shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(run(*leaves), leaves, upstream)
+    if saved_hooks == "checkpoint":
+        got = torch.autograd.grad(checkpoint(run, *leaves, use_reentrant=False), leaves, upstream)
+    else:
+        unpacked = []
+
+        def unpack(t):
+            unpacked.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            out = run(*leaves)
+        got = torch.autograd.grad(out, leaves, upstream)
+        n_saved = 3 + 3 + 1 + (op == "lowrank kept") if op != "cp" else 3 + 4 + 1
+        assert len(unpacked) == n_saved
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_opcheck_of_kept_projections_wider_than_the_rank(dtype):
     """The fake's kept projections are (M, B, R h) in the accumulation dtype (float32 for

@@ -279,14 +279,19 @@ def save_fusion_inputs(
     ctx.save_for_backward(*xs, *factors, *extra, *kept)
 
 
-def load_fusion_inputs(ctx: Any, n_factors: int) -> tuple[list[Any], list[Any], Any, Any]:
-    """The inverse of :func:`save_fusion_inputs`: (xs, factors, weights, present)."""
+def load_fusion_inputs(ctx: Any, n_factors: int) -> tuple[list[Any], list[Any], Any, Any, list[Any]]:
+    """The inverse of :func:`save_fusion_inputs`: (xs, factors, weights, present, kept).
+
+    ``ctx.saved_tensors`` is read once, here: each read unpacks every saved tensor again,
+    which runs saved-tensor hooks twice and which non-reentrant activation checkpointing
+    refuses (``CheckpointError``: a tensor unpacked twice; a review's find, when the kept
+    projections were read by a second read)."""
     n_mod = ctx.n_mod
     saved = ctx.saved_tensors
     xs, factors = list(saved[:n_mod]), list(saved[n_mod : n_mod + n_factors])
     rest = list(saved[n_mod + n_factors :])
     weights = rest.pop(0) if ctx.has_weights else None
     present = rest.pop(0) if ctx.has_present else None
-    return xs, factors, weights, present
+    return xs, factors, weights, present, rest
 
 

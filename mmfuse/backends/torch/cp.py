@@ -86,7 +86,7 @@ def _cp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _cp_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     """h = C (w * prod_m P_m) + b with P_m = hat x_m A_m; plain differentiable torch code."""
     n_mod = ctx.n_mod
-    xs, factors, weights, present = load_fusion_inputs(ctx, n_mod + 1)
+    xs, factors, weights, present, _ = load_fusion_inputs(ctx, n_mod + 1)
     need_xs, need_w, need_fs, need_b = ctx.needs_input_grad[:4]
     dtype = grad.dtype
     cdt = compute_dtype(dtype)

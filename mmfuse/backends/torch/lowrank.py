@@ -319,8 +319,8 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
     if grad is None:  # the fusion did not reach the loss (grads are not materialised)
         return ([None] * n_mod, [None] * n_mod, None, None, None, None)
     need_xs, need_fs, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
-    xs, factors, weights, present = load_fusion_inputs(ctx, n_mod)
-    kept = ctx.saved_tensors[-1] if ctx.kept else None
+    xs, factors, weights, present, rest = load_fusion_inputs(ctx, n_mod)
+    kept = rest[0] if ctx.kept else None
     need_w = bool(need_w) and weights is not None
     needs = [bool(v) for v in (*need_xs, *need_fs, need_w, need_b)]
     # a graph of the backward wanted, or a backward under vmap (batched gradients:
