@@ -384,14 +384,17 @@ def test_wander_callable_activation_and_no_bias(rng):
     assert_close(got, reference.wander(xs, params, activation=np.tanh))
 
 
-@pytest.mark.parametrize("route", ["numpy", "torch core", "torch ops"])
+@pytest.mark.parametrize("route", ["numpy", "reference", "torch core", "torch ops"])
 def test_wander_names_an_activation_that_is_not_elementwise(rng, route, monkeypatch):
-    """A callable activation's result is checked where it is applied (the core, and the torch
-    backend's ops for large batches): an error naming it, not one from the fusion's GEMMs
-    further on."""
+    """A callable activation's result is checked where it is applied (the core, the torch
+    backend's ops for large batches, the reference backend's wrapper): an error naming it,
+    not one from the fusion's GEMMs further on (the reference's einsums had raised an
+    IndexError or NumPy's "shape-mismatch for sum", and taken another dtype silently; a
+    review's find)."""
     xs, params, _ = _wander_case(rng, 2)
-    if route == "numpy":
-        calls = [lambda act: mmfuse.wander(xs, params, activation=act)]
+    if route in ("numpy", "reference"):
+        backend = "reference" if route == "reference" else None
+        calls = [lambda act: mmfuse.wander(xs, params, activation=act, backend=backend)]
     else:
         torch = pytest.importorskip("torch")
         if route == "torch ops":  # the custom ops, which small batches skip
@@ -409,10 +412,10 @@ def test_wander_names_an_activation_that_is_not_elementwise(rng, route, monkeypa
         with pytest.raises(TypeError, match=r"activation must keep the pre-activations' dtype: it returned "):
             call(lambda z: z[:, :, :] > 0)
         with pytest.raises(TypeError, match=r"activation must keep the pre-activations' dtype: it returned "):
-            call(lambda z: (z * 2).astype("float32") if route == "numpy" else (z * 2).float())
+            call(lambda z: (z * 2).astype("float32") if isinstance(z, np.ndarray) else (z * 2).float())
         # an array of another library, in the same dtype: the message had said "it returned
         # float64 for pre-activations of dtype torch.float64" (a review's find)
-        if route != "numpy":
+        if route.startswith("torch"):
             with pytest.raises(TypeError, match=r"library: it returned numpy\.ndarray for pre-activations of type torch\.Tensor"):
                 call(lambda z: z.detach().numpy())
 
