@@ -421,7 +421,11 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
         different in their last bits (a GEMM may round a row differently by its place in the
         batch, at the edges of its blocks and tiles) give a variance of rounding noise and
         shares of noise, not NaN; compare the output's spread with its size before reading
-        them.
+        them.  The shares do not depend on the terms' scale: the terms, and then their
+        deviations from their means, are scaled by powers of two (exact) before any square,
+        which neither overflows nor underflows.  A deviation that is subnormal once the
+        largest term is scaled to 1 (below 2**-1022 of it in float64, 2**-126 in float32)
+        keeps only the bits it has left there.
 
     Raises
     ------

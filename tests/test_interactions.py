@@ -526,6 +526,24 @@ def test_variance_shares_of_small_terms_beside_a_large_constant(xp, small, rng):
     np.testing.assert_allclose(np.asarray(mmfuse.interaction_shares(xp.asarray(terms))), exact, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(("dtype", "large", "small"), [("float32", 1e12, 1e-12), ("float64", 1e150, 1e-150)])
+def test_variance_shares_of_deviations_far_below_a_constant_term(xp, dtype, large, small, rng):
+    """The terms were scaled by the largest before their centring only: beside a constant
+    term 1e24 (float32) or 1e300 (float64) times larger, the varying terms' deviations
+    underflowed when squared, and every share was NaN (a review's find).  The deviations are
+    scaled again: the constant's share is 0 and the others those of the varying terms alone,
+    in the core and in the reference.  (Deviations that the first scaling makes subnormal,
+    past 2**-1022 times the largest term in float64, keep only their remaining bits.)"""
+    varying = rng.standard_normal((2, 16, 3))
+    y = varying.sum(axis=0) - varying.sum(axis=0).mean(axis=0)
+    exact = np.array([0.0] + [float(((v - v.mean(axis=0)) * y).sum() / (y * y).sum()) for v in varying])
+    terms = np.concatenate([np.full((1, 16, 3), large), small * varying]).astype(dtype)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(ref.interaction_shares(terms), exact, rtol=tol, atol=tol)
+    got = np.asarray(mmfuse.interaction_shares(xp.asarray(terms, dtype)))
+    np.testing.assert_allclose(got, exact, rtol=tol, atol=tol)
+
+
 def test_shares_of_no_terms_and_of_long_doubles(xp):
     """K = 0 gives no shares (the rescaling's max over nothing raised NumPy's and torch's own
     errors); a long double input is rescaled within its own exponents (within float64's,

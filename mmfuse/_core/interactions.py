@@ -635,6 +635,21 @@ def tensor_interactions(
 # --------------------------------------------------------------------------- shares
 
 
+def _largest_about_one(xp: Any, terms: Any) -> Any:
+    """``terms`` times the power of two that brings its largest magnitude into [1, 2) (exact;
+    within the dtype's normal range, and unscaled where that is 0 or not finite)."""
+    big = (dask_max if is_dask(xp) else xp.max)(xp.abs(terms))  # (Dask's own: see dask_max)
+    usable = xp.isfinite(big) & (big > 0)
+    # 2**emax and 2**-emax normal: finfo's maxexp where the namespace gives it (NumPy's long
+    # double reaches 2**16383: capped at float64's 1022, its terms of 1e3000 gave NaN; a
+    # review's find), else by the bits (the standard's finfo has no exponents)
+    maxexp = getattr(xp.finfo(terms.dtype), "maxexp", None)
+    emax = int(maxexp) - 2 if maxexp else 126 if xp.finfo(terms.dtype).bits <= 32 else 1022
+    k = xp.floor(xp.log2(xp.where(usable, big, 1.0)))
+    k = xp.where(k > emax, float(emax), xp.where(k < -emax, float(-emax), k))  # (no clip before 2023.12)
+    return terms * 2.0 ** (-k)
+
+
 def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     """(K,) shares: <T_k - mean, y - mean> / <y - mean, y - mean> (``"variance"``) or
     <T_k, y> / <y, y> (``"norm"``), with y = sum_k T_k, summed over samples and outputs;
@@ -650,16 +665,7 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
     # The shares do not depend on the terms' scale: rescaled by a power of two (exact) so that
     # the largest is about 1, the sums of squares neither overflow nor underflow (float32
     # terms of 1e18 gave NaN or silently zero shares, of 1e-25 all NaN)
-    big = (dask_max if is_dask(xp) else xp.max)(xp.abs(terms))  # (Dask's own: see dask_max)
-    usable = xp.isfinite(big) & (big > 0)
-    # 2**emax and 2**-emax normal: finfo's maxexp where the namespace gives it (NumPy's long
-    # double reaches 2**16383: capped at float64's 1022, its terms of 1e3000 gave NaN; a
-    # review's find), else by the bits (the standard's finfo has no exponents)
-    maxexp = getattr(xp.finfo(terms.dtype), "maxexp", None)
-    emax = int(maxexp) - 2 if maxexp else 126 if xp.finfo(terms.dtype).bits <= 32 else 1022
-    k = xp.floor(xp.log2(xp.where(usable, big, 1.0)))
-    k = xp.where(k > emax, float(emax), xp.where(k < -emax, float(-emax), k))  # (no clip before 2023.12)
-    terms = terms * 2.0 ** (-k)
+    terms = _largest_about_one(xp, terms)
     if kind == "variance":
         # each term centred before the sum (centring y = sum_k T_k came after a constant term
         # of 1 had absorbed varying ones of 1e-10: shares off by 1e-7, or NaN), by a corrected
@@ -667,7 +673,10 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
         # is a few ulps of its mean, 1e12 + 1e-3 noise, lost most of its deviations: shares
         # and gradients off by 1e7 ulps)
         dev = terms - xp.mean(terms, axis=1, keepdims=True)
-        terms = dev - xp.mean(dev, axis=1, keepdims=True)
+        # and rescaled again: the deviations are what is squared, and beside a constant term
+        # 1e24 times their size (float32; 1e300 in float64) they had underflowed, all NaN (a
+        # review's find).  (The first scaling keeps the means from overflowing.)
+        terms = _largest_about_one(xp, dev - xp.mean(dev, axis=1, keepdims=True))
     y = xp.sum(terms, axis=0)
     num = xp.sum(terms * y, axis=(1, 2))
     den = xp.sum(y * y)

@@ -163,23 +163,28 @@ def cp_interactions(
     return tensor_interactions(xs, cp_to_tensor(cp), by=by, append_one=append_one)
 
 
+def _largest_about_one(t: np.ndarray) -> np.ndarray:
+    """Scale-free: ``t`` times the power of two that brings its largest magnitude to about 1
+    (exact), unscaled where that is 0 or not finite."""
+    big = float(np.max(np.abs(t))) if t.size else 0.0
+    return np.ldexp(t, -np.frexp(big)[1]) if math.isfinite(big) and big > 0 else t
+
+
 def interaction_shares(terms: Any, *, kind: str = "variance") -> np.ndarray:
     """Share of each part: sum_j cov_b(T_k[:, j], y[:, j]) / sum_j var_b(y[:, j]), y = sum_k T_k.
 
     ``kind="norm"``: <T_k, y> / <y, y> over all samples and outputs (no centring).  NaN when
     the denominator is zero.
     """
-    t = f64(terms)
-    big = float(np.max(np.abs(t))) if t.size else 0.0
-    if math.isfinite(big) and big > 0:  # scale-free: the largest term about 1 (exactly: 2**k)
-        t = np.ldexp(t, -np.frexp(big)[1])
+    t = _largest_about_one(f64(terms))
     if t.shape[1] == 0:  # no sample: no share (and no mean of an empty batch to warn about)
         return np.full(t.shape[0], np.nan)
     if kind == "variance":  # each term centred first (then y is centred too), so that a
         # large constant term cannot absorb small ones; corrected two-pass (a second mean of
-        # the deviations), exact where a spread is a few ulps of its mean
+        # the deviations), exact where a spread is a few ulps of its mean; the deviations
+        # scaled again (beside a constant term 1e300 times their size they underflowed)
         d = t - t.mean(axis=1, keepdims=True)
-        t = d - d.mean(axis=1, keepdims=True)
+        t = _largest_about_one(d - d.mean(axis=1, keepdims=True))
     y = t.sum(axis=0)
     num = np.array([float(np.sum(tk * y)) for tk in t])
     den = float(np.sum(y * y))
