@@ -19,6 +19,8 @@ from ._namespace import (
     array_namespace,
     from_numpy,
     is_array,
+    is_dask,
+    is_host_device,
     is_jax,
     is_numpy,
     is_torch,
@@ -270,6 +272,14 @@ def check_device(space: Any, device: Any, dtype: Any = None) -> Any:
     one = np.ones(1, dtype=np.float32 if dtype is None else np.float64)
     if is_numpy(space):
         return from_numpy(one, space, dtype=dtype, device=device)  # its own ValueError
+    if is_dask(space) and device is not None and not is_host_device(device):
+        # (from_numpy makes Dask arrays of NumPy chunks and takes no device: "cuda", a typo or
+        # 42 had been accepted and ignored, where NumPy and array_api_compat's Dask refuse it;
+        # a review's find)
+        raise ValueError(
+            f"device={device!r} is not a device of dask.array: mmfuse makes Dask arrays of "
+            f"NumPy chunks, on the CPU (pass None or 'cpu')"
+        )
     try:
         return from_numpy(one, space, dtype=dtype, device=device)
     except (RuntimeError, TypeError, ValueError, OverflowError, AssertionError) as err:  # the namespace's own

@@ -379,6 +379,37 @@ def test_initialisers_name_a_dtype_the_namespace_does_not_know(init, rng):
     assert params["factors" if init == "lowrank" else "feature"][0].dtype == strict.float32
 
 
+@pytest.mark.parametrize("maker", ["init_lowrank", "init_wander", "make_inputs", "load_mfeat"])
+def test_dask_refuses_a_device_other_than_the_cpu(maker, rng):
+    """mmfuse makes Dask arrays of NumPy chunks: ``xp=dask.array`` with device "cuda", a typo
+    or 42 was accepted and ignored (CPU arrays came back), where NumPy and array_api_compat's
+    Dask refuse it (a review's find).  A ValueError naming the device, before anything is
+    drawn; None and "cpu" still make Dask arrays."""
+    da = pytest.importorskip("dask.array")
+    from mmfuse.datasets import load_mfeat
+    from mmfuse.testing import make_inputs
+
+    gen = np.random.default_rng(rng.integers(2**32))
+    state = gen.bit_generator.state
+    calls = {
+        "init_lowrank": lambda device: mmfuse.init_lowrank([3, 2], rank=2, out_dim=4, seed=gen, xp=da, device=device),
+        "init_wander": lambda device: mmfuse.init_wander(
+            [4, 4], [3, 2], rank=2, feature_rank=2, token_rank=2, out_dim=4, seed=gen, xp=da, device=device
+        ),
+        "make_inputs": lambda device: make_inputs([3, 2], batch=2, seed=gen, xp=da, device=device),
+        "load_mfeat": lambda device: load_mfeat(xp=da, device=device),
+    }
+    for device in ("cuda", "bogus", 42):
+        with pytest.raises(ValueError, match=rf"^device={device!r} is not a device of dask\.array: mmfuse makes"):
+            calls[maker](device)
+    assert gen.bit_generator.state == state
+    for device in (None, "cpu"):
+        made = calls[maker](device)
+        arrays = made.views if maker == "load_mfeat" else made if maker == "make_inputs" else made["down" if maker == "init_wander" else "factors"]
+        first = arrays[0][0] if maker == "init_wander" else arrays[0]
+        assert isinstance(first, da.Array)
+
+
 # --------------------------------------------------------------------------- Dask parameter chunks
 
 
