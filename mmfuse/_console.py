@@ -36,13 +36,22 @@ class MissingDependency(RuntimeError):
 
 
 def require(module: str) -> Any:
-    """Import ``module`` or raise :class:`MissingDependency` naming the extra that installs it."""
+    """Import ``module`` or raise :class:`MissingDependency` naming the extra that installs it.
+
+    Any failure of the import counts, not only ImportError: a broken installation raises
+    others (a CUDA build of torch missing a shared library: OSError), which had reached the
+    user as a traceback where ``mmfuse info`` named it (a review's find)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependency(
             f"{module} is needed for this command but could not be imported ({exc}); "
             f"install it with: {install_command(module)}"
+        ) from None
+    except Exception as exc:
+        raise MissingDependency(
+            f"{module} is needed for this command but its import failed "
+            f"({type(exc).__name__}: {exc}); repair or reinstall it: {install_command(module)}"
         ) from None
 
 

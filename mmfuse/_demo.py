@@ -244,6 +244,10 @@ def _figure(
     except ImportError:
         print(f"matplotlib not installed: no figure ({install_command('matplotlib')})")
         return False
+    except Exception as exc:  # a broken installation (a review's find: a traceback after the
+        # whole demo had run and written its results)
+        print(f"matplotlib's import failed ({type(exc).__name__}: {exc}): no figure")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -628,6 +628,40 @@ def test_demo_without_torch_leaves_no_folder(tmp_path, monkeypatch, capsys):
     assert not out.exists()
 
 
+class _BrokenImport:
+    """A meta-path finder whose modules fail to import with OSError, as a CUDA build of torch
+    missing a shared library does."""
+
+    def __init__(self, *names):
+        self.names = names
+
+    def find_spec(self, name, path=None, target=None):
+        if name in self.names:
+            raise OSError(f"lib{name}_cuda.so: cannot open shared object file")
+        return None
+
+
+def test_a_broken_installation_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """An optional module whose import fails with something other than ImportError (a CUDA
+    wheel missing a shared library: OSError) gave the demo a traceback and exit 1, where
+    ``mmfuse info`` named it; and a broken matplotlib gave one after the whole demo had run
+    (a review's find).  A one-line message and exit 2, no folder left; no figure, a note."""
+    from mmfuse import _demo
+
+    monkeypatch.setattr(sys, "meta_path", [_BrokenImport("torch", "matplotlib"), *sys.meta_path])
+    for name in ("torch", "matplotlib"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(_console.MissingDependency, match=r"^torch is needed for this command but its import failed \(OSError: libtorch_cuda"):
+        _console.require("torch")
+    out = tmp_path / "demo-out"
+    assert _cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "its import failed (OSError" in err and "Traceback" not in err
+    assert not out.exists()
+    assert _demo._figure([], str(tmp_path / "f.png"), chance={}, quick_epochs=None) is False
+    assert "matplotlib's import failed (OSError: libmatplotlib_cuda.so" in capsys.readouterr().out
+
+
 def test_demo_refuses_a_backend_that_cannot_train_before_any_work(tmp_path, monkeypatch, capsys):
     """MMFUSE_BACKEND=reference (no autograd): the demo had failed at its first mmfuse layer,
     after the plain models of the first data set had trained, and left an empty folder."""
