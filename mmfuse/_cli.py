@@ -504,7 +504,18 @@ def _check_output_file(path: str) -> None:
     if not os.path.isdir(parent):
         raise UsageError(f"mmfuse: cannot write {path!r}: directory {parent!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"mmfuse: cannot write {path!r}: permission denied")
+        raise UsageError(f"mmfuse: cannot write {path!r}: {_why_not_writable(parent)}")
+
+
+def _why_not_writable(folder: str) -> str:
+    """Why the files of ``folder`` cannot be written, as the OS would say it: a read-only
+    file system (access() refuses those too, and "permission denied" sent the user to the
+    file's mode; a review's find) or the permissions."""
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # (no statvfs on Windows)
+        read_only = False
+    return "read-only file system" if read_only else "permission denied"
 
 
 @contextlib.contextmanager

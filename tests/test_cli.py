@@ -801,6 +801,27 @@ def test_unwritable_outputs_fail_up_front(tmp_path, capsys, monkeypatch):
     assert "is a file, not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="no statvfs here")
+@pytest.mark.parametrize("read_only", [True, False])
+def test_an_unwritable_output_says_why(tmp_path, capsys, monkeypatch, read_only):
+    """A folder on a read-only file system was said to deny permission, which sends the user
+    to the file's mode (a review's find): the check names a read-only file system, and
+    permissions otherwise."""
+    real_statvfs = os.statvfs
+
+    class Flags:
+        def __init__(self, result):
+            self.f_flag = result.f_flag | (os.ST_RDONLY if read_only else 0)
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    monkeypatch.setattr(os, "statvfs", lambda p: Flags(real_statvfs(p)))
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["bench", "--quick", "--json", str(tmp_path / "x.json"), "--no-progress"])
+    assert exc.value.code == 2
+    why = "read-only file system" if read_only else "permission denied"
+    assert capsys.readouterr().err.strip() == f"mmfuse: cannot write {str(tmp_path / 'x.json')!r}: {why}"
+
+
 def test_an_unknown_option_names_its_subcommand(capsys):
     """A misspelt option of a subcommand is reported with that subcommand's usage (argparse's
     parse_args gave the top-level usage, which lists no option of it); status 2."""
