@@ -932,6 +932,26 @@ def test_explain_lists_no_loading_error_of_rows_a_registration_replaced():
     assert found.chosen is not None and found.chosen.func is mine
 
 
+def test_explain_prints_any_priority_a_registration_takes():
+    """register() takes any finite real priority, but the explanation's text formatted it with
+    a format spec that a Fraction has not: TypeError from print(explain(...)) (a review's
+    find).  Every accepted priority prints, and the choice follows it."""
+    from fractions import Fraction
+
+    def mine(x, *, axis=-2, mask=None, eps=1e-5):
+        return x.mean(axis=axis, keepdims=True), x.std(axis=axis, keepdims=True)
+
+    x = np.ones((2, 4, 3))
+    for priority in (Fraction(1, 2), 2.5, 1000):
+        register("moments", "numba", mine, priority=priority)
+        try:
+            text = str(explain("moments", x))
+        finally:
+            unregister("moments", "numba")
+        row = next(line for line in text.splitlines() if "numba / registered" in line)
+        assert f"  {priority}  " in row, row
+
+
 def test_public_functions_have_the_catalogued_signatures():
     """Every operator's public function takes exactly its catalogued parameters (names, kinds,
     order) plus ``backend=`` last: the registry checks implementations against the catalogue,

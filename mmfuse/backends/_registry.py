@@ -281,8 +281,9 @@ def register(
     back mmfuse's own, not the earlier registration).  The
     public function checks the call's arguments before ``func`` runs, and gives ``func`` the
     checked values (``align``'s ``hub``, for one, as the int the topology uses: 0 where
-    ``topology`` is not ``"hub"``), and returns ``func``'s result as it is: giving it in the
-    inputs' namespace, dtype and device, as mmfuse's own do, is ``func``'s part.  Under
+    ``topology`` is not ``"hub"``), and returns ``func``'s result as it is (``align``'s as a
+    list of its items, as the function documents): giving it in the inputs' namespace, dtype
+    and device, as mmfuse's own do, is ``func``'s part.  Under
     ``torch.compile`` the ``nn`` layers call a ``"torch"`` registration directly, without
     its ``supports`` or priority (Dynamo traces no registry choice; the eager layers do ask).
     ``func`` should have no attribute ``plan``: mmfuse's own implementations plan their calls
@@ -867,7 +868,9 @@ class Explanation:
         width = max([len(f"{b} / {v}") for b, v, _, _ in self.rows] + [14])
         lines = [f"{self.op} under backend={self.policy!r}:"]
         for backend, variant, priority, verdict in self.rows:
-            lines.append(f"  {f'{backend} / {variant}':<{width}}  {priority:>3}  {verdict}")
+            # (as str: a registered priority may be any finite real, and a Fraction has no
+            # format spec; a review's find)
+            lines.append(f"  {f'{backend} / {variant}':<{width}}  {priority!s:>3}  {verdict}")
         return "\n".join(lines)
 
 
