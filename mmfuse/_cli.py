@@ -25,6 +25,7 @@ from ._console import (
     check_interrupted,
     keeping_interrupts,
     require,
+    require_pyplot,
     shorten,
     table,
 )
@@ -565,7 +566,8 @@ def _check_output_dir(path: str, files: Sequence[str]) -> None:
     if not os.path.isdir(ancestor):
         raise UsageError(f"mmfuse: cannot create folder {path!r}: {ancestor!r} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"mmfuse: cannot create folder {path!r}: permission denied in {ancestor!r}")
+        why = _why_not_writable(ancestor)
+        raise UsageError(f"mmfuse: cannot create folder {path!r}: {why} in {ancestor!r}")
 
 
 # --------------------------------------------------------------------------- bench
@@ -614,7 +616,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # (the PNG, written last, had replaced the report, and both were said to be written)
         raise UsageError(f"mmfuse: --json and --plot name the same file ({args.plot!r}): give two names")
     if args.plot:
-        require("matplotlib")  # now, not after minutes of timing
+        require_pyplot()  # now, not after minutes of timing
     namespaces = list(dict.fromkeys(args.namespaces or _BENCH_NAMESPACES))
     scale = "verify" if args.quick else "bench"
     jobs = []
@@ -746,12 +748,7 @@ def _speedup_note(have_baseline: bool) -> str:
 def _bench_plot(results: list[dict[str, Any]], path: str, *, quick: bool) -> bool:
     """Draw the timed rows of ``results`` into the PNG ``path``; False (nothing written) when
     no row was timed."""
-    require("matplotlib")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = require_pyplot()
     fig = _bench_figure(results, quick=quick)
     if fig is None:
         return False

@@ -26,6 +26,7 @@ __all__ = [
     "check_interrupted",
     "keeping_interrupts",
     "require",
+    "require_pyplot",
     "shorten",
     "table",
 ]
@@ -53,6 +54,14 @@ def require(module: str) -> Any:
             f"{module} is needed for this command but its import failed "
             f"({type(exc).__name__}: {exc}); repair or reinstall it: {install_command(module)}"
         ) from None
+
+
+def require_pyplot() -> Any:
+    """matplotlib's pyplot on its file-only Agg backend, or :class:`MissingDependency`: the
+    package and pyplot both (pyplot loads the compiled Agg backend, which can fail where the
+    package imported; a review's find)."""
+    require("matplotlib").use("Agg")
+    return require("matplotlib.pyplot")
 
 
 def shorten(text: str, width: int) -> str:

@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from ._extras import install_command
-
 __all__ = ["check_models_train", "run_demo"]
 
 
@@ -239,17 +237,14 @@ def _figure(
     rows: list[dict[str, Any]], path: str, *, chance: dict[str, float], quick_epochs: dict[str, int] | None
 ) -> bool:
     """Write the summary figure to ``path``; False (and a note) when matplotlib is missing."""
+    from ._console import MissingDependency, require_pyplot
+
     try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib not installed: no figure ({install_command('matplotlib')})")
+        plt = require_pyplot()
+    except MissingDependency as exc:  # not installed, or broken (a review's find: a broken
+        # one had raised after the whole demo had run and written its results)
+        print(f"no figure: {exc}")
         return False
-    except Exception as exc:  # a broken installation (a review's find: a traceback after the
-        # whole demo had run and written its results)
-        print(f"matplotlib's import failed ({type(exc).__name__}: {exc}): no figure")
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig = _draw(rows, chance=chance, quick_epochs=quick_epochs)
     fig.savefig(path, dpi=110)

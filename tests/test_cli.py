@@ -645,11 +645,12 @@ def test_a_broken_installation_is_one_line_not_a_traceback(tmp_path, monkeypatch
     """An optional module whose import fails with something other than ImportError (a CUDA
     wheel missing a shared library: OSError) gave the demo a traceback and exit 1, where
     ``mmfuse info`` named it; and a broken matplotlib gave one after the whole demo had run
-    (a review's find).  A one-line message and exit 2, no folder left; no figure, a note."""
+    (a review's find), as it did where only pyplot failed (its compiled Agg backend).  A
+    one-line message and exit 2, no folder left, no timing done; no figure, a note."""
     from mmfuse import _demo
 
-    monkeypatch.setattr(sys, "meta_path", [_BrokenImport("torch", "matplotlib"), *sys.meta_path])
-    for name in ("torch", "matplotlib"):
+    monkeypatch.setattr(sys, "meta_path", [_BrokenImport("torch", "matplotlib.pyplot"), *sys.meta_path])
+    for name in ("torch", "matplotlib.pyplot"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     with pytest.raises(_console.MissingDependency, match=r"^torch is needed for this command but its import failed \(OSError: libtorch_cuda"):
         _console.require("torch")
@@ -659,7 +660,13 @@ def test_a_broken_installation_is_one_line_not_a_traceback(tmp_path, monkeypatch
     assert "its import failed (OSError" in err and "Traceback" not in err
     assert not out.exists()
     assert _demo._figure([], str(tmp_path / "f.png"), chance={}, quick_epochs=None) is False
-    assert "matplotlib's import failed (OSError: libmatplotlib_cuda.so" in capsys.readouterr().out
+    assert "no figure: matplotlib.pyplot is needed for this command but its import failed (OSError" in capsys.readouterr().out
+    report = tmp_path / "t.json"
+    argv = ["bench", "--quick", "--ops", "moments", "--plot", str(tmp_path / "p.png"), "--json", str(report)]
+    assert _cli.main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib.pyplot is needed for this command but its import failed (OSError" in err
+    assert "Traceback" not in err and not report.exists()
 
 
 def test_demo_refuses_a_backend_that_cannot_train_before_any_work(tmp_path, monkeypatch, capsys):
@@ -805,8 +812,8 @@ def test_unwritable_outputs_fail_up_front(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("read_only", [True, False])
 def test_an_unwritable_output_says_why(tmp_path, capsys, monkeypatch, read_only):
     """A folder on a read-only file system was said to deny permission, which sends the user
-    to the file's mode (a review's find): the check names a read-only file system, and
-    permissions otherwise."""
+    to the file's mode (a review's find): the checks of an output file and of a folder to
+    create name a read-only file system, and permissions otherwise."""
     real_statvfs = os.statvfs
 
     class Flags:
@@ -820,6 +827,11 @@ def test_an_unwritable_output_says_why(tmp_path, capsys, monkeypatch, read_only)
     assert exc.value.code == 2
     why = "read-only file system" if read_only else "permission denied"
     assert capsys.readouterr().err.strip() == f"mmfuse: cannot write {str(tmp_path / 'x.json')!r}: {why}"
+    folder = tmp_path / "new" / "out"  # a folder to create, in one that exists
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["demo", "--quick", "--out", str(folder), "--no-progress"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == f"mmfuse: cannot create folder {str(folder)!r}: {why} in {str(tmp_path)!r}"
 
 
 def test_an_unknown_option_names_its_subcommand(capsys):
