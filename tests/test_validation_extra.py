@@ -384,8 +384,10 @@ def test_dask_refuses_a_device_other_than_the_cpu(maker, rng):
     """mmfuse makes Dask arrays of NumPy chunks: ``xp=dask.array`` with device "cuda", a typo
     or 42 was accepted and ignored (CPU arrays came back), where NumPy and array_api_compat's
     Dask refuse it (a review's find).  A ValueError naming the device, before anything is
-    drawn; None and "cpu" still make Dask arrays."""
+    drawn; the CPU however spelt, and the devices array_api_compat's Dask namespace lists (its
+    DASK_DEVICE too), still make Dask arrays."""
     da = pytest.importorskip("dask.array")
+    compat_dask = pytest.importorskip("array_api_compat.dask.array")
     from mmfuse.datasets import load_mfeat
     from mmfuse.testing import make_inputs
 
@@ -403,7 +405,12 @@ def test_dask_refuses_a_device_other_than_the_cpu(maker, rng):
         with pytest.raises(ValueError, match=rf"^device={device!r} is not a device of dask\.array: mmfuse makes"):
             calls[maker](device)
     assert gen.bit_generator.state == state
-    for device in (None, "cpu"):
+    accepted = [None, "cpu", "CPU", "cpu:0", *compat_dask.__array_namespace_info__().devices()]
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        accepted.append(torch.device("cpu"))
+    for device in accepted:
         made = calls[maker](device)
         arrays = made.views if maker == "load_mfeat" else made if maker == "make_inputs" else made["down" if maker == "init_wander" else "factors"]
         first = arrays[0][0] if maker == "init_wander" else arrays[0]
