@@ -43,9 +43,8 @@ __all__ = [
 ]
 
 
-def as_backend(func: Callable[..., Any], name: str | None = None) -> Callable[..., Any]:
-    """Wrap a NumPy reference function as an implementation for any namespace (``name``: the
-    attribute of this module that holds it, if not the function's own name)."""
+def as_backend(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a NumPy reference function as an implementation for any namespace."""
 
     @functools.wraps(func)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -64,21 +63,23 @@ def as_backend(func: Callable[..., Any], name: str | None = None) -> Callable[..
     # named as this module's attribute of the same name holds it (functools.wraps took the
     # reference function's names, under which pickle found another object: the reference
     # backend's implementations could not be pickled; a review's find)
-    run.__module__ = __name__
-    run.__name__ = run.__qualname__ = name or func.__name__
+    run.__module__, run.__qualname__ = __name__, func.__name__
     return run
 
 
+# The oracle's wander with a caller's ``activation`` given the checks the other backends give
+# theirs (apply_activation): an array of the pre-activations' shape, dtype and library.  Here
+# those are the float64 NumPy arrays the oracle calls it on (as the public docstring says), so
+# a callable must take and return NumPy float64 arrays: one returning a scalar, a str or
+# another shape had failed deep in the oracle's einsums (an IndexError, NumPy's "shape-mismatch
+# for sum"), and one returning another dtype or another library's array (a JAX function, whose
+# float32 result the oracle widened) had passed (a review's find).  The oracle, which reads
+# like the equations, checks nothing itself.
+@functools.wraps(reference.wander)
 def _wander_checked(
     xs: Any, params: Any, *, mode: str = "cp", masks: Any = None, activation: Any = "gelu",
     residual: str = "first",
 ) -> Any:  # fmt: skip
-    """:func:`mmfuse.reference.wander` with a caller's ``activation`` checked as every other
-    backend checks it (:func:`~mmfuse._core.sequence.apply_activation`, on the float64 NumPy
-    pre-activations it is called on here): the reference, which reads like the equations,
-    checks nothing, and a callable returning a scalar, a str or another shape failed deep in
-    its einsums (an IndexError, NumPy's "shape-mismatch for sum") or passed in another dtype
-    (a review's find)."""
     if callable(activation):
         activation = functools.partial(apply_activation, activation)
     return reference.wander(xs, params, mode=mode, masks=masks, activation=activation, residual=residual)
@@ -88,7 +89,7 @@ tensor_fusion = as_backend(reference.tensor_fusion)
 lowrank_fusion = as_backend(reference.lowrank_fusion)
 cp_fusion = as_backend(reference.cp_fusion)
 sequence_fusion = as_backend(reference.sequence_fusion)
-wander = as_backend(_wander_checked, "wander")
+wander = as_backend(_wander_checked)
 moments = as_backend(reference.moments)
 zoom_shift = as_backend(reference.zoom_shift)
 align = as_backend(reference.align)
