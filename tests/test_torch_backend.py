@@ -467,7 +467,7 @@ def test_narrow_fusion_with_kept_projections_matches_core(
 
 @pytest.mark.parametrize("saved_hooks", ["checkpoint", "save_on_cpu_counted"])
 @pytest.mark.parametrize("op", ["lowrank kept", "lowrank", "cp"])
-def test_fusion_ops_unpack_their_saved_tensors_once(op, saved_hooks):
+def test_fusion_ops_unpack_their_saved_tensors_once(op, saved_hooks, rng):
     """The low-rank op's backward read ``ctx.saved_tensors`` twice where it kept its
     projections (the inputs, then the kept tensor again): non-reentrant activation
     checkpointing refused it (``CheckpointError``: a tensor unpacked twice), and every
@@ -475,7 +475,7 @@ def test_fusion_ops_unpack_their_saved_tensors_once(op, saved_hooks):
     the gradients are those of the step without hooks."""
     from torch.utils.checkpoint import checkpoint
 
-    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
     dims = (8, 16, 64)
     xs = [torch.randn(6, d, generator=g, dtype=torch.float64, requires_grad=True) for d in dims]
     width = 1 if op == "lowrank kept" else 9  # kept: 4 M R h <= sum d_m

@@ -862,7 +862,7 @@ class Explanation:
     op: str
     policy: str
     chosen: Implementation | None
-    rows: tuple[tuple[str, str, int, str], ...]  # (backend, variant, priority, verdict)
+    rows: tuple[tuple[str, str, Any, str], ...]  # (backend, variant, priority: a real, verdict)
 
     def __str__(self) -> str:
         width = max([len(f"{b} / {v}") for b, v, _, _ in self.rows] + [14])
