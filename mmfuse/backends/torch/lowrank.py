@@ -310,8 +310,8 @@ def _lowrank_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> No
     kept = output[1]
     ctx.mark_non_differentiable(kept)  # an internal by-product, not a result
     ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for it
-    ctx.kept = kept.numel() > 0
-    save_fusion_inputs(ctx, xs, factors, weights, present, append_one, *([kept] if ctx.kept else []))
+    # saved last where the forward kept projections (their absence: an empty tensor, not saved)
+    save_fusion_inputs(ctx, xs, factors, weights, present, append_one, *([kept] if kept.numel() > 0 else []))
 
 
 def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = None) -> tuple[Any, ...]:
@@ -320,7 +320,7 @@ def _lowrank_backward(ctx: Any, grad: torch.Tensor | None, _grad_kept: Any = Non
         return ([None] * n_mod, [None] * n_mod, None, None, None, None)
     need_xs, need_fs, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
     xs, factors, weights, present, rest = load_fusion_inputs(ctx, n_mod)
-    kept = rest[0] if ctx.kept else None
+    kept = rest[0] if rest else None
     need_w = bool(need_w) and weights is not None
     needs = [bool(v) for v in (*need_xs, *need_fs, need_w, need_b)]
     # a graph of the backward wanted, or a backward under vmap (batched gradients:
