@@ -995,23 +995,6 @@ def _plan_align(
     return partial(planned_impl(impl, (xs,), {**options, "masks": masks}), **options)
 
 
-def _run_align(
-    xs: list[Any],
-    masks: list[Any] | None,
-    rounds: int | None,
-    alpha: float,
-    schedule: str,
-    topology: str,
-    hub: int,
-    axis: int,
-    eps: float,
-    backend: str | None,
-) -> list[Any]:
-    """:func:`align` on checked arguments."""
-    plan = _plan_align(xs, masks, rounds, alpha, hub, eps, schedule, topology, axis, backend)
-    return list(plan(xs, masks=masks))
-
-
 # --------------------------------------------------------------------------- fusion
 
 
@@ -1100,6 +1083,33 @@ def zoom_shift_fusion(
     >>> mmfuse.zoom_shift_fusion(xs, fuse="mean", rounds=None, alpha=0.5).shape
     (4, 8)
     """
+    masks = align_options.get("masks")
+    # the options in a fixed order, with their count: a call with an unknown keyword (the
+    # first such call raises) never meets a plan
+    options = (fuse, pool, len(align_options), *map(align_options.get, _FUSION_OPTIONS))
+    key = call_key(align_options.get("backend"), options, xs, masks)
+    plan = _FUSION_PLANS.get(key)
+    if plan is None:
+        checked, plan = _plan_zoom_shift_fusion(xs, fuse, pool, align_options)
+        out = plan(*checked)  # (remembered only once it ran: its align plan is made there)
+        _FUSION_PLANS.remember(key, plan)
+        return out
+    if masks is not None:
+        xp = array_namespace(xs[0])
+        for m, k in enumerate(masks):
+            check_mask_values(xp, k, 1, f"masks[{m}]")
+    return plan(list(xs), None if masks is None or all(k is None for k in masks) else list(masks))
+
+
+_FUSION_PLANS = PlanCache()
+_FUSION_OPTIONS = ("rounds", "alpha", "schedule", "topology", "hub", "axis", "eps")
+
+
+def _plan_zoom_shift_fusion(
+    xs: Any, fuse: Any, pool: Any, align_options: dict[str, Any]
+) -> tuple[tuple[list[Any], list[Any] | None], Any]:
+    """The checks of :func:`zoom_shift_fusion`, then its plan: ``run(xs, masks)`` for inputs
+    of this signature (their mask values checked by the caller), with the checked inputs."""
     check_choice(fuse, "fuse", FUSE_MODES)
     check_choice(pool, "pool", POOL_MODES)
     seq = _as_modalities(xs)
@@ -1121,25 +1131,34 @@ def zoom_shift_fusion(
             "zoom_shift_fusion: masks are token masks (B, T_m) and need the default axis=-2; "
             f"got axis={axis}"
         )
-    schedule, topology = opts["schedule"], opts["topology"]
+    schedule, topology, backend = opts["schedule"], opts["topology"], opts["backend"]
     seq, masks, rounds, alpha, hub, eps = _check_align(
         seq, opts["rounds"], opts["alpha"], schedule, topology, opts["hub"], axis, masks, opts["eps"]
     )
     xp = array_namespace(seq[0])
-    if masks is not None and _has_autograd(xp):
-        # Masked tokens are mapped but never pooled: zeroed, NaN or inf padding cannot reach
-        # the gradients through 0 * NaN (values are unchanged: they never enter statistics).
-        seq = [mask_tokens(xp, x, k) for x, k in zip(seq, masks)]
+    # Masked tokens are mapped but never pooled: zeroed, NaN or inf padding cannot reach
+    # the gradients through 0 * NaN (values are unchanged: they never enter statistics).
+    zero_padding = masks is not None and _has_autograd(xp)
+    # float16 / bfloat16: aligned, pooled and fused in float32, rounded once (pooling the
+    # aligned sequences rounded to 16 bits cost hundreds of ulps of a small pooled mean)
+    widened = low_precision(xp, seq[0].dtype)
+    aligner: list[Any] = []  # align's plan, made by the first run (on the work dtype's arrays)
 
-    def align_pool_fuse(seq: list[Any]) -> Any:
-        aligned = _run_align(seq, masks, rounds, alpha, schedule, topology, hub, axis, eps, opts["backend"])
+    def align_pool_fuse(seq: list[Any], masks: list[Any] | None) -> Any:
+        if not aligner:
+            plan = _plan_align(seq, masks, rounds, alpha, hub, eps, schedule, topology, axis, backend)
+            aligner.append(plan)
+        aligned = list(aligner[0](seq, masks=masks))
         return core.zoom_shift_fusion(aligned, fuse_how=fuse, pool_how=pool, masks=masks)
 
-    if low_precision(xp, seq[0].dtype):
-        # float16 / bfloat16: aligned, pooled and fused in float32, rounded once (pooling the
-        # aligned sequences rounded to 16 bits cost hundreds of ulps of a small pooled mean)
-        return in_work_dtype(align_pool_fuse, xp, seq[0].dtype, seq)
-    return align_pool_fuse(seq)
+    def run(seq: list[Any], masks: list[Any] | None) -> Any:
+        if zero_padding:
+            seq = [mask_tokens(xp, x, k) for x, k in zip(seq, masks)]  # type: ignore[arg-type]
+        if widened:
+            return in_work_dtype(align_pool_fuse, xp, seq[0].dtype, seq, masks)
+        return align_pool_fuse(seq, masks)
+
+    return (seq, masks), run
 
 
 def _has_autograd(xp: Any) -> bool:
