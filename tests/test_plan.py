@@ -122,6 +122,59 @@ def test_masks_values_are_checked_on_every_planned_call(rng):
         mmfuse.moments(x, mask=mask)
 
 
+def test_zoom_shift_fusion_after_a_planned_call_raises_what_an_unplanned_call_raises(rng):
+    """zoom_shift_fusion is planned (the eager ZoomShift layer's path): after a good call, calls
+    of other options, keywords, shapes and masks raise the unplanned call's error, none of
+    them is kept, and the masks' values are still checked per call."""
+    xs = [rng.standard_normal((3, 6, 2)), rng.standard_normal((3, 5, 2))]
+    masks = [np.ones((3, 6), dtype=bool), None]
+    good = dict(fuse="sum", pool="mean", rounds=2, alpha=0.5, masks=masks)
+    want = mmfuse.zoom_shift_fusion(xs, **good)
+    bad_calls = [
+        lambda: mmfuse.zoom_shift_fusion(xs, **{**good, "fuse": "max"}),
+        lambda: mmfuse.zoom_shift_fusion(xs, **{**good, "pool": "sum"}),
+        lambda: mmfuse.zoom_shift_fusion(xs, **good, ronuds=2),
+        lambda: mmfuse.zoom_shift_fusion(xs, **{**good, "alpha": 2.0}),
+        lambda: mmfuse.zoom_shift_fusion(xs, **{**good, "axis": -1}),
+        lambda: mmfuse.zoom_shift_fusion(xs, **{**good, "backend": "nope"}),
+        lambda: mmfuse.zoom_shift_fusion([xs[0], xs[1][:2]], **good),
+        lambda: mmfuse.zoom_shift_fusion([xs[0][:, :1], xs[1]], **good),
+        lambda: mmfuse.zoom_shift_fusion([x[..., 0] for x in xs], **good),
+        lambda: mmfuse.zoom_shift_fusion(xs, **{**good, "masks": [masks[0][:, :5], None]}),
+    ]
+    planned = [_error(call) for call in bad_calls]
+    mmfuse._align._FUSION_PLANS.clear()
+    mmfuse._align._ALIGN_PLANS.clear()
+    assert planned == [_error(call) for call in bad_calls]
+    assert planned == [_error(call) for call in bad_calls]  # and none of them was kept
+    assert len(mmfuse._align._FUSION_PLANS) == 0
+    assert_close(mmfuse.zoom_shift_fusion(xs, **good), want, rtol=0)
+    assert len(mmfuse._align._FUSION_PLANS) == 1
+    emptied = [masks[0].copy(), None]
+    emptied[0][1] = False  # the same signature, a sample with every token masked
+    with pytest.raises(ValueError, match=r"masks\[0\] masks every token of a sample"):
+        mmfuse.zoom_shift_fusion(xs, **{**good, "masks": emptied})
+    # the planned call gives the unplanned answer, which follows the formula
+    aligned = ref.align(xs, rounds=2, alpha=0.5, masks=masks)
+    pooled = [np.where(k[..., None], y, 0.0).sum(1) / k.sum(1)[:, None] for y, k in zip(aligned, [masks[0], np.ones((3, 5), bool)])]
+    assert_close(want, pooled[0] + pooled[1], rtol=1e-12)
+
+
+def test_a_planned_zoom_shift_fusion_makes_few_python_calls(rng):
+    """A seen signature runs its plan: the key, a lookup, align's plan and the pooling
+    (issue 19; counted, not timed).  Unplanned, the call made over 500."""
+    xs = [rng.standard_normal((4, 6, 5)), rng.standard_normal((4, 7, 5))]
+    mmfuse.zoom_shift_fusion(xs)
+    prof = cProfile.Profile()
+    prof.enable()
+    mmfuse.zoom_shift_fusion(xs)
+    prof.disable()
+    python_calls = sum(
+        n for (file, _, _), (_, n, *_) in pstats.Stats(prof).stats.items() if file != "~"  # type: ignore[attr-defined]
+    )
+    assert python_calls <= 150, python_calls
+
+
 def test_the_plan_caches_stay_bounded(monkeypatch):
     """A program making new shapes (a growing batch) starts the plans over at MAX_PLANS
     rather than keeping every signature (untested before; a mutation review's find)."""
