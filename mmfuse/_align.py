@@ -700,7 +700,9 @@ def zoom_shift(
         Channel (or batch) mismatch, ``alpha`` outside (0, 1], negative ``eps`` or one below
         the smallest normal number of the statistics' dtype (float32 for 32- and 16-bit
         inputs) or above its largest, masks of the wrong shape or masking every token of a
-        sample, ``axis`` on the batch.  The all-masked
+        sample, ``axis`` on the batch, out of range, empty or with a single entry (T = 1:
+        nothing to align; ``axis=-1`` takes statistics over channels instead), inputs of
+        fewer than 2 dimensions.  The all-masked
         check reads the masks' values, so Dask masks, traced JAX masks (under ``jax.jit`` or
         ``jax.vmap``) and torch masks on the ``meta`` device, fake or seen by a ``torch.func``
         transform skip it (such a sample gets NaN statistics, and a NaN output).
@@ -870,7 +872,10 @@ def align(
         dtype (float32 for 32- and 16-bit inputs) or above its largest, unknown ``schedule`` or ``topology``,
         ``hub`` out of range or given with ``topology="consensus"``, masks of the wrong shape
         or masking every token of a sample, and ``rounds=None`` for Jacobi consensus with
-        M = 2 and alpha = 1 (no limit: the two swap every round).  The all-masked check reads
+        M = 2 and alpha = 1 (no limit: the two swap every round), ``axis`` on the batch, out
+        of range, empty or with a single entry in any modality (T = 1: nothing to align;
+        ``axis=-1`` takes statistics over channels instead), inputs of fewer than 2
+        dimensions.  The all-masked check reads
         the masks' values, so Dask masks, traced JAX masks (under ``jax.jit`` or ``jax.vmap``)
         and torch masks on the ``meta`` device, fake or seen by a ``torch.func`` transform skip
         it (such a sample gets NaN statistics, and NaN outputs).
@@ -917,7 +922,7 @@ def align(
     which the linear map in (mu, log sigma) does not see (for spreads near 0.01 the eps = 0
     form missed the rounds' limit by a third of the spread); ``rounds=None`` returns the
     exact limit of the rounds as they run, from invariants of the recursion on the
-    statistics (:mod:`mmfuse._core.align_limit`), still one affine map per modality; the
+    statistics (``mmfuse._core.align_limit``), still one affine map per modality; the
     eps = 0 form is its value at eps = 0.
 
     With ``alpha = 1`` one round already matches moments: for the hub topology and for two

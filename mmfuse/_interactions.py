@@ -425,7 +425,10 @@ def interaction_shares(terms: Any, *, kind: str = "variance") -> Any:
         deviations from their means, are scaled by powers of two (exact) before any square,
         which neither overflows nor underflows.  A deviation that is subnormal once the
         largest term is scaled to 1 (below 2**-1022 of it in float64, 2**-126 in float32)
-        keeps only the bits it has left there.
+        keeps only the bits it has left there.  Where the platform flushes subnormal numbers
+        to zero (JAX on the CPU), terms that are subnormal themselves (below about 1.2e-38 in
+        float32, 2.2e-308 in float64) are zero before any scaling: their shares are lost, or
+        NaN where every term is.
 
     Raises
     ------

@@ -248,7 +248,7 @@ def sequence_fusion(
 
     Here W is never built: each modality needs two matmuls over all ranks at once, whose
     order (token factors first or feature factors first) a planner picks from the shapes by
-    counting multiply-adds (cached; :func:`mmfuse._core.sequence.plan`).  Collapsed mode
+    counting multiply-adds (cached; ``mmfuse._core.sequence.plan``).  Collapsed mode
     sums the ranks first and costs what the released code does, or less; cp mode costs
     about R_h R_t times more in its second contraction and works in blocks of samples and
     token ranks, so that the pairwise terms (b, R_t T_out, R_h D) stay in cache and the

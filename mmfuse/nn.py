@@ -710,8 +710,9 @@ class LowRankFusion(_RankedFusion):
         Returns
         -------
         terms : tensor, shape (K, B, h)
-            ``terms.sum(0) + bias`` equals ``self(xs, present)``; gradients flow to the inputs
-            and the parameters.  See :func:`mmfuse.lowrank_interactions`.
+            ``terms.sum(0) + bias`` (``terms.sum(0)`` for a layer built with ``bias=False``)
+            equals ``self(xs, present)``; gradients flow to the inputs and the parameters.
+            See :func:`mmfuse.lowrank_interactions`.
         labels : list
             The orders 0..M, or the subsets as sorted tuples of modality indices.
 
@@ -954,8 +955,9 @@ class CPFusion(_RankedFusion):
         Returns
         -------
         terms : tensor, shape (K, B, h)
-            ``terms.sum(0) + bias`` equals ``self(xs, present)``; gradients flow to the inputs
-            and the parameters.  See :func:`mmfuse.cp_interactions`.
+            ``terms.sum(0) + bias`` (``terms.sum(0)`` for a layer built with ``bias=False``)
+            equals ``self(xs, present)``; gradients flow to the inputs and the parameters.
+            See :func:`mmfuse.cp_interactions`.
         labels : list
             The orders 0..M, or the subsets as sorted tuples of modality indices.
 
@@ -1193,8 +1195,9 @@ class TensorFusion(nn.Module):
         Returns
         -------
         terms : tensor, shape (K, B, h)
-            ``terms.sum(0) + bias`` equals ``self(xs)``; gradients flow to the inputs and the
-            weight.  See :func:`mmfuse.tensor_interactions`.
+            ``terms.sum(0) + bias`` (``terms.sum(0)`` for a layer built with ``bias=False``)
+            equals ``self(xs)``; gradients flow to the inputs and the weight.  See
+            :func:`mmfuse.tensor_interactions`.
         labels : list
             The orders 0..M, or the subsets as sorted tuples of modality indices.
 

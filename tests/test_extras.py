@@ -45,3 +45,12 @@ def test_install_hint_only_for_a_missing_optional_module(monkeypatch):
     assert install_hint(ValueError("jax")) == ""
     monkeypatch.setitem(sys.modules, "jax", None)  # blocked: installing would not lift it
     assert install_hint(ModuleNotFoundError("x", name="jax")) == ""
+
+
+def test_the_docs_extra_is_what_the_docs_build_installs():
+    """``pip install -e .[docs]`` builds the docs: the extra states what tox and CI install from
+    docs/requirements.txt (it had lacked furo, the theme, and torch, which the pages' cells
+    run; a docs review's find)."""
+    lines = (Path(__file__).parents[1] / "docs" / "requirements.txt").read_text().splitlines()
+    wanted = [line.split("#")[0].strip() for line in lines]
+    assert sorted(OPTIONAL["docs"]) == sorted(r for r in wanted if r)

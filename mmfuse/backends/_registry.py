@@ -74,7 +74,7 @@ class Implementation:
     """One implementation of an operator.
 
     ``supports(xp, device)`` answers from the namespace and device alone (the form
-    :func:`register` takes); ``condition(info)`` from the whole :class:`CallInfo` (autograd
+    :func:`register` takes); ``condition(info)`` from the whole ``CallInfo`` (autograd
     state too).  Both return ``None`` when the implementation can take the call, else what it
     needs.
     """
@@ -758,7 +758,7 @@ def lookup(
     terms: their recursion's products).  Raises :class:`BackendUnsupported` when a named
     backend cannot run it.  A question: it imports no framework that "auto" reads (numba: a
     choice of its rows imports it when it runs), so it never changes what "auto" picks; the
-    public functions ask :func:`choose` instead.
+    public functions ask ``choose`` instead.
     """
     return _lookup(op, backend, like, arrays, size, to_run=False)
 
@@ -883,7 +883,7 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     forced backend's implementations, or under ``"auto"`` every one (importing the optional
     backends' modules that are installed).  Raises nothing for a refusal: a forced backend
     that cannot take the inputs shows ``chosen=None`` and its reasons.  ``size``: the call's
-    size as the public function passes it to :func:`choose`; by default computed as the public
+    size as the public function passes it to ``choose``; by default computed as the public
     function does: for the interaction terms from ``arrays`` given as the call's leading
     arguments (``xs, factors`` or ``xs, cp``: their recursion's products, M^2 B R h or M^2 B
     R, as for a call by order with the appended constant; a call by subset or with

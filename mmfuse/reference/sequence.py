@@ -133,7 +133,7 @@ def gelu(x: Any) -> np.ndarray:
     """Exact GELU, x Phi(x) = x erfc(-x / sqrt 2) / 2, elementwise with ``math.erfc``.
 
     erfc's argument t = -x / sqrt 2 is formed as a pair u + delta (u its float64 value,
-    delta the rest, :mod:`._exact`), and erfc(t) = erfc(u) - delta (2 / sqrt pi) exp(-u^2)
+    delta the rest, ``mmfuse.reference._exact``), and erfc(t) = erfc(u) - delta (2 / sqrt pi) exp(-u^2)
     to first order: erfc of the rounded u alone is off by about 2 u^2 times u's rounding in
     the lower tail, up to 1600 ulps at x = -37 (against 40-digit mpmath; now within 3 ulps
     down to x = -37.5).  Below, erfc is subnormal and its own rounding (2^-1074 absolute),
