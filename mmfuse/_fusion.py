@@ -35,6 +35,7 @@ from ._validation import (
     fmt_shape,
     random_generator,
 )
+from .backends._catalogue import cp_pair
 from .backends._registry import choose
 
 __all__ = [
@@ -698,15 +699,6 @@ def cp_fusion(
 
 
 _CP_PLANS = PlanCache()
-
-
-def cp_pair(cp: Any) -> tuple[Any, Any] | None:
-    """``cp``'s (weights, factors) without checks (a CPTensor's or a pair's), or None."""
-    if type(cp) is tuple or type(cp) is list:
-        return (cp[0], cp[1]) if len(cp) == 2 else None
-    if hasattr(cp, "weights") and hasattr(cp, "factors"):
-        return (cp.weights, cp.factors)
-    return None
 
 
 def plan_cp(xs: Any, cp: Any, bias: Any, append_one: Any, present: Any, backend: Any) -> Callable[..., Any]:

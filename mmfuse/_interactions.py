@@ -21,7 +21,6 @@ from ._fusion import (
     check_lowrank_factors,
     check_tensor_fusion,
     check_vector,
-    cp_pair,
     named_arrays,
 )
 from ._namespace import is_array, not_an_array
@@ -36,7 +35,7 @@ from ._validation import (
     common_namespace,
     fmt_shape,
 )
-from .backends._catalogue import CALL_SIZES
+from .backends._catalogue import CALL_SIZES, cp_pair
 from .backends._registry import choose
 
 __all__ = ["cp_interactions", "interaction_shares", "lowrank_interactions", "tensor_interactions"]

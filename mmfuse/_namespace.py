@@ -585,6 +585,14 @@ def is_host_device(device: Any) -> bool:
     return repr(device).endswith("('CPU_DEVICE')")  # array_api_strict
 
 
+def dask_devices() -> tuple[Any, ...]:
+    """The devices array_api_compat's Dask namespace lists (its ``DASK_DEVICE`` among them,
+    which its own ``asarray`` takes)."""
+    import array_api_compat.dask.array as compat_dask
+
+    return tuple(compat_dask.__array_namespace_info__().devices())
+
+
 def check_host_device(device: Any) -> None:
     """NumPy arrays live on the CPU: refuse any other ``device`` (None and the CPU pass)."""
     if device is not None and not is_host_device(device):

@@ -17,6 +17,7 @@ import numpy as np
 
 from ._namespace import (
     array_namespace,
+    dask_devices,
     from_numpy,
     is_array,
     is_dask,
@@ -290,11 +291,7 @@ def _dask_device(device: Any) -> bool:
     """Whether Dask arrays of NumPy chunks may be asked for on ``device``: the CPU however
     spelt, or a device array_api_compat's Dask namespace lists (its ``DASK_DEVICE`` too, which
     its own ``asarray`` takes; a diff review's find)."""
-    if is_host_device(device):
-        return True
-    import array_api_compat.dask.array as compat_dask
-
-    return any(device is d or device == d for d in compat_dask.__array_namespace_info__().devices())
+    return is_host_device(device) or any(device is d or device == d for d in dask_devices())
 
 
 def check_bool_option(name: str, value: Any) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from inspect import Parameter
 from typing import Any
 
-__all__ = ["CALL_SIZES", "OPERATORS", "Signature"]
+__all__ = ["CALL_SIZES", "OPERATORS", "Signature", "cp_pair"]
 
 Signature = tuple[tuple[str, Any], ...]  # (name, inspect.Parameter kind)
 
@@ -69,3 +69,13 @@ CALL_SIZES: dict[str, Callable[..., int]] = {
     "lowrank_interactions": _lowrank_interactions_size,
     "cp_interactions": _cp_interactions_size,
 }
+
+
+def cp_pair(cp: Any) -> tuple[Any, Any] | None:
+    """The ``cp`` argument's (weights, factors) without checks (a TensorLy ``CPTensor``'s or
+    a pair's), or None."""
+    if type(cp) is tuple or type(cp) is list:
+        return (cp[0], cp[1]) if len(cp) == 2 else None
+    if hasattr(cp, "weights") and hasattr(cp, "factors"):
+        return (cp.weights, cp.factors)
+    return None

@@ -34,7 +34,7 @@ from typing import Any, overload
 from .._config import BACKEND_NAMES, backend_policy, config_source
 from .._extras import install_hint
 from .._namespace import array_namespace, device_key, first_floating, half_imported, is_array, namespace_name
-from ._catalogue import CALL_SIZES, OPERATORS, Signature
+from ._catalogue import CALL_SIZES, OPERATORS, Signature, cp_pair
 from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info, triton_interpreting
 from ._table import FRAMEWORKS, ROWS, Row
 
@@ -590,8 +590,6 @@ def _cp_arrays(arg: Any) -> Any:
     take) as its (weights, factors); any other argument as it is."""
     if is_array(arg) or arg is None or isinstance(arg, (list, tuple)):
         return arg
-    from .._fusion import cp_pair  # (the public layer imports this module)
-
     return cp_pair(arg) or arg
 
 
