@@ -128,7 +128,7 @@ def test_zoom_shift_fusion_after_a_planned_call_raises_what_an_unplanned_call_ra
     them is kept, and the masks' values are still checked per call."""
     xs = [rng.standard_normal((3, 6, 2)), rng.standard_normal((3, 5, 2))]
     masks = [np.ones((3, 6), dtype=bool), None]
-    good = dict(fuse="sum", pool="mean", rounds=2, alpha=0.5, masks=masks)
+    good = {"fuse": "sum", "pool": "mean", "rounds": 2, "alpha": 0.5, "masks": masks}
     want = mmfuse.zoom_shift_fusion(xs, **good)
     bad_calls = [
         lambda: mmfuse.zoom_shift_fusion(xs, **{**good, "fuse": "max"}),
@@ -156,7 +156,8 @@ def test_zoom_shift_fusion_after_a_planned_call_raises_what_an_unplanned_call_ra
         mmfuse.zoom_shift_fusion(xs, **{**good, "masks": emptied})
     # the planned call gives the unplanned answer, which follows the formula
     aligned = ref.align(xs, rounds=2, alpha=0.5, masks=masks)
-    pooled = [np.where(k[..., None], y, 0.0).sum(1) / k.sum(1)[:, None] for y, k in zip(aligned, [masks[0], np.ones((3, 5), bool)])]
+    kept = [masks[0], np.ones((3, 5), dtype=bool)]
+    pooled = [np.where(k[..., None], y, 0.0).sum(1) / k.sum(1)[:, None] for y, k in zip(aligned, kept)]
     assert_close(want, pooled[0] + pooled[1], rtol=1e-12)
 
 
