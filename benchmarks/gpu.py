@@ -29,7 +29,8 @@ Triton kernels (issue 21; the ``"triton"`` backend, ``mmfuse.backends.triton``),
    forward (with and without a ``present`` mask, against the NumPy reference on a slice), its
    backward (the default path; all gradients, against float64 autograd of the LMF-style code), the
    CP forward and its backward; in float32 (TF32 off) and bfloat16 at the three sizes (the
-   gradient checks on the first 4096 rows); bit-identical reruns (same rows); ``moments``
+   low-rank checks on the whole timed batch, so that the kernels' loops over row blocks run
+   as they are timed); bit-identical reruns (same rows); ``moments``
    and ``zoom_shift`` (token masks, alpha 1 and 0.5, token axes in one tile and in blocks,
    against the Array-API core in float64) and their gradients (against float64 autograd of
    the Array-API core); ``sequence_fusion`` in cp and collapsed mode (token masks with NaN in
@@ -42,7 +43,10 @@ Triton kernels (issue 21; the ``"triton"`` backend, ``mmfuse.backends.triton``),
    and ``torch.compile`` of the ``triton_op`` (forward and backward) against eager.
 2. Timings at the three sizes, float32 TF32 off and bfloat16: forward of ``triton``,
    ``lmf``, ``mmfuse-torch`` and ``gemm-only``; forward+backward of ``triton``, ``lmf`` and
-   ``mmfuse-torch``; peak memory of each.  The closing table holds issue 21's targets:
+   ``mmfuse-torch``; peak memory of each; before timing, the forward and x_0's gradient of
+   ``triton`` and ``mmfuse-torch`` against the LMF-style code's at the timed size
+   (``agree_vs_lmf``: the torch backend's CUDA paths are checked nowhere else).  The
+   closing table holds issue 21's targets:
    forward >= 2x LMF and <= 1.3x GEMM-only, forward+backward >= 1.5x LMF, peak memory
    <= 0.25x LMF's; and ``zoom_shift`` (256, 512, 512) float32 against copy bandwidth
    (target >= 80%).
@@ -61,8 +65,9 @@ Triton kernels (issue 21; the ``"triton"`` backend, ``mmfuse.backends.triton``),
 Then the older sections (numba/CuPy lowrank, zoom_shift, layers) while the budget lasts.
 A check, Triton timing case, candidate or section that raises prints its traceback and is
 reported as failed; the rest still run (one device run is all a session may get).  The
-budget is also checked between the Triton timing cases.  The JSON goes to ``--json``, else
-``$OUT/gpu.json`` when ``$OUT`` is set, rewritten after every section, and stdout is
+budget is also checked between the Triton timing cases (those skipped are named in the
+JSON's ``skipped``).  The JSON goes to ``--json``, else ``$OUT/gpu.json`` when ``$OUT`` is
+set, rewritten after every check group, Triton timing case and section, and stdout is
 line-buffered: a run killed at its time limit keeps what it measured.
 
 Tiles and the low-rank backward's paths are swept by ``benchmarks/gpu_tune.py``.
@@ -1055,7 +1060,9 @@ def check_triton_compile(torch: Any, device: str) -> list[dict[str, Any]]:
         err = max(_rel_err(got, eager), *(_rel_err(a, b) for a, b in zip(gc, ge)))
         return [{"case": "triton lowrank torch.compile", "check": "compiled vs eager", "rel_err": err,
                  "tol": 1e-6, "ok": err <= 1e-6}]  # fmt: skip
-    except Exception as exc:  # report, do not abort the timings
+    except Exception as exc:  # report, do not abort the timings; the traceback too, since an
+        # Inductor failure on the device is known from this one run only
+        traceback.print_exc()
         return [{"case": "triton lowrank torch.compile", "check": f"FAILED: {type(exc).__name__}: {exc}"[:200],
                  "rel_err": float("nan"), "tol": 1e-6, "ok": False}]  # fmt: skip
 
@@ -1096,31 +1103,50 @@ def _new_triton_checks(torch: Any, device: str, dtype: Any, tiny: bool) -> list[
     return rows
 
 
+class TritonResults:
+    """What the Triton phase has measured so far: timing rows, check rows, the closing
+    table's summary and the timing cases skipped for the budget."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, float, float]] = []
+        self.checks: list[dict[str, Any]] = []
+        self.summary: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
+
+
 def bench_triton(
-    quick: bool, deadline: float = float("inf")
-) -> tuple[list[tuple[str, str, float, float]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Issue 21's table: correctness first, then timings; returns (rows, checks, summary).
-    A check or timing case that raises is a failed row (its traceback printed), not the end of
-    the run; timing cases not started by ``deadline`` (``time.monotonic()``) are skipped."""
+    quick: bool, deadline: float = float("inf"), progress: Callable[[TritonResults], None] = lambda _: None
+) -> TritonResults:
+    """Issue 21's table: correctness first, then timings.  A check or timing case that raises
+    is a failed row (its traceback printed), not the end of the run; timing cases not started
+    by ``deadline`` (``time.monotonic()``) are skipped, and named in ``skipped``.
+    ``progress(results)`` runs after each check group and timing case (main writes the JSON
+    there: a run killed in this phase keeps what it measured)."""
     torch = _torch()
     dtypes = (torch.float32, torch.bfloat16)
-    checks: list[dict[str, Any]] = []
+    results = TritonResults()
+    checks = results.checks
     for dtype in dtypes:
         name = str(dtype).rsplit(".", 1)[-1]
         for batch, dims, out_dim, rank in LOWRANK_CASES:
             shape = (batch, dims, out_dim, rank)
+            # the whole timed batch (a quick run's): the kernels' loops over row blocks run as
+            # they are timed (the narrow backward's programs take 16 row blocks at B 262144,
+            # one at 4096); float64 LMF of the whole batch takes milliseconds
+            rows = min(batch, 8192) if quick else batch
             checks += _guarded(f"triton lowrank {name} {shape}",
-                               lambda a=shape, dt=dtype: check_triton_lowrank(torch, "cuda", dt, *a))  # fmt: skip
+                               lambda a=shape, dt=dtype, n=rows: check_triton_lowrank(torch, "cuda", dt, *a, n_check=n))  # fmt: skip
             checks += _guarded(f"triton cp {name} {shape}",
                                lambda a=shape, dt=dtype: check_triton_cp(torch, "cuda", dt, 2048, *a[1:]))  # fmt: skip
+            progress(results)
         for shape in ((4, 512, 512), (4, 3000, 40)):  # the token axis in one tile, in blocks
             checks += _guarded(f"triton stats {name} {shape}",
                                lambda sh=shape, dt=dtype: check_triton_stats(torch, "cuda", dt, sh))  # fmt: skip
         checks += _new_triton_checks(torch, "cuda", dtype, tiny=False)
+        progress(results)
     checks += _guarded("triton torch.compile", lambda: check_triton_compile(torch, "cuda"))
+    progress(results)
 
-    rows: list[tuple[str, str, float, float]] = []
-    summary: list[dict[str, Any]] = []
     repeats = 5 if quick else 20
     timings: list[tuple[str, Callable[[], tuple[list[Any], dict[str, Any]]]]] = []
     for dtype in dtypes:
@@ -1132,15 +1158,17 @@ def bench_triton(
     for label, run in timings:
         if time.monotonic() > deadline:
             print(f"skipped (time budget): {label}")
+            results.skipped.append(label)
             continue
         try:
             case_rows, case_summary = run()
         except Exception as exc:  # a failed case: a failed row, and the others still run
             checks.append(_failed_row(label, exc))
-            continue
-        rows += case_rows
-        summary.append(case_summary)
-    return rows, checks, summary
+        else:
+            results.rows += case_rows
+            results.summary.append(case_summary)
+        progress(results)
+    return results
 
 
 def _triton_timings(
@@ -1171,6 +1199,7 @@ def _triton_timings(
         "lmf": lambda: lmf_straightforward(torch, xg, fg, wg2, bg).sum().backward(),
         "mmfuse-torch": lambda: mmfuse.lowrank_fusion(xg, fg, wg, bg, backend="torch").sum().backward(),
     }
+    agree = _agreement(torch, dtype, fwd, fb, xg[0])
     t_fb = time_cuda(fb, repeats=repeats)
     m_fb = {k: peak_mib(fn) for k, fn in fb.items()}
     rows = [(f"triton {label}", f"{k} fwd", t_fwd[k], m_fwd[k]) for k in fwd]
@@ -1181,9 +1210,35 @@ def _triton_timings(
         "fwd_vs_lmf": t_fwd["lmf"] / t_fwd["triton"], "fwd_vs_gemm": t_fwd["triton"] / t_fwd["gemm-only"],
         "fwd_mem_vs_lmf": m_fwd["triton"] / max(m_fwd["lmf"], 1e-9),
         "fb_ms": t_fb["triton"], "lmf_fb_ms": t_fb["lmf"], "fb_vs_lmf": t_fb["lmf"] / t_fb["triton"],
-        "fb_mem_vs_lmf": m_fb["triton"] / max(m_fb["lmf"], 1e-9),
+        "fb_mem_vs_lmf": m_fb["triton"] / max(m_fb["lmf"], 1e-9), "agree_vs_lmf": agree,
     }  # fmt: skip
     return rows, summary
+
+
+def _agreement(
+    torch: Any, dtype: Any, fwd: dict[str, Callable[[], Any]], fb: dict[str, Callable[[], Any]], x0: Any
+) -> dict[str, Any]:
+    """The timed candidates' answers at the timed size, once, against the LMF-style code's in
+    the same dtype: the forward and x_0's gradient of ``triton`` and ``mmfuse-torch`` (the
+    torch backend's CUDA paths run nowhere else; the checks cover the Triton kernels against
+    float64).  Printed, and MISMATCH past 4x the dtype's tolerance (two roundings)."""
+    from mmfuse.testing import default_rtol
+
+    tol = 4 * default_rtol(str(dtype).rsplit(".", 1)[-1])
+    with torch.no_grad():
+        want = fwd["lmf"]()
+        errs = {f"{k} fwd": _rel_err(fwd[k](), want) for k in ("triton", "mmfuse-torch")}
+    grads = {}
+    for k in ("lmf", "triton", "mmfuse-torch"):
+        x0.grad = None
+        fb[k]()
+        grads[k] = x0.grad.clone()
+    x0.grad = None
+    errs.update({f"{k} dx0": _rel_err(grads[k], grads["lmf"]) for k in ("triton", "mmfuse-torch")})
+    ok = all(e <= tol for e in errs.values())
+    print(f"  agreement with lmf: {', '.join(f'{k} {e:.1e}' for k, e in errs.items())} (tol {tol:.0e}) "
+          f"{'ok' if ok else 'MISMATCH'}")  # fmt: skip
+    return {**errs, "tol": tol, "ok": ok}
 
 
 def print_triton_summary(summary: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
@@ -1221,7 +1276,8 @@ def print_triton_summary(summary: list[dict[str, Any]], checks: list[dict[str, A
                   f"(target >= {t['zoom_of_copy']:.0%})")  # fmt: skip
             continue
         print(f"{r['case']:<46} {r['fwd_ms']:8.3f} {r['fwd_vs_lmf']:6.2f} {r['fwd_vs_gemm']:6.2f} "
-              f"{r['fwd_mem_vs_lmf']:5.2f} {r['fb_ms']:8.3f} {r['fb_vs_lmf']:6.2f} {r['fb_mem_vs_lmf']:5.2f}")  # fmt: skip
+              f"{r['fwd_mem_vs_lmf']:5.2f} {r['fb_ms']:8.3f} {r['fb_vs_lmf']:6.2f} {r['fb_mem_vs_lmf']:5.2f}"
+              + ("" if r["agree_vs_lmf"]["ok"] else " ANSWERS DIFFER FROM LMF'S"))  # fmt: skip
 
 
 def cpu_check() -> None:
@@ -1327,9 +1383,8 @@ def main() -> None:
     import mmfuse.backends.triton  # noqa: F401  (the "triton" backend; needs triton installed)
 
     out_json = args.json or (os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else None)
-    rows: list[tuple[str, str, float, float]] = []
-    checks: list[dict[str, Any]] = []
-    summary: list[dict[str, Any]] = []
+    triton = TritonResults()  # the Triton phase's, as it grows
+    rows: list[tuple[str, str, float, float]] = []  # the later sections'
     skipped: list[str] = []
     failed: list[str] = []
 
@@ -1339,19 +1394,27 @@ def main() -> None:
             return
         tmp = out_json + ".tmp"
         with open(tmp, "w") as fh:
-            json.dump(_strict({"device": device, "seconds": time.monotonic() - start, "skipped": skipped,
-                               "failed": failed, "triton_checks": checks, "triton_summary": summary,
+            json.dump(_strict({"device": device, "seconds": time.monotonic() - start,
+                               "skipped": [*triton.skipped, *skipped], "failed": failed,
+                               "triton_checks": triton.checks, "triton_summary": triton.summary,
                                "targets": TARGETS,
-                               "rows": [dict(zip(("case", "candidate", "ms", "peak_mib"), r)) for r in rows]}),
+                               "rows": [dict(zip(("case", "candidate", "ms", "peak_mib"), r))
+                                        for r in (*triton.rows, *rows)]}),
                       fh, indent=2, allow_nan=False)  # fmt: skip
         os.replace(tmp, out_json)
 
+    def progress(results: TritonResults) -> None:
+        nonlocal triton
+        triton = results
+        dump()
+
     try:
-        rows, checks, summary = bench_triton(args.quick, deadline)
+        bench_triton(args.quick, deadline, progress)
     except Exception:  # (each check and timing case is guarded; this is the last resort)
         traceback.print_exc()
         failed.append("triton")
     dump()
+    summary, checks = triton.summary, triton.checks  # (the later sections extend the summary)
     def with_summary(fn: Callable[[], tuple[list[Any], list[dict[str, Any]]]]) -> Callable[[], list[Any]]:
         def run() -> list[Any]:
             section_rows, section_summary = fn()
@@ -1383,12 +1446,13 @@ def main() -> None:
     dump()
     print()
     print(f"{'case':<58} {'candidate':<44} {'ms':>9} {'peak MiB':>9} {'vs first':>9}")
-    first: dict[str, float] = {}
-    for case, cand, ms, mib in rows:
-        base = first.setdefault(case, ms)
+    # each case's first forward and first forward+backward row: the base of their kind
+    first: dict[tuple[str, bool], float] = {}
+    for case, cand, ms, mib in (*triton.rows, *rows):
+        base = first.setdefault((case, "fwd+bwd" in cand), ms)
         print(f"{case:<58} {cand:<44} {ms:9.3f} {mib:9.1f} {ms / base:9.2f}")
-    if skipped:
-        print(f"skipped (time budget): {', '.join(skipped)}")
+    if triton.skipped or skipped:
+        print(f"skipped (time budget): {', '.join([*triton.skipped, *skipped])}")
     if failed:
         print(f"FAILED (traceback above): {', '.join(failed)}")
     print_triton_summary(summary, checks)
