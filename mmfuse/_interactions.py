@@ -3,20 +3,23 @@
 With the constant appended, a fused output minus its bias is exactly the sum of one term per
 subset of the modalities (the constant, each unimodal term, each pair, ..., the M-way term).
 This layer checks arguments from metadata only (reusing the fusions' own checks from
-:mod:`mmfuse._fusion`), picks the implementation through the backend registry and calls it.
+:mod:`mmfuse._fusion`) and picks the implementation through the backend registry, once per
+call signature (:mod:`mmfuse._plan`), then calls it.
 The maths lives in :mod:`mmfuse._core.interactions` (Array-API core) and
 :mod:`mmfuse.reference.interactions` (the NumPy oracle).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from ._autocast import autocast_device, without_autocast
 from ._core import interactions as core
 from ._fusion import (
     DEFAULT_MAX_ELEMENTS,
+    as_cp,
     check_cp_inputs,
     check_lowrank_factors,
     check_tensor_fusion,
@@ -24,6 +27,7 @@ from ._fusion import (
     named_arrays,
 )
 from ._namespace import is_array, not_an_array
+from ._plan import PlanCache, call_key
 from ._validation import (
     check_bool_option,
     check_float,
@@ -170,6 +174,19 @@ def tensor_interactions(
             device_type, tensor_interactions, xs, weight, by=by, append_one=append_one,
             max_elements=max_elements, backend=backend,
         )  # fmt: skip
+    key = call_key(backend, (by, append_one, max_elements), xs, weight)
+    make = _plan_tensor_interactions
+    plan = _TENSOR_PLANS.plan(key, make, xs, weight, by, append_one, max_elements, backend)
+    return plan(list(xs), weight)
+
+
+_TENSOR_PLANS = PlanCache()
+
+
+def _plan_tensor_interactions(
+    xs: Any, weight: Any, by: Any, append_one: Any, max_elements: Any, backend: Any
+) -> Callable[..., Any]:
+    """Check a :func:`tensor_interactions` call and choose its implementation (its plan)."""
     by, append_one, max_elements = _options(by, append_one, max_elements)
     # the same limits as tensor_fusion, under this function's name, suggesting its low-rank
     # counterpart (lowrank_fusion was suggested; a review's find)
@@ -179,7 +196,7 @@ def tensor_interactions(
     if by == "subset":
         _check_subset_size("tensor_interactions", len(xs), xs[0].shape[0], weight.shape[-1], max_elements)
     impl = choose("tensor_interactions", backend, like=xs[0], arrays=(xs, weight))
-    return impl(xs, weight, by=by, append_one=append_one, max_elements=max_elements)
+    return partial(impl, by=by, append_one=append_one, max_elements=max_elements)
 
 
 # --------------------------------------------------------------------------- LMF
@@ -276,6 +293,21 @@ def lowrank_interactions(
             device_type, lowrank_interactions, xs, factors, weights, by=by, present=present,
             append_one=append_one, max_elements=max_elements, backend=backend,
         )  # fmt: skip
+    key = call_key(backend, (by, append_one, max_elements), xs, factors, weights, present)
+    plan = _LOWRANK_PLANS.plan(
+        key, _plan_lowrank_interactions, xs, factors, weights, by, present, append_one, max_elements, backend
+    )
+    return plan(list(xs), list(factors) if isinstance(factors, tuple) else factors, weights, present=present)
+
+
+_LOWRANK_PLANS = PlanCache()
+
+
+def _plan_lowrank_interactions(
+    xs: Any, factors: Any, weights: Any, by: Any, present: Any, append_one: Any, max_elements: Any,
+    backend: Any,
+) -> Callable[..., Any]:  # fmt: skip
+    """Check a :func:`lowrank_interactions` call and choose its implementation (its plan)."""
     by, append_one, max_elements = _options(by, append_one, max_elements)
     xs, batch = check_modalities(xs)
     factors = list(factors) if isinstance(factors, (list, tuple)) else factors
@@ -292,9 +324,7 @@ def lowrank_interactions(
     size = CALL_SIZES["lowrank_interactions"](xs, factors) if recursion else 0
     arrays = (xs, factors, weights, present)
     impl = choose("lowrank_interactions", backend, like=xs[0], arrays=arrays, size=size)
-    return impl(
-        xs, factors, weights, by=by, present=present, append_one=append_one, max_elements=max_elements
-    )
+    return partial(impl, by=by, append_one=append_one, max_elements=max_elements)
 
 
 # --------------------------------------------------------------------------- CP
@@ -383,6 +413,22 @@ def cp_interactions(
             device_type, cp_interactions, xs, pair if pair is not None else cp, by=by, present=present,
             append_one=append_one, max_elements=max_elements, backend=backend,
         )  # fmt: skip
+    pair = cp_pair(cp)
+    options = (by, append_one, max_elements)
+    # (an argument that is no pair, unplanned: its checks say what is wrong)
+    key = call_key(backend, options, xs, pair, present) if pair is not None else None
+    plan = _CP_PLANS.plan(key, _plan_cp_interactions, xs, cp, by, present, append_one, max_elements, backend)
+    weights, factors = pair if pair is not None else as_cp(cp)
+    return plan(list(xs), (weights, list(factors)), present=present)
+
+
+_CP_PLANS = PlanCache()
+
+
+def _plan_cp_interactions(
+    xs: Any, cp: Any, by: Any, present: Any, append_one: Any, max_elements: Any, backend: Any
+) -> Callable[..., Any]:
+    """Check a :func:`cp_interactions` call and choose its implementation (its plan)."""
     by, append_one, max_elements = _options(by, append_one, max_elements)
     xs, weights, factors = check_cp_inputs(xs, cp, append_one, present)
     if by == "subset":
@@ -390,9 +436,7 @@ def cp_interactions(
     recursion = core.runs_recursion(by, append_one)
     size = CALL_SIZES["cp_interactions"](xs, (weights, factors)) if recursion else 0
     impl = choose("cp_interactions", backend, like=xs[0], arrays=(xs, factors, weights, present), size=size)
-    return impl(
-        xs, (weights, factors), by=by, present=present, append_one=append_one, max_elements=max_elements
-    )
+    return partial(impl, by=by, append_one=append_one, max_elements=max_elements)
 
 
 # --------------------------------------------------------------------------- shares
