@@ -12,7 +12,7 @@ import pytest
 
 import mmfuse
 import mmfuse.reference as ref
-from mmfuse import _plan
+from mmfuse import _interactions, _plan
 from mmfuse.backends import BackendUnsupported, register, unregister
 from mmfuse.testing import assert_close
 
@@ -174,6 +174,89 @@ def test_a_planned_zoom_shift_fusion_makes_few_python_calls(rng):
         n for (file, _, _), (_, n, *_) in pstats.Stats(prof).stats.items() if file != "~"  # type: ignore[attr-defined]
     )
     assert python_calls <= 150, python_calls
+
+
+def _interaction_calls(rng):
+    """The three interaction functions on one small problem, as (name, good call, bad calls)."""
+    xs, factors, weights, _ = _lowrank_case(rng)
+    weight = rng.standard_normal((4, 5, 6, 3))
+    cp = (rng.standard_normal(2), [rng.standard_normal((d, 2)) for d in (4, 5, 6, 3)])
+    present = np.array([[True, False, True]] * 4)
+    short = [xs[0], xs[1][:3], xs[2]]
+    return [
+        ("tensor", lambda **k: mmfuse.tensor_interactions(xs, weight, **k), [
+            lambda: mmfuse.tensor_interactions(xs, weight, by="pairs"),
+            lambda: mmfuse.tensor_interactions(xs, weight, append_one=1),
+            lambda: mmfuse.tensor_interactions(xs, weight[..., :1, :]),
+            lambda: mmfuse.tensor_interactions(short, weight),
+            lambda: mmfuse.tensor_interactions(xs, weight, by="subset", max_elements=10),
+            lambda: mmfuse.tensor_interactions(xs, weight, backend="nope"),
+        ]),
+        ("lowrank", lambda **k: mmfuse.lowrank_interactions(xs, factors, weights, present=present, **k), [
+            lambda: mmfuse.lowrank_interactions(xs, factors, weights[:1], present=present),
+            lambda: mmfuse.lowrank_interactions(xs, factors, weights, present=present[:, :2]),
+            lambda: mmfuse.lowrank_interactions(xs, factors[:2], weights, present=present),
+            lambda: mmfuse.lowrank_interactions(xs, factors, weights, present=present, max_elements=0),
+            lambda: mmfuse.lowrank_interactions([x.astype(np.float32) for x in xs], factors, weights),
+        ]),
+        ("cp", lambda **k: mmfuse.cp_interactions(xs, cp, present=present, **k), [
+            lambda: mmfuse.cp_interactions(xs, (cp[0][:1], cp[1]), present=present),
+            lambda: mmfuse.cp_interactions(xs, (cp[0], cp[1][:3]), present=present),
+            lambda: mmfuse.cp_interactions(xs, cp, present=present.astype(np.int8)),
+            lambda: mmfuse.cp_interactions(xs, cp[1], present=present),
+            lambda: mmfuse.cp_interactions(short, cp, by="subset"),
+        ]),
+    ]
+
+
+def test_interaction_terms_after_a_planned_call_raise_what_an_unplanned_call_raises(rng):
+    """The interaction functions are planned: after a good call, each bad call of a nearby
+    signature raises the unplanned call's error, none of them is kept, and the planned good
+    call gives the unplanned answer bit for bit."""
+    for name, good, bad_calls in _interaction_calls(rng):
+        for by in ("order", "subset"):
+            want = good(by=by)
+            assert_close(good(by=by)[0], want[0], rtol=0)
+        planned = [_error(call) for call in bad_calls]
+        for cache in (_interactions._TENSOR_PLANS, _interactions._LOWRANK_PLANS, _interactions._CP_PLANS):
+            cache.clear()
+        assert planned == [_error(call) for call in bad_calls], name
+        assert planned == [_error(call) for call in bad_calls], name  # and none was kept
+        kept = len(_interactions._TENSOR_PLANS) + len(_interactions._LOWRANK_PLANS) + len(_interactions._CP_PLANS)
+        assert kept == 0, name
+
+
+def test_cp_interactions_planned_for_a_cp_tensor_and_a_pair_subclass(rng):
+    """TensorLy's CPTensor and a (weights, factors) tuple of a tuple subclass (which as_cp
+    takes and the signature does not describe: run unplanned) give the pair's terms."""
+    tl = pytest.importorskip("tensorly")
+    xs, _, _, _ = _lowrank_case(rng)
+    weights, factors = rng.standard_normal(2), [rng.standard_normal((d, 2)) for d in (4, 5, 6, 3)]
+
+    class Pair(tuple):
+        pass
+
+    want, orders = mmfuse.cp_interactions(xs, (weights, factors))
+    for cp in (tl.cp_tensor.CPTensor((weights, factors)), Pair((weights, factors))):
+        for _ in range(2):  # the first call plans (or not), the second runs the plan
+            got, got_orders = mmfuse.cp_interactions(xs, cp)
+            assert_close(got, want, rtol=0)
+            assert got_orders == orders
+
+
+def test_a_planned_interaction_call_makes_few_python_calls(rng):
+    """A seen signature runs its plan: the key, a lookup and the implementation (issue 19;
+    counted, not timed).  Unplanned, the low-rank call made about 360 Python calls."""
+    xs, factors, weights, _ = _lowrank_case(rng)
+    mmfuse.lowrank_interactions(xs, factors, weights)
+    prof = cProfile.Profile()
+    prof.enable()
+    mmfuse.lowrank_interactions(xs, factors, weights)
+    prof.disable()
+    python_calls = sum(
+        n for (file, _, _), (_, n, *_) in pstats.Stats(prof).stats.items() if file != "~"  # type: ignore[attr-defined]
+    )
+    assert python_calls <= 120, python_calls
 
 
 def test_the_plan_caches_stay_bounded(monkeypatch):
