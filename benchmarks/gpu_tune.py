@@ -23,8 +23,14 @@ time over the default's (the defaults are the rows named ``default``):
 6. ``layers``: the layers' training steps by batch under each torch-backend path (the size
    rules' alternatives), the Triton kernels and the plain layers.
 
-Each section starts only while ``--budget-s`` lasts; the JSON (``--json``, else
-``$OUT/tune.json``) is rewritten after each.
+Sections run cheapest first whatever ``--only``'s order (``RUN_ORDER``), and each timing
+case starts only while ``--budget-s`` lasts: the cases left are listed in the JSON's
+``skipped_cases`` (a section none of whose cases started, in ``skipped``), so a long sweep
+cannot starve a cheap section queued after it. The JSON (``--json``, else
+``$OUT/tune.json``) is rewritten after every case, atomically and as strict JSON (a device
+machine is killed at its time limit, and what ``$OUT`` then holds is all that survives
+besides stdout); a case that raises is listed in ``failed``, its traceback printed, and the
+rest still run.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 # the checkout's own mmfuse, installed or not: ``python benchmarks/<script>.py`` puts only
@@ -44,10 +52,12 @@ from typing import Any
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpu import (
+    LAYER_RTOL,
     LOWRANK_CASES,
     ZOOM_SHAPE,
     _lowrank_inputs,
     _rel_err,
+    _strict,
     _torch,
     lmf_straightforward,
     peak_mib,
@@ -94,6 +104,49 @@ class _Patched:
             setattr(self.module, k, v)
 
 
+# a section is a list of timing cases: (label, run it and return its JSON rows); main starts
+# each while the budget lasts and writes the JSON after it
+Case = tuple[str, Callable[[], list[dict[str, Any]]]]
+
+
+def _label(kind: str, dtype: Any, batch: int, dims: tuple[int, ...], out_dim: int, rank: int) -> str:
+    return f"{kind} {str(dtype)[6:]} B={batch} dims={dims} h={out_dim} R={rank}"
+
+
+class _Log:
+    """The run's JSON, rewritten after every case: ``{device, seconds, skipped, skipped_cases,
+    failed, mismatch, <section>: [rows]}`` (``mismatch``: the rows marked ``ok`` false, a
+    layer step past its tolerance or one that raised).  Each write goes to a temporary file
+    beside it that ``os.replace`` then moves over the old one (atomic: a kill mid-write
+    leaves the previous file whole), with NaN and inf as null (gpu.py's ``_strict``: the
+    backward section's NaN had made the file unreadable to strict parsers, ``jq`` and
+    JavaScript's among them)."""
+
+    def __init__(self, path: str | None, device: str) -> None:
+        self.path, self.start = path, time.monotonic()
+        self.results: dict[str, Any] = {"device": device, "seconds": 0.0, "skipped": [], "skipped_cases": [],
+                                         "failed": [], "mismatch": []}  # fmt: skip
+
+    def add(self, section: str, rows: list[dict[str, Any]]) -> None:
+        self.results.setdefault(section, []).extend(rows)
+        self.results["mismatch"] += [f"{r['case']}: {r['cand']}" for r in rows if r.get("ok") is False]
+        self.save()
+
+    def note(self, key: str, *what: str) -> None:
+        """Append to the ``skipped``, ``skipped_cases`` or ``failed`` list, and write."""
+        self.results[key].extend(what)
+        self.save()
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        self.results["seconds"] = time.monotonic() - self.start
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(_strict(self.results), fh, indent=1, allow_nan=False)
+        os.replace(tmp, self.path)
+
+
 def compile_diagnosis() -> list[dict[str, Any]]:
     """Compiled vs eager, per output, per backward path and compiler backend."""
     torch = _torch()
@@ -134,15 +187,11 @@ def compile_diagnosis() -> list[dict[str, Any]]:
     return rows
 
 
-def lowrank_backward(repeats: int, queue: int) -> list[dict[str, Any]]:
+def lowrank_backward(repeats: int, queue: int) -> list[Case]:
     """Forward+backward of the "fused" and "gemm" (several G tiles) backwards and LMF's."""
     torch = _torch()
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for case in LOWRANK_CASES:
-            rows += _backward_case(dtype, *case, repeats=repeats, queue=queue)
-            torch.cuda.empty_cache()
-    return rows
+    return [(_label("f+b", dtype, *case), partial(_backward_case, dtype, *case, repeats=repeats, queue=queue))
+            for dtype in (torch.float32, torch.bfloat16) for case in LOWRANK_CASES]  # fmt: skip
 
 
 def _backward_case(
@@ -152,7 +201,7 @@ def _backward_case(
     import mmfuse
     from mmfuse.backends.triton import _ops
 
-    label = f"f+b {str(dtype)[6:]} B={batch} dims={dims} h={out_dim} R={rank}"
+    label = _label("f+b", dtype, batch, dims, out_dim, rank)
     print(label)
     xs, factors, w, bias = _lowrank_inputs(torch, batch, dims, out_dim, rank, dtype, "cuda")
     leaves = [t.detach().requires_grad_(True) for t in (*xs, *factors, w, bias)]
@@ -189,7 +238,7 @@ def _backward_case(
             cands[f"gemm {_name(t)}"] = triton_step("gemm", t)
     want = cands["fused default"]()
     errs = {k: max(_rel_err(a, b) for a, b in zip(fn(), want)) for k, fn in cands.items() if k != "default path, .sum().backward()"}
-    errs["default path, .sum().backward()"] = float("nan")  # accumulates: not comparable
+    errs["default path, .sum().backward()"] = float("nan")  # accumulates: not comparable (JSON: null)
     times = time_cuda(cands, repeats=repeats, queue=queue)
     mem = {k: peak_mib(cands[k]) for k in ("lmf", "fused default", "gemm default")}
     rows = []
@@ -256,15 +305,14 @@ def zoom_shift(repeats: int, queue: int) -> list[dict[str, Any]]:
 NARROW_BWD_TILES = [(64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8)]
 
 
-def narrow_backward(repeats: int, queue: int) -> list[dict[str, Any]]:
+def narrow_backward(repeats: int, queue: int) -> list[Case]:
     """h = 1, R = 4, B = 262144 forward+backward: the fused backward's row tiles (its default
     32 rows at 8 warps leave most of a 16-column tile's threads idle), then where one default
     step's device time goes (torch profiler, per kernel)."""
     torch = _torch()
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        rows += _narrow_case(dtype, repeats, queue)
-    return rows
+    case = next(c for c in LOWRANK_CASES if c[2] == 1)
+    return [(_label("f+b", dtype, *case), partial(_narrow_case, dtype, repeats, queue))
+            for dtype in (torch.float32, torch.bfloat16)]  # fmt: skip
 
 
 def _narrow_case(dtype: Any, repeats: int, queue: int) -> list[dict[str, Any]]:
@@ -274,7 +322,7 @@ def _narrow_case(dtype: Any, repeats: int, queue: int) -> list[dict[str, Any]]:
 
     batch, dims, out_dim, rank = next(c for c in LOWRANK_CASES if c[2] == 1)
     rows = []
-    label = f"f+b {str(dtype)[6:]} B={batch} dims={dims} h={out_dim} R={rank}"
+    label = _label("f+b", dtype, batch, dims, out_dim, rank)
     print(label)
     xs, factors, w, bias = _lowrank_inputs(torch, batch, dims, out_dim, rank, dtype, "cuda")
     leaves = [t.detach().requires_grad_(True) for t in (*xs, *factors, w, bias)]
@@ -349,12 +397,13 @@ LAYER_SWEEP = [
 _HUGE = 1 << 60
 
 
-def layers(repeats: int, queue: int) -> list[dict[str, Any]]:
+def layers(repeats: int, queue: int) -> list[Case]:
     """Training steps of the layers on CUDA (benchmarks/torch_cpu.py's candidates) by batch,
     under each path the torch backend's accelerator bounds choose between (set from the
     host-bound steps of one H200 run, not timed between B = 32 and the bounds), the Triton
-    kernels, and the plain layer: where the bounds belong."""
-    torch = _torch()
+    kernels, and the plain layer: where the bounds belong.  Each candidate's step is checked
+    against the plain layer's before timing (:func:`_check_layer_steps`)."""
+    _torch()  # (CUDA present, TF32 off)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch_cpu
 
@@ -371,51 +420,102 @@ def layers(repeats: int, queue: int) -> list[dict[str, Any]]:
                 with _Patched(module, **values):
                     return run()
 
+        step.__dict__.update(run.__dict__)  # its inputs and module, for torch_cpu.step_result
         return step
 
-    rows = []
-    for label, shape, batches in LAYER_SWEEP:
-        for batch in batches:
-            case = f"{label} B={batch}"
-            print(case)
-            if label.startswith("Wander"):
-                lengths, dim, rank, r_h, r_t = shape
-                got = torch_cpu.setup_wander("", "cuda", (batch, lengths, dim, rank, r_h, r_t))
-                base = "released-layer"
-                layer = got["mmfuse-layer"]
-                cands = {base: got[base], "mmfuse-layer (auto)": layer,
-                         "torch, small path": under(layer, "torch", wander, ACCELERATOR_SMALL_ELEMENTS=_HUGE),
-                         "torch, custom ops": under(layer, "torch", wander, ACCELERATOR_SMALL_ELEMENTS=-1,
-                                                    WHOLE_BATCH_ROWS=-1),
-                         "triton": under(layer, "triton")}  # fmt: skip
+    def run_case(label: str, shape: tuple[Any, ...], batch: int) -> list[dict[str, Any]]:
+        case = f"{label} B={batch}"
+        print(case)
+        if label.startswith("Wander"):
+            lengths, dim, rank, r_h, r_t = shape
+            got = torch_cpu.setup_wander("", "cuda", (batch, lengths, dim, rank, r_h, r_t))
+            base = "released-layer"
+            layer = got["mmfuse-layer"]
+            cands = {base: got[base], "mmfuse-layer (auto)": layer,
+                     "torch, small path": under(layer, "torch", wander, ACCELERATOR_SMALL_ELEMENTS=_HUGE),
+                     "torch, custom ops": under(layer, "torch", wander, ACCELERATOR_SMALL_ELEMENTS=-1,
+                                                WHOLE_BATCH_ROWS=-1),
+                     "triton": under(layer, "triton")}  # fmt: skip
+        else:
+            dims, out_dim, rank = shape
+            got = torch_cpu.setup("", "cuda", (batch, dims, out_dim, rank))
+            base = "lmf-layer"
+            layer = got["mmfuse-layer"]
+            # (on CUDA one bound serves both small forms: at h = 1 the plain form runs)
+            small = "torch, plain form" if out_dim == 1 else "torch, whole batch"
+            cands = {base: got[base], "mmfuse-layer (auto)": layer,
+                     small: under(layer, "torch", lowrank, ACCELERATOR_WHOLE_BATCH_ELEMENTS=_HUGE),
+                     "torch, blocked op": under(layer, "torch", lowrank, ACCELERATOR_WHOLE_BATCH_ELEMENTS=-1),
+                     "triton": under(layer, "triton")}  # fmt: skip
+        checks = _check_layer_steps(torch_cpu, cands, base)
+        rows = [{"case": case, "cand": k, **c} for k, c in checks.items() if "error" in c]
+        cands = {k: fn for k, fn in cands.items() if "error" not in checks[k]}
+        times = time_cuda(cands, repeats=repeats, queue=queue)
+        for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
+            c = checks[k]
+            err = "" if c["rel_err"] is None else f"  err {c['rel_err']:.1e}{'' if c['ok'] else ' MISMATCH'}"
+            print(f"  {k:<26} {ms:8.3f} ms  {times[base] / ms:5.2f}x plain{err}")
+            rows.append({"case": case, "cand": k, "ms": ms, "vs_plain": times[base] / ms, **c})
+        return rows
+
+    return [(f"{label} B={batch}", partial(run_case, label, shape, batch))
+            for label, shape, batches in LAYER_SWEEP for batch in batches]  # fmt: skip
+
+
+def _layer_rtol(dtype: Any) -> float:
+    """A layer step's tolerance against the plain layer's, relative to the largest entry:
+    float32 (TF32 off) gpu.py's ``LAYER_RTOL``, for the same comparison (observed: outputs
+    ~1e-7, gradients up to ~5e-6); 16-bit steps round each product to 8 (bfloat16) or 11
+    bits; a wrong or missing term, or a gradient not reached, is far above either."""
+    torch = _torch()
+    return {torch.float64: 1e-10, torch.float32: LAYER_RTOL}.get(dtype, 3e-2)
+
+
+def _check_layer_steps(
+    torch_cpu: Any, cands: dict[str, Callable[[], Any]], base: str
+) -> dict[str, dict[str, Any]]:
+    """One step of each candidate against one of the plain layer ``base``, on the same inputs
+    and parameters, before anything is timed (the forced paths run only on CUDA, so no test
+    covers them): {candidate: {rel_err, tol, ok}}, ``rel_err`` the largest of the output's and
+    every gradient's (inputs' and parameters', the plain layer's mapped onto the mmfuse
+    layer's: ``torch_cpu.step_result``) max |got - want| / max |want| (gpu.py's ``_rel_err``),
+    null for ``base``.  One past the tolerance is printed as a MISMATCH and marked ``ok``
+    false but still timed (a wrong path's time is no reason to lose the others'); one that
+    raises gets ``error`` instead and is left out of the timings."""
+    want_out, want_grads = torch_cpu.step_result(cands[base])
+    tol = _layer_rtol(want_out.dtype)
+    checks: dict[str, dict[str, Any]] = {base: {"rel_err": None, "tol": tol, "ok": True}}
+    for name, run in cands.items():
+        if name == base:
+            continue
+        try:
+            out, grads = torch_cpu.step_result(run)
+            if grads.keys() != want_grads.keys():
+                raise AssertionError(f"gradients of {sorted(grads)} against {sorted(want_grads)}")
+            pairs = [(out, want_out), *((grads[k], want_grads[k]) for k in want_grads)]
+            # (_rel_err broadcasts: a result of another shape is a mismatch, not a number)
+            errs = [_rel_err(a, b) if a.shape == b.shape else math.inf for a, b in pairs]
+            err = max(errs, key=lambda e: math.inf if math.isnan(e) else e)  # a NaN wins
+            checks[name] = {"rel_err": err, "tol": tol, "ok": err <= tol}
+        except Exception as exc:
+            traceback.print_exc()
+            checks[name] = {"error": f"{type(exc).__name__}: {exc}"[:300], "ok": False}
+    shown = ", ".join(f"{k} {c['rel_err']:.1e}" for k, c in checks.items() if c.get("rel_err") is not None)
+    print(f"  check vs {base} (output, gradients), max rel. error: {shown} (tol {tol:.0e})")
+    for name, c in checks.items():
+        if not c["ok"]:
+            if "error" in c:
+                print(f"  FAILED {name} (left out of the timings): {c['error']}")
             else:
-                dims, out_dim, rank = shape
-                got = torch_cpu.setup("", "cuda", (batch, dims, out_dim, rank))
-                base = "lmf-layer"
-                layer = got["mmfuse-layer"]
-                # (on CUDA one bound serves both small forms: at h = 1 the plain form runs)
-                small = "torch, plain form" if out_dim == 1 else "torch, whole batch"
-                cands = {base: got[base], "mmfuse-layer (auto)": layer,
-                         small: under(layer, "torch", lowrank, ACCELERATOR_WHOLE_BATCH_ELEMENTS=_HUGE),
-                         "torch, blocked op": under(layer, "torch", lowrank, ACCELERATOR_WHOLE_BATCH_ELEMENTS=-1),
-                         "triton": under(layer, "triton")}  # fmt: skip
-            times = time_cuda(cands, repeats=repeats, queue=queue)
-            for k, ms in sorted(times.items(), key=lambda kv: kv[1]):
-                print(f"  {k:<26} {ms:8.3f} ms  {times[base] / ms:5.2f}x plain")
-                rows.append({"case": case, "cand": k, "ms": ms, "vs_plain": times[base] / ms})
-            torch.cuda.empty_cache()
-    return rows
+                print(f"  MISMATCH {name}: rel. error {c['rel_err']:.1e} > {tol:.0e}")
+    return checks
 
 
-def lowrank_forward(repeats: int, queue: int) -> list[dict[str, Any]]:
+def lowrank_forward(repeats: int, queue: int) -> list[Case]:
     """Forward under each tile, beside LMF-style code and the GEMM-only time."""
     torch = _torch()
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for case in LOWRANK_CASES:
-            rows += _forward_case(dtype, *case, repeats=repeats, queue=queue)
-            torch.cuda.empty_cache()
-    return rows
+    return [(_label("fwd", dtype, *case), partial(_forward_case, dtype, *case, repeats=repeats, queue=queue))
+            for dtype in (torch.float32, torch.bfloat16) for case in LOWRANK_CASES]  # fmt: skip
 
 
 def _forward_case(
@@ -425,7 +525,7 @@ def _forward_case(
     import mmfuse
     from mmfuse.backends.triton import _ops
 
-    label = f"fwd {str(dtype)[6:]} B={batch} dims={dims} h={out_dim} R={rank}"
+    label = _label("fwd", dtype, batch, dims, out_dim, rank)
     print(label)
     xs, factors, w, bias = _lowrank_inputs(torch, batch, dims, out_dim, rank, dtype, "cuda")
 
@@ -462,15 +562,26 @@ def _forward_case(
     return rows
 
 
+# the order sections run in, cheapest first (H200 runs, RESULTS.md): zoom_shift is one case
+# of seconds; the compile diagnosis a few graphs; narrow two cases; the layers twelve small
+# steps; backward and forward six cases of up to 14 tiles (the forward sweep alone outlasted
+# a 10-minute call).  ``--only narrow,layers,zoom`` had run zoom last, and lost it to the budget.
+RUN_ORDER = ("zoom", "compile", "narrow", "layers", "backward", "forward")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-s", type=float, default=300.0, help="start no section after this (default 300)")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="start no timing case after this (default 300)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--queue", type=int, default=4, help="calls between a sample's events (default 4)")
     parser.add_argument("--json", help="write the rows here (default: $OUT/tune.json when $OUT is set)")
-    parser.add_argument("--only", default="compile,backward,zoom,forward,narrow,layers",
-                        help="sections, comma-separated")  # fmt: skip
+    parser.add_argument("--only", default=",".join(RUN_ORDER),
+                        help="sections, comma-separated (default: all); they run cheapest first")  # fmt: skip
     args = parser.parse_args()
+    only = args.only.split(",")
+    if unknown := sorted(set(only) - set(RUN_ORDER)):
+        parser.error(f"unknown sections {unknown}: choose from {','.join(RUN_ORDER)}")
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     start = time.monotonic()
     torch = _torch()
@@ -478,29 +589,47 @@ def main() -> None:
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     out_json = args.json or (os.path.join(os.environ["OUT"], "tune.json") if os.environ.get("OUT") else None)
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name()}
-    sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
-        "compile": compile_diagnosis,
+    log = _Log(out_json, torch.cuda.get_device_name())
+    log.save()  # (a run killed in its first case still leaves a file naming the device)
+    sections: dict[str, Callable[[], list[Case]]] = {
+        "compile": lambda: [("torch.compile vs eager", compile_diagnosis)],
         "backward": lambda: lowrank_backward(args.repeats, max(1, args.queue // 2)),
-        "zoom": lambda: zoom_shift(args.repeats * 2, args.queue * 2),
+        "zoom": lambda: [(f"zoom_shift {ZOOM_SHAPE}", lambda: zoom_shift(args.repeats * 2, args.queue * 2))],
         "forward": lambda: lowrank_forward(args.repeats, args.queue),
         "narrow": lambda: narrow_backward(args.repeats, max(1, args.queue // 2)),
         "layers": lambda: layers(args.repeats * 2, args.queue),
     }
-    for name in args.only.split(","):
+    for name in sorted(set(only), key=RUN_ORDER.index):
         if time.monotonic() - start > args.budget_s:
             print(f"skipped (budget): {name}")
+            log.note("skipped", name)
             continue
         t0 = time.monotonic()
         try:
-            results[name] = sections[name]()
+            cases = sections[name]()
         except Exception:
             traceback.print_exc()
-            results[name] = "failed"
+            log.note("failed", name)
+            continue
+        for i, (label, case) in enumerate(cases):
+            # the budget is read before every case, not only between sections: a long sweep
+            # stops at it instead of running on into the command's time limit (the cheap
+            # sections ran first, RUN_ORDER), and what it left out is in the JSON
+            if i and time.monotonic() - start > args.budget_s:
+                print(f"skipped (budget): {name}: {len(cases) - i} of {len(cases)} cases, from {label}")
+                log.note("skipped_cases", *(f"{name}: {left}" for left, _ in cases[i:]))
+                break
+            try:
+                log.add(name, case())
+            except Exception:  # report it and go on: the other cases still run
+                traceback.print_exc()
+                log.note("failed", f"{name}: {label}")
+            torch.cuda.empty_cache()
         print(f"  ({name}: {time.monotonic() - t0:.0f} s)")
-        if out_json:
-            with open(out_json, "w") as fh:
-                json.dump(results, fh, indent=1)
+    for key in ("skipped", "skipped_cases", "failed", "mismatch"):
+        if log.results[key]:
+            print(f"{key}: {'; '.join(log.results[key])}")
+    log.save()
     print(f"total {time.monotonic() - start:.0f} s")
 
 
