@@ -68,6 +68,15 @@ def plain_align(xp: Any, xs):
     return [y0, plain_zoom_shift(xp, xs[1], y0)]
 
 
+def plain_zoom_shift_fusion(xp: Any, xs):
+    """Zoom-and-Shift fusion of two modalities written plainly: one Gauss-Seidel round
+    (:func:`plain_align`), max pooling over the tokens, concatenation."""
+    ys = plain_align(xp, xs)
+    if _is_numpy(xp):
+        return xp.concatenate([y.max(axis=1) for y in ys], axis=-1)
+    return xp.cat([y.amax(dim=1) for y in ys], dim=-1)
+
+
 def plain_gelu(xp: Any):
     """The exact GELU as plain code writes it: SciPy's ``erf`` on NumPy, ``F.gelu`` on torch."""
     if _is_numpy(xp):

@@ -31,6 +31,9 @@ called under ``torch.no_grad()``; ``backend`` is left at the configured default 
 - ``align``, two modalities (4, 6, 5) and (4, 7, 5), rounds = 1 (alpha 1, Gauss-Seidel,
   consensus); plain: ``y0 = zoom_shift(x0, x1)`` then ``y1 = zoom_shift(x1, y0)`` with the plain
   zoom_shift above.
+- ``zoom_shift_fusion``, the same two modalities with its defaults (the align round above,
+  max pooling over the tokens, concatenation); plain: the plain align above, ``max`` over
+  the token axis, concatenation.
 
 Columns: "mmfuse us" and "plain us": median microseconds per call (each sample times a loop
 of calls); "mmfuse/plain": their ratio (issue 19's target: at most 1.5); "p10-p90": the 10th
@@ -96,6 +99,7 @@ from _baselines import (
     plain_lowrank,
     plain_wander,
     plain_zoom_shift,
+    plain_zoom_shift_fusion,
     released_wander,
 )
 from _harness import (
@@ -192,6 +196,10 @@ def tiny_cases(xp_name: str) -> dict[str, tuple[Callable[[], Any], Callable[[], 
         "align rounds=1 (4,6,5),(4,7,5)": (
             lambda: mmfuse.align([x, g], rounds=1),
             lambda: plain_align(xp, [x, g]),
+        ),
+        "zoom_shift_fusion (4,6,5),(4,7,5)": (
+            lambda: mmfuse.zoom_shift_fusion([x, g]),
+            lambda: plain_zoom_shift_fusion(xp, [x, g]),
         ),
     }
     return cases
