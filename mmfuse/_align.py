@@ -1089,9 +1089,10 @@ def zoom_shift_fusion(
     (4, 8)
     """
     masks = align_options.get("masks")
-    # the options in a fixed order, with their count: a call with an unknown keyword (the
-    # first such call raises) never meets a plan
-    options = (fuse, pool, len(align_options), *map(align_options.get, _FUSION_OPTIONS))
+    # the keywords' names, then the options in a fixed order: a call with an unknown keyword
+    # (the first such call raises) never meets a plan, even where the known keyword it takes
+    # the place of was given as None (``get``'s answer for a missing one too; a review's find)
+    options = (fuse, pool, tuple(align_options), *map(align_options.get, _FUSION_OPTIONS))
     key = call_key(align_options.get("backend"), options, xs, masks)
     plan = _FUSION_PLANS.get(key)
     if plan is None:

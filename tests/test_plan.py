@@ -12,7 +12,7 @@ import pytest
 
 import mmfuse
 import mmfuse.reference as ref
-from mmfuse import _interactions, _plan
+from mmfuse import _align, _interactions, _plan
 from mmfuse.backends import BackendUnsupported, register, unregister
 from mmfuse.testing import assert_close
 
@@ -257,6 +257,190 @@ def test_a_planned_interaction_call_makes_few_python_calls(rng):
         n for (file, _, _), (_, n, *_) in pstats.Stats(prof).stats.items() if file != "~"  # type: ignore[attr-defined]
     )
     assert python_calls <= 120, python_calls
+
+
+# ---- zoom_shift_fusion's and the interaction terms' plans: every option apart (a mutation review)
+
+
+def _clear_fusion_and_interaction_plans():
+    for cache in (_align._FUSION_PLANS, _align._ALIGN_PLANS, _interactions._TENSOR_PLANS,
+                  _interactions._LOWRANK_PLANS, _interactions._CP_PLANS):
+        cache.clear()
+
+
+# pairs of valid keyword sets with the same names, differing in one value
+_ZS_VARIANTS = [
+    ({"rounds": 1, "alpha": 0.5}, {"rounds": 3, "alpha": 0.5}),
+    ({"rounds": 2, "alpha": 0.5}, {"rounds": None, "alpha": 0.5}),
+    ({"alpha": 0.5, "rounds": 3, "schedule": "jacobi"}, {"alpha": 0.5, "rounds": 3, "schedule": "gauss-seidel"}),
+    ({"topology": "consensus"}, {"topology": "hub"}),
+    ({"topology": "hub", "hub": 0}, {"topology": "hub", "hub": 1}),
+    ({"axis": -1, "fuse": "sum"}, {"axis": -2, "fuse": "sum"}),
+    ({"eps": 1e-5}, {"eps": 1.0}),
+    ({"fuse": "sum"}, {"fuse": "mean"}),
+    ({"pool": "max"}, {"pool": "mean"}),
+]
+
+
+def test_zoom_shift_fusion_plans_keep_backends_apart(rng):
+    """backend= enters the key (through the dispatch policy): a planned call under one backend
+    does not pass a call naming an unknown one."""
+    xs = [rng.standard_normal((3, 6, 4)), rng.standard_normal((3, 5, 4))]
+    mmfuse.zoom_shift_fusion(xs, backend="reference")
+    with pytest.raises(ValueError, match="nope"):
+        mmfuse.zoom_shift_fusion(xs, backend="nope")
+
+
+@pytest.mark.parametrize("first, second", _ZS_VARIANTS)
+def test_zoom_shift_fusion_plans_keep_each_option_apart(rng, first, second):
+    xs = [rng.standard_normal((3, 6, 4)), 3.0 + 2.0 * rng.standard_normal((3, 6, 4))]  # one T: axis=-1 too
+    _clear_fusion_and_interaction_plans()
+    want = mmfuse.zoom_shift_fusion(xs, **second)  # unplanned
+    _clear_fusion_and_interaction_plans()
+    mmfuse.zoom_shift_fusion(xs, **first)  # planned
+    got = mmfuse.zoom_shift_fusion(xs, **second)
+    assert_close(got, want, rtol=0)
+    assert not np.allclose(got, mmfuse.zoom_shift_fusion(xs, **first))  # the variants differ
+
+
+@pytest.mark.parametrize("typo", [{"round": 5}, {"mask": None}, {"bakend": "numpy"}])
+def test_zoom_shift_fusion_refuses_an_unknown_keyword_after_a_planned_call(rng, typo):
+    """An unknown keyword replacing a known one given as None: same count, same known values."""
+    xs = [rng.standard_normal((3, 6, 2)), rng.standard_normal((3, 5, 2))]
+    known = {"round": "rounds", "mask": "masks", "bakend": "backend"}[next(iter(typo))]
+    mmfuse.zoom_shift_fusion(xs, alpha=0.5, **{known: None})
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        mmfuse.zoom_shift_fusion(xs, alpha=0.5, **typo)
+
+
+def test_planned_zoom_shift_fusion_masks_padding_and_every_mask_value(rng):
+    """On a planned (second) call: masked NaN padding stays out of the values and the
+    gradients (torch), float16 is computed in float32, and the last modality's mask values
+    are checked too."""
+    torch = pytest.importorskip("torch")
+    xs = [torch.randn(3, 6, 2, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)]
+    masks = [torch.ones(3, 6, dtype=torch.bool), torch.ones(3, 5, dtype=torch.bool)]
+    masks[0][:, -1] = False
+    masks[1][:, -2:] = False
+    for _ in range(2):  # unplanned, then planned
+        padded = [x.clone() for x in xs]
+        padded[0][:, -1] = float("nan")
+        padded[1][:, -2:] = float("nan")
+        padded = [p.requires_grad_() for p in padded]
+        out = mmfuse.zoom_shift_fusion(padded, masks=masks, pool="mean", alpha=0.5, rounds=2)
+        out.sum().backward()
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(p.grad).all() for p in padded)
+    half = [x.to(torch.float16) for x in xs]
+    want = mmfuse.zoom_shift_fusion(half)
+    assert_close(mmfuse.zoom_shift_fusion(half), want, rtol=0)
+    mmfuse.zoom_shift_fusion(xs, masks=masks, pool="mean", alpha=0.5, rounds=2)  # planned
+    emptied = [masks[0], masks[1].clone()]
+    emptied[1][0] = False
+    with pytest.raises(ValueError, match=r"masks\[1\] masks every token"):
+        mmfuse.zoom_shift_fusion(xs, masks=emptied, pool="mean", alpha=0.5, rounds=2)
+
+
+def test_interaction_plans_keep_each_option_and_array_apart(rng):
+    """Two valid calls of one signature but for one option or optional array: the second
+    gives its unplanned answer (by, append_one, weights, present)."""
+    xs, factors, weights, _ = _lowrank_case(rng)
+    weight = rng.standard_normal((4, 5, 6, 3))
+    cp = (rng.standard_normal(2), [rng.standard_normal((d, 2)) for d in (4, 5, 6, 3)])
+    present = np.array([[True, False, True]] * 4)
+    cases = [
+        (lambda **k: mmfuse.tensor_interactions(xs, weight, **k), {"by": "order"}, {"by": "subset"}),
+        (lambda **k: mmfuse.tensor_interactions(xs, weight[:-1, :-1, :-1], **k),
+         {"append_one": False, "by": "subset"}, {"append_one": False, "by": "order"}),
+        (lambda **k: mmfuse.lowrank_interactions(xs, factors, **k), {"by": "order"}, {"by": "subset"}),
+        (lambda **k: mmfuse.lowrank_interactions(xs, factors, **k), {"present": None}, {"present": present}),
+        (lambda **k: mmfuse.lowrank_interactions(xs, factors, **k), {"weights": None}, {"weights": weights}),
+        (lambda **k: mmfuse.cp_interactions(xs, cp, **k), {"by": "order"}, {"by": "subset"}),
+        (lambda **k: mmfuse.cp_interactions(xs, cp, **k), {"present": None}, {"present": present}),
+        (lambda **k: mmfuse.cp_interactions(xs, (None, cp[1]), **k), {}, {}),
+    ]
+    for call, first, second in cases:
+        _clear_fusion_and_interaction_plans()
+        want, labels = call(**second)
+        _clear_fusion_and_interaction_plans()
+        call(**first)
+        got, got_labels = call(**second)
+        assert got_labels == labels
+        assert_close(got, want, rtol=0)
+
+
+def test_cp_interactions_refuses_a_bad_pair_subclass_after_a_good_one(rng):
+    """A tuple subclass is run unplanned (its signature is not formed): a second one of other
+    shapes is checked, not run on the first one's plan."""
+    xs, _, _, _ = _lowrank_case(rng)
+
+    class Pair(tuple):
+        pass
+
+    good = Pair((rng.standard_normal(2), [rng.standard_normal((d, 2)) for d in (4, 5, 6, 3)]))
+    bad = Pair((rng.standard_normal(2), [rng.standard_normal((d, 2)) for d in (4, 5, 7, 3)]))
+    mmfuse.cp_interactions(xs, good)
+    mmfuse.cp_interactions(xs, good)
+    with pytest.raises(ValueError, match="cp factor 2 has shape"):
+        mmfuse.cp_interactions(xs, bad)
+
+
+def test_interaction_terms_refuse_bad_options_after_a_planned_call(rng):
+    """append_one=1 and a small max_elements after a good call of each kind; a cp argument
+    that is no pair (a 3-tuple, an object with weights but no factors)."""
+    from types import SimpleNamespace
+
+    xs, factors, weights, _ = _lowrank_case(rng)
+    cp = (rng.standard_normal(2), [rng.standard_normal((d, 2)) for d in (4, 5, 6, 3)])
+    calls = [
+        lambda **k: mmfuse.lowrank_interactions(xs, factors, weights, by="subset", **k),
+        lambda **k: mmfuse.cp_interactions(xs, cp, by="subset", **k),
+    ]
+    for call in calls:
+        call()
+        with pytest.raises(TypeError, match="append_one"):
+            call(append_one=1)
+        with pytest.raises(ValueError, match="max_elements"):
+            call(max_elements=10)
+    mmfuse.cp_interactions(xs, cp)
+    with pytest.raises(TypeError, match="cp must be"):
+        mmfuse.cp_interactions(xs, (*cp, None))
+    with pytest.raises(TypeError, match="cp must be"):
+        mmfuse.cp_interactions(xs, SimpleNamespace(weights=cp[0]))
+
+
+def test_a_planned_zoom_shift_fusion_reuses_its_align_plan(monkeypatch, rng):
+    """A seen signature runs the align plan its first run made (no new dispatch), and that
+    plan was made on the work dtype's arrays: float16 torch CPU tensors take the float32 NumPy
+    host path, as float32 inputs do."""
+    torch = pytest.importorskip("torch")
+    import importlib
+
+    torch_align = importlib.import_module("mmfuse.backends.torch.align")
+
+    made, host = [], []
+    plan_align, on_host = _align._plan_align, torch_align._align_on_host
+    monkeypatch.setattr(_align, "_plan_align", lambda *a, **k: made.append(1) or plan_align(*a, **k))
+    monkeypatch.setattr(torch_align, "_align_on_host", lambda *a, **k: host.append(1) or on_host(*a, **k))
+    _clear_fusion_and_interaction_plans()
+    xs = [torch.randn(4, 6, 3).half(), torch.randn(4, 5, 3).half()]
+    mmfuse.zoom_shift_fusion(xs)
+    mmfuse.zoom_shift_fusion(xs)
+    assert len(made) == 1
+    assert len(host) == 2
+
+
+def test_a_zoom_shift_fusion_whose_run_fails_is_not_kept(monkeypatch, rng):
+    xs = [rng.standard_normal((3, 6, 2)), rng.standard_normal((3, 5, 2))]
+    _clear_fusion_and_interaction_plans()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("pooling failed")
+
+    monkeypatch.setattr(_align.core, "zoom_shift_fusion", fail)
+    with pytest.raises(RuntimeError):
+        mmfuse.zoom_shift_fusion(xs)
+    assert len(_align._FUSION_PLANS) == 0
 
 
 def test_the_plan_caches_stay_bounded(monkeypatch):
