@@ -139,8 +139,9 @@ def set_config(**options: Any) -> None:
     ``MMFUSE_PREFER`` before starting them (or call this in each); a ``fork`` child begins
     with the settings of the thread that forked it, which for a ``multiprocessing`` pool's
     replacement workers (``maxtasksperchild``, a worker that died) is a thread of the pool's
-    own, with the defaults and the environment: set the environment variables, or call this
-    in the pool's ``initializer``.  A thread that calls this keeps the setting for whatever
+    own, with the defaults and the environment (as this process read it at its first use,
+    which a forked child inherits): set the environment variables before mmfuse's first use
+    here, or call this in the pool's ``initializer``.  A thread that calls this keeps the setting for whatever
     it runs next (a ``ThreadPoolExecutor``'s worker, its later tasks): use
     :func:`config_context` in such code.  (A call on Dask arrays is decided on the client,
     when the graph is built: its tasks read no settings on the workers.)

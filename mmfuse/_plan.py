@@ -95,13 +95,29 @@ class PlanCache:
         return plan
 
     def remember(self, key: Any, plan: T) -> T:
-        """Keep ``plan`` for ``key`` (nothing for a None key); returns ``plan``."""
-        if key is not None:
+        """Keep ``plan`` for ``key`` (nothing for a None key, nor where torch's forward-mode AD
+        level moved since the key was formed: :func:`_forward_ad_moved`); returns ``plan``."""
+        if key is not None and not _forward_ad_moved(key):
             if len(self._plans) >= MAX_PLANS:
                 self._plans.clear()
             with contextlib.suppress(TypeError):  # an unhashable key: the call stays unplanned
                 self._plans[key] = plan
         return plan
+
+
+def _forward_ad_moved(key: Any) -> bool:
+    """Whether torch's forward-mode AD level, which ``key``'s policy recorded
+    (:func:`policy_key`), is another now.  torch keeps that level per process, not per thread
+    (grad mode is per thread): another thread entering or leaving ``dual_level`` between this
+    call's key and its choice made the choice under the other state, and the plan, filed under
+    the key, ran the custom op for later dual tensors and dropped their tangents (a
+    concurrency review's find, reproduced by delaying the choice).  Such a plan runs once,
+    unkept."""
+    policy = key[0] if type(key) is tuple and key else None
+    torch_state = policy[3] if type(policy) is tuple and len(policy) == 5 else None
+    if torch_state is None:
+        return False
+    return bool(sys.modules["torch"].autograd.forward_ad._current_level != torch_state[1])
 
 
 # Type -> whether it is a torch tensor type, remembered on first sight (sys.modules and
@@ -218,6 +234,7 @@ def policy_key(backend: Any) -> Any:
     # choice when the variable changes: the compiled kernels (built at triton's import, which
     # the variable no longer changes) or the torch op, both right for CUDA tensors.
     interpreting = "triton" in names and triton_interpreting()
+    # (by position: _forward_ad_moved reads torch_state, the fourth)
     return (names, frameworks, generation(), torch_state, interpreting)
 
 

@@ -1008,6 +1008,48 @@ def test_a_signature_planned_without_forward_ad_is_not_used_with_it():
     assert_close(tangent, want, rtol=1e-10)
 
 
+def test_a_plan_made_while_another_thread_moved_forward_ad_is_not_kept(rng, monkeypatch):
+    """torch's forward-AD level is per process: another thread entering dual_level between a
+    call's key (level on) and its choice (level off), or the reverse, made a plan under the
+    other state.  Simulated by a choice that leaves or enters a level: the plan runs once and
+    is not kept, and the next dual call of the signature gets its tangent (a concurrency
+    review's find: filed under the key, the plan had dropped the tangents of later dual
+    calls)."""
+    import torch.autograd.forward_ad as fwad
+
+    x, g = torch.randn(3, 6, 2, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
+    t = torch.randn_like(x)
+    choose = mmfuse._align.choose
+    with fwad.dual_level():  # the level a plain call of this signature could not see is key
+        want = fwad.unpack_dual(mmfuse.zoom_shift(fwad.make_dual(x, t), g, backend="array_api")).tangent
+    mmfuse._align._ZOOM_SHIFT_PLANS.clear()
+
+    def choose_after_the_level_closed(*args, **kwargs):  # "another thread" leaves the level
+        fwad.exit_dual_level(level=0)
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(mmfuse._align, "choose", choose_after_the_level_closed)
+    fwad.enter_dual_level()  # the key sees a level (the plain call's choice does not)
+    mmfuse.zoom_shift(x, g)
+    monkeypatch.setattr(mmfuse._align, "choose", choose)
+    assert len(mmfuse._align._ZOOM_SHIFT_PLANS) == 0
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(mmfuse.zoom_shift(fwad.make_dual(x, t), g)).tangent
+    assert tangent is not None
+    assert_close(tangent, want, rtol=1e-10)
+    # and the unit: a key formed under one level, remembered under another, is not kept
+    cache = _plan.PlanCache()
+    key = _plan.call_key(None, (), [x])
+    with fwad.dual_level():
+        assert cache.remember(key, "plan") == "plan"
+        inside = _plan.call_key(None, (), [x])
+    assert len(cache) == 0
+    cache.remember(inside, "plan")
+    assert len(cache) == 0
+    cache.remember(key, "plan")
+    assert len(cache) == 1
+
+
 def test_a_signature_planned_on_the_cpu_is_not_used_on_meta():
     """The same shapes and dtypes on the CPU, then on the meta device: the device is in the
     key, so the meta call is planned apart and gives meta outputs (the CPU plan's NumPy path
