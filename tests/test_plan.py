@@ -411,8 +411,9 @@ def test_interaction_terms_refuse_bad_options_after_a_planned_call(rng):
 
 def test_a_planned_zoom_shift_fusion_reuses_its_align_plan(monkeypatch, rng):
     """A seen signature runs the align plan its first run made (no new dispatch), and that
-    plan was made on the work dtype's arrays: float16 torch CPU tensors take the float32 NumPy
-    host path, as float32 inputs do."""
+    plan was made on the work dtype's arrays: float16 torch CPU tensors take the torch
+    backend's float32 NumPy host path, as float32 inputs do (the backend named: under "auto"
+    numba's kernels take these calls once a test has imported numba)."""
     torch = pytest.importorskip("torch")
     import importlib
 
@@ -424,8 +425,8 @@ def test_a_planned_zoom_shift_fusion_reuses_its_align_plan(monkeypatch, rng):
     monkeypatch.setattr(torch_align, "_align_on_host", lambda *a, **k: host.append(1) or on_host(*a, **k))
     _clear_fusion_and_interaction_plans()
     xs = [torch.randn(4, 6, 3).half(), torch.randn(4, 5, 3).half()]
-    mmfuse.zoom_shift_fusion(xs)
-    mmfuse.zoom_shift_fusion(xs)
+    mmfuse.zoom_shift_fusion(xs, backend="torch")
+    mmfuse.zoom_shift_fusion(xs, backend="torch")
     assert len(made) == 1
     assert len(host) == 2
 
