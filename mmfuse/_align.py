@@ -979,11 +979,21 @@ def align(
         checked = _check_align(xs, rounds, alpha, schedule, topology, hub, axis, masks, eps)
         plan = _ALIGN_PLANS.remember(key, _plan_align(*checked, schedule, topology, axis, backend))
     elif masks is not None:
-        xp = array_namespace(xs[0])
-        for m, (x, k) in enumerate(zip(xs, masks)):
-            check_mask_values(xp, k, plan.keywords["axis"] % x.ndim, f"masks[{m}]")
-    out = plan(list(xs), masks=None if masks is None or all(k is None for k in masks) else list(masks))
-    return list(out)
+        _check_masks_values(xs, masks, plan.keywords["axis"])
+    return list(plan(list(xs), masks=_mask_list(masks)))
+
+
+def _check_masks_values(xs: Sequence[Any], masks: Sequence[Any], axis: int) -> None:
+    """The one check of values (:func:`check_mask_values`) on each modality's mask, which a
+    planned call of :func:`align` or :func:`zoom_shift_fusion` still runs."""
+    xp = array_namespace(xs[0])
+    for m, (x, k) in enumerate(zip(xs, masks)):
+        check_mask_values(xp, k, axis % x.ndim, f"masks[{m}]")
+
+
+def _mask_list(masks: Any) -> list[Any] | None:
+    """``masks`` as a plan takes them: a list, or None where none masks anything."""
+    return None if masks is None or all(k is None for k in masks) else list(masks)
 
 
 _ALIGN_PLANS = PlanCache()
@@ -1101,10 +1111,8 @@ def zoom_shift_fusion(
         _FUSION_PLANS.remember(key, plan)
         return out
     if masks is not None:
-        xp = array_namespace(xs[0])
-        for m, k in enumerate(masks):
-            check_mask_values(xp, k, 1, f"masks[{m}]")
-    return plan(list(xs), None if masks is None or all(k is None for k in masks) else list(masks))
+        _check_masks_values(xs, masks, -2)  # (token masks: the only axis masks are given with)
+    return plan(list(xs), _mask_list(masks))
 
 
 _FUSION_PLANS = PlanCache()

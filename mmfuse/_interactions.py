@@ -407,13 +407,12 @@ def cp_interactions(
     >>> bool(np.allclose(terms.sum(axis=0), mmfuse.cp_fusion(xs, cp)))
     True
     """
+    pair = cp_pair(cp)
     if (device_type := autocast_device(xs)) is not None:  # (matmul-like: see mmfuse._autocast)
-        pair = cp_pair(cp)
         return without_autocast(
             device_type, cp_interactions, xs, pair if pair is not None else cp, by=by, present=present,
             append_one=append_one, max_elements=max_elements, backend=backend,
         )  # fmt: skip
-    pair = cp_pair(cp)
     options = (by, append_one, max_elements)
     # (an argument that is no pair, unplanned: its checks say what is wrong)
     key = call_key(backend, options, xs, pair, present) if pair is not None else None
