@@ -758,6 +758,15 @@ def _strict(obj: Any) -> Any:
     return obj
 
 
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """``obj`` as strict JSON (:func:`_strict`) at ``path``, atomically: written beside it,
+    then moved over it (a run killed mid-write leaves the previous file whole)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(_strict(obj), fh, indent=indent, allow_nan=False)
+    os.replace(tmp, path)
+
+
 def _failed_row(label: str, exc: Exception) -> dict[str, Any]:
     """A failed check row naming the exception (listed as a mismatch in the closing table)."""
     traceback.print_exc()
@@ -1389,19 +1398,16 @@ def main() -> None:
     failed: list[str] = []
 
     def dump() -> None:
-        """The JSON so far, written after every section (a killed run keeps what it measured)."""
+        """The JSON so far, written after every check group, Triton timing case and section
+        (a killed run keeps what it measured)."""
         if not out_json:
             return
-        tmp = out_json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(_strict({"device": device, "seconds": time.monotonic() - start,
-                               "skipped": [*triton.skipped, *skipped], "failed": failed,
-                               "triton_checks": triton.checks, "triton_summary": triton.summary,
-                               "targets": TARGETS,
-                               "rows": [dict(zip(("case", "candidate", "ms", "peak_mib"), r))
-                                        for r in (*triton.rows, *rows)]}),
-                      fh, indent=2, allow_nan=False)  # fmt: skip
-        os.replace(tmp, out_json)
+        write_json(out_json, {"device": device, "seconds": time.monotonic() - start,
+                              "skipped": [*triton.skipped, *skipped], "failed": failed,
+                              "triton_checks": triton.checks, "triton_summary": triton.summary,
+                              "targets": TARGETS,
+                              "rows": [dict(zip(("case", "candidate", "ms", "peak_mib"), r))
+                                       for r in (*triton.rows, *rows)]})  # fmt: skip
 
     def progress(results: TritonResults) -> None:
         nonlocal triton

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import sys
@@ -57,11 +56,11 @@ from gpu import (
     ZOOM_SHAPE,
     _lowrank_inputs,
     _rel_err,
-    _strict,
     _torch,
     lmf_straightforward,
     peak_mib,
     time_cuda,
+    write_json,
 )  # fmt: skip
 
 # (BLOCK_B, columns = RANK_P * BLOCK_H, warps, stages, BLOCK_K); BLOCK_K 16 becomes 32 for
@@ -118,7 +117,7 @@ class _Log:
     failed, mismatch, <section>: [rows]}`` (``mismatch``: the rows marked ``ok`` false, a
     layer step past its tolerance or one that raised).  Each write goes to a temporary file
     beside it that ``os.replace`` then moves over the old one (atomic: a kill mid-write
-    leaves the previous file whole), with NaN and inf as null (gpu.py's ``_strict``: the
+    leaves the previous file whole), with NaN and inf as null (gpu.py's ``write_json``: the
     backward section's NaN had made the file unreadable to strict parsers, ``jq`` and
     JavaScript's among them)."""
 
@@ -141,10 +140,7 @@ class _Log:
         if not self.path:
             return
         self.results["seconds"] = time.monotonic() - self.start
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(_strict(self.results), fh, indent=1, allow_nan=False)
-        os.replace(tmp, self.path)
+        write_json(self.path, self.results, indent=1)
 
 
 def compile_diagnosis() -> list[dict[str, Any]]:
