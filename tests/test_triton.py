@@ -590,11 +590,16 @@ def test_auto_takes_the_measured_kernels_for_cuda_tensors_only(monkeypatch):
         f"needs inputs of at least {big} elements (below, the torch ops were faster)"
     )
     assert refuse(replace(cuda, device=torch.device("cpu"))).startswith("needs torch tensors on a CUDA device")
+    # float64: the kernels' dtypes only (backend="triton" would pass it on to the torch ops)
+    assert refuse(replace(cuda, dtype=torch.float64)) == "needs float32, float16 or bfloat16 tensors (the kernels' dtypes)"
+    assert refuse(replace(cuda, dtype=torch.bfloat16)) is None
     for op in ("lowrank_fusion", "zoom_shift"):
         assert _registry._choose(op, "auto", cuda).backend == "triton"
         assert _registry._choose(op, "auto", replace(cuda, device=torch.device("cpu"))).backend != "triton"
         assert _registry._choose(op, "auto", replace(cuda, size=big - 1)).backend == "torch"  # a layer step
         assert _registry._choose(op, "auto", replace(cuda, size=0, intercepted=True)).backend == "torch"
+        assert _registry._choose(op, "auto", replace(cuda, dtype=torch.float64)).backend == "torch"
+        assert _registry._choose(op, "auto", replace(cuda, dtype=torch.float16)).backend == "triton"
     for op in ("cp_fusion", "wander", "sequence_fusion"):
         assert _registry._choose(op, "auto", cuda).backend == "torch"
     # the cache of "auto" choices tells the two sizes apart: its size classes hold the threshold
@@ -602,6 +607,28 @@ def test_auto_takes_the_measured_kernels_for_cuda_tensors_only(monkeypatch):
     assert _registry._key("lowrank_fusion", "auto", cuda) != _registry._key(
         "lowrank_fusion", "auto", replace(cuda, size=big - 1)
     )
+
+
+@pytest.mark.parametrize("op", ["lowrank_fusion", "moments", "zoom_shift", "align"])
+def test_explain_says_what_runs_calls_of_other_dtypes(op):
+    """backend="triton" takes float64 tensors and runs them through the torch backend's ops
+    (or the core): explain() says so beside "runs", and says "runs" alone for the kernels'
+    dtypes (the backend's KERNEL_DTYPES)."""
+    from mmfuse.backends import explain
+
+    assert (torch.float32, torch.float16, torch.bfloat16) == _ops.KERNEL_DTYPES
+    for dtype in (torch.float64, *_ops.KERNEL_DTYPES):
+        x = torch.randn(2, 3, 4, dtype=dtype)
+        found = explain(op, x, backend="triton")
+        assert found.chosen is not None and found.chosen.variant == "fused kernels"
+        verdict = {variant: v for _, variant, _, v in found.rows}["fused kernels"]
+        if dtype == torch.float64:
+            assert verdict == (
+                "runs (the kernels take float32, float16 and bfloat16; torch.float64 runs the "
+                "torch backend's ops or the core)"
+            )
+        else:
+            assert verdict == "runs", (dtype, verdict)
 
 
 def test_auto_keeps_the_torch_ops_on_cpu_tensors():

@@ -313,6 +313,23 @@ def _triton(info: CallInfo) -> str | None:
     return None
 
 
+#: The dtypes the Triton kernels are built for, as torch names them (the backend's
+#: ``KERNEL_DTYPES``): ``backend="triton"`` runs calls of other dtypes through the torch
+#: backend's ops or the core (:func:`_triton_delegation`), and "auto" takes the torch rows
+#: for them.
+TRITON_KERNEL_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
+
+
+def _triton_delegation(info: CallInfo) -> str | None:
+    """What runs a call the Triton backend takes but its kernels do not (None: the kernels),
+    said from the call's metadata: its dtype.  (Other calls it passes on, which the metadata
+    does not show: more than eight modalities, ranks over its tiles, see the backend's module.)"""
+    if str(info.dtype) in TRITON_KERNEL_DTYPES:
+        return None
+    kernels = "the kernels take float32, float16 and bfloat16"
+    return f"{kernels}; {info.dtype} runs the torch backend's ops or the core"
+
+
 # The first input's elements from which "auto" takes the Triton kernels measured faster.  On
 # an H200 they won at issue 21's sizes (2-67 M elements: the kernels' device time), and lost
 # in layer steps of 1 K and 131 K elements (B = 32 and 4096, (32, 32, 128)), where the host's
@@ -333,6 +350,10 @@ def _triton_cuda(info: CallInfo) -> str | None:
         return refusal
     if getattr(info.device, "type", None) != "cuda" or triton_interpreting():
         return 'needs torch CUDA tensors and TRITON_INTERPRET unset (the interpreter: backend="triton" only)'
+    if str(info.dtype) not in TRITON_KERNEL_DTYPES:
+        # (the Triton backend would pass the call on to the torch backend's code: the torch
+        # rows take it directly, and explain() says which code runs)
+        return "needs float32, float16 or bfloat16 tensors (the kernels' dtypes)"
     if info.size < TRITON_AUTO_ELEMENTS:
         return f"needs inputs of at least {TRITON_AUTO_ELEMENTS} elements (below, the torch ops were faster)"
     return None
@@ -396,4 +417,10 @@ CONDITIONS: dict[str, Callable[[CallInfo], str | None]] = {
     "numpy or torch CPU, no gradient (CPU kernels)": _numba_cpu_no_grad,
     "torch CUDA tensors": _triton,
     "torch CUDA tensors, compiled kernels": _triton_cuda,
+}
+
+#: condition name -> what runs a call its rows take but do not run with their own code
+#: (:func:`~mmfuse.backends.explain` says it beside "runs"); None: their own code runs it
+DELEGATIONS: dict[str, Callable[[CallInfo], str | None]] = {
+    "torch CUDA tensors": _triton_delegation,
 }

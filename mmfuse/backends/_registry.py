@@ -35,7 +35,7 @@ from .._config import BACKEND_NAMES, backend_policy, config_source
 from .._extras import install_hint
 from .._namespace import array_namespace, device_key, first_floating, half_imported, is_array, namespace_name
 from ._catalogue import CALL_SIZES, OPERATORS, Signature, cp_pair
-from ._conditions import CONDITIONS, SIZE_THRESHOLDS, CallInfo, call_info, triton_interpreting
+from ._conditions import CONDITIONS, DELEGATIONS, SIZE_THRESHOLDS, CallInfo, call_info, triton_interpreting
 from ._table import FRAMEWORKS, ROWS, Row
 
 __all__ = [
@@ -880,7 +880,9 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
     ``CPTensor`` for ``cp``, as the call takes it).  Lists the
     forced backend's implementations, or under ``"auto"`` every one (importing the optional
     backends' modules that are installed).  Raises nothing for a refusal: a forced backend
-    that cannot take the inputs shows ``chosen=None`` and its reasons.  ``size``: the call's
+    that cannot take the inputs shows ``chosen=None`` and its reasons; a chosen row that
+    passes the inputs on says what runs them beside "runs" (``backend="triton"`` on float64
+    tensors: the torch backend's ops).  ``size``: the call's
     size as the public function passes it to ``choose``; by default computed as the public
     function does: for the interaction terms from ``arrays`` given as the call's leading
     arguments (``xs, factors`` or ``xs, cp``: their recursion's products, M^2 B R h or M^2 B
@@ -938,6 +940,10 @@ def explain(op: str, *arrays: Any, backend: str | None = None, size: int | None 
         row = row_of.get(id(cand))
         if cand is chosen:  # first: a preference may pick a row "auto" itself would not
             verdict, passed_chosen = "runs", True
+            # (a row whose own code does not run these inputs: what does, from DELEGATIONS)
+            delegation = None if row is None else DELEGATIONS.get(row.condition)
+            if delegation is not None and info is not None and (instead := delegation(info)) is not None:
+                verdict = f"runs ({instead})"
         elif name.startswith("auto") and cand.backend == "reference" and name != "auto, prefer reference":
             verdict = "not considered: 'auto' never picks the reference (force backend='reference')"
         elif (refusal := None if info is None else cand.refusal(info)) is not None:

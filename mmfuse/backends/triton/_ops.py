@@ -29,6 +29,7 @@ from torch.library import triton_op, wrap_triton
 from ..._core.align import GENERIC, live_lanes, spread, where_live
 from ..._core.sequence import torch_transformed
 from ..._namespace import torch_namespace
+from .._conditions import TRITON_KERNEL_DTYPES
 from .._torch_eager import bind, direct
 from ..torch._common import cast, compute_dtype
 from ..torch.lowrank import whole_batch_grads
@@ -45,7 +46,7 @@ MAX_MODALITIES = 8
 #: Whether the kernels were built for Triton's interpreter (``TRITON_INTERPRET=1`` when
 #: triton decorated them, i.e. when this package was first imported).
 INTERPRETED: bool = not isinstance(K.lowrank_fwd_kernel, triton.runtime.JITFunction)
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = tuple(getattr(torch, name.removeprefix("torch.")) for name in TRITON_KERNEL_DTYPES)
 #: The largest rank R the low-rank and CP kernels take (larger ones delegate to the torch
 #: backend).  A program's column tile holds all R ranks rounded up to a power of two, and its
 #: K loop's pipelined factor slices take (stages - 1) x BLOCK_K x RANK_P elements of shared
