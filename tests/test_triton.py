@@ -613,12 +613,14 @@ def test_auto_takes_the_measured_kernels_for_cuda_tensors_only(monkeypatch):
 def test_explain_says_what_runs_calls_of_other_dtypes(op):
     """backend="triton" takes float64 tensors and runs them through the torch backend's ops
     (or the core): explain() says so beside "runs", and says "runs" alone for the kernels'
-    dtypes (the backend's KERNEL_DTYPES)."""
+    dtypes (the backend's KERNEL_DTYPES) and for dtypes the call refuses (a review's find:
+    "torch.int64 runs the torch backend's ops" of a call that raises TypeError)."""
     from mmfuse.backends import explain
 
     assert (torch.float32, torch.float16, torch.bfloat16) == _ops.KERNEL_DTYPES
-    for dtype in (torch.float64, *_ops.KERNEL_DTYPES):
-        x = torch.randn(2, 3, 4, dtype=dtype)
+    for dtype in (torch.float64, *_ops.KERNEL_DTYPES, torch.int64, torch.complex64):
+        # (integer and complex inputs: refused by the call's checks, no note on what runs them)
+        x = torch.ones(2, 3, 4, dtype=dtype)
         found = explain(op, x, backend="triton")
         assert found.chosen is not None and found.chosen.variant == "fused kernels"
         verdict = {variant: v for _, variant, _, v in found.rows}["fused kernels"]

@@ -322,9 +322,11 @@ TRITON_KERNEL_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
 
 def _triton_delegation(info: CallInfo) -> str | None:
     """What runs a call the Triton backend takes but its kernels do not (None: the kernels),
-    said from the call's metadata: its dtype.  (Other calls it passes on, which the metadata
-    does not show: more than eight modalities, ranks over its tiles, see the backend's module.)"""
-    if str(info.dtype) in TRITON_KERNEL_DTYPES:
+    said from the call's metadata: its dtype, float64 (the one floating dtype the calls take
+    beside the kernels'; an integer or complex input is refused by the call's checks).  (Other
+    calls it passes on, which the metadata does not show: more than eight modalities, ranks
+    over its tiles, see the backend's module.)"""
+    if str(info.dtype) != "torch.float64":
         return None
     kernels = "the kernels take float32, float16 and bfloat16"
     return f"{kernels}; {info.dtype} runs the torch backend's ops or the core"
