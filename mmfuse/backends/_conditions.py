@@ -320,6 +320,12 @@ def _triton(info: CallInfo) -> str | None:
 TRITON_KERNEL_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
 
 
+def _kernel_dtypes(conjunction: str) -> str:
+    """:data:`TRITON_KERNEL_DTYPES` as prose ("float32, float16 and bfloat16")."""
+    *head, last = (name.removeprefix("torch.") for name in TRITON_KERNEL_DTYPES)
+    return f"{', '.join(head)} {conjunction} {last}"
+
+
 def _triton_delegation(info: CallInfo) -> str | None:
     """What runs a call the Triton backend takes but its kernels do not (None: the kernels),
     said from the call's metadata: its dtype, float64 (the one floating dtype the calls take
@@ -328,8 +334,7 @@ def _triton_delegation(info: CallInfo) -> str | None:
     over its tiles, see the backend's module.)"""
     if str(info.dtype) != "torch.float64":
         return None
-    kernels = "the kernels take float32, float16 and bfloat16"
-    return f"{kernels}; {info.dtype} runs the torch backend's ops or the core"
+    return f"the kernels take {_kernel_dtypes('and')}; {info.dtype} runs the torch backend's ops or the core"
 
 
 # The first input's elements from which "auto" takes the Triton kernels measured faster.  On
@@ -355,7 +360,7 @@ def _triton_cuda(info: CallInfo) -> str | None:
     if str(info.dtype) not in TRITON_KERNEL_DTYPES:
         # (the Triton backend would pass the call on to the torch backend's code: the torch
         # rows take it directly, and explain() says which code runs)
-        return "needs float32, float16 or bfloat16 tensors (the kernels' dtypes)"
+        return f"needs {_kernel_dtypes('or')} tensors (the kernels' dtypes)"
     if info.size < TRITON_AUTO_ELEMENTS:
         return f"needs inputs of at least {TRITON_AUTO_ELEMENTS} elements (below, the torch ops were faster)"
     return None
